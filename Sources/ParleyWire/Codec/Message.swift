@@ -1,0 +1,124 @@
+import NIOCore
+
+/// What a MESSAGE frame is (docs/protocol.md, "Message kinds").
+public struct MessageKind: Hashable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+
+    /// A request; the receiver answers with RESPONSE or ERROR, possibly after STREAM_ITEMs.
+    public static let request = MessageKind(rawValue: 1)
+    /// The final answer to request `id`.
+    public static let response = MessageKind(rawValue: 2)
+    /// One item of the stream answering request `id`.
+    public static let streamItem = MessageKind(rawValue: 3)
+    /// The request `id` failed; payload is a `parley.v1.Status`.
+    public static let error = MessageKind(rawValue: 4)
+    /// The sender of request `id` no longer wants the answer.
+    public static let cancel = MessageKind(rawValue: 5)
+    /// A message that expects no answer (`id` is 0).
+    public static let oneWay = MessageKind(rawValue: 6)
+
+    static let names: [UInt8: String] = [1: "REQUEST", 2: "RESPONSE", 3: "STREAM_ITEM", 4: "ERROR", 5: "CANCEL", 6: "ONE_WAY"]
+    public var description: String { Self.names[self.rawValue] ?? "KIND_\(self.rawValue)" }
+    public var isKnown: Bool { Self.names[self.rawValue] != nil }
+}
+
+/// Segment 0 of a MESSAGE frame: 32 fixed bytes, then the payload type name.
+///
+/// ```
+/// offset size  field
+///   0     8    seq: sender's sequence number of this MESSAGE (1, 2, 3, ...)
+///   8     8    ack: highest seq the sender has received from its peer (0: none)
+///  16     8    id: request id (sender's id space for REQUEST; the requester's id otherwise)
+///  24     1    kind (MessageKind)
+///  25     1    flags (0 in version 1)
+///  26     2    type-name length N
+///  28     4    reserved (0)
+///  32     N    type name, UTF-8: the full protobuf name of the payload in segment 1
+/// ```
+public struct MessageHeader: Hashable, Sendable {
+    public static let fixedSize = 32
+    public static let maxTypeNameLength = 1024
+
+    public var seq: UInt64
+    public var ack: UInt64
+    public var id: UInt64
+    public var kind: MessageKind
+    public var flags: UInt8
+    public var type: String
+
+    public init(seq: UInt64 = 0, ack: UInt64 = 0, id: UInt64, kind: MessageKind, flags: UInt8 = 0, type: String) {
+        self.seq = seq
+        self.ack = ack
+        self.id = id
+        self.kind = kind
+        self.flags = flags
+        self.type = type
+    }
+}
+
+extension ByteBuffer {
+    public mutating func writeMessageHeader(_ h: MessageHeader) {
+        let nameLength = self.writerIndex + MessageHeader.fixedSize
+        self.writeMultipleIntegers(h.seq, h.ack, h.id, h.kind.rawValue, h.flags, UInt16(0), UInt32(0), endianness: .little)
+        let written = self.writeString(h.type)
+        self.setInteger(UInt16(written), at: nameLength - 6, endianness: .little)
+    }
+
+    public mutating func readMessageHeader() throws(ParleyError) -> MessageHeader {
+        guard self.readableBytes >= MessageHeader.fixedSize else {
+            throw ParleyError(code: .malformedPayload, message: "message header is \(self.readableBytes) bytes, needs at least 32")
+        }
+        let (seq, ack, id, kind, flags, nameLength, reserved) = self.readMultipleIntegers(
+            endianness: .little, as: (UInt64, UInt64, UInt64, UInt8, UInt8, UInt16, UInt32).self
+        )!
+        guard reserved == 0 else {
+            throw ParleyError(code: .malformedPayload, message: "message header bytes 28..31 (reserved) are 0x\(String(reserved, radix: 16)), must be 0")
+        }
+        guard Int(nameLength) <= MessageHeader.maxTypeNameLength, Int(nameLength) == self.readableBytes else {
+            throw ParleyError(
+                code: .malformedPayload,
+                message: "message header says the type name is \(nameLength) bytes but \(self.readableBytes) remain (limit \(MessageHeader.maxTypeNameLength))"
+            )
+        }
+        guard let type = self.readString(length: Int(nameLength)), type.utf8.count == Int(nameLength) else {
+            throw ParleyError(code: .malformedPayload, message: "message type name is not valid UTF-8")
+        }
+        return MessageHeader(seq: seq, ack: ack, id: id, kind: MessageKind(rawValue: kind), flags: flags, type: type)
+    }
+}
+
+/// A decoded MESSAGE frame: header, payload (segment 1) and optional bulk data (segment 2).
+public struct WireMessage: Hashable, Sendable {
+    public var header: MessageHeader
+    public var payload: ByteBuffer
+    public var data: ByteBuffer?
+
+    public init(header: MessageHeader, payload: ByteBuffer, data: ByteBuffer? = nil) {
+        self.header = header
+        self.payload = payload
+        self.data = data
+    }
+
+    /// The frame carrying this message. The data segment is aligned to 4096 bytes when present.
+    public func frame(allocator: ByteBufferAllocator) -> Frame {
+        var head = allocator.buffer(capacity: MessageHeader.fixedSize + self.header.type.utf8.count)
+        head.writeMessageHeader(self.header)
+        if let data = self.data {
+            return Frame(tag: .message, segments: [head, self.payload, data], alignments: SegmentAlignments(0, 0, 4096))
+        }
+        return Frame(tag: .message, segments: [head, self.payload])
+    }
+
+    /// Parses a MESSAGE frame.
+    public init(frame: Frame) throws(ParleyError) {
+        precondition(frame.tag == .message)
+        guard frame.segments.count >= 2 else {
+            throw ParleyError(code: .malformedPayload, message: "MESSAGE frame has \(frame.segments.count) segment(s); needs header and payload")
+        }
+        var head = frame.segments[0]
+        self.header = try head.readMessageHeader()
+        self.payload = frame.segments[1]
+        self.data = frame.segments.count >= 3 ? frame.segments[2] : nil
+    }
+}

@@ -1,0 +1,108 @@
+/// Rules shared by both handshake machines: banner checks and what to do with a frame that
+/// does not belong to the current state.
+public enum Negotiation {
+    /// Checks the peer's banner against ours and returns the features the connection uses.
+    ///
+    /// - The peer's version must be at least 1. A higher version is accepted: every later
+    ///   version must be able to speak version 1 to a peer that announces 1; anything it cannot
+    ///   do in version 1 it guards with a required feature bit instead.
+    /// - Every feature the peer requires must be one we support, and every feature we require
+    ///   must be one the peer supports.
+    public static func check(ours: Banner, theirs: Banner) throws(ParleyError) -> ParleyFeatures {
+        guard theirs.version >= 1 else {
+            throw ParleyError(
+                code: .unsupportedVersion,
+                message: "peer speaks protocol version \(theirs.version); this side speaks version \(ours.version) and accepts 1 or later"
+            )
+        }
+        let theyNeed = ParleyFeatures(rawValue: theirs.required.rawValue & ~ours.supported.rawValue)
+        if !theyNeed.isEmpty {
+            throw ParleyError(
+                code: .missingFeatures,
+                message: "peer (protocol version \(theirs.version)) requires features \(theyNeed) that this side (protocol version \(ours.version), supported \(ours.supported)) does not support"
+            )
+        }
+        let weNeed = ParleyFeatures(rawValue: ours.required.rawValue & ~theirs.supported.rawValue)
+        if !weNeed.isEmpty {
+            throw ParleyError(
+                code: .missingFeatures,
+                message: "this side (protocol version \(ours.version)) requires features \(weNeed) that the peer (protocol version \(theirs.version), supported \(theirs.supported)) does not support"
+            )
+        }
+        return ParleyFeatures(rawValue: ours.supported.rawValue & theirs.supported.rawValue)
+    }
+
+    /// What to do with a frame the current state does not expect.
+    public enum Stray: Equatable {
+        /// An unknown ignorable tag (0x80...0xFF): skip it.
+        case ignore
+        /// The peer closed with this status.
+        case peerClosed(ParleyError)
+        /// A protocol error: close with this error.
+        case violation(ParleyError)
+    }
+
+    public static func stray(_ frame: Frame, waitingFor: String) -> Stray {
+        if frame.tag == .close {
+            if let status = try? Parley_V1_Status(parleyPayload: frame.segments[0]) {
+                return .peerClosed(ParleyError(status: status))
+            }
+            return .peerClosed(ParleyError(code: .connectionClosed, message: "peer closed the connection (unreadable CLOSE payload)"))
+        }
+        if !frame.tag.isKnown {
+            if frame.tag.isIgnorable { return .ignore }
+            return .violation(ParleyError(
+                code: .unknownFrameTag,
+                message: "unknown frame tag 0x\(String(frame.tag.rawValue, radix: 16)) (tags below 0x80 must be known) while waiting for \(waitingFor)"
+            ))
+        }
+        return .violation(ParleyError(code: .unexpectedFrame, message: "unexpected \(frame.tag) frame while waiting for \(waitingFor)"))
+    }
+
+    /// Compares dotted version strings numerically ("0.10.0" > "0.9.1"); missing parts are 0,
+    /// a non-numeric suffix of a part ("1-beta") is ignored.
+    public static func compareVersions(_ a: String, _ b: String) -> Int {
+        func parts(_ s: String) -> [Int] {
+            s.split(separator: ".").map { Int($0.prefix { $0.isNumber }) ?? 0 }
+        }
+        let x = parts(a), y = parts(b)
+        for i in 0..<max(x.count, y.count) {
+            let l = i < x.count ? x[i] : 0, r = i < y.count ? y[i] : 0
+            if l != r { return l < r ? -1 : 1 }
+        }
+        return 0
+    }
+}
+
+/// What a handshake machine asks its driver to do after an event.
+public struct HandshakeStep: Equatable, Sendable {
+    public enum Outcome: Equatable, Sendable {
+        case established(HandshakeResult)
+        /// Close the connection after sending `send` (which holds a CLOSE frame when the
+        /// failure is one to tell the peer about).
+        case failed(ParleyError)
+    }
+
+    public var send: [WireOutbound]
+    public var outcome: Outcome?
+
+    public init(send: [WireOutbound] = [], outcome: Outcome? = nil) {
+        self.send = send
+        self.outcome = outcome
+    }
+
+    static func fail(_ error: ParleyError, tellPeer: Bool) -> HandshakeStep {
+        HandshakeStep(send: tellPeer ? [.frame(error.status.frame(tag: .close))] : [], outcome: .failed(error))
+    }
+}
+
+/// Everything the handshake settled, as seen from one side.
+public struct HandshakeResult: Equatable, Sendable {
+    public var peerBanner: Banner
+    public var features: ParleyFeatures
+    public var peerHello: Parley_V1_Hello
+    public var authMethod: String
+    public var globalID: UInt64
+    public var clientIdent: Parley_V1_ClientIdent
+    public var serverIdent: Parley_V1_ServerIdent
+}

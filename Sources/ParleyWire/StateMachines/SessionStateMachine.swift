@@ -1,0 +1,130 @@
+import NIOCore
+
+/// The established phase of a connection, after SERVER_IDENT (docs/protocol.md, "Session").
+///
+/// It numbers outbound MESSAGE frames (seq 1, 2, 3, ...), piggybacks the highest seq received
+/// (ack), checks that inbound seqs arrive in order, enforces which frames are allowed for the
+/// negotiated features and for this side's role, and answers KEEPALIVE.
+///
+/// Invariants: no clock, channel or randomness inside; the keepalive timestamp is passed in.
+/// After a violation or a peer CLOSE, the machine is closed and refuses everything.
+public struct SessionStateMachine: Sendable {
+    public enum Role: Sendable { case client, server }
+
+    public enum Inbound: Equatable, Sendable {
+        case message(WireMessage)
+        /// Nucleus fields sent by the server after SERVER_IDENT (client side only).
+        case notice(Parley_V1_Nucleus)
+        /// Send this KEEPALIVE_ACK.
+        case reply(Frame)
+        /// Our keepalive came back; the value is the timestamp we sent.
+        case keepaliveAck(UInt64)
+        case ignore
+        /// The peer closed the session with this reason.
+        case peerClosed(ParleyError)
+        /// The peer broke the protocol: send CLOSE with this error, then close.
+        case violation(ParleyError)
+    }
+
+    public let role: Role
+    public let features: ParleyFeatures
+    public let maxPeerFrameSize: Int
+    private(set) public var nextSeq: UInt64 = 1
+    private(set) public var lastReceivedSeq: UInt64 = 0
+    private(set) public var isClosed = false
+
+    public init(role: Role, features: ParleyFeatures, maxPeerFrameSize: Int = Frame.defaultMaxFrameSize) {
+        self.role = role
+        self.features = features
+        self.maxPeerFrameSize = maxPeerFrameSize
+    }
+
+    public mutating func received(_ inbound: WireInbound) -> Inbound {
+        guard !self.isClosed else { return .ignore }
+        guard case .frame(let frame) = inbound else {
+            return self.violate(.protocolViolation, "second banner received")
+        }
+        switch frame.tag {
+        case .message:
+            let message: WireMessage
+            do {
+                message = try WireMessage(frame: frame)
+            } catch {
+                return self.violate(error)
+            }
+            let h = message.header
+            guard h.seq == self.lastReceivedSeq &+ 1 else {
+                return self.violate(.protocolViolation, "MESSAGE seq \(h.seq) out of order: expected \(self.lastReceivedSeq &+ 1)")
+            }
+            guard h.kind.isKnown else {
+                return self.violate(.protocolViolation, "MESSAGE kind \(h.kind.rawValue) is not defined")
+            }
+            if (h.kind == .streamItem || h.kind == .cancel) && !self.features.contains(.streams) {
+                return self.violate(.protocolViolation, "MESSAGE kind \(h.kind) needs the streams feature, which was not negotiated")
+            }
+            if message.data != nil && !self.features.contains(.dataSegment) {
+                return self.violate(.protocolViolation, "MESSAGE has a data segment but the dataSegment feature was not negotiated")
+            }
+            guard frame.flags == 0, h.flags == 0 else {
+                return self.violate(.protocolViolation, "MESSAGE flags must be 0 in protocol version 1")
+            }
+            self.lastReceivedSeq = h.seq
+            return .message(message)
+        case .notice:
+            guard self.role == .client, self.features.contains(.notice) else {
+                return self.violate(.unexpectedFrame, "NOTICE frame \(self.role == .server ? "sent to a server" : "without the notice feature")")
+            }
+            do {
+                return .notice(try Parley_V1_Notice(parleyPayload: frame.segments[0]).nucleus)
+            } catch {
+                return self.violate(error)
+            }
+        case .keepalive, .keepaliveAck:
+            guard self.features.contains(.keepalive) else {
+                return self.violate(.unexpectedFrame, "\(frame.tag) frame without the keepalive feature")
+            }
+            guard frame.segments[0].readableBytes == 8, let stamp = frame.segments[0].getInteger(at: frame.segments[0].readerIndex, endianness: .little, as: UInt64.self) else {
+                return self.violate(.malformedPayload, "\(frame.tag) payload must be 8 bytes, got \(frame.segments[0].readableBytes)")
+            }
+            if frame.tag == .keepaliveAck { return .keepaliveAck(stamp) }
+            return .reply(Self.keepaliveFrame(tag: .keepaliveAck, timestamp: stamp))
+        default:
+            switch Negotiation.stray(frame, waitingFor: "MESSAGE, NOTICE, KEEPALIVE or CLOSE") {
+            case .ignore:
+                return .ignore
+            case .peerClosed(let error):
+                self.isClosed = true
+                return .peerClosed(error)
+            case .violation(let error):
+                return self.violate(error)
+            }
+        }
+    }
+
+    /// Stamps an outbound message with the next seq and the current ack; returns its frame.
+    public mutating func frame(for message: WireMessage, allocator: ByteBufferAllocator) -> Frame {
+        var message = message
+        message.header.seq = self.nextSeq
+        message.header.ack = self.lastReceivedSeq
+        self.nextSeq &+= 1
+        return message.frame(allocator: allocator)
+    }
+
+    /// Marks the session closed by us (a CLOSE we send).
+    public mutating func close() { self.isClosed = true }
+
+    public static func keepaliveFrame(tag: FrameTag, timestamp: UInt64) -> Frame {
+        var buffer = ByteBuffer()
+        buffer.writeInteger(timestamp, endianness: .little)
+        return Frame(tag: tag, segments: [buffer])
+    }
+
+    private mutating func violate(_ code: ParleyError.Code, _ message: String) -> Inbound {
+        self.violate(ParleyError(code: code, message: message))
+    }
+
+    private mutating func violate(_ error: ParleyError) -> Inbound {
+        self.isClosed = true
+        return .violation(error)
+    }
+}
