@@ -285,11 +285,23 @@ public nonisolated struct Parley_V1_ServerIdent: Sendable {
 
   public var serverNonce: UInt64 = 0
 
+  /// Set when the server refuses the session (e.g. the client is out of date): the server
+  /// sends CLOSE with the same status right after, and the client reports this status.
+  public var refusal: Parley_V1_Status {
+    get {_refusal ?? Parley_V1_Status()}
+    set {_refusal = newValue}
+  }
+  /// Returns true if `refusal` has been explicitly set.
+  public var hasRefusal: Bool {self._refusal != nil}
+  /// Clears the value of `refusal`. Subsequent reads from it will return its default value.
+  public mutating func clearRefusal() {self._refusal = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _nucleus: Parley_V1_Nucleus? = nil
+  fileprivate var _refusal: Parley_V1_Status? = nil
 }
 
 /// Frame tag 0x11, server to client at any time after SERVER_IDENT.
@@ -667,7 +679,7 @@ nonisolated extension Parley_V1_Nucleus: SwiftProtobuf.Message, SwiftProtobuf._M
 
 nonisolated extension Parley_V1_ServerIdent: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ServerIdent"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}nucleus\0\u{1}platform\0\u{1}implementation\0\u{1}version\0\u{1}name\0\u{3}server_nonce\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}nucleus\0\u{1}platform\0\u{1}implementation\0\u{1}version\0\u{1}name\0\u{3}server_nonce\0\u{1}refusal\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -681,6 +693,7 @@ nonisolated extension Parley_V1_ServerIdent: SwiftProtobuf.Message, SwiftProtobu
       case 4: try { try decoder.decodeSingularStringField(value: &self.version) }()
       case 5: try { try decoder.decodeSingularStringField(value: &self.name) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.serverNonce) }()
+      case 7: try { try decoder.decodeSingularMessageField(value: &self._refusal) }()
       default: break
       }
     }
@@ -709,6 +722,9 @@ nonisolated extension Parley_V1_ServerIdent: SwiftProtobuf.Message, SwiftProtobu
     if self.serverNonce != 0 {
       try visitor.visitSingularUInt64Field(value: self.serverNonce, fieldNumber: 6)
     }
+    try { if let v = self._refusal {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -719,6 +735,7 @@ nonisolated extension Parley_V1_ServerIdent: SwiftProtobuf.Message, SwiftProtobu
     if lhs.version != rhs.version {return false}
     if lhs.name != rhs.name {return false}
     if lhs.serverNonce != rhs.serverNonce {return false}
+    if lhs._refusal != rhs._refusal {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

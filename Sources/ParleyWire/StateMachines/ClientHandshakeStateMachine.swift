@@ -137,6 +137,10 @@ public struct ClientHandshakeStateMachine: Sendable {
         case (.awaitingServerIdent(let partial), .frame(let frame)) where frame.tag == .serverIdent:
             do {
                 let ident = try Parley_V1_ServerIdent(parleyPayload: frame.segments[0])
+                if ident.hasRefusal {
+                    self.state = .failed
+                    return HandshakeStep(outcome: .failed(ParleyError(status: ident.refusal)))
+                }
                 self.state = .established
                 return HandshakeStep(outcome: .established(HandshakeResult(
                     peerBanner: partial.banner, features: partial.features, peerHello: partial.hello,

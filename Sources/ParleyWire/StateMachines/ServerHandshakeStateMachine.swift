@@ -135,6 +135,7 @@ public struct ServerHandshakeStateMachine: Sendable {
                     ident.nucleus.messages.append(message)
                     self.state = .failed
                     let error = ParleyError(code: .clientOutOfDate, message: message.text)
+                    ident.refusal = error.status
                     return HandshakeStep(
                         send: [.frame(ident.frame(tag: .serverIdent)), .frame(error.status.frame(tag: .close))],
                         outcome: .failed(error)

@@ -1,0 +1,242 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import ParleyNIO
+import ParleyWire
+import SwiftProtobuf
+
+/// A connection to a Parley server that obeys the nucleus: it surfaces the server's
+/// messages, waits out request delays before each new request, and follows redirects.
+public final class ParleyClient: Sendable {
+    public struct Configuration: Sendable {
+        public var supportedFeatures: ParleyFeatures
+        public var requiredFeatures: ParleyFeatures
+        public var authMethods: [String]
+        public var platform: String
+        public var implementation: String
+        public var version: String
+        public var name: String
+        public var maxFrameSize: Int
+        public var limits: ParleyConnectionLimits
+        /// Follow redirects in SERVER_IDENT, up to this many hops (0: never follow).
+        public var maxRedirects: Int
+        public var transport: any ParleyTransport
+        /// Record the raw bytes of the connection (for `parley decode`).
+        public var captureInbound: String?
+        public var captureOutbound: String?
+
+        public init(
+            supportedFeatures: ParleyFeatures = .implemented, requiredFeatures: ParleyFeatures = [],
+            authMethods: [String] = ["none"], platform: String = ParleyBuild.platform,
+            implementation: String = ParleyBuild.implementation, version: String = ParleyBuild.version,
+            name: String = "", maxFrameSize: Int = Frame.defaultMaxFrameSize, limits: ParleyConnectionLimits = .defaults,
+            maxRedirects: Int = 4, transport: any ParleyTransport = PosixTransport(),
+            captureInbound: String? = nil, captureOutbound: String? = nil
+        ) {
+            self.supportedFeatures = supportedFeatures
+            self.requiredFeatures = requiredFeatures
+            self.authMethods = authMethods
+            self.platform = platform
+            self.implementation = implementation
+            self.version = version
+            self.name = name
+            self.maxFrameSize = maxFrameSize
+            self.limits = limits
+            self.maxRedirects = maxRedirects
+            self.transport = transport
+            self.captureInbound = captureInbound
+            self.captureOutbound = captureOutbound
+        }
+
+        public static var defaults: Configuration { Configuration() }
+    }
+
+    public let connection: ParleyConnection
+    /// The address this client ended up connected to.
+    public let address: ParleyAddress
+    /// Addresses that redirected this client here, in order.
+    public let redirectedFrom: [ParleyAddress]
+    private let nucleusState: NIOLockedValueBox<NucleusState>
+    private let inboundTask: NIOLockedValueBox<Task<Void, Never>?>
+    private let logger: Logger
+
+    struct NucleusState {
+        var messages: [ParleyServerMessage] = []
+        var notBefore: ContinuousClock.Instant?
+        var redirects: [String] = []
+    }
+
+    public var session: ParleySession { self.connection.session }
+
+    /// Every message the server has sent (SERVER_IDENT and later notices), oldest first.
+    public var serverMessages: [ParleyServerMessage] { self.nucleusState.withLockedValue { $0.messages } }
+    /// The latest redirect list from the server (empty: none).
+    public var redirects: [String] { self.nucleusState.withLockedValue { $0.redirects } }
+    /// When the next request may be sent, if the server asked for a delay.
+    public var requestAllowedAt: ContinuousClock.Instant? { self.nucleusState.withLockedValue { $0.notBefore } }
+
+    private init(connection: ParleyConnection, address: ParleyAddress, redirectedFrom: [ParleyAddress],
+                 nucleus: NIOLockedValueBox<NucleusState>, logger: Logger) {
+        self.connection = connection
+        self.address = address
+        self.redirectedFrom = redirectedFrom
+        self.nucleusState = nucleus
+        self.inboundTask = NIOLockedValueBox(nil)
+        self.logger = logger
+    }
+
+    /// Connects, runs the handshake and follows redirects.
+    ///
+    /// - Parameters:
+    ///   - address: the server to connect to.
+    ///   - configuration: features, identity, limits, transport.
+    ///   - router: handlers for requests the server sends to this client.
+    /// - Throws: `ParleyError` (`connectFailed`, `missingFeatures`, `clientOutOfDate`, ...).
+    public static func connect(
+        to address: ParleyAddress, configuration: Configuration = .defaults, router: ParleyRouter = ParleyRouter(),
+        logger: Logger = Logger(label: "parley.client"), group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    ) async throws -> ParleyClient {
+        var target = address
+        var visited: [ParleyAddress] = []
+        while true {
+            let client = try await self.connectOnce(to: target, redirectedFrom: visited, configuration: configuration, router: router, logger: logger, group: group)
+            let redirects = client.session.nucleus.redirects
+            guard !redirects.isEmpty, configuration.maxRedirects > 0 else { return client }
+            client.close()
+            visited.append(target)
+            guard visited.count <= configuration.maxRedirects else {
+                throw ParleyError(code: .redirectLoop, message: "more than \(configuration.maxRedirects) redirects: \(visited.map(\.description))")
+            }
+            let next = try ParleyAddress(parsing: redirects[0])
+            guard !visited.contains(next) else {
+                throw ParleyError(code: .redirectLoop, message: "redirect loop: \(visited.map(\.description)) -> \(next)")
+            }
+            logger.info("following redirect", metadata: ["from": "\(target)", "to": "\(next)"])
+            target = next
+        }
+    }
+
+    private static func connectOnce(
+        to address: ParleyAddress, redirectedFrom: [ParleyAddress], configuration: Configuration, router: ParleyRouter,
+        logger: Logger, group: any EventLoopGroup
+    ) async throws -> ParleyClient {
+        var ident = Parley_V1_ClientIdent()
+        ident.platform = configuration.platform
+        ident.implementation = configuration.implementation
+        ident.version = configuration.version
+        ident.name = configuration.name
+        ident.clientNonce = UInt64.random(in: 1...UInt64.max)
+        let machine = ClientHandshakeStateMachine(configuration: .init(
+            banner: Banner(supported: configuration.supportedFeatures, required: configuration.requiredFeatures),
+            maxFrameSize: UInt32(configuration.maxFrameSize), authMethods: configuration.authMethods, ident: ident,
+            serverAddress: address.description
+        ))
+        let options = PipelineOptions(maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound)
+        let channel: ParleyAsyncChannel
+        do {
+            channel = try await configuration.transport.connect(to: address, group: group) { channel in
+                try ParleyPipeline.configure(channel, role: .client(machine), options: options)
+            }
+        } catch {
+            throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): \(error)", cause: error)
+        }
+        let nucleus = NIOLockedValueBox(NucleusState())
+        let taskBox = NIOLockedValueBox<Task<Void, Never>?>(nil)
+        let connection: ParleyConnection = try await withCheckedThrowingContinuation { continuation in
+            let resumed = NIOLockedValueBox(false)
+            let resume: @Sendable (Result<ParleyConnection, any Error>) -> Void = { result in
+                let first = resumed.withLockedValue { r -> Bool in
+                    defer { r = true }
+                    return !r
+                }
+                if first { continuation.resume(with: result) }
+            }
+            let task = Task {
+                do {
+                    try await channel.executeThenClose { inbound, outbound in
+                        var iterator = inbound.makeAsyncIterator()
+                        guard case .established(let result)? = try await iterator.next() else {
+                            throw ParleyError(code: .connectionClosed, message: "\(address) closed the connection during the handshake")
+                        }
+                        let connection = ParleyConnection(
+                            session: ParleySession(result: result, role: .client, peerAddress: address.description), role: .client,
+                            channel: channel, outbound: outbound, router: router, limits: configuration.limits, logger: logger,
+                            onNotice: { n in Self.apply(n, to: nucleus, logger: logger) }
+                        )
+                        Self.apply(connection.session.nucleus, to: nucleus, logger: logger)
+                        resume(.success(connection))
+                        _ = await connection.runInbound(&iterator)
+                    }
+                } catch let error as ParleyError {
+                    resume(.failure(error))
+                } catch {
+                    resume(.failure(ParleyError(code: .connectionClosed, message: "handshake with \(address) failed: \(error)", cause: error)))
+                }
+            }
+            taskBox.withLockedValue { $0 = task }
+        }
+        let client = ParleyClient(connection: connection, address: address, redirectedFrom: redirectedFrom, nucleus: nucleus, logger: logger)
+        client.inboundTask.withLockedValue { $0 = taskBox.withLockedValue { $0 } }
+        return client
+    }
+
+    private static func apply(_ n: ParleyNucleus, to state: NIOLockedValueBox<NucleusState>, logger: Logger) {
+        for m in n.messages {
+            logger.log(level: m.priority == .high ? .warning : .info, "server message: \(m.text)")
+        }
+        state.withLockedValue { s in
+            s.messages.append(contentsOf: n.messages)
+            if n.requestDelay > 0 {
+                s.notBefore = ContinuousClock.now.advanced(by: .milliseconds(Int64(n.requestDelay * 1000)))
+            }
+            if !n.redirects.isEmpty { s.redirects = n.redirects }
+        }
+    }
+
+    /// Waits until the server's request delay (if any) has passed.
+    public func waitForRequestDelay() async throws {
+        if let notBefore = self.requestAllowedAt, notBefore > ContinuousClock.now {
+            try await Task.sleep(until: notBefore, clock: .continuous)
+        }
+    }
+
+    /// Sends a request (after any request delay) and returns the response and its data.
+    public func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
+        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self
+    ) async throws -> ParleyReply<Response> {
+        try await self.waitForRequestDelay()
+        return try await self.connection.call(request, data: data, as: response)
+    }
+
+    /// Sends a request (after any request delay) and returns the response.
+    public func request<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
+        _ request: Request, as response: Response.Type = Response.self
+    ) async throws -> Response {
+        try await self.call(request, as: response).message
+    }
+
+    /// Sends a streamed request (after any request delay).
+    public func stream<Request: SwiftProtobuf.Message, Item: SwiftProtobuf.Message & Sendable, Final: SwiftProtobuf.Message & Sendable>(
+        _ request: Request, data: ByteBuffer? = nil, item: Item.Type, final: Final.Type
+    ) async throws -> ParleyResponseStream<Item, Final> {
+        try await self.waitForRequestDelay()
+        return try await self.connection.stream(request, data: data, item: item, final: final)
+    }
+
+    /// Sends a one-way message.
+    public func send<Message: SwiftProtobuf.Message>(_ message: Message, data: ByteBuffer? = nil) async throws {
+        try await self.connection.send(message, data: data)
+    }
+
+    /// Closes the connection.
+    public func close() {
+        self.connection.close()
+    }
+
+    /// Waits until the connection has ended (closed by either side).
+    public func closed() async {
+        let task = self.inboundTask.withLockedValue { $0 }
+        await task?.value
+    }
+}

@@ -1,0 +1,190 @@
+import NIOCore
+import ParleyWire
+
+/// Runs the handshake and session state machines on the event loop.
+///
+/// Pipeline: `ByteToMessageHandler(WireDecoder)` → `ParleyConnectionHandler` → (async layer).
+/// Inbound it turns decoded banners and frames into `ConnectionEvent`s; outbound it turns
+/// `ConnectionCommand`s into frames, stamps seq/ack, and writes each frame as a list of
+/// buffers (bulk segments are never copied). Every protocol error is sent to the peer in a
+/// CLOSE frame when possible, fired up the pipeline as a `ParleyError`, and closes the channel.
+public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    public typealias InboundIn = WireInbound
+    public typealias InboundOut = ConnectionEvent
+    public typealias OutboundIn = ConnectionCommand
+    public typealias OutboundOut = ByteBuffer
+
+    public enum Role {
+        case client(ClientHandshakeStateMachine)
+        case server(ServerHandshakeStateMachine)
+    }
+
+    private enum State {
+        case handshaking(Role)
+        case established(SessionStateMachine)
+        case closing
+    }
+
+    private var state: State
+    private var scratch: [ByteBuffer] = []
+
+    public init(role: Role) {
+        self.state = .handshaking(role)
+    }
+
+    public func channelActive(context: ChannelHandlerContext) {
+        guard case .handshaking(var role) = self.state else { return context.fireChannelActive() }
+        let step: HandshakeStep
+        switch role {
+        case .client(var m):
+            step = m.start()
+            role = .client(m)
+        case .server(var m):
+            step = m.start()
+            role = .server(m)
+        }
+        self.state = .handshaking(role)
+        context.fireChannelActive()
+        self.perform(step, context: context)
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let inbound = self.unwrapInboundIn(data)
+        switch self.state {
+        case .closing:
+            return
+        case .handshaking(var role):
+            let step: HandshakeStep
+            switch role {
+            case .client(var m):
+                step = m.received(inbound)
+                role = .client(m)
+            case .server(var m):
+                step = m.received(inbound)
+                role = .server(m)
+            }
+            self.state = .handshaking(role)
+            self.perform(step, context: context)
+        case .established(var session):
+            let event = session.received(inbound)
+            self.state = .established(session)
+            switch event {
+            case .message(let message):
+                context.fireChannelRead(self.wrapInboundOut(.message(message)))
+            case .notice(let nucleus):
+                context.fireChannelRead(self.wrapInboundOut(.notice(nucleus)))
+            case .keepaliveAck(let stamp):
+                context.fireChannelRead(self.wrapInboundOut(.keepaliveAck(stamp)))
+            case .reply(let frame):
+                self.writeFrame(frame, context: context)
+                context.flush()
+            case .ignore:
+                break
+            case .peerClosed(let error):
+                self.state = .closing
+                context.fireErrorCaught(error)
+                context.close(promise: nil)
+            case .violation(let error):
+                self.failConnection(error, tellPeer: true, context: context)
+            }
+        }
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if case .closing = self.state {
+            return
+        }
+        if let error = error as? ParleyError {
+            // A decoding error: the bytes the peer sent are bad. Tell it why, then close.
+            self.failConnection(error, tellPeer: true, context: context)
+        } else {
+            self.state = .closing
+            context.fireErrorCaught(error)
+            context.close(promise: nil)
+        }
+    }
+
+    public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let command = self.unwrapOutboundIn(data)
+        guard case .established(var session) = self.state else {
+            promise?.fail(ParleyError(code: .connectionClosed, message: "connection is not established"))
+            return
+        }
+        switch command {
+        case .message(let message):
+            let frame = session.frame(for: message, allocator: context.channel.allocator)
+            self.state = .established(session)
+            self.writeFrame(frame, context: context, promise: promise)
+        case .notice(let nucleus):
+            var notice = Parley_V1_Notice()
+            notice.nucleus = nucleus
+            self.writeFrame(notice.frame(tag: .notice, allocator: context.channel.allocator), context: context, promise: promise)
+        case .keepalive(let stamp):
+            self.writeFrame(SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: stamp), context: context, promise: promise)
+        case .close(let error):
+            self.state = .closing
+            let written = context.eventLoop.makePromise(of: Void.self)
+            self.writeFrame(error.status.frame(tag: .close, allocator: context.channel.allocator), context: context, promise: written)
+            context.flush()
+            let channel = context.channel
+            written.futureResult.whenComplete { result in
+                promise?.completeWith(result)
+                channel.close(promise: nil)
+            }
+        }
+    }
+
+    private func perform(_ step: HandshakeStep, context: ChannelHandlerContext) {
+        for element in step.send {
+            switch element {
+            case .banner(let banner):
+                var buffer = context.channel.allocator.buffer(capacity: Banner.size)
+                buffer.writeBanner(banner)
+                context.write(self.wrapOutboundOut(buffer), promise: nil)
+            case .frame(let frame):
+                self.writeFrame(frame, context: context)
+            }
+        }
+        switch step.outcome {
+        case .none:
+            if !step.send.isEmpty { context.flush() }
+        case .established(let result):
+            if !step.send.isEmpty { context.flush() }
+            let role: SessionStateMachine.Role
+            if case .handshaking(.client(_)) = self.state { role = .client } else { role = .server }
+            let peerMax = result.peerHello.maxFrameSize == 0 ? Frame.defaultMaxFrameSize : Int(result.peerHello.maxFrameSize)
+            self.state = .established(SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax))
+            context.fireChannelRead(self.wrapInboundOut(.established(result)))
+        case .failed(let error):
+            // The step's frames (if any) already hold the CLOSE to send.
+            self.state = .closing
+            self.flushThenClose(context: context)
+            context.fireErrorCaught(error)
+        }
+    }
+
+    private func failConnection(_ error: ParleyError, tellPeer: Bool, context: ChannelHandlerContext) {
+        self.state = .closing
+        if tellPeer {
+            self.writeFrame(error.status.frame(tag: .close, allocator: context.channel.allocator), context: context)
+        }
+        self.flushThenClose(context: context)
+        context.fireErrorCaught(error)
+    }
+
+    private func flushThenClose(context: ChannelHandlerContext) {
+        let done = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(self.wrapOutboundOut(ByteBuffer()), promise: done)
+        let channel = context.channel
+        done.futureResult.whenComplete { _ in channel.close(promise: nil) }
+    }
+
+    private func writeFrame(_ frame: Frame, context: ChannelHandlerContext, promise: EventLoopPromise<Void>? = nil) {
+        self.scratch.removeAll(keepingCapacity: true)
+        frame.encode(into: &self.scratch, allocator: context.channel.allocator)
+        let last = self.scratch.count - 1
+        for (i, buffer) in self.scratch.enumerated() {
+            context.write(self.wrapOutboundOut(buffer), promise: i == last ? promise : nil)
+        }
+    }
+}
