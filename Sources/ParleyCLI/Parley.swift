@@ -1,0 +1,33 @@
+import ArgumentParser
+import Logging
+
+@main
+struct ParleyCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "parley",
+        abstract: "Parley: a session protocol for distributed systems.",
+        discussion: """
+            Start a server with the built-in echo/ping service and ping it:
+              parley serve &
+              parley ping 127.0.0.1:7420
+            Addresses are HOST:PORT, [V6]:PORT or unix:PATH. The default port is 7420.
+            """,
+        subcommands: [Serve.self, Ping.self, Decode.self, Bench.self]
+    )
+}
+
+struct LoggingOptions: ParsableArguments {
+    @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: Logger.Level = .info
+
+    func bootstrap() {
+        let level = self.logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+    }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
