@@ -1,0 +1,280 @@
+import Foundation
+import Logging
+import NIOCore
+import Parley
+import ParleyServices
+import ParleyWire
+import Testing
+
+@Suite(.timeLimit(.minutes(2)))
+struct MessagingTests {
+    /// 10,000 requests in flight on one connection; the server answers them out of order.
+    @Test func tenThousandConcurrentRequestsAnsweredOutOfOrderAndAllMatched() async throws {
+        let order = Counter()
+        let inversions = Counter()
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Echo.self) { request, _ in
+            // Even-numbered requests wait a little, so later ones overtake them.
+            let n = Int(request.text) ?? 0
+            if n % 2 == 0 { try await Task.sleep(for: .milliseconds(2)) }
+            let position = order.increment()
+            if position < n { inversions.increment() }
+            var reply = Parley_Echo_V1_EchoReply()
+            reply.text = request.text
+            reply.payload = request.payload
+            return reply
+        }
+        try await withServer(router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], configuration: .init(limits: .init(maxOutstandingRequests: 10_000)), logger: quietLogger)
+            defer { client.close() }
+            let mismatches = try await withThrowingTaskGroup(of: Int.self) { group in
+                for i in 1...10_000 {
+                    group.addTask {
+                        var echo = Parley_Echo_V1_Echo()
+                        echo.text = "\(i)"
+                        echo.payload = Data("payload-\(i)".utf8)
+                        let reply = try await client.request(echo, as: Parley_Echo_V1_EchoReply.self)
+                        return reply.text == "\(i)" && reply.payload == echo.payload ? 0 : 1
+                    }
+                }
+                return try await group.reduce(0, +)
+            }
+            #expect(mismatches == 0)
+            #expect(order.count == 10_000)
+            #expect(inversions.count > 0, "some answers overtook earlier requests")
+            #expect(client.connection.outstandingRequests == 0)
+        }
+    }
+
+    @Test func hundredClientsAtOnceOverUnixSocket() async throws {
+        let path = temporaryPath("hundred.sock")
+        try await withServer(listen: [.unix(path: path)]) { server, addresses in
+            let total = try await withThrowingTaskGroup(of: Int.self) { group in
+                for c in 0..<100 {
+                    group.addTask {
+                        let client = try await ParleyClient.connect(to: addresses[0], configuration: .init(name: "client-\(c)"), logger: quietLogger)
+                        defer { client.close() }
+                        var ok = 0
+                        for i in 1...10 where try await ping(client, UInt64(c * 100 + i)) == UInt64(c * 100 + i) { ok += 1 }
+                        return ok
+                    }
+                }
+                return try await group.reduce(0, +)
+            }
+            #expect(total == 1000)
+        }
+    }
+
+    @Test func ipv6Loopback() async throws {
+        try await withServer(listen: [.tcp(host: "::1", port: 0)]) { _, addresses in
+            #expect(addresses[0].description.hasPrefix("[::1]:"))
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            #expect(try await ping(client, 6) == 6)
+            #expect(client.session.addressSeenByPeer.hasPrefix("[::1]:"))
+        }
+    }
+
+    @Test func serverInitiatedRequests() async throws {
+        var serverRouter = ParleyRouter()
+        // To answer an Echo, the server first asks the client a Ping of its own.
+        serverRouter.on(Parley_Echo_V1_Echo.self) { request, context in
+            var question = Parley_Echo_V1_Ping()
+            question.sequence = 41
+            let answer = try await context.connection.request(question, as: Parley_Echo_V1_Pong.self)
+            var reply = Parley_Echo_V1_EchoReply()
+            reply.text = "client answered \(answer.sequence) as \(answer.serverName)"
+            return reply
+        }
+        var clientRouter = ParleyRouter()
+        clientRouter.on(Parley_Echo_V1_Ping.self) { ping, _ in
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence + 1
+            pong.serverName = "the client"
+            return pong
+        }
+        try await withServer(router: serverRouter) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], router: clientRouter, logger: quietLogger)
+            defer { client.close() }
+            let reply = try await client.request(Parley_Echo_V1_Echo(), as: Parley_Echo_V1_EchoReply.self)
+            #expect(reply.text == "client answered 42 as the client")
+        }
+    }
+
+    @Test func streamedResponse() async throws {
+        try await withServer { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            var count = Parley_Echo_V1_Count()
+            count.count = 5
+            var items: [String] = []
+            var final: Parley_Echo_V1_CountDone?
+            for try await event in try await client.stream(count, item: Parley_Echo_V1_CountItem.self, final: Parley_Echo_V1_CountDone.self) {
+                switch event {
+                case .item(let item, _): items.append(item.line)
+                case .final(let done): final = done
+                }
+            }
+            #expect(items == (1...5).map { "line \($0) of 5" })
+            #expect(final?.sent == 5 && final?.cancelled == false)
+        }
+    }
+
+    @Test func cancelledStreamStopsTheServerHandler() async throws {
+        let cancelled = Signal()
+        var router = EchoService.router()
+        router.onStream(Parley_Echo_V1_Count.self, item: Parley_Echo_V1_CountItem.self) { request, writer, _ in
+            var done = Parley_Echo_V1_CountDone()
+            do {
+                for i in 0..<request.count {
+                    try await Task.sleep(for: .milliseconds(5))
+                    var item = Parley_Echo_V1_CountItem()
+                    item.index = i
+                    try await writer.send(item)
+                    done.sent += 1
+                }
+            } catch {
+                cancelled.raise()
+                throw error
+            }
+            return done
+        }
+        try await withServer(router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            var count = Parley_Echo_V1_Count()
+            count.count = 100_000
+            var seen = 0
+            do {
+                let stream = try await client.stream(count, item: Parley_Echo_V1_CountItem.self, final: Parley_Echo_V1_CountDone.self)
+                for try await case .item in stream {
+                    seen += 1
+                    if seen == 3 { break }
+                }
+            }
+            #expect(seen == 3)
+            #expect(await cancelled.wait(seconds: 10), "the server handler saw the cancellation")
+            // The connection is still good.
+            #expect(try await ping(client, 9) == 9)
+        }
+    }
+
+    @Test func cancellingTheCallingTaskCancelsTheRequest() async throws {
+        let started = Signal()
+        let cancelled = Signal()
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Sleep.self) { request, _ in
+            started.raise()
+            do {
+                try await Task.sleep(for: .milliseconds(Int(request.delayMs)))
+            } catch {
+                cancelled.raise()
+                throw error
+            }
+            return Parley_Echo_V1_Slept()
+        }
+        try await withServer(router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            let call = Task {
+                var sleep = Parley_Echo_V1_Sleep()
+                sleep.delayMs = 60_000
+                return try await client.request(sleep, as: Parley_Echo_V1_Slept.self)
+            }
+            #expect(await started.wait(seconds: 10))
+            call.cancel()
+            let result = await call.result
+            guard case .failure(let error as ParleyError) = result else {
+                Issue.record("expected a cancelled error, got \(result)")
+                return
+            }
+            #expect(error.code == .cancelled)
+            #expect(await cancelled.wait(seconds: 10))
+            #expect(client.connection.outstandingRequests == 0)
+        }
+    }
+
+    @Test func unknownRequestTypeGetsAClearError() async throws {
+        try await withServer(router: ParleyRouter()) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            let error = await #expect(throws: ParleyError.self) { _ = try await ping(client, 1) }
+            #expect(error?.code == .unknownMessageType)
+            #expect(error?.message.contains("parley.echo.v1.Ping") == true)
+        }
+    }
+
+    @Test func handlerErrorsTravelWithTheirCode() async throws {
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Ping.self) { _, _ -> Parley_Echo_V1_Pong in
+            throw ParleyError(code: .invalidArgument, message: "sequence must be odd")
+        }
+        router.on(Parley_Echo_V1_Echo.self) { _, _ -> Parley_Echo_V1_EchoReply in
+            struct Boom: Error {}
+            throw Boom()
+        }
+        try await withServer(router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            let e1 = await #expect(throws: ParleyError.self) { _ = try await ping(client, 2) }
+            #expect(e1 == ParleyError(code: .invalidArgument, message: "sequence must be odd"))
+            let e2 = await #expect(throws: ParleyError.self) { _ = try await client.request(Parley_Echo_V1_Echo(), as: Parley_Echo_V1_EchoReply.self) }
+            #expect(e2?.code == .handlerFailed)
+        }
+    }
+
+    @Test func bulkDataTravelsInItsOwnSegment() async throws {
+        try await withServer { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            var data = ByteBuffer()
+            for i in 0..<(1 << 20) { data.writeInteger(UInt8(truncatingIfNeeded: i &* 31)) }
+            let reply = try await client.call(Parley_Echo_V1_Echo(), data: data, as: Parley_Echo_V1_EchoReply.self)
+            #expect(reply.data == data)
+        }
+    }
+
+    @Test func oneWayMessages() async throws {
+        let received = Counter()
+        var router = ParleyRouter()
+        router.onMessage(Parley_Echo_V1_Ping.self) { _, _ in received.increment() }
+        router.on(Parley_Echo_V1_Echo.self) { _, _ in Parley_Echo_V1_EchoReply() }
+        try await withServer(router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            for i in 1...20 {
+                var p = Parley_Echo_V1_Ping()
+                p.sequence = UInt64(i)
+                try await client.send(p)
+            }
+            #expect(try await eventually { received.count == 20 })
+        }
+    }
+
+    @Test func backPressureBoundsTheServersWork() async throws {
+        let started = Counter()
+        let release = Signal()
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Sleep.self) { _, _ in
+            started.increment()
+            _ = await release.wait(seconds: 30)
+            return Parley_Echo_V1_Slept()
+        }
+        try await withServer(configure: { $0.limits = .init(maxOutstandingRequests: 1024, maxConcurrentHandlers: 8) }, router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            let calls = Task {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for _ in 0..<200 { group.addTask { _ = try await client.request(Parley_Echo_V1_Sleep(), as: Parley_Echo_V1_Slept.self) } }
+                    try await group.waitForAll()
+                }
+            }
+            #expect(try await eventually { started.count == 8 })
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(started.count == 8, "200 requests sent, only the limit of 8 started")
+            release.raise()
+            try await calls.value
+            #expect(started.count == 200)
+        }
+    }
+}

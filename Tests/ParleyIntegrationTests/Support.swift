@@ -1,0 +1,211 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import Parley
+import ParleyServices
+import ParleyWire
+import ServiceLifecycle
+import Testing
+
+/// Collects log records so tests can check what a server logged.
+final class LogCollector: Sendable {
+    struct Record: Sendable {
+        var level: Logger.Level
+        var message: String
+        var metadata: String
+    }
+
+    private let records = NIOLockedValueBox<[Record]>([])
+    var all: [Record] { self.records.withLockedValue { $0 } }
+
+    func logger(_ label: String, level: Logger.Level = .debug) -> Logger {
+        var l = Logger(label: label) { _ in Handler(collector: self) }
+        l.logLevel = level
+        return l
+    }
+
+    func append(_ r: Record) { self.records.withLockedValue { $0.append(r) } }
+
+    struct Handler: LogHandler {
+        let collector: LogCollector
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { self.metadata[key] }
+            set { self.metadata[key] = newValue }
+        }
+        func log(event: LogEvent) {
+            let merged = self.metadata.merging(event.metadata ?? [:]) { $1 }
+            self.collector.append(Record(level: event.level, message: "\(event.message)", metadata: "\(merged)"))
+        }
+    }
+}
+
+let quietLogger: Logger = {
+    var l = Logger(label: "test")
+    l.logLevel = .critical
+    return l
+}()
+
+/// Runs a server on the given addresses (port 0 by default) for the duration of `body`,
+/// then shuts it down gracefully and waits for it to stop.
+func withServer<T>(
+    listen: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: 0)],
+    configure: (inout ParleyServer.Configuration) -> Void = { _ in },
+    router: ParleyRouter = EchoService.router(),
+    logger: Logger = quietLogger,
+    _ body: (ParleyServer, [ParleyAddress]) async throws -> T
+) async throws -> T {
+    var configuration = ParleyServer.Configuration(listen: listen)
+    configure(&configuration)
+    let server = ParleyServer(configuration: configuration, router: router, logger: logger)
+    let task = Task { try await server.run() }
+    do {
+        let addresses = try await server.listeningAddresses
+        let result = try await body(server, addresses)
+        server.shutDown()
+        try await task.value
+        return result
+    } catch {
+        server.shutDown()
+        _ = try? await task.value
+        throw error
+    }
+}
+
+func ping(_ client: ParleyClient, _ n: UInt64) async throws -> UInt64 {
+    var p = Parley_Echo_V1_Ping()
+    p.sequence = n
+    return try await client.request(p, as: Parley_Echo_V1_Pong.self).sequence
+}
+
+/// Waits for `condition` to hold, polling every 10 ms, at most `seconds`.
+func eventually(seconds: Double = 10, _ condition: () -> Bool) async throws -> Bool {
+    let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int64(seconds * 1000)))
+    while ContinuousClock.now < deadline {
+        if condition() { return true }
+        try await Task.sleep(for: .milliseconds(10))
+    }
+    return condition()
+}
+
+/// A counter shared with handlers.
+final class Counter: Sendable {
+    private let value = NIOLockedValueBox(0)
+    @discardableResult func increment() -> Int { self.value.withLockedValue { $0 += 1; return $0 } }
+    var count: Int { self.value.withLockedValue { $0 } }
+}
+
+/// A one-shot signal a handler can raise and a test can await with a bound.
+final class Signal: Sendable {
+    private let state = NIOLockedValueBox<(raised: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+    func raise() {
+        let waiters = self.state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+            s.raised = true
+            defer { s.waiters = [] }
+            return s.waiters
+        }
+        waiters.forEach { $0.resume() }
+    }
+    var isRaised: Bool { self.state.withLockedValue { $0.raised } }
+    func wait(seconds: Double) async -> Bool {
+        (try? await eventually(seconds: seconds) { self.isRaised }) ?? false
+    }
+}
+
+/// Raw bytes over TCP or a Unix socket, for peers that speak the protocol by hand.
+final class RawPeer: Sendable {
+    let channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
+
+    init(channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>) { self.channel = channel }
+
+    static func connect(_ address: ParleyAddress) async throws -> RawPeer {
+        let bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+        let initializer: @Sendable (any Channel) -> EventLoopFuture<NIOAsyncChannel<ByteBuffer, ByteBuffer>> = { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true))
+            }
+        }
+        switch address.kind {
+        case .tcp(let host, let port):
+            return RawPeer(channel: try await bootstrap.connect(host: host, port: port, channelInitializer: initializer))
+        case .unix(let path):
+            return RawPeer(channel: try await bootstrap.connect(unixDomainSocketPath: path, channelInitializer: initializer))
+        }
+    }
+
+    /// Writes `bytes`, half-closes, and collects everything the server sends until it closes,
+    /// at most `seconds`. Returns the bytes and whether the server closed in time.
+    func exchange(_ bytes: ByteBuffer, seconds: Double = 10, halfClose: Bool = true) async throws -> (ByteBuffer, closed: Bool) {
+        try await self.channel.executeThenClose { inbound, outbound in
+            try? await outbound.write(bytes)
+            if halfClose { outbound.finish() }
+            return try await withThrowingTaskGroup(of: (ByteBuffer, Bool).self) { group in
+                group.addTask {
+                    var received = ByteBuffer()
+                    do {
+                        for try await var chunk in inbound { received.writeBuffer(&chunk) }
+                    } catch {}
+                    return (received, true)
+                }
+                group.addTask {
+                    try await Task.sleep(for: .milliseconds(Int64(seconds * 1000)))
+                    return (ByteBuffer(), false)
+                }
+                let first = try await group.next()!
+                group.cancelAll()
+                return first
+            }
+        }
+    }
+}
+
+/// The bytes a client sends in a whole session: banner, HELLO, AUTH_REQUEST, CLIENT_IDENT,
+/// then the given messages (seq numbered from 1).
+func clientSessionBytes(features: ParleyFeatures = .implemented, messages: [WireMessage], extraFrames: [Frame] = []) -> ByteBuffer {
+    var b = ByteBuffer()
+    b.writeBanner(Banner(supported: features))
+    var hello = Parley_V1_Hello()
+    hello.entityType = .client
+    hello.peerAddress = "127.0.0.1:7420"
+    b.writeFrame(hello.frame(tag: .hello))
+    var auth = Parley_V1_AuthRequest()
+    auth.method = "none"
+    auth.offeredMethods = ["none"]
+    b.writeFrame(auth.frame(tag: .authRequest))
+    var ident = Parley_V1_ClientIdent()
+    ident.platform = "test"
+    ident.implementation = "raw-peer"
+    ident.version = "1.0.0"
+    b.writeFrame(ident.frame(tag: .clientIdent))
+    for f in extraFrames { b.writeFrame(f) }
+    var session = SessionStateMachine(role: .client, features: features)
+    for m in messages { b.writeFrame(session.frame(for: m, allocator: ByteBufferAllocator())) }
+    return b
+}
+
+func pingMessage(id: UInt64) -> WireMessage {
+    var p = Parley_Echo_V1_Ping()
+    p.sequence = id
+    return WireMessage(header: MessageHeader(id: id, kind: .request, type: Parley_Echo_V1_Ping.protoMessageName), payload: p.parleyPayload())
+}
+
+/// Decodes what a server sent back into frames (ignoring a truncated tail).
+func frames(in bytes: ByteBuffer) -> [Frame] {
+    var decoder = WireDecoder()
+    var b = bytes
+    var out: [Frame] = []
+    while let e = try? decoder.decode(buffer: &b) {
+        if case .frame(let f) = e { out.append(f) }
+    }
+    return out
+}
+
+func temporaryPath(_ name: String) -> String {
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-tests-\(getpid())")
+    try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    return dir.appendingPathComponent(name).path
+}
