@@ -156,10 +156,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.state = .established(SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax))
             context.fireChannelRead(self.wrapInboundOut(.established(result)))
         case .failed(let error):
-            // The step's frames (if any) already hold the CLOSE to send.
+            // The step's frames (if any) already hold the CLOSE to send. The error goes up
+            // first: closing may complete at once, and would end the stream without a reason.
             self.state = .closing
-            self.flushThenClose(context: context)
             context.fireErrorCaught(error)
+            self.flushThenClose(context: context)
         }
     }
 
@@ -168,8 +169,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         if tellPeer {
             self.writeFrame(error.status.frame(tag: .close, allocator: context.channel.allocator), context: context)
         }
-        self.flushThenClose(context: context)
         context.fireErrorCaught(error)
+        self.flushThenClose(context: context)
     }
 
     private func flushThenClose(context: ChannelHandlerContext) {

@@ -139,7 +139,9 @@ final class RawPeer: Sendable {
 
     /// Writes `bytes`, half-closes, and collects everything the server sends until it closes,
     /// at most `seconds`. Returns the bytes and whether the server closed in time.
-    func exchange(_ bytes: ByteBuffer, seconds: Double = 10, halfClose: Bool = true) async throws -> (ByteBuffer, closed: Bool) {
+    func exchange(
+        _ bytes: ByteBuffer, seconds: Double = 10, halfClose: Bool = true, until done: @escaping @Sendable (ByteBuffer) -> Bool = { _ in false }
+    ) async throws -> (ByteBuffer, closed: Bool) {
         try await self.channel.executeThenClose { inbound, outbound in
             try? await outbound.write(bytes)
             if halfClose { outbound.finish() }
@@ -147,7 +149,10 @@ final class RawPeer: Sendable {
                 group.addTask {
                     var received = ByteBuffer()
                     do {
-                        for try await var chunk in inbound { received.writeBuffer(&chunk) }
+                        for try await var chunk in inbound {
+                            received.writeBuffer(&chunk)
+                            if done(received) { break }
+                        }
                     } catch {}
                     return (received, true)
                 }

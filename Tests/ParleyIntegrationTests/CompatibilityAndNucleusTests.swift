@@ -1,0 +1,192 @@
+import Foundation
+import Logging
+import NIOCore
+import Parley
+import ParleyServices
+import ParleyWire
+import Testing
+
+@Suite(.timeLimit(.minutes(2)))
+struct CompatibilityTests {
+    @Test func peerAdvertisingUnknownOptionalFeaturesInteroperates() async throws {
+        let unknown = ParleyFeatures(rawValue: 1 << 40 | 1 << 63)
+        try await withServer { _, addresses in
+            let client = try await ParleyClient.connect(
+                to: addresses[0], configuration: .init(supportedFeatures: ParleyFeatures.implemented.union(unknown)), logger: quietLogger)
+            defer { client.close() }
+            #expect(client.session.features == .implemented)
+            #expect(try await ping(client, 3) == 3)
+        }
+    }
+
+    @Test func peerSendingUnknownIgnorableFrameTagsInteroperates() async throws {
+        try await withServer { _, addresses in
+            // A hand-written peer: unknown ignorable frames (0x80, 0xF0) during the handshake
+            // and between messages; the server skips them and answers both pings.
+            let odd1 = Frame(tag: FrameTag(rawValue: 0xF0), segments: [ByteBuffer(string: "from the future")])
+            let odd2 = Frame(tag: FrameTag(rawValue: 0x80), segments: [ByteBuffer(), ByteBuffer(bytes: [1, 2, 3])])
+            var bytes = clientSessionBytes(messages: [], extraFrames: [odd1])
+            var session = SessionStateMachine(role: .client, features: .implemented)
+            bytes.writeFrame(session.frame(for: pingMessage(id: 1), allocator: ByteBufferAllocator()))
+            bytes.writeFrame(odd2)
+            bytes.writeFrame(session.frame(for: pingMessage(id: 2), allocator: ByteBufferAllocator()))
+            let peer = try await RawPeer.connect(addresses[0])
+            // Not half-closed: a server stops answering a peer that has gone.
+            let (reply, closed) = try await peer.exchange(bytes, halfClose: false) { frames(in: $0).filter { $0.tag == .message }.count == 2 }
+            #expect(closed)
+            let got = frames(in: reply)
+            let answers = got.filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
+            #expect(answers.map(\.header.id) == [1, 2])
+            #expect(answers.allSatisfy { $0.header.type == Parley_Echo_V1_Pong.protoMessageName })
+            #expect(!got.contains { $0.tag == .close && (try? Parley_V1_Status(parleyPayload: $0.segments[0]))?.code != ParleyError.Code.shuttingDown.rawValue })
+        }
+    }
+
+    @Test func peerSendingUnknownCriticalTagIsClosedWithAClearError() async throws {
+        try await withServer { _, addresses in
+            let bad = Frame(tag: FrameTag(rawValue: 0x42), segments: [ByteBuffer()])
+            let bytes = clientSessionBytes(messages: [], extraFrames: [bad])
+            let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(bytes, halfClose: false)
+            #expect(closed, "the server closed the connection")
+            let close = try #require(frames(in: reply).last)
+            #expect(close.tag == .close)
+            let status = try Parley_V1_Status(parleyPayload: close.segments[0])
+            #expect(status.code == ParleyError.Code.unknownFrameTag.rawValue)
+            #expect(status.message.contains("0x42"))
+        }
+    }
+
+    @Test func peerRequiringAnUnknownFeatureIsRefusedOnBothSides() async throws {
+        let logs = LogCollector()
+        let unknown = ParleyFeatures(rawValue: 1 << 41)
+        try await withServer(logger: logs.logger("server")) { _, addresses in
+            let error = await #expect(throws: ParleyError.self) {
+                _ = try await ParleyClient.connect(
+                    to: addresses[0],
+                    configuration: .init(supportedFeatures: ParleyFeatures.implemented.union(unknown), requiredFeatures: unknown),
+                    logger: quietLogger)
+            }
+            #expect(error?.code == .missingFeatures)
+            #expect(error?.message.contains("bit41") == true)
+            #expect(error?.message.contains("protocol version 1") == true)
+            let logged = try await eventually { logs.all.contains { $0.metadata.contains("missingFeatures") && $0.metadata.contains("bit41") } }
+            #expect(logged, "the server logged the refusal naming the feature")
+        }
+    }
+
+    @Test func garbageInsteadOfABannerIsRefused() async throws {
+        let logs = LogCollector()
+        try await withServer(logger: logs.logger("server")) { _, addresses in
+            let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+            #expect(closed)
+            let close = frames(in: reply).last
+            #expect(close?.tag == .close)
+            let logged = try await eventually { logs.all.contains { $0.level == .warning && $0.metadata.contains("badMagic") } }
+            #expect(logged)
+            // The server still serves others.
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            #expect(try await ping(client, 1) == 1)
+        }
+    }
+}
+
+@Suite(.timeLimit(.minutes(2)))
+struct NucleusTests {
+    @Test func serverMessagesDelayAndNotices() async throws {
+        var router = EchoService.router()
+        router.on(Parley_Echo_V1_Sleep.self) { _, context in
+            try await context.connection.sendNotice(ParleyNucleus(messages: [ParleyServerMessage(priority: .low, text: "later news")]))
+            return Parley_Echo_V1_Slept()
+        }
+        try await withServer(configure: {
+            $0.nucleus = ParleyNucleus(messages: [ParleyServerMessage(priority: .high, text: "upgrade soon")], requestDelay: 0.4)
+        }, router: router) { _, addresses in
+            let connected = ContinuousClock.now
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            #expect(client.serverMessages == [ParleyServerMessage(priority: .high, text: "upgrade soon")])
+            #expect(client.session.nucleus.requestDelay == 0.4)
+            // The client obeys the delay: no request leaves before it has passed.
+            #expect(try await ping(client, 1) == 1)
+            #expect(ContinuousClock.now - connected >= .milliseconds(400))
+            _ = try await client.request(Parley_Echo_V1_Sleep(), as: Parley_Echo_V1_Slept.self)
+            let noticed = try await eventually { client.serverMessages.count == 2 }
+            #expect(noticed)
+            #expect(client.serverMessages.last == ParleyServerMessage(priority: .low, text: "later news"))
+        }
+    }
+
+    @Test func clientFollowsRedirect() async throws {
+        try await withServer { _, target in
+            try await withServer(configure: { $0.nucleus = ParleyNucleus(redirects: [target[0].description]) }) { _, first in
+                let client = try await ParleyClient.connect(to: first[0], logger: quietLogger)
+                defer { client.close() }
+                #expect(client.address == target[0])
+                #expect(client.redirectedFrom == [first[0]])
+                #expect(try await ping(client, 5) == 5)
+            }
+        }
+    }
+
+    @Test func redirectLoopIsDetected() async throws {
+        let pathA = temporaryPath("loop-a.sock"), pathB = temporaryPath("loop-b.sock")
+        try await withServer(listen: [.unix(path: pathA)], configure: { $0.nucleus = ParleyNucleus(redirects: ["unix:\(pathB)"]) }) { _, a in
+            try await withServer(listen: [.unix(path: pathB)], configure: { $0.nucleus = ParleyNucleus(redirects: ["unix:\(pathA)"]) }) { _, _ in
+                let error = await #expect(throws: ParleyError.self) { _ = try await ParleyClient.connect(to: a[0], logger: quietLogger) }
+                #expect(error?.code == .redirectLoop)
+            }
+        }
+    }
+
+    @Test func outOfDateClientIsToldSo() async throws {
+        try await withServer(configure: { $0.minimumClientVersion = "9.0.0" }) { _, addresses in
+            let error = await #expect(throws: ParleyError.self) {
+                _ = try await ParleyClient.connect(to: addresses[0], configuration: .init(version: "1.2.0"), logger: quietLogger)
+            }
+            #expect(error?.code == .clientOutOfDate)
+            #expect(error?.message.contains("1.2.0 is out of date") == true)
+            #expect(error?.message.contains("9.0.0") == true)
+        }
+    }
+}
+
+@Suite(.timeLimit(.minutes(2)))
+struct ShutdownTests {
+    @Test func gracefulShutdownLosesNoAcceptedRequest() async throws {
+        let accepted = Counter()
+        var router = EchoService.router()
+        router.on(Parley_Echo_V1_Sleep.self) { request, _ in
+            accepted.increment()
+            try await Task.sleep(for: .milliseconds(Int(request.delayMs)))
+            var slept = Parley_Echo_V1_Slept()
+            slept.delayMs = request.delayMs
+            return slept
+        }
+        let server = ParleyServer(configuration: .init(listen: [.tcp(host: "127.0.0.1", port: 0)]), router: router, logger: quietLogger)
+        let run = Task { try await server.run() }
+        let address = try await server.listeningAddresses[0]
+        let client = try await ParleyClient.connect(to: address, logger: quietLogger)
+        let calls = Task {
+            try await withThrowingTaskGroup(of: UInt32.self) { group in
+                for i in 0..<50 {
+                    group.addTask {
+                        var s = Parley_Echo_V1_Sleep()
+                        s.delayMs = 300 + UInt32(i)
+                        return try await client.request(s, as: Parley_Echo_V1_Slept.self).delayMs
+                    }
+                }
+                return try await group.reduce(into: [UInt32]()) { $0.append($1) }
+            }
+        }
+        let allAccepted = try await eventually { accepted.count == 50 }
+        #expect(allAccepted)
+        server.shutDown()
+        let answered = try await calls.value
+        #expect(answered.sorted() == (0..<50).map { 300 + UInt32($0) }, "every accepted request was answered")
+        try await run.value
+        // New connections are refused once the server has stopped.
+        await #expect(throws: ParleyError.self) { _ = try await ParleyClient.connect(to: address, logger: quietLogger) }
+        await client.closed()
+    }
+}
