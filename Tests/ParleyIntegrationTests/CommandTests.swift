@@ -1,0 +1,144 @@
+import Foundation
+import Parley
+import Testing
+
+/// Runs the real `parley` executable, as a user would.
+@Suite(.timeLimit(.minutes(2)))
+struct CommandTests {
+    static var parleyPath: String? {
+        // The test bundle sits next to the built products.
+        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        for _ in 0..<4 {
+            let candidate = dir.appendingPathComponent("parley").path
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+            dir = dir.deletingLastPathComponent()
+        }
+        let fallback = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent(".build/debug/parley").path
+        return FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil
+    }
+
+    struct Output {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    /// Runs to completion (bounded by `seconds`; killed by PID after that).
+    static func run(_ arguments: [String], stdin: Data? = nil, seconds: Double = 60) throws -> Output {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try #require(parleyPath, "parley executable not built"))
+        process.arguments = arguments
+        // Files rather than pipes: nothing to drain concurrently, nothing can block.
+        let tag = UUID().uuidString
+        let outPath = temporaryPath("\(tag).stdout"), errPath = temporaryPath("\(tag).stderr"), inPath = temporaryPath("\(tag).stdin")
+        _ = FileManager.default.createFile(atPath: outPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: errPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: inPath, contents: stdin ?? Data())
+        process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+        process.standardInput = try FileHandle(forReadingFrom: URL(fileURLWithPath: inPath))
+        try process.run()
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        let outData = FileManager.default.contents(atPath: outPath) ?? Data()
+        let errData = FileManager.default.contents(atPath: errPath) ?? Data()
+        return Output(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+    }
+
+    /// Starts `parley serve`; stops it by PID (SIGTERM, then SIGKILL) when `body` ends.
+    static func withServe<T>(_ arguments: [String], _ body: () async throws -> T) async throws -> (T, Int32) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try #require(parleyPath, "parley executable not built"))
+        process.arguments = ["serve"] + arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        let result = try await body()
+        kill(process.processIdentifier, SIGTERM)
+        for _ in 0..<500 where process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        return (result, process.terminationStatus)
+    }
+
+    static func waitForSocket(_ path: String) async throws {
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: path) { try await Task.sleep(for: .milliseconds(10)) }
+    }
+
+    @Test func helpExplainsEverySubcommand() throws {
+        for sub in ["serve", "ping", "decode"] {
+            let out = try Self.run([sub, "--help"])
+            #expect(out.status == 0)
+            #expect(out.stdout.contains("USAGE: parley \(sub)"))
+        }
+        let top = try Self.run(["--help"])
+        #expect(top.stdout.contains("serve") && top.stdout.contains("ping") && top.stdout.contains("decode"))
+    }
+
+    @Test func badArgumentsGetClearErrors() throws {
+        let a = try Self.run(["ping", "no-port-here"])
+        #expect(a.status != 0)
+        #expect(a.stderr.contains("bad address \"no-port-here\""))
+        let b = try Self.run(["serve", "--listen", "[::1]"])
+        #expect(b.status != 0)
+        #expect(b.stderr.contains("bad address"))
+        let c = try Self.run(["ping", "unix:" + temporaryPath("nobody-here.sock"), "--count", "1"])
+        #expect(c.status == 2)
+        #expect(c.stdout.contains("cannot connect"))
+    }
+
+    @Test func serveAndPingAndDecodeARecordedSession() async throws {
+        let socket = temporaryPath("cli.sock")
+        let captureIn = temporaryPath("session.in"), captureOut = temporaryPath("session.out")
+        let (ping, status) = try await Self.withServe(["--listen", "unix:\(socket)", "--high-message", "be nice", "--name", "cli-test"]) {
+            try await Self.waitForSocket(socket)
+            return try Self.run(["ping", "unix:\(socket)", "--count", "5", "--capture-in", captureIn, "--capture-out", captureOut])
+        }
+        #expect(status == 0, "serve exits cleanly on SIGTERM")
+        #expect(ping.status == 0, Comment(rawValue: ping.stdout + ping.stderr))
+        #expect(ping.stdout.contains("protocol version 1 (server 1)"))
+        #expect(ping.stdout.contains("auth none"))
+        #expect(ping.stdout.contains("[streams, keepalive, notice, dataSegment]"))
+        #expect(ping.stdout.contains("server message [high] be nice"))
+        #expect(ping.stdout.contains("name \"cli-test\""))
+        #expect(ping.stdout.contains("5 round trips to unix:\(socket): min/median/p99 = "))
+
+        // What the client sent: banner, HELLO, AUTH_REQUEST, CLIENT_IDENT, five Ping requests.
+        let sent = try Self.run(["decode", captureOut])
+        #expect(sent.status == 0, Comment(rawValue: sent.stdout))
+        let lines = sent.stdout.split(separator: "\n")
+        #expect(lines.first?.contains("element=banner version=1") == true)
+        #expect(lines.filter { $0.contains("tag=MESSAGE") && $0.contains("kind=REQUEST type=parley.echo.v1.Ping") }.count == 5)
+        #expect(lines.contains { $0.contains("tag=CLIENT_IDENT") && $0.contains("\"implementation\":\"parley-swift\"") })
+        #expect(lines.contains { $0.contains("seq=5 ack=4 id=5") })
+
+        // What the server sent, as JSON Lines from standard input.
+        let received = try Self.run(["decode", "--json"], stdin: try Data(contentsOf: URL(fileURLWithPath: captureIn)))
+        #expect(received.status == 0)
+        let objects = try received.stdout.split(separator: "\n").map {
+            try #require(try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any], "not a JSON object: \($0)")
+        }
+        #expect(objects.compactMap { $0["tag"] as? String }.prefix(3) == ["HELLO", "AUTH_DONE", "SERVER_IDENT"])
+        let pongs = objects.filter { ($0["type"] as? String) == "parley.echo.v1.Pong" }
+        #expect(pongs.count == 5)
+        #expect((pongs.last?["payload"] as? [String: Any])?["serverName"] as? String == "cli-test")
+        let ident = try #require(objects.first { ($0["tag"] as? String) == "SERVER_IDENT" }?["payload"] as? [String: Any])
+        let messages = (ident["nucleus"] as? [String: Any])?["messages"] as? [[String: Any]]
+        #expect(messages?.first?["text"] as? String == "be nice")
+    }
+
+    @Test func decodeNamesTheFirstBadByte() throws {
+        var bytes = [UInt8]("PARLEY\r\n".utf8) + [1, 0, 0, 0] + [UInt8](repeating: 0, count: 20)
+        bytes[10] = 0
+        let out = try Self.run(["decode"], stdin: Data(bytes))
+        #expect(out.status == 1)
+        #expect(out.stdout.contains("badPreambleCRC") && out.stdout.contains("offset=0"))
+        let trunc = try Self.run(["decode"], stdin: Data("PARL".utf8))
+        #expect(trunc.status == 1)
+        #expect(trunc.stdout.contains("truncated"))
+    }
+}
