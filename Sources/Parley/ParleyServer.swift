@@ -203,13 +203,15 @@ public final class ParleyServer: Service, Sendable {
                     "features": "\(result.features)",
                 ])
                 let reason = await connection.runInbound(&iterator)
-                if reason.code != .connectionClosed && reason.code != .shuttingDown {
+                if reason.code != .connectionClosed && reason.code != .shuttingDown && !reason.closedByPeer {
                     self.connectionErrors.increment()
                     logger.warning("connection closed on error", metadata: ["error": "\(reason)"])
                 } else {
                     logger.debug("connection closed", metadata: ["reason": "\(reason)"])
                 }
             }
+        } catch let error as ParleyError where error.closedByPeer {
+            logger.debug("peer closed the connection", metadata: ["reason": "\(error)"])
         } catch {
             self.connectionErrors.increment()
             logger.warning("connection closed on error", metadata: ["error": "\(error)"])

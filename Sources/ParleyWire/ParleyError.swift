@@ -9,6 +9,8 @@ public struct ParleyError: Error, Hashable, Sendable, CustomStringConvertible {
         public var rawValue: UInt32
         public init(rawValue: UInt32) { self.rawValue = rawValue }
 
+        /// A CLOSE or ERROR that gives no reason.
+        public static let unspecified = Code(rawValue: 0)
         public static let protocolViolation = Code(rawValue: 1)
         public static let badMagic = Code(rawValue: 2)
         public static let unsupportedVersion = Code(rawValue: 3)
@@ -33,7 +35,7 @@ public struct ParleyError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let redirectLoop = Code(rawValue: 22)
 
         static let names: [UInt32: String] = [
-            1: "protocolViolation", 2: "badMagic", 3: "unsupportedVersion", 4: "missingFeatures",
+            0: "unspecified", 1: "protocolViolation", 2: "badMagic", 3: "unsupportedVersion", 4: "missingFeatures",
             5: "frameTooLarge", 6: "badPreambleCRC", 7: "badSegmentCRC", 8: "unexpectedFrame",
             9: "unknownFrameTag", 10: "malformedPayload", 11: "authenticationFailed", 12: "truncated",
             13: "clientOutOfDate", 14: "shuttingDown", 15: "cancelled", 16: "unknownMessageType",
@@ -80,4 +82,16 @@ extension ParleyError {
     public init(status: Parley_V1_Status) {
         self.init(code: Code(rawValue: status.code), message: status.message)
     }
+
+    /// The error for a CLOSE frame the peer sent: the peer's code and reason.
+    public init(peerClose status: Parley_V1_Status) {
+        let reason = status.message.isEmpty ? "no reason given" : status.message
+        self.init(code: Code(rawValue: status.code), message: "peer closed the connection: \(reason)", cause: PeerClosed())
+    }
+
+    /// True when the peer ended the connection with CLOSE (not an error on this side).
+    public var closedByPeer: Bool { self.cause is PeerClosed }
 }
+
+/// Marks a `ParleyError` made from the peer's CLOSE frame.
+public struct PeerClosed: Error, Sendable {}

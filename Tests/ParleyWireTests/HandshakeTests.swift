@@ -252,7 +252,8 @@ extension Pair {
         status.message = "going away"
         var c = Self.clientAt(stage)
         let step = c.received(.frame(status.frame(tag: .close)))
-        #expect(Pair.failure(step.outcome) == ParleyError(code: .shuttingDown, message: "going away"))
+        #expect(Pair.failure(step.outcome) == ParleyError(code: .shuttingDown, message: "peer closed the connection: going away"))
+        #expect(Pair.failure(step.outcome)?.closedByPeer == true)
         #expect(step.send.isEmpty, "no CLOSE in answer to CLOSE")
         var s = Self.serverAt(stage)
         #expect(Pair.failure(s.received(.frame(status.frame(tag: .close))).outcome)?.code == .shuttingDown)

@@ -88,7 +88,7 @@ import Testing
     @Test func peerClose() {
         var s = SessionStateMachine(role: .client, features: .implemented)
         let status = ParleyError(code: .shuttingDown, message: "bye").status
-        #expect(s.received(.frame(status.frame(tag: .close))) == .peerClosed(ParleyError(code: .shuttingDown, message: "bye")))
+        #expect(s.received(.frame(status.frame(tag: .close))) == .peerClosed(ParleyError(code: .shuttingDown, message: "peer closed the connection: bye")))
         #expect(s.isClosed)
     }
 }

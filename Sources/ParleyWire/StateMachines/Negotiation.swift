@@ -45,9 +45,9 @@ public enum Negotiation {
     public static func stray(_ frame: Frame, waitingFor: String) -> Stray {
         if frame.tag == .close {
             if let status = try? Parley_V1_Status(parleyPayload: frame.segments[0]) {
-                return .peerClosed(ParleyError(status: status))
+                return .peerClosed(ParleyError(peerClose: status))
             }
-            return .peerClosed(ParleyError(code: .connectionClosed, message: "peer closed the connection (unreadable CLOSE payload)"))
+            return .peerClosed(ParleyError(code: .connectionClosed, message: "peer closed the connection (unreadable CLOSE payload)", cause: PeerClosed()))
         }
         if !frame.tag.isKnown {
             if frame.tag.isIgnorable { return .ignore }
