@@ -13,6 +13,8 @@ let package = Package(
         .library(name: "Parley", targets: ["Parley"]),
         .library(name: "ParleyServices", targets: ["ParleyServices"]),
         .executable(name: "parley", targets: ["ParleyCLI"]),
+        // Not API: the wire layer, exposed for the fuzzing package (FuzzTesting/).
+        .library(name: "_ParleyWire", targets: ["ParleyWire"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.81.0"),
