@@ -8,8 +8,7 @@ let package = Package(
     targets: [
         .executableTarget(
             name: "FuzzWireDecoder",
-            dependencies: [.product(name: "_ParleyWire", package: "parley")],
-            swiftSettings: [.unsafeFlags(["-parse-as-library"])]
+            dependencies: [.product(name: "_ParleyWire", package: "parley")]
         )
     ]
 )

@@ -117,9 +117,21 @@ public final class ParleyClient: Sendable {
         }
     }
 
+    /// Connects to a server in the same process, with no listener and no address: the
+    /// in-process transport (a connected socket pair). The server must be running.
+    public static func connect(
+        inProcessTo server: ParleyServer, configuration: Configuration = .defaults, router: ParleyRouter = ParleyRouter(),
+        logger: Logger = Logger(label: "parley.client")
+    ) async throws -> ParleyClient {
+        try await self.connectOnce(to: ParleyAddress(kind: .inProcess), redirectedFrom: [], configuration: configuration, router: router, logger: logger, group: server.group) {
+            try await server.acceptInProcess(client: $0)
+        }
+    }
+
     private static func connectOnce(
         to address: ParleyAddress, redirectedFrom: [ParleyAddress], configuration: Configuration, router: ParleyRouter,
-        logger: Logger, group: any EventLoopGroup
+        logger: Logger, group: any EventLoopGroup,
+        open: ((@escaping @Sendable (any Channel) throws -> ParleyAsyncChannel) async throws -> ParleyAsyncChannel)? = nil
     ) async throws -> ParleyClient {
         var ident = Parley_V1_ClientIdent()
         ident.platform = configuration.platform
@@ -135,8 +147,13 @@ public final class ParleyClient: Sendable {
         let options = PipelineOptions(maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound)
         let channel: ParleyAsyncChannel
         do {
-            channel = try await configuration.transport.connect(to: address, group: group) { channel in
+            let initializer: @Sendable (any Channel) throws -> ParleyAsyncChannel = { channel in
                 try ParleyPipeline.configure(channel, role: .client(machine), options: options)
+            }
+            if let open {
+                channel = try await open(initializer)
+            } else {
+                channel = try await configuration.transport.connect(to: address, group: group, initializer: initializer)
             }
         } catch {
             throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): \(error)", cause: error)

@@ -36,6 +36,7 @@ public final class ParleyConnection: Sendable {
     let limits: ParleyConnectionLimits
     let onNotice: (@Sendable (ParleyNucleus) -> Void)?
     private let state = NIOLockedValueBox(State())
+    private let metrics = ConnectionMetrics()
 
     private enum Pending {
         /// The request is being written; no one waits yet.
@@ -450,9 +451,12 @@ public final class ParleyConnection: Sendable {
         guard admitted else { return }
         let context = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger)
         let task = Task {
+            let start = ContinuousClock.now
+            defer { self.metrics.handled(since: start) }
             do {
                 try await handler(message, context)
             } catch {
+                self.metrics.failed.increment()
                 if let id {
                     let parleyError: ParleyError
                     switch error {
@@ -539,4 +543,17 @@ public struct ParleyResponseStream<Item: SwiftProtobuf.Message & Sendable, Final
     }
 
     public func makeAsyncIterator() -> AsyncIterator { AsyncIterator(base: self.base.makeAsyncIterator()) }
+}
+
+/// swift-metrics instruments of a connection's request handling.
+struct ConnectionMetrics: Sendable {
+    let handledCount = Counter(label: "parley_requests_handled_total")
+    let failed = Counter(label: "parley_requests_failed_total")
+    let latency = Metrics.Timer(label: "parley_request_duration")
+
+    func handled(since start: ContinuousClock.Instant) {
+        self.handledCount.increment()
+        let elapsed = ContinuousClock.now - start
+        self.latency.recordNanoseconds(elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000)
+    }
 }

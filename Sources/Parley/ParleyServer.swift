@@ -53,6 +53,7 @@ public final class ParleyServer: Service, Sendable {
     let logger: Logger
     let group: any EventLoopGroup
     private let state = NIOLockedValueBox(State())
+    private let stopped = AsyncStream<Never>.makeStream()
     private let connectionsAccepted = Counter(label: "parley_server_connections_total")
     private let connectionErrors = Counter(label: "parley_server_connection_errors_total")
 
@@ -127,6 +128,8 @@ public final class ParleyServer: Service, Sendable {
                 for listener in listeners {
                     group.addTask { await self.accept(on: listener) }
                 }
+                // Runs until shutdown even with no listener (in-process connections only).
+                group.addTask { for await _ in self.stopped.stream {} }
             }
         } onGracefulShutdown: {
             self.shutDown()
@@ -141,8 +144,21 @@ public final class ParleyServer: Service, Sendable {
             return (s.listeners, Array(s.connections.values))
         }
         self.logger.info("shutting down", metadata: ["connections": "\(connections.count)"])
+        self.stopped.continuation.finish()
         for l in listeners { l.close(promise: nil) }
         for c in connections { Task { await c.drain() } }
+    }
+
+    /// Makes the server end of an in-process connection and serves it; returns the client end.
+    func acceptInProcess(client: @escaping @Sendable (any Channel) throws -> ParleyAsyncChannel) async throws -> ParleyAsyncChannel {
+        let stopped = self.state.withLockedValue { $0.shuttingDown }
+        guard !stopped else { throw ParleyError(code: .shuttingDown, message: "server is shutting down") }
+        let (clientEnd, serverEnd) = try await InProcessTransport.pair(group: self.group, client: client) { [self] channel in
+            try self.makePipeline(channel)
+        }
+        self.connectionsAccepted.increment()
+        Task { await self.serve(serverEnd) }
+        return clientEnd
     }
 
     private func makePipeline(_ channel: any Channel) throws -> ParleyAsyncChannel {

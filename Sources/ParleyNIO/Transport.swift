@@ -107,6 +107,8 @@ public struct PosixTransport: ParleyTransport {
         case .unix(let path):
             return try await ClientBootstrap(group: group).connectTimeout(self.connectTimeout)
                 .connect(unixDomainSocketPath: path, channelInitializer: wrapped)
+        case .inProcess:
+            throw ParleyError(code: .invalidArgument, message: "an in-process connection is made by the server (ParleyClient.connect(inProcessTo:)), not by address")
         }
     }
 
@@ -130,6 +132,8 @@ public struct PosixTransport: ParleyTransport {
             let unixBootstrap = ServerBootstrap(group: group).serverChannelOption(.backlog, value: self.backlog)
             let listener = try await unixBootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true, childChannelInitializer: wrapped)
             return (listener, address)
+        case .inProcess:
+            throw ParleyError(code: .invalidArgument, message: "a server does not listen in-process; in-process clients are made with ParleyClient.connect(inProcessTo:)")
         }
     }
 }

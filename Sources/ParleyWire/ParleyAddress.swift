@@ -6,6 +6,8 @@ public struct ParleyAddress: Hashable, Sendable, CustomStringConvertible {
     public enum Kind: Hashable, Sendable {
         case tcp(host: String, port: Int)
         case unix(path: String)
+        /// The in-process transport (a connected socket pair, no address).
+        case inProcess
     }
 
     public var kind: Kind
@@ -54,6 +56,7 @@ public struct ParleyAddress: Hashable, Sendable, CustomStringConvertible {
         switch self.kind {
         case .tcp(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         case .unix(let path): return "unix:\(path)"
+        case .inProcess: return "in-process"
         }
     }
 }

@@ -65,6 +65,26 @@ struct MessagingTests {
         }
     }
 
+    @Test func inProcessTransport() async throws {
+        let server = ParleyServer(configuration: .init(listen: []), router: EchoService.router(), logger: quietLogger)
+        let run = Task { try await server.run() }
+        _ = try await server.listeningAddresses
+        let client = try await ParleyClient.connect(inProcessTo: server, logger: quietLogger)
+        #expect(client.address.description == "in-process")
+        #expect(try await ping(client, 77) == 77)
+        var count = Parley_Echo_V1_Count()
+        count.count = 3
+        var items = 0
+        for try await case .item in try await client.stream(count, item: Parley_Echo_V1_CountItem.self, final: Parley_Echo_V1_CountDone.self) { items += 1 }
+        #expect(items == 3)
+        #expect(server.connectionCount == 1)
+        client.close()
+        let gone = try await eventually { server.connectionCount == 0 }
+        #expect(gone, "the server saw the in-process client leave")
+        server.shutDown()
+        try await run.value
+    }
+
     @Test func ipv6Loopback() async throws {
         try await withServer(listen: [.tcp(host: "::1", port: 0)]) { _, addresses in
             #expect(addresses[0].description.hasPrefix("[::1]:"))

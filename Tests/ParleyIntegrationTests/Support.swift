@@ -134,6 +134,8 @@ final class RawPeer: Sendable {
             return RawPeer(channel: try await bootstrap.connect(host: host, port: port, channelInitializer: initializer))
         case .unix(let path):
             return RawPeer(channel: try await bootstrap.connect(unixDomainSocketPath: path, channelInitializer: initializer))
+        case .inProcess:
+            throw ParleyError(code: .invalidArgument, message: "RawPeer needs a socket address")
         }
     }
 
