@@ -54,6 +54,8 @@ public final class ParleyServer: Service, Sendable {
     let group: any EventLoopGroup
     private let state = NIOLockedValueBox(State())
     private let stopped = AsyncStream<Never>.makeStream()
+    /// Random per server instance (SERVER_IDENT `server_nonce`), for future session reconnect.
+    private let nonce = UInt64.random(in: 1...UInt64.max)
     private let connectionsAccepted = Counter(label: "parley_server_connections_total")
     private let connectionErrors = Counter(label: "parley_server_connection_errors_total")
 
@@ -168,6 +170,7 @@ public final class ParleyServer: Service, Sendable {
         ident.implementation = ParleyBuild.implementation
         ident.version = ParleyBuild.version
         ident.name = self.configuration.name
+        ident.serverNonce = self.nonce
         let machine = ServerHandshakeStateMachine(configuration: .init(
             banner: Banner(supported: self.configuration.supportedFeatures, required: self.configuration.requiredFeatures),
             maxFrameSize: UInt32(self.configuration.maxFrameSize), authMethods: self.configuration.authMethods,

@@ -31,7 +31,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "A high-priority message sent to every client (repeatable).")
     var highMessage: [String] = []
 
-    @Option(name: .long, help: "Seconds a client must wait before each new request.")
+    @Option(name: .long, help: "Seconds a client must wait, from the handshake, before sending a request.")
     var requestDelay: Double = 0
 
     @Option(name: .long, help: ArgumentHelp("Redirect clients to this server (repeatable).", valueName: "address"))

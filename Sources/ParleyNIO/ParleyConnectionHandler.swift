@@ -112,15 +112,29 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         }
         switch command {
         case .message(let message):
-            let frame = session.frame(for: message, allocator: context.channel.allocator)
-            self.state = .established(session)
-            self.writeFrame(frame, context: context, promise: promise)
+            do {
+                let frame = try session.frame(for: message, allocator: context.channel.allocator)
+                self.state = .established(session)
+                self.writeFrame(frame, context: context, promise: promise)
+            } catch {
+                promise?.fail(error)
+            }
         case .notice(let nucleus):
-            var notice = Parley_V1_Notice()
-            notice.nucleus = nucleus
-            self.writeFrame(notice.frame(tag: .notice, allocator: context.channel.allocator), context: context, promise: promise)
+            do {
+                try session.mayControl(.notice)
+                var notice = Parley_V1_Notice()
+                notice.nucleus = nucleus
+                self.writeFrame(notice.frame(tag: .notice, allocator: context.channel.allocator), context: context, promise: promise)
+            } catch {
+                promise?.fail(error)
+            }
         case .keepalive(let stamp):
-            self.writeFrame(SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: stamp), context: context, promise: promise)
+            do {
+                try session.mayControl(.keepalive)
+                self.writeFrame(SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: stamp), context: context, promise: promise)
+            } catch {
+                promise?.fail(error)
+            }
         case .close(let error):
             self.state = .closing
             let written = context.eventLoop.makePromise(of: Void.self)

@@ -27,9 +27,9 @@ struct CompatibilityTests {
             let odd2 = Frame(tag: FrameTag(rawValue: 0x80), segments: [ByteBuffer(), ByteBuffer(bytes: [1, 2, 3])])
             var bytes = clientSessionBytes(messages: [], extraFrames: [odd1])
             var session = SessionStateMachine(role: .client, features: .implemented)
-            bytes.writeFrame(session.frame(for: pingMessage(id: 1), allocator: ByteBufferAllocator()))
+            bytes.writeFrame(try session.frame(for: pingMessage(id: 1), allocator: ByteBufferAllocator()))
             bytes.writeFrame(odd2)
-            bytes.writeFrame(session.frame(for: pingMessage(id: 2), allocator: ByteBufferAllocator()))
+            bytes.writeFrame(try session.frame(for: pingMessage(id: 2), allocator: ByteBufferAllocator()))
             let peer = try await RawPeer.connect(addresses[0])
             // Not half-closed: a server stops answering a peer that has gone.
             let (reply, closed) = try await peer.exchange(bytes, halfClose: false) { frames(in: $0).filter { $0.tag == .message }.count == 2 }

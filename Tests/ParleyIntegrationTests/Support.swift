@@ -190,7 +190,7 @@ func clientSessionBytes(features: ParleyFeatures = .implemented, messages: [Wire
     b.writeFrame(ident.frame(tag: .clientIdent))
     for f in extraFrames { b.writeFrame(f) }
     var session = SessionStateMachine(role: .client, features: features)
-    for m in messages { b.writeFrame(session.frame(for: m, allocator: ByteBufferAllocator())) }
+    for m in messages { b.writeFrame(try! session.frame(for: m, allocator: ByteBufferAllocator())) }
     return b
 }
 

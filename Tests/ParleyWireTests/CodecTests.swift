@@ -255,6 +255,11 @@ import Testing
         badUTF8.writeMessageHeader(MessageHeader(id: 1, kind: .request, type: "ab"))
         badUTF8.setInteger(UInt8(0xFF), at: 32)
         #expect(ParleyError.code { _ = try badUTF8.readMessageHeader() } == .malformedPayload)
+        // A 3-byte invalid sequence that a lenient decoder would repair into one U+FFFD.
+        var repairable = ByteBuffer()
+        repairable.writeMessageHeader(MessageHeader(id: 1, kind: .request, type: "abc"))
+        repairable.setBytes([0xF0, 0x90, 0x80], at: 32)
+        #expect(ParleyError.code { _ = try repairable.readMessageHeader() } == .malformedPayload)
         let oneSegment = Frame(tag: .message, segments: [b])
         #expect(ParleyError.code { _ = try WireMessage(frame: oneSegment) } == .malformedPayload)
     }

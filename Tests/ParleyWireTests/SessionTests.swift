@@ -13,8 +13,8 @@ import Testing
         _ = s.received(self.message(seq: 1))
         _ = s.received(self.message(seq: 2))
         let m = WireMessage(header: MessageHeader(id: 5, kind: .request, type: "x"), payload: ByteBuffer())
-        let f1 = s.frame(for: m, allocator: ByteBufferAllocator())
-        let f2 = s.frame(for: m, allocator: ByteBufferAllocator())
+        let f1 = try s.frame(for: m, allocator: ByteBufferAllocator())
+        let f2 = try s.frame(for: m, allocator: ByteBufferAllocator())
         let h1 = try WireMessage(frame: f1).header
         let h2 = try WireMessage(frame: f2).header
         #expect(h1.seq == 1 && h1.ack == 2)
@@ -90,5 +90,22 @@ import Testing
         let status = ParleyError(code: .shuttingDown, message: "bye").status
         #expect(s.received(.frame(status.frame(tag: .close))) == .peerClosed(ParleyError(code: .shuttingDown, message: "peer closed the connection: bye")))
         #expect(s.isClosed)
+    }
+
+    @Test func outboundRefusesWhatThePeerWouldReject() {
+        var s = SessionStateMachine(role: .server, features: [.notice], maxPeerFrameSize: 100)
+        let cancel = WireMessage(header: MessageHeader(id: 1, kind: .cancel, type: ""), payload: ByteBuffer())
+        #expect(ParleyError.code { _ = try s.frame(for: cancel, allocator: ByteBufferAllocator()) } == .invalidArgument)
+        let withData = WireMessage(header: MessageHeader(id: 1, kind: .request, type: "t"), payload: ByteBuffer(), data: ByteBuffer(bytes: [1]))
+        #expect(ParleyError.code { _ = try s.frame(for: withData, allocator: ByteBufferAllocator()) } == .invalidArgument)
+        let big = WireMessage(header: MessageHeader(id: 1, kind: .request, type: "t"), payload: ByteBuffer(repeating: 0, count: 68))
+        #expect(ParleyError.code { _ = try s.frame(for: big, allocator: ByteBufferAllocator()) } == .frameTooLarge)
+        let fits = WireMessage(header: MessageHeader(id: 1, kind: .request, type: "t"), payload: ByteBuffer(repeating: 0, count: 67))
+        #expect((try? s.frame(for: fits, allocator: ByteBufferAllocator())) != nil)
+        #expect(s.nextSeq == 2, "refused messages use no seq")
+        let client = SessionStateMachine(role: .client, features: .implemented)
+        #expect(ParleyError.code { try client.mayControl(.notice) } == .invalidArgument)
+        #expect(ParleyError.code { try s.mayControl(.keepalive) } == .invalidArgument)
+        #expect(ParleyError.code { try s.mayControl(.notice) } == nil)
     }
 }

@@ -59,6 +59,7 @@ public struct MessageHeader: Hashable, Sendable {
 
 extension ByteBuffer {
     public mutating func writeMessageHeader(_ h: MessageHeader) {
+        precondition(h.type.utf8.count <= MessageHeader.maxTypeNameLength, "message type names are at most 1024 bytes")
         let nameLength = self.writerIndex + MessageHeader.fixedSize
         self.writeMultipleIntegers(h.seq, h.ack, h.id, h.kind.rawValue, h.flags, UInt16(0), UInt32(0), endianness: .little)
         let written = self.writeString(h.type)
@@ -81,7 +82,8 @@ extension ByteBuffer {
                 message: "message header says the type name is \(nameLength) bytes but \(self.readableBytes) remain (limit \(MessageHeader.maxTypeNameLength))"
             )
         }
-        guard let type = self.readString(length: Int(nameLength)), type.utf8.count == Int(nameLength) else {
+        // Strictly validated: `readString` would repair bad bytes into U+FFFD instead.
+        guard let bytes = self.readBytes(length: Int(nameLength)), let type = String(validating: bytes, as: UTF8.self) else {
             throw ParleyError(code: .malformedPayload, message: "message type name is not valid UTF-8")
         }
         return MessageHeader(seq: seq, ack: ack, id: id, kind: MessageKind(rawValue: kind), flags: flags, type: type)

@@ -102,12 +102,41 @@ public struct SessionStateMachine: Sendable {
     }
 
     /// Stamps an outbound message with the next seq and the current ack; returns its frame.
-    public mutating func frame(for message: WireMessage, allocator: ByteBufferAllocator) -> Frame {
+    /// Refuses (without using a seq) what the peer would reject: kinds or a data segment the
+    /// negotiated features do not allow, a type name over 1024 bytes, or a frame larger than
+    /// the peer's announced `max_frame_size`.
+    public mutating func frame(for message: WireMessage, allocator: ByteBufferAllocator) throws(ParleyError) -> Frame {
+        let h = message.header
+        if (h.kind == .streamItem || h.kind == .cancel) && !self.features.contains(.streams) {
+            throw ParleyError(code: .invalidArgument, message: "cannot send \(h.kind): the streams feature was not negotiated")
+        }
+        if message.data != nil && !self.features.contains(.dataSegment) {
+            throw ParleyError(code: .invalidArgument, message: "cannot send a data segment: the dataSegment feature was not negotiated")
+        }
+        guard h.type.utf8.count <= MessageHeader.maxTypeNameLength else {
+            throw ParleyError(code: .invalidArgument, message: "message type name of \(h.type.utf8.count) bytes exceeds 1024")
+        }
+        let size = MessageHeader.fixedSize + h.type.utf8.count + message.payload.readableBytes + (message.data?.readableBytes ?? 0)
+        guard size <= self.maxPeerFrameSize else {
+            throw ParleyError(code: .frameTooLarge, message: "a \(size)-byte \(h.type) message exceeds the peer's limit of \(self.maxPeerFrameSize) bytes")
+        }
         var message = message
         message.header.seq = self.nextSeq
         message.header.ack = self.lastReceivedSeq
         self.nextSeq &+= 1
         return message.frame(allocator: allocator)
+    }
+
+    /// Checks that a control frame may be sent with the negotiated features.
+    public func mayControl(_ tag: FrameTag) throws(ParleyError) {
+        switch tag {
+        case .notice where !self.features.contains(.notice) || self.role != .server:
+            throw ParleyError(code: .invalidArgument, message: "cannot send NOTICE: only a server sends it, with the notice feature")
+        case .keepalive where !self.features.contains(.keepalive), .keepaliveAck where !self.features.contains(.keepalive):
+            throw ParleyError(code: .invalidArgument, message: "cannot send \(tag): the keepalive feature was not negotiated")
+        default:
+            return
+        }
     }
 
     /// Marks the session closed by us (a CLOSE we send).
