@@ -88,7 +88,7 @@ let package = Package(
         .testTarget(
             name: "ParleyWireTests",
             dependencies: [
-                "ParleyWire", "CParleyCRC32C",
+                "ParleyWire", "CParleyCRC32C", "ParleyServices",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],

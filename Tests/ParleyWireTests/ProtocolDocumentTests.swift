@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import ParleyServices
 import ParleyWire
 import SwiftProtobuf
 import Testing
@@ -377,9 +378,9 @@ enum ProtocolDocument {
             Parley_V1_Hello.self, Parley_V1_AuthRequest.self, Parley_V1_AuthBadMethod.self, Parley_V1_AuthMore.self,
             Parley_V1_AuthDone.self, Parley_V1_ClientIdent.self, Parley_V1_ServerMessage.self, Parley_V1_Nucleus.self,
             Parley_V1_ServerIdent.self, Parley_V1_Notice.self, Parley_V1_Status.self,
-            ProtocolDocumentEcho_Echo.self, ProtocolDocumentEcho_EchoReply.self, ProtocolDocumentEcho_Ping.self,
-            ProtocolDocumentEcho_Pong.self, ProtocolDocumentEcho_Count.self, ProtocolDocumentEcho_CountItem.self,
-            ProtocolDocumentEcho_CountDone.self, ProtocolDocumentEcho_Sleep.self, ProtocolDocumentEcho_Slept.self,
+            Parley_Echo_V1_Echo.self, Parley_Echo_V1_EchoReply.self, Parley_Echo_V1_Ping.self,
+            Parley_Echo_V1_Pong.self, Parley_Echo_V1_Count.self, Parley_Echo_V1_CountItem.self,
+            Parley_Echo_V1_CountDone.self, Parley_Echo_V1_Sleep.self, Parley_Echo_V1_Slept.self,
         ]
         return Dictionary(uniqueKeysWithValues: types.map { ($0.protoMessageName, $0) })
     }()
