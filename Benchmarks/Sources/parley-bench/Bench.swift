@@ -1,0 +1,239 @@
+import ArgumentParser
+import Foundation
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+@main
+struct ParleyBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "parley-bench",
+        abstract: "Compare Parley with a raw SwiftNIO echo and gRPC over TCP loopback.",
+        subcommands: [Run.self, Server.self],
+        defaultSubcommand: Run.self
+    )
+}
+
+/// Logs go to standard error, warnings and worse only: a server child's standard output
+/// carries its port.
+func bootstrapLogging() {
+    LoggingSystem.bootstrap { label in
+        var handler = StreamLogHandler.standardError(label: label)
+        handler.logLevel = .warning
+        return handler
+    }
+}
+
+struct Run: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the benchmark (the default).",
+        discussion: """
+            Starts one server process per system (this executable with `server`), then for each \
+            workload runs raw, parley, grpc, raw, parley, grpc, ... REPETITIONS times, each \
+            measurement on a fresh connection: WARMUP seconds unmeasured, then DURATION seconds \
+            measured. Prints a table per workload with the median over the repetitions and \
+            Parley's ratios, then the goals. The servers are stopped by PID at the end, on error \
+            and on SIGINT/SIGTERM.
+
+            Workloads: latency (queue depth 1, 64 B), throughput-64b and throughput-64k (WINDOW \
+            concurrent tasks on one connection), bulk (BULK-SIZE payloads, BULK-WINDOW in flight; \
+            Parley sends them in the data segment of its Echo call).
+            """
+    )
+
+    @Option(help: "Measurements of each system per workload (the median is reported).")
+    var repetitions: Int = 5
+
+    @Option(help: "Seconds measured per measurement.")
+    var duration: Double = 2
+
+    @Option(help: "Seconds of unmeasured round trips before each measurement.")
+    var warmup: Double = 0.5
+
+    @Option(
+        help: ArgumentHelp(
+            "Comma-separated workloads: latency, throughput-64b, throughput-64k, bulk, or all (default: all).",
+            valueName: "list"
+        ),
+        transform: Workload.parseList
+    )
+    var workloads: [Workload] = Workload.allCases
+
+    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,parley,grpc).", valueName: "list"), transform: { text in
+        try text.split(separator: ",").map { name in
+            guard let s = System(rawValue: String(name)) else { throw BenchError("unknown system \"\(name)\": use raw, parley, grpc") }
+            return s
+        }
+    })
+    var systems: [System] = System.allCases
+
+    @Option(help: "Requests in flight (concurrent tasks on one connection) in the throughput workloads.")
+    var window: Int = 64
+
+    @Option(help: "Requests in flight in the bulk workload.")
+    var bulkWindow: Int = 4
+
+    @Option(help: "Bytes per request in the bulk workload.")
+    var bulkSize: Int = 1 << 20
+
+    func validate() throws {
+        guard self.repetitions >= 1 else { throw ValidationError("--repetitions must be at least 1") }
+        guard self.duration > 0, self.duration <= 600 else { throw ValidationError("--duration must be in (0, 600] seconds") }
+        guard self.warmup >= 0, self.warmup <= 600 else { throw ValidationError("--warmup must be in [0, 600] seconds") }
+        guard self.window >= 1, self.window <= 1024 else { throw ValidationError("--window must be 1...1024") }
+        guard self.bulkWindow >= 1, self.bulkWindow <= 64 else { throw ValidationError("--bulk-window must be 1...64") }
+        guard (1...(8 << 20)).contains(self.bulkSize) else { throw ValidationError("--bulk-size must be 1...8388608") }
+        guard !self.workloads.isEmpty, !self.systems.isEmpty else { throw ValidationError("nothing to run") }
+        guard Set(self.systems).count == self.systems.count else { throw ValidationError("--systems lists a system twice") }
+    }
+
+    func run() async throws {
+        bootstrapLogging()
+        let settings = Settings(
+            repetitions: self.repetitions, duration: self.duration, warmup: self.warmup,
+            window: self.window, bulkWindow: self.bulkWindow, bulkSize: self.bulkSize
+        )
+        let signalSources = ChildProcesses.shared.stopOnSignals()
+        defer { ChildProcesses.shared.stopAll() }
+
+        print(header(settings))
+        var children: [System: ServerChild] = [:]
+        for system in self.systems {
+            let child = try await ServerChild.spawn(system)
+            children[system] = child
+            progress("started the \(system.title) server: pid \(child.pid), 127.0.0.1:\(child.port)")
+        }
+
+        var results: [Workload: WorkloadResults] = [:]
+        let ours = Set([getpid()] + children.values.map(\.pid))
+        for workload in self.workloads {
+            var r = WorkloadResults(workload: workload)
+            let loadBefore = MachineLoad.snapshot(excluding: ours)
+            for rep in 1...settings.repetitions {
+                for system in self.systems {
+                    let m = try await self.measure(workload, system: system, port: children[system]!.port, settings: settings)
+                    r.runs[system, default: []].append(m)
+                    progress("\(workload.rawValue) \(rep)/\(settings.repetitions) \(system.title): \(summary(m, workload))")
+                }
+            }
+            if let loadBefore, let loadAfter = MachineLoad.snapshot(excluding: ours) {
+                r.otherLoad = loadAfter.othersPercent(since: loadBefore)
+            }
+            results[workload] = r
+            print(table(r, systems: self.systems, settings: settings))
+        }
+        if self.systems.contains(.parley) { print(goals(results)) }
+
+        for child in children.values { child.stop() }
+        withExtendedLifetime(signalSources) {}
+    }
+
+    private func measure(_ workload: Workload, system: System, port: Int, settings: Settings) async throws -> Measurement {
+        let caller: any EchoCaller
+        do {
+            caller = try await system.connect(port: port, load: settings.load(workload))
+        } catch {
+            throw BenchError("\(workload.rawValue): cannot connect to the \(system.title) server: \(error)")
+        }
+        do {
+            let m: Measurement
+            if workload == .latency {
+                m = try await Measure.latency(caller, size: settings.size(workload), warmup: settings.warmup, duration: settings.duration)
+            } else {
+                m = try await Measure.throughput(
+                    caller, size: settings.size(workload), window: settings.window(workload),
+                    warmup: settings.warmup, duration: settings.duration
+                )
+            }
+            await caller.close()
+            return m
+        } catch {
+            await caller.close()
+            throw BenchError("\(workload.rawValue) on \(system.title) failed: \(error)")
+        }
+    }
+}
+
+struct Server: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run one system's echo server (what `run` starts in its child processes).",
+        discussion: """
+            Listens on 127.0.0.1, prints "PORT <n>" on standard output, then serves until it is \
+            stopped by a signal or its standard input reaches end of file.
+            """
+    )
+
+    @Option(help: "raw, parley or grpc.")
+    var system: System
+
+    @Option(help: "Port to listen on (0: any free port).")
+    var port: Int = 0
+
+    func run() async throws {
+        bootstrapLogging()
+        exitWhenStandardInputCloses()
+        try await self.system.serve(port: self.port) { port in
+            // Unbuffered: the parent waits for this line.
+            FileHandle.standardOutput.write(Data("PORT \(port)\n".utf8))
+        }
+    }
+}
+
+func progress(_ line: String) {
+    FileHandle.standardError.write(Data(("  " + line + "\n").utf8))
+}
+
+func summary(_ m: Measurement, _ w: Workload) -> String {
+    switch w {
+    case .latency:
+        return "p50 \(fixed(m.p50)) µs, p99 \(fixed(m.p99)) µs (\(m.count) round trips)"
+    case .throughput64B, .throughput64K:
+        return "\(grouped(m.messagesPerSecond)) messages/s, \(fixed(m.mibPerSecond)) MiB/s"
+    case .bulk:
+        return "\(fixed(m.mibPerSecond)) MiB/s, \(grouped(m.messagesPerSecond)) messages/s"
+    }
+}
+
+/// What ran where: options, machine, build.
+func header(_ s: Settings) -> String {
+    var lines = ["## parley-bench"]
+    lines.append("")
+    #if DEBUG
+    lines.append("WARNING: debug build; build with -c release (Scripts/bench.sh) for meaningful figures.")
+    #endif
+    lines.append("- date: \(ISO8601DateFormatter().string(from: Date()))")
+    lines.append("- machine: \(cpuModel()), \(ProcessInfo.processInfo.activeProcessorCount) cores online, \(systemName())")
+    lines.append("- transport: TCP over loopback (127.0.0.1), client and server in separate processes")
+    lines.append("- repetitions: \(s.repetitions) (systems alternate within each repetition; tables show medians)")
+    lines.append("- each measurement: fresh connection, \(s.warmup) s warm-up, \(s.duration) s measured")
+    lines.append("- throughput window: \(s.window) requests in flight; bulk: \(byteSize(s.bulkSize)) x \(s.bulkWindow) in flight")
+    return lines.joined(separator: "\n") + "\n"
+}
+
+func cpuModel() -> String {
+    #if os(Linux)
+    if let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+       let line = text.split(separator: "\n").first(where: { $0.hasPrefix("model name") }),
+       let colon = line.firstIndex(of: ":") {
+        return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+    }
+    #endif
+    return "unknown CPU"
+}
+
+func systemName() -> String {
+    var u = utsname()
+    guard uname(&u) == 0 else { return "unknown OS" }
+    func field<T>(_ value: T) -> String {
+        withUnsafeBytes(of: value) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+    }
+    return "\(field(u.sysname)) \(field(u.release)) \(field(u.machine))"
+}

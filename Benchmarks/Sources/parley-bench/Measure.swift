@@ -1,0 +1,92 @@
+import Dispatch
+
+/// Monotonic time in nanoseconds.
+@inline(__always)
+func nanotime() -> UInt64 {
+    DispatchTime.now().uptimeNanoseconds
+}
+
+/// What one measurement of one system found.
+struct Measurement: Sendable {
+    /// Round trips completed while measuring.
+    var count: Int
+    var seconds: Double
+    var bytesPerMessage: Int
+    /// Queue-depth-1 round-trip percentiles (latency workload only), in microseconds.
+    var p50: Double?
+    var p99: Double?
+
+    var messagesPerSecond: Double { Double(self.count) / self.seconds }
+    /// Payload bytes echoed per second (each byte goes to the server and back), in MiB/s.
+    var mibPerSecond: Double { self.messagesPerSecond * Double(self.bytesPerMessage) / 1_048_576 }
+}
+
+enum Measure {
+    /// Round trips one after another (queue depth 1): after `warmup` seconds, times each
+    /// round trip for `duration` seconds.
+    static func latency(_ caller: any EchoCaller, size: Int, warmup: Double, duration: Double) async throws -> Measurement {
+        _ = try await self.pump(caller, window: 1, seconds: warmup)
+        var samples: [UInt64] = []
+        samples.reserveCapacity(1 << 18)
+        let start = nanotime()
+        let end = start + UInt64(duration * 1e9)
+        var now = start
+        repeat {
+            let t0 = now
+            try await caller.roundTrip()
+            now = nanotime()
+            samples.append(now - t0)
+        } while now < end
+        let seconds = Double(now - start) / 1e9
+        samples.sort()
+        return Measurement(
+            count: samples.count, seconds: seconds, bytesPerMessage: size,
+            p50: Double(percentile(samples, 0.50)) / 1000, p99: Double(percentile(samples, 0.99)) / 1000
+        )
+    }
+
+    /// `window` tasks, each doing round trips one after another on the same connection, so
+    /// that `window` requests are in flight: after `warmup` seconds, counts the round trips
+    /// of `duration` seconds.
+    static func throughput(_ caller: any EchoCaller, size: Int, window: Int, warmup: Double, duration: Double) async throws -> Measurement {
+        _ = try await self.pump(caller, window: window, seconds: warmup)
+        let (count, seconds) = try await self.pump(caller, window: window, seconds: duration)
+        return Measurement(count: count, seconds: seconds, bytesPerMessage: size)
+    }
+
+    /// Runs `window` concurrent loops of round trips until `seconds` have passed; returns the
+    /// round trips done and the time until the last one finished.
+    static func pump(_ caller: any EchoCaller, window: Int, seconds: Double) async throws -> (count: Int, seconds: Double) {
+        guard seconds > 0 else { return (0, 0) }
+        let start = nanotime()
+        let end = start + UInt64(seconds * 1e9)
+        let count = try await withThrowingTaskGroup(of: Int.self) { group in
+            for _ in 0..<window {
+                group.addTask {
+                    var n = 0
+                    repeat {
+                        try await caller.roundTrip()
+                        n += 1
+                    } while nanotime() < end
+                    return n
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        return (count, Double(nanotime() - start) / 1e9)
+    }
+}
+
+/// The nearest-rank percentile of sorted samples.
+func percentile<T>(_ sorted: [T], _ p: Double) -> T {
+    precondition(!sorted.isEmpty)
+    let rank = Int((p * Double(sorted.count)).rounded(.up)) - 1
+    return sorted[min(max(rank, 0), sorted.count - 1)]
+}
+
+func median(_ values: [Double]) -> Double? {
+    guard !values.isEmpty else { return nil }
+    let s = values.sorted()
+    let mid = s.count / 2
+    return s.count % 2 == 1 ? s[mid] : (s[mid - 1] + s[mid]) / 2
+}

@@ -1,0 +1,211 @@
+import Foundation
+
+/// The workloads, each run for every system.
+enum Workload: String, CaseIterable, Sendable {
+    case latency
+    case throughput64B = "throughput-64b"
+    case throughput64K = "throughput-64k"
+    case bulk
+
+    static func parseList(_ text: String) throws -> [Workload] {
+        if text == "all" { return Workload.allCases }
+        return try text.split(separator: ",").map { name in
+            guard let w = Workload(rawValue: name.trimmingCharacters(in: .whitespaces)) else {
+                throw BenchError("unknown workload \"\(name)\": use \(Workload.allCases.map(\.rawValue).joined(separator: ", ")) or all")
+            }
+            return w
+        }
+    }
+}
+
+/// The knobs of one invocation.
+struct Settings: Sendable {
+    var repetitions: Int
+    var duration: Double
+    var warmup: Double
+    var window: Int
+    var bulkWindow: Int
+    var bulkSize: Int
+
+    func size(_ w: Workload) -> Int {
+        switch w {
+        case .latency, .throughput64B: return 64
+        case .throughput64K: return 64 * 1024
+        case .bulk: return self.bulkSize
+        }
+    }
+
+    func window(_ w: Workload) -> Int {
+        switch w {
+        case .latency: return 1
+        case .throughput64B, .throughput64K: return self.window
+        case .bulk: return self.bulkWindow
+        }
+    }
+
+    func load(_ w: Workload) -> Load {
+        Load(size: self.size(w), dataSegment: w == .bulk)
+    }
+
+    func title(_ w: Workload) -> String {
+        switch w {
+        case .latency:
+            return "Round-trip latency, queue depth 1, 64 B payload"
+        case .throughput64B:
+            return "Pipelined throughput, 64 B payload, \(self.window) requests in flight"
+        case .throughput64K:
+            return "Pipelined throughput, 64 KiB payload, \(self.window) requests in flight"
+        case .bulk:
+            return "Bulk, \(byteSize(self.bulkSize)) payload, \(self.bulkWindow) requests in flight"
+        }
+    }
+}
+
+/// Every run of one workload, per system, in the order they ran.
+struct WorkloadResults: Sendable {
+    let workload: Workload
+    var runs: [System: [Measurement]] = [:]
+    /// CPU used by other processes while this workload ran, in percent of the machine.
+    var otherLoad: Double?
+
+    func values(_ system: System, _ metric: (Measurement) -> Double?) -> [Double] {
+        (self.runs[system] ?? []).compactMap(metric)
+    }
+
+    func median(_ system: System, _ metric: (Measurement) -> Double?) -> Double? {
+        parley_bench.median(self.values(system, metric))
+    }
+
+    /// Parley's median over another system's median.
+    func ratio(_ other: System, _ metric: (Measurement) -> Double?) -> Double? {
+        guard let p = self.median(.parley, metric), let o = self.median(other, metric), o > 0 else { return nil }
+        return p / o
+    }
+
+    /// The median of the per-repetition ratios (Parley's run over the other system's run of
+    /// the same repetition, measured seconds apart).
+    func pairedRatio(_ other: System, _ metric: (Measurement) -> Double?) -> Double? {
+        let p = self.values(.parley, metric), o = self.values(other, metric)
+        return parley_bench.median(zip(p, o).compactMap { $1 > 0 ? $0 / $1 : nil })
+    }
+}
+
+enum Metric {
+    static let p50: @Sendable (Measurement) -> Double? = { $0.p50 }
+    static let p99: @Sendable (Measurement) -> Double? = { $0.p99 }
+    static let messages: @Sendable (Measurement) -> Double? = { $0.messagesPerSecond }
+    static let mib: @Sendable (Measurement) -> Double? = { $0.mibPerSecond }
+}
+
+// MARK: - Formatting
+
+func fixed(_ v: Double?, _ digits: Int = 1) -> String {
+    guard let v else { return "-" }
+    return String(format: "%.\(digits)f", v)
+}
+
+func grouped(_ v: Double?) -> String {
+    guard let v else { return "-" }
+    let digits = String(Int(v.rounded()))
+    var out = ""
+    for (i, c) in digits.reversed().enumerated() {
+        if i > 0 && i % 3 == 0 { out.append(",") }
+        out.append(c)
+    }
+    return String(out.reversed())
+}
+
+func times(_ v: Double?) -> String {
+    guard let v else { return "-" }
+    return String(format: "%.2fx", v)
+}
+
+func byteSize(_ n: Int) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 { return "\(n >> 20) MiB" }
+    if n >= 1 << 10 && n % (1 << 10) == 0 { return "\(n >> 10) KiB" }
+    return "\(n) B"
+}
+
+/// A Markdown table with right-aligned columns after the first.
+func markdownTable(_ header: [String], _ rows: [[String]]) -> String {
+    let all = [header] + rows
+    let widths = header.indices.map { i in all.map { $0[i].count }.max() ?? 0 }
+    func line(_ cells: [String]) -> String {
+        "| " + cells.enumerated().map { i, c in
+            let pad = String(repeating: " ", count: widths[i] - c.count)
+            return i == 0 ? c + pad : pad + c
+        }.joined(separator: " | ") + " |"
+    }
+    let rule = "|" + widths.enumerated().map { i, w in
+        i == 0 ? " " + String(repeating: "-", count: w) + " " : " " + String(repeating: "-", count: max(w - 1, 1)) + ": "
+    }.joined(separator: "|") + "|"
+    return ([line(header), rule] + rows.map(line)).joined(separator: "\n")
+}
+
+func table(_ r: WorkloadResults, systems: [System], settings: Settings) -> String {
+    var out = "### \(settings.title(r.workload))\n\n"
+    let compare = [System.raw, .grpc].filter { systems.contains($0) && systems.contains(.parley) }
+    switch r.workload {
+    case .latency:
+        var rows = systems.map { s in
+            [s.title, fixed(r.median(s, Metric.p50)), fixed(r.median(s, Metric.p99)),
+             r.values(s, Metric.p50).map { fixed($0) }.joined(separator: " ")]
+        }
+        for o in compare {
+            rows.append(["Parley / \(o.title)", times(r.ratio(o, Metric.p50)), times(r.ratio(o, Metric.p99)),
+                         "paired median: " + times(r.pairedRatio(o, Metric.p50))])
+        }
+        out += markdownTable(["system", "p50 µs", "p99 µs", "p50 of each run, µs"], rows)
+    case .throughput64B, .throughput64K:
+        var rows = systems.map { s in
+            [s.title, grouped(r.median(s, Metric.messages)), fixed(r.median(s, Metric.mib)),
+             r.values(s, Metric.messages).map { grouped($0) }.joined(separator: " ")]
+        }
+        for o in compare {
+            rows.append(["Parley / \(o.title)", times(r.ratio(o, Metric.messages)), times(r.ratio(o, Metric.mib)),
+                         "paired median: " + times(r.pairedRatio(o, Metric.messages))])
+        }
+        out += markdownTable(["system", "messages/s", "MiB/s", "messages/s of each run"], rows)
+    case .bulk:
+        var rows = systems.map { s in
+            [s.title, fixed(r.median(s, Metric.mib)), grouped(r.median(s, Metric.messages)),
+             r.values(s, Metric.mib).map { fixed($0) }.joined(separator: " ")]
+        }
+        for o in compare {
+            rows.append(["Parley / \(o.title)", times(r.ratio(o, Metric.mib)), times(r.ratio(o, Metric.messages)),
+                         "paired median: " + times(r.pairedRatio(o, Metric.mib))])
+        }
+        out += markdownTable(["system", "MiB/s", "messages/s", "MiB/s of each run"], rows)
+    }
+    if let load = r.otherLoad {
+        out += "\n\nOther processes used \(fixed(load))% of the machine's CPU meanwhile"
+            + (load >= 5 ? " (a disturbed run: figures may be off)." : ".")
+    }
+    return out + "\n"
+}
+
+/// The goals, checked against the medians.
+func goals(_ results: [Workload: WorkloadResults]) -> String {
+    struct Goal {
+        var text: String
+        var workload: Workload
+        var other: System
+        var metric: @Sendable (Measurement) -> Double?
+        var limit: Double
+        var atMost: Bool
+    }
+    let list = [
+        Goal(text: "p50 latency within 1.2x of raw NIO", workload: .latency, other: .raw, metric: Metric.p50, limit: 1.2, atMost: true),
+        Goal(text: "64 B throughput >= 0.8x raw NIO", workload: .throughput64B, other: .raw, metric: Metric.messages, limit: 0.8, atMost: false),
+        Goal(text: "64 B throughput >= 2x gRPC", workload: .throughput64B, other: .grpc, metric: Metric.messages, limit: 2, atMost: false),
+        Goal(text: "bulk MiB/s >= 0.9x raw NIO", workload: .bulk, other: .raw, metric: Metric.mib, limit: 0.9, atMost: false),
+    ]
+    let rows = list.map { g -> [String] in
+        guard let r = results[g.workload], let ratio = r.ratio(g.other, g.metric) else {
+            return [g.text, "-", "-", "not measured"]
+        }
+        let met = g.atMost ? ratio <= g.limit : ratio >= g.limit
+        return [g.text, times(ratio), times(r.pairedRatio(g.other, g.metric)), met ? "met" : "NOT met"]
+    }
+    return "### Goals\n\n" + markdownTable(["goal (Parley vs.)", "ratio of medians", "paired median", "verdict"], rows) + "\n"
+}
