@@ -27,6 +27,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     private var state: State
     private var scratch: [ByteBuffer] = []
+    /// A flush is scheduled for the end of this event-loop tick.
+    private var flushScheduled = false
 
     public init(role: Role) {
         self.state = .handshaking(role)
@@ -101,6 +103,18 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.state = .closing
             context.fireErrorCaught(error)
             context.close(promise: nil)
+        }
+    }
+
+    /// Coalesces flushes: answers written by many tasks arrive as separate write+flush jobs on
+    /// the event loop; flushing once after all the jobs queued in this tick turns them into one
+    /// vectored write instead of one write(2) per answer.
+    public func flush(context: ChannelHandlerContext) {
+        guard !self.flushScheduled else { return }
+        self.flushScheduled = true
+        context.eventLoop.assumeIsolated().execute {
+            self.flushScheduled = false
+            context.flush()
         }
     }
 

@@ -1,11 +1,37 @@
 import NIOCore
 import SwiftProtobuf
 
+/// A `ByteBuffer` seen as protobuf's contiguous bytes, so that messages are encoded straight
+/// into a buffer and decoded straight from one, without intermediate arrays.
+struct ProtobufBytes: SwiftProtobufContiguousBytes {
+    var buffer: ByteBuffer
+
+    init(_ buffer: ByteBuffer) { self.buffer = buffer }
+
+    init(repeating: UInt8, count: Int) {
+        self.buffer = ByteBuffer(repeating: repeating, count: count)
+    }
+
+    init<S: Sequence>(_ sequence: S) where S.Element == UInt8 {
+        self.buffer = ByteBuffer(bytes: sequence)
+    }
+
+    var count: Int { self.buffer.readableBytes }
+
+    func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try self.buffer.withUnsafeReadableBytes(body)
+    }
+
+    mutating func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
+        try self.buffer.withUnsafeMutableReadableBytes(body)
+    }
+}
+
 extension SwiftProtobuf.Message {
     /// Decodes a protobuf payload, naming the type and what was wrong on failure.
     public init(parleyPayload buffer: ByteBuffer) throws(ParleyError) {
         do {
-            try self.init(serializedBytes: Array(buffer.readableBytesView))
+            try self.init(serializedBytes: ProtobufBytes(buffer))
         } catch {
             throw ParleyError(
                 code: .malformedPayload,
@@ -17,10 +43,8 @@ extension SwiftProtobuf.Message {
 
     /// Encodes this message into a new buffer. Encoding a well-formed message cannot fail.
     public func parleyPayload(allocator: ByteBufferAllocator = ByteBufferAllocator()) -> ByteBuffer {
-        let bytes: [UInt8] = (try? self.serializedBytes()) ?? []
-        var buffer = allocator.buffer(capacity: bytes.count)
-        buffer.writeBytes(bytes)
-        return buffer
+        let bytes: ProtobufBytes? = try? self.serializedBytes()
+        return bytes?.buffer ?? allocator.buffer(capacity: 0)
     }
 
     /// A one-segment frame carrying this message.
