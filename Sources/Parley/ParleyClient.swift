@@ -169,7 +169,8 @@ public final class ParleyClient: Sendable {
                 }
                 if first { continuation.resume(with: result) }
             }
-            let task = Task {
+            let executor = configuration.limits.handlersOnEventLoop ? EventLoopTaskExecutor(channel.channel.eventLoop) : nil
+            let task = Task(executorPreference: executor) {
                 do {
                     try await channel.executeThenClose { inbound, outbound in
                         var iterator = inbound.makeAsyncIterator()

@@ -14,9 +14,14 @@ public struct ParleyConnectionLimits: Sendable {
     /// which pushes back on the peer through TCP flow control.
     public var maxConcurrentHandlers: Int
 
-    public init(maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024) {
+    /// Run the inbound loop and the handlers of peer requests on the connection's event loop
+    /// (no thread hop per request; handlers must not block), or on Swift's global pool.
+    public var handlersOnEventLoop: Bool
+
+    public init(maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024, handlersOnEventLoop: Bool = true) {
         self.maxOutstandingRequests = maxOutstandingRequests
         self.maxConcurrentHandlers = maxConcurrentHandlers
+        self.handlersOnEventLoop = handlersOnEventLoop
     }
 
     public static var defaults: ParleyConnectionLimits { ParleyConnectionLimits() }
@@ -37,6 +42,8 @@ public final class ParleyConnection: Sendable {
     let onNotice: (@Sendable (ParleyNucleus) -> Void)?
     private let state = NIOLockedValueBox(State())
     private let metrics = ConnectionMetrics()
+    /// Where handlers run: the channel's event loop, or nil for the global pool.
+    let executor: EventLoopTaskExecutor?
 
     private enum Pending {
         /// The request is being written; no one waits yet.
@@ -85,6 +92,7 @@ public final class ParleyConnection: Sendable {
         self.session = session
         self.role = role
         self.channel = channel.channel
+        self.executor = limits.handlersOnEventLoop ? EventLoopTaskExecutor(channel.channel.eventLoop) : nil
         self.outbound = outbound
         self.router = router
         self.limits = limits
@@ -450,7 +458,7 @@ public final class ParleyConnection: Sendable {
         }
         guard admitted else { return }
         let context = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger)
-        let task = Task {
+        let task = Task(executorPreference: self.executor) {
             let start = ContinuousClock.now
             defer { self.metrics.handled(since: start) }
             do {

@@ -196,6 +196,16 @@ public final class ParleyServer: Service, Sendable {
     }
 
     private func serve(_ channel: ParleyAsyncChannel) async {
+        if self.configuration.limits.handlersOnEventLoop {
+            await withTaskExecutorPreference(EventLoopTaskExecutor(channel.channel.eventLoop)) {
+                await self.serveHere(channel)
+            }
+        } else {
+            await self.serveHere(channel)
+        }
+    }
+
+    private func serveHere(_ channel: ParleyAsyncChannel) async {
         let peer = ParleyPipeline.describe(channel.channel.remoteAddress)
         var logger = self.logger
         logger[metadataKey: "peer"] = "\(peer)"

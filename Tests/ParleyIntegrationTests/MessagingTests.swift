@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import NIOPosix
 import Parley
 import ParleyServices
 import ParleyWire
@@ -83,6 +84,23 @@ struct MessagingTests {
         #expect(gone, "the server saw the in-process client leave")
         server.shutDown()
         try await run.value
+    }
+
+    @Test(arguments: [true, false])
+    func handlersRunWhereConfigured(onEventLoop: Bool) async throws {
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Ping.self) { ping, _ in
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            pong.serverName = MultiThreadedEventLoopGroup.currentEventLoop == nil ? "pool" : "event loop"
+            return pong
+        }
+        try await withServer(configure: { $0.limits.handlersOnEventLoop = onEventLoop }, router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            let pong = try await client.request(Parley_Echo_V1_Ping(), as: Parley_Echo_V1_Pong.self)
+            #expect(pong.serverName == (onEventLoop ? "event loop" : "pool"))
+        }
     }
 
     @Test func ipv6Loopback() async throws {
