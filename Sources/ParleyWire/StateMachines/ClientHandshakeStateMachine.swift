@@ -56,11 +56,6 @@ public struct ClientHandshakeStateMachine: Sendable {
         self.configuration = configuration
     }
 
-    public var isEstablished: Bool {
-        if case .established = self.state { return true }
-        return false
-    }
-
     /// Produces the first flight: banner, HELLO, AUTH_REQUEST.
     public mutating func start() -> HandshakeStep {
         guard case .idle = self.state else { return self.poison("start called twice") }

@@ -139,9 +139,6 @@ public struct SessionStateMachine: Sendable {
         }
     }
 
-    /// Marks the session closed by us (a CLOSE we send).
-    public mutating func close() { self.isClosed = true }
-
     public static func keepaliveFrame(tag: FrameTag, timestamp: UInt64) -> Frame {
         var buffer = ByteBuffer()
         buffer.writeInteger(timestamp, endianness: .little)
