@@ -369,6 +369,11 @@ public final class ParleyConnection: Sendable {
                 self.logger.debug("no handler for one-way message", metadata: ["type": "\(h.type)"])
                 return
             }
+            // Draining starts no new work; a one-way message has no answer to carry the refusal.
+            guard !self.state.withLockedValue({ $0.draining }) else {
+                self.logger.debug("one-way message dropped while draining", metadata: ["type": "\(h.type)"])
+                return
+            }
             await self.spawn(id: nil, message: message, handler: handler)
         default:
             break
