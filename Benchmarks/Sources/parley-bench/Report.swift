@@ -145,38 +145,27 @@ func markdownTable(_ header: [String], _ rows: [[String]]) -> String {
 func table(_ r: WorkloadResults, systems: [System], settings: Settings) -> String {
     var out = "### \(settings.title(r.workload))\n\n"
     let compare = [System.raw, .grpc].filter { systems.contains($0) && systems.contains(.parley) }
+    // Per workload: the primary metric (medians, each run, paired ratio), the secondary one, and
+    // how each is printed.
+    typealias Column = (metric: @Sendable (Measurement) -> Double?, format: (Double?) -> String, header: String)
+    let (first, second, runs): (Column, Column, String)
     switch r.workload {
     case .latency:
-        var rows = systems.map { s in
-            [s.title, fixed(r.median(s, Metric.p50)), fixed(r.median(s, Metric.p99)),
-             r.values(s, Metric.p50).map { fixed($0) }.joined(separator: " ")]
-        }
-        for o in compare {
-            rows.append(["Parley / \(o.title)", times(r.ratio(o, Metric.p50)), times(r.ratio(o, Metric.p99)),
-                         "paired median: " + times(r.pairedRatio(o, Metric.p50))])
-        }
-        out += markdownTable(["system", "p50 µs", "p99 µs", "p50 of each run, µs"], rows)
+        (first, second, runs) = ((Metric.p50, { fixed($0) }, "p50 µs"), (Metric.p99, { fixed($0) }, "p99 µs"), "p50 of each run, µs")
     case .throughput64B, .throughput64K:
-        var rows = systems.map { s in
-            [s.title, grouped(r.median(s, Metric.messages)), fixed(r.median(s, Metric.mib)),
-             r.values(s, Metric.messages).map { grouped($0) }.joined(separator: " ")]
-        }
-        for o in compare {
-            rows.append(["Parley / \(o.title)", times(r.ratio(o, Metric.messages)), times(r.ratio(o, Metric.mib)),
-                         "paired median: " + times(r.pairedRatio(o, Metric.messages))])
-        }
-        out += markdownTable(["system", "messages/s", "MiB/s", "messages/s of each run"], rows)
+        (first, second, runs) = ((Metric.messages, grouped, "messages/s"), (Metric.mib, { fixed($0) }, "MiB/s"), "messages/s of each run")
     case .bulk:
-        var rows = systems.map { s in
-            [s.title, fixed(r.median(s, Metric.mib)), grouped(r.median(s, Metric.messages)),
-             r.values(s, Metric.mib).map { fixed($0) }.joined(separator: " ")]
-        }
-        for o in compare {
-            rows.append(["Parley / \(o.title)", times(r.ratio(o, Metric.mib)), times(r.ratio(o, Metric.messages)),
-                         "paired median: " + times(r.pairedRatio(o, Metric.mib))])
-        }
-        out += markdownTable(["system", "MiB/s", "messages/s", "MiB/s of each run"], rows)
+        (first, second, runs) = ((Metric.mib, { fixed($0) }, "MiB/s"), (Metric.messages, grouped, "messages/s"), "MiB/s of each run")
     }
+    var rows = systems.map { s in
+        [s.title, first.format(r.median(s, first.metric)), second.format(r.median(s, second.metric)),
+         r.values(s, first.metric).map { first.format($0) }.joined(separator: " ")]
+    }
+    for o in compare {
+        rows.append(["Parley / \(o.title)", times(r.ratio(o, first.metric)), times(r.ratio(o, second.metric)),
+                     "paired median: " + times(r.pairedRatio(o, first.metric))])
+    }
+    out += markdownTable(["system", first.header, second.header, runs], rows)
     if let load = r.otherLoad {
         out += "\n\nOther processes used \(fixed(load))% of the machine's CPU meanwhile"
             + (load >= 5 ? " (a disturbed run: figures may be off)." : ".")
