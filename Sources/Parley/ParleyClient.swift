@@ -58,7 +58,6 @@ public final class ParleyClient: Sendable {
     /// Addresses that redirected this client here, in order.
     public let redirectedFrom: [ParleyAddress]
     private let nucleusState: NIOLockedValueBox<NucleusState>
-    private let inboundTask: NIOLockedValueBox<Task<Void, Never>?>
     private let logger: Logger
 
     struct NucleusState {
@@ -82,7 +81,6 @@ public final class ParleyClient: Sendable {
         self.address = address
         self.redirectedFrom = redirectedFrom
         self.nucleusState = nucleus
-        self.inboundTask = NIOLockedValueBox(nil)
         self.logger = logger
     }
 
@@ -131,7 +129,7 @@ public final class ParleyClient: Sendable {
     private static func connectOnce(
         to address: ParleyAddress, redirectedFrom: [ParleyAddress], configuration: Configuration, router: ParleyRouter,
         logger: Logger, group: any EventLoopGroup,
-        open: ((@escaping @Sendable (any Channel) throws -> ParleyAsyncChannel) async throws -> ParleyAsyncChannel)? = nil
+        open: ((@escaping ParleyChannelInitializer) async throws -> any Channel)? = nil
     ) async throws -> ParleyClient {
         var ident = Parley_V1_ClientIdent()
         ident.platform = configuration.platform
@@ -145,11 +143,25 @@ public final class ParleyClient: Sendable {
             serverAddress: address.description
         ))
         let options = PipelineOptions(maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound)
-        let channel: ParleyAsyncChannel
-        do {
-            let initializer: @Sendable (any Channel) throws -> ParleyAsyncChannel = { channel in
-                try ParleyPipeline.configure(channel, role: .client(machine), options: options)
+        let nucleus = NIOLockedValueBox(NucleusState())
+        let bridgeBox = NIOLockedValueBox<EventLoopFuture<ConnectionEventSink>?>(nil)
+        let initializer: ParleyChannelInitializer = { channel in
+            channel.eventLoop.makeCompletedFuture {
+                let bridge = ParleyBridgeHandler<ConnectionEventSink>(eventLoop: channel.eventLoop) { result, reads in
+                    let connection = ParleyConnection(
+                        session: ParleySession(result: result, role: .client, peerAddress: address.description), role: .client,
+                        channel: channel, reads: reads, router: router, limits: configuration.limits, logger: logger,
+                        onNotice: { n in Self.apply(n, to: nucleus, logger: logger) }
+                    )
+                    Self.apply(connection.session.nucleus, to: nucleus, logger: logger)
+                    return ConnectionEventSink(connection)
+                }
+                bridgeBox.withLockedValue { $0 = bridge.established }
+                try ParleyPipeline.configure(channel, role: .client(machine), options: options, bridge: bridge)
             }
+        }
+        let channel: any Channel
+        do {
             if let open {
                 channel = try await open(initializer)
             } else {
@@ -158,45 +170,17 @@ public final class ParleyClient: Sendable {
         } catch {
             throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): \(error)", cause: error)
         }
-        let nucleus = NIOLockedValueBox(NucleusState())
-        let taskBox = NIOLockedValueBox<Task<Void, Never>?>(nil)
-        let connection: ParleyConnection = try await withCheckedThrowingContinuation { continuation in
-            let resumed = NIOLockedValueBox(false)
-            let resume: @Sendable (Result<ParleyConnection, any Error>) -> Void = { result in
-                let first = resumed.withLockedValue { r -> Bool in
-                    defer { r = true }
-                    return !r
-                }
-                if first { continuation.resume(with: result) }
-            }
-            let executor = configuration.limits.handlersOnEventLoop ? EventLoopTaskExecutor(channel.channel.eventLoop) : nil
-            let task = Task(executorPreference: executor) {
-                do {
-                    try await channel.executeThenClose { inbound, outbound in
-                        var iterator = inbound.makeAsyncIterator()
-                        guard case .established(let result)? = try await iterator.next() else {
-                            throw ParleyError(code: .connectionClosed, message: "\(address) closed the connection during the handshake")
-                        }
-                        let connection = ParleyConnection(
-                            session: ParleySession(result: result, role: .client, peerAddress: address.description), role: .client,
-                            channel: channel, outbound: outbound, router: router, limits: configuration.limits, logger: logger,
-                            onNotice: { n in Self.apply(n, to: nucleus, logger: logger) }
-                        )
-                        Self.apply(connection.session.nucleus, to: nucleus, logger: logger)
-                        resume(.success(connection))
-                        _ = await connection.runInbound(&iterator)
-                    }
-                } catch let error as ParleyError {
-                    resume(.failure(error))
-                } catch {
-                    resume(.failure(ParleyError(code: .connectionClosed, message: "handshake with \(address) failed: \(error)", cause: error)))
-                }
-            }
-            taskBox.withLockedValue { $0 = task }
+        guard let established = bridgeBox.withLockedValue({ $0 }) else {
+            channel.close(promise: nil)
+            throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): the transport did not set up the channel")
         }
-        let client = ParleyClient(connection: connection, address: address, redirectedFrom: redirectedFrom, nucleus: nucleus, logger: logger)
-        client.inboundTask.withLockedValue { $0 = taskBox.withLockedValue { $0 } }
-        return client
+        let connection: ParleyConnection
+        do {
+            connection = try await established.get().connection
+        } catch let error as ParleyError where error.code == .connectionClosed && error.cause == nil && !error.closedByPeer {
+            throw ParleyError(code: .connectionClosed, message: "\(address) closed the connection during the handshake")
+        }
+        return ParleyClient(connection: connection, address: address, redirectedFrom: redirectedFrom, nucleus: nucleus, logger: logger)
     }
 
     private static func apply(_ n: ParleyNucleus, to state: NIOLockedValueBox<NucleusState>, logger: Logger) {
@@ -254,7 +238,6 @@ public final class ParleyClient: Sendable {
 
     /// Waits until the connection has ended (closed by either side).
     public func closed() async {
-        let task = self.inboundTask.withLockedValue { $0 }
-        await task?.value
+        await self.connection.closed()
     }
 }

@@ -31,73 +31,70 @@ public struct ParleyConnectionLimits: Sendable {
 ///
 /// Both sides can send requests (answered by id, in any order), one-way messages and
 /// streamed requests, and both serve the peer's requests with their router.
+///
+/// Inbound frames are handled where they are decoded, on the channel's event loop: an answer
+/// resumes its waiting caller directly, and a request starts its handler in a task that runs
+/// at once on the event loop (with `handlersOnEventLoop`, the default) until it first
+/// suspends. A handler that answers without suspending is therefore read, run and answered
+/// in one pass, and its answer leaves with the others of the same read burst.
 public final class ParleyConnection: Sendable {
     public let session: ParleySession
     let role: SessionStateMachine.Role
     let channel: any Channel
-    let outbound: NIOAsyncChannelOutboundWriter<ConnectionCommand>
     let router: ParleyRouter
     let logger: Logger
     let limits: ParleyConnectionLimits
     let onNotice: (@Sendable (ParleyNucleus) -> Void)?
+    let onClose: (@Sendable (ParleyError) -> Void)?
+    private let reads: ParleyBridgeHandler<ConnectionEventSink>.ReadControl
     private let state = NIOLockedValueBox(State())
     private let metrics = ConnectionMetrics()
+    private let ended: EventLoopPromise<ParleyError>
     /// Where handlers run: the channel's event loop, or nil for the global pool.
     let executor: EventLoopTaskExecutor?
 
     private enum Pending {
-        /// The request is being written; no one waits yet.
-        case registered
-        /// The answer came before the requester started waiting.
-        case early(Result<WireMessage, any Error>)
         case unary(CheckedContinuation<WireMessage, any Error>)
         case stream(AsyncThrowingStream<WireMessage, any Error>.Continuation)
     }
 
-    private final class Serving: Sendable {
-        private let box = NIOLockedValueBox<(task: Task<Void, Never>?, cancelled: Bool)>((nil, false))
-        func set(_ task: Task<Void, Never>) {
-            let cancel = self.box.withLockedValue { v -> Bool in
-                v.task = task
-                return v.cancelled
-            }
-            if cancel { task.cancel() }
-        }
-        func cancel() {
-            let task = self.box.withLockedValue { v -> Task<Void, Never>? in
-                v.cancelled = true
-                return v.task
-            }
-            task?.cancel()
-        }
+    /// A peer request being handled.
+    private enum Handling {
+        /// Its task is being created; `cancelled` if a CANCEL came meanwhile.
+        case starting(cancelled: Bool)
+        case running(Task<Void, Never>)
     }
 
     private struct State {
         var nextID: UInt64 = 1
         var pending: [UInt64: Pending] = [:]
         var outstanding = 0
-        var slotWaiters: [CheckedContinuation<Void, any Error>] = []
-        var serving: [UInt64: Serving] = [:]
-        var handlerSlotWaiter: CheckedContinuation<Void, Never>?
+        var slotWaiters = CircularBuffer<CheckedContinuation<Void, any Error>>()
+        var serving: [UInt64: Handling] = [:]
+        /// Peer requests read while all handler slots were taken, in arrival order.
+        var backlog = CircularBuffer<WireMessage>()
+        var readsPaused = false
         var idleWaiters: [CheckedContinuation<Void, Never>] = []
         var draining = false
         var closed: ParleyError?
     }
 
     init(
-        session: ParleySession, role: SessionStateMachine.Role, channel: ParleyAsyncChannel,
-        outbound: NIOAsyncChannelOutboundWriter<ConnectionCommand>, router: ParleyRouter,
-        limits: ParleyConnectionLimits, logger: Logger, onNotice: (@Sendable (ParleyNucleus) -> Void)? = nil
+        session: ParleySession, role: SessionStateMachine.Role, channel: any Channel,
+        reads: ParleyBridgeHandler<ConnectionEventSink>.ReadControl, router: ParleyRouter, limits: ParleyConnectionLimits,
+        logger: Logger, onNotice: (@Sendable (ParleyNucleus) -> Void)? = nil, onClose: (@Sendable (ParleyError) -> Void)? = nil
     ) {
         self.session = session
         self.role = role
-        self.channel = channel.channel
-        self.executor = limits.handlersOnEventLoop ? EventLoopTaskExecutor(channel.channel.eventLoop) : nil
-        self.outbound = outbound
+        self.channel = channel
+        self.reads = reads
+        self.executor = limits.handlersOnEventLoop ? EventLoopTaskExecutor(channel.eventLoop) : nil
         self.router = router
         self.limits = limits
         self.logger = logger
         self.onNotice = onNotice
+        self.onClose = onClose
+        self.ended = channel.eventLoop.makePromise()
     }
 
     // MARK: - Sending requests
@@ -109,39 +106,32 @@ public final class ParleyConnection: Sendable {
     ///   - data: bulk bytes for the data segment, sent without copying.
     ///   - response: the expected response type.
     /// - Throws: `ParleyError` with the peer's error code, `cancelled` if the calling task is
-    ///   cancelled (the peer is told), or `connectionClosed`.
+    ///   cancelled (the peer is told), `frameTooLarge` or `invalidArgument` if the peer could
+    ///   not accept the request, or `connectionClosed`.
     public func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
         _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self
     ) async throws -> ParleyReply<Response> {
-        try await self.acquireSlot()
+        let id = try await self.acquireSlot()
         defer { self.releaseSlot() }
-        let id = try self.allocateID()
         let message = WireMessage(
             header: MessageHeader(id: id, kind: .request, type: Request.protoMessageName),
             payload: request.parleyPayload(allocator: self.channel.allocator), data: data
         )
-        self.state.withLockedValue { $0.pending[id] = .registered }
+        try self.check(message)
         let answer: WireMessage = try await withTaskCancellationHandler {
-            do {
-                try await self.write(.message(message))
-            } catch {
-                self.state.withLockedValue { _ = $0.pending.removeValue(forKey: id) }
-                throw error
-            }
-            return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<WireMessage, any Error>) in
-                let early = self.state.withLockedValue { s -> Result<WireMessage, any Error>? in
-                    switch s.pending[id] {
-                    case .registered?:
-                        s.pending[id] = .unary(continuation)
-                        return nil
-                    case .early(let result)?:
-                        s.pending.removeValue(forKey: id)
-                        return result
-                    default:
-                        return .failure(s.closed ?? ParleyError(code: .cancelled, message: "request \(id) cancelled"))
-                    }
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<WireMessage, any Error>) in
+                let refusal = self.state.withLockedValue { s -> ParleyError? in
+                    if let closed = s.closed { return closed }
+                    // Cancelled before this point: the cancellation handler found nothing to cancel.
+                    if Task.isCancelled { return ParleyError(code: .cancelled, message: "request \(id) cancelled") }
+                    s.pending[id] = .unary(continuation)
+                    return nil
                 }
-                if let early { continuation.resume(with: early) }
+                if let refusal {
+                    continuation.resume(throwing: refusal)
+                } else {
+                    self.channel.writeAndFlush(ConnectionCommand.message(message), promise: nil)
+                }
             }
         } onCancel: {
             self.cancelOutbound(id: id)
@@ -161,9 +151,14 @@ public final class ParleyConnection: Sendable {
     public func stream<Request: SwiftProtobuf.Message, Item: SwiftProtobuf.Message & Sendable, Final: SwiftProtobuf.Message & Sendable>(
         _ request: Request, data: ByteBuffer? = nil, item: Item.Type, final: Final.Type
     ) async throws -> ParleyResponseStream<Item, Final> {
-        try await self.acquireSlot()
-        let id: UInt64
-        do { id = try self.allocateID() } catch {
+        let id = try await self.acquireSlot()
+        let message = WireMessage(
+            header: MessageHeader(id: id, kind: .request, type: Request.protoMessageName),
+            payload: request.parleyPayload(allocator: self.channel.allocator), data: data
+        )
+        do {
+            try self.check(message)
+        } catch {
             self.releaseSlot()
             throw error
         }
@@ -181,26 +176,23 @@ public final class ParleyConnection: Sendable {
             continuation.finish(throwing: failure)
             throw failure
         }
-        let message = WireMessage(
-            header: MessageHeader(id: id, kind: .request, type: Request.protoMessageName),
-            payload: request.parleyPayload(allocator: self.channel.allocator), data: data
-        )
-        try await self.write(.message(message))
+        self.channel.writeAndFlush(ConnectionCommand.message(message), promise: nil)
         return ParleyResponseStream(base: stream)
     }
 
-    /// Sends a one-way message.
+    /// Sends a one-way message. Returns once the message is handed to the event loop, or,
+    /// while the socket is not keeping up, once it has been written.
     public func send<Message: SwiftProtobuf.Message>(_ message: Message, data: ByteBuffer? = nil) async throws {
-        try await self.write(.message(WireMessage(
+        try await self.write(WireMessage(
             header: MessageHeader(id: 0, kind: .oneWay, type: Message.protoMessageName),
             payload: message.parleyPayload(allocator: self.channel.allocator), data: data
-        )))
+        ))
     }
 
     /// Sends nucleus fields to the client (server side only).
     public func sendNotice(_ nucleus: ParleyNucleus) async throws {
         precondition(self.role == .server, "only a server sends notices")
-        try await self.write(.notice(nucleus.wire))
+        try await self.control(.notice(nucleus.wire))
     }
 
     /// Closes the connection; outstanding requests fail with `connectionClosed`.
@@ -209,46 +201,79 @@ public final class ParleyConnection: Sendable {
         self.channel.close(promise: nil)
     }
 
+    /// Waits until the connection has ended, by either side; returns why it ended.
+    @discardableResult
+    public func closed() async -> ParleyError {
+        // `ended` is only ever succeeded.
+        (try? await self.ended.futureResult.get()) ?? ParleyError(code: .connectionClosed, message: "connection closed")
+    }
+
     /// Requests this side is waiting on.
     public var outstandingRequests: Int { self.state.withLockedValue { $0.pending.count } }
 
     // MARK: - Internals
 
-    func write(_ command: ConnectionCommand) async throws {
+    /// Refuses what the peer could not accept (the same checks the event loop makes), so
+    /// that the sender, not the event loop, gets the error.
+    private func check(_ message: WireMessage) throws(ParleyError) {
+        try SessionStateMachine.check(message, features: self.session.features, maxPeerFrameSize: self.session.peerMaxFrameSize)
+    }
+
+    /// Writes a message that is not a request: returns at once while the channel is writable,
+    /// and otherwise waits until the message has been written (back-pressure to the sender).
+    func write(_ message: WireMessage) async throws {
+        if let closed = self.state.withLockedValue({ $0.closed }) { throw closed }
+        try self.check(message)
+        if self.channel.isWritable {
+            self.channel.writeAndFlush(ConnectionCommand.message(message), promise: nil)
+        } else {
+            try await self.control(.message(message))
+        }
+    }
+
+    /// Writes a command and waits until it has been written.
+    func control(_ command: ConnectionCommand) async throws {
         do {
-            try await self.outbound.write(command)
+            try await self.channel.writeAndFlush(command).get()
+        } catch let error as ParleyError where error.code != .connectionClosed {
+            throw error
         } catch {
             throw self.state.withLockedValue { $0.closed } ?? ParleyError(code: .connectionClosed, message: "connection closed", cause: error)
         }
     }
 
+    /// Sends the final answer to a peer request. It is not waited for: a handler is done once
+    /// its answer is handed to the event loop. Throws if the peer could not accept it.
+    func answer(_ message: WireMessage) throws(ParleyError) {
+        try self.check(message)
+        self.channel.writeAndFlush(ConnectionCommand.message(message), promise: nil)
+    }
+
     func sendAnswer<M: SwiftProtobuf.Message>(kind: MessageKind, id: UInt64, message: M, data: ByteBuffer?) async throws {
-        try await self.write(.message(WireMessage(
+        let wire = WireMessage(
             header: MessageHeader(id: id, kind: kind, type: M.protoMessageName),
             payload: message.parleyPayload(allocator: self.channel.allocator), data: data
-        )))
-    }
-
-    private func allocateID() throws -> UInt64 {
-        let (id, closed) = self.state.withLockedValue { s -> (UInt64, ParleyError?) in
-            defer { s.nextID &+= 1 }
-            return (s.nextID, s.closed)
+        )
+        if kind == .streamItem {
+            try await self.write(wire)
+        } else {
+            try self.answer(wire)
         }
-        if let closed { throw closed }
-        return id
     }
 
-    private enum SlotOutcome { case acquired, parked, failed(ParleyError) }
+    private enum SlotOutcome { case acquired(UInt64), parked, failed(ParleyError) }
 
-    private func acquireSlot() async throws {
+    /// Waits for a free request slot; returns the id of the new request.
+    private func acquireSlot() async throws -> UInt64 {
         let first = self.state.withLockedValue { s -> SlotOutcome in
             if let closed = s.closed { return .failed(closed) }
             guard s.outstanding < self.limits.maxOutstandingRequests else { return .parked }
             s.outstanding += 1
-            return .acquired
+            defer { s.nextID &+= 1 }
+            return .acquired(s.nextID)
         }
         switch first {
-        case .acquired: return
+        case .acquired(let id): return id
         case .failed(let error): throw error
         case .parked: break
         }
@@ -257,7 +282,7 @@ public final class ParleyConnection: Sendable {
                 if let closed = s.closed { return .failed(closed) }
                 if s.outstanding < self.limits.maxOutstandingRequests {
                     s.outstanding += 1
-                    return .acquired
+                    return .acquired(0)
                 }
                 s.slotWaiters.append(c)
                 return .parked
@@ -268,11 +293,15 @@ public final class ParleyConnection: Sendable {
             case .parked: break
             }
         }
+        return self.state.withLockedValue { s in
+            defer { s.nextID &+= 1 }
+            return s.nextID
+        }
     }
 
     private func releaseSlot() {
         let waiter = self.state.withLockedValue { s -> CheckedContinuation<Void, any Error>? in
-            if !s.slotWaiters.isEmpty { return s.slotWaiters.removeFirst() }  // slot passes on
+            if let next = s.slotWaiters.popFirst() { return next }  // the slot passes on
             s.outstanding -= 1
             return nil
         }
@@ -285,11 +314,11 @@ public final class ParleyConnection: Sendable {
         switch pending {
         case .unary(let c)?: c.resume(throwing: error)
         case .stream(let c)?: c.finish(throwing: error)
-        case .registered?, .early?, nil: break
+        case nil: return  // already answered, or never sent
         }
         guard self.session.features.contains(.streams) else { return }
         let cancel = WireMessage(header: MessageHeader(id: id, kind: .cancel, type: ""), payload: ByteBuffer())
-        Task { try? await self.write(.message(cancel)) }
+        self.channel.writeAndFlush(ConnectionCommand.message(cancel), promise: nil)
     }
 
     static func decodeAnswer<Response: SwiftProtobuf.Message & Sendable>(_ answer: WireMessage, as: Response.Type) throws -> ParleyReply<Response> {
@@ -304,66 +333,54 @@ public final class ParleyConnection: Sendable {
 
     /// Fails everything outstanding; idempotent.
     func finish(_ error: ParleyError) {
-        let (pending, waiters, serving, handlerWaiter, idle) = self.state.withLockedValue { s in
-            if s.closed == nil { s.closed = error }
+        let ending = self.state.withLockedValue { s -> (pending: [UInt64: Pending], waiters: CircularBuffer<CheckedContinuation<Void, any Error>>, serving: [UInt64: Handling], idle: [CheckedContinuation<Void, Never>])? in
+            guard s.closed == nil else { return nil }
+            s.closed = error
             defer {
                 s.pending = [:]
                 s.slotWaiters = []
                 s.serving = [:]
-                s.handlerSlotWaiter = nil
+                s.backlog = []
                 s.idleWaiters = []
             }
-            return (s.pending, s.slotWaiters, s.serving, s.handlerSlotWaiter, s.idleWaiters)
+            return (s.pending, s.slotWaiters, s.serving, s.idleWaiters)
         }
-        for (_, p) in pending {
+        guard let ending else { return }
+        for (_, p) in ending.pending {
             switch p {
             case .unary(let c): c.resume(throwing: error)
             case .stream(let c): c.finish(throwing: error)
-            case .registered, .early: break
             }
         }
-        waiters.forEach { $0.resume(throwing: error) }
-        serving.values.forEach { $0.cancel() }
-        handlerWaiter?.resume()
-        idle.forEach { $0.resume() }
+        ending.waiters.forEach { $0.resume(throwing: error) }
+        for case .running(let task) in ending.serving.values { task.cancel() }
+        ending.idle.forEach { $0.resume() }
+        self.ended.succeed(error)
+        self.onClose?(error)
     }
 
-    // MARK: - Receiving
+    // MARK: - Receiving (on the event loop)
 
-    /// Reads events until the connection ends. Returns the reason it ended.
-    func runInbound(_ iterator: inout NIOAsyncChannelInboundStream<ConnectionEvent>.AsyncIterator) async -> ParleyError {
-        let reason: ParleyError
-        do {
-            while let event = try await iterator.next() {
-                switch event {
-                case .message(let message):
-                    await self.received(message)
-                case .notice(let nucleus):
-                    self.onNotice?(ParleyNucleus(nucleus))
-                case .keepaliveAck, .established:
-                    break
-                }
-            }
-            reason = ParleyError(code: .connectionClosed, message: "peer closed the connection")
-        } catch let error as ParleyError {
-            reason = error
-        } catch {
-            reason = ParleyError(code: .connectionClosed, message: "connection failed: \(error)", cause: error)
+    fileprivate func received(_ event: ConnectionEvent) {
+        switch event {
+        case .message(let message):
+            self.received(message)
+        case .notice(let nucleus):
+            self.onNotice?(ParleyNucleus(nucleus))
+        case .keepaliveAck, .established:
+            break
         }
-        self.finish(reason)
-        return reason
     }
 
-    private func received(_ message: WireMessage) async {
+    private func received(_ message: WireMessage) {
         let h = message.header
         switch h.kind {
         case .response, .error, .streamItem:
             self.answered(message)
         case .cancel:
-            let serving = self.state.withLockedValue { $0.serving[h.id] }
-            serving?.cancel()
+            self.peerCancelled(id: h.id)
         case .request:
-            await self.serve(message)
+            self.serve(message)
         case .oneWay:
             guard let handler = self.router.oneWayHandlers[h.type] else {
                 self.logger.debug("no handler for one-way message", metadata: ["type": "\(h.type)"])
@@ -374,7 +391,7 @@ public final class ParleyConnection: Sendable {
                 self.logger.debug("one-way message dropped while draining", metadata: ["type": "\(h.type)"])
                 return
             }
-            await self.spawn(id: nil, message: message, handler: handler)
+            self.admit(message, handler: handler)
         default:
             break
         }
@@ -385,17 +402,10 @@ public final class ParleyConnection: Sendable {
         let kind = message.header.kind
         let pending = self.state.withLockedValue { s -> Pending? in
             switch s.pending[id] {
-            case .registered?:
-                if kind != .streamItem {
-                    s.pending[id] = .early(kind == .error ? .failure(Self.errorFromAnswer(message)) : .success(message))
-                }
-                return nil
-            case .early?:
-                return nil
             case .unary?:
                 return kind == .streamItem ? nil : s.pending.removeValue(forKey: id)
-            case .stream?:
-                return kind == .streamItem ? s.pending[id] : s.pending.removeValue(forKey: id)
+            case .stream(let c)?:
+                return kind == .streamItem ? .stream(c) : s.pending.removeValue(forKey: id)
             case nil:
                 return nil
             }
@@ -412,7 +422,7 @@ public final class ParleyConnection: Sendable {
         case (.stream(let c)?, _):
             c.yield(message)
             c.finish()
-        case (.registered?, _), (.early?, _), (nil, _):
+        case (nil, _):
             // An answer to a request we cancelled or never sent: discarded (docs: "Cancel").
             break
         }
@@ -425,7 +435,26 @@ public final class ParleyConnection: Sendable {
         return ParleyError(status: status)
     }
 
-    private func serve(_ message: WireMessage) async {
+    private func peerCancelled(id: UInt64) {
+        let task = self.state.withLockedValue { s -> Task<Void, Never>? in
+            switch s.serving[id] {
+            case .running(let task)?:
+                return task
+            case .starting?:
+                s.serving[id] = .starting(cancelled: true)
+                return nil
+            case nil:
+                // Not started yet: drop it from the backlog; the requester no longer waits.
+                if let index = s.backlog.firstIndex(where: { $0.header.id == id && $0.header.kind == .request }) {
+                    s.backlog.remove(at: index)
+                }
+                return nil
+            }
+        }
+        task?.cancel()
+    }
+
+    private func serve(_ message: WireMessage) {
         let h = message.header
         let refusal: ParleyError? = self.state.withLockedValue { s in
             if s.draining { return ParleyError(code: .shuttingDown, message: "server is shutting down; request \(h.type) not started") }
@@ -433,15 +462,15 @@ public final class ParleyConnection: Sendable {
             return nil
         }
         if let refusal {
-            try? await self.write(.message(Self.errorAnswer(id: h.id, refusal, allocator: self.channel.allocator)))
+            try? self.answer(Self.errorAnswer(id: h.id, refusal, allocator: self.channel.allocator))
             return
         }
         guard let handler = self.router.handlers[h.type] else {
             let error = ParleyError(code: .unknownMessageType, message: "no handler for request type \"\(h.type)\"")
-            try? await self.write(.message(Self.errorAnswer(id: h.id, error, allocator: self.channel.allocator)))
+            try? self.answer(Self.errorAnswer(id: h.id, error, allocator: self.channel.allocator))
             return
         }
-        await self.spawn(id: h.id, message: message, handler: handler)
+        self.admit(message, handler: handler)
     }
 
     static func errorAnswer(id: UInt64, _ error: ParleyError, allocator: ByteBufferAllocator) -> WireMessage {
@@ -451,21 +480,37 @@ public final class ParleyConnection: Sendable {
         )
     }
 
-    /// Runs a handler in its own task, waiting first for a free handler slot (back-pressure).
-    private func spawn(id: UInt64?, message: WireMessage, handler: @escaping ParleyRouter.Handler) async {
-        await self.waitForHandlerSlot()
-        let serving = Serving()
-        let key = id ?? (UInt64.max - UInt64(message.header.seq))
-        let admitted = self.state.withLockedValue { s -> Bool in
-            guard s.closed == nil else { return false }
-            s.serving[key] = serving
-            return true
+    /// The key a handled message is known by: its request id, or for a one-way message a key
+    /// from its seq that no request id of the peer's reaches in practice.
+    private static func key(_ message: WireMessage) -> UInt64 {
+        message.header.kind == .request ? message.header.id : UInt64.max - message.header.seq
+    }
+
+    /// Starts the message's handler if a handler slot is free; otherwise queues it and stops
+    /// reading from the socket until slots free up (back-pressure through TCP).
+    private func admit(_ message: WireMessage, handler: @escaping ParleyRouter.Handler) {
+        let (start, pause) = self.state.withLockedValue { s -> (Bool, Bool) in
+            guard s.closed == nil else { return (false, false) }
+            if s.backlog.isEmpty && s.serving.count < self.limits.maxConcurrentHandlers {
+                s.serving[Self.key(message)] = .starting(cancelled: false)
+                return (true, false)
+            }
+            s.backlog.append(message)
+            defer { s.readsPaused = true }
+            return (false, !s.readsPaused)
         }
-        guard admitted else { return }
+        if pause { self.reads.pause() }
+        if start { self.start(message, handler: handler) }
+    }
+
+    /// Runs a handler in its own task. On the event loop, the task runs at once, here, until
+    /// it first suspends.
+    private func start(_ message: WireMessage, handler: @escaping ParleyRouter.Handler) {
+        let key = Self.key(message)
+        let id: UInt64? = message.header.kind == .request ? message.header.id : nil
         let context = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger)
-        let task = Task(executorPreference: self.executor) {
+        let body: @Sendable () async -> Void = {
             let start = ContinuousClock.now
-            defer { self.metrics.handled(since: start) }
             do {
                 try await handler(message, context)
             } catch {
@@ -477,58 +522,99 @@ public final class ParleyConnection: Sendable {
                     case is CancellationError: parleyError = ParleyError(code: .cancelled, message: "request \(id) cancelled")
                     default: parleyError = ParleyError(code: .handlerFailed, message: "\(message.header.type) handler failed: \(error)")
                     }
-                    try? await self.write(.message(Self.errorAnswer(id: id, parleyError, allocator: self.channel.allocator)))
+                    try? self.answer(Self.errorAnswer(id: id, parleyError, allocator: self.channel.allocator))
                 } else {
                     self.logger.debug("one-way handler failed", metadata: ["type": "\(message.header.type)", "error": "\(error)"])
                 }
             }
+            self.metrics.handled(since: start)
             self.handlerFinished(key: key)
         }
-        serving.set(task)
-    }
-
-    private func waitForHandlerSlot() async {
-        let full = self.state.withLockedValue { $0.serving.count >= self.limits.maxConcurrentHandlers && $0.closed == nil }
-        guard full else { return }
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let parked = self.state.withLockedValue { s -> Bool in
-                guard s.serving.count >= self.limits.maxConcurrentHandlers, s.closed == nil else { return false }
-                s.handlerSlotWaiter = c
-                return true
-            }
-            if !parked { c.resume() }
+        let task: Task<Void, Never>
+        if let executor = self.executor, self.channel.eventLoop.inEventLoop {
+            task = Task.immediate(executorPreference: executor, operation: body)
+        } else {
+            task = Task(executorPreference: self.executor, operation: body)
         }
+        let cancel = self.state.withLockedValue { s -> Bool in
+            guard case .starting(let cancelled)? = s.serving[key] else { return false }  // already finished
+            s.serving[key] = .running(task)
+            return cancelled
+        }
+        if cancel { task.cancel() }
     }
 
     private func handlerFinished(key: UInt64) {
-        let (slot, idle) = self.state.withLockedValue { s -> (CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
+        let (idle, backlogReady) = self.state.withLockedValue { s -> ([CheckedContinuation<Void, Never>], Bool) in
             s.serving.removeValue(forKey: key)
-            let slot = s.handlerSlotWaiter
-            s.handlerSlotWaiter = nil
             var idle: [CheckedContinuation<Void, Never>] = []
-            if s.serving.isEmpty {
+            if s.serving.isEmpty && s.backlog.isEmpty {
                 idle = s.idleWaiters
                 s.idleWaiters = []
             }
-            return (slot, idle)
+            return (idle, s.readsPaused || !s.backlog.isEmpty)
         }
-        slot?.resume()
         idle.forEach { $0.resume() }
+        if backlogReady {
+            // Started from a fresh event-loop job rather than from here: a handler that finishes
+            // at once would otherwise start the next one inside itself, nesting ever deeper.
+            self.channel.eventLoop.execute { self.startFromBacklog() }
+        }
+    }
+
+    /// Starts queued requests while handler slots are free; resumes reading once the queue is empty.
+    private func startFromBacklog() {
+        while true {
+            let (next, resume) = self.state.withLockedValue { s -> (WireMessage?, Bool) in
+                guard s.closed == nil, s.serving.count < self.limits.maxConcurrentHandlers else { return (nil, false) }
+                guard let message = s.backlog.popFirst() else {
+                    defer { s.readsPaused = false }
+                    return (nil, s.readsPaused)
+                }
+                s.serving[Self.key(message)] = .starting(cancelled: false)
+                return (message, false)
+            }
+            if resume { self.reads.resume() }
+            guard let message = next else { return }
+            let handler = message.header.kind == .request ? self.router.handlers[message.header.type] : self.router.oneWayHandlers[message.header.type]
+            if let handler {
+                self.start(message, handler: handler)
+            } else {
+                self.handlerFinished(key: Self.key(message))
+            }
+        }
     }
 
     /// Stops taking new requests (they are answered with `shuttingDown`), waits for running
-    /// handlers to finish and their answers to be written, then sends CLOSE and closes.
+    /// and queued handlers to finish and their answers to be written, then sends CLOSE and closes.
     func drain() async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let idle = self.state.withLockedValue { s -> Bool in
                 s.draining = true
-                if s.serving.isEmpty || s.closed != nil { return true }
+                if (s.serving.isEmpty && s.backlog.isEmpty) || s.closed != nil { return true }
                 s.idleWaiters.append(c)
                 return false
             }
             if idle { c.resume() }
         }
-        try? await self.write(.close(ParleyError(code: .shuttingDown, message: "server is shutting down")))
+        try? await self.control(.close(ParleyError(code: .shuttingDown, message: "server is shutting down")))
+    }
+}
+
+/// Receives a connection's events from its pipeline (on the event loop) and hands them to it.
+final class ConnectionEventSink: ParleyEventSink {
+    let connection: ParleyConnection
+
+    init(_ connection: ParleyConnection) {
+        self.connection = connection
+    }
+
+    func received(_ event: ConnectionEvent) {
+        self.connection.received(event)
+    }
+
+    func closed(_ reason: ParleyError) {
+        self.connection.finish(reason)
     }
 }
 

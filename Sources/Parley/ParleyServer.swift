@@ -53,7 +53,6 @@ public final class ParleyServer: Service, Sendable {
     let logger: Logger
     let group: any EventLoopGroup
     private let state = NIOLockedValueBox(State())
-    private let stopped = AsyncStream<Never>.makeStream()
     /// Random per server instance (SERVER_IDENT `server_nonce`), for future session reconnect.
     private let nonce = UInt64.random(in: 1...UInt64.max)
     private let connectionsAccepted = Counter(label: "parley_server_connections_total")
@@ -63,8 +62,11 @@ public final class ParleyServer: Service, Sendable {
         var bound: [ParleyAddress]?
         var boundWaiters: [CheckedContinuation<[ParleyAddress], any Error>] = []
         var listeners: [any Channel] = []
+        /// Every open channel, established or still in its handshake.
+        var channels: [ObjectIdentifier: any Channel] = [:]
         var connections: [ObjectIdentifier: ParleyConnection] = [:]
         var shuttingDown = false
+        var stoppedWaiters: [CheckedContinuation<Void, Never>] = []
         var failed: (any Error)?
     }
 
@@ -95,18 +97,18 @@ public final class ParleyServer: Service, Sendable {
     public var connectionCount: Int { self.state.withLockedValue { $0.connections.count } }
 
     public func run() async throws {
-        var listeners: [NIOAsyncChannel<ParleyAsyncChannel, Never>] = []
+        var listeners: [any Channel] = []
         var bound: [ParleyAddress] = []
         do {
             for address in self.configuration.listen {
                 let (listener, actual) = try await self.configuration.transport.listen(
-                    on: address, group: self.group, initializer: { [self] channel in try self.makePipeline(channel) }
+                    on: address, group: self.group, initializer: { [self] channel in self.initialize(channel) }
                 )
                 listeners.append(listener)
                 bound.append(actual)
             }
         } catch {
-            for l in listeners { try? await l.channel.close() }
+            for l in listeners { try? await l.close() }
             let waiters = self.state.withLockedValue { s in
                 s.failed = error
                 defer { s.boundWaiters = [] }
@@ -116,54 +118,102 @@ public final class ParleyServer: Service, Sendable {
             waiters.forEach { $0.resume(throwing: wrapped) }
             throw wrapped
         }
-        let waiters = self.state.withLockedValue { s in
+        let (waiters, stopping) = self.state.withLockedValue { s in
             s.bound = bound
-            s.listeners = listeners.map(\.channel)
+            s.listeners = listeners
             defer { s.boundWaiters = [] }
-            return s.boundWaiters
+            return (s.boundWaiters, s.shuttingDown)
         }
         waiters.forEach { $0.resume(returning: bound) }
+        if stopping { for l in listeners { l.close(promise: nil) } }
         self.logger.info("listening", metadata: ["addresses": "\(bound.map(\.description))"])
 
-        await withGracefulShutdownHandler {
-            await withDiscardingTaskGroup { group in
-                for listener in listeners {
-                    group.addTask { await self.accept(on: listener) }
-                }
-                // Runs until shutdown even with no listener (in-process connections only).
-                group.addTask { for await _ in self.stopped.stream {} }
+        await withTaskCancellationHandler {
+            await withGracefulShutdownHandler {
+                await self.waitUntilStopped()
+            } onGracefulShutdown: {
+                self.shutDown()
             }
-        } onGracefulShutdown: {
-            self.shutDown()
+        } onCancel: {
+            self.shutDown(abruptly: true)
         }
+        for l in listeners { try? await l.closeFuture.get() }
         self.logger.info("stopped")
     }
 
     /// Stops accepting connections and drains the open ones (what graceful shutdown does).
     public func shutDown() {
-        let (listeners, connections) = self.state.withLockedValue { s in
+        self.shutDown(abruptly: false)
+    }
+
+    private func shutDown(abruptly: Bool) {
+        let (listeners, connections, channels) = self.state.withLockedValue { s in
             s.shuttingDown = true
-            return (s.listeners, Array(s.connections.values))
+            return (s.listeners, Array(s.connections.values), Array(s.channels.values))
         }
         self.logger.info("shutting down", metadata: ["connections": "\(connections.count)"])
-        self.stopped.continuation.finish()
         for l in listeners { l.close(promise: nil) }
-        for c in connections { Task { await c.drain() } }
+        if abruptly {
+            for c in channels { c.close(promise: nil) }
+        } else {
+            for c in connections { Task { await c.drain() } }
+        }
+        self.stopIfIdle()
+    }
+
+    /// Returns once the server is shutting down and its last connection has closed.
+    private func waitUntilStopped() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let stopped = self.state.withLockedValue { s -> Bool in
+                if s.shuttingDown && s.channels.isEmpty { return true }
+                s.stoppedWaiters.append(c)
+                return false
+            }
+            if stopped { c.resume() }
+        }
+    }
+
+    private func stopIfIdle() {
+        let waiters = self.state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+            guard s.shuttingDown && s.channels.isEmpty else { return [] }
+            defer { s.stoppedWaiters = [] }
+            return s.stoppedWaiters
+        }
+        waiters.forEach { $0.resume() }
     }
 
     /// Makes the server end of an in-process connection and serves it; returns the client end.
-    func acceptInProcess(client: @escaping @Sendable (any Channel) throws -> ParleyAsyncChannel) async throws -> ParleyAsyncChannel {
+    func acceptInProcess(client: @escaping ParleyChannelInitializer) async throws -> any Channel {
         let stopped = self.state.withLockedValue { $0.shuttingDown }
         guard !stopped else { throw ParleyError(code: .shuttingDown, message: "server is shutting down") }
-        let (clientEnd, serverEnd) = try await InProcessTransport.pair(group: self.group, client: client) { [self] channel in
-            try self.makePipeline(channel)
+        let (clientEnd, _) = try await InProcessTransport.pair(group: self.group, client: client) { [self] channel in
+            self.initialize(channel)
         }
-        self.connectionsAccepted.increment()
-        Task { await self.serve(serverEnd) }
         return clientEnd
     }
 
-    private func makePipeline(_ channel: any Channel) throws -> ParleyAsyncChannel {
+    /// Sets up an accepted channel: tracks it, and serves it once its handshake completes.
+    private func initialize(_ channel: any Channel) -> EventLoopFuture<Void> {
+        channel.eventLoop.makeCompletedFuture {
+            let key = ObjectIdentifier(channel)
+            let stopping = self.state.withLockedValue { s -> Bool in
+                guard !s.shuttingDown else { return true }
+                s.channels[key] = channel
+                return false
+            }
+            guard !stopping else {
+                throw ParleyError(code: .shuttingDown, message: "server is shutting down")
+            }
+            self.connectionsAccepted.increment()
+            channel.closeFuture.whenComplete { _ in
+                self.state.withLockedValue { _ = $0.channels.removeValue(forKey: key) }
+                self.stopIfIdle()
+            }
+            try self.configurePipeline(channel)
+        }
+    }
+
+    private func configurePipeline(_ channel: any Channel) throws {
         var ident = Parley_V1_ServerIdent()
         ident.nucleus = self.configuration.nucleus.wire
         ident.platform = ParleyBuild.platform
@@ -171,79 +221,53 @@ public final class ParleyServer: Service, Sendable {
         ident.version = ParleyBuild.version
         ident.name = self.configuration.name
         ident.serverNonce = self.nonce
+        let peer = ParleyPipeline.describe(channel.remoteAddress)
         let machine = ServerHandshakeStateMachine(configuration: .init(
             banner: Banner(supported: self.configuration.supportedFeatures, required: self.configuration.requiredFeatures),
             maxFrameSize: UInt32(self.configuration.maxFrameSize), authMethods: self.configuration.authMethods,
             ident: ident, minimumClientVersion: self.configuration.minimumClientVersion,
-            clientAddress: ParleyPipeline.describe(channel.remoteAddress)
+            clientAddress: peer
         ))
-        return try ParleyPipeline.configure(channel, role: .server(machine), options: PipelineOptions(maxFrameSize: self.configuration.maxFrameSize))
-    }
-
-    private func accept(on listener: NIOAsyncChannel<ParleyAsyncChannel, Never>) async {
-        do {
-            try await listener.executeThenClose { inbound in
-                try await withThrowingDiscardingTaskGroup { group in
-                    for try await connection in inbound {
-                        self.connectionsAccepted.increment()
-                        group.addTask { await self.serve(connection) }
-                    }
-                }
-            }
-        } catch {
-            self.logger.error("listener failed", metadata: ["error": "\(error)"])
+        let logger = { var l = self.logger; l[metadataKey: "peer"] = "\(peer)"; return l }()
+        let bridge = ParleyBridgeHandler<ConnectionEventSink>(eventLoop: channel.eventLoop) { [self] result, reads in
+            self.established(result, channel: channel, reads: reads, peer: peer, logger: logger)
         }
+        bridge.established.whenFailure { error in
+            self.logEnd(error as? ParleyError ?? ParleyError(code: .connectionClosed, message: "\(error)"), logger: logger, handshake: true)
+        }
+        try ParleyPipeline.configure(channel, role: .server(machine), options: PipelineOptions(maxFrameSize: self.configuration.maxFrameSize), bridge: bridge)
     }
 
-    private func serve(_ channel: ParleyAsyncChannel) async {
-        if self.configuration.limits.handlersOnEventLoop {
-            await withTaskExecutorPreference(EventLoopTaskExecutor(channel.channel.eventLoop)) {
-                await self.serveHere(channel)
+    /// The handshake completed (on the event loop): the connection is served from now on.
+    private func established(_ result: HandshakeResult, channel: any Channel, reads: ParleyBridgeHandler<ConnectionEventSink>.ReadControl,
+                             peer: String, logger: Logger) -> ConnectionEventSink {
+        let key = ObjectIdentifier(channel)
+        let connection = ParleyConnection(
+            session: ParleySession(result: result, role: .server, peerAddress: peer), role: .server,
+            channel: channel, reads: reads, router: self.router, limits: self.configuration.limits, logger: logger,
+            onClose: { reason in
+                self.state.withLockedValue { _ = $0.connections.removeValue(forKey: key) }
+                self.logEnd(reason, logger: logger, handshake: false)
             }
+        )
+        let draining = self.state.withLockedValue { s -> Bool in
+            s.connections[key] = connection
+            return s.shuttingDown
+        }
+        if draining { Task { await connection.drain() } }
+        logger.debug("session established", metadata: [
+            "client": "\(result.clientIdent.implementation) \(result.clientIdent.version) \(result.clientIdent.platform)",
+            "features": "\(result.features)",
+        ])
+        return ConnectionEventSink(connection)
+    }
+
+    private func logEnd(_ reason: ParleyError, logger: Logger, handshake: Bool) {
+        if reason.code == .connectionClosed || reason.code == .shuttingDown || reason.closedByPeer {
+            logger.debug(handshake ? "connection closed during handshake" : "connection closed", metadata: ["reason": "\(reason)"])
         } else {
-            await self.serveHere(channel)
-        }
-    }
-
-    private func serveHere(_ channel: ParleyAsyncChannel) async {
-        let peer = ParleyPipeline.describe(channel.channel.remoteAddress)
-        var logger = self.logger
-        logger[metadataKey: "peer"] = "\(peer)"
-        do {
-            try await channel.executeThenClose { inbound, outbound in
-                var iterator = inbound.makeAsyncIterator()
-                guard case .established(let result)? = try await iterator.next() else {
-                    logger.debug("connection closed during handshake")
-                    return
-                }
-                let connection = ParleyConnection(
-                    session: ParleySession(result: result, role: .server, peerAddress: peer), role: .server,
-                    channel: channel, outbound: outbound, router: self.router, limits: self.configuration.limits, logger: logger
-                )
-                let key = ObjectIdentifier(connection)
-                let draining = self.state.withLockedValue { s -> Bool in
-                    s.connections[key] = connection
-                    return s.shuttingDown
-                }
-                defer { self.state.withLockedValue { _ = $0.connections.removeValue(forKey: key) } }
-                if draining { Task { await connection.drain() } }
-                logger.debug("session established", metadata: [
-                    "client": "\(result.clientIdent.implementation) \(result.clientIdent.version) \(result.clientIdent.platform)",
-                    "features": "\(result.features)",
-                ])
-                let reason = await connection.runInbound(&iterator)
-                if reason.code != .connectionClosed && reason.code != .shuttingDown && !reason.closedByPeer {
-                    self.connectionErrors.increment()
-                    logger.warning("connection closed on error", metadata: ["error": "\(reason)"])
-                } else {
-                    logger.debug("connection closed", metadata: ["reason": "\(reason)"])
-                }
-            }
-        } catch let error as ParleyError where error.closedByPeer {
-            logger.debug("peer closed the connection", metadata: ["reason": "\(error)"])
-        } catch {
             self.connectionErrors.increment()
-            logger.warning("connection closed on error", metadata: ["error": "\(error)"])
+            logger.warning("connection closed on error", metadata: ["error": "\(reason)"])
         }
     }
 }

@@ -83,6 +83,8 @@ public struct ParleySession: Hashable, Sendable {
     public var peerAddress: String
     /// The nucleus of the SERVER_IDENT (on a server: what it sent).
     public var nucleus: ParleyNucleus
+    /// The largest frame the peer accepts (its HELLO `max_frame_size`).
+    public var peerMaxFrameSize: Int
 
     init(result: HandshakeResult, role: SessionStateMachine.Role, peerAddress: String) {
         self.localVersion = Banner.currentVersion
@@ -102,6 +104,7 @@ public struct ParleySession: Hashable, Sendable {
         self.addressSeenByPeer = result.peerHello.peerAddress
         self.peerAddress = peerAddress
         self.nucleus = ParleyNucleus(result.serverIdent.nucleus)
+        self.peerMaxFrameSize = result.peerHello.maxFrameSize == 0 ? Frame.defaultMaxFrameSize : Int(result.peerHello.maxFrameSize)
     }
 }
 

@@ -29,6 +29,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private var scratch: [ByteBuffer] = []
     /// A flush is scheduled for the end of this event-loop tick.
     private var flushScheduled = false
+    /// Between the first `channelRead` of a read burst and its `channelReadComplete`.
+    private var inReadBurst = false
+    /// A flush was asked for during the read burst; it happens at `channelReadComplete`.
+    private var flushAfterReadBurst = false
 
     public init(role: Role) {
         self.state = .handshaking(role)
@@ -51,6 +55,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.inReadBurst = true
         let inbound = self.unwrapInboundIn(data)
         switch self.state {
         case .closing:
@@ -106,10 +111,25 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         }
     }
 
-    /// Coalesces flushes: answers written by many tasks arrive as separate write+flush jobs on
-    /// the event loop; flushing once after all the jobs queued in this tick turns them into one
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        self.inReadBurst = false
+        if self.flushAfterReadBurst {
+            self.flushAfterReadBurst = false
+            context.flush()
+        }
+        context.fireChannelReadComplete()
+    }
+
+    /// Coalesces flushes. Answers written while a read burst is being handled (handlers that
+    /// answer without suspending) leave together when the burst ends, as a raw NIO echo
+    /// flushes in `channelReadComplete`. Other writes arrive as separate write+flush jobs on the
+    /// event loop; flushing once after all the jobs queued in this tick turns them into one
     /// vectored write instead of one write(2) per answer.
     public func flush(context: ChannelHandlerContext) {
+        if self.inReadBurst {
+            self.flushAfterReadBurst = true
+            return
+        }
         guard !self.flushScheduled else { return }
         self.flushScheduled = true
         context.eventLoop.assumeIsolated().execute {

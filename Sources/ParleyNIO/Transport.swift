@@ -10,9 +10,6 @@ import Musl
 import Darwin
 #endif
 
-/// A connection as the async layer sees it: events in, commands out.
-public typealias ParleyAsyncChannel = NIOAsyncChannel<ConnectionEvent, ConnectionCommand>
-
 /// Options that shape every connection's pipeline.
 public struct PipelineOptions: Sendable {
     public var maxFrameSize: Int
@@ -20,39 +17,28 @@ public struct PipelineOptions: Sendable {
     public var captureInbound: String?
     /// Write the bytes sent to the peer to this file.
     public var captureOutbound: String?
-    /// Inbound events buffered before the connection stops reading from the socket.
-    public var inboundHighWatermark: Int
-    public var inboundLowWatermark: Int
 
-    public init(maxFrameSize: Int = Frame.defaultMaxFrameSize, captureInbound: String? = nil, captureOutbound: String? = nil,
-                inboundHighWatermark: Int = 256, inboundLowWatermark: Int = 64) {
+    public init(maxFrameSize: Int = Frame.defaultMaxFrameSize, captureInbound: String? = nil, captureOutbound: String? = nil) {
         self.maxFrameSize = maxFrameSize
         self.captureInbound = captureInbound
         self.captureOutbound = captureOutbound
-        self.inboundHighWatermark = inboundHighWatermark
-        self.inboundLowWatermark = inboundLowWatermark
     }
 }
 
 public enum ParleyPipeline {
-    /// Adds the Parley handlers to a fresh channel and wraps it for async use.
-    /// Must run on the channel's event loop (it does, inside bootstrap initializers).
-    public static func configure(
-        _ channel: any Channel, role: ParleyConnectionHandler.Role, options: PipelineOptions
-    ) throws -> ParleyAsyncChannel {
+    /// Adds the Parley handlers to a fresh channel: (capture) → frame decoder → connection
+    /// handler → `bridge`. Must run on the channel's event loop (it does, inside bootstrap
+    /// initializers).
+    public static func configure<Sink>(
+        _ channel: any Channel, role: ParleyConnectionHandler.Role, options: PipelineOptions, bridge: ParleyBridgeHandler<Sink>
+    ) throws {
         let sync = channel.pipeline.syncOperations
         if options.captureInbound != nil || options.captureOutbound != nil {
             try sync.addHandler(CaptureHandler(inboundPath: options.captureInbound, outboundPath: options.captureOutbound))
         }
         try sync.addHandler(ByteToMessageHandler(WireDecoder(maxFrameSize: options.maxFrameSize)))
         try sync.addHandler(ParleyConnectionHandler(role: role))
-        return try ParleyAsyncChannel(
-            wrappingChannelSynchronously: channel,
-            configuration: .init(
-                backPressureStrategy: .init(lowWatermark: options.inboundLowWatermark, highWatermark: options.inboundHighWatermark),
-                isOutboundHalfClosureEnabled: false
-            )
-        )
+        try sync.addHandler(bridge)
     }
 
     /// The text form of a socket address, as sent in HELLO.
@@ -66,19 +52,20 @@ public enum ParleyPipeline {
     }
 }
 
+/// Sets up a fresh channel's pipeline, on its event loop.
+public typealias ParleyChannelInitializer = @Sendable (any Channel) -> EventLoopFuture<Void>
+
 /// How channels for an address are made. TCP and Unix sockets come with Parley; TLS and
 /// WebSocket transports will be further conformances.
 public protocol ParleyTransport: Sendable {
-    func connect(
-        to address: ParleyAddress, group: any EventLoopGroup,
-        initializer: @escaping @Sendable (any Channel) throws -> ParleyAsyncChannel
-    ) async throws -> ParleyAsyncChannel
+    /// Connects and runs `initializer` on the new channel before it becomes active.
+    func connect(to address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> any Channel
 
-    /// Binds a listener; returns it and the address actually bound (port 0 resolved).
+    /// Binds a listener whose accepted channels are set up by `initializer`; returns it and
+    /// the address actually bound (port 0 resolved).
     func listen(
-        on address: ParleyAddress, group: any EventLoopGroup,
-        initializer: @escaping @Sendable (any Channel) throws -> ParleyAsyncChannel
-    ) async throws -> (NIOAsyncChannel<ParleyAsyncChannel, Never>, ParleyAddress)
+        on address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer
+    ) async throws -> (listener: any Channel, bound: ParleyAddress)
 }
 
 /// TCP over IPv4 and IPv6, and Unix domain sockets.
@@ -91,46 +78,41 @@ public struct PosixTransport: ParleyTransport {
         self.backlog = backlog
     }
 
-    public func connect(
-        to address: ParleyAddress, group: any EventLoopGroup,
-        initializer: @escaping @Sendable (any Channel) throws -> ParleyAsyncChannel
-    ) async throws -> ParleyAsyncChannel {
-        let bootstrap = ClientBootstrap(group: group)
-            .connectTimeout(self.connectTimeout)
-            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
-        let wrapped: @Sendable (any Channel) -> EventLoopFuture<ParleyAsyncChannel> = { channel in
-            channel.eventLoop.makeCompletedFuture { try initializer(channel) }
-        }
+    public func connect(to address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> any Channel {
         switch address.kind {
         case .tcp(let host, let port):
-            return try await bootstrap.connect(host: host, port: port, channelInitializer: wrapped)
+            return try await ClientBootstrap(group: group)
+                .connectTimeout(self.connectTimeout)
+                .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+                .channelInitializer(initializer)
+                .connect(host: host, port: port).get()
         case .unix(let path):
             return try await ClientBootstrap(group: group).connectTimeout(self.connectTimeout)
-                .connect(unixDomainSocketPath: path, channelInitializer: wrapped)
+                .channelInitializer(initializer)
+                .connect(unixDomainSocketPath: path).get()
         case .inProcess:
             throw ParleyError(code: .invalidArgument, message: "an in-process connection is made by the server (ParleyClient.connect(inProcessTo:)), not by address")
         }
     }
 
     public func listen(
-        on address: ParleyAddress, group: any EventLoopGroup,
-        initializer: @escaping @Sendable (any Channel) throws -> ParleyAsyncChannel
-    ) async throws -> (NIOAsyncChannel<ParleyAsyncChannel, Never>, ParleyAddress) {
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: self.backlog)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-        let wrapped: @Sendable (any Channel) -> EventLoopFuture<ParleyAsyncChannel> = { channel in
-            channel.eventLoop.makeCompletedFuture { try initializer(channel) }
-        }
+        on address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer
+    ) async throws -> (listener: any Channel, bound: ParleyAddress) {
         switch address.kind {
         case .tcp(let host, let port):
-            let listener = try await bootstrap.bind(host: host, port: port, childChannelInitializer: wrapped)
-            let bound = listener.channel.localAddress?.port ?? port
+            let listener = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: self.backlog)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+                .childChannelInitializer(initializer)
+                .bind(host: host, port: port).get()
+            let bound = listener.localAddress?.port ?? port
             return (listener, .tcp(host: host, port: bound))
         case .unix(let path):
-            let unixBootstrap = ServerBootstrap(group: group).serverChannelOption(.backlog, value: self.backlog)
-            let listener = try await unixBootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true, childChannelInitializer: wrapped)
+            let listener = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: self.backlog)
+                .childChannelInitializer(initializer)
+                .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
             return (listener, address)
         case .inProcess:
             throw ParleyError(code: .invalidArgument, message: "a server does not listen in-process; in-process clients are made with ParleyClient.connect(inProcessTo:)")
@@ -142,10 +124,8 @@ public struct PosixTransport: ParleyTransport {
 /// For tests and for embedding a server and its client in one program.
 public enum InProcessTransport {
     public static func pair(
-        group: any EventLoopGroup,
-        client: @escaping @Sendable (any Channel) throws -> ParleyAsyncChannel,
-        server: @escaping @Sendable (any Channel) throws -> ParleyAsyncChannel
-    ) async throws -> (client: ParleyAsyncChannel, server: ParleyAsyncChannel) {
+        group: any EventLoopGroup, client: @escaping ParleyChannelInitializer, server: @escaping ParleyChannelInitializer
+    ) async throws -> (client: any Channel, server: any Channel) {
         var fds: [Int32] = [-1, -1]
         #if canImport(Glibc)
         let type = Int32(SOCK_STREAM.rawValue)
@@ -155,12 +135,14 @@ public enum InProcessTransport {
         guard socketpair(AF_UNIX, type, 0, &fds) == 0 else {
             throw ParleyError(code: .connectFailed, message: "socketpair failed: errno \(errno)")
         }
-        let serverEnd = try await ClientBootstrap(group: group).withConnectedSocket(fds[1]) { channel in
-            channel.eventLoop.makeCompletedFuture { try server(channel) }
+        let serverEnd: any Channel
+        do {
+            serverEnd = try await ClientBootstrap(group: group).channelInitializer(server).withConnectedSocket(fds[1]).get()
+        } catch {
+            close(fds[0])
+            throw error
         }
-        let clientEnd = try await ClientBootstrap(group: group).withConnectedSocket(fds[0]) { channel in
-            channel.eventLoop.makeCompletedFuture { try client(channel) }
-        }
+        let clientEnd = try await ClientBootstrap(group: group).channelInitializer(client).withConnectedSocket(fds[0]).get()
         return (clientEnd, serverEnd)
     }
 }

@@ -106,25 +106,31 @@ public struct SessionStateMachine: Sendable {
     /// negotiated features do not allow, a type name over 1024 bytes, or a frame larger than
     /// the peer's announced `max_frame_size`.
     public mutating func frame(for message: WireMessage, allocator: ByteBufferAllocator) throws(ParleyError) -> Frame {
+        try Self.check(message, features: self.features, maxPeerFrameSize: self.maxPeerFrameSize)
+        var message = message
+        message.header.seq = self.nextSeq
+        message.header.ack = self.lastReceivedSeq
+        self.nextSeq &+= 1
+        return message.frame(allocator: allocator)
+    }
+
+    /// What `frame(for:allocator:)` refuses, checked without a machine: the async layer checks
+    /// a message before handing it to the event loop, so that the sender gets the error.
+    public static func check(_ message: WireMessage, features: ParleyFeatures, maxPeerFrameSize: Int) throws(ParleyError) {
         let h = message.header
-        if (h.kind == .streamItem || h.kind == .cancel) && !self.features.contains(.streams) {
+        if (h.kind == .streamItem || h.kind == .cancel) && !features.contains(.streams) {
             throw ParleyError(code: .invalidArgument, message: "cannot send \(h.kind): the streams feature was not negotiated")
         }
-        if message.data != nil && !self.features.contains(.dataSegment) {
+        if message.data != nil && !features.contains(.dataSegment) {
             throw ParleyError(code: .invalidArgument, message: "cannot send a data segment: the dataSegment feature was not negotiated")
         }
         guard h.type.utf8.count <= MessageHeader.maxTypeNameLength else {
             throw ParleyError(code: .invalidArgument, message: "message type name of \(h.type.utf8.count) bytes exceeds 1024")
         }
         let size = MessageHeader.fixedSize + h.type.utf8.count + message.payload.readableBytes + (message.data?.readableBytes ?? 0)
-        guard size <= self.maxPeerFrameSize else {
-            throw ParleyError(code: .frameTooLarge, message: "a \(size)-byte \(h.type) message exceeds the peer's limit of \(self.maxPeerFrameSize) bytes")
+        guard size <= maxPeerFrameSize else {
+            throw ParleyError(code: .frameTooLarge, message: "a \(size)-byte \(h.type) message exceeds the peer's limit of \(maxPeerFrameSize) bytes")
         }
-        var message = message
-        message.header.seq = self.nextSeq
-        message.header.ack = self.lastReceivedSeq
-        self.nextSeq &+= 1
-        return message.frame(allocator: allocator)
     }
 
     /// Checks that a control frame may be sent with the negotiated features.
