@@ -144,20 +144,23 @@ public final class ParleyClient: Sendable {
         ))
         let options = PipelineOptions(maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound)
         let nucleus = NIOLockedValueBox(NucleusState())
-        let bridgeBox = NIOLockedValueBox<EventLoopFuture<ConnectionEventSink>?>(nil)
+        let established = NIOLockedValueBox<EventLoopPromise<ParleyConnection>?>(nil)
         let initializer: ParleyChannelInitializer = { channel in
             channel.eventLoop.makeCompletedFuture {
-                let bridge = ParleyBridgeHandler<ConnectionEventSink>(eventLoop: channel.eventLoop) { result, reads in
+                let promise = channel.eventLoop.makePromise(of: ParleyConnection.self)
+                let handler = ParleyConnectionHandler(role: .client(machine), eventLoop: channel.eventLoop) { result, outlet in
                     let connection = ParleyConnection(
                         session: ParleySession(result: result, role: .client, peerAddress: address.description), role: .client,
-                        channel: channel, reads: reads, router: router, limits: configuration.limits, logger: logger,
+                        channel: channel, outlet: outlet, router: router, limits: configuration.limits, logger: logger,
                         onNotice: { n in Self.apply(n, to: nucleus, logger: logger) }
                     )
                     Self.apply(connection.session.nucleus, to: nucleus, logger: logger)
+                    promise.succeed(connection)
                     return ConnectionEventSink(connection)
                 }
-                bridgeBox.withLockedValue { $0 = bridge.established }
-                try ParleyPipeline.configure(channel, role: .client(machine), options: options, bridge: bridge)
+                handler.established.whenFailure { promise.fail($0) }
+                established.withLockedValue { $0 = promise }
+                try ParleyPipeline.configure(channel, options: options, handler: handler)
             }
         }
         let channel: any Channel
@@ -170,13 +173,13 @@ public final class ParleyClient: Sendable {
         } catch {
             throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): \(error)", cause: error)
         }
-        guard let established = bridgeBox.withLockedValue({ $0 }) else {
+        guard let promise = established.withLockedValue({ $0 }) else {
             channel.close(promise: nil)
             throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): the transport did not set up the channel")
         }
         let connection: ParleyConnection
         do {
-            connection = try await established.get().connection
+            connection = try await promise.futureResult.get()
         } catch let error as ParleyError where error.code == .connectionClosed && error.cause == nil && !error.closedByPeer {
             throw ParleyError(code: .connectionClosed, message: "\(address) closed the connection during the handshake")
         }

@@ -46,7 +46,7 @@ public final class ParleyConnection: Sendable {
     let limits: ParleyConnectionLimits
     let onNotice: (@Sendable (ParleyNucleus) -> Void)?
     let onClose: (@Sendable (ParleyError) -> Void)?
-    private let reads: ParleyBridgeHandler<ConnectionEventSink>.ReadControl
+    private let outlet: ParleyConnectionHandler.Outlet
     private let state = NIOLockedValueBox(State())
     private let metrics = ConnectionMetrics()
     private let ended: EventLoopPromise<ParleyError>
@@ -81,13 +81,13 @@ public final class ParleyConnection: Sendable {
 
     init(
         session: ParleySession, role: SessionStateMachine.Role, channel: any Channel,
-        reads: ParleyBridgeHandler<ConnectionEventSink>.ReadControl, router: ParleyRouter, limits: ParleyConnectionLimits,
+        outlet: ParleyConnectionHandler.Outlet, router: ParleyRouter, limits: ParleyConnectionLimits,
         logger: Logger, onNotice: (@Sendable (ParleyNucleus) -> Void)? = nil, onClose: (@Sendable (ParleyError) -> Void)? = nil
     ) {
         self.session = session
         self.role = role
         self.channel = channel
-        self.reads = reads
+        self.outlet = outlet
         self.executor = limits.handlersOnEventLoop ? EventLoopTaskExecutor(channel.eventLoop) : nil
         self.router = router
         self.limits = limits
@@ -130,7 +130,7 @@ public final class ParleyConnection: Sendable {
                 if let refusal {
                     continuation.resume(throwing: refusal)
                 } else {
-                    self.channel.writeAndFlush(ConnectionCommand.message(message), promise: nil)
+                    self.outlet.write(.message(message))
                 }
             }
         } onCancel: {
@@ -176,7 +176,7 @@ public final class ParleyConnection: Sendable {
             continuation.finish(throwing: failure)
             throw failure
         }
-        self.channel.writeAndFlush(ConnectionCommand.message(message), promise: nil)
+        self.outlet.write(.message(message))
         return ParleyResponseStream(base: stream)
     }
 
@@ -225,7 +225,7 @@ public final class ParleyConnection: Sendable {
         if let closed = self.state.withLockedValue({ $0.closed }) { throw closed }
         try self.check(message)
         if self.channel.isWritable {
-            self.channel.writeAndFlush(ConnectionCommand.message(message), promise: nil)
+            self.outlet.write(.message(message))
         } else {
             try await self.control(.message(message))
         }
@@ -234,7 +234,9 @@ public final class ParleyConnection: Sendable {
     /// Writes a command and waits until it has been written.
     func control(_ command: ConnectionCommand) async throws {
         do {
-            try await self.channel.writeAndFlush(command).get()
+            let written = self.channel.eventLoop.makePromise(of: Void.self)
+            self.outlet.write(command, promise: written)
+            try await written.futureResult.get()
         } catch let error as ParleyError where error.code != .connectionClosed {
             throw error
         } catch {
@@ -246,7 +248,7 @@ public final class ParleyConnection: Sendable {
     /// its answer is handed to the event loop. Throws if the peer could not accept it.
     func answer(_ message: WireMessage) throws(ParleyError) {
         try self.check(message)
-        self.channel.writeAndFlush(ConnectionCommand.message(message), promise: nil)
+        self.outlet.write(.message(message))
     }
 
     func sendAnswer<M: SwiftProtobuf.Message>(kind: MessageKind, id: UInt64, message: M, data: ByteBuffer?) async throws {
@@ -318,7 +320,7 @@ public final class ParleyConnection: Sendable {
         }
         guard self.session.features.contains(.streams) else { return }
         let cancel = WireMessage(header: MessageHeader(id: id, kind: .cancel, type: ""), payload: ByteBuffer())
-        self.channel.writeAndFlush(ConnectionCommand.message(cancel), promise: nil)
+        self.outlet.write(.message(cancel))
     }
 
     static func decodeAnswer<Response: SwiftProtobuf.Message & Sendable>(_ answer: WireMessage, as: Response.Type) throws -> ParleyReply<Response> {
@@ -499,7 +501,7 @@ public final class ParleyConnection: Sendable {
             defer { s.readsPaused = true }
             return (false, !s.readsPaused)
         }
-        if pause { self.reads.pause() }
+        if pause { self.outlet.pauseReads() }
         if start { self.start(message, handler: handler) }
     }
 
@@ -574,7 +576,7 @@ public final class ParleyConnection: Sendable {
                 s.serving[Self.key(message)] = .starting(cancelled: false)
                 return (message, false)
             }
-            if resume { self.reads.resume() }
+            if resume { self.outlet.resumeReads() }
             guard let message = next else { return }
             let handler = message.header.kind == .request ? self.router.handlers[message.header.type] : self.router.oneWayHandlers[message.header.type]
             if let handler {

@@ -229,22 +229,22 @@ public final class ParleyServer: Service, Sendable {
             clientAddress: peer
         ))
         let logger = { var l = self.logger; l[metadataKey: "peer"] = "\(peer)"; return l }()
-        let bridge = ParleyBridgeHandler<ConnectionEventSink>(eventLoop: channel.eventLoop) { [self] result, reads in
-            self.established(result, channel: channel, reads: reads, peer: peer, logger: logger)
+        let handler = ParleyConnectionHandler(role: .server(machine), eventLoop: channel.eventLoop) { [self] result, outlet in
+            self.established(result, channel: channel, outlet: outlet, peer: peer, logger: logger)
         }
-        bridge.established.whenFailure { error in
+        handler.established.whenFailure { error in
             self.logEnd(error as? ParleyError ?? ParleyError(code: .connectionClosed, message: "\(error)"), logger: logger, handshake: true)
         }
-        try ParleyPipeline.configure(channel, role: .server(machine), options: PipelineOptions(maxFrameSize: self.configuration.maxFrameSize), bridge: bridge)
+        try ParleyPipeline.configure(channel, options: PipelineOptions(maxFrameSize: self.configuration.maxFrameSize), handler: handler)
     }
 
     /// The handshake completed (on the event loop): the connection is served from now on.
-    private func established(_ result: HandshakeResult, channel: any Channel, reads: ParleyBridgeHandler<ConnectionEventSink>.ReadControl,
+    private func established(_ result: HandshakeResult, channel: any Channel, outlet: ParleyConnectionHandler.Outlet,
                              peer: String, logger: Logger) -> ConnectionEventSink {
         let key = ObjectIdentifier(channel)
         let connection = ParleyConnection(
             session: ParleySession(result: result, role: .server, peerAddress: peer), role: .server,
-            channel: channel, reads: reads, router: self.router, limits: self.configuration.limits, logger: logger,
+            channel: channel, outlet: outlet, router: self.router, limits: self.configuration.limits, logger: logger,
             onClose: { reason in
                 self.state.withLockedValue { _ = $0.connections.removeValue(forKey: key) }
                 self.logEnd(reason, logger: logger, handshake: false)

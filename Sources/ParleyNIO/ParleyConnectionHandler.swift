@@ -1,16 +1,36 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import ParleyWire
 
-/// Runs the handshake and session state machines on the event loop.
+/// What receives a connection's events, on the connection's event loop.
 ///
-/// Pipeline: `ByteToMessageHandler(WireDecoder)` → `ParleyConnectionHandler` → (async layer).
-/// Inbound it turns decoded banners and frames into `ConnectionEvent`s; outbound it turns
-/// `ConnectionCommand`s into frames, stamps seq/ack, and writes each frame as a list of
-/// buffers (bulk segments are never copied). Every protocol error is sent to the peer in a
-/// CLOSE frame when possible, fired up the pipeline as a `ParleyError`, and closes the channel.
+/// The async layer implements it (`ParleyConnection`): answers complete their waiting callers
+/// and requests start their handlers right where the frame was decoded, with no queue and no
+/// thread hop in between.
+public protocol ParleyEventSink: AnyObject, Sendable {
+    /// An event after the handshake: a message, a notice or a keepalive answer. On the event loop.
+    func received(_ event: ConnectionEvent)
+    /// The connection has closed, for this reason. Called once, on the event loop.
+    func closed(_ reason: ParleyError)
+}
+
+/// Runs the handshake and session state machines on the event loop; the tail of a Parley
+/// pipeline: `ByteToMessageHandler(WireDecoder)` → `ParleyConnectionHandler`.
+///
+/// Inbound it turns decoded banners and frames into `ConnectionEvent`s and hands them to the
+/// sink that `establish` returned when the handshake completed. Outbound it takes
+/// `ConnectionCommand`s (through the pipeline, or from any thread through its `Outlet`), stamps
+/// seq/ack, and writes each frame as a list of buffers (bulk segments are never copied).
+/// Every protocol error is sent to the peer in a CLOSE frame when possible, reported as the
+/// reason the connection closed, and closes the channel.
+///
+/// Flushes are coalesced: answers written while a read burst is handled leave together when it
+/// ends (as a raw NIO echo flushes in `channelReadComplete`); commands queued from other
+/// threads leave in one write per batch; other writes on the event loop flush once at the end
+/// of the event-loop tick.
 public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     public typealias InboundIn = WireInbound
-    public typealias InboundOut = ConnectionEvent
+    public typealias InboundOut = Never
     public typealias OutboundIn = ConnectionCommand
     public typealias OutboundOut = ByteBuffer
 
@@ -19,6 +39,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         case server(ServerHandshakeStateMachine)
     }
 
+    /// Called on the event loop when the handshake has completed; returns the sink of the session.
+    public typealias Establish = (HandshakeResult, Outlet) throws -> any ParleyEventSink
+
     private enum State {
         case handshaking(Role)
         case established(SessionStateMachine)
@@ -26,16 +49,104 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     private var state: State
+    private let establish: Establish
+    private let establishedPromise: EventLoopPromise<Void>
+    private var sink: (any ParleyEventSink)?
+    /// The first error seen: the reason the connection closes.
+    private var failure: ParleyError?
+    private var closedOut = false
+    private var context: ChannelHandlerContext?
     private var scratch: [ByteBuffer] = []
+    private let queue = CommandQueue()
+
     /// A flush is scheduled for the end of this event-loop tick.
     private var flushScheduled = false
     /// Between the first `channelRead` of a read burst and its `channelReadComplete`.
     private var inReadBurst = false
     /// A flush was asked for during the read burst; it happens at `channelReadComplete`.
     private var flushAfterReadBurst = false
+    private var readsPaused = false
+    private var readPending = false
 
-    public init(role: Role) {
+    /// Succeeds once the handshake has completed and `establish` has returned; fails with the
+    /// reason if the connection closes first.
+    public var established: EventLoopFuture<Void> { self.establishedPromise.futureResult }
+
+    public init(role: Role, eventLoop: any EventLoop, establish: @escaping Establish) {
         self.state = .handshaking(role)
+        self.establish = establish
+        self.establishedPromise = eventLoop.makePromise()
+    }
+
+    /// Commands written from other threads, waiting for one event-loop job to write them all.
+    final class CommandQueue: Sendable {
+        typealias Entry = (command: ConnectionCommand, promise: EventLoopPromise<Void>?)
+        private let box = NIOLockedValueBox<(commands: [Entry], scheduled: Bool)>(([], false))
+
+        /// Queues a command; true if the caller must schedule the job that drains the queue.
+        func append(_ command: ConnectionCommand, promise: EventLoopPromise<Void>?) -> Bool {
+            self.box.withLockedValue { q in
+                q.commands.append((command, promise))
+                defer { q.scheduled = true }
+                return !q.scheduled
+            }
+        }
+
+        func take(into commands: inout [Entry]) {
+            self.box.withLockedValue { q in
+                swap(&commands, &q.commands)
+                q.scheduled = false
+            }
+        }
+    }
+
+    /// The async layer's way in: writes commands and pauses reads, from any thread.
+    public struct Outlet: Sendable {
+        let handler: NIOLoopBound<ParleyConnectionHandler>
+        let queue: CommandQueue
+
+        public var eventLoop: any EventLoop { self.handler.eventLoop }
+
+        /// Writes a command; `promise` (if any) completes once it has been written. On the
+        /// event loop it is written at once; from another thread it joins the commands queued
+        /// since the last batch, which are written and flushed together by one event-loop job,
+        /// in the order they were queued.
+        public func write(_ command: ConnectionCommand, promise: EventLoopPromise<Void>? = nil) {
+            if self.handler.eventLoop.inEventLoop {
+                self.handler.value.writeFromOutlet(command, promise: promise)
+            } else if self.queue.append(command, promise: promise) {
+                let handler = self.handler
+                self.handler.eventLoop.execute { handler.value.drainQueue() }
+            }
+        }
+
+        /// Stops reading from the socket until `resumeReads` is called.
+        public func pauseReads() {
+            self.onEventLoop { $0.setReadsPaused(true) }
+        }
+
+        /// Resumes reading, issuing the read that was held back, if any.
+        public func resumeReads() {
+            self.onEventLoop { $0.setReadsPaused(false) }
+        }
+
+        private func onEventLoop(_ body: @escaping @Sendable (ParleyConnectionHandler) -> Void) {
+            if self.handler.eventLoop.inEventLoop {
+                body(self.handler.value)
+            } else {
+                let handler = self.handler
+                self.handler.eventLoop.execute { body(handler.value) }
+            }
+        }
+    }
+
+    public func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        self.closeOut()
+        self.context = nil
     }
 
     public func channelActive(context: ChannelHandlerContext) {
@@ -52,6 +163,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         self.state = .handshaking(role)
         context.fireChannelActive()
         self.perform(step, context: context)
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        self.closeOut()
+        context.fireChannelInactive()
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -77,37 +193,23 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.state = .established(session)
             switch event {
             case .message(let message):
-                context.fireChannelRead(self.wrapInboundOut(.message(message)))
+                self.sink?.received(.message(message))
             case .notice(let nucleus):
-                context.fireChannelRead(self.wrapInboundOut(.notice(nucleus)))
+                self.sink?.received(.notice(nucleus))
             case .keepaliveAck(let stamp):
-                context.fireChannelRead(self.wrapInboundOut(.keepaliveAck(stamp)))
+                self.sink?.received(.keepaliveAck(stamp))
             case .reply(let frame):
                 self.writeFrame(frame, context: context)
-                context.flush()
+                self.flush(context: context)
             case .ignore:
                 break
             case .peerClosed(let error):
                 self.state = .closing
-                context.fireErrorCaught(error)
+                self.recordFailure(error)
                 context.close(promise: nil)
             case .violation(let error):
                 self.failConnection(error, tellPeer: true, context: context)
             }
-        }
-    }
-
-    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if case .closing = self.state {
-            return
-        }
-        if let error = error as? ParleyError {
-            // A decoding error: the bytes the peer sent are bad. Tell it why, then close.
-            self.failConnection(error, tellPeer: true, context: context)
-        } else {
-            self.state = .closing
-            context.fireErrorCaught(error)
-            context.close(promise: nil)
         }
     }
 
@@ -120,11 +222,28 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         context.fireChannelReadComplete()
     }
 
-    /// Coalesces flushes. Answers written while a read burst is being handled (handlers that
-    /// answer without suspending) leave together when the burst ends, as a raw NIO echo
-    /// flushes in `channelReadComplete`. Other writes arrive as separate write+flush jobs on the
-    /// event loop; flushing once after all the jobs queued in this tick turns them into one
-    /// vectored write instead of one write(2) per answer.
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if case .closing = self.state {
+            return
+        }
+        if let error = error as? ParleyError {
+            // A decoding error: the bytes the peer sent are bad. Tell it why, then close.
+            self.failConnection(error, tellPeer: true, context: context)
+        } else {
+            self.state = .closing
+            self.recordFailure(ParleyError(code: .connectionClosed, message: "connection failed: \(error)", cause: error))
+            context.close(promise: nil)
+        }
+    }
+
+    public func read(context: ChannelHandlerContext) {
+        if self.readsPaused {
+            self.readPending = true
+        } else {
+            context.read()
+        }
+    }
+
     public func flush(context: ChannelHandlerContext) {
         if self.inReadBurst {
             self.flushAfterReadBurst = true
@@ -139,9 +258,51 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        let command = self.unwrapOutboundIn(data)
+        self.write(self.unwrapOutboundIn(data), promise: promise, context: context)
+    }
+
+    // MARK: - Outlet (on the event loop)
+
+    fileprivate func writeFromOutlet(_ command: ConnectionCommand, promise: EventLoopPromise<Void>?) {
+        guard let context = self.context else {
+            promise?.fail(self.failure ?? ParleyError(code: .connectionClosed, message: "connection closed"))
+            return
+        }
+        self.write(command, promise: promise, context: context)
+        self.flush(context: context)
+    }
+
+    fileprivate func drainQueue() {
+        var commands: [CommandQueue.Entry] = []
+        self.queue.take(into: &commands)
+        guard let context = self.context else {
+            let error = self.failure ?? ParleyError(code: .connectionClosed, message: "connection closed")
+            commands.forEach { $0.promise?.fail(error) }
+            return
+        }
+        for entry in commands {
+            self.write(entry.command, promise: entry.promise, context: context)
+        }
+        if self.inReadBurst {
+            self.flushAfterReadBurst = true
+        } else {
+            context.flush()
+        }
+    }
+
+    fileprivate func setReadsPaused(_ paused: Bool) {
+        self.readsPaused = paused
+        if !paused, self.readPending, let context = self.context {
+            self.readPending = false
+            context.read()
+        }
+    }
+
+    // MARK: - Internals
+
+    private func write(_ command: ConnectionCommand, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) {
         guard case .established(var session) = self.state else {
-            promise?.fail(ParleyError(code: .connectionClosed, message: "connection is not established"))
+            promise?.fail(self.failure ?? ParleyError(code: .connectionClosed, message: "connection is not established"))
             return
         }
         switch command {
@@ -171,6 +332,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
         case .close(let error):
             self.state = .closing
+            self.recordFailure(error)
             let written = context.eventLoop.makePromise(of: Void.self)
             self.writeFrame(error.status.frame(tag: .close, allocator: context.channel.allocator), context: context, promise: written)
             context.flush()
@@ -202,14 +364,24 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             if case .handshaking(.client(_)) = self.state { role = .client } else { role = .server }
             let peerMax = result.peerHello.maxFrameSize == 0 ? Frame.defaultMaxFrameSize : Int(result.peerHello.maxFrameSize)
             self.state = .established(SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax))
-            context.fireChannelRead(self.wrapInboundOut(.established(result)))
+            do {
+                self.sink = try self.establish(result, Outlet(handler: NIOLoopBound(self, eventLoop: context.eventLoop), queue: self.queue))
+                self.establishedPromise.succeed(())
+            } catch {
+                self.state = .closing
+                self.recordFailure(error as? ParleyError ?? ParleyError(code: .unspecified, message: "session setup failed: \(error)", cause: error))
+                context.close(promise: nil)
+            }
         case .failed(let error):
-            // The step's frames (if any) already hold the CLOSE to send. The error goes up
-            // first: closing may complete at once, and would end the stream without a reason.
+            // The step's frames (if any) already hold the CLOSE to send.
             self.state = .closing
-            context.fireErrorCaught(error)
+            self.recordFailure(error)
             self.flushThenClose(context: context)
         }
+    }
+
+    private func recordFailure(_ error: ParleyError) {
+        if self.failure == nil { self.failure = error }
     }
 
     private func failConnection(_ error: ParleyError, tellPeer: Bool, context: ChannelHandlerContext) {
@@ -217,7 +389,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         if tellPeer {
             self.writeFrame(error.status.frame(tag: .close, allocator: context.channel.allocator), context: context)
         }
-        context.fireErrorCaught(error)
+        self.recordFailure(error)
         self.flushThenClose(context: context)
     }
 
@@ -226,6 +398,17 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         context.writeAndFlush(self.wrapOutboundOut(ByteBuffer()), promise: done)
         let channel = context.channel
         done.futureResult.whenComplete { _ in channel.close(promise: nil) }
+    }
+
+    /// Reports the end of the connection, once: to the sink, or through `established`.
+    private func closeOut() {
+        guard !self.closedOut else { return }
+        self.closedOut = true
+        if let sink = self.sink {
+            sink.closed(self.failure ?? ParleyError(code: .connectionClosed, message: "peer closed the connection"))
+        } else {
+            self.establishedPromise.fail(self.failure ?? ParleyError(code: .connectionClosed, message: "connection closed during the handshake"))
+        }
     }
 
     private func writeFrame(_ frame: Frame, context: ChannelHandlerContext, promise: EventLoopPromise<Void>? = nil) {

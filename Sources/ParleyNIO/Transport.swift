@@ -26,19 +26,15 @@ public struct PipelineOptions: Sendable {
 }
 
 public enum ParleyPipeline {
-    /// Adds the Parley handlers to a fresh channel: (capture) → frame decoder → connection
-    /// handler → `bridge`. Must run on the channel's event loop (it does, inside bootstrap
-    /// initializers).
-    public static func configure<Sink>(
-        _ channel: any Channel, role: ParleyConnectionHandler.Role, options: PipelineOptions, bridge: ParleyBridgeHandler<Sink>
-    ) throws {
+    /// Adds the Parley handlers to a fresh channel: (capture) → frame decoder → `handler`.
+    /// Must run on the channel's event loop (it does, inside bootstrap initializers).
+    public static func configure(_ channel: any Channel, options: PipelineOptions, handler: ParleyConnectionHandler) throws {
         let sync = channel.pipeline.syncOperations
         if options.captureInbound != nil || options.captureOutbound != nil {
             try sync.addHandler(CaptureHandler(inboundPath: options.captureInbound, outboundPath: options.captureOutbound))
         }
         try sync.addHandler(ByteToMessageHandler(WireDecoder(maxFrameSize: options.maxFrameSize)))
-        try sync.addHandler(ParleyConnectionHandler(role: role))
-        try sync.addHandler(bridge)
+        try sync.addHandler(handler)
     }
 
     /// The text form of a socket address, as sent in HELLO.
