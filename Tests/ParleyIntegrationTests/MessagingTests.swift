@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Parley
@@ -313,6 +314,91 @@ struct MessagingTests {
             release.raise()
             try await calls.value
             #expect(started.count == 200)
+        }
+    }
+
+    @Test func requestCancelledWhileQueuedForAHandlerSlotNeverRuns() async throws {
+        let started = NIOLockedValueBox<[UInt64]>([])
+        let release = Signal()
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Ping.self) { ping, _ in
+            started.withLockedValue { $0.append(ping.sequence) }
+            if ping.sequence == 1 { _ = await release.wait(seconds: 30) }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            return pong
+        }
+        try await withServer(configure: { $0.limits = .init(maxConcurrentHandlers: 1) }, router: router) { _, addresses in
+            // One write: request 1 takes the only handler slot, request 2 waits in the queue,
+            // then its CANCEL arrives in the same read and takes it out, then request 3.
+            let cancel = WireMessage(header: MessageHeader(id: 2, kind: .cancel, type: ""), payload: ByteBuffer())
+            let bytes = clientSessionBytes(messages: [pingMessage(id: 1), pingMessage(id: 2), cancel, pingMessage(id: 3)])
+            let releaser = Task {
+                _ = try await eventually { started.withLockedValue { $0 } == [1] }
+                try await Task.sleep(for: .milliseconds(100))
+                release.raise()
+            }
+            let (reply, _) = try await RawPeer.connect(addresses[0]).exchange(bytes, halfClose: false) {
+                frames(in: $0).filter { $0.tag == .message }.count == 2
+            }
+            try await releaser.value
+            let answers = frames(in: reply).filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
+            #expect(answers.map(\.header.id) == [1, 3])
+            #expect(started.withLockedValue { $0 } == [1, 3], "the cancelled request never reached its handler")
+        }
+    }
+
+    @Test func callCancelledWhileTheServerIsAtItsHandlerLimitFailsAtOnce() async throws {
+        let release = Signal()
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Ping.self) { ping, _ in
+            if ping.sequence == 1 { _ = await release.wait(seconds: 30) }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            return pong
+        }
+        try await withServer(configure: { $0.limits = .init(maxConcurrentHandlers: 1) }, router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            func ping(_ n: UInt64) async throws -> UInt64 {
+                var p = Parley_Echo_V1_Ping()
+                p.sequence = n
+                return try await client.request(p, as: Parley_Echo_V1_Pong.self).sequence
+            }
+            let first = Task { try await ping(1) }
+            try await Task.sleep(for: .milliseconds(100))
+            // The server has stopped reading: request 2 and its CANCEL wait in the socket.
+            let second = Task { try await ping(2) }
+            try await Task.sleep(for: .milliseconds(100))
+            second.cancel()
+            let error = await #expect(throws: ParleyError.self) { try await second.value }
+            #expect(error?.code == .cancelled)
+            release.raise()
+            #expect(try await first.value == 1)
+            // The late answer to request 2 (if any) is discarded; the connection goes on.
+            #expect(try await ping(3) == 3)
+            #expect(client.connection.outstandingRequests == 0)
+        }
+    }
+
+    @Test func handlerThatClosesItsConnectionWhileAnsweringDoesNotBreakTheServer() async throws {
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Ping.self) { ping, context in
+            if ping.sequence == 13 { context.connection.close() }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            return pong
+        }
+        try await withServer(router: router) { _, addresses in
+            let doomed = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            var p = Parley_Echo_V1_Ping()
+            p.sequence = 13
+            let error = await #expect(throws: ParleyError.self) { _ = try await doomed.request(p, as: Parley_Echo_V1_Pong.self) }
+            #expect(error?.code == .connectionClosed)
+            await doomed.closed()
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            #expect(try await ping(client, 5) == 5)
         }
     }
 }
