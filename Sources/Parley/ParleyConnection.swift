@@ -54,7 +54,9 @@ public final class ParleyConnection: Sendable {
     let executor: EventLoopTaskExecutor?
 
     private enum Pending {
-        case unary(CheckedContinuation<WireMessage, any Error>)
+        /// Resumed exactly once: by the answer, the cancellation or the end of the connection,
+        /// whichever removes it from `pending` first.
+        case unary(UnsafeContinuation<WireMessage, any Error>)
         case stream(AsyncThrowingStream<WireMessage, any Error>.Continuation)
     }
 
@@ -119,7 +121,7 @@ public final class ParleyConnection: Sendable {
         )
         try self.check(message)
         let answer: WireMessage = try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<WireMessage, any Error>) in
+            try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<WireMessage, any Error>) in
                 let refusal = self.state.withLockedValue { s -> ParleyError? in
                     if let closed = s.closed { return closed }
                     // Cancelled before this point: the cancellation handler found nothing to cancel.
@@ -393,7 +395,7 @@ public final class ParleyConnection: Sendable {
                 self.logger.debug("one-way message dropped while draining", metadata: ["type": "\(h.type)"])
                 return
             }
-            self.admit(message, handler: handler)
+            if case .start = self.admit(message, isRequest: false, known: true) { self.start(message, handler: handler) }
         default:
             break
         }
@@ -458,21 +460,13 @@ public final class ParleyConnection: Sendable {
 
     private func serve(_ message: WireMessage) {
         let h = message.header
-        let refusal: ParleyError? = self.state.withLockedValue { s in
-            if s.draining { return ParleyError(code: .shuttingDown, message: "server is shutting down; request \(h.type) not started") }
-            if s.serving[h.id] != nil { return ParleyError(code: .protocolViolation, message: "request id \(h.id) is already in use") }
-            return nil
-        }
-        if let refusal {
-            try? self.answer(Self.errorAnswer(id: h.id, refusal, allocator: self.channel.allocator))
-            return
-        }
-        guard let handler = self.router.handlers[h.type] else {
-            let error = ParleyError(code: .unknownMessageType, message: "no handler for request type \"\(h.type)\"")
+        let handler = self.router.handlers[h.type]
+        switch self.admit(message, isRequest: true, known: handler != nil) {
+        case .start: self.start(message, handler: handler!)
+        case .queued, .closed: break
+        case .refused(let error):
             try? self.answer(Self.errorAnswer(id: h.id, error, allocator: self.channel.allocator))
-            return
         }
-        self.admit(message, handler: handler)
     }
 
     static func errorAnswer(id: UInt64, _ error: ParleyError, allocator: ByteBufferAllocator) -> WireMessage {
@@ -488,21 +482,30 @@ public final class ParleyConnection: Sendable {
         message.header.kind == .request ? message.header.id : UInt64.max - message.header.seq
     }
 
-    /// Starts the message's handler if a handler slot is free; otherwise queues it and stops
-    /// reading from the socket until slots free up (back-pressure through TCP).
-    private func admit(_ message: WireMessage, handler: @escaping ParleyRouter.Handler) {
-        let (start, pause) = self.state.withLockedValue { s -> (Bool, Bool) in
-            guard s.closed == nil else { return (false, false) }
+    private enum Admission { case start, queued, closed, refused(ParleyError) }
+
+    /// Decides what becomes of a peer request or one-way message: refused (draining, id in
+    /// use, no handler), started at once if a handler slot is free, or else queued, and then
+    /// the connection stops reading from the socket until slots free up (back-pressure through TCP).
+    private func admit(_ message: WireMessage, isRequest: Bool, known: Bool) -> Admission {
+        let h = message.header
+        let (admission, pause) = self.state.withLockedValue { s -> (Admission, Bool) in
+            guard s.closed == nil else { return (.closed, false) }
+            if isRequest {
+                if s.draining { return (.refused(ParleyError(code: .shuttingDown, message: "server is shutting down; request \(h.type) not started")), false) }
+                if s.serving[h.id] != nil { return (.refused(ParleyError(code: .protocolViolation, message: "request id \(h.id) is already in use")), false) }
+                if !known { return (.refused(ParleyError(code: .unknownMessageType, message: "no handler for request type \"\(h.type)\"")), false) }
+            }
             if s.backlog.isEmpty && s.serving.count < self.limits.maxConcurrentHandlers {
                 s.serving[Self.key(message)] = .starting(cancelled: false)
-                return (true, false)
+                return (.start, false)
             }
             s.backlog.append(message)
             defer { s.readsPaused = true }
-            return (false, !s.readsPaused)
+            return (.queued, !s.readsPaused)
         }
         if pause { self.outlet.pauseReads() }
-        if start { self.start(message, handler: handler) }
+        return admission
     }
 
     /// Runs a handler in its own task. On the event loop, the task runs at once, here, until
