@@ -124,9 +124,16 @@ extension Frame {
     public func encode(into out: inout [ByteBuffer], allocator: ByteBufferAllocator) {
         var head = allocator.buffer(capacity: Frame.preambleSize + 4 * self.segments.count + self.smallSegmentBytes)
         head.writePreamble(self)
-        var crcs = allocator.buffer(capacity: 4 * self.segments.count)
-        for segment in self.segments {
-            crcs.writeInteger(CRC32C.checksum(segment), endianness: .little)
+        // At most 4 segments: their CRCs are kept in registers, not in a buffer of their own.
+        var crcs: (UInt32, UInt32, UInt32, UInt32) = (0, 0, 0, 0)
+        for (i, segment) in self.segments.enumerated() {
+            let crc = CRC32C.checksum(segment)
+            switch i {
+            case 0: crcs.0 = crc
+            case 1: crcs.1 = crc
+            case 2: crcs.2 = crc
+            default: crcs.3 = crc
+            }
             if segment.readableBytes >= zeroCopySegmentThreshold {
                 if head.readableBytes > 0 { out.append(head) }
                 head = allocator.buffer(capacity: 4 * self.segments.count)
@@ -135,7 +142,14 @@ extension Frame {
                 head.writeImmutableBuffer(segment)
             }
         }
-        head.writeImmutableBuffer(crcs)
+        for i in 0..<self.segments.count {
+            switch i {
+            case 0: head.writeInteger(crcs.0, endianness: .little)
+            case 1: head.writeInteger(crcs.1, endianness: .little)
+            case 2: head.writeInteger(crcs.2, endianness: .little)
+            default: head.writeInteger(crcs.3, endianness: .little)
+            }
+        }
         out.append(head)
     }
 
