@@ -116,7 +116,7 @@ public final class ParleyClient: Sendable {
     }
 
     /// Connects to a server in the same process, with no listener and no address: the
-    /// in-process transport (a connected socket pair). The server must be running.
+    /// in-memory transport (`InMemoryChannel`: no socket, the bytes never leave the process). The server must be running.
     public static func connect(
         inProcessTo server: ParleyServer, configuration: Configuration = .defaults, router: ParleyRouter = ParleyRouter(),
         logger: Logger = Logger(label: "parley.client")

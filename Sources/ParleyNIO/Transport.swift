@@ -2,13 +2,6 @@ import NIOCore
 import NIOPosix
 import ParleyWire
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 
 /// Options that shape every connection's pipeline.
 public struct PipelineOptions: Sendable {
@@ -116,29 +109,24 @@ public struct PosixTransport: ParleyTransport {
     }
 }
 
-/// Two connected ends in one process, with no listener and no address: a `socketpair(2)`.
-/// For tests and for embedding a server and its client in one program.
+/// Two connected ends in one process, with no listener, no address and no socket: the bytes
+/// go from one `InMemoryChannel` to the other without leaving memory. For tests and for
+/// embedding a server and its client in one program.
 public enum InProcessTransport {
     public static func pair(
         group: any EventLoopGroup, client: @escaping ParleyChannelInitializer, server: @escaping ParleyChannelInitializer
     ) async throws -> (client: any Channel, server: any Channel) {
-        var fds: [Int32] = [-1, -1]
-        #if canImport(Glibc)
-        let type = Int32(SOCK_STREAM.rawValue)
-        #else
-        let type = SOCK_STREAM
-        #endif
-        guard socketpair(AF_UNIX, type, 0, &fds) == 0 else {
-            throw ParleyError(code: .connectFailed, message: "socketpair failed: errno \(errno)")
-        }
-        let serverEnd: any Channel
+        let (clientEnd, serverEnd) = InMemoryChannel.pair(group: group)
         do {
-            serverEnd = try await ClientBootstrap(group: group).channelInitializer(server).withConnectedSocket(fds[1]).get()
+            try await serverEnd.eventLoop.flatSubmit { server(serverEnd) }.get()
+            try await clientEnd.eventLoop.flatSubmit { client(clientEnd) }.get()
         } catch {
-            close(fds[0])
+            clientEnd.close(promise: nil)
+            serverEnd.close(promise: nil)
             throw error
         }
-        let clientEnd = try await ClientBootstrap(group: group).channelInitializer(client).withConnectedSocket(fds[0]).get()
+        try await serverEnd.activate().get()
+        try await clientEnd.activate().get()
         return (clientEnd, serverEnd)
     }
 }

@@ -79,6 +79,15 @@ struct MessagingTests {
         var items = 0
         for try await case .item in try await client.stream(count, item: Parley_Echo_V1_CountItem.self, final: Parley_Echo_V1_CountDone.self) { items += 1 }
         #expect(items == 3)
+        // Many requests at once, and bulk data larger than the in-memory window.
+        let answered = try await withThrowingTaskGroup(of: UInt64.self) { group in
+            for i in 1...1000 { group.addTask { try await ping(client, UInt64(i)) } }
+            return try await group.reduce(0, +)
+        }
+        #expect(answered == 500_500)
+        let bulk = ByteBuffer(bytes: (0..<(3 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+        let echoed = try await client.call(Parley_Echo_V1_Echo(), data: bulk, as: Parley_Echo_V1_EchoReply.self)
+        #expect(echoed.data == bulk)
         #expect(server.connectionCount == 1)
         client.close()
         let gone = try await eventually { server.connectionCount == 0 }
