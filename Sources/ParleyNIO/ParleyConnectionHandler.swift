@@ -308,9 +308,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         switch command {
         case .message(let message):
             do {
-                let frame = try session.frame(for: message, allocator: context.channel.allocator)
+                let stamped = try session.stamp(message)
                 self.state = .established(session)
-                self.writeFrame(frame, context: context, promise: promise)
+                self.scratch.removeAll(keepingCapacity: true)
+                stamped.encodeFrame(into: &self.scratch, allocator: context.channel.allocator)
+                self.writeScratch(context: context, promise: promise)
             } catch {
                 promise?.fail(error)
             }
@@ -414,6 +416,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private func writeFrame(_ frame: Frame, context: ChannelHandlerContext, promise: EventLoopPromise<Void>? = nil) {
         self.scratch.removeAll(keepingCapacity: true)
         frame.encode(into: &self.scratch, allocator: context.channel.allocator)
+        self.writeScratch(context: context, promise: promise)
+    }
+
+    private func writeScratch(context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
         let last = self.scratch.count - 1
         for (i, buffer) in self.scratch.enumerated() {
             context.write(self.wrapOutboundOut(buffer), promise: i == last ? promise : nil)

@@ -111,6 +111,38 @@ import Testing
         }
     }
 
+    /// The direct MESSAGE encoder writes exactly what building a `Frame` and encoding it does,
+    /// for every mix of small and bulk payload and data, and passes bulk on uncopied.
+    @Test func directMessageEncodingEqualsFrameEncoding() {
+        let small = ByteBuffer(bytes: (0..<100).map { UInt8($0) })
+        let bulk = ByteBuffer(repeating: 0xA5, count: zeroCopySegmentThreshold + 3)
+        let edge = ByteBuffer(repeating: 0x5A, count: zeroCopySegmentThreshold - 1)
+        var messages: [WireMessage] = []
+        for type in ["", "parley.echo.v1.Echo", String(repeating: "t", count: 1024)] {
+            for payload in [ByteBuffer(), small, edge, bulk] {
+                for data in [nil, ByteBuffer(), small, edge, bulk] as [ByteBuffer?] {
+                    messages.append(WireMessage(
+                        header: MessageHeader(seq: 7, ack: 3, id: 0x1122_3344_5566_7788, kind: .request, type: type),
+                        payload: payload, data: data
+                    ))
+                }
+            }
+        }
+        for message in messages {
+            var direct: [ByteBuffer] = []
+            message.encodeFrame(into: &direct, allocator: ByteBufferAllocator())
+            var viaFrame: [ByteBuffer] = []
+            message.frame(allocator: ByteBufferAllocator()).encode(into: &viaFrame, allocator: ByteBufferAllocator())
+            #expect(direct == viaFrame, "payload \(message.payload.readableBytes), data \(message.data?.readableBytes ?? -1)")
+            for segment in [message.payload, message.data].compactMap({ $0 }) where segment.readableBytes >= zeroCopySegmentThreshold {
+                let same = direct.contains { part in
+                    part.withUnsafeReadableBytes { a in segment.withUnsafeReadableBytes { b in a.baseAddress == b.baseAddress } }
+                }
+                #expect(same, "bulk segment passed on as the same storage")
+            }
+        }
+    }
+
     @Test(arguments: [1, 2, 3, 7, 31, 33, 1000])
     func splitDelivery(chunk: Int) throws {
         var stream = ByteBuffer()

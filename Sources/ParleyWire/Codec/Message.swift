@@ -112,6 +112,57 @@ public struct WireMessage: Hashable, Sendable {
         return Frame(tag: .message, segments: [head, self.payload])
     }
 
+    /// Encodes this message as a whole MESSAGE frame for a vectored write, byte for byte what
+    /// `frame(allocator:)` followed by `Frame.encode(into:allocator:)` produces, but straight
+    /// into one head buffer: the header is written in place rather than into a buffer of its
+    /// own, and no `Frame` or segment array is built. Payload and data segments of
+    /// `zeroCopySegmentThreshold` bytes or more are passed on as they are. Appends to `out`.
+    public func encodeFrame(into out: inout [ByteBuffer], allocator: ByteBufferAllocator) {
+        let headerLength = MessageHeader.fixedSize + self.header.type.utf8.count
+        let payloadLength = self.payload.readableBytes
+        let dataLength = self.data?.readableBytes ?? 0
+        let count = self.data == nil ? 2 : 3
+        let payloadInline = payloadLength < zeroCopySegmentThreshold
+        let dataInline = dataLength < zeroCopySegmentThreshold
+        var head = allocator.buffer(capacity: Frame.preambleSize + headerLength + (payloadInline ? payloadLength : 0)
+            + (dataInline ? dataLength : 0) + 4 * count)
+        let start = head.writerIndex
+        head.writeMultipleIntegers(FrameTag.message.rawValue, UInt8(0), UInt8(count), UInt8(0))
+        head.writeMultipleIntegers(UInt32(headerLength), UInt16(0), UInt32(payloadLength), UInt16(0), endianness: .little)
+        if self.data != nil {
+            head.writeMultipleIntegers(UInt32(dataLength), UInt16(4096), endianness: .little)
+        } else {
+            head.writeMultipleIntegers(UInt32(0), UInt16(0), endianness: .little)
+        }
+        head.writeMultipleIntegers(UInt32(0), UInt16(0), endianness: .little)
+        head.writeInteger(CRC32C.checksum(head, at: start, length: 28), endianness: .little)
+        let headerStart = head.writerIndex
+        head.writeMessageHeader(self.header)
+        let headerCRC = CRC32C.checksum(head, at: headerStart, length: headerLength)
+        let payloadCRC = CRC32C.checksum(self.payload)
+        if payloadInline {
+            head.writeImmutableBuffer(self.payload)
+        } else {
+            out.append(head)
+            out.append(self.payload)
+            head = allocator.buffer(capacity: 4 * count)
+        }
+        var dataCRC: UInt32 = 0
+        if let data = self.data {
+            dataCRC = CRC32C.checksum(data)
+            if dataInline {
+                head.writeImmutableBuffer(data)
+            } else {
+                if head.readableBytes > 0 { out.append(head) }
+                out.append(data)
+                head = allocator.buffer(capacity: 4 * count)
+            }
+        }
+        head.writeMultipleIntegers(headerCRC, payloadCRC, endianness: .little)
+        if self.data != nil { head.writeInteger(dataCRC, endianness: .little) }
+        out.append(head)
+    }
+
     /// Parses a MESSAGE frame.
     public init(frame: Frame) throws(ParleyError) {
         precondition(frame.tag == .message)

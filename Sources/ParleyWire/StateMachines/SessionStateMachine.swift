@@ -106,12 +106,18 @@ public struct SessionStateMachine: Sendable {
     /// negotiated features do not allow, a type name over 1024 bytes, or a frame larger than
     /// the peer's announced `max_frame_size`.
     public mutating func frame(for message: WireMessage, allocator: ByteBufferAllocator) throws(ParleyError) -> Frame {
+        try self.stamp(message).frame(allocator: allocator)
+    }
+
+    /// What `frame(for:allocator:)` does short of building the frame: checks the message and
+    /// returns it with its seq and ack, for `WireMessage.encodeFrame(into:allocator:)`.
+    public mutating func stamp(_ message: WireMessage) throws(ParleyError) -> WireMessage {
         try Self.check(message, features: self.features, maxPeerFrameSize: self.maxPeerFrameSize)
         var message = message
         message.header.seq = self.nextSeq
         message.header.ack = self.lastReceivedSeq
         self.nextSeq &+= 1
-        return message.frame(allocator: allocator)
+        return message
     }
 
     /// What `frame(for:allocator:)` refuses, checked without a machine: the async layer checks
