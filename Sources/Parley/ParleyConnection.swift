@@ -371,7 +371,7 @@ public final class ParleyConnection: Sendable {
             self.received(message)
         case .notice(let nucleus):
             self.onNotice?(ParleyNucleus(nucleus))
-        case .keepaliveAck, .established:
+        case .keepaliveAck:
             break
         }
     }

@@ -1,9 +1,7 @@
 import ParleyWire
 
-/// What the connection handler passes up to the async layer.
+/// What the connection handler hands to the async layer after the handshake.
 public enum ConnectionEvent: Sendable {
-    /// The handshake finished; always the first event of a connection.
-    case established(HandshakeResult)
     case message(WireMessage)
     /// Nucleus fields the server sent after SERVER_IDENT.
     case notice(Parley_V1_Nucleus)
