@@ -2,9 +2,9 @@ import NIOCore
 
 /// Runs Swift tasks on a SwiftNIO event loop.
 ///
-/// A connection's inbound loop and its request handlers run here when
-/// `ParleyConnectionLimits.handlersOnEventLoop` is set: a request is then read, dispatched,
-/// handled and answered on the thread that owns the socket, without a thread hop. Handlers
+/// A connection's request handlers run here when `ParleyConnectionLimits.handlersOnEventLoop`
+/// is set: a request is then read, dispatched, handled and answered on the thread that owns
+/// the socket, without a thread hop (a handler that suspends resumes here too). Handlers
 /// must then not block (they are async; CPU-heavy ones should turn the option off).
 final class EventLoopTaskExecutor: TaskExecutor, Sendable {
     let eventLoop: any EventLoop

@@ -14,8 +14,9 @@ public struct ParleyConnectionLimits: Sendable {
     /// which pushes back on the peer through TCP flow control.
     public var maxConcurrentHandlers: Int
 
-    /// Run the inbound loop and the handlers of peer requests on the connection's event loop
-    /// (no thread hop per request; handlers must not block), or on Swift's global pool.
+    /// Run the handlers of peer requests on the connection's event loop, starting at once
+    /// inside the read that decoded the request (no thread hop per request; handlers must not
+    /// block), or on Swift's global pool.
     public var handlersOnEventLoop: Bool
 
     public init(maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024, handlersOnEventLoop: Bool = true) {
