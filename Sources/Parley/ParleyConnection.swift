@@ -75,7 +75,7 @@ public final class ParleyConnection: Sendable {
         var slotWaiters = CircularBuffer<CheckedContinuation<Void, any Error>>()
         var serving: [UInt64: Handling] = [:]
         /// Peer requests read while all handler slots were taken, in arrival order.
-        var backlog = CircularBuffer<WireMessage>()
+        var backlog = CircularBuffer<(message: WireMessage, handler: ParleyRouter.Handler)>()
         var readsPaused = false
         var idleWaiters: [CheckedContinuation<Void, Never>] = []
         var draining = false
@@ -396,7 +396,7 @@ public final class ParleyConnection: Sendable {
                 self.logger.debug("one-way message dropped while draining", metadata: ["type": "\(h.type)"])
                 return
             }
-            if case .start = self.admit(message, isRequest: false, known: true) { self.start(message, handler: handler) }
+            if case .start(let handler) = self.admit(message, handler: handler, isRequest: false) { self.start(message, handler: handler) }
         default:
             break
         }
@@ -450,7 +450,7 @@ public final class ParleyConnection: Sendable {
                 return nil
             case nil:
                 // Not started yet: drop it from the backlog; the requester no longer waits.
-                if let index = s.backlog.firstIndex(where: { $0.header.id == id && $0.header.kind == .request }) {
+                if let index = s.backlog.firstIndex(where: { $0.message.header.id == id && $0.message.header.kind == .request }) {
                     s.backlog.remove(at: index)
                 }
                 return nil
@@ -462,8 +462,8 @@ public final class ParleyConnection: Sendable {
     private func serve(_ message: WireMessage) {
         let h = message.header
         let handler = self.router.handlers[h.type]
-        switch self.admit(message, isRequest: true, known: handler != nil) {
-        case .start: self.start(message, handler: handler!)
+        switch self.admit(message, handler: handler, isRequest: true) {
+        case .start(let handler): self.start(message, handler: handler)
         case .queued, .closed: break
         case .refused(let error):
             try? self.answer(Self.errorAnswer(id: h.id, error, allocator: self.channel.allocator))
@@ -483,25 +483,27 @@ public final class ParleyConnection: Sendable {
         message.header.kind == .request ? message.header.id : UInt64.max - message.header.seq
     }
 
-    private enum Admission { case start, queued, closed, refused(ParleyError) }
+    private enum Admission { case start(ParleyRouter.Handler), queued, closed, refused(ParleyError) }
 
-    /// Decides what becomes of a peer request or one-way message: refused (draining, id in
-    /// use, no handler), started at once if a handler slot is free, or else queued, and then
+    /// Decides what becomes of a peer request or one-way message (`handler` is the router's,
+    /// if it has one): refused (draining, id in use, no handler), started at once if a handler slot is free, or else queued, and then
     /// the connection stops reading from the socket until slots free up (back-pressure through TCP).
-    private func admit(_ message: WireMessage, isRequest: Bool, known: Bool) -> Admission {
+    private func admit(_ message: WireMessage, handler: ParleyRouter.Handler?, isRequest: Bool) -> Admission {
         let h = message.header
         let (admission, pause) = self.state.withLockedValue { s -> (Admission, Bool) in
             guard s.closed == nil else { return (.closed, false) }
             if isRequest {
                 if s.draining { return (.refused(ParleyError(code: .shuttingDown, message: "server is shutting down; request \(h.type) not started")), false) }
                 if s.serving[h.id] != nil { return (.refused(ParleyError(code: .protocolViolation, message: "request id \(h.id) is already in use")), false) }
-                if !known { return (.refused(ParleyError(code: .unknownMessageType, message: "no handler for request type \"\(h.type)\"")), false) }
+            }
+            guard let handler else {
+                return (.refused(ParleyError(code: .unknownMessageType, message: "no handler for request type \"\(h.type)\"")), false)
             }
             if s.backlog.isEmpty && s.serving.count < self.limits.maxConcurrentHandlers {
                 s.serving[Self.key(message)] = .starting(cancelled: false)
-                return (.start, false)
+                return (.start(handler), false)
             }
-            s.backlog.append(message)
+            s.backlog.append((message, handler))
             defer { s.readsPaused = true }
             return (.queued, !s.readsPaused)
         }
@@ -558,7 +560,8 @@ public final class ParleyConnection: Sendable {
                 idle = s.idleWaiters
                 s.idleWaiters = []
             }
-            return (idle, s.readsPaused || !s.backlog.isEmpty)
+            // Paused exactly while requests wait in the backlog (and until it has been emptied).
+            return (idle, s.readsPaused)
         }
         idle.forEach { $0.resume() }
         if backlogReady {
@@ -571,23 +574,18 @@ public final class ParleyConnection: Sendable {
     /// Starts queued requests while handler slots are free; resumes reading once the queue is empty.
     private func startFromBacklog() {
         while true {
-            let (next, resume) = self.state.withLockedValue { s -> (WireMessage?, Bool) in
+            let (next, resume) = self.state.withLockedValue { s -> ((message: WireMessage, handler: ParleyRouter.Handler)?, Bool) in
                 guard s.closed == nil, s.serving.count < self.limits.maxConcurrentHandlers else { return (nil, false) }
-                guard let message = s.backlog.popFirst() else {
+                guard let queued = s.backlog.popFirst() else {
                     defer { s.readsPaused = false }
                     return (nil, s.readsPaused)
                 }
-                s.serving[Self.key(message)] = .starting(cancelled: false)
-                return (message, false)
+                s.serving[Self.key(queued.message)] = .starting(cancelled: false)
+                return (queued, false)
             }
             if resume { self.outlet.resumeReads() }
-            guard let message = next else { return }
-            let handler = message.header.kind == .request ? self.router.handlers[message.header.type] : self.router.oneWayHandlers[message.header.type]
-            if let handler {
-                self.start(message, handler: handler)
-            } else {
-                self.handlerFinished(key: Self.key(message))
-            }
+            guard let next else { return }
+            self.start(next.message, handler: next.handler)
         }
     }
 

@@ -105,8 +105,6 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         let handler: NIOLoopBound<ParleyConnectionHandler>
         let queue: CommandQueue
 
-        public var eventLoop: any EventLoop { self.handler.eventLoop }
-
         /// Writes a command; `promise` (if any) completes once it has been written. On the
         /// event loop it is written at once; from another thread it joins the commands queued
         /// since the last batch, which are written and flushed together by one event-loop job,
