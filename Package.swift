@@ -12,6 +12,8 @@ let package = Package(
     products: [
         .library(name: "Parley", targets: ["Parley"]),
         .library(name: "ParleyServices", targets: ["ParleyServices"]),
+        // The SwiftNIO layer: channel handlers, transports and the in-memory channel pair.
+        .library(name: "ParleyNIO", targets: ["ParleyNIO"]),
         .executable(name: "parley", targets: ["ParleyCLI"]),
         // Not API: the wire layer, exposed for the fuzzing package (FuzzTesting/).
         .library(name: "_ParleyWire", targets: ["ParleyWire"]),

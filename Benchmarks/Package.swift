@@ -25,6 +25,7 @@ let package = Package(
             dependencies: [
                 .product(name: "Parley", package: "parley"),
                 .product(name: "ParleyServices", package: "parley"),
+                .product(name: "ParleyNIO", package: "parley"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),

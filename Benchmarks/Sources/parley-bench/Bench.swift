@@ -15,7 +15,7 @@ struct ParleyBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "parley-bench",
         abstract: "Compare Parley with a raw SwiftNIO echo and gRPC over TCP loopback.",
-        subcommands: [Run.self, Server.self],
+        subcommands: [Run.self, Overhead.self, Server.self],
         defaultSubcommand: Run.self
     )
 }

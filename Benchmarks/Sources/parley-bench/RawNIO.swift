@@ -126,7 +126,7 @@ final class RawClientHandler: ChannelDuplexHandler {
 final class RawClient: Sendable {
     let channel: any Channel
 
-    private init(channel: any Channel) { self.channel = channel }
+    init(channel: any Channel) { self.channel = channel }
 
     static func connect(port: Int) async throws -> RawClient {
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)

@@ -57,8 +57,12 @@ struct RawCaller: EchoCaller {
     let payload: ByteBuffer
 
     init(port: Int, load: Load) async throws {
-        self.client = try await RawClient.connect(port: port)
-        self.payload = ByteBuffer(bytes: testBytes(load.size))
+        self.init(client: try await RawClient.connect(port: port), payload: ByteBuffer(bytes: testBytes(load.size)))
+    }
+
+    init(client: RawClient, payload: ByteBuffer) {
+        self.client = client
+        self.payload = payload
     }
 
     func roundTrip() async throws {
@@ -81,9 +85,14 @@ struct ParleyCaller: EchoCaller {
     let size: Int
 
     init(port: Int, load: Load) async throws {
-        self.client = try await ParleyClient.connect(
+        let client = try await ParleyClient.connect(
             to: .tcp(host: "127.0.0.1", port: port), configuration: .init(name: "parley-bench")
         )
+        self.init(client: client, load: load)
+    }
+
+    init(client: ParleyClient, load: Load) {
+        self.client = client
         var request = EchoRequest()
         if load.dataSegment {
             self.data = ByteBuffer(bytes: testBytes(load.size))
