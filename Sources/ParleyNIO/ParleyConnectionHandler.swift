@@ -14,11 +14,13 @@ public protocol ParleyEventSink: AnyObject, Sendable {
     func closed(_ reason: ParleyError)
 }
 
-/// Runs the handshake and session state machines on the event loop; the tail of a Parley
-/// pipeline: `ByteToMessageHandler(WireDecoder)` → `ParleyConnectionHandler`.
+/// Runs the wire decoder and the handshake and session state machines on the event loop; the
+/// tail of a Parley pipeline (after an optional capture handler).
 ///
-/// Inbound it turns decoded banners and frames into `ConnectionEvent`s and hands them to the
-/// sink that `establish` returned when the handshake completed. Outbound it takes
+/// Inbound it decodes the bytes read into banners and frames (`WireDecoder`, run here rather
+/// than in a `ByteToMessageHandler` of its own: no pipeline step and no boxed value per frame),
+/// turns them into `ConnectionEvent`s and hands them to the sink that `establish` returned
+/// when the handshake completed. Outbound it takes
 /// `ConnectionCommand`s (through the pipeline, or from any thread through its `Outlet`), stamps
 /// seq/ack, and writes each frame as a list of buffers (bulk segments are never copied).
 /// Every protocol error is sent to the peer in a CLOSE frame when possible, reported as the
@@ -29,7 +31,7 @@ public protocol ParleyEventSink: AnyObject, Sendable {
 /// threads leave in one write per batch; other writes on the event loop flush once at the end
 /// of the event-loop tick.
 public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChannelHandler {
-    public typealias InboundIn = WireInbound
+    public typealias InboundIn = ByteBuffer
     public typealias InboundOut = Never
     public typealias OutboundIn = ConnectionCommand
     public typealias OutboundOut = ByteBuffer
@@ -49,6 +51,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     private var state: State
+    private var decoder = WireDecoder()
+    /// Bytes read but not decoded yet: the start of a frame whose end has not arrived.
+    private var unread: ByteBuffer?
+    /// Inside the decoding loop of `channelRead`.
+    private var decoding = false
     private let establish: Establish
     private let establishedPromise: EventLoopPromise<Void>
     private var sink: (any ParleyEventSink)?
@@ -71,6 +78,13 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// Succeeds once the handshake has completed and `establish` has returned; fails with the
     /// reason if the connection closes first.
     public var established: EventLoopFuture<Void> { self.establishedPromise.futureResult }
+
+    /// The largest frame accepted from the peer (sum of its segment lengths); checked as soon
+    /// as a preamble arrives, before any of the frame is buffered.
+    public var maxFrameSize: Int {
+        get { self.decoder.maxFrameSize }
+        set { self.decoder.maxFrameSize = newValue }
+    }
 
     public init(role: Role, eventLoop: any EventLoop, establish: @escaping Establish) {
         self.state = .handshaking(role)
@@ -164,13 +178,58 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
+        if !self.decoding, !self.isClosing {
+            // The peer has gone: bytes left over are a frame it never finished.
+            var rest = self.unread ?? ByteBuffer()
+            self.unread = nil
+            do {
+                while !self.isClosing, let inbound = try self.decoder.decodeLast(buffer: &rest, seenEOF: true) {
+                    self.received(inbound, context: context)
+                }
+            } catch {
+                self.recordFailure(error)
+            }
+        }
+        self.state = .closing
+        self.unread = nil
         self.closeOut()
         context.fireChannelInactive()
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         self.inReadBurst = true
-        let inbound = self.unwrapInboundIn(data)
+        guard !self.isClosing else { return }
+        var buffer = self.unwrapInboundIn(data)
+        if var unread = self.unread {
+            self.unread = nil  // so that `unread` is the only reference and grows in place
+            unread.writeBuffer(&buffer)
+            buffer = unread
+        }
+        self.decoding = true
+        defer { self.decoding = false }
+        do {
+            while !self.isClosing, let inbound = try self.decoder.decode(buffer: &buffer) {
+                self.received(inbound, context: context)
+            }
+        } catch {
+            // The bytes the peer sent are bad. Tell it why, then close.
+            self.failConnection(error, tellPeer: true, context: context)
+            return
+        }
+        guard !self.isClosing, buffer.readableBytes > 0 else { return }
+        if buffer.readerIndex > 0, buffer.readableBytes < buffer.readerIndex {
+            // Keep the unfinished frame, not the bytes of the frames already handed on.
+            buffer.discardReadBytes()
+        }
+        self.unread = buffer
+    }
+
+    private var isClosing: Bool {
+        if case .closing = self.state { return true }
+        return false
+    }
+
+    private func received(_ inbound: WireInbound, context: ChannelHandlerContext) {
         switch self.state {
         case .closing:
             return
@@ -225,7 +284,6 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             return
         }
         if let error = error as? ParleyError {
-            // A decoding error: the bytes the peer sent are bad. Tell it why, then close.
             self.failConnection(error, tellPeer: true, context: context)
         } else {
             self.state = .closing

@@ -19,14 +19,15 @@ public struct PipelineOptions: Sendable {
 }
 
 public enum ParleyPipeline {
-    /// Adds the Parley handlers to a fresh channel: (capture) → frame decoder → `handler`.
+    /// Adds the Parley handlers to a fresh channel: (capture) → `handler`, which decodes
+    /// frames of at most `options.maxFrameSize` bytes.
     /// Must run on the channel's event loop (it does, inside bootstrap initializers).
     public static func configure(_ channel: any Channel, options: PipelineOptions, handler: ParleyConnectionHandler) throws {
         let sync = channel.pipeline.syncOperations
         if options.captureInbound != nil || options.captureOutbound != nil {
             try sync.addHandler(CaptureHandler(inboundPath: options.captureInbound, outboundPath: options.captureOutbound))
         }
-        try sync.addHandler(ByteToMessageHandler(WireDecoder(maxFrameSize: options.maxFrameSize)))
+        handler.maxFrameSize = options.maxFrameSize
         try sync.addHandler(handler)
     }
 

@@ -89,6 +89,38 @@ struct CompatibilityTests {
             #expect(try await ping(client, 1) == 1)
         }
     }
+
+    @Test func framesSplitAcrossManyReadsAreReassembled() async throws {
+        try await withServer { _, addresses in
+            // Pieces of 13 bytes, 5 ms apart: every frame arrives over several reads.
+            let bytes = clientSessionBytes(messages: (1...4).map { pingMessage(id: $0) })
+            let (reply, _) = try await RawPeer.connect(addresses[0]).exchange(bytes, pieces: 13, pause: .milliseconds(5), halfClose: false) {
+                frames(in: $0).filter { $0.tag == .message }.count == 4
+            }
+            let answers = frames(in: reply).filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
+            #expect(answers.map(\.header.id).sorted() == [1, 2, 3, 4])
+        }
+    }
+
+    @Test func peerClosingInsideAFrameIsReportedAsTruncated() async throws {
+        let logs = LogCollector()
+        try await withServer(logger: logs.logger("server")) { _, addresses in
+            // Two whole requests, then the first 40 bytes of a third, then the end of the stream.
+            var bytes = clientSessionBytes(messages: (1...3).map { pingMessage(id: $0) })
+            var third = ByteBuffer()
+            var session = SessionStateMachine(role: .client, features: .implemented)
+            for id in 1...3 { third.clear(); third.writeFrame(try session.frame(for: pingMessage(id: UInt64(id)), allocator: ByteBufferAllocator())) }
+            bytes.moveWriterIndex(to: bytes.writerIndex - third.readableBytes + 40)
+            let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(bytes)
+            #expect(closed)
+            let answers = frames(in: reply).filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
+            #expect(answers.map(\.header.id).sorted() == [1, 2], "the whole requests are answered")
+            let logged = try await eventually {
+                logs.all.contains { $0.metadata.contains("truncated") && $0.metadata.contains("connection ended inside a MESSAGE frame") }
+            }
+            #expect(logged, "\(logs.all.map { "\($0.message) \($0.metadata)" })")
+        }
+    }
 }
 
 @Suite(.timeLimit(.minutes(2)))

@@ -139,13 +139,23 @@ final class RawPeer: Sendable {
         }
     }
 
-    /// Writes `bytes`, half-closes, and collects everything the server sends until it closes,
-    /// at most `seconds`. Returns the bytes and whether the server closed in time.
+    /// Writes `bytes` (in pieces of `pieces` bytes with `pause` in between, if given),
+    /// half-closes, and collects everything the server sends until it closes, at most
+    /// `seconds`. Returns the bytes and whether the server closed in time.
     func exchange(
-        _ bytes: ByteBuffer, seconds: Double = 10, halfClose: Bool = true, until done: @escaping @Sendable (ByteBuffer) -> Bool = { _ in false }
+        _ bytes: ByteBuffer, pieces: Int? = nil, pause: Duration = .zero, seconds: Double = 10, halfClose: Bool = true,
+        until done: @escaping @Sendable (ByteBuffer) -> Bool = { _ in false }
     ) async throws -> (ByteBuffer, closed: Bool) {
         try await self.channel.executeThenClose { inbound, outbound in
-            try? await outbound.write(bytes)
+            if let pieces {
+                var rest = bytes
+                while let piece = rest.readSlice(length: min(pieces, rest.readableBytes)), piece.readableBytes > 0 {
+                    try? await outbound.write(piece)
+                    if pause > .zero { try await Task.sleep(for: pause) }
+                }
+            } else {
+                try? await outbound.write(bytes)
+            }
             if halfClose { outbound.finish() }
             return try await withThrowingTaskGroup(of: (ByteBuffer, Bool).self) { group in
                 group.addTask {

@@ -42,7 +42,16 @@ struct Overhead: AsyncParsableCommand {
     @Option(help: "Payload bytes per round trip.")
     var size: Int = 64
 
+    @Option(help: ArgumentHelp("Comma-separated systems: raw, parley (default: both).", valueName: "list"), transform: { text in
+        try text.split(separator: ",").map { name in
+            guard let s = System(rawValue: String(name)), s != .grpc else { throw BenchError("unknown system \"\(name)\": use raw, parley") }
+            return s
+        }
+    })
+    var systems: [System] = [.raw, .parley]
+
     func validate() throws {
+        guard !self.systems.isEmpty, Set(self.systems).count == self.systems.count else { throw ValidationError("--systems: name raw and/or parley, once each") }
         guard self.repetitions >= 1 else { throw ValidationError("--repetitions must be at least 1") }
         guard self.duration > 0, self.duration <= 600 else { throw ValidationError("--duration must be in (0, 600] seconds") }
         guard (0...(1 << 20)).contains(self.size) else { throw ValidationError("--size must be 0...1048576") }
@@ -61,31 +70,32 @@ struct Overhead: AsyncParsableCommand {
         print("- repetitions: \(self.repetitions), \(self.duration) s each after 0.3 s warm-up (systems alternate; medians)\n")
         var nanos: [System: [Double]] = [:]
         for rep in 1...self.repetitions {
-            for system in [System.raw, .parley] {
-                let ns = try await withTaskExecutorPreference(executor) {
+            for system in self.systems {
+                let (ns, total) = try await withTaskExecutorPreference(executor) {
                     let caller: any EchoCaller
                     switch system {
                     case .raw: caller = try await RawCaller(inMemoryOn: group, load: load)
                     default: caller = try await ParleyCaller(inProcessTo: server, load: load)
                     }
                     try await caller.verify()
-                    _ = try await Measure.pump(caller, window: 1, seconds: 0.3)
+                    let (warm, _) = try await Measure.pump(caller, window: 1, seconds: 0.3)
                     let (count, seconds) = try await Measure.pump(caller, window: 1, seconds: self.duration)
                     await caller.close()
-                    return seconds * 1e9 / Double(count)
+                    return (seconds * 1e9 / Double(count), 1 + warm + count)
                 }
                 nanos[system, default: []].append(ns)
-                progress("overhead \(rep)/\(self.repetitions) \(system.title): \(fixed(ns / 1000)) µs per round trip")
+                progress("overhead \(rep)/\(self.repetitions) \(system.title): \(fixed(ns / 1000)) µs per round trip (\(total) round trips on this connection)")
             }
         }
-        let raw = median(nanos[.raw]!)!, parley = median(nanos[.parley]!)!
         print("| system | µs per round trip | runs, µs |")
         print("| --- | ---: | ---: |")
-        for (system, value) in [(System.raw, raw), (.parley, parley)] {
-            print("| \(system.title) | \(fixed(value / 1000)) | \(nanos[system]!.map { fixed($0 / 1000) }.joined(separator: " ")) |")
+        for system in self.systems {
+            print("| \(system.title) | \(fixed(median(nanos[system]!)! / 1000)) | \(nanos[system]!.map { fixed($0 / 1000) }.joined(separator: " ")) |")
         }
-        print("| Parley - raw NIO | \(fixed((parley - raw) / 1000)) | |")
-        print("| Parley / raw NIO | \(String(format: "%.2fx", parley / raw)) | |")
+        if let raw = nanos[.raw].flatMap(median), let parley = nanos[.parley].flatMap(median) {
+            print("| Parley - raw NIO | \(fixed((parley - raw) / 1000)) | |")
+            print("| Parley / raw NIO | \(String(format: "%.2fx", parley / raw)) | |")
+        }
         try await group.shutdownGracefully()
     }
 }

@@ -82,10 +82,13 @@ extension ByteBuffer {
                 message: "message header says the type name is \(nameLength) bytes but \(self.readableBytes) remain (limit \(MessageHeader.maxTypeNameLength))"
             )
         }
-        // Strictly validated: `readString` would repair bad bytes into U+FFFD instead.
-        guard let bytes = self.readBytes(length: Int(nameLength)), let type = String(validating: bytes, as: UTF8.self) else {
+        // Strictly validated, straight from the buffer: `readString` would repair bad bytes
+        // into U+FFFD instead.
+        let type = self.withUnsafeReadableBytes { String(validating: $0, as: UTF8.self) }
+        guard let type else {
             throw ParleyError(code: .malformedPayload, message: "message type name is not valid UTF-8")
         }
+        self.moveReaderIndex(forwardBy: Int(nameLength))
         return MessageHeader(seq: seq, ack: ack, id: id, kind: MessageKind(rawValue: kind), flags: flags, type: type)
     }
 }

@@ -33,9 +33,23 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     struct Preamble {
         var tag: FrameTag
         var flags: UInt8
-        var lengths: [Int]
+        /// Number of segments, 1...4.
+        var count: Int
+        /// Segment lengths; entries at `count` and after are 0. Inline: no array per frame.
+        var lengths: (UInt32, UInt32, UInt32, UInt32)
         var alignments: SegmentAlignments
-        var bodySize: Int { self.lengths.reduce(0, +) + 4 * self.lengths.count }
+        /// The sum of the segment lengths.
+        var total: Int
+        var bodySize: Int { self.total + 4 * self.count }
+
+        func length(_ i: Int) -> Int {
+            switch i {
+            case 0: return Int(self.lengths.0)
+            case 1: return Int(self.lengths.1)
+            case 2: return Int(self.lengths.2)
+            default: return Int(self.lengths.3)
+            }
+        }
     }
 
     private var state: State
@@ -99,10 +113,11 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             return try self.step(&buffer)
         case .body(let preamble):
             guard buffer.readableBytes >= preamble.bodySize else { return nil }
-            let crcStart = buffer.readerIndex + preamble.lengths.reduce(0, +)
+            let crcStart = buffer.readerIndex + preamble.total
             var segments: [ByteBuffer] = []
-            segments.reserveCapacity(preamble.lengths.count)
-            for (i, length) in preamble.lengths.enumerated() {
+            segments.reserveCapacity(preamble.count)
+            for i in 0..<preamble.count {
+                let length = preamble.length(i)
                 let stored = buffer.getInteger(at: crcStart + 4 * i, endianness: .little, as: UInt32.self)!
                 let computed = CRC32C.checksum(buffer, at: buffer.readerIndex, length: length)
                 guard stored == computed else {
@@ -113,7 +128,7 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
                 }
                 segments.append(buffer.readSlice(length: length)!)
             }
-            buffer.moveReaderIndex(forwardBy: 4 * preamble.lengths.count)
+            buffer.moveReaderIndex(forwardBy: 4 * preamble.count)
             self.state = .preamble
             return .frame(Frame(tag: preamble.tag, flags: preamble.flags, segments: segments, alignments: preamble.alignments))
         }
@@ -139,14 +154,18 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         guard reserved == 0 else {
             throw ParleyError(code: .protocolViolation, message: "\(tag) frame preamble byte 3 (reserved) is 0x\(String(reserved, radix: 16)), must be 0")
         }
-        var lengths: [Int] = []
-        lengths.reserveCapacity(Int(count))
+        var lengths: (UInt32, UInt32, UInt32, UInt32) = (0, 0, 0, 0)
         var alignments = SegmentAlignments.none
         var total = 0
         for i in 0..<Frame.maxSegments {
             let (length, alignment) = buffer.getMultipleIntegers(at: start + 4 + 6 * i, endianness: .little, as: (UInt32, UInt16).self)!
             if i < Int(count) {
-                lengths.append(Int(length))
+                switch i {
+                case 0: lengths.0 = length
+                case 1: lengths.1 = length
+                case 2: lengths.2 = length
+                default: lengths.3 = length
+                }
                 alignments[i] = alignment
                 total += Int(length)
             } else if length != 0 || alignment != 0 {
@@ -160,6 +179,6 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             )
         }
         buffer.moveReaderIndex(forwardBy: Frame.preambleSize)
-        return Preamble(tag: tag, flags: flags, lengths: lengths, alignments: alignments)
+        return Preamble(tag: tag, flags: flags, count: Int(count), lengths: lengths, alignments: alignments, total: total)
     }
 }
