@@ -34,10 +34,11 @@ public struct ParleyConnectionLimits: Sendable {
 /// streamed requests, and both serve the peer's requests with their router.
 ///
 /// Inbound frames are handled where they are decoded, on the channel's event loop: an answer
-/// resumes its waiting caller directly, and a request starts its handler in a task that runs
-/// at once on the event loop (with `handlersOnEventLoop`, the default) until it first
-/// suspends. A handler that answers without suspending is therefore read, run and answered
-/// in one pass, and its answer leaves with the others of the same read burst.
+/// resumes its waiting caller directly, and a request runs its handler right there (with
+/// `handlersOnEventLoop`, the default): a synchronous handler inline, an asynchronous one in a
+/// task that runs at once on the event loop until it first suspends. A handler that answers
+/// without suspending is therefore read, run and answered in one pass, and its answer leaves
+/// with the others of the same read burst.
 public final class ParleyConnection: Sendable {
     public let session: ParleySession
     let role: SessionStateMachine.Role
@@ -254,16 +255,16 @@ public final class ParleyConnection: Sendable {
         self.outlet.write(.message(message))
     }
 
-    func sendAnswer<M: SwiftProtobuf.Message>(kind: MessageKind, id: UInt64, message: M, data: ByteBuffer?) async throws {
-        let wire = WireMessage(
+    /// Sends the final answer to a peer request (see `answer(_:)`).
+    func answer<M: SwiftProtobuf.Message>(kind: MessageKind, id: UInt64, message: M, data: ByteBuffer?) throws(ParleyError) {
+        try self.answer(self.answerMessage(kind: kind, id: id, message: message, data: data))
+    }
+
+    func answerMessage<M: SwiftProtobuf.Message>(kind: MessageKind, id: UInt64, message: M, data: ByteBuffer?) -> WireMessage {
+        WireMessage(
             header: MessageHeader(id: id, kind: kind, type: M.protoMessageName),
             payload: message.parleyPayload(allocator: self.channel.allocator), data: data
         )
-        if kind == .streamItem {
-            try await self.write(wire)
-        } else {
-            try self.answer(wire)
-        }
     }
 
     private enum SlotOutcome { case acquired(UInt64), parked, failed(ParleyError) }
@@ -396,7 +397,11 @@ public final class ParleyConnection: Sendable {
                 self.logger.debug("one-way message dropped while draining", metadata: ["type": "\(h.type)"])
                 return
             }
-            if case .start(let handler) = self.admit(message, handler: handler, isRequest: false) { self.start(message, handler: handler) }
+            switch self.admit(message, handler: handler, isRequest: false) {
+            case .start(let handler): self.start(message, handler: handler)
+            case .runInline(let body): self.runInline(message, body)
+            case .queued, .closed, .refused: break
+            }
         default:
             break
         }
@@ -464,6 +469,7 @@ public final class ParleyConnection: Sendable {
         let handler = self.router.handlers[h.type]
         switch self.admit(message, handler: handler, isRequest: true) {
         case .start(let handler): self.start(message, handler: handler)
+        case .runInline(let body): self.runInline(message, body)
         case .queued, .closed: break
         case .refused(let error):
             try? self.answer(Self.errorAnswer(id: h.id, error, allocator: self.channel.allocator))
@@ -483,11 +489,14 @@ public final class ParleyConnection: Sendable {
         message.header.kind == .request ? message.header.id : UInt64.max - message.header.seq
     }
 
-    private enum Admission { case start(ParleyRouter.Handler), queued, closed, refused(ParleyError) }
+    private enum Admission { case start(ParleyRouter.Handler), runInline(ParleyRouter.SyncHandler), queued, closed, refused(ParleyError) }
 
     /// Decides what becomes of a peer request or one-way message (`handler` is the router's,
-    /// if it has one): refused (draining, id in use, no handler), started at once if a handler slot is free, or else queued, and then
-    /// the connection stops reading from the socket until slots free up (back-pressure through TCP).
+    /// if it has one): refused (draining, id in use, no handler); run inline if it is a
+    /// synchronous handler and handlers run on the event loop (it needs no slot: it is done
+    /// before the next frame is read); started at once if a handler slot is free; or else
+    /// queued, and then the connection stops reading from the socket until slots free up
+    /// (back-pressure through TCP).
     private func admit(_ message: WireMessage, handler: ParleyRouter.Handler?, isRequest: Bool) -> Admission {
         let h = message.header
         let (admission, pause) = self.state.withLockedValue { s -> (Admission, Bool) in
@@ -498,6 +507,9 @@ public final class ParleyConnection: Sendable {
             }
             guard let handler else {
                 return (.refused(ParleyError(code: .unknownMessageType, message: "no handler for request type \"\(h.type)\"")), false)
+            }
+            if case .sync(let body) = handler, self.executor != nil, self.channel.eventLoop.inEventLoop {
+                return (.runInline(body), false)
             }
             if s.backlog.isEmpty && s.serving.count < self.limits.maxConcurrentHandlers {
                 s.serving[Self.key(message)] = .starting(cancelled: false)
@@ -513,27 +525,16 @@ public final class ParleyConnection: Sendable {
 
     /// Runs a handler in its own task. On the event loop, the task runs at once, here, until
     /// it first suspends.
-    private func start(_ message: WireMessage, handler: @escaping ParleyRouter.Handler) {
+    private func start(_ message: WireMessage, handler: ParleyRouter.Handler) {
         let key = Self.key(message)
         let id: UInt64? = message.header.kind == .request ? message.header.id : nil
         let context = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger)
         let body: @Sendable () async -> Void = {
             let start = ContinuousClock.now
             do {
-                try await handler(message, context)
+                try await handler.run(message, context)
             } catch {
-                self.metrics.failed.increment()
-                if let id {
-                    let parleyError: ParleyError
-                    switch error {
-                    case let e as ParleyError: parleyError = e
-                    case is CancellationError: parleyError = ParleyError(code: .cancelled, message: "request \(id) cancelled")
-                    default: parleyError = ParleyError(code: .handlerFailed, message: "\(message.header.type) handler failed: \(error)")
-                    }
-                    try? self.answer(Self.errorAnswer(id: id, parleyError, allocator: self.channel.allocator))
-                } else {
-                    self.logger.debug("one-way handler failed", metadata: ["type": "\(message.header.type)", "error": "\(error)"])
-                }
+                self.handlerFailed(error, message: message, id: id)
             }
             self.metrics.handled(since: start)
             self.handlerFinished(key: key)
@@ -550,6 +551,35 @@ public final class ParleyConnection: Sendable {
             return cancelled
         }
         if cancel { task.cancel() }
+    }
+
+    /// Runs a synchronous handler right here, on the event loop: no task and no slot.
+    private func runInline(_ message: WireMessage, _ body: ParleyRouter.SyncHandler) {
+        let id: UInt64? = message.header.kind == .request ? message.header.id : nil
+        let context = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger)
+        let start = ContinuousClock.now
+        do {
+            try body(message, context)
+        } catch {
+            self.handlerFailed(error, message: message, id: id)
+        }
+        self.metrics.handled(since: start)
+    }
+
+    /// A handler threw: answers a request with the error, logs a one-way message's.
+    private func handlerFailed(_ error: any Error, message: WireMessage, id: UInt64?) {
+        self.metrics.failed.increment()
+        if let id {
+            let parleyError: ParleyError
+            switch error {
+            case let e as ParleyError: parleyError = e
+            case is CancellationError: parleyError = ParleyError(code: .cancelled, message: "request \(id) cancelled")
+            default: parleyError = ParleyError(code: .handlerFailed, message: "\(message.header.type) handler failed: \(error)")
+            }
+            try? self.answer(Self.errorAnswer(id: id, parleyError, allocator: self.channel.allocator))
+        } else {
+            self.logger.debug("one-way handler failed", metadata: ["type": "\(message.header.type)", "error": "\(error)"])
+        }
     }
 
     private func handlerFinished(key: UInt64) {

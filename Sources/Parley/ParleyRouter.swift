@@ -33,7 +33,7 @@ public struct ParleyStreamWriter<Item: SwiftProtobuf.Message & Sendable>: Sendab
     /// Sends one item. Throws `CancellationError` once the requester has cancelled.
     public func send(_ item: Item, data: ByteBuffer? = nil) async throws {
         try Task.checkCancellation()
-        try await self.connection.sendAnswer(kind: .streamItem, id: self.requestID, message: item, data: data)
+        try await self.connection.write(self.connection.answerMessage(kind: .streamItem, id: self.requestID, message: item, data: data))
     }
 }
 
@@ -41,8 +41,30 @@ public struct ParleyStreamWriter<Item: SwiftProtobuf.Message & Sendable>: Sendab
 ///
 /// The type name of a request's payload (its full protobuf name) selects the handler.
 /// A request with no handler is answered with `unknownMessageType`.
+///
+/// A handler is either asynchronous (its closure may `await`) or synchronous (it cannot):
+/// Swift picks the synchronous registration for a closure that does not `await`. With
+/// `ParleyConnectionLimits.handlersOnEventLoop` (the default), a synchronous handler runs
+/// right where its request was decoded, on the event loop, with no task created for it, and
+/// must therefore not block; an asynchronous one runs in a task of its own, which starts on
+/// the event loop and runs there until it first suspends.
 public struct ParleyRouter: Sendable {
-    typealias Handler = @Sendable (WireMessage, ParleyRequestContext) async throws -> Void
+    typealias AsyncHandler = @Sendable (WireMessage, ParleyRequestContext) async throws -> Void
+    typealias SyncHandler = @Sendable (WireMessage, ParleyRequestContext) throws -> Void
+
+    enum Handler: Sendable {
+        case async(AsyncHandler)
+        case sync(SyncHandler)
+
+        /// Runs the handler, whichever kind it is.
+        func run(_ message: WireMessage, _ context: ParleyRequestContext) async throws {
+            switch self {
+            case .async(let body): try await body(message, context)
+            case .sync(let body): try body(message, context)
+            }
+        }
+    }
+
     var handlers: [String: Handler] = [:]
     var oneWayHandlers: [String: Handler] = [:]
 
@@ -56,15 +78,37 @@ public struct ParleyRouter: Sendable {
         self.onWithData(request) { req, ctx in ParleyReply(try await body(req, ctx)) }
     }
 
+    /// Registers a request/response handler that answers without suspending (see the type's
+    /// documentation: on the event loop it runs inline and must not block).
+    public mutating func on<Request: SwiftProtobuf.Message & Sendable, Response: SwiftProtobuf.Message & Sendable>(
+        _ request: Request.Type,
+        _ body: @escaping @Sendable (Request, ParleyRequestContext) throws -> Response
+    ) {
+        self.onWithData(request) { req, ctx in ParleyReply(try body(req, ctx)) }
+    }
+
     /// Registers a handler whose reply may carry bulk bytes in the data segment.
     public mutating func onWithData<Request: SwiftProtobuf.Message & Sendable, Response: SwiftProtobuf.Message & Sendable>(
         _ request: Request.Type,
         _ body: @escaping @Sendable (Request, ParleyRequestContext) async throws -> ParleyReply<Response>
     ) {
-        self.handlers[Request.protoMessageName] = { message, ctx in
+        self.handlers[Request.protoMessageName] = .async { message, ctx in
             let req = try Request(parleyPayload: message.payload)
             let reply = try await body(req, ctx)
-            try await ctx.connection.sendAnswer(kind: .response, id: ctx.requestID, message: reply.message, data: reply.data)
+            try ctx.connection.answer(kind: .response, id: ctx.requestID, message: reply.message, data: reply.data)
+        }
+    }
+
+    /// Registers a handler whose reply may carry bulk bytes in the data segment, and which
+    /// answers without suspending (on the event loop it runs inline and must not block).
+    public mutating func onWithData<Request: SwiftProtobuf.Message & Sendable, Response: SwiftProtobuf.Message & Sendable>(
+        _ request: Request.Type,
+        _ body: @escaping @Sendable (Request, ParleyRequestContext) throws -> ParleyReply<Response>
+    ) {
+        self.handlers[Request.protoMessageName] = .sync { message, ctx in
+            let req = try Request(parleyPayload: message.payload)
+            let reply = try body(req, ctx)
+            try ctx.connection.answer(kind: .response, id: ctx.requestID, message: reply.message, data: reply.data)
         }
     }
 
@@ -73,11 +117,11 @@ public struct ParleyRouter: Sendable {
         _ request: Request.Type, item: Item.Type,
         _ body: @escaping @Sendable (Request, ParleyStreamWriter<Item>, ParleyRequestContext) async throws -> Final
     ) {
-        self.handlers[Request.protoMessageName] = { message, ctx in
+        self.handlers[Request.protoMessageName] = .async { message, ctx in
             let req = try Request(parleyPayload: message.payload)
             let writer = ParleyStreamWriter<Item>(connection: ctx.connection, requestID: ctx.requestID)
             let final = try await body(req, writer, ctx)
-            try await ctx.connection.sendAnswer(kind: .response, id: ctx.requestID, message: final, data: nil)
+            try ctx.connection.answer(kind: .response, id: ctx.requestID, message: final, data: nil)
         }
     }
 
@@ -85,8 +129,18 @@ public struct ParleyRouter: Sendable {
     public mutating func onMessage<Message: SwiftProtobuf.Message & Sendable>(
         _ message: Message.Type, _ body: @escaping @Sendable (Message, ParleyRequestContext) async throws -> Void
     ) {
-        self.oneWayHandlers[Message.protoMessageName] = { wire, ctx in
+        self.oneWayHandlers[Message.protoMessageName] = .async { wire, ctx in
             try await body(try Message(parleyPayload: wire.payload), ctx)
+        }
+    }
+
+    /// Registers a handler for one-way messages that does not suspend (on the event loop it
+    /// runs inline and must not block).
+    public mutating func onMessage<Message: SwiftProtobuf.Message & Sendable>(
+        _ message: Message.Type, _ body: @escaping @Sendable (Message, ParleyRequestContext) throws -> Void
+    ) {
+        self.oneWayHandlers[Message.protoMessageName] = .sync { wire, ctx in
+            try body(try Message(parleyPayload: wire.payload), ctx)
         }
     }
 }

@@ -98,18 +98,34 @@ struct MessagingTests {
 
     @Test(arguments: [true, false])
     func handlersRunWhereConfigured(onEventLoop: Bool) async throws {
+        @Sendable func whereAmI() -> String {
+            let thread = MultiThreadedEventLoopGroup.currentEventLoop == nil ? "pool" : "event loop"
+            let task = withUnsafeCurrentTask { $0 == nil } ? "no task" : "task"
+            return "\(thread), \(task)"
+        }
         var router = ParleyRouter()
+        // Synchronous (the closure does not await).
         router.on(Parley_Echo_V1_Ping.self) { ping, _ in
             var pong = Parley_Echo_V1_Pong()
             pong.sequence = ping.sequence
-            pong.serverName = MultiThreadedEventLoopGroup.currentEventLoop == nil ? "pool" : "event loop"
+            pong.serverName = whereAmI()
             return pong
+        }
+        // Asynchronous.
+        router.on(Parley_Echo_V1_Echo.self) { _, _ in
+            await Task.yield()
+            var reply = Parley_Echo_V1_EchoReply()
+            reply.text = whereAmI()
+            return reply
         }
         try await withServer(configure: { $0.limits.handlersOnEventLoop = onEventLoop }, router: router) { _, addresses in
             let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
             defer { client.close() }
             let pong = try await client.request(Parley_Echo_V1_Ping(), as: Parley_Echo_V1_Pong.self)
-            #expect(pong.serverName == (onEventLoop ? "event loop" : "pool"))
+            // On the event loop a synchronous handler runs inline, in the read: no task at all.
+            #expect(pong.serverName == (onEventLoop ? "event loop, no task" : "pool, task"))
+            let reply = try await client.request(Parley_Echo_V1_Echo(), as: Parley_Echo_V1_EchoReply.self)
+            #expect(reply.text == (onEventLoop ? "event loop, task" : "pool, task"))
         }
     }
 
@@ -286,6 +302,10 @@ struct MessagingTests {
         let received = Counter()
         var router = ParleyRouter()
         router.onMessage(Parley_Echo_V1_Ping.self) { _, _ in received.increment() }
+        router.onMessage(Parley_Echo_V1_Sleep.self) { _, _ in
+            await Task.yield()
+            received.increment()
+        }
         router.on(Parley_Echo_V1_Echo.self) { _, _ in Parley_Echo_V1_EchoReply() }
         try await withServer(router: router) { _, addresses in
             let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
@@ -294,8 +314,9 @@ struct MessagingTests {
                 var p = Parley_Echo_V1_Ping()
                 p.sequence = UInt64(i)
                 try await client.send(p)
+                try await client.send(Parley_Echo_V1_Sleep())
             }
-            #expect(try await eventually { received.count == 20 })
+            #expect(try await eventually { received.count == 40 })
         }
     }
 
