@@ -1,3 +1,4 @@
+import CParleyCRC32C
 import NIOCore
 
 /// What a MESSAGE frame is (docs/protocol.md, "Message kinds").
@@ -127,6 +128,10 @@ public struct WireMessage: Hashable, Sendable {
         let count = self.data == nil ? 2 : 3
         let payloadInline = payloadLength < zeroCopySegmentThreshold
         let dataInline = dataLength < zeroCopySegmentThreshold
+        if payloadInline && dataInline && headerLength <= MessageHeader.fixedSize + MessageHeader.maxTypeNameLength {
+            out.append(self.encodeSmallFrame(headerLength: headerLength, count: count, allocator: allocator))
+            return
+        }
         var head = allocator.buffer(capacity: Frame.preambleSize + headerLength + (payloadInline ? payloadLength : 0)
             + (dataInline ? dataLength : 0) + 4 * count)
         let start = head.writerIndex
@@ -164,6 +169,63 @@ public struct WireMessage: Hashable, Sendable {
         head.writeMultipleIntegers(headerCRC, payloadCRC, endianness: .little)
         if self.data != nil { head.writeInteger(dataCRC, endianness: .little) }
         out.append(head)
+    }
+
+    /// The whole frame in one buffer, written in one pass through a pointer: what
+    /// `encodeFrame` produces when every segment is below the zero-copy threshold.
+    private func encodeSmallFrame(headerLength: Int, count: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
+        let payloadLength = self.payload.readableBytes
+        let dataLength = self.data?.readableBytes ?? 0
+        let size = Frame.preambleSize + headerLength + payloadLength + dataLength + 4 * count
+        var head = allocator.buffer(capacity: size)
+        head.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { out in
+            let p = out.baseAddress!
+            func put<T: FixedWidthInteger>(_ value: T, _ offset: Int) {
+                p.storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self)
+            }
+            // Preamble: tag, flags, count, reserved; four (length u32, alignment u16); CRC.
+            put(FrameTag.message.rawValue, 0)
+            put(UInt8(0), 1)
+            put(UInt8(count), 2)
+            put(UInt8(0), 3)
+            put(UInt32(headerLength), 4)
+            put(UInt16(0), 8)
+            put(UInt32(payloadLength), 10)
+            put(UInt16(0), 14)
+            put(UInt32(dataLength), 16)
+            put(UInt16(self.data == nil ? 0 : 4096), 20)
+            put(UInt32(0), 22)
+            put(UInt16(0), 26)
+            put(parley_crc32c(0, p, 28), 28)
+            // Segment 0: the message header.
+            let h = Frame.preambleSize
+            put(self.header.seq, h)
+            put(self.header.ack, h + 8)
+            put(self.header.id, h + 16)
+            put(self.header.kind.rawValue, h + 24)
+            put(self.header.flags, h + 25)
+            put(UInt16(headerLength - MessageHeader.fixedSize), h + 26)
+            put(UInt32(0), h + 28)
+            var type = self.header.type
+            type.withUTF8 { name in
+                if let base = name.baseAddress { (p + h + MessageHeader.fixedSize).copyMemory(from: base, byteCount: name.count) }
+            }
+            var offset = h + headerLength
+            // Segments 1 (payload) and 2 (data), then the CRC of each segment.
+            self.payload.withUnsafeReadableBytes { bytes in
+                if let base = bytes.baseAddress { (p + offset).copyMemory(from: base, byteCount: bytes.count) }
+            }
+            offset += payloadLength
+            self.data?.withUnsafeReadableBytes { bytes in
+                if let base = bytes.baseAddress { (p + offset).copyMemory(from: base, byteCount: bytes.count) }
+            }
+            offset += dataLength
+            put(parley_crc32c(0, p + h, headerLength), offset)
+            put(parley_crc32c(0, p + h + headerLength, payloadLength), offset + 4)
+            if count == 3 { put(parley_crc32c(0, p + h + headerLength + payloadLength, dataLength), offset + 8) }
+            return size
+        }
+        return head
     }
 
     /// Parses a MESSAGE frame.
