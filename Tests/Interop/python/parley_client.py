@@ -1,0 +1,1000 @@
+#!/usr/bin/env python3
+"""Independent Parley version 1 client, written as an interoperability check.
+
+Written from docs/protocol.md ONLY (the schemas used are the ones reproduced verbatim in
+section 12 of that document); no code of the reference implementation was read. Python 3.11,
+standard library only: CRC-32C and the few protobuf messages needed are hand-coded.
+
+    python3 parley_client.py HOST:PORT            # or [V6]:PORT, or unix:PATH
+    python3 parley_client.py --self-test [docs/protocol.md]
+
+The client connects, runs the handshake (banner, HELLO, AUTH_REQUEST "none", CLIENT_IDENT,
+SERVER_IDENT), then checks Ping, Echo with a data segment, 50 pipelined Pings, a Count
+stream, a cancelled Count, an unknown request type, a one-way message and a KEEPALIVE, and
+closes with a CLOSE frame (code connectionClosed). It exits 0 if everything matched and
+1 with a message naming the failed check otherwise.
+
+--self-test parses every ```vector block of docs/protocol.md (section 13) and checks that
+this file's encoder produces the documented bytes, that its decoder reads them back (all at
+once and one byte at a time), and that invalid vectors fail with the documented error code.
+"""
+import argparse
+import base64
+import json
+import os
+import platform
+import random
+import re
+import select
+import socket
+import struct
+import sys
+import time
+
+# ---------------------------------------------------------------------------------------
+# CRC-32C (section 2): reflected polynomial 0x82F63B78, init and final xor 0xFFFFFFFF.
+_CRC_TABLE = []
+for _n in range(256):
+    _c = _n
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
+    _CRC_TABLE.append(_c)
+
+
+def crc32c(data):
+    c = 0xFFFFFFFF
+    table = _CRC_TABLE
+    for b in data:
+        c = table[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------
+# Error codes (section 10).
+CODES = ["unspecified", "protocolViolation", "badMagic", "unsupportedVersion", "missingFeatures",
+         "frameTooLarge", "badPreambleCRC", "badSegmentCRC", "unexpectedFrame", "unknownFrameTag",
+         "malformedPayload", "authenticationFailed", "truncated", "clientOutOfDate", "shuttingDown",
+         "cancelled", "unknownMessageType", "handlerFailed", "connectionClosed", "timeout",
+         "invalidArgument", "connectFailed", "redirectLoop"]
+CODE = {name: i for i, name in enumerate(CODES)}
+
+
+def code_name(code):
+    return CODES[code] if code < len(CODES) else "code %d" % code
+
+
+class ParleyError(Exception):
+    def __init__(self, code, message=""):
+        super().__init__("%s: %s" % (code, message) if message else code)
+        self.code, self.message = code, message
+
+
+# ---------------------------------------------------------------------------------------
+# Protobuf, just enough (section 2 "Reading a protobuf payload", schemas of section 12).
+ENUMS = {
+    "parley.v1.EntityType": ["ENTITY_TYPE_UNSPECIFIED", "ENTITY_TYPE_CLIENT", "ENTITY_TYPE_SERVER"],
+    "parley.v1.MessagePriority": ["MESSAGE_PRIORITY_LOW", "MESSAGE_PRIORITY_HIGH"],
+}
+# message -> list of (number, lowerCamelCase json name, type, repeated)
+SCHEMA = {
+    "parley.v1.Hello": [(1, "entityType", "enum:parley.v1.EntityType", False),
+                        (2, "peerAddress", "string", False), (3, "maxFrameSize", "uint32", False)],
+    "parley.v1.AuthRequest": [(1, "method", "string", False), (2, "offeredMethods", "string", True),
+                              (3, "payload", "bytes", False)],
+    "parley.v1.AuthBadMethod": [(1, "method", "string", False), (2, "allowedMethods", "string", True),
+                                (3, "reason", "string", False)],
+    "parley.v1.AuthMore": [(1, "payload", "bytes", False)],
+    "parley.v1.AuthDone": [(1, "method", "string", False), (2, "globalId", "uint64", False),
+                           (3, "connectionMode", "string", False), (4, "payload", "bytes", False)],
+    "parley.v1.ClientIdent": [(1, "platform", "string", False), (2, "implementation", "string", False),
+                              (3, "version", "string", False), (4, "name", "string", False),
+                              (5, "clientNonce", "uint64", False)],
+    "parley.v1.ServerMessage": [(1, "priority", "enum:parley.v1.MessagePriority", False),
+                                (2, "text", "string", False)],
+    "parley.v1.Nucleus": [(1, "messages", "msg:parley.v1.ServerMessage", True),
+                          (2, "requestDelaySeconds", "double", False), (3, "redirects", "string", True)],
+    "parley.v1.ServerIdent": [(1, "nucleus", "msg:parley.v1.Nucleus", False), (2, "platform", "string", False),
+                              (3, "implementation", "string", False), (4, "version", "string", False),
+                              (5, "name", "string", False), (6, "serverNonce", "uint64", False),
+                              (7, "refusal", "msg:parley.v1.Status", False)],
+    "parley.v1.Notice": [(1, "nucleus", "msg:parley.v1.Nucleus", False)],
+    "parley.v1.Status": [(1, "code", "uint32", False), (2, "message", "string", False)],
+    "parley.echo.v1.Echo": [(1, "payload", "bytes", False), (2, "text", "string", False)],
+    "parley.echo.v1.EchoReply": [(1, "payload", "bytes", False), (2, "text", "string", False)],
+    "parley.echo.v1.Ping": [(1, "sequence", "uint64", False)],
+    "parley.echo.v1.Pong": [(1, "sequence", "uint64", False), (2, "serverName", "string", False)],
+    "parley.echo.v1.Count": [(1, "count", "uint32", False), (2, "intervalMs", "uint32", False)],
+    "parley.echo.v1.CountItem": [(1, "index", "uint32", False), (2, "line", "string", False)],
+    "parley.echo.v1.CountDone": [(1, "sent", "uint32", False), (2, "cancelled", "bool", False)],
+    "parley.echo.v1.Sleep": [(1, "delayMs", "uint32", False)],
+    "parley.echo.v1.Slept": [(1, "delayMs", "uint32", False)],
+}
+_WIRE_TYPE = {"string": 2, "bytes": 2, "uint32": 0, "uint64": 0, "bool": 0, "double": 1}
+
+
+def _wire_type(t):
+    return 2 if t.startswith("msg:") else 0 if t.startswith("enum:") else _WIRE_TYPE[t]
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def pb_encode(type_name, msg):
+    """msg: {json name: python value}; fields in number order, scalar defaults omitted."""
+    out = bytearray()
+    for number, name, t, repeated in SCHEMA[type_name]:
+        if name not in msg:
+            continue
+        for v in (msg[name] if repeated else [msg[name]]):
+            if t.startswith("msg:"):
+                body = pb_encode(t[4:], v)
+                out += varint(number << 3 | 2) + varint(len(body)) + body
+            elif not repeated and v in (0, "", b"", False, 0.0):
+                continue
+            elif t == "double":
+                out += varint(number << 3 | 1) + struct.pack("<d", v)
+            elif t in ("string", "bytes"):
+                v = v.encode() if isinstance(v, str) else v
+                out += varint(number << 3 | 2) + varint(len(v)) + v
+            else:
+                out += varint(number << 3) + varint(int(v))
+    return bytes(out)
+
+
+def _read_varint(data, i):
+    n = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ParleyError("malformedPayload", "bad varint")
+        b = data[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, i
+
+
+def pb_fields(data):
+    """Yields (number, wire type, value) for each field; raises malformedPayload."""
+    i = 0
+    while i < len(data):
+        key, i = _read_varint(data, i)
+        number, wt = key >> 3, key & 7
+        if wt == 0:
+            value, i = _read_varint(data, i)
+        elif wt in (1, 5):
+            size = 8 if wt == 1 else 4
+            value, i = data[i:i + size], i + size
+        elif wt == 2:
+            n, i = _read_varint(data, i)
+            value, i = data[i:i + n], i + n
+        else:
+            raise ParleyError("malformedPayload", "wire type %d" % wt)
+        if number == 0 or i > len(data):
+            raise ParleyError("malformedPayload", "field %d runs past the end" % number)
+        yield number, wt, value
+
+
+def pb_decode(type_name, data):
+    """Returns {json name: value} of the fields present; unknown fields are skipped."""
+    fields = {number: (name, t, rep) for number, name, t, rep in SCHEMA[type_name]}
+    msg = {}
+    for number, wt, value in pb_fields(bytes(data)):
+        if number not in fields:
+            continue
+        name, t, repeated = fields[number]
+        if wt != _wire_type(t):
+            raise ParleyError("malformedPayload", "%s.%s has wire type %d" % (type_name, name, wt))
+        if t.startswith("msg:"):
+            value = pb_decode(t[4:], value)
+        elif t == "string":
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ParleyError("malformedPayload", "%s.%s is not UTF-8" % (type_name, name))
+        elif t == "bytes":
+            value = bytes(value)
+        elif t == "double":
+            value = struct.unpack("<d", value)[0]
+        elif t == "bool":
+            value = bool(value)
+        elif t == "uint32":
+            value &= 0xFFFFFFFF
+        if repeated:
+            msg.setdefault(name, []).append(value)
+        else:
+            msg[name] = value
+    return msg
+
+
+def pb_from_json(type_name, obj):
+    """The proto3 JSON mapping (section 13.1) -> the python form used by pb_encode/pb_decode."""
+    fields = {name: (t, rep) for _, name, t, rep in SCHEMA[type_name]}
+    msg = {}
+    for name, v in obj.items():
+        t, repeated = fields[name]
+
+        def conv(x):
+            if t.startswith("msg:"):
+                return pb_from_json(t[4:], x)
+            if t.startswith("enum:"):
+                return ENUMS[t[5:]].index(x) if isinstance(x, str) else int(x)
+            if t == "bytes":
+                return base64.b64decode(x)
+            if t in ("uint32", "uint64"):
+                return int(x)
+            return float(x) if t == "double" else x
+        msg[name] = [conv(x) for x in v] if repeated else conv(v)
+    # Drop scalar defaults so that the form matches what pb_decode returns.
+    return {k: v for k, v in msg.items()
+            if fields[k][0].startswith("msg:") or fields[k][1] or v not in (0, "", b"", False)}
+
+
+# ---------------------------------------------------------------------------------------
+# Banner, frames, MESSAGE header (sections 3, 4, 7.2).
+MAGIC = b"PARLEY\r\n"
+F_STREAMS, F_KEEPALIVE, F_NOTICE, F_DATA = 0x1, 0x2, 0x4, 0x8
+OUR_SUPPORTED, OUR_REQUIRED = 0xF, 0x0
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024 + 64 * 1024
+TAGS = {0x01: "HELLO", 0x02: "AUTH_REQUEST", 0x03: "AUTH_BAD_METHOD", 0x04: "AUTH_REPLY_MORE",
+        0x05: "AUTH_REQUEST_MORE", 0x06: "AUTH_DONE", 0x07: "CLIENT_IDENT", 0x08: "SERVER_IDENT",
+        0x10: "MESSAGE", 0x11: "NOTICE", 0x12: "KEEPALIVE", 0x13: "KEEPALIVE_ACK", 0x14: "CLOSE"}
+TAG = {v: k for k, v in TAGS.items()}
+KINDS = {1: "REQUEST", 2: "RESPONSE", 3: "STREAM_ITEM", 4: "ERROR", 5: "CANCEL", 6: "ONE_WAY"}
+KIND = {v: k for k, v in KINDS.items()}
+
+
+def encode_banner(version=1, supported=OUR_SUPPORTED, required=OUR_REQUIRED):
+    head = MAGIC + struct.pack("<HHQQ", version, 0, supported, required)
+    return head + struct.pack("<I", crc32c(head))
+
+
+def encode_frame(tag, segments, alignments=(0, 0, 0, 0), flags=0):
+    pre = struct.pack("<BBBB", tag, flags, len(segments), 0)
+    for i in range(4):
+        pre += struct.pack("<IH", len(segments[i]), alignments[i]) if i < len(segments) else bytes(6)
+    pre += struct.pack("<I", crc32c(pre))
+    return pre + b"".join(segments) + b"".join(struct.pack("<I", crc32c(s)) for s in segments)
+
+
+def encode_header(seq, ack, id_, kind, type_name, flags=0):
+    name = type_name.encode("utf-8")
+    return struct.pack("<QQQBBHI", seq, ack, id_, kind, flags, len(name), 0) + name
+
+
+def decode_header(seg):
+    if len(seg) < 32:
+        raise ParleyError("malformedPayload", "MESSAGE header shorter than 32 bytes")
+    seq, ack, id_, kind, flags, n, reserved = struct.unpack_from("<QQQBBHI", seg)
+    if reserved != 0:
+        raise ParleyError("malformedPayload", "MESSAGE header reserved bytes 28-31 not zero")
+    if n > 1024 or len(seg) != 32 + n:
+        raise ParleyError("malformedPayload", "MESSAGE header length %d, type name length %d" % (len(seg), n))
+    try:
+        name = bytes(seg[32:]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParleyError("malformedPayload", "type name is not UTF-8")
+    return {"seq": seq, "ack": ack, "id": id_, "kind": kind, "flags": flags, "type": name}
+
+
+def negotiate(theirs_version, theirs_supported, theirs_required,
+              ours_supported=OUR_SUPPORTED, ours_required=OUR_REQUIRED):
+    if theirs_version == 0:
+        raise ParleyError("unsupportedVersion", "peer speaks protocol version 0; this side accepts 1 or later")
+    they_need = theirs_required & ~ours_supported
+    if they_need:
+        raise ParleyError("missingFeatures", "peer (version %d) requires features %#x that this side "
+                          "(supported %#x) does not support" % (theirs_version, they_need, ours_supported))
+    we_need = ours_required & ~theirs_supported
+    if we_need:
+        raise ParleyError("missingFeatures", "this side requires features %#x that the peer "
+                          "(supported %#x) does not support" % (we_need, theirs_supported))
+    return ours_supported & theirs_supported
+
+
+class Reader:
+    """Reads banners and frames from `recv(n) -> bytes` (b"" at end of stream)."""
+
+    def __init__(self, recv, max_frame=DEFAULT_MAX_FRAME):
+        self.recv, self.buf, self.eof, self.max_frame = recv, bytearray(), False, max_frame
+
+    def _fill(self):
+        if self.eof:
+            return False
+        chunk = self.recv(65536)
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf += chunk
+        return True
+
+    def _exact(self, n, what, started):
+        while len(self.buf) < n:
+            if not self._fill():
+                if started or self.buf:
+                    raise ParleyError("truncated", "stream ended inside a %s" % what)
+                raise ParleyError("connectionClosed", "the peer closed the connection")
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def banner(self):
+        while True:  # the magic is compared as soon as any byte arrives
+            k = min(len(self.buf), 8)
+            if bytes(self.buf[:k]) != MAGIC[:k]:
+                raise ParleyError("badMagic", "peer's first bytes are %r, not PARLEY\\r\\n" % bytes(self.buf[:k]))
+            if len(self.buf) >= 32 or not self._fill():
+                break
+        b = self._exact(32, "banner", False)
+        if crc32c(b[:28]) != struct.unpack_from("<I", b, 28)[0]:
+            raise ParleyError("badPreambleCRC", "banner CRC mismatch")
+        version, _reserved, supported, required = struct.unpack_from("<HHQQ", b, 8)
+        return version, supported, required
+
+    def frame(self):
+        """Returns (tag, flags, segments, alignments)."""
+        p = self._exact(32, "preamble", False)
+        if crc32c(p[:28]) != struct.unpack_from("<I", p, 28)[0]:
+            raise ParleyError("badPreambleCRC", "preamble CRC mismatch")
+        tag, flags, count, reserved = p[0], p[1], p[2], p[3]
+        desc = [struct.unpack_from("<IH", p, 4 + 6 * i) for i in range(4)]
+        if not 1 <= count <= 4 or reserved != 0 or any(d != (0, 0) for d in desc[count:]):
+            raise ParleyError("protocolViolation", "bad preamble shape (count %d, byte 3 %d)" % (count, reserved))
+        total = sum(length for length, _ in desc[:count])
+        if total > self.max_frame:
+            raise ParleyError("frameTooLarge", "frame of %d bytes, limit %d" % (total, self.max_frame))
+        body = self._exact(total + 4 * count, "frame", True)
+        segments, off = [], 0
+        for length, _ in desc[:count]:
+            segments.append(body[off:off + length])
+            off += length
+        for i, s in enumerate(segments):
+            if crc32c(s) != struct.unpack_from("<I", body, off + 4 * i)[0]:
+                raise ParleyError("badSegmentCRC", "segment %d of a %s frame" % (i, TAGS.get(tag, hex(tag))))
+        return tag, flags, segments, [a for _, a in desc]
+
+
+def check_session_frame(state, tag, flags, segments):
+    """Section 7: validates one frame received by a client in the session.
+    state: {"features": int, "recv_seq": int}. Returns (kind of event, value)."""
+    features = state["features"]
+    if tag == TAG["MESSAGE"]:
+        if len(segments) < 2:
+            raise ParleyError("malformedPayload", "MESSAGE with %d segment(s)" % len(segments))
+        h = decode_header(segments[0])
+        if h["seq"] != state["recv_seq"] + 1:
+            raise ParleyError("protocolViolation", "MESSAGE seq %d, expected %d" % (h["seq"], state["recv_seq"] + 1))
+        state["recv_seq"] = h["seq"]
+        if h["kind"] not in KINDS:
+            raise ParleyError("protocolViolation", "unknown MESSAGE kind %d" % h["kind"])
+        if h["kind"] in (3, 5) and not features & F_STREAMS:
+            raise ParleyError("protocolViolation", "%s without streams" % KINDS[h["kind"]])
+        if len(segments) >= 3 and not features & F_DATA:
+            raise ParleyError("protocolViolation", "data segment without dataSegment")
+        if flags or h["flags"]:
+            raise ParleyError("protocolViolation", "non-zero MESSAGE flags")
+        h["payload"] = segments[1]
+        h["data"] = segments[2] if len(segments) >= 3 else None
+        return "message", h
+    if tag == TAG["NOTICE"]:
+        if not features & F_NOTICE:
+            raise ParleyError("unexpectedFrame", "NOTICE without notice")
+        return "notice", pb_decode("parley.v1.Notice", segments[0])
+    if tag in (TAG["KEEPALIVE"], TAG["KEEPALIVE_ACK"]):
+        if not features & F_KEEPALIVE:
+            raise ParleyError("unexpectedFrame", "%s without keepalive" % TAGS[tag])
+        if len(segments[0]) != 8:
+            raise ParleyError("malformedPayload", "%s of %d bytes" % (TAGS[tag], len(segments[0])))
+        return TAGS[tag].lower(), segments[0]
+    if tag == TAG["CLOSE"]:
+        try:
+            return "close", pb_decode("parley.v1.Status", segments[0])
+        except ParleyError:
+            return "close", {"code": CODE["connectionClosed"], "message": "unreadable CLOSE"}
+    if tag in TAGS:
+        raise ParleyError("unexpectedFrame", "%s in the session" % TAGS[tag])
+    if tag >= 0x80:
+        return "ignored", tag
+    raise ParleyError("unknownFrameTag", "critical tag %#04x" % tag)
+
+
+# ---------------------------------------------------------------------------------------
+# The client.
+def parse_address(text):
+    if text.startswith("unix:"):
+        if len(text[5:].encode()) > 107:
+            raise ParleyError("invalidArgument", "unix path longer than 107 bytes")
+        return ("unix", text[5:])
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text) or re.fullmatch(r"([^:\[\]]+):(\d+)", text)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ParleyError("invalidArgument", "address %r does not parse" % text)
+    return ("tcp", m.group(1), int(m.group(2)))
+
+
+class Connection:
+    def __init__(self, address, timeout=10.0, client_version="0.1.0", verbose=False,
+                 supported=OUR_SUPPORTED, required=OUR_REQUIRED, offered=("none",)):
+        self.address, self.timeout, self.verbose = address, timeout, verbose
+        self.supported, self.required, self.offered = supported, required, list(offered)
+        addr = parse_address(address)
+        try:
+            if addr[0] == "unix":
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                self.sock.connect(addr[1])
+            else:
+                self.sock = socket.create_connection(addr[1:], timeout=timeout)
+        except OSError as e:
+            raise ParleyError("connectFailed", "%s: %s" % (address, e))
+        self.sock.setblocking(False)
+        self.reader = Reader(self._recv)
+        self.client_version = client_version
+        self.send_seq = self.next_id = 0
+        self.state = {"features": 0, "recv_seq": 0}
+        self.pending = {}  # id -> {"expect", "stream", "items", "done"} until the final answer
+        self.pending_done = {}  # id -> the same record, with "kind", "answer", "aligns"
+        self.cancelled = {}  # id -> frames that still arrived for it (discarded)
+        self.not_before = 0.0
+        self.messages, self.redirects, self.delays, self.keepalive_acks = [], [], [], []
+
+    def log(self, *args):
+        if self.verbose:
+            print("  [debug]", *args)
+
+    def _recv(self, n):
+        r, _, _ = select.select([self.sock], [], [], self.timeout)
+        if not r:
+            raise ParleyError("timeout", "nothing received for %.1f s" % self.timeout)
+        try:
+            return self.sock.recv(n)
+        except ConnectionResetError:
+            return b""
+
+    def send(self, data):
+        """Writes everything while still reading (section 7.15: never block writing only)."""
+        view = memoryview(data)
+        while view:
+            r, w, _ = select.select([] if self.reader.eof else [self.sock], [self.sock], [], self.timeout)
+            if not r and not w:
+                raise ParleyError("timeout", "could not write for %.1f s" % self.timeout)
+            if r:
+                self.reader._fill()
+            if w:
+                view = view[self.sock.send(view):]
+
+    def fail(self, err):
+        """A protocol error detected by this side: CLOSE with its code, then close (4.4)."""
+        try:
+            status = pb_encode("parley.v1.Status", {"code": CODE.get(err.code, 0), "message": err.message})
+            self.send(encode_frame(TAG["CLOSE"], [status]))
+        except (OSError, ParleyError):
+            pass
+        self.sock.close()
+
+    # --- handshake (section 6) -----------------------------------------------------------
+    def handshake(self):
+        hello = pb_encode("parley.v1.Hello", {"entityType": 1, "peerAddress": self.address,
+                                               "maxFrameSize": DEFAULT_MAX_FRAME})
+        auth = pb_encode("parley.v1.AuthRequest", {"method": self.offered[0], "offeredMethods": self.offered})
+        self.send(encode_banner(1, self.supported, self.required) + encode_frame(TAG["HELLO"], [hello]) + encode_frame(TAG["AUTH_REQUEST"], [auth]))
+        try:
+            self.peer_version, self.peer_supported, self.peer_required = self.reader.banner()
+        except ParleyError as e:
+            if e.code in ("badMagic", "badPreambleCRC"):
+                self.fail(e)
+            raise
+        try:
+            self.state["features"] = negotiate(self.peer_version, self.peer_supported, self.peer_required,
+                                               self.supported, self.required)
+        except ParleyError:
+            self.sock.close()  # no CLOSE: the peer reaches the same conclusion (section 3)
+            raise
+        try:
+            self._handshake_frames()
+        except ParleyError as e:
+            if e.code not in ("connectionClosed", "truncated", "timeout", "peerClose", "clientOutOfDate"):
+                self.fail(e)
+            raise
+
+    def _next_handshake_frame(self, *allowed):
+        while True:
+            tag, flags, segs, _ = self.reader.frame()
+            if tag == TAG["CLOSE"]:
+                try:
+                    st = pb_decode("parley.v1.Status", segs[0])
+                except ParleyError:
+                    st = {"code": CODE["connectionClosed"]}
+                raise ParleyError("peerClose", "server sent CLOSE %s: %s" % (
+                    code_name(st.get("code", 0)), st.get("message", "")))
+            if tag in allowed:
+                return tag, segs
+            if tag >= 0x80 and tag not in TAGS:
+                continue  # ignorable
+            if tag not in TAGS:
+                raise ParleyError("unknownFrameTag", "critical tag %#04x in the handshake" % tag)
+            raise ParleyError("unexpectedFrame", "%s while waiting for %s" % (
+                TAGS[tag], "/".join(TAGS[a] for a in allowed)))
+
+    def _handshake_frames(self):
+        _, segs = self._next_handshake_frame(TAG["HELLO"])
+        self.server_hello = pb_decode("parley.v1.Hello", segs[0])
+        if self.server_hello.get("entityType", 0) != 2:
+            raise ParleyError("protocolViolation", "server HELLO with entity type %d" % self.server_hello.get("entityType", 0))
+        self.peer_max_frame = self.server_hello.get("maxFrameSize", 0) or DEFAULT_MAX_FRAME
+        offered, method = self.offered, self.offered[0]
+        while True:
+            tag, segs = self._next_handshake_frame(TAG["AUTH_DONE"], TAG["AUTH_BAD_METHOD"])
+            if tag == TAG["AUTH_DONE"]:
+                break
+            bad = pb_decode("parley.v1.AuthBadMethod", segs[0])
+            later = [m for m in offered[offered.index(method) + 1:] if m in bad.get("allowedMethods", [])]
+            if not later:
+                raise ParleyError("authenticationFailed", "server refused %r (%s), allows %s" % (
+                    bad.get("method"), bad.get("reason", ""), bad.get("allowedMethods", [])))
+            method = later[0]
+            self.send(encode_frame(TAG["AUTH_REQUEST"], [pb_encode("parley.v1.AuthRequest", {
+                "method": method, "offeredMethods": offered})]))
+        done = pb_decode("parley.v1.AuthDone", segs[0])
+        if done.get("method", "") != method or done.get("connectionMode", "") not in ("", "crc"):
+            raise ParleyError("authenticationFailed", "AUTH_DONE %r" % done)
+        self.auth_done = done
+        ident = pb_encode("parley.v1.ClientIdent", {
+            "platform": "%s-unknown-%s" % (platform.machine() or "unknown", sys.platform),
+            "implementation": "parley-python-interop", "version": self.client_version,
+            "name": "parley_client.py", "clientNonce": random.getrandbits(64) or 1})
+        self.send(encode_frame(TAG["CLIENT_IDENT"], [ident]))
+        _, segs = self._next_handshake_frame(TAG["SERVER_IDENT"])
+        self.server_ident = pb_decode("parley.v1.ServerIdent", segs[0])
+        self.apply_nucleus(self.server_ident.get("nucleus", {}), "SERVER_IDENT")
+        if "refusal" in self.server_ident:
+            r = self.server_ident["refusal"]
+            self.sock.close()  # the server sends CLOSE; we send nothing more (section 8.4)
+            raise ParleyError(code_name(r.get("code", 0)), "refused by the server: %s" % r.get("message", ""))
+
+    def apply_nucleus(self, nucleus, where):
+        """Section 8.2: messages (in order), request delay, redirects."""
+        for m in nucleus.get("messages", []):
+            prio = "HIGH" if m.get("priority", 0) == 1 else "low"
+            self.messages.append((prio, m.get("text", "")))
+            print("  server message [%s] (%s): %s" % (prio, where, m.get("text", "")))
+        delay = nucleus.get("requestDelaySeconds", 0.0)
+        if delay > 0:
+            self.not_before = time.monotonic() + delay
+            self.delays.append(delay)
+            print("  request delay (%s): %.3f s" % (where, delay))
+        if nucleus.get("redirects"):
+            self.redirects.extend(nucleus["redirects"])
+            print("  redirects (%s): %s" % (where, ", ".join(nucleus["redirects"])))
+
+    # --- session (section 7) ---------------------------------------------------------------
+    def send_message(self, kind, id_, type_name, payload, data=None):
+        self.send_seq += 1
+        header = encode_header(self.send_seq, self.state["recv_seq"], id_, kind, type_name)
+        segs, align = [header, payload], (0, 0, 0, 0)
+        if data is not None:
+            if not self.state["features"] & F_DATA:
+                raise ParleyError("invalidArgument", "data segment without dataSegment")
+            segs.append(data)
+            align = (0, 0, 4096, 0)
+        if sum(map(len, segs)) > self.peer_max_frame:
+            raise ParleyError("frameTooLarge", "message larger than the server's max_frame_size")
+        self.send(encode_frame(TAG["MESSAGE"], segs, align))
+
+    def request(self, type_name, msg, expect, data=None, stream=False):
+        """Sends a REQUEST without waiting for the answer; returns its id."""
+        wait = self.not_before - time.monotonic()
+        if wait > 0:  # the nucleus request delay (section 8.2)
+            self.log("waiting %.3f s for the request delay" % wait)
+            time.sleep(wait)
+        self.next_id += 1
+        self.pending[self.next_id] = {"expect": expect, "stream": stream, "items": [], "done": False}
+        self.send_message(KIND["REQUEST"], self.next_id, type_name, pb_encode(type_name, msg), data)
+        return self.next_id
+
+    def cancel(self, id_):
+        self.pending.pop(id_, None)
+        self.cancelled[id_] = []
+        self.send_message(KIND["CANCEL"], id_, "", b"")
+
+    def read_one(self):
+        try:
+            tag, flags, segs, aligns = self.reader.frame()
+            event, value = check_session_frame(self.state, tag, flags, segs)
+        except ParleyError as e:
+            if e.code not in ("connectionClosed", "truncated", "timeout"):
+                self.fail(e)
+            raise
+        if event == "message":
+            self.on_message(value, aligns)
+        elif event == "notice":
+            self.apply_nucleus(value.get("nucleus", {}), "NOTICE")
+        elif event == "keepalive":
+            self.send(encode_frame(TAG["KEEPALIVE_ACK"], [value]))
+        elif event == "keepalive_ack":
+            self.keepalive_acks.append(struct.unpack("<Q", value)[0])
+        elif event == "close":
+            self.sock.close()
+            raise ParleyError("peerClose", "server sent CLOSE %s: %s" % (
+                code_name(value.get("code", 0)), value.get("message", "")))
+        else:
+            self.log("skipped ignorable frame tag %#04x" % value)
+
+    def on_message(self, h, aligns):
+        kind, id_ = KINDS[h["kind"]], h["id"]
+        self.log("MESSAGE seq=%d ack=%d id=%d %s %s" % (h["seq"], h["ack"], id_, kind, h["type"]))
+        if kind == "REQUEST":  # the server calls us: this client has no handlers (7.5 step 2)
+            err = pb_encode("parley.v1.Status", {"code": CODE["unknownMessageType"],
+                                                 "message": 'no handler for request type "%s"' % h["type"]})
+            self.send_message(KIND["ERROR"], id_, "parley.v1.Status", err)
+            return
+        if kind in ("ONE_WAY", "CANCEL"):
+            return  # nothing to do: no handlers, nothing being served
+        p = self.pending.get(id_)
+        if p is None:  # 7.5 step 6: no outstanding request (e.g. cancelled): discard
+            self.cancelled.setdefault(id_, []).append(h)
+            return
+        if kind == "STREAM_ITEM":
+            if p["stream"]:
+                p["items"].append(h)
+            return
+        p["done"], p["kind"], p["answer"], p["aligns"] = True, kind, h, aligns
+        del self.pending[id_]
+        self.pending_done[id_] = p
+
+    def wait(self, ids):
+        """Reads frames until every id in ids has its final answer; returns {id: record}."""
+        while any(i not in self.pending_done for i in ids):
+            self.read_one()
+        return {i: self.pending_done.pop(i) for i in ids}
+
+    def close(self):
+        """Section 7.13: a healthy close MAY send CLOSE(connectionClosed); then close."""
+        status = pb_encode("parley.v1.Status", {"code": CODE["connectionClosed"], "message": "client done"})
+        self.send(encode_frame(TAG["CLOSE"], [status]))
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def answer(rec, expect_type):
+    """The final answer of a request: decoded payload, or a ParleyError for ERROR / wrong type."""
+    h = rec["answer"]
+    if rec["kind"] == "ERROR":
+        st = pb_decode("parley.v1.Status", h["payload"])
+        raise ParleyError(code_name(st.get("code", 0)), "ERROR answer: %s" % st.get("message", ""))
+    if h["type"] != expect_type:
+        raise ParleyError("malformedPayload", "RESPONSE of type %r, expected %r" % (h["type"], expect_type))
+    return pb_decode(expect_type, h["payload"])
+
+
+# ---------------------------------------------------------------------------------------
+# The checks against a live server.
+class CheckFailed(Exception):
+    pass
+
+
+def check(cond, what):
+    if not cond:
+        raise CheckFailed(what)
+
+
+def run(args):
+    hops, visited = 0, set()
+    address = args.address
+    while True:
+        print("step 1: connect to %s and handshake" % address)
+        visited.add(address)
+        conn = Connection(address, args.timeout, args.client_version, args.verbose,
+                          args.supported, args.required, args.offer.split(","))
+        conn.handshake()
+        si = conn.server_ident
+        print("  negotiated: server banner version %d, supported %#x, required %#x; features %#x" % (
+            conn.peer_version, conn.peer_supported, conn.peer_required, conn.state["features"]))
+        print("  server HELLO: sees us at %r, max_frame_size %d; AUTH_DONE %s" % (
+            conn.server_hello.get("peerAddress", ""), conn.server_hello.get("maxFrameSize", 0), conn.auth_done))
+        print("  server: %s %s on %s, name %r, server_nonce %d, nucleus present: %s" % (
+            si.get("implementation", ""), si.get("version", ""), si.get("platform", ""),
+            si.get("name", ""), si.get("serverNonce", 0), "nucleus" in si))
+        if conn.redirects and args.follow_redirects:
+            target = conn.redirects[0]
+            parse_address(target)
+            hops += 1
+            if target in visited or hops > 4:
+                raise ParleyError("redirectLoop", "redirect to %s (hop %d)" % (target, hops))
+            print("  following redirect to %s" % target)
+            conn.close()
+            address = target
+            continue
+        break
+    features = conn.state["features"]
+
+    print("step 2: Ping")
+    i = conn.request("parley.echo.v1.Ping", {"sequence": 4242}, "parley.echo.v1.Pong")
+    pong = answer(conn.wait([i])[i], "parley.echo.v1.Pong")
+    check(pong.get("sequence") == 4242, "Pong sequence %r != 4242" % pong.get("sequence"))
+    print("  Pong sequence %d, server_name %r (ServerIdent.name %r)" % (
+        pong["sequence"], pong.get("serverName", ""), si.get("name", "")))
+
+    print("step 3: Echo with payload, text and a %d-byte data segment" % args.data_size)
+    payload = bytes(random.getrandbits(8) for _ in range(200))
+    data = os.urandom(args.data_size) if features & F_DATA else None
+    i = conn.request("parley.echo.v1.Echo", {"payload": payload, "text": "héllo"}, "parley.echo.v1.EchoReply", data)
+    rec = conn.wait([i])[i]
+    reply = answer(rec, "parley.echo.v1.EchoReply")
+    check(reply.get("payload", b"") == payload, "EchoReply payload differs")
+    check(reply.get("text", "") == "héllo", "EchoReply text differs: %r" % reply.get("text"))
+    if data is not None:
+        got = rec["answer"]["data"]
+        check(got is not None, "EchoReply has no data segment")
+        check(got == data, "EchoReply data segment differs (%d bytes back)" % len(got))
+    if data is not None:
+        print("  payload, text and data segment identical; reply data alignment hint %d" % rec["aligns"][2])
+    else:
+        print("  payload and text identical (no data segment: dataSegment not negotiated)")
+    if data is not None:
+        i = conn.request("parley.echo.v1.Echo", {"text": "empty"}, "parley.echo.v1.EchoReply", b"")
+        rec = conn.wait([i])[i]
+        answer(rec, "parley.echo.v1.EchoReply")
+        print("  an empty data segment comes back as: %s" % (
+            "no data segment" if rec["answer"]["data"] is None else "%d bytes" % len(rec["answer"]["data"])))
+
+    print("step 4: %d pipelined Pings" % args.pipeline)
+    ids = {}
+    for k in range(args.pipeline):
+        seqno = 1000 + k * 7
+        ids[conn.request("parley.echo.v1.Ping", {"sequence": seqno}, "parley.echo.v1.Pong")] = seqno
+    got = conn.wait(list(ids))
+    for id_, seqno in ids.items():
+        p = answer(got[id_], "parley.echo.v1.Pong")
+        check(p.get("sequence", 0) == seqno, "pipelined Ping id %d: Pong sequence %r != %d" % (id_, p.get("sequence"), seqno))
+    print("  all %d Pongs matched by id (ids %d..%d)" % (len(ids), min(ids), max(ids)))
+
+    if features & F_STREAMS:
+        print("step 5: Count stream (count %d, interval 20 ms)" % args.count)
+        i = conn.request("parley.echo.v1.Count", {"count": args.count, "intervalMs": 20}, "parley.echo.v1.CountDone",
+                         stream=True)
+        rec = conn.wait([i])[i]
+        done = answer(rec, "parley.echo.v1.CountDone")
+        items = []
+        for h in rec["items"]:
+            check(h["type"] == "parley.echo.v1.CountItem", "stream item of type %r" % h["type"])
+            items.append(pb_decode("parley.echo.v1.CountItem", h["payload"]))
+        for n, it in enumerate(items):
+            print("  item index=%d line=%r" % (it.get("index", 0), it.get("line", "")))
+            check(it.get("index", 0) == n, "item %d has index %r" % (n, it.get("index")))
+            check(it.get("line") == "line %d of %d" % (n + 1, args.count), "item %d line %r" % (n, it.get("line")))
+        check(len(items) == args.count, "%d items, expected %d" % (len(items), args.count))
+        check(done.get("sent", 0) == args.count and not done.get("cancelled", False), "CountDone %r" % done)
+        print("  final CountDone %r" % done)
+
+        print("step 5b: cancel a Count after its first item")
+        i = conn.request("parley.echo.v1.Count", {"count": 100, "intervalMs": 30}, "parley.echo.v1.CountDone",
+                         stream=True)
+        while not conn.pending[i]["items"]:
+            conn.read_one()
+        conn.cancel(i)
+        j = conn.request("parley.echo.v1.Sleep", {"delayMs": 300}, "parley.echo.v1.Slept")
+        slept = answer(conn.wait([j])[j], "parley.echo.v1.Slept")
+        check(slept.get("delayMs") == 300, "Slept %r" % slept)
+        late = conn.cancelled.get(i, [])
+        finals = [pb_decode("parley.echo.v1.CountDone", h["payload"]) for h in late if h["kind"] == 2]
+        print("  discarded after CANCEL: %d frame(s); final answer: %s" % (
+            len(late), finals[0] if finals else [KINDS[h["kind"]] for h in late]))
+        check(len(late) < 10, "the stream went on after CANCEL (%d late frames)" % len(late))
+    else:
+        print("step 5: skipped, streams not negotiated")
+
+    print("step 5c: unknown request type, one-way message, keepalive")
+    conn.next_id += 1
+    i = conn.next_id
+    conn.pending[i] = {"expect": None, "stream": False, "items": [], "done": False}
+    conn.send_message(KIND["REQUEST"], i, "example.v1.Unknown", b"\x08\x01")
+    rec = conn.wait([i])[i]
+    try:
+        answer(rec, "example.v1.Unknown")
+        raise CheckFailed("unknown request type was answered with a RESPONSE")
+    except ParleyError as e:
+        check(e.code == "unknownMessageType", "unknown request type answered with %s" % e)
+        print("  unknown type -> ERROR %s" % e)
+    conn.send_message(KIND["ONE_WAY"], 0, "parley.echo.v1.Echo", pb_encode("parley.echo.v1.Echo", {"text": "fire and forget"}))
+    if features & F_KEEPALIVE:
+        stamp = time.monotonic_ns()
+        conn.send(encode_frame(TAG["KEEPALIVE"], [struct.pack("<Q", stamp)]))
+        while stamp not in conn.keepalive_acks:
+            conn.read_one()
+        print("  one-way sent (no answer expected); KEEPALIVE_ACK matched")
+
+    print("step 6: nucleus and negotiation")
+    print("  negotiated version: ours 1, server's %d; features %#x [%s]" % (
+        conn.peer_version, features, ", ".join(n for b, n in [(1, "streams"), (2, "keepalive"), (4, "notice"),
+                                                              (8, "dataSegment")] if features & b)))
+    print("  messages: %s" % (conn.messages or "none"))
+    print("  request delays: %s" % (conn.delays or "none"))
+    print("  redirects: %s" % (conn.redirects or "none"))
+
+    print("step 7: close with CLOSE(connectionClosed)")
+    conn.close()
+    print("OK: every check passed")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Self-test against the test vectors of section 13.
+def parse_vectors(text):
+    vectors = []
+    for block in re.findall(r"```vector\n(.*?)```", text, re.S):
+        v, key = {"segment": []}, None
+        for line in block.splitlines():
+            if line.startswith(" ") and key == "wire":
+                v["wire"] += line.split("#", 1)[0]
+                continue
+            key, _, value = line.partition(":")
+            value = value.strip()
+            if key == "segment":
+                v["segment"].append(value)
+            elif key == "wire":
+                v["wire"] = value.split("#", 1)[0]
+            else:
+                v[key] = value
+        v["wire"] = bytes.fromhex(v["wire"].replace(" ", ""))
+        vectors.append(v)
+    return vectors
+
+
+def segment_bytes(spec):
+    form, _, rest = spec.partition(" ")
+    if form == "proto":
+        type_name, _, js = rest.partition(" ")
+        return pb_encode(type_name, pb_from_json(type_name, json.loads(js)))
+    if form == "header":
+        m = re.fullmatch(r"seq=(\d+) ack=(\d+) id=(\d+) kind=(\w+) flags=(\d+) type=(.*)", rest)
+        return encode_header(int(m[1]), int(m[2]), int(m[3]), KIND[m[4]], m[6], int(m[5]))
+    if form == "hex":
+        return bytes.fromhex(rest.replace(" ", ""))
+    if form == "u64le":
+        return struct.pack("<Q", int(rest, 0))
+    raise ValueError("unknown segment form %r" % form)
+
+
+def check_segment(spec, seg):
+    """Decodes seg the way a receiver would and compares with the vector's description."""
+    form, _, rest = spec.partition(" ")
+    if form == "proto":
+        type_name, _, js = rest.partition(" ")
+        return pb_decode(type_name, seg) == pb_from_json(type_name, json.loads(js))
+    if form == "header":
+        h = decode_header(seg)
+        m = re.fullmatch(r"seq=(\d+) ack=(\d+) id=(\d+) kind=(\w+) flags=(\d+) type=(.*)", rest)
+        return (h["seq"], h["ack"], h["id"], KINDS.get(h["kind"]), h["flags"], h["type"]) == (
+            int(m[1]), int(m[2]), int(m[3]), m[4], int(m[5]), m[6])
+    return seg == segment_bytes(spec)
+
+
+def _source(data, chunk):
+    pos = [0]
+
+    def recv(n):
+        out = data[pos[0]:pos[0] + min(n, chunk)]
+        pos[0] += len(out)
+        return out
+    return recv
+
+
+def run_invalid(v, chunk):
+    stage = v["stage"]
+    reader = Reader(_source(v["wire"], chunk))
+    try:
+        if stage == "banner":
+            reader.banner()
+        elif stage == "negotiation":
+            negotiate(*reader.banner())
+        elif stage == "frame":
+            while True:
+                reader.frame()
+        elif stage == "session":
+            state = {"features": 0xF, "recv_seq": 0}
+            while True:
+                check_session_frame(state, *reader.frame()[:3])
+    except ParleyError as e:
+        return e.code
+    return "no error"
+
+
+def self_test(path):
+    assert crc32c(b"123456789") == 0xE3069283 and crc32c(b"") == 0
+    assert struct.pack("<I", crc32c(b"123456789")) == bytes.fromhex("839206e3")
+    vectors = parse_vectors(open(path, encoding="utf-8").read())
+    failures = 0
+    for v in vectors:
+        problems = []
+        if v["kind"] == "banner":
+            enc = encode_banner(int(v["version"], 0), int(v["supported"], 0), int(v["required"], 0))
+            if enc != v["wire"]:
+                problems.append("encoding differs: %s" % enc.hex(" "))
+            for chunk in (65536, 1):
+                got = Reader(_source(v["wire"], chunk)).banner()
+                if got != (int(v["version"], 0), int(v["supported"], 0), int(v["required"], 0)):
+                    problems.append("decoded %r" % (got,))
+                try:
+                    negotiate(*got)
+                except ParleyError as e:
+                    problems.append("negotiation refuses it: %s" % e)
+        elif v["kind"] == "frame":
+            tag = int(v["tag"].split()[0], 0)
+            aligns = tuple(int(x) for x in v.get("alignments", "0 0 0 0").split())
+            segs = [segment_bytes(s) for s in v["segment"]]
+            enc = encode_frame(tag, segs, aligns, int(v["flags"], 0))
+            if enc != v["wire"]:
+                problems.append("encoding differs:\n    got  %s\n    want %s" % (enc.hex(" "), v["wire"].hex(" ")))
+            for chunk in (65536, 1):
+                reader = Reader(_source(v["wire"], chunk))
+                t, f, got, al = reader.frame()
+                if (t, f, tuple(al)) != (tag, int(v["flags"], 0), aligns) or len(got) != len(segs):
+                    problems.append("decoded tag/flags/alignments/count differ")
+                elif not all(check_segment(s, g) for s, g in zip(v["segment"], got)):
+                    problems.append("decoded segments differ")
+                if v.get("session") == "ignored":
+                    ev = check_session_frame({"features": 0xF, "recv_seq": 0}, t, f, got)[0]
+                    if ev != "ignored":
+                        problems.append("session did not ignore it: %s" % ev)
+                try:
+                    reader.frame()
+                    problems.append("bytes left after the frame")
+                except ParleyError as e:
+                    if e.code != "connectionClosed":
+                        problems.append("after the frame: %s" % e)
+        else:
+            for chunk in (65536, 1):
+                got = run_invalid(v, chunk)
+                if got != v["error"]:
+                    problems.append("chunk %d: got %s, want %s" % (chunk, got, v["error"]))
+        failures += bool(problems)
+        print("%-4s %-34s %s" % ("FAIL" if problems else "ok", v["name"], "; ".join(problems)))
+    print("%d vectors, %d failed" % (len(vectors), failures))
+    return 1 if failures or not vectors else 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Independent Parley v1 interop client (from docs/protocol.md)")
+    ap.add_argument("address", nargs="?", help="HOST:PORT, [V6]:PORT or unix:PATH")
+    ap.add_argument("--self-test", nargs="?", const=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                 "..", "..", "..", "docs", "protocol.md"),
+                    metavar="PROTOCOL_MD", help="check the codec against the document's test vectors")
+    ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--data-size", type=int, default=256 * 1024, help="bytes in the Echo data segment")
+    ap.add_argument("--pipeline", type=int, default=50)
+    ap.add_argument("--count", type=int, default=5)
+    ap.add_argument("--client-version", default="0.1.0", help="ClientIdent.version to announce")
+    ap.add_argument("--supported", type=lambda x: int(x, 0), default=OUR_SUPPORTED,
+                    help="our banner's supported features (default 0xf)")
+    ap.add_argument("--required", type=lambda x: int(x, 0), default=OUR_REQUIRED,
+                    help="our banner's required features (default 0x0)")
+    ap.add_argument("--offer", default="none", help="authentication methods to offer, in order (default none)")
+    ap.add_argument("--follow-redirects", action="store_true", help="follow nucleus redirects (max 4 hops)")
+    ap.add_argument("--verbose", "-v", action="store_true")
+    args = ap.parse_args()
+    if args.self_test:
+        return self_test(args.self_test)
+    if not args.address:
+        ap.error("an address (or --self-test) is required")
+    try:
+        return run(args)
+    except ParleyError as e:
+        print("FAILED: Parley error %s" % e)
+    except CheckFailed as e:
+        print("FAILED: check failed: %s" % e)
+    except OSError as e:
+        print("FAILED: socket error: %s" % e)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
