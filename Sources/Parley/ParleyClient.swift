@@ -142,7 +142,10 @@ public final class ParleyClient: Sendable {
             maxFrameSize: UInt32(configuration.maxFrameSize), authMethods: configuration.authMethods, ident: ident,
             serverAddress: address.description
         ))
-        let options = PipelineOptions(maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound)
+        let options = PipelineOptions(
+            maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound,
+            keepalive: try configuration.limits.keepaliveConfiguration()
+        )
         let nucleus = NIOLockedValueBox(NucleusState())
         let established = NIOLockedValueBox<EventLoopPromise<ParleyConnection>?>(nil)
         let initializer: ParleyChannelInitializer = { channel in
@@ -207,18 +210,19 @@ public final class ParleyClient: Sendable {
     }
 
     /// Sends a request (after any request delay) and returns the response and its data.
+    /// `timeout` (if any) counts from when the request is sent; see `ParleyConnection.call`.
     public func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
-        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self
+        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self, timeout: Duration? = nil
     ) async throws -> ParleyReply<Response> {
         try await self.waitForRequestDelay()
-        return try await self.connection.call(request, data: data, as: response)
+        return try await self.connection.call(request, data: data, as: response, timeout: timeout)
     }
 
     /// Sends a request (after any request delay) and returns the response.
     public func request<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
-        _ request: Request, as response: Response.Type = Response.self
+        _ request: Request, as response: Response.Type = Response.self, timeout: Duration? = nil
     ) async throws -> Response {
-        try await self.call(request, as: response).message
+        try await self.call(request, as: response, timeout: timeout).message
     }
 
     /// Sends a streamed request (after any request delay).

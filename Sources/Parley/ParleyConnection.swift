@@ -19,10 +19,38 @@ public struct ParleyConnectionLimits: Sendable {
     /// block), or on Swift's global pool.
     public var handlersOnEventLoop: Bool
 
-    public init(maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024, handlersOnEventLoop: Bool = true) {
+    /// After this long without a byte from the peer, send it a KEEPALIVE (at most one per
+    /// interval); nil: send none, and never time out. Needs the `keepalive` feature on both
+    /// sides.
+    public var keepaliveInterval: Duration?
+    /// After this long without a byte from the peer (despite the KEEPALIVEs), close the
+    /// connection with `timeout`. Must be longer than `keepaliveInterval`. Time during which
+    /// this side has stopped reading (back-pressure) does not count.
+    public var keepaliveTimeout: Duration
+
+    public init(
+        maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024, handlersOnEventLoop: Bool = true,
+        keepaliveInterval: Duration? = .seconds(15), keepaliveTimeout: Duration = .seconds(60)
+    ) {
         self.maxOutstandingRequests = maxOutstandingRequests
         self.maxConcurrentHandlers = maxConcurrentHandlers
         self.handlersOnEventLoop = handlersOnEventLoop
+        self.keepaliveInterval = keepaliveInterval
+        self.keepaliveTimeout = keepaliveTimeout
+    }
+
+    /// The keepalive timing for the pipeline; nil if keepalives are off.
+    /// - Throws: `invalidArgument` unless 0 < interval < timeout.
+    func keepaliveConfiguration() throws(ParleyError) -> KeepaliveStateMachine.Configuration? {
+        guard let interval = self.keepaliveInterval else { return nil }
+        let i = interval.nanoseconds, t = self.keepaliveTimeout.nanoseconds
+        guard i > 0, t > i else {
+            throw ParleyError(
+                code: .invalidArgument,
+                message: "keepalive interval (\(interval)) must be positive and shorter than the keepalive timeout (\(self.keepaliveTimeout))"
+            )
+        }
+        return KeepaliveStateMachine.Configuration(interval: i, timeout: t)
     }
 
     public static var defaults: ParleyConnectionLimits { ParleyConnectionLimits() }
@@ -81,6 +109,7 @@ public final class ParleyConnection: Sendable {
         var idleWaiters: [CheckedContinuation<Void, Never>] = []
         var draining = false
         var closed: ParleyError?
+        var keepaliveRoundTrip: Duration?
     }
 
     init(
@@ -109,11 +138,13 @@ public final class ParleyConnection: Sendable {
     ///   - request: the request message; its type selects the peer's handler.
     ///   - data: bulk bytes for the data segment, sent without copying.
     ///   - response: the expected response type.
+    ///   - timeout: how long to wait for the answer; nil: as long as the connection lasts.
     /// - Throws: `ParleyError` with the peer's error code, `cancelled` if the calling task is
-    ///   cancelled (the peer is told), `frameTooLarge` or `invalidArgument` if the peer could
+    ///   cancelled, `timeout` if the answer does not come within `timeout` (in both cases the
+    ///   peer is told with a CANCEL), `frameTooLarge` or `invalidArgument` if the peer could
     ///   not accept the request, or `connectionClosed`.
     public func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
-        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self
+        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self, timeout: Duration? = nil
     ) async throws -> ParleyReply<Response> {
         let id = try await self.acquireSlot()
         defer { self.releaseSlot() }
@@ -122,6 +153,8 @@ public final class ParleyConnection: Sendable {
             payload: request.parleyPayload(allocator: self.channel.allocator), data: data
         )
         try self.check(message)
+        var timer: Scheduled<Void>?
+        defer { timer?.cancel() }
         let answer: WireMessage = try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<WireMessage, any Error>) in
                 let refusal = self.state.withLockedValue { s -> ParleyError? in
@@ -135,6 +168,13 @@ public final class ParleyConnection: Sendable {
                     continuation.resume(throwing: refusal)
                 } else {
                     self.outlet.write(.message(message))
+                    if let timeout {
+                        timer = self.channel.eventLoop.scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
+                            self.cancelOutbound(id: id, ParleyError(
+                                code: .timeout, message: "request \(id) (\(Request.protoMessageName)) got no answer within \(timeout)"
+                            ))
+                        }
+                    }
                 }
             }
         } onCancel: {
@@ -145,9 +185,9 @@ public final class ParleyConnection: Sendable {
 
     /// Sends a request and waits for its response message.
     public func request<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
-        _ request: Request, as response: Response.Type = Response.self
+        _ request: Request, as response: Response.Type = Response.self, timeout: Duration? = nil
     ) async throws -> Response {
-        try await self.call(request, as: response).message
+        try await self.call(request, as: response, timeout: timeout).message
     }
 
     /// Sends a request answered by a stream of items and a final response.
@@ -214,6 +254,9 @@ public final class ParleyConnection: Sendable {
 
     /// Requests this side is waiting on.
     public var outstandingRequests: Int { self.state.withLockedValue { $0.pending.count } }
+
+    /// The round-trip time of the last KEEPALIVE this side sent that was answered, if any.
+    public var keepaliveRoundTrip: Duration? { self.state.withLockedValue { $0.keepaliveRoundTrip } }
 
     // MARK: - Internals
 
@@ -314,9 +357,10 @@ public final class ParleyConnection: Sendable {
         waiter?.resume()
     }
 
-    private func cancelOutbound(id: UInt64) {
+    /// Gives up on request `id` with `error` (by default: cancelled) and tells the peer.
+    private func cancelOutbound(id: UInt64, _ error: ParleyError? = nil) {
         let pending = self.state.withLockedValue { $0.pending.removeValue(forKey: id) }
-        let error = ParleyError(code: .cancelled, message: "request \(id) cancelled")
+        let error = error ?? ParleyError(code: .cancelled, message: "request \(id) cancelled")
         switch pending {
         case .unary(let c)?: c.resume(throwing: error)
         case .stream(let c)?: c.finish(throwing: error)
@@ -373,8 +417,11 @@ public final class ParleyConnection: Sendable {
             self.received(message)
         case .notice(let nucleus):
             self.onNotice?(ParleyNucleus(nucleus))
-        case .keepaliveAck:
-            break
+        case .keepaliveAck(let stamp):
+            let now = NIODeadline.now().uptimeNanoseconds
+            if now >= stamp {
+                self.state.withLockedValue { $0.keepaliveRoundTrip = .nanoseconds(Int64(now - stamp)) }
+            }
         }
     }
 
@@ -688,5 +735,15 @@ struct ConnectionMetrics: Sendable {
         self.handledCount.increment()
         let elapsed = ContinuousClock.now - start
         self.latency.recordNanoseconds(elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000)
+    }
+}
+
+extension Duration {
+    /// The whole duration in nanoseconds (saturating).
+    var nanoseconds: Int64 {
+        let (seconds, attoseconds) = self.components
+        let (product, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        guard !overflow else { return seconds < 0 ? .min : .max }
+        return product.addingReportingOverflow(attoseconds / 1_000_000_000).overflow ? .max : product + attoseconds / 1_000_000_000
     }
 }

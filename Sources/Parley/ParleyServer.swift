@@ -100,6 +100,7 @@ public final class ParleyServer: Service, Sendable {
         var listeners: [any Channel] = []
         var bound: [ParleyAddress] = []
         do {
+            _ = try self.configuration.limits.keepaliveConfiguration()
             for address in self.configuration.listen {
                 let (listener, actual) = try await self.configuration.transport.listen(
                     on: address, group: self.group, initializer: { [self] channel in self.initialize(channel) }
@@ -114,7 +115,12 @@ public final class ParleyServer: Service, Sendable {
                 defer { s.boundWaiters = [] }
                 return s.boundWaiters
             }
-            let wrapped = ParleyError(code: .connectFailed, message: "cannot listen on \(self.configuration.listen.map(\.description)): \(error)", cause: error)
+            let wrapped: ParleyError
+            if let error = error as? ParleyError, error.code == .invalidArgument {
+                wrapped = error  // a bad configuration, not a failure to listen
+            } else {
+                wrapped = ParleyError(code: .connectFailed, message: "cannot listen on \(self.configuration.listen.map(\.description)): \(error)", cause: error)
+            }
             waiters.forEach { $0.resume(throwing: wrapped) }
             throw wrapped
         }
@@ -235,7 +241,11 @@ public final class ParleyServer: Service, Sendable {
         handler.established.whenFailure { error in
             self.logEnd(error as? ParleyError ?? ParleyError(code: .connectionClosed, message: "\(error)"), logger: logger, handshake: true)
         }
-        try ParleyPipeline.configure(channel, options: PipelineOptions(maxFrameSize: self.configuration.maxFrameSize), handler: handler)
+        let options = PipelineOptions(
+            maxFrameSize: self.configuration.maxFrameSize,
+            keepalive: try self.configuration.limits.keepaliveConfiguration()  // checked by run()
+        )
+        try ParleyPipeline.configure(channel, options: options, handler: handler)
     }
 
     /// The handshake completed (on the event loop): the connection is served from now on.

@@ -75,6 +75,15 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private var readsPaused = false
     private var readPending = false
 
+    /// Keepalive timing, when configured and negotiated (from the end of the handshake).
+    private var keepalive: KeepaliveStateMachine?
+    private var keepaliveTimer: RepeatedTask?
+    /// Something arrived from the peer since the last keepalive tick.
+    private var heardSinceTick = false
+    /// When to send KEEPALIVE and give up on a silent peer; nil: never. Used when the
+    /// `keepalive` feature is negotiated.
+    public var keepaliveConfiguration: KeepaliveStateMachine.Configuration?
+
     /// Succeeds once the handshake has completed and `establish` has returned; fails with the
     /// reason if the connection closes first.
     public var established: EventLoopFuture<Void> { self.establishedPromise.futureResult }
@@ -198,6 +207,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         self.inReadBurst = true
+        self.heardSinceTick = true
         guard !self.isClosing else { return }
         var buffer = self.unwrapInboundIn(data)
         if var unread = self.unread {
@@ -348,6 +358,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     fileprivate func setReadsPaused(_ paused: Bool) {
         self.readsPaused = paused
+        self.keepalive?.readsPaused(paused, now: Self.now())
         if !paused, self.readPending, let context = self.context {
             self.readPending = false
             context.read()
@@ -422,6 +433,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             if case .handshaking(.client(_)) = self.state { role = .client } else { role = .server }
             let peerMax = result.peerHello.maxFrameSize == 0 ? Frame.defaultMaxFrameSize : Int(result.peerHello.maxFrameSize)
             self.state = .established(SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax))
+            if let configuration = self.keepaliveConfiguration, result.features.contains(.keepalive) {
+                self.startKeepalive(configuration, context: context)
+            }
             do {
                 self.sink = try self.establish(result, Outlet(handler: NIOLoopBound(self, eventLoop: context.eventLoop), queue: self.queue))
                 self.establishedPromise.succeed(())
@@ -436,6 +450,47 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.recordFailure(error)
             self.flushThenClose(context: context)
         }
+    }
+
+    // MARK: - Keepalive
+
+    private static func now() -> Int64 { Int64(truncatingIfNeeded: NIODeadline.now().uptimeNanoseconds) }
+
+    private func startKeepalive(_ configuration: KeepaliveStateMachine.Configuration, context: ChannelHandlerContext) {
+        self.keepalive = KeepaliveStateMachine(configuration: configuration, now: Self.now())
+        self.keepalive?.readsPaused(self.readsPaused, now: Self.now())
+        let tick = TimeAmount.nanoseconds(configuration.tickInterval)
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        self.keepaliveTimer = context.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { _ in
+            handler.value.keepaliveTick()
+        }
+    }
+
+    private func keepaliveTick() {
+        guard var machine = self.keepalive, let context = self.context, case .established = self.state else { return }
+        let action = machine.tick(now: Self.now(), heard: self.heardSinceTick)
+        self.keepalive = machine
+        self.heardSinceTick = false
+        switch action {
+        case .none:
+            break
+        case .sendKeepalive(let stamp):
+            self.write(.keepalive(stamp), promise: nil, context: context)
+            self.flush(context: context)
+        case .timedOut(let silent):
+            let seconds = Double(silent) / 1e9
+            let timeout = Double(machine.configuration.timeout) / 1e9
+            self.failConnection(
+                ParleyError(code: .timeout, message: "nothing received from the peer for \(seconds.formatted2) s (keepalive timeout \(timeout.formatted2) s)"),
+                tellPeer: true, context: context
+            )
+        }
+    }
+
+    private func stopKeepalive() {
+        self.keepaliveTimer?.cancel()
+        self.keepaliveTimer = nil
+        self.keepalive = nil
     }
 
     private func recordFailure(_ error: ParleyError) {
@@ -460,6 +515,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     /// Reports the end of the connection, once: to the sink, or through `established`.
     private func closeOut() {
+        self.stopKeepalive()
         guard !self.closedOut else { return }
         self.closedOut = true
         if let sink = self.sink {
@@ -480,5 +536,15 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         for (i, buffer) in self.scratch.enumerated() {
             context.write(self.wrapOutboundOut(buffer), promise: i == last ? promise : nil)
         }
+    }
+}
+
+extension Double {
+    /// Two decimals, for messages.
+    fileprivate var formatted2: String {
+        let hundredths = (self * 100).rounded()
+        let whole = Int(hundredths / 100)
+        let frac = Int(abs(hundredths).truncatingRemainder(dividingBy: 100))
+        return "\(whole).\(frac < 10 ? "0" : "")\(frac)"
     }
 }

@@ -11,8 +11,15 @@ public struct PipelineOptions: Sendable {
     /// Write the bytes sent to the peer to this file.
     public var captureOutbound: String?
 
-    public init(maxFrameSize: Int = Frame.defaultMaxFrameSize, captureInbound: String? = nil, captureOutbound: String? = nil) {
+    /// When to send KEEPALIVE and give up on a silent peer; nil: never.
+    public var keepalive: KeepaliveStateMachine.Configuration?
+
+    public init(
+        maxFrameSize: Int = Frame.defaultMaxFrameSize, captureInbound: String? = nil, captureOutbound: String? = nil,
+        keepalive: KeepaliveStateMachine.Configuration? = nil
+    ) {
         self.maxFrameSize = maxFrameSize
+        self.keepalive = keepalive
         self.captureInbound = captureInbound
         self.captureOutbound = captureOutbound
     }
@@ -28,6 +35,7 @@ public enum ParleyPipeline {
             try sync.addHandler(CaptureHandler(inboundPath: options.captureInbound, outboundPath: options.captureOutbound))
         }
         handler.maxFrameSize = options.maxFrameSize
+        handler.keepaliveConfiguration = options.keepalive
         try sync.addHandler(handler)
     }
 

@@ -1,0 +1,74 @@
+/// When to send KEEPALIVE and when to give up on a silent peer (docs/protocol.md, "KEEPALIVE
+/// and KEEPALIVE_ACK").
+///
+/// The connection ticks it periodically (every `Configuration.tickInterval`) with the current
+/// time and whether anything arrived from the peer since the previous tick. After `interval`
+/// without a byte from the peer it asks for a KEEPALIVE (at most one per `interval`); after
+/// `timeout` without a byte it declares the peer gone. While this side has stopped reading
+/// (back-pressure) silence is not the peer's fault: the clock of silence restarts when reading
+/// resumes.
+///
+/// Invariants: no clock, timer or channel inside; times are monotonic nanoseconds passed in.
+public struct KeepaliveStateMachine: Sendable {
+    public struct Configuration: Hashable, Sendable {
+        /// Silence (nothing received) after which a KEEPALIVE is sent, in nanoseconds.
+        public var interval: Int64
+        /// Silence after which the peer is declared gone, in nanoseconds; more than `interval`.
+        public var timeout: Int64
+
+        public init(interval: Int64, timeout: Int64) {
+            precondition(interval > 0 && timeout > interval, "keepalive: 0 < interval < timeout")
+            self.interval = interval
+            self.timeout = timeout
+        }
+
+        /// How often the connection should tick the machine: a quarter of the interval, so that
+        /// a KEEPALIVE or a timeout comes at most a quarter interval late; at least 1 ms.
+        public var tickInterval: Int64 { max(self.interval / 4, 1_000_000) }
+    }
+
+    public enum Action: Hashable, Sendable {
+        case none
+        /// Send a KEEPALIVE carrying this timestamp.
+        case sendKeepalive(UInt64)
+        /// Nothing has arrived from the peer for this many nanoseconds: close the connection.
+        case timedOut(silentFor: Int64)
+    }
+
+    public let configuration: Configuration
+    /// When something last arrived from the peer (or when silence started to count).
+    private(set) var lastHeard: Int64
+    /// When the last KEEPALIVE was sent, if one was.
+    private(set) var lastKeepalive: Int64?
+    private var readsPaused = false
+    private var timedOut = false
+
+    public init(configuration: Configuration, now: Int64) {
+        self.configuration = configuration
+        self.lastHeard = now
+    }
+
+    /// This side stopped (true) or resumed (false) reading from the peer.
+    public mutating func readsPaused(_ paused: Bool, now: Int64) {
+        if self.readsPaused && !paused { self.lastHeard = now }
+        self.readsPaused = paused
+    }
+
+    /// A tick: `heard` if anything arrived from the peer since the previous tick.
+    public mutating func tick(now: Int64, heard: Bool) -> Action {
+        guard !self.timedOut else { return .none }
+        if heard || self.readsPaused {
+            self.lastHeard = now
+            return .none
+        }
+        let silent = now - self.lastHeard
+        if silent >= self.configuration.timeout {
+            self.timedOut = true
+            return .timedOut(silentFor: silent)
+        }
+        guard silent >= self.configuration.interval else { return .none }
+        if let last = self.lastKeepalive, now - last < self.configuration.interval { return .none }
+        self.lastKeepalive = now
+        return .sendKeepalive(UInt64(max(now, 0)))
+    }
+}

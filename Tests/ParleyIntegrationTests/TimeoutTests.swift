@@ -1,0 +1,120 @@
+import Logging
+import NIOCore
+import Parley
+import ParleyServices
+import ParleyWire
+import Testing
+
+/// Keepalives, the keepalive timeout and request timeouts, over real loopback sockets.
+@Suite(.timeLimit(.minutes(2)))
+struct TimeoutTests {
+    static let fast = ParleyConnectionLimits(keepaliveInterval: .milliseconds(100), keepaliveTimeout: .milliseconds(400))
+
+    @Test func silentPeerIsSentKeepalivesThenClosedWithTimeout() async throws {
+        let logs = LogCollector()
+        try await withServer(configure: { $0.limits = Self.fast }, logger: logs.logger("server")) { _, addresses in
+            // A peer that completes the handshake and then never says anything again (it
+            // does not answer KEEPALIVE), but keeps its socket open.
+            let start = ContinuousClock.now
+            let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(
+                clientSessionBytes(messages: []), seconds: 10, halfClose: false
+            )
+            let elapsed = ContinuousClock.now - start
+            #expect(closed, "the server closed the silent connection")
+            let received = frames(in: reply)
+            let keepalives = received.filter { $0.tag == .keepalive }
+            // At 100 ms, 200 ms and 300 ms of silence; fewer if the event loop ticks late
+            // (the tests run in parallel), but at least one before the timeout.
+            #expect(keepalives.count >= 1, "KEEPALIVE every 100 ms of silence: \(received.map(\.tag))")
+            #expect(keepalives.allSatisfy { $0.segments[0].readableBytes == 8 })
+            let close = try #require(received.last)
+            #expect(close.tag == .close)
+            let status = try Parley_V1_Status(parleyPayload: close.segments[0])
+            #expect(ParleyError.Code(rawValue: status.code) == .timeout)
+            #expect(status.message.contains("keepalive timeout"))
+            #expect(elapsed >= .milliseconds(400) && elapsed < .seconds(5), "closed after about 400 ms: \(elapsed)")
+            let logged = try await eventually { logs.all.contains { $0.metadata.contains("timeout") } }
+            #expect(logged)
+        }
+    }
+
+    @Test func idleButAlivePeersStayConnected() async throws {
+        // KEEPALIVE after 100 ms; a generous timeout, as the tests run in parallel on a
+        // shared event-loop group and an ACK may be late.
+        let limits = ParleyConnectionLimits(keepaliveInterval: .milliseconds(100), keepaliveTimeout: .milliseconds(1000))
+        try await withServer(configure: { $0.limits = limits }) { server, addresses in
+            let client = try await ParleyClient.connect(
+                to: addresses[0], configuration: .init(limits: limits), logger: quietLogger
+            )
+            defer { client.close() }
+            #expect(try await ping(client, 1) == 1)
+            // Two and a half keepalive timeouts of idleness: the KEEPALIVEs and their ACKs
+            // keep both sides convinced the other is there.
+            try await Task.sleep(for: .milliseconds(2500))
+            #expect(server.connectionCount == 1)
+            #expect(try await ping(client, 2) == 2)
+            let rtt = try #require(client.connection.keepaliveRoundTrip, "a KEEPALIVE was answered")
+            #expect(rtt > .zero && rtt < .seconds(1))
+        }
+    }
+
+    @Test func keepalivesAreOffWhenNotConfigured() async throws {
+        let off = ParleyConnectionLimits(keepaliveInterval: nil)
+        try await withServer(configure: { $0.limits = off }) { _, addresses in
+            let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(
+                clientSessionBytes(messages: []), seconds: 0.6, halfClose: false
+            )
+            #expect(!closed, "nobody times out")
+            #expect(!frames(in: reply).contains { $0.tag == .keepalive || $0.tag == .close })
+        }
+    }
+
+    @Test func callTimeoutFailsTheCallAndCancelsTheHandler() async throws {
+        let cancelled = Signal()
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Sleep.self) { request, _ in
+            do {
+                try await Task.sleep(for: .milliseconds(Int(request.delayMs)))
+            } catch {
+                cancelled.raise()
+                throw error
+            }
+            var slept = Parley_Echo_V1_Slept()
+            slept.delayMs = request.delayMs
+            return slept
+        }
+        try await withServer(router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            var long = Parley_Echo_V1_Sleep()
+            long.delayMs = 60_000
+            let start = ContinuousClock.now
+            let error = await #expect(throws: ParleyError.self) {
+                _ = try await client.request(long, as: Parley_Echo_V1_Slept.self, timeout: .milliseconds(200))
+            }
+            #expect(error?.code == .timeout)
+            #expect(error?.message.contains("parley.echo.v1.Sleep") == true)
+            #expect(ContinuousClock.now - start < .seconds(10))
+            #expect(await cancelled.wait(seconds: 10), "the server was told and cancelled the handler")
+            #expect(client.connection.outstandingRequests == 0)
+            // A call that is answered in time is not affected by its timeout.
+            var short = Parley_Echo_V1_Sleep()
+            short.delayMs = 1
+            #expect(try await client.request(short, as: Parley_Echo_V1_Slept.self, timeout: .seconds(30)).delayMs == 1)
+        }
+    }
+
+    @Test func keepaliveIntervalMustBeShorterThanTheTimeout() async throws {
+        let bad = ParleyConnectionLimits(keepaliveInterval: .seconds(5), keepaliveTimeout: .seconds(5))
+        try await withServer { _, addresses in
+            let error = await #expect(throws: ParleyError.self) {
+                _ = try await ParleyClient.connect(to: addresses[0], configuration: .init(limits: bad), logger: quietLogger)
+            }
+            #expect(error?.code == .invalidArgument)
+            #expect(error?.message.contains("shorter than the keepalive timeout") == true)
+        }
+        let server = ParleyServer(configuration: .init(listen: [.tcp(host: "127.0.0.1", port: 0)], limits: bad), router: ParleyRouter(), logger: quietLogger)
+        let error = await #expect(throws: ParleyError.self) { try await server.run() }
+        #expect(error?.code == .invalidArgument)
+    }
+}

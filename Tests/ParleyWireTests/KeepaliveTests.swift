@@ -1,0 +1,64 @@
+import ParleyWire
+import Testing
+
+@Suite struct KeepaliveTests {
+    static let ms: Int64 = 1_000_000
+    /// KEEPALIVE after 100 ms of silence, give up after 400 ms.
+    let configuration = KeepaliveStateMachine.Configuration(interval: 100 * ms, timeout: 400 * ms)
+
+    @Test func quietUntilTheInterval() {
+        var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        #expect(k.tick(now: 25 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 99 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 100 * Self.ms, heard: false) == .sendKeepalive(UInt64(100 * Self.ms)))
+    }
+
+    @Test func oneKeepalivePerIntervalThenTimeout() {
+        var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        #expect(k.tick(now: 100 * Self.ms, heard: false) == .sendKeepalive(UInt64(100 * Self.ms)))
+        #expect(k.tick(now: 150 * Self.ms, heard: false) == .none, "the last KEEPALIVE went out 50 ms ago")
+        #expect(k.tick(now: 200 * Self.ms, heard: false) == .sendKeepalive(UInt64(200 * Self.ms)))
+        #expect(k.tick(now: 300 * Self.ms, heard: false) == .sendKeepalive(UInt64(300 * Self.ms)))
+        #expect(k.tick(now: 399 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 400 * Self.ms, heard: false) == .timedOut(silentFor: 400 * Self.ms))
+        #expect(k.tick(now: 500 * Self.ms, heard: false) == .none, "a timeout is reported once")
+        #expect(k.tick(now: 600 * Self.ms, heard: true) == .none, "and the machine stays done")
+    }
+
+    @Test func anythingHeardRestartsTheSilence() {
+        var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        #expect(k.tick(now: 100 * Self.ms, heard: false) == .sendKeepalive(UInt64(100 * Self.ms)))
+        #expect(k.tick(now: 125 * Self.ms, heard: true) == .none)  // the ACK (or anything) came
+        #expect(k.tick(now: 224 * Self.ms, heard: false) == .none, "99 ms of silence")
+        #expect(k.tick(now: 225 * Self.ms, heard: false) == .sendKeepalive(UInt64(225 * Self.ms)))
+        #expect(k.tick(now: 524 * Self.ms, heard: false) == .sendKeepalive(UInt64(524 * Self.ms)))
+        #expect(k.tick(now: 525 * Self.ms, heard: false) == .timedOut(silentFor: 400 * Self.ms))
+    }
+
+    @Test func pausedReadsDoNotCountAsSilence() {
+        var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        k.readsPaused(true, now: 50 * Self.ms)
+        #expect(k.tick(now: 200 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 10_000 * Self.ms, heard: false) == .none, "no timeout while this side is not reading")
+        k.readsPaused(false, now: 10_000 * Self.ms)
+        #expect(k.tick(now: 10_099 * Self.ms, heard: false) == .none, "silence counts from the resumption")
+        #expect(k.tick(now: 10_100 * Self.ms, heard: false) == .sendKeepalive(UInt64(10_100 * Self.ms)))
+        #expect(k.tick(now: 10_400 * Self.ms, heard: false) == .timedOut(silentFor: 400 * Self.ms))
+    }
+
+    @Test func pausingTwiceOrResumingWithoutPauseChangesNothing() {
+        var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        k.readsPaused(false, now: 90 * Self.ms)  // not paused: the silence still counts from 0
+        #expect(k.tick(now: 100 * Self.ms, heard: false) == .sendKeepalive(UInt64(100 * Self.ms)))
+        k.readsPaused(true, now: 150 * Self.ms)
+        k.readsPaused(true, now: 160 * Self.ms)
+        k.readsPaused(false, now: 170 * Self.ms)
+        #expect(k.tick(now: 569 * Self.ms, heard: false) == .sendKeepalive(UInt64(569 * Self.ms)))
+        #expect(k.tick(now: 570 * Self.ms, heard: false) == .timedOut(silentFor: 400 * Self.ms))
+    }
+
+    @Test func tickIntervalIsAQuarterIntervalAndAtLeastOneMillisecond() {
+        #expect(self.configuration.tickInterval == 25 * Self.ms)
+        #expect(KeepaliveStateMachine.Configuration(interval: 2 * Self.ms, timeout: 3 * Self.ms).tickInterval == Self.ms)
+    }
+}
