@@ -24,10 +24,16 @@ struct CommandTests {
         var stderr: String
     }
 
-    /// Runs to completion (bounded by `seconds`; killed by PID after that).
-    static func run(_ arguments: [String], stdin: Data? = nil, seconds: Double = 60) throws -> Output {
+    /// The first executable called `name` on the PATH.
+    static func onPath(_ name: String) -> String? {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        return path.split(separator: ":").map { "\($0)/\(name)" }.first { FileManager.default.isExecutableFile(atPath: $0) }
+    }
+
+    /// Runs `parley` (or `executable`) to completion (bounded by `seconds`; killed by PID after that).
+    static func run(_ arguments: [String], executable: String? = nil, stdin: Data? = nil, seconds: Double = 60) throws -> Output {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: try #require(parleyPath, "parley executable not built"))
+        process.executableURL = URL(fileURLWithPath: try executable ?? #require(parleyPath, "parley executable not built"))
         process.arguments = arguments
         // Files rather than pipes: nothing to drain concurrently, nothing can block.
         let tag = UUID().uuidString
@@ -77,6 +83,30 @@ struct CommandTests {
         }
         let top = try Self.run(["--help"])
         #expect(top.stdout.contains("serve") && top.stdout.contains("ping") && top.stdout.contains("decode"))
+    }
+
+    /// `Tests/Interop/python/parley_client.py` was written from docs/protocol.md alone, by
+    /// someone who did not read the implementation: it checks that the document is enough to
+    /// write a compatible client in another language.
+    @Test func independentPythonClientInteroperates() async throws {
+        let python = try #require(Self.onPath("python3"), "python3 is needed (.ci/run installs it)")
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Interop/python/parley_client.py").path
+        // Its encoder and decoder against every test vector of the document.
+        let selfTest = try Self.run([script, "--self-test"], executable: python)
+        #expect(selfTest.status == 0, Comment(rawValue: selfTest.stdout + selfTest.stderr))
+        // Against the real server: handshake, Ping, Echo with a data segment, 50 pipelined
+        // requests, a stream, a cancelled stream, an unknown type, a one-way message, a
+        // KEEPALIVE, the nucleus, and CLOSE.
+        let socket = temporaryPath("python.sock")
+        let (out, status) = try await Self.withServe(["--listen", "unix:\(socket)", "--message", "hello from swift", "--name", "interop"]) {
+            try await Self.waitForSocket(socket)
+            return try Self.run([script, "unix:\(socket)"], executable: python)
+        }
+        #expect(out.status == 0, Comment(rawValue: out.stdout + out.stderr))
+        #expect(out.stdout.contains("OK: every check passed"))
+        #expect(out.stdout.contains("hello from swift"))
+        #expect(status == 0)
     }
 
     @Test func badArgumentsGetClearErrors() throws {

@@ -64,9 +64,24 @@ def code_name(code):
 
 
 class ParleyError(Exception):
-    def __init__(self, code, message=""):
+    """code: an error code name of section 10; from_peer: the peer reported it (CLOSE, refusal)."""
+
+    def __init__(self, code, message="", from_peer=False):
         super().__init__("%s: %s" % (code, message) if message else code)
-        self.code, self.message = code, message
+        self.code, self.message, self.from_peer = code, message, from_peer
+
+
+def close_error(payload):
+    """The ParleyError for a received CLOSE (an unreadable one is connectionClosed, 7.13)."""
+    try:
+        st = pb_decode("parley.v1.Status", payload)
+    except ParleyError:
+        st = {"code": CODE["connectionClosed"], "message": "unreadable CLOSE payload"}
+    return ParleyError(code_name(st.get("code", 0)), "server sent CLOSE: %s" % st.get("message", ""), True)
+
+
+# Errors after which nothing is sent back: the stream is gone, or the peer closed it.
+NO_CLOSE_BACK = ("connectionClosed", "truncated", "timeout")
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,6 +189,21 @@ def pb_fields(data):
         elif wt == 2:
             n, i = _read_varint(data, i)
             value, i = data[i:i + n], i + n
+        elif wt == 3:  # a (deprecated) group: not in section 2, skipped like protobuf libraries do
+            depth, start = 1, i
+            while depth:
+                if i >= len(data):
+                    raise ParleyError("malformedPayload", "unterminated group")
+                k, i = _read_varint(data, i)
+                depth += {3: 1, 4: -1}.get(k & 7, 0)
+                if k & 7 == 0:
+                    _, i = _read_varint(data, i)
+                elif k & 7 in (1, 5):
+                    i += 8 if k & 7 == 1 else 4
+                elif k & 7 == 2:
+                    n, i = _read_varint(data, i)
+                    i += n
+            value = data[start:i]
         else:
             raise ParleyError("malformedPayload", "wire type %d" % wt)
         if number == 0 or i > len(data):
@@ -190,7 +220,7 @@ def pb_decode(type_name, data):
             continue
         name, t, repeated = fields[number]
         if wt != _wire_type(t):
-            raise ParleyError("malformedPayload", "%s.%s has wire type %d" % (type_name, name, wt))
+            continue  # section 2 is silent; the reference treats it as an unknown field and skips it
         if t.startswith("msg:"):
             value = pb_decode(t[4:], value)
         elif t == "string":
@@ -393,10 +423,7 @@ def check_session_frame(state, tag, flags, segments):
             raise ParleyError("malformedPayload", "%s of %d bytes" % (TAGS[tag], len(segments[0])))
         return TAGS[tag].lower(), segments[0]
     if tag == TAG["CLOSE"]:
-        try:
-            return "close", pb_decode("parley.v1.Status", segments[0])
-        except ParleyError:
-            return "close", {"code": CODE["connectionClosed"], "message": "unreadable CLOSE"}
+        return "close", segments[0]
     if tag in TAGS:
         raise ParleyError("unexpectedFrame", "%s in the session" % TAGS[tag])
     if tag >= 0x80:
@@ -437,7 +464,7 @@ class Connection:
         self.client_version = client_version
         self.send_seq = self.next_id = 0
         self.state = {"features": 0, "recv_seq": 0}
-        self.pending = {}  # id -> {"expect", "stream", "items", "done"} until the final answer
+        self.pending = {}  # id -> {"stream", "items"} until the final answer
         self.pending_done = {}  # id -> the same record, with "kind", "answer", "aligns"
         self.cancelled = {}  # id -> frames that still arrived for it (discarded)
         self.not_before = 0.0
@@ -448,6 +475,8 @@ class Connection:
             print("  [debug]", *args)
 
     def _recv(self, n):
+        if self.sock.fileno() < 0:
+            return b""
         r, _, _ = select.select([self.sock], [], [], self.timeout)
         if not r:
             raise ParleyError("timeout", "nothing received for %.1f s" % self.timeout)
@@ -482,7 +511,9 @@ class Connection:
         hello = pb_encode("parley.v1.Hello", {"entityType": 1, "peerAddress": self.address,
                                                "maxFrameSize": DEFAULT_MAX_FRAME})
         auth = pb_encode("parley.v1.AuthRequest", {"method": self.offered[0], "offeredMethods": self.offered})
-        self.send(encode_banner(1, self.supported, self.required) + encode_frame(TAG["HELLO"], [hello]) + encode_frame(TAG["AUTH_REQUEST"], [auth]))
+        # The first flight, in one write: banner, HELLO, AUTH_REQUEST (6.1).
+        self.send(encode_banner(1, self.supported, self.required)
+                  + encode_frame(TAG["HELLO"], [hello]) + encode_frame(TAG["AUTH_REQUEST"], [auth]))
         try:
             self.peer_version, self.peer_supported, self.peer_required = self.reader.banner()
         except ParleyError as e:
@@ -498,7 +529,7 @@ class Connection:
         try:
             self._handshake_frames()
         except ParleyError as e:
-            if e.code not in ("connectionClosed", "truncated", "timeout", "peerClose", "clientOutOfDate"):
+            if not e.from_peer and e.code not in NO_CLOSE_BACK:
                 self.fail(e)
             raise
 
@@ -506,12 +537,8 @@ class Connection:
         while True:
             tag, flags, segs, _ = self.reader.frame()
             if tag == TAG["CLOSE"]:
-                try:
-                    st = pb_decode("parley.v1.Status", segs[0])
-                except ParleyError:
-                    st = {"code": CODE["connectionClosed"]}
-                raise ParleyError("peerClose", "server sent CLOSE %s: %s" % (
-                    code_name(st.get("code", 0)), st.get("message", "")))
+                self.sock.close()  # nothing is sent back (6.2)
+                raise close_error(segs[0])
             if tag in allowed:
                 return tag, segs
             if tag >= 0x80 and tag not in TAGS:
@@ -525,7 +552,8 @@ class Connection:
         _, segs = self._next_handshake_frame(TAG["HELLO"])
         self.server_hello = pb_decode("parley.v1.Hello", segs[0])
         if self.server_hello.get("entityType", 0) != 2:
-            raise ParleyError("protocolViolation", "server HELLO with entity type %d" % self.server_hello.get("entityType", 0))
+            raise ParleyError("protocolViolation",
+                              "server HELLO with entity type %d" % self.server_hello.get("entityType", 0))
         self.peer_max_frame = self.server_hello.get("maxFrameSize", 0) or DEFAULT_MAX_FRAME
         offered, method = self.offered, self.offered[0]
         while True:
@@ -555,7 +583,7 @@ class Connection:
         if "refusal" in self.server_ident:
             r = self.server_ident["refusal"]
             self.sock.close()  # the server sends CLOSE; we send nothing more (section 8.4)
-            raise ParleyError(code_name(r.get("code", 0)), "refused by the server: %s" % r.get("message", ""))
+            raise ParleyError(code_name(r.get("code", 0)), "refused by the server: %s" % r.get("message", ""), True)
 
     def apply_nucleus(self, nucleus, where):
         """Section 8.2: messages (in order), request delay, redirects."""
@@ -574,27 +602,30 @@ class Connection:
 
     # --- session (section 7) ---------------------------------------------------------------
     def send_message(self, kind, id_, type_name, payload, data=None):
+        """Numbers the MESSAGE (seq, ack: 7.3) when it is written; a refused one uses no seq."""
+        if data is not None and not self.state["features"] & F_DATA:
+            raise ParleyError("invalidArgument", "data segment without dataSegment")
+        if kind in (3, 5) and not self.state["features"] & F_STREAMS:
+            raise ParleyError("invalidArgument", "%s without streams" % KINDS[kind])
+        size = 32 + len(type_name.encode()) + len(payload) + len(data or b"")
+        if size > self.peer_max_frame:
+            raise ParleyError("frameTooLarge", "message of %d bytes, server accepts %d" % (size, self.peer_max_frame))
         self.send_seq += 1
-        header = encode_header(self.send_seq, self.state["recv_seq"], id_, kind, type_name)
-        segs, align = [header, payload], (0, 0, 0, 0)
+        segs = [encode_header(self.send_seq, self.state["recv_seq"], id_, kind, type_name), payload]
         if data is not None:
-            if not self.state["features"] & F_DATA:
-                raise ParleyError("invalidArgument", "data segment without dataSegment")
             segs.append(data)
-            align = (0, 0, 4096, 0)
-        if sum(map(len, segs)) > self.peer_max_frame:
-            raise ParleyError("frameTooLarge", "message larger than the server's max_frame_size")
-        self.send(encode_frame(TAG["MESSAGE"], segs, align))
+        self.send(encode_frame(TAG["MESSAGE"], segs, (0, 0, 4096 if data is not None else 0, 0)))
 
-    def request(self, type_name, msg, expect, data=None, stream=False):
-        """Sends a REQUEST without waiting for the answer; returns its id."""
+    def request(self, type_name, msg, data=None, stream=False):
+        """Sends a REQUEST (msg: a dict, or the payload's bytes) without waiting; returns its id."""
         wait = self.not_before - time.monotonic()
         if wait > 0:  # the nucleus request delay (section 8.2)
             self.log("waiting %.3f s for the request delay" % wait)
             time.sleep(wait)
         self.next_id += 1
-        self.pending[self.next_id] = {"expect": expect, "stream": stream, "items": [], "done": False}
-        self.send_message(KIND["REQUEST"], self.next_id, type_name, pb_encode(type_name, msg), data)
+        self.pending[self.next_id] = {"stream": stream, "items": []}
+        payload = msg if isinstance(msg, bytes) else pb_encode(type_name, msg)
+        self.send_message(KIND["REQUEST"], self.next_id, type_name, payload, data)
         return self.next_id
 
     def cancel(self, id_):
@@ -607,7 +638,7 @@ class Connection:
             tag, flags, segs, aligns = self.reader.frame()
             event, value = check_session_frame(self.state, tag, flags, segs)
         except ParleyError as e:
-            if e.code not in ("connectionClosed", "truncated", "timeout"):
+            if e.code not in NO_CLOSE_BACK:
                 self.fail(e)
             raise
         if event == "message":
@@ -620,8 +651,7 @@ class Connection:
             self.keepalive_acks.append(struct.unpack("<Q", value)[0])
         elif event == "close":
             self.sock.close()
-            raise ParleyError("peerClose", "server sent CLOSE %s: %s" % (
-                code_name(value.get("code", 0)), value.get("message", "")))
+            raise close_error(value)
         else:
             self.log("skipped ignorable frame tag %#04x" % value)
 
@@ -643,7 +673,7 @@ class Connection:
             if p["stream"]:
                 p["items"].append(h)
             return
-        p["done"], p["kind"], p["answer"], p["aligns"] = True, kind, h, aligns
+        p["kind"], p["answer"], p["aligns"] = kind, h, aligns
         del self.pending[id_]
         self.pending_done[id_] = p
 
@@ -708,6 +738,7 @@ def run(args):
             parse_address(target)
             hops += 1
             if target in visited or hops > 4:
+                conn.close()
                 raise ParleyError("redirectLoop", "redirect to %s (hop %d)" % (target, hops))
             print("  following redirect to %s" % target)
             conn.close()
@@ -717,7 +748,7 @@ def run(args):
     features = conn.state["features"]
 
     print("step 2: Ping")
-    i = conn.request("parley.echo.v1.Ping", {"sequence": 4242}, "parley.echo.v1.Pong")
+    i = conn.request("parley.echo.v1.Ping", {"sequence": 4242})
     pong = answer(conn.wait([i])[i], "parley.echo.v1.Pong")
     check(pong.get("sequence") == 4242, "Pong sequence %r != 4242" % pong.get("sequence"))
     print("  Pong sequence %d, server_name %r (ServerIdent.name %r)" % (
@@ -726,21 +757,19 @@ def run(args):
     print("step 3: Echo with payload, text and a %d-byte data segment" % args.data_size)
     payload = bytes(random.getrandbits(8) for _ in range(200))
     data = os.urandom(args.data_size) if features & F_DATA else None
-    i = conn.request("parley.echo.v1.Echo", {"payload": payload, "text": "héllo"}, "parley.echo.v1.EchoReply", data)
+    i = conn.request("parley.echo.v1.Echo", {"payload": payload, "text": "héllo"}, data)
     rec = conn.wait([i])[i]
     reply = answer(rec, "parley.echo.v1.EchoReply")
     check(reply.get("payload", b"") == payload, "EchoReply payload differs")
     check(reply.get("text", "") == "héllo", "EchoReply text differs: %r" % reply.get("text"))
-    if data is not None:
+    if data is None:
+        print("  payload and text identical (no data segment: dataSegment not negotiated)")
+    else:
         got = rec["answer"]["data"]
         check(got is not None, "EchoReply has no data segment")
         check(got == data, "EchoReply data segment differs (%d bytes back)" % len(got))
-    if data is not None:
         print("  payload, text and data segment identical; reply data alignment hint %d" % rec["aligns"][2])
-    else:
-        print("  payload and text identical (no data segment: dataSegment not negotiated)")
-    if data is not None:
-        i = conn.request("parley.echo.v1.Echo", {"text": "empty"}, "parley.echo.v1.EchoReply", b"")
+        i = conn.request("parley.echo.v1.Echo", {"text": "empty"}, b"")
         rec = conn.wait([i])[i]
         answer(rec, "parley.echo.v1.EchoReply")
         print("  an empty data segment comes back as: %s" % (
@@ -750,17 +779,17 @@ def run(args):
     ids = {}
     for k in range(args.pipeline):
         seqno = 1000 + k * 7
-        ids[conn.request("parley.echo.v1.Ping", {"sequence": seqno}, "parley.echo.v1.Pong")] = seqno
+        ids[conn.request("parley.echo.v1.Ping", {"sequence": seqno})] = seqno
     got = conn.wait(list(ids))
     for id_, seqno in ids.items():
         p = answer(got[id_], "parley.echo.v1.Pong")
-        check(p.get("sequence", 0) == seqno, "pipelined Ping id %d: Pong sequence %r != %d" % (id_, p.get("sequence"), seqno))
+        check(p.get("sequence", 0) == seqno,
+              "pipelined Ping id %d: Pong sequence %r != %d" % (id_, p.get("sequence"), seqno))
     print("  all %d Pongs matched by id (ids %d..%d)" % (len(ids), min(ids), max(ids)))
 
     if features & F_STREAMS:
         print("step 5: Count stream (count %d, interval 20 ms)" % args.count)
-        i = conn.request("parley.echo.v1.Count", {"count": args.count, "intervalMs": 20}, "parley.echo.v1.CountDone",
-                         stream=True)
+        i = conn.request("parley.echo.v1.Count", {"count": args.count, "intervalMs": 20}, stream=True)
         rec = conn.wait([i])[i]
         done = answer(rec, "parley.echo.v1.CountDone")
         items = []
@@ -776,12 +805,11 @@ def run(args):
         print("  final CountDone %r" % done)
 
         print("step 5b: cancel a Count after its first item")
-        i = conn.request("parley.echo.v1.Count", {"count": 100, "intervalMs": 30}, "parley.echo.v1.CountDone",
-                         stream=True)
+        i = conn.request("parley.echo.v1.Count", {"count": 100, "intervalMs": 30}, stream=True)
         while not conn.pending[i]["items"]:
             conn.read_one()
         conn.cancel(i)
-        j = conn.request("parley.echo.v1.Sleep", {"delayMs": 300}, "parley.echo.v1.Slept")
+        j = conn.request("parley.echo.v1.Sleep", {"delayMs": 300})
         slept = answer(conn.wait([j])[j], "parley.echo.v1.Slept")
         check(slept.get("delayMs") == 300, "Slept %r" % slept)
         late = conn.cancelled.get(i, [])
@@ -793,10 +821,7 @@ def run(args):
         print("step 5: skipped, streams not negotiated")
 
     print("step 5c: unknown request type, one-way message, keepalive")
-    conn.next_id += 1
-    i = conn.next_id
-    conn.pending[i] = {"expect": None, "stream": False, "items": [], "done": False}
-    conn.send_message(KIND["REQUEST"], i, "example.v1.Unknown", b"\x08\x01")
+    i = conn.request("example.v1.Unknown", b"\x08\x01")
     rec = conn.wait([i])[i]
     try:
         answer(rec, "example.v1.Unknown")
@@ -804,7 +829,8 @@ def run(args):
     except ParleyError as e:
         check(e.code == "unknownMessageType", "unknown request type answered with %s" % e)
         print("  unknown type -> ERROR %s" % e)
-    conn.send_message(KIND["ONE_WAY"], 0, "parley.echo.v1.Echo", pb_encode("parley.echo.v1.Echo", {"text": "fire and forget"}))
+    conn.send_message(KIND["ONE_WAY"], 0, "parley.echo.v1.Echo",
+                      pb_encode("parley.echo.v1.Echo", {"text": "fire and forget"}))
     if features & F_KEEPALIVE:
         stamp = time.monotonic_ns()
         conn.send(encode_frame(TAG["KEEPALIVE"], [struct.pack("<Q", stamp)]))
@@ -920,7 +946,11 @@ def self_test(path):
             if enc != v["wire"]:
                 problems.append("encoding differs: %s" % enc.hex(" "))
             for chunk in (65536, 1):
-                got = Reader(_source(v["wire"], chunk)).banner()
+                try:
+                    got = Reader(_source(v["wire"], chunk)).banner()
+                except ParleyError as e:
+                    problems.append("decoding fails: %s" % e)
+                    break
                 if got != (int(v["version"], 0), int(v["supported"], 0), int(v["required"], 0)):
                     problems.append("decoded %r" % (got,))
                 try:
@@ -936,7 +966,11 @@ def self_test(path):
                 problems.append("encoding differs:\n    got  %s\n    want %s" % (enc.hex(" "), v["wire"].hex(" ")))
             for chunk in (65536, 1):
                 reader = Reader(_source(v["wire"], chunk))
-                t, f, got, al = reader.frame()
+                try:
+                    t, f, got, al = reader.frame()
+                except ParleyError as e:
+                    problems.append("decoding fails: %s" % e)
+                    break
                 if (t, f, tuple(al)) != (tag, int(v["flags"], 0), aligns) or len(got) != len(segs):
                     problems.append("decoded tag/flags/alignments/count differ")
                 elif not all(check_segment(s, g) for s, g in zip(v["segment"], got)):
