@@ -447,7 +447,7 @@ public final class ParleyConnection: Sendable {
             switch self.admit(message, handler: handler, isRequest: false) {
             case .start(let handler): self.start(message, handler: handler)
             case .runInline(let body): self.runInline(message, body)
-            case .queued, .closed, .refused: break
+            case .queued, .closed, .refused, .violation: break
             }
         default:
             break
@@ -518,6 +518,11 @@ public final class ParleyConnection: Sendable {
         case .start(let handler): self.start(message, handler: handler)
         case .runInline(let body): self.runInline(message, body)
         case .queued, .closed: break
+        case .violation(let error):
+            // An ERROR would carry the id of the request still being served: the peer could
+            // not tell the two apart. A peer that reuses a live id is broken: close.
+            self.logger.debug("closing: \(error.message)")
+            self.outlet.write(.close(error))
         case .refused(let error):
             try? self.answer(Self.errorAnswer(id: h.id, error, allocator: self.channel.allocator))
         }
@@ -536,7 +541,13 @@ public final class ParleyConnection: Sendable {
         message.header.kind == .request ? message.header.id : UInt64.max - message.header.seq
     }
 
-    private enum Admission { case start(ParleyRouter.Handler), runInline(ParleyRouter.SyncHandler), queued, closed, refused(ParleyError) }
+    private enum Admission {
+        case start(ParleyRouter.Handler), runInline(ParleyRouter.SyncHandler), queued, closed
+        /// Answered with ERROR.
+        case refused(ParleyError)
+        /// The connection is closed with CLOSE.
+        case violation(ParleyError)
+    }
 
     /// Decides what becomes of a peer request or one-way message (`handler` is the router's,
     /// if it has one): refused (draining, id in use, no handler); run inline if it is a
@@ -550,7 +561,9 @@ public final class ParleyConnection: Sendable {
             guard s.closed == nil else { return (.closed, false) }
             if isRequest {
                 if s.draining { return (.refused(ParleyError(code: .shuttingDown, message: "server is shutting down; request \(h.type) not started")), false) }
-                if s.serving[h.id] != nil { return (.refused(ParleyError(code: .protocolViolation, message: "request id \(h.id) is already in use")), false) }
+                if s.serving[h.id] != nil || s.backlog.contains(where: { $0.message.header.kind == .request && $0.message.header.id == h.id }) {
+                    return (.violation(ParleyError(code: .protocolViolation, message: "request id \(h.id) is already in use by a request still being served")), false)
+                }
             }
             guard let handler else {
                 return (.refused(ParleyError(code: .unknownMessageType, message: "no handler for request type \"\(h.type)\"")), false)

@@ -378,6 +378,25 @@ struct MessagingTests {
         }
     }
 
+    @Test func requestIdReusedWhileStillServedClosesTheConnection() async throws {
+        try await withServer { _, addresses in
+            // Sleep 1 runs for a minute; a second REQUEST with id 1 arrives meanwhile.
+            var sleep = Parley_Echo_V1_Sleep()
+            sleep.delayMs = 60_000
+            let long = WireMessage(header: MessageHeader(id: 1, kind: .request, type: Parley_Echo_V1_Sleep.protoMessageName), payload: sleep.parleyPayload())
+            let bytes = clientSessionBytes(messages: [long, pingMessage(id: 1)])
+            let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(bytes, halfClose: false)
+            #expect(closed)
+            let received = frames(in: reply)
+            #expect(!received.contains { $0.tag == .message }, "no ERROR with the id of the request still being served")
+            let close = try #require(received.last)
+            #expect(close.tag == .close)
+            let status = try Parley_V1_Status(parleyPayload: close.segments[0])
+            #expect(ParleyError.Code(rawValue: status.code) == .protocolViolation)
+            #expect(status.message.contains("request id 1 is already in use"))
+        }
+    }
+
     @Test func callCancelledWhileTheServerIsAtItsHandlerLimitFailsAtOnce() async throws {
         let release = Signal()
         var router = ParleyRouter()
