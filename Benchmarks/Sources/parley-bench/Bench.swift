@@ -65,12 +65,8 @@ struct Run: AsyncParsableCommand {
     )
     var workloads: [Workload] = Workload.allCases
 
-    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,parley,grpc).", valueName: "list"), transform: { text in
-        try text.split(separator: ",").map { name in
-            guard let s = System(rawValue: String(name)) else { throw BenchError("unknown system \"\(name)\": use raw, parley, grpc") }
-            return s
-        }
-    })
+    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,parley,grpc).", valueName: "list"),
+            transform: { try System.parseList($0, allowed: System.allCases) })
     var systems: [System] = System.allCases
 
     @Option(help: "Requests in flight (concurrent tasks on one connection) in the throughput workloads.")

@@ -42,12 +42,8 @@ struct Overhead: AsyncParsableCommand {
     @Option(help: "Payload bytes per round trip.")
     var size: Int = 64
 
-    @Option(help: ArgumentHelp("Comma-separated systems: raw, parley (default: both).", valueName: "list"), transform: { text in
-        try text.split(separator: ",").map { name in
-            guard let s = System(rawValue: String(name)), s != .grpc else { throw BenchError("unknown system \"\(name)\": use raw, parley") }
-            return s
-        }
-    })
+    @Option(help: ArgumentHelp("Comma-separated systems: raw, parley (default: both).", valueName: "list"),
+            transform: { try System.parseList($0, allowed: [.raw, .parley]) })
     var systems: [System] = [.raw, .parley]
 
     func validate() throws {

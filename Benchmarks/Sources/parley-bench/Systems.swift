@@ -10,6 +10,16 @@ import ParleyServices
 enum System: String, CaseIterable, Sendable, ExpressibleByArgument {
     case raw, parley, grpc
 
+    /// Parses a comma-separated list of system names, each one of `allowed`.
+    static func parseList(_ text: String, allowed: [System]) throws -> [System] {
+        try text.split(separator: ",").map { name in
+            guard let s = System(rawValue: String(name)), allowed.contains(s) else {
+                throw BenchError("unknown system \"\(name)\": use \(allowed.map(\.rawValue).joined(separator: ", "))")
+            }
+            return s
+        }
+    }
+
     var title: String {
         switch self {
         case .raw: return "raw NIO"
