@@ -87,10 +87,12 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Helpers shared by the test targets.
+        .target(name: "ParleyTestSupport", path: "Tests/ParleyTestSupport", swiftSettings: swiftSettings),
         .testTarget(
             name: "ParleyWireTests",
             dependencies: [
-                "ParleyWire", "CParleyCRC32C", "ParleyServices",
+                "ParleyWire", "CParleyCRC32C", "ParleyServices", "ParleyTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],
@@ -99,7 +101,7 @@ let package = Package(
         .testTarget(
             name: "ParleyIntegrationTests",
             dependencies: [
-                "Parley", "ParleyServices", "ParleyWire", "ParleyNIO",
+                "Parley", "ParleyServices", "ParleyWire", "ParleyNIO", "ParleyTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -457,8 +457,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private static func now() -> Int64 { Int64(truncatingIfNeeded: NIODeadline.now().uptimeNanoseconds) }
 
     private func startKeepalive(_ configuration: KeepaliveStateMachine.Configuration, context: ChannelHandlerContext) {
-        self.keepalive = KeepaliveStateMachine(configuration: configuration, now: Self.now())
-        self.keepalive?.readsPaused(self.readsPaused, now: Self.now())
+        var machine = KeepaliveStateMachine(configuration: configuration, now: Self.now())
+        if self.readsPaused { machine.readsPaused(true, now: Self.now()) }
+        self.keepalive = machine
         let tick = TimeAmount.nanoseconds(configuration.tickInterval)
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         self.keepaliveTimer = context.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { _ in

@@ -3,20 +3,9 @@ import Logging
 import NIOCore
 import Parley
 import ParleyServices
+import ParleyTestSupport
 import ParleyWire
 import Testing
-
-/// Deterministic generator (no global randomness in tests).
-struct Mix: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        self.state &+= 0x9E37_79B9_7F4A_7C15
-        var z = self.state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// Corrupted variants of valid client byte streams, fed to a live server.
 @Suite(.timeLimit(.minutes(10)))
@@ -64,7 +53,7 @@ struct MutationTests {
         for i in 0..<4 { bytes[offset + 28 + i] = UInt8(truncatingIfNeeded: crc >> (8 * UInt32(i))) }
     }
 
-    static func variant(_ n: Int, rng: inout Mix) -> (bytes: [UInt8], kind: String) {
+    static func variant(_ n: Int, rng: inout SplitMix) -> (bytes: [UInt8], kind: String) {
         let seed = seeds[Int(rng.next() % UInt64(seeds.count))]
         var b = seed
         switch n % 8 {
@@ -140,7 +129,7 @@ struct MutationTests {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for w in 0..<workers {
                     group.addTask {
-                        var rng = Mix(state: 0xC0FFEE &+ UInt64(w) &* 7919)
+                        var rng = SplitMix(seed: 0xC0FFEE &+ UInt64(w) &* 7919)
                         var n = w
                         while n < variants {
                             let (bytes, kind) = Self.variant(n, rng: &rng)

@@ -1,5 +1,6 @@
 import CParleyCRC32C
 import NIOCore
+import ParleyTestSupport
 import ParleyWire
 import Testing
 
@@ -38,18 +39,5 @@ import Testing
             let both = data[split...].withUnsafeBytes { CRC32C.checksum($0, continuing: first) }
             #expect(both == whole)
         }
-    }
-}
-
-/// A small deterministic generator for tests (no global randomness).
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { self.state = seed }
-    mutating func next() -> UInt64 {
-        self.state &+= 0x9E37_79B9_7F4A_7C15
-        var z = self.state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import ParleyTestSupport
 import ParleyWire
 import Testing
 

@@ -128,24 +128,17 @@ public struct WireMessage: Hashable, Sendable {
         let count = self.data == nil ? 2 : 3
         let payloadInline = payloadLength < zeroCopySegmentThreshold
         let dataInline = dataLength < zeroCopySegmentThreshold
-        if payloadInline && dataInline && headerLength <= MessageHeader.fixedSize + MessageHeader.maxTypeNameLength {
+        if payloadInline && dataInline {
             out.append(self.encodeSmallFrame(headerLength: headerLength, count: count, allocator: allocator))
             return
         }
         var head = allocator.buffer(capacity: Frame.preambleSize + headerLength + (payloadInline ? payloadLength : 0)
             + (dataInline ? dataLength : 0) + 4 * count)
-        let start = head.writerIndex
-        head.writeMultipleIntegers(FrameTag.message.rawValue, UInt8(0), UInt8(count), UInt8(0))
-        head.writeMultipleIntegers(UInt32(headerLength), UInt16(0), UInt32(payloadLength), UInt16(0), endianness: .little)
-        if self.data != nil {
-            head.writeMultipleIntegers(UInt32(dataLength), UInt16(4096), endianness: .little)
-        } else {
-            head.writeMultipleIntegers(UInt32(0), UInt16(0), endianness: .little)
+        let headerStart = head.writerIndex + Frame.preambleSize
+        head.writeWithUnsafeMutableBytes(minimumWritableBytes: Frame.preambleSize + headerLength) { out in
+            self.writeHead(to: out.baseAddress!, headerLength: headerLength, count: count)
+            return Frame.preambleSize + headerLength
         }
-        head.writeMultipleIntegers(UInt32(0), UInt16(0), endianness: .little)
-        head.writeInteger(CRC32C.checksum(head, at: start, length: 28), endianness: .little)
-        let headerStart = head.writerIndex
-        head.writeMessageHeader(self.header)
         let headerCRC = CRC32C.checksum(head, at: headerStart, length: headerLength)
         let payloadCRC = CRC32C.checksum(self.payload)
         if payloadInline {
@@ -183,33 +176,8 @@ public struct WireMessage: Hashable, Sendable {
             func put<T: FixedWidthInteger>(_ value: T, _ offset: Int) {
                 p.storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self)
             }
-            // Preamble: tag, flags, count, reserved; four (length u32, alignment u16); CRC.
-            put(FrameTag.message.rawValue, 0)
-            put(UInt8(0), 1)
-            put(UInt8(count), 2)
-            put(UInt8(0), 3)
-            put(UInt32(headerLength), 4)
-            put(UInt16(0), 8)
-            put(UInt32(payloadLength), 10)
-            put(UInt16(0), 14)
-            put(UInt32(dataLength), 16)
-            put(UInt16(self.data == nil ? 0 : 4096), 20)
-            put(UInt32(0), 22)
-            put(UInt16(0), 26)
-            put(parley_crc32c(0, p, 28), 28)
-            // Segment 0: the message header.
+            self.writeHead(to: p, headerLength: headerLength, count: count)
             let h = Frame.preambleSize
-            put(self.header.seq, h)
-            put(self.header.ack, h + 8)
-            put(self.header.id, h + 16)
-            put(self.header.kind.rawValue, h + 24)
-            put(self.header.flags, h + 25)
-            put(UInt16(headerLength - MessageHeader.fixedSize), h + 26)
-            put(UInt32(0), h + 28)
-            var type = self.header.type
-            type.withUTF8 { name in
-                if let base = name.baseAddress { (p + h + MessageHeader.fixedSize).copyMemory(from: base, byteCount: name.count) }
-            }
             var offset = h + headerLength
             // Segments 1 (payload) and 2 (data), then the CRC of each segment.
             self.payload.withUnsafeReadableBytes { bytes in
@@ -226,6 +194,42 @@ public struct WireMessage: Hashable, Sendable {
             return size
         }
         return head
+    }
+
+    /// Writes the preamble (with its CRC) and the message header (segment 0) of this message's
+    /// frame at `p`: `Frame.preambleSize + headerLength` bytes.
+    private func writeHead(to p: UnsafeMutableRawPointer, headerLength: Int, count: Int) {
+        precondition(headerLength - MessageHeader.fixedSize <= MessageHeader.maxTypeNameLength, "message type names are at most 1024 bytes")
+        func put<T: FixedWidthInteger>(_ value: T, _ offset: Int) {
+            p.storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self)
+        }
+        // Preamble: tag, flags, count, reserved; four (length u32, alignment u16); CRC.
+        put(FrameTag.message.rawValue, 0)
+        put(UInt8(0), 1)
+        put(UInt8(count), 2)
+        put(UInt8(0), 3)
+        put(UInt32(headerLength), 4)
+        put(UInt16(0), 8)
+        put(UInt32(self.payload.readableBytes), 10)
+        put(UInt16(0), 14)
+        put(UInt32(self.data?.readableBytes ?? 0), 16)
+        put(UInt16(self.data == nil ? 0 : 4096), 20)
+        put(UInt32(0), 22)
+        put(UInt16(0), 26)
+        put(parley_crc32c(0, p, 28), 28)
+        // Segment 0: the message header.
+        let h = Frame.preambleSize
+        put(self.header.seq, h)
+        put(self.header.ack, h + 8)
+        put(self.header.id, h + 16)
+        put(self.header.kind.rawValue, h + 24)
+        put(self.header.flags, h + 25)
+        put(UInt16(headerLength - MessageHeader.fixedSize), h + 26)
+        put(UInt32(0), h + 28)
+        var type = self.header.type
+        type.withUTF8 { name in
+            if let base = name.baseAddress { (p + h + MessageHeader.fixedSize).copyMemory(from: base, byteCount: name.count) }
+        }
     }
 
     /// Parses a MESSAGE frame.
