@@ -32,25 +32,26 @@ struct TimeoutTests {
             let status = try Parley_V1_Status(parleyPayload: close.segments[0])
             #expect(ParleyError.Code(rawValue: status.code) == .timeout)
             #expect(status.message.contains("keepalive timeout"))
-            #expect(elapsed >= .milliseconds(400) && elapsed < .seconds(5), "closed after about 400 ms: \(elapsed)")
+            #expect(elapsed >= .milliseconds(400) && elapsed < .seconds(5), "closed after about 400 to 450 ms: \(elapsed)")
             let logged = try await eventually { logs.all.contains { $0.metadata.contains("timeout") } }
             #expect(logged)
         }
     }
 
     @Test func idleButAlivePeersStayConnected() async throws {
-        // KEEPALIVE after 100 ms; a generous timeout, as the tests run in parallel on a
-        // shared event-loop group and an ACK may be late.
-        let limits = ParleyConnectionLimits(keepaliveInterval: .milliseconds(100), keepaliveTimeout: .milliseconds(1000))
+        // KEEPALIVE after 100 ms; a generous timeout, as the tests run in parallel in a debug
+        // build on a shared two-thread event-loop group, where another test's burst of
+        // requests can hold the peer's event loop for a second.
+        let limits = ParleyConnectionLimits(keepaliveInterval: .milliseconds(100), keepaliveTimeout: .seconds(3))
         try await withServer(configure: { $0.limits = limits }) { server, addresses in
             let client = try await ParleyClient.connect(
                 to: addresses[0], configuration: .init(limits: limits), logger: quietLogger
             )
             defer { client.close() }
             #expect(try await ping(client, 1) == 1)
-            // Two and a half keepalive timeouts of idleness: the KEEPALIVEs and their ACKs
-            // keep both sides convinced the other is there.
-            try await Task.sleep(for: .milliseconds(2500))
+            // Longer than the keepalive timeout, and 40 keepalive intervals, of idleness: the
+            // KEEPALIVEs and their ACKs keep both sides convinced the other is there.
+            try await Task.sleep(for: .seconds(4))
             #expect(server.connectionCount == 1)
             #expect(try await ping(client, 2) == 2)
             let rtt = try #require(client.connection.keepaliveRoundTrip, "a KEEPALIVE was answered")

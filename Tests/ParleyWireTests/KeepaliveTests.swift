@@ -20,7 +20,8 @@ import Testing
         #expect(k.tick(now: 200 * Self.ms, heard: false) == .sendKeepalive(UInt64(200 * Self.ms)))
         #expect(k.tick(now: 300 * Self.ms, heard: false) == .sendKeepalive(UInt64(300 * Self.ms)))
         #expect(k.tick(now: 399 * Self.ms, heard: false) == .none)
-        #expect(k.tick(now: 400 * Self.ms, heard: false) == .timedOut(silentFor: 400 * Self.ms))
+        #expect(k.tick(now: 400 * Self.ms, heard: false) == .none, "the timeout is seen, to be confirmed at the next tick")
+        #expect(k.tick(now: 425 * Self.ms, heard: false) == .timedOut(silentFor: 425 * Self.ms))
         #expect(k.tick(now: 500 * Self.ms, heard: false) == .none, "a timeout is reported once")
         #expect(k.tick(now: 600 * Self.ms, heard: true) == .none, "and the machine stays done")
     }
@@ -32,7 +33,8 @@ import Testing
         #expect(k.tick(now: 224 * Self.ms, heard: false) == .none, "99 ms of silence")
         #expect(k.tick(now: 225 * Self.ms, heard: false) == .sendKeepalive(UInt64(225 * Self.ms)))
         #expect(k.tick(now: 524 * Self.ms, heard: false) == .sendKeepalive(UInt64(524 * Self.ms)))
-        #expect(k.tick(now: 525 * Self.ms, heard: false) == .timedOut(silentFor: 400 * Self.ms))
+        #expect(k.tick(now: 525 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 550 * Self.ms, heard: false) == .timedOut(silentFor: 425 * Self.ms))
     }
 
     @Test func pausedReadsDoNotCountAsSilence() {
@@ -43,7 +45,8 @@ import Testing
         k.readsPaused(false, now: 10_000 * Self.ms)
         #expect(k.tick(now: 10_099 * Self.ms, heard: false) == .none, "silence counts from the resumption")
         #expect(k.tick(now: 10_100 * Self.ms, heard: false) == .sendKeepalive(UInt64(10_100 * Self.ms)))
-        #expect(k.tick(now: 10_400 * Self.ms, heard: false) == .timedOut(silentFor: 400 * Self.ms))
+        #expect(k.tick(now: 10_400 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 10_425 * Self.ms, heard: false) == .timedOut(silentFor: 425 * Self.ms))
     }
 
     @Test func pausingTwiceOrResumingWithoutPauseChangesNothing() {
@@ -54,7 +57,27 @@ import Testing
         k.readsPaused(true, now: 160 * Self.ms)
         k.readsPaused(false, now: 170 * Self.ms)
         #expect(k.tick(now: 569 * Self.ms, heard: false) == .sendKeepalive(UInt64(569 * Self.ms)))
-        #expect(k.tick(now: 570 * Self.ms, heard: false) == .timedOut(silentFor: 400 * Self.ms))
+        #expect(k.tick(now: 570 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 595 * Self.ms, heard: false) == .timedOut(silentFor: 425 * Self.ms))
+    }
+
+    @Test func bytesReadAfterABusySpellCancelTheTimeout() {
+        // This side's event loop was busy for 500 ms: the first tick after it sees the timeout
+        // passed, but the peer's bytes were waiting and are read before the next tick.
+        var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        #expect(k.tick(now: 500 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 525 * Self.ms, heard: true) == .none)
+        #expect(k.tick(now: 624 * Self.ms, heard: false) == .none, "silence counts from 525 ms")
+        #expect(k.tick(now: 625 * Self.ms, heard: false) == .sendKeepalive(UInt64(625 * Self.ms)))
+    }
+
+    @Test func resumingReadsForgetsATimeoutSeenBefore() {
+        var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        #expect(k.tick(now: 400 * Self.ms, heard: false) == .none)  // seen, not confirmed
+        k.readsPaused(true, now: 410 * Self.ms)
+        k.readsPaused(false, now: 420 * Self.ms)
+        #expect(k.tick(now: 820 * Self.ms, heard: false) == .none, "seen again after the resumption, not confirmed")
+        #expect(k.tick(now: 845 * Self.ms, heard: false) == .timedOut(silentFor: 425 * Self.ms))
     }
 
     @Test func tickIntervalIsAQuarterIntervalAndAtLeastOneMillisecond() {

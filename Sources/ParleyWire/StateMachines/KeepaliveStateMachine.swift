@@ -4,9 +4,11 @@
 /// The connection ticks it periodically (every `Configuration.tickInterval`) with the current
 /// time and whether anything arrived from the peer since the previous tick. After `interval`
 /// without a byte from the peer it asks for a KEEPALIVE (at most one per `interval`); after
-/// `timeout` without a byte it declares the peer gone. While this side has stopped reading
-/// (back-pressure) silence is not the peer's fault: the clock of silence restarts when reading
-/// resumes.
+/// `timeout` without a byte it declares the peer gone, but only at the tick after the one
+/// that first saw the timeout passed: the event loop polls the socket between two ticks, so
+/// bytes that were waiting while this side's event loop was busy (a handler that ran long) are
+/// read before the peer is given up on. While this side has stopped reading (back-pressure)
+/// silence is not the peer's fault: the clock of silence restarts when reading resumes.
 ///
 /// Invariants: no clock, timer or channel inside; times are monotonic nanoseconds passed in.
 public struct KeepaliveStateMachine: Sendable {
@@ -23,7 +25,8 @@ public struct KeepaliveStateMachine: Sendable {
         }
 
         /// How often the connection should tick the machine: a quarter of the interval, so that
-        /// a KEEPALIVE or a timeout comes at most a quarter interval late; at least 1 ms.
+        /// a KEEPALIVE comes at most a quarter interval late (a timeout, confirmed at the next
+        /// tick, at most half an interval); at least 1 ms.
         public var tickInterval: Int64 { max(self.interval / 4, 1_000_000) }
     }
 
@@ -41,6 +44,8 @@ public struct KeepaliveStateMachine: Sendable {
     /// When the last KEEPALIVE was sent, if one was.
     private(set) var lastKeepalive: Int64?
     private var readsPaused = false
+    /// A tick saw the timeout pass; the next one without news from the peer ends it.
+    private var timeoutSeen = false
     private var timedOut = false
 
     public init(configuration: Configuration, now: Int64) {
@@ -50,7 +55,10 @@ public struct KeepaliveStateMachine: Sendable {
 
     /// This side stopped (true) or resumed (false) reading from the peer.
     public mutating func readsPaused(_ paused: Bool, now: Int64) {
-        if self.readsPaused && !paused { self.lastHeard = now }
+        if self.readsPaused && !paused {
+            self.lastHeard = now
+            self.timeoutSeen = false
+        }
         self.readsPaused = paused
     }
 
@@ -59,10 +67,15 @@ public struct KeepaliveStateMachine: Sendable {
         guard !self.timedOut else { return .none }
         if heard || self.readsPaused {
             self.lastHeard = now
+            self.timeoutSeen = false
             return .none
         }
         let silent = now - self.lastHeard
         if silent >= self.configuration.timeout {
+            guard self.timeoutSeen else {
+                self.timeoutSeen = true
+                return .none
+            }
             self.timedOut = true
             return .timedOut(silentFor: silent)
         }
