@@ -69,6 +69,8 @@ public struct ParleyConnectionLimits: Sendable {
 /// with the others of the same read burst.
 public final class ParleyConnection: Sendable {
     public let session: ParleySession
+    /// The event loop the connection runs on (handlers start there by default).
+    public var eventLoop: any EventLoop { self.channel.eventLoop }
     let role: SessionStateMachine.Role
     let channel: any Channel
     let router: ParleyRouter

@@ -1,0 +1,71 @@
+#define _GNU_SOURCE
+#include "CParleyBlockIO.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
+#ifndef RWF_DSYNC
+#define RWF_DSYNC 0x00000002
+#endif
+
+int64_t parley_pread(int fd, void *buf, size_t len, int64_t offset, int nowait) {
+    struct iovec iov = {buf, len};
+    ssize_t n;
+    do {
+        n = preadv2(fd, &iov, 1, offset, nowait ? RWF_NOWAIT : 0);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+int64_t parley_pwrite(int fd, const void *buf, size_t len, int64_t offset, int nowait, int dsync) {
+    struct iovec iov = {(void *)buf, len};
+    int flags = (nowait ? RWF_NOWAIT : 0) | (dsync ? RWF_DSYNC : 0);
+    ssize_t n;
+    do {
+        n = pwritev2(fd, &iov, 1, offset, flags);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+int parley_punch_hole(int fd, int64_t offset, int64_t len) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len) < 0 ? -errno : 0;
+}
+
+int parley_zero_range(int fd, int64_t offset, int64_t len) {
+    return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, len) < 0 ? -errno : 0;
+}
+
+int64_t parley_seek(int fd, int64_t offset, int data) {
+    off_t r = lseek(fd, offset, data ? SEEK_DATA : SEEK_HOLE);
+    return r < 0 ? -errno : r;
+}
+
+int parley_willneed(int fd, int64_t offset, int64_t len) {
+    return -posix_fadvise(fd, offset, len, POSIX_FADV_WILLNEED);
+}
+
+int parley_block_device_geometry(int fd, uint64_t *size, uint32_t *logical, uint32_t *physical) {
+    int l = 0;
+    unsigned int p = 0;
+    if (ioctl(fd, BLKGETSIZE64, size) < 0) return -errno;
+    if (ioctl(fd, BLKSSZGET, &l) < 0) return -errno;
+    if (ioctl(fd, BLKPBSZGET, &p) < 0) return -errno;
+    *logical = (uint32_t)l;
+    *physical = (uint32_t)p;
+    return 0;
+}
+
+int parley_fdatasync(int fd) {
+    int r;
+    do {
+        r = fdatasync(fd);
+    } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}

@@ -1,0 +1,24 @@
+// Thin wrappers over Linux system calls the block server needs and that Swift's Glibc
+// module does not expose (preadv2/pwritev2 flags, fallocate modes, block-device ioctls).
+// Each returns 0 or a byte count on success and -errno on failure.
+#ifndef CPARLEY_BLOCK_IO_H
+#define CPARLEY_BLOCK_IO_H
+#include <stdint.h>
+#include <stddef.h>
+
+/// preadv2 with RWF_NOWAIT when `nowait`: -EAGAIN when the data is not in the page cache.
+int64_t parley_pread(int fd, void *buf, size_t len, int64_t offset, int nowait);
+/// pwritev2; `nowait` adds RWF_NOWAIT, `dsync` RWF_DSYNC (the write is durable when it returns).
+int64_t parley_pwrite(int fd, const void *buf, size_t len, int64_t offset, int nowait, int dsync);
+/// Punches a hole (the range reads as zeroes, the file keeps its size).
+int parley_punch_hole(int fd, int64_t offset, int64_t len);
+/// FALLOC_FL_ZERO_RANGE|KEEP_SIZE: zeroes a range without writing it.
+int parley_zero_range(int fd, int64_t offset, int64_t len);
+/// lseek with SEEK_DATA (`data` != 0) or SEEK_HOLE. -ENXIO past the end.
+int64_t parley_seek(int fd, int64_t offset, int data);
+/// posix_fadvise(WILLNEED).
+int parley_willneed(int fd, int64_t offset, int64_t len);
+/// BLKGETSIZE64, BLKSSZGET and BLKPBSZGET of a block device.
+int parley_block_device_geometry(int fd, uint64_t *size, uint32_t *logical, uint32_t *physical);
+int parley_fdatasync(int fd);
+#endif

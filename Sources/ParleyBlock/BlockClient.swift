@@ -1,0 +1,95 @@
+import Logging
+import NIOCore
+import Parley
+
+/// A block protocol client: one session over one Parley connection.
+public final class BlockClient: Sendable {
+    public let client: ParleyClient
+    public let sessionName: String
+    public let protocolVersion: UInt32
+
+    /// A device this client has open.
+    public struct Device: Sendable, Equatable {
+        public var id: UInt32
+        public var geometry: Parley_Block_V1_Geometry
+    }
+
+    private init(client: ParleyClient, sessionName: String, protocolVersion: UInt32) {
+        self.client = client
+        self.sessionName = sessionName
+        self.protocolVersion = protocolVersion
+    }
+
+    /// Connects and starts a session.
+    public static func connect(to address: ParleyAddress, sessionName: String,
+                               configuration: ParleyClient.Configuration = .defaults,
+                               logger: Logger = Logger(label: "parley.block.client")) async throws -> BlockClient {
+        let client = try await ParleyClient.connect(to: address, configuration: configuration, logger: logger)
+        do {
+            var info = Parley_Block_V1_SessionInfo()
+            info.protocolVersion = BlockService.protocolVersion
+            info.sessionName = sessionName
+            let reply = try await client.request(info, as: Parley_Block_V1_SessionInfoReply.self)
+            try Self.check(reply.status, reply.message)
+            return BlockClient(client: client, sessionName: sessionName, protocolVersion: reply.protocolVersion)
+        } catch {
+            client.close()
+            throw error
+        }
+    }
+
+    static func check(_ status: Parley_Block_V1_BlockStatus, _ message: String) throws(BlockError) {
+        if status != .ok { throw BlockError(status, message) }
+    }
+
+    public func listExports() async throws -> [Parley_Block_V1_ExportEntry] {
+        try await self.client.request(Parley_Block_V1_ListExports(), as: Parley_Block_V1_ExportList.self).exports
+    }
+
+    public func open(_ path: String, access: Parley_Block_V1_AccessMode = .readWrite) async throws -> Device {
+        var open = Parley_Block_V1_Open()
+        open.path = path
+        open.accessMode = access
+        let reply = try await self.client.request(open, as: Parley_Block_V1_OpenReply.self)
+        try Self.check(reply.status, reply.message)
+        return Device(id: reply.deviceID, geometry: reply.geometry)
+    }
+
+    public func close(_ device: Device) async throws {
+        var close = Parley_Block_V1_Close()
+        close.deviceID = device.id
+        let reply = try await self.client.request(close, as: Parley_Block_V1_CloseReply.self)
+        try Self.check(reply.status, reply.message)
+    }
+
+    /// Sends one IO and returns the read data (nil for other operations).
+    @discardableResult
+    public func io(_ device: Device, _ operation: Parley_Block_V1_IoOperation, offset: UInt64, length: UInt32,
+                   data: ByteBuffer? = nil, fua: Bool = false) async throws -> ByteBuffer? {
+        var io = Parley_Block_V1_Io()
+        io.deviceID = device.id
+        io.offset = offset
+        io.length = length
+        io.operation = operation
+        io.flags = fua ? UInt32(Parley_Block_V1_IoFlag.fua.rawValue) : 0
+        let reply = try await self.client.call(io, data: data, as: Parley_Block_V1_IoReply.self)
+        try Self.check(reply.message.status, reply.message.message)
+        return reply.data
+    }
+
+    public func read(_ device: Device, offset: UInt64, length: UInt32) async throws -> ByteBuffer {
+        try await self.io(device, .read, offset: offset, length: length) ?? ByteBuffer()
+    }
+
+    public func write(_ device: Device, offset: UInt64, data: ByteBuffer, fua: Bool = false) async throws {
+        try await self.io(device, .write, offset: offset, length: UInt32(data.readableBytes), data: data, fua: fua)
+    }
+
+    public func flush(_ device: Device) async throws {
+        try await self.io(device, .flush, offset: 0, length: 0)
+    }
+
+    public func closeConnection() {
+        self.client.close()
+    }
+}

@@ -1,0 +1,42 @@
+import Metrics
+
+/// The kinds of IO counted per export.
+public enum BlockOpKind: String, Sendable, CaseIterable {
+    case read, write, flush, discard, writeZeroes = "write_zeroes", cache, blockStatus = "block_status"
+}
+
+/// Per-export counters (operations, bytes, errors) and latency histograms, through
+/// swift-metrics: `parley_block_ops_total`, `parley_block_bytes_total`,
+/// `parley_block_errors_total` and `parley_block_latency_seconds`, labelled with the export
+/// and the operation. Made once per open device, so the IO path only increments.
+public struct BlockMetrics: Sendable {
+    public struct Op: Sendable {
+        let ops: Counter
+        let bytes: Counter
+        let errors: Counter
+        let latency: Metrics.Timer
+
+        /// Records one completed operation.
+        public func record(bytes: Int, failed: Bool, nanoseconds: Int64) {
+            self.ops.increment()
+            if failed { self.errors.increment() } else if bytes > 0 { self.bytes.increment(by: bytes) }
+            self.latency.recordNanoseconds(nanoseconds)
+        }
+    }
+
+    private let ops: [Op]
+
+    public init(export: String) {
+        self.ops = BlockOpKind.allCases.map { kind in
+            let d = [("export", export), ("op", kind.rawValue)]
+            return Op(ops: Counter(label: "parley_block_ops_total", dimensions: d),
+                      bytes: Counter(label: "parley_block_bytes_total", dimensions: d),
+                      errors: Counter(label: "parley_block_errors_total", dimensions: d),
+                      latency: Metrics.Timer(label: "parley_block_latency_seconds", dimensions: d, preferredDisplayUnit: .seconds))
+        }
+    }
+
+    public func callAsFunction(_ kind: BlockOpKind) -> Op {
+        self.ops[BlockOpKind.allCases.firstIndex(of: kind)!]
+    }
+}

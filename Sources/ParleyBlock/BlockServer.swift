@@ -1,0 +1,140 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import Parley
+import Prometheus
+import ServiceLifecycle
+
+/// `parley block serve`: the block protocol on Parley and a standard NBD server over the
+/// same exports, with optional Prometheus metrics. A Service: graceful shutdown stops
+/// accepting, lets IO in flight finish, flushes every open device and stops.
+public final class BlockServer: Service, Sendable {
+    public struct Configuration: Sendable {
+        public var catalog: BlockExportCatalog
+        /// Parley block protocol listeners (default 127.0.0.1:7421).
+        public var listen: [ParleyAddress]
+        /// NBD listeners (default 127.0.0.1:10809).
+        public var nbd: [ParleyAddress]
+        /// Prometheus endpoint (HOST:PORT), if any.
+        public var metrics: (host: String, port: Int)?
+        /// Threads for storage calls that may block.
+        public var ioThreads: Int
+        public var name: String
+
+        public static let defaultPort = 7421
+        public static let defaultNBDPort = 10809
+
+        public init(catalog: BlockExportCatalog, listen: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: defaultPort)],
+                    nbd: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: defaultNBDPort)], metrics: (host: String, port: Int)? = nil,
+                    ioThreads: Int = 16, name: String = "parley-block") {
+            self.catalog = catalog
+            self.listen = listen
+            self.nbd = nbd
+            self.metrics = metrics
+            self.ioThreads = ioThreads
+            self.name = name
+        }
+    }
+
+    public let configuration: Configuration
+    public let devices: BlockDeviceTable
+    public let service: BlockService
+    let io: BlockIOExecutor
+    let nbdServer: NBDServer
+    let parleyServer: ParleyServer
+    let registry: PrometheusCollectorRegistry?
+    let logger: Logger
+    private let bound = NIOLockedValueBox<Bound?>(nil)
+    private let boundWaiters = NIOLockedValueBox<[CheckedContinuation<Bound, any Error>]>([])
+
+    public struct Bound: Sendable {
+        public var listen: [ParleyAddress]
+        public var nbd: [ParleyAddress]
+        public var metrics: SocketAddress?
+    }
+
+    public init(configuration: Configuration, registry: PrometheusCollectorRegistry? = nil, logger: Logger = Logger(label: "parley.block")) {
+        self.configuration = configuration
+        self.registry = registry
+        self.logger = logger
+        self.devices = BlockDeviceTable()
+        self.io = BlockIOExecutor(threads: configuration.ioThreads)
+        self.service = BlockService(catalog: configuration.catalog, devices: self.devices, io: self.io, logger: logger)
+        self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, logger: logger)
+        self.parleyServer = ParleyServer(
+            configuration: .init(listen: configuration.listen, name: configuration.name),
+            router: self.service.router(), logger: logger
+        )
+    }
+
+    /// The addresses actually bound (port 0 resolved), once `run()` has bound them.
+    public var boundAddresses: Bound {
+        get async throws {
+            try await withCheckedThrowingContinuation { c in
+                let now: Bound? = self.bound.withLockedValue { b in
+                    if let b { return b }
+                    self.boundWaiters.withLockedValue { $0.append(c) }
+                    return nil
+                }
+                if let now { c.resume(returning: now) }
+            }
+        }
+    }
+
+    public func run() async throws {
+        let nbd: [ParleyAddress]
+        var metrics: MetricsEndpoint?
+        do {
+            nbd = try await self.nbdServer.bind(self.configuration.nbd)
+            if let m = self.configuration.metrics, let registry = self.registry {
+                metrics = try await MetricsEndpoint.start(host: m.host, port: m.port, registry: registry)
+            }
+        } catch {
+            await self.nbdServer.shutDown()
+            self.failWaiters(error)
+            throw error
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                try await withGracefulShutdownHandler {
+                    try await self.parleyServer.run()
+                } onGracefulShutdown: {
+                    self.logger.info("shutting down: finishing IO in flight")
+                    self.service.beginShutdown()
+                }
+            }
+            let listen: [ParleyAddress]
+            do {
+                listen = try await self.parleyServer.listeningAddresses
+            } catch {
+                await self.nbdServer.shutDown()
+                self.failWaiters(error)
+                throw error
+            }
+            let b = Bound(listen: listen, nbd: nbd, metrics: metrics?.localAddress)
+            let waiters = self.bound.withLockedValue { v in
+                v = b
+                return self.boundWaiters.withLockedValue { w in defer { w = [] }; return w }
+            }
+            waiters.forEach { $0.resume(returning: b) }
+            self.logger.info("block server listening", metadata: [
+                "parley": "\(listen.map(\.description))", "nbd": "\(nbd.map(\.description))",
+                "metrics": "\(metrics?.localAddress.map { "\($0)" } ?? "off")",
+                "exports": "\(self.configuration.catalog.exports.map(\.name))",
+            ])
+            // The Parley server returns once it has drained (graceful shutdown) or was cancelled.
+            try await group.next()
+            await self.nbdServer.shutDown()
+        }
+        self.devices.flushAll()
+        await metrics?.close()
+        try? await self.io.shutdown()
+        self.logger.info("block server stopped")
+    }
+
+    private func failWaiters(_ error: any Error) {
+        let waiters = self.boundWaiters.withLockedValue { w in defer { w = [] }; return w }
+        waiters.forEach { $0.resume(throwing: error) }
+    }
+}

@@ -1,0 +1,437 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import Parley
+
+/// The block protocol's server side: sessions, opens, IO and closes as Parley requests
+/// (Protos/parley/block/v1/block.proto; docs/protocol.md, "Parley Block").
+public final class BlockService: Sendable {
+    /// The block protocol version this implementation speaks.
+    public static let protocolVersion: UInt32 = 1
+    /// Largest IO: what fits a default frame with room for the header and reply.
+    public static let maximumIO: UInt32 = 8 << 20
+
+    public struct Limits: Sendable {
+        /// IOs in flight per session before new ones are refused with BLOCK_STATUS_BUSY_SESSION.
+        public var maxInFlight = 1024
+        /// Bytes of IO in flight per session before new ones are refused.
+        public var maxInFlightBytes = 256 << 20
+        public init() {}
+    }
+
+    let catalog: BlockExportCatalog
+    let devices: BlockDeviceTable
+    let io: BlockIOExecutor
+    let limits: Limits
+    let logger: Logger
+    private let sessions = NIOLockedValueBox<[ObjectIdentifier: BlockSession]>([:])
+    private let shuttingDown = NIOLockedValueBox(false)
+
+    public init(catalog: BlockExportCatalog, devices: BlockDeviceTable, io: BlockIOExecutor, limits: Limits = Limits(),
+                logger: Logger = Logger(label: "parley.block")) {
+        self.catalog = catalog
+        self.devices = devices
+        self.io = io
+        self.limits = limits
+        self.logger = logger
+    }
+
+    /// A router with the block protocol's handlers.
+    public func router() -> ParleyRouter {
+        var router = ParleyRouter()
+        self.register(on: &router)
+        return router
+    }
+
+    public func register(on router: inout ParleyRouter) {
+        router.on(Parley_Block_V1_SessionInfo.self) { [self] request, context in self.sessionInfo(request, context) }
+        router.on(Parley_Block_V1_ListExports.self) { [self] _, _ in self.listExports() }
+        router.on(Parley_Block_V1_Open.self) { [self] request, context in self.open(request, context) }
+        router.on(Parley_Block_V1_Close.self) { [self] request, context in self.close(request, context) }
+        router.onWithData(Parley_Block_V1_Io.self) { [self] request, context async throws in
+            try await self.io(request, context)
+        }
+    }
+
+    /// Refuses new IO from now on (graceful shutdown; IO in flight completes).
+    public func beginShutdown() {
+        self.shuttingDown.withLockedValue { $0 = true }
+    }
+
+    /// Sessions open now.
+    public var sessionCount: Int { self.sessions.withLockedValue { $0.count } }
+
+    // MARK: - Handlers
+
+    private func session(for context: ParleyRequestContext) -> BlockSession? {
+        self.sessions.withLockedValue { $0[ObjectIdentifier(context.connection)] }
+    }
+
+    func sessionInfo(_ request: Parley_Block_V1_SessionInfo, _ context: ParleyRequestContext) -> Parley_Block_V1_SessionInfoReply {
+        var reply = Parley_Block_V1_SessionInfoReply()
+        guard request.protocolVersion >= 1 else {
+            reply.status = .invalid
+            reply.message = "protocol_version must be 1 or more"
+            return reply
+        }
+        guard BlockExportCatalog.validSessionName(request.sessionName) else {
+            reply.status = .invalid
+            reply.message = "bad session name \"\(request.sessionName)\": use 1-64 bytes of A-Z a-z 0-9 . _ -, not starting with '.'"
+            return reply
+        }
+        let version = min(request.protocolVersion, Self.protocolVersion)
+        let connection = context.connection
+        let key = ObjectIdentifier(connection)
+        let (session, created) = self.sessions.withLockedValue { s -> (BlockSession, Bool) in
+            if let existing = s[key] { return (existing, false) }
+            let new = BlockSession(name: request.sessionName, version: version, peer: connection.session.peerAddress)
+            s[key] = new
+            return (new, true)
+        }
+        if created {
+            self.logger.info("block session started", metadata: ["session": "\(session.name)", "peer": "\(session.peer)"])
+            Task { [self] in
+                _ = await connection.closed()
+                self.sessions.withLockedValue { _ = $0.removeValue(forKey: key) }
+                session.closeAll { device, access in
+                    self.devices.close(device, access: access, owner: session.owner)
+                    self.logger.info("block device closed", metadata: ["session": "\(session.name)", "export": "\(device.name)", "reason": "session ended"])
+                }
+                self.logger.info("block session ended", metadata: ["session": "\(session.name)"])
+            }
+        } else if session.name != request.sessionName {
+            reply.status = .invalid
+            reply.message = "this connection is already session \"\(session.name)\""
+            return reply
+        }
+        reply.protocolVersion = session.version
+        return reply
+    }
+
+    func listExports() -> Parley_Block_V1_ExportList {
+        var list = Parley_Block_V1_ExportList()
+        for spec in self.catalog.exports {
+            var entry = Parley_Block_V1_ExportEntry()
+            entry.name = spec.name
+            entry.readOnly = spec.readOnly || self.catalog.readOnly
+            entry.shared = spec.shared
+            do {
+                let export = try self.catalog.resolve(spec.name, session: nil)
+                let device = try self.devices.open(export, access: .readOnly, owner: "list")
+                entry.geometry = Self.geometry(device.store.geometry, blockSize: Self.blockSize(export, device), readOnly: export.readOnly)
+                self.devices.close(device, access: .readOnly, owner: "list")
+            } catch {
+                self.logger.warning("export cannot be opened", metadata: ["export": "\(spec.name)", "error": "\(error)"])
+            }
+            list.exports.append(entry)
+        }
+        return list
+    }
+
+    static func blockSize(_ export: BlockExportCatalog.Resolved, _ device: BlockDevice) -> UInt32 {
+        export.blockSize ?? max(512, device.store.geometry.logicalBlockSize)
+    }
+
+    static func geometry(_ g: BlockGeometry, blockSize: UInt32, readOnly: Bool) -> Parley_Block_V1_Geometry {
+        var out = Parley_Block_V1_Geometry()
+        out.sizeBytes = g.size
+        out.sizeSectors = g.size / 512
+        out.logicalBlockSize = blockSize
+        out.physicalBlockSize = max(blockSize, g.physicalBlockSize)
+        out.maxIoSize = Self.maximumIO
+        if g.discard && !readOnly {
+            out.discardGranularity = max(blockSize, g.discardGranularity)
+            out.maxDiscardSize = g.maximumDiscard
+        }
+        out.writeCache = g.writeCache
+        out.fua = true
+        out.rotational = g.rotational
+        return out
+    }
+
+    func open(_ request: Parley_Block_V1_Open, _ context: ParleyRequestContext) -> Parley_Block_V1_OpenReply {
+        var reply = Parley_Block_V1_OpenReply()
+        func refuse(_ e: BlockError) -> Parley_Block_V1_OpenReply {
+            reply.status = e.status
+            reply.message = e.message
+            self.logger.warning("block open refused: \(e.message)", metadata: [
+                "session": "\(self.session(for: context)?.name ?? "-")", "path": "\(request.path)", "status": "\(e.status)",
+            ])
+            return reply
+        }
+        guard let session = self.session(for: context) else {
+            return refuse(BlockError(.noSession, "send SessionInfo before Open"))
+        }
+        if self.shuttingDown.withLockedValue({ $0 }) { return refuse(BlockError(.shuttingDown, "the server is shutting down")) }
+        let access: BlockAccess
+        switch request.accessMode {
+        case .readOnly: access = .readOnly
+        case .readWrite: access = .readWrite
+        case .migration: access = .migration
+        case .UNRECOGNIZED(let n): return refuse(BlockError(.invalid, "unknown access mode \(n)"))
+        }
+        do {
+            let export = try self.catalog.resolve(request.path, session: session.name)
+            let device = try self.devices.open(export, access: access, owner: session.owner)
+            let blockSize = Self.blockSize(export, device)
+            let readOnly = access == .readOnly
+            let id = session.add(device: device, access: access, blockSize: blockSize)
+            reply.deviceID = id
+            reply.accessMode = request.accessMode
+            reply.geometry = Self.geometry(device.store.geometry, blockSize: blockSize, readOnly: readOnly)
+            self.logger.info("block device opened", metadata: [
+                "session": "\(session.name)", "export": "\(export.name)", "path": "\(export.path)", "access": "\(access)", "device": "\(id)",
+            ])
+            return reply
+        } catch {
+            return refuse(error)
+        }
+    }
+
+    func close(_ request: Parley_Block_V1_Close, _ context: ParleyRequestContext) -> Parley_Block_V1_CloseReply {
+        var reply = Parley_Block_V1_CloseReply()
+        guard let session = self.session(for: context) else {
+            reply.status = .noSession
+            reply.message = "send SessionInfo before Close"
+            return reply
+        }
+        let found = session.remove(id: request.deviceID) { device, access in
+            self.devices.close(device, access: access, owner: session.owner)
+            self.logger.info("block device closed", metadata: ["session": "\(session.name)", "export": "\(device.name)", "device": "\(request.deviceID)"])
+        }
+        if !found {
+            reply.status = .unknownDevice
+            reply.message = "no open device \(request.deviceID) in session \"\(session.name)\""
+        }
+        return reply
+    }
+
+    func io(_ request: Parley_Block_V1_Io, _ context: ParleyRequestContext) async throws -> ParleyReply<Parley_Block_V1_IoReply> {
+        func refuse(_ status: Parley_Block_V1_BlockStatus, _ message: String, session: BlockSession? = nil) -> ParleyReply<Parley_Block_V1_IoReply> {
+            var reply = Parley_Block_V1_IoReply()
+            reply.status = status
+            reply.message = message
+            self.logger.warning("block IO refused: \(message)", metadata: ["session": "\(session?.name ?? "-")", "status": "\(status)"])
+            return ParleyReply(reply)
+        }
+        guard let session = self.session(for: context) else { return refuse(.noSession, "send SessionInfo before Io") }
+        if self.shuttingDown.withLockedValue({ $0 }) { return refuse(.shuttingDown, "the server is shutting down", session: session) }
+        let length = Int(request.length)
+        let kind: BlockOpKind
+        switch request.operation {
+        case .read: kind = .read
+        case .write: kind = .write
+        case .flush: kind = .flush
+        case .discard: kind = .discard
+        case .writeZeroes: kind = .writeZeroes
+        case .UNRECOGNIZED(let n): return refuse(.invalid, "unknown IO operation \(n)", session: session)
+        }
+        guard request.flags & ~UInt32(Parley_Block_V1_IoFlag.fua.rawValue) == 0 else {
+            return refuse(.invalid, "unknown IO flags 0x\(String(request.flags, radix: 16))", session: session)
+        }
+        let fua = request.flags & UInt32(Parley_Block_V1_IoFlag.fua.rawValue) != 0
+        let data = context.data
+        let counted = kind == .read || kind == .write ? length : 0
+        let admitted = session.begin(id: request.deviceID, bytes: counted, limits: self.limits)
+        let open: BlockSession.OpenDevice
+        switch admitted {
+        case .failure(let e): return refuse(e.status, e.message, session: session)
+        case .success(let o): open = o
+        }
+        defer { session.end(id: request.deviceID, bytes: counted) }
+        let device = open.device
+        let store = device.store
+        let size = store.geometry.size
+        let started = ContinuousClock.now
+        func done(_ failed: Bool) {
+            let d = ContinuousClock.now - started
+            device.metrics(kind).record(bytes: counted, failed: failed,
+                                        nanoseconds: d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
+        }
+        func fail(_ status: Parley_Block_V1_BlockStatus, _ message: String) -> ParleyReply<Parley_Block_V1_IoReply> {
+            done(true)
+            return refuse(status, message, session: session)
+        }
+        // Checks every operation with a range shares.
+        if kind != .flush {
+            let b = UInt64(open.blockSize)
+            if request.offset % b != 0 || UInt64(length) % b != 0 {
+                return fail(.invalid, "\(kind.rawValue) at offset \(request.offset), length \(length) is not aligned to the device's \(b)-byte blocks")
+            }
+            if (kind == .read || kind == .write) && request.length > Self.maximumIO {
+                return fail(.tooLarge, "\(kind.rawValue) of \(length) bytes is larger than max_io_size \(Self.maximumIO)")
+            }
+            let (end, overflow) = request.offset.addingReportingOverflow(UInt64(length))
+            if overflow || end > size {
+                return fail(.outOfRange, "\(kind.rawValue) of \(length) bytes at offset \(request.offset) ends past the device's \(size) bytes")
+            }
+        }
+        if kind != .read && kind != .flush && open.access == .readOnly {
+            return fail(.readOnly, "\(kind.rawValue) on device \(request.deviceID), which is open read-only")
+        }
+        if kind == .write {
+            guard let data, data.readableBytes == length else {
+                return fail(.invalid, "a write of \(length) bytes needs exactly \(length) bytes of data, got \(context.data?.readableBytes ?? 0)")
+            }
+        } else if data != nil, kind != .read || data!.readableBytes > 0 {
+            return fail(.invalid, "\(kind.rawValue) takes no data segment")
+        }
+        let offset = request.offset
+        let eventLoop = context.connection.eventLoop
+        do {
+            switch kind {
+            case .read:
+                var buffer = ByteBufferAllocator().buffer(capacity: length)
+                let inline = try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
+                    try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<length]), at: offset, nowait: true) ? length : 0
+                }
+                if inline != length {
+                    buffer = try await self.io.run(on: eventLoop) {
+                        var b = ByteBufferAllocator().buffer(capacity: length)
+                        _ = try b.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
+                            _ = try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<length]), at: offset, nowait: false)
+                            return length
+                        }
+                        return b
+                    }.get()
+                }
+                done(false)
+                return ParleyReply(Parley_Block_V1_IoReply(), data: buffer)
+            case .write:
+                let data = data!
+                let inline = fua ? false : try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
+                if !inline {
+                    _ = try await self.io.run(on: eventLoop) {
+                        try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
+                    }.get()
+                }
+            case .flush:
+                try await self.io.run(on: eventLoop) { try store.flush() }.get()
+            case .discard:
+                guard store.geometry.discard else { return fail(.notSupported, "the device cannot discard") }
+                try await self.io.run(on: eventLoop) {
+                    try store.discard(offset: offset, length: UInt64(length))
+                    if fua { try store.flush() }
+                }.get()
+            case .writeZeroes:
+                try await self.io.run(on: eventLoop) {
+                    try store.writeZeroes(offset: offset, length: UInt64(length), mayDeallocate: true)
+                    if fua { try store.flush() }
+                }.get()
+            case .cache, .blockStatus:
+                break
+            }
+        } catch let error as BlockStoreError {
+            let e = BlockError(error)
+            self.logger.error("block IO failed: \(e.message)", metadata: ["session": "\(session.name)", "export": "\(device.name)"])
+            return fail(e.status, e.message)
+        }
+        done(false)
+        return ParleyReply(Parley_Block_V1_IoReply())
+    }
+}
+
+/// One block session: its name, version and open devices.
+final class BlockSession: Sendable {
+    struct OpenDevice: Sendable {
+        var device: BlockDevice
+        var access: BlockAccess
+        var blockSize: UInt32
+        var inFlight = 0
+        var closing = false
+    }
+
+    struct State {
+        var devices: [UInt32: OpenDevice] = [:]
+        var nextID: UInt32 = 1
+        var inFlight = 0
+        var inFlightBytes = 0
+        /// Closed devices whose IO is still in flight, with what to do when it ends.
+        var pendingClose: [UInt32: @Sendable (BlockDevice, BlockAccess) -> Void] = [:]
+    }
+
+    let name: String
+    let version: UInt32
+    let peer: String
+    private let state = NIOLockedValueBox(State())
+
+    /// Who holds devices in the device table: the session's name, so that the paths of one
+    /// session (several connections with the same name) share its read-write opens.
+    var owner: String { "session \(self.name)" }
+
+    init(name: String, version: UInt32, peer: String) {
+        self.name = name
+        self.version = version
+        self.peer = peer
+    }
+
+    func add(device: BlockDevice, access: BlockAccess, blockSize: UInt32) -> UInt32 {
+        self.state.withLockedValue { s in
+            while s.devices[s.nextID] != nil || s.nextID == 0 { s.nextID &+= 1 }
+            let id = s.nextID
+            s.nextID &+= 1
+            s.devices[id] = OpenDevice(device: device, access: access, blockSize: blockSize)
+            return id
+        }
+    }
+
+    func begin(id: UInt32, bytes: Int, limits: BlockService.Limits) -> Result<OpenDevice, BlockError> {
+        self.state.withLockedValue { s in
+            guard var open = s.devices[id], !open.closing else {
+                return .failure(BlockError(.unknownDevice, "no open device \(id) in session \"\(self.name)\""))
+            }
+            if s.inFlight >= limits.maxInFlight || s.inFlightBytes + bytes > limits.maxInFlightBytes {
+                return .failure(BlockError(.busySession, "session \"\(self.name)\" has \(s.inFlight) IOs and \(s.inFlightBytes) bytes in flight"))
+            }
+            s.inFlight += 1
+            s.inFlightBytes += bytes
+            open.inFlight += 1
+            s.devices[id] = open
+            return .success(open)
+        }
+    }
+
+    func end(id: UInt32, bytes: Int) {
+        let release: (() -> Void)? = self.state.withLockedValue { s in
+            s.inFlight -= 1
+            s.inFlightBytes -= bytes
+            guard var open = s.devices[id] else { return nil }
+            open.inFlight -= 1
+            if open.closing && open.inFlight == 0 {
+                s.devices[id] = nil
+                let action = s.pendingClose.removeValue(forKey: id)
+                return { action?(open.device, open.access) }
+            }
+            s.devices[id] = open
+            return nil
+        }
+        release?()
+    }
+
+    /// Closes a device once its IO in flight has ended. False if there is no such device.
+    func remove(id: UInt32, then release: @escaping @Sendable (BlockDevice, BlockAccess) -> Void) -> Bool {
+        let now: OpenDevice?? = self.state.withLockedValue { s in
+            guard var open = s.devices[id], !open.closing else { return .none }
+            if open.inFlight == 0 {
+                s.devices[id] = nil
+                return .some(open)
+            }
+            open.closing = true
+            s.devices[id] = open
+            s.pendingClose[id] = release
+            return .some(nil)
+        }
+        switch now {
+        case .none: return false
+        case .some(let open?):
+            release(open.device, open.access)
+            return true
+        case .some(nil): return true
+        }
+    }
+
+    func closeAll(_ release: @escaping @Sendable (BlockDevice, BlockAccess) -> Void) {
+        let ids = self.state.withLockedValue { Array($0.devices.keys) }
+        for id in ids { _ = self.remove(id: id, then: release) }
+    }
+}

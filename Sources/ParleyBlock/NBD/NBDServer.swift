@@ -1,0 +1,573 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import Parley
+
+/// Finds exports for one NBD connection and opens the chosen one.
+struct NBDConnectionResolver: NBDExportResolver {
+    let catalog: BlockExportCatalog
+    let devices: BlockDeviceTable
+    /// The owner NBD connections share in the device table (multi-conn).
+    static let owner = "nbd"
+    private(set) var opened: (BlockDevice, BlockAccess)?
+
+    init(catalog: BlockExportCatalog, devices: BlockDeviceTable) {
+        self.catalog = catalog
+        self.devices = devices
+    }
+
+    func listExports() -> [(name: String, description: String)] {
+        self.catalog.exports.map { ($0.name, "") }
+    }
+
+    func info(_ device: BlockDevice, _ export: BlockExportCatalog.Resolved, readOnly: Bool) -> NBDExportInfo {
+        let g = device.store.geometry
+        var flags: NBD.TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache, .canMultiConn]
+        if readOnly {
+            flags.insert(.readOnly)
+        } else {
+            flags.formUnion([.sendWriteZeroes, .sendFastZero])
+            if g.discard { flags.insert(.sendTrim) }
+        }
+        if g.rotational { flags.insert(.rotational) }
+        let minimum = export.blockSize ?? (g.isBlockDevice ? g.logicalBlockSize : 1)
+        return NBDExportInfo(name: export.name, size: g.size, flags: flags, minimumBlockSize: minimum,
+                             preferredBlockSize: max(minimum, 4096), maximumPayload: NBDServer.maximumPayload)
+    }
+
+    func describe(_ name: String) -> Result<NBDExportInfo, NBDRefusal> {
+        do {
+            let export = try self.catalog.resolve(name, session: nil)
+            let device = try self.devices.open(export, access: .readOnly, owner: Self.owner)
+            defer { self.devices.close(device, access: .readOnly, owner: Self.owner) }
+            return .success(self.info(device, export, readOnly: export.readOnly))
+        } catch {
+            return .failure(error.nbdRefusal)
+        }
+    }
+
+    mutating func open(_ name: String) -> Result<NBDExportInfo, NBDRefusal> {
+        do {
+            let export = try self.catalog.resolve(name, session: nil)
+            let access: BlockAccess = export.readOnly ? .readOnly : .readWrite
+            let device = try self.devices.open(export, access: access, owner: Self.owner)
+            self.opened = (device, access)
+            return .success(self.info(device, export, readOnly: export.readOnly))
+        } catch {
+            return .failure(error.nbdRefusal)
+        }
+    }
+}
+
+/// A standard NBD server (fixed newstyle, structured replies, `base:allocation`) over the
+/// block service's exports, for qemu, nbdinfo, nbdcopy, fio and the kernel's client.
+public final class NBDServer: Sendable {
+    public static let maximumPayload: UInt32 = 32 << 20
+
+    public struct Limits: Sendable {
+        /// Requests in flight per connection before reading stops.
+        public var maxInFlight: Int = 256
+        /// Bytes of requests and replies in flight per connection before reading stops.
+        public var maxInFlightBytes: Int = 128 << 20
+        public init() {}
+    }
+
+    let catalog: BlockExportCatalog
+    let devices: BlockDeviceTable
+    let io: BlockIOExecutor
+    let limits: Limits
+    let logger: Logger
+    let group: any EventLoopGroup
+    private let state = NIOLockedValueBox(State())
+
+    struct State {
+        var listeners: [any Channel] = []
+        var connections: [ObjectIdentifier: any Channel] = [:]
+        var shuttingDown = false
+    }
+
+    public init(catalog: BlockExportCatalog, devices: BlockDeviceTable, io: BlockIOExecutor, limits: Limits = Limits(),
+                logger: Logger = Logger(label: "parley.block.nbd"), group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+        self.catalog = catalog
+        self.devices = devices
+        self.io = io
+        self.limits = limits
+        self.logger = logger
+        self.group = group
+    }
+
+    /// Starts listening; returns the bound addresses (port 0 becomes the real port).
+    public func bind(_ addresses: [ParleyAddress]) async throws -> [ParleyAddress] {
+        var bound: [ParleyAddress] = []
+        for address in addresses {
+            let bootstrap = ServerBootstrap(group: self.group)
+                .serverChannelOption(.backlog, value: 256)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.maxMessagesPerRead, value: 16)
+                .childChannelInitializer { [self] channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        let handler = NBDConnectionHandler(server: self)
+                        try channel.pipeline.syncOperations.addHandler(handler)
+                        let accepted = self.state.withLockedValue { s -> Bool in
+                            if s.shuttingDown { return false }
+                            s.connections[ObjectIdentifier(channel)] = channel
+                            return true
+                        }
+                        if !accepted { channel.close(promise: nil) }
+                        channel.closeFuture.whenComplete { _ in
+                            _ = self.state.withLockedValue { $0.connections.removeValue(forKey: ObjectIdentifier(channel)) }
+                        }
+                    }
+                }
+            let channel: any Channel
+            do {
+                switch address.kind {
+                case .tcp(let host, let port):
+                    channel = try await bootstrap.childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                        .bind(host: host, port: port).get()
+                case .unix(let path):
+                    channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+                case .inProcess:
+                    throw ParleyError(code: .invalidArgument, message: "NBD has no in-process listener")
+                }
+            } catch let error as ParleyError {
+                throw error
+            } catch {
+                throw ParleyError(code: .connectFailed, message: "cannot listen for NBD on \(address): \(error)", cause: error)
+            }
+            self.state.withLockedValue { $0.listeners.append(channel) }
+            if case .tcp(let host, _) = address.kind, let port = channel.localAddress?.port {
+                bound.append(.tcp(host: host, port: port))
+            } else {
+                bound.append(address)
+            }
+        }
+        return bound
+    }
+
+    /// Stops accepting, lets every connection finish its requests in flight, then closes it.
+    public func shutDown() async {
+        let (listeners, connections) = self.state.withLockedValue { s in
+            s.shuttingDown = true
+            return (s.listeners, Array(s.connections.values))
+        }
+        for l in listeners { try? await l.close() }
+        for c in connections {
+            c.pipeline.fireUserInboundEventTriggered(NBDConnectionHandler.Drain())
+        }
+        for c in connections { try? await c.closeFuture.get() }
+    }
+
+    public var connectionCount: Int { self.state.withLockedValue { $0.connections.count } }
+}
+
+/// One NBD connection: the handshake, then requests decoded from the byte stream, answered
+/// inline when the page cache allows (RWF_NOWAIT) and otherwise from the IO threads, in any order.
+final class NBDConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// User event: finish what is in flight, then close.
+    struct Drain {}
+
+    private let server: NBDServer
+    private var logger: Logger
+    private var handshake: NBDHandshakeStateMachine<NBDConnectionResolver>?
+    private var negotiated: NBDNegotiated?
+    private var device: BlockDevice?
+    private var access: BlockAccess = .readOnly
+    private var decoder = NBDRequestDecoder(maximumWritePayload: NBDServer.maximumPayload)
+    private var input: ByteBuffer?
+    private var inFlight = 0
+    private var inFlightBytes = 0
+    private var readHeld = false
+    private var inRead = false
+    private var needsFlush = false
+    private var stopping = false
+    private var inactive = false
+    private var context: ChannelHandlerContext?
+
+    init(server: NBDServer) {
+        self.server = server
+        self.logger = server.logger
+        self.handshake = NBDHandshakeStateMachine(resolver: NBDConnectionResolver(catalog: server.catalog, devices: server.devices))
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        if let peer = context.channel.remoteAddress { self.logger[metadataKey: "peer"] = "\(peer)" }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        let greeting = self.handshake!.greeting()
+        context.writeAndFlush(NIOAny(greeting), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = self.unwrapInboundIn(data)
+        if self.stopping { return }
+        if var input = self.input, input.readableBytes > 0 {
+            self.input = nil  // unique again, so appending does not copy
+            if input.readerIndex >= 64 * 1024 { input.discardReadBytes() }
+            input.writeBuffer(&bytes)
+            self.input = input
+        } else {
+            self.input = bytes
+        }
+        self.inRead = true
+        self.process(context: context)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.inRead = false
+        if let input = self.input, input.readableBytes == 0 { self.input = nil }
+        if self.needsFlush {
+            self.needsFlush = false
+            context.flush()
+        }
+        context.fireChannelReadComplete()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if self.inFlight >= self.server.limits.maxInFlight || self.inFlightBytes >= self.server.limits.maxInFlightBytes {
+            self.readHeld = true
+            return
+        }
+        context.read()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is Drain {
+            self.logger.debug("draining NBD connection")
+            self.stopping = true
+            self.closeIfIdle(context: context)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.inactive = true
+        if let reason = self.handshake?.endOfInput() {
+            self.logger.debug("\(reason)")
+        }
+        self.releaseDeviceIfIdle()
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.logger.debug("NBD connection error: \(error)")
+        context.close(promise: nil)
+    }
+
+    // MARK: - Input
+
+    private func process(context: ChannelHandlerContext) {
+        guard var input = self.input else { return }
+        self.input = nil
+        defer { self.input = input.readableBytes > 0 ? input : nil }
+        if self.handshake != nil {
+            let actions = self.handshake!.receive(&input)
+            for action in actions {
+                switch action {
+                case .send(let bytes):
+                    context.write(NIOAny(bytes), promise: nil)
+                    self.needsFlush = true
+                case .disconnect(let reason):
+                    self.logger.warning("NBD handshake ended: \(reason)")
+                    self.handshake = nil
+                    self.stopping = true
+                    context.writeAndFlush(NIOAny(ByteBuffer()), promise: nil)
+                    context.close(promise: nil)
+                    return
+                case .transmission(let negotiated):
+                    guard let (device, access) = self.handshake!.resolver.opened else { continue }
+                    self.handshake = nil
+                    self.negotiated = negotiated
+                    self.device = device
+                    self.access = access
+                    self.logger[metadataKey: "export"] = "\(negotiated.export.name)"
+                    self.logger.info("NBD client opened export", metadata: [
+                        "access": "\(access)", "structured": "\(negotiated.structuredReplies)", "size": "\(negotiated.export.size)",
+                    ])
+                }
+            }
+            if !self.needsFlush || self.negotiated == nil { return }
+        }
+        guard let negotiated = self.negotiated, let device = self.device else { return }
+        while !self.stopping, !self.inactive, self.inFlight < self.server.limits.maxInFlight, self.inFlightBytes < self.server.limits.maxInFlightBytes {
+            let item: NBDRequestDecoder.Item?
+            do {
+                item = try self.decoder.next(&input)
+            } catch {
+                self.logger.warning("NBD client sent garbage, closing: \(error)")
+                self.stopping = true
+                self.closeIfIdle(context: context)
+                return
+            }
+            guard let item else { break }
+            switch item {
+            case .oversizedWrite(let request):
+                let e = NBDRequestError(.inval, "write of \(request.length) bytes is larger than the maximum \(NBDServer.maximumPayload)")
+                self.logger.warning("NBD request refused: \(e.message)")
+                device.metrics(.write).record(bytes: 0, failed: true, nanoseconds: 0)
+                self.reply(cookie: request.cookie, error: e, negotiated: negotiated, context: context)
+            case .request(let request, let payload):
+                self.dispatch(request, payload: payload, negotiated: negotiated, device: device, context: context)
+            }
+        }
+    }
+
+    private func closeIfIdle(context: ChannelHandlerContext) {
+        guard self.inFlight == 0 else { return }
+        if self.access != .readOnly, let device = self.device {
+            // Nothing acknowledged is lost: writes reach the disk before the socket closes.
+            let store = device.store
+            self.inFlight += 1
+            self.server.io.run(on: context.eventLoop) { try? store.flush() }.assumeIsolated().whenComplete { _ in
+                self.inFlight -= 1
+                context.close(promise: nil)
+            }
+        } else {
+            context.close(promise: nil)
+        }
+    }
+
+    private func releaseDeviceIfIdle() {
+        guard self.inactive, self.inFlight == 0, let device = self.device else { return }
+        self.device = nil
+        self.server.devices.close(device, access: self.access, owner: NBDConnectionResolver.owner)
+        self.logger.info("NBD client closed export")
+    }
+
+    // MARK: - Requests
+
+    private func dispatch(_ request: NBDRequest, payload: ByteBuffer?, negotiated: NBDNegotiated, device: BlockDevice, context: ChannelHandlerContext) {
+        let operation: NBDOperation
+        switch negotiated.validate(request) {
+        case .failure(let e):
+            self.logger.warning("NBD request refused: \(e.message)", metadata: ["cookie": "\(request.cookie)"])
+            if let kind = Self.kind(request.command) { device.metrics(kind).record(bytes: 0, failed: true, nanoseconds: 0) }
+            self.reply(cookie: request.cookie, error: e, negotiated: negotiated, context: context)
+            return
+        case .success(let op):
+            operation = op
+        }
+        let store = device.store
+        let started = NIODeadline.now()
+        let cookie = request.cookie
+        switch operation {
+        case .disconnect:
+            self.logger.debug("NBD client disconnects")
+            self.stopping = true
+            self.closeIfIdle(context: context)
+        case .read(let offset, let length):
+            let headerSize = negotiated.structuredReplies ? NBDReply.offsetDataHeaderSize : NBDReply.simpleHeaderSize
+            var out = context.channel.allocator.buffer(capacity: headerSize + Int(length))
+            if negotiated.structuredReplies {
+                NBDReply.writeOffsetDataHeader(cookie: cookie, offset: offset, length: Int(length), into: &out)
+            } else {
+                NBDReply.writeSimple(cookie: cookie, error: .ok, into: &out)
+            }
+            do {
+                let done = try out.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { ptr in
+                    try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<Int(length)]), at: offset, nowait: true) ? Int(length) : 0
+                }
+                if done == Int(length) {
+                    device.metrics(.read).record(bytes: Int(length), failed: false, nanoseconds: Self.elapsed(started))
+                    context.write(NIOAny(out), promise: nil)
+                    self.wrote(context: context)
+                    return
+                }
+            } catch {
+                self.failed(.read, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+                return
+            }
+            let structured = negotiated.structuredReplies
+            self.begin(bytes: Int(length))
+            self.server.io.run(on: context.eventLoop) { () -> ByteBuffer in
+                var out = ByteBufferAllocator().buffer(capacity: NBDReply.offsetDataHeaderSize + Int(length))
+                if structured {
+                    NBDReply.writeOffsetDataHeader(cookie: cookie, offset: offset, length: Int(length), into: &out)
+                } else {
+                    NBDReply.writeSimple(cookie: cookie, error: .ok, into: &out)
+                }
+                _ = try out.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { ptr in
+                    _ = try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<Int(length)]), at: offset, nowait: false)
+                    return Int(length)
+                }
+                return out
+            }.assumeIsolated().whenComplete { result in
+                self.end(bytes: Int(length), context: context)
+                switch result {
+                case .success(let out):
+                    device.metrics(.read).record(bytes: Int(length), failed: false, nanoseconds: Self.elapsed(started))
+                    context.write(NIOAny(out), promise: nil)
+                    self.wrote(context: context)
+                case .failure(let error):
+                    self.failed(.read, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+                }
+                self.resume(context: context)
+            }
+        case .write(let offset, let fua):
+            guard let payload else { return }
+            if !fua {
+                do {
+                    let done = try payload.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
+                    if done {
+                        device.metrics(.write).record(bytes: payload.readableBytes, failed: false, nanoseconds: Self.elapsed(started))
+                        self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
+                        return
+                    }
+                } catch {
+                    self.failed(.write, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+                    return
+                }
+            }
+            self.offload(.write, bytes: payload.readableBytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
+                _ = try payload.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
+            }
+        case .flush:
+            self.offload(.flush, bytes: 0, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
+                try store.flush()
+            }
+        case .trim(let offset, let length, let fua):
+            self.offload(.discard, bytes: Int(length), cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
+                try store.discard(offset: offset, length: UInt64(length))
+                if fua { try store.flush() }
+            }
+        case .writeZeroes(let offset, let length, let fua, let noHole, let fastZero):
+            self.offload(.writeZeroes, bytes: Int(length), cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
+                if fastZero {
+                    try store.writeZeroesFast(offset: offset, length: UInt64(length), mayDeallocate: !noHole)
+                } else {
+                    try store.writeZeroes(offset: offset, length: UInt64(length), mayDeallocate: !noHole)
+                }
+                if fua { try store.flush() }
+            }
+        case .cache(let offset, let length):
+            store.prefetch(offset: offset, length: UInt64(length))
+            device.metrics(.cache).record(bytes: Int(length), failed: false, nanoseconds: Self.elapsed(started))
+            self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
+        case .blockStatus(let offset, let length, let reqOne):
+            self.begin(bytes: 0)
+            self.server.io.run(on: context.eventLoop) { try store.extents(offset: offset, length: UInt64(length)) }.assumeIsolated().whenComplete { result in
+                self.end(bytes: 0, context: context)
+                switch result {
+                case .success(var extents):
+                    if extents.isEmpty { extents = [BlockExtent(length: length, isHole: false)] }
+                    if reqOne { extents = [BlockExtent(length: min(extents[0].length, length), isHole: extents[0].isHole)] }
+                    device.metrics(.blockStatus).record(bytes: 0, failed: false, nanoseconds: Self.elapsed(started))
+                    var out = context.channel.allocator.buffer(capacity: 24 + 8 * extents.count)
+                    NBDReply.writeBlockStatus(cookie: cookie, extents: extents, into: &out)
+                    context.write(NIOAny(out), promise: nil)
+                    self.wrote(context: context)
+                case .failure(let error):
+                    self.failed(.blockStatus, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+                }
+                self.resume(context: context)
+            }
+        }
+    }
+
+    /// Runs a storage call on the IO threads and answers with no data.
+    private func offload(_ kind: BlockOpKind, bytes: Int, cookie: UInt64, negotiated: NBDNegotiated, device: BlockDevice, started: NIODeadline,
+                         context: ChannelHandlerContext, _ body: @escaping @Sendable () throws -> Void) {
+        let counted = kind == .write ? bytes : 0
+        self.begin(bytes: counted)
+        self.server.io.run(on: context.eventLoop, body).assumeIsolated().whenComplete { result in
+            self.end(bytes: counted, context: context)
+            switch result {
+            case .success:
+                device.metrics(kind).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
+                self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
+            case .failure(let error):
+                self.failed(kind, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+            }
+            self.resume(context: context)
+        }
+    }
+
+    private func failed(_ kind: BlockOpKind, _ error: any Error, cookie: UInt64, negotiated: NBDNegotiated, device: BlockDevice,
+                        started: NIODeadline, context: ChannelHandlerContext) {
+        let e: NBDRequestError
+        if let s = error as? BlockStoreError {
+            e = NBDRequestError(s.nbd, s.description)
+        } else {
+            e = NBDRequestError(.io, "\(error)")
+        }
+        self.logger.error("NBD \(kind.rawValue) failed: \(e.message)", metadata: ["cookie": "\(cookie)"])
+        device.metrics(kind).record(bytes: 0, failed: true, nanoseconds: Self.elapsed(started))
+        self.reply(cookie: cookie, error: e, negotiated: negotiated, context: context)
+    }
+
+    private func reply(cookie: UInt64, error: NBDRequestError?, negotiated: NBDNegotiated, context: ChannelHandlerContext) {
+        var out = context.channel.allocator.buffer(capacity: 32 + (error?.message.utf8.count ?? 0))
+        NBDReply.write(cookie: cookie, result: error, structured: negotiated.structuredReplies, into: &out)
+        context.write(NIOAny(out), promise: nil)
+        self.wrote(context: context)
+    }
+
+    private func wrote(context: ChannelHandlerContext) {
+        if self.inRead { self.needsFlush = true } else { context.flush() }
+    }
+
+    private func begin(bytes: Int) {
+        self.inFlight += 1
+        self.inFlightBytes += bytes
+    }
+
+    private func end(bytes: Int, context: ChannelHandlerContext) {
+        self.inFlight -= 1
+        self.inFlightBytes -= bytes
+    }
+
+    /// After a completion: free the device if the connection is gone, finish a disconnect,
+    /// or take up requests that were waiting for room.
+    private func resume(context: ChannelHandlerContext) {
+        if self.inactive {
+            self.releaseDeviceIfIdle()
+            return
+        }
+        if self.stopping {
+            self.closeIfIdle(context: context)
+            return
+        }
+        if self.input != nil {
+            self.process(context: context)
+        }
+        if self.readHeld, self.inFlight < self.server.limits.maxInFlight, self.inFlightBytes < self.server.limits.maxInFlightBytes {
+            self.readHeld = false
+            context.read()
+        }
+    }
+
+    private static func elapsed(_ started: NIODeadline) -> Int64 {
+        (NIODeadline.now() - started).nanoseconds
+    }
+
+    static func kind(_ command: NBD.Command?) -> BlockOpKind? {
+        switch command {
+        case .read: return .read
+        case .write: return .write
+        case .flush: return .flush
+        case .trim: return .discard
+        case .writeZeroes: return .writeZeroes
+        case .cache: return .cache
+        case .blockStatus: return .blockStatus
+        default: return nil
+        }
+    }
+}
+
+extension BlockStore {
+    /// Write-zeroes that must be fast (NBD_CMD_FLAG_FAST_ZERO): punching or zeroing a range,
+    /// never writing zeroes; ENOTSUP otherwise.
+    func writeZeroesFast(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError) {
+        guard let file = self as? FileBlockStore else { throw BlockStoreError(errno: EOPNOTSUPP, operation: "fast zero") }
+        try file.zeroRangeOnly(offset: offset, length: length, mayDeallocate: mayDeallocate)
+    }
+}

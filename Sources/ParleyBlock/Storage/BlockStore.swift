@@ -1,0 +1,270 @@
+import CParleyBlockIO
+import NIOConcurrencyHelpers
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The shape of a device, as both protocols report it.
+public struct BlockGeometry: Sendable, Equatable {
+    public var size: UInt64
+    public var logicalBlockSize: UInt32
+    public var physicalBlockSize: UInt32
+    public var isBlockDevice: Bool
+    public var rotational: Bool
+    public var writeCache: Bool
+    /// Discard (hole punching) works on this device.
+    public var discard: Bool
+    public var discardGranularity: UInt32
+    public var maximumDiscard: UInt32
+
+    public init(size: UInt64, logicalBlockSize: UInt32 = 512, physicalBlockSize: UInt32 = 4096, isBlockDevice: Bool = false,
+                rotational: Bool = false, writeCache: Bool = true, discard: Bool = true,
+                discardGranularity: UInt32 = 4096, maximumDiscard: UInt32 = 1 << 30) {
+        self.size = size
+        self.logicalBlockSize = logicalBlockSize
+        self.physicalBlockSize = physicalBlockSize
+        self.isBlockDevice = isBlockDevice
+        self.rotational = rotational
+        self.writeCache = writeCache
+        self.discard = discard
+        self.discardGranularity = discardGranularity
+        self.maximumDiscard = maximumDiscard
+    }
+}
+
+/// A storage error: the system's errno and what was being done.
+public struct BlockStoreError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var errno: Int32
+    public var operation: String
+    public init(errno: Int32, operation: String) {
+        self.errno = errno
+        self.operation = operation
+    }
+    public var description: String { "\(self.operation): \(String(cString: strerror(self.errno)))" }
+
+    /// The NBD error value for this errno.
+    public var nbd: NBD.Errno {
+        switch self.errno {
+        case EPERM, EROFS, EACCES: return .perm
+        case ENOSPC, EDQUOT, EFBIG: return .nospc
+        case EINVAL: return .inval
+        case EOPNOTSUPP: return .notsup
+        case ENOMEM: return .nomem
+        default: return .io
+        }
+    }
+}
+
+/// Where a device's bytes live. Every call may block (except where `nowait` is passed and
+/// honoured): the servers call it on their IO threads, or with `nowait` on an event loop.
+public protocol BlockStore: Sendable {
+    var geometry: BlockGeometry { get }
+    /// Reads exactly `buffer.count` bytes at `offset` (zeroes past the end of a short file).
+    /// With `nowait`, returns false instead of waiting for the disk (nothing is read).
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, nowait: Bool) throws(BlockStoreError) -> Bool
+    /// Writes all of `bytes` at `offset`; `durable` makes it reach stable storage before
+    /// returning. With `nowait`, returns false instead of blocking (then nothing was written).
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, durable: Bool, nowait: Bool) throws(BlockStoreError) -> Bool
+    /// Makes every completed write durable.
+    func flush() throws(BlockStoreError)
+    /// Deallocates a range (it then reads as zeroes).
+    func discard(offset: UInt64, length: UInt64) throws(BlockStoreError)
+    /// Makes a range read as zeroes; `mayDeallocate` allows punching a hole.
+    func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError)
+    /// Starts reading a range into the cache (advice; may do nothing).
+    func prefetch(offset: UInt64, length: UInt64)
+    /// The allocation of a range, from `offset`, covering at least one byte.
+    func extents(offset: UInt64, length: UInt64) throws(BlockStoreError) -> [BlockExtent]
+    func close()
+}
+
+/// A regular file (sparse where the file system allows) or a block device.
+public final class FileBlockStore: BlockStore, @unchecked Sendable {
+    // @unchecked: `fd` is set once in init and only read after; `closed` is guarded by the lock.
+    public let path: String
+    public let geometry: BlockGeometry
+    public let writable: Bool
+    private let fd: Int32
+    private var closed = false
+    private let lock = NIOLock()
+
+    /// Opens `path` read-only or read-write.
+    public init(path: String, writable: Bool) throws(BlockStoreError) {
+        let fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
+        guard fd >= 0 else { throw BlockStoreError(errno: errno, operation: "open \(path)") }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let e = errno
+            Glibc.close(fd)
+            throw BlockStoreError(errno: e, operation: "stat \(path)")
+        }
+        let kind = st.st_mode & S_IFMT
+        if kind == S_IFBLK {
+            var size: UInt64 = 0
+            var logical: UInt32 = 0
+            var physical: UInt32 = 0
+            let r = parley_block_device_geometry(fd, &size, &logical, &physical)
+            guard r == 0 else {
+                Glibc.close(fd)
+                throw BlockStoreError(errno: -r, operation: "block device geometry of \(path)")
+            }
+            self.geometry = BlockGeometry(size: size, logicalBlockSize: max(logical, 512), physicalBlockSize: max(physical, logical),
+                                          isBlockDevice: true, rotational: Self.rotational(major: st.st_rdev), discard: true,
+                                          discardGranularity: max(physical, 4096))
+        } else if kind == S_IFREG {
+            self.geometry = BlockGeometry(size: UInt64(st.st_size), logicalBlockSize: 512,
+                                          physicalBlockSize: UInt32(clamping: max(st.st_blksize, 512)), discard: true,
+                                          discardGranularity: UInt32(clamping: max(st.st_blksize, 512)))
+        } else {
+            Glibc.close(fd)
+            throw BlockStoreError(errno: EINVAL, operation: "\(path) is neither a regular file nor a block device")
+        }
+        self.fd = fd
+        self.path = path
+        self.writable = writable
+    }
+
+    private static func rotational(major rdev: UInt) -> Bool {
+        let major = (rdev >> 8) & 0xfff
+        let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00)
+        guard let f = fopen("/sys/dev/block/\(major):\(minor)/queue/rotational", "r") else { return false }
+        defer { fclose(f) }
+        return fgetc(f) == 0x31  // "1"
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, nowait: Bool) throws(BlockStoreError) -> Bool {
+        var done = 0
+        while done < buffer.count {
+            let n = parley_pread(self.fd, buffer.baseAddress! + done, buffer.count - done, Int64(offset) + Int64(done), nowait ? 1 : 0)
+            if n == -Int64(EAGAIN) || (n == -Int64(EOPNOTSUPP) && nowait) {
+                if done == 0 { return false }
+                // Part is read: finish without nowait rather than report a partial read.
+                return try self.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: offset + UInt64(done), nowait: false)
+            }
+            if n < 0 { throw BlockStoreError(errno: Int32(-n), operation: "read \(buffer.count) bytes at \(offset)") }
+            if n == 0 {
+                // Past the end of a file that shrank: the rest reads as zeroes.
+                (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
+                return true
+            }
+            done += Int(n)
+        }
+        return true
+    }
+
+    public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, durable: Bool, nowait: Bool) throws(BlockStoreError) -> Bool {
+        var done = 0
+        while done < bytes.count {
+            let n = parley_pwrite(self.fd, bytes.baseAddress! + done, bytes.count - done, Int64(offset) + Int64(done),
+                                  nowait ? 1 : 0, durable ? 1 : 0)
+            if nowait, n == -Int64(EAGAIN) || n == -Int64(EOPNOTSUPP) {
+                if done == 0 { return false }
+                return try self.write(UnsafeRawBufferPointer(rebasing: bytes[done...]), at: offset + UInt64(done), durable: durable, nowait: false)
+            }
+            if n < 0 { throw BlockStoreError(errno: Int32(-n), operation: "write \(bytes.count) bytes at \(offset)") }
+            done += Int(n)
+        }
+        return true
+    }
+
+    public func flush() throws(BlockStoreError) {
+        let r = parley_fdatasync(self.fd)
+        if r < 0 { throw BlockStoreError(errno: -r, operation: "fdatasync") }
+    }
+
+    public func discard(offset: UInt64, length: UInt64) throws(BlockStoreError) {
+        guard length > 0 else { return }
+        let r = parley_punch_hole(self.fd, Int64(offset), Int64(length))
+        if r < 0 { throw BlockStoreError(errno: -r, operation: "punch hole of \(length) bytes at \(offset)") }
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError) {
+        guard length > 0 else { return }
+        if mayDeallocate, parley_punch_hole(self.fd, Int64(offset), Int64(length)) == 0 { return }
+        if parley_zero_range(self.fd, Int64(offset), Int64(length)) == 0 { return }
+        // The file system cannot do it: write zeroes, a megabyte at a time.
+        let chunk = 1 << 20
+        let zeroes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { zeroes.deallocate() }
+        zeroes.initializeMemory(as: UInt8.self, repeating: 0)
+        var at = offset
+        let end = offset + length
+        while at < end {
+            let n = Int(min(UInt64(chunk), end - at))
+            _ = try self.write(UnsafeRawBufferPointer(rebasing: zeroes[..<n]), at: at, durable: false, nowait: false)
+            at += UInt64(n)
+        }
+    }
+
+    /// Zeroes a range only if the file system can do it without writing (else ENOTSUP).
+    func zeroRangeOnly(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError) {
+        guard length > 0 else { return }
+        if mayDeallocate, parley_punch_hole(self.fd, Int64(offset), Int64(length)) == 0 { return }
+        let r = parley_zero_range(self.fd, Int64(offset), Int64(length))
+        if r < 0 { throw BlockStoreError(errno: EOPNOTSUPP, operation: "fast zero of \(length) bytes at \(offset)") }
+    }
+
+    public func prefetch(offset: UInt64, length: UInt64) {
+        _ = parley_willneed(self.fd, Int64(offset), Int64(length))
+    }
+
+    public func extents(offset: UInt64, length: UInt64) throws(BlockStoreError) -> [BlockExtent] {
+        let size = self.geometry.size
+        guard offset < size else { return [] }
+        let end = min(size, offset + length)
+        var result: [BlockExtent] = []
+        var at = offset
+        // At most 1024 extents per answer; the client asks again from where it stops.
+        while at < end, result.count < 1024 {
+            let data = parley_seek(self.fd, Int64(at), 1)
+            if data == -Int64(ENXIO) {  // only a hole up to the end
+                result.append(contentsOf: Self.split(end - at, hole: true))
+                break
+            }
+            if data < 0 {
+                if data == -Int64(EINVAL) || data == -Int64(EOPNOTSUPP) {  // no SEEK_DATA: all data
+                    result.append(contentsOf: Self.split(end - at, hole: false))
+                    break
+                }
+                throw BlockStoreError(errno: Int32(-data), operation: "SEEK_DATA at \(at)")
+            }
+            if UInt64(data) > at {
+                result.append(contentsOf: Self.split(min(UInt64(data), end) - at, hole: true))
+                at = UInt64(data)
+                continue
+            }
+            let hole = parley_seek(self.fd, Int64(at), 0)
+            if hole < 0 { throw BlockStoreError(errno: Int32(-hole), operation: "SEEK_HOLE at \(at)") }
+            let stop = min(UInt64(hole), end)
+            result.append(contentsOf: Self.split(stop - at, hole: false))
+            at = stop
+        }
+        return result
+    }
+
+    /// One run as extents of at most 4 GiB - 512 bytes each (the field is 32 bits).
+    static func split(_ length: UInt64, hole: Bool) -> [BlockExtent] {
+        var out: [BlockExtent] = []
+        var left = length
+        let most = UInt64(UInt32.max) & ~511
+        while left > 0 {
+            let n = min(left, most)
+            out.append(BlockExtent(length: UInt32(n), isHole: hole))
+            left -= n
+        }
+        return out
+    }
+
+    public func close() {
+        let shouldClose = self.lock.withLock { () -> Bool in
+            if self.closed { return false }
+            self.closed = true
+            return true
+        }
+        if shouldClose { Glibc.close(self.fd) }
+    }
+
+    deinit { self.close() }
+}
