@@ -12,6 +12,10 @@ public final class BlockClient: Sendable {
     public struct Device: Sendable, Equatable {
         public var id: UInt32
         public var geometry: Parley_Block_V1_Geometry
+        public init(id: UInt32, geometry: Parley_Block_V1_Geometry) {
+            self.id = id
+            self.geometry = geometry
+        }
     }
 
     private init(client: ParleyClient, sessionName: String, protocolVersion: UInt32) {

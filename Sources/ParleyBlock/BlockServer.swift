@@ -120,7 +120,7 @@ public final class BlockServer: Service, Sendable {
             waiters.forEach { $0.resume(returning: b) }
             self.logger.info("block server listening", metadata: [
                 "parley": "\(listen.map(\.description))", "nbd": "\(nbd.map(\.description))",
-                "metrics": "\(metrics?.localAddress.map { "\($0)" } ?? "off")",
+                "metrics": "\(metrics.flatMap { m in m.localAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } } ?? "off")",
                 "exports": "\(self.configuration.catalog.exports.map(\.name))",
             ])
             // The Parley server returns once it has drained (graceful shutdown) or was cancelled.

@@ -1,0 +1,317 @@
+import Foundation
+import NIOCore
+import Parley
+import ParleyBlock
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `parley block serve` as a process: durability, refusals of bad input on both protocols,
+/// the block protocol's sessions and opens, metrics and shutdown.
+@Suite(.timeLimit(.minutes(5)))
+struct BlockServerTests {
+    static func fileBytes(_ path: String, offset: Int, count: Int) -> [UInt8] {
+        let fd = open(path, O_RDONLY)
+        defer { close(fd) }
+        var out = [UInt8](repeating: 0, count: count)
+        _ = out.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, count, off_t(offset)) }
+        return out
+    }
+
+    // MARK: - NBD
+
+    @Test func acknowledgedFUAAndFlushedWritesAreInTheFileAfterSIGKILL() throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 8 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        defer { server.stop(signal: SIGKILL) }
+        let (nbd, go, message) = try RawNBD.connect(RawSocket(unixPath: server.nbdSocket), export: "disk")
+        #expect(go == 1, "\(message)")
+        let a = [UInt8](repeating: 0xa1, count: 65536), b = [UInt8](repeating: 0xb2, count: 4096)
+        nbd.request(type: 1, flags: 1, cookie: 1, offset: 1 << 20, length: UInt32(a.count), payload: a)  // WRITE + FUA
+        #expect(try nbd.simpleReply().error == 0)
+        nbd.request(type: 1, cookie: 2, offset: 3 << 20, length: UInt32(b.count), payload: b)
+        #expect(try nbd.simpleReply().error == 0)
+        nbd.request(type: 3, cookie: 3, offset: 0, length: 0)  // FLUSH
+        let flushed = try nbd.simpleReply()
+        #expect(flushed.error == 0 && flushed.cookie == 3)
+        server.stop(signal: SIGKILL)
+        #expect(Self.fileBytes(path, offset: 1 << 20, count: a.count) == a)
+        #expect(Self.fileBytes(path, offset: 3 << 20, count: b.count) == b)
+    }
+
+    @Test func badNBDRequestsAreRefusedWithTheirErrorAndNothingIsWritten() throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let roPath = try scratch.sparseFile("ro.img", size: 1 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: [
+            "--export", "disk=\(path),block-size=4096", "--export", "ro=\(roPath),read-only",
+        ])
+        defer { server.stop() }
+        let (nbd, go, _) = try RawNBD.connect(RawSocket(unixPath: server.nbdSocket), export: "disk")
+        #expect(go == 1)
+        let data = [UInt8](repeating: 0x77, count: 4096)
+        // Past the end.
+        nbd.request(type: 1, cookie: 10, offset: 1 << 20, length: 4096, payload: data)
+        #expect(try nbd.simpleReply().error == 22)
+        // Not aligned to the export's 4096-byte blocks.
+        nbd.request(type: 1, cookie: 11, offset: 512, length: 4096, payload: data)
+        #expect(try nbd.simpleReply().error == 22)
+        // A read larger than the maximum payload.
+        nbd.request(type: 0, cookie: 12, offset: 0, length: 64 << 20)
+        #expect(try nbd.simpleReply().error == 22)
+        // A write larger than the maximum: refused, its payload skipped, the connection goes on.
+        let big = [UInt8](repeating: 0x66, count: (32 << 20) + 4096)
+        nbd.request(type: 1, cookie: 13, offset: 0, length: UInt32(big.count), payload: big)
+        #expect(try nbd.simpleReply().error == 22)
+        // Unknown command, unknown flag.
+        nbd.request(type: 99, cookie: 14, offset: 0, length: 0)
+        #expect(try nbd.simpleReply().error == 22)
+        nbd.request(type: 0, flags: 0x80, cookie: 15, offset: 0, length: 4096)
+        #expect(try nbd.simpleReply().error == 22)
+        // Still serving: a good read returns zeroes (nothing above was written).
+        nbd.request(type: 0, cookie: 16, offset: 0, length: 4096)
+        let good = try nbd.simpleReply(readLength: 4096)
+        #expect(good.error == 0 && good.cookie == 16)
+        #expect(good.data == [UInt8](repeating: 0, count: 4096))
+        #expect(Self.fileBytes(path, offset: 0, count: 1 << 20) == [UInt8](repeating: 0, count: 1 << 20))
+        // A bad magic ends the connection.
+        nbd.socket.send([0xde, 0xad, 0xbe, 0xef] + [UInt8](repeating: 0, count: 24))
+        #expect(nbd.socket.waitForClose())
+
+        // Writes to a read-only export: EPERM, structured error with a message.
+        let (ro, roGo, _) = try RawNBD.connect(RawSocket(unixPath: server.nbdSocket), export: "ro", structured: true)
+        #expect(roGo == 1)
+        ro.request(type: 1, cookie: 20, offset: 0, length: 4096, payload: data)
+        let chunk = try ro.chunk()
+        #expect(chunk.type == 0x8001 && chunk.cookie == 20 && chunk.flags & 1 == 1)
+        #expect(Bytes.u32(chunk.payload, 0) == 1)
+        #expect(String(decoding: chunk.payload.dropFirst(6), as: UTF8.self).contains("read-only"))
+        #expect(Self.fileBytes(roPath, offset: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+
+        let log = server.log
+        #expect(log.contains("ends past the export"))
+        #expect(log.contains("is not aligned"))
+        #expect(log.contains("bad request magic 0xdeadbeef"))
+        #expect(log.contains("write to a read-only export"))
+    }
+
+    @Test func badNBDHandshakesAreRefusedAndTheServerGoesOn() throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        defer { server.stop() }
+        // An HTTP request instead of NBD: unknown client flags.
+        let http = try RawSocket(unixPath: server.nbdSocket)
+        #expect(http.receive(18) != nil)
+        http.send(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+        #expect(http.waitForClose())
+        // Good flags, then an option with a bad magic.
+        let junk = try RawSocket(port: server.nbdPort)
+        #expect(junk.receive(18) != nil)
+        junk.send([0, 0, 0, 3] + Array("NOTMAGIC".utf8) + [0, 0, 0, 7, 0, 0, 0, 0])
+        #expect(junk.waitForClose())
+        // An export that does not exist: NBD_REP_ERR_UNKNOWN naming it.
+        let (_, go, message) = try RawNBD.connect(RawSocket(unixPath: server.nbdSocket), export: "nope")
+        #expect(go == 0x8000_0006)
+        #expect(message.contains("nope"))
+        // A good client still gets through.
+        let (nbd, ok, _) = try RawNBD.connect(RawSocket(unixPath: server.nbdSocket), export: "disk")
+        #expect(ok == 1)
+        nbd.request(type: 0, cookie: 1, offset: 0, length: 512)
+        #expect(try nbd.simpleReply(readLength: 512).error == 0)
+        let log = server.log
+        #expect(log.contains("unknown client flags"))
+        #expect(log.contains("bad option magic"))
+        #expect(server.isRunning)
+    }
+
+    // MARK: - Block protocol
+
+    @Test func blockProtocolReadsWritesAndRefusesBadIO() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 4 << 20)
+        let roPath = try scratch.sparseFile("ro.img", size: 1 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--export", "ro=\(roPath),read-only"])
+        defer { server.stop() }
+        let client = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "alice")
+        defer { client.closeConnection() }
+        #expect(client.protocolVersion == 1)
+        let exports = try await client.listExports()
+        #expect(exports.map(\.name).sorted() == ["disk", "ro"])
+        #expect(exports.first { $0.name == "disk" }?.geometry.sizeBytes == 4 << 20)
+        #expect(exports.first { $0.name == "ro" }?.readOnly == true)
+
+        let disk = try await client.open("disk", access: .readWrite)
+        #expect(disk.id != 0)
+        #expect(disk.geometry.sizeSectors == (4 << 20) / 512)
+        #expect(disk.geometry.logicalBlockSize == 512)
+        // Many writes in flight at once, then read back.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for i in 0..<32 {
+                group.addTask {
+                    let block = ByteBuffer(repeating: UInt8(i), count: 65536)
+                    try await client.write(disk, offset: UInt64(i) * 65536, data: block, fua: i % 8 == 0)
+                }
+            }
+            try await group.waitForAll()
+        }
+        try await client.flush(disk)
+        for i in [0, 7, 31] {
+            let back = try await client.read(disk, offset: UInt64(i) * 65536, length: 65536)
+            #expect(back == ByteBuffer(repeating: UInt8(i), count: 65536))
+        }
+        #expect(Self.fileBytes(path, offset: 31 * 65536, count: 16) == [UInt8](repeating: 31, count: 16))
+
+        func status(_ body: () async throws -> Void) async -> Parley_Block_V1_BlockStatus? {
+            do {
+                try await body()
+                return .ok
+            } catch let e as BlockError {
+                return e.status
+            } catch {
+                Issue.record("unexpected error \(error)")
+                return nil
+            }
+        }
+        #expect(await status { _ = try await client.read(disk, offset: 4 << 20, length: 4096) } == .outOfRange)
+        #expect(await status { _ = try await client.read(disk, offset: UInt64.max - 511, length: 4096) } == .outOfRange)
+        #expect(await status { _ = try await client.read(disk, offset: 100, length: 512) } == .invalid)
+        #expect(await status { _ = try await client.read(disk, offset: 0, length: 16 << 20) } == .tooLarge)
+        #expect(await status { _ = try await client.read(BlockClient.Device(id: 999, geometry: disk.geometry), offset: 0, length: 512) } == .unknownDevice)
+        #expect(await status { try await client.io(disk, .write, offset: 0, length: 4096, data: ByteBuffer(repeating: 1, count: 512)) } == .invalid)
+        #expect(await status { _ = try await client.open("missing") } == .notFound)
+        #expect(await status { _ = try await client.open("ro", access: .readWrite) } == .readOnly)
+        let ro = try await client.open("ro", access: .readOnly)
+        #expect(await status { try await client.write(ro, offset: 0, data: ByteBuffer(repeating: 9, count: 512)) } == .readOnly)
+        #expect(Self.fileBytes(roPath, offset: 0, count: 512) == [UInt8](repeating: 0, count: 512))
+        try await client.close(ro)
+        #expect(await status { try await client.close(ro) } == .unknownDevice)
+        // Write-zeroes and discard read back as zeroes.
+        try await client.io(disk, .writeZeroes, offset: 0, length: 65536)
+        try await client.io(disk, .discard, offset: 65536, length: 65536)
+        #expect(try await client.read(disk, offset: 0, length: 131072) == ByteBuffer(repeating: 0, count: 131072))
+        let log = server.log
+        #expect(log.contains("block device opened"))
+        #expect(log.contains("session=alice"))
+        #expect(log.contains("ends past the device"))
+    }
+
+    @Test func oneReadWriteOpenerPerDeviceAcrossSessions() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let shared = try scratch.sparseFile("shared.img", size: 1 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--export", "shared=\(shared),shared"])
+        defer { server.stop() }
+        let alice = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "alice")
+        let bob = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "bob")
+        let carol = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "carol")
+        defer { [alice, bob, carol].forEach { $0.closeConnection() } }
+        let first = try await alice.open("disk", access: .readWrite)
+        do {
+            _ = try await bob.open("disk", access: .readWrite)
+            Issue.record("a second read-write opener was allowed")
+        } catch let e as BlockError {
+            #expect(e.status == .busy)
+            #expect(e.message.contains("alice"))
+        }
+        // Readers are always allowed; a migration open may be the second writer, not the third.
+        _ = try await bob.open("disk", access: .readOnly)
+        let moving = try await bob.open("disk", access: .migration)
+        await #expect(throws: BlockError.self) { _ = try await carol.open("disk", access: .migration) }
+        // NBD writers are refused while a session holds the device read-write.
+        let (_, go, message) = try RawNBD.connect(RawSocket(unixPath: server.nbdSocket), export: "disk")
+        #expect(go == 0x8000_0002, "\(message)")
+        // Once the writers close, another session may write.
+        try await alice.close(first)
+        try await bob.close(moving)
+        _ = try await carol.open("disk", access: .readWrite)
+        // A shared export takes several writers.
+        _ = try await alice.open("shared", access: .readWrite)
+        _ = try await bob.open("shared", access: .readWrite)
+    }
+
+    @Test func searchPathGivesEachSessionItsNamespaceAndRefusesEscapes() async throws {
+        let scratch = try ScratchDirectory()
+        let root = scratch.file("sessions")
+        for name in ["alice", "bob"] {
+            try FileManager.default.createDirectory(atPath: root + "/" + name, withIntermediateDirectories: true)
+            try scratch.sparseFile("sessions/\(name)/vol", size: name == "alice" ? 1 << 20 : 2 << 20)
+        }
+        try scratch.sparseFile("secret.img", size: 1 << 20)
+        try FileManager.default.createSymbolicLink(atPath: root + "/alice/escape", withDestinationPath: scratch.file("secret.img"))
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--search-path", root + "/%SESSNAME%"])
+        defer { server.stop() }
+        let alice = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "alice")
+        let bob = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "bob")
+        defer { alice.closeConnection(); bob.closeConnection() }
+        #expect(try await alice.open("vol").geometry.sizeBytes == 1 << 20)
+        #expect(try await bob.open("vol").geometry.sizeBytes == 2 << 20)
+        for (path, expected) in [("../bob/vol", Parley_Block_V1_BlockStatus.pathRefused), ("/etc/passwd", .pathRefused),
+                                 ("escape", .pathRefused), ("missing", .notFound)] {
+            do {
+                _ = try await alice.open(path, access: .readOnly)
+                Issue.record("\(path) was opened")
+            } catch let e as BlockError {
+                #expect(e.status == expected, "\(path): \(e)")
+            }
+        }
+        #expect(server.log.contains("leads out of the search path"))
+        // A session name that cannot be a path component is refused.
+        await #expect(throws: BlockError.self) {
+            _ = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "../x")
+        }
+    }
+
+    @Test func openBeforeSessionInfoIsRefused() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        defer { server.stop() }
+        let raw = try await ParleyClient.connect(to: .unix(path: server.blockSocket))
+        defer { raw.close() }
+        var open = Parley_Block_V1_Open()
+        open.path = "disk"
+        let reply = try await raw.request(open, as: Parley_Block_V1_OpenReply.self)
+        #expect(reply.status == .noSession)
+        var io = Parley_Block_V1_Io()
+        io.deviceID = 1
+        io.length = 512
+        #expect(try await raw.request(io, as: Parley_Block_V1_IoReply.self).status == .noSession)
+    }
+
+    // MARK: - Operations
+
+    @Test func infoCommandMetricsAndGracefulShutdown() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 2 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"], metrics: true)
+        defer { server.stop(signal: SIGKILL) }
+        let info = try Tools.run(try Tools.parley, ["block", "info", "unix:\(server.blockSocket)"])
+        #expect(info.status == 0, "\(info.combined)")
+        #expect(info.stdout.contains("disk"))
+        #expect(info.stdout.contains("2097152 bytes (4096 sectors)"))
+        let missing = try Tools.run(try Tools.parley, ["block", "info", "unix:\(scratch.file("nothing.sock"))"])
+        #expect(missing.status != 0)
+
+        let client = try await BlockClient.connect(to: .tcp(host: "127.0.0.1", port: server.blockPort), sessionName: "metrics")
+        let disk = try await client.open("disk")
+        try await client.write(disk, offset: 0, data: ByteBuffer(repeating: 3, count: 8192))
+        _ = try await client.read(disk, offset: 0, length: 8192)
+        _ = try? await client.read(disk, offset: 2 << 20, length: 512)
+        let socket = try RawSocket(port: server.metricsPort)
+        socket.send(Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        var text = ""
+        while let chunk = socket.receive(1) { text += String(decoding: chunk, as: UTF8.self) }
+        #expect(text.hasPrefix("HTTP/1.1 200"))
+        #expect(text.contains("parley_block_ops_total{export=\"disk\",op=\"write\"} 1"))
+        #expect(text.contains("parley_block_bytes_total{export=\"disk\",op=\"read\"} 8192"))
+        #expect(text.contains("parley_block_errors_total{export=\"disk\",op=\"read\"} 1"))
+        #expect(text.contains("parley_block_latency_seconds_bucket"))
+        client.closeConnection()
+
+        #expect(server.stop(signal: SIGTERM) == 0)
+        #expect(server.log.contains("block server stopped"))
+    }
+}

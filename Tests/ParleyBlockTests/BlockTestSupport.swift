@@ -1,0 +1,308 @@
+import Foundation
+import Parley
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A scratch directory removed when the value is dropped (tests keep it for their duration).
+final class ScratchDirectory: @unchecked Sendable {
+    let path: String
+    init(_ label: String = "block") throws {
+        let base = FileManager.default.temporaryDirectory.appendingPathComponent("parley-\(label)-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: base, withIntermediateDirectories: true)
+        self.path = base.path
+    }
+    func file(_ name: String) -> String { self.path + "/" + name }
+    deinit { try? FileManager.default.removeItem(atPath: self.path) }
+
+    /// A sparse file of `size` bytes.
+    @discardableResult
+    func sparseFile(_ name: String, size: Int) throws -> String {
+        let p = self.file(name)
+        #expect(FileManager.default.createFile(atPath: p, contents: nil))
+        let fd = open(p, O_RDWR)
+        defer { close(fd) }
+        #expect(ftruncate(fd, off_t(size)) == 0)
+        return p
+    }
+}
+
+/// The output of a finished program.
+struct ToolOutput {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+    var combined: String { self.stdout + self.stderr }
+}
+
+enum Tools {
+    /// The `parley` executable next to the test bundle (or in .build/debug).
+    static var parley: String {
+        get throws {
+            var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+            for _ in 0..<4 {
+                let candidate = dir.appendingPathComponent("parley").path
+                if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+                dir = dir.deletingLastPathComponent()
+            }
+            let fallback = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+                .appendingPathComponent(".build/debug/parley").path
+            return try #require(FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil, "parley executable not built")
+        }
+    }
+
+    /// A third-party program the interop tests need; `.ci/run` installs them.
+    static func require(_ name: String, package: String) throws -> String {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        let found = path.split(separator: ":").map { "\($0)/\(name)" }.first { FileManager.default.isExecutableFile(atPath: $0) }
+        return try #require(found, "\(name) is not installed: apt-get install \(package) (.ci/run does)")
+    }
+
+    /// Runs a program to completion, bounded by `seconds` (killed by PID after that).
+    static func run(_ executable: String, _ arguments: [String], seconds: Double = 120) throws -> ToolOutput {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        let tag = UUID().uuidString
+        let dir = FileManager.default.temporaryDirectory.path
+        let outPath = "\(dir)/parley-tool-\(tag).out", errPath = "\(dir)/parley-tool-\(tag).err"
+        _ = FileManager.default.createFile(atPath: outPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: errPath, contents: nil)
+        defer {
+            try? FileManager.default.removeItem(atPath: outPath)
+            try? FileManager.default.removeItem(atPath: errPath)
+        }
+        process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        return ToolOutput(
+            status: process.terminationStatus,
+            stdout: String(decoding: FileManager.default.contents(atPath: outPath) ?? Data(), as: UTF8.self),
+            stderr: String(decoding: FileManager.default.contents(atPath: errPath) ?? Data(), as: UTF8.self)
+        )
+    }
+}
+
+/// `parley block serve` as a real process, on a Unix socket and an ephemeral TCP port for
+/// each protocol; stopped by PID.
+final class BlockServerProcess: @unchecked Sendable {
+    let process = Process()
+    let logPath: String
+    let nbdSocket: String
+    let blockSocket: String
+    private(set) var nbdPort = 0
+    private(set) var blockPort = 0
+    private(set) var metricsPort = 0
+
+    init(scratch: ScratchDirectory, arguments: [String], metrics: Bool = false) throws {
+        self.logPath = scratch.file("server-\(UUID().uuidString.prefix(6)).log")
+        self.nbdSocket = scratch.file("nbd.sock")
+        self.blockSocket = scratch.file("block.sock")
+        _ = FileManager.default.createFile(atPath: self.logPath, contents: nil)
+        self.process.executableURL = URL(fileURLWithPath: try Tools.parley)
+        var args = ["block", "serve", "--nbd", "127.0.0.1:0", "--nbd", "unix:\(self.nbdSocket)",
+                    "--listen", "127.0.0.1:0", "--listen", "unix:\(self.blockSocket)", "--log-level", "debug"]
+        if metrics { args += ["--metrics", "127.0.0.1:0"] }
+        self.process.arguments = args + arguments
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: self.logPath))
+        self.process.standardOutput = log
+        self.process.standardError = log
+        self.process.standardInput = FileHandle.nullDevice
+        try self.process.run()
+        // The "block server listening" line names the bound addresses.
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            let text = self.log
+            if let line = text.split(separator: "\n").first(where: { $0.contains("block server listening") }) {
+                self.nbdPort = Self.port(in: String(line), key: "nbd=")
+                self.blockPort = Self.port(in: String(line), key: "parley=")
+                if metrics { self.metricsPort = Self.port(in: String(line), key: "metrics=") }
+                return
+            }
+            if !self.process.isRunning { break }
+            usleep(20_000)
+        }
+        self.stop(signal: SIGKILL)
+        Issue.record("parley block serve did not start: \(self.log)")
+        throw CancellationError()
+    }
+
+    /// The first 127.0.0.1 port after `key` in a log line.
+    static func port(in line: String, key: String) -> Int {
+        guard let r = line.range(of: key) else { return 0 }
+        let rest = line[r.upperBound...]
+        guard let a = rest.range(of: "127.0.0.1") else { return 0 }
+        let digits = rest[a.upperBound...].drop { !$0.isNumber }.prefix { $0.isNumber }
+        return Int(digits) ?? 0
+    }
+
+    var log: String { String(decoding: FileManager.default.contents(atPath: self.logPath) ?? Data(), as: UTF8.self) }
+    var nbdURI: String { "nbd://127.0.0.1:\(self.nbdPort)" }
+    func nbdUnixURI(_ export: String) -> String { "nbd+unix:///\(export)?socket=\(self.nbdSocket)" }
+    var isRunning: Bool { self.process.isRunning }
+
+    /// Stops the server by PID and returns its exit status.
+    @discardableResult
+    func stop(signal: Int32 = SIGTERM, seconds: Double = 20) -> Int32 {
+        if self.process.isRunning { kill(self.process.processIdentifier, signal) }
+        let deadline = Date().addingTimeInterval(seconds)
+        while self.process.isRunning && Date() < deadline { usleep(10_000) }
+        if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
+        self.process.waitUntilExit()
+        return self.process.terminationStatus
+    }
+
+    deinit { if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) } }
+}
+
+/// A blocking socket with a receive timeout, for speaking raw NBD (or anything) in tests.
+final class RawSocket {
+    let fd: Int32
+
+    init(unixPath: String) throws {
+        self.fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in unixPath.utf8.prefix(raw.count - 1).enumerated() { raw[i] = b }
+        }
+        let r = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        try #require(r == 0, "connect to \(unixPath): errno \(errno)")
+        self.setTimeout(10)
+    }
+
+    init(port: Int) throws {
+        self.fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let r = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        try #require(r == 0, "connect to 127.0.0.1:\(port): errno \(errno)")
+        self.setTimeout(10)
+    }
+
+    func setTimeout(_ seconds: Int) {
+        var tv = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(self.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(self.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// Sends everything; false if the peer has gone.
+    @discardableResult
+    func send(_ bytes: [UInt8]) -> Bool {
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { return false }
+            done += n
+        }
+        return true
+    }
+
+    /// Exactly `count` bytes, or nil on end of stream, error or timeout.
+    func receive(_ count: Int) -> [UInt8]? {
+        var out = [UInt8](repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let n = out.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress! + done, count - done, 0) }
+            if n <= 0 { return nil }
+            done += n
+        }
+        return out
+    }
+
+    /// Reads until the peer closes (bounded by the timeout); true if it closed.
+    func waitForClose() -> Bool {
+        var buf = [UInt8](repeating: 0, count: 65536)
+        for _ in 0..<10_000 {
+            let n = buf.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress!, 65536, 0) }
+            if n == 0 { return true }
+            if n < 0 { return errno == ECONNRESET }
+        }
+        return false
+    }
+
+    deinit { close(self.fd) }
+}
+
+/// Big-endian byte building and reading for raw NBD.
+struct Bytes {
+    var data: [UInt8] = []
+    mutating func u16(_ v: UInt16) { self.data += withUnsafeBytes(of: v.bigEndian, Array.init) }
+    mutating func u32(_ v: UInt32) { self.data += withUnsafeBytes(of: v.bigEndian, Array.init) }
+    mutating func u64(_ v: UInt64) { self.data += withUnsafeBytes(of: v.bigEndian, Array.init) }
+    mutating func string(_ s: String) { self.data += Array(s.utf8) }
+
+    static func u16(_ b: [UInt8], _ at: Int) -> UInt16 { UInt16(b[at]) << 8 | UInt16(b[at + 1]) }
+    static func u32(_ b: [UInt8], _ at: Int) -> UInt32 { (0..<4).reduce(0) { $0 << 8 | UInt32(b[at + $1]) } }
+    static func u64(_ b: [UInt8], _ at: Int) -> UInt64 { (0..<8).reduce(0) { $0 << 8 | UInt64(b[at + $1]) } }
+}
+
+/// A minimal raw NBD client: fixed newstyle, optional structured replies, NBD_OPT_GO.
+struct RawNBD {
+    let socket: RawSocket
+    var structured = false
+
+    /// The client's side of the handshake up to and including the option header; returns
+    /// the option reply type of GO (1 = ACK: transmission; otherwise an error) and the message.
+    static func connect(_ socket: RawSocket, export: String, structured: Bool = false) throws -> (RawNBD, UInt32, String) {
+        let greeting = try #require(socket.receive(18), "no NBD greeting")
+        #expect(Bytes.u64(greeting, 0) == 0x4e42_444d_4147_4943)
+        var b = Bytes()
+        b.u32(3)  // fixed newstyle, no zeroes
+        if structured {
+            b.u64(0x4948_4156_454f_5054); b.u32(8); b.u32(0)
+        }
+        // NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE (this client honours block sizes).
+        b.u64(0x4948_4156_454f_5054); b.u32(7); b.u32(UInt32(4 + export.utf8.count + 4))
+        b.u32(UInt32(export.utf8.count)); b.string(export); b.u16(1); b.u16(3)
+        socket.send(b.data)
+        if structured {
+            let ack = try #require(socket.receive(20))
+            #expect(Bytes.u32(ack, 12) == 1)
+        }
+        while true {
+            let header = try #require(socket.receive(20), "no reply to NBD_OPT_GO")
+            let type = Bytes.u32(header, 12)
+            let length = Int(Bytes.u32(header, 16))
+            let payload = length > 0 ? try #require(socket.receive(length)) : []
+            if type == 3 { continue }  // NBD_REP_INFO
+            return (RawNBD(socket: socket, structured: structured), type, String(decoding: payload, as: UTF8.self))
+        }
+    }
+
+    func request(type: UInt16, flags: UInt16 = 0, cookie: UInt64, offset: UInt64, length: UInt32, payload: [UInt8] = []) {
+        var b = Bytes()
+        b.u32(0x2560_9513); b.u16(flags); b.u16(type); b.u64(cookie); b.u64(offset); b.u32(length)
+        self.socket.send(b.data + payload)
+    }
+
+    /// One simple reply (no structured replies negotiated): error and cookie; `readLength`
+    /// data bytes follow a successful read.
+    func simpleReply(readLength: Int = 0) throws -> (error: UInt32, cookie: UInt64, data: [UInt8]) {
+        let h = try #require(self.socket.receive(16), "no reply")
+        #expect(Bytes.u32(h, 0) == 0x6744_6698)
+        let error = Bytes.u32(h, 4)
+        let data = error == 0 && readLength > 0 ? try #require(self.socket.receive(readLength)) : []
+        return (error, Bytes.u64(h, 8), data)
+    }
+
+    /// One structured chunk: flags, type, cookie, payload.
+    func chunk() throws -> (flags: UInt16, type: UInt16, cookie: UInt64, payload: [UInt8]) {
+        let h = try #require(self.socket.receive(20), "no reply chunk")
+        #expect(Bytes.u32(h, 0) == 0x668e_33ef)
+        let length = Int(Bytes.u32(h, 16))
+        return (Bytes.u16(h, 4), Bytes.u16(h, 6), Bytes.u64(h, 8), length > 0 ? try #require(self.socket.receive(length)) : [])
+    }
+}

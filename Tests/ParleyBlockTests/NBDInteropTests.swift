@@ -1,0 +1,124 @@
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `parley block serve` used by the real NBD programs of Debian's libnbd-bin, qemu-utils and
+/// fio, installed by `.ci/run`.
+@Suite(.timeLimit(.minutes(5)))
+struct NBDInteropTests {
+    @Test func nbdinfoListShowsExportsSizesAndBlockSizes() throws {
+        let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
+        let scratch = try ScratchDirectory()
+        try scratch.sparseFile("a.img", size: 64 << 20)
+        try scratch.sparseFile("b.img", size: 8 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: [
+            "--export", "alpha=\(scratch.file("a.img"))", "--export", "beta=\(scratch.file("b.img")),read-only,block-size=4096",
+        ])
+        defer { server.stop() }
+        let out = try Tools.run(nbdinfo, ["--list", server.nbdURI])
+        #expect(out.status == 0, "\(out.combined)")
+        #expect(out.stdout.contains("export=\"alpha\""))
+        #expect(out.stdout.contains("export=\"beta\""))
+        #expect(out.stdout.contains("export-size: 67108864"))
+        #expect(out.stdout.contains("export-size: 8388608"))
+        #expect(out.stdout.contains("block_size_minimum: 4096"))
+        #expect(out.stdout.contains("is_read_only: true"))
+        #expect(out.stdout.contains("base:allocation"))
+        // Over the Unix socket too.
+        let unix = try Tools.run(nbdinfo, [server.nbdUnixURI("alpha")])
+        #expect(unix.status == 0, "\(unix.combined)")
+        #expect(unix.stdout.contains("export-size: 67108864"))
+        #expect(unix.stdout.contains("can_multi_conn: true"))
+    }
+
+    @Test func qemuImgConvertsAQcow2ImageInAndOut() throws {
+        let qemuImg = try Tools.require("qemu-img", package: "qemu-utils")
+        let qemuIO = try Tools.require("qemu-io", package: "qemu-utils")
+        let scratch = try ScratchDirectory()
+        let source = scratch.file("source.qcow2")
+        #expect(try Tools.run(qemuImg, ["create", "-f", "qcow2", source, "48M"]).status == 0)
+        let fill = try Tools.run(qemuIO, ["-c", "write -P 0xab 1M 3M", "-c", "write -P 0x5c 17M 64k", "-c", "write -P 0x01 40M 8M", source])
+        #expect(fill.status == 0, "\(fill.combined)")
+        try scratch.sparseFile("disk.img", size: 48 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        defer { server.stop() }
+        let into = try Tools.run(qemuImg, ["convert", "-n", "-f", "qcow2", "-O", "raw", source, "\(server.nbdURI)/disk"])
+        #expect(into.status == 0, "\(into.combined)")
+        let back = scratch.file("back.qcow2")
+        let out = try Tools.run(qemuImg, ["convert", "-f", "raw", "-O", "qcow2", server.nbdUnixURI("disk"), back])
+        #expect(out.status == 0, "\(out.combined)")
+        let compare = try Tools.run(qemuImg, ["compare", "-f", "qcow2", "-F", "qcow2", source, back])
+        #expect(compare.status == 0, "\(compare.combined)")
+        #expect(compare.stdout.contains("Images are identical"))
+        // And the export itself matches the source.
+        let direct = try Tools.run(qemuImg, ["compare", "-f", "qcow2", "-F", "raw", source, scratch.file("disk.img")])
+        #expect(direct.status == 0, "\(direct.combined)")
+    }
+
+    @Test func nbdcopyRoundTripsRandomDataByteForByte() throws {
+        let nbdcopy = try Tools.require("nbdcopy", package: "libnbd-bin")
+        let mib = Int(ProcessInfo.processInfo.environment["PARLEY_BLOCK_COPY_MIB"] ?? "") ?? 256
+        let scratch = try ScratchDirectory()
+        let random = scratch.file("random.bin")
+        let dd = try Tools.run("/bin/dd", ["if=/dev/urandom", "of=\(random)", "bs=1M", "count=\(mib)", "status=none"])
+        #expect(dd.status == 0)
+        try scratch.sparseFile("disk.img", size: mib << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        defer { server.stop() }
+        let up = try Tools.run(nbdcopy, [random, "\(server.nbdURI)/disk"], seconds: 240)
+        #expect(up.status == 0, "\(up.combined)")
+        let back = scratch.file("back.bin")
+        let down = try Tools.run(nbdcopy, [server.nbdUnixURI("disk"), back], seconds: 240)
+        #expect(down.status == 0, "\(down.combined)")
+        let cmp = try Tools.run("/usr/bin/cmp", [random, back])
+        #expect(cmp.status == 0, "copies differ: \(cmp.combined)")
+    }
+
+    @Test func fioWritesAndVerifiesRandomDataAtQueueDepth32() throws {
+        let fio = try Tools.require("fio", package: "fio")
+        let scratch = try ScratchDirectory()
+        try scratch.sparseFile("disk.img", size: 64 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        defer { server.stop() }
+        let out = try Tools.run(fio, [
+            "--name=verify", "--ioengine=nbd", "--uri=\(server.nbdURI)/disk", "--rw=randwrite", "--bs=4k", "--iodepth=32",
+            "--size=32M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json",
+        ], seconds: 240)
+        #expect(out.status == 0, "\(out.combined)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(out.stdout.utf8[out.stdout.utf8.firstIndex(of: UInt8(ascii: "{"))!...])) as? [String: Any])
+        let job = try #require((json["jobs"] as? [[String: Any]])?.first)
+        #expect(job["error"] as? Int == 0)
+        let read = try #require(job["read"] as? [String: Any])
+        let write = try #require(job["write"] as? [String: Any])
+        // Every block written was read back and verified.
+        #expect(write["io_bytes"] as? Int == 32 << 20)
+        #expect(read["io_bytes"] as? Int == 32 << 20)
+    }
+
+    @Test func nbdinfoMapShowsTheHolesOfASparseExport() throws {
+        let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("sparse.img", size: 16 << 20)
+        let fd = open(path, O_RDWR)
+        let block = [UInt8](repeating: 0x42, count: 1 << 20)
+        #expect(pwrite(fd, block, block.count, 4 << 20) == block.count)
+        #expect(pwrite(fd, block, block.count, 10 << 20) == block.count)
+        close(fd)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "sparse=\(path),read-only"])
+        defer { server.stop() }
+        let out = try Tools.run(nbdinfo, ["--map", "\(server.nbdURI)/sparse"])
+        #expect(out.status == 0, "\(out.combined)")
+        let rows = out.stdout.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).map(String.init) }
+        let extents = rows.compactMap { r -> (Int, Int, Int)? in
+            guard r.count >= 3, let o = Int(r[0]), let l = Int(r[1]), let t = Int(r[2]) else { return nil }
+            return (o, l, t)
+        }
+        let expected = [(0, 4 << 20, 3), (4 << 20, 1 << 20, 0), (5 << 20, 5 << 20, 3), (10 << 20, 1 << 20, 0), (11 << 20, 5 << 20, 3)]
+        #expect(extents.count == expected.count, "\(out.stdout)")
+        for (a, b) in zip(extents, expected) {
+            #expect(a == b, "\(out.stdout)")
+        }
+    }
+}
