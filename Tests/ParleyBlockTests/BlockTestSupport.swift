@@ -222,6 +222,9 @@ final class RawSocket {
         return out
     }
 
+    /// Half-closes: the peer sees the end of the stream.
+    func shutdownWrite() { _ = Glibc.shutdown(self.fd, Int32(SHUT_WR)) }
+
     /// Reads until the peer closes (bounded by the timeout); true if it closed.
     func waitForClose() -> Bool {
         var buf = [UInt8](repeating: 0, count: 65536)
