@@ -114,7 +114,7 @@ let package = Package(
         .testTarget(
             name: "ParleyWireTests",
             dependencies: [
-                "ParleyWire", "CParleyCRC32C", "ParleyServices", "ParleyTestSupport",
+                "ParleyWire", "CParleyCRC32C", "ParleyServices", "ParleyBlock", "ParleyTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],

@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import ParleyBlock
 import ParleyServices
 import ParleyWire
 import SwiftProtobuf
@@ -19,13 +20,18 @@ import Testing
 /// suite was written, so that the check cannot pass on an empty or truncated document.
 @Suite struct ProtocolDocumentTests {
     /// Vectors in docs/protocol.md when this suite was written; removing one fails the suite.
-    static let minimumVectorCount = 47
+    static let minimumVectorCount = 59
 
     /// What must have at least one vector, besides every known frame tag and message kind.
     static let requiredCoverage: [String] = [
         "banner", "MESSAGE/data",
         "error/badMagic", "error/badPreambleCRC", "error/badSegmentCRC", "error/frameTooLarge",
         "error/unknownFrameTag", "error/truncated", "error/unsupportedVersion", "error/missingFeatures",
+        // Parley Block (section 17): every exchange, a write and a read with data.
+        "type/parley.block.v1.SessionInfo", "type/parley.block.v1.SessionInfoReply", "type/parley.block.v1.Open",
+        "type/parley.block.v1.OpenReply", "type/parley.block.v1.Io", "type/parley.block.v1.IoReply",
+        "type/parley.block.v1.Close", "type/parley.block.v1.CloseReply",
+        "data/parley.block.v1.Io", "data/parley.block.v1.IoReply",
     ]
 
     @Test func documentHasAVectorForEveryKind() throws {
@@ -206,7 +212,7 @@ import Testing
     /// The schemas in the document are the .proto files, verbatim.
     @Test func documentQuotesTheProtoFilesVerbatim() throws {
         let text = try ProtocolDocument.load().text
-        for path in ["Protos/parley/v1/parley.proto", "Protos/parley/echo/v1/echo.proto"] {
+        for path in ["Protos/parley/v1/parley.proto", "Protos/parley/echo/v1/echo.proto", "Protos/parley/block/v1/block.proto"] {
             let proto = try String(contentsOf: ProtocolDocument.root.appendingPathComponent(path), encoding: .utf8)
             #expect(text.contains("```protobuf\n" + proto + "```"), "docs/protocol.md does not quote \(path) verbatim")
         }
@@ -381,6 +387,9 @@ enum ProtocolDocument {
             Parley_Echo_V1_Echo.self, Parley_Echo_V1_EchoReply.self, Parley_Echo_V1_Ping.self,
             Parley_Echo_V1_Pong.self, Parley_Echo_V1_Count.self, Parley_Echo_V1_CountItem.self,
             Parley_Echo_V1_CountDone.self, Parley_Echo_V1_Sleep.self, Parley_Echo_V1_Slept.self,
+            Parley_Block_V1_SessionInfo.self, Parley_Block_V1_SessionInfoReply.self, Parley_Block_V1_ListExports.self,
+            Parley_Block_V1_ExportList.self, Parley_Block_V1_Open.self, Parley_Block_V1_OpenReply.self,
+            Parley_Block_V1_Io.self, Parley_Block_V1_IoReply.self, Parley_Block_V1_Close.self, Parley_Block_V1_CloseReply.self,
         ]
         return Dictionary(uniqueKeysWithValues: types.map { ($0.protoMessageName, $0) })
     }()
@@ -537,7 +546,11 @@ extension ProtocolDocument.Vector {
             if frame.tag == .message {
                 let message = try WireMessage(frame: frame)
                 out.insert("MESSAGE/\(message.header.kind)")
-                if message.data != nil { out.insert("MESSAGE/data") }
+                out.insert("type/\(message.header.type)")
+                if message.data != nil {
+                    out.insert("MESSAGE/data")
+                    out.insert("data/\(message.header.type)")
+                }
             }
             return out
         }

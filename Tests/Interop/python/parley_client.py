@@ -89,6 +89,15 @@ NO_CLOSE_BACK = ("connectionClosed", "truncated", "timeout")
 ENUMS = {
     "parley.v1.EntityType": ["ENTITY_TYPE_UNSPECIFIED", "ENTITY_TYPE_CLIENT", "ENTITY_TYPE_SERVER"],
     "parley.v1.MessagePriority": ["MESSAGE_PRIORITY_LOW", "MESSAGE_PRIORITY_HIGH"],
+    # Parley Block (section 17).
+    "parley.block.v1.AccessMode": ["ACCESS_MODE_READ_ONLY", "ACCESS_MODE_READ_WRITE", "ACCESS_MODE_MIGRATION"],
+    "parley.block.v1.IoOperation": ["IO_OPERATION_READ", "IO_OPERATION_WRITE", "IO_OPERATION_FLUSH",
+                                    "IO_OPERATION_DISCARD", "IO_OPERATION_WRITE_ZEROES"],
+    "parley.block.v1.BlockStatus": ["BLOCK_STATUS_OK", "BLOCK_STATUS_INVALID", "BLOCK_STATUS_OUT_OF_RANGE",
+                                    "BLOCK_STATUS_TOO_LARGE", "BLOCK_STATUS_UNKNOWN_DEVICE", "BLOCK_STATUS_NOT_FOUND",
+                                    "BLOCK_STATUS_READ_ONLY", "BLOCK_STATUS_PATH_REFUSED", "BLOCK_STATUS_BUSY",
+                                    "BLOCK_STATUS_IO_ERROR", "BLOCK_STATUS_NO_SPACE", "BLOCK_STATUS_NOT_SUPPORTED",
+                                    "BLOCK_STATUS_NO_SESSION", "BLOCK_STATUS_BUSY_SESSION", "BLOCK_STATUS_SHUTTING_DOWN"],
 }
 # message -> list of (number, lowerCamelCase json name, type, repeated)
 SCHEMA = {
@@ -123,6 +132,29 @@ SCHEMA = {
     "parley.echo.v1.CountDone": [(1, "sent", "uint32", False), (2, "cancelled", "bool", False)],
     "parley.echo.v1.Sleep": [(1, "delayMs", "uint32", False)],
     "parley.echo.v1.Slept": [(1, "delayMs", "uint32", False)],
+    # Parley Block (section 17).
+    "parley.block.v1.SessionInfo": [(1, "protocolVersion", "uint32", False), (2, "sessionName", "string", False)],
+    "parley.block.v1.SessionInfoReply": [(1, "protocolVersion", "uint32", False),
+                                         (2, "status", "enum:parley.block.v1.BlockStatus", False),
+                                         (3, "message", "string", False)],
+    "parley.block.v1.ListExports": [],
+    "parley.block.v1.ExportList": [(1, "exports", "msg:parley.block.v1.ExportEntry", True)],
+    "parley.block.v1.ExportEntry": [(1, "name", "string", False), (2, "geometry", "msg:parley.block.v1.Geometry", False),
+                                    (3, "readOnly", "bool", False), (4, "shared", "bool", False)],
+    "parley.block.v1.Open": [(1, "path", "string", False), (2, "accessMode", "enum:parley.block.v1.AccessMode", False)],
+    "parley.block.v1.Geometry": [(1, "sizeBytes", "uint64", False), (2, "sizeSectors", "uint64", False),
+                                 (3, "logicalBlockSize", "uint32", False), (4, "physicalBlockSize", "uint32", False),
+                                 (5, "maxIoSize", "uint32", False), (6, "discardGranularity", "uint32", False),
+                                 (7, "maxDiscardSize", "uint32", False), (8, "writeCache", "bool", False),
+                                 (9, "fua", "bool", False), (10, "rotational", "bool", False)],
+    "parley.block.v1.OpenReply": [(1, "status", "enum:parley.block.v1.BlockStatus", False), (2, "message", "string", False),
+                                  (3, "deviceId", "uint32", False), (4, "geometry", "msg:parley.block.v1.Geometry", False),
+                                  (5, "accessMode", "enum:parley.block.v1.AccessMode", False)],
+    "parley.block.v1.Io": [(1, "deviceId", "uint32", False), (2, "offset", "uint64", False), (3, "length", "uint32", False),
+                           (4, "operation", "enum:parley.block.v1.IoOperation", False), (5, "flags", "uint32", False)],
+    "parley.block.v1.IoReply": [(1, "status", "enum:parley.block.v1.BlockStatus", False), (2, "message", "string", False)],
+    "parley.block.v1.Close": [(1, "deviceId", "uint32", False)],
+    "parley.block.v1.CloseReply": [(1, "status", "enum:parley.block.v1.BlockStatus", False), (2, "message", "string", False)],
 }
 _WIRE_TYPE = {"string": 2, "bytes": 2, "uint32": 0, "uint64": 0, "bool": 0, "double": 1}
 
