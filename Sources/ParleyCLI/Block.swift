@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import Logging
 import Metrics
 import NIOCore
@@ -20,7 +21,7 @@ struct Block: AsyncParsableCommand {
               nbdinfo nbd://127.0.0.1:10809/disk
               qemu-img convert -p -O raw image.qcow2 nbd://127.0.0.1:10809/disk
             """,
-        subcommands: [BlockServe.self, BlockInfo.self]
+        subcommands: [BlockServe.self, BlockInfo.self, BlockBench.self]
     )
 }
 
@@ -196,6 +197,121 @@ struct BlockInfo: AsyncParsableCommand {
                   discard     granularity \(g.discardGranularity), max \(g.maxDiscardSize)
                   flags       \(flags.joined(separator: " "))
                 """)
+        }
+    }
+}
+
+struct BlockBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Drive a block server over Parley's block protocol: IOPS, MiB/s and latency percentiles.",
+        discussion: """
+            Opens EXPORT and keeps --queue-depth IOs of --block-size bytes in flight for
+            --seconds, random or sequential, reads or writes (writes change the export!).
+            Prints a summary: IOPS, MiB/s, and p50/p99/p99.9 of the
+            time from sending an IO to its answer. --json prints the summary as JSON.
+            """
+    )
+
+    @Argument(help: ArgumentHelp("Server address: HOST:PORT, [V6]:PORT or unix:PATH.", valueName: "address"))
+    var address: String
+
+    @Option(name: .long, help: "Export (or path) to open.")
+    var export: String
+
+    @Option(name: .long, help: "randread, randwrite, read (sequential) or write (sequential).")
+    var rw: String = "randread"
+
+    @Option(name: .long, help: "Bytes per IO (a multiple of the device's logical block size).")
+    var blockSize: Int = 4096
+
+    @Option(name: .long, help: "IOs in flight.")
+    var queueDepth: Int = 1
+
+    @Option(name: .long, help: "How long to run.")
+    var seconds: Double = 5
+
+    @Flag(name: .long, help: "Print the summary as one JSON object.")
+    var json = false
+
+    @OptionGroup var logging: LoggingOptions
+
+    func validate() throws {
+        do { _ = try ParleyAddress(parsing: self.address) } catch { throw ValidationError(error.message) }
+        guard ["randread", "randwrite", "read", "write"].contains(self.rw) else { throw ValidationError("--rw must be randread, randwrite, read or write") }
+        guard (512...(8 << 20)).contains(self.blockSize), self.blockSize % 512 == 0 else { throw ValidationError("--block-size must be a multiple of 512 up to 8 MiB") }
+        guard (1...1024).contains(self.queueDepth) else { throw ValidationError("--queue-depth must be 1...1024") }
+        guard self.seconds > 0, self.seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
+    }
+
+    func run() async throws {
+        self.logging.bootstrap()
+        let client: BlockClient
+        let device: BlockClient.Device
+        do {
+            client = try await BlockClient.connect(to: try ParleyAddress(parsing: self.address), sessionName: "parley-block-bench",
+                                                   configuration: .init(name: "parley-block-bench"))
+            device = try await client.open(self.export, access: self.rw.contains("write") ? .readWrite : .readOnly)
+        } catch let error as ParleyError {
+            print("parley block bench: \(error.message) [\(error.code)]")
+            throw ExitCode(2)
+        } catch let error as BlockError {
+            print("parley block bench: \(error.message) [\(error.status)]")
+            throw ExitCode(2)
+        }
+        defer { client.closeConnection() }
+        let bs = UInt64(self.blockSize)
+        let blocks = device.geometry.sizeBytes / bs
+        guard blocks > 0 else {
+            print("parley block bench: the export is smaller than one block")
+            throw ExitCode(2)
+        }
+        let random = self.rw.hasPrefix("rand"), writes = self.rw.contains("write")
+        let payload = ByteBuffer(repeating: 0x5a, count: self.blockSize)
+        let end = ContinuousClock.now + .milliseconds(Int64(self.seconds * 1000))
+        let start = ContinuousClock.now
+        let depth = self.queueDepth
+        let length = UInt32(self.blockSize)
+        // Each worker keeps one IO in flight; latencies in nanoseconds.
+        let results = try await withThrowingTaskGroup(of: [Int64].self) { group in
+            for w in 0..<depth {
+                group.addTask {
+                    var rng = SystemRandomNumberGenerator()
+                    var latencies: [Int64] = []
+                    latencies.reserveCapacity(1 << 16)
+                    var next = UInt64(w) * (blocks / UInt64(depth))
+                    while ContinuousClock.now < end {
+                        let block = random ? UInt64.random(in: 0..<blocks, using: &rng) : next % blocks
+                        next += 1
+                        let t0 = ContinuousClock.now
+                        if writes {
+                            try await client.write(device, offset: block * bs, data: payload)
+                        } else {
+                            _ = try await client.read(device, offset: block * bs, length: length)
+                        }
+                        let d = ContinuousClock.now - t0
+                        latencies.append(d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
+                    }
+                    return latencies
+                }
+            }
+            var all: [Int64] = []
+            for try await part in group { all += part }
+            return all
+        }
+        let elapsed = ContinuousClock.now - start
+        let secs = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        let sorted = results.sorted()
+        func pct(_ p: Double) -> Double {
+            sorted.isEmpty ? 0 : Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]) / 1000
+        }
+        let iops = Double(sorted.count) / secs
+        let mibs = iops * Double(self.blockSize) / 1_048_576
+        if self.json {
+            print("{\"rw\":\"\(self.rw)\",\"block_size\":\(self.blockSize),\"queue_depth\":\(depth),\"ios\":\(sorted.count),\"seconds\":\(secs),\"iops\":\(iops),\"mib_s\":\(mibs),\"p50_us\":\(pct(0.5)),\"p99_us\":\(pct(0.99)),\"p999_us\":\(pct(0.999))}")
+        } else {
+            print(String(format: "%@ bs=%d qd=%d: %.0f IOPS, %.1f MiB/s, latency p50 %.1f us, p99 %.1f us, p99.9 %.1f us (%d IOs in %.2f s)",
+                         self.rw, self.blockSize, depth, iops, mibs, pct(0.5), pct(0.99), pct(0.999), sorted.count, secs))
         }
     }
 }
