@@ -237,7 +237,15 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
         }
         var requested: Set<UInt16> = []
         for _ in 0..<count { requested.insert(data.readInteger(as: UInt16.self)!) }
-        let result = option == .go ? self.resolver.open(name) : self.resolver.describe(name)
+        // A GO refused below with NBD_REP_ERR_BLOCK_SIZE_REQD must not open the export:
+        // nothing would ever close that open.
+        let result: Result<NBDExportInfo, NBDRefusal>
+        if option == .go, !requested.contains(NBD.Info.blockSize.rawValue),
+           case .success(let info) = self.resolver.describe(name), info.minimumBlockSize > 1 {
+            result = .success(info)
+        } else {
+            result = option == .go ? self.resolver.open(name) : self.resolver.describe(name)
+        }
         switch result {
         case .failure(let refusal):
             actions.append(.send(Self.reply(raw, refusal.reply, text: refusal.message)))
