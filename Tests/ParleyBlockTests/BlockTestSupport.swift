@@ -1,5 +1,6 @@
 import Foundation
 import Parley
+import ParleyTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -40,15 +41,7 @@ enum Tools {
     /// The `parley` executable next to the test bundle (or in .build/debug).
     static var parley: String {
         get throws {
-            var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-            for _ in 0..<4 {
-                let candidate = dir.appendingPathComponent("parley").path
-                if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-                dir = dir.deletingLastPathComponent()
-            }
-            let fallback = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-                .appendingPathComponent(".build/debug/parley").path
-            return try #require(FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil, "parley executable not built")
+            try #require(parleyExecutablePath(), "parley executable not built")
         }
     }
 

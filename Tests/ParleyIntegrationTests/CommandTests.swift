@@ -1,22 +1,12 @@
 import Foundation
 import Parley
+import ParleyTestSupport
 import Testing
 
 /// Runs the real `parley` executable, as a user would.
 @Suite(.timeLimit(.minutes(2)))
 struct CommandTests {
-    static var parleyPath: String? {
-        // The test bundle sits next to the built products.
-        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        for _ in 0..<4 {
-            let candidate = dir.appendingPathComponent("parley").path
-            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-            dir = dir.deletingLastPathComponent()
-        }
-        let fallback = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent(".build/debug/parley").path
-        return FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil
-    }
+    static var parleyPath: String? { parleyExecutablePath() }
 
     struct Output {
         var status: Int32
