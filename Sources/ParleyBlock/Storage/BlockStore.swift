@@ -1,5 +1,6 @@
 import CParleyBlockIO
 import NIOConcurrencyHelpers
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -89,6 +90,9 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     private let fd: Int32
     private var closed = false
     private let lock = NIOLock()
+    /// False once the file system has refused an RWF_NOWAIT write (ext4 before Linux 6.x
+    /// does): later writes then go straight to the IO threads without trying.
+    private let nowaitWrites = Atomic<Bool>(true)
 
     /// Opens `path` read-only or read-write.
     public init(path: String, writable: Bool) throws(BlockStoreError) {
@@ -155,11 +159,13 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, durable: Bool, nowait: Bool) throws(BlockStoreError) -> Bool {
+        if nowait, !self.nowaitWrites.load(ordering: .relaxed) { return false }
         var done = 0
         while done < bytes.count {
             let n = parley_pwrite(self.fd, bytes.baseAddress! + done, bytes.count - done, Int64(offset) + Int64(done),
                                   nowait ? 1 : 0, durable ? 1 : 0)
             if nowait, n == -Int64(EAGAIN) || n == -Int64(EOPNOTSUPP) {
+                if n == -Int64(EOPNOTSUPP) { self.nowaitWrites.store(false, ordering: .relaxed) }
                 if done == 0 { return false }
                 return try self.write(UnsafeRawBufferPointer(rebasing: bytes[done...]), at: offset + UInt64(done), durable: durable, nowait: false)
             }
