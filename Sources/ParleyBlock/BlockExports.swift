@@ -1,3 +1,4 @@
+import Foundation
 import NIOConcurrencyHelpers
 #if canImport(Glibc)
 import Glibc
@@ -148,7 +149,7 @@ public struct BlockExportCatalog: Sendable {
             guard Self.validSessionName(session) else {
                 throw BlockError(.invalid, "session name \"\(session)\" cannot be used in a path")
             }
-            root = root.replacingAll("%SESSNAME%", with: session)
+            root = root.replacingOccurrences(of: "%SESSNAME%", with: session)
         }
         guard !name.isEmpty, !name.hasPrefix("/") else {
             throw BlockError(.pathRefused, "path \"\(name)\" must be relative to the search path")
@@ -173,31 +174,6 @@ public struct BlockExportCatalog: Sendable {
         guard let p = realpath(path, nil) else { return nil }
         defer { free(p) }
         return String(cString: p)
-    }
-}
-
-extension String {
-    func replacingAll(_ target: String, with replacement: String) -> String {
-        var out = ""
-        var rest = Substring(self)
-        while let r = rest.range(of: target) {
-            out += rest[..<r.lowerBound]
-            out += replacement
-            rest = rest[r.upperBound...]
-        }
-        return out + rest
-    }
-}
-
-extension Substring {
-    func range(of target: String) -> Range<Substring.Index>? {
-        guard !target.isEmpty else { return nil }
-        var i = self.startIndex
-        while i < self.endIndex {
-            if self[i...].hasPrefix(target) { return i..<self.index(i, offsetBy: target.count) }
-            i = self.index(after: i)
-        }
-        return nil
     }
 }
 

@@ -3,6 +3,19 @@ import Metrics
 /// The kinds of IO counted per export.
 public enum BlockOpKind: String, Sendable, CaseIterable {
     case read, write, flush, discard, writeZeroes = "write_zeroes", cache, blockStatus = "block_status"
+
+    /// Position in `allCases`, without building that array on the IO path.
+    var index: Int {
+        switch self {
+        case .read: 0
+        case .write: 1
+        case .flush: 2
+        case .discard: 3
+        case .writeZeroes: 4
+        case .cache: 5
+        case .blockStatus: 6
+        }
+    }
 }
 
 /// Per-export counters (operations, bytes, errors) and latency histograms, through
@@ -37,6 +50,6 @@ public struct BlockMetrics: Sendable {
     }
 
     public func callAsFunction(_ kind: BlockOpKind) -> Op {
-        self.ops[BlockOpKind.allCases.firstIndex(of: kind)!]
+        self.ops[kind.index]
     }
 }

@@ -45,8 +45,14 @@ public final class BlockServer: Service, Sendable {
     let parleyServer: ParleyServer
     let registry: PrometheusCollectorRegistry?
     let logger: Logger
-    private let bound = NIOLockedValueBox<Bound?>(nil)
-    private let boundWaiters = NIOLockedValueBox<[CheckedContinuation<Bound, any Error>]>([])
+    private let binding = NIOLockedValueBox(Binding.waiting([]))
+
+    /// Where `run()` is with its listeners, and who waits for them.
+    enum Binding {
+        case waiting([CheckedContinuation<Bound, any Error>])
+        case bound(Bound)
+        case failed(any Error)
+    }
 
     public struct Bound: Sendable {
         public var listen: [ParleyAddress]
@@ -72,12 +78,16 @@ public final class BlockServer: Service, Sendable {
     public var boundAddresses: Bound {
         get async throws {
             try await withCheckedThrowingContinuation { c in
-                let now: Bound? = self.bound.withLockedValue { b in
-                    if let b { return b }
-                    self.boundWaiters.withLockedValue { $0.append(c) }
-                    return nil
+                let now: Result<Bound, any Error>? = self.binding.withLockedValue { state in
+                    switch state {
+                    case .waiting(let waiters):
+                        state = .waiting(waiters + [c])
+                        return nil
+                    case .bound(let b): return .success(b)
+                    case .failed(let e): return .failure(e)
+                    }
                 }
-                if let now { c.resume(returning: now) }
+                if let now { c.resume(with: now) }
             }
         }
     }
@@ -113,11 +123,7 @@ public final class BlockServer: Service, Sendable {
                 throw error
             }
             let b = Bound(listen: listen, nbd: nbd, metrics: metrics?.localAddress)
-            let waiters = self.bound.withLockedValue { v in
-                v = b
-                return self.boundWaiters.withLockedValue { w in defer { w = [] }; return w }
-            }
-            waiters.forEach { $0.resume(returning: b) }
+            self.settle(.bound(b)).forEach { $0.resume(returning: b) }
             self.logger.info("block server listening", metadata: [
                 "parley": "\(listen.map(\.description))", "nbd": "\(nbd.map(\.description))",
                 "metrics": "\(metrics.flatMap { m in m.localAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } } ?? "off")",
@@ -134,7 +140,15 @@ public final class BlockServer: Service, Sendable {
     }
 
     private func failWaiters(_ error: any Error) {
-        let waiters = self.boundWaiters.withLockedValue { w in defer { w = [] }; return w }
-        waiters.forEach { $0.resume(throwing: error) }
+        self.settle(.failed(error)).forEach { $0.resume(throwing: error) }
+    }
+
+    /// Records the outcome of binding and returns who was waiting for it.
+    private func settle(_ outcome: Binding) -> [CheckedContinuation<Bound, any Error>] {
+        self.binding.withLockedValue { state in
+            defer { state = outcome }
+            if case .waiting(let waiters) = state { return waiters }
+            return []
+        }
     }
 }

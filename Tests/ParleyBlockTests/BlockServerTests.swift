@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import Parley
 import ParleyBlock
+import ParleyTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc

@@ -29,13 +29,7 @@ final class ScratchDirectory: @unchecked Sendable {
     }
 }
 
-/// The output of a finished program.
-struct ToolOutput {
-    var status: Int32
-    var stdout: String
-    var stderr: String
-    var combined: String { self.stdout + self.stderr }
-}
+typealias ToolOutput = ProcessOutput
 
 enum Tools {
     /// The `parley` executable next to the test bundle (or in .build/debug).
@@ -54,31 +48,7 @@ enum Tools {
 
     /// Runs a program to completion, bounded by `seconds` (killed by PID after that).
     static func run(_ executable: String, _ arguments: [String], seconds: Double = 120) throws -> ToolOutput {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        let tag = UUID().uuidString
-        let dir = FileManager.default.temporaryDirectory.path
-        let outPath = "\(dir)/parley-tool-\(tag).out", errPath = "\(dir)/parley-tool-\(tag).err"
-        _ = FileManager.default.createFile(atPath: outPath, contents: nil)
-        _ = FileManager.default.createFile(atPath: errPath, contents: nil)
-        defer {
-            try? FileManager.default.removeItem(atPath: outPath)
-            try? FileManager.default.removeItem(atPath: errPath)
-        }
-        process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
-        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        let deadline = Date().addingTimeInterval(seconds)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-        return ToolOutput(
-            status: process.terminationStatus,
-            stdout: String(decoding: FileManager.default.contents(atPath: outPath) ?? Data(), as: UTF8.self),
-            stderr: String(decoding: FileManager.default.contents(atPath: errPath) ?? Data(), as: UTF8.self)
-        )
+        try runProcess(executable, arguments, seconds: seconds)
     }
 }
 

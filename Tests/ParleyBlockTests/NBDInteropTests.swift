@@ -1,4 +1,5 @@
 import Foundation
+import ParleyTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc

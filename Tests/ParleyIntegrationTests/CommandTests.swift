@@ -8,11 +8,7 @@ import Testing
 struct CommandTests {
     static var parleyPath: String? { parleyExecutablePath() }
 
-    struct Output {
-        var status: Int32
-        var stdout: String
-        var stderr: String
-    }
+    typealias Output = ProcessOutput
 
     /// The first executable called `name` on the PATH.
     static func onPath(_ name: String) -> String? {
@@ -22,26 +18,7 @@ struct CommandTests {
 
     /// Runs `parley` (or `executable`) to completion (bounded by `seconds`; killed by PID after that).
     static func run(_ arguments: [String], executable: String? = nil, stdin: Data? = nil, seconds: Double = 60) throws -> Output {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try executable ?? #require(parleyPath, "parley executable not built"))
-        process.arguments = arguments
-        // Files rather than pipes: nothing to drain concurrently, nothing can block.
-        let tag = UUID().uuidString
-        let outPath = temporaryPath("\(tag).stdout"), errPath = temporaryPath("\(tag).stderr"), inPath = temporaryPath("\(tag).stdin")
-        _ = FileManager.default.createFile(atPath: outPath, contents: nil)
-        _ = FileManager.default.createFile(atPath: errPath, contents: nil)
-        _ = FileManager.default.createFile(atPath: inPath, contents: stdin ?? Data())
-        process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
-        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
-        process.standardInput = try FileHandle(forReadingFrom: URL(fileURLWithPath: inPath))
-        try process.run()
-        let deadline = Date().addingTimeInterval(seconds)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-        let outData = FileManager.default.contents(atPath: outPath) ?? Data()
-        let errData = FileManager.default.contents(atPath: errPath) ?? Data()
-        return Output(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self), stderr: String(decoding: errData, as: UTF8.self))
+        try runProcess(try executable ?? #require(parleyPath, "parley executable not built"), arguments, stdin: stdin, seconds: seconds)
     }
 
     /// Starts `parley serve`; stops it by PID (SIGTERM, then SIGKILL) when `body` ends.

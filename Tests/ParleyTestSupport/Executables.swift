@@ -13,3 +13,38 @@ public func parleyExecutablePath(filePath: String = #filePath) -> String? {
         .appendingPathComponent(".build/debug/parley").path
     return FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil
 }
+
+/// What a finished program printed, and how it ended.
+public struct ProcessOutput: Sendable {
+    public var status: Int32
+    public var stdout: String
+    public var stderr: String
+    public var combined: String { self.stdout + self.stderr }
+}
+
+/// Runs a program to completion, bounded by `seconds` (killed by PID after that). Output
+/// goes through files rather than pipes: nothing to drain concurrently, nothing can block.
+public func runProcess(_ executable: String, _ arguments: [String], stdin: Data? = nil, seconds: Double) throws -> ProcessOutput {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    let base = FileManager.default.temporaryDirectory.appendingPathComponent("parley-run-\(UUID().uuidString)").path
+    let outPath = base + ".stdout", errPath = base + ".stderr", inPath = base + ".stdin"
+    _ = FileManager.default.createFile(atPath: outPath, contents: nil)
+    _ = FileManager.default.createFile(atPath: errPath, contents: nil)
+    _ = FileManager.default.createFile(atPath: inPath, contents: stdin ?? Data())
+    defer { for p in [outPath, errPath, inPath] { try? FileManager.default.removeItem(atPath: p) } }
+    process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
+    process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+    process.standardInput = try FileHandle(forReadingFrom: URL(fileURLWithPath: inPath))
+    try process.run()
+    let deadline = Date().addingTimeInterval(seconds)
+    while process.isRunning && Date() < deadline { usleep(10_000) }
+    if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    process.waitUntilExit()
+    return ProcessOutput(
+        status: process.terminationStatus,
+        stdout: String(decoding: FileManager.default.contents(atPath: outPath) ?? Data(), as: UTF8.self),
+        stderr: String(decoding: FileManager.default.contents(atPath: errPath) ?? Data(), as: UTF8.self)
+    )
+}

@@ -295,7 +295,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     ])
                 }
             }
-            if !self.needsFlush || self.negotiated == nil { return }
+            if self.negotiated == nil { return }
         }
         guard let negotiated = self.negotiated, let device = self.device else { return }
         while !self.stopping, !self.inactive, self.inFlight < self.server.limits.maxInFlight, self.inFlightBytes < self.server.limits.maxInFlightBytes {
@@ -401,7 +401,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 }
                 return out
             }.assumeIsolated().whenComplete { result in
-                self.end(bytes: Int(length), context: context)
+                self.end(bytes: Int(length))
                 switch result {
                 case .success(let out):
                     device.metrics(.read).record(bytes: Int(length), failed: false, nanoseconds: Self.elapsed(started))
@@ -441,11 +441,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             }
         case .writeZeroes(let offset, let length, let fua, let noHole, let fastZero):
             self.offload(.writeZeroes, bytes: Int(length), cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
-                if fastZero {
-                    try store.writeZeroesFast(offset: offset, length: UInt64(length), mayDeallocate: !noHole)
-                } else {
-                    try store.writeZeroes(offset: offset, length: UInt64(length), mayDeallocate: !noHole)
-                }
+                try store.writeZeroes(offset: offset, length: UInt64(length), mayDeallocate: !noHole, fast: fastZero)
                 if fua { try store.flush() }
             }
         case .cache(let offset, let length):
@@ -455,7 +451,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .blockStatus(let offset, let length, let reqOne):
             self.begin(bytes: 0)
             self.server.io.run(on: context.eventLoop) { try store.extents(offset: offset, length: UInt64(length)) }.assumeIsolated().whenComplete { result in
-                self.end(bytes: 0, context: context)
+                self.end(bytes: 0)
                 switch result {
                 case .success(var extents):
                     if extents.isEmpty { extents = [BlockExtent(length: length, isHole: false)] }
@@ -479,7 +475,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let counted = kind == .write ? bytes : 0
         self.begin(bytes: counted)
         self.server.io.run(on: context.eventLoop, body).assumeIsolated().whenComplete { result in
-            self.end(bytes: counted, context: context)
+            self.end(bytes: counted)
             switch result {
             case .success:
                 device.metrics(kind).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
@@ -520,7 +516,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         self.inFlightBytes += bytes
     }
 
-    private func end(bytes: Int, context: ChannelHandlerContext) {
+    private func end(bytes: Int) {
         self.inFlight -= 1
         self.inFlightBytes -= bytes
     }
@@ -560,14 +556,5 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .blockStatus: return .blockStatus
         default: return nil
         }
-    }
-}
-
-extension BlockStore {
-    /// Write-zeroes that must be fast (NBD_CMD_FLAG_FAST_ZERO): punching or zeroing a range,
-    /// never writing zeroes; ENOTSUP otherwise.
-    func writeZeroesFast(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError) {
-        guard let file = self as? FileBlockStore else { throw BlockStoreError(errno: EOPNOTSUPP, operation: "fast zero") }
-        try file.zeroRangeOnly(offset: offset, length: length, mayDeallocate: mayDeallocate)
     }
 }

@@ -72,13 +72,21 @@ public protocol BlockStore: Sendable {
     func flush() throws(BlockStoreError)
     /// Deallocates a range (it then reads as zeroes).
     func discard(offset: UInt64, length: UInt64) throws(BlockStoreError)
-    /// Makes a range read as zeroes; `mayDeallocate` allows punching a hole.
-    func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError)
+    /// Makes a range read as zeroes; `mayDeallocate` allows punching a hole. With `fast`
+    /// (NBD_CMD_FLAG_FAST_ZERO) it never falls back to writing zeroes: EOPNOTSUPP instead.
+    func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool) throws(BlockStoreError)
     /// Starts reading a range into the cache (advice; may do nothing).
     func prefetch(offset: UInt64, length: UInt64)
     /// The allocation of a range, from `offset`, covering at least one byte.
     func extents(offset: UInt64, length: UInt64) throws(BlockStoreError) -> [BlockExtent]
     func close()
+}
+
+extension BlockStore {
+    /// Write-zeroes that may fall back to writing zeroes.
+    public func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError) {
+        try self.writeZeroes(offset: offset, length: length, mayDeallocate: mayDeallocate, fast: false)
+    }
 }
 
 /// A regular file (sparse where the file system allows) or a block device.
@@ -186,10 +194,11 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
         if r < 0 { throw BlockStoreError(errno: -r, operation: "punch hole of \(length) bytes at \(offset)") }
     }
 
-    public func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError) {
+    public func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool) throws(BlockStoreError) {
         guard length > 0 else { return }
         if mayDeallocate, parley_punch_hole(self.fd, Int64(offset), Int64(length)) == 0 { return }
         if parley_zero_range(self.fd, Int64(offset), Int64(length)) == 0 { return }
+        if fast { throw BlockStoreError(errno: EOPNOTSUPP, operation: "fast zero of \(length) bytes at \(offset)") }
         // The file system cannot do it: write zeroes, a megabyte at a time.
         let chunk = 1 << 20
         let zeroes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
@@ -202,14 +211,6 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
             _ = try self.write(UnsafeRawBufferPointer(rebasing: zeroes[..<n]), at: at, durable: false, nowait: false)
             at += UInt64(n)
         }
-    }
-
-    /// Zeroes a range only if the file system can do it without writing (else ENOTSUP).
-    func zeroRangeOnly(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError) {
-        guard length > 0 else { return }
-        if mayDeallocate, parley_punch_hole(self.fd, Int64(offset), Int64(length)) == 0 { return }
-        let r = parley_zero_range(self.fd, Int64(offset), Int64(length))
-        if r < 0 { throw BlockStoreError(errno: EOPNOTSUPP, operation: "fast zero of \(length) bytes at \(offset)") }
     }
 
     public func prefetch(offset: UInt64, length: UInt64) {
