@@ -25,18 +25,31 @@ public final class ParleyClient: Sendable {
         /// Record the raw bytes of the connection (for `parley decode`).
         public var captureInbound: String?
         public var captureOutbound: String?
+        /// The entity and key of method `secret`.
+        public var secret: SecretCredentials?
+        /// Connection modes accepted, most preferred first. Without `crc` the client requires
+        /// secure mode (and feature bit 8 in its banner).
+        public var modes: [ConnectionMode]
+        /// Test hook: where secure-mode message counters start (0 on the wire).
+        public var secureCounterStart: UInt64 = 0
 
         public init(
             supportedFeatures: ParleyFeatures = .implemented, requiredFeatures: ParleyFeatures = [],
-            authMethods: [String] = ["none"], platform: String = ParleyBuild.platform,
+            authMethods: [String]? = nil, platform: String = ParleyBuild.platform,
             implementation: String = ParleyBuild.implementation, version: String = ParleyBuild.version,
             name: String = "", maxFrameSize: Int = Frame.defaultMaxFrameSize, limits: ParleyConnectionLimits = .defaults,
             maxRedirects: Int = 4, transport: any ParleyTransport = PosixTransport(),
-            captureInbound: String? = nil, captureOutbound: String? = nil
+            captureInbound: String? = nil, captureOutbound: String? = nil,
+            secret: SecretCredentials? = nil, modes: [ConnectionMode]? = nil
         ) {
+            self.secret = secret
+            // With a key, prefer secure mode and fall back to crc; without one, crc.
+            self.modes = modes ?? (secret == nil ? [.crc] : [.secure, .crc])
             self.supportedFeatures = supportedFeatures
             self.requiredFeatures = requiredFeatures
-            self.authMethods = authMethods
+            // With a key, method secret only: a client that holds a key never falls back to
+            // an unauthenticated method a man in the middle could push it to.
+            self.authMethods = authMethods ?? (secret == nil ? [AuthMethod.none] : [AuthMethod.secret])
             self.platform = platform
             self.implementation = implementation
             self.version = version
@@ -50,6 +63,15 @@ public final class ParleyClient: Sendable {
         }
 
         public static var defaults: Configuration { Configuration() }
+
+        /// The banner's features: secure mode added when accepted, required when it is the only mode.
+        var banner: Banner {
+            var supported = self.supportedFeatures
+            var required = self.requiredFeatures
+            if self.modes.contains(.secure) { supported.insert(.secureMode) }
+            if self.modes == [.secure] { required.insert(.secureMode) }
+            return Banner(supported: supported, required: required)
+        }
     }
 
     public let connection: ParleyConnection
@@ -138,9 +160,10 @@ public final class ParleyClient: Sendable {
         ident.name = configuration.name
         ident.clientNonce = UInt64.random(in: 1...UInt64.max)
         let machine = ClientHandshakeStateMachine(configuration: .init(
-            banner: Banner(supported: configuration.supportedFeatures, required: configuration.requiredFeatures),
+            banner: configuration.banner,
             maxFrameSize: UInt32(configuration.maxFrameSize), authMethods: configuration.authMethods, ident: ident,
-            serverAddress: address.description
+            serverAddress: address.description, secret: configuration.secret, modes: configuration.modes,
+            randomness: configuration.authMethods.contains(AuthMethod.secret) ? .generate() : nil
         ))
         let options = PipelineOptions(
             maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound,
@@ -161,6 +184,7 @@ public final class ParleyClient: Sendable {
                     promise.succeed(connection)
                     return ConnectionEventSink(connection)
                 }
+                handler.secureCounterStart = configuration.secureCounterStart
                 handler.established.whenFailure { promise.fail($0) }
                 established.withLockedValue { $0 = promise }
                 try ParleyPipeline.configure(channel, options: options, handler: handler)
@@ -174,7 +198,7 @@ public final class ParleyClient: Sendable {
                 channel = try await configuration.transport.connect(to: address, group: group, initializer: initializer)
             }
         } catch {
-            throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): \(error)", cause: error)
+            throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): \((error as? ParleyError)?.message ?? "\(error)")", cause: error)
         }
         guard let promise = established.withLockedValue({ $0 }) else {
             channel.close(promise: nil)

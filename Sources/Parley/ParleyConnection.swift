@@ -449,6 +449,8 @@ public final class ParleyConnection: Sendable {
             switch self.admit(message, handler: handler, isRequest: false) {
             case .start(let handler): self.start(message, handler: handler)
             case .runInline(let body): self.runInline(message, body)
+            case .refused(let error) where error.code == .permissionDenied:
+                self.logger.warning("permission denied", metadata: ["entity": "\(self.session.entityName)", "type": "\(h.type)", "error": "\(error.message)"])
             case .queued, .closed, .refused, .violation: break
             }
         default:
@@ -526,6 +528,9 @@ public final class ParleyConnection: Sendable {
             self.logger.debug("closing: \(error.message)")
             self.outlet.write(.close(error))
         case .refused(let error):
+            if error.code == .permissionDenied {
+                self.logger.warning("permission denied", metadata: ["entity": "\(self.session.entityName)", "type": "\(h.type)", "error": "\(error.message)"])
+            }
             try? self.answer(Self.errorAnswer(id: h.id, error, allocator: self.channel.allocator))
         }
     }
@@ -569,6 +574,12 @@ public final class ParleyConnection: Sendable {
             }
             guard let handler else {
                 return (.refused(ParleyError(code: .unknownMessageType, message: "no handler for request type \"\(h.type)\"")), false)
+            }
+            if let needed = self.router.requirement(for: h.type), !self.session.grants(needed) {
+                return (.refused(ParleyError(
+                    code: .permissionDenied,
+                    message: "\(self.session.entityName) may not send \(h.type): it needs capability \"\(needed)\""
+                )), false)
             }
             if case .sync(let body) = handler, self.executor != nil, self.channel.eventLoop.inEventLoop {
                 return (.runInline(body), false)

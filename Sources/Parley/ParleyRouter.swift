@@ -67,8 +67,28 @@ public struct ParleyRouter: Sendable {
 
     var handlers: [String: Handler] = [:]
     var oneWayHandlers: [String: Handler] = [:]
+    /// Capability each message type needs, by type name.
+    var requirements: [String: String] = [:]
+    /// Capability needed by message types without a requirement of their own.
+    var defaultRequirement: String?
 
     public init() {}
+
+    /// Requires `capability` of the authenticated entity for requests and one-way messages of
+    /// these types: others are refused with `permissionDenied` before any handler runs.
+    public mutating func require(_ capability: String, for types: any SwiftProtobuf.Message.Type...) {
+        for type in types { self.requirements[type.protoMessageName] = capability }
+    }
+
+    /// Requires `capability` for every message type that has no requirement of its own.
+    public mutating func requireByDefault(_ capability: String) {
+        self.defaultRequirement = capability
+    }
+
+    /// The capability a message of this type name needs, if any.
+    public func requirement(for typeName: String) -> String? {
+        self.requirements[typeName] ?? self.defaultRequirement
+    }
 
     /// Registers a request/response handler.
     public mutating func on<Request: SwiftProtobuf.Message & Sendable, Response: SwiftProtobuf.Message & Sendable>(

@@ -1,3 +1,5 @@
+import Synchronization
+import Foundation
 import Logging
 import Metrics
 import NIOConcurrencyHelpers
@@ -25,14 +27,30 @@ public final class ParleyServer: Service, Sendable {
         public var maxFrameSize: Int
         public var limits: ParleyConnectionLimits
         public var transport: any ParleyTransport
+        /// Connection modes allowed (`crc`, `secure` or both). `secure` needs method `secret`
+        /// and its keyring; a server allowing only `secure` requires feature bit 8 in its
+        /// banner, so that a client without secure mode is refused before anything is sent in
+        /// the clear.
+        public var modes: [ConnectionMode]
+        /// The entities method `secret` accepts (and the capabilities of TLS certificates'
+        /// entities); read again when the file changes.
+        public var keyring: ParleyKeyringSource?
+        /// Capabilities of clients no method identified (method `none`, server-only TLS).
+        public var anonymousCapabilities: [String]
+        /// Test hook: where secure-mode message counters start (0 on the wire).
+        public var secureCounterStart: UInt64 = 0
 
         public init(
             listen: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: ParleyAddress.defaultPort)],
             supportedFeatures: ParleyFeatures = .implemented, requiredFeatures: ParleyFeatures = [],
             authMethods: [String] = ["none"], name: String = "parley", nucleus: ParleyNucleus = ParleyNucleus(),
             minimumClientVersion: String? = nil, maxFrameSize: Int = Frame.defaultMaxFrameSize,
-            limits: ParleyConnectionLimits = .defaults, transport: any ParleyTransport = PosixTransport()
+            limits: ParleyConnectionLimits = .defaults, transport: any ParleyTransport = PosixTransport(),
+            modes: [ConnectionMode] = [.crc], keyring: ParleyKeyringSource? = nil, anonymousCapabilities: [String] = ["*"]
         ) {
+            self.modes = modes
+            self.keyring = keyring
+            self.anonymousCapabilities = anonymousCapabilities
             self.listen = listen
             self.supportedFeatures = supportedFeatures
             self.requiredFeatures = requiredFeatures
@@ -46,6 +64,32 @@ public final class ParleyServer: Service, Sendable {
         }
 
         public static var defaults: Configuration { Configuration() }
+
+        /// The banner's features: secure mode added when allowed, required when it is the only mode.
+        var banner: Banner {
+            var supported = self.supportedFeatures
+            var required = self.requiredFeatures
+            if self.modes.contains(.secure) { supported.insert(.secureMode) }
+            if self.modes == [.secure] { required.insert(.secureMode) }
+            return Banner(supported: supported, required: required)
+        }
+
+        /// Refuses contradictory security settings before the server starts.
+        public func validateSecurity() throws(ParleyError) {
+            guard !self.modes.isEmpty else { throw ParleyError(code: .invalidArgument, message: "no connection mode allowed: give crc, secure or both") }
+            for method in self.authMethods where !AuthMethod.all.contains(method) {
+                throw ParleyError(code: .invalidArgument, message: "unknown authentication method \"\(method)\": use none, secret or tls")
+            }
+            if self.authMethods.contains(AuthMethod.secret), self.keyring == nil {
+                throw ParleyError(code: .invalidArgument, message: "method secret needs a keyring (--keyring FILE)")
+            }
+            if self.modes.contains(.secure), !self.authMethods.contains(AuthMethod.secret) {
+                throw ParleyError(code: .invalidArgument, message: "secure mode needs method secret: it derives its keys from the secret exchange")
+            }
+            if self.modes == [.secure], self.authMethods.contains(AuthMethod.none) {
+                throw ParleyError(code: .invalidArgument, message: "method none cannot be used when only secure mode is allowed; drop it or allow crc")
+            }
+        }
     }
 
     public let configuration: Configuration
@@ -57,6 +101,8 @@ public final class ParleyServer: Service, Sendable {
     private let nonce = UInt64.random(in: 1...UInt64.max)
     private let connectionsAccepted = Counter(label: "parley_server_connections_total")
     private let connectionErrors = Counter(label: "parley_server_connection_errors_total")
+    /// The `global_id` of the next authenticated client.
+    private let nextGlobalID = Atomic<UInt64>(0)
 
     private struct State {
         var bound: [ParleyAddress]?
@@ -101,6 +147,7 @@ public final class ParleyServer: Service, Sendable {
         var bound: [ParleyAddress] = []
         do {
             _ = try self.configuration.limits.keepaliveConfiguration()
+            try self.configuration.validateSecurity()
             for address in self.configuration.listen {
                 let (listener, actual) = try await self.configuration.transport.listen(
                     on: address, group: self.group, initializer: { [self] channel in self.initialize(channel) }
@@ -228,16 +275,26 @@ public final class ParleyServer: Service, Sendable {
         ident.name = self.configuration.name
         ident.serverNonce = self.nonce
         let peer = ParleyPipeline.describe(channel.remoteAddress)
+        let logger = { var l = self.logger; l[metadataKey: "peer"] = "\(peer)"; return l }()
+        var secrets = SecretDirectory()
+        if let source = self.configuration.keyring {
+            let (keyring, reloadError) = source.current()
+            if let reloadError { logger.error("keyring changed but cannot be read; the previous one stays in force", metadata: ["error": "\(reloadError)"]) }
+            secrets = keyring.directory
+        }
         let machine = ServerHandshakeStateMachine(configuration: .init(
-            banner: Banner(supported: self.configuration.supportedFeatures, required: self.configuration.requiredFeatures),
+            banner: self.configuration.banner,
             maxFrameSize: UInt32(self.configuration.maxFrameSize), authMethods: self.configuration.authMethods,
             ident: ident, minimumClientVersion: self.configuration.minimumClientVersion,
-            clientAddress: peer
+            clientAddress: peer, modes: self.configuration.modes, secrets: secrets,
+            now: Int64(Date().timeIntervalSince1970), randomness: self.configuration.authMethods.contains(AuthMethod.secret) ? .generate() : nil,
+            globalID: self.nextGlobalID.wrappingAdd(1, ordering: .relaxed).newValue,
+            anonymousCapabilities: self.configuration.anonymousCapabilities
         ))
-        let logger = { var l = self.logger; l[metadataKey: "peer"] = "\(peer)"; return l }()
         let handler = ParleyConnectionHandler(role: .server(machine), eventLoop: channel.eventLoop) { [self] result, outlet in
             self.established(result, channel: channel, outlet: outlet, peer: peer, logger: logger)
         }
+        handler.secureCounterStart = self.configuration.secureCounterStart
         handler.established.whenFailure { error in
             self.logEnd(error as? ParleyError ?? ParleyError(code: .connectionClosed, message: "\(error)"), logger: logger, handshake: true)
         }
@@ -267,7 +324,8 @@ public final class ParleyServer: Service, Sendable {
         if draining { Task { await connection.drain() } }
         logger.debug("session established", metadata: [
             "client": "\(result.clientIdent.implementation) \(result.clientIdent.version) \(result.clientIdent.platform)",
-            "features": "\(result.features)",
+            "features": "\(result.features)", "auth": "\(result.authMethod)", "mode": "\(result.connectionMode)",
+            "entity": "\(result.entity ?? "anonymous")",
         ])
         return ConnectionEventSink(connection)
     }

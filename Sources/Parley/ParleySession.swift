@@ -85,6 +85,26 @@ public struct ParleySession: Hashable, Sendable {
     public var nucleus: ParleyNucleus
     /// The largest frame the peer accepts (its HELLO `max_frame_size`).
     public var peerMaxFrameSize: Int
+    /// `crc`, or `secure` (every frame sealed with `cipher`).
+    public var connectionMode: ConnectionMode
+    public var cipher: SecureCipher?
+    /// The entity the server authenticated ("client.alice"); nil for an anonymous client.
+    public var entity: String?
+    /// On a server: what the client's entity may do (from the keyring); "*" is everything.
+    public var capabilities: [String]
+    /// The server-assigned id of the authenticated client (0 when anonymous).
+    public var globalID: UInt64
+
+    /// The entity's name for messages and logs.
+    public var entityName: String { self.entity ?? "anonymous client" }
+
+    /// Whether the capabilities allow `capability`: listed as is, `*`, or a prefix wildcard
+    /// (`block.*` allows `block.read`).
+    public func grants(_ capability: String) -> Bool {
+        self.capabilities.contains { cap in
+            cap == "*" || cap == capability || (cap.hasSuffix(".*") && capability.hasPrefix(cap.dropLast()))
+        }
+    }
 
     init(result: HandshakeResult, role: SessionStateMachine.Role, peerAddress: String) {
         self.localVersion = Banner.currentVersion
@@ -105,6 +125,11 @@ public struct ParleySession: Hashable, Sendable {
         self.peerAddress = peerAddress
         self.nucleus = ParleyNucleus(result.serverIdent.nucleus)
         self.peerMaxFrameSize = result.peerHello.maxFrameSize == 0 ? Frame.defaultMaxFrameSize : Int(result.peerHello.maxFrameSize)
+        self.connectionMode = result.connectionMode
+        self.cipher = result.cipher
+        self.entity = result.entity
+        self.capabilities = result.capabilities
+        self.globalID = result.globalID
     }
 }
 

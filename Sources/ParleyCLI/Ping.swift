@@ -17,7 +17,7 @@ struct Ping: AsyncParsableCommand {
             """
     )
 
-    @Argument(help: ArgumentHelp("Server address: HOST:PORT, [V6]:PORT or unix:PATH.", valueName: "address"))
+    @Argument(help: ArgumentHelp("Server address: HOST:PORT, [V6]:PORT, unix:PATH, tls://HOST:PORT, ws://HOST:PORT/PATH or wss://HOST:PORT/PATH.", valueName: "address"))
     var address: String
 
     @Option(name: .shortAndLong, help: "Number of round trips.")
@@ -35,12 +35,29 @@ struct Ping: AsyncParsableCommand {
     @Flag(name: .long, help: "Print only the summary line.")
     var quiet = false
 
+    @Option(name: .long, help: ArgumentHelp("Keyring holding this client's key: authenticate with method secret.", valueName: "file"))
+    var keyring: String?
+
+    @Option(name: .long, help: ArgumentHelp("Entity to authenticate as (with --keyring), e.g. client.alice.", valueName: "name"))
+    var name: String?
+
+    @Option(name: .long, help: ArgumentHelp("Connection modes accepted: crc, secure or secure,crc (default with --keyring: secure,crc).", valueName: "modes"))
+    var mode: String?
+
+    @Option(name: .long, help: ArgumentHelp("Certificate directory for tls:// and wss://: trusts ca.pem, presents NAME.pem (with --name) if it is there.", valueName: "dir"))
+    var cert: String?
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
         do { _ = try ParleyAddress(parsing: self.address) } catch { throw ValidationError(error.message) }
         guard self.count >= 1 else { throw ValidationError("--count must be at least 1") }
         guard (0...(16 << 20)).contains(self.size) else { throw ValidationError("--size must be 0...16777216") }
+        if self.keyring != nil && self.name == nil { throw ValidationError("--keyring needs --name (the entity to authenticate as)") }
+        if try ParleyAddress(parsing: self.address).usesTLS && self.cert == nil {
+            throw ValidationError("tls:// and wss:// need --cert DIR (the directory holding ca.pem)")
+        }
+        if let mode { do { _ = try ConnectionMode.parseList(mode) } catch { throw ValidationError(error.message) } }
     }
 
     func run() async throws {
@@ -48,9 +65,21 @@ struct Ping: AsyncParsableCommand {
         let address = try ParleyAddress(parsing: self.address)
         let client: ParleyClient
         do {
+            var secret: SecretCredentials?
+            if let path = self.keyring, let name = self.name {
+                secret = try ParleyKeyring.load(path: path).credentials(for: name, keyringPath: path)
+            }
+            var transport = PosixTransport()
+            if let cert = self.cert { transport.tls = try ParleyTLS.client(directory: cert, name: self.name) }
+            // On TLS without a key: method tls (the certificate names us), else none.
+            let methods: [String]? = secret == nil && address.usesTLS ? [AuthMethod.tls, AuthMethod.none] : nil
             client = try await ParleyClient.connect(
                 to: address,
-                configuration: .init(name: "parley-ping", captureInbound: self.captureIn, captureOutbound: self.captureOut),
+                configuration: .init(
+                    authMethods: methods, name: "parley-ping", transport: transport,
+                    captureInbound: self.captureIn, captureOutbound: self.captureOut,
+                    secret: secret, modes: try self.mode.map { m throws(ParleyError) in try ConnectionMode.parseList(m) }
+                ),
                 logger: Logger(label: "parley.ping")
             )
         } catch let error as ParleyError {
@@ -62,7 +91,8 @@ struct Ping: AsyncParsableCommand {
         if !self.quiet {
             if !client.redirectedFrom.isEmpty { print("redirected from \(client.redirectedFrom.map(\.description).joined(separator: " -> ")) to \(client.address)") }
             print("connected to \(client.address): \(s.peer.implementation) \(s.peer.version) on \(s.peer.platform), name \"\(s.peer.name)\"")
-            print("protocol version \(s.localVersion) (server \(s.peerVersion)), features \(s.features), auth \(s.authMethod)")
+            print("protocol version \(s.localVersion) (server \(s.peerVersion)), features \(s.features)")
+            print("auth \(s.authMethod)\(s.entity.map { " as \($0)" } ?? ""), mode \(s.connectionMode)\(s.cipher.map { " (\($0.rawValue))" } ?? "")")
             print("server sees us at \(s.addressSeenByPeer)")
             for m in client.serverMessages { print("server message \(m)") }
             if s.nucleus.requestDelay > 0 { print("request delay: \(s.nucleus.requestDelay) s") }

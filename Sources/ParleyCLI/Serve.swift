@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import Logging
 import Parley
 import ParleyServices
@@ -16,11 +17,28 @@ struct Serve: AsyncParsableCommand {
 
             The nucleus options make the server send user messages, a request delay and
             redirects in every SERVER_IDENT, or refuse clients older than a version.
+
+            Security (docs/security.md): --auth secret --keyring FILE authenticates clients
+            by a key neither side sends; --mode secure then seals every frame with
+            AES-256-GCM or ChaCha20-Poly1305:
+              parley keyring add client.alice --keyring demo.keyring --caps echo
+              parley serve --auth secret --keyring demo.keyring --mode secure &
+              parley ping 127.0.0.1:7420 --keyring demo.keyring --name client.alice
+
+            TLS (--listen tls://HOST:PORT --cert DIR, after `parley cert init --dir DIR`) and
+            WebSocket (--listen ws://HOST:PORT/PATH) carry the same protocol; --auth tls takes
+            the client's entity from its certificate.
             """
     )
 
-    @Option(name: .long, help: ArgumentHelp("Address to listen on: HOST:PORT, [V6]:PORT or unix:PATH.", valueName: "address"))
+    @Option(name: .long, help: ArgumentHelp("Address to listen on: HOST:PORT, [V6]:PORT, unix:PATH, tls://HOST:PORT, ws://HOST:PORT/PATH or wss://HOST:PORT/PATH (repeatable).", valueName: "address"))
     var listen: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Certificate directory for tls:// and wss:// (from `parley cert init`): server.pem, server.key, and ca.pem to check client certificates.", valueName: "dir"))
+    var cert: String?
+
+    @Flag(name: .long, help: "With TLS: require a client certificate (mutual TLS), not just check one if offered.")
+    var requireClientCert = false
 
     @Option(name: .long, help: "Server name reported to clients.")
     var name: String = "parley"
@@ -40,6 +58,21 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "Refuse clients older than this version, telling them they are out of date.")
     var minClientVersion: String?
 
+    @Option(name: .long, help: ArgumentHelp("Authentication methods allowed, comma-separated: none, secret, tls.", valueName: "methods"))
+    var auth: String = "none"
+
+    @Option(name: .long, help: ArgumentHelp("Keyring of the entities method secret accepts (see `parley keyring`).", valueName: "file"))
+    var keyring: String?
+
+    @Option(name: .long, help: ArgumentHelp("Connection modes allowed: crc, secure or crc,secure. secure seals every frame (needs --auth secret); secure alone refuses clients without it.", valueName: "modes"))
+    var mode: String = "crc"
+
+    @Option(name: .long, help: ArgumentHelp("Capability every echo request needs (from the client's keyring entry); none by default.", valueName: "capability"))
+    var requireCap: String?
+
+    @Option(name: .long, help: ArgumentHelp("Capabilities of clients no method identified (auth none), comma-separated.", valueName: "caps"))
+    var anonymousCaps: String = "*"
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -47,6 +80,21 @@ struct Serve: AsyncParsableCommand {
             do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) }
         }
         if self.requestDelay < 0 { throw ValidationError("--request-delay must be 0 or more seconds") }
+        do { _ = try self.security() } catch let error as ParleyError { throw ValidationError(error.message) }
+        let tls = try self.listen.contains { try ParleyAddress(parsing: $0).usesTLS }
+        if tls && self.cert == nil { throw ValidationError("tls:// and wss:// need --cert DIR (make one with `parley cert init --dir DIR`)") }
+        if self.auth.contains("tls") && !tls { throw ValidationError("--auth tls needs a tls:// or wss:// listener") }
+    }
+
+    /// Methods, modes and keyring from the options, checked together.
+    func security() throws -> (methods: [String], modes: [ConnectionMode], keyring: ParleyKeyringSource?) {
+        let methods = self.auth.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }
+        let modes = try ConnectionMode.parseList(self.mode)
+        let keyring = try self.keyring.map { path throws(ParleyError) in try ParleyKeyringSource(path: path) }
+        var configuration = ParleyServer.Configuration(authMethods: methods, modes: modes, keyring: keyring)
+        configuration.listen = []
+        try configuration.validateSecurity()
+        return (methods, modes, keyring)
     }
 
     func run() async throws {
@@ -60,9 +108,24 @@ struct Serve: AsyncParsableCommand {
                 + self.highMessage.map { ParleyServerMessage(priority: .high, text: $0) },
             requestDelay: self.requestDelay, redirects: self.redirect
         )
+        let (methods, modes, keyring) = try self.security()
+        var transport = PosixTransport()
+        if let cert = self.cert {
+            do {
+                transport.tls = try ParleyTLS.server(directory: cert, clientCertificates: self.requireClientCert ? .required : .optional)
+            } catch {
+                throw ValidationError(error.message)
+            }
+        }
+        var router = EchoService.router(name: self.name)
+        if let cap = self.requireCap { router.requireByDefault(cap) }
         let server = ParleyServer(
-            configuration: .init(listen: addresses, name: self.name, nucleus: nucleus, minimumClientVersion: self.minClientVersion),
-            router: EchoService.router(name: self.name), logger: logger
+            configuration: .init(
+                listen: addresses, authMethods: methods, name: self.name, nucleus: nucleus, minimumClientVersion: self.minClientVersion,
+                transport: transport, modes: modes, keyring: keyring,
+                anonymousCapabilities: self.anonymousCaps.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }
+            ),
+            router: router, logger: logger
         )
         let group = ServiceGroup(
             configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)

@@ -17,3 +17,20 @@ public enum ConnectionCommand: Sendable {
     /// Send CLOSE with this status; the connection is closed once it has been written.
     case close(ParleyError)
 }
+
+/// Fired as an inbound user event by a transport that protects and authenticates the
+/// connection itself (TLS), once its own handshake has completed and before any Parley byte
+/// is read. The connection handler remembers it: the `tls` authentication method takes the
+/// peer's entity name from it.
+public struct TransportSecurityEvent: Sendable, Hashable {
+    /// For example "TLSv1.3".
+    public var protocolName: String
+    /// The entity name of the peer's verified certificate (its subject's common name), or nil
+    /// when the peer presented none (server-only TLS seen from the server).
+    public var peerEntity: String?
+
+    public init(protocolName: String, peerEntity: String?) {
+        self.protocolName = protocolName
+        self.peerEntity = peerEntity
+    }
+}

@@ -65,6 +65,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private var context: ChannelHandlerContext?
     private var scratch: [ByteBuffer] = []
     private let queue = CommandQueue()
+    /// Secure mode, outbound: seals every frame written after the handshake switched.
+    private var sealer: SecureDirection?
+    /// Where secure-mode counters start: 0 on the wire; tests start them near a key update or
+    /// near the end (both sides must agree).
+    public var secureCounterStart: UInt64 = 0
 
     /// A flush is scheduled for the end of this event-loop tick.
     private var flushScheduled = false
@@ -163,6 +168,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     public func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        // Added to a channel that is already active (after a WebSocket upgrade): start now,
+        // since no channelActive will come.
+        if context.channel.isActive { self.start(context: context) }
     }
 
     public func handlerRemoved(context: ChannelHandlerContext) {
@@ -171,7 +179,15 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     public func channelActive(context: ChannelHandlerContext) {
-        guard case .handshaking(var role) = self.state else { return context.fireChannelActive() }
+        self.start(context: context)
+        context.fireChannelActive()
+    }
+
+    private var started = false
+
+    private func start(context: ChannelHandlerContext) {
+        guard !self.started, case .handshaking(var role) = self.state else { return }
+        self.started = true
         let step: HandshakeStep
         switch role {
         case .client(var m):
@@ -182,7 +198,6 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             role = .server(m)
         }
         self.state = .handshaking(role)
-        context.fireChannelActive()
         self.perform(step, context: context)
     }
 
@@ -289,6 +304,14 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         context.fireChannelReadComplete()
     }
 
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let security = event as? TransportSecurityEvent, case .handshaking(.server(var machine)) = self.state {
+            machine.transportSecured(protocolName: security.protocolName, peerEntity: security.peerEntity)
+            self.state = .handshaking(.server(machine))
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if case .closing = self.state {
             return
@@ -377,6 +400,16 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             do {
                 let stamped = try session.stamp(message)
                 self.state = .established(session)
+                if let sealer = self.sealer {
+                    do {
+                        let sealed = try stamped.sealFrame(with: sealer, allocator: context.channel.allocator)
+                        context.write(self.wrapOutboundOut(sealed), promise: promise)
+                    } catch {
+                        promise?.fail(error)
+                        self.failConnection(error, tellPeer: true, context: context)
+                    }
+                    return
+                }
                 self.scratch.removeAll(keepingCapacity: true)
                 stamped.encodeFrame(into: &self.scratch, allocator: context.channel.allocator)
                 self.writeScratch(context: context, promise: promise)
@@ -422,6 +455,25 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 context.write(self.wrapOutboundOut(buffer), promise: nil)
             case .frame(let frame):
                 self.writeFrame(frame, context: context)
+            case .startSealing(let secure):
+                do {
+                    self.sealer = try SecureDirection(keys: secure.keys, sealing: true, counter: self.secureCounterStart)
+                } catch {
+                    self.state = .closing
+                    self.recordFailure(error)
+                    self.flushThenClose(context: context)
+                    return
+                }
+            }
+        }
+        if let secure = step.startOpening {
+            do {
+                self.decoder.startOpening(try SecureDirection(keys: secure.keys, sealing: false, counter: self.secureCounterStart))
+            } catch {
+                self.state = .closing
+                self.recordFailure(error)
+                self.flushThenClose(context: context)
+                return
             }
         }
         switch step.outcome {
@@ -528,7 +580,24 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     private func writeFrame(_ frame: Frame, context: ChannelHandlerContext, promise: EventLoopPromise<Void>? = nil) {
         self.scratch.removeAll(keepingCapacity: true)
-        frame.encode(into: &self.scratch, allocator: context.channel.allocator)
+        if let sealer = self.sealer {
+            do {
+                try frame.seal(with: sealer, into: &self.scratch, allocator: context.channel.allocator)
+            } catch {
+                promise?.fail(error)
+                if frame.tag == .close {
+                    // Not even a CLOSE fits any more: close without one.
+                    self.state = .closing
+                    self.recordFailure(error)
+                    context.close(promise: nil)
+                } else {
+                    self.failConnection(error, tellPeer: true, context: context)
+                }
+                return
+            }
+        } else {
+            frame.encode(into: &self.scratch, allocator: context.channel.allocator)
+        }
         self.writeScratch(context: context, promise: promise)
     }
 

@@ -53,8 +53,8 @@ public enum ParleyPipeline {
 /// Sets up a fresh channel's pipeline, on its event loop.
 public typealias ParleyChannelInitializer = @Sendable (any Channel) -> EventLoopFuture<Void>
 
-/// How channels for an address are made. TCP and Unix sockets come with Parley; TLS and
-/// WebSocket transports will be further conformances.
+/// How channels for an address are made. `PosixTransport` makes every kind but the
+/// in-process one.
 public protocol ParleyTransport: Sendable {
     /// Connects and runs `initializer` on the new channel before it becomes active.
     func connect(to address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> any Channel
@@ -66,30 +66,113 @@ public protocol ParleyTransport: Sendable {
     ) async throws -> (listener: any Channel, bound: ParleyAddress)
 }
 
-/// TCP over IPv4 and IPv6, and Unix domain sockets.
+/// TCP over IPv4 and IPv6, Unix domain sockets, TLS 1.3 over TCP (`tls://`), and WebSocket,
+/// plain or inside TLS (`ws://`, `wss://`).
+///
+/// A TLS connect returns once the TLS handshake has completed, and a WebSocket connect once
+/// the upgrade has: their failures are reported by `connect`, with the reason, rather than
+/// as a connection that closes during Parley's handshake. For WebSocket, `initializer` runs
+/// after the upgrade, on an active channel (the Parley handlers start their handshake when
+/// they are added); for the others, before the channel becomes active.
 public struct PosixTransport: ParleyTransport {
     public var connectTimeout: TimeAmount
     public var backlog: Int32
+    /// Certificates and trust for `tls://` and `wss://` addresses; without it they are refused.
+    public var tls: ParleyTLS?
+    /// How long a TLS handshake or a WebSocket upgrade may take, on either side.
+    public var handshakeTimeout: TimeAmount
+    /// The largest WebSocket frame accepted from the peer (whole frames are buffered; Parley
+    /// itself sends frames of at most 64 KiB).
+    public var webSocketMaxFrameSize: Int
 
-    public init(connectTimeout: TimeAmount = .seconds(10), backlog: Int32 = 256) {
+    /// - Parameters:
+    ///   - tls: certificates and trust for `tls://` and `wss://` (`ParleyTLS.server(directory:)`,
+    ///     `ParleyTLS.client(directory:name:)`); nil: those addresses are refused.
+    public init(
+        connectTimeout: TimeAmount = .seconds(10), backlog: Int32 = 256, tls: ParleyTLS? = nil,
+        handshakeTimeout: TimeAmount = .seconds(10), webSocketMaxFrameSize: Int = Frame.defaultMaxFrameSize
+    ) {
         self.connectTimeout = connectTimeout
         self.backlog = backlog
+        self.tls = tls
+        self.handshakeTimeout = handshakeTimeout
+        self.webSocketMaxFrameSize = webSocketMaxFrameSize
+    }
+
+    private var webSocketOptions: WebSocketPipeline.Options {
+        .init(maxFrameSize: self.webSocketMaxFrameSize, upgradeTimeout: self.handshakeTimeout)
+    }
+
+    private func requireTLS(_ address: ParleyAddress) throws(ParleyError) -> ParleyTLS {
+        guard let tls = self.tls else {
+            throw ParleyError(code: .invalidArgument, message: "\(address) needs TLS certificates, and none were given (PosixTransport(tls:), ParleyTLS.server(directory:) or .client(directory:name:))")
+        }
+        return tls
+    }
+
+    private func tcpClient(_ group: any EventLoopGroup) -> ClientBootstrap {
+        ClientBootstrap(group: group).connectTimeout(self.connectTimeout).channelOption(.tcpOption(.tcp_nodelay), value: 1)
+    }
+
+    private func tcpServer(_ group: any EventLoopGroup) -> ServerBootstrap {
+        ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: self.backlog)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
     }
 
     public func connect(to address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> any Channel {
         switch address.kind {
         case .tcp(let host, let port):
-            return try await ClientBootstrap(group: group)
-                .connectTimeout(self.connectTimeout)
-                .channelOption(.tcpOption(.tcp_nodelay), value: 1)
-                .channelInitializer(initializer)
-                .connect(host: host, port: port).get()
+            return try await self.tcpClient(group).channelInitializer(initializer).connect(host: host, port: port).get()
         case .unix(let path):
             return try await ClientBootstrap(group: group).connectTimeout(self.connectTimeout)
                 .channelInitializer(initializer)
                 .connect(unixDomainSocketPath: path).get()
+        case .tls(let host, let port):
+            let tls = try self.requireTLS(address)
+            let context = try tls.makeClientContext()
+            let peer = ParleyAddress.tcp(host: host, port: port).description
+            let timeout = self.handshakeTimeout
+            let (channel, handshake) = try await self.tcpClient(group).connect(host: host, port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try TLSPipeline.addClient(to: channel, context: context, host: host, peer: peer, tls: tls, timeout: timeout).completed!
+                }.flatMap { handshake in initializer(channel).map { (channel, handshake) } }
+            }
+            try await Self.wait(for: handshake, channel: channel)
+            return channel
+        case .webSocket(let host, let port, let path, let useTLS):
+            let tls = useTLS ? try self.requireTLS(address) : nil
+            let context = try tls?.makeClientContext()
+            let peer = ParleyAddress.tcp(host: host, port: port).description
+            let (timeout, options) = (self.handshakeTimeout, self.webSocketOptions)
+            let (channel, handshake, upgraded) = try await self.tcpClient(group).connect(host: host, port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let security = try tls.map { tls in
+                        try TLSPipeline.addClient(to: channel, context: context!, host: host, peer: peer, tls: tls, timeout: timeout)
+                    }
+                    let upgraded = try WebSocketPipeline.configureClient(
+                        channel, host: host, port: port, path: path, address: address.description, options: options,
+                        security: security, initializer: initializer
+                    )
+                    return (channel, security?.completed, upgraded)
+                }
+            }
+            if let handshake { try await Self.wait(for: handshake, channel: channel) }
+            try await Self.wait(for: upgraded, channel: channel)
+            return channel
         case .inProcess:
             throw ParleyError(code: .invalidArgument, message: "an in-process connection is made by the server (ParleyClient.connect(inProcessTo:)), not by address")
+        }
+    }
+
+    /// Waits for a TLS handshake or a WebSocket upgrade; closes the channel if it fails.
+    private static func wait<T: Sendable>(for future: EventLoopFuture<T>, channel: any Channel) async throws {
+        do {
+            _ = try await future.get()
+        } catch {
+            channel.close(promise: nil)
+            throw error
         }
     }
 
@@ -98,20 +181,39 @@ public struct PosixTransport: ParleyTransport {
     ) async throws -> (listener: any Channel, bound: ParleyAddress) {
         switch address.kind {
         case .tcp(let host, let port):
-            let listener = try await ServerBootstrap(group: group)
-                .serverChannelOption(.backlog, value: self.backlog)
-                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-                .childChannelInitializer(initializer)
-                .bind(host: host, port: port).get()
-            let bound = listener.localAddress?.port ?? port
-            return (listener, .tcp(host: host, port: bound))
+            let listener = try await self.tcpServer(group).childChannelInitializer(initializer).bind(host: host, port: port).get()
+            return (listener, .tcp(host: host, port: listener.localAddress?.port ?? port))
         case .unix(let path):
             let listener = try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: self.backlog)
                 .childChannelInitializer(initializer)
                 .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
             return (listener, address)
+        case .tls(let host, let port):
+            let tls = try self.requireTLS(address)
+            let context = try tls.makeServerContext()
+            let timeout = self.handshakeTimeout
+            let listener = try await self.tcpServer(group)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        _ = try TLSPipeline.addServer(to: channel, context: context, tls: tls, timeout: timeout)
+                    }.flatMap { initializer(channel) }
+                }
+                .bind(host: host, port: port).get()
+            return (listener, .tls(host: host, port: listener.localAddress?.port ?? port))
+        case .webSocket(let host, let port, let path, let useTLS):
+            let tls = useTLS ? try self.requireTLS(address) : nil
+            let context = try tls?.makeServerContext()
+            let (timeout, options) = (self.handshakeTimeout, self.webSocketOptions)
+            let listener = try await self.tcpServer(group)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        let security = try tls.map { tls in try TLSPipeline.addServer(to: channel, context: context!, tls: tls, timeout: timeout) }
+                        try WebSocketPipeline.configureServer(channel, path: path, options: options, security: security, initializer: initializer)
+                    }
+                }
+                .bind(host: host, port: port).get()
+            return (listener, .webSocket(host: host, port: listener.localAddress?.port ?? port, path: path, tls: useTLS))
         case .inProcess:
             throw ParleyError(code: .invalidArgument, message: "a server does not listen in-process; in-process clients are made with ParleyClient.connect(inProcessTo:)")
         }

@@ -33,6 +33,14 @@ public struct ParleyError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let invalidArgument = Code(rawValue: 20)
         public static let connectFailed = Code(rawValue: 21)
         public static let redirectLoop = Code(rawValue: 22)
+        /// The authenticated entity lacks the capability a request needs.
+        public static let permissionDenied = Code(rawValue: 23)
+        /// A sealed frame failed authentication: altered, replayed, reordered, dropped or cut.
+        public static let badAuthTag = Code(rawValue: 24)
+        /// The handshake transcripts of the two sides differ: it was altered in transit.
+        public static let handshakeTampered = Code(rawValue: 25)
+        /// A secure-mode message counter reached its end.
+        public static let keyExhausted = Code(rawValue: 26)
 
         static let names: [UInt32: String] = [
             0: "unspecified", 1: "protocolViolation", 2: "badMagic", 3: "unsupportedVersion", 4: "missingFeatures",
@@ -40,7 +48,8 @@ public struct ParleyError: Error, Hashable, Sendable, CustomStringConvertible {
             9: "unknownFrameTag", 10: "malformedPayload", 11: "authenticationFailed", 12: "truncated",
             13: "clientOutOfDate", 14: "shuttingDown", 15: "cancelled", 16: "unknownMessageType",
             17: "handlerFailed", 18: "connectionClosed", 19: "timeout", 20: "invalidArgument",
-            21: "connectFailed", 22: "redirectLoop",
+            21: "connectFailed", 22: "redirectLoop", 23: "permissionDenied", 24: "badAuthTag",
+            25: "handshakeTampered", 26: "keyExhausted",
         ]
         /// Every code this implementation defines, in numeric order.
         public static var allKnown: [Code] { names.keys.sorted().map { Code(rawValue: $0) } }

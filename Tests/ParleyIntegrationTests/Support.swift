@@ -130,7 +130,8 @@ final class RawPeer: Sendable {
             }
         }
         switch address.kind {
-        case .tcp(let host, let port):
+        case .tcp(let host, let port), .tls(let host, let port), .webSocket(let host, let port, _, _):
+            // Raw bytes to the TCP port, whatever the server expects there.
             return RawPeer(channel: try await bootstrap.connect(host: host, port: port, channelInitializer: initializer))
         case .unix(let path):
             return RawPeer(channel: try await bootstrap.connect(unixDomainSocketPath: path, channelInitializer: initializer))

@@ -133,7 +133,7 @@ extension Pair {
     }
 
     @Test func authFallsBackToTheNextOfferedMethod() throws {
-        var pair = Pair(client: Pair.clientConfig(methods: ["secret", "none"]), server: Pair.serverConfig(methods: ["none"]))
+        var pair = Pair(client: Pair.clientConfig(methods: ["kerberos", "none"]), server: Pair.serverConfig(methods: ["none"]))
         try pair.runBuffered()
         #expect(Pair.established(pair.clientOutcome)?.authMethod == "none")
         #expect(Pair.established(pair.serverOutcome)?.authMethod == "none")

@@ -11,6 +11,8 @@ func wireBytes(_ elements: [WireOutbound]) -> ByteBuffer {
             var parts: [ByteBuffer] = []
             f.encode(into: &parts, allocator: ByteBufferAllocator())
             for var p in parts { out.writeBuffer(&p) }
+        case .startSealing:
+            preconditionFailure("wireBytes encodes crc mode only; secure tests use SecurePair")
         }
     }
     return out

@@ -128,8 +128,8 @@ public final class NBDServer: Sendable {
                         .bind(host: host, port: port).get()
                 case .unix(let path):
                     channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
-                case .inProcess:
-                    throw ParleyError(code: .invalidArgument, message: "NBD has no in-process listener")
+                default:
+                    throw ParleyError(code: .invalidArgument, message: "NBD listens on HOST:PORT or unix:PATH only, not \(address)")
                 }
             } catch let error as ParleyError {
                 throw error

@@ -164,6 +164,51 @@ public struct WireMessage: Hashable, Sendable {
         out.append(head)
     }
 
+    /// Encodes this message as a whole sealed MESSAGE frame (secure mode) in one buffer: the
+    /// preamble and header are written in place, the preamble sealed alone, then the header,
+    /// payload and data are encrypted as one message straight into the buffer (the payload and
+    /// data from their own buffers: no other copy).
+    public func sealFrame(with direction: SecureDirection, allocator: ByteBufferAllocator) throws(ParleyError) -> ByteBuffer {
+        try direction.ensureRoom(forClose: false)
+        let headerLength = MessageHeader.fixedSize + self.header.type.utf8.count
+        let count = self.data == nil ? 2 : 3
+        let total = headerLength + self.payload.readableBytes + (self.data?.readableBytes ?? 0)
+        let size = sealedPreambleSize + total + SecureCipher.tagSize
+        var buffer = allocator.buffer(capacity: size)
+        var failure: ParleyError?
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { out in
+            let base = out.baseAddress!
+            // Preamble and header as in crc mode, 16 bytes in; then the preamble moves to the
+            // front so that its tag fits between it and the header.
+            self.writeHead(to: base + SecureCipher.tagSize, headerLength: headerLength, count: count)
+            var preamble: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+            withUnsafeMutableBytes(of: &preamble) { $0.copyMemory(from: UnsafeRawBufferPointer(start: base + SecureCipher.tagSize, count: Frame.preambleSize)) }
+            withUnsafeBytes(of: &preamble) { base.copyMemory(from: $0.baseAddress!, byteCount: Frame.preambleSize) }
+            do {
+                try direction.seal(base, length: Frame.preambleSize)
+                try direction.sealBegin()
+                var offset = sealedPreambleSize
+                try direction.sealPiece(from: base + offset, to: base + offset, length: headerLength)
+                offset += headerLength
+                for segment in [self.payload, self.data] {
+                    guard let segment else { continue }
+                    let to = base + offset
+                    try segment.withUnsafeReadableBytes { bytes in
+                        if let from = bytes.baseAddress { try direction.sealPiece(from: from, to: to, length: bytes.count) }
+                    }
+                    offset += segment.readableBytes
+                }
+                try direction.sealFinish(tag: base + offset)
+                return size
+            } catch {
+                failure = error as? ParleyError ?? ParleyError(code: .protocolViolation, message: "internal: \(error)")
+                return 0
+            }
+        }
+        if let failure { throw failure }
+        return buffer
+    }
+
     /// The whole frame in one buffer, written in one pass through a pointer: what
     /// `encodeFrame` produces when every segment is below the zero-copy threshold.
     private func encodeSmallFrame(headerLength: Int, count: Int, allocator: ByteBufferAllocator) -> ByteBuffer {

@@ -10,6 +10,8 @@ public enum WireInbound: Hashable, Sendable {
 public enum WireOutbound: Hashable, Sendable {
     case banner(Banner)
     case frame(Frame)
+    /// Every frame after this one is sealed with these keys (secure mode).
+    case startSealing(SecureSwitch)
 }
 
 /// Decodes one direction of a connection in crc mode: a banner, then frames.
@@ -54,6 +56,22 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
 
     private var state: State
     public var maxFrameSize: Int
+    /// In secure mode: opens each sealed preamble and segments (docs/protocol.md, "Secure mode").
+    private var opener: SecureDirection?
+    /// The next frame is the first sealed one: a peer that failed the handshake after this side
+    /// switched may still send its CLOSE in the clear, and it is accepted there (only there).
+    private var firstSealedFrame = false
+
+    /// From the next byte on, frames are sealed: opened with `direction`. Called between two
+    /// frames, when the handshake settles the keys.
+    public mutating func startOpening(_ direction: SecureDirection) {
+        precondition(!direction.sealing)
+        self.opener = direction
+        self.firstSealedFrame = true
+    }
+
+    /// True once `startOpening` has been called.
+    public var isSecure: Bool { self.opener != nil }
 
     /// - Parameters:
     ///   - maxFrameSize: largest accepted sum of segment lengths.
@@ -89,7 +107,7 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         case .body(let p):
             throw self.fail(ParleyError(
                 code: .truncated,
-                message: "connection ended inside a \(p.tag) frame: \(buffer.readableBytes) of \(p.bodySize) body bytes arrived"
+                message: "connection ended inside a \(p.tag) frame: \(buffer.readableBytes) of \(self.opener == nil ? p.bodySize : p.total + SecureCipher.tagSize) body bytes arrived"
             ))
         }
     }
@@ -108,9 +126,17 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             self.state = .preamble
             return .banner(banner)
         case .preamble:
-            guard let preamble = try Self.readPreamble(&buffer, maxFrameSize: self.maxFrameSize) else { return nil }
+            let read: Preamble?
+            if let opener = self.opener {
+                read = try self.openPreamble(&buffer, opener: opener)
+            } else {
+                read = try Self.readPreamble(&buffer, maxFrameSize: self.maxFrameSize)
+            }
+            guard let preamble = read else { return nil }
             self.state = .body(preamble)
             return try self.step(&buffer)
+        case .body(let preamble) where self.opener != nil:
+            return try self.openBody(&buffer, preamble: preamble, opener: self.opener!)
         case .body(let preamble):
             guard buffer.readableBytes >= preamble.bodySize else { return nil }
             let crcStart = buffer.readerIndex + preamble.total
@@ -146,8 +172,18 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
                 message: "frame preamble CRC mismatch: computed 0x\(String(computed, radix: 16)), preamble says 0x\(String(stored, radix: 16)) (preamble: \(bytes.hexString))"
             )
         }
-        let (tagByte, flags, count, reserved) = buffer.getMultipleIntegers(at: start, as: (UInt8, UInt8, UInt8, UInt8).self)!
-        let tag = FrameTag(rawValue: tagByte)
+        let preamble = try buffer.withUnsafeReadableBytes { (raw) throws(ParleyError) in
+            try Self.parsePreamble(UnsafeRawBufferPointer(rebasing: raw[0..<Frame.preambleSize]), maxFrameSize: maxFrameSize)
+        }
+        buffer.moveReaderIndex(forwardBy: Frame.preambleSize)
+        return preamble
+    }
+
+    /// Parses 32 preamble bytes whose integrity is established (by the CRC, or by the AEAD
+    /// tag in secure mode): shape, then the frame-size limit.
+    static func parsePreamble(_ p: UnsafeRawBufferPointer, maxFrameSize: Int) throws(ParleyError) -> Preamble {
+        let tag = FrameTag(rawValue: p[0])
+        let flags = p[1], count = p[2], reserved = p[3]
         guard (1...Frame.maxSegments).contains(Int(count)) else {
             throw ParleyError(code: .protocolViolation, message: "\(tag) frame has \(count) segments; a frame has 1 to 4")
         }
@@ -158,7 +194,8 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         var alignments = SegmentAlignments.none
         var total = 0
         for i in 0..<Frame.maxSegments {
-            let (length, alignment) = buffer.getMultipleIntegers(at: start + 4 + 6 * i, endianness: .little, as: (UInt32, UInt16).self)!
+            let length = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4 + 6 * i, as: UInt32.self))
+            let alignment = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 8 + 6 * i, as: UInt16.self))
             if i < Int(count) {
                 switch i {
                 case 0: lengths.0 = length
@@ -178,7 +215,71 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
                 message: "\(tag) frame of \(total) bytes exceeds the limit of \(maxFrameSize) bytes"
             )
         }
-        buffer.moveReaderIndex(forwardBy: Frame.preambleSize)
         return Preamble(tag: tag, flags: flags, count: Int(count), lengths: lengths, alignments: alignments, total: total)
+    }
+
+    // MARK: - Secure mode
+
+    /// Opens a sealed preamble (48 bytes) once it is all there. Nothing in it is looked at
+    /// before its tag has been checked.
+    private mutating func openPreamble(_ buffer: inout ByteBuffer, opener: SecureDirection) throws(ParleyError) -> Preamble? {
+        guard buffer.readableBytes >= sealedPreambleSize else { return nil }
+        let first = self.firstSealedFrame
+        self.firstSealedFrame = false
+        let frameNumber = opener.counter / 2
+        var plain: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+        let opened = try buffer.withUnsafeReadableBytes { (raw) throws(ParleyError) -> Bool in
+            try withUnsafeMutableBytes(of: &plain) { (out) throws(ParleyError) -> Bool in
+                try opener.open(from: raw.baseAddress!, to: out.baseAddress!, length: Frame.preambleSize, tag: raw.baseAddress! + Frame.preambleSize)
+            }
+        }
+        guard opened else {
+            if first, let close = try? Self.clearClosePreamble(buffer, maxFrameSize: self.maxFrameSize) {
+                // The peer gave up on the handshake before switching: take its CLOSE as sent.
+                self.opener = nil
+                buffer.moveReaderIndex(forwardBy: Frame.preambleSize)
+                return close
+            }
+            throw ParleyError(
+                code: .badAuthTag,
+                message: "sealed preamble of frame \(frameNumber) failed authentication: the frame was altered, replayed, reordered or dropped, or the keys differ"
+            )
+        }
+        let preamble = try withUnsafeBytes(of: &plain) { (p) throws(ParleyError) in try Self.parsePreamble(p, maxFrameSize: self.maxFrameSize) }
+        buffer.moveReaderIndex(forwardBy: sealedPreambleSize)
+        return preamble
+    }
+
+    /// A clear CLOSE preamble (right CRC, tag CLOSE, one segment) at the reader index, or nil.
+    private static func clearClosePreamble(_ buffer: ByteBuffer, maxFrameSize: Int) throws(ParleyError) -> Preamble? {
+        var copy = buffer
+        guard let preamble = try Self.readPreamble(&copy, maxFrameSize: maxFrameSize), preamble.tag == .close, preamble.count == 1 else {
+            return nil
+        }
+        return preamble
+    }
+
+    /// Opens the sealed segments in place once they and their tag are all there; the segments
+    /// are handed on as slices of the input, as in crc mode.
+    private mutating func openBody(_ buffer: inout ByteBuffer, preamble: Preamble, opener: SecureDirection) throws(ParleyError) -> WireInbound? {
+        let size = preamble.total + SecureCipher.tagSize
+        guard buffer.readableBytes >= size else { return nil }
+        let frameNumber = (opener.counter - 1) / 2
+        let total = preamble.total
+        let opened = try buffer.withUnsafeMutableReadableBytes { (raw) throws(ParleyError) -> Bool in
+            try opener.open(from: raw.baseAddress!, to: raw.baseAddress!, length: total, tag: raw.baseAddress! + total)
+        }
+        guard opened else {
+            throw ParleyError(
+                code: .badAuthTag,
+                message: "sealed segments of \(preamble.tag) frame \(frameNumber) (\(total) bytes) failed authentication: the frame was altered or cut"
+            )
+        }
+        var segments: [ByteBuffer] = []
+        segments.reserveCapacity(preamble.count)
+        for i in 0..<preamble.count { segments.append(buffer.readSlice(length: preamble.length(i))!) }
+        buffer.moveReaderIndex(forwardBy: SecureCipher.tagSize)
+        self.state = .preamble
+        return .frame(Frame(tag: preamble.tag, flags: preamble.flags, segments: segments, alignments: preamble.alignments))
     }
 }

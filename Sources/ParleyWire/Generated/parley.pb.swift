@@ -133,14 +133,22 @@ public nonisolated struct Parley_V1_AuthRequest: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// The method the client starts with ("none" in version 1).
+  /// The method the client starts with: "none", "secret" or "tls".
   public var method: String = String()
 
   /// Every method the client is willing to use, in order of preference.
   public var offeredMethods: [String] = []
 
-  /// Method-specific first message.
+  /// Method-specific first message (method "secret": a SecretAuthRequest).
   public var payload: Data = Data()
+
+  /// Connection modes the client accepts ("crc", "secure"), in order of preference. Empty
+  /// means ["crc"] (version 1 clients without secure mode send nothing).
+  public var offeredModes: [String] = []
+
+  /// AEAD ciphers the client accepts for secure mode ("aes-256-gcm", "chacha20-poly1305"),
+  /// in order of preference.
+  public var offeredCiphers: [String] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -188,10 +196,98 @@ public nonisolated struct Parley_V1_AuthDone: Sendable {
   /// Server-assigned identifier of this authenticated client (0 with method "none").
   public var globalID: UInt64 = 0
 
-  /// "crc" in version 1; "secure" is reserved for the AEAD mode.
+  /// "crc" or "secure" (every frame after AUTH_DONE sealed with `cipher`).
   public var connectionMode: String = String()
 
+  /// Method-specific last message (method "secret": a SecretAuthDone).
   public var payload: Data = Data()
+
+  /// The AEAD cipher of secure mode; empty in crc mode.
+  public var cipher: String = String()
+
+  /// With method "tls": the entity of the client's certificate ("client.alice"), empty when it
+  /// presented none. Empty with "secret" (the client knows its entity, and naming it here
+  /// would show it to an observer) and with "none".
+  public var entity: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// The payload of AUTH_REQUEST. The entity is not named here: it travels sealed in
+/// AUTH_REQUEST_MORE, so that a passive observer does not learn who connects.
+public nonisolated struct Parley_V1_SecretAuthRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// 32 random bytes
+  public var clientChallenge: Data = Data()
+
+  /// X25519 public key, 32 bytes
+  public var clientKeyShare: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// The payload of AUTH_REPLY_MORE.
+public nonisolated struct Parley_V1_SecretAuthChallenge: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// 32 random bytes
+  public var serverChallenge: Data = Data()
+
+  /// X25519 public key, 32 bytes
+  public var serverKeyShare: Data = Data()
+
+  /// what AUTH_DONE will say: "crc" or "secure"
+  public var connectionMode: String = String()
+
+  /// secure mode's cipher, empty in crc mode
+  public var cipher: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// The payload of AUTH_REQUEST_MORE.
+public nonisolated struct Parley_V1_SecretAuthProof: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// HMAC-SHA256 proving the key, 32 bytes
+  public var clientProof: Data = Data()
+
+  /// HMAC-SHA256 of the handshake transcript, 32 bytes
+  public var transcriptMac: Data = Data()
+
+  /// The entity name ("client.alice", 1 to 255 bytes) sealed with ChaCha20-Poly1305 under the
+  /// identity key: ciphertext followed by the 16-byte tag.
+  public var sealedEntity: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// The payload of AUTH_DONE.
+public nonisolated struct Parley_V1_SecretAuthDone: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// 32 bytes
+  public var serverProof: Data = Data()
+
+  /// 32 bytes
+  public var transcriptMac: Data = Data()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -399,7 +495,7 @@ nonisolated extension Parley_V1_Hello: SwiftProtobuf.Message, SwiftProtobuf._Mes
 
 nonisolated extension Parley_V1_AuthRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".AuthRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}method\0\u{3}offered_methods\0\u{1}payload\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}method\0\u{3}offered_methods\0\u{1}payload\0\u{3}offered_modes\0\u{3}offered_ciphers\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -410,6 +506,8 @@ nonisolated extension Parley_V1_AuthRequest: SwiftProtobuf.Message, SwiftProtobu
       case 1: try { try decoder.decodeSingularStringField(value: &self.method) }()
       case 2: try { try decoder.decodeRepeatedStringField(value: &self.offeredMethods) }()
       case 3: try { try decoder.decodeSingularBytesField(value: &self.payload) }()
+      case 4: try { try decoder.decodeRepeatedStringField(value: &self.offeredModes) }()
+      case 5: try { try decoder.decodeRepeatedStringField(value: &self.offeredCiphers) }()
       default: break
       }
     }
@@ -425,6 +523,12 @@ nonisolated extension Parley_V1_AuthRequest: SwiftProtobuf.Message, SwiftProtobu
     if !self.payload.isEmpty {
       try visitor.visitSingularBytesField(value: self.payload, fieldNumber: 3)
     }
+    if !self.offeredModes.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.offeredModes, fieldNumber: 4)
+    }
+    if !self.offeredCiphers.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.offeredCiphers, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -432,6 +536,8 @@ nonisolated extension Parley_V1_AuthRequest: SwiftProtobuf.Message, SwiftProtobu
     if lhs.method != rhs.method {return false}
     if lhs.offeredMethods != rhs.offeredMethods {return false}
     if lhs.payload != rhs.payload {return false}
+    if lhs.offeredModes != rhs.offeredModes {return false}
+    if lhs.offeredCiphers != rhs.offeredCiphers {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -509,7 +615,7 @@ nonisolated extension Parley_V1_AuthMore: SwiftProtobuf.Message, SwiftProtobuf._
 
 nonisolated extension Parley_V1_AuthDone: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".AuthDone"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}method\0\u{3}global_id\0\u{3}connection_mode\0\u{1}payload\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}method\0\u{3}global_id\0\u{3}connection_mode\0\u{1}payload\0\u{1}cipher\0\u{1}entity\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -521,6 +627,8 @@ nonisolated extension Parley_V1_AuthDone: SwiftProtobuf.Message, SwiftProtobuf._
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.globalID) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.connectionMode) }()
       case 4: try { try decoder.decodeSingularBytesField(value: &self.payload) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.cipher) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.entity) }()
       default: break
       }
     }
@@ -539,6 +647,12 @@ nonisolated extension Parley_V1_AuthDone: SwiftProtobuf.Message, SwiftProtobuf._
     if !self.payload.isEmpty {
       try visitor.visitSingularBytesField(value: self.payload, fieldNumber: 4)
     }
+    if !self.cipher.isEmpty {
+      try visitor.visitSingularStringField(value: self.cipher, fieldNumber: 5)
+    }
+    if !self.entity.isEmpty {
+      try visitor.visitSingularStringField(value: self.entity, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -547,6 +661,163 @@ nonisolated extension Parley_V1_AuthDone: SwiftProtobuf.Message, SwiftProtobuf._
     if lhs.globalID != rhs.globalID {return false}
     if lhs.connectionMode != rhs.connectionMode {return false}
     if lhs.payload != rhs.payload {return false}
+    if lhs.cipher != rhs.cipher {return false}
+    if lhs.entity != rhs.entity {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_V1_SecretAuthRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SecretAuthRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{4}\u{2}client_challenge\0\u{3}client_key_share\0\u{c}\u{1}\u{1}")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.clientChallenge) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.clientKeyShare) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.clientChallenge.isEmpty {
+      try visitor.visitSingularBytesField(value: self.clientChallenge, fieldNumber: 2)
+    }
+    if !self.clientKeyShare.isEmpty {
+      try visitor.visitSingularBytesField(value: self.clientKeyShare, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_V1_SecretAuthRequest, rhs: Parley_V1_SecretAuthRequest) -> Bool {
+    if lhs.clientChallenge != rhs.clientChallenge {return false}
+    if lhs.clientKeyShare != rhs.clientKeyShare {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_V1_SecretAuthChallenge: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SecretAuthChallenge"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}server_challenge\0\u{3}server_key_share\0\u{3}connection_mode\0\u{1}cipher\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.serverChallenge) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.serverKeyShare) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.connectionMode) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.cipher) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.serverChallenge.isEmpty {
+      try visitor.visitSingularBytesField(value: self.serverChallenge, fieldNumber: 1)
+    }
+    if !self.serverKeyShare.isEmpty {
+      try visitor.visitSingularBytesField(value: self.serverKeyShare, fieldNumber: 2)
+    }
+    if !self.connectionMode.isEmpty {
+      try visitor.visitSingularStringField(value: self.connectionMode, fieldNumber: 3)
+    }
+    if !self.cipher.isEmpty {
+      try visitor.visitSingularStringField(value: self.cipher, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_V1_SecretAuthChallenge, rhs: Parley_V1_SecretAuthChallenge) -> Bool {
+    if lhs.serverChallenge != rhs.serverChallenge {return false}
+    if lhs.serverKeyShare != rhs.serverKeyShare {return false}
+    if lhs.connectionMode != rhs.connectionMode {return false}
+    if lhs.cipher != rhs.cipher {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_V1_SecretAuthProof: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SecretAuthProof"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}client_proof\0\u{3}transcript_mac\0\u{3}sealed_entity\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.clientProof) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.transcriptMac) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.sealedEntity) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.clientProof.isEmpty {
+      try visitor.visitSingularBytesField(value: self.clientProof, fieldNumber: 1)
+    }
+    if !self.transcriptMac.isEmpty {
+      try visitor.visitSingularBytesField(value: self.transcriptMac, fieldNumber: 2)
+    }
+    if !self.sealedEntity.isEmpty {
+      try visitor.visitSingularBytesField(value: self.sealedEntity, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_V1_SecretAuthProof, rhs: Parley_V1_SecretAuthProof) -> Bool {
+    if lhs.clientProof != rhs.clientProof {return false}
+    if lhs.transcriptMac != rhs.transcriptMac {return false}
+    if lhs.sealedEntity != rhs.sealedEntity {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_V1_SecretAuthDone: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SecretAuthDone"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}server_proof\0\u{3}transcript_mac\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.serverProof) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.transcriptMac) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.serverProof.isEmpty {
+      try visitor.visitSingularBytesField(value: self.serverProof, fieldNumber: 1)
+    }
+    if !self.transcriptMac.isEmpty {
+      try visitor.visitSingularBytesField(value: self.transcriptMac, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_V1_SecretAuthDone, rhs: Parley_V1_SecretAuthDone) -> Bool {
+    if lhs.serverProof != rhs.serverProof {return false}
+    if lhs.transcriptMac != rhs.transcriptMac {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

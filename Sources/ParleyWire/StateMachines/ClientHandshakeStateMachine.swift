@@ -1,3 +1,7 @@
+import Foundation
+import NIOCore
+import SwiftProtobuf
+
 /// The client side of the handshake (docs/protocol.md, "Handshake").
 ///
 /// The client's first flight is pipelined: banner, HELLO and AUTH_REQUEST go out together,
@@ -11,6 +15,10 @@
 /// any --CLOSE / error--> failed
 /// ```
 ///
+/// With method `secret` (docs/protocol.md, "Authentication method secret") AUTH_REPLY_MORE
+/// carries the server's challenge; the client answers AUTH_REQUEST_MORE and sends CLIENT_IDENT
+/// right after it (sealed in secure mode); AUTH_DONE must then prove the server's key.
+///
 /// Invariants: the machine owns no clock, channel or randomness (the nonce is passed in);
 /// once `failed` or `established`, every further event is refused.
 public struct ClientHandshakeStateMachine: Sendable {
@@ -21,13 +29,30 @@ public struct ClientHandshakeStateMachine: Sendable {
         public var ident: Parley_V1_ClientIdent
         /// The address at which this client sees the server.
         public var serverAddress: String
+        /// The key of method `secret`.
+        public var secret: SecretCredentials?
+        /// Connection modes this client accepts, most preferred first. Without `crc` the
+        /// client refuses any other outcome than secure mode.
+        public var modes: [ConnectionMode]
+        /// Ciphers for secure mode, most preferred first.
+        public var ciphers: [SecureCipher]
+        /// The challenge and key share of method `secret` (randomness comes from outside).
+        public var randomness: HandshakeRandomness?
 
-        public init(banner: Banner, maxFrameSize: UInt32, authMethods: [String] = ["none"], ident: Parley_V1_ClientIdent, serverAddress: String) {
+        public init(
+            banner: Banner, maxFrameSize: UInt32, authMethods: [String] = ["none"], ident: Parley_V1_ClientIdent, serverAddress: String,
+            secret: SecretCredentials? = nil, modes: [ConnectionMode] = [.crc], ciphers: [SecureCipher] = SecureCipher.preferred,
+            randomness: HandshakeRandomness? = nil
+        ) {
             self.banner = banner
             self.maxFrameSize = maxFrameSize
             self.authMethods = authMethods
             self.ident = ident
             self.serverAddress = serverAddress
+            self.secret = secret
+            self.modes = modes
+            self.ciphers = ciphers
+            self.randomness = randomness
         }
     }
 
@@ -47,10 +72,24 @@ public struct ClientHandshakeStateMachine: Sendable {
         var hello: Parley_V1_Hello
         var methodIndex: Int
         var authDone: Parley_V1_AuthDone?
+        /// Method `secret`, after AUTH_REPLY_MORE.
+        var secret: SecretRound?
+        var identSent = false
+    }
+
+    /// What method `secret` settled when the server's challenge came.
+    private struct SecretRound: Sendable {
+        var schedule: SecretKeySchedule
+        /// The transcript through AUTH_REQUEST_MORE (T2).
+        var transcript: [UInt8]
+        var mode: ConnectionMode
+        var cipher: SecureCipher?
+        var serverToClient: SecureDirectionKeys?
     }
 
     public let configuration: Configuration
     private var state: State = .idle
+    private var transcript = HandshakeTranscript()
 
     public init(configuration: Configuration) {
         self.configuration = configuration
@@ -64,18 +103,41 @@ public struct ClientHandshakeStateMachine: Sendable {
         hello.entityType = .client
         hello.peerAddress = self.configuration.serverAddress
         hello.maxFrameSize = self.configuration.maxFrameSize
+        let helloFrame = hello.frame(tag: .hello)
+        self.transcript.clientBanner = HandshakeTranscript.bannerBytes(self.configuration.banner)
+        self.transcript.clientHello = Array(helloFrame.segments[0].readableBytesView)
+        if self.configuration.authMethods.contains(AuthMethod.secret) {
+            guard self.configuration.secret != nil, let randomness = self.configuration.randomness,
+                  randomness.challenge.count == 32, (try? SecretKeyShare.publicKey(privateKey: randomness.keySharePrivateKey)) != nil
+            else { return self.poison("method secret needs credentials and 32 bytes of challenge and a key share") }
+        }
         return HandshakeStep(send: [
             .banner(self.configuration.banner),
-            .frame(hello.frame(tag: .hello)),
-            .frame(self.authRequest(methodIndex: 0).frame(tag: .authRequest)),
+            .frame(helloFrame),
+            .frame(self.authRequestFrame(methodIndex: 0)),
         ])
     }
 
-    private func authRequest(methodIndex: Int) -> Parley_V1_AuthRequest {
+    private mutating func authRequestFrame(methodIndex: Int) -> Frame {
         var auth = Parley_V1_AuthRequest()
         auth.method = self.configuration.authMethods[methodIndex]
         auth.offeredMethods = self.configuration.authMethods
-        return auth
+        // Version 1 clients send no modes: a client that only accepts crc sends none either,
+        // so that its bytes stay those of version 1.
+        if self.configuration.modes != [.crc] {
+            auth.offeredModes = self.configuration.modes.map(\.rawValue)
+            if self.configuration.modes.contains(.secure) { auth.offeredCiphers = self.configuration.ciphers.map(\.rawValue) }
+        }
+        if auth.method == AuthMethod.secret, let secret = self.configuration.secret, let randomness = self.configuration.randomness {
+            _ = secret
+            var request = Parley_V1_SecretAuthRequest()
+            request.clientChallenge = Data(randomness.challenge)
+            request.clientKeyShare = Data((try? SecretKeyShare.publicKey(privateKey: randomness.keySharePrivateKey)) ?? [])
+            auth.payload = (try? request.serializedBytes()) ?? Data()
+        }
+        let frame = auth.frame(tag: .authRequest)
+        self.transcript.appendAuth(fromClient: true, frame: frame)
+        return frame
     }
 
     public mutating func received(_ inbound: WireInbound) -> HandshakeStep {
@@ -95,11 +157,15 @@ public struct ClientHandshakeStateMachine: Sendable {
                 guard hello.entityType == .server else {
                     return self.violation(ParleyError(code: .protocolViolation, message: "peer HELLO names entity type \(hello.entityType); a client expects a server"))
                 }
+                self.transcript.serverBanner = HandshakeTranscript.bannerBytes(banner)
+                self.transcript.serverHello = Array(frame.segments[0].readableBytesView)
                 self.state = .awaitingAuth(Partial(banner: banner, features: features, hello: hello, methodIndex: 0))
                 return HandshakeStep()
             } catch {
                 return self.violation(error)
             }
+        case (.awaitingAuth(var partial), .frame(let frame)) where frame.tag == .authReplyMore:
+            return self.secretChallenge(frame, partial: &partial)
         case (.awaitingAuth(var partial), .frame(let frame)) where frame.tag == .authDone:
             do {
                 let done = try Parley_V1_AuthDone(parleyPayload: frame.segments[0])
@@ -107,12 +173,28 @@ public struct ClientHandshakeStateMachine: Sendable {
                 guard done.method == asked else {
                     return self.violation(ParleyError(code: .authenticationFailed, message: "server completed auth method \"\(done.method)\" but the client asked for \"\(asked)\""))
                 }
-                guard done.connectionMode == "crc" || done.connectionMode.isEmpty else {
-                    return self.violation(ParleyError(code: .authenticationFailed, message: "server chose connection mode \"\(done.connectionMode)\"; this client supports \"crc\""))
+                var step = HandshakeStep()
+                if let round = partial.secret {
+                    if let error = Self.checkSecretDone(done, round: round) { return self.violation(error) }
+                    if let keys = round.serverToClient { step.startOpening = SecureSwitch(keys: keys) }
+                } else {
+                    if asked == AuthMethod.secret {
+                        return self.violation(ParleyError(code: .authenticationFailed, message: "server sent AUTH_DONE for method secret without a challenge: it did not authenticate itself"))
+                    }
+                    guard done.connectionMode == "crc" || done.connectionMode.isEmpty else {
+                        return self.violation(ParleyError(code: .authenticationFailed, message: "server chose connection mode \"\(done.connectionMode)\" with method \"\(asked)\", which cannot provide it"))
+                    }
+                    guard self.configuration.modes.contains(.crc) || asked == AuthMethod.tls else {
+                        return self.violation(ParleyError(code: .authenticationFailed, message: "server completed method \"\(asked)\" in crc mode, but this client requires secure mode"))
+                    }
                 }
                 partial.authDone = done
+                if !partial.identSent {
+                    partial.identSent = true
+                    step.send.append(.frame(self.configuration.ident.frame(tag: .clientIdent)))
+                }
                 self.state = .awaitingServerIdent(partial)
-                return HandshakeStep(send: [.frame(self.configuration.ident.frame(tag: .clientIdent))])
+                return step
             } catch {
                 return self.violation(error)
             }
@@ -122,7 +204,8 @@ public struct ClientHandshakeStateMachine: Sendable {
             if let next = self.configuration.authMethods.indices.first(where: { $0 > partial.methodIndex && bad.allowedMethods.contains(self.configuration.authMethods[$0]) }) {
                 partial.methodIndex = next
                 self.state = .awaitingAuth(partial)
-                return HandshakeStep(send: [.frame(self.authRequest(methodIndex: next).frame(tag: .authRequest))])
+                self.transcript.appendAuth(fromClient: false, frame: frame)
+                return HandshakeStep(send: [.frame(self.authRequestFrame(methodIndex: next))])
             }
             self.state = .failed
             return .fail(ParleyError(
@@ -137,10 +220,13 @@ public struct ClientHandshakeStateMachine: Sendable {
                     return HandshakeStep(outcome: .failed(ParleyError(status: ident.refusal)))
                 }
                 self.state = .established
+                let done = partial.authDone ?? Parley_V1_AuthDone()
                 return HandshakeStep(outcome: .established(HandshakeResult(
                     peerBanner: partial.banner, features: partial.features, peerHello: partial.hello,
-                    authMethod: partial.authDone?.method ?? "", globalID: partial.authDone?.globalID ?? 0,
-                    clientIdent: self.configuration.ident, serverIdent: ident
+                    authMethod: done.method, globalID: done.globalID,
+                    clientIdent: self.configuration.ident, serverIdent: ident,
+                    connectionMode: partial.secret?.mode ?? .crc, cipher: partial.secret?.cipher,
+                    entity: partial.secret?.schedule.entity ?? (done.entity.isEmpty ? nil : done.entity)
                 )))
             } catch {
                 return self.violation(error)
@@ -158,6 +244,99 @@ public struct ClientHandshakeStateMachine: Sendable {
             case .violation(let error): return self.violation(error)
             }
         }
+    }
+
+    /// AUTH_REPLY_MORE of method `secret`: checks the server's choices, proves the key,
+    /// MACs the transcript and, since the keys are now known, sends CLIENT_IDENT at once
+    /// (sealed in secure mode) without waiting for AUTH_DONE.
+    private mutating func secretChallenge(_ frame: Frame, partial: inout Partial) -> HandshakeStep {
+        let method = self.configuration.authMethods[partial.methodIndex]
+        guard method == AuthMethod.secret, partial.secret == nil, let secret = self.configuration.secret,
+              let randomness = self.configuration.randomness
+        else {
+            return self.violation(ParleyError(code: .unexpectedFrame, message: "unexpected AUTH_REPLY_MORE frame: method \"\(method)\" has no further rounds"))
+        }
+        let challenge: Parley_V1_SecretAuthChallenge
+        do {
+            let more = try Parley_V1_AuthMore(parleyPayload: frame.segments[0])
+            challenge = try Parley_V1_SecretAuthChallenge(serializedBytes: more.payload)
+        } catch {
+            return self.violation(ParleyError(code: .malformedPayload, message: "AUTH_REPLY_MORE payload is not a SecretAuthChallenge"))
+        }
+        guard challenge.serverChallenge.count == 32, challenge.serverKeyShare.count == 32 else {
+            return self.violation(ParleyError(code: .malformedPayload, message: "secret challenge must carry a 32-byte challenge and a 32-byte key share (got \(challenge.serverChallenge.count) and \(challenge.serverKeyShare.count))"))
+        }
+        guard let mode = ConnectionMode(rawValue: challenge.connectionMode), self.configuration.modes.contains(mode) else {
+            return self.violation(ParleyError(code: .authenticationFailed, message: "server chose connection mode \"\(challenge.connectionMode)\"; this client accepts \(self.configuration.modes.map(\.rawValue))"))
+        }
+        var cipher: SecureCipher?
+        if mode == .secure {
+            guard partial.features.contains(.secureMode) else {
+                return self.violation(ParleyError(code: .handshakeTampered, message: "server chose secure mode although the banners did not negotiate it: the handshake was altered"))
+            }
+            guard let chosen = SecureCipher(rawValue: challenge.cipher), self.configuration.ciphers.contains(chosen) else {
+                return self.violation(ParleyError(code: .authenticationFailed, message: "server chose cipher \"\(challenge.cipher)\"; this client accepts \(self.configuration.ciphers.map(\.rawValue))"))
+            }
+            cipher = chosen
+        }
+        let shared: [UInt8]
+        do {
+            shared = try SecretKeyShare.sharedSecret(privateKey: randomness.keySharePrivateKey, peerPublicKey: Array(challenge.serverKeyShare))
+        } catch {
+            return self.violation(error)
+        }
+        self.transcript.appendAuth(fromClient: false, frame: frame)
+        let schedule = SecretKeySchedule(
+            entity: secret.entity, key: secret.key, clientChallenge: randomness.challenge,
+            serverChallenge: Array(challenge.serverChallenge), sharedSecret: shared
+        )
+        var proof = Parley_V1_SecretAuthProof()
+        proof.sealedEntity = Data(SecretIdentity.seal(
+            entity: secret.entity, clientChallenge: randomness.challenge, serverChallenge: Array(challenge.serverChallenge), sharedSecret: shared
+        ))
+        proof.clientProof = Data(schedule.clientProof)
+        proof.transcriptMac = Data(schedule.clientTranscriptMAC(self.transcript.digest()))
+        var more = Parley_V1_AuthMore()
+        more.payload = (try? proof.serializedBytes()) ?? Data()
+        let moreFrame = more.frame(tag: .authRequestMore)
+        self.transcript.appendAuth(fromClient: true, frame: moreFrame)
+        let t2 = self.transcript.digest()
+        var round = SecretRound(schedule: schedule, transcript: t2, mode: mode, cipher: cipher)
+        var step = HandshakeStep(send: [.frame(moreFrame)])
+        if let cipher {
+            let keys = schedule.trafficKeys(cipher: cipher, transcript: t2)
+            round.serverToClient = keys.serverToClient
+            step.send.append(.startSealing(SecureSwitch(keys: keys.clientToServer)))
+        }
+        step.send.append(.frame(self.configuration.ident.frame(tag: .clientIdent)))
+        partial.identSent = true
+        partial.secret = round
+        self.state = .awaitingAuth(partial)
+        return step
+    }
+
+    /// Checks the AUTH_DONE of method `secret`: the server's proof of the key, its MAC of the
+    /// transcript and AUTH_DONE's own fields, and that it repeats the challenge's choices.
+    private static func checkSecretDone(_ done: Parley_V1_AuthDone, round: SecretRound) -> ParleyError? {
+        guard let payload = try? Parley_V1_SecretAuthDone(serializedBytes: done.payload) else {
+            return ParleyError(code: .malformedPayload, message: "AUTH_DONE payload is not a SecretAuthDone")
+        }
+        guard SecretKeySchedule.equal(Array(payload.serverProof), round.schedule.serverProof) else {
+            return ParleyError(
+                code: .authenticationFailed,
+                message: "the server did not prove it holds the key of \(round.schedule.entity): its keyring has another key, or it is not the server it claims to be"
+            )
+        }
+        guard SecretKeySchedule.equal(Array(payload.transcriptMac), round.schedule.serverTranscriptMAC(round.transcript, globalID: done.globalID)) else {
+            return ParleyError(code: .handshakeTampered, message: "the server's handshake transcript differs from ours: the handshake was altered in transit (a man in the middle?)")
+        }
+        guard done.connectionMode == round.mode.rawValue, done.cipher == (round.cipher?.rawValue ?? "") else {
+            return ParleyError(
+                code: .handshakeTampered,
+                message: "AUTH_DONE says mode \"\(done.connectionMode)\" cipher \"\(done.cipher)\" but the authenticated challenge said \"\(round.mode)\" \"\(round.cipher?.rawValue ?? "")\": the handshake was altered"
+            )
+        }
+        return nil
     }
 
     private var waitingFor: String {

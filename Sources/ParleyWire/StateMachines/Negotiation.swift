@@ -85,10 +85,14 @@ public struct HandshakeStep: Equatable, Sendable {
 
     public var send: [WireOutbound]
     public var outcome: Outcome?
+    /// From the next inbound byte on, frames are sealed with these keys: the driver must
+    /// switch its decoder before it decodes anything after the frame that caused this step.
+    public var startOpening: SecureSwitch?
 
-    public init(send: [WireOutbound] = [], outcome: Outcome? = nil) {
+    public init(send: [WireOutbound] = [], outcome: Outcome? = nil, startOpening: SecureSwitch? = nil) {
         self.send = send
         self.outcome = outcome
+        self.startOpening = startOpening
     }
 
     static func fail(_ error: ParleyError, tellPeer: Bool) -> HandshakeStep {
@@ -105,4 +109,29 @@ public struct HandshakeResult: Equatable, Sendable {
     public var globalID: UInt64
     public var clientIdent: Parley_V1_ClientIdent
     public var serverIdent: Parley_V1_ServerIdent
+    /// `crc`, or `secure` with `cipher`.
+    public var connectionMode: ConnectionMode = .crc
+    public var cipher: SecureCipher?
+    /// The authenticated entity ("client.alice"), nil when anonymous.
+    public var entity: String?
+    /// What the entity may do (server side; from the keyring). "*" is everything.
+    public var capabilities: [String] = []
+
+    public init(
+        peerBanner: Banner, features: ParleyFeatures, peerHello: Parley_V1_Hello, authMethod: String, globalID: UInt64,
+        clientIdent: Parley_V1_ClientIdent, serverIdent: Parley_V1_ServerIdent, connectionMode: ConnectionMode = .crc,
+        cipher: SecureCipher? = nil, entity: String? = nil, capabilities: [String] = []
+    ) {
+        self.peerBanner = peerBanner
+        self.features = features
+        self.peerHello = peerHello
+        self.authMethod = authMethod
+        self.globalID = globalID
+        self.clientIdent = clientIdent
+        self.serverIdent = serverIdent
+        self.connectionMode = connectionMode
+        self.cipher = cipher
+        self.entity = entity
+        self.capabilities = capabilities
+    }
 }

@@ -1,3 +1,7 @@
+import Foundation
+import NIOCore
+import SwiftProtobuf
+
 /// The server side of the handshake (docs/protocol.md, "Handshake").
 ///
 /// The server sends its banner and HELLO as soon as the connection is accepted, then answers
@@ -24,10 +28,28 @@ public struct ServerHandshakeStateMachine: Sendable {
         /// The address at which this server sees the client.
         public var clientAddress: String
         public var maxAuthAttempts: Int
+        /// The connection modes this server allows. Methods `none` and `tls` give `crc` only
+        /// (with `tls` the transport already protects every byte); `secure` needs `secret`.
+        public var modes: [ConnectionMode]
+        /// Ciphers for secure mode, most preferred first.
+        public var ciphers: [SecureCipher]
+        /// The entities method `secret` accepts.
+        public var secrets: SecretDirectory
+        /// The time, in seconds since 1970, against which key expiry is checked.
+        public var now: Int64
+        /// The challenge and key share of method `secret` (randomness comes from outside).
+        public var randomness: HandshakeRandomness?
+        /// The `global_id` to give an authenticated client.
+        public var globalID: UInt64
+        /// Capabilities of a client no method identified (`none`, server-only `tls`), and of a
+        /// certificate's entity the keyring does not list.
+        public var anonymousCapabilities: [String]
 
         public init(
             banner: Banner, maxFrameSize: UInt32, authMethods: [String] = ["none"], ident: Parley_V1_ServerIdent,
-            minimumClientVersion: String? = nil, clientAddress: String, maxAuthAttempts: Int = 3
+            minimumClientVersion: String? = nil, clientAddress: String, maxAuthAttempts: Int = 3,
+            modes: [ConnectionMode] = [.crc], ciphers: [SecureCipher] = SecureCipher.preferred, secrets: SecretDirectory = SecretDirectory(),
+            now: Int64 = 0, randomness: HandshakeRandomness? = nil, globalID: UInt64 = 0, anonymousCapabilities: [String] = ["*"]
         ) {
             self.banner = banner
             self.maxFrameSize = maxFrameSize
@@ -36,6 +58,13 @@ public struct ServerHandshakeStateMachine: Sendable {
             self.minimumClientVersion = minimumClientVersion
             self.clientAddress = clientAddress
             self.maxAuthAttempts = maxAuthAttempts
+            self.modes = modes
+            self.ciphers = ciphers
+            self.secrets = secrets
+            self.now = now
+            self.randomness = randomness
+            self.globalID = globalID
+            self.anonymousCapabilities = anonymousCapabilities
         }
     }
 
@@ -44,6 +73,8 @@ public struct ServerHandshakeStateMachine: Sendable {
         case awaitingBanner
         case awaitingHello(Partial)
         case awaitingAuthRequest(Partial)
+        /// Method `secret`: the challenge is out, the client's proof is awaited.
+        case awaitingAuthProof(Partial, SecretRound)
         case awaitingClientIdent(Partial)
         case established
         case failed
@@ -55,10 +86,31 @@ public struct ServerHandshakeStateMachine: Sendable {
         var hello = Parley_V1_Hello()
         var authAttempts = 0
         var method = ""
+        var mode = ConnectionMode.crc
+        var cipher: SecureCipher?
+        var entity: String?
+        var capabilities: [String] = []
+    }
+
+    /// Method `secret` after the challenge: what the client's proof is checked against.
+    private struct SecretRound: Sendable {
+        var clientChallenge: [UInt8]
+        var serverChallenge: [UInt8]
+        var sharedSecret: [UInt8]
+        var mode: ConnectionMode
+        var cipher: SecureCipher?
     }
 
     public let configuration: Configuration
     private var state: State = .idle
+    private var transcript = HandshakeTranscript()
+    /// What the transport authenticated (TLS), if anything.
+    private var transportSecurity: (protocolName: String, peerEntity: String?)?
+
+    /// The transport (TLS) completed its own handshake; method `tls` becomes possible.
+    public mutating func transportSecured(protocolName: String, peerEntity: String?) {
+        self.transportSecurity = (protocolName, peerEntity)
+    }
 
     public init(configuration: Configuration) {
         self.configuration = configuration
@@ -72,7 +124,10 @@ public struct ServerHandshakeStateMachine: Sendable {
         hello.entityType = .server
         hello.peerAddress = self.configuration.clientAddress
         hello.maxFrameSize = self.configuration.maxFrameSize
-        return HandshakeStep(send: [.banner(self.configuration.banner), .frame(hello.frame(tag: .hello))])
+        let helloFrame = hello.frame(tag: .hello)
+        self.transcript.serverBanner = HandshakeTranscript.bannerBytes(self.configuration.banner)
+        self.transcript.serverHello = Array(helloFrame.segments[0].readableBytesView)
+        return HandshakeStep(send: [.banner(self.configuration.banner), .frame(helloFrame)])
     }
 
     public mutating func received(_ inbound: WireInbound) -> HandshakeStep {
@@ -80,6 +135,7 @@ public struct ServerHandshakeStateMachine: Sendable {
         case (.awaitingBanner, .banner(let banner)):
             do {
                 let features = try Negotiation.check(ours: self.configuration.banner, theirs: banner)
+                self.transcript.clientBanner = HandshakeTranscript.bannerBytes(banner)
                 self.state = .awaitingHello(Partial(banner: banner, features: features))
                 return HandshakeStep()
             } catch {
@@ -91,6 +147,7 @@ public struct ServerHandshakeStateMachine: Sendable {
                 guard partial.hello.entityType == .client else {
                     return self.fail(ParleyError(code: .protocolViolation, message: "peer HELLO names entity type \(partial.hello.entityType); a server expects a client"), tellPeer: true)
                 }
+                self.transcript.clientHello = Array(frame.segments[0].readableBytesView)
                 self.state = .awaitingAuthRequest(partial)
                 return HandshakeStep()
             } catch {
@@ -99,30 +156,46 @@ public struct ServerHandshakeStateMachine: Sendable {
         case (.awaitingAuthRequest(var partial), .frame(let frame)) where frame.tag == .authRequest:
             do {
                 let request = try Parley_V1_AuthRequest(parleyPayload: frame.segments[0])
+                self.transcript.appendAuth(fromClient: true, frame: frame)
                 partial.authAttempts += 1
-                guard self.configuration.authMethods.contains(request.method) else {
+                if let refusal = self.refusal(of: request, features: partial.features) {
                     guard partial.authAttempts < self.configuration.maxAuthAttempts else {
                         return self.fail(ParleyError(
                             code: .authenticationFailed,
-                            message: "authentication failed after \(partial.authAttempts) attempts: last method \"\(request.method)\", server allows \(self.configuration.authMethods)"
+                            message: "authentication failed after \(partial.authAttempts) attempts: last method \"\(request.method)\" (\(refusal)), server allows \(self.configuration.authMethods)"
                         ), tellPeer: true)
                     }
                     self.state = .awaitingAuthRequest(partial)
                     var bad = Parley_V1_AuthBadMethod()
                     bad.method = request.method
                     bad.allowedMethods = self.configuration.authMethods
-                    bad.reason = "method \"\(request.method)\" is not enabled on this server"
-                    return HandshakeStep(send: [.frame(bad.frame(tag: .authBadMethod))])
+                    bad.reason = refusal
+                    let badFrame = bad.frame(tag: .authBadMethod)
+                    self.transcript.appendAuth(fromClient: false, frame: badFrame)
+                    return HandshakeStep(send: [.frame(badFrame)])
                 }
                 partial.method = request.method
+                switch request.method {
+                case AuthMethod.secret:
+                    return self.secretRequest(request, partial: partial)
+                case AuthMethod.tls:
+                    let entity = self.transportSecurity?.peerEntity
+                    partial.entity = entity
+                    partial.capabilities = entity.flatMap { self.configuration.secrets.entities[$0]?.capabilities } ?? self.configuration.anonymousCapabilities
+                default:
+                    partial.capabilities = self.configuration.anonymousCapabilities
+                }
                 self.state = .awaitingClientIdent(partial)
                 var done = Parley_V1_AuthDone()
                 done.method = request.method
                 done.connectionMode = "crc"
+                done.entity = partial.entity ?? ""
                 return HandshakeStep(send: [.frame(done.frame(tag: .authDone))])
             } catch {
                 return self.fail(error, tellPeer: true)
             }
+        case (.awaitingAuthProof(var partial, let round), .frame(let frame)) where frame.tag == .authRequestMore:
+            return self.secretProof(frame, partial: &partial, round: round)
         case (.awaitingClientIdent(let partial), .frame(let frame)) where frame.tag == .clientIdent:
             do {
                 let client = try Parley_V1_ClientIdent(parleyPayload: frame.segments[0])
@@ -146,7 +219,9 @@ public struct ServerHandshakeStateMachine: Sendable {
                     send: [.frame(ident.frame(tag: .serverIdent))],
                     outcome: .established(HandshakeResult(
                         peerBanner: partial.banner, features: partial.features, peerHello: partial.hello,
-                        authMethod: partial.method, globalID: 0, clientIdent: client, serverIdent: ident
+                        authMethod: partial.method, globalID: partial.method == AuthMethod.secret ? self.configuration.globalID : 0,
+                        clientIdent: client, serverIdent: ident, connectionMode: partial.mode, cipher: partial.cipher,
+                        entity: partial.entity, capabilities: partial.capabilities
                     ))
                 )
             } catch {
@@ -167,12 +242,155 @@ public struct ServerHandshakeStateMachine: Sendable {
         }
     }
 
+    /// Why the method of `request` cannot be used here, or nil if it can.
+    private func refusal(of request: Parley_V1_AuthRequest, features: ParleyFeatures) -> String? {
+        guard self.configuration.authMethods.contains(request.method) else {
+            return "method \"\(request.method)\" is not enabled on this server"
+        }
+        switch request.method {
+        case AuthMethod.none:
+            guard self.configuration.modes.contains(.crc) else {
+                return "method \"none\" cannot key secure mode, and this server requires it"
+            }
+        case AuthMethod.tls:
+            guard self.transportSecurity != nil else {
+                return "method \"tls\" needs the TLS transport (tls://); this connection is not TLS"
+            }
+        case AuthMethod.secret:
+            break
+        default:
+            return "method \"\(request.method)\" is not implemented by this server"
+        }
+        return nil
+    }
+
+    /// AUTH_REQUEST of method `secret`: looks the entity up, chooses mode and cipher, and
+    /// answers with the server's challenge.
+    private mutating func secretRequest(_ request: Parley_V1_AuthRequest, partial: Partial) -> HandshakeStep {
+        guard let secret = try? Parley_V1_SecretAuthRequest(serializedBytes: request.payload),
+              secret.clientChallenge.count == 32, secret.clientKeyShare.count == 32
+        else {
+            return self.fail(ParleyError(code: .malformedPayload, message: "AUTH_REQUEST payload of method secret must be a SecretAuthRequest with a 32-byte challenge and a 32-byte key share"), tellPeer: true)
+        }
+        let offered = request.offeredModes.isEmpty ? ["crc"] : request.offeredModes
+        guard let mode = offered.compactMap(ConnectionMode.init(rawValue:)).first(where: {
+            self.configuration.modes.contains($0) && ($0 != .secure || partial.features.contains(.secureMode))
+        }) else {
+            return self.fail(ParleyError(
+                code: .authenticationFailed,
+                message: "no common connection mode: the client accepts \(offered), this server allows \(self.configuration.modes.map(\.rawValue))\(partial.features.contains(.secureMode) ? "" : " (secure mode was not negotiated in the banners)")"
+            ), tellPeer: true)
+        }
+        var cipher: SecureCipher?
+        if mode == .secure {
+            guard let chosen = self.configuration.ciphers.first(where: { request.offeredCiphers.contains($0.rawValue) }) else {
+                return self.fail(ParleyError(code: .authenticationFailed, message: "no common cipher: the client accepts \(request.offeredCiphers), this server \(self.configuration.ciphers.map(\.rawValue))"), tellPeer: true)
+            }
+            cipher = chosen
+        }
+        guard let randomness = self.configuration.randomness, randomness.challenge.count == 32,
+              let share = try? SecretKeyShare.publicKey(privateKey: randomness.keySharePrivateKey)
+        else {
+            return self.fail(ParleyError(code: .authenticationFailed, message: "internal: method secret needs 32 bytes of challenge and a key share"), tellPeer: true)
+        }
+        let shared: [UInt8]
+        do {
+            shared = try SecretKeyShare.sharedSecret(privateKey: randomness.keySharePrivateKey, peerPublicKey: Array(secret.clientKeyShare))
+        } catch {
+            return self.fail(error, tellPeer: true)
+        }
+        var challenge = Parley_V1_SecretAuthChallenge()
+        challenge.serverChallenge = Data(randomness.challenge)
+        challenge.serverKeyShare = Data(share)
+        challenge.connectionMode = mode.rawValue
+        challenge.cipher = cipher?.rawValue ?? ""
+        var more = Parley_V1_AuthMore()
+        more.payload = (try? challenge.serializedBytes()) ?? Data()
+        let frame = more.frame(tag: .authReplyMore)
+        self.transcript.appendAuth(fromClient: false, frame: frame)
+        self.state = .awaitingAuthProof(partial, SecretRound(
+            clientChallenge: Array(secret.clientChallenge), serverChallenge: randomness.challenge, sharedSecret: shared, mode: mode, cipher: cipher
+        ))
+        return HandshakeStep(send: [.frame(frame)])
+    }
+
+    /// AUTH_REQUEST_MORE of method `secret`: the sealed entity name, the client's proof of
+    /// the entity's key and its MAC of the transcript; answered with AUTH_DONE carrying the
+    /// server's, then secure mode starts.
+    private mutating func secretProof(_ frame: Frame, partial: inout Partial, round: SecretRound) -> HandshakeStep {
+        let t1 = self.transcript.digest()
+        let proof: Parley_V1_SecretAuthProof
+        do {
+            let more = try Parley_V1_AuthMore(parleyPayload: frame.segments[0])
+            proof = try Parley_V1_SecretAuthProof(serializedBytes: more.payload)
+        } catch {
+            return self.fail(ParleyError(code: .malformedPayload, message: "AUTH_REQUEST_MORE payload is not a SecretAuthProof"), tellPeer: true)
+        }
+        guard let name = SecretIdentity.open(
+            Array(proof.sealedEntity), clientChallenge: round.clientChallenge, serverChallenge: round.serverChallenge, sharedSecret: round.sharedSecret
+        ) else {
+            return self.fail(ParleyError(
+                code: .handshakeTampered,
+                message: "the sealed entity name does not open: the key shares or challenges were altered in transit (a man in the middle?)"
+            ), tellPeer: true)
+        }
+        guard let entity = self.configuration.secrets.entities[name] else {
+            return self.fail(ParleyError(code: .authenticationFailed, message: "unknown entity \"\(name)\": it is not in the server's keyring"), tellPeer: true)
+        }
+        guard !entity.revoked else {
+            return self.fail(ParleyError(code: .authenticationFailed, message: "the key of \"\(entity.name)\" has been revoked"), tellPeer: true)
+        }
+        if let expires = entity.expires, expires <= self.configuration.now {
+            return self.fail(ParleyError(code: .authenticationFailed, message: "the key of \"\(entity.name)\" expired at \(expires) (seconds since 1970; now \(self.configuration.now))"), tellPeer: true)
+        }
+        let schedule = SecretKeySchedule(
+            entity: entity.name, key: entity.key, clientChallenge: round.clientChallenge,
+            serverChallenge: round.serverChallenge, sharedSecret: round.sharedSecret
+        )
+        guard SecretKeySchedule.equal(Array(proof.clientProof), schedule.clientProof) else {
+            return self.fail(ParleyError(
+                code: .authenticationFailed,
+                message: "wrong key for \"\(entity.name)\": the client's proof does not match the key in the server's keyring"
+            ), tellPeer: true)
+        }
+        guard SecretKeySchedule.equal(Array(proof.transcriptMac), schedule.clientTranscriptMAC(t1)) else {
+            return self.fail(ParleyError(
+                code: .handshakeTampered,
+                message: "the client's handshake transcript differs from ours: the banners, HELLOs or AUTH frames were altered in transit (a man in the middle?)"
+            ), tellPeer: true)
+        }
+        self.transcript.appendAuth(fromClient: true, frame: frame)
+        let t2 = self.transcript.digest()
+        var payload = Parley_V1_SecretAuthDone()
+        payload.serverProof = Data(schedule.serverProof)
+        payload.transcriptMac = Data(schedule.serverTranscriptMAC(t2, globalID: self.configuration.globalID))
+        var done = Parley_V1_AuthDone()
+        done.method = AuthMethod.secret
+        done.globalID = self.configuration.globalID
+        done.connectionMode = round.mode.rawValue
+        done.cipher = round.cipher?.rawValue ?? ""
+        done.payload = (try? payload.serializedBytes()) ?? Data()
+        partial.mode = round.mode
+        partial.cipher = round.cipher
+        partial.entity = entity.name
+        partial.capabilities = entity.capabilities
+        self.state = .awaitingClientIdent(partial)
+        var step = HandshakeStep(send: [.frame(done.frame(tag: .authDone))])
+        if let cipher = round.cipher {
+            let keys = schedule.trafficKeys(cipher: cipher, transcript: t2)
+            step.send.append(.startSealing(SecureSwitch(keys: keys.serverToClient)))
+            step.startOpening = SecureSwitch(keys: keys.clientToServer)
+        }
+        return step
+    }
+
     private var waitingFor: String {
         switch self.state {
         case .idle: return "start"
         case .awaitingBanner: return "the client banner"
         case .awaitingHello: return "HELLO"
         case .awaitingAuthRequest: return "AUTH_REQUEST"
+        case .awaitingAuthProof: return "AUTH_REQUEST_MORE"
         case .awaitingClientIdent: return "CLIENT_IDENT"
         case .established: return "nothing (established)"
         case .failed: return "nothing (failed)"

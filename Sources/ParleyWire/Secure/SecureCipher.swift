@@ -1,0 +1,237 @@
+import CParleyAEAD
+import Crypto
+import NIOCore
+
+/// The AEAD ciphers of secure mode (docs/protocol.md, "Secure mode").
+public enum SecureCipher: String, Sendable, Hashable, CaseIterable {
+    case aes256GCM = "aes-256-gcm"
+    case chacha20Poly1305 = "chacha20-poly1305"
+
+    public static let keySize = 32
+    public static let nonceSize = 12
+    public static let tagSize = 16
+
+    var cValue: Int32 {
+        switch self {
+        case .aes256GCM: return Int32(CPARLEY_AEAD_AES_256_GCM)
+        case .chacha20Poly1305: return Int32(CPARLEY_AEAD_CHACHA20_POLY1305)
+        }
+    }
+
+    /// This machine's order of preference: AES-256-GCM first when the CPU has AES
+    /// instructions, ChaCha20-Poly1305 first otherwise (it is faster in software).
+    public static let preferred: [SecureCipher] =
+        cparley_aead_cpu_has_aes() == 1 ? [.aes256GCM, .chacha20Poly1305] : [.chacha20Poly1305, .aes256GCM]
+}
+
+/// One direction's traffic secret: the cipher key and the nonce base (docs/protocol.md,
+/// "Key schedule").
+public struct SecureDirectionKeys: Hashable, Sendable {
+    public var cipher: SecureCipher
+    /// 32 bytes.
+    public var key: [UInt8]
+    /// 12 bytes, XORed with the message counter to make each nonce.
+    public var iv: [UInt8]
+
+    public init(cipher: SecureCipher, key: [UInt8], iv: [UInt8]) {
+        precondition(key.count == SecureCipher.keySize && iv.count == SecureCipher.nonceSize)
+        self.cipher = cipher
+        self.key = key
+        self.iv = iv
+    }
+}
+
+/// One direction of a secure connection: an AEAD context and its message counter.
+///
+/// Every AEAD message (a frame has two: its preamble and its segments) uses the next counter
+/// value; the nonce is `iv XOR counter` (the counter little-endian in bytes 0-7). When the
+/// counter reaches a multiple of 2^32 the key is replaced by
+/// `HKDF-Expand(key, "parley v1 key update", 32)` on both sides, without any frame saying so,
+/// so that no key seals more than 2^32 messages. A counter never repeats: the direction
+/// refuses to go past 2^64 - 2 (`keyExhausted`).
+///
+/// Used by one connection on its event loop; it owns an OpenSSL context, freed with it.
+public final class SecureDirection {
+    public let sealing: Bool
+    public private(set) var keys: SecureDirectionKeys
+    /// The counter of the next message.
+    public private(set) var counter: UInt64
+    private var context: OpaquePointer
+
+    /// Messages sealed under one key before the next key update.
+    public static let keyUpdateInterval: UInt64 = 1 << 32
+    /// The last counter value a direction uses.
+    public static let lastCounter: UInt64 = UInt64.max - 1
+
+    /// - Parameter counter: where the counter starts: 0 on the wire. Tests start it near a
+    ///   key update or near its end (on both sides); `keys` are then taken as the keys in
+    ///   force at that counter value.
+    public init(keys: SecureDirectionKeys, sealing: Bool, counter: UInt64 = 0) throws(ParleyError) {
+        self.sealing = sealing
+        self.keys = keys
+        self.counter = counter
+        self.context = try Self.makeContext(keys, sealing: sealing)
+    }
+
+    deinit { cparley_aead_free(self.context) }
+
+    private static func makeContext(_ keys: SecureDirectionKeys, sealing: Bool) throws(ParleyError) -> OpaquePointer {
+        guard let context = keys.key.withUnsafeBufferPointer({ cparley_aead_new(keys.cipher.cValue, $0.baseAddress, sealing ? 1 : 0) }) else {
+            throw ParleyError(code: .protocolViolation, message: "internal: cannot create the \(keys.cipher.rawValue) context")
+        }
+        return context
+    }
+
+    static func updatedKey(_ key: [UInt8]) -> [UInt8] {
+        let next = HKDF<SHA256>.expand(
+            pseudoRandomKey: SymmetricKey(data: key), info: Array("parley v1 key update".utf8), outputByteCount: SecureCipher.keySize
+        )
+        return next.withUnsafeBytes { Array($0) }
+    }
+
+    /// The nonce of counter value `counter`.
+    public static func nonce(iv: [UInt8], counter: UInt64) -> [UInt8] {
+        var nonce = iv
+        for i in 0..<8 { nonce[i] ^= UInt8(truncatingIfNeeded: counter >> (8 * UInt64(i))) }
+        return nonce
+    }
+
+    /// Checks that a frame still fits before the counter's end. The last two counter values
+    /// are kept for a CLOSE, so that a side that runs out can still say why.
+    public func ensureRoom(forClose: Bool) throws(ParleyError) {
+        let left = Self.lastCounter &- self.counter &+ 1  // counter <= lastCounter + 1
+        guard self.counter <= Self.lastCounter, left >= (forClose ? 2 : 4) else {
+            throw ParleyError(
+                code: .keyExhausted,
+                message: "secure mode message counter exhausted after \(self.counter) messages in this direction; the connection must be re-established"
+            )
+        }
+    }
+
+    /// Starts the next message: checks the counter, updates the key at an interval boundary.
+    private func begin() throws(ParleyError) {
+        guard self.counter <= Self.lastCounter else {
+            throw ParleyError(
+                code: .keyExhausted,
+                message: "secure mode message counter exhausted after \(self.counter) messages in this direction; the connection must be re-established"
+            )
+        }
+        if self.counter > 0, self.counter % Self.keyUpdateInterval == 0 {
+            self.keys.key = Self.updatedKey(self.keys.key)
+            cparley_aead_free(self.context)
+            self.context = try Self.makeContext(self.keys, sealing: self.sealing)
+        }
+        var nonce: (UInt64, UInt32) = (0, 0)
+        withUnsafeMutableBytes(of: &nonce) { n in
+            self.keys.iv.withUnsafeBytes { n.copyMemory(from: $0) }
+            n.storeBytes(of: n.load(as: UInt64.self) ^ self.counter.littleEndian, as: UInt64.self)
+        }
+        let ok = withUnsafeBytes(of: &nonce) { cparley_aead_begin(self.context, $0.baseAddress!.assumingMemoryBound(to: UInt8.self)) }
+        guard ok == 1 else { throw ParleyError(code: .protocolViolation, message: "internal: AEAD begin failed") }
+        self.counter += 1
+    }
+
+    // MARK: - Sealing
+
+    /// Seals one message in place: `length` bytes at `p`, tag written at `p + length`.
+    func seal(_ p: UnsafeMutableRawPointer, length: Int) throws(ParleyError) {
+        try self.begin()
+        let ptr = p.assumingMemoryBound(to: UInt8.self)
+        guard cparley_aead_update(self.context, ptr, ptr, length) == 1,
+              cparley_aead_seal_finish(self.context, ptr + length) == 1
+        else { throw ParleyError(code: .protocolViolation, message: "internal: AEAD seal failed") }
+    }
+
+    /// Starts a message sealed in pieces (`sealPiece`, then `sealFinish`).
+    func sealBegin() throws(ParleyError) { try self.begin() }
+
+    /// Encrypts the next `length` bytes of the message from `from` to `to` (may be equal).
+    func sealPiece(from: UnsafeRawPointer, to: UnsafeMutableRawPointer, length: Int) throws(ParleyError) {
+        guard length == 0 || cparley_aead_update(
+            self.context, from.assumingMemoryBound(to: UInt8.self), to.assumingMemoryBound(to: UInt8.self), length
+        ) == 1 else { throw ParleyError(code: .protocolViolation, message: "internal: AEAD seal failed") }
+    }
+
+    /// Writes the message's tag at `tag` (16 bytes).
+    func sealFinish(tag: UnsafeMutableRawPointer) throws(ParleyError) {
+        guard cparley_aead_seal_finish(self.context, tag.assumingMemoryBound(to: UInt8.self)) == 1 else {
+            throw ParleyError(code: .protocolViolation, message: "internal: AEAD seal failed")
+        }
+    }
+
+    // MARK: - Opening
+
+    /// Opens one message: decrypts `length` bytes from `from` to `to` (may be equal) and checks
+    /// the tag at `tag`. False if the tag is wrong (the output is then garbage).
+    func open(from: UnsafeRawPointer, to: UnsafeMutableRawPointer, length: Int, tag: UnsafeRawPointer) throws(ParleyError) -> Bool {
+        try self.begin()
+        if length > 0 {
+            guard cparley_aead_update(
+                self.context, from.assumingMemoryBound(to: UInt8.self), to.assumingMemoryBound(to: UInt8.self), length
+            ) == 1 else { return false }
+        }
+        return cparley_aead_open_finish(self.context, tag.assumingMemoryBound(to: UInt8.self)) == 1
+    }
+}
+
+/// The secure keys of both directions, as a handshake settles them.
+public struct SecureSwitch: Hashable, Sendable {
+    public var keys: SecureDirectionKeys
+    public init(keys: SecureDirectionKeys) { self.keys = keys }
+}
+
+// MARK: - Sealed frames
+
+/// Size of a sealed preamble on the wire: 32 bytes of ciphertext and a 16-byte tag.
+public let sealedPreambleSize = Frame.preambleSize + SecureCipher.tagSize
+
+extension Frame {
+    /// Bytes on the wire in secure mode: sealed preamble, segments, one tag.
+    public var sealedWireSize: Int { sealedPreambleSize + self.payloadSize + SecureCipher.tagSize }
+
+    /// Seals the frame into one buffer appended to `out`: the preamble sealed alone, then all
+    /// segments sealed as one message whose tag replaces the CRC epilogue. The segments are
+    /// encrypted straight from their buffers into the outgoing one: one pass, no other copy.
+    public func seal(with direction: SecureDirection, into out: inout [ByteBuffer], allocator: ByteBufferAllocator) throws(ParleyError) {
+        try direction.ensureRoom(forClose: self.tag == .close)
+        let total = self.payloadSize
+        var buffer = allocator.buffer(capacity: self.sealedWireSize)
+        buffer.writePreamble(self)
+        try buffer.sealTail(segments: self.segments, total: total, with: direction)
+        out.append(buffer)
+    }
+}
+
+extension ByteBuffer {
+    /// Seals the 32-byte preamble just written at the end of this (fresh, uniquely owned)
+    /// buffer in place, then encrypts `segments` after its tag and appends the segments' tag.
+    /// The buffer must have room for `16 + total + 16` more bytes.
+    mutating func sealTail(segments: [ByteBuffer], total: Int, with direction: SecureDirection) throws(ParleyError) {
+        let preambleStart = self.writerIndex - Frame.preambleSize
+        var failure: ParleyError?
+        let written = self.withVeryUnsafeMutableBytes { raw -> Int in
+            precondition(raw.count >= preambleStart + sealedPreambleSize + total + SecureCipher.tagSize)
+            let base = raw.baseAddress! + preambleStart
+            do {
+                try direction.seal(base, length: Frame.preambleSize)
+                try direction.sealBegin()
+                var offset = sealedPreambleSize
+                for segment in segments {
+                    let length = segment.readableBytes
+                    let to = base + offset
+                    try segment.withUnsafeReadableBytes { bytes in
+                        if let from = bytes.baseAddress { try direction.sealPiece(from: from, to: to, length: bytes.count) }
+                    }
+                    offset += length
+                }
+                try direction.sealFinish(tag: base + offset)
+                return SecureCipher.tagSize + total + SecureCipher.tagSize
+            } catch {
+                failure = error as? ParleyError ?? ParleyError(code: .protocolViolation, message: "internal: \(error)")
+                return 0
+            }
+        }
+        if let failure { throw failure }
+        self.moveWriterIndex(forwardBy: written)
+    }
+}

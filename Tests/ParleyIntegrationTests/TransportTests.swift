@@ -1,0 +1,447 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOEmbedded
+import NIOPosix
+import NIOWebSocket
+import Parley
+@testable import ParleyNIO
+import ParleyServices
+import ParleyTestSupport
+import ParleyWire
+import Testing
+
+/// The TLS and WebSocket transports, end to end: a server and a client in this process over
+/// real sockets, with certificates made by `DevelopmentCertificates`; and `parley cert`.
+@Suite(.timeLimit(.minutes(2)))
+struct TransportTests {
+    // MARK: TLS
+
+    @Test func tlsServerOnlyRequestResponse() async throws {
+        let dir = try Self.certificates()
+        let seen = SecurityEvents()
+        let serverTLS = try ParleyTLS.server(directory: dir, clientCertificates: .none)
+        try await withServer(listen: [.tls(host: "127.0.0.1", port: 0)], configure: {
+            $0.transport = ObservingTransport(base: PosixTransport(tls: serverTLS), events: seen)
+        }) { _, addresses in
+            guard case .tls = addresses[0].kind else { Issue.record("bound \(addresses[0])"); return }
+            #expect(addresses[0].description.hasPrefix("tls://127.0.0.1:"))
+            let clientSeen = SecurityEvents()
+            let client = try await ParleyClient.connect(
+                to: addresses[0],
+                configuration: .init(transport: ObservingTransport(base: PosixTransport(tls: try .client(directory: dir)), events: clientSeen)),
+                logger: quietLogger
+            )
+            defer { client.close() }
+            #expect(try await ping(client, 7) == 7)
+            #expect(clientSeen.all == [TransportSecurityEvent(protocolName: "TLSv1.3", peerEntity: "server")])
+        }
+        #expect(seen.all == [TransportSecurityEvent(protocolName: "TLSv1.3", peerEntity: nil)], "no client certificate: no entity")
+    }
+
+    @Test func tlsMutualAuthenticationReportsTheClientEntity() async throws {
+        let dir = try Self.certificates(clients: ["client.alice"])
+        let seen = SecurityEvents()
+        let serverTLS = try ParleyTLS.server(directory: dir, clientCertificates: .required)
+        try await withServer(listen: [.tls(host: "127.0.0.1", port: 0)], configure: {
+            $0.transport = ObservingTransport(base: PosixTransport(tls: serverTLS), events: seen)
+        }) { _, addresses in
+            let client = try await ParleyClient.connect(
+                to: addresses[0], configuration: .init(transport: PosixTransport(tls: try .client(directory: dir, name: "client.alice"))),
+                logger: quietLogger
+            )
+            defer { client.close() }
+            #expect(try await ping(client, 1) == 1)
+            var echo = Parley_Echo_V1_Echo()
+            echo.payload = Data((0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+            #expect(try await client.request(echo, as: Parley_Echo_V1_EchoReply.self).payload == echo.payload)
+        }
+        #expect(seen.all == [TransportSecurityEvent(protocolName: "TLSv1.3", peerEntity: "client.alice")])
+    }
+
+    @Test func tlsClientThatDoesNotTrustTheServersCAGetsAClearError() async throws {
+        let dir = try Self.certificates()
+        let other = try Self.certificates()
+        try await withServer(listen: [.tls(host: "127.0.0.1", port: 0)], configure: {
+            $0.transport = PosixTransport(tls: try! .server(directory: dir))
+        }) { server, addresses in
+            guard case .tls(_, let port) = addresses[0].kind else { return }
+            let error = await #expect(throws: ParleyError.self) {
+                try await ParleyClient.connect(to: addresses[0], configuration: .init(transport: PosixTransport(tls: try .client(directory: other))), logger: quietLogger)
+            }
+            #expect(error?.code == .connectFailed)
+            let message = "\(error?.message ?? "")"
+            #expect(message.contains("TLS handshake with 127.0.0.1:\(port) failed: certificate verify failed (untrusted certificate"), "\(message)")
+            #expect(message.contains(other + "/ca.pem"), "names the CA file trusted: \(message)")
+            // The server keeps serving clients that do trust it.
+            let client = try await ParleyClient.connect(to: addresses[0], configuration: .init(transport: PosixTransport(tls: try .client(directory: dir))), logger: quietLogger)
+            defer { client.close() }
+            #expect(try await ping(client, 2) == 2)
+            #expect(server.connectionCount == 1)
+        }
+    }
+
+    @Test func tlsClientChecksTheServersHostname() async throws {
+        let dir = try Self.certificates()
+        // Signed by the trusted CA, but for another host.
+        _ = try DevelopmentCertificates.issue(name: "elsewhere", directory: dir, hosts: ["elsewhere.example"])
+        let wrongHost = ParleyTLS(
+            certificateChain: try ParleyTLS.loadCertificates(dir + "/elsewhere.pem"), privateKey: try ParleyTLS.loadPrivateKey(dir + "/elsewhere.key"),
+            clientCertificates: .none
+        )
+        try await withServer(listen: [.tls(host: "127.0.0.1", port: 0)], configure: { $0.transport = PosixTransport(tls: wrongHost) }) { _, addresses in
+            let error = await #expect(throws: ParleyError.self) {
+                try await ParleyClient.connect(to: addresses[0], configuration: .init(transport: PosixTransport(tls: try .client(directory: dir))), logger: quietLogger)
+            }
+            #expect(error?.message.contains("failed: the server's certificate is not valid for 127.0.0.1, the host dialled") == true, "\(error?.message ?? "")")
+            // Without hostname verification the same certificate is accepted.
+            var lenient = try ParleyTLS.client(directory: dir)
+            lenient.verifyHostname = false
+            let client = try await ParleyClient.connect(to: addresses[0], configuration: .init(transport: PosixTransport(tls: lenient)), logger: quietLogger)
+            defer { client.close() }
+            #expect(try await ping(client, 3) == 3)
+        }
+    }
+
+    @Test func tlsServerRequiringAClientCertificateRefusesAClientWithout() async throws {
+        let dir = try Self.certificates()
+        try await withServer(listen: [.tls(host: "127.0.0.1", port: 0)], configure: {
+            $0.transport = PosixTransport(tls: try! .server(directory: dir, clientCertificates: .required))
+        }) { _, addresses in
+            let error = await #expect(throws: ParleyError.self) {
+                let client = try await ParleyClient.connect(to: addresses[0], configuration: .init(transport: PosixTransport(tls: try .client(directory: dir))), logger: quietLogger)
+                _ = try await ping(client, 1)
+            }
+            let message = error?.message ?? ""
+            #expect(message.contains("certificate required"), "\(String(describing: error))")
+        }
+    }
+
+    @Test func tlsAddressesNeedTLSSettings() async throws {
+        let server = ParleyServer(configuration: .init(listen: [.tls(host: "127.0.0.1", port: 0)]), router: EchoService.router(), logger: quietLogger)
+        let error = await #expect(throws: ParleyError.self) { try await server.run() }
+        #expect(error?.code == .invalidArgument)
+        #expect(error?.message.contains("tls://127.0.0.1:0 needs TLS certificates") == true, "\(error?.message ?? "")")
+        let missing = #expect(throws: ParleyError.self) { try ParleyTLS.client(directory: "/nonexistent-parley") }
+        #expect(missing?.message.contains("/nonexistent-parley/ca.pem does not exist") == true, "\(missing?.message ?? "")")
+    }
+
+    // MARK: WebSocket
+
+    @Test func webSocketRequestResponseIncludingOneMebibyte() async throws {
+        let seen = SecurityEvents()
+        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")], configure: {
+            $0.transport = ObservingTransport(base: PosixTransport(), events: seen)
+        }) { _, addresses in
+            #expect(addresses[0].description.hasPrefix("ws://127.0.0.1:") && addresses[0].description.hasSuffix("/parley"))
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            #expect(try await ping(client, 11) == 11)
+            var echo = Parley_Echo_V1_Echo()
+            echo.text = "big"
+            echo.payload = Data((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 11) })
+            let reply = try await client.request(echo, as: Parley_Echo_V1_EchoReply.self)
+            #expect(reply.payload == echo.payload)
+            // Many requests in flight over one WebSocket.
+            try await withThrowingTaskGroup(of: Bool.self) { group in
+                for i in 1...200 { group.addTask { try await ping(client, UInt64(i)) == UInt64(i) } }
+                for try await ok in group { #expect(ok) }
+            }
+        }
+        #expect(seen.all.isEmpty, "plain WebSocket has no transport security")
+    }
+
+    @Test func webSocketClientToAWrongPathGetsAClearError() async throws {
+        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")]) { _, addresses in
+            guard case .webSocket(let host, let port, _, _) = addresses[0].kind else { return }
+            let wrong = ParleyAddress.webSocket(host: host, port: port, path: "/elsewhere")
+            let error = await #expect(throws: ParleyError.self) { try await ParleyClient.connect(to: wrong, logger: quietLogger) }
+            #expect(error?.code == .connectFailed)
+            #expect(
+                error?.message.contains("WebSocket upgrade at ws://127.0.0.1:\(port)/elsewhere refused: HTTP 404 Not Found") == true,
+                "\(error?.message ?? "")"
+            )
+            #expect(error?.message.contains("endpoint here is /parley") == true)
+        }
+    }
+
+    @Test func plainHTTPOnTheWebSocketPortGetsAnHTTPErrorAndTheServerCarriesOn() async throws {
+        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")]) { _, addresses in
+            guard case .webSocket(let host, let port, _, _) = addresses[0].kind else { return }
+            for (path, status) in [("/parley", "HTTP/1.1 426 Upgrade Required"), ("/", "HTTP/1.1 404 Not Found")] {
+                let peer = try await RawPeer.connect(.tcp(host: host, port: port))
+                let request = "GET \(path) HTTP/1.1\r\nHost: \(host):\(port)\r\n\r\n"
+                let (answer, closed) = try await peer.exchange(ByteBuffer(string: request), seconds: 5, halfClose: false)
+                let text = String(buffer: answer)
+                #expect(text.hasPrefix(status), "\(text)")
+                #expect(closed, "the server closes after answering")
+            }
+            // Garbage instead of HTTP: a 400 or a close, never a crash.
+            let garbage = try await RawPeer.connect(.tcp(host: host, port: port))
+            _ = try await garbage.exchange(ByteBuffer(bytes: [0x50, 0x41, 0x52, 0x4c, 0x45, 0x59, 0x0d, 0x0a, 0, 1, 2]), seconds: 5, halfClose: false)
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            #expect(try await ping(client, 5) == 5)
+        }
+    }
+
+    @Test func webSocketInsideTLSWithMutualAuthentication() async throws {
+        let dir = try Self.certificates(clients: ["client.bob"])
+        let seen = SecurityEvents()
+        let serverTLS = try ParleyTLS.server(directory: dir, clientCertificates: .required)
+        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/secure", tls: true)], configure: {
+            $0.transport = ObservingTransport(base: PosixTransport(tls: serverTLS), events: seen)
+        }) { _, addresses in
+            #expect(addresses[0].description.hasPrefix("wss://127.0.0.1:"))
+            let client = try await ParleyClient.connect(
+                to: addresses[0], configuration: .init(transport: PosixTransport(tls: try .client(directory: dir, name: "client.bob"))),
+                logger: quietLogger
+            )
+            defer { client.close() }
+            #expect(try await ping(client, 9) == 9)
+            let untrusting = try Self.certificates()
+            let error = await #expect(throws: ParleyError.self) {
+                try await ParleyClient.connect(to: addresses[0], configuration: .init(transport: PosixTransport(tls: try .client(directory: untrusting))), logger: quietLogger)
+            }
+            #expect(error?.message.contains("certificate verify failed") == true, "\(error?.message ?? "")")
+        }
+        #expect(seen.all == [TransportSecurityEvent(protocolName: "TLSv1.3", peerEntity: "client.bob")])
+    }
+
+    // MARK: WebSocket framing (the stream adapter alone)
+
+    /// A client-side adapter in an active embedded channel.
+    static func adapter(_ role: WebSocketStreamHandler.Role) throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel(handler: WebSocketStreamHandler(role: role))
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        return channel
+    }
+
+    /// Whether a future of the embedded loop has completed.
+    static func isDone(_ future: EventLoopFuture<Void>) -> Bool {
+        let done = NIOLockedValueBox(false)
+        future.whenComplete { _ in done.withLockedValue { $0 = true } }
+        return done.withLockedValue { $0 }
+    }
+
+    static func frame(_ opcode: WebSocketOpcode, _ text: String, fin: Bool = true) -> WebSocketFrame {
+        WebSocketFrame(fin: fin, opcode: opcode, data: ByteBuffer(string: text))
+    }
+
+    @Test func webSocketFragmentsAreStreamedAndOneFlushIsOneMaskedMessage() throws {
+        let channel = try Self.adapter(.client)
+        try channel.writeInbound(Self.frame(.binary, "ab", fin: false))
+        try channel.writeInbound(Self.frame(.continuation, "", fin: false))
+        try channel.writeInbound(Self.frame(.continuation, "cd", fin: true))
+        try channel.writeInbound(Self.frame(.binary, "ef"))
+        #expect(try channel.readInbound(as: ByteBuffer.self).map { String(buffer: $0) } == "ab")
+        #expect(try channel.readInbound(as: ByteBuffer.self).map { String(buffer: $0) } == "cd")
+        #expect(try channel.readInbound(as: ByteBuffer.self).map { String(buffer: $0) } == "ef")
+        #expect(try channel.readInbound(as: ByteBuffer.self) == nil)
+
+        // Small buffers and a 200 KiB one, written then flushed: one binary message in
+        // frames of at most 64 KiB, every one masked (a client's), nothing lost or reordered.
+        let big = ByteBuffer(bytes: (0..<200_000).map { UInt8(truncatingIfNeeded: $0 &* 13) })
+        var expected = ByteBuffer(string: "head")
+        expected.writeImmutableBuffer(big)
+        expected.writeString("tail")
+        channel.write(ByteBuffer(string: "he"), promise: nil)
+        channel.write(ByteBuffer(string: "ad"), promise: nil)
+        channel.write(big, promise: nil)
+        let written = channel.write(ByteBuffer(string: "tail"))
+        channel.flush()
+        var frames: [WebSocketFrame] = []
+        while let f = try channel.readOutbound(as: WebSocketFrame.self) { frames.append(f) }
+        #expect(frames.count == 6, "\"head\", 200,000 bytes in 4 frames, \"tail\"")
+        #expect(frames.first?.opcode == .binary && frames.dropFirst().allSatisfy { $0.opcode == .continuation })
+        #expect(frames.dropLast().allSatisfy { !$0.fin } && frames.last?.fin == true)
+        #expect(frames.allSatisfy { $0.maskKey != nil && $0.data.readableBytes <= WebSocketStreamHandler.maxFrameSize })
+        var joined = ByteBuffer()
+        for f in frames { var d = f.data; joined.writeBuffer(&d) }
+        #expect(joined == expected)
+        #expect(Self.isDone(written))
+    }
+
+    @Test func webSocketTextIsRefusedWith1003AndPingsAreAnswered() throws {
+        let channel = try Self.adapter(.server)
+        try channel.writeInbound(Self.frame(.ping, "are you there"))
+        let pong = try #require(try channel.readOutbound(as: WebSocketFrame.self))
+        #expect(pong.opcode == .pong && String(buffer: pong.data) == "are you there" && pong.maskKey == nil)
+
+        #expect(throws: ParleyError.self) { try channel.writeInbound(Self.frame(.text, "hello")) }
+        let close = try #require(try channel.readOutbound(as: WebSocketFrame.self))
+        var data = close.data
+        #expect(close.opcode == .connectionClose)
+        #expect(data.readWebSocketErrorCode() == .unacceptableData)
+        #expect(!channel.isActive, "closed after the close frame")
+
+        let other = try Self.adapter(.server)
+        #expect(throws: ParleyError.self) { try other.writeInbound(Self.frame(.continuation, "stray")) }
+        var code = try #require(try other.readOutbound(as: WebSocketFrame.self)).data
+        #expect(code.readWebSocketErrorCode() == .protocolError)
+    }
+
+    @Test func webSocketCloseHandshake() throws {
+        // We close: a close frame goes out, the connection stays until the peer answers.
+        let channel = try Self.adapter(.client)
+        let closed = channel.close()
+        let ours = try #require(try channel.readOutbound(as: WebSocketFrame.self))
+        var code = ours.data
+        #expect(ours.opcode == .connectionClose && code.readWebSocketErrorCode() == .normalClosure && ours.maskKey != nil)
+        #expect(channel.isActive && !Self.isDone(closed))
+        try channel.writeInbound(WebSocketFrame(fin: true, opcode: .connectionClose, data: ours.data))
+        #expect(!channel.isActive && Self.isDone(closed))
+
+        // The peer closes: we answer with its code and close.
+        let other = try Self.adapter(.server)
+        var goingAway = ByteBuffer()
+        goingAway.write(webSocketErrorCode: .goingAway)
+        try other.writeInbound(WebSocketFrame(fin: true, opcode: .connectionClose, data: goingAway))
+        var answer = try #require(try other.readOutbound(as: WebSocketFrame.self)).data
+        #expect(answer.readWebSocketErrorCode() == .goingAway)
+        #expect(!other.isActive)
+    }
+
+    // MARK: Addresses
+
+    @Test func addressesParseAndPrint() throws {
+        let cases: [(String, ParleyAddress.Kind)] = [
+            ("tls://127.0.0.1:7443", .tls(host: "127.0.0.1", port: 7443)),
+            ("tls://[::1]:7443", .tls(host: "::1", port: 7443)),
+            ("ws://localhost:8080/parley", .webSocket(host: "localhost", port: 8080, path: "/parley", tls: false)),
+            ("wss://[::1]:8443/a/b", .webSocket(host: "::1", port: 8443, path: "/a/b", tls: true)),
+        ]
+        for (text, kind) in cases {
+            let address = try ParleyAddress(parsing: text)
+            #expect(address.kind == kind)
+            #expect(address.description == text)
+        }
+        #expect(try ParleyAddress(parsing: "ws://h:1").kind == .webSocket(host: "h", port: 1, path: "/", tls: false))
+        for (text, why) in [
+            ("tls://127.0.0.1", "missing ':PORT'"), ("tls://h:1/x", "a tls address has no path"),
+            ("http://h:1/", "unknown scheme \"http://\""), ("ws://h:1/a b", "the path must not contain spaces"),
+            ("wss://::1:8/x", "an IPv6 address must be written in brackets"),
+        ] {
+            let error = #expect(throws: ParleyError.self) { try ParleyAddress(parsing: text) }
+            #expect(error?.code == .invalidArgument)
+            #expect(error?.message.contains("bad address \"\(text)\": \(why)") == true, "\(error?.message ?? "")")
+            #expect(error?.message.contains("tls://HOST:PORT, ws://HOST:PORT/PATH or wss://HOST:PORT/PATH") == true)
+        }
+    }
+
+    // MARK: parley cert
+
+    @Test func certInitAndIssueWriteKeysPrivatelyAndRefuseToOverwrite() async throws {
+        let parley = try #require(parleyExecutablePath(), "parley executable not built")
+        let dir = Self.freshDirectory() + "/certs"
+        let initial = try runProcess(parley, ["cert", "init", "--dir", dir, "--host", "parley.test"], seconds: 60)
+        #expect(initial.status == 0, Comment(rawValue: initial.combined))
+        for file in ["ca.pem", "ca.key", "server.pem", "server.key"] {
+            #expect(initial.stdout.contains("wrote \(dir)/\(file)"), "\(initial.stdout)")
+        }
+        #expect(!initial.combined.contains("PRIVATE KEY"), "never prints key material")
+        #expect(try Self.mode(dir) == 0o700)
+        #expect(try Self.mode(dir + "/ca.key") == 0o600)
+        #expect(try Self.mode(dir + "/server.key") == 0o600)
+        #expect(try Self.mode(dir + "/ca.pem") == 0o644)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir).sorted() == ["ca.key", "ca.pem", "server.key", "server.pem"], "no temporary file left")
+
+        let caBefore = try Data(contentsOf: URL(fileURLWithPath: dir + "/ca.pem"))
+        let again = try runProcess(parley, ["cert", "init", "--dir", dir], seconds: 60)
+        #expect(again.status != 0)
+        #expect(again.stderr.contains("\(dir)/ca.pem already exists"), "\(again.combined)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/ca.pem")) == caBefore, "the CA is untouched")
+
+        let issued = try runProcess(parley, ["cert", "issue", "client.alice", "--dir", dir], seconds: 60)
+        #expect(issued.status == 0, Comment(rawValue: issued.combined))
+        #expect(issued.stdout.contains("CN=client.alice"))
+        #expect(try Self.mode(dir + "/client.alice.key") == 0o600)
+        let reissue = try runProcess(parley, ["cert", "issue", "client.alice", "--dir", dir], seconds: 60)
+        #expect(reissue.status != 0)
+        #expect(reissue.stderr.contains("client.alice.pem already exists"), "\(reissue.combined)")
+        let badName = try runProcess(parley, ["cert", "issue", "../escape", "--dir", dir], seconds: 60)
+        #expect(badName.status != 0)
+        #expect(badName.stderr.contains("bad certificate name"))
+
+        // What the command wrote works: mutual TLS with the entity it issued, to a host
+        // given with --host... and to 127.0.0.1, which every server certificate names.
+        let seen = SecurityEvents()
+        try await withServer(listen: [.tls(host: "127.0.0.1", port: 0)], configure: {
+            $0.transport = ObservingTransport(base: PosixTransport(tls: try! .server(directory: dir, clientCertificates: .required)), events: seen)
+        }) { _, addresses in
+            let client = try await ParleyClient.connect(
+                to: addresses[0], configuration: .init(transport: PosixTransport(tls: try .client(directory: dir, name: "client.alice"))), logger: quietLogger
+            )
+            defer { client.close() }
+            #expect(try await ping(client, 4) == 4)
+        }
+        #expect(seen.all.map(\.peerEntity) == ["client.alice"])
+
+        let forced = try runProcess(parley, ["cert", "init", "--dir", dir, "--force"], seconds: 60)
+        #expect(forced.status == 0, Comment(rawValue: forced.combined))
+        #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/ca.pem")) != caBefore, "--force makes a new CA")
+    }
+
+    // MARK: helpers
+
+    /// A fresh directory with a development CA and server certificate, and certificates for
+    /// `clients`.
+    static func certificates(clients: [String] = []) throws -> String {
+        let dir = Self.freshDirectory()
+        _ = try DevelopmentCertificates.initialize(directory: dir)
+        for name in clients { _ = try DevelopmentCertificates.issue(name: name, directory: dir) }
+        return dir
+    }
+
+    static func freshDirectory() -> String {
+        let dir = temporaryPath("certs-\(UUID().uuidString.prefix(8))")
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        return dir
+    }
+
+    static func mode(_ path: String) throws -> Int {
+        let attributes = try FileManager.default.attributesOfItem(atPath: path)
+        return (attributes[.posixPermissions] as? Int ?? -1) & 0o777
+    }
+}
+
+/// The `TransportSecurityEvent`s that reached the Parley handlers of some channels.
+final class SecurityEvents: Sendable {
+    private let events = NIOLockedValueBox<[TransportSecurityEvent]>([])
+    var all: [TransportSecurityEvent] { self.events.withLockedValue { $0 } }
+    func append(_ e: TransportSecurityEvent) { self.events.withLockedValue { $0.append(e) } }
+}
+
+/// A transport that puts an observer right before the Parley handlers of every channel it
+/// makes, recording the transport security events that pass by it.
+struct ObservingTransport: ParleyTransport {
+    let base: any ParleyTransport
+    let events: SecurityEvents
+
+    func connect(to address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> any Channel {
+        try await self.base.connect(to: address, group: group, initializer: self.observing(initializer))
+    }
+
+    func listen(on address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> (listener: any Channel, bound: ParleyAddress) {
+        try await self.base.listen(on: address, group: group, initializer: self.observing(initializer))
+    }
+
+    private func observing(_ initializer: @escaping ParleyChannelInitializer) -> ParleyChannelInitializer {
+        let events = self.events
+        return { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(Observer(events: events))
+            }.flatMap { initializer(channel) }
+        }
+    }
+
+    final class Observer: ChannelInboundHandler {
+        typealias InboundIn = NIOAny
+        let events: SecurityEvents
+        init(events: SecurityEvents) { self.events = events }
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if let e = event as? TransportSecurityEvent { self.events.append(e) }
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+}
