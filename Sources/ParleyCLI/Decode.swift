@@ -43,13 +43,34 @@ struct Decode: AsyncParsableCommand {
         var buffer = ByteBuffer(bytes: data)
         var decoder = WireDecoder(maxFrameSize: self.maxFrameSize, expectBanner: !self.noBanner)
         var index = 0
+        // Secure mode seals everything after the switch (docs/protocol.md 5.1): AUTH_DONE in
+        // secure mode (server's bytes), AUTH_REQUEST_MORE after an AUTH_REQUEST offering it
+        // (client's bytes). What follows cannot be decoded without the keys.
+        var secureOffered = false
+        var sealedFromHere = false
         while true {
             let offset = buffer.readerIndex
             do {
                 guard let element = try decoder.decodeLast(buffer: &buffer, seenEOF: true) else { break }
                 index += 1
                 self.emit(Describe.element(element, index: index, offset: offset))
+                if case .frame(let frame) = element {
+                    switch frame.tag {
+                    case .authRequest:
+                        secureOffered = (try? Parley_V1_AuthRequest(parleyPayload: frame.segments[0]))?.offeredModes.contains("secure") ?? false
+                    case .authRequestMore:
+                        sealedFromHere = secureOffered
+                    case .authDone:
+                        sealedFromHere = (try? Parley_V1_AuthDone(parleyPayload: frame.segments[0]))?.connectionMode == "secure"
+                    default:
+                        break
+                    }
+                }
             } catch {
+                if sealedFromHere, error.code == .badPreambleCRC {
+                    self.emit(["offset": .number(Double(offset)), "sealed": .string("\(data.count - offset) bytes sealed in secure mode (not decodable without the keys)")])
+                    return
+                }
                 self.emit(["error": .string("\(error.code): \(error.message)"), "offset": .number(Double(offset))])
                 throw ExitCode(1)
             }
@@ -134,7 +155,7 @@ enum Describe {
         }
     }
 
-    static let order = ["#", "offset", "element", "tag", "version", "supported", "required", "flags", "segments", "seq", "ack", "id", "kind", "type", "timestamp", "payload", "data", "error"]
+    static let order = ["#", "offset", "element", "tag", "version", "supported", "required", "flags", "segments", "seq", "ack", "id", "kind", "type", "timestamp", "payload", "data", "sealed", "error"]
 
     static func sortedKeys(_ o: [String: Value]) -> [String] {
         o.keys.sorted { (order.firstIndex(of: $0) ?? 99, $0) < (order.firstIndex(of: $1) ?? 99, $1) }

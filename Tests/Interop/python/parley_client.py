@@ -20,6 +20,8 @@ once and one byte at a time), and that invalid vectors fail with the documented 
 """
 import argparse
 import base64
+import hashlib
+import hmac
 import json
 import os
 import platform
@@ -896,8 +898,8 @@ def parse_vectors(text):
                 continue
             key, _, value = line.partition(":")
             value = value.strip()
-            if key == "segment":
-                v["segment"].append(value)
+            if key in ("segment", "record"):
+                v.setdefault(key, []).append(value)
             elif key == "wire":
                 v["wire"] = value.split("#", 1)[0]
             else:
@@ -966,6 +968,90 @@ def run_invalid(v, chunk):
     return "no error"
 
 
+def _hkdf_extract(salt, ikm):
+    return hmac.new(salt, ikm, hashlib.sha256).digest()
+
+
+def _hkdf_expand(prk, info, length):
+    out, block, i = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
+        out += block
+        i += 1
+    return out[:length]
+
+
+def _aead(cipher, key):
+    """The AEAD of docs/protocol.md 5.1, from the `cryptography` package."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+    return AESGCM(key) if cipher == "aes-256-gcm" else ChaCha20Poly1305(key)
+
+
+def check_sealed(v):
+    """Section 5.1, "Secure frames": the preamble sealed alone (counter n), then the segments
+    (counter n+1); nonce = iv XOR counter (u64 little-endian in bytes 0-7); key update at
+    non-zero multiples of 2^32: key = HKDF-Expand(key, "parley v1 key update", 32)."""
+    key, iv, counter = bytes.fromhex(v["key"]), bytes.fromhex(v["iv"]), int(v["counter"], 0)
+
+    def seal(n, plain):
+        # `key` is the key in force just before `counter`: apply the updates between the two.
+        k = key
+        for _ in range(n // (1 << 32) - max(counter - 1, 0) // (1 << 32)):
+            k = _hkdf_expand(k, b"parley v1 key update", 32)
+        nonce = bytes(a ^ b for a, b in zip(iv, struct.pack("<Q", n) + b"\0\0\0\0"))
+        return _aead(v["cipher"], k).encrypt(nonce, plain, None)
+
+    tag = int(v["tag"].split()[0], 0)
+    segs = [segment_bytes(s) for s in v["segment"]]
+    preamble = encode_frame(tag, segs, (0, 0, 0, 0), int(v["flags"], 0))[:32]
+    return seal(counter, preamble) + seal(counter + 1, b"".join(segs))
+
+
+def check_secret(v):
+    """Section 5.1, "Method secret": every derived value from the inputs. Returns problems."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives import serialization
+    b = lambda k: bytes.fromhex(v[k])
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    problems = []
+    cpriv = X25519PrivateKey.from_private_bytes(b("client-share-private"))
+    spriv = X25519PrivateKey.from_private_bytes(b("server-share-private"))
+    got = {
+        "client-share": cpriv.public_key().public_bytes(*raw),
+        "server-share": spriv.public_key().public_bytes(*raw),
+        "shared": cpriv.exchange(X25519PublicKey.from_public_bytes(b("server-share"))),
+    }
+    shared, key, entity = got["shared"], b("key"), v["entity"].encode()
+    challenges = b("client-challenge") + b("server-challenge")
+    identity = _hkdf_expand(_hkdf_extract(challenges, shared), b"parley v1 identity", 32)
+    got["sealed-entity"] = _aead("chacha20-poly1305", identity).encrypt(bytes(12), entity, None)
+    hs = _hkdf_extract(challenges, key + shared)
+    proof = lambda label: hmac.new(key, label + bytes([len(entity)]) + entity + challenges, hashlib.sha256).digest()
+    got["client-proof"] = proof(b"parley v1 client proof")
+    got["server-proof"] = proof(b"parley v1 server proof")
+    mac_key = _hkdf_expand(hs, b"parley v1 transcript mac", 32)
+    got["client-transcript-mac"] = hmac.new(mac_key, b"parley v1 client transcript" + b("t1"), hashlib.sha256).digest()
+    got["server-transcript-mac"] = hmac.new(
+        mac_key, b"parley v1 server transcript" + b("t2") + struct.pack("<Q", int(v["global-id"], 0)), hashlib.sha256).digest()
+    for d in ("c2s", "s2c"):
+        got["key-" + d] = _hkdf_expand(hs, ("parley v1 %s key" % d).encode() + b("t2"), 32)
+        got["iv-" + d] = _hkdf_expand(hs, ("parley v1 %s iv" % d).encode() + b("t2"), 12)
+    for name, value in got.items():
+        if value != b(name):
+            problems.append("%s: got %s" % (name, value.hex(" ")))
+    return problems
+
+
+def check_transcript(v):
+    """Section 5.1, "Transcript": SHA-256 over direction | tag | u32 length | bytes."""
+    h = hashlib.sha256()
+    for record in v["record"]:
+        parts = record.split(" ", 2)
+        data = bytes.fromhex(parts[2]) if len(parts) > 2 else b""
+        h.update((b"C" if parts[0] == "C" else b"S") + bytes([int(parts[1], 0)]) + struct.pack("<I", len(data)) + data)
+    return [] if h.digest() == bytes.fromhex(v["digest"]) else ["digest: got %s" % h.hexdigest()]
+
+
 def self_test(path):
     assert crc32c(b"123456789") == 0xE3069283 and crc32c(b"") == 0
     assert struct.pack("<I", crc32c(b"123456789")) == bytes.fromhex("839206e3")
@@ -1017,6 +1103,19 @@ def self_test(path):
                 except ParleyError as e:
                     if e.code != "connectionClosed":
                         problems.append("after the frame: %s" % e)
+        elif v["kind"] in ("sealed", "secret", "transcript"):
+            try:
+                if v["kind"] == "sealed":
+                    got = check_sealed(v)
+                    if got != v["wire"]:
+                        problems.append("sealing differs:\n    got  %s\n    want %s" % (got.hex(" "), v["wire"].hex(" ")))
+                elif v["kind"] == "secret":
+                    problems += check_secret(v)
+                else:
+                    problems += check_transcript(v)
+            except ImportError:
+                print("skip %-34s (needs the `cryptography` package)" % v["name"])
+                continue
         else:
             for chunk in (65536, 1):
                 got = run_invalid(v, chunk)
