@@ -21,6 +21,9 @@ public final class BlockServer: Service, Sendable {
         /// Threads for storage calls that may block.
         public var ioThreads: Int
         public var name: String
+        /// Security and transport of the block protocol's listeners (methods, modes, keyring,
+        /// TLS); its `listen` and `name` are replaced by the ones above.
+        public var parley: ParleyServer.Configuration = ParleyServer.Configuration()
 
         public static let defaultPort = 7421
         public static let defaultNBDPort = 10809
@@ -68,10 +71,10 @@ public final class BlockServer: Service, Sendable {
         self.io = BlockIOExecutor(threads: configuration.ioThreads)
         self.service = BlockService(catalog: configuration.catalog, devices: self.devices, io: self.io, logger: logger)
         self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, logger: logger)
-        self.parleyServer = ParleyServer(
-            configuration: .init(listen: configuration.listen, name: configuration.name),
-            router: self.service.router(), logger: logger
-        )
+        var parley = configuration.parley
+        parley.listen = configuration.listen
+        parley.name = configuration.name
+        self.parleyServer = ParleyServer(configuration: parley, router: self.service.router(), logger: logger)
     }
 
     /// The addresses actually bound (port 0 resolved), once `run()` has bound them.

@@ -45,6 +45,10 @@ struct BlockServe: AsyncParsableCommand {
             the kernel's nbd-client. Flush and FUA reach stable storage (fdatasync, RWF_DSYNC).
 
             SIGINT/SIGTERM: stop accepting, finish IO in flight, flush every device, exit.
+
+            The block protocol's listeners take the security options of `parley serve`
+            (--auth, --keyring, --mode, --cert; tls:// and ws:// addresses); NBD is served
+            as NBD clients expect it, without them.
             """
     )
 
@@ -69,6 +73,8 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: "Threads for storage calls that may block (reads that miss the cache, flushes, discards).")
     var ioThreads: Int = 16
 
+    @OptionGroup var security: ServerSecurityOptions
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -83,6 +89,7 @@ struct BlockServe: AsyncParsableCommand {
         }
         if let m = self.metrics { _ = try Self.hostPort(m) }
         guard (1...1024).contains(self.ioThreads) else { throw ValidationError("--io-threads must be 1...1024") }
+        try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
     }
 
     static func hostPort(_ text: String) throws -> (host: String, port: Int) {
@@ -117,15 +124,14 @@ struct BlockServe: AsyncParsableCommand {
                 throw ExitCode(2)
             }
         }
-        let server = BlockServer(
-            configuration: .init(
-                catalog: catalog,
-                listen: self.listen.isEmpty ? [.tcp(host: "127.0.0.1", port: BlockServer.Configuration.defaultPort)] : try self.listen.map { try ParleyAddress(parsing: $0) },
-                nbd: self.nbd.isEmpty ? [.tcp(host: "127.0.0.1", port: BlockServer.Configuration.defaultNBDPort)] : try self.nbd.map { try ParleyAddress(parsing: $0) },
-                metrics: try self.metrics.map { try Self.hostPort($0) }, ioThreads: self.ioThreads
-            ),
-            registry: registry, logger: logger
+        var configuration = BlockServer.Configuration(
+            catalog: catalog,
+            listen: self.listen.isEmpty ? [.tcp(host: "127.0.0.1", port: BlockServer.Configuration.defaultPort)] : try self.listen.map { try ParleyAddress(parsing: $0) },
+            nbd: self.nbd.isEmpty ? [.tcp(host: "127.0.0.1", port: BlockServer.Configuration.defaultNBDPort)] : try self.nbd.map { try ParleyAddress(parsing: $0) },
+            metrics: try self.metrics.map { try Self.hostPort($0) }, ioThreads: self.ioThreads
         )
+        do { try self.security.apply(to: &configuration.parley) } catch let error as ParleyError { throw ValidationError(error.message) }
+        let server = BlockServer(configuration: configuration, registry: registry, logger: logger)
         let group = ServiceGroup(
             configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         )
@@ -154,18 +160,23 @@ struct BlockInfo: AsyncParsableCommand {
     @Flag(name: .long, help: "Print JSON (one object per export) instead of a table.")
     var json = false
 
+    @OptionGroup var security: ClientSecurityOptions
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
         do { _ = try ParleyAddress(parsing: self.address) } catch { throw ValidationError(error.message) }
+        try self.security.check(address: try ParleyAddress(parsing: self.address))
     }
 
     func run() async throws {
         self.logging.bootstrap()
         let client: BlockClient
         do {
-            client = try await BlockClient.connect(to: try ParleyAddress(parsing: self.address), sessionName: self.session,
-                                                   configuration: .init(name: "parley-block-info"))
+            let address = try ParleyAddress(parsing: self.address)
+            var configuration = ParleyClient.Configuration(name: "parley-block-info")
+            try self.security.apply(to: &configuration, address: address)
+            client = try await BlockClient.connect(to: address, sessionName: self.session, configuration: configuration)
         } catch let error as ParleyError {
             print("parley block info: \(error.message) [\(error.code)]")
             throw ExitCode(2)
@@ -234,10 +245,13 @@ struct BlockBench: AsyncParsableCommand {
     @Flag(name: .long, help: "Print the summary as one JSON object.")
     var json = false
 
+    @OptionGroup var security: ClientSecurityOptions
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
         do { _ = try ParleyAddress(parsing: self.address) } catch { throw ValidationError(error.message) }
+        try self.security.check(address: try ParleyAddress(parsing: self.address))
         guard ["randread", "randwrite", "read", "write"].contains(self.rw) else { throw ValidationError("--rw must be randread, randwrite, read or write") }
         guard (512...(8 << 20)).contains(self.blockSize), self.blockSize % 512 == 0 else { throw ValidationError("--block-size must be a multiple of 512 up to 8 MiB") }
         guard (1...1024).contains(self.queueDepth) else { throw ValidationError("--queue-depth must be 1...1024") }
@@ -249,8 +263,10 @@ struct BlockBench: AsyncParsableCommand {
         let client: BlockClient
         let device: BlockClient.Device
         do {
-            client = try await BlockClient.connect(to: try ParleyAddress(parsing: self.address), sessionName: "parley-block-bench",
-                                                   configuration: .init(name: "parley-block-bench"))
+            let address = try ParleyAddress(parsing: self.address)
+            var configuration = ParleyClient.Configuration(name: "parley-block-bench")
+            try self.security.apply(to: &configuration, address: address)
+            client = try await BlockClient.connect(to: address, sessionName: "parley-block-bench", configuration: configuration)
             device = try await client.open(self.export, access: self.rw.contains("write") ? .readWrite : .readOnly)
         } catch let error as ParleyError {
             print("parley block bench: \(error.message) [\(error.code)]")

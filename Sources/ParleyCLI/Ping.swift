@@ -35,17 +35,7 @@ struct Ping: AsyncParsableCommand {
     @Flag(name: .long, help: "Print only the summary line.")
     var quiet = false
 
-    @Option(name: .long, help: ArgumentHelp("Keyring holding this client's key: authenticate with method secret.", valueName: "file"))
-    var keyring: String?
-
-    @Option(name: .long, help: ArgumentHelp("Entity to authenticate as (with --keyring), e.g. client.alice.", valueName: "name"))
-    var name: String?
-
-    @Option(name: .long, help: ArgumentHelp("Connection modes accepted: crc, secure or secure,crc (default with --keyring: secure,crc).", valueName: "modes"))
-    var mode: String?
-
-    @Option(name: .long, help: ArgumentHelp("Certificate directory for tls:// and wss://: trusts ca.pem, presents NAME.pem (with --name) if it is there.", valueName: "dir"))
-    var cert: String?
+    @OptionGroup var security: ClientSecurityOptions
 
     @OptionGroup var logging: LoggingOptions
 
@@ -53,11 +43,7 @@ struct Ping: AsyncParsableCommand {
         do { _ = try ParleyAddress(parsing: self.address) } catch { throw ValidationError(error.message) }
         guard self.count >= 1 else { throw ValidationError("--count must be at least 1") }
         guard (0...(16 << 20)).contains(self.size) else { throw ValidationError("--size must be 0...16777216") }
-        if self.keyring != nil && self.name == nil { throw ValidationError("--keyring needs --name (the entity to authenticate as)") }
-        if try ParleyAddress(parsing: self.address).usesTLS && self.cert == nil {
-            throw ValidationError("tls:// and wss:// need --cert DIR (the directory holding ca.pem)")
-        }
-        if let mode { do { _ = try ConnectionMode.parseList(mode) } catch { throw ValidationError(error.message) } }
+        try self.security.check(address: try ParleyAddress(parsing: self.address))
     }
 
     func run() async throws {
@@ -65,21 +51,10 @@ struct Ping: AsyncParsableCommand {
         let address = try ParleyAddress(parsing: self.address)
         let client: ParleyClient
         do {
-            var secret: SecretCredentials?
-            if let path = self.keyring, let name = self.name {
-                secret = try ParleyKeyring.load(path: path).credentials(for: name, keyringPath: path)
-            }
-            var transport = PosixTransport()
-            if let cert = self.cert { transport.tls = try ParleyTLS.client(directory: cert, name: self.name) }
-            // On TLS without a key: method tls (the certificate names us), else none.
-            let methods: [String]? = secret == nil && address.usesTLS ? [AuthMethod.tls, AuthMethod.none] : nil
+            var configuration = ParleyClient.Configuration(name: "parley-ping", captureInbound: self.captureIn, captureOutbound: self.captureOut)
+            try self.security.apply(to: &configuration, address: address)
             client = try await ParleyClient.connect(
-                to: address,
-                configuration: .init(
-                    authMethods: methods, name: "parley-ping", transport: transport,
-                    captureInbound: self.captureIn, captureOutbound: self.captureOut,
-                    secret: secret, modes: try self.mode.map { m throws(ParleyError) in try ConnectionMode.parseList(m) }
-                ),
+                to: address, configuration: configuration,
                 logger: Logger(label: "parley.ping")
             )
         } catch let error as ParleyError {

@@ -34,12 +34,6 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Address to listen on: HOST:PORT, [V6]:PORT, unix:PATH, tls://HOST:PORT, ws://HOST:PORT/PATH or wss://HOST:PORT/PATH (repeatable).", valueName: "address"))
     var listen: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Certificate directory for tls:// and wss:// (from `parley cert init`): server.pem, server.key, and ca.pem to check client certificates.", valueName: "dir"))
-    var cert: String?
-
-    @Flag(name: .long, help: "With TLS: require a client certificate (mutual TLS), not just check one if offered.")
-    var requireClientCert = false
-
     @Option(name: .long, help: "Server name reported to clients.")
     var name: String = "parley"
 
@@ -58,20 +52,10 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "Refuse clients older than this version, telling them they are out of date.")
     var minClientVersion: String?
 
-    @Option(name: .long, help: ArgumentHelp("Authentication methods allowed, comma-separated: none, secret, tls.", valueName: "methods"))
-    var auth: String = "none"
-
-    @Option(name: .long, help: ArgumentHelp("Keyring of the entities method secret accepts (see `parley keyring`).", valueName: "file"))
-    var keyring: String?
-
-    @Option(name: .long, help: ArgumentHelp("Connection modes allowed: crc, secure or crc,secure. secure seals every frame (needs --auth secret); secure alone refuses clients without it.", valueName: "modes"))
-    var mode: String = "crc"
-
     @Option(name: .long, help: ArgumentHelp("Capability every echo request needs (from the client's keyring entry); none by default.", valueName: "capability"))
     var requireCap: String?
 
-    @Option(name: .long, help: ArgumentHelp("Capabilities of clients no method identified (auth none), comma-separated.", valueName: "caps"))
-    var anonymousCaps: String = "*"
+    @OptionGroup var security: ServerSecurityOptions
 
     @OptionGroup var logging: LoggingOptions
 
@@ -80,21 +64,7 @@ struct Serve: AsyncParsableCommand {
             do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) }
         }
         if self.requestDelay < 0 { throw ValidationError("--request-delay must be 0 or more seconds") }
-        do { _ = try self.security() } catch let error as ParleyError { throw ValidationError(error.message) }
-        let tls = try self.listen.contains { try ParleyAddress(parsing: $0).usesTLS }
-        if tls && self.cert == nil { throw ValidationError("tls:// and wss:// need --cert DIR (make one with `parley cert init --dir DIR`)") }
-        if self.auth.contains("tls") && !tls { throw ValidationError("--auth tls needs a tls:// or wss:// listener") }
-    }
-
-    /// Methods, modes and keyring from the options, checked together.
-    func security() throws -> (methods: [String], modes: [ConnectionMode], keyring: ParleyKeyringSource?) {
-        let methods = self.auth.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }
-        let modes = try ConnectionMode.parseList(self.mode)
-        let keyring = try self.keyring.map { path throws(ParleyError) in try ParleyKeyringSource(path: path) }
-        var configuration = ParleyServer.Configuration(authMethods: methods, modes: modes, keyring: keyring)
-        configuration.listen = []
-        try configuration.validateSecurity()
-        return (methods, modes, keyring)
+        try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
     }
 
     func run() async throws {
@@ -108,25 +78,13 @@ struct Serve: AsyncParsableCommand {
                 + self.highMessage.map { ParleyServerMessage(priority: .high, text: $0) },
             requestDelay: self.requestDelay, redirects: self.redirect
         )
-        let (methods, modes, keyring) = try self.security()
-        var transport = PosixTransport()
-        if let cert = self.cert {
-            do {
-                transport.tls = try ParleyTLS.server(directory: cert, clientCertificates: self.requireClientCert ? .required : .optional)
-            } catch {
-                throw ValidationError(error.message)
-            }
-        }
         var router = EchoService.router(name: self.name)
         if let cap = self.requireCap { router.requireByDefault(cap) }
-        let server = ParleyServer(
-            configuration: .init(
-                listen: addresses, authMethods: methods, name: self.name, nucleus: nucleus, minimumClientVersion: self.minClientVersion,
-                transport: transport, modes: modes, keyring: keyring,
-                anonymousCapabilities: self.anonymousCaps.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }
-            ),
-            router: router, logger: logger
+        var configuration = ParleyServer.Configuration(
+            listen: addresses, name: self.name, nucleus: nucleus, minimumClientVersion: self.minClientVersion
         )
+        do { try self.security.apply(to: &configuration) } catch let error as ParleyError { throw ValidationError(error.message) }
+        let server = ParleyServer(configuration: configuration, router: router, logger: logger)
         let group = ServiceGroup(
             configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         )
