@@ -62,6 +62,17 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // The fault proxy (`parley chaos`): a seeded plan of faults and the NIO proxy applying it.
+        .target(
+            name: "ParleyChaos",
+            dependencies: [
+                "ParleyWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Layer 3: the small async/await public API.
         .target(
             name: "Parley",
@@ -111,7 +122,7 @@ let package = Package(
         .executableTarget(
             name: "ParleyCLI",
             dependencies: [
-                "Parley", "ParleyServices", "ParleyWire", "ParleyBlock",
+                "Parley", "ParleyServices", "ParleyWire", "ParleyBlock", "ParleyChaos",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
