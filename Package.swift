@@ -66,7 +66,7 @@ let package = Package(
         .target(
             name: "ParleyChaos",
             dependencies: [
-                "ParleyWire",
+                "ParleyWire", "ParleyNIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -66,13 +66,7 @@ public final class ParleyServer: Service, Sendable {
         public static var defaults: Configuration { Configuration() }
 
         /// The banner's features: secure mode added when allowed, required when it is the only mode.
-        var banner: Banner {
-            var supported = self.supportedFeatures
-            var required = self.requiredFeatures
-            if self.modes.contains(.secure) { supported.insert(.secureMode) }
-            if self.modes == [.secure] { required.insert(.secureMode) }
-            return Banner(supported: supported, required: required)
-        }
+        var banner: Banner { Banner(supported: self.supportedFeatures, required: self.requiredFeatures, modes: self.modes) }
 
         /// Refuses contradictory security settings before the server starts.
         public func validateSecurity() throws(ParleyError) {

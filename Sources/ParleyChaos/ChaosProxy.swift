@@ -1,6 +1,7 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import ParleyNIO
 import ParleyWire
 
 /// A TCP (or Unix socket) proxy that does bad things to the bytes on purpose: cuts
@@ -117,7 +118,7 @@ public final class ChaosProxy: Sendable {
                 fromClient.partner = server
                 fromServer.partner = client
                 client.setOption(.autoRead, value: true).whenComplete { _ in }
-                self.report("conn \(number): \(ParleyPipelineAddress.describe(client.remoteAddress)) -> \(target)")
+                self.report("conn \(number): \(ParleyPipeline.describe(client.remoteAddress)) -> \(target)")
             case .failure(let error):
                 self.report("conn \(number): cannot reach \(target): \(error)")
                 client.close(promise: nil)
@@ -126,17 +127,6 @@ public final class ChaosProxy: Sendable {
     }
 
     func countCut() { self.state.withLockedValue { $0.cuts += 1 } }
-}
-
-enum ParleyPipelineAddress {
-    static func describe(_ address: SocketAddress?) -> String {
-        guard let address else { return "unknown" }
-        switch address {
-        case .v4(let a): return "\(a.host):\(address.port ?? 0)"
-        case .v6(let a): return "[\(a.host)]:\(address.port ?? 0)"
-        case .unixDomainSocket: return "unix:" + (address.pathname ?? "")
-        }
-    }
 }
 
 /// The two channels of one proxied connection; closing one closes both, once.

@@ -31,6 +31,18 @@ extension Substring {
     }
 }
 
+extension Banner {
+    /// A banner for a side whose connection modes are `modes`: secure mode is added to the
+    /// supported features when allowed, and to the required ones when it is the only mode.
+    public init(supported: ParleyFeatures, required: ParleyFeatures, modes: [ConnectionMode]) {
+        var supported = supported
+        var required = required
+        if modes.contains(.secure) { supported.insert(.secureMode) }
+        if modes == [.secure] { required.insert(.secureMode) }
+        self.init(supported: supported, required: required)
+    }
+}
+
 /// The names of the authentication methods.
 public enum AuthMethod {
     public static let none = "none"
