@@ -110,6 +110,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -149,7 +150,7 @@ let package = Package(
         .testTarget(
             name: "ParleyIntegrationTests",
             dependencies: [
-                "Parley", "ParleyServices", "ParleyWire", "ParleyNIO", "ParleyTestSupport",
+                "Parley", "ParleyServices", "ParleyWire", "ParleyNIO", "ParleyTestSupport", "ParleyChaos",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),

@@ -65,6 +65,10 @@ public enum DevelopmentCertificates {
             files.append(File(path: caKey, what: "CA private key"))
             try Self.writeFile(try ca.serializeAsPEM().pemString + "\n", to: caCert, mode: 0o644)
             files.append(File(path: caCert, what: "CA certificate, valid until \(Self.day(now.addingTimeInterval(Self.caValidity)))"))
+            // NBD clients (libnbd, qemu) look for the CA as ca-cert.pem in their directory.
+            let nbdCA = dir.appendingPathComponent("ca-cert.pem").path
+            try Self.writeFile(try ca.serializeAsPEM().pemString + "\n", to: nbdCA, mode: 0o644)
+            files.append(File(path: nbdCA, what: "the CA certificate again, under the name NBD clients (libnbd, qemu) look for"))
             let server = try Self.issue(
                 name: "server", commonName: "server", hosts: Self.defaultServerHosts + hosts, serverAuth: true,
                 directory: dir, ca: (ca, key), now: now

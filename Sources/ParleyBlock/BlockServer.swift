@@ -24,6 +24,8 @@ public final class BlockServer: Service, Sendable {
         /// Security and transport of the block protocol's listeners (methods, modes, keyring,
         /// TLS); its `listen` and `name` are replaced by the ones above.
         public var parley: ParleyServer.Configuration = ParleyServer.Configuration()
+        /// NBD_OPT_STARTTLS on the NBD listeners (nil: refused).
+        public var nbdTLS: NBDServer.TLS?
 
         public static let defaultPort = 7421
         public static let defaultNBDPort = 10809
@@ -70,7 +72,7 @@ public final class BlockServer: Service, Sendable {
         self.devices = BlockDeviceTable()
         self.io = BlockIOExecutor(threads: configuration.ioThreads)
         self.service = BlockService(catalog: configuration.catalog, devices: self.devices, io: self.io, logger: logger)
-        self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, logger: logger)
+        self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, tls: configuration.nbdTLS, logger: logger)
         var parley = configuration.parley
         parley.listen = configuration.listen
         parley.name = configuration.name

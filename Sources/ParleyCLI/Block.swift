@@ -75,6 +75,9 @@ struct BlockServe: AsyncParsableCommand {
 
     @OptionGroup var security: ServerSecurityOptions
 
+    @Option(name: .long, help: ArgumentHelp("NBD_OPT_STARTTLS: off, on (offered) or require. Default: on with --cert, off without. NBD clients find the CA as ca-cert.pem in their certificate directory (`parley cert init` writes it).", valueName: "policy"))
+    var nbdTls: String?
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -90,6 +93,10 @@ struct BlockServe: AsyncParsableCommand {
         if let m = self.metrics { _ = try Self.hostPort(m) }
         guard (1...1024).contains(self.ioThreads) else { throw ValidationError("--io-threads must be 1...1024") }
         try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
+        if let policy = self.nbdTls {
+            guard let p = NBDTLSPolicy(rawValue: policy) else { throw ValidationError("--nbd-tls must be off, on or require") }
+            if p != .off && self.security.cert == nil { throw ValidationError("--nbd-tls \(policy) needs --cert DIR") }
+        }
     }
 
     static func hostPort(_ text: String) throws -> (host: String, port: Int) {
@@ -130,7 +137,15 @@ struct BlockServe: AsyncParsableCommand {
             nbd: self.nbd.isEmpty ? [.tcp(host: "127.0.0.1", port: BlockServer.Configuration.defaultNBDPort)] : try self.nbd.map { try ParleyAddress(parsing: $0) },
             metrics: try self.metrics.map { try Self.hostPort($0) }, ioThreads: self.ioThreads
         )
-        do { try self.security.apply(to: &configuration.parley) } catch let error as ParleyError { throw ValidationError(error.message) }
+        do {
+            try self.security.apply(to: &configuration.parley)
+            let policy = self.nbdTls.flatMap(NBDTLSPolicy.init(rawValue:)) ?? (self.security.cert == nil ? .off : .on)
+            if policy != .off, let cert = self.security.cert {
+                configuration.nbdTLS = NBDServer.TLS(context: try ParleyTLS.server(directory: cert).makeServerContext(), policy: policy)
+            }
+        } catch let error as ParleyError {
+            throw ValidationError(error.message)
+        }
         let server = BlockServer(configuration: configuration, registry: registry, logger: logger)
         let group = ServiceGroup(
             configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)

@@ -130,7 +130,7 @@ public struct ParleyTLS: Sendable {
     }
 
     /// The NIOSSL context that accepts connections with these settings.
-    func makeServerContext() throws(ParleyError) -> NIOSSLContext {
+    public func makeServerContext() throws(ParleyError) -> NIOSSLContext {
         guard !self.certificateChain.isEmpty, let key = self.privateKey else {
             throw ParleyError(code: .invalidArgument, message: "a TLS server needs a certificate and its private key")
         }
@@ -153,7 +153,7 @@ public struct ParleyTLS: Sendable {
     }
 
     /// The NIOSSL context that connects with these settings.
-    func makeClientContext() throws(ParleyError) -> NIOSSLContext {
+    public func makeClientContext() throws(ParleyError) -> NIOSSLContext {
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.minimumTLSVersion = .tlsv13
         configuration.certificateVerification = self.verifyHostname ? .fullVerification : .noHostnameVerification

@@ -34,6 +34,39 @@ struct NBDInteropTests {
         #expect(unix.stdout.contains("can_multi_conn: true"))
     }
 
+    @Test func nbdinfoAndQemuImgUseTLSWithTheDevelopmentCertificates() throws {
+        let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
+        let qemuImg = try Tools.require("qemu-img", package: "qemu-utils")
+        let scratch = try ScratchDirectory()
+        try scratch.sparseFile("a.img", size: 16 << 20)
+        let certs = scratch.file("certs")
+        let made = try Tools.run(try Tools.parley, ["cert", "init", "--dir", certs])
+        #expect(made.status == 0, "\(made.combined)")
+        let server = try BlockServerProcess(scratch: scratch, arguments: [
+            "--export", "alpha=\(scratch.file("a.img"))", "--cert", certs, "--nbd-tls", "require",
+        ])
+        defer { server.stop() }
+        let secured = try Tools.run(nbdinfo, ["nbds://127.0.0.1:\(server.nbdPort)/alpha?tls-certificates=\(certs)"])
+        #expect(secured.status == 0, "\(secured.combined)")
+        #expect(secured.stdout.contains("with TLS"))
+        #expect(secured.stdout.contains("export-size: 16777216"))
+        // Without TLS the server refuses the export.
+        let plain = try Tools.run(nbdinfo, ["\(server.nbdURI)/alpha"])
+        #expect(plain.status != 0)
+        // A client that does not trust the server's CA fails the TLS handshake.
+        let other = scratch.file("other")
+        _ = try Tools.run(try Tools.parley, ["cert", "init", "--dir", other])
+        let untrusted = try Tools.run(nbdinfo, ["nbds://127.0.0.1:\(server.nbdPort)/alpha?tls-certificates=\(other)"])
+        #expect(untrusted.status != 0)
+        // qemu with its own TLS stack (GnuTLS through qemu's crypto layer).
+        let info = try Tools.run(qemuImg, [
+            "info", "--object", "tls-creds-x509,id=tls0,dir=\(certs),endpoint=client", "--image-opts",
+            "driver=nbd,host=127.0.0.1,port=\(server.nbdPort),export=alpha,tls-creds=tls0",
+        ])
+        #expect(info.status == 0, "\(info.combined)")
+        #expect(info.stdout.contains("16 MiB"))
+    }
+
     @Test func qemuImgConvertsAQcow2ImageInAndOut() throws {
         let qemuImg = try Tools.require("qemu-img", package: "qemu-utils")
         let qemuIO = try Tools.require("qemu-io", package: "qemu-utils")

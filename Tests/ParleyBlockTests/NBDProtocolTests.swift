@@ -128,6 +128,8 @@ extension NBDProtocolTests {
         var rest: [UInt8] = []
         /// Actions after a terminal one (must never happen).
         var afterTerminal = 0
+        /// `.startTLS` actions.
+        var startTLS = 0
     }
 
     /// Feeds `input` in chunks of `chunk` bytes (0: all at once) into `machine`.
@@ -147,6 +149,7 @@ extension NBDProtocolTests {
             case .send(let b): outcome.sent += self.array(b)
             case .transmission(let n): outcome.transmission = n
             case .disconnect(let reason): outcome.disconnect = reason
+            case .startTLS: outcome.startTLS += 1
             }
         }
         outcome.rest = self.array(pending)
@@ -424,6 +427,45 @@ extension NBDProtocolTests {
             let (withData, _) = T.run(T.clientFlags(3) + T.option(.startTLS, [1]))
             #expect(T.parseReplies(withData.sent)?.map(\.type) == [NBD.Reply.errInvalid.rawValue])
             #expect(withData.disconnect == nil)
+        }
+
+        @Test func startTLSIsAcknowledgedThenNothingIsReadUntilTLSRuns() {
+            var machine = T.started()
+            machine.tls = .on
+            // STARTTLS and, in the same read, bytes that would be TLS records: not parsed.
+            let first = T.feed(&machine, T.clientFlags(3) + T.option(.startTLS) + T.option(.list))
+            #expect(T.parseReplies(first.sent)?.map(\.type) == [NBD.Reply.ack.rawValue])
+            #expect(first.startTLS == 1)
+            #expect(first.rest == T.option(.list), "the bytes after STARTTLS wait for TLS")
+            #expect(machine.tlsActive)
+            machine.tlsStarted()
+            let after = T.feed(&machine, T.option(.startTLS) + T.option(.list))
+            let replies = T.parseReplies(after.sent) ?? []
+            #expect(replies.first?.type == NBD.Reply.errInvalid.rawValue, "STARTTLS twice")
+            #expect(replies.last?.type == NBD.Reply.ack.rawValue, "LIST inside TLS")
+            #expect(after.startTLS == 0)
+        }
+
+        @Test func aServerRequiringTLSRefusesOptionsBeforeIt() {
+            var machine = T.started()
+            machine.tls = .require
+            let before = T.feed(&machine, T.clientFlags(3) + T.option(.list) + T.option(.go, T.infoData("disk")) + T.option(.structuredReply))
+            #expect(T.parseReplies(before.sent)?.map(\.type) == Array(repeating: NBD.Reply.errTLSRequired.rawValue, count: 3))
+            #expect(before.transmission == nil && before.disconnect == nil)
+            var exportName = T.started()
+            exportName.tls = .require
+            let refused = T.feed(&exportName, T.clientFlags(3) + T.option(.exportName, Array("disk".utf8)))
+            #expect(refused.disconnect?.contains("before STARTTLS") == true)
+            #expect(exportName.resolver.opened.isEmpty, "nothing was opened")
+            var aborting = T.started()
+            aborting.tls = .require
+            #expect(T.feed(&aborting, T.clientFlags(3) + T.option(.abort)).disconnect?.contains("aborted") == true)
+            // Once TLS runs, everything is allowed.
+            var secured = T.started()
+            secured.tls = .require
+            _ = T.feed(&secured, T.clientFlags(3) + T.option(.startTLS))
+            secured.tlsStarted()
+            #expect(T.feed(&secured, T.option(.go, T.infoData("disk"))).transmission != nil)
         }
 
         @Test func infoOfAnUnknownExportIsErrUnknownWithTheMessage() {
@@ -1077,6 +1119,8 @@ extension NBDProtocolTests {
                             if machine.endOfInput() != nil { fail("endOfInput after a disconnect gave a reason") }
                             Self.checkReplies(trace.sent, fail)
                             return trace
+                        case .startTLS:
+                            fail("STARTTLS acknowledged by a server without TLS")
                         case .transmission(let negotiated):
                             if !last { fail("actions after entering transmission") }
                             trace.negotiated = negotiated

@@ -52,6 +52,18 @@ public struct NBDNegotiated: Sendable, Equatable {
     public var baseAllocation: Bool
 }
 
+/// Whether the server offers TLS (NBD_OPT_STARTTLS), and whether it insists on it.
+public enum NBDTLSPolicy: String, Sendable, CaseIterable {
+    /// STARTTLS is refused (no certificates).
+    case off
+    /// STARTTLS is accepted; clients may also go on without it.
+    case on
+    /// Every option but STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD until TLS
+    /// is up; NBD_OPT_EXPORT_NAME (which cannot be refused) ends the connection.
+    case require
+}
+
+
 /// The server side of NBD's fixed newstyle handshake, sans-IO: bytes in, actions out.
 ///
 /// `greeting()` gives the first bytes to send. Each `receive(_:)` consumes what it can of
@@ -67,7 +79,11 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
         case transmission(NBDNegotiated)
         /// Close the connection (after sending anything before this action).
         case disconnect(reason: String)
+        /// Flush what was sent, then run TLS on the connection before reading anything else
+        /// (NBD_OPT_STARTTLS was acknowledged).
+        case startTLS
     }
+
 
     enum State {
         case greeting
@@ -83,8 +99,12 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
     /// The export `NBD_OPT_SET_META_CONTEXT` last selected `base:allocation` for.
     private var metaContextExport: String?
     private var optionCount = 0
-    /// Refuse STARTTLS (no certificates configured).
-    public var tlsAvailable = false
+    /// Between the STARTTLS acknowledgement and the driver's `tlsStarted()`: read nothing.
+    private var pausedForTLS = false
+    /// Whether STARTTLS is offered or required (set before the first option).
+    public var tls: NBDTLSPolicy = .off
+    /// STARTTLS was acknowledged: the rest of the handshake runs inside TLS.
+    public private(set) var tlsActive = false
 
     public init(resolver: Resolver) {
         self.resolver = resolver
@@ -120,7 +140,7 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
                 self.noZeroes = flags & NBD.clientFlagNoZeroes != 0
                 self.state = .options
             case .options:
-                guard buffer.readableBytes >= 16 else { break loop }
+                guard !self.pausedForTLS, buffer.readableBytes >= 16 else { break loop }
                 let start = buffer.readerIndex
                 let magic = buffer.getInteger(at: start, as: UInt64.self)!
                 let option = buffer.getInteger(at: start + 8, as: UInt32.self)!
@@ -150,6 +170,11 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
         return actions
     }
 
+    /// The driver has put TLS on the connection: options are read again (decrypted).
+    public mutating func tlsStarted() {
+        self.pausedForTLS = false
+    }
+
     /// The client closed the connection during the handshake.
     public mutating func endOfInput() -> String? {
         switch self.state {
@@ -163,6 +188,16 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
     // MARK: - Options
 
     private mutating func handle(option raw: UInt32, data: ByteBuffer, into actions: inout [Action]) {
+        if self.tls == .require, !self.tlsActive, raw != NBD.Option.startTLS.rawValue, raw != NBD.Option.abort.rawValue {
+            if raw == NBD.Option.exportName.rawValue {
+                // No reply is possible to NBD_OPT_EXPORT_NAME but the export's data.
+                self.state = .done
+                actions.append(.disconnect(reason: "NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS"))
+            } else {
+                actions.append(.send(Self.reply(raw, .errTLSRequired, text: "this server requires TLS: send NBD_OPT_STARTTLS first")))
+            }
+            return
+        }
         guard let option = NBD.Option(rawValue: raw) else {
             actions.append(.send(Self.reply(raw, .errUnsupported, text: "option \(raw) is not supported")))
             return
@@ -204,8 +239,19 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
         case .startTLS:
             if data.readableBytes != 0 {
                 actions.append(.send(Self.reply(raw, .errInvalid, text: "NBD_OPT_STARTTLS takes no data")))
-            } else {
+            } else if self.tls == .off {
                 actions.append(.send(Self.reply(raw, .errUnsupported, text: "this server has no TLS certificate")))
+            } else if self.tlsActive {
+                actions.append(.send(Self.reply(raw, .errInvalid, text: "TLS is already running")))
+            } else {
+                actions.append(.send(Self.reply(raw, .ack)))
+                self.tlsActive = true
+                // Whatever the client chose before TLS is forgotten (the NBD protocol).
+                self.structuredReplies = false
+                self.metaContextExport = nil
+                actions.append(.startTLS)
+                // Nothing after this option may be read in the clear.
+                self.pausedForTLS = true
             }
         case .info, .go:
             self.handleInfo(option: option, data: data, into: &actions)

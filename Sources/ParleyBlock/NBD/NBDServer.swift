@@ -1,6 +1,7 @@
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOSSL
 import NIOPosix
 import Parley
 
@@ -73,10 +74,21 @@ public final class NBDServer: Sendable {
         public init() {}
     }
 
+    /// NBD_OPT_STARTTLS: the TLS context and whether TLS is offered or required.
+    public struct TLS: Sendable {
+        public var context: NIOSSLContext
+        public var policy: NBDTLSPolicy
+        public init(context: NIOSSLContext, policy: NBDTLSPolicy) {
+            self.context = context
+            self.policy = policy
+        }
+    }
+
     let catalog: BlockExportCatalog
     let devices: BlockDeviceTable
     let io: BlockIOExecutor
     let limits: Limits
+    let tls: TLS?
     let logger: Logger
     let group: any EventLoopGroup
     private let state = NIOLockedValueBox(State())
@@ -87,8 +99,9 @@ public final class NBDServer: Sendable {
         var shuttingDown = false
     }
 
-    public init(catalog: BlockExportCatalog, devices: BlockDeviceTable, io: BlockIOExecutor, limits: Limits = Limits(),
+    public init(catalog: BlockExportCatalog, devices: BlockDeviceTable, io: BlockIOExecutor, limits: Limits = Limits(), tls: TLS? = nil,
                 logger: Logger = Logger(label: "parley.block.nbd"), group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+        self.tls = tls
         self.catalog = catalog
         self.devices = devices
         self.io = io
@@ -193,6 +206,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         self.server = server
         self.logger = server.logger
         self.handshake = NBDHandshakeStateMachine(resolver: NBDConnectionResolver(catalog: server.catalog, devices: server.devices))
+        self.handshake!.tls = server.tls?.policy ?? .off
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -276,6 +290,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 case .send(let bytes):
                     context.write(NIOAny(bytes), promise: nil)
                     self.needsFlush = true
+                case .startTLS:
+                    // The acknowledgement goes out in the clear; everything after it is TLS.
+                    context.flush()
+                    self.needsFlush = false
+                    guard let tls = self.server.tls else { continue }
+                    do {
+                        try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context), position: .first)
+                        self.handshake?.tlsStarted()
+                        self.logger.debug("NBD client started TLS")
+                    } catch {
+                        self.logger.warning("NBD STARTTLS failed: \(error)")
+                        context.close(promise: nil)
+                        return
+                    }
                 case .disconnect(let reason):
                     self.logger.warning("NBD handshake ended: \(reason)")
                     self.handshake = nil

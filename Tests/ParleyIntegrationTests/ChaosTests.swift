@@ -1,0 +1,103 @@
+import Foundation
+import NIOConcurrencyHelpers
+import Parley
+import ParleyChaos
+import ParleyServices
+import Testing
+
+/// The fault proxy's plan (pure) and the proxy itself between a real client and server.
+@Suite struct ChaosPlanTests {
+    @Test func transparentPlanPassesChunksWhole() {
+        var plan = ChaosPlan(settings: .init(), seed: 1)
+        #expect(plan.settings.isTransparent)
+        #expect(plan.plan(1000) == .init(pieces: [.init(offset: 0, length: 1000, delayMilliseconds: 0)], cut: false))
+        #expect(plan.passed == 1000)
+    }
+
+    @Test func fragmentsCoverTheChunkInOrderWithinTheLimit() {
+        var plan = ChaosPlan(settings: .init(fragment: 7), seed: 42)
+        for size in [1, 7, 8, 1000, 65536] {
+            let step = plan.plan(size)
+            #expect(!step.cut)
+            #expect(step.pieces.allSatisfy { (1...7).contains($0.length) })
+            var offset = 0
+            for piece in step.pieces {
+                #expect(piece.offset == offset)
+                offset += piece.length
+            }
+            #expect(offset == size)
+        }
+    }
+
+    @Test func cutAfterBytesCutsAtExactlyThatByteAcrossChunks() {
+        var plan = ChaosPlan(settings: .init(cutAfterBytes: 250), seed: 1)
+        #expect(!plan.plan(100).cut)
+        #expect(!plan.plan(100).cut)
+        let step = plan.plan(100)
+        #expect(step.cut && step.bytesBeforeCut == 50)
+    }
+
+    @Test func theSameSeedGivesTheSameFaults() {
+        let settings = ChaosPlan.Settings(cutProbability: 0.05, fragment: 13, jitterMilliseconds: 5)
+        func run(_ seed: UInt64) -> [ChaosPlan.Step] {
+            var plan = ChaosPlan(settings: settings, seed: seed)
+            return (0..<200).map { _ in plan.plan(500) }
+        }
+        #expect(run(9) == run(9))
+        #expect(run(9) != run(10))
+        #expect(run(9).contains { $0.cut }, "a 5% cut probability cuts within 200 chunks")
+    }
+
+    @Test func aStallDelaysThePieceThatCrossesTheMarkOnce() {
+        var plan = ChaosPlan(settings: .init(stallAfterBytes: 150, stallMilliseconds: 500), seed: 1)
+        let first = plan.plan(100)
+        #expect(first.pieces.map(\.delayMilliseconds) == [0])
+        let second = plan.plan(100)
+        #expect(second.pieces == [.init(offset: 0, length: 50, delayMilliseconds: 0), .init(offset: 50, length: 50, delayMilliseconds: 500)])
+        #expect(plan.plan(100).pieces.map(\.delayMilliseconds) == [0])
+    }
+}
+
+@Suite struct ChaosProxyTests {
+    @Test func requestsGetThroughFragmentedAndDelayedBytes() async throws {
+        try await withServer { _, addresses in
+            let proxy = ChaosProxy(configuration: .init(
+                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0],
+                toServer: .init(fragment: 5, jitterMilliseconds: 2), toClient: .init(fragment: 3), seed: 3
+            ))
+            let address = try await proxy.start()
+            let client = try await ParleyClient.connect(to: address, logger: quietLogger)
+            for i in 1...20 { #expect(try await ping(client, UInt64(i)) == UInt64(i)) }
+            var echo = Parley_Echo_V1_Echo()
+            echo.payload = Data((0..<3000).map { UInt8(truncatingIfNeeded: $0) })
+            let reply = try await client.request(echo, as: Parley_Echo_V1_EchoReply.self)
+            #expect(reply.payload == echo.payload)
+            client.close()
+            await proxy.stop()
+            #expect(proxy.counts == (1, 0))
+        }
+    }
+
+    @Test func aCutEndsTheClientsConnectionWithConnectionClosed() async throws {
+        try await withServer { _, addresses in
+            let lines = NIOLockedValueBox<[String]>([])
+            let proxy = ChaosProxy(
+                configuration: .init(listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0], toServer: .init(cutAfterBytes: 400), seed: 1),
+                report: { line in lines.withLockedValue { $0.append(line) } }
+            )
+            let address = try await proxy.start()
+            let client = try await ParleyClient.connect(to: address, logger: quietLogger)
+            var failure: ParleyError?
+            for i in 1...50 {
+                do { _ = try await ping(client, UInt64(i)) } catch let error as ParleyError {
+                    failure = error
+                    break
+                }
+            }
+            #expect(failure?.code == .connectionClosed)
+            #expect(try await eventually { proxy.counts.cuts == 1 })
+            #expect(lines.withLockedValue { $0 }.contains { $0.contains("c2s: cut after 400 bytes") })
+            await proxy.stop()
+        }
+    }
+}
