@@ -68,10 +68,10 @@ struct Decode: AsyncParsableCommand {
                 }
             } catch {
                 if sealedFromHere, error.code == .badPreambleCRC {
-                    self.emit(["offset": .number(Double(offset)), "sealed": .string("\(data.count - offset) bytes sealed in secure mode (not decodable without the keys)")])
+                    self.emit(["offset": .number(UInt64(offset)), "sealed": .string("\(data.count - offset) bytes sealed in secure mode (not decodable without the keys)")])
                     return
                 }
-                self.emit(["error": .string("\(error.code): \(error.message)"), "offset": .number(Double(offset))])
+                self.emit(["error": .string("\(error.code): \(error.message)"), "offset": .number(UInt64(offset))])
                 throw ExitCode(1)
             }
         }
@@ -90,7 +90,8 @@ struct Decode: AsyncParsableCommand {
 enum Describe {
     enum Value {
         case string(String)
-        case number(Double)
+        /// An integer: printed exactly, whatever its size (ids, seq, ack and timestamps are u64).
+        case number(UInt64)
         case raw(String)  // already JSON
     }
 
@@ -123,13 +124,13 @@ enum Describe {
         switch element {
         case .banner(let b):
             return [
-                "#": .number(Double(index)), "offset": .number(Double(offset)), "element": .string("banner"),
-                "version": .number(Double(b.version)), "supported": .string(b.supported.description), "required": .string(b.required.description),
+                "#": .number(UInt64(index)), "offset": .number(UInt64(offset)), "element": .string("banner"),
+                "version": .number(UInt64(b.version)), "supported": .string(b.supported.description), "required": .string(b.required.description),
             ]
         case .frame(let f):
             var out: [String: Value] = [
-                "#": .number(Double(index)), "offset": .number(Double(offset)), "element": .string("frame"),
-                "tag": .string(f.tag.description), "flags": .number(Double(f.flags)),
+                "#": .number(UInt64(index)), "offset": .number(UInt64(offset)), "element": .string("frame"),
+                "tag": .string(f.tag.description), "flags": .number(UInt64(f.flags)),
                 "segments": .string(f.segments.map { "\($0.readableBytes)" }.joined(separator: ",")),
             ]
             switch f.tag {
@@ -138,16 +139,16 @@ enum Describe {
                     out["payload"] = .string("unreadable message header")
                     return out
                 }
-                out["seq"] = .number(Double(m.header.seq))
-                out["ack"] = .number(Double(m.header.ack))
-                out["id"] = .number(Double(m.header.id))
+                out["seq"] = .number(UInt64(m.header.seq))
+                out["ack"] = .number(UInt64(m.header.ack))
+                out["id"] = .number(UInt64(m.header.id))
                 out["kind"] = .string(m.header.kind.description)
                 out["type"] = .string(m.header.type)
                 if m.header.kind != .cancel { out["payload"] = self.payloadJSON(self.messageTypes[m.header.type], m.payload) }
                 if let d = m.data { out["data"] = .string("\(d.readableBytes) bytes") }
             case .keepalive, .keepaliveAck:
                 let stamp = f.segments[0].getInteger(at: f.segments[0].readerIndex, endianness: .little, as: UInt64.self) ?? 0
-                out["timestamp"] = .number(Double(stamp))
+                out["timestamp"] = .number(UInt64(stamp))
             default:
                 out["payload"] = self.payloadJSON(self.frameTypes[f.tag.rawValue], f.segments[0])
             }
@@ -165,7 +166,7 @@ enum Describe {
         sortedKeys(o).map { key in
             switch o[key]! {
             case .string(let s): return "\(key)=\(s.contains(" ") ? "\"\(s)\"" : s)"
-            case .number(let n): return "\(key)=\(Int(n))"
+            case .number(let n): return "\(key)=\(n)"
             case .raw(let j): return "\(key)=\(j)"
             }
         }.joined(separator: " ")
@@ -176,7 +177,7 @@ enum Describe {
             let v: String
             switch o[key]! {
             case .string(let s): v = quote(s)
-            case .number(let n): v = "\(Int(n))"
+            case .number(let n): v = "\(n)"
             case .raw(let j): v = j
             }
             return quote(key) + ":" + v

@@ -1,6 +1,8 @@
 import Foundation
+import NIOCore
 import Parley
 import ParleyTestSupport
+import ParleyWire
 import Testing
 
 /// Runs the real `parley` executable, as a user would.
@@ -137,5 +139,29 @@ struct CommandTests {
         let trunc = try Self.run(["decode"], stdin: Data("PARL".utf8))
         #expect(trunc.status == 1)
         #expect(trunc.stdout.contains("truncated"))
+    }
+
+    /// Ids, seq, ack and timestamps are u64: decode prints them exactly, however large
+    /// (it once printed them through a Double, and crashed from 2^63 - 512 on).
+    @Test func decodePrintsLargeIntegersExactlyAndDoesNotCrash() throws {
+        var bytes = ByteBuffer()
+        let big = WireMessage(
+            header: MessageHeader(seq: UInt64.max, ack: UInt64.max - 1, id: 9_223_372_036_854_775_300, kind: .request, type: "t.X"),
+            payload: ByteBuffer()
+        )
+        var parts: [ByteBuffer] = []
+        big.encodeFrame(into: &parts, allocator: ByteBufferAllocator())
+        for var p in parts { bytes.writeBuffer(&p) }
+        var stamp = ByteBuffer()
+        stamp.writeInteger(UInt64(1_700_000_000_123_456_789), endianness: .little)
+        bytes.writeFrame(Frame(tag: .keepalive, segments: [stamp]))
+        let out = try Self.run(["decode", "--no-banner"], stdin: Data(bytes.readableBytesView))
+        #expect(out.status == 0, "\(out.stdout)\(out.stderr)")
+        #expect(out.stdout.contains("seq=18446744073709551615"))
+        #expect(out.stdout.contains("ack=18446744073709551614"))
+        #expect(out.stdout.contains("id=9223372036854775300"))
+        #expect(out.stdout.contains("timestamp=1700000000123456789"))
+        let json = try Self.run(["decode", "--no-banner", "--json"], stdin: Data(bytes.readableBytesView))
+        #expect(json.stdout.contains("\"seq\":18446744073709551615"))
     }
 }
