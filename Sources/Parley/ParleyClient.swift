@@ -222,8 +222,12 @@ public final class ParleyClient: Sendable {
 
     /// Waits until the server's request delay (if any) has passed.
     public func waitForRequestDelay() async throws {
-        if let notBefore = self.requestAllowedAt, notBefore > ContinuousClock.now {
-            try await Task.sleep(until: notBefore, clock: .continuous)
+        // A NOTICE may replace the deadline while we wait (docs/protocol.md 8.2), shorter or
+        // longer: wait in slices of at most 10 ms and look at the deadline again after each.
+        while let notBefore = self.requestAllowedAt {
+            let now = ContinuousClock.now
+            guard notBefore > now else { return }
+            try await Task.sleep(until: min(notBefore, now.advanced(by: .milliseconds(10))), clock: .continuous)
         }
     }
 

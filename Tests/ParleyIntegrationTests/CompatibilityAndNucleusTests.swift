@@ -149,6 +149,27 @@ struct NucleusTests {
         }
     }
 
+    /// docs/protocol.md 8.2: a later nucleus with a delay replaces the deadline, also while the
+    /// client is already waiting for the old one (a defect the conformance issue 13 found).
+    @Test func aNoticeShortensTheRequestDelayWhileTheClientWaits() async throws {
+        var router = EchoService.router()
+        router.onMessage(Parley_Echo_V1_Sleep.self) { _, context in
+            try await Task.sleep(for: .milliseconds(200))
+            try await context.connection.sendNotice(ParleyNucleus(requestDelay: 0.3))
+        }
+        try await withServer(configure: { $0.nucleus = ParleyNucleus(requestDelay: 3.0) }, router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            let start = ContinuousClock.now
+            // Asks for the NOTICE (a one-way message is not held by the request delay).
+            try await client.connection.send(Parley_Echo_V1_Sleep())
+            #expect(try await ping(client, 1) == 1)
+            let waited = ContinuousClock.now - start
+            #expect(waited >= .milliseconds(450), "the new 0.3 s delay counts from the NOTICE")
+            #expect(waited < .milliseconds(2500), "the NOTICE replaced the 3 s delay; waited \(waited)")
+        }
+    }
+
     @Test func clientFollowsRedirect() async throws {
         try await withServer { _, target in
             try await withServer(configure: { $0.nucleus = ParleyNucleus(redirects: [target[0].description]) }) { _, first in

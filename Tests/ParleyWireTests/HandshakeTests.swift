@@ -159,6 +159,7 @@ extension Pair {
         let c = try #require(Pair.failure(pair.clientOutcome))
         #expect(c.code == .clientOutOfDate)
         #expect(c.message.contains("0.9.5") && c.message.contains("0.10.0"))
+        #expect(c.message.contains("server message [high]: hello"), "the refusing SERVER_IDENT's other messages are shown")
         #expect(Pair.failure(pair.serverOutcome)?.code == .clientOutOfDate)
         // The SERVER_IDENT carried the high-priority message for clients that only know the nucleus.
         var d = WireDecoder()

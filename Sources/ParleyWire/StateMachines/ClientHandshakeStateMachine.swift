@@ -217,7 +217,12 @@ public struct ClientHandshakeStateMachine: Sendable {
                 let ident = try Parley_V1_ServerIdent(parleyPayload: frame.segments[0])
                 if ident.hasRefusal {
                     self.state = .failed
-                    return HandshakeStep(outcome: .failed(ParleyError(status: ident.refusal)))
+                    // The refusing SERVER_IDENT's other messages are shown too (docs/protocol.md 8.4).
+                    var error = ParleyError(status: ident.refusal)
+                    for m in ident.nucleus.messages where m.text != error.message {
+                        error.message += "\nserver message [\(m.priority == .high ? "high" : "low")]: \(m.text)"
+                    }
+                    return HandshakeStep(outcome: .failed(error))
                 }
                 self.state = .established
                 let done = partial.authDone ?? Parley_V1_AuthDone()

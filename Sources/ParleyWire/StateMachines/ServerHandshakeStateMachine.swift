@@ -204,7 +204,7 @@ public struct ServerHandshakeStateMachine: Sendable {
                    Negotiation.compareVersions(client.version, minimum) < 0 {
                     var message = Parley_V1_ServerMessage()
                     message.priority = .high
-                    message.text = "\(client.implementation.isEmpty ? "client" : client.implementation) \(client.version) is out of date: this server needs version \(minimum) or later; please upgrade"
+                    message.text = "\(client.implementation.isEmpty ? "client" : client.implementation) \(client.version.isEmpty ? "(no version)" : client.version) is out of date: this server needs version \(minimum) or later; please upgrade"
                     ident.nucleus.messages.append(message)
                     self.state = .failed
                     let error = ParleyError(code: .clientOutOfDate, message: message.text)
