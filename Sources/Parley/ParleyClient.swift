@@ -147,6 +147,7 @@ public final class ParleyClient: Sendable {
         logger: Logger, group: any EventLoopGroup,
         open: ((@escaping ParleyChannelInitializer) async throws -> any Channel)? = nil
     ) async throws -> ParleyClient {
+        try Frame.validateLimit(configuration.maxFrameSize)
         var ident = Parley_V1_ClientIdent()
         ident.platform = configuration.platform
         ident.implementation = configuration.implementation

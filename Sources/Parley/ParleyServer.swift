@@ -70,6 +70,7 @@ public final class ParleyServer: Service, Sendable {
 
         /// Refuses contradictory security settings before the server starts.
         public func validateSecurity() throws(ParleyError) {
+            try Frame.validateLimit(self.maxFrameSize)
             guard !self.modes.isEmpty else { throw ParleyError(code: .invalidArgument, message: "no connection mode allowed: give crc, secure or both") }
             for method in self.authMethods where !AuthMethod.all.contains(method) {
                 throw ParleyError(code: .invalidArgument, message: "unknown authentication method \"\(method)\": use none, secret or tls")

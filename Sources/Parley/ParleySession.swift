@@ -124,7 +124,7 @@ public struct ParleySession: Hashable, Sendable {
         self.addressSeenByPeer = result.peerHello.peerAddress
         self.peerAddress = peerAddress
         self.nucleus = ParleyNucleus(result.serverIdent.nucleus)
-        self.peerMaxFrameSize = result.peerHello.maxFrameSize == 0 ? Frame.defaultMaxFrameSize : Int(result.peerHello.maxFrameSize)
+        self.peerMaxFrameSize = Frame.peerLimit(announced: result.peerHello.maxFrameSize)
         self.connectionMode = result.connectionMode
         self.cipher = result.cipher
         self.entity = result.entity

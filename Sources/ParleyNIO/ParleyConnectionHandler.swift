@@ -483,7 +483,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             if !step.send.isEmpty { context.flush() }
             let role: SessionStateMachine.Role
             if case .handshaking(.client(_)) = self.state { role = .client } else { role = .server }
-            let peerMax = result.peerHello.maxFrameSize == 0 ? Frame.defaultMaxFrameSize : Int(result.peerHello.maxFrameSize)
+            let peerMax = Frame.peerLimit(announced: result.peerHello.maxFrameSize)
             self.state = .established(SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax))
             if let configuration = self.keepaliveConfiguration, result.features.contains(.keepalive) {
                 self.startKeepalive(configuration, context: context)

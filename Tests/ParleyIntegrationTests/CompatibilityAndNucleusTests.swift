@@ -149,6 +149,23 @@ struct NucleusTests {
         }
     }
 
+    /// docs/protocol.md 4.5: a side's limit is at least 64 KiB, and a smaller announced limit
+    /// counts as 64 KiB (the handshake frames cannot know the peer's limit).
+    @Test func frameSizeLimitsBelow64KiBAreRefusedOrRaised() async throws {
+        #expect(Frame.peerLimit(announced: 40) == Frame.minimumMaxFrameSize)
+        #expect(Frame.peerLimit(announced: 0) == Frame.defaultMaxFrameSize)
+        #expect(Frame.peerLimit(announced: 100_000) == 100_000)
+        try await withServer { _, addresses in
+            let error = await #expect(throws: ParleyError.self) {
+                _ = try await ParleyClient.connect(to: addresses[0], configuration: .init(maxFrameSize: 60), logger: quietLogger)
+            }
+            #expect(error?.code == .invalidArgument)
+        }
+        let server = ParleyServer(configuration: .init(listen: [.tcp(host: "127.0.0.1", port: 0)], maxFrameSize: 1000), router: EchoService.router(), logger: quietLogger)
+        let error = await #expect(throws: ParleyError.self) { try await server.run() }
+        #expect(error?.code == .invalidArgument)
+    }
+
     /// docs/protocol.md 8.2: a later nucleus with a delay replaces the deadline, also while the
     /// client is already waiting for the old one (a defect the conformance issue 13 found).
     @Test func aNoticeShortensTheRequestDelayWhileTheClientWaits() async throws {

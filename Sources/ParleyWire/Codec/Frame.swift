@@ -72,6 +72,23 @@ public struct Frame: Hashable, Sendable {
     public static let maxSegments = 4
     /// The default limit on the sum of a frame's segment lengths: 16 MiB + 64 KiB.
     public static let defaultMaxFrameSize = 16 * 1024 * 1024 + 64 * 1024
+    /// The smallest frame-size limit a side may have: every side accepts frames of up to
+    /// 64 KiB, so that the handshake's frames (which are sent before, or without knowing, the
+    /// peer's limit) always fit.
+    public static let minimumMaxFrameSize = 64 * 1024
+
+    /// The limit a peer's HELLO `max_frame_size` sets: 0 is the default; a value below the
+    /// minimum counts as the minimum.
+    public static func peerLimit(announced: UInt32) -> Int {
+        announced == 0 ? Self.defaultMaxFrameSize : max(Int(announced), Self.minimumMaxFrameSize)
+    }
+
+    /// Checks a side's own limit.
+    public static func validateLimit(_ limit: Int) throws(ParleyError) {
+        guard (Self.minimumMaxFrameSize...Int(UInt32.max)).contains(limit) else {
+            throw ParleyError(code: .invalidArgument, message: "frame-size limit \(limit) is outside \(Self.minimumMaxFrameSize)...\(UInt32.max) bytes")
+        }
+    }
 
     public var tag: FrameTag
     public var flags: UInt8
