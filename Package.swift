@@ -33,10 +33,9 @@ let package = Package(
     targets: [
         // Layer 0: CRC32C with SSE4.2 / ARMv8 CRC instructions and a table fallback.
         .target(name: "CParleyCRC32C"),
-        // AEAD sealing and opening in place (OpenSSL's EVP interface): swift-crypto's AEADs
-        // always allocate their output, which a frame path that seals into the outgoing buffer
-        // cannot afford (docs/performance.md).
-        .target(name: "CParleyAEAD", linkerSettings: [.linkedLibrary("crypto")]),
+        // AEAD sealing and opening in place with the BoringSSL that swift-crypto links (its
+        // Swift API always allocates its output; docs/performance.md, "Parley secure").
+        .target(name: "CParleyAEAD"),
         // Layer 1: pure wire codec and sans-IO state machines (no channel, clock or randomness).
         .target(
             name: "ParleyWire",

@@ -1,7 +1,5 @@
 #include "CParleyAEAD.h"
 
-#include <limits.h>
-#include <openssl/evp.h>
 #include <stdlib.h>
 
 #if defined(__aarch64__) && defined(__linux__)
@@ -9,27 +7,37 @@
 #include <sys/auxv.h>
 #endif
 
+// BoringSSL's EVP_AEAD interface (include/openssl/aead.h), as swift-crypto's copy names it.
+typedef struct evp_aead_st EVP_AEAD;
+typedef struct evp_aead_ctx_st EVP_AEAD_CTX;
+extern const EVP_AEAD *CCryptoBoringSSL_EVP_aead_aes_256_gcm(void);
+extern const EVP_AEAD *CCryptoBoringSSL_EVP_aead_chacha20_poly1305(void);
+extern EVP_AEAD_CTX *CCryptoBoringSSL_EVP_AEAD_CTX_new(const EVP_AEAD *aead, const uint8_t *key, size_t key_len, size_t tag_len);
+extern void CCryptoBoringSSL_EVP_AEAD_CTX_free(EVP_AEAD_CTX *ctx);
+extern int CCryptoBoringSSL_EVP_AEAD_CTX_seal_scatter(
+    const EVP_AEAD_CTX *ctx, uint8_t *out, uint8_t *out_tag, size_t *out_tag_len, size_t max_out_tag_len,
+    const uint8_t *nonce, size_t nonce_len, const uint8_t *in, size_t in_len, const uint8_t *extra_in,
+    size_t extra_in_len, const uint8_t *ad, size_t ad_len);
+extern int CCryptoBoringSSL_EVP_AEAD_CTX_open_gather(
+    const EVP_AEAD_CTX *ctx, uint8_t *out, const uint8_t *nonce, size_t nonce_len, const uint8_t *in,
+    size_t in_len, const uint8_t *in_tag, size_t in_tag_len, const uint8_t *ad, size_t ad_len);
+
 struct cparley_aead {
-    EVP_CIPHER_CTX *ctx;
-    int encrypt;
+    EVP_AEAD_CTX *ctx;
 };
 
-cparley_aead *cparley_aead_new(int cipher, const uint8_t key[32], int encrypt) {
-    const EVP_CIPHER *evp;
+cparley_aead *cparley_aead_new(int cipher, const uint8_t key[32]) {
+    const EVP_AEAD *aead;
     switch (cipher) {
-    case CPARLEY_AEAD_AES_256_GCM: evp = EVP_aes_256_gcm(); break;
-    case CPARLEY_AEAD_CHACHA20_POLY1305: evp = EVP_chacha20_poly1305(); break;
+    case CPARLEY_AEAD_AES_256_GCM: aead = CCryptoBoringSSL_EVP_aead_aes_256_gcm(); break;
+    case CPARLEY_AEAD_CHACHA20_POLY1305: aead = CCryptoBoringSSL_EVP_aead_chacha20_poly1305(); break;
     default: return NULL;
     }
     cparley_aead *a = calloc(1, sizeof(*a));
     if (a == NULL) return NULL;
-    a->ctx = EVP_CIPHER_CTX_new();
-    a->encrypt = encrypt;
-    if (a->ctx == NULL
-        || EVP_CipherInit_ex(a->ctx, evp, NULL, NULL, NULL, encrypt) != 1
-        || EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) != 1
-        || EVP_CipherInit_ex(a->ctx, NULL, NULL, key, NULL, encrypt) != 1) {
-        cparley_aead_free(a);
+    a->ctx = CCryptoBoringSSL_EVP_AEAD_CTX_new(aead, key, 32, 16);
+    if (a->ctx == NULL) {
+        free(a);
         return NULL;
     }
     return a;
@@ -37,42 +45,18 @@ cparley_aead *cparley_aead_new(int cipher, const uint8_t key[32], int encrypt) {
 
 void cparley_aead_free(cparley_aead *a) {
     if (a == NULL) return;
-    EVP_CIPHER_CTX_free(a->ctx);
+    CCryptoBoringSSL_EVP_AEAD_CTX_free(a->ctx);
     free(a);
 }
 
-int cparley_aead_begin(cparley_aead *a, const uint8_t nonce[12]) {
-    return EVP_CipherInit_ex(a->ctx, NULL, NULL, NULL, nonce, a->encrypt) == 1;
+int cparley_aead_seal(cparley_aead *a, const uint8_t nonce[12], uint8_t *data, size_t length, uint8_t tag[16]) {
+    size_t tag_len = 0;
+    return CCryptoBoringSSL_EVP_AEAD_CTX_seal_scatter(a->ctx, data, tag, &tag_len, 16, nonce, 12, data, length, NULL, 0, NULL, 0) == 1
+        && tag_len == 16;
 }
 
-// EVP's update takes an int length: feed larger inputs in pieces (frames are at most a few
-// MiB, so this never loops more than once in practice).
-int cparley_aead_update(cparley_aead *a, const uint8_t *in, uint8_t *out, size_t length) {
-    while (length > 0) {
-        int piece = length > (size_t)(INT_MAX / 2) ? INT_MAX / 2 : (int)length;
-        int written = 0;
-        if (EVP_CipherUpdate(a->ctx, out, &written, in, piece) != 1 || written != piece) return 0;
-        in += piece;
-        out += piece;
-        length -= (size_t)piece;
-    }
-    return 1;
-}
-
-int cparley_aead_seal_finish(cparley_aead *a, uint8_t tag[16]) {
-    uint8_t none[16];
-    int written = 0;
-    if (!a->encrypt) return 0;
-    if (EVP_CipherFinal_ex(a->ctx, none, &written) != 1 || written != 0) return 0;
-    return EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_GET_TAG, 16, tag) == 1;
-}
-
-int cparley_aead_open_finish(cparley_aead *a, const uint8_t tag[16]) {
-    uint8_t none[16];
-    int written = 0;
-    if (a->encrypt) return 0;
-    if (EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_SET_TAG, 16, (void *)tag) != 1) return 0;
-    return EVP_CipherFinal_ex(a->ctx, none, &written) == 1;
+int cparley_aead_open(cparley_aead *a, const uint8_t nonce[12], const uint8_t *in, uint8_t *out, size_t length, const uint8_t tag[16]) {
+    return CCryptoBoringSSL_EVP_AEAD_CTX_open_gather(a->ctx, out, nonce, 12, in, length, tag, 16, NULL, 0) == 1;
 }
 
 int cparley_aead_cpu_has_aes(void) {

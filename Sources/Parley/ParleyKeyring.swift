@@ -1,4 +1,9 @@
 import Foundation
+#if canImport(Glibc)
+// stat and its fields: a release build with MemberImportVisibility wants their modules named.
+import CoreFoundation
+import Glibc
+#endif
 import NIOConcurrencyHelpers
 import ParleyWire
 

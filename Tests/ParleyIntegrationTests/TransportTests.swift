@@ -344,7 +344,7 @@ struct TransportTests {
         #expect(try Self.mode(dir + "/ca.key") == 0o600)
         #expect(try Self.mode(dir + "/server.key") == 0o600)
         #expect(try Self.mode(dir + "/ca.pem") == 0o644)
-        #expect(try FileManager.default.contentsOfDirectory(atPath: dir).sorted() == ["ca.key", "ca.pem", "server.key", "server.pem"], "no temporary file left")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir).sorted() == ["ca-cert.pem", "ca.key", "ca.pem", "server.key", "server.pem"], "no temporary file left")
 
         let caBefore = try Data(contentsOf: URL(fileURLWithPath: dir + "/ca.pem"))
         let again = try runProcess(parley, ["cert", "init", "--dir", dir], seconds: 60)

@@ -165,9 +165,8 @@ public struct WireMessage: Hashable, Sendable {
     }
 
     /// Encodes this message as a whole sealed MESSAGE frame (secure mode) in one buffer: the
-    /// preamble and header are written in place, the preamble sealed alone, then the header,
-    /// payload and data are encrypted as one message straight into the buffer (the payload and
-    /// data from their own buffers: no other copy).
+    /// preamble and header are written in place, the payload and data copied after them, then
+    /// the preamble is sealed alone and the segments as one message, in place.
     public func sealFrame(with direction: SecureDirection, allocator: ByteBufferAllocator) throws(ParleyError) -> ByteBuffer {
         try direction.ensureRoom(forClose: false)
         let headerLength = MessageHeader.fixedSize + self.header.type.utf8.count
@@ -184,21 +183,19 @@ public struct WireMessage: Hashable, Sendable {
             var preamble: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
             withUnsafeMutableBytes(of: &preamble) { $0.copyMemory(from: UnsafeRawBufferPointer(start: base + SecureCipher.tagSize, count: Frame.preambleSize)) }
             withUnsafeBytes(of: &preamble) { base.copyMemory(from: $0.baseAddress!, byteCount: Frame.preambleSize) }
+            var offset = sealedPreambleSize + headerLength
+            func append(_ segment: ByteBuffer) {
+                let to = base + offset
+                segment.withUnsafeReadableBytes { bytes in
+                    if let from = bytes.baseAddress { to.copyMemory(from: from, byteCount: bytes.count) }
+                }
+                offset += segment.readableBytes
+            }
+            append(self.payload)
+            if let data = self.data { append(data) }
             do {
                 try direction.seal(base, length: Frame.preambleSize)
-                try direction.sealBegin()
-                var offset = sealedPreambleSize
-                try direction.sealPiece(from: base + offset, to: base + offset, length: headerLength)
-                offset += headerLength
-                for segment in [self.payload, self.data] {
-                    guard let segment else { continue }
-                    let to = base + offset
-                    try segment.withUnsafeReadableBytes { bytes in
-                        if let from = bytes.baseAddress { try direction.sealPiece(from: from, to: to, length: bytes.count) }
-                    }
-                    offset += segment.readableBytes
-                }
-                try direction.sealFinish(tag: base + offset)
+                try direction.seal(base + sealedPreambleSize, length: total)
                 return size
             } catch {
                 failure = error as? ParleyError ?? ParleyError(code: .protocolViolation, message: "internal: \(error)")

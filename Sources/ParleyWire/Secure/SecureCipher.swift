@@ -76,7 +76,7 @@ public final class SecureDirection {
     deinit { cparley_aead_free(self.context) }
 
     private static func makeContext(_ keys: SecureDirectionKeys, sealing: Bool) throws(ParleyError) -> OpaquePointer {
-        guard let context = keys.key.withUnsafeBufferPointer({ cparley_aead_new(keys.cipher.cValue, $0.baseAddress, sealing ? 1 : 0) }) else {
+        guard let context = keys.key.withUnsafeBufferPointer({ cparley_aead_new(keys.cipher.cValue, $0.baseAddress) }) else {
             throw ParleyError(code: .protocolViolation, message: "internal: cannot create the \(keys.cipher.rawValue) context")
         }
         return context
@@ -108,8 +108,9 @@ public final class SecureDirection {
         }
     }
 
-    /// Starts the next message: checks the counter, updates the key at an interval boundary.
-    private func begin() throws(ParleyError) {
+    /// Takes the next counter value: checks it, updates the key at an interval boundary, and
+    /// returns the message's nonce (12 bytes, inline).
+    private func next() throws(ParleyError) -> (UInt64, UInt32) {
         guard self.counter <= Self.lastCounter else {
             throw ParleyError(
                 code: .keyExhausted,
@@ -126,51 +127,30 @@ public final class SecureDirection {
             self.keys.iv.withUnsafeBytes { n.copyMemory(from: $0) }
             n.storeBytes(of: n.load(as: UInt64.self) ^ self.counter.littleEndian, as: UInt64.self)
         }
-        let ok = withUnsafeBytes(of: &nonce) { cparley_aead_begin(self.context, $0.baseAddress!.assumingMemoryBound(to: UInt8.self)) }
-        guard ok == 1 else { throw ParleyError(code: .protocolViolation, message: "internal: AEAD begin failed") }
         self.counter += 1
+        return nonce
     }
 
-    // MARK: - Sealing
-
-    /// Seals one message in place: `length` bytes at `p`, tag written at `p + length`.
+    /// Seals one message in place: `length` bytes at `p`, its tag written at `p + length`.
     func seal(_ p: UnsafeMutableRawPointer, length: Int) throws(ParleyError) {
-        try self.begin()
-        let ptr = p.assumingMemoryBound(to: UInt8.self)
-        guard cparley_aead_update(self.context, ptr, ptr, length) == 1,
-              cparley_aead_seal_finish(self.context, ptr + length) == 1
-        else { throw ParleyError(code: .protocolViolation, message: "internal: AEAD seal failed") }
-    }
-
-    /// Starts a message sealed in pieces (`sealPiece`, then `sealFinish`).
-    func sealBegin() throws(ParleyError) { try self.begin() }
-
-    /// Encrypts the next `length` bytes of the message from `from` to `to` (may be equal).
-    func sealPiece(from: UnsafeRawPointer, to: UnsafeMutableRawPointer, length: Int) throws(ParleyError) {
-        guard length == 0 || cparley_aead_update(
-            self.context, from.assumingMemoryBound(to: UInt8.self), to.assumingMemoryBound(to: UInt8.self), length
-        ) == 1 else { throw ParleyError(code: .protocolViolation, message: "internal: AEAD seal failed") }
-    }
-
-    /// Writes the message's tag at `tag` (16 bytes).
-    func sealFinish(tag: UnsafeMutableRawPointer) throws(ParleyError) {
-        guard cparley_aead_seal_finish(self.context, tag.assumingMemoryBound(to: UInt8.self)) == 1 else {
-            throw ParleyError(code: .protocolViolation, message: "internal: AEAD seal failed")
+        var nonce = try self.next()
+        let data = p.assumingMemoryBound(to: UInt8.self)
+        let ok = withUnsafeBytes(of: &nonce) { n in
+            cparley_aead_seal(self.context, n.baseAddress!.assumingMemoryBound(to: UInt8.self), data, length, data + length)
         }
+        guard ok == 1 else { throw ParleyError(code: .protocolViolation, message: "internal: AEAD seal failed") }
     }
 
-    // MARK: - Opening
-
-    /// Opens one message: decrypts `length` bytes from `from` to `to` (may be equal) and checks
-    /// the tag at `tag`. False if the tag is wrong (the output is then garbage).
+    /// Opens one message: decrypts `length` bytes from `from` to `to` (equal, or not
+    /// overlapping) and checks the tag at `tag`. False if the tag is wrong.
     func open(from: UnsafeRawPointer, to: UnsafeMutableRawPointer, length: Int, tag: UnsafeRawPointer) throws(ParleyError) -> Bool {
-        try self.begin()
-        if length > 0 {
-            guard cparley_aead_update(
-                self.context, from.assumingMemoryBound(to: UInt8.self), to.assumingMemoryBound(to: UInt8.self), length
-            ) == 1 else { return false }
-        }
-        return cparley_aead_open_finish(self.context, tag.assumingMemoryBound(to: UInt8.self)) == 1
+        var nonce = try self.next()
+        return withUnsafeBytes(of: &nonce) { n in
+            cparley_aead_open(
+                self.context, n.baseAddress!.assumingMemoryBound(to: UInt8.self), from.assumingMemoryBound(to: UInt8.self),
+                to.assumingMemoryBound(to: UInt8.self), length, tag.assumingMemoryBound(to: UInt8.self)
+            )
+        } == 1
     }
 }
 
@@ -191,7 +171,7 @@ extension Frame {
 
     /// Seals the frame into one buffer appended to `out`: the preamble sealed alone, then all
     /// segments sealed as one message whose tag replaces the CRC epilogue. The segments are
-    /// encrypted straight from their buffers into the outgoing one: one pass, no other copy.
+    /// copied into the outgoing buffer and encrypted there in place.
     public func seal(with direction: SecureDirection, into out: inout [ByteBuffer], allocator: ByteBufferAllocator) throws(ParleyError) {
         try direction.ensureRoom(forClose: self.tag == .close)
         let total = self.payloadSize
@@ -212,19 +192,18 @@ extension ByteBuffer {
         let written = self.withVeryUnsafeMutableBytes { raw -> Int in
             precondition(raw.count >= preambleStart + sealedPreambleSize + total + SecureCipher.tagSize)
             let base = raw.baseAddress! + preambleStart
+            // The segments side by side after the preamble's tag, then sealed there in place.
+            var offset = sealedPreambleSize
+            for segment in segments {
+                let to = base + offset
+                segment.withUnsafeReadableBytes { bytes in
+                    if let from = bytes.baseAddress { to.copyMemory(from: from, byteCount: bytes.count) }
+                }
+                offset += segment.readableBytes
+            }
             do {
                 try direction.seal(base, length: Frame.preambleSize)
-                try direction.sealBegin()
-                var offset = sealedPreambleSize
-                for segment in segments {
-                    let length = segment.readableBytes
-                    let to = base + offset
-                    try segment.withUnsafeReadableBytes { bytes in
-                        if let from = bytes.baseAddress { try direction.sealPiece(from: from, to: to, length: bytes.count) }
-                    }
-                    offset += length
-                }
-                try direction.sealFinish(tag: base + offset)
+                try direction.seal(base + sealedPreambleSize, length: total)
                 return SecureCipher.tagSize + total + SecureCipher.tagSize
             } catch {
                 failure = error as? ParleyError ?? ParleyError(code: .protocolViolation, message: "internal: \(error)")
