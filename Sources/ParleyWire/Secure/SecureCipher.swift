@@ -50,7 +50,7 @@ public struct SecureDirectionKeys: Hashable, Sendable {
 /// so that no key seals more than 2^32 messages. A counter never repeats: the direction
 /// refuses to go past 2^64 - 2 (`keyExhausted`).
 ///
-/// Used by one connection on its event loop; it owns an OpenSSL context, freed with it.
+/// Used by one connection on its event loop; it owns a BoringSSL AEAD context, freed with it.
 public final class SecureDirection {
     public let sealing: Bool
     public private(set) var keys: SecureDirectionKeys
