@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import Parley
 
 #if canImport(Glibc)
 import Glibc
@@ -15,7 +16,7 @@ struct ParleyBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "parley-bench",
         abstract: "Compare Parley with a raw SwiftNIO echo and gRPC over TCP loopback.",
-        subcommands: [Run.self, Overhead.self, Server.self],
+        subcommands: [Run.self, Overhead.self, AEADBench.self, Server.self],
         defaultSubcommand: Run.self
     )
 }
@@ -35,15 +36,21 @@ struct Run: AsyncParsableCommand {
         abstract: "Run the benchmark (the default).",
         discussion: """
             Starts one server process per system (this executable with `server`), then for each \
-            workload runs raw, parley, grpc, raw, parley, grpc, ... REPETITIONS times, each \
-            measurement on a fresh connection: WARMUP seconds unmeasured, then DURATION seconds \
-            measured. Prints a table per workload with the median over the repetitions and \
-            Parley's ratios, then the goals. The servers are stopped by PID at the end, on error \
-            and on SIGINT/SIGTERM.
+            workload runs the systems in turn (raw, parley, grpc, parley-secure, parley-tls, \
+            tls-echo, raw, ...) REPETITIONS times, each measurement on a fresh connection: WARMUP \
+            seconds unmeasured, then DURATION seconds measured. Prints a table per workload with \
+            the median over the repetitions and the ratios, then the goals. The servers are \
+            stopped by PID at the end, on error and on SIGINT/SIGTERM.
+
+            Systems: raw (a length-prefixed SwiftNIO echo), parley (crc mode), grpc, \
+            parley-secure (method secret, secure mode: AES-256-GCM), parley-tls (tls://, crc \
+            mode), tls-echo (the raw echo inside TLS 1.3). The keyring and the certificates of \
+            the secure ones are made in a temporary directory and removed at the end.
 
             Workloads: latency (queue depth 1, 64 B), throughput-64b and throughput-64k (WINDOW \
             concurrent tasks on one connection), bulk (BULK-SIZE payloads, BULK-WINDOW in flight; \
-            Parley sends them in the data segment of its Echo call).
+            Parley sends them in the data segment of its Echo call), handshake (HANDSHAKES \
+            connections one after another, each timed from connect to its first 64 B answer).
             """
     )
 
@@ -58,14 +65,14 @@ struct Run: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "Comma-separated workloads: latency, throughput-64b, throughput-64k, bulk, or all (default: all).",
+            "Comma-separated workloads: latency, throughput-64b, throughput-64k, bulk, handshake, or all (default: all).",
             valueName: "list"
         ),
         transform: Workload.parseList
     )
     var workloads: [Workload] = Workload.allCases
 
-    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,parley,grpc).", valueName: "list"),
+    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,parley,grpc,parley-secure,parley-tls,tls-echo).", valueName: "list"),
             transform: { try System.parseList($0, allowed: System.allCases) })
     var systems: [System] = System.allCases
 
@@ -78,6 +85,9 @@ struct Run: AsyncParsableCommand {
     @Option(help: "Bytes per request in the bulk workload.")
     var bulkSize: Int = 1 << 20
 
+    @Option(help: "Connections timed per measurement in the handshake workload (after a tenth as many unmeasured).")
+    var handshakes: Int = 200
+
     func validate() throws {
         guard self.repetitions >= 1 else { throw ValidationError("--repetitions must be at least 1") }
         guard self.duration > 0, self.duration <= 600 else { throw ValidationError("--duration must be in (0, 600] seconds") }
@@ -85,6 +95,7 @@ struct Run: AsyncParsableCommand {
         guard self.window >= 1, self.window <= 1024 else { throw ValidationError("--window must be 1...1024") }
         guard self.bulkWindow >= 1, self.bulkWindow <= 64 else { throw ValidationError("--bulk-window must be 1...64") }
         guard (1...(8 << 20)).contains(self.bulkSize) else { throw ValidationError("--bulk-size must be 1...8388608") }
+        guard (1...100_000).contains(self.handshakes) else { throw ValidationError("--handshakes must be 1...100000") }
         guard !self.workloads.isEmpty, !self.systems.isEmpty else { throw ValidationError("nothing to run") }
         guard Set(self.systems).count == self.systems.count else { throw ValidationError("--systems lists a system twice") }
     }
@@ -93,15 +104,19 @@ struct Run: AsyncParsableCommand {
         bootstrapLogging()
         let settings = Settings(
             repetitions: self.repetitions, duration: self.duration, warmup: self.warmup,
-            window: self.window, bulkWindow: self.bulkWindow, bulkSize: self.bulkSize
+            window: self.window, bulkWindow: self.bulkWindow, bulkSize: self.bulkSize, handshakes: self.handshakes
         )
-        let signalSources = ChildProcesses.shared.stopOnSignals()
-        defer { ChildProcesses.shared.stopAll() }
+        let material = self.systems.contains(where: \.isSecure) ? try SecurityMaterial.make() : nil
+        let signalSources = ChildProcesses.shared.stopOnSignals(removing: material?.directory)
+        defer {
+            ChildProcesses.shared.stopAll()
+            material?.remove()
+        }
 
         print(header(settings))
         var children: [System: ServerChild] = [:]
         for system in self.systems {
-            let child = try await ServerChild.spawn(system)
+            let child = try await ServerChild.spawn(system, arguments: system.isSecure ? material!.serverArguments : [])
             children[system] = child
             progress("started the \(system.title) server: pid \(child.pid), 127.0.0.1:\(child.port)")
         }
@@ -113,7 +128,7 @@ struct Run: AsyncParsableCommand {
             let loadBefore = MachineLoad.snapshot(excluding: ours)
             for rep in 1...settings.repetitions {
                 for system in self.systems {
-                    let m = try await self.measure(workload, system: system, port: children[system]!.port, settings: settings)
+                    let m = try await self.measure(workload, system: system, port: children[system]!.port, settings: settings, material: material)
                     r.runs[system, default: []].append(m)
                     progress("\(workload.rawValue) \(rep)/\(settings.repetitions) \(system.title): \(summary(m, workload))")
                 }
@@ -125,15 +140,23 @@ struct Run: AsyncParsableCommand {
             print(table(r, systems: self.systems, settings: settings))
         }
         if self.systems.contains(.parley) { print(goals(results)) }
+        if self.systems.contains(.parleySecure) { print(secureGoals(results, systems: self.systems)) }
 
         for child in children.values { child.stop() }
         withExtendedLifetime(signalSources) {}
     }
 
-    private func measure(_ workload: Workload, system: System, port: Int, settings: Settings) async throws -> Measurement {
+    private func measure(_ workload: Workload, system: System, port: Int, settings: Settings, material: SecurityMaterial?) async throws -> Measurement {
+        if workload == .handshake {
+            do {
+                return try await Measure.handshake(system, port: port, load: settings.load(workload), material: material, count: settings.handshakes)
+            } catch {
+                throw BenchError("handshake on \(system.title) failed: \(error)")
+            }
+        }
         let caller: any EchoCaller
         do {
-            caller = try await system.connect(port: port, load: settings.load(workload))
+            caller = try await system.connect(port: port, load: settings.load(workload), material: material)
         } catch {
             throw BenchError("\(workload.rawValue): cannot connect to the \(system.title) server: \(error)")
         }
@@ -165,16 +188,22 @@ struct Server: AsyncParsableCommand {
             """
     )
 
-    @Option(help: "raw, parley or grpc.")
+    @Option(help: "raw, parley, grpc, parley-secure, parley-tls or tls-echo.")
     var system: System
 
     @Option(help: "Port to listen on (0: any free port).")
     var port: Int = 0
 
+    @Option(help: ArgumentHelp("The keyring of parley-secure.", valueName: "file"))
+    var keyring: String?
+
+    @Option(help: ArgumentHelp("The certificate directory of parley-tls and tls-echo (ca.pem, server.pem, server.key).", valueName: "dir"))
+    var cert: String?
+
     func run() async throws {
         bootstrapLogging()
         exitWhenStandardInputCloses()
-        try await self.system.serve(port: self.port) { port in
+        try await self.system.serve(port: self.port, keyring: self.keyring, certificates: self.cert) { port in
             // Unbuffered: the parent waits for this line.
             FileHandle.standardOutput.write(Data("PORT \(port)\n".utf8))
         }
@@ -189,6 +218,8 @@ func summary(_ m: Measurement, _ w: Workload) -> String {
     switch w {
     case .latency:
         return "p50 \(fixed(m.p50)) µs, p99 \(fixed(m.p99)) µs (\(m.count) round trips)"
+    case .handshake:
+        return "p50 \(fixed(m.p50)) µs, p99 \(fixed(m.p99)) µs (\(m.count) connections, \(grouped(m.messagesPerSecond)) per second with close)"
     case .throughput64B, .throughput64K:
         return "\(grouped(m.messagesPerSecond)) messages/s, \(fixed(m.mibPerSecond)) MiB/s"
     case .bulk:
@@ -209,6 +240,8 @@ func header(_ s: Settings) -> String {
     lines.append("- repetitions: \(s.repetitions) (systems alternate within each repetition; tables show medians)")
     lines.append("- each measurement: fresh connection, \(s.warmup) s warm-up, \(s.duration) s measured")
     lines.append("- throughput window: \(s.window) requests in flight; bulk: \(byteSize(s.bulkSize)) x \(s.bulkWindow) in flight")
+    lines.append("- handshake: \(s.handshakes) connections per measurement after \(max(s.handshakes / 10, 1)) unmeasured, each timed from connect to its first answer")
+    lines.append("- secure systems: parley-secure = method secret, secure mode (\(SecureCipher.preferred[0].rawValue)); parley-tls and tls-echo = TLS 1.3 (swift-nio-ssl), development certificates")
     return lines.joined(separator: "\n") + "\n"
 }
 

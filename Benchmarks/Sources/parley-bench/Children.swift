@@ -42,14 +42,16 @@ final class ChildProcesses: Sendable {
         for pid in self.running.withLock({ Array($0) }) { self.stop(pid) }
     }
 
-    /// On SIGINT or SIGTERM: stop the children, then exit. Keep the result alive.
-    func stopOnSignals() -> [any DispatchSourceSignal] {
+    /// On SIGINT or SIGTERM: stop the children, remove `directory` (the temporary keyring and
+    /// certificates), then exit. Keep the result alive.
+    func stopOnSignals(removing directory: String? = nil) -> [any DispatchSourceSignal] {
         [SIGINT, SIGTERM].map { sig in
             signal(sig, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
             source.setEventHandler {
                 FileHandle.standardError.write(Data("\nparley-bench: signal \(sig): stopping the servers\n".utf8))
                 ChildProcesses.shared.stopAll()
+                if let directory { try? FileManager.default.removeItem(atPath: directory) }
                 exit(128 + sig)
             }
             source.resume()
@@ -66,8 +68,9 @@ struct ServerChild: Sendable {
     /// Our end of the child's standard input: closing it makes the child exit.
     private let stdinWriter: Int32
 
-    /// Starts this executable again as `server --system <system>` and reads the port it prints.
-    static func spawn(_ system: System, timeout: Duration = .seconds(60)) async throws -> ServerChild {
+    /// Starts this executable again as `server --system <system>` (then `arguments`) and
+    /// reads the port it prints.
+    static func spawn(_ system: System, arguments: [String] = [], timeout: Duration = .seconds(60)) async throws -> ServerChild {
         let executable = try currentExecutable()
         let (stdinReader, stdinWriter) = try makePipe()
         let (stdoutReader, stdoutWriter) = try makePipe()
@@ -82,7 +85,7 @@ struct ServerChild: Sendable {
         posix_spawn_file_actions_adddup2(&actions, stdinReader, 0)
         posix_spawn_file_actions_adddup2(&actions, stdoutWriter, 1)
 
-        let args = [executable, "server", "--system", system.rawValue]
+        let args = [executable, "server", "--system", system.rawValue] + arguments
         let env = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
         let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
         let envp: [UnsafeMutablePointer<CChar>?] = env.map { strdup($0) } + [nil]

@@ -1,4 +1,5 @@
 import Dispatch
+import NIOSSL
 
 /// Monotonic time in nanoseconds.
 @inline(__always)
@@ -74,6 +75,45 @@ enum Measure {
             return try await group.reduce(0, +)
         }
         return (count, Double(nanotime() - start) / 1e9)
+    }
+}
+
+extension Measure {
+    /// Connections one after another, each opened (connect and every handshake), used for one
+    /// round trip of `load` and closed; records the time from the start of the connect to the
+    /// first answer (the close is not timed, but each connection is closed before the next
+    /// one starts). `count / 10` unmeasured connections first. The TLS echo's client context
+    /// is made once, as a TLS client keeps one; Parley's `tls://` transport makes its own.
+    static func handshake(_ system: System, port: Int, load: Load, material: SecurityMaterial?, count: Int) async throws -> Measurement {
+        var tlsClient: NIOSSLContext?
+        if system == .tlsEcho {
+            guard let material else { throw BenchError("\(system.title) needs certificates") }
+            tlsClient = try TLSEcho.clientContext(certificates: material.certificates)
+        }
+        func one() async throws -> UInt64 {
+            let t0 = nanotime()
+            let caller = try await system.open(port: port, load: load, material: material, tlsClient: tlsClient)
+            do {
+                try await caller.roundTrip()
+            } catch {
+                await caller.close()
+                throw error
+            }
+            let elapsed = nanotime() - t0
+            await caller.close()
+            return elapsed
+        }
+        for _ in 0..<max(count / 10, 1) { _ = try await one() }
+        var samples: [UInt64] = []
+        samples.reserveCapacity(count)
+        let start = nanotime()
+        for _ in 0..<count { samples.append(try await one()) }
+        let seconds = Double(nanotime() - start) / 1e9
+        samples.sort()
+        return Measurement(
+            count: count, seconds: seconds, bytesPerMessage: load.size,
+            p50: Double(percentile(samples, 0.50)) / 1000, p99: Double(percentile(samples, 0.99)) / 1000
+        )
     }
 }
 

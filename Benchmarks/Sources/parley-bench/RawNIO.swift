@@ -1,10 +1,12 @@
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 // The floor: a SwiftNIO echo of length-prefixed frames (u32 big-endian length, then the
 // bytes). The server writes each frame back as it was read and flushes once per read burst;
 // the client matches answers to requests in order (there are no ids: the server answers in
-// order), so many tasks can have requests in flight on one connection.
+// order), so many tasks can have requests in flight on one connection. With a TLS context
+// (the TLS echo) NIOSSL's handler comes first in both pipelines: the same echo inside TLS 1.3.
 
 /// Splits the byte stream into frames. The server keeps the length prefix so that it can
 /// write the frame back untouched; the client strips it.
@@ -47,7 +49,8 @@ final class RawEchoHandler: ChannelInboundHandler {
 
 enum RawServer {
     /// Binds on 127.0.0.1 (port 0: any free port) and returns the listening channel.
-    static func start(port: Int = 0) async throws -> any Channel {
+    /// - Parameter tls: the server's TLS context (the TLS echo), nil for plain TCP.
+    static func start(port: Int = 0, tls: NIOSSLContext? = nil) async throws -> any Channel {
         try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -55,6 +58,7 @@ enum RawServer {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
+                    if let tls { try sync.addHandler(NIOSSLServerHandler(context: tls)) }
                     try sync.addHandler(ByteToMessageHandler(LengthPrefixedDecoder(keepPrefix: true)))
                     try sync.addHandler(RawEchoHandler())
                 }
@@ -128,12 +132,16 @@ final class RawClient: Sendable {
 
     init(channel: any Channel) { self.channel = channel }
 
-    static func connect(port: Int) async throws -> RawClient {
+    /// - Parameter tls: the client's TLS context (the TLS echo), nil for plain TCP. The TLS
+    ///   handshake starts on connect; the first echo waits for it (NIOSSL holds writes).
+    static func connect(port: Int, tls: NIOSSLContext? = nil) async throws -> RawClient {
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
+                    // An IP address: no SNI; the certificate's IP addresses are checked.
+                    if let tls { try sync.addHandler(NIOSSLClientHandler(context: tls, serverHostname: nil)) }
                     try sync.addHandler(ByteToMessageHandler(LengthPrefixedDecoder(keepPrefix: false)))
                     try sync.addHandler(RawClientHandler())
                 }

@@ -6,6 +6,9 @@ enum Workload: String, CaseIterable, Sendable {
     case throughput64B = "throughput-64b"
     case throughput64K = "throughput-64k"
     case bulk
+    /// Connect-to-first-answer: connect, handshake(s), one 64 B round trip (the connection is
+    /// then closed, untimed), one connection after another.
+    case handshake
 
     static func parseList(_ text: String) throws -> [Workload] {
         if text == "all" { return Workload.allCases }
@@ -26,10 +29,12 @@ struct Settings: Sendable {
     var window: Int
     var bulkWindow: Int
     var bulkSize: Int
+    /// Connections timed per measurement of the handshake workload.
+    var handshakes: Int
 
     func size(_ w: Workload) -> Int {
         switch w {
-        case .latency, .throughput64B: return 64
+        case .latency, .throughput64B, .handshake: return 64
         case .throughput64K: return 64 * 1024
         case .bulk: return self.bulkSize
         }
@@ -37,7 +42,7 @@ struct Settings: Sendable {
 
     func window(_ w: Workload) -> Int {
         switch w {
-        case .latency: return 1
+        case .latency, .handshake: return 1
         case .throughput64B, .throughput64K: return self.window
         case .bulk: return self.bulkWindow
         }
@@ -57,6 +62,8 @@ struct Settings: Sendable {
             return "Pipelined throughput, 64 KiB payload, \(self.window) requests in flight"
         case .bulk:
             return "Bulk, \(byteSize(self.bulkSize)) payload, \(self.bulkWindow) requests in flight"
+        case .handshake:
+            return "Connect to first answer (connect, handshake, one 64 B round trip), \(self.handshakes) connections per run"
         }
     }
 }
@@ -76,16 +83,16 @@ struct WorkloadResults: Sendable {
         parley_bench.median(self.values(system, metric))
     }
 
-    /// Parley's median over another system's median.
-    func ratio(_ other: System, _ metric: (Measurement) -> Double?) -> Double? {
-        guard let p = self.median(.parley, metric), let o = self.median(other, metric), o > 0 else { return nil }
+    /// `system`'s median (Parley's by default) over another system's median.
+    func ratio(_ other: System, _ metric: (Measurement) -> Double?, of system: System = .parley) -> Double? {
+        guard let p = self.median(system, metric), let o = self.median(other, metric), o > 0 else { return nil }
         return p / o
     }
 
-    /// The median of the per-repetition ratios (Parley's run over the other system's run of
+    /// The median of the per-repetition ratios (`system`'s run over the other system's run of
     /// the same repetition, measured seconds apart).
-    func pairedRatio(_ other: System, _ metric: (Measurement) -> Double?) -> Double? {
-        let p = self.values(.parley, metric), o = self.values(other, metric)
+    func pairedRatio(_ other: System, _ metric: (Measurement) -> Double?, of system: System = .parley) -> Double? {
+        let p = self.values(system, metric), o = self.values(other, metric)
         return parley_bench.median(zip(p, o).compactMap { $1 > 0 ? $0 / $1 : nil })
     }
 }
@@ -144,13 +151,18 @@ func markdownTable(_ header: [String], _ rows: [[String]]) -> String {
 
 func table(_ r: WorkloadResults, systems: [System], settings: Settings) -> String {
     var out = "### \(settings.title(r.workload))\n\n"
-    let compare = [System.raw, .grpc].filter { systems.contains($0) && systems.contains(.parley) }
+    // The ratios shown under the systems: (numerator, denominator).
+    let pairs: [(System, System)] = [
+        (.parley, .raw), (.parley, .grpc), (.parleySecure, .parley), (.parleySecure, .tlsEcho),
+        (.parleySecure, .parleyTLS), (.parleyTLS, .tlsEcho), (.parleyTLS, .parley), (.tlsEcho, .raw),
+    ]
+    let compare = pairs.filter { systems.contains($0.0) && systems.contains($0.1) }
     // Per workload: the primary metric (medians, each run, paired ratio), the secondary one, and
     // how each is printed.
     typealias Column = (metric: @Sendable (Measurement) -> Double?, format: (Double?) -> String, header: String)
     let (first, second, runs): (Column, Column, String)
     switch r.workload {
-    case .latency:
+    case .latency, .handshake:
         (first, second, runs) = ((Metric.p50, { fixed($0) }, "p50 µs"), (Metric.p99, { fixed($0) }, "p99 µs"), "p50 of each run, µs")
     case .throughput64B, .throughput64K:
         (first, second, runs) = ((Metric.messages, grouped, "messages/s"), (Metric.mib, { fixed($0) }, "MiB/s"), "messages/s of each run")
@@ -161,9 +173,9 @@ func table(_ r: WorkloadResults, systems: [System], settings: Settings) -> Strin
         [s.title, first.format(r.median(s, first.metric)), second.format(r.median(s, second.metric)),
          r.values(s, first.metric).map { first.format($0) }.joined(separator: " ")]
     }
-    for o in compare {
-        rows.append(["Parley / \(o.title)", times(r.ratio(o, first.metric)), times(r.ratio(o, second.metric)),
-                     "paired median: " + times(r.pairedRatio(o, first.metric))])
+    for (s, o) in compare {
+        rows.append(["\(s.title) / \(o.title)", times(r.ratio(o, first.metric, of: s)), times(r.ratio(o, second.metric, of: s)),
+                     "paired median: " + times(r.pairedRatio(o, first.metric, of: s))])
     }
     out += markdownTable(["system", first.header, second.header, runs], rows)
     if let load = r.otherLoad {
@@ -173,28 +185,60 @@ func table(_ r: WorkloadResults, systems: [System], settings: Settings) -> Strin
     return out + "\n"
 }
 
+/// A goal of an issue: `system`'s median over `other`'s, at least or at most `limit`.
+struct Goal {
+    var text: String
+    var workload: Workload
+    var system: System = .parley
+    var other: System
+    var metric: @Sendable (Measurement) -> Double?
+    var limit: Double
+    var atMost: Bool
+    /// At most: strictly below the limit (faster than).
+    var strict = false
+}
+
+/// The goals, checked against the medians, as a table headed `title`.
+func goalTable(_ title: String, _ list: [Goal], _ results: [Workload: WorkloadResults], systems: [System]) -> String {
+    let rows = list.map { g -> [String] in
+        guard systems.contains(g.system), systems.contains(g.other),
+              let r = results[g.workload], let ratio = r.ratio(g.other, g.metric, of: g.system) else {
+            return [g.text, "-", "-", "not measured"]
+        }
+        let met = g.atMost ? (g.strict ? ratio < g.limit : ratio <= g.limit) : ratio >= g.limit
+        let by = g.atMost ? g.limit / ratio : ratio / g.limit
+        return [g.text, times(ratio), times(r.pairedRatio(g.other, g.metric, of: g.system)),
+                (met ? "met" : "NOT met") + String(format: " (margin %.2fx)", by)]
+    }
+    return "### \(title)\n\n" + markdownTable(["goal", "ratio of medians", "paired median", "verdict"], rows) + "\n"
+}
+
+/// The secure-mode goals of issue 8: secure mode against crc mode and against TLS 1.3.
+func secureGoals(_ results: [Workload: WorkloadResults], systems: [System]) -> String {
+    let list = [
+        Goal(text: "secure 64 B pipelined >= 0.8x crc mode (Parley secure / Parley)", workload: .throughput64B,
+             system: .parleySecure, other: .parley, metric: Metric.messages, limit: 0.8, atMost: false),
+        Goal(text: "secure 64 B pipelined >= 1.5x TLS echo", workload: .throughput64B,
+             system: .parleySecure, other: .tlsEcho, metric: Metric.messages, limit: 1.5, atMost: false),
+        Goal(text: "secure bulk MiB/s >= 0.8x crc mode (Parley secure / Parley)", workload: .bulk,
+             system: .parleySecure, other: .parley, metric: Metric.mib, limit: 0.8, atMost: false),
+        Goal(text: "secure bulk MiB/s >= 1.5x TLS echo", workload: .bulk,
+             system: .parleySecure, other: .tlsEcho, metric: Metric.mib, limit: 1.5, atMost: false),
+        Goal(text: "secure handshake p50 faster than TLS 1.3 (TLS echo: handshake + one echo)", workload: .handshake,
+             system: .parleySecure, other: .tlsEcho, metric: Metric.p50, limit: 1, atMost: true, strict: true),
+        Goal(text: "secure handshake p50 faster than Parley over TLS 1.3", workload: .handshake,
+             system: .parleySecure, other: .parleyTLS, metric: Metric.p50, limit: 1, atMost: true, strict: true),
+    ]
+    return goalTable("Goals of issue 8 (secure mode)", list, results, systems: systems)
+}
+
 /// The issue's goals, checked against the medians.
 func goals(_ results: [Workload: WorkloadResults]) -> String {
-    struct Goal {
-        var text: String
-        var workload: Workload
-        var other: System
-        var metric: @Sendable (Measurement) -> Double?
-        var limit: Double
-        var atMost: Bool
-    }
     let list = [
         Goal(text: "p50 latency within 1.2x of raw NIO", workload: .latency, other: .raw, metric: Metric.p50, limit: 1.2, atMost: true),
         Goal(text: "64 B throughput >= 0.8x raw NIO", workload: .throughput64B, other: .raw, metric: Metric.messages, limit: 0.8, atMost: false),
         Goal(text: "64 B throughput >= 2x gRPC", workload: .throughput64B, other: .grpc, metric: Metric.messages, limit: 2, atMost: false),
         Goal(text: "bulk MiB/s >= 0.9x raw NIO", workload: .bulk, other: .raw, metric: Metric.mib, limit: 0.9, atMost: false),
     ]
-    let rows = list.map { g -> [String] in
-        guard let r = results[g.workload], let ratio = r.ratio(g.other, g.metric) else {
-            return [g.text, "-", "-", "not measured"]
-        }
-        let met = g.atMost ? ratio <= g.limit : ratio >= g.limit
-        return [g.text, times(ratio), times(r.pairedRatio(g.other, g.metric)), met ? "met" : "NOT met"]
-    }
-    return "### Goals\n\n" + markdownTable(["goal (Parley vs.)", "ratio of medians", "paired median", "verdict"], rows) + "\n"
+    return goalTable("Goals", list, results, systems: System.allCases)
 }

@@ -3,12 +3,21 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
 import NIOCore
+import NIOSSL
 import Parley
+import ParleyNIO
 import ParleyServices
 
-/// The three systems doing the same echo work.
+/// The systems doing the same echo work. The first three are the plain ones; the last three
+/// are the secure ones of issue 8 (they need `SecurityMaterial`: a keyring, certificates).
 enum System: String, CaseIterable, Sendable, ExpressibleByArgument {
     case raw, parley, grpc
+    /// Parley in secure mode: method `secret`, every frame sealed with AES-256-GCM.
+    case parleySecure = "parley-secure"
+    /// Parley over TLS 1.3 (`tls://`), crc mode.
+    case parleyTLS = "parley-tls"
+    /// The raw NIO echo inside TLS 1.3 (swift-nio-ssl): the floor of a TLS connection.
+    case tlsEcho = "tls-echo"
 
     /// Parses a comma-separated list of system names, each one of `allowed`.
     static func parseList(_ text: String, allowed: [System]) throws -> [System] {
@@ -25,8 +34,14 @@ enum System: String, CaseIterable, Sendable, ExpressibleByArgument {
         case .raw: return "raw NIO"
         case .parley: return "Parley"
         case .grpc: return "gRPC"
+        case .parleySecure: return "Parley secure"
+        case .parleyTLS: return "Parley TLS"
+        case .tlsEcho: return "TLS echo"
         }
     }
+
+    /// Needs a keyring or certificates (`SecurityMaterial`).
+    var isSecure: Bool { self == .parleySecure || self == .parleyTLS || self == .tlsEcho }
 }
 
 struct BenchError: Error, CustomStringConvertible {
@@ -65,24 +80,31 @@ func check(_ received: Int, _ expected: Int, _ system: System) throws {
 struct RawCaller: EchoCaller {
     let client: RawClient
     let payload: ByteBuffer
+    /// `.raw`, or `.tlsEcho` when the client speaks TLS.
+    let system: System
 
-    init(port: Int, load: Load) async throws {
-        self.init(client: try await RawClient.connect(port: port), payload: ByteBuffer(bytes: testBytes(load.size)))
+    /// - Parameter tls: the client's TLS context (the TLS echo), nil for plain TCP.
+    init(port: Int, load: Load, tls: NIOSSLContext? = nil) async throws {
+        self.init(
+            client: try await RawClient.connect(port: port, tls: tls), payload: ByteBuffer(bytes: testBytes(load.size)),
+            system: tls == nil ? .raw : .tlsEcho
+        )
     }
 
-    init(client: RawClient, payload: ByteBuffer) {
+    init(client: RawClient, payload: ByteBuffer, system: System = .raw) {
         self.client = client
         self.payload = payload
+        self.system = system
     }
 
     func roundTrip() async throws {
         let answer = try await self.client.echo(self.payload)
-        try check(answer.readableBytes, self.payload.readableBytes, .raw)
+        try check(answer.readableBytes, self.payload.readableBytes, self.system)
     }
 
     func verify() async throws {
         let answer = try await self.client.echo(self.payload)
-        guard answer == self.payload else { throw BenchError("raw NIO echoed different bytes") }
+        guard answer == self.payload else { throw BenchError("\(self.system.title) echoed different bytes") }
     }
 
     func close() async { await self.client.close() }
@@ -93,15 +115,31 @@ struct ParleyCaller: EchoCaller {
     let request: EchoRequest
     let data: ByteBuffer?
     let size: Int
+    let system: System
 
-    init(port: Int, load: Load) async throws {
-        let client = try await ParleyClient.connect(
-            to: .tcp(host: "127.0.0.1", port: port), configuration: .init(name: "parley-bench")
-        )
-        self.init(client: client, load: load)
+    /// Connects as `system` (parley, parley-secure or parley-tls) to 127.0.0.1:`port`.
+    init(_ system: System = .parley, port: Int, load: Load, material: SecurityMaterial? = nil) async throws {
+        let address: ParleyAddress
+        var configuration = ParleyClient.Configuration(name: "parley-bench")
+        switch system {
+        case .parleySecure:
+            guard let material else { throw BenchError("\(system.title) needs a keyring") }
+            address = .tcp(host: "127.0.0.1", port: port)
+            // Method secret only, secure mode only: what the server allows.
+            configuration = .init(name: "parley-bench", secret: material.credentials, modes: [.secure])
+        case .parleyTLS:
+            guard let material else { throw BenchError("\(system.title) needs certificates") }
+            address = .tls(host: "127.0.0.1", port: port)
+            configuration.transport = PosixTransport(tls: try ParleyTLS.client(directory: material.certificates))
+        default:
+            address = .tcp(host: "127.0.0.1", port: port)
+        }
+        let client = try await ParleyClient.connect(to: address, configuration: configuration)
+        self.init(client: client, load: load, system: system)
     }
 
-    init(client: ParleyClient, load: Load) {
+    init(client: ParleyClient, load: Load, system: System = .parley) {
+        self.system = system
         self.client = client
         var request = EchoRequest()
         if load.dataSegment {
@@ -116,13 +154,13 @@ struct ParleyCaller: EchoCaller {
 
     func roundTrip() async throws {
         let reply = try await self.client.call(self.request, data: self.data, as: EchoReply.self)
-        try check(reply.message.payload.count + (reply.data?.readableBytes ?? 0), self.size, .parley)
+        try check(reply.message.payload.count + (reply.data?.readableBytes ?? 0), self.size, self.system)
     }
 
     func verify() async throws {
         let reply = try await self.client.call(self.request, data: self.data, as: EchoReply.self)
         guard reply.message.payload == self.request.payload, reply.data == self.data else {
-            throw BenchError("Parley echoed different bytes")
+            throw BenchError("\(self.system.title) echoed different bytes")
         }
     }
 
@@ -157,14 +195,10 @@ struct GRPCCaller: EchoCaller {
 }
 
 extension System {
-    /// Connects to this system's server (in the child process) on `port`.
-    func connect(port: Int, load: Load) async throws -> any EchoCaller {
-        let caller: any EchoCaller
-        switch self {
-        case .raw: caller = try await RawCaller(port: port, load: load)
-        case .parley: caller = try await ParleyCaller(port: port, load: load)
-        case .grpc: caller = try GRPCCaller(port: port, load: load)
-        }
+    /// Connects to this system's server (in the child process) on `port` and checks one echo
+    /// byte for byte.
+    func connect(port: Int, load: Load, material: SecurityMaterial?, tlsClient: NIOSSLContext? = nil) async throws -> any EchoCaller {
+        let caller = try await self.open(port: port, load: load, material: material, tlsClient: tlsClient)
         do {
             try await caller.verify()
         } catch {
@@ -174,25 +208,58 @@ extension System {
         return caller
     }
 
-    /// Runs this system's echo server on 127.0.0.1 (port 0: any free port), calls `ready`
-    /// with the bound port, then serves until the process is stopped.
-    func serve(port: Int, ready: @Sendable (Int) -> Void) async throws {
+    /// Connects to this system's server on `port`: returns once the connection (and its
+    /// handshakes, for Parley) is up, before any echo. The TLS echo's handshake runs with its
+    /// first echo (NIOSSL holds writes until it completes). `tlsClient`: the TLS echo's client
+    /// context, made once by the caller (nil: made here).
+    func open(port: Int, load: Load, material: SecurityMaterial?, tlsClient: NIOSSLContext? = nil) async throws -> any EchoCaller {
         switch self {
-        case .raw:
-            let channel = try await RawServer.start(port: port)
-            guard let bound = channel.localAddress?.port else { throw BenchError("raw server has no port") }
+        case .raw: return try await RawCaller(port: port, load: load)
+        case .parley, .parleySecure, .parleyTLS: return try await ParleyCaller(self, port: port, load: load, material: material)
+        case .grpc: return try GRPCCaller(port: port, load: load)
+        case .tlsEcho:
+            guard let material else { throw BenchError("\(self.title) needs certificates") }
+            return try await RawCaller(port: port, load: load, tls: try tlsClient ?? TLSEcho.clientContext(certificates: material.certificates))
+        }
+    }
+
+    /// Runs this system's echo server on 127.0.0.1 (port 0: any free port), calls `ready`
+    /// with the bound port, then serves until the process is stopped. The secure systems read
+    /// the keyring (`keyring`) or the certificate directory (`certificates`).
+    func serve(port: Int, keyring: String?, certificates: String?, ready: @Sendable (Int) -> Void) async throws {
+        switch self {
+        case .raw, .tlsEcho:
+            var tls: NIOSSLContext?
+            if self == .tlsEcho {
+                guard let certificates else { throw BenchError("the \(self.title) server needs --cert DIR") }
+                tls = try TLSEcho.serverContext(certificates: certificates)
+            }
+            let channel = try await RawServer.start(port: port, tls: tls)
+            guard let bound = channel.localAddress?.port else { throw BenchError("\(self.title) server has no port") }
             ready(bound)
             try await channel.closeFuture.get()
 
-        case .parley:
-            let server = ParleyServer(
-                configuration: .init(listen: [.tcp(host: "127.0.0.1", port: port)], name: "parley-bench"),
-                router: EchoService.router(name: "parley-bench")
-            )
+        case .parley, .parleySecure, .parleyTLS:
+            var configuration = ParleyServer.Configuration(listen: [.tcp(host: "127.0.0.1", port: port)], name: "parley-bench")
+            if self == .parleySecure {
+                guard let keyring else { throw BenchError("the \(self.title) server needs --keyring FILE") }
+                configuration = .init(
+                    listen: [.tcp(host: "127.0.0.1", port: port)], authMethods: [AuthMethod.secret], name: "parley-bench",
+                    modes: [.secure], keyring: try ParleyKeyringSource(path: keyring)
+                )
+                try configuration.validateSecurity()
+            } else if self == .parleyTLS {
+                guard let certificates else { throw BenchError("the \(self.title) server needs --cert DIR") }
+                configuration.listen = [.tls(host: "127.0.0.1", port: port)]
+                configuration.transport = PosixTransport(tls: try ParleyTLS.server(directory: certificates))
+            }
+            let server = ParleyServer(configuration: configuration, router: EchoService.router(name: "parley-bench"))
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await server.run() }
-                guard case .tcp(_, let bound)? = try await server.listeningAddresses.first?.kind else {
-                    throw BenchError("Parley server has no TCP address")
+                let bound: Int
+                switch try await server.listeningAddresses.first?.kind {
+                case .tcp(_, let p)?, .tls(_, let p)?: bound = p
+                default: throw BenchError("\(self.title) server has no TCP or TLS address")
                 }
                 ready(bound)
                 try await group.next()
