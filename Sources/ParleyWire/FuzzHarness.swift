@@ -38,4 +38,127 @@ public enum _FuzzHarness {
         } catch {}
         return decoded
     }
+
+    /// The entry point of the libFuzzer target: an input whose first byte is `S` (0x53) goes
+    /// to `runSecure` (without that byte), any other input to `run`, so that the committed
+    /// crc-mode corpus (which starts with the banner magic) keeps its meaning.
+    @discardableResult
+    public static func runAny(_ bytes: UnsafeRawBufferPointer) -> Int {
+        if let first = bytes.first, first == UInt8(ascii: "S") {
+            return self.runSecure(UnsafeRawBufferPointer(rebasing: bytes[1...]))
+        }
+        return self.run(bytes)
+    }
+
+    /// Fixed keys for `runSecure`: the fuzzer cannot learn real ones, so the harness seals
+    /// (or does not seal) the input itself.
+    static let secureKey: [UInt8] = (0..<32).map { UInt8($0) }
+    static let secureIV: [UInt8] = (0..<12).map { UInt8(0x60 + $0) }
+
+    /// Drives bytes through what a server does with a client's bytes after the switch to
+    /// secure mode: a decoder opening sealed frames (`startOpening` with fixed keys), then
+    /// CLIENT_IDENT and the session machine. The first byte chooses:
+    /// - bit 0: the cipher (0 AES-256-GCM, 1 ChaCha20-Poly1305);
+    /// - bit 1: 0 feeds the rest as it is (sealed bytes from someone without the keys: the
+    ///   tag checks, and the clear-CLOSE exception for the first frame); 1 treats the rest as
+    ///   crc-mode frames (preamble, segments as the preamble declares, epilogue) and seals
+    ///   each preamble and body with the fixed keys first, so that authentic preambles with any
+    ///   content (bad shapes, huge or short lengths) and authentic bodies reach the checks
+    ///   behind the tags;
+    /// - bit 2: 1 delivers the stream in pieces of 1 to 64 bytes (sizes from the input), as a
+    ///   socket may, instead of all at once.
+    /// Must never crash or hang; returns how many elements were decoded.
+    @discardableResult
+    public static func runSecure(_ bytes: UnsafeRawBufferPointer) -> Int {
+        guard let options = bytes.first else { return 0 }
+        let cipher: SecureCipher = options & 1 == 0 ? .aes256GCM : .chacha20Poly1305
+        let keys = SecureDirectionKeys(cipher: cipher, key: self.secureKey, iv: self.secureIV)
+        let rest = UnsafeRawBufferPointer(rebasing: bytes[1...])
+        var stream: ByteBuffer
+        if options & 2 == 0 {
+            stream = ByteBuffer(bytes: rest)
+        } else {
+            guard let sealer = try? SecureDirection(keys: keys, sealing: true) else { return 0 }
+            stream = Self.sealFrames(rest, with: sealer)
+        }
+        guard let opener = try? SecureDirection(keys: keys, sealing: false) else { return 0 }
+        var decoder = WireDecoder(maxFrameSize: 1 << 20, expectBanner: false)
+        decoder.startOpening(opener)
+        var session: SessionStateMachine?
+        var decoded = 0
+        // Piece sizes come from the input itself, so a run is reproducible.
+        var pieceSeed = UInt64(truncatingIfNeeded: rest.count) &* 0x9E37_79B9_7F4A_7C15 | 1
+        var buffer = ByteBuffer()
+        var finished = false
+        func consume(_ element: WireInbound) -> Bool {
+            decoded += 1
+            guard case .frame(let frame) = element else { return false }
+            if var s = session {
+                let event = s.received(element)
+                session = s
+                if case .violation = event { return false }
+                if case .peerClosed = event { return false }
+                return true
+            }
+            // The first sealed frame from a client is CLIENT_IDENT (or a CLOSE).
+            guard frame.tag == .clientIdent, frame.segments.count == 1,
+                  (try? Parley_V1_ClientIdent(parleyPayload: frame.segments[0])) != nil
+            else { return false }
+            session = SessionStateMachine(role: .server, features: ParleyFeatures.implemented.union(.secureMode))
+            return true
+        }
+        do {
+            while !finished {
+                let eof: Bool
+                if options & 4 != 0 {
+                    pieceSeed = pieceSeed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+                    let size = min(stream.readableBytes, 1 + Int(pieceSeed >> 58))
+                    var piece = stream.readSlice(length: size)!
+                    buffer.writeBuffer(&piece)
+                    eof = stream.readableBytes == 0
+                } else {
+                    buffer.writeBuffer(&stream)
+                    eof = true
+                }
+                while let element = try decoder.decodeLast(buffer: &buffer, seenEOF: eof) {
+                    if !consume(element) { finished = true; break }
+                }
+                if eof { finished = true }
+            }
+        } catch {}
+        return decoded
+    }
+
+    /// Seals crc-mode frames as secure mode sends them: each 32-byte preamble alone, then the
+    /// segments its descriptors declare (as many bytes as there are, if fewer) as one message;
+    /// the 4-byte CRCs of the epilogue (if there) are skipped. A preamble shorter than 32
+    /// bytes at the end is sealed padded with zeros.
+    static func sealFrames(_ input: UnsafeRawBufferPointer, with sealer: SecureDirection) -> ByteBuffer {
+        var out = ByteBuffer()
+        var at = 0
+        while at < input.count {
+            var preamble = [UInt8](repeating: 0, count: Frame.preambleSize + SecureCipher.tagSize)
+            let available = min(Frame.preambleSize, input.count - at)
+            for i in 0..<available { preamble[i] = input[at + i] }
+            at += available
+            let count = min(Int(preamble[2]), Frame.maxSegments)
+            var declared = 0
+            for i in 0..<count {
+                let o = 4 + 6 * i
+                declared += Int(preamble[o]) | Int(preamble[o + 1]) << 8 | Int(preamble[o + 2]) << 16 | Int(preamble[o + 3]) << 24
+            }
+            let ok = preamble.withUnsafeMutableBytes { p -> Bool in (try? sealer.seal(p.baseAddress!, length: Frame.preambleSize)) != nil }
+            guard ok else { break }
+            out.writeBytes(preamble)
+            let length = min(declared, input.count - at)
+            var body = [UInt8](repeating: 0, count: length + SecureCipher.tagSize)
+            for i in 0..<length { body[i] = input[at + i] }
+            at += length
+            let sealed = body.withUnsafeMutableBytes { p -> Bool in (try? sealer.seal(p.baseAddress!, length: length)) != nil }
+            guard sealed else { break }
+            out.writeBytes(body)
+            at += min(4 * count, input.count - at)
+        }
+        return out
+    }
 }

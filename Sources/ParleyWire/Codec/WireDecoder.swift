@@ -259,35 +259,46 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         return preamble
     }
 
-    /// Opens the sealed segments once they and their tag are all there, into a buffer of their
-    /// own (decrypting in place would make the receive buffer copy itself whenever the
-    /// application still holds segments of earlier frames); the segments are slices of it.
+    /// Opens the sealed segments once they and their tag are all there; the segments are handed
+    /// on as slices. A small body is opened into a buffer of its own: opening it in place would
+    /// make the receive buffer copy itself whenever the application still holds segments of
+    /// earlier frames (pipelined small messages). A large body (64 KiB or more) is opened in
+    /// place: its receive buffer holds little else, and a fresh buffer per frame costs more.
     private mutating func openBody(_ buffer: inout ByteBuffer, preamble: Preamble, opener: SecureDirection) throws(ParleyError) -> WireInbound? {
         let size = preamble.total + SecureCipher.tagSize
         guard buffer.readableBytes >= size else { return nil }
         let frameNumber = opener.counter / 2
         let total = preamble.total
-        var plain = ByteBufferAllocator().buffer(capacity: max(total, 1))
-        var failure: ParleyError?
         var opened = false
-        buffer.withUnsafeReadableBytes { raw in
-            _ = plain.writeWithUnsafeMutableBytes(minimumWritableBytes: max(total, 1)) { out in
-                do {
-                    opened = try opener.open(from: raw.baseAddress!, to: out.baseAddress!, length: total, tag: raw.baseAddress! + total)
-                } catch {
-                    failure = error as? ParleyError
-                }
-                return total
+        var plain: ByteBuffer
+        if total >= zeroCopySegmentThreshold * 4 {
+            opened = try buffer.withUnsafeMutableReadableBytes { (raw) throws(ParleyError) -> Bool in
+                try opener.open(from: raw.baseAddress!, to: raw.baseAddress!, length: total, tag: raw.baseAddress! + total)
             }
+            plain = buffer.readSlice(length: total)!
+            buffer.moveReaderIndex(forwardBy: SecureCipher.tagSize)
+        } else {
+            plain = ByteBufferAllocator().buffer(capacity: max(total, 1))
+            var failure: ParleyError?
+            buffer.withUnsafeReadableBytes { raw in
+                _ = plain.writeWithUnsafeMutableBytes(minimumWritableBytes: max(total, 1)) { out in
+                    do {
+                        opened = try opener.open(from: raw.baseAddress!, to: out.baseAddress!, length: total, tag: raw.baseAddress! + total)
+                    } catch {
+                        failure = error as? ParleyError
+                    }
+                    return total
+                }
+            }
+            if let failure { throw failure }
+            buffer.moveReaderIndex(forwardBy: size)
         }
-        if let failure { throw failure }
         guard opened else {
             throw ParleyError(
                 code: .badAuthTag,
                 message: "sealed segments of \(preamble.tag) frame \(frameNumber) (\(total) bytes) failed authentication: the frame was altered or cut"
             )
         }
-        buffer.moveReaderIndex(forwardBy: size)
         var segments: [ByteBuffer] = []
         segments.reserveCapacity(preamble.count)
         for i in 0..<preamble.count { segments.append(plain.readSlice(length: preamble.length(i))!) }

@@ -276,12 +276,24 @@ public struct HandshakeRandomness: Sendable, Hashable {
         self.keySharePrivateKey = keySharePrivateKey
     }
 
-    /// Fresh randomness from the system's generator.
+    /// Fresh randomness from BoringSSL's generator (one call per value).
     public static func generate() -> HandshakeRandomness {
-        var generator = SystemRandomNumberGenerator()
-        return HandshakeRandomness(
-            challenge: (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) },
-            keySharePrivateKey: Array(Curve25519.KeyAgreement.PrivateKey().rawRepresentation)
+        let key = Curve25519.KeyAgreement.PrivateKey()
+        var r = HandshakeRandomness(
+            challenge: SymmetricKey(size: .bits256).withUnsafeBytes { Array($0) },
+            keySharePrivateKey: Array(key.rawRepresentation)
         )
+        r.keySharePublicKey = Array(key.publicKey.rawRepresentation)
+        return r
+    }
+
+    /// The public key of `keySharePrivateKey`, if already known (it costs a scalar
+    /// multiplication to compute again).
+    public var keySharePublicKey: [UInt8]?
+
+    /// The key share to send.
+    public func publicKey() throws(ParleyError) -> [UInt8] {
+        if let known = self.keySharePublicKey { return known }
+        return try SecretKeyShare.publicKey(privateKey: self.keySharePrivateKey)
     }
 }

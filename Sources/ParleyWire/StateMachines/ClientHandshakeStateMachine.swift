@@ -90,6 +90,8 @@ public struct ClientHandshakeStateMachine: Sendable {
     public let configuration: Configuration
     private var state: State = .idle
     private var transcript = HandshakeTranscript()
+    /// The X25519 public key sent with method `secret`.
+    private var keyShare: [UInt8]?
 
     public init(configuration: Configuration) {
         self.configuration = configuration
@@ -108,8 +110,9 @@ public struct ClientHandshakeStateMachine: Sendable {
         self.transcript.clientHello = Array(helloFrame.segments[0].readableBytesView)
         if self.configuration.authMethods.contains(AuthMethod.secret) {
             guard self.configuration.secret != nil, let randomness = self.configuration.randomness,
-                  randomness.challenge.count == 32, (try? SecretKeyShare.publicKey(privateKey: randomness.keySharePrivateKey)) != nil
+                  randomness.challenge.count == 32, let share = try? randomness.publicKey()
             else { return self.poison("method secret needs credentials and 32 bytes of challenge and a key share") }
+            self.keyShare = share
         }
         return HandshakeStep(send: [
             .banner(self.configuration.banner),
@@ -132,7 +135,7 @@ public struct ClientHandshakeStateMachine: Sendable {
             _ = secret
             var request = Parley_V1_SecretAuthRequest()
             request.clientChallenge = Data(randomness.challenge)
-            request.clientKeyShare = Data((try? SecretKeyShare.publicKey(privateKey: randomness.keySharePrivateKey)) ?? [])
+            request.clientKeyShare = Data(self.keyShare ?? (try? randomness.publicKey()) ?? [])
             auth.payload = (try? request.serializedBytes()) ?? Data()
         }
         let frame = auth.frame(tag: .authRequest)

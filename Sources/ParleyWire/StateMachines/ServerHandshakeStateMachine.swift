@@ -289,7 +289,7 @@ public struct ServerHandshakeStateMachine: Sendable {
             cipher = chosen
         }
         guard let randomness = self.configuration.randomness, randomness.challenge.count == 32,
-              let share = try? SecretKeyShare.publicKey(privateKey: randomness.keySharePrivateKey)
+              let share = try? randomness.publicKey()
         else {
             return self.fail(ParleyError(code: .authenticationFailed, message: "internal: method secret needs 32 bytes of challenge and a key share"), tellPeer: true)
         }
