@@ -55,6 +55,14 @@ int cparley_aead_seal(cparley_aead *a, const uint8_t nonce[12], uint8_t *data, s
         && tag_len == 16;
 }
 
+int cparley_aead_seal_extra(cparley_aead *a, const uint8_t nonce[12], uint8_t *data, size_t length,
+                            const uint8_t *extra, size_t extra_length, uint8_t *out) {
+    size_t out_len = 0;
+    return CCryptoBoringSSL_EVP_AEAD_CTX_seal_scatter(a->ctx, data, out, &out_len, extra_length + 16, nonce, 12, data, length,
+                                                      extra, extra_length, NULL, 0) == 1
+        && out_len == extra_length + 16;
+}
+
 int cparley_aead_open(cparley_aead *a, const uint8_t nonce[12], const uint8_t *in, uint8_t *out, size_t length, const uint8_t tag[16]) {
     return CCryptoBoringSSL_EVP_AEAD_CTX_open_gather(a->ctx, out, nonce, 12, in, length, tag, 16, NULL, 0) == 1;
 }

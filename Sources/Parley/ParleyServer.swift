@@ -326,7 +326,8 @@ public final class ParleyServer: Service, Sendable {
     }
 
     private func logEnd(_ reason: ParleyError, logger: Logger, handshake: Bool) {
-        if reason.code == .connectionClosed || reason.code == .shuttingDown || reason.closedByPeer {
+        let securityFailure = [.authenticationFailed, .handshakeTampered, .badAuthTag, .permissionDenied].contains(reason.code)
+        if !securityFailure, reason.code == .connectionClosed || reason.code == .shuttingDown || reason.closedByPeer {
             logger.debug(handshake ? "connection closed during handshake" : "connection closed", metadata: ["reason": "\(reason)"])
         } else {
             self.connectionErrors.increment()

@@ -76,26 +76,36 @@ struct Ping: AsyncParsableCommand {
         var samples: [Double] = []
         let clock = ContinuousClock()
         for i in 1...self.count {
-            try await client.waitForRequestDelay()
-            let start = clock.now
-            if self.size == 0 {
-                var ping = Parley_Echo_V1_Ping()
-                ping.sequence = UInt64(i)
-                let pong = try await client.request(ping, as: Parley_Echo_V1_Pong.self)
-                guard pong.sequence == UInt64(i) else { throw ParleyError(code: .protocolViolation, message: "pong \(pong.sequence) for ping \(i)") }
-            } else {
-                var echo = Parley_Echo_V1_Echo()
-                echo.payload = Data(repeating: UInt8(i & 0xFF), count: self.size)
-                let reply = try await client.request(echo, as: Parley_Echo_V1_EchoReply.self)
-                guard reply.payload == echo.payload else { throw ParleyError(code: .protocolViolation, message: "echo \(i) came back different") }
+            do {
+                try await self.roundTrip(i, client: client, clock: clock, samples: &samples)
+            } catch let error as ParleyError {
+                print("parley ping: request \(i): \(error.message) [\(error.code)]")
+                throw ExitCode(2)
             }
-            let ms = (clock.now - start).milliseconds
-            samples.append(ms)
-            if !self.quiet { print(String(format: "seq=%d time=%.3f ms", i, ms)) }
         }
         let sorted = samples.sorted()
         func pct(_ p: Double) -> Double { sorted[min(sorted.count - 1, Int((Double(sorted.count) * p).rounded(.up)) - 1)] }
         print(String(format: "%d round trips to %@: min/median/p99 = %.3f/%.3f/%.3f ms", sorted.count, client.address.description, sorted[0], pct(0.5), pct(0.99)))
+    }
+
+    /// One Ping (or Echo of --size bytes), timed.
+    private func roundTrip(_ i: Int, client: ParleyClient, clock: ContinuousClock, samples: inout [Double]) async throws {
+        try await client.waitForRequestDelay()
+        let start = clock.now
+        if self.size == 0 {
+            var ping = Parley_Echo_V1_Ping()
+            ping.sequence = UInt64(i)
+            let pong = try await client.request(ping, as: Parley_Echo_V1_Pong.self)
+            guard pong.sequence == UInt64(i) else { throw ParleyError(code: .protocolViolation, message: "pong \(pong.sequence) for ping \(i)") }
+        } else {
+            var echo = Parley_Echo_V1_Echo()
+            echo.payload = Data(repeating: UInt8(i & 0xFF), count: self.size)
+            let reply = try await client.request(echo, as: Parley_Echo_V1_EchoReply.self)
+            guard reply.payload == echo.payload else { throw ParleyError(code: .protocolViolation, message: "echo \(i) came back different") }
+        }
+        let ms = (clock.now - start).milliseconds
+        samples.append(ms)
+        if !self.quiet { print(String(format: "seq=%d time=%.3f ms", i, ms)) }
     }
 }
 

@@ -5,6 +5,7 @@ import NIOCore
 import NIOPosix
 import Parley
 import ParleyServices
+import ParleyTestSupport
 import ParleyWire
 import ServiceLifecycle
 import Testing
@@ -226,4 +227,109 @@ func temporaryPath(_ name: String) -> String {
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-tests-\(getpid())")
     try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
     return dir.appendingPathComponent(name).path
+}
+
+// MARK: - Real processes and keyrings (secure-mode tests)
+
+/// A `parley serve` process started by a test: its stderr (the server's log) goes to a file,
+/// its listening address is read from the "listening" log line (start it on port 0), and it
+/// is stopped by PID (SIGTERM, then SIGKILL) by `stop()` or, failing that, when released.
+final class ServeProcess {
+    let process: Process
+    let logPath: String
+    /// The first address the server logged, e.g. `127.0.0.1:40123` or `tls://127.0.0.1:40123`.
+    private(set) var address = ""
+
+    private init(process: Process, logPath: String) {
+        self.process = process
+        self.logPath = logPath
+    }
+
+    deinit {
+        if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
+    }
+
+    /// The server's log so far.
+    var log: String { String(decoding: FileManager.default.contents(atPath: self.logPath) ?? Data(), as: UTF8.self) }
+
+    /// Starts `parley serve ARGUMENTS` and waits (at most `seconds`) until it listens.
+    static func start(_ arguments: [String], seconds: Double = 30) async throws -> ServeProcess {
+        let parley = try #require(parleyExecutablePath(), "parley executable not built")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: parley)
+        process.arguments = ["serve"] + arguments
+        let logPath = temporaryPath("serve-\(UUID().uuidString.prefix(8)).log")
+        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let serve = ServeProcess(process: process, logPath: logPath)
+        let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int64(seconds * 1000)))
+        while ContinuousClock.now < deadline, process.isRunning {
+            if let range = serve.log.range(of: #"addresses=\["([^"]+)""#, options: .regularExpression) {
+                serve.address = String(serve.log[range].dropFirst("addresses=[\"".count).dropLast())
+                return serve
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        let log = serve.log
+        _ = await serve.stop()
+        throw ParleyError(code: .connectFailed, message: "parley serve \(arguments) did not start listening: \(log)")
+    }
+
+    /// The log's length now: pass it to `waitForLog(after:)` to look only at what comes later.
+    var logMark: Int { self.log.utf8.count }
+
+    /// Waits (at most `seconds`) until the log, from byte `after` on, has a line containing
+    /// every one of `texts`.
+    func waitForLog(_ texts: String..., after mark: Int = 0, seconds: Double = 10) async throws -> Bool {
+        try await eventually(seconds: seconds) {
+            let log = self.log
+            let tail = String(decoding: log.utf8.dropFirst(mark), as: UTF8.self)
+            return tail.split(separator: "\n").contains { line in texts.allSatisfy { line.contains($0) } }
+        }
+    }
+
+    /// Stops the server by PID (SIGTERM, then SIGKILL after 5 s) and returns its exit status.
+    @discardableResult
+    func stop() async -> Int32 {
+        if self.process.isRunning { kill(self.process.processIdentifier, SIGTERM) }
+        for _ in 0..<500 where self.process.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+        if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
+        self.process.waitUntilExit()
+        return self.process.terminationStatus
+    }
+}
+
+/// Runs the built `parley` with `arguments` to completion (bounded by `seconds`).
+func parley(_ arguments: [String], stdin: Data? = nil, seconds: Double = 60) throws -> ProcessOutput {
+    try runProcess(try #require(parleyExecutablePath(), "parley executable not built"), arguments, stdin: stdin, seconds: seconds)
+}
+
+/// A fresh empty directory for one test.
+func freshTestDirectory(_ name: String) -> String {
+    let dir = temporaryPath("\(name)-\(UUID().uuidString.prefix(8))")
+    try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    return dir
+}
+
+/// Writes a keyring (mode 0600) with one random key per entity and returns the keys by name.
+@discardableResult
+func writeKeyring(_ path: String, _ entities: [(name: String, caps: [String])], expires: Date? = nil) throws -> [String: [UInt8]] {
+    var keys: [String: [UInt8]] = [:]
+    var generator = SystemRandomNumberGenerator()
+    let keyring = ParleyKeyring(entities: entities.map { e in
+        let key = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        keys[e.name] = key
+        return ParleyKeyring.Entity(name: e.name, key: key, caps: e.caps, created: Date(), expires: expires)
+    })
+    try keyring.save(path: path)
+    return keys
+}
+
+/// Whether `needle` occurs anywhere in `haystack`.
+func occurs(_ needle: [UInt8], in haystack: [UInt8]) -> Bool {
+    guard !needle.isEmpty, haystack.count >= needle.count else { return needle.isEmpty }
+    return (0...(haystack.count - needle.count)).contains { i in haystack[i..<(i + needle.count)].elementsEqual(needle) }
 }

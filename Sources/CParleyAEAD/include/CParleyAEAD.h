@@ -32,6 +32,13 @@ void cparley_aead_free(cparley_aead *ctx);
 /// tag at `tag` (which must not overlap `data`). Returns 1 on success, 0 on failure.
 int cparley_aead_seal(cparley_aead *ctx, const uint8_t nonce[12], uint8_t *data, size_t length, uint8_t tag[16]);
 
+/// Encrypts `length` bytes at `data` in place, then `extra_length` bytes from `extra` into
+/// `out`, as one message: the ciphertext of `extra` and the 16-byte tag are written at `out`
+/// (which must not overlap anything else). With `out == data + length`, the result is one
+/// contiguous sealed message, and the bytes of `extra` are read once, never copied.
+int cparley_aead_seal_extra(cparley_aead *ctx, const uint8_t nonce[12], uint8_t *data, size_t length,
+                            const uint8_t *extra, size_t extra_length, uint8_t *out);
+
 /// Decrypts `length` bytes from `in` to `out` (equal, or not overlapping) and checks the
 /// 16-byte `tag`. Returns 1 if the tag is right, 0 otherwise (`out` is then zeroed).
 int cparley_aead_open(cparley_aead *ctx, const uint8_t nonce[12], const uint8_t *in, uint8_t *out, size_t length, const uint8_t tag[16]);

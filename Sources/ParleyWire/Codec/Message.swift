@@ -192,10 +192,18 @@ public struct WireMessage: Hashable, Sendable {
                 offset += segment.readableBytes
             }
             append(self.payload)
-            if let data = self.data { append(data) }
             do {
                 try direction.seal(base, length: Frame.preambleSize)
-                try direction.seal(base + sealedPreambleSize, length: total)
+                if let data = self.data, data.readableBytes >= zeroCopySegmentThreshold {
+                    // The data segment is encrypted from its own buffer into place.
+                    let inPlace = total - data.readableBytes
+                    try data.withUnsafeReadableBytes { (bytes) throws(ParleyError) in
+                        try direction.seal(base + sealedPreambleSize, length: inPlace, extra: bytes)
+                    }
+                } else {
+                    if let data = self.data { append(data) }
+                    try direction.seal(base + sealedPreambleSize, length: total)
+                }
                 return size
             } catch {
                 failure = error as? ParleyError ?? ParleyError(code: .protocolViolation, message: "internal: \(error)")

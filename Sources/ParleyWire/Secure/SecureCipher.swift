@@ -141,6 +141,21 @@ public final class SecureDirection {
         guard ok == 1 else { throw ParleyError(code: .protocolViolation, message: "internal: AEAD seal failed") }
     }
 
+    /// Seals one message made of `length` bytes at `p` (in place) followed by the bytes of
+    /// `extra`, encrypted straight into `p + length` (and the tag after them): a large data
+    /// segment is read once and never copied.
+    func seal(_ p: UnsafeMutableRawPointer, length: Int, extra: UnsafeRawBufferPointer) throws(ParleyError) {
+        var nonce = try self.next()
+        let data = p.assumingMemoryBound(to: UInt8.self)
+        let ok = withUnsafeBytes(of: &nonce) { n in
+            cparley_aead_seal_extra(
+                self.context, n.baseAddress!.assumingMemoryBound(to: UInt8.self), data, length,
+                extra.baseAddress?.assumingMemoryBound(to: UInt8.self), extra.count, data + length
+            )
+        }
+        guard ok == 1 else { throw ParleyError(code: .protocolViolation, message: "internal: AEAD seal failed") }
+    }
+
     /// Opens one message: decrypts `length` bytes from `from` to `to` (equal, or not
     /// overlapping) and checks the tag at `tag`. False if the tag is wrong.
     func open(from: UnsafeRawPointer, to: UnsafeMutableRawPointer, length: Int, tag: UnsafeRawPointer) throws(ParleyError) -> Bool {

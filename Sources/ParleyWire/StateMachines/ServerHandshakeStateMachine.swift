@@ -276,6 +276,13 @@ public struct ServerHandshakeStateMachine: Sendable {
         guard let mode = offered.compactMap(ConnectionMode.init(rawValue:)).first(where: {
             self.configuration.modes.contains($0) && ($0 != .secure || partial.features.contains(.secureMode))
         }) else {
+            if offered.contains(ConnectionMode.secure.rawValue), !partial.features.contains(.secureMode), self.configuration.modes.contains(.secure) {
+                // Both offer secure mode, yet the banners did not negotiate it: one was altered.
+                return self.fail(ParleyError(
+                    code: .handshakeTampered,
+                    message: "the client offers secure mode but its banner does not support it: the banners were altered in transit (a man in the middle?)"
+                ), tellPeer: true)
+            }
             return self.fail(ParleyError(
                 code: .authenticationFailed,
                 message: "no common connection mode: the client accepts \(offered), this server allows \(self.configuration.modes.map(\.rawValue))\(partial.features.contains(.secureMode) ? "" : " (secure mode was not negotiated in the banners)")"
@@ -341,7 +348,7 @@ public struct ServerHandshakeStateMachine: Sendable {
             return self.fail(ParleyError(code: .authenticationFailed, message: "the key of \"\(entity.name)\" has been revoked"), tellPeer: true)
         }
         if let expires = entity.expires, expires <= self.configuration.now {
-            return self.fail(ParleyError(code: .authenticationFailed, message: "the key of \"\(entity.name)\" expired at \(expires) (seconds since 1970; now \(self.configuration.now))"), tellPeer: true)
+            return self.fail(ParleyError(code: .authenticationFailed, message: "the key of \"\(entity.name)\" expired at \(Self.date(expires)) (now \(Self.date(self.configuration.now)))"), tellPeer: true)
         }
         let schedule = SecretKeySchedule(
             entity: entity.name, key: entity.key, clientChallenge: round.clientChallenge,
@@ -382,6 +389,11 @@ public struct ServerHandshakeStateMachine: Sendable {
             step.startOpening = SecureSwitch(keys: keys.clientToServer)
         }
         return step
+    }
+
+    /// Seconds since 1970 as an ISO 8601 date, for messages.
+    static func date(_ seconds: Int64) -> String {
+        ISO8601DateFormatter().string(from: Date(timeIntervalSince1970: TimeInterval(seconds)))
     }
 
     private var waitingFor: String {
