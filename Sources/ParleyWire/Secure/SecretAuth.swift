@@ -218,10 +218,17 @@ public enum SecretKeyShare {
     }
 
     public static func sharedSecret(privateKey: [UInt8], peerPublicKey: [UInt8]) throws(ParleyError) -> [UInt8] {
+        let mine: Curve25519.KeyAgreement.PrivateKey
+        do { mine = try Curve25519.KeyAgreement.PrivateKey(rawRepresentation: privateKey) } catch {
+            throw ParleyError(code: .invalidArgument, message: "bad X25519 private key: \(error)")
+        }
+        return try self.sharedSecret(privateKey: mine, peerPublicKey: peerPublicKey)
+    }
+
+    static func sharedSecret(privateKey: Curve25519.KeyAgreement.PrivateKey, peerPublicKey: [UInt8]) throws(ParleyError) -> [UInt8] {
         do {
-            let mine = try Curve25519.KeyAgreement.PrivateKey(rawRepresentation: privateKey)
             let theirs = try Curve25519.KeyAgreement.PublicKey(rawRepresentation: peerPublicKey)
-            return try mine.sharedSecretFromKeyAgreement(with: theirs).withUnsafeBytes { Array($0) }
+            return try privateKey.sharedSecretFromKeyAgreement(with: theirs).withUnsafeBytes { Array($0) }
         } catch {
             throw ParleyError(code: .authenticationFailed, message: "bad X25519 key share: \(error)")
         }
@@ -265,35 +272,38 @@ public struct SecretCredentials: Sendable, Hashable {
 }
 
 /// Per-connection randomness the handshake machines are given (they draw none themselves).
-public struct HandshakeRandomness: Sendable, Hashable {
+public struct HandshakeRandomness: Sendable {
     /// 32 bytes.
     public var challenge: [UInt8]
-    /// An X25519 private key, 32 bytes.
-    public var keySharePrivateKey: [UInt8]
+    /// The X25519 key share: its private key, and the public key computed once from it.
+    let keyShare: Curve25519.KeyAgreement.PrivateKey?
 
+    /// - Parameter keySharePrivateKey: an X25519 private key, 32 bytes (anything else makes
+    ///   method `secret` fail).
     public init(challenge: [UInt8], keySharePrivateKey: [UInt8]) {
         self.challenge = challenge
-        self.keySharePrivateKey = keySharePrivateKey
+        self.keyShare = try? Curve25519.KeyAgreement.PrivateKey(rawRepresentation: keySharePrivateKey)
+    }
+
+    init(challenge: [UInt8], keyShare: Curve25519.KeyAgreement.PrivateKey) {
+        self.challenge = challenge
+        self.keyShare = keyShare
     }
 
     /// Fresh randomness from BoringSSL's generator (one call per value).
     public static func generate() -> HandshakeRandomness {
-        let key = Curve25519.KeyAgreement.PrivateKey()
-        var r = HandshakeRandomness(
-            challenge: SymmetricKey(size: .bits256).withUnsafeBytes { Array($0) },
-            keySharePrivateKey: Array(key.rawRepresentation)
-        )
-        r.keySharePublicKey = Array(key.publicKey.rawRepresentation)
-        return r
+        HandshakeRandomness(challenge: SymmetricKey(size: .bits256).withUnsafeBytes { Array($0) }, keyShare: Curve25519.KeyAgreement.PrivateKey())
     }
-
-    /// The public key of `keySharePrivateKey`, if already known (it costs a scalar
-    /// multiplication to compute again).
-    public var keySharePublicKey: [UInt8]?
 
     /// The key share to send.
     public func publicKey() throws(ParleyError) -> [UInt8] {
-        if let known = self.keySharePublicKey { return known }
-        return try SecretKeyShare.publicKey(privateKey: self.keySharePrivateKey)
+        guard let keyShare = self.keyShare else { throw ParleyError(code: .invalidArgument, message: "bad X25519 private key") }
+        return Array(keyShare.publicKey.rawRepresentation)
+    }
+
+    /// X25519 of our key share and the peer's.
+    public func sharedSecret(peerPublicKey: [UInt8]) throws(ParleyError) -> [UInt8] {
+        guard let keyShare = self.keyShare else { throw ParleyError(code: .invalidArgument, message: "bad X25519 private key") }
+        return try SecretKeyShare.sharedSecret(privateKey: keyShare, peerPublicKey: peerPublicKey)
     }
 }

@@ -289,7 +289,7 @@ public struct ClientHandshakeStateMachine: Sendable {
         }
         let shared: [UInt8]
         do {
-            shared = try SecretKeyShare.sharedSecret(privateKey: randomness.keySharePrivateKey, peerPublicKey: Array(challenge.serverKeyShare))
+            shared = try randomness.sharedSecret(peerPublicKey: Array(challenge.serverKeyShare))
         } catch {
             return self.violation(error)
         }

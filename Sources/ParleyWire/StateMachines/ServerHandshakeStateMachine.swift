@@ -302,7 +302,7 @@ public struct ServerHandshakeStateMachine: Sendable {
         }
         let shared: [UInt8]
         do {
-            shared = try SecretKeyShare.sharedSecret(privateKey: randomness.keySharePrivateKey, peerPublicKey: Array(secret.clientKeyShare))
+            shared = try randomness.sharedSecret(peerPublicKey: Array(secret.clientKeyShare))
         } catch {
             return self.fail(error, tellPeer: true)
         }
