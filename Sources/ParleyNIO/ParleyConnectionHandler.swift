@@ -318,6 +318,12 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         }
         if let error = error as? ParleyError {
             self.failConnection(error, tellPeer: true, context: context)
+        } else if let tls = error as? TLSFailure {
+            // The transport could not authenticate (an untrusted certificate, either way): no
+            // CLOSE can cross a broken TLS connection.
+            self.state = .closing
+            self.recordFailure(ParleyError(code: .authenticationFailed, message: "\(tls)", cause: tls.underlying))
+            context.close(promise: nil)
         } else {
             self.state = .closing
             self.recordFailure(ParleyError(code: .connectionClosed, message: "connection failed: \(error)", cause: error))
