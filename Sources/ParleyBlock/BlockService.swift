@@ -46,11 +46,31 @@ public final class BlockService: Sendable {
     public func register(on router: inout ParleyRouter) {
         router.on(Parley_Block_V1_SessionInfo.self) { [self] request, context in self.sessionInfo(request, context) }
         router.on(Parley_Block_V1_ListExports.self) { [self] _, _ in self.listExports() }
-        router.on(Parley_Block_V1_Open.self) { [self] request, context in self.open(request, context) }
+        router.on(Parley_Block_V1_Open.self) { [self] request, context in
+            try self.authorize(request, context)
+            return self.open(request, context)
+        }
         router.on(Parley_Block_V1_Close.self) { [self] request, context in self.close(request, context) }
         router.onWithData(Parley_Block_V1_Io.self) { [self] request, context async throws in
             try await self.io(request, context)
         }
+    }
+
+    /// The capability an open needs: `block.read` for a read-only open, `block.write` for a
+    /// read-write or migration open (`block.*` or `*` grant both; clients of method `none`
+    /// have the server's anonymous capabilities, `*` by default). Refused opens are answered
+    /// `permissionDenied` and logged with the entity's name; nothing is opened.
+    func authorize(_ request: Parley_Block_V1_Open, _ context: ParleyRequestContext) throws(ParleyError) {
+        let needed = request.accessMode == .readOnly ? "block.read" : "block.write"
+        guard !context.session.grants(needed) else { return }
+        let error = ParleyError(
+            code: .permissionDenied,
+            message: "\(context.session.entityName) may not open \(request.path) \(request.accessMode == .readOnly ? "read-only" : "for writing"): it needs capability \"\(needed)\""
+        )
+        self.logger.warning("block open refused", metadata: [
+            "entity": "\(context.session.entityName)", "path": "\(request.path)", "error": "\(error.message)",
+        ])
+        throw error
     }
 
     /// Refuses new IO from now on (graceful shutdown; IO in flight completes).

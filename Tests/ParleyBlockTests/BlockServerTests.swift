@@ -233,6 +233,45 @@ struct BlockServerTests {
         _ = try await bob.open("shared", access: .readWrite)
     }
 
+    /// With method secret, an open needs block.read (read-only) or block.write (read-write,
+    /// migration) among the entity's capabilities; nothing is opened otherwise.
+    @Test func opensNeedTheEntitysBlockCapabilities() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let keyring = scratch.file("server.keyring")
+        for (name, caps) in [("client.reader", "block.read"), ("client.writer", "block.*"), ("client.none", "echo")] {
+            let out = try Tools.run(try Tools.parley, ["keyring", "add", name, "--keyring", keyring, "--caps", caps])
+            #expect(out.status == 0, "\(out.combined)")
+        }
+        let server = try BlockServerProcess(scratch: scratch, arguments: [
+            "--export", "disk=\(path)", "--auth", "secret", "--keyring", keyring, "--mode", "secure",
+        ])
+        defer { server.stop() }
+        let loaded = try ParleyKeyring.load(path: keyring)
+        func connect(_ name: String) async throws -> BlockClient {
+            try await BlockClient.connect(
+                to: .unix(path: server.blockSocket), sessionName: name,
+                configuration: .init(secret: try loaded.credentials(for: name, keyringPath: keyring))
+            )
+        }
+        let reader = try await connect("client.reader")
+        let writer = try await connect("client.writer")
+        let nobody = try await connect("client.none")
+        defer { [reader, writer, nobody].forEach { $0.closeConnection() } }
+        _ = try await reader.open("disk", access: .readOnly)
+        for (client, access) in [(reader, Parley_Block_V1_AccessMode.readWrite), (reader, .migration), (nobody, .readOnly)] {
+            do {
+                _ = try await client.open("disk", access: access)
+                Issue.record("an open without its capability was allowed (\(access))")
+            } catch let e as ParleyError {
+                #expect(e.code == .permissionDenied)
+                #expect(e.message.contains("needs capability"), "\(e.message)")
+            }
+        }
+        // The refused write-open left the device free for a writer.
+        _ = try await writer.open("disk", access: .readWrite)
+    }
+
     @Test func searchPathGivesEachSessionItsNamespaceAndRefusesEscapes() async throws {
         let scratch = try ScratchDirectory()
         let root = scratch.file("sessions")
