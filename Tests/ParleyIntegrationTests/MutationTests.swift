@@ -110,7 +110,7 @@ struct MutationTests {
         let workers = 8
         let logs = LogCollector()
         let path = temporaryPath("mutation.sock")
-        try await withServer(listen: [.unix(path: path), .tcp(host: "127.0.0.1", port: 0)], logger: logs.logger("server", level: .warning)) { server, addresses in
+        try await withOwnEventLoop { ownGroup in try await withServer(listen: [.unix(path: path), .tcp(host: "127.0.0.1", port: 0)], logger: logs.logger("server", level: .warning), group: ownGroup) { server, addresses in
             // A well-behaved client keeps working throughout.
             let good = try await ParleyClient.connect(to: addresses[1], logger: quietLogger)
             defer { good.close() }
@@ -163,6 +163,6 @@ struct MutationTests {
             defer { after.close() }
             #expect(try await ping(after, 1) == 1)
             #expect(server.connectionCount <= 2)
-        }
+        } }
     }
 }

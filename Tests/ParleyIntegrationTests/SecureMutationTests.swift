@@ -35,12 +35,14 @@ struct SecureMutationTests {
         let dir = freshTestDirectory("secure-mutation")
         let keys = try writeKeyring(dir + "/server.keyring", [("client.alice", ["*"])])
         let source = try ParleyKeyringSource(path: dir + "/server.keyring")
-        try await withServer(
-            listen: [.unix(path: dir + "/s.sock"), .tcp(host: "127.0.0.1", port: 0)],
-            configure: { $0.authMethods = [AuthMethod.secret]; $0.modes = [.crc, .secure]; $0.keyring = source },
-            logger: logs.logger("server", level: .warning)
-        ) { server, addresses in
-            try await body(server, addresses, SecretCredentials(entity: "client.alice", key: keys["client.alice"]!))
+        try await withOwnEventLoop { ownGroup in
+            try await withServer(
+                listen: [.unix(path: dir + "/s.sock"), .tcp(host: "127.0.0.1", port: 0)],
+                configure: { $0.authMethods = [AuthMethod.secret]; $0.modes = [.crc, .secure]; $0.keyring = source },
+                logger: logs.logger("server", level: .warning), group: ownGroup
+            ) { server, addresses in
+                try await body(server, addresses, SecretCredentials(entity: "client.alice", key: keys["client.alice"]!))
+            }
         }
     }
 

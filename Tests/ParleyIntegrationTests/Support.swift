@@ -52,16 +52,20 @@ let quietLogger: Logger = {
 
 /// Runs a server on the given addresses (port 0 by default) for the duration of `body`,
 /// then shuts it down gracefully and waits for it to stop.
+///
+/// Tests that flood their server (the mutation tests) give it an event-loop group of its own,
+/// so that their bursts do not hold the shared loops other tests' connections run on.
 func withServer<T>(
     listen: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: 0)],
     configure: (inout ParleyServer.Configuration) -> Void = { _ in },
     router: ParleyRouter = EchoService.router(),
     logger: Logger = quietLogger,
+    group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
     _ body: (ParleyServer, [ParleyAddress]) async throws -> T
 ) async throws -> T {
     var configuration = ParleyServer.Configuration(listen: listen)
     configure(&configuration)
-    let server = ParleyServer(configuration: configuration, router: router, logger: logger)
+    let server = ParleyServer(configuration: configuration, router: router, logger: logger, group: group)
     let task = Task { try await server.run() }
     do {
         let addresses = try await server.listeningAddresses
@@ -332,4 +336,17 @@ func writeKeyring(_ path: String, _ entities: [(name: String, caps: [String])], 
 func occurs(_ needle: [UInt8], in haystack: [UInt8]) -> Bool {
     guard !needle.isEmpty, haystack.count >= needle.count else { return needle.isEmpty }
     return (0...(haystack.count - needle.count)).contains { i in haystack[i..<(i + needle.count)].elementsEqual(needle) }
+}
+
+/// Runs `body` with an event-loop group of its own (one thread), shut down afterwards.
+func withOwnEventLoop<T>(_ body: (any EventLoopGroup) async throws -> T) async throws -> T {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    do {
+        let result = try await body(group)
+        try await group.shutdownGracefully()
+        return result
+    } catch {
+        try? await group.shutdownGracefully()
+        throw error
+    }
 }
