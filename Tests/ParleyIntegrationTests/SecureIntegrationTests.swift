@@ -21,6 +21,9 @@ struct SecureProcessTests {
     static func keyringAdd(_ name: String, _ keyring: String, _ extra: [String] = []) throws {
         let out = try parley(["keyring", "add", name, "--keyring", keyring] + extra)
         #expect(out.status == 0, Comment(rawValue: out.combined))
+        // A key that is expired from the start is added, with a warning that says so.
+        let pastExpiry = extra.firstIndex(of: "--expires").map { extra[$0 + 1] < "2026" } ?? false
+        #expect(out.stderr.contains("expires in the past") == pastExpiry, Comment(rawValue: out.combined))
     }
 
     /// The key of `name` in a keyring file, read from its JSON.
