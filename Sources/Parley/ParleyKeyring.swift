@@ -208,7 +208,8 @@ public final class ParleyKeyringSource: Sendable {
     public let path: String
     private struct State {
         var stamp: [Int]
-        var keyring: ParleyKeyring
+        /// What the handshake needs of the keyring, decoded once per version of the file.
+        var directory: SecretDirectory
     }
     private let state: NIOLockedValueBox<State>
 
@@ -216,7 +217,7 @@ public final class ParleyKeyringSource: Sendable {
     public init(path: String) throws(ParleyError) {
         self.path = path
         let keyring = try ParleyKeyring.load(path: path)
-        self.state = NIOLockedValueBox(State(stamp: Self.stamp(path), keyring: keyring))
+        self.state = NIOLockedValueBox(State(stamp: Self.stamp(path), directory: keyring.directory))
     }
 
     private static func stamp(_ path: String) -> [Int] {
@@ -225,17 +226,17 @@ public final class ParleyKeyringSource: Sendable {
         return [Int(info.st_ino), Int(info.st_size), Int(info.st_mtim.tv_sec), Int(info.st_mtim.tv_nsec), Int(info.st_mode)]
     }
 
-    /// The current keyring, and the error of a reload that failed (once).
-    public func current() -> (keyring: ParleyKeyring, reloadError: String?) {
+    /// The entities of the current keyring, and the error of a reload that failed (once).
+    public func current() -> (directory: SecretDirectory, reloadError: String?) {
         let stamp = Self.stamp(self.path)
-        return self.state.withLockedValue { (s: inout State) -> (keyring: ParleyKeyring, reloadError: String?) in
-            guard stamp != s.stamp else { return (s.keyring, nil) }
+        return self.state.withLockedValue { (s: inout State) -> (directory: SecretDirectory, reloadError: String?) in
+            guard stamp != s.stamp else { return (s.directory, nil) }
             s.stamp = stamp
             do {
-                s.keyring = try ParleyKeyring.load(path: self.path)
-                return (s.keyring, nil)
+                s.directory = try ParleyKeyring.load(path: self.path).directory
+                return (s.directory, nil)
             } catch {
-                return (s.keyring, (error as? ParleyError)?.message ?? "\(error)")
+                return (s.directory, (error as? ParleyError)?.message ?? "\(error)")
             }
         }
     }

@@ -273,9 +273,9 @@ public final class ParleyServer: Service, Sendable {
         let logger = { var l = self.logger; l[metadataKey: "peer"] = "\(peer)"; return l }()
         var secrets = SecretDirectory()
         if let source = self.configuration.keyring {
-            let (keyring, reloadError) = source.current()
+            let (directory, reloadError) = source.current()
             if let reloadError { logger.error("keyring changed but cannot be read; the previous one stays in force", metadata: ["error": "\(reloadError)"]) }
-            secrets = keyring.directory
+            secrets = directory
         }
         let machine = ServerHandshakeStateMachine(configuration: .init(
             banner: self.configuration.banner,

@@ -180,18 +180,16 @@ struct BlockInfo: AsyncParsableCommand {
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
-        do { _ = try ParleyAddress(parsing: self.address) } catch { throw ValidationError(error.message) }
-        try self.security.check(address: try ParleyAddress(parsing: self.address))
+        do { try self.security.check(address: try ParleyAddress(parsing: self.address)) } catch let error as ParleyError {
+            throw ValidationError(error.message)
+        }
     }
 
     func run() async throws {
         self.logging.bootstrap()
         let client: BlockClient
         do {
-            let address = try ParleyAddress(parsing: self.address)
-            var configuration = ParleyClient.Configuration(name: "parley-block-info")
-            try self.security.apply(to: &configuration, address: address)
-            client = try await BlockClient.connect(to: address, sessionName: self.session, configuration: configuration)
+            client = try await self.security.connectBlock(to: self.address, sessionName: self.session, clientName: "parley-block-info")
         } catch let error as ParleyError {
             print("parley block info: \(error.message) [\(error.code)]")
             throw ExitCode(2)
@@ -265,8 +263,9 @@ struct BlockBench: AsyncParsableCommand {
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
-        do { _ = try ParleyAddress(parsing: self.address) } catch { throw ValidationError(error.message) }
-        try self.security.check(address: try ParleyAddress(parsing: self.address))
+        do { try self.security.check(address: try ParleyAddress(parsing: self.address)) } catch let error as ParleyError {
+            throw ValidationError(error.message)
+        }
         guard ["randread", "randwrite", "read", "write"].contains(self.rw) else { throw ValidationError("--rw must be randread, randwrite, read or write") }
         guard (512...(8 << 20)).contains(self.blockSize), self.blockSize % 512 == 0 else { throw ValidationError("--block-size must be a multiple of 512 up to 8 MiB") }
         guard (1...1024).contains(self.queueDepth) else { throw ValidationError("--queue-depth must be 1...1024") }
@@ -278,10 +277,7 @@ struct BlockBench: AsyncParsableCommand {
         let client: BlockClient
         let device: BlockClient.Device
         do {
-            let address = try ParleyAddress(parsing: self.address)
-            var configuration = ParleyClient.Configuration(name: "parley-block-bench")
-            try self.security.apply(to: &configuration, address: address)
-            client = try await BlockClient.connect(to: address, sessionName: "parley-block-bench", configuration: configuration)
+            client = try await self.security.connectBlock(to: self.address, sessionName: "parley-block-bench", clientName: "parley-block-bench")
             device = try await client.open(self.export, access: self.rw.contains("write") ? .readWrite : .readOnly)
         } catch let error as ParleyError {
             print("parley block bench: \(error.message) [\(error.code)]")
@@ -344,5 +340,15 @@ struct BlockBench: AsyncParsableCommand {
             print(String(format: "%@ bs=%d qd=%d: %.0f IOPS, %.1f MiB/s, latency p50 %.1f us, p99 %.1f us, p99.9 %.1f us (%d IOs in %.2f s)",
                          self.rw, self.blockSize, depth, iops, mibs, pct(0.5), pct(0.99), pct(0.999), sorted.count, secs))
         }
+    }
+}
+
+extension ClientSecurityOptions {
+    /// A block client connected to `address` (text form) with these options.
+    func connectBlock(to address: String, sessionName: String, clientName: String) async throws -> BlockClient {
+        let parsed = try ParleyAddress(parsing: address)
+        var configuration = ParleyClient.Configuration(name: clientName)
+        try self.apply(to: &configuration, address: parsed)
+        return try await BlockClient.connect(to: parsed, sessionName: sessionName, configuration: configuration)
     }
 }

@@ -70,12 +70,12 @@ public final class SecureDirection {
         self.sealing = sealing
         self.keys = keys
         self.counter = counter
-        self.context = try Self.makeContext(keys, sealing: sealing)
+        self.context = try Self.makeContext(keys)
     }
 
     deinit { cparley_aead_free(self.context) }
 
-    private static func makeContext(_ keys: SecureDirectionKeys, sealing: Bool) throws(ParleyError) -> OpaquePointer {
+    private static func makeContext(_ keys: SecureDirectionKeys) throws(ParleyError) -> OpaquePointer {
         guard let context = keys.key.withUnsafeBufferPointer({ cparley_aead_new(keys.cipher.cValue, $0.baseAddress) }) else {
             throw ParleyError(code: .protocolViolation, message: "internal: cannot create the \(keys.cipher.rawValue) context")
         }
@@ -120,7 +120,7 @@ public final class SecureDirection {
         if self.counter > 0, self.counter % Self.keyUpdateInterval == 0 {
             self.keys.key = Self.updatedKey(self.keys.key)
             cparley_aead_free(self.context)
-            self.context = try Self.makeContext(self.keys, sealing: self.sealing)
+            self.context = try Self.makeContext(self.keys)
         }
         var nonce: (UInt64, UInt32) = (0, 0)
         withUnsafeMutableBytes(of: &nonce) { n in
