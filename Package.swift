@@ -95,6 +95,7 @@ let package = Package(
             dependencies: [
                 "Parley",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -32,6 +32,9 @@ public final class ParleyClient: Sendable {
         public var modes: [ConnectionMode]
         /// Test hook: where secure-mode message counters start (0 on the wire).
         public var secureCounterStart: UInt64 = 0
+        /// Ask for a lossless session (feature bit 9): messages survive broken connections,
+        /// the client reconnects by itself. Nil (the default): a lossy connection.
+        public var lossless: LosslessOptions?
 
         public init(
             supportedFeatures: ParleyFeatures = .implemented, requiredFeatures: ParleyFeatures = [],
@@ -64,8 +67,37 @@ public final class ParleyClient: Sendable {
 
         public static var defaults: Configuration { Configuration() }
 
-        /// The banner's features: secure mode added when accepted, required when it is the only mode.
-        var banner: Banner { Banner(supported: self.supportedFeatures, required: self.requiredFeatures, modes: self.modes) }
+        /// The banner's features: secure mode added when accepted, required when it is the
+        /// only mode; lossless sessions when asked for.
+        var banner: Banner {
+            var banner = Banner(supported: self.supportedFeatures, required: self.requiredFeatures, modes: self.modes)
+            if self.lossless != nil { banner.supported.insert(.reconnect) }
+            return banner
+        }
+    }
+
+    /// How a lossless session behaves (docs/protocol.md 5.2).
+    public struct LosslessOptions: Sendable {
+        /// How much is kept for replay before senders wait.
+        public var replayBounds: SessionLedger.Bounds
+        /// The first reconnect attempt is immediate; then the delay doubles from this one...
+        public var backoffBase: Duration
+        /// ...up to this one, each delay drawn at random between its half and itself (jitter).
+        public var backoffMax: Duration
+        /// Give up reconnecting after this long: the connection then ends with the last error.
+        public var reconnectTimeout: Duration
+        /// Test hook: each reconnect dials this many connections at once (a connection race).
+        public var raceAttempts: Int = 1
+
+        public init(
+            replayBounds: SessionLedger.Bounds = SessionLedger.Bounds(), backoffBase: Duration = .milliseconds(10),
+            backoffMax: Duration = .seconds(2), reconnectTimeout: Duration = .seconds(60)
+        ) {
+            self.replayBounds = replayBounds
+            self.backoffBase = backoffBase
+            self.backoffMax = backoffMax
+            self.reconnectTimeout = reconnectTimeout
+        }
     }
 
     public let connection: ParleyConnection
@@ -142,6 +174,17 @@ public final class ParleyClient: Sendable {
         }
     }
 
+    static func handshake(_ configuration: Configuration, address: ParleyAddress, ident: Parley_V1_ClientIdent, resume: SessionResumeOffer?) -> ClientHandshakeStateMachine {
+        var machineConfiguration = ClientHandshakeStateMachine.Configuration(
+            banner: configuration.banner,
+            maxFrameSize: UInt32(configuration.maxFrameSize), authMethods: configuration.authMethods, ident: ident,
+            serverAddress: address.description, secret: configuration.secret, modes: configuration.modes,
+            randomness: configuration.authMethods.contains(AuthMethod.secret) ? .generate() : nil
+        )
+        machineConfiguration.resume = resume
+        return ClientHandshakeStateMachine(configuration: machineConfiguration)
+    }
+
     private static func connectOnce(
         to address: ParleyAddress, redirectedFrom: [ParleyAddress], configuration: Configuration, router: ParleyRouter,
         logger: Logger, group: any EventLoopGroup,
@@ -154,30 +197,41 @@ public final class ParleyClient: Sendable {
         ident.version = configuration.version
         ident.name = configuration.name
         ident.clientNonce = UInt64.random(in: 1...UInt64.max)
-        let machine = ClientHandshakeStateMachine(configuration: .init(
-            banner: configuration.banner,
-            maxFrameSize: UInt32(configuration.maxFrameSize), authMethods: configuration.authMethods, ident: ident,
-            serverAddress: address.description, secret: configuration.secret, modes: configuration.modes,
-            randomness: configuration.authMethods.contains(AuthMethod.secret) ? .generate() : nil
-        ))
+        let machine = Self.handshake(configuration, address: address, ident: ident, resume: nil)
+        let clientIdent = ident
         let options = PipelineOptions(
             maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound,
             keepalive: try configuration.limits.keepaliveConfiguration()
         )
         let nucleus = NIOLockedValueBox(NucleusState())
         let established = NIOLockedValueBox<EventLoopPromise<ParleyConnection>?>(nil)
+        let reconnector = Reconnector()
         let initializer: ParleyChannelInitializer = { channel in
             channel.eventLoop.makeCompletedFuture {
                 let promise = channel.eventLoop.makePromise(of: ParleyConnection.self)
                 let handler = ParleyConnectionHandler(role: .client(machine), eventLoop: channel.eventLoop) { result, outlet in
+                    var lossless: LosslessSession?
+                    if case .started(let token) = result.session, let options = configuration.lossless {
+                        lossless = LosslessSession(token: token, serverNonce: result.serverIdent.serverNonce, bounds: options.replayBounds)
+                    }
                     let connection = ParleyConnection(
                         session: ParleySession(result: result, role: .client, peerAddress: address.description), role: .client,
                         channel: channel, outlet: outlet, router: router, limits: configuration.limits, logger: logger,
-                        onNotice: { n in Self.apply(n, to: nucleus, logger: logger) }
+                        onNotice: { n in Self.apply(n, to: nucleus, logger: logger) },
+                        lossless: lossless,
+                        onLinkLost: { _ in reconnector.linkLost() }
                     )
                     Self.apply(connection.session.nucleus, to: nucleus, logger: logger)
+                    var link: LosslessSession.LinkID?
+                    if let lossless {
+                        link = try lossless.attach(outlet, peerLastReceived: 0)
+                        reconnector.start(Reconnector.Context(
+                            connection: connection, session: lossless, address: address, configuration: configuration,
+                            ident: clientIdent, nucleus: nucleus, logger: logger
+                        ))
+                    }
                     promise.succeed(connection)
-                    return ConnectionEventSink(connection)
+                    return EstablishedLink(sink: ConnectionEventSink(connection), lossless: lossless.flatMap { l in link.map { (l, $0) } })
                 }
                 handler.secureCounterStart = configuration.secureCounterStart
                 handler.established.whenFailure { promise.fail($0) }

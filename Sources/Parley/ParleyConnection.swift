@@ -70,7 +70,17 @@ public struct ParleyConnectionLimits: Sendable {
 public final class ParleyConnection: Sendable {
     public let session: ParleySession
     /// The event loop the connection runs on (handlers start there by default).
-    public var eventLoop: any EventLoop { self.channel.eventLoop }
+    public let eventLoop: any EventLoop
+    /// Lossless sessions (feature bit 9): the session that outlives the connection's links.
+    /// Nil for a lossy connection.
+    public let lossless: LosslessSession?
+    /// What happens to the link of a lossless session: down, up again, reset. Finishes when
+    /// the connection ends. Never yields for a lossy connection.
+    public let linkEvents: AsyncStream<ParleyLinkEvent>
+    private let linkEventsContinuation: AsyncStream<ParleyLinkEvent>.Continuation
+    /// Called when the current link of a lossless session breaks (the client reconnects, the
+    /// server starts the retention clock).
+    let onLinkLost: (@Sendable (ParleyError) -> Void)?
     let role: SessionStateMachine.Role
     let channel: any Channel
     let router: ParleyRouter
@@ -112,17 +122,28 @@ public final class ParleyConnection: Sendable {
         var draining = false
         var closed: ParleyError?
         var keepaliveRoundTrip: Duration?
+        /// Idempotent requests still outstanding, kept to be sent again after a session reset.
+        var retryable: [UInt64: WireMessage] = [:]
+        /// Lossless: the outlet of the current link (nil while detached).
+        var outlet: ParleyConnectionHandler.Outlet?
+        var linkUps = 0
     }
 
     init(
         session: ParleySession, role: SessionStateMachine.Role, channel: any Channel,
         outlet: ParleyConnectionHandler.Outlet, router: ParleyRouter, limits: ParleyConnectionLimits,
-        logger: Logger, onNotice: (@Sendable (ParleyNucleus) -> Void)? = nil, onClose: (@Sendable (ParleyError) -> Void)? = nil
+        logger: Logger, onNotice: (@Sendable (ParleyNucleus) -> Void)? = nil, onClose: (@Sendable (ParleyError) -> Void)? = nil,
+        lossless: LosslessSession? = nil, onLinkLost: (@Sendable (ParleyError) -> Void)? = nil
     ) {
         self.session = session
         self.role = role
         self.channel = channel
         self.outlet = outlet
+        self.eventLoop = channel.eventLoop
+        self.lossless = lossless
+        self.onLinkLost = onLinkLost
+        (self.linkEvents, self.linkEventsContinuation) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(1024))
+        self.state.withLockedValue { $0.outlet = outlet }
         self.executor = limits.handlersOnEventLoop ? EventLoopTaskExecutor(channel.eventLoop) : nil
         self.router = router
         self.limits = limits
@@ -145,11 +166,16 @@ public final class ParleyConnection: Sendable {
     ///   cancelled, `timeout` if the answer does not come within `timeout` (in both cases the
     ///   peer is told with a CANCEL), `frameTooLarge` or `invalidArgument` if the peer could
     ///   not accept the request, or `connectionClosed`.
+    ///   - idempotent: running the request twice does no harm. In a lossless session, it is
+    ///     then sent again automatically after a session reset, where other requests that may
+    ///     have run fail with `sessionReset`.
     public func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
-        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self, timeout: Duration? = nil
+        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self, timeout: Duration? = nil,
+        idempotent: Bool = false
     ) async throws -> ParleyReply<Response> {
         let id = try await self.acquireSlot()
         defer { self.releaseSlot() }
+        try await self.lossless?.waitForRoom()
         let message = WireMessage(
             header: MessageHeader(id: id, kind: .request, type: Request.protoMessageName),
             payload: request.parleyPayload(allocator: self.channel.allocator), data: data
@@ -164,12 +190,13 @@ public final class ParleyConnection: Sendable {
                     // Cancelled before this point: the cancellation handler found nothing to cancel.
                     if Task.isCancelled { return ParleyError(code: .cancelled, message: "request \(id) cancelled") }
                     s.pending[id] = .unary(continuation)
+                    if idempotent, self.lossless != nil { s.retryable[id] = message }
                     return nil
                 }
                 if let refusal {
                     continuation.resume(throwing: refusal)
                 } else {
-                    self.outlet.write(.message(message))
+                    self.sendMessage(message)
                     if let timeout {
                         timer = self.channel.eventLoop.scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
                             self.cancelOutbound(id: id, ParleyError(
@@ -187,9 +214,9 @@ public final class ParleyConnection: Sendable {
 
     /// Sends a request and waits for its response message.
     public func request<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
-        _ request: Request, as response: Response.Type = Response.self, timeout: Duration? = nil
+        _ request: Request, as response: Response.Type = Response.self, timeout: Duration? = nil, idempotent: Bool = false
     ) async throws -> Response {
-        try await self.call(request, as: response, timeout: timeout).message
+        try await self.call(request, as: response, timeout: timeout, idempotent: idempotent).message
     }
 
     /// Sends a request answered by a stream of items and a final response.
@@ -204,6 +231,7 @@ public final class ParleyConnection: Sendable {
         )
         do {
             try self.check(message)
+            try await self.lossless?.waitForRoom()
         } catch {
             self.releaseSlot()
             throw error
@@ -222,7 +250,7 @@ public final class ParleyConnection: Sendable {
             continuation.finish(throwing: failure)
             throw failure
         }
-        self.outlet.write(.message(message))
+        self.sendMessage(message)
         return ParleyResponseStream(base: stream)
     }
 
@@ -235,15 +263,36 @@ public final class ParleyConnection: Sendable {
         ))
     }
 
+    /// Sends a one-way message without waiting: not for the socket, nor (in a lossless
+    /// session) for room in the replay queue. For handlers that answer one-way messages with
+    /// one-way messages, where the peer's own sending bounds how many there are.
+    public func sendNow<Message: SwiftProtobuf.Message>(_ message: Message, data: ByteBuffer? = nil) throws {
+        if let closed = self.state.withLockedValue({ $0.closed }) { throw closed }
+        let wire = WireMessage(
+            header: MessageHeader(id: 0, kind: .oneWay, type: Message.protoMessageName),
+            payload: message.parleyPayload(allocator: self.channel.allocator), data: data
+        )
+        try self.check(wire)
+        self.sendMessage(wire)
+    }
+
     /// Sends nucleus fields to the client (server side only).
     public func sendNotice(_ nucleus: ParleyNucleus) async throws {
         precondition(self.role == .server, "only a server sends notices")
         try await self.control(.notice(nucleus.wire))
     }
 
-    /// Closes the connection; outstanding requests fail with `connectionClosed`.
+    /// Closes the connection; outstanding requests fail with `connectionClosed`. A lossless
+    /// session ends: the peer is told with CLOSE and forgets it.
     public func close() {
-        self.finish(ParleyError(code: .connectionClosed, message: "connection closed by this side"))
+        let error = ParleyError(code: .connectionClosed, message: "connection closed by this side")
+        if self.lossless != nil {
+            let outlet = self.currentOutlet
+            self.finish(error)
+            outlet?.write(.close(ParleyError(code: .connectionClosed, message: "session closed by the peer")))
+            return
+        }
+        self.finish(error)
         self.channel.close(promise: nil)
     }
 
@@ -256,6 +305,9 @@ public final class ParleyConnection: Sendable {
 
     /// Requests this side is waiting on.
     public var outstandingRequests: Int { self.state.withLockedValue { $0.pending.count } }
+
+    /// Lossless sessions: how many times a new connection resumed the session.
+    public var reconnects: Int { self.state.withLockedValue { $0.linkUps } }
 
     /// The round-trip time of the last KEEPALIVE this side sent that was answered, if any.
     public var keepaliveRoundTrip: Duration? { self.state.withLockedValue { $0.keepaliveRoundTrip } }
@@ -273,6 +325,12 @@ public final class ParleyConnection: Sendable {
     func write(_ message: WireMessage) async throws {
         if let closed = self.state.withLockedValue({ $0.closed }) { throw closed }
         try self.check(message)
+        if let lossless = self.lossless {
+            // The replay bound is the back-pressure: kept messages only go once acknowledged.
+            try await lossless.waitForRoom()
+            lossless.submit(message)
+            return
+        }
         if self.channel.isWritable {
             self.outlet.write(.message(message))
         } else {
@@ -283,8 +341,11 @@ public final class ParleyConnection: Sendable {
     /// Writes a command and waits until it has been written.
     func control(_ command: ConnectionCommand) async throws {
         do {
+            guard let outlet = self.currentOutlet else {
+                throw ParleyError(code: .connectionClosed, message: "the session's connection is down; reconnecting")
+            }
             let written = self.channel.eventLoop.makePromise(of: Void.self)
-            self.outlet.write(command, promise: written)
+            outlet.write(command, promise: written)
             try await written.futureResult.get()
         } catch let error as ParleyError where error.code != .connectionClosed {
             throw error
@@ -297,7 +358,22 @@ public final class ParleyConnection: Sendable {
     /// its answer is handed to the event loop. Throws if the peer could not accept it.
     func answer(_ message: WireMessage) throws(ParleyError) {
         try self.check(message)
-        self.outlet.write(.message(message))
+        self.sendMessage(message)
+    }
+
+    /// Hands a message to the link: the channel's handler (lossy), or the lossless session,
+    /// which numbers and keeps it and has the current link transmit it.
+    private func sendMessage(_ message: WireMessage) {
+        if let lossless = self.lossless {
+            lossless.submit(message)
+        } else {
+            self.outlet.write(.message(message))
+        }
+    }
+
+    /// The outlet of the link that is current (always the one channel's, for a lossy connection).
+    private var currentOutlet: ParleyConnectionHandler.Outlet? {
+        self.lossless == nil ? self.outlet : self.state.withLockedValue { $0.outlet }
     }
 
     /// Sends the final answer to a peer request (see `answer(_:)`).
@@ -368,9 +444,10 @@ public final class ParleyConnection: Sendable {
         case .stream(let c)?: c.finish(throwing: error)
         case nil: return  // already answered, or never sent
         }
+        self.state.withLockedValue { _ = $0.retryable.removeValue(forKey: id) }
         guard self.session.features.contains(.streams) else { return }
         let cancel = WireMessage(header: MessageHeader(id: id, kind: .cancel, type: ""), payload: ByteBuffer())
-        self.outlet.write(.message(cancel))
+        self.sendMessage(cancel)
     }
 
     static func decodeAnswer<Response: SwiftProtobuf.Message & Sendable>(_ answer: WireMessage, as: Response.Type) throws -> ParleyReply<Response> {
@@ -389,6 +466,8 @@ public final class ParleyConnection: Sendable {
             guard s.closed == nil else { return nil }
             s.closed = error
             defer {
+                s.retryable = [:]
+                s.outlet = nil
                 s.pending = [:]
                 s.slotWaiters = []
                 s.serving = [:]
@@ -407,6 +486,8 @@ public final class ParleyConnection: Sendable {
         ending.waiters.forEach { $0.resume(throwing: error) }
         for case .running(let task) in ending.serving.values { task.cancel() }
         ending.idle.forEach { $0.resume() }
+        self.lossless?.end(error)
+        self.linkEventsContinuation.finish()
         self.ended.succeed(error)
         self.onClose?(error)
     }
@@ -462,6 +543,7 @@ public final class ParleyConnection: Sendable {
         let id = message.header.id
         let kind = message.header.kind
         let pending = self.state.withLockedValue { s -> Pending? in
+            if kind != .streamItem, !s.retryable.isEmpty { s.retryable.removeValue(forKey: id) }
             switch s.pending[id] {
             case .unary?:
                 return kind == .streamItem ? nil : s.pending.removeValue(forKey: id)
@@ -526,7 +608,7 @@ public final class ParleyConnection: Sendable {
             // An ERROR would carry the id of the request still being served: the peer could
             // not tell the two apart. A peer that reuses a live id is broken: close.
             self.logger.debug("closing: \(error.message)")
-            self.outlet.write(.close(error))
+            self.currentOutlet?.write(.close(error))
         case .refused(let error):
             if error.code == .permissionDenied {
                 self.logger.warning("permission denied", metadata: ["entity": "\(self.session.entityName)", "type": "\(h.type)", "error": "\(error.message)"])
@@ -592,7 +674,7 @@ public final class ParleyConnection: Sendable {
             defer { s.readsPaused = true }
             return (.queued, !s.readsPaused)
         }
-        if pause { self.outlet.pauseReads() }
+        if pause { self.currentOutlet?.pauseReads() }
         return admission
     }
 
@@ -686,7 +768,7 @@ public final class ParleyConnection: Sendable {
                 s.serving[Self.key(queued.message)] = .starting(cancelled: false)
                 return (queued, false)
             }
-            if resume { self.outlet.resumeReads() }
+            if resume { self.currentOutlet?.resumeReads() }
             guard let next else { return }
             self.start(next.message, handler: next.handler)
         }
@@ -704,7 +786,144 @@ public final class ParleyConnection: Sendable {
             }
             if idle { c.resume() }
         }
-        try? await self.control(.close(ParleyError(code: .shuttingDown, message: "server is shutting down")))
+        let reason = ParleyError(code: .shuttingDown, message: "server is shutting down")
+        try? await self.control(.close(reason))
+        if self.lossless != nil { self.finish(reason) }
+    }
+}
+
+// MARK: - Lossless sessions
+
+/// What happened to the link under a lossless session (feature bit 9).
+public enum ParleyLinkEvent: Sendable, CustomStringConvertible {
+    /// The connection broke; the session waits for a reconnect, and messages sent meanwhile
+    /// are kept for it.
+    case down(ParleyError)
+    /// A new connection resumed the session; `reconnects` counts them for the session.
+    case up(reconnects: Int)
+    /// The server no longer had the session (it restarted or forgot it): what became of the
+    /// requests outstanding at that moment.
+    case reset(ParleySessionReset)
+
+    public var description: String {
+        switch self {
+        case .down(let error): return "link down: \(error.message)"
+        case .up(let n): return "link up (reconnect \(n))"
+        case .reset(let r): return "session reset: \(r.reason)"
+        }
+    }
+}
+
+/// A request as the reset report names it.
+public struct ParleyRequestRecord: Sendable, Hashable, CustomStringConvertible {
+    public var id: UInt64
+    public var type: String
+    public var description: String { "\(self.id) \(self.type)" }
+}
+
+/// What a session reset did to the requests and one-way messages outstanding: nothing is
+/// silently lost, nothing silently repeated.
+public struct ParleySessionReset: Sendable {
+    public var reason: String
+    /// Sent, not answered and not idempotent: they may or may not have run. Their callers
+    /// got `sessionReset`.
+    public var mayHaveRun: [ParleyRequestRecord] = []
+    /// Never sent before the reset: they certainly did not run, and were sent in the new session.
+    public var notSent: [ParleyRequestRecord] = []
+    /// Idempotent, sent and not answered: sent again in the new session.
+    public var retried: [ParleyRequestRecord] = []
+    /// One-way messages sent and not acknowledged: the server may or may not have received them.
+    public var oneWayMayHaveArrived: [ParleyRequestRecord] = []
+    /// One-way messages never sent: sent in the new session.
+    public var oneWayNotSent: [ParleyRequestRecord] = []
+}
+
+extension ParleyConnection {
+    /// The current link broke without either side ending the session (on its event loop).
+    func linkLost(_ reason: ParleyError) {
+        let open = self.state.withLockedValue { s -> Bool in
+            s.outlet = nil
+            return s.closed == nil
+        }
+        guard open else { return }
+        self.logger.info("link down; the session waits for a reconnect", metadata: ["reason": "\(reason.message)"])
+        self.linkEventsContinuation.yield(.down(reason))
+        self.onLinkLost?(reason)
+    }
+
+    /// A new link resumed the session: control frames and read pauses go to it from now on.
+    func linkUp(_ outlet: ParleyConnectionHandler.Outlet) {
+        let (paused, count) = self.state.withLockedValue { s -> (Bool, Int) in
+            s.outlet = outlet
+            s.linkUps += 1
+            return (s.readsPaused, s.linkUps)
+        }
+        if paused { outlet.pauseReads() }
+        self.logger.info("link up; session resumed", metadata: ["reconnects": "\(count)"])
+        self.linkEventsContinuation.yield(.up(reconnects: count))
+    }
+
+    /// Client side: the server did not have the session and started a new one (`token`).
+    /// Sorts what the old session held: requests never sent, and idempotent ones, are sent
+    /// in the new session; other requests sent and unanswered fail with `sessionReset`, and
+    /// the report lists them. Call before the new link attaches.
+    func sessionWasReset(reason: String, token: [UInt8], serverNonce: UInt64) -> ParleySessionReset {
+        guard let lossless = self.lossless else { return ParleySessionReset(reason: reason) }
+        let abandoned = lossless.reset(token: token, serverNonce: serverNonce)
+        var report = ParleySessionReset(reason: reason)
+        let unsentRequests = Set(abandoned.untransmitted.filter { $0.header.kind == .request }.map(\.header.id))
+        var again: [(seq: UInt64, message: WireMessage)] = []
+        var failed: [(Pending, ParleyError)] = []
+        var cancelled: [Task<Void, Never>] = []
+        self.state.withLockedValue { s in
+            for message in abandoned.untransmitted where message.header.kind == .request || message.header.kind == .oneWay {
+                let record = ParleyRequestRecord(id: message.header.id, type: message.header.type)
+                if message.header.kind == .oneWay {
+                    report.oneWayNotSent.append(record)
+                    again.append((message.header.seq, message))
+                } else if s.pending[message.header.id] != nil {
+                    report.notSent.append(record)
+                    again.append((message.header.seq, message))
+                }
+            }
+            for message in abandoned.transmitted where message.header.kind == .oneWay {
+                report.oneWayMayHaveArrived.append(ParleyRequestRecord(id: 0, type: message.header.type))
+            }
+            for (id, pending) in s.pending.sorted(by: { $0.key < $1.key }) where !unsentRequests.contains(id) {
+                if let message = s.retryable[id] {
+                    report.retried.append(ParleyRequestRecord(id: id, type: message.header.type))
+                    again.append((message.header.seq, message))
+                    continue
+                }
+                let type = abandoned.transmitted.first { $0.header.kind == .request && $0.header.id == id }?.header.type ?? "request"
+                report.mayHaveRun.append(ParleyRequestRecord(id: id, type: type))
+                s.pending.removeValue(forKey: id)
+                failed.append((pending, ParleyError(
+                    code: .sessionReset,
+                    message: "request \(id) may or may not have run: the server lost the session (\(reason))"
+                )))
+            }
+            // The server's requests belong to the session it lost: their answers have no one to go to.
+            for case .running(let task) in s.serving.values { cancelled.append(task) }
+        }
+        for (pending, error) in failed {
+            switch pending {
+            case .unary(let c): c.resume(throwing: error)
+            case .stream(let c): c.finish(throwing: error)
+            }
+        }
+        cancelled.forEach { $0.cancel() }
+        for item in again.sorted(by: { $0.seq < $1.seq }) {
+            var message = item.message
+            message.header.seq = 0
+            message.header.ack = 0
+            lossless.submit(message)
+        }
+        self.logger.warning("session reset", metadata: [
+            "reason": "\(reason)", "mayHaveRun": "\(report.mayHaveRun.count)", "retried": "\(report.retried.count)", "notSent": "\(report.notSent.count)",
+        ])
+        self.linkEventsContinuation.yield(.reset(report))
+        return report
     }
 }
 
@@ -722,6 +941,10 @@ final class ConnectionEventSink: ParleyEventSink {
 
     func closed(_ reason: ParleyError) {
         self.connection.finish(reason)
+    }
+
+    func linkLost(_ reason: ParleyError) {
+        self.connection.linkLost(reason)
     }
 }
 

@@ -39,6 +39,11 @@ public final class ParleyServer: Service, Sendable {
         public var anonymousCapabilities: [String]
         /// Test hook: where secure-mode message counters start (0 on the wire).
         public var secureCounterStart: UInt64 = 0
+        /// Lossless sessions (feature bit 9): how long a session whose connection broke is
+        /// kept for the client to reconnect to; nil: no lossless sessions (bit 9 not offered).
+        public var sessionRetention: Duration? = .seconds(30)
+        /// How much a lossless session keeps for replay, per direction, before senders wait.
+        public var replayBounds = SessionLedger.Bounds()
 
         public init(
             listen: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: ParleyAddress.defaultPort)],
@@ -65,8 +70,13 @@ public final class ParleyServer: Service, Sendable {
 
         public static var defaults: Configuration { Configuration() }
 
-        /// The banner's features: secure mode added when allowed, required when it is the only mode.
-        var banner: Banner { Banner(supported: self.supportedFeatures, required: self.requiredFeatures, modes: self.modes) }
+        /// The banner's features: secure mode added when allowed, required when it is the only
+        /// mode; lossless sessions when sessions are kept.
+        var banner: Banner {
+            var banner = Banner(supported: self.supportedFeatures, required: self.requiredFeatures, modes: self.modes)
+            if self.sessionRetention != nil { banner.supported.insert(.reconnect) }
+            return banner
+        }
 
         /// Refuses contradictory security settings before the server starts.
         public func validateSecurity() throws(ParleyError) {
@@ -106,6 +116,9 @@ public final class ParleyServer: Service, Sendable {
         /// Every open channel, established or still in its handshake.
         var channels: [ObjectIdentifier: any Channel] = [:]
         var connections: [ObjectIdentifier: ParleyConnection] = [:]
+        /// Lossless sessions by token, attached or waiting for their client to reconnect.
+        var sessions: [[UInt8]: (session: LosslessSession, connection: ParleyConnection, entity: String?)] = [:]
+        var retentionTimers: [[UInt8]: Scheduled<Void>] = [:]
         var shuttingDown = false
         var stoppedWaiters: [CheckedContinuation<Void, Never>] = []
         var failed: (any Error)?
@@ -195,10 +208,13 @@ public final class ParleyServer: Service, Sendable {
     }
 
     private func shutDown(abruptly: Bool) {
-        let (listeners, connections, channels) = self.state.withLockedValue { s in
+        let (listeners, connections, channels, detached) = self.state.withLockedValue { s in
             s.shuttingDown = true
-            return (s.listeners, Array(s.connections.values), Array(s.channels.values))
+            let detached = s.sessions.values.filter { $0.session.currentOutlet == nil }.map(\.connection)
+            return (s.listeners, Array(s.connections.values), Array(s.channels.values), detached)
         }
+        // Sessions waiting for a reconnect have no connection to drain: they end now.
+        for c in detached { c.finish(ParleyError(code: .shuttingDown, message: "server is shutting down")) }
         self.logger.info("shutting down", metadata: ["connections": "\(connections.count)"])
         for l in listeners { l.close(promise: nil) }
         if abruptly {
@@ -284,11 +300,12 @@ public final class ParleyServer: Service, Sendable {
             clientAddress: peer, modes: self.configuration.modes, secrets: secrets,
             now: Int64(Date().timeIntervalSince1970), randomness: self.configuration.authMethods.contains(AuthMethod.secret) ? .generate() : nil,
             globalID: self.nextGlobalID.wrappingAdd(1, ordering: .relaxed).newValue,
-            anonymousCapabilities: self.configuration.anonymousCapabilities
+            anonymousCapabilities: self.configuration.anonymousCapabilities, sessionToken: Self.newSessionToken()
         ))
         let handler = ParleyConnectionHandler(role: .server(machine), eventLoop: channel.eventLoop) { [self] result, outlet in
-            self.established(result, channel: channel, outlet: outlet, peer: peer, logger: logger)
+            try self.established(result, channel: channel, outlet: outlet, peer: peer, logger: logger)
         }
+        handler.resolveResume = { [self] request in self.resolveResume(request) }
         handler.secureCounterStart = self.configuration.secureCounterStart
         handler.established.whenFailure { error in
             self.logEnd(error as? ParleyError ?? ParleyError(code: .connectionClosed, message: "\(error)"), logger: logger, handshake: true)
@@ -300,29 +317,101 @@ public final class ParleyServer: Service, Sendable {
         try ParleyPipeline.configure(channel, options: options, handler: handler)
     }
 
+    static func newSessionToken() -> [UInt8] {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<SessionToken.size).map { _ in UInt8.random(in: 0...255, using: &generator) }
+    }
+
+    /// Number of lossless sessions kept (attached or waiting for a reconnect).
+    public var sessionCount: Int { self.state.withLockedValue { $0.sessions.count } }
+
+    /// A client's SESSION_RECONNECT (on the event loop of its new connection).
+    private func resolveResume(_ request: SessionResumeRequest) -> ResumeDecision {
+        guard request.serverNonce == self.nonce else {
+            return .reset(reason: "the server restarted since the session began")
+        }
+        guard let known = self.state.withLockedValue({ $0.sessions[request.token] }) else {
+            return .reset(reason: "the server does not have this session (it expired, or was closed)")
+        }
+        guard known.entity == request.entity else {
+            return .refuse(ParleyError(code: .permissionDenied, message: "the session belongs to another entity than \(request.entity ?? "anonymous")"))
+        }
+        do {
+            let (lastReceived, replaced) = try known.session.beginResume(connectSeq: request.connectSeq)
+            // The connection it replaces may still look alive to us (half-open): close it.
+            replaced?.write(.close(ParleyError(code: .sessionSuperseded, message: "a newer connection of this session took over")))
+            return .resume(lastReceivedSeq: lastReceived)
+        } catch {
+            return .refuse(error)
+        }
+    }
+
     /// The handshake completed (on the event loop): the connection is served from now on.
     private func established(_ result: HandshakeResult, channel: any Channel, outlet: ParleyConnectionHandler.Outlet,
-                             peer: String, logger: Logger) -> ConnectionEventSink {
-        let key = ObjectIdentifier(channel)
+                             peer: String, logger: Logger) throws -> EstablishedLink {
+        if case .resumed(let token, let peerLastReceived) = result.session {
+            guard let known = self.state.withLockedValue({ s -> (session: LosslessSession, connection: ParleyConnection, entity: String?)? in
+                s.retentionTimers.removeValue(forKey: token)?.cancel()
+                return s.sessions[token]
+            }) else {
+                throw ParleyError(code: .sessionReset, message: "the session ended while it was being resumed")
+            }
+            let link = try known.session.attach(outlet, peerLastReceived: peerLastReceived)
+            known.connection.linkUp(outlet)
+            logger.debug("session resumed", metadata: ["entity": "\(result.entity ?? "anonymous")"])
+            return EstablishedLink(sink: ConnectionEventSink(known.connection), lossless: (known.session, link))
+        }
+        var lossless: LosslessSession?
+        if case .started(let t) = result.session {
+            lossless = LosslessSession(token: t, serverNonce: self.nonce, bounds: self.configuration.replayBounds)
+        }
+        let token = lossless?.token ?? []
+        let retention = self.configuration.sessionRetention
+        let connectionKey = NIOLockedValueBox<ObjectIdentifier?>(nil)
         let connection = ParleyConnection(
             session: ParleySession(result: result, role: .server, peerAddress: peer), role: .server,
             channel: channel, outlet: outlet, router: self.router, limits: self.configuration.limits, logger: logger,
             onClose: { reason in
-                self.state.withLockedValue { _ = $0.connections.removeValue(forKey: key) }
+                self.state.withLockedValue { s in
+                    if let key = connectionKey.withLockedValue({ $0 }) { s.connections.removeValue(forKey: key) }
+                    if !token.isEmpty {
+                        s.sessions.removeValue(forKey: token)
+                        s.retentionTimers.removeValue(forKey: token)?.cancel()
+                    }
+                }
                 self.logEnd(reason, logger: logger, handshake: false)
+            },
+            lossless: lossless,
+            onLinkLost: { [self] _ in
+                guard let retention else { return }
+                // Kept for the client to come back; forgotten after the retention time.
+                let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(retention.nanoseconds)) {
+                    let expired = self.state.withLockedValue { s -> ParleyConnection? in
+                        s.retentionTimers.removeValue(forKey: token)
+                        guard let known = s.sessions[token], known.session.currentOutlet == nil else { return nil }
+                        return known.connection
+                    }
+                    expired?.finish(ParleyError(code: .connectionClosed, message: "the session expired: its client did not reconnect within \(retention)"))
+                }
+                self.state.withLockedValue { $0.retentionTimers[token] = timer }
             }
         )
+        let key = ObjectIdentifier(connection)
+        connectionKey.withLockedValue { $0 = key }
+        var link: LosslessSession.LinkID?
+        if let lossless { link = try lossless.attach(outlet, peerLastReceived: 0) }
         let draining = self.state.withLockedValue { s -> Bool in
             s.connections[key] = connection
+            if let lossless { s.sessions[token] = (lossless, connection, result.entity) }
             return s.shuttingDown
         }
         if draining { Task { await connection.drain() } }
         logger.debug("session established", metadata: [
             "client": "\(result.clientIdent.implementation) \(result.clientIdent.version) \(result.clientIdent.platform)",
             "features": "\(result.features)", "auth": "\(result.authMethod)", "mode": "\(result.connectionMode)",
-            "entity": "\(result.entity ?? "anonymous")",
+            "entity": "\(result.entity ?? "anonymous")", "lossless": "\(lossless != nil)",
         ])
-        return ConnectionEventSink(connection)
+        return EstablishedLink(sink: ConnectionEventSink(connection), lossless: lossless.flatMap { l in link.map { (l, $0) } })
     }
 
     private func logEnd(_ reason: ParleyError, logger: Logger, handshake: Bool) {

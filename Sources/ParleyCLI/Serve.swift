@@ -55,6 +55,12 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Capability every echo request needs (from the client's keyring entry); none by default.", valueName: "capability"))
     var requireCap: String?
 
+    @Option(name: .long, help: ArgumentHelp("Seconds a lossless session whose connection broke is kept for its client to reconnect; 0 turns lossless sessions (feature bit 9) off.", valueName: "seconds"))
+    var sessionRetention: Double = 30
+
+    @Option(name: .long, help: ArgumentHelp("Append the key of each Work request to this file when it starts running (for tests of session resets).", valueName: "file"))
+    var executionLog: String?
+
     @OptionGroup var security: ServerSecurityOptions
 
     @OptionGroup var logging: LoggingOptions
@@ -64,6 +70,7 @@ struct Serve: AsyncParsableCommand {
             do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) }
         }
         if self.requestDelay < 0 { throw ValidationError("--request-delay must be 0 or more seconds") }
+        if self.sessionRetention < 0 || !self.sessionRetention.isFinite { throw ValidationError("--session-retention must be 0 or more seconds") }
         try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
     }
 
@@ -78,11 +85,19 @@ struct Serve: AsyncParsableCommand {
                 + self.highMessage.map { ParleyServerMessage(priority: .high, text: $0) },
             requestDelay: self.requestDelay, redirects: self.redirect
         )
-        var router = EchoService.router(name: self.name)
+        var executionLog: FileHandle?
+        if let path = self.executionLog {
+            if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
+            guard let handle = FileHandle(forWritingAtPath: path) else { throw ValidationError("cannot open --execution-log \(path) for writing") }
+            handle.seekToEndOfFile()
+            executionLog = handle
+        }
+        var router = EchoService.router(name: self.name, executionLog: executionLog)
         if let cap = self.requireCap { router.requireByDefault(cap) }
         var configuration = ParleyServer.Configuration(
             listen: addresses, name: self.name, nucleus: nucleus, minimumClientVersion: self.minClientVersion
         )
+        configuration.sessionRetention = self.sessionRetention > 0 ? .milliseconds(Int64(self.sessionRetention * 1000)) : nil
         do { try self.security.apply(to: &configuration) } catch let error as ParleyError { throw ValidationError(error.message) }
         let server = ParleyServer(configuration: configuration, router: router, logger: logger)
         let group = ServiceGroup(

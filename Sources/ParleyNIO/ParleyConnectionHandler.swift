@@ -12,6 +12,35 @@ public protocol ParleyEventSink: AnyObject, Sendable {
     func received(_ event: ConnectionEvent)
     /// The connection has closed, for this reason. Called once, on the event loop.
     func closed(_ reason: ParleyError)
+    /// Lossless sessions: the current connection broke without either side closing the
+    /// session (no CLOSE); the session lives on, detached. Called once instead of `closed`.
+    func linkLost(_ reason: ParleyError)
+}
+
+extension ParleyEventSink {
+    public func linkLost(_ reason: ParleyError) { self.closed(reason) }
+}
+
+/// What `establish` returns: the sink of the session's events, and for a lossless session
+/// (feature bit 9) the session and this connection's link in it, already attached.
+public struct EstablishedLink {
+    public var sink: any ParleyEventSink
+    public var lossless: (session: LosslessSession, link: LosslessSession.LinkID)?
+
+    public init(sink: any ParleyEventSink, lossless: (session: LosslessSession, link: LosslessSession.LinkID)? = nil) {
+        self.sink = sink
+        self.lossless = lossless
+    }
+}
+
+/// Server side: what becomes of a client's SESSION_RECONNECT.
+public enum ResumeDecision: Sendable {
+    /// Resume: SESSION_RESUMED with this last received seq.
+    case resume(lastReceivedSeq: UInt64)
+    /// The session is unknown: SESSION_RESET with this reason.
+    case reset(reason: String)
+    /// CLOSE with this error (an out-of-date attempt, another entity's session).
+    case refuse(ParleyError)
 }
 
 /// Runs the wire decoder and the handshake and session state machines on the event loop; the
@@ -42,7 +71,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     /// Called on the event loop when the handshake has completed; returns the sink of the session.
-    public typealias Establish = (HandshakeResult, Outlet) throws -> any ParleyEventSink
+    public typealias Establish = (HandshakeResult, Outlet) throws -> EstablishedLink
 
     private enum State {
         case handshaking(Role)
@@ -59,6 +88,19 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private let establish: Establish
     private let establishedPromise: EventLoopPromise<Void>
     private var sink: (any ParleyEventSink)?
+    /// A lossless session's connection: the session, and this connection's link in it.
+    private var lossless: (session: LosslessSession, link: LosslessSession.LinkID)?
+    /// A CLOSE was sent or received: the session ends with the connection (not just the link).
+    private var closeExchanged = false
+    private var ackTimer: Scheduled<Void>?
+    private var pumpBuffer: [WireMessage] = []
+    /// Server side: decides on a client's SESSION_RECONNECT (feature bit 9). Without it, every
+    /// reconnect gets SESSION_RESET.
+    public var resolveResume: ((SessionResumeRequest) -> ResumeDecision)?
+    /// Lossless sessions: received messages go unacknowledged at most this long when nothing
+    /// is sent back; and an ACK leaves at once when this many are unacknowledged.
+    public var ackDelay: TimeAmount = .milliseconds(2)
+    public var ackBatch: UInt64 = 256
     /// The first error seen: the reason the connection closes.
     private var failure: ParleyError?
     private var closedOut = false
@@ -144,6 +186,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 let handler = self.handler
                 self.handler.eventLoop.execute { handler.value.drainQueue() }
             }
+        }
+
+        /// Lossless sessions: transmits what the session has not transmitted on this link.
+        public func pump() {
+            self.onEventLoop { $0.pumpLossless() }
         }
 
         /// Stops reading from the socket until `resumeReads` is called.
@@ -275,7 +322,27 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.state = .established(session)
             switch event {
             case .message(let message):
-                self.sink?.received(.message(message))
+                if let lossless = self.lossless {
+                    switch lossless.session.received(message.header, on: lossless.link) {
+                    case .deliver: self.sink?.received(.message(message))
+                    case .duplicate: break
+                    case .stale:
+                        // A newer connection of the session took over: this one is done.
+                        self.state = .closing
+                        context.close(promise: nil)
+                    case .violation(let error):
+                        self.failConnection(error, tellPeer: true, context: context)
+                    }
+                } else {
+                    self.sink?.received(.message(message))
+                }
+            case .ack(let ack):
+                guard let lossless = self.lossless else { break }
+                do {
+                    try lossless.session.acknowledged(ack, on: lossless.link)
+                } catch {
+                    self.failConnection(error, tellPeer: true, context: context)
+                }
             case .notice(let nucleus):
                 self.sink?.received(.notice(nucleus))
             case .keepaliveAck(let stamp):
@@ -287,6 +354,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 break
             case .peerClosed(let error):
                 self.state = .closing
+                // A newer connection of the same session took over: only this link ends.
+                if error.code != .sessionSuperseded { self.closeExchanged = true }
                 self.recordFailure(error)
                 context.close(promise: nil)
             case .violation(let error):
@@ -296,6 +365,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     public func channelReadComplete(context: ChannelHandlerContext) {
+        if self.lossless != nil, case .established = self.state {
+            self.acknowledgeAfterReadBurst(context: context)
+        }
         self.inReadBurst = false
         if self.flushAfterReadBurst {
             self.flushAfterReadBurst = false
@@ -402,6 +474,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             return
         }
         switch command {
+        case .message(let message) where self.lossless != nil:
+            // Numbered and kept by the session; transmitted by whichever link is current.
+            self.lossless?.session.submit(message)
+            promise?.succeed(())
         case .message(let message):
             do {
                 let stamped = try session.stamp(message)
@@ -440,6 +516,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
         case .close(let error):
             self.state = .closing
+            self.closeExchanged = true
             self.recordFailure(error)
             let written = context.eventLoop.makePromise(of: Void.self)
             self.writeFrame(error.status.frame(tag: .close, allocator: context.channel.allocator), context: context, promise: written)
@@ -485,6 +562,16 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         switch step.outcome {
         case .none:
             if !step.send.isEmpty { context.flush() }
+        case .resumeRequested(let request):
+            guard case .handshaking(.server(var machine)) = self.state else { return }
+            let next: HandshakeStep
+            switch self.resolveResume?(request) ?? .reset(reason: "this server keeps no sessions") {
+            case .resume(let lastReceived): next = machine.resume(lastReceivedSeq: lastReceived)
+            case .reset(let reason): next = machine.reset(reason: reason)
+            case .refuse(let error): next = machine.refuseResume(error)
+            }
+            self.state = .handshaking(.server(machine))
+            self.perform(next, context: context)
         case .established(let result):
             if !step.send.isEmpty { context.flush() }
             let role: SessionStateMachine.Role
@@ -495,8 +582,14 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 self.startKeepalive(configuration, context: context)
             }
             do {
-                self.sink = try self.establish(result, Outlet(handler: NIOLoopBound(self, eventLoop: context.eventLoop), queue: self.queue))
+                let established = try self.establish(result, Outlet(handler: NIOLoopBound(self, eventLoop: context.eventLoop), queue: self.queue))
+                self.sink = established.sink
+                self.lossless = established.lossless
                 self.establishedPromise.succeed(())
+                if self.lossless != nil {
+                    // Replay what the peer has not received, then go on with new messages.
+                    self.pumpLossless()
+                }
             } catch {
                 self.state = .closing
                 self.recordFailure(error as? ParleyError ?? ParleyError(code: .unspecified, message: "session setup failed: \(error)", cause: error))
@@ -539,9 +632,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         case .timedOut(let silent):
             let seconds = Double(silent) / 1e9
             let timeout = Double(machine.configuration.timeout) / 1e9
+            // A lossless session outlives the link: no CLOSE, which would end the session.
             self.failConnection(
                 ParleyError(code: .timeout, message: "nothing received from the peer for \(seconds.formatted2) s (keepalive timeout \(timeout.formatted2) s)"),
-                tellPeer: true, context: context
+                tellPeer: self.lossless == nil, context: context
             )
         }
     }
@@ -559,6 +653,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private func failConnection(_ error: ParleyError, tellPeer: Bool, context: ChannelHandlerContext) {
         self.state = .closing
         if tellPeer {
+            self.closeExchanged = true
             self.writeFrame(error.status.frame(tag: .close, allocator: context.channel.allocator), context: context)
         }
         self.recordFailure(error)
@@ -575,13 +670,78 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// Reports the end of the connection, once: to the sink, or through `established`.
     private func closeOut() {
         self.stopKeepalive()
+        self.ackTimer?.cancel()
+        self.ackTimer = nil
         guard !self.closedOut else { return }
         self.closedOut = true
+        if let lossless = self.lossless, let sink = self.sink {
+            // Only the session's current link speaks for it; an older one just goes.
+            guard lossless.session.detach(lossless.link) else { return }
+            let reason = self.failure ?? ParleyError(code: .connectionClosed, message: "peer closed the connection")
+            if self.closeExchanged {
+                sink.closed(reason)
+            } else {
+                sink.linkLost(reason)
+            }
+            return
+        }
         if let sink = self.sink {
             sink.closed(self.failure ?? ParleyError(code: .connectionClosed, message: "peer closed the connection"))
         } else {
             self.establishedPromise.fail(self.failure ?? ParleyError(code: .connectionClosed, message: "connection closed during the handshake"))
         }
+    }
+
+    // MARK: - Lossless sessions
+
+    /// Transmits, in seq order, what the session has not transmitted on this link yet.
+    fileprivate func pumpLossless() {
+        guard let lossless = self.lossless, let context = self.context, case .established = self.state else { return }
+        self.pumpBuffer.removeAll(keepingCapacity: true)
+        guard lossless.session.takeForTransmission(lossless.link, into: &self.pumpBuffer), !self.pumpBuffer.isEmpty else { return }
+        for message in self.pumpBuffer {
+            if let sealer = self.sealer {
+                do {
+                    let sealed = try message.sealFrame(with: sealer, allocator: context.channel.allocator)
+                    context.write(self.wrapOutboundOut(sealed), promise: nil)
+                } catch {
+                    self.failConnection(error, tellPeer: true, context: context)
+                    return
+                }
+            } else {
+                self.scratch.removeAll(keepingCapacity: true)
+                message.encodeFrame(into: &self.scratch, allocator: context.channel.allocator)
+                self.writeScratch(context: context, promise: nil)
+            }
+        }
+        self.pumpBuffer.removeAll(keepingCapacity: true)
+        self.flush(context: context)
+    }
+
+    /// After a read burst: transmits what is waiting (its MESSAGEs carry the ack); if
+    /// received messages are still unacknowledged, sends ACK at once when many are, or
+    /// after `ackDelay` unless a MESSAGE carries it first.
+    private func acknowledgeAfterReadBurst(context: ChannelHandlerContext) {
+        guard let lossless = self.lossless else { return }
+        self.pumpLossless()
+        let unacknowledged = lossless.session.unacknowledgedReceived(lossless.link)
+        guard unacknowledged > 0 else { return }
+        if unacknowledged >= self.ackBatch {
+            self.sendAck(context: context)
+        } else if self.ackTimer == nil {
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            self.ackTimer = context.eventLoop.scheduleTask(in: self.ackDelay) {
+                let h = handler.value
+                h.ackTimer = nil
+                if let context = h.context, case .established = h.state { h.sendAck(context: context) }
+            }
+        }
+    }
+
+    private func sendAck(context: ChannelHandlerContext) {
+        guard let lossless = self.lossless, let ack = lossless.session.ackToSend(lossless.link) else { return }
+        self.writeFrame(SessionStateMachine.ackFrame(ack), context: context)
+        self.flush(context: context)
     }
 
     private func writeFrame(_ frame: Frame, context: ChannelHandlerContext, promise: EventLoopPromise<Void>? = nil) {

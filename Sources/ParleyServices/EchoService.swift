@@ -1,10 +1,34 @@
+import NIOConcurrencyHelpers
 import Parley
 
-/// The built-in service of `parley serve`: echo, ping, a counting stream and a sleep.
+import Foundation
+
+/// The built-in service of `parley serve`: echo, ping, a counting stream, a sleep, a one-way
+/// ping answered by a one-way pong, and logged work.
 public enum EchoService {
     /// Registers the service's handlers on a router.
-    /// - Parameter name: the server name reported in `Pong`.
-    public static func register(on router: inout ParleyRouter, name: String = "parley") {
+    /// - Parameters:
+    ///   - name: the server name reported in `Pong`.
+    ///   - executionLog: a file to which each `Work` request's key is appended (a line) when
+    ///     it starts running.
+    public static func register(on router: inout ParleyRouter, name: String = "parley", executionLog: FileHandle? = nil) {
+        // A one-way Ping is answered by a one-way Pong with the same sequence, in order.
+        router.onMessage(Parley_Echo_V1_Ping.self) { ping, context in
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            pong.serverName = name
+            try context.connection.sendNow(pong)
+        }
+        let log = executionLog.map { NIOLockedValueBox($0) }
+        router.on(Parley_Echo_V1_Work.self) { work, _ in
+            if let log {
+                log.withLockedValue { $0.write(Data("\(work.key)\n".utf8)) }
+            }
+            if work.delayMs > 0 { try await Task.sleep(for: .milliseconds(Int(work.delayMs))) }
+            var done = Parley_Echo_V1_WorkDone()
+            done.key = work.key
+            return done
+        }
         router.onWithData(Parley_Echo_V1_Echo.self) { request, context in
             var reply = Parley_Echo_V1_EchoReply()
             reply.payload = request.payload
@@ -42,9 +66,9 @@ public enum EchoService {
     }
 
     /// A router with only this service.
-    public static func router(name: String = "parley") -> ParleyRouter {
+    public static func router(name: String = "parley", executionLog: FileHandle? = nil) -> ParleyRouter {
         var router = ParleyRouter()
-        self.register(on: &router, name: name)
+        self.register(on: &router, name: name, executionLog: executionLog)
         return router
     }
 }

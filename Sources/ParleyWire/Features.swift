@@ -15,9 +15,10 @@ public struct ParleyFeatures: OptionSet, Hashable, Sendable, CustomStringConvert
     public static let notice = ParleyFeatures(rawValue: 1 << 2)
     /// Bit 3: the data segment (segment 2 of MESSAGE frames) for bulk bytes.
     public static let dataSegment = ParleyFeatures(rawValue: 1 << 3)
-    /// Bit 8: secure mode (AEAD frames). Reserved: not implemented in this version.
+    /// Bit 8: secure mode (AEAD frames); offered when a secure mode is configured.
     public static let secureMode = ParleyFeatures(rawValue: 1 << 8)
-    /// Bit 9: lossless session reconnect. Reserved: not implemented in this version.
+    /// Bit 9: lossless sessions (replay after reconnect); offered by servers that keep
+    /// sessions and by clients that ask for them.
     public static let reconnect = ParleyFeatures(rawValue: 1 << 9)
 
     /// What this implementation supports.

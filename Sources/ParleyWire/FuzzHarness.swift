@@ -11,12 +11,16 @@ public enum _FuzzHarness {
         var decoder = WireDecoder(maxFrameSize: 1 << 20)
         var ident = Parley_V1_ServerIdent()
         ident.version = "1.0.0"
-        var handshake = ServerHandshakeStateMachine(configuration: .init(
-            banner: Banner(supported: .implemented), maxFrameSize: 1 << 20, ident: ident,
+        var configuration = ServerHandshakeStateMachine.Configuration(
+            banner: Banner(supported: ParleyFeatures.implemented.union(.reconnect)), maxFrameSize: 1 << 20, ident: ident,
             minimumClientVersion: "0.0.5", clientAddress: "fuzz"
-        ))
+        )
+        configuration.sessionToken = Array(repeating: 7, count: SessionToken.size)
+        var handshake = ServerHandshakeStateMachine(configuration: configuration)
         _ = handshake.start()
         var session: SessionStateMachine?
+        // A lossless session's numbering: what a server does with the MESSAGEs and ACKs.
+        var ledger = SessionLedger()
         var decoded = 0
         do {
             while let element = try decoder.decodeLast(buffer: &buffer, seenEOF: true) {
@@ -26,12 +30,28 @@ public enum _FuzzHarness {
                     session = s
                     if case .violation = event { break }
                     if case .peerClosed = event { break }
+                    if s.isLossless {
+                        if case .message(let m) = event, case .violation = ledger.received(m.header) { break }
+                        if case .ack(let ack) = event, (try? ledger.acknowledge(ack)) == nil { break }
+                    }
                 } else {
-                    let step = handshake.received(element)
+                    var step = handshake.received(element)
+                    if case .resumeRequested(let request)? = step.outcome {
+                        // Both answers, depending on the input: resume a session that sent two messages, or reset.
+                        if request.connectSeq % 2 == 0 {
+                            ledger.append(WireMessage(header: MessageHeader(id: 1, kind: .request, type: "a"), payload: ByteBuffer()))
+                            ledger.append(WireMessage(header: MessageHeader(id: 2, kind: .request, type: "a"), payload: ByteBuffer()))
+                            while ledger.nextToTransmit() != nil {}
+                            if (try? ledger.resume(peerLastReceived: min(request.lastReceivedSeq, 2))) == nil { return decoded }
+                            step = handshake.resume(lastReceivedSeq: ledger.lastReceivedSeq)
+                        } else {
+                            step = handshake.reset(reason: "fuzz")
+                        }
+                    }
                     switch step.outcome {
                     case .established(let r)?: session = SessionStateMachine(role: .server, features: r.features)
                     case .failed?: return decoded
-                    case nil: break
+                    case .resumeRequested?, nil: break
                     }
                 }
             }

@@ -41,6 +41,11 @@ public struct ParleyError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let handshakeTampered = Code(rawValue: 25)
         /// A secure-mode message counter reached its end.
         public static let keyExhausted = Code(rawValue: 26)
+        /// A newer connection of the same lossless session took over this one.
+        public static let sessionSuperseded = Code(rawValue: 27)
+        /// The server no longer has the lossless session (it restarted or forgot it): a
+        /// request sent before may or may not have run.
+        public static let sessionReset = Code(rawValue: 28)
 
         static let names: [UInt32: String] = [
             0: "unspecified", 1: "protocolViolation", 2: "badMagic", 3: "unsupportedVersion", 4: "missingFeatures",
@@ -49,7 +54,7 @@ public struct ParleyError: Error, Hashable, Sendable, CustomStringConvertible {
             13: "clientOutOfDate", 14: "shuttingDown", 15: "cancelled", 16: "unknownMessageType",
             17: "handlerFailed", 18: "connectionClosed", 19: "timeout", 20: "invalidArgument",
             21: "connectFailed", 22: "redirectLoop", 23: "permissionDenied", 24: "badAuthTag",
-            25: "handshakeTampered", 26: "keyExhausted",
+            25: "handshakeTampered", 26: "keyExhausted", 27: "sessionSuperseded", 28: "sessionReset",
         ]
         /// Every code this implementation defines, in numeric order.
         public static var allKnown: [Code] { names.keys.sorted().map { Code(rawValue: $0) } }

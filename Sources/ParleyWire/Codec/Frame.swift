@@ -16,6 +16,14 @@ public struct FrameTag: Hashable, Sendable, CustomStringConvertible {
     public static let authDone = FrameTag(rawValue: 0x06)
     public static let clientIdent = FrameTag(rawValue: 0x07)
     public static let serverIdent = FrameTag(rawValue: 0x08)
+    /// Feature bit 9: resume a lossless session (client to server, in place of CLIENT_IDENT).
+    public static let sessionReconnect = FrameTag(rawValue: 0x09)
+    /// Feature bit 9: the session is resumed (server to client, in place of SERVER_IDENT).
+    public static let sessionResumed = FrameTag(rawValue: 0x0A)
+    /// Feature bit 9: the server does not have the session (answers SESSION_RECONNECT).
+    public static let sessionReset = FrameTag(rawValue: 0x0B)
+    /// Feature bit 9: the highest MESSAGE seq received, sent alone when no MESSAGE carries it.
+    public static let ack = FrameTag(rawValue: 0x15)
     public static let message = FrameTag(rawValue: 0x10)
     public static let notice = FrameTag(rawValue: 0x11)
     public static let keepalive = FrameTag(rawValue: 0x12)
@@ -25,7 +33,8 @@ public struct FrameTag: Hashable, Sendable, CustomStringConvertible {
     static let names: [UInt8: String] = [
         0x01: "HELLO", 0x02: "AUTH_REQUEST", 0x03: "AUTH_BAD_METHOD", 0x04: "AUTH_REPLY_MORE",
         0x05: "AUTH_REQUEST_MORE", 0x06: "AUTH_DONE", 0x07: "CLIENT_IDENT", 0x08: "SERVER_IDENT",
-        0x10: "MESSAGE", 0x11: "NOTICE", 0x12: "KEEPALIVE", 0x13: "KEEPALIVE_ACK", 0x14: "CLOSE",
+        0x09: "SESSION_RECONNECT", 0x0A: "SESSION_RESUMED", 0x0B: "SESSION_RESET",
+        0x10: "MESSAGE", 0x11: "NOTICE", 0x12: "KEEPALIVE", 0x13: "KEEPALIVE_ACK", 0x14: "CLOSE", 0x15: "ACK",
     ]
     public static var allKnown: [FrameTag] { names.keys.sorted().map { FrameTag(rawValue: $0) } }
 

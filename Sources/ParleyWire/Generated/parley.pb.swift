@@ -312,7 +312,7 @@ public nonisolated struct Parley_V1_ClientIdent: Sendable {
   /// Evolving part.
   public var name: String = String()
 
-  /// random per process, for future session reconnect
+  /// random per process (informational)
   public var clientNonce: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -392,12 +392,93 @@ public nonisolated struct Parley_V1_ServerIdent: Sendable {
   /// Clears the value of `refusal`. Subsequent reads from it will return its default value.
   public mutating func clearRefusal() {self._refusal = nil}
 
+  /// With feature bit 9 (lossless sessions): 16 random bytes naming the new session; the
+  /// client presents them in SESSION_RECONNECT. Empty without bit 9.
+  public var sessionToken: Data = Data()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _nucleus: Parley_V1_Nucleus? = nil
   fileprivate var _refusal: Parley_V1_Status? = nil
+}
+
+/// Frame tag 0x09, client to server, in place of CLIENT_IDENT (feature bit 9): resume a
+/// lossless session after a broken connection.
+public nonisolated struct Parley_V1_SessionReconnect: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// as in CLIENT_IDENT
+  public var ident: Parley_V1_ClientIdent {
+    get {_ident ?? Parley_V1_ClientIdent()}
+    set {_ident = newValue}
+  }
+  /// Returns true if `ident` has been explicitly set.
+  public var hasIdent: Bool {self._ident != nil}
+  /// Clears the value of `ident`. Subsequent reads from it will return its default value.
+  public mutating func clearIdent() {self._ident = nil}
+
+  /// from the SERVER_IDENT that started the session
+  public var sessionToken: Data = Data()
+
+  /// from that SERVER_IDENT: a restarted server sees a new one
+  public var serverNonce: UInt64 = 0
+
+  /// the highest MESSAGE seq the client has received
+  public var lastReceivedSeq: UInt64 = 0
+
+  /// 1 for the first reconnect of the session, then 2, 3, ...
+  public var connectSeq: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _ident: Parley_V1_ClientIdent? = nil
+}
+
+/// Frame tag 0x0A, server to client, in place of SERVER_IDENT: the session is resumed.
+public nonisolated struct Parley_V1_SessionResumed: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// as in SERVER_IDENT (session_token repeated)
+  public var ident: Parley_V1_ServerIdent {
+    get {_ident ?? Parley_V1_ServerIdent()}
+    set {_ident = newValue}
+  }
+  /// Returns true if `ident` has been explicitly set.
+  public var hasIdent: Bool {self._ident != nil}
+  /// Clears the value of `ident`. Subsequent reads from it will return its default value.
+  public mutating func clearIdent() {self._ident = nil}
+
+  /// the highest MESSAGE seq the server has received
+  public var lastReceivedSeq: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _ident: Parley_V1_ServerIdent? = nil
+}
+
+/// Frame tag 0x0B, server to client, answering SESSION_RECONNECT: the server does not have
+/// the session (it restarted, or forgot it). The client reports what may have been lost and
+/// sends CLIENT_IDENT to start a new session on the same connection.
+public nonisolated struct Parley_V1_SessionReset: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var reason: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
 }
 
 /// Frame tag 0x11, server to client at any time after SERVER_IDENT.
@@ -950,7 +1031,7 @@ nonisolated extension Parley_V1_Nucleus: SwiftProtobuf.Message, SwiftProtobuf._M
 
 nonisolated extension Parley_V1_ServerIdent: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ServerIdent"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}nucleus\0\u{1}platform\0\u{1}implementation\0\u{1}version\0\u{1}name\0\u{3}server_nonce\0\u{1}refusal\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}nucleus\0\u{1}platform\0\u{1}implementation\0\u{1}version\0\u{1}name\0\u{3}server_nonce\0\u{1}refusal\0\u{3}session_token\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -965,6 +1046,7 @@ nonisolated extension Parley_V1_ServerIdent: SwiftProtobuf.Message, SwiftProtobu
       case 5: try { try decoder.decodeSingularStringField(value: &self.name) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.serverNonce) }()
       case 7: try { try decoder.decodeSingularMessageField(value: &self._refusal) }()
+      case 8: try { try decoder.decodeSingularBytesField(value: &self.sessionToken) }()
       default: break
       }
     }
@@ -996,6 +1078,9 @@ nonisolated extension Parley_V1_ServerIdent: SwiftProtobuf.Message, SwiftProtobu
     try { if let v = self._refusal {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
     } }()
+    if !self.sessionToken.isEmpty {
+      try visitor.visitSingularBytesField(value: self.sessionToken, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1007,6 +1092,130 @@ nonisolated extension Parley_V1_ServerIdent: SwiftProtobuf.Message, SwiftProtobu
     if lhs.name != rhs.name {return false}
     if lhs.serverNonce != rhs.serverNonce {return false}
     if lhs._refusal != rhs._refusal {return false}
+    if lhs.sessionToken != rhs.sessionToken {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_V1_SessionReconnect: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SessionReconnect"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}ident\0\u{3}session_token\0\u{3}server_nonce\0\u{3}last_received_seq\0\u{3}connect_seq\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._ident) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.sessionToken) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.serverNonce) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.lastReceivedSeq) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.connectSeq) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._ident {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.sessionToken.isEmpty {
+      try visitor.visitSingularBytesField(value: self.sessionToken, fieldNumber: 2)
+    }
+    if self.serverNonce != 0 {
+      try visitor.visitSingularUInt64Field(value: self.serverNonce, fieldNumber: 3)
+    }
+    if self.lastReceivedSeq != 0 {
+      try visitor.visitSingularUInt64Field(value: self.lastReceivedSeq, fieldNumber: 4)
+    }
+    if self.connectSeq != 0 {
+      try visitor.visitSingularUInt64Field(value: self.connectSeq, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_V1_SessionReconnect, rhs: Parley_V1_SessionReconnect) -> Bool {
+    if lhs._ident != rhs._ident {return false}
+    if lhs.sessionToken != rhs.sessionToken {return false}
+    if lhs.serverNonce != rhs.serverNonce {return false}
+    if lhs.lastReceivedSeq != rhs.lastReceivedSeq {return false}
+    if lhs.connectSeq != rhs.connectSeq {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_V1_SessionResumed: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SessionResumed"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}ident\0\u{3}last_received_seq\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._ident) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.lastReceivedSeq) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._ident {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if self.lastReceivedSeq != 0 {
+      try visitor.visitSingularUInt64Field(value: self.lastReceivedSeq, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_V1_SessionResumed, rhs: Parley_V1_SessionResumed) -> Bool {
+    if lhs._ident != rhs._ident {return false}
+    if lhs.lastReceivedSeq != rhs.lastReceivedSeq {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_V1_SessionReset: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SessionReset"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}reason\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.reason) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.reason.isEmpty {
+      try visitor.visitSingularStringField(value: self.reason, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_V1_SessionReset, rhs: Parley_V1_SessionReset) -> Bool {
+    if lhs.reason != rhs.reason {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

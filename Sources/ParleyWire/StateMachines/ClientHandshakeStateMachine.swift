@@ -38,6 +38,9 @@ public struct ClientHandshakeStateMachine: Sendable {
         public var ciphers: [SecureCipher]
         /// The challenge and key share of method `secret` (randomness comes from outside).
         public var randomness: HandshakeRandomness?
+        /// The lossless session to resume (SESSION_RECONNECT in place of CLIENT_IDENT), if
+        /// feature bit 9 is negotiated.
+        public var resume: SessionResumeOffer?
 
         public init(
             banner: Banner, maxFrameSize: UInt32, authMethods: [String] = ["none"], ident: Parley_V1_ClientIdent, serverAddress: String,
@@ -75,6 +78,10 @@ public struct ClientHandshakeStateMachine: Sendable {
         /// Method `secret`, after AUTH_REPLY_MORE.
         var secret: SecretRound?
         var identSent = false
+        /// SESSION_RECONNECT was sent in place of CLIENT_IDENT.
+        var reconnectSent = false
+        /// The server answered SESSION_RESET for this reason; CLIENT_IDENT followed.
+        var resetReason: String?
     }
 
     /// What method `secret` settled when the server's challenge came.
@@ -193,8 +200,7 @@ public struct ClientHandshakeStateMachine: Sendable {
                 }
                 partial.authDone = done
                 if !partial.identSent {
-                    partial.identSent = true
-                    step.send.append(.frame(self.configuration.ident.frame(tag: .clientIdent)))
+                    step.send.append(.frame(self.identFrame(&partial)))
                 }
                 self.state = .awaitingServerIdent(partial)
                 return step
@@ -215,7 +221,26 @@ public struct ClientHandshakeStateMachine: Sendable {
                 code: .authenticationFailed,
                 message: "no common authentication method: client offers \(self.configuration.authMethods), server allows \(bad.allowedMethods)\(bad.reason.isEmpty ? "" : " (\(bad.reason))")"
             ), tellPeer: true)
-        case (.awaitingServerIdent(let partial), .frame(let frame)) where frame.tag == .serverIdent:
+        case (.awaitingServerIdent(var partial), .frame(let frame)) where frame.tag == .sessionReset && partial.reconnectSent && partial.resetReason == nil:
+            do {
+                let reset = try Parley_V1_SessionReset(parleyPayload: frame.segments[0])
+                partial.resetReason = reset.reason.isEmpty ? "the server does not have the session" : reset.reason
+                self.state = .awaitingServerIdent(partial)
+                return HandshakeStep(send: [.frame(self.configuration.ident.frame(tag: .clientIdent))])
+            } catch {
+                return self.violation(error)
+            }
+        case (.awaitingServerIdent(let partial), .frame(let frame)) where frame.tag == .sessionResumed && partial.reconnectSent && partial.resetReason == nil:
+            do {
+                let resumed = try Parley_V1_SessionResumed(parleyPayload: frame.segments[0])
+                guard let offer = self.configuration.resume, Array(resumed.ident.sessionToken) == offer.token else {
+                    return self.violation(ParleyError(code: .protocolViolation, message: "SESSION_RESUMED names another session than the one asked for"))
+                }
+                return self.establish(partial, ident: resumed.ident, session: .resumed(token: offer.token, peerLastReceived: resumed.lastReceivedSeq))
+            } catch {
+                return self.violation(error)
+            }
+        case (.awaitingServerIdent(let partial), .frame(let frame)) where frame.tag == .serverIdent && (!partial.reconnectSent || partial.resetReason != nil):
             do {
                 let ident = try Parley_V1_ServerIdent(parleyPayload: frame.segments[0])
                 if ident.hasRefusal {
@@ -227,15 +252,20 @@ public struct ClientHandshakeStateMachine: Sendable {
                     }
                     return HandshakeStep(outcome: .failed(error))
                 }
-                self.state = .established
-                let done = partial.authDone ?? Parley_V1_AuthDone()
-                return HandshakeStep(outcome: .established(HandshakeResult(
-                    peerBanner: partial.banner, features: partial.features, peerHello: partial.hello,
-                    authMethod: done.method, globalID: done.globalID,
-                    clientIdent: self.configuration.ident, serverIdent: ident,
-                    connectionMode: partial.secret?.mode ?? .crc, cipher: partial.secret?.cipher,
-                    entity: partial.secret?.schedule.entity ?? (done.entity.isEmpty ? nil : done.entity)
-                )))
+                var session = SessionOutcome.lossy
+                if partial.features.contains(.reconnect) {
+                    guard ident.sessionToken.count == SessionToken.size else {
+                        return self.violation(ParleyError(code: .malformedPayload, message: "SERVER_IDENT of a lossless session must carry a 16-byte session token, got \(ident.sessionToken.count) bytes"))
+                    }
+                    session = .started(token: Array(ident.sessionToken))
+                }
+                if let reason = partial.resetReason {
+                    session = .reset(reason: reason, token: Array(ident.sessionToken))
+                } else if self.configuration.resume != nil {
+                    // A session was to be resumed but the server no longer offers bit 9.
+                    session = .reset(reason: "the server no longer offers lossless sessions (feature bit 9)", token: Array(ident.sessionToken))
+                }
+                return self.establish(partial, ident: ident, session: session)
             } catch {
                 return self.violation(error)
             }
@@ -252,6 +282,37 @@ public struct ClientHandshakeStateMachine: Sendable {
             case .violation(let error): return self.violation(error)
             }
         }
+    }
+
+    /// The frame that identifies the client: SESSION_RECONNECT when a session is to be
+    /// resumed and bit 9 was negotiated, CLIENT_IDENT otherwise.
+    private func identFrame(_ partial: inout Partial) -> Frame {
+        partial.identSent = true
+        guard let offer = self.configuration.resume, partial.features.contains(.reconnect) else {
+            return self.configuration.ident.frame(tag: .clientIdent)
+        }
+        partial.reconnectSent = true
+        var reconnect = Parley_V1_SessionReconnect()
+        reconnect.ident = self.configuration.ident
+        reconnect.sessionToken = Data(offer.token)
+        reconnect.serverNonce = offer.serverNonce
+        reconnect.lastReceivedSeq = offer.lastReceivedSeq
+        reconnect.connectSeq = offer.connectSeq
+        return reconnect.frame(tag: .sessionReconnect)
+    }
+
+    private mutating func establish(_ partial: Partial, ident: Parley_V1_ServerIdent, session: SessionOutcome) -> HandshakeStep {
+        self.state = .established
+        let done = partial.authDone ?? Parley_V1_AuthDone()
+        var result = HandshakeResult(
+            peerBanner: partial.banner, features: partial.features, peerHello: partial.hello,
+            authMethod: done.method, globalID: done.globalID,
+            clientIdent: self.configuration.ident, serverIdent: ident,
+            connectionMode: partial.secret?.mode ?? .crc, cipher: partial.secret?.cipher,
+            entity: partial.secret?.schedule.entity ?? (done.entity.isEmpty ? nil : done.entity)
+        )
+        result.session = session
+        return HandshakeStep(outcome: .established(result))
     }
 
     /// AUTH_REPLY_MORE of method `secret`: checks the server's choices, proves the key,
@@ -316,8 +377,7 @@ public struct ClientHandshakeStateMachine: Sendable {
             round.serverToClient = keys.serverToClient
             step.send.append(.startSealing(SecureSwitch(keys: keys.clientToServer)))
         }
-        step.send.append(.frame(self.configuration.ident.frame(tag: .clientIdent)))
-        partial.identSent = true
+        step.send.append(.frame(self.identFrame(&partial)))
         partial.secret = round
         self.state = .awaitingAuth(partial)
         return step
@@ -353,7 +413,7 @@ public struct ClientHandshakeStateMachine: Sendable {
         case .awaitingBanner: return "the server banner"
         case .awaitingHello: return "HELLO"
         case .awaitingAuth: return "AUTH_DONE or AUTH_BAD_METHOD"
-        case .awaitingServerIdent: return "SERVER_IDENT"
+        case .awaitingServerIdent(let p): return p.reconnectSent && p.resetReason == nil ? "SESSION_RESUMED or SESSION_RESET" : "SERVER_IDENT"
         case .established: return "nothing (established)"
         case .failed: return "nothing (failed)"
         }

@@ -81,6 +81,9 @@ public struct HandshakeStep: Equatable, Sendable {
         /// Close the connection after sending `send` (which holds a CLOSE frame when the
         /// failure is one to tell the peer about).
         case failed(ParleyError)
+        /// Server side, feature bit 9: the client asks to resume a session. The driver looks
+        /// it up and answers with `resume(_:)`, `reset(reason:)` or `refuseResume(_:)`.
+        case resumeRequested(SessionResumeRequest)
     }
 
     public var send: [WireOutbound]
@@ -116,6 +119,8 @@ public struct HandshakeResult: Equatable, Sendable {
     public var entity: String?
     /// What the entity may do (server side; from the keyring). "*" is everything.
     public var capabilities: [String] = []
+    /// Lossy, or what became of the lossless session (feature bit 9).
+    public var session: SessionOutcome = .lossy
 
     public init(
         peerBanner: Banner, features: ParleyFeatures, peerHello: Parley_V1_Hello, authMethod: String, globalID: UInt64,
@@ -134,4 +139,50 @@ public struct HandshakeResult: Equatable, Sendable {
         self.entity = entity
         self.capabilities = capabilities
     }
+}
+
+/// What a handshake did with lossless sessions (feature bit 9; docs/protocol.md 5.2).
+public enum SessionOutcome: Equatable, Sendable {
+    /// Bit 9 was not negotiated: a lossy connection.
+    case lossy
+    /// A new session with this token.
+    case started(token: [UInt8])
+    /// The session with this token continues; the peer had received every MESSAGE up to
+    /// `peerLastReceived`.
+    case resumed(token: [UInt8], peerLastReceived: UInt64)
+    /// Client side: the server did not have the session it asked to resume (SESSION_RESET,
+    /// for `reason`); a new session, with `token` (empty if the connection is lossy), started
+    /// in its place.
+    case reset(reason: String, token: [UInt8])
+}
+
+/// Client side: the session to resume, presented in SESSION_RECONNECT.
+public struct SessionResumeOffer: Equatable, Sendable {
+    public var token: [UInt8]
+    public var serverNonce: UInt64
+    public var lastReceivedSeq: UInt64
+    public var connectSeq: UInt64
+
+    public init(token: [UInt8], serverNonce: UInt64, lastReceivedSeq: UInt64, connectSeq: UInt64) {
+        self.token = token
+        self.serverNonce = serverNonce
+        self.lastReceivedSeq = lastReceivedSeq
+        self.connectSeq = connectSeq
+    }
+}
+
+/// Server side: a client's SESSION_RECONNECT, after its authentication.
+public struct SessionResumeRequest: Equatable, Sendable {
+    public var token: [UInt8]
+    public var serverNonce: UInt64
+    public var lastReceivedSeq: UInt64
+    public var connectSeq: UInt64
+    public var clientIdent: Parley_V1_ClientIdent
+    /// The entity this connection authenticated as (nil: anonymous).
+    public var entity: String?
+}
+
+/// Session tokens are 16 bytes.
+public enum SessionToken {
+    public static let size = 16
 }

@@ -44,13 +44,18 @@ public struct ServerHandshakeStateMachine: Sendable {
         /// Capabilities of a client no method identified (`none`, server-only `tls`), and of a
         /// certificate's entity the keyring does not list.
         public var anonymousCapabilities: [String]
+        /// With feature bit 9: the token of the session a CLIENT_IDENT starts (16 random
+        /// bytes from outside; sent in SERVER_IDENT).
+        public var sessionToken: [UInt8] = []
 
         public init(
             banner: Banner, maxFrameSize: UInt32, authMethods: [String] = ["none"], ident: Parley_V1_ServerIdent,
             minimumClientVersion: String? = nil, clientAddress: String, maxAuthAttempts: Int = 3,
             modes: [ConnectionMode] = [.crc], ciphers: [SecureCipher] = SecureCipher.preferred, secrets: SecretDirectory = SecretDirectory(),
-            now: Int64 = 0, randomness: HandshakeRandomness? = nil, globalID: UInt64 = 0, anonymousCapabilities: [String] = ["*"]
+            now: Int64 = 0, randomness: HandshakeRandomness? = nil, globalID: UInt64 = 0, anonymousCapabilities: [String] = ["*"],
+            sessionToken: [UInt8] = []
         ) {
+            self.sessionToken = sessionToken
             self.banner = banner
             self.maxFrameSize = maxFrameSize
             self.authMethods = authMethods
@@ -76,6 +81,8 @@ public struct ServerHandshakeStateMachine: Sendable {
         /// Method `secret`: the challenge is out, the client's proof is awaited.
         case awaitingAuthProof(Partial, SecretRound)
         case awaitingClientIdent(Partial)
+        /// SESSION_RECONNECT arrived; the driver decides.
+        case awaitingResumeDecision(Partial, SessionResumeRequest)
         case established
         case failed
     }
@@ -199,31 +206,41 @@ public struct ServerHandshakeStateMachine: Sendable {
         case (.awaitingClientIdent(let partial), .frame(let frame)) where frame.tag == .clientIdent:
             do {
                 let client = try Parley_V1_ClientIdent(parleyPayload: frame.segments[0])
+                if let refused = self.refuseOutOfDate(client) { return refused }
                 var ident = self.configuration.ident
-                if let minimum = self.configuration.minimumClientVersion,
-                   Negotiation.compareVersions(client.version, minimum) < 0 {
-                    var message = Parley_V1_ServerMessage()
-                    message.priority = .high
-                    message.text = "\(client.implementation.isEmpty ? "client" : client.implementation) \(client.version.isEmpty ? "(no version)" : client.version) is out of date: this server needs version \(minimum) or later; please upgrade"
-                    ident.nucleus.messages.append(message)
-                    self.state = .failed
-                    let error = ParleyError(code: .clientOutOfDate, message: message.text)
-                    ident.refusal = error.status
-                    return HandshakeStep(
-                        send: [.frame(ident.frame(tag: .serverIdent)), .frame(error.status.frame(tag: .close))],
-                        outcome: .failed(error)
-                    )
+                var session = SessionOutcome.lossy
+                if partial.features.contains(.reconnect) {
+                    guard self.configuration.sessionToken.count == SessionToken.size else {
+                        return self.fail(ParleyError(code: .protocolViolation, message: "internal: a lossless session needs a 16-byte token"), tellPeer: false)
+                    }
+                    ident.sessionToken = Data(self.configuration.sessionToken)
+                    session = .started(token: self.configuration.sessionToken)
                 }
                 self.state = .established
                 return HandshakeStep(
                     send: [.frame(ident.frame(tag: .serverIdent))],
-                    outcome: .established(HandshakeResult(
-                        peerBanner: partial.banner, features: partial.features, peerHello: partial.hello,
-                        authMethod: partial.method, globalID: partial.method == AuthMethod.secret ? self.configuration.globalID : 0,
-                        clientIdent: client, serverIdent: ident, connectionMode: partial.mode, cipher: partial.cipher,
-                        entity: partial.entity, capabilities: partial.capabilities
-                    ))
+                    outcome: .established(self.result(partial, client: client, ident: ident, session: session))
                 )
+            } catch {
+                return self.fail(error, tellPeer: true)
+            }
+        case (.awaitingClientIdent(let partial), .frame(let frame)) where frame.tag == .sessionReconnect && partial.features.contains(.reconnect):
+            do {
+                let reconnect = try Parley_V1_SessionReconnect(parleyPayload: frame.segments[0])
+                guard reconnect.sessionToken.count == SessionToken.size else {
+                    return self.fail(ParleyError(code: .malformedPayload, message: "SESSION_RECONNECT token must be 16 bytes, got \(reconnect.sessionToken.count)"), tellPeer: true)
+                }
+                guard reconnect.connectSeq > 0 else {
+                    return self.fail(ParleyError(code: .malformedPayload, message: "SESSION_RECONNECT connect_seq must be 1 or more"), tellPeer: true)
+                }
+                if let refused = self.refuseOutOfDate(reconnect.ident) { return refused }
+                let request = SessionResumeRequest(
+                    token: Array(reconnect.sessionToken), serverNonce: reconnect.serverNonce,
+                    lastReceivedSeq: reconnect.lastReceivedSeq, connectSeq: reconnect.connectSeq,
+                    clientIdent: reconnect.ident, entity: partial.entity
+                )
+                self.state = .awaitingResumeDecision(partial, request)
+                return HandshakeStep(outcome: .resumeRequested(request))
             } catch {
                 return self.fail(error, tellPeer: true)
             }
@@ -391,6 +408,73 @@ public struct ServerHandshakeStateMachine: Sendable {
         return step
     }
 
+    /// The session asked for exists and may continue: sends SESSION_RESUMED with the last
+    /// `seq` this server received on it, and establishes the connection.
+    public mutating func resume(lastReceivedSeq: UInt64) -> HandshakeStep {
+        guard case .awaitingResumeDecision(let partial, let request) = self.state else {
+            return self.fail(ParleyError(code: .protocolViolation, message: "internal: resume without a SESSION_RECONNECT"), tellPeer: false)
+        }
+        var ident = self.configuration.ident
+        ident.sessionToken = Data(request.token)
+        var resumed = Parley_V1_SessionResumed()
+        resumed.ident = ident
+        resumed.lastReceivedSeq = lastReceivedSeq
+        self.state = .established
+        return HandshakeStep(
+            send: [.frame(resumed.frame(tag: .sessionResumed))],
+            outcome: .established(self.result(
+                partial, client: request.clientIdent, ident: ident,
+                session: .resumed(token: request.token, peerLastReceived: request.lastReceivedSeq)
+            ))
+        )
+    }
+
+    /// The session asked for is unknown (forgotten, or from before a restart): sends
+    /// SESSION_RESET and waits for the CLIENT_IDENT that starts a new session.
+    public mutating func reset(reason: String) -> HandshakeStep {
+        guard case .awaitingResumeDecision(let partial, _) = self.state else {
+            return self.fail(ParleyError(code: .protocolViolation, message: "internal: reset without a SESSION_RECONNECT"), tellPeer: false)
+        }
+        var reset = Parley_V1_SessionReset()
+        reset.reason = reason
+        self.state = .awaitingClientIdent(partial)
+        return HandshakeStep(send: [.frame(reset.frame(tag: .sessionReset))])
+    }
+
+    /// The reconnect may not proceed (an older attempt than one already accepted, or a
+    /// contradiction): sends CLOSE with the error.
+    public mutating func refuseResume(_ error: ParleyError) -> HandshakeStep {
+        self.fail(error, tellPeer: true)
+    }
+
+    private func result(_ partial: Partial, client: Parley_V1_ClientIdent, ident: Parley_V1_ServerIdent, session: SessionOutcome) -> HandshakeResult {
+        var result = HandshakeResult(
+            peerBanner: partial.banner, features: partial.features, peerHello: partial.hello,
+            authMethod: partial.method, globalID: partial.method == AuthMethod.secret ? self.configuration.globalID : 0,
+            clientIdent: client, serverIdent: ident, connectionMode: partial.mode, cipher: partial.cipher,
+            entity: partial.entity, capabilities: partial.capabilities
+        )
+        result.session = session
+        return result
+    }
+
+    /// A client below the minimum version gets SERVER_IDENT with a refusal, then CLOSE.
+    private mutating func refuseOutOfDate(_ client: Parley_V1_ClientIdent) -> HandshakeStep? {
+        guard let minimum = self.configuration.minimumClientVersion, Negotiation.compareVersions(client.version, minimum) < 0 else { return nil }
+        var ident = self.configuration.ident
+        var message = Parley_V1_ServerMessage()
+        message.priority = .high
+        message.text = "\(client.implementation.isEmpty ? "client" : client.implementation) \(client.version.isEmpty ? "(no version)" : client.version) is out of date: this server needs version \(minimum) or later; please upgrade"
+        ident.nucleus.messages.append(message)
+        self.state = .failed
+        let error = ParleyError(code: .clientOutOfDate, message: message.text)
+        ident.refusal = error.status
+        return HandshakeStep(
+            send: [.frame(ident.frame(tag: .serverIdent)), .frame(error.status.frame(tag: .close))],
+            outcome: .failed(error)
+        )
+    }
+
     /// Seconds since 1970 as an ISO 8601 date, for messages.
     static func date(_ seconds: Int64) -> String {
         ISO8601DateFormatter().string(from: Date(timeIntervalSince1970: TimeInterval(seconds)))
@@ -404,6 +488,7 @@ public struct ServerHandshakeStateMachine: Sendable {
         case .awaitingAuthRequest: return "AUTH_REQUEST"
         case .awaitingAuthProof: return "AUTH_REQUEST_MORE"
         case .awaitingClientIdent: return "CLIENT_IDENT"
+        case .awaitingResumeDecision: return "nothing (deciding on a SESSION_RECONNECT)"
         case .established: return "nothing (established)"
         case .failed: return "nothing (failed)"
         }

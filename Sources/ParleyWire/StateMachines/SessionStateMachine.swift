@@ -19,6 +19,8 @@ public struct SessionStateMachine: Sendable {
         case reply(Frame)
         /// Our keepalive came back; the value is the timestamp we sent.
         case keepaliveAck(UInt64)
+        /// Lossless sessions: the peer acknowledged every message up to this seq (ACK frame).
+        case ack(UInt64)
         case ignore
         /// The peer closed the session with this reason.
         case peerClosed(ParleyError)
@@ -32,6 +34,9 @@ public struct SessionStateMachine: Sendable {
     private(set) public var nextSeq: UInt64 = 1
     private(set) public var lastReceivedSeq: UInt64 = 0
     private(set) public var isClosed = false
+    /// Feature bit 9 was negotiated: `seq`s continue across the session's connections and
+    /// are checked by the session's `SessionLedger`, not here; ACK frames are allowed.
+    public var isLossless: Bool { self.features.contains(.reconnect) }
 
     public init(role: Role, features: ParleyFeatures, maxPeerFrameSize: Int = Frame.defaultMaxFrameSize) {
         self.role = role
@@ -53,7 +58,7 @@ public struct SessionStateMachine: Sendable {
                 return self.violate(error)
             }
             let h = message.header
-            guard h.seq == self.lastReceivedSeq &+ 1 else {
+            guard self.isLossless || h.seq == self.lastReceivedSeq &+ 1 else {
                 return self.violate(.protocolViolation, "MESSAGE seq \(h.seq) out of order: expected \(self.lastReceivedSeq &+ 1)")
             }
             guard h.kind.isKnown else {
@@ -88,6 +93,11 @@ public struct SessionStateMachine: Sendable {
             }
             if frame.tag == .keepaliveAck { return .keepaliveAck(stamp) }
             return .reply(Self.keepaliveFrame(tag: .keepaliveAck, timestamp: stamp))
+        case .ack where self.isLossless:
+            guard frame.segments[0].readableBytes == 8, let ack = frame.segments[0].getInteger(at: frame.segments[0].readerIndex, endianness: .little, as: UInt64.self) else {
+                return self.violate(.malformedPayload, "ACK payload must be 8 bytes, got \(frame.segments[0].readableBytes)")
+            }
+            return .ack(ack)
         default:
             switch Negotiation.stray(frame, waitingFor: "MESSAGE, NOTICE, KEEPALIVE or CLOSE") {
             case .ignore:
@@ -149,6 +159,11 @@ public struct SessionStateMachine: Sendable {
         default:
             return
         }
+    }
+
+    /// An ACK frame (lossless sessions): the highest seq received.
+    public static func ackFrame(_ ack: UInt64) -> Frame {
+        self.keepaliveFrame(tag: .ack, timestamp: ack)
     }
 
     public static func keepaliveFrame(tag: FrameTag, timestamp: UInt64) -> Frame {

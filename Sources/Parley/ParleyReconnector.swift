@@ -1,0 +1,193 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import ParleyNIO
+import ParleyWire
+
+/// The client side of a lossless session's reconnects (docs/protocol.md 5.2): when the link
+/// breaks, it dials again (the first attempt at once, then with exponential back-off and
+/// jitter), presents the session in SESSION_RECONNECT and attaches the new connection, or,
+/// after SESSION_RESET, sorts what the old session held (`ParleyConnection.sessionWasReset`).
+/// It gives up after `reconnectTimeout`, or at once on an error no retry can mend
+/// (authentication, a server that no longer offers sessions).
+final class Reconnector: Sendable {
+    struct Context: Sendable {
+        var connection: ParleyConnection
+        var session: LosslessSession
+        var address: ParleyAddress
+        var configuration: ParleyClient.Configuration
+        var ident: Parley_V1_ClientIdent
+        var nucleus: NIOLockedValueBox<ParleyClient.NucleusState>
+        var logger: Logger
+    }
+
+    private struct State {
+        var context: Context?
+        var running = false
+        /// The link broke again while a reconnect was finishing: go round once more.
+        var again = false
+    }
+
+    private let state = NIOLockedValueBox(State())
+
+    func start(_ context: Context) {
+        self.state.withLockedValue { $0.context = context }
+    }
+
+    func linkLost() {
+        let context = self.state.withLockedValue { s -> Context? in
+            guard let context = s.context else { return nil }
+            if s.running {
+                s.again = true
+                return nil
+            }
+            s.running = true
+            return context
+        }
+        guard let context else { return }
+        Task { await self.run(context) }
+    }
+
+    private func run(_ c: Context) async {
+        while true {
+            await self.reconnect(c)
+            let again = self.state.withLockedValue { s -> Bool in
+                if s.again, !c.session.isEnded, c.session.currentOutlet == nil {
+                    s.again = false
+                    return true
+                }
+                s.running = false
+                s.again = false
+                return false
+            }
+            if !again { return }
+        }
+    }
+
+    private func reconnect(_ c: Context) async {
+        guard let options = c.configuration.lossless else { return }
+        let began = ContinuousClock.now
+        var attempt = 0
+        var lastError = ParleyError(code: .connectionClosed, message: "the link broke")
+        while !c.session.isEnded {
+            if attempt > 0 {
+                let delay = Self.backoff(attempt: attempt, base: options.backoffBase, max: options.backoffMax)
+                try? await Task.sleep(for: delay)
+            }
+            if ContinuousClock.now - began > options.reconnectTimeout {
+                c.connection.finish(ParleyError(
+                    code: .connectionClosed,
+                    message: "could not reconnect to \(c.address) within \(options.reconnectTimeout) (\(attempt) attempts); last error: \(lastError.message)",
+                    cause: lastError
+                ))
+                return
+            }
+            attempt += 1
+            do {
+                try await self.attemptAll(c, count: max(1, options.raceAttempts))
+                return
+            } catch let error as ParleyError {
+                if Self.isFatal(error) {
+                    c.logger.error("cannot resume the session", metadata: ["error": "\(error)"])
+                    c.connection.finish(error)
+                    return
+                }
+                lastError = error
+                c.logger.debug("reconnect attempt failed", metadata: ["attempt": "\(attempt)", "error": "\(error.message)"])
+            } catch {
+                lastError = ParleyError(code: .connectFailed, message: "\(error)", cause: error)
+            }
+        }
+    }
+
+    /// Errors a new attempt cannot mend.
+    static func isFatal(_ error: ParleyError) -> Bool {
+        [.authenticationFailed, .handshakeTampered, .permissionDenied, .clientOutOfDate, .missingFeatures, .unsupportedVersion, .sessionReset]
+            .contains(error.code)
+    }
+
+    /// The delay before attempt `attempt` (1 is the first retry): base × 2^(attempt−1), at
+    /// most `max`, drawn at random between its half and itself.
+    static func backoff(attempt: Int, base: Duration, max: Duration) -> Duration {
+        let exponent = Swift.min(attempt - 1, 30)
+        let full = Swift.min(Double(base.nanoseconds) * Double(1 << exponent), Double(max.nanoseconds))
+        return .nanoseconds(Int64(full * Double.random(in: 0.5...1)))
+    }
+
+    /// One reconnect: `count` connections dialled at once (1 outside race tests); succeeds
+    /// when one of them has attached.
+    private func attemptAll(_ c: Context, count: Int) async throws {
+        if count == 1 {
+            try await self.attempt(c, offer: c.session.nextResumeOffer())
+            return
+        }
+        let offers = (0..<count).map { _ in c.session.nextResumeOffer() }
+        let errors = await withTaskGroup(of: ParleyError?.self) { group in
+            for offer in offers {
+                group.addTask {
+                    do {
+                        try await self.attempt(c, offer: offer)
+                        return nil
+                    } catch {
+                        return error as? ParleyError ?? ParleyError(code: .connectFailed, message: "\(error)")
+                    }
+                }
+            }
+            var errors: [ParleyError] = []
+            for await result in group { if let result { errors.append(result) } }
+            return errors
+        }
+        if errors.count == count { throw errors.first { Self.isFatal($0) } ?? errors[0] }
+    }
+
+    private func attempt(_ c: Context, offer: SessionResumeOffer) async throws {
+        let configuration = c.configuration
+        let machine = ParleyClient.handshake(configuration, address: c.address, ident: c.ident, resume: offer)
+        let options = PipelineOptions(maxFrameSize: configuration.maxFrameSize, keepalive: try configuration.limits.keepaliveConfiguration())
+        let established = NIOLockedValueBox<EventLoopFuture<Void>?>(nil)
+        let connection = c.connection
+        let session = c.session
+        let initializer: ParleyChannelInitializer = { channel in
+            channel.eventLoop.makeCompletedFuture {
+                let handler = ParleyConnectionHandler(role: .client(machine), eventLoop: channel.eventLoop) { result, outlet in
+                    let link: LosslessSession.LinkID
+                    switch result.session {
+                    case .resumed(_, let peerLastReceived):
+                        link = try session.attach(outlet, peerLastReceived: peerLastReceived)
+                    case .reset(let reason, let token) where !token.isEmpty:
+                        _ = connection.sessionWasReset(reason: reason, token: token, serverNonce: result.serverIdent.serverNonce)
+                        link = try session.attach(outlet, peerLastReceived: 0)
+                    default:
+                        throw ParleyError(code: .sessionReset, message: "the server no longer offers lossless sessions: the session cannot continue")
+                    }
+                    connection.linkUp(outlet)
+                    return EstablishedLink(sink: ConnectionEventSink(connection), lossless: (session, link))
+                }
+                handler.secureCounterStart = configuration.secureCounterStart
+                established.withLockedValue { $0 = handler.established }
+                try ParleyPipeline.configure(channel, options: options, handler: handler)
+            }
+        }
+        let channel: any Channel
+        do {
+            // On the connection's own event loop: its handlers and timers stay where they were.
+            channel = try await configuration.transport.connect(to: c.address, group: connection.eventLoop, initializer: initializer)
+        } catch {
+            throw ParleyError(code: .connectFailed, message: "cannot reconnect to \(c.address): \((error as? ParleyError)?.message ?? "\(error)")", cause: error)
+        }
+        guard let future = established.withLockedValue({ $0 }) else {
+            channel.close(promise: nil)
+            throw ParleyError(code: .connectFailed, message: "the transport did not set up the channel")
+        }
+        // A server that accepts but never answers (stopped, overloaded) must not hold the attempt.
+        let timer = channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
+        defer { timer.cancel() }
+        do {
+            try await future.get()
+        } catch let error as ParleyError {
+            throw error
+        } catch {
+            throw ParleyError(code: .connectionClosed, message: "\(error)", cause: error)
+        }
+    }
+}

@@ -1,0 +1,252 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import ParleyWire
+
+/// The part of a lossless session (feature bit 9) that outlives its connections: the ledger
+/// of numbered messages kept for replay, which connection ("link") is current, and the
+/// senders waiting for room.
+///
+/// Every MESSAGE of the session goes through `submit`: it is numbered and kept at once, and
+/// the current link, if any, is asked to transmit what it has not transmitted yet, in `seq`
+/// order (so that messages submitted from several threads still leave in numbering order).
+/// A link that is no longer current transmits and delivers nothing. Thread-safe: links may
+/// run on different event loops (a server's reconnects are accepted on any of its loops).
+public final class LosslessSession: Sendable {
+    public let bounds: SessionLedger.Bounds
+    private let state: NIOLockedValueBox<State>
+
+    /// Identifies one connection of the session.
+    public struct LinkID: Hashable, Sendable {
+        let value: UInt64
+    }
+
+    struct State {
+        var token: [UInt8]
+        var serverNonce: UInt64
+        var ledger = SessionLedger()
+        var current: LinkID?
+        var currentOutlet: ParleyConnectionHandler.Outlet?
+        var nextLink: UInt64 = 1
+        /// The highest connect_seq accepted (server) or sent (client).
+        var connectSeq: UInt64 = 0
+        var pumpScheduled = false
+        var roomWaiters: [CheckedContinuation<Void, any Error>] = []
+        var ended: ParleyError?
+        var duplicatesDropped = 0
+    }
+
+    public init(token: [UInt8], serverNonce: UInt64, bounds: SessionLedger.Bounds) {
+        self.bounds = bounds
+        self.state = NIOLockedValueBox(State(token: token, serverNonce: serverNonce))
+    }
+
+    // MARK: - The async layer's side
+
+    /// Numbers and keeps a message, and has the current link transmit it.
+    public func submit(_ message: WireMessage) {
+        let kick = self.state.withLockedValue { s -> ParleyConnectionHandler.Outlet? in
+            s.ledger.append(message)
+            guard let outlet = s.currentOutlet, !s.pumpScheduled else { return nil }
+            s.pumpScheduled = true
+            return outlet
+        }
+        kick?.pump()
+    }
+
+    /// Returns once the kept messages are below the bounds (at once if they are); throws the
+    /// reason if the session ends meanwhile.
+    public func waitForRoom() async throws {
+        let full = try self.state.withLockedValue { s -> Result<Bool, ParleyError> in
+            if let ended = s.ended { return .failure(ended) }
+            return .success(s.ledger.isFull(self.bounds))
+        }.get()
+        guard full else { return }
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+            let outcome = self.state.withLockedValue { s -> Result<Void, any Error>? in
+                if let ended = s.ended { return .failure(ended) }
+                if !s.ledger.isFull(self.bounds) { return .success(()) }
+                s.roomWaiters.append(c)
+                return nil
+            }
+            if let outcome { c.resume(with: outcome) }
+        }
+    }
+
+    /// The link that is current, if any: where control frames go.
+    public var currentOutlet: ParleyConnectionHandler.Outlet? { self.state.withLockedValue { $0.currentOutlet } }
+
+    /// Messages kept for replay, and their bytes.
+    public var kept: (count: Int, bytes: Int) { self.state.withLockedValue { ($0.ledger.keptCount, $0.ledger.keptBytes) } }
+
+    /// Messages received again after a reconnect race, and dropped.
+    public var duplicatesDropped: Int { self.state.withLockedValue { $0.duplicatesDropped } }
+
+    /// The highest seq received: what a reconnect tells the server.
+    public var lastReceivedSeq: UInt64 { self.state.withLockedValue { $0.ledger.lastReceivedSeq } }
+
+    /// Client side: the offer of the next reconnect attempt. The current link, if any, stops
+    /// delivering from now on: the server resends everything after the `seq` this offer
+    /// names, so nothing the old link still delivers would be new.
+    public func nextResumeOffer() -> SessionResumeOffer {
+        self.state.withLockedValue { s in
+            s.current = nil
+            s.currentOutlet = nil
+            s.pumpScheduled = false
+            s.connectSeq += 1
+            return SessionResumeOffer(token: s.token, serverNonce: s.serverNonce, lastReceivedSeq: s.ledger.lastReceivedSeq, connectSeq: s.connectSeq)
+        }
+    }
+
+    /// Server side: a SESSION_RECONNECT with `connectSeq` asks for this session. Refuses an
+    /// attempt not newer than one already accepted; otherwise detaches the current link (it
+    /// delivers nothing more) and returns the last seq received, for SESSION_RESUMED.
+    public func beginResume(connectSeq: UInt64) throws(ParleyError) -> (lastReceivedSeq: UInt64, replaced: ParleyConnectionHandler.Outlet?) {
+        try self.state.withLockedValue { s -> Result<(UInt64, ParleyConnectionHandler.Outlet?), ParleyError> in
+            if let ended = s.ended { return .failure(ended) }
+            guard connectSeq > s.connectSeq else {
+                return .failure(ParleyError(code: .sessionSuperseded, message: "reconnect attempt \(connectSeq) is not newer than attempt \(s.connectSeq), already accepted"))
+            }
+            s.connectSeq = connectSeq
+            let replaced = s.currentOutlet
+            s.current = nil
+            s.currentOutlet = nil
+            s.pumpScheduled = false
+            return .success((s.ledger.lastReceivedSeq, replaced))
+        }.get()
+    }
+
+    /// The reconnect's exchange is done: `outlet`'s link becomes current, and transmission
+    /// restarts after `peerLastReceived`. Returns the new link's id.
+    public func attach(_ outlet: ParleyConnectionHandler.Outlet, peerLastReceived: UInt64) throws(ParleyError) -> LinkID {
+        let (link, waiters) = try self.state.withLockedValue { s -> Result<(LinkID, [CheckedContinuation<Void, any Error>]), ParleyError> in
+            if let ended = s.ended { return .failure(ended) }
+            do throws(ParleyError) {
+                try s.ledger.resume(peerLastReceived: peerLastReceived)
+            } catch {
+                return .failure(error)
+            }
+            let link = LinkID(value: s.nextLink)
+            s.nextLink += 1
+            s.current = link
+            s.currentOutlet = outlet
+            s.pumpScheduled = false
+            return .success((link, self.takeWaitersIfRoom(&s)))
+        }.get()
+        waiters.forEach { $0.resume() }
+        return link
+    }
+
+    /// The server did not have the session: empties the ledger and returns what it held;
+    /// the new session the server started has `token`.
+    public func reset(token: [UInt8], serverNonce: UInt64) -> SessionLedger.Abandoned {
+        self.state.withLockedValue { s in
+            s.connectSeq = 0
+            s.token = token
+            s.serverNonce = serverNonce
+            return s.ledger.reset()
+        }
+    }
+
+    public var token: [UInt8] { self.state.withLockedValue { $0.token } }
+
+    /// The session is over: waiting senders fail with `reason`; nothing more is transmitted.
+    public func end(_ reason: ParleyError) {
+        let waiters = self.state.withLockedValue { s -> [CheckedContinuation<Void, any Error>] in
+            guard s.ended == nil else { return [] }
+            s.ended = reason
+            s.current = nil
+            s.currentOutlet = nil
+            defer { s.roomWaiters = [] }
+            return s.roomWaiters
+        }
+        waiters.forEach { $0.resume(throwing: reason) }
+    }
+
+    public var isEnded: Bool { self.state.withLockedValue { $0.ended != nil } }
+
+    // MARK: - The links' side (on their event loops)
+
+    func isCurrent(_ link: LinkID) -> Bool { self.state.withLockedValue { $0.current == link } }
+
+    /// Moves what `link` has to transmit into `messages`; false if the link is not current.
+    func takeForTransmission(_ link: LinkID, into messages: inout [WireMessage]) -> Bool {
+        self.state.withLockedValue { s in
+            s.pumpScheduled = false
+            guard s.current == link else { return false }
+            while let next = s.ledger.nextToTransmit() { messages.append(next) }
+            return true
+        }
+    }
+
+    enum Reception {
+        case deliver, duplicate, stale
+        case violation(ParleyError)
+    }
+
+    /// A MESSAGE arrived on `link`.
+    func received(_ header: MessageHeader, on link: LinkID) -> Reception {
+        let (reception, waiters) = self.state.withLockedValue { s -> (Reception, [CheckedContinuation<Void, any Error>]) in
+            guard s.current == link else { return (.stale, []) }
+            if header.seq <= s.ledger.lastReceivedSeq, header.seq > 0 {
+                // Sent again after a reconnect race (docs/protocol.md 5.2): already delivered.
+                s.duplicatesDropped += 1
+                do throws(ParleyError) {
+                    try s.ledger.acknowledge(max(header.ack, s.ledger.peerAck))
+                } catch {
+                    return (.violation(error), [])
+                }
+                return (.duplicate, self.takeWaitersIfRoom(&s))
+            }
+            switch s.ledger.received(header) {
+            case .deliver: return (.deliver, self.takeWaitersIfRoom(&s))
+            case .violation(let error): return (.violation(error), [])
+            }
+        }
+        waiters.forEach { $0.resume() }
+        return reception
+    }
+
+    /// An ACK frame arrived on `link`.
+    func acknowledged(_ ack: UInt64, on link: LinkID) throws(ParleyError) {
+        let waiters = try self.state.withLockedValue { s -> Result<[CheckedContinuation<Void, any Error>], ParleyError> in
+            guard s.current == link else { return .success([]) }
+            do throws(ParleyError) {
+                try s.ledger.acknowledge(ack)
+            } catch {
+                return .failure(error)
+            }
+            return .success(self.takeWaitersIfRoom(&s))
+        }.get()
+        waiters.forEach { $0.resume() }
+    }
+
+    /// The ack `link` should send alone (nothing it transmitted carried it), if any.
+    func ackToSend(_ link: LinkID) -> UInt64? {
+        self.state.withLockedValue { s in
+            guard s.current == link, s.ledger.needsAck else { return nil }
+            return s.ledger.ackTransmitted()
+        }
+    }
+
+    /// How many received messages no transmitted frame acknowledged yet.
+    func unacknowledgedReceived(_ link: LinkID) -> UInt64 {
+        self.state.withLockedValue { s in s.current == link ? s.ledger.unacknowledgedReceived : 0 }
+    }
+
+    /// `link` closed: returns true if it was the current one (the session is now detached).
+    func detach(_ link: LinkID) -> Bool {
+        self.state.withLockedValue { s in
+            guard s.current == link else { return false }
+            s.current = nil
+            s.currentOutlet = nil
+            s.pumpScheduled = false
+            return true
+        }
+    }
+
+    private func takeWaitersIfRoom(_ s: inout State) -> [CheckedContinuation<Void, any Error>] {
+        guard !s.roomWaiters.isEmpty, !s.ledger.isFull(self.bounds) else { return [] }
+        defer { s.roomWaiters = [] }
+        return s.roomWaiters
+    }
+}

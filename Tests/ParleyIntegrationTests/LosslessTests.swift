@@ -1,0 +1,146 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import Parley
+import ParleyChaos
+import ParleyServices
+import ParleyWire
+import Testing
+
+/// What a lossless client saw: the one-way pongs the server sent back, in arrival order.
+final class PongLog: Sendable {
+    let sequences = NIOLockedValueBox<[UInt64]>([])
+    var count: Int { self.sequences.withLockedValue { $0.count } }
+
+    /// A client router that records one-way pongs.
+    var router: ParleyRouter {
+        var router = ParleyRouter()
+        router.onMessage(Parley_Echo_V1_Pong.self) { pong, _ in
+            self.sequences.withLockedValue { $0.append(pong.sequence) }
+        }
+        return router
+    }
+
+    /// True when the pongs are exactly 1...n, in order.
+    func isExactly(_ n: Int) -> Bool {
+        self.sequences.withLockedValue { $0 == (0..<n).map { UInt64($0 + 1) } }
+    }
+
+    func describeMismatch(_ n: Int) -> String {
+        self.sequences.withLockedValue { s in
+            let expected = (0..<n).map { UInt64($0 + 1) }
+            guard let first = s.indices.first(where: { $0 >= expected.count || s[$0] != expected[$0] }) else { return "\(s.count) of \(n) pongs, in order" }
+            return "pong \(first) is \(s[first]), expected \(expected[first]) (\(s.count) received)"
+        }
+    }
+}
+
+/// Traffic both ways through a lossless session: concurrent echo requests whose answers are
+/// checked by content, one-way pings answered by one-way pongs (order checked both ways, since
+/// the server answers in the order it receives), and a counted stream.
+struct LosslessTraffic {
+    var workers = 4
+    var requestsPerWorker = 500
+    var oneWays = 2000
+    var streamItems: UInt32 = 1000
+
+    var messagesEachWay: Int { self.workers * self.requestsPerWorker + self.oneWays + Int(self.streamItems) }
+
+    func run(_ client: ParleyClient, pongs: PongLog) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for w in 0..<self.workers {
+                group.addTask {
+                    for i in 0..<self.requestsPerWorker {
+                        var echo = Parley_Echo_V1_Echo()
+                        echo.text = "w\(w) r\(i)"
+                        echo.payload = Data(repeating: UInt8(truncatingIfNeeded: i &+ w), count: 16 + (i % 64))
+                        let reply = try await client.request(echo, as: Parley_Echo_V1_EchoReply.self)
+                        guard reply.text == echo.text, reply.payload == echo.payload else {
+                            throw ParleyError(code: .protocolViolation, message: "answer \(reply.text) to request \(echo.text)")
+                        }
+                    }
+                }
+            }
+            group.addTask {
+                for i in 1...self.oneWays {
+                    var ping = Parley_Echo_V1_Ping()
+                    ping.sequence = UInt64(i)
+                    try await client.send(ping)
+                }
+            }
+            group.addTask {
+                var count = Parley_Echo_V1_Count()
+                count.count = self.streamItems
+                var next: UInt32 = 0
+                for try await event in try await client.stream(count, item: Parley_Echo_V1_CountItem.self, final: Parley_Echo_V1_CountDone.self) {
+                    switch event {
+                    case .item(let item, _):
+                        guard item.index == next else { throw ParleyError(code: .protocolViolation, message: "stream item \(item.index), expected \(next)") }
+                        next += 1
+                    case .final(let done):
+                        guard done.sent == self.streamItems, next == self.streamItems else {
+                            throw ParleyError(code: .protocolViolation, message: "stream ended after \(next) items, server says \(done.sent)")
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        _ = try await eventually(seconds: 30) { pongs.count >= self.oneWays }
+    }
+}
+
+func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) -> ParleyClient.Configuration {
+    var configuration = ParleyClient.Configuration()
+    configuration.lossless = options
+    return configuration
+}
+
+@Suite struct LosslessSessionTests {
+    @Test func aLosslessSessionIsNegotiatedAndALossyOneIsTheDefault() async throws {
+        try await withServer { _, addresses in
+            let lossy = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            #expect(lossy.connection.lossless == nil)
+            #expect(!lossy.session.features.contains(.reconnect))
+            lossy.close()
+            let client = try await ParleyClient.connect(to: addresses[0], configuration: losslessConfiguration(), logger: quietLogger)
+            #expect(client.connection.lossless != nil)
+            #expect(client.session.features.contains(.reconnect))
+            #expect(try await ping(client, 7) == 7)
+            client.close()
+        }
+    }
+
+    @Test func aServerWithoutSessionsGivesALossyConnection() async throws {
+        try await withServer(configure: { $0.sessionRetention = nil }) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], configuration: losslessConfiguration(), logger: quietLogger)
+            #expect(client.connection.lossless == nil)
+            #expect(try await ping(client, 3) == 3)
+            client.close()
+        }
+    }
+
+    @Test func messagesSurviveCutsExactlyOnceAndInOrder() async throws {
+        try await withServer { server, addresses in
+            let proxy = ChaosProxy(configuration: .init(
+                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0],
+                toServer: .init(cutAfterBytes: 40_000), toClient: .init(cutAfterBytes: 30_000), seed: 5
+            ))
+            let address = try await proxy.start()
+            let pongs = PongLog()
+            let client = try await ParleyClient.connect(to: address, configuration: losslessConfiguration(), router: pongs.router, logger: quietLogger)
+            let traffic = LosslessTraffic()
+            try await traffic.run(client, pongs: pongs)
+            #expect(pongs.isExactly(traffic.oneWays), "\(pongs.describeMismatch(traffic.oneWays))")
+            #expect(proxy.counts.cuts >= 5, "cuts: \(proxy.counts.cuts)")
+            let ups = client.connection.reconnects
+            #expect(ups >= 5 && ups == proxy.counts.connections - 1, "reconnects \(ups), proxy connections \(proxy.counts.connections)")
+            print("lossless through cuts: \(traffic.messagesEachWay) messages each way, \(proxy.counts.cuts) cuts, \(ups) reconnects")
+            #expect(server.sessionCount == 1)
+            client.close()
+            await proxy.stop()
+            #expect(try await eventually { server.sessionCount == 0 })
+        }
+    }
+}
