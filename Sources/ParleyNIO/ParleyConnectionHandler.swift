@@ -590,9 +590,12 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                     // Replay what the peer has not received, then go on with new messages.
                     self.pumpLossless()
                 }
+            } catch let error as ParleyError {
+                // The peer is told why (a reconnect that contradicts the session, ...).
+                self.failConnection(error, tellPeer: true, context: context)
             } catch {
                 self.state = .closing
-                self.recordFailure(error as? ParleyError ?? ParleyError(code: .unspecified, message: "session setup failed: \(error)", cause: error))
+                self.recordFailure(ParleyError(code: .unspecified, message: "session setup failed: \(error)", cause: error))
                 context.close(promise: nil)
             }
         case .failed(let error):

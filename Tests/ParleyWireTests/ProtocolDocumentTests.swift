@@ -20,7 +20,7 @@ import Testing
 /// suite was written, so that the check cannot pass on an empty or truncated document.
 @Suite struct ProtocolDocumentTests {
     /// Vectors in docs/protocol.md when this suite was written; removing one fails the suite.
-    static let minimumVectorCount = 64
+    static let minimumVectorCount = 70
 
     /// What must have at least one vector, besides every known frame tag and message kind.
     static let requiredCoverage: [String] = [
@@ -462,6 +462,8 @@ enum ProtocolDocument {
             Parley_V1_Hello.self, Parley_V1_AuthRequest.self, Parley_V1_AuthBadMethod.self, Parley_V1_AuthMore.self,
             Parley_V1_AuthDone.self, Parley_V1_ClientIdent.self, Parley_V1_ServerMessage.self, Parley_V1_Nucleus.self,
             Parley_V1_ServerIdent.self, Parley_V1_Notice.self, Parley_V1_Status.self,
+            Parley_V1_SessionReconnect.self, Parley_V1_SessionResumed.self, Parley_V1_SessionReset.self,
+            Parley_Echo_V1_Work.self, Parley_Echo_V1_WorkDone.self,
             Parley_Echo_V1_Echo.self, Parley_Echo_V1_EchoReply.self, Parley_Echo_V1_Ping.self,
             Parley_Echo_V1_Pong.self, Parley_Echo_V1_Count.self, Parley_Echo_V1_CountItem.self,
             Parley_Echo_V1_CountDone.self, Parley_Echo_V1_Sleep.self, Parley_Echo_V1_Slept.self,
@@ -484,6 +486,8 @@ enum ProtocolDocument {
         FrameTag.authRequestMore.rawValue: "parley.v1.AuthMore", FrameTag.authDone.rawValue: "parley.v1.AuthDone",
         FrameTag.clientIdent.rawValue: "parley.v1.ClientIdent", FrameTag.serverIdent.rawValue: "parley.v1.ServerIdent",
         FrameTag.notice.rawValue: "parley.v1.Notice", FrameTag.close.rawValue: "parley.v1.Status",
+        FrameTag.sessionReconnect.rawValue: "parley.v1.SessionReconnect", FrameTag.sessionResumed.rawValue: "parley.v1.SessionResumed",
+        FrameTag.sessionReset.rawValue: "parley.v1.SessionReset",
     ]
 
     static let kindsByName: [String: MessageKind] = {

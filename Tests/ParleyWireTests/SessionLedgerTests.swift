@@ -1,0 +1,146 @@
+import Foundation
+import NIOCore
+import SwiftProtobuf
+import Testing
+
+@testable import ParleyWire
+
+private func message(_ id: UInt64, _ kind: MessageKind = .request, bytes: Int = 0) -> WireMessage {
+    WireMessage(header: MessageHeader(id: id, kind: kind, type: "t"), payload: ByteBuffer(repeating: 1, count: bytes))
+}
+
+private func header(seq: UInt64, ack: UInt64) -> MessageHeader {
+    MessageHeader(seq: seq, ack: ack, id: 1, kind: .oneWay, type: "t")
+}
+
+/// The ledger of a lossless session (docs/protocol.md 5.2): numbering, acks, replay, reset.
+@Suite struct SessionLedgerTests {
+    @Test func numbersKeepsAndTransmitsInOrderWithTheCurrentAck() {
+        var ledger = SessionLedger()
+        #expect(ledger.append(message(1)) == 1)
+        #expect(ledger.append(message(2)) == 2)
+        #expect(ledger.received(header(seq: 1, ack: 0)) == .deliver)
+        let first = ledger.nextToTransmit()
+        #expect(first?.header.seq == 1 && first?.header.ack == 1)
+        #expect(ledger.received(header(seq: 2, ack: 1)) == .deliver)
+        #expect(ledger.nextToTransmit()?.header.ack == 2)
+        #expect(ledger.nextToTransmit() == nil)
+        #expect(ledger.keptCount == 1 && ledger.everTransmittedSeq == 2, "the peer's ack 1 dropped seq 1")
+        #expect(!ledger.needsAck)
+    }
+
+    @Test func acksDropKeptMessagesAndFreeRoom() throws {
+        var ledger = SessionLedger()
+        let bounds = SessionLedger.Bounds(maxBytes: 1 << 20, maxMessages: 3)
+        for i in 1...3 { ledger.append(message(UInt64(i), bytes: 10)) }
+        #expect(ledger.isFull(bounds))
+        while ledger.nextToTransmit() != nil {}
+        #expect(try ledger.acknowledge(2))
+        #expect(ledger.keptCount == 1 && !ledger.isFull(bounds))
+        #expect(try !ledger.acknowledge(2), "the same ack again frees nothing")
+        let byBytes = SessionLedger.Bounds(maxBytes: 40, maxMessages: 100)
+        ledger.append(message(4, bytes: 10))
+        #expect(ledger.isFull(byBytes), "two messages of 10 + 33 bytes reach 40 bytes")
+    }
+
+    @Test func refusesAcksThatGoBackOrCoverWhatWasNeverSent() throws {
+        var ledger = SessionLedger()
+        ledger.append(message(1))
+        ledger.append(message(2))
+        #expect(throws: ParleyError.self) { try ledger.acknowledge(1) }  // not transmitted yet
+        _ = ledger.nextToTransmit()
+        try ledger.acknowledge(1)
+        #expect(throws: ParleyError.self) { try ledger.acknowledge(0) }
+        #expect(ledger.received(header(seq: 1, ack: 2)) != .deliver, "ack 2 covers a message never transmitted")
+    }
+
+    @Test func refusesGapsAndRepeatsInReceivedSeqs() {
+        var ledger = SessionLedger()
+        #expect(ledger.received(header(seq: 2, ack: 0)) != .deliver)
+        #expect(ledger.received(header(seq: 1, ack: 0)) == .deliver)
+        #expect(ledger.received(header(seq: 1, ack: 0)) != .deliver)
+        #expect(ledger.needsAck && ledger.unacknowledgedReceived == 1)
+        #expect(ledger.ackTransmitted() == 1 && !ledger.needsAck)
+    }
+
+    @Test func resumeRetransmitsExactlyWhatThePeerLacks() throws {
+        var ledger = SessionLedger()
+        for i in 1...5 { ledger.append(message(UInt64(i))) }
+        while ledger.nextToTransmit() != nil {}
+        try ledger.acknowledge(1)
+        // The connection broke; the peer says it got up to 3.
+        try ledger.resume(peerLastReceived: 3)
+        #expect(ledger.keptCount == 2)
+        #expect(ledger.nextToTransmit()?.header.seq == 4)
+        ledger.append(message(6))
+        #expect(ledger.nextToTransmit()?.header.seq == 5)
+        #expect(ledger.nextToTransmit()?.header.seq == 6)
+        #expect(ledger.nextToTransmit() == nil)
+        // A resume that contradicts an earlier ack, or claims more than was sent, is refused.
+        #expect(throws: ParleyError.self) { try ledger.resume(peerLastReceived: 2) }
+        #expect(throws: ParleyError.self) { try ledger.resume(peerLastReceived: 7) }
+    }
+
+    @Test func resetSplitsTransmittedFromUntransmittedAndRestartsNumbering() throws {
+        var ledger = SessionLedger()
+        for i in 1...4 { ledger.append(message(UInt64(i))) }
+        _ = ledger.nextToTransmit()
+        _ = ledger.nextToTransmit()
+        try ledger.acknowledge(1)
+        // A reconnect restarts transmission after 1: seq 2 was transmitted once and stays "transmitted".
+        try ledger.resume(peerLastReceived: 1)
+        let abandoned = ledger.reset()
+        #expect(abandoned.transmitted.map(\.header.id) == [2])
+        #expect(abandoned.untransmitted.map(\.header.id) == [3, 4])
+        #expect(ledger.nextSeq == 1 && ledger.keptCount == 0 && ledger.lastReceivedSeq == 0)
+    }
+}
+
+/// Prints the lossless-session vectors of docs/protocol.md section 5.2 from the
+/// implementation (`PARLEY_PRINT_SESSION_VECTORS=1 swift test --filter printSessionVectors`);
+/// the document tests then check the document against the implementation.
+@Suite struct SessionVectorPrinter {
+    @Test(.enabled(if: ProcessInfo.processInfo.environment["PARLEY_PRINT_SESSION_VECTORS"] != nil))
+    func printSessionVectors() throws {
+        func vector(_ name: String, tag: String, segments: [String], frame: Frame, session: String? = nil) {
+            var out: [ByteBuffer] = []
+            frame.encode(into: &out, allocator: ByteBufferAllocator())
+            var bytes: [UInt8] = []
+            for b in out { bytes += b.readableBytesView }
+            print("```vector\nname: \(name)\nkind: frame\ntag: \(tag)\nflags: 0")
+            for s in segments { print("segment: \(s)") }
+            if let session { print("session: \(session)") }
+            let lines = stride(from: 0, to: bytes.count, by: 16).map { "  " + bytes[$0..<min($0 + 16, bytes.count)].map { String(format: "%02x", $0) }.joined(separator: " ") }
+            print("wire:\n" + lines.joined(separator: "\n") + "\n```\n")
+        }
+        func json(_ m: some SwiftProtobuf.Message) throws -> String { try m.jsonString() }
+        let token = Data((0..<16).map { UInt8(0xa0 + $0) })
+        var ident = Parley_V1_ServerIdent()
+        ident.nucleus = Parley_V1_Nucleus()
+        ident.implementation = "parley-swift"
+        ident.version = "0.1.0"
+        ident.name = "parley"
+        ident.serverNonce = 81985529216486895
+        ident.sessionToken = token
+        vector("server-ident-lossless", tag: "0x08 SERVER_IDENT", segments: ["proto parley.v1.ServerIdent \(try json(ident))"], frame: ident.frame(tag: .serverIdent))
+        var client = Parley_V1_ClientIdent()
+        client.implementation = "parley-swift"
+        client.version = "0.1.0"
+        client.name = "parley-ping"
+        var reconnect = Parley_V1_SessionReconnect()
+        reconnect.ident = client
+        reconnect.sessionToken = token
+        reconnect.serverNonce = 81985529216486895
+        reconnect.lastReceivedSeq = 41
+        reconnect.connectSeq = 1
+        vector("session-reconnect", tag: "0x09 SESSION_RECONNECT", segments: ["proto parley.v1.SessionReconnect \(try json(reconnect))"], frame: reconnect.frame(tag: .sessionReconnect))
+        var resumed = Parley_V1_SessionResumed()
+        resumed.ident = ident
+        resumed.lastReceivedSeq = 17
+        vector("session-resumed", tag: "0x0a SESSION_RESUMED", segments: ["proto parley.v1.SessionResumed \(try json(resumed))"], frame: resumed.frame(tag: .sessionResumed))
+        var reset = Parley_V1_SessionReset()
+        reset.reason = "the server restarted since the session began"
+        vector("session-reset", tag: "0x0b SESSION_RESET", segments: ["proto parley.v1.SessionReset \(try json(reset))"], frame: reset.frame(tag: .sessionReset))
+        vector("ack", tag: "0x15 ACK", segments: ["u64le 42"], frame: SessionStateMachine.ackFrame(42))
+    }
+}
