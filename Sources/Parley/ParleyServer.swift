@@ -331,6 +331,9 @@ public final class ParleyServer: Service, Sendable {
             return .reset(reason: "the server restarted since the session began")
         }
         guard let known = self.state.withLockedValue({ $0.sessions[request.token] }) else {
+            self.logger.debug("reconnect to an unknown session", metadata: [
+                "token": "\(request.token.prefix(4).map { String($0, radix: 16) }.joined())", "sessions": "\(self.sessionCount)",
+            ])
             return .reset(reason: "the server does not have this session (it expired, or was closed)")
         }
         guard known.entity == request.entity else {
@@ -399,7 +402,10 @@ public final class ParleyServer: Service, Sendable {
         let key = ObjectIdentifier(connection)
         connectionKey.withLockedValue { $0 = key }
         var link: LosslessSession.LinkID?
-        if let lossless { link = try lossless.attach(outlet, peerLastReceived: 0) }
+        if let lossless {
+            link = try lossless.attach(outlet, peerLastReceived: 0)
+            logger.debug("session started", metadata: ["token": "\(token.prefix(4).map { String($0, radix: 16) }.joined())"])
+        }
         let draining = self.state.withLockedValue { s -> Bool in
             s.connections[key] = connection
             if let lossless { s.sessions[token] = (lossless, connection, result.entity) }

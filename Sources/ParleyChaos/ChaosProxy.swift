@@ -160,6 +160,9 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
     var writes = 0
     var readsPaused = false
     var context: ChannelHandlerContext?
+    /// A cut is planned: nothing read after it may be forwarded (the cut itself happens once
+    /// the writes before it have been made).
+    var cutPlanned = false
 
     init(link: ChaosLink, direction: String, plan: ChaosPlan, highWater: Int) {
         self.link = link
@@ -172,7 +175,7 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let chunk = self.unwrapInboundIn(data)
-        guard let partner = self.partner, !self.link.closed else { return }
+        guard let partner = self.partner, !self.link.closed, !self.cutPlanned else { return }
         let step = self.plan.plan(chunk.readableBytes)
         let loop = context.eventLoop
         for piece in step.pieces {
@@ -190,6 +193,7 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
             }
         }
         if step.cut {
+            self.cutPlanned = true
             let at = self.nextWrite
             let bound = NIOLoopBound(self, eventLoop: loop)
             let cutAt = self.plan.passed

@@ -1,0 +1,117 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import Parley
+import ParleyServices
+import ParleyTestSupport
+import ParleyWire
+import Testing
+
+/// `parley chaos` as a process of its own, stopped by its PID.
+final class ChaosProcess {
+    let process: Process
+    let outputPath: String
+    private(set) var address = ""
+
+    private init(process: Process, outputPath: String) {
+        self.process = process
+        self.outputPath = outputPath
+    }
+
+    deinit {
+        if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
+    }
+
+    var output: String { String(decoding: FileManager.default.contents(atPath: self.outputPath) ?? Data(), as: UTF8.self) }
+
+    /// Starts `parley chaos ARGUMENTS` and waits until it listens.
+    static func start(_ arguments: [String]) async throws -> ChaosProcess {
+        let parley = try #require(parleyExecutablePath(), "parley executable not built")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: parley)
+        process.arguments = ["chaos"] + arguments
+        let outputPath = temporaryPath("chaos-\(UUID().uuidString.prefix(8)).out")
+        _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
+        process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outputPath))
+        process.standardError = process.standardOutput
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let chaos = ChaosProcess(process: process, outputPath: outputPath)
+        let deadline = ContinuousClock.now.advanced(by: .seconds(30))
+        while ContinuousClock.now < deadline, process.isRunning {
+            if let line = chaos.output.split(separator: "\n").first(where: { $0.hasPrefix("parley chaos: ") && $0.contains(" -> ") }) {
+                chaos.address = String(line.dropFirst("parley chaos: ".count).prefix { $0 != " " })
+                return chaos
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw ParleyError(code: .connectFailed, message: "parley chaos did not start: \(chaos.output)")
+    }
+
+    /// Stops it (SIGTERM) and returns the connections and cuts of its summary line.
+    func stop() async -> (connections: Int, cuts: Int)? {
+        if self.process.isRunning { kill(self.process.processIdentifier, SIGTERM) }
+        for _ in 0..<500 where self.process.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+        if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
+        self.process.waitUntilExit()
+        guard let line = self.output.split(separator: "\n").last(where: { $0.contains(" connections, ") && $0.contains(" cut ") }) else { return nil }
+        let numbers = line.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) }
+        guard numbers.count >= 2 else { return nil }
+        return (numbers[0], numbers[1])
+    }
+}
+
+/// Lossless sessions between real processes: `parley serve`, `parley chaos`, and this test as
+/// the client.
+@Suite(.serialized) struct LosslessProcessTests {
+    /// 100,000 messages each way (PARLEY_LOSSLESS_MESSAGES changes it) through `parley chaos`
+    /// cutting every connection after 60 KB in either direction, plus random cuts: every
+    /// message arrives exactly once and in order.
+    @Test func hundredThousandMessagesEachWayThroughFiftyCuts() async throws {
+        let total = Int(ProcessInfo.processInfo.environment["PARLEY_LOSSLESS_MESSAGES"] ?? "") ?? 100_000
+        let server = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--log-level", "debug"])
+        do {
+            try await self.throughChaos(server: server, total: total)
+        } catch {
+            await server.stop()
+            print("server log: \(server.logPath)")
+            throw error
+        }
+        await server.stop()
+    }
+
+    private func throughChaos(server: ServeProcess, total: Int) async throws {
+        let chaos = try await ChaosProcess.start([
+            "--listen", "127.0.0.1:0", "--to", server.address, "--cut-after", "60000", "--cut-probability", "0.002", "--seed", "20261130",
+        ])
+        let pongs = PongLog()
+        let logs = LogCollector()
+        let client = try await ParleyClient.connect(
+            to: try ParleyAddress(parsing: chaos.address), configuration: losslessConfiguration(), router: pongs.router, logger: logs.logger("client", level: .debug)
+        )
+        defer { if ProcessInfo.processInfo.environment["PARLEY_SHOW_LOG"] != nil { print(logs.all.map { "\($0.level) \($0.message) \($0.metadata)" }.joined(separator: "\n")) } }
+        let downs = NIOLockedValueBox<[ParleyError]>([])
+        let watcher = Task {
+            for await event in client.connection.linkEvents {
+                if case .down(let error) = event { downs.withLockedValue { $0.append(error) } }
+            }
+        }
+        // Requests and their responses, one-way pings and pongs, and a stream's items: each
+        // kind about a fifth to a half of the total, each way.
+        let oneWays = total / 5, streamItems = total / 10
+        let traffic = LosslessTraffic(workers: 8, requestsPerWorker: (total - oneWays - streamItems) / 8, oneWays: oneWays, streamItems: UInt32(streamItems))
+        let started = ContinuousClock.now
+        try await traffic.run(client, pongs: pongs)
+        #expect(pongs.isExactly(traffic.oneWays), "\(pongs.describeMismatch(traffic.oneWays))")
+        let reconnects = client.connection.reconnects
+        client.close()
+        watcher.cancel()
+        let counts = await chaos.stop()
+        let truncated = downs.withLockedValue { $0.filter { $0.code == .truncated }.count }
+        print("lossless through parley chaos: \(traffic.messagesEachWay) messages each way in \(ContinuousClock.now - started), \(counts.map { "\($0.cuts) cuts of \($0.connections) connections" } ?? "no summary"), \(reconnects) reconnects, \(truncated) breaks inside a frame seen by the client")
+        #expect(traffic.messagesEachWay >= total)
+        #expect((counts?.cuts ?? 0) >= 50, "chaos output: \(chaos.output.suffix(500))")
+        #expect(reconnects >= 50)
+        #expect(truncated > 0, "some cuts must fall inside a frame")
+    }
+}
