@@ -289,17 +289,19 @@ public final class ParleyClient: Sendable {
     /// Sends a request (after any request delay) and returns the response and its data.
     /// `timeout` (if any) counts from when the request is sent; see `ParleyConnection.call`.
     public func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
-        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self, timeout: Duration? = nil
+        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self, timeout: Duration? = nil,
+        idempotent: Bool = false
     ) async throws -> ParleyReply<Response> {
         try await self.waitForRequestDelay()
-        return try await self.connection.call(request, data: data, as: response, timeout: timeout)
+        return try await self.connection.call(request, data: data, as: response, timeout: timeout, idempotent: idempotent)
     }
 
     /// Sends a request (after any request delay) and returns the response.
+    /// `idempotent`: see `ParleyConnection.call`.
     public func request<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
-        _ request: Request, as response: Response.Type = Response.self, timeout: Duration? = nil
+        _ request: Request, as response: Response.Type = Response.self, timeout: Duration? = nil, idempotent: Bool = false
     ) async throws -> Response {
-        try await self.call(request, as: response, timeout: timeout).message
+        try await self.call(request, as: response, timeout: timeout, idempotent: idempotent).message
     }
 
     /// Sends a streamed request (after any request delay).

@@ -124,6 +124,8 @@ public final class ParleyConnection: Sendable {
         var keepaliveRoundTrip: Duration?
         /// Idempotent requests still outstanding, kept to be sent again after a session reset.
         var retryable: [UInt64: WireMessage] = [:]
+        /// Lossless: the type of each outstanding request, for a session reset's report.
+        var requestTypes: [UInt64: String] = [:]
         /// Lossless: the outlet of the current link (nil while detached).
         var outlet: ParleyConnectionHandler.Outlet?
         var linkUps = 0
@@ -190,7 +192,10 @@ public final class ParleyConnection: Sendable {
                     // Cancelled before this point: the cancellation handler found nothing to cancel.
                     if Task.isCancelled { return ParleyError(code: .cancelled, message: "request \(id) cancelled") }
                     s.pending[id] = .unary(continuation)
-                    if idempotent, self.lossless != nil { s.retryable[id] = message }
+                    if self.lossless != nil {
+                        s.requestTypes[id] = Request.protoMessageName
+                        if idempotent { s.retryable[id] = message }
+                    }
                     return nil
                 }
                 if let refusal {
@@ -244,6 +249,7 @@ public final class ParleyConnection: Sendable {
         let failure = self.state.withLockedValue { s -> ParleyError? in
             if let closed = s.closed { return closed }
             s.pending[id] = .stream(continuation)
+            if self.lossless != nil { s.requestTypes[id] = Request.protoMessageName }
             return nil
         }
         if let failure {
@@ -444,7 +450,10 @@ public final class ParleyConnection: Sendable {
         case .stream(let c)?: c.finish(throwing: error)
         case nil: return  // already answered, or never sent
         }
-        self.state.withLockedValue { _ = $0.retryable.removeValue(forKey: id) }
+        self.state.withLockedValue { s in
+            s.retryable.removeValue(forKey: id)
+            s.requestTypes.removeValue(forKey: id)
+        }
         guard self.session.features.contains(.streams) else { return }
         let cancel = WireMessage(header: MessageHeader(id: id, kind: .cancel, type: ""), payload: ByteBuffer())
         self.sendMessage(cancel)
@@ -467,6 +476,7 @@ public final class ParleyConnection: Sendable {
             s.closed = error
             defer {
                 s.retryable = [:]
+                s.requestTypes = [:]
                 s.outlet = nil
                 s.pending = [:]
                 s.slotWaiters = []
@@ -543,7 +553,10 @@ public final class ParleyConnection: Sendable {
         let id = message.header.id
         let kind = message.header.kind
         let pending = self.state.withLockedValue { s -> Pending? in
-            if kind != .streamItem, !s.retryable.isEmpty { s.retryable.removeValue(forKey: id) }
+            if kind != .streamItem, !s.requestTypes.isEmpty {
+                s.requestTypes.removeValue(forKey: id)
+                s.retryable.removeValue(forKey: id)
+            }
             switch s.pending[id] {
             case .unary?:
                 return kind == .streamItem ? nil : s.pending.removeValue(forKey: id)
@@ -895,7 +908,7 @@ extension ParleyConnection {
                     again.append((message.header.seq, message))
                     continue
                 }
-                let type = abandoned.transmitted.first { $0.header.kind == .request && $0.header.id == id }?.header.type ?? "request"
+                let type = s.requestTypes.removeValue(forKey: id) ?? "request"
                 report.mayHaveRun.append(ParleyRequestRecord(id: id, type: type))
                 s.pending.removeValue(forKey: id)
                 failed.append((pending, ParleyError(

@@ -114,4 +114,99 @@ final class ChaosProcess {
         #expect(reconnects >= 50)
         #expect(truncated > 0, "some cuts must fall inside a frame")
     }
+
+    /// The server is killed (SIGKILL) with requests running and restarted: the client gets
+    /// SESSION_RESET and a list of what may have run, checked against the log of what the
+    /// server really started; idempotent requests are sent again and succeed; requests sent
+    /// while the server was down run once, in the new session; nothing else runs twice.
+    @Test func aKilledServerGivesAResetWithTheExactList() async throws {
+        let dir = freshTestDirectory("lossless-kill")
+        let log = dir + "/executed.log"
+        let first = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--execution-log", log])
+        let address = first.address
+        var options = ParleyClient.LosslessOptions()
+        options.backoffMax = .milliseconds(200)
+        let client = try await ParleyClient.connect(
+            to: try ParleyAddress(parsing: address), configuration: losslessConfiguration(options), logger: quietLogger
+        )
+        let events = NIOLockedValueBox<[ParleyLinkEvent]>([])
+        let watcher = Task {
+            for await event in client.connection.linkEvents { events.withLockedValue { $0.append(event) } }
+        }
+        func work(_ key: UInt64, delay: UInt32, idempotent: Bool) async -> Result<UInt64, ParleyError> {
+            var request = Parley_Echo_V1_Work()
+            request.key = key
+            request.delayMs = delay
+            do {
+                return .success(try await client.request(request, as: Parley_Echo_V1_WorkDone.self, idempotent: idempotent).key)
+            } catch {
+                return .failure(error as? ParleyError ?? ParleyError(code: .unspecified, message: "\(error)"))
+            }
+        }
+        // Ten answered before anything happens.
+        for key in UInt64(1)...10 { #expect(try await work(key, delay: 0, idempotent: false).get() == key) }
+        // Thirty running (for 2 s each) when the server dies; the odd ones idempotent.
+        let running = Task {
+            await withTaskGroup(of: (UInt64, Result<UInt64, ParleyError>).self) { group in
+                for key in UInt64(101)...130 { group.addTask { (key, await work(key, delay: 2000, idempotent: key % 2 == 1)) } }
+                var results: [UInt64: Result<UInt64, ParleyError>] = [:]
+                for await (key, result) in group { results[key] = result }
+                return results
+            }
+        }
+        #expect(try await eventually { executedKeys(log).filter { $0 > 100 }.count == 30 }, "the thirty requests did not all start")
+        kill(first.process.processIdentifier, SIGKILL)
+        first.process.waitUntilExit()
+        let ranBeforeKill = executedKeys(log)
+        #expect(try await eventually { events.withLockedValue { $0.contains { if case .down = $0 { return true } else { return false } } } })
+        // Five sent while the server is down: numbered and kept, never transmitted.
+        let whileDown = Task {
+            await withTaskGroup(of: (UInt64, Result<UInt64, ParleyError>).self) { group in
+                for key in UInt64(201)...205 { group.addTask { (key, await work(key, delay: 0, idempotent: false)) } }
+                var results: [UInt64: Result<UInt64, ParleyError>] = [:]
+                for await (key, result) in group { results[key] = result }
+                return results
+            }
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        let second = try await ServeProcess.start(["--listen", address, "--execution-log", log])
+        let results = await running.value
+        let lateResults = await whileDown.value
+        let reset = events.withLockedValue { $0.compactMap { if case .reset(let r) = $0 { return r } else { return nil } } }
+        client.close()
+        watcher.cancel()
+        await second.stop()
+        let executed = executedKeys(log)
+
+        #expect(reset.count == 1)
+        let report = try #require(reset.first)
+        let failed = Set(results.filter { if case .failure(let e) = $0.value { return e.code == .sessionReset } else { return false } }.keys)
+        let retried = Set(results.filter { if case .success = $0.value { return true } else { return false } }.keys)
+        // The list is exact: the fifteen non-idempotent requests that were running are
+        // reported as may-have-run, the fifteen idempotent ones as retried, the five sent
+        // while the server was down as not sent.
+        #expect(failed == Set((101...130).filter { $0 % 2 == 0 }.map(UInt64.init)), "failed with sessionReset: \(failed.sorted())")
+        #expect(retried == Set((101...130).filter { $0 % 2 == 1 }.map(UInt64.init)))
+        #expect(report.mayHaveRun.count == 15 && report.retried.count == 15 && report.notSent.count == 5,
+                "report: \(report.mayHaveRun.count) may have run, \(report.retried.count) retried, \(report.notSent.count) not sent")
+        #expect(Set(report.mayHaveRun.map(\.type) + report.retried.map(\.type) + report.notSent.map(\.type)) == ["parley.echo.v1.Work"])
+        // What may have run did run (the server's log says so), exactly once.
+        for key in failed {
+            #expect(ranBeforeKill.filter { $0 == key }.count == 1 && executed.filter { $0 == key }.count == 1, "key \(key)")
+        }
+        // Idempotent ones ran before the kill and again after it.
+        for key in retried { #expect(executed.filter { $0 == key }.count == 2, "key \(key)") }
+        // Not sent: did not run before the kill, ran once after, and succeeded.
+        for key in UInt64(201)...205 {
+            #expect(!ranBeforeKill.contains(key))
+            #expect(executed.filter { $0 == key }.count == 1)
+            #expect((try? lateResults[key]?.get()) == key)
+        }
+        #expect(executed.filter { $0 <= 10 }.count == 10)
+    }
+}
+
+/// The keys of the Work requests a server started, in order (its `--execution-log`).
+func executedKeys(_ path: String) -> [UInt64] {
+    String(decoding: FileManager.default.contents(atPath: path) ?? Data(), as: UTF8.self).split(separator: "\n").compactMap { UInt64($0) }
 }
