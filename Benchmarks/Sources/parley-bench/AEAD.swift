@@ -49,7 +49,7 @@ struct AEADBench: AsyncParsableCommand {
     func run() async throws {
         let cases = AEADCase.all
         print("## parley-bench aead\n")
-        print("- machine: \(cpuModel()), \(ProcessInfo.processInfo.activeProcessorCount) cores online, \(systemName())")
+        print("- machine: \(machineDescription())")
         print("- one thread; \(self.repetitions) repetitions of \(self.duration) s per case and size (cases alternate; medians)")
         print("- Parley's preferred cipher here: \(SecureCipher.preferred[0].rawValue)\n")
         var results: [String: [Int: [AEADRun]]] = [:]

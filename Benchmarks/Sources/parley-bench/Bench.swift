@@ -36,13 +36,15 @@ struct Run: AsyncParsableCommand {
         abstract: "Run the benchmark (the default).",
         discussion: """
             Starts one server process per system (this executable with `server`), then for each \
-            workload runs the systems in turn (raw, parley, grpc, parley-secure, parley-tls, \
-            tls-echo, raw, ...) REPETITIONS times, each measurement on a fresh connection: WARMUP \
+            workload runs the systems in turn (raw, raw-coalesced, parley, grpc, parley-secure, \
+            parley-tls, tls-echo, raw, ...) REPETITIONS times, each measurement on a fresh connection: WARMUP \
             seconds unmeasured, then DURATION seconds measured. Prints a table per workload with \
             the median over the repetitions and the ratios, then the goals. The servers are \
             stopped by PID at the end, on error and on SIGINT/SIGTERM.
 
-            Systems: raw (a length-prefixed SwiftNIO echo), parley (crc mode), grpc, \
+            Systems: raw (a length-prefixed SwiftNIO echo; its client flushes every request), \
+            raw-coalesced (the same echo, its client coalescing writes as Parley's does: one \
+            event-loop job and one flush per batch of requests), parley (crc mode), grpc, \
             parley-secure (method secret, secure mode: AES-256-GCM), parley-tls (tls://, crc \
             mode), tls-echo (the raw echo inside TLS 1.3). The keyring and the certificates of \
             the secure ones are made in a temporary directory and removed at the end.
@@ -72,7 +74,7 @@ struct Run: AsyncParsableCommand {
     )
     var workloads: [Workload] = Workload.allCases
 
-    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,parley,grpc,parley-secure,parley-tls,tls-echo).", valueName: "list"),
+    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,raw-coalesced,parley,grpc,parley-secure,parley-tls,tls-echo).", valueName: "list"),
             transform: { try System.parseList($0, allowed: System.allCases) })
     var systems: [System] = System.allCases
 
@@ -188,7 +190,7 @@ struct Server: AsyncParsableCommand {
             """
     )
 
-    @Option(help: "raw, parley, grpc, parley-secure, parley-tls or tls-echo.")
+    @Option(help: "raw, raw-coalesced, parley, grpc, parley-secure, parley-tls or tls-echo.")
     var system: System
 
     @Option(help: "Port to listen on (0: any free port).")
@@ -235,7 +237,7 @@ func header(_ s: Settings) -> String {
     lines.append("WARNING: debug build; build with -c release (Scripts/bench.sh) for meaningful figures.")
     #endif
     lines.append("- date: \(ISO8601DateFormatter().string(from: Date()))")
-    lines.append("- machine: \(cpuModel()), \(ProcessInfo.processInfo.activeProcessorCount) cores online, \(systemName())")
+    lines.append("- machine: \(machineDescription())")
     lines.append("- transport: TCP over loopback (127.0.0.1), client and server in separate processes")
     lines.append("- repetitions: \(s.repetitions) (systems alternate within each repetition; tables show medians)")
     lines.append("- each measurement: fresh connection, \(s.warmup) s warm-up, \(s.duration) s measured")
@@ -245,12 +247,32 @@ func header(_ s: Settings) -> String {
     return lines.joined(separator: "\n") + "\n"
 }
 
+/// The processor model, the cores online and the OS: what every run's header records, so that
+/// each figure can say where it was measured.
+func machineDescription() -> String {
+    "\(cpuModel()), \(ProcessInfo.processInfo.activeProcessorCount) cores online, \(systemName())"
+}
+
+/// The processor model: the first "model name" of /proc/cpuinfo, with its family, model and
+/// stepping (a VM may show only "AMD EPYC"; family 25 model 17 then tells a Zen 4 Genoa).
 func cpuModel() -> String {
     #if os(Linux)
-    if let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
-       let line = text.split(separator: "\n").first(where: { $0.hasPrefix("model name") }),
-       let colon = line.firstIndex(of: ":") {
-        return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+    if let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) {
+        let lines = text.split(separator: "\n")
+        /// The value of the first line `key : value` of the first processor.
+        func field(_ key: String) -> String? {
+            for line in lines {
+                guard let colon = line.firstIndex(of: ":"),
+                      line[..<colon].trimmingCharacters(in: .whitespaces) == key else { continue }
+                return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+            }
+            return nil
+        }
+        if let name = field("model name") {
+            let ids = [("family", field("cpu family")), ("model", field("model")), ("stepping", field("stepping"))]
+                .compactMap { label, value in value.map { "\(label) \($0)" } }
+            return ids.isEmpty ? name : "\(name) (\(ids.joined(separator: ", ")))"
+        }
     }
     #endif
     return "unknown CPU"

@@ -62,6 +62,7 @@ struct Overhead: AsyncParsableCommand {
         let server = ParleyServer(configuration: .init(listen: [], name: "parley-bench"), router: EchoService.router(name: "parley-bench"), group: group)
 
         print("## parley-bench overhead\n")
+        print("- machine: \(machineDescription())")
         print("- one event-loop thread: caller, client and server; InMemoryChannel pair; \(self.size) B payload")
         print("- repetitions: \(self.repetitions), \(self.duration) s each after 0.3 s warm-up (systems alternate; medians)\n")
         var nanos: [System: [Double]] = [:]

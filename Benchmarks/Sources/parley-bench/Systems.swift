@@ -8,10 +8,14 @@ import Parley
 import ParleyNIO
 import ParleyServices
 
-/// The systems doing the same echo work. The first three are the plain ones; the last three
+/// The systems doing the same echo work. The first four are the plain ones; the last three
 /// are the secure ones of issue 8 (they need `SecurityMaterial`: a keyring, certificates).
 enum System: String, CaseIterable, Sendable, ExpressibleByArgument {
-    case raw, parley, grpc
+    case raw
+    /// The raw echo with a client that coalesces its writes as Parley's does (one event-loop
+    /// job and one flush per batch of requests): the honest floor of the pipelined workloads.
+    case rawCoalesced = "raw-coalesced"
+    case parley, grpc
     /// Parley in secure mode: method `secret`, every frame sealed with AES-256-GCM.
     case parleySecure = "parley-secure"
     /// Parley over TLS 1.3 (`tls://`), crc mode.
@@ -32,6 +36,7 @@ enum System: String, CaseIterable, Sendable, ExpressibleByArgument {
     var title: String {
         switch self {
         case .raw: return "raw NIO"
+        case .rawCoalesced: return "raw NIO coalesced"
         case .parley: return "Parley"
         case .grpc: return "gRPC"
         case .parleySecure: return "Parley secure"
@@ -80,14 +85,16 @@ func check(_ received: Int, _ expected: Int, _ system: System) throws {
 struct RawCaller: EchoCaller {
     let client: RawClient
     let payload: ByteBuffer
-    /// `.raw`, or `.tlsEcho` when the client speaks TLS.
+    /// `.raw`, `.rawCoalesced`, or `.tlsEcho` when the client speaks TLS.
     let system: System
 
     /// - Parameter tls: the client's TLS context (the TLS echo), nil for plain TCP.
-    init(port: Int, load: Load, tls: NIOSSLContext? = nil) async throws {
+    /// - Parameter coalescing: the raw-coalesced client (plain TCP only).
+    init(port: Int, load: Load, tls: NIOSSLContext? = nil, coalescing: Bool = false) async throws {
         self.init(
-            client: try await RawClient.connect(port: port, tls: tls), payload: ByteBuffer(bytes: testBytes(load.size)),
-            system: tls == nil ? .raw : .tlsEcho
+            client: try await RawClient.connect(port: port, tls: tls, coalescing: coalescing),
+            payload: ByteBuffer(bytes: testBytes(load.size)),
+            system: tls != nil ? .tlsEcho : coalescing ? .rawCoalesced : .raw
         )
     }
 
@@ -215,6 +222,7 @@ extension System {
     func open(port: Int, load: Load, material: SecurityMaterial?, tlsClient: NIOSSLContext? = nil) async throws -> any EchoCaller {
         switch self {
         case .raw: return try await RawCaller(port: port, load: load)
+        case .rawCoalesced: return try await RawCaller(port: port, load: load, coalescing: true)
         case .parley, .parleySecure, .parleyTLS: return try await ParleyCaller(self, port: port, load: load, material: material)
         case .grpc: return try GRPCCaller(port: port, load: load)
         case .tlsEcho:
@@ -228,7 +236,8 @@ extension System {
     /// the keyring (`keyring`) or the certificate directory (`certificates`).
     func serve(port: Int, keyring: String?, certificates: String?, ready: @Sendable (Int) -> Void) async throws {
         switch self {
-        case .raw, .tlsEcho:
+        case .raw, .rawCoalesced, .tlsEcho:
+            // The same server for both raw clients: it flushes once per read burst already.
             var tls: NIOSSLContext?
             if self == .tlsEcho {
                 guard let certificates else { throw BenchError("the \(self.title) server needs --cert DIR") }
