@@ -143,4 +143,63 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
             #expect(try await eventually { server.sessionCount == 0 })
         }
     }
+
+    /// A version 1 client (no bit 9) against a server that offers lossless sessions: the bytes
+    /// `parley ping` sent in the recorded connection of docs/protocol.md section 14, replayed
+    /// as they are, get their two answers in lossy mode.
+    @Test func theRecordedVersionOneClientOfSection14StillWorks() async throws {
+        let document = try String(contentsOf: URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("docs/protocol.md"), encoding: .utf8)
+        let section = try #require(document.range(of: "# client to server (--capture-out)"))
+        let block = document[section.lowerBound...].prefix { $0 != "`" }
+        var bytes = ByteBuffer()
+        for line in block.split(separator: "\n") where !line.hasPrefix("#") {
+            for pair in line.prefix(while: { $0 != "#" }).split(separator: " ") { bytes.writeInteger(try #require(UInt8(pair, radix: 16))) }
+        }
+        #expect(bytes.readableBytes == 431)
+        try await withServer { server, addresses in
+            #expect(server.configuration.sessionRetention != nil)
+            let peer = try await RawPeer.connect(addresses[0])
+            let (answer, _) = try await peer.exchange(bytes, seconds: 10) { received in
+                frames(in: received).filter { $0.tag == .message }.count >= 2
+            }
+            var banner = answer
+            let serverBanner = try #require(try banner.readBanner())
+            #expect(serverBanner.supported.contains(.reconnect), "the server offers lossless sessions")
+            let received = frames(in: answer)
+            let ident = try Parley_V1_ServerIdent(parleyPayload: try #require(received.first { $0.tag == .serverIdent }).segments[0])
+            #expect(ident.sessionToken.isEmpty, "no session for a client without bit 9")
+            let messages = try received.filter { $0.tag == .message }.map { try WireMessage(frame: $0) }
+            #expect(messages.map(\.header.seq) == [1, 2])
+            #expect(try messages.map { try Parley_Echo_V1_Pong(parleyPayload: $0.payload).sequence } == [1, 2])
+            #expect(!received.contains { $0.tag == .ack }, "no ACK frames on a lossy connection")
+        }
+    }
+
+    /// Every reconnect dials three connections at once (a forced race, dozens of times): the
+    /// highest connect_seq wins at the server, the others are closed with sessionSuperseded,
+    /// and nothing is lost or delivered twice.
+    @Test func racingReconnectsEndWithOneSessionAndNothingLostOrDuplicated() async throws {
+        try await withServer { server, addresses in
+            let proxy = ChaosProxy(configuration: .init(
+                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0],
+                toServer: .init(cutAfterBytes: 20_000), toClient: .init(cutAfterBytes: 15_000), seed: 11
+            ))
+            let address = try await proxy.start()
+            var options = ParleyClient.LosslessOptions()
+            options.raceAttempts = 3
+            let pongs = PongLog()
+            let client = try await ParleyClient.connect(to: address, configuration: losslessConfiguration(options), router: pongs.router, logger: quietLogger)
+            let traffic = LosslessTraffic(workers: 4, requestsPerWorker: 400, oneWays: 2000, streamItems: 800)
+            try await traffic.run(client, pongs: pongs)
+            #expect(pongs.isExactly(traffic.oneWays), "\(pongs.describeMismatch(traffic.oneWays))")
+            let reconnects = client.connection.reconnects
+            #expect(reconnects >= 20, "reconnects: \(reconnects)")
+            #expect(proxy.counts.connections >= 1 + 3 * 20, "three attempts per reconnect: \(proxy.counts.connections) connections")
+            #expect(server.sessionCount == 1)
+            print("racing reconnects: \(reconnects) won of \(proxy.counts.connections - 1) attempts, \(client.connection.lossless?.duplicatesDropped ?? 0) duplicates dropped by the client")
+            client.close()
+            await proxy.stop()
+        }
+    }
 }

@@ -140,15 +140,15 @@ public struct SessionLedger: Sendable {
 
     /// A new connection of the session: the peer says it received everything up to
     /// `peerLastReceived`. Acknowledges that much and restarts transmission after it.
+    ///
+    /// A value below an `ack` the peer already sent comes from a reconnect race (an attempt
+    /// that took its snapshot before a racing attempt delivered more): the peer has what it
+    /// acknowledged, so transmission restarts after the acknowledged `seq`. A value above
+    /// what was ever sent is a `protocolViolation`.
     public mutating func resume(peerLastReceived: UInt64) throws(ParleyError) {
-        guard peerLastReceived >= self.peerAck else {
-            throw ParleyError(
-                code: .protocolViolation,
-                message: "the peer says it received up to seq \(peerLastReceived) but had acknowledged \(self.peerAck) before"
-            )
-        }
-        try self.acknowledge(peerLastReceived)
-        self.transmittedSeq = peerLastReceived
+        let resumeAfter = max(peerLastReceived, self.peerAck)
+        try self.acknowledge(resumeAfter)
+        self.transmittedSeq = resumeAfter
     }
 
     /// What the session held when it was reset, oldest first.
