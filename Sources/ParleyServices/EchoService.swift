@@ -19,6 +19,8 @@ public enum EchoService {
             pong.serverName = name
             try context.connection.sendNow(pong)
         }
+        // A one-way Echo is accepted and dropped: a sink for `parley send`.
+        router.onMessage(Parley_Echo_V1_Echo.self) { (_: Parley_Echo_V1_Echo, _: ParleyRequestContext) throws in }
         let log = executionLog.map { NIOLockedValueBox($0) }
         router.on(Parley_Echo_V1_Work.self) { work, _ in
             if let log {

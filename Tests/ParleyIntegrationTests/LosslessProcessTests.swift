@@ -206,6 +206,67 @@ final class ChaosProcess {
     }
 }
 
+extension LosslessProcessTests {
+    /// A fast sender (`parley send --lossless`, a process) facing a server that stops reading
+    /// (SIGSTOP): the sender's memory stays under a cap (its replay queue and write buffers are
+    /// bounded), its keepalive declares the server dead within the timeout, and once the server
+    /// runs again the session resumes and every message arrives.
+    @Test func aStoppedReceiverBoundsTheSendersMemoryAndKeepaliveDeclaresItDead() async throws {
+        let server = try await ServeProcess.start(["--listen", "127.0.0.1:0"])
+        let parley = try #require(parleyExecutablePath())
+        let outputPath = temporaryPath("send-\(UUID().uuidString.prefix(8)).out")
+        _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
+        let sender = Process()
+        sender.executableURL = URL(fileURLWithPath: parley)
+        sender.arguments = [
+            "send", server.address, "--count", "400000", "--size", "1024", "--lossless", "--replay-bytes", "\(4 << 20)",
+            "--keepalive-interval", "0.5", "--keepalive-timeout", "2",
+        ]
+        sender.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outputPath))
+        sender.standardError = sender.standardOutput
+        try sender.run()
+        func output() -> String { String(decoding: FileManager.default.contents(atPath: outputPath) ?? Data(), as: UTF8.self) }
+        defer {
+            if sender.isRunning { kill(sender.processIdentifier, SIGKILL) }
+            kill(server.process.processIdentifier, SIGCONT)
+        }
+        #expect(try await eventually(seconds: 30) { output().contains(" sent ") }, "no progress: \(output())")
+        let before = residentBytes(sender.processIdentifier)
+        kill(server.process.processIdentifier, SIGSTOP)
+        let stopped = ContinuousClock.now
+        var peak = before, serverPeak = residentBytes(server.process.processIdentifier)
+        var declaredDead: Duration?
+        while ContinuousClock.now - stopped < .seconds(6) {
+            peak = max(peak, residentBytes(sender.processIdentifier))
+            serverPeak = max(serverPeak, residentBytes(server.process.processIdentifier))
+            if declaredDead == nil, output().contains("link down") { declaredDead = ContinuousClock.now - stopped }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        kill(server.process.processIdentifier, SIGCONT)
+        #expect(try await eventually(seconds: 60) { !sender.isRunning }, "the sender did not finish: \(output().suffix(800))")
+        let final = output()
+        await server.stop()
+        print("stopped receiver: sender resident \(before >> 20) MiB before, peak \(peak >> 20) MiB while stopped; server peak \(serverPeak >> 20) MiB; link declared down after \(declaredDead.map { "\($0)" } ?? "never")")
+        // Without the bound the sender would queue ~50 MB a second while the server is stopped.
+        #expect(peak - before < 48 << 20, "the sender grew by \((peak - before) >> 20) MiB")
+        #expect(serverPeak < 512 << 20)
+        let dead = try #require(declaredDead, "keepalive never declared the server dead: \(final.suffix(1500))")
+        #expect(dead < .milliseconds(4500), "2 s timeout, checked every 0.5 s, noticed after \(dead)")
+        #expect(final.contains("link down") && final.contains("keepalive timeout"))
+        #expect(final.contains("sent 400000 messages"), "\(final.suffix(800))")
+        #expect(sender.terminationStatus == 0)
+    }
+}
+
+/// The resident memory of a process, from /proc (0 if unreadable).
+func residentBytes(_ pid: Int32) -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+          let kb = Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().first ?? "")
+    else { return 0 }
+    return kb << 10
+}
+
 /// The keys of the Work requests a server started, in order (its `--execution-log`).
 func executedKeys(_ path: String) -> [UInt64] {
     String(decoding: FileManager.default.contents(atPath: path) ?? Data(), as: UTF8.self).split(separator: "\n").compactMap { UInt64($0) }
