@@ -148,6 +148,7 @@ public final class LosslessSession: Sendable {
     }
 
     public var token: [UInt8] { self.state.withLockedValue { $0.token } }
+    public var serverNonce: UInt64 { self.state.withLockedValue { $0.serverNonce } }
 
     /// The session is over: waiting senders fail with `reason`; nothing more is transmitted.
     public func end(_ reason: ParleyError) {

@@ -2,7 +2,9 @@ import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 import Parley
+import ParleyNIO
 import ParleyChaos
 import ParleyServices
 import ParleyWire
@@ -200,6 +202,84 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
             print("racing reconnects: \(reconnects) won of \(proxy.counts.connections - 1) attempts, \(client.connection.lossless?.duplicatesDropped ?? 0) duplicates dropped by the client")
             client.close()
             await proxy.stop()
+        }
+    }
+
+    /// A lossless session in secure mode through cuts: every reconnect runs method secret
+    /// again (new key exchange, new keys), the replayed messages are sealed under the new
+    /// connection's keys, and everything arrives exactly once.
+    @Test func aSecureSessionReauthenticatesAndRekeysOnEveryReconnect() async throws {
+        let path = freshTestDirectory("lossless-secure") + "/server.keyring"
+        let keys = try writeKeyring(path, [("client.alice", ["*"]), ("client.bob", ["*"])])
+        let source = try ParleyKeyringSource(path: path)
+        let logs = LogCollector()
+        try await withServer(
+            configure: { $0.authMethods = [AuthMethod.secret]; $0.modes = [.secure]; $0.keyring = source },
+            logger: logs.logger("server", level: .debug)
+        ) { server, addresses in
+            let proxy = ChaosProxy(configuration: .init(
+                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0],
+                toServer: .init(cutAfterBytes: 30_000), toClient: .init(cutAfterBytes: 25_000), seed: 8
+            ))
+            let address = try await proxy.start()
+            var configuration = losslessConfiguration()
+            configuration.secret = SecretCredentials(entity: "client.alice", key: keys["client.alice"]!)
+            configuration.modes = [.secure]
+            configuration.authMethods = [AuthMethod.secret]
+            let pongs = PongLog()
+            let client = try await ParleyClient.connect(to: address, configuration: configuration, router: pongs.router, logger: quietLogger)
+            #expect(client.session.connectionMode == .secure)
+            let traffic = LosslessTraffic(workers: 2, requestsPerWorker: 300, oneWays: 1000, streamItems: 500)
+            try await traffic.run(client, pongs: pongs)
+            #expect(pongs.isExactly(traffic.oneWays), "\(pongs.describeMismatch(traffic.oneWays))")
+            let reconnects = client.connection.reconnects
+            #expect(reconnects >= 5)
+            // Every connection the server established ran method secret in secure mode.
+            let established = logs.all.filter { $0.message == "session established" }
+            let resumed = logs.all.filter { $0.message == "session resumed" }
+            #expect(established.count == 1 && established.allSatisfy { $0.metadata.contains("secure") && $0.metadata.contains("client.alice") })
+            #expect(resumed.count == reconnects, "\(resumed.count) resumed, \(reconnects) reconnects")
+            #expect(resumed.allSatisfy { $0.metadata.contains("client.alice") })
+            #expect(server.sessionCount == 1)
+
+            // Another entity presenting alice's session token is refused.
+            let token = try #require(client.connection.lossless?.token)
+            let error = await Self.resume(token: token, serverNonce: try #require(client.connection.lossless?.serverNonce), as: "client.bob", key: keys["client.bob"]!, at: addresses[0])
+            #expect(error?.code == .permissionDenied, "\(String(describing: error))")
+            #expect(error?.message.contains("another entity") == true)
+            client.close()
+            await proxy.stop()
+        }
+    }
+
+    /// Runs a handshake as `entity` that presents `token` in SESSION_RECONNECT; returns why it failed.
+    static func resume(token: [UInt8], serverNonce: UInt64, as entity: String, key: [UInt8], at address: ParleyAddress) async -> ParleyError? {
+        var ident = Parley_V1_ClientIdent()
+        ident.implementation = "test"
+        ident.version = "0.1.0"
+        var configuration = ClientHandshakeStateMachine.Configuration(
+            banner: Banner(supported: ParleyFeatures.implemented.union([.reconnect]), required: [], modes: [.secure]), maxFrameSize: UInt32(Frame.defaultMaxFrameSize),
+            authMethods: [AuthMethod.secret], ident: ident, serverAddress: address.description,
+            secret: SecretCredentials(entity: entity, key: key), modes: [.secure], randomness: .generate()
+        )
+        configuration.resume = SessionResumeOffer(token: token, serverNonce: serverNonce, lastReceivedSeq: 0, connectSeq: 1000)
+        let machine = ClientHandshakeStateMachine(configuration: configuration)
+        let established = NIOLockedValueBox<EventLoopFuture<Void>?>(nil)
+        do {
+            let channel = try await PosixTransport().connect(to: address, group: MultiThreadedEventLoopGroup.singleton) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let handler = ParleyConnectionHandler(role: .client(machine), eventLoop: channel.eventLoop) { _, _ in
+                        throw ParleyError(code: .unspecified, message: "the server resumed another entity's session")
+                    }
+                    established.withLockedValue { $0 = handler.established }
+                    try ParleyPipeline.configure(channel, options: PipelineOptions(), handler: handler)
+                }
+            }
+            defer { channel.close(promise: nil) }
+            try await established.withLockedValue { $0 }!.get()
+            return nil
+        } catch {
+            return error as? ParleyError
         }
     }
 }
