@@ -859,7 +859,7 @@ extension ParleyConnection {
             return s.closed == nil
         }
         guard open else { return }
-        self.logger.info("link down; the session waits for a reconnect", metadata: ["reason": "\(reason.message)"])
+        self.logger.debug("link down; the session waits for a reconnect", metadata: ["reason": "\(reason.message)"])
         self.linkEventsContinuation.yield(.down(reason))
         self.onLinkLost?(reason)
     }
@@ -872,7 +872,7 @@ extension ParleyConnection {
             return (s.readsPaused, s.linkUps)
         }
         if paused { outlet.pauseReads() }
-        self.logger.info("link up; session resumed", metadata: ["reconnects": "\(count)"])
+        self.logger.debug("link up; session resumed", metadata: ["reconnects": "\(count)"])
         self.linkEventsContinuation.yield(.up(reconnects: count))
     }
 
