@@ -163,6 +163,9 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
     /// A cut is planned: nothing read after it may be forwarded (the cut itself happens once
     /// the writes before it have been made).
     var cutPlanned = false
+    /// Writes scheduled for later and not made yet: while there are any, a piece due now is
+    /// scheduled too (behind them), or it would overtake them.
+    var scheduled = 0
 
     init(link: ChaosLink, direction: String, plan: ChaosPlan, highWater: Int) {
         self.link = link
@@ -184,11 +187,16 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
             self.nextWrite = at
             self.pending += bytes.readableBytes
             self.writes += 1
-            if at <= NIODeadline.now() {
+            if at <= NIODeadline.now(), self.scheduled == 0 {
                 self.write(bytes, to: partner)
             } else {
+                // NIO runs tasks due at the same time in the order they were scheduled.
                 let bound = NIOLoopBound(self, eventLoop: loop)
-                loop.scheduleTask(deadline: at) { bound.value.write(bytes, to: partner) }
+                self.scheduled += 1
+                loop.scheduleTask(deadline: at) {
+                    bound.value.scheduled -= 1
+                    bound.value.write(bytes, to: partner)
+                }
                 if piece.delayMilliseconds >= 100 { self.link.proxy.report("conn \(self.link.number) \(self.direction): held \(piece.delayMilliseconds) ms at byte \(self.plan.passed)") }
             }
         }

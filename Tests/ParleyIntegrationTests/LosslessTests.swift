@@ -282,4 +282,90 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
             return error as? ParleyError
         }
     }
+
+    /// Requests the server sends to the client (each Ping makes the server ask the client
+    /// for ten Echoes first) survive the client's reconnects like any message.
+    @Test func serverInitiatedRequestsSurviveReconnects() async throws {
+        var serverRouter = ParleyRouter()
+        serverRouter.on(Parley_Echo_V1_Ping.self) { (ping: Parley_Echo_V1_Ping, context: ParleyRequestContext) async throws -> Parley_Echo_V1_Pong in
+            for i in 0..<10 {
+                var echo = Parley_Echo_V1_Echo()
+                echo.text = "\(ping.sequence)/\(i)"
+                let reply = try await context.connection.request(echo, as: Parley_Echo_V1_EchoReply.self)
+                guard reply.text == echo.text else { throw ParleyError(code: .protocolViolation, message: "client answered \(reply.text) to \(echo.text)") }
+            }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            return pong
+        }
+        let answered = Counter()
+        var clientRouter = ParleyRouter()
+        clientRouter.on(Parley_Echo_V1_Echo.self) { (echo: Parley_Echo_V1_Echo, _: ParleyRequestContext) -> Parley_Echo_V1_EchoReply in
+            answered.increment()
+            var reply = Parley_Echo_V1_EchoReply()
+            reply.text = echo.text
+            return reply
+        }
+        try await withServer(router: serverRouter) { _, addresses in
+            let proxy = ChaosProxy(configuration: .init(
+                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0],
+                toServer: .init(cutAfterBytes: 8_000), toClient: .init(cutAfterBytes: 9_000), seed: 4
+            ))
+            let address = try await proxy.start()
+            let client = try await ParleyClient.connect(to: address, configuration: losslessConfiguration(), router: clientRouter, logger: quietLogger)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for worker in 0..<4 {
+                    group.addTask {
+                        for i in 0..<50 {
+                            let n = UInt64(worker * 1000 + i)
+                            let answer = try await ping(client, n)
+                            #expect(answer == n)
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            #expect(answered.count == 4 * 50 * 10, "the client answered \(answered.count) server requests")
+            #expect(client.connection.reconnects >= 5, "reconnects: \(client.connection.reconnects)")
+            client.close()
+            await proxy.stop()
+        }
+    }
+
+    /// A session whose client does not come back within the retention time is forgotten;
+    /// the client, when it finally reconnects, gets SESSION_RESET.
+    @Test func aDetachedSessionIsForgottenAfterTheRetentionTime() async throws {
+        try await withServer(configure: { $0.sessionRetention = .milliseconds(300) }) { server, addresses in
+            // The first proxy cuts its connection after 700 bytes from the client.
+            let first = ChaosProxy(configuration: .init(listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0], toServer: .init(cutAfterBytes: 700), seed: 1))
+            let address = try await first.start()
+            var options = ParleyClient.LosslessOptions()
+            options.backoffMax = .milliseconds(50)
+            let client = try await ParleyClient.connect(to: address, configuration: losslessConfiguration(options), logger: quietLogger)
+            let events = NIOLockedValueBox<[String]>([])
+            let watcher = Task { for await e in client.connection.linkEvents { events.withLockedValue { $0.append("\(e)") } } }
+            #expect(try await ping(client, 1) == 1)
+            #expect(server.sessionCount == 1)
+            await first.stop()  // no new connections: the client cannot get back for a while
+            var sent: UInt64 = 0
+            while sent < 100, !events.withLockedValue({ $0.contains { $0.hasPrefix("link down") } }) {
+                sent += 1
+                var p = Parley_Echo_V1_Ping()
+                p.sequence = 1000 + sent
+                try await client.send(p)
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            #expect(try await eventually { events.withLockedValue { $0.contains { $0.hasPrefix("link down") } } }, "the proxy did not cut after \(sent) messages")
+            #expect(try await eventually(seconds: 5) { server.sessionCount == 0 }, "the server kept the session past its retention time")
+            let second = ChaosProxy(configuration: .init(listen: address, target: addresses[0], seed: 2))
+            _ = try await second.start()
+            #expect(try await eventually(seconds: 10) { events.withLockedValue { $0.contains { $0.hasPrefix("session reset") } } }, "\(events.withLockedValue { $0 })")
+            #expect(events.withLockedValue { $0 }.contains { $0.contains("does not have this session") })
+            #expect(try await ping(client, 2) == 2, "the new session works")
+            #expect(server.sessionCount == 1)
+            watcher.cancel()
+            client.close()
+            await second.stop()
+        }
+    }
 }

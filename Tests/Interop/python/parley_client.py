@@ -122,7 +122,13 @@ SCHEMA = {
     "parley.v1.ServerIdent": [(1, "nucleus", "msg:parley.v1.Nucleus", False), (2, "platform", "string", False),
                               (3, "implementation", "string", False), (4, "version", "string", False),
                               (5, "name", "string", False), (6, "serverNonce", "uint64", False),
-                              (7, "refusal", "msg:parley.v1.Status", False)],
+                              (7, "refusal", "msg:parley.v1.Status", False), (8, "sessionToken", "bytes", False)],
+    # Lossless sessions (section 5.2); this client does not ask for them (no bit 9).
+    "parley.v1.SessionReconnect": [(1, "ident", "msg:parley.v1.ClientIdent", False), (2, "sessionToken", "bytes", False),
+                                   (3, "serverNonce", "uint64", False), (4, "lastReceivedSeq", "uint64", False),
+                                   (5, "connectSeq", "uint64", False)],
+    "parley.v1.SessionResumed": [(1, "ident", "msg:parley.v1.ServerIdent", False), (2, "lastReceivedSeq", "uint64", False)],
+    "parley.v1.SessionReset": [(1, "reason", "string", False)],
     "parley.v1.Notice": [(1, "nucleus", "msg:parley.v1.Nucleus", False)],
     "parley.v1.Status": [(1, "code", "uint32", False), (2, "message", "string", False)],
     "parley.echo.v1.Echo": [(1, "payload", "bytes", False), (2, "text", "string", False)],
@@ -134,6 +140,8 @@ SCHEMA = {
     "parley.echo.v1.CountDone": [(1, "sent", "uint32", False), (2, "cancelled", "bool", False)],
     "parley.echo.v1.Sleep": [(1, "delayMs", "uint32", False)],
     "parley.echo.v1.Slept": [(1, "delayMs", "uint32", False)],
+    "parley.echo.v1.Work": [(1, "key", "uint64", False), (2, "delayMs", "uint32", False)],
+    "parley.echo.v1.WorkDone": [(1, "key", "uint64", False)],
     # Parley Block (section 17).
     "parley.block.v1.SessionInfo": [(1, "protocolVersion", "uint32", False), (2, "sessionName", "string", False)],
     "parley.block.v1.SessionInfoReply": [(1, "protocolVersion", "uint32", False),
@@ -308,7 +316,8 @@ OUR_SUPPORTED, OUR_REQUIRED = 0xF, 0x0
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024 + 64 * 1024
 TAGS = {0x01: "HELLO", 0x02: "AUTH_REQUEST", 0x03: "AUTH_BAD_METHOD", 0x04: "AUTH_REPLY_MORE",
         0x05: "AUTH_REQUEST_MORE", 0x06: "AUTH_DONE", 0x07: "CLIENT_IDENT", 0x08: "SERVER_IDENT",
-        0x10: "MESSAGE", 0x11: "NOTICE", 0x12: "KEEPALIVE", 0x13: "KEEPALIVE_ACK", 0x14: "CLOSE"}
+        0x09: "SESSION_RECONNECT", 0x0A: "SESSION_RESUMED", 0x0B: "SESSION_RESET",
+        0x10: "MESSAGE", 0x11: "NOTICE", 0x12: "KEEPALIVE", 0x13: "KEEPALIVE_ACK", 0x14: "CLOSE", 0x15: "ACK"}
 TAG = {v: k for k, v in TAGS.items()}
 KINDS = {1: "REQUEST", 2: "RESPONSE", 3: "STREAM_ITEM", 4: "ERROR", 5: "CANCEL", 6: "ONE_WAY"}
 KIND = {v: k for k, v in KINDS.items()}
