@@ -44,6 +44,9 @@ public final class ParleyServer: Service, Sendable {
         public var sessionRetention: Duration? = .seconds(30)
         /// How much a lossless session keeps for replay, per direction, before senders wait.
         public var replayBounds = SessionLedger.Bounds()
+        /// At most this many sessions are kept waiting for their clients; beyond it the one
+        /// detached the longest is forgotten (clients that vanish cannot pile up memory).
+        public var maxDetachedSessions = 1024
 
         public init(
             listen: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: ParleyAddress.defaultPort)],
@@ -119,6 +122,8 @@ public final class ParleyServer: Service, Sendable {
         /// Lossless sessions by token, attached or waiting for their client to reconnect.
         var sessions: [[UInt8]: (session: LosslessSession, connection: ParleyConnection, entity: String?)] = [:]
         var retentionTimers: [[UInt8]: Scheduled<Void>] = [:]
+        /// Tokens of detached sessions, the longest detached first.
+        var detachedOrder: [[UInt8]] = []
         var shuttingDown = false
         var stoppedWaiters: [CheckedContinuation<Void, Never>] = []
         var failed: (any Error)?
@@ -148,7 +153,8 @@ public final class ParleyServer: Service, Sendable {
     }
 
     /// Number of open connections.
-    public var connectionCount: Int { self.state.withLockedValue { $0.connections.count } }
+    /// Number of open connections (sessions waiting for their client to reconnect have none).
+    public var connectionCount: Int { self.state.withLockedValue { $0.connections.count - $0.retentionTimers.count } }
 
     public func run() async throws {
         var listeners: [any Channel] = []
@@ -354,7 +360,9 @@ public final class ParleyServer: Service, Sendable {
                              peer: String, logger: Logger) throws -> EstablishedLink {
         if case .resumed(let token, let peerLastReceived) = result.session {
             guard let known = self.state.withLockedValue({ s -> (session: LosslessSession, connection: ParleyConnection, entity: String?)? in
-                s.retentionTimers.removeValue(forKey: token)?.cancel()
+                if s.retentionTimers.removeValue(forKey: token)?.cancel() != nil {
+                    s.detachedOrder.removeAll { $0 == token }
+                }
                 return s.sessions[token]
             }) else {
                 throw ParleyError(code: .sessionReset, message: "the session ended while it was being resumed")
@@ -379,7 +387,9 @@ public final class ParleyServer: Service, Sendable {
                     if let key = connectionKey.withLockedValue({ $0 }) { s.connections.removeValue(forKey: key) }
                     if !token.isEmpty {
                         s.sessions.removeValue(forKey: token)
-                        s.retentionTimers.removeValue(forKey: token)?.cancel()
+                        if s.retentionTimers.removeValue(forKey: token)?.cancel() != nil {
+                            s.detachedOrder.removeAll { $0 == token }
+                        }
                     }
                 }
                 self.logEnd(reason, logger: logger, handshake: false)
@@ -391,12 +401,28 @@ public final class ParleyServer: Service, Sendable {
                 let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(retention.nanoseconds)) {
                     let expired = self.state.withLockedValue { s -> ParleyConnection? in
                         s.retentionTimers.removeValue(forKey: token)
+                        s.detachedOrder.removeAll { $0 == token }
                         guard let known = s.sessions[token], known.session.currentOutlet == nil else { return nil }
                         return known.connection
                     }
                     expired?.finish(ParleyError(code: .connectionClosed, message: "the session expired: its client did not reconnect within \(retention)"))
                 }
-                self.state.withLockedValue { $0.retentionTimers[token] = timer }
+                let evicted = self.state.withLockedValue { s -> [ParleyConnection] in
+                    s.retentionTimers[token]?.cancel()
+                    s.retentionTimers[token] = timer
+                    s.detachedOrder.removeAll { $0 == token }
+                    s.detachedOrder.append(token)
+                    var evicted: [ParleyConnection] = []
+                    while s.detachedOrder.count > self.configuration.maxDetachedSessions {
+                        let oldest = s.detachedOrder.removeFirst()
+                        s.retentionTimers.removeValue(forKey: oldest)?.cancel()
+                        if let known = s.sessions[oldest] { evicted.append(known.connection) }
+                    }
+                    return evicted
+                }
+                for connection in evicted {
+                    connection.finish(ParleyError(code: .connectionClosed, message: "forgotten: more than \(self.configuration.maxDetachedSessions) sessions were waiting for their clients"))
+                }
             }
         )
         let key = ObjectIdentifier(connection)

@@ -368,4 +368,38 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
             await second.stop()
         }
     }
+
+    /// The lossless seed of the mutation test, unmutated, reaches the deep paths: the server
+    /// answers its SESSION_RECONNECT with SESSION_RESET, its CLIENT_IDENT with a new session,
+    /// serves its messages and takes its ACK.
+    @Test func theLosslessMutationSeedReachesTheSessionPaths() async throws {
+        let seed = try #require(MutationTests.seeds.last)
+        try await withServer { _, addresses in
+            let peer = try await RawPeer.connect(addresses[0])
+            let (answer, _) = try await peer.exchange(ByteBuffer(bytes: seed), seconds: 10) { received in
+                frames(in: received).filter { $0.tag == .message }.count >= 3
+            }
+            let received = frames(in: answer)
+            #expect(received.map(\.tag).prefix(4) == [.hello, .authDone, .sessionReset, .serverIdent])
+            let ident = try Parley_V1_ServerIdent(parleyPayload: try #require(received.first { $0.tag == .serverIdent }).segments[0])
+            #expect(ident.sessionToken.count == 16)
+            let messages = try received.filter { $0.tag == .message }.map { try WireMessage(frame: $0) }
+            #expect(messages.map(\.header.kind) == [.response, .oneWay, .response] || messages.map(\.header.kind) == [.response, .response, .oneWay])
+            #expect(!received.contains { $0.tag == .close })
+        }
+    }
+
+    /// Clients that start sessions and vanish cannot pile them up: beyond
+    /// `maxDetachedSessions` the one detached the longest is forgotten.
+    @Test func detachedSessionsAreCapped() async throws {
+        let seed = try #require(MutationTests.seeds.last)
+        try await withServer(configure: { $0.maxDetachedSessions = 3 }) { server, addresses in
+            for _ in 0..<5 {
+                let peer = try await RawPeer.connect(addresses[0])
+                _ = try await peer.exchange(ByteBuffer(bytes: seed), seconds: 10) { frames(in: $0).filter { $0.tag == .message }.count >= 3 }
+            }
+            #expect(try await eventually { server.sessionCount == 3 }, "\(server.sessionCount) sessions kept")
+            #expect(server.connectionCount == 0)
+        }
+    }
 }

@@ -27,7 +27,18 @@ struct MutationTests {
         let full = clientSessionBytes(messages: [pingMessage(id: 1), echo(id: 2, size: 100, data: 300), stream, cancel, oneWay, echo(id: 4, size: 3000)])
         var withKeepalive = clientSessionBytes(messages: [pingMessage(id: 1)])
         withKeepalive.writeFrame(keepalive)
-        return [full, clientSessionBytes(messages: []), withKeepalive, clientSessionBytes(messages: (1...5).map { pingMessage(id: $0) })]
+        // Lossless sessions (bit 9): a reconnect to a session the server does not have (it
+        // answers SESSION_RESET), the CLIENT_IDENT that follows, messages and ACKs.
+        var reconnect = Parley_V1_SessionReconnect()
+        reconnect.sessionToken = Data(repeating: 0x42, count: 16)
+        reconnect.serverNonce = 7
+        reconnect.lastReceivedSeq = 3
+        reconnect.connectSeq = 2
+        let lossless = clientSessionBytes(
+            features: ParleyFeatures.implemented.union(.reconnect), messages: [pingMessage(id: 1), oneWay, echo(id: 2, size: 50)],
+            identPrefix: [reconnect.frame(tag: .sessionReconnect)], trailingFrames: [SessionStateMachine.ackFrame(0)]
+        )
+        return [full, clientSessionBytes(messages: []), withKeepalive, clientSessionBytes(messages: (1...5).map { pingMessage(id: $0) }), lossless]
             .map { Array($0.readableBytesView) }
     }()
 
@@ -110,7 +121,7 @@ struct MutationTests {
         let workers = 8
         let logs = LogCollector()
         let path = temporaryPath("mutation.sock")
-        try await withOwnEventLoop { ownGroup in try await withServer(listen: [.unix(path: path), .tcp(host: "127.0.0.1", port: 0)], logger: logs.logger("server", level: .warning), group: ownGroup) { server, addresses in
+        try await withOwnEventLoop { ownGroup in try await withServer(listen: [.unix(path: path), .tcp(host: "127.0.0.1", port: 0)], configure: { $0.sessionRetention = .seconds(1) }, logger: logs.logger("server", level: .warning), group: ownGroup) { server, addresses in
             // A well-behaved client keeps working throughout.
             let good = try await ParleyClient.connect(to: addresses[1], logger: quietLogger)
             defer { good.close() }
@@ -163,6 +174,8 @@ struct MutationTests {
             defer { after.close() }
             #expect(try await ping(after, 1) == 1)
             #expect(server.connectionCount <= 2)
+            // Lossless sessions the variants started are forgotten after the retention time.
+            #expect(try await eventually(seconds: 10) { server.sessionCount == 0 }, "\(server.sessionCount) sessions left")
         } }
     }
 }

@@ -188,7 +188,9 @@ final class RawPeer: Sendable {
 
 /// The bytes a client sends in a whole session: banner, HELLO, AUTH_REQUEST, CLIENT_IDENT,
 /// then the given messages (seq numbered from 1).
-func clientSessionBytes(features: ParleyFeatures = .implemented, messages: [WireMessage], extraFrames: [Frame] = []) -> ByteBuffer {
+func clientSessionBytes(
+    features: ParleyFeatures = .implemented, messages: [WireMessage], extraFrames: [Frame] = [], identPrefix: [Frame] = [], trailingFrames: [Frame] = []
+) -> ByteBuffer {
     var b = ByteBuffer()
     b.writeBanner(Banner(supported: features))
     var hello = Parley_V1_Hello()
@@ -203,10 +205,12 @@ func clientSessionBytes(features: ParleyFeatures = .implemented, messages: [Wire
     ident.platform = "test"
     ident.implementation = "raw-peer"
     ident.version = "1.0.0"
+    for f in identPrefix { b.writeFrame(f) }
     b.writeFrame(ident.frame(tag: .clientIdent))
     for f in extraFrames { b.writeFrame(f) }
     var session = SessionStateMachine(role: .client, features: features)
     for m in messages { b.writeFrame(try! session.frame(for: m, allocator: ByteBufferAllocator())) }
+    for f in trailingFrames { b.writeFrame(f) }
     return b
 }
 
