@@ -71,7 +71,13 @@ public final class ParleyClient: Sendable {
         /// only mode; lossless sessions when asked for.
         var banner: Banner {
             var banner = Banner(supported: self.supportedFeatures, required: self.requiredFeatures, modes: self.modes)
-            if self.lossless != nil { banner.supported.insert(.reconnect) }
+            // Bit 9 goes with the machinery that honours it, never without.
+            if self.lossless != nil {
+                banner.supported.insert(.reconnect)
+            } else {
+                banner.supported.remove(.reconnect)
+                banner.required.remove(.reconnect)
+            }
             return banner
         }
     }
@@ -169,7 +175,10 @@ public final class ParleyClient: Sendable {
         inProcessTo server: ParleyServer, configuration: Configuration = .defaults, router: ParleyRouter = ParleyRouter(),
         logger: Logger = Logger(label: "parley.client")
     ) async throws -> ParleyClient {
-        try await self.connectOnce(to: ParleyAddress(kind: .inProcess), redirectedFrom: [], configuration: configuration, router: router, logger: logger, group: server.group) {
+        // An in-process connection cannot be dialled again: it is always lossy.
+        var configuration = configuration
+        configuration.lossless = nil
+        return try await self.connectOnce(to: ParleyAddress(kind: .inProcess), redirectedFrom: [], configuration: configuration, router: router, logger: logger, group: server.group) {
             try await server.acceptInProcess(client: $0)
         }
     }
@@ -218,13 +227,15 @@ public final class ParleyClient: Sendable {
                         session: ParleySession(result: result, role: .client, peerAddress: address.description), role: .client,
                         channel: channel, outlet: outlet, router: router, limits: configuration.limits, logger: logger,
                         onNotice: { n in Self.apply(n, to: nucleus, logger: logger) },
+                        // The reconnector holds the connection: it lets go when the connection ends.
+                        onClose: { _ in reconnector.stop() },
                         lossless: lossless,
                         onLinkLost: { _ in reconnector.linkLost() }
                     )
                     Self.apply(connection.session.nucleus, to: nucleus, logger: logger)
                     var link: LosslessSession.LinkID?
                     if let lossless {
-                        link = try lossless.attach(outlet, peerLastReceived: 0)
+                        link = try lossless.attach(outlet, peerLastReceived: 0, connectSeq: 0).link
                         reconnector.start(Reconnector.Context(
                             connection: connection, session: lossless, address: address, configuration: configuration,
                             ident: clientIdent, nucleus: nucleus, logger: logger

@@ -126,6 +126,8 @@ public final class ParleyConnection: Sendable {
         var retryable: [UInt64: WireMessage] = [:]
         /// Lossless: the type of each outstanding request, for a session reset's report.
         var requestTypes: [UInt64: String] = [:]
+        /// Lossless: the session of the connection, counted from 0; a reset starts the next.
+        var epoch: UInt64 = 0
         /// Lossless: the outlet of the current link (nil while detached).
         var outlet: ParleyConnectionHandler.Outlet?
         var linkUps = 0
@@ -187,21 +189,24 @@ public final class ParleyConnection: Sendable {
         defer { timer?.cancel() }
         let answer: WireMessage = try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<WireMessage, any Error>) in
+                var kick: ParleyConnectionHandler.Outlet?
                 let refusal = self.state.withLockedValue { s -> ParleyError? in
                     if let closed = s.closed { return closed }
                     // Cancelled before this point: the cancellation handler found nothing to cancel.
                     if Task.isCancelled { return ParleyError(code: .cancelled, message: "request \(id) cancelled") }
                     s.pending[id] = .unary(continuation)
-                    if self.lossless != nil {
+                    if let lossless = self.lossless {
                         s.requestTypes[id] = Request.protoMessageName
                         if idempotent { s.retryable[id] = message }
+                        // Numbered under the same lock as `pending`: a session reset sees both or neither.
+                        kick = lossless.enqueue(message)
                     }
                     return nil
                 }
                 if let refusal {
                     continuation.resume(throwing: refusal)
                 } else {
-                    self.sendMessage(message)
+                    if self.lossless == nil { self.outlet.write(.message(message)) } else { kick?.pump() }
                     if let timeout {
                         timer = self.channel.eventLoop.scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
                             self.cancelOutbound(id: id, ParleyError(
@@ -246,17 +251,21 @@ public final class ParleyConnection: Sendable {
             self.releaseSlot()
             if case .cancelled = termination { self.cancelOutbound(id: id) }
         }
+        var kick: ParleyConnectionHandler.Outlet?
         let failure = self.state.withLockedValue { s -> ParleyError? in
             if let closed = s.closed { return closed }
             s.pending[id] = .stream(continuation)
-            if self.lossless != nil { s.requestTypes[id] = Request.protoMessageName }
+            if let lossless = self.lossless {
+                s.requestTypes[id] = Request.protoMessageName
+                kick = lossless.enqueue(message)
+            }
             return nil
         }
         if let failure {
             continuation.finish(throwing: failure)
             throw failure
         }
-        self.sendMessage(message)
+        if self.lossless == nil { self.outlet.write(.message(message)) } else { kick?.pump() }
         return ParleyResponseStream(base: stream)
     }
 
@@ -293,9 +302,8 @@ public final class ParleyConnection: Sendable {
     public func close() {
         let error = ParleyError(code: .connectionClosed, message: "connection closed by this side")
         if self.lossless != nil {
-            let outlet = self.currentOutlet
+            // `finish` ends the session: its link transmits what was sent before, then CLOSE.
             self.finish(error)
-            outlet?.write(.close(ParleyError(code: .connectionClosed, message: "session closed by the peer")))
             return
         }
         self.finish(error)
@@ -334,7 +342,11 @@ public final class ParleyConnection: Sendable {
         if let lossless = self.lossless {
             // The replay bound is the back-pressure: kept messages only go once acknowledged.
             try await lossless.waitForRoom()
-            lossless.submit(message)
+            let kick = try self.state.withLockedValue { s -> Result<ParleyConnectionHandler.Outlet?, ParleyError> in
+                if let closed = s.closed { return .failure(closed) }
+                return .success(lossless.enqueue(message))
+            }.get()
+            kick?.pump()
             return
         }
         if self.channel.isWritable {
@@ -362,10 +374,19 @@ public final class ParleyConnection: Sendable {
 
     /// Sends the final answer to a peer request. It is not waited for: a handler is done once
     /// its answer is handed to the event loop. Throws if the peer could not accept it.
-    func answer(_ message: WireMessage) throws(ParleyError) {
+    func answer(_ message: WireMessage, epoch: UInt64) throws(ParleyError) {
         try self.check(message)
+        // The answer to a request of a session that was reset has no one to go to.
+        guard self.isCurrent(epoch: epoch) else { return }
         self.sendMessage(message)
     }
+
+    /// True unless a session reset came since `epoch` (always true for a lossy connection).
+    func isCurrent(epoch: UInt64) -> Bool {
+        self.lossless == nil || self.state.withLockedValue { $0.epoch } == epoch
+    }
+
+    var epoch: UInt64 { self.lossless == nil ? 0 : self.state.withLockedValue { $0.epoch } }
 
     /// Hands a message to the link: the channel's handler (lossy), or the lossless session,
     /// which numbers and keeps it and has the current link transmit it.
@@ -379,12 +400,13 @@ public final class ParleyConnection: Sendable {
 
     /// The outlet of the link that is current (always the one channel's, for a lossy connection).
     private var currentOutlet: ParleyConnectionHandler.Outlet? {
-        self.lossless == nil ? self.outlet : self.state.withLockedValue { $0.outlet }
+        guard let lossless = self.lossless else { return self.outlet }
+        return lossless.currentOutlet
     }
 
     /// Sends the final answer to a peer request (see `answer(_:)`).
-    func answer<M: SwiftProtobuf.Message>(kind: MessageKind, id: UInt64, message: M, data: ByteBuffer?) throws(ParleyError) {
-        try self.answer(self.answerMessage(kind: kind, id: id, message: message, data: data))
+    func answer<M: SwiftProtobuf.Message>(kind: MessageKind, id: UInt64, message: M, data: ByteBuffer?, epoch: UInt64) throws(ParleyError) {
+        try self.answer(self.answerMessage(kind: kind, id: id, message: message, data: data), epoch: epoch)
     }
 
     func answerMessage<M: SwiftProtobuf.Message>(kind: MessageKind, id: UInt64, message: M, data: ByteBuffer?) -> WireMessage {
@@ -496,7 +518,8 @@ public final class ParleyConnection: Sendable {
         ending.waiters.forEach { $0.resume(throwing: error) }
         for case .running(let task) in ending.serving.values { task.cancel() }
         ending.idle.forEach { $0.resume() }
-        self.lossless?.end(error)
+        // The session's link transmits what was submitted, then CLOSE tells the peer.
+        self.lossless?.end(error)?.write(.close(error))
         self.linkEventsContinuation.finish()
         self.ended.succeed(error)
         self.onClose?(error)
@@ -626,7 +649,7 @@ public final class ParleyConnection: Sendable {
             if error.code == .permissionDenied {
                 self.logger.warning("permission denied", metadata: ["entity": "\(self.session.entityName)", "type": "\(h.type)", "error": "\(error.message)"])
             }
-            try? self.answer(Self.errorAnswer(id: h.id, error, allocator: self.channel.allocator))
+            try? self.answer(Self.errorAnswer(id: h.id, error, allocator: self.channel.allocator), epoch: self.epoch)
         }
     }
 
@@ -696,13 +719,13 @@ public final class ParleyConnection: Sendable {
     private func start(_ message: WireMessage, handler: ParleyRouter.Handler) {
         let key = Self.key(message)
         let id: UInt64? = message.header.kind == .request ? message.header.id : nil
-        let context = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger)
+        let context = { var c = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger); c.epoch = self.epoch; return c }()
         let body: @Sendable () async -> Void = {
             let start = ContinuousClock.now
             do {
                 try await handler.run(message, context)
             } catch {
-                self.handlerFailed(error, message: message, id: id)
+                self.handlerFailed(error, message: message, id: id, epoch: context.epoch)
             }
             self.metrics.handled(since: start)
             self.handlerFinished(key: key)
@@ -724,18 +747,18 @@ public final class ParleyConnection: Sendable {
     /// Runs a synchronous handler right here, on the event loop: no task and no slot.
     private func runInline(_ message: WireMessage, _ body: ParleyRouter.SyncHandler) {
         let id: UInt64? = message.header.kind == .request ? message.header.id : nil
-        let context = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger)
+        let context = { var c = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger); c.epoch = self.epoch; return c }()
         let start = ContinuousClock.now
         do {
             try body(message, context)
         } catch {
-            self.handlerFailed(error, message: message, id: id)
+            self.handlerFailed(error, message: message, id: id, epoch: context.epoch)
         }
         self.metrics.handled(since: start)
     }
 
     /// A handler threw: answers a request with the error, logs a one-way message's.
-    private func handlerFailed(_ error: any Error, message: WireMessage, id: UInt64?) {
+    private func handlerFailed(_ error: any Error, message: WireMessage, id: UInt64?, epoch: UInt64) {
         self.metrics.failed.increment()
         if let id {
             let parleyError: ParleyError
@@ -744,7 +767,7 @@ public final class ParleyConnection: Sendable {
             case is CancellationError: parleyError = ParleyError(code: .cancelled, message: "request \(id) cancelled")
             default: parleyError = ParleyError(code: .handlerFailed, message: "\(message.header.type) handler failed: \(error)")
             }
-            try? self.answer(Self.errorAnswer(id: id, parleyError, allocator: self.channel.allocator))
+            try? self.answer(Self.errorAnswer(id: id, parleyError, allocator: self.channel.allocator), epoch: epoch)
         } else {
             self.logger.debug("one-way handler failed", metadata: ["type": "\(message.header.type)", "error": "\(error)"])
         }
@@ -879,16 +902,18 @@ extension ParleyConnection {
     /// Client side: the server did not have the session and started a new one (`token`).
     /// Sorts what the old session held: requests never sent, and idempotent ones, are sent
     /// in the new session; other requests sent and unanswered fail with `sessionReset`, and
-    /// the report lists them. Call before the new link attaches.
-    func sessionWasReset(reason: String, token: [UInt8], serverNonce: UInt64) -> ParleySessionReset {
-        guard let lossless = self.lossless else { return ParleySessionReset(reason: reason) }
-        let abandoned = lossless.reset(token: token, serverNonce: serverNonce)
+    /// the report lists them; the old session's peer requests are abandoned (their handlers
+    /// cancelled, their answers dropped). Then runs `attach` (the new link), all under the
+    /// connection's lock, so that no request is sent or registered in between.
+    func sessionWasReset<T>(reason: String, token: [UInt8], serverNonce: UInt64, attach: () throws(ParleyError) -> T) throws(ParleyError) -> T {
+        guard let lossless = self.lossless else { return try attach() }
         var report = ParleySessionReset(reason: reason)
-        let unsentRequests = Set(abandoned.untransmitted.filter { $0.header.kind == .request }.map(\.header.id))
-        var again: [(seq: UInt64, message: WireMessage)] = []
         var failed: [(Pending, ParleyError)] = []
         var cancelled: [Task<Void, Never>] = []
-        self.state.withLockedValue { s in
+        let attached = self.state.withLockedValue { s -> Result<T, ParleyError> in
+            let abandoned = lossless.reset(token: token, serverNonce: serverNonce)
+            let unsentRequests = Set(abandoned.untransmitted.filter { $0.header.kind == .request }.map(\.header.id))
+            var again: [(seq: UInt64, message: WireMessage)] = []
             for message in abandoned.untransmitted where message.header.kind == .request || message.header.kind == .oneWay {
                 let record = ParleyRequestRecord(id: message.header.id, type: message.header.type)
                 if message.header.kind == .oneWay {
@@ -916,8 +941,23 @@ extension ParleyConnection {
                     message: "request \(id) may or may not have run: the server lost the session (\(reason))"
                 )))
             }
-            // The server's requests belong to the session it lost: their answers have no one to go to.
+            // The server's requests belong to the session it lost: their answers have no one
+            // to go to, and the new session's request ids start again.
+            s.epoch += 1
             for case .running(let task) in s.serving.values { cancelled.append(task) }
+            s.serving = [:]
+            s.backlog = []
+            for item in again.sorted(by: { $0.seq < $1.seq }) {
+                var message = item.message
+                message.header.seq = 0
+                message.header.ack = 0
+                _ = lossless.enqueue(message)  // no link yet: `attach` transmits them
+            }
+            do throws(ParleyError) {
+                return .success(try attach())
+            } catch {
+                return .failure(error)
+            }
         }
         for (pending, error) in failed {
             switch pending {
@@ -926,17 +966,11 @@ extension ParleyConnection {
             }
         }
         cancelled.forEach { $0.cancel() }
-        for item in again.sorted(by: { $0.seq < $1.seq }) {
-            var message = item.message
-            message.header.seq = 0
-            message.header.ack = 0
-            lossless.submit(message)
-        }
         self.logger.warning("session reset", metadata: [
             "reason": "\(reason)", "mayHaveRun": "\(report.mayHaveRun.count)", "retried": "\(report.retried.count)", "notSent": "\(report.notSent.count)",
         ])
         self.linkEventsContinuation.yield(.reset(report))
-        return report
+        return try attached.get()
     }
 }
 

@@ -34,6 +34,11 @@ final class Reconnector: Sendable {
         self.state.withLockedValue { $0.context = context }
     }
 
+    /// The connection ended: no more reconnects, and the connection is let go.
+    func stop() {
+        self.state.withLockedValue { $0.context = nil }
+    }
+
     func linkLost() {
         let context = self.state.withLockedValue { s -> Context? in
             guard let context = s.context else { return nil }
@@ -102,7 +107,7 @@ final class Reconnector: Sendable {
 
     /// Errors a new attempt cannot mend.
     static func isFatal(_ error: ParleyError) -> Bool {
-        [.authenticationFailed, .handshakeTampered, .permissionDenied, .clientOutOfDate, .missingFeatures, .unsupportedVersion, .sessionReset]
+        [.authenticationFailed, .handshakeTampered, .permissionDenied, .clientOutOfDate, .missingFeatures, .unsupportedVersion, .sessionReset, .invalidArgument]
             .contains(error.code)
     }
 
@@ -149,19 +154,22 @@ final class Reconnector: Sendable {
         let session = c.session
         let initializer: ParleyChannelInitializer = { channel in
             channel.eventLoop.makeCompletedFuture {
-                let handler = ParleyConnectionHandler(role: .client(machine), eventLoop: channel.eventLoop) { result, outlet in
-                    let link: LosslessSession.LinkID
+                let handler = ParleyConnectionHandler(role: .client(machine), eventLoop: channel.eventLoop) { result, outlet -> EstablishedLink in
+                    let attached: (link: LosslessSession.LinkID, replaced: ParleyConnectionHandler.Outlet?)
                     switch result.session {
-                    case .resumed(_, let peerLastReceived):
-                        link = try session.attach(outlet, peerLastReceived: peerLastReceived)
+                    case .resumed(_, let peerLastReceived, let connectSeq):
+                        attached = try session.attach(outlet, peerLastReceived: peerLastReceived, connectSeq: connectSeq)
                     case .reset(let reason, let token) where !token.isEmpty:
-                        _ = connection.sessionWasReset(reason: reason, token: token, serverNonce: result.serverIdent.serverNonce)
-                        link = try session.attach(outlet, peerLastReceived: 0)
+                        attached = try connection.sessionWasReset(reason: reason, token: token, serverNonce: result.serverIdent.serverNonce) { () throws(ParleyError) in
+                            try session.attach(outlet, peerLastReceived: 0, connectSeq: offer.connectSeq)
+                        }
                     default:
                         throw ParleyError(code: .sessionReset, message: "the server no longer offers lossless sessions: the session cannot continue")
                     }
+                    // A racing attempt that attached before this one is done.
+                    attached.replaced?.write(.close(ParleyError(code: .sessionSuperseded, message: "a newer connection of this session took over")))
                     connection.linkUp(outlet)
-                    return EstablishedLink(sink: ConnectionEventSink(connection), lossless: (session, link))
+                    return EstablishedLink(sink: ConnectionEventSink(connection), lossless: (session, attached.link))
                 }
                 handler.secureCounterStart = configuration.secureCounterStart
                 established.withLockedValue { $0 = handler.established }

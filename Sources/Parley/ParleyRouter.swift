@@ -22,6 +22,9 @@ public struct ParleyRequestContext: Sendable {
     public let data: ByteBuffer?
     public let requestID: UInt64
     public var logger: Logger
+    /// Lossless sessions: which session of the connection the request came in (a session
+    /// reset starts another); answers to a session that was reset are dropped.
+    var epoch: UInt64 = 0
     public var session: ParleySession { self.connection.session }
 }
 
@@ -29,10 +32,12 @@ public struct ParleyRequestContext: Sendable {
 public struct ParleyStreamWriter<Item: SwiftProtobuf.Message & Sendable>: Sendable {
     let connection: ParleyConnection
     let requestID: UInt64
+    var epoch: UInt64 = 0
 
     /// Sends one item. Throws `CancellationError` once the requester has cancelled.
     public func send(_ item: Item, data: ByteBuffer? = nil) async throws {
         try Task.checkCancellation()
+        guard self.connection.isCurrent(epoch: self.epoch) else { throw CancellationError() }
         try await self.connection.write(self.connection.answerMessage(kind: .streamItem, id: self.requestID, message: item, data: data))
     }
 }
@@ -115,7 +120,7 @@ public struct ParleyRouter: Sendable {
         self.handlers[Request.protoMessageName] = .async { message, ctx in
             let req = try Request(parleyPayload: message.payload)
             let reply = try await body(req, ctx)
-            try ctx.connection.answer(kind: .response, id: ctx.requestID, message: reply.message, data: reply.data)
+            try ctx.connection.answer(kind: .response, id: ctx.requestID, message: reply.message, data: reply.data, epoch: ctx.epoch)
         }
     }
 
@@ -128,7 +133,7 @@ public struct ParleyRouter: Sendable {
         self.handlers[Request.protoMessageName] = .sync { message, ctx in
             let req = try Request(parleyPayload: message.payload)
             let reply = try body(req, ctx)
-            try ctx.connection.answer(kind: .response, id: ctx.requestID, message: reply.message, data: reply.data)
+            try ctx.connection.answer(kind: .response, id: ctx.requestID, message: reply.message, data: reply.data, epoch: ctx.epoch)
         }
     }
 
@@ -139,9 +144,9 @@ public struct ParleyRouter: Sendable {
     ) {
         self.handlers[Request.protoMessageName] = .async { message, ctx in
             let req = try Request(parleyPayload: message.payload)
-            let writer = ParleyStreamWriter<Item>(connection: ctx.connection, requestID: ctx.requestID)
+            let writer = ParleyStreamWriter<Item>(connection: ctx.connection, requestID: ctx.requestID, epoch: ctx.epoch)
             let final = try await body(req, writer, ctx)
-            try ctx.connection.answer(kind: .response, id: ctx.requestID, message: final, data: nil)
+            try ctx.connection.answer(kind: .response, id: ctx.requestID, message: final, data: nil, epoch: ctx.epoch)
         }
     }
 

@@ -77,7 +77,13 @@ public final class ParleyServer: Service, Sendable {
         /// mode; lossless sessions when sessions are kept.
         var banner: Banner {
             var banner = Banner(supported: self.supportedFeatures, required: self.requiredFeatures, modes: self.modes)
-            if self.sessionRetention != nil { banner.supported.insert(.reconnect) }
+            // Bit 9 goes with the machinery that honours it, never without.
+            if self.sessionRetention != nil {
+                banner.supported.insert(.reconnect)
+            } else {
+                banner.supported.remove(.reconnect)
+                banner.required.remove(.reconnect)
+            }
             return banner
         }
 
@@ -121,7 +127,9 @@ public final class ParleyServer: Service, Sendable {
         var connections: [ObjectIdentifier: ParleyConnection] = [:]
         /// Lossless sessions by token, attached or waiting for their client to reconnect.
         var sessions: [[UInt8]: (session: LosslessSession, connection: ParleyConnection, entity: String?)] = [:]
-        var retentionTimers: [[UInt8]: Scheduled<Void>] = [:]
+        /// Retention clocks of detached sessions; the generation tells a timer it is still the current one.
+        var retentionTimers: [[UInt8]: (generation: UInt64, timer: Scheduled<Void>)] = [:]
+        var nextTimerGeneration: UInt64 = 0
         /// Tokens of detached sessions, the longest detached first.
         var detachedOrder: [[UInt8]] = []
         var shuttingDown = false
@@ -216,7 +224,7 @@ public final class ParleyServer: Service, Sendable {
     private func shutDown(abruptly: Bool) {
         let (listeners, connections, channels, detached) = self.state.withLockedValue { s in
             s.shuttingDown = true
-            let detached = s.sessions.values.filter { $0.session.currentOutlet == nil }.map(\.connection)
+            let detached = s.sessions.values.filter { $0.session.isDetached }.map(\.connection)
             return (s.listeners, Array(s.connections.values), Array(s.channels.values), detached)
         }
         // Sessions waiting for a reconnect have no connection to drain: they end now.
@@ -345,8 +353,14 @@ public final class ParleyServer: Service, Sendable {
         guard known.entity == request.entity else {
             return .refuse(ParleyError(code: .permissionDenied, message: "the session belongs to another entity than \(request.entity ?? "anonymous")"))
         }
-        do {
-            let (lastReceived, replaced) = try known.session.beginResume(connectSeq: request.connectSeq)
+        do throws(ParleyError) {
+            let (lastReceived, replaced) = try known.session.beginResume(connectSeq: request.connectSeq, peerLastReceived: request.lastReceivedSeq)
+            // No longer waiting for its client: the retention clock stops.
+            self.state.withLockedValue { s in
+                if s.retentionTimers.removeValue(forKey: request.token)?.timer.cancel() != nil {
+                    s.detachedOrder.removeAll { $0 == request.token }
+                }
+            }
             // The connection it replaces may still look alive to us (half-open): close it.
             replaced?.write(.close(ParleyError(code: .sessionSuperseded, message: "a newer connection of this session took over")))
             return .resume(lastReceivedSeq: lastReceived)
@@ -358,16 +372,12 @@ public final class ParleyServer: Service, Sendable {
     /// The handshake completed (on the event loop): the connection is served from now on.
     private func established(_ result: HandshakeResult, channel: any Channel, outlet: ParleyConnectionHandler.Outlet,
                              peer: String, logger: Logger) throws -> EstablishedLink {
-        if case .resumed(let token, let peerLastReceived) = result.session {
-            guard let known = self.state.withLockedValue({ s -> (session: LosslessSession, connection: ParleyConnection, entity: String?)? in
-                if s.retentionTimers.removeValue(forKey: token)?.cancel() != nil {
-                    s.detachedOrder.removeAll { $0 == token }
-                }
-                return s.sessions[token]
-            }) else {
+        if case .resumed(let token, let peerLastReceived, let connectSeq) = result.session {
+            guard let known = self.state.withLockedValue({ $0.sessions[token] }) else {
                 throw ParleyError(code: .sessionReset, message: "the session ended while it was being resumed")
             }
-            let link = try known.session.attach(outlet, peerLastReceived: peerLastReceived)
+            let (link, replaced) = try known.session.attach(outlet, peerLastReceived: peerLastReceived, connectSeq: connectSeq)
+            replaced?.write(.close(ParleyError(code: .sessionSuperseded, message: "a newer connection of this session took over")))
             known.connection.linkUp(outlet)
             logger.debug("session resumed", metadata: ["entity": "\(result.entity ?? "anonymous")"])
             return EstablishedLink(sink: ConnectionEventSink(known.connection), lossless: (known.session, link))
@@ -387,7 +397,7 @@ public final class ParleyServer: Service, Sendable {
                     if let key = connectionKey.withLockedValue({ $0 }) { s.connections.removeValue(forKey: key) }
                     if !token.isEmpty {
                         s.sessions.removeValue(forKey: token)
-                        if s.retentionTimers.removeValue(forKey: token)?.cancel() != nil {
+                        if s.retentionTimers.removeValue(forKey: token)?.timer.cancel() != nil {
                             s.detachedOrder.removeAll { $0 == token }
                         }
                     }
@@ -398,25 +408,35 @@ public final class ParleyServer: Service, Sendable {
             onLinkLost: { [self] _ in
                 guard let retention else { return }
                 // Kept for the client to come back; forgotten after the retention time.
+                let generation = self.state.withLockedValue { s in
+                    s.nextTimerGeneration += 1
+                    return s.nextTimerGeneration
+                }
                 let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(retention.nanoseconds)) {
                     let expired = self.state.withLockedValue { s -> ParleyConnection? in
+                        guard s.retentionTimers[token]?.generation == generation else { return nil }
                         s.retentionTimers.removeValue(forKey: token)
                         s.detachedOrder.removeAll { $0 == token }
-                        guard let known = s.sessions[token], known.session.currentOutlet == nil else { return nil }
+                        guard let known = s.sessions[token], known.session.isDetached else { return nil }
                         return known.connection
                     }
                     expired?.finish(ParleyError(code: .connectionClosed, message: "the session expired: its client did not reconnect within \(retention)"))
                 }
                 let evicted = self.state.withLockedValue { s -> [ParleyConnection] in
-                    s.retentionTimers[token]?.cancel()
-                    s.retentionTimers[token] = timer
+                    // A new connection may have resumed it already (on another event loop).
+                    guard let known = s.sessions[token], known.session.isDetached else {
+                        timer.cancel()
+                        return []
+                    }
+                    s.retentionTimers[token]?.timer.cancel()
+                    s.retentionTimers[token] = (generation, timer)
                     s.detachedOrder.removeAll { $0 == token }
                     s.detachedOrder.append(token)
                     var evicted: [ParleyConnection] = []
                     while s.detachedOrder.count > self.configuration.maxDetachedSessions {
                         let oldest = s.detachedOrder.removeFirst()
-                        s.retentionTimers.removeValue(forKey: oldest)?.cancel()
-                        if let known = s.sessions[oldest] { evicted.append(known.connection) }
+                        s.retentionTimers.removeValue(forKey: oldest)?.timer.cancel()
+                        if let old = s.sessions[oldest], old.session.isDetached { evicted.append(old.connection) }
                     }
                     return evicted
                 }
@@ -429,7 +449,7 @@ public final class ParleyServer: Service, Sendable {
         connectionKey.withLockedValue { $0 = key }
         var link: LosslessSession.LinkID?
         if let lossless {
-            link = try lossless.attach(outlet, peerLastReceived: 0)
+            link = try lossless.attach(outlet, peerLastReceived: 0, connectSeq: 0).link
             logger.debug("session started", metadata: ["token": "\(token.prefix(4).map { String($0, radix: 16) }.joined())"])
         }
         let draining = self.state.withLockedValue { s -> Bool in

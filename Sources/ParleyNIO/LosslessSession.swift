@@ -29,8 +29,13 @@ public final class LosslessSession: Sendable {
         var nextLink: UInt64 = 1
         /// The highest connect_seq accepted (server) or sent (client).
         var connectSeq: UInt64 = 0
+        /// The connect_seq of the link attached last: an older attempt may not attach after it.
+        var attachedConnectSeq: UInt64 = 0
+        /// Server side: a reconnect was accepted and its connection is being set up.
+        var resuming = false
         var pumpScheduled = false
-        var roomWaiters: [CheckedContinuation<Void, any Error>] = []
+        var roomWaiters: [UInt64: CheckedContinuation<Void, any Error>] = [:]
+        var nextWaiter: UInt64 = 0
         var ended: ParleyError?
         var duplicatesDropped = 0
     }
@@ -44,13 +49,18 @@ public final class LosslessSession: Sendable {
 
     /// Numbers and keeps a message, and has the current link transmit it.
     public func submit(_ message: WireMessage) {
-        let kick = self.state.withLockedValue { s -> ParleyConnectionHandler.Outlet? in
+        self.enqueue(message)?.pump()
+    }
+
+    /// Numbers and keeps a message; returns the outlet to `pump()` (after releasing any lock
+    /// the caller holds), if the current link is not already about to transmit.
+    public func enqueue(_ message: WireMessage) -> ParleyConnectionHandler.Outlet? {
+        self.state.withLockedValue { s -> ParleyConnectionHandler.Outlet? in
             s.ledger.append(message)
-            guard let outlet = s.currentOutlet, !s.pumpScheduled else { return nil }
+            guard let outlet = s.currentOutlet, !s.pumpScheduled, s.ended == nil else { return nil }
             s.pumpScheduled = true
             return outlet
         }
-        kick?.pump()
     }
 
     /// Returns once the kept messages are below the bounds (at once if they are); throws the
@@ -61,14 +71,23 @@ public final class LosslessSession: Sendable {
             return .success(s.ledger.isFull(self.bounds))
         }.get()
         guard full else { return }
-        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-            let outcome = self.state.withLockedValue { s -> Result<Void, any Error>? in
-                if let ended = s.ended { return .failure(ended) }
-                if !s.ledger.isFull(self.bounds) { return .success(()) }
-                s.roomWaiters.append(c)
-                return nil
+        let id = self.state.withLockedValue { s -> UInt64 in
+            s.nextWaiter += 1
+            return s.nextWaiter
+        }
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+                let outcome = self.state.withLockedValue { s -> Result<Void, any Error>? in
+                    if let ended = s.ended { return .failure(ended) }
+                    if Task.isCancelled { return .failure(CancellationError()) }
+                    if !s.ledger.isFull(self.bounds) { return .success(()) }
+                    s.roomWaiters[id] = c
+                    return nil
+                }
+                if let outcome { c.resume(with: outcome) }
             }
-            if let outcome { c.resume(with: outcome) }
+        } onCancel: {
+            self.state.withLockedValue { $0.roomWaiters.removeValue(forKey: id) }?.resume(throwing: CancellationError())
         }
     }
 
@@ -92,21 +111,30 @@ public final class LosslessSession: Sendable {
             s.current = nil
             s.currentOutlet = nil
             s.pumpScheduled = false
-            s.connectSeq += 1
+            s.connectSeq = max(s.connectSeq, s.attachedConnectSeq) + 1
             return SessionResumeOffer(token: s.token, serverNonce: s.serverNonce, lastReceivedSeq: s.ledger.lastReceivedSeq, connectSeq: s.connectSeq)
         }
     }
 
-    /// Server side: a SESSION_RECONNECT with `connectSeq` asks for this session. Refuses an
-    /// attempt not newer than one already accepted; otherwise detaches the current link (it
-    /// delivers nothing more) and returns the last seq received, for SESSION_RESUMED.
-    public func beginResume(connectSeq: UInt64) throws(ParleyError) -> (lastReceivedSeq: UInt64, replaced: ParleyConnectionHandler.Outlet?) {
+    /// Server side: a SESSION_RECONNECT with `connectSeq` and the client's `peerLastReceived`
+    /// asks for this session. Refuses an attempt not newer than one already accepted, and a
+    /// `peerLastReceived` above what was ever sent; otherwise detaches the current link (it
+    /// delivers nothing more), marks the session as resuming (so that it is not forgotten
+    /// meanwhile) and returns the last seq received, for SESSION_RESUMED, and the link replaced.
+    public func beginResume(connectSeq: UInt64, peerLastReceived: UInt64) throws(ParleyError) -> (lastReceivedSeq: UInt64, replaced: ParleyConnectionHandler.Outlet?) {
         try self.state.withLockedValue { s -> Result<(UInt64, ParleyConnectionHandler.Outlet?), ParleyError> in
             if let ended = s.ended { return .failure(ended) }
             guard connectSeq > s.connectSeq else {
                 return .failure(ParleyError(code: .sessionSuperseded, message: "reconnect attempt \(connectSeq) is not newer than attempt \(s.connectSeq), already accepted"))
             }
+            guard peerLastReceived <= s.ledger.everTransmittedSeq else {
+                return .failure(ParleyError(
+                    code: .protocolViolation,
+                    message: "the client says it received up to seq \(peerLastReceived), but only \(s.ledger.everTransmittedSeq) were sent"
+                ))
+            }
             s.connectSeq = connectSeq
+            s.resuming = true
             let replaced = s.currentOutlet
             s.current = nil
             s.currentOutlet = nil
@@ -115,11 +143,18 @@ public final class LosslessSession: Sendable {
         }.get()
     }
 
-    /// The reconnect's exchange is done: `outlet`'s link becomes current, and transmission
-    /// restarts after `peerLastReceived`. Returns the new link's id.
-    public func attach(_ outlet: ParleyConnectionHandler.Outlet, peerLastReceived: UInt64) throws(ParleyError) -> LinkID {
-        let (link, waiters) = try self.state.withLockedValue { s -> Result<(LinkID, [CheckedContinuation<Void, any Error>]), ParleyError> in
+    /// The exchange of reconnect attempt `connectSeq` is done: `outlet`'s link becomes
+    /// current, and transmission restarts after `peerLastReceived`. Returns the new link's id
+    /// and the link it replaced, if any (close it). Refuses (`sessionSuperseded`) an attempt
+    /// older than one attached already: the highest connect_seq wins.
+    public func attach(
+        _ outlet: ParleyConnectionHandler.Outlet, peerLastReceived: UInt64, connectSeq: UInt64
+    ) throws(ParleyError) -> (link: LinkID, replaced: ParleyConnectionHandler.Outlet?) {
+        let (link, replaced, waiters) = try self.state.withLockedValue { s -> Result<(LinkID, ParleyConnectionHandler.Outlet?, [CheckedContinuation<Void, any Error>]), ParleyError> in
             if let ended = s.ended { return .failure(ended) }
+            guard connectSeq >= s.attachedConnectSeq else {
+                return .failure(ParleyError(code: .sessionSuperseded, message: "reconnect attempt \(connectSeq) came after attempt \(s.attachedConnectSeq) took over"))
+            }
             do throws(ParleyError) {
                 try s.ledger.resume(peerLastReceived: peerLastReceived)
             } catch {
@@ -127,14 +162,21 @@ public final class LosslessSession: Sendable {
             }
             let link = LinkID(value: s.nextLink)
             s.nextLink += 1
+            let replaced = s.currentOutlet
             s.current = link
             s.currentOutlet = outlet
+            s.attachedConnectSeq = connectSeq
+            s.resuming = false
             s.pumpScheduled = false
-            return .success((link, self.takeWaitersIfRoom(&s)))
+            return .success((link, replaced, self.takeWaitersIfRoom(&s)))
         }.get()
         waiters.forEach { $0.resume() }
-        return link
+        return (link, replaced)
     }
+
+    /// Server side: the session waits for its client: no link, not ended, no reconnect in
+    /// progress.
+    public var isDetached: Bool { self.state.withLockedValue { $0.current == nil && !$0.resuming && $0.ended == nil } }
 
     /// The server did not have the session: empties the ledger and returns what it held;
     /// the new session the server started has `token`.
@@ -150,17 +192,31 @@ public final class LosslessSession: Sendable {
     public var token: [UInt8] { self.state.withLockedValue { $0.token } }
     public var serverNonce: UInt64 { self.state.withLockedValue { $0.serverNonce } }
 
-    /// The session is over: waiting senders fail with `reason`; nothing more is transmitted.
-    public func end(_ reason: ParleyError) {
-        let waiters = self.state.withLockedValue { s -> [CheckedContinuation<Void, any Error>] in
-            guard s.ended == nil else { return [] }
+    /// The session is over: waiting senders fail with `reason`, and the ledger is emptied
+    /// once the current link has transmitted what was submitted. Returns the current link's
+    /// outlet: send it `.close` (the handler transmits what is left, then CLOSE).
+    @discardableResult
+    public func end(_ reason: ParleyError) -> ParleyConnectionHandler.Outlet? {
+        let (waiters, outlet) = self.state.withLockedValue { s -> ([CheckedContinuation<Void, any Error>], ParleyConnectionHandler.Outlet?) in
+            guard s.ended == nil else { return ([], nil) }
             s.ended = reason
-            s.current = nil
-            s.currentOutlet = nil
-            defer { s.roomWaiters = [] }
-            return s.roomWaiters
+            s.resuming = false
+            defer { s.roomWaiters = [:] }
+            return (Array(s.roomWaiters.values), s.currentOutlet)
         }
         waiters.forEach { $0.resume(throwing: reason) }
+        if outlet == nil { self.release() }
+        return outlet
+    }
+
+    /// Drops what the ended session still holds (its last link has closed).
+    func release() {
+        self.state.withLockedValue { s in
+            guard s.ended != nil else { return }
+            s.current = nil
+            s.currentOutlet = nil
+            _ = s.ledger.reset()
+        }
     }
 
     public var isEnded: Bool { self.state.withLockedValue { $0.ended != nil } }
@@ -171,6 +227,7 @@ public final class LosslessSession: Sendable {
 
     /// Moves what `link` has to transmit into `messages`; false if the link is not current.
     func takeForTransmission(_ link: LinkID, into messages: inout [WireMessage]) -> Bool {
+        // An ended session's current link still transmits what was submitted before the end.
         self.state.withLockedValue { s in
             s.pumpScheduled = false
             guard s.current == link else { return false }
@@ -236,18 +293,20 @@ public final class LosslessSession: Sendable {
 
     /// `link` closed: returns true if it was the current one (the session is now detached).
     func detach(_ link: LinkID) -> Bool {
-        self.state.withLockedValue { s in
-            guard s.current == link else { return false }
+        let (current, ended) = self.state.withLockedValue { s -> (Bool, Bool) in
+            guard s.current == link else { return (false, s.ended != nil) }
             s.current = nil
             s.currentOutlet = nil
             s.pumpScheduled = false
-            return true
+            return (true, s.ended != nil)
         }
+        if ended { self.release() }
+        return current
     }
 
     private func takeWaitersIfRoom(_ s: inout State) -> [CheckedContinuation<Void, any Error>] {
         guard !s.roomWaiters.isEmpty, !s.ledger.isFull(self.bounds) else { return [] }
-        defer { s.roomWaiters = [] }
-        return s.roomWaiters
+        defer { s.roomWaiters = [:] }
+        return Array(s.roomWaiters.values)
     }
 }

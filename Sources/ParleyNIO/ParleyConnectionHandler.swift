@@ -85,7 +85,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private var unread: ByteBuffer?
     /// Inside the decoding loop of `channelRead`.
     private var decoding = false
-    private let establish: Establish
+    /// Used once: dropped after the handshake, since what it captures (the caller's promise of
+    /// the connection) would otherwise keep the connection, which holds this handler, alive.
+    private var establish: Establish?
     private let establishedPromise: EventLoopPromise<Void>
     private var sink: (any ParleyEventSink)?
     /// A lossless session's connection: the session, and this connection's link in it.
@@ -515,6 +517,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 promise?.fail(error)
             }
         case .close(let error):
+            // A lossless session transmits what was submitted before it ends.
+            if self.lossless != nil { self.pumpLossless() }
             self.state = .closing
             self.closeExchanged = true
             self.recordFailure(error)
@@ -582,7 +586,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 self.startKeepalive(configuration, context: context)
             }
             do {
-                let established = try self.establish(result, Outlet(handler: NIOLoopBound(self, eventLoop: context.eventLoop), queue: self.queue))
+                guard let establish = self.establish else { throw ParleyError(code: .protocolViolation, message: "internal: established twice") }
+                self.establish = nil
+                let established = try establish(result, Outlet(handler: NIOLoopBound(self, eventLoop: context.eventLoop), queue: self.queue))
                 self.sink = established.sink
                 self.lossless = established.lossless
                 self.establishedPromise.succeed(())
@@ -677,7 +683,13 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         self.ackTimer = nil
         guard !self.closedOut else { return }
         self.closedOut = true
-        if let lossless = self.lossless, let sink = self.sink {
+        // The sink's connection holds this handler (its outlet): let go of it, or neither is
+        // ever freed.
+        let sink = self.sink
+        let lossless = self.lossless
+        self.sink = nil
+        self.lossless = nil
+        if let lossless, let sink {
             // Only the session's current link speaks for it; an older one just goes.
             guard lossless.session.detach(lossless.link) else { return }
             let reason = self.failure ?? ParleyError(code: .connectionClosed, message: "peer closed the connection")
@@ -688,7 +700,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
             return
         }
-        if let sink = self.sink {
+        if let sink {
             sink.closed(self.failure ?? ParleyError(code: .connectionClosed, message: "peer closed the connection"))
         } else {
             self.establishedPromise.fail(self.failure ?? ParleyError(code: .connectionClosed, message: "connection closed during the handshake"))

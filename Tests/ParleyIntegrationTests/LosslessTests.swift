@@ -402,4 +402,31 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
             #expect(server.connectionCount == 0)
         }
     }
+
+    /// Messages sent right before close() are delivered, then the session ends (the peer
+    /// forgets it); the client's connection (and session) is released afterwards, lossy or
+    /// lossless (a handler kept its connection alive through its sink and its establish
+    /// closure: every connection leaked).
+    @Test(arguments: [true, false])
+    func closeDeliversWhatWasSentAndReleasesTheSession(lossless: Bool) async throws {
+        let received = Counter()
+        var router = EchoService.router()
+        router.onMessage(Parley_Echo_V1_Ping.self) { (_: Parley_Echo_V1_Ping, _: ParleyRequestContext) throws in received.increment() }
+        try await withServer(router: router) { server, addresses in
+            weak var released: ParleyConnection?
+            do {
+                let client = try await ParleyClient.connect(to: addresses[0], configuration: lossless ? losslessConfiguration() : .init(), logger: quietLogger)
+                released = client.connection
+                for i in 1...500 {
+                    var ping = Parley_Echo_V1_Ping()
+                    ping.sequence = UInt64(i)
+                    try await client.send(ping)
+                }
+                client.close()
+            }
+            #expect(try await eventually { received.count == 500 }, "the server got \(received.count) of 500")
+            #expect(try await eventually { server.sessionCount == 0 }, "the server forgot the session")
+            #expect(try await eventually { released == nil }, "the closed connection is still referenced")
+        }
+    }
 }

@@ -236,7 +236,7 @@ public struct ClientHandshakeStateMachine: Sendable {
                 guard let offer = self.configuration.resume, Array(resumed.ident.sessionToken) == offer.token else {
                     return self.violation(ParleyError(code: .protocolViolation, message: "SESSION_RESUMED names another session than the one asked for"))
                 }
-                return self.establish(partial, ident: resumed.ident, session: .resumed(token: offer.token, peerLastReceived: resumed.lastReceivedSeq))
+                return self.establish(partial, ident: resumed.ident, session: .resumed(token: offer.token, peerLastReceived: resumed.lastReceivedSeq, connectSeq: offer.connectSeq))
             } catch {
                 return self.violation(error)
             }

@@ -147,9 +147,9 @@ public enum SessionOutcome: Equatable, Sendable {
     case lossy
     /// A new session with this token.
     case started(token: [UInt8])
-    /// The session with this token continues; the peer had received every MESSAGE up to
-    /// `peerLastReceived`.
-    case resumed(token: [UInt8], peerLastReceived: UInt64)
+    /// The session with this token continues, on the connection of reconnect attempt
+    /// `connectSeq`; the peer had received every MESSAGE up to `peerLastReceived`.
+    case resumed(token: [UInt8], peerLastReceived: UInt64, connectSeq: UInt64)
     /// Client side: the server did not have the session it asked to resume (SESSION_RESET,
     /// for `reason`); a new session, with `token` (empty if the connection is lossy), started
     /// in its place.

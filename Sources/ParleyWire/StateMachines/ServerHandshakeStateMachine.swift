@@ -97,6 +97,8 @@ public struct ServerHandshakeStateMachine: Sendable {
         var cipher: SecureCipher?
         var entity: String?
         var capabilities: [String] = []
+        /// SESSION_RESET was sent: only CLIENT_IDENT may follow.
+        var resetSent = false
     }
 
     /// Method `secret` after the challenge: what the client's proof is checked against.
@@ -224,7 +226,7 @@ public struct ServerHandshakeStateMachine: Sendable {
             } catch {
                 return self.fail(error, tellPeer: true)
             }
-        case (.awaitingClientIdent(let partial), .frame(let frame)) where frame.tag == .sessionReconnect && partial.features.contains(.reconnect):
+        case (.awaitingClientIdent(let partial), .frame(let frame)) where frame.tag == .sessionReconnect && partial.features.contains(.reconnect) && !partial.resetSent:
             do {
                 let reconnect = try Parley_V1_SessionReconnect(parleyPayload: frame.segments[0])
                 guard reconnect.sessionToken.count == SessionToken.size else {
@@ -424,7 +426,7 @@ public struct ServerHandshakeStateMachine: Sendable {
             send: [.frame(resumed.frame(tag: .sessionResumed))],
             outcome: .established(self.result(
                 partial, client: request.clientIdent, ident: ident,
-                session: .resumed(token: request.token, peerLastReceived: request.lastReceivedSeq)
+                session: .resumed(token: request.token, peerLastReceived: request.lastReceivedSeq, connectSeq: request.connectSeq)
             ))
         )
     }
@@ -432,11 +434,12 @@ public struct ServerHandshakeStateMachine: Sendable {
     /// The session asked for is unknown (forgotten, or from before a restart): sends
     /// SESSION_RESET and waits for the CLIENT_IDENT that starts a new session.
     public mutating func reset(reason: String) -> HandshakeStep {
-        guard case .awaitingResumeDecision(let partial, _) = self.state else {
+        guard case .awaitingResumeDecision(var partial, _) = self.state else {
             return self.fail(ParleyError(code: .protocolViolation, message: "internal: reset without a SESSION_RECONNECT"), tellPeer: false)
         }
         var reset = Parley_V1_SessionReset()
         reset.reason = reason
+        partial.resetSent = true
         self.state = .awaitingClientIdent(partial)
         return HandshakeStep(send: [.frame(reset.frame(tag: .sessionReset))])
     }
