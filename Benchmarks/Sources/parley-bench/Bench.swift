@@ -36,15 +36,16 @@ struct Run: AsyncParsableCommand {
         abstract: "Run the benchmark (the default).",
         discussion: """
             Starts one server process per system (this executable with `server`), then for each \
-            workload runs the systems in turn (raw, raw-coalesced, parley, grpc, parley-secure, \
-            parley-tls, tls-echo, raw, ...) REPETITIONS times, each measurement on a fresh connection: WARMUP \
+            workload runs the systems in turn (raw, raw-coalesced, parley, parley-lossless, grpc, \
+            parley-secure, parley-tls, tls-echo, raw, ...) REPETITIONS times, each measurement on a fresh connection: WARMUP \
             seconds unmeasured, then DURATION seconds measured. Prints a table per workload with \
             the median over the repetitions and the ratios, then the goals. The servers are \
             stopped by PID at the end, on error and on SIGINT/SIGTERM.
 
             Systems: raw (a length-prefixed SwiftNIO echo; its client flushes every request), \
             raw-coalesced (the same echo, its client coalescing writes as Parley's does: one \
-            event-loop job and one flush per batch of requests), parley (crc mode), grpc, \
+            event-loop job and one flush per batch of requests), parley (crc mode), \
+            parley-lossless (crc mode, the client asks for a lossless session: feature bit 9), grpc, \
             parley-secure (method secret, secure mode: AES-256-GCM), parley-tls (tls://, crc \
             mode), tls-echo (the raw echo inside TLS 1.3). The keyring and the certificates of \
             the secure ones are made in a temporary directory and removed at the end.
@@ -52,7 +53,13 @@ struct Run: AsyncParsableCommand {
             Workloads: latency (queue depth 1, 64 B), throughput-64b and throughput-64k (WINDOW \
             concurrent tasks on one connection), bulk (BULK-SIZE payloads, BULK-WINDOW in flight; \
             Parley sends them in the data segment of its Echo call), handshake (HANDSHAKES \
-            connections one after another, each timed from connect to its first 64 B answer).
+            connections one after another, each timed from connect to its first 64 B answer), \
+            reconnect (parley-lossless only: RECONNECT-WINDOW 64 B requests in flight through \
+            `parley chaos` cutting the connection, CUT-AFTER bytes into each connection or at \
+            random with CUT-PROBABILITY; for each cut, the time from the cut to the first answer \
+            delivered after the session resumed, CUTS cuts per repetition after WARMUP; p50 and \
+            p99). `parley chaos` is the real command, run as a process: the `parley` executable \
+            next to this one (Scripts/bench.sh builds both), or --parley PATH.
             """
     )
 
@@ -67,14 +74,14 @@ struct Run: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "Comma-separated workloads: latency, throughput-64b, throughput-64k, bulk, handshake, or all (default: all).",
+            "Comma-separated workloads: latency, throughput-64b, throughput-64k, bulk, handshake, reconnect, or all (default: all).",
             valueName: "list"
         ),
         transform: Workload.parseList
     )
     var workloads: [Workload] = Workload.allCases
 
-    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,raw-coalesced,parley,grpc,parley-secure,parley-tls,tls-echo).", valueName: "list"),
+    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,raw-coalesced,parley,parley-lossless,grpc,parley-secure,parley-tls,tls-echo).", valueName: "list"),
             transform: { try System.parseList($0, allowed: System.allCases) })
     var systems: [System] = System.allCases
 
@@ -90,6 +97,21 @@ struct Run: AsyncParsableCommand {
     @Option(help: "Connections timed per measurement in the handshake workload (after a tenth as many unmeasured).")
     var handshakes: Int = 200
 
+    @Option(help: "Cuts measured per repetition in the reconnect workload (after the warm-up).")
+    var cuts: Int = 100
+
+    @Option(help: ArgumentHelp("Reconnect workload: parley chaos cuts each connection once this many bytes have passed in a direction (0: not at a fixed point).", valueName: "bytes"))
+    var cutAfter: Int = 65536
+
+    @Option(help: ArgumentHelp("Reconnect workload: parley chaos cuts a connection at a random byte of a chunk read with this probability (0...1).", valueName: "p"))
+    var cutProbability: Double = 0
+
+    @Option(help: "Requests in flight in the reconnect workload.")
+    var reconnectWindow: Int = 8
+
+    @Option(help: ArgumentHelp("The parley executable whose `parley chaos` the reconnect workload runs (default: `parley` next to this executable).", valueName: "path"))
+    var parley: String?
+
     func validate() throws {
         guard self.repetitions >= 1 else { throw ValidationError("--repetitions must be at least 1") }
         guard self.duration > 0, self.duration <= 600 else { throw ValidationError("--duration must be in (0, 600] seconds") }
@@ -98,16 +120,28 @@ struct Run: AsyncParsableCommand {
         guard self.bulkWindow >= 1, self.bulkWindow <= 64 else { throw ValidationError("--bulk-window must be 1...64") }
         guard (1...(8 << 20)).contains(self.bulkSize) else { throw ValidationError("--bulk-size must be 1...8388608") }
         guard (1...100_000).contains(self.handshakes) else { throw ValidationError("--handshakes must be 1...100000") }
+        guard (1...100_000).contains(self.cuts) else { throw ValidationError("--cuts must be 1...100000") }
+        guard self.cutAfter >= 0, (0...1).contains(self.cutProbability) else { throw ValidationError("--cut-after must be 0 or more, --cut-probability 0...1") }
+        guard self.cutAfter > 0 || self.cutProbability > 0 else { throw ValidationError("the reconnect workload needs --cut-after or --cut-probability") }
+        guard (1...1024).contains(self.reconnectWindow) else { throw ValidationError("--reconnect-window must be 1...1024") }
         guard !self.workloads.isEmpty, !self.systems.isEmpty else { throw ValidationError("nothing to run") }
         guard Set(self.systems).count == self.systems.count else { throw ValidationError("--systems lists a system twice") }
     }
 
     func run() async throws {
         bootstrapLogging()
+        let parley = try self.parley ?? (URL(fileURLWithPath: currentExecutable()).deletingLastPathComponent().appendingPathComponent("parley").path)
         let settings = Settings(
             repetitions: self.repetitions, duration: self.duration, warmup: self.warmup,
-            window: self.window, bulkWindow: self.bulkWindow, bulkSize: self.bulkSize, handshakes: self.handshakes
+            window: self.window, bulkWindow: self.bulkWindow, bulkSize: self.bulkSize, handshakes: self.handshakes,
+            reconnect: ReconnectSettings(
+                cuts: self.cuts, window: self.reconnectWindow, cutAfter: self.cutAfter > 0 ? self.cutAfter : nil,
+                cutProbability: self.cutProbability, parley: parley
+            )
         )
+        if self.workloads.contains(.reconnect), self.systems.contains(.parleyLossless), access(parley, X_OK) != 0 {
+            throw BenchError("the reconnect workload runs `parley chaos`, and \(parley) is not an executable: build it with `swift build -c release --package-path Benchmarks --scratch-path .build-bench --product parley` (Scripts/bench.sh does), or pass --parley PATH")
+        }
         let material = self.systems.contains(where: \.isSecure) ? try SecurityMaterial.make() : nil
         let signalSources = ChildProcesses.shared.stopOnSignals(removing: material?.directory)
         defer {
@@ -127,10 +161,15 @@ struct Run: AsyncParsableCommand {
         let ours = Set([getpid()] + children.values.map(\.pid))
         for workload in self.workloads {
             var r = WorkloadResults(workload: workload)
+            let systems = workload.systems(self.systems)
+            guard !systems.isEmpty else {
+                progress("\(workload.rawValue): skipped: it runs on parley-lossless only, which --systems does not name")
+                continue
+            }
             let loadBefore = MachineLoad.snapshot(excluding: ours)
             for rep in 1...settings.repetitions {
-                for system in self.systems {
-                    let m = try await self.measure(workload, system: system, port: children[system]!.port, settings: settings, material: material)
+                for system in systems {
+                    let m = try await self.measure(workload, system: system, port: children[system]!.port, settings: settings, material: material, repetition: rep)
                     r.runs[system, default: []].append(m)
                     progress("\(workload.rawValue) \(rep)/\(settings.repetitions) \(system.title): \(summary(m, workload))")
                 }
@@ -141,14 +180,23 @@ struct Run: AsyncParsableCommand {
             results[workload] = r
             print(table(r, systems: self.systems, settings: settings))
         }
-        if self.systems.contains(.parley) { print(goals(results)) }
+        if self.systems.contains(.parley), self.systems.contains(where: { [.raw, .rawCoalesced, .grpc].contains($0) }) { print(goals(results)) }
+        if self.systems.contains(.parleyLossless) { print(losslessGoals(results, systems: self.systems)) }
         if self.systems.contains(.parleySecure) { print(secureGoals(results, systems: self.systems)) }
 
         for child in children.values { child.stop() }
         withExtendedLifetime(signalSources) {}
     }
 
-    private func measure(_ workload: Workload, system: System, port: Int, settings: Settings, material: SecurityMaterial?) async throws -> Measurement {
+    private func measure(_ workload: Workload, system: System, port: Int, settings: Settings, material: SecurityMaterial?, repetition: Int) async throws -> Measurement {
+        if workload == .reconnect {
+            do {
+                // The repetition's number seeds the proxy: the same faults in every invocation.
+                return try await Measure.reconnect(port: port, settings: settings.reconnect, warmup: settings.warmup, seed: UInt64(repetition))
+            } catch {
+                throw BenchError("reconnect on \(system.title) failed: \(error)")
+            }
+        }
         if workload == .handshake {
             do {
                 return try await Measure.handshake(system, port: port, load: settings.load(workload), material: material, count: settings.handshakes)
@@ -190,7 +238,7 @@ struct Server: AsyncParsableCommand {
             """
     )
 
-    @Option(help: "raw, raw-coalesced, parley, grpc, parley-secure, parley-tls or tls-echo.")
+    @Option(help: "raw, raw-coalesced, parley, parley-lossless, grpc, parley-secure, parley-tls or tls-echo.")
     var system: System
 
     @Option(help: "Port to listen on (0: any free port).")
@@ -226,6 +274,8 @@ func summary(_ m: Measurement, _ w: Workload) -> String {
         return "\(grouped(m.messagesPerSecond)) messages/s, \(fixed(m.mibPerSecond)) MiB/s"
     case .bulk:
         return "\(fixed(m.mibPerSecond)) MiB/s, \(grouped(m.messagesPerSecond)) messages/s"
+    case .reconnect:
+        return "cut to delivery p50 \(fixed(m.p50.map { $0 / 1000 }, 2)) ms, p99 \(fixed(m.p99.map { $0 / 1000 }, 2)) ms, max \(fixed(m.maximum.map { $0 / 1000 }, 2)) ms (\(m.count) cuts, \(m.reconnects ?? 0) reconnects, \(grouped(m.roundTrips.map(Double.init))) round trips in \(fixed(m.seconds)) s)"
     }
 }
 
@@ -243,6 +293,7 @@ func header(_ s: Settings) -> String {
     lines.append("- each measurement: fresh connection, \(s.warmup) s warm-up, \(s.duration) s measured")
     lines.append("- throughput window: \(s.window) requests in flight; bulk: \(byteSize(s.bulkSize)) x \(s.bulkWindow) in flight")
     lines.append("- handshake: \(s.handshakes) connections per measurement after \(max(s.handshakes / 10, 1)) unmeasured, each timed from connect to its first answer")
+    lines.append("- reconnect: lossless session through \(s.reconnect.description) (\(s.reconnect.parley) as a process); each cut timed to the first answer after the session resumed")
     lines.append("- secure systems: parley-secure = method secret, secure mode (\(SecureCipher.preferred[0].rawValue)); parley-tls and tls-echo = TLS 1.3 (swift-nio-ssl), development certificates")
     return lines.joined(separator: "\n") + "\n"
 }

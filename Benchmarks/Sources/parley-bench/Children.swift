@@ -72,37 +72,8 @@ struct ServerChild: Sendable {
     /// reads the port it prints.
     static func spawn(_ system: System, arguments: [String] = [], timeout: Duration = .seconds(60)) async throws -> ServerChild {
         let executable = try currentExecutable()
-        let (stdinReader, stdinWriter) = try makePipe()
-        let (stdoutReader, stdoutWriter) = try makePipe()
-
-        #if os(Linux)
-        var actions = posix_spawn_file_actions_t()
-        #else
-        var actions: posix_spawn_file_actions_t?
-        #endif
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, stdinReader, 0)
-        posix_spawn_file_actions_adddup2(&actions, stdoutWriter, 1)
-
-        let args = [executable, "server", "--system", system.rawValue] + arguments
-        let env = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
-        let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
-        let envp: [UnsafeMutablePointer<CChar>?] = env.map { strdup($0) } + [nil]
-        defer { (argv + envp).forEach { free($0) } }
-
-        var spawned: pid_t = 0
-        let rc = posix_spawn(&spawned, executable, &actions, nil, argv, envp)
-        close(stdinReader)
-        close(stdoutWriter)
-        guard rc == 0 else {
-            close(stdinWriter)
-            close(stdoutReader)
-            throw BenchError("cannot start \(executable) server: \(String(cString: strerror(rc)))")
-        }
-        let pid = spawned
-        ChildProcesses.shared.add(pid)
-        let child = ServerChild(system: system, pid: pid, port: 0, stdinWriter: stdinWriter)
+        let (pid, stdinWriter, stdoutReader) = try spawnProcess(executable, ["server", "--system", system.rawValue] + arguments)
+        let child = ServerChild(system: system, pid: pid, port: 0, stdinWriter: stdinWriter!)
 
         // Read the first line ("PORT <n>") off the cooperative pool; kill the child if it
         // takes too long, which ends the read with end of file.
@@ -124,7 +95,7 @@ struct ServerChild: Sendable {
             child.stop()
             throw BenchError("the \(system.title) server process did not report its port (got \(line.map { "\"\($0)\"" } ?? "nothing"))")
         }
-        return ServerChild(system: system, pid: pid, port: port, stdinWriter: stdinWriter)
+        return ServerChild(system: system, pid: pid, port: port, stdinWriter: stdinWriter!)
     }
 
     /// Stops the child by its PID (SIGTERM, then SIGKILL) and reaps it.
@@ -132,6 +103,54 @@ struct ServerChild: Sendable {
         ChildProcesses.shared.stop(self.pid)
         close(self.stdinWriter)
     }
+}
+
+/// Starts `executable` with `arguments` (argv[0] is the executable), its standard output a
+/// pipe to us, its standard input a pipe from us (`stdinPipe`) or /dev/null. Registers the
+/// child with `ChildProcesses` (stopped by PID on every way out). Returns the PID, our end of
+/// its standard input (nil with /dev/null) and our end of its standard output.
+func spawnProcess(_ executable: String, _ arguments: [String], stdinPipe: Bool = true) throws -> (pid: pid_t, stdinWriter: Int32?, stdoutReader: Int32) {
+    let (stdoutReader, stdoutWriter) = try makePipe()
+    var stdinReader: Int32 = -1, stdinWriter: Int32 = -1
+    if stdinPipe {
+        do { (stdinReader, stdinWriter) = try makePipe() } catch {
+            close(stdoutReader)
+            close(stdoutWriter)
+            throw error
+        }
+    }
+
+    #if os(Linux)
+    var actions = posix_spawn_file_actions_t()
+    #else
+    var actions: posix_spawn_file_actions_t?
+    #endif
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    if stdinPipe {
+        posix_spawn_file_actions_adddup2(&actions, stdinReader, 0)
+    } else {
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    }
+    posix_spawn_file_actions_adddup2(&actions, stdoutWriter, 1)
+
+    let args = [executable] + arguments
+    let env = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
+    let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+    let envp: [UnsafeMutablePointer<CChar>?] = env.map { strdup($0) } + [nil]
+    defer { (argv + envp).forEach { free($0) } }
+
+    var spawned: pid_t = 0
+    let rc = posix_spawn(&spawned, executable, &actions, nil, argv, envp)
+    if stdinPipe { close(stdinReader) }
+    close(stdoutWriter)
+    guard rc == 0 else {
+        if stdinPipe { close(stdinWriter) }
+        close(stdoutReader)
+        throw BenchError("cannot start \(executable): \(String(cString: strerror(rc)))")
+    }
+    ChildProcesses.shared.add(spawned)
+    return (spawned, stdinPipe ? stdinWriter : nil, stdoutReader)
 }
 
 final class Flag: Sendable {
@@ -163,7 +182,7 @@ private func makePipe() throws -> (reader: Int32, writer: Int32) {
 }
 
 /// Reads bytes up to a newline or end of file (blocking).
-private func readLine(fd: Int32) -> String? {
+func readLine(fd: Int32) -> String? {
     var bytes: [UInt8] = []
     var byte: UInt8 = 0
     while true {

@@ -16,6 +16,12 @@ struct Measurement: Sendable {
     /// Queue-depth-1 round-trip percentiles (latency workload only), in microseconds.
     var p50: Double?
     var p99: Double?
+    /// The reconnect workload: the slowest cut-to-delivery (µs), the round trips completed
+    /// while measuring, the session's reconnects, cuts followed by no delivery.
+    var maximum: Double? = nil
+    var roundTrips: Int? = nil
+    var reconnects: Int? = nil
+    var unmatched: Int? = nil
 
     var messagesPerSecond: Double { Double(self.count) / self.seconds }
     /// Payload bytes echoed per second (each byte goes to the server and back), in MiB/s.

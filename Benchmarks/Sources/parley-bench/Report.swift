@@ -9,6 +9,14 @@ enum Workload: String, CaseIterable, Sendable {
     /// Connect-to-first-answer: connect, handshake(s), one 64 B round trip (the connection is
     /// then closed, untimed), one connection after another.
     case handshake
+    /// Lossless sessions only (issue 14): the time from a cut of the connection (by `parley
+    /// chaos`) to the first answer delivered after it, requests flowing all along.
+    case reconnect
+
+    /// The systems this workload runs on (of those asked for).
+    func systems(_ asked: [System]) -> [System] {
+        self == .reconnect ? asked.filter { $0 == .parleyLossless } : asked
+    }
 
     static func parseList(_ text: String) throws -> [Workload] {
         if text == "all" { return Workload.allCases }
@@ -31,10 +39,12 @@ struct Settings: Sendable {
     var bulkSize: Int
     /// Connections timed per measurement of the handshake workload.
     var handshakes: Int
+    /// The reconnect workload.
+    var reconnect: ReconnectSettings
 
     func size(_ w: Workload) -> Int {
         switch w {
-        case .latency, .throughput64B, .handshake: return 64
+        case .latency, .throughput64B, .handshake, .reconnect: return 64
         case .throughput64K: return 64 * 1024
         case .bulk: return self.bulkSize
         }
@@ -45,6 +55,7 @@ struct Settings: Sendable {
         case .latency, .handshake: return 1
         case .throughput64B, .throughput64K: return self.window
         case .bulk: return self.bulkWindow
+        case .reconnect: return self.reconnect.window
         }
     }
 
@@ -64,6 +75,8 @@ struct Settings: Sendable {
             return "Bulk, \(byteSize(self.bulkSize)) payload, \(self.bulkWindow) requests in flight"
         case .handshake:
             return "Connect to first answer (connect, handshake, one 64 B round trip), \(self.handshakes) connections per run"
+        case .reconnect:
+            return "Cut to first delivery after it, lossless session through \(self.reconnect.description)"
         }
     }
 }
@@ -153,9 +166,10 @@ func table(_ r: WorkloadResults, systems: [System], settings: Settings) -> Strin
     var out = "### \(settings.title(r.workload))\n\n"
     // The ratios shown under the systems: (numerator, denominator).
     let pairs: [(System, System)] = [
-        (.parley, .raw), (.parley, .rawCoalesced), (.rawCoalesced, .raw), (.parley, .grpc), (.parleySecure, .parley), (.parleySecure, .tlsEcho),
+        (.parley, .raw), (.parley, .rawCoalesced), (.rawCoalesced, .raw), (.parley, .grpc), (.parleyLossless, .parley), (.parleySecure, .parley), (.parleySecure, .tlsEcho),
         (.parleySecure, .parleyTLS), (.parleyTLS, .tlsEcho), (.parleyTLS, .parley), (.tlsEcho, .raw),
     ]
+    let systems = systems.filter { r.runs[$0] != nil }
     let compare = pairs.filter { systems.contains($0.0) && systems.contains($0.1) }
     // Per workload: the primary metric (medians, each run, paired ratio), the secondary one, and
     // how each is printed.
@@ -168,6 +182,9 @@ func table(_ r: WorkloadResults, systems: [System], settings: Settings) -> Strin
         (first, second, runs) = ((Metric.messages, grouped, "messages/s"), (Metric.mib, { fixed($0) }, "MiB/s"), "messages/s of each run")
     case .bulk:
         (first, second, runs) = ((Metric.mib, { fixed($0) }, "MiB/s"), (Metric.messages, grouped, "messages/s"), "MiB/s of each run")
+    case .reconnect:
+        let ms: (Double?) -> String = { fixed($0.map { $0 / 1000 }, 2) }
+        (first, second, runs) = ((Metric.p50, ms, "p50 ms"), (Metric.p99, ms, "p99 ms"), "p50 of each run, ms")
     }
     var rows = systems.map { s in
         [s.title, first.format(r.median(s, first.metric)), second.format(r.median(s, second.metric)),
@@ -178,6 +195,18 @@ func table(_ r: WorkloadResults, systems: [System], settings: Settings) -> Strin
                      "paired median: " + times(r.pairedRatio(o, first.metric, of: s))])
     }
     out += markdownTable(["system", first.header, second.header, runs], rows)
+    if r.workload == .reconnect {
+        for s in systems {
+            let m = r.runs[s] ?? []
+            out += "\n\n\(s.title), each run: cuts measured \(m.map { "\($0.count)" }.joined(separator: " "))"
+                + "; slowest, ms: \(m.map { fixed($0.maximum.map { $0 / 1000 }, 2) }.joined(separator: " "))"
+                + "; round trips during the run: \(m.map { grouped($0.roundTrips.map(Double.init)) }.joined(separator: " "))"
+                + "; reconnects of the session: \(m.map { "\($0.reconnects ?? 0)" }.joined(separator: " "))"
+            let unmatched = m.reduce(0) { $0 + ($1.unmatched ?? 0) }
+            if unmatched > 0 { out += "; \(unmatched) cuts not followed by a delivery before the run stopped (left out)" }
+            out += "."
+        }
+    }
     if let load = r.otherLoad {
         out += "\n\nOther processes used \(fixed(load))% of the machine's CPU meanwhile"
             + (load >= 5 ? " (a disturbed run: figures may be off)." : ".")
@@ -199,7 +228,8 @@ struct Goal {
 }
 
 /// The goals, checked against the medians, as a table headed `title`.
-func goalTable(_ title: String, _ list: [Goal], _ results: [Workload: WorkloadResults], systems: [System]) -> String {
+/// `extra`: rows of goals that are not ratios, already formatted.
+func goalTable(_ title: String, _ list: [Goal], _ results: [Workload: WorkloadResults], systems: [System], extra: [[String]] = []) -> String {
     let rows = list.map { g -> [String] in
         guard systems.contains(g.system), systems.contains(g.other),
               let r = results[g.workload], let ratio = r.ratio(g.other, g.metric, of: g.system) else {
@@ -210,7 +240,7 @@ func goalTable(_ title: String, _ list: [Goal], _ results: [Workload: WorkloadRe
         return [g.text, times(ratio), times(r.pairedRatio(g.other, g.metric, of: g.system)),
                 (met ? "met" : "NOT met") + String(format: " (margin %.2fx)", by)]
     }
-    return "### \(title)\n\n" + markdownTable(["goal", "ratio of medians", "paired median", "verdict"], rows) + "\n"
+    return "### \(title)\n\n" + markdownTable(["goal", "ratio of medians", "paired median", "verdict"], rows + extra) + "\n"
 }
 
 /// The secure-mode goals of issue 8: secure mode against crc mode and against TLS 1.3.
@@ -230,6 +260,25 @@ func secureGoals(_ results: [Workload: WorkloadResults], systems: [System]) -> S
              system: .parleySecure, other: .parleyTLS, metric: Metric.p50, limit: 1, atMost: true, strict: true),
     ]
     return goalTable("Goals of issue 8 (secure mode)", list, results, systems: systems)
+}
+
+/// The goals of issue 14 (lossless sessions): sessions on against off, and cut to delivery.
+func losslessGoals(_ results: [Workload: WorkloadResults], systems: [System]) -> String {
+    let ratios = [
+        Goal(text: "sessions on: 64 B pipelined >= 0.9x sessions off (Parley lossless / Parley)", workload: .throughput64B,
+             system: .parleyLossless, other: .parley, metric: Metric.messages, limit: 0.9, atMost: false),
+        Goal(text: "sessions on: bulk MiB/s >= 0.9x sessions off (Parley lossless / Parley)", workload: .bulk,
+             system: .parleyLossless, other: .parley, metric: Metric.mib, limit: 0.9, atMost: false),
+    ]
+    // The absolute goal: cut to first delivery, p50 under 10 ms (the median of the runs' p50s).
+    let p50 = results[.reconnect]?.median(.parleyLossless, Metric.p50)
+    let p99 = results[.reconnect]?.median(.parleyLossless, Metric.p99)
+    let verdict = p50.map { $0 < 10_000 ? "met" + String(format: " (margin %.2fx)", 10_000 / $0) : "NOT met" } ?? "not measured"
+    let absolute = [
+        "cut to first delivery after it: p50 under 10 ms (median of the runs' p50; p99 beside it)",
+        p50.map { fixed($0 / 1000, 2) + " ms" } ?? "-", p99.map { "p99 " + fixed($0 / 1000, 2) + " ms" } ?? "-", verdict,
+    ]
+    return goalTable("Goals of issue 14 (lossless sessions)", ratios, results, systems: systems, extra: [absolute])
 }
 
 /// The issue's goals, checked against the medians.

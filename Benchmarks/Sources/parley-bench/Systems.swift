@@ -8,14 +8,19 @@ import Parley
 import ParleyNIO
 import ParleyServices
 
-/// The systems doing the same echo work. The first four are the plain ones; the last three
+/// The systems doing the same echo work. The first five are the plain ones; the last three
 /// are the secure ones of issue 8 (they need `SecurityMaterial`: a keyring, certificates).
 enum System: String, CaseIterable, Sendable, ExpressibleByArgument {
     case raw
     /// The raw echo with a client that coalesces its writes as Parley's does (one event-loop
     /// job and one flush per batch of requests): the honest floor of the pipelined workloads.
     case rawCoalesced = "raw-coalesced"
-    case parley, grpc
+    case parley
+    /// Parley (crc mode) with a lossless session (feature bit 9, issue 14): every MESSAGE
+    /// numbered and kept until acknowledged. The server is the same as parley's (it offers
+    /// sessions by default); only the client asks for one.
+    case parleyLossless = "parley-lossless"
+    case grpc
     /// Parley in secure mode: method `secret`, every frame sealed with AES-256-GCM.
     case parleySecure = "parley-secure"
     /// Parley over TLS 1.3 (`tls://`), crc mode.
@@ -38,6 +43,7 @@ enum System: String, CaseIterable, Sendable, ExpressibleByArgument {
         case .raw: return "raw NIO"
         case .rawCoalesced: return "raw NIO coalesced"
         case .parley: return "Parley"
+        case .parleyLossless: return "Parley lossless"
         case .grpc: return "gRPC"
         case .parleySecure: return "Parley secure"
         case .parleyTLS: return "Parley TLS"
@@ -124,7 +130,7 @@ struct ParleyCaller: EchoCaller {
     let size: Int
     let system: System
 
-    /// Connects as `system` (parley, parley-secure or parley-tls) to 127.0.0.1:`port`.
+    /// Connects as `system` (parley, parley-lossless, parley-secure or parley-tls) to 127.0.0.1:`port`.
     init(_ system: System = .parley, port: Int, load: Load, material: SecurityMaterial? = nil) async throws {
         let address: ParleyAddress
         var configuration = ParleyClient.Configuration(name: "parley-bench")
@@ -138,10 +144,17 @@ struct ParleyCaller: EchoCaller {
             guard let material else { throw BenchError("\(system.title) needs certificates") }
             address = .tls(host: "127.0.0.1", port: port)
             configuration.transport = PosixTransport(tls: try ParleyTLS.client(directory: material.certificates))
+        case .parleyLossless:
+            address = .tcp(host: "127.0.0.1", port: port)
+            configuration.lossless = ParleyClient.LosslessOptions()
         default:
             address = .tcp(host: "127.0.0.1", port: port)
         }
         let client = try await ParleyClient.connect(to: address, configuration: configuration)
+        if system == .parleyLossless, client.connection.lossless == nil {
+            client.close()
+            throw BenchError("the server at \(address) did not grant a lossless session")
+        }
         self.init(client: client, load: load, system: system)
     }
 
@@ -223,7 +236,7 @@ extension System {
         switch self {
         case .raw: return try await RawCaller(port: port, load: load)
         case .rawCoalesced: return try await RawCaller(port: port, load: load, coalescing: true)
-        case .parley, .parleySecure, .parleyTLS: return try await ParleyCaller(self, port: port, load: load, material: material)
+        case .parley, .parleyLossless, .parleySecure, .parleyTLS: return try await ParleyCaller(self, port: port, load: load, material: material)
         case .grpc: return try GRPCCaller(port: port, load: load)
         case .tlsEcho:
             guard let material else { throw BenchError("\(self.title) needs certificates") }
@@ -248,7 +261,9 @@ extension System {
             ready(bound)
             try await channel.closeFuture.get()
 
-        case .parley, .parleySecure, .parleyTLS:
+        case .parley, .parleyLossless, .parleySecure, .parleyTLS:
+            // parley and parley-lossless: the same server, which offers lossless sessions by
+            // default (`sessionRetention`, 30 s); a client gets one only if it asks.
             var configuration = ParleyServer.Configuration(listen: [.tcp(host: "127.0.0.1", port: port)], name: "parley-bench")
             if self == .parleySecure {
                 guard let keyring else { throw BenchError("the \(self.title) server needs --keyring FILE") }
