@@ -96,6 +96,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private var closeExchanged = false
     private var ackTimer: Scheduled<Void>?
     private var pumpBuffer: [WireMessage] = []
+    /// A pump is due at the end of this event-loop tick.
+    private var pumpDeferred = false
     /// Server side: decides on a client's SESSION_RECONNECT (feature bit 9). Without it, every
     /// reconnect gets SESSION_RESET.
     public var resolveResume: ((SessionResumeRequest) -> ResumeDecision)?
@@ -190,9 +192,16 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
         }
 
-        /// Lossless sessions: transmits what the session has not transmitted on this link.
+        /// Lossless sessions: transmits what the session has not transmitted on this link. On
+        /// the event loop it is deferred to the end of the read burst or of the tick, so that
+        /// the messages of one burst leave in one batch.
         public func pump() {
-            self.onEventLoop { $0.pumpLossless() }
+            if self.handler.eventLoop.inEventLoop {
+                self.handler.value.requestPump()
+            } else {
+                let handler = self.handler
+                self.handler.eventLoop.execute { handler.value.pumpLossless() }
+            }
         }
 
         /// Stops reading from the socket until `resumeReads` is called.
@@ -708,6 +717,18 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     // MARK: - Lossless sessions
+
+    /// A message was submitted on this event loop: transmit it with the others of the read
+    /// burst (at `channelReadComplete`) or of this tick.
+    fileprivate func requestPump() {
+        if self.inReadBurst { return }  // acknowledgeAfterReadBurst pumps
+        guard !self.pumpDeferred, let context = self.context else { return }
+        self.pumpDeferred = true
+        context.eventLoop.assumeIsolated().execute {
+            self.pumpDeferred = false
+            self.pumpLossless()
+        }
+    }
 
     /// Transmits, in seq order, what the session has not transmitted on this link yet.
     fileprivate func pumpLossless() {
