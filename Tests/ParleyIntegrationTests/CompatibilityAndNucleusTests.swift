@@ -211,6 +211,20 @@ struct NucleusTests {
         }
     }
 
+    /// [R-8.2-1] A redirect that does not parse fails the client with `invalidArgument`; it
+    /// leaves the server by closing the byte stream, without CLOSE (the server did nothing
+    /// wrong), so the server sees a plain end of stream and logs no error.
+    @Test func anUnparsableRedirectFailsWithInvalidArgumentWithoutClose() async throws {
+        let logs = LogCollector()
+        try await withServer(configure: { $0.nucleus = ParleyNucleus(redirects: ["no port here"]) }, logger: logs.logger("server", level: .debug)) { _, addresses in
+            let error = await #expect(throws: ParleyError.self) { _ = try await ParleyClient.connect(to: addresses[0], logger: quietLogger) }
+            #expect(error?.code == .invalidArgument)
+            let closed = try await eventually { logs.all.contains { $0.message == "connection closed" } }
+            #expect(closed)
+            #expect(!logs.all.contains { $0.level >= .warning }, "\(logs.all.filter { $0.level >= .warning }.map(\.metadata))")
+        }
+    }
+
     @Test func outOfDateClientIsToldSo() async throws {
         try await withServer(configure: { $0.minimumClientVersion = "9.0.0" }) { _, addresses in
             let error = await #expect(throws: ParleyError.self) {
