@@ -89,6 +89,15 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Layer 4: Parley Work, the job scheduler (issue 11): its sans-IO lease rules and job
+        // signing so far.
+        .target(
+            name: "ParleyWork",
+            dependencies: [
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Layer 4: services built on the API (the built-in echo/ping service).
         .target(
             name: "ParleyServices",
@@ -123,7 +132,7 @@ let package = Package(
         .executableTarget(
             name: "ParleyCLI",
             dependencies: [
-                "Parley", "ParleyServices", "ParleyWire", "ParleyBlock", "ParleyChaos",
+                "Parley", "ParleyServices", "ParleyWire", "ParleyBlock", "ParleyChaos", "ParleyWork",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -138,6 +147,11 @@ let package = Package(
         ),
         // Helpers shared by the test targets.
         .target(name: "ParleyTestSupport", path: "Tests/ParleyTestSupport", swiftSettings: swiftSettings),
+        .testTarget(
+            name: "ParleyWorkTests",
+            dependencies: ["ParleyWork"],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "ParleyWireTests",
             dependencies: [

@@ -45,10 +45,10 @@ struct CommandTests {
     }
 
     @Test func helpExplainsEverySubcommand() throws {
-        for sub in ["serve", "ping", "decode"] {
-            let out = try Self.run([sub, "--help"])
+        for sub in ["serve", "ping", "send", "decode", "work keygen", "work sign", "work verify"] {
+            let out = try Self.run(sub.split(separator: " ").map(String.init) + ["--help"])
             #expect(out.status == 0)
-            #expect(out.stdout.contains("USAGE: parley \(sub)"))
+            #expect(out.stdout.contains("USAGE: parley \(sub)"), "\(out.stdout)")
         }
         let top = try Self.run(["--help"])
         #expect(top.stdout.contains("serve") && top.stdout.contains("ping") && top.stdout.contains("decode"))
@@ -76,6 +76,27 @@ struct CommandTests {
         #expect(out.stdout.contains("OK: every check passed"))
         #expect(out.stdout.contains("hello from swift"))
         #expect(status == 0)
+    }
+
+    /// `parley work keygen`, `sign` and `verify`: the project's Ed25519 job-signing key.
+    @Test func workKeysSignAndVerify() throws {
+        let dir = freshTestDirectory("work-keys")
+        let keygen = try Self.run(["work", "keygen", "--dir", dir])
+        #expect(keygen.status == 0 && keygen.stdout.contains("key id"), "\(keygen.combined)")
+        var info = stat()
+        #expect(stat(dir + "/work.key", &info) == 0 && info.st_mode & 0o777 == 0o600)
+        let again = try Self.run(["work", "keygen", "--dir", dir])
+        #expect(again.status == 2 && again.stdout.contains("not overwriting"))
+        let job = dir + "/job.txt"
+        try Data("run: swift test\n".utf8).write(to: URL(fileURLWithPath: job))
+        let sign = try Self.run(["work", "sign", "--key", dir + "/work.key", job])
+        #expect(sign.status == 0)
+        let signature = sign.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let ok = try Self.run(["work", "verify", "--trust", dir + "/work.pub", "--signature", signature, job])
+        #expect(ok.status == 0 && ok.stdout.contains("signature OK"))
+        try Data("run: rm -rf /\n".utf8).write(to: URL(fileURLWithPath: job))
+        let altered = try Self.run(["work", "verify", "--trust", dir + "/work.pub", "--signature", signature, job])
+        #expect(altered.status == 1 && altered.stdout.contains("does not verify"), "\(altered.combined)")
     }
 
     @Test func badArgumentsGetClearErrors() throws {

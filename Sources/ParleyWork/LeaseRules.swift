@@ -1,0 +1,194 @@
+/// The rules a job follows in the scheduler, sans-IO: no clock, store or randomness inside
+/// (the time and the ids are passed in). The store keeps `JobRecord`s and applies these rules
+/// inside its transactions, so that every master (SQLite, or several on PostgreSQL) decides
+/// the same way.
+///
+/// A job is queued, then handed out under a *lease* (a worker, an id, a deadline). The lease
+/// ends with a report from its worker, with its deadline passing, or with the worker handing
+/// it back. A result is accepted exactly once: a report resent after a reconnect gets the same
+/// answer again and changes nothing; a late success from an expired lease is still accepted if
+/// no other attempt succeeded first (the work was done), and its competitor's later report is
+/// answered as superseded. A failed attempt is retried until `maxAttempts` leases were handed
+/// out, then the job fails with the reasons of every attempt.
+public struct JobRecord: Sendable, Hashable {
+    public enum State: Sendable, Hashable {
+        case queued
+        case leased(Lease)
+        /// Succeeded under this lease.
+        case succeeded(leaseID: UInt64)
+        /// Failed for good: the reasons of its attempts, oldest first.
+        case failed(reasons: [String])
+    }
+
+    public var id: UInt64
+    public var state: State = .queued
+    /// Leases handed out so far, oldest first (at most `maxAttempts`).
+    public var leases: [Lease] = []
+    public var maxAttempts: Int
+    /// Why attempts failed, oldest first.
+    public var failures: [String] = []
+
+    public init(id: UInt64, maxAttempts: Int = 3) {
+        self.id = id
+        self.maxAttempts = max(1, maxAttempts)
+    }
+
+    public var isFinished: Bool {
+        switch self.state {
+        case .succeeded, .failed: return true
+        case .queued, .leased: return false
+        }
+    }
+}
+
+public struct Lease: Sendable, Hashable {
+    /// Unique among the job's leases (the store hands out ids that are unique everywhere).
+    public var id: UInt64
+    public var worker: String
+    /// Nanoseconds since 1970 (wall clock: leases outlive processes and move between masters).
+    public var deadline: Int64
+
+    public init(id: UInt64, worker: String, deadline: Int64) {
+        self.id = id
+        self.worker = worker
+        self.deadline = deadline
+    }
+}
+
+/// What a worker reports at the end of a lease.
+public struct LeaseReport: Sendable, Hashable {
+    public enum Outcome: Sendable, Hashable {
+        case success
+        /// The attempt failed (non-zero exit, a signal, a download, upload or signature error):
+        /// the reason, for the job's record.
+        case failure(String)
+    }
+
+    public var leaseID: UInt64
+    public var worker: String
+    public var outcome: Outcome
+
+    public init(leaseID: UInt64, worker: String, outcome: Outcome) {
+        self.leaseID = leaseID
+        self.worker = worker
+        self.outcome = outcome
+    }
+}
+
+/// The scheduler's answer to a report. Every case but `rejected` is acknowledged to the
+/// worker (it then forgets the report); `rejected` is an error naming what was wrong.
+public enum ReportVerdict: Sendable, Hashable {
+    /// The result is accepted: the job succeeded.
+    case accepted
+    /// This report was already accepted (resent after a reconnect): acknowledged again.
+    case alreadyAccepted
+    /// The failure is recorded and the job queued again for another attempt.
+    case retrying
+    /// The failure is recorded and it was the last attempt: the job failed.
+    case failed
+    /// Another attempt's result was accepted first: this one is acknowledged, not counted.
+    case superseded
+    case rejected(String)
+}
+
+public enum LeaseRules {
+    /// Hands a queued job to `worker` under lease `leaseID` until `now + duration`.
+    /// - Throws: a reason, if the job is not queued.
+    public static func assign(_ job: inout JobRecord, to worker: String, leaseID: UInt64, now: Int64, duration: Int64) throws(LeaseError) -> Lease {
+        guard case .queued = job.state else {
+            throw LeaseError("job \(job.id) is not queued (\(job.state))")
+        }
+        guard job.leases.count < job.maxAttempts else {
+            throw LeaseError("job \(job.id) already had its \(job.maxAttempts) attempts")
+        }
+        guard !job.leases.contains(where: { $0.id == leaseID }) else {
+            throw LeaseError("lease id \(leaseID) was already used for job \(job.id)")
+        }
+        let lease = Lease(id: leaseID, worker: worker, deadline: now &+ max(0, duration))
+        job.leases.append(lease)
+        job.state = .leased(lease)
+        return lease
+    }
+
+    /// A worker reports the end of a lease.
+    public static func report(_ job: inout JobRecord, _ report: LeaseReport) -> ReportVerdict {
+        guard let lease = job.leases.first(where: { $0.id == report.leaseID }) else {
+            return .rejected("job \(job.id) has no lease \(report.leaseID)")
+        }
+        guard lease.worker == report.worker else {
+            return .rejected("lease \(report.leaseID) of job \(job.id) belongs to worker \(lease.worker), not \(report.worker)")
+        }
+        switch job.state {
+        case .succeeded(let accepted):
+            return accepted == report.leaseID ? .alreadyAccepted : .superseded
+        case .failed:
+            // The job failed for good; a late success still counts (the work was done).
+            if case .success = report.outcome {
+                job.state = .succeeded(leaseID: report.leaseID)
+                return .accepted
+            }
+            return job.failures.contains(Self.reason(report, lease)) ? .alreadyAccepted : .superseded
+        case .leased(let current) where current.id == report.leaseID:
+            switch report.outcome {
+            case .success:
+                job.state = .succeeded(leaseID: report.leaseID)
+                return .accepted
+            case .failure:
+                return self.attemptFailed(&job, reason: Self.reason(report, lease))
+            }
+        case .queued, .leased:
+            // An earlier lease of this job, which expired or was handed back: a success is
+            // accepted if no other attempt succeeded; a failure changes nothing now.
+            if case .success = report.outcome {
+                job.state = .succeeded(leaseID: report.leaseID)
+                return .accepted
+            }
+            let reason = Self.reason(report, lease)
+            if job.failures.contains(reason) { return .alreadyAccepted }
+            job.failures.append(reason)
+            return .superseded
+        }
+    }
+
+    /// Ends the lease of a job whose deadline has passed; true if it did.
+    @discardableResult
+    public static func expire(_ job: inout JobRecord, now: Int64) -> Bool {
+        guard case .leased(let lease) = job.state, now >= lease.deadline else { return false }
+        _ = self.attemptFailed(&job, reason: "lease \(lease.id) to \(lease.worker) expired")
+        return true
+    }
+
+    /// The worker gives the job back unfinished (it is shutting down): queued again, and the
+    /// attempt does not count against the job.
+    public static func handBack(_ job: inout JobRecord, leaseID: UInt64, worker: String) throws(LeaseError) {
+        guard case .leased(let lease) = job.state, lease.id == leaseID else {
+            throw LeaseError("job \(job.id) is not leased under \(leaseID)")
+        }
+        guard lease.worker == worker else {
+            throw LeaseError("lease \(leaseID) of job \(job.id) belongs to worker \(lease.worker), not \(worker)")
+        }
+        job.leases.removeAll { $0.id == leaseID }
+        job.state = .queued
+    }
+
+    private static func attemptFailed(_ job: inout JobRecord, reason: String) -> ReportVerdict {
+        job.failures.append(reason)
+        if job.leases.count >= job.maxAttempts {
+            job.state = .failed(reasons: job.failures)
+            return .failed
+        }
+        job.state = .queued
+        return .retrying
+    }
+
+    private static func reason(_ report: LeaseReport, _ lease: Lease) -> String {
+        guard case .failure(let why) = report.outcome else { return "" }
+        return "lease \(lease.id) on \(lease.worker): \(why)"
+    }
+}
+
+public struct LeaseError: Error, Sendable, Hashable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { self.message }
+}

@@ -1,0 +1,110 @@
+import Foundation
+import ParleyWork
+import Testing
+
+/// The lease rules of Parley Work (sans-IO): exactly-once acceptance, retries, expiry.
+@Suite struct LeaseRulesTests {
+    let second: Int64 = 1_000_000_000
+
+    @Test func aJobIsLeasedThenAcceptedExactlyOnce() throws {
+        var job = JobRecord(id: 1)
+        let lease = try LeaseRules.assign(&job, to: "w1", leaseID: 10, now: 0, duration: 60 * second)
+        #expect(job.state == .leased(lease) && lease.deadline == 60 * second)
+        let report = LeaseReport(leaseID: 10, worker: "w1", outcome: .success)
+        #expect(LeaseRules.report(&job, report) == .accepted)
+        #expect(job.state == .succeeded(leaseID: 10) && job.isFinished)
+        // Resent after a reconnect: acknowledged again, nothing changes.
+        let before = job
+        #expect(LeaseRules.report(&job, report) == .alreadyAccepted)
+        #expect(job == before)
+        #expect(throws: LeaseError.self) { try LeaseRules.assign(&job, to: "w2", leaseID: 11, now: 0, duration: 1) }
+    }
+
+    @Test func reportsForUnknownLeasesOrOtherWorkersAreRejectedAndChangeNothing() throws {
+        var job = JobRecord(id: 2)
+        _ = try LeaseRules.assign(&job, to: "w1", leaseID: 20, now: 0, duration: second)
+        let before = job
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: 99, worker: "w1", outcome: .success)) == .rejected("job 2 has no lease 99"))
+        guard case .rejected(let why) = LeaseRules.report(&job, LeaseReport(leaseID: 20, worker: "mallory", outcome: .success)) else {
+            Issue.record("another worker's report accepted")
+            return
+        }
+        #expect(why.contains("belongs to worker w1"))
+        #expect(job == before)
+    }
+
+    @Test func failuresAreRetriedUpToTheLimitThenTheJobFailsWithEveryReason() throws {
+        var job = JobRecord(id: 3, maxAttempts: 3)
+        _ = try LeaseRules.assign(&job, to: "w1", leaseID: 1, now: 0, duration: second)
+        let first = LeaseReport(leaseID: 1, worker: "w1", outcome: .failure("exit status 2"))
+        #expect(LeaseRules.report(&job, first) == .retrying)
+        #expect(job.state == .queued)
+        #expect(LeaseRules.report(&job, first) == .alreadyAccepted, "a resent failure is not counted twice")
+        _ = try LeaseRules.assign(&job, to: "w2", leaseID: 2, now: 0, duration: second)
+        #expect(LeaseRules.expire(&job, now: 2 * second))
+        #expect(job.state == .queued)
+        _ = try LeaseRules.assign(&job, to: "w3", leaseID: 3, now: 0, duration: second)
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: 3, worker: "w3", outcome: .failure("signal 9"))) == .failed)
+        guard case .failed(let reasons) = job.state else { Issue.record("not failed: \(job.state)"); return }
+        #expect(reasons == ["lease 1 on w1: exit status 2", "lease 2 to w2 expired", "lease 3 on w3: signal 9"])
+        #expect(throws: LeaseError.self) { try LeaseRules.assign(&job, to: "w4", leaseID: 4, now: 0, duration: 1) }
+    }
+
+    @Test func aLateSuccessFromAnExpiredLeaseIsAcceptedOnceAndItsCompetitorIsSuperseded() throws {
+        var job = JobRecord(id: 4)
+        _ = try LeaseRules.assign(&job, to: "slow", leaseID: 1, now: 0, duration: second)
+        #expect(!LeaseRules.expire(&job, now: second - 1), "not before the deadline")
+        #expect(LeaseRules.expire(&job, now: second))
+        _ = try LeaseRules.assign(&job, to: "fast", leaseID: 2, now: second, duration: second)
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: 1, worker: "slow", outcome: .success)) == .accepted)
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: 2, worker: "fast", outcome: .success)) == .superseded)
+        #expect(job.state == .succeeded(leaseID: 1))
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: 1, worker: "slow", outcome: .success)) == .alreadyAccepted)
+    }
+
+    @Test func aHandedBackJobIsQueuedWithoutUsingAnAttempt() throws {
+        var job = JobRecord(id: 5, maxAttempts: 1)
+        _ = try LeaseRules.assign(&job, to: "w1", leaseID: 7, now: 0, duration: second)
+        #expect(throws: LeaseError.self) { try LeaseRules.handBack(&job, leaseID: 7, worker: "w2") }
+        try LeaseRules.handBack(&job, leaseID: 7, worker: "w1")
+        #expect(job.state == .queued && job.leases.isEmpty)
+        _ = try LeaseRules.assign(&job, to: "w2", leaseID: 8, now: 0, duration: second)
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: 8, worker: "w2", outcome: .success)) == .accepted)
+    }
+
+    /// A random schedule of assignments, reports (some resent, some late, some from the wrong
+    /// worker), expiries and hand-backs: whatever happens, at most one success is ever accepted
+    /// per job, a finished job never runs again, and every lease ends.
+    @Test func randomSchedulesNeverAcceptTwice() throws {
+        var rng = SystemRandomNumberGenerator()
+        for round in 0..<2_000 {
+            var job = JobRecord(id: UInt64(round), maxAttempts: Int.random(in: 1...4, using: &rng))
+            var now: Int64 = 0
+            var nextLease: UInt64 = 1
+            var accepted = 0
+            var issued: [Lease] = []
+            for _ in 0..<30 {
+                now += Int64.random(in: 0...(2 * second), using: &rng)
+                switch Int.random(in: 0..<5, using: &rng) {
+                case 0:
+                    if let lease = try? LeaseRules.assign(&job, to: "w\(Int.random(in: 0..<3, using: &rng))", leaseID: nextLease, now: now, duration: second) {
+                        issued.append(lease)
+                        nextLease += 1
+                    }
+                case 1, 2:
+                    guard let lease = issued.randomElement(using: &rng) else { break }
+                    let worker = Int.random(in: 0..<10, using: &rng) == 0 ? "mallory" : lease.worker
+                    let outcome: LeaseReport.Outcome = Bool.random(using: &rng) ? .success : .failure("exit \(lease.id)")
+                    if LeaseRules.report(&job, LeaseReport(leaseID: lease.id, worker: worker, outcome: outcome)) == .accepted { accepted += 1 }
+                case 3:
+                    LeaseRules.expire(&job, now: now)
+                default:
+                    if case .leased(let lease) = job.state { try? LeaseRules.handBack(&job, leaseID: lease.id, worker: lease.worker) }
+                }
+                #expect(accepted <= 1, "round \(round): two results accepted")
+                #expect(job.leases.count <= job.maxAttempts)
+                if case .succeeded(let id) = job.state { #expect(job.leases.contains { $0.id == id }) }
+            }
+        }
+    }
+}
