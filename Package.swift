@@ -29,6 +29,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", from: "4.0.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.0"),
         .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.0"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
     ],
     targets: [
         // Layer 0: CRC32C with SSE4.2 / ARMv8 CRC instructions and a table fallback.
@@ -89,12 +90,13 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
-        // Layer 4: Parley Work, the job scheduler (issue 11): its sans-IO lease rules and job
-        // signing so far.
+        // Layer 4: Parley Work, the job scheduler (issue 11): its sans-IO lease rules, job
+        // signing and the job store (SQLite through GRDB) so far.
         .target(
             name: "ParleyWork",
             dependencies: [
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "GRDB", package: "GRDB.swift"),
             ],
             swiftSettings: swiftSettings
         ),

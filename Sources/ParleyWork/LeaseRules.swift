@@ -10,8 +10,8 @@
 /// no other attempt succeeded first (the work was done), and its competitor's later report is
 /// answered as superseded. A failed attempt is retried until `maxAttempts` leases were handed
 /// out, then the job fails with the reasons of every attempt.
-public struct JobRecord: Sendable, Hashable {
-    public enum State: Sendable, Hashable {
+public struct JobRecord: Sendable, Hashable, Codable {
+    public enum State: Sendable, Hashable, Codable {
         case queued
         case leased(Lease)
         /// Succeeded under this lease.
@@ -41,7 +41,7 @@ public struct JobRecord: Sendable, Hashable {
     }
 }
 
-public struct Lease: Sendable, Hashable {
+public struct Lease: Sendable, Hashable, Codable {
     /// Unique among the job's leases (the store hands out ids that are unique everywhere).
     public var id: UInt64
     public var worker: String

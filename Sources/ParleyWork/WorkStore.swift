@@ -1,0 +1,248 @@
+import Foundation
+import GRDB
+
+/// A job as submitted: what to run (the signed bytes of its specification, opaque to the
+/// store), its priority and how many attempts it gets.
+public struct NewJob: Sendable, Hashable {
+    public var spec: [UInt8]
+    public var signature: [UInt8]
+    public var priority: Int
+    public var maxAttempts: Int
+    public var batch: String
+
+    public init(spec: [UInt8], signature: [UInt8], priority: Int = 0, maxAttempts: Int = 3, batch: String = "") {
+        self.spec = spec
+        self.signature = signature
+        self.priority = priority
+        self.maxAttempts = maxAttempts
+        self.batch = batch
+    }
+}
+
+/// A job handed to a worker under a lease.
+public struct ClaimedJob: Sendable, Hashable {
+    public var id: UInt64
+    public var lease: Lease
+    public var spec: [UInt8]
+    public var signature: [UInt8]
+}
+
+/// Where jobs live: a small protocol, so that the scheduler does not care whether it is
+/// SQLite (`SQLiteWorkStore`) or, later, PostgreSQL shared by several masters. Every method
+/// is one transaction that applies `LeaseRules`.
+public protocol WorkStore: Sendable {
+    /// Stores jobs; returns their ids, in order.
+    func submit(_ jobs: [NewJob], now: Int64) async throws -> [UInt64]
+    /// Hands up to `limit` queued jobs (highest priority first, then oldest) to `worker`.
+    func claim(worker: String, limit: Int, now: Int64, leaseDuration: Int64) async throws -> [ClaimedJob]
+    /// A worker's report on a lease, with its result (stored once, when accepted).
+    func report(jobID: UInt64, _ report: LeaseReport, result: [UInt8], now: Int64) async throws -> ReportVerdict
+    /// Puts back the jobs whose leases expired; returns how many.
+    func expireLeases(now: Int64) async throws -> Int
+    /// A worker gives a job back unfinished.
+    func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws
+    /// Jobs by state ("queued", "leased", "succeeded", "failed").
+    func counts() async throws -> [String: Int]
+    /// A job's record and, if accepted, its result.
+    func job(_ id: UInt64) async throws -> (record: JobRecord, result: [UInt8]?)?
+}
+
+public struct WorkStoreError: Error, Sendable, Hashable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { self.message }
+}
+
+/// The job store on SQLite (WAL), through GRDB. The schema is created and upgraded by
+/// migrations (`migrator`), run when the store opens.
+public final class SQLiteWorkStore: WorkStore {
+    let pool: DatabasePool
+
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    public init(path: String) throws {
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(5)
+        self.pool = try DatabasePool(path: path, configuration: configuration)
+        try Self.migrator.migrate(self.pool)
+    }
+
+    /// The schema's migrations, in order; a migration, once released, never changes.
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1: jobs and results") { db in
+            try db.create(table: "job") { t in
+                t.autoIncrementedPrimaryKey("id")
+                t.column("batch", .text).notNull().defaults(to: "")
+                t.column("priority", .integer).notNull().defaults(to: 0)
+                t.column("spec", .blob).notNull()
+                t.column("signature", .blob).notNull()
+                t.column("state", .text).notNull()
+                // The lease rules' record (leases handed out, failures), as JSON.
+                t.column("record", .blob).notNull()
+                t.column("leaseDeadline", .integer)
+                t.column("submittedAt", .integer).notNull()
+                t.column("finishedAt", .integer)
+            }
+            try db.create(index: "job_queue", on: "job", columns: ["state", "priority", "id"])
+            try db.create(index: "job_lease", on: "job", columns: ["state", "leaseDeadline"])
+            try db.create(table: "result") { t in
+                t.primaryKey("jobId", .integer).references("job", onDelete: .cascade)
+                t.column("leaseId", .integer).notNull()
+                t.column("worker", .text).notNull()
+                t.column("result", .blob).notNull()
+                t.column("acceptedAt", .integer).notNull()
+            }
+            // Lease ids are unique in the whole store.
+            try db.create(table: "counter") { t in
+                t.primaryKey("name", .text)
+                t.column("value", .integer).notNull()
+            }
+            try db.execute(sql: "INSERT INTO counter (name, value) VALUES ('lease', 0)")
+        }
+        return migrator
+    }
+
+    /// The names of the migrations applied to the database.
+    public func appliedMigrations() throws -> [String] {
+        try self.pool.read { db in try Self.migrator.appliedMigrations(db) }
+    }
+
+    public func submit(_ jobs: [NewJob], now: Int64) async throws -> [UInt64] {
+        try await self.pool.write { db in
+            try jobs.map { job in
+                guard !job.signature.isEmpty else { throw WorkStoreError("a job without a signature is not stored") }
+                try db.execute(
+                    sql: "INSERT INTO job (batch, priority, spec, signature, state, record, submittedAt) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                    arguments: [job.batch, job.priority, Data(job.spec), Data(job.signature), try Self.encode(JobRecord(id: 0, maxAttempts: job.maxAttempts)), now]
+                )
+                return UInt64(db.lastInsertedRowID)
+            }
+        }
+    }
+
+    public func claim(worker: String, limit: Int, now: Int64, leaseDuration: Int64) async throws -> [ClaimedJob] {
+        guard limit > 0 else { return [] }
+        return try await self.pool.write { db in
+            let rows = try Row.fetchAll(
+                db, sql: "SELECT id, spec, signature, record FROM job WHERE state = 'queued' ORDER BY priority DESC, id LIMIT ?", arguments: [limit]
+            )
+            var claimed: [ClaimedJob] = []
+            for row in rows {
+                let id = UInt64(row["id"] as Int64)
+                var record = try Self.decode(row["record"], id: id)
+                let leaseID = try Self.nextLeaseID(db)
+                let lease = try LeaseRules.assign(&record, to: worker, leaseID: leaseID, now: now, duration: leaseDuration)
+                try Self.save(db, record, now: now)
+                claimed.append(ClaimedJob(id: id, lease: lease, spec: Array(row["spec"] as Data), signature: Array(row["signature"] as Data)))
+            }
+            return claimed
+        }
+    }
+
+    public func report(jobID: UInt64, _ report: LeaseReport, result: [UInt8], now: Int64) async throws -> ReportVerdict {
+        try await self.pool.write { db in
+            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(jobID)]) else {
+                return .rejected("no job \(jobID)")
+            }
+            var record = try Self.decode(data, id: jobID)
+            let verdict = LeaseRules.report(&record, report)
+            switch verdict {
+            case .accepted:
+                try db.execute(
+                    sql: "INSERT INTO result (jobId, leaseId, worker, result, acceptedAt) VALUES (?, ?, ?, ?, ?)",
+                    arguments: [Int64(jobID), Int64(report.leaseID), report.worker, Data(result), now]
+                )
+                try Self.save(db, record, now: now)
+            case .retrying, .failed, .superseded:
+                try Self.save(db, record, now: now)
+            case .alreadyAccepted, .rejected:
+                break
+            }
+            return verdict
+        }
+    }
+
+    public func expireLeases(now: Int64) async throws -> Int {
+        try await self.pool.write { db in
+            let rows = try Row.fetchAll(db, sql: "SELECT id, record FROM job WHERE state = 'leased' AND leaseDeadline <= ?", arguments: [now])
+            var expired = 0
+            for row in rows {
+                let id = UInt64(row["id"] as Int64)
+                var record = try Self.decode(row["record"], id: id)
+                if LeaseRules.expire(&record, now: now) {
+                    try Self.save(db, record, now: now)
+                    expired += 1
+                }
+            }
+            return expired
+        }
+    }
+
+    public func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws {
+        try await self.pool.write { db in
+            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(jobID)]) else {
+                throw WorkStoreError("no job \(jobID)")
+            }
+            var record = try Self.decode(data, id: jobID)
+            try LeaseRules.handBack(&record, leaseID: leaseID, worker: worker)
+            try Self.save(db, record, now: 0)
+        }
+    }
+
+    public func counts() async throws -> [String: Int] {
+        try await self.pool.read { db in
+            var counts: [String: Int] = ["queued": 0, "leased": 0, "succeeded": 0, "failed": 0]
+            for row in try Row.fetchAll(db, sql: "SELECT state, COUNT(*) AS n FROM job GROUP BY state") {
+                counts[row["state"]] = row["n"]
+            }
+            return counts
+        }
+    }
+
+    public func job(_ id: UInt64) async throws -> (record: JobRecord, result: [UInt8]?)? {
+        try await self.pool.read { db in
+            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(id)]) else { return nil }
+            let result = try Data.fetchOne(db, sql: "SELECT result FROM result WHERE jobId = ?", arguments: [Int64(id)])
+            return (try Self.decode(data, id: id), result.map { Array($0) })
+        }
+    }
+
+    // MARK: - Rows
+
+    private static func nextLeaseID(_ db: Database) throws -> UInt64 {
+        try db.execute(sql: "UPDATE counter SET value = value + 1 WHERE name = 'lease'")
+        return UInt64(try Int64.fetchOne(db, sql: "SELECT value FROM counter WHERE name = 'lease'") ?? 0)
+    }
+
+    private static func save(_ db: Database, _ record: JobRecord, now: Int64) throws {
+        let state: String
+        var deadline: Int64?
+        var finished: Int64?
+        switch record.state {
+        case .queued: state = "queued"
+        case .leased(let lease):
+            state = "leased"
+            deadline = lease.deadline
+        case .succeeded:
+            state = "succeeded"
+            finished = now
+        case .failed:
+            state = "failed"
+            finished = now
+        }
+        try db.execute(
+            sql: "UPDATE job SET state = ?, record = ?, leaseDeadline = ?, finishedAt = COALESCE(finishedAt, ?) WHERE id = ?",
+            arguments: [state, try Self.encode(record), deadline, finished, Int64(record.id)]
+        )
+    }
+
+    private static func encode(_ record: JobRecord) throws -> Data {
+        try JSONEncoder().encode(record)
+    }
+
+    private static func decode(_ data: Data, id: UInt64) throws -> JobRecord {
+        var record = try JSONDecoder().decode(JobRecord.self, from: data)
+        record.id = id
+        return record
+    }
+}
