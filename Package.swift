@@ -95,8 +95,12 @@ let package = Package(
         .target(
             name: "ParleyWork",
             dependencies: [
+                "Parley", "ParleyWire",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -151,13 +155,17 @@ let package = Package(
         .target(name: "ParleyTestSupport", path: "Tests/ParleyTestSupport", swiftSettings: swiftSettings),
         .testTarget(
             name: "ParleyWorkTests",
-            dependencies: ["ParleyWork"],
+            dependencies: [
+                "ParleyWork", "ParleyWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "ParleyWireTests",
             dependencies: [
-                "ParleyWire", "CParleyCRC32C", "ParleyServices", "ParleyBlock", "ParleyTestSupport",
+                "ParleyWire", "CParleyCRC32C", "ParleyServices", "ParleyBlock", "ParleyWork", "ParleyTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],

@@ -1,17 +1,263 @@
 import ArgumentParser
 import Foundation
+import Logging
+import Parley
 import ParleyWork
+import ServiceLifecycle
+import SwiftProtobuf
+import UnixSignals
 
-/// `parley work`: Parley Work, the job scheduler (issue 11). So far: its signing keys.
+/// `parley work`: Parley Work, the job scheduler (issue 11).
 struct Work: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Parley Work: distribute signed jobs to workers (so far: signing keys).",
+        abstract: "Parley Work: distribute signed jobs to workers.",
         discussion: """
             Jobs are signed with the project's Ed25519 key, which never leaves the machine that
             submits them; workers run only jobs whose signature verifies with the public key.
+            A master (`work serve`) keeps the jobs in SQLite and hands them out under leases;
+            a result is accepted exactly once.
             """,
-        subcommands: [Keygen.self, Sign.self, Verify.self]
+        subcommands: [Serve.self, Worker.self, Submit.self, Status.self, Results.self, Keygen.self, Sign.self, Verify.self]
     )
+
+    static let defaultMaster = "127.0.0.1:7422"
+
+    struct Serve: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a master: the job store and the Work protocol on Parley.",
+            discussion: "Default: 127.0.0.1:7422 and the SQLite file parley-work.sqlite in the current directory. SIGINT/SIGTERM stop it gracefully."
+        )
+
+        @Option(name: .long, help: ArgumentHelp("Address to listen on (repeatable).", valueName: "address"))
+        var listen: [String] = []
+
+        @Option(name: .long, help: ArgumentHelp("The job store: sqlite:PATH.", valueName: "url"))
+        var database = "sqlite:parley-work.sqlite"
+
+        @Option(name: .long, help: ArgumentHelp("The project's public key (work.pub): refuse jobs it did not sign.", valueName: "file"))
+        var trust: String?
+
+        @Option(name: .long, help: ArgumentHelp("How long a lease lasts before its job goes back to the queue.", valueName: "seconds"))
+        var leaseSeconds: Int = 600
+
+        @Option(name: .long, help: ArgumentHelp("Attempts a job gets unless it says otherwise.", valueName: "n"))
+        var maxAttempts: Int = 3
+
+        @OptionGroup var logging: LoggingOptions
+
+        func validate() throws {
+            guard self.database.hasPrefix("sqlite:"), self.database.count > 7 else {
+                throw ValidationError("--database must be sqlite:PATH (PostgreSQL is not supported yet)")
+            }
+            guard self.leaseSeconds > 0, self.maxAttempts > 0 else { throw ValidationError("--lease-seconds and --max-attempts must be positive") }
+            for a in self.listen { do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) } }
+        }
+
+        func run() async throws {
+            self.logging.bootstrap()
+            let logger = Logger(label: "parley.work")
+            let store: SQLiteWorkStore
+            do {
+                store = try SQLiteWorkStore(path: String(self.database.dropFirst("sqlite:".count)))
+            } catch {
+                print("parley work serve: cannot open \(self.database): \(error)")
+                throw ExitCode(2)
+            }
+            var trust: WorkSigning.PublicKey?
+            if let path = self.trust {
+                do { trust = try WorkSigning.readPublicKey(path) } catch { throw ValidationError(error.message) }
+            }
+            var router = ParleyRouter()
+            WorkService.register(on: &router, store: store, configuration: .init(
+                leaseDuration: .seconds(self.leaseSeconds), defaultMaxAttempts: self.maxAttempts, trust: trust
+            ))
+            let addresses = try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) }
+            let server = ParleyServer(configuration: .init(listen: addresses, name: "parley-work"), router: router, logger: logger)
+            let group = ServiceGroup(configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            try await group.run()
+        }
+    }
+
+    struct Worker: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a worker: take jobs from a master, check their signatures, run them, report.",
+            discussion: "A job whose signature does not verify with --trust is refused and reported, never run. The connection is a lossless session: a cut loses no report."
+        )
+
+        @Option(name: .long, help: ArgumentHelp("The master's address.", valueName: "address"))
+        var master = Work.defaultMaster
+
+        @Option(name: .long, help: ArgumentHelp("The project's public key (work.pub).", valueName: "file"))
+        var trust: String
+
+        @Option(name: .long, help: "Jobs run at once.")
+        var slots: Int = 1
+
+        @Option(name: .long, help: ArgumentHelp("Where jobs run, each in a directory of its own.", valueName: "dir"))
+        var dir = "parley-work-jobs"
+
+        @Option(name: .long, help: "The worker's name (default: the host name and process id).")
+        var name: String?
+
+        @OptionGroup var logging: LoggingOptions
+
+        func validate() throws {
+            guard self.slots >= 1 else { throw ValidationError("--slots must be at least 1") }
+            do { _ = try ParleyAddress(parsing: self.master) } catch { throw ValidationError(error.message) }
+        }
+
+        func run() async throws {
+            self.logging.bootstrap()
+            let trust: WorkSigning.PublicKey
+            do { trust = try WorkSigning.readPublicKey(self.trust) } catch { throw ValidationError(error.message) }
+            var configuration = ParleyClient.Configuration(name: "parley-work-worker")
+            configuration.lossless = .init()
+            let client: ParleyClient
+            do {
+                client = try await ParleyClient.connect(to: try ParleyAddress(parsing: self.master), configuration: configuration, logger: Logger(label: "parley.work.worker"))
+            } catch let error as ParleyError {
+                print("parley work worker: \(error.message) [\(error.code)]")
+                throw ExitCode(2)
+            }
+            let name = self.name ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
+            let worker = WorkWorker(client: client, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust))
+            let task = Task { try await worker.run() }
+            let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
+            let stop = Task { for await _ in signals { task.cancel(); break } }
+            defer { stop.cancel() }
+            do {
+                try await task.value
+            } catch is CancellationError {
+            } catch let error as ParleyError where error.code == .cancelled {
+            } catch let error as ParleyError {
+                print("parley work worker: \(error.message) [\(error.code)]")
+                throw ExitCode(2)
+            }
+            client.close()
+            print("worker \(name) stopped: ran \(worker.ran.ran) jobs, refused \(worker.ran.refused)")
+        }
+    }
+
+    struct Submit: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Sign and submit a job (COUNT copies) to a master; prints the job ids.",
+            discussion: "Everything after -- is the job's program and arguments (no shell unless --shell). The private key stays here: the master only stores the signature."
+        )
+
+        @Option(name: .long, help: ArgumentHelp("The master's address.", valueName: "address"))
+        var master = Work.defaultMaster
+
+        @Option(name: .long, help: ArgumentHelp("The project's private key (work.key).", valueName: "file"))
+        var key: String
+
+        @Option(name: .long, help: "Copies of the job to submit.")
+        var count: Int = 1
+
+        @Option(name: .long, help: "Priority (higher first).")
+        var priority: Int32 = 0
+
+        @Flag(name: .long, help: "Run the command through /bin/sh -c.")
+        var shell = false
+
+        @Option(name: .long, help: ArgumentHelp("An environment variable for the job, NAME=VALUE (repeatable).", valueName: "name=value"))
+        var env: [String] = []
+
+        @Argument(parsing: .postTerminator, help: "The job's program and arguments.")
+        var command: [String] = []
+
+        func validate() throws {
+            guard !self.command.isEmpty else { throw ValidationError("give the job's command after --") }
+            guard self.count >= 1 else { throw ValidationError("--count must be at least 1") }
+            for e in self.env where !e.contains("=") { throw ValidationError("--env takes NAME=VALUE, got \(e)") }
+        }
+
+        func run() async throws {
+            let key: WorkSigning.PrivateKey
+            do { key = try WorkSigning.readPrivateKey(self.key) } catch { throw ValidationError(error.message) }
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = self.command
+            spec.shell = self.shell
+            spec.env = Dictionary(self.env.map { e in (String(e.prefix { $0 != "=" }), String(e.drop { $0 != "=" }.dropFirst())) }) { $1 }
+            if spec.env["PATH"] == nil { spec.env["PATH"] = "/usr/local/bin:/usr/bin:/bin" }
+            var job = Parley_Work_V1_SignedJob()
+            job.spec = try spec.serializedBytes()
+            job.signature = Data(try key.sign(job: Array(job.spec)))
+            job.priority = self.priority
+            var submit = Parley_Work_V1_SubmitJobs()
+            submit.jobs = Array(repeating: job, count: self.count)
+            do {
+                let client = try await ParleyClient.connect(to: try ParleyAddress(parsing: self.master), configuration: .init(name: "parley-work-submit"), logger: Logger(label: "parley.work.submit"))
+                defer { client.close() }
+                let reply = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
+                for id in reply.jobIds { print(id) }
+            } catch let error as ParleyError {
+                print("parley work submit: \(error.message) [\(error.code)]")
+                throw ExitCode(2)
+            }
+        }
+    }
+
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Jobs of a master by state.")
+
+        @Option(name: .long, help: ArgumentHelp("The master's address.", valueName: "address"))
+        var master = Work.defaultMaster
+
+        @Flag(name: .long, help: "Print JSON.")
+        var json = false
+
+        func run() async throws {
+            do {
+                let client = try await ParleyClient.connect(to: try ParleyAddress(parsing: self.master), configuration: .init(name: "parley-work-status"), logger: Logger(label: "parley.work.status"))
+                defer { client.close() }
+                let s = try await client.request(Parley_Work_V1_StatusRequest(), as: Parley_Work_V1_StatusReply.self)
+                if self.json {
+                    print("{\"queued\":\(s.queued),\"leased\":\(s.leased),\"succeeded\":\(s.succeeded),\"failed\":\(s.failed)}")
+                } else {
+                    print("queued \(s.queued), leased \(s.leased), succeeded \(s.succeeded), failed \(s.failed)")
+                }
+            } catch let error as ParleyError {
+                print("parley work status: \(error.message) [\(error.code)]")
+                throw ExitCode(2)
+            }
+        }
+    }
+
+    struct Results: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "A job's state and accepted result.")
+
+        @Option(name: .long, help: ArgumentHelp("The master's address.", valueName: "address"))
+        var master = Work.defaultMaster
+
+        @Flag(name: .long, help: "Print JSON.")
+        var json = false
+
+        @Argument(help: "The job id.")
+        var job: UInt64
+
+        func run() async throws {
+            do {
+                let client = try await ParleyClient.connect(to: try ParleyAddress(parsing: self.master), configuration: .init(name: "parley-work-results"), logger: Logger(label: "parley.work.results"))
+                defer { client.close() }
+                var request = Parley_Work_V1_ResultRequest()
+                request.jobID = self.job
+                let r = try await client.request(request, as: Parley_Work_V1_ResultReply.self)
+                if self.json {
+                    print(try r.jsonString())
+                } else {
+                    print("job \(self.job): \(r.state)")
+                    for f in r.failures { print("  attempt failed: \(f)") }
+                    if r.hasResult {
+                        print("  accepted from \(r.result.worker), lease \(r.result.leaseID): exit status \(r.result.exitStatus), \(r.result.wallMs) ms")
+                        if !r.result.stdoutTail.isEmpty { print("  stdout: \(String(decoding: r.result.stdoutTail, as: UTF8.self))", terminator: "") }
+                    }
+                }
+            } catch let error as ParleyError {
+                print("parley work results: \(error.message) [\(error.code)]")
+                throw ExitCode(2)
+            }
+        }
+    }
 
     struct Keygen: ParsableCommand {
         static let configuration = CommandConfiguration(

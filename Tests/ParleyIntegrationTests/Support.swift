@@ -260,12 +260,13 @@ final class ServeProcess {
     /// The server's log so far.
     var log: String { String(decoding: FileManager.default.contents(atPath: self.logPath) ?? Data(), as: UTF8.self) }
 
-    /// Starts `parley serve ARGUMENTS` and waits (at most `seconds`) until it listens.
-    static func start(_ arguments: [String], seconds: Double = 30) async throws -> ServeProcess {
+    /// Starts `parley serve ARGUMENTS` (or another subcommand that serves, `command`) and
+    /// waits (at most `seconds`) until it listens.
+    static func start(_ arguments: [String], command: [String] = ["serve"], seconds: Double = 30) async throws -> ServeProcess {
         let parley = try #require(parleyExecutablePath(), "parley executable not built")
         let process = Process()
         process.executableURL = URL(fileURLWithPath: parley)
-        process.arguments = ["serve"] + arguments
+        process.arguments = command + arguments
         let logPath = temporaryPath("serve-\(UUID().uuidString.prefix(8)).log")
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         process.standardOutput = FileHandle.nullDevice

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import ParleyBlock
+import ParleyWork
 import ParleyServices
 import ParleyWire
 import SwiftProtobuf
@@ -20,7 +21,7 @@ import Testing
 /// suite was written, so that the check cannot pass on an empty or truncated document.
 @Suite struct ProtocolDocumentTests {
     /// Vectors in docs/protocol.md when this suite was written; removing one fails the suite.
-    static let minimumVectorCount = 70
+    static let minimumVectorCount = 74
 
     /// What must have at least one vector, besides every known frame tag and message kind.
     static let requiredCoverage: [String] = [
@@ -32,6 +33,8 @@ import Testing
         "type/parley.block.v1.OpenReply", "type/parley.block.v1.Io", "type/parley.block.v1.IoReply",
         "type/parley.block.v1.Close", "type/parley.block.v1.CloseReply",
         "data/parley.block.v1.Io", "data/parley.block.v1.IoReply",
+        // Parley Work (section 19): asking for work, an assignment, a report and its ack.
+        "type/parley.work.v1.RequestWork", "type/parley.work.v1.WorkAssignments", "type/parley.work.v1.ReportResult", "type/parley.work.v1.ReportAck",
         // Secure mode (section 5.1): both ciphers, a key update, the key schedule, the transcript.
         "sealed/aes-256-gcm", "sealed/chacha20-poly1305", "sealed/key-update", "secret", "transcript",
     ]
@@ -290,7 +293,7 @@ import Testing
     /// The schemas in the document are the .proto files, verbatim.
     @Test func documentQuotesTheProtoFilesVerbatim() throws {
         let text = try ProtocolDocument.load().text
-        for path in ["Protos/parley/v1/parley.proto", "Protos/parley/echo/v1/echo.proto", "Protos/parley/block/v1/block.proto"] {
+        for path in ["Protos/parley/v1/parley.proto", "Protos/parley/echo/v1/echo.proto", "Protos/parley/block/v1/block.proto", "Protos/parley/work/v1/work.proto"] {
             let proto = try String(contentsOf: ProtocolDocument.root.appendingPathComponent(path), encoding: .utf8)
             #expect(text.contains("```protobuf\n" + proto + "```"), "docs/protocol.md does not quote \(path) verbatim")
         }
@@ -464,6 +467,8 @@ enum ProtocolDocument {
             Parley_V1_ServerIdent.self, Parley_V1_Notice.self, Parley_V1_Status.self,
             Parley_V1_SessionReconnect.self, Parley_V1_SessionResumed.self, Parley_V1_SessionReset.self,
             Parley_Echo_V1_Work.self, Parley_Echo_V1_WorkDone.self,
+            Parley_Work_V1_RequestWork.self, Parley_Work_V1_WorkAssignments.self, Parley_Work_V1_Assignment.self,
+            Parley_Work_V1_SignedJob.self, Parley_Work_V1_ReportResult.self, Parley_Work_V1_ReportAck.self,
             Parley_Echo_V1_Echo.self, Parley_Echo_V1_EchoReply.self, Parley_Echo_V1_Ping.self,
             Parley_Echo_V1_Pong.self, Parley_Echo_V1_Count.self, Parley_Echo_V1_CountItem.self,
             Parley_Echo_V1_CountDone.self, Parley_Echo_V1_Sleep.self, Parley_Echo_V1_Slept.self,

@@ -100,6 +100,10 @@ ENUMS = {
                                     "BLOCK_STATUS_READ_ONLY", "BLOCK_STATUS_PATH_REFUSED", "BLOCK_STATUS_BUSY",
                                     "BLOCK_STATUS_IO_ERROR", "BLOCK_STATUS_NO_SPACE", "BLOCK_STATUS_NOT_SUPPORTED",
                                     "BLOCK_STATUS_NO_SESSION", "BLOCK_STATUS_BUSY_SESSION", "BLOCK_STATUS_SHUTTING_DOWN"],
+    # Parley Work (section 19).
+    "parley.work.v1.ErrorKind": ["ERROR_KIND_NONE", "ERROR_KIND_SIGNATURE", "ERROR_KIND_SPEC", "ERROR_KIND_COMPUTE"],
+    "parley.work.v1.Verdict": ["VERDICT_UNSPECIFIED", "VERDICT_ACCEPTED", "VERDICT_ALREADY_ACCEPTED", "VERDICT_RETRYING",
+                               "VERDICT_FAILED", "VERDICT_SUPERSEDED"],
 }
 # message -> list of (number, lowerCamelCase json name, type, repeated)
 SCHEMA = {
@@ -165,8 +169,20 @@ SCHEMA = {
     "parley.block.v1.IoReply": [(1, "status", "enum:parley.block.v1.BlockStatus", False), (2, "message", "string", False)],
     "parley.block.v1.Close": [(1, "deviceId", "uint32", False)],
     "parley.block.v1.CloseReply": [(1, "status", "enum:parley.block.v1.BlockStatus", False), (2, "message", "string", False)],
+    # Parley Work (section 19).
+    "parley.work.v1.RequestWork": [(1, "worker", "string", False), (2, "slots", "uint32", False)],
+    "parley.work.v1.SignedJob": [(1, "spec", "bytes", False), (2, "signature", "bytes", False), (3, "priority", "int32", False),
+                                 (4, "maxAttempts", "uint32", False)],
+    "parley.work.v1.Assignment": [(1, "jobId", "uint64", False), (2, "leaseId", "uint64", False), (3, "deadlineUnixMs", "int64", False),
+                                  (4, "job", "msg:parley.work.v1.SignedJob", False)],
+    "parley.work.v1.WorkAssignments": [(1, "assignments", "msg:parley.work.v1.Assignment", True)],
+    "parley.work.v1.ReportResult": [(1, "worker", "string", False), (2, "jobId", "uint64", False), (3, "leaseId", "uint64", False),
+                                    (4, "exitStatus", "int32", False), (5, "signal", "int32", False),
+                                    (6, "errorKind", "enum:parley.work.v1.ErrorKind", False), (7, "message", "string", False),
+                                    (8, "wallMs", "uint64", False), (9, "stdoutTail", "bytes", False), (10, "stderrTail", "bytes", False)],
+    "parley.work.v1.ReportAck": [(1, "verdict", "enum:parley.work.v1.Verdict", False)],
 }
-_WIRE_TYPE = {"string": 2, "bytes": 2, "uint32": 0, "uint64": 0, "bool": 0, "double": 1}
+_WIRE_TYPE = {"string": 2, "bytes": 2, "uint32": 0, "uint64": 0, "int32": 0, "int64": 0, "bool": 0, "double": 1}
 
 
 def _wire_type(t):
@@ -200,7 +216,8 @@ def pb_encode(type_name, msg):
                 v = v.encode() if isinstance(v, str) else v
                 out += varint(number << 3 | 2) + varint(len(v)) + v
             else:
-                out += varint(number << 3) + varint(int(v))
+                # int32/int64: a negative value is its 64-bit two's complement (10 bytes).
+                out += varint(number << 3) + varint(int(v) & 0xFFFFFFFFFFFFFFFF)
     return bytes(out)
 
 
@@ -278,6 +295,11 @@ def pb_decode(type_name, data):
             value = bool(value)
         elif t == "uint32":
             value &= 0xFFFFFFFF
+        elif t in ("int32", "int64"):
+            value &= 0xFFFFFFFFFFFFFFFF
+            value = value - (1 << 64) if value >> 63 else value
+            if t == "int32":
+                value = ((value & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
         if repeated:
             msg.setdefault(name, []).append(value)
         else:
@@ -299,7 +321,7 @@ def pb_from_json(type_name, obj):
                 return ENUMS[t[5:]].index(x) if isinstance(x, str) else int(x)
             if t == "bytes":
                 return base64.b64decode(x)
-            if t in ("uint32", "uint64"):
+            if t in ("uint32", "uint64", "int32", "int64"):
                 return int(x)
             return float(x) if t == "double" else x
         msg[name] = [conv(x) for x in v] if repeated else conv(v)

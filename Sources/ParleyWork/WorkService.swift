@@ -1,0 +1,146 @@
+import Foundation
+import Parley
+import ParleyWire
+import SwiftProtobuf
+
+/// The master's side of the Work protocol: handlers for a `ParleyRouter`, on a `WorkStore`.
+/// Submitters send `SubmitJobs`; workers say `WorkerHello`, ask with `RequestWork` and end
+/// each lease with `ReportResult`; anyone may ask `StatusRequest` and `ResultRequest`.
+public enum WorkService {
+    public struct Configuration: Sendable {
+        /// How long a lease lasts before the job goes back to the queue.
+        public var leaseDuration: Duration
+        public var defaultMaxAttempts: Int
+        /// The project's public key: jobs whose signature does not verify are refused (and
+        /// nothing is stored). Nil: signatures are checked by the workers only.
+        public var trust: WorkSigning.PublicKey?
+        public var name: String
+
+        public init(leaseDuration: Duration = .seconds(600), defaultMaxAttempts: Int = 3, trust: WorkSigning.PublicKey? = nil, name: String = "parley-work") {
+            self.leaseDuration = leaseDuration
+            self.defaultMaxAttempts = defaultMaxAttempts
+            self.trust = trust
+            self.name = name
+        }
+    }
+
+    /// Wall-clock nanoseconds since 1970: leases outlive processes and move between masters.
+    public static func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1e9) }
+
+    public static func register(on router: inout ParleyRouter, store: any WorkStore, configuration: Configuration = .init()) {
+        let leaseNanoseconds = Int64(configuration.leaseDuration.components.seconds) * 1_000_000_000
+        router.on(Parley_Work_V1_SubmitJobs.self) { request, _ in
+            guard !request.jobs.isEmpty else { throw ParleyError(code: .invalidArgument, message: "SubmitJobs holds no job") }
+            var jobs: [NewJob] = []
+            for (i, job) in request.jobs.enumerated() {
+                if let trust = configuration.trust {
+                    do throws(WorkSigningError) {
+                        try trust.verify(job: Array(job.spec), signature: Array(job.signature))
+                    } catch {
+                        throw ParleyError(code: .permissionDenied, message: "job \(i) of the batch is refused: \(error.message); nothing was stored")
+                    }
+                } else if job.signature.count != 64 {
+                    throw ParleyError(code: .invalidArgument, message: "job \(i) of the batch is not signed; nothing was stored")
+                }
+                guard (try? Parley_Work_V1_JobSpec(serializedBytes: job.spec)) != nil else {
+                    throw ParleyError(code: .malformedPayload, message: "job \(i) of the batch: its spec is not a JobSpec; nothing was stored")
+                }
+                jobs.append(NewJob(
+                    spec: Array(job.spec), signature: Array(job.signature), priority: Int(job.priority),
+                    maxAttempts: job.maxAttempts > 0 ? Int(job.maxAttempts) : configuration.defaultMaxAttempts
+                ))
+            }
+            var reply = Parley_Work_V1_SubmitReply()
+            reply.jobIds = try await store.submit(jobs, now: Self.now())
+            return reply
+        }
+        router.on(Parley_Work_V1_WorkerHello.self) { (_: Parley_Work_V1_WorkerHello, _: ParleyRequestContext) -> Parley_Work_V1_WorkerWelcome in
+            var welcome = Parley_Work_V1_WorkerWelcome()
+            welcome.master = configuration.name
+            welcome.leaseSeconds = UInt32(clamping: configuration.leaseDuration.components.seconds)
+            return welcome
+        }
+        router.on(Parley_Work_V1_RequestWork.self) { request, context in
+            let worker = try Self.worker(request.worker, context)
+            let now = Self.now()
+            _ = try await store.expireLeases(now: now)
+            let claimed = try await store.claim(worker: worker, limit: Int(min(request.slots, 64)), now: now, leaseDuration: leaseNanoseconds)
+            var reply = Parley_Work_V1_WorkAssignments()
+            reply.assignments = claimed.map { job in
+                var a = Parley_Work_V1_Assignment()
+                a.jobID = job.id
+                a.leaseID = job.lease.id
+                a.deadlineUnixMs = job.lease.deadline / 1_000_000
+                a.job.spec = Data(job.spec)
+                a.job.signature = Data(job.signature)
+                return a
+            }
+            return reply
+        }
+        router.on(Parley_Work_V1_ReportResult.self) { report, context in
+            let worker = try Self.worker(report.worker, context)
+            let outcome: LeaseReport.Outcome
+            if report.errorKind == .none, report.exitStatus == 0, report.signal == 0 {
+                outcome = .success
+            } else {
+                outcome = .failure(Self.describe(report))
+            }
+            let verdict = try await store.report(
+                jobID: report.jobID, LeaseReport(leaseID: report.leaseID, worker: worker, outcome: outcome),
+                result: try report.serializedBytes(), now: Self.now()
+            )
+            var ack = Parley_Work_V1_ReportAck()
+            switch verdict {
+            case .accepted: ack.verdict = .accepted
+            case .alreadyAccepted: ack.verdict = .alreadyAccepted
+            case .retrying: ack.verdict = .retrying
+            case .failed: ack.verdict = .failed
+            case .superseded: ack.verdict = .superseded
+            case .rejected(let why): throw ParleyError(code: .invalidArgument, message: "report refused: \(why)")
+            }
+            return ack
+        }
+        router.on(Parley_Work_V1_StatusRequest.self) { _, _ in
+            let counts = try await store.counts()
+            var reply = Parley_Work_V1_StatusReply()
+            reply.queued = UInt64(counts["queued"] ?? 0)
+            reply.leased = UInt64(counts["leased"] ?? 0)
+            reply.succeeded = UInt64(counts["succeeded"] ?? 0)
+            reply.failed = UInt64(counts["failed"] ?? 0)
+            return reply
+        }
+        router.on(Parley_Work_V1_ResultRequest.self) { request, _ in
+            guard let job = try await store.job(request.jobID) else {
+                throw ParleyError(code: .invalidArgument, message: "no job \(request.jobID)")
+            }
+            var reply = Parley_Work_V1_ResultReply()
+            switch job.record.state {
+            case .queued: reply.state = "queued"
+            case .leased: reply.state = "leased"
+            case .succeeded: reply.state = "succeeded"
+            case .failed: reply.state = "failed"
+            }
+            reply.failures = job.record.failures
+            if let result = job.result { reply.result = try Parley_Work_V1_ReportResult(serializedBytes: result) }
+            return reply
+        }
+    }
+
+    /// The worker a request speaks for: the authenticated entity when there is one (a worker
+    /// cannot speak for another), else the name it gives.
+    static func worker(_ claimed: String, _ context: ParleyRequestContext) throws -> String {
+        if let entity = context.session.entity { return entity }
+        guard !claimed.isEmpty else { throw ParleyError(code: .invalidArgument, message: "the request names no worker") }
+        return claimed
+    }
+
+    static func describe(_ report: Parley_Work_V1_ReportResult) -> String {
+        switch report.errorKind {
+        case .signature: return "refused: bad signature (\(report.message))"
+        case .spec: return "refused: \(report.message)"
+        case .compute: return "could not run: \(report.message)"
+        default:
+            return report.signal != 0 ? "killed by signal \(report.signal)" : "exit status \(report.exitStatus)"
+        }
+    }
+}

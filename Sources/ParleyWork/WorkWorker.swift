@@ -1,0 +1,235 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import Parley
+import ParleyWire
+import SwiftProtobuf
+
+/// A worker: asks its master for jobs, checks each job's signature against the project's
+/// public key before running anything, runs it in a directory of its own with a clean
+/// environment and a wall-time limit, and reports the result. Its connection is a lossless
+/// session, so a report survives a broken connection; reports are idempotent for the master
+/// (a resent one is acknowledged again), so they are sent again after a session reset too.
+public final class WorkWorker: Sendable {
+    public struct Configuration: Sendable {
+        public var name: String
+        public var slots: Int
+        /// Jobs run in `directory/job-ID-LEASE`.
+        public var directory: String
+        public var trust: WorkSigning.PublicKey
+        public var defaultMaxWall: Duration
+        public var defaultMaxOutput: Int
+        /// How long to wait before asking again when the master had no work.
+        public var idleDelay: Duration
+
+        public init(
+            name: String, slots: Int = 1, directory: String, trust: WorkSigning.PublicKey,
+            defaultMaxWall: Duration = .seconds(3600), defaultMaxOutput: Int = 64 << 10, idleDelay: Duration = .milliseconds(200)
+        ) {
+            self.name = name
+            self.slots = max(1, slots)
+            self.directory = directory
+            self.trust = trust
+            self.defaultMaxWall = defaultMaxWall
+            self.defaultMaxOutput = defaultMaxOutput
+            self.idleDelay = idleDelay
+        }
+    }
+
+    public let configuration: Configuration
+    let client: ParleyClient
+    let logger: Logger
+    private let counts = NIOLockedValueBox((ran: 0, refused: 0))
+
+    public init(client: ParleyClient, configuration: Configuration, logger: Logger = Logger(label: "parley.work.worker")) {
+        self.client = client
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    /// Jobs run and jobs refused so far.
+    public var ran: (ran: Int, refused: Int) { self.counts.withLockedValue { $0 } }
+
+    /// Says hello, then runs `slots` loops that ask for a job, run it and report it, until the
+    /// task is cancelled or the connection ends.
+    public func run() async throws {
+        var hello = Parley_Work_V1_WorkerHello()
+        hello.worker = self.configuration.name
+        hello.platform = ParleyBuild.platform
+        hello.cpus = UInt32(ProcessInfo.processInfo.activeProcessorCount)
+        hello.memoryBytes = ProcessInfo.processInfo.physicalMemory
+        hello.slots = UInt32(self.configuration.slots)
+        let welcome = try await self.client.request(hello, as: Parley_Work_V1_WorkerWelcome.self, idempotent: true)
+        self.logger.info("working for \(welcome.master)", metadata: ["slots": "\(self.configuration.slots)", "lease": "\(welcome.leaseSeconds) s"])
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<self.configuration.slots {
+                group.addTask { try await self.slotLoop() }
+            }
+            try await group.waitForAll()
+        }
+    }
+
+    private func slotLoop() async throws {
+        while !Task.isCancelled {
+            var request = Parley_Work_V1_RequestWork()
+            request.worker = self.configuration.name
+            request.slots = 1
+            let assignments = try await self.client.request(request, as: Parley_Work_V1_WorkAssignments.self)
+            guard let assignment = assignments.assignments.first else {
+                try await Task.sleep(for: self.configuration.idleDelay)
+                continue
+            }
+            let report = await self.execute(assignment)
+            let ack = try await self.client.request(report, as: Parley_Work_V1_ReportAck.self, idempotent: true)
+            self.logger.debug("reported", metadata: ["job": "\(assignment.jobID)", "verdict": "\(ack.verdict)"])
+        }
+    }
+
+    /// Verifies and runs one assignment; returns its report (never throws: every failure is
+    /// a report).
+    func execute(_ assignment: Parley_Work_V1_Assignment) async -> Parley_Work_V1_ReportResult {
+        var report = Parley_Work_V1_ReportResult()
+        report.worker = self.configuration.name
+        report.jobID = assignment.jobID
+        report.leaseID = assignment.leaseID
+        do {
+            try self.configuration.trust.verify(job: Array(assignment.job.spec), signature: Array(assignment.job.signature))
+        } catch {
+            self.counts.withLockedValue { $0.refused += 1 }
+            self.logger.warning("job refused: bad signature, not run", metadata: ["job": "\(assignment.jobID)", "error": "\(error.message)"])
+            report.errorKind = .signature
+            report.message = error.message
+            return report
+        }
+        guard let spec = try? Parley_Work_V1_JobSpec(serializedBytes: assignment.job.spec), !spec.argv.isEmpty else {
+            report.errorKind = .spec
+            report.message = "the job's spec does not decode or names no program"
+            return report
+        }
+        self.counts.withLockedValue { $0.ran += 1 }
+        let directory = "\(self.configuration.directory)/job-\(assignment.jobID)-\(assignment.leaseID)"
+        let started = ContinuousClock.now
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            let outcome = try await JobRunner.run(
+                spec, directory: directory,
+                maxWall: spec.maxWallSeconds > 0 ? .seconds(Int64(spec.maxWallSeconds)) : self.configuration.defaultMaxWall,
+                maxOutput: spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, 16 << 20)) : self.configuration.defaultMaxOutput
+            )
+            report.exitStatus = outcome.exitStatus
+            report.signal = outcome.signal
+            report.stdoutTail = Data(outcome.stdout)
+            report.stderrTail = Data(outcome.stderr)
+            if outcome.timedOut {
+                report.errorKind = .compute
+                report.message = "wall-time limit reached: killed"
+            }
+        } catch {
+            report.errorKind = .compute
+            report.message = "\(error)"
+        }
+        let elapsed = ContinuousClock.now - started
+        report.wallMs = UInt64(max(0, elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000))
+        return report
+    }
+}
+
+/// Runs a job's program as a child process: no shell unless the spec asks for one, only the
+/// spec's environment, in its directory, killed at its wall-time limit; keeps the last
+/// `maxOutput` bytes of each output stream.
+enum JobRunner {
+    struct Outcome {
+        var exitStatus: Int32
+        var signal: Int32
+        var timedOut: Bool
+        var stdout: [UInt8]
+        var stderr: [UInt8]
+    }
+
+    static func run(_ spec: Parley_Work_V1_JobSpec, directory: String, maxWall: Duration, maxOutput: Int) async throws -> Outcome {
+        let process = Process()
+        if spec.shell {
+            process.executableURL = URL(fileURLWithPath: "/bin/sh")
+            process.arguments = ["-c", spec.argv.joined(separator: " ")]
+        } else {
+            let program = spec.argv[0]
+            process.executableURL = URL(fileURLWithPath: program.hasPrefix("/") ? program : try Self.find(program, in: spec.env["PATH"]))
+            process.arguments = Array(spec.argv.dropFirst())
+        }
+        process.environment = spec.env
+        process.currentDirectoryURL = URL(fileURLWithPath: directory)
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        let stdout = OutputTail(limit: maxOutput), stderr = OutputTail(limit: maxOutput)
+        out.fileHandleForReading.readabilityHandler = { stdout.append($0.availableData) }
+        err.fileHandleForReading.readabilityHandler = { stderr.append($0.availableData) }
+        let exited = NIOLockedValueBox<CheckedContinuation<Void, Never>?>(nil)
+        let done = NIOLockedValueBox(false)
+        process.terminationHandler = { _ in
+            let c = exited.withLockedValue { c -> CheckedContinuation<Void, Never>? in
+                done.withLockedValue { $0 = true }
+                defer { c = nil }
+                return c
+            }
+            c?.resume()
+        }
+        try process.run()
+        let timedOut = NIOLockedValueBox(false)
+        let killer = Task {
+            try await Task.sleep(for: maxWall)
+            if process.isRunning {
+                timedOut.withLockedValue { $0 = true }
+                kill(process.processIdentifier, SIGKILL)
+            }
+        }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let finished = exited.withLockedValue { slot -> Bool in
+                if done.withLockedValue({ $0 }) { return true }
+                slot = c
+                return false
+            }
+            if finished { c.resume() }
+        }
+        killer.cancel()
+        out.fileHandleForReading.readabilityHandler = nil
+        err.fileHandleForReading.readabilityHandler = nil
+        stdout.append(out.fileHandleForReading.readDataToEndOfFile())
+        stderr.append(err.fileHandleForReading.readDataToEndOfFile())
+        let signaled = process.terminationReason == .uncaughtSignal
+        return Outcome(
+            exitStatus: signaled ? 0 : process.terminationStatus, signal: signaled ? process.terminationStatus : 0,
+            timedOut: timedOut.withLockedValue { $0 }, stdout: stdout.bytes, stderr: stderr.bytes
+        )
+    }
+
+    static func find(_ program: String, in path: String?) throws -> String {
+        for dir in (path ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":") {
+            let candidate = "\(dir)/\(program)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        throw ParleyError(code: .invalidArgument, message: "program \(program) not found")
+    }
+}
+
+/// The last `limit` bytes written to a stream.
+final class OutputTail: Sendable {
+    private let box: NIOLockedValueBox<[UInt8]>
+    let limit: Int
+
+    init(limit: Int) {
+        self.limit = limit
+        self.box = NIOLockedValueBox([])
+    }
+
+    func append(_ data: Data) {
+        guard !data.isEmpty else { return }
+        self.box.withLockedValue { b in
+            b.append(contentsOf: data)
+            if b.count > self.limit { b.removeFirst(b.count - self.limit) }
+        }
+    }
+
+    var bytes: [UInt8] { self.box.withLockedValue { $0 } }
+}

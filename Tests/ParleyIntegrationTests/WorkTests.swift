@@ -1,0 +1,106 @@
+import Foundation
+import ParleyTestSupport
+import Testing
+
+/// Parley Work between real processes: `parley work serve` on SQLite, `parley work worker`s,
+/// `parley work submit`, `status` and `results`.
+@Suite(.serialized) struct WorkProcessTests {
+    /// Starts `parley work worker` processes; stops them by PID.
+    final class Workers {
+        var processes: [Process] = []
+        let logs: [String]
+
+        init(count: Int, master: String, trust: String, dir: String) throws {
+            let parley = try #require(parleyExecutablePath())
+            var logs: [String] = []
+            for i in 0..<count {
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: parley)
+                p.arguments = ["work", "worker", "--master", master, "--trust", trust, "--slots", "2", "--dir", "\(dir)/w\(i)", "--name", "worker-\(i)"]
+                let log = "\(dir)/worker-\(i).log"
+                _ = FileManager.default.createFile(atPath: log, contents: nil)
+                p.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+                p.standardError = p.standardOutput
+                try p.run()
+                self.processes.append(p)
+                logs.append(log)
+            }
+            self.logs = logs
+        }
+
+        func stop() {
+            for p in self.processes where p.isRunning { kill(p.processIdentifier, SIGTERM) }
+            for p in self.processes {
+                for _ in 0..<300 where p.isRunning { usleep(10_000) }
+                if p.isRunning { kill(p.processIdentifier, SIGKILL) }
+                p.waitUntilExit()
+            }
+        }
+
+        deinit { for p in self.processes where p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+    }
+
+    static func status(_ master: String) throws -> [String: Int] {
+        let out = try parley(["work", "status", "--master", master, "--json"])
+        guard out.status == 0, let object = try JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [String: Int] else {
+            throw ParleyTestFailure("status failed: \(out.combined)")
+        }
+        return object
+    }
+
+    /// 200 jobs, 4 workers of 2 slots: every job runs exactly once (each appends its own
+    /// directory name, which holds its job id, to a shared log) and is accepted once.
+    @Test func everyJobRunsExactlyOnce() async throws {
+        let dir = freshTestDirectory("work")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--trust", dir + "/keys/work.pub"], command: ["work", "serve"])
+        let log = dir + "/ran.log"
+        let submit = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "200", "--", "/bin/sh", "-c", "basename \"$(pwd)\" >> \(log)"])
+        #expect(submit.status == 0, "\(submit.combined)")
+        #expect(submit.stdout.split(separator: "\n").count == 200)
+        let workers = try Workers(count: 4, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
+        let done = try await eventually(seconds: 60) { (try? Self.status(master.address)["succeeded"]) == 200 }
+        workers.stop()
+        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        let lines = String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self).split(separator: "\n")
+        let jobs = lines.compactMap { $0.split(separator: "-").dropFirst().first.flatMap { UInt64($0) } }
+        #expect(jobs.count == 200 && Set(jobs) == Set(1...200), "ran \(jobs.count) times, \(Set(jobs).count) distinct jobs")
+        let result = try parley(["work", "results", "7", "--master", master.address])
+        #expect(result.stdout.contains("job 7: succeeded") && result.stdout.contains("exit status 0"), "\(result.combined)")
+        let ranPerWorker = workers.logs.map { String(decoding: FileManager.default.contents(atPath: $0) ?? Data(), as: UTF8.self) }
+        #expect(ranPerWorker.filter { $0.contains("stopped: ran") }.count == 4, "\(ranPerWorker)")
+        await master.stop()
+    }
+
+    /// A job signed with another key: the master with --trust refuses it and stores nothing;
+    /// a master without --trust stores it, and the worker refuses to run it, reports why, and
+    /// after its attempts the job fails with the reasons; the command never ran.
+    @Test func badlySignedJobsNeverRun() async throws {
+        let dir = freshTestDirectory("work-bad")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try parley(["work", "keygen", "--dir", dir + "/other"]).status == 0)
+        let marker = dir + "/ran"
+        let guarded = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/a.sqlite", "--trust", dir + "/keys/work.pub"], command: ["work", "serve"])
+        let refused = try parley(["work", "submit", "--master", guarded.address, "--key", dir + "/other/work.key", "--", "/usr/bin/touch", marker])
+        #expect(refused.status == 2 && refused.stdout.contains("does not verify") && refused.stdout.contains("nothing was stored"), "\(refused.combined)")
+        #expect(try Self.status(guarded.address) == ["queued": 0, "leased": 0, "succeeded": 0, "failed": 0])
+        await guarded.stop()
+
+        let open = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/b.sqlite", "--max-attempts", "2"], command: ["work", "serve"])
+        let stored = try parley(["work", "submit", "--master", open.address, "--key", dir + "/other/work.key", "--", "/usr/bin/touch", marker])
+        #expect(stored.status == 0)
+        let workers = try Workers(count: 1, master: open.address, trust: dir + "/keys/work.pub", dir: dir)
+        let failed = try await eventually(seconds: 30) { (try? Self.status(open.address)["failed"]) == 1 }
+        workers.stop()
+        #expect(failed)
+        #expect(!FileManager.default.fileExists(atPath: marker), "a badly signed job ran")
+        let result = try parley(["work", "results", "1", "--master", open.address])
+        #expect(result.stdout.contains("job 1: failed") && result.stdout.contains("refused: bad signature"), "\(result.combined)")
+        await open.stop()
+    }
+}
+
+struct ParleyTestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
