@@ -156,8 +156,9 @@ let package = Package(
         .testTarget(
             name: "ParleyWorkTests",
             dependencies: [
-                "ParleyWork", "ParleyWire",
+                "ParleyWork", "ParleyWire", "Parley",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],
             swiftSettings: swiftSettings

@@ -123,7 +123,8 @@ struct Work: AsyncParsableCommand {
             let worker = WorkWorker(client: client, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust))
             let task = Task { try await worker.run() }
             let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
-            let stop = Task { for await _ in signals { task.cancel(); break } }
+            // SIGINT/SIGTERM: stop the running jobs and hand them back, then leave.
+            let stop = Task { for await _ in signals { worker.shutDown(); break } }
             defer { stop.cancel() }
             do {
                 try await task.value
@@ -134,7 +135,8 @@ struct Work: AsyncParsableCommand {
                 throw ExitCode(2)
             }
             client.close()
-            print("worker \(name) stopped: ran \(worker.ran.ran) jobs, refused \(worker.ran.refused)")
+            let back = worker.handedBackJobs
+            print("worker \(name) stopped: ran \(worker.ran.ran) jobs, refused \(worker.ran.refused), handed back \(back.count)\(back.isEmpty ? "" : " (jobs \(back.map(String.init).joined(separator: ", ")))")")
         }
     }
 

@@ -24,6 +24,9 @@ public enum WorkService {
         }
     }
 
+    /// The largest output tail a report may carry, per stream.
+    public static let maxTail = 1 << 20
+
     /// Wall-clock nanoseconds since 1970: leases outlive processes and move between masters.
     public static func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1e9) }
 
@@ -77,8 +80,22 @@ public enum WorkService {
             }
             return reply
         }
+        router.on(Parley_Work_V1_HandBack.self) { request, context in
+            let worker = try Self.worker(request.worker, context)
+            do {
+                try await store.handBack(jobID: request.jobID, leaseID: request.leaseID, worker: worker)
+            } catch let error as LeaseError {
+                throw ParleyError(code: .invalidArgument, message: "hand-back refused: \(error.message)")
+            } catch let error as WorkStoreError {
+                throw ParleyError(code: .invalidArgument, message: "hand-back refused: \(error.message)")
+            }
+            return Parley_Work_V1_HandBackReply()
+        }
         router.on(Parley_Work_V1_ReportResult.self) { report, context in
             let worker = try Self.worker(report.worker, context)
+            for (name, tail) in [("stdout", report.stdoutTail), ("stderr", report.stderrTail)] where tail.count > Self.maxTail {
+                throw ParleyError(code: .invalidArgument, message: "report refused: its \(name) tail of \(tail.count) bytes is over the limit of \(Self.maxTail); nothing was stored")
+            }
             let outcome: LeaseReport.Outcome
             if report.errorKind == .none, report.exitStatus == 0, report.signal == 0 {
                 outcome = .success

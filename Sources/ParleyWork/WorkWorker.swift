@@ -40,6 +40,11 @@ public final class WorkWorker: Sendable {
     let client: ParleyClient
     let logger: Logger
     private let counts = NIOLockedValueBox((ran: 0, refused: 0))
+    /// Shutting down: no new job is taken, running ones are stopped and handed back.
+    private let stopping = NIOLockedValueBox(false)
+    /// The child process of each running job, by job id.
+    private let running = NIOLockedValueBox<[UInt64: Int32]>([:])
+    private let handedBack = NIOLockedValueBox<[UInt64]>([])
 
     public init(client: ParleyClient, configuration: Configuration, logger: Logger = Logger(label: "parley.work.worker")) {
         self.client = client
@@ -49,6 +54,18 @@ public final class WorkWorker: Sendable {
 
     /// Jobs run and jobs refused so far.
     public var ran: (ran: Int, refused: Int) { self.counts.withLockedValue { $0 } }
+
+    /// Jobs handed back to the master at shutdown.
+    public var handedBackJobs: [UInt64] { self.handedBack.withLockedValue { $0 } }
+
+    /// Stops taking jobs, stops the running ones and hands them back to the master (which
+    /// queues them again without counting the attempt); `run()` then returns.
+    public func shutDown() {
+        self.stopping.withLockedValue { $0 = true }
+        for pid in self.running.withLockedValue({ Array($0.values) }) { kill(pid, SIGKILL) }
+    }
+
+    private var isStopping: Bool { self.stopping.withLockedValue { $0 } }
 
     /// Says hello, then runs `slots` loops that ask for a job, run it and report it, until the
     /// task is cancelled or the connection ends.
@@ -70,16 +87,27 @@ public final class WorkWorker: Sendable {
     }
 
     private func slotLoop() async throws {
-        while !Task.isCancelled {
+        while !Task.isCancelled, !self.isStopping {
             var request = Parley_Work_V1_RequestWork()
             request.worker = self.configuration.name
             request.slots = 1
             let assignments = try await self.client.request(request, as: Parley_Work_V1_WorkAssignments.self)
             guard let assignment = assignments.assignments.first else {
-                try await Task.sleep(for: self.configuration.idleDelay)
+                try? await Task.sleep(for: self.configuration.idleDelay)
                 continue
             }
             let report = await self.execute(assignment)
+            if self.isStopping, report.errorKind != .signature {
+                // Stopped by the shutdown (or taken just before it): not a failure of the job.
+                var back = Parley_Work_V1_HandBack()
+                back.worker = self.configuration.name
+                back.jobID = assignment.jobID
+                back.leaseID = assignment.leaseID
+                _ = try await self.client.request(back, as: Parley_Work_V1_HandBackReply.self, idempotent: true)
+                self.handedBack.withLockedValue { $0.append(assignment.jobID) }
+                self.logger.info("handed back", metadata: ["job": "\(assignment.jobID)"])
+                continue
+            }
             let ack = try await self.client.request(report, as: Parley_Work_V1_ReportAck.self, idempotent: true)
             self.logger.debug("reported", metadata: ["job": "\(assignment.jobID)", "verdict": "\(ack.verdict)"])
         }
@@ -111,11 +139,19 @@ public final class WorkWorker: Sendable {
         let started = ContinuousClock.now
         do {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            let jobID = assignment.jobID
+            defer { self.running.withLockedValue { _ = $0.removeValue(forKey: jobID) } }
             let outcome = try await JobRunner.run(
                 spec, directory: directory,
                 maxWall: spec.maxWallSeconds > 0 ? .seconds(Int64(spec.maxWallSeconds)) : self.configuration.defaultMaxWall,
-                maxOutput: spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, 16 << 20)) : self.configuration.defaultMaxOutput
-            )
+                maxOutput: min(spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, UInt64(WorkService.maxTail))) : self.configuration.defaultMaxOutput, WorkService.maxTail)
+            ) { pid in
+                let stopping = self.stopping.withLockedValue { stopping in
+                    if !stopping { self.running.withLockedValue { $0[jobID] = pid } }
+                    return stopping
+                }
+                if stopping { kill(pid, SIGKILL) }
+            }
             report.exitStatus = outcome.exitStatus
             report.signal = outcome.signal
             report.stdoutTail = Data(outcome.stdout)
@@ -146,7 +182,9 @@ enum JobRunner {
         var stderr: [UInt8]
     }
 
-    static func run(_ spec: Parley_Work_V1_JobSpec, directory: String, maxWall: Duration, maxOutput: Int) async throws -> Outcome {
+    static func run(
+        _ spec: Parley_Work_V1_JobSpec, directory: String, maxWall: Duration, maxOutput: Int, started: @Sendable (Int32) -> Void = { _ in }
+    ) async throws -> Outcome {
         let process = Process()
         if spec.shell {
             process.executableURL = URL(fileURLWithPath: "/bin/sh")
@@ -176,6 +214,7 @@ enum JobRunner {
             c?.resume()
         }
         try process.run()
+        started(process.processIdentifier)
         let timedOut = NIOLockedValueBox(false)
         let killer = Task {
             try await Task.sleep(for: maxWall)

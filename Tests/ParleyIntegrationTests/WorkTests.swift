@@ -100,6 +100,27 @@ import Testing
     }
 }
 
+extension WorkProcessTests {
+    /// SIGTERM to a worker running jobs: it stops them and hands them back; the master queues
+    /// them again without counting the attempt.
+    @Test func aStoppedWorkerHandsItsJobsBack() async throws {
+        let dir = freshTestDirectory("work-handback")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--max-attempts", "1"], command: ["work", "serve"])
+        #expect(try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "2", "--", "/bin/sleep", "30"]).status == 0)
+        let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
+        #expect(try await eventually(seconds: 20) { (try? Self.status(master.address)["leased"]) == 2 })
+        try await Task.sleep(for: .milliseconds(300))  // the jobs are running
+        workers.stop()
+        let log = String(decoding: FileManager.default.contents(atPath: workers.logs[0]) ?? Data(), as: UTF8.self)
+        #expect(log.contains("handed back 2"), "\(log)")
+        #expect(try Self.status(master.address) == ["queued": 2, "leased": 0, "succeeded": 0, "failed": 0])
+        let result = try parley(["work", "results", "1", "--master", master.address])
+        #expect(result.stdout.contains("job 1: queued") && !result.stdout.contains("attempt failed"), "\(result.combined)")
+        await master.stop()
+    }
+}
+
 struct ParleyTestFailure: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }

@@ -1,0 +1,69 @@
+import Foundation
+import Logging
+import NIOCore
+import Parley
+import ParleyWire
+import ParleyWork
+import SwiftProtobuf
+import Testing
+
+/// The master's handlers in process: what a misbehaving worker or submitter gets.
+@Suite struct WorkServiceTests {
+    @Test func badReportsAndHandBacksAreRefusedWithAClearErrorAndStoreNothing() async throws {
+        let dir = NSTemporaryDirectory() + "work-service-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
+        let key = WorkSigning.PrivateKey()
+        var router = ParleyRouter()
+        WorkService.register(on: &router, store: store, configuration: .init(trust: key.publicKey))
+        var quiet = Logger(label: "test")
+        quiet.logLevel = .critical
+        let server = ParleyServer(configuration: .init(listen: []), router: router, logger: quiet)
+        let task = Task { try await server.run() }
+        defer { server.shutDown(); task.cancel() }
+        _ = try await server.listeningAddresses
+        let client = try await ParleyClient.connect(inProcessTo: server, logger: quiet)
+        defer { client.close() }
+
+        var spec = Parley_Work_V1_JobSpec()
+        spec.argv = ["/bin/true"]
+        var job = Parley_Work_V1_SignedJob()
+        job.spec = try spec.serializedBytes()
+        job.signature = Data(try key.sign(job: Array(job.spec)))
+        var forged = job
+        forged.signature = Data(try WorkSigning.PrivateKey().sign(job: Array(job.spec)))
+        var submit = Parley_Work_V1_SubmitJobs()
+        submit.jobs = [job, forged]
+        let refused = await #expect(throws: ParleyError.self) { _ = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self) }
+        #expect(refused?.code == .permissionDenied && refused?.message.contains("job 1 of the batch is refused") == true, "\(String(describing: refused))")
+        #expect(try await store.counts()["queued"] == 0, "nothing of the batch was stored")
+        submit.jobs = [job]
+        let id = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self).jobIds[0]
+
+        var ask = Parley_Work_V1_RequestWork()
+        ask.worker = "w1"
+        ask.slots = 1
+        let assignment = try #require(try await client.request(ask, as: Parley_Work_V1_WorkAssignments.self).assignments.first)
+        var report = Parley_Work_V1_ReportResult()
+        report.worker = "w1"
+        report.jobID = id
+        report.leaseID = assignment.leaseID
+        report.stdoutTail = Data(repeating: 0x41, count: WorkService.maxTail + 1)
+        let tooBig = await #expect(throws: ParleyError.self) { _ = try await client.request(report, as: Parley_Work_V1_ReportAck.self) }
+        #expect(tooBig?.code == .invalidArgument && tooBig?.message.contains("over the limit") == true)
+        report.stdoutTail = Data("ok".utf8)
+        var other = report
+        other.worker = "w2"
+        let wrongWorker = await #expect(throws: ParleyError.self) { _ = try await client.request(other, as: Parley_Work_V1_ReportAck.self) }
+        #expect(wrongWorker?.message.contains("belongs to worker w1") == true)
+        var back = Parley_Work_V1_HandBack()
+        back.worker = "w2"
+        back.jobID = id
+        back.leaseID = assignment.leaseID
+        let wrongHandBack = await #expect(throws: ParleyError.self) { _ = try await client.request(back, as: Parley_Work_V1_HandBackReply.self) }
+        #expect(wrongHandBack?.message.contains("hand-back refused") == true)
+        #expect(try await store.job(id)?.result == nil, "nothing stored by the refused reports")
+        #expect(try await client.request(report, as: Parley_Work_V1_ReportAck.self).verdict == .accepted)
+        #expect(try await client.request(report, as: Parley_Work_V1_ReportAck.self).verdict == .alreadyAccepted)
+    }
+}
