@@ -121,6 +121,41 @@ extension WorkProcessTests {
     }
 }
 
+extension WorkProcessTests {
+    /// One master on SQLite, 20 worker processes, 10,000 short jobs (PARLEY_WORK_JOBS changes
+    /// it): each runs exactly once (the jobs' own log, one line per run) and its result is
+    /// accepted exactly once (the store: all succeeded, none failed; the workers: the runs
+    /// they report add up to the jobs).
+    @Test func tenThousandJobsOnTwentyWorkersEachRunOnce() async throws {
+        let total = Int(ProcessInfo.processInfo.environment["PARLEY_WORK_JOBS"] ?? "") ?? 10_000
+        let dir = freshTestDirectory("work-many")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--trust", dir + "/keys/work.pub"], command: ["work", "serve"])
+        let log = dir + "/ran.log"
+        let submit = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "\(total)", "--", "/bin/sh", "-c", "echo ${PWD##*/} >> \(log)"], seconds: 120)
+        #expect(submit.status == 0, "\(submit.combined.suffix(300))")
+        let started = ContinuousClock.now
+        let workers = try Workers(count: 20, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
+        let done = try await eventually(seconds: 600) { (try? Self.status(master.address)["succeeded"]) == total }
+        let elapsed = ContinuousClock.now - started
+        workers.stop()
+        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        #expect(try Self.status(master.address) == ["queued": 0, "leased": 0, "succeeded": total, "failed": 0])
+        let lines = String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self).split(separator: "\n")
+        let jobs = lines.compactMap { $0.split(separator: "-").dropFirst().first.flatMap { UInt64($0) } }
+        #expect(jobs.count == total, "\(jobs.count) runs for \(total) jobs")
+        #expect(Set(jobs) == Set((1...total).map(UInt64.init)), "some job ran twice or never")
+        let reported = workers.logs.compactMap { path -> Int? in
+            let text = String(decoding: FileManager.default.contents(atPath: path) ?? Data(), as: UTF8.self)
+            guard let range = text.range(of: "stopped: ran ") else { return nil }
+            return Int(text[range.upperBound...].prefix { $0.isNumber })
+        }
+        #expect(reported.count == 20 && reported.reduce(0, +) == total, "workers say they ran \(reported)")
+        print("parley work: \(total) jobs on 20 workers in \(elapsed) (\(Int(Double(total) / (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18))) jobs/s, debug build, each job a /bin/sh)")
+        await master.stop()
+    }
+}
+
 struct ParleyTestFailure: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }
