@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import Parley
 import ParleyWire
 import SwiftProtobuf
@@ -63,10 +64,18 @@ public enum WorkService {
             welcome.leaseSeconds = UInt32(clamping: configuration.leaseDuration.components.seconds)
             return welcome
         }
+        // Expired leases are looked for at most once a second (not on every request: that
+        // would take the store's write lock each time).
+        let lastExpiry = NIOLockedValueBox<Int64>(0)
         router.on(Parley_Work_V1_RequestWork.self) { request, context in
             let worker = try Self.worker(request.worker, context)
             let now = Self.now()
-            _ = try await store.expireLeases(now: now)
+            let due = lastExpiry.withLockedValue { last -> Bool in
+                guard now - last >= 1_000_000_000 else { return false }
+                last = now
+                return true
+            }
+            if due { _ = try await store.expireLeases(now: now) }
             let claimed = try await store.claim(worker: worker, limit: Int(min(request.slots, 64)), now: now, leaseDuration: leaseNanoseconds)
             var reply = Parley_Work_V1_WorkAssignments()
             reply.assignments = claimed.map { job in
