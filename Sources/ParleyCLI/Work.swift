@@ -22,6 +22,14 @@ struct Work: AsyncParsableCommand {
 
     static let defaultMaster = "127.0.0.1:7422"
 
+    /// A connection to a master, authenticated when the security options say so.
+    static func connect(_ master: String, name: String, security: ClientSecurityOptions) async throws -> ParleyClient {
+        let address = try ParleyAddress(parsing: master)
+        var configuration = ParleyClient.Configuration(name: name)
+        try security.apply(to: &configuration, address: address)
+        return try await ParleyClient.connect(to: address, configuration: configuration, logger: Logger(label: "parley.work"))
+    }
+
     struct Serve: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Run a master: the job store and the Work protocol on Parley.",
@@ -43,6 +51,8 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Attempts a job gets unless it says otherwise.", valueName: "n"))
         var maxAttempts: Int = 3
 
+        @OptionGroup var security: ServerSecurityOptions
+
         @OptionGroup var logging: LoggingOptions
 
         func validate() throws {
@@ -51,6 +61,7 @@ struct Work: AsyncParsableCommand {
             }
             guard self.leaseSeconds > 0, self.maxAttempts > 0 else { throw ValidationError("--lease-seconds and --max-attempts must be positive") }
             for a in self.listen { do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) } }
+            try self.security.check(listen: try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) })
         }
 
         func run() async throws {
@@ -72,7 +83,22 @@ struct Work: AsyncParsableCommand {
                 leaseDuration: .seconds(self.leaseSeconds), defaultMaxAttempts: self.maxAttempts, trust: trust
             ))
             let addresses = try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) }
-            let server = ParleyServer(configuration: .init(listen: addresses, name: "parley-work"), router: router, logger: logger)
+            var configuration = ParleyServer.Configuration(listen: addresses, name: "parley-work")
+            do { try self.security.apply(to: &configuration) } catch let error as ParleyError { throw ValidationError(error.message) }
+            let server = ParleyServer(configuration: configuration, router: router, logger: logger)
+            // Expired leases go back to the queue even when no worker asks for work.
+            let expiry = Task {
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .seconds(1))
+                    do {
+                        let n = try await store.expireLeases(now: WorkService.now())
+                        if n > 0 { logger.info("leases expired", metadata: ["jobs": "\(n)"]) }
+                    } catch {
+                        logger.warning("cannot expire leases", metadata: ["error": "\(error)"])
+                    }
+                }
+            }
+            defer { expiry.cancel() }
             let group = ServiceGroup(configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
             try await group.run()
         }
@@ -96,14 +122,17 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Where jobs run, each in a directory of its own.", valueName: "dir"))
         var dir = "parley-work-jobs"
 
-        @Option(name: .long, help: "The worker's name (default: the host name and process id).")
-        var name: String?
+        @Option(name: .long, help: "The worker's name (default: the host name and process id; the keyring entity when --keyring is given).")
+        var workerName: String?
+
+        @OptionGroup var security: ClientSecurityOptions
 
         @OptionGroup var logging: LoggingOptions
 
         func validate() throws {
             guard self.slots >= 1 else { throw ValidationError("--slots must be at least 1") }
             do { _ = try ParleyAddress(parsing: self.master) } catch { throw ValidationError(error.message) }
+            try self.security.check(address: try ParleyAddress(parsing: self.master))
         }
 
         func run() async throws {
@@ -114,12 +143,14 @@ struct Work: AsyncParsableCommand {
             configuration.lossless = .init()
             let client: ParleyClient
             do {
-                client = try await ParleyClient.connect(to: try ParleyAddress(parsing: self.master), configuration: configuration, logger: Logger(label: "parley.work.worker"))
+                let address = try ParleyAddress(parsing: self.master)
+                try self.security.apply(to: &configuration, address: address)
+                client = try await ParleyClient.connect(to: address, configuration: configuration, logger: Logger(label: "parley.work.worker"))
             } catch let error as ParleyError {
                 print("parley work worker: \(error.message) [\(error.code)]")
                 throw ExitCode(2)
             }
-            let name = self.name ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
+            let name = client.session.entity ?? self.workerName ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
             let worker = WorkWorker(client: client, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust))
             let task = Task { try await worker.run() }
             let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
@@ -167,6 +198,8 @@ struct Work: AsyncParsableCommand {
         @Argument(parsing: .postTerminator, help: "The job's program and arguments.")
         var command: [String] = []
 
+        @OptionGroup var security: ClientSecurityOptions
+
         func validate() throws {
             guard !self.command.isEmpty else { throw ValidationError("give the job's command after --") }
             guard self.count >= 1 else { throw ValidationError("--count must be at least 1") }
@@ -188,7 +221,7 @@ struct Work: AsyncParsableCommand {
             var submit = Parley_Work_V1_SubmitJobs()
             submit.jobs = Array(repeating: job, count: self.count)
             do {
-                let client = try await ParleyClient.connect(to: try ParleyAddress(parsing: self.master), configuration: .init(name: "parley-work-submit"), logger: Logger(label: "parley.work.submit"))
+                let client = try await Work.connect(self.master, name: "parley-work-submit", security: self.security)
                 defer { client.close() }
                 let reply = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
                 for id in reply.jobIds { print(id) }
@@ -208,9 +241,11 @@ struct Work: AsyncParsableCommand {
         @Flag(name: .long, help: "Print JSON.")
         var json = false
 
+        @OptionGroup var security: ClientSecurityOptions
+
         func run() async throws {
             do {
-                let client = try await ParleyClient.connect(to: try ParleyAddress(parsing: self.master), configuration: .init(name: "parley-work-status"), logger: Logger(label: "parley.work.status"))
+                let client = try await Work.connect(self.master, name: "parley-work-status", security: self.security)
                 defer { client.close() }
                 let s = try await client.request(Parley_Work_V1_StatusRequest(), as: Parley_Work_V1_StatusReply.self)
                 if self.json {
@@ -237,9 +272,11 @@ struct Work: AsyncParsableCommand {
         @Argument(help: "The job id.")
         var job: UInt64
 
+        @OptionGroup var security: ClientSecurityOptions
+
         func run() async throws {
             do {
-                let client = try await ParleyClient.connect(to: try ParleyAddress(parsing: self.master), configuration: .init(name: "parley-work-results"), logger: Logger(label: "parley.work.results"))
+                let client = try await Work.connect(self.master, name: "parley-work-results", security: self.security)
                 defer { client.close() }
                 var request = Parley_Work_V1_ResultRequest()
                 request.jobID = self.job

@@ -27,6 +27,8 @@ public struct JobRecord: Sendable, Hashable, Codable {
     public var maxAttempts: Int
     /// Why attempts failed, oldest first.
     public var failures: [String] = []
+    /// Leases whose worker reported a failure: a lease has one outcome.
+    public var failedLeases: [UInt64] = []
 
     public init(id: UInt64, maxAttempts: Int = 3) {
         self.id = id
@@ -118,34 +120,29 @@ public enum LeaseRules {
         guard lease.worker == report.worker else {
             return .rejected("lease \(report.leaseID) of job \(job.id) belongs to worker \(lease.worker), not \(report.worker)")
         }
-        switch job.state {
-        case .succeeded(let accepted):
-            return accepted == report.leaseID ? .alreadyAccepted : .superseded
-        case .failed:
-            // The job failed for good; a late success still counts (the work was done).
-            if case .success = report.outcome {
-                job.state = .succeeded(leaseID: report.leaseID)
-                return .accepted
-            }
-            return job.failures.contains(Self.reason(report, lease)) ? .alreadyAccepted : .superseded
-        case .leased(let current) where current.id == report.leaseID:
-            switch report.outcome {
-            case .success:
-                job.state = .succeeded(leaseID: report.leaseID)
-                return .accepted
-            case .failure:
-                return self.attemptFailed(&job, reason: Self.reason(report, lease))
-            }
-        case .queued, .leased:
-            // An earlier lease of this job, which expired or was handed back: a success is
-            // accepted if no other attempt succeeded; a failure changes nothing now.
-            if case .success = report.outcome {
-                job.state = .succeeded(leaseID: report.leaseID)
-                return .accepted
-            }
-            let reason = Self.reason(report, lease)
-            if job.failures.contains(reason) { return .alreadyAccepted }
-            job.failures.append(reason)
+        // Each lease has one outcome: a failure, once reported, stays its outcome.
+        let failedBefore = job.failedLeases.contains(report.leaseID)
+        switch (job.state, report.outcome) {
+        case (.succeeded(let accepted), _):
+            return accepted == report.leaseID ? .alreadyAccepted : (failedBefore ? .alreadyAccepted : .superseded)
+        case (.leased(let current), .success) where current.id == report.leaseID:
+            job.state = .succeeded(leaseID: report.leaseID)
+            return .accepted
+        case (.leased(let current), .failure) where current.id == report.leaseID:
+            job.failedLeases.append(report.leaseID)
+            return self.attemptFailed(&job, reason: Self.reason(report, lease))
+        case (_, .success):
+            // An earlier lease (expired, or handed out before a failure made the job fail):
+            // the work was done, so it counts if no other attempt succeeded and this lease
+            // did not report a failure before.
+            if failedBefore { return .rejected("lease \(report.leaseID) of job \(job.id) already reported a failure") }
+            job.state = .succeeded(leaseID: report.leaseID)
+            return .accepted
+        case (_, .failure):
+            // An earlier lease's failure: its attempt was counted when the lease ended
+            // (expired); acknowledged, not counted again.
+            if failedBefore { return .alreadyAccepted }
+            job.failedLeases.append(report.leaseID)
             return .superseded
         }
     }

@@ -62,7 +62,7 @@ public final class WorkWorker: Sendable {
     /// queues them again without counting the attempt); `run()` then returns.
     public func shutDown() {
         self.stopping.withLockedValue { $0 = true }
-        for pid in self.running.withLockedValue({ Array($0.values) }) { kill(pid, SIGKILL) }
+        for pid in self.running.withLockedValue({ Array($0.values) }) { JobRunner.killGroup(pid) }
     }
 
     private var isStopping: Bool { self.stopping.withLockedValue { $0 } }
@@ -91,31 +91,61 @@ public final class WorkWorker: Sendable {
             var request = Parley_Work_V1_RequestWork()
             request.worker = self.configuration.name
             request.slots = 1
-            let assignments = try await self.client.request(request, as: Parley_Work_V1_WorkAssignments.self)
+            let assignments: Parley_Work_V1_WorkAssignments
+            do {
+                assignments = try await self.client.request(request, as: Parley_Work_V1_WorkAssignments.self)
+            } catch let error as ParleyError where Self.isLasting(error) {
+                throw error
+            } catch {
+                // A session reset (the master restarted), a busy store: ask again shortly. A
+                // lease in a reply that was lost expires on the master.
+                self.logger.warning("asking for work failed; trying again", metadata: ["error": "\(error)"])
+                try? await Task.sleep(for: self.configuration.idleDelay)
+                continue
+            }
             guard let assignment = assignments.assignments.first else {
                 try? await Task.sleep(for: self.configuration.idleDelay)
                 continue
             }
-            let report = await self.execute(assignment)
-            if self.isStopping, report.errorKind != .signature {
-                // Stopped by the shutdown (or taken just before it): not a failure of the job.
+            let (report, handBack) = await self.execute(assignment)
+            if handBack {
+                // Not run, or stopped by this worker's shutdown: not a failure of the job.
                 var back = Parley_Work_V1_HandBack()
                 back.worker = self.configuration.name
                 back.jobID = assignment.jobID
                 back.leaseID = assignment.leaseID
-                _ = try await self.client.request(back, as: Parley_Work_V1_HandBackReply.self, idempotent: true)
-                self.handedBack.withLockedValue { $0.append(assignment.jobID) }
-                self.logger.info("handed back", metadata: ["job": "\(assignment.jobID)"])
+                do {
+                    _ = try await self.client.request(back, as: Parley_Work_V1_HandBackReply.self, idempotent: true)
+                    self.handedBack.withLockedValue { $0.append(assignment.jobID) }
+                    self.logger.info("handed back", metadata: ["job": "\(assignment.jobID)"])
+                } catch {
+                    self.logger.warning("handing back failed; the lease will expire", metadata: ["job": "\(assignment.jobID)", "error": "\(error)"])
+                }
                 continue
             }
-            let ack = try await self.client.request(report, as: Parley_Work_V1_ReportAck.self, idempotent: true)
-            self.logger.debug("reported", metadata: ["job": "\(assignment.jobID)", "verdict": "\(ack.verdict)"])
+            // The report goes through whatever happens to the connection (idempotent over a
+            // lossless session); only the session's end stops it.
+            do {
+                let ack = try await self.client.request(report, as: Parley_Work_V1_ReportAck.self, idempotent: true)
+                self.logger.debug("reported", metadata: ["job": "\(assignment.jobID)", "verdict": "\(ack.verdict)"])
+            } catch let error as ParleyError where Self.isLasting(error) {
+                throw error
+            } catch {
+                self.logger.warning("report refused", metadata: ["job": "\(assignment.jobID)", "error": "\(error)"])
+            }
         }
+    }
+
+    /// Errors that end the worker: the connection (and its session) is gone for good.
+    static func isLasting(_ error: ParleyError) -> Bool {
+        [.connectionClosed, .shuttingDown, .authenticationFailed, .permissionDenied, .clientOutOfDate].contains(error.code)
     }
 
     /// Verifies and runs one assignment; returns its report (never throws: every failure is
     /// a report).
-    func execute(_ assignment: Parley_Work_V1_Assignment) async -> Parley_Work_V1_ReportResult {
+    /// Returns the report, and whether to hand the job back instead (this worker is shutting
+    /// down and did not run it, or killed it).
+    func execute(_ assignment: Parley_Work_V1_Assignment) async -> (Parley_Work_V1_ReportResult, handBack: Bool) {
         var report = Parley_Work_V1_ReportResult()
         report.worker = self.configuration.name
         report.jobID = assignment.jobID
@@ -127,30 +157,44 @@ public final class WorkWorker: Sendable {
             self.logger.warning("job refused: bad signature, not run", metadata: ["job": "\(assignment.jobID)", "error": "\(error.message)"])
             report.errorKind = .signature
             report.message = error.message
-            return report
+            return (report, false)
         }
         guard let spec = try? Parley_Work_V1_JobSpec(serializedBytes: assignment.job.spec), !spec.argv.isEmpty else {
             report.errorKind = .spec
             report.message = "the job's spec does not decode or names no program"
-            return report
+            return (report, false)
         }
+        if self.isStopping { return (report, true) }
         self.counts.withLockedValue { $0.ran += 1 }
         let directory = "\(self.configuration.directory)/job-\(assignment.jobID)-\(assignment.leaseID)"
         let started = ContinuousClock.now
+        // A job must end before its lease does (5 s of margin for the report), or another
+        // worker would get it while it still runs.
+        let leaseLeft = Duration.milliseconds(max(0, assignment.deadlineUnixMs - Int64(Date().timeIntervalSince1970 * 1000) - 5_000))
+        let killedByShutdown = NIOLockedValueBox(false)
         do {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
             let jobID = assignment.jobID
             defer { self.running.withLockedValue { _ = $0.removeValue(forKey: jobID) } }
+            let wall = spec.maxWallSeconds > 0 ? Duration.seconds(Int64(spec.maxWallSeconds)) : self.configuration.defaultMaxWall
             let outcome = try await JobRunner.run(
                 spec, directory: directory,
-                maxWall: spec.maxWallSeconds > 0 ? .seconds(Int64(spec.maxWallSeconds)) : self.configuration.defaultMaxWall,
+                maxWall: assignment.deadlineUnixMs > 0 ? min(wall, leaseLeft) : wall,
                 maxOutput: min(spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, UInt64(WorkService.maxTail))) : self.configuration.defaultMaxOutput, WorkService.maxTail)
             ) { pid in
                 let stopping = self.stopping.withLockedValue { stopping in
                     if !stopping { self.running.withLockedValue { $0[jobID] = pid } }
                     return stopping
                 }
-                if stopping { kill(pid, SIGKILL) }
+                if stopping {
+                    killedByShutdown.withLockedValue { $0 = true }
+                    JobRunner.killGroup(pid)
+                }
+            }
+            if self.isStopping, outcome.signal == SIGKILL, !outcome.timedOut {
+                // Killed by this worker's shutdown, not ended on its own: hand it back. A job
+                // that finished (even during the shutdown) is reported.
+                killedByShutdown.withLockedValue { $0 = true }
             }
             report.exitStatus = outcome.exitStatus
             report.signal = outcome.signal
@@ -166,7 +210,7 @@ public final class WorkWorker: Sendable {
         }
         let elapsed = ContinuousClock.now - started
         report.wallMs = UInt64(max(0, elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000))
-        return report
+        return (report, killedByShutdown.withLockedValue { $0 })
     }
 }
 
@@ -220,7 +264,7 @@ enum JobRunner {
             try await Task.sleep(for: maxWall)
             if process.isRunning {
                 timedOut.withLockedValue { $0 = true }
-                kill(process.processIdentifier, SIGKILL)
+                Self.killGroup(process.processIdentifier)
             }
         }
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
@@ -241,6 +285,13 @@ enum JobRunner {
             exitStatus: signaled ? 0 : process.terminationStatus, signal: signaled ? process.terminationStatus : 0,
             timedOut: timedOut.withLockedValue { $0 }, stdout: stdout.bytes, stderr: stderr.bytes
         )
+    }
+
+    /// Kills a job's child and everything it started: Foundation makes each child the leader
+    /// of its own process group.
+    static func killGroup(_ pid: Int32) {
+        kill(-pid, SIGKILL)
+        kill(pid, SIGKILL)
     }
 
     static func find(_ program: String, in path: String?) throws -> String {

@@ -16,7 +16,7 @@ import Testing
             for i in 0..<count {
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: parley)
-                p.arguments = ["work", "worker", "--master", master, "--trust", trust, "--slots", "2", "--dir", "\(dir)/w\(i)", "--name", "worker-\(i)"]
+                p.arguments = ["work", "worker", "--master", master, "--trust", trust, "--slots", "2", "--dir", "\(dir)/w\(i)", "--worker-name", "worker-\(i)"]
                 let log = "\(dir)/worker-\(i).log"
                 _ = FileManager.default.createFile(atPath: log, contents: nil)
                 p.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
@@ -152,6 +152,43 @@ extension WorkProcessTests {
         }
         #expect(reported.count == 20 && reported.reduce(0, +) == total, "workers say they ran \(reported)")
         print("parley work: \(total) jobs on 20 workers in \(elapsed) (\(Int(Double(total) / (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18))) jobs/s, debug build, each job a /bin/sh)")
+        await master.stop()
+    }
+}
+
+extension WorkProcessTests {
+    /// A master that requires authentication: a worker with its key runs jobs under its
+    /// entity's name; a worker without one is refused before it can take anything.
+    @Test func aMasterRequiringAuthenticationServesOnlyKeyedWorkers() async throws {
+        let dir = freshTestDirectory("work-auth")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let keyring = dir + "/workers.keyring"
+        #expect(try parley(["keyring", "add", "worker.build-7", "--keyring", keyring]).status == 0)
+        #expect(try parley(["keyring", "add", "client.submitter", "--keyring", keyring]).status == 0)
+        let master = try await ServeProcess.start(
+            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--auth", "secret", "--keyring", keyring], command: ["work", "serve"]
+        )
+        let submit = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "/bin/true"])
+        #expect(submit.status == 2, "an anonymous submitter is refused: \(submit.combined)")
+        let parleyPath = try #require(parleyExecutablePath())
+        let anonymous = try runProcess(parleyPath, ["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--dir", dir + "/anon"], seconds: 30)
+        #expect(anonymous.status == 2 && anonymous.combined.contains("authenticationFailed"), "\(anonymous.combined)")
+        let worker = Process()
+        worker.executableURL = URL(fileURLWithPath: parleyPath)
+        worker.arguments = ["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--dir", dir + "/keyed", "--keyring", keyring, "--name", "worker.build-7"]
+        worker.standardOutput = FileHandle.nullDevice
+        worker.standardError = FileHandle.nullDevice
+        try worker.run()
+        defer { if worker.isRunning { kill(worker.processIdentifier, SIGKILL) } }
+        // Jobs submitted by an authenticated submitter run on the keyed worker, under its entity.
+        let submitted = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--keyring", keyring, "--name", "client.submitter", "--", "/bin/true"])
+        #expect(submitted.status == 0, "\(submitted.combined)")
+        let done = try await eventually(seconds: 30) { (try? parley(["work", "status", "--master", master.address, "--json", "--keyring", keyring, "--name", "client.submitter"]))?.stdout.contains("\"succeeded\":1") == true }
+        #expect(done)
+        let result = try parley(["work", "results", "1", "--master", master.address, "--keyring", keyring, "--name", "client.submitter"])
+        #expect(result.stdout.contains("accepted from worker.build-7"), "\(result.combined)")
+        kill(worker.processIdentifier, SIGTERM)
+        worker.waitUntilExit()
         await master.stop()
     }
 }

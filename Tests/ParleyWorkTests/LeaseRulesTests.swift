@@ -62,6 +62,25 @@ import Testing
         #expect(LeaseRules.report(&job, LeaseReport(leaseID: 1, worker: "slow", outcome: .success)) == .alreadyAccepted)
     }
 
+    /// A lease has one outcome: once it reported a failure, a later success from it is
+    /// refused, and an expired lease's late failure is acknowledged without being counted twice.
+    @Test func aLeaseHasOneOutcome() throws {
+        var job = JobRecord(id: 6, maxAttempts: 3)
+        _ = try LeaseRules.assign(&job, to: "w1", leaseID: 1, now: 0, duration: second)
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: 1, worker: "w1", outcome: .failure("exit 1"))) == .retrying)
+        guard case .rejected = LeaseRules.report(&job, LeaseReport(leaseID: 1, worker: "w1", outcome: .success)) else {
+            Issue.record("a lease that failed was later accepted as a success")
+            return
+        }
+        _ = try LeaseRules.assign(&job, to: "w2", leaseID: 2, now: 0, duration: second)
+        #expect(LeaseRules.expire(&job, now: second))
+        #expect(job.failures.count == 2)
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: 2, worker: "w2", outcome: .failure("exit 9"))) == .superseded)
+        #expect(job.failures.count == 2, "the expired attempt is not counted again")
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: 2, worker: "w2", outcome: .failure("exit 9"))) == .alreadyAccepted)
+        #expect(job.state == .queued)
+    }
+
     @Test func aHandedBackJobIsQueuedWithoutUsingAnAttempt() throws {
         var job = JobRecord(id: 5, maxAttempts: 1)
         _ = try LeaseRules.assign(&job, to: "w1", leaseID: 7, now: 0, duration: second)

@@ -91,7 +91,7 @@ public nonisolated enum Parley_Work_V1_Verdict: SwiftProtobuf.Enum, Swift.CaseIt
   /// the failure is recorded, the job failed for good
   case failed // = 4
 
-  /// another attempt's result was accepted first
+  /// acknowledged, not counted: another attempt succeeded
   case superseded // = 5
   case UNRECOGNIZED(Int)
 
@@ -148,13 +148,13 @@ public nonisolated struct Parley_Work_V1_JobSpec: Sendable {
   /// the environment (nothing else is inherited)
   public var env: Dictionary<String,String> = [:]
 
-  /// run argv[0] through /bin/sh -c (only if asked)
+  /// run the words of argv, joined by spaces, through /bin/sh -c
   public var shell: Bool = false
 
   /// 0: the worker's default
   public var maxWallSeconds: UInt32 = 0
 
-  /// stdout + stderr kept; 0: the worker's default
+  /// bytes kept of each of stdout and stderr (their ends); 0: the worker's default
   public var maxOutputBytes: UInt64 = 0
 
   /// free-form label
