@@ -245,8 +245,16 @@ enum JobRunner {
         process.standardError = err
         process.standardInput = FileHandle.nullDevice
         let stdout = OutputTail(limit: maxOutput), stderr = OutputTail(limit: maxOutput)
-        out.fileHandleForReading.readabilityHandler = { stdout.append($0.availableData) }
-        err.fileHandleForReading.readabilityHandler = { stderr.append($0.availableData) }
+        // At the end of a stream (the job closed it, whether or not it still runs) the handler
+        // is removed: it would otherwise be called again and again with nothing to read.
+        out.fileHandleForReading.readabilityHandler = { handle in
+            let data = handle.availableData
+            if data.isEmpty { handle.readabilityHandler = nil } else { stdout.append(data) }
+        }
+        err.fileHandleForReading.readabilityHandler = { handle in
+            let data = handle.availableData
+            if data.isEmpty { handle.readabilityHandler = nil } else { stderr.append(data) }
+        }
         let exited = NIOLockedValueBox<CheckedContinuation<Void, Never>?>(nil)
         let done = NIOLockedValueBox(false)
         process.terminationHandler = { _ in
@@ -316,10 +324,12 @@ final class OutputTail: Sendable {
     func append(_ data: Data) {
         guard !data.isEmpty else { return }
         self.box.withLockedValue { b in
-            b.append(contentsOf: data)
-            if b.count > self.limit { b.removeFirst(b.count - self.limit) }
+            b.append(contentsOf: data.suffix(self.limit))
+            // Trimmed once it holds twice the limit: amortised, not a move of the whole
+            // buffer for every chunk.
+            if b.count > 2 * self.limit { b.removeFirst(b.count - self.limit) }
         }
     }
 
-    var bytes: [UInt8] { self.box.withLockedValue { $0 } }
+    var bytes: [UInt8] { self.box.withLockedValue { Array($0.suffix(self.limit)) } }
 }

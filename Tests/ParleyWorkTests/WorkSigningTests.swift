@@ -1,7 +1,7 @@
 import Foundation
 import NIOCore
 import ParleyWire
-import ParleyWork
+@testable import ParleyWork
 import SwiftProtobuf
 import Testing
 
@@ -119,5 +119,16 @@ import Testing
         try key.verify(job: spec, signature: signature)
         let decoded = try Parley_Work_V1_JobSpec(serializedBytes: spec)
         #expect(decoded.argv == ["/bin/echo", "hello"] && decoded.env == ["PATH": "/usr/bin:/bin"])
+    }
+}
+
+/// A job's output tail keeps the last bytes of each stream, whatever the chunk sizes.
+@Suite struct OutputTailTests {
+    @Test func theTailKeepsTheLastBytes() {
+        let tail = OutputTail(limit: 10)
+        for i in 0..<1000 { tail.append(Data([UInt8(i % 256)])) }
+        #expect(tail.bytes == (990..<1000).map { UInt8($0 % 256) })
+        tail.append(Data((0..<100).map { UInt8($0) }))
+        #expect(tail.bytes == Array(90..<100).map(UInt8.init))
     }
 }
