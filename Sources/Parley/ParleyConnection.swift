@@ -128,8 +128,6 @@ public final class ParleyConnection: Sendable {
         var requestTypes: [UInt64: String] = [:]
         /// Lossless: the session of the connection, counted from 0; a reset starts the next.
         var epoch: UInt64 = 0
-        /// Lossless: the outlet of the current link (nil while detached).
-        var outlet: ParleyConnectionHandler.Outlet?
         var linkUps = 0
     }
 
@@ -147,7 +145,6 @@ public final class ParleyConnection: Sendable {
         self.lossless = lossless
         self.onLinkLost = onLinkLost
         (self.linkEvents, self.linkEventsContinuation) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(1024))
-        self.state.withLockedValue { $0.outlet = outlet }
         self.executor = limits.handlersOnEventLoop ? EventLoopTaskExecutor(channel.eventLoop) : nil
         self.router = router
         self.limits = limits
@@ -499,7 +496,6 @@ public final class ParleyConnection: Sendable {
             defer {
                 s.retryable = [:]
                 s.requestTypes = [:]
-                s.outlet = nil
                 s.pending = [:]
                 s.slotWaiters = []
                 s.serving = [:]
@@ -877,11 +873,7 @@ public struct ParleySessionReset: Sendable {
 extension ParleyConnection {
     /// The current link broke without either side ending the session (on its event loop).
     func linkLost(_ reason: ParleyError) {
-        let open = self.state.withLockedValue { s -> Bool in
-            s.outlet = nil
-            return s.closed == nil
-        }
-        guard open else { return }
+        guard self.state.withLockedValue({ $0.closed == nil }) else { return }
         self.logger.debug("link down; the session waits for a reconnect", metadata: ["reason": "\(reason.message)"])
         self.linkEventsContinuation.yield(.down(reason))
         self.onLinkLost?(reason)
@@ -890,7 +882,6 @@ extension ParleyConnection {
     /// A new link resumed the session: control frames and read pauses go to it from now on.
     func linkUp(_ outlet: ParleyConnectionHandler.Outlet) {
         let (paused, count) = self.state.withLockedValue { s -> (Bool, Int) in
-            s.outlet = outlet
             s.linkUps += 1
             return (s.readsPaused, s.linkUps)
         }

@@ -132,6 +132,12 @@ public final class ParleyServer: Service, Sendable {
         var nextTimerGeneration: UInt64 = 0
         /// Tokens of detached sessions, the longest detached first.
         var detachedOrder: [[UInt8]] = []
+
+        /// The session is no longer waiting for its client (resumed, ended or expired).
+        mutating func stopRetention(_ token: [UInt8]) {
+            self.retentionTimers.removeValue(forKey: token)?.timer.cancel()
+            self.detachedOrder.removeAll { $0 == token }
+        }
         var shuttingDown = false
         var stoppedWaiters: [CheckedContinuation<Void, Never>] = []
         var failed: (any Error)?
@@ -357,9 +363,7 @@ public final class ParleyServer: Service, Sendable {
             let (lastReceived, replaced) = try known.session.beginResume(connectSeq: request.connectSeq, peerLastReceived: request.lastReceivedSeq)
             // No longer waiting for its client: the retention clock stops.
             self.state.withLockedValue { s in
-                if s.retentionTimers.removeValue(forKey: request.token)?.timer.cancel() != nil {
-                    s.detachedOrder.removeAll { $0 == request.token }
-                }
+                s.stopRetention(request.token)
             }
             // The connection it replaces may still look alive to us (half-open): close it.
             replaced?.write(.close(ParleyError(code: .sessionSuperseded, message: "a newer connection of this session took over")))
@@ -397,9 +401,7 @@ public final class ParleyServer: Service, Sendable {
                     if let key = connectionKey.withLockedValue({ $0 }) { s.connections.removeValue(forKey: key) }
                     if !token.isEmpty {
                         s.sessions.removeValue(forKey: token)
-                        if s.retentionTimers.removeValue(forKey: token)?.timer.cancel() != nil {
-                            s.detachedOrder.removeAll { $0 == token }
-                        }
+                        s.stopRetention(token)
                     }
                 }
                 self.logEnd(reason, logger: logger, handshake: false)
@@ -415,8 +417,7 @@ public final class ParleyServer: Service, Sendable {
                 let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(retention.nanoseconds)) {
                     let expired = self.state.withLockedValue { s -> ParleyConnection? in
                         guard s.retentionTimers[token]?.generation == generation else { return nil }
-                        s.retentionTimers.removeValue(forKey: token)
-                        s.detachedOrder.removeAll { $0 == token }
+                        s.stopRetention(token)
                         guard let known = s.sessions[token], known.session.isDetached else { return nil }
                         return known.connection
                     }
@@ -428,9 +429,8 @@ public final class ParleyServer: Service, Sendable {
                         timer.cancel()
                         return []
                     }
-                    s.retentionTimers[token]?.timer.cancel()
+                    s.stopRetention(token)
                     s.retentionTimers[token] = (generation, timer)
-                    s.detachedOrder.removeAll { $0 == token }
                     s.detachedOrder.append(token)
                     var evicted: [ParleyConnection] = []
                     while s.detachedOrder.count > self.configuration.maxDetachedSessions {

@@ -85,23 +85,18 @@ struct Chaos: AsyncParsableCommand {
                 listen: try ParleyAddress(parsing: self.listen), target: try ParleyAddress(parsing: self.to),
                 toServer: self.only == "s2c" ? .init() : settings, toClient: self.only == "c2s" ? .init() : settings, seed: seed
             ),
-            report: { line in if !quiet { Chaos.emit(line) } }
+            report: { line in if !quiet { emit(line) } }
         )
         let bound: ParleyAddress
         do { bound = try await proxy.start() } catch {
             print("parley chaos: cannot listen on \(self.listen): \((error as? ParleyError)?.message ?? "\(error)")")
             throw ExitCode(2)
         }
-        Chaos.emit("parley chaos: \(bound) -> \(self.to), seed \(seed)")
+        emit("parley chaos: \(bound) -> \(self.to), seed \(seed)")
         let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
         for await _ in signals { break }
         await proxy.stop()
         let counts = proxy.counts
-        Chaos.emit("parley chaos: \(counts.connections) connections, \(counts.cuts) cut (seed \(seed))")
-    }
-
-    /// One line on standard output, at once (a test or a script reads it as it comes).
-    static func emit(_ line: String) {
-        FileHandle.standardOutput.write(Data((line + "\n").utf8))
+        emit("parley chaos: \(counts.connections) connections, \(counts.cuts) cut (seed \(seed))")
     }
 }

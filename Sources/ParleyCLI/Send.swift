@@ -61,7 +61,7 @@ struct Send: AsyncParsableCommand {
         try self.security.check(address: try ParleyAddress(parsing: self.address))
     }
 
-    /// Progress and link events are written at once (`Chaos.emit`), also when standard output
+    /// Progress and link events are written at once (`emit`), also when standard output
     /// is a file or a pipe.
     func run() async throws {
         self.logging.bootstrap()
@@ -77,19 +77,19 @@ struct Send: AsyncParsableCommand {
             try self.security.apply(to: &configuration, address: address)
             client = try await ParleyClient.connect(to: address, configuration: configuration, logger: Logger(label: "parley.send"))
         } catch let error as ParleyError {
-            Chaos.emit("parley send: \(error.message) [\(error.code)]")
+            emit("parley send: \(error.message) [\(error.code)]")
             throw ExitCode(2)
         }
         defer { client.close() }
         let lossless = client.connection.lossless != nil
         if !self.quiet {
-            Chaos.emit("connected to \(client.address): \(lossless ? "lossless session" : "lossy connection\(self.lossless ? " (the server does not offer lossless sessions)" : "")")")
+            emit("connected to \(client.address): \(lossless ? "lossless session" : "lossy connection\(self.lossless ? " (the server does not offer lossless sessions)" : "")")")
         }
         let started = ContinuousClock.now
         let quiet = self.quiet
         let events = Task {
             for await event in client.connection.linkEvents where !quiet {
-                Chaos.emit(String(format: "%8.3f s  %@", (ContinuousClock.now - started).seconds, event.description))
+                emit(String(format: "%8.3f s  %@", (ContinuousClock.now - started).milliseconds / 1000, event.description))
             }
         }
         defer { events.cancel() }
@@ -100,7 +100,7 @@ struct Send: AsyncParsableCommand {
                 try? await Task.sleep(for: .seconds(1))
                 let now = sent.withLockedValue { $0 }
                 if !quiet, !Task.isCancelled {
-                    Chaos.emit(String(format: "%8.3f s  sent %d of %d (%d/s)", (ContinuousClock.now - started).seconds, now, self.count, now - last))
+                    emit(String(format: "%8.3f s  sent %d of %d (%d/s)", (ContinuousClock.now - started).milliseconds / 1000, now, self.count, now - last))
                 }
                 last = now
             }
@@ -118,18 +118,14 @@ struct Send: AsyncParsableCommand {
             ping.sequence = UInt64(self.count)
             _ = try await client.request(ping, as: Parley_Echo_V1_Pong.self)
         } catch let error as ParleyError {
-            Chaos.emit("parley send: stopped after \(sent.withLockedValue { $0 }) messages: \(error.message) [\(error.code)]")
+            emit("parley send: stopped after \(sent.withLockedValue { $0 }) messages: \(error.message) [\(error.code)]")
             throw ExitCode(2)
         }
-        let elapsed = (ContinuousClock.now - started).seconds
+        let elapsed = (ContinuousClock.now - started).milliseconds / 1000
         let reconnects = client.connection.reconnects
-        Chaos.emit(String(
+        emit(String(
             format: "sent %d messages of %d bytes to %@ in %.3f s (%.0f/s)%@", self.count, self.size, client.address.description, elapsed,
             Double(self.count) / elapsed, lossless ? ", \(reconnects) reconnect\(reconnects == 1 ? "" : "s")" : ""
         ))
     }
-}
-
-extension Duration {
-    var seconds: Double { Double(self.components.seconds) + Double(self.components.attoseconds) / 1e18 }
 }

@@ -22,12 +22,23 @@ struct Work: AsyncParsableCommand {
 
     static let defaultMaster = "127.0.0.1:7422"
 
-    /// A connection to a master, authenticated when the security options say so.
-    static func connect(_ master: String, name: String, security: ClientSecurityOptions) async throws -> ParleyClient {
-        let address = try ParleyAddress(parsing: master)
-        var configuration = ParleyClient.Configuration(name: name)
-        try security.apply(to: &configuration, address: address)
-        return try await ParleyClient.connect(to: address, configuration: configuration, logger: Logger(label: "parley.work"))
+    /// Runs `body` on a connection to a master (authenticated when the security options say
+    /// so), closed afterwards; a Parley error is printed as `parley work COMMAND: ...` and
+    /// exits with status 2.
+    static func withMaster(
+        _ master: String, command: String, security: ClientSecurityOptions, _ body: (ParleyClient) async throws -> Void
+    ) async throws {
+        do {
+            let address = try ParleyAddress(parsing: master)
+            var configuration = ParleyClient.Configuration(name: "parley-work-\(command)")
+            try security.apply(to: &configuration, address: address)
+            let client = try await ParleyClient.connect(to: address, configuration: configuration, logger: Logger(label: "parley.work"))
+            defer { client.close() }
+            try await body(client)
+        } catch let error as ParleyError {
+            print("parley work \(command): \(error.message) [\(error.code)]")
+            throw ExitCode(2)
+        }
     }
 
     struct Serve: AsyncParsableCommand {
@@ -220,14 +231,9 @@ struct Work: AsyncParsableCommand {
             job.priority = self.priority
             var submit = Parley_Work_V1_SubmitJobs()
             submit.jobs = Array(repeating: job, count: self.count)
-            do {
-                let client = try await Work.connect(self.master, name: "parley-work-submit", security: self.security)
-                defer { client.close() }
+            try await Work.withMaster(self.master, command: "submit", security: self.security) { client in
                 let reply = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
                 for id in reply.jobIds { print(id) }
-            } catch let error as ParleyError {
-                print("parley work submit: \(error.message) [\(error.code)]")
-                throw ExitCode(2)
             }
         }
     }
@@ -244,18 +250,13 @@ struct Work: AsyncParsableCommand {
         @OptionGroup var security: ClientSecurityOptions
 
         func run() async throws {
-            do {
-                let client = try await Work.connect(self.master, name: "parley-work-status", security: self.security)
-                defer { client.close() }
+            try await Work.withMaster(self.master, command: "status", security: self.security) { client in
                 let s = try await client.request(Parley_Work_V1_StatusRequest(), as: Parley_Work_V1_StatusReply.self)
                 if self.json {
                     print("{\"queued\":\(s.queued),\"leased\":\(s.leased),\"succeeded\":\(s.succeeded),\"failed\":\(s.failed)}")
                 } else {
                     print("queued \(s.queued), leased \(s.leased), succeeded \(s.succeeded), failed \(s.failed)")
                 }
-            } catch let error as ParleyError {
-                print("parley work status: \(error.message) [\(error.code)]")
-                throw ExitCode(2)
             }
         }
     }
@@ -275,9 +276,7 @@ struct Work: AsyncParsableCommand {
         @OptionGroup var security: ClientSecurityOptions
 
         func run() async throws {
-            do {
-                let client = try await Work.connect(self.master, name: "parley-work-results", security: self.security)
-                defer { client.close() }
+            try await Work.withMaster(self.master, command: "results", security: self.security) { client in
                 var request = Parley_Work_V1_ResultRequest()
                 request.jobID = self.job
                 let r = try await client.request(request, as: Parley_Work_V1_ResultReply.self)
@@ -291,9 +290,6 @@ struct Work: AsyncParsableCommand {
                         if !r.result.stdoutTail.isEmpty { print("  stdout: \(String(decoding: r.result.stdoutTail, as: UTF8.self))", terminator: "") }
                     }
                 }
-            } catch let error as ParleyError {
-                print("parley work results: \(error.message) [\(error.code)]")
-                throw ExitCode(2)
             }
         }
     }

@@ -223,8 +223,6 @@ public final class LosslessSession: Sendable {
 
     // MARK: - The links' side (on their event loops)
 
-    func isCurrent(_ link: LinkID) -> Bool { self.state.withLockedValue { $0.current == link } }
-
     /// Moves what `link` has to transmit into `messages`; false if the link is not current.
     func takeForTransmission(_ link: LinkID, into messages: inout [WireMessage]) -> Bool {
         // An ended session's current link still transmits what was submitted before the end.

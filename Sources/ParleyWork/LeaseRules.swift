@@ -128,9 +128,9 @@ public enum LeaseRules {
         case (.leased(let current), .success) where current.id == report.leaseID:
             job.state = .succeeded(leaseID: report.leaseID)
             return .accepted
-        case (.leased(let current), .failure) where current.id == report.leaseID:
+        case (.leased(let current), .failure(let why)) where current.id == report.leaseID:
             job.failedLeases.append(report.leaseID)
-            return self.attemptFailed(&job, reason: Self.reason(report, lease))
+            return self.attemptFailed(&job, reason: "lease \(lease.id) on \(lease.worker): \(why)")
         case (_, .success):
             // An earlier lease (expired, or handed out before a failure made the job fail):
             // the work was done, so it counts if no other attempt succeeded and this lease
@@ -176,11 +176,6 @@ public enum LeaseRules {
         }
         job.state = .queued
         return .retrying
-    }
-
-    private static func reason(_ report: LeaseReport, _ lease: Lease) -> String {
-        guard case .failure(let why) = report.outcome else { return "" }
-        return "lease \(lease.id) on \(lease.worker): \(why)"
     }
 }
 
