@@ -14,8 +14,8 @@ struct Work: AsyncParsableCommand {
         discussion: """
             Jobs are signed with the project's Ed25519 key, which never leaves the machine that
             submits them; workers run only jobs whose signature verifies with the public key.
-            A master (`work serve`) keeps the jobs in SQLite and hands them out under leases;
-            a result is accepted exactly once.
+            A master (`work serve`) keeps the jobs in SQLite, or in PostgreSQL shared by several
+            masters, and hands them out under leases; a result is accepted exactly once.
             """,
         subcommands: [Serve.self, Worker.self, Submit.self, Status.self, Results.self, Keygen.self, Sign.self, Verify.self]
     )
@@ -44,13 +44,19 @@ struct Work: AsyncParsableCommand {
     struct Serve: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Run a master: the job store and the Work protocol on Parley.",
-            discussion: "Default: 127.0.0.1:7422 and the SQLite file parley-work.sqlite in the current directory. SIGINT/SIGTERM stop it gracefully."
+            discussion: """
+                Default: 127.0.0.1:7422 and the SQLite file parley-work.sqlite in the current directory.
+                With --database postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE any number of masters share
+                one store: each claims jobs with row locks, so no job goes to two workers, and a worker
+                whose master dies carries its leases and reports over to another. The schema is created
+                and upgraded when a master starts. SIGINT/SIGTERM stop it gracefully.
+                """
         )
 
         @Option(name: .long, help: ArgumentHelp("Address to listen on (repeatable).", valueName: "address"))
         var listen: [String] = []
 
-        @Option(name: .long, help: ArgumentHelp("The job store: sqlite:PATH.", valueName: "url"))
+        @Option(name: .long, help: ArgumentHelp("The job store: sqlite:PATH or postgres://USER@HOST[:PORT]/DATABASE.", valueName: "url"))
         var database = "sqlite:parley-work.sqlite"
 
         @Option(name: .long, help: ArgumentHelp("The project's public key (work.pub): refuse jobs it did not sign.", valueName: "file"))
@@ -67,8 +73,9 @@ struct Work: AsyncParsableCommand {
         @OptionGroup var logging: LoggingOptions
 
         func validate() throws {
-            guard self.database.hasPrefix("sqlite:"), self.database.count > 7 else {
-                throw ValidationError("--database must be sqlite:PATH (PostgreSQL is not supported yet)")
+            let postgres = self.database.hasPrefix("postgres://") || self.database.hasPrefix("postgresql://")
+            guard postgres || (self.database.hasPrefix("sqlite:") && self.database.count > 7) else {
+                throw ValidationError("--database must be sqlite:PATH or postgres://USER@HOST[:PORT]/DATABASE, not \(self.database)")
             }
             guard self.leaseSeconds > 0, self.maxAttempts > 0 else { throw ValidationError("--lease-seconds and --max-attempts must be positive") }
             for a in self.listen { do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) } }
@@ -78,11 +85,18 @@ struct Work: AsyncParsableCommand {
         func run() async throws {
             self.logging.bootstrap()
             let logger = Logger(label: "parley.work")
-            let store: SQLiteWorkStore
+            let store: any WorkStore
+            let postgres = !self.database.hasPrefix("sqlite:")
             do {
-                store = try SQLiteWorkStore(path: String(self.database.dropFirst("sqlite:".count)))
+                if postgres {
+                    var quiet = Logger(label: "parley.work.postgres")
+                    quiet.logLevel = max(self.logging.logLevel, .warning)
+                    store = try await PostgresWorkStore(url: self.database, logger: quiet)
+                } else {
+                    store = try SQLiteWorkStore(path: String(self.database.dropFirst("sqlite:".count)))
+                }
             } catch {
-                print("parley work serve: cannot open \(self.database): \(error)")
+                print("parley work serve: cannot open the job store: \(error)")
                 throw ExitCode(2)
             }
             var trust: WorkSigning.PublicKey?
@@ -91,7 +105,8 @@ struct Work: AsyncParsableCommand {
             }
             var router = ParleyRouter()
             WorkService.register(on: &router, store: store, configuration: .init(
-                leaseDuration: .seconds(self.leaseSeconds), defaultMaxAttempts: self.maxAttempts, trust: trust
+                leaseDuration: .seconds(self.leaseSeconds), defaultMaxAttempts: self.maxAttempts, trust: trust,
+                storeConcurrency: postgres ? 4 : 1
             ))
             let addresses = try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) }
             var configuration = ParleyServer.Configuration(listen: addresses, name: "parley-work")
@@ -112,6 +127,7 @@ struct Work: AsyncParsableCommand {
             defer { expiry.cancel() }
             let group = ServiceGroup(configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
             try await group.run()
+            await store.close()
         }
     }
 

@@ -16,12 +16,17 @@ public enum WorkService {
         /// nothing is stored). Nil: signatures are checked by the workers only.
         public var trust: WorkSigning.PublicKey?
         public var name: String
+        /// How many store transactions (group commits of claims, and of reports) may run at
+        /// once: 1 suits SQLite (one writer); PostgreSQL takes more.
+        public var storeConcurrency: Int
 
-        public init(leaseDuration: Duration = .seconds(600), defaultMaxAttempts: Int = 3, trust: WorkSigning.PublicKey? = nil, name: String = "parley-work") {
+        public init(leaseDuration: Duration = .seconds(600), defaultMaxAttempts: Int = 3, trust: WorkSigning.PublicKey? = nil, name: String = "parley-work",
+                    storeConcurrency: Int = 1) {
             self.leaseDuration = leaseDuration
             self.defaultMaxAttempts = defaultMaxAttempts
             self.trust = trust
             self.name = name
+            self.storeConcurrency = storeConcurrency
         }
     }
 
@@ -33,6 +38,13 @@ public enum WorkService {
 
     public static func register(on router: inout ParleyRouter, store: any WorkStore, configuration: Configuration = .init()) {
         let leaseNanoseconds = Int64(configuration.leaseDuration.components.seconds) * 1_000_000_000
+        // Claims and reports from many workers are committed together (GroupCommit).
+        let claims = GroupCommit<ClaimRequest, [ClaimedJob]>(maxBatch: 256, concurrency: configuration.storeConcurrency) { requests in
+            try await store.claim(requests, now: Self.now(), leaseDuration: leaseNanoseconds)
+        }
+        let reports = GroupCommit<ReportInput, ReportVerdict>(maxBatch: 1024, concurrency: configuration.storeConcurrency) { inputs in
+            try await store.report(inputs, now: Self.now())
+        }
         router.on(Parley_Work_V1_SubmitJobs.self) { request, _ in
             guard !request.jobs.isEmpty else { throw ParleyError(code: .invalidArgument, message: "SubmitJobs holds no job") }
             var jobs: [NewJob] = []
@@ -76,7 +88,7 @@ public enum WorkService {
                 return true
             }
             if due { _ = try await store.expireLeases(now: now) }
-            let claimed = try await store.claim(worker: worker, limit: Int(min(request.slots, 64)), now: now, leaseDuration: leaseNanoseconds)
+            let claimed = try await claims.submit(ClaimRequest(worker: worker, limit: Int(min(request.slots, 64))))
             var reply = Parley_Work_V1_WorkAssignments()
             reply.assignments = claimed.map { job in
                 var a = Parley_Work_V1_Assignment()
@@ -111,10 +123,10 @@ public enum WorkService {
             } else {
                 outcome = .failure(Self.describe(report))
             }
-            let verdict = try await store.report(
-                jobID: report.jobID, LeaseReport(leaseID: report.leaseID, worker: worker, outcome: outcome),
-                result: try report.serializedBytes(), now: Self.now()
-            )
+            let verdict = try await reports.submit(ReportInput(
+                jobID: report.jobID, report: LeaseReport(leaseID: report.leaseID, worker: worker, outcome: outcome),
+                result: try report.serializedBytes()
+            ))
             var ack = Parley_Work_V1_ReportAck()
             switch verdict {
             case .accepted: ack.verdict = .accepted

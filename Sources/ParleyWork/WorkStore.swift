@@ -27,16 +27,41 @@ public struct ClaimedJob: Sendable, Hashable {
     public var signature: [UInt8]
 }
 
+/// One worker's request for work, in a batch of claims.
+public struct ClaimRequest: Sendable, Hashable {
+    public var worker: String
+    public var limit: Int
+    public init(worker: String, limit: Int) {
+        self.worker = worker
+        self.limit = limit
+    }
+}
+
+/// One worker's report on a lease, in a batch of reports, with its result (stored once, when
+/// accepted).
+public struct ReportInput: Sendable, Hashable {
+    public var jobID: UInt64
+    public var report: LeaseReport
+    public var result: [UInt8]
+    public init(jobID: UInt64, report: LeaseReport, result: [UInt8]) {
+        self.jobID = jobID
+        self.report = report
+        self.result = result
+    }
+}
+
 /// Where jobs live: a small protocol, so that the scheduler does not care whether it is
-/// SQLite (`SQLiteWorkStore`) or, later, PostgreSQL shared by several masters. Every method
-/// is one transaction that applies `LeaseRules`.
+/// SQLite (`SQLiteWorkStore`, one master) or PostgreSQL (`PostgresWorkStore`, shared by
+/// several masters). Every method is one transaction that applies `LeaseRules`; claims and
+/// reports come in batches so that a master commits many in one transaction (`GroupCommit`).
 public protocol WorkStore: Sendable {
     /// Stores jobs; returns their ids, in order.
     func submit(_ jobs: [NewJob], now: Int64) async throws -> [UInt64]
-    /// Hands up to `limit` queued jobs (highest priority first, then oldest) to `worker`.
-    func claim(worker: String, limit: Int, now: Int64, leaseDuration: Int64) async throws -> [ClaimedJob]
-    /// A worker's report on a lease, with its result (stored once, when accepted).
-    func report(jobID: UInt64, _ report: LeaseReport, result: [UInt8], now: Int64) async throws -> ReportVerdict
+    /// Hands up to `limit` queued jobs (highest priority first, then oldest) to each request's
+    /// worker; the answer has one list per request, in order. No job goes to two workers.
+    func claim(_ requests: [ClaimRequest], now: Int64, leaseDuration: Int64) async throws -> [[ClaimedJob]]
+    /// Workers' reports on leases; one verdict per report, in order.
+    func report(_ reports: [ReportInput], now: Int64) async throws -> [ReportVerdict]
     /// Puts back the jobs whose leases expired; returns how many.
     func expireLeases(now: Int64) async throws -> Int
     /// A worker gives a job back unfinished.
@@ -45,6 +70,67 @@ public protocol WorkStore: Sendable {
     func counts() async throws -> [String: Int]
     /// A job's record and, if accepted, its result.
     func job(_ id: UInt64) async throws -> (record: JobRecord, result: [UInt8]?)?
+    /// The names of the schema migrations applied, oldest first.
+    func appliedMigrations() async throws -> [String]
+    /// Releases the store's connections.
+    func close() async
+}
+
+extension WorkStore {
+    /// Hands up to `limit` queued jobs to `worker`.
+    public func claim(worker: String, limit: Int, now: Int64, leaseDuration: Int64) async throws -> [ClaimedJob] {
+        try await self.claim([ClaimRequest(worker: worker, limit: limit)], now: now, leaseDuration: leaseDuration)[0]
+    }
+
+    /// One worker's report on a lease.
+    public func report(jobID: UInt64, _ report: LeaseReport, result: [UInt8], now: Int64) async throws -> ReportVerdict {
+        try await self.report([ReportInput(jobID: jobID, report: report, result: result)], now: now)[0]
+    }
+
+    public func close() async {}
+}
+
+/// How a `JobRecord` is kept in a row, the same in every store: its state as text, its lease
+/// deadline (nil unless leased), whether it finished, and the record itself as JSON.
+enum JobRow {
+    static func state(of record: JobRecord) -> (state: String, deadline: Int64?, finished: Bool) {
+        switch record.state {
+        case .queued: return ("queued", nil, false)
+        case .leased(let lease): return ("leased", lease.deadline, false)
+        case .succeeded: return ("succeeded", nil, true)
+        case .failed: return ("failed", nil, true)
+        }
+    }
+
+    static func encode(_ record: JobRecord) throws -> Data {
+        try JSONEncoder().encode(record)
+    }
+
+    static func decode(_ data: Data, id: UInt64) throws -> JobRecord {
+        var record = try JSONDecoder().decode(JobRecord.self, from: data)
+        record.id = id
+        return record
+    }
+
+    /// Applies `LeaseRules.assign` to the queued jobs `rows` found for `requests`, in order,
+    /// handing each request up to its limit; `leaseIDs` are fresh ids, one per row at least.
+    static func assign<Row>(
+        _ rows: [Row], record: (Row) throws -> JobRecord, requests: [ClaimRequest], leaseIDs: [UInt64], now: Int64, leaseDuration: Int64
+    ) throws -> [[(row: Row, record: JobRecord, lease: Lease)]] {
+        var claims: [[(row: Row, record: JobRecord, lease: Lease)]] = []
+        var next = 0
+        for request in requests {
+            var mine: [(row: Row, record: JobRecord, lease: Lease)] = []
+            while mine.count < request.limit, next < rows.count {
+                var job = try record(rows[next])
+                let lease = try LeaseRules.assign(&job, to: request.worker, leaseID: leaseIDs[next], now: now, duration: leaseDuration)
+                mine.append((rows[next], job, lease))
+                next += 1
+            }
+            claims.append(mine)
+        }
+        return claims
+    }
 }
 
 public struct WorkStoreError: Error, Sendable, Hashable, CustomStringConvertible {
@@ -102,9 +188,8 @@ public final class SQLiteWorkStore: WorkStore {
         return migrator
     }
 
-    /// The names of the migrations applied to the database.
-    public func appliedMigrations() throws -> [String] {
-        try self.pool.read { db in try Self.migrator.appliedMigrations(db) }
+    public func appliedMigrations() async throws -> [String] {
+        try await self.pool.read { db in try Self.migrator.appliedMigrations(db) }
     }
 
     public func submit(_ jobs: [NewJob], now: Int64) async throws -> [UInt64] {
@@ -113,52 +198,56 @@ public final class SQLiteWorkStore: WorkStore {
                 guard !job.signature.isEmpty else { throw WorkStoreError("a job without a signature is not stored") }
                 try db.execute(
                     sql: "INSERT INTO job (batch, priority, spec, signature, state, record, submittedAt) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                    arguments: [job.batch, job.priority, Data(job.spec), Data(job.signature), try Self.encode(JobRecord(id: 0, maxAttempts: job.maxAttempts)), now]
+                    arguments: [job.batch, job.priority, Data(job.spec), Data(job.signature), try JobRow.encode(JobRecord(id: 0, maxAttempts: job.maxAttempts)), now]
                 )
                 return UInt64(db.lastInsertedRowID)
             }
         }
     }
 
-    public func claim(worker: String, limit: Int, now: Int64, leaseDuration: Int64) async throws -> [ClaimedJob] {
-        guard limit > 0 else { return [] }
+    public func claim(_ requests: [ClaimRequest], now: Int64, leaseDuration: Int64) async throws -> [[ClaimedJob]] {
+        let total = requests.reduce(0) { $0 + max(0, $1.limit) }
+        guard total > 0 else { return requests.map { _ in [] } }
         return try await self.pool.write { db in
             let rows = try Row.fetchAll(
-                db, sql: "SELECT id, spec, signature, record FROM job WHERE state = 'queued' ORDER BY priority DESC, id LIMIT ?", arguments: [limit]
+                db, sql: "SELECT id, spec, signature, record FROM job WHERE state = 'queued' ORDER BY priority DESC, id LIMIT ?", arguments: [total]
             )
-            var claimed: [ClaimedJob] = []
-            for row in rows {
-                let id = UInt64(row["id"] as Int64)
-                var record = try Self.decode(row["record"], id: id)
-                let leaseID = try Self.nextLeaseID(db)
-                let lease = try LeaseRules.assign(&record, to: worker, leaseID: leaseID, now: now, duration: leaseDuration)
-                try Self.save(db, record, now: now)
-                claimed.append(ClaimedJob(id: id, lease: lease, spec: Array(row["spec"] as Data), signature: Array(row["signature"] as Data)))
+            let first = try Self.takeLeaseIDs(db, count: rows.count)
+            let claims = try JobRow.assign(
+                rows, record: { try JobRow.decode($0["record"], id: UInt64($0["id"] as Int64)) }, requests: requests,
+                leaseIDs: (0..<UInt64(rows.count)).map { first + $0 }, now: now, leaseDuration: leaseDuration
+            )
+            return try claims.map { mine in
+                try mine.map { claim in
+                    try Self.save(db, claim.record, now: now)
+                    return ClaimedJob(id: claim.record.id, lease: claim.lease, spec: Array(claim.row["spec"] as Data), signature: Array(claim.row["signature"] as Data))
+                }
             }
-            return claimed
         }
     }
 
-    public func report(jobID: UInt64, _ report: LeaseReport, result: [UInt8], now: Int64) async throws -> ReportVerdict {
+    public func report(_ reports: [ReportInput], now: Int64) async throws -> [ReportVerdict] {
         try await self.pool.write { db in
-            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(jobID)]) else {
-                return .rejected("no job \(jobID)")
+            try reports.map { input in
+                guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(input.jobID)]) else {
+                    return .rejected("no job \(input.jobID)")
+                }
+                var record = try JobRow.decode(data, id: input.jobID)
+                let verdict = LeaseRules.report(&record, input.report)
+                switch verdict {
+                case .accepted:
+                    try db.execute(
+                        sql: "INSERT INTO result (jobId, leaseId, worker, result, acceptedAt) VALUES (?, ?, ?, ?, ?)",
+                        arguments: [Int64(input.jobID), Int64(input.report.leaseID), input.report.worker, Data(input.result), now]
+                    )
+                    try Self.save(db, record, now: now)
+                case .retrying, .failed, .superseded:
+                    try Self.save(db, record, now: now)
+                case .alreadyAccepted, .rejected:
+                    break
+                }
+                return verdict
             }
-            var record = try Self.decode(data, id: jobID)
-            let verdict = LeaseRules.report(&record, report)
-            switch verdict {
-            case .accepted:
-                try db.execute(
-                    sql: "INSERT INTO result (jobId, leaseId, worker, result, acceptedAt) VALUES (?, ?, ?, ?, ?)",
-                    arguments: [Int64(jobID), Int64(report.leaseID), report.worker, Data(result), now]
-                )
-                try Self.save(db, record, now: now)
-            case .retrying, .failed, .superseded:
-                try Self.save(db, record, now: now)
-            case .alreadyAccepted, .rejected:
-                break
-            }
-            return verdict
         }
     }
 
@@ -168,7 +257,7 @@ public final class SQLiteWorkStore: WorkStore {
             var expired = 0
             for row in rows {
                 let id = UInt64(row["id"] as Int64)
-                var record = try Self.decode(row["record"], id: id)
+                var record = try JobRow.decode(row["record"], id: id)
                 if LeaseRules.expire(&record, now: now) {
                     try Self.save(db, record, now: now)
                     expired += 1
@@ -183,7 +272,7 @@ public final class SQLiteWorkStore: WorkStore {
             guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(jobID)]) else {
                 throw WorkStoreError("no job \(jobID)")
             }
-            var record = try Self.decode(data, id: jobID)
+            var record = try JobRow.decode(data, id: jobID)
             try LeaseRules.handBack(&record, leaseID: leaseID, worker: worker)
             try Self.save(db, record, now: 0)
         }
@@ -203,46 +292,23 @@ public final class SQLiteWorkStore: WorkStore {
         try await self.pool.read { db in
             guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(id)]) else { return nil }
             let result = try Data.fetchOne(db, sql: "SELECT result FROM result WHERE jobId = ?", arguments: [Int64(id)])
-            return (try Self.decode(data, id: id), result.map { Array($0) })
+            return (try JobRow.decode(data, id: id), result.map { Array($0) })
         }
     }
 
     // MARK: - Rows
 
-    private static func nextLeaseID(_ db: Database) throws -> UInt64 {
-        try db.execute(sql: "UPDATE counter SET value = value + 1 WHERE name = 'lease'")
-        return UInt64(try Int64.fetchOne(db, sql: "SELECT value FROM counter WHERE name = 'lease'") ?? 0)
+    /// Reserves `count` lease ids; returns the first (they follow one another).
+    private static func takeLeaseIDs(_ db: Database, count: Int) throws -> UInt64 {
+        try db.execute(sql: "UPDATE counter SET value = value + ? WHERE name = 'lease'", arguments: [count])
+        return UInt64(try Int64.fetchOne(db, sql: "SELECT value FROM counter WHERE name = 'lease'") ?? 0) - UInt64(count) + 1
     }
 
     private static func save(_ db: Database, _ record: JobRecord, now: Int64) throws {
-        let state: String
-        var deadline: Int64?
-        var finished: Int64?
-        switch record.state {
-        case .queued: state = "queued"
-        case .leased(let lease):
-            state = "leased"
-            deadline = lease.deadline
-        case .succeeded:
-            state = "succeeded"
-            finished = now
-        case .failed:
-            state = "failed"
-            finished = now
-        }
+        let row = JobRow.state(of: record)
         try db.execute(
             sql: "UPDATE job SET state = ?, record = ?, leaseDeadline = ?, finishedAt = COALESCE(finishedAt, ?) WHERE id = ?",
-            arguments: [state, try Self.encode(record), deadline, finished, Int64(record.id)]
+            arguments: [row.state, try JobRow.encode(record), row.deadline, row.finished ? now : nil, Int64(record.id)]
         )
-    }
-
-    private static func encode(_ record: JobRecord) throws -> Data {
-        try JSONEncoder().encode(record)
-    }
-
-    private static func decode(_ data: Data, id: UInt64) throws -> JobRecord {
-        var record = try JSONDecoder().decode(JobRecord.self, from: data)
-        record.id = id
-        return record
     }
 }

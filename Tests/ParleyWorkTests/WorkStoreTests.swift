@@ -1,8 +1,55 @@
 import Foundation
+import Logging
 import ParleyWork
+import PostgresNIO
 import Testing
 
-/// The SQLite job store: migrations, claims, exactly-once acceptance, expiry, persistence.
+/// The stores a test runs on: SQLite always; PostgreSQL when PARLEY_TEST_POSTGRES names a
+/// server (`Scripts/postgres-for-tests.sh start` prints one; `.ci/run` starts it), each test
+/// in a database of its own.
+enum StoreKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case sqlite, postgres
+
+    static var available: [StoreKind] {
+        ProcessInfo.processInfo.environment["PARLEY_TEST_POSTGRES"] == nil ? [.sqlite] : [.sqlite, .postgres]
+    }
+
+    var testDescription: String { self.rawValue }
+
+    func make() async throws -> any WorkStore {
+        switch self {
+        case .sqlite: return try SQLiteWorkStore(path: SQLiteWorkStoreTests.freshPath())
+        case .postgres: return try await PostgresWorkStore(url: try await TestPostgres.freshDatabase())
+        }
+    }
+}
+
+/// Fresh databases on the test server.
+enum TestPostgres {
+    static var url: String? { ProcessInfo.processInfo.environment["PARLEY_TEST_POSTGRES"] }
+
+    /// Creates an empty database and returns its URL.
+    static func freshDatabase() async throws -> String {
+        let base = try #require(self.url, "PARLEY_TEST_POSTGRES is not set")
+        let name = "parley_test_\(UUID().uuidString.prefix(8).lowercased())"
+        var parts = try #require(URLComponents(string: base))
+        var config = PostgresClient.Configuration(
+            host: parts.host ?? "127.0.0.1", port: parts.port ?? 5432, username: parts.user ?? "parley", password: parts.password,
+            database: String(parts.path.dropFirst()), tls: .disable
+        )
+        config.options.maximumConnections = 1
+        let client = PostgresClient(configuration: config, backgroundLogger: Logger(label: "test.postgres"))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await client.run() }
+            try await client.query(PostgresQuery(unsafeSQL: "CREATE DATABASE \(name)"))
+            group.cancelAll()
+        }
+        parts.path = "/" + name
+        return try #require(parts.string)
+    }
+}
+
+/// The job stores: migrations, claims, exactly-once acceptance, expiry, persistence.
 @Suite struct SQLiteWorkStoreTests {
     static func freshPath() -> String {
         let dir = NSTemporaryDirectory() + "work-store-\(UUID().uuidString.prefix(8))"
@@ -20,16 +67,73 @@ import Testing
         let path = Self.freshPath()
         do {
             let store = try SQLiteWorkStore(path: path)
-            #expect(try store.appliedMigrations() == ["v1: jobs and results"])
+            #expect(try await store.appliedMigrations() == ["v1: jobs and results"])
             _ = try await store.submit(Self.jobs(3), now: 0)
         }
         let again = try SQLiteWorkStore(path: path)
-        #expect(try again.appliedMigrations() == ["v1: jobs and results"])
+        #expect(try await again.appliedMigrations() == ["v1: jobs and results"])
         #expect(try await again.counts()["queued"] == 3)
     }
 
-    @Test func concurrentClaimsHandEveryJobOutOnceAndResultsAreAcceptedOnce() async throws {
-        let store = try SQLiteWorkStore(path: Self.freshPath())
+    @Test func postgresMigratesOnceWhenSeveralMastersStartAtOnce() async throws {
+        guard TestPostgres.url != nil else { return }
+        let url = try await TestPostgres.freshDatabase()
+        // Three masters start together on one empty database: one migrates, the others wait.
+        let stores = try await withThrowingTaskGroup(of: PostgresWorkStore.self) { group in
+            for _ in 0..<3 { group.addTask { try await PostgresWorkStore(url: url) } }
+            var all: [PostgresWorkStore] = []
+            for try await store in group { all.append(store) }
+            return all
+        }
+        for store in stores {
+            #expect(try await store.appliedMigrations() == ["v1: jobs and results"])
+        }
+        _ = try await stores[0].submit(Self.jobs(4), now: 0)
+        #expect(try await stores[2].counts()["queued"] == 4)
+        for store in stores { await store.close() }
+        let again = try await PostgresWorkStore(url: url)
+        #expect(try await again.appliedMigrations() == ["v1: jobs and results"])
+        #expect(try await again.counts()["queued"] == 4)
+        await again.close()
+    }
+
+    @Test func postgresRefusesABadURLClearly() async throws {
+        await #expect(throws: WorkStoreError.self) { _ = try await PostgresWorkStore(url: "mysql://x@y/z") }
+        await #expect(throws: WorkStoreError.self) { _ = try await PostgresWorkStore(url: "postgres://127.0.0.1/db") }
+        // Nothing listens there: a clear error, not a hang.
+        let error = await #expect(throws: WorkStoreError.self) { _ = try await PostgresWorkStore(url: "postgres://u@127.0.0.1:1/db", connectTimeout: .seconds(1)) }
+        #expect(error?.message.contains("127.0.0.1:1") == true)
+    }
+
+    @Test(arguments: StoreKind.available) func batchedClaimsAndReportsKeepEachVerdict(kind: StoreKind) async throws {
+        let store = try await kind.make()
+        defer { Task { await store.close() } }
+        let ids = try await store.submit(Self.jobs(10), now: 0)
+        #expect(ids == ids.sorted() && Set(ids).count == 10)
+        let claims = try await store.claim(
+            [ClaimRequest(worker: "a", limit: 3), ClaimRequest(worker: "b", limit: 0), ClaimRequest(worker: "c", limit: 20)], now: 0, leaseDuration: second
+        )
+        #expect(claims.map(\.count) == [3, 0, 7])
+        #expect(Set(claims.flatMap { $0.map(\.id) }) == Set(ids))
+        #expect(claims[0].allSatisfy { $0.lease.worker == "a" } && claims[2].allSatisfy { $0.lease.worker == "c" })
+        let a = claims[0][0], c = claims[2][0], c2 = claims[2][1]
+        let verdicts = try await store.report([
+            ReportInput(jobID: a.id, report: LeaseReport(leaseID: a.lease.id, worker: "a", outcome: .success), result: [1]),
+            ReportInput(jobID: a.id, report: LeaseReport(leaseID: a.lease.id, worker: "a", outcome: .success), result: [2]),
+            ReportInput(jobID: c.id, report: LeaseReport(leaseID: c.lease.id, worker: "a", outcome: .success), result: [3]),
+            ReportInput(jobID: 999_999, report: LeaseReport(leaseID: 1, worker: "a", outcome: .success), result: [4]),
+            ReportInput(jobID: c2.id, report: LeaseReport(leaseID: c2.lease.id, worker: "c", outcome: .failure("exit 1")), result: [5]),
+        ], now: 1)
+        #expect(verdicts[0] == .accepted && verdicts[1] == .alreadyAccepted && verdicts[4] == .retrying)
+        guard case .rejected = verdicts[2], case .rejected = verdicts[3] else { Issue.record("bad reports accepted: \(verdicts)"); return }
+        #expect(try await store.job(a.id)?.result == [1])
+        #expect(try await store.job(c.id)?.result == nil)
+        #expect(try await store.counts() == ["queued": 1, "leased": 8, "succeeded": 1, "failed": 0])
+    }
+
+    @Test(arguments: StoreKind.available) func concurrentClaimsHandEveryJobOutOnceAndResultsAreAcceptedOnce(kind: StoreKind) async throws {
+        let store = try await kind.make()
+        defer { Task { await store.close() } }
         let ids = try await store.submit(Self.jobs(500), now: 0)
         #expect(Set(ids).count == 500)
         // Ten workers claim in batches of 7 at once until nothing is left.
@@ -61,16 +165,18 @@ import Testing
         #expect(one.result == Array("out \(claimed[0].id)".utf8))
     }
 
-    @Test func priorityThenAgeDecideTheOrder() async throws {
-        let store = try SQLiteWorkStore(path: Self.freshPath())
+    @Test(arguments: StoreKind.available) func priorityThenAgeDecideTheOrder(kind: StoreKind) async throws {
+        let store = try await kind.make()
+        defer { Task { await store.close() } }
         let low = try await store.submit(Self.jobs(2), now: 0)
         let high = try await store.submit(Self.jobs(2, priority: 5), now: 0)
         let claimed = try await store.claim(worker: "w", limit: 4, now: 0, leaseDuration: second)
         #expect(claimed.map(\.id) == high + low)
     }
 
-    @Test func expiredLeasesGoBackAndFailuresAreRetriedThenFailed() async throws {
-        let store = try SQLiteWorkStore(path: Self.freshPath())
+    @Test(arguments: StoreKind.available) func expiredLeasesGoBackAndFailuresAreRetriedThenFailed(kind: StoreKind) async throws {
+        let store = try await kind.make()
+        defer { Task { await store.close() } }
         let id = try await store.submit([NewJob(spec: [1], signature: [2], maxAttempts: 2)], now: 0)[0]
         let first = try await store.claim(worker: "a", limit: 1, now: 0, leaseDuration: second)[0]
         #expect(try await store.expireLeases(now: second - 1) == 0)
@@ -85,8 +191,9 @@ import Testing
         #expect(try await store.claim(worker: "c", limit: 1, now: 3, leaseDuration: self.second).isEmpty)
     }
 
-    @Test func badReportsAndUnsignedJobsAreRefusedAndStoreNothing() async throws {
-        let store = try SQLiteWorkStore(path: Self.freshPath())
+    @Test(arguments: StoreKind.available) func badReportsAndUnsignedJobsAreRefusedAndStoreNothing(kind: StoreKind) async throws {
+        let store = try await kind.make()
+        defer { Task { await store.close() } }
         await #expect(throws: WorkStoreError.self) { _ = try await store.submit([NewJob(spec: [1], signature: [])], now: 0) }
         #expect(try await store.counts()["queued"] == 0)
         let id = try await store.submit(Self.jobs(1), now: 0)[0]
