@@ -21,7 +21,7 @@ struct Block: AsyncParsableCommand {
               nbdinfo nbd://127.0.0.1:10809/disk
               qemu-img convert -p -O raw image.qcow2 nbd://127.0.0.1:10809/disk
             """,
-        subcommands: [BlockServe.self, BlockInfo.self, BlockBench.self]
+        subcommands: [BlockServe.self, BlockInfo.self, BlockBench.self, BlockMapCommand.self, BlockList.self, BlockUnmap.self]
     )
 }
 

@@ -1,0 +1,152 @@
+import Foundation
+import Logging
+import NIOCore
+import Parley
+
+/// `parley block map`: a remote device opened over a multipath session and served on a local
+/// NBD endpoint (for nbd-client's /dev/nbdN, qemu, fio, nbdcopy), by the NBD server as it is,
+/// over a `MultipathBlockStore`.
+///
+/// While it runs it writes its status (`BlockMap.Record`) to `STATE_DIR/SESSION.DEVICE.json`
+/// once a second and on every path change; `parley block list` reads those files, and
+/// `parley block unmap` sends the process named in one SIGTERM and waits for it to exit.
+public final class BlockMap: Sendable {
+    public struct Record: Sendable, Codable, Equatable {
+        public var pid: Int32
+        public var nbd: String
+        /// NBD export names: the device path, and "" (the default export).
+        public var exportName: String
+        public var status: BlockMultipathDevice.Status
+        public var updated: Double
+    }
+
+    public let session: BlockMultipathSession
+    public let devicePath: String
+    public let readOnly: Bool
+    public let nbdAddress: ParleyAddress
+    public let stateDirectory: String
+    let logger: Logger
+
+    public init(session: BlockMultipathSession, device: String, readOnly: Bool, nbd: ParleyAddress, stateDirectory: String,
+                logger: Logger = Logger(label: "parley.block.map")) {
+        self.session = session
+        self.devicePath = device
+        self.readOnly = readOnly
+        self.nbdAddress = nbd
+        self.stateDirectory = stateDirectory
+        self.logger = logger
+    }
+
+    /// Where maps keep their status files unless told otherwise: $PARLEY_BLOCK_STATE_DIR, or
+    /// /tmp/parley-block-UID.
+    public static var defaultStateDirectory: String {
+        if let d = ProcessInfo.processInfo.environment["PARLEY_BLOCK_STATE_DIR"], !d.isEmpty { return d }
+        return "/tmp/parley-block-\(getuid())"
+    }
+
+    public static func recordFile(directory: String, session: String, device: String) -> String {
+        let safe = String(device.map { $0 == "/" ? "_" : $0 })
+        return "\(directory)/\(session).\(safe).json"
+    }
+
+    public var recordFile: String {
+        Self.recordFile(directory: self.stateDirectory, session: self.session.configuration.sessionName, device: self.devicePath)
+    }
+
+    /// Status files in `directory` whose process still runs (others are removed).
+    public static func records(directory: String) -> [Record] {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else { return [] }
+        var out: [Record] = []
+        for name in names.sorted() where name.hasSuffix(".json") {
+            let path = directory + "/" + name
+            guard let data = FileManager.default.contents(atPath: path),
+                  let record = try? JSONDecoder().decode(Record.self, from: data) else { continue }
+            if kill(record.pid, 0) != 0 && errno == ESRCH {
+                try? FileManager.default.removeItem(atPath: path)
+                continue
+            }
+            out.append(record)
+        }
+        return out
+    }
+
+    /// The running map: its device and NBD server, until `stop()`.
+    public final class Running: Sendable {
+        public let map: BlockMap
+        public let device: BlockMultipathDevice
+        public let nbd: NBDServer
+        public let boundAddress: ParleyAddress
+        let io: BlockIOExecutor
+        let writer: Task<Void, Never>
+
+        init(map: BlockMap, device: BlockMultipathDevice, nbd: NBDServer, bound: ParleyAddress, io: BlockIOExecutor, writer: Task<Void, Never>) {
+            self.map = map
+            self.device = device
+            self.nbd = nbd
+            self.boundAddress = bound
+            self.io = io
+            self.writer = writer
+        }
+
+        /// Unmaps: NBD clients finish their requests in flight and go, the device's IO drains,
+        /// a final flush, the device is closed on every path; the status file is removed.
+        public func stop() async throws {
+            await self.nbd.shutDown()
+            self.writer.cancel()
+            defer { try? FileManager.default.removeItem(atPath: self.map.recordFile) }
+            try await self.device.close()
+            try? await self.io.shutdown()
+            self.map.logger.info("unmapped", metadata: ["session": "\(self.map.session.configuration.sessionName)", "device": "\(self.map.devicePath)"])
+        }
+    }
+
+    /// Opens the device over every path and starts serving it over NBD.
+    public func start() async throws -> Running {
+        let device = try await self.session.open(self.devicePath, access: self.readOnly ? .readOnly : .readWrite)
+        let store = MultipathBlockStore(device: device)
+        let path = "/"  // the table's key for the one device; never opened as a file
+        let catalog = try BlockExportCatalog(exports: [
+            BlockExportSpec(name: self.devicePath, path: path, readOnly: self.readOnly),
+            BlockExportSpec(name: "", path: path, readOnly: self.readOnly),
+        ])
+        let devices = BlockDeviceTable(openStore: { _, _ in store })
+        // Each NBD request in flight holds an IO thread while the remote answers it.
+        let io = BlockIOExecutor(threads: 256)
+        var limits = NBDServer.Limits()
+        limits.maxInFlight = 256
+        let nbd = NBDServer(catalog: catalog, devices: devices, io: io, limits: limits, logger: self.logger)
+        let bound: ParleyAddress
+        do {
+            bound = try await nbd.bind([self.nbdAddress])[0]
+        } catch {
+            try? await device.close()
+            try? await io.shutdown()
+            throw error
+        }
+        try? FileManager.default.createDirectory(atPath: self.stateDirectory, withIntermediateDirectories: true)
+        let g = device.geometry
+        self.logger.info("mapped", metadata: [
+            "session": "\(self.session.configuration.sessionName)", "device": "\(self.devicePath)", "nbd": "\(bound)",
+            "size": "\(g.sizeBytes)", "block_size": "\(g.logicalBlockSize)", "paths": "\(self.session.configuration.paths.count)",
+            "access": "\(self.readOnly ? "ro" : "rw")",
+        ])
+        let writer = Task { [self] in
+            while !Task.isCancelled {
+                self.writeRecord(device: device, bound: bound)
+                try? await Task.sleep(for: .milliseconds(500))
+            }
+        }
+        return Running(map: self, device: device, nbd: nbd, bound: bound, io: io, writer: writer)
+    }
+
+    func writeRecord(device: BlockMultipathDevice, bound: ParleyAddress) {
+        let record = Record(pid: getpid(), nbd: "\(bound)", exportName: self.devicePath, status: device.status(),
+                            updated: Date().timeIntervalSince1970)
+        guard let data = try? JSONEncoder().encode(record) else { return }
+        let file = self.recordFile
+        let tmp = file + ".tmp"
+        if FileManager.default.createFile(atPath: tmp, contents: data) {
+            _ = rename(tmp, file)
+        }
+    }
+}

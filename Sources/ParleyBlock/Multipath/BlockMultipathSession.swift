@@ -1,0 +1,648 @@
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+import NIOConcurrencyHelpers
+import NIOCore
+import Parley
+
+/// A block session over several paths (RNBD's multipath): a session name, the addresses of
+/// one server (or the same address several times, for more connections) and a path policy.
+/// Devices opened through it keep working while at least one path lives: IO in flight on a
+/// path that dies is re-sent on another, and the dead path reconnects in the background.
+/// The ordering rules are `MultipathIOState`'s (docs/protocol.md, "Multipath").
+///
+/// Each open device has its own connection on every path (each one a block session of the
+/// same name on the server, which lets them share the device's read-write open).
+public struct BlockMultipathSession: Sendable {
+    public struct Configuration: Sendable {
+        public var sessionName: String
+        public var paths: [ParleyAddress]
+        public var policy: MultipathIOState.Policy
+        /// How long IO waits when no path is up before it fails with EIO.
+        public var ioTimeout: Duration
+        /// Reconnect back-off: the first retry after `reconnectBase`, doubling up to `reconnectMax`.
+        public var reconnectBase: Duration
+        public var reconnectMax: Duration
+        /// How long to wait for a path's first connection when a device is opened.
+        public var connectTimeout: Duration
+        /// An IO whose path dies under it this many times fails.
+        public var maxSends: Int
+        /// IOs in flight per path (more wait in the queue).
+        public var maxInFlightPerPath: Int
+        public var client: ParleyClient.Configuration
+
+        public init(sessionName: String, paths: [ParleyAddress], policy: MultipathIOState.Policy = .roundRobin,
+                    ioTimeout: Duration = .seconds(30), reconnectBase: Duration = .milliseconds(50), reconnectMax: Duration = .seconds(2),
+                    connectTimeout: Duration = .seconds(10), maxSends: Int = 32, maxInFlightPerPath: Int = 256,
+                    client: ParleyClient.Configuration = Self.defaultClient) {
+            self.sessionName = sessionName
+            self.paths = paths
+            self.policy = policy
+            self.ioTimeout = ioTimeout
+            self.reconnectBase = reconnectBase
+            self.reconnectMax = reconnectMax
+            self.connectTimeout = connectTimeout
+            self.maxSends = maxSends
+            self.maxInFlightPerPath = maxInFlightPerPath
+            self.client = client
+        }
+
+        /// Keepalives every second and a 5 s timeout, so that a path that goes silent is
+        /// found dead (and its IO re-sent) in seconds rather than a minute.
+        public static var defaultClient: ParleyClient.Configuration {
+            var c = ParleyClient.Configuration.defaults
+            c.limits.keepaliveInterval = .seconds(1)
+            c.limits.keepaliveTimeout = .seconds(5)
+            return c
+        }
+    }
+
+    public let configuration: Configuration
+    let logger: Logger
+
+    public init(_ configuration: Configuration, logger: Logger = Logger(label: "parley.block.multipath")) throws(BlockError) {
+        guard !configuration.paths.isEmpty else { throw BlockError(.invalid, "a session needs at least one path") }
+        guard BlockExportCatalog.validSessionName(configuration.sessionName) else {
+            throw BlockError(.invalid, "bad session name \"\(configuration.sessionName)\": use 1-64 bytes of A-Z a-z 0-9 . _ -, not starting with '.'")
+        }
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    /// Opens `path` (an export name or a path under the server's search path) on every path.
+    /// Fails if the server refuses it on any path (unknown device, read-only export, ...), if
+    /// the paths lead to devices of different geometry, or if no path can be reached.
+    public func open(_ path: String, access: Parley_Block_V1_AccessMode = .readWrite) async throws -> BlockMultipathDevice {
+        let device = BlockMultipathDevice(session: self, path: path, access: access)
+        try await device.start()
+        return device
+    }
+}
+
+/// Why a multipath IO or open failed.
+public struct BlockMultipathError: Error, Sendable, CustomStringConvertible {
+    public enum Kind: Sendable, Equatable {
+        /// The server answered with this status.
+        case server(Parley_Block_V1_BlockStatus)
+        /// No path was up for the configured IO timeout (EIO).
+        case noPath
+        /// The device is closed.
+        case closed
+        /// The IO's path died under it too many times (EIO).
+        case tooManyResends
+        /// The paths do not lead to the same device.
+        case pathsDisagree
+        /// No path could be reached.
+        case unreachable
+    }
+    public var kind: Kind
+    public var message: String
+    public init(_ kind: Kind, _ message: String) {
+        self.kind = kind
+        self.message = message
+    }
+    public var description: String { self.message }
+    /// The errno an NBD client or a kernel would see.
+    public var errno: Int32 {
+        switch self.kind {
+        case .server(.readOnly): return EROFS
+        case .server(.noSpace): return ENOSPC
+        case .server(.invalid), .server(.outOfRange), .server(.tooLarge): return EINVAL
+        case .server(.notSupported): return EOPNOTSUPP
+        default: return EIO
+        }
+    }
+}
+
+/// A device open over every path of a multipath session. Its IO calls may be made from many
+/// tasks at once (many in flight); each returns when the server has answered it on some path,
+/// or fails (see `BlockMultipathError`).
+public final class BlockMultipathDevice: Sendable {
+    public let session: BlockMultipathSession
+    public let path: String
+    public let access: Parley_Block_V1_AccessMode
+    private let state: NIOLockedValueBox<State>
+    private var logger: Logger { self.session.logger }
+
+    /// What `status()` reports of one path.
+    public struct PathStatus: Sendable, Codable, Equatable {
+        public var address: String
+        /// up, connecting, down
+        public var state: String
+        public var inFlight: Int
+        public var sends: Int
+        public var failures: Int
+        public var connects: Int
+        public var lastError: String?
+    }
+
+    public struct Status: Sendable, Codable, Equatable {
+        public var session: String
+        public var device: String
+        public var access: String
+        public var policy: String
+        public var sizeBytes: UInt64
+        public var blockSize: UInt32
+        public var paths: [PathStatus]
+        public var outstanding: Int
+        public var waiting: Int
+        public var reads: Int
+        public var writes: Int
+        public var flushes: Int
+        public var otherOps: Int
+        public var bytesRead: Int
+        public var bytesWritten: Int
+        public var resends: Int
+        public var errors: Int
+        public var closed: Bool
+    }
+
+    struct Path {
+        var address: ParleyAddress
+        var client: BlockClient?
+        var deviceID: UInt32 = 0
+        var connecting = false
+        var connects = 0
+        var sends = 0
+        var failures = 0
+        var lastError: String?
+        /// Bumped on each connect, so that a late "closed" of an old connection is ignored.
+        var generation = 0
+    }
+
+    struct Pending {
+        var io: MultipathIOState.IO
+        var fua: Bool
+        var data: ByteBuffer?
+        var continuation: CheckedContinuation<ByteBuffer?, any Error>
+        /// The server's answer to the latest send, passed on when the machine completes it.
+        var result: Result<ByteBuffer?, BlockMultipathError>?
+    }
+
+    struct State {
+        var machine: MultipathIOState
+        var paths: [Path]
+        var pending: [UInt64: Pending] = [:]
+        var geometry: Parley_Block_V1_Geometry?
+        var timer: Task<Void, Never>?
+        var timerToken = 0
+        var closed = false
+        var reconnects: [Int: Task<Void, Never>] = [:]
+        var drained: [CheckedContinuation<Void, Never>] = []
+        var reads = 0, writes = 0, flushes = 0, otherOps = 0, bytesRead = 0, bytesWritten = 0, errors = 0
+    }
+
+    /// What to do outside the lock.
+    enum Job {
+        case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, deviceID: UInt32, io: MultipathIOState.IO, fua: Bool, data: ByteBuffer?)
+        case resume(CheckedContinuation<ByteBuffer?, any Error>, Result<ByteBuffer?, BlockMultipathError>)
+        case arm(token: Int)
+        case cancel(Task<Void, Never>)
+        case lost(path: Int, client: BlockClient?, reason: String)
+        case drained([CheckedContinuation<Void, Never>])
+    }
+
+    init(session: BlockMultipathSession, path: String, access: Parley_Block_V1_AccessMode) {
+        self.session = session
+        self.path = path
+        self.access = access
+        let c = session.configuration
+        self.state = NIOLockedValueBox(State(
+            machine: MultipathIOState(paths: c.paths.count, policy: c.policy, maxSends: c.maxSends, maxInFlightPerPath: c.maxInFlightPerPath),
+            paths: c.paths.map { Path(address: $0) }
+        ))
+    }
+
+    /// The device's geometry (the same on every path).
+    public var geometry: Parley_Block_V1_Geometry { self.state.withLockedValue { $0.geometry ?? Parley_Block_V1_Geometry() } }
+
+    // MARK: - Opening and paths
+
+    enum ConnectOutcome: Sendable {
+        case up(BlockClient, BlockClient.Device)
+        case refused(BlockError)
+        case unreachable(String)
+    }
+
+    private func connect(_ index: Int) async -> ConnectOutcome {
+        let address = self.session.configuration.paths[index]
+        let c = self.session.configuration
+        let client: BlockClient
+        do {
+            client = try await BlockClient.connect(to: address, sessionName: c.sessionName, configuration: c.client, logger: self.logger)
+        } catch let e as BlockError {
+            return .refused(e)
+        } catch {
+            return .unreachable("\(error)")
+        }
+        do {
+            let device = try await client.open(self.path, access: self.access)
+            return .up(client, device)
+        } catch let e as BlockError {
+            client.closeConnection()
+            return .refused(BlockError(e.status, "\(address): \(e.message)"))
+        } catch {
+            client.closeConnection()
+            return .unreachable("\(error)")
+        }
+    }
+
+    static func sameDevice(_ a: Parley_Block_V1_Geometry, _ b: Parley_Block_V1_Geometry) -> Bool {
+        a.sizeBytes == b.sizeBytes && a.logicalBlockSize == b.logicalBlockSize && a.maxIoSize == b.maxIoSize
+    }
+
+    func start() async throws {
+        let c = self.session.configuration
+        let outcomes = await withTaskGroup(of: (Int, ConnectOutcome).self) { group in
+            for i in c.paths.indices {
+                group.addTask { (i, await self.connect(i)) }
+            }
+            var all: [(Int, ConnectOutcome)] = []
+            for await r in group { all.append(r) }
+            return all.sorted { $0.0 < $1.0 }
+        }
+        func closeAll() {
+            for (_, o) in outcomes { if case .up(let client, _) = o { client.closeConnection() } }
+        }
+        // A refusal on any path is the answer: the device does not exist there, or may not be
+        // opened so (a read-only export, a busy device).
+        for (i, o) in outcomes {
+            if case .refused(let e) = o {
+                closeAll()
+                throw BlockMultipathError(.server(e.status), "path \(i + 1) (\(c.paths[i])) refused \(self.path): \(e.message)")
+            }
+        }
+        var geometry: Parley_Block_V1_Geometry?
+        var first = 0
+        for (i, o) in outcomes {
+            guard case .up(_, let d) = o else { continue }
+            if let g = geometry {
+                if !Self.sameDevice(g, d.geometry) {
+                    closeAll()
+                    throw BlockMultipathError(.pathsDisagree, """
+                        the paths of session "\(c.sessionName)" lead to different devices: \(self.path) on path \(first + 1) (\(c.paths[first])) \
+                        has \(g.sizeBytes) bytes in \(g.logicalBlockSize)-byte blocks, on path \(i + 1) (\(c.paths[i])) \(d.geometry.sizeBytes) bytes \
+                        in \(d.geometry.logicalBlockSize)-byte blocks
+                        """)
+                }
+            } else {
+                geometry = d.geometry
+                first = i
+            }
+        }
+        guard let geometry else {
+            let reasons = outcomes.map { i, o -> String in
+                if case .unreachable(let why) = o { return "path \(i + 1) (\(c.paths[i])): \(why)" }
+                return ""
+            }.filter { !$0.isEmpty }
+            throw BlockMultipathError(.unreachable, "no path of session \"\(c.sessionName)\" could be reached: \(reasons.joined(separator: "; "))")
+        }
+        self.state.withLockedValue { $0.geometry = geometry }
+        for (i, o) in outcomes {
+            switch o {
+            case .up(let client, let device):
+                self.attach(i, client: client, device: device)
+            case .unreachable(let why):
+                self.logger.warning("path down", metadata: self.meta(i, ["error": "\(why)"]))
+                self.state.withLockedValue { $0.paths[i].lastError = why }
+                self.scheduleReconnect(i, attempt: 1)
+            case .refused:
+                break
+            }
+        }
+    }
+
+    private func meta(_ i: Int, _ extra: Logger.Metadata = [:]) -> Logger.Metadata {
+        var m: Logger.Metadata = [
+            "session": "\(self.session.configuration.sessionName)", "device": "\(self.path)",
+            "path": "\(i + 1)", "address": "\(self.session.configuration.paths[i])",
+        ]
+        m.merge(extra) { $1 }
+        return m
+    }
+
+    /// A path's device is open: IO may go there.
+    private func attach(_ i: Int, client: BlockClient, device: BlockClient.Device) {
+        let (jobs, generation, ok) = self.state.withLockedValue { s -> ([Job], Int, Bool) in
+            if s.closed { return ([], 0, false) }
+            s.paths[i].client = client
+            s.paths[i].deviceID = device.id
+            s.paths[i].connecting = false
+            s.paths[i].connects += 1
+            s.paths[i].generation += 1
+            s.paths[i].lastError = nil
+            var jobs: [Job] = []
+            self.resolve(s.machine.pathUp(i), &s, &jobs)
+            return (jobs, s.paths[i].generation, true)
+        }
+        guard ok else {
+            client.closeConnection()
+            return
+        }
+        self.logger.info("path up", metadata: self.meta(i, ["device_id": "\(device.id)"]))
+        self.run(jobs)
+        Task {
+            await client.client.closed()
+            self.pathFailed(i, generation: generation, reason: "connection closed")
+        }
+    }
+
+    /// A path's connection ended (or failed an IO): its IO is re-sent elsewhere and it reconnects.
+    private func pathFailed(_ i: Int, generation: Int, reason: String) {
+        let jobs = self.state.withLockedValue { s -> [Job] in
+            guard s.paths[i].generation == generation, s.paths[i].client != nil else { return [] }
+            var jobs: [Job] = []
+            self.resolve(s.machine.pathDown(i), &s, &jobs)
+            if s.paths[i].client != nil {
+                // pathDown on a path the machine already took down yields no .pathLost
+                jobs.append(.lost(path: i, client: s.paths[i].client, reason: reason))
+                s.paths[i].client = nil
+            }
+            return jobs
+        }
+        self.run(jobs)
+    }
+
+    private func scheduleReconnect(_ i: Int, attempt: Int) {
+        let c = self.session.configuration
+        var delay = c.reconnectBase
+        for _ in 1..<min(attempt, 20) { delay = min(delay * 2, c.reconnectMax) }
+        let wait = delay
+        let task = Task {
+            try? await Task.sleep(for: wait)
+            await self.reconnect(i, attempt: attempt)
+        }
+        let keep = self.state.withLockedValue { s -> Bool in
+            if s.closed { return false }
+            s.paths[i].connecting = true
+            s.reconnects[i] = task
+            return true
+        }
+        if !keep { task.cancel() }
+    }
+
+    private func reconnect(_ i: Int, attempt: Int) async {
+        if self.state.withLockedValue({ $0.closed }) { return }
+        switch await self.connect(i) {
+        case .up(let client, let device):
+            let expected = self.state.withLockedValue { $0.geometry }
+            if let expected, !Self.sameDevice(expected, device.geometry) {
+                let why = "\(self.path) there is not the device the other paths reach (\(device.geometry.sizeBytes) bytes, not \(expected.sizeBytes))"
+                self.logger.error("path refused", metadata: self.meta(i, ["error": "\(why)"]))
+                client.closeConnection()
+                self.state.withLockedValue { $0.paths[i].lastError = why }
+                self.scheduleReconnect(i, attempt: attempt + 1)
+                return
+            }
+            self.attach(i, client: client, device: device)
+        case .refused(let e):
+            if attempt == 1 { self.logger.error("path refused", metadata: self.meta(i, ["error": "\(e.message)"])) }
+            self.state.withLockedValue { $0.paths[i].lastError = e.message }
+            self.scheduleReconnect(i, attempt: attempt + 1)
+        case .unreachable(let why):
+            if attempt == 1 { self.logger.warning("path reconnect failed, retrying with back-off", metadata: self.meta(i, ["error": "\(why)"])) }
+            self.state.withLockedValue { $0.paths[i].lastError = why }
+            self.scheduleReconnect(i, attempt: attempt + 1)
+        }
+    }
+
+    // MARK: - Actions
+
+    /// Turns the machine's actions into jobs, under the lock (so that a send goes to the
+    /// connection the machine believed up, never to a newer one).
+    private func resolve(_ actions: [MultipathIOState.Action], _ s: inout State, _ jobs: inout [Job]) {
+        for action in actions {
+            switch action {
+            case .send(let id, let path, let send):
+                guard let p = s.pending[id], let client = s.paths[path].client else {
+                    preconditionFailure("send of unknown IO \(id) or on a path without a connection")
+                }
+                s.paths[path].sends += 1
+                jobs.append(.send(id: id, send: send, path: path, client: client, deviceID: s.paths[path].deviceID, io: p.io, fua: p.fua, data: p.data))
+            case .complete(let id, let failure):
+                guard let p = s.pending.removeValue(forKey: id) else { continue }
+                let result: Result<ByteBuffer?, BlockMultipathError>
+                switch failure {
+                case nil:
+                    result = p.result ?? .failure(BlockMultipathError(.noPath, "no answer"))
+                case .noPath:
+                    result = .failure(BlockMultipathError(.noPath, "\(p.io.operation.rawValue) of \(self.path) failed: no path of session \"\(self.session.configuration.sessionName)\" came up within \(self.session.configuration.ioTimeout)"))
+                case .closed:
+                    result = .failure(BlockMultipathError(.closed, "\(self.path) is closed"))
+                case .tooManyResends(let n):
+                    result = .failure(BlockMultipathError(.tooManyResends, "\(p.io.operation.rawValue) of \(self.path) failed: its path died under it \(n) times"))
+                }
+                if case .failure = result { s.errors += 1 } else {
+                    switch p.io.operation {
+                    case .read:
+                        s.reads += 1
+                        s.bytesRead += Int(p.io.length)
+                    case .write:
+                        s.writes += 1
+                        s.bytesWritten += Int(p.io.length)
+                    case .flush: s.flushes += 1
+                    case .discard, .writeZeroes: s.otherOps += 1
+                    }
+                }
+                jobs.append(.resume(p.continuation, result))
+                if s.pending.isEmpty, !s.drained.isEmpty {
+                    jobs.append(.drained(s.drained))
+                    s.drained = []
+                }
+            case .armNoPathTimer:
+                s.timerToken += 1
+                jobs.append(.arm(token: s.timerToken))
+            case .cancelNoPathTimer:
+                s.timerToken += 1
+                if let t = s.timer { jobs.append(.cancel(t)) }
+                s.timer = nil
+            case .pathLost(let path):
+                s.paths[path].failures += 1
+                jobs.append(.lost(path: path, client: s.paths[path].client, reason: "IO failed on it"))
+                s.paths[path].client = nil
+            }
+        }
+    }
+
+    private func run(_ jobs: [Job]) {
+        for job in jobs {
+            switch job {
+            case .send(let id, let send, let path, let client, let deviceID, let io, let fua, let data):
+                Task { await self.perform(id: id, send: send, path: path, client: client, deviceID: deviceID, io: io, fua: fua, data: data) }
+            case .resume(let continuation, let result):
+                continuation.resume(with: result.mapError { $0 as any Error })
+            case .arm(let token):
+                let timeout = self.session.configuration.ioTimeout
+                let task = Task {
+                    try? await Task.sleep(for: timeout)
+                    if Task.isCancelled { return }
+                    let jobs = self.state.withLockedValue { s -> [Job] in
+                        guard s.timerToken == token else { return [] }
+                        s.timer = nil
+                        var jobs: [Job] = []
+                        self.resolve(s.machine.noPathTimerFired(), &s, &jobs)
+                        return jobs
+                    }
+                    if !jobs.isEmpty {
+                        self.logger.error("no path for \(timeout): failing IO", metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
+                    }
+                    self.run(jobs)
+                }
+                self.state.withLockedValue { s in
+                    if s.timerToken == token { s.timer = task } else { task.cancel() }
+                }
+            case .cancel(let task):
+                task.cancel()
+            case .lost(let path, let client, let reason):
+                client?.closeConnection()
+                let closed = self.state.withLockedValue { $0.closed }
+                if !closed {
+                    self.logger.warning("path down: \(reason); reconnecting", metadata: self.meta(path))
+                    self.state.withLockedValue { $0.paths[path].lastError = reason }
+                    self.scheduleReconnect(path, attempt: 1)
+                }
+            case .drained(let waiters):
+                for w in waiters { w.resume() }
+            }
+        }
+    }
+
+    private func perform(id: UInt64, send: UInt64, path: Int, client: BlockClient, deviceID: UInt32, io: MultipathIOState.IO, fua: Bool,
+                         data: ByteBuffer?) async {
+        let operation: Parley_Block_V1_IoOperation
+        switch io.operation {
+        case .read: operation = .read
+        case .write: operation = .write
+        case .flush: operation = .flush
+        case .discard: operation = .discard
+        case .writeZeroes: operation = .writeZeroes
+        }
+        let outcome: MultipathIOState.Outcome
+        var result: Result<ByteBuffer?, BlockMultipathError>?
+        do {
+            let reply = try await client.io(BlockClient.Device(id: deviceID, geometry: Parley_Block_V1_Geometry()), operation,
+                                            offset: io.offset, length: UInt32(io.length), data: data, fua: fua)
+            outcome = .done
+            result = .success(reply)
+        } catch let e as BlockError {
+            switch e.status {
+            case .shuttingDown, .unknownDevice, .noSession:
+                outcome = .pathFailed
+            default:
+                outcome = .refused
+                result = .failure(BlockMultipathError(.server(e.status), "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(self.path): \(e.message)"))
+            }
+        } catch {
+            outcome = .pathFailed
+        }
+        let jobs = self.state.withLockedValue { s -> [Job] in
+            if let result { s.pending[id]?.result = result }
+            var jobs: [Job] = []
+            self.resolve(s.machine.completed(id: id, send: send, outcome: outcome), &s, &jobs)
+            return jobs
+        }
+        self.run(jobs)
+    }
+
+    // MARK: - IO
+
+    /// Submits one IO and waits for its answer.
+    func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil) async throws -> ByteBuffer? {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<ByteBuffer?, any Error>) in
+            let jobs = self.state.withLockedValue { s -> [Job] in
+                // The entry must exist before the machine's actions (resolved below) refer to it.
+                let (id, actions) = s.machine.submit(io)
+                s.pending[id] = Pending(io: io, fua: fua, data: data, continuation: continuation)
+                var jobs: [Job] = []
+                self.resolve(actions, &s, &jobs)
+                return jobs
+            }
+            self.run(jobs)
+        }
+    }
+
+    public func read(offset: UInt64, length: UInt32) async throws -> ByteBuffer {
+        try await self.submit(.init(.read, offset: offset, length: UInt64(length))) ?? ByteBuffer()
+    }
+
+    public func write(offset: UInt64, data: ByteBuffer, fua: Bool = false) async throws {
+        _ = try await self.submit(.init(.write, offset: offset, length: UInt64(data.readableBytes)), fua: fua, data: data)
+    }
+
+    /// Makes every write acknowledged before this call durable.
+    public func flush() async throws {
+        _ = try await self.submit(.init(.flush, offset: 0, length: 0))
+    }
+
+    public func discard(offset: UInt64, length: UInt32, fua: Bool = false) async throws {
+        _ = try await self.submit(.init(.discard, offset: offset, length: UInt64(length)), fua: fua)
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt32, fua: Bool = false) async throws {
+        _ = try await self.submit(.init(.writeZeroes, offset: offset, length: UInt64(length)), fua: fua)
+    }
+
+    // MARK: - Status and close
+
+    public func status() -> Status {
+        self.state.withLockedValue { s in
+            let g = s.geometry ?? Parley_Block_V1_Geometry()
+            let c = self.session.configuration
+            return Status(
+                session: c.sessionName, device: self.path,
+                access: self.access == .readOnly ? "ro" : self.access == .migration ? "migration" : "rw",
+                policy: c.policy.rawValue, sizeBytes: g.sizeBytes, blockSize: g.logicalBlockSize,
+                paths: s.paths.indices.map { i in
+                    let p = s.paths[i]
+                    return PathStatus(address: "\(p.address)", state: s.machine.isUp(i) ? "up" : p.connecting ? "connecting" : "down",
+                                      inFlight: s.machine.inFlight(on: i), sends: p.sends, failures: p.failures, connects: p.connects,
+                                      lastError: p.lastError)
+                },
+                outstanding: s.machine.outstanding, waiting: s.machine.waiting, reads: s.reads, writes: s.writes, flushes: s.flushes,
+                otherOps: s.otherOps, bytesRead: s.bytesRead, bytesWritten: s.bytesWritten, resends: s.machine.resends, errors: s.errors,
+                closed: s.closed
+            )
+        }
+    }
+
+    /// Waits until no IO is outstanding.
+    public func drain() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = self.state.withLockedValue { s -> Bool in
+                if s.pending.isEmpty { return true }
+                s.drained.append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
+    }
+
+    /// Refuses new IO, waits for what is in flight, flushes (read-write opens), closes the
+    /// device on every path and the connections. The final flush's error, if any, is thrown
+    /// after everything is closed.
+    public func close() async throws {
+        await self.drain()
+        var flushError: (any Error)?
+        if self.access != .readOnly {
+            do { try await self.flush() } catch { flushError = error }
+        }
+        let (clients, tasks, timer) = self.state.withLockedValue { s -> ([(BlockClient, UInt32)], [Task<Void, Never>], Task<Void, Never>?) in
+            _ = s.machine.close()
+            s.closed = true
+            let clients = s.paths.compactMap { p in p.client.map { ($0, p.deviceID) } }
+            for i in s.paths.indices { s.paths[i].client = nil }
+            let tasks = Array(s.reconnects.values)
+            s.reconnects = [:]
+            return (clients, tasks, s.timer)
+        }
+        for t in tasks { t.cancel() }
+        timer?.cancel()
+        for (client, id) in clients {
+            try? await client.close(BlockClient.Device(id: id, geometry: Parley_Block_V1_Geometry()))
+            client.closeConnection()
+        }
+        self.logger.info("device closed", metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
+        if let flushError { throw flushError }
+    }
+}

@@ -1,0 +1,121 @@
+import Dispatch
+import NIOConcurrencyHelpers
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A `BlockStore` whose bytes live on a remote device reached over a multipath session: what
+/// lets `parley block map` serve a remote device on a local NBD endpoint with the NBD server
+/// as it is. Its calls block their thread (the NBD server makes them on its IO threads) until
+/// the multipath device answers; `nowait` calls return false at once.
+public final class MultipathBlockStore: BlockStore {
+    public let device: BlockMultipathDevice
+    public let geometry: BlockGeometry
+    /// The remote's largest IO: longer reads and writes go as several IOs at once.
+    let maxIO: Int
+
+    public init(device: BlockMultipathDevice) {
+        self.device = device
+        let g = device.geometry
+        self.maxIO = Int(max(g.maxIoSize, max(512, g.logicalBlockSize)))
+        self.geometry = BlockGeometry(
+            size: g.sizeBytes, logicalBlockSize: max(512, g.logicalBlockSize), physicalBlockSize: max(g.physicalBlockSize, g.logicalBlockSize),
+            // A block device, so that NBD advertises the remote block size as the minimum:
+            // the remote refuses IO not aligned to it.
+            isBlockDevice: true, rotational: g.rotational, writeCache: g.writeCache,
+            discard: g.discardGranularity > 0, discardGranularity: max(g.discardGranularity, g.logicalBlockSize),
+            maximumDiscard: g.maxDiscardSize
+        )
+    }
+
+    /// Runs `body` as a task and waits for it on this thread.
+    private func wait<T: Sendable>(_ what: String, _ body: @escaping @Sendable () async throws -> T) throws(BlockStoreError) -> T {
+        let box = NIOLockedValueBox<Result<T, any Error>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            let r: Result<T, any Error>
+            do { r = .success(try await body()) } catch { r = .failure(error) }
+            box.withLockedValue { $0 = r }
+            done.signal()
+        }
+        done.wait()
+        switch box.withLockedValue({ $0 })! {
+        case .success(let v): return v
+        case .failure(let e as BlockMultipathError): throw BlockStoreError(errno: e.errno, operation: "\(what): \(e.message)")
+        case .failure(let e): throw BlockStoreError(errno: EIO, operation: "\(what): \(e)")
+        }
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, nowait: Bool) throws(BlockStoreError) -> Bool {
+        if nowait { return false }
+        let device = self.device
+        let count = buffer.count
+        let maxIO = self.maxIO
+        let pieces = try self.wait("read") {
+            try await withThrowingTaskGroup(of: (Int, ByteBuffer).self) { group in
+                for start in stride(from: 0, to: count, by: maxIO) {
+                    let n = min(maxIO, count - start)
+                    group.addTask { (start, try await device.read(offset: offset + UInt64(start), length: UInt32(n))) }
+                }
+                var all: [(Int, ByteBuffer)] = []
+                for try await piece in group { all.append(piece) }
+                return all
+            }
+        }
+        for (start, data) in pieces {
+            let want = min(maxIO, count - start)
+            data.withUnsafeReadableBytes { src in
+                let n = min(src.count, want)
+                if n > 0 { (buffer.baseAddress! + start).copyMemory(from: src.baseAddress!, byteCount: n) }
+                if n < want { (buffer.baseAddress! + start + n).initializeMemory(as: UInt8.self, repeating: 0, count: want - n) }
+            }
+        }
+        return true
+    }
+
+    public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, durable: Bool, nowait: Bool) throws(BlockStoreError) -> Bool {
+        if nowait { return false }
+        let device = self.device
+        let data = ByteBuffer(bytes: bytes)
+        let maxIO = self.maxIO
+        try self.wait("write") {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for start in stride(from: 0, to: data.readableBytes, by: maxIO) {
+                    let piece = data.getSlice(at: start, length: min(maxIO, data.readableBytes - start))!
+                    group.addTask { try await device.write(offset: offset + UInt64(start), data: piece, fua: durable) }
+                }
+                try await group.waitForAll()
+            }
+        }
+        return true
+    }
+
+    public func flush() throws(BlockStoreError) {
+        let device = self.device
+        try self.wait("flush") { try await device.flush() }
+    }
+
+    public func discard(offset: UInt64, length: UInt64) throws(BlockStoreError) {
+        let device = self.device
+        try self.wait("discard") { try await device.discard(offset: offset, length: UInt32(clamping: length)) }
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool) throws(BlockStoreError) {
+        // The block protocol has no "fast zero": say so, and the client writes zeroes itself.
+        if fast { throw BlockStoreError(errno: EOPNOTSUPP, operation: "fast write-zeroes") }
+        let device = self.device
+        try self.wait("write-zeroes") { try await device.writeZeroes(offset: offset, length: UInt32(clamping: length)) }
+    }
+
+    public func prefetch(offset: UInt64, length: UInt64) {}
+
+    public func extents(offset: UInt64, length: UInt64) throws(BlockStoreError) -> [BlockExtent] {
+        [BlockExtent(length: UInt32(clamping: min(length, UInt64(UInt32.max))), isHole: false)]
+    }
+
+    /// The device is closed by whoever opened it (`parley block map` on unmap or exit).
+    public func close() {}
+}

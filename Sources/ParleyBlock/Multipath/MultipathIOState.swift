@@ -1,0 +1,328 @@
+/// The ordering and retry rules of a multipath block session, as a state machine with no
+/// clock, channel or task inside (docs/protocol.md, "Multipath: ordering and durability").
+///
+/// The driver (`BlockMultipathSession`) feeds it events (an IO submitted, a send's outcome, a
+/// path up or down, the no-path timer firing) and carries out the actions it returns (send
+/// this IO on that path, complete that IO, arm or cancel the no-path timer, tear a path down).
+///
+/// The rules:
+/// - **Overlapping modifications in submission order.** A write, discard or write-zeroes is
+///   not sent while an earlier one (lower id) that overlaps it is unanswered: queued, sent,
+///   or in doubt after its path died. Paths may reorder what travels on them, and a write
+///   re-sent after a failover lands later than its first send would have; holding the later
+///   one until the earlier one is acknowledged is what keeps a re-sent write from ever
+///   overwriting a later acknowledged write to the same blocks. Reads and flushes are never
+///   held (a read concurrent with a write may see either; a flush covers what was
+///   acknowledged before it was submitted).
+/// - **In doubt means re-sent.** An IO whose path dies before its answer is in doubt: it
+///   may or may not have been carried out. It goes back to the queue in its original place
+///   (by id) and is sent again on a live path; only the answer to its latest send counts.
+/// - **No path.** With no path up, IO waits. The driver is told to arm the no-path timer
+///   when IO starts waiting with no path; when it fires, every waiting IO fails (EIO) and
+///   new IO fails at once until a path comes up again. A path coming up cancels the timer.
+/// - **Bounded re-sends.** An IO whose path died under it `maxSends` times fails.
+public struct MultipathIOState: Sendable, Hashable {
+    public enum Policy: String, Sendable, CaseIterable {
+        /// Each IO on the next live path in turn.
+        case roundRobin = "round-robin"
+        /// Each IO on the live path with the fewest IOs in flight.
+        case minInflight = "min-inflight"
+    }
+
+    public enum Operation: String, Sendable, Hashable {
+        case read, write, flush, discard, writeZeroes = "write-zeroes"
+        /// Operations that change the device's contents, and so are ordered when they overlap.
+        public var modifies: Bool { self == .write || self == .discard || self == .writeZeroes }
+    }
+
+    public struct IO: Sendable, Hashable {
+        public var operation: Operation
+        public var offset: UInt64
+        public var length: UInt64
+        public init(_ operation: Operation, offset: UInt64, length: UInt64) {
+            self.operation = operation
+            self.offset = offset
+            self.length = length
+        }
+        func overlaps(_ other: IO) -> Bool {
+            // Zero-length ranges overlap nothing.
+            guard self.length > 0, other.length > 0 else { return false }
+            let (selfEnd, o1) = self.offset.addingReportingOverflow(self.length)
+            let (otherEnd, o2) = other.offset.addingReportingOverflow(other.length)
+            return self.offset < (o2 ? .max : otherEnd) && other.offset < (o1 ? .max : selfEnd)
+        }
+    }
+
+    /// Why an IO failed without the server's own answer.
+    public enum Failure: Sendable, Equatable {
+        /// No path came up within the no-path time.
+        case noPath
+        /// The session is closing (or closed) and takes no new IO.
+        case closed
+        /// The IO's path died under it `maxSends` times.
+        case tooManyResends(Int)
+    }
+
+    /// What became of one send.
+    public enum Outcome: Sendable, Equatable {
+        /// The server carried it out.
+        case done
+        /// The server refused it or failed it (its answer): final, not re-sent.
+        case refused
+        /// The path failed (the connection ended, or the server is shutting down or no
+        /// longer knows the device): the IO is in doubt, and the path is taken down.
+        case pathFailed
+    }
+
+    public enum Action: Sendable, Equatable {
+        /// Send IO `id` on `path`; report its outcome with `send`.
+        case send(id: UInt64, path: Int, send: UInt64)
+        /// Answer IO `id`: `nil` when the last send's outcome is to be passed on (done or
+        /// refused), a failure otherwise.
+        case complete(id: UInt64, failure: Failure?)
+        /// Start the no-path timer (call `noPathTimerFired()` when it expires).
+        case armNoPathTimer
+        case cancelNoPathTimer
+        /// The path failed: close its connection and reconnect it (report `pathUp` then).
+        case pathLost(Int)
+    }
+
+    enum Phase: Sendable, Hashable {
+        /// Held behind an earlier overlapping modification.
+        case blocked
+        /// Waiting for a path.
+        case queued
+        case sent(path: Int, send: UInt64)
+    }
+
+    struct Entry: Sendable, Hashable {
+        var io: IO
+        var phase: Phase
+        var sends = 0
+        /// Sent at least once on a path that died.
+        var inDoubt = false
+    }
+
+    public let pathCount: Int
+    public let policy: Policy
+    public let maxSends: Int
+    /// IOs in flight per path before further IO waits in the queue.
+    public let maxInFlightPerPath: Int
+
+    private(set) var entries: [UInt64: Entry] = [:]
+    /// Queued IO ids, ascending.
+    private(set) var queue: [UInt64] = []
+    /// Blocked IO ids, ascending.
+    private(set) var blocked: [UInt64] = []
+    private(set) var pathUp: [Bool]
+    private(set) var inFlight: [Int]
+    private var nextID: UInt64 = 1
+    private var nextSend: UInt64 = 1
+    private var nextPath = 0
+    private var timerArmed = false
+    /// The no-path timer fired and no path has come up since: new IO fails at once.
+    private(set) var failingFast = false
+    private(set) var closing = false
+    /// IOs sent again after their path died (a counter).
+    public private(set) var resends = 0
+
+    public init(paths: Int, policy: Policy = .roundRobin, maxSends: Int = 32, maxInFlightPerPath: Int = 256) {
+        precondition(paths > 0 && maxSends > 0 && maxInFlightPerPath > 0)
+        self.pathCount = paths
+        self.policy = policy
+        self.maxSends = maxSends
+        self.maxInFlightPerPath = maxInFlightPerPath
+        self.pathUp = Array(repeating: false, count: paths)
+        self.inFlight = Array(repeating: 0, count: paths)
+    }
+
+    // MARK: - Queries
+
+    /// IOs submitted and not yet answered.
+    public var outstanding: Int { self.entries.count }
+    public var livePaths: Int { self.pathUp.filter { $0 }.count }
+    public func isUp(_ path: Int) -> Bool { self.pathUp[path] }
+    public func inFlight(on path: Int) -> Int { self.inFlight[path] }
+    public func io(_ id: UInt64) -> IO? { self.entries[id]?.io }
+    /// The path IO `id`'s latest send is on, if it is on the wire.
+    public func sentPath(of id: UInt64) -> Int? {
+        if case .sent(let p, _) = self.entries[id]?.phase { return p }
+        return nil
+    }
+    public var waiting: Int { self.queue.count + self.blocked.count }
+
+    // MARK: - Events
+
+    /// A new IO: its id and what to do.
+    public mutating func submit(_ io: IO) -> (id: UInt64, actions: [Action]) {
+        let id = self.nextID
+        self.nextID += 1
+        if self.closing { return (id, [.complete(id: id, failure: .closed)]) }
+        if self.failingFast && self.livePaths == 0 { return (id, [.complete(id: id, failure: .noPath)]) }
+        let held = io.operation.modifies && self.entries.contains { other in
+            other.key < id && other.value.io.operation.modifies && other.value.io.overlaps(io)
+        }
+        self.entries[id] = Entry(io: io, phase: held ? .blocked : .queued)
+        if held {
+            self.blocked.append(id)
+        } else {
+            self.queue.append(id)
+        }
+        var actions: [Action] = []
+        self.dispatch(&actions)
+        return (id, actions)
+    }
+
+    /// The outcome of send `send` of IO `id`. Outcomes of earlier sends (the IO was re-sent
+    /// since) and of IOs already answered are ignored.
+    public mutating func completed(id: UInt64, send: UInt64, outcome: Outcome) -> [Action] {
+        guard let entry = self.entries[id], case .sent(let path, let current) = entry.phase, current == send else { return [] }
+        var actions: [Action] = []
+        switch outcome {
+        case .done, .refused:
+            self.inFlight[path] -= 1
+            self.finish(id, failure: nil, &actions)
+        case .pathFailed:
+            self.takeDown(path, &actions)
+        }
+        self.dispatch(&actions)
+        return actions
+    }
+
+    /// A path's device is open and ready for IO.
+    public mutating func pathUp(_ path: Int) -> [Action] {
+        guard !self.pathUp[path] else { return [] }
+        self.pathUp[path] = true
+        self.failingFast = false
+        var actions: [Action] = []
+        if self.timerArmed {
+            self.timerArmed = false
+            actions.append(.cancelNoPathTimer)
+        }
+        self.dispatch(&actions)
+        return actions
+    }
+
+    /// A path's connection ended: its IO in flight is in doubt and is re-sent elsewhere.
+    public mutating func pathDown(_ path: Int) -> [Action] {
+        guard self.pathUp[path] else { return [] }
+        var actions: [Action] = []
+        self.takeDown(path, &actions)
+        self.dispatch(&actions)
+        return actions
+    }
+
+    /// The no-path timer expired: waiting IO fails, and new IO fails at once until a path is up.
+    public mutating func noPathTimerFired() -> [Action] {
+        guard self.timerArmed else { return [] }
+        self.timerArmed = false
+        guard self.livePaths == 0 else { return [] }
+        self.failingFast = true
+        var actions: [Action] = []
+        for id in (self.queue + self.blocked).sorted() {
+            self.finish(id, failure: .noPath, &actions)
+        }
+        return actions
+    }
+
+    /// No new IO from now on (what is outstanding goes on).
+    public mutating func close() -> [Action] {
+        self.closing = true
+        return []
+    }
+
+    // MARK: - Internals
+
+    private mutating func takeDown(_ path: Int, _ actions: inout [Action]) {
+        if self.pathUp[path] {
+            self.pathUp[path] = false
+            actions.append(.pathLost(path))
+        }
+        self.inFlight[path] = 0
+        var inDoubt: [UInt64] = []
+        for (id, entry) in self.entries {
+            guard case .sent(let p, _) = entry.phase, p == path else { continue }
+            self.entries[id]!.phase = .queued
+            self.entries[id]!.inDoubt = true
+            inDoubt.append(id)
+        }
+        for id in inDoubt.sorted() {
+            let sends = self.entries[id]!.sends
+            if sends >= self.maxSends {
+                self.finish(id, failure: .tooManyResends(sends), &actions)
+            } else {
+                self.resends += 1
+                self.insertQueued(id)
+            }
+        }
+    }
+
+    private mutating func insertQueued(_ id: UInt64) {
+        var lo = 0
+        var hi = self.queue.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if self.queue[mid] < id { lo = mid + 1 } else { hi = mid }
+        }
+        self.queue.insert(id, at: lo)
+    }
+
+    /// Answers an IO and releases the blocked ones it was holding.
+    private mutating func finish(_ id: UInt64, failure: Failure?, _ actions: inout [Action]) {
+        guard let entry = self.entries.removeValue(forKey: id) else { return }
+        if let i = self.queue.firstIndex(of: id) { self.queue.remove(at: i) }
+        if let i = self.blocked.firstIndex(of: id) { self.blocked.remove(at: i) }
+        actions.append(.complete(id: id, failure: failure))
+        guard entry.io.operation.modifies, !self.blocked.isEmpty else { return }
+        // Release, in id order, each blocked IO that no earlier unanswered modification overlaps.
+        var still: [UInt64] = []
+        for b in self.blocked {
+            guard let be = self.entries[b] else { continue }
+            let held = self.entries.contains { other in
+                other.key < b && other.value.io.operation.modifies && other.value.io.overlaps(be.io)
+            }
+            if held {
+                still.append(b)
+            } else {
+                self.entries[b]!.phase = .queued
+                self.insertQueued(b)
+            }
+        }
+        self.blocked = still
+    }
+
+    private mutating func choosePath() -> Int? {
+        var best: Int?
+        for k in 0..<self.pathCount {
+            let p = (self.nextPath + k) % self.pathCount
+            guard self.pathUp[p], self.inFlight[p] < self.maxInFlightPerPath else { continue }
+            switch self.policy {
+            case .roundRobin:
+                self.nextPath = (p + 1) % self.pathCount
+                return p
+            case .minInflight:
+                if best == nil || self.inFlight[p] < self.inFlight[best!] { best = p }
+            }
+        }
+        if let best { self.nextPath = (best + 1) % self.pathCount }
+        return best
+    }
+
+    /// Sends what is queued on live paths with room, in id order; arms the timer when IO
+    /// waits with no path up.
+    private mutating func dispatch(_ actions: inout [Action]) {
+        while !self.queue.isEmpty, let path = self.choosePath() {
+            let id = self.queue.removeFirst()
+            let send = self.nextSend
+            self.nextSend += 1
+            self.entries[id]!.phase = .sent(path: path, send: send)
+            self.entries[id]!.sends += 1
+            self.inFlight[path] += 1
+            actions.append(.send(id: id, path: path, send: send))
+        }
+        if self.livePaths == 0, self.waiting > 0, !self.timerArmed {
+            self.timerArmed = true
+            actions.append(.armNoPathTimer)
+        }
+    }
+}

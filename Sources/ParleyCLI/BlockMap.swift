@@ -1,0 +1,307 @@
+import ArgumentParser
+import Foundation
+import Logging
+import Parley
+import ParleyBlock
+import ServiceLifecycle
+import UnixSignals
+
+/// `parley block map`'s arguments once the flags or RNBD's line are read.
+struct BlockMapRequest: Equatable {
+    var session: String
+    var paths: [String]
+    var device: String
+    var access: String  // ro, rw, migration
+
+    /// RNBD's `map_device` line: `sessname=NAME path=ip:ADDR [path=...] device_path=PATH
+    /// [access_mode=ro|rw|migration]`. A path may be `ip:HOST`, `ip:HOST:PORT`, `HOST:PORT`,
+    /// `unix:PATH`, or RNBD's `SRC,DST` pair (the source is ignored: the system picks it).
+    static func parse(rnbd line: String) throws -> BlockMapRequest {
+        var session: String?
+        var paths: [String] = []
+        var device: String?
+        var access = "rw"
+        for word in line.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }) {
+            guard let eq = word.firstIndex(of: "=") else {
+                throw ValidationError("bad RNBD word \"\(word)\": expected KEY=VALUE (sessname=, path=, device_path=, access_mode=)")
+            }
+            let key = word[..<eq], value = String(word[word.index(after: eq)...])
+            switch key {
+            case "sessname": session = value
+            case "path": paths.append(try Self.rnbdPath(value))
+            case "device_path": device = value
+            case "access_mode":
+                guard ["ro", "rw", "migration"].contains(value) else {
+                    throw ValidationError("bad access_mode \"\(value)\": use ro, rw or migration")
+                }
+                access = value
+            case "nr_poll_queues":
+                break  // RDMA polling queues: nothing to do over TCP
+            default:
+                throw ValidationError("unknown RNBD word \"\(key)=\": use sessname=, path=, device_path=, access_mode=")
+            }
+        }
+        guard let session else { throw ValidationError("the RNBD line has no sessname=") }
+        guard !paths.isEmpty else { throw ValidationError("the RNBD line has no path=") }
+        guard let device else { throw ValidationError("the RNBD line has no device_path=") }
+        return BlockMapRequest(session: session, paths: paths, device: device, access: access)
+    }
+
+    static func rnbdPath(_ text: String) throws -> String {
+        // "src,dst": the destination is what matters.
+        var p = text.split(separator: ",").last.map(String.init) ?? text
+        if p.hasPrefix("ip:") { p.removeFirst(3) }
+        if p.hasPrefix("gid:") { throw ValidationError("path \"\(text)\": gid: addresses are InfiniBand's; use ip:ADDRESS") }
+        if p.hasPrefix("unix:") || p.hasPrefix("[") || p.contains("://") { return p }
+        // An address without a port (RNBD's form): the block protocol's port.
+        let colons = p.filter { $0 == ":" }.count
+        if colons == 0 { return "\(p):\(BlockServer.Configuration.defaultPort)" }
+        if colons > 1 { return "[\(p)]:\(BlockServer.Configuration.defaultPort)" }  // a bare IPv6 address
+        return p
+    }
+}
+
+struct BlockMapCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "map",
+        abstract: "Open a remote device over one or more paths and serve it on a local NBD endpoint.",
+        discussion: """
+            Opens DEVICE (an export name, or a path under the server's --search-path) on a
+            block server over every --path (Parley's block protocol; several addresses of one
+            server, or one address several times for more connections), and serves it as an
+            NBD export on --nbd, so that nbd-client (/dev/nbdN), qemu, nbdinfo, nbdcopy and fio
+            use it. The NBD export is named DEVICE, and is also the default export (""):
+              parley block map --session s1 --path 10.0.0.1:7421 --path 10.0.1.1:7421 \\
+                  --device disk --nbd unix:/run/s1-disk.sock
+              nbdinfo 'nbd+unix:///disk?socket=/run/s1-disk.sock'
+              nbd-client -unix /run/s1-disk.sock /dev/nbd0 -N disk
+
+            RNBD's map_device line is accepted instead of the flags (--nbd still needed):
+              parley block map --rnbd "sessname=s1 path=ip:10.0.0.1 path=ip:10.0.1.1 device_path=disk access_mode=rw" \\
+                  --nbd unix:/run/s1-disk.sock
+            (ip:ADDRESS without a port means port 7421; access_mode ro, rw or migration.)
+
+            Multipath: each IO goes to one path (--policy round-robin, or min-inflight: the
+            path with the fewest IOs in flight). When a path dies, its IOs in flight are sent
+            again on another path and it reconnects in the background with back-off (logged).
+            Writes to overlapping blocks are carried out in the order they were submitted,
+            also across a failover: a write re-sent on another path never overwrites a later
+            acknowledged write (docs/protocol.md, "Multipath"). With no path up, IO waits up
+            to --io-timeout seconds, then fails with EIO (and new IO fails at once until a
+            path is back).
+
+            Status: twice a second the map writes STATE_DIR/SESSION.DEVICE.json
+            (`parley block list` shows them). SIGINT/SIGTERM or `parley block unmap`: NBD
+            clients' requests in flight complete, the device's IO drains, a final flush, the
+            device is closed on every path, then the process exits.
+            """
+    )
+
+    @Option(name: .long, help: "Session name (the server's %SESSNAME%; 1-64 of A-Z a-z 0-9 . _ -).")
+    var session: String?
+
+    @Option(name: .long, help: ArgumentHelp("A path to the server: HOST:PORT, [V6]:PORT or unix:PATH (repeatable).", valueName: "address"))
+    var path: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("The device to open: an export name or a path under the server's search path.", valueName: "path"))
+    var device: String?
+
+    @Flag(name: .long, help: "Open the device read-only.")
+    var readOnly = false
+
+    @Flag(name: .long, help: "Open for a live move: read-write while another session still has it open read-write.")
+    var migration = false
+
+    @Option(name: .long, help: ArgumentHelp("RNBD's map_device line instead of --session/--path/--device/--read-only.", valueName: "line"))
+    var rnbd: String?
+
+    @Option(name: .long, help: ArgumentHelp("Local NBD endpoint: unix:SOCKET or HOST:PORT.", valueName: "address"))
+    var nbd: String
+
+    @Option(name: .long, help: "round-robin or min-inflight.")
+    var policy: String = "round-robin"
+
+    @Option(name: .long, help: ArgumentHelp("Seconds IO waits while no path is up before it fails with EIO.", valueName: "seconds"))
+    var ioTimeout: Double = 30
+
+    @Option(name: .long, help: ArgumentHelp("Directory for the status file (default $PARLEY_BLOCK_STATE_DIR or /tmp/parley-block-UID).", valueName: "dir"))
+    var stateDir: String?
+
+    @OptionGroup var security: ClientSecurityOptions
+
+    @OptionGroup var logging: LoggingOptions
+
+    func request() throws -> BlockMapRequest {
+        if let rnbd {
+            guard self.session == nil, self.path.isEmpty, self.device == nil, !self.readOnly, !self.migration else {
+                throw ValidationError("give either --rnbd LINE or --session/--path/--device, not both")
+            }
+            return try BlockMapRequest.parse(rnbd: rnbd)
+        }
+        guard let session else { throw ValidationError("missing --session NAME (or --rnbd LINE)") }
+        guard !self.path.isEmpty else { throw ValidationError("give at least one --path ADDRESS") }
+        guard let device else { throw ValidationError("missing --device PATH") }
+        guard !(self.readOnly && self.migration) else { throw ValidationError("--read-only and --migration exclude each other") }
+        return BlockMapRequest(session: session, paths: self.path, device: device, access: self.readOnly ? "ro" : self.migration ? "migration" : "rw")
+    }
+
+    func validate() throws {
+        let r = try self.request()
+        guard BlockExportCatalog.validSessionName(r.session) else {
+            throw ValidationError("bad session name \"\(r.session)\": use 1-64 bytes of A-Z a-z 0-9 . _ -, not starting with '.'")
+        }
+        for p in r.paths {
+            do { _ = try ParleyAddress(parsing: p) } catch { throw ValidationError("bad path \"\(p)\": \(error.message)") }
+        }
+        do {
+            let a = try ParleyAddress(parsing: self.nbd)
+            switch a.kind {
+            case .tcp, .unix: break
+            default: throw ValidationError("--nbd takes unix:SOCKET or HOST:PORT")
+            }
+        } catch let error as ParleyError {
+            throw ValidationError("bad --nbd \"\(self.nbd)\": \(error.message)")
+        }
+        guard MultipathIOState.Policy(rawValue: self.policy) != nil else { throw ValidationError("--policy must be round-robin or min-inflight") }
+        guard self.ioTimeout > 0, self.ioTimeout <= 86400 else { throw ValidationError("--io-timeout must be in (0, 86400] seconds") }
+    }
+
+    func run() async throws {
+        self.logging.bootstrap()
+        let logger = Logger(label: "parley.block.map")
+        let r = try self.request()
+        let paths = try r.paths.map { try ParleyAddress(parsing: $0) }
+        var configuration = BlockMultipathSession.Configuration(
+            sessionName: r.session, paths: paths, policy: MultipathIOState.Policy(rawValue: self.policy)!,
+            ioTimeout: .milliseconds(Int64(self.ioTimeout * 1000))
+        )
+        configuration.client.name = "parley-block-map"
+        do {
+            try self.security.apply(to: &configuration.client, address: paths[0])
+        } catch {
+            throw ValidationError(error.message)
+        }
+        let map = BlockMap(session: try BlockMultipathSession(configuration, logger: logger), device: r.device, readOnly: r.access == "ro",
+                           nbd: try ParleyAddress(parsing: self.nbd), stateDirectory: self.stateDir ?? BlockMap.defaultStateDirectory, logger: logger)
+        if r.access == "migration" {
+            print("parley block map: migration opens are taken as read-write opens here")
+        }
+        let running: BlockMap.Running
+        do {
+            running = try await map.start()
+        } catch let error as BlockMultipathError {
+            print("parley block map: \(error.message)")
+            throw ExitCode(2)
+        } catch let error as ParleyError {
+            print("parley block map: \(error.message)")
+            throw ExitCode(2)
+        }
+        emit("mapped \(r.device) of session \(r.session) on \(running.boundAddress) (\(paths.count) path\(paths.count == 1 ? "" : "s"))")
+        let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
+        for await _ in signals { break }
+        logger.info("unmapping: draining IO, flushing, closing")
+        do {
+            try await running.stop()
+        } catch {
+            print("parley block map: the final flush failed: \(error)")
+            throw ExitCode(1)
+        }
+        emit("unmapped \(r.device)")
+    }
+}
+
+struct BlockList: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "list",
+        abstract: "Show the maps running on this machine: sessions, devices, paths and their state, IO in flight, counters.",
+        discussion: """
+            Reads the status files `parley block map` writes twice a second in the state
+            directory (--state-dir, $PARLEY_BLOCK_STATE_DIR or /tmp/parley-block-UID); files of
+            maps that are no longer running are removed. --json prints one object per map.
+            """
+    )
+
+    @Option(name: .long, help: ArgumentHelp("Directory of the status files.", valueName: "dir"))
+    var stateDir: String?
+
+    @Flag(name: .long, help: "One JSON object per map.")
+    var json = false
+
+    func run() async throws {
+        let records = BlockMap.records(directory: self.stateDir ?? BlockMap.defaultStateDirectory)
+        if self.json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            for r in records { print(String(decoding: try encoder.encode(r), as: UTF8.self)) }
+            return
+        }
+        if records.isEmpty {
+            print("no maps")
+            return
+        }
+        for r in records {
+            let s = r.status
+            print("session \(s.session) device \(s.device) (\(s.access), \(s.sizeBytes) bytes, \(s.blockSize)-byte blocks) on nbd \(r.nbd), pid \(r.pid), policy \(s.policy)")
+            print("  io: \(s.outstanding) outstanding (\(s.waiting) waiting), \(s.reads) reads \(s.bytesRead) B, \(s.writes) writes \(s.bytesWritten) B, \(s.flushes) flushes, \(s.otherOps) discard/zero, \(s.resends) re-sent, \(s.errors) errors")
+            for (i, p) in s.paths.enumerated() {
+                var line = "  path \(i + 1) \(p.address): \(p.state), \(p.inFlight) in flight, \(p.sends) sent, \(p.failures) failures, \(p.connects) connects"
+                if let e = p.lastError, p.state != "up" { line += " (last error: \(e))" }
+                print(line)
+            }
+        }
+    }
+}
+
+struct BlockUnmap: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "unmap",
+        abstract: "Stop a map cleanly: its IO in flight completes, a final flush, the device is closed on every path.",
+        discussion: """
+            Finds the map of --session (and --device, if the session maps several) in the
+            state directory, sends its process SIGTERM and waits for it to exit (at most
+            --timeout seconds). Exits 0 when the map is gone, 1 if it did not stop in time,
+            2 if there is no such map.
+            """
+    )
+
+    @Option(name: .long, help: "Session name of the map.")
+    var session: String
+
+    @Option(name: .long, help: ArgumentHelp("Device of the map (needed when the session maps several).", valueName: "path"))
+    var device: String?
+
+    @Option(name: .long, help: ArgumentHelp("Directory of the status files.", valueName: "dir"))
+    var stateDir: String?
+
+    @Option(name: .long, help: "Seconds to wait for the map to exit.")
+    var timeout: Double = 60
+
+    func run() async throws {
+        let records = BlockMap.records(directory: self.stateDir ?? BlockMap.defaultStateDirectory).filter {
+            $0.status.session == self.session && (self.device == nil || $0.status.device == self.device)
+        }
+        guard !records.isEmpty else {
+            print("parley block unmap: no map of session \(self.session)\(self.device.map { " device \($0)" } ?? "")")
+            throw ExitCode(2)
+        }
+        guard records.count == 1 else {
+            print("parley block unmap: session \(self.session) maps \(records.map(\.status.device).joined(separator: ", ")): give --device")
+            throw ExitCode(2)
+        }
+        let pid = records[0].pid
+        guard kill(pid, SIGTERM) == 0 else {
+            print("parley block unmap: cannot signal process \(pid): \(String(cString: strerror(errno)))")
+            throw ExitCode(1)
+        }
+        let deadline = ContinuousClock.now + .milliseconds(Int64(self.timeout * 1000))
+        while ContinuousClock.now < deadline {
+            if kill(pid, 0) != 0 && errno == ESRCH {
+                print("unmapped \(records[0].status.device) of session \(self.session)")
+                return
+            }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        print("parley block unmap: process \(pid) is still running after \(self.timeout) s")
+        throw ExitCode(1)
+    }
+}

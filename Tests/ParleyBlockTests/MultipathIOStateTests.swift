@@ -1,0 +1,327 @@
+import Testing
+@testable import ParleyBlock
+
+/// The multipath ordering and retry rules (`MultipathIOState`), explored exhaustively: every
+/// reachable state of small scripts over two paths, with every answer a send can get (done,
+/// refused, its path failing after the server did or did not carry it out, a late answer from
+/// a path already taken down), paths going down and up, the no-path timer and close.
+@Suite struct MultipathIOStateTests {
+    typealias M = MultipathIOState
+    typealias IO = MultipathIOState.IO
+
+    /// A send on the wire, and what the simulated server did with it.
+    struct Wire: Hashable {
+        var id: UInt64
+        var send: UInt64
+        var path: Int
+    }
+
+    /// The machine and a model of the server's disk around it.
+    struct World: Hashable {
+        var machine: M
+        var submitted = 0
+        var wire: [Wire] = []
+        /// Sends whose path went down: their late answers must be ignored.
+        var stale: Set<Wire> = []
+        /// Per block, the id of the last write the server carried out.
+        var disk: [UInt64]
+        /// Per IO id, how it was answered (nil: not yet).
+        var answered: [UInt64: String] = [:]
+        /// The answer of each IO's latest send (what a nil-failure completion passes on).
+        var lastOutcome: [UInt64: M.Outcome] = [:]
+        var timerArmed = false
+        var closed = false
+    }
+
+    struct Violation: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    let blocks = 4
+
+    /// Applies the machine's actions to the world, checking each one.
+    func apply(_ actions: [M.Action], _ w: inout World) throws {
+        for a in actions {
+            switch a {
+            case .send(let id, let path, let send):
+                guard w.machine.isUp(path) else { throw Violation(description: "send of \(id) on down path \(path)") }
+                guard w.answered[id] == nil else { throw Violation(description: "send of answered IO \(id)") }
+                guard !w.wire.contains(where: { $0.id == id }) else { throw Violation(description: "IO \(id) sent twice at once") }
+                w.wire.append(Wire(id: id, send: send, path: path))
+            case .complete(let id, let failure):
+                guard w.answered[id] == nil else { throw Violation(description: "IO \(id) answered twice") }
+                guard !w.wire.contains(where: { $0.id == id }) else { throw Violation(description: "IO \(id) answered while on the wire") }
+                if failure == nil {
+                    guard let o = w.lastOutcome[id], o == .done || o == .refused else {
+                        throw Violation(description: "IO \(id) answered without a final answer from the server")
+                    }
+                    w.answered[id] = o == .done ? "done" : "refused"
+                } else {
+                    w.answered[id] = "\(failure!)"
+                }
+            case .armNoPathTimer:
+                guard !w.timerArmed else { throw Violation(description: "timer armed twice") }
+                w.timerArmed = true
+            case .cancelNoPathTimer:
+                guard w.timerArmed else { throw Violation(description: "cancel of an unarmed timer") }
+                w.timerArmed = false
+            case .pathLost(let p):
+                guard !w.machine.isUp(p) else { throw Violation(description: "path \(p) lost but still up") }
+                self.retire(path: p, &w)
+            }
+        }
+    }
+
+    /// The server carries out a send: a write must never land over a later write's data.
+    func execute(_ wire: Wire, script: [IO], _ w: inout World) throws {
+        let io = script[Int(wire.id) - 1]
+        guard io.operation.modifies else { return }
+        for b in Int(io.offset)..<Int(io.offset + io.length) {
+            if w.disk[b] > wire.id {
+                throw Violation(description: "IO \(wire.id) (send \(wire.send)) overwrote block \(b) of later IO \(w.disk[b])")
+            }
+            w.disk[b] = wire.id
+        }
+    }
+
+    /// Moves a down path's sends off the wire (their answers are late from now on).
+    func retire(path p: Int, _ w: inout World) {
+        w.stale.formUnion(w.wire.filter { $0.path == p })
+        w.wire.removeAll { $0.path == p }
+    }
+
+    /// Checks what must hold in every state.
+    func check(_ w: World, script: [IO]) throws {
+        let m = w.machine
+        if m.waiting > 0 && m.livePaths == 0 && !w.timerArmed {
+            throw Violation(description: "IO waits with no path and no timer")
+        }
+        if m.livePaths > 0 && w.timerArmed {
+            throw Violation(description: "timer armed while a path is up")
+        }
+        // Nothing queued while a live path has room.
+        if !m.queue.isEmpty, (0..<m.pathCount).contains(where: { m.isUp($0) && m.inFlight(on: $0) < m.maxInFlightPerPath }) {
+            throw Violation(description: "IO queued while a path has room")
+        }
+        // A blocked IO is held by an earlier overlapping modification that is unanswered.
+        for b in m.blocked {
+            let io = m.io(b)!
+            let held = m.entries.contains { $0.key < b && $0.value.io.operation.modifies && $0.value.io.overlaps(io) }
+            if !held { throw Violation(description: "IO \(b) blocked for nothing") }
+        }
+        // No two overlapping modifications on the wire at once.
+        let onWire = w.wire.map { ($0.id, script[Int($0.id) - 1]) }.filter { $0.1.operation.modifies }
+        for (i, a) in onWire.enumerated() {
+            for b in onWire[(i + 1)...] where a.1.overlaps(b.1) {
+                throw Violation(description: "overlapping writes \(a.0) and \(b.0) on the wire together")
+            }
+        }
+        // Book-keeping: in flight per path matches the wire.
+        for p in 0..<m.pathCount where m.inFlight(on: p) != w.wire.filter({ $0.path == p }).count {
+            throw Violation(description: "path \(p): \(m.inFlight(on: p)) in flight, \(w.wire.filter { $0.path == p }.count) on the wire")
+        }
+        if m.outstanding + w.answered.count != w.submitted {
+            throw Violation(description: "\(m.outstanding) outstanding + \(w.answered.count) answered != \(w.submitted) submitted")
+        }
+    }
+
+    /// Every state reachable from `start`; returns how many.
+    func explore(script: [IO], paths: Int = 2, maxSends: Int = 2, perPath: Int = 2, close: Bool = false, limit: Int = 2_000_000) throws -> Int {
+        let start = World(machine: M(paths: paths, maxSends: maxSends, maxInFlightPerPath: perPath), disk: Array(repeating: 0, count: self.blocks))
+        var seen: Set<World> = [start]
+        var stack = [start]
+        var terminalWithOutstanding = 0
+        while let w = stack.popLast() {
+            var next: [World] = []
+            func step(_ body: (inout World) throws -> Void) throws {
+                var n = w
+                try body(&n)
+                try self.check(n, script: script)
+                next.append(n)
+            }
+            if w.submitted < script.count {
+                try step { n in
+                    let (id, actions) = n.machine.submit(script[n.submitted])
+                    n.submitted += 1
+                    #expect(Int(id) == n.submitted)
+                    try self.apply(actions, &n)
+                    if n.closed { #expect(n.answered[id] == "closed") }
+                }
+            }
+            for (i, s) in w.wire.enumerated() {
+                for outcome in [M.Outcome.done, .refused] {
+                    try step { n in
+                        n.wire.remove(at: i)
+                        if outcome == .done { try self.execute(s, script: script, &n) }
+                        n.lastOutcome[s.id] = outcome
+                        try self.apply(n.machine.completed(id: s.id, send: s.send, outcome: outcome), &n)
+                        guard n.answered[s.id] != nil else { throw Violation(description: "IO \(s.id) not answered after \(outcome)") }
+                    }
+                }
+                for executed in [false, true] {
+                    try step { n in
+                        n.wire.remove(at: i)
+                        if executed { try self.execute(s, script: script, &n) }
+                        n.lastOutcome[s.id] = .pathFailed
+                        try self.apply(n.machine.completed(id: s.id, send: s.send, outcome: .pathFailed), &n)
+                        guard !n.machine.isUp(s.path) else { throw Violation(description: "path \(s.path) still up after a path failure") }
+                    }
+                }
+            }
+            for s in w.stale {
+                // A late answer (and maybe a late execution: the server's part, not checked here).
+                try step { n in
+                    n.stale.remove(s)
+                    let actions = n.machine.completed(id: s.id, send: s.send, outcome: .done)
+                    guard actions.isEmpty else { throw Violation(description: "late answer to send \(s.send) acted on: \(actions)") }
+                }
+            }
+            for p in 0..<paths {
+                if w.machine.isUp(p) {
+                    // The path dies; each of its sends may or may not have been carried out.
+                    let sends = w.wire.filter { $0.path == p }
+                    for mask in 0..<(1 << sends.count) {
+                        try step { n in
+                            for (k, s) in sends.enumerated() where mask & (1 << k) != 0 { try self.execute(s, script: script, &n) }
+                            for s in sends { n.lastOutcome[s.id] = .pathFailed }
+                            try self.apply(n.machine.pathDown(p), &n)
+                        }
+                    }
+                } else {
+                    try step { n in try self.apply(n.machine.pathUp(p), &n) }
+                }
+            }
+            if w.timerArmed {
+                try step { n in
+                    n.timerArmed = false
+                    try self.apply(n.machine.noPathTimerFired(), &n)
+                    if n.machine.waiting > 0 { throw Violation(description: "IO still waits after the timer") }
+                }
+            }
+            if close && !w.closed {
+                try step { n in
+                    n.closed = true
+                    try self.apply(n.machine.close(), &n)
+                }
+            }
+            if w.submitted == script.count && w.wire.isEmpty && w.machine.outstanding > 0 && w.machine.livePaths > 0 {
+                // Nothing on the wire, a path up, and IO outstanding: it would hang.
+                terminalWithOutstanding += 1
+            }
+            for n in next where seen.insert(n).inserted {
+                stack.append(n)
+                if seen.count > limit { throw Violation(description: "state space larger than \(limit)") }
+            }
+        }
+        #expect(terminalWithOutstanding == 0, "states where IO hangs: \(terminalWithOutstanding)")
+        return seen.count
+    }
+
+    @Test func overlappingWritesNeverLandOutOfOrder() throws {
+        let script = [IO(.write, offset: 0, length: 2), IO(.write, offset: 1, length: 2), IO(.write, offset: 0, length: 1)]
+        let n = try self.explore(script: script)
+        #expect(n > 1000)
+    }
+
+    @Test func mixedOperations() throws {
+        let script = [IO(.write, offset: 0, length: 2), IO(.flush, offset: 0, length: 0), IO(.discard, offset: 1, length: 3)]
+        _ = try self.explore(script: script)
+        let reads = [IO(.write, offset: 0, length: 2), IO(.read, offset: 0, length: 4), IO(.writeZeroes, offset: 1, length: 3)]
+        _ = try self.explore(script: reads, close: true)
+    }
+
+    @Test func oneSlotPerPathQueues() throws {
+        let script = [IO(.write, offset: 0, length: 1), IO(.write, offset: 2, length: 2), IO(.writeZeroes, offset: 1, length: 2)]
+        _ = try self.explore(script: script, perPath: 1)
+    }
+
+    @Test func onePath() throws {
+        let script = [IO(.write, offset: 0, length: 3), IO(.write, offset: 2, length: 2), IO(.read, offset: 0, length: 1)]
+        _ = try self.explore(script: script, paths: 1, maxSends: 3)
+    }
+
+    // MARK: - Scenarios, step by step
+
+    @Test func inDoubtWriteIsResentBeforeALaterOverlappingOne() {
+        var m = M(paths: 2)
+        _ = m.pathUp(0)
+        _ = m.pathUp(1)
+        let (w1, a1) = m.submit(IO(.write, offset: 0, length: 8))
+        #expect(a1 == [.send(id: w1, path: 0, send: 1)])
+        let (w2, a2) = m.submit(IO(.write, offset: 4, length: 8))
+        #expect(a2.isEmpty, "held behind w1")
+        let (r, a3) = m.submit(IO(.read, offset: 0, length: 8))
+        #expect(a3 == [.send(id: r, path: 1, send: 2)], "reads are not held")
+        // Path 0 dies: w1 is in doubt and goes again on path 1; w2 still waits.
+        let a4 = m.pathDown(0)
+        #expect(a4 == [.pathLost(0), .send(id: w1, path: 1, send: 3)])
+        #expect(m.resends == 1)
+        // The late answer of w1's first send changes nothing.
+        #expect(m.completed(id: w1, send: 1, outcome: .done).isEmpty)
+        let a5 = m.completed(id: w1, send: 3, outcome: .done)
+        #expect(a5 == [.complete(id: w1, failure: nil), .send(id: w2, path: 1, send: 4)])
+    }
+
+    @Test func noPathTimerFailsWaitingIOAndNewIOUntilAPathIsUp() {
+        var m = M(paths: 2)
+        _ = m.pathUp(0)
+        let (w1, _) = m.submit(IO(.write, offset: 0, length: 1))
+        #expect(m.pathDown(0) == [.pathLost(0), .armNoPathTimer])
+        let (w2, a2) = m.submit(IO(.write, offset: 0, length: 1))
+        #expect(a2.isEmpty)
+        #expect(m.noPathTimerFired() == [.complete(id: w1, failure: .noPath), .complete(id: w2, failure: .noPath)])
+        let (w3, a3) = m.submit(IO(.read, offset: 0, length: 1))
+        #expect(a3 == [.complete(id: w3, failure: .noPath)])
+        _ = m.pathUp(1)
+        let (w4, a4) = m.submit(IO(.read, offset: 0, length: 1))
+        #expect(a4 == [.send(id: w4, path: 1, send: 2)])
+        // A path coming up before the timer cancels it.
+        #expect(m.pathDown(1) == [.pathLost(1), .armNoPathTimer])
+        #expect(m.pathUp(0) == [.cancelNoPathTimer, .send(id: w4, path: 0, send: 3)])
+        #expect(m.noPathTimerFired().isEmpty)
+    }
+
+    @Test func tooManyResendsFails() {
+        var m = M(paths: 1, maxSends: 2)
+        _ = m.pathUp(0)
+        let (w, _) = m.submit(IO(.write, offset: 0, length: 1))
+        #expect(m.completed(id: w, send: 1, outcome: .pathFailed) == [.pathLost(0), .armNoPathTimer])
+        #expect(m.pathUp(0) == [.cancelNoPathTimer, .send(id: w, path: 0, send: 2)])
+        #expect(m.completed(id: w, send: 2, outcome: .pathFailed) == [.pathLost(0), .complete(id: w, failure: .tooManyResends(2))])
+    }
+
+    @Test func policies() {
+        var rr = M(paths: 3, policy: .roundRobin)
+        var mi = M(paths: 3, policy: .minInflight)
+        for p in 0..<3 {
+            _ = rr.pathUp(p)
+            _ = mi.pathUp(p)
+        }
+        var rrPaths: [Int] = []
+        for i in 0..<6 {
+            let (id, _) = rr.submit(IO(.read, offset: UInt64(i), length: 1))
+            rrPaths.append(rr.sentPath(of: id)!)
+        }
+        #expect(rrPaths == [0, 1, 2, 0, 1, 2])
+        // min-inflight: path 0 busy with two, path 1 with one: the next goes to path 2.
+        let (a, _) = mi.submit(IO(.read, offset: 0, length: 1))
+        let (b, _) = mi.submit(IO(.read, offset: 1, length: 1))
+        let (c, _) = mi.submit(IO(.read, offset: 2, length: 1))
+        #expect([mi.sentPath(of: a), mi.sentPath(of: b), mi.sentPath(of: c)] == [0, 1, 2])
+        _ = mi.completed(id: b, send: 2, outcome: .done)
+        _ = mi.completed(id: c, send: 3, outcome: .done)
+        let (d, _) = mi.submit(IO(.read, offset: 3, length: 1))
+        let (e, _) = mi.submit(IO(.read, offset: 4, length: 1))
+        #expect(mi.sentPath(of: d) != 0 && mi.sentPath(of: e) != 0, "path 0 has the most in flight")
+    }
+
+    @Test func closeRefusesNewIO() {
+        var m = M(paths: 1)
+        _ = m.pathUp(0)
+        let (a, _) = m.submit(IO(.write, offset: 0, length: 1))
+        _ = m.close()
+        let (b, actions) = m.submit(IO(.read, offset: 0, length: 1))
+        #expect(actions == [.complete(id: b, failure: .closed)])
+        #expect(m.completed(id: a, send: 1, outcome: .done) == [.complete(id: a, failure: nil)])
+    }
+}
