@@ -17,7 +17,7 @@ struct Work: AsyncParsableCommand {
             A master (`work serve`) keeps the jobs in SQLite, or in PostgreSQL shared by several
             masters, and hands them out under leases; a result is accepted exactly once.
             """,
-        subcommands: [Serve.self, Worker.self, Submit.self, Status.self, Results.self, Keygen.self, Sign.self, Verify.self]
+        subcommands: [Serve.self, Worker.self, Submit.self, Status.self, Results.self, Keygen.self, Sign.self, Verify.self, Bench.self]
     )
 
     static let defaultMaster = "127.0.0.1:7422"
@@ -134,11 +134,21 @@ struct Work: AsyncParsableCommand {
     struct Worker: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Run a worker: take jobs from a master, check their signatures, run them, report.",
-            discussion: "A job whose signature does not verify with --trust is refused and reported, never run. The connection is a lossless session: a cut loses no report."
+            discussion: """
+                A job whose signature does not verify with --trust is refused and reported, never run.
+                The connection is a lossless session: a cut loses no report. With several --master
+                addresses (masters sharing one PostgreSQL store) the worker starts at one chosen by its
+                name and moves to the next when its master is gone, carrying its leases and reports.
+                """
         )
 
-        @Option(name: .long, help: ArgumentHelp("The master's address.", valueName: "address"))
-        var master = Work.defaultMaster
+        @Option(name: .long, help: ArgumentHelp("A master's address (repeatable: masters sharing one store).", valueName: "address"))
+        var master: [String] = []
+
+        @Option(name: .long, help: ArgumentHelp("How long the worker tries to reach a master before it gives up.", valueName: "seconds"))
+        var failoverSeconds: Int = 120
+
+        var masters: [String] { self.master.isEmpty ? [Work.defaultMaster] : self.master }
 
         @Option(name: .long, help: ArgumentHelp("The project's public key (work.pub).", valueName: "file"))
         var trust: String
@@ -158,8 +168,11 @@ struct Work: AsyncParsableCommand {
 
         func validate() throws {
             guard self.slots >= 1 else { throw ValidationError("--slots must be at least 1") }
-            do { _ = try ParleyAddress(parsing: self.master) } catch { throw ValidationError(error.message) }
-            try self.security.check(address: try ParleyAddress(parsing: self.master))
+            guard self.failoverSeconds >= 1 else { throw ValidationError("--failover-seconds must be at least 1") }
+            for m in self.masters {
+                do { _ = try ParleyAddress(parsing: m) } catch { throw ValidationError(error.message) }
+                try self.security.check(address: try ParleyAddress(parsing: m))
+            }
         }
 
         func run() async throws {
@@ -167,18 +180,23 @@ struct Work: AsyncParsableCommand {
             let trust: WorkSigning.PublicKey
             do { trust = try WorkSigning.readPublicKey(self.trust) } catch { throw ValidationError(error.message) }
             var configuration = ParleyClient.Configuration(name: "parley-work-worker")
-            configuration.lossless = .init()
-            let client: ParleyClient
+            // With other masters to go to, a dead one is given up sooner.
+            configuration.lossless = .init(reconnectTimeout: self.masters.count > 1 ? .seconds(5) : .seconds(60))
+            let addresses = try self.masters.map { try ParleyAddress(parsing: $0) }
+            try self.security.apply(to: &configuration, address: addresses[0])
+            let given = self.workerName ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
+            let link = WorkMasterLink(
+                masters: addresses, configuration: configuration, name: given, failoverTimeout: .seconds(Int64(self.failoverSeconds)),
+                logger: Logger(label: "parley.work.worker")
+            )
+            let name: String
             do {
-                let address = try ParleyAddress(parsing: self.master)
-                try self.security.apply(to: &configuration, address: address)
-                client = try await ParleyClient.connect(to: address, configuration: configuration, logger: Logger(label: "parley.work.worker"))
+                name = try await link.client().session.entity ?? given
             } catch let error as ParleyError {
                 print("parley work worker: \(error.message) [\(error.code)]")
                 throw ExitCode(2)
             }
-            let name = client.session.entity ?? self.workerName ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
-            let worker = WorkWorker(client: client, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust))
+            let worker = WorkWorker(link: link, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust))
             let task = Task { try await worker.run() }
             let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
             // SIGINT/SIGTERM: stop the running jobs and hand them back, then leave.
@@ -192,7 +210,7 @@ struct Work: AsyncParsableCommand {
                 print("parley work worker: \(error.message) [\(error.code)]")
                 throw ExitCode(2)
             }
-            client.close()
+            link.close()
             let back = worker.handedBackJobs
             print("worker \(name) stopped: ran \(worker.ran.ran) jobs, refused \(worker.ran.refused), handed back \(back.count)\(back.isEmpty ? "" : " (jobs \(back.map(String.init).joined(separator: ", ")))")")
         }
@@ -379,6 +397,101 @@ struct Work: AsyncParsableCommand {
                 print("signature OK (key \(key.id))")
             } catch let error as WorkSigningError {
                 print("parley work verify: \(error.message)")
+                throw ExitCode(1)
+            }
+        }
+    }
+
+    struct Bench: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Measure a master: jobs dispatched and results accepted per second, with simulated workers.",
+            discussion: """
+                Submits --jobs copies of a signed job (`true`), then --workers simulated workers, each on
+                its own Parley connection, spread over the --master addresses, ask for --slots jobs at a
+                time and report each a success at once (nothing is run), until every job is accepted.
+                Prints jobs per second end to end and the latency of an assignment (p50, p99). Start
+                with an empty store: the jobs already queued would be counted too.
+                """
+        )
+
+        @Option(name: .long, help: ArgumentHelp("A master's address (repeatable: workers are spread over them).", valueName: "address"))
+        var master: [String] = []
+
+        @Option(name: .long, help: ArgumentHelp("The project's private key (work.key), to sign the job.", valueName: "file"))
+        var key: String
+
+        @Option(name: .long, help: "Jobs to submit and drain.")
+        var jobs: Int = 20_000
+
+        @Option(name: .long, help: "Simulated workers (one connection each).")
+        var workers: Int = 100
+
+        @Option(name: .long, help: "Jobs a worker asks for at once.")
+        var slots: Int = 8
+
+        @Option(name: .long, help: ArgumentHelp("Verify each job's signature with this public key, as a real worker does.", valueName: "file"))
+        var verify: String?
+
+        @Flag(name: .long, help: "Print the result as JSON.")
+        var json = false
+
+        @OptionGroup var security: ClientSecurityOptions
+
+        func validate() throws {
+            guard self.jobs >= 1, self.workers >= 1, (1...64).contains(self.slots) else {
+                throw ValidationError("--jobs and --workers must be at least 1, --slots 1 to 64")
+            }
+            for m in self.master { do { _ = try ParleyAddress(parsing: m) } catch { throw ValidationError(error.message) } }
+        }
+
+        func run() async throws {
+            let key: WorkSigning.PrivateKey
+            do { key = try WorkSigning.readPrivateKey(self.key) } catch { throw ValidationError(error.message) }
+            var verify: WorkSigning.PublicKey?
+            if let path = self.verify {
+                do { verify = try WorkSigning.readPublicKey(path) } catch { throw ValidationError(error.message) }
+            }
+            let masters = try (self.master.isEmpty ? [Work.defaultMaster] : self.master).map { try ParleyAddress(parsing: $0) }
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["true"]
+            spec.env = ["PATH": "/usr/bin:/bin"]
+            var job = Parley_Work_V1_SignedJob()
+            job.spec = try spec.serializedBytes()
+            job.signature = Data(try key.sign(job: Array(job.spec)))
+            var client = ParleyClient.Configuration(name: "parley-work-bench")
+            try self.security.apply(to: &client, address: masters[0])
+            let logger = Logger(label: "parley.work.bench")
+            let total = self.jobs
+            let submitStarted = ContinuousClock.now
+            try await Work.withMaster(masters[0].description, command: "bench", security: self.security) { master in
+                try await WorkBench.submit(job, count: total, to: master) { sent in
+                    FileHandle.standardError.write(Data("\rsubmitted \(sent)/\(total)".utf8))
+                }
+            }
+            let submitSeconds = (ContinuousClock.now - submitStarted) / .seconds(1)
+            FileHandle.standardError.write(Data(String(format: " in %.2f s\n", submitSeconds).utf8))
+            let configuration = WorkBench.Configuration(masters: masters, jobs: total, workers: self.workers, slots: self.slots, client: client, verify: verify)
+            let outcome: (seconds: Double, latencies: [Double], notAccepted: Int)
+            do {
+                outcome = try await WorkBench.drain(configuration, expected: total, logger: logger) { accepted in
+                    FileHandle.standardError.write(Data("\raccepted \(accepted)/\(total)".utf8))
+                }
+            } catch let error as ParleyError {
+                print("parley work bench: \(error.message) [\(error.code)]")
+                throw ExitCode(2)
+            }
+            FileHandle.standardError.write(Data("\n".utf8))
+            let result = WorkBench.Result(jobs: total, seconds: outcome.seconds, assignmentLatencies: outcome.latencies, submitSeconds: submitSeconds, notAccepted: outcome.notAccepted)
+            let p50 = result.percentile(0.5) * 1000, p99 = result.percentile(0.99) * 1000
+            if self.json {
+                print(String(format: "{\"jobs\":%d,\"workers\":%d,\"masters\":%d,\"seconds\":%.3f,\"jobs_per_second\":%.0f,\"assignment_p50_ms\":%.3f,\"assignment_p99_ms\":%.3f,\"submit_seconds\":%.3f,\"not_accepted\":%d}",
+                             total, self.workers, masters.count, result.seconds, result.jobsPerSecond, p50, p99, submitSeconds, result.notAccepted))
+            } else {
+                print(String(format: "%d jobs, %d workers, %d master(s): %.2f s, %.0f jobs/s; assignment p50 %.2f ms, p99 %.2f ms; submit %.2f s",
+                             total, self.workers, masters.count, result.seconds, result.jobsPerSecond, p50, p99, submitSeconds))
+            }
+            if result.notAccepted > 0 {
+                print("parley work bench: \(result.notAccepted) reports were not accepted")
                 throw ExitCode(1)
             }
         }

@@ -9,7 +9,8 @@ import SwiftProtobuf
 /// public key before running anything, runs it in a directory of its own with a clean
 /// environment and a wall-time limit, and reports the result. Its connection is a lossless
 /// session, so a report survives a broken connection; reports are idempotent for the master
-/// (a resent one is acknowledged again), so they are sent again after a session reset too.
+/// (a resent one is acknowledged again), so they are sent again after a session reset too,
+/// and to another master when this one is gone (`WorkMasterLink`).
 public final class WorkWorker: Sendable {
     public struct Configuration: Sendable {
         public var name: String
@@ -37,7 +38,7 @@ public final class WorkWorker: Sendable {
     }
 
     public let configuration: Configuration
-    let client: ParleyClient
+    let link: WorkMasterLink
     let logger: Logger
     private let counts = NIOLockedValueBox((ran: 0, refused: 0))
     /// Shutting down: no new job is taken, running ones are stopped and handed back.
@@ -46,8 +47,8 @@ public final class WorkWorker: Sendable {
     private let running = NIOLockedValueBox<[UInt64: Int32]>([:])
     private let handedBack = NIOLockedValueBox<[UInt64]>([])
 
-    public init(client: ParleyClient, configuration: Configuration, logger: Logger = Logger(label: "parley.work.worker")) {
-        self.client = client
+    public init(link: WorkMasterLink, configuration: Configuration, logger: Logger = Logger(label: "parley.work.worker")) {
+        self.link = link
         self.configuration = configuration
         self.logger = logger
     }
@@ -76,7 +77,7 @@ public final class WorkWorker: Sendable {
         hello.cpus = UInt32(ProcessInfo.processInfo.activeProcessorCount)
         hello.memoryBytes = ProcessInfo.processInfo.physicalMemory
         hello.slots = UInt32(self.configuration.slots)
-        let welcome = try await self.client.request(hello, as: Parley_Work_V1_WorkerWelcome.self, idempotent: true)
+        let welcome = try await self.link.request(hello, as: Parley_Work_V1_WorkerWelcome.self)
         self.logger.info("working for \(welcome.master)", metadata: ["slots": "\(self.configuration.slots)", "lease": "\(welcome.leaseSeconds) s"])
         try await withThrowingTaskGroup(of: Void.self) { group in
             for _ in 0..<self.configuration.slots {
@@ -93,7 +94,7 @@ public final class WorkWorker: Sendable {
             request.slots = 1
             let assignments: Parley_Work_V1_WorkAssignments
             do {
-                assignments = try await self.client.request(request, as: Parley_Work_V1_WorkAssignments.self)
+                assignments = try await self.link.request(request, as: Parley_Work_V1_WorkAssignments.self)
             } catch let error as ParleyError where Self.isLasting(error) {
                 throw error
             } catch {
@@ -115,7 +116,7 @@ public final class WorkWorker: Sendable {
                 back.jobID = assignment.jobID
                 back.leaseID = assignment.leaseID
                 do {
-                    _ = try await self.client.request(back, as: Parley_Work_V1_HandBackReply.self, idempotent: true)
+                    _ = try await self.link.request(back, as: Parley_Work_V1_HandBackReply.self)
                     self.handedBack.withLockedValue { $0.append(assignment.jobID) }
                     self.logger.info("handed back", metadata: ["job": "\(assignment.jobID)"])
                 } catch {
@@ -126,7 +127,7 @@ public final class WorkWorker: Sendable {
             // The report goes through whatever happens to the connection (idempotent over a
             // lossless session); only the session's end stops it.
             do {
-                let ack = try await self.client.request(report, as: Parley_Work_V1_ReportAck.self, idempotent: true)
+                let ack = try await self.link.request(report, as: Parley_Work_V1_ReportAck.self)
                 self.logger.debug("reported", metadata: ["job": "\(assignment.jobID)", "verdict": "\(ack.verdict)"])
             } catch let error as ParleyError where Self.isLasting(error) {
                 throw error

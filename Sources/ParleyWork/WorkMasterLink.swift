@@ -1,0 +1,155 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import Parley
+import ParleyWire
+import SwiftProtobuf
+
+/// A worker's link to its masters: one lossless connection at a time, to the first master
+/// that answers. A cut is the lossless session's business (it reconnects and replays); when
+/// the connection is gone for good (the master died and stays away, or drains), the next
+/// master is tried and the call sent again there. Every message a worker sends is idempotent
+/// for the masters, which share the store: a report already accepted through the dead master
+/// is acknowledged again, a lease taken there is still the worker's.
+///
+/// Workers start at a master chosen by their name, so that a fleet given the same list
+/// spreads over the masters.
+public final class WorkMasterLink: Sendable {
+    public let masters: [ParleyAddress]
+    let configuration: ParleyClient.Configuration
+    let logger: Logger
+    /// How long a call keeps trying masters before it fails.
+    let failoverTimeout: Duration
+    /// Sent on every new connection before anything else (the worker's hello).
+    let onConnect: @Sendable (ParleyClient) async throws -> Void
+
+    private struct State {
+        var client: ParleyClient?
+        var connecting: Task<ParleyClient, any Error>?
+        var next: Int
+        var closed = false
+    }
+
+    private let state: NIOLockedValueBox<State>
+
+    public init(
+        masters: [ParleyAddress], configuration: ParleyClient.Configuration, name: String, failoverTimeout: Duration = .seconds(120),
+        logger: Logger = Logger(label: "parley.work.link"), onConnect: @escaping @Sendable (ParleyClient) async throws -> Void = { _ in }
+    ) {
+        precondition(!masters.isEmpty, "a worker needs at least one master")
+        self.masters = masters
+        self.configuration = configuration
+        self.logger = logger
+        self.failoverTimeout = failoverTimeout
+        self.onConnect = onConnect
+        // FNV-1a of the name: stable across processes (Swift's hashValue is not).
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in name.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        self.state = NIOLockedValueBox(State(next: Int(hash % UInt64(masters.count))))
+    }
+
+    /// The connection in use, connecting first if there is none.
+    public func client() async throws -> ParleyClient {
+        let task = try self.state.withLockedValue { state -> Task<ParleyClient, any Error> in
+            guard !state.closed else { throw ParleyError(code: .connectionClosed, message: "the worker's link to its masters is closed") }
+            if let client = state.client { return Task { client } }
+            if let connecting = state.connecting { return connecting }
+            let first = state.next
+            let connecting = Task { try await self.connectToAny(startingAt: first) }
+            state.connecting = connecting
+            return connecting
+        }
+        do {
+            let client = try await task.value
+            self.state.withLockedValue { state in
+                if state.connecting == task {
+                    state.connecting = nil
+                    state.client = client
+                }
+            }
+            return client
+        } catch {
+            self.state.withLockedValue { state in if state.connecting == task { state.connecting = nil } }
+            throw error
+        }
+    }
+
+    /// Sends `request` to the current master, failing over to the next ones while the
+    /// connection is what fails, for up to `failoverTimeout`.
+    public func request<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
+        _ request: Request, as response: Response.Type = Response.self
+    ) async throws -> Response {
+        let deadline = ContinuousClock.now + self.failoverTimeout
+        while true {
+            let client: ParleyClient
+            do {
+                client = try await self.client()
+            } catch let error as ParleyError where Self.isLinkFailure(error) && ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(200))
+                continue
+            }
+            do {
+                return try await client.request(request, as: response, idempotent: true)
+            } catch let error as ParleyError where Self.isLinkFailure(error) {
+                self.drop(client, because: error)
+                guard ContinuousClock.now < deadline else { throw error }
+            }
+        }
+    }
+
+    /// The connection or its session is gone (not an answer about the request).
+    static func isLinkFailure(_ error: ParleyError) -> Bool {
+        [.connectionClosed, .connectFailed, .shuttingDown, .sessionSuperseded, .timeout].contains(error.code)
+    }
+
+    /// Forgets a connection that failed; the next call connects to the next master.
+    private func drop(_ client: ParleyClient, because error: ParleyError) {
+        let dropped = self.state.withLockedValue { state -> Bool in
+            guard state.client === client else { return false }
+            state.client = nil
+            return true
+        }
+        if dropped {
+            self.logger.warning("lost the master; trying the next", metadata: ["master": "\(client.address)", "error": "\(error.message)"])
+            client.close()
+        }
+    }
+
+    private func connectToAny(startingAt first: Int) async throws -> ParleyClient {
+        var lastError: (any Error)?
+        for offset in 0..<self.masters.count {
+            let index = (first + offset) % self.masters.count
+            let address = self.masters[index]
+            do {
+                var configuration = self.configuration
+                configuration.lossless = configuration.lossless ?? .init()
+                let client = try await ParleyClient.connect(to: address, configuration: configuration, logger: self.logger)
+                do {
+                    try await self.onConnect(client)
+                } catch {
+                    client.close()
+                    throw error
+                }
+                // The next failover starts after this master.
+                self.state.withLockedValue { $0.next = (index + 1) % self.masters.count }
+                self.logger.info("connected to a master", metadata: ["master": "\(address)"])
+                return client
+            } catch {
+                lastError = error
+                self.logger.debug("master unreachable", metadata: ["master": "\(address)", "error": "\(error)"])
+            }
+        }
+        throw lastError ?? ParleyError(code: .connectFailed, message: "no master")
+    }
+
+    /// Closes the connection; later calls fail.
+    public func close() {
+        let client = self.state.withLockedValue { state -> ParleyClient? in
+            state.closed = true
+            state.connecting?.cancel()
+            defer { state.client = nil }
+            return state.client
+        }
+        client?.close()
+    }
+}
