@@ -10,13 +10,14 @@ import Testing
         var processes: [Process] = []
         let logs: [String]
 
-        init(count: Int, master: String, trust: String, dir: String) throws {
+        init(count: Int, master: String, trust: String, dir: String, masters: [String] = [], slots: Int = 2) throws {
             let parley = try #require(parleyExecutablePath())
             var logs: [String] = []
             for i in 0..<count {
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: parley)
-                p.arguments = ["work", "worker", "--master", master, "--trust", trust, "--slots", "2", "--dir", "\(dir)/w\(i)", "--worker-name", "worker-\(i)"]
+                let masterOptions = (masters.isEmpty ? [master] : masters).flatMap { ["--master", $0] }
+                p.arguments = ["work", "worker"] + masterOptions + ["--trust", trust, "--slots", "\(slots)", "--dir", "\(dir)/w\(i)", "--worker-name", "worker-\(i)"]
                 let log = "\(dir)/worker-\(i).log"
                 _ = FileManager.default.createFile(atPath: log, contents: nil)
                 p.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: log))

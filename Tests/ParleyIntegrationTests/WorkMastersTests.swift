@@ -1,0 +1,120 @@
+import Foundation
+import ParleyTestSupport
+import Testing
+
+/// Several `parley work serve` masters on one PostgreSQL store (PARLEY_TEST_POSTGRES; `.ci/run`
+/// starts the server): workers spread over them through `parley chaos` proxies that cut their
+/// connections, while one master is killed (SIGKILL) and restarted twice. Nothing is lost,
+/// nothing accepted twice, and every lease either completed or was returned.
+extension WorkProcessTests {
+    /// Runs `psql` on the test database; returns its rows (unaligned, tab-separated).
+    static func psql(_ url: String, _ sql: String) throws -> [String] {
+        let path = ["/usr/bin/psql", "/usr/local/bin/psql"].first { FileManager.default.isExecutableFile(atPath: $0) }
+        let out = try runProcess(try #require(path, "psql is not installed"), [url, "-X", "-q", "-t", "-A", "-F", "\t", "-c", sql], seconds: 30)
+        guard out.status == 0 else { throw ParleyTestFailure("psql failed: \(out.combined)") }
+        return out.stdout.split(separator: "\n").map(String.init)
+    }
+
+    static func freshPostgresDatabase() throws -> String? {
+        guard let base = ProcessInfo.processInfo.environment["PARLEY_TEST_POSTGRES"] else { return nil }
+        let name = "parley_masters_\(UUID().uuidString.prefix(8).lowercased())"
+        _ = try Self.psql(base, "CREATE DATABASE \(name)")
+        var parts = try #require(URLComponents(string: base))
+        parts.path = "/" + name
+        return parts.string
+    }
+
+    @Test func threeMastersOnePostgresOneKilledTwiceWorkersCut() async throws {
+        guard let url = try Self.freshPostgresDatabase() else { return }
+        let total = Int(ProcessInfo.processInfo.environment["PARLEY_WORK_MASTERS_JOBS"] ?? "") ?? 600
+        let dir = freshTestDirectory("work-masters")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let serveArguments = ["--database", url, "--trust", dir + "/keys/work.pub", "--lease-seconds", "12"]
+        var masters: [ServeProcess] = []
+        for _ in 0..<3 {
+            masters.append(try await ServeProcess.start(["--listen", "127.0.0.1:0"] + serveArguments, command: ["work", "serve"]))
+        }
+        // Each master behind a proxy that cuts a connection now and then.
+        var proxies: [ChaosProcess] = []
+        for (i, master) in masters.enumerated() {
+            proxies.append(try await ChaosProcess.start(["--listen", "127.0.0.1:0", "--to", master.address, "--cut-probability", "0.01", "--seed", "\(41 + i)", "--quiet"]))
+        }
+        let log = dir + "/ran.log"
+        let submit = try parley(
+            ["work", "submit", "--master", masters[0].address, "--key", dir + "/keys/work.key", "--count", "\(total)", "--", "/bin/sh", "-c", "echo ${PWD##*/} >> \(log); sleep 0.05"],
+            seconds: 120
+        )
+        #expect(submit.status == 0, "\(submit.combined.suffix(300))")
+        let workers = try Workers(count: 8, master: "", trust: dir + "/keys/work.pub", dir: dir, masters: proxies.map(\.address), slots: 3)
+        defer { workers.stop() }
+        // Master 1 is killed and restarted on its address twice, once a third and once two
+        // thirds of the jobs are done: the first time it stays away longer than a worker's
+        // reconnect timeout (5 s with several masters), so that its workers move to another
+        // master; the second time it is back at once, and they resume with it.
+        for fraction in [3, 3 * 2] {
+            let target = total * (fraction == 3 ? 1 : 2) / 3
+            let reached = try await eventually(seconds: 240) { ((try? Self.status(masters[0].address)["succeeded"]) ?? 0) >= target }
+            #expect(reached, "stuck before \(target) jobs: \(String(describing: try? Self.status(masters[0].address)))")
+            let address = masters[1].address
+            kill(masters[1].process.processIdentifier, SIGKILL)
+            masters[1].process.waitUntilExit()
+            try await Task.sleep(for: fraction == 3 ? .seconds(8) : .milliseconds(300))
+            masters[1] = try await ServeProcess.start(["--listen", address] + serveArguments, command: ["work", "serve"])
+        }
+        let done = try await eventually(seconds: 300) { (try? Self.status(masters[2].address)["succeeded"]) == total }
+        // No worker gave up: those of the killed master went on with another.
+        let alive = workers.processes.filter(\.isRunning).count
+        workers.stop()
+        #expect(alive == 8, "\(8 - alive) workers ended early")
+        let failedOver = workers.logs.filter { path in
+            String(decoding: FileManager.default.contents(atPath: path) ?? Data(), as: UTF8.self).contains("lost the master; trying the next")
+        }.count
+        #expect(failedOver > 0, "no worker moved to another master")
+        #expect(done, "status: \(String(describing: try? Self.status(masters[2].address)))")
+        #expect(try Self.status(masters[1].address) == ["queued": 0, "leased": 0, "succeeded": total, "failed": 0])
+        var cuts = 0
+        for proxy in proxies { cuts += await proxy.stop()?.cuts ?? 0 }
+        for master in masters { await master.stop() }
+
+        // Accepted exactly once: one result per job, from the lease the job records.
+        let results = try Self.psql(url, "SELECT count(*), count(DISTINCT job_id) FROM result")
+        #expect(results == ["\(total)\t\(total)"], "results: \(results)")
+        let mismatched = try Self.psql(url, "SELECT j.id FROM job j JOIN result r ON r.job_id = j.id WHERE convert_from(j.record, 'UTF8')::jsonb -> 'state' -> 'succeeded' ->> 'leaseID' <> r.lease_id::text")
+        #expect(mismatched.isEmpty, "jobs whose result is not from their accepted lease: \(mismatched.prefix(5))")
+        // Every lease either completed (the accepted one, or a recorded failure) or was
+        // returned (expired, recorded as such; handed back ones leave the record).
+        let records = try Self.psql(url, "SELECT id, convert_from(record, 'UTF8') FROM job ORDER BY id")
+        var ranByJob: [UInt64: Set<UInt64>] = [:]
+        for line in String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self).split(separator: "\n") {
+            let parts = line.split(separator: "-")
+            guard parts.count == 3, let job = UInt64(parts[1]), let lease = UInt64(parts[2]) else { continue }
+            ranByJob[job, default: []].insert(lease)
+        }
+        var unaccounted: [String] = []
+        var reruns = 0
+        for row in records {
+            let columns = row.split(separator: "\t", maxSplits: 1)
+            guard columns.count == 2, let id = UInt64(columns[0]),
+                  let record = try JSONSerialization.jsonObject(with: Data(columns[1].utf8)) as? [String: Any],
+                  let leases = record["leases"] as? [[String: Any]] else {
+                unaccounted.append("unreadable record \(row.prefix(80))")
+                continue
+            }
+            let accepted = ((record["state"] as? [String: Any])?["succeeded"] as? [String: Any])?["leaseID"] as? UInt64
+            let failures = (record["failures"] as? [String]) ?? []
+            let failed = Set(((record["failedLeases"] as? [UInt64]) ?? []))
+            for lease in leases {
+                guard let leaseID = lease["id"] as? UInt64 else { continue }
+                let ended = leaseID == accepted || failed.contains(leaseID) || failures.contains { $0.hasPrefix("lease \(leaseID) ") && $0.hasSuffix("expired") }
+                if !ended { unaccounted.append("job \(id) lease \(leaseID)") }
+            }
+            let ran = ranByJob[id] ?? []
+            if let accepted, !ran.contains(accepted) { unaccounted.append("job \(id): accepted lease \(accepted) never ran") }
+            if ran.count > leases.count { unaccounted.append("job \(id) ran under \(ran.count) leases, \(leases.count) handed out") }
+            reruns += max(0, ran.count - 1)
+        }
+        #expect(records.count == total)
+        #expect(unaccounted.isEmpty, "\(unaccounted.count) leases unaccounted for: \(unaccounted.prefix(10))")
+        print("parley work: \(total) jobs on 3 masters (one killed twice), \(cuts) cuts, \(failedOver) workers moved master, \(reruns) jobs ran again after a lease expired")
+    }
+}
