@@ -5,7 +5,7 @@ import Testing
 /// Several `parley work serve` masters on one PostgreSQL store (PARLEY_TEST_POSTGRES; `.ci/run`
 /// starts the server): workers spread over them through `parley chaos` proxies that cut their
 /// connections, while one master is killed (SIGKILL) and restarted twice. Nothing is lost,
-/// nothing accepted twice, and every lease either completed or was returned.
+/// nothing accepted twice, and every lease either completed or was returned ([R-19.6-1]).
 extension WorkProcessTests {
     /// Runs `psql` on the test database; returns its rows (unaligned, tab-separated).
     static func psql(_ url: String, _ sql: String) throws -> [String] {
