@@ -1,0 +1,347 @@
+import Foundation
+import ParleyTestSupport
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A program run in the background with its output in a log file; stopped by PID.
+final class BackgroundProcess: @unchecked Sendable {
+    let process = Process()
+    let logPath: String
+
+    init(_ executable: String, _ arguments: [String], log: String) throws {
+        self.logPath = log
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        self.process.executableURL = URL(fileURLWithPath: executable)
+        self.process.arguments = arguments
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        self.process.standardOutput = handle
+        self.process.standardError = handle
+        self.process.standardInput = FileHandle.nullDevice
+        try self.process.run()
+    }
+
+    var log: String { String(decoding: FileManager.default.contents(atPath: self.logPath) ?? Data(), as: UTF8.self) }
+    var isRunning: Bool { self.process.isRunning }
+    var pid: Int32 { self.process.processIdentifier }
+
+    /// Waits (at most `seconds`) for a log line containing `text`; false if the process ended first.
+    func wait(for text: String, seconds: Double = 60) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if self.log.contains(text) { return true }
+            if !self.process.isRunning { return self.log.contains(text) }
+            usleep(20_000)
+        }
+        return false
+    }
+
+    /// Waits for the process to end by itself (at most `seconds`, then SIGKILL); its status.
+    @discardableResult
+    func waitForExit(seconds: Double = 60) -> Int32 {
+        let deadline = Date().addingTimeInterval(seconds)
+        while self.process.isRunning && Date() < deadline { usleep(10_000) }
+        if self.process.isRunning { kill(self.pid, SIGKILL) }
+        self.process.waitUntilExit()
+        return self.process.terminationStatus
+    }
+
+    @discardableResult
+    func stop(signal: Int32 = SIGTERM, seconds: Double = 30) -> Int32 {
+        if self.process.isRunning { kill(self.pid, signal) }
+        return self.waitForExit(seconds: seconds)
+    }
+
+    deinit { if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) } }
+}
+
+/// `parley block map` in the background, serving on a Unix socket in the scratch directory.
+final class BlockMapProcess: @unchecked Sendable {
+    let background: BackgroundProcess
+    let socket: String
+    let stateDir: String
+    let export: String
+
+    /// Starts `parley block map` with `arguments` (paths, device, options) and waits until it
+    /// has mapped the device; throws (recording the log) if it does not.
+    init(scratch: ScratchDirectory, export: String = "disk", _ arguments: [String]) throws {
+        let tag = UUID().uuidString.prefix(6)
+        self.socket = scratch.file("map-\(tag).sock")
+        self.stateDir = scratch.file("state")
+        self.export = export
+        self.background = try BackgroundProcess(try Tools.parley, ["block", "map", "--nbd", "unix:\(self.socket)", "--state-dir", self.stateDir] + arguments,
+                                                log: scratch.file("map-\(tag).log"))
+        guard self.background.wait(for: "mapped ") else {
+            self.background.stop(signal: SIGKILL)
+            Issue.record("parley block map did not map: \(self.background.log)")
+            throw CancellationError()
+        }
+    }
+
+    var uri: String { "nbd+unix:///\(self.export)?socket=\(self.socket)" }
+    var log: String { self.background.log }
+    @discardableResult
+    func stop() -> Int32 { self.background.stop() }
+}
+
+/// `parley chaos` between a map's path and the server, cutting connections.
+final class ChaosProcess: @unchecked Sendable {
+    let background: BackgroundProcess
+    let listen: String
+
+    init(scratch: ScratchDirectory, to target: String, _ arguments: [String]) throws {
+        let tag = UUID().uuidString.prefix(6)
+        self.listen = "unix:" + scratch.file("chaos-\(tag).sock")
+        self.background = try BackgroundProcess(try Tools.parley, ["chaos", "--listen", self.listen, "--to", target] + arguments,
+                                                log: scratch.file("chaos-\(tag).log"))
+        guard self.background.wait(for: "parley chaos:") else {
+            self.background.stop(signal: SIGKILL)
+            Issue.record("parley chaos did not start: \(self.background.log)")
+            throw CancellationError()
+        }
+    }
+
+    /// Connections cut so far.
+    var cuts: Int { self.background.log.split(separator: "\n").filter { $0.contains(": cut after") }.count }
+    func stop() { self.background.stop() }
+}
+
+/// fio's verify job, as the interop tests run it: a write phase, then (a second fio run)
+/// the verify phase reading every block back.
+enum FioVerify {
+    static func arguments(uri: String, size: String = "32M", phase: String, seed: Int = 1) -> [String] {
+        var args = ["--name=verify", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=\(size)",
+                    "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--randseed=\(seed)", "--output-format=json"]
+        args += phase == "write" ? ["--do_verify=0"] : ["--verify_only=1"]
+        return args
+    }
+
+    /// The job's error and bytes moved, from fio's JSON.
+    static func result(_ out: ToolOutput) throws -> (error: Int, read: Int, written: Int) {
+        let text = out.stdout
+        guard let brace = text.firstIndex(of: "{") else { return (-1, 0, 0) }
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(text[brace...].utf8)) as? [String: Any])
+        let job = try #require((json["jobs"] as? [[String: Any]])?.first)
+        let read = (job["read"] as? [String: Any])?["io_bytes"] as? Int ?? 0
+        let write = (job["write"] as? [String: Any])?["io_bytes"] as? Int ?? 0
+        return (job["error"] as? Int ?? -1, read, write)
+    }
+}
+
+/// `parley block map` used by the NBD programs, through failovers, server restarts and bad input.
+@Suite(.timeLimit(.minutes(10)), .serialized)
+struct BlockMapTests {
+    func server(_ scratch: ScratchDirectory, size: Int = 64 << 20, extra: [String] = []) throws -> BlockServerProcess {
+        try scratch.sparseFile("disk.img", size: size)
+        return try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"] + extra)
+    }
+
+    @Test func nbdinfoQemuImgAndNbdcopyThroughTheMap() throws {
+        let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
+        let nbdcopy = try Tools.require("nbdcopy", package: "libnbd-bin")
+        let qemuImg = try Tools.require("qemu-img", package: "qemu-utils")
+        let qemuIO = try Tools.require("qemu-io", package: "qemu-utils")
+        let scratch = try ScratchDirectory("map")
+        let server = try self.server(scratch, size: 48 << 20)
+        defer { server.stop() }
+        let map = try BlockMapProcess(scratch: scratch, [
+            "--session", "interop", "--path", "127.0.0.1:\(server.blockPort)", "--path", "unix:\(server.blockSocket)", "--device", "disk",
+        ])
+        defer { map.stop() }
+        let info = try Tools.run(nbdinfo, [map.uri])
+        #expect(info.status == 0, "\(info.combined)")
+        #expect(info.stdout.contains("export-size: 50331648"))
+        #expect(info.stdout.contains("block_size_minimum: 512"))
+        #expect(info.stdout.contains("is_read_only: false"))
+
+        // qemu-img convert a qcow2 image in and out, then compare.
+        let source = scratch.file("source.qcow2")
+        #expect(try Tools.run(qemuImg, ["create", "-f", "qcow2", source, "48M"]).status == 0)
+        let fill = try Tools.run(qemuIO, ["-c", "write -P 0xab 1M 3M", "-c", "write -P 0x5c 17M 64k", "-c", "write -P 0x01 40M 8M", source])
+        #expect(fill.status == 0, "\(fill.combined)")
+        let into = try Tools.run(qemuImg, ["convert", "-n", "-f", "qcow2", "-O", "raw", source, map.uri], seconds: 240)
+        #expect(into.status == 0, "\(into.combined)")
+        let back = scratch.file("back.qcow2")
+        let out = try Tools.run(qemuImg, ["convert", "-f", "raw", "-O", "qcow2", map.uri, back], seconds: 240)
+        #expect(out.status == 0, "\(out.combined)")
+        let compare = try Tools.run(qemuImg, ["compare", "-f", "qcow2", "-F", "qcow2", source, back])
+        #expect(compare.status == 0 && compare.stdout.contains("Images are identical"), "\(compare.combined)")
+
+        // nbdcopy: random bytes in and back out.
+        let random = scratch.file("random.bin")
+        #expect(try Tools.run("/bin/dd", ["if=/dev/urandom", "of=\(random)", "bs=1M", "count=48", "status=none"]).status == 0)
+        let up = try Tools.run(nbdcopy, [random, map.uri], seconds: 240)
+        #expect(up.status == 0, "\(up.combined)")
+        let down = try Tools.run(nbdcopy, [map.uri, scratch.file("copy.bin")], seconds: 240)
+        #expect(down.status == 0, "\(down.combined)")
+        #expect(try Tools.run("/usr/bin/cmp", [random, scratch.file("copy.bin")]).status == 0, "nbdcopy round trip differs")
+        // What the map wrote is on the server's file.
+        #expect(try Tools.run("/usr/bin/cmp", [random, scratch.file("disk.img")]).status == 0, "the server's file differs")
+    }
+
+    @Test func fioVerifiesThroughTheMapAndListAndUnmapWork() throws {
+        let fio = try Tools.require("fio", package: "fio")
+        let scratch = try ScratchDirectory("map")
+        let server = try self.server(scratch)
+        defer { server.stop() }
+        let map = try BlockMapProcess(scratch: scratch, [
+            "--rnbd", "sessname=fio path=ip:127.0.0.1:\(server.blockPort) path=ip:127.0.0.1:\(server.blockPort) device_path=disk access_mode=rw",
+            "--policy", "min-inflight",
+        ])
+        defer { map.stop() }
+        let write = try Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "write"), seconds: 300)
+        #expect(write.status == 0, "\(write.combined)")
+        let verify = try Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "verify"), seconds: 300)
+        #expect(verify.status == 0, "\(verify.combined)")
+        let w = try FioVerify.result(write), v = try FioVerify.result(verify)
+        #expect(w.error == 0 && w.written == 32 << 20, "\(write.stdout)")
+        #expect(v.error == 0 && v.read == 32 << 20, "\(verify.stdout)")
+
+        // parley block list shows the session, its device and both paths up.
+        let list = try Tools.run(try Tools.parley, ["block", "list", "--state-dir", map.stateDir])
+        #expect(list.status == 0, "\(list.combined)")
+        #expect(list.stdout.contains("session fio device disk (rw, 67108864 bytes"), "\(list.stdout)")
+        #expect(list.stdout.contains("policy min-inflight"), "\(list.stdout)")
+        #expect(list.stdout.split(separator: "\n").filter { $0.contains("path ") && $0.contains(": up,") }.count == 2, "\(list.stdout)")
+        let json = try Tools.run(try Tools.parley, ["block", "list", "--json", "--state-dir", map.stateDir])
+        #expect(json.stdout.contains("\"session\":\"fio\""), "\(json.stdout)")
+
+        // unmap: the map drains, flushes, closes and exits; list no longer shows it.
+        let unmap = try Tools.run(try Tools.parley, ["block", "unmap", "--session", "fio", "--state-dir", map.stateDir])
+        #expect(unmap.status == 0, "\(unmap.combined)")
+        #expect(map.background.waitForExit(seconds: 30) == 0, "\(map.log)")
+        #expect(map.log.contains("unmapped disk"))
+        #expect(server.log.contains("block device closed"))
+        let after = try Tools.run(try Tools.parley, ["block", "list", "--state-dir", map.stateDir])
+        #expect(after.stdout.contains("no maps"), "\(after.stdout)")
+        let again = try Tools.run(try Tools.parley, ["block", "unmap", "--session", "fio", "--state-dir", map.stateDir])
+        #expect(again.status == 2 && again.stdout.contains("no map of session fio"), "\(again.combined)")
+    }
+
+    /// fio writes and verifies through a two-path map while `parley chaos` cuts one path
+    /// again and again: every cut leaves IO in doubt, which is re-sent on the other path.
+    @Test func fioVerifiesWhileOnePathIsCutRepeatedly() throws {
+        let fio = try Tools.require("fio", package: "fio")
+        let scratch = try ScratchDirectory("map")
+        let server = try self.server(scratch)
+        defer { server.stop() }
+        // Each connection through the proxy is cut after 256 KiB in either direction.
+        let chaos = try ChaosProcess(scratch: scratch, to: "unix:\(server.blockSocket)", ["--cut-after", "262144", "--seed", "10"])
+        defer { chaos.stop() }
+        let map = try BlockMapProcess(scratch: scratch, [
+            "--session", "chaos", "--path", "unix:\(server.blockSocket)", "--path", chaos.listen, "--device", "disk",
+        ])
+        defer { map.stop() }
+        var round = 0
+        // Bounded: rounds of a write phase and a verify phase until the path was cut 20 times.
+        while round < 4 && (round == 0 || chaos.cuts < 20) {
+            round += 1
+            let write = try Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "write", seed: round), seconds: 300)
+            #expect(write.status == 0, "\(write.combined)")
+            let verify = try Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "verify", seed: round), seconds: 300)
+            #expect(verify.status == 0, "\(verify.combined)")
+            let w = try FioVerify.result(write), v = try FioVerify.result(verify)
+            #expect(w.error == 0 && w.written == 32 << 20, "\(write.stdout)")
+            #expect(v.error == 0 && v.read == 32 << 20, "verify failed in round \(round): \(verify.combined)")
+        }
+        #expect(chaos.cuts >= 20, "only \(chaos.cuts) cuts")
+        let downs = map.log.components(separatedBy: "path down").count - 1
+        #expect(downs >= 20, "the map saw \(downs) path failures")
+        let status = try Tools.run(try Tools.parley, ["block", "list", "--json", "--state-dir", map.stateDir])
+        #expect(!status.stdout.contains("\"resends\":0,"), "nothing was re-sent: \(status.stdout)")
+        #expect(status.stdout.contains("\"errors\":0"), "\(status.stdout)")
+    }
+
+    /// The server is killed (SIGKILL) while fio writes through the map and started again on
+    /// the same file: IO waits, then resumes, and every block verifies.
+    @Test func ioWaitsForAKilledServerAndResumes() throws {
+        let fio = try Tools.require("fio", package: "fio")
+        let scratch = try ScratchDirectory("map")
+        let first = try self.server(scratch)
+        let map = try BlockMapProcess(scratch: scratch, [
+            "--session", "restart", "--path", "unix:\(first.blockSocket)", "--path", "unix:\(first.blockSocket)", "--device", "disk",
+            "--io-timeout", "60",
+        ])
+        defer { map.stop() }
+        let writer = try BackgroundProcess(fio, FioVerify.arguments(uri: map.uri, size: "48M", phase: "write") + ["--rate_iops=3000"],
+                                           log: scratch.file("fio-write.log"))
+        // Kill the server once fio is under way, and start it again on the same sockets and file.
+        #expect(map.background.wait(for: "NBD client opened export", seconds: 30) || map.log.contains("mapped"))
+        usleep(1_500_000)
+        #expect(writer.isRunning, "fio finished before the server was killed: \(writer.log)")
+        first.stop(signal: SIGKILL)
+        #expect(map.background.wait(for: "path down", seconds: 30), "\(map.log)")
+        usleep(1_000_000)
+        let second = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        defer { second.stop() }
+        #expect(writer.waitForExit(seconds: 300) == 0, "fio: \(writer.log)")
+        let verify = try Tools.run(fio, FioVerify.arguments(uri: map.uri, size: "48M", phase: "verify"), seconds: 300)
+        #expect(verify.status == 0, "\(verify.combined)")
+        let v = try FioVerify.result(verify)
+        #expect(v.error == 0 && v.read == 48 << 20, "\(verify.stdout)")
+        #expect(map.log.components(separatedBy: "path up").count - 1 >= 4, "both paths came back: \(map.log)")
+    }
+
+    /// With no server at all, IO fails with EIO after --io-timeout instead of hanging.
+    @Test func ioFailsWithEIOWhenNoPathComesBack() throws {
+        let nbdcopy = try Tools.require("nbdcopy", package: "libnbd-bin")
+        let scratch = try ScratchDirectory("map")
+        let server = try self.server(scratch, size: 8 << 20)
+        let map = try BlockMapProcess(scratch: scratch, [
+            "--session", "gone", "--path", "unix:\(server.blockSocket)", "--device", "disk", "--io-timeout", "2",
+        ])
+        defer { map.stop() }
+        server.stop(signal: SIGKILL)
+        #expect(map.background.wait(for: "path down", seconds: 30), "\(map.log)")
+        let copy = try Tools.run(nbdcopy, [map.uri, scratch.file("out.bin")], seconds: 120)
+        #expect(copy.status != 0, "\(copy.combined)")
+        #expect(copy.combined.contains("Input/output error"), "\(copy.combined)")
+        #expect(map.log.contains("no path for"), "\(map.log)")
+    }
+
+    @Test func badInputIsRefusedClearly() throws {
+        let scratch = try ScratchDirectory("map")
+        try scratch.sparseFile("disk.img", size: 16 << 20)
+        try scratch.sparseFile("other.img", size: 8 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: [
+            "--export", "disk=\(scratch.file("disk.img"))", "--export", "frozen=\(scratch.file("disk.img")),read-only",
+        ])
+        defer { server.stop() }
+        let parley = try Tools.parley
+        func map(_ args: [String]) throws -> ToolOutput {
+            try Tools.run(parley, ["block", "map", "--nbd", "unix:\(scratch.file("bad.sock"))", "--state-dir", scratch.file("state")] + args, seconds: 60)
+        }
+        let unknown = try map(["--session", "bad", "--path", "unix:\(server.blockSocket)", "--device", "nosuch"])
+        #expect(unknown.status == 2, "\(unknown.combined)")
+        #expect(unknown.stdout.contains("refused nosuch") && unknown.stdout.contains("no export named \"nosuch\""), "\(unknown.combined)")
+
+        let readOnly = try map(["--session", "bad", "--path", "unix:\(server.blockSocket)", "--device", "frozen"])
+        #expect(readOnly.status == 2, "\(readOnly.combined)")
+        #expect(readOnly.stdout.contains("export \"frozen\" is read-only"), "\(readOnly.combined)")
+        // Read-only is fine.
+        let ro = try BlockMapProcess(scratch: scratch, export: "frozen", ["--session", "bad", "--path", "unix:\(server.blockSocket)", "--device", "frozen", "--read-only"])
+        let info = try Tools.run(try Tools.require("nbdinfo", package: "libnbd-bin"), [ro.uri])
+        #expect(info.stdout.contains("is_read_only: true"), "\(info.combined)")
+        ro.stop()
+
+        // A second server exporting a different device under the same name.
+        let otherScratch = try ScratchDirectory("map-other")
+        try otherScratch.sparseFile("disk.img", size: 8 << 20)
+        let other = try BlockServerProcess(scratch: otherScratch, arguments: ["--export", "disk=\(otherScratch.file("disk.img"))"])
+        defer { other.stop() }
+        let mixed = try map(["--session", "bad", "--path", "unix:\(server.blockSocket)", "--path", "unix:\(other.blockSocket)", "--device", "disk"])
+        #expect(mixed.status == 2, "\(mixed.combined)")
+        #expect(mixed.stdout.contains("lead to different devices"), "\(mixed.combined)")
+
+        // Nothing to reach.
+        let nowhere = try map(["--session", "bad", "--path", "unix:\(scratch.file("nothing.sock"))", "--device", "disk"])
+        #expect(nowhere.status == 2 && nowhere.stdout.contains("could be reached"), "\(nowhere.combined)")
+
+        // Bad words.
+        let rnbd = try map(["--rnbd", "sessname=bad path=ip:127.0.0.1 device_path=disk access_mode=rx"])
+        #expect(rnbd.status != 0 && rnbd.combined.contains("bad access_mode"), "\(rnbd.combined)")
+        let both = try map(["--rnbd", "sessname=bad path=ip:127.0.0.1 device_path=disk", "--session", "x"])
+        #expect(both.status != 0 && both.combined.contains("not both"), "\(both.combined)")
+    }
+}
