@@ -1,8 +1,10 @@
 import ArgumentParser
 import Foundation
 import Logging
+import Metrics
 import Parley
 import ParleyWork
+import Prometheus
 import ServiceLifecycle
 import SwiftProtobuf
 import UnixSignals
@@ -21,6 +23,14 @@ struct Work: AsyncParsableCommand {
     )
 
     static let defaultMaster = "127.0.0.1:7422"
+
+    /// `HOST:PORT` of `--http`.
+    static func hostPort(_ text: String) throws -> (host: String, port: Int) {
+        guard let address = try? ParleyAddress(parsing: text), case .tcp(let host, let port) = address.kind else {
+            throw ValidationError("bad --http \"\(text)\": use HOST:PORT")
+        }
+        return (host, port)
+    }
 
     /// Runs `body` on a connection to a master (authenticated when the security options say
     /// so), closed afterwards; a Parley error is printed as `parley work COMMAND: ...` and
@@ -68,6 +78,9 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Attempts a job gets unless it says otherwise.", valueName: "n"))
         var maxAttempts: Int = 3
 
+        @Option(name: .long, help: ArgumentHelp("Serve HTTP at HOST:PORT: GET /status and /jobs/ID as JSON, /metrics for Prometheus.", valueName: "host:port"))
+        var http: String?
+
         @OptionGroup var security: ServerSecurityOptions
 
         @OptionGroup var logging: LoggingOptions
@@ -78,6 +91,7 @@ struct Work: AsyncParsableCommand {
                 throw ValidationError("--database must be sqlite:PATH or postgres://USER@HOST[:PORT]/DATABASE, not \(self.database)")
             }
             guard self.leaseSeconds > 0, self.maxAttempts > 0 else { throw ValidationError("--lease-seconds and --max-attempts must be positive") }
+            if let http = self.http { _ = try Work.hostPort(http) }
             for a in self.listen { do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) } }
             try self.security.check(listen: try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) })
         }
@@ -85,6 +99,12 @@ struct Work: AsyncParsableCommand {
         func run() async throws {
             self.logging.bootstrap()
             let logger = Logger(label: "parley.work")
+            var registry: PrometheusCollectorRegistry?
+            if self.http != nil {
+                let r = PrometheusCollectorRegistry()
+                MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: r))
+                registry = r
+            }
             let store: any WorkStore
             let postgres = !self.database.hasPrefix("sqlite:")
             do {
@@ -125,7 +145,14 @@ struct Work: AsyncParsableCommand {
                 }
             }
             defer { expiry.cancel() }
-            let group = ServiceGroup(configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: server)]
+            if let http = self.http, let registry {
+                let (host, port) = try Work.hostPort(http)
+                services.append(.init(service: WorkHTTP.application(
+                    host: host, port: port, store: store, metrics: { registry.emitToString() }, logger: logger, onRunning: { port in logger.info("http listening", metadata: ["address": "\(host):\(port)"]) }
+                )))
+            }
+            let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
             try await group.run()
             await store.close()
         }

@@ -1,4 +1,5 @@
 import Foundation
+import Metrics
 import NIOConcurrencyHelpers
 import Parley
 import ParleyWire
@@ -30,6 +31,20 @@ public enum WorkService {
         }
     }
 
+    /// The work protocol versions this master speaks (§19.7): a worker's hello says the
+    /// highest it speaks, the welcome the one both use.
+    public static let protocolVersions: ClosedRange<UInt32> = 1...1
+
+    /// The version a master speaking `versions` uses with a worker whose highest is
+    /// `workerHighest` (0: a worker from before versions were negotiated, which speaks 1).
+    public static func negotiate(workerHighest: UInt32, versions: ClosedRange<UInt32> = protocolVersions) throws(ParleyError) -> UInt32 {
+        let highest = max(1, workerHighest)
+        guard highest >= versions.lowerBound else {
+            throw ParleyError(code: .clientOutOfDate, message: "work protocol version \(highest) is no longer served: this master speaks versions \(versions.lowerBound) to \(versions.upperBound)")
+        }
+        return min(highest, versions.upperBound)
+    }
+
     /// The largest output tail a report may carry, per stream.
     public static let maxTail = 1 << 20
 
@@ -38,12 +53,23 @@ public enum WorkService {
 
     public static func register(on router: inout ParleyRouter, store: any WorkStore, configuration: Configuration = .init()) {
         let leaseNanoseconds = Int64(configuration.leaseDuration.components.seconds) * 1_000_000_000
+        let submitted = Counter(label: "parley_work_jobs_submitted_total")
+        let assigned = Counter(label: "parley_work_jobs_assigned_total")
+        let verdicts = Dictionary(uniqueKeysWithValues: ["accepted", "already_accepted", "retrying", "failed", "superseded", "rejected"].map {
+            ($0, Counter(label: "parley_work_reports_total", dimensions: [("verdict", $0)]))
+        })
+        let claimCommit = Metrics.Timer(label: "parley_work_commit_seconds", dimensions: [("kind", "claim")], preferredDisplayUnit: .seconds)
+        let reportCommit = Metrics.Timer(label: "parley_work_commit_seconds", dimensions: [("kind", "report")], preferredDisplayUnit: .seconds)
         // Claims and reports from many workers are committed together (GroupCommit).
         let claims = GroupCommit<ClaimRequest, [ClaimedJob]>(maxBatch: 256, concurrency: configuration.storeConcurrency) { requests in
-            try await store.claim(requests, now: Self.now(), leaseDuration: leaseNanoseconds)
+            let started = ContinuousClock.now
+            defer { claimCommit.record(duration: ContinuousClock.now - started) }
+            return try await store.claim(requests, now: Self.now(), leaseDuration: leaseNanoseconds)
         }
         let reports = GroupCommit<ReportInput, ReportVerdict>(maxBatch: 1024, concurrency: configuration.storeConcurrency) { inputs in
-            try await store.report(inputs, now: Self.now())
+            let started = ContinuousClock.now
+            defer { reportCommit.record(duration: ContinuousClock.now - started) }
+            return try await store.report(inputs, now: Self.now())
         }
         router.on(Parley_Work_V1_SubmitJobs.self) { request, _ in
             guard !request.jobs.isEmpty else { throw ParleyError(code: .invalidArgument, message: "SubmitJobs holds no job") }
@@ -68,10 +94,12 @@ public enum WorkService {
             }
             var reply = Parley_Work_V1_SubmitReply()
             reply.jobIds = try await store.submit(jobs, now: Self.now())
+            submitted.increment(by: reply.jobIds.count)
             return reply
         }
-        router.on(Parley_Work_V1_WorkerHello.self) { (_: Parley_Work_V1_WorkerHello, _: ParleyRequestContext) -> Parley_Work_V1_WorkerWelcome in
+        router.on(Parley_Work_V1_WorkerHello.self) { (hello: Parley_Work_V1_WorkerHello, _: ParleyRequestContext) -> Parley_Work_V1_WorkerWelcome in
             var welcome = Parley_Work_V1_WorkerWelcome()
+            welcome.protocolVersion = try Self.negotiate(workerHighest: hello.protocolVersion)
             welcome.master = configuration.name
             welcome.leaseSeconds = UInt32(clamping: configuration.leaseDuration.components.seconds)
             return welcome
@@ -89,6 +117,7 @@ public enum WorkService {
             }
             if due { _ = try await store.expireLeases(now: now) }
             let claimed = try await claims.submit(ClaimRequest(worker: worker, limit: Int(min(request.slots, 64))))
+            if !claimed.isEmpty { assigned.increment(by: claimed.count) }
             var reply = Parley_Work_V1_WorkAssignments()
             reply.assignments = claimed.map { job in
                 var a = Parley_Work_V1_Assignment()
@@ -127,6 +156,7 @@ public enum WorkService {
                 jobID: report.jobID, report: LeaseReport(leaseID: report.leaseID, worker: worker, outcome: outcome),
                 result: try report.serializedBytes()
             ))
+            verdicts[Self.metricName(verdict)]?.increment()
             var ack = Parley_Work_V1_ReportAck()
             switch verdict {
             case .accepted: ack.verdict = .accepted
@@ -151,17 +181,23 @@ public enum WorkService {
             guard let job = try await store.job(request.jobID) else {
                 throw ParleyError(code: .invalidArgument, message: "no job \(request.jobID)")
             }
-            var reply = Parley_Work_V1_ResultReply()
-            switch job.record.state {
-            case .queued: reply.state = "queued"
-            case .leased: reply.state = "leased"
-            case .succeeded: reply.state = "succeeded"
-            case .failed: reply.state = "failed"
-            }
-            reply.failures = job.record.failures
-            if let result = job.result { reply.result = try Parley_Work_V1_ReportResult(serializedBytes: result) }
+            let reply = try Self.resultReply(job)
             return reply
         }
+    }
+
+    /// A job's state, failures and accepted result, as `ResultRequest` answers it.
+    public static func resultReply(_ job: (record: JobRecord, result: [UInt8]?)) throws -> Parley_Work_V1_ResultReply {
+        var reply = Parley_Work_V1_ResultReply()
+        switch job.record.state {
+        case .queued: reply.state = "queued"
+        case .leased: reply.state = "leased"
+        case .succeeded: reply.state = "succeeded"
+        case .failed: reply.state = "failed"
+        }
+        reply.failures = job.record.failures
+        if let result = job.result { reply.result = try Parley_Work_V1_ReportResult(serializedBytes: result) }
+        return reply
     }
 
     /// The worker a request speaks for: the authenticated entity when there is one (a worker
@@ -170,6 +206,17 @@ public enum WorkService {
         if let entity = context.session.entity { return entity }
         guard !claimed.isEmpty else { throw ParleyError(code: .invalidArgument, message: "the request names no worker") }
         return claimed
+    }
+
+    static func metricName(_ verdict: ReportVerdict) -> String {
+        switch verdict {
+        case .accepted: "accepted"
+        case .alreadyAccepted: "already_accepted"
+        case .retrying: "retrying"
+        case .failed: "failed"
+        case .superseded: "superseded"
+        case .rejected: "rejected"
+        }
     }
 
     static func describe(_ report: Parley_Work_V1_ReportResult) -> String {

@@ -113,10 +113,12 @@ public enum WorkSigning {
     }
 
     public static func readPrivateKey(_ path: String) throws(WorkSigningError) -> PrivateKey {
-        var info = stat()
-        guard stat(path, &info) == 0 else { throw WorkSigningError("cannot read \(path): no such file") }
-        guard info.st_mode & 0o077 == 0 else {
-            throw WorkSigningError("\(path) is readable by others (mode \(String(info.st_mode & 0o777, radix: 8))): chmod 600 it")
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
+              let mode = (attributes[.posixPermissions] as? NSNumber)?.intValue else {
+            throw WorkSigningError("cannot read \(path): no such file")
+        }
+        guard mode & 0o077 == 0 else {
+            throw WorkSigningError("\(path) is readable by others (mode \(String(mode & 0o777, radix: 8))): chmod 600 it")
         }
         return try PrivateKey(rawRepresentation: try self.read(path, header: privateHeader))
     }

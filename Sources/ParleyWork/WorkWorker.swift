@@ -77,8 +77,14 @@ public final class WorkWorker: Sendable {
         hello.cpus = UInt32(ProcessInfo.processInfo.activeProcessorCount)
         hello.memoryBytes = ProcessInfo.processInfo.physicalMemory
         hello.slots = UInt32(self.configuration.slots)
+        hello.protocolVersion = WorkService.protocolVersions.upperBound
         let welcome = try await self.link.request(hello, as: Parley_Work_V1_WorkerWelcome.self)
-        self.logger.info("working for \(welcome.master)", metadata: ["slots": "\(self.configuration.slots)", "lease": "\(welcome.leaseSeconds) s"])
+        // A master from before versions were negotiated answers 0, which means 1.
+        let version = max(1, welcome.protocolVersion)
+        guard WorkService.protocolVersions.contains(version) else {
+            throw ParleyError(code: .unsupportedVersion, message: "the master chose work protocol version \(version); this worker speaks \(WorkService.protocolVersions)")
+        }
+        self.logger.info("working for \(welcome.master)", metadata: ["slots": "\(self.configuration.slots)", "lease": "\(welcome.leaseSeconds) s", "version": "\(version)"])
         try await withThrowingTaskGroup(of: Void.self) { group in
             for _ in 0..<self.configuration.slots {
                 group.addTask { try await self.slotLoop() }

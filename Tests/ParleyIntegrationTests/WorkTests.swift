@@ -198,3 +198,49 @@ struct ParleyTestFailure: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }
 }
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+extension WorkProcessTests {
+    static func httpGet(_ url: String) async throws -> (status: Int, body: String, type: String) {
+        let (data, response) = try await URLSession.shared.data(from: try #require(URL(string: url)))
+        let http = try #require(response as? HTTPURLResponse)
+        return (http.statusCode, String(decoding: data, as: UTF8.self), http.value(forHTTPHeaderField: "Content-Type") ?? "")
+    }
+
+    /// `--http`: the same counts and results as the Work protocol, as JSON, and Prometheus
+    /// metrics that count what happened; bad paths and ids get 404 and 400.
+    @Test func theHTTPEndpointServesStatusResultsAndMetrics() async throws {
+        let dir = freshTestDirectory("work-http")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(
+            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--http", "127.0.0.1:0"], command: ["work", "serve"]
+        )
+        #expect(try await master.waitForLog("http listening"))
+        let line = try #require(master.log.split(separator: "\n").first { $0.contains("http listening") })
+        let port = try #require(line.split(separator: ":").last.flatMap { Int($0.prefix { $0.isNumber }) })
+        let base = "http://127.0.0.1:\(port)"
+        #expect(try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "3", "--", "/bin/echo", "from-http"]).status == 0)
+        let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
+        let done = try await eventually(seconds: 60) { (try? Self.status(master.address)["succeeded"]) == 3 }
+        workers.stop()
+        #expect(done)
+        let status = try await Self.httpGet(base + "/status")
+        #expect(status.status == 200 && status.type.hasPrefix("application/json"))
+        #expect(try JSONSerialization.jsonObject(with: Data(status.body.utf8)) as? [String: Int] == ["queued": 0, "leased": 0, "succeeded": 3, "failed": 0])
+        let job = try await Self.httpGet(base + "/jobs/2")
+        #expect(job.status == 200 && job.body.contains("\"state\": \"succeeded\"") || job.body.contains("\"state\":\"succeeded\""), "\(job.body)")
+        #expect(job.body.contains(Data("from-http\n".utf8).base64EncodedString()), "the result's stdout: \(job.body)")
+        #expect(try await Self.httpGet(base + "/jobs/99").status == 404)
+        #expect(try await Self.httpGet(base + "/jobs/abc").status == 400)
+        #expect(try await Self.httpGet(base + "/nothing").status == 404)
+        let metrics = try await Self.httpGet(base + "/metrics")
+        #expect(metrics.status == 200 && metrics.type.hasPrefix("text/plain"))
+        #expect(metrics.body.contains("parley_work_jobs_submitted_total 3"), "\(metrics.body.prefix(2000))")
+        #expect(metrics.body.contains("parley_work_jobs_assigned_total 3"))
+        #expect(metrics.body.contains("parley_work_reports_total{verdict=\"accepted\"} 3"))
+        await master.stop()
+    }
+}

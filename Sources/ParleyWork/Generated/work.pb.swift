@@ -229,6 +229,9 @@ public nonisolated struct Parley_Work_V1_WorkerHello: Sendable {
   /// jobs it runs at once
   public var slots: UInt32 = 0
 
+  /// the highest work protocol version it speaks (0: 1)
+  public var protocolVersion: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -243,6 +246,9 @@ public nonisolated struct Parley_Work_V1_WorkerWelcome: Sendable {
 
   /// how long a lease lasts
   public var leaseSeconds: UInt32 = 0
+
+  /// the version both use: the lower of the two highest (0: 1)
+  public var protocolVersion: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -618,7 +624,7 @@ nonisolated extension Parley_Work_V1_SubmitReply: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WorkerHello"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{1}platform\0\u{1}cpus\0\u{3}memory_bytes\0\u{1}slots\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{1}platform\0\u{1}cpus\0\u{3}memory_bytes\0\u{1}slots\0\u{3}protocol_version\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -631,6 +637,7 @@ nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftPr
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.cpus) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.memoryBytes) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.slots) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
       default: break
       }
     }
@@ -652,6 +659,9 @@ nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftPr
     if self.slots != 0 {
       try visitor.visitSingularUInt32Field(value: self.slots, fieldNumber: 5)
     }
+    if self.protocolVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.protocolVersion, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -661,6 +671,7 @@ nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftPr
     if lhs.cpus != rhs.cpus {return false}
     if lhs.memoryBytes != rhs.memoryBytes {return false}
     if lhs.slots != rhs.slots {return false}
+    if lhs.protocolVersion != rhs.protocolVersion {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -668,7 +679,7 @@ nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WorkerWelcome"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}master\0\u{3}lease_seconds\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}master\0\u{3}lease_seconds\0\u{3}protocol_version\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -678,6 +689,7 @@ nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, Swift
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.master) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.leaseSeconds) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
       default: break
       }
     }
@@ -690,12 +702,16 @@ nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, Swift
     if self.leaseSeconds != 0 {
       try visitor.visitSingularUInt32Field(value: self.leaseSeconds, fieldNumber: 2)
     }
+    if self.protocolVersion != 0 {
+      try visitor.visitSingularUInt32Field(value: self.protocolVersion, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Parley_Work_V1_WorkerWelcome, rhs: Parley_Work_V1_WorkerWelcome) -> Bool {
     if lhs.master != rhs.master {return false}
     if lhs.leaseSeconds != rhs.leaseSeconds {return false}
+    if lhs.protocolVersion != rhs.protocolVersion {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
