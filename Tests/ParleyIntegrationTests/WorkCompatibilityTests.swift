@@ -138,6 +138,45 @@ import Testing
         }
     }
 
+    /// Malformed Work messages (payloads that are not the protobuf their type names, cut
+    /// short or with a field of the wrong wire type) get a `malformedPayload` error each,
+    /// the connection goes on, and nothing is stored.
+    @Test func malformedWorkMessagesAreRefusedAndStoreNothing() async throws {
+        let dir = freshTestDirectory("work-malformed")
+        let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
+        var router = ParleyRouter()
+        WorkService.register(on: &router, store: store)
+        let garbage: [(String, [UInt8])] = [
+            (Parley_Work_V1_SubmitJobs.protoMessageName, [0x0A, 0x7F, 0x01]),            // a job of 127 bytes, 1 there
+            (Parley_Work_V1_ReportResult.protoMessageName, [0x10]),                      // job_id without its value
+            (Parley_Work_V1_RequestWork.protoMessageName, [0x12, 0x05]),                 // slots as bytes, cut short
+            (Parley_Work_V1_WorkerHello.protoMessageName, [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]), // a tag past 64 bits
+        ]
+        var messages = garbage.enumerated().map { i, g in
+            WireMessage(header: MessageHeader(id: UInt64(i + 1), kind: .request, type: g.0), payload: ByteBuffer(bytes: g.1))
+        }
+        messages.append(WireMessage(header: MessageHeader(id: 5, kind: .request, type: Parley_Work_V1_StatusRequest.protoMessageName), payload: ByteBuffer()))
+        var stages: [ByteBuffer] = []
+        var previous = 0
+        for k in messages.indices {
+            let bytes = clientSessionBytes(messages: Array(messages[...k]))
+            stages.append(ByteBuffer(bytes: Array(bytes.readableBytesView.dropFirst(previous))))
+            previous = bytes.readableBytes
+        }
+        try await withServer(router: router) { _, addresses in
+            let answers = try await Self.replay(stages, to: addresses[0])
+            for id in 1...4 {
+                let m = try #require(answers[UInt64(id)])
+                #expect(m.header.kind == .error, "request \(id): \(m.header.kind)")
+                let error = try Parley_V1_Status(parleyPayload: m.payload)
+                #expect(error.code == ParleyError.Code.malformedPayload.rawValue, "request \(id): \(error)")
+            }
+            let status = try Parley_Work_V1_StatusReply(parleyPayload: try #require(answers[5]).payload)
+            #expect(status.queued == 0 && status.leased == 0 && status.succeeded == 0 && status.failed == 0)
+        }
+        #expect(try await store.counts() == ["queued": 0, "leased": 0, "succeeded": 0, "failed": 0])
+    }
+
     /// Negotiation: the lower of the two highest versions; 0 (a worker from before
     /// negotiation) means 1; a worker below the master's lowest is refused by name.
     @Test func versionsAreNegotiated() throws {
