@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_SYSTEMS="nbdkit-tcp nbdkit-unix qemu-nbd qemu-nbd-unix parley-tcp parley-unix"
+ALL_SYSTEMS="nbdkit-tcp nbdkit-unix qemu-nbd qemu-nbd-unix parley-tcp parley-unix parley-map1 parley-map2"
 ALL_WORKLOADS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 seqread-1m-qd8 seqwrite-1m-qd8"
 DEFAULT_PARLEY='.build/release/parley block serve --export bench=FILE --nbd 127.0.0.1:PORT --nbd unix:SOCK --listen 127.0.0.1:PORT2'
 
@@ -58,6 +58,10 @@ Systems:
   qemu-nbd / qemu-nbd-unix     qemu-nbd raw, --cache=writeback (the default: page cache, no
                                O_DIRECT, like nbdkit), --shared=0 (unlimited connections)
   parley-tcp / parley-unix     one Parley process serving both; command from PARLEY_BLOCK_SERVER
+  parley-map1 / parley-map2    `parley block map` with one / two paths to that Parley server's
+                               block-protocol port (PORT2), serving the export on its own Unix
+                               socket: fio -> NBD -> map -> Parley block protocol -> server.
+                               The CPU column is the map process's alone.
 
 Environment:
   BLOCK_BENCH_SIZE     size of the exported file (default 1G; numfmt --from=iec syntax)
@@ -288,7 +292,7 @@ if want qemu-nbd || want qemu-nbd-unix; then
 fi
 
 # Parley: one process serves the NBD export on TCP and on a Unix socket.
-if want parley-tcp || want parley-unix; then
+if want parley-tcp || want parley-unix || want parley-map1 || want parley-map2; then
   read -r p1 p2 <<<"$(free_ports 2)"
   sock="$work/parley.sock"
   cmd=$(fill_placeholders "$parley_cmd" "$data" "$p1" "$p2" "$sock")
@@ -312,6 +316,20 @@ if want parley-tcp || want parley-unix; then
     else skip "${parley_names% }" "server failed to start: $cmd"; fi
   fi
 fi
+
+# parley-map1 / parley-map2: `parley block map` over one or two paths to the Parley server's
+# block-protocol listener (PORT2), serving the export over NBD on a Unix socket of its own.
+for m in 1 2; do
+  s=parley-map$m
+  want $s || continue
+  if [ -z "${server_pid[parley]:-}" ]; then skip $s "the Parley server is not running"; continue; fi
+  msock="$work/map$m.sock"
+  margs=(block map --session bench$m --device bench --nbd "unix:$msock" --state-dir "$work/state")
+  for ((k = 0; k < m; k++)); do margs+=(--path "127.0.0.1:$p2"); done
+  uri="nbd+unix:///bench?socket=$msock"
+  if start_server $s "$uri" "$exe" "${margs[@]}"; then server_of[$s]=$s; server_uri[$s]=$uri
+  else skip $s "the map failed to start"; fi
+done
 
 for s in "${sel_systems[@]}"; do [ -n "${server_uri[$s]:-}" ] && run_systems+=("$s"); done
 [ ${#run_systems[@]} -gt 0 ] || die "no system could be started"

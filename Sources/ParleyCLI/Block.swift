@@ -12,7 +12,7 @@ import UnixSignals
 
 struct Block: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Parley Block: serve files and block devices over Parley's block protocol and NBD.",
+        abstract: "Parley Block: serve files and block devices over Parley's block protocol and NBD; map them on clients.",
         discussion: """
             Try it:
               truncate -s 1G /tmp/disk.img
@@ -20,6 +20,10 @@ struct Block: AsyncParsableCommand {
               parley block info 127.0.0.1:7421
               nbdinfo nbd://127.0.0.1:10809/disk
               qemu-img convert -p -O raw image.qcow2 nbd://127.0.0.1:10809/disk
+            On a client, over two paths, served on a local NBD socket:
+              parley block map --session s1 --path 127.0.0.1:7421 --path 127.0.0.1:7421 --device disk --nbd unix:/tmp/s1.sock &
+              parley block list
+              parley block unmap --session s1
             """,
         subcommands: [BlockServe.self, BlockInfo.self, BlockBench.self, BlockMapCommand.self, BlockList.self, BlockUnmap.self]
     )
@@ -258,6 +262,9 @@ struct BlockBench: AsyncParsableCommand {
     @Flag(name: .long, help: "Print the summary as one JSON object.")
     var json = false
 
+    @Option(name: .long, help: ArgumentHelp("Drive the multipath client (BlockMultipathDevice) over this many paths to ADDRESS instead of one BlockClient.", valueName: "n"))
+    var paths: Int?
+
     @OptionGroup var security: ClientSecurityOptions
 
     @OptionGroup var logging: LoggingOptions
@@ -266,29 +273,82 @@ struct BlockBench: AsyncParsableCommand {
         do { try self.security.check(address: try ParleyAddress(parsing: self.address)) } catch let error as ParleyError {
             throw ValidationError(error.message)
         }
+        if let paths = self.paths, !(1...64).contains(paths) { throw ValidationError("--paths must be 1...64") }
         guard ["randread", "randwrite", "read", "write"].contains(self.rw) else { throw ValidationError("--rw must be randread, randwrite, read or write") }
         guard (512...(8 << 20)).contains(self.blockSize), self.blockSize % 512 == 0 else { throw ValidationError("--block-size must be a multiple of 512 up to 8 MiB") }
         guard (1...1024).contains(self.queueDepth) else { throw ValidationError("--queue-depth must be 1...1024") }
         guard self.seconds > 0, self.seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
     }
 
+    /// One IO of the benchmark: over a single BlockClient, or the multipath client.
+    enum Target: Sendable {
+        case single(BlockClient, BlockClient.Device)
+        case multipath(BlockMultipathDevice)
+
+        func read(offset: UInt64, length: UInt32) async throws {
+            switch self {
+            case .single(let c, let d): _ = try await c.read(d, offset: offset, length: length)
+            case .multipath(let d): _ = try await d.read(offset: offset, length: length)
+            }
+        }
+
+        func write(offset: UInt64, data: ByteBuffer) async throws {
+            switch self {
+            case .single(let c, let d): try await c.write(d, offset: offset, data: data)
+            case .multipath(let d): try await d.write(offset: offset, data: data)
+            }
+        }
+
+        var size: UInt64 {
+            switch self {
+            case .single(_, let d): d.geometry.sizeBytes
+            case .multipath(let d): d.geometry.sizeBytes
+            }
+        }
+
+        func close() async {
+            switch self {
+            case .single(let c, _): c.closeConnection()
+            case .multipath(let d): try? await d.close()
+            }
+        }
+    }
+
+    func connect() async throws -> Target {
+        let access: Parley_Block_V1_AccessMode = self.rw.contains("write") ? .readWrite : .readOnly
+        guard let paths = self.paths else {
+            let client = try await self.security.connectBlock(to: self.address, sessionName: "parley-block-bench", clientName: "parley-block-bench")
+            do {
+                return .single(client, try await client.open(self.export, access: access))
+            } catch {
+                client.closeConnection()
+                throw error
+            }
+        }
+        let address = try ParleyAddress(parsing: self.address)
+        var configuration = BlockMultipathSession.Configuration(sessionName: "parley-block-bench", paths: Array(repeating: address, count: paths))
+        configuration.client.name = "parley-block-bench"
+        try self.security.apply(to: &configuration.client, address: address)
+        return .multipath(try await BlockMultipathSession(configuration).open(self.export, access: access))
+    }
+
     func run() async throws {
         self.logging.bootstrap()
-        let client: BlockClient
-        let device: BlockClient.Device
+        let client: Target
         do {
-            client = try await self.security.connectBlock(to: self.address, sessionName: "parley-block-bench", clientName: "parley-block-bench")
-            device = try await client.open(self.export, access: self.rw.contains("write") ? .readWrite : .readOnly)
+            client = try await self.connect()
         } catch let error as ParleyError {
             print("parley block bench: \(error.message) [\(error.code)]")
             throw ExitCode(2)
         } catch let error as BlockError {
             print("parley block bench: \(error.message) [\(error.status)]")
             throw ExitCode(2)
+        } catch let error as BlockMultipathError {
+            print("parley block bench: \(error.message)")
+            throw ExitCode(2)
         }
-        defer { client.closeConnection() }
         let bs = UInt64(self.blockSize)
-        let blocks = device.geometry.sizeBytes / bs
+        let blocks = client.size / bs
         guard blocks > 0 else {
             print("parley block bench: the export is smaller than one block")
             throw ExitCode(2)
@@ -312,9 +372,9 @@ struct BlockBench: AsyncParsableCommand {
                         next += 1
                         let t0 = ContinuousClock.now
                         if writes {
-                            try await client.write(device, offset: block * bs, data: payload)
+                            try await client.write(offset: block * bs, data: payload)
                         } else {
-                            _ = try await client.read(device, offset: block * bs, length: length)
+                            try await client.read(offset: block * bs, length: length)
                         }
                         let d = ContinuousClock.now - t0
                         latencies.append(d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
@@ -327,6 +387,7 @@ struct BlockBench: AsyncParsableCommand {
             return all
         }
         let elapsed = ContinuousClock.now - start
+        await client.close()
         let secs = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
         let sorted = results.sorted()
         func pct(_ p: Double) -> Double {

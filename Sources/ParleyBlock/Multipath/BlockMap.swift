@@ -8,7 +8,7 @@ import Parley
 /// over a `MultipathBlockStore`.
 ///
 /// While it runs it writes its status (`BlockMap.Record`) to `STATE_DIR/SESSION.DEVICE.json`
-/// once a second and on every path change; `parley block list` reads those files, and
+/// twice a second; `parley block list` reads those files, and
 /// `parley block unmap` sends the process named in one SIGTERM and waits for it to exit.
 public final class BlockMap: Sendable {
     public struct Record: Sendable, Codable, Equatable {
@@ -110,8 +110,9 @@ public final class BlockMap: Sendable {
             BlockExportSpec(name: "", path: path, readOnly: self.readOnly),
         ])
         let devices = BlockDeviceTable(openStore: { _, _ in store })
-        // Each NBD request in flight holds an IO thread while the remote answers it.
-        let io = BlockIOExecutor(threads: 256)
+        // IO goes through the store's `start` and holds no thread; the IO threads serve the
+        // few synchronous calls left (the flush when an NBD client disconnects).
+        let io = BlockIOExecutor(threads: 8)
         var limits = NBDServer.Limits()
         limits.maxInFlight = 256
         let nbd = NBDServer(catalog: catalog, devices: devices, io: io, limits: limits, logger: self.logger)

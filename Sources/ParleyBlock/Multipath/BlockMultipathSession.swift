@@ -175,7 +175,7 @@ public final class BlockMultipathDevice: Sendable {
         var io: MultipathIOState.IO
         var fua: Bool
         var data: ByteBuffer?
-        var continuation: CheckedContinuation<ByteBuffer?, any Error>
+        var complete: @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void
         /// The server's answer to the latest send, passed on when the machine completes it.
         var result: Result<ByteBuffer?, BlockMultipathError>?
     }
@@ -196,7 +196,7 @@ public final class BlockMultipathDevice: Sendable {
     /// What to do outside the lock.
     enum Job {
         case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, deviceID: UInt32, io: MultipathIOState.IO, fua: Bool, data: ByteBuffer?)
-        case resume(CheckedContinuation<ByteBuffer?, any Error>, Result<ByteBuffer?, BlockMultipathError>)
+        case resume(@Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void, Result<ByteBuffer?, BlockMultipathError>)
         case arm(token: Int)
         case cancel(Task<Void, Never>)
         case lost(path: Int, client: BlockClient?, reason: String)
@@ -445,7 +445,7 @@ public final class BlockMultipathDevice: Sendable {
                     case .discard, .writeZeroes: s.otherOps += 1
                     }
                 }
-                jobs.append(.resume(p.continuation, result))
+                jobs.append(.resume(p.complete, result))
                 if s.pending.isEmpty, !s.drained.isEmpty {
                     jobs.append(.drained(s.drained))
                     s.drained = []
@@ -470,8 +470,8 @@ public final class BlockMultipathDevice: Sendable {
             switch job {
             case .send(let id, let send, let path, let client, let deviceID, let io, let fua, let data):
                 Task { await self.perform(id: id, send: send, path: path, client: client, deviceID: deviceID, io: io, fua: fua, data: data) }
-            case .resume(let continuation, let result):
-                continuation.resume(with: result.mapError { $0 as any Error })
+            case .resume(let complete, let result):
+                complete(result)
             case .arm(let token):
                 let timeout = self.session.configuration.ioTimeout
                 let task = Task {
@@ -547,18 +547,25 @@ public final class BlockMultipathDevice: Sendable {
 
     // MARK: - IO
 
+    /// Submits one IO; `complete` runs once, on any thread, with its answer (the data of a
+    /// read, nil for other operations). For callers that do not want a task per IO.
+    public func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil,
+                       complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
+        let jobs = self.state.withLockedValue { s -> [Job] in
+            // The entry must exist before the machine's actions (resolved below) refer to it.
+            let (id, actions) = s.machine.submit(io)
+            s.pending[id] = Pending(io: io, fua: fua, data: data, complete: complete)
+            var jobs: [Job] = []
+            self.resolve(actions, &s, &jobs)
+            return jobs
+        }
+        self.run(jobs)
+    }
+
     /// Submits one IO and waits for its answer.
     func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil) async throws -> ByteBuffer? {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<ByteBuffer?, any Error>) in
-            let jobs = self.state.withLockedValue { s -> [Job] in
-                // The entry must exist before the machine's actions (resolved below) refer to it.
-                let (id, actions) = s.machine.submit(io)
-                s.pending[id] = Pending(io: io, fua: fua, data: data, continuation: continuation)
-                var jobs: [Job] = []
-                self.resolve(actions, &s, &jobs)
-                return jobs
-            }
-            self.run(jobs)
+            self.submit(io, fua: fua, data: data) { result in continuation.resume(with: result.mapError { $0 as any Error }) }
         }
     }
 

@@ -8,10 +8,11 @@ import Musl
 #endif
 
 /// A `BlockStore` whose bytes live on a remote device reached over a multipath session: what
-/// lets `parley block map` serve a remote device on a local NBD endpoint with the NBD server
-/// as it is. Its calls block their thread (the NBD server makes them on its IO threads) until
-/// the multipath device answers; `nowait` calls return false at once.
-public final class MultipathBlockStore: BlockStore {
+/// lets `parley block map` serve a remote device on a local NBD endpoint with the NBD server.
+/// The NBD server hands it its IO through `start` (`CompletingBlockStore`), which holds no
+/// thread while the remote answers; the synchronous calls block their thread until the
+/// multipath device answers (`nowait` calls return false at once).
+public final class MultipathBlockStore: CompletingBlockStore {
     public let device: BlockMultipathDevice
     public let geometry: BlockGeometry
     /// The remote's largest IO: longer reads and writes go as several IOs at once.
@@ -29,6 +30,75 @@ public final class MultipathBlockStore: BlockStore {
             discard: g.discardGranularity > 0, discardGranularity: max(g.discardGranularity, g.logicalBlockSize),
             maximumDiscard: g.maxDiscardSize
         )
+    }
+
+    static func storeError(_ what: String, _ e: BlockMultipathError) -> BlockStoreError {
+        BlockStoreError(errno: e.errno, operation: "\(what): \(e.message)")
+    }
+
+    public func start(_ request: BlockStoreRequest, done: @escaping @Sendable (Result<ByteBuffer?, BlockStoreError>) -> Void) {
+        let device = self.device
+        switch request {
+        case .read(let offset, let length):
+            guard Int(length) > self.maxIO else {
+                device.submit(.init(.read, offset: offset, length: UInt64(length))) { done($0.mapError { Self.storeError("read", $0) }) }
+                return
+            }
+            // Longer than the remote's largest IO: several reads at once, gathered.
+            let count = Int(length), maxIO = self.maxIO
+            let pieces = (count + maxIO - 1) / maxIO
+            let gather = NIOLockedValueBox<(ByteBuffer, Int, BlockStoreError?)>((ByteBuffer(repeating: 0, count: count), pieces, nil))
+            for start in stride(from: 0, to: count, by: maxIO) {
+                let n = min(maxIO, count - start)
+                device.submit(.init(.read, offset: offset + UInt64(start), length: UInt64(n))) { result in
+                    let finished = gather.withLockedValue { g -> Result<ByteBuffer?, BlockStoreError>? in
+                        switch result {
+                        case .success(let data?) where data.readableBytes == n: g.0.setBuffer(data, at: start)
+                        case .success: g.2 = g.2 ?? BlockStoreError(errno: EIO, operation: "read: short answer")
+                        case .failure(let e): g.2 = g.2 ?? Self.storeError("read", e)
+                        }
+                        g.1 -= 1
+                        guard g.1 == 0 else { return nil }
+                        return g.2.map { .failure($0) } ?? .success(g.0)
+                    }
+                    if let finished { done(finished) }
+                }
+            }
+        case .write(let offset, let data, let fua):
+            guard data.readableBytes > self.maxIO else {
+                device.submit(.init(.write, offset: offset, length: UInt64(data.readableBytes)), fua: fua, data: data) {
+                    done($0.mapError { Self.storeError("write", $0) })
+                }
+                return
+            }
+            let count = data.readableBytes, maxIO = self.maxIO
+            let left = NIOLockedValueBox<(Int, BlockStoreError?)>(((count + maxIO - 1) / maxIO, nil))
+            for start in stride(from: 0, to: count, by: maxIO) {
+                let piece = data.getSlice(at: data.readerIndex + start, length: min(maxIO, count - start))!
+                device.submit(.init(.write, offset: offset + UInt64(start), length: UInt64(piece.readableBytes)), fua: fua, data: piece) { result in
+                    let finished = left.withLockedValue { l -> Result<ByteBuffer?, BlockStoreError>? in
+                        if case .failure(let e) = result { l.1 = l.1 ?? Self.storeError("write", e) }
+                        l.0 -= 1
+                        guard l.0 == 0 else { return nil }
+                        return l.1.map { .failure($0) } ?? .success(nil)
+                    }
+                    if let finished { done(finished) }
+                }
+            }
+        case .flush:
+            device.submit(.init(.flush, offset: 0, length: 0)) { done($0.mapError { Self.storeError("flush", $0) }) }
+        case .discard(let offset, let length, let fua):
+            device.submit(.init(.discard, offset: offset, length: UInt64(length)), fua: fua) { done($0.mapError { Self.storeError("discard", $0) }) }
+        case .writeZeroes(let offset, let length, let fua, let fast):
+            // The block protocol has no "fast zero": say so, and the client writes zeroes itself.
+            if fast {
+                done(.failure(BlockStoreError(errno: EOPNOTSUPP, operation: "fast write-zeroes")))
+                return
+            }
+            device.submit(.init(.writeZeroes, offset: offset, length: UInt64(length)), fua: fua) {
+                done($0.mapError { Self.storeError("write-zeroes", $0) })
+            }
+        }
     }
 
     /// Runs `body` as a task and waits for it on this thread.

@@ -4,6 +4,9 @@ import NIOCore
 import NIOSSL
 import NIOPosix
 import Parley
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Finds exports for one NBD connection and opens the chosen one.
 struct NBDConnectionResolver: NBDExportResolver {
@@ -387,6 +390,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let store = device.store
         let started = NIODeadline.now()
         let cookie = request.cookie
+        if let remote = store as? any CompletingBlockStore,
+           self.startCompleting(remote, operation, payload: payload, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
+            return
+        }
         switch operation {
         case .disconnect:
             self.logger.debug("NBD client disconnects")
@@ -495,6 +502,72 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 self.resume(context: context)
             }
         }
+    }
+
+    /// Hands an operation to a store that completes it elsewhere (a remote device); false for
+    /// operations it does not take (those go the usual way).
+    private func startCompleting(_ store: any CompletingBlockStore, _ operation: NBDOperation, payload: ByteBuffer?, cookie: UInt64,
+                                 negotiated: NBDNegotiated, device: BlockDevice, started: NIODeadline, context: ChannelHandlerContext) -> Bool {
+        let request: BlockStoreRequest
+        let kind: BlockOpKind
+        let bytes: Int
+        switch operation {
+        case .read(let offset, let length):
+            request = .read(offset: offset, length: length)
+            kind = .read
+            bytes = Int(length)
+        case .write(let offset, let fua):
+            guard let payload else { return false }
+            request = .write(offset: offset, data: payload, fua: fua)
+            kind = .write
+            bytes = payload.readableBytes
+        case .flush:
+            request = .flush
+            kind = .flush
+            bytes = 0
+        case .trim(let offset, let length, let fua):
+            request = .discard(offset: offset, length: length, fua: fua)
+            kind = .discard
+            bytes = Int(length)
+        case .writeZeroes(let offset, let length, let fua, _, let fastZero):
+            request = .writeZeroes(offset: offset, length: length, fua: fua, fast: fastZero)
+            kind = .writeZeroes
+            bytes = Int(length)
+        default:
+            return false
+        }
+        let counted = kind == .read || kind == .write ? bytes : 0
+        self.begin(bytes: counted)
+        let promise = context.eventLoop.makePromise(of: ByteBuffer?.self)
+        store.start(request) { result in promise.completeWith(result.mapError { $0 as any Error }) }
+        promise.futureResult.assumeIsolated().whenComplete { result in
+            self.end(bytes: counted)
+            switch result {
+            case .success(let data) where kind == .read:
+                guard let data, data.readableBytes == bytes else {
+                    self.failed(kind, BlockStoreError(errno: EIO, operation: "read: \(data?.readableBytes ?? 0) bytes instead of \(bytes)"),
+                                cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+                    break
+                }
+                var header = context.channel.allocator.buffer(capacity: NBDReply.offsetDataHeaderSize)
+                if negotiated.structuredReplies, case .read(let offset, _) = request {
+                    NBDReply.writeOffsetDataHeader(cookie: cookie, offset: offset, length: bytes, into: &header)
+                } else {
+                    NBDReply.writeSimple(cookie: cookie, error: .ok, into: &header)
+                }
+                device.metrics(.read).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
+                context.write(NIOAny(header), promise: nil)
+                context.write(NIOAny(data), promise: nil)
+                self.wrote(context: context)
+            case .success:
+                device.metrics(kind).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
+                self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
+            case .failure(let error):
+                self.failed(kind, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+            }
+            self.resume(context: context)
+        }
+        return true
     }
 
     /// Runs a storage call on the IO threads and answers with no data.

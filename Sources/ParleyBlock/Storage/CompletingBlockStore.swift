@@ -1,0 +1,20 @@
+import NIOCore
+
+/// One storage operation handed to a `CompletingBlockStore`.
+public enum BlockStoreRequest: Sendable {
+    case read(offset: UInt64, length: UInt32)
+    case write(offset: UInt64, data: ByteBuffer, fua: Bool)
+    case flush
+    case discard(offset: UInt64, length: UInt32, fua: Bool)
+    case writeZeroes(offset: UInt64, length: UInt32, fua: Bool, fast: Bool)
+}
+
+/// A store whose operations complete later, elsewhere (a remote device): the NBD server
+/// hands it reads, writes, flushes, discards and write-zeroes without holding an IO thread
+/// for each, and answers each one when its completion runs. Its synchronous `BlockStore`
+/// calls remain for everything else.
+public protocol CompletingBlockStore: BlockStore {
+    /// Starts `request`; `done` runs once, on any thread: the bytes read (exactly the
+    /// length asked for) for a read, nil otherwise, or the error.
+    func start(_ request: BlockStoreRequest, done: @escaping @Sendable (Result<ByteBuffer?, BlockStoreError>) -> Void)
+}
