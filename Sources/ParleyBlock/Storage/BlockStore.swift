@@ -2,6 +2,9 @@ import CParleyBlockIO
 import NIOConcurrencyHelpers
 import Synchronization
 #if canImport(Glibc)
+// stat and its fields: in a release build (whole module) another file's Foundation import
+// makes them CoreFoundation's, and MemberImportVisibility wants that module named.
+import CoreFoundation
 import Glibc
 #elseif canImport(Musl)
 import Musl
