@@ -19,4 +19,5 @@ gen parley/v1/parley.proto Public Sources/ParleyWire/Generated
 gen parley/echo/v1/echo.proto Public Sources/ParleyServices/Generated
 gen parley/block/v1/block.proto Public Sources/ParleyBlock/Generated
 gen parley/work/v1/work.proto Public Sources/ParleyWork/Generated
+gen parley/work/v1/store.proto Internal Sources/ParleyWork/Generated
 echo "generated."

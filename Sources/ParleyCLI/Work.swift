@@ -19,10 +19,15 @@ struct Work: AsyncParsableCommand {
             A master (`work serve`) keeps the jobs in SQLite, or in PostgreSQL shared by several
             masters, and hands them out under leases; a result is accepted exactly once.
             """,
-        subcommands: [Serve.self, Worker.self, Submit.self, Status.self, Results.self, Keygen.self, Sign.self, Verify.self, Bench.self]
+        subcommands: [Serve.self, Worker.self, Submit.self, Status.self, Results.self, Keygen.self, Sign.self, Verify.self, Bench.self, Exec.self]
     )
 
     static let defaultMaster = "127.0.0.1:7422"
+
+    /// This program's path (for `parley work exec`).
+    static func selfPath() -> String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
 
     /// `HOST:PORT` of `--http`.
     static func hostPort(_ text: String) throws -> (host: String, port: Int) {
@@ -223,7 +228,9 @@ struct Work: AsyncParsableCommand {
                 print("parley work worker: \(error.message) [\(error.code)]")
                 throw ExitCode(2)
             }
-            let worker = WorkWorker(link: link, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust))
+            // Jobs with CPU or memory limits run through `parley work exec`, this same program.
+            let limiter = [Work.selfPath(), "work", "exec"]
+            let worker = WorkWorker(link: link, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust, limiter: limiter))
             let task = Task { try await worker.run() }
             let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
             // SIGINT/SIGTERM: stop the running jobs and hand them back, then leave.
@@ -264,6 +271,15 @@ struct Work: AsyncParsableCommand {
         @Flag(name: .long, help: "Run the command through /bin/sh -c.")
         var shell = false
 
+        @Option(name: .long, help: ArgumentHelp("Wall-time limit (0: the worker's default).", valueName: "seconds"))
+        var maxWall: UInt32 = 0
+
+        @Option(name: .long, help: ArgumentHelp("CPU-time limit: SIGXCPU when reached (0: none).", valueName: "seconds"))
+        var maxCpu: UInt32 = 0
+
+        @Option(name: .long, help: ArgumentHelp("Memory (address space) limit: allocations past it fail (0: none).", valueName: "bytes"))
+        var maxMemory: UInt64 = 0
+
         @Option(name: .long, help: ArgumentHelp("An environment variable for the job, NAME=VALUE (repeatable).", valueName: "name=value"))
         var env: [String] = []
 
@@ -284,6 +300,9 @@ struct Work: AsyncParsableCommand {
             var spec = Parley_Work_V1_JobSpec()
             spec.argv = self.command
             spec.shell = self.shell
+            spec.maxWallSeconds = self.maxWall
+            spec.maxCpuSeconds = self.maxCpu
+            spec.maxMemoryBytes = self.maxMemory
             spec.env = Dictionary(self.env.map { e in (String(e.prefix { $0 != "=" }), String(e.drop { $0 != "=" }.dropFirst())) }) { $1 }
             if spec.env["PATH"] == nil { spec.env["PATH"] = "/usr/local/bin:/usr/bin:/bin" }
             var job = Parley_Work_V1_SignedJob()
@@ -521,6 +540,56 @@ struct Work: AsyncParsableCommand {
                 print("parley work bench: \(result.notAccepted) reports were not accepted")
                 throw ExitCode(1)
             }
+        }
+    }
+
+    /// Not for people: the worker runs a job with CPU or memory limits as
+    /// `parley work exec --cpu S --memory B -- PROGRAM ARGS...`, which sets the limits on
+    /// itself and becomes the program (execv: same process, same environment).
+    struct Exec: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a program under CPU and memory limits (used by the worker).", shouldDisplay: false
+        )
+
+        @Option(name: .long, help: "CPU seconds (0: none).")
+        var cpu: UInt64 = 0
+
+        @Option(name: .long, help: "Address-space bytes (0: none).")
+        var memory: UInt64 = 0
+
+        @Argument(parsing: .postTerminator, help: "The program (an absolute path) and its arguments.")
+        var command: [String] = []
+
+        func validate() throws {
+            guard let program = self.command.first, program.hasPrefix("/") else {
+                throw ValidationError("give the program's absolute path after --")
+            }
+        }
+
+        func run() throws {
+            if self.cpu > 0 {
+                // SIGXCPU at the soft limit, SIGKILL a second later.
+                var limit = rlimit(rlim_cur: rlim_t(self.cpu), rlim_max: rlim_t(self.cpu + 1))
+                guard setrlimit(__rlimit_resource_t(RLIMIT_CPU.rawValue), &limit) == 0 else {
+                    throw ValidationError("cannot limit CPU time: \(String(cString: strerror(errno)))")
+                }
+            }
+            if self.memory > 0 {
+                var limit = rlimit(rlim_cur: rlim_t(self.memory), rlim_max: rlim_t(self.memory))
+                guard setrlimit(__rlimit_resource_t(RLIMIT_AS.rawValue), &limit) == 0 else {
+                    throw ValidationError("cannot limit memory: \(String(cString: strerror(errno)))")
+                }
+            }
+            // The job starts with every signal unblocked and SIGXCPU's default action (it would
+            // otherwise inherit this runtime's mask, and meet SIGKILL at the hard limit instead).
+            var none = sigset_t()
+            sigemptyset(&none)
+            sigprocmask(SIG_SETMASK, &none, nil)
+            signal(SIGXCPU, SIG_DFL)
+            let arguments = self.command.map { strdup($0) } + [nil]
+            execv(self.command[0], arguments)
+            print("parley work exec: cannot run \(self.command[0]): \(String(cString: strerror(errno)))")
+            throw ExitCode(127)
         }
     }
 }

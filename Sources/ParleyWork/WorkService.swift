@@ -225,7 +225,15 @@ public enum WorkService {
         case .spec: return "refused: \(report.message)"
         case .compute: return "could not run: \(report.message)"
         default:
-            return report.signal != 0 ? "killed by signal \(report.signal)" : "exit status \(report.exitStatus)"
+            let what: String
+            if report.signal == SIGXCPU {
+                what = "CPU-time limit reached: killed by SIGXCPU (signal \(report.signal))"
+            } else {
+                what = report.signal != 0 ? "killed by signal \(report.signal)" : "exit status \(report.exitStatus)"
+            }
+            // The failed attempt's report is not kept: its last line of stderr says why.
+            let last = String(decoding: report.stderrTail, as: UTF8.self).split(whereSeparator: \.isNewline).last.map { String($0.prefix(200)) }
+            return last.map { "\(what): \($0)" } ?? what
         }
     }
 }

@@ -22,11 +22,17 @@ public final class WorkWorker: Sendable {
         public var defaultMaxOutput: Int
         /// How long to wait before asking again when the master had no work.
         public var idleDelay: Duration
+        /// The command that applies a job's CPU and memory limits and then runs it
+        /// (`parley work exec`): it is given `--cpu SECONDS --memory BYTES -- PROGRAM ARGS...`.
+        /// Nil: jobs that ask for those limits are refused (never run without them).
+        public var limiter: [String]?
 
         public init(
             name: String, slots: Int = 1, directory: String, trust: WorkSigning.PublicKey,
-            defaultMaxWall: Duration = .seconds(3600), defaultMaxOutput: Int = 64 << 10, idleDelay: Duration = .milliseconds(200)
+            defaultMaxWall: Duration = .seconds(3600), defaultMaxOutput: Int = 64 << 10, idleDelay: Duration = .milliseconds(200),
+            limiter: [String]? = nil
         ) {
+            self.limiter = limiter
             self.name = name
             self.slots = max(1, slots)
             self.directory = directory
@@ -171,6 +177,11 @@ public final class WorkWorker: Sendable {
             report.message = "the job's spec does not decode or names no program"
             return (report, false)
         }
+        if (spec.maxCpuSeconds > 0 || spec.maxMemoryBytes > 0), self.configuration.limiter == nil {
+            report.errorKind = .compute
+            report.message = "the job asks for CPU or memory limits, which this worker cannot apply: not run"
+            return (report, false)
+        }
         if self.isStopping { return (report, true) }
         self.counts.withLockedValue { $0.ran += 1 }
         let directory = "\(self.configuration.directory)/job-\(assignment.jobID)-\(assignment.leaseID)"
@@ -185,7 +196,7 @@ public final class WorkWorker: Sendable {
             defer { self.running.withLockedValue { _ = $0.removeValue(forKey: jobID) } }
             let wall = spec.maxWallSeconds > 0 ? Duration.seconds(Int64(spec.maxWallSeconds)) : self.configuration.defaultMaxWall
             let outcome = try await JobRunner.run(
-                spec, directory: directory,
+                spec, directory: directory, limiter: self.configuration.limiter,
                 maxWall: assignment.deadlineUnixMs > 0 ? min(wall, leaseLeft) : wall,
                 maxOutput: min(spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, UInt64(WorkService.maxTail))) : self.configuration.defaultMaxOutput, WorkService.maxTail)
             ) { pid in
@@ -234,17 +245,22 @@ enum JobRunner {
     }
 
     static func run(
-        _ spec: Parley_Work_V1_JobSpec, directory: String, maxWall: Duration, maxOutput: Int, started: @Sendable (Int32) -> Void = { _ in }
+        _ spec: Parley_Work_V1_JobSpec, directory: String, limiter: [String]? = nil, maxWall: Duration, maxOutput: Int,
+        started: @Sendable (Int32) -> Void = { _ in }
     ) async throws -> Outcome {
         let process = Process()
+        var command: [String]
         if spec.shell {
-            process.executableURL = URL(fileURLWithPath: "/bin/sh")
-            process.arguments = ["-c", spec.argv.joined(separator: " ")]
+            command = ["/bin/sh", "-c", spec.argv.joined(separator: " ")]
         } else {
             let program = spec.argv[0]
-            process.executableURL = URL(fileURLWithPath: program.hasPrefix("/") ? program : try Self.find(program, in: spec.env["PATH"]))
-            process.arguments = Array(spec.argv.dropFirst())
+            command = [program.hasPrefix("/") ? program : try Self.find(program, in: spec.env["PATH"])] + spec.argv.dropFirst()
         }
+        if spec.maxCpuSeconds > 0 || spec.maxMemoryBytes > 0, let limiter, !limiter.isEmpty {
+            command = limiter + ["--cpu", "\(spec.maxCpuSeconds)", "--memory", "\(spec.maxMemoryBytes)", "--"] + command
+        }
+        process.executableURL = URL(fileURLWithPath: command[0])
+        process.arguments = Array(command.dropFirst())
         process.environment = spec.env
         process.currentDirectoryURL = URL(fileURLWithPath: directory)
         let out = Pipe(), err = Pipe()

@@ -1,5 +1,7 @@
 import Foundation
 import ParleyTestSupport
+import ParleyWork
+import SwiftProtobuf
 import Testing
 
 /// Several `parley work serve` masters on one PostgreSQL store (PARLEY_TEST_POSTGRES; `.ci/run`
@@ -79,41 +81,42 @@ extension WorkProcessTests {
         // Accepted exactly once: one result per job, from the lease the job records.
         let results = try Self.psql(url, "SELECT count(*), count(DISTINCT job_id) FROM result")
         #expect(results == ["\(total)\t\(total)"], "results: \(results)")
-        let mismatched = try Self.psql(url, "SELECT j.id FROM job j JOIN result r ON r.job_id = j.id WHERE convert_from(j.record, 'UTF8')::jsonb -> 'state' -> 'succeeded' ->> 'leaseID' <> r.lease_id::text")
-        #expect(mismatched.isEmpty, "jobs whose result is not from their accepted lease: \(mismatched.prefix(5))")
         // Every lease either completed (the accepted one, or a recorded failure) or was
         // returned (expired, recorded as such; handed back ones leave the record).
-        let records = try Self.psql(url, "SELECT id, convert_from(record, 'UTF8') FROM job ORDER BY id")
         var ranByJob: [UInt64: Set<UInt64>] = [:]
         for line in String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self).split(separator: "\n") {
             let parts = line.split(separator: "-")
             guard parts.count == 3, let job = UInt64(parts[1]), let lease = UInt64(parts[2]) else { continue }
             ranByJob[job, default: []].insert(lease)
         }
+        let store = try await PostgresWorkStore(url: url)
         var unaccounted: [String] = []
         var reruns = 0
-        for row in records {
-            let columns = row.split(separator: "\t", maxSplits: 1)
-            guard columns.count == 2, let id = UInt64(columns[0]),
-                  let record = try JSONSerialization.jsonObject(with: Data(columns[1].utf8)) as? [String: Any],
-                  let leases = record["leases"] as? [[String: Any]] else {
-                unaccounted.append("unreadable record \(row.prefix(80))")
+        var records = 0
+        for id in 1...UInt64(total) {
+            guard let (record, result) = try await store.job(id) else {
+                unaccounted.append("job \(id) is missing")
                 continue
             }
-            let accepted = ((record["state"] as? [String: Any])?["succeeded"] as? [String: Any])?["leaseID"] as? UInt64
-            let failures = (record["failures"] as? [String]) ?? []
-            let failed = Set(((record["failedLeases"] as? [UInt64]) ?? []))
-            for lease in leases {
-                guard let leaseID = lease["id"] as? UInt64 else { continue }
-                let ended = leaseID == accepted || failed.contains(leaseID) || failures.contains { $0.hasPrefix("lease \(leaseID) ") && $0.hasSuffix("expired") }
-                if !ended { unaccounted.append("job \(id) lease \(leaseID)") }
+            records += 1
+            guard case .succeeded(let accepted) = record.state, let result else {
+                unaccounted.append("job \(id) is \(record.state)")
+                continue
+            }
+            let report = try Parley_Work_V1_ReportResult(serializedBytes: result)
+            if report.leaseID != accepted { unaccounted.append("job \(id): result of lease \(report.leaseID), accepted lease \(accepted)") }
+            for lease in record.leases {
+                let ended = lease.id == accepted || record.failedLeases.contains(lease.id)
+                    || record.failures.contains { $0.hasPrefix("lease \(lease.id) ") && $0.hasSuffix("expired") }
+                if !ended { unaccounted.append("job \(id) lease \(lease.id)") }
             }
             let ran = ranByJob[id] ?? []
-            if let accepted, !ran.contains(accepted) { unaccounted.append("job \(id): accepted lease \(accepted) never ran") }
-            if ran.count > leases.count { unaccounted.append("job \(id) ran under \(ran.count) leases, \(leases.count) handed out") }
+            if !ran.contains(accepted) { unaccounted.append("job \(id): accepted lease \(accepted) never ran") }
+            if ran.count > record.leases.count { unaccounted.append("job \(id) ran under \(ran.count) leases, \(record.leases.count) handed out") }
             reruns += max(0, ran.count - 1)
         }
-        #expect(records.count == total)
+        await store.close()
+        #expect(records == total)
         #expect(unaccounted.isEmpty, "\(unaccounted.count) leases unaccounted for: \(unaccounted.prefix(10))")
         print("parley work: \(total) jobs on 3 masters (one killed twice), \(cuts) cuts, \(failedOver) workers moved master, \(reruns) jobs ran again after a lease expired")
     }

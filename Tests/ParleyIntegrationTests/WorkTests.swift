@@ -244,3 +244,35 @@ extension WorkProcessTests {
         await master.stop()
     }
 }
+
+extension WorkProcessTests {
+    /// CPU and memory limits: a job that spins is stopped by SIGXCPU after its CPU seconds, a
+    /// job that allocates past its memory limit fails its allocation; both fail (one attempt)
+    /// with the reason recorded; a job under its limits succeeds.
+    @Test func cpuAndMemoryLimitsStopJobs() async throws {
+        let dir = freshTestDirectory("work-limits")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--max-attempts", "1"], command: ["work", "serve"])
+        let key = dir + "/keys/work.key"
+        let spin = try parley(["work", "submit", "--master", master.address, "--key", key, "--max-cpu", "1", "--max-wall", "60", "--shell", "--", "while :; do :; done"])
+        let hog = try parley(["work", "submit", "--master", master.address, "--key", key, "--max-memory", "200000000", "--",
+                              "/usr/bin/python3", "-c", "x = bytearray(400 * 1024 * 1024)"])
+        let fits = try parley(["work", "submit", "--master", master.address, "--key", key, "--max-memory", "400000000", "--max-cpu", "10", "--",
+                               "/usr/bin/python3", "-c", "x = bytearray(50 * 1024 * 1024); print('fits')"])
+        #expect(spin.status == 0 && hog.status == 0 && fits.status == 0, "\(spin.combined) \(hog.combined) \(fits.combined)")
+        let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
+        let done = try await eventually(seconds: 60) { (try? Self.status(master.address)).map { $0["failed"] == 2 && $0["succeeded"] == 1 } ?? false }
+        workers.stop()
+        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        let spun = try parley(["work", "results", "1", "--master", master.address])
+        #expect(spun.stdout.contains("failed") && spun.stdout.contains("CPU-time limit reached"), "\(spun.combined)")
+        let hogged = try parley(["work", "results", "2", "--master", master.address, "--json"])
+        // Without the limit the allocation succeeds here; the failure's reason ends with the
+        // job's last line of stderr.
+        let reply = try JSONSerialization.jsonObject(with: Data(hogged.stdout.utf8)) as? [String: Any]
+        #expect(reply?["state"] as? String == "failed" && (reply?["failures"] as? [String])?.first?.hasSuffix("exit status 1: MemoryError") == true, "\(hogged.combined)")
+        let fitted = try parley(["work", "results", "3", "--master", master.address])
+        #expect(fitted.stdout.contains("succeeded") && fitted.stdout.contains("fits"), "\(fitted.combined)")
+        await master.stop()
+    }
+}

@@ -1,6 +1,7 @@
 import Foundation
+import GRDB
 import Logging
-import ParleyWork
+@testable import ParleyWork
 import PostgresNIO
 import Testing
 
@@ -67,12 +68,61 @@ enum TestPostgres {
         let path = Self.freshPath()
         do {
             let store = try SQLiteWorkStore(path: path)
-            #expect(try await store.appliedMigrations() == ["v1: jobs and results"])
+            #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order"])
             _ = try await store.submit(Self.jobs(3), now: 0)
         }
         let again = try SQLiteWorkStore(path: path)
-        #expect(try await again.appliedMigrations() == ["v1: jobs and results"])
+        #expect(try await again.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order"])
         #expect(try await again.counts()["queued"] == 3)
+    }
+
+    /// Records survive the store's format in every state, and records written as JSON (by
+    /// the first stores) are still read.
+    @Test func recordsRoundTripAndOldJSONRecordsAreRead() throws {
+        var record = JobRecord(id: 9, maxAttempts: 3)
+        var seen: [JobRecord] = [record]
+        _ = try LeaseRules.assign(&record, to: "w1", leaseID: 4, now: 10, duration: 5)
+        seen.append(record)
+        _ = LeaseRules.report(&record, LeaseReport(leaseID: 4, worker: "w1", outcome: .failure("exit 3")))
+        seen.append(record)
+        _ = try LeaseRules.assign(&record, to: "w2", leaseID: 7, now: 20, duration: 5)
+        LeaseRules.expire(&record, now: 30)
+        seen.append(record)
+        _ = try LeaseRules.assign(&record, to: "w3", leaseID: 8, now: 40, duration: 5)
+        _ = LeaseRules.report(&record, LeaseReport(leaseID: 8, worker: "w3", outcome: .failure("signal 9")))
+        seen.append(record)
+        var won = JobRecord(id: 9)
+        _ = try LeaseRules.assign(&won, to: "w", leaseID: 1, now: 0, duration: 5)
+        _ = LeaseRules.report(&won, LeaseReport(leaseID: 1, worker: "w", outcome: .success))
+        seen.append(won)
+        for r in seen {
+            #expect(try JobRow.decode(JobRow.encode(r), id: 9) == r)
+            #expect(try JobRow.decode(JSONEncoder().encode(r), id: 9) == r, "the JSON of the first stores")
+        }
+        #expect(Set(seen.map { JobRow.state(of: $0).state }) == ["queued", "leased", "failed", "succeeded"])
+        #expect(throws: (any Error).self) { _ = try JobRow.decode(Data([0xFF, 0xFF]), id: 1) }
+    }
+
+    /// A database made by a master of the first version (migration v1 only, jobs queued) is
+    /// upgraded when a later master opens it, and its jobs are still claimed in order.
+    @Test func aVersionOneDatabaseIsMigratedAndKeepsItsJobs() async throws {
+        let path = Self.freshPath()
+        do {
+            let pool = try DatabasePool(path: path)
+            try SQLiteWorkStore.migrator.migrate(pool, upTo: "v1: jobs and results")
+            try await pool.write { db in
+                for (i, priority) in [0, 5, 0].enumerated() {
+                    try db.execute(
+                        sql: "INSERT INTO job (batch, priority, spec, signature, state, record, submittedAt) VALUES ('', ?, ?, ?, 'queued', ?, 0)",
+                        arguments: [priority, Data("job \(i)".utf8), Data(repeating: 1, count: 64), try JobRow.encode(JobRecord(id: 0))]
+                    )
+                }
+            }
+        }
+        let store = try SQLiteWorkStore(path: path)
+        #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order"])
+        let claimed = try await store.claim(worker: "w", limit: 3, now: 0, leaseDuration: second)
+        #expect(claimed.map(\.id) == [2, 1, 3])
     }
 
     @Test func postgresMigratesOnceWhenSeveralMastersStartAtOnce() async throws {

@@ -160,6 +160,12 @@ public nonisolated struct Parley_Work_V1_JobSpec: Sendable {
   /// free-form label
   public var name: String = String()
 
+  /// CPU time (RLIMIT_CPU: SIGXCPU, then SIGKILL); 0: none
+  public var maxCpuSeconds: UInt32 = 0
+
+  /// address space (RLIMIT_AS: allocations fail past it); 0: none
+  public var maxMemoryBytes: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -464,7 +470,7 @@ nonisolated extension Parley_Work_V1_Verdict: SwiftProtobuf._ProtoNameProviding 
 
 nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".JobSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}argv\0\u{1}env\0\u{1}shell\0\u{3}max_wall_seconds\0\u{3}max_output_bytes\0\u{1}name\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}argv\0\u{1}env\0\u{1}shell\0\u{3}max_wall_seconds\0\u{3}max_output_bytes\0\u{1}name\0\u{3}max_cpu_seconds\0\u{3}max_memory_bytes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -478,6 +484,8 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.maxWallSeconds) }()
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.maxOutputBytes) }()
       case 6: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.maxCpuSeconds) }()
+      case 8: try { try decoder.decodeSingularUInt64Field(value: &self.maxMemoryBytes) }()
       default: break
       }
     }
@@ -502,6 +510,12 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
     if !self.name.isEmpty {
       try visitor.visitSingularStringField(value: self.name, fieldNumber: 6)
     }
+    if self.maxCpuSeconds != 0 {
+      try visitor.visitSingularUInt32Field(value: self.maxCpuSeconds, fieldNumber: 7)
+    }
+    if self.maxMemoryBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maxMemoryBytes, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -512,6 +526,8 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
     if lhs.maxWallSeconds != rhs.maxWallSeconds {return false}
     if lhs.maxOutputBytes != rhs.maxOutputBytes {return false}
     if lhs.name != rhs.name {return false}
+    if lhs.maxCpuSeconds != rhs.maxCpuSeconds {return false}
+    if lhs.maxMemoryBytes != rhs.maxMemoryBytes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
