@@ -280,6 +280,15 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Memory (address space) limit: allocations past it fail (0: none).", valueName: "bytes"))
         var maxMemory: UInt64 = 0
 
+        @Option(name: .long, help: ArgumentHelp("An input file, sent inline: NAME in the job's directory, from the local PATH (repeatable).", valueName: "name=path"))
+        var input: [String] = []
+
+        @Option(name: .long, help: ArgumentHelp("An input file the worker fetches: NAME=URL (http/https; fetched here once for its size and SHA-256) (repeatable).", valueName: "name=url"))
+        var inputUrl: [String] = []
+
+        @Option(name: .long, help: ArgumentHelp("A file the job leaves in its directory, sent back with the result (repeatable).", valueName: "name"))
+        var output: [String] = []
+
         @Option(name: .long, help: ArgumentHelp("An environment variable for the job, NAME=VALUE (repeatable).", valueName: "name=value"))
         var env: [String] = []
 
@@ -303,6 +312,27 @@ struct Work: AsyncParsableCommand {
             spec.maxWallSeconds = self.maxWall
             spec.maxCpuSeconds = self.maxCpu
             spec.maxMemoryBytes = self.maxMemory
+            spec.outputs = self.output
+            for (option, local) in self.input.map({ ($0, true) }) + self.inputUrl.map({ ($0, false) }) {
+                guard let eq = option.firstIndex(of: "=") else { throw ValidationError("--input and --input-url take NAME=SOURCE, got \(option)") }
+                var file = Parley_Work_V1_InputFile()
+                file.name = String(option[..<eq])
+                let source = String(option[option.index(after: eq)...])
+                let bytes: Data
+                if local {
+                    guard let data = FileManager.default.contents(atPath: source) else { throw ValidationError("cannot read \(source)") }
+                    bytes = data
+                    file.content = data
+                } else {
+                    guard let url = URL(string: source), let data = try? Data(contentsOf: url) else { throw ValidationError("cannot fetch \(source)") }
+                    bytes = data
+                    file.url = source
+                }
+                file.size = UInt64(bytes.count)
+                file.sha256 = Data(WorkFiles.sha256(bytes))
+                spec.inputs.append(file)
+            }
+            do throws(WorkFiles.FileError) { try WorkFiles.check(spec: spec) } catch { throw ValidationError(error.message) }
             spec.env = Dictionary(self.env.map { e in (String(e.prefix { $0 != "=" }), String(e.drop { $0 != "=" }.dropFirst())) }) { $1 }
             if spec.env["PATH"] == nil { spec.env["PATH"] = "/usr/local/bin:/usr/bin:/bin" }
             var job = Parley_Work_V1_SignedJob()
@@ -353,6 +383,9 @@ struct Work: AsyncParsableCommand {
         @Argument(help: "The job id.")
         var job: UInt64
 
+        @Option(name: .long, help: ArgumentHelp("Write the accepted result's output files into this directory.", valueName: "dir"))
+        var saveOutputs: String?
+
         @OptionGroup var security: ClientSecurityOptions
 
         func run() async throws {
@@ -368,6 +401,21 @@ struct Work: AsyncParsableCommand {
                     if r.hasResult {
                         print("  accepted from \(r.result.worker), lease \(r.result.leaseID): exit status \(r.result.exitStatus), \(r.result.wallMs) ms")
                         if !r.result.stdoutTail.isEmpty { print("  stdout: \(String(decoding: r.result.stdoutTail, as: UTF8.self))", terminator: "") }
+                        for o in r.result.outputs {
+                            print("  output \(o.name): \(o.size) bytes, sha256 \(o.sha256.map { String(format: "%02x", $0) }.joined())")
+                        }
+                    }
+                }
+                if let dir = self.saveOutputs {
+                    for o in r.result.outputs {
+                        do throws(WorkFiles.FileError) { try WorkFiles.check(name: o.name) } catch {
+                            print("parley work results: not saved: \(error.message)")
+                            throw ExitCode(2)
+                        }
+                        let path = dir + "/" + o.name
+                        try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+                        try o.content.write(to: URL(fileURLWithPath: path))
+                        if !self.json { print("  saved \(path)") }
                     }
                 }
             }

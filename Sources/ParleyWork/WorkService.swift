@@ -84,8 +84,13 @@ public enum WorkService {
                 } else if job.signature.count != 64 {
                     throw ParleyError(code: .invalidArgument, message: "job \(i) of the batch is not signed; nothing was stored")
                 }
-                guard (try? Parley_Work_V1_JobSpec(serializedBytes: job.spec)) != nil else {
+                guard let spec = try? Parley_Work_V1_JobSpec(serializedBytes: job.spec) else {
                     throw ParleyError(code: .malformedPayload, message: "job \(i) of the batch: its spec is not a JobSpec; nothing was stored")
+                }
+                do throws(WorkFiles.FileError) {
+                    try WorkFiles.check(spec: spec)
+                } catch {
+                    throw ParleyError(code: .invalidArgument, message: "job \(i) of the batch is refused: \(error.message); nothing was stored")
                 }
                 jobs.append(NewJob(
                     spec: Array(job.spec), signature: Array(job.signature), priority: Int(job.priority),
@@ -145,6 +150,11 @@ public enum WorkService {
             let worker = try Self.worker(report.worker, context)
             for (name, tail) in [("stdout", report.stdoutTail), ("stderr", report.stderrTail)] where tail.count > Self.maxTail {
                 throw ParleyError(code: .invalidArgument, message: "report refused: its \(name) tail of \(tail.count) bytes is over the limit of \(Self.maxTail); nothing was stored")
+            }
+            do throws(WorkFiles.FileError) {
+                try WorkFiles.check(outputs: report.outputs)
+            } catch {
+                throw ParleyError(code: .invalidArgument, message: "report refused: \(error.message); nothing was stored")
             }
             let outcome: LeaseReport.Outcome
             if report.errorKind == .none, report.exitStatus == 0, report.signal == 0 {
@@ -224,6 +234,8 @@ public enum WorkService {
         case .signature: return "refused: bad signature (\(report.message))"
         case .spec: return "refused: \(report.message)"
         case .compute: return "could not run: \(report.message)"
+        case .download: return "input failed, not run: \(report.message)"
+        case .upload: return "output failed: \(report.message)"
         default:
             let what: String
             if report.signal == SIGXCPU {

@@ -192,6 +192,14 @@ public final class WorkWorker: Sendable {
         let killedByShutdown = NIOLockedValueBox(false)
         do {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            do {
+                try await WorkFiles.writeInputs(spec.inputs, into: directory)
+            } catch {
+                self.logger.warning("job not run: an input failed", metadata: ["job": "\(assignment.jobID)", "error": "\(error.message)"])
+                report.errorKind = .download
+                report.message = error.message
+                return (report, false)
+            }
             let jobID = assignment.jobID
             defer { self.running.withLockedValue { _ = $0.removeValue(forKey: jobID) } }
             let wall = spec.maxWallSeconds > 0 ? Duration.seconds(Int64(spec.maxWallSeconds)) : self.configuration.defaultMaxWall
@@ -221,6 +229,13 @@ public final class WorkWorker: Sendable {
             if outcome.timedOut {
                 report.errorKind = .compute
                 report.message = "wall-time limit reached: killed"
+            } else if outcome.exitStatus == 0, outcome.signal == 0, !spec.outputs.isEmpty {
+                do {
+                    report.outputs = try WorkFiles.readOutputs(spec.outputs, from: directory)
+                } catch {
+                    report.errorKind = .upload
+                    report.message = error.message
+                }
             }
         } catch {
             report.errorKind = .compute

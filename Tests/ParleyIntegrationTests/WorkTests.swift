@@ -276,3 +276,66 @@ extension WorkProcessTests {
         await master.stop()
     }
 }
+
+extension WorkProcessTests {
+    /// Input files (inline and fetched over HTTP, each checked against its signed SHA-256)
+    /// and output files (sent back, saved byte for byte by `results --save-outputs`); an
+    /// input whose content changed since it was signed is refused and the job never runs; an
+    /// output that is a link out of the job's directory is refused.
+    @Test func inputAndOutputFilesAreCheckedAndCarried() async throws {
+        let dir = freshTestDirectory("work-files")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        try FileManager.default.createDirectory(atPath: dir + "/www", withIntermediateDirectories: true)
+        let served = Data((0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+        try served.write(to: URL(fileURLWithPath: dir + "/www/data.bin"))
+        try Data("inline input\n".utf8).write(to: URL(fileURLWithPath: dir + "/local.txt"))
+        // A static HTTP server on loopback (Python's), stopped by its PID.
+        let http = Process()
+        http.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        http.arguments = ["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", dir + "/www"]
+        let httpOut = Pipe()
+        http.standardOutput = httpOut
+        http.standardError = FileHandle.nullDevice
+        try http.run()
+        defer { kill(http.processIdentifier, SIGKILL); http.waitUntilExit() }
+        let banner = String(decoding: httpOut.fileHandleForReading.availableData, as: UTF8.self)
+        let port = try #require(banner.range(of: #"port (\d+)"#, options: .regularExpression).flatMap { Int(banner[$0].dropFirst(5)) }, "\(banner)")
+        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--max-attempts", "1"], command: ["work", "serve"])
+        let key = dir + "/keys/work.key"
+        let good = try parley(["work", "submit", "--master", master.address, "--key", key,
+                               "--input", "in/local.txt=\(dir)/local.txt", "--input-url", "data.bin=http://127.0.0.1:\(port)/data.bin",
+                               "--output", "out/copy.bin", "--output", "lines.txt", "--shell", "--",
+                               "mkdir -p out && cp data.bin out/copy.bin && cat in/local.txt > lines.txt && echo ran >> \(dir)/ran.log"])
+        #expect(good.status == 0, "\(good.combined)")
+        let escape = try parley(["work", "submit", "--master", master.address, "--key", key, "--output", "secret", "--", "/bin/ln", "-s", "/etc/passwd", "secret"])
+        #expect(escape.status == 0, "\(escape.combined)")
+        let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
+        let firstDone = try await eventually(seconds: 60) { (try? Self.status(master.address)).map { $0["succeeded"] == 1 && $0["failed"] == 1 } ?? false }
+        #expect(firstDone, "status: \(String(describing: try? Self.status(master.address)))")
+        workers.stop()
+        // Signed with the file's hash, then the file changes on the server before a worker
+        // takes the job.
+        let stale = try parley(["work", "submit", "--master", master.address, "--key", key, "--priority", "0",
+                                "--input-url", "data.bin=http://127.0.0.1:\(port)/data.bin", "--shell", "--", "echo stale-ran >> \(dir)/ran.log"])
+        #expect(stale.status == 0, "\(stale.combined)")
+        let staleID = stale.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        // Same size, other bytes: only the SHA-256 tells.
+        try Data(repeating: 7, count: served.count).write(to: URL(fileURLWithPath: dir + "/www/data.bin"))
+        try FileManager.default.createDirectory(atPath: dir + "/more", withIntermediateDirectories: true)
+        let more = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir + "/more")
+        let done = try await eventually(seconds: 60) { (try? Self.status(master.address))?["failed"] == 2 }
+        more.stop()
+        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        let saved = try parley(["work", "results", "1", "--master", master.address, "--save-outputs", dir + "/saved"])
+        #expect(saved.status == 0 && saved.stdout.contains("output out/copy.bin: 100000 bytes"), "\(saved.combined)")
+        #expect(FileManager.default.contents(atPath: dir + "/saved/out/copy.bin") == served)
+        #expect(FileManager.default.contents(atPath: dir + "/saved/lines.txt") == Data("inline input\n".utf8))
+        let staleResult = try parley(["work", "results", staleID, "--master", master.address])
+        #expect(staleResult.stdout.contains("failed") && staleResult.stdout.contains("input failed, not run") && staleResult.stdout.contains("SHA-256"), "\(staleResult.combined)")
+        let escaped = try parley(["work", "results", "2", "--master", master.address])
+        #expect(escaped.stdout.contains("failed") && escaped.stdout.contains("leads out of the job's directory"), "\(escaped.combined)")
+        let ran = String(decoding: FileManager.default.contents(atPath: dir + "/ran.log") ?? Data(), as: UTF8.self)
+        #expect(ran == "ran\n", "the stale job must never run: \(ran)")
+        await master.stop()
+    }
+}

@@ -62,8 +62,84 @@ import Testing
         back.leaseID = assignment.leaseID
         let wrongHandBack = await #expect(throws: ParleyError.self) { _ = try await client.request(back, as: Parley_Work_V1_HandBackReply.self) }
         #expect(wrongHandBack?.message.contains("hand-back refused") == true)
+        // Output files: a name out of the job's directory, or content that does not match
+        // its SHA-256, is refused and nothing is stored.
+        var escaping = Parley_Work_V1_OutputFile()
+        escaping.name = "../../etc/cron.d/x"
+        escaping.content = Data("x".utf8)
+        escaping.size = 1
+        escaping.sha256 = Data(WorkFiles.sha256(escaping.content))
+        var tampered = escaping
+        tampered.name = "out.txt"
+        tampered.content = Data("y".utf8)
+        for bad in [escaping, tampered] {
+            var withFile = report
+            withFile.outputs = [bad]
+            let refusedFile = await #expect(throws: ParleyError.self) { _ = try await client.request(withFile, as: Parley_Work_V1_ReportAck.self) }
+            #expect(refusedFile?.code == .invalidArgument && refusedFile?.message.contains("nothing was stored") == true, "\(String(describing: refusedFile))")
+        }
         #expect(try await store.job(id)?.result == nil, "nothing stored by the refused reports")
         #expect(try await client.request(report, as: Parley_Work_V1_ReportAck.self).verdict == .accepted)
         #expect(try await client.request(report, as: Parley_Work_V1_ReportAck.self).verdict == .alreadyAccepted)
+    }
+
+    /// A job whose files could leave its directory, or whose inline input does not match its
+    /// signed SHA-256, is refused at submission and nothing of the batch is stored.
+    @Test func jobsWithBadFilesAreRefusedAtSubmission() async throws {
+        let dir = NSTemporaryDirectory() + "work-files-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
+        let key = WorkSigning.PrivateKey()
+        var router = ParleyRouter()
+        WorkService.register(on: &router, store: store, configuration: .init(trust: key.publicKey))
+        var quiet = Logger(label: "test")
+        quiet.logLevel = .critical
+        let server = ParleyServer(configuration: .init(listen: []), router: router, logger: quiet)
+        let task = Task { try await server.run() }
+        defer { server.shutDown(); task.cancel() }
+        _ = try await server.listeningAddresses
+        let client = try await ParleyClient.connect(inProcessTo: server, logger: quiet)
+        defer { client.close() }
+        func input(_ name: String, _ content: String, hashOf: String? = nil) -> Parley_Work_V1_InputFile {
+            var f = Parley_Work_V1_InputFile()
+            f.name = name
+            f.content = Data(content.utf8)
+            f.size = UInt64(content.utf8.count)
+            f.sha256 = Data(WorkFiles.sha256(Data((hashOf ?? content).utf8)))
+            return f
+        }
+        var cases: [(String, Parley_Work_V1_JobSpec)] = []
+        for (why, name) in [("'..'", "../x"), ("absolute", "/etc/passwd"), ("'..'", "a/../../x"), ("part ''", "a//b"), ("NUL", "a\u{0}b")] {
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["/bin/true"]
+            spec.inputs = [input(name, "data")]
+            cases.append((why, spec))
+        }
+        var tampered = Parley_Work_V1_JobSpec()
+        tampered.argv = ["/bin/true"]
+        tampered.inputs = [input("in.txt", "data", hashOf: "other")]
+        cases.append(("SHA-256", tampered))
+        var outward = Parley_Work_V1_JobSpec()
+        outward.argv = ["/bin/true"]
+        outward.outputs = ["../../.ssh/id_ed25519"]
+        cases.append(("'..'", outward))
+        var noSource = Parley_Work_V1_JobSpec()
+        noSource.argv = ["/bin/true"]
+        var remote = input("big.bin", "")
+        remote.size = 10
+        remote.url = "ftp://example/big.bin"
+        noSource.inputs = [remote]
+        cases.append(("http(s) URL", noSource))
+        for (why, spec) in cases {
+            var job = Parley_Work_V1_SignedJob()
+            job.spec = try spec.serializedBytes()
+            job.signature = Data(try key.sign(job: Array(job.spec)))
+            var submit = Parley_Work_V1_SubmitJobs()
+            submit.jobs = [job]
+            let refused = await #expect(throws: ParleyError.self) { _ = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self) }
+            #expect(refused?.code == .invalidArgument && refused?.message.contains(why) == true && refused?.message.contains("nothing was stored") == true,
+                    "\(why): \(String(describing: refused))")
+        }
+        #expect(try await store.counts()["queued"] == 0)
     }
 }

@@ -39,6 +39,12 @@ public nonisolated enum Parley_Work_V1_ErrorKind: SwiftProtobuf.Enum, Swift.Case
 
   /// could not be started, killed by a signal or a limit
   case compute // = 3
+
+  /// an input could not be fetched or did not match its size and SHA-256; not run
+  case download // = 4
+
+  /// an output is missing or over the limit
+  case upload // = 5
   case UNRECOGNIZED(Int)
 
   public init() {
@@ -51,6 +57,8 @@ public nonisolated enum Parley_Work_V1_ErrorKind: SwiftProtobuf.Enum, Swift.Case
     case 1: self = .signature
     case 2: self = .spec
     case 3: self = .compute
+    case 4: self = .download
+    case 5: self = .upload
     default: self = .UNRECOGNIZED(rawValue)
     }
   }
@@ -61,6 +69,8 @@ public nonisolated enum Parley_Work_V1_ErrorKind: SwiftProtobuf.Enum, Swift.Case
     case .signature: return 1
     case .spec: return 2
     case .compute: return 3
+    case .download: return 4
+    case .upload: return 5
     case .UNRECOGNIZED(let i): return i
     }
   }
@@ -71,6 +81,8 @@ public nonisolated enum Parley_Work_V1_ErrorKind: SwiftProtobuf.Enum, Swift.Case
     .signature,
     .spec,
     .compute,
+    .download,
+    .upload,
   ]
 
 }
@@ -165,6 +177,59 @@ public nonisolated struct Parley_Work_V1_JobSpec: Sendable {
 
   /// address space (RLIMIT_AS: allocations fail past it); 0: none
   public var maxMemoryBytes: UInt64 = 0
+
+  /// written into the job's directory before it runs
+  public var inputs: [Parley_Work_V1_InputFile] = []
+
+  /// files the job leaves in its directory, sent back with the report
+  public var outputs: [String] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A job's input: its bytes inline, or a URL to fetch them from; either way checked against
+/// the signed size and SHA-256 before the job runs.
+public nonisolated struct Parley_Work_V1_InputFile: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// a relative path in the job's directory (no "..", not absolute)
+  public var name: String = String()
+
+  /// the bytes, inline; or
+  public var content: Data = Data()
+
+  /// http:// or https:// to fetch them from, when content is empty
+  public var url: String = String()
+
+  public var size: UInt64 = 0
+
+  /// 32 bytes
+  public var sha256: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A file the job left, as the worker sends it back.
+public nonisolated struct Parley_Work_V1_OutputFile: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// as the job's spec named it
+  public var name: String = String()
+
+  public var size: UInt64 = 0
+
+  /// of content: the master checks it
+  public var sha256: Data = Data()
+
+  public var content: Data = Data()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -344,6 +409,9 @@ public nonisolated struct Parley_Work_V1_ReportResult: Sendable {
 
   public var stderrTail: Data = Data()
 
+  /// the spec's outputs, when the job succeeded
+  public var outputs: [Parley_Work_V1_OutputFile] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -461,7 +529,7 @@ public nonisolated struct Parley_Work_V1_ResultReply: Sendable {
 fileprivate nonisolated let _protobuf_package = "parley.work.v1"
 
 nonisolated extension Parley_Work_V1_ErrorKind: SwiftProtobuf._ProtoNameProviding {
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0ERROR_KIND_NONE\0\u{1}ERROR_KIND_SIGNATURE\0\u{1}ERROR_KIND_SPEC\0\u{1}ERROR_KIND_COMPUTE\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0ERROR_KIND_NONE\0\u{1}ERROR_KIND_SIGNATURE\0\u{1}ERROR_KIND_SPEC\0\u{1}ERROR_KIND_COMPUTE\0\u{1}ERROR_KIND_DOWNLOAD\0\u{1}ERROR_KIND_UPLOAD\0")
 }
 
 nonisolated extension Parley_Work_V1_Verdict: SwiftProtobuf._ProtoNameProviding {
@@ -470,7 +538,7 @@ nonisolated extension Parley_Work_V1_Verdict: SwiftProtobuf._ProtoNameProviding 
 
 nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".JobSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}argv\0\u{1}env\0\u{1}shell\0\u{3}max_wall_seconds\0\u{3}max_output_bytes\0\u{1}name\0\u{3}max_cpu_seconds\0\u{3}max_memory_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}argv\0\u{1}env\0\u{1}shell\0\u{3}max_wall_seconds\0\u{3}max_output_bytes\0\u{1}name\0\u{3}max_cpu_seconds\0\u{3}max_memory_bytes\0\u{1}inputs\0\u{1}outputs\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -486,6 +554,8 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
       case 6: try { try decoder.decodeSingularStringField(value: &self.name) }()
       case 7: try { try decoder.decodeSingularUInt32Field(value: &self.maxCpuSeconds) }()
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.maxMemoryBytes) }()
+      case 9: try { try decoder.decodeRepeatedMessageField(value: &self.inputs) }()
+      case 10: try { try decoder.decodeRepeatedStringField(value: &self.outputs) }()
       default: break
       }
     }
@@ -516,6 +586,12 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
     if self.maxMemoryBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.maxMemoryBytes, fieldNumber: 8)
     }
+    if !self.inputs.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.inputs, fieldNumber: 9)
+    }
+    if !self.outputs.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.outputs, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -528,6 +604,103 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
     if lhs.name != rhs.name {return false}
     if lhs.maxCpuSeconds != rhs.maxCpuSeconds {return false}
     if lhs.maxMemoryBytes != rhs.maxMemoryBytes {return false}
+    if lhs.inputs != rhs.inputs {return false}
+    if lhs.outputs != rhs.outputs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_Work_V1_InputFile: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".InputFile"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}content\0\u{1}url\0\u{1}size\0\u{1}sha256\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.content) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.url) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.size) }()
+      case 5: try { try decoder.decodeSingularBytesField(value: &self.sha256) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.content.isEmpty {
+      try visitor.visitSingularBytesField(value: self.content, fieldNumber: 2)
+    }
+    if !self.url.isEmpty {
+      try visitor.visitSingularStringField(value: self.url, fieldNumber: 3)
+    }
+    if self.size != 0 {
+      try visitor.visitSingularUInt64Field(value: self.size, fieldNumber: 4)
+    }
+    if !self.sha256.isEmpty {
+      try visitor.visitSingularBytesField(value: self.sha256, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_Work_V1_InputFile, rhs: Parley_Work_V1_InputFile) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.content != rhs.content {return false}
+    if lhs.url != rhs.url {return false}
+    if lhs.size != rhs.size {return false}
+    if lhs.sha256 != rhs.sha256 {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_Work_V1_OutputFile: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".OutputFile"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}size\0\u{1}sha256\0\u{1}content\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.size) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.sha256) }()
+      case 4: try { try decoder.decodeSingularBytesField(value: &self.content) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if self.size != 0 {
+      try visitor.visitSingularUInt64Field(value: self.size, fieldNumber: 2)
+    }
+    if !self.sha256.isEmpty {
+      try visitor.visitSingularBytesField(value: self.sha256, fieldNumber: 3)
+    }
+    if !self.content.isEmpty {
+      try visitor.visitSingularBytesField(value: self.content, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_Work_V1_OutputFile, rhs: Parley_Work_V1_OutputFile) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.size != rhs.size {return false}
+    if lhs.sha256 != rhs.sha256 {return false}
+    if lhs.content != rhs.content {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -849,7 +1022,7 @@ nonisolated extension Parley_Work_V1_WorkAssignments: SwiftProtobuf.Message, Swi
 
 nonisolated extension Parley_Work_V1_ReportResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReportResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{3}job_id\0\u{3}lease_id\0\u{3}exit_status\0\u{1}signal\0\u{3}error_kind\0\u{1}message\0\u{3}wall_ms\0\u{3}stdout_tail\0\u{3}stderr_tail\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{3}job_id\0\u{3}lease_id\0\u{3}exit_status\0\u{1}signal\0\u{3}error_kind\0\u{1}message\0\u{3}wall_ms\0\u{3}stdout_tail\0\u{3}stderr_tail\0\u{1}outputs\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -867,6 +1040,7 @@ nonisolated extension Parley_Work_V1_ReportResult: SwiftProtobuf.Message, SwiftP
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.wallMs) }()
       case 9: try { try decoder.decodeSingularBytesField(value: &self.stdoutTail) }()
       case 10: try { try decoder.decodeSingularBytesField(value: &self.stderrTail) }()
+      case 11: try { try decoder.decodeRepeatedMessageField(value: &self.outputs) }()
       default: break
       }
     }
@@ -903,6 +1077,9 @@ nonisolated extension Parley_Work_V1_ReportResult: SwiftProtobuf.Message, SwiftP
     if !self.stderrTail.isEmpty {
       try visitor.visitSingularBytesField(value: self.stderrTail, fieldNumber: 10)
     }
+    if !self.outputs.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.outputs, fieldNumber: 11)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -917,6 +1094,7 @@ nonisolated extension Parley_Work_V1_ReportResult: SwiftProtobuf.Message, SwiftP
     if lhs.wallMs != rhs.wallMs {return false}
     if lhs.stdoutTail != rhs.stdoutTail {return false}
     if lhs.stderrTail != rhs.stderrTail {return false}
+    if lhs.outputs != rhs.outputs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

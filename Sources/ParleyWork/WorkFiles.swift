@@ -1,0 +1,139 @@
+import Crypto
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// Jobs' input and output files: the rules for their names, their checks, and the worker's
+/// side (fetching inputs, reading outputs back). A name is a relative path inside the job's
+/// directory; anything that could leave it (an absolute path, "..", a NUL, a symbolic link
+/// that points out) is refused, by the master at submission and in reports, and by the worker.
+public enum WorkFiles {
+    /// The most a report's output files may hold together.
+    public static let maxOutputBytes = 16 << 20
+    /// The most an input may be.
+    public static let maxInputBytes: UInt64 = 1 << 30
+
+    public struct FileError: Error, Sendable, Hashable, CustomStringConvertible {
+        public var message: String
+        public init(_ message: String) { self.message = message }
+        public var description: String { self.message }
+    }
+
+    /// Checks a file name of a job: a relative path whose parts are neither empty, "." nor
+    /// "..", without NUL, at most 4,096 bytes.
+    public static func check(name: String) throws(FileError) {
+        guard !name.isEmpty else { throw FileError("a file name is empty") }
+        guard name.utf8.count <= 4096 else { throw FileError("the file name '\(name.prefix(40))...' is longer than 4,096 bytes") }
+        guard !name.hasPrefix("/") else { throw FileError("the file name '\(name)' is absolute: it must stay in the job's directory") }
+        guard !name.utf8.contains(0) else { throw FileError("the file name '\(name)' holds a NUL byte") }
+        for part in name.split(separator: "/", omittingEmptySubsequences: false) {
+            guard !part.isEmpty, part != ".", part != ".." else {
+                throw FileError("the file name '\(name)' has a part '\(part)': it must stay in the job's directory")
+            }
+        }
+    }
+
+    public static func sha256(_ bytes: some DataProtocol) -> [UInt8] {
+        Array(SHA256.hash(data: bytes))
+    }
+
+    /// What a master checks of a job's files at submission.
+    public static func check(spec: Parley_Work_V1_JobSpec) throws(FileError) {
+        var names = Set<String>()
+        for input in spec.inputs {
+            try self.check(name: input.name)
+            guard names.insert(input.name).inserted else { throw FileError("the input '\(input.name)' is named twice") }
+            guard input.sha256.count == 32 else { throw FileError("the input '\(input.name)' has no SHA-256 (32 bytes)") }
+            guard input.size <= self.maxInputBytes else { throw FileError("the input '\(input.name)' is over \(self.maxInputBytes) bytes") }
+            if input.content.isEmpty && input.size > 0 {
+                guard let url = URL(string: input.url), ["http", "https"].contains(url.scheme ?? "") else {
+                    throw FileError("the input '\(input.name)' has neither its content nor an http(s) URL")
+                }
+            } else {
+                guard UInt64(input.content.count) == input.size, self.sha256(input.content) == Array(input.sha256) else {
+                    throw FileError("the input '\(input.name)' does not match its size and SHA-256")
+                }
+            }
+        }
+        for output in spec.outputs { try self.check(name: output) }
+    }
+
+    /// What a master checks of a report's output files.
+    public static func check(outputs: [Parley_Work_V1_OutputFile]) throws(FileError) {
+        var total = 0
+        for output in outputs {
+            try self.check(name: output.name)
+            total += output.content.count
+            guard total <= self.maxOutputBytes else { throw FileError("the output files are over \(self.maxOutputBytes) bytes together") }
+            guard UInt64(output.content.count) == output.size, self.sha256(output.content) == Array(output.sha256) else {
+                throw FileError("the output '\(output.name)' does not match its size and SHA-256")
+            }
+        }
+    }
+
+    /// The worker's side: writes the inputs into `directory` (fetching those given by URL),
+    /// each checked against its signed size and SHA-256 first.
+    static func writeInputs(_ inputs: [Parley_Work_V1_InputFile], into directory: String) async throws(FileError) {
+        for input in inputs {
+            try self.check(name: input.name)
+            var bytes = input.content
+            if bytes.isEmpty && input.size > 0 {
+                bytes = try await self.fetch(input.url, name: input.name, size: input.size)
+            }
+            guard UInt64(bytes.count) == input.size else {
+                throw FileError("the input '\(input.name)' is \(bytes.count) bytes, not \(input.size)")
+            }
+            guard self.sha256(bytes) == Array(input.sha256) else {
+                throw FileError("the input '\(input.name)' does not match its SHA-256")
+            }
+            let path = directory + "/" + input.name
+            do {
+                try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+                try bytes.write(to: URL(fileURLWithPath: path))
+            } catch {
+                throw FileError("cannot write the input '\(input.name)': \(error)")
+            }
+        }
+    }
+
+    static func fetch(_ url: String, name: String, size: UInt64) async throws(FileError) -> Data {
+        guard let address = URL(string: url), ["http", "https"].contains(address.scheme ?? "") else {
+            throw FileError("the input '\(name)' has no http(s) URL")
+        }
+        var request = URLRequest(url: address)
+        request.timeoutInterval = 60
+        do {
+            let (data, response) = try await URLSession.shared.data(for: request)
+            if let http = response as? HTTPURLResponse, http.statusCode != 200 {
+                throw FileError("fetching the input '\(name)' from \(url): HTTP \(http.statusCode)")
+            }
+            return data
+        } catch let error as FileError {
+            throw error
+        } catch {
+            throw FileError("fetching the input '\(name)' from \(url): \(error.localizedDescription)")
+        }
+    }
+
+    /// The worker's side: reads the outputs a job left in `directory`. A name that resolves
+    /// outside the directory (through a symbolic link) is refused.
+    static func readOutputs(_ names: [String], from directory: String) throws(FileError) -> [Parley_Work_V1_OutputFile] {
+        let root = URL(fileURLWithPath: directory).resolvingSymlinksInPath().path
+        var total = 0
+        return try names.map { name throws(FileError) in
+            try self.check(name: name)
+            let resolved = URL(fileURLWithPath: directory + "/" + name).resolvingSymlinksInPath().path
+            guard resolved.hasPrefix(root + "/") else { throw FileError("the output '\(name)' leads out of the job's directory") }
+            guard let data = FileManager.default.contents(atPath: resolved) else { throw FileError("the job left no output '\(name)'") }
+            total += data.count
+            guard total <= self.maxOutputBytes else { throw FileError("the outputs are over \(self.maxOutputBytes) bytes together") }
+            var output = Parley_Work_V1_OutputFile()
+            output.name = name
+            output.size = UInt64(data.count)
+            output.sha256 = Data(self.sha256(data))
+            output.content = data
+            return output
+        }
+    }
+}
