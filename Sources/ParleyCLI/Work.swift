@@ -19,7 +19,7 @@ struct Work: AsyncParsableCommand {
             A master (`work serve`) keeps the jobs in SQLite, or in PostgreSQL shared by several
             masters, and hands them out under leases; a result is accepted exactly once.
             """,
-        subcommands: [Serve.self, Worker.self, Submit.self, Status.self, Results.self, Keygen.self, Sign.self, Verify.self, Bench.self, Exec.self]
+        subcommands: [Serve.self, Worker.self, Submit.self, Status.self, Results.self, Keygen.self, Sign.self, Verify.self, Bench.self, Rotate.self, Exec.self]
     )
 
     static let defaultMaster = "127.0.0.1:7422"
@@ -86,6 +86,9 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Serve HTTP at HOST:PORT: GET /status and /jobs/ID as JSON, /metrics for Prometheus.", valueName: "host:port"))
         var http: String?
 
+        @Option(name: .long, help: ArgumentHelp("A key rotation (parley work rotate) to announce to workers; needs --trust, whose key must have signed it.", valueName: "file"))
+        var rotation: String?
+
         @OptionGroup var security: ServerSecurityOptions
 
         @OptionGroup var logging: LoggingOptions
@@ -128,10 +131,19 @@ struct Work: AsyncParsableCommand {
             if let path = self.trust {
                 do { trust = try WorkSigning.readPublicKey(path) } catch { throw ValidationError(error.message) }
             }
+            var rotation: WorkSigning.Rotation?
+            if let path = self.rotation {
+                guard let trust else { throw ValidationError("--rotation needs --trust (the key that signed it)") }
+                do {
+                    let r = try WorkSigning.readRotation(path)
+                    try trust.verifyRotation(to: r.next, signature: r.signature)
+                    rotation = r
+                } catch { throw ValidationError(error.message) }
+            }
             var router = ParleyRouter()
             WorkService.register(on: &router, store: store, configuration: .init(
                 leaseDuration: .seconds(self.leaseSeconds), defaultMaxAttempts: self.maxAttempts, trust: trust,
-                storeConcurrency: postgres ? 4 : 1
+                rotation: rotation, storeConcurrency: postgres ? 4 : 1
             ))
             let addresses = try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) }
             var configuration = ParleyServer.Configuration(listen: addresses, name: "parley-work")
@@ -587,6 +599,38 @@ struct Work: AsyncParsableCommand {
             if result.notAccepted > 0 {
                 print("parley work bench: \(result.notAccepted) reports were not accepted")
                 throw ExitCode(1)
+            }
+        }
+    }
+
+    struct Rotate: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Vouch for the project's next key with the current one (a key rotation).",
+            discussion: """
+                Writes FILE: the next public key and the current key's signature over it. Give it to
+                the masters (parley work serve --trust CURRENT.pub --rotation FILE): they accept jobs
+                signed by either key and announce the next key in every worker's welcome; a worker
+                trusts it from then on only if a key it trusts signed it. Then sign jobs with the new key.
+                """
+        )
+
+        @Option(name: .long, help: ArgumentHelp("The current private key (work.key).", valueName: "file"))
+        var key: String
+
+        @Option(name: .long, help: ArgumentHelp("The next public key (its work.pub).", valueName: "file"))
+        var to: String
+
+        @Option(name: .long, help: ArgumentHelp("The rotation file to write (never overwritten).", valueName: "file"))
+        var out: String
+
+        func run() throws {
+            do {
+                let key = try WorkSigning.readPrivateKey(self.key)
+                let next = try WorkSigning.readPublicKey(self.to)
+                try WorkSigning.writeRotation(.init(next: next, signature: try key.signRotation(to: next)), to: self.out)
+                print("\(self.out): key \(next.id) vouched for by key \(key.publicKey.id)")
+            } catch {
+                throw ValidationError(error.message)
             }
         }
     }

@@ -17,18 +17,25 @@ public enum WorkService {
         /// nothing is stored). Nil: signatures are checked by the workers only.
         public var trust: WorkSigning.PublicKey?
         public var name: String
+        /// A key rotation to announce to workers in their welcome (the caller has checked it
+        /// against `trust`); jobs signed by its next key are accepted too.
+        public var rotation: WorkSigning.Rotation?
         /// How many store transactions (group commits of claims, and of reports) may run at
         /// once: 1 suits SQLite (one writer); PostgreSQL takes more.
         public var storeConcurrency: Int
 
         public init(leaseDuration: Duration = .seconds(600), defaultMaxAttempts: Int = 3, trust: WorkSigning.PublicKey? = nil, name: String = "parley-work",
-                    storeConcurrency: Int = 1) {
+                    rotation: WorkSigning.Rotation? = nil, storeConcurrency: Int = 1) {
+            self.rotation = rotation
             self.leaseDuration = leaseDuration
             self.defaultMaxAttempts = defaultMaxAttempts
             self.trust = trust
             self.name = name
             self.storeConcurrency = storeConcurrency
         }
+
+        /// The keys whose jobs are accepted.
+        var trusted: [WorkSigning.PublicKey] { (self.trust.map { [$0] } ?? []) + (self.rotation.map { [$0.next] } ?? []) }
     }
 
     /// The work protocol versions this master speaks (§19.7): a worker's hello says the
@@ -75,9 +82,9 @@ public enum WorkService {
             guard !request.jobs.isEmpty else { throw ParleyError(code: .invalidArgument, message: "SubmitJobs holds no job") }
             var jobs: [NewJob] = []
             for (i, job) in request.jobs.enumerated() {
-                if let trust = configuration.trust {
+                if configuration.trust != nil {
                     do throws(WorkSigningError) {
-                        try trust.verify(job: Array(job.spec), signature: Array(job.signature))
+                        try WorkSigning.verify(job: Array(job.spec), signature: Array(job.signature), byAnyOf: configuration.trusted)
                     } catch {
                         throw ParleyError(code: .permissionDenied, message: "job \(i) of the batch is refused: \(error.message); nothing was stored")
                     }
@@ -105,6 +112,10 @@ public enum WorkService {
         router.on(Parley_Work_V1_WorkerHello.self) { (hello: Parley_Work_V1_WorkerHello, _: ParleyRequestContext) -> Parley_Work_V1_WorkerWelcome in
             var welcome = Parley_Work_V1_WorkerWelcome()
             welcome.protocolVersion = try Self.negotiate(workerHighest: hello.protocolVersion)
+            if let rotation = configuration.rotation {
+                welcome.nextPublicKey = Data(rotation.next.rawRepresentation)
+                welcome.rotationSignature = Data(rotation.signature)
+            }
             welcome.master = configuration.name
             welcome.leaseSeconds = UInt32(clamping: configuration.leaseDuration.components.seconds)
             return welcome

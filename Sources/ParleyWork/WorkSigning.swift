@@ -138,6 +138,49 @@ public enum WorkSigning {
         return Array(raw)
     }
 
+    /// Verifies a job against several keys (the current one and a rotation's next); the
+    /// error names the first key when none verifies.
+    public static func verify(job: [UInt8], signature: [UInt8], byAnyOf keys: [PublicKey]) throws(WorkSigningError) {
+        var first: WorkSigningError?
+        for key in keys {
+            do throws(WorkSigningError) {
+                try key.verify(job: job, signature: signature)
+                return
+            } catch {
+                if first == nil { first = error }
+            }
+        }
+        throw first ?? WorkSigningError("no key to verify the job with")
+    }
+
+    static let rotationHeader = "parley-work-ed25519-rotation"
+
+    /// A key rotation: the next public key and the old key's signature over it.
+    public struct Rotation: Sendable, Hashable {
+        public var next: PublicKey
+        public var signature: [UInt8]
+        public init(next: PublicKey, signature: [UInt8]) {
+            self.next = next
+            self.signature = signature
+        }
+    }
+
+    /// Writes a rotation file (`parley-work-ed25519-rotation NEXT SIGNATURE`, base64), never
+    /// over an existing file.
+    public static func writeRotation(_ rotation: Rotation, to path: String) throws(WorkSigningError) {
+        try self.create(path, "\(rotationHeader) \(Data(rotation.next.rawRepresentation).base64EncodedString()) \(Data(rotation.signature).base64EncodedString())\n", mode: 0o644)
+    }
+
+    public static func readRotation(_ path: String) throws(WorkSigningError) -> Rotation {
+        guard let data = FileManager.default.contents(atPath: path) else { throw WorkSigningError("cannot read \(path)") }
+        let parts = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines).split(separator: " ")
+        guard parts.count == 3, parts[0] == rotationHeader, let next = Data(base64Encoded: String(parts[1])),
+              let signature = Data(base64Encoded: String(parts[2])) else {
+            throw WorkSigningError("\(path) is not a \(rotationHeader) file (expected \"\(rotationHeader) NEXT-KEY SIGNATURE\", base64)")
+        }
+        return Rotation(next: try PublicKey(rawRepresentation: Array(next)), signature: Array(signature))
+    }
+
     /// Creates `path` with `mode` (never over an existing file) and writes `text`.
     private static func create(_ path: String, _ text: String, mode: mode_t) throws(WorkSigningError) {
         let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode)

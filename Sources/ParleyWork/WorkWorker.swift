@@ -52,11 +52,37 @@ public final class WorkWorker: Sendable {
     /// The child process of each running job, by job id.
     private let running = NIOLockedValueBox<[UInt64: Int32]>([:])
     private let handedBack = NIOLockedValueBox<[UInt64]>([])
+    /// The keys jobs may be signed with: `trust`, and the next keys of rotations it vouched for.
+    private let trusted: NIOLockedValueBox<[WorkSigning.PublicKey]>
 
     public init(link: WorkMasterLink, configuration: Configuration, logger: Logger = Logger(label: "parley.work.worker")) {
         self.link = link
         self.configuration = configuration
+        self.trusted = NIOLockedValueBox([configuration.trust])
         self.logger = logger
+    }
+
+    /// The keys this worker accepts jobs from now.
+    public var trustedKeys: [WorkSigning.PublicKey] { self.trusted.withLockedValue { $0 } }
+
+    /// A master announces a key rotation: the next key is trusted from now on if a key this
+    /// worker trusts signed it; otherwise it is ignored (and jobs signed with it refused).
+    func consider(rotation welcome: Parley_Work_V1_WorkerWelcome) {
+        guard !welcome.nextPublicKey.isEmpty else { return }
+        do throws(WorkSigningError) {
+            let next = try WorkSigning.PublicKey(rawRepresentation: Array(welcome.nextPublicKey))
+            let trusted = self.trusted.withLockedValue { $0 }
+            guard !trusted.contains(next) else { return }
+            var vouched: WorkSigning.PublicKey?
+            for key in trusted where (try? key.verifyRotation(to: next, signature: Array(welcome.rotationSignature))) != nil { vouched = key }
+            guard let vouched else {
+                throw WorkSigningError("key \(next.id) is not vouched for by any trusted key (\(trusted.map(\.id).joined(separator: ", ")))")
+            }
+            self.trusted.withLockedValue { $0.append(next) }
+            self.logger.notice("key rotation: now trusting \(next.id), vouched for by \(vouched.id)")
+        } catch {
+            self.logger.warning("key rotation refused", metadata: ["error": "\(error.message)"])
+        }
     }
 
     /// Jobs run and jobs refused so far.
@@ -90,6 +116,7 @@ public final class WorkWorker: Sendable {
         guard WorkService.protocolVersions.contains(version) else {
             throw ParleyError(code: .unsupportedVersion, message: "the master chose work protocol version \(version); this worker speaks \(WorkService.protocolVersions)")
         }
+        self.consider(rotation: welcome)
         self.logger.info("working for \(welcome.master)", metadata: ["slots": "\(self.configuration.slots)", "lease": "\(welcome.leaseSeconds) s", "version": "\(version)"])
         try await withThrowingTaskGroup(of: Void.self) { group in
             for _ in 0..<self.configuration.slots {
@@ -164,7 +191,7 @@ public final class WorkWorker: Sendable {
         report.jobID = assignment.jobID
         report.leaseID = assignment.leaseID
         do {
-            try self.configuration.trust.verify(job: Array(assignment.job.spec), signature: Array(assignment.job.signature))
+            try WorkSigning.verify(job: Array(assignment.job.spec), signature: Array(assignment.job.signature), byAnyOf: self.trustedKeys)
         } catch {
             self.counts.withLockedValue { $0.refused += 1 }
             self.logger.warning("job refused: bad signature, not run", metadata: ["job": "\(assignment.jobID)", "error": "\(error.message)"])

@@ -339,3 +339,51 @@ extension WorkProcessTests {
         await master.stop()
     }
 }
+
+extension WorkProcessTests {
+    /// Key rotation on the wire: the master announces the next key, vouched for by the
+    /// current one; a worker that trusts only the old key then runs jobs signed with the new
+    /// one. A rotation signed by another key is refused by the master at startup, and a
+    /// worker never trusts a next key its keys did not vouch for.
+    @Test func aKeyRotationVouchedForByTheOldKeyIsTrustedByWorkers() async throws {
+        let dir = freshTestDirectory("work-rotation")
+        for name in ["old", "new", "stranger"] { #expect(try parley(["work", "keygen", "--dir", "\(dir)/\(name)"]).status == 0) }
+        let rotate = try parley(["work", "rotate", "--key", dir + "/old/work.key", "--to", dir + "/new/work.pub", "--out", dir + "/rotation"])
+        #expect(rotate.status == 0 && rotate.stdout.contains("vouched for"), "\(rotate.combined)")
+        let forged = try parley(["work", "rotate", "--key", dir + "/stranger/work.key", "--to", dir + "/new/work.pub", "--out", dir + "/forged"])
+        #expect(forged.status == 0)
+        let refused = try parley(["work", "serve", "--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/x.sqlite", "--trust", dir + "/old/work.pub", "--rotation", dir + "/forged"], seconds: 30)
+        #expect(refused.status != 0 && refused.combined.contains("is not vouched for by key"), "\(refused.combined)")
+
+        let master = try await ServeProcess.start(
+            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--trust", dir + "/old/work.pub", "--rotation", dir + "/rotation"],
+            command: ["work", "serve"]
+        )
+        let newJob = try parley(["work", "submit", "--master", master.address, "--key", dir + "/new/work.key", "--", "/bin/echo", "new-key"])
+        #expect(newJob.status == 0, "the master accepts the next key's jobs: \(newJob.combined)")
+        let oldJob = try parley(["work", "submit", "--master", master.address, "--key", dir + "/old/work.key", "--", "/bin/echo", "old-key"])
+        #expect(oldJob.status == 0, "\(oldJob.combined)")
+        let strangerJob = try parley(["work", "submit", "--master", master.address, "--key", dir + "/stranger/work.key", "--", "/bin/echo", "x"])
+        #expect(strangerJob.status == 2 && strangerJob.combined.contains("refused"), "\(strangerJob.combined)")
+        let workers = try Workers(count: 1, master: master.address, trust: dir + "/old/work.pub", dir: dir)
+        let done = try await eventually(seconds: 60) { (try? Self.status(master.address))?["succeeded"] == 2 }
+        workers.stop()
+        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        let log = String(decoding: FileManager.default.contents(atPath: workers.logs[0]) ?? Data(), as: UTF8.self)
+        #expect(log.contains("key rotation: now trusting"), "\(log)")
+        await master.stop()
+
+        // A master without the rotation: the same worker (trusting the old key only) refuses
+        // the new key's job.
+        let plain = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/plain.sqlite", "--max-attempts", "1"], command: ["work", "serve"])
+        #expect(try parley(["work", "submit", "--master", plain.address, "--key", dir + "/new/work.key", "--", "/bin/echo", "new-key"]).status == 0)
+        try FileManager.default.createDirectory(atPath: dir + "/second", withIntermediateDirectories: true)
+        let second = try Workers(count: 1, master: plain.address, trust: dir + "/old/work.pub", dir: dir + "/second")
+        let failed = try await eventually(seconds: 60) { (try? Self.status(plain.address))?["failed"] == 1 }
+        second.stop()
+        #expect(failed)
+        let result = try parley(["work", "results", "1", "--master", plain.address])
+        #expect(result.stdout.contains("bad signature"), "\(result.combined)")
+        await plain.stop()
+    }
+}

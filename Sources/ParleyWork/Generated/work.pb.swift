@@ -321,6 +321,12 @@ public nonisolated struct Parley_Work_V1_WorkerWelcome: Sendable {
   /// the version both use: the lower of the two highest (0: 1)
   public var protocolVersion: UInt32 = 0
 
+  /// a key rotation: the project's next public key (32 bytes), and
+  public var nextPublicKey: Data = Data()
+
+  /// the current key's Ed25519 signature over "parley-work key rotation v1\0" + it
+  public var rotationSignature: Data = Data()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -868,7 +874,7 @@ nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WorkerWelcome"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}master\0\u{3}lease_seconds\0\u{3}protocol_version\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}master\0\u{3}lease_seconds\0\u{3}protocol_version\0\u{3}next_public_key\0\u{3}rotation_signature\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -879,6 +885,8 @@ nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, Swift
       case 1: try { try decoder.decodeSingularStringField(value: &self.master) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.leaseSeconds) }()
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
+      case 4: try { try decoder.decodeSingularBytesField(value: &self.nextPublicKey) }()
+      case 5: try { try decoder.decodeSingularBytesField(value: &self.rotationSignature) }()
       default: break
       }
     }
@@ -894,6 +902,12 @@ nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, Swift
     if self.protocolVersion != 0 {
       try visitor.visitSingularUInt32Field(value: self.protocolVersion, fieldNumber: 3)
     }
+    if !self.nextPublicKey.isEmpty {
+      try visitor.visitSingularBytesField(value: self.nextPublicKey, fieldNumber: 4)
+    }
+    if !self.rotationSignature.isEmpty {
+      try visitor.visitSingularBytesField(value: self.rotationSignature, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -901,6 +915,8 @@ nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, Swift
     if lhs.master != rhs.master {return false}
     if lhs.leaseSeconds != rhs.leaseSeconds {return false}
     if lhs.protocolVersion != rhs.protocolVersion {return false}
+    if lhs.nextPublicKey != rhs.nextPublicKey {return false}
+    if lhs.rotationSignature != rhs.rotationSignature {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
