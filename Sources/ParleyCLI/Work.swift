@@ -119,7 +119,7 @@ struct Work: AsyncParsableCommand {
                 if postgres {
                     var quiet = Logger(label: "parley.work.postgres")
                     quiet.logLevel = max(self.logging.logLevel, .warning)
-                    store = try await PostgresWorkStore(url: self.database, logger: quiet)
+                    store = try await PostgresWorkStore(url: self.database, connectTimeout: .seconds(30), logger: quiet)
                 } else {
                     store = try SQLiteWorkStore(path: String(self.database.dropFirst("sqlite:".count)))
                 }

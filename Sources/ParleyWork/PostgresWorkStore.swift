@@ -55,7 +55,8 @@ public final class PostgresWorkStore: WorkStore {
     public init(
         url: String, maximumConnections: Int = 8, connectTimeout: Duration = .seconds(10), logger: Logger = Logger(label: "parley.work.postgres")
     ) async throws {
-        let configuration = try Self.configuration(url, maximumConnections: maximumConnections)
+        var configuration = try Self.configuration(url, maximumConnections: maximumConnections)
+        configuration.options.connectTimeout = connectTimeout
         let client = PostgresClient(configuration: configuration, backgroundLogger: logger)
         self.client = client
         self.logger = logger

@@ -89,7 +89,7 @@ extension WorkProcessTests {
             guard parts.count == 3, let job = UInt64(parts[1]), let lease = UInt64(parts[2]) else { continue }
             ranByJob[job, default: []].insert(lease)
         }
-        let store = try await PostgresWorkStore(url: url)
+        let store = try await PostgresWorkStore(url: url, connectTimeout: .seconds(60))
         var unaccounted: [String] = []
         var reruns = 0
         var records = 0

@@ -20,7 +20,7 @@ enum StoreKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
     func make() async throws -> any WorkStore {
         switch self {
         case .sqlite: return try SQLiteWorkStore(path: SQLiteWorkStoreTests.freshPath())
-        case .postgres: return try await PostgresWorkStore(url: try await TestPostgres.freshDatabase())
+        case .postgres: return try await PostgresWorkStore(url: try await TestPostgres.freshDatabase(), connectTimeout: TestPostgres.patience)
         }
     }
 }
@@ -28,6 +28,9 @@ enum StoreKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
 /// Fresh databases on the test server.
 enum TestPostgres {
     static var url: String? { ProcessInfo.processInfo.environment["PARLEY_TEST_POSTGRES"] }
+    /// How long a store waits for the server at first: the whole suite runs at once on two
+    /// cores, and a connection can take seconds then.
+    static let patience = Duration.seconds(60)
 
     /// Creates an empty database and returns its URL.
     static func freshDatabase() async throws -> String {
@@ -39,6 +42,7 @@ enum TestPostgres {
             database: String(parts.path.dropFirst()), tls: .disable
         )
         config.options.maximumConnections = 1
+        config.options.connectTimeout = patience
         let client = PostgresClient(configuration: config, backgroundLogger: Logger(label: "test.postgres"))
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await client.run() }
@@ -130,7 +134,7 @@ enum TestPostgres {
         let url = try await TestPostgres.freshDatabase()
         // Three masters start together on one empty database: one migrates, the others wait.
         let stores = try await withThrowingTaskGroup(of: PostgresWorkStore.self) { group in
-            for _ in 0..<3 { group.addTask { try await PostgresWorkStore(url: url) } }
+            for _ in 0..<3 { group.addTask { try await PostgresWorkStore(url: url, connectTimeout: TestPostgres.patience) } }
             var all: [PostgresWorkStore] = []
             for try await store in group { all.append(store) }
             return all
@@ -141,7 +145,7 @@ enum TestPostgres {
         _ = try await stores[0].submit(Self.jobs(4), now: 0)
         #expect(try await stores[2].counts()["queued"] == 4)
         for store in stores { await store.close() }
-        let again = try await PostgresWorkStore(url: url)
+        let again = try await PostgresWorkStore(url: url, connectTimeout: TestPostgres.patience)
         #expect(try await again.appliedMigrations() == ["v1: jobs and results"])
         #expect(try await again.counts()["queued"] == 4)
         await again.close()
