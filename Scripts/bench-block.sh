@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 
 ALL_SYSTEMS="nbdkit-tcp nbdkit-unix qemu-nbd qemu-nbd-unix parley-tcp parley-unix parley-map1 parley-map2"
 ALL_WORKLOADS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 seqread-1m-qd8 seqwrite-1m-qd8"
-DEFAULT_PARLEY='.build/release/parley block serve --export bench=FILE --nbd 127.0.0.1:PORT --nbd unix:SOCK --listen 127.0.0.1:PORT2'
+# ",shared": the maps (parley-map1/2) hold the export read-write while fio uses it over NBD.
+DEFAULT_PARLEY='.build/release/parley block serve --export bench=FILE,shared --nbd 127.0.0.1:PORT --nbd unix:SOCK --listen 127.0.0.1:PORT2'
 
 systems="nbdkit-tcp,nbdkit-unix,qemu-nbd,parley-tcp,parley-unix"
 workloads="${ALL_WORKLOADS// /,}"
@@ -67,7 +68,8 @@ Environment:
   BLOCK_BENCH_SIZE     size of the exported file (default 1G; numfmt --from=iec syntax)
   PARLEY_BLOCK_SERVER  command starting Parley's server, with placeholders FILE (data file),
                        PORT (NBD TCP port), SOCK (NBD Unix socket), PORT2 (second TCP port);
-                       it must export the file under the name "bench". Default:
+                       it must export the file under the name "bench" (shared, for the
+                       maps to hold it while fio uses it over NBD). Default:
                        $DEFAULT_PARLEY
                        Parley systems are skipped if its executable is missing.
   TMPDIR               where the work dir (and the data file) is created (default /tmp)

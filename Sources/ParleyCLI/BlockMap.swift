@@ -66,34 +66,36 @@ struct BlockMapCommand: AsyncParsableCommand {
         commandName: "map",
         abstract: "Open a remote device over one or more paths and serve it on a local NBD endpoint.",
         discussion: """
-            Opens DEVICE (an export name, or a path under the server's --search-path) on a
-            block server over every --path (Parley's block protocol; several addresses of one
-            server, or one address several times for more connections), and serves it as an
-            NBD export on --nbd, so that nbd-client (/dev/nbdN), qemu, nbdinfo, nbdcopy and fio
-            use it. The NBD export is named DEVICE, and is also the default export (""):
-              parley block map --session s1 --path 10.0.0.1:7421 --path 10.0.1.1:7421 \\
-                  --device disk --nbd unix:/run/s1-disk.sock
-              nbdinfo 'nbd+unix:///disk?socket=/run/s1-disk.sock'
-              nbd-client -unix /run/s1-disk.sock /dev/nbd0 -N disk
+            Opens DEVICE (an export name, or a path under the server's
+            --search-path) on a block server over every --path (Parley's block
+            protocol: several addresses of one server, or one address several
+            times for more connections), and serves it as an NBD export on --nbd
+            for nbd-client (/dev/nbdN), qemu, nbdinfo, nbdcopy and fio. The NBD
+            export is named DEVICE, and is also the default export (""):
+              parley block map --session s1 --path 10.0.0.1:7421 \
+                  --path 10.0.1.1:7421 --device disk --nbd unix:/run/s1.sock
+              nbdinfo 'nbd+unix:///disk?socket=/run/s1.sock'
+              nbd-client -unix /run/s1.sock /dev/nbd0 -N disk
 
-            RNBD's map_device line is accepted instead of the flags (--nbd still needed):
-              parley block map --rnbd "sessname=s1 path=ip:10.0.0.1 path=ip:10.0.1.1 device_path=disk access_mode=rw" \\
-                  --nbd unix:/run/s1-disk.sock
-            (ip:ADDRESS without a port means port 7421; access_mode ro, rw or migration.)
+            RNBD's map_device words work instead of the flags (--nbd still
+            needed; ip:ADDRESS without a port means port 7421):
+              parley block map --nbd unix:/run/s1.sock --rnbd \
+                  "sessname=s1 path=ip:10.0.0.1 path=ip:10.0.1.1 device_path=disk"
 
-            Multipath: each IO goes to one path (--policy round-robin, or min-inflight: the
-            path with the fewest IOs in flight). When a path dies, its IOs in flight are sent
-            again on another path and it reconnects in the background with back-off (logged).
-            Writes to overlapping blocks are carried out in the order they were submitted,
-            also across a failover: a write re-sent on another path never overwrites a later
-            acknowledged write (docs/protocol.md, "Multipath"). With no path up, IO waits up
-            to --io-timeout seconds, then fails with EIO (and new IO fails at once until a
-            path is back).
+            Multipath: each IO goes to one path (--policy round-robin, or
+            min-inflight: the path with the fewest IOs in flight). When a path
+            dies, its IO in flight is sent again on another path, and the path
+            reconnects in the background with back-off (each change is logged).
+            Writes to overlapping blocks take effect in the order submitted, also
+            across a failover: a re-sent write never overwrites a later
+            acknowledged one (docs/protocol.md 17.8). With no path up, IO waits
+            up to --io-timeout seconds, then fails with EIO, and new IO fails at
+            once until a path is back.
 
-            Status: twice a second the map writes STATE_DIR/SESSION.DEVICE.json
-            (`parley block list` shows them). SIGINT/SIGTERM or `parley block unmap`: NBD
-            clients' requests in flight complete, the device's IO drains, a final flush, the
-            device is closed on every path, then the process exits.
+            Status: twice a second the map writes STATE_DIR/SESSION.DEVICE.json,
+            which `parley block list` shows. SIGINT, SIGTERM or `parley block
+            unmap`: NBD clients' requests in flight complete, the device's IO
+            drains, a final flush, the device is closed on every path, exit.
             """
     )
 
@@ -181,11 +183,9 @@ struct BlockMapCommand: AsyncParsableCommand {
         } catch {
             throw ValidationError(error.message)
         }
-        let map = BlockMap(session: try BlockMultipathSession(configuration, logger: logger), device: r.device, readOnly: r.access == "ro",
+        let access: Parley_Block_V1_AccessMode = r.access == "ro" ? .readOnly : r.access == "migration" ? .migration : .readWrite
+        let map = BlockMap(session: try BlockMultipathSession(configuration, logger: logger), device: r.device, access: access,
                            nbd: try ParleyAddress(parsing: self.nbd), stateDirectory: self.stateDir ?? BlockMap.defaultStateDirectory, logger: logger)
-        if r.access == "migration" {
-            print("parley block map: migration opens are taken as read-write opens here")
-        }
         let running: BlockMap.Running
         do {
             running = try await map.start()

@@ -22,16 +22,17 @@ public final class BlockMap: Sendable {
 
     public let session: BlockMultipathSession
     public let devicePath: String
-    public let readOnly: Bool
+    public let access: Parley_Block_V1_AccessMode
+    public var readOnly: Bool { self.access == .readOnly }
     public let nbdAddress: ParleyAddress
     public let stateDirectory: String
     let logger: Logger
 
-    public init(session: BlockMultipathSession, device: String, readOnly: Bool, nbd: ParleyAddress, stateDirectory: String,
+    public init(session: BlockMultipathSession, device: String, access: Parley_Block_V1_AccessMode, nbd: ParleyAddress, stateDirectory: String,
                 logger: Logger = Logger(label: "parley.block.map")) {
         self.session = session
         self.devicePath = device
-        self.readOnly = readOnly
+        self.access = access
         self.nbdAddress = nbd
         self.stateDirectory = stateDirectory
         self.logger = logger
@@ -102,7 +103,7 @@ public final class BlockMap: Sendable {
 
     /// Opens the device over every path and starts serving it over NBD.
     public func start() async throws -> Running {
-        let device = try await self.session.open(self.devicePath, access: self.readOnly ? .readOnly : .readWrite)
+        let device = try await self.session.open(self.devicePath, access: self.access)
         let store = MultipathBlockStore(device: device)
         let path = "/"  // the table's key for the one device; never opened as a file
         let catalog = try BlockExportCatalog(exports: [
@@ -129,7 +130,7 @@ public final class BlockMap: Sendable {
         self.logger.info("mapped", metadata: [
             "session": "\(self.session.configuration.sessionName)", "device": "\(self.devicePath)", "nbd": "\(bound)",
             "size": "\(g.sizeBytes)", "block_size": "\(g.logicalBlockSize)", "paths": "\(self.session.configuration.paths.count)",
-            "access": "\(self.readOnly ? "ro" : "rw")",
+            "access": "\(self.readOnly ? "ro" : self.access == .migration ? "migration" : "rw")",
         ])
         let writer = Task { [self] in
             while !Task.isCancelled {

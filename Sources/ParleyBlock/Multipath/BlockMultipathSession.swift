@@ -161,6 +161,8 @@ public final class BlockMultipathDevice: Sendable {
     struct Path {
         var address: ParleyAddress
         var client: BlockClient?
+        /// Runs the tasks that send this path's IO on its connection's event loop.
+        var executor: EventLoopExecutor?
         var deviceID: UInt32 = 0
         var connecting = false
         var connects = 0
@@ -195,7 +197,8 @@ public final class BlockMultipathDevice: Sendable {
 
     /// What to do outside the lock.
     enum Job {
-        case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, deviceID: UInt32, io: MultipathIOState.IO, fua: Bool, data: ByteBuffer?)
+        case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, executor: EventLoopExecutor?, deviceID: UInt32, io: MultipathIOState.IO,
+                  fua: Bool, data: ByteBuffer?)
         case resume(@Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void, Result<ByteBuffer?, BlockMultipathError>)
         case arm(token: Int)
         case cancel(Task<Void, Never>)
@@ -327,6 +330,7 @@ public final class BlockMultipathDevice: Sendable {
         let (jobs, generation, ok) = self.state.withLockedValue { s -> ([Job], Int, Bool) in
             if s.closed { return ([], 0, false) }
             s.paths[i].client = client
+            s.paths[i].executor = EventLoopExecutor(client.client.connection.eventLoop)
             s.paths[i].deviceID = device.id
             s.paths[i].connecting = false
             s.paths[i].connects += 1
@@ -419,7 +423,8 @@ public final class BlockMultipathDevice: Sendable {
                     preconditionFailure("send of unknown IO \(id) or on a path without a connection")
                 }
                 s.paths[path].sends += 1
-                jobs.append(.send(id: id, send: send, path: path, client: client, deviceID: s.paths[path].deviceID, io: p.io, fua: p.fua, data: p.data))
+                jobs.append(.send(id: id, send: send, path: path, client: client, executor: s.paths[path].executor, deviceID: s.paths[path].deviceID,
+                                  io: p.io, fua: p.fua, data: p.data))
             case .complete(let id, let failure):
                 guard let p = s.pending.removeValue(forKey: id) else { continue }
                 let result: Result<ByteBuffer?, BlockMultipathError>
@@ -468,8 +473,12 @@ public final class BlockMultipathDevice: Sendable {
     private func run(_ jobs: [Job]) {
         for job in jobs {
             switch job {
-            case .send(let id, let send, let path, let client, let deviceID, let io, let fua, let data):
-                Task { await self.perform(id: id, send: send, path: path, client: client, deviceID: deviceID, io: io, fua: fua, data: data) }
+            case .send(let id, let send, let path, let client, let executor, let deviceID, let io, let fua, let data):
+                // On the connection's event loop: the request is written and its answer taken
+                // there, without a hop to Swift's global pool and back.
+                Task(executorPreference: executor) {
+                    await self.perform(id: id, send: send, path: path, client: client, deviceID: deviceID, io: io, fua: fua, data: data)
+                }
             case .resume(let complete, let result):
                 complete(result)
             case .arm(let token):
@@ -651,5 +660,22 @@ public final class BlockMultipathDevice: Sendable {
         }
         self.logger.info("device closed", metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
         if let flushError { throw flushError }
+    }
+}
+
+/// Runs Swift tasks on a SwiftNIO event loop (a path's connection's), so that sending an IO
+/// and taking its answer happen on the thread that owns the socket.
+final class EventLoopExecutor: TaskExecutor, Sendable {
+    let eventLoop: any EventLoop
+
+    init(_ eventLoop: any EventLoop) {
+        self.eventLoop = eventLoop
+    }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        self.eventLoop.execute {
+            job.runSynchronously(on: self.asUnownedTaskExecutor())
+        }
     }
 }

@@ -216,7 +216,8 @@ public struct MultipathIOState: Sendable, Hashable {
     public mutating func noPathTimerFired() -> [Action] {
         guard self.timerArmed else { return [] }
         self.timerArmed = false
-        guard self.livePaths == 0 else { return [] }
+        // Nothing waited the whole time (what waited failed otherwise): new IO gets its own wait.
+        guard self.livePaths == 0, self.waiting > 0 else { return [] }
         self.failingFast = true
         var actions: [Action] = []
         for id in (self.queue + self.blocked).sorted() {

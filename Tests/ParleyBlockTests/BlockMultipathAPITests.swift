@@ -1,0 +1,79 @@
+import Foundation
+import NIOCore
+import Parley
+import ParleyBlock
+import ParleyTestSupport
+import Testing
+
+/// The Swift multipath client (`BlockMultipathSession`, `BlockMultipathDevice`) against a
+/// `parley block serve` process: many IOs in flight over two paths, every operation, the
+/// server's refusals passed on with their status, and close.
+@Suite(.timeLimit(.minutes(5)))
+struct BlockMultipathAPITests {
+    func session(_ server: BlockServerProcess, name: String = "api", policy: MultipathIOState.Policy = .roundRobin) throws -> BlockMultipathSession {
+        try BlockMultipathSession(.init(sessionName: name, paths: [.unix(path: server.blockSocket), .tcp(host: "127.0.0.1", port: server.blockPort)],
+                                        policy: policy, ioTimeout: .seconds(5)))
+    }
+
+    @Test(arguments: [MultipathIOState.Policy.roundRobin, .minInflight])
+    func manyIOsInFlightOverTwoPaths(policy: MultipathIOState.Policy) async throws {
+        let scratch = try ScratchDirectory()
+        try scratch.sparseFile("disk.img", size: 8 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        defer { server.stop() }
+        let device = try await self.session(server, policy: policy).open("disk")
+        #expect(device.geometry.sizeBytes == 8 << 20)
+        // 256 writes of 4 KiB at once, each block its own pattern, then read back at once.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for i in 0..<256 {
+                group.addTask { try await device.write(offset: UInt64(i) * 4096, data: ByteBuffer(repeating: UInt8(i & 0xff), count: 4096)) }
+            }
+            try await group.waitForAll()
+        }
+        try await device.flush()
+        try await withThrowingTaskGroup(of: (Int, ByteBuffer).self) { group in
+            for i in 0..<256 {
+                group.addTask { (i, try await device.read(offset: UInt64(i) * 4096, length: 4096)) }
+            }
+            for try await (i, data) in group {
+                #expect(data == ByteBuffer(repeating: UInt8(i & 0xff), count: 4096), "block \(i)")
+            }
+        }
+        // Both paths carried IO.
+        let status = device.status()
+        #expect(status.paths.allSatisfy { $0.state == "up" && $0.sends > 0 }, "\(status.paths)")
+        #expect(status.writes == 256 && status.reads == 256 && status.errors == 0)
+        // Discard and write-zeroes read back as zeroes.
+        try await device.discard(offset: 0, length: 8192)
+        try await device.writeZeroes(offset: 8192, length: 4096, fua: true)
+        #expect(try await device.read(offset: 0, length: 12288) == ByteBuffer(repeating: 0, count: 12288))
+        #expect(try await device.read(offset: 12288, length: 4096) == ByteBuffer(repeating: 3, count: 4096))
+        try await device.close()
+        await #expect(throws: BlockMultipathError.self) { _ = try await device.read(offset: 0, length: 4096) }
+    }
+
+    @Test func refusalsCarryTheServersStatus() async throws {
+        let scratch = try ScratchDirectory()
+        try scratch.sparseFile("disk.img", size: 1 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: [
+            "--export", "disk=\(scratch.file("disk.img"))", "--export", "frozen=\(scratch.file("disk.img")),read-only",
+        ])
+        defer { server.stop() }
+        let session = try self.session(server)
+        func kind(_ body: () async throws -> Void) async -> BlockMultipathError.Kind? {
+            do { try await body() } catch let e as BlockMultipathError { return e.kind } catch { return nil }
+            return nil
+        }
+        #expect(await kind { _ = try await session.open("nosuch") } == .server(.notFound))
+        #expect(await kind { _ = try await session.open("frozen") } == .server(.readOnly))
+        let ro = try await session.open("frozen", access: .readOnly)
+        #expect(await kind { try await ro.write(offset: 0, data: ByteBuffer(repeating: 1, count: 512)) } == .server(.readOnly))
+        #expect(await kind { _ = try await ro.read(offset: 1 << 20, length: 512) } == .server(.outOfRange))
+        #expect(await kind { _ = try await ro.read(offset: 100, length: 512) } == .server(.invalid))
+        // A refused IO is not re-sent and the paths stay up.
+        #expect(ro.status().paths.allSatisfy { $0.state == "up" && $0.failures == 0 })
+        try await ro.close()
+        #expect(throws: BlockError.self) { _ = try BlockMultipathSession(.init(sessionName: "bad name", paths: [.unix(path: "/x")])) }
+        #expect(throws: BlockError.self) { _ = try BlockMultipathSession(.init(sessionName: "ok", paths: [])) }
+    }
+}
