@@ -189,6 +189,9 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("A master's address (repeatable: masters sharing one store).", valueName: "address"))
         var master: [String] = []
 
+        @Option(name: .long, help: ArgumentHelp("An application this worker runs (repeatable): it also gets the jobs that need it.", valueName: "name"))
+        var app: [String] = []
+
         @Option(name: .long, help: ArgumentHelp("How long the worker tries to reach a master before it gives up.", valueName: "seconds"))
         var failoverSeconds: Int = 120
 
@@ -213,6 +216,10 @@ struct Work: AsyncParsableCommand {
         func validate() throws {
             guard self.slots >= 1 else { throw ValidationError("--slots must be at least 1") }
             guard self.failoverSeconds >= 1 else { throw ValidationError("--failover-seconds must be at least 1") }
+            for a in self.app {
+                guard !a.isEmpty else { throw ValidationError("--app needs a name") }
+                do { try WorkService.check(app: a) } catch { throw ValidationError(error.message) }
+            }
             for m in self.masters {
                 do { _ = try ParleyAddress(parsing: m) } catch { throw ValidationError(error.message) }
                 try self.security.check(address: try ParleyAddress(parsing: m))
@@ -242,7 +249,7 @@ struct Work: AsyncParsableCommand {
             }
             // Jobs with CPU or memory limits run through `parley work exec`, this same program.
             let limiter = [Work.selfPath(), "work", "exec"]
-            let worker = WorkWorker(link: link, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust, limiter: limiter))
+            let worker = WorkWorker(link: link, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust, limiter: limiter, apps: self.app))
             let task = Task { try await worker.run() }
             let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
             // SIGINT/SIGTERM: stop the running jobs and hand them back, then leave.
@@ -301,6 +308,9 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("A file the job leaves in its directory, sent back with the result (repeatable).", valueName: "name"))
         var output: [String] = []
 
+        @Option(name: .long, help: ArgumentHelp("The application the job needs: only workers started with --app NAME get it.", valueName: "name"))
+        var app: String = ""
+
         @Option(name: .long, help: ArgumentHelp("An environment variable for the job, NAME=VALUE (repeatable).", valueName: "name=value"))
         var env: [String] = []
 
@@ -325,6 +335,7 @@ struct Work: AsyncParsableCommand {
             spec.maxCpuSeconds = self.maxCpu
             spec.maxMemoryBytes = self.maxMemory
             spec.outputs = self.output
+            spec.app = self.app
             for (option, local) in self.input.map({ ($0, true) }) + self.inputUrl.map({ ($0, false) }) {
                 guard let eq = option.firstIndex(of: "=") else { throw ValidationError("--input and --input-url take NAME=SOURCE, got \(option)") }
                 var file = Parley_Work_V1_InputFile()

@@ -46,6 +46,11 @@ public final class PostgresWorkStore: WorkStore {
             """,
             "CREATE SEQUENCE lease_id",
         ]),
+        ("v2: the application a job needs", [
+            "ALTER TABLE job ADD COLUMN app TEXT NOT NULL DEFAULT ''",
+            "DROP INDEX job_queue",
+            "CREATE INDEX job_queue ON job (app, priority DESC, id) WHERE state = 'queued'",
+        ]),
     ]
 
     /// Connects to `url` (`postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=disable|prefer|require]`)
@@ -179,14 +184,15 @@ public final class PostgresWorkStore: WorkStore {
         let priorities = jobs.map { Int64($0.priority) }
         let specs = jobs.map { ByteBuffer(bytes: $0.spec) }
         let signatures = jobs.map { ByteBuffer(bytes: $0.signature) }
+        let apps = jobs.map(\.app)
         return try await self.transaction { connection in
             var ids: [UInt64] = []
             let rows = try await connection.query(
                 """
-                INSERT INTO job (batch, priority, spec, signature, state, record, submitted_at)
-                SELECT b, p, s, g, 'queued', r, \(now)
-                FROM unnest(\(batches)::text[], \(priorities)::bigint[], \(specs)::bytea[], \(signatures)::bytea[], \(records)::bytea[])
-                    WITH ORDINALITY AS u(b, p, s, g, r, n)
+                INSERT INTO job (batch, priority, spec, signature, state, record, submitted_at, app)
+                SELECT b, p, s, g, 'queued', r, \(now), a
+                FROM unnest(\(batches)::text[], \(priorities)::bigint[], \(specs)::bytea[], \(signatures)::bytea[], \(records)::bytea[], \(apps)::text[])
+                    WITH ORDINALITY AS u(b, p, s, g, r, a, n)
                 ORDER BY n
                 RETURNING id
                 """, logger: self.logger
@@ -203,31 +209,40 @@ public final class PostgresWorkStore: WorkStore {
         guard total > 0 else { return requests.map { _ in [] } }
         return try await self.transaction { connection in
             struct Queued { var id: Int64; var spec: ByteBuffer; var signature: ByteBuffer; var record: ByteBuffer }
-            var rows: [Queued] = []
-            let found = try await connection.query(
-                """
-                SELECT id, spec, signature, record FROM job WHERE state = 'queued'
-                ORDER BY priority DESC, id LIMIT \(Int64(total)) FOR UPDATE SKIP LOCKED
-                """, logger: self.logger
-            )
-            for try await (id, spec, signature, record) in found.decode((Int64, ByteBuffer, ByteBuffer, ByteBuffer).self) {
-                rows.append(Queued(id: id, spec: spec, signature: signature, record: record))
+            var answers = requests.map { _ in [ClaimedJob]() }
+            // Requests with the same applications share one query (most often all of them).
+            for (apps, indices) in Dictionary(grouping: requests.indices, by: { Set(requests[$0].apps) }) {
+                let group = indices.map { requests[$0] }
+                let limit = group.reduce(0) { $0 + max(0, $1.limit) }
+                guard limit > 0 else { continue }
+                let names = [""] + apps.sorted()
+                var rows: [Queued] = []
+                let found = try await connection.query(
+                    """
+                    SELECT id, spec, signature, record FROM job WHERE state = 'queued' AND app = ANY(\(names)::text[])
+                    ORDER BY priority DESC, id LIMIT \(Int64(limit)) FOR UPDATE SKIP LOCKED
+                    """, logger: self.logger
+                )
+                for try await (id, spec, signature, record) in found.decode((Int64, ByteBuffer, ByteBuffer, ByteBuffer).self) {
+                    rows.append(Queued(id: id, spec: spec, signature: signature, record: record))
+                }
+                guard !rows.isEmpty else { continue }
+                var leaseIDs: [UInt64] = []
+                for try await id in try await connection.query(
+                    "SELECT nextval('lease_id') FROM generate_series(1, \(Int64(rows.count)))", logger: self.logger
+                ).decode(Int64.self) {
+                    leaseIDs.append(UInt64(id))
+                }
+                let claims = try JobRow.assign(
+                    rows, record: { try JobRow.decode(Data($0.record.readableBytesView), id: UInt64($0.id)) }, requests: group,
+                    leaseIDs: leaseIDs, now: now, leaseDuration: leaseDuration
+                )
+                try await self.save(connection, claims.flatMap { $0.map(\.record) }, now: now)
+                for (index, mine) in zip(indices, claims) {
+                    answers[index] = mine.map { ClaimedJob(id: $0.record.id, lease: $0.lease, spec: Array(buffer: $0.row.spec), signature: Array(buffer: $0.row.signature)) }
+                }
             }
-            guard !rows.isEmpty else { return requests.map { _ in [] } }
-            var leaseIDs: [UInt64] = []
-            for try await id in try await connection.query(
-                "SELECT nextval('lease_id') FROM generate_series(1, \(Int64(rows.count)))", logger: self.logger
-            ).decode(Int64.self) {
-                leaseIDs.append(UInt64(id))
-            }
-            let claims = try JobRow.assign(
-                rows, record: { try JobRow.decode(Data($0.record.readableBytesView), id: UInt64($0.id)) }, requests: requests,
-                leaseIDs: leaseIDs, now: now, leaseDuration: leaseDuration
-            )
-            try await self.save(connection, claims.flatMap { $0.map(\.record) }, now: now)
-            return claims.map { mine in
-                mine.map { ClaimedJob(id: $0.record.id, lease: $0.lease, spec: Array(buffer: $0.row.spec), signature: Array(buffer: $0.row.signature)) }
-            }
+            return answers
         }
     }
 

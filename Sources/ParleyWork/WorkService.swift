@@ -99,10 +99,15 @@ public enum WorkService {
                 } catch {
                     throw ParleyError(code: .invalidArgument, message: "job \(i) of the batch is refused: \(error.message); nothing was stored")
                 }
+                do throws(ParleyError) {
+                    try Self.check(app: spec.app)
+                } catch {
+                    throw ParleyError(code: .invalidArgument, message: "job \(i) of the batch is refused: \(error.message); nothing was stored")
+                }
                 jobs.append(NewJob(
                     spec: Array(job.spec), signature: Array(job.signature), priority: Int(job.priority),
                     maxAttempts: job.maxAttempts > 0 ? Int(job.maxAttempts) : configuration.defaultMaxAttempts
-                ))
+                ).with(app: spec.app))
             }
             var reply = Parley_Work_V1_SubmitReply()
             reply.jobIds = try await store.submit(jobs, now: Self.now())
@@ -132,7 +137,12 @@ public enum WorkService {
                 return true
             }
             if due { _ = try await store.expireLeases(now: now) }
-            let claimed = try await claims.submit(ClaimRequest(worker: worker, limit: Int(min(request.slots, 64))))
+            guard request.apps.count <= 64 else {
+                throw ParleyError(code: .invalidArgument, message: "a worker may run at most 64 applications; this one claims \(request.apps.count)")
+            }
+            for app in request.apps where app.isEmpty { throw ParleyError(code: .invalidArgument, message: "an application the worker runs has an empty name") }
+            for app in request.apps { try Self.check(app: app) }
+            let claimed = try await claims.submit(ClaimRequest(worker: worker, limit: Int(min(request.slots, 64)), apps: request.apps))
             if !claimed.isEmpty { assigned.increment(by: claimed.count) }
             var reply = Parley_Work_V1_WorkAssignments()
             reply.assignments = claimed.map { job in
@@ -204,6 +214,13 @@ public enum WorkService {
             }
             let reply = try Self.resultReply(job)
             return reply
+        }
+    }
+
+    /// An application's name: up to 64 of A-Z a-z 0-9 . _ - (empty: none).
+    public static func check(app: String) throws(ParleyError) {
+        guard app.utf8.count <= 64, app.utf8.allSatisfy({ $0 < 0x80 && (Character(UnicodeScalar($0)).isLetter || Character(UnicodeScalar($0)).isNumber || "._-".utf8.contains($0)) }) else {
+            throw ParleyError(code: .invalidArgument, message: "the application name '\(app.prefix(70))' is not up to 64 of A-Z a-z 0-9 . _ -")
         }
     }
 

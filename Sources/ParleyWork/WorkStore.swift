@@ -10,13 +10,25 @@ public struct NewJob: Sendable, Hashable {
     public var priority: Int
     public var maxAttempts: Int
     public var batch: String
+    /// The application the job needs (from its spec): only workers that run it get it.
+    public var app: String
 
-    public init(spec: [UInt8], signature: [UInt8], priority: Int = 0, maxAttempts: Int = 3, batch: String = "") {
+    public init(spec: [UInt8], signature: [UInt8], priority: Int = 0, maxAttempts: Int = 3, batch: String = "", app: String = "") {
+        self.app = app
         self.spec = spec
         self.signature = signature
         self.priority = priority
         self.maxAttempts = maxAttempts
         self.batch = batch
+    }
+}
+
+extension NewJob {
+    /// The job with `app` set.
+    public func with(app: String) -> NewJob {
+        var job = self
+        job.app = app
+        return job
     }
 }
 
@@ -32,9 +44,12 @@ public struct ClaimedJob: Sendable, Hashable {
 public struct ClaimRequest: Sendable, Hashable {
     public var worker: String
     public var limit: Int
-    public init(worker: String, limit: Int) {
+    /// The applications the worker runs: it gets jobs that need none or one of them.
+    public var apps: [String]
+    public init(worker: String, limit: Int, apps: [String] = []) {
         self.worker = worker
         self.limit = limit
+        self.apps = apps
     }
 }
 
@@ -79,8 +94,8 @@ public protocol WorkStore: Sendable {
 
 extension WorkStore {
     /// Hands up to `limit` queued jobs to `worker`.
-    public func claim(worker: String, limit: Int, now: Int64, leaseDuration: Int64) async throws -> [ClaimedJob] {
-        try await self.claim([ClaimRequest(worker: worker, limit: limit)], now: now, leaseDuration: leaseDuration)[0]
+    public func claim(worker: String, limit: Int, apps: [String] = [], now: Int64, leaseDuration: Int64) async throws -> [ClaimedJob] {
+        try await self.claim([ClaimRequest(worker: worker, limit: limit, apps: apps)], now: now, leaseDuration: leaseDuration)[0]
     }
 
     /// One worker's report on a lease.
@@ -236,6 +251,9 @@ public final class SQLiteWorkStore: WorkStore {
             try db.execute(sql: "DROP INDEX job_queue")
             try db.execute(sql: "CREATE INDEX job_queue ON job (state, priority DESC, id)")
         }
+        migrator.registerMigration("v3: the application a job needs") { db in
+            try db.execute(sql: "ALTER TABLE job ADD COLUMN app TEXT NOT NULL DEFAULT ''")
+        }
         return migrator
     }
 
@@ -248,8 +266,8 @@ public final class SQLiteWorkStore: WorkStore {
             try jobs.map { job in
                 guard !job.signature.isEmpty else { throw WorkStoreError("a job without a signature is not stored") }
                 try db.execute(
-                    sql: "INSERT INTO job (batch, priority, spec, signature, state, record, submittedAt) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                    arguments: [job.batch, job.priority, Data(job.spec), Data(job.signature), try JobRow.encode(JobRecord(id: 0, maxAttempts: job.maxAttempts)), now]
+                    sql: "INSERT INTO job (batch, priority, spec, signature, state, record, submittedAt, app) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                    arguments: [job.batch, job.priority, Data(job.spec), Data(job.signature), try JobRow.encode(JobRecord(id: 0, maxAttempts: job.maxAttempts)), now, job.app]
                 )
                 return UInt64(db.lastInsertedRowID)
             }
@@ -260,20 +278,30 @@ public final class SQLiteWorkStore: WorkStore {
         let total = requests.reduce(0) { $0 + max(0, $1.limit) }
         guard total > 0 else { return requests.map { _ in [] } }
         return try await self.pool.write { db in
-            let rows = try Row.fetchAll(
-                db, sql: "SELECT id, spec, signature, record FROM job WHERE state = 'queued' ORDER BY priority DESC, id LIMIT ?", arguments: [total]
-            )
-            let first = try Self.takeLeaseIDs(db, count: rows.count)
-            let claims = try JobRow.assign(
-                rows, record: { try JobRow.decode($0["record"], id: UInt64($0["id"] as Int64)) }, requests: requests,
-                leaseIDs: (0..<UInt64(rows.count)).map { first + $0 }, now: now, leaseDuration: leaseDuration
-            )
-            return try claims.map { mine in
-                try mine.map { claim in
-                    try Self.save(db, claim.record, now: now)
-                    return ClaimedJob(id: claim.record.id, lease: claim.lease, spec: Array(claim.row["spec"] as Data), signature: Array(claim.row["signature"] as Data))
+            var answers = requests.map { _ in [ClaimedJob]() }
+            // Requests with the same applications share one query (most often all of them).
+            for (apps, indices) in Dictionary(grouping: requests.indices, by: { Set(requests[$0].apps) }) {
+                let group = indices.map { requests[$0] }
+                let limit = group.reduce(0) { $0 + max(0, $1.limit) }
+                guard limit > 0 else { continue }
+                let names = [""] + apps.sorted()
+                let rows = try Row.fetchAll(
+                    db, sql: "SELECT id, spec, signature, record FROM job WHERE state = 'queued' AND app IN (\(names.map { _ in "?" }.joined(separator: ", "))) ORDER BY priority DESC, id LIMIT ?",
+                    arguments: StatementArguments(names) + [limit]
+                )
+                let first = try Self.takeLeaseIDs(db, count: rows.count)
+                let claims = try JobRow.assign(
+                    rows, record: { try JobRow.decode($0["record"], id: UInt64($0["id"] as Int64)) }, requests: group,
+                    leaseIDs: (0..<UInt64(rows.count)).map { first + $0 }, now: now, leaseDuration: leaseDuration
+                )
+                for (index, mine) in zip(indices, claims) {
+                    answers[index] = try mine.map { claim in
+                        try Self.save(db, claim.record, now: now)
+                        return ClaimedJob(id: claim.record.id, lease: claim.lease, spec: Array(claim.row["spec"] as Data), signature: Array(claim.row["signature"] as Data))
+                    }
                 }
             }
+            return answers
         }
     }
 

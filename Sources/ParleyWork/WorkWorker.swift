@@ -26,13 +26,16 @@ public final class WorkWorker: Sendable {
         /// (`parley work exec`): it is given `--cpu SECONDS --memory BYTES -- PROGRAM ARGS...`.
         /// Nil: jobs that ask for those limits are refused (never run without them).
         public var limiter: [String]?
+        /// The applications this worker runs (JobSpec.app): it gets jobs that need none or one of these.
+        public var apps: [String]
 
         public init(
             name: String, slots: Int = 1, directory: String, trust: WorkSigning.PublicKey,
             defaultMaxWall: Duration = .seconds(3600), defaultMaxOutput: Int = 64 << 10, idleDelay: Duration = .milliseconds(200),
-            limiter: [String]? = nil
+            limiter: [String]? = nil, apps: [String] = []
         ) {
             self.limiter = limiter
+            self.apps = apps
             self.name = name
             self.slots = max(1, slots)
             self.directory = directory
@@ -110,6 +113,11 @@ public final class WorkWorker: Sendable {
         hello.memoryBytes = ProcessInfo.processInfo.physicalMemory
         hello.slots = UInt32(self.configuration.slots)
         hello.protocolVersion = WorkService.protocolVersions.upperBound
+        hello.os = ProcessInfo.processInfo.operatingSystemVersionString
+        hello.apps = self.configuration.apps
+        if let free = (try? FileManager.default.attributesOfFileSystem(forPath: self.configuration.directory))?[.systemFreeSize] as? NSNumber {
+            hello.diskBytes = free.uint64Value
+        }
         let welcome = try await self.link.request(hello, as: Parley_Work_V1_WorkerWelcome.self)
         // A master from before versions were negotiated answers 0, which means 1.
         let version = max(1, welcome.protocolVersion)
@@ -131,6 +139,7 @@ public final class WorkWorker: Sendable {
             var request = Parley_Work_V1_RequestWork()
             request.worker = self.configuration.name
             request.slots = 1
+            request.apps = self.configuration.apps
             let assignments: Parley_Work_V1_WorkAssignments
             do {
                 assignments = try await self.link.request(request, as: Parley_Work_V1_WorkAssignments.self)
@@ -202,6 +211,11 @@ public final class WorkWorker: Sendable {
         guard let spec = try? Parley_Work_V1_JobSpec(serializedBytes: assignment.job.spec), !spec.argv.isEmpty else {
             report.errorKind = .spec
             report.message = "the job's spec does not decode or names no program"
+            return (report, false)
+        }
+        if !spec.app.isEmpty, !self.configuration.apps.contains(spec.app) {
+            report.errorKind = .spec
+            report.message = "the job needs application \(spec.app), which this worker does not run: not run"
             return (report, false)
         }
         if (spec.maxCpuSeconds > 0 || spec.maxMemoryBytes > 0), self.configuration.limiter == nil {

@@ -387,3 +387,37 @@ extension WorkProcessTests {
         await plain.stop()
     }
 }
+
+extension WorkProcessTests {
+    /// Applications: a job that needs one goes only to the worker started with `--app`; a
+    /// bad application name is refused at submission and by the worker's own options.
+    @Test func aJobNeedingAnApplicationGoesToAWorkerThatRunsIt() async throws {
+        let dir = freshTestDirectory("work-apps")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite"], command: ["work", "serve"])
+        let key = dir + "/keys/work.key"
+        #expect(try parley(["work", "submit", "--master", master.address, "--key", key, "--app", "python3", "--count", "3", "--", "/bin/true"]).status == 0)
+        let bad = try parley(["work", "submit", "--master", master.address, "--key", key, "--app", "py thon", "--", "/bin/true"])
+        #expect(bad.status != 0 && bad.combined.contains("is not up to 64 of"), "\(bad.combined)")
+        let badWorker = try parley(["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--app", "../x"])
+        #expect(badWorker.status != 0 && badWorker.combined.contains("is not up to 64 of"), "\(badWorker.combined)")
+        // A worker without the application: nothing for it.
+        try FileManager.default.createDirectory(atPath: dir + "/plain", withIntermediateDirectories: true)
+        let plain = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir + "/plain")
+        try await Task.sleep(for: .seconds(1))
+        #expect(try Self.status(master.address)["queued"] == 3)
+        plain.stop()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: try #require(parleyExecutablePath()))
+        p.arguments = ["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--app", "python3", "--dir", dir + "/py", "--worker-name", "py-worker"]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; p.waitUntilExit() }
+        let done = try await eventually(seconds: 30) { (try? Self.status(master.address))?["succeeded"] == 3 }
+        kill(p.processIdentifier, SIGTERM)
+        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        #expect(try parley(["work", "results", "2", "--master", master.address]).stdout.contains("accepted from py-worker"))
+        await master.stop()
+    }
+}

@@ -72,11 +72,11 @@ enum TestPostgres {
         let path = Self.freshPath()
         do {
             let store = try SQLiteWorkStore(path: path)
-            #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order"])
+            #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order", "v3: the application a job needs"])
             _ = try await store.submit(Self.jobs(3), now: 0)
         }
         let again = try SQLiteWorkStore(path: path)
-        #expect(try await again.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order"])
+        #expect(try await again.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order", "v3: the application a job needs"])
         #expect(try await again.counts()["queued"] == 3)
     }
 
@@ -124,7 +124,7 @@ enum TestPostgres {
             }
         }
         let store = try SQLiteWorkStore(path: path)
-        #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order"])
+        #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order", "v3: the application a job needs"])
         let claimed = try await store.claim(worker: "w", limit: 3, now: 0, leaseDuration: second)
         #expect(claimed.map(\.id) == [2, 1, 3])
     }
@@ -140,13 +140,13 @@ enum TestPostgres {
             return all
         }
         for store in stores {
-            #expect(try await store.appliedMigrations() == ["v1: jobs and results"])
+            #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: the application a job needs"])
         }
         _ = try await stores[0].submit(Self.jobs(4), now: 0)
         #expect(try await stores[2].counts()["queued"] == 4)
         for store in stores { await store.close() }
         let again = try await PostgresWorkStore(url: url, connectTimeout: TestPostgres.patience)
-        #expect(try await again.appliedMigrations() == ["v1: jobs and results"])
+        #expect(try await again.appliedMigrations() == ["v1: jobs and results", "v2: the application a job needs"])
         #expect(try await again.counts()["queued"] == 4)
         await again.close()
     }
@@ -157,6 +157,27 @@ enum TestPostgres {
         // Nothing listens there: a clear error, not a hang.
         let error = await #expect(throws: WorkStoreError.self) { _ = try await PostgresWorkStore(url: "postgres://u@127.0.0.1:1/db", connectTimeout: .seconds(1)) }
         #expect(error?.message.contains("127.0.0.1:1") == true)
+    }
+
+    /// A job that needs an application goes only to a worker that runs it; a worker that
+    /// runs applications still gets the jobs that need none.
+    @Test(arguments: StoreKind.available) func jobsGoOnlyToWorkersThatRunTheirApplication(kind: StoreKind) async throws {
+        let store = try await kind.make()
+        defer { Task { await store.close() } }
+        let plain = try await store.submit(Self.jobs(2), now: 0)
+        let python = try await store.submit(Self.jobs(2, priority: 9).map { $0.with(app: "python3") }, now: 0)
+        let gpu = try await store.submit(Self.jobs(1).map { $0.with(app: "cuda-12") }, now: 0)
+        let bare = try await store.claim(worker: "bare", limit: 10, now: 0, leaseDuration: second)
+        #expect(Set(bare.map(\.id)) == Set(plain), "a worker without applications gets only the plain jobs: \(bare.map(\.id))")
+        // In one batch with a worker of other applications: each gets its own.
+        _ = try await store.submit(Self.jobs(1), now: 0)
+        let claims = try await store.claim(
+            [ClaimRequest(worker: "py", limit: 2, apps: ["python3"]), ClaimRequest(worker: "bare", limit: 10)], now: 0, leaseDuration: second
+        )
+        #expect(claims[0].map(\.id) == python, "the python3 worker gets the python3 jobs first (higher priority)")
+        #expect(claims[1].count == 1 && !python.contains(claims[1][0].id))
+        #expect(try await store.claim(worker: "py", limit: 10, apps: ["python3"], now: 0, leaseDuration: second).isEmpty)
+        #expect(try await store.claim(worker: "gpu", limit: 10, apps: ["cuda-12", "python3"], now: 0, leaseDuration: second).map(\.id) == gpu)
     }
 
     @Test(arguments: StoreKind.available) func batchedClaimsAndReportsKeepEachVerdict(kind: StoreKind) async throws {

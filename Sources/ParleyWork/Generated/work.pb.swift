@@ -184,6 +184,9 @@ public nonisolated struct Parley_Work_V1_JobSpec: Sendable {
   /// files the job leaves in its directory, sent back with the report
   public var outputs: [String] = []
 
+  /// the application it needs: only workers that run it get the job ("": any)
+  public var app: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -303,6 +306,18 @@ public nonisolated struct Parley_Work_V1_WorkerHello: Sendable {
   /// the highest work protocol version it speaks (0: 1)
   public var protocolVersion: UInt32 = 0
 
+  /// operating system and version, free-form
+  public var os: String = String()
+
+  /// free disk space where jobs run
+  public var diskBytes: UInt64 = 0
+
+  /// the applications it runs (JobSpec.app)
+  public var apps: [String] = []
+
+  /// the share of this machine the project gets (0 to 1; 0: unsaid)
+  public var resourceShare: Double = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -341,6 +356,9 @@ public nonisolated struct Parley_Work_V1_RequestWork: Sendable {
   public var worker: String = String()
 
   public var slots: UInt32 = 0
+
+  /// the applications it runs: it gets only jobs needing none or one of them
+  public var apps: [String] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -544,7 +562,7 @@ nonisolated extension Parley_Work_V1_Verdict: SwiftProtobuf._ProtoNameProviding 
 
 nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".JobSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}argv\0\u{1}env\0\u{1}shell\0\u{3}max_wall_seconds\0\u{3}max_output_bytes\0\u{1}name\0\u{3}max_cpu_seconds\0\u{3}max_memory_bytes\0\u{1}inputs\0\u{1}outputs\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}argv\0\u{1}env\0\u{1}shell\0\u{3}max_wall_seconds\0\u{3}max_output_bytes\0\u{1}name\0\u{3}max_cpu_seconds\0\u{3}max_memory_bytes\0\u{1}inputs\0\u{1}outputs\0\u{1}app\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -562,6 +580,7 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.maxMemoryBytes) }()
       case 9: try { try decoder.decodeRepeatedMessageField(value: &self.inputs) }()
       case 10: try { try decoder.decodeRepeatedStringField(value: &self.outputs) }()
+      case 11: try { try decoder.decodeSingularStringField(value: &self.app) }()
       default: break
       }
     }
@@ -598,6 +617,9 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
     if !self.outputs.isEmpty {
       try visitor.visitRepeatedStringField(value: self.outputs, fieldNumber: 10)
     }
+    if !self.app.isEmpty {
+      try visitor.visitSingularStringField(value: self.app, fieldNumber: 11)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -612,6 +634,7 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
     if lhs.maxMemoryBytes != rhs.maxMemoryBytes {return false}
     if lhs.inputs != rhs.inputs {return false}
     if lhs.outputs != rhs.outputs {return false}
+    if lhs.app != rhs.app {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -819,7 +842,7 @@ nonisolated extension Parley_Work_V1_SubmitReply: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WorkerHello"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{1}platform\0\u{1}cpus\0\u{3}memory_bytes\0\u{1}slots\0\u{3}protocol_version\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{1}platform\0\u{1}cpus\0\u{3}memory_bytes\0\u{1}slots\0\u{3}protocol_version\0\u{1}os\0\u{3}disk_bytes\0\u{1}apps\0\u{3}resource_share\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -833,6 +856,10 @@ nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftPr
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.memoryBytes) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.slots) }()
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
+      case 7: try { try decoder.decodeSingularStringField(value: &self.os) }()
+      case 8: try { try decoder.decodeSingularUInt64Field(value: &self.diskBytes) }()
+      case 9: try { try decoder.decodeRepeatedStringField(value: &self.apps) }()
+      case 10: try { try decoder.decodeSingularDoubleField(value: &self.resourceShare) }()
       default: break
       }
     }
@@ -857,6 +884,18 @@ nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftPr
     if self.protocolVersion != 0 {
       try visitor.visitSingularUInt32Field(value: self.protocolVersion, fieldNumber: 6)
     }
+    if !self.os.isEmpty {
+      try visitor.visitSingularStringField(value: self.os, fieldNumber: 7)
+    }
+    if self.diskBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.diskBytes, fieldNumber: 8)
+    }
+    if !self.apps.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.apps, fieldNumber: 9)
+    }
+    if self.resourceShare.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.resourceShare, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -867,6 +906,10 @@ nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftPr
     if lhs.memoryBytes != rhs.memoryBytes {return false}
     if lhs.slots != rhs.slots {return false}
     if lhs.protocolVersion != rhs.protocolVersion {return false}
+    if lhs.os != rhs.os {return false}
+    if lhs.diskBytes != rhs.diskBytes {return false}
+    if lhs.apps != rhs.apps {return false}
+    if lhs.resourceShare != rhs.resourceShare {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -924,7 +967,7 @@ nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, Swift
 
 nonisolated extension Parley_Work_V1_RequestWork: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RequestWork"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{1}slots\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{1}slots\0\u{1}apps\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -934,6 +977,7 @@ nonisolated extension Parley_Work_V1_RequestWork: SwiftProtobuf.Message, SwiftPr
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.worker) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.slots) }()
+      case 3: try { try decoder.decodeRepeatedStringField(value: &self.apps) }()
       default: break
       }
     }
@@ -946,12 +990,16 @@ nonisolated extension Parley_Work_V1_RequestWork: SwiftProtobuf.Message, SwiftPr
     if self.slots != 0 {
       try visitor.visitSingularUInt32Field(value: self.slots, fieldNumber: 2)
     }
+    if !self.apps.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.apps, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Parley_Work_V1_RequestWork, rhs: Parley_Work_V1_RequestWork) -> Bool {
     if lhs.worker != rhs.worker {return false}
     if lhs.slots != rhs.slots {return false}
+    if lhs.apps != rhs.apps {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
