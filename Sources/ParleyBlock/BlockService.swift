@@ -2,6 +2,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import Parley
+import Synchronization
 
 /// The block protocol's server side: sessions, opens, IO and closes as Parley requests
 /// (Protos/parley/block/v1/block.proto; docs/protocol.md, "Parley Block").
@@ -112,6 +113,8 @@ public final class BlockService: Sendable {
             self.logger.info("block session started", metadata: ["session": "\(session.name)", "peer": "\(session.peer)"])
             Task { [self] in
                 _ = await connection.closed()
+                // IO of this connection not yet started is dropped from now on (see `fenced`).
+                session.ended.store(true, ordering: .releasing)
                 self.sessions.withLockedValue { _ = $0.removeValue(forKey: key) }
                 session.closeAll { device, access in
                     self.devices.close(device, access: access, owner: session.owner)
@@ -298,6 +301,14 @@ public final class BlockService: Sendable {
         }
         let offset = request.offset
         let eventLoop = context.connection.eventLoop
+        /// A modification that waited for an IO thread is dropped if its connection ended
+        /// meanwhile: the client holds it in doubt and sends it again on another path, and a
+        /// late copy landing after that could overwrite a later write (docs/protocol.md 17.8).
+        @Sendable func fenced() throws {
+            if session.ended.load(ordering: .acquiring) {
+                throw ParleyError(code: .cancelled, message: "\(kind.rawValue) at \(offset) dropped: its connection ended before it started")
+            }
+        }
         do {
             switch kind {
             case .read:
@@ -322,7 +333,8 @@ public final class BlockService: Sendable {
                 let inline = fua ? false : try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
                 if !inline {
                     _ = try await self.io.run(on: eventLoop) {
-                        try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
+                        try fenced()
+                        return try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
                     }.get()
                 }
             case .flush:
@@ -330,11 +342,13 @@ public final class BlockService: Sendable {
             case .discard:
                 guard store.geometry.discard else { return fail(.notSupported, "the device cannot discard") }
                 try await self.io.run(on: eventLoop) {
+                    try fenced()
                     try store.discard(offset: offset, length: UInt64(length))
                     if fua { try store.flush() }
                 }.get()
             case .writeZeroes:
                 try await self.io.run(on: eventLoop) {
+                    try fenced()
                     try store.writeZeroes(offset: offset, length: UInt64(length), mayDeallocate: true)
                     if fua { try store.flush() }
                 }.get()
@@ -373,6 +387,8 @@ final class BlockSession: Sendable {
     let name: String
     let version: UInt32
     let peer: String
+    /// The connection has ended: modifications still waiting for an IO thread are dropped.
+    let ended = Atomic<Bool>(false)
     private let state = NIOLockedValueBox(State())
 
     /// Who holds devices in the device table: the session's name, so that the paths of one
