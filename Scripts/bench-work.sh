@@ -7,8 +7,9 @@
 #   Scripts/bench-work.sh [--jobs N] [--workers N] [--slots N] [--repetitions R] [--configs "sqlite pg1 pg3"]
 #
 # PARLEY (default .build-release/release/parley: `swift build -c release --product parley
-# --scratch-path .build-release`); PostgreSQL is started with Scripts/postgres-for-tests.sh
-# unless PARLEY_BENCH_POSTGRES names a server whose user may create databases.
+# --scratch-path .build-release`); a PostgreSQL server of its own is started (port 55499,
+# stopped at the end) with Scripts/postgres-for-tests.sh unless PARLEY_BENCH_POSTGRES names
+# a server whose user may create databases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=20000 workers=100 slots=8 repetitions=3 configs="sqlite pg1 pg3"
@@ -27,9 +28,15 @@ parley=${PARLEY:-.build-release/release/parley}
 [ -x "$parley" ] || { echo "bench-work: $parley is not built" >&2; exit 1; }
 work=$(mktemp -d /tmp/parley-bench-work.XXXXXX)
 "$parley" work keygen --dir "$work/keys" >/dev/null
-base=""
+base="" started_postgres=""
 if [[ "$configs" == *pg* ]]; then
-    base=${PARLEY_BENCH_POSTGRES:-$(Scripts/postgres-for-tests.sh start)}
+    if [ -n "${PARLEY_BENCH_POSTGRES:-}" ]; then
+        base=$PARLEY_BENCH_POSTGRES
+    else
+        pgdir="/tmp/parley-bench-postgres-$$"
+        base=$(Scripts/postgres-for-tests.sh start "$pgdir" 55499)
+        started_postgres=$pgdir
+    fi
 fi
 pids=()
 stop_masters() {
@@ -37,7 +44,11 @@ stop_masters() {
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     pids=()
 }
-trap stop_masters EXIT
+cleanup() {
+    stop_masters
+    if [ -n "$started_postgres" ]; then Scripts/postgres-for-tests.sh stop "$started_postgres" || true; fi
+}
+trap cleanup EXIT
 results="$work/results.jsonl"
 run=0
 for rep in $(seq 1 "$repetitions"); do

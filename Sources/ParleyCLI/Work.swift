@@ -26,7 +26,8 @@ struct Work: AsyncParsableCommand {
 
     /// This program's path (for `parley work exec`).
     static func selfPath() -> String {
-        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+            ?? URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
     }
 
     /// `HOST:PORT` of `--http`.
@@ -437,7 +438,13 @@ struct Work: AsyncParsableCommand {
                         }
                         let path = dir + "/" + o.name
                         try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-                        try o.content.write(to: URL(fileURLWithPath: path))
+                        do {
+                            // Never over an existing file, nor through a link in its place.
+                            try o.content.write(to: URL(fileURLWithPath: path), options: .withoutOverwriting)
+                        } catch {
+                            print("parley work results: not saved: \(path) exists or cannot be written (\(error.localizedDescription))")
+                            throw ExitCode(2)
+                        }
                         if !self.json { print("  saved \(path)") }
                     }
                 }
@@ -674,13 +681,13 @@ struct Work: AsyncParsableCommand {
                 // SIGXCPU at the soft limit, SIGKILL a second later.
                 var limit = rlimit(rlim_cur: rlim_t(self.cpu), rlim_max: rlim_t(self.cpu + 1))
                 guard setrlimit(__rlimit_resource_t(RLIMIT_CPU.rawValue), &limit) == 0 else {
-                    throw ValidationError("cannot limit CPU time: \(String(cString: strerror(errno)))")
+                    Self.fail("cannot limit CPU time to \(self.cpu) s: \(String(cString: strerror(errno)))")
                 }
             }
             if self.memory > 0 {
                 var limit = rlimit(rlim_cur: rlim_t(self.memory), rlim_max: rlim_t(self.memory))
                 guard setrlimit(__rlimit_resource_t(RLIMIT_AS.rawValue), &limit) == 0 else {
-                    throw ValidationError("cannot limit memory: \(String(cString: strerror(errno)))")
+                    Self.fail("cannot limit memory to \(self.memory) bytes: \(String(cString: strerror(errno)))")
                 }
             }
             // The job starts with every signal unblocked and SIGXCPU's default action (it would
@@ -691,8 +698,14 @@ struct Work: AsyncParsableCommand {
             signal(SIGXCPU, SIG_DFL)
             let arguments = self.command.map { strdup($0) } + [nil]
             execv(self.command[0], arguments)
-            print("parley work exec: cannot run \(self.command[0]): \(String(cString: strerror(errno)))")
-            throw ExitCode(127)
+            Self.fail("cannot run \(self.command[0]): \(String(cString: strerror(errno)))")
+        }
+
+        /// The job did not start: one line on stderr (its report's reason ends with it) and
+        /// status 126, as a shell says of a program it cannot run.
+        static func fail(_ message: String) -> Never {
+            FileHandle.standardError.write(Data("parley work exec: \(message); the job did not run\n".utf8))
+            Foundation.exit(126)
         }
     }
 }

@@ -268,8 +268,8 @@ public final class PostgresWorkStore: WorkStore {
                 let verdict = LeaseRules.report(&record, input.report)
                 switch verdict {
                 case .accepted:
-                    results.ids.append(Int64(input.jobID))
-                    results.leases.append(Int64(input.report.leaseID))
+                    results.ids.append(Int64(bitPattern: input.jobID))
+                    results.leases.append(Int64(bitPattern: input.report.leaseID))
                     results.workers.append(input.report.worker)
                     results.bodies.append(ByteBuffer(bytes: input.result))
                     changed.insert(input.jobID)
@@ -348,6 +348,16 @@ public final class PostgresWorkStore: WorkStore {
                 result = body.map { Array(buffer: $0) }
             }
             return record.map { ($0, result) }
+        }
+    }
+
+    public func spec(_ id: UInt64) async throws -> [UInt8]? {
+        try await self.transaction { connection -> [UInt8]? in
+            var spec: [UInt8]?
+            for try await bytes in try await connection.query("SELECT spec FROM job WHERE id = \(Int64(bitPattern: id))", logger: self.logger).decode(ByteBuffer.self) {
+                spec = Array(buffer: bytes)
+            }
+            return spec
         }
     }
 

@@ -3,6 +3,9 @@ import Foundation
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Jobs' input and output files: the rules for their names, their checks, and the worker's
 /// side (fetching inputs, reading outputs back). A name is a relative path inside the job's
@@ -125,9 +128,8 @@ public enum WorkFiles {
             try self.check(name: name)
             let resolved = URL(fileURLWithPath: directory + "/" + name).resolvingSymlinksInPath().path
             guard resolved.hasPrefix(root + "/") else { throw FileError("the output '\(name)' leads out of the job's directory") }
-            guard let data = FileManager.default.contents(atPath: resolved) else { throw FileError("the job left no output '\(name)'") }
+            let data = try self.readRegularFile(directory + "/" + name, name: name, budget: self.maxOutputBytes - total)
             total += data.count
-            guard total <= self.maxOutputBytes else { throw FileError("the outputs are over \(self.maxOutputBytes) bytes together") }
             var output = Parley_Work_V1_OutputFile()
             output.name = name
             output.size = UInt64(data.count)
@@ -135,5 +137,27 @@ public enum WorkFiles {
             output.content = data
             return output
         }
+    }
+
+    /// Reads a regular file (not a link, a FIFO or a device) of at most `budget` bytes,
+    /// without reading more than that.
+    static func readRegularFile(_ path: String, name: String, budget: Int) throws(FileError) -> Data {
+        // The type as lstat sees it: a link is not followed.
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path) else { throw FileError("the job left no output '\(name)'") }
+        guard attributes[.type] as? FileAttributeType == .typeRegular else { throw FileError("the output '\(name)' is not a regular file") }
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        guard fd >= 0 else { throw FileError("cannot open the output '\(name)': \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        // Never more than the budget and one byte, whatever the file says of its size.
+        var data = Data()
+        var chunk = [UInt8](repeating: 0, count: 64 << 10)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, min($0.count, budget + 1 - data.count)) }
+            guard n >= 0 else { throw FileError("cannot read the output '\(name)': \(String(cString: strerror(errno)))") }
+            if n == 0 { break }
+            data.append(contentsOf: chunk[0..<n])
+            guard data.count <= budget else { throw FileError("the outputs are over \(self.maxOutputBytes) bytes together") }
+        }
+        return data
     }
 }

@@ -21,7 +21,7 @@ public final class WorkMasterLink: Sendable {
     /// How long a call keeps trying masters before it fails.
     let failoverTimeout: Duration
     /// Sent on every new connection before anything else (the worker's hello).
-    let onConnect: @Sendable (ParleyClient) async throws -> Void
+    private let onConnect: NIOLockedValueBox<@Sendable (ParleyClient) async throws -> Void>
 
     private struct State {
         var client: ParleyClient?
@@ -41,11 +41,16 @@ public final class WorkMasterLink: Sendable {
         self.configuration = configuration
         self.logger = logger
         self.failoverTimeout = failoverTimeout
-        self.onConnect = onConnect
+        self.onConnect = NIOLockedValueBox(onConnect)
         // FNV-1a of the name: stable across processes (Swift's hashValue is not).
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         for byte in name.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
         self.state = NIOLockedValueBox(State(next: Int(hash % UInt64(masters.count))))
+    }
+
+    /// What to send on every new connection before anything else.
+    public func setOnConnect(_ body: @escaping @Sendable (ParleyClient) async throws -> Void) {
+        self.onConnect.withLockedValue { $0 = body }
     }
 
     /// The connection in use, connecting first if there is none.
@@ -61,11 +66,17 @@ public final class WorkMasterLink: Sendable {
         }
         do {
             let client = try await task.value
-            self.state.withLockedValue { state in
+            let closed = self.state.withLockedValue { state -> Bool in
                 if state.connecting == task {
                     state.connecting = nil
-                    state.client = client
+                    if !state.closed { state.client = client }
                 }
+                return state.closed
+            }
+            if closed {
+                // Closed while this connection was being made: it is not kept.
+                client.close()
+                throw ParleyError(code: .connectionClosed, message: "the worker's link to its masters is closed")
             }
             return client
         } catch {
@@ -99,7 +110,9 @@ public final class WorkMasterLink: Sendable {
 
     /// The connection or its session is gone (not an answer about the request).
     static func isLinkFailure(_ error: ParleyError) -> Bool {
-        [.connectionClosed, .connectFailed, .shuttingDown, .sessionSuperseded, .timeout].contains(error.code)
+        // Not a request's timeout: that is about the request (a slow store), and the lossless
+        // session says when the link itself is gone.
+        [.connectionClosed, .connectFailed, .shuttingDown, .sessionSuperseded].contains(error.code)
     }
 
     /// Forgets a connection that failed; the next call connects to the next master.
@@ -125,7 +138,8 @@ public final class WorkMasterLink: Sendable {
                 configuration.lossless = configuration.lossless ?? .init()
                 let client = try await ParleyClient.connect(to: address, configuration: configuration, logger: self.logger)
                 do {
-                    try await self.onConnect(client)
+                    let hello = self.onConnect.withLockedValue { $0 }
+                    try await hello(client)
                 } catch {
                     client.close()
                     throw error

@@ -73,7 +73,9 @@ public enum WorkService {
             defer { claimCommit.record(duration: ContinuousClock.now - started) }
             return try await store.claim(requests, now: Self.now(), leaseDuration: leaseNanoseconds)
         }
-        let reports = GroupCommit<ReportInput, ReportVerdict>(maxBatch: 1024, concurrency: configuration.storeConcurrency) { inputs in
+        let reports = GroupCommit<ReportInput, ReportVerdict>(
+            maxBatch: 1024, maxWeight: 64 << 20, weight: { $0.result.count }, concurrency: configuration.storeConcurrency
+        ) { inputs in
             let started = ContinuousClock.now
             defer { reportCommit.record(duration: ContinuousClock.now - started) }
             return try await store.report(inputs, now: Self.now())
@@ -177,6 +179,14 @@ public enum WorkService {
             } catch {
                 throw ParleyError(code: .invalidArgument, message: "report refused: \(error.message); nothing was stored")
             }
+            if !report.outputs.isEmpty {
+                // Only the files the signed spec names, each once.
+                let spec = try await store.spec(report.jobID).flatMap { try? Parley_Work_V1_JobSpec(serializedBytes: $0) }
+                let names = report.outputs.map(\.name)
+                guard let spec, Set(names).count == names.count, Set(names).isSubset(of: spec.outputs) else {
+                    throw ParleyError(code: .invalidArgument, message: "report refused: its output files are not the ones the job's spec names; nothing was stored")
+                }
+            }
             let outcome: LeaseReport.Outcome
             if report.errorKind == .none, report.exitStatus == 0, report.signal == 0 {
                 outcome = .success
@@ -243,6 +253,9 @@ public enum WorkService {
     static func worker(_ claimed: String, _ context: ParleyRequestContext) throws -> String {
         if let entity = context.session.entity { return entity }
         guard !claimed.isEmpty else { throw ParleyError(code: .invalidArgument, message: "the request names no worker") }
+        guard claimed.utf8.count <= 256, !claimed.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
+            throw ParleyError(code: .invalidArgument, message: "a worker's name is at most 256 bytes without control characters")
+        }
         return claimed
     }
 

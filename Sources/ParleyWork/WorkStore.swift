@@ -86,6 +86,8 @@ public protocol WorkStore: Sendable {
     func counts() async throws -> [String: Int]
     /// A job's record and, if accepted, its result.
     func job(_ id: UInt64) async throws -> (record: JobRecord, result: [UInt8]?)?
+    /// A job's signed spec (the bytes the submitter signed).
+    func spec(_ id: UInt64) async throws -> [UInt8]?
     /// The names of the schema migrations applied, oldest first.
     func appliedMigrations() async throws -> [String]
     /// Releases the store's connections.
@@ -308,7 +310,7 @@ public final class SQLiteWorkStore: WorkStore {
     public func report(_ reports: [ReportInput], now: Int64) async throws -> [ReportVerdict] {
         try await self.pool.write { db in
             try reports.map { input in
-                guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(input.jobID)]) else {
+                guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(bitPattern: input.jobID)]) else {
                     return .rejected("no job \(input.jobID)")
                 }
                 var record = try JobRow.decode(data, id: input.jobID)
@@ -317,7 +319,7 @@ public final class SQLiteWorkStore: WorkStore {
                 case .accepted:
                     try db.execute(
                         sql: "INSERT INTO result (jobId, leaseId, worker, result, acceptedAt) VALUES (?, ?, ?, ?, ?)",
-                        arguments: [Int64(input.jobID), Int64(input.report.leaseID), input.report.worker, Data(input.result), now]
+                        arguments: [Int64(bitPattern: input.jobID), Int64(bitPattern: input.report.leaseID), input.report.worker, Data(input.result), now]
                     )
                     try Self.save(db, record, now: now)
                 case .retrying, .failed, .superseded:
@@ -348,7 +350,7 @@ public final class SQLiteWorkStore: WorkStore {
 
     public func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws {
         try await self.pool.write { db in
-            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(jobID)]) else {
+            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(bitPattern: jobID)]) else {
                 throw WorkStoreError("no job \(jobID)")
             }
             var record = try JobRow.decode(data, id: jobID)
@@ -369,9 +371,15 @@ public final class SQLiteWorkStore: WorkStore {
 
     public func job(_ id: UInt64) async throws -> (record: JobRecord, result: [UInt8]?)? {
         try await self.pool.read { db in
-            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(id)]) else { return nil }
-            let result = try Data.fetchOne(db, sql: "SELECT result FROM result WHERE jobId = ?", arguments: [Int64(id)])
+            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(bitPattern: id)]) else { return nil }
+            let result = try Data.fetchOne(db, sql: "SELECT result FROM result WHERE jobId = ?", arguments: [Int64(bitPattern: id)])
             return (try JobRow.decode(data, id: id), result.map { Array($0) })
+        }
+    }
+
+    public func spec(_ id: UInt64) async throws -> [UInt8]? {
+        try await self.pool.read { db in
+            try Data.fetchOne(db, sql: "SELECT spec FROM job WHERE id = ?", arguments: [Int64(bitPattern: id)]).map { Array($0) }
         }
     }
 

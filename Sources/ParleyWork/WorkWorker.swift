@@ -63,6 +63,11 @@ public final class WorkWorker: Sendable {
         self.configuration = configuration
         self.trusted = NIOLockedValueBox([configuration.trust])
         self.logger = logger
+        // Every master this worker moves to hears its hello (and may announce a rotation).
+        link.setOnConnect { [weak self] client in
+            guard let self else { return }
+            try await self.hello(over: client)
+        }
     }
 
     /// The keys this worker accepts jobs from now.
@@ -106,26 +111,7 @@ public final class WorkWorker: Sendable {
     /// Says hello, then runs `slots` loops that ask for a job, run it and report it, until the
     /// task is cancelled or the connection ends.
     public func run() async throws {
-        var hello = Parley_Work_V1_WorkerHello()
-        hello.worker = self.configuration.name
-        hello.platform = ParleyBuild.platform
-        hello.cpus = UInt32(ProcessInfo.processInfo.activeProcessorCount)
-        hello.memoryBytes = ProcessInfo.processInfo.physicalMemory
-        hello.slots = UInt32(self.configuration.slots)
-        hello.protocolVersion = WorkService.protocolVersions.upperBound
-        hello.os = ProcessInfo.processInfo.operatingSystemVersionString
-        hello.apps = self.configuration.apps
-        if let free = (try? FileManager.default.attributesOfFileSystem(forPath: self.configuration.directory))?[.systemFreeSize] as? NSNumber {
-            hello.diskBytes = free.uint64Value
-        }
-        let welcome = try await self.link.request(hello, as: Parley_Work_V1_WorkerWelcome.self)
-        // A master from before versions were negotiated answers 0, which means 1.
-        let version = max(1, welcome.protocolVersion)
-        guard WorkService.protocolVersions.contains(version) else {
-            throw ParleyError(code: .unsupportedVersion, message: "the master chose work protocol version \(version); this worker speaks \(WorkService.protocolVersions)")
-        }
-        self.consider(rotation: welcome)
-        self.logger.info("working for \(welcome.master)", metadata: ["slots": "\(self.configuration.slots)", "lease": "\(welcome.leaseSeconds) s", "version": "\(version)"])
+        try await self.hello(over: try await self.link.client())
         try await withThrowingTaskGroup(of: Void.self) { group in
             for _ in 0..<self.configuration.slots {
                 group.addTask { try await self.slotLoop() }
@@ -174,15 +160,50 @@ public final class WorkWorker: Sendable {
             }
             // The report goes through whatever happens to the connection (idempotent over a
             // lossless session); only the session's end stops it.
-            do {
-                let ack = try await self.link.request(report, as: Parley_Work_V1_ReportAck.self)
-                self.logger.debug("reported", metadata: ["job": "\(assignment.jobID)", "verdict": "\(ack.verdict)"])
-            } catch let error as ParleyError where Self.isLasting(error) {
-                throw error
-            } catch {
-                self.logger.warning("report refused", metadata: ["job": "\(assignment.jobID)", "error": "\(error)"])
+            // A refusal is final; a store error on the master (a failed transaction) is not:
+            // the report is sent again, with back-off, rather than lost.
+            var delay = Duration.milliseconds(500)
+            for attempt in 1...12 {
+                do {
+                    let ack = try await self.link.request(report, as: Parley_Work_V1_ReportAck.self)
+                    self.logger.debug("reported", metadata: ["job": "\(assignment.jobID)", "verdict": "\(ack.verdict)"])
+                    break
+                } catch let error as ParleyError where Self.isLasting(error) {
+                    throw error
+                } catch let error as ParleyError where [.invalidArgument, .malformedPayload].contains(error.code) || attempt == 12 {
+                    self.logger.warning("report refused", metadata: ["job": "\(assignment.jobID)", "error": "\(error)"])
+                    break
+                } catch {
+                    self.logger.warning("report failed; sending it again", metadata: ["job": "\(assignment.jobID)", "error": "\(error)", "attempt": "\(attempt)"])
+                    try? await Task.sleep(for: delay)
+                    delay = min(delay * 2, .seconds(5))
+                }
             }
         }
+    }
+
+    /// Says hello to a master: the version is agreed and a key rotation considered.
+    func hello(over client: ParleyClient) async throws {
+        var hello = Parley_Work_V1_WorkerHello()
+        hello.worker = self.configuration.name
+        hello.platform = ParleyBuild.platform
+        hello.cpus = UInt32(ProcessInfo.processInfo.activeProcessorCount)
+        hello.memoryBytes = ProcessInfo.processInfo.physicalMemory
+        hello.slots = UInt32(self.configuration.slots)
+        hello.protocolVersion = WorkService.protocolVersions.upperBound
+        hello.os = ProcessInfo.processInfo.operatingSystemVersionString
+        hello.apps = self.configuration.apps
+        if let free = (try? FileManager.default.attributesOfFileSystem(forPath: self.configuration.directory))?[.systemFreeSize] as? NSNumber {
+            hello.diskBytes = free.uint64Value
+        }
+        let welcome = try await client.request(hello, as: Parley_Work_V1_WorkerWelcome.self, idempotent: true)
+        // A master from before versions were negotiated answers 0, which means 1.
+        let version = max(1, welcome.protocolVersion)
+        guard WorkService.protocolVersions.contains(version) else {
+            throw ParleyError(code: .unsupportedVersion, message: "the master chose work protocol version \(version); this worker speaks \(WorkService.protocolVersions)")
+        }
+        self.consider(rotation: welcome)
+        self.logger.info("working for \(welcome.master)", metadata: ["slots": "\(self.configuration.slots)", "lease": "\(welcome.leaseSeconds) s", "version": "\(version)"])
     }
 
     /// Errors that end the worker: the connection (and its session) is gone for good.
@@ -227,9 +248,6 @@ public final class WorkWorker: Sendable {
         self.counts.withLockedValue { $0.ran += 1 }
         let directory = "\(self.configuration.directory)/job-\(assignment.jobID)-\(assignment.leaseID)"
         let started = ContinuousClock.now
-        // A job must end before its lease does (5 s of margin for the report), or another
-        // worker would get it while it still runs.
-        let leaseLeft = Duration.milliseconds(max(0, assignment.deadlineUnixMs - Int64(Date().timeIntervalSince1970 * 1000) - 5_000))
         let killedByShutdown = NIOLockedValueBox(false)
         do {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -241,6 +259,9 @@ public final class WorkWorker: Sendable {
                 report.message = error.message
                 return (report, false)
             }
+            // A job must end before its lease does (5 s of margin for the report), or another
+            // worker would get it while it still runs; counted after the inputs came.
+            let leaseLeft = Duration.milliseconds(max(0, assignment.deadlineUnixMs - Int64(Date().timeIntervalSince1970 * 1000) - 5_000))
             let jobID = assignment.jobID
             defer { self.running.withLockedValue { _ = $0.removeValue(forKey: jobID) } }
             let wall = spec.maxWallSeconds > 0 ? Duration.seconds(Int64(spec.maxWallSeconds)) : self.configuration.defaultMaxWall
@@ -324,16 +345,6 @@ enum JobRunner {
         process.standardError = err
         process.standardInput = FileHandle.nullDevice
         let stdout = OutputTail(limit: maxOutput), stderr = OutputTail(limit: maxOutput)
-        // At the end of a stream (the job closed it, whether or not it still runs) the handler
-        // is removed: it would otherwise be called again and again with nothing to read.
-        out.fileHandleForReading.readabilityHandler = { handle in
-            let data = handle.availableData
-            if data.isEmpty { handle.readabilityHandler = nil } else { stdout.append(data) }
-        }
-        err.fileHandleForReading.readabilityHandler = { handle in
-            let data = handle.availableData
-            if data.isEmpty { handle.readabilityHandler = nil } else { stderr.append(data) }
-        }
         let exited = NIOLockedValueBox<CheckedContinuation<Void, Never>?>(nil)
         let done = NIOLockedValueBox(false)
         process.terminationHandler = { _ in
@@ -345,6 +356,11 @@ enum JobRunner {
             c?.resume()
         }
         try process.run()
+        // Each output stream is read to its end by a thread of its own, with blocking reads:
+        // FileHandle's readabilityHandler (a dispatch source) crashed a worker in libdispatch
+        // once in 10,000 jobs when its pipe closed while the source was being cancelled.
+        let outRead = Self.readToEnd(out.fileHandleForReading, into: stdout)
+        let errRead = Self.readToEnd(err.fileHandleForReading, into: stderr)
         started(process.processIdentifier)
         let timedOut = NIOLockedValueBox(false)
         let killer = Task {
@@ -363,15 +379,44 @@ enum JobRunner {
             if finished { c.resume() }
         }
         killer.cancel()
-        out.fileHandleForReading.readabilityHandler = nil
-        err.fileHandleForReading.readabilityHandler = nil
-        stdout.append(out.fileHandleForReading.readDataToEndOfFile())
-        stderr.append(err.fileHandleForReading.readDataToEndOfFile())
+        // The job ends with its program: what it left running in the background goes too
+        // (it could otherwise change the outputs while they are read, or outlive the lease).
+        Self.killGroup(process.processIdentifier)
+        // With the whole group gone, nothing holds the pipes open: both reach their end.
+        await outRead.value
+        await errRead.value
         let signaled = process.terminationReason == .uncaughtSignal
         return Outcome(
             exitStatus: signaled ? 0 : process.terminationStatus, signal: signaled ? process.terminationStatus : 0,
             timedOut: timedOut.withLockedValue { $0 }, stdout: stdout.bytes, stderr: stderr.bytes
         )
+    }
+
+    /// Reads `handle` to its end on a thread of its own (blocking reads), keeping the tail.
+    static func readToEnd(_ handle: FileHandle, into tail: OutputTail) -> Task<Void, Never> {
+        let done = NIOLockedValueBox<(finished: Bool, waiter: CheckedContinuation<Void, Never>?)>((false, nil))
+        let thread = Thread {
+            while let data = (try? handle.read(upToCount: 64 << 10)) ?? nil, !data.isEmpty {
+                tail.append(data)
+            }
+            let waiter = done.withLockedValue { state -> CheckedContinuation<Void, Never>? in
+                state.finished = true
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume()
+        }
+        thread.start()
+        return Task {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let finished = done.withLockedValue { state -> Bool in
+                    if state.finished { return true }
+                    state.waiter = c
+                    return false
+                }
+                if finished { c.resume() }
+            }
+        }
     }
 
     /// Kills a job's child and everything it started: Foundation makes each child the leader

@@ -98,6 +98,12 @@ import Testing
                 let id = UInt64(n + 1)
                 let deadline = ContinuousClock.now + .seconds(10)
                 while answers[id] == nil {
+                    // Each read is bounded too: a master that stays silent fails the test, not hangs it.
+                    let timer = Task {
+                        try await Task.sleep(until: deadline)
+                        try? await channel.channel.close()
+                    }
+                    defer { timer.cancel() }
                     guard ContinuousClock.now < deadline, var chunk = try await iterator.next() else {
                         throw ParleyTestFailure("no answer to request \(id) of the version-1 worker")
                     }

@@ -72,7 +72,9 @@ import Testing
         var tampered = escaping
         tampered.name = "out.txt"
         tampered.content = Data("y".utf8)
-        for bad in [escaping, tampered] {
+        var unasked = escaping
+        unasked.name = ".ssh/authorized_keys"
+        for bad in [escaping, tampered, unasked] {
             var withFile = report
             withFile.outputs = [bad]
             let refusedFile = await #expect(throws: ParleyError.self) { _ = try await client.request(withFile, as: Parley_Work_V1_ReportAck.self) }
