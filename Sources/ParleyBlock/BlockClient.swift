@@ -1,5 +1,6 @@
 import Logging
 import NIOCore
+import NIOPosix
 import Parley
 
 /// A block protocol client: one session over one Parley connection.
@@ -27,8 +28,9 @@ public final class BlockClient: Sendable {
     /// Connects and starts a session.
     public static func connect(to address: ParleyAddress, sessionName: String,
                                configuration: ParleyClient.Configuration = .defaults,
-                               logger: Logger = Logger(label: "parley.block.client")) async throws -> BlockClient {
-        let client = try await ParleyClient.connect(to: address, configuration: configuration, logger: logger)
+                               logger: Logger = Logger(label: "parley.block.client"),
+                               group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> BlockClient {
+        let client = try await ParleyClient.connect(to: address, configuration: configuration, logger: logger, group: group)
         do {
             var info = Parley_Block_V1_SessionInfo()
             info.protocolVersion = BlockService.protocolVersion

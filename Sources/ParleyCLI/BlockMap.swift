@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import NIOPosix
 import Parley
 import ParleyBlock
 import ServiceLifecycle
@@ -178,6 +179,8 @@ struct BlockMapCommand: AsyncParsableCommand {
             ioTimeout: .milliseconds(Int64(self.ioTimeout * 1000))
         )
         configuration.client.name = "parley-block-map"
+        // One event loop for the NBD endpoint and every path: an IO stays on one thread.
+        configuration.group = MultiThreadedEventLoopGroup.singleton.next()
         do {
             try self.security.apply(to: &configuration.client, address: paths[0])
         } catch {

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import NIOPosix
 import Parley
 
 /// `parley block map`: a remote device opened over a multipath session and served on a local
@@ -116,7 +117,7 @@ public final class BlockMap: Sendable {
         let io = BlockIOExecutor(threads: 8)
         var limits = NBDServer.Limits()
         limits.maxInFlight = 256
-        let nbd = NBDServer(catalog: catalog, devices: devices, io: io, limits: limits, logger: self.logger)
+        let nbd = NBDServer(catalog: catalog, devices: devices, io: io, limits: limits, logger: self.logger, group: self.session.configuration.group)
         let bound: ParleyAddress
         do {
             bound = try await nbd.bind([self.nbdAddress])[0]
