@@ -37,20 +37,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "Server name reported to clients.")
     var name: String = "parley"
 
-    @Option(name: .long, help: "A low-priority message sent to every client (repeatable).")
-    var message: [String] = []
-
-    @Option(name: .long, help: "A high-priority message sent to every client (repeatable).")
-    var highMessage: [String] = []
-
-    @Option(name: .long, help: "Seconds a client must wait, from the handshake, before sending a request.")
-    var requestDelay: Double = 0
-
-    @Option(name: .long, help: ArgumentHelp("Redirect clients to this server (repeatable).", valueName: "address"))
-    var redirect: [String] = []
-
-    @Option(name: .long, help: "Refuse clients older than this version, telling them they are out of date.")
-    var minClientVersion: String?
+    @OptionGroup var nucleus: NucleusOptions
 
     @Option(name: .long, help: ArgumentHelp("Capability every echo request needs (from the client's keyring entry); none by default.", valueName: "capability"))
     var requireCap: String?
@@ -66,10 +53,9 @@ struct Serve: AsyncParsableCommand {
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
-        for a in self.listen + self.redirect {
+        for a in self.listen {
             do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) }
         }
-        if self.requestDelay < 0 { throw ValidationError("--request-delay must be 0 or more seconds") }
         if self.sessionRetention < 0 || !self.sessionRetention.isFinite { throw ValidationError("--session-retention must be 0 or more seconds") }
         try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
     }
@@ -80,11 +66,6 @@ struct Serve: AsyncParsableCommand {
         let addresses = try self.listen.isEmpty
             ? [ParleyAddress.tcp(host: "127.0.0.1", port: ParleyAddress.defaultPort)]
             : self.listen.map { try ParleyAddress(parsing: $0) }
-        let nucleus = ParleyNucleus(
-            messages: self.message.map { ParleyServerMessage(priority: .low, text: $0) }
-                + self.highMessage.map { ParleyServerMessage(priority: .high, text: $0) },
-            requestDelay: self.requestDelay, redirects: self.redirect
-        )
         var executionLog: FileHandle?
         if let path = self.executionLog {
             if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
@@ -95,7 +76,7 @@ struct Serve: AsyncParsableCommand {
         var router = EchoService.router(name: self.name, executionLog: executionLog)
         if let cap = self.requireCap { router.requireByDefault(cap) }
         var configuration = ParleyServer.Configuration(
-            listen: addresses, name: self.name, nucleus: nucleus, minimumClientVersion: self.minClientVersion
+            listen: addresses, name: self.name, nucleus: self.nucleus.nucleus, minimumClientVersion: self.nucleus.minClientVersion
         )
         configuration.sessionRetention = self.sessionRetention > 0 ? .milliseconds(Int64(self.sessionRetention * 1000)) : nil
         do { try self.security.apply(to: &configuration) } catch let error as ParleyError { throw ValidationError(error.message) }
@@ -104,5 +85,38 @@ struct Serve: AsyncParsableCommand {
             configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         )
         try await group.run()
+    }
+}
+
+/// What a server says in every SERVER_IDENT's nucleus (`parley serve`, `parley work serve`).
+struct NucleusOptions: ParsableArguments {
+    @Option(name: .long, help: "A low-priority message sent to every client (repeatable).")
+    var message: [String] = []
+
+    @Option(name: .long, help: "A high-priority message sent to every client (repeatable).")
+    var highMessage: [String] = []
+
+    @Option(name: .long, help: "Seconds a client must wait, from the handshake, before sending a request.")
+    var requestDelay: Double = 0
+
+    @Option(name: .long, help: ArgumentHelp("Redirect clients to this server (repeatable).", valueName: "address"))
+    var redirect: [String] = []
+
+    @Option(name: .long, help: "Refuse clients older than this version, telling them they are out of date.")
+    var minClientVersion: String?
+
+    func validate() throws {
+        for a in self.redirect {
+            do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) }
+        }
+        if self.requestDelay < 0 || !self.requestDelay.isFinite { throw ValidationError("--request-delay must be 0 or more seconds") }
+    }
+
+    var nucleus: ParleyNucleus {
+        ParleyNucleus(
+            messages: self.message.map { ParleyServerMessage(priority: .low, text: $0) }
+                + self.highMessage.map { ParleyServerMessage(priority: .high, text: $0) },
+            requestDelay: self.requestDelay, redirects: self.redirect
+        )
     }
 }

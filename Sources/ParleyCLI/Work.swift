@@ -90,6 +90,8 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("A key rotation (parley work rotate) to announce to workers; needs --trust, whose key must have signed it.", valueName: "file"))
         var rotation: String?
 
+        @OptionGroup(title: "Nucleus (what every worker and submitter is told)") var nucleus: NucleusOptions
+
         @OptionGroup var security: ServerSecurityOptions
 
         @OptionGroup var logging: LoggingOptions
@@ -147,7 +149,9 @@ struct Work: AsyncParsableCommand {
                 rotation: rotation, storeConcurrency: postgres ? 4 : 1
             ))
             let addresses = try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) }
-            var configuration = ParleyServer.Configuration(listen: addresses, name: "parley-work")
+            var configuration = ParleyServer.Configuration(
+                listen: addresses, name: "parley-work", nucleus: self.nucleus.nucleus, minimumClientVersion: self.nucleus.minClientVersion
+            )
             do { try self.security.apply(to: &configuration) } catch let error as ParleyError { throw ValidationError(error.message) }
             let server = ParleyServer(configuration: configuration, router: router, logger: logger)
             // Expired leases go back to the queue even when no worker asks for work.

@@ -147,6 +147,11 @@ public final class WorkMasterLink: Sendable {
                 // The next failover starts after this master.
                 self.state.withLockedValue { $0.next = (index + 1) % self.masters.count }
                 self.logger.info("connected to a master", metadata: ["master": "\(address)"])
+                // The master's messages to its workers (its nucleus); its request delay and
+                // redirects are the client's business and already applied.
+                for message in client.serverMessages {
+                    self.logger.notice("message from the master: \(message.text)", metadata: ["master": "\(client.address)", "priority": "\(message.priority)"])
+                }
                 return client
             } catch {
                 lastError = error

@@ -421,3 +421,24 @@ extension WorkProcessTests {
         await master.stop()
     }
 }
+
+extension WorkProcessTests {
+    /// The nucleus applies to workers: a master's message is logged by each worker, its
+    /// request delay is waited out, and work goes on.
+    @Test func aMastersNucleusReachesItsWorkers() async throws {
+        let dir = freshTestDirectory("work-nucleus")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(
+            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--message", "maintenance at noon", "--request-delay", "0.3"],
+            command: ["work", "serve"]
+        )
+        #expect(try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "/bin/true"]).status == 0)
+        let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
+        let done = try await eventually(seconds: 30) { (try? Self.status(master.address))?["succeeded"] == 1 }
+        workers.stop()
+        #expect(done)
+        let log = String(decoding: FileManager.default.contents(atPath: workers.logs[0]) ?? Data(), as: UTF8.self)
+        #expect(log.contains("message from the master: maintenance at noon"), "\(log)")
+        await master.stop()
+    }
+}
