@@ -155,6 +155,22 @@ public enum LeaseRules {
         return true
     }
 
+    /// The worker says the job still runs: its current lease, if not expired, now ends at
+    /// `now + duration` (never earlier than it did).
+    public static func renew(_ job: inout JobRecord, leaseID: UInt64, worker: String, now: Int64, duration: Int64) throws(LeaseError) -> Lease {
+        guard case .leased(var lease) = job.state, lease.id == leaseID else {
+            throw LeaseError("job \(job.id) is not leased under \(leaseID): the lease ended")
+        }
+        guard lease.worker == worker else {
+            throw LeaseError("lease \(leaseID) of job \(job.id) belongs to worker \(lease.worker), not \(worker)")
+        }
+        guard now < lease.deadline else { throw LeaseError("lease \(leaseID) of job \(job.id) expired") }
+        lease.deadline = max(lease.deadline, now &+ max(0, duration))
+        job.state = .leased(lease)
+        if let i = job.leases.firstIndex(where: { $0.id == leaseID }) { job.leases[i] = lease }
+        return lease
+    }
+
     /// The worker gives the job back unfinished (it is shutting down): queued again, and the
     /// attempt does not count against the job.
     public static func handBack(_ job: inout JobRecord, leaseID: UInt64, worker: String) throws(LeaseError) {

@@ -324,6 +324,21 @@ public final class PostgresWorkStore: WorkStore {
         }
     }
 
+    public func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease {
+        try await self.transaction { connection in
+            var record: JobRecord?
+            for try await data in try await connection.query(
+                "SELECT record FROM job WHERE id = \(Int64(bitPattern: jobID)) FOR UPDATE", logger: self.logger
+            ).decode(ByteBuffer.self) {
+                record = try JobRow.decode(Data(data.readableBytesView), id: jobID)
+            }
+            guard var record else { throw WorkStoreError("no job \(jobID)") }
+            let lease = try LeaseRules.renew(&record, leaseID: leaseID, worker: worker, now: now, duration: leaseDuration)
+            try await self.save(connection, [record], now: now)
+            return lease
+        }
+    }
+
     public func counts() async throws -> [String: Int] {
         var counts: [String: Int] = ["queued": 0, "leased": 0, "succeeded": 0, "failed": 0]
         try await self.transaction { connection in

@@ -169,6 +169,20 @@ public enum WorkService {
             }
             return Parley_Work_V1_HandBackReply()
         }
+        router.on(Parley_Work_V1_RenewLease.self) { request, context in
+            let worker = try Self.worker(request.worker, context)
+            let lease: Lease
+            do {
+                lease = try await store.renew(jobID: request.jobID, leaseID: request.leaseID, worker: worker, now: Self.now(), leaseDuration: leaseNanoseconds)
+            } catch let error as LeaseError {
+                throw ParleyError(code: .invalidArgument, message: "renewal refused: \(error.message)")
+            } catch let error as WorkStoreError where error.message.hasPrefix("no job") {
+                throw ParleyError(code: .invalidArgument, message: "renewal refused: \(error.message)")
+            }
+            var reply = Parley_Work_V1_LeaseRenewed()
+            reply.deadlineUnixMs = lease.deadline / 1_000_000
+            return reply
+        }
         router.on(Parley_Work_V1_ReportResult.self) { report, context in
             let worker = try Self.worker(report.worker, context)
             for (name, tail) in [("stdout", report.stdoutTail), ("stderr", report.stderrTail)] where tail.count > Self.maxTail {

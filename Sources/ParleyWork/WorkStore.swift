@@ -82,6 +82,8 @@ public protocol WorkStore: Sendable {
     func expireLeases(now: Int64) async throws -> Int
     /// A worker gives a job back unfinished.
     func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws
+    /// A worker's job still runs: its lease is extended (`LeaseRules.renew`).
+    func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease
     /// Jobs by state ("queued", "leased", "succeeded", "failed").
     func counts() async throws -> [String: Int]
     /// A job's record and, if accepted, its result.
@@ -356,6 +358,18 @@ public final class SQLiteWorkStore: WorkStore {
             var record = try JobRow.decode(data, id: jobID)
             try LeaseRules.handBack(&record, leaseID: leaseID, worker: worker)
             try Self.save(db, record, now: 0)
+        }
+    }
+
+    public func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease {
+        try await self.pool.write { db in
+            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(bitPattern: jobID)]) else {
+                throw WorkStoreError("no job \(jobID)")
+            }
+            var record = try JobRow.decode(data, id: jobID)
+            let lease = try LeaseRules.renew(&record, leaseID: leaseID, worker: worker, now: now, duration: leaseDuration)
+            try Self.save(db, record, now: now)
+            return lease
         }
     }
 

@@ -182,6 +182,61 @@ public final class WorkWorker: Sendable {
         }
     }
 
+    /// Keeps a running job's lease: renews it every third of the lease time, and stops the
+    /// job (setting `lost`) when the master refuses a renewal or when the lease would end
+    /// within 5 s (a quarter of the lease, if shorter) without one.
+    func keepLease(_ assignment: Parley_Work_V1_Assignment, lost: NIOLockedValueBox<String?>) -> Task<Void, Never> {
+        let nowMs: @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }
+        let deadline = NIOLockedValueBox(assignment.deadlineUnixMs)
+        let leaseMs = max(3_000, assignment.deadlineUnixMs - nowMs())
+        // 5 s before the lease ends (a quarter of the lease when that is shorter).
+        let margin = min(5_000, leaseMs / 4)
+        let stop: @Sendable (String) -> Void = { why in
+            let first = lost.withLockedValue { state -> Bool in
+                guard state == nil else { return false }
+                state = why
+                return true
+            }
+            guard first, let pid = self.running.withLockedValue({ $0[assignment.jobID] }) else { return }
+            self.logger.warning("job stopped: \(why)", metadata: ["job": "\(assignment.jobID)"])
+            JobRunner.killGroup(pid)
+        }
+        return Task {
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: .milliseconds(leaseMs / 3))
+                        if Task.isCancelled { return }
+                        var renew = Parley_Work_V1_RenewLease()
+                        renew.worker = self.configuration.name
+                        renew.jobID = assignment.jobID
+                        renew.leaseID = assignment.leaseID
+                        do {
+                            let renewed = try await self.link.request(renew, as: Parley_Work_V1_LeaseRenewed.self)
+                            deadline.withLockedValue { $0 = max($0, renewed.deadlineUnixMs) }
+                        } catch let error as ParleyError where error.code == .invalidArgument {
+                            stop("the master refused to renew the lease (\(error.message))")
+                            return
+                        } catch {
+                            // A cut, a master gone: the link tries others; the watch below
+                            // stops the job if the lease runs out meanwhile.
+                        }
+                    }
+                }
+                group.addTask {
+                    while !Task.isCancelled {
+                        if deadline.withLockedValue({ $0 }) - nowMs() <= margin {
+                            stop("its lease ends within \(margin) ms and could not be renewed")
+                            return
+                        }
+                        try? await Task.sleep(for: .milliseconds(250))
+                    }
+                }
+                await group.waitForAll()
+            }
+        }
+    }
+
     /// Says hello to a master: the version is agreed and a key rotation considered.
     func hello(over client: ParleyClient) async throws {
         var hello = Parley_Work_V1_WorkerHello()
@@ -249,6 +304,7 @@ public final class WorkWorker: Sendable {
         let directory = "\(self.configuration.directory)/job-\(assignment.jobID)-\(assignment.leaseID)"
         let started = ContinuousClock.now
         let killedByShutdown = NIOLockedValueBox(false)
+        let leaseLost = NIOLockedValueBox<String?>(nil)
         do {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
             do {
@@ -259,15 +315,16 @@ public final class WorkWorker: Sendable {
                 report.message = error.message
                 return (report, false)
             }
-            // A job must end before its lease does (5 s of margin for the report), or another
-            // worker would get it while it still runs; counted after the inputs came.
-            let leaseLeft = Duration.milliseconds(max(0, assignment.deadlineUnixMs - Int64(Date().timeIntervalSince1970 * 1000) - 5_000))
             let jobID = assignment.jobID
             defer { self.running.withLockedValue { _ = $0.removeValue(forKey: jobID) } }
             let wall = spec.maxWallSeconds > 0 ? Duration.seconds(Int64(spec.maxWallSeconds)) : self.configuration.defaultMaxWall
+            // The lease is renewed while the job runs; a job whose lease cannot be kept is
+            // stopped 5 s before it ends, or another worker would get it while it still runs.
+            let keeper = assignment.deadlineUnixMs > 0 ? self.keepLease(assignment, lost: leaseLost) : nil
+            defer { keeper?.cancel() }
             let outcome = try await JobRunner.run(
                 spec, directory: directory, limiter: self.configuration.limiter,
-                maxWall: assignment.deadlineUnixMs > 0 ? min(wall, leaseLeft) : wall,
+                maxWall: wall,
                 maxOutput: min(spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, UInt64(WorkService.maxTail))) : self.configuration.defaultMaxOutput, WorkService.maxTail)
             ) { pid in
                 let stopping = self.stopping.withLockedValue { stopping in
@@ -288,7 +345,10 @@ public final class WorkWorker: Sendable {
             report.signal = outcome.signal
             report.stdoutTail = Data(outcome.stdout)
             report.stderrTail = Data(outcome.stderr)
-            if outcome.timedOut {
+            if let why = leaseLost.withLockedValue({ $0 }) {
+                report.errorKind = .compute
+                report.message = "stopped: \(why)"
+            } else if outcome.timedOut {
                 report.errorKind = .compute
                 report.message = "wall-time limit reached: killed"
             } else if outcome.exitStatus == 0, outcome.signal == 0, !spec.outputs.isEmpty {

@@ -442,3 +442,21 @@ extension WorkProcessTests {
         await master.stop()
     }
 }
+
+extension WorkProcessTests {
+    /// Lease renewal: a job that runs twice as long as the master's lease time keeps its lease
+    /// (the worker renews it) and is accepted from its first and only lease, no attempt lost.
+    @Test func aLongJobKeepsItsLeaseByRenewingIt() async throws {
+        let dir = freshTestDirectory("work-renew")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--lease-seconds", "4"], command: ["work", "serve"])
+        #expect(try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "/bin/sleep", "9"]).status == 0)
+        let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
+        let done = try await eventually(seconds: 60) { (try? Self.status(master.address))?["succeeded"] == 1 }
+        workers.stop()
+        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        let result = try parley(["work", "results", "1", "--master", master.address])
+        #expect(result.stdout.contains("lease 1:") && !result.stdout.contains("attempt failed"), "\(result.combined)")
+        await master.stop()
+    }
+}

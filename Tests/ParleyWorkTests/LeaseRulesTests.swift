@@ -126,4 +126,20 @@ import Testing
             }
         }
     }
+
+    /// Renewal extends the current lease of its own worker, never shortens it, and is refused
+    /// once the lease ended (expired, reported, handed back) or for another worker.
+    @Test func aLeaseIsRenewedOnlyWhileItRunsAndOnlyByItsWorker() throws {
+        var job = JobRecord(id: 1)
+        let lease = try LeaseRules.assign(&job, to: "w", leaseID: 5, now: 0, duration: 100)
+        let renewed = try LeaseRules.renew(&job, leaseID: 5, worker: "w", now: 50, duration: 100)
+        #expect(renewed.deadline == 150 && job.state == .leased(renewed) && job.leases == [renewed])
+        #expect(try LeaseRules.renew(&job, leaseID: 5, worker: "w", now: 60, duration: 10).deadline == 150, "never earlier")
+        #expect(throws: LeaseError.self) { _ = try LeaseRules.renew(&job, leaseID: 5, worker: "other", now: 70, duration: 100) }
+        #expect(throws: LeaseError.self) { _ = try LeaseRules.renew(&job, leaseID: 4, worker: "w", now: 70, duration: 100) }
+        #expect(throws: LeaseError.self) { _ = try LeaseRules.renew(&job, leaseID: 5, worker: "w", now: 150, duration: 100) }
+        #expect(LeaseRules.expire(&job, now: 150))
+        #expect(throws: LeaseError.self) { _ = try LeaseRules.renew(&job, leaseID: 5, worker: "w", now: 151, duration: 100) }
+        _ = lease
+    }
 }
