@@ -7,61 +7,6 @@ import ParleyBlock
 import ServiceLifecycle
 import UnixSignals
 
-/// `parley block map`'s arguments once the flags or RNBD's line are read.
-struct BlockMapRequest: Equatable {
-    var session: String
-    var paths: [String]
-    var device: String
-    var access: String  // ro, rw, migration
-
-    /// RNBD's `map_device` line: `sessname=NAME path=ip:ADDR [path=...] device_path=PATH
-    /// [access_mode=ro|rw|migration]`. A path may be `ip:HOST`, `ip:HOST:PORT`, `HOST:PORT`,
-    /// `unix:PATH`, or RNBD's `SRC,DST` pair (the source is ignored: the system picks it).
-    static func parse(rnbd line: String) throws -> BlockMapRequest {
-        var session: String?
-        var paths: [String] = []
-        var device: String?
-        var access = "rw"
-        for word in line.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }) {
-            guard let eq = word.firstIndex(of: "=") else {
-                throw ValidationError("bad RNBD word \"\(word)\": expected KEY=VALUE (sessname=, path=, device_path=, access_mode=)")
-            }
-            let key = word[..<eq], value = String(word[word.index(after: eq)...])
-            switch key {
-            case "sessname": session = value
-            case "path": paths.append(try Self.rnbdPath(value))
-            case "device_path": device = value
-            case "access_mode":
-                guard ["ro", "rw", "migration"].contains(value) else {
-                    throw ValidationError("bad access_mode \"\(value)\": use ro, rw or migration")
-                }
-                access = value
-            case "nr_poll_queues":
-                break  // RDMA polling queues: nothing to do over TCP
-            default:
-                throw ValidationError("unknown RNBD word \"\(key)=\": use sessname=, path=, device_path=, access_mode=")
-            }
-        }
-        guard let session else { throw ValidationError("the RNBD line has no sessname=") }
-        guard !paths.isEmpty else { throw ValidationError("the RNBD line has no path=") }
-        guard let device else { throw ValidationError("the RNBD line has no device_path=") }
-        return BlockMapRequest(session: session, paths: paths, device: device, access: access)
-    }
-
-    static func rnbdPath(_ text: String) throws -> String {
-        // "src,dst": the destination is what matters.
-        var p = text.split(separator: ",").last.map(String.init) ?? text
-        if p.hasPrefix("ip:") { p.removeFirst(3) }
-        if p.hasPrefix("gid:") { throw ValidationError("path \"\(text)\": gid: addresses are InfiniBand's; use ip:ADDRESS") }
-        if p.hasPrefix("unix:") || p.hasPrefix("[") || p.contains("://") { return p }
-        // An address without a port (RNBD's form): the block protocol's port.
-        let colons = p.filter { $0 == ":" }.count
-        if colons == 0 { return "\(p):\(BlockServer.Configuration.defaultPort)" }
-        if colons > 1 { return "[\(p)]:\(BlockServer.Configuration.defaultPort)" }  // a bare IPv6 address
-        return p
-    }
-}
-
 struct BlockMapCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "map",
@@ -139,7 +84,11 @@ struct BlockMapCommand: AsyncParsableCommand {
             guard self.session == nil, self.path.isEmpty, self.device == nil, !self.readOnly, !self.migration else {
                 throw ValidationError("give either --rnbd LINE or --session/--path/--device, not both")
             }
-            return try BlockMapRequest.parse(rnbd: rnbd)
+            do {
+                return try BlockMapRequest(rnbd: rnbd)
+            } catch {
+                throw ValidationError(error.message)
+            }
         }
         guard let session else { throw ValidationError("missing --session NAME (or --rnbd LINE)") }
         guard !self.path.isEmpty else { throw ValidationError("give at least one --path ADDRESS") }
