@@ -167,7 +167,7 @@ public final class BlockMultipathDevice: Sendable {
         var address: ParleyAddress
         var client: BlockClient?
         /// Runs the tasks that send this path's IO on its connection's event loop.
-        var executor: EventLoopExecutor?
+        var executor: EventLoopTaskExecutor?
         var deviceID: UInt32 = 0
         var connecting = false
         var connects = 0
@@ -202,7 +202,7 @@ public final class BlockMultipathDevice: Sendable {
 
     /// What to do outside the lock.
     enum Job {
-        case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, executor: EventLoopExecutor?, deviceID: UInt32, io: MultipathIOState.IO,
+        case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, executor: EventLoopTaskExecutor?, deviceID: UInt32, io: MultipathIOState.IO,
                   fua: Bool, data: ByteBuffer?)
         case resume(@Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void, Result<ByteBuffer?, BlockMultipathError>)
         case arm(token: Int)
@@ -335,7 +335,7 @@ public final class BlockMultipathDevice: Sendable {
         let (jobs, generation, ok) = self.state.withLockedValue { s -> ([Job], Int, Bool) in
             if s.closed { return ([], 0, false) }
             s.paths[i].client = client
-            s.paths[i].executor = EventLoopExecutor(client.client.connection.eventLoop)
+            s.paths[i].executor = EventLoopTaskExecutor(client.client.connection.eventLoop)
             s.paths[i].deviceID = device.id
             s.paths[i].connecting = false
             s.paths[i].connects += 1
@@ -668,19 +668,3 @@ public final class BlockMultipathDevice: Sendable {
     }
 }
 
-/// Runs Swift tasks on a SwiftNIO event loop (a path's connection's), so that sending an IO
-/// and taking its answer happen on the thread that owns the socket.
-final class EventLoopExecutor: TaskExecutor, Sendable {
-    let eventLoop: any EventLoop
-
-    init(_ eventLoop: any EventLoop) {
-        self.eventLoop = eventLoop
-    }
-
-    func enqueue(_ job: consuming ExecutorJob) {
-        let job = UnownedJob(job)
-        self.eventLoop.execute {
-            job.runSynchronously(on: self.asUnownedTaskExecutor())
-        }
-    }
-}
