@@ -41,7 +41,8 @@ final class GatedStore: BlockStore {
 }
 
 /// The server's half of the multipath rule (docs/protocol.md 17.8): a write that is still
-/// waiting for an IO thread when its connection ends is dropped, never carried out late.
+/// waiting for an IO thread when its connection ends is dropped, never carried out late
+/// ([R-17.8-4]).
 @Suite(.timeLimit(.minutes(2)))
 struct BlockFenceTests {
     /// Polls `condition` (bounded: 2,000 tries, 5 ms apart).

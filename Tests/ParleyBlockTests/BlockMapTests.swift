@@ -220,7 +220,8 @@ struct BlockMapTests {
     }
 
     /// fio writes and verifies through a two-path map while `parley chaos` cuts one path
-    /// again and again: every cut leaves IO in doubt, which is re-sent on the other path.
+    /// again and again: every cut leaves IO in doubt, which is re-sent on the other path
+    /// ([R-17.8-1], [R-17.8-2]).
     @Test func fioVerifiesWhileOnePathIsCutRepeatedly() throws {
         let fio = try Tools.require("fio", package: "fio")
         let scratch = try ScratchDirectory("map")
@@ -283,7 +284,7 @@ struct BlockMapTests {
         #expect(map.log.components(separatedBy: "path up").count - 1 >= 4, "both paths came back: \(map.log)")
     }
 
-    /// With no server at all, IO fails with EIO after --io-timeout instead of hanging.
+    /// With no server at all, IO fails with EIO after --io-timeout instead of hanging ([R-17.8-3]).
     @Test func ioFailsWithEIOWhenNoPathComesBack() throws {
         let nbdcopy = try Tools.require("nbdcopy", package: "libnbd-bin")
         let scratch = try ScratchDirectory("map")

@@ -6,6 +6,8 @@ import Testing
 /// refused, its path failing after the server did or did not carry it out, a late answer from
 /// a path already taken down), paths going down and up, the no-path timer and close. The
 /// model's disk checks that no write ever lands over the data of a later one.
+/// docs/protocol.md 17.8: [R-17.8-1] (overlapping modifications in order), [R-17.8-2] (in-doubt
+/// IO re-sent, late answers ignored), [R-17.8-3] (the no-path timer).
 @Suite struct MultipathIOStateTests {
     typealias M = MultipathIOState
     typealias IO = MultipathIOState.IO
