@@ -106,15 +106,19 @@ public enum WorkFiles {
         }
         var request = URLRequest(url: address)
         request.timeoutInterval = 60
-        do {
-            let (data, response) = try await URLSession.shared.data(for: request)
-            if let http = response as? HTTPURLResponse, http.statusCode != 200 {
-                throw FileError("fetching the input '\(name)' from \(url): HTTP \(http.statusCode)")
-            }
+        // Received in pieces and stopped at size + 1 bytes: the URL is signed, what a server
+        // sends is not, and a server could send without end.
+        let fetcher = CappedFetch(limit: Int(min(size, self.maxInputBytes)) + 1)
+        let session = URLSession(configuration: .ephemeral, delegate: fetcher, delegateQueue: nil)
+        defer { session.finishTasksAndInvalidate() }
+        let outcome = await withCheckedContinuation { (c: CheckedContinuation<Result<(Data, Int), any Error>, Never>) in
+            fetcher.start(session.dataTask(with: request), then: c)
+        }
+        switch outcome {
+        case .success((let data, let status)):
+            guard status == 200 else { throw FileError("fetching the input '\(name)' from \(url): HTTP \(status)") }
             return data
-        } catch let error as FileError {
-            throw error
-        } catch {
+        case .failure(let error):
             throw FileError("fetching the input '\(name)' from \(url): \(error.localizedDescription)")
         }
     }
@@ -159,5 +163,59 @@ public enum WorkFiles {
             guard data.count <= budget else { throw FileError("the outputs are over \(self.maxOutputBytes) bytes together") }
         }
         return data
+    }
+}
+
+/// A download that keeps at most `limit` bytes and then stops (URLSession's `data(for:)`
+/// would keep whatever the server sends).
+private final class CappedFetch: NSObject, URLSessionDataDelegate, @unchecked Sendable {
+    // Touched from URLSession's delegate queue (serial) and once from `start`.
+    private let limit: Int
+    private let lock = NSLock()
+    private var data = Data()
+    private var status = 0
+    private var continuation: CheckedContinuation<Result<(Data, Int), any Error>, Never>?
+
+    init(limit: Int) {
+        self.limit = limit
+    }
+
+    func start(_ task: URLSessionDataTask, then continuation: CheckedContinuation<Result<(Data, Int), any Error>, Never>) {
+        self.lock.withLock { self.continuation = continuation }
+        task.resume()
+    }
+
+    private func finish(_ result: Result<(Data, Int), any Error>) {
+        let c = self.lock.withLock { () -> CheckedContinuation<Result<(Data, Int), any Error>, Never>? in
+            defer { self.continuation = nil }
+            return self.continuation
+        }
+        c?.resume(returning: result)
+    }
+
+    func urlSession(_ session: URLSession, dataTask: URLSessionDataTask, didReceive response: URLResponse,
+                    completionHandler: @escaping (URLSession.ResponseDisposition) -> Void) {
+        self.lock.withLock { self.status = (response as? HTTPURLResponse)?.statusCode ?? 0 }
+        completionHandler(.allow)
+    }
+
+    func urlSession(_ session: URLSession, dataTask: URLSessionDataTask, didReceive data: Data) {
+        let over = self.lock.withLock { () -> Bool in
+            self.data.append(data.prefix(max(0, self.limit - self.data.count)))
+            return self.data.count >= self.limit
+        }
+        if over {
+            // The caller sees limit bytes: more than the signed size, so it is refused.
+            dataTask.cancel()
+            self.finish(.success(self.lock.withLock { (self.data, self.status) }))
+        }
+    }
+
+    func urlSession(_ session: URLSession, task: URLSessionTask, didCompleteWithError error: (any Error)?) {
+        if let error {
+            self.finish(.failure(error))
+        } else {
+            self.finish(.success(self.lock.withLock { (self.data, self.status) }))
+        }
     }
 }

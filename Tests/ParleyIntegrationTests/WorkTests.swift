@@ -319,11 +319,19 @@ extension WorkProcessTests {
                                 "--input-url", "data.bin=http://127.0.0.1:\(port)/data.bin", "--shell", "--", "echo stale-ran >> \(dir)/ran.log"])
         #expect(stale.status == 0, "\(stale.combined)")
         let staleID = stale.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        // A second file that grows to 20 MB on the server after signing: the worker stops
+        // reading at its signed size and a byte.
+        try Data("small".utf8).write(to: URL(fileURLWithPath: dir + "/www/grows.bin"))
+        let grows = try parley(["work", "submit", "--master", master.address, "--key", key,
+                                "--input-url", "grows.bin=http://127.0.0.1:\(port)/grows.bin", "--shell", "--", "echo grown-ran >> \(dir)/ran.log"])
+        #expect(grows.status == 0, "\(grows.combined)")
+        let growsID = grows.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        try Data(repeating: 1, count: 20 << 20).write(to: URL(fileURLWithPath: dir + "/www/grows.bin"))
         // Same size, other bytes: only the SHA-256 tells.
         try Data(repeating: 7, count: served.count).write(to: URL(fileURLWithPath: dir + "/www/data.bin"))
         try FileManager.default.createDirectory(atPath: dir + "/more", withIntermediateDirectories: true)
         let more = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir + "/more")
-        let done = try await eventually(seconds: 60) { (try? Self.status(master.address))?["failed"] == 2 }
+        let done = try await eventually(seconds: 60) { (try? Self.status(master.address))?["failed"] == 3 }
         more.stop()
         #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
         let saved = try parley(["work", "results", "1", "--master", master.address, "--save-outputs", dir + "/saved"])
@@ -332,6 +340,8 @@ extension WorkProcessTests {
         #expect(FileManager.default.contents(atPath: dir + "/saved/lines.txt") == Data("inline input\n".utf8))
         let staleResult = try parley(["work", "results", staleID, "--master", master.address])
         #expect(staleResult.stdout.contains("failed") && staleResult.stdout.contains("input failed, not run") && staleResult.stdout.contains("SHA-256"), "\(staleResult.combined)")
+        let grown = try parley(["work", "results", growsID, "--master", master.address])
+        #expect(grown.stdout.contains("input failed, not run") && grown.stdout.contains("is 6 bytes, not 5"), "\(grown.combined)")
         let escaped = try parley(["work", "results", "2", "--master", master.address])
         #expect(escaped.stdout.contains("failed") && escaped.stdout.contains("leads out of the job's directory"), "\(escaped.combined)")
         let ran = String(decoding: FileManager.default.contents(atPath: dir + "/ran.log") ?? Data(), as: UTF8.self)
