@@ -32,7 +32,10 @@ struct TimeoutTests {
             let status = try Parley_V1_Status(parleyPayload: close.segments[0])
             #expect(ParleyError.Code(rawValue: status.code) == .timeout)
             #expect(status.message.contains("keepalive timeout"))
-            #expect(elapsed >= .milliseconds(400) && elapsed < .seconds(5), "closed after about 400 to 450 ms: \(elapsed)")
+            // Not before the timeout. No upper bound but the exchange's 10 s: a full suite on
+            // two cores (fio and qemu-img running for the block tests) has starved this test
+            // for over 5 s, and the CLOSE with `timeout` above already says why it closed.
+            #expect(elapsed >= .milliseconds(400), "closed after the 400 ms keepalive timeout, not before: \(elapsed)")
             let logged = try await eventually { logs.all.contains { $0.metadata.contains("timeout") } }
             #expect(logged)
         }
