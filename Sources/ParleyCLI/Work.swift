@@ -90,6 +90,9 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("A key rotation (parley work rotate) to announce to workers; needs --trust, whose key must have signed it.", valueName: "file"))
         var rotation: String?
 
+        @Flag(name: .long, help: "Require capabilities of keyring entities: work.submit to submit, work.worker to work, work.read for status and results (work.* for all; anonymous clients get --anonymous-caps).")
+        var requireCaps = false
+
         @OptionGroup(title: "Nucleus (what every worker and submitter is told)") var nucleus: NucleusOptions
 
         @OptionGroup var security: ServerSecurityOptions
@@ -144,10 +147,12 @@ struct Work: AsyncParsableCommand {
                 } catch { throw ValidationError(error.message) }
             }
             var router = ParleyRouter()
-            WorkService.register(on: &router, store: store, configuration: .init(
+            var service = WorkService.Configuration(
                 leaseDuration: .seconds(self.leaseSeconds), defaultMaxAttempts: self.maxAttempts, trust: trust,
                 rotation: rotation, storeConcurrency: postgres ? 4 : 1
-            ))
+            )
+            service.requireCapabilities = self.requireCaps
+            WorkService.register(on: &router, store: store, configuration: service)
             let addresses = try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) }
             var configuration = ParleyServer.Configuration(
                 listen: addresses, name: "parley-work", nucleus: self.nucleus.nucleus, minimumClientVersion: self.nucleus.minClientVersion

@@ -23,6 +23,9 @@ public enum WorkService {
         /// How many store transactions (group commits of claims, and of reports) may run at
         /// once: 1 suits SQLite (one writer); PostgreSQL takes more.
         public var storeConcurrency: Int
+        /// Require capabilities of authenticated entities: `work.submit` to submit, `work.worker`
+        /// for a worker's messages, `work.read` for status and results (`work.*`: all).
+        public var requireCapabilities = false
 
         public init(leaseDuration: Duration = .seconds(600), defaultMaxAttempts: Int = 3, trust: WorkSigning.PublicKey? = nil, name: String = "parley-work",
                     rotation: WorkSigning.Rotation? = nil, storeConcurrency: Int = 1) {
@@ -59,6 +62,12 @@ public enum WorkService {
     public static func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1e9) }
 
     public static func register(on router: inout ParleyRouter, store: any WorkStore, configuration: Configuration = .init()) {
+        if configuration.requireCapabilities {
+            router.require("work.submit", for: Parley_Work_V1_SubmitJobs.self)
+            router.require("work.worker", for: Parley_Work_V1_WorkerHello.self, Parley_Work_V1_RequestWork.self, Parley_Work_V1_ReportResult.self,
+                           Parley_Work_V1_HandBack.self, Parley_Work_V1_RenewLease.self)
+            router.require("work.read", for: Parley_Work_V1_StatusRequest.self, Parley_Work_V1_ResultRequest.self)
+        }
         let leaseNanoseconds = Int64(configuration.leaseDuration.components.seconds) * 1_000_000_000
         let submitted = Counter(label: "parley_work_jobs_submitted_total")
         let assigned = Counter(label: "parley_work_jobs_assigned_total")

@@ -470,3 +470,41 @@ extension WorkProcessTests {
         await master.stop()
     }
 }
+
+extension WorkProcessTests {
+    /// `--require-caps`: a submitter's entity (work.submit) can submit but not take work; a
+    /// worker's (work.worker) can work but not submit; each refusal names the capability.
+    @Test func capabilitiesSeparateSubmittersFromWorkers() async throws {
+        let dir = freshTestDirectory("work-caps")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let keyring = dir + "/keyring"
+        #expect(try parley(["keyring", "add", "worker.a", "--keyring", keyring, "--caps", "work.worker"]).status == 0)
+        #expect(try parley(["keyring", "add", "client.ci", "--keyring", keyring, "--caps", "work.submit,work.read"]).status == 0)
+        let master = try await ServeProcess.start(
+            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--auth", "secret", "--keyring", keyring, "--require-caps"],
+            command: ["work", "serve"]
+        )
+        let key = dir + "/keys/work.key"
+        let byWorker = try parley(["work", "submit", "--master", master.address, "--key", key, "--keyring", keyring, "--name", "worker.a", "--", "/bin/true"])
+        #expect(byWorker.status == 2 && byWorker.combined.contains("work.submit"), "\(byWorker.combined)")
+        let byClient = try parley(["work", "submit", "--master", master.address, "--key", key, "--keyring", keyring, "--name", "client.ci", "--", "/bin/true"])
+        #expect(byClient.status == 0, "\(byClient.combined)")
+        let parleyPath = try #require(parleyExecutablePath())
+        let clientAsWorker = try runProcess(parleyPath, ["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--dir", dir + "/x",
+                                                         "--keyring", keyring, "--name", "client.ci"], seconds: 30)
+        #expect(clientAsWorker.status == 2 && clientAsWorker.combined.contains("work.worker"), "\(clientAsWorker.combined)")
+        let worker = Process()
+        worker.executableURL = URL(fileURLWithPath: parleyPath)
+        worker.arguments = ["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--dir", dir + "/w", "--keyring", keyring, "--name", "worker.a"]
+        worker.standardOutput = FileHandle.nullDevice
+        worker.standardError = FileHandle.nullDevice
+        try worker.run()
+        defer { if worker.isRunning { kill(worker.processIdentifier, SIGKILL) }; worker.waitUntilExit() }
+        let done = try await eventually(seconds: 30) {
+            (try? parley(["work", "status", "--master", master.address, "--json", "--keyring", keyring, "--name", "client.ci"]))?.stdout.contains("\"succeeded\":1") == true
+        }
+        #expect(done)
+        kill(worker.processIdentifier, SIGTERM)
+        await master.stop()
+    }
+}
