@@ -240,15 +240,22 @@ struct Work: AsyncParsableCommand {
             self.logging.bootstrap()
             let trust: WorkSigning.PublicKey
             do { trust = try WorkSigning.readPublicKey(self.trust) } catch { throw ValidationError(error.message) }
-            var configuration = ParleyClient.Configuration(name: "parley-work-worker")
+            var base = ParleyClient.Configuration(name: "parley-work-worker")
             // With other masters to go to, a dead one is given up sooner.
-            configuration.lossless = .init(reconnectTimeout: self.masters.count > 1 ? .seconds(5) : .seconds(60))
+            base.lossless = .init(reconnectTimeout: self.masters.count > 1 ? .seconds(5) : .seconds(60))
             let addresses = try self.masters.map { try ParleyAddress(parsing: $0) }
-            try self.security.apply(to: &configuration, address: addresses[0])
+            // Each master's own configuration (TLS or not, by its address), checked here first.
+            var configurations: [ParleyAddress: ParleyClient.Configuration] = [:]
+            for address in addresses {
+                var configuration = base
+                do { try self.security.apply(to: &configuration, address: address) } catch { throw ValidationError(error.message) }
+                configurations[address] = configuration
+            }
             let given = self.workerName ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
+            let chosen = configurations, fallback = base
             let link = WorkMasterLink(
-                masters: addresses, configuration: configuration, name: given, failoverTimeout: .seconds(Int64(self.failoverSeconds)),
-                logger: Logger(label: "parley.work.worker")
+                masters: addresses, configurationFor: { address in chosen[address] ?? fallback }, name: given,
+                failoverTimeout: .seconds(Int64(self.failoverSeconds)), logger: Logger(label: "parley.work.worker")
             )
             let name: String
             do {

@@ -16,7 +16,8 @@ import SwiftProtobuf
 /// spreads over the masters.
 public final class WorkMasterLink: Sendable {
     public let masters: [ParleyAddress]
-    let configuration: ParleyClient.Configuration
+    /// The client configuration for each master (credentials and TLS can differ by address).
+    let configuration: @Sendable (ParleyAddress) throws -> ParleyClient.Configuration
     let logger: Logger
     /// How long a call keeps trying masters before it fails.
     let failoverTimeout: Duration
@@ -32,13 +33,21 @@ public final class WorkMasterLink: Sendable {
 
     private let state: NIOLockedValueBox<State>
 
-    public init(
+    public convenience init(
         masters: [ParleyAddress], configuration: ParleyClient.Configuration, name: String, failoverTimeout: Duration = .seconds(120),
         logger: Logger = Logger(label: "parley.work.link"), onConnect: @escaping @Sendable (ParleyClient) async throws -> Void = { _ in }
     ) {
+        self.init(masters: masters, configurationFor: { _ in configuration }, name: name, failoverTimeout: failoverTimeout, logger: logger, onConnect: onConnect)
+    }
+
+    public init(
+        masters: [ParleyAddress], configurationFor: @escaping @Sendable (ParleyAddress) throws -> ParleyClient.Configuration, name: String,
+        failoverTimeout: Duration = .seconds(120), logger: Logger = Logger(label: "parley.work.link"),
+        onConnect: @escaping @Sendable (ParleyClient) async throws -> Void = { _ in }
+    ) {
         precondition(!masters.isEmpty, "a worker needs at least one master")
         self.masters = masters
-        self.configuration = configuration
+        self.configuration = configurationFor
         self.logger = logger
         self.failoverTimeout = failoverTimeout
         self.onConnect = NIOLockedValueBox(onConnect)
@@ -134,7 +143,7 @@ public final class WorkMasterLink: Sendable {
             let index = (first + offset) % self.masters.count
             let address = self.masters[index]
             do {
-                var configuration = self.configuration
+                var configuration = try self.configuration(address)
                 configuration.lossless = configuration.lossless ?? .init()
                 let client = try await ParleyClient.connect(to: address, configuration: configuration, logger: self.logger)
                 do {
