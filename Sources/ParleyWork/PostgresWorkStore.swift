@@ -211,11 +211,8 @@ public final class PostgresWorkStore: WorkStore {
             struct Queued { var id: Int64; var spec: ByteBuffer; var signature: ByteBuffer; var record: ByteBuffer }
             var answers = requests.map { _ in [ClaimedJob]() }
             // Requests with the same applications share one query (most often all of them).
-            for (apps, indices) in Dictionary(grouping: requests.indices, by: { Set(requests[$0].apps) }) {
+            for (indices, names, limit) in JobRow.claimGroups(requests) {
                 let group = indices.map { requests[$0] }
-                let limit = group.reduce(0) { $0 + max(0, $1.limit) }
-                guard limit > 0 else { continue }
-                let names = [""] + apps.sorted()
                 var rows: [Queued] = []
                 let found = try await connection.query(
                     """
@@ -312,13 +309,7 @@ public final class PostgresWorkStore: WorkStore {
 
     public func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws {
         try await self.transaction { connection in
-            var record: JobRecord?
-            for try await data in try await connection.query(
-                "SELECT record FROM job WHERE id = \(Int64(bitPattern: jobID)) FOR UPDATE", logger: self.logger
-            ).decode(ByteBuffer.self) {
-                record = try JobRow.decode(Data(data.readableBytesView), id: jobID)
-            }
-            guard var record else { throw WorkStoreError("no job \(jobID)") }
+            var record = try await self.lockedRecord(connection, jobID)
             try LeaseRules.handBack(&record, leaseID: leaseID, worker: worker)
             try await self.save(connection, [record], now: 0)
         }
@@ -326,13 +317,7 @@ public final class PostgresWorkStore: WorkStore {
 
     public func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease {
         try await self.transaction { connection in
-            var record: JobRecord?
-            for try await data in try await connection.query(
-                "SELECT record FROM job WHERE id = \(Int64(bitPattern: jobID)) FOR UPDATE", logger: self.logger
-            ).decode(ByteBuffer.self) {
-                record = try JobRow.decode(Data(data.readableBytesView), id: jobID)
-            }
-            guard var record else { throw WorkStoreError("no job \(jobID)") }
+            var record = try await self.lockedRecord(connection, jobID)
             let lease = try LeaseRules.renew(&record, leaseID: leaseID, worker: worker, now: now, duration: leaseDuration)
             try await self.save(connection, [record], now: now)
             return lease
@@ -374,6 +359,16 @@ public final class PostgresWorkStore: WorkStore {
             }
             return spec
         }
+    }
+
+    /// A job's record, its row locked until the transaction ends; "no job" when there is none.
+    private func lockedRecord(_ connection: PostgresConnection, _ jobID: UInt64) async throws -> JobRecord {
+        for try await data in try await connection.query(
+            "SELECT record FROM job WHERE id = \(Int64(bitPattern: jobID)) FOR UPDATE", logger: self.logger
+        ).decode(ByteBuffer.self) {
+            return try JobRow.decode(Data(data.readableBytesView), id: jobID)
+        }
+        throw WorkStoreError("no job \(jobID)")
     }
 
     /// Writes records back, in one statement.

@@ -41,6 +41,11 @@ public enum WorkFiles {
         Array(SHA256.hash(data: bytes))
     }
 
+    /// Whether `bytes` are `size` long and hash to `sha256`.
+    static func matches(_ bytes: Data, size: UInt64, sha256: Data) -> Bool {
+        UInt64(bytes.count) == size && self.sha256(bytes) == Array(sha256)
+    }
+
     /// What a master checks of a job's files at submission.
     public static func check(spec: Parley_Work_V1_JobSpec) throws(FileError) {
         var names = Set<String>()
@@ -54,7 +59,7 @@ public enum WorkFiles {
                     throw FileError("the input '\(input.name)' has neither its content nor an http(s) URL")
                 }
             } else {
-                guard UInt64(input.content.count) == input.size, self.sha256(input.content) == Array(input.sha256) else {
+                guard self.matches(input.content, size: input.size, sha256: input.sha256) else {
                     throw FileError("the input '\(input.name)' does not match its size and SHA-256")
                 }
             }
@@ -69,7 +74,7 @@ public enum WorkFiles {
             try self.check(name: output.name)
             total += output.content.count
             guard total <= self.maxOutputBytes else { throw FileError("the output files are over \(self.maxOutputBytes) bytes together") }
-            guard UInt64(output.content.count) == output.size, self.sha256(output.content) == Array(output.sha256) else {
+            guard self.matches(output.content, size: output.size, sha256: output.sha256) else {
                 throw FileError("the output '\(output.name)' does not match its size and SHA-256")
             }
         }

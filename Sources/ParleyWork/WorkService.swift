@@ -117,8 +117,8 @@ public enum WorkService {
                 }
                 jobs.append(NewJob(
                     spec: Array(job.spec), signature: Array(job.signature), priority: Int(job.priority),
-                    maxAttempts: job.maxAttempts > 0 ? Int(job.maxAttempts) : configuration.defaultMaxAttempts
-                ).with(app: spec.app))
+                    maxAttempts: job.maxAttempts > 0 ? Int(job.maxAttempts) : configuration.defaultMaxAttempts, app: spec.app
+                ))
             }
             var reply = Parley_Work_V1_SubmitReply()
             reply.jobIds = try await store.submit(jobs, now: Self.now())
@@ -151,8 +151,10 @@ public enum WorkService {
             guard request.apps.count <= 64 else {
                 throw ParleyError(code: .invalidArgument, message: "a worker may run at most 64 applications; this one claims \(request.apps.count)")
             }
-            for app in request.apps where app.isEmpty { throw ParleyError(code: .invalidArgument, message: "an application the worker runs has an empty name") }
-            for app in request.apps { try Self.check(app: app) }
+            for app in request.apps {
+                guard !app.isEmpty else { throw ParleyError(code: .invalidArgument, message: "an application the worker runs has an empty name") }
+                try Self.check(app: app)
+            }
             let claimed = try await claims.submit(ClaimRequest(worker: worker, limit: Int(min(request.slots, 64)), apps: request.apps))
             if !claimed.isEmpty { assigned.increment(by: claimed.count) }
             var reply = Parley_Work_V1_WorkAssignments()

@@ -23,15 +23,6 @@ public struct NewJob: Sendable, Hashable {
     }
 }
 
-extension NewJob {
-    /// The job with `app` set.
-    public func with(app: String) -> NewJob {
-        var job = self
-        job.app = app
-        return job
-    }
-}
-
 /// A job handed to a worker under a lease.
 public struct ClaimedJob: Sendable, Hashable {
     public var id: UInt64
@@ -176,6 +167,17 @@ enum JobRow {
         Lease(id: stored.id, worker: stored.worker, deadline: stored.deadline)
     }
 
+    /// Claim requests grouped by the applications their workers run (most often one group):
+    /// each group's request indices, the application names its query takes (`""`, a job
+    /// needing none, first) and how many jobs it asks for in all. Groups asking for none are
+    /// left out.
+    static func claimGroups(_ requests: [ClaimRequest]) -> [(indices: [Int], apps: [String], limit: Int)] {
+        Dictionary(grouping: requests.indices, by: { Set(requests[$0].apps) }).compactMap { apps, indices in
+            let limit = indices.reduce(0) { $0 + max(0, requests[$1].limit) }
+            return limit > 0 ? (indices, [""] + apps.sorted(), limit) : nil
+        }
+    }
+
     /// Applies `LeaseRules.assign` to the queued jobs `rows` found for `requests`, in order,
     /// handing each request up to its limit; `leaseIDs` are fresh ids, one per row at least.
     static func assign<Row>(
@@ -284,11 +286,8 @@ public final class SQLiteWorkStore: WorkStore {
         return try await self.pool.write { db in
             var answers = requests.map { _ in [ClaimedJob]() }
             // Requests with the same applications share one query (most often all of them).
-            for (apps, indices) in Dictionary(grouping: requests.indices, by: { Set(requests[$0].apps) }) {
+            for (indices, names, limit) in JobRow.claimGroups(requests) {
                 let group = indices.map { requests[$0] }
-                let limit = group.reduce(0) { $0 + max(0, $1.limit) }
-                guard limit > 0 else { continue }
-                let names = [""] + apps.sorted()
                 let rows = try Row.fetchAll(
                     db, sql: "SELECT id, spec, signature, record FROM job WHERE state = 'queued' AND app IN (\(names.map { _ in "?" }.joined(separator: ", "))) ORDER BY priority DESC, id LIMIT ?",
                     arguments: StatementArguments(names) + [limit]
@@ -352,10 +351,7 @@ public final class SQLiteWorkStore: WorkStore {
 
     public func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws {
         try await self.pool.write { db in
-            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(bitPattern: jobID)]) else {
-                throw WorkStoreError("no job \(jobID)")
-            }
-            var record = try JobRow.decode(data, id: jobID)
+            var record = try Self.record(db, jobID)
             try LeaseRules.handBack(&record, leaseID: leaseID, worker: worker)
             try Self.save(db, record, now: 0)
         }
@@ -363,10 +359,7 @@ public final class SQLiteWorkStore: WorkStore {
 
     public func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease {
         try await self.pool.write { db in
-            guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(bitPattern: jobID)]) else {
-                throw WorkStoreError("no job \(jobID)")
-            }
-            var record = try JobRow.decode(data, id: jobID)
+            var record = try Self.record(db, jobID)
             let lease = try LeaseRules.renew(&record, leaseID: leaseID, worker: worker, now: now, duration: leaseDuration)
             try Self.save(db, record, now: now)
             return lease
@@ -398,6 +391,14 @@ public final class SQLiteWorkStore: WorkStore {
     }
 
     // MARK: - Rows
+
+    /// A job's record, inside a write transaction; "no job" when there is none.
+    private static func record(_ db: Database, _ jobID: UInt64) throws -> JobRecord {
+        guard let data = try Data.fetchOne(db, sql: "SELECT record FROM job WHERE id = ?", arguments: [Int64(bitPattern: jobID)]) else {
+            throw WorkStoreError("no job \(jobID)")
+        }
+        return try JobRow.decode(data, id: jobID)
+    }
 
     /// Reserves `count` lease ids; returns the first (they follow one another).
     private static func takeLeaseIDs(_ db: Database, count: Int) throws -> UInt64 {

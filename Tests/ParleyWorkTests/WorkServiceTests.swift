@@ -7,9 +7,16 @@ import ParleyWork
 import SwiftProtobuf
 import Testing
 
-/// The master's handlers in process: what a misbehaving worker or submitter gets.
-@Suite struct WorkServiceTests {
-    @Test func badReportsAndHandBacksAreRefusedWithAClearErrorAndStoreNothing() async throws {
+/// A master in this process on a fresh SQLite store, trusting a fresh key, and a client
+/// connected to it.
+struct InProcessMaster {
+    let store: SQLiteWorkStore
+    let key: WorkSigning.PrivateKey
+    let server: ParleyServer
+    let task: Task<Void, any Error>
+    let client: ParleyClient
+
+    static func start() async throws -> InProcessMaster {
         let dir = NSTemporaryDirectory() + "work-service-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
@@ -20,10 +27,24 @@ import Testing
         quiet.logLevel = .critical
         let server = ParleyServer(configuration: .init(listen: []), router: router, logger: quiet)
         let task = Task { try await server.run() }
-        defer { server.shutDown(); task.cancel() }
         _ = try await server.listeningAddresses
         let client = try await ParleyClient.connect(inProcessTo: server, logger: quiet)
-        defer { client.close() }
+        return InProcessMaster(store: store, key: key, server: server, task: task, client: client)
+    }
+
+    func stop() {
+        self.client.close()
+        self.server.shutDown()
+        self.task.cancel()
+    }
+}
+
+/// The master's handlers in process: what a misbehaving worker or submitter gets.
+@Suite struct WorkServiceTests {
+    @Test func badReportsAndHandBacksAreRefusedWithAClearErrorAndStoreNothing() async throws {
+        let master = try await InProcessMaster.start()
+        defer { master.stop() }
+        let (store, key, client) = (master.store, master.key, master.client)
 
         var spec = Parley_Work_V1_JobSpec()
         spec.argv = ["/bin/true"]
@@ -88,20 +109,9 @@ import Testing
     /// A job whose files could leave its directory, or whose inline input does not match its
     /// signed SHA-256, is refused at submission and nothing of the batch is stored.
     @Test func jobsWithBadFilesAreRefusedAtSubmission() async throws {
-        let dir = NSTemporaryDirectory() + "work-files-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
-        let key = WorkSigning.PrivateKey()
-        var router = ParleyRouter()
-        WorkService.register(on: &router, store: store, configuration: .init(trust: key.publicKey))
-        var quiet = Logger(label: "test")
-        quiet.logLevel = .critical
-        let server = ParleyServer(configuration: .init(listen: []), router: router, logger: quiet)
-        let task = Task { try await server.run() }
-        defer { server.shutDown(); task.cancel() }
-        _ = try await server.listeningAddresses
-        let client = try await ParleyClient.connect(inProcessTo: server, logger: quiet)
-        defer { client.close() }
+        let master = try await InProcessMaster.start()
+        defer { master.stop() }
+        let (store, key, client) = (master.store, master.key, master.client)
         func input(_ name: String, _ content: String, hashOf: String? = nil) -> Parley_Work_V1_InputFile {
             var f = Parley_Work_V1_InputFile()
             f.name = name

@@ -62,8 +62,8 @@ enum TestPostgres {
         return dir + "/jobs.sqlite"
     }
 
-    static func jobs(_ n: Int, priority: Int = 0) -> [NewJob] {
-        (0..<n).map { NewJob(spec: Array("job \($0)".utf8), signature: Array(repeating: 1, count: 64), priority: priority) }
+    static func jobs(_ n: Int, priority: Int = 0, app: String = "") -> [NewJob] {
+        (0..<n).map { NewJob(spec: Array("job \($0)".utf8), signature: Array(repeating: 1, count: 64), priority: priority, app: app) }
     }
 
     let second: Int64 = 1_000_000_000
@@ -165,8 +165,8 @@ enum TestPostgres {
         let store = try await kind.make()
         defer { Task { await store.close() } }
         let plain = try await store.submit(Self.jobs(2), now: 0)
-        let python = try await store.submit(Self.jobs(2, priority: 9).map { $0.with(app: "python3") }, now: 0)
-        let gpu = try await store.submit(Self.jobs(1).map { $0.with(app: "cuda-12") }, now: 0)
+        let python = try await store.submit(Self.jobs(2, priority: 9, app: "python3"), now: 0)
+        let gpu = try await store.submit(Self.jobs(1, app: "cuda-12"), now: 0)
         let bare = try await store.claim(worker: "bare", limit: 10, now: 0, leaseDuration: second)
         #expect(Set(bare.map(\.id)) == Set(plain), "a worker without applications gets only the plain jobs: \(bare.map(\.id))")
         // In one batch with a worker of other applications: each gets its own.
