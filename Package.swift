@@ -75,6 +75,19 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // `parley conform`: conformance checks of any Parley server against docs/protocol.md,
+        // sending raw bytes built with the wire codec (issue 13).
+        .target(
+            name: "ParleyConformance",
+            dependencies: [
+                "ParleyWire", "ParleyNIO", "ParleyServices",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Layer 3: the small async/await public API.
         .target(
             name: "Parley",
@@ -143,7 +156,7 @@ let package = Package(
         .executableTarget(
             name: "ParleyCLI",
             dependencies: [
-                "Parley", "ParleyServices", "ParleyWire", "ParleyBlock", "ParleyChaos", "ParleyWork",
+                "Parley", "ParleyServices", "ParleyWire", "ParleyBlock", "ParleyChaos", "ParleyWork", "ParleyConformance",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -182,7 +195,7 @@ let package = Package(
         .testTarget(
             name: "ParleyIntegrationTests",
             dependencies: [
-                "Parley", "ParleyServices", "ParleyWire", "ParleyNIO", "ParleyTestSupport", "ParleyChaos", "ParleyWork",
+                "Parley", "ParleyServices", "ParleyWire", "ParleyNIO", "ParleyTestSupport", "ParleyChaos", "ParleyWork", "ParleyConformance",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),

@@ -13,7 +13,7 @@ struct ParleyCommand: AsyncParsableCommand {
               parley ping 127.0.0.1:7420
             Addresses are HOST:PORT, [V6]:PORT or unix:PATH. The default port is 7420.
             """,
-        subcommands: [Serve.self, Ping.self, Send.self, Decode.self, Block.self, Work.self, Keyring.self, Cert.self, Chaos.self]
+        subcommands: [Serve.self, Ping.self, Send.self, Decode.self, Block.self, Work.self, Keyring.self, Cert.self, Chaos.self, Conform.self]
     )
 }
 

@@ -1,0 +1,904 @@
+import Foundation
+import NIOCore
+import ParleyServices
+import ParleyWire
+import SwiftProtobuf
+
+/// The checks of `parley conform`, each named by the requirement id of docs/protocol.md it
+/// tests. Illegal input is built byte by byte (`rawFrame`), never through an API that would
+/// refuse to send it.
+enum ConformanceChecks {
+    static let echoType = Parley_Echo_V1_Echo.protoMessageName
+    static let pingType = Parley_Echo_V1_Ping.protoMessageName
+    static let unknownType = "conform.v1.NoSuchMessage"
+
+    static var all: [ConformanceCheck] {
+        banner + frames + lossless + handshake + session
+    }
+
+    // MARK: - Helpers
+
+    /// Sends `bytes` on a fresh connection and checks that the server refuses: it closes the
+    /// connection without going on with the handshake; a CLOSE it sends has code `code`.
+    static func expectRefusal(_ c: CheckContext, _ bytes: ByteBuffer, _ code: ParleyError.Code, _ why: String) async throws {
+        let peer = try await c.connect()
+        defer { peer.close() }
+        await peer.send(bytes)
+        let expected = "the connection closed (with at most CLOSE \(code)) because of \(why), the handshake going no further"
+        var seen: [String] = []
+        let deadline = ContinuousClock.now.advanced(by: c.timeout)
+        while ContinuousClock.now < deadline {
+            let event = await peer.next(deadline - ContinuousClock.now)
+            switch event {
+            case .banner: continue
+            case .frame(let f) where f.tag == .hello: continue
+            case .frame(let f) where f.tag == .close:
+                let status = try decode(Parley_V1_Status.self, f)
+                if status.code != code.rawValue { throw fail(expected, describe(f)) }
+                seen.append(describe(f))
+            case .frame(let f):
+                throw fail(expected, (seen + [describe(f)]).joined(separator: "; "))
+            case .closed:
+                return
+            case .undecodable(let e):
+                throw fail(expected, (seen + ["bytes that do not decode: \(e)"]).joined(separator: "; "))
+            case .timeout:
+                break
+            }
+        }
+        throw fail(expected, (seen + ["the connection still open after \(c.timeout)"]).joined(separator: "; "))
+    }
+
+    /// Opens a session, sends `bytes` and expects CLOSE `code`.
+    static func expectViolation(
+        _ c: CheckContext, options: ClientOptions = ClientOptions(), _ code: ParleyError.Code, _ why: String,
+        _ build: (ClientSession) -> ByteBuffer
+    ) async throws {
+        let s = try await ClientSession.open(context: c, options: options)
+        defer { s.peer.close() }
+        await s.peer.send(build(s))
+        try await s.expectClose(code, because: why)
+    }
+
+    /// A first flight written by hand: banner, HELLO, AUTH_REQUEST, CLIENT_IDENT, then `more`.
+    static func wholeHandshake(_ options: ClientOptions = ClientOptions()) -> ByteBuffer {
+        var b = options.firstFlight()
+        for f in options.beforeIdent { b.writeFrame(f) }
+        b.writeFrame(options.ident)
+        return b
+    }
+
+    static func messageBytes(seq: UInt64, id: UInt64, kind: MessageKind, type: String, payload: ByteBuffer = ByteBuffer(), data: ByteBuffer? = nil) -> ByteBuffer {
+        ByteBuffer(frame: WireMessage(header: MessageHeader(seq: seq, id: id, kind: kind, type: type), payload: payload, data: data).frame(allocator: ByteBufferAllocator()))
+    }
+
+    static func pingPayload(_ n: UInt64) -> ByteBuffer {
+        var p = Parley_Echo_V1_Ping()
+        p.sequence = n
+        return p.parleyPayload()
+    }
+
+    static func expectPong(_ s: ClientSession, _ id: UInt64, _ what: String = "") async throws {
+        let answer = try await s.answer(id)
+        guard answer.header.kind == .response, answer.header.type == Parley_Echo_V1_Pong.protoMessageName else {
+            throw fail("RESPONSE parley.echo.v1.Pong to request \(id)\(what)", "\(answer.header.kind) \(answer.header.type)")
+        }
+    }
+
+    static func errorCode(_ m: WireMessage) -> ParleyError.Code? {
+        guard m.header.kind == .error, let status = try? Parley_V1_Status(parleyPayload: m.payload) else { return nil }
+        return ParleyError.Code(rawValue: status.code)
+    }
+
+    /// Every frame of a session that exercises what the server sends: answers with and
+    /// without a data segment, a stream, a KEEPALIVE_ACK, an ERROR.
+    static func sample(_ c: CheckContext) async throws -> (ClientSession, [Frame]) {
+        try c.requireEcho()
+        let s = try await ClientSession.open(context: c)
+        var echo = Parley_Echo_V1_Echo()
+        echo.text = "sample"
+        var ids: [UInt64] = []
+        ids.append(try await s.request(echoType, echo.parleyPayload(), data: s.features.contains(.dataSegment) ? ByteBuffer(repeating: 7, count: 5000) : nil))
+        ids.append(try await s.request(pingType, pingPayload(3)))
+        ids.append(try await s.request(unknownType, ByteBuffer()))
+        if s.features.contains(.streams) {
+            var count = Parley_Echo_V1_Count()
+            count.count = 2
+            ids.append(try await s.request(Parley_Echo_V1_Count.protoMessageName, count.parleyPayload()))
+        }
+        if s.features.contains(.keepalive) {
+            await s.send([SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: 42)])
+        }
+        for id in ids { _ = try await s.answer(id) }
+        if s.features.contains(.keepalive) && !s.controls.contains(where: { $0.tag == .keepaliveAck }) {
+            _ = try await s.nextEvent()
+        }
+        let frames = s.peer.received.compactMap { e -> Frame? in
+            if case .frame(let f) = e { return f }
+            return nil
+        }
+        return (s, frames)
+    }
+
+    // MARK: - Section 2 and 3: payloads and the banner
+
+    static let banner: [ConformanceCheck] = [
+        ConformanceCheck("R-2-2", "a CLIENT_IDENT whose name is not UTF-8 is refused (malformedPayload)") { c in
+            try c.requireSession()
+            var o = ClientOptions()
+            // field 4 (name), 2 bytes: ff fe
+            o.ident = Frame(tag: .clientIdent, segments: [ByteBuffer(bytes: [0x22, 0x02, 0xFF, 0xFE])])
+            let peer = try await c.connect()
+            defer { peer.close() }
+            await peer.send(wholeHandshake(o))
+            var frames: [Frame] = []
+            var closed = false
+            let deadline = ContinuousClock.now.advanced(by: c.timeout)
+            loop: while ContinuousClock.now < deadline {
+                switch await peer.next(deadline - ContinuousClock.now) {
+                case .frame(let f): frames.append(f)
+                case .closed: closed = true; break loop
+                case .timeout: break loop
+                case .undecodable(let e): throw fail("frames that decode", "\(e)")
+                case .banner: continue
+                }
+            }
+            if let ident = frames.first(where: { $0.tag == .serverIdent }) { throw fail("CLOSE malformedPayload instead of SERVER_IDENT", describe(ident)) }
+            try expectCloseFrame(.malformedPayload, because: "a string that is not UTF-8", in: (frames, closed))
+        },
+        ConformanceCheck("R-3-1", "an HTTP request instead of a banner is refused (badMagic)") { c in
+            var b = ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            b.writeRepeatingByte(0x20, count: 8)
+            try await expectRefusal(c, b, .badMagic, "a bad magic")
+        },
+        ConformanceCheck("R-3-2", "a banner with a wrong CRC is refused (badPreambleCRC)") { c in
+            var b = ClientOptions().firstFlight()
+            b.setInteger(b.getInteger(at: 28, as: UInt8.self)! ^ 0xFF, at: 28)
+            try await expectRefusal(c, b, .badPreambleCRC, "a wrong banner CRC")
+        },
+        ConformanceCheck("R-3-3", "a banner with version 0 is refused") { c in
+            try c.requireHandshake()
+            var o = ClientOptions()
+            o.version = 0
+            try await expectRefusal(c, wholeHandshake(o), .unsupportedVersion, "version 0")
+        },
+        ConformanceCheck("R-3-4", "a banner with version 65535 is accepted and answered in version 1") { c in
+            var o = ClientOptions()
+            o.version = 0xFFFF
+            let s = try await ClientSession.open(context: c, options: o)
+            defer { s.peer.close() }
+            guard s.serverBanner.version >= 1 else { throw fail("a server banner of version 1 or more", "version \(s.serverBanner.version)") }
+            if c.hasEcho { try await expectPong(s, try await s.request(pingType, pingPayload(1))) }
+        },
+        ConformanceCheck("R-3-6", "the server requires no feature it does not support") { c in
+            let b = c.serverBanner
+            guard b.required.isSubset(of: b.supported) else {
+                throw fail("required features within supported \(b.supported)", "required \(b.required)")
+            }
+        },
+        ConformanceCheck("R-3-7", "a client requiring an unknown feature bit (40) is refused") { c in
+            try c.requireHandshake()
+            var o = ClientOptions()
+            o.required = ParleyFeatures(rawValue: 1 << 40)
+            o.supported.insert(o.required)
+            try await expectRefusal(c, wholeHandshake(o), .missingFeatures, "a required unknown feature")
+        },
+        ConformanceCheck("R-3-8", "a client supporting unknown feature bits (20, 40, 63) is accepted") { c in
+            var o = ClientOptions()
+            o.supported.insert(ParleyFeatures(rawValue: 1 << 20 | 1 << 40 | 1 << 63))
+            let s = try await ClientSession.open(context: c, options: o)
+            defer { s.peer.close() }
+            if c.hasEcho { try await expectPong(s, try await s.request(pingType, pingPayload(1))) }
+        },
+        ConformanceCheck("R-3-9", "a client without optional features gets no stream item, data segment, NOTICE or KEEPALIVE") { c in
+            try c.requireEcho()
+            var o = ClientOptions()
+            o.supported = []
+            let s = try await ClientSession.open(context: c, options: o)
+            defer { s.peer.close() }
+            var count = Parley_Echo_V1_Count()
+            count.count = 3
+            let ids = [
+                try await s.request(Parley_Echo_V1_Count.protoMessageName, count.parleyPayload()),
+                try await s.request(echoType, Parley_Echo_V1_Echo().parleyPayload()),
+                try await s.request(pingType, pingPayload(1)),
+            ]
+            for id in ids { _ = try await s.answer(id) }
+            if let bad = s.messages.first(where: { $0.header.kind == .streamItem || $0.data != nil }) {
+                throw fail("answers of two segments and no STREAM_ITEM", "\(bad.header.kind) id \(bad.header.id) with \(bad.data == nil ? "2" : "3") segments")
+            }
+            if let bad = s.controls.first(where: { [FrameTag.notice, .keepalive, .keepaliveAck, .ack].contains($0.tag) }) {
+                throw fail("no frame that needs a feature", describe(bad))
+            }
+        },
+    ]
+
+    // MARK: - Section 4: frames
+
+    static let frames: [ConformanceCheck] = [
+        ConformanceCheck("R-4.1-1", "the server's preambles have byte 3 and unused descriptors zero") { c in
+            // The frame decoder refuses a non-zero byte 3 or unused descriptor: reading every
+            // frame of a sample session is the check.
+            let (s, _) = try await sample(c)
+            s.peer.close()
+        },
+        ConformanceCheck("R-4.4-1", "a frame with a wrong preamble CRC is refused (badPreambleCRC)") { c in
+            try await expectViolation(c, .badPreambleCRC, "a wrong preamble CRC") { s in
+                rawFrame(tag: 0x10, segments: s.message(kind: .request, id: 1, type: pingType, payload: pingPayload(1)).segments, corruptPreambleCRC: true)
+            }
+        },
+        ConformanceCheck("R-4.4-2", "a frame of 0 segments is refused (protocolViolation)") { c in
+            try await expectViolation(c, .protocolViolation, "segment count 0") { _ in rawFrame(tag: 0x12, count: 0, segments: [], descriptors: []) }
+        },
+        ConformanceCheck("R-4.4-2", "a frame of 5 segments is refused (protocolViolation)") { c in
+            try await expectViolation(c, .protocolViolation, "segment count 5") { _ in
+                rawFrame(tag: 0x12, count: 5, segments: [ByteBuffer(repeating: 0, count: 8)])
+            }
+        },
+        ConformanceCheck("R-4.4-2", "a preamble with byte 3 set is refused (protocolViolation)") { c in
+            try await expectViolation(c, .protocolViolation, "preamble byte 3 = 1") { _ in
+                rawFrame(tag: 0x12, byte3: 1, segments: [ByteBuffer(repeating: 0, count: 8)])
+            }
+        },
+        ConformanceCheck("R-4.4-2", "an unused segment descriptor that is not zero is refused (protocolViolation)") { c in
+            try await expectViolation(c, .protocolViolation, "segment 3's alignment set in a 1-segment frame") { _ in
+                rawFrame(tag: 0x12, segments: [ByteBuffer(repeating: 0, count: 8)], descriptors: [(8, 0), (0, 0), (0, 0), (0, 64)])
+            }
+        },
+        ConformanceCheck("R-4.4-3", "a preamble announcing one byte more than the server's limit is refused at once (frameTooLarge)") { c in
+            // Only the preamble is sent: the server must refuse before waiting for the body.
+            try await expectViolation(c, .frameTooLarge, "a frame of \(c.serverLimit + 1) bytes, the limit being \(c.serverLimit)") { _ in
+                rawFrame(tag: 0x10, count: 2, segments: [], descriptors: [(51, 0), (UInt32(c.serverLimit + 1 - 51), 0)])
+            }
+        },
+        ConformanceCheck("R-4.4-3", "a MESSAGE of exactly the server's limit is accepted and echoed") { c in
+            try c.requireEcho()
+            try c.require(.dataSegment, "dataSegment")
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            let headerSize = MessageHeader.fixedSize + echoType.utf8.count
+            let data = ByteBuffer(repeating: 0x5A, count: c.serverLimit - headerSize)
+            let id = try await s.request(echoType, ByteBuffer(), data: data)
+            let answer = try await s.answer(id, timeout: c.timeout * 4)
+            guard answer.header.kind == .response, answer.data == data else {
+                throw fail("RESPONSE EchoReply with the \(data.readableBytes) data bytes", "\(answer.header.kind) \(answer.header.type) with \(answer.data?.readableBytes ?? 0) data bytes")
+            }
+        },
+        ConformanceCheck("R-4.4-4", "a frame with a wrong segment CRC is refused (badSegmentCRC)") { c in
+            try await expectViolation(c, .badSegmentCRC, "a wrong segment CRC") { s in
+                rawFrame(tag: 0x10, segments: s.message(kind: .request, id: 1, type: pingType, payload: pingPayload(1)).segments, corruptSegmentCRC: true)
+            }
+        },
+        ConformanceCheck("R-4.4-5", "nothing after a frame error is read: a request behind a bad CRC gets no answer") { c in
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            var b = rawFrame(tag: 0x12, segments: [ByteBuffer(repeating: 1, count: 8)], corruptSegmentCRC: true)
+            b.writeImmutableBuffer(ByteBuffer(frame: s.ping(1, id: 77)))
+            await s.peer.send(b)
+            let drained = try await s.drainUntilClosed()
+            if let answer = s.messages.first(where: { $0.header.id == 77 }) {
+                throw fail("no answer to the request after the bad frame", "\(answer.header.kind) id 77")
+            }
+            try expectCloseFrame(.badSegmentCRC, because: "a wrong segment CRC", in: drained)
+        },
+        ConformanceCheck("R-4.5-1", "the server's frame-size limit is 0 (default) or at least 65536") { c in
+            let s = try await ClientSession.open(context: c)
+            s.peer.close()
+            let limit = s.serverHello.maxFrameSize
+            guard limit == 0 || limit >= 65_536 else { throw fail("HELLO max_frame_size 0 or at least 65536", "\(limit)") }
+        },
+        ConformanceCheck("R-4.5-2", "a client announcing max_frame_size 1 (counts as 65536) gets no larger frame") { c in
+            try c.requireEcho()
+            var o = ClientOptions()
+            o.maxFrameSize = 1
+            let s = try await ClientSession.open(context: c, options: o, maxFrameSize: 65_536)
+            defer { s.peer.close() }
+            try await expectPong(s, try await s.request(pingType, pingPayload(1)), " (a 1-byte limit counts as 65536)")
+            var echo = Parley_Echo_V1_Echo()
+            echo.payload = Data(repeating: 1, count: 65_500)
+            let answer = try await s.answer(try await s.request(echoType, echo.parleyPayload()))
+            guard errorCode(answer) == .frameTooLarge else {
+                throw fail("ERROR frameTooLarge (the EchoReply would exceed 65536 bytes)", "\(answer.header.kind) \(answer.header.type)")
+            }
+        },
+        ConformanceCheck("R-4.7-1", "a CLIENT_IDENT with an extra segment is accepted") { c in
+            var o = ClientOptions()
+            o.ident.segments.append(ByteBuffer(bytes: [1, 2, 3]))
+            let s = try await ClientSession.open(context: c, options: o)
+            defer { s.peer.close() }
+            if c.hasEcho { try await expectPong(s, try await s.request(pingType, pingPayload(1))) }
+        },
+        ConformanceCheck("R-4.7-1", "a MESSAGE with a fourth segment is read from its first three") { c in
+            try c.requireEcho()
+            try c.require(.dataSegment, "dataSegment")
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            var f = s.message(kind: .request, id: 5, type: echoType, payload: Parley_Echo_V1_Echo().parleyPayload(), data: ByteBuffer(bytes: [9, 9]))
+            f.segments.append(ByteBuffer(bytes: [4, 4, 4, 4]))
+            await s.send([f])
+            let answer = try await s.answer(5)
+            guard answer.header.kind == .response, answer.data == ByteBuffer(bytes: [9, 9]) else {
+                throw fail("RESPONSE with data 09 09", "\(answer.header.kind) data \(answer.data.map { Array($0.readableBytesView).hexString } ?? "none")")
+            }
+        },
+        ConformanceCheck("R-4.7-2", "the server sends control frames of 1 segment and MESSAGEs of 2 or 3") { c in
+            let (s, frames) = try await sample(c)
+            s.peer.close()
+            for f in frames {
+                let ok = f.tag == .message ? (2...3).contains(f.segments.count) : f.segments.count == 1
+                if !ok { throw fail("the segment count section 4.7 lists", "\(f.tag) with \(f.segments.count) segments") }
+            }
+        },
+        ConformanceCheck("R-4.7-3", "a HELLO whose payload does not decode is refused (malformedPayload)") { c in
+            try c.requireHandshake()
+            var o = ClientOptions()
+            o.hello = Frame(tag: .hello, segments: [ByteBuffer(bytes: [0x12, 0x7F, 0x41])])
+            let peer = try await c.connect()
+            defer { peer.close() }
+            await peer.send(o.firstFlight())
+            try await expectCloseOnPeer(peer, c, .malformedPayload, "a HELLO payload that ends inside a field")
+        },
+        ConformanceCheck("R-4.8-1", "unknown ignorable tags (0xA5) in the handshake and the session are skipped") { c in
+            var o = ClientOptions()
+            o.beforeAuth = [Frame(tag: FrameTag(rawValue: 0xA5), segments: [ByteBuffer(bytes: [1, 2, 3])])]
+            o.beforeIdent = [Frame(tag: FrameTag(rawValue: 0xFF), segments: [ByteBuffer()])]
+            let s = try await ClientSession.open(context: c, options: o)
+            defer { s.peer.close() }
+            await s.send([Frame(tag: FrameTag(rawValue: 0x80), flags: 0x01, segments: [ByteBuffer(repeating: 0xEE, count: 100), ByteBuffer()])])
+            if c.hasEcho { try await expectPong(s, try await s.request(pingType, pingPayload(1))) }
+        },
+        ConformanceCheck("R-4.8-2", "a HELLO in the session with an undecodable payload is unexpectedFrame, not malformedPayload") { c in
+            try await expectViolation(c, .unexpectedFrame, "a HELLO in the session") { _ in
+                ByteBuffer(frame: Frame(tag: .hello, segments: [ByteBuffer(bytes: [0xFF, 0xFF, 0xFF])]))
+            }
+        },
+        ConformanceCheck("R-4.8-3", "an unknown critical tag (0x30) is refused (unknownFrameTag)") { c in
+            try await expectViolation(c, .unknownFrameTag, "tag 0x30") { _ in ByteBuffer(frame: Frame(tag: FrameTag(rawValue: 0x30), segments: [ByteBuffer()])) }
+        },
+        ConformanceCheck("R-4.8-4", "a HELLO in the session is refused (unexpectedFrame)") { c in
+            try await expectViolation(c, .unexpectedFrame, "a HELLO in the session") { _ in ByteBuffer(frame: ClientOptions().helloFrame()) }
+        },
+        ConformanceCheck("R-4.8-4", "a NOTICE sent to the server is refused (unexpectedFrame)") { c in
+            try await expectViolation(c, .unexpectedFrame, "a NOTICE from a client") { _ in
+                ByteBuffer(frame: Parley_V1_Notice().frame(tag: .notice))
+            }
+        },
+        ConformanceCheck("R-4.8-4", "a SERVER_IDENT from the client in place of CLIENT_IDENT is refused (unexpectedFrame)") { c in
+            try c.requireSession()
+            var o = ClientOptions()
+            o.ident = Parley_V1_ServerIdent().frame(tag: .serverIdent)
+            let peer = try await c.connect()
+            defer { peer.close() }
+            await peer.send(wholeHandshake(o))
+            try await expectCloseOnPeer(peer, c, .unexpectedFrame, "a SERVER_IDENT from a client")
+        },
+        ConformanceCheck("R-4.8-5", "a CLOSE in the handshake ends it: no answer, no CLOSE back") { c in
+            try c.requireHandshake()
+            let peer = try await c.connect()
+            defer { peer.close() }
+            var b = ByteBuffer()
+            b.writeBanner(Banner(supported: .implemented))
+            b.writeFrame(ClientOptions().helloFrame())
+            var status = Parley_V1_Status()
+            status.code = ParleyError.Code.connectionClosed.rawValue
+            b.writeFrame(status.frame(tag: .close))
+            b.writeFrame(ClientOptions.authRequest())
+            await peer.send(b)
+            try await expectSilentClose(peer, c, "after the client's CLOSE")
+        },
+        ConformanceCheck("R-4.9-1", "flags on a CLIENT_IDENT and a KEEPALIVE are ignored") { c in
+            var o = ClientOptions()
+            o.ident.flags = 0x80
+            let s = try await ClientSession.open(context: c, options: o)
+            defer { s.peer.close() }
+            guard s.features.contains(.keepalive) else { return }
+            var k = SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: 7)
+            k.flags = 0x41
+            await s.send([k])
+            let event = try await s.nextEvent()
+            guard case .frame(let f) = event, f.tag == .keepaliveAck else { throw fail("KEEPALIVE_ACK", event.summary) }
+        },
+        ConformanceCheck("R-4.9-2", "the server sends every frame with flags 0") { c in
+            let (s, frames) = try await sample(c)
+            s.peer.close()
+            if let f = frames.first(where: { $0.flags != 0 }) { throw fail("flags 0", "\(describe(f)) with flags 0x\(String(f.flags, radix: 16))") }
+        },
+        ConformanceCheck("R-4.9-3", "a MESSAGE with frame flags 0x01 is refused (protocolViolation)") { c in
+            try await expectViolation(c, .protocolViolation, "frame flags 0x01 on a MESSAGE") { s in
+                var f = s.ping(1)
+                f.flags = 1
+                return ByteBuffer(frame: f)
+            }
+        },
+    ]
+
+    static func expectCloseOnPeer(_ peer: ConformancePeer, _ c: CheckContext, _ code: ParleyError.Code, _ why: String) async throws {
+        var frames: [Frame] = []
+        let deadline = ContinuousClock.now.advanced(by: c.timeout)
+        while ContinuousClock.now < deadline {
+            switch await peer.next(deadline - ContinuousClock.now) {
+            case .frame(let f): frames.append(f)
+            case .closed: return try expectCloseFrame(code, because: why, in: (frames, true))
+            case .timeout: return try expectCloseFrame(code, because: why, in: (frames, false))
+            case .undecodable(let e): throw fail("frames that decode", "\(e)")
+            case .banner: continue
+            }
+        }
+        try expectCloseFrame(code, because: why, in: (frames, false))
+    }
+
+    /// The server closes without sending anything more than its banner and HELLO.
+    static func expectSilentClose(_ peer: ConformancePeer, _ c: CheckContext, _ why: String) async throws {
+        let deadline = ContinuousClock.now.advanced(by: c.timeout)
+        while ContinuousClock.now < deadline {
+            let event = await peer.next(deadline - ContinuousClock.now)
+            switch event {
+            case .banner: continue
+            case .frame(let f) where f.tag == .hello: continue
+            case .closed: return
+            default: throw fail("the connection closed with nothing sent \(why)", event.summary)
+            }
+        }
+        throw fail("the connection closed \(why)", "the connection still open")
+    }
+
+    // MARK: - Section 5.2: lossless sessions
+
+    static let lossless: [ConformanceCheck] = [
+        ConformanceCheck("R-5.2-1", "two lossless sessions get two different 16-byte session tokens") { c in
+            try c.require(.reconnect, "lossless sessions (bit 9)")
+            var o = ClientOptions()
+            o.supported.insert(.reconnect)
+            let a = try await ClientSession.open(context: c, options: o)
+            let b = try await ClientSession.open(context: c, options: o)
+            a.peer.close()
+            b.peer.close()
+            let tokens = [a.serverIdent.sessionToken, b.serverIdent.sessionToken]
+            guard tokens.allSatisfy({ $0.count == 16 }), tokens[0] != tokens[1] else {
+                throw fail("two different 16-byte tokens", tokens.map { Array($0).hexString }.joined(separator: " and "))
+            }
+        },
+        ConformanceCheck("R-5.2-3", "a one-way message of a lossless session is acknowledged by itself") { c in
+            try c.require(.reconnect, "lossless sessions (bit 9)")
+            var o = ClientOptions()
+            o.supported.insert(.reconnect)
+            let s = try await ClientSession.open(context: c, options: o)
+            defer { s.peer.close() }
+            await s.send([s.message(kind: .oneWay, id: 0, type: unknownType)])
+            while true {
+                let event = try await s.nextEvent()
+                switch event {
+                case .frame(let f) where f.tag == .ack:
+                    let value = f.segments[0].getInteger(at: f.segments[0].readerIndex, endianness: .little, as: UInt64.self)
+                    guard value == 1 else { throw fail("ACK 1", "ACK \(value.map { "\($0)" } ?? "of \(f.segments[0].readableBytes) bytes")") }
+                    return
+                case .frame(let f) where f.tag == .message:
+                    if s.messages.last!.header.ack >= 1 { return }
+                case .frame:
+                    continue
+                default:
+                    throw fail("an ACK of seq 1 within \(c.timeout)", event.summary)
+                }
+            }
+        },
+    ]
+
+    // MARK: - Section 6: the handshake
+
+    static let handshake: [ConformanceCheck] = [
+        ConformanceCheck("R-6.1-1", "any peer_address text is accepted (empty, and not an address)") { c in
+            for text in ["", "\u{1F99C} not an address at all"] {
+                var o = ClientOptions()
+                o.peerAddress = text
+                let s = try await ClientSession.open(context: c, options: o)
+                s.peer.close()
+            }
+        },
+        ConformanceCheck("R-6.1-3", "a HELLO with entity type SERVER from the client is refused (protocolViolation)") { c in
+            try c.requireHandshake()
+            var o = ClientOptions()
+            var h = Parley_V1_Hello()
+            h.entityType = .server
+            o.hello = h.frame(tag: .hello)
+            let peer = try await c.connect()
+            defer { peer.close() }
+            await peer.send(o.firstFlight())
+            try await expectCloseOnPeer(peer, c, .protocolViolation, "a client HELLO with ENTITY_TYPE_SERVER")
+        },
+        ConformanceCheck("R-6.1-4", "an unknown method is answered AUTH_BAD_METHOD naming it and the allowed methods") { c in
+            try c.requireHandshake()
+            let peer = try await c.connect()
+            defer { peer.close() }
+            var b = ByteBuffer()
+            b.writeBanner(Banner(supported: .implemented))
+            b.writeFrame(ClientOptions().helloFrame())
+            b.writeFrame(ClientOptions.authRequest("conform-no-such-method"))
+            await peer.send(b)
+            _ = try await ClientSession.expectBanner(peer, c.timeout)
+            _ = try await ClientSession.expect(.hello, peer, c.timeout, "HELLO")
+            let f = try await ClientSession.expect(.authBadMethod, peer, c.timeout, "AUTH_BAD_METHOD")
+            let bad = try decode(Parley_V1_AuthBadMethod.self, f)
+            guard bad.method == "conform-no-such-method", !bad.allowedMethods.isEmpty else {
+                throw fail("AUTH_BAD_METHOD method \"conform-no-such-method\" with the allowed methods", "method \"\(bad.method)\" allowed \(bad.allowedMethods)")
+            }
+        },
+        ConformanceCheck("R-6.1-5", "a whole handshake and three requests in one write are answered") { c in
+            try await pipelined(c, pieces: nil)
+        },
+        ConformanceCheck("R-6.1-5", "a whole handshake and three requests in one-byte writes are answered") { c in
+            try await pipelined(c, pieces: 1)
+        },
+    ]
+
+    static func pipelined(_ c: CheckContext, pieces: Int?) async throws {
+        try c.requireEcho()
+        let o = ClientOptions()
+        var b = wholeHandshake(o)
+        for n in 1...3 { b.writeImmutableBuffer(messageBytes(seq: UInt64(n), id: UInt64(n), kind: .request, type: pingType, payload: pingPayload(UInt64(n)))) }
+        let peer = try await c.connect()
+        defer { peer.close() }
+        await peer.send(b, pieces: pieces)
+        var pongs: Set<UInt64> = []
+        let deadline = ContinuousClock.now.advanced(by: c.timeout * 2)
+        while pongs.count < 3, ContinuousClock.now < deadline {
+            let event = await peer.next(deadline - ContinuousClock.now)
+            switch event {
+            case .banner: continue
+            case .frame(let f) where f.tag == .message:
+                let m = try WireMessage(frame: f)
+                if m.header.kind == .response { pongs.insert(m.header.id) }
+            case .frame(let f) where [FrameTag.hello, .authDone, .serverIdent].contains(f.tag) || f.tag.isIgnorable:
+                continue
+            default:
+                throw fail("answers to requests 1, 2 and 3", "\(pongs.sorted()) answered, then \(event.summary)")
+            }
+        }
+        guard pongs == [1, 2, 3] else { throw fail("answers to requests 1, 2 and 3", "answers to \(pongs.sorted())") }
+    }
+
+    // MARK: - Section 7 to 10: the session
+
+    static let session: [ConformanceCheck] = [
+        ConformanceCheck("R-7.1-1", "a MESSAGE of one segment is refused (malformedPayload)") { c in
+            try await expectViolation(c, .malformedPayload, "a MESSAGE with one segment") { s in
+                var f = s.ping(1)
+                f.segments.removeLast()
+                return ByteBuffer(frame: f)
+            }
+        },
+        ConformanceCheck("R-7.1-2", "the server's MESSAGEs have at most 3 segments") { c in
+            let (s, frames) = try await sample(c)
+            s.peer.close()
+            if let f = frames.first(where: { $0.tag == .message && $0.segments.count > 3 }) { throw fail("2 or 3 segments", "\(f.segments.count)") }
+        },
+        ConformanceCheck("R-7.1-3", "the server's data segments have alignment hint 4096") { c in
+            try c.require(.dataSegment, "dataSegment")
+            let (s, frames) = try await sample(c)
+            s.peer.close()
+            for f in frames where f.tag == .message && f.segments.count == 3 {
+                if f.alignments[2] != 4096 { throw fail("alignment 4096", "\(f.alignments[2])") }
+            }
+        },
+        ConformanceCheck("R-7.2-1", "the server's message headers have bytes 28-31 zero") { c in
+            // WireMessage(frame:) refuses a header with non-zero reserved bytes.
+            let (s, _) = try await sample(c)
+            s.peer.close()
+        },
+        ConformanceCheck("R-7.2-2", "a message header of 20 bytes is refused (malformedPayload)") { c in
+            try await expectViolation(c, .malformedPayload, "a 20-byte header") { _ in
+                ByteBuffer(frame: Frame(tag: .message, segments: [ByteBuffer(repeating: 0, count: 20), ByteBuffer()]))
+            }
+        },
+        ConformanceCheck("R-7.2-2", "a message header with reserved bytes 28-31 set is refused (malformedPayload)") { c in
+            try await expectViolation(c, .malformedPayload, "header bytes 28-31 = 1") { s in
+                var f = s.ping(1)
+                f.segments[0].setInteger(UInt32(1), at: f.segments[0].readerIndex + 28, endianness: .little)
+                return ByteBuffer(frame: f)
+            }
+        },
+        ConformanceCheck("R-7.2-2", "a type name of 1025 bytes is refused (malformedPayload)") { c in
+            try await expectViolation(c, .malformedPayload, "a 1025-byte type name") { s in
+                var head = ByteBuffer()
+                head.writeMultipleIntegers(s.nextSeq, UInt64(0), UInt64(1), UInt8(1), UInt8(0), UInt16(1025), UInt32(0), endianness: .little)
+                head.writeRepeatingByte(0x61, count: 1025)
+                return ByteBuffer(frame: Frame(tag: .message, segments: [head, ByteBuffer()]))
+            }
+        },
+        ConformanceCheck("R-7.2-2", "a header whose segment is longer than 32 + N is refused (malformedPayload)") { c in
+            try await expectViolation(c, .malformedPayload, "a header segment 1 byte longer than its type name says") { s in
+                var f = s.ping(1)
+                f.segments[0].writeInteger(UInt8(0))
+                return ByteBuffer(frame: f)
+            }
+        },
+        ConformanceCheck("R-7.2-2", "a type name that is not UTF-8 is refused (malformedPayload)") { c in
+            try await expectViolation(c, .malformedPayload, "type name bytes c3 28") { s in
+                var head = ByteBuffer()
+                head.writeMultipleIntegers(s.nextSeq, UInt64(0), UInt64(1), UInt8(1), UInt8(0), UInt16(2), UInt32(0), endianness: .little)
+                head.writeBytes([0xC3, 0x28])
+                return ByteBuffer(frame: Frame(tag: .message, segments: [head, ByteBuffer()]))
+            }
+        },
+        ConformanceCheck("R-7.2-3", "a first MESSAGE with seq 2 is refused (protocolViolation)") { c in
+            try await expectViolation(c, .protocolViolation, "seq 2 where 1 was due") { s in ByteBuffer(frame: s.ping(1).withSeq(2)) }
+        },
+        ConformanceCheck("R-7.2-4", "a MESSAGE of kind 7 is refused (protocolViolation)") { c in
+            try await expectViolation(c, .protocolViolation, "kind 7") { s in
+                ByteBuffer(frame: s.message(kind: MessageKind(rawValue: 7), id: 1, type: pingType, payload: pingPayload(1)))
+            }
+        },
+        ConformanceCheck("R-7.2-5", "a CANCEL without streams negotiated is refused (protocolViolation)") { c in
+            var o = ClientOptions()
+            o.supported.remove(.streams)
+            try await expectViolation(c, options: o, .protocolViolation, "CANCEL without streams") { s in
+                ByteBuffer(frame: s.message(kind: .cancel, id: 1, type: ""))
+            }
+        },
+        ConformanceCheck("R-7.2-6", "a data segment without dataSegment negotiated is refused (protocolViolation)") { c in
+            var o = ClientOptions()
+            o.supported.remove(.dataSegment)
+            try await expectViolation(c, options: o, .protocolViolation, "a data segment without dataSegment") { s in
+                ByteBuffer(frame: s.message(kind: .request, id: 1, type: echoType, data: ByteBuffer(bytes: [1])))
+            }
+        },
+        ConformanceCheck("R-7.2-7", "a MESSAGE with header flags 0x01 is refused (protocolViolation)") { c in
+            try await expectViolation(c, .protocolViolation, "header flags 0x01") { s in
+                ByteBuffer(frame: s.message(kind: .request, id: 1, type: pingType, payload: pingPayload(1), headerFlags: 1))
+            }
+        },
+        ConformanceCheck("R-7.3-1", "the server's ack is the last seq it had received") { c in
+            try c.requireEcho()
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            await s.send((1...5).map { n in s.ping(UInt64(n), id: UInt64(n)) })
+            for id in UInt64(1)...5 {
+                let m = try await s.answer(id)
+                guard m.header.ack >= id, m.header.ack <= 5 else {
+                    throw fail("the answer to request \(id) (seq \(id)) with an ack from \(id) to 5", "ack \(m.header.ack)")
+                }
+            }
+            let acks = s.messages.map(\.header.ack)
+            guard acks == acks.sorted() else { throw fail("acks that never go down", "\(acks)") }
+        },
+        ConformanceCheck("R-7.3-2", "the server numbers its MESSAGEs 1, 2, 3, ...") { c in
+            try c.requireEcho()
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            await s.send((1...20).map { n in s.ping(UInt64(n), id: UInt64(n)) })
+            for id in UInt64(1)...20 { _ = try await s.answer(id) }
+            guard s.seqFaults.isEmpty, s.messages.first?.header.seq == 1 else {
+                throw fail("seq 1 to \(s.messages.count)", s.seqFaults.joined(separator: ", "))
+            }
+        },
+        ConformanceCheck("R-7.4-1", "a REQUEST reusing the id of a request still served is refused (protocolViolation)") { c in
+            try c.requireEcho()
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            var sleep = Parley_Echo_V1_Sleep()
+            sleep.delayMs = 2000
+            await s.send([s.message(kind: .request, id: 9, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload()), s.ping(1, id: 9)])
+            let drained = try await s.drainUntilClosed()
+            if let m = s.messages.first(where: { $0.header.id == 9 }) { throw fail("CLOSE protocolViolation and no answer with id 9", "\(m.header.kind) id 9 \(m.header.type)") }
+            try expectCloseFrame(.protocolViolation, because: "id 9 already in use", in: drained)
+        },
+        ConformanceCheck("R-7.5-1", "a request of an unknown type is answered ERROR unknownMessageType") { c in
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            let answer = try await s.answer(try await s.request(unknownType, ByteBuffer()))
+            guard errorCode(answer) == .unknownMessageType else { throw fail("ERROR unknownMessageType", "\(answer.header.kind) \(answer.header.type)") }
+        },
+        ConformanceCheck("R-7.5-2", "200 pipelined requests get one answer each, matched by id") { c in
+            try c.requireEcho()
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            var b = ByteBuffer()
+            for n in UInt64(1)...200 { b.writeFrame(s.ping(n, id: 1000 + n)) }
+            await s.peer.send(b)
+            for n in UInt64(1)...200 {
+                let m = try await s.answer(1000 + n)
+                let pong = try Parley_Echo_V1_Pong(parleyPayload: m.payload)
+                guard pong.sequence == n else { throw fail("Pong \(n) for request \(1000 + n)", "Pong \(pong.sequence)") }
+            }
+            _ = try await s.drainUntilClosed(.milliseconds(200))
+            let answers = s.messages.filter { $0.header.kind == .response || $0.header.kind == .error }.count
+            guard answers == 200 else { throw fail("200 answers", "\(answers)") }
+        },
+        ConformanceCheck("R-7.5-2", "a request whose payload does not decode is answered ERROR malformedPayload") { c in
+            try c.requireEcho()
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            let answer = try await s.answer(try await s.request(pingType, ByteBuffer(bytes: [0x08])))
+            guard errorCode(answer) == .malformedPayload else { throw fail("ERROR malformedPayload", describe(answer)) }
+        },
+        ConformanceCheck("R-7.5-2", "a slow request and a quick one are both answered, the quick one first") { c in
+            try c.requireEcho()
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            var sleep = Parley_Echo_V1_Sleep()
+            sleep.delayMs = 300
+            await s.send([s.message(kind: .request, id: 1, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload()), s.ping(1, id: 2)])
+            _ = try await s.answer(2)
+            if s.messages.contains(where: { $0.header.id == 1 }) { throw fail("the Pong before the Slept (answers out of order)", "the Slept first") }
+            let slept = try await s.answer(1)
+            guard slept.header.kind == .response else { throw fail("RESPONSE Slept", describe(slept)) }
+        },
+        ConformanceCheck("R-7.6-1", "a Count request without streams negotiated gets no STREAM_ITEM") { c in
+            try c.requireEcho()
+            var o = ClientOptions()
+            o.supported.remove(.streams)
+            let s = try await ClientSession.open(context: c, options: o)
+            defer { s.peer.close() }
+            var count = Parley_Echo_V1_Count()
+            count.count = 3
+            _ = try await s.answer(try await s.request(Parley_Echo_V1_Count.protoMessageName, count.parleyPayload()))
+            if let item = s.messages.first(where: { $0.header.kind == .streamItem }) { throw fail("a final answer and no STREAM_ITEM", describe(item)) }
+        },
+        ConformanceCheck("R-7.6-3", "a Count of 5 is answered by 5 STREAM_ITEMs in order, then one RESPONSE") { c in
+            try c.requireEcho()
+            try c.require(.streams, "streams")
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            var count = Parley_Echo_V1_Count()
+            count.count = 5
+            let id = try await s.request(Parley_Echo_V1_Count.protoMessageName, count.parleyPayload())
+            let done = try await s.answer(id)
+            let items = try s.messages.filter { $0.header.id == id && $0.header.kind == .streamItem }.map { try Parley_Echo_V1_CountItem(parleyPayload: $0.payload).index }
+            guard items == [0, 1, 2, 3, 4], done.header.kind == .response, done.header.type == Parley_Echo_V1_CountDone.protoMessageName else {
+                throw fail("items 0 to 4, then RESPONSE CountDone", "items \(items), then \(describe(done))")
+            }
+        },
+        ConformanceCheck("R-7.7-1", "a cancelled Sleep is stopped: no RESPONSE for it") { c in
+            try c.requireEcho()
+            try c.require(.streams, "streams (CANCEL needs it)")
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            let start = ContinuousClock.now
+            var sleep = Parley_Echo_V1_Sleep()
+            sleep.delayMs = 1500
+            await s.send([s.message(kind: .request, id: 1, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload())])
+            try await Task.sleep(for: .milliseconds(100))
+            await s.send([s.message(kind: .cancel, id: 1, type: ""), s.ping(2, id: 2)])
+            try await expectPong(s, 2)
+            // Wait past the end of the sleep: a server that ignored the CANCEL answers then.
+            wait: while ContinuousClock.now - start < .milliseconds(2500), !s.messages.contains(where: { $0.header.id == 1 }) {
+                guard case .frame = try await s.nextEvent(.milliseconds(2500) - (ContinuousClock.now - start)) else { break wait }
+            }
+            if let answer = s.messages.first(where: { $0.header.id == 1 }), answer.header.kind != .error || errorCode(answer) != .cancelled {
+                throw fail("no answer to the cancelled request, or ERROR cancelled", describe(answer))
+            }
+        },
+        ConformanceCheck("R-7.7-2", "a CANCEL for an id that is not being served is ignored") { c in
+            try c.require(.streams, "streams (CANCEL needs it)")
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            await s.send([s.message(kind: .cancel, id: 424_242, type: "")])
+            let answer = try await s.answer(try await s.request(unknownType, ByteBuffer()))
+            guard answer.header.kind == .error else { throw fail("the session going on (ERROR unknownMessageType)", describe(answer)) }
+            if let other = s.messages.first(where: { $0.header.id == 424_242 }) { throw fail("nothing for the cancelled id", describe(other)) }
+        },
+        ConformanceCheck("R-7.8-1", "a ONE_WAY of an unknown type gets no answer") { c in
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            await s.send([s.message(kind: .oneWay, id: 0, type: unknownType)])
+            let id = try await s.request(unknownType, ByteBuffer())
+            _ = try await s.answer(id)
+            _ = try await s.drainUntilClosed(.milliseconds(300))
+            if let other = s.messages.first(where: { $0.header.id != id }) { throw fail("no answer to the ONE_WAY", describe(other)) }
+        },
+        ConformanceCheck("R-7.9-1", "a CLOSE with an unknown code (999) ends the session quietly") { c in
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            var status = Parley_V1_Status()
+            status.code = 999
+            status.message = "conformance"
+            var b = ByteBuffer(frame: status.frame(tag: .close))
+            if c.hasEcho { b.writeFrame(s.ping(1, id: 1)) }
+            await s.peer.send(b)
+            let drained = try await s.drainUntilClosed()
+            if let f = drained.frames.first { throw fail("the connection closed, nothing sent back (section 7.13)", describe(f)) }
+            guard drained.closed else { throw fail("the connection closed", "the connection still open") }
+        },
+        ConformanceCheck("R-7.10-1", "an empty data segment is echoed as an empty data segment") { c in
+            try c.requireEcho()
+            try c.require(.dataSegment, "dataSegment")
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            let answer = try await s.answer(try await s.request(echoType, ByteBuffer(), data: ByteBuffer()))
+            guard answer.header.kind == .response, answer.data == ByteBuffer() else {
+                throw fail("RESPONSE with an empty data segment (3 segments)", "\(describe(answer)) with \(answer.data == nil ? "no data segment" : "\(answer.data!.readableBytes) data bytes")")
+            }
+        },
+        ConformanceCheck("R-7.10-2", "an Echo without dataSegment negotiated is answered without a data segment") { c in
+            try c.requireEcho()
+            var o = ClientOptions()
+            o.supported.remove(.dataSegment)
+            let s = try await ClientSession.open(context: c, options: o)
+            defer { s.peer.close() }
+            let answer = try await s.answer(try await s.request(echoType, Parley_Echo_V1_Echo().parleyPayload()))
+            if answer.data != nil { throw fail("an answer of 2 segments", "a data segment of \(answer.data!.readableBytes) bytes") }
+        },
+        ConformanceCheck("R-7.12-1", "a KEEPALIVE is answered at once by a KEEPALIVE_ACK with the same 8 bytes, byte for byte") { c in
+            try c.require(.keepalive, "keepalive")
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            let timestamp: UInt64 = 1_700_000_000_123_456_789
+            await s.send([SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: timestamp)])
+            let event = try await s.nextEvent()
+            let expected = ByteBuffer(frame: SessionStateMachine.keepaliveFrame(tag: .keepaliveAck, timestamp: timestamp))
+            guard case .frame(let f) = event, ByteBuffer(frame: f) == expected else {
+                var seen = event.summary
+                if case .frame(let f) = event { seen = Array(ByteBuffer(frame: f).readableBytesView).hexString }
+                throw fail(Array(expected.readableBytesView).hexString, seen)
+            }
+        },
+        ConformanceCheck("R-7.12-2", "a KEEPALIVE of 7 bytes is refused (malformedPayload)") { c in
+            try c.require(.keepalive, "keepalive")
+            try await expectViolation(c, .malformedPayload, "a 7-byte KEEPALIVE") { _ in
+                ByteBuffer(frame: Frame(tag: .keepalive, segments: [ByteBuffer(repeating: 1, count: 7)]))
+            }
+        },
+        ConformanceCheck("R-7.12-3", "a KEEPALIVE without keepalive negotiated is refused (unexpectedFrame)") { c in
+            var o = ClientOptions()
+            o.supported.remove(.keepalive)
+            try await expectViolation(c, options: o, .unexpectedFrame, "KEEPALIVE without keepalive") { _ in
+                ByteBuffer(frame: SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: 1))
+            }
+        },
+        ConformanceCheck("R-7.13-1", "after the client's CLOSE nothing is processed: a request behind it gets no answer") { c in
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            var status = Parley_V1_Status()
+            status.code = ParleyError.Code.connectionClosed.rawValue
+            var b = ByteBuffer(frame: status.frame(tag: .close))
+            b.writeFrame(s.message(kind: .request, id: 1, type: unknownType))
+            await s.peer.send(b)
+            let drained = try await s.drainUntilClosed()
+            if let f = drained.frames.first { throw fail("the connection closed, nothing sent back", describe(f)) }
+            guard drained.closed else { throw fail("the connection closed", "the connection still open") }
+        },
+        ConformanceCheck("R-7.15-2", "256 requests of 64 KiB written in one burst are all answered") { c in
+            try c.requireEcho()
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            var echo = Parley_Echo_V1_Echo()
+            echo.payload = Data(repeating: 0x33, count: 64 * 1024)
+            let payload = echo.parleyPayload()
+            var b = ByteBuffer()
+            for n in UInt64(1)...256 { b.writeFrame(s.message(kind: .request, id: n, type: echoType, payload: payload)) }
+            await s.peer.send(b)
+            for n in UInt64(1)...256 {
+                let m = try await s.answer(n, timeout: c.timeout * 2)
+                guard m.header.kind == .response, m.payload.readableBytes == payload.readableBytes else { throw fail("RESPONSE EchoReply to \(n)", describe(m)) }
+            }
+        },
+        ConformanceCheck("R-9-1", "a KEEPALIVE with preamble byte 3 set is refused (protocolViolation)") { c in
+            try await expectViolation(c, .protocolViolation, "preamble byte 3 = 0x80") { _ in
+                rawFrame(tag: 0x12, byte3: 0x80, segments: [ByteBuffer(repeating: 0, count: 8)])
+            }
+        },
+        ConformanceCheck("R-10-1", "the server's ERROR and CLOSE carry a specific code") { c in
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            let answer = try await s.answer(try await s.request(unknownType, ByteBuffer()))
+            guard let code = errorCode(answer), code != .unspecified else { throw fail("ERROR with a code other than 0", describe(answer)) }
+            await s.peer.send(ByteBuffer(frame: Frame(tag: FrameTag(rawValue: 0x31), segments: [ByteBuffer()])))
+            let drained = try await s.drainUntilClosed()
+            if let close = drained.frames.last(where: { $0.tag == .close }), let status = try? Parley_V1_Status(parleyPayload: close.segments[0]), status.code == 0 {
+                throw fail("CLOSE with a code other than 0", describe(close))
+            }
+        },
+    ]
+}
+
+func describe(_ m: WireMessage) -> String {
+    describe(m.frame(allocator: ByteBufferAllocator()))
+}
+
+extension Frame {
+    /// The same MESSAGE frame with another seq.
+    func withSeq(_ seq: UInt64) -> Frame {
+        var f = self
+        f.segments[0].setInteger(seq, at: f.segments[0].readerIndex, endianness: .little)
+        return f
+    }
+}

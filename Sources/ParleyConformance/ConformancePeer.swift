@@ -1,0 +1,215 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import ParleyNIO
+import ParleyWire
+
+/// Bytes a connection has received, filled on its event loop and taken by the check.
+final class Inbox: Sendable {
+    private struct State {
+        var bytes = ByteBuffer()
+        var ended = false
+        var error: String?
+    }
+    private let state = NIOLockedValueBox(State())
+
+    func append(_ buffer: ByteBuffer) {
+        self.state.withLockedValue { s in
+            var b = buffer
+            s.bytes.writeBuffer(&b)
+        }
+    }
+
+    func end(_ error: String?) {
+        self.state.withLockedValue { s in
+            if !s.ended { s.error = error }
+            s.ended = true
+        }
+    }
+
+    /// Everything received since the last call, and whether the stream has ended.
+    func take() -> (ByteBuffer, ended: Bool) {
+        self.state.withLockedValue { s in
+            defer { s.bytes = ByteBuffer() }
+            return (s.bytes, s.ended)
+        }
+    }
+}
+
+/// Collects what the server sends; the last handler of the pipeline (after TLS or WebSocket
+/// framing, if any, so that it sees the Parley byte stream).
+final class InboxHandler: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    let inbox: Inbox
+
+    init(inbox: Inbox) { self.inbox = inbox }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.inbox.append(self.unwrapInboundIn(data))
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.inbox.end(nil)
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event { self.inbox.end(nil) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.inbox.end("\(error)")
+        context.close(promise: nil)
+    }
+}
+
+/// What a check sees next from the server.
+enum PeerEvent: Sendable {
+    case banner(Banner)
+    case frame(Frame)
+    /// The byte stream ended between two frames.
+    case closed
+    /// The server's bytes do not decode (section 4.4): a defect of the server.
+    case undecodable(ParleyError)
+    /// Nothing within the time given.
+    case timeout
+
+    var summary: String {
+        switch self {
+        case .banner(let b): return "banner version \(b.version) supported \(b.supported) required \(b.required)"
+        case .frame(let f): return describe(f)
+        case .closed: return "the connection closed"
+        case .undecodable(let e): return "bytes that do not decode: \(e.code) (\(e.message))"
+        case .timeout: return "nothing"
+        }
+    }
+}
+
+/// A short description of a frame, for FAIL lines.
+func describe(_ frame: Frame) -> String {
+    switch frame.tag {
+    case .close:
+        if let status = try? Parley_V1_Status(parleyPayload: frame.segments[0]) {
+            return "CLOSE \(ParleyError.Code(rawValue: status.code)) \"\(status.message)\""
+        }
+        return "CLOSE (undecodable status)"
+    case .message:
+        if let m = try? WireMessage(frame: frame) {
+            var text = "MESSAGE \(m.header.kind) id \(m.header.id) seq \(m.header.seq) \(m.header.type)"
+            if m.header.kind == .error, let s = try? Parley_V1_Status(parleyPayload: m.payload) {
+                text += " \(ParleyError.Code(rawValue: s.code)) \"\(s.message)\""
+            }
+            return text
+        }
+        return "MESSAGE (bad header)"
+    default:
+        return "\(frame.tag) (\(frame.segments.map { "\($0.readableBytes)" }.joined(separator: ",")) bytes)"
+    }
+}
+
+/// One connection to the server under test, speaking raw bytes: what is sent is exactly what
+/// the check built, legal or not; what comes back is decoded with the pure frame codec.
+final class ConformancePeer {
+    let channel: any Channel
+    private let inbox: Inbox
+    private var decoder: WireDecoder
+    private var pending = ByteBuffer()
+    private var failed = false
+    private var ended = false
+    /// Every banner and frame received, in order.
+    private(set) var received: [PeerEvent] = []
+
+    private init(channel: any Channel, inbox: Inbox, maxFrameSize: Int) {
+        self.channel = channel
+        self.inbox = inbox
+        self.decoder = WireDecoder(maxFrameSize: maxFrameSize)
+    }
+
+    deinit { self.channel.close(promise: nil) }
+
+    static func connect(_ target: ConformanceTarget, maxFrameSize: Int = Int(UInt32.max)) async throws -> ConformancePeer {
+        let inbox = Inbox()
+        let transport = PosixTransport(connectTimeout: .seconds(10), tls: target.tls)
+        let channel = try await transport.connect(to: target.address, group: MultiThreadedEventLoopGroup.singleton) { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(InboxHandler(inbox: inbox))
+            }
+        }
+        return ConformancePeer(channel: channel, inbox: inbox, maxFrameSize: maxFrameSize)
+    }
+
+    /// Sends bytes as one write, or in writes of `pieces` bytes each.
+    func send(_ bytes: ByteBuffer, pieces: Int? = nil) async {
+        guard let pieces else {
+            try? await self.channel.writeAndFlush(bytes).get()
+            return
+        }
+        var rest = bytes
+        while rest.readableBytes > 0, let piece = rest.readSlice(length: min(pieces, rest.readableBytes)) {
+            do { try await self.channel.writeAndFlush(piece).get() } catch { return }
+        }
+    }
+
+    func send(_ frames: [Frame], pieces: Int? = nil) async {
+        var b = ByteBuffer()
+        for f in frames { b.writeFrame(f) }
+        await self.send(b, pieces: pieces)
+    }
+
+    /// The next banner or frame from the server, waiting at most `timeout`.
+    func next(_ timeout: Duration) async -> PeerEvent {
+        let deadline = ContinuousClock.now.advanced(by: timeout)
+        while true {
+            if self.failed || (self.ended && self.pending.readableBytes == 0) { return .closed }
+            do {
+                if let element = try self.decoder.decode(buffer: &self.pending) {
+                    self.pending.discardReadBytes()
+                    return self.record(element)
+                }
+            } catch {
+                self.failed = true
+                return self.record(error)
+            }
+            let (more, ended) = self.inbox.take()
+            if more.readableBytes > 0 {
+                var more = more
+                self.pending.writeBuffer(&more)
+                continue
+            }
+            if ended {
+                self.ended = true
+                do {
+                    if let element = try self.decoder.decodeLast(buffer: &self.pending, seenEOF: true) { return self.record(element) }
+                } catch {
+                    self.failed = true
+                    return self.record(error)
+                }
+                self.pending.clear()
+                return .closed
+            }
+            if ContinuousClock.now >= deadline { return .timeout }
+            try? await Task.sleep(for: .milliseconds(2))
+        }
+    }
+
+    private func record(_ element: WireInbound) -> PeerEvent {
+        let event: PeerEvent
+        switch element {
+        case .banner(let b): event = .banner(b)
+        case .frame(let f): event = .frame(f)
+        }
+        self.received.append(event)
+        return event
+    }
+
+    private func record(_ error: ParleyError) -> PeerEvent {
+        let event = PeerEvent.undecodable(error)
+        self.received.append(event)
+        return event
+    }
+
+    func close() {
+        self.channel.close(promise: nil)
+    }
+}
