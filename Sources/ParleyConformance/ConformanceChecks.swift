@@ -754,14 +754,14 @@ enum ConformanceChecks {
             defer { s.peer.close() }
             let start = ContinuousClock.now
             var sleep = Parley_Echo_V1_Sleep()
-            sleep.delayMs = 1500
+            sleep.delayMs = 3000
             await s.send([s.message(kind: .request, id: 1, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload())])
             try await Task.sleep(for: .milliseconds(100))
             await s.send([s.message(kind: .cancel, id: 1, type: ""), s.ping(2, id: 2)])
             try await expectPong(s, 2)
             // Wait past the end of the sleep: a server that ignored the CANCEL answers then.
-            wait: while ContinuousClock.now - start < .milliseconds(2500), !s.messages.contains(where: { $0.header.id == 1 }) {
-                guard case .frame = try await s.nextEvent(.milliseconds(2500) - (ContinuousClock.now - start)) else { break wait }
+            wait: while ContinuousClock.now - start < .milliseconds(3500), !s.messages.contains(where: { $0.header.id == 1 }) {
+                guard case .frame = try await s.nextEvent(.milliseconds(3500) - (ContinuousClock.now - start)) else { break wait }
             }
             if let answer = s.messages.first(where: { $0.header.id == 1 }), answer.header.kind != .error || errorCode(answer) != .cancelled {
                 throw fail("no answer to the cancelled request, or ERROR cancelled", describe(answer))

@@ -236,7 +236,12 @@ public struct ConformanceRunner: Sendable {
 
     /// Learns the server's banner and limit, and whether it serves the echo service.
     func probe() async throws -> CheckContext {
-        let peer = try await ConformancePeer.connect(self.target)
+        let peer: ConformancePeer
+        do {
+            peer = try await ConformancePeer.connect(self.target)
+        } catch {
+            throw fail("a connection to \(self.target.address)", "\(error)")
+        }
         defer { peer.close() }
         var context = CheckContext(
             target: self.target, timeout: self.timeout, serverBanner: Banner(supported: []), serverLimit: Frame.defaultMaxFrameSize, hasEcho: false
