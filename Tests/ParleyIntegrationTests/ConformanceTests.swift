@@ -1,0 +1,161 @@
+import Foundation
+import NIOCore
+import ParleyConformance
+import ParleyTestSupport
+import ParleyWire
+import Testing
+
+/// `parley conform` (issue 13): the runner passes every check against the reference server,
+/// and each deliberate fault of a test double makes exactly its one check fail.
+@Suite(.serialized, .timeLimit(.minutes(5)))
+struct ConformanceTests {
+    /// `parley conform` against a real `parley serve` process, over TCP and a Unix socket:
+    /// every check passes, the output has one line per check and the summary, exit status 0.
+    @Test func conformAgainstParleyServePassesEveryCheck() async throws {
+        let socket = temporaryPath("conform-\(UUID().uuidString.prefix(8)).sock")
+        let serve = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--listen", "unix:" + socket])
+        // Stopped at the end, or killed by PID when released if the test throws first.
+        let checks = ConformanceRunner.checks
+        let out = try parley(["conform", serve.address], seconds: 180)
+        #expect(out.status == 0, "\(out.combined)")
+        let lines = out.stdout.split(separator: "\n").map(String.init)
+        #expect(lines.last == "\(checks.count) checks: \(checks.count) passed, 0 failed, 0 skipped", "\(out.stdout)")
+        for check in checks {
+            #expect(lines.contains("\(check.id) PASS \(check.name)"), "no PASS line for \(check.id) \(check.name)")
+        }
+        // --only and --json, over the Unix socket.
+        let json = try parley(["conform", "unix:" + socket, "--json", "--only", "R-7.12-1", "[R-4.4-1]"], seconds: 60)
+        #expect(json.status == 0, "\(json.combined)")
+        let report = try JSONDecoder().decode(ConformanceReport.self, from: Data(json.stdout.utf8))
+        #expect(report.results.map(\.id) == ["R-4.4-1", "R-7.12-1"])
+        #expect(report.results.allSatisfy { $0.status == .pass })
+        #expect(json.stdout.contains("\"passed\":2") && json.stdout.contains("\"failed\":0"))
+        let unknown = try parley(["conform", serve.address, "--only", "R-99-1"], seconds: 30)
+        #expect(unknown.status != 0 && unknown.stderr.contains("no check has the id R-99-1"))
+        await serve.stop()
+    }
+
+    /// The test double: a proxy that breaks one requirement in front of a correct server.
+    /// With no fault every check passes; with a fault exactly the one check of the broken
+    /// requirement fails, so each of these checks is shown able to fail.
+    @Test(arguments: FaultyServer.Fault.allCases)
+    func aFaultyServerFailsExactlyTheMatchingCheck(_ fault: FaultyServer.Fault) async throws {
+        try await withServer { _, addresses in
+            guard case .tcp(_, let port) = addresses[0].kind else { throw ParleyError(code: .invalidArgument, message: "not TCP") }
+            let proxy = FaultyServer(fault: fault, upstreamPort: port)
+            let proxyPort = try await proxy.start()
+            let report = try await ConformanceRunner(target: ConformanceTarget(address: .tcp(host: "127.0.0.1", port: proxyPort))).run()
+            await proxy.stop()
+            let failed = report.results.filter { $0.status == .fail }
+            #expect(report.skipped == 0, "\(report.results.filter { $0.status == .skip }.map(\.line))")
+            #expect(failed.map(\.id) == (fault.requirement.map { [$0] } ?? []), "\(failed.map(\.line).joined(separator: "\n"))")
+            // Only one of the id's checks: the one whose input reaches the fault.
+            #expect(failed.count == (fault.requirement == nil ? 0 : 1))
+        }
+    }
+
+    /// A failing check: a FAIL line with what was expected and seen, and exit status 1.
+    @Test func aFailedCheckIsPrintedAndGivesExitStatusOne() async throws {
+        try await withServer { _, addresses in
+            guard case .tcp(_, let port) = addresses[0].kind else { throw ParleyError(code: .invalidArgument, message: "not TCP") }
+            let proxy = FaultyServer(fault: .ignoresRequiredUnknownFeatures, upstreamPort: port)
+            let proxyPort = try await proxy.start()
+            let out = try parley(["conform", "127.0.0.1:\(proxyPort)", "--only", "R-3-7", "R-3-8"], seconds: 60)
+            await proxy.stop()
+            #expect(out.status == 1, "\(out.combined)")
+            #expect(out.stdout.contains("R-3-7 FAIL a client requiring an unknown feature bit (40) is refused\n    expected: the connection closed"), "\(out.stdout)")
+            #expect(out.stdout.contains("    seen:     AUTH_DONE"), "\(out.stdout)")
+            #expect(out.stdout.contains("R-3-8 PASS"))
+            #expect(out.stdout.hasSuffix("2 checks: 1 passed, 1 failed, 0 skipped\n"))
+        }
+    }
+
+    /// A server that cannot be reached fails every check, saying so.
+    @Test func anUnreachableServerFailsEveryCheck() async throws {
+        let report = try await ConformanceRunner(target: ConformanceTarget(address: .unix(path: temporaryPath("nobody.sock"))), only: ["R-3-1", "R-7.5-1"]).run()
+        #expect(report.results.map(\.status) == [.fail, .fail])
+        #expect(report.results.allSatisfy { ($0.seen ?? "").contains("onnect") || ($0.seen ?? "").contains("No such file") })
+    }
+}
+
+/// Every requirement id of docs/protocol.md sections 1-16 is covered: a `parley conform`
+/// check tests it, a test under Tests/ names it, or docs/conformance.md says why it cannot
+/// be tested; the coverage table there and the count in the document's appendix are right.
+@Suite struct ConformanceCoverageTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    static func ids(in text: String) -> [String] {
+        let regex = try! NSRegularExpression(pattern: #"\[(R-[0-9]+(?:\.[0-9]+)*-[0-9]+)\]"#)
+        let range = NSRange(text.startIndex..., in: text)
+        return regex.matches(in: text, range: range).map { String(text[Range($0.range(at: 1), in: text)!]) }
+    }
+
+    /// Ids named by tests: every Swift file under Tests/ but this suite's own files.
+    static func testedIds() throws -> Set<String> {
+        var ids: Set<String> = []
+        let tests = root.appendingPathComponent("Tests")
+        let files = FileManager.default.enumerator(at: tests, includingPropertiesForKeys: nil)!
+        for case let url as URL in files where url.pathExtension == "swift" && !url.lastPathComponent.hasPrefix("Conformance") {
+            ids.formUnion(Self.ids(in: try String(contentsOf: url, encoding: .utf8)))
+        }
+        return ids
+    }
+
+    @Test func everyRequirementHasACheckATestOrAReason() throws {
+        let protocolText = try String(contentsOf: Self.root.appendingPathComponent("docs/protocol.md"), encoding: .utf8)
+        let conformanceText = try String(contentsOf: Self.root.appendingPathComponent("docs/conformance.md"), encoding: .utf8)
+        let cut = try #require(protocolText.range(of: "\n## 17. "))
+        let core = Self.ids(in: String(protocolText[..<cut.lowerBound]))
+        let later = Set(Self.ids(in: String(protocolText[cut.lowerBound...])))
+        var required: [String] = []
+        for id in core where !required.contains(id) { required.append(id) }
+        // In section order: R-2-1, R-3-1, ..., R-4.4-1, ..., R-10-1.
+        func key(_ id: String) -> [Int] { id.dropFirst(2).split(whereSeparator: { $0 == "." || $0 == "-" }).map { Int($0) ?? 0 } }
+        required.sort { key($0).lexicographicallyPrecedes(key($1)) }
+        let checked = ConformanceRunner.checkedIds
+        let tested = try Self.testedIds()
+        // `| R-x | untestable: reason |` rows of docs/conformance.md.
+        var untestable: [String: String] = [:]
+        for line in conformanceText.split(separator: "\n") {
+            let cells = line.split(separator: "|").map { $0.trimmingCharacters(in: .whitespaces) }
+            if cells.count >= 2, cells[0].hasPrefix("`R-"), cells[1].hasPrefix("untestable: ") {
+                untestable[cells[0].trimmingCharacters(in: CharacterSet(charactersIn: "`"))] = String(cells[1].dropFirst("untestable: ".count))
+            }
+        }
+        #expect(!required.isEmpty)
+        var rows: [String] = []
+        var (byCheck, byTest, unchecked) = (0, 0, 0)
+        for id in required {
+            let checks = ConformanceRunner.checks.filter { $0.id == id }
+            if !checks.isEmpty {
+                byCheck += 1
+                rows.append("| `\(id)` | conform: \(checks.map(\.name).joined(separator: "; ")) |")
+            } else if tested.contains(id) {
+                byTest += 1
+                rows.append("| `\(id)` | test |")
+            } else if let reason = untestable[id], !reason.isEmpty {
+                unchecked += 1
+                rows.append("| `\(id)` | untestable: \(reason) |")
+            } else {
+                Issue.record("\(id) has no conformance check, no test names it, and docs/conformance.md gives no reason it is untestable")
+            }
+        }
+        // Every check names an id of the document, and every untestable row is still one.
+        for id in checked { #expect(required.contains(id) || later.contains(id), "check \(id) is not an id of docs/protocol.md") }
+        for id in untestable.keys {
+            #expect(required.contains(id), "docs/conformance.md marks \(id) untestable, but docs/protocol.md has no such id")
+            #expect(!checked.contains(id) && !tested.contains(id), "\(id) is marked untestable but has a check or a test")
+        }
+        // The ids of sections 17-19 (the block and work services) are not part of this count;
+        // their tests name the ones they check.
+        // The table in docs/conformance.md is this one.
+        let table = (["| id | covered by |", "| --- | --- |"] + rows).joined(separator: "\n")
+        let tableIsCurrent = conformanceText.contains(table)
+        #expect(tableIsCurrent, "docs/conformance.md's coverage table differs; it should read:\n\(table)")
+        // The appendix of docs/protocol.md gives the count.
+        let count = "\(required.count) requirement ids in sections 1-16: \(byCheck) checked by `parley conform` "
+            + "(\(ConformanceRunner.checks.count) checks), \(byTest) by tests of the reference implementation only, \(unchecked) untestable"
+        let countIsCurrent = protocolText.contains(count)
+        #expect(countIsCurrent, "docs/protocol.md's appendix should say: \(count)")
+    }
+}

@@ -1,0 +1,224 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import ParleyWire
+import Testing
+
+/// A deliberately faulty Parley server for the conformance tests: a proxy in front of a
+/// correct server that breaks one requirement of docs/protocol.md, by rewriting frames as
+/// they pass (with CRCs made right again, so that only the one rule is broken). Bytes it
+/// cannot follow as frames (a bad magic, a preamble with a wrong CRC) pass unchanged.
+final class FaultyServer: Sendable {
+    enum Fault: String, CaseIterable, Sendable, CustomTestStringConvertible {
+        /// None: a transparent proxy (the control case).
+        case none
+        /// The server's large frames (over 1 MiB: the zero-copy path) carry a wrong segment CRC.
+        case wrongCRCOnLargeFrames
+        /// The server ignores a feature bit a client requires but it does not know.
+        case ignoresRequiredUnknownFeatures
+        /// The server ignores CANCEL: a cancelled request runs on and is answered.
+        case answersCancelledRequests
+        /// The server sets a frame flag on its ERROR messages.
+        case flagsOnErrors
+
+        /// The one requirement this fault breaks: the only check that must fail.
+        var requirement: String? {
+            switch self {
+            case .none: return nil
+            case .wrongCRCOnLargeFrames: return "R-4.4-3"
+            case .ignoresRequiredUnknownFeatures: return "R-3-7"
+            case .answersCancelledRequests: return "R-7.7-1"
+            case .flagsOnErrors: return "R-4.9-2"
+            }
+        }
+
+        var testDescription: String { self.rawValue }
+    }
+
+    let fault: Fault
+    private let upstreamPort: Int
+    private let channel = NIOLockedValueBox<(any Channel)?>(nil)
+
+    init(fault: Fault, upstreamPort: Int) {
+        self.fault = fault
+        self.upstreamPort = upstreamPort
+    }
+
+    /// Listens on 127.0.0.1 and returns the port.
+    func start() async throws -> Int {
+        let (fault, port) = (self.fault, self.upstreamPort)
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelOption(.autoRead, value: false)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelInitializer { inbound in
+                ClientBootstrap(group: inbound.eventLoop)
+                    .channelOption(.allowRemoteHalfClosure, value: true)
+                    .connect(host: "127.0.0.1", port: port)
+                    .flatMapThrowing { outbound in
+                        try outbound.pipeline.syncOperations.addHandler(Forwarder(partner: inbound, rewriter: FrameRewriter(fault: fault, toClient: true)))
+                        try inbound.pipeline.syncOperations.addHandler(Forwarder(partner: outbound, rewriter: FrameRewriter(fault: fault, toClient: false)))
+                    }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        self.channel.withLockedValue { $0 = server }
+        return server.localAddress!.port!
+    }
+
+    func stop() async {
+        let channel = self.channel.withLockedValue { c in defer { c = nil }; return c }
+        try? await channel?.close()
+    }
+}
+
+/// Copies one direction to the partner channel (both on one event loop), through a rewriter.
+private final class Forwarder: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    let partner: any Channel
+    var rewriter: FrameRewriter
+
+    init(partner: any Channel, rewriter: FrameRewriter) {
+        self.partner = partner
+        self.rewriter = rewriter
+    }
+
+    /// The client's side reads only once the server's side is connected (and this handler
+    /// is there to forward what it reads).
+    func channelActive(context: ChannelHandlerContext) {
+        try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
+        context.read()
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let out = self.rewriter.feed(self.unwrapInboundIn(data))
+        if out.readableBytes > 0 { self.partner.writeAndFlush(out, promise: nil) }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event { self.partner.close(mode: .output, promise: nil) }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.partner.close(promise: nil)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
+
+/// Follows one direction as a banner and frames, and applies the fault. Frames of up to
+/// 1 MiB are held until complete and rewritten whole; larger ones are passed on as they
+/// come (so that a preamble announcing a huge frame still reaches the server at once).
+struct FrameRewriter {
+    let fault: FaultyServer.Fault
+    let toClient: Bool
+    private var buffer = ByteBuffer()
+    private var bannerDone = false
+    /// Bytes of a large frame's body still to pass, and where its last segment's CRC starts.
+    private var streaming: (left: Int, lastCRCAt: Int)?
+    private var passthrough = false
+    private static let large = 1 << 20
+
+    init(fault: FaultyServer.Fault, toClient: Bool) {
+        self.fault = fault
+        self.toClient = toClient
+    }
+
+    mutating func feed(_ bytes: ByteBuffer) -> ByteBuffer {
+        var bytes = bytes
+        self.buffer.writeBuffer(&bytes)
+        var out = ByteBuffer()
+        while true {
+            if self.passthrough {
+                out.writeBuffer(&self.buffer)
+                return out
+            }
+            if let s = self.streaming {
+                let n = min(s.left, self.buffer.readableBytes)
+                guard n > 0 else { return out }
+                var piece = self.buffer.readSlice(length: n)!
+                // Position of this piece within the rest of the body: corrupt the last CRC.
+                let start = s.left, end = s.left - n
+                if self.fault == .wrongCRCOnLargeFrames && self.toClient && start >= s.lastCRCAt && end < s.lastCRCAt {
+                    let at = piece.readerIndex + (start - s.lastCRCAt)
+                    piece.setInteger(piece.getInteger(at: at, as: UInt8.self)! ^ 0xFF, at: at)
+                }
+                out.writeBuffer(&piece)
+                self.streaming = s.left - n == 0 ? nil : (s.left - n, s.lastCRCAt)
+                continue
+            }
+            if !self.bannerDone {
+                guard self.buffer.readableBytes >= 32 else { return out }
+                var banner = self.buffer.readSlice(length: 32)!
+                self.bannerDone = true
+                guard banner.getBytes(at: banner.readerIndex, length: 8) == Banner.magic,
+                      CRC32C.checksum(banner, at: banner.readerIndex, length: 28) == banner.getInteger(at: banner.readerIndex + 28, endianness: .little, as: UInt32.self)
+                else {
+                    self.passthrough = true
+                    out.writeBuffer(&banner)
+                    continue
+                }
+                if self.fault == .ignoresRequiredUnknownFeatures && !self.toClient {
+                    let known: UInt64 = 0x30F
+                    let required = banner.getInteger(at: banner.readerIndex + 20, endianness: .little, as: UInt64.self)!
+                    banner.setInteger(required & known, at: banner.readerIndex + 20, endianness: .little)
+                    banner.setInteger(CRC32C.checksum(banner, at: banner.readerIndex, length: 28), at: banner.readerIndex + 28, endianness: .little)
+                }
+                out.writeBuffer(&banner)
+                continue
+            }
+            guard self.buffer.readableBytes >= 32 else { return out }
+            let p = self.buffer.readerIndex
+            let count = Int(self.buffer.getInteger(at: p + 2, as: UInt8.self)!)
+            guard CRC32C.checksum(self.buffer, at: p, length: 28) == self.buffer.getInteger(at: p + 28, endianness: .little, as: UInt32.self),
+                  (1...4).contains(count)
+            else {
+                self.passthrough = true
+                continue
+            }
+            let lengths = (0..<count).map { Int(self.buffer.getInteger(at: p + 4 + 6 * $0, endianness: .little, as: UInt32.self)!) }
+            let body = lengths.reduce(0, +) + 4 * count
+            if body > Self.large {
+                var preamble = self.buffer.readSlice(length: 32)!
+                out.writeBuffer(&preamble)
+                // Counted from the end of the body: the last CRC is its last 4 bytes.
+                self.streaming = (body, 4)
+                continue
+            }
+            guard self.buffer.readableBytes >= 32 + body else { return out }
+            var frame = self.buffer.readSlice(length: 32 + body)!
+            self.rewrite(&frame, lengths: lengths)
+            out.writeBuffer(&frame)
+        }
+    }
+
+    /// Applies the fault to one whole frame whose CRCs are right, and makes them right again.
+    private func rewrite(_ frame: inout ByteBuffer, lengths: [Int]) {
+        let p = frame.readerIndex
+        let tag = frame.getInteger(at: p, as: UInt8.self)!
+        guard tag == FrameTag.message.rawValue, lengths.count >= 2, lengths[0] >= 32 else { return }
+        let kind = frame.getInteger(at: p + 32 + 24, as: UInt8.self)!
+        var changed = false
+        switch self.fault {
+        case .answersCancelledRequests where !self.toClient && kind == MessageKind.cancel.rawValue:
+            // The CANCEL names another id: the server ignores it, and the request runs on.
+            let id = frame.getInteger(at: p + 32 + 16, endianness: .little, as: UInt64.self)!
+            frame.setInteger(id ^ (1 << 40), at: p + 32 + 16, endianness: .little)
+            changed = true
+        case .flagsOnErrors where self.toClient && kind == MessageKind.error.rawValue:
+            frame.setInteger(UInt8(0x40), at: p + 1)
+            changed = true
+        default:
+            break
+        }
+        guard changed else { return }
+        frame.setInteger(CRC32C.checksum(frame, at: p, length: 28), at: p + 28, endianness: .little)
+        var at = p + 32
+        let epilogue = p + 32 + lengths.reduce(0, +)
+        for (i, length) in lengths.enumerated() {
+            frame.setInteger(CRC32C.checksum(frame, at: at, length: length), at: epilogue + 4 * i, endianness: .little)
+            at += length
+        }
+    }
+}
