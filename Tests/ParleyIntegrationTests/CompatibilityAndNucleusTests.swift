@@ -125,6 +125,8 @@ struct CompatibilityTests {
 
 @Suite(.timeLimit(.minutes(2)))
 struct NucleusTests {
+    /// [R-8.2-2] The client shows the nucleus's messages and sends no request before the
+    /// request delay has passed.
     @Test func serverMessagesDelayAndNotices() async throws {
         var router = EchoService.router()
         router.on(Parley_Echo_V1_Sleep.self) { _, context in

@@ -390,7 +390,7 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
     }
 
     /// Clients that start sessions and vanish cannot pile them up: beyond
-    /// `maxDetachedSessions` the one detached the longest is forgotten.
+    /// `maxDetachedSessions` the one detached the longest is forgotten ([R-5.2-4]).
     @Test func detachedSessionsAreCapped() async throws {
         let seed = try #require(MutationTests.seeds.last)
         try await withServer(configure: { $0.maxDetachedSessions = 3 }) { server, addresses in

@@ -320,6 +320,7 @@ struct MessagingTests {
         }
     }
 
+    /// [R-7.15-1] A server at its handler limit does not take on more requests.
     @Test func backPressureBoundsTheServersWork() async throws {
         let started = Counter()
         let release = Signal()

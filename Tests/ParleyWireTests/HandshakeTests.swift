@@ -153,6 +153,8 @@ extension Pair {
         #expect(Pair.failure(last.outcome)?.code == .authenticationFailed)
     }
 
+    /// [R-8.4-1] A refused client reports `clientOutOfDate` with the refusal and the refusing
+    /// SERVER_IDENT's other messages.
     @Test func outOfDateClientIsToldAndRefused() throws {
         var pair = Pair(client: Pair.clientConfig(version: "0.9.5"), server: Pair.serverConfig(minimum: "0.10.0"))
         try pair.runBuffered()
@@ -291,6 +293,8 @@ extension Pair {
         #expect(Pair.failure(c.start().outcome) != nil)
     }
 
+    /// [R-6.1-2] The client refuses an AUTH_DONE for another method than its last request's,
+    /// or with a mode the method cannot give (`authenticationFailed`).
     @Test func authDoneForAnotherMethodOrModeIsRefused() {
         var c = Self.clientAt(2)
         var done = Parley_V1_AuthDone()
