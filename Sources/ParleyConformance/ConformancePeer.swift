@@ -10,6 +10,10 @@ final class Inbox: Sendable {
         var bytes = ByteBuffer()
         var ended = false
         var error: String?
+        /// A reader waiting for bytes, the end, or its time to pass.
+        var waiter: CheckedContinuation<Void, Never>?
+        /// A wake-up that came while no reader waited.
+        var woken = false
     }
     private let state = NIOLockedValueBox(State())
 
@@ -18,12 +22,44 @@ final class Inbox: Sendable {
             var b = buffer
             s.bytes.writeBuffer(&b)
         }
+        self.wake()
     }
 
     func end(_ error: String?) {
         self.state.withLockedValue { s in
             if !s.ended { s.error = error }
             s.ended = true
+        }
+        self.wake()
+    }
+
+    private func wake() {
+        let waiter = self.state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+            defer { s.waiter = nil }
+            if s.waiter == nil { s.woken = true }
+            return s.waiter
+        }
+        waiter?.resume()
+    }
+
+    /// Returns when bytes are there, the stream has ended, or `timeout` has passed (or
+    /// earlier: the caller checks again).
+    func wait(_ timeout: Duration) async {
+        let timer = Task {
+            try? await Task.sleep(for: timeout)
+            if !Task.isCancelled { self.wake() }
+        }
+        defer { timer.cancel() }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let ready = self.state.withLockedValue { s -> Bool in
+                if s.bytes.readableBytes > 0 || s.ended || s.woken {
+                    s.woken = false
+                    return true
+                }
+                s.waiter = c
+                return false
+            }
+            if ready { c.resume() }
         }
     }
 
@@ -164,7 +200,8 @@ final class ConformancePeer {
             if self.failed || (self.ended && self.pending.readableBytes == 0) { return .closed }
             do {
                 if let element = try self.decoder.decode(buffer: &self.pending) {
-                    self.pending.discardReadBytes()
+                    // Not after every frame: a burst of large frames would be moved again and again.
+                    if self.pending.readerIndex >= 1 << 20 && self.pending.readerIndex >= self.pending.readableBytes { self.pending.discardReadBytes() }
                     return self.record(element)
                 }
             } catch {
@@ -188,8 +225,9 @@ final class ConformancePeer {
                 self.pending.clear()
                 return .closed
             }
-            if ContinuousClock.now >= deadline { return .timeout }
-            try? await Task.sleep(for: .milliseconds(2))
+            let now = ContinuousClock.now
+            if now >= deadline { return .timeout }
+            await self.inbox.wait(deadline - now)
         }
     }
 
