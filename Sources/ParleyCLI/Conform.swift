@@ -15,11 +15,26 @@ struct Conform: AsyncParsableCommand {
             unknown features). Prints one line per check: its requirement id, PASS, FAIL (with
             what was expected and seen) or SKIP (with the reason), then a summary line. Exits
             0 only when no check failed. docs/conformance.md describes the checks.
+
+            --client-test --listen ADDRESS tests a client instead: it listens, prints
+            "listening on ADDRESS", and plays one scenario per connection (a demanding server,
+            a request delay, no optional features, a 64 KiB frame limit, a refusal, a wrong
+            AUTH_DONE, a redirect); run the client once per scenario (seven times) with an
+            echo workload (Ping, Echo, Count). It reports the client's checks the same way.
             """
     )
 
     @Argument(help: ArgumentHelp("Server address: HOST:PORT, [V6]:PORT, unix:PATH, tls://HOST:PORT, ws://HOST:PORT/PATH or wss://HOST:PORT/PATH.", valueName: "address"))
-    var address: String
+    var address: String?
+
+    @Flag(name: .long, help: "Test a client: listen (--listen) and check the clients that connect.")
+    var clientTest = false
+
+    @Option(name: .long, help: ArgumentHelp("With --client-test: the address to listen on (port 0: any free port).", valueName: "address"))
+    var listen: String?
+
+    @Option(name: .long, help: "With --client-test: seconds to wait for the client's next connection before skipping the rest.")
+    var idle: Double = 60
 
     @Option(name: .long, parsing: .upToNextOption, help: ArgumentHelp("Run only the checks of these requirement ids (e.g. R-4.4-1).", valueName: "id"))
     var only: [String] = []
@@ -33,16 +48,23 @@ struct Conform: AsyncParsableCommand {
     @Option(name: .long, help: "Seconds a check waits for each answer it expects.")
     var timeout: Double = 5
 
-    @Option(name: .long, help: ArgumentHelp("For tls:// and wss://: the certificate directory whose ca.pem the server's certificate is checked against.", valueName: "dir"))
+    @Option(name: .long, help: ArgumentHelp("For tls:// and wss://: the certificate directory whose ca.pem the server's certificate is checked against (with --client-test: whose server.pem and server.key the test server uses).", valueName: "dir"))
     var cert: String?
 
     func validate() throws {
-        do { _ = try ParleyAddress(parsing: self.address) } catch { throw ValidationError(error.message) }
-        guard self.timeout > 0 else { throw ValidationError("--timeout must be more than 0") }
+        if self.clientTest {
+            guard self.address == nil, let listen = self.listen else { throw ValidationError("--client-test takes --listen ADDRESS and no server address") }
+            do { _ = try ParleyAddress(parsing: listen) } catch { throw ValidationError(error.message) }
+        } else {
+            guard let address = self.address, self.listen == nil else { throw ValidationError("give the server's ADDRESS (or --client-test --listen ADDRESS)") }
+            do { _ = try ParleyAddress(parsing: address) } catch { throw ValidationError(error.message) }
+        }
+        guard self.timeout > 0, self.idle > 0 else { throw ValidationError("--timeout and --idle must be more than 0") }
     }
 
     func run() async throws {
-        let address = try ParleyAddress(parsing: self.address)
+        if self.clientTest { return try await self.runClientTest() }
+        let address = try ParleyAddress(parsing: self.address!)
         var target = ConformanceTarget(address: address)
         if let cert = self.cert { target.tls = try ParleyTLS.client(directory: cert) }
         let runner = ConformanceRunner(target: target, timeout: .milliseconds(Int64(self.timeout * 1000)), only: self.only)
@@ -54,6 +76,23 @@ struct Conform: AsyncParsableCommand {
         }
         let json = self.json
         let report = try await runner.run { result in
+            if !json { emit(result.line) }
+        }
+        emit(json ? report.json() : report.summary)
+        if report.failed > 0 { throw ExitCode(1) }
+    }
+
+    private func runClientTest() async throws {
+        let tls = try self.cert.map { try ParleyTLS.server(directory: $0) }
+        let tester = ClientConformanceTester(
+            listen: try ParleyAddress(parsing: self.listen!), tls: tls, timeout: .milliseconds(Int64(self.timeout * 1000)),
+            idle: .milliseconds(Int64(self.idle * 1000)), only: self.only
+        )
+        let address: ParleyAddress
+        do { address = try await tester.start() } catch let error as ParleyError { throw ValidationError(error.message) }
+        emit("listening on \(address)")
+        let json = self.json
+        let report = await tester.run(address: address) { result in
             if !json { emit(result.line) }
         }
         emit(json ? report.json() : report.summary)

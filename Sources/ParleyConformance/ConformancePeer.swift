@@ -156,7 +156,8 @@ final class ConformancePeer {
     /// Every banner and frame received, in order.
     private(set) var received: [PeerEvent] = []
 
-    private init(channel: any Channel, inbox: Inbox, maxFrameSize: Int) {
+    /// A connection made or accepted, whose pipeline ends in an `InboxHandler` for `inbox`.
+    init(channel: any Channel, inbox: Inbox, maxFrameSize: Int) {
         self.channel = channel
         self.inbox = inbox
         self.decoder = WireDecoder(maxFrameSize: maxFrameSize)

@@ -1,0 +1,606 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import ParleyNIO
+import ParleyServices
+import ParleyWire
+
+/// `parley conform --client-test`: a test server for a client under test. Each connection
+/// the client makes plays the next scenario, a legal but demanding server (unknown feature
+/// bits, ignorable tags, frames in one-byte writes, NOTICE and KEEPALIVE, answers out of
+/// order, a request delay, a small frame limit, a refusal, a redirect), and the client's
+/// frames are checked against the rules on clients and senders. The server answers the echo
+/// service of section 12 (Ping, Echo, Count; other types ERROR `unknownMessageType`), so that
+/// any client that runs an echo workload can be tested: run it once per scenario.
+public final class ClientConformanceTester: Sendable {
+    /// One connection's server behaviour, and the requirements it checks.
+    enum Scenario: Int, CaseIterable, Sendable {
+        case demanding, requestDelay, noFeatures, smallLimit, refusal, wrongAuthDone, redirect
+
+        var title: String {
+            switch self {
+            case .demanding: return "a demanding server (unknown feature bits, ignorable tags, one-byte writes, NOTICE, KEEPALIVE, answers out of order)"
+            case .requestDelay: return "a request delay of 1 s"
+            case .noFeatures: return "a server without optional features"
+            case .smallLimit: return "a frame-size limit of 64 KiB"
+            case .refusal: return "a refusal (clientOutOfDate)"
+            case .wrongAuthDone: return "an AUTH_DONE for another method"
+            case .redirect: return "a redirect to this server"
+            }
+        }
+
+        /// The checks, in the order they are reported.
+        var checks: [(id: String, name: String)] {
+            switch self {
+            case .demanding:
+                return [
+                    ("R-3-8", "the client accepts a server supporting unknown feature bits (20, 40)"),
+                    ("R-4.8-1", "the client skips unknown ignorable tags in the handshake and the session"),
+                    ("R-7.12-1", "the client answers KEEPALIVE with a KEEPALIVE_ACK of the same 8 bytes"),
+                    ("R-7.3-2", "the client numbers its MESSAGEs 1, 2, 3, ..."),
+                    ("R-7.3-1", "the client's ack never goes down nor past the server's last seq"),
+                    ("R-7.4-2", "the client sends no REQUEST with id 0"),
+                    ("R-4.9-2", "the client sends every frame with flags 0"),
+                    ("R-4.7-2", "the client sends control frames of 1 segment and MESSAGEs of 2 or 3"),
+                ]
+            case .requestDelay: return [("R-8.2-2", "the client sends no request before the 1 s request delay has passed")]
+            case .noFeatures: return [("R-3-9", "the client sends nothing that needs a feature the server lacks")]
+            case .smallLimit: return [("R-4.5-2", "the client sends no frame larger than the server's 64 KiB limit")]
+            case .refusal: return [("R-8.4-1", "a refused client sends nothing more")]
+            case .wrongAuthDone: return [("R-6.1-2", "the client refuses an AUTH_DONE for another method (CLOSE authenticationFailed)")]
+            case .redirect: return [("R-8.2-1", "a redirected client leaves without CLOSE")]
+            }
+        }
+    }
+
+    public let listen: ParleyAddress
+    public let tls: ParleyTLS?
+    /// How long the tester waits for each frame it expects from the client.
+    public let timeout: Duration
+    /// How long it waits for the client's next connection before giving up on the rest.
+    public let idle: Duration
+    public let only: [String]
+    private let queue = AcceptQueue()
+    private let listener = NIOLockedValueBox<(any Channel)?>(nil)
+
+    public init(listen: ParleyAddress, tls: ParleyTLS? = nil, timeout: Duration = .seconds(5), idle: Duration = .seconds(60), only: [String] = []) {
+        self.listen = listen
+        self.tls = tls
+        self.timeout = timeout
+        self.idle = idle
+        self.only = only.map { $0.trimmingCharacters(in: CharacterSet(charactersIn: "[]")) }
+    }
+
+    /// The requirement ids the client test checks.
+    public static var checkedIds: Set<String> { Set(Scenario.allCases.flatMap { $0.checks.map(\.id) }) }
+
+    /// Starts listening; returns the address clients connect to (with the port chosen).
+    public func start() async throws -> ParleyAddress {
+        let unknown = Set(self.only).subtracting(Self.checkedIds)
+        guard unknown.isEmpty else {
+            throw ParleyError(code: .invalidArgument, message: "no client check has the id \(unknown.sorted().joined(separator: ", "))")
+        }
+        let queue = self.queue
+        let (channel, bound) = try await PosixTransport(tls: self.tls).listen(on: self.listen, group: MultiThreadedEventLoopGroup.singleton) { channel in
+            channel.eventLoop.makeCompletedFuture {
+                let inbox = Inbox()
+                try channel.pipeline.syncOperations.addHandler(InboxHandler(inbox: inbox))
+                queue.put(Accepted(channel: channel, inbox: inbox))
+            }
+        }
+        self.listener.withLockedValue { $0 = channel }
+        return bound
+    }
+
+    public func stop() {
+        self.listener.withLockedValue { l in
+            l?.close(promise: nil)
+            l = nil
+        }
+    }
+
+    /// Plays every scenario, one per connection, and returns what the client did. A scenario
+    /// no client connected for within `idle` is skipped.
+    public func run(address: ParleyAddress, progress: @Sendable (CheckResult) -> Void = { _ in }) async -> ConformanceReport {
+        var results: [CheckResult] = []
+        for scenario in Scenario.allCases {
+            let wanted = scenario.checks.filter { self.only.isEmpty || self.only.contains($0.id) }
+            guard let accepted = await self.queue.take(self.idle) else {
+                for check in wanted {
+                    let r = CheckResult(id: check.id, name: check.name, status: .skip, reason: "no client connected for scenario \(scenario.rawValue + 1), \(scenario.title)", milliseconds: 0)
+                    progress(r)
+                    results.append(r)
+                }
+                continue
+            }
+            let start = ContinuousClock.now
+            let peer = ConformancePeer(channel: accepted.channel, inbox: accepted.inbox, maxFrameSize: scenario == .smallLimit ? 65_536 : Int(UInt32.max))
+            var play = ScenarioPlay(scenario: scenario, peer: peer, timeout: self.timeout, selfAddress: address.description)
+            let outcomes = await play.run()
+            peer.close()
+            let elapsed = ContinuousClock.now - start
+            for check in wanted {
+                var r = CheckResult(id: check.id, name: check.name, status: .pass, milliseconds: Int(elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000))
+                switch outcomes[check.id] ?? .skip("the client did not get this far") {
+                case .pass: break
+                case .skip(let reason): r.status = .skip; r.reason = reason
+                case .fail(let expected, let seen): r.status = .fail; r.expected = expected; r.seen = seen
+                }
+                progress(r)
+                results.append(r)
+            }
+        }
+        self.stop()
+        while let extra = await self.queue.take(.zero) { extra.channel.close(promise: nil) }
+        return ConformanceReport(address: address.description, results: results)
+    }
+}
+
+struct Accepted: Sendable {
+    var channel: any Channel
+    var inbox: Inbox
+}
+
+/// Connections accepted and not yet played.
+final class AcceptQueue: Sendable {
+    private struct State {
+        var items: [Accepted] = []
+        var waiter: CheckedContinuation<Void, Never>?
+        var woken = false
+    }
+    private let state = NIOLockedValueBox(State())
+
+    func put(_ item: Accepted) {
+        self.state.withLockedValue { $0.items.append(item) }
+        self.wake()
+    }
+
+    private func wake() {
+        let waiter = self.state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+            defer { s.waiter = nil }
+            if s.waiter == nil { s.woken = true }
+            return s.waiter
+        }
+        waiter?.resume()
+    }
+
+    func take(_ timeout: Duration) async -> Accepted? {
+        let deadline = ContinuousClock.now.advanced(by: timeout)
+        while true {
+            let item = self.state.withLockedValue { s -> Accepted? in s.items.isEmpty ? nil : s.items.removeFirst() }
+            if let item { return item }
+            let now = ContinuousClock.now
+            if now >= deadline { return nil }
+            let timer = Task {
+                try? await Task.sleep(for: deadline - now)
+                if !Task.isCancelled { self.wake() }
+            }
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let ready = self.state.withLockedValue { s -> Bool in
+                    if !s.items.isEmpty || s.woken {
+                        s.woken = false
+                        return true
+                    }
+                    s.waiter = c
+                    return false
+                }
+                if ready { c.resume() }
+            }
+            timer.cancel()
+        }
+    }
+}
+
+enum ClientOutcome {
+    case pass
+    case skip(String)
+    case fail(String, String)
+}
+
+/// One scenario played against one connection of the client under test.
+struct ScenarioPlay {
+    typealias Scenario = ClientConformanceTester.Scenario
+    let scenario: Scenario
+    let peer: ConformancePeer
+    let timeout: Duration
+    let selfAddress: String
+    var outcomes: [String: ClientOutcome] = [:]
+    var features: ParleyFeatures = []
+    var nextSeq: UInt64 = 1
+    var lastReceivedSeq: UInt64 = 0
+    var lastAck: UInt64 = 0
+    /// Sender faults seen, by requirement id (the first of each).
+    var faults: [String: (String, String)] = [:]
+    var keepaliveAnswered = false
+    var requests = 0
+    /// Count streams with an interval, sent an item at a time as the echo service does.
+    var streams: [UInt64: (sent: UInt32, count: UInt32, interval: Duration, due: ContinuousClock.Instant)] = [:]
+
+    static let keepaliveStamp: UInt64 = 0x0123_4567_89AB_CDEF
+    static let unknownBits = ParleyFeatures(rawValue: 1 << 20 | 1 << 40)
+
+    init(scenario: Scenario, peer: ConformancePeer, timeout: Duration, selfAddress: String) {
+        self.scenario = scenario
+        self.peer = peer
+        self.timeout = timeout
+        self.selfAddress = selfAddress
+    }
+
+    var ours: ParleyFeatures {
+        switch self.scenario {
+        case .noFeatures: return []
+        case .demanding: return ParleyFeatures.implemented.union(Self.unknownBits)
+        default: return .implemented
+        }
+    }
+
+    /// Writes frames; in the demanding scenario small ones go out a byte at a time.
+    func send(_ frames: [Frame]) async {
+        var b = ByteBuffer()
+        for f in frames { b.writeFrame(f) }
+        await self.peer.send(b, pieces: self.scenario == .demanding ? (b.readableBytes <= 4096 ? 1 : 1000) : nil)
+    }
+
+    func ignorable() -> Frame { Frame(tag: FrameTag(rawValue: 0xC3), flags: 0x20, segments: [ByteBuffer(bytes: [1, 2, 3, 4, 5])]) }
+
+    mutating func failAll(_ expected: String, _ seen: String) {
+        for check in self.scenario.checks where self.outcomes[check.id] == nil { self.outcomes[check.id] = .fail(expected, seen) }
+    }
+
+    mutating func skipAll(_ reason: String) {
+        for check in self.scenario.checks where self.outcomes[check.id] == nil { self.outcomes[check.id] = .skip(reason) }
+    }
+
+    /// The next frame from the client, checked against the rules on senders; nil when the
+    /// connection ended, a timeout, or bytes that do not decode (recorded).
+    mutating func nextFrame(_ timeout: Duration? = nil) async -> (Frame?, PeerEvent) {
+        while true {
+            let event = await self.peer.next(timeout ?? self.timeout)
+            switch event {
+            case .frame(let f):
+                if f.tag.isIgnorable && !f.tag.isKnown { continue }
+                self.checkSender(f)
+                return (f, event)
+            case .undecodable(let e):
+                let id = e.code == .frameTooLarge ? "R-4.5-2" : "R-4.7-2"
+                if self.faults[id] == nil { self.faults[id] = ("frames that decode", "\(e.code): \(e.message)") }
+                return (nil, event)
+            default:
+                return (nil, event)
+            }
+        }
+    }
+
+    mutating func checkSender(_ f: Frame) {
+        func fault(_ id: String, _ expected: String, _ seen: String) {
+            if self.faults[id] == nil { self.faults[id] = (expected, seen) }
+        }
+        if f.flags != 0 { fault("R-4.9-2", "flags 0", "\(f.tag) with flags 0x\(String(f.flags, radix: 16))") }
+        let segmentsOK = f.tag == .message ? (2...3).contains(f.segments.count) : f.segments.count == 1
+        if !segmentsOK { fault("R-4.7-2", "the segment count section 4.7 lists", "\(f.tag) with \(f.segments.count) segments") }
+        let needs: ParleyFeatures? = switch f.tag {
+        case .keepalive, .keepaliveAck: .keepalive
+        case .ack, .sessionReconnect: .reconnect
+        default: nil
+        }
+        if let needs, !self.features.contains(needs) { fault("R-3-9", "nothing that needs \(needs)", describe(f)) }
+        guard f.tag == .message, let m = try? WireMessage(frame: f) else { return }
+        if m.header.seq != self.lastReceivedSeq + 1 { fault("R-7.3-2", "seq \(self.lastReceivedSeq + 1)", "seq \(m.header.seq)") }
+        self.lastReceivedSeq = m.header.seq
+        if m.header.ack < self.lastAck || m.header.ack >= self.nextSeq {
+            fault("R-7.3-1", "an ack from \(self.lastAck) to \(self.nextSeq - 1)", "ack \(m.header.ack)")
+        }
+        self.lastAck = max(self.lastAck, m.header.ack)
+        if m.header.kind == .request && m.header.id == 0 { fault("R-7.4-2", "a REQUEST id other than 0", "id 0") }
+        if m.header.flags != 0 { fault("R-4.9-2", "header flags 0", "header flags 0x\(String(m.header.flags, radix: 16))") }
+        if m.data != nil && !self.features.contains(.dataSegment) { fault("R-3-9", "no data segment without dataSegment", describe(f)) }
+        if (m.header.kind == .streamItem || m.header.kind == .cancel) && !self.features.contains(.streams) {
+            fault("R-3-9", "no \(m.header.kind) without streams", describe(f))
+        }
+    }
+
+    mutating func run() async -> [String: ClientOutcome] {
+        await self.play()
+        // Sender rules seen anywhere in this scenario's session.
+        for check in self.scenario.checks where self.outcomes[check.id] == nil {
+            if let (expected, seen) = self.faults[check.id] { self.outcomes[check.id] = .fail(expected, seen) }
+        }
+        return self.outcomes
+    }
+
+    private mutating func play() async {
+        // Banner and HELLO at once, without waiting for the client.
+        var hello = Parley_V1_Hello()
+        hello.entityType = .server
+        hello.peerAddress = "conformance-server"
+        hello.maxFrameSize = self.scenario == .smallLimit ? 1 : 0
+        var first = ByteBuffer()
+        first.writeBanner(Banner(supported: self.ours))
+        await self.peer.send(first, pieces: self.scenario == .demanding ? 1 : nil)
+        await self.send([hello.frame(tag: .hello)] + (self.scenario == .demanding ? [self.ignorable()] : []))
+        let bannerEvent = await self.peer.next(self.timeout)
+        guard case .banner(let theirs) = bannerEvent else { return self.failAll("the client's banner", bannerEvent.summary) }
+        guard theirs.required.isSubset(of: self.ours) else { return self.skipAll("the client requires features \(theirs.required.subtracting(self.ours)) this server does not offer") }
+        self.features = self.ours.intersection(theirs.supported)
+        let (helloFrame, e1) = await self.nextFrame()
+        guard helloFrame?.tag == .hello else { return self.failAll("the client's HELLO", helloFrame.map(describe) ?? e1.summary) }
+        let (authFrame, e2) = await self.nextFrame()
+        guard let authFrame, authFrame.tag == .authRequest, let auth = try? Parley_V1_AuthRequest(parleyPayload: authFrame.segments[0]) else {
+            return self.failAll("the client's AUTH_REQUEST", e2.summary)
+        }
+        guard auth.method == "none" else { return self.skipAll("the client authenticates with method \(auth.method); the client test serves method none") }
+        var done = Parley_V1_AuthDone()
+        done.method = self.scenario == .wrongAuthDone ? "conform-other-method" : "none"
+        done.connectionMode = "crc"
+        await self.send([done.frame(tag: .authDone)] + (self.scenario == .demanding ? [self.ignorable()] : []))
+        if self.scenario == .wrongAuthDone { return await self.expectAuthRefusal() }
+        let (identFrame, e3) = await self.nextFrame()
+        guard identFrame?.tag == .clientIdent else { return self.failAll("the client's CLIENT_IDENT", identFrame.map(describe) ?? e3.summary) }
+        if self.scenario == .demanding {
+            // The client went past a banner with unknown bits and two ignorable frames.
+            self.outcomes["R-3-8"] = .pass
+        }
+        var ident = Parley_V1_ServerIdent()
+        ident.nucleus = Parley_V1_Nucleus()
+        ident.platform = "any"
+        ident.implementation = "parley-conform"
+        ident.version = "1.0.0"
+        ident.name = "parley conform --client-test"
+        switch self.scenario {
+        case .requestDelay: ident.nucleus.requestDelaySeconds = 1.0
+        case .redirect: ident.nucleus.redirects = [self.selfAddress]
+        case .refusal:
+            var message = Parley_V1_ServerMessage()
+            message.priority = .high
+            message.text = "parley-conform: this client is out of date (a test of the refusal)"
+            ident.nucleus.messages = [message]
+            ident.refusal.code = ParleyError.Code.clientOutOfDate.rawValue
+            ident.refusal.message = message.text
+        case .demanding:
+            var message = Parley_V1_ServerMessage()
+            message.text = "parley conform --client-test: a demanding server"
+            ident.nucleus.messages = [message]
+        default: break
+        }
+        let identSent = ContinuousClock.now
+        var flight = [ident.frame(tag: .serverIdent)]
+        if self.scenario == .refusal {
+            flight.append(ident.refusal.frame(tag: .close))
+            await self.send(flight)
+            return await self.expectSilence()
+        }
+        if self.scenario == .demanding {
+            flight.append(self.ignorable())
+            if self.features.contains(.notice) {
+                var notice = Parley_V1_Notice()
+                var message = Parley_V1_ServerMessage()
+                message.text = "a NOTICE from parley conform"
+                notice.nucleus.messages = [message]
+                flight.append(notice.frame(tag: .notice))
+            }
+            if self.features.contains(.keepalive) { flight.append(SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: Self.keepaliveStamp)) }
+        }
+        await self.send(flight)
+        await self.session(identSent: identSent)
+    }
+
+    private mutating func expectAuthRefusal() async {
+        let (f, event) = await self.nextFrame()
+        guard let f else {
+            if case .closed = event { return self.failAll("CLOSE authenticationFailed, then the connection closed", "the connection closed without CLOSE") }
+            return self.failAll("CLOSE authenticationFailed", event.summary)
+        }
+        guard f.tag == .close, let status = try? Parley_V1_Status(parleyPayload: f.segments[0]), status.code == ParleyError.Code.authenticationFailed.rawValue else {
+            return self.failAll("CLOSE authenticationFailed", describe(f))
+        }
+        self.outcomes["R-6.1-2"] = .pass
+    }
+
+    /// After a refusal: the client sends nothing more.
+    private mutating func expectSilence() async {
+        let (f, event) = await self.nextFrame(.seconds(1))
+        if let f { return self.failAll("nothing more from the refused client", describe(f)) }
+        if case .undecodable(let e) = event { return self.failAll("nothing more from the refused client", "\(e)") }
+        self.outcomes["R-8.4-1"] = .pass
+    }
+
+    /// The session: answers the echo service until the client closes or falls silent.
+    private mutating func session(identSent: ContinuousClock.Instant) async {
+        var sawSessionFrame = false
+        var held: [WireMessage] = []
+        let end = ContinuousClock.now.advanced(by: .seconds(60))
+        loop: while ContinuousClock.now < end {
+            // In the demanding scenario, requests that arrived together are answered in
+            // reverse order (after the rest of the read is taken in, without waiting).
+            let now = ContinuousClock.now
+            let due = self.streams.values.map(\.due).min()
+            let wait: Duration = !held.isEmpty ? .zero : due.map { $0 > now ? $0 - now : .zero } ?? self.timeout
+            let (f, event) = await self.nextFrame(wait)
+            guard let f else {
+                if case .timeout = event, !held.isEmpty {
+                    await self.answer(held.reversed())
+                    held = []
+                    continue
+                }
+                if case .timeout = event, !self.streams.isEmpty {
+                    let items = self.dueItems()
+                    if !items.isEmpty { await self.send(items) }
+                    continue
+                }
+                if !held.isEmpty { await self.answer(held.reversed()) }
+                break loop
+            }
+            switch f.tag {
+            case .message:
+                guard let m = try? WireMessage(frame: f) else { break loop }
+                sawSessionFrame = true
+                if m.header.kind == .request {
+                    self.requests += 1
+                    if self.requests == 1 && self.scenario == .requestDelay {
+                        let waited = ContinuousClock.now - identSent
+                        self.outcomes["R-8.2-2"] = waited >= .seconds(1) ? .pass : .fail("the first REQUEST 1 s or more after SERVER_IDENT", "after \(waited)")
+                    }
+                    if self.scenario == .redirect {
+                        self.outcomes["R-8.2-1"] = .skip("the client does not follow redirects (it sent a request)")
+                    }
+                }
+                if self.scenario == .demanding && m.header.kind == .request {
+                    held.append(m)
+                } else {
+                    await self.answer([m])
+                }
+            case .keepalive:
+                var ack = f
+                ack.tag = .keepaliveAck
+                await self.send([ack])
+            case .keepaliveAck:
+                sawSessionFrame = true
+                if f.segments[0].readableBytes == 8, f.segments[0].getInteger(at: f.segments[0].readerIndex, endianness: .little, as: UInt64.self) == Self.keepaliveStamp {
+                    self.keepaliveAnswered = true
+                } else {
+                    self.outcomes["R-7.12-1"] = .fail("KEEPALIVE_ACK of 01 23 45 67 89 ab cd ef (as u64)", describe(f))
+                }
+            case .close:
+                if self.scenario == .redirect { self.outcomes["R-8.2-1"] = .fail("the connection closed without CLOSE", describe(f)) }
+                break loop
+            default:
+                continue
+            }
+        }
+        switch self.scenario {
+        case .demanding:
+            if sawSessionFrame { self.outcomes["R-4.8-1"] = .pass }
+            if self.features.contains(.keepalive) {
+                if self.outcomes["R-7.12-1"] == nil {
+                    self.outcomes["R-7.12-1"] = self.keepaliveAnswered ? .pass : .fail("KEEPALIVE_ACK", "no answer to the KEEPALIVE")
+                }
+            } else {
+                self.outcomes["R-7.12-1"] = .skip("the client does not negotiate keepalive")
+            }
+            let sentMessages = self.lastReceivedSeq > 0
+            for id in ["R-7.3-2", "R-7.3-1", "R-7.4-2"] where self.outcomes[id] == nil {
+                self.outcomes[id] = sentMessages ? .pass : .skip("the client sent no MESSAGE")
+            }
+            for id in ["R-4.9-2", "R-4.7-2"] where self.faults[id] == nil { self.outcomes[id] = .pass }
+        case .requestDelay:
+            if self.outcomes["R-8.2-2"] == nil { self.outcomes["R-8.2-2"] = .skip("the client sent no REQUEST") }
+        case .noFeatures:
+            if self.faults["R-3-9"] == nil { self.outcomes["R-3-9"] = self.lastReceivedSeq > 0 ? .pass : .skip("the client sent no MESSAGE") }
+        case .smallLimit:
+            if self.faults["R-4.5-2"] == nil { self.outcomes["R-4.5-2"] = self.lastReceivedSeq > 0 ? .pass : .skip("the client sent no MESSAGE") }
+        case .redirect:
+            if self.outcomes["R-8.2-1"] == nil { self.outcomes["R-8.2-1"] = .pass }
+        case .refusal, .wrongAuthDone:
+            break
+        }
+    }
+
+    /// The items of interval streams that are due, and the final answers of those that end.
+    private mutating func dueItems() -> [Frame] {
+        var frames: [Frame] = []
+        let now = ContinuousClock.now
+        for id in self.streams.keys.sorted() {
+            guard var s = self.streams[id], s.due <= now else { continue }
+            var item = Parley_Echo_V1_CountItem()
+            item.index = s.sent
+            item.line = "line \(s.sent + 1) of \(s.count)"
+            frames.append(self.reply(.streamItem, id, Parley_Echo_V1_CountItem.protoMessageName, item.parleyPayload()))
+            s.sent += 1
+            s.due = now.advanced(by: s.interval)
+            if s.sent == s.count {
+                var done = Parley_Echo_V1_CountDone()
+                done.sent = s.sent
+                frames.append(self.reply(.response, id, Parley_Echo_V1_CountDone.protoMessageName, done.parleyPayload()))
+                self.streams[id] = nil
+            } else {
+                self.streams[id] = s
+            }
+        }
+        return frames
+    }
+
+    /// Answers requests as the echo service does.
+    private mutating func answer(_ messages: [WireMessage]) async {
+        var frames: [Frame] = []
+        for m in messages {
+            frames += self.answers(to: m)
+            if self.scenario == .demanding { frames.append(self.ignorable()) }
+        }
+        if !frames.isEmpty { await self.send(frames) }
+    }
+
+    private mutating func reply(_ kind: MessageKind, _ id: UInt64, _ type: String, _ payload: ByteBuffer, data: ByteBuffer? = nil) -> Frame {
+        defer { self.nextSeq += 1 }
+        return WireMessage(header: MessageHeader(seq: self.nextSeq, ack: self.lastReceivedSeq, id: id, kind: kind, type: type), payload: payload, data: data)
+            .frame(allocator: ByteBufferAllocator())
+    }
+
+    private mutating func error(_ id: UInt64, _ code: ParleyError.Code, _ text: String) -> Frame {
+        var status = Parley_V1_Status()
+        status.code = code.rawValue
+        status.message = text
+        return self.reply(.error, id, Parley_V1_Status.protoMessageName, status.parleyPayload())
+    }
+
+    private mutating func answers(to m: WireMessage) -> [Frame] {
+        let h = m.header
+        switch (h.kind, h.type) {
+        case (.request, Parley_Echo_V1_Ping.protoMessageName):
+            guard let ping = try? Parley_Echo_V1_Ping(parleyPayload: m.payload) else { return [self.error(h.id, .malformedPayload, "bad Ping")] }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            pong.serverName = "parley-conform"
+            return [self.reply(.response, h.id, Parley_Echo_V1_Pong.protoMessageName, pong.parleyPayload())]
+        case (.oneWay, Parley_Echo_V1_Ping.protoMessageName):
+            guard let ping = try? Parley_Echo_V1_Ping(parleyPayload: m.payload) else { return [] }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            pong.serverName = "parley-conform"
+            return [self.reply(.oneWay, 0, Parley_Echo_V1_Pong.protoMessageName, pong.parleyPayload())]
+        case (.request, Parley_Echo_V1_Echo.protoMessageName):
+            guard let echo = try? Parley_Echo_V1_Echo(parleyPayload: m.payload) else { return [self.error(h.id, .malformedPayload, "bad Echo")] }
+            var reply = Parley_Echo_V1_EchoReply()
+            reply.payload = echo.payload
+            reply.text = echo.text
+            return [self.reply(.response, h.id, Parley_Echo_V1_EchoReply.protoMessageName, reply.parleyPayload(), data: self.features.contains(.dataSegment) ? m.data : nil)]
+        case (.request, Parley_Echo_V1_Count.protoMessageName):
+            guard let count = try? Parley_Echo_V1_Count(parleyPayload: m.payload) else { return [self.error(h.id, .malformedPayload, "bad Count")] }
+            guard self.features.contains(.streams) else {
+                return [self.error(h.id, .invalidArgument, "cannot send STREAM_ITEM: the streams feature was not negotiated")]
+            }
+            if count.intervalMs > 0 && count.count > 0 {
+                let interval = Duration.milliseconds(Int64(count.intervalMs))
+                self.streams[h.id] = (0, min(count.count, 1000), interval, ContinuousClock.now.advanced(by: interval))
+                return []
+            }
+            var frames: [Frame] = []
+            for i in 0..<min(count.count, 1000) {
+                var item = Parley_Echo_V1_CountItem()
+                item.index = i
+                item.line = "line \(i + 1) of \(count.count)"
+                frames.append(self.reply(.streamItem, h.id, Parley_Echo_V1_CountItem.protoMessageName, item.parleyPayload()))
+            }
+            var done = Parley_Echo_V1_CountDone()
+            done.sent = min(count.count, 1000)
+            frames.append(self.reply(.response, h.id, Parley_Echo_V1_CountDone.protoMessageName, done.parleyPayload()))
+            return frames
+        case (.request, Parley_Echo_V1_Sleep.protoMessageName):
+            // Answered at once (a test server need not sleep), with the delay asked for.
+            var slept = Parley_Echo_V1_Slept()
+            slept.delayMs = (try? Parley_Echo_V1_Sleep(parleyPayload: m.payload))?.delayMs ?? 0
+            return [self.reply(.response, h.id, Parley_Echo_V1_Slept.protoMessageName, slept.parleyPayload())]
+        case (.request, _):
+            return [self.error(h.id, .unknownMessageType, "no handler for request type \"\(h.type)\"")]
+        case (.cancel, _):
+            // The stream stops; its final answer says so (the requester discards it).
+            guard let s = self.streams.removeValue(forKey: h.id) else { return [] }
+            var done = Parley_Echo_V1_CountDone()
+            done.sent = s.sent
+            done.cancelled = true
+            return [self.reply(.response, h.id, Parley_Echo_V1_CountDone.protoMessageName, done.parleyPayload())]
+        default:
+            return []
+        }
+    }
+}
