@@ -336,6 +336,9 @@ MAGIC = b"PARLEY\r\n"
 F_STREAMS, F_KEEPALIVE, F_NOTICE, F_DATA = 0x1, 0x2, 0x4, 0x8
 OUR_SUPPORTED, OUR_REQUIRED = 0xF, 0x0
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024 + 64 * 1024
+# Section 4.5: a side's limit is at least 64 KiB, and an announced max_frame_size from 1 to
+# 65535 counts as 65536 (found by parley conform --client-test: 1 was taken literally).
+MIN_MAX_FRAME = 64 * 1024
 TAGS = {0x01: "HELLO", 0x02: "AUTH_REQUEST", 0x03: "AUTH_BAD_METHOD", 0x04: "AUTH_REPLY_MORE",
         0x05: "AUTH_REQUEST_MORE", 0x06: "AUTH_DONE", 0x07: "CLIENT_IDENT", 0x08: "SERVER_IDENT",
         0x09: "SESSION_RECONNECT", 0x0A: "SESSION_RESUMED", 0x0B: "SESSION_RESET",
@@ -619,7 +622,7 @@ class Connection:
         if self.server_hello.get("entityType", 0) != 2:
             raise ParleyError("protocolViolation",
                               "server HELLO with entity type %d" % self.server_hello.get("entityType", 0))
-        self.peer_max_frame = self.server_hello.get("maxFrameSize", 0) or DEFAULT_MAX_FRAME
+        self.peer_max_frame = max(self.server_hello.get("maxFrameSize", 0) or DEFAULT_MAX_FRAME, MIN_MAX_FRAME)
         offered, method = self.offered, self.offered[0]
         while True:
             tag, segs = self._next_handshake_frame(TAG["AUTH_DONE"], TAG["AUTH_BAD_METHOD"])
@@ -748,6 +751,15 @@ class Connection:
             self.read_one()
         return {i: self.pending_done.pop(i) for i in ids}
 
+    def leave(self):
+        """Section 8.2 [R-8.2-1]: a redirected client leaves by closing the byte stream, without
+        CLOSE (the server did nothing wrong); found by parley conform --client-test."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.sock.close()
+
     def close(self):
         """Section 7.13: a healthy close MAY send CLOSE(connectionClosed); then close."""
         status = pb_encode("parley.v1.Status", {"code": CODE["connectionClosed"], "message": "client done"})
@@ -800,13 +812,17 @@ def run(args):
             si.get("name", ""), si.get("serverNonce", 0), "nucleus" in si))
         if conn.redirects and args.follow_redirects:
             target = conn.redirects[0]
-            parse_address(target)
+            try:
+                parse_address(target)
+            except ParleyError:
+                conn.leave()
+                raise
             hops += 1
             if target in visited or hops > 4:
-                conn.close()
+                conn.leave()
                 raise ParleyError("redirectLoop", "redirect to %s (hop %d)" % (target, hops))
             print("  following redirect to %s" % target)
-            conn.close()
+            conn.leave()
             address = target
             continue
         break
