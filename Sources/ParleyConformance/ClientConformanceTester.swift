@@ -72,8 +72,11 @@ public final class ClientConformanceTester: Sendable {
         self.only = only.map { $0.trimmingCharacters(in: CharacterSet(charactersIn: "[]")) }
     }
 
+    /// Every client check: its requirement id and what it checks, in the order of the scenarios.
+    public static var checks: [(id: String, name: String)] { Scenario.allCases.flatMap(\.checks) }
+
     /// The requirement ids the client test checks.
-    public static var checkedIds: Set<String> { Set(Scenario.allCases.flatMap { $0.checks.map(\.id) }) }
+    public static var checkedIds: Set<String> { Set(Self.checks.map(\.id)) }
 
     /// Starts listening; returns the address clients connect to (with the port chosen).
     public func start() async throws -> ParleyAddress {
@@ -302,9 +305,11 @@ struct ScenarioPlay {
 
     mutating func run() async -> [String: ClientOutcome] {
         await self.play()
-        // Sender rules seen anywhere in this scenario's session.
-        for check in self.scenario.checks where self.outcomes[check.id] == nil {
-            if let (expected, seen) = self.faults[check.id] { self.outcomes[check.id] = .fail(expected, seen) }
+        // A sender rule broken anywhere in this scenario's session fails its check.
+        for check in self.scenario.checks {
+            guard let (expected, seen) = self.faults[check.id] else { continue }
+            if case .fail = self.outcomes[check.id] { continue }
+            self.outcomes[check.id] = .fail(expected, seen)
         }
         return self.outcomes
     }

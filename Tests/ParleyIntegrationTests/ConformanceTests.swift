@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import ParleyConformance
+import ParleyServices
 import ParleyTestSupport
 import ParleyWire
 import Testing
@@ -78,6 +79,67 @@ struct ConformanceTests {
     }
 }
 
+/// `parley conform --client-test`: the reference client and the independent Python client
+/// meet every client check, and a faulty client fails exactly the checks it breaks.
+@Suite(.serialized, .timeLimit(.minutes(5)))
+struct ClientConformanceTests {
+    /// Starts a client test on 127.0.0.1 and runs `client` (given the tester's address) once
+    /// per connection until the tester has played every scenario (at most `runs` times).
+    static func clientTest(only: [String] = [], idle: Duration = .seconds(30), runs: Int = 9, _ client: @escaping @Sendable (String) -> Void) async throws -> ConformanceReport {
+        let tester = ClientConformanceTester(listen: .tcp(host: "127.0.0.1", port: 0), idle: idle, only: only)
+        let address = try await tester.start()
+        let done = Signal()
+        let clients = Task.detached {
+            for _ in 0..<runs where !done.isRaised { client(address.description) }
+        }
+        let report = await tester.run(address: address)
+        done.raise()
+        await clients.value
+        return report
+    }
+
+    @Test func theReferenceClientMeetsEveryClientCheck() async throws {
+        let parley = try #require(parleyExecutablePath(), "parley executable not built")
+        let report = try await Self.clientTest { address in
+            _ = try? runProcess(parley, ["ping", address, "--count", "3"], seconds: 30)
+        }
+        #expect(report.results.count == 14)
+        #expect(report.failed == 0 && report.skipped == 0, "\(report.results.filter { $0.status != .pass }.map(\.line).joined(separator: "\n"))")
+    }
+
+    /// The Python client of Tests/Interop, written from the document alone (CI runs it too):
+    /// the defects this test found in it are fixed (a frame limit of 1 taken literally, a
+    /// CLOSE sent when leaving a redirecting server).
+    @Test func theIndependentPythonClientMeetsEveryClientCheck() async throws {
+        let python = try #require(["/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"].first { FileManager.default.isExecutableFile(atPath: $0) }, "python3 is needed (.ci/run installs it)")
+        let script = ConformanceCoverageTests.root.appendingPathComponent("Tests/Interop/python/parley_client.py").path
+        let report = try await Self.clientTest { address in
+            _ = try? runProcess(python, [script, address, "--follow-redirects"], seconds: 30)
+        }
+        #expect(report.results.count == 14)
+        #expect(report.failed == 0 && report.skipped == 0, "\(report.results.filter { $0.status != .pass }.map(\.line).joined(separator: "\n"))")
+    }
+
+    /// A client that sends a REQUEST with id 0 and skips a seq number fails those two checks
+    /// and no other; scenarios no client connects for are skipped.
+    @Test func aFaultyClientFailsExactlyTheChecksItBreaks() async throws {
+        let bad = WireMessage(header: MessageHeader(seq: 3, id: 2, kind: .request, type: Parley_Echo_V1_Ping.protoMessageName), payload: ByteBuffer())
+        let bytes = clientSessionBytes(messages: [pingMessage(id: 0)], trailingFrames: [bad.frame(allocator: ByteBufferAllocator())])
+        let report = try await Self.clientTest(only: ["R-7.4-2", "R-7.3-2", "R-7.3-1", "R-4.9-2", "R-8.2-2"], idle: .seconds(1), runs: 1) { address in
+            let semaphore = DispatchSemaphore(value: 0)
+            Task {
+                if let peer = try? await RawPeer.connect(try ParleyAddress(parsing: address)) {
+                    _ = try? await peer.exchange(bytes, seconds: 10)
+                }
+                semaphore.signal()
+            }
+            semaphore.wait()
+        }
+        let statuses = Dictionary(uniqueKeysWithValues: report.results.map { ($0.id, $0.status) })
+        #expect(statuses == ["R-7.4-2": .fail, "R-7.3-2": .fail, "R-7.3-1": .pass, "R-4.9-2": .pass, "R-8.2-2": .skip], "\(report.results.map(\.line))")
+    }
+}
+
 /// Every requirement id of docs/protocol.md sections 1-16 is covered: a `parley conform`
 /// check tests it, a test under Tests/ names it, or docs/conformance.md says why it cannot
 /// be tested; the coverage table there and the count in the document's appendix are right.
@@ -112,7 +174,7 @@ struct ConformanceTests {
         // In section order: R-2-1, R-3-1, ..., R-4.4-1, ..., R-10-1.
         func key(_ id: String) -> [Int] { id.dropFirst(2).split(whereSeparator: { $0 == "." || $0 == "-" }).map { Int($0) ?? 0 } }
         required.sort { key($0).lexicographicallyPrecedes(key($1)) }
-        let checked = ConformanceRunner.checkedIds
+        let checked = ConformanceRunner.checkedIds.union(ClientConformanceTester.checkedIds)
         let tested = try Self.testedIds()
         // `| R-x | untestable: reason |` rows of docs/conformance.md.
         var untestable: [String: String] = [:]
@@ -126,10 +188,11 @@ struct ConformanceTests {
         var rows: [String] = []
         var (byCheck, byTest, unchecked) = (0, 0, 0)
         for id in required {
-            let checks = ConformanceRunner.checks.filter { $0.id == id }
+            let checks = ConformanceRunner.checks.filter { $0.id == id }.map { "conform: " + $0.name }
+                + ClientConformanceTester.checks.filter { $0.id == id }.map { "client-test: " + $0.name }
             if !checks.isEmpty {
                 byCheck += 1
-                rows.append("| `\(id)` | conform: \(checks.map(\.name).joined(separator: "; ")) |")
+                rows.append("| `\(id)` | \(checks.joined(separator: "; ")) |")
             } else if tested.contains(id) {
                 byTest += 1
                 rows.append("| `\(id)` | test |")
@@ -154,7 +217,8 @@ struct ConformanceTests {
         #expect(tableIsCurrent, "docs/conformance.md's coverage table differs; it should read:\n\(table)")
         // The appendix of docs/protocol.md gives the count.
         let count = "\(required.count) requirement ids in sections 1-16: \(byCheck) checked by `parley conform` "
-            + "(\(ConformanceRunner.checks.count) checks), \(byTest) by tests of the reference implementation only, \(unchecked) untestable"
+            + "(\(ConformanceRunner.checks.count) checks of servers, \(ClientConformanceTester.checks.count) of clients), "
+            + "\(byTest) by tests of the reference implementation only, \(unchecked) untestable"
         let countIsCurrent = protocolText.contains(count)
         #expect(countIsCurrent, "docs/protocol.md's appendix should say: \(count)")
     }
