@@ -91,6 +91,7 @@ func joined(_ buffers: [ByteBuffer]) -> ByteBuffer {
         }
     }
 
+    /// [R-5.1-8] A sealed frame that does not open is `badAuthTag`.
     @Test func aBitFlippedAnywhereIsRejected() throws {
         let wire = try sealed([sampleFrame()])[0]
         for offset in 0..<wire.readableBytes {
@@ -129,6 +130,7 @@ func joined(_ buffers: [ByteBuffer]) -> ByteBuffer {
         #expect(decode(other) == (0, .badAuthTag))
     }
 
+    /// [R-5.1-7] The sealed preamble is opened before any of its fields is acted upon.
     @Test func theFrameSizeLimitIsCheckedOnlyAfterThePreambleOpens() throws {
         let big = Frame(tag: .message, segments: [buffer(Array(repeating: 1, count: 2000)), buffer([])])
         let wire = try sealed([big])[0]
@@ -138,6 +140,7 @@ func joined(_ buffers: [ByteBuffer]) -> ByteBuffer {
         #expect(ParleyError.code { _ = try decoder.decode(buffer: &head) } == .frameTooLarge)
     }
 
+    /// [R-5.1-6] A clear CLOSE is accepted as the first frame after the switch, and only there.
     @Test func firstSealedFrameMayBeAClearClose() throws {
         // A peer that failed the handshake after this side switched sends its CLOSE in the clear.
         var status = Parley_V1_Status()
@@ -157,6 +160,7 @@ func joined(_ buffers: [ByteBuffer]) -> ByteBuffer {
         #expect(ParleyError.code { _ = try decodeAll(frameBytes(sampleFrame()), decoder: &third) } == .badAuthTag)
     }
 
+    /// [R-5.1-9] The key is updated every 2^32 AEAD messages, by sender and receiver alike.
     @Test func keysAreUpdatedEvery2To32MessagesOnBothSides() throws {
         let start = SecureDirection.keyUpdateInterval - 3
         let frames = (0..<4).map { _ in sampleFrame() }
@@ -172,6 +176,7 @@ func joined(_ buffers: [ByteBuffer]) -> ByteBuffer {
         #expect(direction.keys.key != testKeys.key, "the key changed at 2^32")
     }
 
+    /// [R-5.1-10] The counter never wraps; the last values are kept for a CLOSE.
     @Test func theCounterNeverWrapsACloseIsKeptForLast() throws {
         let sealer = try SecureDirection(keys: testKeys, sealing: true, counter: SecureDirection.lastCounter - 3)
         var out: [ByteBuffer] = []
@@ -353,6 +358,7 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
 }
 
 @Suite struct SecretHandshakeTests {
+    /// [R-5.1-11] The server chooses the first mode of the client's list that it allows.
     @Test(arguments: [[ConnectionMode.secure, .crc], [.crc]])
     func establishesAndCarriesMessages(modes: [ConnectionMode]) throws {
         var pair = SecurePair(client: SecurePair.clientConfig(modes: modes))
@@ -400,6 +406,8 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
         #expect(pair.clientError?.message.contains("wrong key") == true, "the client reads the server's CLOSE")
     }
 
+    /// [R-5.1-4] The server's checks of AUTH_REQUEST_MORE: unknown, revoked and expired
+    /// entities are each refused with `authenticationFailed` and their own message.
     @Test func unknownRevokedAndExpiredEntitiesEachHaveTheirError() throws {
         var unknown = SecurePair(client: SecurePair.clientConfig(entity: "client.mallory"))
         _ = try unknown.run()
@@ -423,6 +431,8 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
         #expect(Pair.established(valid.clientOutcome) != nil)
     }
 
+    /// [R-5.1-1] A server refuses a method outside its policy, and `none` when its only mode is
+    /// `secure`, saying why.
     @Test func aClientOfferingOnlyRefusedMethodsFails() throws {
         var pair = SecurePair(client: SecurePair.clientConfig(modes: [.crc], methods: ["none"]))
         _ = try pair.run()
@@ -504,6 +514,27 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
         #expect(done.serverError?.code == .handshakeTampered)
     }
 
+    /// [R-5.1-3] The client refuses an AUTH_REPLY_MORE whose mode or cipher it did not offer
+    /// (`authenticationFailed`), before it proves anything.
+    @Test func aChallengeWithAModeOrCipherNotOfferedIsRefusedByTheClient() throws {
+        for (mode, cipher) in [("carrier-pigeon", ""), ("secure", "rot13")] {
+            var pair = SecurePair()
+            pair.tamper = { from, element in
+                guard !from, case .frame(let f) = element, f.tag == .authReplyMore else { return element }
+                return .frame(edited(f, as: Parley_V1_AuthMore.self) { more in
+                    var c = try! Parley_V1_SecretAuthChallenge(serializedBytes: more.payload)
+                    c.connectionMode = mode
+                    c.cipher = cipher
+                    more.payload = try! c.serializedBytes()
+                })
+            }
+            _ = try pair.run()
+            #expect(pair.clientError?.code == .authenticationFailed, "mode \(mode) cipher \(cipher): \(String(describing: pair.clientError))")
+            #expect(Pair.established(pair.clientOutcome) == nil && Pair.established(pair.serverOutcome) == nil)
+        }
+    }
+
+    /// [R-5.1-5] The client refuses an AUTH_DONE whose server proof is wrong.
     @Test func anImpostorServerWithoutTheKeyIsDetectedByTheClient() throws {
         // What a server that does not hold alice's key can at best send: a wrong proof.
         var pair = SecurePair()
