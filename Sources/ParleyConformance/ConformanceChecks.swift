@@ -13,7 +13,7 @@ enum ConformanceChecks {
     static let unknownType = "conform.v1.NoSuchMessage"
 
     static var all: [ConformanceCheck] {
-        banner + frames + lossless + handshake + session
+        banner + frames + secure + lossless + handshake + session
     }
 
     // MARK: - Helpers
@@ -441,6 +441,129 @@ enum ConformanceChecks {
         }
         throw fail("the connection closed \(why)", "the connection still open")
     }
+
+    // MARK: - Section 5.1: secure mode (what can be checked without a key)
+
+    /// Starts a handshake with method `secret` and the given AUTH_REQUEST payload; returns
+    /// the connection after the server's HELLO, or skips when the server does not allow the
+    /// method (it answers AUTH_BAD_METHOD).
+    static func secretStart(_ c: CheckContext, payload: Data) async throws -> ConformancePeer {
+        // This client offers secure mode too (it never gets as far as sealing), so that a
+        // server whose only mode is secure is checked as well.
+        let supported = ParleyFeatures.implemented.union(.secureMode)
+        let missing = c.serverBanner.required.subtracting(supported)
+        guard missing.isEmpty else { throw CheckSkip(reason: "the server requires features \(missing) that parley conform does not speak") }
+        let peer = try await c.connect()
+        var auth = Parley_V1_AuthRequest()
+        auth.method = AuthMethod.secret
+        auth.offeredMethods = [AuthMethod.secret]
+        auth.offeredModes = [ConnectionMode.crc.rawValue, ConnectionMode.secure.rawValue]
+        auth.offeredCiphers = SecureCipher.preferred.map(\.rawValue)
+        auth.payload = payload
+        var b = ByteBuffer()
+        b.writeBanner(Banner(supported: supported))
+        b.writeFrame(ClientOptions().helloFrame())
+        b.writeFrame(auth.frame(tag: .authRequest))
+        await peer.send(b)
+        _ = try await ClientSession.expectBanner(peer, c.timeout)
+        _ = try await ClientSession.expect(.hello, peer, c.timeout, "HELLO")
+        return peer
+    }
+
+    /// A correct SecretAuthRequest, and what the client needs to go on.
+    static func secretRequest() throws -> (HandshakeRandomness, Data) {
+        let randomness = HandshakeRandomness.generate()
+        var request = Parley_V1_SecretAuthRequest()
+        request.clientChallenge = Data(randomness.challenge)
+        request.clientKeyShare = Data(try randomness.publicKey())
+        return (randomness, try request.serializedBytes())
+    }
+
+    /// Runs method `secret` up to AUTH_REPLY_MORE, sends the AUTH_REQUEST_MORE payload `proof`
+    /// builds, and expects CLOSE `code`.
+    static func secretProof(
+        _ c: CheckContext, _ code: ParleyError.Code, _ why: String,
+        proof: (_ randomness: HandshakeRandomness, _ challenge: Parley_V1_SecretAuthChallenge) throws -> Data
+    ) async throws {
+        let (randomness, request) = try secretRequest()
+        let peer = try await secretStart(c, payload: request)
+        defer { peer.close() }
+        let reply = try await ClientSession.expectOneOf([.authReplyMore, .authBadMethod], peer, c.timeout, "AUTH_REPLY_MORE")
+        if reply.tag == .authBadMethod { throw CheckSkip(reason: "the server does not allow method secret") }
+        let more = try decode(Parley_V1_AuthMore.self, reply)
+        let challenge: Parley_V1_SecretAuthChallenge
+        do { challenge = try Parley_V1_SecretAuthChallenge(serializedBytes: more.payload) } catch {
+            throw fail("an AUTH_REPLY_MORE carrying a SecretAuthChallenge", "\(error)")
+        }
+        var answer = Parley_V1_AuthMore()
+        answer.payload = try proof(randomness, challenge)
+        await peer.send(ByteBuffer(frame: answer.frame(tag: .authRequestMore)))
+        try await expectCloseOnPeer(peer, c, code, why)
+    }
+
+    /// A proof that seals `entity` correctly under the identity key, with zero proofs.
+    static func sealedProof(_ entity: String, _ randomness: HandshakeRandomness, _ challenge: Parley_V1_SecretAuthChallenge, tamper: Bool) throws -> Data {
+        let shared = try randomness.sharedSecret(peerPublicKey: Array(challenge.serverKeyShare))
+        var sealed = SecretIdentity.seal(entity: entity, clientChallenge: randomness.challenge, serverChallenge: Array(challenge.serverChallenge), sharedSecret: shared)
+        if tamper { sealed[0] ^= 0x01 }
+        var proof = Parley_V1_SecretAuthProof()
+        proof.clientProof = Data(repeating: 0, count: 32)
+        proof.transcriptMac = Data(repeating: 0, count: 32)
+        proof.sealedEntity = Data(sealed)
+        return try proof.serializedBytes()
+    }
+
+    static let secure: [ConformanceCheck] = [
+        ConformanceCheck("R-5.1-1", "method tls on a connection that is not TLS is answered AUTH_BAD_METHOD") { c in
+            try c.requireHandshake()
+            guard !c.target.address.usesTLS else { throw CheckSkip(reason: "the connection is TLS") }
+            let peer = try await c.connect()
+            defer { peer.close() }
+            var b = ByteBuffer()
+            b.writeBanner(Banner(supported: .implemented))
+            b.writeFrame(ClientOptions().helloFrame())
+            b.writeFrame(ClientOptions.authRequest(AuthMethod.tls))
+            await peer.send(b)
+            _ = try await ClientSession.expectBanner(peer, c.timeout)
+            _ = try await ClientSession.expect(.hello, peer, c.timeout, "HELLO")
+            let f = try await ClientSession.expect(.authBadMethod, peer, c.timeout, "AUTH_BAD_METHOD for method tls")
+            let bad = try decode(Parley_V1_AuthBadMethod.self, f)
+            guard bad.method == AuthMethod.tls, !bad.allowedMethods.contains(AuthMethod.tls) else {
+                throw fail("AUTH_BAD_METHOD method \"tls\", tls not among the allowed methods", "method \"\(bad.method)\" allowed \(bad.allowedMethods)")
+            }
+        },
+        ConformanceCheck("R-5.1-2", "a SecretAuthRequest with a 16-byte challenge is refused (malformedPayload)") { c in
+            let randomness = HandshakeRandomness.generate()
+            var request = Parley_V1_SecretAuthRequest()
+            request.clientChallenge = Data(randomness.challenge.prefix(16))
+            request.clientKeyShare = Data(try randomness.publicKey())
+            let peer = try await secretStart(c, payload: try request.serializedBytes())
+            defer { peer.close() }
+            var frames: [Frame] = []
+            let deadline = ContinuousClock.now.advanced(by: c.timeout)
+            var closed = false
+            loop: while ContinuousClock.now < deadline {
+                switch await peer.next(deadline - ContinuousClock.now) {
+                case .frame(let f) where f.tag == .authBadMethod: throw CheckSkip(reason: "the server does not allow method secret")
+                case .frame(let f): frames.append(f)
+                case .closed: closed = true; break loop
+                case .timeout: break loop
+                case .undecodable(let e): throw fail("frames that decode", "\(e)")
+                case .banner: continue
+                }
+            }
+            try expectCloseFrame(.malformedPayload, because: "a 16-byte client challenge", in: (frames, closed))
+        },
+        ConformanceCheck("R-5.1-4", "an AUTH_REQUEST_MORE that does not decode is refused (malformedPayload)") { c in
+            try await secretProof(c, .malformedPayload, "a SecretAuthProof that does not decode") { _, _ in Data([0x0A, 0x7F, 0x01]) }
+        },
+        ConformanceCheck("R-5.1-4", "a sealed entity that does not open is refused (handshakeTampered), before the entity is looked up") { c in
+            try await secretProof(c, .handshakeTampered, "a sealed entity altered in transit") { r, ch in try sealedProof("conform.no-such-entity", r, ch, tamper: true) }
+        },
+        ConformanceCheck("R-5.1-4", "an unknown entity is refused (authenticationFailed), before the proofs are checked") { c in
+            try await secretProof(c, .authenticationFailed, "an unknown entity") { r, ch in try sealedProof("conform.no-such-entity", r, ch, tamper: false) }
+        },
+    ]
 
     // MARK: - Section 5.2: lossless sessions
 

@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import Parley
 import ParleyConformance
 import ParleyServices
 import ParleyTestSupport
@@ -10,11 +11,16 @@ import Testing
 /// and each deliberate fault of a test double makes exactly its one check fail.
 @Suite(.serialized, .timeLimit(.minutes(5)))
 struct ConformanceTests {
-    /// `parley conform` against a real `parley serve` process, over TCP and a Unix socket:
-    /// every check passes, the output has one line per check and the summary, exit status 0.
+    /// `parley conform` against a real `parley serve` process (methods none and secret, so
+    /// that the checks of method secret run too), over TCP and a Unix socket: every check
+    /// passes, the output has one line per check and the summary, exit status 0.
     @Test func conformAgainstParleyServePassesEveryCheck() async throws {
         let socket = temporaryPath("conform-\(UUID().uuidString.prefix(8)).sock")
-        let serve = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--listen", "unix:" + socket])
+        let keyring = freshTestDirectory("conform") + "/server.keyring"
+        try writeKeyring(keyring, [("client.alice", ["*"])])
+        let serve = try await ServeProcess.start([
+            "--listen", "127.0.0.1:0", "--listen", "unix:" + socket, "--auth", "none,secret", "--keyring", keyring, "--mode", "crc,secure",
+        ])
         // Stopped at the end, or killed by PID when released if the test throws first.
         let checks = ConformanceRunner.checks
         let out = try parley(["conform", serve.address], seconds: 180)
@@ -41,7 +47,10 @@ struct ConformanceTests {
     /// requirement fails, so each of these checks is shown able to fail.
     @Test(arguments: FaultyServer.Fault.allCases)
     func aFaultyServerFailsExactlyTheMatchingCheck(_ fault: FaultyServer.Fault) async throws {
-        try await withServer { _, addresses in
+        let path = freshTestDirectory("conform-faulty") + "/server.keyring"
+        try writeKeyring(path, [("client.alice", ["*"])])
+        let keyring = try ParleyKeyringSource(path: path)
+        try await withServer(configure: { $0.authMethods = [AuthMethod.none, AuthMethod.secret]; $0.modes = [.crc, .secure]; $0.keyring = keyring }) { _, addresses in
             guard case .tcp(_, let port) = addresses[0].kind else { throw ParleyError(code: .invalidArgument, message: "not TCP") }
             let proxy = FaultyServer(fault: fault, upstreamPort: port)
             let proxyPort = try await proxy.start()

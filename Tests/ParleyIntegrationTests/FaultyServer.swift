@@ -20,6 +20,8 @@ final class FaultyServer: Sendable {
         case answersCancelledRequests
         /// The server sets a frame flag on its ERROR messages.
         case flagsOnErrors
+        /// The server reports a tampered handshake as a failed authentication.
+        case wrongCodeForTampering
 
         /// The one requirement this fault breaks: the only check that must fail.
         var requirement: String? {
@@ -29,6 +31,7 @@ final class FaultyServer: Sendable {
             case .ignoresRequiredUnknownFeatures: return "R-3-7"
             case .answersCancelledRequests: return "R-7.7-1"
             case .flagsOnErrors: return "R-4.9-2"
+            case .wrongCodeForTampering: return "R-5.1-4"
             }
         }
 
@@ -197,6 +200,14 @@ struct FrameRewriter {
     private func rewrite(_ frame: inout ByteBuffer, lengths: [Int]) {
         let p = frame.readerIndex
         let tag = frame.getInteger(at: p, as: UInt8.self)!
+        if self.fault == .wrongCodeForTampering && self.toClient && tag == FrameTag.close.rawValue
+            && frame.getBytes(at: p + 32, length: 2) == [0x08, UInt8(ParleyError.Code.handshakeTampered.rawValue)]
+        {
+            // Status.code (field 1, one varint byte): handshakeTampered becomes authenticationFailed.
+            frame.setInteger(UInt8(ParleyError.Code.authenticationFailed.rawValue), at: p + 33)
+            self.fixCRCs(&frame, lengths: lengths)
+            return
+        }
         guard tag == FrameTag.message.rawValue, lengths.count >= 2, lengths[0] >= 32 else { return }
         let kind = frame.getInteger(at: p + 32 + 24, as: UInt8.self)!
         var changed = false
@@ -213,6 +224,12 @@ struct FrameRewriter {
             break
         }
         guard changed else { return }
+        self.fixCRCs(&frame, lengths: lengths)
+    }
+
+    /// Makes the preamble and segment CRCs of a rewritten frame right again.
+    private func fixCRCs(_ frame: inout ByteBuffer, lengths: [Int]) {
+        let p = frame.readerIndex
         frame.setInteger(CRC32C.checksum(frame, at: p, length: 28), at: p + 28, endianness: .little)
         var at = p + 32
         let epilogue = p + 32 + lengths.reduce(0, +)
