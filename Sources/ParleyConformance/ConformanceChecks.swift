@@ -13,7 +13,7 @@ enum ConformanceChecks {
     static let unknownType = "conform.v1.NoSuchMessage"
 
     static var all: [ConformanceCheck] {
-        banner + frames + secure + lossless + handshake + session
+        banner + frames + secure + lossless + losslessExchange + handshake + session
     }
 
     // MARK: - Helpers
@@ -605,6 +605,159 @@ enum ConformanceChecks {
             }
         },
     ]
+
+    static var losslessOptions: ClientOptions {
+        var o = ClientOptions()
+        o.supported.insert(.reconnect)
+        return o
+    }
+
+    /// A whole handshake with SESSION_RECONNECT in place of CLIENT_IDENT; returns the
+    /// connection and what the server answered it with.
+    static func reconnect(_ c: CheckContext, _ r: Parley_V1_SessionReconnect, lossless: Bool = true) async throws -> (ConformancePeer, PeerEvent) {
+        var o = lossless ? losslessOptions : ClientOptions()
+        o.ident = r.frame(tag: .sessionReconnect)
+        let peer = try await c.connect()
+        await peer.send(wholeHandshake(o))
+        _ = try await ClientSession.expectBanner(peer, c.timeout)
+        _ = try await ClientSession.expect(.hello, peer, c.timeout, "HELLO")
+        _ = try await ClientSession.expect(.authDone, peer, c.timeout, "AUTH_DONE")
+        while true {
+            let event = await peer.next(c.timeout)
+            if case .frame(let f) = event, f.tag.isIgnorable && !f.tag.isKnown { continue }
+            return (peer, event)
+        }
+    }
+
+    static func reconnectRequest(_ s: ClientSession?, token: Data? = nil, lastReceived: UInt64 = 0, connectSeq: UInt64 = 1) -> Parley_V1_SessionReconnect {
+        var r = Parley_V1_SessionReconnect()
+        r.ident = (try? Parley_V1_ClientIdent(parleyPayload: ClientOptions().ident.segments[0])) ?? Parley_V1_ClientIdent()
+        r.sessionToken = token ?? s?.serverIdent.sessionToken ?? Data(repeating: 0xC0, count: 16)
+        r.serverNonce = s?.serverIdent.serverNonce ?? 1
+        r.lastReceivedSeq = lastReceived
+        r.connectSeq = connectSeq
+        return r
+    }
+
+    /// A lossless session in which one Ping (id 1, seq 1) was answered; its connection is
+    /// then broken (closed without CLOSE).
+    static func brokenSession(_ c: CheckContext) async throws -> ClientSession {
+        try c.requireEcho()
+        try c.require(.reconnect, "lossless sessions (bit 9)")
+        let s = try await ClientSession.open(context: c, options: losslessOptions)
+        await s.send([s.ping(7, id: 1)])
+        try await expectPong(s, 1)
+        s.peer.close()
+        try await Task.sleep(for: .milliseconds(50))
+        return s
+    }
+
+    static let losslessExchange: [ConformanceCheck] = [
+        ConformanceCheck("R-5.2-5", "an ACK without lossless sessions negotiated is refused (unexpectedFrame)") { c in
+            try await expectViolation(c, .unexpectedFrame, "ACK without bit 9") { _ in ByteBuffer(frame: SessionStateMachine.ackFrame(0)) }
+        },
+        ConformanceCheck("R-5.2-5", "an ACK of 7 bytes is refused (malformedPayload)") { c in
+            try c.require(.reconnect, "lossless sessions (bit 9)")
+            try await expectViolation(c, options: losslessOptions, .malformedPayload, "a 7-byte ACK") { _ in
+                ByteBuffer(frame: Frame(tag: .ack, segments: [ByteBuffer(repeating: 0, count: 7)]))
+            }
+        },
+        ConformanceCheck("R-5.2-6", "an ack of a seq the server never sent is refused (protocolViolation)") { c in
+            try c.require(.reconnect, "lossless sessions (bit 9)")
+            try await expectViolation(c, options: losslessOptions, .protocolViolation, "ack 5 when the server sent nothing") { _ in
+                ByteBuffer(frame: WireMessage(header: MessageHeader(seq: 1, ack: 5, id: 0, kind: .oneWay, type: unknownType), payload: ByteBuffer()).frame(allocator: ByteBufferAllocator()))
+            }
+        },
+        ConformanceCheck("R-5.2-6", "a MESSAGE repeating the last seq is dropped, not delivered") { c in
+            try c.requireEcho()
+            try c.require(.reconnect, "lossless sessions (bit 9)")
+            let s = try await ClientSession.open(context: c, options: losslessOptions)
+            defer { s.peer.close() }
+            await s.send([s.ping(1, id: 1), s.ping(2, id: 2).withSeq(1), s.ping(3, id: 3).withSeq(2)])
+            try await expectPong(s, 1)
+            try await expectPong(s, 3)
+            _ = try await s.drainUntilClosed(.milliseconds(300))
+            if let m = s.messages.first(where: { $0.header.id == 2 }) { throw fail("no answer to the repeated seq 1 (id 2)", describe(m)) }
+        },
+        ConformanceCheck("R-5.2-7", "SESSION_RECONNECT without lossless sessions negotiated is refused (unexpectedFrame)") { c in
+            try c.requireSession()
+            let (peer, event) = try await reconnect(c, reconnectRequest(nil), lossless: false)
+            defer { peer.close() }
+            try await expectCloseAfter(peer, c, event, .unexpectedFrame, "SESSION_RECONNECT without bit 9")
+        },
+        ConformanceCheck("R-5.2-7", "a SESSION_RECONNECT with a 15-byte token is refused (malformedPayload)") { c in
+            try c.requireSession()
+            try c.require(.reconnect, "lossless sessions (bit 9)")
+            let (peer, event) = try await reconnect(c, reconnectRequest(nil, token: Data(repeating: 1, count: 15)))
+            defer { peer.close() }
+            try await expectCloseAfter(peer, c, event, .malformedPayload, "a 15-byte session token")
+        },
+        ConformanceCheck("R-5.2-8", "a SESSION_RECONNECT for an unknown session is answered SESSION_RESET") { c in
+            try c.requireSession()
+            try c.require(.reconnect, "lossless sessions (bit 9)")
+            let (peer, event) = try await reconnect(c, reconnectRequest(nil))
+            defer { peer.close() }
+            guard case .frame(let f) = event, f.tag == .sessionReset else { throw fail("SESSION_RESET", event.summary) }
+        },
+        ConformanceCheck("R-5.2-12", "after SESSION_RESET, CLIENT_IDENT starts a new session; a second SESSION_RECONNECT is refused") { c in
+            try c.requireSession()
+            try c.require(.reconnect, "lossless sessions (bit 9)")
+            let (peer, event) = try await reconnect(c, reconnectRequest(nil))
+            defer { peer.close() }
+            guard case .frame(let f) = event, f.tag == .sessionReset else { throw fail("SESSION_RESET", event.summary) }
+            await peer.send(ByteBuffer(frame: ClientOptions().ident))
+            let identFrame = try await ClientSession.expect(.serverIdent, peer, c.timeout, "SERVER_IDENT after CLIENT_IDENT")
+            let ident = try decode(Parley_V1_ServerIdent.self, identFrame)
+            guard ident.sessionToken.count == 16 else { throw fail("SERVER_IDENT with a new 16-byte session token", "a token of \(ident.sessionToken.count) bytes") }
+            let (second, secondEvent) = try await reconnect(c, reconnectRequest(nil))
+            defer { second.close() }
+            guard case .frame(let reset) = secondEvent, reset.tag == .sessionReset else { throw fail("SESSION_RESET", secondEvent.summary) }
+            await second.send(ByteBuffer(frame: reconnectRequest(nil).frame(tag: .sessionReconnect)))
+            try await expectCloseOnPeer(second, c, .unexpectedFrame, "a second SESSION_RECONNECT")
+        },
+        ConformanceCheck("R-5.2-11", "a broken session resumes: SESSION_RESUMED, then the answer the client lacked is sent again") { c in
+            let s = try await brokenSession(c)
+            guard let pong = s.messages.first(where: { $0.header.id == 1 }) else { throw fail("a Pong before the break", "none") }
+            let (peer, event) = try await reconnect(c, reconnectRequest(s, lastReceived: 0, connectSeq: 1))
+            defer { peer.close() }
+            guard case .frame(let f) = event, f.tag == .sessionResumed else { throw fail("SESSION_RESUMED", event.summary) }
+            let resumed = try decode(Parley_V1_SessionResumed.self, f)
+            guard resumed.lastReceivedSeq == 1 else { throw fail("SESSION_RESUMED with last_received_seq 1 (the Ping)", "\(resumed.lastReceivedSeq)") }
+            let again = await peer.next(c.timeout)
+            guard case .frame(let m) = again, m.tag == .message, let message = try? WireMessage(frame: m),
+                  message.header.seq == pong.header.seq, message.header.id == 1, message.header.kind == .response, message.payload == pong.payload
+            else { throw fail("the Pong sent again: seq \(pong.header.seq), id 1, the same payload", again.summary) }
+        },
+        ConformanceCheck("R-5.2-9", "a reconnect not newer than the accepted one is refused (sessionSuperseded)") { c in
+            let s = try await brokenSession(c)
+            let (first, event) = try await reconnect(c, reconnectRequest(s, lastReceived: 1, connectSeq: 2))
+            defer { first.close() }
+            guard case .frame(let f) = event, f.tag == .sessionResumed else { throw fail("SESSION_RESUMED", event.summary) }
+            let (late, lateEvent) = try await reconnect(c, reconnectRequest(s, lastReceived: 1, connectSeq: 1))
+            defer { late.close() }
+            try await expectCloseAfter(late, c, lateEvent, .sessionSuperseded, "connect_seq 1 after 2 was accepted")
+        },
+        ConformanceCheck("R-5.2-10", "a reconnect claiming a seq the server never sent is refused (protocolViolation)") { c in
+            let s = try await brokenSession(c)
+            let (peer, event) = try await reconnect(c, reconnectRequest(s, lastReceived: 5, connectSeq: 1))
+            defer { peer.close() }
+            try await expectCloseAfter(peer, c, event, .protocolViolation, "last_received_seq 5 when the server sent 1")
+        },
+    ]
+
+    /// Like `expectCloseOnPeer`, with the first event already read.
+    static func expectCloseAfter(_ peer: ConformancePeer, _ c: CheckContext, _ first: PeerEvent, _ code: ParleyError.Code, _ why: String) async throws {
+        switch first {
+        case .frame(let f) where f.tag == .close:
+            let closed: Bool
+            if case .closed = await peer.next(c.timeout) { closed = true } else { closed = false }
+            try expectCloseFrame(code, because: why, in: ([f], closed))
+        case .frame(let f):
+            throw fail("CLOSE \(code) (\(why))", describe(f))
+        default:
+            throw fail("CLOSE \(code) (\(why))", first.summary)
+        }
+    }
 
     // MARK: - Section 6: the handshake
 
