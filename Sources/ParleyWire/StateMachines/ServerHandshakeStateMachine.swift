@@ -167,7 +167,7 @@ public struct ServerHandshakeStateMachine: Sendable {
                 let request = try Parley_V1_AuthRequest(parleyPayload: frame.segments[0])
                 self.transcript.appendAuth(fromClient: true, frame: frame)
                 partial.authAttempts += 1
-                if let refusal = self.refusal(of: request, features: partial.features) {
+                if let refusal = self.refusal(of: request.method) {
                     guard partial.authAttempts < self.configuration.maxAuthAttempts else {
                         return self.fail(ParleyError(
                             code: .authenticationFailed,
@@ -177,7 +177,9 @@ public struct ServerHandshakeStateMachine: Sendable {
                     self.state = .awaitingAuthRequest(partial)
                     var bad = Parley_V1_AuthBadMethod()
                     bad.method = request.method
-                    bad.allowedMethods = self.configuration.authMethods
+                    // Only the methods this connection can use: not `tls` on a connection that
+                    // is not TLS, not `none` when secure mode is required.
+                    bad.allowedMethods = self.configuration.authMethods.filter { self.refusal(of: $0) == nil }
                     bad.reason = refusal
                     let badFrame = bad.frame(tag: .authBadMethod)
                     self.transcript.appendAuth(fromClient: false, frame: badFrame)
@@ -262,11 +264,12 @@ public struct ServerHandshakeStateMachine: Sendable {
     }
 
     /// Why the method of `request` cannot be used here, or nil if it can.
-    private func refusal(of request: Parley_V1_AuthRequest, features: ParleyFeatures) -> String? {
-        guard self.configuration.authMethods.contains(request.method) else {
-            return "method \"\(request.method)\" is not enabled on this server"
+    /// Why `method` cannot be used on this connection, or nil if it can.
+    private func refusal(of method: String) -> String? {
+        guard self.configuration.authMethods.contains(method) else {
+            return "method \"\(method)\" is not enabled on this server"
         }
-        switch request.method {
+        switch method {
         case AuthMethod.none:
             guard self.configuration.modes.contains(.crc) else {
                 return "method \"none\" cannot key secure mode, and this server requires it"
@@ -278,7 +281,7 @@ public struct ServerHandshakeStateMachine: Sendable {
         case AuthMethod.secret:
             break
         default:
-            return "method \"\(request.method)\" is not implemented by this server"
+            return "method \"\(method)\" is not implemented by this server"
         }
         return nil
     }
