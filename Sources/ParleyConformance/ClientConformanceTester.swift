@@ -120,6 +120,7 @@ public final class ClientConformanceTester: Sendable {
             let start = ContinuousClock.now
             let peer = ConformancePeer(channel: accepted.channel, inbox: accepted.inbox, maxFrameSize: scenario == .smallLimit ? 65_536 : Int(UInt32.max))
             var play = ScenarioPlay(scenario: scenario, peer: peer, timeout: self.timeout, selfAddress: address.description)
+            play.overTLS = address.usesTLS
             let outcomes = await play.run()
             peer.close()
             let elapsed = ContinuousClock.now - start
@@ -208,6 +209,8 @@ struct ScenarioPlay {
     let peer: ConformancePeer
     let timeout: Duration
     let selfAddress: String
+    /// The transport is TLS: method tls is served too.
+    var overTLS = false
     var outcomes: [String: ClientOutcome] = [:]
     var features: ParleyFeatures = []
     var nextSeq: UInt64 = 1
@@ -334,9 +337,13 @@ struct ScenarioPlay {
         guard let authFrame, authFrame.tag == .authRequest, let auth = try? Parley_V1_AuthRequest(parleyPayload: authFrame.segments[0]) else {
             return self.failAll("the client's AUTH_REQUEST", e2.summary)
         }
-        guard auth.method == "none" else { return self.skipAll("the client authenticates with method \(auth.method); the client test serves method none") }
+        // Method none, and on a TLS transport method tls (the client then stays anonymous).
+        let allowed = self.overTLS ? [AuthMethod.none, AuthMethod.tls] : [AuthMethod.none]
+        guard allowed.contains(auth.method) else {
+            return self.skipAll("the client authenticates with method \(auth.method); the client test serves \(allowed.joined(separator: " and "))")
+        }
         var done = Parley_V1_AuthDone()
-        done.method = self.scenario == .wrongAuthDone ? "conform-other-method" : "none"
+        done.method = self.scenario == .wrongAuthDone ? "conform-other-method" : auth.method
         done.connectionMode = "crc"
         await self.send([done.frame(tag: .authDone)] + (self.scenario == .demanding ? [self.ignorable()] : []))
         if self.scenario == .wrongAuthDone { return await self.expectAuthRefusal() }

@@ -2,10 +2,52 @@ import Foundation
 import NIOCore
 import Parley
 import ParleyConformance
+import ParleyNIO
 import ParleyServices
 import ParleyTestSupport
 import ParleyWire
 import Testing
+
+/// What a program printed, and how it ended.
+struct ProgramRun: Sendable {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+    var combined: String { self.stdout + self.stderr }
+}
+
+/// Runs a program to completion without holding a thread of the cooperative pool (other
+/// tests, and the in-process servers' handlers, need them; a blocked pool of two threads
+/// deadlocks): it waits with `Task.sleep`, and kills the program by PID after `seconds`.
+func runProgram(_ executable: String, _ arguments: [String], seconds: Double) async throws -> ProgramRun {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    let base = temporaryPath("run-\(UUID().uuidString.prefix(8))")
+    let outPath = base + ".stdout", errPath = base + ".stderr"
+    _ = FileManager.default.createFile(atPath: outPath, contents: nil)
+    _ = FileManager.default.createFile(atPath: errPath, contents: nil)
+    defer { for p in [outPath, errPath] { try? FileManager.default.removeItem(atPath: p) } }
+    process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
+    process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+    let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int64(seconds * 1000)))
+    while process.isRunning && ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(10)) }
+    if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    while process.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+    process.waitUntilExit()
+    return ProgramRun(
+        status: process.terminationStatus,
+        stdout: String(decoding: FileManager.default.contents(atPath: outPath) ?? Data(), as: UTF8.self),
+        stderr: String(decoding: FileManager.default.contents(atPath: errPath) ?? Data(), as: UTF8.self)
+    )
+}
+
+/// `parley ARGUMENTS`, run with `runProgram`.
+func parleyRun(_ arguments: [String], seconds: Double = 120) async throws -> ProgramRun {
+    try await runProgram(try #require(parleyExecutablePath(), "parley executable not built"), arguments, seconds: seconds)
+}
 
 /// `parley conform` (issue 13): the runner passes every check against the reference server,
 /// and each deliberate fault of a test double makes exactly its one check fail.
@@ -23,7 +65,7 @@ struct ConformanceTests {
         ])
         // Stopped at the end, or killed by PID when released if the test throws first.
         let checks = ConformanceRunner.checks
-        let out = try parley(["conform", serve.address], seconds: 180)
+        let out = try await parleyRun(["conform", serve.address], seconds: 180)
         #expect(out.status == 0, "\(out.combined)")
         let lines = out.stdout.split(separator: "\n").map(String.init)
         #expect(lines.last == "\(checks.count) checks: \(checks.count) passed, 0 failed, 0 skipped", "\(out.stdout)")
@@ -31,15 +73,42 @@ struct ConformanceTests {
             #expect(lines.contains("\(check.id) PASS \(check.name)"), "no PASS line for \(check.id) \(check.name)")
         }
         // --only and --json, over the Unix socket.
-        let json = try parley(["conform", "unix:" + socket, "--json", "--only", "R-7.12-1", "[R-4.4-1]"], seconds: 60)
+        let json = try await parleyRun(["conform", "unix:" + socket, "--json", "--only", "R-7.12-1", "[R-4.4-1]"], seconds: 60)
         #expect(json.status == 0, "\(json.combined)")
         let report = try JSONDecoder().decode(ConformanceReport.self, from: Data(json.stdout.utf8))
         #expect(report.results.map(\.id) == ["R-4.4-1", "R-7.12-1"])
         #expect(report.results.allSatisfy { $0.status == .pass })
         #expect(json.stdout.contains("\"passed\":2") && json.stdout.contains("\"failed\":0"))
-        let unknown = try parley(["conform", serve.address, "--only", "R-99-1"], seconds: 30)
+        let unknown = try await parleyRun(["conform", serve.address, "--only", "R-99-1"], seconds: 30)
         #expect(unknown.status != 0 && unknown.stderr.contains("no check has the id R-99-1"))
         await serve.stop()
+    }
+
+    /// The checks run over TLS and WebSocket too (the transport's byte stream), and the client
+    /// test listens on TLS, serving method tls to a client with a certificate.
+    @Test func conformOverTLSAndWebSocket() async throws {
+        let certs = freshTestDirectory("conform-certs")
+        #expect(try await parleyRun(["cert", "init", "--dir", certs], seconds: 60).status == 0)
+        let serve = try await ServeProcess.start(["--listen", "tls://127.0.0.1:0", "--listen", "ws://127.0.0.1:0/parley", "--cert", certs, "--auth", "tls,none"])
+        let ws = try #require(serve.log.range(of: #"ws://127\.0\.0\.1:[0-9]+/parley"#, options: .regularExpression).map { String(serve.log[$0]) })
+        for (address, extra) in [(serve.address, ["--cert", certs]), (ws, [])] {
+            let out = try await parleyRun(["conform", address] + extra, seconds: 120)
+            #expect(out.status == 0, "\(address): \(out.stdout)")
+            #expect(out.stdout.contains(" 0 failed"), "\(address): \(out.stdout)")
+            #expect(!out.stdout.contains("FAIL"))
+        }
+        await serve.stop()
+        let parleyPath = try #require(parleyExecutablePath())
+        let tester = ClientConformanceTester(listen: .tls(host: "127.0.0.1", port: 0), tls: try ParleyTLS.server(directory: certs), idle: .seconds(30))
+        let address = try await tester.start()
+        let done = Signal()
+        let clients = Task {
+            for _ in 0..<9 where !done.isRaised { _ = try? await runProgram(parleyPath, ["ping", address.description, "--cert", certs, "--count", "2"], seconds: 30) }
+        }
+        let report = await tester.run(address: address)
+        done.raise()
+        await clients.value
+        #expect(report.failed == 0 && report.skipped == 0, "\(report.results.filter { $0.status != .pass }.map(\.line))")
     }
 
     /// The test double: a proxy that breaks one requirement in front of a correct server.
@@ -70,7 +139,7 @@ struct ConformanceTests {
             guard case .tcp(_, let port) = addresses[0].kind else { throw ParleyError(code: .invalidArgument, message: "not TCP") }
             let proxy = FaultyServer(fault: .ignoresRequiredUnknownFeatures, upstreamPort: port)
             let proxyPort = try await proxy.start()
-            let out = try parley(["conform", "127.0.0.1:\(proxyPort)", "--only", "R-3-7", "R-3-8"], seconds: 60)
+            let out = try await parleyRun(["conform", "127.0.0.1:\(proxyPort)", "--only", "R-3-7", "R-3-8"], seconds: 60)
             await proxy.stop()
             #expect(out.status == 1, "\(out.combined)")
             #expect(out.stdout.contains("R-3-7 FAIL a client requiring an unknown feature bit (40) is refused\n    expected: the connection closed"), "\(out.stdout)")
@@ -94,12 +163,12 @@ struct ConformanceTests {
 struct ClientConformanceTests {
     /// Starts a client test on 127.0.0.1 and runs `client` (given the tester's address) once
     /// per connection until the tester has played every scenario (at most `runs` times).
-    static func clientTest(only: [String] = [], idle: Duration = .seconds(30), runs: Int = 9, _ client: @escaping @Sendable (String) -> Void) async throws -> ConformanceReport {
+    static func clientTest(only: [String] = [], idle: Duration = .seconds(30), runs: Int = 9, _ client: @escaping @Sendable (String) async -> Void) async throws -> ConformanceReport {
         let tester = ClientConformanceTester(listen: .tcp(host: "127.0.0.1", port: 0), idle: idle, only: only)
         let address = try await tester.start()
         let done = Signal()
-        let clients = Task.detached {
-            for _ in 0..<runs where !done.isRaised { client(address.description) }
+        let clients = Task {
+            for _ in 0..<runs where !done.isRaised { await client(address.description) }
         }
         let report = await tester.run(address: address)
         done.raise()
@@ -110,7 +179,7 @@ struct ClientConformanceTests {
     @Test func theReferenceClientMeetsEveryClientCheck() async throws {
         let parley = try #require(parleyExecutablePath(), "parley executable not built")
         let report = try await Self.clientTest { address in
-            _ = try? runProcess(parley, ["ping", address, "--count", "3"], seconds: 30)
+            _ = try? await runProgram(parley, ["ping", address, "--count", "3"], seconds: 30)
         }
         #expect(report.results.count == 14)
         #expect(report.failed == 0 && report.skipped == 0, "\(report.results.filter { $0.status != .pass }.map(\.line).joined(separator: "\n"))")
@@ -123,7 +192,7 @@ struct ClientConformanceTests {
         let python = try #require(["/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"].first { FileManager.default.isExecutableFile(atPath: $0) }, "python3 is needed (.ci/run installs it)")
         let script = ConformanceCoverageTests.root.appendingPathComponent("Tests/Interop/python/parley_client.py").path
         let report = try await Self.clientTest { address in
-            _ = try? runProcess(python, [script, address, "--follow-redirects"], seconds: 30)
+            _ = try? await runProgram(python, [script, address, "--follow-redirects"], seconds: 30)
         }
         #expect(report.results.count == 14)
         #expect(report.failed == 0 && report.skipped == 0, "\(report.results.filter { $0.status != .pass }.map(\.line).joined(separator: "\n"))")
@@ -135,14 +204,9 @@ struct ClientConformanceTests {
         let bad = WireMessage(header: MessageHeader(seq: 3, id: 2, kind: .request, type: Parley_Echo_V1_Ping.protoMessageName), payload: ByteBuffer())
         let bytes = clientSessionBytes(messages: [pingMessage(id: 0)], trailingFrames: [bad.frame(allocator: ByteBufferAllocator())])
         let report = try await Self.clientTest(only: ["R-7.4-2", "R-7.3-2", "R-7.3-1", "R-4.9-2", "R-8.2-2"], idle: .seconds(1), runs: 1) { address in
-            let semaphore = DispatchSemaphore(value: 0)
-            Task {
-                if let peer = try? await RawPeer.connect(try ParleyAddress(parsing: address)) {
-                    _ = try? await peer.exchange(bytes, seconds: 10)
-                }
-                semaphore.signal()
+            if let peer = try? await RawPeer.connect(try ParleyAddress(parsing: address)) {
+                _ = try? await peer.exchange(bytes, seconds: 10)
             }
-            semaphore.wait()
         }
         let statuses = Dictionary(uniqueKeysWithValues: report.results.map { ($0.id, $0.status) })
         #expect(statuses == ["R-7.4-2": .fail, "R-7.3-2": .fail, "R-7.3-1": .pass, "R-4.9-2": .pass, "R-8.2-2": .skip], "\(report.results.map(\.line))")
