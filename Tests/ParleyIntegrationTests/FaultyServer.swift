@@ -22,6 +22,8 @@ final class FaultyServer: Sendable {
         case flagsOnErrors
         /// The server reports a tampered handshake as a failed authentication.
         case wrongCodeForTampering
+        /// The server resumes a session without sending again what the client lacks.
+        case forgetsOnResume
 
         /// The one requirement this fault breaks: the only check that must fail.
         var requirement: String? {
@@ -32,6 +34,7 @@ final class FaultyServer: Sendable {
             case .answersCancelledRequests: return "R-7.7-1"
             case .flagsOnErrors: return "R-4.9-2"
             case .wrongCodeForTampering: return "R-5.1-4"
+            case .forgetsOnResume: return "R-5.2-11"
             }
         }
 
@@ -121,6 +124,8 @@ struct FrameRewriter {
     /// Bytes of a large frame's body still to pass, and where its last segment's CRC starts.
     private var streaming: (left: Int, lastCRCAt: Int)?
     private var passthrough = false
+    /// A SESSION_RESUMED went by: the MESSAGEs sent again right after it are dropped.
+    private var resumed = false
     private static let large = 1 << 20
 
     init(fault: FaultyServer.Fault, toClient: Bool) {
@@ -191,6 +196,14 @@ struct FrameRewriter {
             }
             guard self.buffer.readableBytes >= 32 + body else { return out }
             var frame = self.buffer.readSlice(length: 32 + body)!
+            if self.fault == .forgetsOnResume && self.toClient {
+                let tag = frame.getInteger(at: frame.readerIndex, as: UInt8.self)!
+                if tag == FrameTag.sessionResumed.rawValue {
+                    self.resumed = true
+                } else if self.resumed && tag == FrameTag.message.rawValue {
+                    continue
+                }
+            }
             self.rewrite(&frame, lengths: lengths)
             out.writeBuffer(&frame)
         }
