@@ -8,19 +8,21 @@ struct Conform: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check a Parley server against docs/protocol.md.",
         discussion: """
-            Runs the conformance checks (ParleyConformance) against the server at ADDRESS:
-            legal but unusual input (unknown optional feature bits, unknown ignorable tags,
-            frames in one-byte writes, pipelined bursts, frames of the maximal size) and
-            illegal input (wrong CRCs, oversized frames, frames in the wrong phase, required
-            unknown features). Prints one line per check: its requirement id, PASS, FAIL (with
-            what was expected and seen) or SKIP (with the reason), then a summary line. Exits
-            0 only when no check failed. docs/conformance.md describes the checks.
+            Runs the conformance checks (ParleyConformance) against the server at
+            ADDRESS: legal but unusual input (unknown optional feature bits, unknown
+            ignorable tags, frames in one-byte writes, pipelined bursts, frames of the
+            maximal size) and illegal input (wrong CRCs, oversized frames, frames in the
+            wrong phase, required unknown features). Prints one line per check: its
+            requirement id, PASS, FAIL (with what was expected and seen) or SKIP (with
+            the reason), then a summary line. Exits 0 only when no check failed.
+            docs/conformance.md describes the checks.
 
             --client-test --listen ADDRESS tests a client instead: it listens, prints
-            "listening on ADDRESS", and plays one scenario per connection (a demanding server,
-            a request delay, no optional features, a 64 KiB frame limit, a refusal, a wrong
-            AUTH_DONE, a redirect); run the client once per scenario (seven times) with an
-            echo workload (Ping, Echo, Count). It reports the client's checks the same way.
+            "listening on ADDRESS", and plays one scenario per connection (a demanding
+            server, a request delay, no optional features, a 64 KiB frame limit, a
+            refusal, a wrong AUTH_DONE, a redirect); run the client once per scenario
+            (seven times) with an echo workload (Ping, Echo, Count). It reports the
+            client's checks the same way.
             """
     )
 
@@ -53,7 +55,9 @@ struct Conform: AsyncParsableCommand {
 
     func validate() throws {
         if self.clientTest {
-            guard self.address == nil, let listen = self.listen else { throw ValidationError("--client-test takes --listen ADDRESS and no server address") }
+            guard self.address == nil, let listen = self.listen ?? (self.list ? "127.0.0.1:0" : nil) else {
+                throw ValidationError("--client-test takes --listen ADDRESS and no server address")
+            }
             do { _ = try ParleyAddress(parsing: listen) } catch { throw ValidationError(error.message) }
         } else {
             guard let address = self.address, self.listen == nil else { throw ValidationError("give the server's ADDRESS (or --client-test --listen ADDRESS)") }
@@ -83,6 +87,10 @@ struct Conform: AsyncParsableCommand {
     }
 
     private func runClientTest() async throws {
+        if self.list {
+            for check in ClientConformanceTester.checks where self.only.isEmpty || self.only.contains(check.id) { emit("\(check.id) \(check.name)") }
+            return
+        }
         let tls = try self.cert.map { try ParleyTLS.server(directory: $0) }
         let tester = ClientConformanceTester(
             listen: try ParleyAddress(parsing: self.listen!), tls: tls, timeout: .milliseconds(Int64(self.timeout * 1000)),
