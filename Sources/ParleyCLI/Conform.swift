@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Parley
 import ParleyConformance
 import ParleyNIO
 import ParleyWire
@@ -50,6 +51,12 @@ struct Conform: AsyncParsableCommand {
     @Option(name: .long, help: "Seconds a check waits for each answer it expects.")
     var timeout: Double = 5
 
+    @Option(name: .long, help: ArgumentHelp("A keyring holding a key of the server's keyring (with --name): the checks of secure sessions run with it.", valueName: "file"))
+    var keyring: String?
+
+    @Option(name: .long, help: ArgumentHelp("The entity of --keyring to authenticate as, e.g. client.alice.", valueName: "name"))
+    var name: String?
+
     @Option(name: .long, help: ArgumentHelp("For tls:// and wss://: the certificate directory whose ca.pem the server's certificate is checked against (with --client-test: whose server.pem and server.key the test server uses).", valueName: "dir"))
     var cert: String?
 
@@ -63,6 +70,7 @@ struct Conform: AsyncParsableCommand {
             guard let address = self.address, self.listen == nil else { throw ValidationError("give the server's ADDRESS (or --client-test --listen ADDRESS)") }
             do { _ = try ParleyAddress(parsing: address) } catch { throw ValidationError(error.message) }
         }
+        guard (self.keyring == nil) == (self.name == nil) else { throw ValidationError("--keyring and --name go together") }
         guard self.timeout > 0, self.idle > 0 else { throw ValidationError("--timeout and --idle must be more than 0") }
     }
 
@@ -71,6 +79,9 @@ struct Conform: AsyncParsableCommand {
         let address = try ParleyAddress(parsing: self.address!)
         var target = ConformanceTarget(address: address)
         if let cert = self.cert { target.tls = try ParleyTLS.client(directory: cert) }
+        if let keyring = self.keyring, let name = self.name {
+            do { target.secret = try ParleyKeyring.load(path: keyring).credentials(for: name, keyringPath: keyring) } catch { throw ValidationError(error.message) }
+        }
         let runner = ConformanceRunner(target: target, timeout: .milliseconds(Int64(self.timeout * 1000)), only: self.only)
         let checks: [ConformanceCheck]
         do { checks = try runner.selected() } catch { throw ValidationError(error.message) }

@@ -13,7 +13,7 @@ enum ConformanceChecks {
     static let unknownType = "conform.v1.NoSuchMessage"
 
     static var all: [ConformanceCheck] {
-        banner + frames + secure + lossless + losslessExchange + handshake + session
+        banner + frames + secure + secureSession + lossless + losslessExchange + handshake + session
     }
 
     // MARK: - Helpers
@@ -562,6 +562,56 @@ enum ConformanceChecks {
         },
         ConformanceCheck("R-5.1-4", "an unknown entity is refused (authenticationFailed), before the proofs are checked") { c in
             try await secretProof(c, .authenticationFailed, "an unknown entity") { r, ch in try sealedProof("conform.no-such-entity", r, ch, tamper: false) }
+        },
+    ]
+
+    /// A secure session sends `bytes`; the server answers CLOSE `code` (sealed) and closes.
+    static func secureViolation(_ c: CheckContext, _ code: ParleyError.Code, _ why: String, _ build: (SecureClientSession) throws -> ByteBuffer) async throws {
+        let s = try await SecureClientSession.open(c)
+        defer { s.peer.close() }
+        await s.peer.send(try build(s))
+        try await expectCloseOnPeer(s.peer, c, code, why)
+    }
+
+    static let secureSession: [ConformanceCheck] = [
+        ConformanceCheck("R-5.1-5", "with a key, the server's AUTH_DONE passes the client's checks and the secure session carries a request and its answer") { c in
+            let s = try await SecureClientSession.open(c)
+            defer { s.peer.close() }
+            guard s.result.connectionMode == .secure else { throw fail("secure mode (the only mode offered)", "\(s.result.connectionMode)") }
+            await s.peer.send(try s.sealed(s.ping(id: 1)))
+            while true {
+                let event = await s.peer.next(c.timeout)
+                guard case .frame(let f) = event else { throw fail("a sealed Pong", event.summary) }
+                guard f.tag == .message else { continue }
+                let m = try WireMessage(frame: f)
+                // A Pong from the echo service; a server without it answers ERROR.
+                guard m.header.id == 1, m.header.kind == .response || m.header.kind == .error else { throw fail("the answer to request 1", describe(f)) }
+                return
+            }
+        },
+        ConformanceCheck("R-5.1-7", "a sealed preamble with a bit flipped in a segment length is refused (badAuthTag), not acted upon") { c in
+            try await secureViolation(c, .badAuthTag, "a sealed preamble altered in its length") { s in
+                var b = try s.sealed(s.ping(id: 1))
+                b.setInteger(b.getInteger(at: b.readerIndex + 6, as: UInt8.self)! ^ 0x40, at: b.readerIndex + 6)
+                return b
+            }
+        },
+        ConformanceCheck("R-5.1-8", "a sealed frame with a bit flipped in its body is refused (badAuthTag)") { c in
+            try await secureViolation(c, .badAuthTag, "a sealed body altered") { s in
+                var b = try s.sealed(s.ping(id: 1))
+                let at = b.readerIndex + sealedPreambleSize + 2
+                b.setInteger(b.getInteger(at: at, as: UInt8.self)! ^ 0x01, at: at)
+                return b
+            }
+        },
+        ConformanceCheck("R-5.1-8", "a clear frame in a secure session is refused (badAuthTag)") { c in
+            try await secureViolation(c, .badAuthTag, "a frame in the clear after the switch") { s in
+                // A sealed Ping, then one in the clear (not the first frame after the switch,
+                // where only a clear CLOSE is let through).
+                var b = try s.sealed(s.ping(id: 2))
+                b.writeImmutableBuffer(ByteBuffer(frame: s.ping(id: 3)))
+                return b
+            }
         },
     ]
 

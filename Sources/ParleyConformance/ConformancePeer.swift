@@ -248,6 +248,12 @@ final class ConformancePeer {
         return event
     }
 
+    /// From the next frame on, the server's frames are sealed (secure mode): opened with
+    /// `direction`. Called between two frames, when the handshake settles the keys.
+    func startOpening(_ direction: SecureDirection) {
+        self.decoder.startOpening(direction)
+    }
+
     func close() {
         self.channel.close(promise: nil)
     }

@@ -8,10 +8,14 @@ import ParleyWire
 public struct ConformanceTarget: Sendable {
     public var address: ParleyAddress
     public var tls: ParleyTLS?
+    /// An entity and its key in the server's keyring: the checks of secure sessions (method
+    /// `secret`, sealed frames) run only with one.
+    public var secret: SecretCredentials?
 
-    public init(address: ParleyAddress, tls: ParleyTLS? = nil) {
+    public init(address: ParleyAddress, tls: ParleyTLS? = nil, secret: SecretCredentials? = nil) {
         self.address = address
         self.tls = tls
+        self.secret = secret
     }
 }
 

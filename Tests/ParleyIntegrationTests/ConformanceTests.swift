@@ -53,9 +53,10 @@ func parleyRun(_ arguments: [String], seconds: Double = 120) async throws -> Pro
 /// and each deliberate fault of a test double makes exactly its one check fail.
 @Suite(.serialized, .timeLimit(.minutes(5)))
 struct ConformanceTests {
-    /// `parley conform` against a real `parley serve` process (methods none and secret, so
-    /// that the checks of method secret run too), over TCP and a Unix socket: every check
-    /// passes, the output has one line per check and the summary, exit status 0.
+    /// `parley conform` against a real `parley serve` process (methods none and secret, and
+    /// a key of its keyring, so that the checks of method secret and of secure sessions run
+    /// too), over TCP and a Unix socket: every check passes, the output has one line per
+    /// check and the summary, exit status 0.
     @Test func conformAgainstParleyServePassesEveryCheck() async throws {
         let socket = temporaryPath("conform-\(UUID().uuidString.prefix(8)).sock")
         let keyring = freshTestDirectory("conform") + "/server.keyring"
@@ -65,7 +66,7 @@ struct ConformanceTests {
         ])
         // Stopped at the end, or killed by PID when released if the test throws first.
         let checks = ConformanceRunner.checks
-        let out = try await parleyRun(["conform", serve.address], seconds: 180)
+        let out = try await parleyRun(["conform", serve.address, "--keyring", keyring, "--name", "client.alice"], seconds: 180)
         #expect(out.status == 0, "\(out.combined)")
         let lines = out.stdout.split(separator: "\n").map(String.init)
         #expect(lines.last == "\(checks.count) checks: \(checks.count) passed, 0 failed, 0 skipped", "\(out.stdout)")
@@ -117,13 +118,14 @@ struct ConformanceTests {
     @Test(arguments: FaultyServer.Fault.allCases)
     func aFaultyServerFailsExactlyTheMatchingCheck(_ fault: FaultyServer.Fault) async throws {
         let path = freshTestDirectory("conform-faulty") + "/server.keyring"
-        try writeKeyring(path, [("client.alice", ["*"])])
+        let keys = try writeKeyring(path, [("client.alice", ["*"])])
         let keyring = try ParleyKeyringSource(path: path)
+        let alice = SecretCredentials(entity: "client.alice", key: try #require(keys["client.alice"]))
         try await withServer(configure: { $0.authMethods = [AuthMethod.none, AuthMethod.secret]; $0.modes = [.crc, .secure]; $0.keyring = keyring }) { _, addresses in
             guard case .tcp(_, let port) = addresses[0].kind else { throw ParleyError(code: .invalidArgument, message: "not TCP") }
             let proxy = FaultyServer(fault: fault, upstreamPort: port)
             let proxyPort = try await proxy.start()
-            let report = try await ConformanceRunner(target: ConformanceTarget(address: .tcp(host: "127.0.0.1", port: proxyPort))).run()
+            let report = try await ConformanceRunner(target: ConformanceTarget(address: .tcp(host: "127.0.0.1", port: proxyPort), secret: alice)).run()
             await proxy.stop()
             let failed = report.results.filter { $0.status == .fail }
             #expect(report.skipped == 0, "\(report.results.filter { $0.status == .skip }.map(\.line))")

@@ -1,0 +1,106 @@
+import NIOCore
+import ParleyServices
+import ParleyWire
+
+/// A secure session of the conformance client (method `secret`, with the key the target
+/// names), driven by the client handshake state machine; frames sent after the switch are
+/// sealed by hand, so that a check can also send them altered.
+final class SecureClientSession {
+    let peer: ConformancePeer
+    let context: CheckContext
+    let result: HandshakeResult
+    let sealer: SecureDirection?
+    var nextSeq: UInt64 = 1
+
+    private init(peer: ConformancePeer, context: CheckContext, result: HandshakeResult, sealer: SecureDirection?) {
+        self.peer = peer
+        self.context = context
+        self.result = result
+        self.sealer = sealer
+    }
+
+    /// Runs the handshake with method `secret` in secure mode. Skips without a key, or when
+    /// the server refuses the method or the key (a matter of its policy and keyring); any
+    /// other failure is the server's.
+    static func open(_ c: CheckContext) async throws -> SecureClientSession {
+        guard let secret = c.target.secret else {
+            throw CheckSkip(reason: "no key of the server's keyring was given (--keyring FILE --name ENTITY)")
+        }
+        let supported = ParleyFeatures.implemented.union(.secureMode)
+        let missing = c.serverBanner.required.subtracting(supported)
+        guard missing.isEmpty else { throw CheckSkip(reason: "the server requires features \(missing) that parley conform does not speak") }
+        guard c.serverBanner.supported.contains(.secureMode) else { throw CheckSkip(reason: "the server does not offer secure mode (bit 8)") }
+        var ident = Parley_V1_ClientIdent()
+        ident.platform = "any"
+        ident.implementation = "parley-conform"
+        ident.version = "1.0.0"
+        ident.name = "parley conform"
+        ident.clientNonce = 1
+        var machine = ClientHandshakeStateMachine(configuration: .init(
+            banner: Banner(supported: supported), maxFrameSize: .max, authMethods: [AuthMethod.secret], ident: ident,
+            serverAddress: c.target.address.description, secret: secret, modes: [.secure], randomness: .generate()
+        ))
+        let peer = try await c.connect()
+        var sealer: SecureDirection?
+        var step = machine.start()
+        while true {
+            var out = ByteBuffer()
+            for element in step.send {
+                switch element {
+                case .banner(let banner):
+                    out.writeBanner(banner)
+                case .frame(let frame):
+                    if let sealer {
+                        var parts: [ByteBuffer] = []
+                        try frame.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
+                        for part in parts { out.writeImmutableBuffer(part) }
+                    } else {
+                        out.writeFrame(frame)
+                    }
+                case .startSealing(let keys):
+                    sealer = try SecureDirection(keys: keys.keys, sealing: true)
+                }
+            }
+            if out.readableBytes > 0 { await peer.send(out) }
+            if let opening = step.startOpening { peer.startOpening(try SecureDirection(keys: opening.keys, sealing: false)) }
+            switch step.outcome {
+            case .established(let result):
+                return SecureClientSession(peer: peer, context: c, result: result, sealer: sealer)
+            case .failed(let error) where error.code == .authenticationFailed:
+                peer.close()
+                throw CheckSkip(reason: "the server does not accept method secret with this key: \(error.message)")
+            case .failed(let error):
+                peer.close()
+                throw fail("a secure handshake with method secret", "\(error.code): \(error.message)")
+            case .resumeRequested, nil:
+                break
+            }
+            let event = await peer.next(c.timeout)
+            switch event {
+            case .banner(let banner): step = machine.received(.banner(banner))
+            case .frame(let frame): step = machine.received(.frame(frame))
+            default:
+                peer.close()
+                throw fail("the secure handshake to go on", event.summary)
+            }
+        }
+    }
+
+    /// The bytes of `frame` sealed with this client's keys.
+    func sealed(_ frame: Frame) throws -> ByteBuffer {
+        guard let sealer = self.sealer else { throw fail("secure mode", "the server chose crc mode") }
+        var parts: [ByteBuffer] = []
+        try frame.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
+        var out = ByteBuffer()
+        for part in parts { out.writeImmutableBuffer(part) }
+        return out
+    }
+
+    func ping(id: UInt64) -> Frame {
+        var p = Parley_Echo_V1_Ping()
+        p.sequence = id
+        defer { self.nextSeq += 1 }
+        return WireMessage(header: MessageHeader(seq: self.nextSeq, id: id, kind: .request, type: Parley_Echo_V1_Ping.protoMessageName), payload: p.parleyPayload())
+            .frame(allocator: ByteBufferAllocator())
+    }
+}
