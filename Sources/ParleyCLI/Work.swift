@@ -19,7 +19,7 @@ struct Work: AsyncParsableCommand {
             A master (`work serve`) keeps the jobs in SQLite, or in PostgreSQL shared by several
             masters, and hands them out under leases; a result is accepted exactly once.
             """,
-        subcommands: [Serve.self, Worker.self, Submit.self, Status.self, Results.self, Keygen.self, Sign.self, Verify.self, Bench.self, Rotate.self, Exec.self]
+        subcommands: [Serve.self, Worker.self, Submit.self, Status.self, Results.self, Workers.self, Command.self, Keygen.self, Sign.self, Verify.self, Bench.self, Rotate.self, Exec.self]
     )
 
     static let defaultMaster = "127.0.0.1:7422"
@@ -42,13 +42,14 @@ struct Work: AsyncParsableCommand {
     /// so), closed afterwards; a Parley error is printed as `parley work COMMAND: ...` and
     /// exits with status 2.
     static func withMaster(
-        _ master: String, command: String, security: ClientSecurityOptions, _ body: (ParleyClient) async throws -> Void
+        _ master: String, command: String, security: ClientSecurityOptions, router: ParleyRouter = ParleyRouter(),
+        _ body: (ParleyClient) async throws -> Void
     ) async throws {
         do {
             let address = try ParleyAddress(parsing: master)
             var configuration = ParleyClient.Configuration(name: "parley-work-\(command)")
             try security.apply(to: &configuration, address: address)
-            let client = try await ParleyClient.connect(to: address, configuration: configuration, logger: Logger(label: "parley.work"))
+            let client = try await ParleyClient.connect(to: address, configuration: configuration, router: router, logger: Logger(label: "parley.work"))
             defer { client.close() }
             try await body(client)
         } catch let error as ParleyError {
@@ -92,6 +93,9 @@ struct Work: AsyncParsableCommand {
 
         @Flag(name: .long, help: "Require capabilities of keyring entities: work.submit to submit, work.worker to work, work.read for status and results (work.* for all; anonymous clients get --anonymous-caps).")
         var requireCaps = false
+
+        @Flag(name: .long, help: "Relay commands from clients to the workers that accept them (parley work command); with --require-caps, only entities with work.command may.")
+        var allowCommands = false
 
         @OptionGroup(title: "Nucleus (what every worker and submitter is told)") var nucleus: NucleusOptions
 
@@ -152,7 +156,8 @@ struct Work: AsyncParsableCommand {
                 rotation: rotation, storeConcurrency: postgres ? 4 : 1
             )
             service.requireCapabilities = self.requireCaps
-            WorkService.register(on: &router, store: store, configuration: service)
+            service.relayCommands = self.allowCommands
+            WorkService.register(on: &router, store: store, configuration: service, commands: WorkCommandCenter(logger: logger))
             let addresses = try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) }
             var configuration = ParleyServer.Configuration(
                 listen: addresses, name: "parley-work", nucleus: self.nucleus.nucleus, minimumClientVersion: self.nucleus.minClientVersion
@@ -219,6 +224,12 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: "The worker's name (default: the host name and process id; the keyring entity when --keyring is given).")
         var workerName: String?
 
+        @Flag(name: .long, help: "Run the commands the master sends (parley work command): programs, file transfers, mkdir, rmdir, stat, glob; all inside --command-dir.")
+        var acceptCommands = false
+
+        @Option(name: .long, help: ArgumentHelp("Where the master's commands act (default: DIR/commands).", valueName: "dir"))
+        var commandDir: String?
+
         @OptionGroup var security: ClientSecurityOptions
 
         @OptionGroup var logging: LoggingOptions
@@ -253,9 +264,19 @@ struct Work: AsyncParsableCommand {
             }
             let given = self.workerName ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
             let chosen = configurations, fallback = base
+            // The master's commands: refused (with a clear error) unless --accept-commands.
+            let commands: WorkCommandExecutor
+            do {
+                commands = try WorkCommandExecutor(configuration: .init(directory: self.commandDir ?? "\(self.dir)/commands", accept: self.acceptCommands))
+            } catch {
+                print("parley work worker: cannot make the command directory: \(error)")
+                throw ExitCode(2)
+            }
+            var router = ParleyRouter()
+            commands.register(on: &router)
             let link = WorkMasterLink(
                 masters: addresses, configurationFor: { address in chosen[address] ?? fallback }, name: given,
-                failoverTimeout: .seconds(Int64(self.failoverSeconds)), logger: Logger(label: "parley.work.worker")
+                failoverTimeout: .seconds(Int64(self.failoverSeconds)), router: router, logger: Logger(label: "parley.work.worker")
             )
             let name: String
             do {
@@ -266,7 +287,7 @@ struct Work: AsyncParsableCommand {
             }
             // Jobs with CPU or memory limits run through `parley work exec`, this same program.
             let limiter = [Work.selfPath(), "work", "exec"]
-            let worker = WorkWorker(link: link, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust, limiter: limiter, apps: self.app))
+            let worker = WorkWorker(link: link, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust, limiter: limiter, apps: self.app), commands: commands)
             let task = Task { try await worker.run() }
             let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
             // SIGINT/SIGTERM: stop the running jobs and hand them back, then leave.

@@ -21,6 +21,8 @@ public final class WorkMasterLink: Sendable {
     let logger: Logger
     /// How long a call keeps trying masters before it fails.
     let failoverTimeout: Duration
+    /// The worker's handlers for what its master sends it (master-initiated commands).
+    let router: ParleyRouter
     /// Sent on every new connection before anything else (the worker's hello).
     private let onConnect: NIOLockedValueBox<@Sendable (ParleyClient) async throws -> Void>
 
@@ -35,16 +37,18 @@ public final class WorkMasterLink: Sendable {
 
     public convenience init(
         masters: [ParleyAddress], configuration: ParleyClient.Configuration, name: String, failoverTimeout: Duration = .seconds(120),
-        logger: Logger = Logger(label: "parley.work.link"), onConnect: @escaping @Sendable (ParleyClient) async throws -> Void = { _ in }
+        router: ParleyRouter = ParleyRouter(), logger: Logger = Logger(label: "parley.work.link"),
+        onConnect: @escaping @Sendable (ParleyClient) async throws -> Void = { _ in }
     ) {
-        self.init(masters: masters, configurationFor: { _ in configuration }, name: name, failoverTimeout: failoverTimeout, logger: logger, onConnect: onConnect)
+        self.init(masters: masters, configurationFor: { _ in configuration }, name: name, failoverTimeout: failoverTimeout, router: router, logger: logger, onConnect: onConnect)
     }
 
     public init(
         masters: [ParleyAddress], configurationFor: @escaping @Sendable (ParleyAddress) throws -> ParleyClient.Configuration, name: String,
-        failoverTimeout: Duration = .seconds(120), logger: Logger = Logger(label: "parley.work.link"),
+        failoverTimeout: Duration = .seconds(120), router: ParleyRouter = ParleyRouter(), logger: Logger = Logger(label: "parley.work.link"),
         onConnect: @escaping @Sendable (ParleyClient) async throws -> Void = { _ in }
     ) {
+        self.router = router
         precondition(!masters.isEmpty, "a worker needs at least one master")
         self.masters = masters
         self.configuration = configurationFor
@@ -145,7 +149,7 @@ public final class WorkMasterLink: Sendable {
             do {
                 var configuration = try self.configuration(address)
                 configuration.lossless = configuration.lossless ?? .init()
-                let client = try await ParleyClient.connect(to: address, configuration: configuration, logger: self.logger)
+                let client = try await ParleyClient.connect(to: address, configuration: configuration, router: self.router, logger: self.logger)
                 do {
                     let hello = self.onConnect.withLockedValue { $0 }
                     try await hello(client)

@@ -26,6 +26,10 @@ public enum WorkService {
         /// Require capabilities of authenticated entities: `work.submit` to submit, `work.worker`
         /// for a worker's messages, `work.read` for status and results (`work.*`: all).
         public var requireCapabilities = false
+        /// Relay submitters' commands to workers (`RunWorkerCommand`, §19.8): anyone who may
+        /// connect (with `work.command`, when capabilities are required) can then run
+        /// commands on the workers that accept them.
+        public var relayCommands = false
 
         public init(leaseDuration: Duration = .seconds(600), defaultMaxAttempts: Int = 3, trust: WorkSigning.PublicKey? = nil, name: String = "parley-work",
                     rotation: WorkSigning.Rotation? = nil, storeConcurrency: Int = 1) {
@@ -61,7 +65,10 @@ public enum WorkService {
     /// Wall-clock nanoseconds since 1970: leases outlive processes and move between masters.
     public static func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1e9) }
 
-    public static func register(on router: inout ParleyRouter, store: any WorkStore, configuration: Configuration = .init()) {
+    /// - Parameter commands: where workers' connections are kept for master-initiated
+    ///   commands (§19.8); nil: none are sent.
+    public static func register(on router: inout ParleyRouter, store: any WorkStore, configuration: Configuration = .init(), commands: WorkCommandCenter? = nil) {
+        commands?.register(on: &router, relay: configuration.relayCommands, requireCapabilities: configuration.requireCapabilities)
         if configuration.requireCapabilities {
             router.require("work.submit", for: Parley_Work_V1_SubmitJobs.self)
             router.require("work.worker", for: Parley_Work_V1_WorkerHello.self, Parley_Work_V1_RequestWork.self, Parley_Work_V1_ReportResult.self,
@@ -125,9 +132,10 @@ public enum WorkService {
             submitted.increment(by: reply.jobIds.count)
             return reply
         }
-        router.on(Parley_Work_V1_WorkerHello.self) { (hello: Parley_Work_V1_WorkerHello, _: ParleyRequestContext) -> Parley_Work_V1_WorkerWelcome in
+        router.on(Parley_Work_V1_WorkerHello.self) { (hello: Parley_Work_V1_WorkerHello, ctx: ParleyRequestContext) -> Parley_Work_V1_WorkerWelcome in
             var welcome = Parley_Work_V1_WorkerWelcome()
             welcome.protocolVersion = try Self.negotiate(workerHighest: hello.protocolVersion)
+            commands?.attach(hello, connection: ctx.connection)
             if let rotation = configuration.rotation {
                 welcome.nextPublicKey = Data(rotation.next.rawRepresentation)
                 welcome.rotationSignature = Data(rotation.signature)

@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import NIOConcurrencyHelpers
 import Parley
@@ -58,8 +61,12 @@ public final class WorkWorker: Sendable {
     /// The keys jobs may be signed with: `trust`, and the next keys of rotations it vouched for.
     private let trusted: NIOLockedValueBox<[WorkSigning.PublicKey]>
 
-    public init(link: WorkMasterLink, configuration: Configuration, logger: Logger = Logger(label: "parley.work.worker")) {
+    /// What runs the master's commands (registered on the link's router); stopped at shutdown.
+    let commands: WorkCommandExecutor?
+
+    public init(link: WorkMasterLink, configuration: Configuration, commands: WorkCommandExecutor? = nil, logger: Logger = Logger(label: "parley.work.worker")) {
         self.link = link
+        self.commands = commands
         self.configuration = configuration
         self.trusted = NIOLockedValueBox([configuration.trust])
         self.logger = logger
@@ -103,6 +110,7 @@ public final class WorkWorker: Sendable {
     /// queues them again without counting the attempt); `run()` then returns.
     public func shutDown() {
         self.stopping.withLockedValue { $0 = true }
+        self.commands?.interruptAll(reason: "the worker is shutting down")
         for pid in self.running.withLockedValue({ Array($0.values) }) { JobRunner.killGroup(pid) }
     }
 
@@ -248,6 +256,7 @@ public final class WorkWorker: Sendable {
         hello.protocolVersion = WorkService.protocolVersions.upperBound
         hello.os = ProcessInfo.processInfo.operatingSystemVersionString
         hello.apps = self.configuration.apps
+        hello.commands = self.commands?.configuration.accept ?? false
         if let free = (try? FileManager.default.attributesOfFileSystem(forPath: self.configuration.directory))?[.systemFreeSize] as? NSNumber {
             hello.diskBytes = free.uint64Value
         }
@@ -325,17 +334,18 @@ public final class WorkWorker: Sendable {
             let outcome = try await JobRunner.run(
                 spec, directory: directory, limiter: self.configuration.limiter,
                 maxWall: wall,
-                maxOutput: min(spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, UInt64(WorkService.maxTail))) : self.configuration.defaultMaxOutput, WorkService.maxTail)
-            ) { pid in
-                let stopping = self.stopping.withLockedValue { stopping in
-                    if !stopping { self.running.withLockedValue { $0[jobID] = pid } }
-                    return stopping
+                maxOutput: min(spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, UInt64(WorkService.maxTail))) : self.configuration.defaultMaxOutput, WorkService.maxTail),
+                started: { pid in
+                    let stopping = self.stopping.withLockedValue { stopping in
+                        if !stopping { self.running.withLockedValue { $0[jobID] = pid } }
+                        return stopping
+                    }
+                    if stopping {
+                        killedByShutdown.withLockedValue { $0 = true }
+                        JobRunner.killGroup(pid)
+                    }
                 }
-                if stopping {
-                    killedByShutdown.withLockedValue { $0 = true }
-                    JobRunner.killGroup(pid)
-                }
-            }
+            )
             if self.isStopping, outcome.signal == SIGKILL, !outcome.timedOut {
                 // Killed by this worker's shutdown, not ended on its own: hand it back. A job
                 // that finished (even during the shutdown) is reported.
@@ -383,7 +393,7 @@ enum JobRunner {
 
     static func run(
         _ spec: Parley_Work_V1_JobSpec, directory: String, limiter: [String]? = nil, maxWall: Duration, maxOutput: Int,
-        started: @Sendable (Int32) -> Void = { _ in }
+        onOutput: (@Sendable (_ stderr: Bool, Data) -> Void)? = nil, started: @Sendable (Int32) -> Void = { _ in }
     ) async throws -> Outcome {
         let process = Process()
         var command: [String]
@@ -415,12 +425,12 @@ enum JobRunner {
             }
             c?.resume()
         }
-        try process.run()
+        try await Self.launch(process)
         // Each output stream is read to its end by a thread of its own, with blocking reads:
         // FileHandle's readabilityHandler (a dispatch source) crashed a worker in libdispatch
         // once in 10,000 jobs when its pipe closed while the source was being cancelled.
-        let outRead = Self.readToEnd(out.fileHandleForReading, into: stdout)
-        let errRead = Self.readToEnd(err.fileHandleForReading, into: stderr)
+        let outRead = Self.readToEnd(out.fileHandleForReading, into: stdout) { onOutput?(false, $0) }
+        let errRead = Self.readToEnd(err.fileHandleForReading, into: stderr) { onOutput?(true, $0) }
         started(process.processIdentifier)
         let timedOut = NIOLockedValueBox(false)
         let killer = Task {
@@ -452,12 +462,44 @@ enum JobRunner {
         )
     }
 
-    /// Reads `handle` to its end on a thread of its own (blocking reads), keeping the tail.
-    static func readToEnd(_ handle: FileHandle, into tail: OutputTail) -> Task<Void, Never> {
+    /// Starts `process` from a thread of its own with no signal blocked: a child inherits the
+    /// signal mask of the thread that spawns it, and the runtime's threads block nearly all
+    /// signals, so a job started from one could not be stopped with SIGTERM or SIGINT (an
+    /// interrupt's signal would wait, blocked, until SIGKILL).
+    static func launch(_ process: Process) async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let thread = Thread {
+                var none = sigset_t()
+                sigemptyset(&none)
+                pthread_sigmask(SIG_SETMASK, &none, nil)
+                let result = Result { try process.run() }
+                // Blocked again before the thread ends, so that no signal meant for the
+                // worker lands here meanwhile.
+                var all = sigset_t()
+                sigfillset(&all)
+                pthread_sigmask(SIG_SETMASK, &all, nil)
+                continuation.resume(with: result)
+            }
+            thread.start()
+        }
+    }
+
+    /// Reads `handle` to its end on a thread of its own (blocking reads), keeping the tail and
+    /// handing each chunk to `each` as it comes.
+    static func readToEnd(_ handle: FileHandle, into tail: OutputTail, each: @escaping @Sendable (Data) -> Void = { _ in }) -> Task<Void, Never> {
         let done = NIOLockedValueBox<(finished: Bool, waiter: CheckedContinuation<Void, Never>?)>((false, nil))
         let thread = Thread {
-            while let data = (try? handle.read(upToCount: 64 << 10)) ?? nil, !data.isEmpty {
+            // read(2) returns what the pipe holds as soon as it holds something (FileHandle's
+            // read(upToCount:) would wait for the whole count: no streaming).
+            let fd = handle.fileDescriptor
+            var buffer = [UInt8](repeating: 0, count: 64 << 10)
+            while true {
+                let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+                if n < 0, errno == EINTR { continue }
+                guard n > 0 else { break }
+                let data = Data(buffer[0..<n])
                 tail.append(data)
+                each(data)
             }
             let waiter = done.withLockedValue { state -> CheckedContinuation<Void, Never>? in
                 state.finished = true

@@ -35,6 +35,8 @@ import Testing
         "data/parley.block.v1.Io", "data/parley.block.v1.IoReply",
         // Parley Work (section 19): asking for work, an assignment, a report and its ack.
         "type/parley.work.v1.RequestWork", "type/parley.work.v1.WorkAssignments", "type/parley.work.v1.ReportResult", "type/parley.work.v1.ReportAck",
+        // Master-initiated commands (section 19.8): a command, its output, its result, a chunk.
+        "type/parley.work.v1.Command", "type/parley.work.v1.CommandUpdate", "type/parley.work.v1.CommandResult", "data/parley.work.v1.TransferWrite",
         // Secure mode (section 5.1): both ciphers, a key update, the key schedule, the transcript.
         "sealed/aes-256-gcm", "sealed/chacha20-poly1305", "sealed/key-update", "secret", "transcript",
     ]
@@ -469,6 +471,7 @@ enum ProtocolDocument {
             Parley_Echo_V1_Work.self, Parley_Echo_V1_WorkDone.self,
             Parley_Work_V1_RequestWork.self, Parley_Work_V1_WorkAssignments.self, Parley_Work_V1_Assignment.self,
             Parley_Work_V1_SignedJob.self, Parley_Work_V1_ReportResult.self, Parley_Work_V1_ReportAck.self,
+            Parley_Work_V1_Command.self, Parley_Work_V1_CommandUpdate.self, Parley_Work_V1_CommandResult.self, Parley_Work_V1_TransferWrite.self,
             Parley_Echo_V1_Echo.self, Parley_Echo_V1_EchoReply.self, Parley_Echo_V1_Ping.self,
             Parley_Echo_V1_Pong.self, Parley_Echo_V1_Count.self, Parley_Echo_V1_CountItem.self,
             Parley_Echo_V1_CountDone.self, Parley_Echo_V1_Sleep.self, Parley_Echo_V1_Slept.self,

@@ -1,0 +1,390 @@
+import ArgumentParser
+import Crypto
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import Parley
+import ParleyWork
+import SwiftProtobuf
+import UnixSignals
+
+/// `parley work workers` and `parley work command`: master-initiated commands (§19.8),
+/// relayed by a master started with --allow-commands to a worker started with
+/// --accept-commands.
+extension Work {
+    struct Workers: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The workers connected to a master now.")
+
+        @Option(name: .long, help: ArgumentHelp("The master's address.", valueName: "address"))
+        var master = Work.defaultMaster
+
+        @Flag(name: .long, help: "Print JSON.")
+        var json = false
+
+        @OptionGroup var security: ClientSecurityOptions
+
+        func run() async throws {
+            try await Work.withMaster(self.master, command: "workers", security: self.security) { client in
+                let list = try await client.request(Parley_Work_V1_ListWorkers(), as: Parley_Work_V1_WorkerList.self)
+                if self.json {
+                    print(try list.jsonString())
+                } else {
+                    for w in list.workers {
+                        print("\(w.worker)  \(w.platform)  \(w.cpus) CPUs  \(w.slots) slots\(w.apps.isEmpty ? "" : "  apps: \(w.apps.joined(separator: ","))")\(w.commands ? "  takes commands" : "")")
+                    }
+                    if list.workers.isEmpty { print("no worker is connected") }
+                }
+            }
+        }
+    }
+
+    struct Command: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a command on a connected worker, through its master.",
+            discussion: """
+                The master (started with --allow-commands) sends the command on the worker's own
+                connection; the worker (started with --accept-commands) runs it in its command
+                directory, which every path stays inside. Several commands can run on one worker
+                at once.
+                """,
+            subcommands: [Run.self, Upload.self, Download.self, Mkdir.self, Rmdir.self, Rmfile.self, Stat.self, Glob.self, List.self, Copy.self]
+        )
+    }
+
+    /// Where a command goes: the master, the worker, and how to reach the master.
+    struct CommandTarget: ParsableArguments {
+        @Option(name: .long, help: ArgumentHelp("The master's address.", valueName: "address"))
+        var master = Work.defaultMaster
+
+        @Option(name: .long, help: ArgumentHelp("The worker's name (parley work workers lists them).", valueName: "name"))
+        var worker: String
+
+        @Flag(name: .long, help: "Print the command's result as JSON.")
+        var json = false
+
+        @OptionGroup var security: ClientSecurityOptions
+
+        /// Sends `command` and prints what comes back; exits with the command's status.
+        func send(_ command: Parley_Work_V1_Command, name: String, router: ParleyRouter = ParleyRouter(),
+                  describe: @escaping (Parley_Work_V1_CommandResult) -> String? = { _ in nil }) async throws {
+            var request = Parley_Work_V1_RunWorkerCommand()
+            request.worker = self.worker
+            request.command = command
+            var result = Parley_Work_V1_CommandResult()
+            try await Work.withMaster(self.master, command: "command \(name)", security: self.security, router: router) { client in
+                let events = try await client.stream(request, item: Parley_Work_V1_CommandUpdate.self, final: Parley_Work_V1_CommandResult.self)
+                let id = NIOLockedValueBox<UInt64>(0)
+                // The first Ctrl-C interrupts the command on the worker (its result follows);
+                // the second leaves.
+                let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
+                let interrupter = Task {
+                    var interrupts = 0
+                    for await _ in signals {
+                        interrupts += 1
+                        let commandID = id.withLockedValue { $0 }
+                        if interrupts > 1 || commandID == 0 { Foundation.exit(130) }
+                        Self.standardError("parley work command: interrupting command \(commandID) on \(self.worker)...\n")
+                        var interrupt = Parley_Work_V1_InterruptWorkerCommand()
+                        interrupt.worker = self.worker
+                        interrupt.interrupt.commandID = commandID
+                        interrupt.interrupt.reason = "interrupted from parley work command"
+                        _ = try? await client.request(interrupt, as: Parley_Work_V1_InterruptReply.self)
+                    }
+                }
+                defer { interrupter.cancel() }
+                for try await event in events {
+                    switch event {
+                    case .item(let update, _):
+                        if update.commandID != 0 { id.withLockedValue { $0 = update.commandID } }
+                        if !update.stdout.isEmpty { FileHandle.standardOutput.write(update.stdout) }
+                        if !update.stderr.isEmpty { FileHandle.standardError.write(update.stderr) }
+                        if !update.header.isEmpty, !self.json { Self.standardError(update.header.split(separator: "\n").map { "| \($0)\n" }.joined()) }
+                    case .final(let final):
+                        result = final
+                    }
+                }
+            }
+            if self.json {
+                print(try result.jsonString())
+            } else {
+                if result.error.isEmpty, result.exitStatus == 0, let text = describe(result) { print(text) }
+                if !result.error.isEmpty { Self.standardError("parley work command \(name): \(result.error)\n") }
+            }
+            if result.signal != 0 { throw ExitCode(128 + result.signal) }
+            if result.exitStatus != 0 { throw ExitCode(result.exitStatus) }
+        }
+
+        static func standardError(_ text: String) {
+            FileHandle.standardError.write(Data(text.utf8))
+        }
+    }
+
+    struct Run: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a program on the worker, its output streamed here; exits with its status (128 + the signal when killed).",
+            discussion: "Ctrl-C interrupts it on the worker (with --interrupt-signal) and waits for its end; a second Ctrl-C leaves at once."
+        )
+
+        @OptionGroup var target: CommandTarget
+
+        @Option(name: .long, help: ArgumentHelp("The working directory, inside the worker's command directory (created if missing).", valueName: "dir"))
+        var workdir = ""
+
+        @Option(name: .long, help: ArgumentHelp("An environment variable, NAME=VALUE (repeatable; nothing else is inherited).", valueName: "name=value"))
+        var env: [String] = []
+
+        @Flag(name: .long, help: "Run the words through /bin/sh -c.")
+        var shell = false
+
+        @Option(name: .long, help: ArgumentHelp("Kill it after this long without output (0: never).", valueName: "seconds"))
+        var timeout: UInt32 = 0
+
+        @Option(name: .long, help: ArgumentHelp("Kill it after this long in all (0: the worker's default).", valueName: "seconds"))
+        var maxTime: UInt32 = 0
+
+        @Option(name: .long, help: ArgumentHelp("The signal an interrupt sends (a number; 0: SIGKILL); SIGKILL follows after 5 s.", valueName: "signal"))
+        var interruptSignal: Int32 = 0
+
+        @Argument(parsing: .captureForPassthrough, help: "The program and its arguments (after --).")
+        var command: [String] = []
+
+        var words: [String] { self.command.first == "--" ? Array(self.command.dropFirst()) : self.command }
+
+        func validate() throws {
+            guard !self.words.isEmpty else { throw ValidationError("give the program to run after --") }
+            for e in self.env where !e.contains("=") { throw ValidationError("--env \(e): use NAME=VALUE") }
+        }
+
+        func run() async throws {
+            var shell = Parley_Work_V1_ShellCommand()
+            shell.argv = self.words
+            shell.shell = self.shell
+            shell.workdir = self.workdir
+            for e in self.env {
+                let parts = e.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                shell.env[String(parts[0])] = String(parts[1])
+            }
+            shell.timeoutSeconds = self.timeout
+            shell.maxTimeSeconds = self.maxTime
+            shell.interruptSignal = self.interruptSignal
+            var command = Parley_Work_V1_Command()
+            command.shell = shell
+            try await self.target.send(command, name: "run")
+        }
+    }
+
+    struct Upload: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Copy a file of the worker here (written whole, or not at all).")
+
+        @OptionGroup var target: CommandTarget
+
+        @Option(name: .long, help: ArgumentHelp("Refuse a file larger than this (0: the worker's limit).", valueName: "bytes"))
+        var maxSize: UInt64 = 0
+
+        @Argument(help: ArgumentHelp("The worker's file, relative to its command directory.", valueName: "remote"))
+        var remote: String
+
+        @Argument(help: ArgumentHelp("The file to write here.", valueName: "local"))
+        var local: String
+
+        func run() async throws {
+            let partial = "\(self.local).parley-partial-\(ProcessInfo.processInfo.processIdentifier)"
+            let hash = NIOLockedValueBox(SHA256())
+            let progress = Progress(label: "received")
+            var router = ParleyRouter()
+            let file = WorkFileTransfer(path: partial)
+            router.onWithData(Parley_Work_V1_TransferWrite.self) { (write: Parley_Work_V1_TransferWrite, ctx: ParleyRequestContext) -> ParleyReply<Parley_Work_V1_TransferWritten> in
+                let data = ctx.data ?? ByteBuffer()
+                try await file.write(command: write.commandID, offset: write.offset, data)
+                hash.withLockedValue { $0.update(data: Array(data.readableBytesView)) }
+                progress.advance(to: write.offset + UInt64(data.readableBytes))
+                return ParleyReply(Parley_Work_V1_TransferWritten())
+            }
+            var upload = Parley_Work_V1_UploadCommand()
+            upload.path = self.remote
+            upload.maxSize = self.maxSize
+            var command = Parley_Work_V1_Command()
+            command.upload = upload
+            let sent = NIOLockedValueBox(Data())
+            do {
+                try await self.target.send(command, name: "upload", router: router) { result in
+                    progress.end()
+                    sent.withLockedValue { $0 = result.sha256 }
+                    return "\(result.size) bytes, sha256 \(result.sha256.map { String(format: "%02x", $0) }.joined())"
+                }
+            } catch {
+                try? FileManager.default.removeItem(atPath: partial)
+                throw error
+            }
+            // What came must be what the worker says it sent; then it is put in place.
+            if !FileManager.default.fileExists(atPath: partial) { _ = FileManager.default.createFile(atPath: partial, contents: nil) }
+            guard Data(hash.withLockedValue { $0.finalize() }) == sent.withLockedValue({ $0 }) else {
+                try? FileManager.default.removeItem(atPath: partial)
+                CommandTarget.standardError("parley work command upload: the bytes received do not match the worker's SHA-256; \(self.local) not written\n")
+                throw ExitCode(1)
+            }
+            guard rename(partial, self.local) == 0 else {
+                CommandTarget.standardError("parley work command upload: cannot put \(self.local) in place: \(String(cString: strerror(errno)))\n")
+                throw ExitCode(1)
+            }
+        }
+    }
+
+    struct Download: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Copy a file from here to the worker (checked by size and SHA-256 there, then put in place).")
+
+        @OptionGroup var target: CommandTarget
+
+        @Option(name: .long, help: ArgumentHelp("The new file's permission bits, in octal.", valueName: "mode"))
+        var fileMode = "644"
+
+        @Argument(help: ArgumentHelp("The file here.", valueName: "local"))
+        var local: String
+
+        @Argument(help: ArgumentHelp("The worker's file to write, relative to its command directory.", valueName: "remote"))
+        var remote: String
+
+        func validate() throws {
+            guard let m = UInt32(self.fileMode, radix: 8), m <= 0o7777 else { throw ValidationError("--file-mode \(self.fileMode): give octal permission bits, such as 644") }
+        }
+
+        func run() async throws {
+            guard let bytes = FileManager.default.contents(atPath: self.local) else { throw ValidationError("cannot read \(self.local)") }
+            let file = WorkFileTransfer(path: self.local)
+            let progress = Progress(label: "sent")
+            var router = ParleyRouter()
+            router.onWithData(Parley_Work_V1_TransferRead.self) { (read: Parley_Work_V1_TransferRead, _: ParleyRequestContext) -> ParleyReply<Parley_Work_V1_TransferData> in
+                let (data, eof) = try await file.read(command: read.commandID, offset: read.offset, length: Int(min(read.length, UInt32(WorkCommandExecutor.maxChunk))))
+                progress.advance(to: read.offset + UInt64(data.readableBytes))
+                var reply = Parley_Work_V1_TransferData()
+                reply.eof = eof
+                return ParleyReply(reply, data: data)
+            }
+            var download = Parley_Work_V1_DownloadCommand()
+            download.path = self.remote
+            download.size = UInt64(bytes.count)
+            download.sha256 = Data(SHA256.hash(data: bytes))
+            download.mode = UInt32(self.fileMode, radix: 8) ?? 0o644
+            var command = Parley_Work_V1_Command()
+            command.download = download
+            try await self.target.send(command, name: "download", router: router) { result in
+                progress.end()
+                return "\(result.size) bytes, sha256 \(result.sha256.map { String(format: "%02x", $0) }.joined())"
+            }
+        }
+    }
+
+    /// Progress of a transfer on standard error, when it is a terminal: every 4 MiB.
+    final class Progress: Sendable {
+        let label: String
+        let shown = NIOLockedValueBox<UInt64>(0)
+        let terminal = isatty(2) != 0
+
+        init(label: String) { self.label = label }
+
+        func advance(to bytes: UInt64) {
+            guard self.terminal else { return }
+            let show = self.shown.withLockedValue { shown -> Bool in
+                guard bytes >= shown + (4 << 20) else { return false }
+                shown = bytes
+                return true
+            }
+            if show { CommandTarget.standardError("\r\(self.label) \(bytes >> 20) MiB") }
+        }
+
+        func end() {
+            if self.terminal, self.shown.withLockedValue({ $0 }) > 0 { CommandTarget.standardError("\n") }
+        }
+    }
+
+    struct Mkdir: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Make directories on the worker (with their parents).")
+        @OptionGroup var target: CommandTarget
+        @Argument(help: "Paths relative to the worker's command directory.") var paths: [String]
+
+        func run() async throws {
+            var command = Parley_Work_V1_Command()
+            command.mkdir.paths = self.paths
+            try await self.target.send(command, name: "mkdir")
+        }
+    }
+
+    struct Rmdir: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove directories on the worker, with everything in them (a missing one is no error).")
+        @OptionGroup var target: CommandTarget
+        @Argument(help: "Paths relative to the worker's command directory.") var paths: [String]
+
+        func run() async throws {
+            var command = Parley_Work_V1_Command()
+            command.rmdir.paths = self.paths
+            try await self.target.send(command, name: "rmdir")
+        }
+    }
+
+    struct Rmfile: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove files on the worker (a missing one is no error).")
+        @OptionGroup var target: CommandTarget
+        @Argument(help: "Paths relative to the worker's command directory.") var paths: [String]
+
+        func run() async throws {
+            var command = Parley_Work_V1_Command()
+            command.rmfile.paths = self.paths
+            try await self.target.send(command, name: "rmfile")
+        }
+    }
+
+    struct Stat: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "A file's kind, size, mode and modification time on the worker (status 1 when it does not exist).")
+        @OptionGroup var target: CommandTarget
+        @Argument(help: "A path relative to the worker's command directory.") var path: String
+
+        func run() async throws {
+            var command = Parley_Work_V1_Command()
+            command.stat.path = self.path
+            try await self.target.send(command, name: "stat") { result in
+                guard result.stat.exists else { return nil }
+                let s = result.stat
+                let when = ISO8601DateFormatter().string(from: Date(timeIntervalSince1970: Double(s.mtimeUnixMs) / 1000))
+                return "\(s.kind) \(s.size) bytes mode \(String(s.mode, radix: 8)) modified \(when)"
+            }
+        }
+    }
+
+    struct Glob: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The worker's paths that match a pattern (*, ?, [...]).")
+        @OptionGroup var target: CommandTarget
+        @Argument(help: "A pattern relative to the worker's command directory.") var pattern: String
+
+        func run() async throws {
+            var command = Parley_Work_V1_Command()
+            command.glob.path = self.pattern
+            try await self.target.send(command, name: "glob") { $0.paths.isEmpty ? nil : $0.paths.joined(separator: "\n") }
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "ls", abstract: "The names in a directory of the worker.")
+        @OptionGroup var target: CommandTarget
+        @Argument(help: "A directory relative to the worker's command directory (default: the directory itself).") var path = ""
+
+        func run() async throws {
+            var command = Parley_Work_V1_Command()
+            command.listdir.path = self.path
+            try await self.target.send(command, name: "ls") { $0.paths.isEmpty ? nil : $0.paths.joined(separator: "\n") }
+        }
+    }
+
+    struct Copy: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "cp", abstract: "Copy a directory tree on the worker (the destination must not exist).")
+        @OptionGroup var target: CommandTarget
+        @Argument(help: "The directory to copy.") var from: String
+        @Argument(help: "Where the copy goes.") var to: String
+
+        func run() async throws {
+            var command = Parley_Work_V1_Command()
+            command.cpdir.from = self.from
+            command.cpdir.to = self.to
+            try await self.target.send(command, name: "cp")
+        }
+    }
+}

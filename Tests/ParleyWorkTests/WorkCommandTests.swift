@@ -1,0 +1,482 @@
+import Crypto
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import Parley
+@testable import ParleyWork
+import Testing
+
+/// A master with a command center and workers connected to it in process; one worker runs a
+/// real `WorkCommandExecutor`.
+struct CommandRig {
+    let center: WorkCommandCenter
+    let server: ParleyServer
+    let task: Task<Void, any Error>
+    let worker: ParleyClient
+    let executor: WorkCommandExecutor
+    let directory: String
+    let logger: Logger
+
+    static func start(accept: Bool = true, relay: Bool = true, interruptGrace: Duration = .seconds(5)) async throws -> CommandRig {
+        let dir = NSTemporaryDirectory() + "work-commands-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
+        var quiet = Logger(label: "test")
+        quiet.logLevel = .critical
+        let center = WorkCommandCenter(logger: quiet)
+        var configuration = WorkService.Configuration()
+        configuration.relayCommands = relay
+        var router = ParleyRouter()
+        WorkService.register(on: &router, store: store, configuration: configuration, commands: center)
+        let server = ParleyServer(configuration: .init(listen: []), router: router, logger: quiet)
+        let task = Task { try await server.run() }
+        _ = try await server.listeningAddresses
+        let executor = try WorkCommandExecutor(configuration: .init(directory: dir + "/commands", accept: accept, interruptGrace: interruptGrace), logger: quiet)
+        var workerRouter = ParleyRouter()
+        executor.register(on: &workerRouter)
+        let worker = try await ParleyClient.connect(inProcessTo: server, router: workerRouter, logger: quiet)
+        var hello = Parley_Work_V1_WorkerHello()
+        hello.worker = "w1"
+        hello.commands = true
+        _ = try await worker.request(hello, as: Parley_Work_V1_WorkerWelcome.self)
+        return CommandRig(center: center, server: server, task: task, worker: worker, executor: executor, directory: dir + "/commands", logger: quiet)
+    }
+
+    func stop() {
+        self.worker.close()
+        self.server.shutDown()
+        self.task.cancel()
+    }
+
+    /// Runs a command on w1 to its end: its updates and its result.
+    func run(_ command: Parley_Work_V1_Command, transfer: (any WorkTransfer)? = nil) async throws -> (updates: [Parley_Work_V1_CommandUpdate], result: Parley_Work_V1_CommandResult) {
+        let run = try await self.center.run(command, on: "w1", transfer: transfer)
+        var updates: [Parley_Work_V1_CommandUpdate] = []
+        for try await event in run.events {
+            switch event {
+            case .update(let u): updates.append(u)
+            case .result(let r): return (updates, r)
+            }
+        }
+        throw ParleyTestError("command \(run.id) ended without a result")
+    }
+
+    static func shell(_ argv: [String], timeout: UInt32 = 0, signal: Int32 = 0, workdir: String = "") -> Parley_Work_V1_Command {
+        var command = Parley_Work_V1_Command()
+        command.shell.argv = argv
+        command.shell.env = ["PATH": "/usr/bin:/bin"]
+        command.shell.timeoutSeconds = timeout
+        command.shell.interruptSignal = signal
+        command.shell.workdir = workdir
+        return command
+    }
+}
+
+struct ParleyTestError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// A file in memory as a transfer's end, that can be told to misbehave.
+final class MemoryTransfer: WorkTransfer {
+    let bytes: NIOLockedValueBox<[UInt8]>
+    let readBeyond: Bool
+
+    init(_ bytes: [UInt8] = [], readBeyond: Bool = false) {
+        self.bytes = NIOLockedValueBox(bytes)
+        self.readBeyond = readBeyond
+    }
+
+    func write(command: UInt64, offset: UInt64, _ data: ByteBuffer) async throws {
+        self.bytes.withLockedValue { $0 += Array(data.readableBytesView) }
+    }
+
+    func read(command: UInt64, offset: UInt64, length: Int) async throws -> (data: ByteBuffer, eof: Bool) {
+        self.bytes.withLockedValue { bytes in
+            let start = Int(offset)
+            let end = min(bytes.count, start + length)
+            return (ByteBuffer(bytes: bytes[start..<end]), !self.readBeyond && end == bytes.count)
+        }
+    }
+}
+
+@Suite struct CommandPathTests {
+    /// [R-19.8-2] Paths are relative and stay inside the command directory.
+    @Test func thePathRuleRefusesWhatCouldLeave() throws {
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\0b"] {
+            #expect(throws: WorkFiles.FileError.self, "\(bad)") { try CommandPaths.check(bad) }
+        }
+        try CommandPaths.check("", directoryItself: true)
+        try CommandPaths.check(".", directoryItself: true)
+        try CommandPaths.check("a/b c/d.txt")
+        try CommandPaths.check("build/*.o")
+        let refused = #expect(throws: WorkFiles.FileError.self) { try CommandPaths.check("../x") }
+        #expect(refused?.message.contains("command directory") == true, "\(String(describing: refused))")
+    }
+
+    @Test func symbolicLinksOutAreRefusedAndLinksInAreNot() throws {
+        let root = NSTemporaryDirectory() + "command-paths-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: root + "/inside", withIntermediateDirectories: true)
+        let real = try #require(CommandPaths.realpath(root))
+        try FileManager.default.createSymbolicLink(atPath: real + "/out", withDestinationPath: "/etc")
+        try FileManager.default.createSymbolicLink(atPath: real + "/in", withDestinationPath: real + "/inside")
+        try FileManager.default.createSymbolicLink(atPath: real + "/broken", withDestinationPath: "/nonexistent-\(UUID().uuidString)")
+        let out = #expect(throws: WorkFiles.FileError.self) { _ = try CommandPaths.resolve("out/passwd", in: real) }
+        #expect(out?.message.contains("leads out") == true)
+        #expect(throws: WorkFiles.FileError.self) { _ = try CommandPaths.resolve("out/new/deeper", in: real) }
+        let broken = #expect(throws: WorkFiles.FileError.self) { _ = try CommandPaths.resolve("broken/x", in: real) }
+        #expect(broken?.message.contains("broken symbolic link") == true)
+        #expect(try CommandPaths.resolve("in/x", in: real) == real + "/in/x")
+        #expect(try CommandPaths.resolve("new/dirs/file", in: real) == real + "/new/dirs/file")
+        // The link itself (its last part) is not followed: removing "out" removes the link.
+        #expect(try CommandPaths.resolve("out", in: real) == real + "/out")
+    }
+}
+
+@Suite struct WorkCommandTests {
+    @Test func aShellCommandStreamsItsOutputAndEndsWithItsStatus() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let (updates, result) = try await rig.run(CommandRig.shell(["sh", "-c", "echo out1; echo err1 >&2; echo out2; exit 4"], workdir: "build/one"))
+        let out = String(decoding: updates.flatMap { Array($0.stdout) }, as: UTF8.self)
+        let err = String(decoding: updates.flatMap { Array($0.stderr) }, as: UTF8.self)
+        #expect(out == "out1\nout2\n" && err == "err1\n", "\(out) | \(err)")
+        #expect(updates.first?.header.contains("sh -c") == true, "the first update says what runs")
+        #expect(result.exitStatus == 4 && result.signal == 0 && !result.interrupted && !result.timedOut && result.error.isEmpty, "\(result)")
+        #expect(result.commandID != 0 && updates.allSatisfy { $0.commandID == result.commandID })
+        var isDirectory: ObjCBool = false
+        #expect(FileManager.default.fileExists(atPath: rig.directory + "/build/one", isDirectory: &isDirectory) && isDirectory.boolValue, "the workdir was made")
+        // A program that does not exist: a result saying so (127), not an error of the protocol.
+        let (_, missing) = try await rig.run(CommandRig.shell(["no-such-program-\(UUID().uuidString.prefix(6))"]))
+        #expect(missing.exitStatus == 127 && missing.error.contains("cannot start"), "\(missing)")
+    }
+
+    /// [R-19.8-3] Several commands run at once on one worker: three commands that each wait
+    /// (boundedly) for the markers of all three succeed only if they overlap.
+    @Test func severalCommandsRunAtOnce() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let script = "touch m$0; n=0; while [ $(ls m* | wc -l) -lt 3 ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done; [ $(ls m* | wc -l) -ge 3 ]"
+        let results = try await withThrowingTaskGroup(of: Parley_Work_V1_CommandResult.self) { group in
+            for i in 0..<3 { group.addTask { try await rig.run(CommandRig.shell(["sh", "-c", script, "\(i)"], workdir: "together")).result } }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(results.count == 3 && results.allSatisfy { $0.exitStatus == 0 }, "\(results)")
+        #expect(Set(results.map(\.commandID)).count == 3)
+    }
+
+    /// [R-19.8-4] An interrupt sends the command's signal (SIGTERM here, which the script
+    /// traps); one without a signal of its own gets SIGKILL; a command that ignores its signal
+    /// gets SIGKILL after the grace time.
+    @Test func interruptsStopCommandsWithTheirSignal() async throws {
+        let rig = try await CommandRig.start(interruptGrace: .milliseconds(500))
+        defer { rig.stop() }
+        func interrupted(_ command: Parley_Work_V1_Command) async throws -> Parley_Work_V1_CommandResult {
+            let run = try await rig.center.run(command, on: "w1")
+            for try await event in run.events {
+                switch event {
+                case .update(let u):
+                    if String(decoding: u.stdout, as: UTF8.self).contains("ready") {
+                        #expect(try await rig.center.interrupt(run.id, reason: "test interrupt"))
+                    }
+                case .result(let r): return r
+                }
+            }
+            throw ParleyTestError("no result")
+        }
+        let trapped = try await interrupted(CommandRig.shell(["sh", "-c", "trap 'echo got TERM; exit 7' TERM; echo ready; sleep 30 & wait"], signal: SIGTERM))
+        #expect(trapped.exitStatus == 7 && trapped.interrupted && trapped.error == "test interrupt", "\(trapped)")
+        let killed = try await interrupted(CommandRig.shell(["sh", "-c", "echo ready; sleep 30"]))
+        #expect(killed.signal == SIGKILL && killed.interrupted, "\(killed)")
+        let stubborn = try await interrupted(CommandRig.shell(["sh", "-c", "trap '' TERM; echo ready; while true; do sleep 0.1; done"], signal: SIGTERM))
+        #expect(stubborn.signal == SIGKILL && stubborn.interrupted, "SIGKILL after the grace time: \(stubborn)")
+        #expect(try await rig.center.interrupt(999, reason: "none") == false, "no such command")
+        #expect(rig.executor.runningCount == 0)
+    }
+
+    /// A command silent for longer than its timeout is killed and says so.
+    @Test func aSilentCommandTimesOut() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let (_, result) = try await rig.run(CommandRig.shell(["sh", "-c", "echo one; sleep 30"], timeout: 1))
+        #expect(result.timedOut && result.signal == SIGKILL && result.error.contains("no output for 1 s"), "\(result)")
+    }
+
+    /// Cancelling the command (its task, or `cancel()`) makes the worker kill its child.
+    @Test(arguments: [false, true]) func aCancelledCommandIsKilled(byTask: Bool) async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let run = try await rig.center.run(CommandRig.shell(["sh", "-c", "echo $$ > pid; echo ready; sleep 30; echo never"]), on: "w1")
+        let ready = AsyncStream<Void>.makeStream()
+        let consumer = Task {
+            var out = ""
+            for try await event in run.events {
+                if case .update(let u) = event { out += String(decoding: u.stdout, as: UTF8.self) }
+                if out.contains("ready") { ready.continuation.yield() }
+            }
+            return out
+        }
+        for await _ in ready.stream { break }
+        if byTask { consumer.cancel() } else { run.cancel() }
+        let pid = try #require(Int32(String(decoding: FileManager.default.contents(atPath: rig.directory + "/pid") ?? Data(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)))
+        var gone = false
+        for _ in 0..<200 where !gone {
+            gone = kill(pid, 0) != 0
+            if !gone { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        #expect(gone, "the child \(pid) was killed")
+        #expect((try? await consumer.value)?.contains("never") != true)
+        for _ in 0..<100 where rig.executor.runningCount > 0 { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(rig.executor.runningCount == 0 && rig.center.runningCount == 0)
+    }
+
+    @Test func filesGoBothWaysByteForByteInAcknowledgedChunks() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        var generator = SystemRandomNumberGenerator()
+        let content = (0..<300_001).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        var download = Parley_Work_V1_Command()
+        download.download.path = "in/data.bin"
+        download.download.size = UInt64(content.count)
+        download.download.sha256 = Data(SHA256.hash(data: content))
+        download.download.mode = 0o640
+        download.download.chunkSize = 65_536
+        let (_, written) = try await rig.run(download, transfer: MemoryTransfer(content))
+        #expect(written.exitStatus == 0 && written.size == UInt64(content.count) && written.sha256 == Data(SHA256.hash(data: content)), "\(written)")
+        #expect(FileManager.default.contents(atPath: rig.directory + "/in/data.bin") == Data(content))
+        var stat = Parley_Work_V1_Command()
+        stat.stat.path = "in/data.bin"
+        let (_, stated) = try await rig.run(stat)
+        #expect(stated.stat.exists && stated.stat.kind == "file" && stated.stat.size == UInt64(content.count) && stated.stat.mode == 0o640, "\(stated)")
+
+        var upload = Parley_Work_V1_Command()
+        upload.upload.path = "in/data.bin"
+        upload.upload.chunkSize = 10_000
+        let sink = MemoryTransfer()
+        let (_, sent) = try await rig.run(upload, transfer: sink)
+        #expect(sent.exitStatus == 0 && sent.size == UInt64(content.count) && sink.bytes.withLockedValue { $0 } == content, "\(sent.error)")
+        // To a file on the master's side too.
+        let local = NSTemporaryDirectory() + "upload-\(UUID().uuidString.prefix(8))"
+        _ = try await rig.run(upload, transfer: WorkFileTransfer(path: local))
+        #expect(FileManager.default.contents(atPath: local) == Data(content))
+
+        // Over its limit: refused before anything is sent.
+        upload.upload.maxSize = 1000
+        let small = MemoryTransfer()
+        let (_, over) = try await rig.run(upload, transfer: small)
+        #expect(over.exitStatus == 1 && over.error.contains("over the limit of 1000") && small.bytes.withLockedValue { $0 }.isEmpty, "\(over)")
+    }
+
+    /// A download that does not match what was announced, or that sends more than its limit,
+    /// fails and leaves the destination as it was; no partial file stays behind.
+    @Test func aBadDownloadLeavesTheDestinationUnchanged() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        try Data("old".utf8).write(to: URL(fileURLWithPath: rig.directory + "/kept.txt"))
+        var download = Parley_Work_V1_Command()
+        download.download.path = "kept.txt"
+        download.download.sha256 = Data(SHA256.hash(data: Data("something else".utf8)))
+        let (_, mismatch) = try await rig.run(download, transfer: MemoryTransfer(Array("new content".utf8)))
+        #expect(mismatch.exitStatus == 1 && mismatch.error.contains("do not match the announced SHA-256"), "\(mismatch)")
+        download.download.sha256 = Data()
+        download.download.maxSize = 5
+        let (_, tooMuch) = try await rig.run(download, transfer: MemoryTransfer(Array("new content".utf8)))
+        #expect(tooMuch.exitStatus == 1 && tooMuch.error.contains("the download is over its limit of 5 bytes") && tooMuch.error.contains("unchanged"), "\(tooMuch)")
+        #expect(FileManager.default.contents(atPath: rig.directory + "/kept.txt") == Data("old".utf8))
+        let left = try FileManager.default.contentsOfDirectory(atPath: rig.directory)
+        #expect(left == ["kept.txt"], "no partial file: \(left)")
+    }
+
+    @Test func directoriesAndFilesAreManaged() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        func run(_ build: (inout Parley_Work_V1_Command) -> Void) async throws -> Parley_Work_V1_CommandResult {
+            var command = Parley_Work_V1_Command()
+            build(&command)
+            return try await rig.run(command).result
+        }
+        #expect(try await run { $0.mkdir.paths = ["src/a", "src/b"] }.exitStatus == 0)
+        for name in ["src/a/x.c", "src/a/y.c", "src/b/z.h"] { _ = FileManager.default.createFile(atPath: rig.directory + "/" + name, contents: Data(name.utf8)) }
+        #expect(try await run { $0.glob.path = "src/*/*.c" }.paths == ["src/a/x.c", "src/a/y.c"])
+        #expect(try await run { $0.glob.path = "nothing/*" }.paths == [])
+        #expect(try await run { $0.listdir.path = "src" }.paths == ["a", "b"])
+        #expect(try await run { $0.listdir.path = "" }.paths == ["src"])
+        #expect(try await run { $0.cpdir.from = "src"; $0.cpdir.to = "copy/src" }.exitStatus == 0)
+        #expect(FileManager.default.contents(atPath: rig.directory + "/copy/src/b/z.h") == Data("src/b/z.h".utf8))
+        let again = try await run { $0.cpdir.from = "src"; $0.cpdir.to = "copy/src" }
+        #expect(again.exitStatus == 1 && again.error.contains("exists already"), "\(again)")
+        let dirAsFile = try await run { $0.rmfile.paths = ["src/a"] }
+        #expect(dirAsFile.exitStatus == 1 && dirAsFile.error.contains("is a directory"), "\(dirAsFile)")
+        #expect(try await run { $0.rmfile.paths = ["src/a/x.c", "src/a/missing.c"] }.exitStatus == 0)
+        #expect(!FileManager.default.fileExists(atPath: rig.directory + "/src/a/x.c"))
+        #expect(try await run { $0.rmdir.paths = ["copy", "never-was"] }.exitStatus == 0)
+        #expect(!FileManager.default.fileExists(atPath: rig.directory + "/copy"))
+        let missing = try await run { $0.stat.path = "copy" }
+        #expect(missing.exitStatus == 1 && !missing.stat.exists, "\(missing)")
+        // A link out is listed as what it is, and removing it leaves its target alone.
+        try FileManager.default.createSymbolicLink(atPath: rig.directory + "/etc-link", withDestinationPath: "/etc")
+        #expect(try await run { $0.stat.path = "etc-link" }.stat.kind == "symlink")
+        #expect(try await run { $0.glob.path = "etc-link/*" }.paths == [], "nothing through a link out")
+        #expect(try await run { $0.rmfile.paths = ["etc-link"] }.exitStatus == 0)
+        #expect(FileManager.default.fileExists(atPath: "/etc/passwd"))
+    }
+
+    /// Bad commands are refused with a clear error and do nothing.
+    @Test func badCommandsAreRefused() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        func refusal(_ command: Parley_Work_V1_Command, on worker: String = "w1", transfer: (any WorkTransfer)? = nil) async -> ParleyError? {
+            await #expect(throws: ParleyError.self) { _ = try await rig.center.run(command, on: worker, transfer: transfer).events.reduce(into: 0) { n, _ in n += 1 } }
+        }
+        var escape = Parley_Work_V1_Command()
+        escape.mkdir.paths = ["fine", "../outside"]
+        let e1 = await refusal(escape)
+        #expect(e1?.code == .invalidArgument && e1?.message.contains("'..'") == true && e1?.message.contains("nothing was done") == true, "\(String(describing: e1))")
+        #expect(!FileManager.default.fileExists(atPath: rig.directory + "/fine"), "nothing of it was done")
+        var absolute = Parley_Work_V1_Command()
+        absolute.stat.path = "/etc/passwd"
+        #expect(await refusal(absolute)?.message.contains("absolute") == true)
+        try FileManager.default.createSymbolicLink(atPath: rig.directory + "/out", withDestinationPath: "/tmp")
+        var through = Parley_Work_V1_Command()
+        through.download.path = "out/planted"
+        #expect(await refusal(through, transfer: MemoryTransfer([1]))?.message.contains("leads out") == true)
+        var upload = Parley_Work_V1_Command()
+        upload.upload.path = "../../etc/passwd"
+        #expect(await refusal(upload, transfer: MemoryTransfer())?.message.contains("'..'") == true, "checked by the master too")
+        upload.upload.path = "x"
+        #expect(await refusal(upload)?.message.contains("needs the master's end") == true)
+        #expect(await refusal(Parley_Work_V1_Command())?.message.contains("no kind") == true)
+        #expect(await refusal(CommandRig.shell([]))?.message.contains("names no program") == true)
+        let unknown = await refusal(CommandRig.shell(["true"]), on: "w9")
+        #expect(unknown?.message.contains("worker w9 is not connected to this master (connected: w1)") == true, "\(String(describing: unknown))")
+    }
+
+    /// [R-19.8-1] A worker runs its master's commands only when its owner said so.
+    @Test func aWorkerThatDoesNotAcceptCommandsRefusesThem() async throws {
+        let rig = try await CommandRig.start(accept: false)
+        defer { rig.stop() }
+        let refused = await #expect(throws: ParleyError.self) { _ = try await rig.run(CommandRig.shell(["sh", "-c", "touch ran"])) }
+        #expect(refused?.code == .permissionDenied && refused?.message.contains("--accept-commands") == true, "\(String(describing: refused))")
+        #expect(!FileManager.default.fileExists(atPath: rig.directory + "/ran"))
+        // A worker whose hello says it takes no commands is not even sent one.
+        let plain = try await ParleyClient.connect(inProcessTo: rig.server, logger: rig.logger)
+        defer { plain.close() }
+        var hello = Parley_Work_V1_WorkerHello()
+        hello.worker = "w2"
+        _ = try await plain.request(hello, as: Parley_Work_V1_WorkerWelcome.self)
+        let early = await #expect(throws: ParleyError.self) { _ = try await rig.center.run(CommandRig.shell(["true"]), on: "w2") }
+        #expect(early?.code == .permissionDenied && early?.message.contains("worker w2 does not take commands") == true, "\(String(describing: early))")
+        #expect(rig.center.workers.map(\.worker) == ["w1", "w2"] && rig.center.runningCount == 0)
+    }
+
+    /// A submitter's RunWorkerCommand: relayed with the command's id first, its transfers
+    /// relayed to the submitter; refused when the master does not relay.
+    @Test func theMasterRelaysCommandsForSubmittersOnlyWhenAllowed() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let received = MemoryTransfer()
+        var submitterRouter = ParleyRouter()
+        submitterRouter.onWithData(Parley_Work_V1_TransferWrite.self) { (w: Parley_Work_V1_TransferWrite, ctx: ParleyRequestContext) -> ParleyReply<Parley_Work_V1_TransferWritten> in
+            try await received.write(command: w.commandID, offset: w.offset, ctx.data ?? ByteBuffer())
+            return ParleyReply(Parley_Work_V1_TransferWritten())
+        }
+        let submitter = try await ParleyClient.connect(inProcessTo: rig.server, router: submitterRouter, logger: rig.logger)
+        defer { submitter.close() }
+        try Data("relayed bytes".utf8).write(to: URL(fileURLWithPath: rig.directory + "/r.txt"))
+        var request = Parley_Work_V1_RunWorkerCommand()
+        request.worker = "w1"
+        request.command.upload.path = "r.txt"
+        var first: Parley_Work_V1_CommandUpdate?
+        var result: Parley_Work_V1_CommandResult?
+        for try await event in try await submitter.stream(request, item: Parley_Work_V1_CommandUpdate.self, final: Parley_Work_V1_CommandResult.self) {
+            switch event {
+            case .item(let u, _): if first == nil { first = u }
+            case .final(let r): result = r
+            }
+        }
+        #expect(first?.commandID == result?.commandID && first?.header.contains("on worker w1") == true)
+        #expect(result?.size == 13 && received.bytes.withLockedValue { $0 } == Array("relayed bytes".utf8))
+
+        let closed = try await CommandRig.start(relay: false)
+        defer { closed.stop() }
+        let other = try await ParleyClient.connect(inProcessTo: closed.server, logger: rig.logger)
+        defer { other.close() }
+        request.command = CommandRig.shell(["true"])
+        let refused = await #expect(throws: ParleyError.self) {
+            for try await _ in try await other.stream(request, item: Parley_Work_V1_CommandUpdate.self, final: Parley_Work_V1_CommandResult.self) {}
+        }
+        #expect(refused?.code == .permissionDenied && refused?.message.contains("--allow-commands") == true)
+    }
+
+    /// A rogue worker's transfers: out of order, past the limit, for a command it does not
+    /// run, or for another worker's command: each refused, nothing written.
+    @Test func transfersOutOfTheirCommandAreRefused() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let seen = NIOLockedValueBox<[String]>([])
+        let released = NIOLockedValueBox(false)
+        var rogueRouter = ParleyRouter()
+        rogueRouter.onStream(Parley_Work_V1_Command.self, item: Parley_Work_V1_CommandUpdate.self) { command, _, ctx in
+            if command.upload.path == "hold" {
+                for _ in 0..<200 where !released.withLockedValue({ $0 }) { try await Task.sleep(for: .milliseconds(25)) }
+                return Parley_Work_V1_CommandResult()
+            }
+            func attempt(_ id: UInt64, offset: UInt64, bytes: Int) async {
+                var w = Parley_Work_V1_TransferWrite()
+                w.commandID = id
+                w.offset = offset
+                do {
+                    _ = try await ctx.connection.call(w, data: ByteBuffer(repeating: 1, count: bytes), as: Parley_Work_V1_TransferWritten.self)
+                    seen.withLockedValue { $0.append("accepted") }
+                } catch let error as ParleyError {
+                    seen.withLockedValue { $0.append(error.message) }
+                } catch {}
+            }
+            await attempt(command.commandID, offset: 5, bytes: 1)          // not the next offset
+            await attempt(command.commandID, offset: 0, bytes: 11)         // past the limit of 10
+            await attempt(command.commandID + 100, offset: 0, bytes: 1)    // no such command
+            await attempt(command.commandID, offset: 0, bytes: 4)          // fine
+            await attempt(command.commandID, offset: 0, bytes: 4)          // a chunk sent twice
+            var r = Parley_Work_V1_TransferRead()
+            r.commandID = command.commandID
+            r.length = 4
+            do { _ = try await ctx.connection.call(r, as: Parley_Work_V1_TransferData.self) } catch let error as ParleyError { seen.withLockedValue { $0.append(error.message) } }
+            return Parley_Work_V1_CommandResult()
+        }
+        let rogue = try await ParleyClient.connect(inProcessTo: rig.server, router: rogueRouter, logger: rig.logger)
+        defer { rogue.close() }
+        var hello = Parley_Work_V1_WorkerHello()
+        hello.worker = "rogue"
+        hello.commands = true
+        _ = try await rogue.request(hello, as: Parley_Work_V1_WorkerWelcome.self)
+        var upload = Parley_Work_V1_Command()
+        upload.upload.path = "x"
+        upload.upload.maxSize = 10
+        let sink = MemoryTransfer()
+        let run = try await rig.center.run(upload, on: "rogue", transfer: sink)
+        for try await _ in run.events {}
+        let messages = seen.withLockedValue { $0 }
+        #expect(messages.count == 6, "\(messages)")
+        if messages.count == 6 {
+            #expect(messages[0].contains("offset 5 where 0 was next"))
+            #expect(messages[1].contains("over its limit of 10"))
+            #expect(messages[2].contains("no command"))
+            #expect(messages[3] == "accepted")
+            #expect(messages[4].contains("offset 0 where 4 was next"))
+            #expect(messages[5].contains("is not a download"))
+        }
+        #expect(sink.bytes.withLockedValue { $0 } == [1, 1, 1, 1], "only the good chunk was written")
+
+        // The real worker w1 cannot write into the rogue's command while it runs.
+        upload.upload.path = "hold"
+        let held = try await rig.center.run(upload, on: "rogue", transfer: sink)
+        var w = Parley_Work_V1_TransferWrite()
+        w.commandID = held.id
+        let foreign = await #expect(throws: ParleyError.self) { _ = try await rig.worker.call(w, data: ByteBuffer(bytes: [9]), as: Parley_Work_V1_TransferWritten.self) }
+        #expect(foreign?.message.contains("command \(held.id) is not this worker's") == true, "\(String(describing: foreign))")
+        released.withLockedValue { $0 = true }
+        for try await _ in held.events {}
+        #expect(sink.bytes.withLockedValue { $0 } == [1, 1, 1, 1])
+    }
+}
