@@ -166,7 +166,7 @@ final class MemoryTransfer: WorkTransfer {
         #expect(Set(results.map(\.commandID)).count == 3)
     }
 
-    /// [R-19.8-4] An interrupt sends the command's signal (SIGTERM here, which the script
+    /// An interrupt sends the command's signal (SIGTERM here, which the script
     /// traps); one without a signal of its own gets SIGKILL; a command that ignores its signal
     /// gets SIGKILL after the grace time.
     @Test func interruptsStopCommandsWithTheirSignal() async throws {
@@ -203,7 +203,7 @@ final class MemoryTransfer: WorkTransfer {
         #expect(result.timedOut && result.signal == SIGKILL && result.error.contains("no output for 1 s"), "\(result)")
     }
 
-    /// Cancelling the command (its task, or `cancel()`) makes the worker kill its child.
+    /// [R-19.8-3] Cancelling the command (its task, or `cancel()`) makes the worker kill its child.
     @Test(arguments: [false, true]) func aCancelledCommandIsKilled(byTask: Bool) async throws {
         let rig = try await CommandRig.start()
         defer { rig.stop() }
@@ -409,7 +409,7 @@ final class MemoryTransfer: WorkTransfer {
         #expect(refused?.code == .permissionDenied && refused?.message.contains("--allow-commands") == true)
     }
 
-    /// A rogue worker's transfers: out of order, past the limit, for a command it does not
+    /// [R-19.8-4] A rogue worker's transfers: out of order, past the limit, for a command it does not
     /// run, or for another worker's command: each refused, nothing written.
     @Test func transfersOutOfTheirCommandAreRefused() async throws {
         let rig = try await CommandRig.start()

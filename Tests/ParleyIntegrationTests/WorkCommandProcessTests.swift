@@ -1,0 +1,103 @@
+import Foundation
+import ParleyTestSupport
+import Testing
+
+/// Master-initiated commands between real processes (protocol.md 19.8): `parley work serve
+/// --allow-commands`, `parley work worker --accept-commands`, and `parley work command`.
+@Suite(.serialized) struct WorkCommandProcessTests {
+    /// A `parley work worker` process, stopped by PID.
+    final class WorkerProcess {
+        let process = Process()
+        let log: String
+
+        init(master: String, trust: String, dir: String, name: String, acceptCommands: Bool) throws {
+            let parley = try #require(parleyExecutablePath())
+            self.process.executableURL = URL(fileURLWithPath: parley)
+            self.process.arguments = ["work", "worker", "--master", master, "--trust", trust, "--dir", "\(dir)/\(name)", "--worker-name", name]
+                + (acceptCommands ? ["--accept-commands"] : [])
+            self.log = "\(dir)/\(name).log"
+            _ = FileManager.default.createFile(atPath: self.log, contents: nil)
+            self.process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: self.log))
+            self.process.standardError = self.process.standardOutput
+            try self.process.run()
+        }
+
+        func stop() {
+            if self.process.isRunning { kill(self.process.processIdentifier, SIGTERM) }
+            for _ in 0..<500 where self.process.isRunning { usleep(10_000) }
+            if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
+            self.process.waitUntilExit()
+        }
+
+        deinit { if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) } }
+    }
+
+    @Test func commandsRunOnAWorkerThroughItsMaster() async throws {
+        let dir = freshTestDirectory("work-commands")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--allow-commands"], command: ["work", "serve"])
+        let worker = try WorkerProcess(master: master.address, trust: dir + "/keys/work.pub", dir: dir, name: "builder", acceptCommands: true)
+        let plain = try WorkerProcess(master: master.address, trust: dir + "/keys/work.pub", dir: dir, name: "plain", acceptCommands: false)
+        defer { worker.stop(); plain.stop() }
+        let target = ["--master", master.address, "--worker", "builder"]
+        let connected = try await eventually(seconds: 30) {
+            let out = (try? parley(["work", "workers", "--master", master.address]))?.stdout ?? ""
+            return out.contains("builder") && out.contains("takes commands") && out.contains("plain")
+        }
+        #expect(connected, "workers: \(String(describing: try? parley(["work", "workers", "--master", master.address]).combined))")
+
+        // A program: its output streamed back, its exit status the command's.
+        let run = try parley(["work", "command", "run"] + target + ["--env", "PATH=/usr/bin:/bin", "--", "sh", "-c", "echo out; echo err >&2; exit 5"])
+        #expect(run.status == 5 && run.stdout == "out\n" && run.stderr.contains("err"), "\(run.combined)")
+
+        // A file there and back, byte for byte; its mode as asked.
+        var generator = SystemRandomNumberGenerator()
+        let content = Data((0..<1_000_003).map { _ in UInt8.random(in: 0...255, using: &generator) })
+        try content.write(to: URL(fileURLWithPath: dir + "/original.bin"))
+        let down = try parley(["work", "command", "download"] + target + ["--file-mode", "600", dir + "/original.bin", "inbox/copy.bin"])
+        #expect(down.status == 0 && down.stdout.contains("1000003 bytes"), "\(down.combined)")
+        #expect(FileManager.default.contents(atPath: "\(dir)/builder/commands/inbox/copy.bin") == content)
+        let stat = try parley(["work", "command", "stat"] + target + ["inbox/copy.bin"])
+        #expect(stat.status == 0 && stat.stdout.contains("file 1000003 bytes mode 600"), "\(stat.combined)")
+        let up = try parley(["work", "command", "upload"] + target + ["inbox/copy.bin", dir + "/back.bin"])
+        #expect(up.status == 0 && FileManager.default.contents(atPath: dir + "/back.bin") == content, "\(up.combined)")
+        let glob = try parley(["work", "command", "glob"] + target + ["inbox/*.bin"])
+        #expect(glob.status == 0 && glob.stdout == "inbox/copy.bin\n", "\(glob.combined)")
+
+        // An interrupt (the first Ctrl-C of `parley work command run`): the command's own
+        // signal, which the script traps, and the status the script then exits with.
+        let parleyPath = try #require(parleyExecutablePath())
+        let long = Process()
+        long.executableURL = URL(fileURLWithPath: parleyPath)
+        long.arguments = ["work", "command", "run"] + target + ["--interrupt-signal", "15", "--", "/bin/sh", "-c", "trap 'echo got TERM; exit 7' TERM; echo ready; sleep 30 & wait"]
+        let outPath = dir + "/long.out"
+        _ = FileManager.default.createFile(atPath: outPath, contents: nil)
+        long.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
+        long.standardError = FileHandle.nullDevice
+        try long.run()
+        defer { if long.isRunning { kill(long.processIdentifier, SIGKILL) } }
+        let ready = try await eventually(seconds: 20) { String(decoding: FileManager.default.contents(atPath: outPath) ?? Data(), as: UTF8.self).contains("ready") }
+        #expect(ready)
+        kill(long.processIdentifier, SIGINT)
+        for _ in 0..<1000 where long.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(!long.isRunning)
+        if !long.isRunning {
+            let out = String(decoding: FileManager.default.contents(atPath: outPath) ?? Data(), as: UTF8.self)
+            #expect(long.terminationStatus == 7 && out.contains("got TERM"), "status \(long.terminationStatus): \(out)")
+        }
+
+        // Refusals: a worker that takes no commands, a path out of the directory, a worker
+        // that is not there, a master that does not relay.
+        let refused = try parley(["work", "command", "run", "--master", master.address, "--worker", "plain", "--", "/bin/true"])
+        #expect(refused.status == 2 && refused.combined.contains("--accept-commands"), "\(refused.combined)")
+        let escape = try parley(["work", "command", "mkdir"] + target + ["../escaped"])
+        #expect(escape.status == 2 && escape.combined.contains("'..'") && !FileManager.default.fileExists(atPath: "\(dir)/builder/escaped"), "\(escape.combined)")
+        let absent = try parley(["work", "command", "ls", "--master", master.address, "--worker", "nobody"])
+        #expect(absent.status == 2 && absent.combined.contains("worker nobody is not connected"), "\(absent.combined)")
+        let closed = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/other.sqlite"], command: ["work", "serve"])
+        let noRelay = try parley(["work", "command", "ls", "--master", closed.address, "--worker", "builder"])
+        #expect(noRelay.status == 2 && noRelay.combined.contains("--allow-commands"), "\(noRelay.combined)")
+        await closed.stop()
+        await master.stop()
+    }
+}
