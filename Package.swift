@@ -110,7 +110,7 @@ let package = Package(
         .target(
             name: "ParleyWork",
             dependencies: [
-                "Parley", "ParleyWire",
+                "Parley", "ParleyWire", "CParleySpawn",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -136,6 +136,8 @@ let package = Package(
         ),
         // Linux system calls the block server needs that Glibc does not expose.
         .target(name: "CParleyBlockIO"),
+        // Glibc calls the work worker's child processes need that Glibc does not expose.
+        .target(name: "CParleySpawn"),
         // Layer 4: Parley Block, RNBD's block protocol on Parley and a standard NBD server.
         .target(
             name: "ParleyBlock",

@@ -395,7 +395,6 @@ enum JobRunner {
         _ spec: Parley_Work_V1_JobSpec, directory: String, limiter: [String]? = nil, maxWall: Duration, maxOutput: Int,
         onOutput: (@Sendable (_ stderr: Bool, Data) -> Void)? = nil, started: @Sendable (Int32) -> Void = { _ in }
     ) async throws -> Outcome {
-        let process = Process()
         var command: [String]
         if spec.shell {
             command = ["/bin/sh", "-c", spec.argv.joined(separator: " ")]
@@ -406,94 +405,66 @@ enum JobRunner {
         if spec.maxCpuSeconds > 0 || spec.maxMemoryBytes > 0, let limiter, !limiter.isEmpty {
             command = limiter + ["--cpu", "\(spec.maxCpuSeconds)", "--memory", "\(spec.maxMemoryBytes)", "--"] + command
         }
-        process.executableURL = URL(fileURLWithPath: command[0])
-        process.arguments = Array(command.dropFirst())
-        process.environment = spec.env
-        process.currentDirectoryURL = URL(fileURLWithPath: directory)
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        process.standardInput = FileHandle.nullDevice
+        let child = try ChildProcess.spawn(arguments: command, environment: spec.env, directory: directory)
         let stdout = OutputTail(limit: maxOutput), stderr = OutputTail(limit: maxOutput)
-        let exited = NIOLockedValueBox<CheckedContinuation<Void, Never>?>(nil)
-        let done = NIOLockedValueBox(false)
-        process.terminationHandler = { _ in
-            let c = exited.withLockedValue { c -> CheckedContinuation<Void, Never>? in
-                done.withLockedValue { $0 = true }
-                defer { c = nil }
-                return c
-            }
-            c?.resume()
-        }
-        try await Self.launch(process)
         // Each output stream is read to its end by a thread of its own, with blocking reads:
         // FileHandle's readabilityHandler (a dispatch source) crashed a worker in libdispatch
         // once in 10,000 jobs when its pipe closed while the source was being cancelled.
-        let outRead = Self.readToEnd(out.fileHandleForReading, into: stdout) { onOutput?(false, $0) }
-        let errRead = Self.readToEnd(err.fileHandleForReading, into: stderr) { onOutput?(true, $0) }
-        started(process.processIdentifier)
+        let abandon = NIOLockedValueBox(false)
+        let outRead = Self.readToEnd(FileHandle(fileDescriptor: child.stdout, closeOnDealloc: true), into: stdout, abandon: abandon) { onOutput?(false, $0) }
+        let errRead = Self.readToEnd(FileHandle(fileDescriptor: child.stderr, closeOnDealloc: true), into: stderr, abandon: abandon) { onOutput?(true, $0) }
+        started(child.pid)
         let timedOut = NIOLockedValueBox(false)
+        let ended = NIOLockedValueBox(false)
         let killer = Task {
             try await Task.sleep(for: maxWall)
-            if process.isRunning {
+            // Not reaped before `ended` is set: the pid is still the child's.
+            if !ended.withLockedValue({ $0 }) {
                 timedOut.withLockedValue { $0 = true }
-                Self.killGroup(process.processIdentifier)
+                Self.killGroup(child.pid)
             }
         }
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let finished = exited.withLockedValue { slot -> Bool in
-                if done.withLockedValue({ $0 }) { return true }
-                slot = c
-                return false
-            }
-            if finished { c.resume() }
-        }
+        await child.waitForEnd()
+        ended.withLockedValue { $0 = true }
         killer.cancel()
         // The job ends with its program: what it left running in the background goes too
         // (it could otherwise change the outputs while they are read, or outlive the lease).
-        Self.killGroup(process.processIdentifier)
-        // With the whole group gone, nothing holds the pipes open: both reach their end.
+        // The child is not reaped yet, so its group id is still its own.
+        Self.killGroup(child.pid)
+        let (exitStatus, signal) = child.reap()
+        // With the whole group gone, nothing holds the pipes open and both reach their end,
+        // unless a process that left the group (setsid) holds them: what it writes within
+        // 2 s is kept, then the pipes are given up (the job has ended).
+        let giveUp = Task {
+            try await Task.sleep(for: .seconds(2))
+            abandon.withLockedValue { $0 = true }
+        }
         await outRead.value
         await errRead.value
-        let signaled = process.terminationReason == .uncaughtSignal
-        return Outcome(
-            exitStatus: signaled ? 0 : process.terminationStatus, signal: signaled ? process.terminationStatus : 0,
-            timedOut: timedOut.withLockedValue { $0 }, stdout: stdout.bytes, stderr: stderr.bytes
-        )
+        giveUp.cancel()
+        return Outcome(exitStatus: exitStatus, signal: signal, timedOut: timedOut.withLockedValue { $0 }, stdout: stdout.bytes, stderr: stderr.bytes)
     }
 
-    /// Starts `process` from a thread of its own with no signal blocked: a child inherits the
-    /// signal mask of the thread that spawns it, and the runtime's threads block nearly all
-    /// signals, so a job started from one could not be stopped with SIGTERM or SIGINT (an
-    /// interrupt's signal would wait, blocked, until SIGKILL).
-    static func launch(_ process: Process) async throws {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let thread = Thread {
-                var none = sigset_t()
-                sigemptyset(&none)
-                pthread_sigmask(SIG_SETMASK, &none, nil)
-                let result = Result { try process.run() }
-                // Blocked again before the thread ends, so that no signal meant for the
-                // worker lands here meanwhile.
-                var all = sigset_t()
-                sigfillset(&all)
-                pthread_sigmask(SIG_SETMASK, &all, nil)
-                continuation.resume(with: result)
-            }
-            thread.start()
-        }
-    }
-
-    /// Reads `handle` to its end on a thread of its own (blocking reads), keeping the tail and
-    /// handing each chunk to `each` as it comes.
-    static func readToEnd(_ handle: FileHandle, into tail: OutputTail, each: @escaping @Sendable (Data) -> Void = { _ in }) -> Task<Void, Never> {
+    /// Stops at the end of the stream, or once `abandon` is set and nothing more comes.
+    static func readToEnd(
+        _ handle: FileHandle, into tail: OutputTail, abandon: NIOLockedValueBox<Bool> = NIOLockedValueBox(false),
+        each: @escaping @Sendable (Data) -> Void = { _ in }
+    ) -> Task<Void, Never> {
         let done = NIOLockedValueBox<(finished: Bool, waiter: CheckedContinuation<Void, Never>?)>((false, nil))
         let thread = Thread {
             // read(2) returns what the pipe holds as soon as it holds something (FileHandle's
-            // read(upToCount:) would wait for the whole count: no streaming).
+            // read(upToCount:) would wait for the whole count: no streaming); poll(2) first,
+            // so that the thread can look at `abandon` every 100 ms.
             let fd = handle.fileDescriptor
             var buffer = [UInt8](repeating: 0, count: 64 << 10)
             while true {
+                var ready = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                let polled = poll(&ready, 1, 100)
+                if polled < 0, errno == EINTR { continue }
+                if polled == 0 {
+                    if abandon.withLockedValue({ $0 }) { break }
+                    continue
+                }
                 let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
                 if n < 0, errno == EINTR { continue }
                 guard n > 0 else { break }
@@ -521,8 +492,8 @@ enum JobRunner {
         }
     }
 
-    /// Kills a job's child and everything it started: Foundation makes each child the leader
-    /// of its own process group.
+    /// Kills a job's child and everything it started: each child is the leader of its own
+    /// process group (ChildProcess).
     static func killGroup(_ pid: Int32) {
         kill(-pid, SIGKILL)
         kill(pid, SIGKILL)

@@ -195,6 +195,35 @@ final class MemoryTransfer: WorkTransfer {
         #expect(rig.executor.runningCount == 0)
     }
 
+    /// A program that leaves a process behind outside its group (setsid), holding its
+    /// output open, still ends: its result comes (with what it wrote), the pipes given up.
+    @Test(.timeLimit(.minutes(1))) func aProcessThatEscapesItsGroupDoesNotHoldTheCommand() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let (updates, result) = try await rig.run(CommandRig.shell(["sh", "-c", "setsid sh -c 'echo $$ > escaped; sleep 300' & echo done"]))
+        #expect(result.exitStatus == 0 && String(decoding: updates.flatMap { Array($0.stdout) }, as: UTF8.self).contains("done"), "\(result)")
+        if let pid = Int32(String(decoding: FileManager.default.contents(atPath: rig.directory + "/escaped") ?? Data(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) {
+            kill(pid, SIGKILL)
+        }
+    }
+
+    /// A child starts with no signal blocked and none ignored (the runtime's threads block
+    /// most signals and ignore SIGPIPE; a child inheriting that could not be stopped with
+    /// SIGTERM, and would see EPIPE where a pipe's reader left).
+    @Test func childrenStartWithDefaultSignals() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let (updates, result) = try await rig.run(CommandRig.shell(["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"]))
+        let out = String(decoding: updates.flatMap { Array($0.stdout) }, as: UTF8.self)
+        // Signals 1 to 31 (glibc keeps 32 and 33 for itself; no program can use them).
+        let masks = Dictionary(uniqueKeysWithValues: out.split(separator: "\n").compactMap { line -> (String, UInt64)? in
+            let parts = line.split(separator: "\t")
+            guard parts.count == 2, let value = UInt64(parts[1], radix: 16) else { return nil }
+            return (String(parts[0]), value & 0x7fff_ffff)
+        })
+        #expect(result.exitStatus == 0 && masks["SigBlk:"] == 0 && masks["SigIgn:"] == 0, "\(out)")
+    }
+
     /// A command silent for longer than its timeout is killed and says so.
     @Test func aSilentCommandTimesOut() async throws {
         let rig = try await CommandRig.start()
