@@ -181,6 +181,18 @@ SCHEMA = {
                                     (6, "errorKind", "enum:parley.work.v1.ErrorKind", False), (7, "message", "string", False),
                                     (8, "wallMs", "uint64", False), (9, "stdoutTail", "bytes", False), (10, "stderrTail", "bytes", False)],
     "parley.work.v1.ReportAck": [(1, "verdict", "enum:parley.work.v1.Verdict", False)],
+    # Master-initiated commands (section 19.8); only the kinds the vectors use.
+    "parley.work.v1.Command": [(1, "commandId", "uint64", False), (2, "shell", "msg:parley.work.v1.ShellCommand", False)],
+    "parley.work.v1.ShellCommand": [(1, "argv", "string", True), (2, "shell", "bool", False), (3, "workdir", "string", False),
+                                    (5, "timeoutSeconds", "uint32", False), (6, "maxTimeSeconds", "uint32", False),
+                                    (7, "interruptSignal", "int32", False)],
+    "parley.work.v1.CommandUpdate": [(1, "commandId", "uint64", False), (2, "stdout", "bytes", False), (3, "stderr", "bytes", False),
+                                     (4, "header", "string", False)],
+    "parley.work.v1.CommandResult": [(1, "commandId", "uint64", False), (2, "exitStatus", "int32", False), (3, "signal", "int32", False),
+                                     (4, "interrupted", "bool", False), (5, "timedOut", "bool", False), (6, "error", "string", False),
+                                     (7, "elapsedMs", "uint64", False), (9, "paths", "string", True), (10, "size", "uint64", False),
+                                     (11, "sha256", "bytes", False)],
+    "parley.work.v1.TransferWrite": [(1, "commandId", "uint64", False), (2, "offset", "uint64", False)],
 }
 _WIRE_TYPE = {"string": 2, "bytes": 2, "uint32": 0, "uint64": 0, "int32": 0, "int64": 0, "bool": 0, "double": 1}
 
