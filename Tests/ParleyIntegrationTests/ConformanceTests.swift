@@ -100,7 +100,7 @@ struct ConformanceTests {
         }
         await serve.stop()
         let parleyPath = try #require(parleyExecutablePath())
-        let tester = ClientConformanceTester(listen: .tls(host: "127.0.0.1", port: 0), tls: try ParleyTLS.server(directory: certs), idle: .seconds(30))
+        let tester = ClientConformanceTester(listen: .tls(host: "127.0.0.1", port: 0), tls: try ParleyTLS.server(directory: certs), timeout: ClientConformanceTests.timeout, idle: .seconds(30))
         let address = try await tester.start()
         let done = Signal()
         let clients = Task {
@@ -163,10 +163,14 @@ struct ConformanceTests {
 /// meet every client check, and a faulty client fails exactly the checks it breaks.
 @Suite(.serialized, .timeLimit(.minutes(5)))
 struct ClientConformanceTests {
+    /// How long the tester waits for a client's next frame: the full suite runs in parallel on
+    /// two cores, and a client starved for 5 s (the runner's default) once failed R-7.12-1.
+    static let timeout = Duration.seconds(20)
+
     /// Starts a client test on 127.0.0.1 and runs `client` (given the tester's address) once
     /// per connection until the tester has played every scenario (at most `runs` times).
     static func clientTest(only: [String] = [], idle: Duration = .seconds(30), runs: Int = 9, _ client: @escaping @Sendable (String) async -> Void) async throws -> ConformanceReport {
-        let tester = ClientConformanceTester(listen: .tcp(host: "127.0.0.1", port: 0), idle: idle, only: only)
+        let tester = ClientConformanceTester(listen: .tcp(host: "127.0.0.1", port: 0), timeout: Self.timeout, idle: idle, only: only)
         let address = try await tester.start()
         let done = Signal()
         let clients = Task {
