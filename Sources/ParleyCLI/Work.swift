@@ -331,6 +331,9 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Wall-time limit (0: the worker's default).", valueName: "seconds"))
         var maxWall: UInt32 = 0
 
+        @Option(name: .long, help: ArgumentHelp("How long the job is expected to run, for workers asking for seconds of work (0: unknown).", valueName: "seconds"))
+        var estimate: UInt32 = 0
+
         @Option(name: .long, help: ArgumentHelp("CPU-time limit: SIGXCPU when reached (0: none).", valueName: "seconds"))
         var maxCpu: UInt32 = 0
 
@@ -370,6 +373,7 @@ struct Work: AsyncParsableCommand {
             spec.argv = self.command
             spec.shell = self.shell
             spec.maxWallSeconds = self.maxWall
+            spec.estimatedSeconds = self.estimate
             spec.maxCpuSeconds = self.maxCpu
             spec.maxMemoryBytes = self.maxMemory
             spec.outputs = self.output

@@ -59,6 +59,26 @@ public enum WorkService {
         return min(highest, versions.upperBound)
     }
 
+    /// What a job with no estimate counts for in a request in seconds.
+    public static let defaultEstimate: Double = 60
+
+    /// A job's estimated run time (its spec's, or `defaultEstimate`).
+    static func estimate(of spec: [UInt8]) -> Double {
+        let seconds = (try? Parley_Work_V1_JobSpec(serializedBytes: spec))?.estimatedSeconds ?? 0
+        return seconds > 0 ? Double(seconds) : Self.defaultEstimate
+    }
+
+    /// How many of the jobs, in order, a request for `seconds` of work takes: up to and
+    /// including the one whose estimate reaches it, and at least one.
+    public static func covering(seconds: Double, _ estimates: [Double]) -> Int {
+        var sum = 0.0
+        for (i, estimate) in estimates.enumerated() {
+            sum += estimate
+            if sum >= seconds { return i + 1 }
+        }
+        return estimates.count
+    }
+
     /// The largest output tail a report may carry, per stream.
     public static let maxTail = 1 << 20
 
@@ -163,7 +183,19 @@ public enum WorkService {
                 guard !app.isEmpty else { throw ParleyError(code: .invalidArgument, message: "an application the worker runs has an empty name") }
                 try Self.check(app: app)
             }
-            let claimed = try await claims.submit(ClaimRequest(worker: worker, limit: Int(min(request.slots, 64)), apps: request.apps))
+            guard request.seconds.isFinite, request.seconds >= 0 else {
+                throw ParleyError(code: .invalidArgument, message: "a request for \(request.seconds) seconds of work: give 0 or more")
+            }
+            var claimed = try await claims.submit(ClaimRequest(worker: worker, limit: Int(min(request.slots, 64)), apps: request.apps))
+            if request.seconds > 0 {
+                // Enough jobs for the seconds asked (at least one); the others go back to the
+                // queue at once, their attempts not counted.
+                let kept = Self.covering(seconds: request.seconds, claimed.map { Self.estimate(of: $0.spec) })
+                for job in claimed[kept...] {
+                    try await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: worker)
+                }
+                claimed = Array(claimed[..<kept])
+            }
             if !claimed.isEmpty { assigned.increment(by: claimed.count) }
             var reply = Parley_Work_V1_WorkAssignments()
             reply.assignments = claimed.map { job in

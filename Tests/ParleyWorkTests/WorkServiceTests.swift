@@ -154,4 +154,48 @@ struct InProcessMaster {
         }
         #expect(try await store.counts()["queued"] == 0)
     }
+
+    /// [R-19.2-2] A request in seconds of work gets jobs until their estimates reach it (at
+    /// least one); the jobs claimed beyond go back to the queue, their attempts not counted.
+    @Test func aRequestInSecondsGetsJobsByTheirEstimates() async throws {
+        #expect(WorkService.covering(seconds: 15, [10, 10, 10]) == 2)
+        #expect(WorkService.covering(seconds: 20, [10, 10, 10]) == 2)
+        #expect(WorkService.covering(seconds: 5, [10, 10]) == 1)
+        #expect(WorkService.covering(seconds: 100, [10, 10]) == 2)
+        #expect(WorkService.covering(seconds: 1, []) == 0)
+        let master = try await InProcessMaster.start()
+        defer { master.stop() }
+        let (store, key, client) = (master.store, master.key, master.client)
+        var submit = Parley_Work_V1_SubmitJobs()
+        for estimate in [10, 10, 0, 10] as [UInt32] {
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["/bin/true"]
+            spec.estimatedSeconds = estimate
+            var job = Parley_Work_V1_SignedJob()
+            job.spec = try spec.serializedBytes()
+            job.signature = Data(try key.sign(job: Array(job.spec)))
+            submit.jobs.append(job)
+        }
+        _ = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
+        var ask = Parley_Work_V1_RequestWork()
+        ask.worker = "w1"
+        ask.slots = 4
+        ask.seconds = 15
+        let first = try await client.request(ask, as: Parley_Work_V1_WorkAssignments.self)
+        #expect(first.assignments.map(\.jobID) == [1, 2], "10 + 10 s reach 15 s")
+        let counts = try await store.counts()
+        #expect(counts["queued"] == 2 && counts["leased"] == 2)
+        ask.seconds = 30
+        let second = try await client.request(ask, as: Parley_Work_V1_WorkAssignments.self)
+        #expect(second.assignments.map(\.jobID) == [3], "a job without an estimate counts for \(WorkService.defaultEstimate) s")
+        ask.seconds = 0
+        let third = try await client.request(ask, as: Parley_Work_V1_WorkAssignments.self)
+        #expect(third.assignments.map(\.jobID) == [4], "handed back, then handed out again")
+        ask.seconds = -1
+        let refused = await #expect(throws: ParleyError.self) { _ = try await client.request(ask, as: Parley_Work_V1_WorkAssignments.self) }
+        #expect(refused?.code == .invalidArgument)
+        // The jobs handed back at once did not use up an attempt.
+        let result = try await client.request({ var r = Parley_Work_V1_ResultRequest(); r.jobID = 4; return r }(), as: Parley_Work_V1_ResultReply.self)
+        #expect(result.failures.isEmpty, "\(result.failures)")
+    }
 }

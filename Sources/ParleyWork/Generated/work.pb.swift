@@ -187,6 +187,9 @@ public nonisolated struct Parley_Work_V1_JobSpec: Sendable {
   /// the application it needs: only workers that run it get the job ("": any)
   public var app: String = String()
 
+  /// how long it is expected to run, for requests in seconds (0: unknown, counted as 60)
+  public var estimatedSeconds: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -362,6 +365,9 @@ public nonisolated struct Parley_Work_V1_RequestWork: Sendable {
 
   /// the applications it runs: it gets only jobs needing none or one of them
   public var apps: [String] = []
+
+  /// seconds of work wanted (BOINC's work_req_seconds), by the jobs' estimates;
+  public var seconds: Double = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1090,7 +1096,7 @@ nonisolated extension Parley_Work_V1_Verdict: SwiftProtobuf._ProtoNameProviding 
 
 nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".JobSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}argv\0\u{1}env\0\u{1}shell\0\u{3}max_wall_seconds\0\u{3}max_output_bytes\0\u{1}name\0\u{3}max_cpu_seconds\0\u{3}max_memory_bytes\0\u{1}inputs\0\u{1}outputs\0\u{1}app\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}argv\0\u{1}env\0\u{1}shell\0\u{3}max_wall_seconds\0\u{3}max_output_bytes\0\u{1}name\0\u{3}max_cpu_seconds\0\u{3}max_memory_bytes\0\u{1}inputs\0\u{1}outputs\0\u{1}app\0\u{3}estimated_seconds\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1109,6 +1115,7 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
       case 9: try { try decoder.decodeRepeatedMessageField(value: &self.inputs) }()
       case 10: try { try decoder.decodeRepeatedStringField(value: &self.outputs) }()
       case 11: try { try decoder.decodeSingularStringField(value: &self.app) }()
+      case 12: try { try decoder.decodeSingularUInt32Field(value: &self.estimatedSeconds) }()
       default: break
       }
     }
@@ -1148,6 +1155,9 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
     if !self.app.isEmpty {
       try visitor.visitSingularStringField(value: self.app, fieldNumber: 11)
     }
+    if self.estimatedSeconds != 0 {
+      try visitor.visitSingularUInt32Field(value: self.estimatedSeconds, fieldNumber: 12)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1163,6 +1173,7 @@ nonisolated extension Parley_Work_V1_JobSpec: SwiftProtobuf.Message, SwiftProtob
     if lhs.inputs != rhs.inputs {return false}
     if lhs.outputs != rhs.outputs {return false}
     if lhs.app != rhs.app {return false}
+    if lhs.estimatedSeconds != rhs.estimatedSeconds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1500,7 +1511,7 @@ nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, Swift
 
 nonisolated extension Parley_Work_V1_RequestWork: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RequestWork"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{1}slots\0\u{1}apps\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{1}slots\0\u{1}apps\0\u{1}seconds\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1511,6 +1522,7 @@ nonisolated extension Parley_Work_V1_RequestWork: SwiftProtobuf.Message, SwiftPr
       case 1: try { try decoder.decodeSingularStringField(value: &self.worker) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.slots) }()
       case 3: try { try decoder.decodeRepeatedStringField(value: &self.apps) }()
+      case 4: try { try decoder.decodeSingularDoubleField(value: &self.seconds) }()
       default: break
       }
     }
@@ -1526,6 +1538,9 @@ nonisolated extension Parley_Work_V1_RequestWork: SwiftProtobuf.Message, SwiftPr
     if !self.apps.isEmpty {
       try visitor.visitRepeatedStringField(value: self.apps, fieldNumber: 3)
     }
+    if self.seconds.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.seconds, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1533,6 +1548,7 @@ nonisolated extension Parley_Work_V1_RequestWork: SwiftProtobuf.Message, SwiftPr
     if lhs.worker != rhs.worker {return false}
     if lhs.slots != rhs.slots {return false}
     if lhs.apps != rhs.apps {return false}
+    if lhs.seconds != rhs.seconds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
