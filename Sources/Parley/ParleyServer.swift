@@ -47,6 +47,10 @@ public final class ParleyServer: Service, Sendable {
         /// At most this many sessions are kept waiting for their clients; beyond it the one
         /// detached the longest is forgotten (clients that vanish cannot pile up memory).
         public var maxDetachedSessions = 1024
+        /// Each new connection's SERVER_IDENT lists the nucleus's redirects rotated by one
+        /// more than the last one's: clients follow the first, so they are spread over the
+        /// addresses in turn (a front door for several servers, §8.2).
+        public var rotateRedirects = false
 
         public init(
             listen: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: ParleyAddress.defaultPort)],
@@ -111,6 +115,8 @@ public final class ParleyServer: Service, Sendable {
     let logger: Logger
     let group: any EventLoopGroup
     private let state = NIOLockedValueBox(State())
+    /// The connections given a rotated redirect list so far (`rotateRedirects`).
+    private let redirectTurn = NIOLockedValueBox(0)
     /// Random per server instance (SERVER_IDENT `server_nonce`), for future session reconnect.
     private let nonce = UInt64.random(in: 1...UInt64.max)
     private let connectionsAccepted = Counter(label: "parley_server_connections_total")
@@ -300,6 +306,15 @@ public final class ParleyServer: Service, Sendable {
     private func configurePipeline(_ channel: any Channel) throws {
         var ident = Parley_V1_ServerIdent()
         ident.nucleus = self.configuration.nucleus.wire
+        let redirects = ident.nucleus.redirects
+        if self.configuration.rotateRedirects, redirects.count > 1 {
+            let turn = self.redirectTurn.withLockedValue { turn -> Int in
+                defer { turn &+= 1 }
+                return turn
+            }
+            let k = turn % redirects.count
+            ident.nucleus.redirects = Array(redirects[k...] + redirects[..<k])
+        }
         ident.platform = ParleyBuild.platform
         ident.implementation = ParleyBuild.implementation
         ident.version = ParleyBuild.version

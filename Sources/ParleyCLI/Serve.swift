@@ -78,6 +78,7 @@ struct Serve: AsyncParsableCommand {
         var configuration = ParleyServer.Configuration(
             listen: addresses, name: self.name, nucleus: self.nucleus.nucleus, minimumClientVersion: self.nucleus.minClientVersion
         )
+        self.nucleus.apply(to: &configuration)
         configuration.sessionRetention = self.sessionRetention > 0 ? .milliseconds(Int64(self.sessionRetention * 1000)) : nil
         do { try self.security.apply(to: &configuration) } catch let error as ParleyError { throw ValidationError(error.message) }
         let server = ParleyServer(configuration: configuration, router: router, logger: logger)
@@ -102,6 +103,9 @@ struct NucleusOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Redirect clients to this server (repeatable).", valueName: "address"))
     var redirect: [String] = []
 
+    @Flag(name: .long, help: "Rotate the --redirect list for each new client (clients follow the first): spreads clients over the addresses, a front door for several servers.")
+    var rotateRedirects = false
+
     @Option(name: .long, help: "Refuse clients older than this version, telling them they are out of date.")
     var minClientVersion: String?
 
@@ -110,6 +114,12 @@ struct NucleusOptions: ParsableArguments {
             do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) }
         }
         if self.requestDelay < 0 || !self.requestDelay.isFinite { throw ValidationError("--request-delay must be 0 or more seconds") }
+        if self.rotateRedirects, self.redirect.count < 2 { throw ValidationError("--rotate-redirects needs at least two --redirect addresses") }
+    }
+
+    /// Applies what is not in the nucleus itself.
+    func apply(to configuration: inout ParleyServer.Configuration) {
+        configuration.rotateRedirects = self.rotateRedirects
     }
 
     var nucleus: ParleyNucleus {

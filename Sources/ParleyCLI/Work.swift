@@ -162,6 +162,7 @@ struct Work: AsyncParsableCommand {
             var configuration = ParleyServer.Configuration(
                 listen: addresses, name: "parley-work", nucleus: self.nucleus.nucleus, minimumClientVersion: self.nucleus.minClientVersion
             )
+            self.nucleus.apply(to: &configuration)
             do { try self.security.apply(to: &configuration) } catch let error as ParleyError { throw ValidationError(error.message) }
             let server = ParleyServer(configuration: configuration, router: router, logger: logger)
             // Expired leases go back to the queue even when no worker asks for work.

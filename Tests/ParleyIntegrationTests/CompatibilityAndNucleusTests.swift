@@ -203,6 +203,32 @@ struct NucleusTests {
         }
     }
 
+    /// A front door with `rotateRedirects` spreads its clients over its redirects in turn.
+    @Test func rotatedRedirectsSpreadClients() async throws {
+        try await withServer { _, a in
+            try await withServer { _, b in
+                let list = [a[0].description, b[0].description]
+                try await withServer(configure: { $0.nucleus = ParleyNucleus(redirects: list); $0.rotateRedirects = true }) { _, door in
+                    var landed: [ParleyAddress] = []
+                    for _ in 0..<4 {
+                        let client = try await ParleyClient.connect(to: door[0], logger: quietLogger)
+                        landed.append(client.address)
+                        client.close()
+                    }
+                    #expect(landed == [a[0], b[0], a[0], b[0]], "in turn: \(landed)")
+                }
+                // Without rotation, every client gets the same list.
+                try await withServer(configure: { $0.nucleus = ParleyNucleus(redirects: list) }) { _, door in
+                    for _ in 0..<3 {
+                        let client = try await ParleyClient.connect(to: door[0], logger: quietLogger)
+                        #expect(client.address == a[0])
+                        client.close()
+                    }
+                }
+            }
+        }
+    }
+
     @Test func redirectLoopIsDetected() async throws {
         let pathA = temporaryPath("loop-a.sock"), pathB = temporaryPath("loop-b.sock")
         try await withServer(listen: [.unix(path: pathA)], configure: { $0.nucleus = ParleyNucleus(redirects: ["unix:\(pathB)"]) }) { _, a in

@@ -49,6 +49,31 @@ import Testing
         return object
     }
 
+    /// [R-19.6-2] A front door (a master whose nucleus redirects, rotated per connection)
+    /// spreads workers over the masters behind it.
+    @Test func aFrontDoorSpreadsWorkersOverMasters() async throws {
+        let dir = freshTestDirectory("work-spread")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let a = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/a.sqlite"], command: ["work", "serve"])
+        let b = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/b.sqlite"], command: ["work", "serve"])
+        let door = try await ServeProcess.start(
+            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/door.sqlite", "--redirect", a.address, "--redirect", b.address, "--rotate-redirects"],
+            command: ["work", "serve"]
+        )
+        let workers = try Workers(count: 4, master: door.address, trust: dir + "/keys/work.pub", dir: dir, slots: 1)
+        func names(_ master: String) -> [String] {
+            let out = (try? parley(["work", "workers", "--master", master, "--json"]))?.stdout ?? ""
+            return out.components(separatedBy: "\"worker\":\"").dropFirst().compactMap { $0.split(separator: "\"").first.map(String.init) }
+        }
+        let spread = try await eventually(seconds: 30) { names(a.address).count == 2 && names(b.address).count == 2 }
+        #expect(spread, "a: \(names(a.address)), b: \(names(b.address))")
+        #expect(Set(names(a.address) + names(b.address)) == ["worker-0", "worker-1", "worker-2", "worker-3"])
+        workers.stop()
+        await door.stop()
+        await a.stop()
+        await b.stop()
+    }
+
     /// 200 jobs, 4 workers of 2 slots: every job runs exactly once (each appends its own
     /// directory name, which holds its job id, to a shared log) and is accepted once.
     @Test func everyJobRunsExactlyOnce() async throws {
