@@ -465,7 +465,7 @@ struct Work: AsyncParsableCommand {
                     print("job \(self.job): \(r.state)")
                     for f in r.failures { print("  attempt failed: \(f)") }
                     if r.hasResult {
-                        print("  accepted from \(r.result.worker), lease \(r.result.leaseID): exit status \(r.result.exitStatus), \(r.result.wallMs) ms")
+                        print("  accepted from \(r.result.worker), lease \(r.result.leaseID): exit status \(r.result.exitStatus), \(r.result.wallMs) ms wall, \(r.result.cpuMs) ms CPU")
                         if !r.result.stdoutTail.isEmpty { print("  stdout: \(String(decoding: r.result.stdoutTail, as: UTF8.self))", terminator: "") }
                         for o in r.result.outputs {
                             print("  output \(o.name): \(o.size) bytes, sha256 \(o.sha256.map { String(format: "%02x", $0) }.joined())")

@@ -84,12 +84,16 @@ struct ChildProcess: Sendable {
         }
     }
 
-    /// Reaps the ended child: its exit status, or the signal that ended it.
-    func reap() -> (exitStatus: Int32, signal: Int32) {
+    /// Reaps the ended child: its exit status, or the signal that ended it, and the CPU time
+    /// (user and system) of it and of the descendants it waited for, in milliseconds.
+    func reap() -> (exitStatus: Int32, signal: Int32, cpuMs: UInt64) {
         var status: Int32 = 0
-        while waitpid(self.pid, &status, 0) < 0, errno == EINTR {}
+        var usage = rusage()
+        while wait4(self.pid, &status, 0, &usage) < 0, errno == EINTR {}
+        let cpu = (Int64(usage.ru_utime.tv_sec) + Int64(usage.ru_stime.tv_sec)) * 1000
+            + (Int64(usage.ru_utime.tv_usec) + Int64(usage.ru_stime.tv_usec)) / 1000
         // WIFEXITED / WEXITSTATUS / WTERMSIG, which Swift does not import.
         let signal = status & 0x7f
-        return signal == 0 ? ((status >> 8) & 0xff, 0) : (0, signal)
+        return signal == 0 ? ((status >> 8) & 0xff, 0, UInt64(max(0, cpu))) : (0, signal, UInt64(max(0, cpu)))
     }
 }

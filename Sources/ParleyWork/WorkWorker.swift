@@ -353,6 +353,7 @@ public final class WorkWorker: Sendable {
             }
             report.exitStatus = outcome.exitStatus
             report.signal = outcome.signal
+            report.cpuMs = outcome.cpuMs
             report.stdoutTail = Data(outcome.stdout)
             report.stderrTail = Data(outcome.stderr)
             if let why = leaseLost.withLockedValue({ $0 }) {
@@ -389,6 +390,7 @@ enum JobRunner {
         var timedOut: Bool
         var stdout: [UInt8]
         var stderr: [UInt8]
+        var cpuMs: UInt64 = 0
     }
 
     static func run(
@@ -431,7 +433,7 @@ enum JobRunner {
         // (it could otherwise change the outputs while they are read, or outlive the lease).
         // The child is not reaped yet, so its group id is still its own.
         Self.killGroup(child.pid)
-        let (exitStatus, signal) = child.reap()
+        let (exitStatus, signal, cpuMs) = child.reap()
         // With the whole group gone, nothing holds the pipes open and both reach their end,
         // unless a process that left the group (setsid) holds them: what it writes within
         // 2 s is kept, then the pipes are given up (the job has ended).
@@ -442,7 +444,7 @@ enum JobRunner {
         await outRead.value
         await errRead.value
         giveUp.cancel()
-        return Outcome(exitStatus: exitStatus, signal: signal, timedOut: timedOut.withLockedValue { $0 }, stdout: stdout.bytes, stderr: stderr.bytes)
+        return Outcome(exitStatus: exitStatus, signal: signal, timedOut: timedOut.withLockedValue { $0 }, stdout: stdout.bytes, stderr: stderr.bytes, cpuMs: cpuMs)
     }
 
     /// Stops at the end of the stream, or once `abandon` is set and nothing more comes.

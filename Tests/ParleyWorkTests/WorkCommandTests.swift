@@ -224,6 +224,19 @@ final class MemoryTransfer: WorkTransfer {
         #expect(result.exitStatus == 0 && masks["SigBlk:"] == 0 && masks["SigIgn:"] == 0, "\(out)")
     }
 
+    /// A job's report carries its CPU time: a busy loop's is counted, a sleep's is not.
+    @Test func theRunnerMeasuresCPUTime() async throws {
+        let dir = NSTemporaryDirectory()
+        var busy = Parley_Work_V1_JobSpec()
+        busy.argv = ["/bin/sh", "-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"]
+        let spent = try await JobRunner.run(busy, directory: dir, maxWall: .seconds(60), maxOutput: 100)
+        var idle = Parley_Work_V1_JobSpec()
+        idle.argv = ["/bin/sleep", "0.3"]
+        let slept = try await JobRunner.run(idle, directory: dir, maxWall: .seconds(60), maxOutput: 100)
+        #expect(spent.exitStatus == 0 && spent.cpuMs >= 50, "\(spent.cpuMs) ms")
+        #expect(slept.exitStatus == 0 && slept.cpuMs < spent.cpuMs, "\(slept.cpuMs) ms")
+    }
+
     /// A command silent for longer than its timeout is killed and says so.
     @Test func aSilentCommandTimesOut() async throws {
         let rig = try await CommandRig.start()

@@ -445,6 +445,9 @@ public nonisolated struct Parley_Work_V1_ReportResult: Sendable {
   /// the spec's outputs, when the job succeeded
   public var outputs: [Parley_Work_V1_OutputFile] = []
 
+  /// CPU time (user and system) of the program and the processes it waited for
+  public var cpuMs: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1635,7 +1638,7 @@ nonisolated extension Parley_Work_V1_WorkAssignments: SwiftProtobuf.Message, Swi
 
 nonisolated extension Parley_Work_V1_ReportResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReportResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{3}job_id\0\u{3}lease_id\0\u{3}exit_status\0\u{1}signal\0\u{3}error_kind\0\u{1}message\0\u{3}wall_ms\0\u{3}stdout_tail\0\u{3}stderr_tail\0\u{1}outputs\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}worker\0\u{3}job_id\0\u{3}lease_id\0\u{3}exit_status\0\u{1}signal\0\u{3}error_kind\0\u{1}message\0\u{3}wall_ms\0\u{3}stdout_tail\0\u{3}stderr_tail\0\u{1}outputs\0\u{3}cpu_ms\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1654,6 +1657,7 @@ nonisolated extension Parley_Work_V1_ReportResult: SwiftProtobuf.Message, SwiftP
       case 9: try { try decoder.decodeSingularBytesField(value: &self.stdoutTail) }()
       case 10: try { try decoder.decodeSingularBytesField(value: &self.stderrTail) }()
       case 11: try { try decoder.decodeRepeatedMessageField(value: &self.outputs) }()
+      case 12: try { try decoder.decodeSingularUInt64Field(value: &self.cpuMs) }()
       default: break
       }
     }
@@ -1693,6 +1697,9 @@ nonisolated extension Parley_Work_V1_ReportResult: SwiftProtobuf.Message, SwiftP
     if !self.outputs.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.outputs, fieldNumber: 11)
     }
+    if self.cpuMs != 0 {
+      try visitor.visitSingularUInt64Field(value: self.cpuMs, fieldNumber: 12)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1708,6 +1715,7 @@ nonisolated extension Parley_Work_V1_ReportResult: SwiftProtobuf.Message, SwiftP
     if lhs.stdoutTail != rhs.stdoutTail {return false}
     if lhs.stderrTail != rhs.stderrTail {return false}
     if lhs.outputs != rhs.outputs {return false}
+    if lhs.cpuMs != rhs.cpuMs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
