@@ -297,40 +297,34 @@ extension Work {
         }
     }
 
-    struct Mkdir: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Make directories on the worker (with their parents).")
+    /// The worker and the paths of mkdir, rmdir and rmfile.
+    struct PathsOptions: ParsableArguments {
         @OptionGroup var target: CommandTarget
         @Argument(help: "Paths relative to the worker's command directory.") var paths: [String]
 
-        func run() async throws {
+        func send(_ kind: WritableKeyPath<Parley_Work_V1_Command, Parley_Work_V1_PathsCommand>, name: String) async throws {
             var command = Parley_Work_V1_Command()
-            command.mkdir.paths = self.paths
-            try await self.target.send(command, name: "mkdir")
+            command[keyPath: kind].paths = self.paths
+            try await self.target.send(command, name: name)
         }
+    }
+
+    struct Mkdir: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Make directories on the worker (with their parents).")
+        @OptionGroup var options: PathsOptions
+        func run() async throws { try await self.options.send(\.mkdir, name: "mkdir") }
     }
 
     struct Rmdir: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Remove directories on the worker, with everything in them (a missing one is no error).")
-        @OptionGroup var target: CommandTarget
-        @Argument(help: "Paths relative to the worker's command directory.") var paths: [String]
-
-        func run() async throws {
-            var command = Parley_Work_V1_Command()
-            command.rmdir.paths = self.paths
-            try await self.target.send(command, name: "rmdir")
-        }
+        @OptionGroup var options: PathsOptions
+        func run() async throws { try await self.options.send(\.rmdir, name: "rmdir") }
     }
 
     struct Rmfile: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Remove files on the worker (a missing one is no error).")
-        @OptionGroup var target: CommandTarget
-        @Argument(help: "Paths relative to the worker's command directory.") var paths: [String]
-
-        func run() async throws {
-            var command = Parley_Work_V1_Command()
-            command.rmfile.paths = self.paths
-            try await self.target.send(command, name: "rmfile")
-        }
+        @OptionGroup var options: PathsOptions
+        func run() async throws { try await self.options.send(\.rmfile, name: "rmfile") }
     }
 
     struct Stat: AsyncParsableCommand {

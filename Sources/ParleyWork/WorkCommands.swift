@@ -182,6 +182,14 @@ public final class WorkCommandExecutor: Sendable {
 
     private func interruption(_ id: UInt64) -> String? { self.running.withLockedValue { $0[id]?.interrupted } }
 
+    /// The result of a transfer interrupted before its next chunk, if it was.
+    private func interrupted(_ id: UInt64, after offset: UInt64, _ tail: String = "") -> Parley_Work_V1_CommandResult? {
+        guard let why = self.interruption(id) else { return nil }
+        var result = Self.failure("\(why) after \(offset) bytes\(tail)")
+        result.interrupted = true
+        return result
+    }
+
     /// Runs one command to its result. Paths that break the rules and malformed commands are
     /// refused (`invalidArgument`, nothing done); a command that fails while it runs ends with
     /// a result saying why.
@@ -361,11 +369,7 @@ public final class WorkCommandExecutor: Sendable {
         var offset: UInt64 = 0
         while true {
             try Task.checkCancellation()
-            if let why = self.interruption(id) {
-                var result = Self.failure("\(why) after \(offset) bytes")
-                result.interrupted = true
-                return result
-            }
+            if let stop = self.interrupted(id, after: offset) { return stop }
             let bytes = try await Self.blocking { () throws -> [UInt8] in
                 var buffer = [UInt8](repeating: 0, count: chunk)
                 let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
@@ -428,11 +432,7 @@ public final class WorkCommandExecutor: Sendable {
         var offset: UInt64 = 0
         while true {
             try Task.checkCancellation()
-            if let why = self.interruption(id) {
-                var result = Self.failure("\(why) after \(offset) bytes; '\(download.path)' is unchanged")
-                result.interrupted = true
-                return result
-            }
+            if let stop = self.interrupted(id, after: offset, "; '\(download.path)' is unchanged") { return stop }
             var read = Parley_Work_V1_TransferRead()
             read.commandID = id
             read.offset = offset
