@@ -97,6 +97,12 @@ struct Work: AsyncParsableCommand {
         @Flag(name: .long, help: "Relay commands from clients to the workers that accept them (parley work command); with --require-caps, only entities with work.command may.")
         var allowCommands = false
 
+        @Option(name: .long, help: ArgumentHelp("A preference sent to every worker: run at most this many jobs at once (0: the worker's --slots).", valueName: "n"))
+        var maxSlots: UInt32 = 0
+
+        @Option(name: .long, help: ArgumentHelp("A preference sent to every worker: after getting no work, wait this long before asking again (0: the worker's own).", valueName: "ms"))
+        var idleMilliseconds: UInt32 = 0
+
         @OptionGroup(title: "Nucleus (what every worker and submitter is told)") var nucleus: NucleusOptions
 
         @OptionGroup var security: ServerSecurityOptions
@@ -157,6 +163,8 @@ struct Work: AsyncParsableCommand {
             )
             service.requireCapabilities = self.requireCaps
             service.relayCommands = self.allowCommands
+            service.preferences.maxSlots = self.maxSlots
+            service.preferences.idleMilliseconds = self.idleMilliseconds
             WorkService.register(on: &router, store: store, configuration: service, commands: WorkCommandCenter(logger: logger))
             let addresses = try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) }
             var configuration = ParleyServer.Configuration(

@@ -30,6 +30,8 @@ public enum WorkService {
         /// connect (with `work.command`, when capabilities are required) can then run
         /// commands on the workers that accept them.
         public var relayCommands = false
+        /// The project's preferences, sent to every worker in its welcome (§19.2).
+        public var preferences = Parley_Work_V1_Preferences()
 
         public init(leaseDuration: Duration = .seconds(600), defaultMaxAttempts: Int = 3, trust: WorkSigning.PublicKey? = nil, name: String = "parley-work",
                     rotation: WorkSigning.Rotation? = nil, storeConcurrency: Int = 1) {
@@ -161,6 +163,7 @@ public enum WorkService {
                 welcome.rotationSignature = Data(rotation.signature)
             }
             welcome.master = configuration.name
+            if configuration.preferences != Parley_Work_V1_Preferences() { welcome.preferences = configuration.preferences }
             welcome.leaseSeconds = UInt32(clamping: configuration.leaseDuration.components.seconds)
             return welcome
         }

@@ -58,6 +58,8 @@ public final class WorkWorker: Sendable {
     /// The child process of each running job, by job id.
     private let running = NIOLockedValueBox<[UInt64: Int32]>([:])
     private let handedBack = NIOLockedValueBox<[UInt64]>([])
+    /// The master's preferences (from its welcome): fewer slots, another idle delay.
+    private let preferences = NIOLockedValueBox(Parley_Work_V1_Preferences())
     /// The keys jobs may be signed with: `trust`, and the next keys of rotations it vouched for.
     private let trusted: NIOLockedValueBox<[WorkSigning.PublicKey]>
 
@@ -121,15 +123,27 @@ public final class WorkWorker: Sendable {
     public func run() async throws {
         try await self.hello(over: try await self.link.client())
         try await withThrowingTaskGroup(of: Void.self) { group in
-            for _ in 0..<self.configuration.slots {
-                group.addTask { try await self.slotLoop() }
+            for slot in 0..<self.configuration.slots {
+                group.addTask { try await self.slotLoop(slot) }
             }
             try await group.waitForAll()
         }
     }
 
-    private func slotLoop() async throws {
+    /// The slots the master's preferences leave this worker, and how long to wait after no work.
+    var preferred: (slots: Int, idle: Duration) {
+        let p = self.preferences.withLockedValue { $0 }
+        return (p.maxSlots > 0 ? min(self.configuration.slots, Int(p.maxSlots)) : self.configuration.slots,
+                p.idleMilliseconds > 0 ? .milliseconds(Int64(p.idleMilliseconds)) : self.configuration.idleDelay)
+    }
+
+    private func slotLoop(_ slot: Int) async throws {
         while !Task.isCancelled, !self.isStopping {
+            // A slot beyond what the master prefers stays idle (until another master says otherwise).
+            guard slot < self.preferred.slots else {
+                try? await Task.sleep(for: self.preferred.idle)
+                continue
+            }
             var request = Parley_Work_V1_RequestWork()
             request.worker = self.configuration.name
             request.slots = 1
@@ -143,11 +157,11 @@ public final class WorkWorker: Sendable {
                 // A session reset (the master restarted), a busy store: ask again shortly. A
                 // lease in a reply that was lost expires on the master.
                 self.logger.warning("asking for work failed; trying again", metadata: ["error": "\(error)"])
-                try? await Task.sleep(for: self.configuration.idleDelay)
+                try? await Task.sleep(for: self.preferred.idle)
                 continue
             }
             guard let assignment = assignments.assignments.first else {
-                try? await Task.sleep(for: self.configuration.idleDelay)
+                try? await Task.sleep(for: self.preferred.idle)
                 continue
             }
             let (report, handBack) = await self.execute(assignment)
@@ -267,7 +281,8 @@ public final class WorkWorker: Sendable {
             throw ParleyError(code: .unsupportedVersion, message: "the master chose work protocol version \(version); this worker speaks \(WorkService.protocolVersions)")
         }
         self.consider(rotation: welcome)
-        self.logger.info("working for \(welcome.master)", metadata: ["slots": "\(self.configuration.slots)", "lease": "\(welcome.leaseSeconds) s", "version": "\(version)"])
+        self.preferences.withLockedValue { $0 = welcome.preferences }
+        self.logger.info("working for \(welcome.master)", metadata: ["slots": "\(self.preferred.slots)", "lease": "\(welcome.leaseSeconds) s", "version": "\(version)"])
     }
 
     /// Errors that end the worker: the connection (and its session) is gone for good.

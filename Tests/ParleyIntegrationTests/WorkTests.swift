@@ -49,6 +49,30 @@ import Testing
         return object
     }
 
+    /// [R-19.2-3] A master's preferences reach its workers: with --max-slots 1, a worker
+    /// started with three slots runs one job at a time (each job takes a lock directory and
+    /// fails if another job holds it).
+    @Test func aMastersPreferencesLimitItsWorkersSlots() async throws {
+        let dir = freshTestDirectory("work-prefs")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(
+            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--max-slots", "1", "--idle-milliseconds", "50"], command: ["work", "serve"]
+        )
+        let lock = dir + "/lock"
+        let submit = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "6", "--", "/bin/sh", "-c",
+                                 "mkdir \(lock) || exit 9; sleep 0.3; rmdir \(lock)"])
+        #expect(submit.status == 0, "\(submit.combined)")
+        let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir, slots: 3)
+        let done = try await eventually(seconds: 60) { (try? Self.status(master.address)["succeeded"]) == 6 }
+        workers.stop()
+        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        for job in 1...6 {
+            let result = try parley(["work", "results", "\(job)", "--master", master.address])
+            #expect(result.stdout.contains("succeeded") && !result.stdout.contains("attempt failed"), "job \(job) ran beside another: \(result.stdout)")
+        }
+        await master.stop()
+    }
+
     /// [R-19.6-2] A front door (a master whose nucleus redirects, rotated per connection)
     /// spreads workers over the masters behind it.
     @Test func aFrontDoorSpreadsWorkersOverMasters() async throws {

@@ -348,6 +348,35 @@ public nonisolated struct Parley_Work_V1_WorkerWelcome: Sendable {
   /// the current key's Ed25519 signature over "parley-work key rotation v1\0" + it
   public var rotationSignature: Data = Data()
 
+  /// the project's preferences for its workers
+  public var preferences: Parley_Work_V1_Preferences {
+    get {_preferences ?? Parley_Work_V1_Preferences()}
+    set {_preferences = newValue}
+  }
+  /// Returns true if `preferences` has been explicitly set.
+  public var hasPreferences: Bool {self._preferences != nil}
+  /// Clears the value of `preferences`. Subsequent reads from it will return its default value.
+  public mutating func clearPreferences() {self._preferences = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _preferences: Parley_Work_V1_Preferences? = nil
+}
+
+/// What a project asks of its workers (BOINC's project preferences); 0: the worker's own.
+public nonisolated struct Parley_Work_V1_Preferences: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// jobs a worker runs at once, at most
+  public var maxSlots: UInt32 = 0
+
+  /// how long a worker waits before asking again after getting no work
+  public var idleMilliseconds: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1464,7 +1493,7 @@ nonisolated extension Parley_Work_V1_WorkerHello: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WorkerWelcome"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}master\0\u{3}lease_seconds\0\u{3}protocol_version\0\u{3}next_public_key\0\u{3}rotation_signature\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}master\0\u{3}lease_seconds\0\u{3}protocol_version\0\u{3}next_public_key\0\u{3}rotation_signature\0\u{1}preferences\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1477,12 +1506,17 @@ nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, Swift
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
       case 4: try { try decoder.decodeSingularBytesField(value: &self.nextPublicKey) }()
       case 5: try { try decoder.decodeSingularBytesField(value: &self.rotationSignature) }()
+      case 6: try { try decoder.decodeSingularMessageField(value: &self._preferences) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.master.isEmpty {
       try visitor.visitSingularStringField(value: self.master, fieldNumber: 1)
     }
@@ -1498,6 +1532,9 @@ nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, Swift
     if !self.rotationSignature.isEmpty {
       try visitor.visitSingularBytesField(value: self.rotationSignature, fieldNumber: 5)
     }
+    try { if let v = self._preferences {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1507,6 +1544,42 @@ nonisolated extension Parley_Work_V1_WorkerWelcome: SwiftProtobuf.Message, Swift
     if lhs.protocolVersion != rhs.protocolVersion {return false}
     if lhs.nextPublicKey != rhs.nextPublicKey {return false}
     if lhs.rotationSignature != rhs.rotationSignature {return false}
+    if lhs._preferences != rhs._preferences {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_Work_V1_Preferences: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Preferences"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}max_slots\0\u{3}idle_milliseconds\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.maxSlots) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.idleMilliseconds) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.maxSlots != 0 {
+      try visitor.visitSingularUInt32Field(value: self.maxSlots, fieldNumber: 1)
+    }
+    if self.idleMilliseconds != 0 {
+      try visitor.visitSingularUInt32Field(value: self.idleMilliseconds, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_Work_V1_Preferences, rhs: Parley_Work_V1_Preferences) -> Bool {
+    if lhs.maxSlots != rhs.maxSlots {return false}
+    if lhs.idleMilliseconds != rhs.idleMilliseconds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
