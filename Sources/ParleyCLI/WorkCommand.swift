@@ -42,9 +42,9 @@ extension Work {
         static let configuration = CommandConfiguration(
             abstract: "Run a command on a connected worker, through its master.",
             discussion: """
-                The master (started with --allow-commands) sends the command on the worker's own
-                connection; the worker (started with --accept-commands) runs it in its command
-                directory, which every path stays inside. Several commands can run on one worker
+                The master (started with --allow-commands) sends the command on the worker's own \
+                connection; the worker (started with --accept-commands) runs it in its command \
+                directory, which every path stays inside. Several commands can run on one worker \
                 at once.
                 """,
             subcommands: [Run.self, Upload.self, Download.self, Mkdir.self, Rmdir.self, Rmfile.self, Stat.self, Glob.self, List.self, Copy.self]
