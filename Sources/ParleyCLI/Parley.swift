@@ -36,5 +36,16 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 /// One line on standard output, at once, also when it is a file or a pipe (a test or a
 /// script reads it as it comes): for commands that report progress while they run.
 func emit(_ line: String) {
-    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+    writeStandardOutput(Data((line + "\n").utf8))
+}
+
+/// Writes to standard output; when its reader has gone (`parley ... | head`), leaves quietly
+/// with status 141, as a program killed by SIGPIPE would (the runtime ignores SIGPIPE, and
+/// FileHandle's non-throwing `write` would crash on the EPIPE).
+func writeStandardOutput(_ data: Data) {
+    do {
+        try FileHandle.standardOutput.write(contentsOf: data)
+    } catch {
+        exit(141)
+    }
 }

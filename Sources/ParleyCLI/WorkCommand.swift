@@ -96,8 +96,8 @@ extension Work {
                     switch event {
                     case .item(let update, _):
                         if update.commandID != 0 { id.withLockedValue { $0 = update.commandID } }
-                        if !update.stdout.isEmpty { FileHandle.standardOutput.write(update.stdout) }
-                        if !update.stderr.isEmpty { FileHandle.standardError.write(update.stderr) }
+                        if !update.stdout.isEmpty { writeStandardOutput(update.stdout) }
+                        if !update.stderr.isEmpty { try? FileHandle.standardError.write(contentsOf: update.stderr) }
                         if !update.header.isEmpty, !self.json { Self.standardError(update.header.split(separator: "\n").map { "| \($0)\n" }.joined()) }
                     case .final(let final):
                         result = final
@@ -115,7 +115,7 @@ extension Work {
         }
 
         static func standardError(_ text: String) {
-            FileHandle.standardError.write(Data(text.utf8))
+            try? FileHandle.standardError.write(contentsOf: Data(text.utf8))
         }
     }
 

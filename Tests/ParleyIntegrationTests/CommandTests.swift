@@ -54,6 +54,30 @@ struct CommandTests {
         #expect(top.stdout.contains("serve") && top.stdout.contains("ping") && top.stdout.contains("decode"))
     }
 
+    /// Output to a reader that has gone (`parley conform ADDRESS | head`): the command ends
+    /// quietly, killed by SIGPIPE or (once NIO ignores SIGPIPE) with status 141, instead of
+    /// crashing in FileHandle.write on the EPIPE.
+    @Test func outputToAClosedPipeEndsQuietly() async throws {
+        let socket = temporaryPath("pipe.sock")
+        _ = try await Self.withServe(["--listen", "unix:\(socket)"]) {
+            try await Self.waitForSocket(socket)
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: try #require(Self.parleyPath, "parley executable not built"))
+            process.arguments = ["conform", "unix:\(socket)"]
+            let pipe = Pipe()
+            process.standardOutput = pipe
+            process.standardError = FileHandle.nullDevice
+            try pipe.fileHandleForReading.close()
+            try process.run()
+            for _ in 0..<3000 where process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            process.waitUntilExit()
+            let quiet = (process.terminationReason == .exit && process.terminationStatus == 141)
+                || (process.terminationReason == .uncaughtSignal && process.terminationStatus == SIGPIPE)
+            #expect(quiet, "ended by \(process.terminationReason == .exit ? "status" : "signal") \(process.terminationStatus)")
+        }
+    }
+
     /// `Tests/Interop/python/parley_client.py` was written from docs/protocol.md alone, by
     /// someone who did not read the implementation: it checks that the document is enough to
     /// write a compatible client in another language.
