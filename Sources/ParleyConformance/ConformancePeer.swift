@@ -183,9 +183,18 @@ final class ConformancePeer {
             return
         }
         var rest = bytes
-        while rest.readableBytes > 0, let piece = rest.readSlice(length: min(pieces, rest.readableBytes)) {
-            do { try await self.channel.writeAndFlush(piece).get() } catch { return }
+        var slices: [ByteBuffer] = []
+        while rest.readableBytes > 0, let piece = rest.readSlice(length: min(pieces, rest.readableBytes)) { slices.append(piece) }
+        // Written and flushed one by one in a single turn of the event loop: a wait for each
+        // piece cost a hop of the loop each, which under a loaded machine stretched a
+        // handshake in one-byte writes past a client's handshake timeout.
+        let channel = self.channel, parts = slices
+        let last = channel.eventLoop.flatSubmit { () -> EventLoopFuture<Void> in
+            var written = channel.eventLoop.makeSucceededVoidFuture()
+            for piece in parts { written = channel.writeAndFlush(piece) }
+            return written
         }
+        try? await last.get()
     }
 
     func send(_ frames: [Frame], pieces: Int? = nil) async {
