@@ -178,7 +178,7 @@ let package = Package(
         .testTarget(
             name: "ParleyWorkTests",
             dependencies: [
-                "ParleyWork", "ParleyWire", "Parley",
+                "ParleyWork", "ParleyWire", "Parley", "ParleyTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),
                 .product(name: "GRDB", package: "GRDB.swift"),

@@ -114,6 +114,11 @@ extension Work {
             if result.exitStatus != 0 { throw ExitCode(result.exitStatus) }
         }
 
+        /// A glob's or a listing's paths, a line each (nothing when there are none).
+        static func lines(_ result: Parley_Work_V1_CommandResult) -> String? {
+            result.paths.isEmpty ? nil : result.paths.joined(separator: "\n")
+        }
+
         static func standardError(_ text: String) {
             try? FileHandle.standardError.write(contentsOf: Data(text.utf8))
         }
@@ -352,7 +357,7 @@ extension Work {
         func run() async throws {
             var command = Parley_Work_V1_Command()
             command.glob.path = self.pattern
-            try await self.target.send(command, name: "glob") { $0.paths.isEmpty ? nil : $0.paths.joined(separator: "\n") }
+            try await self.target.send(command, name: "glob", describe: CommandTarget.lines)
         }
     }
 
@@ -364,7 +369,7 @@ extension Work {
         func run() async throws {
             var command = Parley_Work_V1_Command()
             command.listdir.path = self.path
-            try await self.target.send(command, name: "ls") { $0.paths.isEmpty ? nil : $0.paths.joined(separator: "\n") }
+            try await self.target.send(command, name: "ls", describe: CommandTarget.lines)
         }
     }
 

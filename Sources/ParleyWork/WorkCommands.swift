@@ -257,7 +257,6 @@ public final class WorkCommandExecutor: Sendable {
         guard !shell.argv.isEmpty, !shell.argv[0].isEmpty else { throw ParleyError(code: .invalidArgument, message: "command \(id) names no program; nothing was done") }
         let workdir = try self.path(shell.workdir, directoryItself: true)
         try self.begin(id, interruptSignal: shell.interruptSignal != 0 ? shell.interruptSignal : SIGKILL)
-        var interrupted: String?
         defer { _ = self.end(id) }
         do {
             try await Self.blocking { try FileManager.default.createDirectory(atPath: workdir, withIntermediateDirectories: true) }
@@ -324,7 +323,7 @@ public final class WorkCommandExecutor: Sendable {
         watcher?.cancel()
         feed.finish()
         await sender.value
-        interrupted = self.interruption(id)
+        let interrupted = self.interruption(id)
         var result = Parley_Work_V1_CommandResult()
         result.exitStatus = outcome.exitStatus
         result.signal = outcome.signal

@@ -5,39 +5,12 @@ import Testing
 /// Master-initiated commands between real processes (protocol.md 19.8): `parley work serve
 /// --allow-commands`, `parley work worker --accept-commands`, and `parley work command`.
 @Suite(.serialized) struct WorkCommandProcessTests {
-    /// A `parley work worker` process, stopped by PID.
-    final class WorkerProcess {
-        let process = Process()
-        let log: String
-
-        init(master: String, trust: String, dir: String, name: String, acceptCommands: Bool) throws {
-            let parley = try #require(parleyExecutablePath())
-            self.process.executableURL = URL(fileURLWithPath: parley)
-            self.process.arguments = ["work", "worker", "--master", master, "--trust", trust, "--dir", "\(dir)/\(name)", "--worker-name", name]
-                + (acceptCommands ? ["--accept-commands"] : [])
-            self.log = "\(dir)/\(name).log"
-            _ = FileManager.default.createFile(atPath: self.log, contents: nil)
-            self.process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: self.log))
-            self.process.standardError = self.process.standardOutput
-            try self.process.run()
-        }
-
-        func stop() {
-            if self.process.isRunning { kill(self.process.processIdentifier, SIGTERM) }
-            for _ in 0..<500 where self.process.isRunning { usleep(10_000) }
-            if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
-            self.process.waitUntilExit()
-        }
-
-        deinit { if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) } }
-    }
-
     @Test func commandsRunOnAWorkerThroughItsMaster() async throws {
         let dir = freshTestDirectory("work-commands")
         #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--allow-commands"], command: ["work", "serve"])
-        let worker = try WorkerProcess(master: master.address, trust: dir + "/keys/work.pub", dir: dir, name: "builder", acceptCommands: true)
-        let plain = try WorkerProcess(master: master.address, trust: dir + "/keys/work.pub", dir: dir, name: "plain", acceptCommands: false)
+        let worker = try WorkProcessTests.Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir, names: ["builder"], extraArguments: ["--accept-commands"])
+        let plain = try WorkProcessTests.Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir, names: ["plain"])
         defer { worker.stop(); plain.stop() }
         let target = ["--master", master.address, "--worker", "builder"]
         let connected = try await eventually(seconds: 30) {

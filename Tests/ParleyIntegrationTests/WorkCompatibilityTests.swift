@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 import Parley
+import ParleyTestSupport
 import ParleyWire
 import ParleyWork
 import SwiftProtobuf

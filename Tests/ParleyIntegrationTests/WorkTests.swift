@@ -10,15 +10,19 @@ import Testing
         var processes: [Process] = []
         let logs: [String]
 
-        init(count: Int, master: String, trust: String, dir: String, masters: [String] = [], slots: Int = 2) throws {
+        /// Workers are named `names` (each working in DIR/NAME), or `worker-I` (in DIR/wI).
+        init(count: Int, master: String, trust: String, dir: String, masters: [String] = [], slots: Int = 2,
+             names: [String]? = nil, extraArguments: [String] = []) throws {
             let parley = try #require(parleyExecutablePath())
             var logs: [String] = []
-            for i in 0..<count {
+            for i in 0..<(names?.count ?? count) {
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: parley)
                 let masterOptions = (masters.isEmpty ? [master] : masters).flatMap { ["--master", $0] }
-                p.arguments = ["work", "worker"] + masterOptions + ["--trust", trust, "--slots", "\(slots)", "--dir", "\(dir)/w\(i)", "--worker-name", "worker-\(i)"]
-                let log = "\(dir)/worker-\(i).log"
+                let name = names?[i] ?? "worker-\(i)"
+                let workDir = names == nil ? "\(dir)/w\(i)" : "\(dir)/\(name)"
+                p.arguments = ["work", "worker"] + masterOptions + ["--trust", trust, "--slots", "\(slots)", "--dir", workDir, "--worker-name", name] + extraArguments
+                let log = "\(dir)/\(name).log"
                 _ = FileManager.default.createFile(atPath: log, contents: nil)
                 p.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
                 p.standardError = p.standardOutput
@@ -241,11 +245,6 @@ extension WorkProcessTests {
         worker.waitUntilExit()
         await master.stop()
     }
-}
-
-struct ParleyTestFailure: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
 }
 
 #if canImport(FoundationNetworking)

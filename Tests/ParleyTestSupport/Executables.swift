@@ -48,3 +48,9 @@ public func runProcess(_ executable: String, _ arguments: [String], stdin: Data?
         stderr: String(decoding: FileManager.default.contents(atPath: errPath) ?? Data(), as: UTF8.self)
     )
 }
+
+/// A test's own failure, with what went wrong.
+public struct ParleyTestFailure: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}

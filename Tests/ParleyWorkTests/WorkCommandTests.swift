@@ -4,6 +4,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import Parley
+import ParleyTestSupport
 @testable import ParleyWork
 import Testing
 
@@ -59,7 +60,7 @@ struct CommandRig {
             case .result(let r): return (updates, r)
             }
         }
-        throw ParleyTestError("command \(run.id) ended without a result")
+        throw ParleyTestFailure("command \(run.id) ended without a result")
     }
 
     static func shell(_ argv: [String], timeout: UInt32 = 0, signal: Int32 = 0, workdir: String = "") -> Parley_Work_V1_Command {
@@ -71,11 +72,6 @@ struct CommandRig {
         command.shell.workdir = workdir
         return command
     }
-}
-
-struct ParleyTestError: Error, CustomStringConvertible {
-    let description: String
-    init(_ description: String) { self.description = description }
 }
 
 /// A file in memory as a transfer's end, that can be told to misbehave.
@@ -183,7 +179,7 @@ final class MemoryTransfer: WorkTransfer {
                 case .result(let r): return r
                 }
             }
-            throw ParleyTestError("no result")
+            throw ParleyTestFailure("no result")
         }
         let trapped = try await interrupted(CommandRig.shell(["sh", "-c", "trap 'echo got TERM; exit 7' TERM; echo ready; sleep 30 & wait"], signal: SIGTERM))
         #expect(trapped.exitStatus == 7 && trapped.interrupted && trapped.error == "test interrupt", "\(trapped)")
