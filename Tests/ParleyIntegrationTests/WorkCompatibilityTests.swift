@@ -97,7 +97,8 @@ import Testing
             for (n, stage) in stages.enumerated() {
                 try await outbound.write(stage)
                 let id = UInt64(n + 1)
-                let deadline = ContinuousClock.now + .seconds(10)
+                // A hang detector: a full parallel run on two cores once took more than 10 s.
+                let deadline = ContinuousClock.now + .seconds(30)
                 while answers[id] == nil {
                     // Each read is bounded too: a master that stays silent fails the test, not hangs it.
                     let timer = Task {
