@@ -1,0 +1,6 @@
+import Testing
+@testable import ParleyWorkBOINC
+
+@Suite struct BOINCPlaceholderTests {
+    @Test func moduleLinks() { _ = BOINCFrontEnd.self }
+}
