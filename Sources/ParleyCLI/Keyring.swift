@@ -16,7 +16,7 @@ struct Keyring: ParsableCommand {
               parley keyring add client.alice --keyring server.keyring --caps echo
               parley keyring export client.alice --keyring server.keyring --out alice.keyring
             """,
-        subcommands: [Add.self, List.self, Revoke.self, Rotate.self, Remove.self, Export.self]
+        subcommands: [Add.self, List.self, Key.self, Revoke.self, Rotate.self, Remove.self, Export.self]
     )
 
     struct Options: ParsableArguments {
@@ -165,6 +165,25 @@ struct Keyring: ParsableCommand {
                 keyring.entities.removeAll { $0.name == self.name }
                 try keyring.save(path: self.options.keyring)
                 print("removed \(self.name) from \(self.options.keyring)")
+            }
+        }
+    }
+
+    struct Key: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Print an entity's key (base64), nothing else.",
+            discussion: "For programs that log in with a name and password, such as a Buildbot worker of `parley work serve --buildbot`: buildbot-worker create-worker --protocol=msgpack_experimental_v7 DIR HOST:PORT NAME \"$(parley keyring key NAME)\"."
+        )
+        @Argument(help: "Entity name.") var name: String
+        @OptionGroup var options: Options
+
+        func run() throws {
+            try Keyring.reporting {
+                let keyring = try ParleyKeyring.load(path: self.options.keyring)
+                guard let e = keyring.entity(named: self.name) else {
+                    throw ParleyError(code: .invalidArgument, message: "\(self.name) is not in \(self.options.keyring)")
+                }
+                print(e.key)
             }
         }
     }

@@ -4,6 +4,7 @@ import Logging
 import Metrics
 import Parley
 import ParleyWork
+import ParleyWorkBuildbot
 import Prometheus
 import ServiceLifecycle
 import SwiftProtobuf
@@ -34,6 +35,17 @@ struct Work: AsyncParsableCommand {
     static func hostPort(_ text: String) throws -> (host: String, port: Int) {
         guard let address = try? ParleyAddress(parsing: text), case .tcp(let host, let port) = address.kind else {
             throw ValidationError("bad --http \"\(text)\": use HOST:PORT")
+        }
+        return (host, port)
+    }
+
+    /// `HOST:PORT` of `--buildbot ws://HOST:PORT[/]`.
+    static func webSocketHostPort(_ text: String) throws -> (host: String, port: Int) {
+        guard text.hasPrefix("ws://") else { throw ValidationError("bad --buildbot \"\(text)\": use ws://HOST:PORT (Buildbot workers speak plain WebSocket)") }
+        var rest = text.dropFirst("ws://".count)
+        if rest.hasSuffix("/") { rest = rest.dropLast() }
+        guard let address = try? ParleyAddress(parsing: String(rest)), case .tcp(let host, let port) = address.kind else {
+            throw ValidationError("bad --buildbot \"\(text)\": use ws://HOST:PORT")
         }
         return (host, port)
     }
@@ -103,6 +115,15 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("A preference sent to every worker: after getting no work, wait this long before asking again (0: the worker's own).", valueName: "ms"))
         var idleMilliseconds: UInt32 = 0
 
+        @Option(name: .long, help: ArgumentHelp("Serve unmodified Buildbot workers (buildbot-worker --protocol=msgpack_experimental_v7) on a WebSocket at ws://HOST:PORT; they log in with a --keyring entity's name and key (parley keyring key NAME).", valueName: "url"))
+        var buildbot: String?
+
+        @Option(name: .long, help: ArgumentHelp("An application Buildbot workers run (repeatable; default: buildbot): they get its jobs and those that need none.", valueName: "name"))
+        var buildbotApp: [String] = []
+
+        @Option(name: .long, help: ArgumentHelp("Seconds between keepalives to each Buildbot worker; one unanswered for as long closes its connection.", valueName: "seconds"))
+        var buildbotKeepalive: Int = 30
+
         @OptionGroup(title: "Nucleus (what every worker and submitter is told)") var nucleus: NucleusOptions
 
         @OptionGroup var security: ServerSecurityOptions
@@ -116,6 +137,13 @@ struct Work: AsyncParsableCommand {
             }
             guard self.leaseSeconds > 0, self.maxAttempts > 0 else { throw ValidationError("--lease-seconds and --max-attempts must be positive") }
             if let http = self.http { _ = try Work.hostPort(http) }
+            if let buildbot = self.buildbot {
+                _ = try Work.webSocketHostPort(buildbot)
+                guard self.security.keyring != nil else {
+                    throw ValidationError("--buildbot needs --keyring: Buildbot workers log in with a keyring entity's name and key")
+                }
+                guard self.buildbotKeepalive >= 1 else { throw ValidationError("--buildbot-keepalive must be at least 1 second") }
+            }
             for a in self.listen { do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) } }
             try self.security.check(listen: try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) })
         }
@@ -165,7 +193,8 @@ struct Work: AsyncParsableCommand {
             service.relayCommands = self.allowCommands
             service.preferences.maxSlots = self.maxSlots
             service.preferences.idleMilliseconds = self.idleMilliseconds
-            WorkService.register(on: &router, store: store, configuration: service, commands: WorkCommandCenter(logger: logger))
+            let commands = WorkCommandCenter(logger: logger)
+            WorkService.register(on: &router, store: store, configuration: service, commands: commands)
             let addresses = try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) }
             var configuration = ParleyServer.Configuration(
                 listen: addresses, name: "parley-work", nucleus: self.nucleus.nucleus, minimumClientVersion: self.nucleus.minClientVersion
@@ -192,6 +221,18 @@ struct Work: AsyncParsableCommand {
                 services.append(.init(service: WorkHTTP.application(
                     host: host, port: port, store: store, metrics: { registry.emitToString() }, logger: logger, onRunning: { port in logger.info("http listening", metadata: ["address": "\(host):\(port)"]) }
                 )))
+            }
+            if let buildbot = self.buildbot, let keyring = self.security.keyring {
+                let (host, port) = try Work.webSocketHostPort(buildbot)
+                var front = BuildbotFrontEnd.Configuration(host: host, port: port, keyringPath: keyring)
+                front.requireCapabilities = self.requireCaps
+                if !self.buildbotApp.isEmpty { front.apps = self.buildbotApp }
+                front.leaseDuration = .seconds(self.leaseSeconds)
+                front.trust = trust
+                front.keepaliveInterval = .seconds(self.buildbotKeepalive)
+                front.keepaliveTimeout = .seconds(self.buildbotKeepalive)
+                front.listener.callTimeout = .seconds(self.buildbotKeepalive)
+                services.append(.init(service: BuildbotFrontEnd(configuration: front, store: store, commands: commands, logger: logger)))
             }
             let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
             try await group.run()

@@ -211,10 +211,12 @@ extension Work {
             var command = Parley_Work_V1_Command()
             command.upload = upload
             let sent = NIOLockedValueBox(Data())
+            let modified = NIOLockedValueBox<Int64>(0)
             do {
                 try await self.target.send(command, name: "upload", router: router) { result in
                     progress.end()
                     sent.withLockedValue { $0 = result.sha256 }
+                    modified.withLockedValue { $0 = result.stat.mtimeUnixMs }
                     return "\(result.size) bytes, sha256 \(result.sha256.map { String(format: "%02x", $0) }.joined())"
                 }
             } catch {
@@ -227,6 +229,13 @@ extension Work {
                 try? FileManager.default.removeItem(atPath: partial)
                 CommandTarget.standardError("parley work command upload: the bytes received do not match the worker's SHA-256; \(self.local) not written\n")
                 throw ExitCode(1)
+            }
+            // The copy keeps the worker file's modification time (keepstamp).
+            let mtime = modified.withLockedValue { $0 }
+            if mtime > 0 {
+                // The access time stays (UTIME_OMIT, a macro Swift does not import).
+                var times = [timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2), timespec(tv_sec: Int(mtime / 1000), tv_nsec: Int(mtime % 1000) * 1_000_000)]
+                _ = utimensat(AT_FDCWD, partial, &times, 0)
             }
             guard rename(partial, self.local) == 0 else {
                 CommandTarget.standardError("parley work command upload: cannot put \(self.local) in place: \(String(cString: strerror(errno)))\n")

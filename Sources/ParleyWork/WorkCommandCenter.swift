@@ -15,6 +15,15 @@ public protocol WorkTransfer: Sendable {
     func read(command: UInt64, offset: UInt64, length: Int) async throws -> (data: ByteBuffer, eof: Bool)
 }
 
+/// A worker that is not on a Parley connection (a Buildbot worker, through its front end):
+/// it runs the master's `Command`s its own way and reports them as the same events.
+public protocol WorkCommandLink: AnyObject, Sendable {
+    /// Runs `command` (its id already set); the events end with its result.
+    func run(_ command: Parley_Work_V1_Command, transfer: (any WorkTransfer)?) async throws -> AsyncThrowingStream<WorkCommandCenter.Event, any Error>
+    /// Interrupts a running command; false when it no longer runs.
+    func interrupt(_ commandID: UInt64, signal: Int32, reason: String) async throws -> Bool
+}
+
 /// A file on the master's machine as a transfer's end: an upload writes it (created, or
 /// truncated by the first chunk), a download reads it.
 public struct WorkFileTransfer: WorkTransfer {
@@ -70,7 +79,8 @@ public final class WorkCommandCenter: Sendable {
     }
 
     private struct Attached {
-        var connection: ParleyConnection
+        var connection: ParleyConnection?
+        var link: (any WorkCommandLink)?
         var hello: Parley_Work_V1_WorkerHello
     }
 
@@ -78,7 +88,8 @@ public final class WorkCommandCenter: Sendable {
 
     private struct Active {
         var worker: String
-        var connection: ParleyConnection
+        var connection: ParleyConnection?
+        var link: (any WorkCommandLink)?
         var transfer: (any WorkTransfer)?
         var direction: Direction
         var limit: UInt64
@@ -120,6 +131,21 @@ public final class WorkCommandCenter: Sendable {
         }
     }
 
+    /// A worker on another protocol (`WorkCommandLink`) is connected under `hello.worker`
+    /// until `detach` (or another attach of the same name replaces it).
+    public func attach(_ hello: Parley_Work_V1_WorkerHello, link: any WorkCommandLink) {
+        self.state.withLockedValue { $0.workers[hello.worker] = Attached(connection: nil, link: link, hello: hello) }
+    }
+
+    /// The worker named `name`, attached through `link`, is gone: commands for it are refused.
+    public func detach(_ name: String, link: any WorkCommandLink) {
+        self.state.withLockedValue { state in
+            if let current = state.workers[name]?.link, current === link {
+                state.workers[name] = nil
+            }
+        }
+    }
+
     /// Sends `command` to `worker` (its id is set here) and returns its events. An upload
     /// or a download needs `transfer`.
     public func run(_ command: Parley_Work_V1_Command, on worker: String, transfer: (any WorkTransfer)? = nil) async throws -> Run {
@@ -143,7 +169,7 @@ public final class WorkCommandCenter: Sendable {
         if direction != .none, transfer == nil {
             throw ParleyError(code: .invalidArgument, message: "an upload or a download needs the master's end of the transfer")
         }
-        let (id, connection) = try self.state.withLockedValue { state -> Result<(UInt64, ParleyConnection), ParleyError> in
+        let (id, attached) = try self.state.withLockedValue { state -> Result<(UInt64, Attached), ParleyError> in
             guard let attached = state.workers[worker] else {
                 let names = state.workers.keys.sorted()
                 return .failure(ParleyError(code: .invalidArgument, message: "worker \(worker) is not connected to this master (connected: \(names.isEmpty ? "none" : names.joined(separator: ", ")))"))
@@ -153,10 +179,13 @@ public final class WorkCommandCenter: Sendable {
             }
             let id = state.nextID
             state.nextID += 1
-            state.commands[id] = Active(worker: worker, connection: attached.connection, transfer: transfer, direction: direction, limit: limit)
-            return .success((id, attached.connection))
+            state.commands[id] = Active(worker: worker, connection: attached.connection, link: attached.link, transfer: transfer, direction: direction, limit: limit)
+            return .success((id, attached))
         }.get()
         command.commandID = id
+        guard let connection = attached.connection else {
+            return try await self.run(command, id: id, worker: worker, link: attached.link!, transfer: transfer)
+        }
         let responses: ParleyResponseStream<Parley_Work_V1_CommandUpdate, Parley_Work_V1_CommandResult>
         do {
             responses = try await connection.stream(command, item: Parley_Work_V1_CommandUpdate.self, final: Parley_Work_V1_CommandResult.self)
@@ -183,10 +212,35 @@ public final class WorkCommandCenter: Sendable {
         return Run(id: id, worker: worker, events: events, cancellation: { forward.cancel() })
     }
 
+    /// A command for a worker on a `WorkCommandLink`.
+    private func run(_ command: Parley_Work_V1_Command, id: UInt64, worker: String, link: any WorkCommandLink, transfer: (any WorkTransfer)?) async throws -> Run {
+        let upstream: AsyncThrowingStream<Event, any Error>
+        do {
+            upstream = try await link.run(command, transfer: transfer)
+        } catch {
+            self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) }
+            throw error
+        }
+        let (events, continuation) = AsyncThrowingStream<Event, any Error>.makeStream()
+        let forward = Task {
+            defer { self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) } }
+            do {
+                for try await event in upstream { continuation.yield(event) }
+                continuation.finish()
+            } catch {
+                continuation.finish(throwing: error)
+            }
+        }
+        continuation.onTermination = { _ in forward.cancel() }
+        return Run(id: id, worker: worker, events: events, cancellation: { forward.cancel() })
+    }
+
     /// Sends an `InterruptCommand` for a running command; false when the worker no longer
     /// runs it.
     public func interrupt(_ id: UInt64, signal: Int32 = 0, reason: String = "") async throws -> Bool {
-        guard let connection = self.state.withLockedValue({ $0.commands[id]?.connection }) else { return false }
+        let active = self.state.withLockedValue { $0.commands[id] }
+        if let link = active?.link { return try await link.interrupt(id, signal: signal, reason: reason) }
+        guard let connection = active?.connection else { return false }
         var interrupt = Parley_Work_V1_InterruptCommand()
         interrupt.commandID = id
         interrupt.signal = signal

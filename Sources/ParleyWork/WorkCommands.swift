@@ -391,6 +391,12 @@ public final class WorkCommandExecutor: Sendable {
         var result = Parley_Work_V1_CommandResult()
         result.size = offset
         result.sha256 = Data(hash.finalize())
+        // The file's times go with it: the master's copy keeps them.
+        result.stat.exists = true
+        result.stat.kind = "file"
+        result.stat.size = offset
+        result.stat.mode = UInt32((attributes[.posixPermissions] as? NSNumber)?.uint32Value ?? 0o644)
+        result.stat.mtimeUnixMs = Int64(((attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0) * 1000)
         return result
     }
 

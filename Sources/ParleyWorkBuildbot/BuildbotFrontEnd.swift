@@ -1,3 +1,480 @@
-/// Parley Work's Buildbot front end (issue 12): unmodified `buildbot-worker`s connect over
-/// WebSocket (msgpack_experimental_v7) and run the store's jobs and the master's commands.
-public enum BuildbotFrontEnd {}
+import Crypto
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import Parley
+import ParleyWork
+import ServiceLifecycle
+import SwiftProtobuf
+#if canImport(Glibc)
+import CoreFoundation
+import Glibc
+#endif
+
+/// Parley Work's Buildbot front end (issue 12, docs/buildbot.md): unmodified
+/// `buildbot-worker`s (`--protocol=msgpack_experimental_v7`) connect over WebSocket, log in
+/// with HTTP Basic authentication against the keyring (name: the entity, password: its key as
+/// the keyring file shows it), and then
+/// - run the store's jobs, as native workers do: each job claimed under a lease, its inputs
+///   sent with `download_file`, its command run with `shell` (output streamed, kept as the
+///   report's tails), its outputs fetched with `upload_file`, the report through the same
+///   lease rules (exactly once);
+/// - run the master's commands (`parley work command ... --worker NAME`, §19.8), translated
+///   to Buildbot's: shell, upload, download, mkdir, rmdir, rmfile, stat, glob, listdir, cpdir,
+///   with interrupts.
+public final class BuildbotFrontEnd: Service, Sendable {
+    public struct Configuration: Sendable {
+        public var host: String
+        public var port: Int
+        /// The keyring whose entities may log in (read at every login: a revoked or expired
+        /// entity is refused at once).
+        public var keyringPath: String
+        /// Whether an entity needs `work.worker` (or `work.*`) to log in.
+        public var requireCapabilities = false
+        /// The applications Buildbot workers run (JobSpec.app): they get those jobs and the
+        /// jobs that need none.
+        public var apps: [String] = ["buildbot"]
+        public var leaseDuration: Duration = .seconds(600)
+        /// When set, a job's signature is checked again before a worker gets it.
+        public var trust: WorkSigning.PublicKey?
+        /// A `keepalive` request this often; no answer within `keepaliveTimeout` closes the
+        /// connection (the stock master waits an hour and never times out).
+        public var keepaliveInterval: Duration = .seconds(30)
+        public var keepaliveTimeout: Duration = .seconds(30)
+        /// How long a worker with no job waits before asking the store again.
+        public var idlePoll: Duration = .milliseconds(500)
+        /// Bytes kept of each of stdout and stderr when the job does not say.
+        public var defaultMaxOutputBytes: UInt64 = 1 << 20
+        /// Largest output file fetched from a worker.
+        public var maxOutputFileBytes: UInt64 = 256 << 20
+        public var listener: BuildbotListener.Configuration
+
+        public init(host: String, port: Int, keyringPath: String) {
+            self.host = host
+            self.port = port
+            self.keyringPath = keyringPath
+            self.listener = BuildbotListener.Configuration(host: host, port: port)
+        }
+    }
+
+    public let configuration: Configuration
+    let store: any WorkStore
+    let commands: WorkCommandCenter?
+    let logger: Logger
+    let onListening: @Sendable (Int) -> Void
+    private let sessions = NIOLockedValueBox<[String: BuildbotWorkerSession]>([:])
+
+    public init(
+        configuration: Configuration, store: any WorkStore, commands: WorkCommandCenter?, logger: Logger,
+        onListening: @escaping @Sendable (Int) -> Void = { _ in }
+    ) {
+        self.configuration = configuration
+        self.store = store
+        self.commands = commands
+        self.logger = logger
+        self.onListening = onListening
+    }
+
+    /// Judges a worker's name and password against the keyring.
+    public static func authenticate(name: String, password: String, keyringPath: String, requireCapabilities: Bool, now: Date = Date()) -> BuildbotAuthentication {
+        let keyring: ParleyKeyring
+        do {
+            keyring = try ParleyKeyring.load(path: keyringPath)
+        } catch {
+            return .refused("the master cannot read its keyring: \(error.message)")
+        }
+        // One answer for every refusal of a name and password: no telling which was wrong.
+        let refusal = BuildbotAuthentication.refused("unknown worker name or wrong password")
+        guard let entity = keyring.entity(named: name) else { return refusal }
+        let given = Array(password.utf8), expected = Array(entity.key.utf8)
+        var difference = UInt8(given.count == expected.count ? 0 : 1)
+        for (i, byte) in expected.enumerated() { difference |= byte ^ (i < given.count ? given[i] : 0) }
+        guard difference == 0 else { return refusal }
+        if entity.revoked { return .refused("worker \(name) is revoked in the keyring") }
+        if let expires = entity.expires, expires <= now { return .refused("worker \(name)'s key expired at \(expires)") }
+        if requireCapabilities, !entity.caps.contains(where: { $0 == "work.worker" || $0 == "work.*" || $0 == "*" }) {
+            return .refused("worker \(name) lacks the capability work.worker")
+        }
+        return .accepted(name)
+    }
+
+    public func run() async throws {
+        let configuration = self.configuration
+        let listener = try await BuildbotListener.bind(
+            configuration.listener, logger: self.logger,
+            authenticate: { name, password in
+                Self.authenticate(name: name, password: password, keyringPath: configuration.keyringPath, requireCapabilities: configuration.requireCapabilities)
+            },
+            onConnection: { [self] connection in self.accept(connection) }
+        )
+        self.logger.info("buildbot front end listening", metadata: ["address": "ws://\(configuration.host):\(listener.port)/"])
+        self.onListening(listener.port)
+        await withGracefulShutdownHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                self.stopped.withLockedValue { $0 = continuation }
+            }
+        } onGracefulShutdown: {
+            self.stopped.withLockedValue { $0?.resume(); $0 = nil }
+        }
+        await listener.close()
+        let sessions = self.sessions.withLockedValue { Array($0.values) }
+        await withTaskGroup(of: Void.self) { group in
+            for session in sessions { group.addTask { await session.stop(reason: "the master is shutting down") } }
+        }
+    }
+
+    private let stopped = NIOLockedValueBox<CheckedContinuation<Void, Never>?>(nil)
+
+    /// A worker logged in: a duplicate login replaces the old connection (a worker that lost
+    /// its link without the master noticing comes back under the same name).
+    private func accept(_ connection: BuildbotConnection) {
+        let session = BuildbotWorkerSession(connection: connection, frontEnd: self)
+        let old = self.sessions.withLockedValue { sessions -> BuildbotWorkerSession? in
+            defer { sessions[connection.worker] = session }
+            return sessions[connection.worker]
+        }
+        self.logger.info("buildbot worker connected", metadata: ["worker": "\(connection.worker)", "from": "\(connection.remoteAddress)"])
+        Task {
+            if let old { await old.stop(reason: "worker \(connection.worker) logged in again") }
+            await session.run()
+            self.sessions.withLockedValue { sessions in
+                if sessions[connection.worker] === session { sessions[connection.worker] = nil }
+            }
+            self.logger.info("buildbot worker disconnected", metadata: ["worker": "\(connection.worker)", "reason": "\(connection.closeReason ?? "?")"])
+        }
+    }
+
+    /// The workers connected now.
+    public var connectedWorkers: [String] { self.sessions.withLockedValue { $0.keys.sorted() } }
+}
+
+/// One logged-in worker: the connect sequence, its job loop, keepalives, and the master's
+/// commands for it (`WorkCommandLink`).
+final class BuildbotWorkerSession: WorkCommandLink, Sendable {
+    let connection: BuildbotConnection
+    unowned let frontEnd: BuildbotFrontEnd
+    var worker: String { self.connection.worker }
+    var logger: Logger { self.frontEnd.logger }
+
+    private struct State {
+        var basedir = ""
+        /// Parley command id → Buildbot command id, and whether it was interrupted.
+        var relayed: [UInt64: (id: String, interrupted: Bool)] = [:]
+        var stopping = false
+    }
+    private let state = NIOLockedValueBox(State())
+
+    init(connection: BuildbotConnection, frontEnd: BuildbotFrontEnd) {
+        self.connection = connection
+        self.frontEnd = frontEnd
+    }
+
+    var basedir: String { self.state.withLockedValue { $0.basedir } }
+    /// Where the master's commands act, as `--command-dir` does for native workers.
+    var commandDirectory: String { self.basedir + "/commands" }
+
+    func run() async {
+        let configuration = self.frontEnd.configuration
+        do {
+            // What the real master does on every connect.
+            try await self.connection.call("print", [("message", "attached")])
+            let info = try await self.connection.call("get_worker_info")
+            guard let basedir = info["basedir"]?.stringValue, basedir.hasPrefix("/") else {
+                throw BuildbotProtocolError("get_worker_info: no absolute basedir in \(info)")
+            }
+            self.state.withLockedValue { $0.basedir = basedir }
+            try await self.connection.call("set_worker_settings", [("args", .object([
+                "newline_re": .string(#"(\r\n|\r(?=.)|\033\[u|\033\[[0-9]+;[0-9]+[Hf]|\033\[2J|\x08+)"#),
+                "max_line_length": 4096, "buffer_timeout": 1, "buffer_size": 65536,
+            ]))])
+            try await self.simple("mkdir", .object(["paths": .array([.string(basedir + "/jobs"), .string(self.commandDirectory)]), "logEnviron": false]))
+            try await self.connection.call("print", [("message", "attached")])
+            var hello = Parley_Work_V1_WorkerHello()
+            hello.worker = self.worker
+            hello.platform = "buildbot-worker \(info["version"]?.stringValue ?? "?")"
+            hello.os = info["os_pretty_name"]?.stringValue ?? info["system"]?.stringValue ?? ""
+            hello.cpus = UInt32(clamping: info["numcpus"]?.intValue ?? 0)
+            hello.slots = 1
+            hello.apps = configuration.apps
+            hello.commands = true
+            self.frontEnd.commands?.attach(hello, link: self)
+            defer { self.frontEnd.commands?.detach(self.worker, link: self) }
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask { await self.keepalives() }
+                group.addTask { await self.jobs() }
+                await self.connection.closed()
+                group.cancelAll()
+            }
+        } catch {
+            self.logger.warning("buildbot worker session ended", metadata: ["worker": "\(self.worker)", "error": "\(error)"])
+            self.connection.close(reason: "\(error)")
+        }
+    }
+
+    /// Interrupts what the worker runs for us, then closes (a restarting master leaves no
+    /// command running unwatched on its workers).
+    func stop(reason: String) async {
+        let running = self.state.withLockedValue { state -> [String] in
+            state.stopping = true
+            return state.relayed.values.map(\.id)
+        } + self.jobCommands.withLockedValue { Array($0) }
+        for id in running where self.connection.isRunning(id) {
+            try? await self.connection.interrupt(id, why: reason)
+        }
+        self.connection.close(reason: reason)
+    }
+
+    private func keepalives() async {
+        let interval = self.frontEnd.configuration.keepaliveInterval
+        while !Task.isCancelled {
+            do {
+                try await Task.sleep(for: interval)
+                try await self.connection.call("keepalive")
+            } catch {
+                return
+            }
+        }
+    }
+
+    /// A command with no output to keep: fails with the worker's failure text or a non-zero rc.
+    @discardableResult
+    func simple(_ name: String, _ args: MessagePack, transfer: (any BuildbotTransfer)? = nil) async throws -> [BuildbotUpdate] {
+        let (_, events) = try await self.connection.start(name, args: args, transfer: transfer)
+        var updates: [BuildbotUpdate] = []
+        for try await event in events {
+            switch event {
+            case .updates(let u): updates += u
+            case .complete(let failure?): throw BuildbotRemoteError(message: "\(name): \(failure)")
+            case .complete(nil): break
+            }
+        }
+        for case .rc(let rc) in updates where rc != 0 {
+            throw BuildbotRemoteError(message: "\(name) failed (rc \(rc))\(Self.reason(updates).map { ": \($0)" } ?? "")")
+        }
+        return updates
+    }
+
+    static func reason(_ updates: [BuildbotUpdate]) -> String? {
+        for case .failureReason(let r) in updates { return r }
+        let header = updates.compactMap { if case .header(let h) = $0 { return h } else { return nil } }.joined()
+        return header.isEmpty ? nil : header.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    // MARK: Jobs from the store
+
+    let jobCommands = NIOLockedValueBox<Set<String>>([])
+
+    private func jobs() async {
+        let configuration = self.frontEnd.configuration
+        let store = self.frontEnd.store
+        let leaseNanoseconds = Int64(configuration.leaseDuration.components.seconds) * 1_000_000_000
+        while !Task.isCancelled, self.connection.closeReason == nil {
+            let claimed: [ClaimedJob]
+            do {
+                claimed = try await store.claim(worker: self.worker, limit: 1, apps: configuration.apps, now: WorkService.now(), leaseDuration: leaseNanoseconds)
+            } catch {
+                self.logger.warning("cannot claim jobs", metadata: ["worker": "\(self.worker)", "error": "\(error)"])
+                try? await Task.sleep(for: .seconds(1))
+                continue
+            }
+            guard let job = claimed.first else {
+                try? await Task.sleep(for: configuration.idlePoll)
+                continue
+            }
+            await self.execute(job)
+        }
+    }
+
+    /// Runs one job on the worker and reports it; a job whose worker went away is handed
+    /// back (queued again, the attempt not counted).
+    private func execute(_ job: ClaimedJob) async {
+        let store = self.frontEnd.store
+        let configuration = self.frontEnd.configuration
+        let leaseNanoseconds = Int64(configuration.leaseDuration.components.seconds) * 1_000_000_000
+        let renewal = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(nanoseconds: UInt64(max(leaseNanoseconds / 3, 1_000_000_000)))
+                if Task.isCancelled { return }
+                _ = try? await store.renew(jobID: job.id, leaseID: job.lease.id, worker: self.worker, now: WorkService.now(), leaseDuration: leaseNanoseconds)
+            }
+        }
+        defer { renewal.cancel() }
+        let result: Parley_Work_V1_ReportResult
+        do {
+            result = try await BuildbotJob(session: self, job: job).run()
+        } catch {
+            self.logger.notice("job handed back: the worker went away", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "error": "\(error)"])
+            try? await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: self.worker)
+            return
+        }
+        let outcome: LeaseReport.Outcome = result.errorKind == .none && result.exitStatus == 0 && result.signal == 0
+            ? .success : .failure(result.message.isEmpty ? "exit status \(result.exitStatus)" : result.message)
+        do {
+            let verdict = try await store.report(jobID: job.id, LeaseReport(leaseID: job.lease.id, worker: self.worker, outcome: outcome), result: try result.serializedBytes(), now: WorkService.now())
+            self.logger.info("job reported", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "verdict": "\(verdict)"])
+        } catch {
+            self.logger.warning("cannot report a job", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "error": "\(error)"])
+        }
+    }
+
+    // MARK: The master's commands (WorkCommandLink)
+
+    func run(_ command: Parley_Work_V1_Command, transfer: (any WorkTransfer)?) async throws -> AsyncThrowingStream<WorkCommandCenter.Event, any Error> {
+        let translated = try BuildbotCommands.translate(command, root: self.commandDirectory)
+        var adapter: BuildbotTransferAdapter?
+        if let transfer, translated.direction != .none {
+            adapter = BuildbotTransferAdapter(command: command.commandID, transfer: transfer, limit: translated.limit)
+        }
+        let started = ContinuousClock.now
+        let (id, events) = try await self.connection.start(translated.name, args: translated.args, transfer: adapter)
+        self.state.withLockedValue { $0.relayed[command.commandID] = (id, false) }
+        let (stream, continuation) = AsyncThrowingStream<WorkCommandCenter.Event, any Error>.makeStream()
+        let parleyID = command.commandID
+        let root = self.commandDirectory
+        let forward = Task {
+            defer { _ = self.state.withLockedValue { $0.relayed.removeValue(forKey: parleyID) } }
+            var collected: [BuildbotUpdate] = []
+            do {
+                for try await event in events {
+                    switch event {
+                    case .updates(let updates):
+                        collected += updates
+                        if let update = BuildbotCommands.update(parleyID, updates) { continuation.yield(.update(update)) }
+                    case .complete(let failure):
+                        let interrupted = self.state.withLockedValue { $0.relayed[parleyID]?.interrupted ?? false }
+                        var result = BuildbotCommands.result(parleyID, collected, failure: failure, interrupted: interrupted, root: root, kind: command.kind)
+                        result.elapsedMs = UInt64((ContinuousClock.now - started).components.seconds * 1000)
+                        if let adapter {
+                            let (size, digest) = adapter.moved
+                            result.size = size
+                            result.sha256 = Data(digest)
+                            if let modified = adapter.modified {
+                                result.stat.exists = true
+                                result.stat.kind = "file"
+                                result.stat.size = size
+                                result.stat.mtimeUnixMs = Int64(modified * 1000)
+                            }
+                            if result.error.isEmpty, let problem = adapter.check(command) {
+                                result.error = problem
+                                result.exitStatus = 1
+                            }
+                        }
+                        continuation.yield(.result(result))
+                    }
+                }
+                continuation.finish()
+            } catch {
+                continuation.finish(throwing: error)
+            }
+        }
+        continuation.onTermination = { reason in
+            forward.cancel()
+            if case .cancelled = reason, self.connection.isRunning(id) {
+                Task { try? await self.connection.interrupt(id, why: "cancelled by the master") }
+            }
+        }
+        return stream
+    }
+
+    func interrupt(_ commandID: UInt64, signal: Int32, reason: String) async throws -> Bool {
+        let id = self.state.withLockedValue { state -> String? in
+            guard let entry = state.relayed[commandID] else { return nil }
+            state.relayed[commandID]?.interrupted = true
+            return entry.id
+        }
+        guard let id, self.connection.isRunning(id) else { return false }
+        try await self.connection.interrupt(id, why: reason.isEmpty ? "interrupted by the master" : reason)
+        return true
+    }
+}
+
+/// Adapts a Parley transfer (offsets, ByteBuffers) to Buildbot's chunk requests, counting
+/// and hashing what moves and holding it to the command's limit.
+final class BuildbotTransferAdapter: BuildbotTransfer {
+    private struct State {
+        var offset: UInt64 = 0
+        var hash = SHA256()
+        var eof = false
+        var modified: Double?
+    }
+    let command: UInt64
+    let transfer: any WorkTransfer
+    let limit: UInt64
+    private let state = NIOLockedValueBox(State())
+
+    init(command: UInt64, transfer: any WorkTransfer, limit: UInt64) {
+        self.command = command
+        self.transfer = transfer
+        self.limit = limit
+    }
+
+    var moved: (UInt64, [UInt8]) { self.state.withLockedValue { ($0.offset, Array($0.hash.finalize())) } }
+    /// An upload's modification time, from `update_upload_file_utime`.
+    var modified: Double? { self.state.withLockedValue { $0.modified } }
+
+    /// A download's promised size and SHA-256, checked once it is complete.
+    func check(_ command: Parley_Work_V1_Command) -> String? {
+        guard case .download(let download)? = command.kind else { return nil }
+        let (size, digest) = self.moved
+        if download.size > 0, download.size != size { return "downloaded \(size) bytes where \(download.size) were promised" }
+        if !download.sha256.isEmpty, Data(digest) != download.sha256 { return "the downloaded bytes do not match the promised SHA-256" }
+        return nil
+    }
+
+    func write(_ bytes: [UInt8]) async throws {
+        let offset = try self.state.withLockedValue { state -> Result<UInt64, BuildbotProtocolError> in
+            guard UInt64(bytes.count) <= self.limit - min(state.offset, self.limit) else {
+                return .failure(BuildbotProtocolError("the upload is over its limit of \(self.limit) bytes"))
+            }
+            return .success(state.offset)
+        }.get()
+        try await self.transfer.write(command: self.command, offset: offset, ByteBuffer(bytes: bytes))
+        self.state.withLockedValue { state in
+            state.offset += UInt64(bytes.count)
+            state.hash.update(data: bytes)
+        }
+    }
+
+    func closeWrite() async throws {}
+
+    func setTimes(access: Double, modified: Double) async throws {
+        self.state.withLockedValue { $0.modified = modified }
+        if let timed = self.transfer as? any BuildbotTimestampedTransfer {
+            try await timed.setTimes(command: self.command, access: access, modified: modified)
+        }
+    }
+
+    func read(length: Int) async throws -> [UInt8] {
+        let (offset, eof) = self.state.withLockedValue { ($0.offset, $0.eof) }
+        if eof || length == 0 { return [] }
+        let room = self.limit - min(offset, self.limit)
+        let (data, end) = try await self.transfer.read(command: self.command, offset: offset, length: Int(min(UInt64(length), room + 1)))
+        let bytes = Array(data.readableBytesView)
+        guard UInt64(bytes.count) <= room else { throw BuildbotProtocolError("the download is over its limit of \(self.limit) bytes") }
+        self.state.withLockedValue { state in
+            state.offset += UInt64(bytes.count)
+            state.hash.update(data: bytes)
+            state.eof = end
+        }
+        return bytes
+    }
+
+    func closeRead() async throws {}
+}
+
+/// A transfer that can also set the file's times (Buildbot's `keepstamp`).
+public protocol BuildbotTimestampedTransfer: WorkTransfer {
+    func setTimes(command: UInt64, access: Double, modified: Double) async throws
+}
+
+extension WorkFileTransfer: BuildbotTimestampedTransfer {
+    /// An upload's file keeps the worker's access and modification times.
+    public func setTimes(command: UInt64, access: Double, modified: Double) async throws {
+        var times = [timespec(tv_sec: Int(access.rounded(.down)), tv_nsec: Int((access - access.rounded(.down)) * 1e9)),
+                     timespec(tv_sec: Int(modified.rounded(.down)), tv_nsec: Int((modified - modified.rounded(.down)) * 1e9))]
+        guard utimensat(AT_FDCWD, self.path, &times, 0) == 0 else {
+            throw WorkFiles.FileError("cannot set the times of \(self.path): \(String(cString: strerror(errno)))")
+        }
+    }
+}
