@@ -1,6 +1,0 @@
-import Testing
-@testable import ParleyWorkBuildbot
-
-@Suite struct BuildbotPlaceholderTests {
-    @Test func moduleLinks() { _ = BuildbotFrontEnd.self }
-}
