@@ -110,21 +110,14 @@ public final class BuildbotFrontEnd: Service, Sendable {
         )
         self.logger.info("buildbot front end listening", metadata: ["address": "ws://\(configuration.host):\(listener.port)/"])
         self.onListening(listener.port)
-        await withGracefulShutdownHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                self.stopped.withLockedValue { $0 = continuation }
-            }
-        } onGracefulShutdown: {
-            self.stopped.withLockedValue { $0?.resume(); $0 = nil }
-        }
+        // Until a graceful shutdown (SIGTERM, SIGINT) or the task's cancellation.
+        try? await gracefulShutdown()
         await listener.close()
         let sessions = self.sessions.withLockedValue { Array($0.values) }
         await withTaskGroup(of: Void.self) { group in
             for session in sessions { group.addTask { await session.stop(reason: "the master is shutting down") } }
         }
     }
-
-    private let stopped = NIOLockedValueBox<CheckedContinuation<Void, Never>?>(nil)
 
     /// A worker logged in: a duplicate login replaces the old connection (a worker that lost
     /// its link without the master noticing comes back under the same name).

@@ -1,0 +1,196 @@
+import Foundation
+import Logging
+import Parley
+import ParleyWork
+import Testing
+@testable import ParleyWorkBuildbot
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A blocking TCP client on 127.0.0.1 for bad input: raw HTTP and hand-made WebSocket frames.
+final class RawSocket {
+    let fd: Int32
+
+    init(port: Int) throws {
+        self.fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let ok = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard ok == 0 else { throw ParleyError(code: .connectFailed, message: "connect: \(errno)") }
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(self.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit { close(self.fd) }
+
+    func send(_ bytes: [UInt8]) {
+        _ = bytes.withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+    }
+
+    func send(_ text: String) { self.send(Array(text.utf8)) }
+
+    /// Reads until `count` bytes came, or the peer closed, or 10 s passed.
+    func receive(atLeast count: Int = .max) -> [UInt8] {
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while out.count < count {
+            let n = buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { break }
+            out += buffer[0..<n]
+        }
+        return out
+    }
+
+    /// Reads the HTTP response head (up to the blank line).
+    func head() -> String {
+        var out: [UInt8] = []
+        while !out.suffix(4).elementsEqual([13, 10, 13, 10]) {
+            var byte: UInt8 = 0
+            guard recv(self.fd, &byte, 1, 0) == 1 else { break }
+            out.append(byte)
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// One whole frame from the server (unmasked): opcode and payload.
+    func frame() -> (opcode: UInt8, payload: [UInt8])? {
+        let header = self.receive(atLeast: 2)
+        guard header.count >= 2 else { return nil }
+        var length = Int(header[1] & 0x7f)
+        var rest = Array(header[2...])
+        func need(_ n: Int) { if rest.count < n { rest += self.receive(atLeast: n - rest.count) } }
+        if length == 126 {
+            need(2)
+            length = Int(rest[0]) << 8 | Int(rest[1])
+            rest.removeFirst(2)
+        } else if length == 127 {
+            need(8)
+            length = rest[0..<8].reduce(0) { $0 << 8 | Int($1) }
+            rest.removeFirst(8)
+        }
+        need(length)
+        return (header[0] & 0x0f, Array(rest.prefix(length)))
+    }
+
+    /// A client frame: FIN, the opcode, masked as RFC 6455 requires.
+    static func frame(opcode: UInt8, _ payload: [UInt8], mask: [UInt8] = [1, 2, 3, 4]) -> [UInt8] {
+        var out: [UInt8] = [0x80 | opcode]
+        if payload.count < 126 {
+            out.append(0x80 | UInt8(payload.count))
+        } else {
+            out.append(0x80 | 126)
+            out += [UInt8(payload.count >> 8), UInt8(payload.count & 0xff)]
+        }
+        out += mask
+        out += payload.enumerated().map { $0.element ^ mask[$0.offset % 4] }
+        return out
+    }
+}
+
+@Suite(.serialized) struct BuildbotListenerTests {
+    /// A front end on a fresh SQLite store and keyring, for `body`; stopped afterwards.
+    static func withFrontEnd(_ body: (_ port: Int, _ password: String, _ store: SQLiteWorkStore) async throws -> Void) async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bb-listener-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let key = (0..<32).map { UInt8($0) }
+        var keyring = ParleyKeyring()
+        keyring.entities.append(.init(name: "bb1", key: key, caps: ["work.worker"], created: Date()))
+        try keyring.save(path: dir + "/keyring.json")
+        let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
+        var configuration = BuildbotFrontEnd.Configuration(host: "127.0.0.1", port: 0, keyringPath: dir + "/keyring.json")
+        configuration.listener.callTimeout = .seconds(20)
+        let port = AsyncStream<Int>.makeStream()
+        let frontEnd = BuildbotFrontEnd(configuration: configuration, store: store, commands: nil, logger: Logger(label: "test"), onListening: { port.continuation.yield($0) })
+        let running = Task { try await frontEnd.run() }
+        defer { running.cancel() }
+        var iterator = port.stream.makeAsyncIterator()
+        let bound = try #require(await iterator.next())
+        try await body(bound, Data(key).base64EncodedString(), store)
+    }
+
+    static func upgrade(_ authorization: String?, websocket: Bool = true) -> String {
+        var request = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        if websocket { request += "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" }
+        if let authorization { request += "Authorization: \(authorization)\r\n" }
+        return request + "\r\n"
+    }
+
+    static func basic(_ name: String, _ password: String) -> String { "Basic " + Data("\(name):\(password)".utf8).base64EncodedString() }
+
+    @Test func credentialsAreCheckedAtTheUpgrade() async throws {
+        try await Self.withFrontEnd { port, password, _ in
+            let missing = try RawSocket(port: port)
+            missing.send(Self.upgrade(nil))
+            let noAuth = String(decoding: missing.receive(), as: UTF8.self)
+            #expect(noAuth.hasPrefix("HTTP/1.1 401") && noAuth.contains("WWW-Authenticate: Basic") && noAuth.contains("no Authorization header"), "\(noAuth)")
+            let wrong = try RawSocket(port: port)
+            wrong.send(Self.upgrade(Self.basic("bb1", password + "x")))
+            let refused = String(decoding: wrong.receive(), as: UTF8.self)
+            #expect(refused.hasPrefix("HTTP/1.1 401") && refused.contains("unknown worker name or wrong password"), "\(refused)")
+            let stranger = try RawSocket(port: port)
+            stranger.send(Self.upgrade(Self.basic("nobody", password)))
+            #expect(String(decoding: stranger.receive(), as: UTF8.self).hasPrefix("HTTP/1.1 401"))
+            let malformed = try RawSocket(port: port)
+            malformed.send(Self.upgrade("Basic !!!"))
+            let bad = String(decoding: malformed.receive(), as: UTF8.self)
+            #expect(bad.hasPrefix("HTTP/1.1 400") && bad.contains("not base64"), "\(bad)")
+            let plain = try RawSocket(port: port)
+            plain.send(Self.upgrade(Self.basic("bb1", password), websocket: false))
+            #expect(String(decoding: plain.receive(), as: UTF8.self).hasPrefix("HTTP/1.1 426"))
+            let good = try RawSocket(port: port)
+            good.send(Self.upgrade(Self.basic("bb1", password)))
+            #expect(good.head().hasPrefix("HTTP/1.1 101"))
+            // The master speaks first, as Buildbot's does: print "attached".
+            let first = try #require(good.frame())
+            let message = try MessagePack.decode(first.payload)
+            #expect(first.opcode == 2 && message["op"] == "print" && message["message"] == "attached" && message["seq_number"] == 0)
+        }
+    }
+
+    /// Bad messages after the upgrade: a close frame naming what was wrong, then the end of
+    /// the connection; the store untouched (its one job still queued).
+    @Test func badMessagesCloseTheConnectionWithAReason() async throws {
+        try await Self.withFrontEnd { port, password, store in
+            _ = try await store.submit([NewJob(spec: [1], signature: [2])], now: WorkService.now())
+            let cases: [([UInt8], UInt16, String)] = [
+                (RawSocket.frame(opcode: 2, [0xc1]), 1007, "reserved byte 0xc1"),
+                (RawSocket.frame(opcode: 2, [0x93, 0x01]), 1007, "truncated"),
+                (RawSocket.frame(opcode: 2, MessagePack.array([]).encoded()), 1007, "must be a map"),
+                (RawSocket.frame(opcode: 2, BuildbotMessage.response(seq: 99).encoded()), 1007, "never sent"),
+                (RawSocket.frame(opcode: 2, [UInt8](repeating: 0x91, count: 200) + [0xc0]), 1007, "nested deeper"),
+            ]
+            for (frame, code, text) in cases {
+                let socket = try RawSocket(port: port)
+                socket.send(Self.upgrade(Self.basic("bb1", password)))
+                #expect(socket.head().hasPrefix("HTTP/1.1 101"))
+                _ = socket.frame()  // print "attached"
+                socket.send(frame)
+                let close = try #require(socket.frame(), "no close frame for \(text)")
+                #expect(close.opcode == 8)
+                if close.payload.count >= 2 {
+                    let got = UInt16(close.payload[0]) << 8 | UInt16(close.payload[1])
+                    let reason = String(decoding: close.payload.dropFirst(2), as: UTF8.self)
+                    #expect(got == code && reason.contains(text), "\(got) \(reason)")
+                }
+                #expect(socket.receive().isEmpty, "the connection stays open after \(text)")
+            }
+            // A frame that breaks WebSocket itself (a ping longer than 125 bytes): closed.
+            let socket = try RawSocket(port: port)
+            socket.send(Self.upgrade(Self.basic("bb1", password)))
+            #expect(socket.head().hasPrefix("HTTP/1.1 101"))
+            _ = socket.frame()
+            socket.send(RawSocket.frame(opcode: 9, [UInt8](repeating: 0, count: 200)))
+            var closed = false
+            for _ in 0..<5 {
+                guard let f = socket.frame() else { closed = true; break }
+                if f.opcode == 8 { closed = socket.receive().isEmpty; break }
+            }
+            #expect(closed)
+            #expect(try await store.counts()["queued"] == 1)
+        }
+    }
+}
