@@ -1,0 +1,162 @@
+import Foundation
+import ParleyTestSupport
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The Buildbot front end with the real, unmodified `buildbot-worker` 4.3.0 (pip, installed
+/// by .ci/run), as processes on 127.0.0.1: `parley work serve --buildbot`, the worker logging
+/// in with a keyring entity, jobs from the store, commands, an interrupt, a master restart.
+@Suite(.serialized) struct BuildbotInteropTests {
+    /// `buildbot-worker` on PATH, or beside python3.
+    static var workerProgram: String? {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        for dir in path.split(separator: ":") where FileManager.default.isExecutableFile(atPath: "\(dir)/buildbot-worker") {
+            return "\(dir)/buildbot-worker"
+        }
+        return nil
+    }
+
+    /// A port free now on 127.0.0.1 (the worker needs a fixed master address across restarts).
+    static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        try #require(bound)
+        return Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    /// The worker process: created with `buildbot-worker create-worker`, run in the
+    /// foreground, stopped by PID.
+    final class WorkerProcess {
+        let process = Process()
+        let directory: String
+        var log: String { String(decoding: FileManager.default.contents(atPath: self.directory + "/twistd.log") ?? Data(), as: UTF8.self) }
+
+        init(program: String, directory: String, master: String, name: String, password: String) throws {
+            self.directory = directory
+            let created = try runProcess(program, ["create-worker", "--protocol=msgpack_experimental_v7", "--keepalive=10", directory, master, name, password], seconds: 60)
+            try #require(created.status == 0, "create-worker: \(created.combined)")
+            self.process.executableURL = URL(fileURLWithPath: program)
+            self.process.arguments = ["start", "--nodaemon", directory]
+            self.process.currentDirectoryURL = URL(fileURLWithPath: directory)
+            self.process.standardOutput = FileHandle.nullDevice
+            self.process.standardError = FileHandle.nullDevice
+            try self.process.run()
+        }
+
+        func stop() {
+            guard self.process.isRunning else { return }
+            kill(self.process.processIdentifier, SIGTERM)
+            for _ in 0..<500 where self.process.isRunning { usleep(10_000) }
+            if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
+            self.process.waitUntilExit()
+        }
+
+        deinit { self.stop() }
+    }
+
+    static func results(_ master: String, _ job: String) -> String {
+        (try? parley(["work", "results", job, "--master", master]))?.stdout ?? ""
+    }
+
+    @Test func anUnmodifiedBuildbotWorkerRunsJobsAndCommands() async throws {
+        guard let program = Self.workerProgram else {
+            Issue.record("buildbot-worker is not installed (.ci/run installs it: pip install buildbot-worker==4.3.0)")
+            return
+        }
+        let dir = freshTestDirectory("buildbot")
+        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let keyring = dir + "/keyring.json"
+        #expect(try parley(["keyring", "add", "bb1", "--keyring", keyring, "--caps", "work.worker"]).status == 0)
+        let password = try parley(["keyring", "key", "bb1", "--keyring", keyring]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let port = try Self.freePort()
+        let serveArguments = [
+            "--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--buildbot", "ws://127.0.0.1:\(port)", "--keyring", keyring,
+            "--allow-commands", "--trust", dir + "/keys/work.pub", "--max-attempts", "1", "--buildbot-keepalive", "5",
+        ]
+        var master = try await ServeProcess.start(serveArguments, command: ["work", "serve"])
+        let worker = try WorkerProcess(program: program, directory: dir + "/worker", master: "127.0.0.1:\(port)", name: "bb1", password: password)
+        defer { worker.stop() }
+        let connected = try await master.waitForLog("buildbot worker connected", "worker=bb1", seconds: 60)
+        try #require(connected, "the worker did not log in: \(master.log)\n\(worker.log)")
+
+        // A job from the store: its input sent down, its output streamed and recorded, its
+        // output file fetched back.
+        try Data("input-bytes\n".utf8).write(to: URL(fileURLWithPath: dir + "/in.txt"))
+        let submit = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--shell", "--input", "in.txt=\(dir)/in.txt",
+                                 "--output", "out.txt", "--", "echo to-stdout; echo to-stderr >&2; tr a-z A-Z < in.txt > out.txt"])
+        #expect(submit.status == 0, "\(submit.combined)")
+        let job = submit.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let done = try await eventually(seconds: 60) { Self.results(master.address, job).contains("succeeded") }
+        #expect(done, "\(Self.results(master.address, job))\n\(master.log)")
+        let json = try parley(["work", "results", job, "--master", master.address, "--json", "--save-outputs", dir + "/outputs"])
+        #expect(json.stdout.contains("\"worker\":\"bb1\"") && json.stdout.contains(Data("to-stdout\n".utf8).base64EncodedString())
+                && json.stdout.contains(Data("to-stderr\n".utf8).base64EncodedString()), "\(json.combined)")
+        #expect(FileManager.default.contents(atPath: dir + "/outputs/out.txt") == Data("INPUT-BYTES\n".utf8))
+
+        // A failing job: its exit status recorded.
+        let failing = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "sh", "-c", "exit 3"])
+        let failed = failing.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let recorded = try await eventually(seconds: 60) { Self.results(master.address, failed).contains("failed") }
+        #expect(recorded && (Self.results(master.address, failed)).contains("exit status 3"), "\(Self.results(master.address, failed))")
+
+        // Commands: a file down and back, byte for byte, the copy keeping the worker file's
+        // modification time (keepstamp, which the stock master cannot do).
+        let target = ["--master", master.address, "--worker", "bb1"]
+        var generator = SystemRandomNumberGenerator()
+        let content = Data((0..<700_001).map { _ in UInt8.random(in: 0...255, using: &generator) })
+        try content.write(to: URL(fileURLWithPath: dir + "/original.bin"))
+        let down = try parley(["work", "command", "download"] + target + [dir + "/original.bin", "copy.bin"])
+        #expect(down.status == 0 && down.stdout.contains("700001 bytes"), "\(down.combined)")
+        #expect(FileManager.default.contents(atPath: dir + "/worker/commands/copy.bin") == content)
+        try FileManager.default.setAttributes([.modificationDate: Date(timeIntervalSince1970: 1_577_934_245)], ofItemAtPath: dir + "/worker/commands/copy.bin")
+        let up = try parley(["work", "command", "upload"] + target + ["copy.bin", dir + "/back.bin"])
+        #expect(up.status == 0 && FileManager.default.contents(atPath: dir + "/back.bin") == content, "\(up.combined)")
+        let modified = (try? FileManager.default.attributesOfItem(atPath: dir + "/back.bin")[.modificationDate] as? Date)?.timeIntervalSince1970
+        #expect(modified == 1_577_934_245, "mtime \(String(describing: modified))")
+        let run = try parley(["work", "command", "run"] + target + ["--", "sh", "-c", "echo out; echo err >&2; exit 5"])
+        #expect(run.status == 5 && run.stdout == "out\n" && run.stderr.contains("err"), "\(run.combined)")
+        let stat = try parley(["work", "command", "stat"] + target + ["nothing-here"])
+        #expect(stat.status == 1, "\(stat.combined)")
+
+        // A long command, interrupted with Ctrl-C: killed on the worker, status 128 + 9.
+        let parleyPath = try #require(parleyExecutablePath())
+        let long = Process()
+        long.executableURL = URL(fileURLWithPath: parleyPath)
+        long.arguments = ["work", "command", "run"] + target + ["--", "sleep", "60"]
+        let errPath = dir + "/long.err"
+        _ = FileManager.default.createFile(atPath: errPath, contents: nil)
+        long.standardOutput = FileHandle.nullDevice
+        long.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+        try long.run()
+        defer { if long.isRunning { kill(long.processIdentifier, SIGKILL) } }
+        let started = try await eventually(seconds: 30) { String(decoding: FileManager.default.contents(atPath: errPath) ?? Data(), as: UTF8.self).contains("argv") }
+        #expect(started)
+        kill(long.processIdentifier, SIGINT)
+        for _ in 0..<1500 where long.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(!long.isRunning)
+        if !long.isRunning {
+            let err = String(decoding: FileManager.default.contents(atPath: errPath) ?? Data(), as: UTF8.self)
+            #expect(long.terminationStatus == 128 + 9 && err.contains("killed by signal 9"), "status \(long.terminationStatus): \(err)")
+        }
+
+        // The master restarts: the worker logs in again by itself and takes the next job.
+        #expect(await master.stop() == 0)
+        master = try await ServeProcess.start(serveArguments, command: ["work", "serve"])
+        let back = try await master.waitForLog("buildbot worker connected", "worker=bb1", seconds: 90)
+        #expect(back, "\(master.log)\n\(worker.log.suffix(3000))")
+        let again = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "echo", "after-restart"])
+        let third = again.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let after = try await eventually(seconds: 60) { Self.results(master.address, third).contains("succeeded") }
+        #expect(after && (Self.results(master.address, third)).contains("after-restart"), "\(Self.results(master.address, third))")
+        await master.stop()
+    }
+}
