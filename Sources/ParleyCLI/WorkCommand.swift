@@ -47,7 +47,7 @@ extension Work {
                 directory, which every path stays inside. Several commands can run on one worker \
                 at once.
                 """,
-            subcommands: [Run.self, Upload.self, Download.self, Mkdir.self, Rmdir.self, Rmfile.self, Stat.self, Glob.self, List.self, Copy.self]
+            subcommands: [Run.self, Upload.self, Download.self, Mkdir.self, Rmdir.self, Rmfile.self, Stat.self, Glob.self, List.self, Copy.self, CommandBench.self]
         )
     }
 
@@ -175,6 +175,77 @@ extension Work {
             var command = Parley_Work_V1_Command()
             command.shell = shell
             try await self.target.send(command, name: "run")
+        }
+    }
+
+    /// `parley work command bench`: the same program run COUNT times, one after another, on
+    /// one worker through one connection to its master; commands per second and latency.
+    struct CommandBench: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "bench",
+            abstract: "Run a program COUNT times on a worker, one after another, and print commands per second and latency (p50, p99).",
+            discussion: """
+                Each run is a whole command: sent through the master, run by the worker (a native \
+                worker or a Buildbot worker of `work serve --buildbot`), its output and status back. \
+                Progress is shown on a terminal. Exits with status 1 if any run did not exit with 0.
+                """
+        )
+
+        @Option(name: .long, help: ArgumentHelp("The master's address.", valueName: "address"))
+        var master = Work.defaultMaster
+
+        @Option(name: .long, help: ArgumentHelp("The worker's name.", valueName: "name"))
+        var worker: String
+
+        @Option(name: .long, help: "How many times to run the program.")
+        var count: Int = 1000
+
+        @Flag(name: .long, help: "Print the result as JSON.")
+        var json = false
+
+        @OptionGroup var security: ClientSecurityOptions
+
+        @Argument(parsing: .captureForPassthrough, help: "The program and its arguments (after --; default: true).")
+        var command: [String] = []
+
+        func validate() throws {
+            guard self.count >= 1 else { throw ValidationError("--count must be at least 1") }
+        }
+
+        func run() async throws {
+            let words = self.command.first == "--" ? Array(self.command.dropFirst()) : self.command
+            var request = Parley_Work_V1_RunWorkerCommand()
+            request.worker = self.worker
+            request.command.shell.argv = words.isEmpty ? ["true"] : words
+            request.command.shell.env = ["PATH": "/usr/local/bin:/usr/bin:/bin"]
+            var latencies: [Double] = []
+            var failures = 0
+            let terminal = isatty(2) != 0
+            let started = ContinuousClock.now
+            try await Work.withMaster(self.master, command: "command bench", security: self.security) { client in
+                for i in 0..<self.count {
+                    let t0 = ContinuousClock.now
+                    let events = try await client.stream(request, item: Parley_Work_V1_CommandUpdate.self, final: Parley_Work_V1_CommandResult.self)
+                    var result = Parley_Work_V1_CommandResult()
+                    for try await event in events { if case .final(let r) = event { result = r } }
+                    let elapsed = ContinuousClock.now - t0
+                    latencies.append(Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+                    if result.exitStatus != 0 || result.signal != 0 || !result.error.isEmpty { failures += 1 }
+                    if terminal, (i + 1) % 50 == 0 || i + 1 == self.count { CommandTarget.standardError("\rran \(i + 1)/\(self.count)") }
+                }
+            }
+            if terminal { CommandTarget.standardError("\n") }
+            let total = ContinuousClock.now - started
+            let seconds = Double(total.components.seconds) + Double(total.components.attoseconds) / 1e18
+            let sorted = latencies.sorted()
+            func percentile(_ p: Double) -> Double { sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))] * 1000 }
+            let rate = Double(self.count) / seconds
+            if self.json {
+                print("{\"commands\":\(self.count),\"seconds\":\(seconds),\"commands_per_second\":\(rate),\"p50_ms\":\(percentile(0.5)),\"p99_ms\":\(percentile(0.99)),\"failures\":\(failures)}")
+            } else {
+                print(String(format: "%d commands on %@ in %.2f s: %.1f commands/s, latency p50 %.2f ms, p99 %.2f ms, %d failed", self.count, self.worker, seconds, rate, percentile(0.5), percentile(0.99), failures))
+            }
+            if failures > 0 { throw ExitCode(1) }
         }
     }
 

@@ -312,6 +312,9 @@ final class BuildbotFrameHandler: ChannelInboundHandler {
     typealias InboundIn = WebSocketFrame
     typealias OutboundOut = WebSocketFrame
 
+    /// TCP_QUICKACK (12 on Linux; Glibc does not export the constant to Swift).
+    static let quickACK = ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: 12))
+
     let connection: BuildbotConnection
     let limits: MessagePack.Limits
 
@@ -322,6 +325,11 @@ final class BuildbotFrameHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = Self.unwrapInboundIn(data)
+        // ACK at once: the worker's socket has Nagle's algorithm on, so its next message (a
+        // command's update after the answer to start_command) waits for this ACK, which Linux
+        // would otherwise delay by up to 40 ms: 20 commands a second instead of hundreds.
+        // TCP_QUICKACK is not sticky, hence once per read.
+        try? context.channel.syncOptions?.setOption(Self.quickACK, value: 1)
         switch frame.opcode {
         case .binary:
             var payload = frame.unmaskedData
