@@ -99,6 +99,19 @@ public final class BuildbotFrontEnd: Service, Sendable {
         return .accepted(name)
     }
 
+    /// Why a logged-in worker may no longer work (its entity revoked, expired, removed or
+    /// stripped of work.worker since), or nil.
+    public static func withdrawn(name: String, keyringPath: String, requireCapabilities: Bool, now: Date = Date()) -> String? {
+        guard let keyring = try? ParleyKeyring.load(path: keyringPath) else { return nil }  // unreadable now: judged at the next login
+        guard let entity = keyring.entity(named: name) else { return "worker \(name) was removed from the keyring" }
+        if entity.revoked { return "worker \(name) was revoked" }
+        if let expires = entity.expires, expires <= now { return "worker \(name)'s key expired" }
+        if requireCapabilities, !entity.caps.contains(where: { $0 == "work.worker" || $0 == "work.*" || $0 == "*" }) {
+            return "worker \(name) lost the capability work.worker"
+        }
+        return nil
+    }
+
     public func run() async throws {
         let configuration = self.configuration
         let listener = try await BuildbotListener.bind(
@@ -207,7 +220,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
 
     /// Interrupts what the worker runs for us, then closes (a restarting master leaves no
     /// command running unwatched on its workers).
-    func stop(reason: String) async {
+    func stop(reason: String, shutdown: Bool = false) async {
         let running = self.state.withLockedValue { state -> [String] in
             state.stopping = true
             return state.relayed.values.map(\.id)
@@ -215,14 +228,24 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         for id in running where self.connection.isRunning(id) {
             try? await self.connection.interrupt(id, why: reason)
         }
+        // The worker exits 0.2 s after its answer.
+        if shutdown { _ = try? await self.connection.call("shutdown") }
         self.connection.close(reason: reason)
     }
 
+    /// A keepalive every interval; before each, the keyring is read again: a worker whose
+    /// entity was revoked (expired, removed) gets `shutdown`, so that it stops instead of
+    /// logging in again and again with a key that no longer works.
     private func keepalives() async {
-        let interval = self.frontEnd.configuration.keepaliveInterval
+        let configuration = self.frontEnd.configuration
         while !Task.isCancelled {
             do {
-                try await Task.sleep(for: interval)
+                try await Task.sleep(for: configuration.keepaliveInterval)
+                if let why = BuildbotFrontEnd.withdrawn(name: self.worker, keyringPath: configuration.keyringPath, requireCapabilities: configuration.requireCapabilities) {
+                    self.logger.notice("buildbot worker told to shut down", metadata: ["worker": "\(self.worker)", "reason": "\(why)"])
+                    await self.stop(reason: why, shutdown: true)
+                    return
+                }
                 try await self.connection.call("keepalive")
             } catch {
                 return

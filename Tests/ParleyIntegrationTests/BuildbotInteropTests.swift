@@ -157,6 +157,13 @@ import Glibc
         let third = again.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         let after = try await eventually(seconds: 60) { Self.results(master.address, third).contains("succeeded") }
         #expect(after && (Self.results(master.address, third)).contains("after-restart"), "\(Self.results(master.address, third))")
+
+        // Its entity revoked: at the next keepalive (5 s here) the master tells it to shut
+        // down, and the worker process exits.
+        #expect(try parley(["keyring", "revoke", "bb1", "--keyring", keyring]).status == 0)
+        for _ in 0..<1500 where worker.process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(!worker.process.isRunning, "\(master.log)")
+        #expect(try await master.waitForLog("told to shut down", "revoked", seconds: 5))
         await master.stop()
     }
 }
