@@ -273,6 +273,8 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
 
     static func reason(_ updates: [BuildbotUpdate]) -> String? {
         for case .failureReason(let r) in updates { return r }
+        let stderr = updates.compactMap { if case .stderr(let e) = $0 { return e } else { return nil } }.joined()
+        if !stderr.isEmpty { return stderr.trimmingCharacters(in: .whitespacesAndNewlines) }
         let header = updates.compactMap { if case .header(let h) = $0 { return h } else { return nil } }.joined()
         return header.isEmpty ? nil : header.trimmingCharacters(in: .whitespacesAndNewlines)
     }

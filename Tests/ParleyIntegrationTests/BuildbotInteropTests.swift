@@ -122,6 +122,9 @@ import Glibc
         #expect(up.status == 0 && FileManager.default.contents(atPath: dir + "/back.bin") == content, "\(up.combined)")
         let modified = (try? FileManager.default.attributesOfItem(atPath: dir + "/back.bin")[.modificationDate] as? Date)?.timeIntervalSince1970
         #expect(modified == 1_577_934_245, "mtime \(String(describing: modified))")
+        // Over the limit: refused, nothing written here.
+        let tooBig = try parley(["work", "command", "upload"] + target + ["--max-size", "1000", "copy.bin", dir + "/small.bin"])
+        #expect(tooBig.status != 0 && tooBig.stderr.contains("Maximum filesize") && !FileManager.default.fileExists(atPath: dir + "/small.bin"), "\(tooBig.combined)")
         let run = try parley(["work", "command", "run"] + target + ["--", "sh", "-c", "echo out; echo err >&2; exit 5"])
         #expect(run.status == 5 && run.stdout == "out\n" && run.stderr.contains("err"), "\(run.combined)")
         let stat = try parley(["work", "command", "stat"] + target + ["nothing-here"])
