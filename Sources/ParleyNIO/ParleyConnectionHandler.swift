@@ -166,6 +166,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
         }
 
+        /// Whether commands wait for the draining job.
+        var isEmpty: Bool { self.box.withLockedValue { $0.commands.isEmpty } }
+
         func take(into commands: inout [Entry]) {
             self.box.withLockedValue { q in
                 swap(&commands, &q.commands)
@@ -185,6 +188,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         /// in the order they were queued.
         public func write(_ command: ConnectionCommand, promise: EventLoopPromise<Void>? = nil) {
             if self.handler.eventLoop.inEventLoop {
+                // Commands queued from other threads go first: a request's CANCEL written here
+                // (its timeout fired on the event loop) must not overtake the REQUEST itself,
+                // still waiting in the queue when the event loop was slow to run its job.
+                if !self.queue.isEmpty { self.handler.value.drainQueue() }
                 self.handler.value.writeFromOutlet(command, promise: promise)
             } else if self.queue.append(command, promise: promise) {
                 let handler = self.handler

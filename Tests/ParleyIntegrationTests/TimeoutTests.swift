@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOCore
 import Parley
@@ -105,6 +106,51 @@ struct TimeoutTests {
             var short = Parley_Echo_V1_Sleep()
             short.delayMs = 1
             #expect(try await client.request(short, as: Parley_Echo_V1_Slept.self, timeout: .seconds(30)).delayMs == 1)
+        }
+    }
+
+    /// The request is queued for the client's event loop, which is busy for longer than the
+    /// timeout: when it runs again, the REQUEST must still leave before the CANCEL its timer
+    /// writes (full parallel test runs lost the CANCEL this way, and the server's handler ran
+    /// its whole minute: callTimeoutFailsTheCallAndCancelsTheHandler failed now and then).
+    @Test func aTimeoutOnABusyEventLoopStillCancelsTheHandler() async throws {
+        let cancelled = Signal()
+        let started = Signal()
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Sleep.self) { request, _ in
+            started.raise()
+            do {
+                try await Task.sleep(for: .milliseconds(Int(request.delayMs)))
+            } catch {
+                cancelled.raise()
+                throw error
+            }
+            return Parley_Echo_V1_Slept()
+        }
+        try await withServer(router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            var long = Parley_Echo_V1_Sleep()
+            long.delayMs = 60_000
+            // Busy from now for 600 ms: the request's write and its 100 ms timer both wait,
+            // behind another job (other connections' work, in a full parallel run). NIO then
+            // takes one ready job and one due timer in turn: the other job, the timer (CANCEL),
+            // then the job that writes the REQUEST.
+            let busy = Signal()
+            client.connection.eventLoop.execute {
+                busy.raise()
+                Thread.sleep(forTimeInterval: 0.6)
+            }
+            #expect(await busy.wait(seconds: 10))
+            client.connection.eventLoop.execute {}
+            let error = await #expect(throws: ParleyError.self) {
+                _ = try await client.request(long, as: Parley_Echo_V1_Slept.self, timeout: .milliseconds(100))
+            }
+            #expect(error?.code == .timeout)
+            // Either the server never started it, or it was told to stop it.
+            if await started.wait(seconds: 2) {
+                #expect(await cancelled.wait(seconds: 10), "the server ran a request whose CANCEL overtook it")
+            }
         }
     }
 
