@@ -151,6 +151,22 @@ import Glibc
             #expect(long.terminationStatus == 128 + 9 && err.contains("killed by signal 9"), "status \(long.terminationStatus): \(err)")
         }
 
+        // A worker that stops answering (SIGSTOP) in the middle of a job: the keepalive times
+        // out (5 s here), the connection is closed and the job handed back (the attempt does
+        // not count). Woken (SIGCONT), the worker logs in again and the job runs to its end.
+        let slow = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "sh", "-c", "sleep 3; echo slow-done"])
+        let slowJob = slow.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let leased = try await eventually(seconds: 30) { ((try? parley(["work", "status", "--master", master.address]))?.stdout ?? "").contains("leased 1") }
+        #expect(leased)
+        let beforeStop = master.logMark
+        kill(worker.process.processIdentifier, SIGSTOP)
+        let dropped = try await master.waitForLog("job handed back", "job=\(slowJob)", after: beforeStop, seconds: 30)
+        kill(worker.process.processIdentifier, SIGCONT)
+        #expect(dropped, "\(master.log)")
+        #expect(try await master.waitForLog("buildbot worker connected", "worker=bb1", after: beforeStop, seconds: 60))
+        let slowDone = try await eventually(seconds: 60) { Self.results(master.address, slowJob).contains("succeeded") }
+        #expect(slowDone && Self.results(master.address, slowJob).contains("slow-done"), "\(Self.results(master.address, slowJob))")
+
         // The master restarts: the worker logs in again by itself and takes the next job.
         #expect(await master.stop() == 0)
         master = try await ServeProcess.start(serveArguments, command: ["work", "serve"])
