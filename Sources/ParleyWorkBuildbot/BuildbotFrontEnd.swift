@@ -42,8 +42,10 @@ public final class BuildbotFrontEnd: Service, Sendable {
         /// connection (the stock master waits an hour and never times out).
         public var keepaliveInterval: Duration = .seconds(30)
         public var keepaliveTimeout: Duration = .seconds(30)
-        /// How long a worker with no job waits before asking the store again.
-        public var idlePoll: Duration = .milliseconds(500)
+        /// How long a worker with no job waits before asking the store again: this at first,
+        /// doubling while the queue stays empty, up to `maxIdlePoll`.
+        public var idlePoll: Duration = .milliseconds(250)
+        public var maxIdlePoll: Duration = .seconds(4)
         /// Bytes kept of each of stdout and stderr when the job does not say.
         public var defaultMaxOutputBytes: UInt64 = 1 << 20
         /// Largest output file fetched from a worker.
@@ -159,7 +161,7 @@ public final class BuildbotFrontEnd: Service, Sendable {
 /// commands for it (`WorkCommandLink`).
 final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     let connection: BuildbotConnection
-    unowned let frontEnd: BuildbotFrontEnd
+    let frontEnd: BuildbotFrontEnd
     var worker: String { self.connection.worker }
     var logger: Logger { self.frontEnd.logger }
 
@@ -287,6 +289,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         let configuration = self.frontEnd.configuration
         let store = self.frontEnd.store
         let leaseNanoseconds = Int64(configuration.leaseDuration.components.seconds) * 1_000_000_000
+        var idle = configuration.idlePoll
         while !Task.isCancelled, self.connection.closeReason == nil {
             let claimed: [ClaimedJob]
             do {
@@ -297,9 +300,11 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
                 continue
             }
             guard let job = claimed.first else {
-                try? await Task.sleep(for: configuration.idlePoll)
+                try? await Task.sleep(for: idle)
+                idle = min(idle * 2, configuration.maxIdlePoll)
                 continue
             }
+            idle = configuration.idlePoll
             await self.execute(job)
         }
     }
