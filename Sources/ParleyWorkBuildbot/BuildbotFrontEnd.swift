@@ -327,14 +327,24 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         do {
             result = try await BuildbotJob(session: self, job: job).run()
         } catch {
-            self.logger.notice("job handed back: the worker went away", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "error": "\(error)"])
-            try? await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: self.worker)
+            // In a task of its own: the session's tasks are cancelled when its connection ends,
+            // and a cancelled store call would leave the job leased until its lease expires.
+            let worker = self.worker
+            do {
+                try await Task { try await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: worker) }.value
+                self.logger.notice("job handed back: the worker went away", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "error": "\(error)"])
+            } catch let refusal {
+                self.logger.warning("cannot hand a job back", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "lease": "\(job.lease.id)", "error": "\(refusal)"])
+            }
             return
         }
         let outcome: LeaseReport.Outcome = result.errorKind == .none && result.exitStatus == 0 && result.signal == 0
             ? .success : .failure(result.message.isEmpty ? "exit status \(result.exitStatus)" : result.message)
         do {
-            let verdict = try await store.report(jobID: job.id, LeaseReport(leaseID: job.lease.id, worker: self.worker, outcome: outcome), result: try result.serializedBytes(), now: WorkService.now())
+            let bytes: [UInt8] = try result.serializedBytes()
+            let report = LeaseReport(leaseID: job.lease.id, worker: self.worker, outcome: outcome)
+            // Not cancelled with the session (see the hand-back above).
+            let verdict = try await Task { try await store.report(jobID: job.id, report, result: bytes, now: WorkService.now()) }.value
             self.logger.info("job reported", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "verdict": "\(verdict)"])
         } catch {
             self.logger.warning("cannot report a job", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "error": "\(error)"])

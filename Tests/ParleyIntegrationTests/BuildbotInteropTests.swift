@@ -165,7 +165,7 @@ import Glibc
         #expect(dropped, "\(master.log)")
         #expect(try await master.waitForLog("buildbot worker connected", "worker=bb1", after: beforeStop, seconds: 60))
         let slowDone = try await eventually(seconds: 60) { Self.results(master.address, slowJob).contains("succeeded") }
-        #expect(slowDone && Self.results(master.address, slowJob).contains("slow-done"), "\(Self.results(master.address, slowJob))")
+        #expect(slowDone && Self.results(master.address, slowJob).contains("slow-done"), "\(Self.results(master.address, slowJob))\n\(master.log)\n\(worker.log.suffix(4000))")
 
         // The master restarts: the worker logs in again by itself and takes the next job.
         #expect(await master.stop() == 0)
