@@ -193,23 +193,14 @@ public final class WorkCommandCenter: Sendable {
             self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) }
             throw error
         }
-        let (events, continuation) = AsyncThrowingStream<Event, any Error>.makeStream()
-        let forward = Task {
-            defer { self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) } }
-            do {
-                for try await event in responses {
-                    switch event {
-                    case .item(let update, _): continuation.yield(.update(update))
-                    case .final(let result): continuation.yield(.result(result))
-                    }
+        return self.forward(id: id, worker: worker) { continuation in
+            for try await event in responses {
+                switch event {
+                case .item(let update, _): continuation.yield(.update(update))
+                case .final(let result): continuation.yield(.result(result))
                 }
-                continuation.finish()
-            } catch {
-                continuation.finish(throwing: error)
             }
         }
-        continuation.onTermination = { _ in forward.cancel() }
-        return Run(id: id, worker: worker, events: events, cancellation: { forward.cancel() })
     }
 
     /// A command for a worker on a `WorkCommandLink`.
@@ -221,11 +212,22 @@ public final class WorkCommandCenter: Sendable {
             self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) }
             throw error
         }
+        return self.forward(id: id, worker: worker) { continuation in
+            for try await event in upstream { continuation.yield(event) }
+        }
+    }
+
+    /// The `Run` of command `id`: `pump` yields its events, in a task that ends the command's
+    /// entry when it ends; cancelling the run (or dropping its events) cancels the task.
+    private func forward(
+        id: UInt64, worker: String,
+        _ pump: @escaping @Sendable (AsyncThrowingStream<Event, any Error>.Continuation) async throws -> Void
+    ) -> Run {
         let (events, continuation) = AsyncThrowingStream<Event, any Error>.makeStream()
         let forward = Task {
             defer { self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) } }
             do {
-                for try await event in upstream { continuation.yield(event) }
+                try await pump(continuation)
                 continuation.finish()
             } catch {
                 continuation.finish(throwing: error)
