@@ -125,7 +125,9 @@ struct ConformanceTests {
             guard case .tcp(_, let port) = addresses[0].kind else { throw ParleyError(code: .invalidArgument, message: "not TCP") }
             let proxy = FaultyServer(fault: fault, upstreamPort: port)
             let proxyPort = try await proxy.start()
-            let report = try await ConformanceRunner(target: ConformanceTarget(address: .tcp(host: "127.0.0.1", port: proxyPort), secret: alice)).run()
+            // 15 s, not the runner's 5: under a full parallel run on two cores, a check that passes
+            // (R-3-3) once ran out of time.
+            let report = try await ConformanceRunner(target: ConformanceTarget(address: .tcp(host: "127.0.0.1", port: proxyPort), secret: alice), timeout: .seconds(15)).run()
             await proxy.stop()
             let failed = report.results.filter { $0.status == .fail }
             #expect(report.skipped == 0, "\(report.results.filter { $0.status == .skip }.map(\.line))")
