@@ -1,9 +1,6 @@
 import Foundation
 import ParleyTestSupport
 import Testing
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The Buildbot front end with the real, unmodified `buildbot-worker` 4.3.0 (pip, installed
 /// by .ci/run), as processes on 127.0.0.1: `parley work serve --buildbot`, the worker logging
