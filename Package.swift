@@ -143,10 +143,14 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // BOINC's code signing is raw RSA-1024 (PKCS#1 v1.5 type 1 without a DigestInfo), which
+        // swift-crypto's Swift API does not offer: this glue calls the BoringSSL it links, as
+        // CParleyAEAD does (no RSA package needed, and keys are made by BoringSSL's generator).
+        .target(name: "CParleyBOINCRSA"),
         .target(
             name: "ParleyWorkBOINC",
             dependencies: [
-                "ParleyWork", "Parley",
+                "ParleyWork", "Parley", "CParleyBOINCRSA",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -262,6 +266,10 @@ let package = Package(
             dependencies: [
                 "ParleyWorkBOINC", "ParleyWork", "Parley", "ParleyTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "XMLCoder", package: "XMLCoder"),
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],

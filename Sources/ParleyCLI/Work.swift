@@ -4,6 +4,7 @@ import Logging
 import Metrics
 import Parley
 import ParleyWork
+import ParleyWorkBOINC
 import ParleyWorkBuildbot
 import Prometheus
 import ServiceLifecycle
@@ -128,6 +129,8 @@ struct Work: AsyncParsableCommand {
 
         @OptionGroup var security: ServerSecurityOptions
 
+        @OptionGroup(title: "BOINC front end (docs/boinc.md)") var boinc: WorkBOINCOptions
+
         @OptionGroup var logging: LoggingOptions
 
         func validate() throws {
@@ -233,6 +236,11 @@ struct Work: AsyncParsableCommand {
                 front.keepaliveTimeout = .seconds(self.buildbotKeepalive)
                 front.listener.callTimeout = .seconds(self.buildbotKeepalive)
                 services.append(.init(service: BuildbotFrontEnd(configuration: front, store: store, commands: commands, logger: logger)))
+            }
+            if let boinc = try self.boinc.service(
+                store: store, trust: (trust.map { [$0] } ?? []) + (rotation.map { [$0.next] } ?? []), keyring: self.security.keyring, requireCaps: self.requireCaps, database: self.database, logger: logger
+            ) {
+                services.append(.init(service: boinc))
             }
             let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
             try await group.run()
@@ -552,7 +560,20 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Directory to write work.key and work.pub into.", valueName: "dir"))
         var dir: String
 
+        @Flag(name: .long, help: "Make the project's BOINC code-signing key instead: DIR/code_sign_private (mode 0600) and DIR/code_sign_public, RSA-1024 in BOINC's text format (for serve --boinc-key).")
+        var boinc = false
+
         func run() throws {
+            if self.boinc {
+                do {
+                    try BOINCSigning.writeKeyPair(try BOINCSigning.PrivateKey(), directory: self.dir)
+                } catch {
+                    print("parley work keygen: \(error.message)")
+                    throw ExitCode(2)
+                }
+                print("wrote \(self.dir)/code_sign_private (private, mode 0600) and \(self.dir)/code_sign_public (public): the BOINC code-signing key")
+                return
+            }
             let key = WorkSigning.PrivateKey()
             do {
                 try WorkSigning.writeKeyPair(key, directory: self.dir)

@@ -1,5 +1,337 @@
+import Crypto
+import Foundation
+import Logging
+import Parley
+import ParleyWork
+import SwiftProtobuf
+
 /// Parley Work's BOINC front end (issue 12): the master page, the scheduler RPC (XML over
 /// HTTP POST), the file upload handler and the downloads of inputs and apps, on the same job
-/// store as native workers. Built in its own module so that `parley work serve --boinc` stays
-/// a thin option.
-public enum BOINCFrontEnd {}
+/// store as native workers. Each endpoint is a function from the request's bytes to a
+/// `BOINCResponse` (`BOINCHTTP` is the thin Hummingbird layer around them); what a request
+/// means is decided by pure functions (`BOINCScheduling`, `BOINCJobs`, `BOINCName`,
+/// `BOINCUpload`), and only the store and the upload directory are touched here.
+public final class BOINCFrontEnd: Sendable {
+    public struct Configuration: Sendable {
+        /// The project's URL as clients attach to it (its master page), ending in "/".
+        public var url: String
+        /// The scheduler URLs listed on the master page, in order: a client that fails with
+        /// one tries the next in the same RPC. The front end answers on all their paths.
+        public var schedulerURLs: [String]
+        public var projectName = "Parley Work"
+        /// The project's BOINC code-signing key: every program handed out is signed with it.
+        public var key: BOINCSigning.PrivateKey
+        /// Parley Work keys whose jobs are handed out (checked before a job goes out, as a
+        /// native worker would); empty: not checked.
+        public var trust: [WorkSigning.PublicKey] = []
+        /// With a keyring, a client's authenticator must be the key of one of its entities
+        /// (not revoked or expired); without one, any authenticator is accepted.
+        public var keyring: ParleyKeyring?
+        /// With a keyring: the entity also needs capability work.worker (or work.*).
+        public var requireCapabilities = false
+        /// How long a BOINC client's lease lasts: its result's report deadline.
+        public var leaseDuration: Duration = .seconds(3600)
+        /// Sent in every reply: the client waits this long before its next scheduler RPC.
+        public var requestDelay: Double?
+        /// Sent in every reply as notices (the client's manager shows them to the user).
+        public var notices: [String] = []
+        /// Applications BOINC clients run besides their platforms' names (a job whose
+        /// JobSpec.app is one of these, or a platform's name, or none goes to them).
+        public var apps: [String] = []
+        /// Clients older than this major version are told to upgrade and get no work.
+        public var minimumClientMajorVersion = 7
+        /// Jobs handed out in one reply, at most.
+        public var maxJobsPerRequest = 8
+        /// Scheduler requests larger than this are refused (413).
+        public var maxRequestBytes = 4 << 20
+        /// XML nested deeper than this is refused (400).
+        public var maxDepth = 32
+        /// An uploaded file larger than this is refused (413).
+        public var maxUploadBytes = WorkFiles.maxOutputBytes
+        /// The command's stdout kept (its end), as a native worker keeps its tail.
+        public var maxStdout = 1 << 20
+        /// Where uploaded output files wait for their report.
+        public var uploadDirectory: String
+
+        public init(url: String, key: BOINCSigning.PrivateKey, uploadDirectory: String, schedulerURLs: [String] = []) {
+            let base = url.hasSuffix("/") ? url : url + "/"
+            self.url = base
+            self.key = key
+            self.uploadDirectory = uploadDirectory
+            self.schedulerURLs = schedulerURLs.isEmpty ? [base + "scheduler"] : schedulerURLs
+        }
+    }
+
+    public let configuration: Configuration
+    let store: any WorkStore
+    let logger: Logger
+    let uploads: BOINCUploadStore
+
+    public init(configuration: Configuration, store: any WorkStore, logger: Logger) throws {
+        self.configuration = configuration
+        self.store = store
+        self.logger = logger
+        self.uploads = try BOINCUploadStore(directory: configuration.uploadDirectory)
+    }
+
+    // MARK: - Master page
+
+    /// The master page: the scheduler URLs in both forms the client looks for, `<scheduler>`
+    /// and exactly `<link rel="boinc_scheduler" href="URL">` (BOINC matches that text
+    /// literally, one line at a time, so it is written as text rather than through an XML
+    /// encoder, each URL escaped).
+    public func masterPage() -> BOINCResponse {
+        let name = Self.escape(self.configuration.projectName)
+        var lines = ["<html><head><title>\(name)</title>"]
+        for url in self.configuration.schedulerURLs { lines.append("<scheduler>\(Self.escape(url))</scheduler>") }
+        for url in self.configuration.schedulerURLs { lines.append("<link rel=\"boinc_scheduler\" href=\"\(Self.escape(url))\">") }
+        lines.append("</head><body><h1>\(name)</h1><p>A Parley Work master. Attach a BOINC client to \(Self.escape(self.configuration.url)).</p></body></html>")
+        return BOINCResponse(status: 200, contentType: "text/html; charset=utf-8", body: Array((lines.joined(separator: "\n") + "\n").utf8))
+    }
+
+    /// What `get_project_config.php` answers (the manager's attach wizard asks it).
+    public func projectConfig() -> BOINCResponse {
+        struct Config: Encodable {
+            var name: String
+            var masterURL: String
+            var minPasswdLength = 6
+            enum CodingKeys: String, CodingKey { case name, masterURL = "master_url", minPasswdLength = "min_passwd_length" }
+        }
+        return BOINCResponse.xml(200, BOINCXMLText.encode(Config(name: self.configuration.projectName, masterURL: self.configuration.url), root: "project_config"))
+    }
+
+    static func escape(_ text: String) -> String {
+        text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
+            .replacingOccurrences(of: ">", with: "&gt;").replacingOccurrences(of: "\"", with: "&quot;")
+    }
+
+    // MARK: - Scheduler RPC
+
+    /// One scheduler RPC: reports first (each acknowledged), then work.
+    public func schedule(body: [UInt8]) async -> BOINCResponse {
+        let request: BOINCSchedulerRequest
+        switch BOINCScheduling.read(body, maxBytes: self.configuration.maxRequestBytes, maxDepth: self.configuration.maxDepth) {
+        case .success(let r): request = r
+        case .failure(let refusal): return self.refuse(refusal)
+        }
+        var reply = BOINCSchedulerReply(projectName: self.configuration.projectName)
+        reply.masterURL = self.configuration.url
+        reply.requestDelay = self.configuration.requestDelay
+        reply.messages = self.configuration.notices.map { .init(priority: "notice", $0) }
+        let worker: String
+        switch BOINCScheduling.worker(for: request, keyring: self.configuration.keyring, requireCapabilities: self.configuration.requireCapabilities, now: Date()) {
+        case .success(let w): worker = w
+        case .failure(.refused(let refusal)): return self.refuse(refusal)
+        case .failure(.unknownAccount(let message)):
+            // As BOINC's own server does: a notice, a long delay, nothing else done.
+            reply.messages.append(.init(priority: "notice", message))
+            reply.requestDelay = max(reply.requestDelay ?? 0, 3600)
+            return self.encode(reply)
+        }
+        // The key goes to a client that has none yet (trust on first use); a client holding
+        // another key would need a rotation statement, which this front end does not make.
+        if (request.codeSignKey ?? "").isEmpty { reply.codeSignKey = self.configuration.key.publicKey.text }
+        do {
+            for result in request.results {
+                let (acked, message) = try await self.report(result, worker: worker)
+                if acked { reply.resultAcks.append(result.name) }
+                if let message { reply.messages.append(.init(priority: "low", message)) }
+            }
+            if let major = request.coreClientMajorVersion, major < self.configuration.minimumClientMajorVersion {
+                reply.messages.append(.init(priority: "notice", "This project needs BOINC \(self.configuration.minimumClientMajorVersion) or later; your client is version \(major). Please upgrade it to get work."))
+            } else if request.secondsWanted > 0 {
+                try await self.handOut(request, worker: worker, into: &reply)
+            }
+        } catch {
+            self.logger.warning("boinc scheduler: store error", metadata: ["error": "\(error)"])
+            return self.refuse(.init(status: 503, message: "the job store failed: \(error); try again later"))
+        }
+        return self.encode(reply)
+    }
+
+    func encode(_ reply: BOINCSchedulerReply) -> BOINCResponse {
+        do {
+            return BOINCResponse.xml(200, try reply.xml())
+        } catch {
+            return self.refuse(.init(status: 500, message: "the reply could not be encoded: \(error)"))
+        }
+    }
+
+    func refuse(_ refusal: BOINCRefusal) -> BOINCResponse {
+        var reply = BOINCSchedulerReply(projectName: self.configuration.projectName)
+        reply.messages = [.init(priority: "low", refusal.message)]
+        reply.requestDelay = 60
+        return BOINCResponse.xml(refusal.status, (try? reply.xml()) ?? Array(refusal.message.utf8))
+    }
+
+    /// One reported result: whether to acknowledge it, and a message for the client's log.
+    func report(_ result: BOINCSchedulerRequest.ReportedResult, worker: String) async throws -> (ack: Bool, message: String?) {
+        guard let name = BOINCName.parse(result: result.name) else {
+            // Acknowledged, or the client would report it again every few seconds forever.
+            return (true, "result \(result.name.prefix(80)) refused: it is not a result this project sent; nothing was stored")
+        }
+        let spec = try await self.store.spec(name.jobID).flatMap { try? Parley_Work_V1_JobSpec(serializedBytes: $0) }
+        let outputs: [Parley_Work_V1_OutputFile]?
+        if let spec, BOINCScheduling.succeeded(result) {
+            outputs = try? self.collectOutputs(name, spec: spec)
+        } else {
+            outputs = nil
+        }
+        let stdout = self.uploads.read(name.stdout, limit: self.configuration.maxStdout) ?? []
+        let input = BOINCScheduling.reportInput(result, name: name, worker: worker, spec: spec, outputs: outputs, stdout: stdout)
+        let verdict = try await self.store.report([input], now: WorkService.now())[0]
+        switch verdict {
+        case .rejected(let why):
+            self.logger.info("boinc report refused", metadata: ["result": "\(result.name)", "why": "\(why)"])
+            return (true, "result \(result.name) refused: \(why); nothing was stored")
+        case .accepted, .alreadyAccepted, .retrying, .failed, .superseded:
+            self.logger.info("boinc report", metadata: ["result": "\(result.name)", "worker": "\(worker)", "verdict": "\(verdict)"])
+            self.uploads.remove(prefix: name.workunit + "_")
+            return (true, nil)
+        }
+    }
+
+    /// The uploaded outputs of a lease, as a native worker sends them back; nil if one is
+    /// missing.
+    func collectOutputs(_ name: BOINCName, spec: Parley_Work_V1_JobSpec) throws -> [Parley_Work_V1_OutputFile]? {
+        var outputs: [Parley_Work_V1_OutputFile] = []
+        for (i, output) in spec.outputs.enumerated() {
+            guard let bytes = self.uploads.read(name.output(i), limit: self.configuration.maxUploadBytes) else { return nil }
+            var file = Parley_Work_V1_OutputFile()
+            file.name = output
+            file.size = UInt64(bytes.count)
+            file.sha256 = Data(SHA256.hash(data: bytes))
+            file.content = Data(bytes)
+            outputs.append(file)
+        }
+        return outputs
+    }
+
+    /// Claims jobs for a work request and describes them in the reply.
+    func handOut(_ request: BOINCSchedulerRequest, worker: String, into reply: inout BOINCSchedulerReply) async throws {
+        let platform = request.platformName ?? ""
+        let claim = BOINCScheduling.claimRequest(request, worker: worker, extraApps: self.configuration.apps, maxJobs: self.configuration.maxJobsPerRequest)
+        let now = WorkService.now()
+        let lease = self.configuration.leaseDuration.components
+        let leaseNanoseconds = lease.seconds * 1_000_000_000 + lease.attoseconds / 1_000_000_000
+        var claimed = try await self.store.claim([claim], now: now, leaseDuration: leaseNanoseconds)[0]
+        let kept = WorkService.covering(seconds: request.secondsWanted, claimed.map { BOINCScheduling.estimate(of: $0.spec) })
+        for job in claimed[kept...] {
+            try await self.store.handBack(jobID: job.id, leaseID: job.lease.id, worker: worker)
+        }
+        claimed = Array(claimed[..<kept])
+        var apps = Set<String>()
+        for job in claimed {
+            let spec: Parley_Work_V1_JobSpec
+            switch BOINCScheduling.check(job, trust: self.configuration.trust) {
+            case .success(let s): spec = s
+            case .failure(let why):
+                // Refused here, as a native worker would refuse it: the attempt fails.
+                _ = try await self.store.report([ReportInput(jobID: job.id, report: LeaseReport(leaseID: job.lease.id, worker: worker, outcome: .failure(why.reason)), result: [])], now: WorkService.now())
+                self.logger.warning("boinc: job refused before handing it out", metadata: ["job": "\(job.id)", "why": "\(why.reason)"])
+                continue
+            }
+            let documents = try BOINCJobs.documents(job: job, spec: spec, platform: platform, base: self.configuration.url, key: self.configuration.key, maxOutput: self.configuration.maxStdout)
+            if apps.insert(documents.app.name).inserted { reply.apps.append(documents.app) }
+            reply.fileInfos += documents.fileInfos
+            reply.appVersions.append(documents.appVersion)
+            reply.workunits.append(documents.workunit)
+            reply.results.append(documents.result)
+            self.logger.info("boinc: job handed out", metadata: ["job": "\(job.id)", "lease": "\(job.lease.id)", "worker": "\(worker)"])
+        }
+    }
+
+    // MARK: - Downloads
+
+    /// A lease's program or inline input, made again from the job's signed spec.
+    public func download(name: String) async -> BOINCResponse {
+        guard let (file, kind) = BOINCName.parse(file: name) else { return .text(404, "no file \(name.prefix(100))") }
+        do {
+            guard let job = try await self.store.job(file.jobID), job.record.leases.contains(where: { $0.id == file.leaseID }),
+                  let specBytes = try await self.store.spec(file.jobID), let spec = try? Parley_Work_V1_JobSpec(serializedBytes: specBytes) else {
+                return .text(404, "no file \(name): no such lease was handed out")
+            }
+            switch kind {
+            case .program:
+                return BOINCResponse(status: 200, contentType: "application/octet-stream",
+                                     body: BOINCJobs.script(jobID: file.jobID, leaseID: file.leaseID, spec: spec, maxOutput: self.configuration.maxStdout))
+            case .input(let i) where i < spec.inputs.count && !spec.inputs[i].content.isEmpty:
+                return BOINCResponse(status: 200, contentType: "application/octet-stream", body: Array(spec.inputs[i].content))
+            default:
+                return .text(404, "no file \(name): not a file this front end serves")
+            }
+        } catch {
+            return .text(503, "the job store failed: \(error)")
+        }
+    }
+
+    // MARK: - Uploads
+
+    /// The file upload handler: `<data_server_request>` with `<get_file_size>` or
+    /// `<file_upload>` (its header, then `<data>` and the bytes).
+    public func upload(body: [UInt8]) async -> BOINCResponse {
+        let request: BOINCUpload.Request
+        switch BOINCUpload.read(body, maxHeaderBytes: 64 << 10) {
+        case .success(let r): request = r
+        case .failure(let refusal): return .dataServer(refusal.status, .init(status: -1, message: refusal.message))
+        }
+        guard let (name, kind) = BOINCName.parse(file: request.fileName) else {
+            return .dataServer(403, .init(status: -1, message: "\(request.fileName.prefix(100)) is not a file this project asked for"))
+        }
+        let index: Int?
+        switch kind {
+        case .output(let i): index = i
+        case .stdout: index = nil
+        case .program, .input: return .dataServer(403, .init(status: -1, message: "\(request.fileName) is not an output file"))
+        }
+        do {
+            guard let job = try await self.store.job(name.jobID), job.record.leases.contains(where: { $0.id == name.leaseID }), !job.record.isFinished,
+                  let specBytes = try await self.store.spec(name.jobID), let spec = try? Parley_Work_V1_JobSpec(serializedBytes: specBytes),
+                  index.map({ $0 < spec.outputs.count }) ?? true else {
+                return .dataServer(403, .init(status: -1, message: "\(request.fileName) was never handed out, or its job has ended; nothing was stored"))
+            }
+        } catch {
+            return .dataServer(503, .init(status: 1, message: "the job store failed: \(error)"))
+        }
+        let limit = index == nil ? self.configuration.maxStdout : self.configuration.maxUploadBytes
+        switch request.kind {
+        case .size:
+            return .dataServer(200, .init(status: 0, fileSize: self.uploads.size(request.fileName)))
+        case .data(let offset, let nbytes, let md5, let data):
+            guard nbytes <= Int64(limit), offset >= 0, offset + Int64(data.count) <= nbytes else {
+                return .dataServer(413, .init(status: -1, message: "\(request.fileName): \(nbytes) bytes is over this project's limit of \(limit) (or the data runs past it); nothing was stored"))
+            }
+            switch self.uploads.write(request.fileName, offset: offset, data: data, total: nbytes, md5: md5) {
+            case .success: return .dataServer(200, .init(status: 0))
+            case .failure(let refusal): return .dataServer(refusal.status, .init(status: -1, message: refusal.message))
+            }
+        }
+    }
+}
+
+/// What an endpoint answers: an HTTP status, and its body.
+public struct BOINCResponse: Sendable, Hashable {
+    public var status: Int
+    public var contentType: String
+    public var body: [UInt8]
+
+    public init(status: Int, contentType: String, body: [UInt8]) {
+        self.status = status
+        self.contentType = contentType
+        self.body = body
+    }
+
+    static func xml(_ status: Int, _ body: [UInt8]) -> BOINCResponse { .init(status: status, contentType: "text/xml", body: body) }
+    static func text(_ status: Int, _ text: String) -> BOINCResponse { .init(status: status, contentType: "text/plain", body: Array((text + "\n").utf8)) }
+    static func dataServer(_ status: Int, _ reply: BOINCDataServerReply) -> BOINCResponse { .xml(status, reply.xml()) }
+}
+
+/// A request refused as a whole: its HTTP status and why.
+public struct BOINCRefusal: Error, Sendable, Hashable {
+    public var status: Int
+    public var message: String
+    public init(status: Int, message: String) {
+        self.status = status
+        self.message = message
+    }
+}

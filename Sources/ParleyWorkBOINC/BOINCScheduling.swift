@@ -1,0 +1,253 @@
+import Crypto
+import Foundation
+import Parley
+import ParleyWork
+import SwiftProtobuf
+import XMLCoder
+
+/// The scheduler RPC's decisions, as pure functions: reading a request (with its limits),
+/// who the client is, what a reported result means for its lease, what a work request claims.
+public enum BOINCScheduling {
+    /// Reads a scheduler request: at most `maxBytes`, nested at most `maxDepth` deep, an XML
+    /// document whose element is `<scheduler_request>` naming its platform.
+    public static func read(_ body: [UInt8], maxBytes: Int, maxDepth: Int) -> Result<BOINCSchedulerRequest, BOINCRefusal> {
+        guard body.count <= maxBytes else {
+            return .failure(.init(status: 413, message: "the scheduler request is \(body.count) bytes, over this project's limit of \(maxBytes)"))
+        }
+        guard !body.isEmpty else { return .failure(.init(status: 400, message: "the scheduler request is empty")) }
+        if let depth = BOINCXMLText.depthExceeding(body, maxDepth) {
+            return .failure(.init(status: 400, message: "the scheduler request nests elements \(depth) deep, over this project's limit of \(maxDepth)"))
+        }
+        guard BOINCXMLText.rootName(body) == "scheduler_request" else {
+            return .failure(.init(status: 400, message: "the request is not a <scheduler_request> XML document"))
+        }
+        let request: BOINCSchedulerRequest
+        do {
+            let decoder = XMLDecoder()
+            decoder.shouldProcessNamespaces = false
+            request = try decoder.decode(BOINCSchedulerRequest.self, from: Data(body))
+        } catch {
+            return .failure(.init(status: 400, message: "the scheduler request is not well-formed: \(BOINCXMLText.describe(error))"))
+        }
+        guard let platform = request.platformName, !platform.isEmpty, platform.utf8.count <= 64 else {
+            return .failure(.init(status: 400, message: "the scheduler request names no platform (<platform_name>)"))
+        }
+        guard request.results.count <= 10_000 else {
+            return .failure(.init(status: 413, message: "the scheduler request reports \(request.results.count) results, over this project's limit of 10,000"))
+        }
+        return .success(request)
+    }
+
+    public enum Identity: Error, Sendable, Hashable {
+        case refused(BOINCRefusal)
+        /// The authenticator is no account of this project.
+        case unknownAccount(String)
+    }
+
+    /// The worker a request speaks for, as leases name it: `boinc:<HOST_CPID>` (the host's id,
+    /// which the client keeps), or `boinc:<ENTITY>:<HOST_CPID>` when a keyring says whose
+    /// authenticator it is.
+    public static func worker(for request: BOINCSchedulerRequest, keyring: ParleyKeyring?, requireCapabilities: Bool, now: Date) -> Result<String, Identity> {
+        guard let cpid = request.hostInfo?.hostCpid, (1...64).contains(cpid.utf8.count),
+              cpid.utf8.allSatisfy({ (0x30...0x39).contains($0) || (0x61...0x7A).contains($0) || (0x41...0x5A).contains($0) }) else {
+            return .failure(.refused(.init(status: 400, message: "the scheduler request names no host (<host_info><host_cpid>, up to 64 letters and digits)")))
+        }
+        guard let keyring else { return .success("boinc:\(cpid)") }
+        let given = Array((request.authenticator ?? "").utf8)
+        let unknown = Identity.unknownAccount("Invalid or missing account key. To fix, remove this project and attach again with the key you were given.")
+        guard !given.isEmpty, let entity = keyring.entities.first(where: { Self.same(Array($0.key.utf8), given) }) else { return .failure(unknown) }
+        guard !entity.revoked, entity.expires.map({ $0 > now }) ?? true else { return .failure(unknown) }
+        if requireCapabilities, !entity.caps.contains(where: { $0 == "work.worker" || $0 == "work.*" }) {
+            return .failure(.unknownAccount("The account \(entity.name) may not run work for this project (it lacks capability work.worker)."))
+        }
+        return .success("boinc:\(entity.name):\(cpid)")
+    }
+
+    /// Compares in time independent of where the bytes differ.
+    static func same(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+        guard a.count == b.count else { return false }
+        var diff: UInt8 = 0
+        for (x, y) in zip(a, b) { diff |= x ^ y }
+        return diff == 0
+    }
+
+    /// BOINC's result states (client/result.h): RESULT_FILES_UPLOADED is the end of a result
+    /// that ran and sent its files.
+    public static let filesUploaded = 5
+
+    /// The result ran to its end with status 0 and its files were uploaded.
+    public static func succeeded(_ result: BOINCSchedulerRequest.ReportedResult) -> Bool {
+        (result.exitStatus ?? -1) == 0 && (result.state ?? filesUploaded) == filesUploaded
+    }
+
+    /// The report a reported result makes on its lease. `outputs`: the uploaded outputs, nil
+    /// if one is missing (or the result failed).
+    public static func reportInput(
+        _ result: BOINCSchedulerRequest.ReportedResult, name: BOINCName, worker: String, spec: Parley_Work_V1_JobSpec?,
+        outputs: [Parley_Work_V1_OutputFile]?, stdout: [UInt8]
+    ) -> ReportInput {
+        var report = Parley_Work_V1_ReportResult()
+        report.worker = worker
+        report.jobID = name.jobID
+        report.leaseID = name.leaseID
+        report.exitStatus = Int32(clamping: result.exitStatus ?? -1)
+        report.wallMs = UInt64(max(0, min(1e15, (result.finalElapsedTime ?? 0) * 1000)))
+        report.cpuMs = UInt64(max(0, min(1e15, (result.finalCpuTime ?? 0) * 1000)))
+        report.stdoutTail = Data(stdout.suffix(WorkService.maxTail))
+        report.stderrTail = Data(BOINCJobs.stderr(of: result.stderrOut).suffix(WorkService.maxTail))
+        let outcome: LeaseReport.Outcome
+        if self.succeeded(result) {
+            if let outputs, let spec, outputs.count == spec.outputs.count {
+                report.outputs = outputs
+                outcome = .success
+            } else {
+                report.errorKind = .upload
+                report.message = "the BOINC client reported success but an output file was not uploaded"
+                outcome = .failure("output failed: \(report.message)")
+            }
+        } else {
+            let why = self.describeFailure(result)
+            report.errorKind = [-120, -123].contains(result.exitStatus ?? 0) ? .signature : .compute
+            report.message = why
+            outcome = .failure(why)
+        }
+        let bytes = (try? report.serializedBytes()) ?? []
+        return ReportInput(jobID: name.jobID, report: LeaseReport(leaseID: name.leaseID, worker: worker, outcome: outcome), result: outcome == .success ? bytes : [])
+    }
+
+    /// Why a reported result failed, in the words of the job's record.
+    public static func describeFailure(_ result: BOINCSchedulerRequest.ReportedResult) -> String {
+        let status = result.exitStatus ?? 0
+        let state = result.state.map { "state \($0)" } ?? "no state"
+        switch status {
+        case -120:
+            return "refused by the BOINC client: bad signature (ERR_RSA_FAILED, -120): the program's signature does not verify with the code-signing key the client holds"
+        case -123:
+            return "refused by the BOINC client: no signature (ERR_NO_SIGNATURE, -123)"
+        default:
+            let last = String(decoding: BOINCJobs.stderr(of: result.stderrOut), as: UTF8.self).split(whereSeparator: \.isNewline).last.map { ": " + String($0.prefix(200)) } ?? ""
+            return "the BOINC client reported exit status \(status) (\(state))\(last)"
+        }
+    }
+
+    /// The claim a work request makes: up to one job per CPU instance asked for (at least one,
+    /// at most `maxJobs`), of the applications the client runs: its platforms' names and the
+    /// project's BOINC apps (a job needing none goes to anyone).
+    public static func claimRequest(_ request: BOINCSchedulerRequest, worker: String, extraApps: [String], maxJobs: Int) -> ClaimRequest {
+        let instances = request.cpuReqInstances.flatMap { $0.isFinite ? Int(min(1e6, max(1, $0.rounded(.up)))) : nil } ?? 1
+        var apps: [String] = []
+        for app in [request.platformName ?? ""] + request.alternatePlatforms.prefix(16) + extraApps where !app.isEmpty && !apps.contains(app) {
+            if (try? WorkService.check(app: app)) != nil { apps.append(app) }
+        }
+        return ClaimRequest(worker: worker, limit: max(1, min(maxJobs, instances)), apps: apps)
+    }
+
+    /// A job's estimated run time in seconds (its spec's, or WorkService's default).
+    public static func estimate(of spec: [UInt8]) -> Double {
+        let seconds = (try? Parley_Work_V1_JobSpec(serializedBytes: spec))?.estimatedSeconds ?? 0
+        return seconds > 0 ? Double(seconds) : WorkService.defaultEstimate
+    }
+
+    public struct JobRefusal: Error, Sendable, Hashable { public var reason: String }
+
+    /// A claimed job's spec, after the checks a native worker makes before running it: its
+    /// signature (with `trust`), its decoding, its files. The failure is the attempt's reason.
+    public static func check(_ job: ClaimedJob, trust: [WorkSigning.PublicKey]) -> Result<Parley_Work_V1_JobSpec, JobRefusal> {
+        if !trust.isEmpty {
+            do throws(WorkSigningError) {
+                try WorkSigning.verify(job: job.spec, signature: job.signature, byAnyOf: trust)
+            } catch {
+                return .failure(.init(reason: "refused: bad signature (\(error.message))"))
+            }
+        }
+        guard let spec = try? Parley_Work_V1_JobSpec(serializedBytes: job.spec), !spec.argv.isEmpty else {
+            return .failure(.init(reason: "refused: the spec does not decode or has no command"))
+        }
+        do throws(WorkFiles.FileError) {
+            try WorkFiles.check(spec: spec)
+        } catch {
+            return .failure(.init(reason: "refused: \(error.message)"))
+        }
+        return .success(spec)
+    }
+}
+
+/// Small helpers around XML text that XMLCoder does not offer.
+enum BOINCXMLText {
+    /// The depth past `limit` that the document's elements reach, or nil if they stay within
+    /// it. A guard before parsing, not a parser: it counts start and end tags (skipping
+    /// comments, CDATA, processing instructions and declarations), so that a document nested
+    /// without end is refused before XMLCoder builds (recursively) its tree.
+    static func depthExceeding(_ bytes: [UInt8], _ limit: Int) -> Int? {
+        var depth = 0
+        var i = 0
+        let n = bytes.count
+        func starts(_ s: String, at j: Int) -> Bool {
+            let u = Array(s.utf8)
+            return j + u.count <= n && Array(bytes[j..<(j + u.count)]) == u
+        }
+        func skip(to end: String, from j: Int) -> Int {
+            let u = Array(end.utf8)
+            var k = j
+            while k + u.count <= n {
+                if bytes[k] == u[0] && Array(bytes[k..<(k + u.count)]) == u { return k + u.count }
+                k += 1
+            }
+            return n
+        }
+        while i < n {
+            guard bytes[i] == UInt8(ascii: "<") else { i += 1; continue }
+            if starts("<!--", at: i) { i = skip(to: "-->", from: i + 4); continue }
+            if starts("<![CDATA[", at: i) { i = skip(to: "]]>", from: i + 9); continue }
+            if starts("<?", at: i) || starts("<!", at: i) { i = skip(to: ">", from: i + 2); continue }
+            let closing = i + 1 < n && bytes[i + 1] == UInt8(ascii: "/")
+            var j = i + 1
+            var quote: UInt8?
+            while j < n {
+                let c = bytes[j]
+                if let q = quote { if c == q { quote = nil } } else if c == UInt8(ascii: "\"") || c == UInt8(ascii: "'") { quote = c } else if c == UInt8(ascii: ">") { break }
+                j += 1
+            }
+            let selfClosing = j < n && j > i + 1 && bytes[j - 1] == UInt8(ascii: "/")
+            if closing {
+                depth -= 1
+            } else if !selfClosing {
+                depth += 1
+                if depth > limit { return depth }
+            }
+            i = j + 1
+        }
+        return nil
+    }
+
+    /// The name of the document's first element.
+    static func rootName(_ bytes: [UInt8]) -> String? {
+        var i = 0
+        while i < bytes.count {
+            if bytes[i] == UInt8(ascii: "<"), i + 1 < bytes.count, bytes[i + 1] != UInt8(ascii: "?"), bytes[i + 1] != UInt8(ascii: "!") {
+                var j = i + 1
+                while j < bytes.count, ![UInt8(ascii: ">"), UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\t"), UInt8(ascii: "\r"), UInt8(ascii: "/")].contains(bytes[j]) { j += 1 }
+                return String(decoding: bytes[(i + 1)..<j], as: UTF8.self)
+            }
+            i += 1
+        }
+        return nil
+    }
+
+    static func describe(_ error: any Error) -> String {
+        switch error {
+        case DecodingError.dataCorrupted(let context): return context.underlyingError.map { "\($0)" } ?? context.debugDescription
+        case DecodingError.typeMismatch(_, let context), DecodingError.valueNotFound(_, let context):
+            return "\(context.codingPath.map(\.stringValue).joined(separator: "/")): \(context.debugDescription)"
+        case DecodingError.keyNotFound(let key, let context):
+            return "\((context.codingPath + [key]).map(\.stringValue).joined(separator: "/")) is missing"
+        default: return "\(error)"
+        }
+    }
+
+    static func encode<T: Encodable>(_ value: T, root: String) -> [UInt8] {
+        let encoder = XMLEncoder()
+        encoder.outputFormatting = [.prettyPrinted]
+        return ((try? encoder.encode(value, withRootKey: root)).map(Array.init) ?? []) + [0x0A]
+    }
+}
