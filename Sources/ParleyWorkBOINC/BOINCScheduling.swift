@@ -107,7 +107,7 @@ public enum BOINCScheduling {
             }
         } else {
             let why = self.describeFailure(result)
-            report.errorKind = [-120, -123].contains(result.exitStatus ?? 0) ? .signature : .compute
+            report.errorKind = why.hasPrefix("refused by the BOINC client") ? .signature : .compute
             report.message = why
             outcome = .failure(why)
         }
@@ -115,19 +115,43 @@ public enum BOINCScheduling {
         return ReportInput(jobID: name.jobID, report: LeaseReport(leaseID: name.leaseID, worker: worker, outcome: outcome), result: outcome == .success ? bytes : [])
     }
 
-    /// Why a reported result failed, in the words of the job's record.
+    /// Why a reported result failed, in the words of the job's record. A file the client
+    /// could not get (a program whose signature its key does not verify: -120) is reported as
+    /// the result's download error (-186) with a `<file_xfer_error>` in `<stderr_out>`.
     public static func describeFailure(_ result: BOINCSchedulerRequest.ReportedResult) -> String {
         let status = result.exitStatus ?? 0
         let state = result.state.map { "state \($0)" } ?? "no state"
-        switch status {
+        let transfer = self.transferError(in: result.stderrOut)
+        let code = transfer?.errorCode.flatMap { Int($0.split(separator: " ").first ?? "") } ?? status
+        let file = transfer?.fileName.map { " on \($0)" } ?? ""
+        switch code {
         case -120:
-            return "refused by the BOINC client: bad signature (ERR_RSA_FAILED, -120): the program's signature does not verify with the code-signing key the client holds"
+            return "refused by the BOINC client: bad signature (ERR_RSA_FAILED, -120\(file)): the program's signature does not verify with the code-signing key the client holds"
         case -123:
-            return "refused by the BOINC client: no signature (ERR_NO_SIGNATURE, -123)"
+            return "refused by the BOINC client: no signature (ERR_NO_SIGNATURE, -123\(file))"
         default:
+            if let transfer {
+                return "the BOINC client could not get\(file): \(transfer.errorCode ?? "?") \(transfer.errorMessage ?? "") (exit status \(status), \(state))"
+            }
             let last = String(decoding: BOINCJobs.stderr(of: result.stderrOut), as: UTF8.self).split(whereSeparator: \.isNewline).last.map { ": " + String($0.prefix(200)) } ?? ""
             return "the BOINC client reported exit status \(status) (\(state))\(last)"
         }
+    }
+
+    /// `<file_xfer_error>` as the client writes it into a result's `<stderr_out>`.
+    public struct TransferError: Decodable, Sendable, Hashable {
+        public var fileName: String?
+        public var errorCode: String?
+        public var errorMessage: String?
+        enum CodingKeys: String, CodingKey { case fileName = "file_name", errorCode = "error_code", errorMessage = "error_message" }
+    }
+
+    /// The first `<file_xfer_error>` element in the text of `<stderr_out>` (which holds it as
+    /// text, inside CDATA), read with XMLCoder.
+    public static func transferError(in stderrOut: String) -> TransferError? {
+        guard let start = stderrOut.range(of: "<file_xfer_error>"),
+              let end = stderrOut.range(of: "</file_xfer_error>", range: start.upperBound..<stderrOut.endIndex) else { return nil }
+        return try? XMLDecoder().decode(TransferError.self, from: Data(stderrOut[start.lowerBound..<end.upperBound].utf8))
     }
 
     /// The claim a work request makes: up to one job per CPU instance asked for (at least one,

@@ -87,21 +87,18 @@ public struct BOINCSchedulerRequest: Decodable, Sendable, Hashable {
         }
     }
 
-    /// `<stderr_out>`: its text, and the client's error message if there is one.
+    /// `<stderr_out>`: its text (what the client wrote as text or CDATA: the app's stderr
+    /// in `<stderr_txt>`, or the client's `<message>` about an error), its elements left out.
     struct StderrOut: Decodable {
         var text: String
         init(from decoder: any Decoder) throws {
-            if let text = try? decoder.singleValueContainer().decode(String.self) {
-                self.text = text
-                return
-            }
-            let c = try decoder.container(keyedBy: Keys.self)
-            var parts: [String] = []
-            if let message = try? c.decodeIfPresent(String.self, forKey: .message) { parts.append("<message>\n\(message)\n</message>") }
-            if let value = try? c.decodeIfPresent(String.self, forKey: .value) { parts.append(value) }
-            self.text = parts.joined(separator: "\n")
+            // XMLCoder keeps an element's CDATA under "#CDATA" and its text under "" (as a
+            // single value, an element with children reads as "").
+            let c = try? decoder.container(keyedBy: Keys.self)
+            let parts = [Keys.value, Keys.cdata].compactMap { try? c?.decodeIfPresent(String.self, forKey: $0) }.filter { !$0.isEmpty }
+            self.text = parts.isEmpty ? ((try? decoder.singleValueContainer().decode(String.self)) ?? "") : parts.joined(separator: "\n")
         }
-        enum Keys: String, CodingKey { case message, value = "" }
+        enum Keys: String, CodingKey { case value = "", cdata = "#CDATA" }
     }
 
     enum CodingKeys: String, CodingKey {

@@ -1,0 +1,162 @@
+import Foundation
+import Testing
+import XMLCoder
+@testable import ParleyWorkBOINC
+
+/// Files under Tests/ParleyBOINCTests/Fixtures: requests a real boinc 7.20.5 client sent, a
+/// test key, and the research's example request.
+func boincFixture(_ name: String, filePath: String = #filePath) throws -> [UInt8] {
+    let path = URL(fileURLWithPath: filePath).deletingLastPathComponent().appendingPathComponent("Fixtures/" + name).path
+    guard let data = FileManager.default.contents(atPath: path) else { throw BOINCTestFailure("no fixture \(path)") }
+    return Array(data)
+}
+
+struct BOINCTestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+@Suite struct BOINCKeyTests {
+    /// A signature computed once with /work/shared/research/boinc/boincsign.py (Python, big
+    /// integers, independent of BoringSSL) over "#!/bin/sh\necho hello\n" with the test key.
+    static let knownSignature = """
+        531a003cbdaee280486afe3c82ba5493110047b5e8d3941c6606514be870951f
+        2ce3d645ca2870670fd0af3c4161b282d54960431e9f9d75c660781cd93481d4
+        d64dd147de12df7b5bc7861d0fdeb5f2a73fe09ba5bed3d67ae84336d86200d3
+        b98695814710db3dd81137a9f8dcbba22fa7c46ad33139b8af16fc0ca325bec1
+        .
+
+        """
+    static let program = Array("#!/bin/sh\necho hello\n".utf8)
+
+    @Test func textFormatRoundTrips() throws {
+        let text = String(decoding: try boincFixture("test_code_sign_private"), as: UTF8.self)
+        let key = try BOINCSigning.PrivateKey(text: text)
+        #expect(key.bits == 1024)
+        #expect(key.text == text)
+        let publicText = String(decoding: try boincFixture("test_code_sign_public"), as: UTF8.self)
+        #expect(key.publicKey.text == publicText)
+        #expect(try BOINCSigning.PublicKey(text: publicText) == key.publicKey)
+        // 1024 bits, 22 lines of 32 bytes for the private body, 8 for the public, then ".".
+        #expect(text.split(separator: "\n").count == 1 + 22 + 1)
+        #expect(publicText.split(separator: "\n").count == 1 + 8 + 1)
+    }
+
+    @Test func signatureEqualsTheKnownVector() throws {
+        let key = try BOINCSigning.PrivateKey(text: String(decoding: try boincFixture("test_code_sign_private"), as: UTF8.self))
+        #expect(BOINCSigning.md5Hex(Self.program) == "d604a220708aa59433ba410986cd4ffa")
+        #expect(try key.signature(ofFile: Self.program) == Self.knownSignature)
+        #expect(key.publicKey.verify(file: Self.program, signature: Self.knownSignature))
+        #expect(!key.publicKey.verify(file: Self.program + [0x0A], signature: Self.knownSignature))
+    }
+
+    @Test func newKeysSignAndOtherKeysDoNotVerify() throws {
+        let a = try BOINCSigning.PrivateKey(), b = try BOINCSigning.PrivateKey()
+        let signature = try a.signature(ofFile: Self.program)
+        #expect(a.publicKey.verify(file: Self.program, signature: signature))
+        #expect(!b.publicKey.verify(file: Self.program, signature: signature))
+        #expect(try BOINCSigning.PrivateKey(text: a.text) == a)
+    }
+
+    @Test func malformedKeyTextIsRefused() {
+        for text in ["", "1024\n", "2048\n00\n.\n", "1024\nzz\n.\n", "1024\n00\n.\n", "abc\n00\n.\n"] {
+            #expect(throws: BOINCKeyError.self) { try BOINCSigning.PrivateKey(text: text) }
+            #expect(throws: BOINCKeyError.self) { try BOINCSigning.PublicKey(text: text) }
+        }
+        #expect(BOINCKeyText.parseHex("abc") == nil)
+        #expect(BOINCKeyText.parseHex("0a0b\n.") == [0x0A, 0x0B])
+    }
+}
+
+@Suite struct BOINCXMLTests {
+    @Test func parsesTheResearchExampleRequest() throws {
+        let request = try BOINCScheduling.read(try boincFixture("sched_request_example.xml"), maxBytes: 1 << 20, maxDepth: 32).get()
+        #expect(request.authenticator == "other_auth_xyz")
+        #expect(request.platformName == "x86_64-pc-linux-gnu")
+        #expect(request.hostInfo?.hostCpid == "93f16688a48d53cd65d23a42ff9efb8b")
+        #expect(request.hostInfo?.pNcpus == 2)
+        #expect(request.workReqSeconds == 3456)
+        #expect(request.cpuReqInstances == 2)
+        #expect(request.coreClientMajorVersion == 7 && request.coreClientMinorVersion == 20 && request.coreClientRelease == 5)
+        #expect(request.codeSignKey == nil)
+        #expect(request.results.isEmpty)
+        #expect(request.secondsWanted == 3456)
+    }
+
+    @Test func parsesARealReport() throws {
+        let request = try BOINCScheduling.read(try boincFixture("sched_request_report.xml"), maxBytes: 1 << 20, maxDepth: 32).get()
+        #expect(request.codeSignKey?.hasPrefix("1024\n") == true)
+        let result = try #require(request.results.first)
+        #expect(request.results.count == 1)
+        #expect(result.name == "parley_j2_l2_r")
+        #expect(result.exitStatus == 0 && result.state == 5)
+        #expect(String(decoding: BOINCJobs.stderr(of: result.stderrOut), as: UTF8.self) == "to-stderr\n\n")
+        #expect(result.fileInfos.map(\.name) == ["parley_j2_l2_out0", "parley_j2_l2_stdout"])
+        #expect(result.fileInfos.first?.nbytes == 9004)
+        #expect(BOINCScheduling.succeeded(result))
+        #expect(BOINCName.parse(result: result.name) == BOINCName(jobID: 2, leaseID: 2))
+    }
+
+    @Test func aBadSignatureReportSaysMinus120() throws {
+        let request = try BOINCScheduling.read(try boincFixture("sched_request_report_bad_signature.xml"), maxBytes: 1 << 20, maxDepth: 32).get()
+        let result = try #require(request.results.first)
+        #expect(result.exitStatus == -186 && result.state == 1)
+        #expect(!BOINCScheduling.succeeded(result))
+        let why = BOINCScheduling.describeFailure(result)
+        #expect(why.contains("-120"), "\(why)")
+        #expect(why.contains("bad signature"), "\(why)")
+        #expect(why.contains("parley_j3_l3.sh"), "\(why)")
+    }
+
+    @Test func replyEncodingIsWhatTheClientParses() throws {
+        var reply = BOINCSchedulerReply(projectName: "P & Q")
+        reply.requestDelay = 7
+        reply.messages = [.init(priority: "notice", "hello <you>")]
+        reply.resultAcks = ["parley_j1_l1_r"]
+        var info = BOINCSchedulerReply.FileInfo(name: "f.sh")
+        info.url = "http://h/download/f.sh"
+        info.executable = true
+        info.fileSignature = "00\n.\n"
+        info.nbytes = 12
+        reply.fileInfos = [info]
+        reply.workunits = [.init(name: "wu", appName: "a", versionNum: 1, rscFpopsEst: 6e10, rscFpopsBound: 1e13, rscMemoryBound: 1e8, rscDiskBound: 1e9,
+                                 fileRefs: [.init(fileName: "in", openName: "parley_in0", copyFile: true)])]
+        let text = String(decoding: try reply.xml(), as: UTF8.self)
+        #expect(text.hasPrefix("<scheduler_reply>"))
+        #expect(!text.contains("<?xml"))
+        #expect(!text.contains("/>"), "no empty element: BOINC's parser misreads `<tag />`")
+        #expect(text.contains("<message priority=\"notice\">hello &lt;you&gt;</message>"))
+        #expect(text.contains("<project_name>P &amp; Q</project_name>"))
+        #expect(text.contains("<request_delay>7</request_delay>"))
+        #expect(text.contains("<executable>1</executable>"))
+        #expect(text.contains("<copy_file>1</copy_file>"))
+        #expect(text.contains("<rsc_fpops_est>60000000000</rsc_fpops_est>"))
+        #expect(text.contains("<result_ack>\n    <name>parley_j1_l1_r</name>\n  </result_ack>"))
+        #expect(text.contains("<file_signature>\n00\n.\n</file_signature>"))
+        // The nucleus comes first, acks last.
+        let order = ["<scheduler_version>", "<project_name>", "<message", "<request_delay>", "<file_info>", "<workunit>", "<result_ack>"]
+        let positions = order.map { text.range(of: $0)?.lowerBound }
+        #expect(positions.allSatisfy { $0 != nil })
+        #expect(positions.compactMap { $0 } == positions.compactMap { $0 }.sorted())
+    }
+
+    @Test func namesMapBackToJobAndLease() {
+        let name = BOINCName(jobID: 12, leaseID: 345)
+        #expect(BOINCName.parse(result: name.result) == name)
+        #expect(BOINCName.parse(file: name.program)?.1 == .program)
+        #expect(BOINCName.parse(file: name.output(3)).map { $0.0 == name && $0.1 == .output(3) } == true)
+        #expect(BOINCName.parse(file: name.input(0)).map { $0.0 == name && $0.1 == .input(0) } == true)
+        #expect(BOINCName.parse(file: name.stdout)?.1 == .stdout)
+        for bad in ["", "parley_j_l1_r", "parley_j1_l_r", "parley_j1_l2", "x_j1_l2_r", "parley_j1_l2_rr", "parley_j99999999999999999999999_l1_r", "parley_j-1_l2_r"] {
+            #expect(BOINCName.parse(result: bad) == nil, "\(bad)")
+        }
+        #expect(BOINCName.parse(file: "parley_j1_l2_out") == nil)
+        #expect(BOINCName.parse(file: "../etc/passwd") == nil)
+    }
+
+    @Test func depthGuard() {
+        #expect(BOINCXMLText.depthExceeding(Array("<a><b><c/></b><!-- <x><y><z> --><![CDATA[<p><q>]]></a>".utf8), 2) == nil)
+        #expect(BOINCXMLText.depthExceeding(Array("<a><b><c></c></b></a>".utf8), 2) == 3)
+        #expect(BOINCXMLText.depthExceeding(Array(String(repeating: "<a>", count: 100_000).utf8), 32) == 33)
+    }
+}

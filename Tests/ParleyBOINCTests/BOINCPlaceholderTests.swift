@@ -1,6 +1,0 @@
-import Testing
-@testable import ParleyWorkBOINC
-
-@Suite struct BOINCPlaceholderTests {
-    @Test func moduleLinks() { _ = BOINCFrontEnd.self }
-}
