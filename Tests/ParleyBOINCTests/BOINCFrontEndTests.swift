@@ -1,0 +1,439 @@
+import Crypto
+import Foundation
+import Hummingbird
+import HummingbirdTesting
+import Logging
+import NIOCore
+import Parley
+import ParleyWork
+import SwiftProtobuf
+import Testing
+@testable import ParleyWorkBOINC
+
+/// The front end in process, through its Hummingbird router (no sockets), on a SQLite store
+/// in a temporary directory.
+struct BOINCBench {
+    let directory: String
+    let store: SQLiteWorkStore
+    let frontEnd: BOINCFrontEnd
+    let workKey = WorkSigning.PrivateKey()
+    let boincKey: BOINCSigning.PrivateKey
+
+    static let base = "http://127.0.0.1:9/"
+
+    init(trust: Bool = true, keyring: ParleyKeyring? = nil, configure: (inout BOINCFrontEnd.Configuration) -> Void = { _ in }) throws {
+        self.directory = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: self.directory, withIntermediateDirectories: true)
+        self.store = try SQLiteWorkStore(path: self.directory + "/work.sqlite")
+        self.boincKey = try BOINCSigning.PrivateKey(text: String(decoding: try boincFixture("test_code_sign_private"), as: UTF8.self))
+        var configuration = BOINCFrontEnd.Configuration(url: Self.base, key: self.boincKey, uploadDirectory: self.directory + "/uploads")
+        if trust { configuration.trust = [self.workKey.publicKey] }
+        configuration.keyring = keyring
+        configure(&configuration)
+        var logger = Logger(label: "boinc-test")
+        logger.logLevel = .critical
+        self.frontEnd = try BOINCFrontEnd(configuration: configuration, store: self.store, logger: logger)
+    }
+
+    func remove() { try? FileManager.default.removeItem(atPath: self.directory) }
+
+    /// Submits a job signed with the work key (or `signer`); returns its id.
+    @discardableResult
+    func submit(_ spec: Parley_Work_V1_JobSpec, signer: WorkSigning.PrivateKey? = nil, maxAttempts: Int = 3) async throws -> UInt64 {
+        let bytes: [UInt8] = try spec.serializedBytes()
+        let signature = try (signer ?? self.workKey).sign(job: bytes)
+        return try await self.store.submit([NewJob(spec: bytes, signature: signature, maxAttempts: maxAttempts, app: spec.app)], now: WorkService.now())[0]
+    }
+
+    func app() -> some ApplicationProtocol { Application(router: BOINCHTTP.router(self.frontEnd)) }
+
+    /// Runs `body` with a test client of the router.
+    func withClient<T: Sendable>(_ body: @Sendable (any TestClientProtocol) async throws -> T) async throws -> T {
+        try await self.app().test(.router, body)
+    }
+}
+
+/// A scheduler request as the client 7.20 writes it (the parts the front end reads).
+func schedulerRequest(
+    cpid: String = "abc123", authenticator: String = "anything", seconds: Double = 3456, instances: Double = 1, major: Int = 7,
+    platform: String = "x86_64-pc-linux-gnu", holdsKey: Bool = false, results: [String] = []
+) -> String {
+    """
+    <scheduler_request>
+        <authenticator>\(authenticator)</authenticator>
+        <hostid>0</hostid>
+        <rpc_seqno>3</rpc_seqno>
+        <core_client_major_version>\(major)</core_client_major_version>
+        <core_client_minor_version>20</core_client_minor_version>
+        <core_client_release>5</core_client_release>
+        <work_req_seconds>\(seconds)</work_req_seconds>
+        <cpu_req_secs>\(seconds)</cpu_req_secs>
+        <cpu_req_instances>\(instances)</cpu_req_instances>
+        <platform_name>\(platform)</platform_name>
+    \(holdsKey ? "<code_sign_key>\n1024\n00\n.\n</code_sign_key>" : "")
+    <host_info>
+        <host_cpid>\(cpid)</host_cpid>
+        <p_ncpus>2</p_ncpus>
+    </host_info>
+    \(results.joined(separator: "\n"))
+    </scheduler_request>
+
+    """
+}
+
+/// A reported result as the client writes it.
+func reportedResult(_ name: String, exitStatus: Int = 0, state: Int = 5, stderr: String = "") -> String {
+    """
+    <result>
+        <name>\(name)</name>
+        <final_cpu_time>0.250000</final_cpu_time>
+        <final_elapsed_time>1.500000</final_elapsed_time>
+        <exit_status>\(exitStatus)</exit_status>
+        <state>\(state)</state>
+    <stderr_out>
+    <core_client_version>7.20.5</core_client_version>
+    <![CDATA[
+    <stderr_txt>
+    \(stderr)
+    </stderr_txt>
+    ]]>
+    </stderr_out>
+    </result>
+    """
+}
+
+/// An upload request as the client writes it (client/file_xfer.cpp): the header left open,
+/// then `<data>` and the bytes.
+func uploadRequest(_ name: String, data: [UInt8], nbytes: Int? = nil, offset: Int = 0, md5: String? = nil) -> [UInt8] {
+    let header = """
+        <data_server_request>
+            <core_client_major_version>7</core_client_major_version>
+            <core_client_minor_version>20</core_client_minor_version>
+            <core_client_release>5</core_client_release>
+        <file_upload>
+        <file_info>
+            <name>\(name)</name>
+            <max_nbytes>1048576</max_nbytes>
+        </file_info>
+        <nbytes>\(nbytes ?? data.count)</nbytes>
+        <md5_cksum>\(md5 ?? BOINCSigning.md5Hex(data))</md5_cksum>
+        <offset>\(offset)</offset>
+        <data>
+
+        """
+    return Array(header.utf8) + data
+}
+
+func sizeRequest(_ name: String) -> String {
+    "<data_server_request>\n    <core_client_major_version>7</core_client_major_version>\n<get_file_size>\(name)</get_file_size>\n</data_server_request>\n"
+}
+
+extension TestClientProtocol {
+    func post(_ path: String, _ body: [UInt8]) async throws -> (status: Int, text: String) {
+        try await self.execute(uri: path, method: .post, body: ByteBuffer(bytes: body)) { r in (r.status.code, String(buffer: r.body)) }
+    }
+
+    func post(_ path: String, _ body: String) async throws -> (status: Int, text: String) { try await self.post(path, Array(body.utf8)) }
+
+    func get(_ path: String) async throws -> (status: Int, body: [UInt8]) {
+        try await self.execute(uri: path, method: .get) { r in (r.status.code, Array(buffer: r.body)) }
+    }
+}
+
+func echoSpec(outputs: [String] = ["out.txt"], inputs: [(String, [UInt8])] = [], app: String = "") -> Parley_Work_V1_JobSpec {
+    var spec = Parley_Work_V1_JobSpec()
+    spec.argv = ["echo hi > out.txt"]
+    spec.shell = true
+    spec.outputs = outputs
+    spec.app = app
+    spec.inputs = inputs.map { name, bytes in
+        var input = Parley_Work_V1_InputFile()
+        input.name = name
+        input.content = Data(bytes)
+        input.size = UInt64(bytes.count)
+        input.sha256 = Data(SHA256.hash(data: bytes))
+        return input
+    }
+    return spec
+}
+
+/// The text of every `<tag>` element in an XML reply (reads replies in tests only).
+func elements(_ tag: String, in text: String) -> [String] {
+    var found: [String] = []
+    var rest = text[...]
+    while let start = rest.range(of: "<\(tag)>"), let end = rest.range(of: "</\(tag)>", range: start.upperBound..<rest.endIndex) {
+        found.append(String(rest[start.upperBound..<end.lowerBound]).trimmingCharacters(in: .whitespacesAndNewlines))
+        rest = rest[end.upperBound...]
+    }
+    return found
+}
+
+@Suite struct BOINCFrontEndTests {
+    @Test func masterPageListsTheSchedulersInOrder() async throws {
+        let bench = try BOINCBench { $0.schedulerURLs = ["http://a.example/s1", "http://b.example/s2?x=1&y=2"] }
+        defer { bench.remove() }
+        let page = try await bench.withClient { try await $0.get("/") }
+        let text = String(decoding: page.body, as: UTF8.self)
+        #expect(page.status == 200)
+        #expect(text.contains("<scheduler>http://a.example/s1</scheduler>\n<scheduler>http://b.example/s2?x=1&amp;y=2</scheduler>"))
+        #expect(text.contains("<link rel=\"boinc_scheduler\" href=\"http://a.example/s1\">\n<link rel=\"boinc_scheduler\" href=\"http://b.example/s2?x=1&amp;y=2\">"))
+    }
+
+    @Test func handsOutAJobAndAcceptsItsReportExactlyOnce() async throws {
+        let bench = try BOINCBench { $0.requestDelay = 12; $0.notices = ["Welcome"] }
+        defer { bench.remove() }
+        let input = Array("input bytes\n".utf8)
+        let id = try await bench.submit(echoSpec(inputs: [("dir/in.txt", input)]))
+        let publicKey = bench.boincKey.publicKey
+        try await bench.withClient { client in
+            let reply = try await client.post("/scheduler", schedulerRequest())
+            #expect(reply.status == 200)
+            #expect(reply.text.contains("<request_delay>12</request_delay>"))
+            #expect(reply.text.contains("<message priority=\"notice\">Welcome</message>"))
+            #expect(elements("code_sign_key", in: reply.text) == [publicKey.text.trimmingCharacters(in: .whitespacesAndNewlines)])
+            let results = elements("name", in: reply.text).filter { $0.hasSuffix("_r") }
+            #expect(results.count == 1)
+            let first = try #require(results.first)
+            let name = try #require(BOINCName.parse(result: first))
+            #expect(name.jobID == id)
+            // The program, as downloaded, is what its signature covers.
+            let program = try await client.get("/download/" + name.program)
+            #expect(program.status == 200)
+            let signature = try #require(elements("file_signature", in: reply.text).first)
+            #expect(publicKey.verify(file: program.body, signature: signature + "\n"))
+            #expect(elements("md5_cksum", in: reply.text).first == BOINCSigning.md5Hex(program.body))
+            #expect(try await client.get("/download/" + name.input(0)).body == input)
+            // Its output and stdout come back, then the report.
+            #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array("result\n".utf8))).status == 200)
+            #expect(try await client.post("/file_upload_handler", uploadRequest(name.stdout, data: Array("hi\n".utf8))).status == 200)
+            let report = try await client.post("/scheduler", schedulerRequest(seconds: 0, holdsKey: true, results: [reportedResult(name.result, stderr: "a warning")]))
+            #expect(report.status == 200)
+            #expect(elements("result_ack", in: report.text).count == 1)
+            #expect(!report.text.contains("<code_sign_key>"), "the key goes only to a client without one")
+            let job = try #require(try await bench.store.job(id))
+            #expect(job.record.state == .succeeded(leaseID: name.leaseID))
+            let result = try Parley_Work_V1_ReportResult(serializedBytes: try #require(job.result))
+            #expect(result.outputs.map(\.name) == ["out.txt"])
+            #expect(result.outputs.first?.content == Data("result\n".utf8))
+            #expect(result.stdoutTail == Data("hi\n".utf8))
+            #expect(String(decoding: result.stderrTail, as: UTF8.self).contains("a warning"))
+            #expect(result.worker == "boinc:abc123")
+            #expect(result.cpuMs == 250 && result.wallMs == 1500)
+            // Reported again (the ack was lost): acknowledged again, counted once.
+            let again = try await client.post("/scheduler", schedulerRequest(seconds: 0, holdsKey: true, results: [reportedResult(name.result)]))
+            #expect(elements("result_ack", in: again.text).count == 1)
+            #expect(try await bench.store.counts()["succeeded"] == 1)
+            #expect(try await bench.store.job(id)?.result == job.result)
+        }
+    }
+
+    @Test func malformedHugeAndNestedRequestsAreRefusedAndChangeNothing() async throws {
+        let bench = try BOINCBench { $0.maxRequestBytes = 64 << 10 }
+        defer { bench.remove() }
+        try await bench.submit(echoSpec())
+        let cases: [(String, [UInt8], Int, String)] = [
+            ("malformed", Array("<scheduler_request><platform_name>x</platform_name><host_info>".utf8), 400, "not well-formed"),
+            ("not XML", Array("hello".utf8), 400, "is not a &lt;scheduler_request&gt;"),
+            ("another document", Array("<data_server_request></data_server_request>".utf8), 400, "is not a &lt;scheduler_request&gt;"),
+            ("empty", [], 400, "empty"),
+            ("huge", Array(schedulerRequest().utf8) + [UInt8](repeating: 0x20, count: 70 << 10), 413, "limit"),
+            ("nested without end", Array(("<scheduler_request>" + String(repeating: "<a>", count: 20_000)).utf8), 400, "nests"),
+            ("bad number", Array(schedulerRequest().replacingOccurrences(of: "<work_req_seconds>3456.0", with: "<work_req_seconds>lots").utf8), 400, "work_req_seconds"),
+            ("no platform", Array(schedulerRequest(platform: "").utf8), 400, "platform"),
+            ("no host", Array(schedulerRequest(cpid: "").utf8), 400, "host"),
+            ("odd host", Array(schedulerRequest(cpid: "a/b").utf8), 400, "host"),
+        ]
+        try await bench.withClient { client in
+            for (what, body, status, words) in cases {
+                let reply = try await client.post("/scheduler", body)
+                #expect(reply.status == status, "\(what): \(reply.text)")
+                #expect(reply.text.contains("<message priority=\"low\">") && reply.text.contains(words), "\(what): \(reply.text)")
+            }
+        }
+        #expect(try await bench.store.counts() == ["queued": 1, "leased": 0, "succeeded": 0, "failed": 0])
+    }
+
+    @Test func reportsOfResultsNeverSentAreAcknowledgedAndStoreNothing() async throws {
+        let bench = try BOINCBench()
+        defer { bench.remove() }
+        let id = try await bench.submit(echoSpec(outputs: []))
+        try await bench.withClient { client in
+            let reply = try await client.post("/scheduler", schedulerRequest(cpid: "hostA"))
+            let name = try #require(elements("name", in: reply.text).first { $0.hasSuffix("_r") }.flatMap(BOINCName.parse(result:)))
+            let others = [
+                BOINCName(jobID: id, leaseID: name.leaseID).result,          // another host's
+                BOINCName(jobID: id, leaseID: name.leaseID + 7).result,      // a lease never handed out
+                BOINCName(jobID: id + 100, leaseID: name.leaseID).result,    // no such job
+                "wu_3_0",                                                    // not this project's
+            ]
+            let report = try await client.post("/scheduler", schedulerRequest(cpid: "hostB", seconds: 0, results: others.map { reportedResult($0) }))
+            #expect(report.status == 200)
+            // Acknowledged (a real client would otherwise resend them forever), each refused.
+            #expect(elements("result_ack", in: report.text).count == others.count)
+            let messages = report.text.components(separatedBy: "<message priority=\"low\">").dropFirst()
+            #expect(messages.count == others.count)
+            #expect(messages.allSatisfy { $0.contains("refused") && $0.contains("nothing was stored") }, "\(report.text)")
+            #expect(report.text.contains("belongs to worker boinc:hostA"))
+            // The job is still hostA's, and hostA's own report counts.
+            #expect(try await bench.store.counts()["leased"] == 1)
+            let own = try await client.post("/scheduler", schedulerRequest(cpid: "hostA", seconds: 0, results: [reportedResult(name.result)]))
+            #expect(elements("result_ack", in: own.text).count == 1)
+            #expect(try await bench.store.job(id)?.record.state == .succeeded(leaseID: name.leaseID))
+        }
+    }
+
+    @Test func uploadsOnlyOfFilesHandedOutAndWithinLimits() async throws {
+        let bench = try BOINCBench { $0.maxUploadBytes = 1000 }
+        defer { bench.remove() }
+        try await bench.submit(echoSpec())
+        try await bench.withClient { client in
+            let reply = try await client.post("/scheduler", schedulerRequest())
+            let name = try #require(elements("name", in: reply.text).first { $0.hasSuffix("_r") }.flatMap(BOINCName.parse(result:)))
+            let never = BOINCName(jobID: name.jobID, leaseID: name.leaseID + 1)
+            let refusals: [(String, [UInt8], Int)] = [
+                ("never handed out", uploadRequest(never.output(0), data: [1, 2, 3]), 403),
+                ("no such job", uploadRequest(BOINCName(jobID: 99, leaseID: 1).output(0), data: [1]), 403),
+                ("an output the spec lacks", uploadRequest(name.output(5), data: [1]), 403),
+                ("the program", uploadRequest(name.program, data: [1]), 403),
+                ("not ours", uploadRequest("wu_3_0_r0", data: [1]), 403),
+                ("a path", uploadRequest("../../etc/passwd", data: [1]), 400),
+                ("oversized", uploadRequest(name.output(0), data: [UInt8](repeating: 7, count: 1001)), 413),
+                ("over the HTTP limit", uploadRequest(name.output(0), data: [UInt8](repeating: 7, count: 70_000)), 413),
+                ("runs past nbytes", uploadRequest(name.output(0), data: [1, 2, 3], nbytes: 2), 413),
+                ("wrong MD5", uploadRequest(name.output(0), data: [1, 2, 3], md5: String(repeating: "0", count: 32)), 400),
+                ("not a request", Array("<scheduler_request/>".utf8), 400),
+                ("no data", Array("<data_server_request><file_upload><file_info><name>x</name></file_info>".utf8), 400),
+                ("malformed header", Array("<data_server_request><file_upload><name>".utf8) + Array("<data>\n".utf8), 400),
+                ("nested", Array(("<data_server_request>" + String(repeating: "<a>", count: 10_000)).utf8), 400),
+            ]
+            for (what, body, status) in refusals {
+                let r = try await client.post("/file_upload_handler", body)
+                #expect(r.status == status, "\(what): \(r.text)")
+                #expect(r.text.contains("<status>-1</status>") && r.text.contains("<message>"), "\(what): \(r.text)")
+            }
+            #expect(bench.frontEnd.uploads.size(name.output(0)) == 0)
+            let kept = try FileManager.default.contentsOfDirectory(atPath: bench.directory + "/uploads")
+            #expect(kept.isEmpty, "\(kept)")
+            // An upload in two parts, resumed where get_file_size says.
+            let bytes = Array("0123456789".utf8)
+            #expect(try await client.post("/file_upload_handler", sizeRequest(name.output(0))).text.contains("<file_size>0</file_size>"))
+            let first = Array(uploadRequest(name.output(0), data: bytes).prefix(while: { _ in true }).dropLast(6))
+            #expect(try await client.post("/file_upload_handler", first).status == 200)
+            #expect(try await client.post("/file_upload_handler", sizeRequest(name.output(0))).text.contains("<file_size>4</file_size>"))
+            #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array(bytes[4...]), nbytes: 10, offset: 4, md5: BOINCSigning.md5Hex(bytes))).status == 200)
+            #expect(bench.frontEnd.uploads.read(name.output(0), limit: 100) == bytes)
+            // Whole now: other bytes do not replace it.
+            #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array("9876543210".utf8))).status == 409)
+            // Downloads of what was never handed out.
+            #expect(try await client.get("/download/" + never.program).status == 404)
+            #expect(try await client.get("/download/nothing").status == 404)
+            #expect(try await client.get("/download/" + name.output(0)).status == 404)
+        }
+    }
+
+    @Test func aJobWhoseSignatureDoesNotVerifyIsNotHandedOut() async throws {
+        let bench = try BOINCBench()
+        defer { bench.remove() }
+        let id = try await bench.submit(echoSpec(), signer: WorkSigning.PrivateKey(), maxAttempts: 1)
+        let reply = try await bench.withClient { try await $0.post("/scheduler", schedulerRequest()) }
+        #expect(!reply.text.contains("<result>"))
+        let job = try #require(try await bench.store.job(id))
+        guard case .failed(let reasons) = job.record.state else { Issue.record("job \(job.record.state)"); return }
+        #expect(reasons.first?.contains("bad signature") == true, "\(reasons)")
+    }
+
+    @Test func jobsGoToClientsRunningTheirApplication() async throws {
+        let bench = try BOINCBench { $0.apps = ["blender"] }
+        defer { bench.remove() }
+        let other = try await bench.submit(echoSpec(app: "windows_x86_64"))
+        let mine = try await bench.submit(echoSpec(app: "x86_64-pc-linux-gnu"))
+        let blender = try await bench.submit(echoSpec(app: "blender"))
+        let reply = try await bench.withClient { try await $0.post("/scheduler", schedulerRequest(instances: 4)) }
+        let handed = Set(elements("name", in: reply.text).compactMap(BOINCName.parse(result:)).map(\.jobID))
+        #expect(handed == [mine, blender])
+        #expect(try await bench.store.job(other)?.record.state == .queued)
+        #expect(elements("app_name", in: reply.text).contains("blender"))
+    }
+
+    @Test func withAKeyringOnlyItsEntitiesGetWork() async throws {
+        let entity = ParleyKeyring.Entity(name: "worker.boinc-1", key: Array(repeating: 7, count: 32), caps: ["work.worker"], created: Date())
+        let revoked = ParleyKeyring.Entity(name: "worker.gone", key: Array(repeating: 9, count: 32), caps: ["work.worker"], created: Date(), revoked: true)
+        let bench = try BOINCBench(keyring: ParleyKeyring(entities: [entity, revoked]))
+        defer { bench.remove() }
+        try await bench.submit(echoSpec())
+        try await bench.withClient { client in
+            for auth in ["", "nobody", revoked.key, String(entity.key.dropLast())] {
+                let reply = try await client.post("/scheduler", schedulerRequest(authenticator: auth))
+                #expect(reply.status == 200)
+                #expect(reply.text.contains("<message priority=\"notice\">Invalid or missing account key"), "\(auth)")
+                #expect(reply.text.contains("<request_delay>3600</request_delay>"))
+                #expect(!reply.text.contains("<result>"))
+            }
+            #expect(try await bench.store.counts()["queued"] == 1)
+            let reply = try await client.post("/scheduler", schedulerRequest(authenticator: entity.key))
+            #expect(elements("name", in: reply.text).contains { $0.hasSuffix("_r") })
+        }
+        let leased = try #require(try await bench.store.job(1))
+        guard case .leased(let lease) = leased.record.state else { Issue.record("\(leased.record.state)"); return }
+        #expect(lease.worker == "boinc:worker.boinc-1:abc123")
+    }
+
+    @Test func anOldClientIsToldToUpgradeAndGetsNoWork() async throws {
+        let bench = try BOINCBench()
+        defer { bench.remove() }
+        try await bench.submit(echoSpec())
+        let reply = try await bench.withClient { try await $0.post("/scheduler", schedulerRequest(major: 6)) }
+        #expect(reply.text.contains("<message priority=\"notice\">This project needs BOINC 7 or later"))
+        #expect(!reply.text.contains("<result>"))
+        #expect(try await bench.store.counts()["queued"] == 1)
+    }
+
+    @Test func aFailedResultIsRecordedWithItsReason() async throws {
+        let bench = try BOINCBench()
+        defer { bench.remove() }
+        let id = try await bench.submit(echoSpec(), maxAttempts: 1)
+        try await bench.withClient { client in
+            let reply = try await client.post("/scheduler", schedulerRequest())
+            let name = try #require(elements("name", in: reply.text).first { $0.hasSuffix("_r") }.flatMap(BOINCName.parse(result:)))
+            let report = try await client.post("/scheduler", schedulerRequest(seconds: 0, results: [reportedResult(name.result, exitStatus: 3, state: 3, stderr: "it broke")]))
+            #expect(elements("result_ack", in: report.text).count == 1)
+        }
+        let job = try #require(try await bench.store.job(id))
+        guard case .failed(let reasons) = job.record.state else { Issue.record("\(job.record.state)"); return }
+        #expect(reasons.first?.contains("exit status 3") == true && reasons.first?.contains("it broke") == true, "\(reasons)")
+    }
+
+    @Test func theProgramRunsTheJob() async throws {
+        // The generated program, run here by sh in a directory laid out as a BOINC slot.
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-slot-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var spec = echoSpec(outputs: ["sub/out.txt"], inputs: [("a/in.txt", Array("abc\n".utf8))])
+        spec.argv = ["mkdir -p sub && cat a/in.txt > sub/out.txt && echo \"$GREETING it's\" && echo err >&2 && exit 3"]
+        spec.env = ["GREETING": "hello", "PATH": "/usr/bin:/bin"]
+        let program = BOINCJobs.script(jobID: 1, leaseID: 2, spec: spec, maxOutput: 5)
+        _ = FileManager.default.createFile(atPath: dir + "/job.sh", contents: Data(program))
+        _ = FileManager.default.createFile(atPath: dir + "/parley_in0", contents: Data("abc\n".utf8))
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["job.sh"]
+        process.currentDirectoryURL = URL(fileURLWithPath: dir)
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 3)
+        #expect(FileManager.default.contents(atPath: dir + "/boinc_finish_called") == Data("3\n".utf8))
+        #expect(FileManager.default.contents(atPath: dir + "/parley_out0") == Data("abc\n".utf8))
+        #expect(FileManager.default.contents(atPath: dir + "/parley_stdout") == Data("t's\n".utf8.suffix(5)) || FileManager.default.contents(atPath: dir + "/parley_stdout") == Data(" it's\n".utf8.suffix(5)))
+        // An input that does not match its signed SHA-256 stops the job before it runs.
+        _ = FileManager.default.createFile(atPath: dir + "/parley_in0", contents: Data("abd\n".utf8))
+        let again = Process()
+        again.executableURL = URL(fileURLWithPath: "/bin/sh")
+        again.arguments = ["job.sh"]
+        again.currentDirectoryURL = URL(fileURLWithPath: dir)
+        again.standardError = FileHandle.nullDevice
+        try again.run()
+        again.waitUntilExit()
+        #expect(again.terminationStatus == 197)
+    }
+}
