@@ -128,6 +128,9 @@ public final class BOINCFrontEnd: Sendable {
             reply.requestDelay = max(reply.requestDelay ?? 0, 3600)
             return self.encode(reply)
         }
+        self.logger.debug("boinc scheduler rpc", metadata: [
+            "worker": "\(worker)", "results": "\(request.results.count)", "seconds": "\(request.secondsWanted)", "seqno": "\(request.rpcSeqno ?? -1)",
+        ])
         // The key goes to a client that has none yet (trust on first use); a client holding
         // another key would need a rotation statement, which this front end does not make.
         if (request.codeSignKey ?? "").isEmpty { reply.codeSignKey = self.configuration.key.publicKey.text }
