@@ -135,9 +135,10 @@ public final class BOINCFrontEnd: Sendable {
         // another key would need a rotation statement, which this front end does not make.
         if (request.codeSignKey ?? "").isEmpty { reply.codeSignKey = self.configuration.key.publicKey.text }
         do {
-            for result in request.results {
-                let (acked, message) = try await self.report(result, worker: worker)
-                if acked { reply.resultAcks.append(result.name) }
+            // Every reported result is acknowledged (a client resends an unacknowledged one
+            // every few seconds, for ever); the refused ones with a message saying why.
+            for (name, message) in try await self.report(request.results, worker: worker) {
+                reply.resultAcks.append(name)
                 if let message { reply.messages.append(.init(priority: "low", message)) }
             }
             if let major = request.coreClientMajorVersion, major < self.configuration.minimumClientMajorVersion {
@@ -167,36 +168,41 @@ public final class BOINCFrontEnd: Sendable {
         return BOINCResponse.xml(refusal.status, (try? reply.xml()) ?? Array(refusal.message.utf8))
     }
 
-    /// One reported result: whether to acknowledge it, and a message for the client's log.
-    func report(_ result: BOINCSchedulerRequest.ReportedResult, worker: String) async throws -> (ack: Bool, message: String?) {
-        guard let name = BOINCName.parse(result: result.name) else {
-            // Acknowledged, or the client would report it again every few seconds forever.
-            return (true, "result \(result.name.prefix(80)) refused: it is not a result this project sent; nothing was stored")
+    /// The reported results, in one store transaction: each one's name, and a message for
+    /// the client's log when it was refused.
+    func report(_ results: [BOINCSchedulerRequest.ReportedResult], worker: String) async throws -> [(String, String?)] {
+        var answers: [(String, String?)] = []
+        var inputs: [(name: BOINCName, result: BOINCSchedulerRequest.ReportedResult, input: ReportInput)] = []
+        for result in results {
+            guard let name = BOINCName.parse(result: result.name) else {
+                answers.append((result.name, "result \(result.name.prefix(80)) refused: it is not a result this project sent; nothing was stored"))
+                continue
+            }
+            let spec = try await self.store.spec(name.jobID).flatMap { try? Parley_Work_V1_JobSpec(serializedBytes: $0) }
+            let outputs = spec.flatMap { BOINCScheduling.succeeded(result) ? self.collectOutputs(name, spec: $0) : nil }
+            let stdout = self.uploads.read(name.stdout, limit: self.configuration.maxStdout) ?? []
+            inputs.append((name, result, BOINCScheduling.reportInput(result, name: name, worker: worker, spec: spec, outputs: outputs, stdout: stdout)))
         }
-        let spec = try await self.store.spec(name.jobID).flatMap { try? Parley_Work_V1_JobSpec(serializedBytes: $0) }
-        let outputs: [Parley_Work_V1_OutputFile]?
-        if let spec, BOINCScheduling.succeeded(result) {
-            outputs = try? self.collectOutputs(name, spec: spec)
-        } else {
-            outputs = nil
+        guard !inputs.isEmpty else { return answers }
+        let verdicts = try await self.store.report(inputs.map(\.input), now: WorkService.now())
+        for (report, verdict) in zip(inputs, verdicts) {
+            let result = report.result
+            switch verdict {
+            case .rejected(let why):
+                self.logger.info("boinc report refused", metadata: ["result": "\(result.name)", "why": "\(why)"])
+                answers.append((result.name, "result \(result.name) refused: \(why); nothing was stored"))
+            case .accepted, .alreadyAccepted, .retrying, .failed, .superseded:
+                self.logger.info("boinc report", metadata: ["result": "\(result.name)", "worker": "\(worker)", "verdict": "\(verdict)"])
+                self.uploads.remove(prefix: report.name.workunit + "_")
+                answers.append((result.name, nil))
+            }
         }
-        let stdout = self.uploads.read(name.stdout, limit: self.configuration.maxStdout) ?? []
-        let input = BOINCScheduling.reportInput(result, name: name, worker: worker, spec: spec, outputs: outputs, stdout: stdout)
-        let verdict = try await self.store.report([input], now: WorkService.now())[0]
-        switch verdict {
-        case .rejected(let why):
-            self.logger.info("boinc report refused", metadata: ["result": "\(result.name)", "why": "\(why)"])
-            return (true, "result \(result.name) refused: \(why); nothing was stored")
-        case .accepted, .alreadyAccepted, .retrying, .failed, .superseded:
-            self.logger.info("boinc report", metadata: ["result": "\(result.name)", "worker": "\(worker)", "verdict": "\(verdict)"])
-            self.uploads.remove(prefix: name.workunit + "_")
-            return (true, nil)
-        }
+        return answers
     }
 
     /// The uploaded outputs of a lease, as a native worker sends them back; nil if one is
     /// missing.
-    func collectOutputs(_ name: BOINCName, spec: Parley_Work_V1_JobSpec) throws -> [Parley_Work_V1_OutputFile]? {
+    func collectOutputs(_ name: BOINCName, spec: Parley_Work_V1_JobSpec) -> [Parley_Work_V1_OutputFile]? {
         var outputs: [Parley_Work_V1_OutputFile] = []
         for (i, output) in spec.outputs.enumerated() {
             guard let bytes = self.uploads.read(name.output(i), limit: self.configuration.maxUploadBytes) else { return nil }
