@@ -96,7 +96,8 @@ struct BOINCClientProcessTests {
     /// An unmodified `boinc` attaches to `parley work serve --boinc`, fetches a job submitted
     /// with `parley work submit`, runs it, uploads its output and reports it; the store shows
     /// it succeeded once with the right bytes, and the client drops the task once acked. The
-    /// client waits out the master's request delay before reporting. Then the master comes
+    /// client fails over from a dead scheduler URL to the next on the master page, and waits
+    /// out the master's request delay before reporting. Then the master comes
     /// back with another BOINC key: the client, holding the first, refuses the next job's
     /// program (-120) and reports that, which the store records as the job's failure.
     @Test(.timeLimit(.minutes(3))) func anUnmodifiedClientRunsASignedJobAndRefusesABadlySignedOne() async throws {
@@ -116,7 +117,12 @@ struct BOINCClientProcessTests {
                 "--max-attempts", "1", "--log-level", "debug", "--boinc", url, "--boinc-key", dir + "/\(key)/code_sign_private",
             ] + extra, log: dir + "/" + log)
         }
-        var server = try serve("boinc-a", ["--boinc-request-delay", "\(Int(delay))", "--boinc-notice", "Hello from Parley"], log: "serve-a.log")
+        // The master page lists first a scheduler nobody serves: the client fails over to the
+        // next one within the same RPC.
+        let dead = "http://127.0.0.1:\(try Self.freePort())/scheduler"
+        var server = try serve("boinc-a", [
+            "--boinc-request-delay", "\(Int(delay))", "--boinc-notice", "Hello from Parley", "--boinc-scheduler", dead, "--boinc-scheduler", url + "scheduler",
+        ], log: "serve-a.log")
         defer { server.stop() }
         #expect(try await Self.eventually(seconds: 20) { server.log.contains("boinc front end listening") && server.log.contains("listening") }, "\(server.log)")
 
@@ -165,6 +171,7 @@ struct BOINCClientProcessTests {
         let reports = server.log.split(separator: "\n").filter { $0.contains("boinc report") && $0.contains("parley_j1_") }
         #expect(reports.count == 1 && reports.first?.contains("verdict=accepted") == true, "\(reports)")
         #expect(client.log.contains("Hello from Parley"), "the notice reaches the client")
+        #expect(try String(contentsOfFile: clientDir + "/master_127.0.0.1_\(boincPort).xml", encoding: .utf8).contains(dead), "the client read both schedulers")
         // The request delay: the RPC that reported came no sooner than the delay after the one
         // that handed the job out (the job itself took a second or two).
         let times = Self.rpcTimes(server.log)
