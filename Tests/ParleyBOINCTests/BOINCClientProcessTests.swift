@@ -172,6 +172,10 @@ struct BOINCClientProcessTests {
         #expect(reports.count == 1 && reports.first?.contains("verdict=accepted") == true, "\(reports)")
         #expect(client.log.contains("Hello from Parley"), "the notice reaches the client")
         #expect(try String(contentsOfFile: clientDir + "/master_127.0.0.1_\(boincPort).xml", encoding: .utf8).contains(dead), "the client read both schedulers")
+        // "Scheduler request failed: Couldn't connect to server", then the same RPC again to the
+        // second URL: "Scheduler request completed: got 1 new tasks".
+        let failedOver = client.log.range(of: "Scheduler request failed").map { client.log[$0.upperBound...].contains("got 1 new tasks") } ?? false
+        #expect(failedOver, "\(client.log)")
         // The request delay: the RPC that reported came no sooner than the delay after the one
         // that handed the job out (the job itself took a second or two).
         let times = Self.rpcTimes(server.log)
