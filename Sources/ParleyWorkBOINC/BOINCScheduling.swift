@@ -203,22 +203,22 @@ enum BOINCXMLText {
     /// comments, CDATA, processing instructions and declarations), so that a document nested
     /// without end is refused before XMLCoder builds (recursively) its tree.
     static func depthExceeding(_ bytes: [UInt8], _ limit: Int) -> Int? {
-        var depth = 0
-        var i = 0
         let n = bytes.count
-        func starts(_ s: String, at j: Int) -> Bool {
-            let u = Array(s.utf8)
-            return j + u.count <= n && Array(bytes[j..<(j + u.count)]) == u
+        func starts(_ s: StaticString, at j: Int) -> Bool {
+            let count = s.utf8CodeUnitCount
+            guard j + count <= n else { return false }
+            return s.withUTF8Buffer { u in (0..<count).allSatisfy { bytes[j + $0] == u[$0] } }
         }
-        func skip(to end: String, from j: Int) -> Int {
-            let u = Array(end.utf8)
+        func skip(to end: StaticString, from j: Int) -> Int {
             var k = j
-            while k + u.count <= n {
-                if bytes[k] == u[0] && Array(bytes[k..<(k + u.count)]) == u { return k + u.count }
+            while k < n {
+                if starts(end, at: k) { return k + end.utf8CodeUnitCount }
                 k += 1
             }
             return n
         }
+        var depth = 0
+        var i = 0
         while i < n {
             guard bytes[i] == UInt8(ascii: "<") else { i += 1; continue }
             if starts("<!--", at: i) { i = skip(to: "-->", from: i + 4); continue }
