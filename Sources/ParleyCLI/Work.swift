@@ -129,7 +129,7 @@ struct Work: AsyncParsableCommand {
 
         @OptionGroup var security: ServerSecurityOptions
 
-        @OptionGroup(title: "BOINC front end (docs/boinc.md)") var boinc: WorkBOINCOptions
+        @OptionGroup(title: "BOINC front end") var boinc: WorkBOINCOptions
 
         @OptionGroup var logging: LoggingOptions
 

@@ -48,6 +48,9 @@ struct WorkBOINCOptions: ParsableArguments {
         _ = try self.address(url)
         guard self.leaseSeconds > 0 else { throw ValidationError("--boinc-lease-seconds must be positive") }
         if let delay = self.requestDelay, !(delay.isFinite && delay >= 0) { throw ValidationError("--boinc-request-delay must be 0 or more") }
+        for app in self.apps {
+            do throws(ParleyError) { try WorkService.check(app: app) } catch { throw ValidationError("--boinc-app: \(error.message)") }
+        }
     }
 
     func address(_ url: String) throws -> (host: String, port: Int) {

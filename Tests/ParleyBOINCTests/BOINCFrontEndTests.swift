@@ -437,3 +437,43 @@ func elements(_ tag: String, in text: String) -> [String] {
         #expect(again.terminationStatus == 197)
     }
 }
+
+/// A job store that fails every call, as one whose database went away does.
+struct FailingStore: WorkStore {
+    struct Down: Error {}
+    func submit(_ jobs: [NewJob], now: Int64) async throws -> [UInt64] { throw Down() }
+    func claim(_ requests: [ClaimRequest], now: Int64, leaseDuration: Int64) async throws -> [[ClaimedJob]] { throw Down() }
+    func report(_ reports: [ReportInput], now: Int64) async throws -> [ReportVerdict] { throw Down() }
+    func expireLeases(now: Int64) async throws -> Int { throw Down() }
+    func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws { throw Down() }
+    func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease { throw Down() }
+    func counts() async throws -> [String: Int] { throw Down() }
+    func job(_ id: UInt64) async throws -> (record: JobRecord, result: [UInt8]?)? { throw Down() }
+    func spec(_ id: UInt64) async throws -> [UInt8]? { throw Down() }
+    func appliedMigrations() async throws -> [String] { throw Down() }
+}
+
+@Suite struct BOINCStoreFailureTests {
+    @Test func aFailingStoreGets503AndTheClientRetriesLater() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-down-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let key = try BOINCSigning.PrivateKey(text: String(decoding: try boincFixture("test_code_sign_private"), as: UTF8.self))
+        var logger = Logger(label: "boinc-test")
+        logger.logLevel = .critical
+        let frontEnd = try BOINCFrontEnd(configuration: .init(url: BOINCBench.base, key: key, uploadDirectory: dir), store: FailingStore(), logger: logger)
+        let name = BOINCName(jobID: 1, leaseID: 1)
+        try await Application(router: BOINCHTTP.router(frontEnd)).test(.router) { client in
+            let work = try await client.post("/scheduler", schedulerRequest())
+            #expect(work.status == 503 && work.text.contains("the job store failed"), "\(work.text)")
+            let report = try await client.post("/scheduler", schedulerRequest(seconds: 0, results: [reportedResult(name.result)]))
+            #expect(report.status == 503 && !report.text.contains("<result_ack>"), "no ack: the client reports it again later")
+            let upload = try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: [1]))
+            #expect(upload.status == 503 && upload.text.contains("<status>1</status>"), "a transient error: \(upload.text)")
+            #expect(try await client.get("/download/" + name.program).status == 503)
+            // What needs no store still works.
+            #expect(try await client.get("/").status == 200)
+            let config = try await client.get("/get_project_config.php")
+            #expect(config.status == 200 && String(decoding: config.body, as: UTF8.self).contains("<master_url>\(BOINCBench.base)</master_url>"))
+        }
+    }
+}
