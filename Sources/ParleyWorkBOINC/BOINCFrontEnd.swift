@@ -143,6 +143,8 @@ public final class BOINCFrontEnd: Sendable {
             }
             if let major = request.coreClientMajorVersion, major < self.configuration.minimumClientMajorVersion {
                 reply.messages.append(.init(priority: "notice", "This project needs BOINC \(self.configuration.minimumClientMajorVersion) or later; your client is version \(major). Please upgrade it to get work."))
+            } else if !BOINCScheduling.runsPOSIXShell(request.platformName ?? "") {
+                reply.messages.append(.init(priority: "notice", "This project's jobs run on Linux, macOS and other POSIX systems; there is no work for platform \(request.platformName ?? "")."))
             } else if request.secondsWanted > 0 {
                 try await self.handOut(request, worker: worker, into: &reply)
             }

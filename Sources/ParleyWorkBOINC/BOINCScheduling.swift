@@ -166,6 +166,10 @@ public enum BOINCScheduling {
         return ClaimRequest(worker: worker, limit: max(1, min(maxJobs, instances)), apps: apps)
     }
 
+    /// Whether a BOINC platform runs the front end's programs (POSIX sh scripts): every one
+    /// but Windows ("windows_x86_64", "windows_intelx86", ...).
+    public static func runsPOSIXShell(_ platform: String) -> Bool { !platform.hasPrefix("windows") }
+
     /// A job's estimated run time in seconds (its spec's, or WorkService's default).
     public static func estimate(of spec: [UInt8]) -> Double {
         let seconds = (try? Parley_Work_V1_JobSpec(serializedBytes: spec))?.estimatedSeconds ?? 0

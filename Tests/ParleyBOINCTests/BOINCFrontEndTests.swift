@@ -388,6 +388,16 @@ func elements(_ tag: String, in text: String) -> [String] {
         #expect(try await bench.store.counts()["queued"] == 1)
     }
 
+    @Test func aWindowsClientGetsNoShellPrograms() async throws {
+        let bench = try BOINCBench()
+        defer { bench.remove() }
+        try await bench.submit(echoSpec())
+        let reply = try await bench.withClient { try await $0.post("/scheduler", schedulerRequest(platform: "windows_x86_64")) }
+        #expect(reply.text.contains("there is no work for platform windows_x86_64"))
+        #expect(!reply.text.contains("<result>"))
+        #expect(try await bench.store.counts()["queued"] == 1)
+    }
+
     @Test func aFailedResultIsRecordedWithItsReason() async throws {
         let bench = try BOINCBench()
         defer { bench.remove() }
