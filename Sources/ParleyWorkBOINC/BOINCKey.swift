@@ -1,6 +1,9 @@
 import CParleyBOINCRSA
 import Crypto
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// BOINC's code signing, as the client checks it (lib/crypt.cpp): RSA of at most 1024 bits; a
 /// file's signature is the private-key operation on the 32 ASCII characters of the file's MD5
@@ -126,8 +129,15 @@ public enum BOINCSigning {
         Insecure.MD5.hash(data: bytes).map { String(format: "%02x", $0) }.joined()
     }
 
-    /// Reads a private key file.
+    /// Reads a private key file; refuses one that others may read (as `WorkSigning` does).
     public static func readPrivateKey(_ path: String) throws(BOINCKeyError) -> PrivateKey {
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
+              let mode = (attributes[.posixPermissions] as? NSNumber)?.intValue else {
+            throw BOINCKeyError("cannot read \(path): no such file")
+        }
+        guard mode & 0o077 == 0 else {
+            throw BOINCKeyError("\(path) is readable by others (mode \(String(mode, radix: 8))): chmod 600 it")
+        }
         guard let data = FileManager.default.contents(atPath: path) else { throw BOINCKeyError("cannot read \(path)") }
         do {
             return try PrivateKey(text: String(decoding: data, as: UTF8.self))
@@ -148,9 +158,18 @@ public enum BOINCSigning {
         } catch {
             throw BOINCKeyError("cannot create \(directory): \(error)")
         }
-        guard FileManager.default.createFile(atPath: privatePath, contents: Data(key.text.utf8), attributes: [.posixPermissions: 0o600]),
-              FileManager.default.createFile(atPath: publicPath, contents: Data(key.publicKey.text.utf8), attributes: [.posixPermissions: 0o644]) else {
-            throw BOINCKeyError("cannot write the key files into \(directory)")
+        try self.create(privatePath, key.text, mode: 0o600)
+        try self.create(publicPath, key.publicKey.text, mode: 0o644)
+    }
+
+    /// Creates a file with its mode from the start (never readable by others, even briefly).
+    private static func create(_ path: String, _ text: String, mode: mode_t) throws(BOINCKeyError) {
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
+        guard fd >= 0 else { throw BOINCKeyError("cannot create \(path): errno \(errno)") }
+        defer { close(fd) }
+        let bytes = Array(text.utf8)
+        guard bytes.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
+            throw BOINCKeyError("cannot write \(path): errno \(errno)")
         }
     }
 }

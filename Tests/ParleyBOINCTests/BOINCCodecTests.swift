@@ -58,6 +58,19 @@ struct BOINCTestFailure: Error, CustomStringConvertible {
         #expect(try BOINCSigning.PrivateKey(text: a.text) == a)
     }
 
+    @Test func keyFilesAreWrittenPrivateAndReadBack() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-keys-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let key = try BOINCSigning.PrivateKey()
+        try BOINCSigning.writeKeyPair(key, directory: dir)
+        #expect(try BOINCSigning.readPrivateKey(dir + "/code_sign_private") == key)
+        let mode = try FileManager.default.attributesOfItem(atPath: dir + "/code_sign_private")[.posixPermissions] as? NSNumber
+        #expect(mode?.intValue == 0o600)
+        #expect(throws: BOINCKeyError.self) { try BOINCSigning.writeKeyPair(key, directory: dir) }
+        try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: dir + "/code_sign_private")
+        #expect(throws: BOINCKeyError.self) { try BOINCSigning.readPrivateKey(dir + "/code_sign_private") }
+    }
+
     @Test func malformedKeyTextIsRefused() {
         for text in ["", "1024\n", "2048\n00\n.\n", "1024\nzz\n.\n", "1024\n00\n.\n", "abc\n00\n.\n"] {
             #expect(throws: BOINCKeyError.self) { try BOINCSigning.PrivateKey(text: text) }
