@@ -66,12 +66,14 @@ public final class BOINCFrontEnd: Sendable {
     let store: any WorkStore
     let logger: Logger
     let uploads: BOINCUploadStore
+    let grant: BOINCUploadGrant
 
     public init(configuration: Configuration, store: any WorkStore, logger: Logger) throws {
         self.configuration = configuration
         self.store = store
         self.logger = logger
         self.uploads = try BOINCUploadStore(directory: configuration.uploadDirectory)
+        self.grant = BOINCUploadGrant(boincKey: configuration.key)
     }
 
     // MARK: - Master page
@@ -242,7 +244,7 @@ public final class BOINCFrontEnd: Sendable {
                 self.logger.warning("boinc: job refused before handing it out", metadata: ["job": "\(job.id)", "why": "\(why.reason)"])
                 continue
             }
-            let documents = try BOINCJobs.documents(job: job, spec: spec, platform: platform, base: self.configuration.url, key: self.configuration.key, maxOutput: self.configuration.maxStdout)
+            let documents = try BOINCJobs.documents(job: job, spec: spec, platform: platform, base: self.configuration.url, key: self.configuration.key, grant: self.grant, maxOutput: self.configuration.maxStdout)
             if apps.insert(documents.app.name).inserted { reply.apps.append(documents.app) }
             reply.fileInfos += documents.fileInfos
             reply.appVersions.append(documents.appVersion)
@@ -308,7 +310,10 @@ public final class BOINCFrontEnd: Sendable {
         switch request.kind {
         case .size:
             return .dataServer(200, .init(status: 0, fileSize: self.uploads.size(request.fileName)))
-        case .data(let offset, let nbytes, let md5, let data):
+        case .data(let offset, let nbytes, let md5, let grant, let data):
+            guard self.grant.check(grant, for: request.fileName) else {
+                return .dataServer(403, .init(status: -1, message: "\(request.fileName): the upload's <xml_signature> is not the one this project gave with the file; nothing was stored"))
+            }
             guard nbytes <= Int64(limit), offset >= 0, offset + Int64(data.count) <= nbytes else {
                 return .dataServer(413, .init(status: -1, message: "\(request.fileName): \(nbytes) bytes is over this project's limit of \(limit) (or the data runs past it); nothing was stored"))
             }

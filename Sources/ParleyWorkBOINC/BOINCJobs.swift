@@ -86,7 +86,7 @@ public enum BOINCJobs {
     /// The documents of a claimed job for a client of `platform`; `base` is the front end's URL
     /// (ending in "/").
     public static func documents(
-        job: ClaimedJob, spec: Parley_Work_V1_JobSpec, platform: String, base: String, key: BOINCSigning.PrivateKey, maxOutput: Int
+        job: ClaimedJob, spec: Parley_Work_V1_JobSpec, platform: String, base: String, key: BOINCSigning.PrivateKey, grant: BOINCUploadGrant, maxOutput: Int
     ) throws(BOINCKeyError) -> Documents {
         let name = BOINCName(jobID: job.id, leaseID: job.lease.id)
         let app = Self.appName(spec)
@@ -116,10 +116,10 @@ public enum BOINCJobs {
         var resultRefs: [BOINCSchedulerReply.FileRef] = []
         let maxOutputFile = Double(spec.maxOutputBytes > 0 ? min(spec.maxOutputBytes, UInt64(WorkFiles.maxOutputBytes)) : UInt64(WorkFiles.maxOutputBytes))
         for (i, _) in spec.outputs.enumerated() {
-            files.append(Self.outputInfo(name.output(i), base: base, max: maxOutputFile))
+            files.append(Self.outputInfo(name.output(i), base: base, max: maxOutputFile, grant: grant))
             resultRefs.append(.init(fileName: name.output(i), openName: BOINCName.outputOpenName(i), copyFile: true))
         }
-        files.append(Self.outputInfo(name.stdout, base: base, max: Double(maxOutput)))
+        files.append(Self.outputInfo(name.stdout, base: base, max: Double(maxOutput), grant: grant))
         resultRefs.append(.init(fileName: name.stdout, openName: BOINCName.stdoutOpenName, copyFile: true))
         let estimate = Double(spec.estimatedSeconds > 0 ? spec.estimatedSeconds : 60)
         let wall = Double(spec.maxWallSeconds > 0 ? spec.maxWallSeconds : 86_400)
@@ -138,11 +138,12 @@ public enum BOINCJobs {
         )
     }
 
-    static func outputInfo(_ name: String, base: String, max: Double) -> BOINCSchedulerReply.FileInfo {
+    static func outputInfo(_ name: String, base: String, max: Double, grant: BOINCUploadGrant) -> BOINCSchedulerReply.FileInfo {
         var info = BOINCSchedulerReply.FileInfo(name: name)
         info.uploadURL = base + "file_upload_handler"
         info.maxNbytes = max
         info.generatedLocally = true
+        info.xmlSignature = grant.token(for: name)
         return info
     }
 
@@ -211,5 +212,28 @@ public struct BOINCName: Sendable, Hashable {
     private static func number(_ text: Substring) -> UInt64? {
         guard !text.isEmpty, text.count <= 20, text.utf8.allSatisfy({ (0x30...0x39).contains($0) }) else { return nil }
         return UInt64(text)
+    }
+}
+
+/// An upload certificate, in the place of BOINC's: the scheduler puts an `<xml_signature>` in
+/// each output file's `<file_info>`, and the client sends it back with the file's upload (its
+/// header's `<file_info>`). BOINC signs the file_info with RSA; this front end puts an
+/// HMAC-SHA256 of the file's name (which names its job and lease) there, keyed from the
+/// project's BOINC key, so that only the host the lease went to can upload its files, and a
+/// master restarted with the same key still knows its grants.
+public struct BOINCUploadGrant: Sendable {
+    let key: SymmetricKey
+
+    public init(boincKey: BOINCSigning.PrivateKey) {
+        self.key = SymmetricKey(data: SHA256.hash(data: Array("parley-work boinc upload grant v1\0".utf8) + boincKey.body))
+    }
+
+    public func token(for fileName: String) -> String {
+        HMAC<SHA256>.authenticationCode(for: Array(fileName.utf8), using: self.key).map { String(format: "%02x", $0) }.joined()
+    }
+
+    public func check(_ token: String, for fileName: String) -> Bool {
+        guard token.utf8.count == 64, let bytes = BOINCKeyText.parseHex(token + "\n.") else { return false }
+        return HMAC<SHA256>.isValidAuthenticationCode(bytes, authenticating: Array(fileName.utf8), using: self.key)
     }
 }

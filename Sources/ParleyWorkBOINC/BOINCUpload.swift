@@ -13,7 +13,8 @@ import NIOConcurrencyHelpers
 ///
 /// or a header left open, then the bytes:
 ///
-///     <data_server_request> ... <file_upload> <file_info> <name>NAME</name> ... </file_info>
+///     <data_server_request> ... <file_upload> <file_info> <name>NAME</name>
+///     <xml_signature>GRANT</xml_signature> ... </file_info>
 ///     <nbytes>N</nbytes> <md5_cksum>HEX</md5_cksum> <offset>O</offset> <data>
 ///     BYTES
 ///
@@ -29,8 +30,9 @@ public enum BOINCUpload {
     public enum Kind: Sendable, Hashable {
         /// How many bytes of the file the handler has (to resume an upload).
         case size
-        /// Bytes of the file from `offset`; the whole file is `nbytes` long with MD5 `md5`.
-        case data(offset: Int64, nbytes: Int64, md5: String, data: [UInt8])
+        /// Bytes of the file from `offset`; the whole file is `nbytes` long with MD5 `md5`;
+        /// `grant`: the `<xml_signature>` the client sends back.
+        case data(offset: Int64, nbytes: Int64, md5: String, grant: String, data: [UInt8])
     }
 
     static let dataTag = Array("<data>\n".utf8)
@@ -60,8 +62,9 @@ public enum BOINCUpload {
             return .failure(.init(status: 400, message: "the upload request's header lacks its file's <name>, <nbytes> or <offset>"))
         }
         let md5 = fields.values[path + "md5_cksum"] ?? ""
+        let grant = fields.values[path + "file_info/xml_signature"] ?? ""
         let data = Array(body[(headerEnd + Self.dataTag.count)...])
-        return Self.checked(name).map { Request(fileName: $0, kind: .data(offset: offset, nbytes: nbytes, md5: md5, data: data)) }
+        return Self.checked(name).map { Request(fileName: $0, kind: .data(offset: offset, nbytes: nbytes, md5: md5, grant: grant, data: data)) }
     }
 
     static func checked(_ name: String) -> Result<String, BOINCRefusal> {

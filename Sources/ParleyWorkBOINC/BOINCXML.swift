@@ -200,13 +200,15 @@ public struct BOINCSchedulerReply: Encodable, Sendable, Hashable {
         public var executable = false
         public var generatedLocally = false
         public var fileSignature: String?
+        /// An upload certificate the client sends back with the file (`BOINCUploadGrant`).
+        public var xmlSignature: String?
 
         public init(name: String) { self.name = name }
 
         enum CodingKeys: String, CodingKey {
             case name, url, nbytes, executable
             case uploadURL = "upload_url", md5Cksum = "md5_cksum", maxNbytes = "max_nbytes", generatedLocally = "generated_locally"
-            case uploadWhenPresent = "upload_when_present", fileSignature = "file_signature"
+            case uploadWhenPresent = "upload_when_present", fileSignature = "file_signature", xmlSignature = "xml_signature"
         }
 
         public func encode(to encoder: any Encoder) throws {
@@ -223,6 +225,7 @@ public struct BOINCSchedulerReply: Encodable, Sendable, Hashable {
                 try c.encode(1, forKey: .uploadWhenPresent)
             }
             if let signature = self.fileSignature { try c.encode("\n" + signature, forKey: .fileSignature) }
+            if let signature = self.xmlSignature { try c.encode(signature, forKey: .xmlSignature) }
         }
     }
 

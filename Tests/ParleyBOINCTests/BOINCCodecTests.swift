@@ -153,6 +153,32 @@ struct BOINCTestFailure: Error, CustomStringConvertible {
         #expect(positions.compactMap { $0 } == positions.compactMap { $0 }.sorted())
     }
 
+    @Test func parsesARealUploadRequest() throws {
+        // As the client sent it: the header left open, then "<data>\n" and the 3 bytes.
+        let body = try boincFixture("upload_request.txt")
+        let request = try BOINCUpload.read(body, maxHeaderBytes: 64 << 10).get()
+        #expect(request.fileName == "parley_j1_l1_out0")
+        guard case .data(let offset, let nbytes, let md5, let grant, let data) = request.kind else { Issue.record("\(request.kind)"); return }
+        #expect(offset == 0 && nbytes == 3 && md5 == "764efa883dda1e11db47671c4a3bbd9e")
+        #expect(grant == "EXPERIMENT0123456789abcdef", "the <xml_signature> the reply gave, sent back")
+        #expect(data == Array("hi\n".utf8))
+        let size = try BOINCUpload.read(Array(sizeRequest("parley_j1_l1_out0").utf8), maxHeaderBytes: 1 << 10).get()
+        #expect(size == .init(fileName: "parley_j1_l1_out0", kind: .size))
+    }
+
+    @Test func uploadGrantsAreTiedToTheFileAndTheKey() throws {
+        let key = try BOINCSigning.PrivateKey(text: String(decoding: try boincFixture("test_code_sign_private"), as: UTF8.self))
+        let grant = BOINCUploadGrant(boincKey: key)
+        let token = grant.token(for: "parley_j1_l2_out0")
+        #expect(token.count == 64)
+        #expect(grant.check(token, for: "parley_j1_l2_out0"))
+        #expect(BOINCUploadGrant(boincKey: key).check(token, for: "parley_j1_l2_out0"), "the same key after a restart")
+        #expect(!grant.check(token, for: "parley_j1_l3_out0"))
+        #expect(!BOINCUploadGrant(boincKey: try BOINCSigning.PrivateKey()).check(token, for: "parley_j1_l2_out0"))
+        #expect(!grant.check("", for: "parley_j1_l2_out0"))
+        #expect(!grant.check(String(token.dropLast()), for: "parley_j1_l2_out0"))
+    }
+
     @Test func namesMapBackToJobAndLease() {
         let name = BOINCName(jobID: 12, leaseID: 345)
         #expect(BOINCName.parse(result: name.result) == name)

@@ -104,7 +104,7 @@ func reportedResult(_ name: String, exitStatus: Int = 0, state: Int = 5, stderr:
 
 /// An upload request as the client writes it (client/file_xfer.cpp): the header left open,
 /// then `<data>` and the bytes.
-func uploadRequest(_ name: String, data: [UInt8], nbytes: Int? = nil, offset: Int = 0, md5: String? = nil) -> [UInt8] {
+func uploadRequest(_ name: String, data: [UInt8], nbytes: Int? = nil, offset: Int = 0, md5: String? = nil, grant: String? = nil) -> [UInt8] {
     let header = """
         <data_server_request>
             <core_client_major_version>7</core_client_major_version>
@@ -113,6 +113,7 @@ func uploadRequest(_ name: String, data: [UInt8], nbytes: Int? = nil, offset: In
         <file_upload>
         <file_info>
             <name>\(name)</name>
+        \(grant.map { "<xml_signature>\n\($0)</xml_signature>" } ?? "")
             <max_nbytes>1048576</max_nbytes>
         </file_info>
         <nbytes>\(nbytes ?? data.count)</nbytes>
@@ -203,9 +204,11 @@ func elements(_ tag: String, in text: String) -> [String] {
             #expect(publicKey.verify(file: program.body, signature: signature + "\n"))
             #expect(elements("md5_cksum", in: reply.text).first == BOINCSigning.md5Hex(program.body))
             #expect(try await client.get("/download/" + name.input(0)).body == input)
-            // Its output and stdout come back, then the report.
-            #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array("result\n".utf8))).status == 200)
-            #expect(try await client.post("/file_upload_handler", uploadRequest(name.stdout, data: Array("hi\n".utf8))).status == 200)
+            // Its output and stdout come back, each with the grant the reply gave it.
+            let grants = elements("xml_signature", in: reply.text)
+            #expect(grants == [name.output(0), name.stdout].map(bench.frontEnd.grant.token(for:)))
+            #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array("result\n".utf8), grant: grants[0])).status == 200)
+            #expect(try await client.post("/file_upload_handler", uploadRequest(name.stdout, data: Array("hi\n".utf8), grant: grants[1])).status == 200)
             let report = try await client.post("/scheduler", schedulerRequest(seconds: 0, holdsKey: true, results: [reportedResult(name.result, stderr: "a warning")]))
             #expect(report.status == 200)
             #expect(elements("result_ack", in: report.text).count == 1)
@@ -290,17 +293,24 @@ func elements(_ tag: String, in text: String) -> [String] {
             let reply = try await client.post("/scheduler", schedulerRequest())
             let name = try #require(elements("name", in: reply.text).first { $0.hasSuffix("_r") }.flatMap(BOINCName.parse(result:)))
             let never = BOINCName(jobID: name.jobID, leaseID: name.leaseID + 1)
+            let grant = bench.frontEnd.grant.token(for: name.output(0))
+            func granted(_ file: String, _ data: [UInt8], nbytes: Int? = nil, md5: String? = nil) -> [UInt8] {
+                uploadRequest(file, data: data, nbytes: nbytes, md5: md5, grant: bench.frontEnd.grant.token(for: file))
+            }
             let refusals: [(String, [UInt8], Int)] = [
-                ("never handed out", uploadRequest(never.output(0), data: [1, 2, 3]), 403),
-                ("no such job", uploadRequest(BOINCName(jobID: 99, leaseID: 1).output(0), data: [1]), 403),
-                ("an output the spec lacks", uploadRequest(name.output(5), data: [1]), 403),
-                ("the program", uploadRequest(name.program, data: [1]), 403),
-                ("not ours", uploadRequest("wu_3_0_r0", data: [1]), 403),
-                ("a path", uploadRequest("../../etc/passwd", data: [1]), 400),
-                ("oversized", uploadRequest(name.output(0), data: [UInt8](repeating: 7, count: 1001)), 413),
-                ("over the HTTP limit", uploadRequest(name.output(0), data: [UInt8](repeating: 7, count: 70_000)), 413),
-                ("runs past nbytes", uploadRequest(name.output(0), data: [1, 2, 3], nbytes: 2), 413),
-                ("wrong MD5", uploadRequest(name.output(0), data: [1, 2, 3], md5: String(repeating: "0", count: 32)), 400),
+                ("no grant", uploadRequest(name.output(0), data: [1, 2, 3]), 403),
+                ("another file's grant", uploadRequest(name.output(0), data: [1, 2, 3], grant: bench.frontEnd.grant.token(for: name.stdout)), 403),
+                ("a forged grant", uploadRequest(name.output(0), data: [1, 2, 3], grant: String(repeating: "ab", count: 32)), 403),
+                ("never handed out", granted(never.output(0), [1, 2, 3]), 403),
+                ("no such job", granted(BOINCName(jobID: 99, leaseID: 1).output(0), [1]), 403),
+                ("an output the spec lacks", granted(name.output(5), [1]), 403),
+                ("the program", granted(name.program, [1]), 403),
+                ("not ours", granted("wu_3_0_r0", [1]), 403),
+                ("a path", granted("../../etc/passwd", [1]), 400),
+                ("oversized", granted(name.output(0), [UInt8](repeating: 7, count: 1001)), 413),
+                ("over the HTTP limit", granted(name.output(0), [UInt8](repeating: 7, count: 70_000)), 413),
+                ("runs past nbytes", granted(name.output(0), [1, 2, 3], nbytes: 2), 413),
+                ("wrong MD5", granted(name.output(0), [1, 2, 3], md5: String(repeating: "0", count: 32)), 400),
                 ("not a request", Array("<scheduler_request/>".utf8), 400),
                 ("no data", Array("<data_server_request><file_upload><file_info><name>x</name></file_info>".utf8), 400),
                 ("malformed header", Array("<data_server_request><file_upload><name>".utf8) + Array("<data>\n".utf8), 400),
@@ -317,13 +327,13 @@ func elements(_ tag: String, in text: String) -> [String] {
             // An upload in two parts, resumed where get_file_size says.
             let bytes = Array("0123456789".utf8)
             #expect(try await client.post("/file_upload_handler", sizeRequest(name.output(0))).text.contains("<file_size>0</file_size>"))
-            let first = Array(uploadRequest(name.output(0), data: bytes).prefix(while: { _ in true }).dropLast(6))
+            let first = Array(uploadRequest(name.output(0), data: bytes, grant: grant).dropLast(6))
             #expect(try await client.post("/file_upload_handler", first).status == 200)
             #expect(try await client.post("/file_upload_handler", sizeRequest(name.output(0))).text.contains("<file_size>4</file_size>"))
-            #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array(bytes[4...]), nbytes: 10, offset: 4, md5: BOINCSigning.md5Hex(bytes))).status == 200)
+            #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array(bytes[4...]), nbytes: 10, offset: 4, md5: BOINCSigning.md5Hex(bytes), grant: grant)).status == 200)
             #expect(bench.frontEnd.uploads.read(name.output(0), limit: 100) == bytes)
             // Whole now: other bytes do not replace it.
-            #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array("9876543210".utf8))).status == 409)
+            #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array("9876543210".utf8), grant: grant)).status == 409)
             // Downloads of what was never handed out.
             #expect(try await client.get("/download/" + never.program).status == 404)
             #expect(try await client.get("/download/nothing").status == 404)
