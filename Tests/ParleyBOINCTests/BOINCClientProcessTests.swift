@@ -94,7 +94,7 @@ struct BOINCClientProcessTests {
     }
 
     /// An unmodified `boinc` attaches to `parley work serve --boinc`, fetches a job submitted
-    /// with `parley work submit`, runs it, uploads its output and reports it; the store shows
+    /// with `parley work submit` (while a native worker on the same store runs another), runs it, uploads its output and reports it; the store shows
     /// it succeeded once with the right bytes, and the client drops the task once acked. The
     /// master page lists a dead scheduler URL too (the client fails over from it when it tries
     /// it first), and the client waits out the master's request delay before reporting. Then the master comes
@@ -121,6 +121,7 @@ struct BOINCClientProcessTests {
         let dead = "http://127.0.0.1:\(try Self.freePort())/scheduler"
         var server = try serve("boinc-a", [
             "--boinc-request-delay", "\(Int(delay))", "--boinc-notice", "Hello from Parley", "--boinc-scheduler", dead, "--boinc-scheduler", url + "scheduler",
+            "--boinc-app", "boinc-only",
         ], log: "serve-a.log")
         defer { server.stop() }
         #expect(try await Self.eventually(seconds: 20) { server.log.contains("boinc front end listening") && server.log.contains("listening") }, "\(server.log)")
@@ -128,9 +129,17 @@ struct BOINCClientProcessTests {
         try Data("the input\n".utf8).write(to: URL(fileURLWithPath: dir + "/in.txt"))
         let submitted = try Self.parley([
             "work", "submit", "--master", master, "--key", dir + "/keys/work.key", "--input", "in.txt=\(dir)/in.txt", "--output", "out.txt", "--shell",
-            "--", "cat in.txt > out.txt; echo ran >> out.txt; echo to-stdout; echo to-stderr >&2",
+            "--app", "boinc-only", "--", "cat in.txt > out.txt; echo ran >> out.txt; echo to-stdout; echo to-stderr >&2",
         ])
         #expect(submitted.status == 0 && submitted.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "1", "\(submitted.combined)")
+        // One job store: a native worker beside the BOINC client, each getting the job that
+        // needs its application (the BOINC client runs "boinc-only", as the master says).
+        let native = try Self.parley(["work", "submit", "--master", master, "--key", dir + "/keys/work.key", "--app", "native-only", "--", "/bin/echo", "native"])
+        #expect(native.status == 0 && native.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "2", "\(native.combined)")
+        let worker = try Background(parley, [
+            "work", "worker", "--master", master, "--trust", dir + "/keys/work.pub", "--dir", dir + "/native", "--worker-name", "native-1", "--app", "native-only",
+        ], log: dir + "/native.log")
+        defer { worker.stop() }
 
         // The client: its own directory, a GUI RPC password, and preferences that keep it
         // computing on a busy machine (by default it pauses when other programs use the CPU).
@@ -170,6 +179,9 @@ struct BOINCClientProcessTests {
         let reports = server.log.split(separator: "\n").filter { $0.contains("boinc report") && $0.contains("parley_j1_") }
         #expect(reports.count == 1 && reports.first?.contains("verdict=accepted") == true, "\(reports)")
         #expect(client.log.contains("Hello from Parley"), "the notice reaches the client")
+        #expect(try await Self.eventually(seconds: 30) { (try? Self.result(master, 2)["state"] as? String) == "succeeded" }, "\(worker.log)")
+        #expect((try Self.result(master, 2)["result"] as? [String: Any])?["worker"] as? String == "native-1")
+        worker.stop()  // it would take the next job too (it needs no application)
         #expect(try String(contentsOfFile: clientDir + "/master_127.0.0.1_\(boincPort).xml", encoding: .utf8).contains(dead), "the client read both schedulers")
         // The client starts with either URL (it picks one at random, runs showed both); when it
         // picks the dead one, "Scheduler request failed: Couldn't connect to server" is followed,
@@ -189,17 +201,17 @@ struct BOINCClientProcessTests {
         server = try serve("boinc-b", [], log: "serve-b.log")
         #expect(try await Self.eventually(seconds: 20) { server.log.contains("boinc front end listening") }, "\(server.log)")
         let second = try Self.parley(["work", "submit", "--master", master, "--key", dir + "/keys/work.key", "--shell", "--", "echo never"])
-        #expect(second.status == 0 && second.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "2", "\(second.combined)")
+        #expect(second.status == 0 && second.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "3", "\(second.combined)")
         var polls = 0
         let refused = try await Self.eventually(seconds: 90) {
-            if (try? Self.result(master, 2)["state"] as? String) == "failed" { return true }
+            if (try? Self.result(master, 3)["state"] as? String) == "failed" { return true }
             // Past the client's back-off after the master's restart, every 5 s.
             if polls % 10 == 0 { _ = try? boinccmd(["--project", url, "update"]) }
             polls += 1
             return false
         }
         #expect(refused, "client:\n\(client.log)\nmaster:\n\(server.log)")
-        let failures = try Self.result(master, 2)["failures"] as? [String] ?? []
+        let failures = try Self.result(master, 3)["failures"] as? [String] ?? []
         #expect(failures.count == 1 && failures[0].contains("-120") && failures[0].contains("bad signature"), "\(failures)")
         #expect(client.log.contains("Signature verification error"), "\(client.log)")
         client.stop()
