@@ -25,6 +25,10 @@ public enum BOINCScheduling {
         do {
             let decoder = XMLDecoder()
             decoder.shouldProcessNamespaces = false
+            // Not trimming every text node (the strings read are trimmed one by one as they are
+            // decoded) makes reading a real client's 6 KB request 1.7 times faster (poll
+            // RPCs per second, docs/performance.md).
+            decoder.trimValueWhitespaces = false
             request = try decoder.decode(BOINCSchedulerRequest.self, from: Data(body))
         } catch {
             return .failure(.init(status: 400, message: "the scheduler request is not well-formed: \(BOINCXMLText.describe(error))"))

@@ -39,6 +39,16 @@ public struct BOINCSchedulerRequest: Decodable, Sendable, Hashable {
         enum CodingKeys: String, CodingKey {
             case hostCpid = "host_cpid", domainName = "domain_name", pNcpus = "p_ncpus", osName = "os_name"
         }
+
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            self.hostCpid = try c.decodeIfPresent(String.self, forKey: .hostCpid)?.boincTrimmed
+            self.domainName = try c.decodeIfPresent(String.self, forKey: .domainName)?.boincTrimmed
+            self.pNcpus = try c.decodeIfPresent(Int.self, forKey: .pNcpus)
+            self.osName = try c.decodeIfPresent(String.self, forKey: .osName)?.boincTrimmed
+        }
+
+        init(hostCpid: String?) { self.hostCpid = hostCpid }
     }
 
     /// A finished result, as the client reports it.
@@ -58,6 +68,13 @@ public struct BOINCSchedulerRequest: Decodable, Sendable, Hashable {
             public var nbytes: Double?
             public var md5Cksum: String?
             enum CodingKeys: String, CodingKey { case name, nbytes, md5Cksum = "md5_cksum" }
+
+            public init(from decoder: any Decoder) throws {
+                let c = try decoder.container(keyedBy: CodingKeys.self)
+                self.name = try c.decode(String.self, forKey: .name).boincTrimmed
+                self.nbytes = try c.decodeIfPresent(Double.self, forKey: .nbytes)
+                self.md5Cksum = try c.decodeIfPresent(String.self, forKey: .md5Cksum)?.boincTrimmed
+            }
         }
 
         enum CodingKeys: String, CodingKey {
@@ -68,7 +85,7 @@ public struct BOINCSchedulerRequest: Decodable, Sendable, Hashable {
 
         public init(from decoder: any Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
-            self.name = try c.decode(String.self, forKey: .name)
+            self.name = try c.decode(String.self, forKey: .name).boincTrimmed
             self.exitStatus = try c.decodeIfPresent(Int.self, forKey: .exitStatus)
             self.state = try c.decodeIfPresent(Int.self, forKey: .state)
             self.finalCpuTime = try c.decodeIfPresent(Double.self, forKey: .finalCpuTime)
@@ -110,21 +127,23 @@ public struct BOINCSchedulerRequest: Decodable, Sendable, Hashable {
 
     struct AltPlatform: Decodable { var name: String }
 
+
+
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        self.authenticator = try c.decodeIfPresent(String.self, forKey: .authenticator)
+        self.authenticator = try c.decodeIfPresent(String.self, forKey: .authenticator)?.boincTrimmed
         self.hostid = try c.decodeIfPresent(Int.self, forKey: .hostid)
         self.rpcSeqno = try c.decodeIfPresent(Int.self, forKey: .rpcSeqno)
         self.coreClientMajorVersion = try c.decodeIfPresent(Int.self, forKey: .coreClientMajorVersion)
         self.coreClientMinorVersion = try c.decodeIfPresent(Int.self, forKey: .coreClientMinorVersion)
         self.coreClientRelease = try c.decodeIfPresent(Int.self, forKey: .coreClientRelease)
-        self.platformName = try c.decodeIfPresent(String.self, forKey: .platformName)
-        self.alternatePlatforms = (try c.decodeIfPresent([AltPlatform].self, forKey: .alternatePlatforms) ?? []).map(\.name)
+        self.platformName = try c.decodeIfPresent(String.self, forKey: .platformName)?.boincTrimmed
+        self.alternatePlatforms = (try c.decodeIfPresent([AltPlatform].self, forKey: .alternatePlatforms) ?? []).map(\.name.boincTrimmed)
         self.workReqSeconds = try c.decodeIfPresent(Double.self, forKey: .workReqSeconds)
         self.cpuReqSecs = try c.decodeIfPresent(Double.self, forKey: .cpuReqSecs)
         self.cpuReqInstances = try c.decodeIfPresent(Double.self, forKey: .cpuReqInstances)
         self.dontSendWork = try c.decodeIfPresent(Int.self, forKey: .dontSendWork)
-        self.codeSignKey = try c.decodeIfPresent(String.self, forKey: .codeSignKey)
+        self.codeSignKey = try c.decodeIfPresent(String.self, forKey: .codeSignKey)?.boincTrimmed
         self.hostInfo = try c.decodeIfPresent(HostInfo.self, forKey: .hostInfo)
         self.results = try c.decodeIfPresent([ReportedResult].self, forKey: .results) ?? []
     }
@@ -396,4 +415,10 @@ public struct BOINCDataServerReply: Encodable, Sendable, Hashable {
         encoder.outputFormatting = [.prettyPrinted]
         return ((try? encoder.encode(self, withRootKey: "data_server_reply")).map(Array.init) ?? Array("<data_server_reply><status>-1</status></data_server_reply>".utf8)) + [0x0A]
     }
+}
+
+extension String {
+    /// Without the whitespace around it (the request is decoded without trimming every text
+    /// node; the strings the front end reads are trimmed here).
+    var boincTrimmed: String { self.trimmingCharacters(in: .whitespacesAndNewlines) }
 }
