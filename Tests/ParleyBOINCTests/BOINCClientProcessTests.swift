@@ -100,7 +100,7 @@ struct BOINCClientProcessTests {
     /// it first), and the client waits out the master's request delay before reporting. Then the master comes
     /// back with another BOINC key: the client, holding the first, refuses the next job's
     /// program (-120) and reports that, which the store records as the job's failure.
-    @Test(.timeLimit(.minutes(3))) func anUnmodifiedClientRunsASignedJobAndRefusesABadlySignedOne() async throws {
+    @Test(.timeLimit(.minutes(5))) func anUnmodifiedClientRunsASignedJobAndRefusesABadlySignedOne() async throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-client-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: dir + "/client", withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -166,7 +166,7 @@ struct BOINCClientProcessTests {
         #expect(attached.status == 0, "\(attached.combined)")
 
         // The job runs and is reported; the store has it once, with its bytes.
-        let succeeded = try await Self.eventually(seconds: 75) { (try? Self.result(master, 1)["state"] as? String) == "succeeded" }
+        let succeeded = try await Self.eventually(seconds: 120) { (try? Self.result(master, 1)["state"] as? String) == "succeeded" }
         #expect(succeeded, "client:\n\(client.log)\nmaster:\n\(server.log)")
         let result = try Self.result(master, 1)["result"] as? [String: Any]
         let outputs = result?["outputs"] as? [[String: Any]]
@@ -203,7 +203,7 @@ struct BOINCClientProcessTests {
         let second = try Self.parley(["work", "submit", "--master", master, "--key", dir + "/keys/work.key", "--shell", "--", "echo never"])
         #expect(second.status == 0 && second.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "3", "\(second.combined)")
         var polls = 0
-        let refused = try await Self.eventually(seconds: 90) {
+        let refused = try await Self.eventually(seconds: 120) {
             if (try? Self.result(master, 3)["state"] as? String) == "failed" { return true }
             // Past the client's back-off after the master's restart, every 5 s.
             if polls % 10 == 0 { _ = try? boinccmd(["--project", url, "update"]) }
