@@ -6,11 +6,16 @@ import Testing
 /// by .ci/run), as processes on 127.0.0.1: `parley work serve --buildbot`, the worker logging
 /// in with a keyring entity, jobs from the store, commands, an interrupt, a master restart.
 @Suite(.serialized) struct BuildbotInteropTests {
-    /// `buildbot-worker` on PATH, or beside python3.
+    /// `buildbot-worker` on PATH, or beside the python3 that pip installed it for.
     static var workerProgram: String? {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
         for dir in path.split(separator: ":") where FileManager.default.isExecutableFile(atPath: "\(dir)/buildbot-worker") {
             return "\(dir)/buildbot-worker"
+        }
+        for python in path.split(separator: ":").map({ "\($0)/python3" }) where FileManager.default.isExecutableFile(atPath: python) {
+            guard let out = try? runProcess(python, ["-c", "import sys, os; print(os.path.dirname(os.path.realpath(sys.executable)))"], seconds: 30) else { continue }
+            let candidate = out.stdout.trimmingCharacters(in: .whitespacesAndNewlines) + "/buildbot-worker"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
         }
         return nil
     }
