@@ -99,6 +99,10 @@ extension Work {
                         if !update.stdout.isEmpty { writeStandardOutput(update.stdout) }
                         if !update.stderr.isEmpty { try? FileHandle.standardError.write(contentsOf: update.stderr) }
                         if !update.header.isEmpty, !self.json { Self.standardError(update.header.split(separator: "\n").map { "| \($0)\n" }.joined()) }
+                        if !update.log.isEmpty {
+                            let text = String(decoding: update.log, as: UTF8.self)
+                            writeStandardOutput(Data(text.split(separator: "\n", omittingEmptySubsequences: false).dropLast(text.hasSuffix("\n") ? 1 : 0).map { "[\(update.logName)] \($0)\n" }.joined().utf8))
+                        }
                     case .final(let final):
                         result = final
                     }
@@ -150,6 +154,9 @@ extension Work {
         @Option(name: .long, help: ArgumentHelp("The signal an interrupt sends (a number; 0: SIGKILL); SIGKILL follows after 5 s.", valueName: "signal"))
         var interruptSignal: Int32 = 0
 
+        @Option(name: .long, help: ArgumentHelp("A file (relative to --workdir) whose new lines are printed as [NAME] lines while it runs (repeatable).", valueName: "name=path"))
+        var logfile: [String] = []
+
         @Argument(parsing: .captureForPassthrough, help: "The program and its arguments (after --).")
         var command: [String] = []
 
@@ -158,6 +165,7 @@ extension Work {
         func validate() throws {
             guard !self.words.isEmpty else { throw ValidationError("give the program to run after --") }
             for e in self.env where !e.contains("=") { throw ValidationError("--env \(e): use NAME=VALUE") }
+            for l in self.logfile where !l.contains("=") { throw ValidationError("--logfile \(l): use NAME=PATH") }
         }
 
         func run() async throws {
@@ -172,6 +180,10 @@ extension Work {
             shell.timeoutSeconds = self.timeout
             shell.maxTimeSeconds = self.maxTime
             shell.interruptSignal = self.interruptSignal
+            for l in self.logfile {
+                let parts = l.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                shell.logfiles[String(parts[0])] = String(parts[1])
+            }
             var command = Parley_Work_V1_Command()
             command.shell = shell
             try await self.target.send(command, name: "run")
@@ -250,12 +262,18 @@ extension Work {
     }
 
     struct Upload: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Copy a file of the worker here (written whole, or not at all).")
+        static let configuration = CommandConfiguration(
+            abstract: "Copy a file of the worker here (written whole, or not at all).",
+            discussion: "With --directory, REMOTE is a directory and LOCAL the tar file (ustar, or what a Buildbot worker makes) it arrives as: tar -xf LOCAL unpacks it."
+        )
 
         @OptionGroup var target: CommandTarget
 
         @Option(name: .long, help: ArgumentHelp("Refuse a file larger than this (0: the worker's limit).", valueName: "bytes"))
         var maxSize: UInt64 = 0
+
+        @Flag(name: .long, help: "Copy a directory, as a tar stream written to LOCAL.")
+        var directory = false
 
         @Argument(help: ArgumentHelp("The worker's file, relative to its command directory.", valueName: "remote"))
         var remote: String
@@ -276,11 +294,18 @@ extension Work {
                 progress.advance(to: write.offset + UInt64(data.readableBytes))
                 return ParleyReply(Parley_Work_V1_TransferWritten())
             }
-            var upload = Parley_Work_V1_UploadCommand()
-            upload.path = self.remote
-            upload.maxSize = self.maxSize
             var command = Parley_Work_V1_Command()
-            command.upload = upload
+            if self.directory {
+                var upload = Parley_Work_V1_UploadDirectoryCommand()
+                upload.path = self.remote
+                upload.maxSize = self.maxSize
+                command.uploadDirectory = upload
+            } else {
+                var upload = Parley_Work_V1_UploadCommand()
+                upload.path = self.remote
+                upload.maxSize = self.maxSize
+                command.upload = upload
+            }
             let sent = NIOLockedValueBox(Data())
             let modified = NIOLockedValueBox<Int64>(0)
             do {

@@ -157,6 +157,10 @@ public final class WorkCommandCenter: Sendable {
             direction = .upload
             if upload.maxSize > 0 { limit = upload.maxSize }
             try Self.check(upload.path)
+        case .uploadDirectory(let upload)?:
+            direction = .upload
+            if upload.maxSize > 0 { limit = upload.maxSize }
+            if !(upload.path.isEmpty || upload.path == ".") { try Self.check(upload.path) }
         case .download(let download)?:
             direction = .download
             if download.maxSize > 0 { limit = download.maxSize }

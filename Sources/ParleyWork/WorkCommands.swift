@@ -203,6 +203,7 @@ public final class WorkCommandExecutor: Sendable {
             switch command.kind {
             case .shell(let shell)?: result = try await self.shell(shell, id: id, writer: writer)
             case .upload(let upload)?: result = try await self.upload(upload, id: id, connection: connection)
+            case .uploadDirectory(let upload)?: result = try await self.uploadDirectory(upload, id: id, connection: connection)
             case .download(let download)?: result = try await self.download(download, id: id, connection: connection)
             case .mkdir(let paths)?:
                 result = try await self.each(paths, id: id) { path throws in
@@ -278,6 +279,35 @@ public final class WorkCommandExecutor: Sendable {
         let sender = Task {
             for await update in updates { try? await writer.send(update) }
         }
+        // Log files: their new bytes, every 200 ms and once more at the end.
+        var logs: [(name: String, path: String)] = []
+        for (name, file) in shell.logfiles.sorted(by: { $0.key < $1.key }) {
+            logs.append((name, try self.path(shell.workdir.isEmpty ? file : shell.workdir + "/" + file)))
+        }
+        let logOffsets = NIOLockedValueBox([String: UInt64]())
+        let readLogs: @Sendable () -> Void = { [logs] in
+            for (name, path) in logs {
+                guard let handle = FileHandle(forReadingAtPath: path) else { continue }
+                defer { try? handle.close() }
+                let offset = logOffsets.withLockedValue { $0[name] ?? 0 }
+                guard let end = try? handle.seekToEnd(), end > offset else { continue }
+                try? handle.seek(toOffset: offset)
+                let count = Int(min(end - offset, UInt64(Self.maxChunk)))
+                guard let data = try? handle.read(upToCount: count), !data.isEmpty else { continue }
+                logOffsets.withLockedValue { $0[name] = offset + UInt64(data.count) }
+                var update = Parley_Work_V1_CommandUpdate()
+                update.commandID = id
+                update.logName = name
+                update.log = data
+                feed.yield(update)
+            }
+        }
+        let tailer: Task<Void, Never>? = logs.isEmpty ? nil : Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .milliseconds(200))
+                readLogs()
+            }
+        }
         let lastOutput = NIOLockedValueBox(ContinuousClock.now)
         let silent = NIOLockedValueBox(false)
         let watcher: Task<Void, Never>? = shell.timeoutSeconds == 0 ? nil : Task {
@@ -316,11 +346,15 @@ public final class WorkCommandExecutor: Sendable {
             }
         } catch {
             watcher?.cancel()
+            tailer?.cancel()
             feed.finish()
             await sender.value
             return Self.failure("cannot start \(shell.argv[0]): \(error)", status: 127)
         }
         watcher?.cancel()
+        tailer?.cancel()
+        await tailer?.value
+        readLogs()
         feed.finish()
         await sender.value
         let interrupted = self.interruption(id)
@@ -364,19 +398,59 @@ public final class WorkCommandExecutor: Sendable {
         let fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
         guard fd >= 0 else { return Self.failure("cannot open '\(upload.path)': \(String(cString: strerror(errno)))") }
         defer { close(fd) }
-        var hash = SHA256()
-        var offset: UInt64 = 0
-        while true {
-            try Task.checkCancellation()
-            if let stop = self.interrupted(id, after: offset) { return stop }
-            let bytes = try await Self.blocking { () throws -> [UInt8] in
+        var result = try await self.send(id: id, limit: limit, connection: connection, what: "'\(upload.path)'") {
+            try await Self.blocking { () throws -> [UInt8] in
                 var buffer = [UInt8](repeating: 0, count: chunk)
                 let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
                 guard n >= 0 else { throw WorkFiles.FileError("cannot read '\(upload.path)': \(String(cString: strerror(errno)))") }
                 return Array(buffer[0..<n])
             }
+        }
+        guard result.error.isEmpty else { return result }
+        let offset = result.size
+        // The file's times go with it: the master's copy keeps them.
+        result.stat.exists = true
+        result.stat.kind = "file"
+        result.stat.size = offset
+        result.stat.mode = UInt32((attributes[.posixPermissions] as? NSNumber)?.uint32Value ?? 0o644)
+        result.stat.mtimeUnixMs = Int64(((attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0) * 1000)
+        return result
+    }
+
+    /// A worker's directory to the master as a ustar stream (`WorkTarStream`), a chunk per
+    /// `TransferWrite` as an upload's.
+    private func uploadDirectory(_ upload: Parley_Work_V1_UploadDirectoryCommand, id: UInt64, connection: ParleyConnection) async throws -> Parley_Work_V1_CommandResult {
+        let path = try self.path(upload.path, directoryItself: true)
+        let limit = self.limit(upload.maxSize), chunk = Self.chunk(upload.chunkSize)
+        try self.begin(id)
+        defer { _ = self.end(id) }
+        guard (try? FileManager.default.attributesOfItem(atPath: path)[.type] as? FileAttributeType) == .typeDirectory else {
+            return Self.failure("'\(upload.path)' is not a directory")
+        }
+        let tar: WorkTarStream
+        do {
+            tar = try await Self.blocking { () throws -> WorkTarStream in try WorkTarStream(root: path) }
+        } catch {
+            return Self.failure("\(error)")
+        }
+        guard tar.expectedSize <= limit else { return Self.failure("'\(upload.path)' makes a tar stream of \(tar.expectedSize) bytes, over the limit of \(limit): nothing was sent") }
+        return try await self.send(id: id, limit: limit, connection: connection, what: "'\(upload.path)'") {
+            try await Self.blocking { () throws -> [UInt8] in try tar.next(max: chunk) }
+        }
+    }
+
+    /// Sends what `next` gives (empty at the end) as `TransferWrite`s, each acknowledged before
+    /// the next chunk is read; the result has the size and SHA-256 of what went, or says why it
+    /// stopped.
+    private func send(id: UInt64, limit: UInt64, connection: ParleyConnection, what: String, next: () async throws -> [UInt8]) async throws -> Parley_Work_V1_CommandResult {
+        var hash = SHA256()
+        var offset: UInt64 = 0
+        while true {
+            try Task.checkCancellation()
+            if let stop = self.interrupted(id, after: offset) { return stop }
+            let bytes = try await next()
             if bytes.isEmpty { break }
-            guard offset + UInt64(bytes.count) <= limit else { return Self.failure("'\(upload.path)' grew past the limit of \(limit) bytes while it was sent") }
+            guard offset + UInt64(bytes.count) <= limit else { return Self.failure("\(what) grew past the limit of \(limit) bytes while it was sent") }
             hash.update(data: bytes)
             var write = Parley_Work_V1_TransferWrite()
             write.commandID = id
@@ -391,12 +465,6 @@ public final class WorkCommandExecutor: Sendable {
         var result = Parley_Work_V1_CommandResult()
         result.size = offset
         result.sha256 = Data(hash.finalize())
-        // The file's times go with it: the master's copy keeps them.
-        result.stat.exists = true
-        result.stat.kind = "file"
-        result.stat.size = offset
-        result.stat.mode = UInt32((attributes[.posixPermissions] as? NSNumber)?.uint32Value ?? 0o644)
-        result.stat.mtimeUnixMs = Int64(((attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0) * 1000)
         return result
     }
 

@@ -25,13 +25,15 @@ enum BuildbotCommands {
         return path.isEmpty || path == "." ? root : root + "/" + path
     }
 
-    static func shellArgs(argv: [String], shell: Bool, workdir: String, env: [String: String], timeout: UInt32, maxTime: UInt32, interruptSignal: Int32) -> MessagePack {
+    static func shellArgs(argv: [String], shell: Bool, workdir: String, env: [String: String], timeout: UInt32, maxTime: UInt32, interruptSignal: Int32, logfiles: [String: String] = [:]) -> MessagePack {
         let command: MessagePack = shell ? .string(argv.joined(separator: " ")) : .array(argv.map { .string($0) })
         return .object([
             "workdir": .string(workdir),
             "command": command,
             "env": .map(env.sorted { $0.key < $1.key }.map { (.string($0.key), .string($0.value)) }),
-            "want_stdout": true, "want_stderr": true, "logfiles": .map([]),
+            "want_stdout": true, "want_stderr": true,
+            // Relative to workdir, as Buildbot's worker takes them.
+            "logfiles": .map(logfiles.sorted { $0.key < $1.key }.map { (.string($0.key), .string($0.value)) }),
             "timeout": timeout > 0 ? .int(Int64(timeout)) : .nil,
             "maxTime": .int(Int64(maxTime > 0 ? maxTime : 3600)),
             "usePTY": false, "logEnviron": false,
@@ -45,7 +47,8 @@ enum BuildbotCommands {
             guard !shell.argv.isEmpty else { throw WorkFiles.FileError("the shell command has no argv") }
             return Translated(name: "shell", args: Self.shellArgs(
                 argv: shell.argv, shell: shell.shell, workdir: try Self.path(shell.workdir, root: root, directoryItself: true), env: shell.env,
-                timeout: shell.timeoutSeconds, maxTime: shell.maxTimeSeconds, interruptSignal: shell.interruptSignal
+                timeout: shell.timeoutSeconds, maxTime: shell.maxTimeSeconds, interruptSignal: shell.interruptSignal,
+                logfiles: try Self.logfiles(shell.logfiles)
             ))
         case .upload(let upload)?:
             let limit = upload.maxSize > 0 ? upload.maxSize : 1 << 30
@@ -53,6 +56,13 @@ enum BuildbotCommands {
                 "path": .string(try Self.path(upload.path, root: root)), "workdir": .string(root), "workersrc": .string(upload.path),
                 "maxsize": .int(Int64(limit)), "blocksize": .int(Int64(upload.chunkSize > 0 ? min(upload.chunkSize, 1 << 20) : 64 << 10)),
                 "keepstamp": true,
+            ]), direction: .upload, limit: limit)
+        case .uploadDirectory(let upload)?:
+            let limit = upload.maxSize > 0 ? upload.maxSize : 1 << 30
+            return Translated(name: "upload_directory", args: .object([
+                "path": .string(try Self.path(upload.path, root: root, directoryItself: true)), "workdir": .string(root), "workersrc": .string(upload.path),
+                "maxsize": .int(Int64(limit)), "blocksize": .int(Int64(upload.chunkSize > 0 ? min(upload.chunkSize, 1 << 20) : 64 << 10)),
+                "compress": .nil,
             ]), direction: .upload, limit: limit)
         case .download(let download)?:
             let limit = download.maxSize > 0 ? download.maxSize : 1 << 30
@@ -88,6 +98,30 @@ enum BuildbotCommands {
         }
     }
 
+    /// A shell command's log files, each path under the rule of command paths.
+    static func logfiles(_ logfiles: [String: String]) throws(WorkFiles.FileError) -> [String: String] {
+        for (name, path) in logfiles {
+            guard !name.isEmpty, !["stdio", "header"].contains(name) else { throw WorkFiles.FileError("a log file cannot be named '\(name)'") }
+            try CommandPaths.check(path)
+        }
+        return logfiles
+    }
+
+    /// The updates of one `update` message as CommandUpdates: the output and header in one, then
+    /// one per log file's new text (nil and empty when there is nothing).
+    static func updates(_ id: UInt64, _ updates: [BuildbotUpdate]) -> [Parley_Work_V1_CommandUpdate] {
+        var out: [Parley_Work_V1_CommandUpdate] = []
+        if let output = Self.update(id, updates) { out.append(output) }
+        for case .log(let name, let text) in updates {
+            var log = Parley_Work_V1_CommandUpdate()
+            log.commandID = id
+            log.logName = name
+            log.log = Data(text.utf8)
+            out.append(log)
+        }
+        return out
+    }
+
     /// The output in one `update` as a CommandUpdate (nil when it holds none).
     static func update(_ id: UInt64, _ updates: [BuildbotUpdate]) -> Parley_Work_V1_CommandUpdate? {
         var update = Parley_Work_V1_CommandUpdate()
@@ -98,7 +132,6 @@ enum BuildbotCommands {
             case .stdout(let t): stdout.append(contentsOf: Array(t.utf8))
             case .stderr(let t): stderr.append(contentsOf: Array(t.utf8))
             case .header(let t): update.header += t
-            case .log(let name, let t): update.header += "\(name): \(t)"
             default: break
             }
         }

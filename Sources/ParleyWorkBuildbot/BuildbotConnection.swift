@@ -257,14 +257,14 @@ public final class BuildbotConnection: Sendable {
                 command.continuation.yield(.complete(failure: args.isNil ? nil : (args.stringValue ?? "\(args)")))
                 command.continuation.finish()
                 self.respond(seq)
-            case "update_upload_file_write":
+            case "update_upload_file_write", "update_upload_directory_write":
                 guard let transfer = command.transfer else { throw BuildbotProtocolError("command \(id) does not upload") }
                 guard let bytes = body["args"]?.binaryValue ?? body["args"]?.stringValue.map({ Array($0.utf8) }) else {
                     throw BuildbotProtocolError("update_upload_file_write: args must be binary")
                 }
                 try await transfer.write(bytes)
                 self.respond(seq)
-            case "update_upload_file_close":
+            case "update_upload_file_close", "update_upload_directory_unpack":
                 guard let transfer = command.transfer else { throw BuildbotProtocolError("command \(id) does not upload") }
                 try await transfer.closeWrite()
                 self.respond(seq)
@@ -284,8 +284,7 @@ public final class BuildbotConnection: Sendable {
                 try await transfer.closeRead()
                 self.respond(seq)
             default:
-                // upload_directory: a tar stream this front end does not unpack (yet).
-                throw BuildbotProtocolError("\(op) is not served by this master: upload a directory as files")
+                throw BuildbotProtocolError("\(op) is not served by this master")
             }
         } catch {
             self.respond(seq, .string("\(error)"), exception: true)

@@ -373,7 +373,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
                     switch event {
                     case .updates(let updates):
                         collected += updates
-                        if let update = BuildbotCommands.update(parleyID, updates) { continuation.yield(.update(update)) }
+                        for update in BuildbotCommands.updates(parleyID, updates) { continuation.yield(.update(update)) }
                     case .complete(let failure):
                         let interrupted = self.state.withLockedValue { $0.relayed[parleyID]?.interrupted ?? false }
                         var result = BuildbotCommands.result(parleyID, collected, failure: failure, interrupted: interrupted, root: root, kind: command.kind)

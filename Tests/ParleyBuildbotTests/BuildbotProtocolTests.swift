@@ -87,6 +87,15 @@ import Testing
         download.download.mode = 0o600
         let d = try BuildbotCommands.translate(download, root: "/w")
         #expect(d.name == "download_file" && d.args["mode"] == 0o600 && d.args["maxsize"] == .nil && d.direction == .download)
+        var tree = Parley_Work_V1_Command()
+        tree.uploadDirectory.path = "out"
+        let dir = try BuildbotCommands.translate(tree, root: "/w")
+        #expect(dir.name == "upload_directory" && dir.args["path"] == "/w/out" && dir.args["compress"] == .nil && dir.direction == .upload)
+        var logged = shell
+        logged.shell.logfiles = ["build": "out/build.log"]
+        #expect(try BuildbotCommands.translate(logged, root: "/w").args["logfiles"] == .object(["build": "out/build.log"]))
+        logged.shell.logfiles = ["build": "../x"]
+        #expect(throws: WorkFiles.FileError.self) { _ = try BuildbotCommands.translate(logged, root: "/w") }
         var listing = Parley_Work_V1_Command()
         listing.listdir.path = ""
         #expect(try BuildbotCommands.translate(listing, root: "/w").args["path"] == "/w")

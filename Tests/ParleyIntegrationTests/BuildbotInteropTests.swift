@@ -129,6 +129,17 @@ import Testing
         #expect(tooBig.status != 0 && tooBig.stderr.contains("Maximum filesize") && !FileManager.default.fileExists(atPath: dir + "/small.bin"), "\(tooBig.combined)")
         let run = try parley(["work", "command", "run"] + target + ["--", "sh", "-c", "echo out; echo err >&2; exit 5"])
         #expect(run.status == 5 && run.stdout == "out\n" && run.stderr.contains("err"), "\(run.combined)")
+        // A log file streamed while the command runs, then the directory it made as a tar.
+        let logged = try parley(["work", "command", "run"] + target + ["--logfile", "build=out/build.log", "--", "sh", "-c",
+                                  "mkdir -p out/sub; for i in 1 2; do echo step $i >> out/build.log; sleep 1.2; done; echo deep > out/sub/x.txt"])
+        #expect(logged.status == 0 && logged.stdout.contains("[build] step 1\n") && logged.stdout.contains("[build] step 2\n"), "\(logged.combined)")
+        let tree = try parley(["work", "command", "upload"] + target + ["--directory", "out", dir + "/out.tar"])
+        #expect(tree.status == 0, "\(tree.combined)")
+        let untarred = dir + "/untarred"
+        try FileManager.default.createDirectory(atPath: untarred, withIntermediateDirectories: true)
+        _ = try runProcess("/bin/tar", ["-xf", dir + "/out.tar", "-C", untarred], seconds: 30)
+        #expect(FileManager.default.contents(atPath: untarred + "/sub/x.txt") == Data("deep\n".utf8))
+        #expect(FileManager.default.contents(atPath: untarred + "/build.log") == Data("step 1\nstep 2\n".utf8))
         let stat = try parley(["work", "command", "stat"] + target + ["nothing-here"])
         #expect(stat.status == 1, "\(stat.combined)")
 

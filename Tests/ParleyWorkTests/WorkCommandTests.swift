@@ -306,6 +306,66 @@ final class MemoryTransfer: WorkTransfer {
         #expect(over.exitStatus == 1 && over.error.contains("over the limit of 1000") && small.bytes.withLockedValue { $0 }.isEmpty, "\(over)")
     }
 
+    /// A directory as one tar stream: what the system's tar lists and unpacks is the tree
+    /// (files, directories, a symbolic link not followed); over its limit, nothing is sent.
+    @Test func aDirectoryGoesAsATarStream() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let root = rig.directory + "/tree"
+        try FileManager.default.createDirectory(atPath: root + "/sub/deeper", withIntermediateDirectories: true)
+        let big = (0..<70_001).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        try Data(big).write(to: URL(fileURLWithPath: root + "/sub/big.bin"))
+        try Data().write(to: URL(fileURLWithPath: root + "/empty"))
+        let long = String(repeating: "n", count: 90) + "/" + String(repeating: "m", count: 90)
+        try FileManager.default.createDirectory(atPath: root + "/sub/deeper/" + String(repeating: "n", count: 90), withIntermediateDirectories: true)
+        try Data("long\n".utf8).write(to: URL(fileURLWithPath: root + "/sub/deeper/" + long))
+        try FileManager.default.createSymbolicLink(atPath: root + "/link", withDestinationPath: "/etc/passwd")
+        var command = Parley_Work_V1_Command()
+        command.uploadDirectory.path = "tree"
+        command.uploadDirectory.chunkSize = 4096
+        let tarPath = NSTemporaryDirectory() + "tree-\(UUID().uuidString.prefix(8)).tar"
+        let (_, sent) = try await rig.run(command, transfer: WorkFileTransfer(path: tarPath))
+        #expect(sent.exitStatus == 0 && sent.size % 512 == 0 && sent.size > 70_001, "\(sent)")
+        let out = NSTemporaryDirectory() + "untar-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        let untar = try runProcess("/bin/tar", ["-xf", tarPath, "-C", out], seconds: 30)
+        #expect(untar.status == 0, "\(untar.combined)")
+        #expect(FileManager.default.contents(atPath: out + "/sub/big.bin") == Data(big))
+        #expect(FileManager.default.contents(atPath: out + "/sub/deeper/" + long) == Data("long\n".utf8))
+        #expect(FileManager.default.contents(atPath: out + "/empty") == Data())
+        #expect((try? FileManager.default.destinationOfSymbolicLink(atPath: out + "/link")) == "/etc/passwd")
+        let listing = try runProcess("/bin/tar", ["-tf", tarPath], seconds: 30).stdout.split(separator: "\n").map(String.init)
+        #expect(listing.first == "empty" && listing.contains("sub/deeper/") && listing.contains("link"), "\(listing)")
+
+        command.uploadDirectory.maxSize = 10_000
+        let small = MemoryTransfer()
+        let (_, over) = try await rig.run(command, transfer: small)
+        #expect(over.exitStatus == 1 && over.error.contains("over the limit of 10000") && small.bytes.withLockedValue { $0 }.isEmpty, "\(over)")
+        command.uploadDirectory.path = "tree/empty"
+        let (_, notADirectory) = try await rig.run(command, transfer: MemoryTransfer())
+        #expect(notADirectory.exitStatus == 1 && notADirectory.error.contains("not a directory"))
+    }
+
+    /// A shell command's log files: their new lines come back while it runs, named.
+    @Test func logFilesAreStreamedWhileTheCommandRuns() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        var command = Parley_Work_V1_Command()
+        command.shell.argv = ["/bin/sh", "-c", "for i in 1 2 3; do echo line $i >> logs/build.log; sleep 0.4; done; echo tail >> other.log"]
+        command.shell.workdir = "work"
+        command.shell.logfiles = ["build": "logs/build.log", "other": "other.log"]
+        try FileManager.default.createDirectory(atPath: rig.directory + "/work/logs", withIntermediateDirectories: true)
+        let (updates, result) = try await rig.run(command)
+        #expect(result.exitStatus == 0, "\(result)")
+        let build = updates.filter { $0.logName == "build" }
+        #expect(build.count >= 2, "streamed in pieces while it ran: \(build.count)")
+        #expect(String(decoding: build.map(\.log).reduce(Data(), +), as: UTF8.self) == "line 1\nline 2\nline 3\n")
+        #expect(String(decoding: updates.filter { $0.logName == "other" }.map(\.log).reduce(Data(), +), as: UTF8.self) == "tail\n")
+        var escape = command
+        escape.shell.logfiles = ["x": "../../etc/passwd"]
+        await #expect(throws: ParleyError.self) { _ = try await rig.run(escape) }
+    }
+
     /// A download that does not match what was announced, or that sends more than its limit,
     /// fails and leaves the destination as it was; no partial file stays behind.
     @Test func aBadDownloadLeavesTheDestinationUnchanged() async throws {

@@ -717,6 +717,15 @@ public nonisolated struct Parley_Work_V1_Command: Sendable {
     set {kind = .cpdir(newValue)}
   }
 
+  /// a worker's directory to the master, as a tar stream
+  public var uploadDirectory: Parley_Work_V1_UploadDirectoryCommand {
+    get {
+      if case .uploadDirectory(let v)? = kind {return v}
+      return Parley_Work_V1_UploadDirectoryCommand()
+    }
+    set {kind = .uploadDirectory(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
@@ -737,6 +746,8 @@ public nonisolated struct Parley_Work_V1_Command: Sendable {
     case listdir(Parley_Work_V1_PathCommand)
     /// copy a directory tree
     case cpdir(Parley_Work_V1_CopyCommand)
+    /// a worker's directory to the master, as a tar stream
+    case uploadDirectory(Parley_Work_V1_UploadDirectoryCommand)
 
   }
 
@@ -768,6 +779,9 @@ public nonisolated struct Parley_Work_V1_ShellCommand: Sendable {
 
   /// sent on an interrupt (0: SIGKILL)
   public var interruptSignal: Int32 = 0
+
+  /// name -> a file (relative to workdir) whose new bytes are streamed while it runs
+  public var logfiles: Dictionary<String,String> = [:]
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -845,6 +859,25 @@ public nonisolated struct Parley_Work_V1_PathCommand: Sendable {
   public init() {}
 }
 
+public nonisolated struct Parley_Work_V1_UploadDirectoryCommand: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// the worker's directory, relative to the command directory
+  public var path: String = String()
+
+  /// the tar stream is refused past this (0: the worker's limit)
+  public var maxSize: UInt64 = 0
+
+  /// bytes per TransferWrite (0: 64 KiB; at most 1 MiB)
+  public var chunkSize: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Parley_Work_V1_CopyCommand: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -873,6 +906,12 @@ public nonisolated struct Parley_Work_V1_CommandUpdate: Sendable {
 
   /// the worker's own lines about the command (what it runs, why it stopped)
   public var header: String = String()
+
+  /// with log: which of the shell command's logfiles
+  public var logName: String = String()
+
+  /// new bytes of that log file
+  public var log: Data = Data()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -2093,7 +2132,7 @@ nonisolated extension Parley_Work_V1_ResultReply: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Parley_Work_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Command"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}command_id\0\u{1}shell\0\u{1}upload\0\u{1}download\0\u{1}mkdir\0\u{1}rmdir\0\u{1}rmfile\0\u{1}stat\0\u{1}glob\0\u{1}listdir\0\u{1}cpdir\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}command_id\0\u{1}shell\0\u{1}upload\0\u{1}download\0\u{1}mkdir\0\u{1}rmdir\0\u{1}rmfile\0\u{1}stat\0\u{1}glob\0\u{1}listdir\0\u{1}cpdir\0\u{3}upload_directory\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2232,6 +2271,19 @@ nonisolated extension Parley_Work_V1_Command: SwiftProtobuf.Message, SwiftProtob
           self.kind = .cpdir(v)
         }
       }()
+      case 12: try {
+        var v: Parley_Work_V1_UploadDirectoryCommand?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .uploadDirectory(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .uploadDirectory(v)
+        }
+      }()
       default: break
       }
     }
@@ -2286,6 +2338,10 @@ nonisolated extension Parley_Work_V1_Command: SwiftProtobuf.Message, SwiftProtob
       guard case .cpdir(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
     }()
+    case .uploadDirectory?: try {
+      guard case .uploadDirectory(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -2301,7 +2357,7 @@ nonisolated extension Parley_Work_V1_Command: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Parley_Work_V1_ShellCommand: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ShellCommand"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}argv\0\u{1}shell\0\u{1}workdir\0\u{1}env\0\u{3}timeout_seconds\0\u{3}max_time_seconds\0\u{3}interrupt_signal\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}argv\0\u{1}shell\0\u{1}workdir\0\u{1}env\0\u{3}timeout_seconds\0\u{3}max_time_seconds\0\u{3}interrupt_signal\0\u{1}logfiles\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2316,6 +2372,7 @@ nonisolated extension Parley_Work_V1_ShellCommand: SwiftProtobuf.Message, SwiftP
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.timeoutSeconds) }()
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.maxTimeSeconds) }()
       case 7: try { try decoder.decodeSingularInt32Field(value: &self.interruptSignal) }()
+      case 8: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: &self.logfiles) }()
       default: break
       }
     }
@@ -2343,6 +2400,9 @@ nonisolated extension Parley_Work_V1_ShellCommand: SwiftProtobuf.Message, SwiftP
     if self.interruptSignal != 0 {
       try visitor.visitSingularInt32Field(value: self.interruptSignal, fieldNumber: 7)
     }
+    if !self.logfiles.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: self.logfiles, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2354,6 +2414,7 @@ nonisolated extension Parley_Work_V1_ShellCommand: SwiftProtobuf.Message, SwiftP
     if lhs.timeoutSeconds != rhs.timeoutSeconds {return false}
     if lhs.maxTimeSeconds != rhs.maxTimeSeconds {return false}
     if lhs.interruptSignal != rhs.interruptSignal {return false}
+    if lhs.logfiles != rhs.logfiles {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2514,6 +2575,46 @@ nonisolated extension Parley_Work_V1_PathCommand: SwiftProtobuf.Message, SwiftPr
   }
 }
 
+nonisolated extension Parley_Work_V1_UploadDirectoryCommand: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UploadDirectoryCommand"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}path\0\u{3}max_size\0\u{3}chunk_size\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.path) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.maxSize) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.chunkSize) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.path.isEmpty {
+      try visitor.visitSingularStringField(value: self.path, fieldNumber: 1)
+    }
+    if self.maxSize != 0 {
+      try visitor.visitSingularUInt64Field(value: self.maxSize, fieldNumber: 2)
+    }
+    if self.chunkSize != 0 {
+      try visitor.visitSingularUInt32Field(value: self.chunkSize, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_Work_V1_UploadDirectoryCommand, rhs: Parley_Work_V1_UploadDirectoryCommand) -> Bool {
+    if lhs.path != rhs.path {return false}
+    if lhs.maxSize != rhs.maxSize {return false}
+    if lhs.chunkSize != rhs.chunkSize {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Parley_Work_V1_CopyCommand: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CopyCommand"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}from\0\u{1}to\0")
@@ -2551,7 +2652,7 @@ nonisolated extension Parley_Work_V1_CopyCommand: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Parley_Work_V1_CommandUpdate: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CommandUpdate"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}command_id\0\u{1}stdout\0\u{1}stderr\0\u{1}header\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}command_id\0\u{1}stdout\0\u{1}stderr\0\u{1}header\0\u{3}log_name\0\u{1}log\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2563,6 +2664,8 @@ nonisolated extension Parley_Work_V1_CommandUpdate: SwiftProtobuf.Message, Swift
       case 2: try { try decoder.decodeSingularBytesField(value: &self.stdout) }()
       case 3: try { try decoder.decodeSingularBytesField(value: &self.stderr) }()
       case 4: try { try decoder.decodeSingularStringField(value: &self.header) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.logName) }()
+      case 6: try { try decoder.decodeSingularBytesField(value: &self.log) }()
       default: break
       }
     }
@@ -2581,6 +2684,12 @@ nonisolated extension Parley_Work_V1_CommandUpdate: SwiftProtobuf.Message, Swift
     if !self.header.isEmpty {
       try visitor.visitSingularStringField(value: self.header, fieldNumber: 4)
     }
+    if !self.logName.isEmpty {
+      try visitor.visitSingularStringField(value: self.logName, fieldNumber: 5)
+    }
+    if !self.log.isEmpty {
+      try visitor.visitSingularBytesField(value: self.log, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2589,6 +2698,8 @@ nonisolated extension Parley_Work_V1_CommandUpdate: SwiftProtobuf.Message, Swift
     if lhs.stdout != rhs.stdout {return false}
     if lhs.stderr != rhs.stderr {return false}
     if lhs.header != rhs.header {return false}
+    if lhs.logName != rhs.logName {return false}
+    if lhs.log != rhs.log {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
