@@ -397,6 +397,10 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
                     }
                 }
                 continuation.finish()
+            } catch let error as BuildbotConnectionError {
+                // The worker went away: whoever waits for the command is told at once (the
+                // stock master leaves its step waiting).
+                continuation.finish(throwing: ParleyError(code: .connectionClosed, message: "worker \(error.worker) went away before command \(parleyID) ended: \(error.reason)"))
             } catch {
                 continuation.finish(throwing: error)
             }

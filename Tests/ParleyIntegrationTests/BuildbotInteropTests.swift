@@ -171,11 +171,25 @@ import Testing
         let slowJob = slow.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         let leased = try await eventually(seconds: 30) { ((try? parley(["work", "status", "--master", master.address]))?.stdout ?? "").contains("leased 1") }
         #expect(leased)
+        // A relayed command too: its submitter is told when the worker is dropped.
+        let waiting = Process()
+        waiting.executableURL = URL(fileURLWithPath: parleyPath)
+        waiting.arguments = ["work", "command", "run"] + target + ["--", "sleep", "60"]
+        let waitingOut = dir + "/waiting.out"
+        _ = FileManager.default.createFile(atPath: waitingOut, contents: nil)
+        waiting.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: waitingOut))
+        waiting.standardError = waiting.standardOutput
+        try waiting.run()
+        defer { if waiting.isRunning { kill(waiting.processIdentifier, SIGKILL) } }
+        _ = try await eventually(seconds: 30) { String(decoding: FileManager.default.contents(atPath: waitingOut) ?? Data(), as: UTF8.self).contains("argv") }
         let beforeStop = master.logMark
         kill(worker.process.processIdentifier, SIGSTOP)
         let dropped = try await master.waitForLog("job handed back", "job=\(slowJob)", after: beforeStop, seconds: 30)
+        for _ in 0..<500 where waiting.isRunning { try await Task.sleep(for: .milliseconds(20)) }
         kill(worker.process.processIdentifier, SIGCONT)
         #expect(dropped, "\(master.log)")
+        let told = String(decoding: FileManager.default.contents(atPath: waitingOut) ?? Data(), as: UTF8.self)
+        #expect(!waiting.isRunning && waiting.terminationStatus != 0 && told.contains("worker bb1 went away before command"), "\(told)")
         #expect(try await master.waitForLog("buildbot worker connected", "worker=bb1", after: beforeStop, seconds: 60))
         let slowDone = try await eventually(seconds: 60) { Self.results(master.address, slowJob).contains("succeeded") }
         #expect(slowDone && Self.results(master.address, slowJob).contains("slow-done"), "\(Self.results(master.address, slowJob))\n\(master.log)\n\(worker.log.suffix(4000))")
