@@ -36,32 +36,13 @@ struct BOINCClientProcessTests {
         var log: String { (try? String(contentsOfFile: self.logPath, encoding: .utf8)) ?? "" }
 
         /// SIGTERM, then SIGKILL after 5 s.
-        func stop() {
-            guard self.process.isRunning else { return }
-            kill(self.process.processIdentifier, SIGTERM)
-            for _ in 0..<500 where self.process.isRunning { usleep(10_000) }
-            if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
-            self.process.waitUntilExit()
-        }
+        func stop() { stopProcess(self.process) }
 
         deinit { if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) } }
     }
 
-    /// A port nobody listens on now (bound, read and closed).
-    static func freePort() throws -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        address.sin_port = 0
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        guard bound else { throw ParleyTestFailure("no free port") }
-        return Int(UInt16(bigEndian: address.sin_port))
-    }
+    /// A port nobody listens on now.
+    static func freePort() throws -> Int { try freeLoopbackPort() }
 
     static func parley(_ arguments: [String], seconds: Double = 60) throws -> ProcessOutput {
         try runProcess(try #require(parleyExecutablePath(), "parley executable not built"), arguments, seconds: seconds)

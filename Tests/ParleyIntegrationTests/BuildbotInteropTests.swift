@@ -21,19 +21,7 @@ import Testing
     }
 
     /// A port free now on 127.0.0.1 (the worker needs a fixed master address across restarts).
-    static func freePort() throws -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        try #require(bound)
-        return Int(UInt16(bigEndian: address.sin_port))
-    }
+    static func freePort() throws -> Int { try freeLoopbackPort() }
 
     /// The worker process: created with `buildbot-worker create-worker`, run in the
     /// foreground, stopped by PID.
@@ -54,13 +42,7 @@ import Testing
             try self.process.run()
         }
 
-        func stop() {
-            guard self.process.isRunning else { return }
-            kill(self.process.processIdentifier, SIGTERM)
-            for _ in 0..<500 where self.process.isRunning { usleep(10_000) }
-            if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
-            self.process.waitUntilExit()
-        }
+        func stop() { stopProcess(self.process) }
 
         deinit { self.stop() }
     }
