@@ -41,7 +41,7 @@ final class Collector: ChannelDuplexHandler, @unchecked Sendable {
     }
 }
 
-@Suite(.timeLimit(.minutes(1)))
+@Suite(.timeLimit(.minutes(3)))
 struct InMemoryChannelTests {
     func connectedPair() async throws -> (InMemoryChannel, Collector, InMemoryChannel, Collector) {
         let (a, b) = InMemoryChannel.pair(group: MultiThreadedEventLoopGroup.singleton)
