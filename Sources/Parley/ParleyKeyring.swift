@@ -36,6 +36,30 @@ public struct ParleyKeyring: Sendable, Hashable {
             guard let data = Data(base64Encoded: self.key), data.count == 32 else { return nil }
             return Array(data)
         }
+
+        /// Whether `text` is this entity's key as the file shows it (base64), compared in a
+        /// time that does not depend on where they differ: for programs that log in with a
+        /// password (Buildbot workers) or an account key (BOINC clients).
+        public func keyMatches(_ text: String) -> Bool {
+            let given = Array(text.utf8), expected = Array(self.key.utf8)
+            var difference = UInt8(given.count == expected.count ? 0 : 1)
+            for (i, byte) in expected.enumerated() { difference |= byte ^ (i < given.count ? given[i] : 0) }
+            return difference == 0
+        }
+
+        /// Whether its capabilities allow `capability` (the rule of `ParleySession.grants`).
+        public func grants(_ capability: String) -> Bool {
+            ParleySession.capabilities(self.caps, grant: capability)
+        }
+
+        /// Why it may not act now (its key revoked or expired, or, when `capability` is given,
+        /// without that capability), as the end of a sentence about it; nil when it may.
+        public func refusal(needing capability: String? = nil, now: Date = Date()) -> String? {
+            if self.revoked { return "is revoked in the keyring" }
+            if let expires = self.expires, expires <= now { return "has a key that expired at \(expires)" }
+            if let capability, !self.grants(capability) { return "lacks the capability \(capability)" }
+            return nil
+        }
     }
 
     public static let format = "parley-keyring-1"

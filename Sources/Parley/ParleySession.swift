@@ -101,7 +101,12 @@ public struct ParleySession: Hashable, Sendable {
     /// Whether the capabilities allow `capability`: listed as is, `*`, or a prefix wildcard
     /// (`block.*` allows `block.read`).
     public func grants(_ capability: String) -> Bool {
-        self.capabilities.contains { cap in
+        Self.capabilities(self.capabilities, grant: capability)
+    }
+
+    /// The rule of `grants`, for capabilities held elsewhere (a keyring entity's).
+    public static func capabilities(_ capabilities: [String], grant capability: String) -> Bool {
+        capabilities.contains { cap in
             cap == "*" || cap == capability || (cap.hasSuffix(".*") && capability.hasPrefix(cap.dropLast()))
         }
     }

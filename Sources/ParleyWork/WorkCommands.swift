@@ -233,7 +233,7 @@ public final class WorkCommandExecutor: Sendable {
         }
         result.commandID = id
         let elapsed = ContinuousClock.now - started
-        result.elapsedMs = UInt64(max(0, elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000))
+        result.elapsedMs = elapsed.wholeMilliseconds
         return result
     }
 

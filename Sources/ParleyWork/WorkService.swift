@@ -358,3 +358,10 @@ public enum WorkService {
         }
     }
 }
+
+extension Duration {
+    /// Whole milliseconds (0 for a negative duration): wall times in reports and results.
+    package var wholeMilliseconds: UInt64 {
+        UInt64(max(0, self.components.seconds * 1000 + self.components.attoseconds / 1_000_000_000_000_000))
+    }
+}

@@ -390,7 +390,7 @@ public final class WorkWorker: Sendable {
             report.message = "\(error)"
         }
         let elapsed = ContinuousClock.now - started
-        report.wallMs = UInt64(max(0, elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000))
+        report.wallMs = elapsed.wholeMilliseconds
         return (report, killedByShutdown.withLockedValue { $0 })
     }
 }

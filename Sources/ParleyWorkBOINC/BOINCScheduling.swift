@@ -57,23 +57,16 @@ public enum BOINCScheduling {
             return .failure(.refused(.init(status: 400, message: "the scheduler request names no host (<host_info><host_cpid>, up to 64 letters and digits)")))
         }
         guard let keyring else { return .success("boinc:\(cpid)") }
-        let given = Array((request.authenticator ?? "").utf8)
+        let given = request.authenticator ?? ""
         let unknown = Identity.unknownAccount("Invalid or missing account key. To fix, remove this project and attach again with the key you were given.")
-        guard !given.isEmpty, let entity = keyring.entities.first(where: { Self.same(Array($0.key.utf8), given) }) else { return .failure(unknown) }
-        guard !entity.revoked, entity.expires.map({ $0 > now }) ?? true else { return .failure(unknown) }
-        if requireCapabilities, !entity.caps.contains(where: { $0 == "work.worker" || $0 == "work.*" }) {
+        guard !given.isEmpty, let entity = keyring.entities.first(where: { $0.keyMatches(given) }) else { return .failure(unknown) }
+        guard entity.refusal(now: now) == nil else { return .failure(unknown) }
+        if requireCapabilities, !entity.grants("work.worker") {
             return .failure(.unknownAccount("The account \(entity.name) may not run work for this project (it lacks capability work.worker)."))
         }
         return .success("boinc:\(entity.name):\(cpid)")
     }
 
-    /// Compares in time independent of where the bytes differ.
-    static func same(_ a: [UInt8], _ b: [UInt8]) -> Bool {
-        guard a.count == b.count else { return false }
-        var diff: UInt8 = 0
-        for (x, y) in zip(a, b) { diff |= x ^ y }
-        return diff == 0
-    }
 
     /// BOINC's result states (client/result.h): RESULT_FILES_UPLOADED is the end of a result
     /// that ran and sent its files.

@@ -266,7 +266,7 @@ struct BuildbotJob {
             var r = result
             r.errorKind = kind
             r.message = message
-            r.wallMs = UInt64((ContinuousClock.now - started).components.seconds * 1000)
+            r.wallMs = (ContinuousClock.now - started).wholeMilliseconds
             return r
         }
         if let trust = configuration.trust {
@@ -365,7 +365,7 @@ struct BuildbotJob {
         } catch let error as WorkFiles.FileError {
             return refuse(.spec, error.message)
         }
-        result.wallMs = UInt64((ContinuousClock.now - started).components.seconds * 1000 + (ContinuousClock.now - started).components.attoseconds / 1_000_000_000_000_000)
+        result.wallMs = (ContinuousClock.now - started).wholeMilliseconds
         return result
     }
 }

@@ -120,7 +120,7 @@ public final class BuildbotConnection: Sendable {
                 continuation.resume(throwing: error)
             case .success(let seq):
                 self.send(BuildbotMessage.request(op: op, seq: seq, fields))
-                self.channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000)) { [self] in
+                self.channel.eventLoop.scheduleTask(in: TimeAmount(timeout)) { [self] in
                     if self.state.withLockedValue({ $0.waiters[seq] != nil }) {
                         self.close(reason: "no answer to \(op) (request \(seq)) within \(timeout)")
                     }
@@ -161,6 +161,9 @@ public final class BuildbotConnection: Sendable {
 
     /// Whether the command still runs (no `complete` yet).
     public func isRunning(_ id: String) -> Bool { self.state.withLockedValue { $0.commands[id] != nil } }
+
+    /// The ids of the commands running now.
+    public var runningCommands: [String] { self.state.withLockedValue { Array($0.commands.keys) } }
 
     /// Closes the connection (no WebSocket close handshake: neither Buildbot side waits for
     /// one); everything waiting fails.

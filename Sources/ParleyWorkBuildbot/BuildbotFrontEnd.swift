@@ -36,6 +36,7 @@ public final class BuildbotFrontEnd: Service, Sendable {
         /// jobs that need none.
         public var apps: [String] = ["buildbot"]
         public var leaseDuration: Duration = .seconds(600)
+        var leaseNanoseconds: Int64 { Int64(self.leaseDuration.components.seconds) * 1_000_000_000 }
         /// When set, a job's signature is checked again before a worker gets it.
         public var trust: WorkSigning.PublicKey?
         /// A `keepalive` request this often; no answer within `keepaliveTimeout` closes the
@@ -88,16 +89,8 @@ public final class BuildbotFrontEnd: Service, Sendable {
         }
         // One answer for every refusal of a name and password: no telling which was wrong.
         let refusal = BuildbotAuthentication.refused("unknown worker name or wrong password")
-        guard let entity = keyring.entity(named: name) else { return refusal }
-        let given = Array(password.utf8), expected = Array(entity.key.utf8)
-        var difference = UInt8(given.count == expected.count ? 0 : 1)
-        for (i, byte) in expected.enumerated() { difference |= byte ^ (i < given.count ? given[i] : 0) }
-        guard difference == 0 else { return refusal }
-        if entity.revoked { return .refused("worker \(name) is revoked in the keyring") }
-        if let expires = entity.expires, expires <= now { return .refused("worker \(name)'s key expired at \(expires)") }
-        if requireCapabilities, !entity.caps.contains(where: { $0 == "work.worker" || $0 == "work.*" || $0 == "*" }) {
-            return .refused("worker \(name) lacks the capability work.worker")
-        }
+        guard let entity = keyring.entity(named: name), entity.keyMatches(password) else { return refusal }
+        if let why = entity.refusal(needing: requireCapabilities ? "work.worker" : nil, now: now) { return .refused("worker \(name) \(why)") }
         return .accepted(name)
     }
 
@@ -106,12 +99,7 @@ public final class BuildbotFrontEnd: Service, Sendable {
     public static func withdrawn(name: String, keyringPath: String, requireCapabilities: Bool, now: Date = Date()) -> String? {
         guard let keyring = try? ParleyKeyring.load(path: keyringPath) else { return nil }  // unreadable now: judged at the next login
         guard let entity = keyring.entity(named: name) else { return "worker \(name) was removed from the keyring" }
-        if entity.revoked { return "worker \(name) was revoked" }
-        if let expires = entity.expires, expires <= now { return "worker \(name)'s key expired" }
-        if requireCapabilities, !entity.caps.contains(where: { $0 == "work.worker" || $0 == "work.*" || $0 == "*" }) {
-            return "worker \(name) lost the capability work.worker"
-        }
-        return nil
+        return entity.refusal(needing: requireCapabilities ? "work.worker" : nil, now: now).map { "worker \(name) \($0)" }
     }
 
     public func run() async throws {
@@ -169,7 +157,6 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         var basedir = ""
         /// Parley command id → Buildbot command id, and whether it was interrupted.
         var relayed: [UInt64: (id: String, interrupted: Bool)] = [:]
-        var stopping = false
     }
     private let state = NIOLockedValueBox(State())
 
@@ -223,11 +210,8 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     /// Interrupts what the worker runs for us, then closes (a restarting master leaves no
     /// command running unwatched on its workers).
     func stop(reason: String, shutdown: Bool = false) async {
-        let running = self.state.withLockedValue { state -> [String] in
-            state.stopping = true
-            return state.relayed.values.map(\.id)
-        } + self.jobCommands.withLockedValue { Array($0) }
-        for id in running where self.connection.isRunning(id) {
+        // Every command of the connection: the master's and those of a job.
+        for id in self.connection.runningCommands where self.connection.isRunning(id) {
             try? await self.connection.interrupt(id, why: reason)
         }
         // The worker exits 0.2 s after its answer.
@@ -283,12 +267,10 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
 
     // MARK: Jobs from the store
 
-    let jobCommands = NIOLockedValueBox<Set<String>>([])
-
     private func jobs() async {
         let configuration = self.frontEnd.configuration
         let store = self.frontEnd.store
-        let leaseNanoseconds = Int64(configuration.leaseDuration.components.seconds) * 1_000_000_000
+        let leaseNanoseconds = configuration.leaseNanoseconds
         var idle = configuration.idlePoll
         while !Task.isCancelled, self.connection.closeReason == nil {
             let claimed: [ClaimedJob]
@@ -313,8 +295,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     /// back (queued again, the attempt not counted).
     private func execute(_ job: ClaimedJob) async {
         let store = self.frontEnd.store
-        let configuration = self.frontEnd.configuration
-        let leaseNanoseconds = Int64(configuration.leaseDuration.components.seconds) * 1_000_000_000
+        let leaseNanoseconds = self.frontEnd.configuration.leaseNanoseconds
         let renewal = Task {
             while !Task.isCancelled {
                 try? await Task.sleep(nanoseconds: UInt64(max(leaseNanoseconds / 3, 1_000_000_000)))
@@ -377,7 +358,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
                     case .complete(let failure):
                         let interrupted = self.state.withLockedValue { $0.relayed[parleyID]?.interrupted ?? false }
                         var result = BuildbotCommands.result(parleyID, collected, failure: failure, interrupted: interrupted, root: root, kind: command.kind)
-                        result.elapsedMs = UInt64((ContinuousClock.now - started).components.seconds * 1000)
+                        result.elapsedMs = (ContinuousClock.now - started).wholeMilliseconds
                         if let adapter {
                             let (size, digest) = adapter.moved
                             result.size = size
