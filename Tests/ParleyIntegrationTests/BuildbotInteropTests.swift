@@ -149,7 +149,11 @@ import Testing
         // A worker that stops answering (SIGSTOP) in the middle of a job: the keepalive times
         // out (5 s here), the connection is closed and the job handed back (the attempt does
         // not count). Woken (SIGCONT), the worker logs in again and the job runs to its end.
-        let slow = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "sh", "-c", "sleep 3; echo slow-done"])
+        // The job runs until the test releases it (a file), so it is still running when the
+        // worker is stopped, however loaded the machine (a 3 s sleep once ended first).
+        let release = dir + "/release-slow-job"
+        let slow = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "sh", "-c",
+                               "i=0; while [ ! -f \(release) ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; echo slow-done"])
         let slowJob = slow.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         let leased = try await eventually(seconds: 30) { ((try? parley(["work", "status", "--master", master.address]))?.stdout ?? "").contains("leased 1") }
         #expect(leased)
@@ -173,6 +177,7 @@ import Testing
         let told = String(decoding: FileManager.default.contents(atPath: waitingOut) ?? Data(), as: UTF8.self)
         #expect(!waiting.isRunning && waiting.terminationStatus != 0 && told.contains("worker bb1 went away before command"), "\(told)")
         #expect(try await master.waitForLog("buildbot worker connected", "worker=bb1", after: beforeStop, seconds: 60))
+        _ = FileManager.default.createFile(atPath: release, contents: nil)
         let slowDone = try await eventually(seconds: 60) { Self.results(master.address, slowJob).contains("succeeded") }
         #expect(slowDone && Self.results(master.address, slowJob).contains("slow-done"), "\(Self.results(master.address, slowJob))\n\(master.log)\n\(worker.log.suffix(4000))")
 
