@@ -43,6 +43,7 @@ import struct
 import sys
 import time
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import parley_client as pc  # noqa: E402  (the codec: same directory)
 from parley_client import (CODE, KIND, KINDS, MAGIC, TAG, TAGS, ParleyError, decode_header,  # noqa: E402
