@@ -16,6 +16,9 @@ struct Conform: AsyncParsableCommand {
             wrong phase, required unknown features). Prints one line per check: its
             requirement id, PASS, FAIL (with what was expected and seen) or SKIP (with
             the reason), then a summary line. Exits 0 only when no check failed.
+            With --keyring FILE --name ENTITY the checks of method secret and sealed
+            frames run too, and the checks that need a session run in secure mode when
+            the server allows no method-none crc session (or always, --secure-sessions).
             docs/conformance.md describes the checks.
 
             --client-test --listen ADDRESS tests a client instead: it listens, prints
@@ -57,6 +60,9 @@ struct Conform: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("The entity of --keyring to authenticate as, e.g. client.alice.", valueName: "name"))
     var name: String?
 
+    @Flag(name: .long, help: "With --keyring and --name: run the checks that need a session in secure mode (method secret) even when the server allows method none. Without it they run in crc mode, or in secure mode when the server allows nothing else.")
+    var secureSessions = false
+
     @Option(name: .long, help: ArgumentHelp("For tls:// and wss://: the certificate directory whose ca.pem the server's certificate is checked against (with --client-test: whose server.pem and server.key the test server uses).", valueName: "dir"))
     var cert: String?
 
@@ -71,13 +77,14 @@ struct Conform: AsyncParsableCommand {
             do { _ = try ParleyAddress(parsing: address) } catch { throw ValidationError(error.message) }
         }
         guard (self.keyring == nil) == (self.name == nil) else { throw ValidationError("--keyring and --name go together") }
+        guard !self.secureSessions || self.keyring != nil else { throw ValidationError("--secure-sessions needs --keyring FILE --name ENTITY") }
         guard self.timeout > 0, self.idle > 0 else { throw ValidationError("--timeout and --idle must be more than 0") }
     }
 
     func run() async throws {
         if self.clientTest { return try await self.runClientTest() }
         let address = try ParleyAddress(parsing: self.address!)
-        var target = ConformanceTarget(address: address)
+        var target = ConformanceTarget(address: address, secureSessions: self.secureSessions)
         if let cert = self.cert { target.tls = try ParleyTLS.client(directory: cert) }
         if let keyring = self.keyring, let name = self.name {
             do { target.secret = try ParleyKeyring.load(path: keyring).credentials(for: name, keyringPath: keyring) } catch { throw ValidationError(error.message) }

@@ -5,8 +5,12 @@ import SwiftProtobuf
 
 /// What the conformance client announces, and how it sends its first flight.
 struct ClientOptions {
+    /// The features a banner of this client announces unless a check says otherwise: the
+    /// implemented ones, and secure mode when the server requires it (set by the runner).
+    @TaskLocal static var announced: ParleyFeatures = .implemented
+
     var version: UInt16 = 1
-    var supported: ParleyFeatures = .implemented
+    var supported: ParleyFeatures = Self.announced
     var required: ParleyFeatures = []
     var maxFrameSize: UInt32 = .max
     var peerAddress = "conformance-client"
@@ -86,6 +90,7 @@ final class ClientSession {
     /// Runs the handshake (method none, crc mode). A server that cannot have this handshake
     /// (it requires features or a method this client lacks) makes the check SKIP.
     static func open(peer: ConformancePeer, context: CheckContext, options: ClientOptions) async throws -> ClientSession {
+        if context.secure { return try await self.openSecure(peer: peer, context: context, options: options) }
         await peer.send(options.firstFlight(), pieces: options.pieces)
         let banner = try await self.expectBanner(peer, context.timeout)
         let theirNeeds = banner.required.subtracting(options.supported)
@@ -111,6 +116,30 @@ final class ClientSession {
             throw CheckSkip(reason: "the server refuses this client: \(ident.refusal.message)")
         }
         return ClientSession(peer: peer, context: context, banner: banner, hello: hello, ident: ident, features: features)
+    }
+
+    /// The same session in secure mode (method `secret` with the target's key): the
+    /// handshake is the client state machine's, with this check's banner, frame limit and
+    /// CLIENT_IDENT; every frame after it is sealed by the peer. A check that adds frames to
+    /// the handshake or rewrites HELLO tests the method-none handshake, and skips.
+    static func openSecure(peer: ConformancePeer, context: CheckContext, options: ClientOptions) async throws -> ClientSession {
+        guard options.beforeAuth.isEmpty, options.beforeIdent.isEmpty, options.hello == nil else {
+            throw CheckSkip(reason: "it adds frames to the method-none handshake or rewrites HELLO, and the session checks run in secure mode")
+        }
+        guard let ident = try? Parley_V1_ClientIdent(parleyPayload: options.ident.segments[0]), options.ident.tag == .clientIdent else {
+            throw CheckSkip(reason: "it sends a CLIENT_IDENT that does not decode, which the secure handshake cannot carry")
+        }
+        let banner = Banner(version: options.version, supported: options.supported.union(.secureMode), required: options.required)
+        let (result, _) = try await SecureClientSession.handshake(
+            peer: peer, context: context, banner: banner, maxFrameSize: options.maxFrameSize, ident: ident, pieces: options.pieces
+        )
+        if result.serverIdent.hasRefusal {
+            throw CheckSkip(reason: "the server refuses this client: \(result.serverIdent.refusal.message)")
+        }
+        return ClientSession(
+            peer: peer, context: context, banner: result.peerBanner, hello: result.peerHello, ident: result.serverIdent,
+            features: result.features.subtracting(.secureMode)
+        )
     }
 
     static func expectBanner(_ peer: ConformancePeer, _ timeout: Duration) async throws -> Banner {
@@ -157,7 +186,7 @@ final class ClientSession {
     @discardableResult
     func request(_ type: String, _ payload: ByteBuffer, data: ByteBuffer? = nil, id: UInt64? = nil) async throws -> UInt64 {
         let id = id ?? self.newId()
-        await self.peer.send([self.message(kind: .request, id: id, type: type, payload: payload, data: data)])
+        try await self.peer.send([self.message(kind: .request, id: id, type: type, payload: payload, data: data)])
         return id
     }
 
@@ -167,8 +196,8 @@ final class ClientSession {
         return self.message(kind: .request, id: id ?? self.newId(), type: Parley_Echo_V1_Ping.protoMessageName, payload: p.parleyPayload())
     }
 
-    func send(_ frames: [Frame], pieces: Int? = nil) async {
-        await self.peer.send(frames, pieces: pieces)
+    func send(_ frames: [Frame], pieces: Int? = nil) async throws {
+        try await self.peer.send(frames, pieces: pieces)
     }
 
     // MARK: Receiving
@@ -194,7 +223,7 @@ final class ClientSession {
                 self.controls.append(f)
                 var ack = f
                 ack.tag = .keepaliveAck
-                await self.peer.send([ack])
+                try await self.peer.send([ack])
             default:
                 if f.tag.isIgnorable && !f.tag.isKnown { continue }
                 self.controls.append(f)

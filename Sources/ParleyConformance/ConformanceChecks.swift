@@ -56,7 +56,7 @@ enum ConformanceChecks {
     ) async throws {
         let s = try await ClientSession.open(context: c, options: options)
         defer { s.peer.close() }
-        await s.peer.send(build(s))
+        try await s.peer.sendFrames(build(s))
         try await s.expectClose(code, because: why)
     }
 
@@ -107,7 +107,7 @@ enum ConformanceChecks {
             ids.append(try await s.request(Parley_Echo_V1_Count.protoMessageName, count.parleyPayload()))
         }
         if s.features.contains(.keepalive) {
-            await s.send([SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: 42)])
+            try await s.send([SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: 42)])
         }
         for id in ids { _ = try await s.answer(id) }
         if s.features.contains(.keepalive) && !s.controls.contains(where: { $0.tag == .keepaliveAck }) {
@@ -124,7 +124,7 @@ enum ConformanceChecks {
 
     static let banner: [ConformanceCheck] = [
         ConformanceCheck("R-2-2", "a CLIENT_IDENT whose name is not UTF-8 is refused (malformedPayload)") { c in
-            try c.requireSession()
+            try c.requireNoneSession()
             var o = ClientOptions()
             // field 4 (name), 2 bytes: ff fe
             o.ident = Frame(tag: .clientIdent, segments: [ByteBuffer(bytes: [0x22, 0x02, 0xFF, 0xFE])])
@@ -274,7 +274,7 @@ enum ConformanceChecks {
             defer { s.peer.close() }
             var b = rawFrame(tag: 0x12, segments: [ByteBuffer(repeating: 1, count: 8)], corruptSegmentCRC: true)
             b.writeImmutableBuffer(ByteBuffer(frame: s.ping(1, id: 77)))
-            await s.peer.send(b)
+            try await s.peer.sendFrames(b)
             let drained = try await s.drainUntilClosed()
             if let answer = s.messages.first(where: { $0.header.id == 77 }) {
                 throw fail("no answer to the request after the bad frame", "\(answer.header.kind) id 77")
@@ -315,7 +315,7 @@ enum ConformanceChecks {
             defer { s.peer.close() }
             var f = s.message(kind: .request, id: 5, type: echoType, payload: Parley_Echo_V1_Echo().parleyPayload(), data: ByteBuffer(bytes: [9, 9]))
             f.segments.append(ByteBuffer(bytes: [4, 4, 4, 4]))
-            await s.send([f])
+            try await s.send([f])
             let answer = try await s.answer(5)
             guard answer.header.kind == .response, answer.data == ByteBuffer(bytes: [9, 9]) else {
                 throw fail("RESPONSE with data 09 09", "\(answer.header.kind) data \(answer.data.map { Array($0.readableBytesView).hexString } ?? "none")")
@@ -344,7 +344,7 @@ enum ConformanceChecks {
             o.beforeIdent = [Frame(tag: FrameTag(rawValue: 0xFF), segments: [ByteBuffer()])]
             let s = try await ClientSession.open(context: c, options: o)
             defer { s.peer.close() }
-            await s.send([Frame(tag: FrameTag(rawValue: 0x80), flags: 0x01, segments: [ByteBuffer(repeating: 0xEE, count: 100), ByteBuffer()])])
+            try await s.send([Frame(tag: FrameTag(rawValue: 0x80), flags: 0x01, segments: [ByteBuffer(repeating: 0xEE, count: 100), ByteBuffer()])])
             if c.hasEcho { try await expectPong(s, try await s.request(pingType, pingPayload(1))) }
         },
         ConformanceCheck("R-4.8-2", "a HELLO in the session with an undecodable payload is unexpectedFrame, not malformedPayload") { c in
@@ -364,7 +364,7 @@ enum ConformanceChecks {
             }
         },
         ConformanceCheck("R-4.8-4", "a SERVER_IDENT from the client in place of CLIENT_IDENT is refused (unexpectedFrame)") { c in
-            try c.requireSession()
+            try c.requireNoneSession()
             var o = ClientOptions()
             o.ident = Parley_V1_ServerIdent().frame(tag: .serverIdent)
             let peer = try await c.connect()
@@ -377,7 +377,7 @@ enum ConformanceChecks {
             let peer = try await c.connect()
             defer { peer.close() }
             var b = ByteBuffer()
-            b.writeBanner(Banner(supported: .implemented))
+            b.writeBanner(Banner(supported: ClientOptions.announced))
             b.writeFrame(ClientOptions().helloFrame())
             var status = Parley_V1_Status()
             status.code = ParleyError.Code.connectionClosed.rawValue
@@ -394,7 +394,7 @@ enum ConformanceChecks {
             guard s.features.contains(.keepalive) else { return }
             var k = SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: 7)
             k.flags = 0x41
-            await s.send([k])
+            try await s.send([k])
             let event = try await s.nextEvent()
             guard case .frame(let f) = event, f.tag == .keepaliveAck else { throw fail("KEEPALIVE_ACK", event.summary) }
         },
@@ -520,7 +520,7 @@ enum ConformanceChecks {
             let peer = try await c.connect()
             defer { peer.close() }
             var b = ByteBuffer()
-            b.writeBanner(Banner(supported: .implemented))
+            b.writeBanner(Banner(supported: ClientOptions.announced))
             b.writeFrame(ClientOptions().helloFrame())
             b.writeFrame(ClientOptions.authRequest(AuthMethod.tls))
             await peer.send(b)
@@ -637,7 +637,7 @@ enum ConformanceChecks {
             o.supported.insert(.reconnect)
             let s = try await ClientSession.open(context: c, options: o)
             defer { s.peer.close() }
-            await s.send([s.message(kind: .oneWay, id: 0, type: unknownType)])
+            try await s.send([s.message(kind: .oneWay, id: 0, type: unknownType)])
             while true {
                 let event = try await s.nextEvent()
                 switch event {
@@ -665,6 +665,7 @@ enum ConformanceChecks {
     /// A whole handshake with SESSION_RECONNECT in place of CLIENT_IDENT; returns the
     /// connection and what the server answered it with.
     static func reconnect(_ c: CheckContext, _ r: Parley_V1_SessionReconnect, lossless: Bool = true) async throws -> (ConformancePeer, PeerEvent) {
+        try c.requireNoneSession()
         var o = lossless ? losslessOptions : ClientOptions()
         o.ident = r.frame(tag: .sessionReconnect)
         let peer = try await c.connect()
@@ -695,7 +696,7 @@ enum ConformanceChecks {
         try c.requireEcho()
         try c.require(.reconnect, "lossless sessions (bit 9)")
         let s = try await ClientSession.open(context: c, options: losslessOptions)
-        await s.send([s.ping(7, id: 1)])
+        try await s.send([s.ping(7, id: 1)])
         try await expectPong(s, 1)
         s.peer.close()
         try await Task.sleep(for: .milliseconds(50))
@@ -723,7 +724,7 @@ enum ConformanceChecks {
             try c.require(.reconnect, "lossless sessions (bit 9)")
             let s = try await ClientSession.open(context: c, options: losslessOptions)
             defer { s.peer.close() }
-            await s.send([s.ping(1, id: 1), s.ping(2, id: 2).withSeq(1), s.ping(3, id: 3).withSeq(2)])
+            try await s.send([s.ping(1, id: 1), s.ping(2, id: 2).withSeq(1), s.ping(3, id: 3).withSeq(2)])
             try await expectPong(s, 1)
             try await expectPong(s, 3)
             _ = try await s.drainUntilClosed(.milliseconds(300))
@@ -750,7 +751,7 @@ enum ConformanceChecks {
             guard case .frame(let f) = event, f.tag == .sessionReset else { throw fail("SESSION_RESET", event.summary) }
         },
         ConformanceCheck("R-5.2-12", "after SESSION_RESET, CLIENT_IDENT starts a new session; a second SESSION_RECONNECT is refused") { c in
-            try c.requireSession()
+            try c.requireNoneSession()
             try c.require(.reconnect, "lossless sessions (bit 9)")
             let (peer, event) = try await reconnect(c, reconnectRequest(nil))
             defer { peer.close() }
@@ -836,7 +837,7 @@ enum ConformanceChecks {
             let peer = try await c.connect()
             defer { peer.close() }
             var b = ByteBuffer()
-            b.writeBanner(Banner(supported: .implemented))
+            b.writeBanner(Banner(supported: ClientOptions.announced))
             b.writeFrame(ClientOptions().helloFrame())
             b.writeFrame(ClientOptions.authRequest("conform-no-such-method"))
             await peer.send(b)
@@ -857,6 +858,7 @@ enum ConformanceChecks {
     ]
 
     static func pipelined(_ c: CheckContext, pieces: Int?) async throws {
+        try c.requireNoneSession()
         try c.requireEcho()
         let o = ClientOptions()
         var b = wholeHandshake(o)
@@ -976,7 +978,7 @@ enum ConformanceChecks {
             try c.requireEcho()
             let s = try await ClientSession.open(context: c)
             defer { s.peer.close() }
-            await s.send((1...5).map { n in s.ping(UInt64(n), id: UInt64(n)) })
+            try await s.send((1...5).map { n in s.ping(UInt64(n), id: UInt64(n)) })
             for id in UInt64(1)...5 {
                 let m = try await s.answer(id)
                 guard m.header.ack >= id, m.header.ack <= 5 else {
@@ -990,7 +992,7 @@ enum ConformanceChecks {
             try c.requireEcho()
             let s = try await ClientSession.open(context: c)
             defer { s.peer.close() }
-            await s.send((1...20).map { n in s.ping(UInt64(n), id: UInt64(n)) })
+            try await s.send((1...20).map { n in s.ping(UInt64(n), id: UInt64(n)) })
             for id in UInt64(1)...20 { _ = try await s.answer(id) }
             guard s.seqFaults.isEmpty, s.messages.first?.header.seq == 1 else {
                 throw fail("seq 1 to \(s.messages.count)", s.seqFaults.joined(separator: ", "))
@@ -1002,7 +1004,7 @@ enum ConformanceChecks {
             defer { s.peer.close() }
             var sleep = Parley_Echo_V1_Sleep()
             sleep.delayMs = 2000
-            await s.send([s.message(kind: .request, id: 9, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload()), s.ping(1, id: 9)])
+            try await s.send([s.message(kind: .request, id: 9, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload()), s.ping(1, id: 9)])
             let drained = try await s.drainUntilClosed()
             if let m = s.messages.first(where: { $0.header.id == 9 }) { throw fail("CLOSE protocolViolation and no answer with id 9", "\(m.header.kind) id 9 \(m.header.type)") }
             try expectCloseFrame(.protocolViolation, because: "id 9 already in use", in: drained)
@@ -1019,7 +1021,7 @@ enum ConformanceChecks {
             defer { s.peer.close() }
             var b = ByteBuffer()
             for n in UInt64(1)...200 { b.writeFrame(s.ping(n, id: 1000 + n)) }
-            await s.peer.send(b)
+            try await s.peer.sendFrames(b)
             for n in UInt64(1)...200 {
                 let m = try await s.answer(1000 + n)
                 let pong = try Parley_Echo_V1_Pong(parleyPayload: m.payload)
@@ -1042,7 +1044,7 @@ enum ConformanceChecks {
             defer { s.peer.close() }
             var sleep = Parley_Echo_V1_Sleep()
             sleep.delayMs = 300
-            await s.send([s.message(kind: .request, id: 1, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload()), s.ping(1, id: 2)])
+            try await s.send([s.message(kind: .request, id: 1, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload()), s.ping(1, id: 2)])
             _ = try await s.answer(2)
             if s.messages.contains(where: { $0.header.id == 1 }) { throw fail("the Pong before the Slept (answers out of order)", "the Slept first") }
             let slept = try await s.answer(1)
@@ -1081,9 +1083,9 @@ enum ConformanceChecks {
             let start = ContinuousClock.now
             var sleep = Parley_Echo_V1_Sleep()
             sleep.delayMs = 3000
-            await s.send([s.message(kind: .request, id: 1, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload())])
+            try await s.send([s.message(kind: .request, id: 1, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload())])
             try await Task.sleep(for: .milliseconds(100))
-            await s.send([s.message(kind: .cancel, id: 1, type: ""), s.ping(2, id: 2)])
+            try await s.send([s.message(kind: .cancel, id: 1, type: ""), s.ping(2, id: 2)])
             try await expectPong(s, 2)
             // Wait past the end of the sleep: a server that ignored the CANCEL answers then.
             wait: while ContinuousClock.now - start < .milliseconds(3500), !s.messages.contains(where: { $0.header.id == 1 }) {
@@ -1097,7 +1099,7 @@ enum ConformanceChecks {
             try c.require(.streams, "streams (CANCEL needs it)")
             let s = try await ClientSession.open(context: c)
             defer { s.peer.close() }
-            await s.send([s.message(kind: .cancel, id: 424_242, type: "")])
+            try await s.send([s.message(kind: .cancel, id: 424_242, type: "")])
             let answer = try await s.answer(try await s.request(unknownType, ByteBuffer()))
             guard answer.header.kind == .error else { throw fail("the session going on (ERROR unknownMessageType)", describe(answer)) }
             if let other = s.messages.first(where: { $0.header.id == 424_242 }) { throw fail("nothing for the cancelled id", describe(other)) }
@@ -1105,7 +1107,7 @@ enum ConformanceChecks {
         ConformanceCheck("R-7.8-1", "a ONE_WAY of an unknown type gets no answer") { c in
             let s = try await ClientSession.open(context: c)
             defer { s.peer.close() }
-            await s.send([s.message(kind: .oneWay, id: 0, type: unknownType)])
+            try await s.send([s.message(kind: .oneWay, id: 0, type: unknownType)])
             let id = try await s.request(unknownType, ByteBuffer())
             _ = try await s.answer(id)
             _ = try await s.drainUntilClosed(.milliseconds(300))
@@ -1119,7 +1121,7 @@ enum ConformanceChecks {
             status.message = "conformance"
             var b = ByteBuffer(frame: status.frame(tag: .close))
             if c.hasEcho { b.writeFrame(s.ping(1, id: 1)) }
-            await s.peer.send(b)
+            try await s.peer.sendFrames(b)
             let drained = try await s.drainUntilClosed()
             if let f = drained.frames.first { throw fail("the connection closed, nothing sent back (section 7.13)", describe(f)) }
             guard drained.closed else { throw fail("the connection closed", "the connection still open") }
@@ -1148,7 +1150,7 @@ enum ConformanceChecks {
             let s = try await ClientSession.open(context: c)
             defer { s.peer.close() }
             let timestamp: UInt64 = 1_700_000_000_123_456_789
-            await s.send([SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: timestamp)])
+            try await s.send([SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: timestamp)])
             let event = try await s.nextEvent()
             let expected = ByteBuffer(frame: SessionStateMachine.keepaliveFrame(tag: .keepaliveAck, timestamp: timestamp))
             guard case .frame(let f) = event, ByteBuffer(frame: f) == expected else {
@@ -1177,7 +1179,7 @@ enum ConformanceChecks {
             status.code = ParleyError.Code.connectionClosed.rawValue
             var b = ByteBuffer(frame: status.frame(tag: .close))
             b.writeFrame(s.message(kind: .request, id: 1, type: unknownType))
-            await s.peer.send(b)
+            try await s.peer.sendFrames(b)
             let drained = try await s.drainUntilClosed()
             if let f = drained.frames.first { throw fail("the connection closed, nothing sent back", describe(f)) }
             guard drained.closed else { throw fail("the connection closed", "the connection still open") }
@@ -1191,7 +1193,7 @@ enum ConformanceChecks {
             let payload = echo.parleyPayload()
             var b = ByteBuffer()
             for n in UInt64(1)...256 { b.writeFrame(s.message(kind: .request, id: n, type: echoType, payload: payload)) }
-            await s.peer.send(b)
+            try await s.peer.sendFrames(b)
             for n in UInt64(1)...256 {
                 let m = try await s.answer(n, timeout: c.timeout * 2)
                 guard m.header.kind == .response, m.payload.readableBytes == payload.readableBytes else { throw fail("RESPONSE EchoReply to \(n)", describe(m)) }
@@ -1207,7 +1209,7 @@ enum ConformanceChecks {
             defer { s.peer.close() }
             let answer = try await s.answer(try await s.request(unknownType, ByteBuffer()))
             guard let code = errorCode(answer), code != .unspecified else { throw fail("ERROR with a code other than 0", describe(answer)) }
-            await s.peer.send(ByteBuffer(frame: Frame(tag: FrameTag(rawValue: 0x31), segments: [ByteBuffer()])))
+            try await s.peer.sendFrames(ByteBuffer(frame: Frame(tag: FrameTag(rawValue: 0x31), segments: [ByteBuffer()])))
             let drained = try await s.drainUntilClosed()
             if let close = drained.frames.last(where: { $0.tag == .close }), let status = try? Parley_V1_Status(parleyPayload: close.segments[0]), status.code == 0 {
                 throw fail("CLOSE with a code other than 0", describe(close))

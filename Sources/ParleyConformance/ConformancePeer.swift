@@ -153,6 +153,8 @@ final class ConformancePeer {
     private var pending = ByteBuffer()
     private var failed = false
     private var ended = false
+    /// Secure mode: the direction that seals what this client sends.
+    private var sealer: SecureDirection?
     /// Every banner and frame received, in order.
     private(set) var received: [PeerEvent] = []
 
@@ -197,9 +199,66 @@ final class ConformancePeer {
         try? await last.get()
     }
 
-    func send(_ frames: [Frame], pieces: Int? = nil) async {
+    func send(_ frames: [Frame], pieces: Int? = nil) async throws {
         var b = ByteBuffer()
-        for f in frames { b.writeFrame(f) }
+        for f in frames {
+            if let sealer = self.sealer {
+                var parts: [ByteBuffer] = []
+                try f.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
+                for part in parts { b.writeImmutableBuffer(part) }
+            } else {
+                b.writeFrame(f)
+            }
+        }
+        await self.send(b, pieces: pieces)
+    }
+
+    /// Sends the frames `bytes` holds, written in crc mode by a check: as they are in crc
+    /// mode; in secure mode (`startSealing`) each is decoded and sent sealed, so that a check
+    /// of what frames carry runs in both modes. Bytes that are not whole, well-formed frames
+    /// test crc framing itself, which secure mode replaces (section 5.1): the check skips.
+    func sendFrames(_ bytes: ByteBuffer, pieces: Int? = nil) async throws {
+        guard self.sealer != nil else { return await self.send(bytes, pieces: pieces) }
+        var decoder = WireDecoder(maxFrameSize: Int(UInt32.max), expectBanner: false)
+        var rest = bytes
+        var frames: [Frame] = []
+        // A preamble at the end without its body (a frame the server must refuse from its
+        // preamble alone) is sealed on its own.
+        var lonePreamble: ByteBuffer?
+        var start = rest.readerIndex
+        do {
+            while rest.readableBytes > 0 {
+                start = rest.readerIndex
+                if rest.readableBytes == Frame.preambleSize {
+                    // Checked as a preamble (CRC, reserved bytes, counts) by a decoder of its own.
+                    var alone = WireDecoder(maxFrameSize: Int(UInt32.max), expectBanner: false)
+                    var copy = rest
+                    _ = try alone.decode(buffer: &copy)
+                    lonePreamble = rest.readSlice(length: Frame.preambleSize)
+                    break
+                }
+                guard let element = try decoder.decode(buffer: &rest), case .frame(let frame) = element else { break }
+                frames.append(frame)
+            }
+        } catch where error.code == .protocolViolation && bytes.writerIndex - start >= Frame.preambleSize {
+            // A preamble breaking a rule of section 4.4 (segment count, reserved byte, unused
+            // descriptors) breaks it sealed as well: it goes sealed on its own, and the
+            // server must refuse it once opened, before any body.
+            lonePreamble = bytes.getSlice(at: start, length: Frame.preambleSize)
+        } catch {
+            throw CheckSkip(reason: "it tests crc-mode framing (\(error.message)), which secure mode replaces with sealed frames (section 5.1)")
+        }
+        guard rest.readableBytes == 0 || lonePreamble != nil else {
+            throw CheckSkip(reason: "it tests crc-mode framing (a partial frame), which secure mode replaces with sealed frames (section 5.1)")
+        }
+        guard let lonePreamble, let sealer = self.sealer else { return try await self.send(frames, pieces: pieces) }
+        var b = ByteBuffer()
+        for f in frames {
+            var parts: [ByteBuffer] = []
+            try f.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
+            for part in parts { b.writeImmutableBuffer(part) }
+        }
+        b.writeImmutableBuffer(try sealer.sealPreamble(lonePreamble))
         await self.send(b, pieces: pieces)
     }
 
@@ -262,6 +321,14 @@ final class ConformancePeer {
     func startOpening(_ direction: SecureDirection) {
         self.decoder.startOpening(direction)
     }
+
+    /// From now on, frames sent with `send(_:)` and `sendFrames(_:)` are sealed.
+    func startSealing(_ direction: SecureDirection) {
+        self.sealer = direction
+    }
+
+    /// Whether this connection is in secure mode (frames sent sealed).
+    var isSealing: Bool { self.sealer != nil }
 
     func close() {
         self.channel.close(promise: nil)

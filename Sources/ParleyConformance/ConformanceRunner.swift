@@ -11,11 +11,16 @@ public struct ConformanceTarget: Sendable {
     /// An entity and its key in the server's keyring: the checks of secure sessions (method
     /// `secret`, sealed frames) run only with one.
     public var secret: SecretCredentials?
+    /// Run the checks that need a session in secure mode (method `secret` with `secret`),
+    /// even when the server would allow method `none` in crc mode. Without it they run in crc
+    /// mode, or in secure mode when the server allows no other and a key is given.
+    public var secureSessions: Bool
 
-    public init(address: ParleyAddress, tls: ParleyTLS? = nil, secret: SecretCredentials? = nil) {
+    public init(address: ParleyAddress, tls: ParleyTLS? = nil, secret: SecretCredentials? = nil, secureSessions: Bool = false) {
         self.address = address
         self.tls = tls
         self.secret = secret
+        self.secureSessions = secureSessions
     }
 }
 
@@ -129,6 +134,8 @@ struct CheckContext: Sendable {
     var hasEcho: Bool
     /// Why this client cannot have a session with the server, if it cannot.
     var sessionSkip: String?
+    /// Sessions are in secure mode (method `secret`): `ClientSession.open` seals.
+    var secure = false
 
     func connect(maxFrameSize: Int = Int(UInt32.max)) async throws -> ConformancePeer {
         do {
@@ -145,13 +152,25 @@ struct CheckContext: Sendable {
         guard missing.isEmpty else { throw CheckSkip(reason: "the server requires features \(missing) that parley conform does not speak") }
     }
 
-    /// The client can have a session with the server (method none, crc mode).
+    /// The client can have a session with the server (method none in crc mode, or method
+    /// secret in secure mode).
     func requireSession() throws {
         try self.requireHandshake()
         if let reason = self.sessionSkip { throw CheckSkip(reason: reason) }
     }
 
+    /// The check writes the method-none handshake by hand and goes on into the session: it
+    /// needs a session in crc mode with method none.
+    func requireNoneSession() throws {
+        try self.requireSession()
+        if self.secure {
+            throw CheckSkip(reason: "it writes the method-none handshake by hand, and this server's sessions are checked in secure mode")
+        }
+    }
+
     func requireEcho() throws {
+        // Without a session the runner could not learn whether the echo service is there.
+        if let reason = self.sessionSkip { throw CheckSkip(reason: reason) }
         guard self.hasEcho else { throw CheckSkip(reason: "the server does not serve parley.echo.v1 (section 12), which this check uses") }
     }
 
@@ -219,8 +238,11 @@ public struct ConformanceRunner: Sendable {
     static func run(_ check: ConformanceCheck, _ context: CheckContext) async -> CheckResult {
         let start = ContinuousClock.now
         var result = CheckResult(id: check.id, name: check.name, status: .pass, milliseconds: 0)
+        // A server that requires secure mode (bit 8) gets it announced in every banner the
+        // check writes, so that the checks of what precedes and surrounds the session run.
+        let announced = context.serverBanner.required.contains(.secureMode) ? ParleyFeatures.implemented.union(.secureMode) : .implemented
         do {
-            try await check.body(context)
+            try await ClientOptions.$announced.withValue(announced) { try await check.body(context) }
         } catch let failure as CheckFailure {
             result.status = .fail
             result.expected = failure.expected
@@ -238,28 +260,47 @@ public struct ConformanceRunner: Sendable {
         return result
     }
 
-    /// Learns the server's banner and limit, and whether it serves the echo service.
+    /// Learns the server's banner and limit, and whether it serves the echo service; chooses
+    /// the mode of the sessions the checks open.
     func probe() async throws -> CheckContext {
-        let peer: ConformancePeer
-        do {
-            peer = try await ConformancePeer.connect(self.target)
-        } catch {
-            throw fail("a connection to \(self.target.address)", "\(error)")
-        }
-        defer { peer.close() }
         var context = CheckContext(
             target: self.target, timeout: self.timeout, serverBanner: Banner(supported: []), serverLimit: Frame.defaultMaxFrameSize, hasEcho: false
         )
-        let session: ClientSession
-        do {
-            session = try await ClientSession.open(peer: peer, context: context, options: ClientOptions())
-        } catch let skip as CheckSkip {
-            // A server this client cannot have a session with (secure mode only, no method
-            // none): the checks that need a session skip, saying why; the others run.
-            for case .banner(let banner) in peer.received { context.serverBanner = banner }
-            context.sessionSkip = skip.reason
-            return context
+        var session: ClientSession?
+        if !self.target.secureSessions {
+            let peer = try await self.connect()
+            do {
+                session = try await ClientSession.open(peer: peer, context: context, options: ClientOptions())
+            } catch let skip as CheckSkip {
+                // A server this client cannot have a session with in crc mode (secure mode
+                // only, no method none): the checks that need a session run in secure mode if
+                // a key was given, else skip saying why; the others run.
+                for case .banner(let banner) in peer.received { context.serverBanner = banner }
+                context.sessionSkip = skip.reason
+                peer.close()
+            }
+        } else {
+            // Learnt from the secure handshake below.
+            context.serverBanner = Banner(supported: .secureMode)
         }
+        if session == nil, self.target.secret != nil {
+            var secure = context
+            secure.secure = true
+            secure.sessionSkip = nil
+            let peer = try await self.connect()
+            do {
+                session = try await ClientSession.open(peer: peer, context: secure, options: ClientOptions())
+                context = secure
+            } catch let skip as CheckSkip {
+                peer.close()
+                context.sessionSkip = [context.sessionSkip, "secure mode: " + skip.reason].compactMap { $0 }.joined(separator: "; ")
+            }
+        }
+        if session == nil, self.target.secret == nil, context.serverBanner.supported.contains(.secureMode) {
+            context.sessionSkip = (context.sessionSkip ?? "") + "; with a key of its keyring (--keyring FILE --name ENTITY) these checks run in secure mode"
+        }
+        guard let session else { return context }
+        defer { session.peer.close() }
         context.serverBanner = session.serverBanner
         context.serverLimit = Frame.peerLimit(announced: session.serverHello.maxFrameSize)
         var ping = Parley_Echo_V1_Ping()
@@ -269,5 +310,13 @@ public struct ConformanceRunner: Sendable {
             context.hasEcho = true
         }
         return context
+    }
+
+    private func connect() async throws -> ConformancePeer {
+        do {
+            return try await ConformancePeer.connect(self.target)
+        } catch {
+            throw fail("a connection to \(self.target.address)", "\(error)")
+        }
     }
 }

@@ -23,24 +23,46 @@ final class SecureClientSession {
     /// the server refuses the method or the key (a matter of its policy and keyring); any
     /// other failure is the server's.
     static func open(_ c: CheckContext) async throws -> SecureClientSession {
-        guard let secret = c.target.secret else {
-            throw CheckSkip(reason: "no key of the server's keyring was given (--keyring FILE --name ENTITY)")
-        }
-        let supported = ParleyFeatures.implemented.union(.secureMode)
-        let missing = c.serverBanner.required.subtracting(supported)
-        guard missing.isEmpty else { throw CheckSkip(reason: "the server requires features \(missing) that parley conform does not speak") }
-        guard c.serverBanner.supported.contains(.secureMode) else { throw CheckSkip(reason: "the server does not offer secure mode (bit 8)") }
+        let peer = try await c.connect()
+        let (result, sealer) = try await self.handshake(
+            peer: peer, context: c, banner: Banner(supported: ParleyFeatures.implemented.union(.secureMode)), maxFrameSize: .max,
+            ident: self.ident, pieces: nil
+        )
+        return SecureClientSession(peer: peer, context: c, result: result, sealer: sealer)
+    }
+
+    static var ident: Parley_V1_ClientIdent {
         var ident = Parley_V1_ClientIdent()
         ident.platform = "any"
         ident.implementation = "parley-conform"
         ident.version = "1.0.0"
         ident.name = "parley conform"
         ident.clientNonce = 1
+        return ident
+    }
+
+    /// The secure handshake on `peer`, driven by the client state machine; afterwards the
+    /// peer opens what the server sends and seals what `send` sends.
+    static func handshake(
+        peer: ConformancePeer, context c: CheckContext, banner: Banner, maxFrameSize: UInt32, ident: Parley_V1_ClientIdent, pieces: Int?
+    ) async throws -> (HandshakeResult, SecureDirection?) {
+        guard let secret = c.target.secret else {
+            peer.close()
+            throw CheckSkip(reason: "no key of the server's keyring was given (--keyring FILE --name ENTITY)")
+        }
+        let missing = c.serverBanner.required.subtracting(banner.supported)
+        guard missing.isEmpty else {
+            peer.close()
+            throw CheckSkip(reason: "the server requires features \(missing) that parley conform does not speak")
+        }
+        guard c.serverBanner.supported.contains(.secureMode) else {
+            peer.close()
+            throw CheckSkip(reason: "the server does not offer secure mode (bit 8)")
+        }
         var machine = ClientHandshakeStateMachine(configuration: .init(
-            banner: Banner(supported: supported), maxFrameSize: .max, authMethods: [AuthMethod.secret], ident: ident,
+            banner: banner, maxFrameSize: maxFrameSize, authMethods: [AuthMethod.secret], ident: ident,
             serverAddress: c.target.address.description, secret: secret, modes: [.secure], randomness: .generate()
         ))
-        let peer = try await c.connect()
         var sealer: SecureDirection?
         var step = machine.start()
         while true {
@@ -61,11 +83,12 @@ final class SecureClientSession {
                     sealer = try SecureDirection(keys: keys.keys, sealing: true)
                 }
             }
-            if out.readableBytes > 0 { await peer.send(out) }
+            if out.readableBytes > 0 { await peer.send(out, pieces: pieces) }
             if let opening = step.startOpening { peer.startOpening(try SecureDirection(keys: opening.keys, sealing: false)) }
             switch step.outcome {
             case .established(let result):
-                return SecureClientSession(peer: peer, context: c, result: result, sealer: sealer)
+                if let sealer { peer.startSealing(sealer) }
+                return (result, sealer)
             case .failed(let error) where error.code == .authenticationFailed:
                 peer.close()
                 throw CheckSkip(reason: "the server does not accept method secret with this key: \(error.message)")

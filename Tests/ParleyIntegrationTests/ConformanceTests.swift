@@ -85,6 +85,45 @@ struct ConformanceTests {
         await serve.stop()
     }
 
+    /// A server that allows only method secret in secure mode: with a key, the checks that
+    /// need a session run in secure mode, their frames sealed, rather than skipping. The only
+    /// checks that skip are those of crc-mode framing (CRCs, which sealing replaces) and those
+    /// writing the method-none handshake by hand; every session check of section 7 passes.
+    /// `--secure-sessions` does the same against a server that also allows crc mode.
+    @Test func conformRunsTheSessionChecksInSecureMode() async throws {
+        let keyring = freshTestDirectory("conform-secure") + "/server.keyring"
+        try writeKeyring(keyring, [("client.alice", ["*"])])
+        let secureOnly = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--auth", "secret", "--keyring", keyring, "--mode", "secure"])
+        let both = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--auth", "none,secret", "--keyring", keyring, "--mode", "crc,secure"])
+        let sessionChecks = ConformanceRunner.checks.filter { $0.id.hasPrefix("R-7.") }
+        #expect(sessionChecks.count >= 10)
+        for (address, extra) in [(secureOnly.address, [String]()), (both.address, ["--secure-sessions"])] {
+            let out = try await parleyRun(["conform", address, "--keyring", keyring, "--name", "client.alice", "--json"] + extra, seconds: 180)
+            #expect(out.status == 0, "\(address) \(extra): \(out.combined)")
+            let report = try JSONDecoder().decode(ConformanceReport.self, from: Data(out.stdout.utf8))
+            #expect(report.failed == 0, "\(report.results.filter { $0.status == .fail }.map(\.line))")
+            for result in report.results where result.status == .skip {
+                let reason = result.reason ?? ""
+                #expect(
+                    reason.contains("crc-mode framing") || reason.contains("method-none handshake"),
+                    "\(address) \(extra): \(result.line)"
+                )
+            }
+            for check in sessionChecks {
+                #expect(report.results.contains { $0.id == check.id && $0.name == check.name && $0.status == .pass }, "\(address) \(extra): \(check.id) \(check.name) did not pass")
+            }
+            // The preamble rules of section 4.4 hold for sealed preambles too.
+            #expect(report.results.filter { $0.id == "R-4.4-2" }.allSatisfy { $0.status == .pass })
+        }
+        // Without a key there is no secure session: the session checks skip, saying why.
+        let keyless = try await parleyRun(["conform", secureOnly.address, "--only", "R-7.4-1"], seconds: 60)
+        #expect(keyless.status == 0 && keyless.stdout.contains("SKIP") && keyless.stdout.contains("with a key of its keyring"), "\(keyless.combined)")
+        let noKey = try await parleyRun(["conform", both.address, "--secure-sessions"], seconds: 30)
+        #expect(noKey.status != 0 && noKey.stderr.contains("--secure-sessions needs --keyring"), "\(noKey.combined)")
+        await secureOnly.stop()
+        await both.stop()
+    }
+
     /// The checks run over TLS and WebSocket too (the transport's byte stream), and the client
     /// test listens on TLS, serving method tls to a client with a certificate.
     @Test func conformOverTLSAndWebSocket() async throws {

@@ -197,6 +197,30 @@ extension Frame {
     }
 }
 
+extension SecureDirection {
+    /// `preamble` (32 bytes) sealed on its own: the 48 bytes a sender writes before a frame's
+    /// segments. For checks that send a sealed preamble without its body, as a receiver must
+    /// act on it before the body comes (a frame over the size limit).
+    public func sealPreamble(_ preamble: ByteBuffer) throws(ParleyError) -> ByteBuffer {
+        guard preamble.readableBytes == Frame.preambleSize else {
+            throw ParleyError(code: .invalidArgument, message: "a preamble is \(Frame.preambleSize) bytes, not \(preamble.readableBytes)")
+        }
+        var out = ByteBuffer()
+        out.writeImmutableBuffer(preamble)
+        out.writeRepeatingByte(0, count: SecureCipher.tagSize)
+        var failure: ParleyError?
+        out.withUnsafeMutableReadableBytes { raw in
+            do throws(ParleyError) {
+                try self.seal(raw.baseAddress!, length: Frame.preambleSize)
+            } catch {
+                failure = error
+            }
+        }
+        if let failure { throw failure }
+        return out
+    }
+}
+
 extension ByteBuffer {
     /// Seals the 32-byte preamble just written at the end of this (fresh, uniquely owned)
     /// buffer in place, then encrypts `segments` after its tag and appends the segments' tag.
