@@ -39,6 +39,7 @@ import random
 import re
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -221,11 +222,15 @@ class Server:
             addr = parse_listen(text)
             if addr[0] == "unix":
                 path = addr[1]
-                try:
-                    if os.path.exists(path) and not os.path.isdir(path):
-                        os.unlink(path)  # a stale socket of an earlier run
-                except OSError:
-                    pass
+                if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+                    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    try:
+                        probe.connect(path)
+                        raise OSError("a server already listens on unix:%s" % path)
+                    except (ConnectionRefusedError, FileNotFoundError):
+                        os.unlink(path)  # a stale socket of an earlier run (never another file)
+                    finally:
+                        probe.close()
                 srv = await asyncio.start_unix_server(self.accept, path=path, limit=1 << 20)
                 self.unix_paths.append(path)
                 shown = ["unix:" + path]
@@ -757,19 +762,20 @@ class Connection:
 
     # --- keepalive (section 7.12: the sender's policy) ----------------------------------------
     async def keepalive_loop(self):
+        interval, limit = self.server.args.keepalive_interval, self.server.args.keepalive_timeout
         try:
             while not self.closing:
-                await asyncio.sleep(KEEPALIVE_INTERVAL / 4)
+                await asyncio.sleep(interval / 4)
                 if not self.established or not self.features & F_KEEPALIVE or self.closing:
                     continue
-                silence = time.monotonic() - self.last_rx
                 if self.queue or self.running >= HANDLER_LIMIT:
                     continue  # not reading: the silence does not count
-                if silence >= KEEPALIVE_TIMEOUT:
+                silence = time.monotonic() - self.last_rx
+                if silence >= limit:
                     self.close_from_outside(Fatal("timeout", "nothing received from the peer for %.2f s (keepalive "
-                                                  "timeout %.2f s)" % (silence, KEEPALIVE_TIMEOUT)))
+                                                  "timeout %.2f s)" % (silence, limit)))
                     return
-                if silence >= KEEPALIVE_INTERVAL and time.monotonic() - self.last_keepalive >= KEEPALIVE_INTERVAL:
+                if silence >= interval and time.monotonic() - self.last_keepalive >= interval:
                     self.last_keepalive = time.monotonic()
                     self.send_frame(TAG["KEEPALIVE"], [struct.pack("<Q", time.monotonic_ns() & U64)])
         except asyncio.CancelledError:
@@ -860,6 +866,10 @@ def main():
     ap.add_argument("--redirect", action="append", default=[], help="a nucleus redirect address")
     ap.add_argument("--notice", action="append", default=[], help="a message sent in a NOTICE after SERVER_IDENT")
     ap.add_argument("--min-client-version", default="", help="refuse clients below this version (section 8.4)")
+    ap.add_argument("--keepalive-interval", type=float, default=KEEPALIVE_INTERVAL,
+                    help="seconds of silence before a KEEPALIVE (section 7.12)")
+    ap.add_argument("--keepalive-timeout", type=float, default=KEEPALIVE_TIMEOUT,
+                    help="seconds of silence before CLOSE timeout")
     ap.add_argument("--drain-timeout", type=float, default=10.0, help="seconds a drain waits for running requests")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args()
