@@ -24,9 +24,11 @@ struct Conform: AsyncParsableCommand {
             --client-test --listen ADDRESS tests a client instead: it listens, prints
             "listening on ADDRESS", and plays one scenario per connection (a demanding
             server, a request delay, no optional features, a 64 KiB frame limit, a
-            refusal, a wrong AUTH_DONE, a redirect); run the client once per scenario
-            (seven times) with an echo workload (Ping, Echo, Count). It reports the
-            client's checks the same way.
+            refusal, a wrong AUTH_DONE, method secret in secure mode, method secret with
+            a wrong server proof, a redirect); run the client once per scenario (nine
+            times) with an echo workload (Ping, Echo, Count), with a key of the keyring
+            given by --keyring FILE for the two scenarios of method secret (without
+            --keyring they skip). It reports the client's checks the same way.
             """
     )
 
@@ -54,7 +56,7 @@ struct Conform: AsyncParsableCommand {
     @Option(name: .long, help: "Seconds a check waits for each answer it expects.")
     var timeout: Double = 5
 
-    @Option(name: .long, help: ArgumentHelp("A keyring holding a key of the server's keyring (with --name): the checks of secure sessions run with it.", valueName: "file"))
+    @Option(name: .long, help: ArgumentHelp("A keyring holding a key of the server's keyring (with --name): the checks of secure sessions run with it. With --client-test: the keyring of the test server, whose keys the client under test uses in the scenarios of method secret.", valueName: "file"))
     var keyring: String?
 
     @Option(name: .long, help: ArgumentHelp("The entity of --keyring to authenticate as, e.g. client.alice.", valueName: "name"))
@@ -76,7 +78,11 @@ struct Conform: AsyncParsableCommand {
             guard let address = self.address, self.listen == nil else { throw ValidationError("give the server's ADDRESS (or --client-test --listen ADDRESS)") }
             do { _ = try ParleyAddress(parsing: address) } catch { throw ValidationError(error.message) }
         }
-        guard (self.keyring == nil) == (self.name == nil) else { throw ValidationError("--keyring and --name go together") }
+        if self.clientTest {
+            guard self.name == nil, !self.secureSessions else { throw ValidationError("--client-test takes --keyring FILE alone (the keys its clients may use)") }
+        } else {
+            guard (self.keyring == nil) == (self.name == nil) else { throw ValidationError("--keyring and --name go together") }
+        }
         guard !self.secureSessions || self.keyring != nil else { throw ValidationError("--secure-sessions needs --keyring FILE --name ENTITY") }
         guard self.timeout > 0, self.idle > 0 else { throw ValidationError("--timeout and --idle must be more than 0") }
     }
@@ -110,9 +116,13 @@ struct Conform: AsyncParsableCommand {
             return
         }
         let tls = try self.cert.map { try ParleyTLS.server(directory: $0) }
+        var secrets: SecretDirectory?
+        if let keyring = self.keyring {
+            do { secrets = try ParleyKeyring.load(path: keyring).directory } catch { throw ValidationError(error.message) }
+        }
         let tester = ClientConformanceTester(
             listen: try ParleyAddress(parsing: self.listen!), tls: tls, timeout: .milliseconds(Int64(self.timeout * 1000)),
-            idle: .milliseconds(Int64(self.idle * 1000)), only: self.only
+            idle: .milliseconds(Int64(self.idle * 1000)), only: self.only, secrets: secrets
         )
         let address: ParleyAddress
         do { address = try await tester.start() } catch let error as ParleyError { throw ValidationError(error.message) }

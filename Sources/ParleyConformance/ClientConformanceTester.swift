@@ -5,6 +5,7 @@ import NIOPosix
 import ParleyNIO
 import ParleyServices
 import ParleyWire
+import SwiftProtobuf
 
 /// `parley conform --client-test`: a test server for a client under test. Each connection
 /// the client makes plays the next scenario, a legal but demanding server (unknown feature
@@ -16,7 +17,7 @@ import ParleyWire
 public final class ClientConformanceTester: Sendable {
     /// One connection's server behaviour, and the requirements it checks.
     enum Scenario: Int, CaseIterable, Sendable {
-        case demanding, requestDelay, noFeatures, smallLimit, refusal, wrongAuthDone, redirect
+        case demanding, requestDelay, noFeatures, smallLimit, refusal, wrongAuthDone, secret, wrongServerProof, redirect
 
         var title: String {
             switch self {
@@ -26,6 +27,8 @@ public final class ClientConformanceTester: Sendable {
             case .smallLimit: return "a frame-size limit of 64 KiB"
             case .refusal: return "a refusal (clientOutOfDate)"
             case .wrongAuthDone: return "an AUTH_DONE for another method"
+            case .secret: return "method secret in secure mode (a key of the tester's keyring)"
+            case .wrongServerProof: return "method secret with a wrong server proof"
             case .redirect: return "a redirect to this server"
             }
         }
@@ -49,6 +52,12 @@ public final class ClientConformanceTester: Sendable {
             case .smallLimit: return [("R-4.5-2", "the client sends no frame larger than the server's 64 KiB limit")]
             case .refusal: return [("R-8.4-1", "a refused client sends nothing more")]
             case .wrongAuthDone: return [("R-6.1-2", "the client refuses an AUTH_DONE for another method (CLOSE authenticationFailed)")]
+            case .secret:
+                return [
+                    ("R-5.1-3", "the client's method secret checks out: its proof and transcript MAC are right, and what follows AUTH_REQUEST_MORE is sealed"),
+                    ("R-5.1-5", "the client accepts a right server proof and runs its session sealed"),
+                ]
+            case .wrongServerProof: return [("R-5.1-5", "the client refuses a wrong server proof (CLOSE authenticationFailed) and sends no MESSAGE")]
             case .redirect: return [("R-8.2-1", "a redirected client leaves without CLOSE")]
             }
         }
@@ -61,10 +70,17 @@ public final class ClientConformanceTester: Sendable {
     /// How long it waits for the client's next connection before giving up on the rest.
     public let idle: Duration
     public let only: [String]
+    /// The entities whose keys the client under test may use in the scenarios of method
+    /// secret; without them those scenarios skip.
+    public let secrets: SecretDirectory?
     private let queue = AcceptQueue()
     private let listener = NIOLockedValueBox<(any Channel)?>(nil)
 
-    public init(listen: ParleyAddress, tls: ParleyTLS? = nil, timeout: Duration = .seconds(5), idle: Duration = .seconds(60), only: [String] = []) {
+    public init(
+        listen: ParleyAddress, tls: ParleyTLS? = nil, timeout: Duration = .seconds(5), idle: Duration = .seconds(60), only: [String] = [],
+        secrets: SecretDirectory? = nil
+    ) {
+        self.secrets = secrets
         self.listen = listen
         self.tls = tls
         self.timeout = timeout
@@ -121,6 +137,7 @@ public final class ClientConformanceTester: Sendable {
             let peer = ConformancePeer(channel: accepted.channel, inbox: accepted.inbox, maxFrameSize: scenario == .smallLimit ? 65_536 : Int(UInt32.max))
             var play = ScenarioPlay(scenario: scenario, peer: peer, timeout: self.timeout, selfAddress: address.description)
             play.overTLS = address.usesTLS
+            play.secrets = self.secrets
             let outcomes = await play.run()
             peer.close()
             let elapsed = ContinuousClock.now - start
@@ -211,6 +228,8 @@ struct ScenarioPlay {
     let selfAddress: String
     /// The transport is TLS: method tls is served too.
     var overTLS = false
+    /// The keyring of the scenarios of method secret.
+    var secrets: SecretDirectory?
     var outcomes: [String: ClientOutcome] = [:]
     var features: ParleyFeatures = []
     var nextSeq: UInt64 = 1
@@ -241,11 +260,11 @@ struct ScenarioPlay {
         }
     }
 
-    /// Writes frames; in the demanding scenario small ones go out a byte at a time.
+    /// Writes frames (sealed in secure mode); in the demanding scenario small ones go out a
+    /// byte at a time.
     func send(_ frames: [Frame]) async {
-        var b = ByteBuffer()
-        for f in frames { b.writeFrame(f) }
-        await self.peer.send(b, pieces: self.scenario == .demanding ? (b.readableBytes <= 4096 ? 1 : 1000) : nil)
+        let size = frames.reduce(0) { $0 + $1.wireSize }
+        try? await self.peer.send(frames, pieces: self.scenario == .demanding ? (size <= 4096 ? 1 : 1000) : nil)
     }
 
     func ignorable() -> Frame { Frame(tag: FrameTag(rawValue: 0xC3), flags: 0x20, segments: [ByteBuffer(bytes: [1, 2, 3, 4, 5])]) }
@@ -318,6 +337,7 @@ struct ScenarioPlay {
     }
 
     private mutating func play() async {
+        if self.scenario == .secret || self.scenario == .wrongServerProof { return await self.playSecret() }
         // Banner and HELLO at once, without waiting for the client.
         var hello = Parley_V1_Hello()
         hello.entityType = .server
@@ -395,6 +415,105 @@ struct ScenarioPlay {
         }
         await self.send(flight)
         await self.session(identSent: identSent)
+    }
+
+    /// The scenarios of method secret: the server side of the handshake is the reference
+    /// state machine's (secure mode only, the tester's keyring); in `wrongServerProof` the
+    /// server proof of its AUTH_DONE is altered on the way out.
+    private mutating func playSecret() async {
+        guard let secrets = self.secrets else {
+            return self.skipAll("the client test has no keyring (--keyring FILE) for the scenarios of method secret")
+        }
+        var ident = Parley_V1_ServerIdent()
+        ident.platform = "any"
+        ident.implementation = "parley-conform"
+        ident.version = "1.0.0"
+        ident.name = "parley conform --client-test"
+        var machine = ServerHandshakeStateMachine(configuration: .init(
+            banner: Banner(supported: ParleyFeatures.implemented.union(.secureMode)), maxFrameSize: 0, authMethods: [AuthMethod.secret], ident: ident,
+            clientAddress: "conformance-client", modes: [.secure], secrets: secrets, now: Int64(Date().timeIntervalSince1970),
+            randomness: .generate(), globalID: 1
+        ))
+        var sealer: SecureDirection?
+        var step = machine.start()
+        var method: String?
+        while true {
+            var out = ByteBuffer()
+            for element in step.send {
+                switch element {
+                case .banner(let banner):
+                    out.writeBanner(banner)
+                case .frame(var frame):
+                    if frame.tag == .authDone, self.scenario == .wrongServerProof, var done = try? Parley_V1_AuthDone(parleyPayload: frame.segments[0]),
+                        var proof = try? Parley_V1_SecretAuthDone(serializedBytes: done.payload), !proof.serverProof.isEmpty
+                    {
+                        proof.serverProof[proof.serverProof.startIndex] ^= 0x01
+                        done.payload = (try? proof.serializedData()) ?? done.payload
+                        frame = done.frame(tag: .authDone)
+                    }
+                    if let sealer {
+                        var parts: [ByteBuffer] = []
+                        try? frame.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
+                        for part in parts { out.writeImmutableBuffer(part) }
+                    } else {
+                        out.writeFrame(frame)
+                    }
+                case .startSealing(let keys):
+                    sealer = try? SecureDirection(keys: keys.keys, sealing: true)
+                }
+            }
+            if out.readableBytes > 0 { await self.peer.send(out) }
+            if let opening = step.startOpening, let direction = try? SecureDirection(keys: opening.keys, sealing: false) {
+                self.peer.startOpening(direction)
+            }
+            switch step.outcome {
+            case .established(let result):
+                if let sealer { self.peer.startSealing(sealer) }
+                self.features = result.features
+                if self.scenario == .secret { self.outcomes["R-5.1-3"] = .pass }
+                return self.scenario == .secret ? await self.session(identSent: .now) : await self.expectProofRefusal()
+            case .failed(let error):
+                guard let method, method == AuthMethod.secret else {
+                    return self.skipAll("the client authenticates with method \(method ?? "?") (\(error.code): \(error.message)); this scenario serves method secret only")
+                }
+                return self.failAll("a handshake of method secret that checks out (section 5.1)", "\(error.code): \(error.message)")
+            case .resumeRequested:
+                return self.failAll("CLIENT_IDENT", "SESSION_RECONNECT")
+            case nil:
+                break
+            }
+            let event = await self.peer.next(self.timeout)
+            switch event {
+            case .banner(let banner): step = machine.received(.banner(banner))
+            case .frame(let frame):
+                if frame.tag == .authRequest, method == nil { method = (try? Parley_V1_AuthRequest(parleyPayload: frame.segments[0]))?.method }
+                self.checkSender(frame)
+                step = machine.received(.frame(frame))
+            default:
+                if let method, method != AuthMethod.secret {
+                    return self.skipAll("the client authenticates with method \(method) and no other; this scenario serves method secret only")
+                }
+                return self.failAll("the client's handshake of method secret", event.summary)
+            }
+        }
+    }
+
+    /// After an AUTH_DONE with a wrong server proof: the client sends CLOSE
+    /// authenticationFailed (sealed, as it already seals) and no MESSAGE.
+    private mutating func expectProofRefusal() async {
+        let expected = "CLOSE authenticationFailed (a wrong server proof), and no MESSAGE"
+        while true {
+            let (f, event) = await self.nextFrame()
+            guard let f else {
+                return self.outcomes["R-5.1-5"] = .fail(expected, event.summary)
+            }
+            if f.tag == .keepalive || f.tag == .keepaliveAck { continue }
+            guard f.tag == .close, let status = try? Parley_V1_Status(parleyPayload: f.segments[0]), status.code == ParleyError.Code.authenticationFailed.rawValue else {
+                return self.outcomes["R-5.1-5"] = .fail(expected, describe(f))
+            }
+            self.outcomes["R-5.1-5"] = .pass
+            return
+        }
     }
 
     private mutating func expectAuthRefusal() async {
@@ -503,7 +622,9 @@ struct ScenarioPlay {
             if self.faults["R-4.5-2"] == nil { self.outcomes["R-4.5-2"] = self.lastReceivedSeq > 0 ? .pass : .skip("the client sent no MESSAGE") }
         case .redirect:
             if self.outcomes["R-8.2-1"] == nil { self.outcomes["R-8.2-1"] = .pass }
-        case .refusal, .wrongAuthDone:
+        case .secret:
+            if self.outcomes["R-5.1-5"] == nil { self.outcomes["R-5.1-5"] = self.lastReceivedSeq > 0 ? .pass : .skip("the client sent no MESSAGE") }
+        case .refusal, .wrongAuthDone, .wrongServerProof:
             break
         }
     }

@@ -139,11 +139,19 @@ struct ConformanceTests {
         }
         await serve.stop()
         let parleyPath = try #require(parleyExecutablePath())
-        let tester = ClientConformanceTester(listen: .tls(host: "127.0.0.1", port: 0), tls: try ParleyTLS.server(directory: certs), timeout: ClientConformanceTests.timeout, idle: .seconds(30))
+        let keyring = certs + "/client.keyring"
+        try writeKeyring(keyring, [("client.alice", ["*"])])
+        let tester = ClientConformanceTester(
+            listen: .tls(host: "127.0.0.1", port: 0), tls: try ParleyTLS.server(directory: certs), timeout: ClientConformanceTests.timeout, idle: .seconds(30),
+            secrets: try ParleyKeyring.load(path: keyring).directory
+        )
         let address = try await tester.start()
         let done = Signal()
         let clients = Task {
-            for _ in 0..<9 where !done.isRaised { _ = try? await runProgram(parleyPath, ["ping", address.description, "--cert", certs, "--count", "2"], seconds: 30) }
+            for run in 0..<11 where !done.isRaised {
+                let key = ClientConformanceTests.secretRuns.contains(run) ? ["--keyring", keyring, "--name", "client.alice"] : []
+                _ = try? await runProgram(parleyPath, ["ping", address.description, "--cert", certs, "--count", "2"] + key, seconds: 30)
+            }
         }
         let report = await tester.run(address: address)
         done.raise()
@@ -211,12 +219,18 @@ struct ClientConformanceTests {
 
     /// Starts a client test on 127.0.0.1 and runs `client` (given the tester's address) once
     /// per connection until the tester has played every scenario (at most `runs` times).
-    static func clientTest(only: [String] = [], idle: Duration = .seconds(30), runs: Int = 9, _ client: @escaping @Sendable (String) async -> Void) async throws -> ConformanceReport {
-        let tester = ClientConformanceTester(listen: .tcp(host: "127.0.0.1", port: 0), timeout: Self.timeout, idle: idle, only: only)
+    /// Runs the client under test `runs` times (the number of the run given: 0, 1, ...)
+    /// against the client test; `secrets` is the tester's keyring for the scenarios of method
+    /// secret (the 7th and 8th).
+    static func clientTest(
+        only: [String] = [], idle: Duration = .seconds(30), runs: Int = 11, secrets: SecretDirectory? = nil,
+        _ client: @escaping @Sendable (String, Int) async -> Void
+    ) async throws -> ConformanceReport {
+        let tester = ClientConformanceTester(listen: .tcp(host: "127.0.0.1", port: 0), timeout: Self.timeout, idle: idle, only: only, secrets: secrets)
         let address = try await tester.start()
         let done = Signal()
         let clients = Task {
-            for _ in 0..<runs where !done.isRaised { await client(address.description) }
+            for run in 0..<runs where !done.isRaised { await client(address.description, run) }
         }
         let report = await tester.run(address: address)
         done.raise()
@@ -224,13 +238,42 @@ struct ClientConformanceTests {
         return report
     }
 
+    /// The scenarios of method secret are the 7th and 8th: the client uses its key there.
+    static let secretRuns = 6...7
+
     @Test func theReferenceClientMeetsEveryClientCheck() async throws {
         let parley = try #require(parleyExecutablePath(), "parley executable not built")
-        let report = try await Self.clientTest { address in
-            _ = try? await runProgram(parley, ["ping", address, "--count", "3"], seconds: 30)
+        let keyring = freshTestDirectory("client-test") + "/keyring"
+        try writeKeyring(keyring, [("client.alice", ["*"])])
+        let report = try await Self.clientTest(secrets: try ParleyKeyring.load(path: keyring).directory) { address, run in
+            let key = Self.secretRuns.contains(run) ? ["--keyring", keyring, "--name", "client.alice"] : []
+            _ = try? await runProgram(parley, ["ping", address, "--count", "3"] + key, seconds: 30)
         }
-        #expect(report.results.count == 14)
+        #expect(report.results.count == 17)
+        #expect(report.results.filter { $0.id.hasPrefix("R-5.1-") }.count == 3)
         #expect(report.failed == 0 && report.skipped == 0, "\(report.results.filter { $0.status != .pass }.map(\.line).joined(separator: "\n"))")
+    }
+
+    /// A client whose key is not the one the tester's keyring holds for its entity fails the
+    /// checks of method secret (the proof does not check out), and the `parley conform
+    /// --client-test --keyring` command line plays them.
+    @Test func aClientWithTheWrongKeyFailsTheChecksOfMethodSecret() async throws {
+        let parley = try #require(parleyExecutablePath(), "parley executable not built")
+        let directory = freshTestDirectory("client-test-wrong-key")
+        try writeKeyring(directory + "/tester.keyring", [("client.alice", ["*"])])
+        try writeKeyring(directory + "/client.keyring", [("client.alice", ["*"])])
+        let report = try await Self.clientTest(only: ["R-5.1-3", "R-5.1-5"], idle: .seconds(20), runs: 9, secrets: try ParleyKeyring.load(path: directory + "/tester.keyring").directory) { address, run in
+            // One connection per scenario: the key (the wrong one) in those of method secret.
+            let key = Self.secretRuns.contains(run) ? ["--keyring", directory + "/client.keyring", "--name", "client.alice"] : []
+            _ = try? await runProgram(parley, ["ping", address, "--count", "1"] + key, seconds: 30)
+        }
+        #expect(report.results.map(\.status) == [.fail, .fail, .fail], "\(report.results.map(\.line))")
+        #expect(report.results.first?.seen?.contains("authenticationFailed") == true, "\(report.results.map(\.line))")
+        // Without --keyring the scenarios of method secret skip, saying why.
+        let listed = try await parleyRun(["conform", "--client-test", "--listen", "127.0.0.1:0", "--list", "--only", "R-5.1-3"], seconds: 30)
+        #expect(listed.status == 0 && listed.stdout.contains("R-5.1-3 the client's method secret checks out"), "\(listed.combined)")
+        let bad = try await parleyRun(["conform", "--client-test", "--listen", "127.0.0.1:0", "--keyring", directory + "/tester.keyring", "--name", "client.alice"], seconds: 30)
+        #expect(bad.status != 0 && bad.stderr.contains("--client-test takes --keyring FILE alone"), "\(bad.combined)")
     }
 
     /// The Python client of Tests/Interop, written from the document alone (CI runs it too):
@@ -239,11 +282,17 @@ struct ClientConformanceTests {
     @Test func theIndependentPythonClientMeetsEveryClientCheck() async throws {
         let python = try #require(["/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"].first { FileManager.default.isExecutableFile(atPath: $0) }, "python3 is needed (.ci/run installs it)")
         let script = ConformanceCoverageTests.root.appendingPathComponent("Tests/Interop/python/parley_client.py").path
-        let report = try await Self.clientTest { address in
+        let keyring = freshTestDirectory("client-test-python") + "/keyring"
+        try writeKeyring(keyring, [("client.alice", ["*"])])
+        let report = try await Self.clientTest(secrets: try ParleyKeyring.load(path: keyring).directory) { address, _ in
             _ = try? await runProgram(python, [script, address, "--follow-redirects"], seconds: 90)
         }
-        #expect(report.results.count == 14)
-        #expect(report.failed == 0 && report.skipped == 0, "\(report.results.filter { $0.status != .pass }.map(\.line).joined(separator: "\n"))")
+        #expect(report.results.count == 17)
+        #expect(report.failed == 0, "\(report.results.filter { $0.status == .fail }.map(\.line).joined(separator: "\n"))")
+        // The Python client speaks method none only: the scenarios of method secret skip.
+        let skipped = report.results.filter { $0.status == .skip }
+        #expect(skipped.map(\.id) == ["R-5.1-3", "R-5.1-5", "R-5.1-5"], "\(skipped.map(\.line))")
+        #expect(skipped.allSatisfy { ($0.reason ?? "").contains("authenticates with method none") }, "\(skipped.map(\.line))")
     }
 
     /// A client that sends a REQUEST with id 0 and skips a seq number fails those two checks
@@ -251,7 +300,7 @@ struct ClientConformanceTests {
     @Test func aFaultyClientFailsExactlyTheChecksItBreaks() async throws {
         let bad = WireMessage(header: MessageHeader(seq: 3, id: 2, kind: .request, type: Parley_Echo_V1_Ping.protoMessageName), payload: ByteBuffer())
         let bytes = clientSessionBytes(messages: [pingMessage(id: 0)], trailingFrames: [bad.frame(allocator: ByteBufferAllocator())])
-        let report = try await Self.clientTest(only: ["R-7.4-2", "R-7.3-2", "R-7.3-1", "R-4.9-2", "R-8.2-2"], idle: .seconds(1), runs: 1) { address in
+        let report = try await Self.clientTest(only: ["R-7.4-2", "R-7.3-2", "R-7.3-1", "R-4.9-2", "R-8.2-2"], idle: .seconds(1), runs: 1) { address, _ in
             if let peer = try? await RawPeer.connect(try ParleyAddress(parsing: address)) {
                 _ = try? await peer.exchange(bytes, seconds: 10)
             }
