@@ -851,6 +851,10 @@ async def serve(args):
         stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # A parent may have started this process with these signals blocked (the mask is
+    # inherited through exec: Foundation's Process does this); a blocked SIGTERM would never
+    # reach the handler, and the server would not stop.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     await stop.wait()
     await server.drain()
     return 0
