@@ -554,6 +554,21 @@ enum ConformanceChecks {
             }
             try expectCloseFrame(.malformedPayload, because: "a 16-byte client challenge", in: (frames, closed))
         },
+        ConformanceCheck("R-5.1-11", "method none offering secure mode only is refused (authenticationFailed: no common mode)") { c in
+            try c.requireHandshake()
+            guard c.allowsNone else { throw CheckSkip(reason: "it writes a method-none handshake by hand, and this server gave no method-none crc session (or --secure-sessions)") }
+            var auth = Parley_V1_AuthRequest()
+            auth.method = AuthMethod.none
+            auth.offeredMethods = [AuthMethod.none]
+            auth.offeredModes = [ConnectionMode.secure.rawValue]
+            var o = ClientOptions()
+            o.supported.insert(.secureMode)
+            var b = ByteBuffer()
+            b.writeBanner(Banner(version: o.version, supported: o.supported, required: o.required))
+            b.writeFrame(o.helloFrame())
+            b.writeFrame(auth.frame(tag: .authRequest))
+            try await expectRefusal(c, b, .authenticationFailed, "method none offered with secure mode only, which it cannot give")
+        },
         ConformanceCheck("R-5.1-4", "an AUTH_REQUEST_MORE that does not decode is refused (malformedPayload)") { c in
             try await secretProof(c, .malformedPayload, "a SecretAuthProof that does not decode") { _, _ in Data([0x0A, 0x7F, 0x01]) }
         },

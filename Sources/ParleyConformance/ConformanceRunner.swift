@@ -136,6 +136,8 @@ struct CheckContext: Sendable {
     var sessionSkip: String?
     /// Sessions are in secure mode (method `secret`): `ClientSession.open` seals.
     var secure = false
+    /// The server gave this client a session of method none in crc mode.
+    var allowsNone = false
 
     func connect(maxFrameSize: Int = Int(UInt32.max)) async throws -> ConformancePeer {
         do {
@@ -300,6 +302,7 @@ public struct ConformanceRunner: Sendable {
             context.sessionSkip = (context.sessionSkip ?? "") + "; with a key of its keyring (--keyring FILE --name ENTITY) these checks run in secure mode"
         }
         guard let session else { return context }
+        context.allowsNone = !context.secure
         defer { session.peer.close() }
         context.serverBanner = session.serverBanner
         context.serverLimit = Frame.peerLimit(announced: session.serverHello.maxFrameSize)

@@ -447,6 +447,32 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
         #expect(secureOnly.clientError?.message.contains("cannot key secure mode") == true)
     }
 
+    /// Methods none and tls give crc mode only (section 5.1, R-5.1-11): an AUTH_REQUEST of
+    /// method none offering secure mode only has no mode in common with the server, which
+    /// refuses it (CLOSE authenticationFailed) rather than answering AUTH_DONE in crc mode.
+    @Test func methodNoneOfferingOnlySecureModeHasNoCommonMode() throws {
+        var pair = SecurePair(
+            client: SecurePair.clientConfig(modes: [.crc], methods: ["none"]),
+            server: SecurePair.serverConfig(modes: [.crc, .secure], methods: ["none", "secret"])
+        )
+        pair.tamper = { from, element in
+            guard from, case .frame(let f) = element, f.tag == .authRequest, var auth = try? Parley_V1_AuthRequest(parleyPayload: f.segments[0]) else { return element }
+            auth.offeredModes = [ConnectionMode.secure.rawValue]
+            return .frame(auth.frame(tag: .authRequest))
+        }
+        _ = try pair.run()
+        #expect(pair.serverError?.code == .authenticationFailed, "\(String(describing: pair.serverError))")
+        #expect(pair.serverError?.message.contains("crc mode only") == true)
+        #expect(Pair.established(pair.serverOutcome) == nil)
+        // Offering crc (or nothing, which means crc) is served as before.
+        var plain = SecurePair(
+            client: SecurePair.clientConfig(modes: [.crc], methods: ["none"]),
+            server: SecurePair.serverConfig(modes: [.crc, .secure], methods: ["none", "secret"])
+        )
+        _ = try plain.run()
+        #expect(Pair.established(plain.serverOutcome) != nil)
+    }
+
     @Test func aSecureOnlyServerRefusesAClientWithoutSecureModeAtTheBanner() throws {
         var pair = SecurePair(client: SecurePair.clientConfig(modes: [.crc]), server: SecurePair.serverConfig(modes: [.secure]))
         _ = try pair.run()

@@ -186,6 +186,13 @@ public struct ServerHandshakeStateMachine: Sendable {
                     return HandshakeStep(send: [.frame(badFrame)])
                 }
                 partial.method = request.method
+                if request.method != AuthMethod.secret, !request.offeredModes.isEmpty, !request.offeredModes.contains(ConnectionMode.crc.rawValue) {
+                    // Methods none and tls give crc mode only: no mode in common.
+                    return self.fail(ParleyError(
+                        code: .authenticationFailed,
+                        message: "method \"\(request.method)\" gives crc mode only, and the client offers \(request.offeredModes)"
+                    ), tellPeer: true)
+                }
                 switch request.method {
                 case AuthMethod.secret:
                     return self.secretRequest(request, partial: partial)
