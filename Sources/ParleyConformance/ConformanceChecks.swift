@@ -1110,6 +1110,39 @@ enum ConformanceChecks {
                 throw fail("no answer to the cancelled request, or ERROR cancelled", describe(answer))
             }
         },
+        ConformanceCheck("R-7.7-1", "a REQUEST and its CANCEL in one write: the request is stopped and its id is free again") { c in
+            try c.requireEcho()
+            try c.require(.streams, "streams (CANCEL needs it)")
+            let s = try await ClientSession.open(context: c)
+            defer { s.peer.close() }
+            var sleep = Parley_Echo_V1_Sleep()
+            sleep.delayMs = 30_000
+            try await s.send([
+                s.message(kind: .request, id: 9, type: Parley_Echo_V1_Sleep.protoMessageName, payload: sleep.parleyPayload()),
+                s.message(kind: .cancel, id: 9, type: ""), s.ping(2, id: 2),
+            ])
+            try await expectPong(s, 2)
+            // The stopped request's final answer, if the server sends one (ERROR cancelled).
+            let deadline = ContinuousClock.now.advanced(by: c.timeout)
+            wait: while ContinuousClock.now < deadline, !s.messages.contains(where: { $0.header.id == 9 }) {
+                guard case .frame = try await s.nextEvent(deadline - ContinuousClock.now) else { break wait }
+            }
+            if let answer = s.messages.first(where: { $0.header.id == 9 }), answer.header.kind != .error || errorCode(answer) != .cancelled {
+                throw fail("no answer to the cancelled request, or ERROR cancelled", describe(answer))
+            }
+            // Stopped, so no longer served: id 9 may be used again (section 7.4).
+            try await s.send([s.ping(3, id: 9)])
+            while true {
+                let event = try await s.nextEvent()
+                if case .frame(let f) = event, f.tag == .notice || f.tag == .keepaliveAck { continue }
+                guard case .frame(let f) = event, f.tag == .message, let m = s.messages.last, m.header.id == 9,
+                    m.header.kind == .response, m.header.type == Parley_Echo_V1_Pong.protoMessageName
+                else {
+                    throw fail("a Pong for a new request with the cancelled request's id 9", event.summary)
+                }
+                return
+            }
+        },
         ConformanceCheck("R-7.7-2", "a CANCEL for an id that is not being served is ignored") { c in
             try c.require(.streams, "streams (CANCEL needs it)")
             let s = try await ClientSession.open(context: c)

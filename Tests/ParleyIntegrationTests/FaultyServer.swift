@@ -1,7 +1,9 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import Foundation
 import ParleyWire
+import SwiftProtobuf
 import Testing
 
 /// A deliberately faulty Parley server for the conformance tests: a proxy in front of a
@@ -41,28 +43,67 @@ final class FaultyServer: Sendable {
         var testDescription: String { self.rawValue }
     }
 
+    /// Blunt breakages for showing that every check can fail: each check is run against them
+    /// until one makes it fail (a check no breakage of the server's answers can fail would be
+    /// a check that cannot fail).
+    enum Mutation: String, CaseIterable, Sendable, CustomTestStringConvertible {
+        /// The server never closes a connection and its CLOSE frames are dropped: every
+        /// refusal goes unsaid.
+        case holdOpen
+        /// After the handshake (SERVER_IDENT, SESSION_RESUMED or SESSION_RESET, or the first
+        /// sealed bytes) the server says nothing more and never closes: answers, streams,
+        /// refusals and KEEPALIVE_ACKs go missing.
+        case mute
+        /// The server's handshake says wrong things: a HELLO limit of 1000 bytes, an
+        /// AUTH_BAD_METHOD naming no method, one session token for every session, no
+        /// SESSION_RESET; and it refuses a client HELLO with an empty `peer_address`.
+        case lies
+        /// The server's banner requires a feature it does not support (bit 40). Its probe is
+        /// not spared: the banner is what the check reads.
+        case requiresUnknownFeature
+
+        var testDescription: String { self.rawValue }
+        /// Whether the runner's probe connection is spared this mutation.
+        var sparesProbe: Bool { self != .requiresUnknownFeature }
+    }
+
     let fault: Fault
+    let mutation: Mutation?
     private let upstreamPort: Int
     private let channel = NIOLockedValueBox<(any Channel)?>(nil)
 
-    init(fault: Fault, upstreamPort: Int) {
+    /// Connections accepted so far: the first `spared` pass without the mutation.
+    private let accepted = NIOLockedValueBox(0)
+    let spared: Int
+
+    /// - Parameter spared: with a mutation, the number of first connections it spares (the
+    ///   runner's probe, which must learn the server as it is, or the checks would skip).
+    init(fault: Fault, upstreamPort: Int, mutation: Mutation? = nil, spared: Int = 0) {
         self.fault = fault
+        self.mutation = mutation
         self.upstreamPort = upstreamPort
+        self.spared = spared
     }
 
     /// Listens on 127.0.0.1 and returns the port.
     func start() async throws -> Int {
-        let (fault, port) = (self.fault, self.upstreamPort)
+        let (fault, port, spared, accepted) = (self.fault, self.upstreamPort, self.spared, self.accepted)
+        let mutation = self.mutation
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .childChannelOption(.autoRead, value: false)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { inbound in
-                ClientBootstrap(group: inbound.eventLoop)
+                let number = accepted.withLockedValue { n in defer { n += 1 }; return n }
+                let mutation = number < spared ? nil : mutation
+                return ClientBootstrap(group: inbound.eventLoop)
                     .channelOption(.allowRemoteHalfClosure, value: true)
                     .connect(host: "127.0.0.1", port: port)
                     .flatMapThrowing { outbound in
-                        try outbound.pipeline.syncOperations.addHandler(Forwarder(partner: inbound, rewriter: FrameRewriter(fault: fault, toClient: true)))
-                        try inbound.pipeline.syncOperations.addHandler(Forwarder(partner: outbound, rewriter: FrameRewriter(fault: fault, toClient: false)))
+                        // With a mutation the server's side never closes the client's.
+                        try outbound.pipeline.syncOperations.addHandler(Forwarder(
+                            partner: inbound, rewriter: FrameRewriter(fault: fault, toClient: true, mutation: mutation), closesPartner: mutation == nil
+                        ))
+                        try inbound.pipeline.syncOperations.addHandler(Forwarder(partner: outbound, rewriter: FrameRewriter(fault: fault, toClient: false, mutation: mutation)))
                     }
             }
             .bind(host: "127.0.0.1", port: 0).get()
@@ -81,10 +122,12 @@ private final class Forwarder: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     let partner: any Channel
     var rewriter: FrameRewriter
+    let closesPartner: Bool
 
-    init(partner: any Channel, rewriter: FrameRewriter) {
+    init(partner: any Channel, rewriter: FrameRewriter, closesPartner: Bool = true) {
         self.partner = partner
         self.rewriter = rewriter
+        self.closesPartner = closesPartner
     }
 
     /// The client's side reads only once the server's side is connected (and this handler
@@ -101,11 +144,11 @@ private final class Forwarder: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case ChannelEvent.inputClosed = event { self.partner.close(mode: .output, promise: nil) }
+        if case ChannelEvent.inputClosed = event, self.closesPartner { self.partner.close(mode: .output, promise: nil) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        self.partner.close(promise: nil)
+        if self.closesPartner { self.partner.close(promise: nil) }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -119,6 +162,9 @@ private final class Forwarder: ChannelInboundHandler, @unchecked Sendable {
 struct FrameRewriter {
     let fault: FaultyServer.Fault
     let toClient: Bool
+    let mutation: FaultyServer.Mutation?
+    /// `mute`: the handshake is over, nothing more goes to the client.
+    private var muted = false
     private var buffer = ByteBuffer()
     private var bannerDone = false
     /// Bytes of a large frame's body still to pass, and where its last segment's CRC starts.
@@ -128,17 +174,30 @@ struct FrameRewriter {
     private var resumed = false
     private static let large = 1 << 20
 
-    init(fault: FaultyServer.Fault, toClient: Bool) {
+    init(fault: FaultyServer.Fault, toClient: Bool, mutation: FaultyServer.Mutation? = nil) {
         self.fault = fault
         self.toClient = toClient
+        self.mutation = mutation
     }
 
+    /// The bytes to pass on for `bytes`: the same, less what the fault or mutation changes.
     mutating func feed(_ bytes: ByteBuffer) -> ByteBuffer {
+        self.follow(bytes)
+    }
+
+    private mutating func follow(_ bytes: ByteBuffer) -> ByteBuffer {
         var bytes = bytes
         self.buffer.writeBuffer(&bytes)
         var out = ByteBuffer()
         while true {
             if self.passthrough {
+                // Sealed frames (or bytes that are not frames): `mute` drops them, as it does
+                // everything after the handshake.
+                if self.mutation == .mute, self.toClient, self.bannerDone {
+                    self.muted = true
+                    self.buffer.clear()
+                    return out
+                }
                 out.writeBuffer(&self.buffer)
                 return out
             }
@@ -146,6 +205,10 @@ struct FrameRewriter {
                 let n = min(s.left, self.buffer.readableBytes)
                 guard n > 0 else { return out }
                 var piece = self.buffer.readSlice(length: n)!
+                if self.muted {
+                    self.streaming = s.left - n == 0 ? nil : (s.left - n, s.lastCRCAt)
+                    continue
+                }
                 // Position of this piece within the rest of the body: corrupt the last CRC.
                 let start = s.left, end = s.left - n
                 if self.fault == .wrongCRCOnLargeFrames && self.toClient && start >= s.lastCRCAt && end < s.lastCRCAt {
@@ -166,6 +229,12 @@ struct FrameRewriter {
                     self.passthrough = true
                     out.writeBuffer(&banner)
                     continue
+                }
+                if self.mutation == .requiresUnknownFeature && self.toClient {
+                    let bit40: UInt64 = 1 << 40
+                    let required = banner.getInteger(at: banner.readerIndex + 20, endianness: .little, as: UInt64.self)!
+                    banner.setInteger(required | bit40, at: banner.readerIndex + 20, endianness: .little)
+                    banner.setInteger(CRC32C.checksum(banner, at: banner.readerIndex, length: 28), at: banner.readerIndex + 28, endianness: .little)
                 }
                 if self.fault == .ignoresRequiredUnknownFeatures && !self.toClient {
                     let known: UInt64 = 0x30F
@@ -189,13 +258,27 @@ struct FrameRewriter {
             let body = lengths.reduce(0, +) + 4 * count
             if body > Self.large {
                 var preamble = self.buffer.readSlice(length: 32)!
-                out.writeBuffer(&preamble)
+                if !self.muted { out.writeBuffer(&preamble) }
                 // Counted from the end of the body: the last CRC is its last 4 bytes.
                 self.streaming = (body, 4)
                 continue
             }
             guard self.buffer.readableBytes >= 32 + body else { return out }
             var frame = self.buffer.readSlice(length: 32 + body)!
+            if self.mutation == .lies {
+                guard let lie = Self.lie(frame, lengths: lengths, toClient: self.toClient) else { continue }
+                frame = lie
+            }
+            if let mutation = self.mutation, self.toClient {
+                if self.muted { continue }
+                let tag = frame.getInteger(at: frame.readerIndex, as: UInt8.self)!
+                if tag == FrameTag.close.rawValue { continue }
+                if mutation == .mute, [FrameTag.serverIdent, .sessionResumed, .sessionReset].map(\.rawValue).contains(tag) {
+                    out.writeBuffer(&frame)
+                    self.muted = true
+                    continue
+                }
+            }
             if self.fault == .forgetsOnResume && self.toClient {
                 let tag = frame.getInteger(at: frame.readerIndex, as: UInt8.self)!
                 if tag == FrameTag.sessionResumed.rawValue {
@@ -206,6 +289,41 @@ struct FrameRewriter {
             }
             self.rewrite(&frame, lengths: lengths)
             out.writeBuffer(&frame)
+        }
+    }
+
+    /// The `lies` mutation of one whole frame: the frame to pass on instead, or nil to drop it.
+    private static func lie(_ frame: ByteBuffer, lengths: [Int], toClient: Bool) -> ByteBuffer? {
+        let p = frame.readerIndex
+        guard let tag = frame.getInteger(at: p, as: UInt8.self), lengths.count == 1, let segment = frame.getSlice(at: p + 32, length: lengths[0]) else { return frame }
+        func encoded(_ tag: FrameTag, _ message: some SwiftProtobuf.Message) -> ByteBuffer {
+            var b = ByteBuffer()
+            b.writeFrame(Frame(tag: tag, segments: [(try? message.parleyPayload()) ?? ByteBuffer()]))
+            return b
+        }
+        switch (toClient, FrameTag(rawValue: tag)) {
+        case (true, .hello):
+            guard var hello = try? Parley_V1_Hello(parleyPayload: segment) else { return frame }
+            hello.maxFrameSize = 1000
+            return encoded(.hello, hello)
+        case (true, .authBadMethod):
+            guard var bad = try? Parley_V1_AuthBadMethod(parleyPayload: segment) else { return frame }
+            bad.method = ""
+            bad.allowedMethods = []
+            return encoded(.authBadMethod, bad)
+        case (true, .serverIdent):
+            guard var ident = try? Parley_V1_ServerIdent(parleyPayload: segment), !ident.sessionToken.isEmpty else { return frame }
+            ident.sessionToken = Data(repeating: 0xAB, count: 16)
+            return encoded(.serverIdent, ident)
+        case (true, .sessionReset):
+            return nil
+        case (false, .hello):
+            // Refused by the server: a HELLO of entity type SERVER from a client.
+            guard var hello = try? Parley_V1_Hello(parleyPayload: segment), hello.peerAddress.isEmpty else { return frame }
+            hello.entityType = .server
+            return encoded(.hello, hello)
+        default:
+            return frame
         }
     }
 
