@@ -52,6 +52,33 @@ struct BlockMultipathAPITests {
         await #expect(throws: BlockMultipathError.self) { _ = try await device.read(offset: 0, length: 4096) }
     }
 
+    /// [R-17.8-5] The paths of a session lead to the same device: two servers exporting
+    /// "disk" with different sizes are not one device, and the open over both is refused
+    /// (pathsDisagree), naming both paths; over either alone it succeeds.
+    @Test func pathsLeadingToDifferentDevicesAreRefused() async throws {
+        // Two servers, each in its own directory (its sockets are there).
+        let scratchA = try ScratchDirectory(), scratchB = try ScratchDirectory()
+        try scratchA.sparseFile("a.img", size: 1 << 20)
+        try scratchB.sparseFile("b.img", size: 2 << 20)
+        let a = try BlockServerProcess(scratch: scratchA, arguments: ["--export", "disk=\(scratchA.file("a.img"))"])
+        defer { a.stop() }
+        let b = try BlockServerProcess(scratch: scratchB, arguments: ["--export", "disk=\(scratchB.file("b.img"))"])
+        defer { b.stop() }
+        // Read-only opens: the refused open's connections may still hold the device a moment.
+        let both = try BlockMultipathSession(.init(sessionName: "split", paths: [.unix(path: a.blockSocket), .unix(path: b.blockSocket)], ioTimeout: .seconds(5)))
+        do {
+            _ = try await both.open("disk", access: .readOnly)
+            Issue.record("an open over paths to a 1 MiB and a 2 MiB device succeeded")
+        } catch let error as BlockMultipathError {
+            #expect(error.kind == .pathsDisagree, "\(error)")
+            #expect("\(error)".contains("1048576") && "\(error)".contains("2097152"), "\(error)")
+        }
+        let one = try BlockMultipathSession(.init(sessionName: "whole", paths: [.unix(path: b.blockSocket), .tcp(host: "127.0.0.1", port: b.blockPort)], ioTimeout: .seconds(5)))
+        let device = try await one.open("disk", access: .readOnly)
+        #expect(device.geometry.sizeBytes == 2 << 20)
+        try await device.close()
+    }
+
     @Test func refusalsCarryTheServersStatus() async throws {
         let scratch = try ScratchDirectory()
         try scratch.sparseFile("disk.img", size: 1 << 20)

@@ -130,6 +130,8 @@ struct BlockServerTests {
 
     // MARK: - Block protocol
 
+    /// [R-17.2-1]: IO not aligned to the logical block size, past the end (also when the sum
+    /// overflows) or over the maximum IO size is refused with its status.
     @Test func blockProtocolReadsWritesAndRefusesBadIO() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 4 << 20)
@@ -272,6 +274,7 @@ struct BlockServerTests {
         _ = try await writer.open("disk", access: .readWrite)
     }
 
+    /// [R-17.3-1]: a path with `..`, an absolute one or a link out of the search path is refused.
     @Test func searchPathGivesEachSessionItsNamespaceAndRefusesEscapes() async throws {
         let scratch = try ScratchDirectory()
         let root = scratch.file("sessions")

@@ -187,6 +187,7 @@ import Testing
 
     /// Negotiation: the lower of the two highest versions; 0 (a worker from before
     /// negotiation) means 1; a worker below the master's lowest is refused by name.
+    /// [R-19.7-1]: a worker below the master's lowest version is refused (clientOutOfDate).
     @Test func versionsAreNegotiated() throws {
         #expect(try WorkService.negotiate(workerHighest: 0) == 1)
         #expect(try WorkService.negotiate(workerHighest: 1) == 1)

@@ -129,6 +129,7 @@ import Testing
     /// A job signed with another key: the master with --trust refuses it and stores nothing;
     /// a master without --trust stores it, and the worker refuses to run it, reports why, and
     /// after its attempts the job fails with the reasons; the command never ran.
+    /// [R-19.1-1]
     @Test func badlySignedJobsNeverRun() async throws {
         let dir = freshTestDirectory("work-bad")
         #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
@@ -403,6 +404,7 @@ extension WorkProcessTests {
     /// current one; a worker that trusts only the old key then runs jobs signed with the new
     /// one. A rotation signed by another key is refused by the master at startup, and a
     /// worker never trusts a next key its keys did not vouch for.
+    /// [R-19.1-3]
     @Test func aKeyRotationVouchedForByTheOldKeyIsTrustedByWorkers() async throws {
         let dir = freshTestDirectory("work-rotation")
         for name in ["old", "new", "stranger"] { #expect(try parley(["work", "keygen", "--dir", "\(dir)/\(name)"]).status == 0) }
@@ -504,6 +506,7 @@ extension WorkProcessTests {
 extension WorkProcessTests {
     /// Lease renewal: a job that runs twice as long as the master's lease time keeps its lease
     /// (the worker renews it) and is accepted from its first and only lease, no attempt lost.
+    /// [R-19.3-2]
     @Test func aLongJobKeepsItsLeaseByRenewingIt() async throws {
         let dir = freshTestDirectory("work-renew")
         #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)

@@ -6,6 +6,7 @@ import Testing
 @Suite struct LeaseRulesTests {
     let second: Int64 = 1_000_000_000
 
+    /// [R-19.3-1]
     @Test func aJobIsLeasedThenAcceptedExactlyOnce() throws {
         var job = JobRecord(id: 1)
         let lease = try LeaseRules.assign(&job, to: "w1", leaseID: 10, now: 0, duration: 60 * second)

@@ -108,6 +108,7 @@ struct InProcessMaster {
 
     /// A job whose files could leave its directory, or whose inline input does not match its
     /// signed SHA-256, is refused at submission and nothing of the batch is stored.
+    /// [R-19.1-2]: a job naming a file that is not a plain relative path is refused, nothing stored.
     @Test func jobsWithBadFilesAreRefusedAtSubmission() async throws {
         let master = try await InProcessMaster.start()
         defer { master.stop() }

@@ -161,6 +161,7 @@ enum TestPostgres {
 
     /// A job that needs an application goes only to a worker that runs it; a worker that
     /// runs applications still gets the jobs that need none.
+    /// [R-19.2-1]: only jobs of the applications a worker names (or of none) go to it.
     @Test(arguments: StoreKind.available) func jobsGoOnlyToWorkersThatRunTheirApplication(kind: StoreKind) async throws {
         let store = try await kind.make()
         defer { Task { await store.close() } }
