@@ -192,11 +192,11 @@ struct ConformanceTests {
     /// connection is spared, so that the checks run rather than skip; a check waits 2 s for
     /// an answer, which under a mutation does not come.
     ///
-    /// It runs when PARLEY_CONFORM_MUTATIONS is set, on its own: `.ci/run` runs it after the
-    /// suite (`PARLEY_CONFORM_MUTATIONS=1 swift test --skip-build --filter
-    /// everyServerCheckFailsAgainstSomeBreakage`, about 60 s). Run in parallel with the rest
-    /// of the conformance tests, the whole test process once stopped making progress (no
-    /// test finished, time limits included); not understood yet.
+    /// It runs only when PARLEY_CONFORM_MUTATIONS is set (`PARLEY_CONFORM_MUTATIONS=1 swift
+    /// test --skip-build --filter everyServerCheckFailsAgainstSomeBreakage`, about 60 s), and
+    /// not in CI: the test process sometimes stops making progress in it (every task
+    /// suspended, no thread busy, time limits not ending it), more often beside the other
+    /// conformance tests; the cause is not found yet.
     @Test(.enabled(if: ProcessInfo.processInfo.environment["PARLEY_CONFORM_MUTATIONS"] != nil), .timeLimit(.minutes(10)))
     func everyServerCheckFailsAgainstSomeBreakage() async throws {
         let path = freshTestDirectory("conform-mutations") + "/server.keyring"
