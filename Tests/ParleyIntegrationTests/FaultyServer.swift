@@ -72,6 +72,8 @@ final class FaultyServer: Sendable {
     private let upstreamPort: Int
     private let channel = NIOLockedValueBox<(any Channel)?>(nil)
 
+    /// Both ends of every proxied connection, closed by `stop()`.
+    private let children = NIOLockedValueBox<[any Channel]>([])
     /// Connections accepted so far: the first `spared` pass without the mutation.
     private let accepted = NIOLockedValueBox(0)
     let spared: Int
@@ -87,7 +89,7 @@ final class FaultyServer: Sendable {
 
     /// Listens on 127.0.0.1 and returns the port.
     func start() async throws -> Int {
-        let (fault, port, spared, accepted) = (self.fault, self.upstreamPort, self.spared, self.accepted)
+        let (fault, port, spared, accepted, children) = (self.fault, self.upstreamPort, self.spared, self.accepted, self.children)
         let mutation = self.mutation
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .childChannelOption(.autoRead, value: false)
@@ -99,6 +101,7 @@ final class FaultyServer: Sendable {
                     .channelOption(.allowRemoteHalfClosure, value: true)
                     .connect(host: "127.0.0.1", port: port)
                     .flatMapThrowing { outbound in
+                        children.withLockedValue { $0 += [inbound, outbound] }
                         // With a mutation the server's side never closes the client's.
                         try outbound.pipeline.syncOperations.addHandler(Forwarder(
                             partner: inbound, rewriter: FrameRewriter(fault: fault, toClient: true, mutation: mutation), closesPartner: mutation == nil
@@ -111,9 +114,13 @@ final class FaultyServer: Sendable {
         return server.localAddress!.port!
     }
 
+    /// Stops listening and closes every connection still open (a mutation holds the
+    /// client's side open when the server closes; a server shutting down waits for its
+    /// connections to close).
     func stop() async {
         let channel = self.channel.withLockedValue { c in defer { c = nil }; return c }
         try? await channel?.close()
+        for child in self.children.withLockedValue({ c in defer { c = [] }; return c }) { child.close(promise: nil) }
     }
 }
 
