@@ -265,8 +265,11 @@ public struct ConformanceRunner: Sendable {
     /// Learns the server's banner and limit, and whether it serves the echo service; chooses
     /// the mode of the sessions the checks open.
     func probe() async throws -> CheckContext {
+        // The probe waits at least 10 s for each answer, whatever --timeout says: a slow
+        // answer here would make every check that needs the echo service skip.
         var context = CheckContext(
-            target: self.target, timeout: self.timeout, serverBanner: Banner(supported: []), serverLimit: Frame.defaultMaxFrameSize, hasEcho: false
+            target: self.target, timeout: max(self.timeout, .seconds(10)), serverBanner: Banner(supported: []),
+            serverLimit: Frame.defaultMaxFrameSize, hasEcho: false
         )
         var session: ClientSession?
         if !self.target.secureSessions {
@@ -301,7 +304,10 @@ public struct ConformanceRunner: Sendable {
         if session == nil, self.target.secret == nil, context.serverBanner.supported.contains(.secureMode) {
             context.sessionSkip = (context.sessionSkip ?? "") + "; with a key of its keyring (--keyring FILE --name ENTITY) these checks run in secure mode"
         }
-        guard let session else { return context }
+        guard let session else {
+            context.timeout = self.timeout
+            return context
+        }
         context.allowsNone = !context.secure
         defer { session.peer.close() }
         context.serverBanner = session.serverBanner
@@ -312,6 +318,7 @@ public struct ConformanceRunner: Sendable {
         if let answer = try? await session.answer(id), answer.header.kind == .response, answer.header.type == Parley_Echo_V1_Pong.protoMessageName {
             context.hasEcho = true
         }
+        context.timeout = self.timeout
         return context
     }
 
