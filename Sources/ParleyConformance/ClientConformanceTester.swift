@@ -434,33 +434,24 @@ struct ScenarioPlay {
             clientAddress: "conformance-client", modes: [.secure], secrets: secrets, now: Int64(Date().timeIntervalSince1970),
             randomness: .generate(), globalID: 1
         ))
+        // In `wrongServerProof`, AUTH_DONE's server proof has one bit flipped.
+        let tamper = self.scenario != .wrongServerProof ? { $0 } : { (frame: Frame) -> Frame in
+            guard frame.tag == .authDone, var done = try? Parley_V1_AuthDone(parleyPayload: frame.segments[0]),
+                var proof = try? Parley_V1_SecretAuthDone(serializedBytes: done.payload), !proof.serverProof.isEmpty
+            else { return frame }
+            proof.serverProof[proof.serverProof.startIndex] ^= 0x01
+            done.payload = (try? proof.serializedData()) ?? done.payload
+            return done.frame(tag: .authDone)
+        }
         var sealer: SecureDirection?
         var step = machine.start()
         var method: String?
         while true {
             var out = ByteBuffer()
-            for element in step.send {
-                switch element {
-                case .banner(let banner):
-                    out.writeBanner(banner)
-                case .frame(var frame):
-                    if frame.tag == .authDone, self.scenario == .wrongServerProof, var done = try? Parley_V1_AuthDone(parleyPayload: frame.segments[0]),
-                        var proof = try? Parley_V1_SecretAuthDone(serializedBytes: done.payload), !proof.serverProof.isEmpty
-                    {
-                        proof.serverProof[proof.serverProof.startIndex] ^= 0x01
-                        done.payload = (try? proof.serializedData()) ?? done.payload
-                        frame = done.frame(tag: .authDone)
-                    }
-                    if let sealer {
-                        var parts: [ByteBuffer] = []
-                        try? frame.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
-                        for part in parts { out.writeImmutableBuffer(part) }
-                    } else {
-                        out.writeFrame(frame)
-                    }
-                case .startSealing(let keys):
-                    sealer = try? SecureDirection(keys: keys.keys, sealing: true)
-                }
+            do {
+                try out.writeStep(step.send, sealer: &sealer, edit: tamper)
+            } catch {
+                return self.failAll("the tester's own handshake output", "\(error)")
             }
             if out.readableBytes > 0 { await self.peer.send(out) }
             if let opening = step.startOpening, let direction = try? SecureDirection(keys: opening.keys, sealing: false) {

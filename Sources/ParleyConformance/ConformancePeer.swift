@@ -201,15 +201,7 @@ final class ConformancePeer {
 
     func send(_ frames: [Frame], pieces: Int? = nil) async throws {
         var b = ByteBuffer()
-        for f in frames {
-            if let sealer = self.sealer {
-                var parts: [ByteBuffer] = []
-                try f.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
-                for part in parts { b.writeImmutableBuffer(part) }
-            } else {
-                b.writeFrame(f)
-            }
-        }
+        for f in frames { try b.writeFrame(f, sealedWith: self.sealer) }
         await self.send(b, pieces: pieces)
     }
 
@@ -253,11 +245,7 @@ final class ConformancePeer {
         }
         guard let lonePreamble, let sealer = self.sealer else { return try await self.send(frames, pieces: pieces) }
         var b = ByteBuffer()
-        for f in frames {
-            var parts: [ByteBuffer] = []
-            try f.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
-            for part in parts { b.writeImmutableBuffer(part) }
-        }
+        for f in frames { try b.writeFrame(f, sealedWith: sealer) }
         b.writeImmutableBuffer(try sealer.sealPreamble(lonePreamble))
         await self.send(b, pieces: pieces)
     }
@@ -332,5 +320,28 @@ final class ConformancePeer {
 
     func close() {
         self.channel.close(promise: nil)
+    }
+}
+
+extension ByteBuffer {
+    /// Writes `frame` as it goes on the wire: sealed with `sealer` in secure mode, as a crc
+    /// frame without one.
+    mutating func writeFrame(_ frame: Frame, sealedWith sealer: SecureDirection?) throws {
+        guard let sealer else { return self.writeFrame(frame) }
+        var parts: [ByteBuffer] = []
+        try frame.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
+        for part in parts { self.writeImmutableBuffer(part) }
+    }
+
+    /// Writes what one step of a handshake state machine sends (`edit` may change a frame
+    /// first); a `.startSealing` sets `sealer`, which seals the frames after it.
+    mutating func writeStep(_ send: [WireOutbound], sealer: inout SecureDirection?, edit: (Frame) -> Frame = { $0 }) throws {
+        for element in send {
+            switch element {
+            case .banner(let banner): self.writeBanner(banner)
+            case .frame(let frame): try self.writeFrame(edit(frame), sealedWith: sealer)
+            case .startSealing(let keys): sealer = try SecureDirection(keys: keys.keys, sealing: true)
+            }
+        }
     }
 }

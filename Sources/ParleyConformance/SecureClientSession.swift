@@ -67,22 +67,7 @@ final class SecureClientSession {
         var step = machine.start()
         while true {
             var out = ByteBuffer()
-            for element in step.send {
-                switch element {
-                case .banner(let banner):
-                    out.writeBanner(banner)
-                case .frame(let frame):
-                    if let sealer {
-                        var parts: [ByteBuffer] = []
-                        try frame.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
-                        for part in parts { out.writeImmutableBuffer(part) }
-                    } else {
-                        out.writeFrame(frame)
-                    }
-                case .startSealing(let keys):
-                    sealer = try SecureDirection(keys: keys.keys, sealing: true)
-                }
-            }
+            try out.writeStep(step.send, sealer: &sealer)
             if out.readableBytes > 0 { await peer.send(out, pieces: pieces) }
             if let opening = step.startOpening { peer.startOpening(try SecureDirection(keys: opening.keys, sealing: false)) }
             switch step.outcome {
@@ -112,10 +97,8 @@ final class SecureClientSession {
     /// The bytes of `frame` sealed with this client's keys.
     func sealed(_ frame: Frame) throws -> ByteBuffer {
         guard let sealer = self.sealer else { throw fail("secure mode", "the server chose crc mode") }
-        var parts: [ByteBuffer] = []
-        try frame.seal(with: sealer, into: &parts, allocator: ByteBufferAllocator())
         var out = ByteBuffer()
-        for part in parts { out.writeImmutableBuffer(part) }
+        try out.writeFrame(frame, sealedWith: sealer)
         return out
     }
 

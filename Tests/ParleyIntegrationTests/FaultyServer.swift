@@ -305,7 +305,7 @@ struct FrameRewriter {
         guard let tag = frame.getInteger(at: p, as: UInt8.self), lengths.count == 1, let segment = frame.getSlice(at: p + 32, length: lengths[0]) else { return frame }
         func encoded(_ tag: FrameTag, _ message: some SwiftProtobuf.Message) -> ByteBuffer {
             var b = ByteBuffer()
-            b.writeFrame(Frame(tag: tag, segments: [(try? message.parleyPayload()) ?? ByteBuffer()]))
+            b.writeFrame(Frame(tag: tag, segments: [message.parleyPayload()]))
             return b
         }
         switch (toClient, FrameTag(rawValue: tag)) {
