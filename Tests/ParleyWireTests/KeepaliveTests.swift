@@ -57,15 +57,21 @@ import Testing
         k.readsPaused(true, now: 160 * Self.ms)
         k.readsPaused(false, now: 170 * Self.ms)
         #expect(k.tick(now: 569 * Self.ms, heard: false) == .sendKeepalive(UInt64(569 * Self.ms)))
+        // 400 ms of silence since the resumption, but the KEEPALIVE before the pause does not
+        // count: the peer has had 1 ms to answer the one of this silence.
         #expect(k.tick(now: 570 * Self.ms, heard: false) == .none)
-        #expect(k.tick(now: 595 * Self.ms, heard: false) == .timedOut(silentFor: 425 * Self.ms))
+        #expect(k.tick(now: 669 * Self.ms, heard: false) == .sendKeepalive(UInt64(669 * Self.ms)))
+        #expect(k.tick(now: 769 * Self.ms, heard: false) == .sendKeepalive(UInt64(769 * Self.ms)))
+        #expect(k.tick(now: 868 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 869 * Self.ms, heard: false) == .none, "asked 300 ms ago: seen")
+        #expect(k.tick(now: 894 * Self.ms, heard: false) == .timedOut(silentFor: 724 * Self.ms))
     }
 
     @Test func bytesReadAfterABusySpellCancelTheTimeout() {
         // This side's event loop was busy for 500 ms: the first tick after it sees the timeout
         // passed, but the peer's bytes were waiting and are read before the next tick.
         var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
-        #expect(k.tick(now: 500 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 500 * Self.ms, heard: false) == .sendKeepalive(UInt64(500 * Self.ms)))
         #expect(k.tick(now: 525 * Self.ms, heard: true) == .none)
         #expect(k.tick(now: 624 * Self.ms, heard: false) == .none, "silence counts from 525 ms")
         #expect(k.tick(now: 625 * Self.ms, heard: false) == .sendKeepalive(UInt64(625 * Self.ms)))
@@ -73,11 +79,35 @@ import Testing
 
     @Test func resumingReadsForgetsATimeoutSeenBefore() {
         var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        #expect(k.tick(now: 100 * Self.ms, heard: false) == .sendKeepalive(UInt64(100 * Self.ms)))
         #expect(k.tick(now: 400 * Self.ms, heard: false) == .none)  // seen, not confirmed
         k.readsPaused(true, now: 410 * Self.ms)
         k.readsPaused(false, now: 420 * Self.ms)
+        #expect(k.tick(now: 520 * Self.ms, heard: false) == .sendKeepalive(UInt64(520 * Self.ms)))
         #expect(k.tick(now: 820 * Self.ms, heard: false) == .none, "seen again after the resumption, not confirmed")
         #expect(k.tick(now: 845 * Self.ms, heard: false) == .timedOut(silentFor: 425 * Self.ms))
+    }
+
+    /// The CI failure of silentPeerIsSentKeepalivesThenClosedWithTimeout: this side's event
+    /// loop was starved past the whole timeout, and the peer was closed without ever having been
+    /// sent a KEEPALIVE. Now it is asked first, and gets timeout - interval to answer.
+    @Test func aLateFirstTickAsksThePeerBeforeGivingUp() {
+        var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        #expect(k.tick(now: 500 * Self.ms, heard: false) == .sendKeepalive(UInt64(500 * Self.ms)))
+        #expect(k.tick(now: 525 * Self.ms, heard: false) == .none, "asked 25 ms ago")
+        #expect(k.tick(now: 600 * Self.ms, heard: false) == .sendKeepalive(UInt64(600 * Self.ms)))
+        #expect(k.tick(now: 799 * Self.ms, heard: false) == .sendKeepalive(UInt64(799 * Self.ms)))
+        #expect(k.tick(now: 800 * Self.ms, heard: false) == .none, "asked 300 ms ago: seen")
+        #expect(k.tick(now: 825 * Self.ms, heard: false) == .timedOut(silentFor: 825 * Self.ms))
+    }
+
+    @Test func anAnswerToTheLateKeepaliveKeepsThePeer() {
+        var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        #expect(k.tick(now: 2_000 * Self.ms, heard: false) == .sendKeepalive(UInt64(2_000 * Self.ms)))
+        #expect(k.tick(now: 2_025 * Self.ms, heard: true) == .none)
+        #expect(k.tick(now: 2_124 * Self.ms, heard: false) == .none)
+        #expect(k.tick(now: 2_425 * Self.ms, heard: false) == .sendKeepalive(UInt64(2_425 * Self.ms)))
+        #expect(k.tick(now: 2_426 * Self.ms, heard: false) == .none, "400 ms silent, but asked only 1 ms ago")
     }
 
     @Test func tickIntervalIsAQuarterIntervalAndAtLeastOneMillisecond() {

@@ -4,10 +4,13 @@
 /// The connection ticks it periodically (every `Configuration.tickInterval`) with the current
 /// time and whether anything arrived from the peer since the previous tick. After `interval`
 /// without a byte from the peer it asks for a KEEPALIVE (at most one per `interval`); after
-/// `timeout` without a byte it declares the peer gone, but only at the tick after the one
-/// that first saw the timeout passed: the event loop polls the socket between two ticks, so
-/// bytes that were waiting while this side's event loop was busy (a handler that ran long) are
-/// read before the peer is given up on. While this side has stopped reading (back-pressure)
+/// `timeout` without a byte it declares the peer gone, but only once the first KEEPALIVE of
+/// this silence is at least `timeout - interval` old (so a peer is never given up on without
+/// having been asked, and always gets that long to answer: if this side's event loop was so
+/// busy that its first tick after the interval came after the timeout, the KEEPALIVE goes
+/// then), and only at the tick after the one that first saw all that: the event loop polls the
+/// socket between two ticks, so bytes that were waiting while this side's event loop was busy
+/// (a handler that ran long) are read before the peer is given up on. While this side has stopped reading (back-pressure)
 /// silence is not the peer's fault: the clock of silence restarts when reading resumes.
 ///
 /// Invariants: no clock, timer or channel inside; times are monotonic nanoseconds passed in.
@@ -43,6 +46,8 @@ public struct KeepaliveStateMachine: Sendable {
     private(set) var lastHeard: Int64
     /// When the last KEEPALIVE was sent, if one was.
     private(set) var lastKeepalive: Int64?
+    /// When the first KEEPALIVE of the current silence was sent, if one was.
+    private(set) var firstKeepaliveOfSilence: Int64?
     private var readsPaused = false
     /// A tick saw the timeout pass; the next one without news from the peer ends it.
     private var timeoutSeen = false
@@ -56,8 +61,7 @@ public struct KeepaliveStateMachine: Sendable {
     /// This side stopped (true) or resumed (false) reading from the peer.
     public mutating func readsPaused(_ paused: Bool, now: Int64) {
         if self.readsPaused && !paused {
-            self.lastHeard = now
-            self.timeoutSeen = false
+            self.heard(now: now)
         }
         self.readsPaused = paused
     }
@@ -66,12 +70,12 @@ public struct KeepaliveStateMachine: Sendable {
     public mutating func tick(now: Int64, heard: Bool) -> Action {
         guard !self.timedOut else { return .none }
         if heard || self.readsPaused {
-            self.lastHeard = now
-            self.timeoutSeen = false
+            self.heard(now: now)
             return .none
         }
         let silent = now - self.lastHeard
-        if silent >= self.configuration.timeout {
+        let grace = self.configuration.timeout - self.configuration.interval
+        if silent >= self.configuration.timeout, let asked = self.firstKeepaliveOfSilence, now - asked >= grace {
             guard self.timeoutSeen else {
                 self.timeoutSeen = true
                 return .none
@@ -82,6 +86,13 @@ public struct KeepaliveStateMachine: Sendable {
         guard silent >= self.configuration.interval else { return .none }
         if let last = self.lastKeepalive, now - last < self.configuration.interval { return .none }
         self.lastKeepalive = now
+        if self.firstKeepaliveOfSilence == nil { self.firstKeepaliveOfSilence = now }
         return .sendKeepalive(UInt64(max(now, 0)))
+    }
+
+    private mutating func heard(now: Int64) {
+        self.lastHeard = now
+        self.firstKeepaliveOfSilence = nil
+        self.timeoutSeen = false
     }
 }
