@@ -51,6 +51,10 @@ public final class ParleyServer: Service, Sendable {
         /// more than the last one's: clients follow the first, so they are spread over the
         /// addresses in turn (a front door for several servers, §8.2).
         public var rotateRedirects = false
+        /// Graceful shutdown waits this long for running handlers to finish and for each
+        /// connection's CLOSE to be written; then it closes what is still open (a peer that
+        /// stopped reading, a handler that never returns). nil: wait without limit.
+        public var shutdownGracePeriod: Duration? = .seconds(30)
 
         public init(
             listen: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: ParleyAddress.defaultPort)],
@@ -145,6 +149,8 @@ public final class ParleyServer: Service, Sendable {
             self.detachedOrder.removeAll { $0 == token }
         }
         var shuttingDown = false
+        /// Graceful shutdown's deadline, while it runs.
+        var shutdownDeadline: Scheduled<Void>?
         var stoppedWaiters: [CheckedContinuation<Void, Never>] = []
         var failed: (any Error)?
     }
@@ -247,8 +253,32 @@ public final class ParleyServer: Service, Sendable {
             for c in channels { c.close(promise: nil) }
         } else {
             for c in connections { Task { await c.drain() } }
+            if let grace = self.configuration.shutdownGracePeriod, !channels.isEmpty {
+                self.scheduleShutdownDeadline(after: grace)
+            }
         }
         self.stopIfIdle()
+    }
+
+    /// The end of graceful shutdown's patience: connections still open are closed.
+    private func scheduleShutdownDeadline(after grace: Duration) {
+        let deadline = self.group.next().scheduleTask(in: .nanoseconds(grace.nanoseconds)) { [self] in
+            let open = self.state.withLockedValue { s -> [any Channel] in
+                s.shutdownDeadline = nil
+                return Array(s.channels.values)
+            }
+            guard !open.isEmpty else { return }
+            self.logger.warning(
+                "graceful shutdown: closing connections still open after the grace period",
+                metadata: ["connections": "\(open.count)", "grace": "\(grace)"]
+            )
+            for c in open { c.close(promise: nil) }
+        }
+        let previous = self.state.withLockedValue { s -> Scheduled<Void>? in
+            defer { s.shutdownDeadline = deadline }
+            return s.shutdownDeadline
+        }
+        previous?.cancel()
     }
 
     /// Returns once the server is shutting down and its last connection has closed.
@@ -264,11 +294,12 @@ public final class ParleyServer: Service, Sendable {
     }
 
     private func stopIfIdle() {
-        let waiters = self.state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
-            guard s.shuttingDown && s.channels.isEmpty else { return [] }
-            defer { s.stoppedWaiters = [] }
-            return s.stoppedWaiters
+        let (waiters, deadline) = self.state.withLockedValue { s -> ([CheckedContinuation<Void, Never>], Scheduled<Void>?) in
+            guard s.shuttingDown && s.channels.isEmpty else { return ([], nil) }
+            defer { s.stoppedWaiters = []; s.shutdownDeadline = nil }
+            return (s.stoppedWaiters, s.shutdownDeadline)
         }
+        deadline?.cancel()
         waiters.forEach { $0.resume() }
     }
 

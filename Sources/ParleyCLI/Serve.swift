@@ -45,6 +45,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Seconds a lossless session whose connection broke is kept for its client to reconnect; 0 turns lossless sessions (feature bit 9) off.", valueName: "seconds"))
     var sessionRetention: Double = 30
 
+    @Option(name: .long, help: ArgumentHelp("On SIGTERM or SIGINT, seconds to wait for running requests to finish and each client to be told before closing what is still open; 0 waits without limit.", valueName: "seconds"))
+    var shutdownGrace: Double = 30
+
     @Option(name: .long, help: ArgumentHelp("Append the key of each Work request to this file when it starts running (for tests of session resets).", valueName: "file"))
     var executionLog: String?
 
@@ -57,6 +60,7 @@ struct Serve: AsyncParsableCommand {
             do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) }
         }
         if self.sessionRetention < 0 || !self.sessionRetention.isFinite { throw ValidationError("--session-retention must be 0 or more seconds") }
+        if self.shutdownGrace < 0 || !self.shutdownGrace.isFinite { throw ValidationError("--shutdown-grace must be 0 or more seconds") }
         try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
     }
 
@@ -80,6 +84,7 @@ struct Serve: AsyncParsableCommand {
         )
         self.nucleus.apply(to: &configuration)
         configuration.sessionRetention = self.sessionRetention > 0 ? .milliseconds(Int64(self.sessionRetention * 1000)) : nil
+        configuration.shutdownGracePeriod = self.shutdownGrace > 0 ? .milliseconds(Int64(self.shutdownGrace * 1000)) : nil
         do { try self.security.apply(to: &configuration) } catch let error as ParleyError { throw ValidationError(error.message) }
         let server = ParleyServer(configuration: configuration, router: router, logger: logger)
         let group = ServiceGroup(

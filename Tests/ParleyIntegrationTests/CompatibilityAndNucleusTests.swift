@@ -278,7 +278,8 @@ struct ShutdownTests {
             return slept
         }
         let server = ParleyServer(configuration: .init(listen: [.tcp(host: "127.0.0.1", port: 0)]), router: router, logger: quietLogger)
-        let run = Task { try await server.run() }
+        let ended = Signal()
+        let run = Task { defer { ended.raise() }; try await server.run() }
         let address = try await server.listeningAddresses[0]
         let client = try await ParleyClient.connect(to: address, logger: quietLogger)
         let calls = Task {
@@ -301,6 +302,39 @@ struct ShutdownTests {
         try await run.value
         // New connections are refused once the server has stopped.
         await #expect(throws: ParleyError.self) { _ = try await ParleyClient.connect(to: address, logger: quietLogger) }
+        await client.closed()
+    }
+
+    /// A handler that does not return (here: one that ignores cancellation for a minute)
+    /// would hold a graceful shutdown for ever; the grace period ends it, and says so.
+    @Test func gracefulShutdownEndsAfterItsGracePeriod() async throws {
+        let started = Signal()
+        let release = Signal()
+        var router = EchoService.router()
+        router.on(Parley_Echo_V1_Sleep.self) { request, _ in
+            started.raise()
+            _ = await release.wait(seconds: 60)
+            return Parley_Echo_V1_Slept()
+        }
+        defer { release.raise() }
+        let logs = LogCollector()
+        var configuration = ParleyServer.Configuration(listen: [.tcp(host: "127.0.0.1", port: 0)])
+        configuration.shutdownGracePeriod = .milliseconds(500)
+        let server = ParleyServer(configuration: configuration, router: router, logger: logs.logger("server"))
+        let ended = Signal()
+        let run = Task { defer { ended.raise() }; try await server.run() }
+        let address = try await server.listeningAddresses[0]
+        let client = try await ParleyClient.connect(to: address, logger: quietLogger)
+        let call = Task { try await client.request(Parley_Echo_V1_Sleep(), as: Parley_Echo_V1_Slept.self) }
+        #expect(await started.wait(seconds: 30))
+        server.shutDown()
+        // A hang detector, not a timing assertion: without the grace period run() waits for the
+        // handler's whole minute.
+        #expect(await ended.wait(seconds: 30), "the server stopped after the grace period")
+        #expect(logs.all.contains { $0.message.contains("grace period") && $0.metadata.contains("\"connections\": 1") })
+        await #expect(throws: ParleyError.self, "the unanswered call fails; it is not left waiting") { _ = try await call.value }
+        release.raise()
+        try await run.value
         await client.closed()
     }
 }
