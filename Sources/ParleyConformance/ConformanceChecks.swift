@@ -1259,7 +1259,10 @@ enum ConformanceChecks {
             guard let code = errorCode(answer), code != .unspecified else { throw fail("ERROR with a code other than 0", describe(answer)) }
             try await s.peer.sendFrames(ByteBuffer(frame: Frame(tag: FrameTag(rawValue: 0x31), segments: [ByteBuffer()])))
             let drained = try await s.drainUntilClosed()
-            if let close = drained.frames.last(where: { $0.tag == .close }), let status = try? Parley_V1_Status(parleyPayload: close.segments[0]), status.code == 0 {
+            guard let close = drained.frames.last(where: { $0.tag == .close }) else {
+                throw fail("CLOSE with a code other than 0 (tag 0x31 is unknown and critical)", drained.frames.last.map { describe($0) } ?? (drained.closed ? "the connection closed without CLOSE" : "nothing"))
+            }
+            if let status = try? Parley_V1_Status(parleyPayload: close.segments[0]), status.code == 0 {
                 throw fail("CLOSE with a code other than 0", describe(close))
             }
         },

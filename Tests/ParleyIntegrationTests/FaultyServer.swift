@@ -27,16 +27,83 @@ final class FaultyServer: Sendable {
         /// The server resumes a session without sending again what the client lacks.
         case forgetsOnResume
 
-        /// The one requirement this fault breaks: the only check that must fail.
-        var requirement: String? {
+        // Faults of a server that does not check what a client sends: the proxy makes the
+        // bad input good before the server sees it, drops it (the server skips it), or drops
+        // it and all that follows (the server waits for ever). A check expecting a refusal
+        // then sees none.
+
+        /// Accepts a banner whose CRC is wrong.
+        case acceptsBannerWithWrongCRC
+        /// Accepts a banner of version 0.
+        case acceptsVersionZero
+        /// Does not check preamble CRCs of MESSAGEs (and stops reading at one that is wrong).
+        case ignoresPreambleCRC
+        /// Does not check the segment count: a preamble of 0 or 5 segments stops its reading.
+        case ignoresSegmentCount
+        /// Does not check preamble byte 3.
+        case ignoresPreambleByte3
+        /// Does not check that unused segment descriptors are zero.
+        case ignoresUnusedDescriptors
+        /// Does not check segment CRCs.
+        case ignoresSegmentCRCs
+        /// Takes a client HELLO of entity type SERVER for a client's.
+        case acceptsServerEntityType
+        /// Skips unknown critical tags as if they were ignorable.
+        case skipsUnknownCriticalTags
+        /// Skips a NOTICE from a client.
+        case skipsNoticesFromClients
+        /// Skips a KEEPALIVE whose segment is not 8 bytes.
+        case skipsShortKeepalives
+        /// Skips an ACK whose segment is not 8 bytes.
+        case skipsShortAcks
+        /// Skips a MESSAGE of one segment.
+        case skipsOneSegmentMessages
+        /// Skips a MESSAGE whose header is shorter than 32 bytes.
+        case skipsShortHeaders
+        /// Skips a MESSAGE whose type name is longer than 1024 bytes.
+        case skipsOverlongTypeNames
+        /// Skips a MESSAGE of an unknown kind.
+        case skipsUnknownKinds
+        /// Does not check message header bytes 28-31.
+        case ignoresHeaderReservedBytes
+        /// Does not check message header flags.
+        case ignoresHeaderFlags
+        /// Does not check frame flags on MESSAGEs.
+        case ignoresFrameFlagsOnMessages
+
+        /// The requirement ids of the checks that must fail, one entry per check; every other
+        /// check must pass.
+        var breaks: [String] {
             switch self {
-            case .none: return nil
-            case .wrongCRCOnLargeFrames: return "R-4.4-3"
-            case .ignoresRequiredUnknownFeatures: return "R-3-7"
-            case .answersCancelledRequests: return "R-7.7-1"
-            case .flagsOnErrors: return "R-4.9-2"
-            case .wrongCodeForTampering: return "R-5.1-4"
-            case .forgetsOnResume: return "R-5.2-11"
+            case .none: return []
+            case .wrongCRCOnLargeFrames: return ["R-4.4-3"]
+            case .ignoresRequiredUnknownFeatures: return ["R-3-7"]
+            case .answersCancelledRequests: return ["R-7.7-1", "R-7.7-1"]
+            case .flagsOnErrors: return ["R-4.9-2"]
+            case .wrongCodeForTampering: return ["R-5.1-4"]
+            case .forgetsOnResume: return ["R-5.2-11"]
+            case .acceptsBannerWithWrongCRC: return ["R-3-2"]
+            case .acceptsVersionZero: return ["R-3-3"]
+            case .ignoresPreambleCRC: return ["R-4.4-1"]
+            case .ignoresSegmentCount: return ["R-4.4-2", "R-4.4-2"]
+            // Both checks that set byte 3: of a MESSAGE's preamble and of a KEEPALIVE's.
+            case .ignoresPreambleByte3: return ["R-4.4-2", "R-9-1"]
+            case .ignoresUnusedDescriptors: return ["R-4.4-2"]
+            // The refusal, and what follows it: the request behind the bad CRC is answered.
+            case .ignoresSegmentCRCs: return ["R-4.4-4", "R-4.4-5"]
+            case .acceptsServerEntityType: return ["R-6.1-3"]
+            // Tag 0x30, and the CLOSE code check's 0x31.
+            case .skipsUnknownCriticalTags: return ["R-4.8-3", "R-10-1"]
+            case .skipsNoticesFromClients: return ["R-4.8-4"]
+            case .skipsShortKeepalives: return ["R-7.12-2"]
+            case .skipsShortAcks: return ["R-5.2-5"]
+            case .skipsOneSegmentMessages: return ["R-7.1-1"]
+            case .skipsShortHeaders: return ["R-7.2-2"]
+            case .skipsOverlongTypeNames: return ["R-7.2-2"]
+            case .skipsUnknownKinds: return ["R-7.2-4"]
+            case .ignoresHeaderReservedBytes: return ["R-7.2-2"]
+            case .ignoresHeaderFlags: return ["R-7.2-7"]
+            case .ignoresFrameFlagsOnMessages: return ["R-4.9-3"]
             }
         }
 
@@ -179,6 +246,8 @@ struct FrameRewriter {
     private var passthrough = false
     /// A SESSION_RESUMED went by: the MESSAGEs sent again right after it are dropped.
     private var resumed = false
+    /// The server has stopped reading this connection (a fault): the client's bytes go nowhere.
+    private var swallowing = false
     private static let large = 1 << 20
 
     init(fault: FaultyServer.Fault, toClient: Bool, mutation: FaultyServer.Mutation? = nil) {
@@ -193,6 +262,7 @@ struct FrameRewriter {
     }
 
     private mutating func follow(_ bytes: ByteBuffer) -> ByteBuffer {
+        if self.swallowing { return ByteBuffer() }
         var bytes = bytes
         self.buffer.writeBuffer(&bytes)
         var out = ByteBuffer()
@@ -230,6 +300,17 @@ struct FrameRewriter {
                 guard self.buffer.readableBytes >= 32 else { return out }
                 var banner = self.buffer.readSlice(length: 32)!
                 self.bannerDone = true
+                if !self.toClient, banner.getBytes(at: banner.readerIndex, length: 8) == Banner.magic {
+                    let b = banner.readerIndex
+                    var repaired = false
+                    if self.fault == .acceptsVersionZero, banner.getInteger(at: b + 8, endianness: .little, as: UInt16.self) == 0 {
+                        banner.setInteger(UInt16(1), at: b + 8, endianness: .little)
+                        repaired = true
+                    }
+                    if repaired || self.fault == .acceptsBannerWithWrongCRC {
+                        banner.setInteger(CRC32C.checksum(banner, at: b, length: 28), at: b + 28, endianness: .little)
+                    }
+                }
                 guard banner.getBytes(at: banner.readerIndex, length: 8) == Banner.magic,
                       CRC32C.checksum(banner, at: banner.readerIndex, length: 28) == banner.getInteger(at: banner.readerIndex + 28, endianness: .little, as: UInt32.self)
                 else {
@@ -255,6 +336,12 @@ struct FrameRewriter {
             guard self.buffer.readableBytes >= 32 else { return out }
             let p = self.buffer.readerIndex
             let count = Int(self.buffer.getInteger(at: p + 2, as: UInt8.self)!)
+            if !self.toClient, self.stopsReading(at: self.buffer.getSlice(at: p, length: 32)!) {
+                // The server stops at this preamble: it never reads it, nor anything after it.
+                self.swallowing = true
+                self.buffer.clear()
+                return out
+            }
             guard CRC32C.checksum(self.buffer, at: p, length: 28) == self.buffer.getInteger(at: p + 28, endianness: .little, as: UInt32.self),
                   (1...4).contains(count)
             else {
@@ -286,6 +373,10 @@ struct FrameRewriter {
                     continue
                 }
             }
+            if !self.toClient {
+                guard let kept = self.fromClient(frame, lengths: lengths) else { continue }
+                frame = kept
+            }
             if self.fault == .forgetsOnResume && self.toClient {
                 let tag = frame.getInteger(at: frame.readerIndex, as: UInt8.self)!
                 if tag == FrameTag.sessionResumed.rawValue {
@@ -297,6 +388,75 @@ struct FrameRewriter {
             self.rewrite(&frame, lengths: lengths)
             out.writeBuffer(&frame)
         }
+    }
+
+    /// A fault of the preamble checks: whether the server stops reading at this preamble
+    /// of a client's frame (rather than refusing it).
+    private func stopsReading(at preamble: ByteBuffer) -> Bool {
+        let p = preamble.readerIndex
+        let tag = preamble.getInteger(at: p, as: UInt8.self)!
+        let count = Int(preamble.getInteger(at: p + 2, as: UInt8.self)!)
+        let byte3 = preamble.getInteger(at: p + 3, as: UInt8.self)!
+        let crcRight = CRC32C.checksum(preamble, at: p, length: 28) == preamble.getInteger(at: p + 28, endianness: .little, as: UInt32.self)
+        let descriptors = preamble.getBytes(at: p + 4, length: 24)!
+        let unusedZero = (1...4).contains(count) && descriptors[(6 * count)...].allSatisfy { $0 == 0 }
+        switch self.fault {
+        case .ignoresPreambleCRC:
+            // A crc MESSAGE preamble whose CRC alone is wrong (not a sealed frame: their
+            // preambles are random bytes, which this matches with probability 2^-120).
+            return !crcRight && tag == FrameTag.message.rawValue && byte3 == 0 && count == 2 && unusedZero
+        case .ignoresSegmentCount: return crcRight && !(1...4).contains(count)
+        case .ignoresPreambleByte3: return crcRight && byte3 != 0
+        case .ignoresUnusedDescriptors: return crcRight && byte3 == 0 && (1...4).contains(count) && !unusedZero
+        default: return false
+        }
+    }
+
+    /// The faults of the frame checks on one whole frame from the client (CRCs right): the
+    /// frame to pass on, or nil when the server skips it.
+    private func fromClient(_ frame: ByteBuffer, lengths: [Int]) -> ByteBuffer? {
+        var frame = frame
+        let p = frame.readerIndex
+        let tag = frame.getInteger(at: p, as: UInt8.self)!
+        let isMessage = tag == FrameTag.message.rawValue
+        // The header faults act on frames the server would have read (segment CRCs right).
+        let header = isMessage && lengths[0] >= 32 && Self.segmentCRCsRight(frame, lengths: lengths) ? p + 32 : nil
+        switch self.fault {
+        case .ignoresSegmentCRCs:
+            self.fixCRCs(&frame, lengths: lengths)
+        case .acceptsServerEntityType where tag == FrameTag.hello.rawValue && lengths.count == 1:
+            guard var hello = try? Parley_V1_Hello(parleyPayload: frame.getSlice(at: p + 32, length: lengths[0])!), hello.entityType == .server else { break }
+            hello.entityType = .client
+            var b = ByteBuffer()
+            b.writeFrame(Frame(tag: .hello, segments: [hello.parleyPayload()]))
+            return b
+        case .skipsUnknownCriticalTags where (0x20..<0x80).contains(tag) && !FrameTag(rawValue: tag).isKnown:
+            return nil
+        case .skipsNoticesFromClients where tag == FrameTag.notice.rawValue:
+            return nil
+        case .skipsShortKeepalives where tag == FrameTag.keepalive.rawValue && lengths[0] != 8:
+            return nil
+        case .skipsShortAcks where tag == FrameTag.ack.rawValue && lengths[0] != 8:
+            return nil
+        case .skipsOneSegmentMessages where isMessage && lengths.count == 1:
+            return nil
+        case .skipsShortHeaders where isMessage && lengths[0] < 32:
+            return nil
+        case .skipsOverlongTypeNames:
+            if let h = header, frame.getInteger(at: h + 26, endianness: .little, as: UInt16.self)! > 1024 { return nil }
+        case .skipsUnknownKinds:
+            if let h = header, !MessageKind(rawValue: frame.getInteger(at: h + 24, as: UInt8.self)!).isKnown { return nil }
+        case .ignoresHeaderReservedBytes:
+            if let h = header { frame.setInteger(UInt32(0), at: h + 28); self.fixCRCs(&frame, lengths: lengths) }
+        case .ignoresHeaderFlags:
+            if let h = header { frame.setInteger(UInt8(0), at: h + 25); self.fixCRCs(&frame, lengths: lengths) }
+        case .ignoresFrameFlagsOnMessages where isMessage && Self.segmentCRCsRight(frame, lengths: lengths):
+            frame.setInteger(UInt8(0), at: p + 1)
+            self.fixCRCs(&frame, lengths: lengths)
+        default:
+            break
+        }
+        return frame
     }
 
     /// The `lies` mutation of one whole frame: the frame to pass on instead, or nil to drop it.
@@ -363,6 +523,17 @@ struct FrameRewriter {
         }
         guard changed else { return }
         self.fixCRCs(&frame, lengths: lengths)
+    }
+
+    /// Whether every segment CRC of a whole frame is right.
+    private static func segmentCRCsRight(_ frame: ByteBuffer, lengths: [Int]) -> Bool {
+        var at = frame.readerIndex + 32
+        let epilogue = at + lengths.reduce(0, +)
+        for (i, length) in lengths.enumerated() {
+            guard CRC32C.checksum(frame, at: at, length: length) == frame.getInteger(at: epilogue + 4 * i, endianness: .little, as: UInt32.self) else { return false }
+            at += length
+        }
+        return true
     }
 
     /// Makes the preamble and segment CRCs of a rewritten frame right again.
