@@ -71,6 +71,38 @@ final class FaultyServer: Sendable {
         /// Does not check frame flags on MESSAGEs.
         case ignoresFrameFlagsOnMessages
 
+        // Faults of a server that refuses what it must accept (it hangs up).
+
+        /// Hangs up on a client that supports (not requires) unknown feature bits.
+        case refusesUnknownOptionalFeatures
+        /// Hangs up on a banner of a version above 1.
+        case refusesNewerVersions
+        /// Hangs up on a control frame of more than one segment or a MESSAGE of four.
+        case refusesExtraSegments
+        /// Hangs up on an ignorable tag (0x80 and above).
+        case refusesIgnorableTags
+        /// Hangs up on flags set on a control frame.
+        case refusesFlagsOnControlFrames
+        /// Hangs up on a client HELLO with an empty peer_address.
+        case refusesEmptyPeerAddress
+
+        // Faults of a server that answers wrongly.
+
+        /// A KEEPALIVE_ACK whose timestamp differs from the KEEPALIVE's by one bit.
+        case wrongKeepaliveAckStamp
+        /// Data segments sent with alignment hint 0.
+        case noDataSegmentAlignment
+        /// ERROR invalidArgument for a request of an unknown type.
+        case wrongCodeForUnknownTypes
+        /// ERROR invalidArgument for a request whose payload does not decode.
+        case wrongCodeForBadPayloads
+        /// The third item of a stream says it is the eighth.
+        case wrongStreamItem
+        /// An empty data segment is answered without one.
+        case dropsEmptyDataSegments
+        /// AUTH_BAD_METHOD names no method.
+        case badMethodNamesNothing
+
         /// The requirement ids of the checks that must fail, one entry per check; every other
         /// check must pass.
         var breaks: [String] {
@@ -104,6 +136,20 @@ final class FaultyServer: Sendable {
             case .ignoresHeaderReservedBytes: return ["R-7.2-2"]
             case .ignoresHeaderFlags: return ["R-7.2-7"]
             case .ignoresFrameFlagsOnMessages: return ["R-4.9-3"]
+            case .refusesUnknownOptionalFeatures: return ["R-3-8"]
+            case .refusesNewerVersions: return ["R-3-4"]
+            case .refusesExtraSegments: return ["R-4.7-1", "R-4.7-1"]
+            case .refusesIgnorableTags: return ["R-4.8-1"]
+            case .refusesFlagsOnControlFrames: return ["R-4.9-1"]
+            case .refusesEmptyPeerAddress: return ["R-6.1-1"]
+            case .wrongKeepaliveAckStamp: return ["R-7.12-1"]
+            case .noDataSegmentAlignment: return ["R-7.1-3"]
+            case .wrongCodeForUnknownTypes: return ["R-7.5-1"]
+            case .wrongCodeForBadPayloads: return ["R-7.5-2"]
+            case .wrongStreamItem: return ["R-7.6-3"]
+            case .dropsEmptyDataSegments: return ["R-7.10-1"]
+            // Both checks of AUTH_BAD_METHOD's method: for tls and for an unknown method.
+            case .badMethodNamesNothing: return ["R-5.1-1", "R-6.1-4"]
             }
         }
 
@@ -214,6 +260,11 @@ private final class Forwarder: ChannelInboundHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let out = self.rewriter.feed(self.unwrapInboundIn(data))
+        if self.rewriter.hangUp {
+            context.close(promise: nil)
+            self.partner.close(promise: nil)
+            return
+        }
         if out.readableBytes > 0 { self.partner.writeAndFlush(out, promise: nil) }
     }
 
@@ -248,6 +299,8 @@ struct FrameRewriter {
     private var resumed = false
     /// The server has stopped reading this connection (a fault): the client's bytes go nowhere.
     private var swallowing = false
+    /// The server hangs up (a fault): the proxy closes both connections.
+    private(set) var hangUp = false
     private static let large = 1 << 20
 
     init(fault: FaultyServer.Fault, toClient: Bool, mutation: FaultyServer.Mutation? = nil) {
@@ -306,6 +359,16 @@ struct FrameRewriter {
                     if self.fault == .acceptsVersionZero, banner.getInteger(at: b + 8, endianness: .little, as: UInt16.self) == 0 {
                         banner.setInteger(UInt16(1), at: b + 8, endianness: .little)
                         repaired = true
+                    }
+                    let version = banner.getInteger(at: b + 8, endianness: .little, as: UInt16.self)!
+                    let known: UInt64 = 0x30F
+                    let supported = banner.getInteger(at: b + 12, endianness: .little, as: UInt64.self)!
+                    let required = banner.getInteger(at: b + 20, endianness: .little, as: UInt64.self)!
+                    if (self.fault == .refusesNewerVersions && version > 1)
+                        || (self.fault == .refusesUnknownOptionalFeatures && supported & ~known != 0 && required & ~known == 0)
+                    {
+                        self.hangUp = true
+                        return out
                     }
                     if repaired || self.fault == .acceptsBannerWithWrongCRC {
                         banner.setInteger(CRC32C.checksum(banner, at: b, length: 28), at: b + 28, endianness: .little)
@@ -374,8 +437,13 @@ struct FrameRewriter {
                 }
             }
             if !self.toClient {
-                guard let kept = self.fromClient(frame, lengths: lengths) else { continue }
+                guard let kept = self.fromClient(frame, lengths: lengths) else {
+                    if self.hangUp { return out }
+                    continue
+                }
                 frame = kept
+            } else if let answer = self.toClientFault(frame, lengths: lengths) {
+                frame = answer
             }
             if self.fault == .forgetsOnResume && self.toClient {
                 let tag = frame.getInteger(at: frame.readerIndex, as: UInt8.self)!
@@ -414,16 +482,31 @@ struct FrameRewriter {
 
     /// The faults of the frame checks on one whole frame from the client (CRCs right): the
     /// frame to pass on, or nil when the server skips it.
-    private func fromClient(_ frame: ByteBuffer, lengths: [Int]) -> ByteBuffer? {
+    private mutating func fromClient(_ frame: ByteBuffer, lengths: [Int]) -> ByteBuffer? {
         var frame = frame
         let p = frame.readerIndex
         let tag = frame.getInteger(at: p, as: UInt8.self)!
         let isMessage = tag == FrameTag.message.rawValue
+        let isKnownControl = !isMessage && FrameTag(rawValue: tag).isKnown
+        let refused: Bool
+        switch self.fault {
+        case .refusesExtraSegments: refused = (isKnownControl && lengths.count > 1) || (isMessage && lengths.count > 3)
+        case .refusesIgnorableTags: refused = FrameTag(rawValue: tag).isIgnorable
+        case .refusesFlagsOnControlFrames: refused = isKnownControl && frame.getInteger(at: p + 1, as: UInt8.self)! != 0
+        case .refusesEmptyPeerAddress:
+            let hello = tag == FrameTag.hello.rawValue ? try? Parley_V1_Hello(parleyPayload: frame.getSlice(at: p + 32, length: lengths[0])!) : nil
+            refused = hello.map { $0.entityType == .client && $0.peerAddress.isEmpty } ?? false
+        default: refused = false
+        }
+        if refused {
+            self.hangUp = true
+            return nil
+        }
         // The header faults act on frames the server would have read (segment CRCs right).
         let header = isMessage && lengths[0] >= 32 && Self.segmentCRCsRight(frame, lengths: lengths) ? p + 32 : nil
         switch self.fault {
         case .ignoresSegmentCRCs:
-            self.fixCRCs(&frame, lengths: lengths)
+            Self.fixCRCs(&frame, lengths: lengths)
         case .acceptsServerEntityType where tag == FrameTag.hello.rawValue && lengths.count == 1:
             guard var hello = try? Parley_V1_Hello(parleyPayload: frame.getSlice(at: p + 32, length: lengths[0])!), hello.entityType == .server else { break }
             hello.entityType = .client
@@ -447,12 +530,12 @@ struct FrameRewriter {
         case .skipsUnknownKinds:
             if let h = header, !MessageKind(rawValue: frame.getInteger(at: h + 24, as: UInt8.self)!).isKnown { return nil }
         case .ignoresHeaderReservedBytes:
-            if let h = header { frame.setInteger(UInt32(0), at: h + 28); self.fixCRCs(&frame, lengths: lengths) }
+            if let h = header { frame.setInteger(UInt32(0), at: h + 28); Self.fixCRCs(&frame, lengths: lengths) }
         case .ignoresHeaderFlags:
-            if let h = header { frame.setInteger(UInt8(0), at: h + 25); self.fixCRCs(&frame, lengths: lengths) }
+            if let h = header { frame.setInteger(UInt8(0), at: h + 25); Self.fixCRCs(&frame, lengths: lengths) }
         case .ignoresFrameFlagsOnMessages where isMessage && Self.segmentCRCsRight(frame, lengths: lengths):
             frame.setInteger(UInt8(0), at: p + 1)
-            self.fixCRCs(&frame, lengths: lengths)
+            Self.fixCRCs(&frame, lengths: lengths)
         default:
             break
         }
@@ -503,7 +586,7 @@ struct FrameRewriter {
         {
             // Status.code (field 1, one varint byte): handshakeTampered becomes authenticationFailed.
             frame.setInteger(UInt8(ParleyError.Code.authenticationFailed.rawValue), at: p + 33)
-            self.fixCRCs(&frame, lengths: lengths)
+            Self.fixCRCs(&frame, lengths: lengths)
             return
         }
         guard tag == FrameTag.message.rawValue, lengths.count >= 2, lengths[0] >= 32 else { return }
@@ -522,7 +605,44 @@ struct FrameRewriter {
             break
         }
         guard changed else { return }
-        self.fixCRCs(&frame, lengths: lengths)
+        Self.fixCRCs(&frame, lengths: lengths)
+    }
+
+    /// The faults of the server's answers on one whole frame to the client: the frame to
+    /// pass on instead, or nil to pass it as it is.
+    private func toClientFault(_ frame: ByteBuffer, lengths: [Int]) -> ByteBuffer? {
+        var frame = frame
+        let p = frame.readerIndex
+        let tag = frame.getInteger(at: p, as: UInt8.self)!
+        let message = tag == FrameTag.message.rawValue && lengths.count >= 2 && lengths[0] >= 32
+        let kind = message ? MessageKind(rawValue: frame.getInteger(at: p + 32 + 24, as: UInt8.self)!) : nil
+        let payloadAt = p + 32 + lengths[0]
+        switch self.fault {
+        case .wrongKeepaliveAckStamp where tag == FrameTag.keepaliveAck.rawValue && lengths == [8]:
+            frame.setInteger(frame.getInteger(at: p + 32 + 7, as: UInt8.self)! ^ 1, at: p + 32 + 7)
+        case .noDataSegmentAlignment where message && lengths.count == 3:
+            frame.setInteger(UInt16(0), at: p + 4 + 12 + 4, endianness: .little)
+        case .wrongCodeForUnknownTypes where kind == .error && frame.getBytes(at: payloadAt, length: 2) == [0x08, UInt8(ParleyError.Code.unknownMessageType.rawValue)],
+             .wrongCodeForBadPayloads where kind == .error && frame.getBytes(at: payloadAt, length: 2) == [0x08, UInt8(ParleyError.Code.malformedPayload.rawValue)]:
+            frame.setInteger(UInt8(ParleyError.Code.invalidArgument.rawValue), at: payloadAt + 1)
+        case .wrongStreamItem where kind == .streamItem && frame.getBytes(at: payloadAt, length: 2) == [0x08, 0x02]:
+            // CountItem.index (field 1, one varint byte) 2 becomes 7; its line stays.
+            frame.setInteger(UInt8(7), at: payloadAt + 1)
+        case .dropsEmptyDataSegments where message && lengths.count == 3 && lengths[2] == 0:
+            var b = ByteBuffer()
+            b.writeFrame(Frame(tag: .message, segments: [frame.getSlice(at: p + 32, length: lengths[0])!, frame.getSlice(at: payloadAt, length: lengths[1])!]))
+            return b
+        case .badMethodNamesNothing where tag == FrameTag.authBadMethod.rawValue && lengths.count == 1:
+            guard var bad = try? Parley_V1_AuthBadMethod(parleyPayload: frame.getSlice(at: p + 32, length: lengths[0])!) else { return nil }
+            bad.method = ""
+            var b = ByteBuffer()
+            b.writeFrame(Frame(tag: .authBadMethod, segments: [bad.parleyPayload()]))
+            return b
+        default:
+            return nil
+        }
+        Self.fixCRCs(&frame, lengths: lengths)
+        return frame
     }
 
     /// Whether every segment CRC of a whole frame is right.
@@ -537,7 +657,7 @@ struct FrameRewriter {
     }
 
     /// Makes the preamble and segment CRCs of a rewritten frame right again.
-    private func fixCRCs(_ frame: inout ByteBuffer, lengths: [Int]) {
+    private static func fixCRCs(_ frame: inout ByteBuffer, lengths: [Int]) {
         let p = frame.readerIndex
         frame.setInteger(CRC32C.checksum(frame, at: p, length: 28), at: p + 28, endianness: .little)
         var at = p + 32
