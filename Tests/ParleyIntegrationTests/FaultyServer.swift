@@ -71,6 +71,49 @@ final class FaultyServer: Sendable {
         /// Does not check frame flags on MESSAGEs.
         case ignoresFrameFlagsOnMessages
 
+        /// Waits for more bytes after a banner whose magic is wrong.
+        case waitsAfterBadMagic
+        /// Skips a CLIENT_IDENT that does not decode (a name that is not UTF-8).
+        case skipsUndecodableClientIdents
+        /// Skips a first HELLO that does not decode.
+        case skipsUndecodableHellos
+        /// Skips a HELLO after the first.
+        case skipsHellosInTheSession
+        /// Skips a SERVER_IDENT from the client.
+        case skipsServerIdentsFromClients
+        /// Skips a CLOSE from the client in the handshake.
+        case ignoresCloseInTheHandshake
+        /// Skips a CLOSE from the client in the session.
+        case ignoresCloseInTheSession
+        /// Skips an AUTH_REQUEST_MORE whose proof does not decode.
+        case skipsUndecodableAuthMore
+        /// Skips a secret AUTH_REQUEST whose challenge is not 32 bytes.
+        case skipsShortChallenges
+        /// Takes method none offering only secure mode as if it had offered crc.
+        case ignoresModeMismatch
+        /// Skips a MESSAGE whose header segment is longer than its type name says.
+        case skipsLongHeaders
+        /// Skips a MESSAGE whose type name is not UTF-8.
+        case skipsNonUTF8TypeNames
+        /// Skips a first MESSAGE of a new session whose seq is not 1.
+        case skipsMisnumberedFirstMessages
+        /// Skips a CANCEL when the client did not offer streams.
+        case skipsCancelsWithoutStreams
+        /// Skips a MESSAGE with a data segment when the client did not offer dataSegment.
+        case skipsDataSegmentsWithoutTheFeature
+        /// Skips a KEEPALIVE when the client did not offer keepalive.
+        case skipsKeepalivesWithoutTheFeature
+        /// Skips an ACK when the client did not offer lossless sessions.
+        case skipsAcksWithoutLosslessSessions
+        /// Skips a SESSION_RECONNECT when the client did not offer lossless sessions.
+        case skipsReconnectsWithoutLosslessSessions
+        /// Skips a SESSION_RECONNECT whose token is not 16 bytes.
+        case skipsShortSessionTokens
+        /// Ignores the client's frame-size limit of 1 (which counts as 65536).
+        case ignoresTheClientsFrameLimit
+        /// Acknowledges 100 more than it received.
+        case acksTooHigh
+
         // Faults of a server that refuses what it must accept (it hangs up).
 
         /// Hangs up on a client that supports (not requires) unknown feature bits.
@@ -136,6 +179,29 @@ final class FaultyServer: Sendable {
             case .ignoresHeaderReservedBytes: return ["R-7.2-2"]
             case .ignoresHeaderFlags: return ["R-7.2-7"]
             case .ignoresFrameFlagsOnMessages: return ["R-4.9-3"]
+            case .waitsAfterBadMagic: return ["R-3-1"]
+            case .skipsUndecodableClientIdents: return ["R-2-2"]
+            case .skipsUndecodableHellos: return ["R-4.7-3"]
+            // A HELLO in the session, decodable or not.
+            case .skipsHellosInTheSession: return ["R-4.8-2", "R-4.8-4"]
+            case .skipsServerIdentsFromClients: return ["R-4.8-4"]
+            case .ignoresCloseInTheHandshake: return ["R-4.8-5"]
+            // A CLOSE of an unknown code, and one with a request behind it.
+            case .ignoresCloseInTheSession: return ["R-7.9-1", "R-7.13-1"]
+            case .skipsUndecodableAuthMore: return ["R-5.1-4"]
+            case .skipsShortChallenges: return ["R-5.1-2"]
+            case .ignoresModeMismatch: return ["R-5.1-11"]
+            case .skipsLongHeaders: return ["R-7.2-2"]
+            case .skipsNonUTF8TypeNames: return ["R-7.2-2"]
+            case .skipsMisnumberedFirstMessages: return ["R-7.2-3"]
+            case .skipsCancelsWithoutStreams: return ["R-7.2-5"]
+            case .skipsDataSegmentsWithoutTheFeature: return ["R-7.2-6"]
+            case .skipsKeepalivesWithoutTheFeature: return ["R-7.12-3"]
+            case .skipsAcksWithoutLosslessSessions: return ["R-5.2-5"]
+            case .skipsReconnectsWithoutLosslessSessions: return ["R-5.2-7"]
+            case .skipsShortSessionTokens: return ["R-5.2-7"]
+            case .ignoresTheClientsFrameLimit: return ["R-4.5-2"]
+            case .acksTooHigh: return ["R-7.3-1"]
             case .refusesUnknownOptionalFeatures: return ["R-3-8"]
             case .refusesNewerVersions: return ["R-3-4"]
             case .refusesExtraSegments: return ["R-4.7-1", "R-4.7-1"]
@@ -301,6 +367,13 @@ struct FrameRewriter {
     private var swallowing = false
     /// The server hangs up (a fault): the proxy closes both connections.
     private(set) var hangUp = false
+    /// What the client's side showed so far: the features its banner offers, whether its
+    /// first HELLO and its CLIENT_IDENT (or SESSION_RECONNECT) went by, how many MESSAGEs.
+    private var clientOffers: UInt64 = 0
+    private var helloSeen = false
+    private var identSeen = false
+    private var reconnecting = false
+    private var messagesSeen = 0
     private static let large = 1 << 20
 
     init(fault: FaultyServer.Fault, toClient: Bool, mutation: FaultyServer.Mutation? = nil) {
@@ -353,8 +426,14 @@ struct FrameRewriter {
                 guard self.buffer.readableBytes >= 32 else { return out }
                 var banner = self.buffer.readSlice(length: 32)!
                 self.bannerDone = true
+                if !self.toClient, self.fault == .waitsAfterBadMagic, banner.getBytes(at: banner.readerIndex, length: 8) != Banner.magic {
+                    self.swallowing = true
+                    self.buffer.clear()
+                    return out
+                }
                 if !self.toClient, banner.getBytes(at: banner.readerIndex, length: 8) == Banner.magic {
                     let b = banner.readerIndex
+                    self.clientOffers = banner.getInteger(at: b + 12, endianness: .little, as: UInt64.self)!
                     var repaired = false
                     if self.fault == .acceptsVersionZero, banner.getInteger(at: b + 8, endianness: .little, as: UInt16.self) == 0 {
                         banner.setInteger(UInt16(1), at: b + 8, endianness: .little)
@@ -488,6 +567,8 @@ struct FrameRewriter {
         let tag = frame.getInteger(at: p, as: UInt8.self)!
         let isMessage = tag == FrameTag.message.rawValue
         let isKnownControl = !isMessage && FrameTag(rawValue: tag).isKnown
+        // The header faults act on frames the server would have read (segment CRCs right).
+        let header = isMessage && lengths[0] >= 32 && Self.segmentCRCsRight(frame, lengths: lengths) ? p + 32 : nil
         let refused: Bool
         switch self.fault {
         case .refusesExtraSegments: refused = (isKnownControl && lengths.count > 1) || (isMessage && lengths.count > 3)
@@ -502,8 +583,76 @@ struct FrameRewriter {
             self.hangUp = true
             return nil
         }
-        // The header faults act on frames the server would have read (segment CRCs right).
-        let header = isMessage && lengths[0] >= 32 && Self.segmentCRCsRight(frame, lengths: lengths) ? p + 32 : nil
+        let segment = frame.getSlice(at: p + 32, length: lengths[0])!
+        let firstHello = tag == FrameTag.hello.rawValue && !self.helloSeen
+        if tag == FrameTag.hello.rawValue { self.helloSeen = true }
+        let inHandshake = !self.identSeen
+        if tag == FrameTag.clientIdent.rawValue || tag == FrameTag.sessionReconnect.rawValue {
+            self.identSeen = true
+            self.reconnecting = tag == FrameTag.sessionReconnect.rawValue
+        }
+        var firstMessage = false
+        if isMessage {
+            self.messagesSeen += 1
+            firstMessage = self.messagesSeen == 1
+        }
+        let kind = header.map { MessageKind(rawValue: frame.getInteger(at: $0 + 24, as: UInt8.self)!) }
+        func offers(_ f: ParleyFeatures) -> Bool { self.clientOffers & f.rawValue != 0 }
+        switch self.fault {
+        case .skipsUndecodableClientIdents where tag == FrameTag.clientIdent.rawValue:
+            if (try? Parley_V1_ClientIdent(parleyPayload: segment)) == nil { return nil }
+        case .skipsUndecodableHellos where firstHello:
+            if (try? Parley_V1_Hello(parleyPayload: segment)) == nil { return nil }
+        case .skipsHellosInTheSession where tag == FrameTag.hello.rawValue && !firstHello:
+            return nil
+        case .skipsServerIdentsFromClients where tag == FrameTag.serverIdent.rawValue:
+            return nil
+        case .ignoresCloseInTheHandshake where tag == FrameTag.close.rawValue && inHandshake,
+             .ignoresCloseInTheSession where tag == FrameTag.close.rawValue && !inHandshake:
+            return nil
+        case .skipsUndecodableAuthMore where tag == FrameTag.authRequestMore.rawValue:
+            // The AUTH_REQUEST_MORE of method secret carries a SecretAuthProof.
+            guard let more = try? Parley_V1_AuthMore(parleyPayload: segment) else { return nil }
+            if (try? Parley_V1_SecretAuthProof(serializedBytes: more.payload)) == nil { return nil }
+        case .skipsShortChallenges where tag == FrameTag.authRequest.rawValue:
+            if let request = try? Parley_V1_AuthRequest(parleyPayload: segment), request.method == AuthMethod.secret,
+               let secret = try? Parley_V1_SecretAuthRequest(serializedBytes: request.payload), secret.clientChallenge.count != 32
+            {
+                return nil
+            }
+        case .ignoresModeMismatch where tag == FrameTag.authRequest.rawValue:
+            guard var request = try? Parley_V1_AuthRequest(parleyPayload: segment), request.method == AuthMethod.none,
+                  !request.offeredModes.isEmpty, !request.offeredModes.contains("crc") else { break }
+            request.offeredModes.append("crc")
+            var b = ByteBuffer()
+            b.writeFrame(Frame(tag: .authRequest, segments: [request.parleyPayload()]))
+            return b
+        case .skipsLongHeaders:
+            if let h = header, lengths[0] > 32 + Int(frame.getInteger(at: h + 26, endianness: .little, as: UInt16.self)!) { return nil }
+        case .skipsNonUTF8TypeNames:
+            if let h = header {
+                let n = min(Int(frame.getInteger(at: h + 26, endianness: .little, as: UInt16.self)!), lengths[0] - 32)
+                if String(validating: frame.getBytes(at: h + 32, length: n)!, as: UTF8.self) == nil { return nil }
+            }
+        case .skipsMisnumberedFirstMessages:
+            if let h = header, firstMessage, !self.reconnecting, frame.getInteger(at: h, endianness: .little, as: UInt64.self) != 1 { return nil }
+        case .skipsCancelsWithoutStreams where kind == .cancel && !offers(.streams),
+             .skipsDataSegmentsWithoutTheFeature where isMessage && lengths.count == 3 && !offers(.dataSegment),
+             .skipsKeepalivesWithoutTheFeature where tag == FrameTag.keepalive.rawValue && !offers(.keepalive),
+             .skipsAcksWithoutLosslessSessions where tag == FrameTag.ack.rawValue && !offers(.reconnect),
+             .skipsReconnectsWithoutLosslessSessions where tag == FrameTag.sessionReconnect.rawValue && !offers(.reconnect):
+            return nil
+        case .skipsShortSessionTokens where tag == FrameTag.sessionReconnect.rawValue:
+            if let r = try? Parley_V1_SessionReconnect(parleyPayload: segment), r.sessionToken.count != 16 { return nil }
+        case .ignoresTheClientsFrameLimit where firstHello:
+            guard var hello = try? Parley_V1_Hello(parleyPayload: segment), hello.maxFrameSize == 1 else { break }
+            hello.maxFrameSize = 0
+            var b = ByteBuffer()
+            b.writeFrame(Frame(tag: .hello, segments: [hello.parleyPayload()]))
+            return b
+        default:
+            break
+        }
         switch self.fault {
         case .ignoresSegmentCRCs:
             Self.fixCRCs(&frame, lengths: lengths)
@@ -618,6 +767,9 @@ struct FrameRewriter {
         let kind = message ? MessageKind(rawValue: frame.getInteger(at: p + 32 + 24, as: UInt8.self)!) : nil
         let payloadAt = p + 32 + lengths[0]
         switch self.fault {
+        case .acksTooHigh where message:
+            let at = p + 32 + 8
+            frame.setInteger(frame.getInteger(at: at, endianness: .little, as: UInt64.self)! + 100, at: at, endianness: .little)
         case .wrongKeepaliveAckStamp where tag == FrameTag.keepaliveAck.rawValue && lengths == [8]:
             frame.setInteger(frame.getInteger(at: p + 32 + 7, as: UInt8.self)! ^ 1, at: p + 32 + 7)
         case .noDataSegmentAlignment where message && lengths.count == 3:
