@@ -680,8 +680,18 @@ enum ConformanceChecks {
     /// A whole handshake with SESSION_RECONNECT in place of CLIENT_IDENT; returns the
     /// connection and what the server answered it with.
     static func reconnect(_ c: CheckContext, _ r: Parley_V1_SessionReconnect, lossless: Bool = true) async throws -> (ConformancePeer, PeerEvent) {
-        try c.requireNoneSession()
         var o = lossless ? losslessOptions : ClientOptions()
+        if c.secure {
+            // Method secret in secure mode, the SESSION_RECONNECT sealed in place of CLIENT_IDENT
+            // (a reconnect of a secure session authenticates and keys its connection anew).
+            try c.requireSession()
+            let peer = try await c.connect()
+            let event = try await SecureClientSession.reconnect(
+                peer: peer, context: c, banner: Banner(supported: o.supported.union(.secureMode)), reconnect: r.frame(tag: .sessionReconnect)
+            )
+            return (peer, event)
+        }
+        try c.requireNoneSession()
         o.ident = r.frame(tag: .sessionReconnect)
         let peer = try await c.connect()
         await peer.send(wholeHandshake(o))
@@ -766,19 +776,19 @@ enum ConformanceChecks {
             guard case .frame(let f) = event, f.tag == .sessionReset else { throw fail("SESSION_RESET", event.summary) }
         },
         ConformanceCheck("R-5.2-12", "after SESSION_RESET, CLIENT_IDENT starts a new session; a second SESSION_RECONNECT is refused") { c in
-            try c.requireNoneSession()
+            try c.requireSession()
             try c.require(.reconnect, "lossless sessions (bit 9)")
             let (peer, event) = try await reconnect(c, reconnectRequest(nil))
             defer { peer.close() }
             guard case .frame(let f) = event, f.tag == .sessionReset else { throw fail("SESSION_RESET", event.summary) }
-            await peer.send(ByteBuffer(frame: ClientOptions().ident))
+            try await peer.sendFrames(ByteBuffer(frame: ClientOptions().ident))
             let identFrame = try await ClientSession.expect(.serverIdent, peer, c.timeout, "SERVER_IDENT after CLIENT_IDENT")
             let ident = try decode(Parley_V1_ServerIdent.self, identFrame)
             guard ident.sessionToken.count == 16 else { throw fail("SERVER_IDENT with a new 16-byte session token", "a token of \(ident.sessionToken.count) bytes") }
             let (second, secondEvent) = try await reconnect(c, reconnectRequest(nil))
             defer { second.close() }
             guard case .frame(let reset) = secondEvent, reset.tag == .sessionReset else { throw fail("SESSION_RESET", secondEvent.summary) }
-            await second.send(ByteBuffer(frame: reconnectRequest(nil).frame(tag: .sessionReconnect)))
+            try await second.sendFrames(ByteBuffer(frame: reconnectRequest(nil).frame(tag: .sessionReconnect)))
             try await expectCloseOnPeer(second, c, .unexpectedFrame, "a second SESSION_RECONNECT")
         },
         ConformanceCheck("R-5.2-11", "a broken session resumes: SESSION_RESUMED, then the answer the client lacked is sent again") { c in

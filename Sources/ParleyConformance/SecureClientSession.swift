@@ -46,6 +46,32 @@ final class SecureClientSession {
     static func handshake(
         peer: ConformancePeer, context c: CheckContext, banner: Banner, maxFrameSize: UInt32, ident: Parley_V1_ClientIdent, pieces: Int?
     ) async throws -> (HandshakeResult, SecureDirection?) {
+        switch try await self.run(peer: peer, context: c, banner: banner, maxFrameSize: maxFrameSize, ident: ident, pieces: pieces, reconnect: nil) {
+        case .established(let result, let sealer): return (result, sealer)
+        case .answered: throw fail("a secure handshake", "an answer to a SESSION_RECONNECT that was not sent")
+        }
+    }
+
+    /// The secure handshake with `reconnect` (a SESSION_RECONNECT frame, as a check built
+    /// it, well-formed or not) sealed in place of CLIENT_IDENT; returns what the server
+    /// answered it with (SESSION_RESUMED, SESSION_RESET or CLOSE, opened), without judging it.
+    /// Frames the check sends afterwards are sealed (`sendFrames`).
+    static func reconnect(peer: ConformancePeer, context c: CheckContext, banner: Banner, reconnect: Frame) async throws -> PeerEvent {
+        switch try await self.run(peer: peer, context: c, banner: banner, maxFrameSize: .max, ident: self.ident, pieces: nil, reconnect: reconnect) {
+        case .answered(let event): return event
+        case .established: throw fail("an answer to SESSION_RECONNECT", "a session established without it")
+        }
+    }
+
+    private enum Outcome {
+        case established(HandshakeResult, SecureDirection?)
+        case answered(PeerEvent)
+    }
+
+    private static func run(
+        peer: ConformancePeer, context c: CheckContext, banner: Banner, maxFrameSize: UInt32, ident: Parley_V1_ClientIdent, pieces: Int?,
+        reconnect: Frame?
+    ) async throws -> Outcome {
         guard let secret = c.target.secret else {
             peer.close()
             throw CheckSkip(reason: "no key of the server's keyring was given (--keyring FILE --name ENTITY)")
@@ -65,15 +91,24 @@ final class SecureClientSession {
         ))
         var sealer: SecureDirection?
         var step = machine.start()
+        // The SESSION_RECONNECT went out (in place of CLIENT_IDENT, with the last proof): the
+        // machine still takes the rest of the handshake (AUTH_DONE), and the answer to the
+        // reconnect is returned for the check to judge.
+        var reconnected = false
         while true {
             var out = ByteBuffer()
-            try out.writeStep(step.send, sealer: &sealer)
+            try out.writeStep(step.send, sealer: &sealer) { frame in
+                guard let reconnect, frame.tag == .clientIdent else { return frame }
+                reconnected = true
+                return reconnect
+            }
             if out.readableBytes > 0 { await peer.send(out, pieces: pieces) }
             if let opening = step.startOpening { peer.startOpening(try SecureDirection(keys: opening.keys, sealing: false)) }
+            if reconnected, let sealer, !peer.isSealing { peer.startSealing(sealer) }
             switch step.outcome {
             case .established(let result):
                 if let sealer { peer.startSealing(sealer) }
-                return (result, sealer)
+                return .established(result, sealer)
             case .failed(let error) where error.code == .authenticationFailed:
                 peer.close()
                 throw CheckSkip(reason: "the server does not accept method secret with this key: \(error.message)")
@@ -83,7 +118,11 @@ final class SecureClientSession {
             case .resumeRequested, nil:
                 break
             }
-            let event = await peer.next(c.timeout)
+            var event = await peer.next(c.timeout)
+            if reconnected {
+                while case .frame(let f) = event, f.tag.isIgnorable && !f.tag.isKnown { event = await peer.next(c.timeout) }
+                guard case .frame(let f) = event, [.authDone, .authReplyMore].contains(f.tag) else { return .answered(event) }
+            }
             switch event {
             case .banner(let banner): step = machine.received(.banner(banner))
             case .frame(let frame): step = machine.received(.frame(frame))
