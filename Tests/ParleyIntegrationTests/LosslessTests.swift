@@ -99,7 +99,7 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
     return configuration
 }
 
-@Suite struct LosslessSessionTests {
+@Suite(.timeLimit(.minutes(5))) struct LosslessSessionTests {
     @Test func aLosslessSessionIsNegotiatedAndALossyOneIsTheDefault() async throws {
         try await withServer { _, addresses in
             let lossy = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
