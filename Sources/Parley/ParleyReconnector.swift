@@ -123,15 +123,17 @@ final class Reconnector: Sendable {
     /// when one of them has attached.
     private func attemptAll(_ c: Context, count: Int) async throws {
         if count == 1 {
-            try await self.attempt(c, offer: c.session.nextResumeOffer())
+            let offer = c.session.nextResumeOffer()
+            try await self.attempt(c, offer: offer, round: offer.connectSeq)
             return
         }
         let offers = (0..<count).map { _ in c.session.nextResumeOffer() }
+        let round = offers[0].connectSeq
         let errors = await withTaskGroup(of: ParleyError?.self) { group in
             for offer in offers {
                 group.addTask {
                     do {
-                        try await self.attempt(c, offer: offer)
+                        try await self.attempt(c, offer: offer, round: round)
                         return nil
                     } catch {
                         return error as? ParleyError ?? ParleyError(code: .connectFailed, message: "\(error)")
@@ -145,7 +147,8 @@ final class Reconnector: Sendable {
         if errors.count == count { throw errors.first { Self.isFatal($0) } ?? errors[0] }
     }
 
-    private func attempt(_ c: Context, offer: SessionResumeOffer) async throws {
+    /// One attempt of the reconnect whose first attempt had connect_seq `round`.
+    private func attempt(_ c: Context, offer: SessionResumeOffer, round: UInt64) async throws {
         let configuration = c.configuration
         let machine = ParleyClient.handshake(configuration, address: c.address, ident: c.ident, resume: offer)
         let options = PipelineOptions(maxFrameSize: configuration.maxFrameSize, keepalive: try configuration.limits.keepaliveConfiguration())
@@ -160,6 +163,16 @@ final class Reconnector: Sendable {
                     case .resumed(_, let peerLastReceived, let connectSeq):
                         attached = try session.attach(outlet, peerLastReceived: peerLastReceived, connectSeq: connectSeq)
                     case .reset(let reason, let token) where !token.isEmpty:
+                        // Racing attempts that all find the session gone each get a new one:
+                        // the first to arrive resets the client's session and carries on; a
+                        // later one must not reset it again (it would report and re-send what
+                        // the first had just sent, or, losing to a newer attempt, leave the
+                        // session renumbered for a server session it is not attached to).
+                        // The attempts' handlers share the connection's event loop, so this
+                        // check and the reset cannot interleave with another attempt's.
+                        guard session.attachedConnectSeq < round else {
+                            throw ParleyError(code: .sessionSuperseded, message: "another attempt of this reconnect already took over the session")
+                        }
                         attached = try connection.sessionWasReset(reason: reason, token: token, serverNonce: result.serverIdent.serverNonce) { () throws(ParleyError) in
                             try session.attach(outlet, peerLastReceived: 0, connectSeq: offer.connectSeq)
                         }

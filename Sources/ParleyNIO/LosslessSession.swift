@@ -190,6 +190,8 @@ public final class LosslessSession: Sendable {
     }
 
     public var token: [UInt8] { self.state.withLockedValue { $0.token } }
+    /// Client side: the connect_seq of the attempt whose link was attached last (0: none yet).
+    public var attachedConnectSeq: UInt64 { self.state.withLockedValue { $0.attachedConnectSeq } }
     public var serverNonce: UInt64 { self.state.withLockedValue { $0.serverNonce } }
 
     /// The session is over: waiting senders fail with `reason`, and the ledger is emptied

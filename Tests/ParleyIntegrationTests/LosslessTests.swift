@@ -205,6 +205,59 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
         }
     }
 
+    /// Racing attempts that all find the session gone (the server forgets a detached session
+    /// after 1 ms) reset the client's session once per reconnect, not once per attempt: a
+    /// later attempt's SESSION_RESET is refused (sessionSuperseded). Before, each one reset it
+    /// again, reporting and sending anew what the first had just sent; and one that lost to a
+    /// newer attempt left the session renumbered for a server session it was not attached to,
+    /// where what it re-sent was dropped as repeated and its requests waited for ever.
+    @Test func racingAttemptsThatFindTheSessionGoneResetItOncePerReconnect() async throws {
+        try await withServer(configure: { $0.sessionRetention = .milliseconds(1) }) { server, addresses in
+            let proxy = ChaosProxy(configuration: .init(
+                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0], toServer: .init(cutAfterBytes: 3_000), seed: 5
+            ))
+            let address = try await proxy.start()
+            var options = ParleyClient.LosslessOptions()
+            options.raceAttempts = 3
+            let client = try await ParleyClient.connect(to: address, configuration: losslessConfiguration(options), logger: quietLogger)
+            let resets = NIOLockedValueBox(0)
+            let watcher = Task {
+                for await e in client.connection.linkEvents { if case .reset = e { resets.withLockedValue { $0 += 1 } } }
+            }
+            // One-way pings (a reset reports them, it does not fail them) until ten reconnects
+            // have been dialled, at most 3,000.
+            var sent: UInt64 = 0
+            while sent < 3_000, proxy.counts.connections < 1 + 3 * 10 {
+                sent += 1
+                var p = Parley_Echo_V1_Ping()
+                p.sequence = sent
+                try await client.send(p)
+                if sent % 20 == 0 { try await Task.sleep(for: .milliseconds(2)) }
+            }
+            // The session still works: a request is answered (the cuts go on, and a request in
+            // flight when the server has forgotten the session fails with sessionReset, as it
+            // must: at most 20 tries).
+            var answered = false
+            for _ in 0..<20 where !answered {
+                do {
+                    answered = try await ping(client, 7) == 7
+                } catch let error as ParleyError where error.code == .sessionReset {
+                    continue
+                }
+            }
+            #expect(answered)
+            let rounds = (proxy.counts.connections - 1) / 3
+            let seen = resets.withLockedValue { $0 }
+            print("racing into resets: \(rounds) reconnects of 3 attempts, \(seen) resets, \(sent) pings")
+            #expect(rounds >= 3, "\(proxy.counts.connections) connections")
+            #expect(seen >= 1, "the server forgot the session at least once")
+            #expect(seen <= rounds, "one reset per reconnect at most: \(seen) resets in \(rounds) reconnects")
+            watcher.cancel()
+            client.close()
+            await proxy.stop()
+        }
+    }
+
     /// A lossless session in secure mode through cuts: every reconnect runs method secret
     /// again (new key exchange, new keys), the replayed messages are sealed under the new
     /// connection's keys, and everything arrives exactly once.
