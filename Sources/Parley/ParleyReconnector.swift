@@ -171,7 +171,9 @@ final class Reconnector: Sendable {
                         // The attempts' handlers share the connection's event loop, so this
                         // check and the reset cannot interleave with another attempt's.
                         guard session.attachedConnectSeq < round else {
-                            throw ParleyError(code: .sessionSuperseded, message: "another attempt of this reconnect already took over the session")
+                            // Not sessionSuperseded: this CLOSE ends the new session the
+                            // server has just started for this attempt.
+                            throw ParleyError(code: .connectionClosed, message: "another attempt of this reconnect already took over the session; the new session is not needed")
                         }
                         attached = try connection.sessionWasReset(reason: reason, token: token, serverNonce: result.serverIdent.serverNonce) { () throws(ParleyError) in
                             try session.attach(outlet, peerLastReceived: 0, connectSeq: offer.connectSeq)

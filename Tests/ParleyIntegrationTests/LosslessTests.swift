@@ -207,7 +207,8 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
 
     /// Racing attempts that all find the session gone (the server forgets a detached session
     /// after 1 ms) reset the client's session once per reconnect, not once per attempt: a
-    /// later attempt's SESSION_RESET is refused (sessionSuperseded). Before, each one reset it
+    /// later attempt's SESSION_RESET is refused (CLOSE connectionClosed ends the session the
+    /// server started for it). Before, each one reset it
     /// again, reporting and sending anew what the first had just sent; and one that lost to a
     /// newer attempt left the session renumbered for a server session it was not attached to,
     /// where what it re-sent was dropped as repeated and its requests waited for ever.
@@ -225,9 +226,9 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
                 for await e in client.connection.linkEvents { if case .reset = e { resets.withLockedValue { $0 += 1 } } }
             }
             // One-way pings (a reset reports them, it does not fail them) until ten reconnects
-            // have been dialled, at most 3,000.
+            // have been dialled, at most 10,000.
             var sent: UInt64 = 0
-            while sent < 3_000, proxy.counts.connections < 1 + 3 * 10 {
+            while sent < 10_000, proxy.counts.connections < 1 + 3 * 10 {
                 sent += 1
                 var p = Parley_Echo_V1_Ping()
                 p.sequence = sent
