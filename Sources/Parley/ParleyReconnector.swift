@@ -203,7 +203,11 @@ final class Reconnector: Sendable {
             throw ParleyError(code: .connectFailed, message: "the transport did not set up the channel")
         }
         // A server that accepts but never answers (stopped, overloaded) must not hold the attempt.
+        // The timer is cancelled on the event loop the moment the handshake completes: cancelled
+        // only when this task resumed (on a loaded machine, after the 5 s), it closed the link
+        // that had just been attached (a fresh-clone CI run lost its new session that way).
         let timer = channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
+        future.whenComplete { _ in timer.cancel() }
         defer { timer.cancel() }
         do {
             try await future.get()

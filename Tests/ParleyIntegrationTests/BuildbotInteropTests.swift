@@ -5,7 +5,7 @@ import Testing
 /// The Buildbot front end with the real, unmodified `buildbot-worker` 4.3.0 (pip, installed
 /// by .ci/run), as processes on 127.0.0.1: `parley work serve --buildbot`, the worker logging
 /// in with a keyring entity, jobs from the store, commands, an interrupt, a master restart.
-@Suite(.serialized) struct BuildbotInteropTests {
+@Suite(.serialized, .timeLimit(.minutes(10))) struct BuildbotInteropTests {
     /// `buildbot-worker` on PATH, or beside the python3 that pip installed it for.
     static var workerProgram: String? {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"

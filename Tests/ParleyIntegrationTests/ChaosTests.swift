@@ -6,7 +6,7 @@ import ParleyServices
 import Testing
 
 /// The fault proxy's plan (pure) and the proxy itself between a real client and server.
-@Suite struct ChaosPlanTests {
+@Suite(.timeLimit(.minutes(10))) struct ChaosPlanTests {
     @Test func transparentPlanPassesChunksWhole() {
         var plan = ChaosPlan(settings: .init(), seed: 1)
         #expect(plan.settings.isTransparent)
@@ -58,7 +58,7 @@ import Testing
     }
 }
 
-@Suite struct ChaosProxyTests {
+@Suite(.timeLimit(.minutes(10))) struct ChaosProxyTests {
     @Test func requestsGetThroughFragmentedAndDelayedBytes() async throws {
         try await withServer { _, addresses in
             let proxy = ChaosProxy(configuration: .init(

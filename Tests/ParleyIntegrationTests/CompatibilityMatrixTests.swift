@@ -14,7 +14,7 @@ import Testing
 /// stream as the old server did, and the current client must work against every old server
 /// stream. `PARLEY_RECORD_COMPAT=VERSION swift test --filter recordFixture` records the
 /// current implementation as a new version (only when a release changes the wire).
-@Suite struct CompatibilityMatrixTests {
+@Suite(.timeLimit(.minutes(10))) struct CompatibilityMatrixTests {
     static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("Fixtures/compat")
 

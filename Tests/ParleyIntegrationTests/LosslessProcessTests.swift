@@ -63,7 +63,7 @@ final class ChaosProcess {
 
 /// Lossless sessions between real processes: `parley serve`, `parley chaos`, and this test as
 /// the client.
-@Suite(.serialized) struct LosslessProcessTests {
+@Suite(.serialized, .timeLimit(.minutes(10))) struct LosslessProcessTests {
     /// 100,000 messages each way (PARLEY_LOSSLESS_MESSAGES changes it) through `parley chaos`
     /// cutting every connection after 60 KB in either direction, plus random cuts: every
     /// message arrives exactly once and in order.

@@ -4,7 +4,7 @@ import Testing
 
 /// Master-initiated commands between real processes (protocol.md 19.8): `parley work serve
 /// --allow-commands`, `parley work worker --accept-commands`, and `parley work command`.
-@Suite(.serialized) struct WorkCommandProcessTests {
+@Suite(.serialized, .timeLimit(.minutes(10))) struct WorkCommandProcessTests {
     @Test func commandsRunOnAWorkerThroughItsMaster() async throws {
         let dir = freshTestDirectory("work-commands")
         #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)

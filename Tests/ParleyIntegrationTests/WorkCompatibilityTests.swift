@@ -14,7 +14,7 @@ import Testing
 /// current master, which must answer them as a version-1 master did.
 /// `PARLEY_RECORD_WORK_COMPAT=v1 swift test --filter recordWorkFixture` writes them (only
 /// when a release changes the work protocol, as a new version).
-@Suite struct WorkCompatibilityTests {
+@Suite(.timeLimit(.minutes(10))) struct WorkCompatibilityTests {
     static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("Fixtures/work")
 

@@ -4,7 +4,7 @@ import Testing
 
 /// Parley Work between real processes: `parley work serve` on SQLite, `parley work worker`s,
 /// `parley work submit`, `status` and `results`.
-@Suite(.serialized) struct WorkProcessTests {
+@Suite(.serialized, .timeLimit(.minutes(10))) struct WorkProcessTests {
     /// Starts `parley work worker` processes; stops them by PID.
     final class Workers {
         var processes: [Process] = []
