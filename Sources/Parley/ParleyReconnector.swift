@@ -208,7 +208,6 @@ final class Reconnector: Sendable {
         // that had just been attached (a fresh-clone CI run lost its new session that way).
         let timer = channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
         future.whenComplete { _ in timer.cancel() }
-        defer { timer.cancel() }
         do {
             try await future.get()
         } catch let error as ParleyError {

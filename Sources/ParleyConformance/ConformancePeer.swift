@@ -170,7 +170,7 @@ final class ConformancePeer {
     static func connect(_ target: ConformanceTarget, maxFrameSize: Int = Int(UInt32.max)) async throws -> ConformancePeer {
         let inbox = Inbox()
         let transport = PosixTransport(connectTimeout: .seconds(10), tls: target.tls)
-        let channel = try await transport.connect(to: target.address, group: MultiThreadedEventLoopGroup.singleton) { channel in
+        let channel = try await transport.connect(to: target.address, group: target.group ?? MultiThreadedEventLoopGroup.singleton) { channel in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(InboxHandler(inbox: inbox))
             }

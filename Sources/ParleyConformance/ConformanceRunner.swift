@@ -15,12 +15,18 @@ public struct ConformanceTarget: Sendable {
     /// even when the server would allow method `none` in crc mode. Without it they run in crc
     /// mode, or in secure mode when the server allows no other and a key is given.
     public var secureSessions: Bool
+    /// The event loops the checks' connections run on; nil: NIO's shared group.
+    public var group: (any EventLoopGroup)?
 
-    public init(address: ParleyAddress, tls: ParleyTLS? = nil, secret: SecretCredentials? = nil, secureSessions: Bool = false) {
+    public init(
+        address: ParleyAddress, tls: ParleyTLS? = nil, secret: SecretCredentials? = nil, secureSessions: Bool = false,
+        group: (any EventLoopGroup)? = nil
+    ) {
         self.address = address
         self.tls = tls
         self.secret = secret
         self.secureSessions = secureSessions
+        self.group = group
     }
 }
 

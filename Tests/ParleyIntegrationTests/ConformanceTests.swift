@@ -178,12 +178,7 @@ struct ConformanceTests {
     /// PARLEY_CONFORM_MUTATIONS=0 leaves it out.
     @Test(.enabled(if: ProcessInfo.processInfo.environment["PARLEY_CONFORM_MUTATIONS"] != "0"), .timeLimit(.minutes(10)))
     func everyServerCheckFailsAgainstSomeBreakage() async throws {
-        let path = freshTestDirectory("conform-mutations") + "/server.keyring"
-        let keys = try writeKeyring(path, [("client.alice", ["*"])])
-        let keyring = try ParleyKeyringSource(path: path)
-        let alice = SecretCredentials(entity: "client.alice", key: try #require(keys["client.alice"]))
-        try await withServer(configure: { $0.authMethods = [AuthMethod.none, AuthMethod.secret]; $0.modes = [.crc, .secure]; $0.keyring = keyring }) { _, addresses in
-            guard case .tcp(_, let port) = addresses[0].kind else { throw ParleyError(code: .invalidArgument, message: "not TCP") }
+        try await FaultyServer.withUpstream("conform-mutations") { port, alice, group in
             // Checks are told apart by id and name (several checks share an id).
             var alive = Set(ConformanceRunner.checks.map { "\($0.id) \($0.name)" })
             var killedBy: [FaultyServer.Mutation: Int] = [:]
@@ -191,13 +186,13 @@ struct ConformanceTests {
                 // The checks of the ids still alive, in four runners at once (most of the time
                 // goes in waiting for answers that do not come), each through its own proxy.
                 let ids = Set(alive.map { String($0.prefix { $0 != " " }) }).sorted()
-                var results = try await Self.run(ids, against: mutation, upstreamPort: port, secret: alice)
+                var results = try await Self.run(ids, against: mutation, upstreamPort: port, secret: alice, group: group)
                 // While the probe is spared, no check may skip: each must get the chance to fail.
                 // A skip is run again once (under a full parallel run the probe, which decides
                 // what is offered, has been slow).
                 let skipped = Set(results.filter { $0.status == .skip }.map(\.id)).sorted()
                 if mutation.sparesProbe, !skipped.isEmpty {
-                    let again = try await Self.run(skipped, against: mutation, upstreamPort: port, secret: alice)
+                    let again = try await Self.run(skipped, against: mutation, upstreamPort: port, secret: alice, group: group)
                     results = results.filter { !skipped.contains($0.id) } + again
                     #expect(again.allSatisfy { $0.status != .skip }, "\(mutation): \(again.filter { $0.status == .skip }.map(\.line))")
                 }
@@ -213,17 +208,15 @@ struct ConformanceTests {
 
     /// The checks of `ids` against one mutation, in four runners at once (most of the time
     /// goes in waiting for answers that do not come), each through its own proxy.
-    static func run(_ ids: [String], against mutation: FaultyServer.Mutation, upstreamPort port: Int, secret: SecretCredentials) async throws -> [CheckResult] {
+    static func run(
+        _ ids: [String], against mutation: FaultyServer.Mutation, upstreamPort port: Int, secret: SecretCredentials, group loops: any EventLoopGroup
+    ) async throws -> [CheckResult] {
         let shares = (0..<4).map { k in ids.enumerated().filter { $0.offset % 4 == k }.map(\.element) }.filter { !$0.isEmpty }
         return try await withThrowingTaskGroup(of: ConformanceReport.self) { group in
             for only in shares {
                 group.addTask {
-                    let proxy = FaultyServer(fault: .none, upstreamPort: port, mutation: mutation, spared: mutation.sparesProbe ? 1 : 0)
-                    let proxyPort = try await proxy.start()
-                    let target = ConformanceTarget(address: .tcp(host: "127.0.0.1", port: proxyPort), secret: secret)
-                    let report = try await ConformanceRunner(target: target, timeout: .seconds(2), only: only).run()
-                    await proxy.stop()
-                    return report
+                    try await FaultyServer(fault: .none, upstreamPort: port, mutation: mutation, spared: mutation.sparesProbe ? 1 : 0, group: loops)
+                        .conform(secret: secret, timeout: .seconds(2), only: only)
                 }
             }
             return try await group.reduce(into: [CheckResult]()) { $0 += $1.results }
@@ -458,19 +451,9 @@ struct FaultyServerConformanceTests {
     /// is run again once, alone: under load a check that passes can run out of time.
     @Test(.timeLimit(.minutes(10)))
     func aFaultyServerFailsExactlyTheMatchingChecks() async throws {
-        let path = freshTestDirectory("conform-faulty") + "/server.keyring"
-        let keys = try writeKeyring(path, [("client.alice", ["*"])])
-        let keyring = try ParleyKeyringSource(path: path)
-        let alice = SecretCredentials(entity: "client.alice", key: try #require(keys["client.alice"]))
-        try await withServer(configure: { $0.authMethods = [AuthMethod.none, AuthMethod.secret]; $0.modes = [.crc, .secure]; $0.keyring = keyring }) { _, addresses in
-            guard case .tcp(_, let port) = addresses[0].kind else { throw ParleyError(code: .invalidArgument, message: "not TCP") }
+        try await FaultyServer.withUpstream("conform-faulty") { port, alice, group in
             @Sendable func run(_ fault: FaultyServer.Fault) async throws -> (fault: FaultyServer.Fault, report: ConformanceReport) {
-                let proxy = FaultyServer(fault: fault, upstreamPort: port)
-                let proxyPort = try await proxy.start()
-                let target = ConformanceTarget(address: .tcp(host: "127.0.0.1", port: proxyPort), secret: alice)
-                let report = try await ConformanceRunner(target: target, timeout: .seconds(10)).run()
-                await proxy.stop()
-                return (fault, report)
+                (fault, try await FaultyServer(fault: fault, upstreamPort: port, group: group).conform(secret: alice, timeout: .seconds(10)))
             }
             func matches(_ fault: FaultyServer.Fault, _ report: ConformanceReport) -> Bool {
                 report.skipped == 0 && report.results.filter { $0.status == .fail }.map(\.id).sorted() == fault.breaks.sorted()

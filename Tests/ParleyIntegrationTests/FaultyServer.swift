@@ -2,6 +2,9 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Foundation
+import Parley
+import ParleyConformance
+import ParleyServices
 import ParleyWire
 import SwiftProtobuf
 import Testing
@@ -259,7 +262,11 @@ final class FaultyServer: Sendable {
 
     /// - Parameter spared: with a mutation, the number of first connections it spares (the
     ///   runner's probe, which must learn the server as it is, or the checks would skip).
-    init(fault: Fault, upstreamPort: Int, mutation: Mutation? = nil, spared: Int = 0) {
+    /// The event loops of the proxy's connections.
+    let group: any EventLoopGroup
+
+    init(fault: Fault, upstreamPort: Int, mutation: Mutation? = nil, spared: Int = 0, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+        self.group = group
         self.fault = fault
         self.mutation = mutation
         self.upstreamPort = upstreamPort
@@ -270,7 +277,7 @@ final class FaultyServer: Sendable {
     func start() async throws -> Int {
         let (fault, port, spared, accepted, children) = (self.fault, self.upstreamPort, self.spared, self.accepted, self.children)
         let mutation = self.mutation
-        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        let server = try await ServerBootstrap(group: self.group)
             .childChannelOption(.autoRead, value: false)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { inbound in
@@ -300,6 +307,47 @@ final class FaultyServer: Sendable {
         let channel = self.channel.withLockedValue { c in defer { c = nil }; return c }
         try? await channel?.close()
         for child in self.children.withLockedValue({ c in defer { c = [] }; return c }) { child.close(promise: nil) }
+    }
+}
+
+extension FaultyServer {
+    /// Runs `parley conform`'s checks (those of `only`, or all) through this proxy, started
+    /// for the run and stopped after it.
+    func conform(secret: SecretCredentials, timeout: Duration, only: [String] = []) async throws -> ConformanceReport {
+        let port = try await self.start()
+        let target = ConformanceTarget(address: .tcp(host: "127.0.0.1", port: port), secret: secret, group: self.group)
+        let report = try await ConformanceRunner(target: target, timeout: timeout, only: only).run()
+        await self.stop()
+        return report
+    }
+
+    /// The correct server the faulty ones stand in front of: in process, methods none and
+    /// secret in crc and secure mode, with a key for `client.alice`. `body` gets its TCP port,
+    /// alice's credentials and the event loop group for the proxies.
+    ///
+    /// The server, the proxies and the checks' connections share one event loop of their own:
+    /// the checks move hundreds of megabytes (the 16 MiB of R-7.15-2, the maximal frame of
+    /// R-4.4-3, each fault after fault), and on NIO's shared two loops that starved the other
+    /// tests of a full parallel run for a minute now and then (PostgreSQL answers unread,
+    /// lossless sessions expiring). One loop keeps it to one core.
+    static func withUpstream(_ name: String, _ body: (_ port: Int, _ alice: SecretCredentials, _ group: any EventLoopGroup) async throws -> Void) async throws {
+        let path = freshTestDirectory(name) + "/server.keyring"
+        let keys = try writeKeyring(path, [("client.alice", ["*"])])
+        let keyring = try ParleyKeyringSource(path: path)
+        let alice = SecretCredentials(entity: "client.alice", key: try #require(keys["client.alice"]))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        do {
+            try await withServer(
+                configure: { $0.authMethods = [AuthMethod.none, AuthMethod.secret]; $0.modes = [.crc, .secure]; $0.keyring = keyring }, group: group
+            ) { _, addresses in
+                guard case .tcp(_, let port) = addresses[0].kind else { throw ParleyError(code: .invalidArgument, message: "not TCP") }
+                try await body(port, alice, group)
+            }
+        } catch {
+            try? await group.shutdownGracefully()
+            throw error
+        }
+        try await group.shutdownGracefully()
     }
 }
 
