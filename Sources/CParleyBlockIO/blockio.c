@@ -4,6 +4,9 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -68,4 +71,19 @@ int parley_fdatasync(int fd) {
         r = fdatasync(fd);
     } while (r < 0 && errno == EINTR);
     return r < 0 ? -errno : 0;
+}
+
+int parley_keep_large_blocks(size_t largest, size_t retained) {
+#if defined(__GLIBC__)
+    // Without this, glibc serves every block above 128 KiB (or above the largest freed so
+    // far) with mmap or returns the top of the heap with madvise when it is freed: each
+    // 1 MiB reply costs a system call and 256 page faults on fresh, zeroed pages.
+    if (mallopt(M_MMAP_THRESHOLD, (int)largest) != 1) return -1;
+    if (mallopt(M_TRIM_THRESHOLD, (int)retained) != 1) return -1;
+    return 0;
+#else
+    (void)largest;
+    (void)retained;
+    return -1;
+#endif
 }

@@ -20,6 +20,9 @@ public final class BlockServer: Service, Sendable {
         public var metrics: (host: String, port: Int)?
         /// Threads for storage calls that may block.
         public var ioThreads: Int
+        /// Which plain writes are done on the event loop where the file system refuses
+        /// RWF_NOWAIT writes (`InlineWritePolicy.off`: every write goes to the IO threads).
+        public var inlineWrites = InlineWritePolicy()
         public var name: String
         /// Security and transport of the block protocol's listeners (methods, modes, keyring,
         /// TLS); its `listen` and `name` are replaced by the ones above.
@@ -69,7 +72,10 @@ public final class BlockServer: Service, Sendable {
         self.configuration = configuration
         self.registry = registry
         self.logger = logger
-        self.devices = BlockDeviceTable()
+        let inlineWrites = configuration.inlineWrites
+        self.devices = BlockDeviceTable(openStore: { path, writable throws(BlockStoreError) in
+            try FileBlockStore(path: path, writable: writable, inlineWrites: inlineWrites)
+        })
         self.io = BlockIOExecutor(threads: configuration.ioThreads)
         self.service = BlockService(catalog: configuration.catalog, devices: self.devices, io: self.io, logger: logger)
         self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, tls: configuration.nbdTLS, logger: logger)

@@ -78,6 +78,9 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: "Threads for storage calls that may block (reads that miss the cache, flushes, discards).")
     var ioThreads: Int = 16
 
+    @Option(name: .long, help: ArgumentHelp("Largest plain write (whole 4 KiB pages) done on the network thread when the file system cannot do non-blocking writes (ext4); larger ones, durable ones and all writes for a second after one that took over 1 ms go to the IO threads. 0: all writes go to the IO threads.", valueName: "bytes"))
+    var inlineWrites: Int = 64 * 1024
+
     @OptionGroup var security: ServerSecurityOptions
 
     @Option(name: .long, help: ArgumentHelp("NBD_OPT_STARTTLS: off, on (offered) or require. Default: on with --cert, off without. NBD clients find the CA as ca-cert.pem in their certificate directory (`parley cert init` writes it).", valueName: "policy"))
@@ -97,6 +100,7 @@ struct BlockServe: AsyncParsableCommand {
         }
         if let m = self.metrics { _ = try Self.hostPort(m) }
         guard (1...1024).contains(self.ioThreads) else { throw ValidationError("--io-threads must be 1...1024") }
+        guard (0...(32 << 20)).contains(self.inlineWrites) else { throw ValidationError("--inline-writes must be 0...33554432 bytes") }
         try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
         if let policy = self.nbdTls {
             guard let p = NBDTLSPolicy(rawValue: policy) else { throw ValidationError("--nbd-tls must be off, on or require") }
@@ -113,6 +117,7 @@ struct BlockServe: AsyncParsableCommand {
 
     func run() async throws {
         self.logging.bootstrap()
+        BlockIOExecutor.keepLargeBuffersInProcess()
         let logger = Logger(label: "parley.block")
         var registry: PrometheusCollectorRegistry?
         if self.metrics != nil {
@@ -142,6 +147,7 @@ struct BlockServe: AsyncParsableCommand {
             nbd: self.nbd.isEmpty ? [.tcp(host: "127.0.0.1", port: BlockServer.Configuration.defaultNBDPort)] : try self.nbd.map { try ParleyAddress(parsing: $0) },
             metrics: try self.metrics.map { try Self.hostPort($0) }, ioThreads: self.ioThreads
         )
+        configuration.inlineWrites.largest = self.inlineWrites
         do {
             try self.security.apply(to: &configuration.parley)
             let policy = self.nbdTls.flatMap(NBDTLSPolicy.init(rawValue:)) ?? (self.security.cert == nil ? .off : .on)

@@ -120,6 +120,7 @@ struct BlockMapCommand: AsyncParsableCommand {
 
     func run() async throws {
         self.logging.bootstrap()
+        BlockIOExecutor.keepLargeBuffersInProcess()
         let logger = Logger(label: "parley.block.map")
         let r = try self.request()
         let paths = try r.paths.map { try ParleyAddress(parsing: $0) }

@@ -529,6 +529,46 @@ extension BlockExportsTests {
             try store.flush()
         }
 
+        @Test func inlineWritePolicyTakesSmallWholePagesUnlessPaused() {
+            let p = InlineWritePolicy(largest: 65536, alignment: 4096, slowNanoseconds: 1_000_000, pauseNanoseconds: 1_000_000_000)
+            #expect(p.allows(offset: 8192, length: 4096, now: 10, pausedUntil: .min))
+            #expect(p.allows(offset: 0, length: 65536, now: 10, pausedUntil: .min))
+            #expect(!p.allows(offset: 0, length: 65536 + 4096, now: 10, pausedUntil: .min), "too large")
+            #expect(!p.allows(offset: 512, length: 4096, now: 10, pausedUntil: .min), "offset not page-aligned")
+            #expect(!p.allows(offset: 4096, length: 512, now: 10, pausedUntil: .min), "part of a page")
+            #expect(!p.allows(offset: 4096, length: 0, now: 10, pausedUntil: .min))
+            #expect(!p.allows(offset: 4096, length: 4096, now: 10, pausedUntil: 11), "paused")
+            #expect(p.allows(offset: 4096, length: 4096, now: 11, pausedUntil: 11), "the pause is over")
+            #expect(p.pause(after: 1_000_000, at: 50) == nil)
+            #expect(p.pause(after: 1_000_001, at: 50) == 1_000_000_050)
+            #expect(!InlineWritePolicy.off.allows(offset: 0, length: 4096, now: 0, pausedUntil: .min))
+        }
+
+        /// ext4 refuses RWF_NOWAIT writes: a "nowait" write of whole pages is then done inline
+        /// (true, and on disk), a partial page or a durable write is left to the caller (false,
+        /// nothing written). On a file system that honours RWF_NOWAIT both are true.
+        @Test func nowaitWritesOfWholePagesAreDoneInline() throws {
+            let dir = try TempDir()
+            let store = try FileBlockStore(path: try dir.file("a.img", size: Self.size), writable: true)
+            let page = [UInt8](repeating: 0x11, count: 4096)
+            // The first call learns whether the file system takes RWF_NOWAIT.
+            let first = try page.withUnsafeBytes { try store.write($0, at: 0, durable: false, nowait: true) }
+            let second = try page.withUnsafeBytes { try store.write($0, at: 8192, durable: false, nowait: true) }
+            #expect(second, "a whole page at a page offset is written inline")
+            #expect(try T.read(store, at: 8192, count: 4096) == page)
+            if !first {  // RWF_NOWAIT refused: only the policy's writes are inline
+                #expect(try T.read(store, at: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+                let partial = try page[..<512].withUnsafeBytes { try store.write($0, at: 16384, durable: false, nowait: true) }
+                #expect(!partial)
+                #expect(try T.read(store, at: 16384, count: 512) == [UInt8](repeating: 0, count: 512))
+                let durable = try page.withUnsafeBytes { try store.write($0, at: 20480, durable: true, nowait: true) }
+                #expect(!durable)
+                let off = try FileBlockStore(path: try dir.file("b.img", size: Self.size), writable: true, inlineWrites: .off)
+                _ = try page.withUnsafeBytes { try off.write($0, at: 0, durable: false, nowait: true) }
+                #expect(!(try page.withUnsafeBytes { try off.write($0, at: 4096, durable: false, nowait: true) }))
+            }
+        }
+
         @Test func readingPastTheEndOfAShortFileGivesZeroes() throws {
             let dir = try TempDir()
             let contents = [UInt8](repeating: 0x5a, count: 100)

@@ -746,6 +746,28 @@ extension NBDProtocolTests {
             #expect(try decoder.next(&whole) != nil)
         }
 
+        @Test func bytesAwaitedNamesAWriteStillMissingPayload() throws {
+            let bytes = T.requestBytes(T.request(.write, cookie: 3, offset: 8, length: 40), payload: [UInt8](repeating: 0x5a, count: 40))
+            var decoder = NBDRequestDecoder(maximumWritePayload: 1024)
+            for cut in 0..<bytes.count {
+                let expected: Int? = cut >= 28 ? 68 : nil
+                #expect(decoder.bytesAwaited(in: ByteBuffer(bytes: bytes[..<cut])) == expected, "cut at \(cut)")
+            }
+            #expect(decoder.bytesAwaited(in: ByteBuffer(bytes: bytes)) == nil)  // complete
+            // Not a write, a write above the limit (it is skipped, not kept) and bad magic: nil.
+            #expect(decoder.bytesAwaited(in: ByteBuffer(bytes: T.requestBytes(T.request(.read, length: 4096)))) == nil)
+            let big = T.requestBytes(T.request(.write, cookie: 4, offset: 0, length: 2048))
+            #expect(decoder.bytesAwaited(in: ByteBuffer(bytes: big)) == nil)
+            var bad = Array(bytes[..<28])
+            bad[0] = 0
+            #expect(decoder.bytesAwaited(in: ByteBuffer(bytes: bad)) == nil)
+            // While the rest of an oversized write is skipped, nothing is awaited.
+            var oversized = ByteBuffer(bytes: big + [1, 2, 3])
+            _ = try decoder.next(&oversized)
+            #expect(decoder.skipping > 0)
+            #expect(decoder.bytesAwaited(in: ByteBuffer(bytes: bytes[..<30])) == nil)
+        }
+
         @Test func badMagicThrowsNamingTheMagic() throws {
             var bytes = T.requestBytes(T.request(.read, length: 1))
             bytes[0] = 0xde; bytes[1] = 0xad; bytes[2] = 0xbe; bytes[3] = 0xef

@@ -21,4 +21,8 @@ int parley_willneed(int fd, int64_t offset, int64_t len);
 /// BLKGETSIZE64, BLKSSZGET and BLKPBSZGET of a block device.
 int parley_block_device_geometry(int fd, uint64_t *size, uint32_t *logical, uint32_t *physical);
 int parley_fdatasync(int fd);
+/// Keeps freed blocks of up to `largest` bytes in the process instead of returning them to
+/// the kernel (glibc: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD). 0 on success, -1 where the C
+/// library has no such setting.
+int parley_keep_large_blocks(size_t largest, size_t retained);
 #endif

@@ -56,6 +56,19 @@ public struct NBDRequestDecoder {
     }
 
     /// The next request, or nil when more bytes are needed.
+    /// The bytes the request at the front of `buffer` needs in all (header and write
+    /// payload), when it is a write still missing part of its payload: the caller can make
+    /// room for it once instead of growing its buffer with every read. Nil otherwise.
+    public func bytesAwaited(in buffer: ByteBuffer) -> Int? {
+        guard self.skipping == 0, buffer.readableBytes >= NBD.requestHeaderSize else { return nil }
+        let i = buffer.readerIndex
+        guard buffer.getInteger(at: i, as: UInt32.self) == NBD.requestMagic,
+              buffer.getInteger(at: i + 6, as: UInt16.self) == NBD.Command.write.rawValue,
+              let length = buffer.getInteger(at: i + 24, as: UInt32.self), length <= self.maximumWritePayload else { return nil }
+        let total = NBD.requestHeaderSize + Int(length)
+        return total > buffer.readableBytes ? total : nil
+    }
+
     public mutating func next(_ buffer: inout ByteBuffer) throws(BadMagic) -> Item? {
         if self.skipping > 0 {
             let n = min(UInt64(buffer.readableBytes), self.skipping)

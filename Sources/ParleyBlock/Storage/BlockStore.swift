@@ -104,9 +104,14 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     /// False once the file system has refused an RWF_NOWAIT write (ext4 before Linux 6.x
     /// does): later writes then go straight to the IO threads without trying.
     private let nowaitWrites = Atomic<Bool>(true)
+    /// Where RWF_NOWAIT writes are refused: which plain writes are done inline all the same.
+    public let inlineWrites: InlineWritePolicy
+    /// Monotonic nanoseconds until which inline writes are paused (after a slow one).
+    private let inlinePausedUntil = Atomic<Int64>(.min)
 
     /// Opens `path` read-only or read-write.
-    public init(path: String, writable: Bool) throws(BlockStoreError) {
+    public init(path: String, writable: Bool, inlineWrites: InlineWritePolicy = InlineWritePolicy()) throws(BlockStoreError) {
+        self.inlineWrites = inlineWrites
         let fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
         guard fd >= 0 else { throw BlockStoreError(errno: errno, operation: "open \(path)") }
         var st = stat()
@@ -170,7 +175,20 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, durable: Bool, nowait: Bool) throws(BlockStoreError) -> Bool {
-        if nowait, !self.nowaitWrites.load(ordering: .relaxed) { return false }
+        if nowait, !self.nowaitWrites.load(ordering: .relaxed) {
+            // The file system cannot say "would block": a small whole-page write is done
+            // plainly (it copies into the page cache) unless inline writes were slow lately.
+            guard !durable else { return false }
+            let now = Self.monotonicNanoseconds()
+            guard self.inlineWrites.allows(offset: offset, length: bytes.count, now: now,
+                                           pausedUntil: self.inlinePausedUntil.load(ordering: .relaxed)) else { return false }
+            let written = try self.write(bytes, at: offset, durable: false, nowait: false)
+            let end = Self.monotonicNanoseconds()
+            if let until = self.inlineWrites.pause(after: end - now, at: end) {
+                self.inlinePausedUntil.store(until, ordering: .relaxed)
+            }
+            return written
+        }
         var done = 0
         while done < bytes.count {
             let n = parley_pwrite(self.fd, bytes.baseAddress! + done, bytes.count - done, Int64(offset) + Int64(done),
@@ -184,6 +202,12 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
             done += Int(n)
         }
         return true
+    }
+
+    private static func monotonicNanoseconds() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
     }
 
     public func flush() throws(BlockStoreError) {
