@@ -42,6 +42,50 @@ struct BlockServerTests {
         #expect(Self.fileBytes(path, offset: 3 << 20, count: b.count) == b)
     }
 
+    /// A write of 128 KiB or more is gathered from the reads that bring it (not copied into
+    /// one buffer): sent in pieces, with the next request in the same send as its last piece,
+    /// it lands whole and in place, FUA included, and the request after it is served.
+    @Test func aLargeWriteArrivingInPiecesLandsWholeAndTheNextRequestIsServed() throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 8 << 20)
+        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        defer { server.stop(signal: SIGKILL) }
+        let socket = try RawSocket(port: server.nbdPort)
+        let (nbd, go, message) = try RawNBD.connect(socket, export: "disk")
+        #expect(go == 1, "\(message)")
+        let big = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        let small = [UInt8](repeating: 0x5c, count: 4096)
+        var header = Bytes()
+        header.u32(0x2560_9513); header.u16(1); header.u16(1); header.u64(1); header.u64(2 << 20); header.u32(UInt32(big.count))  // WRITE + FUA
+        var next = Bytes()
+        next.u32(0x2560_9513); next.u16(0); next.u16(1); next.u64(2); next.u64(5 << 20); next.u32(UInt32(small.count))
+        var pieces: [[UInt8]] = [header.data + big[..<1000]]
+        var at = 1000
+        while at < big.count {
+            let end = min(big.count, at + 150_000)
+            pieces.append(Array(big[at..<end]))
+            at = end
+        }
+        pieces[pieces.count - 1] += next.data + small
+        for piece in pieces {
+            #expect(socket.send(piece))
+            usleep(5_000)  // separate reads on the server
+        }
+        var answered: [UInt64: UInt32] = [:]
+        for _ in 0..<2 {
+            let reply = try nbd.simpleReply()
+            answered[reply.cookie] = reply.error
+        }
+        #expect(answered == [1: 0, 2: 0])
+        server.stop(signal: SIGKILL)
+        let landed = Self.fileBytes(path, offset: 2 << 20, count: big.count)
+        let firstWrong = landed.indices.first { $0 >= big.count || landed[$0] != big[$0] } ?? (landed.count == big.count ? nil : landed.count)
+        #expect(firstWrong == nil, "the 1 MiB write differs from byte \(firstWrong ?? 0) on")
+        #expect(Self.fileBytes(path, offset: 5 << 20, count: small.count) == small)
+        #expect(Self.fileBytes(path, offset: (2 << 20) - 16, count: 16) == [UInt8](repeating: 0, count: 16))
+        #expect(Self.fileBytes(path, offset: 3 << 20, count: 16) == [UInt8](repeating: 0, count: 16))
+    }
+
     @Test func badNBDRequestsAreRefusedWithTheirErrorAndNothingIsWritten() throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 1 << 20)

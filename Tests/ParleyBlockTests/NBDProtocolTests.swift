@@ -768,6 +768,23 @@ extension NBDProtocolTests {
             #expect(decoder.bytesAwaited(in: ByteBuffer(bytes: bytes[..<30])) == nil)
         }
 
+        @Test func takeLargeWriteTakesOnlyTheHeaderOfAnIncompleteLargeWrite() throws {
+            let write = T.request(.write, flags: .fua, cookie: 9, offset: 4096, length: 300)
+            let bytes = T.requestBytes(write, payload: [UInt8](repeating: 1, count: 300))
+            var decoder = NBDRequestDecoder(maximumWritePayload: 1024)
+            var partial = ByteBuffer(bytes: bytes[..<100])
+            #expect(decoder.takeLargeWrite(&partial, minimum: 301) == nil, "smaller than the minimum")
+            #expect(partial.readableBytes == 100)
+            #expect(decoder.takeLargeWrite(&partial, minimum: 300) == write)
+            #expect(partial.readableBytes == 72, "left at the payload's first byte")
+            var whole = ByteBuffer(bytes: bytes)
+            #expect(decoder.takeLargeWrite(&whole, minimum: 1) == nil, "complete: next() takes it")
+            var header = ByteBuffer(bytes: bytes[..<27])
+            #expect(decoder.takeLargeWrite(&header, minimum: 1) == nil)
+            var read = ByteBuffer(bytes: T.requestBytes(T.request(.read, length: 4096)))
+            #expect(decoder.takeLargeWrite(&read, minimum: 1) == nil)
+        }
+
         @Test func badMagicThrowsNamingTheMagic() throws {
             var bytes = T.requestBytes(T.request(.read, length: 1))
             bytes[0] = 0xde; bytes[1] = 0xad; bytes[2] = 0xbe; bytes[3] = 0xef

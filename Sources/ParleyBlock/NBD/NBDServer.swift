@@ -199,6 +199,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var access: BlockAccess = .readOnly
     private var decoder = NBDRequestDecoder(maximumWritePayload: NBDServer.maximumPayload)
     private var input: ByteBuffer?
+    /// A large write whose payload is still arriving.
+    private var gather: (request: NBDRequest, chunks: [ByteBuffer], missing: Int)?
+    /// Writes from this size on are gathered (`gather`) rather than copied into `input`.
+    static let gatherMinimum = 128 * 1024
     private var inFlight = 0
     private var inFlightBytes = 0
     private var readHeld = false
@@ -229,6 +233,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = self.unwrapInboundIn(data)
         if self.stopping { return }
+        self.inRead = true
+        if var gather = self.gather {
+            // The payload of a large write: kept as the reads' own buffers, not copied.
+            let n = min(gather.missing, bytes.readableBytes)
+            gather.chunks.append(bytes.readSlice(length: n)!)
+            gather.missing -= n
+            if gather.missing > 0 {
+                self.gather = gather
+                return
+            }
+            self.gather = nil
+            if let negotiated = self.negotiated, let device = self.device {
+                self.dispatch(gather.request, payload: gather.chunks, negotiated: negotiated, device: device, context: context)
+            }
+            if bytes.readableBytes == 0 { return }
+        }
         if var input = self.input, input.readableBytes > 0 {
             self.input = nil  // unique again, so appending does not copy
             if input.readerIndex >= 64 * 1024 { input.discardReadBytes() }
@@ -241,7 +261,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         } else {
             self.input = bytes
         }
-        self.inRead = true
         self.process(context: context)
     }
 
@@ -346,7 +365,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 self.closeIfIdle(context: context)
                 return
             }
-            guard let item else { break }
+            guard let item else {
+                if let request = self.decoder.takeLargeWrite(&input, minimum: Self.gatherMinimum) {
+                    let first = input.readSlice(length: input.readableBytes)!
+                    self.gather = (request, first.readableBytes > 0 ? [first] : [], Int(request.length) - first.readableBytes)
+                }
+                break
+            }
             switch item {
             case .oversizedWrite(let request):
                 let e = NBDRequestError(.inval, "write of \(request.length) bytes is larger than the maximum \(NBDServer.maximumPayload)")
@@ -354,7 +379,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 device.metrics(.write).record(bytes: 0, failed: true, nanoseconds: 0)
                 self.reply(cookie: request.cookie, error: e, negotiated: negotiated, context: context)
             case .request(let request, let payload):
-                self.dispatch(request, payload: payload, negotiated: negotiated, device: device, context: context)
+                self.dispatch(request, payload: payload.map { [$0] }, negotiated: negotiated, device: device, context: context)
             }
         }
     }
@@ -383,7 +408,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: - Requests
 
-    private func dispatch(_ request: NBDRequest, payload: ByteBuffer?, negotiated: NBDNegotiated, device: BlockDevice, context: ChannelHandlerContext) {
+    /// `payload`: a write's data, in one buffer or (a gathered large write) several.
+    private func dispatch(_ request: NBDRequest, payload: [ByteBuffer]?, negotiated: NBDNegotiated, device: BlockDevice, context: ChannelHandlerContext) {
         let operation: NBDOperation
         switch negotiated.validate(request) {
         case .failure(let e):
@@ -455,7 +481,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 self.resume(context: context)
             }
         case .write(let offset, let fua):
-            guard let payload else { return }
+            guard let chunks = payload else { return }
+            if chunks.count != 1 {
+                // Gathered: written piece by piece from the reads' buffers on an IO thread;
+                // FUA then syncs the file once (RWF_DSYNC on each piece would sync each).
+                let bytes = chunks.reduce(0) { $0 + $1.readableBytes }
+                self.offload(.write, bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
+                    var at = offset
+                    for chunk in chunks {
+                        _ = try chunk.withUnsafeReadableBytes { try store.write($0, at: at, durable: false, nowait: false) }
+                        at += UInt64(chunk.readableBytes)
+                    }
+                    if fua { try store.flush() }
+                }
+                return
+            }
+            let payload = chunks[0]
             if !fua {
                 do {
                     let done = try payload.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
@@ -513,7 +554,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Hands an operation to a store that completes it elsewhere (a remote device); false for
     /// operations it does not take (those go the usual way).
-    private func startCompleting(_ store: any CompletingBlockStore, _ operation: NBDOperation, payload: ByteBuffer?, cookie: UInt64,
+    private func startCompleting(_ store: any CompletingBlockStore, _ operation: NBDOperation, payload chunks: [ByteBuffer]?, cookie: UInt64,
                                  negotiated: NBDNegotiated, device: BlockDevice, started: NIODeadline, context: ChannelHandlerContext) -> Bool {
         let request: BlockStoreRequest
         let kind: BlockOpKind
@@ -524,7 +565,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             kind = .read
             bytes = Int(length)
         case .write(let offset, let fua):
-            guard let payload else { return false }
+            guard var payload = chunks?.first else { return false }
+            for chunk in chunks!.dropFirst() {
+                var chunk = chunk
+                payload.writeBuffer(&chunk)
+            }
             request = .write(offset: offset, data: payload, fua: fua)
             kind = .write
             bytes = payload.readableBytes

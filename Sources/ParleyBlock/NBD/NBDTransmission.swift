@@ -69,6 +69,24 @@ public struct NBDRequestDecoder {
         return total > buffer.readableBytes ? total : nil
     }
 
+    /// Takes the header of a write of at least `minimum` bytes at the front of `buffer` whose
+    /// payload has not all arrived, leaving `buffer` at the payload's first byte: the caller
+    /// then collects the payload as the reads bring it, without copying it into one buffer.
+    /// Nil (nothing taken) for anything else.
+    public mutating func takeLargeWrite(_ buffer: inout ByteBuffer, minimum: Int) -> NBDRequest? {
+        guard self.bytesAwaited(in: buffer) != nil else { return nil }
+        let i = buffer.readerIndex
+        let length = buffer.getInteger(at: i + 24, as: UInt32.self)!
+        guard Int(length) >= minimum else { return nil }
+        let request = NBDRequest(
+            flags: buffer.getInteger(at: i + 4, as: UInt16.self)!, type: NBD.Command.write.rawValue,
+            cookie: buffer.getInteger(at: i + 8, as: UInt64.self)!, offset: buffer.getInteger(at: i + 16, as: UInt64.self)!,
+            length: length
+        )
+        buffer.moveReaderIndex(forwardBy: NBD.requestHeaderSize)
+        return request
+    }
+
     public mutating func next(_ buffer: inout ByteBuffer) throws(BadMagic) -> Item? {
         if self.skipping > 0 {
             let n = min(UInt64(buffer.readableBytes), self.skipping)
