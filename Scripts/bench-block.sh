@@ -22,6 +22,7 @@ json_out=""
 baseline="nbdkit-tcp"
 cpu_mode="auto"
 keep=0
+pin=""
 size="${BLOCK_BENCH_SIZE:-1G}"
 parley_cmd="${PARLEY_BLOCK_SERVER:-$DEFAULT_PARLEY}"
 report_py="Scripts/bench-block-report.py"
@@ -46,6 +47,11 @@ Options:
   --json FILE         also write medians, ratios and every sample as JSON to FILE
   --baseline SYSTEM   system the ratios are relative to (default $baseline)
   --cpu MODE          server CPU per IO: auto (perf if usable, else /proc), perf, proc, off
+  --pin SRV/FIO       pin every server (and map) to CPU list SRV and fio to FIO with taskset,
+                      e.g. 0/0 (same CPU) or 0/1 (different CPUs): the same placement for
+                      every system. Unpinned, the scheduler decides, and at queue depth 1
+                      where the server runs against fio decides the result (see
+                      docs/performance.md)
   --keep              keep the work dir (data file, raw fio JSON, server logs)
   -h, --help          this text
 
@@ -87,7 +93,7 @@ while [ $# -gt 0 ]; do
   opt="$1"; val=""
   case "$opt" in
     --*=*) val="${opt#*=}"; opt="${opt%%=*}" ;;
-    --systems|--workloads|--repetitions|--duration|--jobs|--json|--baseline|--cpu)
+    --systems|--workloads|--repetitions|--duration|--jobs|--json|--baseline|--cpu|--pin)
       [ $# -ge 2 ] || die "$opt needs a value"; val="$2"; shift ;;
   esac
   case "$opt" in
@@ -99,6 +105,7 @@ while [ $# -gt 0 ]; do
     --json) json_out="$val" ;;
     --baseline) baseline="$val" ;;
     --cpu) cpu_mode="$val" ;;
+    --pin) pin="$val" ;;
     --keep) keep=1 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -110,6 +117,12 @@ is_uint "$reps" && [ "$reps" -ge 1 ] && [ "$reps" -le 100 ] || die "--repetition
 is_uint "$duration" && [ "$duration" -ge 1 ] && [ "$duration" -le 3600 ] || die "--duration must be 1..3600"
 is_uint "$jobs" && [ "$jobs" -ge 1 ] && [ "$jobs" -le 64 ] || die "--jobs must be 1..64"
 case "$cpu_mode" in auto|perf|proc|off) ;; *) die "--cpu must be auto, perf, proc or off" ;; esac
+server_pin=(); fio_pin=()
+if [ -n "$pin" ]; then
+  [[ "$pin" =~ ^[0-9,-]+/[0-9,-]+$ ]] || die "--pin must look like 0/1 (server CPUs/fio CPUs)"
+  command -v taskset >/dev/null || die "--pin needs taskset (util-linux)"
+  server_pin=(taskset -c "${pin%/*}"); fio_pin=(taskset -c "${pin#*/}")
+fi
 IFS=, read -r -a sel_systems <<<"$systems"
 IFS=, read -r -a sel_workloads <<<"$workloads"
 [ ${#sel_systems[@]} -gt 0 ] || die "no systems selected"
@@ -204,7 +217,7 @@ wait_ready() {
 start_server() {
   local name=$1 uri=$2; shift 2
   server_cmd[$name]="$*"
-  "$@" >"$work/$name.log" 2>&1 &
+  "${server_pin[@]}" "$@" >"$work/$name.log" 2>&1 &
   server_pid[$name]=$!
   wait_ready "$name" "$uri" "${server_pid[$name]}"
 }
@@ -402,7 +415,7 @@ for ((rep = 1; rep <= reps; rep++)); do
       cpu_begin "$pid" "$out.cpu"
       # No ramp time: the CPU window covers the whole fio process, and so does total_ios.
       rc=0
-      timeout $((duration + 60)) fio --name="$w" --ioengine=nbd --uri="${server_uri[$s]}" \
+      timeout $((duration + 60)) "${fio_pin[@]}" fio --name="$w" --ioengine=nbd --uri="${server_uri[$s]}" \
         "${wargs[@]}" --numjobs="$jobs" --group_reporting \
         --time_based --runtime="$duration" --norandommap --randrepeat=0 \
         --lat_percentiles=1 --percentile_list=50:99 \
