@@ -307,6 +307,31 @@ public final class ParleyClient: Sendable {
         return try await self.connection.call(request, data: data, as: response, timeout: timeout, idempotent: idempotent)
     }
 
+    /// Sends a request (after any request delay); `completion` runs once with its answer,
+    /// without a task per request while there is no delay (see the same method of
+    /// `ParleyConnection`).
+    public func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
+        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self, idempotent: Bool = false,
+        completion: @escaping @Sendable (Result<ParleyReply<Response>, any Error>) -> Void
+    ) {
+        guard self.requestAllowedAt == nil else {
+            // Encoded here: the task needs no `Sendable` request.
+            let connection = self.connection
+            let payload = request.parleyPayload(allocator: ByteBufferAllocator())
+            Task {
+                do {
+                    try await self.waitForRequestDelay()
+                    let answer = try await connection.exchange(type: Request.protoMessageName, payload: payload, data: data, timeout: nil, idempotent: idempotent)
+                    completion(.success(try ParleyConnection.decodeAnswer(answer, as: Response.self)))
+                } catch {
+                    completion(.failure(error))
+                }
+            }
+            return
+        }
+        self.connection.call(request, data: data, as: response, idempotent: idempotent, completion: completion)
+    }
+
     /// Sends a request (after any request delay) and returns the response.
     /// `idempotent`: see `ParleyConnection.call`.
     public func request<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(

@@ -99,7 +99,18 @@ public final class ParleyConnection: Sendable {
         /// Resumed exactly once: by the answer, the cancellation or the end of the connection,
         /// whichever removes it from `pending` first.
         case unary(UnsafeContinuation<WireMessage, any Error>)
+        /// Like `unary`, for a caller without a task (`call(_:data:as:idempotent:completion:)`).
+        case callback(@Sendable (Result<WireMessage, any Error>) -> Void)
         case stream(AsyncThrowingStream<WireMessage, any Error>.Continuation)
+
+        /// Ends the wait with `error`.
+        func fail(_ error: any Error) {
+            switch self {
+            case .unary(let c): c.resume(throwing: error)
+            case .callback(let complete): complete(.failure(error))
+            case .stream(let c): c.finish(throwing: error)
+            }
+        }
     }
 
     /// A peer request being handled.
@@ -174,17 +185,72 @@ public final class ParleyConnection: Sendable {
         _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self, timeout: Duration? = nil,
         idempotent: Bool = false
     ) async throws -> ParleyReply<Response> {
+        let answer = try await self.exchange(
+            type: Request.protoMessageName, payload: request.parleyPayload(allocator: self.channel.allocator), data: data,
+            timeout: timeout, idempotent: idempotent
+        )
+        return try Self.decodeAnswer(answer, as: Response.self)
+    }
+
+    /// Sends a request; `completion` runs once with its answer: on the connection's event
+    /// loop when the answer comes, or at once if the request cannot be sent. No task and no
+    /// continuation per request, for code on the event loop that keeps many requests in
+    /// flight (the block map). Without a free request slot (or, in a lossless session, room
+    /// in the replay queue) the request waits in a task, as `call` would. There is no timeout
+    /// and no cancellation: it ends with the answer or with the connection.
+    public func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
+        _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self, idempotent: Bool = false,
+        completion: @escaping @Sendable (Result<ParleyReply<Response>, any Error>) -> Void
+    ) {
+        let type = Request.protoMessageName
+        let payload = request.parleyPayload(allocator: self.channel.allocator)
+        guard self.lossless?.hasRoom ?? true, let id = self.tryAcquireSlot() else {
+            Task {
+                do {
+                    let answer = try await self.exchange(type: type, payload: payload, data: data, timeout: nil, idempotent: idempotent)
+                    completion(.success(try Self.decodeAnswer(answer, as: Response.self)))
+                } catch {
+                    completion(.failure(error))
+                }
+            }
+            return
+        }
+        let message = WireMessage(header: MessageHeader(id: id, kind: .request, type: type), payload: payload, data: data)
+        var kick: ParleyConnectionHandler.Outlet?
+        let refusal = self.state.withLockedValue { s -> ParleyError? in
+            if let closed = s.closed { return closed }
+            do throws(ParleyError) { try self.check(message) } catch { return error }
+            s.pending[id] = .callback { answer in
+                self.releaseSlot()
+                completion(answer.flatMap { a in Result { try Self.decodeAnswer(a, as: Response.self) } })
+            }
+            if let lossless = self.lossless {
+                s.requestTypes[id] = type
+                if idempotent { s.retryable[id] = message }
+                kick = lossless.enqueue(message)
+            }
+            return nil
+        }
+        if let refusal {
+            self.releaseSlot()
+            completion(.failure(refusal))
+        } else if self.lossless == nil {
+            self.outlet.write(.message(message))
+        } else {
+            kick?.pump()
+        }
+    }
+
+    /// Sends a request message (`type`, `payload`) and waits for the answer (see `call`).
+    func exchange(type: String, payload: ByteBuffer, data: ByteBuffer?, timeout: Duration?, idempotent: Bool) async throws -> WireMessage {
         let id = try await self.acquireSlot()
         defer { self.releaseSlot() }
         try await self.lossless?.waitForRoom()
-        let message = WireMessage(
-            header: MessageHeader(id: id, kind: .request, type: Request.protoMessageName),
-            payload: request.parleyPayload(allocator: self.channel.allocator), data: data
-        )
+        let message = WireMessage(header: MessageHeader(id: id, kind: .request, type: type), payload: payload, data: data)
         try self.check(message)
         var timer: Scheduled<Void>?
         defer { timer?.cancel() }
-        let answer: WireMessage = try await withTaskCancellationHandler {
+        return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<WireMessage, any Error>) in
                 var kick: ParleyConnectionHandler.Outlet?
                 let refusal = self.state.withLockedValue { s -> ParleyError? in
@@ -193,7 +259,7 @@ public final class ParleyConnection: Sendable {
                     if Task.isCancelled { return ParleyError(code: .cancelled, message: "request \(id) cancelled") }
                     s.pending[id] = .unary(continuation)
                     if let lossless = self.lossless {
-                        s.requestTypes[id] = Request.protoMessageName
+                        s.requestTypes[id] = type
                         if idempotent { s.retryable[id] = message }
                         // Numbered under the same lock as `pending`: a session reset sees both or neither.
                         kick = lossless.enqueue(message)
@@ -207,7 +273,7 @@ public final class ParleyConnection: Sendable {
                     if let timeout {
                         timer = self.channel.eventLoop.scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
                             self.cancelOutbound(id: id, ParleyError(
-                                code: .timeout, message: "request \(id) (\(Request.protoMessageName)) got no answer within \(timeout)"
+                                code: .timeout, message: "request \(id) (\(type)) got no answer within \(timeout)"
                             ))
                         }
                     }
@@ -216,7 +282,6 @@ public final class ParleyConnection: Sendable {
         } onCancel: {
             self.cancelOutbound(id: id)
         }
-        return try Self.decodeAnswer(answer, as: Response.self)
     }
 
     /// Sends a request and waits for its response message.
@@ -415,6 +480,17 @@ public final class ParleyConnection: Sendable {
 
     private enum SlotOutcome { case acquired(UInt64), parked, failed(ParleyError) }
 
+    /// Takes a free request slot without waiting, if there is one and no one waits for one;
+    /// returns the id of the new request.
+    private func tryAcquireSlot() -> UInt64? {
+        self.state.withLockedValue { s -> UInt64? in
+            guard s.closed == nil, s.slotWaiters.isEmpty, s.outstanding < self.limits.maxOutstandingRequests else { return nil }
+            s.outstanding += 1
+            defer { s.nextID &+= 1 }
+            return s.nextID
+        }
+    }
+
     /// Waits for a free request slot; returns the id of the new request.
     private func acquireSlot() async throws -> UInt64 {
         let first = self.state.withLockedValue { s -> SlotOutcome in
@@ -465,8 +541,7 @@ public final class ParleyConnection: Sendable {
         let pending = self.state.withLockedValue { $0.pending.removeValue(forKey: id) }
         let error = error ?? ParleyError(code: .cancelled, message: "request \(id) cancelled")
         switch pending {
-        case .unary(let c)?: c.resume(throwing: error)
-        case .stream(let c)?: c.finish(throwing: error)
+        case let pending?: pending.fail(error)
         case nil: return  // already answered, or never sent
         }
         self.state.withLockedValue { s in
@@ -505,12 +580,7 @@ public final class ParleyConnection: Sendable {
             return (s.pending, s.slotWaiters, s.serving, s.idleWaiters)
         }
         guard let ending else { return }
-        for (_, p) in ending.pending {
-            switch p {
-            case .unary(let c): c.resume(throwing: error)
-            case .stream(let c): c.finish(throwing: error)
-            }
-        }
+        for (_, p) in ending.pending { p.fail(error) }
         ending.waiters.forEach { $0.resume(throwing: error) }
         for case .running(let task) in ending.serving.values { task.cancel() }
         ending.idle.forEach { $0.resume() }
@@ -577,7 +647,7 @@ public final class ParleyConnection: Sendable {
                 s.retryable.removeValue(forKey: id)
             }
             switch s.pending[id] {
-            case .unary?:
+            case .unary?, .callback?:
                 return kind == .streamItem ? nil : s.pending.removeValue(forKey: id)
             case .stream(let c)?:
                 return kind == .streamItem ? .stream(c) : s.pending.removeValue(forKey: id)
@@ -590,6 +660,10 @@ public final class ParleyConnection: Sendable {
             c.resume(throwing: Self.errorFromAnswer(message))
         case (.unary(let c)?, _):
             c.resume(returning: message)
+        case (.callback(let complete)?, .error):
+            complete(.failure(Self.errorFromAnswer(message)))
+        case (.callback(let complete)?, _):
+            complete(.success(message))
         case (.stream(let c)?, .streamItem):
             c.yield(message)
         case (.stream(let c)?, .error):
@@ -950,12 +1024,7 @@ extension ParleyConnection {
                 return .failure(error)
             }
         }
-        for (pending, error) in failed {
-            switch pending {
-            case .unary(let c): c.resume(throwing: error)
-            case .stream(let c): c.finish(throwing: error)
-            }
-        }
+        for (pending, error) in failed { pending.fail(error) }
         cancelled.forEach { $0.cancel() }
         self.logger.warning("session reset", metadata: [
             "reason": "\(reason)", "mayHaveRun": "\(report.mayHaveRun.count)", "retried": "\(report.retried.count)", "notSent": "\(report.notSent.count)",

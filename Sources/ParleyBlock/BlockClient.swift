@@ -72,15 +72,32 @@ public final class BlockClient: Sendable {
     @discardableResult
     public func io(_ device: Device, _ operation: Parley_Block_V1_IoOperation, offset: UInt64, length: UInt32,
                    data: ByteBuffer? = nil, fua: Bool = false) async throws -> ByteBuffer? {
+        let io = Self.request(device, operation, offset: offset, length: length, fua: fua)
+        let reply = try await self.client.call(io, data: data, as: Parley_Block_V1_IoReply.self)
+        try Self.check(reply.message.status, reply.message.message)
+        return reply.data
+    }
+
+    /// Sends one IO; `completion` runs once with the read data (nil for other operations) or
+    /// the error (`BlockError` for a refusal), on the connection's event loop: no task per IO.
+    public func io(_ device: Device, _ operation: Parley_Block_V1_IoOperation, offset: UInt64, length: UInt32,
+                   data: ByteBuffer? = nil, fua: Bool = false, completion: @escaping @Sendable (Result<ByteBuffer?, any Error>) -> Void) {
+        let io = Self.request(device, operation, offset: offset, length: length, fua: fua)
+        self.client.call(io, data: data, as: Parley_Block_V1_IoReply.self) { result in
+            completion(result.flatMap { reply in
+                reply.message.status == .ok ? .success(reply.data) : .failure(BlockError(reply.message.status, reply.message.message))
+            })
+        }
+    }
+
+    static func request(_ device: Device, _ operation: Parley_Block_V1_IoOperation, offset: UInt64, length: UInt32, fua: Bool) -> Parley_Block_V1_Io {
         var io = Parley_Block_V1_Io()
         io.deviceID = device.id
         io.offset = offset
         io.length = length
         io.operation = operation
         io.flags = fua ? UInt32(Parley_Block_V1_IoFlag.fua.rawValue) : 0
-        let reply = try await self.client.call(io, data: data, as: Parley_Block_V1_IoReply.self)
-        try Self.check(reply.message.status, reply.message.message)
-        return reply.data
+        return io
     }
 
     public func read(_ device: Device, offset: UInt64, length: UInt32) async throws -> ByteBuffer {

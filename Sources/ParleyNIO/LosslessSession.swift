@@ -63,6 +63,12 @@ public final class LosslessSession: Sendable {
         }
     }
 
+    /// True if a message may be enqueued now (`waitForRoom` would not wait), and the session
+    /// has not ended.
+    public var hasRoom: Bool {
+        self.state.withLockedValue { s in s.ended == nil && !s.ledger.isFull(self.bounds) }
+    }
+
     /// Returns once the kept messages are below the bounds (at once if they are); throws the
     /// reason if the session ends meanwhile.
     public func waitForRoom() async throws {

@@ -431,6 +431,64 @@ struct MessagingTests {
         }
     }
 
+    /// The callback form of `call`: answers and errors reach the callback once each, on the
+    /// connection's event loop; beyond the request slots, calls wait and still complete, in
+    /// order of the slots freed; those outstanding when the connection closes fail.
+    @Test func callbackCallsCompleteOnceWithAnswersErrorsAndTheConnectionsEnd() async throws {
+        let release = Signal()
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Ping.self) { ping, _ in
+            if ping.sequence == 0 { throw ParleyError(code: .invalidArgument, message: "sequence 0") }
+            if ping.sequence >= 100 { _ = await release.wait(seconds: 30) }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            return pong
+        }
+        try await withServer(router: router) { _, addresses in
+            let client = try await ParleyClient.connect(
+                to: addresses[0], configuration: .init(limits: .init(maxOutstandingRequests: 4)), logger: quietLogger
+            )
+            defer { client.close() }
+            let loop = client.connection.eventLoop
+            let results = NIOLockedValueBox<[UInt64: [Result<UInt64, ParleyError>]]>([:])
+            let offLoop = Counter()
+            func ping(_ n: UInt64) {
+                var p = Parley_Echo_V1_Ping()
+                p.sequence = n
+                client.call(p, as: Parley_Echo_V1_Pong.self) { result in
+                    if !loop.inEventLoop { offLoop.increment() }
+                    let r = result.map(\.message.sequence).mapError { $0 as? ParleyError ?? ParleyError(code: .unspecified, message: "\($0)") }
+                    results.withLockedValue { $0[n, default: []].append(r) }
+                }
+            }
+            // 40 calls through 4 slots: most wait for a slot, in a task.
+            for n in 1...40 { ping(UInt64(n)) }
+            ping(0)
+            #expect(try await eventually { results.withLockedValue { $0.count } == 41 })
+            results.withLockedValue { r in
+                for n in UInt64(1)...40 { #expect(r[n] == [.success(n)]) }
+                #expect(r[0] == [.failure(ParleyError(code: .invalidArgument, message: "sequence 0"))])
+            }
+            // Requests with a free slot were answered on the event loop, with no task.
+            #expect(offLoop.count < 41)
+            #expect(client.connection.outstandingRequests == 0)
+
+            // Two held by the server when the connection closes: both fail, once.
+            ping(100)
+            ping(101)
+            #expect(try await eventually { client.connection.outstandingRequests == 2 })
+            client.close()
+            #expect(try await eventually { results.withLockedValue { $0[100] != nil && $0[101] != nil } })
+            try await Task.sleep(for: .milliseconds(50))
+            results.withLockedValue { r in
+                #expect(r[100]?.count == 1 && r[101]?.count == 1)
+                #expect(r[100]?.first.flatMap { try? $0.get() } == nil)
+                if case .failure(let e)? = r[100]?.first { #expect(e.code == .connectionClosed) }
+            }
+            release.raise()
+        }
+    }
+
     @Test func handlerThatClosesItsConnectionWhileAnsweringDoesNotBreakTheServer() async throws {
         var router = ParleyRouter()
         router.on(Parley_Echo_V1_Ping.self) { ping, context in

@@ -166,8 +166,6 @@ public final class BlockMultipathDevice: Sendable {
     struct Path {
         var address: ParleyAddress
         var client: BlockClient?
-        /// Runs the tasks that send this path's IO on its connection's event loop.
-        var executor: EventLoopTaskExecutor?
         var deviceID: UInt32 = 0
         var connecting = false
         var connects = 0
@@ -202,7 +200,7 @@ public final class BlockMultipathDevice: Sendable {
 
     /// What to do outside the lock.
     enum Job {
-        case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, executor: EventLoopTaskExecutor?, deviceID: UInt32, io: MultipathIOState.IO,
+        case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, deviceID: UInt32, io: MultipathIOState.IO,
                   fua: Bool, data: ByteBuffer?)
         case resume(@Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void, Result<ByteBuffer?, BlockMultipathError>)
         case arm(token: Int)
@@ -335,7 +333,6 @@ public final class BlockMultipathDevice: Sendable {
         let (jobs, generation, ok) = self.state.withLockedValue { s -> ([Job], Int, Bool) in
             if s.closed { return ([], 0, false) }
             s.paths[i].client = client
-            s.paths[i].executor = EventLoopTaskExecutor(client.client.connection.eventLoop)
             s.paths[i].deviceID = device.id
             s.paths[i].connecting = false
             s.paths[i].connects += 1
@@ -428,7 +425,7 @@ public final class BlockMultipathDevice: Sendable {
                     preconditionFailure("send of unknown IO \(id) or on a path without a connection")
                 }
                 s.paths[path].sends += 1
-                jobs.append(.send(id: id, send: send, path: path, client: client, executor: s.paths[path].executor, deviceID: s.paths[path].deviceID,
+                jobs.append(.send(id: id, send: send, path: path, client: client, deviceID: s.paths[path].deviceID,
                                   io: p.io, fua: p.fua, data: p.data))
             case .complete(let id, let failure):
                 guard let p = s.pending.removeValue(forKey: id) else { continue }
@@ -478,12 +475,8 @@ public final class BlockMultipathDevice: Sendable {
     private func run(_ jobs: [Job]) {
         for job in jobs {
             switch job {
-            case .send(let id, let send, let path, let client, let executor, let deviceID, let io, let fua, let data):
-                // On the connection's event loop: the request is written and its answer taken
-                // there, without a hop to Swift's global pool and back.
-                Task(executorPreference: executor) {
-                    await self.perform(id: id, send: send, path: path, client: client, deviceID: deviceID, io: io, fua: fua, data: data)
-                }
+            case .send(let id, let send, let path, let client, let deviceID, let io, let fua, let data):
+                self.perform(id: id, send: send, path: path, client: client, deviceID: deviceID, io: io, fua: fua, data: data)
             case .resume(let complete, let result):
                 complete(result)
             case .arm(let token):
@@ -522,8 +515,11 @@ public final class BlockMultipathDevice: Sendable {
         }
     }
 
+    /// Sends one IO on a path. Its answer comes on the path connection's event loop, without
+    /// a task or a continuation per IO: with the map's NBD endpoint on that loop too, a read
+    /// is taken, sent, answered and replied to without a thread hop.
     private func perform(id: UInt64, send: UInt64, path: Int, client: BlockClient, deviceID: UInt32, io: MultipathIOState.IO, fua: Bool,
-                         data: ByteBuffer?) async {
+                         data: ByteBuffer?) {
         let operation: Parley_Block_V1_IoOperation
         switch io.operation {
         case .read: operation = .read
@@ -532,31 +528,33 @@ public final class BlockMultipathDevice: Sendable {
         case .discard: operation = .discard
         case .writeZeroes: operation = .writeZeroes
         }
-        let outcome: MultipathIOState.Outcome
-        var result: Result<ByteBuffer?, BlockMultipathError>?
-        do {
-            let reply = try await client.io(BlockClient.Device(id: deviceID, geometry: Parley_Block_V1_Geometry()), operation,
-                                            offset: io.offset, length: UInt32(io.length), data: data, fua: fua)
-            outcome = .done
-            result = .success(reply)
-        } catch let e as BlockError {
-            switch e.status {
-            case .shuttingDown, .unknownDevice, .noSession:
+        client.io(BlockClient.Device(id: deviceID, geometry: Parley_Block_V1_Geometry()), operation,
+                  offset: io.offset, length: UInt32(io.length), data: data, fua: fua) { answer in
+            let outcome: MultipathIOState.Outcome
+            var result: Result<ByteBuffer?, BlockMultipathError>?
+            switch answer {
+            case .success(let reply):
+                outcome = .done
+                result = .success(reply)
+            case .failure(let e as BlockError):
+                switch e.status {
+                case .shuttingDown, .unknownDevice, .noSession:
+                    outcome = .pathFailed
+                default:
+                    outcome = .refused
+                    result = .failure(BlockMultipathError(.server(e.status), "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(self.path): \(e.message)"))
+                }
+            case .failure:
                 outcome = .pathFailed
-            default:
-                outcome = .refused
-                result = .failure(BlockMultipathError(.server(e.status), "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(self.path): \(e.message)"))
             }
-        } catch {
-            outcome = .pathFailed
+            let jobs = self.state.withLockedValue { s -> [Job] in
+                if let result { s.pending[id]?.result = result }
+                var jobs: [Job] = []
+                self.resolve(s.machine.completed(id: id, send: send, outcome: outcome), &s, &jobs)
+                return jobs
+            }
+            self.run(jobs)
         }
-        let jobs = self.state.withLockedValue { s -> [Job] in
-            if let result { s.pending[id]?.result = result }
-            var jobs: [Job] = []
-            self.resolve(s.machine.completed(id: id, send: send, outcome: outcome), &s, &jobs)
-            return jobs
-        }
-        self.run(jobs)
     }
 
     // MARK: - IO
