@@ -208,6 +208,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var readHeld = false
     private var inRead = false
     private var needsFlush = false
+    private var flushScheduled = false
     private var stopping = false
     private var inactive = false
     private var context: ChannelHandlerContext?
@@ -660,8 +661,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         self.wrote(context: context)
     }
 
+    /// A reply was written: it leaves with the others of the same read burst, or, for a
+    /// completion outside a read, with those that complete in the same turn of the event loop
+    /// (one flush, one wake-up of the client, for a burst of answers from the map's paths or
+    /// the IO threads).
     private func wrote(context: ChannelHandlerContext) {
-        if self.inRead { self.needsFlush = true } else { context.flush() }
+        self.needsFlush = true
+        guard !self.inRead, !self.flushScheduled else { return }
+        self.flushScheduled = true
+        context.eventLoop.assumeIsolated().execute {
+            self.flushScheduled = false
+            guard self.needsFlush, !self.inRead else { return }
+            self.needsFlush = false
+            context.flush()
+        }
     }
 
     private func begin(bytes: Int) {
