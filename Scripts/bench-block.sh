@@ -412,6 +412,10 @@ for ((rep = 1; rep <= reps; rep++)); do
       if ! kill -0 "$pid" 2>/dev/null; then
         log "rep $rep/$reps $w $s: server $name (pid $pid) is gone"; failures=$((failures + 1)); continue
       fi
+      # Read the whole file first, so that every run serves it from the page cache: this
+      # machine's DAMON scheme pages out file pages unused for a minute (at up to 128 MiB/s),
+      # and a run that finds half the file evicted measures the disk, not the server.
+      cat "$data" >/dev/null
       cpu_begin "$pid" "$out.cpu"
       # No ramp time: the CPU window covers the whole fio process, and so does total_ios.
       rc=0
