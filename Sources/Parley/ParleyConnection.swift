@@ -220,15 +220,11 @@ public final class ParleyConnection: Sendable {
         let refusal = self.state.withLockedValue { s -> ParleyError? in
             if let closed = s.closed { return closed }
             do throws(ParleyError) { try self.check(message) } catch { return error }
-            s.pending[id] = .callback { answer in
+            let pending = Pending.callback { answer in
                 self.releaseSlot()
                 completion(answer.flatMap { a in Result { try Self.decodeAnswer(a, as: Response.self) } })
             }
-            if let lossless = self.lossless {
-                s.requestTypes[id] = type
-                if idempotent { s.retryable[id] = message }
-                kick = lossless.enqueue(message)
-            }
+            kick = self.enlist(pending, id: id, message: message, idempotent: idempotent, &s)
             return nil
         }
         if let refusal {
@@ -239,6 +235,18 @@ public final class ParleyConnection: Sendable {
         } else {
             kick?.pump()
         }
+    }
+
+    /// Records request `id` as waiting for its answer and, in a lossless session, hands the
+    /// message to the session; returns the link to kick (nil for a lossy connection). Called
+    /// under the state lock: a session reset sees both the entry and the numbered message, or
+    /// neither.
+    private func enlist(_ pending: Pending, id: UInt64, message: WireMessage, idempotent: Bool, _ s: inout State) -> ParleyConnectionHandler.Outlet? {
+        s.pending[id] = pending
+        guard let lossless = self.lossless else { return nil }
+        s.requestTypes[id] = message.header.type
+        if idempotent { s.retryable[id] = message }
+        return lossless.enqueue(message)
     }
 
     /// Sends a request message (`type`, `payload`) and waits for the answer (see `call`).
@@ -257,13 +265,7 @@ public final class ParleyConnection: Sendable {
                     if let closed = s.closed { return closed }
                     // Cancelled before this point: the cancellation handler found nothing to cancel.
                     if Task.isCancelled { return ParleyError(code: .cancelled, message: "request \(id) cancelled") }
-                    s.pending[id] = .unary(continuation)
-                    if let lossless = self.lossless {
-                        s.requestTypes[id] = type
-                        if idempotent { s.retryable[id] = message }
-                        // Numbered under the same lock as `pending`: a session reset sees both or neither.
-                        kick = lossless.enqueue(message)
-                    }
+                    kick = self.enlist(.unary(continuation), id: id, message: message, idempotent: idempotent, &s)
                     return nil
                 }
                 if let refusal {

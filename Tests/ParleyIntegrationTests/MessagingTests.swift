@@ -444,9 +444,12 @@ struct MessagingTests {
             pong.sequence = ping.sequence
             return pong
         }
-        try await withServer(router: router) { _, addresses in
+        // An event loop of its own: on NIO's shared two, a full parallel run on a loaded CI
+        // machine once left this test's requests unanswered for its whole wait.
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        try await withServer(router: router, group: group) { _, addresses in
             let client = try await ParleyClient.connect(
-                to: addresses[0], configuration: .init(limits: .init(maxOutstandingRequests: 4)), logger: quietLogger
+                to: addresses[0], configuration: .init(limits: .init(maxOutstandingRequests: 4)), logger: quietLogger, group: group
             )
             defer { client.close() }
             let loop = client.connection.eventLoop
@@ -464,7 +467,7 @@ struct MessagingTests {
             // 40 calls through 4 slots: most wait for a slot, in a task.
             for n in 1...40 { ping(UInt64(n)) }
             ping(0)
-            #expect(try await eventually { results.withLockedValue { $0.count } == 41 })
+            #expect(try await eventually(seconds: 60) { results.withLockedValue { $0.count } == 41 })
             results.withLockedValue { r in
                 for n in UInt64(1)...40 { #expect(r[n] == [.success(n)]) }
                 #expect(r[0] == [.failure(ParleyError(code: .invalidArgument, message: "sequence 0"))])
@@ -476,9 +479,9 @@ struct MessagingTests {
             // Two held by the server when the connection closes: both fail, once.
             ping(100)
             ping(101)
-            #expect(try await eventually { client.connection.outstandingRequests == 2 })
+            #expect(try await eventually(seconds: 60) { client.connection.outstandingRequests == 2 })
             client.close()
-            #expect(try await eventually { results.withLockedValue { $0[100] != nil && $0[101] != nil } })
+            #expect(try await eventually(seconds: 60) { results.withLockedValue { $0[100] != nil && $0[101] != nil } })
             try await Task.sleep(for: .milliseconds(50))
             results.withLockedValue { r in
                 #expect(r[100]?.count == 1 && r[101]?.count == 1)
@@ -487,6 +490,7 @@ struct MessagingTests {
             }
             release.raise()
         }
+        try await group.shutdownGracefully()
     }
 
     @Test func handlerThatClosesItsConnectionWhileAnsweringDoesNotBreakTheServer() async throws {
