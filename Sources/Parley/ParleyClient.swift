@@ -315,17 +315,13 @@ public final class ParleyClient: Sendable {
         completion: @escaping @Sendable (Result<ParleyReply<Response>, any Error>) -> Void
     ) {
         guard self.requestAllowedAt == nil else {
-            // Encoded here: the task needs no `Sendable` request.
-            let connection = self.connection
-            let payload = request.parleyPayload(allocator: ByteBufferAllocator())
             Task {
                 do {
                     try await self.waitForRequestDelay()
-                    let answer = try await connection.exchange(type: Request.protoMessageName, payload: payload, data: data, timeout: nil, idempotent: idempotent)
-                    completion(.success(try ParleyConnection.decodeAnswer(answer, as: Response.self)))
                 } catch {
-                    completion(.failure(error))
+                    return completion(.failure(error))
                 }
+                self.connection.call(request, data: data, as: response, idempotent: idempotent, completion: completion)
             }
             return
         }
