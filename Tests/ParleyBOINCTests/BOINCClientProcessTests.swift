@@ -36,7 +36,7 @@ struct BOINCClientProcessTests {
         var log: String { (try? String(contentsOfFile: self.logPath, encoding: .utf8)) ?? "" }
 
         /// SIGTERM, then SIGKILL after 5 s.
-        func stop() { stopProcess(self.process) }
+        func stop() { stopProcessBlocking(self.process) }
 
         deinit { if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) } }
     }
@@ -44,22 +44,22 @@ struct BOINCClientProcessTests {
     /// A port nobody listens on now.
     static func freePort() throws -> Int { try freeLoopbackPort() }
 
-    static func parley(_ arguments: [String], seconds: Double = 60) throws -> ProcessOutput {
-        try runProcess(try #require(parleyExecutablePath(), "parley executable not built"), arguments, seconds: seconds)
+    static func parley(_ arguments: [String], seconds: Double = 60) async throws -> ProcessOutput {
+        try await runProcess(try #require(parleyExecutablePath(), "parley executable not built"), arguments, seconds: seconds)
     }
 
     /// Polls `condition` every 0.5 s for at most `seconds`.
-    static func eventually(seconds: Double, _ condition: () throws -> Bool) async throws -> Bool {
+    static func eventually(seconds: Double, _ condition: () async throws -> Bool) async throws -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline {
-            if try condition() { return true }
+            if try await condition() { return true }
             try await Task.sleep(for: .milliseconds(500))
         }
-        return try condition()
+        return try await condition()
     }
 
-    static func result(_ master: String, _ job: Int) throws -> [String: Any] {
-        let out = try parley(["work", "results", "--master", master, "--json", "\(job)"])
+    static func result(_ master: String, _ job: Int) async throws -> [String: Any] {
+        let out = try await parley(["work", "results", "--master", master, "--json", "\(job)"])
         guard out.status == 0, let object = try JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [String: Any] else {
             throw ParleyTestFailure("results failed: \(out.combined)")
         }
@@ -85,9 +85,9 @@ struct BOINCClientProcessTests {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-client-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: dir + "/client", withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        #expect(try Self.parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
-        #expect(try Self.parley(["work", "keygen", "--boinc", "--dir", dir + "/boinc-a"]).status == 0)
-        #expect(try Self.parley(["work", "keygen", "--boinc", "--dir", dir + "/boinc-b"]).status == 0)
+        #expect(try await Self.parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await Self.parley(["work", "keygen", "--boinc", "--dir", dir + "/boinc-a"]).status == 0)
+        #expect(try await Self.parley(["work", "keygen", "--boinc", "--dir", dir + "/boinc-b"]).status == 0)
         let parleyPort = try Self.freePort(), boincPort = try Self.freePort(), guiPort = try Self.freePort()
         let master = "127.0.0.1:\(parleyPort)", url = "http://127.0.0.1:\(boincPort)/"
         let parley = try #require(parleyExecutablePath())
@@ -108,14 +108,14 @@ struct BOINCClientProcessTests {
         #expect(try await Self.eventually(seconds: 20) { server.log.contains("boinc front end listening") && server.log.contains("listening") }, "\(server.log)")
 
         try Data("the input\n".utf8).write(to: URL(fileURLWithPath: dir + "/in.txt"))
-        let submitted = try Self.parley([
+        let submitted = try await Self.parley([
             "work", "submit", "--master", master, "--key", dir + "/keys/work.key", "--input", "in.txt=\(dir)/in.txt", "--output", "out.txt", "--shell",
             "--app", "boinc-only", "--", "cat in.txt > out.txt; echo ran >> out.txt; echo to-stdout; echo to-stderr >&2",
         ])
         #expect(submitted.status == 0 && submitted.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "1", "\(submitted.combined)")
         // One job store: a native worker beside the BOINC client, each getting the job that
         // needs its application (the BOINC client runs "boinc-only", as the master says).
-        let native = try Self.parley(["work", "submit", "--master", master, "--key", dir + "/keys/work.key", "--app", "native-only", "--", "/bin/echo", "native"])
+        let native = try await Self.parley(["work", "submit", "--master", master, "--key", dir + "/keys/work.key", "--app", "native-only", "--", "/bin/echo", "native"])
         #expect(native.status == 0 && native.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "2", "\(native.combined)")
         let worker = try Background(parley, [
             "work", "worker", "--master", master, "--trust", dir + "/keys/work.pub", "--dir", dir + "/native", "--worker-name", "native-1", "--app", "native-only",
@@ -141,9 +141,9 @@ struct BOINCClientProcessTests {
         ], log: dir + "/client.log", directory: clientDir)
         defer { client.stop() }
         let cmd = ["--host", "127.0.0.1:\(guiPort)", "--passwd", "secret"]
-        func boinccmd(_ arguments: [String]) throws -> ProcessOutput { try runProcess(Self.boinccmd, cmd + arguments, seconds: 20) }
-        #expect(try await Self.eventually(seconds: 20) { try boinccmd(["--get_cc_status"]).status == 0 }, "\(client.log)")
-        let attached = try boinccmd(["--project_attach", url, "any-authenticator"])
+        func boinccmd(_ arguments: [String]) async throws -> ProcessOutput { try await runProcess(Self.boinccmd, cmd + arguments, seconds: 20) }
+        #expect(try await Self.eventually(seconds: 20) { try await boinccmd(["--get_cc_status"]).status == 0 }, "\(client.log)")
+        let attached = try await boinccmd(["--project_attach", url, "any-authenticator"])
         #expect(attached.status == 0, "\(attached.combined)")
 
         // The job runs and is reported; the store has it once, with its bytes.
@@ -156,7 +156,7 @@ struct BOINCClientProcessTests {
         #expect((result?["stdoutTail"] as? String).flatMap { Data(base64Encoded: $0) } == Data("to-stdout\n".utf8))
         #expect((result?["stderrTail"] as? String).flatMap { Data(base64Encoded: $0) }.map { String(decoding: $0, as: UTF8.self).contains("to-stderr") } == true)
         #expect((result?["worker"] as? String)?.hasPrefix("boinc:") == true)
-        #expect(try await Self.eventually(seconds: 30) { !(try boinccmd(["--get_tasks"]).stdout.contains("parley_j1_")) }, "the client forgets the task once acked")
+        #expect(try await Self.eventually(seconds: 30) { !(try await boinccmd(["--get_tasks"]).stdout.contains("parley_j1_")) }, "the client forgets the task once acked")
         let reports = server.log.split(separator: "\n").filter { $0.contains("boinc report") && $0.contains("parley_j1_") }
         #expect(reports.count == 1 && reports.first?.contains("verdict=accepted") == true, "\(reports)")
         #expect(client.log.contains("Hello from Parley"), "the notice reaches the client")
@@ -181,13 +181,13 @@ struct BOINCClientProcessTests {
         server.stop()
         server = try serve("boinc-b", [], log: "serve-b.log")
         #expect(try await Self.eventually(seconds: 20) { server.log.contains("boinc front end listening") }, "\(server.log)")
-        let second = try Self.parley(["work", "submit", "--master", master, "--key", dir + "/keys/work.key", "--shell", "--", "echo never"])
+        let second = try await Self.parley(["work", "submit", "--master", master, "--key", dir + "/keys/work.key", "--shell", "--", "echo never"])
         #expect(second.status == 0 && second.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "3", "\(second.combined)")
         var polls = 0
         let refused = try await Self.eventually(seconds: 120) {
             if (try? Self.result(master, 3)["state"] as? String) == "failed" { return true }
             // Past the client's back-off after the master's restart, every 5 s.
-            if polls % 10 == 0 { _ = try? boinccmd(["--project", url, "update"]) }
+            if polls % 10 == 0 { _ = try? await boinccmd(["--project", url, "update"]) }
             polls += 1
             return false
         }

@@ -27,30 +27,28 @@ final class BackgroundProcess: @unchecked Sendable {
     var pid: Int32 { self.process.processIdentifier }
 
     /// Waits (at most `seconds`) for a log line containing `text`; false if the process ended first.
-    func wait(for text: String, seconds: Double = 60) -> Bool {
+    func wait(for text: String, seconds: Double = 60) async -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline {
             if self.log.contains(text) { return true }
             if !self.process.isRunning { return self.log.contains(text) }
-            usleep(20_000)
+            try? await Task.sleep(for: .milliseconds(20))
         }
         return false
     }
 
     /// Waits for the process to end by itself (at most `seconds`, then SIGKILL); its status.
     @discardableResult
-    func waitForExit(seconds: Double = 60) -> Int32 {
-        let deadline = Date().addingTimeInterval(seconds)
-        while self.process.isRunning && Date() < deadline { usleep(10_000) }
-        if self.process.isRunning { kill(self.pid, SIGKILL) }
-        self.process.waitUntilExit()
+    func waitForExit(seconds: Double = 60) async -> Int32 {
+        await ParleyTestSupport.waitForExit(self.process, killAfter: seconds)
         return self.process.terminationStatus
     }
 
     @discardableResult
     func stop(signal: Int32 = SIGTERM, seconds: Double = 30) -> Int32 {
         if self.process.isRunning { kill(self.pid, signal) }
-        return self.waitForExit(seconds: seconds)
+        stopProcessBlocking(self.process, grace: seconds)
+        return self.process.terminationStatus
     }
 
     deinit { if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) } }
@@ -65,14 +63,14 @@ final class BlockMapProcess: @unchecked Sendable {
 
     /// Starts `parley block map` with `arguments` (paths, device, options) and waits until it
     /// has mapped the device; throws (recording the log) if it does not.
-    init(scratch: ScratchDirectory, export: String = "disk", _ arguments: [String]) throws {
+    init(scratch: ScratchDirectory, export: String = "disk", _ arguments: [String]) async throws {
         let tag = UUID().uuidString.prefix(6)
         self.socket = scratch.file("map-\(tag).sock")
         self.stateDir = scratch.file("state")
         self.export = export
         self.background = try BackgroundProcess(try Tools.parley, ["block", "map", "--nbd", "unix:\(self.socket)", "--state-dir", self.stateDir] + arguments,
                                                 log: scratch.file("map-\(tag).log"))
-        guard self.background.wait(for: "mapped ") else {
+        guard await self.background.wait(for: "mapped ") else {
             self.background.stop(signal: SIGKILL)
             Issue.record("parley block map did not map: \(self.background.log)")
             throw CancellationError()
@@ -90,12 +88,12 @@ final class ChaosProcess: @unchecked Sendable {
     let background: BackgroundProcess
     let listen: String
 
-    init(scratch: ScratchDirectory, to target: String, _ arguments: [String]) throws {
+    init(scratch: ScratchDirectory, to target: String, _ arguments: [String]) async throws {
         let tag = UUID().uuidString.prefix(6)
         self.listen = "unix:" + scratch.file("chaos-\(tag).sock")
         self.background = try BackgroundProcess(try Tools.parley, ["chaos", "--listen", self.listen, "--to", target] + arguments,
                                                 log: scratch.file("chaos-\(tag).log"))
-        guard self.background.wait(for: "parley chaos:") else {
+        guard await self.background.wait(for: "parley chaos:") else {
             self.background.stop(signal: SIGKILL)
             Issue.record("parley chaos did not start: \(self.background.log)")
             throw CancellationError()
@@ -132,24 +130,24 @@ enum FioVerify {
 /// `parley block map` used by the NBD programs, through failovers, server restarts and bad input.
 @Suite(.timeLimit(.minutes(10)), .serialized)
 struct BlockMapTests {
-    func server(_ scratch: ScratchDirectory, size: Int = 64 << 20, extra: [String] = []) throws -> BlockServerProcess {
+    func server(_ scratch: ScratchDirectory, size: Int = 64 << 20, extra: [String] = []) async throws -> BlockServerProcess {
         try scratch.sparseFile("disk.img", size: size)
-        return try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"] + extra)
+        return try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"] + extra)
     }
 
-    @Test func nbdinfoQemuImgAndNbdcopyThroughTheMap() throws {
+    @Test func nbdinfoQemuImgAndNbdcopyThroughTheMap() async throws {
         let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
         let nbdcopy = try Tools.require("nbdcopy", package: "libnbd-bin")
         let qemuImg = try Tools.require("qemu-img", package: "qemu-utils")
         let qemuIO = try Tools.require("qemu-io", package: "qemu-utils")
         let scratch = try ScratchDirectory("map")
-        let server = try self.server(scratch, size: 48 << 20)
+        let server = try await self.server(scratch, size: 48 << 20)
         defer { server.stop() }
-        let map = try BlockMapProcess(scratch: scratch, [
+        let map = try await BlockMapProcess(scratch: scratch, [
             "--session", "interop", "--path", "127.0.0.1:\(server.blockPort)", "--path", "unix:\(server.blockSocket)", "--device", "disk",
         ])
         defer { map.stop() }
-        let info = try Tools.run(nbdinfo, [map.uri])
+        let info = try await Tools.run(nbdinfo, [map.uri])
         #expect(info.status == 0, "\(info.combined)")
         #expect(info.stdout.contains("export-size: 50331648"))
         #expect(info.stdout.contains("block_size_minimum: 512"))
@@ -157,80 +155,80 @@ struct BlockMapTests {
 
         // qemu-img convert a qcow2 image in and out, then compare.
         let source = scratch.file("source.qcow2")
-        #expect(try Tools.run(qemuImg, ["create", "-f", "qcow2", source, "48M"]).status == 0)
-        let fill = try Tools.run(qemuIO, ["-c", "write -P 0xab 1M 3M", "-c", "write -P 0x5c 17M 64k", "-c", "write -P 0x01 40M 8M", source])
+        #expect(try await Tools.run(qemuImg, ["create", "-f", "qcow2", source, "48M"]).status == 0)
+        let fill = try await Tools.run(qemuIO, ["-c", "write -P 0xab 1M 3M", "-c", "write -P 0x5c 17M 64k", "-c", "write -P 0x01 40M 8M", source])
         #expect(fill.status == 0, "\(fill.combined)")
-        let into = try Tools.run(qemuImg, ["convert", "-n", "-f", "qcow2", "-O", "raw", source, map.uri], seconds: 240)
+        let into = try await Tools.run(qemuImg, ["convert", "-n", "-f", "qcow2", "-O", "raw", source, map.uri], seconds: 240)
         #expect(into.status == 0, "\(into.combined)")
         let back = scratch.file("back.qcow2")
-        let out = try Tools.run(qemuImg, ["convert", "-f", "raw", "-O", "qcow2", map.uri, back], seconds: 240)
+        let out = try await Tools.run(qemuImg, ["convert", "-f", "raw", "-O", "qcow2", map.uri, back], seconds: 240)
         #expect(out.status == 0, "\(out.combined)")
-        let compare = try Tools.run(qemuImg, ["compare", "-f", "qcow2", "-F", "qcow2", source, back])
+        let compare = try await Tools.run(qemuImg, ["compare", "-f", "qcow2", "-F", "qcow2", source, back])
         #expect(compare.status == 0 && compare.stdout.contains("Images are identical"), "\(compare.combined)")
 
         // nbdcopy: random bytes in and back out.
         let random = scratch.file("random.bin")
-        #expect(try Tools.run("/bin/dd", ["if=/dev/urandom", "of=\(random)", "bs=1M", "count=48", "status=none"]).status == 0)
-        let up = try Tools.run(nbdcopy, [random, map.uri], seconds: 240)
+        #expect(try await Tools.run("/bin/dd", ["if=/dev/urandom", "of=\(random)", "bs=1M", "count=48", "status=none"]).status == 0)
+        let up = try await Tools.run(nbdcopy, [random, map.uri], seconds: 240)
         #expect(up.status == 0, "\(up.combined)")
-        let down = try Tools.run(nbdcopy, [map.uri, scratch.file("copy.bin")], seconds: 240)
+        let down = try await Tools.run(nbdcopy, [map.uri, scratch.file("copy.bin")], seconds: 240)
         #expect(down.status == 0, "\(down.combined)")
-        #expect(try Tools.run("/usr/bin/cmp", [random, scratch.file("copy.bin")]).status == 0, "nbdcopy round trip differs")
+        #expect(try await Tools.run("/usr/bin/cmp", [random, scratch.file("copy.bin")]).status == 0, "nbdcopy round trip differs")
         // What the map wrote is on the server's file.
-        #expect(try Tools.run("/usr/bin/cmp", [random, scratch.file("disk.img")]).status == 0, "the server's file differs")
+        #expect(try await Tools.run("/usr/bin/cmp", [random, scratch.file("disk.img")]).status == 0, "the server's file differs")
     }
 
-    @Test func fioVerifiesThroughTheMapAndListAndUnmapWork() throws {
+    @Test func fioVerifiesThroughTheMapAndListAndUnmapWork() async throws {
         let fio = try Tools.require("fio", package: "fio")
         let scratch = try ScratchDirectory("map")
-        let server = try self.server(scratch)
+        let server = try await self.server(scratch)
         defer { server.stop() }
-        let map = try BlockMapProcess(scratch: scratch, [
+        let map = try await BlockMapProcess(scratch: scratch, [
             "--rnbd", "sessname=fio path=ip:127.0.0.1:\(server.blockPort) path=ip:127.0.0.1:\(server.blockPort) device_path=disk access_mode=rw",
             "--policy", "min-inflight",
         ])
         defer { map.stop() }
-        let write = try Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "write"), seconds: 300)
+        let write = try await Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "write"), seconds: 300)
         #expect(write.status == 0, "\(write.combined)")
-        let verify = try Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "verify"), seconds: 300)
+        let verify = try await Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "verify"), seconds: 300)
         #expect(verify.status == 0, "\(verify.combined)")
         let w = try FioVerify.result(write), v = try FioVerify.result(verify)
         #expect(w.error == 0 && w.written == 32 << 20, "\(write.stdout)")
         #expect(v.error == 0 && v.read == 32 << 20, "\(verify.stdout)")
 
         // parley block list shows the session, its device and both paths up.
-        let list = try Tools.run(try Tools.parley, ["block", "list", "--state-dir", map.stateDir])
+        let list = try await Tools.run(try Tools.parley, ["block", "list", "--state-dir", map.stateDir])
         #expect(list.status == 0, "\(list.combined)")
         #expect(list.stdout.contains("session fio device disk (rw, 67108864 bytes"), "\(list.stdout)")
         #expect(list.stdout.contains("policy min-inflight"), "\(list.stdout)")
         #expect(list.stdout.split(separator: "\n").filter { $0.contains("path ") && $0.contains(": up,") }.count == 2, "\(list.stdout)")
-        let json = try Tools.run(try Tools.parley, ["block", "list", "--json", "--state-dir", map.stateDir])
+        let json = try await Tools.run(try Tools.parley, ["block", "list", "--json", "--state-dir", map.stateDir])
         #expect(json.stdout.contains("\"session\":\"fio\""), "\(json.stdout)")
 
         // unmap: the map drains, flushes, closes and exits; list no longer shows it.
-        let unmap = try Tools.run(try Tools.parley, ["block", "unmap", "--session", "fio", "--state-dir", map.stateDir])
+        let unmap = try await Tools.run(try Tools.parley, ["block", "unmap", "--session", "fio", "--state-dir", map.stateDir])
         #expect(unmap.status == 0, "\(unmap.combined)")
-        #expect(map.background.waitForExit(seconds: 30) == 0, "\(map.log)")
+        #expect(await map.background.waitForExit(seconds: 30) == 0, "\(map.log)")
         #expect(map.log.contains("unmapped disk"))
         #expect(server.log.contains("block device closed"))
-        let after = try Tools.run(try Tools.parley, ["block", "list", "--state-dir", map.stateDir])
+        let after = try await Tools.run(try Tools.parley, ["block", "list", "--state-dir", map.stateDir])
         #expect(after.stdout.contains("no maps"), "\(after.stdout)")
-        let again = try Tools.run(try Tools.parley, ["block", "unmap", "--session", "fio", "--state-dir", map.stateDir])
+        let again = try await Tools.run(try Tools.parley, ["block", "unmap", "--session", "fio", "--state-dir", map.stateDir])
         #expect(again.status == 2 && again.stdout.contains("no map of session fio"), "\(again.combined)")
     }
 
     /// fio writes and verifies through a two-path map while `parley chaos` cuts one path
     /// again and again: every cut leaves IO in doubt, which is re-sent on the other path
     /// ([R-17.8-1], [R-17.8-2]).
-    @Test func fioVerifiesWhileOnePathIsCutRepeatedly() throws {
+    @Test func fioVerifiesWhileOnePathIsCutRepeatedly() async throws {
         let fio = try Tools.require("fio", package: "fio")
         let scratch = try ScratchDirectory("map")
-        let server = try self.server(scratch)
+        let server = try await self.server(scratch)
         defer { server.stop() }
         // Each connection through the proxy is cut after 256 KiB in either direction.
-        let chaos = try ChaosProcess(scratch: scratch, to: "unix:\(server.blockSocket)", ["--cut-after", "262144", "--seed", "10"])
+        let chaos = try await ChaosProcess(scratch: scratch, to: "unix:\(server.blockSocket)", ["--cut-after", "262144", "--seed", "10"])
         defer { chaos.stop() }
-        let map = try BlockMapProcess(scratch: scratch, [
+        let map = try await BlockMapProcess(scratch: scratch, [
             "--session", "chaos", "--path", "unix:\(server.blockSocket)", "--path", chaos.listen, "--device", "disk",
         ])
         defer { map.stop() }
@@ -238,9 +236,9 @@ struct BlockMapTests {
         // Bounded: rounds of a write phase and a verify phase until the path was cut 20 times.
         while round < 4 && (round == 0 || chaos.cuts < 20) {
             round += 1
-            let write = try Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "write", seed: round), seconds: 300)
+            let write = try await Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "write", seed: round), seconds: 300)
             #expect(write.status == 0, "\(write.combined)")
-            let verify = try Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "verify", seed: round), seconds: 300)
+            let verify = try await Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "verify", seed: round), seconds: 300)
             #expect(verify.status == 0, "\(verify.combined)")
             let w = try FioVerify.result(write), v = try FioVerify.result(verify)
             #expect(w.error == 0 && w.written == 32 << 20, "\(write.stdout)")
@@ -249,18 +247,18 @@ struct BlockMapTests {
         #expect(chaos.cuts >= 20, "only \(chaos.cuts) cuts")
         let downs = map.log.components(separatedBy: "path down").count - 1
         #expect(downs >= 20, "the map saw \(downs) path failures")
-        let status = try Tools.run(try Tools.parley, ["block", "list", "--json", "--state-dir", map.stateDir])
+        let status = try await Tools.run(try Tools.parley, ["block", "list", "--json", "--state-dir", map.stateDir])
         #expect(!status.stdout.contains("\"resends\":0,"), "nothing was re-sent: \(status.stdout)")
         #expect(status.stdout.contains("\"errors\":0"), "\(status.stdout)")
     }
 
     /// The server is killed (SIGKILL) while fio writes through the map and started again on
     /// the same file: IO waits, then resumes, and every block verifies.
-    @Test func ioWaitsForAKilledServerAndResumes() throws {
+    @Test func ioWaitsForAKilledServerAndResumes() async throws {
         let fio = try Tools.require("fio", package: "fio")
         let scratch = try ScratchDirectory("map")
-        let first = try self.server(scratch)
-        let map = try BlockMapProcess(scratch: scratch, [
+        let first = try await self.server(scratch)
+        let map = try await BlockMapProcess(scratch: scratch, [
             "--session", "restart", "--path", "unix:\(first.blockSocket)", "--path", "unix:\(first.blockSocket)", "--device", "disk",
             "--io-timeout", "60",
         ])
@@ -268,16 +266,16 @@ struct BlockMapTests {
         let writer = try BackgroundProcess(fio, FioVerify.arguments(uri: map.uri, size: "48M", phase: "write") + ["--rate_iops=3000"],
                                            log: scratch.file("fio-write.log"))
         // Kill the server once fio is under way, and start it again on the same sockets and file.
-        #expect(map.background.wait(for: "NBD client opened export", seconds: 30) || map.log.contains("mapped"))
-        usleep(1_500_000)
+        #expect(await map.background.wait(for: "NBD client opened export", seconds: 30) || map.log.contains("mapped"))
+        try await Task.sleep(for: .milliseconds(1500))
         #expect(writer.isRunning, "fio finished before the server was killed: \(writer.log)")
         first.stop(signal: SIGKILL)
-        #expect(map.background.wait(for: "path down", seconds: 30), "\(map.log)")
-        usleep(1_000_000)
-        let second = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        #expect(await map.background.wait(for: "path down", seconds: 30), "\(map.log)")
+        try await Task.sleep(for: .seconds(1))
+        let second = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
         defer { second.stop() }
-        #expect(writer.waitForExit(seconds: 300) == 0, "fio: \(writer.log)")
-        let verify = try Tools.run(fio, FioVerify.arguments(uri: map.uri, size: "48M", phase: "verify"), seconds: 300)
+        #expect(await writer.waitForExit(seconds: 300) == 0, "fio: \(writer.log)")
+        let verify = try await Tools.run(fio, FioVerify.arguments(uri: map.uri, size: "48M", phase: "verify"), seconds: 300)
         #expect(verify.status == 0, "\(verify.combined)")
         let v = try FioVerify.result(verify)
         #expect(v.error == 0 && v.read == 48 << 20, "\(verify.stdout)")
@@ -285,64 +283,64 @@ struct BlockMapTests {
     }
 
     /// With no server at all, IO fails with EIO after --io-timeout instead of hanging ([R-17.8-3]).
-    @Test func ioFailsWithEIOWhenNoPathComesBack() throws {
+    @Test func ioFailsWithEIOWhenNoPathComesBack() async throws {
         let nbdcopy = try Tools.require("nbdcopy", package: "libnbd-bin")
         let scratch = try ScratchDirectory("map")
-        let server = try self.server(scratch, size: 8 << 20)
-        let map = try BlockMapProcess(scratch: scratch, [
+        let server = try await self.server(scratch, size: 8 << 20)
+        let map = try await BlockMapProcess(scratch: scratch, [
             "--session", "gone", "--path", "unix:\(server.blockSocket)", "--device", "disk", "--io-timeout", "2",
         ])
         defer { map.stop() }
         server.stop(signal: SIGKILL)
-        #expect(map.background.wait(for: "path down", seconds: 30), "\(map.log)")
-        let copy = try Tools.run(nbdcopy, [map.uri, scratch.file("out.bin")], seconds: 120)
+        #expect(await map.background.wait(for: "path down", seconds: 30), "\(map.log)")
+        let copy = try await Tools.run(nbdcopy, [map.uri, scratch.file("out.bin")], seconds: 120)
         #expect(copy.status != 0, "\(copy.combined)")
         #expect(copy.combined.contains("Input/output error"), "\(copy.combined)")
         #expect(map.log.contains("no path for"), "\(map.log)")
     }
 
-    @Test func badInputIsRefusedClearly() throws {
+    @Test func badInputIsRefusedClearly() async throws {
         let scratch = try ScratchDirectory("map")
         try scratch.sparseFile("disk.img", size: 16 << 20)
         try scratch.sparseFile("other.img", size: 8 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: [
+        let server = try await BlockServerProcess(scratch: scratch, arguments: [
             "--export", "disk=\(scratch.file("disk.img"))", "--export", "frozen=\(scratch.file("disk.img")),read-only",
         ])
         defer { server.stop() }
         let parley = try Tools.parley
-        func map(_ args: [String]) throws -> ToolOutput {
-            try Tools.run(parley, ["block", "map", "--nbd", "unix:\(scratch.file("bad.sock"))", "--state-dir", scratch.file("state")] + args, seconds: 60)
+        func map(_ args: [String]) async throws -> ToolOutput {
+            try await Tools.run(parley, ["block", "map", "--nbd", "unix:\(scratch.file("bad.sock"))", "--state-dir", scratch.file("state")] + args, seconds: 60)
         }
-        let unknown = try map(["--session", "bad", "--path", "unix:\(server.blockSocket)", "--device", "nosuch"])
+        let unknown = try await map(["--session", "bad", "--path", "unix:\(server.blockSocket)", "--device", "nosuch"])
         #expect(unknown.status == 2, "\(unknown.combined)")
         #expect(unknown.stdout.contains("refused nosuch") && unknown.stdout.contains("no export named \"nosuch\""), "\(unknown.combined)")
 
-        let readOnly = try map(["--session", "bad", "--path", "unix:\(server.blockSocket)", "--device", "frozen"])
+        let readOnly = try await map(["--session", "bad", "--path", "unix:\(server.blockSocket)", "--device", "frozen"])
         #expect(readOnly.status == 2, "\(readOnly.combined)")
         #expect(readOnly.stdout.contains("export \"frozen\" is read-only"), "\(readOnly.combined)")
         // Read-only is fine.
-        let ro = try BlockMapProcess(scratch: scratch, export: "frozen", ["--session", "bad", "--path", "unix:\(server.blockSocket)", "--device", "frozen", "--read-only"])
-        let info = try Tools.run(try Tools.require("nbdinfo", package: "libnbd-bin"), [ro.uri])
+        let ro = try await BlockMapProcess(scratch: scratch, export: "frozen", ["--session", "bad", "--path", "unix:\(server.blockSocket)", "--device", "frozen", "--read-only"])
+        let info = try await Tools.run(try Tools.require("nbdinfo", package: "libnbd-bin"), [ro.uri])
         #expect(info.stdout.contains("is_read_only: true"), "\(info.combined)")
         ro.stop()
 
         // A second server exporting a different device under the same name.
         let otherScratch = try ScratchDirectory("map-other")
         try otherScratch.sparseFile("disk.img", size: 8 << 20)
-        let other = try BlockServerProcess(scratch: otherScratch, arguments: ["--export", "disk=\(otherScratch.file("disk.img"))"])
+        let other = try await BlockServerProcess(scratch: otherScratch, arguments: ["--export", "disk=\(otherScratch.file("disk.img"))"])
         defer { other.stop() }
-        let mixed = try map(["--session", "bad", "--path", "unix:\(server.blockSocket)", "--path", "unix:\(other.blockSocket)", "--device", "disk"])
+        let mixed = try await map(["--session", "bad", "--path", "unix:\(server.blockSocket)", "--path", "unix:\(other.blockSocket)", "--device", "disk"])
         #expect(mixed.status == 2, "\(mixed.combined)")
         #expect(mixed.stdout.contains("lead to different devices"), "\(mixed.combined)")
 
         // Nothing to reach.
-        let nowhere = try map(["--session", "bad", "--path", "unix:\(scratch.file("nothing.sock"))", "--device", "disk"])
+        let nowhere = try await map(["--session", "bad", "--path", "unix:\(scratch.file("nothing.sock"))", "--device", "disk"])
         #expect(nowhere.status == 2 && nowhere.stdout.contains("could be reached"), "\(nowhere.combined)")
 
         // Bad words.
-        let rnbd = try map(["--rnbd", "sessname=bad path=ip:127.0.0.1 device_path=disk access_mode=rx"])
+        let rnbd = try await map(["--rnbd", "sessname=bad path=ip:127.0.0.1 device_path=disk access_mode=rx"])
         #expect(rnbd.status != 0 && rnbd.combined.contains("bad access_mode"), "\(rnbd.combined)")
-        let both = try map(["--rnbd", "sessname=bad path=ip:127.0.0.1 device_path=disk", "--session", "x"])
+        let both = try await map(["--rnbd", "sessname=bad path=ip:127.0.0.1 device_path=disk", "--session", "x"])
         #expect(both.status != 0 && both.combined.contains("not both"), "\(both.combined)")
     }
 }

@@ -19,7 +19,7 @@ struct BlockMultipathAPITests {
     func manyIOsInFlightOverTwoPaths(policy: MultipathIOState.Policy) async throws {
         let scratch = try ScratchDirectory()
         try scratch.sparseFile("disk.img", size: 8 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
         defer { server.stop() }
         let device = try await self.session(server, policy: policy).open("disk")
         #expect(device.geometry.sizeBytes == 8 << 20)
@@ -60,9 +60,9 @@ struct BlockMultipathAPITests {
         let scratchA = try ScratchDirectory(), scratchB = try ScratchDirectory()
         try scratchA.sparseFile("a.img", size: 1 << 20)
         try scratchB.sparseFile("b.img", size: 2 << 20)
-        let a = try BlockServerProcess(scratch: scratchA, arguments: ["--export", "disk=\(scratchA.file("a.img"))"])
+        let a = try await BlockServerProcess(scratch: scratchA, arguments: ["--export", "disk=\(scratchA.file("a.img"))"])
         defer { a.stop() }
-        let b = try BlockServerProcess(scratch: scratchB, arguments: ["--export", "disk=\(scratchB.file("b.img"))"])
+        let b = try await BlockServerProcess(scratch: scratchB, arguments: ["--export", "disk=\(scratchB.file("b.img"))"])
         defer { b.stop() }
         // Read-only opens: the refused open's connections may still hold the device a moment.
         let both = try BlockMultipathSession(.init(sessionName: "split", paths: [.unix(path: a.blockSocket), .unix(path: b.blockSocket)], ioTimeout: .seconds(5)))
@@ -82,7 +82,7 @@ struct BlockMultipathAPITests {
     @Test func refusalsCarryTheServersStatus() async throws {
         let scratch = try ScratchDirectory()
         try scratch.sparseFile("disk.img", size: 1 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: [
+        let server = try await BlockServerProcess(scratch: scratch, arguments: [
             "--export", "disk=\(scratch.file("disk.img"))", "--export", "frozen=\(scratch.file("disk.img")),read-only",
         ])
         defer { server.stop() }

@@ -65,10 +65,10 @@ struct BlockMutationTests {
         return b
     }
 
-    @Test func corruptedNBDSessionsNeverCrashOrHangTheServer() throws {
+    @Test func corruptedNBDSessionsNeverCrashOrHangTheServer() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 4 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
         defer { server.stop() }
         var rng = SplitMix(seed: 0x4e42_4421)
         var hung = 0
@@ -97,7 +97,7 @@ struct BlockMutationTests {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 4 << 20)
         try scratch.sparseFile("other.img", size: 1 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: [
+        let server = try await BlockServerProcess(scratch: scratch, arguments: [
             "--export", "disk=\(path)", "--search-path", scratch.path,
         ])
         defer { server.stop() }

@@ -22,10 +22,10 @@ struct BlockServerTests {
 
     // MARK: - NBD
 
-    @Test func acknowledgedFUAAndFlushedWritesAreInTheFileAfterSIGKILL() throws {
+    @Test func acknowledgedFUAAndFlushedWritesAreInTheFileAfterSIGKILL() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 8 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
         defer { server.stop(signal: SIGKILL) }
         let (nbd, go, message) = try RawNBD.connect(RawSocket(unixPath: server.nbdSocket), export: "disk")
         #expect(go == 1, "\(message)")
@@ -45,10 +45,10 @@ struct BlockServerTests {
     /// A write of 128 KiB or more is gathered from the reads that bring it (not copied into
     /// one buffer): sent in pieces, with the next request in the same send as its last piece,
     /// it lands whole and in place, FUA included, and the request after it is served.
-    @Test func aLargeWriteArrivingInPiecesLandsWholeAndTheNextRequestIsServed() throws {
+    @Test func aLargeWriteArrivingInPiecesLandsWholeAndTheNextRequestIsServed() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 8 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
         defer { server.stop(signal: SIGKILL) }
         let socket = try RawSocket(port: server.nbdPort)
         let (nbd, go, message) = try RawNBD.connect(socket, export: "disk")
@@ -86,11 +86,11 @@ struct BlockServerTests {
         #expect(Self.fileBytes(path, offset: 3 << 20, count: 16) == [UInt8](repeating: 0, count: 16))
     }
 
-    @Test func badNBDRequestsAreRefusedWithTheirErrorAndNothingIsWritten() throws {
+    @Test func badNBDRequestsAreRefusedWithTheirErrorAndNothingIsWritten() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 1 << 20)
         let roPath = try scratch.sparseFile("ro.img", size: 1 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: [
+        let server = try await BlockServerProcess(scratch: scratch, arguments: [
             "--export", "disk=\(path),block-size=4096", "--export", "ro=\(roPath),read-only",
         ])
         defer { server.stop() }
@@ -142,10 +142,10 @@ struct BlockServerTests {
         #expect(log.contains("write to a read-only export"))
     }
 
-    @Test func badNBDHandshakesAreRefusedAndTheServerGoesOn() throws {
+    @Test func badNBDHandshakesAreRefusedAndTheServerGoesOn() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 1 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
         defer { server.stop() }
         // An HTTP request instead of NBD: unknown client flags.
         let http = try RawSocket(unixPath: server.nbdSocket)
@@ -180,7 +180,7 @@ struct BlockServerTests {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 4 << 20)
         let roPath = try scratch.sparseFile("ro.img", size: 1 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--export", "ro=\(roPath),read-only"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--export", "ro=\(roPath),read-only"])
         defer { server.stop() }
         let client = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "alice")
         defer { client.closeConnection() }
@@ -249,7 +249,7 @@ struct BlockServerTests {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 1 << 20)
         let shared = try scratch.sparseFile("shared.img", size: 1 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--export", "shared=\(shared),shared"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--export", "shared=\(shared),shared"])
         defer { server.stop() }
         let alice = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "alice")
         let bob = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "bob")
@@ -286,10 +286,10 @@ struct BlockServerTests {
         let path = try scratch.sparseFile("disk.img", size: 1 << 20)
         let keyring = scratch.file("server.keyring")
         for (name, caps) in [("client.reader", "block.read"), ("client.writer", "block.*"), ("client.none", "echo")] {
-            let out = try Tools.run(try Tools.parley, ["keyring", "add", name, "--keyring", keyring, "--caps", caps])
+            let out = try await Tools.run(try Tools.parley, ["keyring", "add", name, "--keyring", keyring, "--caps", caps])
             #expect(out.status == 0, "\(out.combined)")
         }
-        let server = try BlockServerProcess(scratch: scratch, arguments: [
+        let server = try await BlockServerProcess(scratch: scratch, arguments: [
             "--export", "disk=\(path)", "--auth", "secret", "--keyring", keyring, "--mode", "secure",
         ])
         defer { server.stop() }
@@ -328,7 +328,7 @@ struct BlockServerTests {
         }
         try scratch.sparseFile("secret.img", size: 1 << 20)
         try FileManager.default.createSymbolicLink(atPath: root + "/alice/escape", withDestinationPath: scratch.file("secret.img"))
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--search-path", root + "/%SESSNAME%"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--search-path", root + "/%SESSNAME%"])
         defer { server.stop() }
         let alice = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "alice")
         let bob = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "bob")
@@ -354,7 +354,7 @@ struct BlockServerTests {
     @Test func openBeforeSessionInfoIsRefused() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 1 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
         defer { server.stop() }
         let raw = try await ParleyClient.connect(to: .unix(path: server.blockSocket))
         defer { raw.close() }
@@ -373,13 +373,13 @@ struct BlockServerTests {
     @Test func infoCommandMetricsAndGracefulShutdown() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 2 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"], metrics: true)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"], metrics: true)
         defer { server.stop(signal: SIGKILL) }
-        let info = try Tools.run(try Tools.parley, ["block", "info", "unix:\(server.blockSocket)"])
+        let info = try await Tools.run(try Tools.parley, ["block", "info", "unix:\(server.blockSocket)"])
         #expect(info.status == 0, "\(info.combined)")
         #expect(info.stdout.contains("disk"))
         #expect(info.stdout.contains("2097152 bytes (4096 sectors)"))
-        let missing = try Tools.run(try Tools.parley, ["block", "info", "unix:\(scratch.file("nothing.sock"))"])
+        let missing = try await Tools.run(try Tools.parley, ["block", "info", "unix:\(scratch.file("nothing.sock"))"])
         #expect(missing.status != 0)
 
         let client = try await BlockClient.connect(to: .tcp(host: "127.0.0.1", port: server.blockPort), sessionName: "metrics")

@@ -47,8 +47,8 @@ enum Tools {
     }
 
     /// Runs a program to completion, bounded by `seconds` (killed by PID after that).
-    static func run(_ executable: String, _ arguments: [String], seconds: Double = 120) throws -> ToolOutput {
-        try runProcess(executable, arguments, seconds: seconds)
+    static func run(_ executable: String, _ arguments: [String], seconds: Double = 120) async throws -> ToolOutput {
+        try await runProcess(executable, arguments, seconds: seconds)
     }
 }
 
@@ -63,7 +63,7 @@ final class BlockServerProcess: @unchecked Sendable {
     private(set) var blockPort = 0
     private(set) var metricsPort = 0
 
-    init(scratch: ScratchDirectory, arguments: [String], metrics: Bool = false) throws {
+    init(scratch: ScratchDirectory, arguments: [String], metrics: Bool = false) async throws {
         self.logPath = scratch.file("server-\(UUID().uuidString.prefix(6)).log")
         self.nbdSocket = scratch.file("nbd.sock")
         self.blockSocket = scratch.file("block.sock")
@@ -89,7 +89,7 @@ final class BlockServerProcess: @unchecked Sendable {
                 return
             }
             if !self.process.isRunning { break }
-            usleep(20_000)
+            try await Task.sleep(for: .milliseconds(20))
         }
         self.stop(signal: SIGKILL)
         Issue.record("parley block serve did not start: \(self.log)")

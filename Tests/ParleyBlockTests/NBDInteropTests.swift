@@ -9,16 +9,16 @@ import Glibc
 /// fio, installed by `.ci/run`.
 @Suite(.timeLimit(.minutes(5)))
 struct NBDInteropTests {
-    @Test func nbdinfoListShowsExportsSizesAndBlockSizes() throws {
+    @Test func nbdinfoListShowsExportsSizesAndBlockSizes() async throws {
         let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
         let scratch = try ScratchDirectory()
         try scratch.sparseFile("a.img", size: 64 << 20)
         try scratch.sparseFile("b.img", size: 8 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: [
+        let server = try await BlockServerProcess(scratch: scratch, arguments: [
             "--export", "alpha=\(scratch.file("a.img"))", "--export", "beta=\(scratch.file("b.img")),read-only,block-size=4096",
         ])
         defer { server.stop() }
-        let out = try Tools.run(nbdinfo, ["--list", server.nbdURI])
+        let out = try await Tools.run(nbdinfo, ["--list", server.nbdURI])
         #expect(out.status == 0, "\(out.combined)")
         #expect(out.stdout.contains("export=\"alpha\""))
         #expect(out.stdout.contains("export=\"beta\""))
@@ -28,38 +28,38 @@ struct NBDInteropTests {
         #expect(out.stdout.contains("is_read_only: true"))
         #expect(out.stdout.contains("base:allocation"))
         // Over the Unix socket too.
-        let unix = try Tools.run(nbdinfo, [server.nbdUnixURI("alpha")])
+        let unix = try await Tools.run(nbdinfo, [server.nbdUnixURI("alpha")])
         #expect(unix.status == 0, "\(unix.combined)")
         #expect(unix.stdout.contains("export-size: 67108864"))
         #expect(unix.stdout.contains("can_multi_conn: true"))
     }
 
-    @Test func nbdinfoAndQemuImgUseTLSWithTheDevelopmentCertificates() throws {
+    @Test func nbdinfoAndQemuImgUseTLSWithTheDevelopmentCertificates() async throws {
         let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
         let qemuImg = try Tools.require("qemu-img", package: "qemu-utils")
         let scratch = try ScratchDirectory()
         try scratch.sparseFile("a.img", size: 16 << 20)
         let certs = scratch.file("certs")
-        let made = try Tools.run(try Tools.parley, ["cert", "init", "--dir", certs])
+        let made = try await Tools.run(try Tools.parley, ["cert", "init", "--dir", certs])
         #expect(made.status == 0, "\(made.combined)")
-        let server = try BlockServerProcess(scratch: scratch, arguments: [
+        let server = try await BlockServerProcess(scratch: scratch, arguments: [
             "--export", "alpha=\(scratch.file("a.img"))", "--cert", certs, "--nbd-tls", "require",
         ])
         defer { server.stop() }
-        let secured = try Tools.run(nbdinfo, ["nbds://127.0.0.1:\(server.nbdPort)/alpha?tls-certificates=\(certs)"])
+        let secured = try await Tools.run(nbdinfo, ["nbds://127.0.0.1:\(server.nbdPort)/alpha?tls-certificates=\(certs)"])
         #expect(secured.status == 0, "\(secured.combined)")
         #expect(secured.stdout.contains("with TLS"))
         #expect(secured.stdout.contains("export-size: 16777216"))
         // Without TLS the server refuses the export.
-        let plain = try Tools.run(nbdinfo, ["\(server.nbdURI)/alpha"])
+        let plain = try await Tools.run(nbdinfo, ["\(server.nbdURI)/alpha"])
         #expect(plain.status != 0)
         // A client that does not trust the server's CA fails the TLS handshake.
         let other = scratch.file("other")
-        _ = try Tools.run(try Tools.parley, ["cert", "init", "--dir", other])
-        let untrusted = try Tools.run(nbdinfo, ["nbds://127.0.0.1:\(server.nbdPort)/alpha?tls-certificates=\(other)"])
+        _ = try await Tools.run(try Tools.parley, ["cert", "init", "--dir", other])
+        let untrusted = try await Tools.run(nbdinfo, ["nbds://127.0.0.1:\(server.nbdPort)/alpha?tls-certificates=\(other)"])
         #expect(untrusted.status != 0)
         // qemu with its own TLS stack (GnuTLS through qemu's crypto layer).
-        let info = try Tools.run(qemuImg, [
+        let info = try await Tools.run(qemuImg, [
             "info", "--object", "tls-creds-x509,id=tls0,dir=\(certs),endpoint=client", "--image-opts",
             "driver=nbd,host=127.0.0.1,port=\(server.nbdPort),export=alpha,tls-creds=tls0",
         ])
@@ -67,56 +67,56 @@ struct NBDInteropTests {
         #expect(info.stdout.contains("16 MiB"))
     }
 
-    @Test func qemuImgConvertsAQcow2ImageInAndOut() throws {
+    @Test func qemuImgConvertsAQcow2ImageInAndOut() async throws {
         let qemuImg = try Tools.require("qemu-img", package: "qemu-utils")
         let qemuIO = try Tools.require("qemu-io", package: "qemu-utils")
         let scratch = try ScratchDirectory()
         let source = scratch.file("source.qcow2")
-        #expect(try Tools.run(qemuImg, ["create", "-f", "qcow2", source, "48M"]).status == 0)
-        let fill = try Tools.run(qemuIO, ["-c", "write -P 0xab 1M 3M", "-c", "write -P 0x5c 17M 64k", "-c", "write -P 0x01 40M 8M", source])
+        #expect(try await Tools.run(qemuImg, ["create", "-f", "qcow2", source, "48M"]).status == 0)
+        let fill = try await Tools.run(qemuIO, ["-c", "write -P 0xab 1M 3M", "-c", "write -P 0x5c 17M 64k", "-c", "write -P 0x01 40M 8M", source])
         #expect(fill.status == 0, "\(fill.combined)")
         try scratch.sparseFile("disk.img", size: 48 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
         defer { server.stop() }
-        let into = try Tools.run(qemuImg, ["convert", "-n", "-f", "qcow2", "-O", "raw", source, "\(server.nbdURI)/disk"])
+        let into = try await Tools.run(qemuImg, ["convert", "-n", "-f", "qcow2", "-O", "raw", source, "\(server.nbdURI)/disk"])
         #expect(into.status == 0, "\(into.combined)")
         let back = scratch.file("back.qcow2")
-        let out = try Tools.run(qemuImg, ["convert", "-f", "raw", "-O", "qcow2", server.nbdUnixURI("disk"), back])
+        let out = try await Tools.run(qemuImg, ["convert", "-f", "raw", "-O", "qcow2", server.nbdUnixURI("disk"), back])
         #expect(out.status == 0, "\(out.combined)")
-        let compare = try Tools.run(qemuImg, ["compare", "-f", "qcow2", "-F", "qcow2", source, back])
+        let compare = try await Tools.run(qemuImg, ["compare", "-f", "qcow2", "-F", "qcow2", source, back])
         #expect(compare.status == 0, "\(compare.combined)")
         #expect(compare.stdout.contains("Images are identical"))
         // And the export itself matches the source.
-        let direct = try Tools.run(qemuImg, ["compare", "-f", "qcow2", "-F", "raw", source, scratch.file("disk.img")])
+        let direct = try await Tools.run(qemuImg, ["compare", "-f", "qcow2", "-F", "raw", source, scratch.file("disk.img")])
         #expect(direct.status == 0, "\(direct.combined)")
     }
 
-    @Test func nbdcopyRoundTripsRandomDataByteForByte() throws {
+    @Test func nbdcopyRoundTripsRandomDataByteForByte() async throws {
         let nbdcopy = try Tools.require("nbdcopy", package: "libnbd-bin")
         let mib = Int(ProcessInfo.processInfo.environment["PARLEY_BLOCK_COPY_MIB"] ?? "") ?? 256
         let scratch = try ScratchDirectory()
         let random = scratch.file("random.bin")
-        let dd = try Tools.run("/bin/dd", ["if=/dev/urandom", "of=\(random)", "bs=1M", "count=\(mib)", "status=none"])
+        let dd = try await Tools.run("/bin/dd", ["if=/dev/urandom", "of=\(random)", "bs=1M", "count=\(mib)", "status=none"])
         #expect(dd.status == 0)
         try scratch.sparseFile("disk.img", size: mib << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
         defer { server.stop() }
-        let up = try Tools.run(nbdcopy, [random, "\(server.nbdURI)/disk"], seconds: 240)
+        let up = try await Tools.run(nbdcopy, [random, "\(server.nbdURI)/disk"], seconds: 240)
         #expect(up.status == 0, "\(up.combined)")
         let back = scratch.file("back.bin")
-        let down = try Tools.run(nbdcopy, [server.nbdUnixURI("disk"), back], seconds: 240)
+        let down = try await Tools.run(nbdcopy, [server.nbdUnixURI("disk"), back], seconds: 240)
         #expect(down.status == 0, "\(down.combined)")
-        let cmp = try Tools.run("/usr/bin/cmp", [random, back])
+        let cmp = try await Tools.run("/usr/bin/cmp", [random, back])
         #expect(cmp.status == 0, "copies differ: \(cmp.combined)")
     }
 
-    @Test func fioWritesAndVerifiesRandomDataAtQueueDepth32() throws {
+    @Test func fioWritesAndVerifiesRandomDataAtQueueDepth32() async throws {
         let fio = try Tools.require("fio", package: "fio")
         let scratch = try ScratchDirectory()
         try scratch.sparseFile("disk.img", size: 64 << 20)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
         defer { server.stop() }
-        let out = try Tools.run(fio, [
+        let out = try await Tools.run(fio, [
             "--name=verify", "--ioengine=nbd", "--uri=\(server.nbdURI)/disk", "--rw=randwrite", "--bs=4k", "--iodepth=32",
             "--size=32M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json",
         ], seconds: 240)
@@ -131,7 +131,7 @@ struct NBDInteropTests {
         #expect(read["io_bytes"] as? Int == 32 << 20)
     }
 
-    @Test func nbdinfoMapShowsTheHolesOfASparseExport() throws {
+    @Test func nbdinfoMapShowsTheHolesOfASparseExport() async throws {
         let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("sparse.img", size: 16 << 20)
@@ -140,9 +140,9 @@ struct NBDInteropTests {
         #expect(pwrite(fd, block, block.count, 4 << 20) == block.count)
         #expect(pwrite(fd, block, block.count, 10 << 20) == block.count)
         close(fd)
-        let server = try BlockServerProcess(scratch: scratch, arguments: ["--export", "sparse=\(path),read-only"])
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "sparse=\(path),read-only"])
         defer { server.stop() }
-        let out = try Tools.run(nbdinfo, ["--map", "\(server.nbdURI)/sparse"])
+        let out = try await Tools.run(nbdinfo, ["--map", "\(server.nbdURI)/sparse"])
         #expect(out.status == 0, "\(out.combined)")
         let rows = out.stdout.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).map(String.init) }
         let extents = rows.compactMap { r -> (Int, Int, Int)? in

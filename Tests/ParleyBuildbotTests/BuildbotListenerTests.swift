@@ -1,4 +1,5 @@
 import Foundation
+import ParleyTestSupport
 import Logging
 import Parley
 import ParleyWork
@@ -9,7 +10,8 @@ import Glibc
 #endif
 
 /// A blocking TCP client on 127.0.0.1 for bad input: raw HTTP and hand-made WebSocket frames.
-final class RawSocket {
+/// Its reads block a thread of their own (`onOwnThread`), never one of Swift's pool.
+final class RawSocket: @unchecked Sendable {
     let fd: Int32
 
     init(port: Int) throws {
@@ -34,8 +36,12 @@ final class RawSocket {
 
     func send(_ text: String) { self.send(Array(text.utf8)) }
 
-    /// Reads until `count` bytes came, or the peer closed, or 10 s passed.
-    func receive(atLeast count: Int = .max) -> [UInt8] {
+    /// Reads until `count` bytes came, or the peer closed, or 30 s passed.
+    func receive(atLeast count: Int = .max) async -> [UInt8] {
+        await onOwnThread { self.receiveBlocking(atLeast: count) }
+    }
+
+    func receiveBlocking(atLeast count: Int = .max) -> [UInt8] {
         var out: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
         while out.count < count {
@@ -47,7 +53,11 @@ final class RawSocket {
     }
 
     /// Reads the HTTP response head (up to the blank line).
-    func head() -> String {
+    func head() async -> String {
+        await onOwnThread { self.headBlocking() }
+    }
+
+    func headBlocking() -> String {
         var out: [UInt8] = []
         while !out.suffix(4).elementsEqual([13, 10, 13, 10]) {
             var byte: UInt8 = 0
@@ -58,12 +68,16 @@ final class RawSocket {
     }
 
     /// One whole frame from the server (unmasked): opcode and payload.
-    func frame() -> (opcode: UInt8, payload: [UInt8])? {
-        let header = self.receive(atLeast: 2)
+    func frame() async -> (opcode: UInt8, payload: [UInt8])? {
+        await onOwnThread { self.frameBlocking() }
+    }
+
+    func frameBlocking() -> (opcode: UInt8, payload: [UInt8])? {
+        let header = self.receiveBlocking(atLeast: 2)
         guard header.count >= 2 else { return nil }
         var length = Int(header[1] & 0x7f)
         var rest = Array(header[2...])
-        func need(_ n: Int) { if rest.count < n { rest += self.receive(atLeast: n - rest.count) } }
+        func need(_ n: Int) { if rest.count < n { rest += self.receiveBlocking(atLeast: n - rest.count) } }
         if length == 126 {
             need(2)
             length = Int(rest[0]) << 8 | Int(rest[1])
@@ -127,25 +141,25 @@ final class RawSocket {
         try await Self.withFrontEnd { port, password, _ in
             let missing = try RawSocket(port: port)
             missing.send(Self.upgrade(nil))
-            let noAuth = String(decoding: missing.receive(), as: UTF8.self)
+            let noAuth = await String(decoding: missing.receive(), as: UTF8.self)
             #expect(noAuth.hasPrefix("HTTP/1.1 401") && noAuth.contains("WWW-Authenticate: Basic") && noAuth.contains("no Authorization header"), "\(noAuth)")
             let wrong = try RawSocket(port: port)
             wrong.send(Self.upgrade(Self.basic("bb1", password + "x")))
-            let refused = String(decoding: wrong.receive(), as: UTF8.self)
+            let refused = await String(decoding: wrong.receive(), as: UTF8.self)
             #expect(refused.hasPrefix("HTTP/1.1 401") && refused.contains("unknown worker name or wrong password"), "\(refused)")
             let stranger = try RawSocket(port: port)
             stranger.send(Self.upgrade(Self.basic("nobody", password)))
-            #expect(String(decoding: stranger.receive(), as: UTF8.self).hasPrefix("HTTP/1.1 401"))
+            await #expect(String(decoding: stranger.receive(), as: UTF8.self).hasPrefix("HTTP/1.1 401"))
             let malformed = try RawSocket(port: port)
             malformed.send(Self.upgrade("Basic !!!"))
-            let bad = String(decoding: malformed.receive(), as: UTF8.self)
+            let bad = await String(decoding: malformed.receive(), as: UTF8.self)
             #expect(bad.hasPrefix("HTTP/1.1 400") && bad.contains("not base64"), "\(bad)")
             let plain = try RawSocket(port: port)
             plain.send(Self.upgrade(Self.basic("bb1", password), websocket: false))
-            #expect(String(decoding: plain.receive(), as: UTF8.self).hasPrefix("HTTP/1.1 426"))
+            await #expect(String(decoding: plain.receive(), as: UTF8.self).hasPrefix("HTTP/1.1 426"))
             let good = try RawSocket(port: port)
             good.send(Self.upgrade(Self.basic("bb1", password)))
-            #expect(good.head().hasPrefix("HTTP/1.1 101"))
+            await #expect(good.head().hasPrefix("HTTP/1.1 101"))
             // The master speaks first, as Buildbot's does: print "attached".
             let first = try #require(good.frame())
             let message = try MessagePack.decode(first.payload)
@@ -168,8 +182,8 @@ final class RawSocket {
             for (frame, code, text) in cases {
                 let socket = try RawSocket(port: port)
                 socket.send(Self.upgrade(Self.basic("bb1", password)))
-                #expect(socket.head().hasPrefix("HTTP/1.1 101"))
-                _ = socket.frame()  // print "attached"
+                await #expect(socket.head().hasPrefix("HTTP/1.1 101"))
+                _ = await socket.frame()  // print "attached"
                 socket.send(frame)
                 let close = try #require(socket.frame(), "no close frame for \(text)")
                 #expect(close.opcode == 8)
@@ -178,18 +192,18 @@ final class RawSocket {
                     let reason = String(decoding: close.payload.dropFirst(2), as: UTF8.self)
                     #expect(got == code && reason.contains(text), "\(got) \(reason)")
                 }
-                #expect(socket.receive().isEmpty, "the connection stays open after \(text)")
+                await #expect(socket.receive().isEmpty, "the connection stays open after \(text)")
             }
             // A frame that breaks WebSocket itself (a ping longer than 125 bytes): closed.
             let socket = try RawSocket(port: port)
             socket.send(Self.upgrade(Self.basic("bb1", password)))
-            #expect(socket.head().hasPrefix("HTTP/1.1 101"))
-            _ = socket.frame()
+            await #expect(socket.head().hasPrefix("HTTP/1.1 101"))
+            _ = await socket.frame()
             socket.send(RawSocket.frame(opcode: 9, [UInt8](repeating: 0, count: 200)))
             var closed = false
             for _ in 0..<5 {
-                guard let f = socket.frame() else { closed = true; break }
-                if f.opcode == 8 { closed = socket.receive().isEmpty; break }
+                guard let f = await socket.frame() else { closed = true; break }
+                if f.opcode == 8 { closed = await socket.receive().isEmpty; break }
             }
             #expect(closed)
             #expect(try await store.counts()["queued"] == 1)

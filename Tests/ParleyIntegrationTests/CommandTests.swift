@@ -19,8 +19,8 @@ struct CommandTests {
     }
 
     /// Runs `parley` (or `executable`) to completion (bounded by `seconds`; killed by PID after that).
-    static func run(_ arguments: [String], executable: String? = nil, stdin: Data? = nil, seconds: Double = 60) throws -> Output {
-        try runProcess(try executable ?? #require(parleyPath, "parley executable not built"), arguments, stdin: stdin, seconds: seconds)
+    static func run(_ arguments: [String], executable: String? = nil, stdin: Data? = nil, seconds: Double = 60) async throws -> Output {
+        try await runProcess(try executable ?? #require(parleyPath, "parley executable not built"), arguments, stdin: stdin, seconds: seconds)
     }
 
     /// Starts `parley serve`; stops it by PID (SIGTERM, then SIGKILL) when `body` ends.
@@ -44,13 +44,13 @@ struct CommandTests {
         for _ in 0..<500 where !FileManager.default.fileExists(atPath: path) { try await Task.sleep(for: .milliseconds(10)) }
     }
 
-    @Test func helpExplainsEverySubcommand() throws {
+    @Test func helpExplainsEverySubcommand() async throws {
         for sub in ["serve", "ping", "send", "decode", "work keygen", "work sign", "work verify"] {
-            let out = try Self.run(sub.split(separator: " ").map(String.init) + ["--help"])
+            let out = try await Self.run(sub.split(separator: " ").map(String.init) + ["--help"])
             #expect(out.status == 0)
             #expect(out.stdout.contains("USAGE: parley \(sub)"), "\(out.stdout)")
         }
-        let top = try Self.run(["--help"])
+        let top = try await Self.run(["--help"])
         #expect(top.stdout.contains("serve") && top.stdout.contains("ping") && top.stdout.contains("decode"))
     }
 
@@ -86,7 +86,7 @@ struct CommandTests {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("Interop/python/parley_client.py").path
         // Its encoder and decoder against every test vector of the document.
-        let selfTest = try Self.run([script, "--self-test"], executable: python)
+        let selfTest = try await Self.run([script, "--self-test"], executable: python)
         #expect(selfTest.status == 0, Comment(rawValue: selfTest.stdout + selfTest.stderr))
         // Against the real server: handshake, Ping, Echo with a data segment, 50 pipelined
         // requests, a stream, a cancelled stream, an unknown type, a one-way message, a
@@ -94,7 +94,7 @@ struct CommandTests {
         let socket = temporaryPath("python.sock")
         let (out, status) = try await Self.withServe(["--listen", "unix:\(socket)", "--message", "hello from swift", "--name", "interop"]) {
             try await Self.waitForSocket(socket)
-            return try Self.run([script, "unix:\(socket)"], executable: python)
+            return try await Self.run([script, "unix:\(socket)"], executable: python)
         }
         #expect(out.status == 0, Comment(rawValue: out.stdout + out.stderr))
         #expect(out.stdout.contains("OK: every check passed"))
@@ -103,36 +103,36 @@ struct CommandTests {
     }
 
     /// `parley work keygen`, `sign` and `verify`: the project's Ed25519 job-signing key.
-    @Test func workKeysSignAndVerify() throws {
+    @Test func workKeysSignAndVerify() async throws {
         let dir = freshTestDirectory("work-keys")
-        let keygen = try Self.run(["work", "keygen", "--dir", dir])
+        let keygen = try await Self.run(["work", "keygen", "--dir", dir])
         #expect(keygen.status == 0 && keygen.stdout.contains("key id"), "\(keygen.combined)")
         // Through FileManager, not stat(2): which module "defines" struct stat varies from one
         // fresh build to the next (once CDispatch), and MemberImportVisibility wants it named.
         let mode = (try? FileManager.default.attributesOfItem(atPath: dir + "/work.key")[.posixPermissions] as? NSNumber)?.intValue
         #expect(mode == 0o600)
-        let again = try Self.run(["work", "keygen", "--dir", dir])
+        let again = try await Self.run(["work", "keygen", "--dir", dir])
         #expect(again.status == 2 && again.stdout.contains("not overwriting"))
         let job = dir + "/job.txt"
         try Data("run: swift test\n".utf8).write(to: URL(fileURLWithPath: job))
-        let sign = try Self.run(["work", "sign", "--key", dir + "/work.key", job])
+        let sign = try await Self.run(["work", "sign", "--key", dir + "/work.key", job])
         #expect(sign.status == 0)
         let signature = sign.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        let ok = try Self.run(["work", "verify", "--trust", dir + "/work.pub", "--signature", signature, job])
+        let ok = try await Self.run(["work", "verify", "--trust", dir + "/work.pub", "--signature", signature, job])
         #expect(ok.status == 0 && ok.stdout.contains("signature OK"))
         try Data("run: rm -rf /\n".utf8).write(to: URL(fileURLWithPath: job))
-        let altered = try Self.run(["work", "verify", "--trust", dir + "/work.pub", "--signature", signature, job])
+        let altered = try await Self.run(["work", "verify", "--trust", dir + "/work.pub", "--signature", signature, job])
         #expect(altered.status == 1 && altered.stdout.contains("does not verify"), "\(altered.combined)")
     }
 
-    @Test func badArgumentsGetClearErrors() throws {
-        let a = try Self.run(["ping", "no-port-here"])
+    @Test func badArgumentsGetClearErrors() async throws {
+        let a = try await Self.run(["ping", "no-port-here"])
         #expect(a.status != 0)
         #expect(a.stderr.contains("bad address \"no-port-here\""))
-        let b = try Self.run(["serve", "--listen", "[::1]"])
+        let b = try await Self.run(["serve", "--listen", "[::1]"])
         #expect(b.status != 0)
         #expect(b.stderr.contains("bad address"))
-        let c = try Self.run(["ping", "unix:" + temporaryPath("nobody-here.sock"), "--count", "1"])
+        let c = try await Self.run(["ping", "unix:" + temporaryPath("nobody-here.sock"), "--count", "1"])
         #expect(c.status == 2)
         #expect(c.stdout.contains("cannot connect"))
     }
@@ -142,7 +142,7 @@ struct CommandTests {
         let captureIn = temporaryPath("session.in"), captureOut = temporaryPath("session.out")
         let (ping, status) = try await Self.withServe(["--listen", "unix:\(socket)", "--high-message", "be nice", "--name", "cli-test"]) {
             try await Self.waitForSocket(socket)
-            return try Self.run(["ping", "unix:\(socket)", "--count", "5", "--capture-in", captureIn, "--capture-out", captureOut])
+            return try await Self.run(["ping", "unix:\(socket)", "--count", "5", "--capture-in", captureIn, "--capture-out", captureOut])
         }
         #expect(status == 0, "serve exits cleanly on SIGTERM")
         #expect(ping.status == 0, Comment(rawValue: ping.stdout + ping.stderr))
@@ -154,7 +154,7 @@ struct CommandTests {
         #expect(ping.stdout.contains("5 round trips to unix:\(socket): min/median/p99 = "))
 
         // What the client sent: banner, HELLO, AUTH_REQUEST, CLIENT_IDENT, five Ping requests.
-        let sent = try Self.run(["decode", captureOut])
+        let sent = try await Self.run(["decode", captureOut])
         #expect(sent.status == 0, Comment(rawValue: sent.stdout))
         let lines = sent.stdout.split(separator: "\n")
         #expect(lines.first?.contains("element=banner version=1") == true)
@@ -163,7 +163,7 @@ struct CommandTests {
         #expect(lines.contains { $0.contains("seq=5 ack=4 id=5") })
 
         // What the server sent, as JSON Lines from standard input.
-        let received = try Self.run(["decode", "--json"], stdin: try Data(contentsOf: URL(fileURLWithPath: captureIn)))
+        let received = try await Self.run(["decode", "--json"], stdin: try Data(contentsOf: URL(fileURLWithPath: captureIn)))
         #expect(received.status == 0)
         let objects = try received.stdout.split(separator: "\n").map {
             try #require(try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any], "not a JSON object: \($0)")
@@ -177,20 +177,20 @@ struct CommandTests {
         #expect(messages?.first?["text"] as? String == "be nice")
     }
 
-    @Test func decodeNamesTheFirstBadByte() throws {
+    @Test func decodeNamesTheFirstBadByte() async throws {
         var bytes = [UInt8]("PARLEY\r\n".utf8) + [1, 0, 0, 0] + [UInt8](repeating: 0, count: 20)
         bytes[10] = 0
-        let out = try Self.run(["decode"], stdin: Data(bytes))
+        let out = try await Self.run(["decode"], stdin: Data(bytes))
         #expect(out.status == 1)
         #expect(out.stdout.contains("badPreambleCRC") && out.stdout.contains("offset=0"))
-        let trunc = try Self.run(["decode"], stdin: Data("PARL".utf8))
+        let trunc = try await Self.run(["decode"], stdin: Data("PARL".utf8))
         #expect(trunc.status == 1)
         #expect(trunc.stdout.contains("truncated"))
     }
 
     /// Ids, seq, ack and timestamps are u64: decode prints them exactly, however large
     /// (it once printed them through a Double, and crashed from 2^63 - 512 on).
-    @Test func decodePrintsLargeIntegersExactlyAndDoesNotCrash() throws {
+    @Test func decodePrintsLargeIntegersExactlyAndDoesNotCrash() async throws {
         var bytes = ByteBuffer()
         let big = WireMessage(
             header: MessageHeader(seq: UInt64.max, ack: UInt64.max - 1, id: 9_223_372_036_854_775_300, kind: .request, type: "t.X"),
@@ -202,13 +202,13 @@ struct CommandTests {
         var stamp = ByteBuffer()
         stamp.writeInteger(UInt64(1_700_000_000_123_456_789), endianness: .little)
         bytes.writeFrame(Frame(tag: .keepalive, segments: [stamp]))
-        let out = try Self.run(["decode", "--no-banner"], stdin: Data(bytes.readableBytesView))
+        let out = try await Self.run(["decode", "--no-banner"], stdin: Data(bytes.readableBytesView))
         #expect(out.status == 0, "\(out.stdout)\(out.stderr)")
         #expect(out.stdout.contains("seq=18446744073709551615"))
         #expect(out.stdout.contains("ack=18446744073709551614"))
         #expect(out.stdout.contains("id=9223372036854775300"))
         #expect(out.stdout.contains("timestamp=1700000000123456789"))
-        let json = try Self.run(["decode", "--no-banner", "--json"], stdin: Data(bytes.readableBytesView))
+        let json = try await Self.run(["decode", "--no-banner", "--json"], stdin: Data(bytes.readableBytesView))
         #expect(json.stdout.contains("\"seq\":18446744073709551615"))
     }
 }

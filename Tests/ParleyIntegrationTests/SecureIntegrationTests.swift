@@ -13,13 +13,13 @@ import Testing
 @Suite(.timeLimit(.minutes(3)))
 struct SecureProcessTests {
     /// `parley ping ARGS` against `address`.
-    static func ping(_ address: String, _ arguments: [String]) throws -> ProcessOutput {
-        try parley(["ping", address, "--count", "1"] + arguments, seconds: 30)
+    static func ping(_ address: String, _ arguments: [String]) async throws -> ProcessOutput {
+        try await parley(["ping", address, "--count", "1"] + arguments, seconds: 30)
     }
 
     /// Adds an entity with `parley keyring add`.
-    static func keyringAdd(_ name: String, _ keyring: String, _ extra: [String] = []) throws {
-        let out = try parley(["keyring", "add", name, "--keyring", keyring] + extra)
+    static func keyringAdd(_ name: String, _ keyring: String, _ extra: [String] = []) async throws {
+        let out = try await parley(["keyring", "add", name, "--keyring", keyring] + extra)
         #expect(out.status == 0, Comment(rawValue: out.combined))
         // A key that is expired from the start is added, with a warning that says so.
         let pastExpiry = extra.firstIndex(of: "--expires").map { extra[$0 + 1] < "2026" } ?? false
@@ -38,9 +38,9 @@ struct SecureProcessTests {
     @Test func secretSecureSessionBetweenTwoProcesses() async throws {
         let dir = freshTestDirectory("secure-ok")
         let keyring = dir + "/server.keyring"
-        try Self.keyringAdd("client.alice", keyring, ["--caps", "echo"])
+        try await Self.keyringAdd("client.alice", keyring, ["--caps", "echo"])
         let server = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--auth", "secret", "--keyring", keyring, "--mode", "secure"])
-        let out = try parley(["ping", server.address, "--keyring", keyring, "--name", "client.alice", "--count", "3", "--size", "100"], seconds: 30)
+        let out = try await parley(["ping", server.address, "--keyring", keyring, "--name", "client.alice", "--count", "3", "--size", "100"], seconds: 30)
         #expect(out.status == 0, Comment(rawValue: out.combined + server.log))
         #expect(
             out.stdout.contains("auth secret as client.alice, mode secure (aes-256-gcm)")
@@ -59,12 +59,12 @@ struct SecureProcessTests {
     @Test func everyRefusalIsClearOnBothSides() async throws {
         let dir = freshTestDirectory("secure-refusals")
         let keyring = dir + "/server.keyring"
-        try Self.keyringAdd("client.alice", keyring, ["--caps", "echo"])
-        try Self.keyringAdd("client.carol", keyring, ["--caps", "echo", "--expires", "2001-01-01"])
+        try await Self.keyringAdd("client.alice", keyring, ["--caps", "echo"])
+        try await Self.keyringAdd("client.carol", keyring, ["--caps", "echo", "--expires", "2001-01-01"])
         // Another key for client.alice, and an entity the server does not know.
         let wrong = dir + "/wrong.keyring", stranger = dir + "/stranger.keyring"
-        try Self.keyringAdd("client.alice", wrong)
-        try Self.keyringAdd("client.zed", stranger)
+        try await Self.keyringAdd("client.alice", wrong)
+        try await Self.keyringAdd("client.zed", stranger)
         #expect(try Self.key(of: "client.alice", in: wrong) != Self.key(of: "client.alice", in: keyring))
 
         let server = try await ServeProcess.start([
@@ -74,7 +74,7 @@ struct SecureProcessTests {
 
         func refused(_ arguments: [String], client: String, server serverText: String, warning: Bool = true) async throws {
             let mark = server.logMark
-            let out = try Self.ping(address, arguments)
+            let out = try await Self.ping(address, arguments)
             #expect(out.status == 2, Comment(rawValue: "\(arguments): \(out.combined)"))
             #expect(out.stdout.contains(client), Comment(rawValue: "\(arguments): client said \(out.combined)"))
             #expect(!out.stdout.contains("round trips"))
@@ -85,7 +85,7 @@ struct SecureProcessTests {
         }
 
         // It works to begin with.
-        let ok = try Self.ping(address, ["--keyring", keyring, "--name", "client.alice"])
+        let ok = try await Self.ping(address, ["--keyring", keyring, "--name", "client.alice"])
         #expect(ok.status == 0, Comment(rawValue: ok.combined + server.log))
         #expect(ok.stdout.contains("auth secret as client.alice, mode secure"))
 
@@ -113,7 +113,7 @@ struct SecureProcessTests {
         )
 
         // Revoked while the server runs: the next connection is refused.
-        let revoke = try parley(["keyring", "revoke", "client.alice", "--keyring", keyring])
+        let revoke = try await parley(["keyring", "revoke", "client.alice", "--keyring", keyring])
         #expect(revoke.status == 0, Comment(rawValue: revoke.combined))
         try await refused(
             ["--keyring", keyring, "--name", "client.alice"],
@@ -122,11 +122,11 @@ struct SecureProcessTests {
         )
         // Rotated: a new key (the revoked mark cleared) works at once; the old one does not.
         let oldKeyring = dir + "/alice-old.keyring"
-        let exportOld = try parley(["keyring", "export", "client.alice", "--keyring", keyring, "--out", oldKeyring])
+        let exportOld = try await parley(["keyring", "export", "client.alice", "--keyring", keyring, "--out", oldKeyring])
         #expect(exportOld.status == 0, Comment(rawValue: exportOld.combined))
-        let rotate = try parley(["keyring", "rotate", "client.alice", "--keyring", keyring])
+        let rotate = try await parley(["keyring", "rotate", "client.alice", "--keyring", keyring])
         #expect(rotate.status == 0, Comment(rawValue: rotate.combined))
-        let rotated = try Self.ping(address, ["--keyring", keyring, "--name", "client.alice"])
+        let rotated = try await Self.ping(address, ["--keyring", keyring, "--name", "client.alice"])
         #expect(rotated.status == 0, Comment(rawValue: rotated.combined + server.log))
         try await refused(
             ["--keyring", oldKeyring, "--name", "client.alice"],
@@ -136,11 +136,11 @@ struct SecureProcessTests {
         // A keyring changed into one that cannot be read (mode 0644): reported, and the
         // previous one stays in force.
         let alice = dir + "/alice.keyring"
-        let export = try parley(["keyring", "export", "client.alice", "--keyring", keyring, "--out", alice])
+        let export = try await parley(["keyring", "export", "client.alice", "--keyring", keyring, "--out", alice])
         #expect(export.status == 0, Comment(rawValue: export.combined))
         #expect(chmod(keyring, 0o644) == 0)
         let beforeLoose = server.logMark
-        let stillServed = try Self.ping(address, ["--keyring", alice, "--name", "client.alice"])
+        let stillServed = try await Self.ping(address, ["--keyring", alice, "--name", "client.alice"])
         #expect(stillServed.status == 0, Comment(rawValue: stillServed.combined + server.log))
         #expect(try await server.waitForLog("keyring changed but cannot be read", "mode 0644", after: beforeLoose), Comment(rawValue: server.log))
         #expect(chmod(keyring, 0o600) == 0)
@@ -151,20 +151,20 @@ struct SecureProcessTests {
     @Test func looseKeyringIsRefusedByServeAndByPing() async throws {
         let dir = freshTestDirectory("secure-loose")
         let keyring = dir + "/loose.keyring"
-        try Self.keyringAdd("client.alice", keyring)
+        try await Self.keyringAdd("client.alice", keyring)
         #expect(chmod(keyring, 0o644) == 0)
-        let serve = try parley(["serve", "--listen", "127.0.0.1:0", "--auth", "secret", "--keyring", keyring], seconds: 30)
+        let serve = try await parley(["serve", "--listen", "127.0.0.1:0", "--auth", "secret", "--keyring", keyring], seconds: 30)
         #expect(serve.status != 0)
         #expect(serve.stderr.contains("keyring \(keyring) has mode 0644"), Comment(rawValue: serve.combined))
         #expect(serve.stderr.contains("chmod 600 \(keyring)"), Comment(rawValue: serve.combined))
         #expect(!serve.stderr.contains("listening"))
-        let ping = try parley(["ping", "127.0.0.1:1", "--keyring", keyring, "--name", "client.alice"], seconds: 30)
+        let ping = try await parley(["ping", "127.0.0.1:1", "--keyring", keyring, "--name", "client.alice"], seconds: 30)
         #expect(ping.status == 2, Comment(rawValue: ping.combined))
         #expect(ping.stdout.contains("keyring \(keyring) has mode 0644"), Comment(rawValue: ping.combined))
         #expect(ping.stdout.contains("[invalidArgument]"), Comment(rawValue: ping.combined))
         // Readable by the group only is still too loose.
         #expect(chmod(keyring, 0o640) == 0)
-        let group = try parley(["ping", "127.0.0.1:1", "--keyring", keyring, "--name", "client.alice"], seconds: 30)
+        let group = try await parley(["ping", "127.0.0.1:1", "--keyring", keyring, "--name", "client.alice"], seconds: 30)
         #expect(group.stdout.contains("has mode 0640"), Comment(rawValue: group.combined))
     }
 
@@ -172,12 +172,12 @@ struct SecureProcessTests {
         let dir = freshTestDirectory("secure-tls")
         let a = dir + "/a", b = dir + "/b"
         for d in [a, b] {
-            let out = try parley(["cert", "init", "--dir", d], seconds: 60)
+            let out = try await parley(["cert", "init", "--dir", d], seconds: 60)
             #expect(out.status == 0, Comment(rawValue: out.combined))
         }
         let server = try await ServeProcess.start(["--listen", "tls://127.0.0.1:0", "--cert", a, "--log-level", "debug"])
         #expect(server.address.hasPrefix("tls://127.0.0.1:"))
-        let out = try parley(["ping", server.address, "--cert", b, "--count", "1"], seconds: 30)
+        let out = try await parley(["ping", server.address, "--cert", b, "--count", "1"], seconds: 30)
         #expect(out.status == 2, Comment(rawValue: out.combined))
         #expect(out.stdout.contains("certificate verify failed"), Comment(rawValue: out.combined))
         #expect(out.stdout.contains(b + "/ca.pem"), "names the CA it trusted: \(out.combined)")
@@ -188,7 +188,7 @@ struct SecureProcessTests {
             Comment(rawValue: server.log)
         )
         // A client that trusts the server's CA is served.
-        let good = try parley(["ping", server.address, "--cert", a, "--count", "1"], seconds: 30)
+        let good = try await parley(["ping", server.address, "--cert", a, "--count", "1"], seconds: 30)
         #expect(good.status == 0, Comment(rawValue: good.combined))
         #expect(await server.stop() == 0)
     }
@@ -198,16 +198,16 @@ struct SecureProcessTests {
     @Test func secureOnlyServerRefusesACrcOnlyClientAtTheBanner() async throws {
         let dir = freshTestDirectory("secure-banner")
         let keyring = dir + "/server.keyring"
-        try Self.keyringAdd("client.alice", keyring, ["--caps", "echo"])
+        try await Self.keyringAdd("client.alice", keyring, ["--caps", "echo"])
         let server = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--auth", "secret", "--keyring", keyring, "--mode", "secure"])
         for (i, arguments) in [["--keyring", keyring, "--name", "client.alice", "--mode", "crc"], []].enumerated() {
             let captured = dir + "/in-\(i)"
             let mark = server.logMark
-            let out = try Self.ping(server.address, arguments + ["--capture-in", captured])
+            let out = try await Self.ping(server.address, arguments + ["--capture-in", captured])
             #expect(out.status == 2, Comment(rawValue: out.combined))
             #expect(out.stdout.contains("peer (protocol version 1) requires features 0x100 [secureMode]"), Comment(rawValue: out.combined))
             #expect(out.stdout.contains("[missingFeatures]"), Comment(rawValue: out.combined))
-            let decoded = try parley(["decode", captured])
+            let decoded = try await parley(["decode", captured])
             #expect(decoded.status == 0, Comment(rawValue: decoded.combined))
             let lines = decoded.stdout.split(separator: "\n").filter { $0.hasPrefix("#=") }
             #expect(lines.count == 2, Comment(rawValue: decoded.stdout))
@@ -233,19 +233,19 @@ struct SecureProcessTests {
     @Test func requiredCapabilityOverRealProcesses() async throws {
         let dir = freshTestDirectory("secure-caps")
         let keyring = dir + "/server.keyring"
-        try Self.keyringAdd("client.alice", keyring, ["--caps", "echo"])
-        try Self.keyringAdd("client.admin", keyring, ["--caps", "echo.*"])
+        try await Self.keyringAdd("client.alice", keyring, ["--caps", "echo"])
+        try await Self.keyringAdd("client.admin", keyring, ["--caps", "echo.*"])
         let server = try await ServeProcess.start([
             "--listen", "127.0.0.1:0", "--auth", "secret", "--keyring", keyring, "--mode", "secure", "--require-cap", "echo.admin",
         ])
-        let denied = try Self.ping(server.address, ["--keyring", keyring, "--name", "client.alice"])
+        let denied = try await Self.ping(server.address, ["--keyring", keyring, "--name", "client.alice"])
         // (ping reports a refused request as ArgumentParser's "Error: ..." with status 1, not
         // as its own "parley ping: ... [code]" with status 2 as for a refused connection.)
         #expect(denied.status != 0, Comment(rawValue: denied.combined))
         #expect(denied.combined.contains("permissionDenied"), Comment(rawValue: denied.combined))
         #expect(denied.combined.contains("client.alice may not send parley.echo.v1.Ping: it needs capability \"echo.admin\""), Comment(rawValue: denied.combined))
         #expect(try await server.waitForLog("permission denied", "entity=client.alice"), Comment(rawValue: server.log))
-        let allowed = try Self.ping(server.address, ["--keyring", keyring, "--name", "client.admin"])
+        let allowed = try await Self.ping(server.address, ["--keyring", keyring, "--name", "client.admin"])
         #expect(allowed.status == 0, Comment(rawValue: allowed.combined))
         #expect(await server.stop() == 0)
     }
@@ -257,14 +257,14 @@ struct SecureProcessTests {
     @Test func aSecureSessionCaptureRevealsNothing() async throws {
         let dir = freshTestDirectory("secure-capture")
         let keyring = dir + "/server.keyring"
-        try Self.keyringAdd("client.alice", keyring, ["--caps", "echo"])
+        try await Self.keyringAdd("client.alice", keyring, ["--caps", "echo"])
         let key = try Self.key(of: "client.alice", in: keyring)
         let server = try await ServeProcess.start([
             "--listen", "127.0.0.1:0", "--auth", "secret", "--keyring", keyring, "--mode", "crc,secure", "--name", "capture-server-name",
         ])
-        func capture(_ mode: String) throws -> (sent: [UInt8], received: [UInt8]) {
+        func capture(_ mode: String) async throws -> (sent: [UInt8], received: [UInt8]) {
             let captureIn = dir + "/\(mode).in", captureOut = dir + "/\(mode).out"
-            let out = try parley([
+            let out = try await parley([
                 "ping", server.address, "--keyring", keyring, "--name", "client.alice", "--mode", mode, "--count", "3", "--size", "64",
                 "--capture-in", captureIn, "--capture-out", captureOut,
             ], seconds: 30)
@@ -276,7 +276,7 @@ struct SecureProcessTests {
         let identities = ["parley-ping", "parley-swift", ParleyBuild.platform, "capture-server-name", ParleyBuild.version].map { [UInt8]($0.utf8) }
         let entity = [UInt8]("client.alice".utf8)
 
-        let secure = try capture("secure")
+        let secure = try await capture("secure")
         for (direction, bytes) in [("sent", secure.sent), ("received", secure.received)] {
             #expect(bytes.count > 500, "\(direction): \(bytes.count) bytes")
             #expect(!occurs(entity, in: bytes), "\(direction): the entity name is visible")
@@ -285,7 +285,7 @@ struct SecureProcessTests {
             for i in identities { #expect(!occurs(i, in: bytes), "\(direction): \(String(decoding: i, as: UTF8.self)) is visible") }
         }
         // The control: in crc mode the same session shows its identities and payloads.
-        let crc = try capture("crc")
+        let crc = try await capture("crc")
         #expect(occurs(identities[0], in: crc.sent), "parley-ping travels in the clear in crc mode")
         #expect(occurs(identities[1], in: crc.sent) && occurs(identities[1], in: crc.received))
         #expect(occurs([UInt8]("capture-server-name".utf8), in: crc.received))
@@ -304,20 +304,20 @@ struct SecureProcessTests {
             .appendingPathComponent("Interop/python/parley_client.py").path
         let dir = freshTestDirectory("secure-compat")
         let keyring = dir + "/server.keyring"
-        try Self.keyringAdd("client.alice", keyring, ["--caps", "*"])
+        try await Self.keyringAdd("client.alice", keyring, ["--caps", "*"])
         let socket = dir + "/both.sock"
         let both = try await ServeProcess.start([
             "--listen", "unix:\(socket)", "--listen", "127.0.0.1:0", "--auth", "none,secret", "--keyring", keyring, "--mode", "crc,secure",
             "--message", "hello from a secure-capable server",
         ])
-        let py = try runProcess(python, [script, "unix:\(socket)"], seconds: 60)
+        let py = try await runProcess(python, [script, "unix:\(socket)"], seconds: 60)
         #expect(py.status == 0, Comment(rawValue: py.combined))
         #expect(py.stdout.contains("OK: every check passed"), Comment(rawValue: py.combined))
         #expect(py.stdout.contains("hello from a secure-capable server"))
-        let plain = try Self.ping("unix:\(socket)", [])
+        let plain = try await Self.ping("unix:\(socket)", [])
         #expect(plain.status == 0, Comment(rawValue: plain.combined))
         #expect(plain.stdout.contains("auth none, mode crc"), Comment(rawValue: plain.stdout))
-        let keyed = try Self.ping("unix:\(socket)", ["--keyring", keyring, "--name", "client.alice"])
+        let keyed = try await Self.ping("unix:\(socket)", ["--keyring", keyring, "--name", "client.alice"])
         #expect(keyed.status == 0, Comment(rawValue: keyed.combined))
         #expect(keyed.stdout.contains("auth secret as client.alice, mode secure"), Comment(rawValue: keyed.stdout))
         #expect(await both.stop() == 0)
@@ -325,7 +325,7 @@ struct SecureProcessTests {
 
         let secureSocket = dir + "/secure.sock"
         let secureOnly = try await ServeProcess.start(["--listen", "unix:\(secureSocket)", "--auth", "secret", "--keyring", keyring, "--mode", "secure"])
-        let refused = try runProcess(python, [script, "unix:\(secureSocket)"], seconds: 60)
+        let refused = try await runProcess(python, [script, "unix:\(secureSocket)"], seconds: 60)
         #expect(refused.status != 0)
         #expect(refused.stdout.contains("missingFeatures"), Comment(rawValue: refused.combined))
         #expect(try await secureOnly.waitForLog("connection closed on error", "missingFeatures (4)"), Comment(rawValue: secureOnly.log))

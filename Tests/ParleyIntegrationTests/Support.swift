@@ -87,13 +87,13 @@ func ping(_ client: ParleyClient, _ n: UInt64) async throws -> UInt64 {
 }
 
 /// Waits for `condition` to hold, polling every 10 ms, at most `seconds`.
-func eventually(seconds: Double = 10, _ condition: () -> Bool) async throws -> Bool {
+func eventually(seconds: Double = 60, _ condition: () async -> Bool) async throws -> Bool {
     let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int64(seconds * 1000)))
     while ContinuousClock.now < deadline {
-        if condition() { return true }
+        if await condition() { return true }
         try await Task.sleep(for: .milliseconds(10))
     }
-    return condition()
+    return await condition()
 }
 
 /// A counter shared with handlers.
@@ -312,8 +312,8 @@ final class ServeProcess {
 }
 
 /// Runs the built `parley` with `arguments` to completion (bounded by `seconds`).
-func parley(_ arguments: [String], stdin: Data? = nil, seconds: Double = 60) throws -> ProcessOutput {
-    try runProcess(try #require(parleyExecutablePath(), "parley executable not built"), arguments, stdin: stdin, seconds: seconds)
+func parley(_ arguments: [String], stdin: Data? = nil, seconds: Double = 60) async throws -> ProcessOutput {
+    try await runProcess(try #require(parleyExecutablePath(), "parley executable not built"), arguments, stdin: stdin, seconds: seconds)
 }
 
 /// A fresh empty directory for one test.

@@ -91,14 +91,14 @@ struct TimeoutTests {
             let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
             defer { client.close() }
             var long = Parley_Echo_V1_Sleep()
+            // A minute's sleep: answered, it would be no error at all; the timeout's error, with
+            // its code, shows the 200 ms bound ended the call (no clock read in the test).
             long.delayMs = 60_000
-            let start = ContinuousClock.now
             let error = await #expect(throws: ParleyError.self) {
                 _ = try await client.request(long, as: Parley_Echo_V1_Slept.self, timeout: .milliseconds(200))
             }
             #expect(error?.code == .timeout)
             #expect(error?.message.contains("parley.echo.v1.Sleep") == true)
-            #expect(ContinuousClock.now - start < .seconds(10))
             // A hang detector: a full parallel run on two cores once took more than 10 s.
             #expect(await cancelled.wait(seconds: 30), "the server was told and cancelled the handler")
             #expect(client.connection.outstandingRequests == 0)

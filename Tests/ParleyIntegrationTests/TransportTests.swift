@@ -334,7 +334,7 @@ struct TransportTests {
     @Test func certInitAndIssueWriteKeysPrivatelyAndRefuseToOverwrite() async throws {
         let parley = try #require(parleyExecutablePath(), "parley executable not built")
         let dir = Self.freshDirectory() + "/certs"
-        let initial = try runProcess(parley, ["cert", "init", "--dir", dir, "--host", "parley.test"], seconds: 60)
+        let initial = try await runProcess(parley, ["cert", "init", "--dir", dir, "--host", "parley.test"], seconds: 60)
         #expect(initial.status == 0, Comment(rawValue: initial.combined))
         for file in ["ca.pem", "ca.key", "server.pem", "server.key"] {
             #expect(initial.stdout.contains("wrote \(dir)/\(file)"), "\(initial.stdout)")
@@ -347,19 +347,19 @@ struct TransportTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir).sorted() == ["ca-cert.pem", "ca.key", "ca.pem", "server.key", "server.pem"], "no temporary file left")
 
         let caBefore = try Data(contentsOf: URL(fileURLWithPath: dir + "/ca.pem"))
-        let again = try runProcess(parley, ["cert", "init", "--dir", dir], seconds: 60)
+        let again = try await runProcess(parley, ["cert", "init", "--dir", dir], seconds: 60)
         #expect(again.status != 0)
         #expect(again.stderr.contains("\(dir)/ca.pem already exists"), "\(again.combined)")
         #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/ca.pem")) == caBefore, "the CA is untouched")
 
-        let issued = try runProcess(parley, ["cert", "issue", "client.alice", "--dir", dir], seconds: 60)
+        let issued = try await runProcess(parley, ["cert", "issue", "client.alice", "--dir", dir], seconds: 60)
         #expect(issued.status == 0, Comment(rawValue: issued.combined))
         #expect(issued.stdout.contains("CN=client.alice"))
         #expect(try Self.mode(dir + "/client.alice.key") == 0o600)
-        let reissue = try runProcess(parley, ["cert", "issue", "client.alice", "--dir", dir], seconds: 60)
+        let reissue = try await runProcess(parley, ["cert", "issue", "client.alice", "--dir", dir], seconds: 60)
         #expect(reissue.status != 0)
         #expect(reissue.stderr.contains("client.alice.pem already exists"), "\(reissue.combined)")
-        let badName = try runProcess(parley, ["cert", "issue", "../escape", "--dir", dir], seconds: 60)
+        let badName = try await runProcess(parley, ["cert", "issue", "../escape", "--dir", dir], seconds: 60)
         #expect(badName.status != 0)
         #expect(badName.stderr.contains("bad certificate name"))
 
@@ -377,7 +377,7 @@ struct TransportTests {
         }
         #expect(seen.all.map(\.peerEntity) == ["client.alice"])
 
-        let forced = try runProcess(parley, ["cert", "init", "--dir", dir, "--force"], seconds: 60)
+        let forced = try await runProcess(parley, ["cert", "init", "--dir", dir, "--force"], seconds: 60)
         #expect(forced.status == 0, Comment(rawValue: forced.combined))
         #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/ca.pem")) != caBefore, "--force makes a new CA")
     }

@@ -7,34 +7,34 @@ import Testing
 @Suite(.serialized, .timeLimit(.minutes(10))) struct WorkCommandProcessTests {
     @Test func commandsRunOnAWorkerThroughItsMaster() async throws {
         let dir = freshTestDirectory("work-commands")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--allow-commands"], command: ["work", "serve"])
         let worker = try WorkProcessTests.Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir, names: ["builder"], extraArguments: ["--accept-commands"])
         let plain = try WorkProcessTests.Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir, names: ["plain"])
-        defer { worker.stop(); plain.stop() }
+        defer { worker.stopBlocking(); plain.stopBlocking() }
         let target = ["--master", master.address, "--worker", "builder"]
         let connected = try await eventually(seconds: 30) {
-            let out = (try? parley(["work", "workers", "--master", master.address]))?.stdout ?? ""
+            let out = (try? await parley(["work", "workers", "--master", master.address]))?.stdout ?? ""
             return out.contains("builder") && out.contains("takes commands") && out.contains("plain")
         }
-        #expect(connected, "workers: \(String(describing: try? parley(["work", "workers", "--master", master.address]).combined))")
+        #expect(connected, "workers: \(String(describing: try? await parley(["work", "workers", "--master", master.address]).combined))")
 
         // A program: its output streamed back, its exit status the command's.
-        let run = try parley(["work", "command", "run"] + target + ["--env", "PATH=/usr/bin:/bin", "--", "sh", "-c", "echo out; echo err >&2; exit 5"])
+        let run = try await parley(["work", "command", "run"] + target + ["--env", "PATH=/usr/bin:/bin", "--", "sh", "-c", "echo out; echo err >&2; exit 5"])
         #expect(run.status == 5 && run.stdout == "out\n" && run.stderr.contains("err"), "\(run.combined)")
 
         // A file there and back, byte for byte; its mode as asked.
         var generator = SystemRandomNumberGenerator()
         let content = Data((0..<1_000_003).map { _ in UInt8.random(in: 0...255, using: &generator) })
         try content.write(to: URL(fileURLWithPath: dir + "/original.bin"))
-        let down = try parley(["work", "command", "download"] + target + ["--file-mode", "600", dir + "/original.bin", "inbox/copy.bin"])
+        let down = try await parley(["work", "command", "download"] + target + ["--file-mode", "600", dir + "/original.bin", "inbox/copy.bin"])
         #expect(down.status == 0 && down.stdout.contains("1000003 bytes"), "\(down.combined)")
         #expect(FileManager.default.contents(atPath: "\(dir)/builder/commands/inbox/copy.bin") == content)
-        let stat = try parley(["work", "command", "stat"] + target + ["inbox/copy.bin"])
+        let stat = try await parley(["work", "command", "stat"] + target + ["inbox/copy.bin"])
         #expect(stat.status == 0 && stat.stdout.contains("file 1000003 bytes mode 600"), "\(stat.combined)")
-        let up = try parley(["work", "command", "upload"] + target + ["inbox/copy.bin", dir + "/back.bin"])
+        let up = try await parley(["work", "command", "upload"] + target + ["inbox/copy.bin", dir + "/back.bin"])
         #expect(up.status == 0 && FileManager.default.contents(atPath: dir + "/back.bin") == content, "\(up.combined)")
-        let glob = try parley(["work", "command", "glob"] + target + ["inbox/*.bin"])
+        let glob = try await parley(["work", "command", "glob"] + target + ["inbox/*.bin"])
         #expect(glob.status == 0 && glob.stdout == "inbox/copy.bin\n", "\(glob.combined)")
 
         // An interrupt (the first Ctrl-C of `parley work command run`): the command's own
@@ -61,14 +61,14 @@ import Testing
 
         // Refusals: a worker that takes no commands, a path out of the directory, a worker
         // that is not there, a master that does not relay.
-        let refused = try parley(["work", "command", "run", "--master", master.address, "--worker", "plain", "--", "/bin/true"])
+        let refused = try await parley(["work", "command", "run", "--master", master.address, "--worker", "plain", "--", "/bin/true"])
         #expect(refused.status == 2 && refused.combined.contains("--accept-commands"), "\(refused.combined)")
-        let escape = try parley(["work", "command", "mkdir"] + target + ["../escaped"])
+        let escape = try await parley(["work", "command", "mkdir"] + target + ["../escaped"])
         #expect(escape.status == 2 && escape.combined.contains("'..'") && !FileManager.default.fileExists(atPath: "\(dir)/builder/escaped"), "\(escape.combined)")
-        let absent = try parley(["work", "command", "ls", "--master", master.address, "--worker", "nobody"])
+        let absent = try await parley(["work", "command", "ls", "--master", master.address, "--worker", "nobody"])
         #expect(absent.status == 2 && absent.combined.contains("worker nobody is not connected"), "\(absent.combined)")
         let closed = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/other.sqlite"], command: ["work", "serve"])
-        let noRelay = try parley(["work", "command", "ls", "--master", closed.address, "--worker", "builder"])
+        let noRelay = try await parley(["work", "command", "ls", "--master", closed.address, "--worker", "builder"])
         #expect(noRelay.status == 2 && noRelay.combined.contains("--allow-commands"), "\(noRelay.combined)")
         await closed.stop()
         await master.stop()

@@ -10,17 +10,17 @@ import Testing
 /// nothing accepted twice, and every lease either completed or was returned ([R-19.6-1]).
 extension WorkProcessTests {
     /// Runs `psql` on the test database; returns its rows (unaligned, tab-separated).
-    static func psql(_ url: String, _ sql: String) throws -> [String] {
+    static func psql(_ url: String, _ sql: String) async throws -> [String] {
         let path = ["/usr/bin/psql", "/usr/local/bin/psql"].first { FileManager.default.isExecutableFile(atPath: $0) }
-        let out = try runProcess(try #require(path, "psql is not installed"), [url, "-X", "-q", "-t", "-A", "-F", "\t", "-c", sql], seconds: 30)
+        let out = try await runProcess(try #require(path, "psql is not installed"), [url, "-X", "-q", "-t", "-A", "-F", "\t", "-c", sql], seconds: 30)
         guard out.status == 0 else { throw ParleyTestFailure("psql failed: \(out.combined)") }
         return out.stdout.split(separator: "\n").map(String.init)
     }
 
-    static func freshPostgresDatabase() throws -> String? {
+    static func freshPostgresDatabase() async throws -> String? {
         guard let base = ProcessInfo.processInfo.environment["PARLEY_TEST_POSTGRES"] else { return nil }
         let name = "parley_masters_\(UUID().uuidString.prefix(8).lowercased())"
-        _ = try Self.psql(base, "CREATE DATABASE \(name)")
+        _ = try await Self.psql(base, "CREATE DATABASE \(name)")
         var parts = try #require(URLComponents(string: base))
         parts.path = "/" + name
         return parts.string
@@ -28,10 +28,10 @@ extension WorkProcessTests {
 
     @Test(.enabled(if: ProcessInfo.processInfo.environment["PARLEY_TEST_POSTGRES"] != nil, "needs PARLEY_TEST_POSTGRES"))
     func threeMastersOnePostgresOneKilledTwiceWorkersCut() async throws {
-        let url = try #require(try Self.freshPostgresDatabase())
+        let url = try await #require(try Self.freshPostgresDatabase())
         let total = Int(ProcessInfo.processInfo.environment["PARLEY_WORK_MASTERS_JOBS"] ?? "") ?? 600
         let dir = freshTestDirectory("work-masters")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let serveArguments = ["--database", url, "--trust", dir + "/keys/work.pub", "--lease-seconds", "12"]
         var masters: [ServeProcess] = []
         for _ in 0..<3 {
@@ -43,20 +43,20 @@ extension WorkProcessTests {
             proxies.append(try await ChaosProcess.start(["--listen", "127.0.0.1:0", "--to", master.address, "--cut-probability", "0.01", "--seed", "\(41 + i)", "--quiet"]))
         }
         let log = dir + "/ran.log"
-        let submit = try parley(
+        let submit = try await parley(
             ["work", "submit", "--master", masters[0].address, "--key", dir + "/keys/work.key", "--count", "\(total)", "--", "/bin/sh", "-c", "echo ${PWD##*/} >> \(log); sleep 0.05"],
             seconds: 120
         )
         #expect(submit.status == 0, "\(submit.combined.suffix(300))")
         let workers = try Workers(count: 8, master: "", trust: dir + "/keys/work.pub", dir: dir, masters: proxies.map(\.address), slots: 3)
-        defer { workers.stop() }
+        defer { workers.stopBlocking() }
         // Master 1 is killed and restarted on its address twice, once a third and once two
         // thirds of the jobs are done: the first time it stays away longer than a worker's
         // reconnect timeout (5 s with several masters), so that its workers move to another
         // master; the second time it is back at once, and they resume with it.
         for fraction in [3, 3 * 2] {
             let target = total * (fraction == 3 ? 1 : 2) / 3
-            let reached = try await eventually(seconds: 240) { ((try? Self.status(masters[0].address)["succeeded"]) ?? 0) >= target }
+            let reached = try await eventually(seconds: 240) { await ((try? Self.status(masters[0].address)["succeeded"]) ?? 0) >= target }
             #expect(reached, "stuck before \(target) jobs: \(String(describing: try? Self.status(masters[0].address)))")
             let address = masters[1].address
             kill(masters[1].process.processIdentifier, SIGKILL)
@@ -64,24 +64,24 @@ extension WorkProcessTests {
             try await Task.sleep(for: fraction == 3 ? .seconds(8) : .milliseconds(300))
             masters[1] = try await ServeProcess.start(["--listen", address] + serveArguments, command: ["work", "serve"])
         }
-        let done = try await eventually(seconds: 300) { (try? Self.status(masters[2].address)["succeeded"]) == total }
+        let done = try await eventually(seconds: 300) { await (try? Self.status(masters[2].address)["succeeded"]) == total }
         // No worker gave up: those of the killed master went on with another.
         let alive = workers.processes.filter(\.isRunning).count
-        workers.stop()
+        await workers.stop()
         #expect(alive == 8, "\(8 - alive) workers ended early")
         let failedOver = workers.logs.filter { path in
             String(decoding: FileManager.default.contents(atPath: path) ?? Data(), as: UTF8.self).contains("lost the master; trying the next")
         }.count
         #expect(failedOver > 0, "no worker moved to another master")
         #expect(done, "status: \(String(describing: try? Self.status(masters[2].address)))")
-        #expect(try Self.status(masters[1].address) == ["queued": 0, "leased": 0, "succeeded": total, "failed": 0])
+        await #expect(try Self.status(masters[1].address) == ["queued": 0, "leased": 0, "succeeded": total, "failed": 0])
         var cuts = 0
         for proxy in proxies { cuts += await proxy.stop()?.cuts ?? 0 }
         for master in masters { await master.stop() }
 
         // Accepted exactly once: one result per job (checked below: from the lease the job
         // records), none for anything else.
-        let results = try Self.psql(url, "SELECT count(*), count(*) FILTER (WHERE job_id BETWEEN 1 AND \(total)) FROM result")
+        let results = try await Self.psql(url, "SELECT count(*), count(*) FILTER (WHERE job_id BETWEEN 1 AND \(total)) FROM result")
         #expect(results == ["\(total)\t\(total)"], "results: \(results)")
         // Every lease either completed (the accepted one, or a recorded failure) or was
         // returned (expired, recorded as such; handed back ones leave the record).

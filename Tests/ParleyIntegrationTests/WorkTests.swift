@@ -33,20 +33,23 @@ import Testing
             self.logs = logs
         }
 
-        func stop() {
+        /// SIGTERM to all, then SIGKILL to any left after 3 s; returns once all have ended.
+        func stop() async {
             for p in self.processes where p.isRunning { kill(p.processIdentifier, SIGTERM) }
-            for p in self.processes {
-                for _ in 0..<300 where p.isRunning { usleep(10_000) }
-                if p.isRunning { kill(p.processIdentifier, SIGKILL) }
-                p.waitUntilExit()
-            }
+            for p in self.processes { await waitForExit(p, killAfter: 3) }
+        }
+
+        /// `stop` for a `defer`: blocks its thread, for up to 3 s per worker.
+        func stopBlocking() {
+            for p in self.processes where p.isRunning { kill(p.processIdentifier, SIGTERM) }
+            for p in self.processes { stopProcessBlocking(p, grace: 3) }
         }
 
         deinit { for p in self.processes where p.isRunning { kill(p.processIdentifier, SIGKILL) } }
     }
 
-    static func status(_ master: String) throws -> [String: Int] {
-        let out = try parley(["work", "status", "--master", master, "--json"])
+    static func status(_ master: String) async throws -> [String: Int] {
+        let out = try await parley(["work", "status", "--master", master, "--json"])
         guard out.status == 0, let object = try JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [String: Int] else {
             throw ParleyTestFailure("status failed: \(out.combined)")
         }
@@ -58,20 +61,20 @@ import Testing
     /// fails if another job holds it).
     @Test func aMastersPreferencesLimitItsWorkersSlots() async throws {
         let dir = freshTestDirectory("work-prefs")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(
             ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--max-slots", "1", "--idle-milliseconds", "50"], command: ["work", "serve"]
         )
         let lock = dir + "/lock"
-        let submit = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "6", "--", "/bin/sh", "-c",
+        let submit = try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "6", "--", "/bin/sh", "-c",
                                  "mkdir \(lock) || exit 9; sleep 0.3; rmdir \(lock)"])
         #expect(submit.status == 0, "\(submit.combined)")
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir, slots: 3)
-        let done = try await eventually(seconds: 60) { (try? Self.status(master.address)["succeeded"]) == 6 }
-        workers.stop()
+        let done = try await eventually(seconds: 60) { await (try? Self.status(master.address)["succeeded"]) == 6 }
+        await workers.stop()
         #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
         for job in 1...6 {
-            let result = try parley(["work", "results", "\(job)", "--master", master.address])
+            let result = try await parley(["work", "results", "\(job)", "--master", master.address])
             #expect(result.stdout.contains("succeeded") && !result.stdout.contains("attempt failed"), "job \(job) ran beside another: \(result.stdout)")
         }
         await master.stop()
@@ -81,7 +84,7 @@ import Testing
     /// spreads workers over the masters behind it.
     @Test func aFrontDoorSpreadsWorkersOverMasters() async throws {
         let dir = freshTestDirectory("work-spread")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let a = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/a.sqlite"], command: ["work", "serve"])
         let b = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/b.sqlite"], command: ["work", "serve"])
         let door = try await ServeProcess.start(
@@ -89,14 +92,15 @@ import Testing
             command: ["work", "serve"]
         )
         let workers = try Workers(count: 4, master: door.address, trust: dir + "/keys/work.pub", dir: dir, slots: 1)
-        func names(_ master: String) -> [String] {
-            let out = (try? parley(["work", "workers", "--master", master, "--json"]))?.stdout ?? ""
+        func names(_ master: String) async -> [String] {
+            let out = (try? await parley(["work", "workers", "--master", master, "--json"]))?.stdout ?? ""
             return out.components(separatedBy: "\"worker\":\"").dropFirst().compactMap { $0.split(separator: "\"").first.map(String.init) }
         }
-        let spread = try await eventually(seconds: 30) { names(a.address).count == 2 && names(b.address).count == 2 }
-        #expect(spread, "a: \(names(a.address)), b: \(names(b.address))")
-        #expect(Set(names(a.address) + names(b.address)) == ["worker-0", "worker-1", "worker-2", "worker-3"])
-        workers.stop()
+        let spread = try await eventually(seconds: 30) { await names(a.address).count == 2 ? await names(b.address).count == 2 : false }
+        let (onA, onB) = (await names(a.address), await names(b.address))
+        #expect(spread, "a: \(onA), b: \(onB)")
+        await #expect(Set(names(a.address) + names(b.address)) == ["worker-0", "worker-1", "worker-2", "worker-3"])
+        await workers.stop()
         await door.stop()
         await a.stop()
         await b.stop()
@@ -106,20 +110,20 @@ import Testing
     /// directory name, which holds its job id, to a shared log) and is accepted once.
     @Test func everyJobRunsExactlyOnce() async throws {
         let dir = freshTestDirectory("work")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--trust", dir + "/keys/work.pub"], command: ["work", "serve"])
         let log = dir + "/ran.log"
-        let submit = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "200", "--", "/bin/sh", "-c", "basename \"$(pwd)\" >> \(log)"])
+        let submit = try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "200", "--", "/bin/sh", "-c", "basename \"$(pwd)\" >> \(log)"])
         #expect(submit.status == 0, "\(submit.combined)")
         #expect(submit.stdout.split(separator: "\n").count == 200)
         let workers = try Workers(count: 4, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
-        let done = try await eventually(seconds: 60) { (try? Self.status(master.address)["succeeded"]) == 200 }
-        workers.stop()
+        let done = try await eventually(seconds: 60) { await (try? Self.status(master.address)["succeeded"]) == 200 }
+        await workers.stop()
         #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
         let lines = String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self).split(separator: "\n")
         let jobs = lines.compactMap { $0.split(separator: "-").dropFirst().first.flatMap { UInt64($0) } }
         #expect(jobs.count == 200 && Set(jobs) == Set(1...200), "ran \(jobs.count) times, \(Set(jobs).count) distinct jobs")
-        let result = try parley(["work", "results", "7", "--master", master.address])
+        let result = try await parley(["work", "results", "7", "--master", master.address])
         #expect(result.stdout.contains("job 7: succeeded") && result.stdout.contains("exit status 0"), "\(result.combined)")
         let ranPerWorker = workers.logs.map { String(decoding: FileManager.default.contents(atPath: $0) ?? Data(), as: UTF8.self) }
         #expect(ranPerWorker.filter { $0.contains("stopped: ran") }.count == 4, "\(ranPerWorker)")
@@ -132,24 +136,24 @@ import Testing
     /// [R-19.1-1]
     @Test func badlySignedJobsNeverRun() async throws {
         let dir = freshTestDirectory("work-bad")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
-        #expect(try parley(["work", "keygen", "--dir", dir + "/other"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/other"]).status == 0)
         let marker = dir + "/ran"
         let guarded = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/a.sqlite", "--trust", dir + "/keys/work.pub"], command: ["work", "serve"])
-        let refused = try parley(["work", "submit", "--master", guarded.address, "--key", dir + "/other/work.key", "--", "/usr/bin/touch", marker])
+        let refused = try await parley(["work", "submit", "--master", guarded.address, "--key", dir + "/other/work.key", "--", "/usr/bin/touch", marker])
         #expect(refused.status == 2 && refused.stdout.contains("does not verify") && refused.stdout.contains("nothing was stored"), "\(refused.combined)")
-        #expect(try Self.status(guarded.address) == ["queued": 0, "leased": 0, "succeeded": 0, "failed": 0])
+        await #expect(try Self.status(guarded.address) == ["queued": 0, "leased": 0, "succeeded": 0, "failed": 0])
         await guarded.stop()
 
         let open = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/b.sqlite", "--max-attempts", "2"], command: ["work", "serve"])
-        let stored = try parley(["work", "submit", "--master", open.address, "--key", dir + "/other/work.key", "--", "/usr/bin/touch", marker])
+        let stored = try await parley(["work", "submit", "--master", open.address, "--key", dir + "/other/work.key", "--", "/usr/bin/touch", marker])
         #expect(stored.status == 0)
         let workers = try Workers(count: 1, master: open.address, trust: dir + "/keys/work.pub", dir: dir)
-        let failed = try await eventually(seconds: 30) { (try? Self.status(open.address)["failed"]) == 1 }
-        workers.stop()
+        let failed = try await eventually(seconds: 30) { await (try? Self.status(open.address)["failed"]) == 1 }
+        await workers.stop()
         #expect(failed)
         #expect(!FileManager.default.fileExists(atPath: marker), "a badly signed job ran")
-        let result = try parley(["work", "results", "1", "--master", open.address])
+        let result = try await parley(["work", "results", "1", "--master", open.address])
         #expect(result.stdout.contains("job 1: failed") && result.stdout.contains("refused: bad signature"), "\(result.combined)")
         await open.stop()
     }
@@ -160,17 +164,17 @@ extension WorkProcessTests {
     /// them again without counting the attempt.
     @Test func aStoppedWorkerHandsItsJobsBack() async throws {
         let dir = freshTestDirectory("work-handback")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--max-attempts", "1"], command: ["work", "serve"])
-        #expect(try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "2", "--", "/bin/sleep", "30"]).status == 0)
+        #expect(try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "2", "--", "/bin/sleep", "30"]).status == 0)
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
         #expect(try await eventually(seconds: 20) { (try? Self.status(master.address)["leased"]) == 2 })
         try await Task.sleep(for: .milliseconds(300))  // the jobs are running
-        workers.stop()
+        await workers.stop()
         let log = String(decoding: FileManager.default.contents(atPath: workers.logs[0]) ?? Data(), as: UTF8.self)
         #expect(log.contains("handed back 2"), "\(log)")
-        #expect(try Self.status(master.address) == ["queued": 2, "leased": 0, "succeeded": 0, "failed": 0])
-        let result = try parley(["work", "results", "1", "--master", master.address])
+        await #expect(try Self.status(master.address) == ["queued": 2, "leased": 0, "succeeded": 0, "failed": 0])
+        let result = try await parley(["work", "results", "1", "--master", master.address])
         #expect(result.stdout.contains("job 1: queued") && !result.stdout.contains("attempt failed"), "\(result.combined)")
         await master.stop()
     }
@@ -184,18 +188,18 @@ extension WorkProcessTests {
     @Test func tenThousandJobsOnTwentyWorkersEachRunOnce() async throws {
         let total = Int(ProcessInfo.processInfo.environment["PARLEY_WORK_JOBS"] ?? "") ?? 10_000
         let dir = freshTestDirectory("work-many")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--trust", dir + "/keys/work.pub"], command: ["work", "serve"])
         let log = dir + "/ran.log"
-        let submit = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "\(total)", "--", "/bin/sh", "-c", "echo ${PWD##*/} >> \(log)"], seconds: 120)
+        let submit = try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "\(total)", "--", "/bin/sh", "-c", "echo ${PWD##*/} >> \(log)"], seconds: 120)
         #expect(submit.status == 0, "\(submit.combined.suffix(300))")
         let started = ContinuousClock.now
         let workers = try Workers(count: 20, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
-        let done = try await eventually(seconds: 600) { (try? Self.status(master.address)["succeeded"]) == total }
+        let done = try await eventually(seconds: 600) { await (try? Self.status(master.address)["succeeded"]) == total }
         let elapsed = ContinuousClock.now - started
-        workers.stop()
+        await workers.stop()
         #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
-        #expect(try Self.status(master.address) == ["queued": 0, "leased": 0, "succeeded": total, "failed": 0])
+        await #expect(try Self.status(master.address) == ["queued": 0, "leased": 0, "succeeded": total, "failed": 0])
         let lines = String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self).split(separator: "\n")
         let jobs = lines.compactMap { $0.split(separator: "-").dropFirst().first.flatMap { UInt64($0) } }
         #expect(jobs.count == total, "\(jobs.count) runs for \(total) jobs")
@@ -216,17 +220,17 @@ extension WorkProcessTests {
     /// entity's name; a worker without one is refused before it can take anything.
     @Test func aMasterRequiringAuthenticationServesOnlyKeyedWorkers() async throws {
         let dir = freshTestDirectory("work-auth")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let keyring = dir + "/workers.keyring"
-        #expect(try parley(["keyring", "add", "worker.build-7", "--keyring", keyring]).status == 0)
-        #expect(try parley(["keyring", "add", "client.submitter", "--keyring", keyring]).status == 0)
+        #expect(try await parley(["keyring", "add", "worker.build-7", "--keyring", keyring]).status == 0)
+        #expect(try await parley(["keyring", "add", "client.submitter", "--keyring", keyring]).status == 0)
         let master = try await ServeProcess.start(
             ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--auth", "secret", "--keyring", keyring], command: ["work", "serve"]
         )
-        let submit = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "/bin/true"])
+        let submit = try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "/bin/true"])
         #expect(submit.status == 2, "an anonymous submitter is refused: \(submit.combined)")
         let parleyPath = try #require(parleyExecutablePath())
-        let anonymous = try runProcess(parleyPath, ["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--dir", dir + "/anon"], seconds: 30)
+        let anonymous = try await runProcess(parleyPath, ["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--dir", dir + "/anon"], seconds: 30)
         #expect(anonymous.status == 2 && anonymous.combined.contains("authenticationFailed"), "\(anonymous.combined)")
         let worker = Process()
         worker.executableURL = URL(fileURLWithPath: parleyPath)
@@ -236,14 +240,13 @@ extension WorkProcessTests {
         try worker.run()
         defer { if worker.isRunning { kill(worker.processIdentifier, SIGKILL) } }
         // Jobs submitted by an authenticated submitter run on the keyed worker, under its entity.
-        let submitted = try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--keyring", keyring, "--name", "client.submitter", "--", "/bin/true"])
+        let submitted = try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--keyring", keyring, "--name", "client.submitter", "--", "/bin/true"])
         #expect(submitted.status == 0, "\(submitted.combined)")
-        let done = try await eventually(seconds: 30) { (try? parley(["work", "status", "--master", master.address, "--json", "--keyring", keyring, "--name", "client.submitter"]))?.stdout.contains("\"succeeded\":1") == true }
+        let done = try await eventually(seconds: 30) { (try? await parley(["work", "status", "--master", master.address, "--json", "--keyring", keyring, "--name", "client.submitter"]))?.stdout.contains("\"succeeded\":1") == true }
         #expect(done)
-        let result = try parley(["work", "results", "1", "--master", master.address, "--keyring", keyring, "--name", "client.submitter"])
+        let result = try await parley(["work", "results", "1", "--master", master.address, "--keyring", keyring, "--name", "client.submitter"])
         #expect(result.stdout.contains("accepted from worker.build-7"), "\(result.combined)")
-        kill(worker.processIdentifier, SIGTERM)
-        worker.waitUntilExit()
+        await stopProcess(worker)
         await master.stop()
     }
 }
@@ -263,7 +266,7 @@ extension WorkProcessTests {
     /// metrics that count what happened; bad paths and ids get 404 and 400.
     @Test func theHTTPEndpointServesStatusResultsAndMetrics() async throws {
         let dir = freshTestDirectory("work-http")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(
             ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--http", "127.0.0.1:0"], command: ["work", "serve"]
         )
@@ -271,10 +274,10 @@ extension WorkProcessTests {
         let line = try #require(master.log.split(separator: "\n").first { $0.contains("http listening") })
         let port = try #require(line.split(separator: ":").last.flatMap { Int($0.prefix { $0.isNumber }) })
         let base = "http://127.0.0.1:\(port)"
-        #expect(try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "3", "--", "/bin/echo", "from-http"]).status == 0)
+        #expect(try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "3", "--", "/bin/echo", "from-http"]).status == 0)
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
-        let done = try await eventually(seconds: 60) { (try? Self.status(master.address)["succeeded"]) == 3 }
-        workers.stop()
+        let done = try await eventually(seconds: 60) { await (try? Self.status(master.address)["succeeded"]) == 3 }
+        await workers.stop()
         #expect(done)
         let status = try await Self.httpGet(base + "/status")
         #expect(status.status == 200 && status.type.hasPrefix("application/json"))
@@ -300,27 +303,27 @@ extension WorkProcessTests {
     /// with the reason recorded; a job under its limits succeeds.
     @Test func cpuAndMemoryLimitsStopJobs() async throws {
         let dir = freshTestDirectory("work-limits")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--max-attempts", "1"], command: ["work", "serve"])
         let key = dir + "/keys/work.key"
-        let spin = try parley(["work", "submit", "--master", master.address, "--key", key, "--max-cpu", "1", "--max-wall", "60", "--shell", "--", "while :; do :; done"])
-        let hog = try parley(["work", "submit", "--master", master.address, "--key", key, "--max-memory", "200000000", "--",
+        let spin = try await parley(["work", "submit", "--master", master.address, "--key", key, "--max-cpu", "1", "--max-wall", "60", "--shell", "--", "while :; do :; done"])
+        let hog = try await parley(["work", "submit", "--master", master.address, "--key", key, "--max-memory", "200000000", "--",
                               "/usr/bin/python3", "-c", "x = bytearray(400 * 1024 * 1024)"])
-        let fits = try parley(["work", "submit", "--master", master.address, "--key", key, "--max-memory", "400000000", "--max-cpu", "10", "--",
+        let fits = try await parley(["work", "submit", "--master", master.address, "--key", key, "--max-memory", "400000000", "--max-cpu", "10", "--",
                                "/usr/bin/python3", "-c", "x = bytearray(50 * 1024 * 1024); print('fits')"])
         #expect(spin.status == 0 && hog.status == 0 && fits.status == 0, "\(spin.combined) \(hog.combined) \(fits.combined)")
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
-        let done = try await eventually(seconds: 60) { (try? Self.status(master.address)).map { $0["failed"] == 2 && $0["succeeded"] == 1 } ?? false }
-        workers.stop()
+        let done = try await eventually(seconds: 60) { await (try? Self.status(master.address)).map { $0["failed"] == 2 && $0["succeeded"] == 1 } ?? false }
+        await workers.stop()
         #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
-        let spun = try parley(["work", "results", "1", "--master", master.address])
+        let spun = try await parley(["work", "results", "1", "--master", master.address])
         #expect(spun.stdout.contains("failed") && spun.stdout.contains("CPU-time limit reached"), "\(spun.combined)")
-        let hogged = try parley(["work", "results", "2", "--master", master.address, "--json"])
+        let hogged = try await parley(["work", "results", "2", "--master", master.address, "--json"])
         // Without the limit the allocation succeeds here; the failure's reason ends with the
         // job's last line of stderr.
         let reply = try JSONSerialization.jsonObject(with: Data(hogged.stdout.utf8)) as? [String: Any]
         #expect(reply?["state"] as? String == "failed" && (reply?["failures"] as? [String])?.first?.hasSuffix("exit status 1: MemoryError") == true, "\(hogged.combined)")
-        let fitted = try parley(["work", "results", "3", "--master", master.address])
+        let fitted = try await parley(["work", "results", "3", "--master", master.address])
         #expect(fitted.stdout.contains("succeeded") && fitted.stdout.contains("fits"), "\(fitted.combined)")
         await master.stop()
     }
@@ -333,7 +336,7 @@ extension WorkProcessTests {
     /// output that is a link out of the job's directory is refused.
     @Test func inputAndOutputFilesAreCheckedAndCarried() async throws {
         let dir = freshTestDirectory("work-files")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         try FileManager.default.createDirectory(atPath: dir + "/www", withIntermediateDirectories: true)
         let served = Data((0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 31) })
         try served.write(to: URL(fileURLWithPath: dir + "/www/data.bin"))
@@ -351,27 +354,27 @@ extension WorkProcessTests {
         let port = try #require(banner.range(of: #"port (\d+)"#, options: .regularExpression).flatMap { Int(banner[$0].dropFirst(5)) }, "\(banner)")
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--max-attempts", "1"], command: ["work", "serve"])
         let key = dir + "/keys/work.key"
-        let good = try parley(["work", "submit", "--master", master.address, "--key", key,
+        let good = try await parley(["work", "submit", "--master", master.address, "--key", key,
                                "--input", "in/local.txt=\(dir)/local.txt", "--input-url", "data.bin=http://127.0.0.1:\(port)/data.bin",
                                "--output", "out/copy.bin", "--output", "lines.txt", "--shell", "--",
                                "mkdir -p out && cp data.bin out/copy.bin && cat in/local.txt > lines.txt && echo ran >> \(dir)/ran.log"])
         #expect(good.status == 0, "\(good.combined)")
-        let escape = try parley(["work", "submit", "--master", master.address, "--key", key, "--output", "secret", "--", "/bin/ln", "-s", "/etc/passwd", "secret"])
+        let escape = try await parley(["work", "submit", "--master", master.address, "--key", key, "--output", "secret", "--", "/bin/ln", "-s", "/etc/passwd", "secret"])
         #expect(escape.status == 0, "\(escape.combined)")
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
-        let firstDone = try await eventually(seconds: 60) { (try? Self.status(master.address)).map { $0["succeeded"] == 1 && $0["failed"] == 1 } ?? false }
+        let firstDone = try await eventually(seconds: 60) { await (try? Self.status(master.address)).map { $0["succeeded"] == 1 && $0["failed"] == 1 } ?? false }
         #expect(firstDone, "status: \(String(describing: try? Self.status(master.address)))")
-        workers.stop()
+        await workers.stop()
         // Signed with the file's hash, then the file changes on the server before a worker
         // takes the job.
-        let stale = try parley(["work", "submit", "--master", master.address, "--key", key, "--priority", "0",
+        let stale = try await parley(["work", "submit", "--master", master.address, "--key", key, "--priority", "0",
                                 "--input-url", "data.bin=http://127.0.0.1:\(port)/data.bin", "--shell", "--", "echo stale-ran >> \(dir)/ran.log"])
         #expect(stale.status == 0, "\(stale.combined)")
         let staleID = stale.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         // A second file that grows to 20 MB on the server after signing: the worker stops
         // reading at its signed size and a byte.
         try Data("small".utf8).write(to: URL(fileURLWithPath: dir + "/www/grows.bin"))
-        let grows = try parley(["work", "submit", "--master", master.address, "--key", key,
+        let grows = try await parley(["work", "submit", "--master", master.address, "--key", key,
                                 "--input-url", "grows.bin=http://127.0.0.1:\(port)/grows.bin", "--shell", "--", "echo grown-ran >> \(dir)/ran.log"])
         #expect(grows.status == 0, "\(grows.combined)")
         let growsID = grows.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
@@ -380,18 +383,18 @@ extension WorkProcessTests {
         try Data(repeating: 7, count: served.count).write(to: URL(fileURLWithPath: dir + "/www/data.bin"))
         try FileManager.default.createDirectory(atPath: dir + "/more", withIntermediateDirectories: true)
         let more = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir + "/more")
-        let done = try await eventually(seconds: 60) { (try? Self.status(master.address))?["failed"] == 3 }
-        more.stop()
+        let done = try await eventually(seconds: 60) { await (try? Self.status(master.address))?["failed"] == 3 }
+        await more.stop()
         #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
-        let saved = try parley(["work", "results", "1", "--master", master.address, "--save-outputs", dir + "/saved"])
+        let saved = try await parley(["work", "results", "1", "--master", master.address, "--save-outputs", dir + "/saved"])
         #expect(saved.status == 0 && saved.stdout.contains("output out/copy.bin: 100000 bytes"), "\(saved.combined)")
         #expect(FileManager.default.contents(atPath: dir + "/saved/out/copy.bin") == served)
         #expect(FileManager.default.contents(atPath: dir + "/saved/lines.txt") == Data("inline input\n".utf8))
-        let staleResult = try parley(["work", "results", staleID, "--master", master.address])
+        let staleResult = try await parley(["work", "results", staleID, "--master", master.address])
         #expect(staleResult.stdout.contains("failed") && staleResult.stdout.contains("input failed, not run") && staleResult.stdout.contains("SHA-256"), "\(staleResult.combined)")
-        let grown = try parley(["work", "results", growsID, "--master", master.address])
+        let grown = try await parley(["work", "results", growsID, "--master", master.address])
         #expect(grown.stdout.contains("input failed, not run") && grown.stdout.contains("is 6 bytes, not 5"), "\(grown.combined)")
-        let escaped = try parley(["work", "results", "2", "--master", master.address])
+        let escaped = try await parley(["work", "results", "2", "--master", master.address])
         #expect(escaped.stdout.contains("failed") && escaped.stdout.contains("leads out of the job's directory"), "\(escaped.combined)")
         let ran = String(decoding: FileManager.default.contents(atPath: dir + "/ran.log") ?? Data(), as: UTF8.self)
         #expect(ran == "ran\n", "the stale job must never run: \(ran)")
@@ -407,27 +410,27 @@ extension WorkProcessTests {
     /// [R-19.1-3]
     @Test func aKeyRotationVouchedForByTheOldKeyIsTrustedByWorkers() async throws {
         let dir = freshTestDirectory("work-rotation")
-        for name in ["old", "new", "stranger"] { #expect(try parley(["work", "keygen", "--dir", "\(dir)/\(name)"]).status == 0) }
-        let rotate = try parley(["work", "rotate", "--key", dir + "/old/work.key", "--to", dir + "/new/work.pub", "--out", dir + "/rotation"])
+        for name in ["old", "new", "stranger"] { #expect(try await parley(["work", "keygen", "--dir", "\(dir)/\(name)"]).status == 0) }
+        let rotate = try await parley(["work", "rotate", "--key", dir + "/old/work.key", "--to", dir + "/new/work.pub", "--out", dir + "/rotation"])
         #expect(rotate.status == 0 && rotate.stdout.contains("vouched for"), "\(rotate.combined)")
-        let forged = try parley(["work", "rotate", "--key", dir + "/stranger/work.key", "--to", dir + "/new/work.pub", "--out", dir + "/forged"])
+        let forged = try await parley(["work", "rotate", "--key", dir + "/stranger/work.key", "--to", dir + "/new/work.pub", "--out", dir + "/forged"])
         #expect(forged.status == 0)
-        let refused = try parley(["work", "serve", "--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/x.sqlite", "--trust", dir + "/old/work.pub", "--rotation", dir + "/forged"], seconds: 30)
+        let refused = try await parley(["work", "serve", "--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/x.sqlite", "--trust", dir + "/old/work.pub", "--rotation", dir + "/forged"], seconds: 30)
         #expect(refused.status != 0 && refused.combined.contains("is not vouched for by key"), "\(refused.combined)")
 
         let master = try await ServeProcess.start(
             ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--trust", dir + "/old/work.pub", "--rotation", dir + "/rotation"],
             command: ["work", "serve"]
         )
-        let newJob = try parley(["work", "submit", "--master", master.address, "--key", dir + "/new/work.key", "--", "/bin/echo", "new-key"])
+        let newJob = try await parley(["work", "submit", "--master", master.address, "--key", dir + "/new/work.key", "--", "/bin/echo", "new-key"])
         #expect(newJob.status == 0, "the master accepts the next key's jobs: \(newJob.combined)")
-        let oldJob = try parley(["work", "submit", "--master", master.address, "--key", dir + "/old/work.key", "--", "/bin/echo", "old-key"])
+        let oldJob = try await parley(["work", "submit", "--master", master.address, "--key", dir + "/old/work.key", "--", "/bin/echo", "old-key"])
         #expect(oldJob.status == 0, "\(oldJob.combined)")
-        let strangerJob = try parley(["work", "submit", "--master", master.address, "--key", dir + "/stranger/work.key", "--", "/bin/echo", "x"])
+        let strangerJob = try await parley(["work", "submit", "--master", master.address, "--key", dir + "/stranger/work.key", "--", "/bin/echo", "x"])
         #expect(strangerJob.status == 2 && strangerJob.combined.contains("refused"), "\(strangerJob.combined)")
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/old/work.pub", dir: dir)
-        let done = try await eventually(seconds: 60) { (try? Self.status(master.address))?["succeeded"] == 2 }
-        workers.stop()
+        let done = try await eventually(seconds: 60) { await (try? Self.status(master.address))?["succeeded"] == 2 }
+        await workers.stop()
         #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
         let log = String(decoding: FileManager.default.contents(atPath: workers.logs[0]) ?? Data(), as: UTF8.self)
         #expect(log.contains("key rotation: now trusting"), "\(log)")
@@ -436,13 +439,13 @@ extension WorkProcessTests {
         // A master without the rotation: the same worker (trusting the old key only) refuses
         // the new key's job.
         let plain = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/plain.sqlite", "--max-attempts", "1"], command: ["work", "serve"])
-        #expect(try parley(["work", "submit", "--master", plain.address, "--key", dir + "/new/work.key", "--", "/bin/echo", "new-key"]).status == 0)
+        #expect(try await parley(["work", "submit", "--master", plain.address, "--key", dir + "/new/work.key", "--", "/bin/echo", "new-key"]).status == 0)
         try FileManager.default.createDirectory(atPath: dir + "/second", withIntermediateDirectories: true)
         let second = try Workers(count: 1, master: plain.address, trust: dir + "/old/work.pub", dir: dir + "/second")
-        let failed = try await eventually(seconds: 60) { (try? Self.status(plain.address))?["failed"] == 1 }
-        second.stop()
+        let failed = try await eventually(seconds: 60) { await (try? Self.status(plain.address))?["failed"] == 1 }
+        await second.stop()
         #expect(failed)
-        let result = try parley(["work", "results", "1", "--master", plain.address])
+        let result = try await parley(["work", "results", "1", "--master", plain.address])
         #expect(result.stdout.contains("bad signature"), "\(result.combined)")
         await plain.stop()
     }
@@ -453,20 +456,20 @@ extension WorkProcessTests {
     /// bad application name is refused at submission and by the worker's own options.
     @Test func aJobNeedingAnApplicationGoesToAWorkerThatRunsIt() async throws {
         let dir = freshTestDirectory("work-apps")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite"], command: ["work", "serve"])
         let key = dir + "/keys/work.key"
-        #expect(try parley(["work", "submit", "--master", master.address, "--key", key, "--app", "python3", "--count", "3", "--", "/bin/true"]).status == 0)
-        let bad = try parley(["work", "submit", "--master", master.address, "--key", key, "--app", "py thon", "--", "/bin/true"])
+        #expect(try await parley(["work", "submit", "--master", master.address, "--key", key, "--app", "python3", "--count", "3", "--", "/bin/true"]).status == 0)
+        let bad = try await parley(["work", "submit", "--master", master.address, "--key", key, "--app", "py thon", "--", "/bin/true"])
         #expect(bad.status != 0 && bad.combined.contains("is not up to 64 of"), "\(bad.combined)")
-        let badWorker = try parley(["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--app", "../x"])
+        let badWorker = try await parley(["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--app", "../x"])
         #expect(badWorker.status != 0 && badWorker.combined.contains("is not up to 64 of"), "\(badWorker.combined)")
         // A worker without the application: nothing for it.
         try FileManager.default.createDirectory(atPath: dir + "/plain", withIntermediateDirectories: true)
         let plain = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir + "/plain")
         try await Task.sleep(for: .seconds(1))
-        #expect(try Self.status(master.address)["queued"] == 3)
-        plain.stop()
+        await #expect(try Self.status(master.address)["queued"] == 3)
+        await plain.stop()
         let p = Process()
         p.executableURL = URL(fileURLWithPath: try #require(parleyExecutablePath()))
         p.arguments = ["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--app", "python3", "--dir", dir + "/py", "--worker-name", "py-worker"]
@@ -474,10 +477,10 @@ extension WorkProcessTests {
         p.standardError = FileHandle.nullDevice
         try p.run()
         defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; p.waitUntilExit() }
-        let done = try await eventually(seconds: 30) { (try? Self.status(master.address))?["succeeded"] == 3 }
+        let done = try await eventually(seconds: 30) { await (try? Self.status(master.address))?["succeeded"] == 3 }
         kill(p.processIdentifier, SIGTERM)
         #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
-        #expect(try parley(["work", "results", "2", "--master", master.address]).stdout.contains("accepted from py-worker"))
+        #expect(try await parley(["work", "results", "2", "--master", master.address]).stdout.contains("accepted from py-worker"))
         await master.stop()
     }
 }
@@ -487,15 +490,15 @@ extension WorkProcessTests {
     /// request delay is waited out, and work goes on.
     @Test func aMastersNucleusReachesItsWorkers() async throws {
         let dir = freshTestDirectory("work-nucleus")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(
             ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--message", "maintenance at noon", "--request-delay", "0.3"],
             command: ["work", "serve"]
         )
-        #expect(try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "/bin/true"]).status == 0)
+        #expect(try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "/bin/true"]).status == 0)
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
-        let done = try await eventually(seconds: 30) { (try? Self.status(master.address))?["succeeded"] == 1 }
-        workers.stop()
+        let done = try await eventually(seconds: 30) { await (try? Self.status(master.address))?["succeeded"] == 1 }
+        await workers.stop()
         #expect(done)
         let log = String(decoding: FileManager.default.contents(atPath: workers.logs[0]) ?? Data(), as: UTF8.self)
         #expect(log.contains("message from the master: maintenance at noon"), "\(log)")
@@ -509,14 +512,14 @@ extension WorkProcessTests {
     /// [R-19.3-2]
     @Test func aLongJobKeepsItsLeaseByRenewingIt() async throws {
         let dir = freshTestDirectory("work-renew")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--lease-seconds", "4"], command: ["work", "serve"])
-        #expect(try parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "/bin/sleep", "9"]).status == 0)
+        #expect(try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "/bin/sleep", "9"]).status == 0)
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
-        let done = try await eventually(seconds: 60) { (try? Self.status(master.address))?["succeeded"] == 1 }
-        workers.stop()
+        let done = try await eventually(seconds: 60) { await (try? Self.status(master.address))?["succeeded"] == 1 }
+        await workers.stop()
         #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
-        let result = try parley(["work", "results", "1", "--master", master.address])
+        let result = try await parley(["work", "results", "1", "--master", master.address])
         #expect(result.stdout.contains("lease 1:") && !result.stdout.contains("attempt failed"), "\(result.combined)")
         await master.stop()
     }
@@ -527,21 +530,21 @@ extension WorkProcessTests {
     /// worker's (work.worker) can work but not submit; each refusal names the capability.
     @Test func capabilitiesSeparateSubmittersFromWorkers() async throws {
         let dir = freshTestDirectory("work-caps")
-        #expect(try parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
         let keyring = dir + "/keyring"
-        #expect(try parley(["keyring", "add", "worker.a", "--keyring", keyring, "--caps", "work.worker"]).status == 0)
-        #expect(try parley(["keyring", "add", "client.ci", "--keyring", keyring, "--caps", "work.submit,work.read"]).status == 0)
+        #expect(try await parley(["keyring", "add", "worker.a", "--keyring", keyring, "--caps", "work.worker"]).status == 0)
+        #expect(try await parley(["keyring", "add", "client.ci", "--keyring", keyring, "--caps", "work.submit,work.read"]).status == 0)
         let master = try await ServeProcess.start(
             ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--auth", "secret", "--keyring", keyring, "--require-caps"],
             command: ["work", "serve"]
         )
         let key = dir + "/keys/work.key"
-        let byWorker = try parley(["work", "submit", "--master", master.address, "--key", key, "--keyring", keyring, "--name", "worker.a", "--", "/bin/true"])
+        let byWorker = try await parley(["work", "submit", "--master", master.address, "--key", key, "--keyring", keyring, "--name", "worker.a", "--", "/bin/true"])
         #expect(byWorker.status == 2 && byWorker.combined.contains("work.submit"), "\(byWorker.combined)")
-        let byClient = try parley(["work", "submit", "--master", master.address, "--key", key, "--keyring", keyring, "--name", "client.ci", "--", "/bin/true"])
+        let byClient = try await parley(["work", "submit", "--master", master.address, "--key", key, "--keyring", keyring, "--name", "client.ci", "--", "/bin/true"])
         #expect(byClient.status == 0, "\(byClient.combined)")
         let parleyPath = try #require(parleyExecutablePath())
-        let clientAsWorker = try runProcess(parleyPath, ["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--dir", dir + "/x",
+        let clientAsWorker = try await runProcess(parleyPath, ["work", "worker", "--master", master.address, "--trust", dir + "/keys/work.pub", "--dir", dir + "/x",
                                                          "--keyring", keyring, "--name", "client.ci"], seconds: 30)
         #expect(clientAsWorker.status == 2 && clientAsWorker.combined.contains("work.worker"), "\(clientAsWorker.combined)")
         let worker = Process()
@@ -552,7 +555,7 @@ extension WorkProcessTests {
         try worker.run()
         defer { if worker.isRunning { kill(worker.processIdentifier, SIGKILL) }; worker.waitUntilExit() }
         let done = try await eventually(seconds: 30) {
-            (try? parley(["work", "status", "--master", master.address, "--json", "--keyring", keyring, "--name", "client.ci"]))?.stdout.contains("\"succeeded\":1") == true
+            (try? await parley(["work", "status", "--master", master.address, "--json", "--keyring", keyring, "--name", "client.ci"]))?.stdout.contains("\"succeeded\":1") == true
         }
         #expect(done)
         kill(worker.processIdentifier, SIGTERM)

@@ -24,7 +24,10 @@ public struct ProcessOutput: Sendable {
 
 /// Runs a program to completion, bounded by `seconds` (killed by PID after that). Output
 /// goes through files rather than pipes: nothing to drain concurrently, nothing can block.
-public func runProcess(_ executable: String, _ arguments: [String], stdin: Data? = nil, seconds: Double) throws -> ProcessOutput {
+/// It waits by sleeping the task, never the thread: Swift's pool has one thread per CPU (two
+/// here), and a test blocking one for a child's whole life (fio, a copy, a worker) stalled
+/// every other test of a parallel run for up to 80 s.
+public func runProcess(_ executable: String, _ arguments: [String], stdin: Data? = nil, seconds: Double) async throws -> ProcessOutput {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
@@ -38,15 +41,25 @@ public func runProcess(_ executable: String, _ arguments: [String], stdin: Data?
     process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
     process.standardInput = try FileHandle(forReadingFrom: URL(fileURLWithPath: inPath))
     try process.run()
-    let deadline = Date().addingTimeInterval(seconds)
-    while process.isRunning && Date() < deadline { usleep(10_000) }
-    if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-    process.waitUntilExit()
+    await waitForExit(process, killAfter: seconds)
     return ProcessOutput(
         status: process.terminationStatus,
         stdout: String(decoding: FileManager.default.contents(atPath: outPath) ?? Data(), as: UTF8.self),
         stderr: String(decoding: FileManager.default.contents(atPath: errPath) ?? Data(), as: UTF8.self)
     )
+}
+
+/// Waits (sleeping the task, polling every 10 ms) until `process` has ended; SIGKILLs it by
+/// PID after `killAfter` seconds, or at once when the waiting task is cancelled.
+public func waitForExit(_ process: Process, killAfter seconds: Double) async {
+    let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int64(seconds * 1000)))
+    while process.isRunning && ContinuousClock.now < deadline {
+        do { try await Task.sleep(for: .milliseconds(10)) } catch { break }
+    }
+    if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    // A killed process ends at once; its reaping is noticed by Foundation's SIGCHLD handler.
+    for _ in 0..<6000 where process.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+    process.waitUntilExit()
 }
 
 /// A test's own failure, with what went wrong.

@@ -21,11 +21,27 @@ public func freeLoopbackPort() throws -> Int {
 }
 
 /// Stops a process a test started, by its PID: SIGTERM, then SIGKILL after `grace` seconds;
-/// returns once it has ended.
-public func stopProcess(_ process: Process, grace: Double = 5) {
+/// returns once it has ended. Sleeps the task, not the thread (see `runProcess`).
+public func stopProcess(_ process: Process, grace: Double = 5) async {
+    guard process.isRunning else { return }
+    kill(process.processIdentifier, SIGTERM)
+    await waitForExit(process, killAfter: grace)
+}
+
+/// `stopProcess` for a `defer` or other synchronous code: blocks its thread, for up to
+/// `grace` seconds; use the async form wherever a test can await.
+public func stopProcessBlocking(_ process: Process, grace: Double = 5) {
     guard process.isRunning else { return }
     kill(process.processIdentifier, SIGTERM)
     for _ in 0..<Int(grace * 100) where process.isRunning { usleep(10_000) }
     if process.isRunning { kill(process.processIdentifier, SIGKILL) }
     process.waitUntilExit()
+}
+
+/// Runs blocking `body` (a blocking socket read, say) on a thread of its own and awaits its
+/// result: Swift's pool has one thread per CPU, and a test blocking one starves the others.
+public func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { continuation in
+        Thread { continuation.resume(returning: body()) }.start()
+    }
 }
