@@ -147,9 +147,9 @@ struct BOINCClientProcessTests {
         #expect(attached.status == 0, "\(attached.combined)")
 
         // The job runs and is reported; the store has it once, with its bytes.
-        let succeeded = try await Self.eventually(seconds: 120) { (try? Self.result(master, 1)["state"] as? String) == "succeeded" }
+        let succeeded = try await Self.eventually(seconds: 120) { await (try? await Self.result(master, 1)["state"] as? String) == "succeeded" }
         #expect(succeeded, "client:\n\(client.log)\nmaster:\n\(server.log)")
-        let result = try Self.result(master, 1)["result"] as? [String: Any]
+        let result = try await Self.result(master, 1)["result"] as? [String: Any]
         let outputs = result?["outputs"] as? [[String: Any]]
         #expect(outputs?.count == 1 && outputs?.first?["name"] as? String == "out.txt")
         #expect((outputs?.first?["content"] as? String).flatMap { Data(base64Encoded: $0) } == Data("the input\nran\n".utf8))
@@ -160,8 +160,8 @@ struct BOINCClientProcessTests {
         let reports = server.log.split(separator: "\n").filter { $0.contains("boinc report") && $0.contains("parley_j1_") }
         #expect(reports.count == 1 && reports.first?.contains("verdict=accepted") == true, "\(reports)")
         #expect(client.log.contains("Hello from Parley"), "the notice reaches the client")
-        #expect(try await Self.eventually(seconds: 30) { (try? Self.result(master, 2)["state"] as? String) == "succeeded" }, "\(worker.log)")
-        #expect((try Self.result(master, 2)["result"] as? [String: Any])?["worker"] as? String == "native-1")
+        #expect(try await Self.eventually(seconds: 30) { (try? await Self.result(master, 2)["state"] as? String) == "succeeded" }, "\(worker.log)")
+        await #expect((try Self.result(master, 2)["result"] as? [String: Any])?["worker"] as? String == "native-1")
         worker.stop()  // it would take the next job too (it needs no application)
         #expect(try String(contentsOfFile: clientDir + "/master_127.0.0.1_\(boincPort).xml", encoding: .utf8).contains(dead), "the client read both schedulers")
         // The client starts with either URL (it picks one at random, runs showed both); when it
@@ -185,14 +185,14 @@ struct BOINCClientProcessTests {
         #expect(second.status == 0 && second.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "3", "\(second.combined)")
         var polls = 0
         let refused = try await Self.eventually(seconds: 120) {
-            if (try? Self.result(master, 3)["state"] as? String) == "failed" { return true }
+            if await (try? await Self.result(master, 3)["state"] as? String) == "failed" { return true }
             // Past the client's back-off after the master's restart, every 5 s.
             if polls % 10 == 0 { _ = try? await boinccmd(["--project", url, "update"]) }
             polls += 1
             return false
         }
         #expect(refused, "client:\n\(client.log)\nmaster:\n\(server.log)")
-        let failures = try Self.result(master, 3)["failures"] as? [String] ?? []
+        let failures = try await Self.result(master, 3)["failures"] as? [String] ?? []
         #expect(failures.count == 1 && failures[0].contains("-120") && failures[0].contains("bad signature"), "\(failures)")
         #expect(client.log.contains("Signature verification error"), "\(client.log)")
         client.stop()

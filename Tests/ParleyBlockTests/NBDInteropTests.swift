@@ -149,7 +149,7 @@ struct NBDInteropTests {
             guard r.count >= 3, let o = Int(r[0]), let l = Int(r[1]), let t = Int(r[2]) else { return nil }
             return (o, l, t)
         }
-        let expected = [(0, 4 << 20, 3), (4 << 20, 1 << 20, 0), (5 << 20, 5 << 20, 3), (10 << 20, 1 << 20, 0), (11 << 20, 5 << 20, 3)]
+        let expected: [(Int, Int, Int)] = [(0, 4 << 20, 3), (4 << 20, 1 << 20, 0), (5 << 20, 5 << 20, 3), (10 << 20, 1 << 20, 0), (11 << 20, 5 << 20, 3)]
         #expect(extents.count == expected.count, "\(out.stdout)")
         for (a, b) in zip(extents, expected) {
             #expect(a == b, "\(out.stdout)")

@@ -161,7 +161,7 @@ final class RawSocket: @unchecked Sendable {
             good.send(Self.upgrade(Self.basic("bb1", password)))
             await #expect(good.head().hasPrefix("HTTP/1.1 101"))
             // The master speaks first, as Buildbot's does: print "attached".
-            let first = try #require(good.frame())
+            let first = try #require(await good.frame())
             let message = try MessagePack.decode(first.payload)
             #expect(first.opcode == 2 && message["op"] == "print" && message["message"] == "attached" && message["seq_number"] == 0)
         }
@@ -185,7 +185,7 @@ final class RawSocket: @unchecked Sendable {
                 await #expect(socket.head().hasPrefix("HTTP/1.1 101"))
                 _ = await socket.frame()  // print "attached"
                 socket.send(frame)
-                let close = try #require(socket.frame(), "no close frame for \(text)")
+                let close = try #require(await socket.frame(), "no close frame for \(text)")
                 #expect(close.opcode == 8)
                 if close.payload.count >= 2 {
                     let got = UInt16(close.payload[0]) << 8 | UInt16(close.payload[1])

@@ -57,7 +57,7 @@ extension WorkProcessTests {
         for fraction in [3, 3 * 2] {
             let target = total * (fraction == 3 ? 1 : 2) / 3
             let reached = try await eventually(seconds: 240) { await ((try? Self.status(masters[0].address)["succeeded"]) ?? 0) >= target }
-            #expect(reached, "stuck before \(target) jobs: \(String(describing: try? Self.status(masters[0].address)))")
+            if !reached { Issue.record("stuck before \(target) jobs: \(String(describing: try? await Self.status(masters[0].address)))") }
             let address = masters[1].address
             kill(masters[1].process.processIdentifier, SIGKILL)
             masters[1].process.waitUntilExit()
@@ -73,7 +73,7 @@ extension WorkProcessTests {
             String(decoding: FileManager.default.contents(atPath: path) ?? Data(), as: UTF8.self).contains("lost the master; trying the next")
         }.count
         #expect(failedOver > 0, "no worker moved to another master")
-        #expect(done, "status: \(String(describing: try? Self.status(masters[2].address)))")
+        if !done { Issue.record("status: \(String(describing: try? await Self.status(masters[2].address)))") }
         await #expect(try Self.status(masters[1].address) == ["queued": 0, "leased": 0, "succeeded": total, "failed": 0])
         var cuts = 0
         for proxy in proxies { cuts += await proxy.stop()?.cuts ?? 0 }

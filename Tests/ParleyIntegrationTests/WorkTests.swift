@@ -72,7 +72,7 @@ import Testing
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir, slots: 3)
         let done = try await eventually(seconds: 60) { await (try? Self.status(master.address)["succeeded"]) == 6 }
         await workers.stop()
-        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        if !done { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
         for job in 1...6 {
             let result = try await parley(["work", "results", "\(job)", "--master", master.address])
             #expect(result.stdout.contains("succeeded") && !result.stdout.contains("attempt failed"), "job \(job) ran beside another: \(result.stdout)")
@@ -119,7 +119,7 @@ import Testing
         let workers = try Workers(count: 4, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
         let done = try await eventually(seconds: 60) { await (try? Self.status(master.address)["succeeded"]) == 200 }
         await workers.stop()
-        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        if !done { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
         let lines = String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self).split(separator: "\n")
         let jobs = lines.compactMap { $0.split(separator: "-").dropFirst().first.flatMap { UInt64($0) } }
         #expect(jobs.count == 200 && Set(jobs) == Set(1...200), "ran \(jobs.count) times, \(Set(jobs).count) distinct jobs")
@@ -168,7 +168,7 @@ extension WorkProcessTests {
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--max-attempts", "1"], command: ["work", "serve"])
         #expect(try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--count", "2", "--", "/bin/sleep", "30"]).status == 0)
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
-        #expect(try await eventually(seconds: 20) { (try? Self.status(master.address)["leased"]) == 2 })
+        #expect(try await eventually(seconds: 20) { (try? await Self.status(master.address)["leased"]) == 2 })
         try await Task.sleep(for: .milliseconds(300))  // the jobs are running
         await workers.stop()
         let log = String(decoding: FileManager.default.contents(atPath: workers.logs[0]) ?? Data(), as: UTF8.self)
@@ -198,7 +198,7 @@ extension WorkProcessTests {
         let done = try await eventually(seconds: 600) { await (try? Self.status(master.address)["succeeded"]) == total }
         let elapsed = ContinuousClock.now - started
         await workers.stop()
-        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        if !done { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
         await #expect(try Self.status(master.address) == ["queued": 0, "leased": 0, "succeeded": total, "failed": 0])
         let lines = String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self).split(separator: "\n")
         let jobs = lines.compactMap { $0.split(separator: "-").dropFirst().first.flatMap { UInt64($0) } }
@@ -315,7 +315,7 @@ extension WorkProcessTests {
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
         let done = try await eventually(seconds: 60) { await (try? Self.status(master.address)).map { $0["failed"] == 2 && $0["succeeded"] == 1 } ?? false }
         await workers.stop()
-        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        if !done { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
         let spun = try await parley(["work", "results", "1", "--master", master.address])
         #expect(spun.stdout.contains("failed") && spun.stdout.contains("CPU-time limit reached"), "\(spun.combined)")
         let hogged = try await parley(["work", "results", "2", "--master", master.address, "--json"])
@@ -363,7 +363,7 @@ extension WorkProcessTests {
         #expect(escape.status == 0, "\(escape.combined)")
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
         let firstDone = try await eventually(seconds: 60) { await (try? Self.status(master.address)).map { $0["succeeded"] == 1 && $0["failed"] == 1 } ?? false }
-        #expect(firstDone, "status: \(String(describing: try? Self.status(master.address)))")
+        if !firstDone { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
         await workers.stop()
         // Signed with the file's hash, then the file changes on the server before a worker
         // takes the job.
@@ -385,7 +385,7 @@ extension WorkProcessTests {
         let more = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir + "/more")
         let done = try await eventually(seconds: 60) { await (try? Self.status(master.address))?["failed"] == 3 }
         await more.stop()
-        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        if !done { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
         let saved = try await parley(["work", "results", "1", "--master", master.address, "--save-outputs", dir + "/saved"])
         #expect(saved.status == 0 && saved.stdout.contains("output out/copy.bin: 100000 bytes"), "\(saved.combined)")
         #expect(FileManager.default.contents(atPath: dir + "/saved/out/copy.bin") == served)
@@ -431,7 +431,7 @@ extension WorkProcessTests {
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/old/work.pub", dir: dir)
         let done = try await eventually(seconds: 60) { await (try? Self.status(master.address))?["succeeded"] == 2 }
         await workers.stop()
-        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        if !done { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
         let log = String(decoding: FileManager.default.contents(atPath: workers.logs[0]) ?? Data(), as: UTF8.self)
         #expect(log.contains("key rotation: now trusting"), "\(log)")
         await master.stop()
@@ -479,7 +479,7 @@ extension WorkProcessTests {
         defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; p.waitUntilExit() }
         let done = try await eventually(seconds: 30) { await (try? Self.status(master.address))?["succeeded"] == 3 }
         kill(p.processIdentifier, SIGTERM)
-        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        if !done { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
         #expect(try await parley(["work", "results", "2", "--master", master.address]).stdout.contains("accepted from py-worker"))
         await master.stop()
     }
@@ -518,7 +518,7 @@ extension WorkProcessTests {
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
         let done = try await eventually(seconds: 60) { await (try? Self.status(master.address))?["succeeded"] == 1 }
         await workers.stop()
-        #expect(done, "status: \(String(describing: try? Self.status(master.address)))")
+        if !done { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
         let result = try await parley(["work", "results", "1", "--master", master.address])
         #expect(result.stdout.contains("lease 1:") && !result.stdout.contains("attempt failed"), "\(result.combined)")
         await master.stop()
