@@ -1,5 +1,6 @@
 import Foundation
-import ParleyBlock
+import NIOCore
+@testable import ParleyBlock
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -527,6 +528,41 @@ extension BlockExportsTests {
             try T.write(store, [1, 2, 3], at: 12345)
             #expect(try T.read(store, at: 12344, count: 5) == [0, 1, 2, 3, 0])
             try store.flush()
+        }
+
+        /// A gathered write (one large NBD write from several network reads) lands each piece
+        /// after the one before, empty pieces and more pieces than one pwritev takes included;
+        /// the NBD server's batching of buffers gives the store every piece, in order.
+        @Test func gatheredWritesLandPieceAfterPiece() throws {
+            let dir = try TempDir()
+            let store = try FileBlockStore(path: try dir.file("a.img", size: Self.size), writable: true)
+            let pattern = (0..<3000).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) }
+            // 1,500 pieces of 0 to 3 bytes (IOV_MAX is 1,024).
+            var cuts: [Range<Int>] = []
+            var at = 0
+            while at < pattern.count {
+                let n = min(cuts.count % 4, pattern.count - at)
+                cuts.append(at..<at + n)
+                at += n
+            }
+            #expect(cuts.count > 1024)
+            try pattern.withUnsafeBytes { all in
+                try store.write(gathered: cuts.map { UnsafeRawBufferPointer(rebasing: all[$0]) }, at: 5000)
+            }
+            #expect(try T.read(store, at: 5000, count: pattern.count) == pattern)
+            #expect(try T.read(store, at: 4999, count: 1) == [0] && T.read(store, at: 8000, count: 1) == [0])
+            // Through the NBD server's helper: 70 buffers, batches of 64.
+            let buffers = (0..<70).map { ByteBuffer(bytes: pattern[($0 * 40)..<($0 * 40 + 40)]) }
+            var written: [UInt8] = []
+            var next = 0
+            while next < buffers.count {
+                var pieces: [UnsafeRawBufferPointer] = []
+                try NBDConnectionHandler.withReadableBytes(of: buffers[next..<min(next + 64, buffers.count)], &pieces) { pieces in
+                    for piece in pieces { written += piece }
+                }
+                next += 64
+            }
+            #expect(written == Array(pattern[..<2800]))
         }
 
         @Test func inlineWritePolicyTakesSmallWholePagesUnlessPaused() {

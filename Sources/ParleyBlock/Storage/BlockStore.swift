@@ -71,6 +71,9 @@ public protocol BlockStore: Sendable {
     /// Writes all of `bytes` at `offset`; `durable` makes it reach stable storage before
     /// returning. With `nowait`, returns false instead of blocking (then nothing was written).
     func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, durable: Bool, nowait: Bool) throws(BlockStoreError) -> Bool
+    /// Writes `pieces` one after the other from `offset` (one large write arriving in several
+    /// network reads), not durable; may block.
+    func write(gathered pieces: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockStoreError)
     /// Makes every completed write durable.
     func flush() throws(BlockStoreError)
     /// Deallocates a range (it then reads as zeroes).
@@ -86,6 +89,15 @@ public protocol BlockStore: Sendable {
 }
 
 extension BlockStore {
+    /// A write of each piece in turn.
+    public func write(gathered pieces: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockStoreError) {
+        var at = offset
+        for piece in pieces {
+            _ = try self.write(piece, at: at, durable: false, nowait: false)
+            at += UInt64(piece.count)
+        }
+    }
+
     /// Write-zeroes that may fall back to writing zeroes.
     public func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError) {
         try self.writeZeroes(offset: offset, length: length, mayDeallocate: mayDeallocate, fast: false)
@@ -202,6 +214,35 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
             done += Int(n)
         }
         return true
+    }
+
+    /// One pwritev for up to IOV_MAX pieces: one hold of the inode's lock for the whole write
+    /// (a pwrite per piece took it once each, and the IO threads writing a file at queue depth 8
+    /// spun on it: rwsem_spin_on_owner was 8% of the server's 1 MiB sequential-write profile).
+    public func write(gathered pieces: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockStoreError) {
+        var vectors = pieces.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        let total = pieces.reduce(0) { $0 + $1.count }
+        var done = 0
+        var first = 0
+        while first < vectors.count {
+            let count = min(vectors.count - first, 1024)
+            let n = vectors.withUnsafeBufferPointer { pwritev(self.fd, $0.baseAddress! + first, Int32(count), off_t(offset) + off_t(done)) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw BlockStoreError(errno: errno, operation: "write \(total) bytes at \(offset)")
+            }
+            done += Int(n)
+            // Past what was written: whole vectors dropped, a partly written one advanced.
+            var left = Int(n)
+            while first < vectors.count, left >= vectors[first].iov_len {
+                left -= vectors[first].iov_len
+                first += 1
+            }
+            if left > 0 {
+                vectors[first].iov_base += left
+                vectors[first].iov_len -= left
+            }
+        }
     }
 
     private static func monotonicNanoseconds() -> Int64 {
