@@ -294,7 +294,11 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
             let established = logs.all.filter { $0.message == "session established" }
             let resumed = logs.all.filter { $0.message == "session resumed" }
             #expect(established.count == 1 && established.allSatisfy { $0.metadata.contains("secure") && $0.metadata.contains("client.alice") })
-            #expect(resumed.count == reconnects, "\(resumed.count) resumed, \(reconnects) reconnects")
+            // A cut inside a resuming handshake can leave the server with the session resumed
+            // and the client with a failed attempt, which it makes again: one resume per
+            // reconnect at least, and none without a connection (a CI run had 16 for 15).
+            let connections = proxy.counts.connections
+            #expect(resumed.count >= reconnects && resumed.count < connections, "\(resumed.count) resumed, \(reconnects) reconnects, \(connections) connections")
             #expect(resumed.allSatisfy { $0.metadata.contains("client.alice") })
             #expect(server.sessionCount == 1)
 
