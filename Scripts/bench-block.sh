@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_SYSTEMS="nbdkit-tcp nbdkit-unix qemu-nbd qemu-nbd-unix parley-tcp parley-unix parley-map1 parley-map2"
+ALL_SYSTEMS="nbdkit-tcp nbdkit-unix qemu-nbd qemu-nbd-unix parley-tcp parley-unix parleyb-tcp parleyb-unix parley-map1 parley-map2"
 ALL_WORKLOADS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 seqread-1m-qd8 seqwrite-1m-qd8"
 # ",shared": the maps (parley-map1/2) hold the export read-write while fio uses it over NBD.
 DEFAULT_PARLEY='.build/release/parley block serve --export bench=FILE,shared --nbd 127.0.0.1:PORT --nbd unix:SOCK --listen 127.0.0.1:PORT2'
@@ -25,6 +25,7 @@ keep=0
 pin=""
 size="${BLOCK_BENCH_SIZE:-1G}"
 parley_cmd="${PARLEY_BLOCK_SERVER:-$DEFAULT_PARLEY}"
+parleyb_cmd="${PARLEY_BLOCK_SERVER_B:-}"
 report_py="Scripts/bench-block-report.py"
 
 usage() {
@@ -65,6 +66,9 @@ Systems:
   qemu-nbd / qemu-nbd-unix     qemu-nbd raw, --cache=writeback (the default: page cache, no
                                O_DIRECT, like nbdkit), --shared=0 (unlimited connections)
   parley-tcp / parley-unix     one Parley process serving both; command from PARLEY_BLOCK_SERVER
+  parleyb-tcp / parleyb-unix   a second Parley server, from PARLEY_BLOCK_SERVER_B: another
+                               build or other options, measured alternating with the first
+                               (an A/B comparison in one run, on the same load)
   parley-map1 / parley-map2    `parley block map` with one / two paths to that Parley server's
                                block-protocol port (PORT2), serving the export on its own Unix
                                socket: fio -> NBD -> map -> Parley block protocol -> server.
@@ -78,6 +82,8 @@ Environment:
                        maps to hold it while fio uses it over NBD). Default:
                        $DEFAULT_PARLEY
                        Parley systems are skipped if its executable is missing.
+  PARLEY_BLOCK_SERVER_B  the same for parleyb-tcp / parleyb-unix (no default), e.g.
+                       PARLEY_BLOCK_SERVER_B="/tmp/parley-old ${DEFAULT_PARLEY#* }"
   TMPDIR               where the work dir (and the data file) is created (default /tmp)
 
 Example:
@@ -306,30 +312,40 @@ if want qemu-nbd || want qemu-nbd-unix; then
   fi
 fi
 
-# Parley: one process serves the NBD export on TCP and on a Unix socket.
-if want parley-tcp || want parley-unix || want parley-map1 || want parley-map2; then
-  read -r p1 p2 <<<"$(free_ports 2)"
-  sock="$work/parley.sock"
-  cmd=$(fill_placeholders "$parley_cmd" "$data" "$p1" "$p2" "$sock")
+# Parley: one process serves the NBD export on TCP and on a Unix socket; start_parley NAME
+# CMD starts it for the systems NAME-tcp and NAME-unix (parley, and parleyb for an A/B run).
+start_parley() {
+  local name=$1 template=$2 s names="" cmd exe tcp_uri unix_uri probe q1 q2
+  for s in $name-tcp $name-unix; do if want $s; then names+="$s "; fi; done
+  read -r q1 q2 <<<"$(free_ports 2)"
+  [ "$name" = parley ] && { p1=$q1; p2=$q2; }
+  cmd=$(fill_placeholders "$template" "$data" "$q1" "$q2" "$work/$name.sock")
   exe=$(python3 -c 'import shlex, sys; print(shlex.split(sys.argv[1])[0])' "$cmd")
-  parley_names=""
-  for s in parley-tcp parley-unix; do if want $s; then parley_names+="$s "; fi; done
-  if { [[ "$exe" == */* ]] && [ ! -x "$exe" ]; } || { [[ "$exe" != */* ]] && ! command -v "$exe" >/dev/null; }; then
-    skip "${parley_names% }" "Parley server executable '$exe' not found (build Parley in release mode, or set PARLEY_BLOCK_SERVER)"
-  else
-    tcp_uri="nbd://127.0.0.1:$p1/bench"
-    unix_uri="nbd+unix:///bench?socket=$sock"
-    probe=$tcp_uri
-    if ! want parley-tcp; then probe=$unix_uri; fi
-    if start_server parley "$probe" bash -c "exec $cmd"; then
-      if want parley-tcp; then server_of[parley-tcp]=parley; server_uri[parley-tcp]=$tcp_uri; fi
-      if want parley-unix; then
-        if wait_ready parley "$unix_uri" "${server_pid[parley]}"; then
-          server_of[parley-unix]=parley; server_uri[parley-unix]=$unix_uri
-        else skip parley-unix "no NBD export on the Unix socket"; fi
-      fi
-    else skip "${parley_names% }" "server failed to start: $cmd"; fi
+  [ "$name" = parley ] && parley_exe=$exe
+  if [ -z "$template" ]; then
+    skip "${names% }" "no command (set PARLEY_BLOCK_SERVER_B)"; return
   fi
+  if { [[ "$exe" == */* ]] && [ ! -x "$exe" ]; } || { [[ "$exe" != */* ]] && ! command -v "$exe" >/dev/null; }; then
+    skip "${names% }" "Parley server executable '$exe' not found (build Parley in release mode, or set PARLEY_BLOCK_SERVER)"; return
+  fi
+  tcp_uri="nbd://127.0.0.1:$q1/bench"
+  unix_uri="nbd+unix:///bench?socket=$work/$name.sock"
+  probe=$tcp_uri
+  want $name-tcp || probe=$unix_uri
+  if start_server $name "$probe" bash -c "exec $cmd"; then
+    if want $name-tcp; then server_of[$name-tcp]=$name; server_uri[$name-tcp]=$tcp_uri; fi
+    if want $name-unix; then
+      if wait_ready $name "$unix_uri" "${server_pid[$name]}"; then
+        server_of[$name-unix]=$name; server_uri[$name-unix]=$unix_uri
+      else skip $name-unix "no NBD export on the Unix socket"; fi
+    fi
+  else skip "${names% }" "server failed to start: $cmd"; fi
+}
+if want parley-tcp || want parley-unix || want parley-map1 || want parley-map2; then
+  start_parley parley "$parley_cmd"
+fi
+if want parleyb-tcp || want parleyb-unix; then
+  start_parley parleyb "$parleyb_cmd"
 fi
 
 # parley-map1 / parley-map2: `parley block map` over one or two paths to the Parley server's
@@ -342,7 +358,7 @@ for m in 1 2; do
   margs=(block map --session bench$m --device bench --nbd "unix:$msock" --state-dir "$work/state")
   for ((k = 0; k < m; k++)); do margs+=(--path "127.0.0.1:$p2"); done
   uri="nbd+unix:///bench?socket=$msock"
-  if start_server $s "$uri" "$exe" "${margs[@]}"; then server_of[$s]=$s; server_uri[$s]=$uri
+  if start_server $s "$uri" "$parley_exe" "${margs[@]}"; then server_of[$s]=$s; server_uri[$s]=$uri
   else skip $s "the map failed to start"; fi
 done
 
