@@ -317,14 +317,14 @@ fi
 start_parley() {
   local name=$1 template=$2 s names="" cmd exe tcp_uri unix_uri probe q1 q2
   for s in $name-tcp $name-unix; do if want $s; then names+="$s "; fi; done
-  read -r q1 q2 <<<"$(free_ports 2)"
-  [ "$name" = parley ] && { p1=$q1; p2=$q2; }
-  cmd=$(fill_placeholders "$template" "$data" "$q1" "$q2" "$work/$name.sock")
-  exe=$(python3 -c 'import shlex, sys; print(shlex.split(sys.argv[1])[0])' "$cmd")
-  [ "$name" = parley ] && parley_exe=$exe
   if [ -z "$template" ]; then
     skip "${names% }" "no command (set PARLEY_BLOCK_SERVER_B)"; return
   fi
+  read -r q1 q2 <<<"$(free_ports 2)"
+  if [ "$name" = parley ]; then p1=$q1; p2=$q2; fi
+  cmd=$(fill_placeholders "$template" "$data" "$q1" "$q2" "$work/$name.sock")
+  exe=$(python3 -c 'import shlex, sys; print(shlex.split(sys.argv[1])[0])' "$cmd")
+  if [ "$name" = parley ]; then parley_exe=$exe; fi
   if { [[ "$exe" == */* ]] && [ ! -x "$exe" ]; } || { [[ "$exe" != */* ]] && ! command -v "$exe" >/dev/null; }; then
     skip "${names% }" "Parley server executable '$exe' not found (build Parley in release mode, or set PARLEY_BLOCK_SERVER)"; return
   fi
