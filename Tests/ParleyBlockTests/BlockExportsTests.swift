@@ -565,6 +565,25 @@ extension BlockExportsTests {
             #expect(written == Array(pattern[..<2800]))
         }
 
+        /// Where the file system refuses RWF_NOWAIT writes, an inline write slower than the
+        /// policy's bound pauses inline writes (counted), and the next one is left to the caller.
+        @Test func aSlowInlineWritePausesInlineWritesAndIsCounted() throws {
+            let dir = try TempDir()
+            let policy = InlineWritePolicy(largest: 65536, alignment: 4096, slowNanoseconds: -1, pauseNanoseconds: 600_000_000_000)
+            let store = try FileBlockStore(path: try dir.file("a.img", size: Self.size), writable: true, inlineWrites: policy)
+            let page = [UInt8](repeating: 0x22, count: 4096)
+            let first = try page.withUnsafeBytes { try store.write($0, at: 0, durable: false, nowait: true) }
+            let second = try page.withUnsafeBytes { try store.write($0, at: 4096, durable: false, nowait: true) }
+            guard !first else { return }  // RWF_NOWAIT honoured: the policy is not used
+            // The first call learned that RWF_NOWAIT is refused; the second was inline, "slow"
+            // (any time is over -1 ns), and paused inline writes for ten minutes.
+            #expect(second && store.inlineWritePauses == 1)
+            let third = try page.withUnsafeBytes { try store.write($0, at: 8192, durable: false, nowait: true) }
+            #expect(!third, "paused: left to the IO threads")
+            #expect(store.inlineWritePauses == 1)
+            #expect(try T.read(store, at: 8192, count: 4096) == [UInt8](repeating: 0, count: 4096), "nothing written while paused")
+        }
+
         @Test func inlineWritePolicyTakesSmallWholePagesUnlessPaused() {
             let p = InlineWritePolicy(largest: 65536, alignment: 4096, slowNanoseconds: 1_000_000, pauseNanoseconds: 1_000_000_000)
             #expect(p.allows(offset: 8192, length: 4096, now: 10, pausedUntil: .min))

@@ -1,4 +1,5 @@
 import CParleyBlockIO
+import Metrics
 import NIOConcurrencyHelpers
 import Synchronization
 #if canImport(Glibc)
@@ -120,6 +121,11 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     public let inlineWrites: InlineWritePolicy
     /// Monotonic nanoseconds until which inline writes are paused (after a slow one).
     private let inlinePausedUntil = Atomic<Int64>(.min)
+    private let inlinePauses = Atomic<Int>(0)
+    /// How often a slow inline write has paused inline writes on this store; all stores'
+    /// pauses are counted in `parley_block_inline_write_pauses_total` (swift-metrics).
+    public var inlineWritePauses: Int { self.inlinePauses.load(ordering: .relaxed) }
+    private static let pauseCounter = Counter(label: "parley_block_inline_write_pauses_total")
 
     /// Opens `path` read-only or read-write.
     public init(path: String, writable: Bool, inlineWrites: InlineWritePolicy = InlineWritePolicy()) throws(BlockStoreError) {
@@ -198,6 +204,8 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
             let end = Self.monotonicNanoseconds()
             if let until = self.inlineWrites.pause(after: end - now, at: end) {
                 self.inlinePausedUntil.store(until, ordering: .relaxed)
+                self.inlinePauses.add(1, ordering: .relaxed)
+                Self.pauseCounter.increment()
             }
             return written
         }
