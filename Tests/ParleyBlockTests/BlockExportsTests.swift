@@ -554,13 +554,8 @@ extension BlockExportsTests {
             // Through the NBD server's helper: 70 buffers, batches of 64.
             let buffers = (0..<70).map { ByteBuffer(bytes: pattern[($0 * 40)..<($0 * 40 + 40)]) }
             var written: [UInt8] = []
-            var next = 0
-            while next < buffers.count {
-                var pieces: [UnsafeRawBufferPointer] = []
-                try NBDConnectionHandler.withReadableBytes(of: buffers[next..<min(next + 64, buffers.count)], &pieces) { pieces in
-                    for piece in pieces { written += piece }
-                }
-                next += 64
+            NBDConnectionHandler.forEachBatch(of: buffers) { pieces, _ in
+                for piece in pieces { written += piece }
             }
             #expect(written == Array(pattern[..<2800]))
         }

@@ -46,8 +46,7 @@ final class BackgroundProcess: @unchecked Sendable {
 
     @discardableResult
     func stop(signal: Int32 = SIGTERM, seconds: Double = 30) -> Int32 {
-        if self.process.isRunning { kill(self.pid, signal) }
-        stopProcessBlocking(self.process, grace: seconds)
+        stopProcessBlocking(self.process, signal: signal, grace: seconds)
         return self.process.terminationStatus
     }
 

@@ -113,11 +113,7 @@ final class BlockServerProcess: @unchecked Sendable {
     /// Stops the server by PID and returns its exit status.
     @discardableResult
     func stop(signal: Int32 = SIGTERM, seconds: Double = 20) -> Int32 {
-        if self.process.isRunning { kill(self.process.processIdentifier, signal) }
-        let deadline = Date().addingTimeInterval(seconds)
-        while self.process.isRunning && Date() < deadline { usleep(10_000) }
-        if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) }
-        self.process.waitUntilExit()
+        stopProcessBlocking(self.process, signal: signal, grace: seconds)
         return self.process.terminationStatus
     }
 

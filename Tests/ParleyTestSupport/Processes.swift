@@ -20,19 +20,19 @@ public func freeLoopbackPort() throws -> Int {
     return Int(UInt16(bigEndian: address.sin_port))
 }
 
-/// Stops a process a test started, by its PID: SIGTERM, then SIGKILL after `grace` seconds;
-/// returns once it has ended. Sleeps the task, not the thread (see `runProcess`).
-public func stopProcess(_ process: Process, grace: Double = 5) async {
+/// Stops a process a test started, by its PID: `signal` (SIGTERM), then SIGKILL after `grace`
+/// seconds; returns once it has ended. Sleeps the task, not the thread (see `runProcess`).
+public func stopProcess(_ process: Process, signal: Int32 = SIGTERM, grace: Double = 5) async {
     guard process.isRunning else { return }
-    kill(process.processIdentifier, SIGTERM)
+    kill(process.processIdentifier, signal)
     await waitForExit(process, killAfter: grace)
 }
 
 /// `stopProcess` for a `defer` or other synchronous code: blocks its thread, for up to
 /// `grace` seconds; use the async form wherever a test can await.
-public func stopProcessBlocking(_ process: Process, grace: Double = 5) {
+public func stopProcessBlocking(_ process: Process, signal: Int32 = SIGTERM, grace: Double = 5) {
     guard process.isRunning else { return }
-    kill(process.processIdentifier, SIGTERM)
+    kill(process.processIdentifier, signal)
     for _ in 0..<Int(grace * 100) where process.isRunning { usleep(10_000) }
     if process.isRunning { kill(process.processIdentifier, SIGKILL) }
     process.waitUntilExit()

@@ -488,16 +488,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 // thread; FUA then syncs the file once (RWF_DSYNC on each call would sync each).
                 let bytes = chunks.reduce(0) { $0 + $1.readableBytes }
                 self.offload(.write, bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
-                    var at = offset
-                    var next = 0
-                    while next < chunks.count {
-                        let batch = chunks[next..<min(next + 64, chunks.count)]
-                        var pieces: [UnsafeRawBufferPointer] = []
-                        pieces.reserveCapacity(batch.count)
-                        try Self.withReadableBytes(of: batch, &pieces) { try store.write(gathered: $0, at: at) }
-                        at += UInt64(batch.reduce(0) { $0 + $1.readableBytes })
-                        next += batch.count
-                    }
+                    try Self.forEachBatch(of: chunks) { pieces, skipped in try store.write(gathered: pieces, at: offset + skipped) }
                     if fua { try store.flush() }
                 }
                 return
@@ -628,11 +619,25 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         return true
     }
 
-    /// Runs a storage call on the IO threads and answers with no data.
+    /// Calls `body` with the readable bytes of `chunks`, 64 buffers at a time, and the number of
+    /// bytes of the batches before (where the batch starts, from the first buffer).
+    static func forEachBatch(of chunks: [ByteBuffer], _ body: ([UnsafeRawBufferPointer], UInt64) throws -> Void) rethrows {
+        var skipped: UInt64 = 0
+        var next = 0
+        while next < chunks.count {
+            let batch = chunks[next..<min(next + 64, chunks.count)]
+            var pieces: [UnsafeRawBufferPointer] = []
+            pieces.reserveCapacity(batch.count)
+            try Self.withReadableBytes(of: batch, &pieces) { try body($0, skipped) }
+            skipped += UInt64(pieces.reduce(0) { $0 + $1.count })
+            next += batch.count
+        }
+    }
+
     /// Calls `body` with the readable bytes of every buffer of `chunks`, appended to `pieces`
     /// (nested `withUnsafeReadableBytes`, one level per buffer).
-    static func withReadableBytes(of chunks: ArraySlice<ByteBuffer>, _ pieces: inout [UnsafeRawBufferPointer],
-                                  _ body: ([UnsafeRawBufferPointer]) throws -> Void) rethrows {
+    private static func withReadableBytes(of chunks: ArraySlice<ByteBuffer>, _ pieces: inout [UnsafeRawBufferPointer],
+                                          _ body: ([UnsafeRawBufferPointer]) throws -> Void) rethrows {
         guard let first = chunks.first else { return try body(pieces) }
         try first.withUnsafeReadableBytes { bytes in
             pieces.append(bytes)
@@ -640,6 +645,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
+    /// Runs a storage call on the IO threads and answers with no data.
     private func offload(_ kind: BlockOpKind, bytes: Int, cookie: UInt64, negotiated: NBDNegotiated, device: BlockDevice, started: NIODeadline,
                          context: ChannelHandlerContext, _ body: @escaping @Sendable () throws -> Void) {
         let counted = kind == .write ? bytes : 0

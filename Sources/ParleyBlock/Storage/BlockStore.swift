@@ -229,7 +229,6 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     /// spun on it: rwsem_spin_on_owner was 8% of the server's 1 MiB sequential-write profile).
     public func write(gathered pieces: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockStoreError) {
         var vectors = pieces.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
-        let total = pieces.reduce(0) { $0 + $1.count }
         var done = 0
         var first = 0
         while first < vectors.count {
@@ -237,7 +236,7 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
             let n = vectors.withUnsafeBufferPointer { pwritev(self.fd, $0.baseAddress! + first, Int32(count), off_t(offset) + off_t(done)) }
             if n < 0 {
                 if errno == EINTR { continue }
-                throw BlockStoreError(errno: errno, operation: "write \(total) bytes at \(offset)")
+                throw BlockStoreError(errno: errno, operation: "write \(pieces.reduce(0) { $0 + $1.count }) bytes at \(offset)")
             }
             done += Int(n)
             // Past what was written: whole vectors dropped, a partly written one advanced.
