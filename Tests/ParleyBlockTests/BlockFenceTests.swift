@@ -15,6 +15,8 @@ final class GatedStore: BlockStore {
     /// Offsets written (blocking writes), and offsets of the `nowait` attempts (what the
     /// server received), in order.
     let log = NIOLockedValueBox<(written: [UInt64], received: [UInt64])>(([], []))
+    /// True once the write at offset 0 is on an IO thread, waiting at the gate.
+    let atGate = NIOLockedValueBox(false)
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, nowait: Bool) throws(BlockStoreError) -> Bool {
         if nowait { return false }
@@ -27,7 +29,10 @@ final class GatedStore: BlockStore {
             self.log.withLockedValue { $0.received.append(offset) }
             return false
         }
-        if offset == 0 { self.gate.wait() }
+        if offset == 0 {
+            self.atGate.withLockedValue { $0 = true }
+            self.gate.wait()
+        }
         self.log.withLockedValue { $0.written.append(offset) }
         return true
     }
@@ -76,6 +81,9 @@ struct BlockFenceTests {
         let second = Task { try await client.write(device, offset: 4096, data: ByteBuffer(repeating: 2, count: 4096)) }
         // Both received: the first holds the only IO thread, the second waits for it.
         #expect(try await self.eventually { store.log.withLockedValue { $0.received.count } == 2 })
+        // Received is not started: the first write may still be on its way to the IO thread,
+        // and would then be dropped as well (it failed so in one run of four on 2026-12-01).
+        _ = try await self.eventually { store.atGate.withLockedValue { $0 } }
         client.closeConnection()
         #expect(try await self.eventually { service.sessionCount == 0 }, "the server saw the connection end")
         store.gate.signal()
