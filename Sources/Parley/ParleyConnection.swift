@@ -4,6 +4,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import ParleyNIO
 import ParleyWire
+import Synchronization
 import SwiftProtobuf
 
 /// Limits that keep a connection's work bounded.
@@ -90,6 +91,9 @@ public final class ParleyConnection: Sendable {
     let onClose: (@Sendable (ParleyError) -> Void)?
     private let outlet: ParleyConnectionHandler.Outlet
     private let state = NIOLockedValueBox(State())
+    /// Lossless: the session of the connection, counted from 0; a reset starts the next
+    /// (changed under the state lock, read without it: every answer checks it).
+    private let epochs = Atomic<UInt64>(0)
     private let metrics = ConnectionMetrics()
     private let ended: EventLoopPromise<ParleyError>
     /// Where handlers run: the channel's event loop, or nil for the global pool.
@@ -113,6 +117,22 @@ public final class ParleyConnection: Sendable {
         }
     }
 
+    /// An outstanding request: who waits for its answer and, in a lossless session, what a
+    /// session reset needs to know of it (one dictionary entry per request, not three).
+    private struct Outstanding {
+        var waiter: Pending
+        /// Lossless: the request's type, for a session reset's report.
+        var type: String?
+        /// Lossless: the message of an idempotent request, sent again after a session reset.
+        var retry: WireMessage?
+
+        init(_ waiter: Pending, type: String? = nil, retry: WireMessage? = nil) {
+            self.waiter = waiter
+            self.type = type
+            self.retry = retry
+        }
+    }
+
     /// A peer request being handled.
     private enum Handling {
         /// Its task is being created; `cancelled` if a CANCEL came meanwhile.
@@ -122,7 +142,7 @@ public final class ParleyConnection: Sendable {
 
     private struct State {
         var nextID: UInt64 = 1
-        var pending: [UInt64: Pending] = [:]
+        var pending: [UInt64: Outstanding] = [:]
         var outstanding = 0
         var slotWaiters = CircularBuffer<CheckedContinuation<Void, any Error>>()
         var serving: [UInt64: Handling] = [:]
@@ -133,12 +153,6 @@ public final class ParleyConnection: Sendable {
         var draining = false
         var closed: ParleyError?
         var keepaliveRoundTrip: Duration?
-        /// Idempotent requests still outstanding, kept to be sent again after a session reset.
-        var retryable: [UInt64: WireMessage] = [:]
-        /// Lossless: the type of each outstanding request, for a session reset's report.
-        var requestTypes: [UInt64: String] = [:]
-        /// Lossless: the session of the connection, counted from 0; a reset starts the next.
-        var epoch: UInt64 = 0
         var linkUps = 0
     }
 
@@ -242,10 +256,11 @@ public final class ParleyConnection: Sendable {
     /// under the state lock: a session reset sees both the entry and the numbered message, or
     /// neither.
     private func enlist(_ pending: Pending, id: UInt64, message: WireMessage, idempotent: Bool, _ s: inout State) -> ParleyConnectionHandler.Outlet? {
-        s.pending[id] = pending
-        guard let lossless = self.lossless else { return nil }
-        s.requestTypes[id] = message.header.type
-        if idempotent { s.retryable[id] = message }
+        guard let lossless = self.lossless else {
+            s.pending[id] = Outstanding(pending)
+            return nil
+        }
+        s.pending[id] = Outstanding(pending, type: message.header.type, retry: idempotent ? message : nil)
         return lossless.enqueue(message)
     }
 
@@ -318,10 +333,11 @@ public final class ParleyConnection: Sendable {
         var kick: ParleyConnectionHandler.Outlet?
         let failure = self.state.withLockedValue { s -> ParleyError? in
             if let closed = s.closed { return closed }
-            s.pending[id] = .stream(continuation)
             if let lossless = self.lossless {
-                s.requestTypes[id] = Request.protoMessageName
+                s.pending[id] = Outstanding(.stream(continuation), type: Request.protoMessageName)
                 kick = lossless.enqueue(message)
+            } else {
+                s.pending[id] = Outstanding(.stream(continuation))
             }
             return nil
         }
@@ -447,10 +463,10 @@ public final class ParleyConnection: Sendable {
 
     /// True unless a session reset came since `epoch` (always true for a lossy connection).
     func isCurrent(epoch: UInt64) -> Bool {
-        self.lossless == nil || self.state.withLockedValue { $0.epoch } == epoch
+        self.lossless == nil || self.epochs.load(ordering: .acquiring) == epoch
     }
 
-    var epoch: UInt64 { self.lossless == nil ? 0 : self.state.withLockedValue { $0.epoch } }
+    var epoch: UInt64 { self.lossless == nil ? 0 : self.epochs.load(ordering: .acquiring) }
 
     /// Hands a message to the link: the channel's handler (lossy), or the lossless session,
     /// which numbers and keeps it and has the current link transmit it.
@@ -543,12 +559,8 @@ public final class ParleyConnection: Sendable {
         let pending = self.state.withLockedValue { $0.pending.removeValue(forKey: id) }
         let error = error ?? ParleyError(code: .cancelled, message: "request \(id) cancelled")
         switch pending {
-        case let pending?: pending.fail(error)
+        case let pending?: pending.waiter.fail(error)
         case nil: return  // already answered, or never sent
-        }
-        self.state.withLockedValue { s in
-            s.retryable.removeValue(forKey: id)
-            s.requestTypes.removeValue(forKey: id)
         }
         guard self.session.features.contains(.streams) else { return }
         let cancel = WireMessage(header: MessageHeader(id: id, kind: .cancel, type: ""), payload: ByteBuffer())
@@ -567,12 +579,10 @@ public final class ParleyConnection: Sendable {
 
     /// Fails everything outstanding; idempotent.
     func finish(_ error: ParleyError) {
-        let ending = self.state.withLockedValue { s -> (pending: [UInt64: Pending], waiters: CircularBuffer<CheckedContinuation<Void, any Error>>, serving: [UInt64: Handling], idle: [CheckedContinuation<Void, Never>])? in
+        let ending = self.state.withLockedValue { s -> (pending: [UInt64: Outstanding], waiters: CircularBuffer<CheckedContinuation<Void, any Error>>, serving: [UInt64: Handling], idle: [CheckedContinuation<Void, Never>])? in
             guard s.closed == nil else { return nil }
             s.closed = error
             defer {
-                s.retryable = [:]
-                s.requestTypes = [:]
                 s.pending = [:]
                 s.slotWaiters = []
                 s.serving = [:]
@@ -582,7 +592,7 @@ public final class ParleyConnection: Sendable {
             return (s.pending, s.slotWaiters, s.serving, s.idleWaiters)
         }
         guard let ending else { return }
-        for (_, p) in ending.pending { p.fail(error) }
+        for (_, p) in ending.pending { p.waiter.fail(error) }
         ending.waiters.forEach { $0.resume(throwing: error) }
         for case .running(let task) in ending.serving.values { task.cancel() }
         ending.idle.forEach { $0.resume() }
@@ -644,15 +654,11 @@ public final class ParleyConnection: Sendable {
         let id = message.header.id
         let kind = message.header.kind
         let pending = self.state.withLockedValue { s -> Pending? in
-            if kind != .streamItem, !s.requestTypes.isEmpty {
-                s.requestTypes.removeValue(forKey: id)
-                s.retryable.removeValue(forKey: id)
-            }
-            switch s.pending[id] {
+            switch s.pending[id]?.waiter {
             case .unary?, .callback?:
-                return kind == .streamItem ? nil : s.pending.removeValue(forKey: id)
+                return kind == .streamItem ? nil : s.pending.removeValue(forKey: id)?.waiter
             case .stream(let c)?:
-                return kind == .streamItem ? .stream(c) : s.pending.removeValue(forKey: id)
+                return kind == .streamItem ? .stream(c) : s.pending.removeValue(forKey: id)?.waiter
             case nil:
                 return nil
             }
@@ -995,22 +1001,21 @@ extension ParleyConnection {
                 report.oneWayMayHaveArrived.append(ParleyRequestRecord(id: 0, type: message.header.type))
             }
             for (id, pending) in s.pending.sorted(by: { $0.key < $1.key }) where !unsentRequests.contains(id) {
-                if let message = s.retryable[id] {
+                if let message = pending.retry {
                     report.retried.append(ParleyRequestRecord(id: id, type: message.header.type))
                     again.append((message.header.seq, message))
                     continue
                 }
-                let type = s.requestTypes.removeValue(forKey: id) ?? "request"
-                report.mayHaveRun.append(ParleyRequestRecord(id: id, type: type))
+                report.mayHaveRun.append(ParleyRequestRecord(id: id, type: pending.type ?? "request"))
                 s.pending.removeValue(forKey: id)
-                failed.append((pending, ParleyError(
+                failed.append((pending.waiter, ParleyError(
                     code: .sessionReset,
                     message: "request \(id) may or may not have run: the server lost the session (\(reason))"
                 )))
             }
             // The server's requests belong to the session it lost: their answers have no one
             // to go to, and the new session's request ids start again.
-            s.epoch += 1
+            self.epochs.add(1, ordering: .releasing)
             for case .running(let task) in s.serving.values { cancelled.append(task) }
             s.serving = [:]
             s.backlog = []
