@@ -8,10 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_SYSTEMS="nbdkit-tcp nbdkit-unix qemu-nbd qemu-nbd-unix parley-tcp parley-unix parleyb-tcp parleyb-unix parley-map1 parley-map2"
+ALL_SYSTEMS="nbdkit-tcp nbdkit-unix qemu-nbd qemu-nbd-unix parley-tcp parley-unix parleyb-tcp parleyb-unix parley-map1 parley-map2 parley-map1u parley-map2u"
 ALL_WORKLOADS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 seqread-1m-qd8 seqwrite-1m-qd8"
 # ",shared": the maps (parley-map1/2) hold the export read-write while fio uses it over NBD.
-DEFAULT_PARLEY='.build/release/parley block serve --export bench=FILE,shared --nbd 127.0.0.1:PORT --nbd unix:SOCK --listen 127.0.0.1:PORT2'
+DEFAULT_PARLEY='.build/release/parley block serve --export bench=FILE,shared --nbd 127.0.0.1:PORT --nbd unix:SOCK --listen 127.0.0.1:PORT2 --listen unix:SOCK2'
 
 systems="nbdkit-tcp,nbdkit-unix,qemu-nbd,parley-tcp,parley-unix"
 workloads="${ALL_WORKLOADS// /,}"
@@ -73,11 +73,15 @@ Systems:
                                block-protocol port (PORT2), serving the export on its own Unix
                                socket: fio -> NBD -> map -> Parley block protocol -> server.
                                The CPU column is the map process's alone.
+  parley-map1u / parley-map2u  the same with the paths over the Parley server's block-protocol
+                               Unix socket (SOCK2) instead of TCP: on one host, the map's own
+                               cost without loopback TCP's
 
 Environment:
   BLOCK_BENCH_SIZE     size of the exported file (default 1G; numfmt --from=iec syntax)
   PARLEY_BLOCK_SERVER  command starting Parley's server, with placeholders FILE (data file),
-                       PORT (NBD TCP port), SOCK (NBD Unix socket), PORT2 (second TCP port);
+                       PORT (NBD TCP port), SOCK (NBD Unix socket), PORT2 (second TCP port),
+                       SOCK2 (second Unix socket: the block protocol's, for parley-map1u/2u);
                        it must export the file under the name "bench" (shared, for the
                        maps to hold it while fio uses it over NBD). Default:
                        $DEFAULT_PARLEY
@@ -228,13 +232,13 @@ start_server() {
   wait_ready "$name" "$uri" "${server_pid[$name]}"
 }
 
-# Substitutes FILE, PORT, PORT2, SOCK (whole words, one pass, shell-quoted) in $1.
+# Substitutes FILE, PORT, PORT2, SOCK, SOCK2 (whole words, one pass, shell-quoted) in $1.
 fill_placeholders() {
-  python3 - "$1" "$2" "$3" "$4" "$5" <<'PY'
+  python3 - "$1" "$2" "$3" "$4" "$5" "$6" <<'PY'
 import re, shlex, sys
-cmd, file, port, port2, sock = sys.argv[1:]
-vals = {"FILE": file, "PORT": port, "PORT2": port2, "SOCK": sock}
-print(re.sub(r"\b(FILE|PORT2|PORT|SOCK)\b", lambda m: shlex.quote(vals[m.group(1)]), cmd))
+cmd, file, port, port2, sock, sock2 = sys.argv[1:]
+vals = {"FILE": file, "PORT": port, "PORT2": port2, "SOCK": sock, "SOCK2": sock2}
+print(re.sub(r"\b(FILE|PORT2|PORT|SOCK2|SOCK)\b", lambda m: shlex.quote(vals[m.group(1)]), cmd))
 PY
 }
 
@@ -322,7 +326,7 @@ start_parley() {
   fi
   read -r q1 q2 <<<"$(free_ports 2)"
   if [ "$name" = parley ]; then p1=$q1; p2=$q2; fi
-  cmd=$(fill_placeholders "$template" "$data" "$q1" "$q2" "$work/$name.sock")
+  cmd=$(fill_placeholders "$template" "$data" "$q1" "$q2" "$work/$name.sock" "$work/$name-block.sock")
   exe=$(python3 -c 'import shlex, sys; print(shlex.split(sys.argv[1])[0])' "$cmd")
   if [ "$name" = parley ]; then parley_exe=$exe; fi
   if { [[ "$exe" == */* ]] && [ ! -x "$exe" ]; } || { [[ "$exe" != */* ]] && ! command -v "$exe" >/dev/null; }; then
@@ -341,7 +345,7 @@ start_parley() {
     fi
   else skip "${names% }" "server failed to start: $cmd"; fi
 }
-if want parley-tcp || want parley-unix || want parley-map1 || want parley-map2; then
+if want parley-tcp || want parley-unix || want parley-map1 || want parley-map2 || want parley-map1u || want parley-map2u; then
   start_parley parley "$parley_cmd"
 fi
 if want parleyb-tcp || want parleyb-unix; then
@@ -350,13 +354,19 @@ fi
 
 # parley-map1 / parley-map2: `parley block map` over one or two paths to the Parley server's
 # block-protocol listener (PORT2), serving the export over NBD on a Unix socket of its own.
-for m in 1 2; do
-  s=parley-map$m
+# parley-map1u / parley-map2u: the same over the server's block-protocol Unix socket (SOCK2).
+for s in parley-map1 parley-map2 parley-map1u parley-map2u; do
   want $s || continue
+  m=${s#parley-map}; m=${m%u}
   if [ -z "${server_pid[parley]:-}" ]; then skip $s "the Parley server is not running"; continue; fi
-  msock="$work/map$m.sock"
-  margs=(block map --session bench$m --device bench --nbd "unix:$msock" --state-dir "$work/state")
-  for ((k = 0; k < m; k++)); do margs+=(--path "127.0.0.1:$p2"); done
+  path="127.0.0.1:$p2"
+  if [[ $s == *u ]]; then
+    path="unix:$work/parley-block.sock"
+    [ -S "$work/parley-block.sock" ] || { skip $s "the Parley server has no block-protocol Unix socket (SOCK2)"; continue; }
+  fi
+  msock="$work/${s#parley-}.sock"
+  margs=(block map --session bench-${s#parley-} --device bench --nbd "unix:$msock" --state-dir "$work/state")
+  for ((k = 0; k < m; k++)); do margs+=(--path "$path"); done
   uri="nbd+unix:///bench?socket=$msock"
   if start_server $s "$uri" "$parley_exe" "${margs[@]}"; then server_of[$s]=$s; server_uri[$s]=$uri
   else skip $s "the map failed to start"; fi

@@ -138,6 +138,9 @@ public final class ParleyConnection: Sendable {
         /// Its task is being created; `cancelled` if a CANCEL came meanwhile.
         case starting(cancelled: Bool)
         case running(Task<Void, Never>)
+        /// A completing handler that has returned and will answer later: no task to cancel
+        /// (a CANCEL is noted by nobody; the answer, when it comes, is dropped by the peer).
+        case completing
     }
 
     private struct State {
@@ -641,6 +644,7 @@ public final class ParleyConnection: Sendable {
             switch self.admit(message, handler: handler, isRequest: false) {
             case .start(let handler): self.start(message, handler: handler)
             case .runInline(let body): self.runInline(message, body)
+            case .complete(let body): self.complete(message, body)
             case .refused(let error) where error.code == .permissionDenied:
                 self.logger.warning("permission denied", metadata: ["entity": "\(self.session.entityName)", "type": "\(h.type)", "error": "\(error.message)"])
             case .queued, .closed, .refused, .violation: break
@@ -700,6 +704,8 @@ public final class ParleyConnection: Sendable {
             case .starting?:
                 s.serving[id] = .starting(cancelled: true)
                 return nil
+            case .completing?:
+                return nil
             case nil:
                 // Not started yet: drop it from the backlog; the requester no longer waits.
                 if let index = s.backlog.firstIndex(where: { $0.message.header.id == id && $0.message.header.kind == .request }) {
@@ -717,6 +723,7 @@ public final class ParleyConnection: Sendable {
         switch self.admit(message, handler: handler, isRequest: true) {
         case .start(let handler): self.start(message, handler: handler)
         case .runInline(let body): self.runInline(message, body)
+        case .complete(let body): self.complete(message, body)
         case .queued, .closed: break
         case .violation(let error):
             // An ERROR would carry the id of the request still being served: the peer could
@@ -746,6 +753,8 @@ public final class ParleyConnection: Sendable {
 
     private enum Admission {
         case start(ParleyRouter.Handler), runInline(ParleyRouter.SyncHandler), queued, closed
+        /// A completing handler, called on the event loop with a slot taken (no task).
+        case complete(ParleyRouter.CompletingHandler)
         /// Answered with ERROR.
         case refused(ParleyError)
         /// The connection is closed with CLOSE.
@@ -781,6 +790,10 @@ public final class ParleyConnection: Sendable {
                 return (.runInline(body), false)
             }
             if s.backlog.isEmpty && s.serving.count < self.limits.maxConcurrentHandlers {
+                if case .completing(let body) = handler, self.executor != nil, self.channel.eventLoop.inEventLoop {
+                    s.serving[Self.key(message)] = .completing
+                    return (.complete(body), false)
+                }
                 s.serving[Self.key(message)] = .starting(cancelled: false)
                 return (.start(handler), false)
             }
@@ -835,6 +848,22 @@ public final class ParleyConnection: Sendable {
         self.metrics.handled(since: start)
     }
 
+    /// Calls a completing handler right here, on the event loop, with no task; its slot is
+    /// freed when it calls back, from whatever thread.
+    private func complete(_ message: WireMessage, _ body: ParleyRouter.CompletingHandler) {
+        let key = Self.key(message)
+        let id: UInt64? = message.header.kind == .request ? message.header.id : nil
+        let context = { var c = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger); c.epoch = self.epoch; return c }()
+        let start = ContinuousClock.now
+        body(message, context) { result in
+            if case .failure(let error) = result {
+                self.handlerFailed(error, message: message, id: id, epoch: context.epoch)
+            }
+            self.metrics.handled(since: start)
+            self.handlerFinished(key: key)
+        }
+    }
+
     /// A handler threw: answers a request with the error, logs a one-way message's.
     private func handlerFailed(_ error: any Error, message: WireMessage, id: UInt64?, epoch: UInt64) {
         self.metrics.failed.increment()
@@ -879,12 +908,20 @@ public final class ParleyConnection: Sendable {
                     defer { s.readsPaused = false }
                     return (nil, s.readsPaused)
                 }
-                s.serving[Self.key(queued.message)] = .starting(cancelled: false)
+                if case .completing = queued.handler, self.executor != nil {
+                    s.serving[Self.key(queued.message)] = .completing
+                } else {
+                    s.serving[Self.key(queued.message)] = .starting(cancelled: false)
+                }
                 return (queued, false)
             }
             if resume { self.currentOutlet?.resumeReads() }
             guard let next else { return }
-            self.start(next.message, handler: next.handler)
+            if case .completing(let body) = next.handler, self.executor != nil {
+                self.complete(next.message, body)  // on the event loop: a job of its own
+            } else {
+                self.start(next.message, handler: next.handler)
+            }
         }
     }
 

@@ -56,16 +56,24 @@ public struct ParleyStreamWriter<Item: SwiftProtobuf.Message & Sendable>: Sendab
 public struct ParleyRouter: Sendable {
     typealias AsyncHandler = @Sendable (WireMessage, ParleyRequestContext) async throws -> Void
     typealias SyncHandler = @Sendable (WireMessage, ParleyRequestContext) throws -> Void
+    /// Returns at once and calls its last argument exactly once, from any thread, when the
+    /// request has been answered (success) or failed (failure: answered with ERROR for it).
+    typealias CompletingHandler = @Sendable (WireMessage, ParleyRequestContext, @escaping @Sendable (Result<Void, any Error>) -> Void) -> Void
 
     enum Handler: Sendable {
         case async(AsyncHandler)
         case sync(SyncHandler)
+        case completing(CompletingHandler)
 
         /// Runs the handler, whichever kind it is.
         func run(_ message: WireMessage, _ context: ParleyRequestContext) async throws {
             switch self {
             case .async(let body): try await body(message, context)
             case .sync(let body): try body(message, context)
+            case .completing(let body):
+                try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+                    body(message, context) { c.resume(with: $0) }
+                }
             }
         }
     }
@@ -134,6 +142,34 @@ public struct ParleyRouter: Sendable {
             let req = try Request(parleyPayload: message.payload)
             let reply = try body(req, ctx)
             try ctx.connection.answer(kind: .response, id: ctx.requestID, message: reply.message, data: reply.data, epoch: ctx.epoch)
+        }
+    }
+
+    /// Registers a handler that returns at once and answers later by calling `respond` exactly
+    /// once, from any thread: for work handed to threads or event loops of its own (the block
+    /// server's storage IO) without a task per request. With `handlersOnEventLoop` (the
+    /// default) it is called on the event loop, right where the request was decoded, and must
+    /// not block; it holds a handler slot until it responds. A failure is answered with ERROR,
+    /// as a throwing handler's error is.
+    public mutating func onWithData<Request: SwiftProtobuf.Message & Sendable, Response: SwiftProtobuf.Message & Sendable>(
+        _ request: Request.Type,
+        completing body: @escaping @Sendable (Request, ParleyRequestContext, _ respond: @escaping @Sendable (Result<ParleyReply<Response>, any Error>) -> Void) -> Void
+    ) {
+        self.handlers[Request.protoMessageName] = .completing { message, ctx, done in
+            let req: Request
+            do {
+                req = try Request(parleyPayload: message.payload)
+            } catch {
+                done(.failure(error))
+                return
+            }
+            body(req, ctx) { result in
+                done(result.flatMap { reply in
+                    Result { () throws(ParleyError) in
+                        try ctx.connection.answer(kind: .response, id: ctx.requestID, message: reply.message, data: reply.data, epoch: ctx.epoch)
+                    }.mapError { $0 as any Error }
+                })
+            }
         }
     }
 

@@ -52,9 +52,9 @@ public final class BlockService: Sendable {
             return self.open(request, context)
         }
         router.on(Parley_Block_V1_Close.self) { [self] request, context in self.close(request, context) }
-        router.onWithData(Parley_Block_V1_Io.self) { [self] request, context async throws in
-            try await self.io(request, context)
-        }
+        router.onWithData(Parley_Block_V1_Io.self, completing: { [self] request, context, respond in
+            self.io(request, context, respond: respond)
+        })
     }
 
     /// The capability an open needs: `block.read` for a read-only open, `block.write` for a
@@ -229,7 +229,14 @@ public final class BlockService: Sendable {
         return reply
     }
 
-    func io(_ request: Parley_Block_V1_Io, _ context: ParleyRequestContext) async throws -> ParleyReply<Parley_Block_V1_IoReply> {
+    /// Serves one IO request and calls `respond` exactly once: at once when the request is
+    /// refused or its IO completes inline on the event loop (a read or write the page cache
+    /// answers without waiting), else when an IO thread has done it (the answer then comes on
+    /// the connection's event loop). No task per request.
+    func io(
+        _ request: Parley_Block_V1_Io, _ context: ParleyRequestContext,
+        respond: @escaping @Sendable (Result<ParleyReply<Parley_Block_V1_IoReply>, any Error>) -> Void
+    ) {
         func refuse(_ status: Parley_Block_V1_BlockStatus, _ message: String, session: BlockSession? = nil) -> ParleyReply<Parley_Block_V1_IoReply> {
             var reply = Parley_Block_V1_IoReply()
             reply.status = status
@@ -237,8 +244,8 @@ public final class BlockService: Sendable {
             self.logger.warning("block IO refused: \(message)", metadata: ["session": "\(session?.name ?? "-")", "status": "\(status)"])
             return ParleyReply(reply)
         }
-        guard let session = self.session(for: context) else { return refuse(.noSession, "send SessionInfo before Io") }
-        if self.shuttingDown.withLockedValue({ $0 }) { return refuse(.shuttingDown, "the server is shutting down", session: session) }
+        guard let session = self.session(for: context) else { return respond(.success(refuse(.noSession, "send SessionInfo before Io"))) }
+        if self.shuttingDown.withLockedValue({ $0 }) { return respond(.success(refuse(.shuttingDown, "the server is shutting down", session: session))) }
         let length = Int(request.length)
         let kind: BlockOpKind
         switch request.operation {
@@ -247,10 +254,10 @@ public final class BlockService: Sendable {
         case .flush: kind = .flush
         case .discard: kind = .discard
         case .writeZeroes: kind = .writeZeroes
-        case .UNRECOGNIZED(let n): return refuse(.invalid, "unknown IO operation \(n)", session: session)
+        case .UNRECOGNIZED(let n): return respond(.success(refuse(.invalid, "unknown IO operation \(n)", session: session)))
         }
         guard request.flags & ~UInt32(Parley_Block_V1_IoFlag.fua.rawValue) == 0 else {
-            return refuse(.invalid, "unknown IO flags 0x\(String(request.flags, radix: 16))", session: session)
+            return respond(.success(refuse(.invalid, "unknown IO flags 0x\(String(request.flags, radix: 16))", session: session)))
         }
         let fua = request.flags & UInt32(Parley_Block_V1_IoFlag.fua.rawValue) != 0
         let data = context.data
@@ -258,22 +265,47 @@ public final class BlockService: Sendable {
         let admitted = session.begin(id: request.deviceID, bytes: counted, limits: self.limits)
         let open: BlockSession.OpenDevice
         switch admitted {
-        case .failure(let e): return refuse(e.status, e.message, session: session)
+        case .failure(let e): return respond(.success(refuse(e.status, e.message, session: session)))
         case .success(let o): open = o
         }
-        defer { session.end(id: request.deviceID, bytes: counted) }
         let device = open.device
         let store = device.store
         let size = store.geometry.size
         let started = ContinuousClock.now
-        func done(_ failed: Bool) {
+        let logger = self.logger
+        let deviceID = request.deviceID
+        /// Ends the IO: records it, releases its in-flight share, answers.
+        @Sendable func finish(_ reply: Result<ParleyReply<Parley_Block_V1_IoReply>, any Error>, failed: Bool) {
             let d = ContinuousClock.now - started
             device.metrics(kind).record(bytes: counted, failed: failed,
                                         nanoseconds: d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
+            session.end(id: deviceID, bytes: counted)
+            respond(reply)
         }
-        func fail(_ status: Parley_Block_V1_BlockStatus, _ message: String) -> ParleyReply<Parley_Block_V1_IoReply> {
-            done(true)
-            return refuse(status, message, session: session)
+        @Sendable func fail(_ status: Parley_Block_V1_BlockStatus, _ message: String) {
+            var reply = Parley_Block_V1_IoReply()
+            reply.status = status
+            reply.message = message
+            logger.warning("block IO refused: \(message)", metadata: ["session": "\(session.name)", "status": "\(status)"])
+            finish(.success(ParleyReply(reply)), failed: true)
+        }
+        /// The outcome of storage work: a store error is answered with its block status and
+        /// logged; any other error (a fenced modification) fails the request.
+        @Sendable func completed(_ result: Result<ByteBuffer?, any Error>) {
+            switch result {
+            case .success(let buffer):
+                finish(.success(ParleyReply(Parley_Block_V1_IoReply(), data: buffer)), failed: false)
+            case .failure(let error as BlockStoreError):
+                let e = BlockError(error)
+                logger.error("block IO failed: \(e.message)", metadata: ["session": "\(session.name)", "export": "\(device.name)"])
+                fail(e.status, e.message)
+            case .failure(let error):
+                let d = ContinuousClock.now - started
+                device.metrics(kind).record(bytes: counted, failed: true,
+                                            nanoseconds: d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
+                session.end(id: deviceID, bytes: counted)
+                respond(.failure(error))
+            }
         }
         // Checks every operation with a range shares.
         if kind != .flush {
@@ -309,6 +341,10 @@ public final class BlockService: Sendable {
                 throw ParleyError(code: .cancelled, message: "\(kind.rawValue) at \(offset) dropped: its connection ended before it started")
             }
         }
+        /// Runs `body` on an IO thread; its outcome completes the request on the event loop.
+        func offload(_ body: @escaping @Sendable () throws -> ByteBuffer?) {
+            self.io.run(on: eventLoop, body).whenComplete { completed($0) }
+        }
         do {
             switch kind {
             case .read:
@@ -316,52 +352,50 @@ public final class BlockService: Sendable {
                 let inline = try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
                     try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<length]), at: offset, nowait: true) ? length : 0
                 }
-                if inline != length {
-                    buffer = try await self.io.run(on: eventLoop) {
-                        var b = ByteBufferAllocator().buffer(capacity: length)
-                        _ = try b.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
-                            _ = try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<length]), at: offset, nowait: false)
-                            return length
-                        }
-                        return b
-                    }.get()
+                if inline == length { return completed(.success(buffer)) }
+                offload {
+                    var b = ByteBufferAllocator().buffer(capacity: length)
+                    _ = try b.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
+                        _ = try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<length]), at: offset, nowait: false)
+                        return length
+                    }
+                    return b
                 }
-                done(false)
-                return ParleyReply(Parley_Block_V1_IoReply(), data: buffer)
             case .write:
                 let data = data!
                 let inline = fua ? false : try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
-                if !inline {
-                    _ = try await self.io.run(on: eventLoop) {
-                        try fenced()
-                        return try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
-                    }.get()
+                if inline { return completed(.success(nil)) }
+                offload {
+                    try fenced()
+                    _ = try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
+                    return nil
                 }
             case .flush:
-                try await self.io.run(on: eventLoop) { try store.flush() }.get()
+                offload {
+                    try store.flush()
+                    return nil
+                }
             case .discard:
                 guard store.geometry.discard else { return fail(.notSupported, "the device cannot discard") }
-                try await self.io.run(on: eventLoop) {
+                offload {
                     try fenced()
                     try store.discard(offset: offset, length: UInt64(length))
                     if fua { try store.flush() }
-                }.get()
+                    return nil
+                }
             case .writeZeroes:
-                try await self.io.run(on: eventLoop) {
+                offload {
                     try fenced()
                     try store.writeZeroes(offset: offset, length: UInt64(length), mayDeallocate: true)
                     if fua { try store.flush() }
-                }.get()
+                    return nil
+                }
             case .cache, .blockStatus:
-                break
+                completed(.success(nil))
             }
-        } catch let error as BlockStoreError {
-            let e = BlockError(error)
-            self.logger.error("block IO failed: \(e.message)", metadata: ["session": "\(session.name)", "export": "\(device.name)"])
-            return fail(e.status, e.message)
+        } catch {
+            completed(.failure(error))
         }
-        done(false)
-        return ParleyReply(Parley_Block_V1_IoReply())
     }
 }
 

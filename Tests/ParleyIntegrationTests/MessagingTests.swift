@@ -348,6 +348,69 @@ struct MessagingTests {
         }
     }
 
+    /// A completing handler is called on the event loop with no task, answers from another
+    /// thread when it calls back, holds a handler slot until then (so the limit bounds it as
+    /// it bounds task handlers), and a failure it reports is answered with ERROR.
+    @Test func completingHandlersAnswerLaterAndHoldASlotUntilThen() async throws {
+        let held = NIOLockedValueBox<[@Sendable () -> Void]>([])
+        let calledWhere = NIOLockedValueBox<Set<String>>([])
+        var router = ParleyRouter()
+        router.onWithData(Parley_Echo_V1_Echo.self, completing: { (request: Parley_Echo_V1_Echo, _, respond: @escaping @Sendable (Result<ParleyReply<Parley_Echo_V1_EchoReply>, any Error>) -> Void) in
+            let place = (MultiThreadedEventLoopGroup.currentEventLoop == nil ? "pool" : "event loop") + (withUnsafeCurrentTask { $0 == nil } ? ", no task" : ", task")
+            calledWhere.withLockedValue { _ = $0.insert(place) }
+            held.withLockedValue {
+                $0.append {
+                    if request.text == "fail" {
+                        respond(.failure(ParleyError(code: .invalidArgument, message: "refused on purpose")))
+                    } else {
+                        var reply = Parley_Echo_V1_EchoReply()
+                        reply.text = "done " + request.text
+                        respond(.success(ParleyReply(reply)))
+                    }
+                }
+            }
+        })
+        try await withServer(configure: { $0.limits = .init(maxOutstandingRequests: 1024, maxConcurrentHandlers: 8) }, router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            let calls = Task {
+                try await withThrowingTaskGroup(of: String.self) { group in
+                    for i in 0..<40 {
+                        group.addTask {
+                            var echo = Parley_Echo_V1_Echo()
+                            echo.text = i == 7 ? "fail" : "\(i)"
+                            do {
+                                return try await client.request(echo, as: Parley_Echo_V1_EchoReply.self).text
+                            } catch let error as ParleyError {
+                                return "\(error.code): \(error.message)"
+                            }
+                        }
+                    }
+                    return try await group.reduce(into: [String]()) { $0.append($1) }
+                }
+            }
+            #expect(try await eventually { held.withLockedValue { $0.count } == 8 })
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(held.withLockedValue { $0.count } == 8, "40 requests sent, only the limit of 8 called")
+            // Answer from this task's thread (not the event loop), a few at a time, until all were called.
+            var answered = 0
+            while answered < 40 {
+                let batch = held.withLockedValue { h -> [@Sendable () -> Void] in
+                    defer { h = [] }
+                    return h
+                }
+                batch.forEach { $0() }
+                answered += batch.count
+                if answered < 40 { _ = try await eventually { held.withLockedValue { !$0.isEmpty } } }
+            }
+            let answers = try await calls.value
+            #expect(answers.count == 40)
+            #expect(Set(answers.filter { $0.hasPrefix("done ") }) == Set((0..<40).filter { $0 != 7 }.map { "done \($0)" }))
+            #expect(answers.contains("invalidArgument: refused on purpose"))
+            #expect(calledWhere.withLockedValue { $0 } == ["event loop, no task"])
+        }
+    }
+
     @Test func requestCancelledWhileQueuedForAHandlerSlotNeverRuns() async throws {
         let started = NIOLockedValueBox<[UInt64]>([])
         let release = Signal()
