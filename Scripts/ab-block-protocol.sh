@@ -10,22 +10,27 @@
 #
 # Environment: RW (randread, randwrite, read, write; default randread), QD (default 32),
 # BS (default 4096), REPS (default 5), SECS (default 3), PATHS (drive BlockMultipathDevice
-# over N paths instead of one BlockClient). FILE defaults to a 256 MiB file of random data
-# made in the work directory. Writes change FILE.
+# over N paths instead of one BlockClient). FILE (an existing file or block device) defaults
+# to a 256 MiB file of random data made in the work directory. Writes change FILE. The two
+# servers take turns going first, repetition by repetition.
 set -euo pipefail
-if [ $# -lt 2 ] || [ "$1" = --help ] || [ "$1" = -h ]; then
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
-  exit 0
-fi
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+case "${1:-}" in --help|-h) usage; exit 0 ;; esac
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then usage >&2; exit 2; fi
 old=$1 new=$2
 for exe in "$old" "$new"; do [ -x "$exe" ] || { echo "ab-block-protocol: $exe is not an executable" >&2; exit 2; }; done
+if [ $# -eq 3 ] && [ ! -f "$3" ] && [ ! -b "$3" ]; then echo "ab-block-protocol: $3 is neither a file nor a block device" >&2; exit 2; fi
 rw=${RW:-randread} qd=${QD:-32} bs=${BS:-4096} reps=${REPS:-5} secs=${SECS:-3}
 work=$(mktemp -d /tmp/ab-block.XXXXXX)
-file=${3:-$work/data.img}
-[ -f "$file" ] || head -c $((256 << 20)) /dev/urandom > "$file"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
+file=${3:-$work/data.img}
+[ $# -eq 3 ] || head -c $((256 << 20)) /dev/urandom > "$file"
 start() {  # start NAME EXE: serves FILE on $work/NAME.sock; prints the PID
   "$2" block serve --export "bench=$file,shared" --nbd "unix:$work/$1-nbd.sock" --listen "unix:$work/$1.sock" >"$work/$1.log" 2>&1 &
   echo $!
@@ -39,7 +44,8 @@ hz=$(getconf CLK_TCK)
 echo "# $rw bs=$bs qd=$qd, $reps x ${secs}s alternating; file $file" >&2
 printf 'run system iops cpu_us_per_io\n'
 for rep in $(seq "$reps"); do
-  for s in old new; do
+  order="old new"; [ $((rep % 2)) -eq 0 ] && order="new old"
+  for s in $order; do
     pid=$old_pid; [ $s = new ] && pid=$new_pid
     cat "$file" > /dev/null   # warm the page cache: this host pages out idle file pages
     t0=$(ticks "$pid")
@@ -49,8 +55,9 @@ for rep in $(seq "$reps"); do
     python3 - "$rep" "$s" "$t0" "$t1" "$hz" "$secs" "$json" <<'PY'
 import json, sys
 rep, system, t0, t1, hz, secs, out = sys.argv[1:]
-iops = json.loads(out)["iops"]
-cpu = (int(t1) - int(t0)) / int(hz) * 1e6 / max(iops * float(secs), 1)
+result = json.loads(out)
+iops = result["iops"]
+cpu = (int(t1) - int(t0)) / int(hz) * 1e6 / max(result["ios"], 1)
 print(f"{rep} {system} {iops:.0f} {cpu:.1f}")
 PY
   done

@@ -362,6 +362,8 @@ for s in parley-map1 parley-map2 parley-map1u parley-map2u; do
   path="127.0.0.1:$p2"
   if [[ $s == *u ]]; then
     path="unix:$work/parley-block.sock"
+    # The server opens its NBD listeners (what wait_ready probed) before its block-protocol ones.
+    for _ in $(seq 50); do [ -S "$work/parley-block.sock" ] && break; sleep 0.1; done
     [ -S "$work/parley-block.sock" ] || { skip $s "the Parley server has no block-protocol Unix socket (SOCK2)"; continue; }
   fi
   msock="$work/${s#parley-}.sock"

@@ -819,7 +819,7 @@ public final class ParleyConnection: Sendable {
                 self.handlerFailed(error, message: message, id: id, epoch: context.epoch)
             }
             self.metrics.handled(since: start)
-            self.handlerFinished(key: key)
+            self.handlerFinished(key: key, epoch: context.epoch)
         }
         let task: Task<Void, Never>
         if let executor = self.executor, self.channel.eventLoop.inEventLoop {
@@ -860,7 +860,7 @@ public final class ParleyConnection: Sendable {
                 self.handlerFailed(error, message: message, id: id, epoch: context.epoch)
             }
             self.metrics.handled(since: start)
-            self.handlerFinished(key: key)
+            self.handlerFinished(key: key, epoch: context.epoch)
         }
     }
 
@@ -880,9 +880,12 @@ public final class ParleyConnection: Sendable {
         }
     }
 
-    private func handlerFinished(key: UInt64) {
+    /// A handler of session `epoch` is done. One of a session that was reset since is not in
+    /// `serving` any more, and its key may now be a new request's: it removes nothing.
+    private func handlerFinished(key: UInt64, epoch: UInt64) {
         let (idle, backlogReady) = self.state.withLockedValue { s -> ([CheckedContinuation<Void, Never>], Bool) in
-            s.serving.removeValue(forKey: key)
+            // The epoch changes only under this lock.
+            if self.isCurrent(epoch: epoch) { s.serving.removeValue(forKey: key) }
             var idle: [CheckedContinuation<Void, Never>] = []
             if s.serving.isEmpty && s.backlog.isEmpty {
                 idle = s.idleWaiters
@@ -1021,6 +1024,9 @@ extension ParleyConnection {
         var failed: [(Pending, ParleyError)] = []
         var cancelled: [Task<Void, Never>] = []
         let attached = self.state.withLockedValue { s -> Result<T, ParleyError> in
+            // First: from here on, answers of the old session's requests are dropped (an
+            // answer checked before this goes into the old ledger, which the reset empties).
+            self.epochs.add(1, ordering: .releasing)
             let abandoned = lossless.reset(token: token, serverNonce: serverNonce)
             let unsentRequests = Set(abandoned.untransmitted.filter { $0.header.kind == .request }.map(\.header.id))
             var again: [(seq: UInt64, message: WireMessage)] = []
@@ -1052,7 +1058,6 @@ extension ParleyConnection {
             }
             // The server's requests belong to the session it lost: their answers have no one
             // to go to, and the new session's request ids start again.
-            self.epochs.add(1, ordering: .releasing)
             for case .running(let task) in s.serving.values { cancelled.append(task) }
             s.serving = [:]
             s.backlog = []

@@ -300,11 +300,8 @@ public final class BlockService: Sendable {
                 logger.error("block IO failed: \(e.message)", metadata: ["session": "\(session.name)", "export": "\(device.name)"])
                 fail(e.status, e.message)
             case .failure(let error):
-                let d = ContinuousClock.now - started
-                device.metrics(kind).record(bytes: counted, failed: true,
-                                            nanoseconds: d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
-                session.end(id: deviceID, bytes: counted)
-                respond(.failure(error))
+                // A fenced modification or a stopped IO pool: the request fails (ERROR).
+                finish(.failure(error), failed: true)
             }
         }
         // Checks every operation with a range shares.

@@ -401,7 +401,9 @@ struct MessagingTests {
                 }
                 batch.forEach { $0() }
                 answered += batch.count
-                if answered < 40 { _ = try await eventually { held.withLockedValue { !$0.isEmpty } } }
+                if answered < 40 {
+                    try #require(try await eventually { held.withLockedValue { !$0.isEmpty } }, "\(answered) of 40 answered, and no more handler was called")
+                }
             }
             let answers = try await calls.value
             #expect(answers.count == 40)
