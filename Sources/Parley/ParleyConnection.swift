@@ -790,7 +790,7 @@ public final class ParleyConnection: Sendable {
                 return (.runInline(body), false)
             }
             if s.backlog.isEmpty && s.serving.count < self.limits.maxConcurrentHandlers {
-                if case .completing(let body) = handler, self.executor != nil, self.channel.eventLoop.inEventLoop {
+                if let body = self.completingBody(handler), self.channel.eventLoop.inEventLoop {
                     s.serving[Self.key(message)] = .completing
                     return (.complete(body), false)
                 }
@@ -809,8 +809,7 @@ public final class ParleyConnection: Sendable {
     /// it first suspends.
     private func start(_ message: WireMessage, handler: ParleyRouter.Handler) {
         let key = Self.key(message)
-        let id: UInt64? = message.header.kind == .request ? message.header.id : nil
-        let context = { var c = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger); c.epoch = self.epoch; return c }()
+        let (id, context) = self.handlerContext(for: message)
         let body: @Sendable () async -> Void = {
             let start = ContinuousClock.now
             do {
@@ -837,8 +836,7 @@ public final class ParleyConnection: Sendable {
 
     /// Runs a synchronous handler right here, on the event loop: no task and no slot.
     private func runInline(_ message: WireMessage, _ body: ParleyRouter.SyncHandler) {
-        let id: UInt64? = message.header.kind == .request ? message.header.id : nil
-        let context = { var c = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger); c.epoch = self.epoch; return c }()
+        let (id, context) = self.handlerContext(for: message)
         let start = ContinuousClock.now
         do {
             try body(message, context)
@@ -848,12 +846,26 @@ public final class ParleyConnection: Sendable {
         self.metrics.handled(since: start)
     }
 
+    /// A handled message's request id (nil for a one-way message) and its handler's context.
+    private func handlerContext(for message: WireMessage) -> (id: UInt64?, context: ParleyRequestContext) {
+        let id: UInt64? = message.header.kind == .request ? message.header.id : nil
+        var context = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger)
+        context.epoch = self.epoch
+        return (id, context)
+    }
+
+    /// The body of a completing handler when handlers run on the event loop (elsewhere it runs
+    /// in a task, like an asynchronous one).
+    private func completingBody(_ handler: ParleyRouter.Handler) -> ParleyRouter.CompletingHandler? {
+        guard case .completing(let body) = handler, self.executor != nil else { return nil }
+        return body
+    }
+
     /// Calls a completing handler right here, on the event loop, with no task; its slot is
     /// freed when it calls back, from whatever thread.
     private func complete(_ message: WireMessage, _ body: ParleyRouter.CompletingHandler) {
         let key = Self.key(message)
-        let id: UInt64? = message.header.kind == .request ? message.header.id : nil
-        let context = { var c = ParleyRequestContext(connection: self, data: message.data, requestID: id ?? 0, logger: self.logger); c.epoch = self.epoch; return c }()
+        let (id, context) = self.handlerContext(for: message)
         let start = ContinuousClock.now
         body(message, context) { result in
             if case .failure(let error) = result {
@@ -911,16 +923,12 @@ public final class ParleyConnection: Sendable {
                     defer { s.readsPaused = false }
                     return (nil, s.readsPaused)
                 }
-                if case .completing = queued.handler, self.executor != nil {
-                    s.serving[Self.key(queued.message)] = .completing
-                } else {
-                    s.serving[Self.key(queued.message)] = .starting(cancelled: false)
-                }
+                s.serving[Self.key(queued.message)] = self.completingBody(queued.handler) != nil ? .completing : .starting(cancelled: false)
                 return (queued, false)
             }
             if resume { self.currentOutlet?.resumeReads() }
             guard let next else { return }
-            if case .completing(let body) = next.handler, self.executor != nil {
+            if let body = self.completingBody(next.handler) {
                 self.complete(next.message, body)  // on the event loop: a job of its own
             } else {
                 self.start(next.message, handler: next.handler)

@@ -237,11 +237,12 @@ public final class BlockService: Sendable {
         _ request: Parley_Block_V1_Io, _ context: ParleyRequestContext,
         respond: @escaping @Sendable (Result<ParleyReply<Parley_Block_V1_IoReply>, any Error>) -> Void
     ) {
-        func refuse(_ status: Parley_Block_V1_BlockStatus, _ message: String, session: BlockSession? = nil) -> ParleyReply<Parley_Block_V1_IoReply> {
+        let logger = self.logger
+        @Sendable func refuse(_ status: Parley_Block_V1_BlockStatus, _ message: String, session: BlockSession? = nil) -> ParleyReply<Parley_Block_V1_IoReply> {
             var reply = Parley_Block_V1_IoReply()
             reply.status = status
             reply.message = message
-            self.logger.warning("block IO refused: \(message)", metadata: ["session": "\(session?.name ?? "-")", "status": "\(status)"])
+            logger.warning("block IO refused: \(message)", metadata: ["session": "\(session?.name ?? "-")", "status": "\(status)"])
             return ParleyReply(reply)
         }
         guard let session = self.session(for: context) else { return respond(.success(refuse(.noSession, "send SessionInfo before Io"))) }
@@ -272,7 +273,6 @@ public final class BlockService: Sendable {
         let store = device.store
         let size = store.geometry.size
         let started = ContinuousClock.now
-        let logger = self.logger
         let deviceID = request.deviceID
         /// Ends the IO: records it, releases its in-flight share, answers.
         @Sendable func finish(_ reply: Result<ParleyReply<Parley_Block_V1_IoReply>, any Error>, failed: Bool) {
@@ -283,11 +283,7 @@ public final class BlockService: Sendable {
             respond(reply)
         }
         @Sendable func fail(_ status: Parley_Block_V1_BlockStatus, _ message: String) {
-            var reply = Parley_Block_V1_IoReply()
-            reply.status = status
-            reply.message = message
-            logger.warning("block IO refused: \(message)", metadata: ["session": "\(session.name)", "status": "\(status)"])
-            finish(.success(ParleyReply(reply)), failed: true)
+            finish(.success(refuse(status, message, session: session)), failed: true)
         }
         /// The outcome of storage work: a store error is answered with its block status and
         /// logged; any other error (a fenced modification) fails the request.
