@@ -210,7 +210,7 @@ public final class ParleyClient: Sendable {
         let clientIdent = ident
         let options = PipelineOptions(
             maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound,
-            keepalive: try configuration.limits.keepaliveConfiguration()
+            keepalive: try configuration.limits.keepaliveConfiguration(), flushEvery: configuration.limits.flushEvery
         )
         let nucleus = NIOLockedValueBox(NucleusState())
         let established = NIOLockedValueBox<EventLoopPromise<ParleyConnection>?>(nil)

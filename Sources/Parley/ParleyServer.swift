@@ -378,7 +378,8 @@ public final class ParleyServer: Service, Sendable {
         }
         let options = PipelineOptions(
             maxFrameSize: self.configuration.maxFrameSize,
-            keepalive: try self.configuration.limits.keepaliveConfiguration()  // checked by run()
+            keepalive: try self.configuration.limits.keepaliveConfiguration(),  // checked by run()
+            flushEvery: self.configuration.limits.flushEvery
         )
         try ParleyPipeline.configure(channel, options: options, handler: handler)
     }

@@ -56,7 +56,8 @@ public enum ResumeDecision: Sendable {
 /// reason the connection closed, and closes the channel.
 ///
 /// Flushes are coalesced: answers written while a read burst is handled leave together when it
-/// ends (as a raw NIO echo flushes in `channelReadComplete`); commands queued from other
+/// ends (as a raw NIO echo flushes in `channelReadComplete`), or every `flushEvery` of them
+/// in a long burst, so that the peer can start on them meanwhile; commands queued from other
 /// threads leave in one write per batch; other writes on the event loop flush once at the end
 /// of the event-loop tick.
 public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChannelHandler {
@@ -123,6 +124,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private var inReadBurst = false
     /// A flush was asked for during the read burst; it happens at `channelReadComplete`.
     private var flushAfterReadBurst = false
+    /// Writes of this read burst not yet flushed.
+    private var burstFlushes = 0
+    /// After this many writes in one read burst, flush at once instead of at its end (0: at
+    /// its end only); set from `PipelineOptions.flushEvery`.
+    public var flushEvery = PipelineOptions.defaultFlushEvery
     private var readsPaused = false
     private var readPending = false
 
@@ -387,6 +393,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.acknowledgeAfterReadBurst(context: context)
         }
         self.inReadBurst = false
+        self.burstFlushes = 0
         if self.flushAfterReadBurst {
             self.flushAfterReadBurst = false
             context.flush()
@@ -431,7 +438,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     public func flush(context: ChannelHandlerContext) {
         if self.inReadBurst {
-            self.flushAfterReadBurst = true
+            self.deferFlush(context: context, count: 1)
             return
         }
         guard !self.flushScheduled else { return }
@@ -469,9 +476,24 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.write(entry.command, promise: entry.promise, context: context)
         }
         if self.inReadBurst {
-            self.flushAfterReadBurst = true
+            self.deferFlush(context: context, count: commands.count)
         } else {
             context.flush()
+        }
+    }
+
+    /// A flush asked for during a read burst: at its end, or now if `flushEvery` writes are
+    /// waiting. Without the latter a long burst (32 block IOs in one read) left as one write
+    /// only after every answer was made, and the peer, idle until then, answered with another
+    /// such burst: the two sides took turns instead of working at once.
+    private func deferFlush(context: ChannelHandlerContext, count: Int) {
+        self.burstFlushes += count
+        if self.flushEvery > 0, self.burstFlushes >= self.flushEvery {
+            self.burstFlushes = 0
+            self.flushAfterReadBurst = false
+            context.flush()
+        } else {
+            self.flushAfterReadBurst = true
         }
     }
 

@@ -14,10 +14,16 @@ public struct PipelineOptions: Sendable {
     /// When to send KEEPALIVE and give up on a silent peer; nil: never.
     public var keepalive: KeepaliveStateMachine.Configuration?
 
+    /// Messages written while a read burst is handled leave when it ends, or after this many
+    /// (0: only when it ends). See `ParleyConnectionLimits.flushEvery`.
+    public var flushEvery: Int
+    public static let defaultFlushEvery = 16
+
     public init(
         maxFrameSize: Int = Frame.defaultMaxFrameSize, captureInbound: String? = nil, captureOutbound: String? = nil,
-        keepalive: KeepaliveStateMachine.Configuration? = nil
+        keepalive: KeepaliveStateMachine.Configuration? = nil, flushEvery: Int = PipelineOptions.defaultFlushEvery
     ) {
+        self.flushEvery = max(0, flushEvery)
         self.maxFrameSize = maxFrameSize
         self.keepalive = keepalive
         self.captureInbound = captureInbound
@@ -36,6 +42,7 @@ public enum ParleyPipeline {
         }
         handler.maxFrameSize = options.maxFrameSize
         handler.keepaliveConfiguration = options.keepalive
+        handler.flushEvery = options.flushEvery
         try sync.addHandler(handler)
     }
 
