@@ -269,6 +269,12 @@ struct BlockBench: AsyncParsableCommand {
     @Flag(name: .long, help: "Print the summary as one JSON object.")
     var json = false
 
+    @Option(name: .long, help: ArgumentHelp("""
+        How the IOs are sent: callback (the clients' completion calls, the next IO sent from \
+        each answer: no task per IO) or async (a task per slot awaiting each IO).
+        """, valueName: "api"))
+    var api: String = "callback"
+
     @Option(name: .long, help: ArgumentHelp("Drive the multipath client (BlockMultipathDevice) over this many paths to ADDRESS instead of one BlockClient.", valueName: "n"))
     var paths: Int?
 
@@ -281,6 +287,7 @@ struct BlockBench: AsyncParsableCommand {
             throw ValidationError(error.message)
         }
         if let paths = self.paths, !(1...64).contains(paths) { throw ValidationError("--paths must be 1...64") }
+        guard ["callback", "async"].contains(self.api) else { throw ValidationError("--api must be callback or async") }
         guard ["randread", "randwrite", "read", "write"].contains(self.rw) else { throw ValidationError("--rw must be randread, randwrite, read or write") }
         guard (512...(8 << 20)).contains(self.blockSize), self.blockSize % 512 == 0 else { throw ValidationError("--block-size must be a multiple of 512 up to 8 MiB") }
         guard (1...1024).contains(self.queueDepth) else { throw ValidationError("--queue-depth must be 1...1024") }
@@ -360,38 +367,18 @@ struct BlockBench: AsyncParsableCommand {
             print("parley block bench: the export is smaller than one block")
             throw ExitCode(2)
         }
-        let random = self.rw.hasPrefix("rand"), writes = self.rw.contains("write")
         let payload = ByteBuffer(repeating: 0x5a, count: self.blockSize)
-        let end = ContinuousClock.now + .milliseconds(Int64(self.seconds * 1000))
         let start = ContinuousClock.now
-        let depth = self.queueDepth
+        let plan = BlockBenchPlan(depth: self.queueDepth, blocks: blocks, blockSize: bs, random: self.rw.hasPrefix("rand"),
+                                  writes: self.rw.contains("write"), end: start + .milliseconds(Int64(self.seconds * 1000)))
         let length = UInt32(self.blockSize)
-        // Each worker keeps one IO in flight; latencies in nanoseconds.
-        let results = try await withThrowingTaskGroup(of: [Int64].self) { group in
-            for w in 0..<depth {
-                group.addTask {
-                    var rng = SystemRandomNumberGenerator()
-                    var latencies: [Int64] = []
-                    latencies.reserveCapacity(1 << 16)
-                    var next = UInt64(w) * (blocks / UInt64(depth))
-                    while ContinuousClock.now < end {
-                        let block = random ? UInt64.random(in: 0..<blocks, using: &rng) : next % blocks
-                        next += 1
-                        let t0 = ContinuousClock.now
-                        if writes {
-                            try await client.write(offset: block * bs, data: payload)
-                        } else {
-                            try await client.read(offset: block * bs, length: length)
-                        }
-                        let d = ContinuousClock.now - t0
-                        latencies.append(d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
-                    }
-                    return latencies
-                }
-            }
-            var all: [Int64] = []
-            for try await part in group { all += part }
-            return all
+        let results: [Int64]
+        if self.api == "async" {
+            results = try await client.runTasks(plan, length: length, payload: payload)
+        } else {
+            results = try await BlockBenchCallbackDriver(plan: plan) { offset, done in
+                client.submit(writes: plan.writes, offset: offset, length: length, payload: payload, done: done)
+            }.run()
         }
         let elapsed = ContinuousClock.now - start
         await client.close()
@@ -402,8 +389,9 @@ struct BlockBench: AsyncParsableCommand {
         }
         let iops = Double(sorted.count) / secs
         let mibs = iops * Double(self.blockSize) / 1_048_576
+        let depth = self.queueDepth
         if self.json {
-            print("{\"rw\":\"\(self.rw)\",\"block_size\":\(self.blockSize),\"queue_depth\":\(depth),\"ios\":\(sorted.count),\"seconds\":\(secs),\"iops\":\(iops),\"mib_s\":\(mibs),\"p50_us\":\(pct(0.5)),\"p99_us\":\(pct(0.99)),\"p999_us\":\(pct(0.999))}")
+            print("{\"rw\":\"\(self.rw)\",\"api\":\"\(self.api)\",\"block_size\":\(self.blockSize),\"queue_depth\":\(depth),\"ios\":\(sorted.count),\"seconds\":\(secs),\"iops\":\(iops),\"mib_s\":\(mibs),\"p50_us\":\(pct(0.5)),\"p99_us\":\(pct(0.99)),\"p999_us\":\(pct(0.999))}")
         } else {
             print(String(format: "%@ bs=%d qd=%d: %.0f IOPS, %.1f MiB/s, latency p50 %.1f us, p99 %.1f us, p99.9 %.1f us (%d IOs in %.2f s)",
                          self.rw, self.blockSize, depth, iops, mibs, pct(0.5), pct(0.99), pct(0.999), sorted.count, secs))

@@ -120,12 +120,13 @@ public struct ChaosPlan: Sendable {
     }
 }
 
-/// SplitMix64: small, fast, and the same sequence everywhere for a seed.
-struct SplitMix64: Sendable {
+/// SplitMix64: small, fast, and the same sequence everywhere for a seed (also the block
+/// benchmark's offsets: `SystemRandomNumberGenerator` makes a system call per number).
+public struct SplitMix64: RandomNumberGenerator, Sendable {
     var state: UInt64
-    init(seed: UInt64) { self.state = seed }
+    public init(seed: UInt64) { self.state = seed }
 
-    mutating func next() -> UInt64 {
+    public mutating func next() -> UInt64 {
         self.state &+= 0x9E37_79B9_7F4A_7C15
         var z = self.state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9

@@ -176,6 +176,34 @@ struct BlockServerTests {
 
     /// [R-17.2-1]: IO not aligned to the logical block size, past the end (also when the sum
     /// overflows) or over the maximum IO size is refused with its status.
+    /// `parley block bench` drives a real server with both of its ways of sending IOs: the
+    /// completion calls (no task per IO) and a task per slot. Sequential writes with four slots
+    /// start at blocks 0, 64, 128 and 192 of a 1 MiB export: their pattern must be in the file.
+    @Test(arguments: ["callback", "async"])
+    func blockBenchWritesAndReadsWithEitherAPI(api: String) async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        defer { server.stop() }
+        let parley = try Tools.parley
+        let common = ["block", "bench", "unix:\(server.blockSocket)", "--export", "disk", "--queue-depth", "4", "--seconds", "0.3", "--json", "--api", api]
+        let write = try await Tools.run(parley, common + ["--rw", "write"], seconds: 60)
+        #expect(write.status == 0, "\(write.combined)")
+        let summary = try #require(try JSONSerialization.jsonObject(with: Data(write.stdout.utf8)) as? [String: Any], "\(write.stdout)")
+        #expect(summary["api"] as? String == api)
+        #expect((summary["ios"] as? Int ?? 0) > 0)
+        let data = try #require(FileManager.default.contents(atPath: path))
+        for slot in 0..<4 {
+            #expect(data[slot * 64 * 4096] == 0x5a, "slot \(slot)'s first write is in the file")
+        }
+        let read = try await Tools.run(parley, common + ["--rw", "randread"], seconds: 60)
+        #expect(read.status == 0, "\(read.combined)")
+        #expect(read.stdout.contains("\"rw\":\"randread\""))
+        let bad = try await Tools.run(parley, ["block", "bench", "unix:\(server.blockSocket)", "--export", "disk", "--api", "threads"], seconds: 60)
+        #expect(bad.status != 0)
+        #expect(bad.combined.contains("--api must be callback or async"))
+    }
+
     @Test func blockProtocolReadsWritesAndRefusesBadIO() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 4 << 20)
