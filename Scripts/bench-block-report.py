@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Result handling for Scripts/bench-block.sh (Python standard library only).
 
-  record  -- reads one fio JSON result (--output-format=json), appends one line of
+  record  -- reads one fio JSON result (--output-format=json) or one summary of
+             `parley block bench --json` (the parley-api systems), appends one line of
              JSON to a results file and prints a one-line summary for the progress log.
   report  -- reads all recorded lines, takes the median over repetitions for every
              (workload, system), prints a markdown table and optionally writes JSON.
 
 Latency figures are fio's *total* latency (submission + completion, `lat_ns`), which
-fio only turns into percentiles when the job ran with --lat_percentiles=1.
+fio only turns into percentiles when the job ran with --lat_percentiles=1; for
+`parley block bench`, the time from sending an IO to its answer.
 """
 
 import argparse
@@ -38,43 +40,63 @@ def percentile(lat, key):
     return None
 
 
+def record_bench(a, rec):
+    """One `parley block bench --json` summary (no client CPU figure)."""
+    with open(a.bench, encoding="utf-8") as f:
+        data = json.loads(f.read().strip().splitlines()[-1])
+    if not data.get("ios"):
+        raise ValueError("parley block bench completed no I/O")
+    rec.update(
+        iops=data["iops"], mibs=data["mib_s"], p50_us=data["p50_us"], p99_us=data["p99_us"],
+        mean_us=None, ios=data["ios"], runtime_s=data["seconds"], client_cpu_us_per_io=None,
+    )
+
+
+def record_fio(a, rec):
+    """One fio JSON result."""
+    data = load_fio_json(a.fio)
+    jobs = data.get("jobs") or []
+    if len(jobs) != 1:  # the harness runs one job section with group_reporting
+        raise ValueError(f"expected 1 job in fio output, got {len(jobs)}")
+    job = jobs[0]
+    if job.get("error"):
+        raise ValueError(f"fio job error {job['error']}")
+    dirs = [job[d] for d in ("read", "write", "trim") if job.get(d, {}).get("total_ios")]
+    if not dirs:
+        raise ValueError("fio completed no I/O")
+    ios = sum(d["total_ios"] for d in dirs)
+    main = max(dirs, key=lambda d: d["total_ios"])  # workloads are pure read or write
+    runtime_s = max(d["runtime"] for d in dirs) / 1000.0
+    rec.update(
+        iops=sum(d["iops"] for d in dirs),
+        mibs=sum(d["bw_bytes"] for d in dirs) / MIB,
+        p50_us=percentile(main.get("lat_ns"), 50.0),
+        p99_us=percentile(main.get("lat_ns"), 99.0),
+        mean_us=(main.get("lat_ns") or {}).get("mean", 0) / 1000.0,
+        ios=ios,
+        runtime_s=runtime_s,
+        # fio's own CPU (client side), for reference: µs of fio CPU per IO.
+        client_cpu_us_per_io=(
+            (job.get("usr_cpu", 0) + job.get("sys_cpu", 0)) / 100.0
+            * job.get("job_runtime", 0) * 1000.0 / ios
+        ),
+    )
+
+
 def cmd_record(a):
     rec = {"rep": a.rep, "workload": a.workload, "system": a.system}
     try:
-        data = load_fio_json(a.fio)
-        jobs = data.get("jobs") or []
-        if len(jobs) != 1:  # the harness runs one job section with group_reporting
-            raise ValueError(f"expected 1 job in fio output, got {len(jobs)}")
-        job = jobs[0]
-        if job.get("error"):
-            raise ValueError(f"fio job error {job['error']}")
-        dirs = [job[d] for d in ("read", "write", "trim") if job.get(d, {}).get("total_ios")]
-        if not dirs:
-            raise ValueError("fio completed no I/O")
-        ios = sum(d["total_ios"] for d in dirs)
-        main = max(dirs, key=lambda d: d["total_ios"])  # workloads are pure read or write
-        runtime_s = max(d["runtime"] for d in dirs) / 1000.0
-        rec.update(
-            iops=sum(d["iops"] for d in dirs),
-            mibs=sum(d["bw_bytes"] for d in dirs) / MIB,
-            p50_us=percentile(main.get("lat_ns"), 50.0),
-            p99_us=percentile(main.get("lat_ns"), 99.0),
-            mean_us=(main.get("lat_ns") or {}).get("mean", 0) / 1000.0,
-            ios=ios,
-            runtime_s=runtime_s,
-            # fio's own CPU (client side), for reference: µs of fio CPU per IO.
-            client_cpu_us_per_io=(
-                (job.get("usr_cpu", 0) + job.get("sys_cpu", 0)) / 100.0
-                * job.get("job_runtime", 0) * 1000.0 / ios
-            ),
-        )
-        # Server CPU was measured around the whole fio process (connect + run +
+        if a.bench:
+            record_bench(a, rec)
+        else:
+            record_fio(a, rec)
+        # Server CPU was measured around the whole client process (connect + run +
         # disconnect, no ramp time), so dividing by every completed IO is consistent.
         if a.cpu_ns not in (None, ""):
-            rec["server_cpu_us_per_io"] = float(a.cpu_ns) / 1000.0 / ios
+            rec["server_cpu_us_per_io"] = float(a.cpu_ns) / 1000.0 / rec["ios"]
         else:
             rec["server_cpu_us_per_io"] = None
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, IndexError) as e:
         rec["error"] = str(e)
     with open(a.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
@@ -178,7 +200,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("record")
-    r.add_argument("--fio", required=True)
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--fio", help="fio's JSON output")
+    src.add_argument("--bench", help="`parley block bench --json` output")
     r.add_argument("--out", required=True)
     r.add_argument("--rep", type=int, required=True)
     r.add_argument("--workload", required=True)

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_SYSTEMS="nbdkit-tcp nbdkit-unix qemu-nbd qemu-nbd-unix parley-tcp parley-unix parleyb-tcp parleyb-unix parley-map1 parley-map2 parley-map1u parley-map2u"
+ALL_SYSTEMS="nbdkit-tcp nbdkit-unix qemu-nbd qemu-nbd-unix parley-tcp parley-unix parleyb-tcp parleyb-unix parley-map1 parley-map2 parley-map1u parley-map2u parley-api-tcp parley-api-unix"
 ALL_WORKLOADS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 seqread-1m-qd8 seqwrite-1m-qd8"
 # ",shared": the maps (parley-map1/2) hold the export read-write while fio uses it over NBD.
 DEFAULT_PARLEY='.build/release/parley block serve --export bench=FILE,shared --nbd 127.0.0.1:PORT --nbd unix:SOCK --listen 127.0.0.1:PORT2 --listen unix:SOCK2'
@@ -76,6 +76,12 @@ Systems:
   parley-map1u / parley-map2u  the same with the paths over the Parley server's block-protocol
                                Unix socket (SOCK2) instead of TCP: on one host, the map's own
                                cost without loopback TCP's
+  parley-api-tcp / parley-api-unix
+                               no fio: Parley's Swift client API, `parley block bench` (one
+                               BlockClient, completion calls), at the workload's block size,
+                               direction and queue depth, to that Parley server's block
+                               protocol over TCP (PORT2) or its Unix socket (SOCK2); latency is
+                               from sending an IO to its answer
 
 Environment:
   BLOCK_BENCH_SIZE     size of the exported file (default 1G; numfmt --from=iec syntax)
@@ -374,6 +380,20 @@ for s in parley-map1 parley-map2 parley-map1u parley-map2u; do
   else skip $s "the map failed to start"; fi
 done
 
+# parley-api-tcp / parley-api-unix: `parley block bench` straight to the server's block protocol.
+for s in parley-api-tcp parley-api-unix; do
+  want $s || continue
+  if [ -z "${server_pid[parley]:-}" ]; then skip $s "the Parley server is not running"; continue; fi
+  if [ $s = parley-api-unix ]; then
+    for _ in $(seq 50); do [ -S "$work/parley-block.sock" ] && break; sleep 0.1; done
+    [ -S "$work/parley-block.sock" ] || { skip $s "the Parley server has no block-protocol Unix socket (SOCK2)"; continue; }
+    server_uri[$s]="unix:$work/parley-block.sock"
+  else
+    server_uri[$s]="127.0.0.1:$p2"
+  fi
+  server_of[$s]=parley
+done
+
 for s in "${sel_systems[@]}"; do [ -n "${server_uri[$s]:-}" ] && run_systems+=("$s"); done
 [ ${#run_systems[@]} -gt 0 ] || die "no system could be started"
 [ -n "${server_uri[$baseline]:-}" ] || log "note: baseline $baseline is not running; ratios will be empty"
@@ -447,16 +467,26 @@ for ((rep = 1; rep <= reps; rep++)); do
       cpu_begin "$pid" "$out.cpu"
       # No ramp time: the CPU window covers the whole fio process, and so does total_ios.
       rc=0
-      timeout $((duration + 60)) "${fio_pin[@]}" fio --name="$w" --ioengine=nbd --uri="${server_uri[$s]}" \
-        "${wargs[@]}" --numjobs="$jobs" --group_reporting \
-        --time_based --runtime="$duration" --norandommap --randrepeat=0 \
-        --lat_percentiles=1 --percentile_list=50:99 \
-        --output-format=json --output="$out" >"$out.log" 2>&1 || rc=$?
+      source_args=(--fio "$out")
+      if [[ $s == parley-api-* ]]; then
+        # fio's arguments, spelled for `parley block bench`.
+        brw=${wargs[0]#--rw=} bbs=${wargs[1]#--bs=} bqd=${wargs[2]#--iodepth=}
+        bbs=$(numfmt --from=iec "${bbs^^}")
+        timeout $((duration + 60)) "${fio_pin[@]}" "$parley_exe" block bench "${server_uri[$s]}" --export bench \
+          --rw "$brw" --block-size "$bbs" --queue-depth "$bqd" --seconds "$duration" --json >"$out" 2>"$out.log" || rc=$?
+        source_args=(--bench "$out")
+      else
+        timeout $((duration + 60)) "${fio_pin[@]}" fio --name="$w" --ioengine=nbd --uri="${server_uri[$s]}" \
+          "${wargs[@]}" --numjobs="$jobs" --group_reporting \
+          --time_based --runtime="$duration" --norandommap --randrepeat=0 \
+          --lat_percentiles=1 --percentile_list=50:99 \
+          --output-format=json --output="$out" >"$out.log" 2>&1 || rc=$?
+      fi
       cpu_ns=$(cpu_end "$pid" "$out.cpu")
       if [ "$rc" -ne 0 ]; then
-        log "rep $rep/$reps $w $s: fio failed (exit $rc):"; tail -n 5 "$out.log" >&2
+        log "rep $rep/$reps $w $s: the client failed (exit $rc):"; tail -n 5 "$out.log" >&2
       fi
-      summary=$(python3 "$report_py" record --fio "$out" --out "$results" --rep "$rep" \
+      summary=$(python3 "$report_py" record "${source_args[@]}" --out "$results" --rep "$rep" \
                   --workload "$w" --system "$s" --cpu-ns "$cpu_ns") || failures=$((failures + 1))
       log "rep $rep/$reps $w $s: $summary"
     done
