@@ -77,7 +77,7 @@ Systems:
                                Unix socket (SOCK2) instead of TCP: on one host, the map's own
                                cost without loopback TCP's
   parley-api-tcp / parley-api-unix
-                               no fio: Parley's Swift client API, `parley block bench` (one
+                               no fio: Parley's Swift client API, parley block bench (one
                                BlockClient, completion calls), at the workload's block size,
                                direction and queue depth, to that Parley server's block
                                protocol over TCP (PORT2) or its Unix socket (SOCK2); latency is
