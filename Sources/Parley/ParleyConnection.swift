@@ -34,6 +34,7 @@ public struct ParleyConnectionLimits: Sendable {
     /// ends). A peer that sent 32 requests in one write then gets the first answers while
     /// the rest are made, instead of all of them at the end: with queue depth 32 over two
     /// cores, 4 KiB block reads went from 40-52k to 60-107k IOPS (docs/performance.md).
+    /// A lossless session's messages still leave once per read burst (not measured to gain).
     public var flushEvery: Int
 
     public init(
