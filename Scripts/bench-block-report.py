@@ -44,6 +44,8 @@ def record_bench(a, rec):
     """One `parley block bench --json` summary (no client CPU figure)."""
     with open(a.bench, encoding="utf-8") as f:
         data = json.loads(f.read().strip().splitlines()[-1])
+    if not isinstance(data, dict):
+        raise ValueError("parley block bench printed no JSON object")
     if not data.get("ios"):
         raise ValueError("parley block bench completed no I/O")
     rec.update(
@@ -171,7 +173,8 @@ def cmd_report(a):
 
     out = sys.stdout
     out.write(
-        "Medians over repetitions. Latency is fio total latency (submit→complete) in µs. "
+        "Medians over repetitions. Latency is fio total latency (submit→complete) in µs "
+        "(for parley-api systems, parley block bench's time from sending an IO to its answer). "
         f"'± IOPS' is (max−min)/median over repetitions. '× {a.baseline}' is IOPS relative to {a.baseline}. "
         "CPU µs/IO is server process CPU time (user+sys, all threads) per completed IO.\n\n"
     )

@@ -69,7 +69,7 @@ Systems:
   parleyb-tcp / parleyb-unix   a second Parley server, from PARLEY_BLOCK_SERVER_B: another
                                build or other options, measured alternating with the first
                                (an A/B comparison in one run, on the same load)
-  parley-map1 / parley-map2    `parley block map` with one / two paths to that Parley server's
+  parley-map1 / parley-map2    parley block map with one / two paths to that Parley server's
                                block-protocol port (PORT2), serving the export on its own Unix
                                socket: fio -> NBD -> map -> Parley block protocol -> server.
                                The CPU column is the map process's alone.
@@ -351,7 +351,8 @@ start_parley() {
     fi
   else skip "${names% }" "server failed to start: $cmd"; fi
 }
-if want parley-tcp || want parley-unix || want parley-map1 || want parley-map2 || want parley-map1u || want parley-map2u; then
+if want parley-tcp || want parley-unix || want parley-map1 || want parley-map2 || want parley-map1u || want parley-map2u \
+   || want parley-api-tcp || want parley-api-unix; then
   start_parley parley "$parley_cmd"
 fi
 if want parleyb-tcp || want parleyb-unix; then
@@ -384,6 +385,8 @@ done
 for s in parley-api-tcp parley-api-unix; do
   want $s || continue
   if [ -z "${server_pid[parley]:-}" ]; then skip $s "the Parley server is not running"; continue; fi
+  # One client at the workload's depth: not comparable with fio's --jobs N connections.
+  if [ "$jobs" -gt 1 ]; then skip $s "parley block bench drives one connection (--jobs $jobs asks for $jobs)"; continue; fi
   if [ $s = parley-api-unix ]; then
     for _ in $(seq 50); do [ -S "$work/parley-block.sock" ] && break; sleep 0.1; done
     [ -S "$work/parley-block.sock" ] || { skip $s "the Parley server has no block-protocol Unix socket (SOCK2)"; continue; }

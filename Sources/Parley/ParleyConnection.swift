@@ -33,8 +33,9 @@ public struct ParleyConnectionLimits: Sendable {
     /// write when the read burst ends, or as soon as this many are waiting (0: only when it
     /// ends). A peer that sent 32 requests in one write then gets the first answers while
     /// the rest are made, instead of all of them at the end: with queue depth 32 over two
-    /// cores, 4 KiB block reads went from 40-52k to 60-107k IOPS (docs/performance.md).
-    /// A lossless session's messages still leave once per read burst (not measured to gain).
+    /// cores and `parley block bench`'s callback client, 4 KiB block reads went from 36,473
+    /// to 66,073 IOPS (docs/performance.md, Parley Block). A lossless session's messages
+    /// still leave once per read burst (trying the rule there gained nothing measurable).
     public var flushEvery: Int
 
     public init(

@@ -57,7 +57,8 @@ public enum ResumeDecision: Sendable {
 ///
 /// Flushes are coalesced: answers written while a read burst is handled leave together when it
 /// ends (as a raw NIO echo flushes in `channelReadComplete`), or every `flushEvery` of them
-/// in a long burst, so that the peer can start on them meanwhile; commands queued from other
+/// in a long burst, so that the peer can start on them meanwhile (a lossless session's
+/// messages leave once per burst, when it pumps); commands queued from other
 /// threads leave in one write per batch; other writes on the event loop flush once at the end
 /// of the event-loop tick.
 public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChannelHandler {
