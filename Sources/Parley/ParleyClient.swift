@@ -208,9 +208,8 @@ public final class ParleyClient: Sendable {
         ident.clientNonce = UInt64.random(in: 1...UInt64.max)
         let machine = Self.handshake(configuration, address: address, ident: ident, resume: nil)
         let clientIdent = ident
-        let options = PipelineOptions(
-            maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound,
-            keepalive: try configuration.limits.keepaliveConfiguration(), flushEvery: configuration.limits.flushEvery
+        let options = try configuration.limits.pipelineOptions(
+            maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound
         )
         let nucleus = NIOLockedValueBox(NucleusState())
         let established = NIOLockedValueBox<EventLoopPromise<ParleyConnection>?>(nil)

@@ -51,6 +51,16 @@ public struct ParleyConnectionLimits: Sendable {
         self.keepaliveTimeout = keepaliveTimeout
     }
 
+    /// The pipeline's options that come from these limits (keepalive timing, flushes), with
+    /// the connection's frame-size limit and capture files.
+    /// - Throws: `invalidArgument` for a bad keepalive timing.
+    func pipelineOptions(maxFrameSize: Int, captureInbound: String? = nil, captureOutbound: String? = nil) throws(ParleyError) -> PipelineOptions {
+        PipelineOptions(
+            maxFrameSize: maxFrameSize, captureInbound: captureInbound, captureOutbound: captureOutbound,
+            keepalive: try self.keepaliveConfiguration(), flushEvery: self.flushEvery
+        )
+    }
+
     /// The keepalive timing for the pipeline; nil if keepalives are off.
     /// - Throws: `invalidArgument` unless 0 < interval < timeout.
     func keepaliveConfiguration() throws(ParleyError) -> KeepaliveStateMachine.Configuration? {
@@ -1158,13 +1168,13 @@ struct ConnectionMetrics: Sendable {
     func handled(since start: ContinuousClock.Instant) {
         self.handledCount.increment()
         let elapsed = ContinuousClock.now - start
-        self.latency.recordNanoseconds(elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000)
+        self.latency.recordNanoseconds(elapsed.nanoseconds)
     }
 }
 
 extension Duration {
     /// The whole duration in nanoseconds (saturating).
-    var nanoseconds: Int64 {
+    package var nanoseconds: Int64 {
         let (seconds, attoseconds) = self.components
         let (product, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
         guard !overflow else { return seconds < 0 ? .min : .max }

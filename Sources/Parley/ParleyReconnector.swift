@@ -151,10 +151,7 @@ final class Reconnector: Sendable {
     private func attempt(_ c: Context, offer: SessionResumeOffer, round: UInt64) async throws {
         let configuration = c.configuration
         let machine = ParleyClient.handshake(configuration, address: c.address, ident: c.ident, resume: offer)
-        let options = PipelineOptions(
-            maxFrameSize: configuration.maxFrameSize, keepalive: try configuration.limits.keepaliveConfiguration(),
-            flushEvery: configuration.limits.flushEvery
-        )
+        let options = try configuration.limits.pipelineOptions(maxFrameSize: configuration.maxFrameSize)
         let established = NIOLockedValueBox<EventLoopFuture<Void>?>(nil)
         let connection = c.connection
         let session = c.session

@@ -376,11 +376,7 @@ public final class ParleyServer: Service, Sendable {
         handler.established.whenFailure { error in
             self.logEnd(error as? ParleyError ?? ParleyError(code: .connectionClosed, message: "\(error)"), logger: logger, handshake: true)
         }
-        let options = PipelineOptions(
-            maxFrameSize: self.configuration.maxFrameSize,
-            keepalive: try self.configuration.limits.keepaliveConfiguration(),  // checked by run()
-            flushEvery: self.configuration.limits.flushEvery
-        )
+        let options = try self.configuration.limits.pipelineOptions(maxFrameSize: self.configuration.maxFrameSize)  // checked by run()
         try ParleyPipeline.configure(channel, options: options, handler: handler)
     }
 

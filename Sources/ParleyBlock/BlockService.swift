@@ -276,9 +276,7 @@ public final class BlockService: Sendable {
         let deviceID = request.deviceID
         /// Ends the IO: records it, releases its in-flight share, answers.
         @Sendable func finish(_ reply: Result<ParleyReply<Parley_Block_V1_IoReply>, any Error>, failed: Bool) {
-            let d = ContinuousClock.now - started
-            device.metrics(kind).record(bytes: counted, failed: failed,
-                                        nanoseconds: d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
+            device.metrics(kind).record(bytes: counted, failed: failed, nanoseconds: (ContinuousClock.now - started).nanoseconds)
             session.end(id: deviceID, bytes: counted)
             respond(reply)
         }

@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import NIOCore
+import Parley
 import ParleyBlock
 import ParleyChaos
 
@@ -21,10 +22,6 @@ struct BlockBenchPlan: Sendable {
         let block = self.random ? rng.next() % self.blocks : next % self.blocks
         next += 1
         return block * self.blockSize
-    }
-
-    static func nanoseconds(_ d: Duration) -> Int64 {
-        d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000
     }
 }
 
@@ -79,7 +76,7 @@ final class BlockBenchCallbackDriver: Sendable {
         guard let offset else { return self.retire() }
         let t0 = ContinuousClock.now
         self.submit(offset) { result in
-            let elapsed = BlockBenchPlan.nanoseconds(ContinuousClock.now - t0)
+            let elapsed = (ContinuousClock.now - t0).nanoseconds
             self.state.withLockedValue { s in
                 switch result {
                 case .success: s.latencies.append(elapsed)
@@ -133,7 +130,7 @@ extension BlockBench.Target {
                         } else {
                             try await self.read(offset: offset, length: length)
                         }
-                        latencies.append(BlockBenchPlan.nanoseconds(ContinuousClock.now - t0))
+                        latencies.append((ContinuousClock.now - t0).nanoseconds)
                     }
                     return latencies
                 }

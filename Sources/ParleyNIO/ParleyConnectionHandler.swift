@@ -123,10 +123,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private var flushScheduled = false
     /// Between the first `channelRead` of a read burst and its `channelReadComplete`.
     private var inReadBurst = false
-    /// A flush was asked for during the read burst; it happens at `channelReadComplete`.
-    private var flushAfterReadBurst = false
-    /// Writes of this read burst not yet flushed.
-    private var burstFlushes = 0
+    /// Writes of this read burst not yet flushed: flushed at `channelReadComplete`, or as
+    /// soon as there are `flushEvery`.
+    private var unflushedInBurst = 0
     /// After this many writes in one read burst, flush at once instead of at its end (0: at
     /// its end only); set from `PipelineOptions.flushEvery`.
     public var flushEvery = PipelineOptions.defaultFlushEvery
@@ -394,9 +393,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.acknowledgeAfterReadBurst(context: context)
         }
         self.inReadBurst = false
-        self.burstFlushes = 0
-        if self.flushAfterReadBurst {
-            self.flushAfterReadBurst = false
+        if self.unflushedInBurst > 0 {
+            self.unflushedInBurst = 0
             context.flush()
         }
         context.fireChannelReadComplete()
@@ -488,13 +486,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// only after every answer was made, and the peer, idle until then, answered with another
     /// such burst: the two sides took turns instead of working at once.
     private func deferFlush(context: ChannelHandlerContext, count: Int) {
-        self.burstFlushes += count
-        if self.flushEvery > 0, self.burstFlushes >= self.flushEvery {
-            self.burstFlushes = 0
-            self.flushAfterReadBurst = false
+        self.unflushedInBurst += count
+        if self.flushEvery > 0, self.unflushedInBurst >= self.flushEvery {
+            self.unflushedInBurst = 0
             context.flush()
-        } else {
-            self.flushAfterReadBurst = true
         }
     }
 
