@@ -149,10 +149,66 @@ public final class ParleyClient: Sendable {
         to address: ParleyAddress, configuration: Configuration = .defaults, router: ParleyRouter = ParleyRouter(),
         logger: Logger = Logger(label: "parley.client"), group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     ) async throws -> ParleyClient {
-        var target = address
+        let client = try await self.connectOnce(to: address, redirectedFrom: [], configuration: configuration, router: router, logger: logger, group: group).client
+        return try await self.followRedirects(of: client, configuration: configuration, router: router, logger: logger, group: group)
+    }
+
+    /// Connects and makes a first call, sent with the handshake's last flight when it can be:
+    /// in secure mode the request follows CLIENT_IDENT at once, sealed, and its answer comes
+    /// right after SERVER_IDENT, a round trip sooner than `connect` then `call`
+    /// (docs/protocol.md, R-6.1-6). In crc mode, and for a lossless session, it is an
+    /// ordinary call made once connected (after any redirects and request delay).
+    ///
+    /// A request sent with the handshake runs on the server that answered the handshake: if
+    /// that server's SERVER_IDENT redirects, its answer is awaited there before the client
+    /// follows the redirect (the returned client is connected to where the redirects lead).
+    /// If the server refuses the client (SERVER_IDENT with a refusal) the request did not run.
+    ///
+    /// - Returns: the connected client and the first call's reply.
+    /// - Throws: what `connect` and `call` throw; when the call fails, the connection is
+    ///   closed before the error is thrown.
+    public static func connect<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
+        to address: ParleyAddress, configuration: Configuration = .defaults, router: ParleyRouter = ParleyRouter(),
+        logger: Logger = Logger(label: "parley.client"), group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        firstCall request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self
+    ) async throws -> (client: ParleyClient, reply: ParleyReply<Response>) {
+        var early: WireMessage?
+        if configuration.lossless == nil {
+            early = WireMessage(
+                header: MessageHeader(id: 1, kind: .request, type: Request.protoMessageName),
+                payload: request.parleyPayload(allocator: ByteBufferAllocator()), data: data
+            )
+        }
+        let connected = try await self.connectOnce(to: address, redirectedFrom: [], configuration: configuration, router: router, logger: logger, group: group, early: early)
+        if let answer = connected.earlyAnswer {
+            let reply: ParleyReply<Response>
+            do {
+                reply = try ParleyConnection.decodeAnswer(try await answer.get(), as: Response.self)
+            } catch {
+                connected.client.close()
+                throw error
+            }
+            let client = try await self.followRedirects(of: connected.client, configuration: configuration, router: router, logger: logger, group: group)
+            return (client, reply)
+        }
+        let client = try await self.followRedirects(of: connected.client, configuration: configuration, router: router, logger: logger, group: group)
+        do {
+            return (client, try await client.call(request, data: data, as: Response.self))
+        } catch {
+            client.close()
+            throw error
+        }
+    }
+
+    /// Follows the redirects of `client`'s SERVER_IDENT (docs/protocol.md 8.2), closing each
+    /// server it leaves; returns the client connected to where they lead.
+    private static func followRedirects(
+        of first: ParleyClient, configuration: Configuration, router: ParleyRouter, logger: Logger, group: any EventLoopGroup
+    ) async throws -> ParleyClient {
+        var client = first
+        var target = first.address
         var visited: [ParleyAddress] = []
         while true {
-            let client = try await self.connectOnce(to: target, redirectedFrom: visited, configuration: configuration, router: router, logger: logger, group: group)
             let redirects = client.session.nucleus.redirects
             guard !redirects.isEmpty, configuration.maxRedirects > 0 else { return client }
             client.close()
@@ -166,6 +222,7 @@ public final class ParleyClient: Sendable {
             }
             logger.info("following redirect", metadata: ["from": "\(target)", "to": "\(next)"])
             target = next
+            client = try await self.connectOnce(to: target, redirectedFrom: visited, configuration: configuration, router: router, logger: logger, group: group).client
         }
     }
 
@@ -180,7 +237,7 @@ public final class ParleyClient: Sendable {
         configuration.lossless = nil
         return try await self.connectOnce(to: ParleyAddress(kind: .inProcess), redirectedFrom: [], configuration: configuration, router: router, logger: logger, group: server.group) {
             try await server.acceptInProcess(client: $0)
-        }
+        }.client
     }
 
     static func handshake(_ configuration: Configuration, address: ParleyAddress, ident: Parley_V1_ClientIdent, resume: SessionResumeOffer?) -> ClientHandshakeStateMachine {
@@ -196,9 +253,9 @@ public final class ParleyClient: Sendable {
 
     private static func connectOnce(
         to address: ParleyAddress, redirectedFrom: [ParleyAddress], configuration: Configuration, router: ParleyRouter,
-        logger: Logger, group: any EventLoopGroup,
+        logger: Logger, group: any EventLoopGroup, early: WireMessage? = nil,
         open: ((@escaping ParleyChannelInitializer) async throws -> any Channel)? = nil
-    ) async throws -> ParleyClient {
+    ) async throws -> (client: ParleyClient, earlyAnswer: EventLoopFuture<WireMessage>?) {
         try Frame.validateLimit(configuration.maxFrameSize)
         var ident = Parley_V1_ClientIdent()
         ident.platform = configuration.platform
@@ -214,6 +271,8 @@ public final class ParleyClient: Sendable {
         let nucleus = NIOLockedValueBox(NucleusState())
         let established = NIOLockedValueBox<EventLoopPromise<ParleyConnection>?>(nil)
         let reconnector = Reconnector()
+        // The answer to `early`, when the handshake sent it (secure mode only).
+        let earlyAnswer = NIOLockedValueBox<EventLoopFuture<WireMessage>?>(nil)
         let initializer: ParleyChannelInitializer = { channel in
             channel.eventLoop.makeCompletedFuture {
                 let promise = channel.eventLoop.makePromise(of: ParleyConnection.self)
@@ -222,6 +281,12 @@ public final class ParleyClient: Sendable {
                     if case .started(let token) = result.session, let options = configuration.lossless {
                         lossless = LosslessSession(token: token, serverNonce: result.serverIdent.serverNonce, bounds: options.replayBounds)
                     }
+                    var sentEarly: ParleyConnection.SentEarly?
+                    if let early, result.earlyMessagesAllowed {
+                        let answer = channel.eventLoop.makePromise(of: WireMessage.self)
+                        sentEarly = ParleyConnection.SentEarly(id: early.header.id) { answer.completeWith($0) }
+                        earlyAnswer.withLockedValue { $0 = answer.futureResult }
+                    }
                     let connection = ParleyConnection(
                         session: ParleySession(result: result, role: .client, peerAddress: address.description), role: .client,
                         channel: channel, outlet: outlet, router: router, limits: configuration.limits, logger: logger,
@@ -229,7 +294,8 @@ public final class ParleyClient: Sendable {
                         // The reconnector holds the connection: it lets go when the connection ends.
                         onClose: { _ in reconnector.stop() },
                         lossless: lossless,
-                        onLinkLost: { _ in reconnector.linkLost() }
+                        onLinkLost: { _ in reconnector.linkLost() },
+                        sentEarly: sentEarly
                     )
                     Self.apply(connection.session.nucleus, to: nucleus, logger: logger)
                     var link: LosslessSession.LinkID?
@@ -244,6 +310,7 @@ public final class ParleyClient: Sendable {
                     return EstablishedLink(sink: ConnectionEventSink(connection), lossless: lossless.flatMap { l in link.map { (l, $0) } })
                 }
                 handler.secureCounterStart = configuration.secureCounterStart
+                if let early { handler.earlyMessages = [early] }
                 handler.established.whenFailure { promise.fail($0) }
                 established.withLockedValue { $0 = promise }
                 try ParleyPipeline.configure(channel, options: options, handler: handler)
@@ -269,7 +336,8 @@ public final class ParleyClient: Sendable {
         } catch let error as ParleyError where error.code == .connectionClosed && error.cause == nil && !error.closedByPeer {
             throw ParleyError(code: .connectionClosed, message: "\(address) closed the connection during the handshake")
         }
-        return ParleyClient(connection: connection, address: address, redirectedFrom: redirectedFrom, nucleus: nucleus, logger: logger)
+        let client = ParleyClient(connection: connection, address: address, redirectedFrom: redirectedFrom, nucleus: nucleus, logger: logger)
+        return (client, earlyAnswer.withLockedValue { $0 })
     }
 
     private static func apply(_ n: ParleyNucleus, to state: NIOLockedValueBox<NucleusState>, logger: Logger) {

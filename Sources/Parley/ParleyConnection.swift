@@ -184,7 +184,8 @@ public final class ParleyConnection: Sendable {
         session: ParleySession, role: SessionStateMachine.Role, channel: any Channel,
         outlet: ParleyConnectionHandler.Outlet, router: ParleyRouter, limits: ParleyConnectionLimits,
         logger: Logger, onNotice: (@Sendable (ParleyNucleus) -> Void)? = nil, onClose: (@Sendable (ParleyError) -> Void)? = nil,
-        lossless: LosslessSession? = nil, onLinkLost: (@Sendable (ParleyError) -> Void)? = nil
+        lossless: LosslessSession? = nil, onLinkLost: (@Sendable (ParleyError) -> Void)? = nil,
+        sentEarly: SentEarly? = nil
     ) {
         self.session = session
         self.role = role
@@ -201,6 +202,25 @@ public final class ParleyConnection: Sendable {
         self.onNotice = onNotice
         self.onClose = onClose
         self.ended = channel.eventLoop.makePromise()
+        if let sentEarly {
+            // Sent with the handshake (R-6.1-6): it holds a request slot and its id, and its
+            // answer finds it like any other.
+            self.state.withLockedValue { s in
+                s.outstanding = 1
+                s.nextID = sentEarly.id &+ 1
+                s.pending[sentEarly.id] = Outstanding(.callback { answer in
+                    self.releaseSlot()
+                    sentEarly.completion(answer)
+                })
+            }
+        }
+    }
+
+    /// A request the handshake already sent (`ParleyClient.connect(to:firstCall:...)`):
+    /// its id and who waits for its answer.
+    struct SentEarly: Sendable {
+        var id: UInt64
+        var completion: @Sendable (Result<WireMessage, any Error>) -> Void
     }
 
     // MARK: - Sending requests

@@ -604,6 +604,23 @@ enum ConformanceChecks {
                 return
             }
         },
+        ConformanceCheck("R-6.1-6", "two sealed requests right after CLIENT_IDENT, before SERVER_IDENT, are answered after it, and a third after them") { c in
+            let s = try await SecureClientSession.open(c, early: [{ SecureClientSession.ping(id: 1, seq: $0) }, { SecureClientSession.ping(id: 2, seq: $0) }])
+            defer { s.peer.close() }
+            guard s.result.connectionMode == .secure else { throw fail("secure mode (the only mode offered)", "\(s.result.connectionMode)") }
+            await s.peer.send(try s.sealed(s.ping(id: 3)))
+            var answered: [UInt64] = []
+            while answered.count < 3 {
+                let event = await s.peer.next(c.timeout)
+                guard case .frame(let f) = event else { throw fail("sealed answers to requests 1, 2 and 3", "\(answered) answered, then \(event.summary)") }
+                guard f.tag == .message else { continue }
+                let m = try WireMessage(frame: f)
+                // Pongs from the echo service; a server without it answers ERROR.
+                guard m.header.kind == .response || m.header.kind == .error else { throw fail("answers to requests 1, 2 and 3", describe(f)) }
+                answered.append(m.header.id)
+            }
+            guard answered.sorted() == [1, 2, 3] else { throw fail("answers to requests 1, 2 and 3", "answers to \(answered)") }
+        },
         ConformanceCheck("R-5.1-7", "a sealed preamble with a bit flipped in a segment length is refused (badAuthTag), not acted upon") { c in
             try await secureViolation(c, .badAuthTag, "a sealed preamble altered in its length") { s in
                 var b = try s.sealed(s.ping(id: 1))

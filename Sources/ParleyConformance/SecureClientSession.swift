@@ -22,13 +22,17 @@ final class SecureClientSession {
     /// Runs the handshake with method `secret` in secure mode. Skips without a key, or when
     /// the server refuses the method or the key (a matter of its policy and keyring); any
     /// other failure is the server's.
-    static func open(_ c: CheckContext) async throws -> SecureClientSession {
+    /// `early`: requests (made by `ping(id:)`-like builders, numbered from seq 1) sent sealed
+    /// right after CLIENT_IDENT, before SERVER_IDENT (R-6.1-6); the session numbers on after them.
+    static func open(_ c: CheckContext, early: [(_ seq: UInt64) -> Frame] = []) async throws -> SecureClientSession {
         let peer = try await c.connect()
         let (result, sealer) = try await self.handshake(
             peer: peer, context: c, banner: Banner(supported: ParleyFeatures.implemented.union(.secureMode)), maxFrameSize: .max,
-            ident: self.ident, pieces: nil
+            ident: self.ident, pieces: nil, early: early
         )
-        return SecureClientSession(peer: peer, context: c, result: result, sealer: sealer)
+        let session = SecureClientSession(peer: peer, context: c, result: result, sealer: sealer)
+        session.nextSeq = UInt64(early.count) + 1
+        return session
     }
 
     static var ident: Parley_V1_ClientIdent {
@@ -44,9 +48,10 @@ final class SecureClientSession {
     /// The secure handshake on `peer`, driven by the client state machine; afterwards the
     /// peer opens what the server sends and seals what `send` sends.
     static func handshake(
-        peer: ConformancePeer, context c: CheckContext, banner: Banner, maxFrameSize: UInt32, ident: Parley_V1_ClientIdent, pieces: Int?
+        peer: ConformancePeer, context c: CheckContext, banner: Banner, maxFrameSize: UInt32, ident: Parley_V1_ClientIdent, pieces: Int?,
+        early: [(_ seq: UInt64) -> Frame] = []
     ) async throws -> (HandshakeResult, SecureDirection?) {
-        switch try await self.run(peer: peer, context: c, banner: banner, maxFrameSize: maxFrameSize, ident: ident, pieces: pieces, reconnect: nil) {
+        switch try await self.run(peer: peer, context: c, banner: banner, maxFrameSize: maxFrameSize, ident: ident, pieces: pieces, reconnect: nil, early: early) {
         case .established(let result, let sealer): return (result, sealer)
         case .answered: throw fail("a secure handshake", "an answer to a SESSION_RECONNECT that was not sent")
         }
@@ -70,7 +75,7 @@ final class SecureClientSession {
 
     private static func run(
         peer: ConformancePeer, context c: CheckContext, banner: Banner, maxFrameSize: UInt32, ident: Parley_V1_ClientIdent, pieces: Int?,
-        reconnect: Frame?
+        reconnect: Frame?, early: [(_ seq: UInt64) -> Frame] = []
     ) async throws -> Outcome {
         guard let secret = c.target.secret else {
             peer.close()
@@ -101,6 +106,9 @@ final class SecureClientSession {
                 guard let reconnect, frame.tag == .clientIdent else { return frame }
                 reconnected = true
                 return reconnect
+            }
+            if step.earlyMessages != nil, let sealer {
+                for (i, frame) in early.enumerated() { try out.writeFrame(frame(UInt64(i) + 1), sealedWith: sealer) }
             }
             if out.readableBytes > 0 { await peer.send(out, pieces: pieces) }
             if let opening = step.startOpening { peer.startOpening(try SecureDirection(keys: opening.keys, sealing: false)) }
@@ -142,10 +150,14 @@ final class SecureClientSession {
     }
 
     func ping(id: UInt64) -> Frame {
+        defer { self.nextSeq += 1 }
+        return Self.ping(id: id, seq: self.nextSeq)
+    }
+
+    static func ping(id: UInt64, seq: UInt64) -> Frame {
         var p = Parley_Echo_V1_Ping()
         p.sequence = id
-        defer { self.nextSeq += 1 }
-        return WireMessage(header: MessageHeader(seq: self.nextSeq, id: id, kind: .request, type: Parley_Echo_V1_Ping.protoMessageName), payload: p.parleyPayload())
+        return WireMessage(header: MessageHeader(seq: seq, id: id, kind: .request, type: Parley_Echo_V1_Ping.protoMessageName), payload: p.parleyPayload())
             .frame(allocator: ByteBufferAllocator())
     }
 }

@@ -118,6 +118,13 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// Where secure-mode counters start: 0 on the wire; tests start them near a key update or
     /// near the end (both sides must agree).
     public var secureCounterStart: UInt64 = 0
+    /// Client side: MESSAGEs to send in the handshake's last flight, right after CLIENT_IDENT,
+    /// if the handshake allows it (secure mode, R-6.1-6); dropped unsent otherwise (the
+    /// caller learns which from `HandshakeResult.earlyMessagesAllowed`). Set before the
+    /// channel is active; numbered seq 1, 2, ... like the session's first messages.
+    public var earlyMessages: [WireMessage] = []
+    /// The session machine that numbered the early messages: the session goes on with it.
+    private var earlySession: SessionStateMachine?
 
     /// A flush is scheduled for the end of this event-loop tick.
     private var flushScheduled = false
@@ -587,6 +594,23 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 }
             }
         }
+        if let terms = step.earlyMessages, !self.earlyMessages.isEmpty, let sealer = self.sealer {
+            var session = SessionStateMachine(role: .client, features: terms.features, maxPeerFrameSize: Frame.peerLimit(announced: terms.peerMaxFrameSize))
+            let early = self.earlyMessages
+            self.earlyMessages = []
+            do throws(ParleyError) {
+                for message in early {
+                    let sealed = try session.stamp(message).sealFrame(with: sealer, allocator: context.channel.allocator)
+                    context.write(self.wrapOutboundOut(sealed), promise: nil)
+                }
+            } catch {
+                self.state = .closing
+                self.recordFailure(ParleyError(code: error.code, message: "cannot send the first request: \(error.message)", cause: error))
+                self.flushThenClose(context: context)
+                return
+            }
+            self.earlySession = session
+        }
         if let secure = step.startOpening {
             do {
                 self.decoder.startOpening(try SecureDirection(keys: secure.keys, sealing: false, counter: self.secureCounterStart))
@@ -615,7 +639,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             let role: SessionStateMachine.Role
             if case .handshaking(.client(_)) = self.state { role = .client } else { role = .server }
             let peerMax = Frame.peerLimit(announced: result.peerHello.maxFrameSize)
-            self.state = .established(SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax))
+            // Early messages took the first seqs: the session goes on from there.
+            self.state = .established(self.earlySession ?? SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax))
+            self.earlySession = nil
+            self.earlyMessages = []
             if let configuration = self.keepaliveConfiguration, result.features.contains(.keepalive) {
                 self.startKeepalive(configuration, context: context)
             }

@@ -211,6 +211,8 @@ struct SecurePair {
     var captured = ByteBuffer()
     /// What the server sent.
     var fromServer: [WireOutbound] = []
+    /// Every step of the client's after `start`.
+    var clientSteps: [HandshakeStep] = []
     /// Edits an element a side sends before it is encoded: (from client, element) -> element.
     var tamper: (Bool, WireOutbound) -> WireOutbound = { $1 }
 
@@ -301,6 +303,7 @@ struct SecurePair {
                         continue
                     }
                     let step = self.client.received(element)
+                    self.clientSteps.append(step)
                     nextC2S.writeImmutableBuffer(try self.encode(step.send, fromClient: true))
                     if let secure = step.startOpening { self.clientDecoder.startOpening(try SecureDirection(keys: secure.keys, sealing: false)) }
                     if let outcome = step.outcome {
@@ -374,6 +377,27 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
         #expect(c.serverIdent.name == "server-name-string")
         #expect(atServer.map { String(buffer: $0.payload) } == "to-server-payload")
         #expect(atClient.map { String(buffer: $0.payload) } == "to-client-payload")
+    }
+
+    /// [R-6.1-6] MESSAGEs may follow CLIENT_IDENT at once in secure mode only: the step that
+    /// sends CLIENT_IDENT says so, with the banners' features and the server's frame limit.
+    @Test(arguments: [[ConnectionMode.secure, .crc], [.crc]])
+    func earlyMessagesAreAllowedInSecureModeOnly(modes: [ConnectionMode]) throws {
+        var pair = SecurePair(client: SecurePair.clientConfig(modes: modes))
+        _ = try pair.run()
+        let c = try #require(Pair.established(pair.clientOutcome))
+        let granting = pair.clientSteps.filter { $0.earlyMessages != nil }
+        let identStep = try #require(pair.clientSteps.first { step in
+            step.send.contains { if case .frame(let f) = $0 { return f.tag == .clientIdent } else { return false } }
+        })
+        if modes[0] == .secure {
+            #expect(granting.count == 1)
+            #expect(identStep.earlyMessages == EarlyMessageTerms(features: c.features, peerMaxFrameSize: 1 << 20))
+            #expect(c.earlyMessagesAllowed)
+        } else {
+            #expect(granting.isEmpty)
+            #expect(!c.earlyMessagesAllowed)
+        }
     }
 
     @Test func aSecureCaptureHoldsNoSecretNoPayloadNoIdentity() throws {

@@ -98,12 +98,19 @@ extension Measure {
         }
         func one() async throws -> UInt64 {
             let t0 = nanotime()
-            let caller = try await system.open(port: port, load: load, material: material, tlsClient: tlsClient)
-            do {
-                try await caller.roundTrip()
-            } catch {
-                await caller.close()
-                throw error
+            let caller: any EchoCaller
+            if system.isParley {
+                // The first echo is connect's first call: in secure mode it leaves with
+                // CLIENT_IDENT (R-6.1-6), otherwise right after the handshake.
+                caller = try await ParleyCaller.connectWithFirstEcho(system, port: port, load: load, material: material)
+            } else {
+                caller = try await system.open(port: port, load: load, material: material, tlsClient: tlsClient)
+                do {
+                    try await caller.roundTrip()
+                } catch {
+                    await caller.close()
+                    throw error
+                }
             }
             let elapsed = nanotime() - t0
             await caller.close()

@@ -38,6 +38,9 @@ enum System: String, CaseIterable, Sendable, ExpressibleByArgument {
         }
     }
 
+    /// A Parley client and server (any mode or transport).
+    var isParley: Bool { [.parley, .parleyLossless, .parleySecure, .parleyTLS].contains(self) }
+
     var title: String {
         switch self {
         case .raw: return "raw NIO"
@@ -132,24 +135,7 @@ struct ParleyCaller: EchoCaller {
 
     /// Connects as `system` (parley, parley-lossless, parley-secure or parley-tls) to 127.0.0.1:`port`.
     init(_ system: System = .parley, port: Int, load: Load, material: SecurityMaterial? = nil) async throws {
-        let address: ParleyAddress
-        var configuration = ParleyClient.Configuration(name: "parley-bench")
-        switch system {
-        case .parleySecure:
-            guard let material else { throw BenchError("\(system.title) needs a keyring") }
-            address = .tcp(host: "127.0.0.1", port: port)
-            // Method secret only, secure mode only: what the server allows.
-            configuration = .init(name: "parley-bench", secret: material.credentials, modes: [.secure])
-        case .parleyTLS:
-            guard let material else { throw BenchError("\(system.title) needs certificates") }
-            address = .tls(host: "127.0.0.1", port: port)
-            configuration.transport = PosixTransport(tls: try ParleyTLS.client(directory: material.certificates))
-        case .parleyLossless:
-            address = .tcp(host: "127.0.0.1", port: port)
-            configuration.lossless = ParleyClient.LosslessOptions()
-        default:
-            address = .tcp(host: "127.0.0.1", port: port)
-        }
+        let (address, configuration) = try Self.setup(system, port: port, material: material)
         let client = try await ParleyClient.connect(to: address, configuration: configuration)
         if system == .parleyLossless, client.connection.lossless == nil {
             client.close()
@@ -158,18 +144,61 @@ struct ParleyCaller: EchoCaller {
         self.init(client: client, load: load, system: system)
     }
 
+    /// Connects as `system` with the first echo as `connect(to:firstCall:)`'s first call (in
+    /// secure mode it leaves with CLIENT_IDENT; otherwise right after the handshake), and
+    /// checks its answer: the handshake workload's connect to first answer.
+    static func connectWithFirstEcho(_ system: System, port: Int, load: Load, material: SecurityMaterial?) async throws -> ParleyCaller {
+        let (address, configuration) = try Self.setup(system, port: port, material: material)
+        let (request, data) = Self.echo(load)
+        let (client, reply) = try await ParleyClient.connect(
+            to: address, configuration: configuration, firstCall: request, data: data, as: EchoReply.self
+        )
+        let caller = ParleyCaller(client: client, load: load, system: system)
+        do {
+            try check(reply.message.payload.count + (reply.data?.readableBytes ?? 0), load.size, system)
+        } catch {
+            await caller.close()
+            throw error
+        }
+        return caller
+    }
+
+    /// Where and how `system`'s client connects.
+    private static func setup(_ system: System, port: Int, material: SecurityMaterial?) throws -> (ParleyAddress, ParleyClient.Configuration) {
+        var configuration = ParleyClient.Configuration(name: "parley-bench")
+        switch system {
+        case .parleySecure:
+            guard let material else { throw BenchError("\(system.title) needs a keyring") }
+            // Method secret only, secure mode only: what the server allows.
+            configuration = .init(name: "parley-bench", secret: material.credentials, modes: [.secure])
+            return (.tcp(host: "127.0.0.1", port: port), configuration)
+        case .parleyTLS:
+            guard let material else { throw BenchError("\(system.title) needs certificates") }
+            configuration.transport = PosixTransport(tls: try ParleyTLS.client(directory: material.certificates))
+            return (.tls(host: "127.0.0.1", port: port), configuration)
+        case .parleyLossless:
+            configuration.lossless = ParleyClient.LosslessOptions()
+            return (.tcp(host: "127.0.0.1", port: port), configuration)
+        default:
+            return (.tcp(host: "127.0.0.1", port: port), configuration)
+        }
+    }
+
     init(client: ParleyClient, load: Load, system: System = .parley) {
         self.system = system
         self.client = client
-        var request = EchoRequest()
-        if load.dataSegment {
-            self.data = ByteBuffer(bytes: testBytes(load.size))
-        } else {
-            request.payload = Data(testBytes(load.size))
-            self.data = nil
-        }
-        self.request = request
+        (self.request, self.data) = Self.echo(load)
         self.size = load.size
+    }
+
+    /// The echo request of `load`: its bytes in the payload, or in the data segment.
+    static func echo(_ load: Load) -> (EchoRequest, ByteBuffer?) {
+        var request = EchoRequest()
+        guard load.dataSegment else {
+            request.payload = Data(testBytes(load.size))
+            return (request, nil)
+        }
+        return (request, ByteBuffer(bytes: testBytes(load.size)))
     }
 
     func roundTrip() async throws {

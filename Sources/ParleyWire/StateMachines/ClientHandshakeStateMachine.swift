@@ -78,6 +78,8 @@ public struct ClientHandshakeStateMachine: Sendable {
         /// Method `secret`, after AUTH_REPLY_MORE.
         var secret: SecretRound?
         var identSent = false
+        /// MESSAGEs may follow CLIENT_IDENT at once (secure mode; R-6.1-6).
+        var earlyMessagesAllowed = false
         /// SESSION_RECONNECT was sent in place of CLIENT_IDENT.
         var reconnectSent = false
         /// The server answered SESSION_RESET for this reason; CLIENT_IDENT followed.
@@ -312,6 +314,7 @@ public struct ClientHandshakeStateMachine: Sendable {
             entity: partial.secret?.schedule.entity ?? (done.entity.isEmpty ? nil : done.entity)
         )
         result.session = session
+        result.earlyMessagesAllowed = partial.earlyMessagesAllowed
         return HandshakeStep(outcome: .established(result))
     }
 
@@ -378,6 +381,14 @@ public struct ClientHandshakeStateMachine: Sendable {
             step.send.append(.startSealing(SecureSwitch(keys: keys.clientToServer)))
         }
         step.send.append(.frame(self.identFrame(&partial)))
+        // Sealed under keys only the holder of the entity's key can derive, to a server that
+        // has checked the client's proof and transcript before it opens them: MESSAGEs may
+        // follow at once (R-6.1-6). Not in crc mode (they would travel in the clear before
+        // AUTH_DONE proves nobody forced crc mode) and not after SESSION_RECONNECT.
+        if cipher != nil, !partial.reconnectSent {
+            partial.earlyMessagesAllowed = true
+            step.earlyMessages = EarlyMessageTerms(features: partial.features, peerMaxFrameSize: partial.hello.maxFrameSize)
+        }
         partial.secret = round
         self.state = .awaitingAuth(partial)
         return step

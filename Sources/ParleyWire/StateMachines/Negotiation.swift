@@ -91,6 +91,10 @@ public struct HandshakeStep: Equatable, Sendable {
     /// From the next inbound byte on, frames are sealed with these keys: the driver must
     /// switch its decoder before it decodes anything after the frame that caused this step.
     public var startOpening: SecureSwitch?
+    /// Client side, secure mode: the driver may send MESSAGE frames right after this step's
+    /// frames (after CLIENT_IDENT), sealed, numbered from seq 1 under these terms, without
+    /// waiting for SERVER_IDENT (docs/protocol.md, R-6.1-6).
+    public var earlyMessages: EarlyMessageTerms?
 
     public init(send: [WireOutbound] = [], outcome: Outcome? = nil, startOpening: SecureSwitch? = nil) {
         self.send = send
@@ -100,6 +104,18 @@ public struct HandshakeStep: Equatable, Sendable {
 
     static func fail(_ error: ParleyError, tellPeer: Bool) -> HandshakeStep {
         HandshakeStep(send: tellPeer ? [.frame(error.status.frame(tag: .close))] : [], outcome: .failed(error))
+    }
+}
+
+/// What a client's early MESSAGEs are sent under (R-6.1-6): the features the banners settled
+/// and the largest frame the server's HELLO accepts.
+public struct EarlyMessageTerms: Equatable, Sendable {
+    public var features: ParleyFeatures
+    public var peerMaxFrameSize: UInt32
+
+    public init(features: ParleyFeatures, peerMaxFrameSize: UInt32) {
+        self.features = features
+        self.peerMaxFrameSize = peerMaxFrameSize
     }
 }
 
@@ -121,6 +137,9 @@ public struct HandshakeResult: Equatable, Sendable {
     public var capabilities: [String] = []
     /// Lossy, or what became of the lossless session (feature bit 9).
     public var session: SessionOutcome = .lossy
+    /// Client side: the handshake let the client send MESSAGEs right after CLIENT_IDENT
+    /// (`HandshakeStep.earlyMessages`; secure mode, R-6.1-6).
+    public var earlyMessagesAllowed = false
 
     public init(
         peerBanner: Banner, features: ParleyFeatures, peerHello: Parley_V1_Hello, authMethod: String, globalID: UInt64,

@@ -1,0 +1,244 @@
+import Logging
+import NIOCore
+import NIOEmbedded
+import Parley
+@testable import ParleyNIO
+import ParleyServices
+import ParleyWire
+import Testing
+
+/// A first request sent with the handshake's last flight (docs/protocol.md, R-6.1-6): in
+/// secure mode it follows CLIENT_IDENT at once, sealed, and its answer comes with
+/// SERVER_IDENT, one round trip sooner than after the handshake.
+@Suite(.timeLimit(.minutes(2)))
+struct FirstCallTests {
+    // MARK: - The flights, counted (two handlers in embedded channels, the test carrying the bytes)
+
+    /// Records what reached one side, and when the handshake completed.
+    final class Sink: ParleyEventSink, @unchecked Sendable {
+        var outlet: ParleyConnectionHandler.Outlet?
+        var result: HandshakeResult?
+        var received: [WireMessage] = []
+        /// The flight (one way, counted by the test) in which the handshake completed, and
+        /// the one that brought the first answer.
+        var establishedInFlight: Int?
+        var answerInFlight: Int?
+        var flight = 0
+        func received(_ event: ConnectionEvent) {
+            guard case .message(let m) = event else { return }
+            self.received.append(m)
+            if self.answerInFlight == nil { self.answerInFlight = self.flight }
+        }
+        func closed(_ reason: ParleyError) {}
+    }
+
+    /// Answers every request at once.
+    final class Answering: ParleyEventSink, @unchecked Sendable {
+        var outlet: ParleyConnectionHandler.Outlet?
+        var received: [WireMessage] = []
+        func received(_ event: ConnectionEvent) {
+            guard case .message(let m) = event else { return }
+            self.received.append(m)
+            if m.header.kind == .request {
+                self.outlet?.write(.message(WireMessage(header: MessageHeader(id: m.header.id, kind: .response, type: "t.Answer"), payload: m.payload)))
+            }
+        }
+        func closed(_ reason: ParleyError) {}
+    }
+
+    static let alice = SecretEntity(name: "client.alice", key: Array(repeating: 0xA1, count: 32), capabilities: ["*"])
+
+    static func request(_ id: UInt64) -> WireMessage {
+        WireMessage(header: MessageHeader(id: id, kind: .request, type: "t.Question"), payload: ByteBuffer(bytes: [8, UInt8(id)]))
+    }
+
+    /// Runs a `secret` handshake between two handlers, the client holding request 1 as an
+    /// early message (and sending it itself once established if the handshake did not take
+    /// it); carries the bytes flight by flight until both sides are quiet.
+    static func run(mode: ConnectionMode) throws -> (client: Sink, server: Answering, channels: (client: EmbeddedChannel, server: EmbeddedChannel)) {
+        var supported = ParleyFeatures.implemented
+        supported.insert(.secureMode)
+        let banner = Banner(supported: supported, required: [])
+        let size = UInt32(Frame.defaultMaxFrameSize)
+        var ident = Parley_V1_ClientIdent()
+        ident.version = "1.0.0"
+        ident.clientNonce = 7
+        let clientMachine = ClientHandshakeStateMachine(configuration: .init(
+            banner: banner, maxFrameSize: size, authMethods: [AuthMethod.secret], ident: ident, serverAddress: "test",
+            secret: SecretCredentials(entity: alice.name, key: alice.key), modes: [mode], randomness: .generate()
+        ))
+        let serverMachine = ServerHandshakeStateMachine(configuration: .init(
+            banner: banner, maxFrameSize: size, authMethods: [AuthMethod.secret], ident: Parley_V1_ServerIdent(), clientAddress: "test",
+            modes: [.crc, .secure], secrets: SecretDirectory([alice]), randomness: .generate(), globalID: 1
+        ))
+        let client = EmbeddedChannel(), server = EmbeddedChannel()
+        let clientSink = Sink(), serverSink = Answering()
+        let clientHandler = ParleyConnectionHandler(role: .client(clientMachine), eventLoop: client.eventLoop) { result, outlet in
+            clientSink.outlet = outlet
+            clientSink.result = result
+            clientSink.establishedInFlight = clientSink.flight
+            if !result.earlyMessagesAllowed { outlet.write(.message(Self.request(1))) }
+            return EstablishedLink(sink: clientSink)
+        }
+        clientHandler.earlyMessages = [Self.request(1)]
+        let serverHandler = ParleyConnectionHandler(role: .server(serverMachine), eventLoop: server.eventLoop) { _, outlet in
+            serverSink.outlet = outlet
+            return EstablishedLink(sink: serverSink)
+        }
+        try ParleyPipeline.configure(server, options: PipelineOptions(), handler: serverHandler)
+        try ParleyPipeline.configure(client, options: PipelineOptions(), handler: clientHandler)
+        let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
+        try server.connect(to: address).wait()
+        try client.connect(to: address).wait()
+        for flight in 1...20 {
+            clientSink.flight = flight
+            let toServer = try ReadBurstFlushTests.take(client), toClient = try ReadBurstFlushTests.take(server)
+            if toServer == nil, toClient == nil { break }
+            if let toServer { try ReadBurstFlushTests.burst(toServer, into: server) }
+            if let toClient { try ReadBurstFlushTests.burst(toClient, into: client) }
+        }
+        return (clientSink, serverSink, (client, server))
+    }
+
+    @Test func inSecureModeTheAnswerComesWithServerIdent() throws {
+        let (client, server, channels) = try Self.run(mode: .secure)
+        let result = try #require(client.result, "the handshake did not complete")
+        #expect(result.connectionMode == .secure)
+        #expect(result.earlyMessagesAllowed)
+        #expect(server.received.map(\.header.id) == [1])
+        #expect(server.received.first?.header.seq == 1)
+        #expect(client.received.map(\.header.id) == [1], "the answer arrived")
+        // In the bytes that completed the handshake: no round trip after it.
+        #expect(client.answerInFlight != nil && client.answerInFlight == client.establishedInFlight)
+        // The session numbers on after the early message: the server, which checks that
+        // seqs arrive in order, takes the next request (seq 2) and answers it.
+        client.outlet?.write(.message(Self.request(2)))
+        try ReadBurstFlushTests.burst(try #require(try ReadBurstFlushTests.take(channels.client)), into: channels.server)
+        try ReadBurstFlushTests.burst(try #require(try ReadBurstFlushTests.take(channels.server)), into: channels.client)
+        #expect(server.received.map(\.header.seq) == [1, 2])
+        #expect(client.received.map(\.header.id) == [1, 2])
+    }
+
+    /// In crc mode nothing travels before AUTH_DONE: the early message is dropped unsent and
+    /// the request goes once the connection is up, its answer a round trip later.
+    @Test func inCrcModeTheRequestWaitsForTheHandshake() throws {
+        let (client, server, _) = try Self.run(mode: .crc)
+        let result = try #require(client.result, "the handshake did not complete")
+        #expect(result.connectionMode == .crc)
+        #expect(!result.earlyMessagesAllowed)
+        #expect(server.received.map(\.header.id) == [1], "sent once, after the handshake")
+        #expect(server.received.first?.header.seq == 1)
+        #expect(client.received.map(\.header.id) == [1])
+        let established = try #require(client.establishedInFlight)
+        #expect(client.answerInFlight == established + 2, "one round trip (two flights) after the handshake")
+    }
+
+    // MARK: - ParleyClient.connect(to:firstCall:) over real sockets
+
+    static func pingRouter(_ ran: Counter, name: String) -> ParleyRouter {
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Ping.self) { request, _ in
+            ran.increment()
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = request.sequence
+            pong.serverName = name
+            return pong
+        }
+        return router
+    }
+
+    /// A server allowing method `secret` in both modes over the keyring at `keyring`.
+    static func withKeyedServer<T>(
+        keyring: String, name: String, ran: Counter, configure: (inout ParleyServer.Configuration) -> Void = { _ in },
+        _ body: (ParleyAddress) async throws -> T
+    ) async throws -> T {
+        let source = try ParleyKeyringSource(path: keyring)
+        return try await withServer(
+            configure: { $0.authMethods = [AuthMethod.secret]; $0.modes = [.crc, .secure]; $0.keyring = source; configure(&$0) },
+            router: Self.pingRouter(ran, name: name)
+        ) { _, addresses in try await body(addresses[0]) }
+    }
+
+    static func keyring() throws -> (path: String, credentials: SecretCredentials) {
+        let path = freshTestDirectory("first-call") + "/server.keyring"
+        let keys = try writeKeyring(path, [("client.alice", ["*"])])
+        return (path, SecretCredentials(entity: "client.alice", key: keys["client.alice"]!))
+    }
+
+    static func pingRequest(_ n: UInt64) -> Parley_Echo_V1_Ping {
+        var ping = Parley_Echo_V1_Ping()
+        ping.sequence = n
+        return ping
+    }
+
+    @Test(arguments: [ConnectionMode.secure, .crc])
+    func connectWithAFirstCallThenGoOn(mode: ConnectionMode) async throws {
+        let ran = Counter()
+        let (path, credentials) = try Self.keyring()
+        try await Self.withKeyedServer(keyring: path, name: "one", ran: ran) { address in
+            // One request slot: the first call must give its slot back, or the next call waits forever.
+            var configuration = ParleyClient.Configuration(secret: credentials, modes: [mode])
+            configuration.limits.maxOutstandingRequests = 1
+            let (client, reply) = try await ParleyClient.connect(
+                to: address, configuration: configuration, logger: quietLogger, firstCall: Self.pingRequest(41), as: Parley_Echo_V1_Pong.self
+            )
+            defer { client.close() }
+            #expect(client.session.connectionMode == mode)
+            #expect(reply.message.sequence == 41 && reply.message.serverName == "one")
+            #expect(client.connection.outstandingRequests == 0)
+            for n in UInt64(42)...44 { #expect(try await ping(client, n) == n) }
+            #expect(ran.count == 4)
+        }
+    }
+
+    /// A request sent with the handshake runs where it was sent: on a redirecting server in
+    /// secure mode (the client waits for its answer there, then follows the redirect); in crc
+    /// mode it is an ordinary call on the server the redirect leads to.
+    @Test(arguments: [ConnectionMode.secure, .crc])
+    func aRedirectedFirstCall(mode: ConnectionMode) async throws {
+        let ranFront = Counter(), ranBack = Counter()
+        let (path, credentials) = try Self.keyring()
+        try await Self.withKeyedServer(keyring: path, name: "back", ran: ranBack) { back in
+            try await Self.withKeyedServer(keyring: path, name: "front", ran: ranFront, configure: { $0.nucleus.redirects = [back.description] }) { front in
+                let (client, reply) = try await ParleyClient.connect(
+                    to: front, configuration: .init(secret: credentials, modes: [mode]), logger: quietLogger,
+                    firstCall: Self.pingRequest(7), as: Parley_Echo_V1_Pong.self
+                )
+                defer { client.close() }
+                #expect(client.address == back && client.redirectedFrom == [front])
+                #expect(reply.message.sequence == 7)
+                #expect(reply.message.serverName == (mode == .secure ? "front" : "back"))
+                #expect(ranFront.count == (mode == .secure ? 1 : 0) && ranBack.count == (mode == .secure ? 0 : 1))
+                #expect(try await ping(client, 8) == 8)
+                #expect(ranBack.count == (mode == .secure ? 1 : 2))
+            }
+        }
+    }
+
+    /// A server that refuses the client in SERVER_IDENT never runs the request that followed
+    /// CLIENT_IDENT; nor does one that refuses the client's proof.
+    @Test func aRefusedClientsEarlyRequestNeverRuns() async throws {
+        let ran = Counter()
+        let (path, credentials) = try Self.keyring()
+        try await Self.withKeyedServer(keyring: path, name: "strict", ran: ran, configure: { $0.minimumClientVersion = "99.0" }) { address in
+            let refused = await #expect(throws: ParleyError.self) {
+                try await ParleyClient.connect(
+                    to: address, configuration: .init(secret: credentials, modes: [.secure]), logger: quietLogger,
+                    firstCall: Self.pingRequest(1), as: Parley_Echo_V1_Pong.self
+                )
+            }
+            #expect(refused?.code == .clientOutOfDate, "\(String(describing: refused))")
+            let wrongKey = await #expect(throws: ParleyError.self) {
+                try await ParleyClient.connect(
+                    to: address, configuration: .init(secret: SecretCredentials(entity: credentials.entity, key: Array(repeating: 1, count: 32)), modes: [.secure]),
+                    logger: quietLogger, firstCall: Self.pingRequest(2), as: Parley_Echo_V1_Pong.self
+                )
+            }
+            #expect(wrongKey?.code == .authenticationFailed, "\(String(describing: wrongKey))")
+            // The server handles a connection's frames in order and stopped at the refusal;
+            // give a late handler (there should be none) time to show itself.
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(ran.count == 0)
+        }
+    }
+}
