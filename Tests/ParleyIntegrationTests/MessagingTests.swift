@@ -139,6 +139,19 @@ struct MessagingTests {
         }
     }
 
+    /// An address literal is connected to directly, a name through the resolver: both reach
+    /// the server.
+    @Test func aHostNameIsResolvedAndAnAddressIsNot() async throws {
+        try await withServer { _, addresses in
+            guard case .tcp(_, let port) = addresses[0].kind else { Issue.record("\(addresses[0]) is not TCP"); return }
+            for host in ["localhost", "127.0.0.1"] {
+                let client = try await ParleyClient.connect(to: .tcp(host: host, port: port), logger: quietLogger)
+                defer { client.close() }
+                #expect(try await ping(client, 9) == 9)
+            }
+        }
+    }
+
     @Test func serverInitiatedRequests() async throws {
         var serverRouter = ParleyRouter()
         // To answer an Echo, the server first asks the client a Ping of its own.

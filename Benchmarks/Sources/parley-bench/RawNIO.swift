@@ -261,7 +261,8 @@ final class RawClient: Sendable {
                     try sync.addHandler(RawClientHandler(coalescing: coalescing))
                 }
             }
-            .connect(host: "127.0.0.1", port: port)
+            // An address, not a name: no getaddrinfo on another thread (as Parley's transport).
+            .connect(to: try SocketAddress(ipAddress: "127.0.0.1", port: port))
             .get()
         guard coalescing else { return RawClient(channel: channel) }
         let handler = try await channel.eventLoop.submit {
