@@ -159,14 +159,20 @@ public final class ParleyClient: Sendable {
     /// (docs/protocol.md, R-6.1-6). In crc mode, and for a lossless session, it is an
     /// ordinary call made once connected (after any redirects and request delay).
     ///
-    /// A request sent with the handshake runs on the server that answered the handshake: if
-    /// that server's SERVER_IDENT redirects, its answer is awaited there before the client
-    /// follows the redirect (the returned client is connected to where the redirects lead).
-    /// If the server refuses the client (SERVER_IDENT with a refusal) the request did not run.
+    /// A request sent with the handshake goes before the server's request delay is known,
+    /// and to the server that answered the handshake. If that server's SERVER_IDENT
+    /// redirects, its answer is awaited there: a reply is returned with the client connected
+    /// to where the redirects lead; an ERROR saying nothing of it ran there
+    /// (`unknownMessageType`, `permissionDenied`: a server that only redirects) makes it an
+    /// ordinary call where the redirects lead; any other ERROR is thrown. If the server
+    /// refuses the client (its proof, or SERVER_IDENT with a refusal) the request did not run.
     ///
     /// - Returns: the connected client and the first call's reply.
     /// - Throws: what `connect` and `call` throw; when the call fails, the connection is
-    ///   closed before the error is thrown.
+    ///   closed before the error is thrown. In secure mode the request may have run when the
+    ///   error is one of the connection (it broke after the server sent SERVER_IDENT, or
+    ///   following a redirect failed after the first server answered): retry only an
+    ///   idempotent request blindly.
     public static func connect<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
         to address: ParleyAddress, configuration: Configuration = .defaults, router: ParleyRouter = ParleyRouter(),
         logger: Logger = Logger(label: "parley.client"), group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
@@ -181,15 +187,30 @@ public final class ParleyClient: Sendable {
         }
         let connected = try await self.connectOnce(to: address, redirectedFrom: [], configuration: configuration, router: router, logger: logger, group: group, early: early)
         if let answer = connected.earlyAnswer {
-            let reply: ParleyReply<Response>
+            let outcome: Result<ParleyReply<Response>, any Error>
             do {
-                reply = try ParleyConnection.decodeAnswer(try await answer.get(), as: Response.self)
+                outcome = .success(try ParleyConnection.decodeAnswer(try await answer.get(), as: Response.self))
             } catch {
+                outcome = .failure(error)
+            }
+            let redirected = !connected.client.session.nucleus.redirects.isEmpty && configuration.maxRedirects > 0
+            switch outcome {
+            case .success(let reply):
+                do {
+                    return (try await self.followRedirects(of: connected.client, configuration: configuration, router: router, logger: logger, group: group), reply)
+                } catch let error as ParleyError {
+                    throw ParleyError(
+                        code: error.code, message: "the first call ran on \(address), but following its redirect failed: \(error.message)", cause: error
+                    )
+                }
+            case .failure(let error as ParleyError) where redirected && [.unknownMessageType, .permissionDenied].contains(error.code):
+                // Nothing of it ran on the server that redirects: the call goes where the
+                // redirects lead, as in crc mode.
+                logger.debug("first call not run by a redirecting server", metadata: ["server": "\(address)", "error": "\(error)"])
+            case .failure(let error):
                 connected.client.close()
                 throw error
             }
-            let client = try await self.followRedirects(of: connected.client, configuration: configuration, router: router, logger: logger, group: group)
-            return (client, reply)
         }
         let client = try await self.followRedirects(of: connected.client, configuration: configuration, router: router, logger: logger, group: group)
         do {
@@ -282,7 +303,7 @@ public final class ParleyClient: Sendable {
                         lossless = LosslessSession(token: token, serverNonce: result.serverIdent.serverNonce, bounds: options.replayBounds)
                     }
                     var sentEarly: ParleyConnection.SentEarly?
-                    if let early, result.earlyMessagesAllowed {
+                    if let early, result.earlyMessagesSent > 0 {
                         let answer = channel.eventLoop.makePromise(of: WireMessage.self)
                         sentEarly = ParleyConnection.SentEarly(id: early.header.id) { answer.completeWith($0) }
                         earlyAnswer.withLockedValue { $0 = answer.futureResult }

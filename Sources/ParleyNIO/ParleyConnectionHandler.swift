@@ -123,8 +123,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// caller learns which from `HandshakeResult.earlyMessagesAllowed`). Set before the
     /// channel is active; numbered seq 1, 2, ... like the session's first messages.
     public var earlyMessages: [WireMessage] = []
-    /// The session machine that numbered the early messages: the session goes on with it.
+    /// The session machine that numbered the early messages (and how many it numbered): the
+    /// session goes on with it.
     private var earlySession: SessionStateMachine?
+    private var earlySent = 0
 
     /// A flush is scheduled for the end of this event-loop tick.
     private var flushScheduled = false
@@ -604,12 +606,15 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                     context.write(self.wrapOutboundOut(sealed), promise: nil)
                 }
             } catch {
+                // The request cannot go (a feature the server lacks, too large): the connect
+                // fails with why; the server, which has CLIENT_IDENT, sees the connection close.
                 self.state = .closing
                 self.recordFailure(ParleyError(code: error.code, message: "cannot send the first request: \(error.message)", cause: error))
                 self.flushThenClose(context: context)
                 return
             }
             self.earlySession = session
+            self.earlySent = early.count
         }
         if let secure = step.startOpening {
             do {
@@ -634,8 +639,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
             self.state = .handshaking(.server(machine))
             self.perform(next, context: context)
-        case .established(let result):
+        case .established(var result):
             if !step.send.isEmpty { context.flush() }
+            result.earlyMessagesSent = self.earlySent
             let role: SessionStateMachine.Role
             if case .handshaking(.client(_)) = self.state { role = .client } else { role = .server }
             let peerMax = Frame.peerLimit(announced: result.peerHello.maxFrameSize)

@@ -1,4 +1,6 @@
+import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOEmbedded
 import Parley
@@ -104,7 +106,7 @@ struct FirstCallTests {
         let (client, server, channels) = try Self.run(mode: .secure)
         let result = try #require(client.result, "the handshake did not complete")
         #expect(result.connectionMode == .secure)
-        #expect(result.earlyMessagesAllowed)
+        #expect(result.earlyMessagesAllowed && result.earlyMessagesSent == 1)
         #expect(server.received.map(\.header.id) == [1])
         #expect(server.received.first?.header.seq == 1)
         #expect(client.received.map(\.header.id) == [1], "the answer arrived")
@@ -125,7 +127,7 @@ struct FirstCallTests {
         let (client, server, _) = try Self.run(mode: .crc)
         let result = try #require(client.result, "the handshake did not complete")
         #expect(result.connectionMode == .crc)
-        #expect(!result.earlyMessagesAllowed)
+        #expect(!result.earlyMessagesAllowed && result.earlyMessagesSent == 0)
         #expect(server.received.map(\.header.id) == [1], "sent once, after the handshake")
         #expect(server.received.first?.header.seq == 1)
         #expect(client.received.map(\.header.id) == [1])
@@ -135,10 +137,21 @@ struct FirstCallTests {
 
     // MARK: - ParleyClient.connect(to:firstCall:) over real sockets
 
-    static func pingRouter(_ ran: Counter, name: String) -> ParleyRouter {
+    /// The ids of the requests a server's Ping handler ran, in order.
+    final class Ran: Sendable {
+        private let box = NIOLockedValueBox<[UInt64]>([])
+        func record(_ id: UInt64) { self.box.withLockedValue { $0.append(id) } }
+        var ids: [UInt64] { self.box.withLockedValue { $0 } }
+        var count: Int { self.ids.count }
+    }
+
+    /// Answers Ping with a Pong naming the server; `serves: false`: no handler at all (a
+    /// server that only redirects).
+    static func pingRouter(_ ran: Ran, name: String, serves: Bool) -> ParleyRouter {
         var router = ParleyRouter()
-        router.on(Parley_Echo_V1_Ping.self) { request, _ in
-            ran.increment()
+        guard serves else { return router }
+        router.on(Parley_Echo_V1_Ping.self) { request, context in
+            ran.record(context.requestID)
             var pong = Parley_Echo_V1_Pong()
             pong.sequence = request.sequence
             pong.serverName = name
@@ -149,13 +162,13 @@ struct FirstCallTests {
 
     /// A server allowing method `secret` in both modes over the keyring at `keyring`.
     static func withKeyedServer<T>(
-        keyring: String, name: String, ran: Counter, configure: (inout ParleyServer.Configuration) -> Void = { _ in },
+        keyring: String, name: String, ran: Ran, serves: Bool = true, configure: (inout ParleyServer.Configuration) -> Void = { _ in },
         _ body: (ParleyAddress) async throws -> T
     ) async throws -> T {
         let source = try ParleyKeyringSource(path: keyring)
         return try await withServer(
             configure: { $0.authMethods = [AuthMethod.secret]; $0.modes = [.crc, .secure]; $0.keyring = source; configure(&$0) },
-            router: Self.pingRouter(ran, name: name)
+            router: Self.pingRouter(ran, name: name, serves: serves)
         ) { _, addresses in try await body(addresses[0]) }
     }
 
@@ -173,7 +186,7 @@ struct FirstCallTests {
 
     @Test(arguments: [ConnectionMode.secure, .crc])
     func connectWithAFirstCallThenGoOn(mode: ConnectionMode) async throws {
-        let ran = Counter()
+        let ran = Ran()
         let (path, credentials) = try Self.keyring()
         try await Self.withKeyedServer(keyring: path, name: "one", ran: ran) { address in
             // One request slot: the first call must give its slot back, or the next call waits forever.
@@ -187,19 +200,25 @@ struct FirstCallTests {
             #expect(reply.message.sequence == 41 && reply.message.serverName == "one")
             #expect(client.connection.outstandingRequests == 0)
             for n in UInt64(42)...44 { #expect(try await ping(client, n) == n) }
-            #expect(ran.count == 4)
+            // The first call had id 1; the next ones take the ids after it.
+            #expect(ran.ids == [1, 2, 3, 4])
         }
     }
 
     /// A request sent with the handshake runs where it was sent: on a redirecting server in
-    /// secure mode (the client waits for its answer there, then follows the redirect); in crc
-    /// mode it is an ordinary call on the server the redirect leads to.
-    @Test(arguments: [ConnectionMode.secure, .crc])
-    func aRedirectedFirstCall(mode: ConnectionMode) async throws {
-        let ranFront = Counter(), ranBack = Counter()
+    /// secure mode (the client waits for its answer there, then follows the redirect), unless
+    /// that server only redirects (no handler: `unknownMessageType`, nothing ran), when it is
+    /// made again where the redirect leads; in crc mode it is an ordinary call on the server
+    /// the redirect leads to.
+    @Test(arguments: [(ConnectionMode.secure, true), (.secure, false), (.crc, true)])
+    func aRedirectedFirstCall(mode: ConnectionMode, frontServes: Bool) async throws {
+        let ranFront = Ran(), ranBack = Ran()
         let (path, credentials) = try Self.keyring()
+        let answeredByFront = mode == .secure && frontServes
         try await Self.withKeyedServer(keyring: path, name: "back", ran: ranBack) { back in
-            try await Self.withKeyedServer(keyring: path, name: "front", ran: ranFront, configure: { $0.nucleus.redirects = [back.description] }) { front in
+            try await Self.withKeyedServer(
+                keyring: path, name: "front", ran: ranFront, serves: frontServes, configure: { $0.nucleus.redirects = [back.description] }
+            ) { front in
                 let (client, reply) = try await ParleyClient.connect(
                     to: front, configuration: .init(secret: credentials, modes: [mode]), logger: quietLogger,
                     firstCall: Self.pingRequest(7), as: Parley_Echo_V1_Pong.self
@@ -207,34 +226,47 @@ struct FirstCallTests {
                 defer { client.close() }
                 #expect(client.address == back && client.redirectedFrom == [front])
                 #expect(reply.message.sequence == 7)
-                #expect(reply.message.serverName == (mode == .secure ? "front" : "back"))
-                #expect(ranFront.count == (mode == .secure ? 1 : 0) && ranBack.count == (mode == .secure ? 0 : 1))
+                #expect(reply.message.serverName == (answeredByFront ? "front" : "back"))
+                #expect(ranFront.count == (answeredByFront ? 1 : 0) && ranBack.count == (answeredByFront ? 0 : 1))
                 #expect(try await ping(client, 8) == 8)
-                #expect(ranBack.count == (mode == .secure ? 1 : 2))
+                #expect(ranBack.count == (answeredByFront ? 1 : 2))
             }
         }
     }
 
-    /// A server that refuses the client in SERVER_IDENT never runs the request that followed
-    /// CLIENT_IDENT; nor does one that refuses the client's proof.
+    /// [R-6.1-7] A server that refuses the client in SERVER_IDENT never runs the request that
+    /// followed CLIENT_IDENT. The client's capture shows the request did leave: it is longer
+    /// by one sealed Ping than the capture of the same refusal without a first call.
     @Test func aRefusedClientsEarlyRequestNeverRuns() async throws {
-        let ran = Counter()
+        let ran = Ran()
         let (path, credentials) = try Self.keyring()
+        let directory = freshTestDirectory("first-call-refused")
         try await Self.withKeyedServer(keyring: path, name: "strict", ran: ran, configure: { $0.minimumClientVersion = "99.0" }) { address in
-            let refused = await #expect(throws: ParleyError.self) {
-                try await ParleyClient.connect(
-                    to: address, configuration: .init(secret: credentials, modes: [.secure]), logger: quietLogger,
-                    firstCall: Self.pingRequest(1), as: Parley_Echo_V1_Pong.self
-                )
+            var sizes: [Int] = []
+            for (n, firstCall) in [false, true].enumerated() {
+                var configuration = ParleyClient.Configuration(secret: credentials, modes: [.secure])
+                configuration.captureOutbound = directory + "/out-\(n)"
+                let refused = await #expect(throws: ParleyError.self) {
+                    if firstCall {
+                        _ = try await ParleyClient.connect(to: address, configuration: configuration, logger: quietLogger, firstCall: Self.pingRequest(1), as: Parley_Echo_V1_Pong.self)
+                    } else {
+                        _ = try await ParleyClient.connect(to: address, configuration: configuration, logger: quietLogger)
+                    }
+                }
+                #expect(refused?.code == .clientOutOfDate, "\(String(describing: refused))")
+                // The capture file is complete once the channel has closed.
+                #expect(try await eventually(seconds: 10) {
+                    (try? FileManager.default.attributesOfItem(atPath: configuration.captureOutbound!)[.size] as? Int).map { $0 > 0 } ?? false
+                })
+                try await Task.sleep(for: .milliseconds(100))
+                sizes.append(try FileManager.default.attributesOfItem(atPath: configuration.captureOutbound!)[.size] as? Int ?? 0)
             }
-            #expect(refused?.code == .clientOutOfDate, "\(String(describing: refused))")
-            let wrongKey = await #expect(throws: ParleyError.self) {
-                try await ParleyClient.connect(
-                    to: address, configuration: .init(secret: SecretCredentials(entity: credentials.entity, key: Array(repeating: 1, count: 32)), modes: [.secure]),
-                    logger: quietLogger, firstCall: Self.pingRequest(2), as: Parley_Echo_V1_Pong.self
-                )
-            }
-            #expect(wrongKey?.code == .authenticationFailed, "\(String(describing: wrongKey))")
+            let ping = WireMessage(
+                header: MessageHeader(seq: 1, id: 1, kind: .request, type: Parley_Echo_V1_Ping.protoMessageName), payload: Self.pingRequest(1).parleyPayload()
+            ).frame(allocator: ByteBufferAllocator())
+            // Give or take the varint of each connection's random client nonce (1 to 10 bytes).
+            let extra = sizes[1] - sizes[0]
+            #expect(abs(extra - ping.sealedWireSize) <= 9, "captured \(sizes), a sealed Ping is \(ping.sealedWireSize) bytes")
             // The server handles a connection's frames in order and stopped at the refusal;
             // give a late handler (there should be none) time to show itself.
             try await Task.sleep(for: .milliseconds(200))

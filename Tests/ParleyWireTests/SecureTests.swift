@@ -400,6 +400,21 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
         }
     }
 
+    /// [R-6.1-6] Not with feature bit 9: a lossless session numbers its messages itself.
+    @Test func noEarlyMessagesInALosslessSession() throws {
+        var client = SecurePair.clientConfig(modes: [.secure])
+        var server = SecurePair.serverConfig()
+        client.banner.supported.insert(.reconnect)
+        server.banner.supported.insert(.reconnect)
+        server.sessionToken = Array(repeating: 9, count: SessionToken.size)
+        var pair = SecurePair(client: client, server: server)
+        _ = try pair.run()
+        let c = try #require(Pair.established(pair.clientOutcome))
+        #expect(c.connectionMode == .secure && c.features.contains(.reconnect))
+        #expect(pair.clientSteps.allSatisfy { $0.earlyMessages == nil })
+        #expect(!c.earlyMessagesAllowed)
+    }
+
     @Test func aSecureCaptureHoldsNoSecretNoPayloadNoIdentity() throws {
         var pair = SecurePair()
         _ = try pair.run()

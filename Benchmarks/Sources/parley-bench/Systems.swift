@@ -155,6 +155,9 @@ struct ParleyCaller: EchoCaller {
         )
         let caller = ParleyCaller(client: client, load: load, system: system)
         do {
+            if system == .parleyLossless, client.connection.lossless == nil {
+                throw BenchError("the server at \(address) did not grant a lossless session")
+            }
             try check(reply.message.payload.count + (reply.data?.readableBytes ?? 0), load.size, system)
         } catch {
             await caller.close()

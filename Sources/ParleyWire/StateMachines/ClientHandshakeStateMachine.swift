@@ -384,8 +384,9 @@ public struct ClientHandshakeStateMachine: Sendable {
         // Sealed under keys only the holder of the entity's key can derive, to a server that
         // has checked the client's proof and transcript before it opens them: MESSAGEs may
         // follow at once (R-6.1-6). Not in crc mode (they would travel in the clear before
-        // AUTH_DONE proves nobody forced crc mode) and not after SESSION_RECONNECT.
-        if cipher != nil, !partial.reconnectSent {
+        // AUTH_DONE proves nobody forced crc mode) and not with bit 9 (a lossless session
+        // numbers and keeps its messages itself; SESSION_RECONNECT goes only with bit 9).
+        if cipher != nil, !partial.features.contains(.reconnect) {
             partial.earlyMessagesAllowed = true
             step.earlyMessages = EarlyMessageTerms(features: partial.features, peerMaxFrameSize: partial.hello.maxFrameSize)
         }

@@ -140,6 +140,9 @@ public struct HandshakeResult: Equatable, Sendable {
     /// Client side: the handshake let the client send MESSAGEs right after CLIENT_IDENT
     /// (`HandshakeStep.earlyMessages`; secure mode, R-6.1-6).
     public var earlyMessagesAllowed = false
+    /// Client side: how many MESSAGEs the driver did send there (set by the driver, not by
+    /// the state machine): their seqs come first, and their answers are awaited.
+    public var earlyMessagesSent = 0
 
     public init(
         peerBanner: Banner, features: ParleyFeatures, peerHello: Parley_V1_Hello, authMethod: String, globalID: UInt64,
