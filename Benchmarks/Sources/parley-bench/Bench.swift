@@ -60,6 +60,8 @@ struct Run: AsyncParsableCommand {
             delivered after the session resumed, CUTS cuts per repetition after WARMUP; p50 and \
             p99). `parley chaos` is the real command, run as a process: the `parley` executable \
             next to this one (Scripts/bench.sh builds both), or --parley PATH.
+
+            Environment: PARLEY_BENCH_FLUSH_EVERY=N sets ParleyConnectionLimits.flushEvery of             Parley's clients and servers (0: flush at the end of each read burst only; unset:             the library's default, 16).
             """
     )
 

@@ -126,6 +126,10 @@ struct RawCaller: EchoCaller {
     func close() async { await self.client.close() }
 }
 
+/// `PARLEY_BENCH_FLUSH_EVERY=N`: `ParleyConnectionLimits.flushEvery` of Parley's clients and
+/// servers (the server processes inherit the environment); unset: the library's default.
+let benchFlushEvery: Int? = ProcessInfo.processInfo.environment["PARLEY_BENCH_FLUSH_EVERY"].flatMap { Int($0) }
+
 struct ParleyCaller: EchoCaller {
     let client: ParleyClient
     let request: EchoRequest
@@ -169,11 +173,13 @@ struct ParleyCaller: EchoCaller {
     /// Where and how `system`'s client connects.
     private static func setup(_ system: System, port: Int, material: SecurityMaterial?) throws -> (ParleyAddress, ParleyClient.Configuration) {
         var configuration = ParleyClient.Configuration(name: "parley-bench")
+        if let flushEvery = benchFlushEvery { configuration.limits.flushEvery = flushEvery }
         switch system {
         case .parleySecure:
             guard let material else { throw BenchError("\(system.title) needs a keyring") }
             // Method secret only, secure mode only: what the server allows.
-            configuration = .init(name: "parley-bench", secret: material.credentials, modes: [.secure])
+            let limits = configuration.limits
+            configuration = .init(name: "parley-bench", limits: limits, secret: material.credentials, modes: [.secure])
             return (.tcp(host: "127.0.0.1", port: port), configuration)
         case .parleyTLS:
             guard let material else { throw BenchError("\(system.title) needs certificates") }
@@ -309,6 +315,7 @@ extension System {
                 configuration.listen = [.tls(host: "127.0.0.1", port: port)]
                 configuration.transport = PosixTransport(tls: try ParleyTLS.server(directory: certificates))
             }
+            if let flushEvery = benchFlushEvery { configuration.limits.flushEvery = flushEvery }
             let server = ParleyServer(configuration: configuration, router: EchoService.router(name: "parley-bench"))
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await server.run() }
