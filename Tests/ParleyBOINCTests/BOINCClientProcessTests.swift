@@ -147,7 +147,7 @@ struct BOINCClientProcessTests {
         #expect(attached.status == 0, "\(attached.combined)")
 
         // The job runs and is reported; the store has it once, with its bytes.
-        let succeeded = try await Self.eventually(seconds: 120) { await (try? await Self.result(master, 1)["state"] as? String) == "succeeded" }
+        let succeeded = try await Self.eventually(seconds: 120) { (try? await Self.result(master, 1)["state"] as? String) == "succeeded" }
         #expect(succeeded, "client:\n\(client.log)\nmaster:\n\(server.log)")
         let result = try await Self.result(master, 1)["result"] as? [String: Any]
         let outputs = result?["outputs"] as? [[String: Any]]
@@ -185,7 +185,7 @@ struct BOINCClientProcessTests {
         #expect(second.status == 0 && second.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "3", "\(second.combined)")
         var polls = 0
         let refused = try await Self.eventually(seconds: 120) {
-            if await (try? await Self.result(master, 3)["state"] as? String) == "failed" { return true }
+            if (try? await Self.result(master, 3)["state"] as? String) == "failed" { return true }
             // Past the client's back-off after the master's restart, every 5 s.
             if polls % 10 == 0 { _ = try? await boinccmd(["--project", url, "update"]) }
             polls += 1
