@@ -269,6 +269,8 @@ public final class ParleyClient: Sendable {
             randomness: configuration.authMethods.contains(AuthMethod.secret) ? .generate() : nil
         )
         machineConfiguration.resume = resume
+        // One method without further rounds, crc mode: CLIENT_IDENT goes in the first flight.
+        machineConfiguration.identInFirstFlight = true
         return ClientHandshakeStateMachine(configuration: machineConfiguration)
     }
 

@@ -123,9 +123,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// caller learns which from `HandshakeResult.earlyMessagesAllowed`). Set before the
     /// channel is active; numbered seq 1, 2, ... like the session's first messages.
     public var earlyMessages: [WireMessage] = []
-    /// The session machine that numbered the early messages (and how many it numbered): the
-    /// session goes on with it.
-    private var earlySession: SessionStateMachine?
+    /// How many early messages went: the session numbers on after them.
     private var earlySent = 0
 
     /// A flush is scheduled for the end of this event-loop tick.
@@ -596,25 +594,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 }
             }
         }
-        if let terms = step.earlyMessages, !self.earlyMessages.isEmpty, let sealer = self.sealer {
-            var session = SessionStateMachine(role: .client, features: terms.features, maxPeerFrameSize: Frame.peerLimit(announced: terms.peerMaxFrameSize))
-            let early = self.earlyMessages
-            self.earlyMessages = []
-            do throws(ParleyError) {
-                for message in early {
-                    let sealed = try session.stamp(message).sealFrame(with: sealer, allocator: context.channel.allocator)
-                    context.write(self.wrapOutboundOut(sealed), promise: nil)
-                }
-            } catch {
-                // The request cannot go (a feature the server lacks, too large): the connect
-                // fails with why; the server, which has CLIENT_IDENT, sees the connection close.
-                self.state = .closing
-                self.recordFailure(ParleyError(code: error.code, message: "cannot send the first request: \(error.message)", cause: error))
-                self.flushThenClose(context: context)
-                return
-            }
-            self.earlySession = session
-            self.earlySent = early.count
+        if let terms = step.earlyMessages, !self.earlyMessages.isEmpty {
+            self.sendEarly(terms, context: context)
         }
         if let secure = step.startOpening {
             do {
@@ -646,8 +627,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             if case .handshaking(.client(_)) = self.state { role = .client } else { role = .server }
             let peerMax = Frame.peerLimit(announced: result.peerHello.maxFrameSize)
             // Early messages took the first seqs: the session goes on from there.
-            self.state = .established(self.earlySession ?? SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax))
-            self.earlySession = nil
+            self.state = .established(SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax, sent: UInt64(self.earlySent)))
             self.earlyMessages = []
             if let configuration = self.keepaliveConfiguration, result.features.contains(.keepalive) {
                 self.startKeepalive(configuration, context: context)
@@ -677,6 +657,39 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.recordFailure(error)
             self.flushThenClose(context: context)
         }
+    }
+
+    /// Writes the early messages after the step that allowed them (sealed in secure mode),
+    /// numbered seq 1, 2, ...; if one of them needs what `terms` does not grant (a feature,
+    /// a larger frame), none goes, and the caller sends them once the session is up.
+    private func sendEarly(_ terms: EarlyMessageTerms, context: ChannelHandlerContext) {
+        let early = self.earlyMessages
+        self.earlyMessages = []
+        var session = SessionStateMachine(role: .client, features: terms.features, maxPeerFrameSize: Frame.peerLimit(announced: terms.peerMaxFrameSize))
+        var stamped: [WireMessage] = []
+        do throws(ParleyError) {
+            for message in early { stamped.append(try session.stamp(message)) }
+        } catch {
+            return
+        }
+        for message in stamped {
+            if let sealer = self.sealer {
+                do throws(ParleyError) {
+                    context.write(self.wrapOutboundOut(try message.sealFrame(with: sealer, allocator: context.channel.allocator)), promise: nil)
+                } catch {
+                    // The key is exhausted: the connection cannot go on.
+                    self.state = .closing
+                    self.recordFailure(error)
+                    self.flushThenClose(context: context)
+                    return
+                }
+            } else {
+                self.scratch.removeAll(keepingCapacity: true)
+                message.encodeFrame(into: &self.scratch, allocator: context.channel.allocator)
+                self.writeScratch(context: context, promise: nil)
+            }
+        }
+        self.earlySent = stamped.count
     }
 
     // MARK: - Keepalive

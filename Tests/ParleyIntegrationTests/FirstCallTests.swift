@@ -57,7 +57,9 @@ struct FirstCallTests {
     /// Runs a `secret` handshake between two handlers, the client holding request 1 as an
     /// early message (and sending it itself once established if the handshake did not take
     /// it); carries the bytes flight by flight until both sides are quiet.
-    static func run(mode: ConnectionMode) throws -> (client: Sink, server: Answering, channels: (client: EmbeddedChannel, server: EmbeddedChannel)) {
+    /// `method`: `secret` (with `mode`), or `none` (crc mode; CLIENT_IDENT and the request
+    /// then go in the first flight, R-6.1-5).
+    static func run(mode: ConnectionMode, method: String = AuthMethod.secret) throws -> (client: Sink, server: Answering, channels: (client: EmbeddedChannel, server: EmbeddedChannel)) {
         var supported = ParleyFeatures.implemented
         supported.insert(.secureMode)
         let banner = Banner(supported: supported, required: [])
@@ -65,12 +67,14 @@ struct FirstCallTests {
         var ident = Parley_V1_ClientIdent()
         ident.version = "1.0.0"
         ident.clientNonce = 7
-        let clientMachine = ClientHandshakeStateMachine(configuration: .init(
-            banner: banner, maxFrameSize: size, authMethods: [AuthMethod.secret], ident: ident, serverAddress: "test",
+        var clientConfiguration = ClientHandshakeStateMachine.Configuration(
+            banner: banner, maxFrameSize: size, authMethods: [method], ident: ident, serverAddress: "test",
             secret: SecretCredentials(entity: alice.name, key: alice.key), modes: [mode], randomness: .generate()
-        ))
+        )
+        clientConfiguration.identInFirstFlight = true
+        let clientMachine = ClientHandshakeStateMachine(configuration: clientConfiguration)
         let serverMachine = ServerHandshakeStateMachine(configuration: .init(
-            banner: banner, maxFrameSize: size, authMethods: [AuthMethod.secret], ident: Parley_V1_ServerIdent(), clientAddress: "test",
+            banner: banner, maxFrameSize: size, authMethods: [AuthMethod.secret, AuthMethod.none], ident: Parley_V1_ServerIdent(), clientAddress: "test",
             modes: [.crc, .secure], secrets: SecretDirectory([alice]), randomness: .generate(), globalID: 1
         ))
         let client = EmbeddedChannel(), server = EmbeddedChannel()
@@ -110,8 +114,10 @@ struct FirstCallTests {
         #expect(server.received.map(\.header.id) == [1])
         #expect(server.received.first?.header.seq == 1)
         #expect(client.received.map(\.header.id) == [1], "the answer arrived")
-        // In the bytes that completed the handshake: no round trip after it.
+        // In the bytes that completed the handshake (the 4th flight: two round trips): no
+        // round trip after it.
         #expect(client.answerInFlight != nil && client.answerInFlight == client.establishedInFlight)
+        #expect(client.establishedInFlight == 4)
         // The session numbers on after the early message: the server, which checks that
         // seqs arrive in order, takes the next request (seq 2) and answers it.
         client.outlet?.write(.message(Self.request(2)))
@@ -132,7 +138,21 @@ struct FirstCallTests {
         #expect(server.received.first?.header.seq == 1)
         #expect(client.received.map(\.header.id) == [1])
         let established = try #require(client.establishedInFlight)
+        #expect(established == 4)
         #expect(client.answerInFlight == established + 2, "one round trip (two flights) after the handshake")
+    }
+
+    /// [R-6.1-5] Method none, crc mode: CLIENT_IDENT and the request go in the first flight;
+    /// the server's first answer completes the handshake and carries the answer: one round
+    /// trip in all.
+    @Test func withMethodNoneEverythingGoesInTheFirstFlight() throws {
+        let (client, server, _) = try Self.run(mode: .crc, method: AuthMethod.none)
+        let result = try #require(client.result, "the handshake did not complete")
+        #expect(result.connectionMode == .crc && result.authMethod == AuthMethod.none)
+        #expect(result.earlyMessagesAllowed && result.earlyMessagesSent == 1)
+        #expect(server.received.map(\.header.id) == [1] && server.received.first?.header.seq == 1)
+        #expect(client.establishedInFlight == 2)
+        #expect(client.answerInFlight == 2)
     }
 
     // MARK: - ParleyClient.connect(to:firstCall:) over real sockets
@@ -202,6 +222,26 @@ struct FirstCallTests {
             for n in UInt64(42)...44 { #expect(try await ping(client, n) == n) }
             // The first call had id 1; the next ones take the ids after it.
             #expect(ran.ids == [1, 2, 3, 4])
+        }
+    }
+
+    /// Method none (the default), crc mode: the first call goes in the first flight; one with
+    /// a data segment (a feature the server's banner has not been seen to offer) goes once
+    /// connected. Both are answered, and the ids go on after them.
+    @Test(arguments: [false, true])
+    func aFirstCallWithMethodNone(withData: Bool) async throws {
+        try await withServer { _, addresses in
+            var echo = Parley_Echo_V1_Echo()
+            echo.text = "first"
+            let data = withData ? ByteBuffer(bytes: Array(repeating: 7, count: 1000)) : nil
+            let (client, reply) = try await ParleyClient.connect(
+                to: addresses[0], logger: quietLogger, firstCall: echo, data: data, as: Parley_Echo_V1_EchoReply.self
+            )
+            defer { client.close() }
+            #expect(client.session.authMethod == AuthMethod.none && client.session.connectionMode == .crc)
+            #expect(reply.message.text == "first" && reply.data == data)
+            #expect(try await ping(client, 5) == 5)
+            #expect(client.connection.outstandingRequests == 0)
         }
     }
 

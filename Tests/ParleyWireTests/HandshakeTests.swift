@@ -124,6 +124,65 @@ extension Pair {
         #expect(c2.received(.banner(Banner(version: 7, supported: .implemented))).outcome == nil)
     }
 
+    /// [R-6.1-5] With one method without further rounds and crc mode only, CLIENT_IDENT goes
+    /// in the first flight (and MESSAGEs needing no feature may follow); the handshake then
+    /// completes in the server's first answer, and nothing is sent twice.
+    @Test func identInTheFirstFlightWhenTheMethodIsSure() throws {
+        var config = Pair.clientConfig()
+        config.identInFirstFlight = true
+        var pair = Pair(client: config)
+        var probe = ClientHandshakeStateMachine(configuration: config)
+        let first = probe.start()
+        let tags = first.send.map { e -> String in
+            if case .frame(let f) = e { return f.tag.description }
+            return "banner"
+        }
+        #expect(tags == ["banner", "HELLO", "AUTH_REQUEST", "CLIENT_IDENT"])
+        #expect(first.earlyMessages == EarlyMessageTerms(features: [], peerMaxFrameSize: UInt32(Frame.minimumMaxFrameSize)))
+        try pair.runBuffered()
+        let c = try #require(Pair.established(pair.clientOutcome))
+        #expect(Pair.established(pair.serverOutcome)?.clientIdent.implementation == "test-client")
+        #expect(c.earlyMessagesAllowed)
+        // Exactly one CLIENT_IDENT crossed.
+        var decoder = WireDecoder()
+        var bytes = pair.toServer
+        var idents = 0
+        while let e = try decoder.decode(buffer: &bytes) { if case .frame(let f) = e, f.tag == .clientIdent { idents += 1 } }
+        #expect(idents == 1)
+    }
+
+    /// Not with several methods (AUTH_BAD_METHOD may lead to another), method secret (more
+    /// rounds), secure mode, or a session to resume; and no early MESSAGEs with bit 9.
+    @Test func identWaitsForAuthDoneWhenTheOutcomeIsOpen() {
+        func firstFlight(_ change: (inout ClientHandshakeStateMachine.Configuration) -> Void) -> (tags: [String], early: EarlyMessageTerms?) {
+            var config = Pair.clientConfig()
+            config.identInFirstFlight = true
+            change(&config)
+            var machine = ClientHandshakeStateMachine(configuration: config)
+            let step = machine.start()
+            return (step.send.compactMap { if case .frame(let f) = $0 { return f.tag.description } else { return nil } }, step.earlyMessages)
+        }
+        #expect(firstFlight { $0.authMethods = ["none", "tls"] }.tags.last == "AUTH_REQUEST")
+        #expect(firstFlight { $0.modes = [.crc, .secure]; $0.banner.supported.insert(.secureMode) }.tags.last == "AUTH_REQUEST")
+        #expect(firstFlight { $0.resume = SessionResumeOffer(token: Array(repeating: 1, count: 16), serverNonce: 1, lastReceivedSeq: 0, connectSeq: 1) }.tags.last == "AUTH_REQUEST")
+        #expect(firstFlight { $0.identInFirstFlight = false }.tags.last == "AUTH_REQUEST")
+        let lossless = firstFlight { $0.banner.supported.insert(.reconnect) }
+        #expect(lossless.tags.last == "CLIENT_IDENT" && lossless.early == nil)
+    }
+
+    /// A server that refuses the one method of a client that sent CLIENT_IDENT with it says
+    /// so (still unexpectedFrame, as R-6.1-5 has it).
+    @Test func aFirstFlightIdentAfterAuthBadMethodIsExplained() throws {
+        var config = Pair.clientConfig(methods: ["tls"])
+        config.identInFirstFlight = true
+        var pair = Pair(client: config, server: Pair.serverConfig(methods: ["none"]))
+        try pair.runBuffered()
+        #expect(Pair.failure(pair.clientOutcome)?.code == .authenticationFailed)
+        let s = try #require(Pair.failure(pair.serverOutcome))
+        #expect(s.code == .unexpectedFrame)
+        #expect(s.message.contains("no common authentication method"), "\(s.message)")
+    }
+
     @Test func noCommonAuthMethod() throws {
         var pair = Pair(client: Pair.clientConfig(methods: ["cephx"]), server: Pair.serverConfig(methods: ["none"]))
         try pair.runBuffered()

@@ -41,6 +41,11 @@ public struct ClientHandshakeStateMachine: Sendable {
         /// The lossless session to resume (SESSION_RECONNECT in place of CLIENT_IDENT), if
         /// feature bit 9 is negotiated.
         public var resume: SessionResumeOffer?
+        /// Put CLIENT_IDENT in the first flight when the outcome of the authentication is
+        /// known in advance: one method without further rounds (`none`, `tls`), crc mode
+        /// only, no session to resume (R-6.1-5). Without bit 9 in the banner the driver may
+        /// then also send MESSAGEs in the first flight (`HandshakeStep.earlyMessages`).
+        public var identInFirstFlight = false
 
         public init(
             banner: Banner, maxFrameSize: UInt32, authMethods: [String] = ["none"], ident: Parley_V1_ClientIdent, serverAddress: String,
@@ -98,6 +103,9 @@ public struct ClientHandshakeStateMachine: Sendable {
 
     public let configuration: Configuration
     private var state: State = .idle
+    /// CLIENT_IDENT went in the first flight (and MESSAGEs were allowed to follow it).
+    private var identSentFirst = false
+    private var earlyAllowedFirst = false
     private var transcript = HandshakeTranscript()
     /// The X25519 public key sent with method `secret`.
     private var keyShare: [UInt8]?
@@ -123,11 +131,25 @@ public struct ClientHandshakeStateMachine: Sendable {
             else { return self.poison("method secret needs credentials and 32 bytes of challenge and a key share") }
             self.keyShare = share
         }
-        return HandshakeStep(send: [
+        var step = HandshakeStep(send: [
             .banner(self.configuration.banner),
             .frame(helloFrame),
             .frame(self.authRequestFrame(methodIndex: 0)),
         ])
+        let methods = self.configuration.authMethods
+        if self.configuration.identInFirstFlight, methods.count == 1, [AuthMethod.none, AuthMethod.tls].contains(methods[0]),
+           self.configuration.modes == [.crc], self.configuration.resume == nil {
+            // Nothing to wait for: AUTH_DONE can only confirm (or AUTH_BAD_METHOD end) it.
+            step.send.append(.frame(self.configuration.ident.frame(tag: .clientIdent)))
+            self.identSentFirst = true
+            if !self.configuration.banner.supported.contains(.reconnect) {
+                // The server's features and limit are not known yet: MESSAGEs that need no
+                // feature and fit any server's limit.
+                self.earlyAllowedFirst = true
+                step.earlyMessages = EarlyMessageTerms(features: [], peerMaxFrameSize: UInt32(Frame.minimumMaxFrameSize))
+            }
+        }
+        return step
     }
 
     private mutating func authRequestFrame(methodIndex: Int) -> Frame {
@@ -171,7 +193,10 @@ public struct ClientHandshakeStateMachine: Sendable {
                 }
                 self.transcript.serverBanner = HandshakeTranscript.bannerBytes(banner)
                 self.transcript.serverHello = Array(frame.segments[0].readableBytesView)
-                self.state = .awaitingAuth(Partial(banner: banner, features: features, hello: hello, methodIndex: 0))
+                var partial = Partial(banner: banner, features: features, hello: hello, methodIndex: 0)
+                partial.identSent = self.identSentFirst
+                partial.earlyMessagesAllowed = self.earlyAllowedFirst
+                self.state = .awaitingAuth(partial)
                 return HandshakeStep()
             } catch {
                 return self.violation(error)

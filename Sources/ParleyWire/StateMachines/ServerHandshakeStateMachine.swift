@@ -162,6 +162,14 @@ public struct ServerHandshakeStateMachine: Sendable {
             } catch {
                 return self.fail(error, tellPeer: true)
             }
+        case (.awaitingAuthRequest(let partial), .frame(let frame)) where frame.tag == .clientIdent && partial.authAttempts > 0:
+            // R-6.1-5: a client sure of its one method put CLIENT_IDENT in its first flight,
+            // and this server refused the method. Still unexpectedFrame; said plainly.
+            let allowed = self.configuration.authMethods.filter { self.refusal(of: $0) == nil }
+            return self.fail(ParleyError(
+                code: .unexpectedFrame,
+                message: "CLIENT_IDENT after AUTH_BAD_METHOD: the client sent it with its only method, which this server refused (no common authentication method; server allows \(allowed))"
+            ), tellPeer: true)
         case (.awaitingAuthRequest(var partial), .frame(let frame)) where frame.tag == .authRequest:
             do {
                 let request = try Parley_V1_AuthRequest(parleyPayload: frame.segments[0])

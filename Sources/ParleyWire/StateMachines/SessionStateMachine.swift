@@ -38,10 +38,13 @@ public struct SessionStateMachine: Sendable {
     /// are checked by the session's `SessionLedger`, not here; ACK frames are allowed.
     public var isLossless: Bool { self.features.contains(.reconnect) }
 
-    public init(role: Role, features: ParleyFeatures, maxPeerFrameSize: Int = Frame.defaultMaxFrameSize) {
+    /// - Parameter sent: MESSAGEs this side already sent before the session began (a
+    ///   client's early requests, R-6.1-5 and R-6.1-6): numbering goes on after them.
+    public init(role: Role, features: ParleyFeatures, maxPeerFrameSize: Int = Frame.defaultMaxFrameSize, sent: UInt64 = 0) {
         self.role = role
         self.features = features
         self.maxPeerFrameSize = maxPeerFrameSize
+        self.nextSeq = sent &+ 1
     }
 
     public mutating func received(_ inbound: WireInbound) -> Inbound {
