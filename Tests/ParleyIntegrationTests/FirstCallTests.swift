@@ -34,20 +34,6 @@ struct FirstCallTests {
         func closed(_ reason: ParleyError) {}
     }
 
-    /// Answers every request at once.
-    final class Answering: ParleyEventSink, @unchecked Sendable {
-        var outlet: ParleyConnectionHandler.Outlet?
-        var received: [WireMessage] = []
-        func received(_ event: ConnectionEvent) {
-            guard case .message(let m) = event else { return }
-            self.received.append(m)
-            if m.header.kind == .request {
-                self.outlet?.write(.message(WireMessage(header: MessageHeader(id: m.header.id, kind: .response, type: "t.Answer"), payload: m.payload)))
-            }
-        }
-        func closed(_ reason: ParleyError) {}
-    }
-
     static let alice = SecretEntity(name: "client.alice", key: Array(repeating: 0xA1, count: 32), capabilities: ["*"])
 
     static func request(_ id: UInt64) -> WireMessage {
@@ -59,7 +45,7 @@ struct FirstCallTests {
     /// it); carries the bytes flight by flight until both sides are quiet.
     /// `method`: `secret` (with `mode`), or `none` (crc mode; CLIENT_IDENT and the request
     /// then go in the first flight, R-6.1-5).
-    static func run(mode: ConnectionMode, method: String = AuthMethod.secret) throws -> (client: Sink, server: Answering, channels: (client: EmbeddedChannel, server: EmbeddedChannel)) {
+    static func run(mode: ConnectionMode, method: String = AuthMethod.secret) throws -> (client: Sink, server: ReadBurstFlushTests.EchoSink, channels: (client: EmbeddedChannel, server: EmbeddedChannel)) {
         var supported = ParleyFeatures.implemented
         supported.insert(.secureMode)
         let banner = Banner(supported: supported, required: [])
@@ -78,7 +64,7 @@ struct FirstCallTests {
             modes: [.crc, .secure], secrets: SecretDirectory([alice]), randomness: .generate(), globalID: 1
         ))
         let client = EmbeddedChannel(), server = EmbeddedChannel()
-        let clientSink = Sink(), serverSink = Answering()
+        let clientSink = Sink(), serverSink = ReadBurstFlushTests.EchoSink()
         let clientHandler = ParleyConnectionHandler(role: .client(clientMachine), eventLoop: client.eventLoop) { result, outlet in
             clientSink.outlet = outlet
             clientSink.result = result
