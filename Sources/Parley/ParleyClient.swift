@@ -153,11 +153,14 @@ public final class ParleyClient: Sendable {
         return try await self.followRedirects(of: client, configuration: configuration, router: router, logger: logger, group: group)
     }
 
-    /// Connects and makes a first call, sent with the handshake's last flight when it can be:
-    /// in secure mode the request follows CLIENT_IDENT at once, sealed, and its answer comes
-    /// right after SERVER_IDENT, a round trip sooner than `connect` then `call`
-    /// (docs/protocol.md, R-6.1-6). In crc mode, and for a lossless session, it is an
-    /// ordinary call made once connected (after any redirects and request delay).
+    /// Connects and makes a first call, sent with the handshake when it can be: in secure
+    /// mode the request follows CLIENT_IDENT at once, sealed, and its answer comes right
+    /// after SERVER_IDENT, a round trip sooner than `connect` then `call` (docs/protocol.md,
+    /// R-6.1-6); with method `none` (or `tls`) in crc mode it goes in the first flight, and
+    /// its answer comes one round trip after connecting (R-6.1-5), if it needs no feature
+    /// and fits 64 KiB. Otherwise (method `secret` in crc mode, a lossless session, a data
+    /// segment or a larger request in the first flight) it is an ordinary call made once
+    /// connected (after any redirects and request delay).
     ///
     /// A request sent with the handshake goes before the server's request delay is known,
     /// and to the server that answered the handshake. If that server's SERVER_IDENT
@@ -169,10 +172,11 @@ public final class ParleyClient: Sendable {
     ///
     /// - Returns: the connected client and the first call's reply.
     /// - Throws: what `connect` and `call` throw; when the call fails, the connection is
-    ///   closed before the error is thrown. In secure mode the request may have run when the
-    ///   error is one of the connection (it broke after the server sent SERVER_IDENT, or
-    ///   following a redirect failed after the first server answered): retry only an
-    ///   idempotent request blindly.
+    ///   closed before the error is thrown. A request sent with the handshake may have run
+    ///   when the error is one of the connection (it broke after the server sent
+    ///   SERVER_IDENT, following a redirect failed after the first server answered, or the
+    ///   client refused a crc-mode AUTH_DONE or SERVER_IDENT the server sent after running
+    ///   it): retry only an idempotent request blindly.
     public static func connect<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
         to address: ParleyAddress, configuration: Configuration = .defaults, router: ParleyRouter = ParleyRouter(),
         logger: Logger = Logger(label: "parley.client"), group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
@@ -294,7 +298,7 @@ public final class ParleyClient: Sendable {
         let nucleus = NIOLockedValueBox(NucleusState())
         let established = NIOLockedValueBox<EventLoopPromise<ParleyConnection>?>(nil)
         let reconnector = Reconnector()
-        // The answer to `early`, when the handshake sent it (secure mode only).
+        // The answer to `early`, when the handshake sent it (R-6.1-5, R-6.1-6).
         let earlyAnswer = NIOLockedValueBox<EventLoopFuture<WireMessage>?>(nil)
         let initializer: ParleyChannelInitializer = { channel in
             channel.eventLoop.makeCompletedFuture {

@@ -118,10 +118,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// Where secure-mode counters start: 0 on the wire; tests start them near a key update or
     /// near the end (both sides must agree).
     public var secureCounterStart: UInt64 = 0
-    /// Client side: MESSAGEs to send in the handshake's last flight, right after CLIENT_IDENT,
-    /// if the handshake allows it (secure mode, R-6.1-6); dropped unsent otherwise (the
-    /// caller learns which from `HandshakeResult.earlyMessagesAllowed`). Set before the
-    /// channel is active; numbered seq 1, 2, ... like the session's first messages.
+    /// Client side: MESSAGEs to send right after CLIENT_IDENT when the handshake allows it
+    /// (`HandshakeStep.earlyMessages`: in secure mode, R-6.1-6; in the first flight, R-6.1-5)
+    /// and they fit its terms; dropped unsent otherwise (the caller learns how many went
+    /// from `HandshakeResult.earlyMessagesSent`). Set before the channel is active; numbered
+    /// seq 1, 2, ... like the session's first messages.
     public var earlyMessages: [WireMessage] = []
     /// How many early messages went: the session numbers on after them.
     private var earlySent = 0
@@ -595,7 +596,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
         }
         if let terms = step.earlyMessages, !self.earlyMessages.isEmpty {
-            self.sendEarly(terms, context: context)
+            guard self.sendEarly(terms, context: context) else { return }
         }
         if let secure = step.startOpening {
             do {
@@ -662,7 +663,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// Writes the early messages after the step that allowed them (sealed in secure mode),
     /// numbered seq 1, 2, ...; if one of them needs what `terms` does not grant (a feature,
     /// a larger frame), none goes, and the caller sends them once the session is up.
-    private func sendEarly(_ terms: EarlyMessageTerms, context: ChannelHandlerContext) {
+    /// Returns false if the connection is closing.
+    private func sendEarly(_ terms: EarlyMessageTerms, context: ChannelHandlerContext) -> Bool {
         let early = self.earlyMessages
         self.earlyMessages = []
         var session = SessionStateMachine(role: .client, features: terms.features, maxPeerFrameSize: Frame.peerLimit(announced: terms.peerMaxFrameSize))
@@ -670,7 +672,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         do throws(ParleyError) {
             for message in early { stamped.append(try session.stamp(message)) }
         } catch {
-            return
+            return true
         }
         for message in stamped {
             if let sealer = self.sealer {
@@ -681,7 +683,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                     self.state = .closing
                     self.recordFailure(error)
                     self.flushThenClose(context: context)
-                    return
+                    return false
                 }
             } else {
                 self.scratch.removeAll(keepingCapacity: true)
@@ -690,6 +692,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
         }
         self.earlySent = stamped.count
+        return true
     }
 
     // MARK: - Keepalive

@@ -69,7 +69,7 @@ struct FirstCallTests {
             clientSink.outlet = outlet
             clientSink.result = result
             clientSink.establishedInFlight = clientSink.flight
-            if !result.earlyMessagesAllowed { outlet.write(.message(Self.request(1))) }
+            if result.earlyMessagesSent == 0 { outlet.write(.message(Self.request(1))) }
             return EstablishedLink(sink: clientSink)
         }
         clientHandler.earlyMessages = [Self.request(1)]
@@ -228,6 +228,26 @@ struct FirstCallTests {
             #expect(reply.message.text == "first" && reply.data == data)
             #expect(try await ping(client, 5) == 5)
             #expect(client.connection.outstandingRequests == 0)
+        }
+    }
+
+    /// Which server runs a method-none first call shows whether it went in the first flight:
+    /// the redirecting front answers it there (it went with CLIENT_IDENT); with a data
+    /// segment it cannot, and the server the redirect leads to answers it.
+    @Test(arguments: [false, true])
+    func aMethodNoneFirstCallRunsWhereItWasSent(withData: Bool) async throws {
+        try await withServer(router: EchoService.router(name: "back")) { _, backs in
+            try await withServer(configure: { $0.nucleus.redirects = [backs[0].description] }, router: EchoService.router(name: "front")) { _, fronts in
+                var ping = Self.pingRequest(3)
+                ping.sequence = 3
+                let (client, reply) = try await ParleyClient.connect(
+                    to: fronts[0], logger: quietLogger, firstCall: ping, data: withData ? ByteBuffer(bytes: [1, 2, 3]) : nil, as: Parley_Echo_V1_Pong.self
+                )
+                defer { client.close() }
+                #expect(client.address == backs[0])
+                #expect(reply.message.sequence == 3)
+                #expect(reply.message.serverName == (withData ? "back" : "front"))
+            }
         }
     }
 

@@ -104,8 +104,9 @@ struct SecureProcessTests {
             client: "the key of \"client.carol\" expired at",
             server: "error=authenticationFailed (11): the key of \"client.carol\" expired at"
         )
-        // Method none only, against a server allowing secret only: AUTH_BAD_METHOD, and the
-        // client gives up with CLOSE; the server logs the client's reason as a warning.
+        // Method none only, against a server allowing secret only: AUTH_BAD_METHOD. The
+        // client, sure of its one method, sent CLIENT_IDENT with it (R-6.1-5): the server
+        // closes on it, saying no method was in common.
         try await refused(
             [],
             client: "no common authentication method: client offers [\"none\"], server allows [\"secret\"] (method \"none\" is not enabled on this server) [authenticationFailed]",

@@ -5,7 +5,8 @@ import SwiftProtobuf
 /// The client side of the handshake (docs/protocol.md, "Handshake").
 ///
 /// The client's first flight is pipelined: banner, HELLO and AUTH_REQUEST go out together,
-/// without waiting for the server. After AUTH_DONE the client sends CLIENT_IDENT; the
+/// without waiting for the server (with CLIENT_IDENT too when `identInFirstFlight` and the
+/// method is sure, R-6.1-5). Otherwise after AUTH_DONE the client sends CLIENT_IDENT; the
 /// SERVER_IDENT that answers it establishes the connection.
 ///
 /// ```
@@ -114,7 +115,8 @@ public struct ClientHandshakeStateMachine: Sendable {
         self.configuration = configuration
     }
 
-    /// Produces the first flight: banner, HELLO, AUTH_REQUEST.
+    /// Produces the first flight: banner, HELLO, AUTH_REQUEST (and CLIENT_IDENT, see
+    /// `Configuration.identInFirstFlight`).
     public mutating func start() -> HandshakeStep {
         guard case .idle = self.state else { return self.poison("start called twice") }
         self.state = .awaitingBanner

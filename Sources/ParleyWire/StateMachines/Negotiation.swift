@@ -91,9 +91,9 @@ public struct HandshakeStep: Equatable, Sendable {
     /// From the next inbound byte on, frames are sealed with these keys: the driver must
     /// switch its decoder before it decodes anything after the frame that caused this step.
     public var startOpening: SecureSwitch?
-    /// Client side, secure mode: the driver may send MESSAGE frames right after this step's
-    /// frames (after CLIENT_IDENT), sealed, numbered from seq 1 under these terms, without
-    /// waiting for SERVER_IDENT (docs/protocol.md, R-6.1-6).
+    /// Client side: the driver may send MESSAGE frames right after this step's frames (after
+    /// CLIENT_IDENT; sealed in secure mode), numbered from seq 1, if they fit these terms,
+    /// without waiting for SERVER_IDENT (docs/protocol.md, R-6.1-5 and R-6.1-6).
     public var earlyMessages: EarlyMessageTerms?
 
     public init(send: [WireOutbound] = [], outcome: Outcome? = nil, startOpening: SecureSwitch? = nil) {
@@ -138,7 +138,7 @@ public struct HandshakeResult: Equatable, Sendable {
     /// Lossy, or what became of the lossless session (feature bit 9).
     public var session: SessionOutcome = .lossy
     /// Client side: the handshake let the client send MESSAGEs right after CLIENT_IDENT
-    /// (`HandshakeStep.earlyMessages`; secure mode, R-6.1-6).
+    /// (`HandshakeStep.earlyMessages`: secure mode, R-6.1-6; the first flight, R-6.1-5).
     public var earlyMessagesAllowed = false
     /// Client side: how many MESSAGEs the driver did send there (set by the driver, not by
     /// the state machine): their seqs come first, and their answers are awaited.
