@@ -231,6 +231,20 @@ struct FirstCallTests {
         }
     }
 
+    /// [R-6.1-7] In crc mode too: a server that refuses the client (here: out of date) never
+    /// runs the request that came with CLIENT_IDENT in the first flight.
+    @Test func aRefusedMethodNoneFirstCallNeverRuns() async throws {
+        let ran = Ran()
+        try await withServer(configure: { $0.minimumClientVersion = "99.0" }, router: Self.pingRouter(ran, name: "strict", serves: true)) { _, addresses in
+            let refused = await #expect(throws: ParleyError.self) {
+                try await ParleyClient.connect(to: addresses[0], logger: quietLogger, firstCall: Self.pingRequest(1), as: Parley_Echo_V1_Pong.self)
+            }
+            #expect(refused?.code == .clientOutOfDate, "\(String(describing: refused))")
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(ran.count == 0)
+        }
+    }
+
     /// Which server runs a method-none first call shows whether it went in the first flight:
     /// the redirecting front answers it there (it went with CLIENT_IDENT); with a data
     /// segment it cannot, and the server the redirect leads to answers it.
