@@ -526,19 +526,12 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             do {
                 let stamped = try session.stamp(message)
                 self.state = .established(session)
-                if let sealer = self.sealer {
-                    do {
-                        let sealed = try stamped.sealFrame(with: sealer, allocator: context.channel.allocator)
-                        context.write(self.wrapOutboundOut(sealed), promise: promise)
-                    } catch {
-                        promise?.fail(error)
-                        self.failConnection(error, tellPeer: true, context: context)
-                    }
-                    return
+                do {
+                    try self.writeStamped(stamped, promise: promise, context: context)
+                } catch {
+                    promise?.fail(error)
+                    self.failConnection(error, tellPeer: true, context: context)
                 }
-                self.scratch.removeAll(keepingCapacity: true)
-                stamped.encodeFrame(into: &self.scratch, allocator: context.channel.allocator)
-                self.writeScratch(context: context, promise: promise)
             } catch {
                 promise?.fail(error)
             }
@@ -675,24 +668,30 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             return true
         }
         for message in stamped {
-            if let sealer = self.sealer {
-                do throws(ParleyError) {
-                    context.write(self.wrapOutboundOut(try message.sealFrame(with: sealer, allocator: context.channel.allocator)), promise: nil)
-                } catch {
-                    // The key is exhausted: the connection cannot go on.
-                    self.state = .closing
-                    self.recordFailure(error)
-                    self.flushThenClose(context: context)
-                    return false
-                }
-            } else {
-                self.scratch.removeAll(keepingCapacity: true)
-                message.encodeFrame(into: &self.scratch, allocator: context.channel.allocator)
-                self.writeScratch(context: context, promise: nil)
+            do {
+                try self.writeStamped(message, promise: nil, context: context)
+            } catch {
+                // The key is exhausted: the connection cannot go on.
+                self.state = .closing
+                self.recordFailure(error)
+                self.flushThenClose(context: context)
+                return false
             }
         }
         self.earlySent = stamped.count
         return true
+    }
+
+    /// Writes a numbered MESSAGE: sealed in secure mode (which fails only when the key is
+    /// exhausted), else its frame as a list of buffers (bulk segments never copied).
+    private func writeStamped(_ message: WireMessage, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) throws(ParleyError) {
+        if let sealer = self.sealer {
+            context.write(self.wrapOutboundOut(try message.sealFrame(with: sealer, allocator: context.channel.allocator)), promise: promise)
+            return
+        }
+        self.scratch.removeAll(keepingCapacity: true)
+        message.encodeFrame(into: &self.scratch, allocator: context.channel.allocator)
+        self.writeScratch(context: context, promise: promise)
     }
 
     // MARK: - Keepalive

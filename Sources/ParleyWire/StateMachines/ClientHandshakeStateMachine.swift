@@ -104,9 +104,8 @@ public struct ClientHandshakeStateMachine: Sendable {
 
     public let configuration: Configuration
     private var state: State = .idle
-    /// CLIENT_IDENT went in the first flight (and MESSAGEs were allowed to follow it).
+    /// CLIENT_IDENT went in the first flight (MESSAGEs may follow it without bit 9).
     private var identSentFirst = false
-    private var earlyAllowedFirst = false
     private var transcript = HandshakeTranscript()
     /// The X25519 public key sent with method `secret`.
     private var keyShare: [UInt8]?
@@ -147,7 +146,6 @@ public struct ClientHandshakeStateMachine: Sendable {
             if !self.configuration.banner.supported.contains(.reconnect) {
                 // The server's features and limit are not known yet: MESSAGEs that need no
                 // feature and fit any server's limit.
-                self.earlyAllowedFirst = true
                 step.earlyMessages = EarlyMessageTerms(features: [], peerMaxFrameSize: UInt32(Frame.minimumMaxFrameSize))
             }
         }
@@ -197,7 +195,7 @@ public struct ClientHandshakeStateMachine: Sendable {
                 self.transcript.serverHello = Array(frame.segments[0].readableBytesView)
                 var partial = Partial(banner: banner, features: features, hello: hello, methodIndex: 0)
                 partial.identSent = self.identSentFirst
-                partial.earlyMessagesAllowed = self.earlyAllowedFirst
+                partial.earlyMessagesAllowed = self.identSentFirst && !self.configuration.banner.supported.contains(.reconnect)
                 self.state = .awaitingAuth(partial)
                 return HandshakeStep()
             } catch {
