@@ -238,11 +238,20 @@ struct ScenarioPlay {
     /// Sender faults seen, by requirement id (the first of each).
     var faults: [String: (String, String)] = [:]
     var keepaliveAnswered = false
+    /// REQUESTs the client sent after SERVER_IDENT (not with its handshake).
     var requests = 0
+    /// Events read ahead by `readAhead`, handed out before the connection's next ones.
+    var queued: [PeerEvent] = []
+    /// MESSAGEs up to this seq arrived before the tester sent the frame that could change
+    /// them (SERVER_IDENT's request delay, refusal or redirect; AUTH_DONE's server proof):
+    /// the client sent them with its handshake (R-6.1-5, R-6.1-6), not after seeing it.
+    var earlyThroughSeq: UInt64 = 0
     /// Count streams with an interval, sent an item at a time as the echo service does.
     var streams: [UInt64: (sent: UInt32, count: UInt32, interval: Duration, due: ContinuousClock.Instant)] = [:]
 
     static let keepaliveStamp: UInt64 = 0x0123_4567_89AB_CDEF
+    /// How long `readAhead` waits for more of what the client sent with its handshake.
+    static let earlyGrace = Duration.milliseconds(250)
     static let unknownBits = ParleyFeatures(rawValue: 1 << 20 | 1 << 40)
 
     init(scenario: Scenario, peer: ConformancePeer, timeout: Duration, selfAddress: String) {
@@ -281,7 +290,7 @@ struct ScenarioPlay {
     /// connection ended, a timeout, or bytes that do not decode (recorded).
     mutating func nextFrame(_ timeout: Duration? = nil) async -> (Frame?, PeerEvent) {
         while true {
-            let event = await self.peer.next(timeout ?? self.timeout)
+            let event = await self.nextEvent(timeout ?? self.timeout)
             switch event {
             case .frame(let f):
                 if f.tag.isIgnorable && !f.tag.isKnown { continue }
@@ -295,6 +304,31 @@ struct ScenarioPlay {
                 return (nil, event)
             }
         }
+    }
+
+    /// The next event: one read ahead first, then the connection's.
+    mutating func nextEvent(_ timeout: Duration) async -> PeerEvent {
+        if !self.queued.isEmpty { return self.queued.removeFirst() }
+        return await self.peer.next(timeout)
+    }
+
+    /// Takes in what the client has sent so far, before the tester sends a frame that tells
+    /// the client something its next requests must heed: every MESSAGE that arrives within
+    /// `earlyGrace` of the last was sent with the handshake, before the client could know
+    /// (`earlyThroughSeq`). The events are queued for `nextEvent`, in order.
+    mutating func readAhead() async {
+        for _ in 0..<10_000 {
+            let event = await self.peer.next(Self.earlyGrace)
+            if case .timeout = event { return }
+            self.queued.append(event)
+            guard case .frame(let f) = event else { return }
+            if f.tag == .message, let m = try? WireMessage(frame: f) { self.earlyThroughSeq = max(self.earlyThroughSeq, m.header.seq) }
+        }
+    }
+
+    /// A MESSAGE the client sent with its handshake (see `earlyThroughSeq`).
+    func isEarly(_ f: Frame) -> Bool {
+        f.tag == .message && (try? WireMessage(frame: f)).map { $0.header.seq <= self.earlyThroughSeq } == true
     }
 
     mutating func checkSender(_ f: Frame) {
@@ -373,6 +407,11 @@ struct ScenarioPlay {
         }
         let (identFrame, e3) = await self.nextFrame()
         guard identFrame?.tag == .clientIdent else { return self.failAll("the client's CLIENT_IDENT", identFrame.map(describe) ?? e3.summary) }
+        if [.requestDelay, .refusal, .redirect].contains(self.scenario) {
+            // Requests that came with CLIENT_IDENT (R-6.1-5) were sent before SERVER_IDENT
+            // could tell the client of the delay, refusal or redirect.
+            await self.readAhead()
+        }
         if self.scenario == .demanding {
             // The client went past a banner with unknown bits and two ignorable frames.
             self.outcomes["R-3-8"] = .pass
@@ -457,10 +496,16 @@ struct ScenarioPlay {
             } catch {
                 return self.failAll("the tester's own handshake output", "\(error)")
             }
-            if out.readableBytes > 0 { await self.peer.send(out) }
             if let opening = step.startOpening, let direction = try? SecureDirection(keys: opening.keys, sealing: false) {
                 self.peer.startOpening(direction)
             }
+            let sendsAuthDone = step.send.contains { if case .frame(let f) = $0 { f.tag == .authDone } else { false } }
+            if self.scenario == .wrongServerProof && sendsAuthDone {
+                // A MESSAGE sealed right after CLIENT_IDENT (R-6.1-6) left before the client
+                // could check this AUTH_DONE's proof.
+                await self.readAhead()
+            }
+            if out.readableBytes > 0 { await self.peer.send(out) }
             switch step.outcome {
             case .established(let result):
                 if let sealer { self.peer.startSealing(sealer) }
@@ -477,7 +522,7 @@ struct ScenarioPlay {
             case nil:
                 break
             }
-            let event = await self.peer.next(self.timeout)
+            let event = await self.nextEvent(self.timeout)
             switch event {
             case .banner(let banner): step = machine.received(.banner(banner))
             case .frame(let frame):
@@ -502,7 +547,7 @@ struct ScenarioPlay {
             guard let f else {
                 return self.outcomes["R-5.1-5"] = .fail(expected, event.summary)
             }
-            if f.tag == .keepalive || f.tag == .keepaliveAck { continue }
+            if f.tag == .keepalive || f.tag == .keepaliveAck || self.isEarly(f) { continue }
             guard f.tag == .close, let status = try? Parley_V1_Status(parleyPayload: f.segments[0]), status.code == ParleyError.Code.authenticationFailed.rawValue else {
                 return self.outcomes["R-5.1-5"] = .fail(expected, describe(f))
             }
@@ -530,7 +575,12 @@ struct ScenarioPlay {
 
     /// After a refusal: the client sends nothing more.
     private mutating func expectSilence() async {
-        let (f, event) = await self.nextFrame(.seconds(1))
+        var (f, event) = await self.nextFrame(.seconds(1))
+        // Requests sent with CLIENT_IDENT are not answered (R-6.1-7) and not held against it.
+        for _ in 0..<10_000 {
+            guard let early = f, self.isEarly(early) else { break }
+            (f, event) = await self.nextFrame(.seconds(1))
+        }
         if let f { return self.failAll("nothing more from the refused client", describe(f)) }
         if case .undecodable(let e) = event { return self.failAll("nothing more from the refused client", "\(e)") }
         self.outcomes["R-8.4-1"] = .pass
@@ -566,7 +616,7 @@ struct ScenarioPlay {
             case .message:
                 guard let m = try? WireMessage(frame: f) else { break loop }
                 sawSessionFrame = true
-                if m.header.kind == .request {
+                if m.header.kind == .request && m.header.seq > self.earlyThroughSeq {
                     self.requests += 1
                     if self.requests == 1 && self.scenario == .requestDelay {
                         let waited = ContinuousClock.now - identSent

@@ -315,6 +315,48 @@ struct ClientConformanceTests {
         #expect(bad.status != 0 && bad.stderr.contains("--client-test takes --keyring FILE alone"), "\(bad.combined)")
     }
 
+    /// A client that sends its first request with the handshake (`ParleyClient.connect(to:
+    /// firstCall:)`: in the first flight in crc mode, R-6.1-5; right after CLIENT_IDENT in
+    /// secure mode, R-6.1-6) meets every client check too: a request it sent before it could
+    /// see SERVER_IDENT's request delay, refusal or redirect, or AUTH_DONE's server proof, is
+    /// not held against it (R-8.2-2, R-8.4-1, R-8.2-1, R-5.1-5).
+    @Test func aClientSendingItsFirstRequestWithTheHandshakeMeetsEveryClientCheck() async throws {
+        let keyring = freshTestDirectory("client-test-first-call") + "/keyring"
+        let keys = try writeKeyring(keyring, [("client.alice", ["*"])])
+        let credentials = SecretCredentials(entity: "client.alice", key: keys["client.alice"]!)
+        let report = try await Self.clientTest(secrets: try ParleyKeyring.load(path: keyring).directory) { address, run in
+            let configuration = Self.secretRuns.contains(run) ? ParleyClient.Configuration(secret: credentials, modes: [.secure]) : .defaults
+            var ping = Parley_Echo_V1_Ping()
+            ping.sequence = 1
+            guard let target = try? ParleyAddress(parsing: address),
+                let (client, _) = try? await ParleyClient.connect(to: target, configuration: configuration, logger: quietLogger, firstCall: ping, as: Parley_Echo_V1_Pong.self)
+            else { return }
+            defer { client.close() }
+            for n in UInt64(2)...3 {
+                ping.sequence = n
+                _ = try? await client.call(ping, as: Parley_Echo_V1_Pong.self)
+            }
+        }
+        #expect(report.results.count == 17)
+        #expect(report.failed == 0 && report.skipped == 0, "\(report.results.filter { $0.status != .pass }.map(\.line).joined(separator: "\n"))")
+    }
+
+    /// A request that did not come with the handshake, sent after SERVER_IDENT without
+    /// waiting for its 1 s request delay, still fails R-8.2-2 (the handshake goes first; the
+    /// request follows after 0.6 s, longer than the tester waits for a handshake's requests).
+    @Test func aRequestSentAfterTheHandshakeWithoutWaitingForTheDelayFails() async throws {
+        let handshake = clientSessionBytes(messages: []).readableBytes
+        let bytes = clientSessionBytes(messages: [pingMessage(id: 1)])
+        // Scenarios are played in order: the first connection plays the demanding server.
+        let report = try await Self.clientTest(only: ["R-8.2-2"], idle: .seconds(1), runs: 2) { address, _ in
+            if let peer = try? await RawPeer.connect(try ParleyAddress(parsing: address)) {
+                _ = try? await peer.exchange(bytes, pieces: handshake, pause: .milliseconds(600), seconds: 3)
+            }
+        }
+        #expect(report.results.map(\.status) == [.fail], "\(report.results.map(\.line))")
+        #expect(report.results.first?.seen?.contains("after") == true, "\(report.results.map(\.line))")
+    }
+
     /// The Python client of Tests/Interop, written from the document alone (CI runs it too):
     /// the defects this test found in it are fixed (a frame limit of 1 taken literally, a
     /// CLOSE sent when leaving a redirecting server).
