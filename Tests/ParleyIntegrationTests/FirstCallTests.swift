@@ -265,6 +265,42 @@ struct FirstCallTests {
         }
     }
 
+    /// A method-none first call larger than a first flight may carry (64 KiB: the server's
+    /// frame limit is not known yet, R-6.1-5) does not go in it: the server the redirect
+    /// leads to answers it, whole; one just under the limit goes in the first flight.
+    @Test(arguments: [60_000, 70_000])
+    func aMethodNoneFirstCallOverTheFirstFlightLimitWaits(textSize: Int) async throws {
+        /// Echo's text back, recording the request's id.
+        func echoRouter(_ ran: Ran) -> ParleyRouter {
+            var router = ParleyRouter()
+            router.on(Parley_Echo_V1_Echo.self) { request, context in
+                ran.record(context.requestID)
+                var reply = Parley_Echo_V1_EchoReply()
+                reply.text = request.text
+                return reply
+            }
+            return router
+        }
+        let ranFront = Ran(), ranBack = Ran()
+        try await withServer(router: echoRouter(ranBack)) { _, backs in
+            try await withServer(configure: { $0.nucleus.redirects = [backs[0].description] }, router: echoRouter(ranFront)) { _, fronts in
+                var echo = Parley_Echo_V1_Echo()
+                echo.text = String(repeating: "x", count: textSize)
+                let (client, reply) = try await ParleyClient.connect(
+                    to: fronts[0], logger: quietLogger, firstCall: echo, as: Parley_Echo_V1_EchoReply.self
+                )
+                defer { client.close() }
+                #expect(client.address == backs[0])
+                #expect(reply.message.text == echo.text)
+                let early = textSize < 65_536
+                #expect(ranFront.count == (early ? 1 : 0) && ranBack.count == (early ? 0 : 1))
+                echo.text = "next"
+                #expect(try await client.call(echo, as: Parley_Echo_V1_EchoReply.self).message.text == "next")
+                #expect(ranBack.ids.last == (early ? 1 : 2))
+            }
+        }
+    }
+
     /// A request sent with the handshake runs where it was sent: on a redirecting server in
     /// secure mode (the client waits for its answer there, then follows the redirect), unless
     /// that server only redirects (no handler: `unknownMessageType`, nothing ran), when it is

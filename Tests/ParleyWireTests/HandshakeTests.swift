@@ -163,6 +163,12 @@ extension Pair {
             return (step.send.compactMap { if case .frame(let f) = $0 { return f.tag.description } else { return nil } }, step.earlyMessages)
         }
         #expect(firstFlight { $0.authMethods = ["none", "tls"] }.tags.last == "AUTH_REQUEST")
+        // Method secret alone, crc mode only: its rounds decide the outcome.
+        #expect(firstFlight {
+            $0.authMethods = ["secret"]
+            $0.secret = SecretCredentials(entity: "client.alice", key: Array(repeating: 0xA1, count: 32))
+            $0.randomness = HandshakeRandomness(challenge: Array(repeating: 1, count: 32), keySharePrivateKey: Array(repeating: 3, count: 32))
+        }.tags.last == "AUTH_REQUEST")
         #expect(firstFlight { $0.modes = [.crc, .secure]; $0.banner.supported.insert(.secureMode) }.tags.last == "AUTH_REQUEST")
         #expect(firstFlight { $0.resume = SessionResumeOffer(token: Array(repeating: 1, count: 16), serverNonce: 1, lastReceivedSeq: 0, connectSeq: 1) }.tags.last == "AUTH_REQUEST")
         #expect(firstFlight { $0.identInFirstFlight = false }.tags.last == "AUTH_REQUEST")
