@@ -5,6 +5,7 @@ import NIOPosix
 import ParleyNIO
 import ParleyWire
 import SwiftProtobuf
+import Synchronization
 
 /// A connection to a Parley server that obeys the nucleus: it surfaces the server's
 /// messages, waits out request delays before each new request, and follows redirects.
@@ -111,13 +112,25 @@ public final class ParleyClient: Sendable {
     public let address: ParleyAddress
     /// Addresses that redirected this client here, in order.
     public let redirectedFrom: [ParleyAddress]
-    private let nucleusState: NIOLockedValueBox<NucleusState>
+    private let nucleusState: Nucleus
     private let logger: Logger
 
     struct NucleusState {
         var messages: [ParleyServerMessage] = []
         var notBefore: ContinuousClock.Instant?
         var redirects: [String] = []
+    }
+
+    /// What the server's nucleus asked of this client, and whether a request delay may still
+    /// be running: a call looks at the flag only (no lock, no clock) once the delay is over.
+    final class Nucleus: Sendable {
+        let box = NIOLockedValueBox(NucleusState())
+        /// Set with `notBefore`, cleared (under the lock) once it has passed.
+        let delayPending = Atomic<Bool>(false)
+
+        func withLockedValue<T>(_ body: (inout NucleusState) throws -> T) rethrows -> T {
+            try self.box.withLockedValue(body)
+        }
     }
 
     public var session: ParleySession { self.connection.session }
@@ -130,7 +143,7 @@ public final class ParleyClient: Sendable {
     public var requestAllowedAt: ContinuousClock.Instant? { self.nucleusState.withLockedValue { $0.notBefore } }
 
     private init(connection: ParleyConnection, address: ParleyAddress, redirectedFrom: [ParleyAddress],
-                 nucleus: NIOLockedValueBox<NucleusState>, logger: Logger) {
+                 nucleus: Nucleus, logger: Logger) {
         self.connection = connection
         self.address = address
         self.redirectedFrom = redirectedFrom
@@ -295,7 +308,7 @@ public final class ParleyClient: Sendable {
         let options = try configuration.limits.pipelineOptions(
             maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound
         )
-        let nucleus = NIOLockedValueBox(NucleusState())
+        let nucleus = Nucleus()
         let established = NIOLockedValueBox<EventLoopPromise<ParleyConnection>?>(nil)
         let reconnector = Reconnector()
         // The answer to `early`, when the handshake sent it (R-6.1-5, R-6.1-6).
@@ -367,7 +380,7 @@ public final class ParleyClient: Sendable {
         return (client, earlyAnswer.withLockedValue { $0 })
     }
 
-    private static func apply(_ n: ParleyNucleus, to state: NIOLockedValueBox<NucleusState>, logger: Logger) {
+    private static func apply(_ n: ParleyNucleus, to state: Nucleus, logger: Logger) {
         for m in n.messages {
             logger.log(level: m.priority == .high ? .warning : .info, "server message: \(m.text)")
         }
@@ -375,6 +388,7 @@ public final class ParleyClient: Sendable {
             s.messages.append(contentsOf: n.messages)
             if n.requestDelay > 0 {
                 s.notBefore = ContinuousClock.now.advanced(by: .milliseconds(Int64(n.requestDelay * 1000)))
+                state.delayPending.store(true, ordering: .releasing)
             }
             if !n.redirects.isEmpty { s.redirects = n.redirects }
         }
@@ -384,10 +398,18 @@ public final class ParleyClient: Sendable {
     public func waitForRequestDelay() async throws {
         // A NOTICE may replace the deadline while we wait (docs/protocol.md 8.2), shorter or
         // longer: wait in slices of at most 10 ms and look at the deadline again after each.
-        while let notBefore = self.requestAllowedAt {
-            let now = ContinuousClock.now
-            guard notBefore > now else { return }
-            try await Task.sleep(until: min(notBefore, now.advanced(by: .milliseconds(10))), clock: .continuous)
+        while self.nucleusState.delayPending.load(ordering: .acquiring) {
+            let wait = self.nucleusState.withLockedValue { s -> ContinuousClock.Instant? in
+                let now = ContinuousClock.now
+                guard let notBefore = s.notBefore, notBefore > now else {
+                    // Over: later calls need not look again until a NOTICE sets a new delay.
+                    self.nucleusState.delayPending.store(false, ordering: .releasing)
+                    return nil
+                }
+                return min(notBefore, now.advanced(by: .milliseconds(10)))
+            }
+            guard let wait else { return }
+            try await Task.sleep(until: wait, clock: .continuous)
         }
     }
 

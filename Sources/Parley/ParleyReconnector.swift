@@ -17,7 +17,7 @@ final class Reconnector: Sendable {
         var address: ParleyAddress
         var configuration: ParleyClient.Configuration
         var ident: Parley_V1_ClientIdent
-        var nucleus: NIOLockedValueBox<ParleyClient.NucleusState>
+        var nucleus: ParleyClient.Nucleus
         var logger: Logger
     }
 

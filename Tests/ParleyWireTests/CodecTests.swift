@@ -295,6 +295,59 @@ import Testing
         let oneSegment = Frame(tag: .message, segments: [b])
         #expect(ParleyError.code { _ = try WireMessage(frame: oneSegment) } == .malformedPayload)
     }
+
+    static func header(_ type: String) -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeMessageHeader(MessageHeader(id: 1, kind: .request, type: type))
+        return b
+    }
+
+    /// A connection's recent type names: a name seen before comes back as the same string,
+    /// names that differ in length or in any byte (before, at or after an 8-byte word) are
+    /// told apart, names that are not UTF-8 never enter, and the oldest makes room.
+    @Test func typeNamesSeenLately() throws {
+        var names = MessageTypeNames(capacity: 3)
+        let long = "parley.block.v1.OpenReply"  // 25 bytes: three words and a tail
+        for type in ["a", "parley.echo.v1.Ping", long, "", "é.v1.Nom"] {
+            var first = Self.header(type), again = Self.header(type)
+            #expect(try first.readMessageHeader(names: &names).type == type)
+            #expect(try again.readMessageHeader(names: &names).type == type)
+        }
+        // Lookalikes: a byte changed at each position, one byte shorter, one longer.
+        for i in long.utf8.indices {
+            var bytes = Array(long.utf8)
+            bytes[long.utf8.distance(from: long.utf8.startIndex, to: i)] ^= 0x01
+            let other = String(decoding: bytes, as: UTF8.self)
+            var b = Self.header(other)
+            #expect(try b.readMessageHeader(names: &names).type == other)
+            var again = Self.header(long)
+            #expect(try again.readMessageHeader(names: &names).type == long)
+        }
+        for other in [String(long.dropLast()), long + "x"] {
+            var b = Self.header(other)
+            #expect(try b.readMessageHeader(names: &names).type == other)
+        }
+        // Invalid UTF-8 is refused whether or not a valid name of the same length is known.
+        var known = Self.header("ab")
+        _ = try known.readMessageHeader(names: &names)
+        var bad = Self.header("ab")
+        bad.setInteger(UInt8(0xFF), at: 32)
+        #expect(ParleyError.code { _ = try bad.readMessageHeader(names: &names) } == .malformedPayload)
+        var repairable = Self.header("abc")
+        repairable.setBytes([0xF0, 0x90, 0x80], at: 32)
+        #expect(ParleyError.code { _ = try repairable.readMessageHeader(names: &names) } == .malformedPayload)
+        // Through a session: the same names, decoded once.
+        var session = SessionStateMachine(role: .server, features: .implemented)
+        var client = SessionStateMachine(role: .client, features: .implemented)
+        for n in 0..<5 {
+            let m = WireMessage(header: MessageHeader(id: UInt64(n + 1), kind: .request, type: n % 2 == 0 ? long : "x.Y"), payload: ByteBuffer())
+            guard case .message(let got) = session.received(.frame(try client.frame(for: m, allocator: ByteBufferAllocator()))) else {
+                Issue.record("message \(n) not received")
+                return
+            }
+            #expect(got.header.type == m.header.type)
+        }
+    }
 }
 
 @Suite struct AddressTests {

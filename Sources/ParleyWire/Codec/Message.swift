@@ -68,6 +68,13 @@ extension ByteBuffer {
     }
 
     public mutating func readMessageHeader() throws(ParleyError) -> MessageHeader {
+        var names = MessageTypeNames(capacity: 0)
+        return try self.readMessageHeader(names: &names)
+    }
+
+    /// Reads a message header, taking its type name from `names` when it is one of those
+    /// seen lately (no validation, no allocation: the same `String`).
+    public mutating func readMessageHeader(names: inout MessageTypeNames) throws(ParleyError) -> MessageHeader {
         guard self.readableBytes >= MessageHeader.fixedSize else {
             throw ParleyError(code: .malformedPayload, message: "message header is \(self.readableBytes) bytes, needs at least 32")
         }
@@ -85,12 +92,71 @@ extension ByteBuffer {
         }
         // Strictly validated, straight from the buffer: `readString` would repair bad bytes
         // into U+FFFD instead.
-        let type = self.withUnsafeReadableBytes { String(validating: $0, as: UTF8.self) }
+        let type = self.withUnsafeReadableBytes { names.name($0) }
         guard let type else {
             throw ParleyError(code: .malformedPayload, message: "message type name is not valid UTF-8")
         }
         self.moveReaderIndex(forwardBy: Int(nameLength))
         return MessageHeader(seq: seq, ack: ack, id: id, kind: MessageKind(rawValue: kind), flags: flags, type: type)
+    }
+}
+
+/// The message type names a connection received lately, so that a name seen before is
+/// neither validated nor allocated again: a connection's messages use a handful of types, and
+/// each decoded `String` of more than 15 bytes is otherwise a heap allocation (and its
+/// validation a generic call). The same `String` also makes the router's dictionary lookup
+/// and the comparisons of its key cheaper. Names enter only once validated as UTF-8; at
+/// `capacity` the oldest is replaced, so a peer sending ever new names costs a few
+/// comparisons per message, not memory.
+public struct MessageTypeNames: Sendable {
+    private var names: [String] = []
+    private var next = 0
+    public let capacity: Int
+
+    public init(capacity: Int = 8) {
+        self.capacity = capacity
+        self.names.reserveCapacity(capacity)
+    }
+
+    /// The name these bytes spell, or nil when they are not valid UTF-8.
+    public mutating func name(_ bytes: UnsafeRawBufferPointer) -> String? {
+        for i in self.names.indices {
+            let same = self.names[i].utf8.withContiguousStorageIfAvailable { known in
+                known.count == bytes.count && Self.equal(UnsafeRawBufferPointer(known), bytes)
+            }
+            if same == true { return self.names[i] }
+        }
+        guard let name = Self.validate(bytes) else { return nil }
+        guard self.capacity > 0 else { return name }
+        if self.names.count < self.capacity {
+            self.names.append(name)
+        } else {
+            self.names[self.next] = name
+            self.next = (self.next + 1) % self.capacity
+        }
+        return name
+    }
+
+    /// Byte equality of two buffers of the same length, eight bytes at a time.
+    static func equal(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> Bool {
+        var i = 0
+        let n = a.count
+        while i + 8 <= n {
+            if a.loadUnaligned(fromByteOffset: i, as: UInt64.self) != b.loadUnaligned(fromByteOffset: i, as: UInt64.self) { return false }
+            i += 8
+        }
+        while i < n {
+            if a[i] != b[i] { return false }
+            i += 1
+        }
+        return true
+    }
+
+    /// Strict UTF-8 validation; ASCII (every protobuf full name) without the generic
+    /// `String(validating:as:)`, which looks its encoding's metadata up at run time.
+    static func validate(_ bytes: UnsafeRawBufferPointer) -> String? {
+        if bytes.allSatisfy({ $0 < 0x80 }) { return String(decoding: bytes, as: UTF8.self) }
+        return String(validating: bytes, as: UTF8.self)
     }
 }
 
@@ -284,12 +350,18 @@ public struct WireMessage: Hashable, Sendable {
 
     /// Parses a MESSAGE frame.
     public init(frame: Frame) throws(ParleyError) {
+        var names = MessageTypeNames(capacity: 0)
+        try self.init(frame: frame, names: &names)
+    }
+
+    /// Parses a MESSAGE frame, taking its type name from `names` if seen lately.
+    public init(frame: Frame, names: inout MessageTypeNames) throws(ParleyError) {
         precondition(frame.tag == .message)
         guard frame.segments.count >= 2 else {
             throw ParleyError(code: .malformedPayload, message: "MESSAGE frame has \(frame.segments.count) segment(s); needs header and payload")
         }
         var head = frame.segments[0]
-        self.header = try head.readMessageHeader()
+        self.header = try head.readMessageHeader(names: &names)
         self.payload = frame.segments[1]
         self.data = frame.segments.count >= 3 ? frame.segments[2] : nil
     }

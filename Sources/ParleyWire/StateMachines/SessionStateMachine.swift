@@ -34,6 +34,8 @@ public struct SessionStateMachine: Sendable {
     private(set) public var nextSeq: UInt64 = 1
     private(set) public var lastReceivedSeq: UInt64 = 0
     private(set) public var isClosed = false
+    /// The type names of the peer's recent MESSAGEs (decoded once, then shared).
+    private var typeNames = MessageTypeNames()
     /// Feature bit 9 was negotiated: `seq`s continue across the session's connections and
     /// are checked by the session's `SessionLedger`, not here; ACK frames are allowed.
     public var isLossless: Bool { self.features.contains(.reconnect) }
@@ -56,7 +58,7 @@ public struct SessionStateMachine: Sendable {
         case .message:
             let message: WireMessage
             do {
-                message = try WireMessage(frame: frame)
+                message = try WireMessage(frame: frame, names: &self.typeNames)
             } catch {
                 return self.violate(error)
             }
