@@ -77,11 +77,16 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     private enum State {
         case handshaking(Role)
-        case established(SessionStateMachine)
+        /// The session's machine is `session`, kept out of the enum so that it is mutated in
+        /// place (taking it out of an enum case and putting it back copies it, with a retain
+        /// and release of each of its references, on every message).
+        case established
         case closing
     }
 
     private var state: State
+    /// The session's state machine, from the end of the handshake (`.established`) on.
+    private var session: SessionStateMachine?
     private var decoder = WireDecoder()
     /// Bytes read but not decoded yet: the start of a frame whose end has not arrived.
     private var unread: ByteBuffer?
@@ -349,9 +354,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
             self.state = .handshaking(role)
             self.perform(step, context: context)
-        case .established(var session):
-            let event = session.received(inbound)
-            self.state = .established(session)
+        case .established:
+            let event = self.session!.received(inbound)
             switch event {
             case .message(let message):
                 if let lossless = self.lossless {
@@ -513,7 +517,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     // MARK: - Internals
 
     private func write(_ command: ConnectionCommand, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) {
-        guard case .established(var session) = self.state else {
+        guard case .established = self.state, self.session != nil else {
             promise?.fail(self.failure ?? ParleyError(code: .connectionClosed, message: "connection is not established"))
             return
         }
@@ -524,8 +528,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             promise?.succeed(())
         case .message(let message):
             do {
-                let stamped = try session.stamp(message)
-                self.state = .established(session)
+                let stamped = try self.session!.stamp(message)
                 do {
                     try self.writeStamped(stamped, promise: promise, context: context)
                 } catch {
@@ -537,7 +540,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
         case .notice(let nucleus):
             do {
-                try session.mayControl(.notice)
+                try self.session!.mayControl(.notice)
                 var notice = Parley_V1_Notice()
                 notice.nucleus = nucleus
                 self.writeFrame(notice.frame(tag: .notice, allocator: context.channel.allocator), context: context, promise: promise)
@@ -546,7 +549,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
         case .keepalive(let stamp):
             do {
-                try session.mayControl(.keepalive)
+                try self.session!.mayControl(.keepalive)
                 self.writeFrame(SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: stamp), context: context, promise: promise)
             } catch {
                 promise?.fail(error)
@@ -621,7 +624,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             if case .handshaking(.client(_)) = self.state { role = .client } else { role = .server }
             let peerMax = Frame.peerLimit(announced: result.peerHello.maxFrameSize)
             // Early messages took the first seqs: the session goes on from there.
-            self.state = .established(SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax, sent: UInt64(self.earlySent)))
+            self.session = SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax, sent: UInt64(self.earlySent))
+            self.state = .established
             self.earlyMessages = []
             if let configuration = self.keepaliveConfiguration, result.features.contains(.keepalive) {
                 self.startKeepalive(configuration, context: context)
@@ -689,7 +693,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             context.write(self.wrapOutboundOut(try message.sealFrame(with: sealer, allocator: context.channel.allocator)), promise: promise)
             return
         }
-        self.scratch.removeAll(keepingCapacity: true)
+        self.scratch.empty()
         message.encodeFrame(into: &self.scratch, allocator: context.channel.allocator)
         self.writeScratch(context: context, promise: promise)
     }
@@ -806,7 +810,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// Transmits, in seq order, what the session has not transmitted on this link yet.
     fileprivate func pumpLossless() {
         guard let lossless = self.lossless, let context = self.context, case .established = self.state else { return }
-        self.pumpBuffer.removeAll(keepingCapacity: true)
+        self.pumpBuffer.empty()
         guard lossless.session.takeForTransmission(lossless.link, into: &self.pumpBuffer), !self.pumpBuffer.isEmpty else { return }
         for message in self.pumpBuffer {
             if let sealer = self.sealer {
@@ -818,12 +822,12 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                     return
                 }
             } else {
-                self.scratch.removeAll(keepingCapacity: true)
+                self.scratch.empty()
                 message.encodeFrame(into: &self.scratch, allocator: context.channel.allocator)
                 self.writeScratch(context: context, promise: nil)
             }
         }
-        self.pumpBuffer.removeAll(keepingCapacity: true)
+        self.pumpBuffer.empty()
         self.flush(context: context)
     }
 
@@ -854,7 +858,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     private func writeFrame(_ frame: Frame, context: ChannelHandlerContext, promise: EventLoopPromise<Void>? = nil) {
-        self.scratch.removeAll(keepingCapacity: true)
+        self.scratch.empty()
         if let sealer = self.sealer {
             do {
                 try frame.seal(with: sealer, into: &self.scratch, allocator: context.channel.allocator)
@@ -881,6 +885,15 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         for (i, buffer) in self.scratch.enumerated() {
             context.write(self.wrapOutboundOut(buffer), promise: i == last ? promise : nil)
         }
+    }
+}
+
+extension Array {
+    /// Removes every element, keeping the capacity: for the few buffers of one frame, a
+    /// `popLast` each costs less than `removeAll(keepingCapacity:)`, which goes through an
+    /// unspecialised `replaceSubrange` (1% of a 64 B round trip's CPU in a profile).
+    fileprivate mutating func empty() {
+        while self.popLast() != nil {}
     }
 }
 
