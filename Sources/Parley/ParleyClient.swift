@@ -424,13 +424,13 @@ public final class ParleyClient: Sendable {
     }
 
     /// Sends a request (after any request delay); `completion` runs once with its answer,
-    /// without a task per request while there is no delay (see the same method of
-    /// `ParleyConnection`).
+    /// without a task per request unless a delay may still be running (see the same method
+    /// of `ParleyConnection`).
     public func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
         _ request: Request, data: ByteBuffer? = nil, as response: Response.Type = Response.self, idempotent: Bool = false,
         completion: @escaping @Sendable (Result<ParleyReply<Response>, any Error>) -> Void
     ) {
-        guard self.requestAllowedAt == nil else {
+        guard !self.nucleusState.delayPending.load(ordering: .acquiring) else {
             Task {
                 do {
                     try await self.waitForRequestDelay()

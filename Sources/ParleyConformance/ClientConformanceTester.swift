@@ -314,12 +314,18 @@ struct ScenarioPlay {
 
     /// Takes in what the client has sent so far, before the tester sends a frame that tells
     /// the client something its next requests must heed: every MESSAGE that arrives within
-    /// `earlyGrace` of the last was sent with the handshake, before the client could know
-    /// (`earlyThroughSeq`). The events are queued for `nextEvent`, in order.
+    /// `earlyGrace` of the last (or completes a frame begun by then) was sent with the
+    /// handshake, before the client could know (`earlyThroughSeq`). The events are queued
+    /// for `nextEvent`, in order; a client that never pauses is read ahead for `timeout`
+    /// at most.
     mutating func readAhead() async {
-        for _ in 0..<10_000 {
+        let deadline = ContinuousClock.now.advanced(by: self.timeout)
+        for _ in 0..<10_000 where ContinuousClock.now < deadline {
             let event = await self.peer.next(Self.earlyGrace)
-            if case .timeout = event { return }
+            if case .timeout = event {
+                if self.peer.holdsPartialFrame { continue }
+                return
+            }
             self.queued.append(event)
             guard case .frame(let f) = event else { return }
             if f.tag == .message, let m = try? WireMessage(frame: f) { self.earlyThroughSeq = max(self.earlyThroughSeq, m.header.seq) }

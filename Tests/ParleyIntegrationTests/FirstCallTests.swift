@@ -270,7 +270,7 @@ struct FirstCallTests {
     /// leads to answers it, whole; one just under the limit goes in the first flight.
     @Test(arguments: [60_000, 70_000])
     func aMethodNoneFirstCallOverTheFirstFlightLimitWaits(textSize: Int) async throws {
-        /// Echo's text back, recording the request's id.
+        /// Echoes the text back, recording the request's id.
         func echoRouter(_ ran: Ran) -> ParleyRouter {
             var router = ParleyRouter()
             router.on(Parley_Echo_V1_Echo.self) { request, context in

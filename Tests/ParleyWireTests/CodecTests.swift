@@ -336,6 +336,27 @@ import Testing
         var repairable = Self.header("abc")
         repairable.setBytes([0xF0, 0x90, 0x80], at: 32)
         #expect(ParleyError.code { _ = try repairable.readMessageHeader(names: &names) } == .malformedPayload)
+        // A name seen lately comes back as the same string (the same storage, not a copy);
+        // at capacity the oldest makes room.
+        func storage(_ s: String) -> UnsafeRawPointer? { s.utf8.withContiguousStorageIfAvailable { UnsafeRawPointer($0.baseAddress) } ?? nil }
+        func read(_ type: String, _ names: inout MessageTypeNames) throws -> String {
+            var b = Self.header(type)
+            return try b.readMessageHeader(names: &names).type
+        }
+        var three = MessageTypeNames(capacity: 3)
+        let (a, b, c, d) = ("parley.test.v1.FirstName", "parley.test.v1.SecondName", "parley.test.v1.ThirdName", "parley.test.v1.FourthName")
+        let firstA = try read(a, &three), firstC = try read(c, &three)
+        _ = try read(b, &three)
+        #expect(storage(try read(a, &three)) == storage(firstA) && storage(firstA) != nil)
+        #expect(three.count == 3)
+        _ = try read(d, &three)  // replaces a, the oldest
+        #expect(three.count == 3)
+        #expect(storage(try read(c, &three)) == storage(firstC))
+        #expect(storage(try read(a, &three)) != storage(firstA))
+        // Without a cache every read is a new string.
+        var none = MessageTypeNames(capacity: 0)
+        let (x, y) = (try read(a, &none), try read(a, &none))
+        withExtendedLifetime((x, y)) { #expect(storage(x) != storage(y) && none.count == 0) }
         // Through a session: the same names, decoded once.
         var session = SessionStateMachine(role: .server, features: .implemented)
         var client = SessionStateMachine(role: .client, features: .implemented)

@@ -112,10 +112,12 @@ public struct MessageTypeNames: Sendable {
     private var names: [String] = []
     private var next = 0
     public let capacity: Int
+    /// The names kept now (at most `capacity`).
+    public var count: Int { self.names.count }
 
     public init(capacity: Int = 8) {
         self.capacity = capacity
-        self.names.reserveCapacity(capacity)
+        if capacity > 0 { self.names.reserveCapacity(capacity) }
     }
 
     /// The name these bytes spell, or nil when they are not valid UTF-8.
