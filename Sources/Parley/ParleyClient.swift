@@ -380,7 +380,9 @@ public final class ParleyClient: Sendable {
         return (client, earlyAnswer.withLockedValue { $0 })
     }
 
-    private static func apply(_ n: ParleyNucleus, to state: Nucleus, logger: Logger) {
+    /// Takes in a nucleus the server sent: SERVER_IDENT's (of every connection of the
+    /// client, resumed ones included) or a NOTICE's.
+    static func apply(_ n: ParleyNucleus, to state: Nucleus, logger: Logger) {
         for m in n.messages {
             logger.log(level: m.priority == .high ? .warning : .info, "server message: \(m.text)")
         }

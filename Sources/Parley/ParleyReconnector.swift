@@ -183,6 +183,9 @@ final class Reconnector: Sendable {
                     }
                     // A racing attempt that attached before this one is done.
                     attached.replaced?.write(.close(ParleyError(code: .sessionSuperseded, message: "a newer connection of this session took over")))
+                    // This connection's SERVER_IDENT is a later nucleus: its request delay
+                    // starts again, its messages and redirects are the client's (R-8.2-2).
+                    ParleyClient.apply(ParleyNucleus(result.serverIdent.nucleus), to: c.nucleus, logger: c.logger)
                     connection.linkUp(outlet)
                     return EstablishedLink(sink: ConnectionEventSink(connection), lossless: (session, attached.link))
                 }

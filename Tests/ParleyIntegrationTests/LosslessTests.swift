@@ -392,6 +392,41 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
         }
     }
 
+    /// [R-8.2-2] The SERVER_IDENT of a resumed connection is a later nucleus: its request
+    /// delay starts again (and its messages join the client's), as for any nucleus.
+    @Test func aResumedConnectionsNucleusAppliesItsRequestDelay() async throws {
+        try await withServer(configure: {
+            $0.nucleus.requestDelay = 0.3
+            $0.nucleus.messages = [ParleyServerMessage(priority: .low, text: "welcome")]
+        }) { _, addresses in
+            let proxy = ChaosProxy(configuration: .init(listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0], toServer: .init(cutAfterBytes: 700), seed: 3))
+            let address = try await proxy.start()
+            let client = try await ParleyClient.connect(to: address, configuration: losslessConfiguration(), logger: quietLogger)
+            let events = NIOLockedValueBox<[String]>([])
+            let watcher = Task { for await e in client.connection.linkEvents { events.withLockedValue { $0.append("\(e)") } } }
+            let first = try #require(client.requestAllowedAt)
+            #expect(client.serverMessages.map(\.text) == ["welcome"])
+            try await Task.sleep(for: .milliseconds(400))
+            // One-way pings (no delay applies to them) until the proxy cuts and the session resumes.
+            var sent: UInt64 = 0
+            while sent < 200, !events.withLockedValue({ $0.contains { $0.hasPrefix("link up") } }) {
+                sent += 1
+                var p = Parley_Echo_V1_Ping()
+                p.sequence = sent
+                try await client.send(p)
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            #expect(try await eventually(seconds: 30) { events.withLockedValue { $0.contains { $0.hasPrefix("link up") } } }, "\(events.withLockedValue { $0 })")
+            let resumed = try #require(client.requestAllowedAt)
+            #expect(resumed > first.advanced(by: .milliseconds(300)), "the resumed connection's request delay was not applied")
+            #expect(client.serverMessages.count >= 2)
+            #expect(try await ping(client, 9) == 9)
+            watcher.cancel()
+            client.close()
+            await proxy.stop()
+        }
+    }
+
     /// A session whose client does not come back within the retention time is forgotten;
     /// the client, when it finally reconnects, gets SESSION_RESET.
     @Test func aDetachedSessionIsForgottenAfterTheRetentionTime() async throws {
