@@ -517,7 +517,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     // MARK: - Internals
 
     private func write(_ command: ConnectionCommand, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) {
-        guard case .established = self.state, self.session != nil else {
+        guard case .established = self.state else {
             promise?.fail(self.failure ?? ParleyError(code: .connectionClosed, message: "connection is not established"))
             return
         }

@@ -61,7 +61,9 @@ struct Run: AsyncParsableCommand {
             p99). `parley chaos` is the real command, run as a process: the `parley` executable \
             next to this one (Scripts/bench.sh builds both), or --parley PATH.
 
-            Environment: PARLEY_BENCH_FLUSH_EVERY=N sets ParleyConnectionLimits.flushEvery of             Parley's clients and servers (0: flush at the end of each read burst only; unset:             the library's default, 16).
+            Environment: PARLEY_BENCH_FLUSH_EVERY=N sets ParleyConnectionLimits.flushEvery of \
+            Parley's clients and servers (0: flush at the end of each read burst only; unset: \
+            the library's default, 16).
             """
     )
 

@@ -106,6 +106,11 @@ public struct ClientHandshakeStateMachine: Sendable {
     private var state: State = .idle
     /// CLIENT_IDENT went in the first flight (MESSAGEs may follow it without bit 9).
     private var identSentFirst = false
+    /// MESSAGEs may follow a first-flight CLIENT_IDENT: not with bit 9 (a lossless session
+    /// numbers its own messages).
+    private var firstFlightMessagesAllowed: Bool {
+        self.identSentFirst && !self.configuration.banner.supported.contains(.reconnect)
+    }
     private var transcript = HandshakeTranscript()
     /// The X25519 public key sent with method `secret`.
     private var keyShare: [UInt8]?
@@ -143,7 +148,7 @@ public struct ClientHandshakeStateMachine: Sendable {
             // Nothing to wait for: AUTH_DONE can only confirm (or AUTH_BAD_METHOD end) it.
             step.send.append(.frame(self.configuration.ident.frame(tag: .clientIdent)))
             self.identSentFirst = true
-            if !self.configuration.banner.supported.contains(.reconnect) {
+            if self.firstFlightMessagesAllowed {
                 // The server's features and limit are not known yet: MESSAGEs that need no
                 // feature and fit any server's limit.
                 step.earlyMessages = EarlyMessageTerms(features: [], peerMaxFrameSize: UInt32(Frame.minimumMaxFrameSize))
@@ -195,7 +200,7 @@ public struct ClientHandshakeStateMachine: Sendable {
                 self.transcript.serverHello = Array(frame.segments[0].readableBytesView)
                 var partial = Partial(banner: banner, features: features, hello: hello, methodIndex: 0)
                 partial.identSent = self.identSentFirst
-                partial.earlyMessagesAllowed = self.identSentFirst && !self.configuration.banner.supported.contains(.reconnect)
+                partial.earlyMessagesAllowed = self.firstFlightMessagesAllowed
                 self.state = .awaitingAuth(partial)
                 return HandshakeStep()
             } catch {
