@@ -22,6 +22,21 @@ extern int CCryptoBoringSSL_EVP_AEAD_CTX_open_gather(
     const EVP_AEAD_CTX *ctx, uint8_t *out, const uint8_t *nonce, size_t nonce_len, const uint8_t *in,
     size_t in_len, const uint8_t *in_tag, size_t in_tag_len, const uint8_t *ad, size_t ad_len);
 
+// BoringSSL's EVP_CIPHER interface (include/openssl/cipher.h), for the incremental opening.
+typedef struct evp_cipher_st EVP_CIPHER;
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
+typedef struct engine_st ENGINE;
+extern const EVP_CIPHER *CCryptoBoringSSL_EVP_aes_256_gcm(void);
+extern EVP_CIPHER_CTX *CCryptoBoringSSL_EVP_CIPHER_CTX_new(void);
+extern void CCryptoBoringSSL_EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx);
+extern int CCryptoBoringSSL_EVP_DecryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, ENGINE *impl, const uint8_t *key,
+                                              const uint8_t *iv);
+extern int CCryptoBoringSSL_EVP_DecryptUpdate(EVP_CIPHER_CTX *ctx, uint8_t *out, int *out_len, const uint8_t *in, int in_len);
+extern int CCryptoBoringSSL_EVP_DecryptFinal_ex(EVP_CIPHER_CTX *ctx, uint8_t *out, int *out_len);
+extern int CCryptoBoringSSL_EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int command, int arg, void *ptr);
+// EVP_CTRL_AEAD_SET_TAG (EVP_CTRL_GCM_SET_TAG) in include/openssl/cipher.h.
+#define CPARLEY_EVP_CTRL_AEAD_SET_TAG 0x11
+
 struct cparley_aead {
     EVP_AEAD_CTX *ctx;
 };
@@ -65,6 +80,53 @@ int cparley_aead_seal_extra(cparley_aead *a, const uint8_t nonce[12], uint8_t *d
 
 int cparley_aead_open(cparley_aead *a, const uint8_t nonce[12], const uint8_t *in, uint8_t *out, size_t length, const uint8_t tag[16]) {
     return CCryptoBoringSSL_EVP_AEAD_CTX_open_gather(a->ctx, out, nonce, 12, in, length, tag, 16, NULL, 0) == 1;
+}
+
+struct cparley_gcm_stream {
+    EVP_CIPHER_CTX *ctx;
+};
+
+cparley_gcm_stream *cparley_gcm_stream_new(const uint8_t key[32]) {
+    cparley_gcm_stream *s = calloc(1, sizeof(*s));
+    if (s == NULL) return NULL;
+    s->ctx = CCryptoBoringSSL_EVP_CIPHER_CTX_new();
+    if (s->ctx == NULL || CCryptoBoringSSL_EVP_DecryptInit_ex(s->ctx, CCryptoBoringSSL_EVP_aes_256_gcm(), NULL, key, NULL) != 1) {
+        CCryptoBoringSSL_EVP_CIPHER_CTX_free(s->ctx);
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void cparley_gcm_stream_free(cparley_gcm_stream *s) {
+    if (s == NULL) return;
+    CCryptoBoringSSL_EVP_CIPHER_CTX_free(s->ctx);
+    free(s);
+}
+
+int cparley_gcm_stream_begin(cparley_gcm_stream *s, const uint8_t nonce[12]) {
+    // The default GCM nonce length is 12 bytes; the key set at creation stays.
+    return CCryptoBoringSSL_EVP_DecryptInit_ex(s->ctx, NULL, NULL, NULL, nonce) == 1;
+}
+
+int cparley_gcm_stream_update(cparley_gcm_stream *s, const uint8_t *in, uint8_t *out, size_t length) {
+    while (length > 0) {
+        int piece = length > (1u << 30) ? (1 << 30) : (int)length;
+        int written = 0;
+        if (CCryptoBoringSSL_EVP_DecryptUpdate(s->ctx, out, &written, in, piece) != 1 || written != piece) return 0;
+        in += piece;
+        out += piece;
+        length -= (size_t)piece;
+    }
+    return 1;
+}
+
+int cparley_gcm_stream_finish(cparley_gcm_stream *s, const uint8_t tag[16]) {
+    uint8_t copy[16];
+    for (int i = 0; i < 16; i++) copy[i] = tag[i];
+    int written = 0;
+    return CCryptoBoringSSL_EVP_CIPHER_CTX_ctrl(s->ctx, CPARLEY_EVP_CTRL_AEAD_SET_TAG, 16, copy) == 1
+        && CCryptoBoringSSL_EVP_DecryptFinal_ex(s->ctx, NULL, &written) == 1;
 }
 
 int cparley_aead_cpu_has_aes(void) {

@@ -152,7 +152,7 @@ final class ConformancePeer {
     private var decoder: WireDecoder
     private var pending = ByteBuffer()
     /// Bytes have arrived that do not make a whole banner or frame yet.
-    var holdsPartialFrame: Bool { self.pending.readableBytes > 0 }
+    var holdsPartialFrame: Bool { self.pending.readableBytes > 0 || self.decoder.isInsideFrame }
     private var failed = false
     private var ended = false
     /// Secure mode: the direction that seals what this client sends.

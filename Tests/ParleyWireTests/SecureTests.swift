@@ -105,6 +105,63 @@ func joined(_ buffers: [ByteBuffer]) -> ByteBuffer {
         }
     }
 
+    /// A body that arrives in several reads is opened as its pieces come (decrypted straight
+    /// into its own buffer with AES-256-GCM, gathered with ChaCha20-Poly1305): a flipped bit
+    /// in any piece, or in a tag split across reads, still fails, and nothing is handed on.
+    @Test(arguments: SecureCipher.allCases)
+    func aBitFlippedInABodyArrivingInPiecesIsRejected(cipher: SecureCipher) throws {
+        let keys = SecureDirectionKeys(cipher: cipher, key: testKeys.key, iv: testKeys.iv)
+        let wire = try sealed([sampleFrame(), sampleFrame()], keys: keys)
+        let bytes = Array(joined(wire).readableBytesView)
+        let first = wire[0].readableBytes
+        for chunk in [1, 7, 50] {
+            var intact = try opener(keys)
+            #expect(try decodeAll(buffer(bytes), decoder: &intact, chunk: chunk) == [.frame(sampleFrame()), .frame(sampleFrame())])
+            // Every byte of the second frame's body and tag (its preamble opens whole).
+            for offset in (first + sealedPreambleSize)..<bytes.count {
+                var flipped = bytes
+                flipped[offset] ^= 0x10
+                var decoder = try opener(keys)
+                var decoded: [WireInbound] = []
+                let code = ParleyError.code {
+                    var pending = ByteBuffer()
+                    var input = buffer(flipped)
+                    while input.readableBytes > 0 {
+                        var piece = input.readSlice(length: min(chunk, input.readableBytes))!
+                        pending.writeBuffer(&piece)
+                        while let element = try decoder.decode(buffer: &pending) { decoded.append(element) }
+                    }
+                }
+                #expect(code == .badAuthTag, "chunk \(chunk), byte \(offset)")
+                #expect(decoded == [.frame(sampleFrame())], "chunk \(chunk), byte \(offset)")
+            }
+        }
+    }
+
+    @Test(arguments: SecureCipher.allCases)
+    func aConnectionEndingInsideABodyInPiecesSaysHowMuchArrived(cipher: SecureCipher) throws {
+        let keys = SecureDirectionKeys(cipher: cipher, key: testKeys.key, iv: testKeys.iv)
+        let wire = try sealed([sampleFrame()], keys: keys)[0]
+        let bodySize = wire.readableBytes - sealedPreambleSize
+        var decoder = try opener(keys)
+        #expect(!decoder.isInsideFrame)
+        var pending = wire.getSlice(at: wire.readerIndex, length: sealedPreambleSize + 20)!
+        #expect(try decoder.decode(buffer: &pending) == nil)
+        #expect(pending.readableBytes == 0, "the body's first piece is taken, not left in the input")
+        #expect(decoder.isInsideFrame)
+        var more = wire.getSlice(at: wire.readerIndex + sealedPreambleSize + 20, length: bodySize - 21)!
+        #expect(try decoder.decode(buffer: &more) == nil)
+        var rest = ByteBuffer()
+        do {
+            _ = try decoder.decodeLast(buffer: &rest, seenEOF: true)
+            Issue.record("no error")
+        } catch {
+            #expect(error.code == .truncated)
+            #expect(error.message.contains("\(bodySize - 1) of \(bodySize) body bytes arrived"), "\(error.message)")
+        }
+        #expect(!decoder.isInsideFrame)
+    }
+
     @Test func replayedReorderedDroppedAndTruncatedFramesAreRejected() throws {
         let frames = [sampleFrame(), Frame(tag: .keepalive, segments: [buffer([1, 2, 3, 4, 5, 6, 7, 8])]), sampleFrame()]
         let w = try sealed(frames)
@@ -165,8 +222,12 @@ func joined(_ buffers: [ByteBuffer]) -> ByteBuffer {
         let start = SecureDirection.keyUpdateInterval - 3
         let frames = (0..<4).map { _ in sampleFrame() }
         let wire = try sealed(frames, counter: start)
-        var decoder = try opener(counter: start)
-        #expect(try decodeAll(joined(wire), decoder: &decoder) == frames.map { .frame($0) })
+        for chunk in [0, 7] {
+            // In pieces (chunk 7), the bodies before and after the update are opened piece by
+            // piece, each under its own key.
+            var decoder = try opener(counter: start)
+            #expect(try decodeAll(joined(wire), decoder: &decoder, chunk: chunk) == frames.map { .frame($0) }, "chunk \(chunk)")
+        }
         // The frame sealed at counter 2^32 used the updated key: an opener that started at 2^32
         // without the update (a fresh direction at counter 0 with the same iv) cannot open it.
         let direction = try SecureDirection(keys: testKeys, sealing: true, counter: start)

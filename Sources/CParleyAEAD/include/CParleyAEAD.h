@@ -43,6 +43,27 @@ int cparley_aead_seal_extra(cparley_aead *ctx, const uint8_t nonce[12], uint8_t 
 /// 16-byte `tag`. Returns 1 if the tag is right, 0 otherwise (`out` is then zeroed).
 int cparley_aead_open(cparley_aead *ctx, const uint8_t nonce[12], const uint8_t *in, uint8_t *out, size_t length, const uint8_t tag[16]);
 
+/// An AES-256-GCM opening done piece by piece, for a sealed message that arrives in several
+/// reads: each piece is decrypted from the read buffer straight into the message's own buffer
+/// (no copy to gather the ciphertext first), and the tag is checked at the end. The plaintext
+/// must not be used before `cparley_gcm_stream_finish` returns 1. BoringSSL's EVP_CIPHER
+/// interface (its EVP_AEAD one has no incremental form). Usable from one thread at a time.
+typedef struct cparley_gcm_stream cparley_gcm_stream;
+
+/// Returns NULL if the context cannot be made.
+cparley_gcm_stream *cparley_gcm_stream_new(const uint8_t key[32]);
+void cparley_gcm_stream_free(cparley_gcm_stream *stream);
+
+/// Starts a message with the 12-byte `nonce` (the key stays). Returns 1 on success.
+int cparley_gcm_stream_begin(cparley_gcm_stream *stream, const uint8_t nonce[12]);
+
+/// Decrypts the next `length` bytes of the message from `in` to `out` (not overlapping, or
+/// equal). Returns 1 on success.
+int cparley_gcm_stream_update(cparley_gcm_stream *stream, const uint8_t *in, uint8_t *out, size_t length);
+
+/// Ends the message: 1 if the 16-byte `tag` is right, 0 otherwise.
+int cparley_gcm_stream_finish(cparley_gcm_stream *stream, const uint8_t tag[16]);
+
 /// 1 if this CPU has AES instructions (AES-NI on x86_64, the ARMv8 crypto extension on arm64).
 int cparley_aead_cpu_has_aes(void);
 

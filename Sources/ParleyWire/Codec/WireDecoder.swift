@@ -29,7 +29,25 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         case banner
         case preamble
         case body(Preamble)
+        /// Secure mode: a sealed body that did not arrive whole, opened as its pieces come
+        /// (`pieces` holds what is done).
+        case bodyInPieces(Preamble)
         case failed(ParleyError)
+    }
+
+    /// A sealed body arriving in several reads. With AES-256-GCM each piece is decrypted from
+    /// the input straight into `plain` (the input is not kept, nothing is copied to gather
+    /// it); with ChaCha20-Poly1305 the ciphertext is gathered in `plain` and opened there in
+    /// place once whole. Either way nothing of `plain` is handed on before the tag checks.
+    struct BodyInPieces {
+        /// The body's own buffer: `writerIndex` is how many of its bytes have arrived.
+        var plain: ByteBuffer
+        /// The tag, as its bytes arrive.
+        var tag: (UInt64, UInt64) = (0, 0)
+        var tagBytes = 0
+        /// True if `plain` holds plaintext (decrypted piece by piece), false if ciphertext.
+        var decrypting: Bool
+        var frameNumber: UInt64
     }
 
     struct Preamble {
@@ -61,6 +79,8 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     /// The next frame is the first sealed one: a peer that failed the handshake after this side
     /// switched may still send its CLOSE in the clear, and it is accepted there (only there).
     private var firstSealedFrame = false
+    /// The body of `.bodyInPieces`, kept out of `state` so that writing into it never copies it.
+    private var pieces: BodyInPieces?
 
     /// From the next byte on, frames are sealed: opened with `direction`. Called between two
     /// frames, when the handshake settles the keys.
@@ -72,6 +92,29 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
 
     /// True once `startOpening` has been called.
     public var isSecure: Bool { self.opener != nil }
+
+    /// How many bytes the decoder needs in one buffer, from the first one it has not taken, to
+    /// hand on its next element (a banner, a preamble, a crc-mode body): a connection holding
+    /// the start of an element need add only the rest of these bytes from its next read, and
+    /// decode the remainder of that read where it is, instead of appending all of it. 0 when
+    /// it takes bytes as they come (a sealed body in pieces) or has failed.
+    public var bytesWanted: Int {
+        switch self.state {
+        case .banner: return Banner.size
+        case .preamble: return self.opener == nil ? Frame.preambleSize : sealedPreambleSize
+        case .body(let p): return self.opener == nil ? p.bodySize : p.total + SecureCipher.tagSize
+        case .bodyInPieces, .failed: return 0
+        }
+    }
+
+    /// True between a frame's preamble and the end of its body: bytes of a frame have been
+    /// taken that do not make a whole frame yet (in secure mode the input may then be empty).
+    public var isInsideFrame: Bool {
+        switch self.state {
+        case .body, .bodyInPieces: return true
+        case .banner, .preamble, .failed: return false
+        }
+    }
 
     /// - Parameters:
     ///   - maxFrameSize: largest accepted sum of segment lengths.
@@ -86,6 +129,7 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             return try self.step(&buffer)
         } catch {
             self.state = .failed(error)
+            self.pieces = nil
             throw error
         }
     }
@@ -109,11 +153,18 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
                 code: .truncated,
                 message: "connection ended inside a \(p.tag) frame: \(buffer.readableBytes) of \(self.opener == nil ? p.bodySize : p.total + SecureCipher.tagSize) body bytes arrived"
             ))
+        case .bodyInPieces(let p):
+            let arrived = (self.pieces?.plain.writerIndex ?? 0) + (self.pieces?.tagBytes ?? 0) + buffer.readableBytes
+            throw self.fail(ParleyError(
+                code: .truncated,
+                message: "connection ended inside a \(p.tag) frame: \(arrived) of \(p.total + SecureCipher.tagSize) body bytes arrived"
+            ))
         }
     }
 
     private mutating func fail(_ error: ParleyError) -> ParleyError {
         self.state = .failed(error)
+        self.pieces = nil
         return error
     }
 
@@ -137,6 +188,8 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             return try self.step(&buffer)
         case .body(let preamble) where self.opener != nil:
             return try self.openBody(&buffer, preamble: preamble, opener: self.opener!)
+        case .bodyInPieces(let preamble):
+            return try self.continueBody(&buffer, preamble: preamble, opener: self.opener!)
         case .body(let preamble):
             guard buffer.readableBytes >= preamble.bodySize else { return nil }
             let crcStart = buffer.readerIndex + preamble.total
@@ -266,8 +319,19 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     /// place: its receive buffer holds little else, and a fresh buffer per frame costs more.
     private mutating func openBody(_ buffer: inout ByteBuffer, preamble: Preamble, opener: SecureDirection) throws(ParleyError) -> WireInbound? {
         let size = preamble.total + SecureCipher.tagSize
-        guard buffer.readableBytes >= size else { return nil }
         let frameNumber = opener.counter / 2
+        guard buffer.readableBytes >= size else {
+            // Part of the body is here: open it as it comes rather than wait for it whole
+            // (which would copy every read into a growing buffer before opening it).
+            guard buffer.readableBytes > 0, preamble.total > 0 else { return nil }
+            let decrypting = opener.opensInPieces
+            if decrypting { try opener.beginOpening() }
+            self.pieces = BodyInPieces(
+                plain: ByteBufferAllocator().buffer(capacity: preamble.total), decrypting: decrypting, frameNumber: frameNumber
+            )
+            self.state = .bodyInPieces(preamble)
+            return try self.continueBody(&buffer, preamble: preamble, opener: opener)
+        }
         let total = preamble.total
         var opened = false
         var plain: ByteBuffer
@@ -302,6 +366,71 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         var segments: [ByteBuffer] = []
         segments.reserveCapacity(preamble.count)
         for i in 0..<preamble.count { segments.append(plain.readSlice(length: preamble.length(i))!) }
+        self.state = .preamble
+        return .frame(Frame(tag: preamble.tag, flags: preamble.flags, segments: segments, alignments: preamble.alignments))
+    }
+
+    /// Takes what `buffer` holds of a body arriving in pieces; hands the frame on once its tag
+    /// has arrived and checks.
+    private mutating func continueBody(_ buffer: inout ByteBuffer, preamble: Preamble, opener: SecureDirection) throws(ParleyError) -> WireInbound? {
+        guard var body = self.pieces else { preconditionFailure("a body in pieces without its buffer") }
+        self.pieces = nil  // so that `body.plain` is uniquely referenced and written in place
+        let total = preamble.total
+        let take = min(total - body.plain.writerIndex, buffer.readableBytes)
+        if take > 0 {
+            var failure: ParleyError?
+            _ = buffer.withUnsafeReadableBytes { input in
+                body.plain.writeWithUnsafeMutableBytes(minimumWritableBytes: take) { out in
+                    if body.decrypting {
+                        do throws(ParleyError) {
+                            try opener.openPiece(from: input.baseAddress!, to: out.baseAddress!, length: take)
+                        } catch {
+                            failure = error
+                        }
+                    } else {
+                        out.baseAddress!.copyMemory(from: input.baseAddress!, byteCount: take)
+                    }
+                    return take
+                }
+            }
+            if let failure { throw failure }
+            buffer.moveReaderIndex(forwardBy: take)
+        }
+        let tagTake = min(SecureCipher.tagSize - body.tagBytes, buffer.readableBytes)
+        if tagTake > 0 {
+            let at = body.tagBytes
+            withUnsafeMutableBytes(of: &body.tag) { tag in
+                buffer.withUnsafeReadableBytes { input in
+                    (tag.baseAddress! + at).copyMemory(from: input.baseAddress!, byteCount: tagTake)
+                }
+            }
+            body.tagBytes += tagTake
+            buffer.moveReaderIndex(forwardBy: tagTake)
+        }
+        guard body.tagBytes == SecureCipher.tagSize else {
+            self.pieces = body
+            return nil
+        }
+        let opened: Bool
+        if body.decrypting {
+            opened = withUnsafeBytes(of: &body.tag) { opener.finishOpening(tag: $0.baseAddress!) }
+        } else {
+            var tag = body.tag
+            opened = try body.plain.withUnsafeMutableReadableBytes { (raw) throws(ParleyError) -> Bool in
+                try withUnsafeBytes(of: &tag) { (t) throws(ParleyError) -> Bool in
+                    try opener.open(from: raw.baseAddress!, to: raw.baseAddress!, length: total, tag: t.baseAddress!)
+                }
+            }
+        }
+        guard opened else {
+            throw ParleyError(
+                code: .badAuthTag,
+                message: "sealed segments of \(preamble.tag) frame \(body.frameNumber) (\(total) bytes) failed authentication: the frame was altered or cut"
+            )
+        }
+        var segments: [ByteBuffer] = []
+        segments.reserveCapacity(preamble.count)
+        for i in 0..<preamble.count { segments.append(body.plain.readSlice(length: preamble.length(i))!) }
         self.state = .preamble
         return .frame(Frame(tag: preamble.tag, flags: preamble.flags, segments: segments, alignments: preamble.alignments))
     }

@@ -57,6 +57,8 @@ public final class SecureDirection {
     /// The counter of the next message.
     public private(set) var counter: UInt64
     private var context: OpaquePointer
+    /// AES-256-GCM opening piece by piece (made on first use; replaced with the key).
+    private var stream: OpaquePointer?
 
     /// Messages sealed under one key before the next key update.
     public static let keyUpdateInterval: UInt64 = 1 << 32
@@ -73,7 +75,10 @@ public final class SecureDirection {
         self.context = try Self.makeContext(keys)
     }
 
-    deinit { cparley_aead_free(self.context) }
+    deinit {
+        cparley_aead_free(self.context)
+        cparley_gcm_stream_free(self.stream)
+    }
 
     private static func makeContext(_ keys: SecureDirectionKeys) throws(ParleyError) -> OpaquePointer {
         guard let context = keys.key.withUnsafeBufferPointer({ cparley_aead_new(keys.cipher.cValue, $0.baseAddress) }) else {
@@ -121,6 +126,8 @@ public final class SecureDirection {
             self.keys.key = Self.updatedKey(self.keys.key)
             cparley_aead_free(self.context)
             self.context = try Self.makeContext(self.keys)
+            cparley_gcm_stream_free(self.stream)
+            self.stream = nil
         }
         var nonce: (UInt64, UInt32) = (0, 0)
         withUnsafeMutableBytes(of: &nonce) { n in
@@ -166,6 +173,43 @@ public final class SecureDirection {
                 to.assumingMemoryBound(to: UInt8.self), length, tag.assumingMemoryBound(to: UInt8.self)
             )
         } == 1
+    }
+}
+
+extension SecureDirection {
+    /// True if a message can be opened piece by piece (`beginOpening`): AES-256-GCM.
+    var opensInPieces: Bool { !self.sealing && self.keys.cipher == .aes256GCM }
+
+    /// Starts opening a message piece by piece: takes its counter value, like `open`. The
+    /// pieces then go through `openPiece` in order and the tag through `finishOpening`; the
+    /// plaintext means nothing until that returns true.
+    func beginOpening() throws(ParleyError) {
+        precondition(self.opensInPieces)
+        var nonce = try self.next()
+        if self.stream == nil {
+            self.stream = self.keys.key.withUnsafeBufferPointer { cparley_gcm_stream_new($0.baseAddress) }
+        }
+        guard let stream = self.stream,
+              withUnsafeBytes(of: &nonce, { cparley_gcm_stream_begin(stream, $0.baseAddress!.assumingMemoryBound(to: UInt8.self)) }) == 1
+        else {
+            throw ParleyError(code: .protocolViolation, message: "internal: cannot start an \(self.keys.cipher.rawValue) opening")
+        }
+    }
+
+    /// Decrypts the next `length` bytes of the message begun with `beginOpening`.
+    func openPiece(from: UnsafeRawPointer, to: UnsafeMutableRawPointer, length: Int) throws(ParleyError) {
+        guard length > 0 else { return }
+        guard let stream = self.stream,
+              cparley_gcm_stream_update(stream, from.assumingMemoryBound(to: UInt8.self), to.assumingMemoryBound(to: UInt8.self), length) == 1
+        else {
+            throw ParleyError(code: .protocolViolation, message: "internal: \(self.keys.cipher.rawValue) decryption failed")
+        }
+    }
+
+    /// Checks the tag of the message begun with `beginOpening`: false if it is wrong.
+    func finishOpening(tag: UnsafeRawPointer) -> Bool {
+        guard let stream = self.stream else { return false }
+        return cparley_gcm_stream_finish(stream, tag.assumingMemoryBound(to: UInt8.self)) == 1
     }
 }
 
