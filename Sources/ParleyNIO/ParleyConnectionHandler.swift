@@ -309,29 +309,14 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         self.heardSinceTick = true
         guard !self.isClosing else { return }
         var buffer = self.unwrapInboundIn(data)
+        if var unread = self.unread {
+            self.unread = nil  // so that `unread` is the only reference and grows in place
+            unread.writeBuffer(&buffer)
+            buffer = unread
+        }
         self.decoding = true
         defer { self.decoding = false }
         do {
-            if var unread = self.unread {
-                self.unread = nil  // so that `unread` is the only reference and grows in place
-                let missing = self.decoder.bytesWanted - unread.readableBytes
-                if missing > 0, missing <= buffer.readableBytes {
-                    // Only the bytes that finish the element begun in `unread` are copied to
-                    // it; the rest of this read is decoded where it is, not appended.
-                    var head = buffer.readSlice(length: missing)!
-                    unread.writeBuffer(&head)
-                    while !self.isClosing, let inbound = try self.decoder.decode(buffer: &unread) {
-                        self.received(inbound, context: context)
-                    }
-                } else if missing > 0 {
-                    // Room for the whole element at once: no reallocation as its reads come.
-                    unread.reserveCapacity(minimumWritableBytes: missing)
-                }
-                if unread.readableBytes > 0 {
-                    unread.writeBuffer(&buffer)
-                    buffer = unread
-                }
-            }
             while !self.isClosing, let inbound = try self.decoder.decode(buffer: &buffer) {
                 self.received(inbound, context: context)
             }

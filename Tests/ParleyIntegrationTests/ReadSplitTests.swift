@@ -6,9 +6,9 @@ import Testing
 
 /// Frames arriving split across reads at every kind of place: inside a banner-sized run,
 /// inside a preamble, inside a body, inside a tag, in one-byte reads and in large ones. The
-/// connection handler copies to its unfinished frame only the bytes that finish it and decodes
-/// the rest of a read where it is; in secure mode a body arriving in pieces is opened as it
-/// comes. Whatever the cuts, every message arrives whole, in order, with its bytes.
+/// connection handler gathers an unfinished frame across reads; in secure mode a body arriving
+/// in pieces is opened as it comes. Whatever the cuts, every message arrives whole, in order,
+/// with its bytes.
 @Suite struct ReadSplitTests {
     /// Small messages, and messages whose data segment is larger than one read.
     static func messages() -> [WireMessage] {

@@ -93,20 +93,6 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     /// True once `startOpening` has been called.
     public var isSecure: Bool { self.opener != nil }
 
-    /// How many bytes the decoder needs in one buffer, from the first one it has not taken, to
-    /// hand on its next element (a banner, a preamble, a crc-mode body): a connection holding
-    /// the start of an element need add only the rest of these bytes from its next read, and
-    /// decode the remainder of that read where it is, instead of appending all of it. 0 when
-    /// it takes bytes as they come (a sealed body in pieces) or has failed.
-    public var bytesWanted: Int {
-        switch self.state {
-        case .banner: return Banner.size
-        case .preamble: return self.opener == nil ? Frame.preambleSize : sealedPreambleSize
-        case .body(let p): return self.opener == nil ? p.bodySize : p.total + SecureCipher.tagSize
-        case .bodyInPieces, .failed: return 0
-        }
-    }
-
     /// True between a frame's preamble and the end of its body: bytes of a frame have been
     /// taken that do not make a whole frame yet (in secure mode the input may then be empty).
     public var isInsideFrame: Bool {
