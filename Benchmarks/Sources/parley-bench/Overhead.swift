@@ -42,12 +42,14 @@ struct Overhead: AsyncParsableCommand {
     @Option(help: "Payload bytes per round trip.")
     var size: Int = 64
 
-    @Option(help: ArgumentHelp("Comma-separated systems: raw, parley, parley-lossless (default: raw,parley).", valueName: "list"),
-            transform: { try System.parseList($0, allowed: [.raw, .parley, .parleyLossless]) })
+    @Option(help: ArgumentHelp(
+        "Comma-separated systems: raw, parley (default: raw,parley). Lossless sessions are measured by `run --systems parley,parley-lossless` only: an in-process connection cannot be dialled again, so it is always lossy.",
+        valueName: "list"
+    ), transform: { try System.parseList($0, allowed: [.raw, .parley]) })
     var systems: [System] = [.raw, .parley]
 
     func validate() throws {
-        guard !self.systems.isEmpty, Set(self.systems).count == self.systems.count else { throw ValidationError("--systems: name raw, parley and/or parley-lossless, once each") }
+        guard !self.systems.isEmpty, Set(self.systems).count == self.systems.count else { throw ValidationError("--systems: name raw and/or parley, once each") }
         guard self.repetitions >= 1 else { throw ValidationError("--repetitions must be at least 1") }
         guard self.duration > 0, self.duration <= 600 else { throw ValidationError("--duration must be in (0, 600] seconds") }
         guard (0...(1 << 20)).contains(self.size) else { throw ValidationError("--size must be 0...1048576") }
@@ -72,7 +74,7 @@ struct Overhead: AsyncParsableCommand {
                     let caller: any EchoCaller
                     switch system {
                     case .raw: caller = try await RawCaller(inMemoryOn: group, load: load)
-                    default: caller = try await ParleyCaller(inProcessTo: server, load: load, system: system)
+                    default: caller = try await ParleyCaller(inProcessTo: server, load: load)
                     }
                     try await caller.verify()
                     let (warm, _) = try await Measure.pump(caller, window: 1, seconds: 0.3)
@@ -92,10 +94,6 @@ struct Overhead: AsyncParsableCommand {
         if let raw = nanos[.raw].flatMap(median), let parley = nanos[.parley].flatMap(median) {
             print("| Parley - raw NIO | \(fixed((parley - raw) / 1000)) | |")
             print("| Parley / raw NIO | \(String(format: "%.2fx", parley / raw)) | |")
-        }
-        if let parley = nanos[.parley].flatMap(median), let lossless = nanos[.parleyLossless].flatMap(median) {
-            print("| Parley lossless - Parley | \(fixed((lossless - parley) / 1000)) | |")
-            print("| Parley lossless / Parley | \(String(format: "%.2fx", lossless / parley)) | |")
         }
         try await group.shutdownGracefully()
     }
@@ -122,16 +120,9 @@ extension RawCaller {
 }
 
 extension ParleyCaller {
-    /// A Parley client connected in-process to `server` (parley-lossless: asking for a
-    /// lossless session, which the server offers by default).
-    init(inProcessTo server: ParleyServer, load: Load, system: System = .parley) async throws {
-        var configuration = ParleyClient.Configuration(name: "parley-bench")
-        if system == .parleyLossless { configuration.lossless = ParleyClient.LosslessOptions() }
-        let client = try await ParleyClient.connect(inProcessTo: server, configuration: configuration)
-        if system == .parleyLossless, client.connection.lossless == nil {
-            client.close()
-            throw BenchError("the in-process server did not grant a lossless session")
-        }
-        self.init(client: client, load: load, system: system)
+    /// A Parley client connected in-process to `server` (always lossy).
+    init(inProcessTo server: ParleyServer, load: Load) async throws {
+        let client = try await ParleyClient.connect(inProcessTo: server, configuration: ParleyClient.Configuration(name: "parley-bench"))
+        self.init(client: client, load: load, system: .parley)
     }
 }
