@@ -343,12 +343,18 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             if let failure { throw failure }
             buffer.moveReaderIndex(forwardBy: size)
         }
+        return try self.opened(opened, plain, preamble: preamble, frameNumber: frameNumber)
+    }
+
+    /// The frame of an opened body, or `badAuthTag` if it did not open.
+    private mutating func opened(_ opened: Bool, _ plain: ByteBuffer, preamble: Preamble, frameNumber: UInt64) throws(ParleyError) -> WireInbound {
         guard opened else {
             throw ParleyError(
                 code: .badAuthTag,
-                message: "sealed segments of \(preamble.tag) frame \(frameNumber) (\(total) bytes) failed authentication: the frame was altered or cut"
+                message: "sealed segments of \(preamble.tag) frame \(frameNumber) (\(preamble.total) bytes) failed authentication: the frame was altered or cut"
             )
         }
+        var plain = plain
         var segments: [ByteBuffer] = []
         segments.reserveCapacity(preamble.count)
         for i in 0..<preamble.count { segments.append(plain.readSlice(length: preamble.length(i))!) }
@@ -408,16 +414,6 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
                 }
             }
         }
-        guard opened else {
-            throw ParleyError(
-                code: .badAuthTag,
-                message: "sealed segments of \(preamble.tag) frame \(body.frameNumber) (\(total) bytes) failed authentication: the frame was altered or cut"
-            )
-        }
-        var segments: [ByteBuffer] = []
-        segments.reserveCapacity(preamble.count)
-        for i in 0..<preamble.count { segments.append(body.plain.readSlice(length: preamble.length(i))!) }
-        self.state = .preamble
-        return .frame(Frame(tag: preamble.tag, flags: preamble.flags, segments: segments, alignments: preamble.alignments))
+        return try self.opened(opened, body.plain, preamble: preamble, frameNumber: body.frameNumber)
     }
 }
