@@ -45,7 +45,11 @@ struct FirstCallTests {
     /// it); carries the bytes flight by flight until both sides are quiet.
     /// `method`: `secret` (with `mode`), or `none` (crc mode; CLIENT_IDENT and the request
     /// then go in the first flight, R-6.1-5).
-    static func run(mode: ConnectionMode, method: String = AuthMethod.secret) throws -> (client: Sink, server: ReadBurstFlushTests.EchoSink, channels: (client: EmbeddedChannel, server: EmbeddedChannel)) {
+    /// `ciphers`: what both sides offer and accept in secure mode (this machine's preference
+    /// by default).
+    static func run(
+        mode: ConnectionMode, method: String = AuthMethod.secret, ciphers: [SecureCipher] = SecureCipher.preferred
+    ) throws -> (client: Sink, server: ReadBurstFlushTests.EchoSink, channels: (client: EmbeddedChannel, server: EmbeddedChannel)) {
         var supported = ParleyFeatures.implemented
         supported.insert(.secureMode)
         let banner = Banner(supported: supported, required: [])
@@ -58,10 +62,11 @@ struct FirstCallTests {
             secret: SecretCredentials(entity: alice.name, key: alice.key), modes: [mode], randomness: .generate()
         )
         clientConfiguration.identInFirstFlight = true
+        clientConfiguration.ciphers = ciphers
         let clientMachine = ClientHandshakeStateMachine(configuration: clientConfiguration)
         let serverMachine = ServerHandshakeStateMachine(configuration: .init(
             banner: banner, maxFrameSize: size, authMethods: [AuthMethod.secret, AuthMethod.none], ident: Parley_V1_ServerIdent(), clientAddress: "test",
-            modes: [.crc, .secure], secrets: SecretDirectory([alice]), randomness: .generate(), globalID: 1
+            modes: [.crc, .secure], ciphers: ciphers, secrets: SecretDirectory([alice]), randomness: .generate(), globalID: 1
         ))
         let client = EmbeddedChannel(), server = EmbeddedChannel()
         let clientSink = Sink(), serverSink = ReadBurstFlushTests.EchoSink()

@@ -29,10 +29,13 @@ import Testing
     /// The client's bytes cut into reads of these sizes, in turn.
     static let cuts = [1, 5, 31, 32, 33, 47, 48, 49, 100, 17, 4096, 65_536, 2, 200_000, 63, 64, 65, 3]
 
-    @Test(arguments: [ConnectionMode.crc, .secure])
-    func messagesCutAnywhereArriveWhole(mode: ConnectionMode) throws {
-        let (client, server, channels) = try FirstCallTests.run(mode: mode)
+    /// crc mode, and secure mode with each cipher (AES-256-GCM bodies are decrypted piece by
+    /// piece, ChaCha20-Poly1305 ones gathered and opened whole).
+    @Test(arguments: [(ConnectionMode.crc, SecureCipher.aes256GCM), (.secure, .aes256GCM), (.secure, .chacha20Poly1305)])
+    func messagesCutAnywhereArriveWhole(mode: ConnectionMode, cipher: SecureCipher) throws {
+        let (client, server, channels) = try FirstCallTests.run(mode: mode, ciphers: [cipher])
         try #require(client.result?.connectionMode == mode)
+        if mode == .secure { try #require(client.result?.cipher == cipher) }
         let before = server.received.count
         let sent = Self.messages()
         for message in sent { client.outlet!.write(.message(message)) }

@@ -313,7 +313,8 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             let decrypting = opener.opensInPieces
             if decrypting { try opener.beginOpening() }
             self.pieces = BodyInPieces(
-                plain: ByteBufferAllocator().buffer(capacity: preamble.total), decrypting: decrypting, frameNumber: frameNumber
+                plain: ByteBufferAllocator().buffer(capacity: Self.room(for: buffer.readableBytes, total: preamble.total)),
+                decrypting: decrypting, frameNumber: frameNumber
             )
             self.state = .bodyInPieces(preamble)
             return try self.continueBody(&buffer, preamble: preamble, opener: opener)
@@ -362,6 +363,14 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         return .frame(Frame(tag: preamble.tag, flags: preamble.flags, segments: segments, alignments: preamble.alignments))
     }
 
+    /// The capacity for a body in pieces once `arrived` of its `total` bytes are in: four
+    /// times what has arrived (at least 64 KiB), at most the body. A peer that declares a large
+    /// frame and sends little of it does not get the whole size reserved, and a large body
+    /// is regrown only a few times (fourfold each time) before it is whole.
+    static func room(for arrived: Int, total: Int) -> Int {
+        min(total, max(64 << 10, 4 * arrived))
+    }
+
     /// Takes what `buffer` holds of a body arriving in pieces; hands the frame on once its tag
     /// has arrived and checks.
     private mutating func continueBody(_ buffer: inout ByteBuffer, preamble: Preamble, opener: SecureDirection) throws(ParleyError) -> WireInbound? {
@@ -370,6 +379,9 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         let total = preamble.total
         let take = min(total - body.plain.writerIndex, buffer.readableBytes)
         if take > 0 {
+            if body.plain.writableBytes < take {
+                body.plain.reserveCapacity(Self.room(for: body.plain.writerIndex + take, total: total))
+            }
             var failure: ParleyError?
             _ = buffer.withUnsafeReadableBytes { input in
                 body.plain.writeWithUnsafeMutableBytes(minimumWritableBytes: take) { out in
