@@ -78,6 +78,10 @@ struct BlockFenceTests {
         let client = try await BlockClient.connect(to: address, sessionName: "fence", logger: quiet)
         let device = try await client.open("disk")
         let first = Task { try await client.write(device, offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
+        // The second write is sent only once the first has arrived: two tasks started together
+        // may send in either order, and when the write at 4096 went first it took the IO
+        // thread and was carried out (a CI run on 2026-12-01 failed so).
+        #expect(try await self.eventually { store.log.withLockedValue { $0.received.contains(0) } })
         let second = Task { try await client.write(device, offset: 4096, data: ByteBuffer(repeating: 2, count: 4096)) }
         // Both received: the first holds the only IO thread, the second waits for it.
         #expect(try await self.eventually { store.log.withLockedValue { $0.received.count } == 2 })
