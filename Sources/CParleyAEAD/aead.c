@@ -122,10 +122,9 @@ int cparley_gcm_stream_update(cparley_gcm_stream *s, const uint8_t *in, uint8_t 
 }
 
 int cparley_gcm_stream_finish(cparley_gcm_stream *s, const uint8_t tag[16]) {
-    uint8_t copy[16];
-    for (int i = 0; i < 16; i++) copy[i] = tag[i];
     int written = 0;
-    return CCryptoBoringSSL_EVP_CIPHER_CTX_ctrl(s->ctx, CPARLEY_EVP_CTRL_AEAD_SET_TAG, 16, copy) == 1
+    // SET_TAG copies the tag in (the pointer is not const only because ctrl is generic).
+    return CCryptoBoringSSL_EVP_CIPHER_CTX_ctrl(s->ctx, CPARLEY_EVP_CTRL_AEAD_SET_TAG, 16, (void *)tag) == 1
         && CCryptoBoringSSL_EVP_DecryptFinal_ex(s->ctx, NULL, &written) == 1;
 }
 

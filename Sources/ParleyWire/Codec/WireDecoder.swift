@@ -45,8 +45,6 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         /// The tag, as its bytes arrive.
         var tag: (UInt64, UInt64) = (0, 0)
         var tagBytes = 0
-        /// True if `plain` holds plaintext (decrypted piece by piece), false if ciphertext.
-        var decrypting: Bool
         var frameNumber: UInt64
     }
 
@@ -310,11 +308,9 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             // Part of the body is here: open it as it comes rather than wait for it whole
             // (which would copy every read into a growing buffer before opening it).
             guard buffer.readableBytes > 0, preamble.total > 0 else { return nil }
-            let decrypting = opener.opensInPieces
-            if decrypting { try opener.beginOpening() }
+            if opener.opensInPieces { try opener.beginOpening() }
             self.pieces = BodyInPieces(
-                plain: ByteBufferAllocator().buffer(capacity: Self.room(for: buffer.readableBytes, total: preamble.total)),
-                decrypting: decrypting, frameNumber: frameNumber
+                plain: ByteBufferAllocator().buffer(capacity: Self.room(for: buffer.readableBytes, total: preamble.total)), frameNumber: frameNumber
             )
             self.state = .bodyInPieces(preamble)
             return try self.continueBody(&buffer, preamble: preamble, opener: opener)
@@ -377,6 +373,8 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         guard var body = self.pieces else { preconditionFailure("a body in pieces without its buffer") }
         self.pieces = nil  // so that `body.plain` is uniquely referenced and written in place
         let total = preamble.total
+        // AES-256-GCM: `plain` holds plaintext, decrypted piece by piece; otherwise ciphertext.
+        let decrypting = opener.opensInPieces
         let take = min(total - body.plain.writerIndex, buffer.readableBytes)
         if take > 0 {
             if body.plain.writableBytes < take {
@@ -385,7 +383,7 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             var failure: ParleyError?
             _ = buffer.withUnsafeReadableBytes { input in
                 body.plain.writeWithUnsafeMutableBytes(minimumWritableBytes: take) { out in
-                    if body.decrypting {
+                    if decrypting {
                         do throws(ParleyError) {
                             try opener.openPiece(from: input.baseAddress!, to: out.baseAddress!, length: take)
                         } catch {
@@ -416,7 +414,7 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             return nil
         }
         let opened: Bool
-        if body.decrypting {
+        if decrypting {
             opened = withUnsafeBytes(of: &body.tag) { opener.finishOpening(tag: $0.baseAddress!) }
         } else {
             var tag = body.tag
