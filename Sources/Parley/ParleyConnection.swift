@@ -38,11 +38,18 @@ public struct ParleyConnectionLimits: Sendable {
     /// still leave once per read burst (trying the rule there gained nothing measurable).
     public var flushEvery: Int
 
+    /// A handshake not completed this long after it started (after any TLS or WebSocket
+    /// set-up, which has its own limit) ends the connection with `timeout`: a client does not wait for ever on a server
+    /// that accepted and fell silent, nor a server keep a connection that never says who it
+    /// is. nil: wait for ever.
+    public var handshakeTimeout: Duration?
+
     public init(
         maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024, handlersOnEventLoop: Bool = true,
         keepaliveInterval: Duration? = .seconds(15), keepaliveTimeout: Duration = .seconds(60),
-        flushEvery: Int = PipelineOptions.defaultFlushEvery
+        flushEvery: Int = PipelineOptions.defaultFlushEvery, handshakeTimeout: Duration? = .seconds(30)
     ) {
+        self.handshakeTimeout = handshakeTimeout
         self.flushEvery = flushEvery
         self.maxOutstandingRequests = maxOutstandingRequests
         self.maxConcurrentHandlers = maxConcurrentHandlers
@@ -57,7 +64,11 @@ public struct ParleyConnectionLimits: Sendable {
     func pipelineOptions(maxFrameSize: Int, captureInbound: String? = nil, captureOutbound: String? = nil) throws(ParleyError) -> PipelineOptions {
         PipelineOptions(
             maxFrameSize: maxFrameSize, captureInbound: captureInbound, captureOutbound: captureOutbound,
-            keepalive: try self.keepaliveConfiguration(), flushEvery: self.flushEvery
+            keepalive: try self.keepaliveConfiguration(), flushEvery: self.flushEvery,
+            handshakeTimeout: try self.handshakeTimeout.map { t throws(ParleyError) in
+                guard t > .zero else { throw ParleyError(code: .invalidArgument, message: "the handshake timeout (\(t)) must be positive") }
+                return .nanoseconds(t.nanoseconds)
+            }
         )
     }
 

@@ -8,6 +8,8 @@ import ParleyWire
 final class Inbox: Sendable {
     private struct State {
         var bytes = ByteBuffer()
+        /// When the last bytes were appended (on the event loop, as they were read).
+        var lastArrival = ContinuousClock.now
         var ended = false
         var error: String?
         /// A reader waiting for bytes, the end, or its time to pass.
@@ -18,9 +20,11 @@ final class Inbox: Sendable {
     private let state = NIOLockedValueBox(State())
 
     func append(_ buffer: ByteBuffer) {
+        let now = ContinuousClock.now
         self.state.withLockedValue { s in
             var b = buffer
             s.bytes.writeBuffer(&b)
+            s.lastArrival = now
         }
         self.wake()
     }
@@ -63,11 +67,12 @@ final class Inbox: Sendable {
         }
     }
 
-    /// Everything received since the last call, and whether the stream has ended.
-    func take() -> (ByteBuffer, ended: Bool) {
+    /// Everything received since the last call, when its last bytes arrived, and whether
+    /// the stream has ended.
+    func take() -> (ByteBuffer, arrived: ContinuousClock.Instant, ended: Bool) {
         self.state.withLockedValue { s in
             defer { s.bytes = ByteBuffer() }
-            return (s.bytes, s.ended)
+            return (s.bytes, s.lastArrival, s.ended)
         }
     }
 }
@@ -155,6 +160,10 @@ final class ConformancePeer {
     var holdsPartialFrame: Bool { self.pending.readableBytes > 0 || self.decoder.isInsideFrame }
     private var failed = false
     private var ended = false
+    /// When the bytes of the last banner or frame `next` returned had all arrived, at the
+    /// latest (the time they were read from the socket, not when the check got round to
+    /// them: a check starved by a loaded machine still measures the peer's timing).
+    private(set) var lastArrival = ContinuousClock.now
     /// Secure mode: the direction that seals what this client sends.
     private var sealer: SecureDirection?
     /// Every banner and frame received, in order.
@@ -267,10 +276,11 @@ final class ConformancePeer {
                 self.failed = true
                 return self.record(error)
             }
-            let (more, ended) = self.inbox.take()
+            let (more, arrived, ended) = self.inbox.take()
             if more.readableBytes > 0 {
                 var more = more
                 self.pending.writeBuffer(&more)
+                self.lastArrival = arrived
                 continue
             }
             if ended {

@@ -154,6 +154,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// `keepalive` feature is negotiated.
     public var keepaliveConfiguration: KeepaliveStateMachine.Configuration?
 
+    /// A handshake not completed this long after it started ends the connection with
+    /// `timeout`, without CLOSE (the peer may not even have sent its banner); nil: never.
+    public var handshakeTimeout: TimeAmount?
+    private var handshakeTimer: Scheduled<Void>?
+
     /// Succeeds once the handshake has completed and `establish` has returned; fails with the
     /// reason if the connection closes first.
     public var established: EventLoopFuture<Void> { self.establishedPromise.futureResult }
@@ -282,7 +287,17 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             role = .server(m)
         }
         self.state = .handshaking(role)
+        if let limit = self.handshakeTimeout {
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            self.handshakeTimer = context.eventLoop.scheduleTask(in: limit) { handler.value.handshakeTimedOut(after: limit) }
+        }
         self.perform(step, context: context)
+    }
+
+    private func handshakeTimedOut(after limit: TimeAmount) {
+        guard case .handshaking = self.state, let context = self.context else { return }
+        let seconds = Double(limit.nanoseconds) / 1e9
+        self.failConnection(ParleyError(code: .timeout, message: "the handshake did not complete within \(seconds.formatted2) s"), tellPeer: false, context: context)
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
@@ -626,6 +641,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             // Early messages took the first seqs: the session goes on from there.
             self.session = SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax, sent: UInt64(self.earlySent))
             self.state = .established
+            self.handshakeTimer?.cancel()
+            self.handshakeTimer = nil
             self.earlyMessages = []
             if let configuration = self.keepaliveConfiguration, result.features.contains(.keepalive) {
                 self.startKeepalive(configuration, context: context)
@@ -765,6 +782,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// Reports the end of the connection, once: to the sink, or through `established`.
     private func closeOut() {
         self.stopKeepalive()
+        self.handshakeTimer?.cancel()
+        self.handshakeTimer = nil
         self.ackTimer?.cancel()
         self.ackTimer = nil
         guard !self.closedOut else { return }

@@ -19,10 +19,16 @@ public struct PipelineOptions: Sendable {
     public var flushEvery: Int
     public static let defaultFlushEvery = 16
 
+    /// A handshake not completed this long after the connection became active ends it
+    /// (`timeout`, without CLOSE); nil: never.
+    public var handshakeTimeout: TimeAmount?
+
     public init(
         maxFrameSize: Int = Frame.defaultMaxFrameSize, captureInbound: String? = nil, captureOutbound: String? = nil,
-        keepalive: KeepaliveStateMachine.Configuration? = nil, flushEvery: Int = PipelineOptions.defaultFlushEvery
+        keepalive: KeepaliveStateMachine.Configuration? = nil, flushEvery: Int = PipelineOptions.defaultFlushEvery,
+        handshakeTimeout: TimeAmount? = nil
     ) {
+        self.handshakeTimeout = handshakeTimeout
         self.flushEvery = max(0, flushEvery)
         self.maxFrameSize = maxFrameSize
         self.keepalive = keepalive
@@ -43,6 +49,7 @@ public enum ParleyPipeline {
         handler.maxFrameSize = options.maxFrameSize
         handler.keepaliveConfiguration = options.keepalive
         handler.flushEvery = options.flushEvery
+        handler.handshakeTimeout = options.handshakeTimeout
         try sync.addHandler(handler)
     }
 

@@ -1,6 +1,8 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 import Parley
 import ParleyServices
 import ParleyWire
@@ -166,5 +168,65 @@ struct TimeoutTests {
         let server = ParleyServer(configuration: .init(listen: [.tcp(host: "127.0.0.1", port: 0)], limits: bad), router: ParleyRouter(), logger: quietLogger)
         let error = await #expect(throws: ParleyError.self) { try await server.run() }
         #expect(error?.code == .invalidArgument)
+    }
+
+    /// A client that connects and never completes its handshake (here: it sends its banner
+    /// and nothing more) is closed after the server's handshake timeout, without CLOSE.
+    @Test func aServerClosesAConnectionWhoseHandshakeDoesNotComplete() async throws {
+        let limits = ParleyConnectionLimits(handshakeTimeout: .milliseconds(300))
+        let logs = LogCollector()
+        try await withServer(configure: { $0.limits = limits }, logger: logs.logger("server")) { server, addresses in
+            var banner = ByteBuffer()
+            banner.writeBanner(Banner(supported: .implemented))
+            let start = ContinuousClock.now
+            let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(banner, seconds: 20, halfClose: false)
+            #expect(closed, "the server closed the connection whose handshake stalled")
+            #expect(ContinuousClock.now - start >= .milliseconds(300), "not before the handshake timeout")
+            #expect(!frames(in: reply).contains { $0.tag == .close }, "no CLOSE: \(frames(in: reply).map(\.tag))")
+            #expect(try await eventually { server.connectionCount == 0 })
+            let logged = try await eventually { logs.all.contains { $0.metadata.contains("handshake did not complete within 0.30 s") } }
+            #expect(logged, "\(logs.all.map(\.metadata))")
+        }
+    }
+
+    /// A client whose server accepted the connection and then said nothing gives up after
+    /// its handshake timeout with `timeout`, instead of waiting for ever.
+    @Test func aClientGivesUpOnAServerThatNeverAnswers() async throws {
+        let accepted = NIOLockedValueBox<[any Channel]>([])
+        let silent = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                accepted.withLockedValue { $0.append(channel) }
+                return channel.eventLoop.makeSucceededVoidFuture()
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        // Without a handshake timeout the client would wait for ever: after 20 s the silent
+        // server closes what it accepted, and the client fails with something else.
+        let watchdog = Task {
+            try await Task.sleep(for: .seconds(20))
+            accepted.withLockedValue { $0.forEach { $0.close(promise: nil) } }
+        }
+        defer {
+            watchdog.cancel()
+            silent.close(promise: nil)
+            accepted.withLockedValue { $0.forEach { $0.close(promise: nil) } }
+        }
+        let port = try #require(silent.localAddress?.port)
+        let configuration = ParleyClient.Configuration(limits: ParleyConnectionLimits(handshakeTimeout: .milliseconds(300)))
+        let start = ContinuousClock.now
+        let error = await #expect(throws: ParleyError.self) {
+            _ = try await ParleyClient.connect(to: .tcp(host: "127.0.0.1", port: port), configuration: configuration, logger: quietLogger)
+        }
+        #expect(error?.code == .timeout)
+        #expect(error?.message.contains("the handshake did not complete within 0.30 s") == true, "\(String(describing: error))")
+        #expect(ContinuousClock.now - start >= .milliseconds(300))
+    }
+
+    @Test func theHandshakeTimeoutMustBePositive() async throws {
+        let bad = ParleyConnectionLimits(handshakeTimeout: .zero)
+        let error = await #expect(throws: ParleyError.self) {
+            _ = try await ParleyClient.connect(to: .tcp(host: "127.0.0.1", port: 1), configuration: .init(limits: bad), logger: quietLogger)
+        }
+        #expect(error?.code == .invalidArgument)
+        #expect(error?.message.contains("handshake timeout") == true)
     }
 }
