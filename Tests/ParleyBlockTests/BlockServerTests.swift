@@ -435,6 +435,10 @@ struct BlockServerTests {
         #expect(text.contains("parley_block_bytes_total{export=\"disk\",op=\"read\"} 8192"))
         #expect(text.contains("parley_block_errors_total{export=\"disk\",op=\"read\"} 1"))
         #expect(text.contains("parley_block_latency_seconds_bucket"))
+        // The core's own instruments: handlers are timed when a backend was bootstrapped
+        // before the connection (session open, device open, write and two reads at least).
+        let handled = text.split(separator: "\n").first { $0.hasPrefix("parley_request_duration_count") }
+        #expect(handled.flatMap { $0.split(separator: " ").last.flatMap { Int($0) } }.map { $0 >= 5 } == true, "\(text)")
         client.closeConnection()
 
         #expect(server.stop(signal: SIGTERM) == 0)
