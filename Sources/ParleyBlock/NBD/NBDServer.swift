@@ -121,9 +121,13 @@ public final class NBDServer: Sendable {
                 .serverChannelOption(.backlog, value: 256)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.maxMessagesPerRead, value: 16)
-                // Up to 1 MiB per read (NIO's default stops at 64 KiB): a 1 MiB write takes
-                // a few system calls, not sixteen. The adaptive size falls back for small IO.
-                .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 1 << 20))
+                // Up to 256 KiB per read (NIO's default stops at 64 KiB): a 1 MiB write takes
+                // four system calls, not sixteen, and its pieces stay in the caches until the
+                // IO thread copies them into the page cache. Reads of up to 1 MiB were slower
+                // for 1 MiB writes over TCP (0.86x nbdkit against 1.04x, session 17 in
+                // docs/performance.md), and 64 KiB slower still. The adaptive size falls back
+                // for small IO.
+                .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 1 << 18))
                 .childChannelInitializer { [self] channel in
                     channel.eventLoop.makeCompletedFuture {
                         let handler = NBDConnectionHandler(server: self)
