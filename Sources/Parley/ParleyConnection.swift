@@ -38,8 +38,9 @@ public struct ParleyConnectionLimits: Sendable {
     /// still leave once per read burst (trying the rule there gained nothing measurable).
     public var flushEvery: Int
 
-    /// A handshake not completed this long after it started (after any TLS or WebSocket
-    /// set-up, which has its own limit) ends the connection with `timeout`: a client does not wait for ever on a server
+    /// A handshake not completed this long after the connection became active ends it with
+    /// `timeout` (over `tls://` the TLS handshake counts, since Parley's starts on top of it;
+    /// over `ws://` and `wss://` it starts after the upgrade, which has its own limit): a client does not wait for ever on a server
     /// that accepted and fell silent, nor a server keep a connection that never says who it
     /// is. nil: wait for ever.
     public var handshakeTimeout: Duration?

@@ -186,7 +186,8 @@ public final class ParleyServer: Service, Sendable {
         var listeners: [any Channel] = []
         var bound: [ParleyAddress] = []
         do {
-            _ = try self.configuration.limits.keepaliveConfiguration()
+            // Every limit the pipeline takes (keepalive timing, handshake timeout), checked once here.
+            _ = try self.configuration.limits.pipelineOptions(maxFrameSize: self.configuration.maxFrameSize)
             try self.configuration.validateSecurity()
             for address in self.configuration.listen {
                 let (listener, actual) = try await self.configuration.transport.listen(

@@ -228,5 +228,17 @@ struct TimeoutTests {
         }
         #expect(error?.code == .invalidArgument)
         #expect(error?.message.contains("handshake timeout") == true)
+        // A server refuses to start with it, rather than start and close every connection.
+        let server = ParleyServer(configuration: .init(listen: [.tcp(host: "127.0.0.1", port: 0)], limits: bad), router: ParleyRouter(), logger: quietLogger)
+        let running = Task { try await server.run() }
+        // Were it to start, it would serve until cancelled: fail rather than hang.
+        let watchdog = Task {
+            try await Task.sleep(for: .seconds(10))
+            running.cancel()
+        }
+        defer { watchdog.cancel() }
+        let refused = await #expect(throws: ParleyError.self) { try await running.value }
+        #expect(refused?.code == .invalidArgument)
+        #expect(refused?.message.contains("handshake timeout") == true)
     }
 }
