@@ -40,9 +40,9 @@ public struct ParleyConnectionLimits: Sendable {
 
     /// A handshake not completed this long after the connection became active ends it with
     /// `timeout` (over `tls://` the TLS handshake counts, since Parley's starts on top of it;
-    /// over `ws://` and `wss://` it starts after the upgrade, which has its own limit): a client does not wait for ever on a server
-    /// that accepted and fell silent, nor a server keep a connection that never says who it
-    /// is. nil: wait for ever.
+    /// over `ws://` and `wss://` it starts after the upgrade, which has its own limit): a
+    /// client does not wait for ever on a server that accepted and fell silent, nor a server
+    /// keep a connection that never says who it is. nil: wait for ever.
     public var handshakeTimeout: Duration?
 
     public init(

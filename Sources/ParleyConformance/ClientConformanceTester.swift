@@ -179,8 +179,9 @@ final class AcceptQueue: Sendable {
     /// Queues a connection, or closes it once the queue is closed.
     func put(_ item: Accepted) {
         let taken = self.state.withLockedValue { s -> Bool in
-            if !s.closed { s.items.append(item) }
-            return !s.closed
+            guard !s.closed else { return false }
+            s.items.append(item)
+            return true
         }
         guard taken else { return item.channel.close(promise: nil) }
         self.wake()

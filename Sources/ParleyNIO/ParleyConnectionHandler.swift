@@ -155,7 +155,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     public var keepaliveConfiguration: KeepaliveStateMachine.Configuration?
 
     /// A handshake not completed this long after it started ends the connection with
-    /// `timeout`, without CLOSE (the peer may not even have sent its banner); nil: never.
+    /// `timeout`, without CLOSE (a peer that fell silent would not read it); nil: never.
     public var handshakeTimeout: TimeAmount?
     private var handshakeTimer: Scheduled<Void>?
 
@@ -298,6 +298,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         guard case .handshaking = self.state, let context = self.context else { return }
         let seconds = Double(limit.nanoseconds) / 1e9
         self.failConnection(ParleyError(code: .timeout, message: "the handshake did not complete within \(seconds.formatted2) s"), tellPeer: false, context: context)
+    }
+
+    private func stopHandshakeTimer() {
+        self.handshakeTimer?.cancel()
+        self.handshakeTimer = nil
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
@@ -641,8 +646,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             // Early messages took the first seqs: the session goes on from there.
             self.session = SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax, sent: UInt64(self.earlySent))
             self.state = .established
-            self.handshakeTimer?.cancel()
-            self.handshakeTimer = nil
+            self.stopHandshakeTimer()
             self.earlyMessages = []
             if let configuration = self.keepaliveConfiguration, result.features.contains(.keepalive) {
                 self.startKeepalive(configuration, context: context)
@@ -782,8 +786,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// Reports the end of the connection, once: to the sink, or through `established`.
     private func closeOut() {
         self.stopKeepalive()
-        self.handshakeTimer?.cancel()
-        self.handshakeTimer = nil
+        self.stopHandshakeTimer()
         self.ackTimer?.cancel()
         self.ackTimer = nil
         guard !self.closedOut else { return }
