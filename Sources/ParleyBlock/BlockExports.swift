@@ -187,11 +187,15 @@ public final class BlockDevice: Sendable {
     public let name: String
     public let path: String
     public let store: any BlockStore
+    /// `store` as a `CompletingBlockStore` (a remote device), if it is one: cast once here,
+    /// not for every IO (a failed existential cast searches the conformance tables).
+    public let completing: (any CompletingBlockStore)?
     public let metrics: BlockMetrics
     init(name: String, path: String, store: any BlockStore, metrics: BlockMetrics) {
         self.name = name
         self.path = path
         self.store = store
+        self.completing = store as? any CompletingBlockStore
         self.metrics = metrics
     }
 }

@@ -428,7 +428,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let store = device.store
         let started = NIODeadline.now()
         let cookie = request.cookie
-        if let remote = store as? any CompletingBlockStore,
+        if let remote = device.completing,
            self.startCompleting(remote, operation, payload: payload, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
             return
         }
