@@ -48,6 +48,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("On SIGTERM or SIGINT, seconds to wait for running requests to finish and each client to be told before closing what is still open; 0 waits without limit.", valueName: "seconds"))
     var shutdownGrace: Double = 30
 
+    @Option(name: .long, help: ArgumentHelp("Seconds a client may take from connecting to the end of its handshake (TLS included on tls://) before the server closes the connection: silent or very slow clients do not hold connections open.", valueName: "seconds"))
+    var handshakeTimeout: Double = 30
+
     @Option(name: .long, help: ArgumentHelp("Append the key of each Work request to this file when it starts running (for tests of session resets).", valueName: "file"))
     var executionLog: String?
 
@@ -61,6 +64,9 @@ struct Serve: AsyncParsableCommand {
         }
         if self.sessionRetention < 0 || !self.sessionRetention.isFinite { throw ValidationError("--session-retention must be 0 or more seconds") }
         if self.shutdownGrace < 0 || !self.shutdownGrace.isFinite { throw ValidationError("--shutdown-grace must be 0 or more seconds") }
+        if !(self.handshakeTimeout >= 0.001) || !self.handshakeTimeout.isFinite {
+            throw ValidationError("--handshake-timeout must be at least 0.001 seconds (got \(self.handshakeTimeout))")
+        }
         try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
     }
 
@@ -85,6 +91,7 @@ struct Serve: AsyncParsableCommand {
         self.nucleus.apply(to: &configuration)
         configuration.sessionRetention = self.sessionRetention > 0 ? .milliseconds(Int64(self.sessionRetention * 1000)) : nil
         configuration.shutdownGracePeriod = self.shutdownGrace > 0 ? .milliseconds(Int64(self.shutdownGrace * 1000)) : nil
+        configuration.limits.handshakeTimeout = .microseconds(Int64(self.handshakeTimeout * 1_000_000))
         do { try self.security.apply(to: &configuration) } catch let error as ParleyError { throw ValidationError(error.message) }
         let server = ParleyServer(configuration: configuration, router: router, logger: logger)
         let group = ServiceGroup(

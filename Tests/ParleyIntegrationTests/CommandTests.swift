@@ -137,6 +137,25 @@ struct CommandTests {
         #expect(c.stdout.contains("cannot connect"))
     }
 
+    /// `parley serve --handshake-timeout` closes a connection that sends its banner and
+    /// nothing more once that time has passed (the default, 30 s, would outlast the test's
+    /// 20 s wait), logs why, and refuses a timeout that is not positive.
+    @Test func serveClosesAStalledHandshakeAfterItsHandshakeTimeout() async throws {
+        for bad in ["0", "-1", "nan"] {
+            let refused = try await Self.run(["serve", "--handshake-timeout=\(bad)"])
+            #expect(refused.status != 0)
+            #expect(refused.stderr.contains("--handshake-timeout must be at least 0.001 seconds"), "\(refused.combined)")
+        }
+        let server = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--handshake-timeout", "0.3"])
+        var banner = ByteBuffer()
+        banner.writeBanner(Banner(supported: .implemented))
+        let peer = try await RawPeer.connect(try ParleyAddress(parsing: server.address))
+        let (_, closed) = try await peer.exchange(banner, seconds: 20, halfClose: false)
+        #expect(closed, "the server closed the connection whose handshake stalled")
+        #expect(try await server.waitForLog("handshake did not complete within 0.30 s"), "\(server.log)")
+        #expect(await server.stop() == 0)
+    }
+
     @Test func serveAndPingAndDecodeARecordedSession() async throws {
         let socket = temporaryPath("cli.sock")
         let captureIn = temporaryPath("session.in"), captureOut = temporaryPath("session.out")
