@@ -380,6 +380,10 @@ public final class ParleyClient: Sendable {
         return (client, earlyAnswer.withLockedValue { $0 })
     }
 
+    /// The longest request delay a client waits (docs/protocol.md 8.2): a larger one, or an
+    /// infinite one, counts as this; one that is not a number counts as none.
+    public static let maximumRequestDelay: Double = 86_400
+
     /// Takes in a nucleus the server sent: SERVER_IDENT's (of every connection of the
     /// client, resumed ones included) or a NOTICE's.
     static func apply(_ n: ParleyNucleus, to state: Nucleus, logger: Logger) {
@@ -389,7 +393,9 @@ public final class ParleyClient: Sendable {
         state.withLockedValue { s in
             s.messages.append(contentsOf: n.messages)
             if n.requestDelay > 0 {
-                s.notBefore = ContinuousClock.now.advanced(by: .milliseconds(Int64(n.requestDelay * 1000)))
+                // Capped before the conversion: a server's 1e300 or infinity must not trap here.
+                let delay = min(n.requestDelay, Self.maximumRequestDelay)
+                s.notBefore = ContinuousClock.now.advanced(by: .milliseconds(Int64(delay * 1000)))
                 state.delayPending.store(true, ordering: .releasing)
             }
             if !n.redirects.isEmpty { s.redirects = n.redirects }

@@ -191,6 +191,28 @@ struct NucleusTests {
         }
     }
 
+    /// [R-8.2-3] A request delay too large for the clock (1e300, infinity) counts as a day,
+    /// and one that is not a number as none: the client connects (it used to trap).
+    @Test func anAbsurdRequestDelayIsCappedNotFatal() async throws {
+        for (delay, capped) in [(1e300, true), (Double.infinity, true), (Double.nan, false), (90_000, true)] {
+            try await withServer(configure: { $0.nucleus = ParleyNucleus(requestDelay: delay) }) { _, addresses in
+                let before = ContinuousClock.now
+                let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+                defer { client.close() }
+                let after = ContinuousClock.now
+                if capped {
+                    // Set when SERVER_IDENT arrived, between `before` and `after`, one day on.
+                    let at = try #require(client.requestAllowedAt, "delay \(delay)")
+                    let day = Duration.seconds(ParleyClient.maximumRequestDelay)
+                    #expect(at >= before + day && at <= after + day, "delay \(delay): \(at - before) after the connect began")
+                } else {
+                    #expect(client.requestAllowedAt == nil, "delay \(delay)")
+                    #expect(try await ping(client, 1) == 1)
+                }
+            }
+        }
+    }
+
     @Test func clientFollowsRedirect() async throws {
         try await withServer { _, target in
             try await withServer(configure: { $0.nucleus = ParleyNucleus(redirects: [target[0].description]) }) { _, first in
