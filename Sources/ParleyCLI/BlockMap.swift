@@ -229,6 +229,10 @@ struct BlockUnmap: AsyncParsableCommand {
     @Option(name: .long, help: "Seconds to wait for the map to exit.")
     var timeout: Double = 60
 
+    func validate() throws {
+        try checkSeconds(self.timeout, "--timeout", minimum: 0)
+    }
+
     func run() async throws {
         let records = BlockMap.records(directory: self.stateDir ?? BlockMap.defaultStateDirectory).filter {
             $0.status.session == self.session && (self.device == nil || $0.status.device == self.device)

@@ -69,6 +69,9 @@ struct Chaos: AsyncParsableCommand {
         if let f = self.fragment, f < 1 { throw ValidationError("--fragment must be at least 1") }
         if let c = self.cutAfter, c < 0 { throw ValidationError("--cut-after must be 0 or more") }
         guard self.delay >= 0, self.jitter >= 0, self.stallFor >= 0 else { throw ValidationError("delays must be 0 or more milliseconds") }
+        guard self.delay <= 3_600_000, self.jitter <= 3_600_000, self.stallFor <= 3_600_000 else {
+            throw ValidationError("--delay, --jitter and --stall-for must be at most 3600000 milliseconds (an hour)")
+        }
         if let only, !["c2s", "s2c"].contains(only) { throw ValidationError("--only must be c2s or s2c") }
     }
 

@@ -84,7 +84,8 @@ struct Conform: AsyncParsableCommand {
             guard (self.keyring == nil) == (self.name == nil) else { throw ValidationError("--keyring and --name go together") }
         }
         guard !self.secureSessions || self.keyring != nil else { throw ValidationError("--secure-sessions needs --keyring FILE --name ENTITY") }
-        guard self.timeout > 0, self.idle > 0 else { throw ValidationError("--timeout and --idle must be more than 0") }
+        try checkSeconds(self.timeout, "--timeout", minimum: 0.001)
+        try checkSeconds(self.idle, "--idle", minimum: 0.001)
     }
 
     func run() async throws {

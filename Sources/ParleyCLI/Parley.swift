@@ -33,6 +33,19 @@ struct LoggingOptions: ParsableArguments {
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 
+/// The longest time an option in seconds may give: a year. Checked before the value becomes
+/// a `Duration` or a count of milliseconds, where 1e300 (or any value past about 1e13 s)
+/// would trap.
+let maximumOptionSeconds: Double = 31_536_000
+
+/// Checks an option in seconds: a finite number from `minimum` to a year.
+func checkSeconds(_ value: Double, _ option: String, minimum: Double) throws {
+    guard value.isFinite, value >= minimum, value <= maximumOptionSeconds else {
+        func text(_ x: Double) -> String { x.isFinite && x == x.rounded() && abs(x) < 1e15 ? "\(Int64(x))" : "\(x)" }
+        throw ValidationError("\(option) must be from \(text(minimum)) to \(text(maximumOptionSeconds)) seconds (a year), not \(text(value))")
+    }
+}
+
 /// One line on standard output, at once, also when it is a file or a pipe (a test or a
 /// script reads it as it comes): for commands that report progress while they run.
 func emit(_ line: String) {

@@ -55,6 +55,8 @@ struct Send: AsyncParsableCommand {
         guard self.count >= 1 else { throw ValidationError("--count must be at least 1") }
         guard (0...(16 << 20)).contains(self.size) else { throw ValidationError("--size must be 0...16777216") }
         guard self.replayBytes >= 64 << 10 else { throw ValidationError("--replay-bytes must be at least 65536") }
+        try checkSeconds(self.keepaliveInterval, "--keepalive-interval", minimum: 0.001)
+        try checkSeconds(self.keepaliveTimeout, "--keepalive-timeout", minimum: 0.001)
         guard self.keepaliveInterval > 0, self.keepaliveTimeout > self.keepaliveInterval else {
             throw ValidationError("--keepalive-timeout must be longer than --keepalive-interval, both positive")
         }

@@ -48,7 +48,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("On SIGTERM or SIGINT, seconds to wait for running requests to finish and each client to be told before closing what is still open; 0 waits without limit.", valueName: "seconds"))
     var shutdownGrace: Double = 30
 
-    @Option(name: .long, help: ArgumentHelp("Seconds a client may take from connecting to the end of its handshake (TLS included on tls://) before the server closes the connection: silent or very slow clients do not hold connections open.", valueName: "seconds"))
+    @Option(name: .long, help: ArgumentHelp("Seconds a client may take to finish its handshake before the server closes the connection, so that silent or very slow clients do not hold connections open; counted from when the connection is open (over tls:// the TLS handshake counts; over ws:// and wss:// from the end of the HTTP upgrade).", valueName: "seconds"))
     var handshakeTimeout: Double = 30
 
     @Option(name: .long, help: ArgumentHelp("Append the key of each Work request to this file when it starts running (for tests of session resets).", valueName: "file"))
@@ -62,11 +62,9 @@ struct Serve: AsyncParsableCommand {
         for a in self.listen {
             do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) }
         }
-        if self.sessionRetention < 0 || !self.sessionRetention.isFinite { throw ValidationError("--session-retention must be 0 or more seconds") }
-        if self.shutdownGrace < 0 || !self.shutdownGrace.isFinite { throw ValidationError("--shutdown-grace must be 0 or more seconds") }
-        if !(self.handshakeTimeout >= 0.001) || !self.handshakeTimeout.isFinite {
-            throw ValidationError("--handshake-timeout must be at least 0.001 seconds (got \(self.handshakeTimeout))")
-        }
+        try checkSeconds(self.sessionRetention, "--session-retention", minimum: 0)
+        try checkSeconds(self.shutdownGrace, "--shutdown-grace", minimum: 0)
+        try checkSeconds(self.handshakeTimeout, "--handshake-timeout", minimum: 0.001)
         try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
     }
 
@@ -125,7 +123,7 @@ struct NucleusOptions: ParsableArguments {
         for a in self.redirect {
             do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) }
         }
-        if self.requestDelay < 0 || !self.requestDelay.isFinite { throw ValidationError("--request-delay must be 0 or more seconds") }
+        try checkSeconds(self.requestDelay, "--request-delay", minimum: 0)
         if self.rotateRedirects, self.redirect.count < 2 { throw ValidationError("--rotate-redirects needs at least two --redirect addresses") }
     }
 

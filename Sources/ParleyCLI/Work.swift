@@ -139,6 +139,7 @@ struct Work: AsyncParsableCommand {
                 throw ValidationError("--database must be sqlite:PATH or postgres://USER@HOST[:PORT]/DATABASE, not \(self.database)")
             }
             guard self.leaseSeconds > 0, self.maxAttempts > 0 else { throw ValidationError("--lease-seconds and --max-attempts must be positive") }
+            try checkSeconds(Double(self.leaseSeconds), "--lease-seconds", minimum: 1)
             if let http = self.http { _ = try Work.hostPort(http) }
             if let buildbot = self.buildbot {
                 _ = try Work.webSocketHostPort(buildbot)
@@ -146,6 +147,7 @@ struct Work: AsyncParsableCommand {
                     throw ValidationError("--buildbot needs --keyring: Buildbot workers log in with a keyring entity's name and key")
                 }
                 guard self.buildbotKeepalive >= 1 else { throw ValidationError("--buildbot-keepalive must be at least 1 second") }
+                try checkSeconds(Double(self.buildbotKeepalive), "--buildbot-keepalive", minimum: 1)
             }
             for a in self.listen { do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) } }
             try self.security.check(listen: try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) })
@@ -295,6 +297,7 @@ struct Work: AsyncParsableCommand {
         func validate() throws {
             guard self.slots >= 1 else { throw ValidationError("--slots must be at least 1") }
             guard self.failoverSeconds >= 1 else { throw ValidationError("--failover-seconds must be at least 1") }
+            try checkSeconds(Double(self.failoverSeconds), "--failover-seconds", minimum: 1)
             for a in self.app {
                 guard !a.isEmpty else { throw ValidationError("--app needs a name") }
                 do { try WorkService.check(app: a) } catch { throw ValidationError(error.message) }

@@ -47,7 +47,8 @@ struct WorkBOINCOptions: ParsableArguments {
         guard self.key != nil else { throw ValidationError("--boinc needs --boinc-key (make one with parley work keygen --boinc --dir DIR)") }
         _ = try self.address(url)
         guard self.leaseSeconds > 0 else { throw ValidationError("--boinc-lease-seconds must be positive") }
-        if let delay = self.requestDelay, !(delay.isFinite && delay >= 0) { throw ValidationError("--boinc-request-delay must be 0 or more") }
+        try checkSeconds(Double(self.leaseSeconds), "--boinc-lease-seconds", minimum: 1)
+        if let delay = self.requestDelay { try checkSeconds(delay, "--boinc-request-delay", minimum: 0) }
         for app in self.apps {
             do throws(ParleyError) { try WorkService.check(app: app) } catch { throw ValidationError("--boinc-app: \(error.message)") }
         }

@@ -139,13 +139,24 @@ struct CommandTests {
 
     /// `parley serve --handshake-timeout` closes a connection that sends its banner and
     /// nothing more once that time has passed (the default, 30 s, would outlast the test's
-    /// 20 s wait), logs why, and refuses a timeout that is not positive.
+    /// 20 s wait), logs why, and refuses a timeout that is not positive. Options in seconds
+    /// of several commands refuse values past a year (they used to crash on 1e300).
     @Test func serveClosesAStalledHandshakeAfterItsHandshakeTimeout() async throws {
-        for bad in ["0", "-1", "nan"] {
+        // 1e300 used to pass the check and trap when converted to a Duration.
+        for bad in ["0", "-1", "nan", "inf", "1e300"] {
             let refused = try await Self.run(["serve", "--handshake-timeout=\(bad)"])
             #expect(refused.status != 0)
-            #expect(refused.stderr.contains("--handshake-timeout must be at least 0.001 seconds"), "\(refused.combined)")
+            #expect(refused.stderr.contains("--handshake-timeout must be from 0.001 to 31536000 seconds (a year)"), "\(refused.combined)")
         }
+        for option in ["--session-retention", "--shutdown-grace", "--request-delay"] {
+            let refused = try await Self.run(["serve", "\(option)=1e300"])
+            #expect(refused.status != 0)
+            #expect(refused.stderr.contains("\(option) must be from 0 to 31536000 seconds (a year)"), "\(refused.combined)")
+        }
+        let send = try await Self.run(["send", "127.0.0.1:9", "--keepalive-timeout=1e300"])
+        #expect(send.status != 0 && send.stderr.contains("--keepalive-timeout must be from 0.001 to 31536000 seconds"), "\(send.combined)")
+        let chaos = try await Self.run(["chaos", "--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--jitter", "9223372036854775807"])
+        #expect(chaos.status != 0 && chaos.stderr.contains("at most 3600000 milliseconds"), "\(chaos.combined)")
         let server = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--handshake-timeout", "0.3"])
         var banner = ByteBuffer()
         banner.writeBanner(Banner(supported: .implemented))
