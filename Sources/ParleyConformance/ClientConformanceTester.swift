@@ -124,10 +124,13 @@ public final class ClientConformanceTester: Sendable {
     }
 
     /// Plays every scenario, one per connection, and returns what the client did. A scenario
-    /// no client connected for within `idle` is skipped.
+    /// no client connected for within `idle` is skipped. With `only`, the run ends after the
+    /// last scenario that has one of those checks (the earlier ones are still played: the
+    /// client connects once per scenario, in order).
     public func run(address: ParleyAddress, progress: @Sendable (CheckResult) -> Void = { _ in }) async -> ConformanceReport {
         var results: [CheckResult] = []
-        for scenario in Scenario.allCases {
+        let needed = Scenario.allCases.filter { scenario in scenario.checks.contains { self.only.isEmpty || self.only.contains($0.id) } }
+        for scenario in Scenario.allCases where scenario.rawValue <= (needed.last?.rawValue ?? -1) {
             let wanted = scenario.checks.filter { self.only.isEmpty || self.only.contains($0.id) }
             guard let accepted = await self.queue.take(self.idle) else {
                 for check in wanted {
