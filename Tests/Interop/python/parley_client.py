@@ -672,7 +672,8 @@ class Connection:
             self.messages.append((prio, m.get("text", "")))
             print("  server message [%s] (%s): %s" % (prio, where, m.get("text", "")))
         delay = nucleus.get("requestDelaySeconds", 0.0)
-        if delay > 0:
+        if delay > 0:  # NaN is not: no delay (R-8.2-3)
+            delay = min(delay, 86400.0)  # R-8.2-3: at most a day (infinity too)
             self.not_before = time.monotonic() + delay
             self.delays.append(delay)
             print("  request delay (%s): %.3f s" % (where, delay))
