@@ -57,7 +57,7 @@ struct Send: AsyncParsableCommand {
         guard self.replayBytes >= 64 << 10 else { throw ValidationError("--replay-bytes must be at least 65536") }
         try checkSeconds(self.keepaliveInterval, "--keepalive-interval", minimum: 0.001)
         try checkSeconds(self.keepaliveTimeout, "--keepalive-timeout", minimum: 0.001)
-        guard self.keepaliveInterval > 0, self.keepaliveTimeout > self.keepaliveInterval else {
+        guard self.keepaliveTimeout > self.keepaliveInterval else {
             throw ValidationError("--keepalive-timeout must be longer than --keepalive-interval, both positive")
         }
         try self.security.check(address: try ParleyAddress(parsing: self.address))
