@@ -432,18 +432,48 @@ extension NBDProtocolTests {
         @Test func startTLSIsAcknowledgedThenNothingIsReadUntilTLSRuns() {
             var machine = T.started()
             machine.tls = .on
-            // STARTTLS and, in the same read, bytes that would be TLS records: not parsed.
-            let first = T.feed(&machine, T.clientFlags(3) + T.option(.startTLS) + T.option(.list))
+            let first = T.feed(&machine, T.clientFlags(3) + T.option(.startTLS))
             #expect(T.parseReplies(first.sent)?.map(\.type) == [NBD.Reply.ack.rawValue])
             #expect(first.startTLS == 1)
-            #expect(first.rest == T.option(.list), "the bytes after STARTTLS wait for TLS")
             #expect(machine.tlsActive)
+            // Until the driver has TLS running, nothing more is parsed.
+            let early = T.feed(&machine, T.option(.list))
+            #expect(early.sent.isEmpty && early.disconnect == nil)
+            #expect(early.rest == T.option(.list), "the bytes after STARTTLS wait for TLS")
             machine.tlsStarted()
             let after = T.feed(&machine, T.option(.startTLS) + T.option(.list))
             let replies = T.parseReplies(after.sent) ?? []
             #expect(replies.first?.type == NBD.Reply.errInvalid.rawValue, "STARTTLS twice")
             #expect(replies.last?.type == NBD.Reply.ack.rawValue, "LIST inside TLS")
             #expect(after.startTLS == 0)
+        }
+
+        /// Bytes in the clear right behind STARTTLS, in the same read, would be parsed as if
+        /// TLS protected them once it runs (the plaintext injection of nbdkit's CVE-2021-3716):
+        /// the connection ends instead, with nothing acknowledged and nothing opened.
+        @Test func bytesSentInTheClearBehindStartTLSEndTheHandshake() {
+            for policy in [NBDTLSPolicy.on, .require] {
+                // 0: all in one read; 10: STARTTLS ends a read, GO comes in the next ones.
+                for chunk in [0, 10] {
+                    var machine = T.started()
+                    machine.tls = policy
+                    let outcome = T.feed(&machine, T.clientFlags(3) + T.option(.startTLS) + T.option(.go, T.infoData("disk")), chunk: chunk)
+                    if chunk == 0 {
+                        #expect(outcome.disconnect?.contains("after NBD_OPT_STARTTLS without waiting") == true, "\(policy)")
+                        #expect(outcome.sent.isEmpty && outcome.startTLS == 0, "\(policy): not acknowledged")
+                        #expect(!machine.tlsActive)
+                    } else {
+                        // In later reads they wait here; the server passes such reads
+                        // through TLS, which refuses clear text as records.
+                        #expect(outcome.startTLS == 1 && outcome.disconnect == nil, "\(policy)")
+                    }
+                    #expect(outcome.transmission == nil && machine.resolver.opened.isEmpty, "\(policy)")
+                }
+            }
+            // Without TLS on offer, STARTTLS is refused and the options go on.
+            let (plain, _) = T.run(T.clientFlags(3) + T.option(.startTLS) + T.option(.list))
+            #expect(plain.disconnect == nil)
+            #expect(T.parseReplies(plain.sent)?.first?.type == NBD.Reply.errUnsupported.rawValue)
         }
 
         @Test func aServerRequiringTLSRefusesOptionsBeforeIt() {

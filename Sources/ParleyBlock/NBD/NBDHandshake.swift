@@ -164,6 +164,14 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
                     actions.append(.disconnect(reason: "more than \(NBD.maxOptions) options"))
                     break loop
                 }
+                if option == NBD.Option.startTLS.rawValue, buffer.readableBytes > 0, self.tls != .off, !self.tlsActive {
+                    // A client waits for the reply before it starts TLS (the NBD protocol), so
+                    // these bytes came in the clear after STARTTLS: read later, they would pass
+                    // for bytes protected by TLS (nbdkit's CVE-2021-3716). Nothing is acknowledged.
+                    self.state = .done
+                    actions.append(.disconnect(reason: "client sent \(buffer.readableBytes) bytes after NBD_OPT_STARTTLS without waiting for its reply"))
+                    break loop
+                }
                 self.handle(option: option, data: data, into: &actions)
             }
         }
