@@ -513,6 +513,35 @@ extension BlockExportsTests {
             #expect(store.writable)
         }
 
+        /// A FIFO (under a search path, say) is refused at once: opening it read-only used to
+        /// wait for a writer while holding the device table's lock, and every later open and
+        /// close of the server waited behind it.
+        @Test(arguments: [false, true])
+        func aFIFOIsRefusedWithoutWaitingForAWriter(writable: Bool) async throws {
+            let dir = try TempDir()
+            let path = dir.at("pipe")
+            #expect(mkfifo(path, 0o600) == 0)
+            let outcome = Task.detached { () -> String in
+                do {
+                    _ = try FileBlockStore(path: path, writable: writable)
+                    return "opened"
+                } catch {
+                    return "\(error)"
+                }
+            }
+            // Bounded: a blocked open is released by a writer after 10 s, and the test fails.
+            let released = Task.detached {
+                try await Task.sleep(for: .seconds(10))
+                let w = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
+                if w >= 0 { close(w) }
+                return w >= 0
+            }
+            let message = await outcome.value
+            released.cancel()
+            #expect(await (try? released.value) == nil, "the open waited for a writer")
+            #expect(message.contains("neither a regular file nor a block device"), "\(message)")
+        }
+
         @Test(arguments: [false, true])
         func readWriteRoundTrip(durable: Bool) throws {
             let dir = try TempDir()

@@ -130,7 +130,10 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     /// Opens `path` read-only or read-write.
     public init(path: String, writable: Bool, inlineWrites: InlineWritePolicy = InlineWritePolicy()) throws(BlockStoreError) {
         self.inlineWrites = inlineWrites
-        let fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
+        // O_NONBLOCK: opening a FIFO (or a device that waits for a carrier) read-only would
+        // block until a writer came, and the caller holds the device table's lock on an
+        // event loop. The type is checked below; the flag is cleared for what is kept.
+        let fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK)
         guard fd >= 0 else { throw BlockStoreError(errno: errno, operation: "open \(path)") }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
@@ -158,6 +161,12 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
         } else {
             Glibc.close(fd)
             throw BlockStoreError(errno: EINVAL, operation: "\(path) is neither a regular file nor a block device")
+        }
+        let flags = fcntl(fd, F_GETFL)
+        guard flags >= 0, fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) == 0 else {
+            let e = errno
+            Glibc.close(fd)
+            throw BlockStoreError(errno: e, operation: "fcntl \(path)")
         }
         self.fd = fd
         self.path = path
