@@ -1,4 +1,6 @@
-import ParleyBlock
+import Foundation
+import Parley
+@testable import ParleyBlock
 import Testing
 
 /// RNBD's `map_device` words, as `parley block map --rnbd` reads them.
@@ -34,5 +36,63 @@ import Testing
             #expect(error.status == .invalid)
             #expect(error.message.contains(complaint), "\(error.message)")
         }
+    }
+}
+
+/// The status files `parley block list` and `unmap` read: `unmap` signals the process a
+/// record names, so only records it can trust count.
+@Suite struct BlockMapRecordTests {
+    static func json(pid: Int32, session: String) -> String {
+        """
+        {"pid":\(pid),"nbd":"unix:/x.sock","exportName":"d","updated":0,"status":{"session":"\(session)","device":"d","access":"rw",
+        "policy":"round-robin","sizeBytes":0,"blockSize":512,"paths":[],"outstanding":0,"waiting":0,"reads":0,"writes":0,
+        "flushes":0,"otherOps":0,"bytesRead":0,"bytesWritten":0,"resends":0,"errors":0,"closed":false}}
+        """
+    }
+
+    static func directory(mode: mode_t = 0o700) throws -> String {
+        let path = FileManager.default.temporaryDirectory.path + "/parley-records-\(UUID().uuidString)"
+        #expect(mkdir(path, mode) == 0)
+        #expect(chmod(path, mode) == 0)
+        return path
+    }
+
+    static func write(_ text: String, to path: String, mode: mode_t = 0o644) {
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(text.utf8)))
+        #expect(chmod(path, mode) == 0)
+    }
+
+    @Test func plantedAndForeignRecordsAreIgnored() throws {
+        let dir = try Self.directory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // A process whose arguments say `block map` (sh's $0 and $1), as a real map's do.
+        let mapLike = Process()
+        mapLike.executableURL = URL(fileURLWithPath: "/bin/sh")
+        mapLike.arguments = ["-c", "while :; do sleep 0.1; done", "block", "map"]
+        try mapLike.run()
+        defer { kill(mapLike.processIdentifier, SIGKILL); mapLike.waitUntilExit() }
+        Self.write(Self.json(pid: mapLike.processIdentifier, session: "good"), to: dir + "/good.d.json")
+        // pid -1 would signal every process, 0 the group, 1 init; this test process is no map.
+        Self.write(Self.json(pid: -1, session: "all"), to: dir + "/all.d.json")
+        Self.write(Self.json(pid: 0, session: "group"), to: dir + "/group.d.json")
+        Self.write(Self.json(pid: 1, session: "init"), to: dir + "/init.d.json")
+        Self.write(Self.json(pid: getpid(), session: "other"), to: dir + "/other.d.json")
+        // A record others may write: not trusted either.
+        Self.write(Self.json(pid: mapLike.processIdentifier, session: "writable"), to: dir + "/writable.d.json", mode: 0o666)
+        #expect(BlockMap.records(directory: dir).map(\.status.session) == ["good"])
+        // A directory others may write to: nothing in it counts.
+        #expect(chmod(dir, 0o777) == 0)
+        #expect(BlockMap.records(directory: dir).isEmpty)
+    }
+
+    @Test func aMapRefusesAStatusDirectoryOthersMayWriteTo() throws {
+        let open = try Self.directory(mode: 0o777)
+        defer { try? FileManager.default.removeItem(atPath: open) }
+        #expect(throws: ParleyError.self) { try BlockMap.prepareStateDirectory(open) }
+        let fresh = open + "/state"
+        try BlockMap.prepareStateDirectory(fresh)
+        var st = stat()
+        #expect(stat(fresh, &st) == 0 && st.st_mode & 0o777 == 0o700)
+        try BlockMap.prepareStateDirectory(fresh)  // its own, again: fine
     }
 }

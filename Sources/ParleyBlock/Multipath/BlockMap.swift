@@ -56,20 +56,56 @@ public final class BlockMap: Sendable {
     }
 
     /// Status files in `directory` whose process still runs (others are removed).
+    ///
+    /// Only a directory and files of this user that others cannot write count, and only
+    /// records naming a running `parley block map`: the default directory is under /tmp, and
+    /// `parley block unmap` signals the process a record names (a planted pid 0 or -1 would
+    /// signal a process group or every process; a stale one, whatever now has that pid).
     public static func records(directory: String) -> [Record] {
-        guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else { return [] }
+        guard Self.isPrivate(directory, directory: true),
+              let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else { return [] }
         var out: [Record] = []
         for name in names.sorted() where name.hasSuffix(".json") {
             let path = directory + "/" + name
-            guard let data = FileManager.default.contents(atPath: path),
-                  let record = try? JSONDecoder().decode(Record.self, from: data) else { continue }
+            guard Self.isPrivate(path, directory: false),
+                  let data = FileManager.default.contents(atPath: path),
+                  let record = try? JSONDecoder().decode(Record.self, from: data), record.pid > 1 else { continue }
             if kill(record.pid, 0) != 0 && errno == ESRCH {
                 try? FileManager.default.removeItem(atPath: path)
                 continue
             }
+            guard Self.isMapProcess(record.pid) else { continue }
             out.append(record)
         }
         return out
+    }
+
+    /// `path` (not a symbolic link) belongs to this user and no one else may write to it.
+    static func isPrivate(_ path: String, directory: Bool) -> Bool {
+        var st = stat()
+        guard lstat(path, &st) == 0, st.st_uid == geteuid() else { return false }
+        guard st.st_mode & S_IFMT == (directory ? S_IFDIR : S_IFREG) else { return false }
+        return st.st_mode & (S_IWGRP | S_IWOTH) == 0
+    }
+
+    /// Process `pid` runs `parley block map` (its arguments say so).
+    static func isMapProcess(_ pid: Int32) -> Bool {
+        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+        let arguments = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        return zip(arguments, arguments.dropFirst()).contains { $0 == "block" && $1 == "map" }
+    }
+
+    /// Creates the status directory (mode 0700), or checks that the one there is this user's
+    /// and that no one else may write to it.
+    static func prepareStateDirectory(_ path: String) throws {
+        let parent = (path as NSString).deletingLastPathComponent
+        if !parent.isEmpty { try? FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true) }
+        if mkdir(path, 0o700) != 0, errno != EEXIST {
+            throw ParleyError(code: .invalidArgument, message: "cannot create the status directory \(path): \(String(cString: strerror(errno)))")
+        }
+        guard Self.isPrivate(path, directory: true) else {
+            throw ParleyError(code: .invalidArgument, message: "the status directory \(path) is not a directory of this user that only it may write to: give --state-dir")
+        }
     }
 
     /// The running map: its device and NBD server, until `stop()`.
@@ -126,7 +162,14 @@ public final class BlockMap: Sendable {
             try? await io.shutdown()
             throw error
         }
-        try? FileManager.default.createDirectory(atPath: self.stateDirectory, withIntermediateDirectories: true)
+        do {
+            try Self.prepareStateDirectory(self.stateDirectory)
+        } catch {
+            await nbd.shutDown()
+            try? await device.close()
+            try? await io.shutdown()
+            throw error
+        }
         let g = device.geometry
         self.logger.info("mapped", metadata: [
             "session": "\(self.session.configuration.sessionName)", "device": "\(self.devicePath)", "nbd": "\(bound)",
