@@ -142,7 +142,7 @@ public final class ClientConformanceTester: Sendable {
                 continue
             }
             let start = ContinuousClock.now
-            let peer = ConformancePeer(channel: accepted.channel, inbox: accepted.inbox, maxFrameSize: scenario == .smallLimit ? 65_536 : Int(UInt32.max))
+            let peer = ConformancePeer(channel: accepted.channel, inbox: accepted.inbox, maxFrameSize: scenario == .smallLimit ? 65_536 : Frame.maximumOwnLimit)
             var play = ScenarioPlay(scenario: scenario, peer: peer, timeout: self.timeout, selfAddress: address.description)
             play.overTLS = address.usesTLS
             play.secrets = self.secrets
@@ -376,7 +376,7 @@ struct ScenarioPlay {
         }
         if let needs, !self.features.contains(needs) { fault("R-3-9", "nothing that needs \(needs)", describe(f)) }
         guard f.tag == .message, let m = try? WireMessage(frame: f) else { return }
-        if m.header.seq != self.lastReceivedSeq + 1 { fault("R-7.3-2", "seq \(self.lastReceivedSeq + 1)", "seq \(m.header.seq)") }
+        if m.header.seq != self.lastReceivedSeq &+ 1 { fault("R-7.3-2", "seq \(self.lastReceivedSeq &+ 1)", "seq \(m.header.seq)") }
         self.lastReceivedSeq = m.header.seq
         if m.header.ack < self.lastAck || m.header.ack >= self.nextSeq {
             fault("R-7.3-1", "an ack from \(self.lastAck) to \(self.nextSeq - 1)", "ack \(m.header.ack)")

@@ -83,7 +83,7 @@ final class ClientSession {
         self.features = features
     }
 
-    static func open(context: CheckContext, options: ClientOptions = ClientOptions(), maxFrameSize: Int = Int(UInt32.max)) async throws -> ClientSession {
+    static func open(context: CheckContext, options: ClientOptions = ClientOptions(), maxFrameSize: Int = Frame.maximumOwnLimit) async throws -> ClientSession {
         try await self.open(peer: try await context.connect(maxFrameSize: maxFrameSize), context: context, options: options)
     }
 
@@ -213,7 +213,7 @@ final class ClientSession {
             case .message:
                 let m: WireMessage
                 do { m = try WireMessage(frame: f) } catch { throw fail("a MESSAGE with a valid header (section 7.2)", "\(error)") }
-                if m.header.seq != self.lastReceivedSeq + 1 {
+                if m.header.seq != self.lastReceivedSeq &+ 1 {
                     self.seqFaults.append("seq \(m.header.seq) after \(self.lastReceivedSeq)")
                 }
                 self.lastReceivedSeq = m.header.seq

@@ -254,6 +254,9 @@ enum ConformanceChecks {
         ConformanceCheck("R-4.4-3", "a MESSAGE of exactly the server's limit is accepted and echoed") { c in
             try c.requireEcho()
             try c.require(.dataSegment, "dataSegment")
+            guard c.serverLimit <= Frame.maximumOwnLimit - Frame.minimumMaxFrameSize else {
+                throw CheckSkip(reason: "the server's limit (\(c.serverLimit) bytes) is more than this tool sends or takes back (\(Frame.maximumOwnLimit - Frame.minimumMaxFrameSize) bytes)")
+            }
             let s = try await ClientSession.open(context: c)
             defer { s.peer.close() }
             let headerSize = MessageHeader.fixedSize + echoType.utf8.count

@@ -178,7 +178,7 @@ final class ConformancePeer {
 
     deinit { self.channel.close(promise: nil) }
 
-    static func connect(_ target: ConformanceTarget, maxFrameSize: Int = Int(UInt32.max)) async throws -> ConformancePeer {
+    static func connect(_ target: ConformanceTarget, maxFrameSize: Int = Frame.maximumOwnLimit) async throws -> ConformancePeer {
         let inbox = Inbox()
         let transport = PosixTransport(connectTimeout: .seconds(10), tls: target.tls)
         let channel = try await transport.connect(to: target.address, group: target.group ?? MultiThreadedEventLoopGroup.singleton) { channel in
@@ -222,7 +222,7 @@ final class ConformancePeer {
     /// test crc framing itself, which secure mode replaces (section 5.1): the check skips.
     func sendFrames(_ bytes: ByteBuffer, pieces: Int? = nil) async throws {
         guard self.sealer != nil else { return await self.send(bytes, pieces: pieces) }
-        var decoder = WireDecoder(maxFrameSize: Int(UInt32.max), expectBanner: false)
+        var decoder = WireDecoder(maxFrameSize: Frame.maximumOwnLimit, expectBanner: false)
         var rest = bytes
         var frames: [Frame] = []
         // A preamble at the end without its body (a frame the server must refuse from its
@@ -234,7 +234,7 @@ final class ConformancePeer {
                 start = rest.readerIndex
                 if rest.readableBytes == Frame.preambleSize {
                     // Checked as a preamble (CRC, reserved bytes, counts) by a decoder of its own.
-                    var alone = WireDecoder(maxFrameSize: Int(UInt32.max), expectBanner: false)
+                    var alone = WireDecoder(maxFrameSize: Frame.maximumOwnLimit, expectBanner: false)
                     var copy = rest
                     _ = try alone.decode(buffer: &copy)
                     lonePreamble = rest.readSlice(length: Frame.preambleSize)

@@ -145,7 +145,7 @@ struct CheckContext: Sendable {
     /// The server gave this client a session of method none in crc mode.
     var allowsNone = false
 
-    func connect(maxFrameSize: Int = Int(UInt32.max)) async throws -> ConformancePeer {
+    func connect(maxFrameSize: Int = Frame.maximumOwnLimit) async throws -> ConformancePeer {
         do {
             return try await ConformancePeer.connect(self.target, maxFrameSize: maxFrameSize)
         } catch {

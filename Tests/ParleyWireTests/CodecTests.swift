@@ -37,6 +37,18 @@ import Testing
 }
 
 @Suite struct FrameCodecTests {
+    /// A side's own limit is at most 1 GiB: a frame and what is read ahead of it must fit
+    /// in one buffer (NIO's hold less than 4 GiB; one near UInt32.max trapped on append).
+    /// A peer may announce more: that only bounds what is sent to it.
+    @Test func ownLimitsAreAtMostOneGibibyte() throws {
+        try Frame.validateLimit(Frame.minimumMaxFrameSize)
+        try Frame.validateLimit(1 << 30)
+        for bad in [Frame.minimumMaxFrameSize - 1, (1 << 30) + 1, Int(UInt32.max)] {
+            #expect(throws: ParleyError.self, "\(bad)") { try Frame.validateLimit(bad) }
+        }
+        #expect(Frame.peerLimit(announced: .max) == Int(UInt32.max))
+    }
+
     static func sampleFrames() -> [Frame] {
         var hello = Parley_V1_Hello()
         hello.entityType = .client

@@ -92,10 +92,15 @@ public struct Frame: Hashable, Sendable {
         announced == 0 ? Self.defaultMaxFrameSize : max(Int(announced), Self.minimumMaxFrameSize)
     }
 
+    /// The largest frame-size limit this implementation takes for itself: 1 GiB. A frame, its
+    /// preamble and epilogue and what is read ahead of it must fit in one buffer (NIO's hold
+    /// less than 4 GiB); a peer may announce more, which only bounds what is sent to it.
+    public static let maximumOwnLimit = 1 << 30
+
     /// Checks a side's own limit.
     public static func validateLimit(_ limit: Int) throws(ParleyError) {
-        guard (Self.minimumMaxFrameSize...Int(UInt32.max)).contains(limit) else {
-            throw ParleyError(code: .invalidArgument, message: "frame-size limit \(limit) is outside \(Self.minimumMaxFrameSize)...\(UInt32.max) bytes")
+        guard (Self.minimumMaxFrameSize...Self.maximumOwnLimit).contains(limit) else {
+            throw ParleyError(code: .invalidArgument, message: "frame-size limit \(limit) is outside \(Self.minimumMaxFrameSize)...\(Self.maximumOwnLimit) bytes")
         }
     }
 
