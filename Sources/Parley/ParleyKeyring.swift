@@ -247,7 +247,8 @@ public final class ParleyKeyringSource: Sendable {
     private static func stamp(_ path: String) -> [Int] {
         var info = stat()
         guard stat(path, &info) == 0 else { return [] }
-        return [Int(info.st_ino), Int(info.st_size), Int(info.st_mtim.tv_sec), Int(info.st_mtim.tv_nsec), Int(info.st_mode)]
+        // truncatingIfNeeded: inode numbers use all 64 bits on some file systems (overlayfs xino).
+        return [Int(truncatingIfNeeded: info.st_ino), Int(info.st_size), Int(info.st_mtim.tv_sec), Int(info.st_mtim.tv_nsec), Int(info.st_mode)]
     }
 
     /// The entities of the current keyring, and the error of a reload that failed (once).

@@ -84,7 +84,7 @@ struct Cert: AsyncParsableCommand {
 
     /// Reports a failure on standard error and exits with status 2.
     static func fail(_ command: String, _ error: ParleyError) -> Never {
-        FileHandle.standardError.write(Data("\(command): \(error.message)\n".utf8))
+        try? FileHandle.standardError.write(contentsOf: Data("\(command): \(error.message)\n".utf8))
         Foundation.exit(2)
     }
 }

@@ -38,7 +38,11 @@ struct Decode: AsyncParsableCommand {
             }
             data = d
         } else {
-            data = FileHandle.standardInput.readDataToEndOfFile()
+            do {
+                data = try FileHandle.standardInput.readToEnd() ?? Data()
+            } catch {
+                throw ValidationError("cannot read standard input: \(error.localizedDescription)")
+            }
         }
         var buffer = ByteBuffer(bytes: data)
         var decoder = WireDecoder(maxFrameSize: self.maxFrameSize, expectBanner: !self.noBanner)

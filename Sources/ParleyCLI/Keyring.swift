@@ -34,7 +34,7 @@ struct Keyring: ParsableCommand {
     }
 
     static func fail(_ error: ParleyError) -> ExitCode {
-        FileHandle.standardError.write(Data("parley keyring: \(error.message)\n".utf8))
+        try? FileHandle.standardError.write(contentsOf: Data("parley keyring: \(error.message)\n".utf8))
         return ExitCode(1)
     }
 
@@ -77,7 +77,7 @@ struct Keyring: ParsableCommand {
                 try keyring.save(path: self.options.keyring)
                 print("added \(self.name) to \(self.options.keyring) (caps: \(caps.isEmpty ? "none" : caps.joined(separator: ",")))")
                 if let expires = keyring.entity(named: self.name)?.expires, expires <= Date() {
-                    FileHandle.standardError.write(Data("parley keyring: warning: \(self.name) expires in the past (\(ISO8601DateFormatter().string(from: expires))): servers refuse its key\n".utf8))
+                    try? FileHandle.standardError.write(contentsOf: Data("parley keyring: warning: \(self.name) expires in the past (\(ISO8601DateFormatter().string(from: expires))): servers refuse its key\n".utf8))
                 }
             }
         }

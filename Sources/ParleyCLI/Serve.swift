@@ -78,7 +78,7 @@ struct Serve: AsyncParsableCommand {
         if let path = self.executionLog {
             if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
             guard let handle = FileHandle(forWritingAtPath: path) else { throw ValidationError("cannot open --execution-log \(path) for writing") }
-            handle.seekToEndOfFile()
+            _ = try? handle.seekToEnd()  // appends to a file; a pipe or terminal cannot seek
             executionLog = handle
         }
         var router = EchoService.router(name: self.name, executionLog: executionLog)

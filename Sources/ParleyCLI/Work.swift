@@ -380,7 +380,7 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("The project's private key (work.key).", valueName: "file"))
         var key: String
 
-        @Option(name: .long, help: "Copies of the job to submit.")
+        @Option(name: .long, help: "Copies of the job to submit (at most 100000, in one request).")
         var count: Int = 1
 
         @Option(name: .long, help: "Priority (higher first).")
@@ -423,7 +423,9 @@ struct Work: AsyncParsableCommand {
 
         func validate() throws {
             guard !self.command.isEmpty else { throw ValidationError("give the job's command after --") }
-            guard self.count >= 1 else { throw ValidationError("--count must be at least 1") }
+            // One SubmitJobs carries them all: a signed job is a few hundred bytes, and the
+            // frame limit (16 MiB by default) refuses more long before memory runs out.
+            guard (1...100_000).contains(self.count) else { throw ValidationError("--count must be from 1 to 100000") }
             for e in self.env where !e.contains("=") { throw ValidationError("--env takes NAME=VALUE, got \(e)") }
         }
 
@@ -704,22 +706,22 @@ struct Work: AsyncParsableCommand {
             let submitStarted = ContinuousClock.now
             try await Work.withMaster(masters[0].description, command: "bench", security: self.security) { master in
                 try await WorkBench.submit(job, count: total, to: master) { sent in
-                    FileHandle.standardError.write(Data("\rsubmitted \(sent)/\(total)".utf8))
+                    try? FileHandle.standardError.write(contentsOf: Data("\rsubmitted \(sent)/\(total)".utf8))
                 }
             }
             let submitSeconds = (ContinuousClock.now - submitStarted) / .seconds(1)
-            FileHandle.standardError.write(Data(String(format: " in %.2f s\n", submitSeconds).utf8))
+            try? FileHandle.standardError.write(contentsOf: Data(String(format: " in %.2f s\n", submitSeconds).utf8))
             let configuration = WorkBench.Configuration(masters: masters, jobs: total, workers: self.workers, slots: self.slots, client: client, verify: verify)
             let outcome: (seconds: Double, latencies: [Double], notAccepted: Int)
             do {
                 outcome = try await WorkBench.drain(configuration, expected: total, logger: logger) { accepted in
-                    FileHandle.standardError.write(Data("\raccepted \(accepted)/\(total)".utf8))
+                    try? FileHandle.standardError.write(contentsOf: Data("\raccepted \(accepted)/\(total)".utf8))
                 }
             } catch let error as ParleyError {
                 print("parley work bench: \(error.message) [\(error.code)]")
                 throw ExitCode(2)
             }
-            FileHandle.standardError.write(Data("\n".utf8))
+            try? FileHandle.standardError.write(contentsOf: Data("\n".utf8))
             let result = WorkBench.Result(jobs: total, seconds: outcome.seconds, assignmentLatencies: outcome.latencies, submitSeconds: submitSeconds, notAccepted: outcome.notAccepted)
             let p50 = result.percentile(0.5) * 1000, p99 = result.percentile(0.99) * 1000
             if self.json {
@@ -794,7 +796,7 @@ struct Work: AsyncParsableCommand {
         func run() throws {
             if self.cpu > 0 {
                 // SIGXCPU at the soft limit, SIGKILL a second later.
-                var limit = rlimit(rlim_cur: rlim_t(self.cpu), rlim_max: rlim_t(self.cpu + 1))
+                var limit = rlimit(rlim_cur: rlim_t(self.cpu), rlim_max: rlim_t(self.cpu == .max ? self.cpu : self.cpu + 1))
                 guard setrlimit(__rlimit_resource_t(RLIMIT_CPU.rawValue), &limit) == 0 else {
                     Self.fail("cannot limit CPU time to \(self.cpu) s: \(String(cString: strerror(errno)))")
                 }
@@ -819,7 +821,7 @@ struct Work: AsyncParsableCommand {
         /// The job did not start: one line on stderr (its report's reason ends with it) and
         /// status 126, as a shell says of a program it cannot run.
         static func fail(_ message: String) -> Never {
-            FileHandle.standardError.write(Data("parley work exec: \(message); the job did not run\n".utf8))
+            try? FileHandle.standardError.write(contentsOf: Data("parley work exec: \(message); the job did not run\n".utf8))
             Foundation.exit(126)
         }
     }

@@ -9,32 +9,68 @@ public final class CaptureHandler: ChannelDuplexHandler, RemovableChannelHandler
     public typealias OutboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
 
-    private let inbound: FileHandle?
-    private let outbound: FileHandle?
+    private var inbound: FileHandle?
+    private var outbound: FileHandle?
+    private let paths: (inbound: String?, outbound: String?)
 
     /// - Parameters:
     ///   - inboundPath: file to receive the bytes read from the peer (truncated first).
     ///   - outboundPath: file to receive the bytes written to the peer (truncated first).
     public init(inboundPath: String?, outboundPath: String?) throws {
-        func open(_ path: String?) throws -> FileHandle? {
+        // Opened in place, not created afresh: FileManager.createFile writes a new file and
+        // renames it over the path, which replaced a device such as /dev/full (as root) or a
+        // FIFO with a regular file.
+        func openCapture(_ path: String?) throws -> FileHandle? {
             guard let path else { return nil }
-            guard FileManager.default.createFile(atPath: path, contents: nil) else {
-                throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path])
-            }
-            return FileHandle(forWritingAtPath: path)
+            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { throw WriteFailed(path: path, reason: String(cString: strerror(errno))) }
+            return FileHandle(fileDescriptor: fd, closeOnDealloc: true)
         }
-        self.inbound = try open(inboundPath)
-        self.outbound = try open(outboundPath)
+        self.inbound = try openCapture(inboundPath)
+        self.outbound = try openCapture(outboundPath)
+        self.paths = (inboundPath, outboundPath)
+    }
+
+    /// A capture that cannot be written (disk full, /dev/full) ends the capture and the
+    /// connection with an error naming the file, rather than the process.
+    public struct WriteFailed: Error, CustomStringConvertible {
+        public var path: String
+        public var reason: String
+        public var description: String { "cannot write the capture file \(self.path): \(self.reason)" }
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if let file = self.inbound { file.write(Data(self.unwrapInboundIn(data).readableBytesView)) }
+        if let file = self.inbound {
+            do {
+                try file.write(contentsOf: Data(self.unwrapInboundIn(data).readableBytesView))
+            } catch {
+                self.failed(context: context, path: self.paths.inbound ?? "", error)
+                return
+            }
+        }
         context.fireChannelRead(data)
     }
 
     public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        if let file = self.outbound { file.write(Data(self.unwrapOutboundIn(data).readableBytesView)) }
+        if let file = self.outbound {
+            do {
+                try file.write(contentsOf: Data(self.unwrapOutboundIn(data).readableBytesView))
+            } catch {
+                self.failed(context: context, path: self.paths.outbound ?? "", error)
+                promise?.fail(WriteFailed(path: self.paths.outbound ?? "", reason: "\(error.localizedDescription)"))
+                return
+            }
+        }
         context.write(data, promise: promise)
+    }
+
+    private func failed(context: ChannelHandlerContext, path: String, _ error: any Error) {
+        try? self.inbound?.close()
+        try? self.outbound?.close()
+        self.inbound = nil
+        self.outbound = nil
+        context.fireErrorCaught(WriteFailed(path: path, reason: "\(error.localizedDescription)"))
+        context.close(promise: nil)
     }
 
     public func channelInactive(context: ChannelHandlerContext) {

@@ -24,7 +24,8 @@ public enum EchoService {
         let log = executionLog.map { NIOLockedValueBox($0) }
         router.on(Parley_Echo_V1_Work.self) { work, _ in
             if let log {
-                log.withLockedValue { $0.write(Data("\(work.key)\n".utf8)) }
+                // A failed write (disk full, a pipe whose reader left) fails the request, not the server.
+                try log.withLockedValue { try $0.write(contentsOf: Data("\(work.key)\n".utf8)) }
             }
             if work.delayMs > 0 { try await Task.sleep(for: .milliseconds(Int(work.delayMs))) }
             var done = Parley_Echo_V1_WorkDone()

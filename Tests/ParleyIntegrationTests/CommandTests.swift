@@ -167,6 +167,51 @@ struct CommandTests {
         #expect(await server.stop() == 0)
     }
 
+    /// Files that cannot be read or written end a command with an error naming them, not a
+    /// crash (Foundation's non-throwing FileHandle calls trap on an I/O error): standard input
+    /// that is a directory, a capture file on a full device, an execution log that cannot
+    /// seek (a FIFO); and `work submit --count` too large to build is refused.
+    @Test func unreadableAndUnwritableFilesAreErrorsNotCrashes() async throws {
+        let parley = try #require(Self.parleyPath, "parley executable not built")
+        /// The status the shell saw: 128 + N for a process killed by signal N.
+        func status(_ output: Output) -> Int? {
+            output.stdout.split(separator: "\n").last { $0.hasPrefix("status=") }.flatMap { Int($0.dropFirst("status=".count)) }
+        }
+        let decode = try await Self.run(["-c", "'\(parley)' decode < /; echo status=$?"], executable: "/bin/sh")
+        #expect((1...127).contains(status(decode) ?? 0), "\(decode.combined)")
+        #expect(decode.stderr.contains("cannot read standard input"), "\(decode.combined)")
+
+        // /dev/full refuses every write (ENOSPC). The capture opens it in place: it used to be
+        // created afresh, which (as root) replaced the device with a regular file.
+        func isCharacterDevice(_ path: String) -> Bool {
+            var st = stat()
+            return stat(path, &st) == 0 && st.st_mode & S_IFMT == S_IFCHR
+        }
+        if isCharacterDevice("/dev/full") {
+            let socket = temporaryPath("full.sock")
+            let (ping, _) = try await Self.withServe(["--listen", "unix:\(socket)"]) {
+                try await Self.waitForSocket(socket)
+                return try await Self.run(["-c", "'\(parley)' ping unix:\(socket) --count 1 --capture-in /dev/full; echo status=$?"], executable: "/bin/sh")
+            }
+            #expect((1...127).contains(status(ping) ?? 0), "\(ping.combined)")
+            #expect(ping.combined.contains("cannot write the capture file /dev/full"), "\(ping.combined)")
+            #expect(isCharacterDevice("/dev/full"), "the capture left /dev/full a device")
+        }
+
+        let fifo = temporaryPath("execution-\(UUID().uuidString.prefix(8)).fifo")
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let reader = Process()
+        reader.executableURL = URL(fileURLWithPath: "/bin/sh")
+        reader.arguments = ["-c", "cat '\(fifo)' > /dev/null"]
+        try reader.run()
+        defer { kill(reader.processIdentifier, SIGKILL); reader.waitUntilExit() }
+        let server = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--execution-log", fifo])
+        #expect(await server.stop() == 0, "\(server.log)")
+
+        let submit = try await Self.run(["work", "submit", "--key", "/nonexistent", "--count", "1000000000000", "--", "true"])
+        #expect(submit.status != 0 && submit.stderr.contains("--count must be from 1 to 100000"), "\(submit.combined)")
+    }
+
     @Test func serveAndPingAndDecodeARecordedSession() async throws {
         let socket = temporaryPath("cli.sock")
         let captureIn = temporaryPath("session.in"), captureOut = temporaryPath("session.out")
