@@ -197,7 +197,7 @@ public final class PostgresWorkStore: WorkStore {
                 RETURNING id
                 """, logger: self.logger
             )
-            for try await id in rows.decode(Int64.self) { ids.append(UInt64(id)) }
+            for try await id in rows.decode(Int64.self) { ids.append(UInt64(bitPattern: id)) }
             // RETURNING follows the insertion order, which follows ORDER BY n; the ids of a
             // BIGSERIAL grow with it. Sorted, so that the order is the submission order.
             return ids.sorted()
@@ -228,10 +228,12 @@ public final class PostgresWorkStore: WorkStore {
                 for try await id in try await connection.query(
                     "SELECT nextval('lease_id') FROM generate_series(1, \(Int64(rows.count)))", logger: self.logger
                 ).decode(Int64.self) {
+                    // The sequence starts at 1: anything else is a damaged database.
+                    guard id > 0 else { throw WorkStoreError("the database is damaged: the sequence lease_id gave \(id), not a lease id") }
                     leaseIDs.append(UInt64(id))
                 }
                 let claims = try JobRow.assign(
-                    rows, record: { try JobRow.decode(Data($0.record.readableBytesView), id: UInt64($0.id)) }, requests: group,
+                    rows, record: { try JobRow.decode(Data($0.record.readableBytesView), id: UInt64(bitPattern: $0.id)) }, requests: group,
                     leaseIDs: leaseIDs, now: now, leaseDuration: leaseDuration
                 )
                 try await self.save(connection, claims.flatMap { $0.map(\.record) }, now: now)
@@ -252,7 +254,7 @@ public final class PostgresWorkStore: WorkStore {
                 "SELECT id, record FROM job WHERE id = ANY(\(ids)::bigint[]) ORDER BY id FOR UPDATE", logger: self.logger
             )
             for try await (id, record) in found.decode((Int64, ByteBuffer).self) {
-                records[UInt64(id)] = try JobRow.decode(Data(record.readableBytesView), id: UInt64(id))
+                records[UInt64(bitPattern: id)] = try JobRow.decode(Data(record.readableBytesView), id: UInt64(bitPattern: id))
             }
             var verdicts: [ReportVerdict] = []
             var changed = Set<UInt64>()
@@ -299,7 +301,7 @@ public final class PostgresWorkStore: WorkStore {
                 logger: self.logger
             )
             for try await (id, data) in found.decode((Int64, ByteBuffer).self) {
-                var record = try JobRow.decode(Data(data.readableBytesView), id: UInt64(id))
+                var record = try JobRow.decode(Data(data.readableBytesView), id: UInt64(bitPattern: id))
                 if LeaseRules.expire(&record, now: now) { expired.append(record) }
             }
             try await self.save(connection, expired, now: now)
@@ -377,7 +379,7 @@ public final class PostgresWorkStore: WorkStore {
         var ids: [Int64] = [], states: [String] = [], bodies: [ByteBuffer] = [], deadlines: [Int64] = [], finished: [Bool] = []
         for record in records {
             let row = JobRow.state(of: record)
-            ids.append(Int64(record.id))
+            ids.append(Int64(bitPattern: record.id))
             states.append(row.state)
             bodies.append(ByteBuffer(bytes: try JobRow.encode(record)))
             // Int64.min stands for "no deadline" (NULL): arrays of optionals are not encodable.

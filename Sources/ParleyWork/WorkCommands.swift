@@ -413,7 +413,8 @@ public final class WorkCommandExecutor: Sendable {
         result.stat.kind = "file"
         result.stat.size = offset
         result.stat.mode = UInt32((attributes[.posixPermissions] as? NSNumber)?.uint32Value ?? 0o644)
-        result.stat.mtimeUnixMs = Int64(((attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0) * 1000)
+        // Saturating: a file can carry any time (`touch -d @1e17` on tmpfs).
+        result.stat.mtimeUnixMs = Int64(saturating: ((attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0) * 1000)
         return result
     }
 
@@ -611,7 +612,7 @@ public final class WorkCommandExecutor: Sendable {
         }
         stat.size = (attributes[.size] as? NSNumber)?.uint64Value ?? 0
         stat.mode = (attributes[.posixPermissions] as? NSNumber)?.uint32Value ?? 0
-        if let date = attributes[.modificationDate] as? Date { stat.mtimeUnixMs = Int64(date.timeIntervalSince1970 * 1000) }
+        if let date = attributes[.modificationDate] as? Date { stat.mtimeUnixMs = Int64(saturating: date.timeIntervalSince1970 * 1000) }
         result.stat = stat
         return result
     }

@@ -275,7 +275,7 @@ public final class SQLiteWorkStore: WorkStore {
                     sql: "INSERT INTO job (batch, priority, spec, signature, state, record, submittedAt, app) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
                     arguments: [job.batch, job.priority, Data(job.spec), Data(job.signature), try JobRow.encode(JobRecord(id: 0, maxAttempts: job.maxAttempts)), now, job.app]
                 )
-                return UInt64(db.lastInsertedRowID)
+                return UInt64(bitPattern: db.lastInsertedRowID)
             }
         }
     }
@@ -294,7 +294,7 @@ public final class SQLiteWorkStore: WorkStore {
                 )
                 let first = try Self.takeLeaseIDs(db, count: rows.count)
                 let claims = try JobRow.assign(
-                    rows, record: { try JobRow.decode($0["record"], id: UInt64($0["id"] as Int64)) }, requests: group,
+                    rows, record: { try JobRow.decode($0["record"], id: UInt64(bitPattern: $0["id"] as Int64)) }, requests: group,
                     leaseIDs: (0..<UInt64(rows.count)).map { first + $0 }, now: now, leaseDuration: leaseDuration
                 )
                 for (index, mine) in zip(indices, claims) {
@@ -338,7 +338,7 @@ public final class SQLiteWorkStore: WorkStore {
             let rows = try Row.fetchAll(db, sql: "SELECT id, record FROM job WHERE state = 'leased' AND leaseDeadline <= ?", arguments: [now])
             var expired = 0
             for row in rows {
-                let id = UInt64(row["id"] as Int64)
+                let id = UInt64(bitPattern: row["id"] as Int64)
                 var record = try JobRow.decode(row["record"], id: id)
                 if LeaseRules.expire(&record, now: now) {
                     try Self.save(db, record, now: now)
@@ -400,17 +400,22 @@ public final class SQLiteWorkStore: WorkStore {
         return try JobRow.decode(data, id: jobID)
     }
 
-    /// Reserves `count` lease ids; returns the first (they follow one another).
+    /// Reserves `count` lease ids; returns the first (they follow one another). The counter
+    /// only grows from 0: a value below `count` is a damaged database, refused.
     private static func takeLeaseIDs(_ db: Database, count: Int) throws -> UInt64 {
         try db.execute(sql: "UPDATE counter SET value = value + ? WHERE name = 'lease'", arguments: [count])
-        return UInt64(try Int64.fetchOne(db, sql: "SELECT value FROM counter WHERE name = 'lease'") ?? 0) - UInt64(count) + 1
+        let last = try Int64.fetchOne(db, sql: "SELECT value FROM counter WHERE name = 'lease'") ?? 0
+        guard last >= Int64(count) else {
+            throw WorkStoreError("the database is damaged: counter.value of 'lease' is \(last) after reserving \(count) lease ids")
+        }
+        return UInt64(last - Int64(count)) + 1
     }
 
     private static func save(_ db: Database, _ record: JobRecord, now: Int64) throws {
         let row = JobRow.state(of: record)
         try db.execute(
             sql: "UPDATE job SET state = ?, record = ?, leaseDeadline = ?, finishedAt = COALESCE(finishedAt, ?) WHERE id = ?",
-            arguments: [row.state, try JobRow.encode(record), row.deadline, row.finished ? now : nil, Int64(record.id)]
+            arguments: [row.state, try JobRow.encode(record), row.deadline, row.finished ? now : nil, Int64(bitPattern: record.id)]
         )
     }
 }

@@ -46,7 +46,7 @@ public final class WorkTarStream: @unchecked Sendable {
                 // attributesOfItem does not follow a symbolic link: the link itself is sent.
                 guard let attributes = try? FileManager.default.attributesOfItem(atPath: path) else { continue }
                 let mode = UInt32((attributes[.posixPermissions] as? NSNumber)?.uint32Value ?? 0o644) & 0o7777
-                let mtime = Int64((attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)
+                let mtime = Int64(saturating: (attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)
                 switch attributes[.type] as? FileAttributeType {
                 case .typeDirectory?:
                     entries.append(Entry(name: rel + "/", path: path, kind: .directory, size: 0, mode: mode, mtime: mtime, link: ""))
@@ -131,6 +131,9 @@ public final class WorkTarStream: @unchecked Sendable {
         self.fd = -1
     }
 
+    /// The largest time a ustar header holds (11 octal digits).
+    static let maxTarTime: UInt64 = 0o77777777777
+
     /// A ustar header block.
     static func header(_ entry: Entry) throws(WorkFiles.FileError) -> [UInt8] {
         var block = [UInt8](repeating: 0, count: 512)
@@ -157,7 +160,8 @@ public final class WorkTarStream: @unchecked Sendable {
         put(octal(0, width: 8), at: 116)
         guard entry.size < 1 << 33 else { throw WorkFiles.FileError("'\(entry.name)' is over 8 GiB, too large for a ustar stream") }
         put(octal(entry.size, width: 12), at: 124)
-        put(octal(UInt64(max(0, entry.mtime)), width: 12), at: 136)
+        // The field holds 11 octal digits: a time before 1970 is 0, one past 2242 the largest.
+        put(octal(min(UInt64(max(0, entry.mtime)), Self.maxTarTime), width: 12), at: 136)
         put(Array("        ".utf8), at: 148)
         block[156] = entry.kind == .directory ? UInt8(ascii: "5") : entry.kind == .symlink ? UInt8(ascii: "2") : UInt8(ascii: "0")
         put(link, at: 157)

@@ -54,14 +54,15 @@ enum BuildbotCommands {
             let limit = upload.maxSize > 0 ? upload.maxSize : 1 << 30
             return Translated(name: "upload_file", args: .object([
                 "path": .string(try Self.path(upload.path, root: root)), "workdir": .string(root), "workersrc": .string(upload.path),
-                "maxsize": .int(Int64(limit)), "blocksize": .int(Int64(upload.chunkSize > 0 ? min(upload.chunkSize, 1 << 20) : 64 << 10)),
+                // Held to MessagePack's Int64: the adapter holds the command to `limit` itself.
+                "maxsize": .int(Int64(clamping: limit)), "blocksize": .int(Int64(upload.chunkSize > 0 ? min(upload.chunkSize, 1 << 20) : 64 << 10)),
                 "keepstamp": true,
             ]), direction: .upload, limit: limit)
         case .uploadDirectory(let upload)?:
             let limit = upload.maxSize > 0 ? upload.maxSize : 1 << 30
             return Translated(name: "upload_directory", args: .object([
                 "path": .string(try Self.path(upload.path, root: root, directoryItself: true)), "workdir": .string(root), "workersrc": .string(upload.path),
-                "maxsize": .int(Int64(limit)), "blocksize": .int(Int64(upload.chunkSize > 0 ? min(upload.chunkSize, 1 << 20) : 64 << 10)),
+                "maxsize": .int(Int64(clamping: limit)), "blocksize": .int(Int64(upload.chunkSize > 0 ? min(upload.chunkSize, 1 << 20) : 64 << 10)),
                 "compress": .nil,
             ]), direction: .upload, limit: limit)
         case .download(let download)?:
@@ -197,7 +198,9 @@ enum BuildbotCommands {
                 }
                 result.stat.mode = UInt32(mode & 0o7777)
                 result.stat.size = UInt64(max(values[6], 0))
-                result.stat.mtimeUnixMs = values[8] * 1000
+                // Seconds to milliseconds, held to Int64's range (a worker's time can be anything).
+                let (ms, overflow) = values[8].multipliedReportingOverflow(by: 1000)
+                result.stat.mtimeUnixMs = overflow ? (values[8] < 0 ? .min : .max) : ms
             case .files(let files):
                 let prefix = root + "/"
                 result.paths = files.map { $0.hasPrefix(prefix) ? String($0.dropFirst(prefix.count)) : $0 }.sorted()
@@ -254,6 +257,12 @@ struct BuildbotJob {
     let session: BuildbotWorkerSession
     let job: ClaimedJob
 
+    /// Bytes kept of each of stdout and stderr: the job's max_output_bytes (else `fallback`),
+    /// held to the largest tail a report may carry, as a native worker does.
+    static func tailLimit(_ spec: Parley_Work_V1_JobSpec, fallback: UInt64) -> Int {
+        Int(min(spec.maxOutputBytes > 0 ? spec.maxOutputBytes : fallback, UInt64(WorkService.maxTail)))
+    }
+
     /// The report; throws only when the worker went away (the job is then handed back).
     func run() async throws -> Parley_Work_V1_ReportResult {
         let configuration = self.session.frontEnd.configuration
@@ -304,19 +313,19 @@ struct BuildbotJob {
                     return refuse(.download, "the input '\(input.name)' could not be written: \(error.message)")
                 }
             }
-            let keep = Int(spec.maxOutputBytes > 0 ? spec.maxOutputBytes : configuration.defaultMaxOutputBytes)
+            let keep = Self.tailLimit(spec, fallback: configuration.defaultMaxOutputBytes)
             let args = BuildbotCommands.shellArgs(
                 argv: spec.argv, shell: spec.shell, workdir: directory, env: spec.env, timeout: 0,
                 maxTime: spec.maxWallSeconds > 0 ? spec.maxWallSeconds : 3600, interruptSignal: 9
             )
             let (_, events) = try await self.session.connection.start("shell", args: args)
             var stdout = Tail(limit: keep), stderr = Tail(limit: keep)
-            var updates: [BuildbotUpdate] = []
+            var kept = BuildbotKeptUpdates()
             var failure: String?
             for try await event in events {
                 switch event {
                 case .updates(let u):
-                    updates += u
+                    kept.add(u)
                     for case .stdout(let t) in u { stdout.append(t) }
                     for case .stderr(let t) in u { stderr.append(t) }
                 case .complete(let f): failure = f
@@ -324,6 +333,7 @@ struct BuildbotJob {
             }
             result.stdoutTail = Data(stdout.bytes)
             result.stderrTail = Data(stderr.bytes)
+            let updates = kept.updates
             var rc: Int64?
             for case .rc(let r) in updates { rc = r }
             if let failure {
@@ -340,11 +350,11 @@ struct BuildbotJob {
             }
             if result.errorKind == .none, result.exitStatus == 0 {
                 for name in spec.outputs {
-                    let sink = BuildbotMemoryTransfer(limit: Int(configuration.maxOutputFileBytes))
+                    let sink = BuildbotMemoryTransfer(limit: Int(clamping: configuration.maxOutputFileBytes))
                     do {
                         try await self.session.simple("upload_file", .object([
                             "path": .string(directory + "/" + name), "workdir": .string(directory), "workersrc": .string(name),
-                            "maxsize": .int(Int64(configuration.maxOutputFileBytes)), "blocksize": .int(256 << 10), "keepstamp": false,
+                            "maxsize": .int(Int64(clamping: configuration.maxOutputFileBytes)), "blocksize": .int(256 << 10), "keepstamp": false,
                         ]), transfer: sink)
                     } catch let error as BuildbotRemoteError {
                         result.errorKind = .upload
@@ -376,6 +386,49 @@ extension Parley_Work_V1_ReportResult {
         r.stdoutTail = other.stdoutTail
         r.stderrTail = other.stderrTail
         return r
+    }
+}
+
+/// What a command's updates leave to read once it ends, in place of every update: a command
+/// that prints without end (`yes`), or a worker that sends updates without end, would
+/// otherwise fill the master's memory. Kept: the last rc, the first failure reason, the last
+/// stat and file list, and the last `textLimit` bytes of the header and of stderr (where
+/// `signal(in:)`, `header(_:)` and `reason(_:)` look); stdout, logs and the rest are not
+/// (whoever needs them takes them as they come).
+struct BuildbotKeptUpdates {
+    static let textLimit = 64 << 10
+
+    private var rc: Int64?
+    private var failureReason: String?
+    private var stat: [Int64]?
+    private var files: [String]?
+    private var header = Tail(limit: BuildbotKeptUpdates.textLimit)
+    private var stderr = Tail(limit: BuildbotKeptUpdates.textLimit)
+
+    mutating func add(_ updates: [BuildbotUpdate]) {
+        for update in updates {
+            switch update {
+            case .rc(let rc): self.rc = rc
+            case .failureReason(let reason): if self.failureReason == nil { self.failureReason = reason }
+            case .stat(let values) where values.count >= 9: self.stat = values
+            case .files(let files): self.files = files
+            case .header(let text): self.header.append(text)
+            case .stderr(let text): self.stderr.append(text)
+            case .stdout, .log, .elapsed, .stat, .other: break
+            }
+        }
+    }
+
+    /// The kept updates, for what reads a command's updates once it ended.
+    var updates: [BuildbotUpdate] {
+        var updates: [BuildbotUpdate] = []
+        if !self.header.bytes.isEmpty { updates.append(.header(String(decoding: self.header.bytes, as: UTF8.self))) }
+        if !self.stderr.bytes.isEmpty { updates.append(.stderr(String(decoding: self.stderr.bytes, as: UTF8.self))) }
+        if let failureReason = self.failureReason { updates.append(.failureReason(failureReason)) }
+        if let stat = self.stat { updates.append(.stat(stat)) }
+        if let files = self.files { updates.append(.files(files)) }
+        if let rc = self.rc { updates.append(.rc(rc)) }
+        return updates
     }
 }
 

@@ -240,17 +240,19 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     }
 
     /// A command with no output to keep: fails with the worker's failure text or a non-zero rc.
+    /// Returns what `BuildbotKeptUpdates` keeps of its updates.
     @discardableResult
     func simple(_ name: String, _ args: MessagePack, transfer: (any BuildbotTransfer)? = nil) async throws -> [BuildbotUpdate] {
         let (_, events) = try await self.connection.start(name, args: args, transfer: transfer)
-        var updates: [BuildbotUpdate] = []
+        var kept = BuildbotKeptUpdates()
         for try await event in events {
             switch event {
-            case .updates(let u): updates += u
+            case .updates(let u): kept.add(u)
             case .complete(let failure?): throw BuildbotRemoteError(message: "\(name): \(failure)")
             case .complete(nil): break
             }
         }
+        let updates = kept.updates
         for case .rc(let rc) in updates where rc != 0 {
             throw BuildbotRemoteError(message: "\(name) failed (rc \(rc))\(Self.reason(updates).map { ": \($0)" } ?? "")")
         }
@@ -348,16 +350,17 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         let root = self.commandDirectory
         let forward = Task {
             defer { _ = self.state.withLockedValue { $0.relayed.removeValue(forKey: parleyID) } }
-            var collected: [BuildbotUpdate] = []
+            // The output goes on as it comes; only what the result needs is kept.
+            var kept = BuildbotKeptUpdates()
             do {
                 for try await event in events {
                     switch event {
                     case .updates(let updates):
-                        collected += updates
+                        kept.add(updates)
                         for update in BuildbotCommands.updates(parleyID, updates) { continuation.yield(.update(update)) }
                     case .complete(let failure):
                         let interrupted = self.state.withLockedValue { $0.relayed[parleyID]?.interrupted ?? false }
-                        var result = BuildbotCommands.result(parleyID, collected, failure: failure, interrupted: interrupted, root: root, kind: command.kind)
+                        var result = BuildbotCommands.result(parleyID, kept.updates, failure: failure, interrupted: interrupted, root: root, kind: command.kind)
                         result.elapsedMs = (ContinuousClock.now - started).wholeMilliseconds
                         if let adapter {
                             let (size, digest) = adapter.moved
@@ -367,7 +370,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
                                 result.stat.exists = true
                                 result.stat.kind = "file"
                                 result.stat.size = size
-                                result.stat.mtimeUnixMs = Int64(modified * 1000)
+                                result.stat.mtimeUnixMs = Int64(saturating: modified * 1000)
                             }
                             if result.error.isEmpty, let problem = adapter.check(command) {
                                 result.error = problem
@@ -456,7 +459,12 @@ final class BuildbotTransferAdapter: BuildbotTransfer {
 
     func closeWrite() async throws {}
 
+    /// Refuses times that are no times (NaN, an infinity, milliseconds beyond Int64): the
+    /// worker's upload then fails with that error.
     func setTimes(access: Double, modified: Double) async throws {
+        for (name, time) in [("access", access), ("modification", modified)] where Int64(ifRepresentable: time * 1000) == nil {
+            throw BuildbotProtocolError("update_upload_file_utime: the \(name) time \(time) is not a time in seconds since 1970")
+        }
         self.state.withLockedValue { $0.modified = modified }
         if let timed = self.transfer as? any BuildbotTimestampedTransfer {
             try await timed.setTimes(command: self.command, access: access, modified: modified)
@@ -467,7 +475,10 @@ final class BuildbotTransferAdapter: BuildbotTransfer {
         let (offset, eof) = self.state.withLockedValue { ($0.offset, $0.eof) }
         if eof || length == 0 { return [] }
         let room = self.limit - min(offset, self.limit)
-        let (data, end) = try await self.transfer.read(command: self.command, offset: offset, length: Int(min(UInt64(length), room + 1)))
+        // One byte past the room, to see a download over its limit; room + 1 overflows when
+        // the limit is UInt64.max, and is only needed when the room is below the length.
+        let ask = room < UInt64(length) ? room + 1 : UInt64(length)
+        let (data, end) = try await self.transfer.read(command: self.command, offset: offset, length: Int(ask))
         let bytes = Array(data.readableBytesView)
         guard UInt64(bytes.count) <= room else { throw BuildbotProtocolError("the download is over its limit of \(self.limit) bytes") }
         self.state.withLockedValue { state in
@@ -487,10 +498,17 @@ public protocol BuildbotTimestampedTransfer: WorkTransfer {
 }
 
 extension WorkFileTransfer: BuildbotTimestampedTransfer {
-    /// An upload's file keeps the worker's access and modification times.
+    /// An upload's file keeps the worker's access and modification times (seconds since 1970;
+    /// NaN, an infinity or a time beyond time_t is refused).
     public func setTimes(command: UInt64, access: Double, modified: Double) async throws {
-        var times = [timespec(tv_sec: Int(access.rounded(.down)), tv_nsec: Int((access - access.rounded(.down)) * 1e9)),
-                     timespec(tv_sec: Int(modified.rounded(.down)), tv_nsec: Int((modified - modified.rounded(.down)) * 1e9))]
+        func time(_ seconds: Double) throws(WorkFiles.FileError) -> timespec {
+            let whole = seconds.rounded(.down)
+            guard let tvSec = Int64(ifRepresentable: whole).flatMap({ Int(exactly: $0) }) else {
+                throw WorkFiles.FileError("cannot set the times of \(self.path): \(seconds) is not a time in seconds since 1970")
+            }
+            return timespec(tv_sec: tvSec, tv_nsec: min(999_999_999, Int((seconds - whole) * 1e9)))
+        }
+        var times = try [time(access), time(modified)]
         guard utimensat(AT_FDCWD, self.path, &times, 0) == 0 else {
             throw WorkFiles.FileError("cannot set the times of \(self.path): \(String(cString: strerror(errno)))")
         }

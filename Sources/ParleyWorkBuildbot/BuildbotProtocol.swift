@@ -1,4 +1,5 @@
 import Foundation
+import ParleyWork
 
 /// Buildbot's `msgpack_experimental_v7` worker protocol, sans-IO: the shape of its messages
 /// and the bookkeeping of sequence numbers (docs/buildbot.md). One MessagePack map per
@@ -144,7 +145,10 @@ public enum BuildbotUpdate: Sendable, Hashable {
                 updates.append(.files(files))
             case "stat":
                 guard let values = value.arrayValue else { throw BuildbotProtocolError("update: stat must be a list") }
-                updates.append(.stat(values.map { $0.intValue ?? Int64($0.doubleValue ?? 0) }))
+                // Held to Int64's range, not refused: an inode number can be above Int64.max,
+                // and a float time is rounded toward zero (NaN, like a value that is not a
+                // number, is 0).
+                updates.append(.stat(values.map { $0.intValue ?? Int64(saturating: $0.doubleValue ?? 0) }))
             case "failure_reason":
                 updates.append(.failureReason(value.stringValue ?? "\(value)"))
             default:

@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import NIOHTTP1
 import Parley
 import ParleyWork
@@ -169,5 +170,133 @@ import Testing
         for bad in ["Bearer x", "Basic !!!", "Basic " + Data("nocolon".utf8).base64EncodedString(), "Basic"] {
             if case .malformed = BuildbotAuthentication.judge(header(bad), check: check) {} else { Issue.record("\(bad) must be malformed (400)") }
         }
+    }
+}
+
+/// Numbers a worker or a job chooses (a stat of 1e300, NaN times, limits of UInt64.max,
+/// output without end): each is held to its range or refused with an error, and never traps
+/// the master.
+@Suite struct BuildbotHostileNumbersTests {
+    /// A download's source in memory.
+    struct BytesTransfer: WorkTransfer {
+        let bytes: [UInt8]
+        func write(command: UInt64, offset: UInt64, _ data: ByteBuffer) async throws {}
+        func read(command: UInt64, offset: UInt64, length: Int) async throws -> (data: ByteBuffer, eof: Bool) {
+            let start = Int(offset), end = min(self.bytes.count, start + length)
+            return (ByteBuffer(bytes: self.bytes[start..<end]), end == self.bytes.count)
+        }
+    }
+
+    @Test func statValuesBeyondInt64AreHeldToItsRange() throws {
+        let args: MessagePack = .array([.array(["stat", .array([
+            .double(1e300), .double(.nan), .double(.infinity), .double(-Double.infinity), .uint(.max), .double(-1e300), 12, .double(1.9), .double(1e16), .double(-2.5),
+        ])])])
+        let updates = try BuildbotUpdate.parse(args)
+        let expected: [Int64] = [.max, 0, .max, .min, .max, .min, 12, 1, 10_000_000_000_000_000, -2]
+        #expect(updates == [.stat(expected)])
+
+        var stat = Parley_Work_V1_Command()
+        stat.stat.path = "f"
+        let parsed = BuildbotCommands.result(1, updates + [.rc(0)], failure: nil, interrupted: false, root: "/w", kind: stat.kind)
+        #expect(parsed.stat.exists && parsed.stat.size == 12 && parsed.stat.mtimeUnixMs == .max, "\(parsed)")
+        // Seconds to milliseconds saturate.
+        let cases: [(seconds: Int64, ms: Int64)] = [
+            (10_000_000_000_000_000, .max), (.max, .max), (.min, .min), (-10_000_000_000_000_000, .min), (-9_000_000_000_000_000, -9_000_000_000_000_000_000), (1_700_000_000, 1_700_000_000_000),
+        ]
+        for (seconds, ms) in cases {
+            let r = BuildbotCommands.result(1, [.stat([0o100644, 0, 0, 1, 0, 0, 5, 0, seconds, 0]), .rc(0)], failure: nil, interrupted: false, root: "/w", kind: stat.kind)
+            #expect(r.stat.exists && r.stat.mtimeUnixMs == ms, "\(seconds) s")
+        }
+    }
+
+    @Test func limitsBeyondInt64AreHeldToItsRange() throws {
+        var upload = Parley_Work_V1_Command()
+        upload.upload.path = "a.bin"
+        upload.upload.maxSize = .max
+        let u = try BuildbotCommands.translate(upload, root: "/w")
+        #expect(u.args["maxsize"] == MessagePack.int(.max) && u.limit == .max)
+        var tree = Parley_Work_V1_Command()
+        tree.uploadDirectory.path = "out"
+        tree.uploadDirectory.maxSize = 1 << 63
+        let d = try BuildbotCommands.translate(tree, root: "/w")
+        #expect(d.args["maxsize"] == MessagePack.int(.max) && d.limit == 1 << 63)
+
+        // A job's max_output_bytes: held to the largest tail a report carries.
+        var spec = Parley_Work_V1_JobSpec()
+        spec.maxOutputBytes = .max
+        #expect(BuildbotJob.tailLimit(spec, fallback: 0) == WorkService.maxTail)
+        spec.maxOutputBytes = 1 << 40
+        #expect(BuildbotJob.tailLimit(spec, fallback: 0) == WorkService.maxTail)
+        spec.maxOutputBytes = 10
+        #expect(BuildbotJob.tailLimit(spec, fallback: 0) == 10)
+        spec.maxOutputBytes = 0
+        #expect(BuildbotJob.tailLimit(spec, fallback: .max) == WorkService.maxTail)
+        #expect(BuildbotJob.tailLimit(spec, fallback: 100) == 100)
+    }
+
+    @Test func aDownloadLimitedToUInt64MaxReads() async throws {
+        var download = Parley_Work_V1_Command()
+        download.download.path = "in.bin"
+        download.download.maxSize = .max
+        let limit = try BuildbotCommands.translate(download, root: "/w").limit
+        #expect(limit == .max)
+        let bytes: [UInt8] = Array(0..<100)
+        let adapter = BuildbotTransferAdapter(command: 1, transfer: BytesTransfer(bytes: bytes), limit: limit)
+        let first = try await adapter.read(length: 64)
+        let second = try await adapter.read(length: 64)
+        let third = try await adapter.read(length: 64)
+        #expect(first == Array(bytes[0..<64]) && second == Array(bytes[64...]) && third.isEmpty)
+        #expect(adapter.moved.0 == 100)
+        // Below the length, one byte past the room still tells a download over its limit.
+        let small = BuildbotTransferAdapter(command: 1, transfer: BytesTransfer(bytes: bytes), limit: 10)
+        await #expect(throws: BuildbotProtocolError.self) { _ = try await small.read(length: 64) }
+    }
+
+    @Test func uploadTimesThatAreNoTimesAreRefused() async throws {
+        let path = NSTemporaryDirectory() + "bb-times-\(UUID().uuidString.prefix(8))"
+        try Data("x".utf8).write(to: URL(fileURLWithPath: path))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let file = WorkFileTransfer(path: path)
+        let adapter = BuildbotTransferAdapter(command: 1, transfer: file, limit: 10)
+        for bad in [Double.nan, .infinity, -Double.infinity, 1e300, -1e300] {
+            await #expect(throws: BuildbotProtocolError.self) { try await adapter.setTimes(access: 0, modified: bad) }
+            await #expect(throws: BuildbotProtocolError.self) { try await adapter.setTimes(access: bad, modified: 0) }
+            await #expect(throws: WorkFiles.FileError.self) { try await file.setTimes(command: 1, access: bad, modified: 0) }
+            await #expect(throws: WorkFiles.FileError.self) { try await file.setTimes(command: 1, access: 0, modified: bad) }
+        }
+        // Seconds whose milliseconds are beyond Int64 (the result's mtime_unix_ms).
+        await #expect(throws: BuildbotProtocolError.self) { try await adapter.setTimes(access: 0, modified: 9.3e15) }
+        #expect(adapter.modified == nil)
+        try await adapter.setTimes(access: 1_700_000_000.25, modified: 1_600_000_000.5)
+        #expect(adapter.modified == 1_600_000_000.5)
+        let modified = try #require(try FileManager.default.attributesOfItem(atPath: path)[.modificationDate] as? Date)
+        #expect(abs(modified.timeIntervalSince1970 - 1_600_000_000.5) < 0.001, "\(modified)")
+    }
+
+    @Test func aCommandsUpdatesAreKeptBounded() {
+        var kept = BuildbotKeptUpdates()
+        let lines = String(repeating: "y\n", count: 512)
+        for _ in 0..<2_000 {
+            kept.add([.stdout(lines), .stderr(lines), .header(lines), .log(name: "build", text: lines), .elapsed(1), .other("x")])
+        }
+        kept.add([.failureReason("first"), .rc(3)])
+        kept.add([.header("process killed by signal 9\n"), .failureReason("second"), .rc(-1), .stat([1, 2]), .files(["/w/a"])])
+        let updates = kept.updates
+        #expect(updates.allSatisfy { update in
+            switch update {
+            case .stdout, .log, .elapsed, .other, .stat: return false
+            default: return true
+            }
+        }, "\(updates.count) updates")
+        #expect(BuildbotCommands.header(updates).utf8.count <= BuildbotKeptUpdates.textLimit)
+        let stderr = updates.compactMap { if case .stderr(let e) = $0 { return e } else { return nil } }.joined()
+        #expect(stderr.utf8.count <= BuildbotKeptUpdates.textLimit && stderr.hasSuffix("y\n"))
+        #expect(BuildbotCommands.signal(in: updates) == 9)
+        #expect(BuildbotWorkerSession.reason(updates) == "first")
+        #expect(updates.contains(.rc(-1)) && !updates.contains(.rc(3)) && updates.contains(.files(["/w/a"])))
+        var shell = Parley_Work_V1_Command()
+        shell.shell.argv = ["yes"]
+        let result = BuildbotCommands.result(1, updates, failure: nil, interrupted: false, root: "/w", kind: shell.kind)
+        #expect(result.signal == 9 && result.exitStatus == -1)
     }
 }

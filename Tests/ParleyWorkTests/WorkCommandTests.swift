@@ -7,6 +7,9 @@ import Parley
 import ParleyTestSupport
 @testable import ParleyWork
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A master with a command center and workers connected to it in process; one worker runs a
 /// real `WorkCommandExecutor`.
@@ -588,5 +591,62 @@ final class MemoryTransfer: WorkTransfer {
         released.withLockedValue { $0 = true }
         for try await _ in held.events {}
         #expect(sink.bytes.withLockedValue { $0 } == [1, 1, 1, 1])
+    }
+}
+
+/// Numbers from the file system that `Int64(_: Double)` traps on (a file touched to
+/// `@1e17`): held to Int64's range, and to a tar header's field.
+@Suite struct WorkNumbersTests {
+    @Test func doublesBecomeInt64WithoutTrapping() {
+        #expect(Int64(saturating: 1.9) == 1 && Int64(saturating: -1.9) == -1)
+        #expect(Int64(saturating: .nan) == 0)
+        #expect(Int64(saturating: .infinity) == .max && Int64(saturating: -Double.infinity) == .min)
+        #expect(Int64(saturating: 1e17 * 1000) == .max && Int64(saturating: -1e300) == .min)
+        #expect(Int64(saturating: 0x1p63) == .max && Int64(saturating: -0x1p63) == .min)
+        #expect(Int64(ifRepresentable: 0x1p63) == nil && Int64(ifRepresentable: -0x1p63) == .min)
+        #expect(Int64(ifRepresentable: .nan) == nil && Int64(ifRepresentable: .infinity) == nil && Int64(ifRepresentable: -Double.infinity) == nil)
+        #expect(Int64(ifRepresentable: 9.2e18) == 9_200_000_000_000_000_000)
+    }
+
+    @Test func aTarHeaderHoldsTimesToItsField() throws {
+        func mtimeField(_ mtime: Int64) throws -> String {
+            let block = try WorkTarStream.header(.init(name: "f", path: "/f", kind: .file, size: 0, mode: 0o644, mtime: mtime, link: ""))
+            return String(decoding: block[136..<147], as: UTF8.self)
+        }
+        #expect(try mtimeField(1_700_000_000) == "14524770400")
+        #expect(try mtimeField(0o77777777777) == "77777777777")
+        #expect(try mtimeField(15_032_385_535) == "77777777777")  // ext4's largest time
+        #expect(try mtimeField(.max) == "77777777777")
+        #expect(try mtimeField(-5) == "00000000000")
+    }
+
+    /// The file system keeps what it can of the time (tmpfs keeps 1e17, ext4 holds it to
+    /// 2446, past what the tar field holds): no trap, and stat and upload report what it kept.
+    @Test func aFileFromTheFarFutureIsStatedUploadedAndTarred() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let root = rig.directory + "/far"
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        try Data("x".utf8).write(to: URL(fileURLWithPath: root + "/future"))
+        var times = [timespec(tv_sec: 100_000_000_000_000_000, tv_nsec: 0), timespec(tv_sec: 100_000_000_000_000_000, tv_nsec: 0)]
+        #expect(utimensat(AT_FDCWD, root + "/future", &times, 0) == 0)
+        let date = try #require(try FileManager.default.attributesOfItem(atPath: root + "/future")[.modificationDate] as? Date)
+        let kept = date.timeIntervalSince1970
+
+        let tar = try WorkTarStream(root: root)
+        let stream = try tar.next(max: 1 << 20)
+        #expect(stream.count == 2048)
+        if kept > Double(WorkTarStream.maxTarTime) {
+            #expect(String(decoding: stream[136..<147], as: UTF8.self) == "77777777777", "\(kept)")
+        }
+
+        var stat = Parley_Work_V1_Command()
+        stat.stat.path = "far/future"
+        let (_, stated) = try await rig.run(stat)
+        #expect(stated.stat.exists && stated.stat.mtimeUnixMs == Int64(saturating: kept * 1000), "\(kept): \(stated)")
+        var upload = Parley_Work_V1_Command()
+        upload.upload.path = "far/future"
+        let (_, sent) = try await rig.run(upload, transfer: MemoryTransfer())
+        #expect(sent.exitStatus == 0 && sent.stat.mtimeUnixMs == stated.stat.mtimeUnixMs, "\(sent)")
     }
 }

@@ -283,3 +283,41 @@ enum TestPostgres {
         #expect(try await store.counts()["queued"] == 1)
     }
 }
+
+/// What a damaged database can hold: a job id that is negative as a signed integer reads
+/// back as the id it stands for (ids go in and out as bit patterns), and a lease counter that
+/// went backwards is refused with an error that names it, not a trap.
+@Suite struct WorkStoreDamagedRowTests {
+    let second: Int64 = 1_000_000_000
+
+    @Test func aNegativeJobIDReadsBackAsItsBitPattern() async throws {
+        let store = try SQLiteWorkStore(path: SQLiteWorkStoreTests.freshPath())
+        defer { Task { await store.close() } }
+        let id = try await store.submit(SQLiteWorkStoreTests.jobs(1), now: 0)[0]
+        try await store.pool.write { db in try db.execute(sql: "UPDATE job SET id = -5 WHERE id = ?", arguments: [Int64(bitPattern: id)]) }
+        let damaged = UInt64(bitPattern: -5)
+        let claimed = try await store.claim(worker: "w", limit: 1, now: 0, leaseDuration: second)
+        #expect(claimed.map(\.id) == [damaged])
+        _ = try await store.renew(jobID: damaged, leaseID: claimed[0].lease.id, worker: "w", now: 1, leaseDuration: second)
+        #expect(try await store.expireLeases(now: 10 * second) == 1)
+        let again = try await store.claim(worker: "w", limit: 1, now: 10 * second, leaseDuration: second)
+        #expect(again.map(\.id) == [damaged])
+        let report = LeaseReport(leaseID: again[0].lease.id, worker: "w", outcome: .success)
+        #expect(try await store.report(jobID: damaged, report, result: [7], now: 11 * second) == .accepted)
+        #expect(try await store.job(damaged)?.result == [7])
+        // Rowids below zero: a job submitted then is found by the id it was given.
+        try await store.pool.write { db in try db.execute(sql: "UPDATE sqlite_sequence SET seq = -10 WHERE name = 'job'") }
+        let next = try await store.submit(SQLiteWorkStoreTests.jobs(1), now: 12 * second)[0]
+        #expect(try await store.spec(next) != nil, "job \(next)")
+    }
+
+    @Test func aLeaseCounterThatWentBackwardsIsRefused() async throws {
+        let store = try SQLiteWorkStore(path: SQLiteWorkStoreTests.freshPath())
+        defer { Task { await store.close() } }
+        _ = try await store.submit(SQLiteWorkStoreTests.jobs(1), now: 0)
+        try await store.pool.write { db in try db.execute(sql: "UPDATE counter SET value = -100 WHERE name = 'lease'") }
+        let error = await #expect(throws: WorkStoreError.self) { _ = try await store.claim(worker: "w", limit: 1, now: 0, leaseDuration: second) }
+        #expect(error?.message.contains("counter.value") == true, "\(String(describing: error))")
+        #expect(try await store.counts()["queued"] == 1)
+    }
+}
