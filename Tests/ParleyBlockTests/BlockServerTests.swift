@@ -142,6 +142,41 @@ struct BlockServerTests {
         #expect(log.contains("write to a read-only export"))
     }
 
+    /// A client that sends reads and never reads the replies: its connection stops taking
+    /// requests once 8 MiB of replies wait (reads served from the page cache are never "in
+    /// flight", so the in-flight limits did not hold them: 96 reads of 32 MiB grew the server
+    /// by 3 GiB), and another client is served meanwhile.
+    @Test func aClientThatNeverReadsItsRepliesCannotGrowTheServer() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 64 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        defer { server.stop() }
+        let before = try #require(Self.residentMiB(server.process.processIdentifier))
+        let (greedy, go, _) = try RawNBD.connect(RawSocket(unixPath: server.nbdSocket), export: "disk")
+        #expect(go == 1)
+        var reads = Bytes()
+        for cookie in 0..<96 {
+            reads.u32(0x2560_9513); reads.u16(0); reads.u16(0); reads.u64(UInt64(cookie)); reads.u64(0); reads.u32(32 << 20)
+        }
+        #expect(greedy.socket.send(reads.data))
+        try await Task.sleep(for: .seconds(3))
+        let after = try #require(Self.residentMiB(server.process.processIdentifier))
+        #expect(after - before < 512, "the server grew from \(before) to \(after) MiB")
+        let (other, ok, _) = try RawNBD.connect(RawSocket(unixPath: server.nbdSocket), export: "disk")
+        #expect(ok == 1)
+        other.request(type: 0, cookie: 7, offset: 4096, length: 4096)
+        #expect(try other.simpleReply(readLength: 4096).cookie == 7)
+        #expect(server.isRunning)
+    }
+
+    /// A process's resident memory (VmRSS), in MiB.
+    static func residentMiB(_ pid: Int32) -> Int? {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+              let kib = Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") else { return nil }
+        return kib / 1024
+    }
+
     @Test func badNBDHandshakesAreRefusedAndTheServerGoesOn() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 1 << 20)

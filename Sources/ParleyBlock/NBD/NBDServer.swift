@@ -68,6 +68,9 @@ struct NBDConnectionResolver: NBDExportResolver {
 /// block service's exports, for qemu, nbdinfo, nbdcopy, fio and the kernel's client.
 public final class NBDServer: Sendable {
     public static let maximumPayload: UInt32 = 32 << 20
+    /// Reply bytes queued for a client before its connection stops taking requests (high),
+    /// and below which it takes them again (low).
+    static let replyWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 2 << 20, high: 8 << 20)
 
     public struct Limits: Sendable {
         /// Requests in flight per connection before reading stops.
@@ -128,6 +131,10 @@ public final class NBDServer: Sendable {
                 // docs/performance.md), and 64 KiB slower still. The adaptive size falls back
                 // for small IO.
                 .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 1 << 18))
+                // Replies waiting for the client to read them: past `high` the connection
+                // takes no new request until they fall under `low` (a client that sends reads
+                // and never reads the replies). High enough for eight 1 MiB reads in flight.
+                .childChannelOption(.writeBufferWaterMark, value: NBDServer.replyWaterMark)
                 .childChannelInitializer { [self] channel in
                     channel.eventLoop.makeCompletedFuture {
                         let handler = NBDConnectionHandler(server: self)
@@ -280,11 +287,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func read(context: ChannelHandlerContext) {
-        if self.inFlight >= self.server.limits.maxInFlight || self.inFlightBytes >= self.server.limits.maxInFlightBytes {
+        if !self.mayTakeRequests(context) {
             self.readHeld = true
             return
         }
         context.read()
+    }
+
+    /// Below the limits on requests in flight, and the client reads its replies: replies
+    /// served at once from the page cache are not in flight, only queued to go out, and a
+    /// client that never reads would have them pile up without end.
+    private func mayTakeRequests(_ context: ChannelHandlerContext) -> Bool {
+        self.inFlight < self.server.limits.maxInFlight && self.inFlightBytes < self.server.limits.maxInFlightBytes
+            && context.channel.isWritable
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, !self.inactive { self.resume(context: context) }
+        context.fireChannelWritabilityChanged()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -360,7 +380,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             if self.negotiated == nil { return }
         }
         guard let negotiated = self.negotiated, let device = self.device else { return }
-        while !self.stopping, !self.inactive, self.inFlight < self.server.limits.maxInFlight, self.inFlightBytes < self.server.limits.maxInFlightBytes {
+        while !self.stopping, !self.inactive, self.mayTakeRequests(context) {
             let item: NBDRequestDecoder.Item?
             do {
                 item = try self.decoder.next(&input)
@@ -727,7 +747,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if self.input != nil {
             self.process(context: context)
         }
-        if self.readHeld, self.inFlight < self.server.limits.maxInFlight, self.inFlightBytes < self.server.limits.maxInFlightBytes {
+        if self.readHeld, self.mayTakeRequests(context) {
             self.readHeld = false
             context.read()
         }
