@@ -144,6 +144,12 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     public var flushEvery = PipelineOptions.defaultFlushEvery
     private var readsPaused = false
     private var readPending = false
+    /// A server side: it decodes no more of the peer's bytes while the channel is not
+    /// writable (answers wait for the peer to read them). Otherwise a peer that sends requests
+    /// and never reads would have answers pile up without end: handler slots free as soon as
+    /// an answer is handed over, and a small request (a block read) can ask for a large one.
+    /// Clients keep reading, so that two sides that both write cannot wait for each other.
+    private let pausesForWritability: Bool
 
     /// Keepalive timing, when configured and negotiated (from the end of the handshake).
     private var keepalive: KeepaliveStateMachine?
@@ -171,6 +177,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     public init(role: Role, eventLoop: any EventLoop, establish: @escaping Establish) {
+        if case .server = role { self.pausesForWritability = true } else { self.pausesForWritability = false }
         self.state = .handshaking(role)
         self.establish = establish
         self.establishedPromise = eventLoop.makePromise()
@@ -334,10 +341,16 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             unread.writeBuffer(&buffer)
             buffer = unread
         }
+        self.decode(&buffer, context: context)
+    }
+
+    /// Decodes and handles the frames in `buffer` (while the peer reads what is answered);
+    /// keeps the rest in `unread`.
+    private func decode(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
         self.decoding = true
         defer { self.decoding = false }
         do {
-            while !self.isClosing, let inbound = try self.decoder.decode(buffer: &buffer) {
+            while !self.isClosing, self.peerReadsAnswers(context), let inbound = try self.decoder.decode(buffer: &buffer) {
                 self.received(inbound, context: context)
             }
         } catch {
@@ -460,11 +473,32 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     public func read(context: ChannelHandlerContext) {
-        if self.readsPaused {
+        if self.readsPaused || !self.peerReadsAnswers(context) {
             self.readPending = true
         } else {
             context.read()
         }
+    }
+
+    /// False on a server side whose established channel is not writable (see
+    /// `pausesForWritability`).
+    private func peerReadsAnswers(_ context: ChannelHandlerContext) -> Bool {
+        guard self.pausesForWritability, case .established = self.state else { return true }
+        return context.channel.isWritable
+    }
+
+    public func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if self.pausesForWritability, context.channel.isWritable, !self.decoding, !self.isClosing {
+            if var rest = self.unread, rest.readableBytes > 0 {
+                self.unread = nil
+                self.decode(&rest, context: context)
+            }
+            if !self.readsPaused, self.readPending, self.peerReadsAnswers(context) {
+                self.readPending = false
+                context.read()
+            }
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     public func flush(context: ChannelHandlerContext) {
@@ -528,7 +562,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     fileprivate func setReadsPaused(_ paused: Bool) {
         self.readsPaused = paused
         self.keepalive?.readsPaused(paused, now: Self.now())
-        if !paused, self.readPending, let context = self.context {
+        if !paused, self.readPending, let context = self.context, self.peerReadsAnswers(context) {
             self.readPending = false
             context.read()
         }

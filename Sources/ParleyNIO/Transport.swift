@@ -146,7 +146,13 @@ public struct PosixTransport: ParleyTransport {
             .serverChannelOption(.backlog, value: self.backlog)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: Self.answerWaterMark)
     }
+
+    /// Answers queued for a peer before a server connection decodes no more of its requests
+    /// (high), and below which it decodes them again (low): `ParleyConnectionHandler` pauses
+    /// while the channel is not writable. Eight 1 MiB answers fit.
+    public static let answerWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 2 << 20, high: 8 << 20)
 
     public func connect(to address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> any Channel {
         switch address.kind {
@@ -213,6 +219,7 @@ public struct PosixTransport: ParleyTransport {
         case .unix(let path):
             let listener = try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: self.backlog)
+                .childChannelOption(.writeBufferWaterMark, value: Self.answerWaterMark)
                 .childChannelInitializer(initializer)
                 .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
             return (listener, address)

@@ -132,6 +132,29 @@ import Testing
         #expect(pair.clientSink.received.map(\.header.id) == (1...80).map(UInt64.init))
     }
 
+    /// A server decodes no request while its channel is not writable (the peer does not read
+    /// its answers), and takes up the ones already read when it is writable again; a client
+    /// reads on (two sides that both write must not wait for each other).
+    @Test func aServerDecodesNothingWhileThePeerDoesNotReadItsAnswers() throws {
+        let pair = try Self.established(flushEvery: 16)
+        for id in 1...10 {
+            pair.clientSink.outlet!.write(.message(WireMessage(header: MessageHeader(id: UInt64(id), kind: .request, type: "t"), payload: ByteBuffer(bytes: [8, UInt8(id)]))))
+        }
+        let requests = try #require(try Self.take(pair.client))
+        pair.server.isWritable = false
+        try Self.burst(requests, into: pair.server)
+        #expect(pair.serverSink.received.isEmpty, "decoded while the answers could not leave")
+        pair.server.isWritable = true
+        pair.server.pipeline.fireChannelWritabilityChanged()
+        pair.server.embeddedEventLoop.run()
+        #expect(pair.serverSink.received.map(\.header.id) == (1...10).map(UInt64.init))
+        let answers = try #require(try Self.take(pair.server))
+        // The client is not writable either: it still reads its answers.
+        pair.client.isWritable = false
+        try Self.burst(answers, into: pair.client)
+        #expect(pair.clientSink.received.map(\.header.id) == (1...10).map(UInt64.init))
+    }
+
     @Test func withFlushEveryZeroAnswersWaitForTheEndOfTheReadBurst() throws {
         let pair = try Self.established(flushEvery: 0)
         let result = try Self.fortyRequests(pair)
