@@ -165,6 +165,11 @@ public final class BOINCFrontEnd: Sendable {
         }
     }
 
+    /// Reported results taken from one scheduler request (see `report`).
+    static let maxResultsPerReport = 500
+    /// Bytes of uploaded outputs and stdout read for one scheduler request's results.
+    static let reportReadBudget = 64 << 20
+
     func refuse(_ refusal: BOINCRefusal) -> BOINCResponse {
         var reply = BOINCSchedulerReply(projectName: self.configuration.projectName)
         reply.messages = [.init(priority: "low", refusal.message)]
@@ -174,10 +179,19 @@ public final class BOINCFrontEnd: Sendable {
 
     /// The reported results, in one store transaction: each one's name, and a message for
     /// the client's log when it was refused.
+    ///
+    /// A result named twice counts once. At most `maxResultsPerReport` results, and results
+    /// until `reportReadBudget` bytes of uploaded files have been read, are taken from one
+    /// request; the others are left unacknowledged, and the client reports them again with its
+    /// next request (otherwise one request of 10,000 results would have every one's files,
+    /// up to 16 MiB each, read into memory before the store saw any).
     func report(_ results: [BOINCSchedulerRequest.ReportedResult], worker: String) async throws -> [(String, String?)] {
         var answers: [(String, String?)] = []
         var inputs: [(name: BOINCName, result: BOINCSchedulerRequest.ReportedResult, input: ReportInput)] = []
-        for result in results {
+        var seen = Set<String>()
+        var budget = Self.reportReadBudget
+        for result in results where seen.insert(result.name).inserted {
+            guard seen.count <= Self.maxResultsPerReport, budget > 0 else { break }
             guard let name = BOINCName.parse(result: result.name) else {
                 answers.append((result.name, "result \(result.name.prefix(80)) refused: it is not a result this project sent; nothing was stored"))
                 continue
@@ -185,6 +199,7 @@ public final class BOINCFrontEnd: Sendable {
             let spec = try await self.store.spec(name.jobID).flatMap { try? Parley_Work_V1_JobSpec(serializedBytes: $0) }
             let outputs = spec.flatMap { BOINCScheduling.succeeded(result) ? self.collectOutputs(name, spec: $0) : nil }
             let stdout = self.uploads.read(name.stdout, limit: self.configuration.maxStdout) ?? []
+            budget -= stdout.count + (outputs ?? []).reduce(0) { $0 + $1.content.count }
             inputs.append((name, result, BOINCScheduling.reportInput(result, name: name, worker: worker, spec: spec, outputs: outputs, stdout: stdout)))
         }
         guard !inputs.isEmpty else { return answers }

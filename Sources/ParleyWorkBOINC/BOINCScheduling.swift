@@ -8,6 +8,9 @@ import XMLCoder
 /// The scheduler RPC's decisions, as pure functions: reading a request (with its limits),
 /// who the client is, what a reported result means for its lease, what a work request claims.
 public enum BOINCScheduling {
+    /// Elements a scheduler request may have: a client's usual request has a few hundred;
+    /// 10,000 reported results of about 15 each fit.
+    public static let maxElements = 200_000
     /// Reads a scheduler request: at most `maxBytes`, nested at most `maxDepth` deep, an XML
     /// document whose element is `<scheduler_request>` naming its platform.
     public static func read(_ body: [UInt8], maxBytes: Int, maxDepth: Int) -> Result<BOINCSchedulerRequest, BOINCRefusal> {
@@ -15,8 +18,17 @@ public enum BOINCScheduling {
             return .failure(.init(status: 413, message: "the scheduler request is \(body.count) bytes, over this project's limit of \(maxBytes)"))
         }
         guard !body.isEmpty else { return .failure(.init(status: 400, message: "the scheduler request is empty")) }
-        if let depth = BOINCXMLText.depthExceeding(body, maxDepth) {
+        let shape = BOINCXMLText.shape(body, depthLimit: maxDepth)
+        if let depth = shape.depth {
             return .failure(.init(status: 400, message: "the scheduler request nests elements \(depth) deep, over this project's limit of \(maxDepth)"))
+        }
+        // Counted before parsing too: XMLCoder builds a tree of every element, some hundred
+        // bytes each, from a few bytes of `<a/>`.
+        guard shape.elements <= Self.maxElements else {
+            return .failure(.init(status: 413, message: "the scheduler request has \(shape.elements) elements, over this project's limit of \(Self.maxElements)"))
+        }
+        guard !shape.declaration else {
+            return .failure(.init(status: 400, message: "the scheduler request declares a document type or entities (<!...>), which BOINC clients do not send"))
         }
         guard BOINCXMLText.rootName(body) == "scheduler_request" else {
             return .failure(.init(status: 400, message: "the request is not a <scheduler_request> XML document"))
@@ -204,6 +216,14 @@ enum BOINCXMLText {
     /// comments, CDATA, processing instructions and declarations), so that a document nested
     /// without end is refused before XMLCoder builds (recursively) its tree.
     static func depthExceeding(_ bytes: [UInt8], _ limit: Int) -> Int? {
+        Self.shape(bytes, depthLimit: limit).depth
+    }
+
+    /// What a guard before parsing learns of a document: the depth past `depthLimit` its
+    /// elements reach (nil: within it; the scan stops there), its number of elements, and
+    /// whether it has a declaration (`<!DOCTYPE`, `<!ENTITY`: entities that expand, which
+    /// no BOINC client sends).
+    static func shape(_ bytes: [UInt8], depthLimit limit: Int) -> (depth: Int?, elements: Int, declaration: Bool) {
         let n = bytes.count
         func starts(_ s: StaticString, at j: Int) -> Bool {
             let count = s.utf8CodeUnitCount
@@ -219,11 +239,14 @@ enum BOINCXMLText {
             return n
         }
         var depth = 0
+        var elements = 0
+        var declaration = false
         var i = 0
         while i < n {
             guard bytes[i] == UInt8(ascii: "<") else { i += 1; continue }
             if starts("<!--", at: i) { i = skip(to: "-->", from: i + 4); continue }
             if starts("<![CDATA[", at: i) { i = skip(to: "]]>", from: i + 9); continue }
+            if starts("<!", at: i) { declaration = true }
             if starts("<?", at: i) || starts("<!", at: i) { i = skip(to: ">", from: i + 2); continue }
             let closing = i + 1 < n && bytes[i + 1] == UInt8(ascii: "/")
             var j = i + 1
@@ -236,13 +259,16 @@ enum BOINCXMLText {
             let selfClosing = j < n && j > i + 1 && bytes[j - 1] == UInt8(ascii: "/")
             if closing {
                 depth -= 1
-            } else if !selfClosing {
-                depth += 1
-                if depth > limit { return depth }
+            } else {
+                elements += 1
+                if !selfClosing {
+                    depth += 1
+                    if depth > limit { return (depth, elements, declaration) }
+                }
             }
             i = j + 1
         }
-        return nil
+        return (nil, elements, declaration)
     }
 
     /// The name of the document's first element.

@@ -43,8 +43,12 @@ public enum BOINCUpload {
         guard header.count <= maxHeaderBytes else {
             return .failure(.init(status: 413, message: "the upload request's header is over \(maxHeaderBytes) bytes"))
         }
-        if let depth = BOINCXMLText.depthExceeding(header, 16) {
+        let shape = BOINCXMLText.shape(header, depthLimit: 16)
+        if let depth = shape.depth {
             return .failure(.init(status: 400, message: "the upload request nests elements \(depth) deep"))
+        }
+        guard !shape.declaration else {
+            return .failure(.init(status: 400, message: "the upload request declares a document type or entities (<!...>), which BOINC clients do not send"))
         }
         let fields = HeaderReader.read(header)
         guard fields.root == "data_server_request" else {

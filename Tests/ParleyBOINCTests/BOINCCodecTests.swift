@@ -198,5 +198,8 @@ struct BOINCTestFailure: Error, CustomStringConvertible {
         #expect(BOINCXMLText.depthExceeding(Array("<a><b><c/></b><!-- <x><y><z> --><![CDATA[<p><q>]]></a>".utf8), 2) == nil)
         #expect(BOINCXMLText.depthExceeding(Array("<a><b><c></c></b></a>".utf8), 2) == 3)
         #expect(BOINCXMLText.depthExceeding(Array(String(repeating: "<a>", count: 100_000).utf8), 32) == 33)
+        let shape = BOINCXMLText.shape(Array("<?xml version='1.0'?><a><b/><!-- <c/> --><c x='<d>'></c></a>".utf8), depthLimit: 4)
+        #expect(shape.depth == nil && shape.elements == 3 && !shape.declaration)
+        #expect(BOINCXMLText.shape(Array("<!DOCTYPE a [<!ENTITY e 'x'>]><a>&e;</a>".utf8), depthLimit: 4).declaration)
     }
 }

@@ -256,6 +256,41 @@ func elements(_ tag: String, in text: String) -> [String] {
         #expect(try await bench.store.counts() == ["queued": 1, "leased": 0, "succeeded": 0, "failed": 0])
     }
 
+    /// One request takes at most 500 distinct results (and so many bytes of their uploads);
+    /// the rest stay unacknowledged, for the client to report again; a name given twice
+    /// counts once.
+    @Test func aRequestOfThousandsOfResultsIsTakenInPart() async throws {
+        let bench = try BOINCBench()
+        defer { bench.remove() }
+        try await bench.withClient { client in
+            let names = (1...600).map { BOINCName(jobID: UInt64($0), leaseID: 1).result }
+            let results = (names.prefix(10) + names).map { reportedResult($0) }
+            let reply = try await client.post("/scheduler", schedulerRequest(seconds: 0, results: results))
+            #expect(reply.status == 200, "\(reply.text)")
+            let acks = elements("result_ack", in: reply.text).flatMap { elements("name", in: $0) }
+            #expect(acks.count == 500, "\(acks.count) acknowledged")
+            #expect(Set(acks) == Set(names.prefix(500)))
+        }
+    }
+
+    /// Counted before XMLCoder builds its tree: more elements than a request of 10,000
+    /// results has, and declarations (entities that expand), which no BOINC client sends.
+    @Test func tooManyElementsAndDeclarationsAreRefusedBeforeParsing() async throws {
+        let bench = try BOINCBench()
+        defer { bench.remove() }
+        let cases: [(String, [UInt8], Int, String)] = [
+            ("too many elements", Array(("<scheduler_request>" + String(repeating: "<a/>", count: 200_001) + "</scheduler_request>").utf8), 413, "200002 elements"),
+            ("entities", Array(("<!DOCTYPE s [<!ENTITY a \"aaaaaaaa\">]>" + schedulerRequest()).utf8), 400, "declares"),
+        ]
+        try await bench.withClient { client in
+            for (what, body, status, words) in cases {
+                let reply = try await client.post("/scheduler", body)
+                #expect(reply.status == status, "\(what): \(reply.text)")
+                #expect(reply.text.contains(words), "\(what): \(reply.text)")
+            }
+        }
+    }
+
     @Test func reportsOfResultsNeverSentAreAcknowledgedAndStoreNothing() async throws {
         let bench = try BOINCBench()
         defer { bench.remove() }
