@@ -3,6 +3,10 @@ import Parley
 @testable import ParleyBlock
 import Testing
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// RNBD's `map_device` words, as `parley block map --rnbd` reads them.
 @Suite struct BlockMapRequestTests {
     @Test func rnbdLines() throws {

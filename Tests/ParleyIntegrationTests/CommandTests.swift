@@ -5,6 +5,10 @@ import ParleyTestSupport
 import ParleyWire
 import Testing
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Runs the real `parley` executable, as a user would.
 @Suite(.timeLimit(.minutes(2)))
 struct CommandTests {

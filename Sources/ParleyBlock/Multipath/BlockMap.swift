@@ -4,6 +4,10 @@ import NIOCore
 import NIOPosix
 import Parley
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// `parley block map`: a remote device opened over a multipath session and served on a local
 /// NBD endpoint (for nbd-client's /dev/nbdN, qemu, fio, nbdcopy), by the NBD server as it is,
 /// over a `MultipathBlockStore`.
