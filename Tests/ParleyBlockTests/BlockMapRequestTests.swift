@@ -3,9 +3,6 @@ import Parley
 @testable import ParleyBlock
 import Testing
 
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// RNBD's `map_device` words, as `parley block map --rnbd` reads them.
 @Suite struct BlockMapRequestTests {
@@ -95,8 +92,8 @@ import Glibc
         #expect(throws: ParleyError.self) { try BlockMap.prepareStateDirectory(open) }
         let fresh = open + "/state"
         try BlockMap.prepareStateDirectory(fresh)
-        var st = stat()
-        #expect(stat(fresh, &st) == 0 && st.st_mode & 0o777 == 0o700)
+        let permissions = try FileManager.default.attributesOfItem(atPath: fresh)[.posixPermissions] as? NSNumber
+        #expect(permissions?.intValue == 0o700)
         try BlockMap.prepareStateDirectory(fresh)  // its own, again: fine
     }
 }

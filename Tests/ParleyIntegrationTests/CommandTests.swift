@@ -5,9 +5,6 @@ import ParleyTestSupport
 import ParleyWire
 import Testing
 
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Runs the real `parley` executable, as a user would.
 @Suite(.timeLimit(.minutes(2)))
@@ -188,8 +185,7 @@ struct CommandTests {
         // /dev/full refuses every write (ENOSPC). The capture opens it in place: it used to be
         // created afresh, which (as root) replaced the device with a regular file.
         func isCharacterDevice(_ path: String) -> Bool {
-            var st = stat()
-            return stat(path, &st) == 0 && st.st_mode & S_IFMT == S_IFCHR
+            (try? FileManager.default.attributesOfItem(atPath: path)[.type] as? FileAttributeType) == .typeCharacterSpecial
         }
         if isCharacterDevice("/dev/full") {
             let socket = temporaryPath("full.sock")
@@ -214,6 +210,30 @@ struct CommandTests {
 
         let submit = try await Self.run(["work", "submit", "--key", "/nonexistent", "--count", "1000000000000", "--", "true"])
         #expect(submit.status != 0 && submit.stderr.contains("--count must be from 1 to 100000"), "\(submit.combined)")
+    }
+
+    /// `--max-connections`: one connection more than that is closed as soon as it is
+    /// accepted (and logged); once one closes, another is served.
+    @Test func serveClosesConnectionsBeyondItsMaximum() async throws {
+        let server = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--max-connections", "2"])
+        let address = try ParleyAddress(parsing: server.address)
+        let first = try await ParleyClient.connect(to: address)
+        let second = try await ParleyClient.connect(to: address)
+        await #expect(throws: ParleyError.self, "a third connection") { _ = try await ParleyClient.connect(to: address) }
+        #expect(try await server.waitForLog("connection refused: 2 connections already"), "\(server.log)")
+        first.close()
+        // The server notices the close a moment later.
+        var fourth: ParleyClient?
+        for _ in 0..<50 where fourth == nil {
+            fourth = try? await ParleyClient.connect(to: address)
+            if fourth == nil { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        #expect(fourth != nil, "a connection once one had closed")
+        second.close()
+        fourth?.close()
+        #expect(await server.stop() == 0)
+        let refused = try await Self.run(["serve", "--max-connections", "0"])
+        #expect(refused.status != 0 && refused.stderr.contains("--max-connections must be at least 1"), "\(refused.combined)")
     }
 
     @Test func serveAndPingAndDecodeARecordedSession() async throws {

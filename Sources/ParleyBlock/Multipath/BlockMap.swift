@@ -4,9 +4,6 @@ import NIOCore
 import NIOPosix
 import Parley
 
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// `parley block map`: a remote device opened over a multipath session and served on a local
 /// NBD endpoint (for nbd-client's /dev/nbdN, qemu, fio, nbdcopy), by the NBD server as it is,
@@ -85,11 +82,13 @@ public final class BlockMap: Sendable {
     }
 
     /// `path` (not a symbolic link) belongs to this user and no one else may write to it.
+    /// (FileManager's attributes are those of the link itself, as `lstat` gives them.)
     static func isPrivate(_ path: String, directory: Bool) -> Bool {
-        var st = stat()
-        guard lstat(path, &st) == 0, st.st_uid == geteuid() else { return false }
-        guard st.st_mode & S_IFMT == (directory ? S_IFDIR : S_IFREG) else { return false }
-        return st.st_mode & (S_IWGRP | S_IWOTH) == 0
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
+              let owner = (attributes[.ownerAccountID] as? NSNumber)?.uint32Value, owner == geteuid(),
+              let type = attributes[.type] as? FileAttributeType, type == (directory ? .typeDirectory : .typeRegular),
+              let permissions = (attributes[.posixPermissions] as? NSNumber)?.intValue else { return false }
+        return permissions & 0o022 == 0
     }
 
     /// Process `pid` runs `parley block map` (its arguments say so).
