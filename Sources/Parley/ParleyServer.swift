@@ -9,6 +9,10 @@ import ParleyNIO
 import ParleyWire
 import ServiceLifecycle
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A Parley server: listens on one or more addresses and serves each connection's requests
 /// with its router. Run it in a `ServiceGroup`; on graceful shutdown it stops accepting
 /// connections, answers requests that arrive from then on with `shuttingDown`, lets running
@@ -55,6 +59,9 @@ public final class ParleyServer: Service, Sendable {
         /// connection's CLOSE to be written; then it closes what is still open (a peer that
         /// stopped reading, a handler that never returns). nil: wait without limit.
         public var shutdownGracePeriod: Duration? = .seconds(30)
+        /// Connections served at once; one more is closed as soon as it is accepted (a peer
+        /// opening connections without end would otherwise take every file descriptor).
+        public var maxConnections = ParleyServer.defaultMaxConnections
 
         public init(
             listen: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: ParleyAddress.defaultPort)],
@@ -124,6 +131,16 @@ public final class ParleyServer: Service, Sendable {
     /// Random per server instance (SERVER_IDENT `server_nonce`), for future session reconnect.
     private let nonce = UInt64.random(in: 1...UInt64.max)
     private let connectionsAccepted = Counter(label: "parley_server_connections_total")
+    private let connectionsRefused = Counter(label: "parley_server_connections_refused_total")
+
+    /// Connections a server serves at once unless told otherwise: what the process's file
+    /// descriptor limit leaves after 128 for everything else (at least 64, at most 65,536).
+    public static let defaultMaxConnections: Int = {
+        var limit = rlimit()
+        guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 1024 }
+        let soft = Int(clamping: limit.rlim_cur)  // RLIM_INFINITY is the largest value: clamped below
+        return min(max(soft - 128, 64), 65_536)
+    }()
     private let connectionErrors = Counter(label: "parley_server_connection_errors_total")
     /// The `global_id` of the next authenticated client.
     private let nextGlobalID = Atomic<UInt64>(0)
@@ -318,13 +335,21 @@ public final class ParleyServer: Service, Sendable {
     private func initialize(_ channel: any Channel) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
             let key = ObjectIdentifier(channel)
-            let stopping = self.state.withLockedValue { s -> Bool in
-                guard !s.shuttingDown else { return true }
+            let (stopping, full) = self.state.withLockedValue { s -> (Bool, Bool) in
+                guard !s.shuttingDown else { return (true, false) }
+                guard s.channels.count < self.configuration.maxConnections else { return (false, true) }
                 s.channels[key] = channel
-                return false
+                return (false, false)
             }
             guard !stopping else {
                 throw ParleyError(code: .shuttingDown, message: "server is shutting down")
+            }
+            guard !full else {
+                self.connectionsRefused.increment()
+                self.logger.warning("connection refused: \(self.configuration.maxConnections) connections already", metadata: [
+                    "peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")",
+                ])
+                throw ParleyError(code: .connectionClosed, message: "server has \(self.configuration.maxConnections) connections already")
             }
             self.connectionsAccepted.increment()
             channel.closeFuture.whenComplete { _ in

@@ -29,6 +29,11 @@ public final class BlockServer: Service, Sendable {
         public var parley: ParleyServer.Configuration = ParleyServer.Configuration()
         /// NBD_OPT_STARTTLS on the NBD listeners (nil: refused).
         public var nbdTLS: NBDServer.TLS?
+        /// How long a client has to finish the handshake, on the NBD listeners and on the block
+        /// protocol's (which then takes it from here, not from `parley`).
+        public var handshakeTimeout: Duration = .seconds(30)
+        /// Connections served at once, on the NBD listeners and on the block protocol's each.
+        public var maxConnections = ParleyServer.defaultMaxConnections
 
         public static let defaultPort = 7421
         public static let defaultNBDPort = 10809
@@ -78,8 +83,13 @@ public final class BlockServer: Service, Sendable {
         })
         self.io = BlockIOExecutor(threads: configuration.ioThreads)
         self.service = BlockService(catalog: configuration.catalog, devices: self.devices, io: self.io, logger: logger)
-        self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, tls: configuration.nbdTLS, logger: logger)
+        var limits = NBDServer.Limits()
+        limits.handshakeTimeout = .nanoseconds(configuration.handshakeTimeout.nanoseconds)
+        limits.maxConnections = configuration.maxConnections
+        self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, limits: limits, tls: configuration.nbdTLS, logger: logger)
         var parley = configuration.parley
+        parley.limits.handshakeTimeout = configuration.handshakeTimeout
+        parley.maxConnections = configuration.maxConnections
         parley.listen = configuration.listen
         parley.name = configuration.name
         self.parleyServer = ParleyServer(configuration: parley, router: self.service.router(), logger: logger)

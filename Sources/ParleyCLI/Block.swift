@@ -81,6 +81,12 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Largest plain write (whole 4 KiB pages) done on the network thread when the file system cannot do non-blocking writes (ext4); larger ones, durable ones and all writes for a second after one that took over 1 ms go to the IO threads. 0: all writes go to the IO threads.", valueName: "bytes"))
     var inlineWrites: Int = 64 * 1024
 
+    @Option(name: .long, help: ArgumentHelp("Seconds a client has from its connect to the end of the handshake, on the NBD and block protocol listeners; then it is closed.", valueName: "seconds"))
+    var handshakeTimeout: Double = 30
+
+    @Option(name: .long, help: ArgumentHelp("Connections served at once on each protocol (NBD, block); more are closed as soon as they are accepted. Default: the file descriptor limit less 128 (\(ParleyServer.defaultMaxConnections) here).", valueName: "n"))
+    var maxConnections: Int = ParleyServer.defaultMaxConnections
+
     @OptionGroup var security: ServerSecurityOptions
 
     @Option(name: .long, help: ArgumentHelp("NBD_OPT_STARTTLS: off, on (offered) or require. Default: on with --cert, off without. NBD clients find the CA as ca-cert.pem in their certificate directory (`parley cert init` writes it).", valueName: "policy"))
@@ -101,6 +107,8 @@ struct BlockServe: AsyncParsableCommand {
         if let m = self.metrics { _ = try Self.hostPort(m) }
         guard (1...1024).contains(self.ioThreads) else { throw ValidationError("--io-threads must be 1...1024") }
         guard (0...(32 << 20)).contains(self.inlineWrites) else { throw ValidationError("--inline-writes must be 0...33554432 bytes") }
+        try checkSeconds(self.handshakeTimeout, "--handshake-timeout", minimum: 0.001)
+        guard self.maxConnections >= 1 else { throw ValidationError("--max-connections must be at least 1") }
         try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
         if let policy = self.nbdTls {
             guard let p = NBDTLSPolicy(rawValue: policy) else { throw ValidationError("--nbd-tls must be off, on or require") }
@@ -148,6 +156,8 @@ struct BlockServe: AsyncParsableCommand {
             metrics: try self.metrics.map { try Self.hostPort($0) }, ioThreads: self.ioThreads
         )
         configuration.inlineWrites.largest = self.inlineWrites
+        configuration.handshakeTimeout = .microseconds(Int64(self.handshakeTimeout * 1_000_000))
+        configuration.maxConnections = self.maxConnections
         do {
             try self.security.apply(to: &configuration.parley)
             let policy = self.nbdTls.flatMap(NBDTLSPolicy.init(rawValue:)) ?? (self.security.cert == nil ? .off : .on)

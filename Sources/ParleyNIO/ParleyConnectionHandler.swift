@@ -172,12 +172,27 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// The largest frame accepted from the peer (sum of its segment lengths); checked as soon
     /// as a preamble arrives, before any of the frame is buffered.
     public var maxFrameSize: Int {
-        get { self.decoder.maxFrameSize }
-        set { self.decoder.maxFrameSize = newValue }
+        get { self.configuredMaxFrameSize }
+        set {
+            self.configuredMaxFrameSize = newValue
+            self.decoder.maxFrameSize = self.pausesForWritability && !self.isEstablished ? min(newValue, Self.handshakeFrameLimit) : newValue
+        }
+    }
+    private var configuredMaxFrameSize = Frame.defaultMaxFrameSize
+
+    /// The largest frame a server takes before the handshake has completed: the handshake's
+    /// own frames are far smaller, and early messages are at most 64 KiB (docs/protocol.md
+    /// 4.5), so a peer that has not authenticated cannot make it buffer 16 MiB.
+    public static let handshakeFrameLimit = 256 * 1024
+
+    private var isEstablished: Bool {
+        if case .established = self.state { return true }
+        return false
     }
 
     public init(role: Role, eventLoop: any EventLoop, establish: @escaping Establish) {
         if case .server = role { self.pausesForWritability = true } else { self.pausesForWritability = false }
+        if self.pausesForWritability { self.decoder.maxFrameSize = min(self.decoder.maxFrameSize, Self.handshakeFrameLimit) }
         self.state = .handshaking(role)
         self.establish = establish
         self.establishedPromise = eventLoop.makePromise()
@@ -680,6 +695,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             // Early messages took the first seqs: the session goes on from there.
             self.session = SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax, sent: UInt64(self.earlySent))
             self.state = .established
+            self.decoder.maxFrameSize = self.configuredMaxFrameSize
             self.stopHandshakeTimer()
             self.earlyMessages = []
             if let configuration = self.keepaliveConfiguration, result.features.contains(.keepalive) {

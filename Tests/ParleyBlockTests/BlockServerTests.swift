@@ -169,6 +169,31 @@ struct BlockServerTests {
         #expect(server.isRunning)
     }
 
+    /// Clients that connect and never finish the handshake are closed after
+    /// `--handshake-timeout`, on the NBD listener and on the block protocol's; a good client
+    /// still gets through.
+    @Test func stalledHandshakesAreClosedAfterTheHandshakeTimeout() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--handshake-timeout", "0.5"])
+        defer { server.stop() }
+        let silent = try RawSocket(unixPath: server.nbdSocket)
+        #expect(silent.receive(18) != nil, "the NBD greeting")
+        let halfway = try RawSocket(port: server.nbdPort)
+        #expect(halfway.receive(18) != nil)
+        halfway.send([0, 0, 0, 3])  // client flags, then nothing
+        let parley = try RawSocket(unixPath: server.blockSocket)
+        #expect(silent.waitForClose(), "NBD, nothing sent")
+        #expect(halfway.waitForClose(), "NBD, flags sent")
+        #expect(parley.waitForClose(), "block protocol, no banner")
+        #expect(server.log.contains("NBD handshake did not complete within 0.5 s"), "\(server.log)")
+        let (nbd, ok, _) = try RawNBD.connect(RawSocket(unixPath: server.nbdSocket), export: "disk")
+        #expect(ok == 1)
+        try await Task.sleep(for: .seconds(1))
+        nbd.request(type: 0, cookie: 3, offset: 0, length: 512)
+        #expect(try nbd.simpleReply(readLength: 512).cookie == 3, "a finished handshake is not timed")
+    }
+
     /// A process's resident memory (VmRSS), in MiB.
     static func residentMiB(_ pid: Int32) -> Int? {
         guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),

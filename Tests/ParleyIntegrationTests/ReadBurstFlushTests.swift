@@ -155,6 +155,30 @@ import Testing
         #expect(pair.clientSink.received.map(\.header.id) == (1...10).map(UInt64.init))
     }
 
+    /// Before the handshake has completed, a server takes frames of at most 256 KiB (the
+    /// handshake's are far smaller; early messages at most 64 KiB): a peer that has not
+    /// authenticated cannot make it buffer a 16 MiB HELLO. After it, the configured limit.
+    @Test(arguments: [200 << 10, 300 << 10])
+    func aServerTakesNoLargeFrameBeforeTheHandshakeEnds(size: Int) throws {
+        let banner = Banner(supported: .implemented, required: [], modes: [.crc])
+        let machine = ServerHandshakeStateMachine(configuration: .init(
+            banner: banner, maxFrameSize: UInt32(Frame.defaultMaxFrameSize), ident: Parley_V1_ServerIdent(), clientAddress: "test"
+        ))
+        let server = EmbeddedChannel()
+        let handler = ParleyConnectionHandler(role: .server(machine), eventLoop: server.eventLoop) { _, _ in EstablishedLink(sink: EchoSink()) }
+        try ParleyPipeline.configure(server, options: PipelineOptions(), handler: handler)
+        #expect(handler.maxFrameSize == Frame.defaultMaxFrameSize)
+        try server.connect(to: try SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        var bytes = ByteBuffer()
+        bytes.writeBanner(banner)
+        bytes.writePreamble(Frame(tag: .hello, segments: [ByteBuffer(repeating: 0, count: size)]))
+        server.pipeline.fireChannelRead(bytes)
+        server.pipeline.fireChannelReadComplete()
+        server.embeddedEventLoop.run()
+        #expect(server.isActive == (size <= ParleyConnectionHandler.handshakeFrameLimit), "a HELLO of \(size) bytes")
+        _ = try? server.finish()
+    }
+
     @Test func withFlushEveryZeroAnswersWaitForTheEndOfTheReadBurst() throws {
         let pair = try Self.established(flushEvery: 0)
         let result = try Self.fortyRequests(pair)

@@ -77,6 +77,11 @@ public final class NBDServer: Sendable {
         public var maxInFlight: Int = 256
         /// Bytes of requests and replies in flight per connection before reading stops.
         public var maxInFlightBytes: Int = 128 << 20
+        /// How long a client has from its connect to the end of the handshake (NBD_OPT_GO or
+        /// NBD_OPT_EXPORT_NAME); then the connection is closed. nil: no limit.
+        public var handshakeTimeout: TimeAmount? = .seconds(30)
+        /// Connections served at once; one more is closed as soon as it is accepted.
+        public var maxConnections = ParleyServer.defaultMaxConnections
         public init() {}
     }
 
@@ -140,11 +145,14 @@ public final class NBDServer: Sendable {
                         let handler = NBDConnectionHandler(server: self)
                         try channel.pipeline.syncOperations.addHandler(handler)
                         let accepted = self.state.withLockedValue { s -> Bool in
-                            if s.shuttingDown { return false }
+                            if s.shuttingDown || s.connections.count >= self.limits.maxConnections { return false }
                             s.connections[ObjectIdentifier(channel)] = channel
                             return true
                         }
-                        if !accepted { channel.close(promise: nil) }
+                        if !accepted {
+                            self.logger.warning("NBD connection refused: shutting down or \(self.limits.maxConnections) connections already")
+                            channel.close(promise: nil)
+                        }
                         channel.closeFuture.whenComplete { _ in
                             _ = self.state.withLockedValue { $0.connections.removeValue(forKey: ObjectIdentifier(channel)) }
                         }
@@ -223,6 +231,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var stopping = false
     private var inactive = false
     private var context: ChannelHandlerContext?
+    private var handshakeTimer: Scheduled<Void>?
 
     init(server: NBDServer) {
         self.server = server
@@ -237,6 +246,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
+        if let timeout = self.server.limits.handshakeTimeout {
+            // A client that connects and never finishes the handshake (or sends nothing) would
+            // otherwise hold its connection, and a file descriptor, for ever.
+            self.handshakeTimer = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) {
+                guard self.handshake != nil, !self.inactive else { return }
+                self.logger.warning("NBD handshake did not complete within \(Double(timeout.nanoseconds) / 1e9) s; closing")
+                self.handshake = nil
+                self.stopping = true
+                context.close(promise: nil)
+            }
+        }
         let greeting = self.handshake!.greeting()
         context.writeAndFlush(NIOAny(greeting), promise: nil)
         context.fireChannelActive()
@@ -319,6 +339,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         self.inactive = true
+        self.handshakeTimer?.cancel()
         if let reason = self.handshake?.endOfInput() {
             self.logger.debug("\(reason)")
         }
@@ -368,6 +389,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 case .transmission(let negotiated):
                     guard let (device, access) = self.handshake!.resolver.opened else { continue }
                     self.handshake = nil
+                    self.handshakeTimer?.cancel()
                     self.negotiated = negotiated
                     self.device = device
                     self.access = access
@@ -549,9 +571,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 if fua { try store.flush() }
             }
         case .cache(let offset, let length):
-            store.prefetch(offset: offset, length: UInt64(length))
-            device.metrics(.cache).record(bytes: Int(length), failed: false, nanoseconds: Self.elapsed(started))
-            self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
+            // posix_fadvise(WILLNEED) starts the reads itself and may wait (for the device's
+            // request slots, for metadata): on an IO thread, and counted in flight.
+            self.begin(bytes: 0)
+            self.server.io.run(on: context.eventLoop) { store.prefetch(offset: offset, length: UInt64(length)) }.assumeIsolated().whenComplete { _ in
+                self.end(bytes: 0)
+                device.metrics(.cache).record(bytes: Int(length), failed: false, nanoseconds: Self.elapsed(started))
+                self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
+                self.resume(context: context)
+            }
         case .blockStatus(let offset, let length, let reqOne):
             self.begin(bytes: 0)
             self.server.io.run(on: context.eventLoop) { try store.extents(offset: offset, length: UInt64(length)) }.assumeIsolated().whenComplete { result in
