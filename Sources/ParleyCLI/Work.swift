@@ -380,7 +380,7 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("The project's private key (work.key).", valueName: "file"))
         var key: String
 
-        @Option(name: .long, help: "Copies of the job to submit (at most 100000, in one request).")
+        @Option(name: .long, help: "Copies of the job to submit (at most 100000, sent 1000 to a request).")
         var count: Int = 1
 
         @Option(name: .long, help: "Priority (higher first).")
@@ -467,11 +467,16 @@ struct Work: AsyncParsableCommand {
             job.spec = try spec.serializedBytes()
             job.signature = Data(try key.sign(job: Array(job.spec)))
             job.priority = self.priority
-            var submit = Parley_Work_V1_SubmitJobs()
-            submit.jobs = Array(repeating: job, count: self.count)
             try await Work.withMaster(self.master, command: "submit", security: self.security) { client in
-                let reply = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
-                for id in reply.jobIds { print(id) }
+                // In batches a master takes (each stored all or none).
+                var sent = 0
+                while sent < self.count {
+                    var submit = Parley_Work_V1_SubmitJobs()
+                    submit.jobs = Array(repeating: job, count: min(WorkService.maxJobsPerSubmit, self.count - sent))
+                    let reply = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
+                    for id in reply.jobIds { print(id) }
+                    sent += submit.jobs.count
+                }
             }
         }
     }

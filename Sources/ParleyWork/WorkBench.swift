@@ -61,7 +61,7 @@ public enum WorkBench {
         var sent = 0
         while sent < count {
             var submit = Parley_Work_V1_SubmitJobs()
-            submit.jobs = Array(repeating: job, count: min(1000, count - sent))
+            submit.jobs = Array(repeating: job, count: min(WorkService.maxJobsPerSubmit, count - sent))
             let reply = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
             sent += reply.jobIds.count
             progress(sent)

@@ -120,13 +120,21 @@ public final class WorkCommandCenter: Sendable {
 
     /// A worker said hello on `connection`: commands for its name go there until the
     /// connection ends (or another hello of the same name replaces it).
+    ///
+    /// One name per connection: a later hello on the same connection replaces the earlier
+    /// one (a connection saying hello under ever new names would otherwise pile them up).
     func attach(_ hello: Parley_Work_V1_WorkerHello, connection: ParleyConnection) {
-        let name = hello.worker
-        self.state.withLockedValue { $0.workers[name] = Attached(connection: connection, hello: hello) }
+        let first = self.state.withLockedValue { state -> Bool in
+            let earlier = state.workers.filter { $0.value.connection === connection }.map(\.key)
+            for name in earlier { state.workers[name] = nil }
+            state.workers[hello.worker] = Attached(connection: connection, hello: hello)
+            return earlier.isEmpty
+        }
+        guard first else { return }
         Task {
             _ = await connection.closed()
             self.state.withLockedValue { state in
-                if state.workers[name]?.connection === connection { state.workers[name] = nil }
+                for (name, attached) in state.workers where attached.connection === connection { state.workers[name] = nil }
             }
         }
     }

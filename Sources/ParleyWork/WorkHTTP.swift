@@ -43,7 +43,9 @@ public enum WorkHTTP {
             )
         }
         return Application(
-            router: router, configuration: .init(address: .hostname(host, port: port), serverName: "parley-work"),
+            // Idle connections are closed after a minute (see BOINCHTTP).
+            router: router, server: .http1(configuration: .init(idleTimeout: .seconds(60))),
+            configuration: .init(address: .hostname(host, port: port), serverName: "parley-work"),
             onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? port) }, logger: logger
         )
     }

@@ -83,6 +83,8 @@ public enum WorkService {
 
     /// The largest output tail a report may carry, per stream.
     public static let maxTail = 1 << 20
+    /// Jobs one `SubmitJobs` may hold.
+    public static let maxJobsPerSubmit = 1000
 
     /// Wall-clock nanoseconds since 1970: leases outlive processes and move between masters.
     public static func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1e9) }
@@ -120,6 +122,11 @@ public enum WorkService {
         }
         router.on(Parley_Work_V1_SubmitJobs.self) { request, _ in
             guard !request.jobs.isEmpty else { throw ParleyError(code: .invalidArgument, message: "SubmitJobs holds no job") }
+            // Each job's signature is checked here, on the connection's event loop: a batch is
+            // kept short enough not to hold it (a 16 MiB batch held some 200,000 jobs).
+            guard request.jobs.count <= Self.maxJobsPerSubmit else {
+                throw ParleyError(code: .invalidArgument, message: "SubmitJobs holds \(request.jobs.count) jobs, more than \(Self.maxJobsPerSubmit); send them in batches; nothing was stored")
+            }
             var jobs: [NewJob] = []
             for (i, job) in request.jobs.enumerated() {
                 if configuration.trust != nil {
@@ -157,6 +164,10 @@ public enum WorkService {
         router.on(Parley_Work_V1_WorkerHello.self) { (hello: Parley_Work_V1_WorkerHello, ctx: ParleyRequestContext) -> Parley_Work_V1_WorkerWelcome in
             var welcome = Parley_Work_V1_WorkerWelcome()
             welcome.protocolVersion = try Self.negotiate(workerHighest: hello.protocolVersion)
+            // Named as its requests are (§19.2): the authenticated entity, else the name it
+            // gives; an authenticated worker cannot take over another's commands.
+            var hello = hello
+            hello.worker = try Self.worker(hello.worker, ctx)
             commands?.attach(hello, connection: ctx.connection)
             if let rotation = configuration.rotation {
                 welcome.nextPublicKey = Data(rotation.next.rawRepresentation)

@@ -18,7 +18,10 @@ public enum BOINCHTTP {
         host: String, port: Int, frontEnd: BOINCFrontEnd, logger: Logger, onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
     ) -> some ApplicationProtocol {
         Application(
-            router: self.router(frontEnd), configuration: .init(address: .hostname(host, port: port), serverName: "parley-work-boinc"),
+            // A connection that sends and reads nothing for a minute is closed: one that opens
+            // and waits would otherwise hold a file descriptor for ever.
+            router: self.router(frontEnd), server: .http1(configuration: .init(idleTimeout: .seconds(60))),
+            configuration: .init(address: .hostname(host, port: port), serverName: "parley-work-boinc"),
             onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? port) }, logger: logger
         )
     }

@@ -349,12 +349,17 @@ struct BuildbotJob {
                 result.exitStatus = Int32(clamping: rc!)
             }
             if result.errorKind == .none, result.exitStatus == 0 {
+                // The outputs together are held to what a native worker's report may carry
+                // (WorkFiles.maxOutputBytes), each also to `maxOutputFileBytes`: every one is
+                // kept in memory until the report is stored.
+                var left = UInt64(WorkFiles.maxOutputBytes)
                 for name in spec.outputs {
-                    let sink = BuildbotMemoryTransfer(limit: Int(clamping: configuration.maxOutputFileBytes))
+                    let limit = min(configuration.maxOutputFileBytes, left)
+                    let sink = BuildbotMemoryTransfer(limit: Int(clamping: limit))
                     do {
                         try await self.session.simple("upload_file", .object([
                             "path": .string(directory + "/" + name), "workdir": .string(directory), "workersrc": .string(name),
-                            "maxsize": .int(Int64(clamping: configuration.maxOutputFileBytes)), "blocksize": .int(256 << 10), "keepstamp": false,
+                            "maxsize": .int(Int64(clamping: limit)), "blocksize": .int(256 << 10), "keepstamp": false,
                         ]), transfer: sink)
                     } catch let error as BuildbotRemoteError {
                         result.errorKind = .upload
@@ -362,11 +367,13 @@ struct BuildbotJob {
                         result.outputs = []
                         break
                     }
+                    let bytes = sink.bytes
+                    left -= min(left, UInt64(bytes.count))
                     var output = Parley_Work_V1_OutputFile()
                     output.name = name
-                    output.content = Data(sink.bytes)
-                    output.size = UInt64(sink.bytes.count)
-                    output.sha256 = Data(SHA256.hash(data: sink.bytes))
+                    output.content = Data(bytes)
+                    output.size = UInt64(bytes.count)
+                    output.sha256 = Data(SHA256.hash(data: bytes))
                     result.outputs.append(output)
                 }
             }

@@ -481,6 +481,19 @@ final class MemoryTransfer: WorkTransfer {
         let early = await #expect(throws: ParleyError.self) { _ = try await rig.center.run(CommandRig.shell(["true"]), on: "w2") }
         #expect(early?.code == .permissionDenied && early?.message.contains("worker w2 does not take commands") == true, "\(String(describing: early))")
         #expect(rig.center.workers.map(\.worker) == ["w1", "w2"] && rig.center.runningCount == 0)
+        // A connection is one worker: hellos under new names replace its earlier one, rather
+        // than piling up; and a name must be a name.
+        for name in ["w3", "w4", "w5"] {
+            hello.worker = name
+            _ = try await plain.request(hello, as: Parley_Work_V1_WorkerWelcome.self)
+        }
+        #expect(rig.center.workers.map(\.worker) == ["w1", "w5"])
+        hello.worker = String(repeating: "x", count: 300)
+        let long = await #expect(throws: ParleyError.self) { _ = try await plain.request(hello, as: Parley_Work_V1_WorkerWelcome.self) }
+        #expect(long?.code == .invalidArgument, "\(String(describing: long))")
+        plain.close()
+        for _ in 0..<500 where rig.center.workers.count > 1 { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(rig.center.workers.map(\.worker) == ["w1"], "the closed connection's worker is gone")
     }
 
     /// A submitter's RunWorkerCommand: relayed with the command's id first, its transfers

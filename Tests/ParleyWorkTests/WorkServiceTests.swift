@@ -58,6 +58,11 @@ struct InProcessMaster {
         let refused = await #expect(throws: ParleyError.self) { _ = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self) }
         #expect(refused?.code == .permissionDenied && refused?.message.contains("job 1 of the batch is refused") == true, "\(String(describing: refused))")
         #expect(try await store.counts()["queued"] == 0, "nothing of the batch was stored")
+        // A batch longer than a master checks on its event loop at once.
+        submit.jobs = Array(repeating: job, count: WorkService.maxJobsPerSubmit + 1)
+        let long = await #expect(throws: ParleyError.self) { _ = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self) }
+        #expect(long?.code == .invalidArgument && long?.message.contains("more than 1000") == true, "\(String(describing: long))")
+        #expect(try await store.counts()["queued"] == 0)
         submit.jobs = [job]
         let id = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self).jobIds[0]
 
