@@ -151,6 +151,8 @@ public final class ParleyServer: Service, Sendable {
         var listeners: [any Channel] = []
         /// Every open channel, established or still in its handshake.
         var channels: [ObjectIdentifier: any Channel] = [:]
+        /// Connections closed at once for `maxConnections`, since the start.
+        var refusedConnections = 0
         var connections: [ObjectIdentifier: ParleyConnection] = [:]
         /// Lossless sessions by token, attached or waiting for their client to reconnect.
         var sessions: [[UInt8]: (session: LosslessSession, connection: ParleyConnection, entity: String?)] = [:]
@@ -335,20 +337,26 @@ public final class ParleyServer: Service, Sendable {
     private func initialize(_ channel: any Channel) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
             let key = ObjectIdentifier(channel)
-            let (stopping, full) = self.state.withLockedValue { s -> (Bool, Bool) in
-                guard !s.shuttingDown else { return (true, false) }
-                guard s.channels.count < self.configuration.maxConnections else { return (false, true) }
+            let (stopping, refused) = self.state.withLockedValue { s -> (Bool, Int) in
+                guard !s.shuttingDown else { return (true, 0) }
+                guard s.channels.count < self.configuration.maxConnections else {
+                    s.refusedConnections += 1
+                    return (false, s.refusedConnections)
+                }
                 s.channels[key] = channel
-                return (false, false)
+                return (false, 0)
             }
             guard !stopping else {
                 throw ParleyError(code: .shuttingDown, message: "server is shutting down")
             }
-            guard !full else {
+            guard refused == 0 else {
                 self.connectionsRefused.increment()
-                self.logger.warning("connection refused: \(self.configuration.maxConnections) connections already", metadata: [
-                    "peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")",
-                ])
+                // The first, then one in a thousand: a flood of connections is no flood of lines.
+                if refused % 1000 == 1 {
+                    self.logger.warning("connection refused: \(self.configuration.maxConnections) connections already (\(refused) refused so far)", metadata: [
+                        "peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")",
+                    ])
+                }
                 throw ParleyError(code: .connectionClosed, message: "server has \(self.configuration.maxConnections) connections already")
             }
             self.connectionsAccepted.increment()

@@ -33,7 +33,9 @@ public final class BlockServer: Service, Sendable {
         /// protocol's (which then takes it from here, not from `parley`).
         public var handshakeTimeout: Duration = .seconds(30)
         /// Connections served at once, on the NBD listeners and on the block protocol's each.
-        public var maxConnections = ParleyServer.defaultMaxConnections
+        public var maxConnections = Configuration.defaultMaxConnections
+        /// Half of what a lone server takes: the two protocols share the descriptor limit.
+        public static let defaultMaxConnections = max(32, ParleyServer.defaultMaxConnections / 2)
 
         public static let defaultPort = 7421
         public static let defaultNBDPort = 10809

@@ -84,8 +84,8 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Seconds a client has from its connect to the end of the handshake, on the NBD and block protocol listeners; then it is closed.", valueName: "seconds"))
     var handshakeTimeout: Double = 30
 
-    @Option(name: .long, help: ArgumentHelp("Connections served at once on each protocol (NBD, block); more are closed as soon as they are accepted. Default: the file descriptor limit less 128 (\(ParleyServer.defaultMaxConnections) here).", valueName: "n"))
-    var maxConnections: Int = ParleyServer.defaultMaxConnections
+    @Option(name: .long, help: ArgumentHelp("Connections served at once on each protocol (NBD, block); more are closed as soon as they are accepted. Default: half of the file descriptor limit less 128 (\(BlockServer.Configuration.defaultMaxConnections) here).", valueName: "n"))
+    var maxConnections: Int = BlockServer.Configuration.defaultMaxConnections
 
     @OptionGroup var security: ServerSecurityOptions
 

@@ -423,8 +423,7 @@ struct Work: AsyncParsableCommand {
 
         func validate() throws {
             guard !self.command.isEmpty else { throw ValidationError("give the job's command after --") }
-            // One SubmitJobs carries them all: a signed job is a few hundred bytes, and the
-            // frame limit (16 MiB by default) refuses more long before memory runs out.
+            // Sent in batches of WorkService.maxJobsPerSubmit, each stored all or none.
             guard (1...100_000).contains(self.count) else { throw ValidationError("--count must be from 1 to 100000") }
             for e in self.env where !e.contains("=") { throw ValidationError("--env takes NAME=VALUE, got \(e)") }
         }
@@ -473,8 +472,13 @@ struct Work: AsyncParsableCommand {
                 while sent < self.count {
                     var submit = Parley_Work_V1_SubmitJobs()
                     submit.jobs = Array(repeating: job, count: min(WorkService.maxJobsPerSubmit, self.count - sent))
-                    let reply = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
-                    for id in reply.jobIds { print(id) }
+                    do {
+                        let reply = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
+                        for id in reply.jobIds { print(id) }
+                    } catch {
+                        if sent > 0 { try? FileHandle.standardError.write(contentsOf: Data("parley work submit: \(sent) of \(self.count) jobs were stored (their ids above) before this batch failed\n".utf8)) }
+                        throw error
+                    }
                     sent += submit.jobs.count
                 }
             }

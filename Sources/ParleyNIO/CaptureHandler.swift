@@ -1,6 +1,10 @@
 import Foundation
 import NIOCore
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Copies the raw bytes of a connection, one file per direction, for `parley decode`.
 /// Sits at the head of the pipeline, so it sees exactly what crosses the socket.
 public final class CaptureHandler: ChannelDuplexHandler, RemovableChannelHandler {
@@ -22,8 +26,16 @@ public final class CaptureHandler: ChannelDuplexHandler, RemovableChannelHandler
         // FIFO with a regular file.
         func openCapture(_ path: String?) throws -> FileHandle? {
             guard let path else { return nil }
-            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            // O_NONBLOCK: a FIFO without a reader fails at once (ENXIO) instead of blocking
+            // the event loop; cleared for the writes.
+            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NONBLOCK, 0o644)
             guard fd >= 0 else { throw WriteFailed(path: path, reason: String(cString: strerror(errno))) }
+            let flags = fcntl(fd, F_GETFL)
+            guard flags >= 0, fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) == 0 else {
+                let reason = String(cString: strerror(errno))
+                Glibc.close(fd)
+                throw WriteFailed(path: path, reason: reason)
+            }
             return FileHandle(fileDescriptor: fd, closeOnDealloc: true)
         }
         self.inbound = try openCapture(inboundPath)

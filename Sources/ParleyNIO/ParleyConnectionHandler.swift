@@ -506,7 +506,12 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         if self.pausesForWritability, context.channel.isWritable, !self.decoding, !self.isClosing {
             if var rest = self.unread, rest.readableBytes > 0 {
                 self.unread = nil
+                self.heardSinceTick = true
                 self.decode(&rest, context: context)
+                // What was decoded is acknowledged as after a read burst: no read burst ends here.
+                if self.lossless != nil, case .established = self.state {
+                    self.acknowledgeAfterReadBurst(context: context)
+                }
             }
             if !self.readsPaused, self.readPending, self.peerReadsAnswers(context) {
                 self.readPending = false

@@ -86,10 +86,20 @@ import Testing
         #expect(BlockMap.records(directory: dir).isEmpty)
     }
 
-    @Test func aMapRefusesAStatusDirectoryOthersMayWriteTo() throws {
+    /// The map's own status directory is made private (0700), also one made under umask 002;
+    /// another user's is refused.
+    @Test func aMapKeepsItsStatusDirectoryPrivate() throws {
         let open = try Self.directory(mode: 0o777)
         defer { try? FileManager.default.removeItem(atPath: open) }
-        #expect(throws: ParleyError.self) { try BlockMap.prepareStateDirectory(open) }
+        try BlockMap.prepareStateDirectory(open)
+        #expect((try FileManager.default.attributesOfItem(atPath: open)[.posixPermissions] as? NSNumber)?.intValue == 0o700)
+        if geteuid() == 0 {
+            // As root (CI), a directory given to nobody stands for another user's.
+            let foreign = try Self.directory(mode: 0o700)
+            defer { try? FileManager.default.removeItem(atPath: foreign) }
+            #expect(chown(foreign, 65534, 65534) == 0)
+            #expect(throws: ParleyError.self) { try BlockMap.prepareStateDirectory(foreign) }
+        }
         let fresh = open + "/state"
         try BlockMap.prepareStateDirectory(fresh)
         let permissions = try FileManager.default.attributesOfItem(atPath: fresh)[.posixPermissions] as? NSNumber

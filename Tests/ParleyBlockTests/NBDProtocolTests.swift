@@ -470,6 +470,12 @@ extension NBDProtocolTests {
                     #expect(outcome.transmission == nil && machine.resolver.opened.isEmpty, "\(policy)")
                 }
             }
+            // STARTTLS with data is refused (no TLS starts): what follows is read on.
+            var withData = T.started()
+            withData.tls = .on
+            let refused = T.feed(&withData, T.clientFlags(3) + T.option(.startTLS, [1]) + T.option(.list))
+            #expect(refused.disconnect == nil && refused.startTLS == 0)
+            #expect(T.parseReplies(refused.sent)?.map(\.type) == [NBD.Reply.errInvalid.rawValue, NBD.Reply.server.rawValue, NBD.Reply.server.rawValue, NBD.Reply.server.rawValue, NBD.Reply.ack.rawValue])
             // Without TLS on offer, STARTTLS is refused and the options go on.
             let (plain, _) = T.run(T.clientFlags(3) + T.option(.startTLS) + T.option(.list))
             #expect(plain.disconnect == nil)

@@ -198,6 +198,16 @@ struct CommandTests {
             #expect(isCharacterDevice("/dev/full"), "the capture left /dev/full a device")
         }
 
+        // A capture into a FIFO nobody reads fails at once (it used to block the event loop).
+        let unread = temporaryPath("capture-\(UUID().uuidString.prefix(8)).fifo")
+        #expect(mkfifo(unread, 0o600) == 0)
+        let fifoSocket = temporaryPath("fifo.sock")
+        let (fifoPing, _) = try await Self.withServe(["--listen", "unix:\(fifoSocket)"]) {
+            try await Self.waitForSocket(fifoSocket)
+            return try await Self.run(["ping", "unix:\(fifoSocket)", "--count", "1", "--capture-in", unread], seconds: 20)
+        }
+        #expect(fifoPing.status != 0 && fifoPing.combined.contains("cannot write the capture file \(unread)"), "\(fifoPing.combined)")
+
         let fifo = temporaryPath("execution-\(UUID().uuidString.prefix(8)).fifo")
         #expect(mkfifo(fifo, 0o600) == 0)
         let reader = Process()

@@ -75,7 +75,11 @@ public final class BlockMap: Sendable {
                 try? FileManager.default.removeItem(atPath: path)
                 continue
             }
-            guard Self.isMapProcess(record.pid) else { continue }
+            guard Self.isMapProcess(record.pid) else {
+                // Its map is gone and the pid belongs to another process now.
+                try? FileManager.default.removeItem(atPath: path)
+                continue
+            }
             out.append(record)
         }
         return out
@@ -89,6 +93,12 @@ public final class BlockMap: Sendable {
               let type = attributes[.type] as? FileAttributeType, type == (directory ? .typeDirectory : .typeRegular),
               let permissions = (attributes[.posixPermissions] as? NSNumber)?.intValue else { return false }
         return permissions & 0o022 == 0
+    }
+
+    /// `path` is a directory (not a symbolic link) of this user.
+    static func isOwnDirectory(_ path: String) -> Bool {
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path) else { return false }
+        return (attributes[.ownerAccountID] as? NSNumber)?.uint32Value == geteuid() && attributes[.type] as? FileAttributeType == .typeDirectory
     }
 
     /// Process `pid` runs `parley block map` (its arguments say so).
@@ -105,6 +115,11 @@ public final class BlockMap: Sendable {
         if !parent.isEmpty { try? FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true) }
         if mkdir(path, 0o700) != 0, errno != EEXIST {
             throw ParleyError(code: .invalidArgument, message: "cannot create the status directory \(path): \(String(cString: strerror(errno)))")
+        }
+        if !Self.isPrivate(path, directory: true), Self.isOwnDirectory(path) {
+            // This user's, but others may write to it (made under umask 002, or by an older
+            // version): made private.
+            _ = chmod(path, 0o700)
         }
         guard Self.isPrivate(path, directory: true) else {
             throw ParleyError(code: .invalidArgument, message: "the status directory \(path) is not a directory of this user that only it may write to: give --state-dir")
@@ -194,8 +209,11 @@ public final class BlockMap: Sendable {
         guard let data = try? JSONEncoder().encode(record) else { return }
         let file = self.recordFile
         let tmp = file + ".tmp"
-        if FileManager.default.createFile(atPath: tmp, contents: data) {
-            _ = rename(tmp, file)
-        }
+        // Mode 0600 whatever the umask: `records` trusts no file others may write to.
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } == data.count && fchmod(fd, 0o600) == 0
+        close(fd)
+        if written { _ = rename(tmp, file) }
     }
 }

@@ -164,7 +164,7 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
                     actions.append(.disconnect(reason: "more than \(NBD.maxOptions) options"))
                     break loop
                 }
-                if option == NBD.Option.startTLS.rawValue, buffer.readableBytes > 0, self.tls != .off, !self.tlsActive {
+                if option == NBD.Option.startTLS.rawValue, data.readableBytes == 0, buffer.readableBytes > 0, self.tls != .off, !self.tlsActive {
                     // A client waits for the reply before it starts TLS (the NBD protocol), so
                     // these bytes came in the clear after STARTTLS: read later, they would pass
                     // for bytes protected by TLS (nbdkit's CVE-2021-3716). Nothing is acknowledged.

@@ -108,6 +108,7 @@ public final class NBDServer: Sendable {
         var listeners: [any Channel] = []
         var connections: [ObjectIdentifier: any Channel] = [:]
         var shuttingDown = false
+        var refused = 0
     }
 
     public init(catalog: BlockExportCatalog, devices: BlockDeviceTable, io: BlockIOExecutor, limits: Limits = Limits(), tls: TLS? = nil,
@@ -144,13 +145,20 @@ public final class NBDServer: Sendable {
                     channel.eventLoop.makeCompletedFuture {
                         let handler = NBDConnectionHandler(server: self)
                         try channel.pipeline.syncOperations.addHandler(handler)
-                        let accepted = self.state.withLockedValue { s -> Bool in
-                            if s.shuttingDown || s.connections.count >= self.limits.maxConnections { return false }
+                        let refused = self.state.withLockedValue { s -> Int? in
+                            if s.shuttingDown { return 0 }
+                            if s.connections.count >= self.limits.maxConnections {
+                                s.refused += 1
+                                return s.refused
+                            }
                             s.connections[ObjectIdentifier(channel)] = channel
-                            return true
+                            return nil
                         }
-                        if !accepted {
-                            self.logger.warning("NBD connection refused: shutting down or \(self.limits.maxConnections) connections already")
+                        if let refused {
+                            // The first, then one in a thousand.
+                            if refused % 1000 == 1 {
+                                self.logger.warning("NBD connection refused: \(self.limits.maxConnections) connections already (\(refused) refused so far)")
+                            }
                             channel.close(promise: nil)
                         }
                         channel.closeFuture.whenComplete { _ in
@@ -232,6 +240,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var inactive = false
     private var context: ChannelHandlerContext?
     private var handshakeTimer: Scheduled<Void>?
+    /// Bytes of read data written since the last flush (see `wrote`).
+    private var unflushedBytes = 0
+    static let flushAfter = 1 << 20
 
     init(server: NBDServer) {
         self.server = server
@@ -301,6 +312,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if let input = self.input, input.readableBytes == 0 { self.input = nil }
         if self.needsFlush {
             self.needsFlush = false
+            self.unflushedBytes = 0
             context.flush()
         }
         context.fireChannelReadComplete()
@@ -494,7 +506,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 if done == Int(length) {
                     device.metrics(.read).record(bytes: Int(length), failed: false, nanoseconds: Self.elapsed(started))
                     context.write(NIOAny(out), promise: nil)
-                    self.wrote(context: context)
+                    self.wrote(Int(length), context: context)
                     return
                 }
             } catch {
@@ -521,7 +533,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 case .success(let out):
                     device.metrics(.read).record(bytes: Int(length), failed: false, nanoseconds: Self.elapsed(started))
                     context.write(NIOAny(out), promise: nil)
-                    self.wrote(context: context)
+                    self.wrote(Int(length), context: context)
                 case .failure(let error):
                     self.failed(.read, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
                 }
@@ -659,7 +671,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 device.metrics(.read).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
                 context.write(NIOAny(header), promise: nil)
                 context.write(NIOAny(data), promise: nil)
-                self.wrote(context: context)
+                self.wrote(bytes, context: context)
             case .success:
                 device.metrics(kind).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
                 self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
@@ -738,15 +750,25 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// A reply was written: it leaves with the others of the same read burst, or, for a
     /// completion outside a read, with those that complete in the same turn of the event loop
     /// (one flush, one wake-up of the client, for a burst of answers from the map's paths or
-    /// the IO threads).
-    private func wrote(context: ChannelHandlerContext) {
+    /// the IO threads). Past `flushAfter` bytes of data it leaves at once, even in a read: a
+    /// TLS handler keeps unflushed replies to itself, where the channel's writability (the
+    /// back-pressure on a client that does not read) cannot see them.
+    private func wrote(_ dataBytes: Int = 0, context: ChannelHandlerContext) {
         self.needsFlush = true
+        self.unflushedBytes += dataBytes
+        if self.unflushedBytes >= Self.flushAfter {
+            self.unflushedBytes = 0
+            self.needsFlush = false
+            context.flush()
+            return
+        }
         guard !self.inRead, !self.flushScheduled else { return }
         self.flushScheduled = true
         context.eventLoop.assumeIsolated().execute {
             self.flushScheduled = false
             guard self.needsFlush, !self.inRead else { return }
             self.needsFlush = false
+            self.unflushedBytes = 0
             context.flush()
         }
     }
