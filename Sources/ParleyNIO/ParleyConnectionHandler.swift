@@ -181,8 +181,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private var configuredMaxFrameSize = Frame.defaultMaxFrameSize
 
     /// The largest frame a server takes before the handshake has completed: the handshake's
-    /// own frames are far smaller, and early messages are at most 64 KiB (docs/protocol.md
-    /// 4.5), so a peer that has not authenticated cannot make it buffer 16 MiB.
+    /// own frames are far smaller, and early messages come after CLIENT_IDENT, which completes
+    /// it (docs/protocol.md 4.5); a peer that has not authenticated cannot make it buffer 16 MiB.
     public static let handshakeFrameLimit = 256 * 1024
 
     private var isEstablished: Bool {

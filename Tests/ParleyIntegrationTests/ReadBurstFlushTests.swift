@@ -156,7 +156,7 @@ import Testing
     }
 
     /// Before the handshake has completed, a server takes frames of at most 256 KiB (the
-    /// handshake's are far smaller; early messages at most 64 KiB): a peer that has not
+    /// handshake's are far smaller; early messages come after it): a peer that has not
     /// authenticated cannot make it buffer a 16 MiB HELLO. After it, the configured limit.
     @Test(arguments: [200 << 10, 300 << 10])
     func aServerTakesNoLargeFrameBeforeTheHandshakeEnds(size: Int) throws {
