@@ -135,7 +135,8 @@ public final class ParleyClient: Sendable {
 
     public var session: ParleySession { self.connection.session }
 
-    /// Every message the server has sent (SERVER_IDENT and later notices), oldest first.
+    /// The messages the server has sent (SERVER_IDENT and later notices), oldest first: the
+    /// last `maximumKeptServerMessages` of them.
     public var serverMessages: [ParleyServerMessage] { self.nucleusState.withLockedValue { $0.messages } }
     /// The latest redirect list from the server (empty: none).
     public var redirects: [String] { self.nucleusState.withLockedValue { $0.redirects } }
@@ -384,6 +385,10 @@ public final class ParleyClient: Sendable {
     /// infinite one, counts as this; one that is not a number counts as none.
     public static let maximumRequestDelay: Double = 86_400
 
+    /// Server messages a client keeps (`serverMessages`): a server that sends notices without
+    /// end cannot grow a client's memory without end.
+    public static let maximumKeptServerMessages = 1000
+
     /// Takes in a nucleus the server sent: SERVER_IDENT's (of every connection of the
     /// client, resumed ones included) or a NOTICE's.
     static func apply(_ n: ParleyNucleus, to state: Nucleus, logger: Logger) {
@@ -392,6 +397,9 @@ public final class ParleyClient: Sendable {
         }
         state.withLockedValue { s in
             s.messages.append(contentsOf: n.messages)
+            if s.messages.count > Self.maximumKeptServerMessages {
+                s.messages.removeFirst(s.messages.count - Self.maximumKeptServerMessages)
+            }
             if n.requestDelay > 0 {
                 // Capped before the conversion: a server's 1e300 or infinity must not trap here.
                 let delay = min(n.requestDelay, Self.maximumRequestDelay)

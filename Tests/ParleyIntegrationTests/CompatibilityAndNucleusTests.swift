@@ -125,6 +125,26 @@ struct CompatibilityTests {
 
 @Suite(.timeLimit(.minutes(2)))
 struct NucleusTests {
+    /// A server that sends notices without end: the client keeps the last 1,000 messages.
+    @Test func aClientKeepsTheLastThousandServerMessages() async throws {
+        var router = EchoService.router()
+        router.on(Parley_Echo_V1_Sleep.self) { _, context in
+            for batch in 0..<12 {
+                let messages = (0..<100).map { ParleyServerMessage(priority: .low, text: "notice \(batch * 100 + $0)") }
+                try await context.connection.sendNotice(ParleyNucleus(messages: messages))
+            }
+            return Parley_Echo_V1_Slept()
+        }
+        try await withServer(router: router) { _, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            _ = try await client.request(Parley_Echo_V1_Sleep(), as: Parley_Echo_V1_Slept.self)
+            #expect(try await eventually { client.serverMessages.last?.text == "notice 1199" })
+            #expect(client.serverMessages.count == ParleyClient.maximumKeptServerMessages)
+            #expect(client.serverMessages.first?.text == "notice 200")
+        }
+    }
+
     /// [R-8.2-2] The client shows the nucleus's messages and sends no request before the
     /// request delay has passed.
     @Test func serverMessagesDelayAndNotices() async throws {
