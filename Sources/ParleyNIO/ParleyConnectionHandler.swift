@@ -175,10 +175,17 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         get { self.configuredMaxFrameSize }
         set {
             self.configuredMaxFrameSize = newValue
-            self.decoder.maxFrameSize = self.pausesForWritability && !self.isEstablished ? min(newValue, Self.handshakeFrameLimit) : newValue
+            self.applyFrameLimit()
         }
     }
     private var configuredMaxFrameSize = Frame.defaultMaxFrameSize
+
+    /// The decoder's limit: the configured one, held to `handshakeFrameLimit` on a server
+    /// side until its handshake has completed.
+    private func applyFrameLimit() {
+        let early = self.pausesForWritability && !self.isEstablished
+        self.decoder.maxFrameSize = early ? min(self.configuredMaxFrameSize, Self.handshakeFrameLimit) : self.configuredMaxFrameSize
+    }
 
     /// The largest frame a server takes before the handshake has completed: the handshake's
     /// own frames are far smaller, and early messages come after CLIENT_IDENT, which completes
@@ -192,10 +199,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     public init(role: Role, eventLoop: any EventLoop, establish: @escaping Establish) {
         if case .server = role { self.pausesForWritability = true } else { self.pausesForWritability = false }
-        if self.pausesForWritability { self.decoder.maxFrameSize = min(self.decoder.maxFrameSize, Self.handshakeFrameLimit) }
         self.state = .handshaking(role)
         self.establish = establish
         self.establishedPromise = eventLoop.makePromise()
+        self.applyFrameLimit()
     }
 
     /// Commands written from other threads, waiting for one event-loop job to write them all.
@@ -498,7 +505,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// False on a server side whose established channel is not writable (see
     /// `pausesForWritability`).
     private func peerReadsAnswers(_ context: ChannelHandlerContext) -> Bool {
-        guard self.pausesForWritability, case .established = self.state else { return true }
+        guard self.pausesForWritability, self.isEstablished else { return true }
         return context.channel.isWritable
     }
 
@@ -509,7 +516,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 self.heardSinceTick = true
                 self.decode(&rest, context: context)
                 // What was decoded is acknowledged as after a read burst: no read burst ends here.
-                if self.lossless != nil, case .established = self.state {
+                if self.lossless != nil, self.isEstablished {
                     self.acknowledgeAfterReadBurst(context: context)
                 }
             }
@@ -700,7 +707,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             // Early messages took the first seqs: the session goes on from there.
             self.session = SessionStateMachine(role: role, features: result.features, maxPeerFrameSize: peerMax, sent: UInt64(self.earlySent))
             self.state = .established
-            self.decoder.maxFrameSize = self.configuredMaxFrameSize
+            self.applyFrameLimit()
             self.stopHandshakeTimer()
             self.earlyMessages = []
             if let configuration = self.keepaliveConfiguration, result.features.contains(.keepalive) {

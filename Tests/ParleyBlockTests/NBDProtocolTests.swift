@@ -449,7 +449,7 @@ extension NBDProtocolTests {
         }
 
         /// Bytes in the clear right behind STARTTLS, in the same read, would be parsed as if
-        /// TLS protected them once it runs (the plaintext injection of nbdkit's CVE-2021-3716):
+        /// TLS protected them once it runs (the plaintext injection of CVE-2021-3716):
         /// the connection ends instead, with nothing acknowledged and nothing opened.
         @Test func bytesSentInTheClearBehindStartTLSEndTheHandshake() {
             for policy in [NBDTLSPolicy.on, .require] {

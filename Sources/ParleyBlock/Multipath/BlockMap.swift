@@ -4,7 +4,6 @@ import NIOCore
 import NIOPosix
 import Parley
 
-
 /// `parley block map`: a remote device opened over a multipath session and served on a local
 /// NBD endpoint (for nbd-client's /dev/nbdN, qemu, fio, nbdcopy), by the NBD server as it is,
 /// over a `MultipathBlockStore`.
@@ -86,19 +85,17 @@ public final class BlockMap: Sendable {
     }
 
     /// `path` (not a symbolic link) belongs to this user and no one else may write to it.
-    /// (FileManager's attributes are those of the link itself, as `lstat` gives them.)
     static func isPrivate(_ path: String, directory: Bool) -> Bool {
-        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
-              let owner = (attributes[.ownerAccountID] as? NSNumber)?.uint32Value, owner == geteuid(),
-              let type = attributes[.type] as? FileAttributeType, type == (directory ? .typeDirectory : .typeRegular),
-              let permissions = (attributes[.posixPermissions] as? NSNumber)?.intValue else { return false }
-        return permissions & 0o022 == 0
+        Self.ownPermissions(path, directory: directory).map { $0 & 0o022 == 0 } ?? false
     }
 
-    /// `path` is a directory (not a symbolic link) of this user.
-    static func isOwnDirectory(_ path: String) -> Bool {
-        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path) else { return false }
-        return (attributes[.ownerAccountID] as? NSNumber)?.uint32Value == geteuid() && attributes[.type] as? FileAttributeType == .typeDirectory
+    /// The permission bits of `path` if it is a directory (or a regular file) of this user,
+    /// not a symbolic link: FileManager's attributes are the link's own, as `lstat` gives them.
+    static func ownPermissions(_ path: String, directory: Bool) -> Int? {
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
+              (attributes[.ownerAccountID] as? NSNumber)?.uint32Value == geteuid(),
+              attributes[.type] as? FileAttributeType == (directory ? .typeDirectory : .typeRegular) else { return nil }
+        return (attributes[.posixPermissions] as? NSNumber)?.intValue
     }
 
     /// Process `pid` runs `parley block map` (its arguments say so).
@@ -116,7 +113,7 @@ public final class BlockMap: Sendable {
         if mkdir(path, 0o700) != 0, errno != EEXIST {
             throw ParleyError(code: .invalidArgument, message: "cannot create the status directory \(path): \(String(cString: strerror(errno)))")
         }
-        if !Self.isPrivate(path, directory: true), Self.isOwnDirectory(path) {
+        if let permissions = Self.ownPermissions(path, directory: true), permissions & 0o022 != 0 {
             // This user's, but others may write to it (made under umask 002, or by an older
             // version): made private.
             _ = chmod(path, 0o700)

@@ -310,11 +310,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelReadComplete(context: ChannelHandlerContext) {
         self.inRead = false
         if let input = self.input, input.readableBytes == 0 { self.input = nil }
-        if self.needsFlush {
-            self.needsFlush = false
-            self.unflushedBytes = 0
-            context.flush()
-        }
+        if self.needsFlush { self.flushReplies(context: context) }
         context.fireChannelReadComplete()
     }
 
@@ -757,9 +753,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         self.needsFlush = true
         self.unflushedBytes += dataBytes
         if self.unflushedBytes >= Self.flushAfter {
-            self.unflushedBytes = 0
-            self.needsFlush = false
-            context.flush()
+            self.flushReplies(context: context)
             return
         }
         guard !self.inRead, !self.flushScheduled else { return }
@@ -767,10 +761,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         context.eventLoop.assumeIsolated().execute {
             self.flushScheduled = false
             guard self.needsFlush, !self.inRead else { return }
-            self.needsFlush = false
-            self.unflushedBytes = 0
-            context.flush()
+            self.flushReplies(context: context)
         }
+    }
+
+    private func flushReplies(context: ChannelHandlerContext) {
+        self.needsFlush = false
+        self.unflushedBytes = 0
+        context.flush()
     }
 
     private func begin(bytes: Int) {
