@@ -105,6 +105,13 @@ public final class ParleyConnection: Sendable {
     public let session: ParleySession
     /// The event loop the connection runs on (handlers start there by default).
     public let eventLoop: any EventLoop
+    /// Runs tasks on `eventLoop`. Callers that mostly wait for answers can run there
+    /// (`Task(executorPreference: connection.taskExecutor)`, or `group.addTask(executorPreference:)`):
+    /// an answer then resumes its caller on the thread that read it, and the caller's next
+    /// request is written from there, with no hop to Swift's global pool and back. Such
+    /// callers must not block or compute for long: they hold up the connection's reads.
+    /// The handlers of `handlersOnEventLoop` run on this executor.
+    public let taskExecutor: EventLoopTaskExecutor
     /// Lossless sessions (feature bit 9): the session that outlives the connection's links.
     /// Nil for a lossy connection.
     public let lossless: LosslessSession?
@@ -207,7 +214,8 @@ public final class ParleyConnection: Sendable {
         self.lossless = lossless
         self.onLinkLost = onLinkLost
         (self.linkEvents, self.linkEventsContinuation) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(1024))
-        self.executor = limits.handlersOnEventLoop ? EventLoopTaskExecutor(channel.eventLoop) : nil
+        self.taskExecutor = EventLoopTaskExecutor(channel.eventLoop)
+        self.executor = limits.handlersOnEventLoop ? self.taskExecutor : nil
         self.router = router
         self.limits = limits
         self.logger = logger

@@ -129,6 +129,38 @@ struct MessagingTests {
         }
     }
 
+    /// Callers whose tasks run on the connection's event loop (`connection.taskExecutor`):
+    /// each resumes there after its answer, and more callers than the connection's request
+    /// slots wait for a slot without blocking the loop that frees it.
+    @Test func callersOnTheConnectionsEventLoop() async throws {
+        try await withServer { _, addresses in
+            let client = try await ParleyClient.connect(
+                to: addresses[0], configuration: .init(limits: .init(maxOutstandingRequests: 8)), logger: quietLogger
+            )
+            defer { client.close() }
+            let connection = client.connection
+            let (answered, offLoop) = try await withThrowingTaskGroup(of: (Int, Int).self) { group in
+                for caller in 0..<64 {
+                    group.addTask(executorPreference: connection.taskExecutor) {
+                        var answered = 0, offLoop = 0
+                        for i in 0..<20 {
+                            if !connection.eventLoop.inEventLoop { offLoop += 1 }
+                            var echo = Parley_Echo_V1_Echo()
+                            echo.text = "\(caller).\(i)"
+                            let reply = try await client.request(echo, as: Parley_Echo_V1_EchoReply.self)
+                            if !connection.eventLoop.inEventLoop { offLoop += 1 }
+                            if reply.text == echo.text { answered += 1 }
+                        }
+                        return (answered, offLoop)
+                    }
+                }
+                return try await group.reduce((0, 0)) { ($0.0 + $1.0, $0.1 + $1.1) }
+            }
+            #expect(answered == 64 * 20)
+            #expect(offLoop == 0)
+        }
+    }
+
     @Test func ipv6Loopback() async throws {
         try await withServer(listen: [.tcp(host: "::1", port: 0)]) { _, addresses in
             #expect(addresses[0].description.hasPrefix("[::1]:"))

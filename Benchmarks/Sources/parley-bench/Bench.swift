@@ -47,7 +47,8 @@ struct Run: AsyncParsableCommand {
             event-loop job and one flush per batch of requests), parley (crc mode), \
             parley-lossless (crc mode, the client asks for a lossless session: feature bit 9), grpc, \
             parley-secure (method secret, secure mode: AES-256-GCM), parley-tls (tls://, crc \
-            mode), tls-echo (the raw echo inside TLS 1.3). The keyring and the certificates of \
+            mode), tls-echo (the raw echo inside TLS 1.3), tls-coalesced (the same with the \
+            coalescing client of raw-coalesced). The keyring and the certificates of \
             the secure ones are made in a temporary directory and removed at the end.
 
             Workloads: latency (queue depth 1, 64 B), throughput-64b and throughput-64k (WINDOW \
@@ -85,9 +86,18 @@ struct Run: AsyncParsableCommand {
     )
     var workloads: [Workload] = Workload.allCases
 
-    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,raw-coalesced,parley,parley-lossless,grpc,parley-secure,parley-tls,tls-echo).", valueName: "list"),
+    @Option(help: ArgumentHelp("Comma-separated systems, in the order they alternate (default: raw,raw-coalesced,parley,parley-lossless,grpc,parley-secure,parley-tls,tls-echo,tls-coalesced).", valueName: "list"),
             transform: { try System.parseList($0, allowed: System.allCases) })
     var systems: [System] = System.allCases
+
+    @Option(
+        help: ArgumentHelp(
+            "Where the callers' tasks run: pool (Swift's global pool), loop (each connection's event loop, through Parley's EventLoopTaskExecutor; gRPC's client has none and stays on the pool), or pool,loop (both, alternating within each repetition; a table per arrangement, and each system's best).",
+            valueName: "list"
+        ),
+        transform: Callers.parseList
+    )
+    var callers: [Callers] = [.pool]
 
     @Option(help: "Requests in flight (concurrent tasks on one connection) in the throughput workloads.")
     var window: Int = 64
@@ -138,6 +148,7 @@ struct Run: AsyncParsableCommand {
         let settings = Settings(
             repetitions: self.repetitions, duration: self.duration, warmup: self.warmup,
             window: self.window, bulkWindow: self.bulkWindow, bulkSize: self.bulkSize, handshakes: self.handshakes,
+            callers: self.callers,
             reconnect: ReconnectSettings(
                 cuts: self.cuts, window: self.reconnectWindow, cutAfter: self.cutAfter > 0 ? self.cutAfter : nil,
                 cutProbability: self.cutProbability, parley: parley
@@ -161,38 +172,53 @@ struct Run: AsyncParsableCommand {
             progress("started the \(system.title) server: pid \(child.pid), 127.0.0.1:\(child.port)")
         }
 
-        var results: [Workload: WorkloadResults] = [:]
+        // Per arrangement of the callers, per workload. The handshake and reconnect workloads
+        // do not depend on it: measured once, with the first arrangement, and shown under each.
+        var results: [Callers: [Workload: WorkloadResults]] = [:]
         let ours = Set([getpid()] + children.values.map(\.pid))
         for workload in self.workloads {
-            var r = WorkloadResults(workload: workload)
             let systems = workload.systems(self.systems)
             guard !systems.isEmpty else {
                 progress("\(workload.rawValue): skipped: it runs on parley-lossless only, which --systems does not name")
                 continue
             }
+            let arrangements = workload.hasCallers ? self.callers : [self.callers[0]]
+            var r = Dictionary(uniqueKeysWithValues: arrangements.map { ($0, WorkloadResults(workload: workload)) })
             let loadBefore = MachineLoad.snapshot(excluding: ours)
             for rep in 1...settings.repetitions {
-                for system in systems {
-                    let m = try await self.measure(workload, system: system, port: children[system]!.port, settings: settings, material: material, repetition: rep)
-                    r.runs[system, default: []].append(m)
-                    progress("\(workload.rawValue) \(rep)/\(settings.repetitions) \(system.title): \(summary(m, workload))")
+                for callers in arrangements {
+                    for system in systems {
+                        let m = try await self.measure(workload, system: system, port: children[system]!.port, settings: settings, material: material, repetition: rep, callers: callers)
+                        r[callers]!.runs[system, default: []].append(m)
+                        let label = arrangements.count > 1 ? " (\(callers.rawValue))" : ""
+                        progress("\(workload.rawValue) \(rep)/\(settings.repetitions) \(system.title)\(label): \(summary(m, workload))")
+                    }
                 }
             }
-            if let loadBefore, let loadAfter = MachineLoad.snapshot(excluding: ours) {
-                r.otherLoad = loadAfter.othersPercent(since: loadBefore)
+            let otherLoad = loadBefore.flatMap { before in MachineLoad.snapshot(excluding: ours).map { $0.othersPercent(since: before) } }
+            for callers in self.callers {
+                var one = r[callers] ?? r[self.callers[0]]!
+                one.otherLoad = otherLoad
+                results[callers, default: [:]][workload] = one
+                if arrangements.contains(callers) {
+                    print(table(one, systems: self.systems, settings: settings, callers: workload.hasCallers && self.callers != [.pool] ? callers : nil))
+                }
             }
-            results[workload] = r
-            print(table(r, systems: self.systems, settings: settings))
         }
-        if self.systems.contains(.parley), self.systems.contains(where: { [.raw, .rawCoalesced, .grpc].contains($0) }) { print(goals(results)) }
-        if self.systems.contains(.parleyLossless) { print(losslessGoals(results, systems: self.systems)) }
-        if self.systems.contains(.parleySecure) { print(secureGoals(results, systems: self.systems)) }
+        for callers in self.callers {
+            let results = results[callers] ?? [:]
+            let suffix = self.callers == [.pool] ? "" : ", \(callers.title)"
+            if self.systems.contains(.parley), self.systems.contains(where: { [.raw, .rawCoalesced, .grpc].contains($0) }) { print(goals(results, suffix: suffix)) }
+            if self.systems.contains(.parleyLossless) { print(losslessGoals(results, systems: self.systems, suffix: suffix)) }
+            if self.systems.contains(.parleySecure) { print(secureGoals(results, systems: self.systems, suffix: suffix)) }
+        }
+        if self.callers.count > 1 { print(bestArrangements(results, systems: self.systems, workloads: self.workloads.filter(\.hasCallers))) }
 
         for child in children.values { child.stop() }
         withExtendedLifetime(signalSources) {}
     }
 
-    private func measure(_ workload: Workload, system: System, port: Int, settings: Settings, material: SecurityMaterial?, repetition: Int) async throws -> Measurement {
+    private func measure(_ workload: Workload, system: System, port: Int, settings: Settings, material: SecurityMaterial?, repetition: Int, callers: Callers) async throws -> Measurement {
         if workload == .reconnect {
             do {
                 // The repetition's number seeds the proxy: the same faults in every invocation.
@@ -217,11 +243,11 @@ struct Run: AsyncParsableCommand {
         do {
             let m: Measurement
             if workload == .latency {
-                m = try await Measure.latency(caller, size: settings.size(workload), warmup: settings.warmup, duration: settings.duration)
+                m = try await Measure.latency(caller, size: settings.size(workload), warmup: settings.warmup, duration: settings.duration, callers: callers)
             } else {
                 m = try await Measure.throughput(
                     caller, size: settings.size(workload), window: settings.window(workload),
-                    warmup: settings.warmup, duration: settings.duration
+                    warmup: settings.warmup, duration: settings.duration, callers: callers
                 )
             }
             await caller.close()
@@ -242,7 +268,7 @@ struct Server: AsyncParsableCommand {
             """
     )
 
-    @Option(help: "raw, raw-coalesced, parley, parley-lossless, grpc, parley-secure, parley-tls or tls-echo.")
+    @Option(help: "raw, raw-coalesced, parley, parley-lossless, grpc, parley-secure, parley-tls, tls-echo or tls-coalesced.")
     var system: System
 
     @Option(help: "Port to listen on (0: any free port).")
@@ -295,6 +321,7 @@ func header(_ s: Settings) -> String {
     lines.append("- transport: TCP over loopback (127.0.0.1), client and server in separate processes")
     lines.append("- repetitions: \(s.repetitions) (systems alternate within each repetition; tables show medians)")
     lines.append("- each measurement: fresh connection, \(s.warmup) s warm-up, \(s.duration) s measured")
+    lines.append("- callers (latency, throughput and bulk workloads): \(s.callers.map(\.title).joined(separator: "; then "))\(s.callers.count > 1 ? ", alternating within each repetition" : "")")
     lines.append("- throughput window: \(s.window) requests in flight; bulk: \(byteSize(s.bulkSize)) x \(s.bulkWindow) in flight")
     lines.append("- handshake: \(s.handshakes) connections per measurement after \(max(s.handshakes / 10, 1)) unmeasured, each timed from connect to its first answer")
     lines.append("- reconnect: lossless session through \(s.reconnect.description) (\(s.reconnect.parley) as a process); each cut timed to the first answer after the session resumed")

@@ -1,4 +1,7 @@
+import ArgumentParser
 import Dispatch
+import NIOCore
+import Parley
 import NIOSSL
 
 /// Monotonic time in nanoseconds.
@@ -28,10 +31,53 @@ struct Measurement: Sendable {
     var mibPerSecond: Double { self.messagesPerSecond * Double(self.bytesPerMessage) / 1_048_576 }
 }
 
+/// Where the callers' tasks run: Swift's global pool (every task resumed by an answer is
+/// scheduled on a pool thread, which hands its next request to the event loop), or the event
+/// loop of the caller's connection (`EventLoopTaskExecutor`: answers resume their tasks on the
+/// thread that read them, and the next request is written from there).
+enum Callers: String, CaseIterable, Sendable, ExpressibleByArgument {
+    case pool
+    case loop
+
+    static func parseList(_ text: String) throws -> [Callers] {
+        let list = try text.split(separator: ",").map { name in
+            guard let c = Callers(rawValue: String(name)) else {
+                throw BenchError("unknown callers \"\(name)\": use pool, loop or pool,loop")
+            }
+            return c
+        }
+        guard !list.isEmpty, Set(list).count == list.count else { throw BenchError("--callers: pool, loop or pool,loop") }
+        return list
+    }
+
+    /// The executor the callers' tasks prefer (nil: the global pool; also when the system's
+    /// client has no event loop to offer, as gRPC's).
+    func executor(_ caller: any EchoCaller) -> (any TaskExecutor)? {
+        guard self == .loop, let loop = caller.loop else { return nil }
+        return EventLoopTaskExecutor(loop)
+    }
+
+    var title: String {
+        switch self {
+        case .pool: return "callers on Swift's global pool"
+        case .loop: return "callers on the connection's event loop"
+        }
+    }
+}
+
 enum Measure {
     /// Round trips one after another (queue depth 1): after `warmup` seconds, times each
     /// round trip for `duration` seconds.
-    static func latency(_ caller: any EchoCaller, size: Int, warmup: Double, duration: Double) async throws -> Measurement {
+    static func latency(_ caller: any EchoCaller, size: Int, warmup: Double, duration: Double, callers: Callers = .pool) async throws -> Measurement {
+        guard let executor = callers.executor(caller) else {
+            return try await self.latencyHere(caller, size: size, warmup: warmup, duration: duration)
+        }
+        return try await Task(executorPreference: executor) {
+            try await self.latencyHere(caller, size: size, warmup: warmup, duration: duration)
+        }.value
+    }
+
+    private static func latencyHere(_ caller: any EchoCaller, size: Int, warmup: Double, duration: Double) async throws -> Measurement {
         _ = try await self.pump(caller, window: 1, seconds: warmup)
         var samples: [UInt64] = []
         samples.reserveCapacity(1 << 18)
@@ -55,21 +101,23 @@ enum Measure {
     /// `window` tasks, each doing round trips one after another on the same connection, so
     /// that `window` requests are in flight: after `warmup` seconds, counts the round trips
     /// of `duration` seconds.
-    static func throughput(_ caller: any EchoCaller, size: Int, window: Int, warmup: Double, duration: Double) async throws -> Measurement {
-        _ = try await self.pump(caller, window: window, seconds: warmup)
-        let (count, seconds) = try await self.pump(caller, window: window, seconds: duration)
+    static func throughput(_ caller: any EchoCaller, size: Int, window: Int, warmup: Double, duration: Double, callers: Callers = .pool) async throws -> Measurement {
+        _ = try await self.pump(caller, window: window, seconds: warmup, callers: callers)
+        let (count, seconds) = try await self.pump(caller, window: window, seconds: duration, callers: callers)
         return Measurement(count: count, seconds: seconds, bytesPerMessage: size)
     }
 
     /// Runs `window` concurrent loops of round trips until `seconds` have passed; returns the
-    /// round trips done and the time until the last one finished.
-    static func pump(_ caller: any EchoCaller, window: Int, seconds: Double) async throws -> (count: Int, seconds: Double) {
+    /// round trips done and the time until the last one finished. `callers`: where the loops'
+    /// tasks run.
+    static func pump(_ caller: any EchoCaller, window: Int, seconds: Double, callers: Callers = .pool) async throws -> (count: Int, seconds: Double) {
         guard seconds > 0 else { return (0, 0) }
         let start = nanotime()
         let end = start + UInt64(seconds * 1e9)
+        let executor = callers.executor(caller)
         let count = try await withThrowingTaskGroup(of: Int.self) { group in
             for _ in 0..<window {
-                group.addTask {
+                group.addTask(executorPreference: executor) {
                     var n = 0
                     repeat {
                         try await caller.roundTrip()
@@ -92,7 +140,7 @@ extension Measure {
     /// is made once, as a TLS client keeps one; Parley's `tls://` transport makes its own.
     static func handshake(_ system: System, port: Int, load: Load, material: SecurityMaterial?, count: Int) async throws -> Measurement {
         var tlsClient: NIOSSLContext?
-        if system == .tlsEcho {
+        if system == .tlsEcho || system == .tlsCoalesced {
             guard let material else { throw BenchError("\(system.title) needs certificates") }
             tlsClient = try TLSEcho.clientContext(certificates: material.certificates)
         }

@@ -27,6 +27,9 @@ enum System: String, CaseIterable, Sendable, ExpressibleByArgument {
     case parleyTLS = "parley-tls"
     /// The raw NIO echo inside TLS 1.3 (swift-nio-ssl): the floor of a TLS connection.
     case tlsEcho = "tls-echo"
+    /// The TLS echo with the coalescing client of raw-coalesced: one flush per batch of
+    /// requests, so that NIOSSL seals a batch's writes together.
+    case tlsCoalesced = "tls-coalesced"
 
     /// Parses a comma-separated list of system names, each one of `allowed`.
     static func parseList(_ text: String, allowed: [System]) throws -> [System] {
@@ -51,11 +54,12 @@ enum System: String, CaseIterable, Sendable, ExpressibleByArgument {
         case .parleySecure: return "Parley secure"
         case .parleyTLS: return "Parley TLS"
         case .tlsEcho: return "TLS echo"
+        case .tlsCoalesced: return "TLS echo coalesced"
         }
     }
 
     /// Needs a keyring or certificates (`SecurityMaterial`).
-    var isSecure: Bool { self == .parleySecure || self == .parleyTLS || self == .tlsEcho }
+    var isSecure: Bool { [.parleySecure, .parleyTLS, .tlsEcho, .tlsCoalesced].contains(self) }
 }
 
 struct BenchError: Error, CustomStringConvertible {
@@ -79,6 +83,13 @@ protocol EchoCaller: Sendable {
     /// One round trip that also compares the echoed bytes with the ones sent.
     func verify() async throws
     func close() async
+    /// The event loop of the caller's connection (nil: none to offer): with `--callers loop`
+    /// the callers' tasks run there.
+    var loop: (any EventLoop)? { get }
+}
+
+extension EchoCaller {
+    var loop: (any EventLoop)? { nil }
 }
 
 func testBytes(_ count: Int) -> [UInt8] {
@@ -94,16 +105,16 @@ func check(_ received: Int, _ expected: Int, _ system: System) throws {
 struct RawCaller: EchoCaller {
     let client: RawClient
     let payload: ByteBuffer
-    /// `.raw`, `.rawCoalesced`, or `.tlsEcho` when the client speaks TLS.
+    /// `.raw`, `.rawCoalesced`, or `.tlsEcho` and `.tlsCoalesced` when the client speaks TLS.
     let system: System
 
     /// - Parameter tls: the client's TLS context (the TLS echo), nil for plain TCP.
-    /// - Parameter coalescing: the raw-coalesced client (plain TCP only).
+    /// - Parameter coalescing: the coalescing client (raw-coalesced, tls-coalesced).
     init(port: Int, load: Load, tls: NIOSSLContext? = nil, coalescing: Bool = false) async throws {
         self.init(
             client: try await RawClient.connect(port: port, tls: tls, coalescing: coalescing),
             payload: ByteBuffer(bytes: testBytes(load.size)),
-            system: tls != nil ? .tlsEcho : coalescing ? .rawCoalesced : .raw
+            system: tls != nil ? (coalescing ? .tlsCoalesced : .tlsEcho) : coalescing ? .rawCoalesced : .raw
         )
     }
 
@@ -124,6 +135,8 @@ struct RawCaller: EchoCaller {
     }
 
     func close() async { await self.client.close() }
+
+    var loop: (any EventLoop)? { self.client.channel.eventLoop }
 }
 
 /// `PARLEY_BENCH_FLUSH_EVERY=N`: `ParleyConnectionLimits.flushEvery` of Parley's clients and
@@ -226,6 +239,8 @@ struct ParleyCaller: EchoCaller {
         self.client.close()
         await self.client.closed()
     }
+
+    var loop: (any EventLoop)? { self.client.connection.eventLoop }
 }
 
 struct GRPCCaller: EchoCaller {
@@ -276,9 +291,12 @@ extension System {
         case .rawCoalesced: return try await RawCaller(port: port, load: load, coalescing: true)
         case .parley, .parleyLossless, .parleySecure, .parleyTLS: return try await ParleyCaller(self, port: port, load: load, material: material)
         case .grpc: return try GRPCCaller(port: port, load: load)
-        case .tlsEcho:
+        case .tlsEcho, .tlsCoalesced:
             guard let material else { throw BenchError("\(self.title) needs certificates") }
-            return try await RawCaller(port: port, load: load, tls: try tlsClient ?? TLSEcho.clientContext(certificates: material.certificates))
+            return try await RawCaller(
+                port: port, load: load, tls: try tlsClient ?? TLSEcho.clientContext(certificates: material.certificates),
+                coalescing: self == .tlsCoalesced
+            )
         }
     }
 
@@ -287,10 +305,10 @@ extension System {
     /// the keyring (`keyring`) or the certificate directory (`certificates`).
     func serve(port: Int, keyring: String?, certificates: String?, ready: @Sendable (Int) -> Void) async throws {
         switch self {
-        case .raw, .rawCoalesced, .tlsEcho:
+        case .raw, .rawCoalesced, .tlsEcho, .tlsCoalesced:
             // The same server for both raw clients: it flushes once per read burst already.
             var tls: NIOSSLContext?
-            if self == .tlsEcho {
+            if self == .tlsEcho || self == .tlsCoalesced {
                 guard let certificates else { throw BenchError("the \(self.title) server needs --cert DIR") }
                 tls = try TLSEcho.serverContext(certificates: certificates)
             }
