@@ -45,11 +45,21 @@ public struct ParleyConnectionLimits: Sendable {
     /// keep a connection that never says who it is. nil: wait for ever.
     public var handshakeTimeout: Duration?
 
+    /// Server side only: a connection on which no keepalive timeout runs (the peer did not
+    /// negotiate `keepalive`, or `keepaliveInterval` is nil) is closed with `timeout` once
+    /// no message has been received from the peer for this long and nothing is in progress (no
+    /// request of either side unanswered, no handler running or queued): such a connection
+    /// would otherwise be kept for ever, even after its peer is gone without a word.
+    /// docs/protocol.md section 7.12. nil: never. Clients ignore it.
+    public var idleTimeout: Duration?
+
     public init(
         maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024, handlersOnEventLoop: Bool = true,
         keepaliveInterval: Duration? = .seconds(15), keepaliveTimeout: Duration = .seconds(60),
-        flushEvery: Int = PipelineOptions.defaultFlushEvery, handshakeTimeout: Duration? = .seconds(30)
+        flushEvery: Int = PipelineOptions.defaultFlushEvery, handshakeTimeout: Duration? = .seconds(30),
+        idleTimeout: Duration? = .seconds(300)
     ) {
+        self.idleTimeout = idleTimeout
         self.handshakeTimeout = handshakeTimeout
         self.flushEvery = flushEvery
         self.maxOutstandingRequests = maxOutstandingRequests
@@ -61,9 +71,12 @@ public struct ParleyConnectionLimits: Sendable {
 
     /// The pipeline's options that come from these limits (keepalive timing, flushes), with
     /// the connection's frame-size limit and capture files.
-    /// - Throws: `invalidArgument` for a bad keepalive timing.
+    /// - Throws: `invalidArgument` for a bad keepalive timing or idle timeout.
     func pipelineOptions(maxFrameSize: Int, captureInbound: String? = nil, captureOutbound: String? = nil) throws(ParleyError) -> PipelineOptions {
-        PipelineOptions(
+        if let idle = self.idleTimeout, idle <= .zero {
+            throw ParleyError(code: .invalidArgument, message: "the idle timeout (\(idle)) must be positive")
+        }
+        return PipelineOptions(
             maxFrameSize: maxFrameSize, captureInbound: captureInbound, captureOutbound: captureOutbound,
             keepalive: try self.keepaliveConfiguration(), flushEvery: self.flushEvery,
             handshakeTimeout: try self.handshakeTimeout.map { t throws(ParleyError) in
@@ -135,6 +148,8 @@ public final class ParleyConnection: Sendable {
     /// (changed under the state lock, read without it: every answer checks it).
     private let epochs = Atomic<UInt64>(0)
     private let metrics = ConnectionMetrics()
+    /// Messages received from the peer: the idle timer compares the count between ticks.
+    private let messagesReceived = Atomic<UInt64>(0)
     private let ended: EventLoopPromise<ParleyError>
     /// Where handlers run: the channel's event loop, or nil for the global pool.
     let executor: EventLoopTaskExecutor?
@@ -197,6 +212,8 @@ public final class ParleyConnection: Sendable {
         var closed: ParleyError?
         var keepaliveRoundTrip: Duration?
         var linkUps = 0
+        /// Server side without keepalive: ticks the idle machine (`limits.idleTimeout`).
+        var idleTimer: RepeatedTask?
     }
 
     init(
@@ -234,6 +251,51 @@ public final class ParleyConnection: Sendable {
                 })
             }
         }
+        if role == .server, let idle = limits.idleTimeout, idle > .zero,
+           limits.keepaliveInterval == nil || !session.features.contains(.keepalive) {
+            self.startIdleTimer(timeout: idle.nanoseconds)
+        }
+    }
+
+    /// Server side without keepalive: ends the connection once it has been idle for
+    /// `timeout` nanoseconds (`IdleStateMachine`).
+    private func startIdleTimer(timeout: Int64) {
+        let loop = self.channel.eventLoop
+        let machine = NIOLoopBoundBox(IdleStateMachine(timeout: timeout, now: Self.uptime()), eventLoop: loop)
+        let tick = TimeAmount.nanoseconds(machine.value.tickInterval)
+        let timer = loop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { [weak self] task in
+            guard let self else { return task.cancel() }
+            let busy = self.state.withLockedValue { s in
+                !s.pending.isEmpty || !s.serving.isEmpty || !s.backlog.isEmpty || s.readsPaused || s.closed != nil
+            }
+            guard case .idle(let idle) = machine.value.tick(now: Self.uptime(), messages: self.messagesReceived.load(ordering: .relaxed), busy: busy) else { return }
+            task.cancel()
+            let seconds = Double(idle) / 1e9, limit = Double(timeout) / 1e9
+            let error = ParleyError(
+                code: .timeout,
+                message: "idle for \(Self.twoDecimals(seconds)) s: no message received and nothing in progress (idle timeout \(Self.twoDecimals(limit)) s, no keepalive)"
+            )
+            self.logger.info("closing an idle connection", metadata: ["entity": "\(self.session.entityName)", "idle": "\(Self.twoDecimals(seconds)) s"])
+            if self.lossless != nil {
+                self.finish(error)  // ends the session: CLOSE goes on its link, if it has one
+            } else {
+                self.outlet.write(.close(error))  // CLOSE, then the channel closes and `finish` runs
+            }
+        }
+        let keep = self.state.withLockedValue { s -> Bool in
+            guard s.closed == nil else { return false }
+            s.idleTimer = timer
+            return true
+        }
+        if !keep { timer.cancel() }
+    }
+
+    private static func uptime() -> Int64 { Int64(truncatingIfNeeded: NIODeadline.now().uptimeNanoseconds) }
+
+    private static func twoDecimals(_ value: Double) -> String {
+        let hundredths = Int((value * 100).rounded())
+        let fraction = hundredths % 100
+        return "\(hundredths / 100).\(fraction < 10 ? "0" : "")\(fraction)"
     }
 
     /// A request the handshake already sent (`ParleyClient.connect(to:firstCall:...)`):
@@ -643,10 +705,13 @@ public final class ParleyConnection: Sendable {
 
     /// Fails everything outstanding; idempotent.
     func finish(_ error: ParleyError) {
+        var idleTimer: RepeatedTask?
         let ending = self.state.withLockedValue { s -> (pending: [UInt64: Outstanding], waiters: CircularBuffer<CheckedContinuation<Void, any Error>>, serving: [UInt64: Handling], idle: [CheckedContinuation<Void, Never>])? in
             guard s.closed == nil else { return nil }
             s.closed = error
+            idleTimer = s.idleTimer
             defer {
+                s.idleTimer = nil
                 s.pending = [:]
                 s.slotWaiters = []
                 s.serving = [:]
@@ -656,6 +721,7 @@ public final class ParleyConnection: Sendable {
             return (s.pending, s.slotWaiters, s.serving, s.idleWaiters)
         }
         guard let ending else { return }
+        idleTimer?.cancel()
         for (_, p) in ending.pending { p.waiter.fail(error) }
         ending.waiters.forEach { $0.resume(throwing: error) }
         for case .running(let task) in ending.serving.values { task.cancel() }
@@ -672,6 +738,7 @@ public final class ParleyConnection: Sendable {
     fileprivate func received(_ event: ConnectionEvent) {
         switch event {
         case .message(let message):
+            self.messagesReceived.add(1, ordering: .relaxed)
             self.received(message)
         case .notice(let nucleus):
             self.onNotice?(ParleyNucleus(nucleus))

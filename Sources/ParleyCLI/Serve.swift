@@ -51,6 +51,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Seconds a client may take to finish its handshake before the server closes the connection, so that silent or very slow clients do not hold connections open; counted from when the connection is open (over tls:// the TLS handshake counts; over ws:// and wss:// from the end of the HTTP upgrade).", valueName: "seconds"))
     var handshakeTimeout: Double = 30
 
+    @Option(name: .long, help: ArgumentHelp("Seconds after which a connection without keepalive (its client did not negotiate it) is closed when no message has come from it and nothing has been in progress for that long; 0: never.", valueName: "seconds"))
+    var idleTimeout: Double = 300
+
     @Option(name: .long, help: ArgumentHelp("Connections served at once; more are closed as soon as they are accepted. Default: the file descriptor limit less 128 (\(ParleyServer.defaultMaxConnections) here).", valueName: "n"))
     var maxConnections: Int = ParleyServer.defaultMaxConnections
 
@@ -68,6 +71,7 @@ struct Serve: AsyncParsableCommand {
         try checkSeconds(self.sessionRetention, "--session-retention", minimum: 0)
         try checkSeconds(self.shutdownGrace, "--shutdown-grace", minimum: 0)
         try checkSeconds(self.handshakeTimeout, "--handshake-timeout", minimum: 0.001)
+        try checkSeconds(self.idleTimeout, "--idle-timeout", minimum: 0)
         guard self.maxConnections >= 1 else { throw ValidationError("--max-connections must be at least 1") }
         try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
     }
@@ -94,6 +98,7 @@ struct Serve: AsyncParsableCommand {
         configuration.sessionRetention = self.sessionRetention > 0 ? .milliseconds(Int64(self.sessionRetention * 1000)) : nil
         configuration.shutdownGracePeriod = self.shutdownGrace > 0 ? .milliseconds(Int64(self.shutdownGrace * 1000)) : nil
         configuration.limits.handshakeTimeout = .microseconds(Int64(self.handshakeTimeout * 1_000_000))
+        configuration.limits.idleTimeout = self.idleTimeout > 0 ? .microseconds(Int64(self.idleTimeout * 1_000_000)) : nil
         configuration.maxConnections = self.maxConnections
         do { try self.security.apply(to: &configuration) } catch let error as ParleyError { throw ValidationError(error.message) }
         let server = ParleyServer(configuration: configuration, router: router, logger: logger)

@@ -75,6 +75,92 @@ struct TimeoutTests {
         }
     }
 
+    /// A server without a keepalive timeout (here: keepalive off on its side) closes a
+    /// connection on which nothing arrives and nothing is in progress, with CLOSE `timeout`.
+    /// [R-7.12-4]
+    @Test func anIdleConnectionWithoutKeepaliveIsClosed() async throws {
+        let limits = ParleyConnectionLimits(keepaliveInterval: nil, idleTimeout: .milliseconds(300))
+        let logs = LogCollector()
+        try await withServer(configure: { $0.limits = limits }, logger: logs.logger("server")) { server, addresses in
+            let start = ContinuousClock.now
+            let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(
+                clientSessionBytes(messages: []), seconds: 20, halfClose: false
+            )
+            #expect(closed, "the server closed the idle connection")
+            #expect(ContinuousClock.now - start >= .milliseconds(300), "not before the idle timeout")
+            let close = try #require(frames(in: reply).last)
+            #expect(close.tag == .close)
+            let status = try Parley_V1_Status(parleyPayload: close.segments[0])
+            #expect(ParleyError.Code(rawValue: status.code) == .timeout)
+            #expect(status.message.contains("idle timeout 0.30 s"), "\(status.message)")
+            #expect(try await eventually { server.connectionCount == 0 })
+            let logged = try await eventually { logs.all.contains { $0.message.contains("closing an idle connection") } }
+            #expect(logged)
+        }
+    }
+
+    /// A request that takes longer than the idle timeout is work in progress, not idleness:
+    /// its answer arrives, and the connection is closed only once it has been idle after it.
+    @Test func aLongRequestIsNotIdleness() async throws {
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Echo.self) { request, _ in
+            try await Task.sleep(for: .milliseconds(1500))
+            var reply = Parley_Echo_V1_EchoReply()
+            reply.text = request.text
+            return reply
+        }
+        let limits = ParleyConnectionLimits(keepaliveInterval: nil, idleTimeout: .milliseconds(300))
+        try await withServer(configure: { $0.limits = limits }, router: router) { _, addresses in
+            var echo = Parley_Echo_V1_Echo()
+            echo.text = "slow"
+            // The request leaves with the handshake (its first call), so that it is in progress
+            // from the server's first idle check on, however late a loaded machine runs this task.
+            let (client, reply) = try await ParleyClient.connect(
+                to: addresses[0], logger: quietLogger, firstCall: echo, as: Parley_Echo_V1_EchoReply.self
+            )
+            defer { client.close() }
+            #expect(reply.message.text == "slow", "answered after 1.5 s, five idle timeouts")
+            // Bounded: were it never closed for idleness, the client closes it after 20 s and
+            // the expectations below fail.
+            let watchdog = Task {
+                try await Task.sleep(for: .seconds(20))
+                client.close()
+            }
+            defer { watchdog.cancel() }
+            let ended = await client.connection.closed()
+            #expect(ended.code == .timeout, "then closed for idleness: \(ended)")
+            #expect(ended.message.contains("idle"), "\(ended)")
+        }
+    }
+
+    /// With keepalive in use the keepalive timeout watches the peer; an idle connection whose
+    /// peer answers KEEPALIVEs stays.
+    @Test func noIdleTimeoutWhileKeepaliveWatchesThePeer() async throws {
+        let limits = ParleyConnectionLimits(keepaliveInterval: .milliseconds(100), keepaliveTimeout: .seconds(8), idleTimeout: .milliseconds(200))
+        try await withServer(configure: { $0.limits = limits }) { server, addresses in
+            let client = try await ParleyClient.connect(to: addresses[0], configuration: .init(limits: limits), logger: quietLogger)
+            defer { client.close() }
+            #expect(try await ping(client, 1) == 1)
+            try await Task.sleep(for: .milliseconds(1500))
+            #expect(server.connectionCount == 1)
+            #expect(try await ping(client, 2) == 2)
+        }
+    }
+
+    @Test func theIdleTimeoutMustBePositive() async throws {
+        let bad = ParleyConnectionLimits(idleTimeout: .zero)
+        let server = ParleyServer(configuration: .init(listen: [.tcp(host: "127.0.0.1", port: 0)], limits: bad), router: ParleyRouter(), logger: quietLogger)
+        let running = Task { try await server.run() }
+        let watchdog = Task {
+            try await Task.sleep(for: .seconds(10))
+            running.cancel()
+        }
+        defer { watchdog.cancel() }
+        let error = await #expect(throws: ParleyError.self) { try await running.value }
+        #expect(error?.code == .invalidArgument)
+        #expect(error?.message.contains("idle timeout") == true)
+    }
+
     @Test func callTimeoutFailsTheCallAndCancelsTheHandler() async throws {
         let cancelled = Signal()
         var router = ParleyRouter()
