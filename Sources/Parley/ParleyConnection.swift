@@ -53,12 +53,22 @@ public struct ParleyConnectionLimits: Sendable {
     /// docs/protocol.md section 7.12. nil: never. Clients ignore it.
     public var idleTimeout: Duration?
 
+    /// The bytes of a stream's items this side has received and its consumer has not yet
+    /// taken (each item counts its payload and data bytes plus `streamItemOverhead`): past
+    /// it the stream fails with `cancelled`, and the peer is told with CANCEL. There is no
+    /// flow control in a stream (docs/protocol.md section 7.6): without a bound, a peer that
+    /// streams faster than the consumer reads, or without end, would grow this side until it
+    /// ran out of memory. Stopping to read instead would stall every other answer of the
+    /// connection, including one the consumer may be waiting for.
+    public var maxUnconsumedStreamBytes: Int
+
     public init(
         maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024, handlersOnEventLoop: Bool = true,
         keepaliveInterval: Duration? = .seconds(15), keepaliveTimeout: Duration = .seconds(60),
         flushEvery: Int = PipelineOptions.defaultFlushEvery, handshakeTimeout: Duration? = .seconds(30),
-        idleTimeout: Duration? = .seconds(300)
+        idleTimeout: Duration? = .seconds(300), maxUnconsumedStreamBytes: Int = 64 << 20
     ) {
+        self.maxUnconsumedStreamBytes = maxUnconsumedStreamBytes
         self.idleTimeout = idleTimeout
         self.handshakeTimeout = handshakeTimeout
         self.flushEvery = flushEvery
@@ -75,6 +85,9 @@ public struct ParleyConnectionLimits: Sendable {
     func pipelineOptions(maxFrameSize: Int, captureInbound: String? = nil, captureOutbound: String? = nil) throws(ParleyError) -> PipelineOptions {
         if let idle = self.idleTimeout, idle <= .zero {
             throw ParleyError(code: .invalidArgument, message: "the idle timeout (\(idle)) must be positive")
+        }
+        guard self.maxUnconsumedStreamBytes > 0 else {
+            throw ParleyError(code: .invalidArgument, message: "maxUnconsumedStreamBytes (\(self.maxUnconsumedStreamBytes)) must be positive")
         }
         return PipelineOptions(
             maxFrameSize: maxFrameSize, captureInbound: captureInbound, captureOutbound: captureOutbound,
@@ -101,6 +114,30 @@ public struct ParleyConnectionLimits: Sendable {
     }
 
     public static var defaults: ParleyConnectionLimits { ParleyConnectionLimits() }
+
+    /// What each stream item counts beyond its bytes towards `maxUnconsumedStreamBytes`
+    /// (its header and bookkeeping), so that empty items are bounded too.
+    public static let streamItemOverhead = 128
+}
+
+/// The bytes of a stream's items received and not yet taken by its consumer
+/// (`ParleyConnectionLimits.maxUnconsumedStreamBytes`).
+final class StreamBacklog: Sendable {
+    private let bytes = Atomic<Int>(0)
+
+    static func size(of message: WireMessage) -> Int {
+        message.payload.readableBytes + (message.data?.readableBytes ?? 0) + ParleyConnectionLimits.streamItemOverhead
+    }
+
+    /// Counts a received item; returns the bytes now waiting.
+    func received(_ message: WireMessage) -> Int {
+        self.bytes.add(Self.size(of: message), ordering: .relaxed).newValue
+    }
+
+    /// The consumer took an item.
+    func taken(_ message: WireMessage) {
+        self.bytes.subtract(Self.size(of: message), ordering: .relaxed)
+    }
 }
 
 /// One established Parley connection, client or server side.
@@ -160,14 +197,14 @@ public final class ParleyConnection: Sendable {
         case unary(UnsafeContinuation<WireMessage, any Error>)
         /// Like `unary`, for a caller without a task (`call(_:data:as:idempotent:completion:)`).
         case callback(@Sendable (Result<WireMessage, any Error>) -> Void)
-        case stream(AsyncThrowingStream<WireMessage, any Error>.Continuation)
+        case stream(AsyncThrowingStream<WireMessage, any Error>.Continuation, StreamBacklog)
 
         /// Ends the wait with `error`.
         func fail(_ error: any Error) {
             switch self {
             case .unary(let c): c.resume(throwing: error)
             case .callback(let complete): complete(.failure(error))
-            case .stream(let c): c.finish(throwing: error)
+            case .stream(let c, _): c.finish(throwing: error)
             }
         }
     }
@@ -452,6 +489,7 @@ public final class ParleyConnection: Sendable {
             throw error
         }
         let (stream, continuation) = AsyncThrowingStream<WireMessage, any Error>.makeStream()
+        let backlog = StreamBacklog()
         continuation.onTermination = { termination in
             self.releaseSlot()
             if case .cancelled = termination { self.cancelOutbound(id: id) }
@@ -460,10 +498,10 @@ public final class ParleyConnection: Sendable {
         let failure = self.state.withLockedValue { s -> ParleyError? in
             if let closed = s.closed { return closed }
             if let lossless = self.lossless {
-                s.pending[id] = Outstanding(.stream(continuation), type: Request.protoMessageName)
+                s.pending[id] = Outstanding(.stream(continuation, backlog), type: Request.protoMessageName)
                 kick = lossless.enqueue(message)
             } else {
-                s.pending[id] = Outstanding(.stream(continuation))
+                s.pending[id] = Outstanding(.stream(continuation, backlog))
             }
             return nil
         }
@@ -472,7 +510,7 @@ public final class ParleyConnection: Sendable {
             throw failure
         }
         if self.lossless == nil { self.outlet.write(.message(message)) } else { kick?.pump() }
-        return ParleyResponseStream(base: stream)
+        return ParleyResponseStream(base: stream, backlog: backlog)
     }
 
     /// Sends a one-way message. Returns once the message is handed to the event loop, or,
@@ -789,8 +827,8 @@ public final class ParleyConnection: Sendable {
             switch s.pending[id]?.waiter {
             case .unary?, .callback?:
                 return kind == .streamItem ? nil : s.pending.removeValue(forKey: id)?.waiter
-            case .stream(let c)?:
-                return kind == .streamItem ? .stream(c) : s.pending.removeValue(forKey: id)?.waiter
+            case .stream(let c, let backlog)?:
+                return kind == .streamItem ? .stream(c, backlog) : s.pending.removeValue(forKey: id)?.waiter
             case nil:
                 return nil
             }
@@ -804,11 +842,21 @@ public final class ParleyConnection: Sendable {
             complete(.failure(Self.errorFromAnswer(message)))
         case (.callback(let complete)?, _):
             complete(.success(message))
-        case (.stream(let c)?, .streamItem):
+        case (.stream(let c, let backlog)?, .streamItem):
+            let waiting = backlog.received(message)
+            guard waiting <= self.limits.maxUnconsumedStreamBytes else {
+                self.logger.warning("stream cancelled: its consumer does not keep up", metadata: ["id": "\(id)", "waiting": "\(waiting)"])
+                self.cancelOutbound(id: id, ParleyError(
+                    code: .cancelled,
+                    message: "stream \(id) cancelled: \(waiting) bytes of its items were received and not yet taken by its consumer (limit \(self.limits.maxUnconsumedStreamBytes), ParleyConnectionLimits.maxUnconsumedStreamBytes)"
+                ))
+                return
+            }
             c.yield(message)
-        case (.stream(let c)?, .error):
+        case (.stream(let c, _)?, .error):
             c.finish(throwing: Self.errorFromAnswer(message))
-        case (.stream(let c)?, _):
+        case (.stream(let c, let backlog)?, _):
+            _ = backlog.received(message)  // the final answer: it ends the stream, no check
             c.yield(message)
             c.finish()
         case (nil, _):
@@ -1250,11 +1298,14 @@ public enum ParleyStreamEvent<Item: Sendable, Final: Sendable>: Sendable {
 public struct ParleyResponseStream<Item: SwiftProtobuf.Message & Sendable, Final: SwiftProtobuf.Message & Sendable>: AsyncSequence, Sendable {
     public typealias Element = ParleyStreamEvent<Item, Final>
     let base: AsyncThrowingStream<WireMessage, any Error>
+    let backlog: StreamBacklog
 
     public struct AsyncIterator: AsyncIteratorProtocol {
         var base: AsyncThrowingStream<WireMessage, any Error>.AsyncIterator
+        let backlog: StreamBacklog
         public mutating func next() async throws -> Element? {
             guard let message = try await self.base.next() else { return nil }
+            self.backlog.taken(message)
             if message.header.kind == .streamItem {
                 let reply = try ParleyConnection.decodeAnswer(message, as: Item.self)
                 return .item(reply.message, data: reply.data)
@@ -1263,7 +1314,7 @@ public struct ParleyResponseStream<Item: SwiftProtobuf.Message & Sendable, Final
         }
     }
 
-    public func makeAsyncIterator() -> AsyncIterator { AsyncIterator(base: self.base.makeAsyncIterator()) }
+    public func makeAsyncIterator() -> AsyncIterator { AsyncIterator(base: self.base.makeAsyncIterator(), backlog: self.backlog) }
 }
 
 /// swift-metrics instruments of a connection's request handling.

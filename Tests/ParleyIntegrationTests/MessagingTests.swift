@@ -268,6 +268,69 @@ struct MessagingTests {
         }
     }
 
+    /// A stream whose items arrive faster than its consumer takes them is cancelled once
+    /// `maxUnconsumedStreamBytes` of them wait: the consumer gets what was buffered, then
+    /// `cancelled`; the server's handler is told (CANCEL); the connection goes on.
+    @Test func aStreamNotConsumedIsCancelledPastItsBound() async throws {
+        let cancelled = Signal()
+        var router = ParleyRouter()
+        router.onStream(Parley_Echo_V1_Count.self, item: Parley_Echo_V1_CountItem.self) { request, writer, _ in
+            var done = Parley_Echo_V1_CountDone()
+            do {
+                for i in 0..<request.count {
+                    // A pause now and then: a handler that only ever writes would keep its
+                    // event loop (shared with the other tests) to itself until 8 MiB wait.
+                    if i % 256 == 255 { try await Task.sleep(for: .microseconds(100)) }
+                    var item = Parley_Echo_V1_CountItem()
+                    item.index = i
+                    try await writer.send(item)
+                    done.sent = i + 1
+                }
+            } catch {
+                cancelled.raise()
+                throw error
+            }
+            return done
+        }
+        router.on(Parley_Echo_V1_Ping.self) { request, _ in
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = request.sequence
+            return pong
+        }
+        try await withServer(router: router) { _, addresses in
+            // 64 KiB: about 480 items of this stream (each counts its bytes and 128 more).
+            let limits = ParleyConnectionLimits(maxUnconsumedStreamBytes: 64 << 10)
+            let client = try await ParleyClient.connect(to: addresses[0], configuration: .init(limits: limits), logger: quietLogger)
+            defer { client.close() }
+            var count = Parley_Echo_V1_Count()
+            count.count = 1_000_000
+            let stream = try await client.stream(count, item: Parley_Echo_V1_CountItem.self, final: Parley_Echo_V1_CountDone.self)
+            // Nobody consumes while the server sends.
+            #expect(await cancelled.wait(seconds: 20), "the server's handler was cancelled")
+            var items = 0
+            let error = await #expect(throws: ParleyError.self) {
+                for try await case .item in stream { items += 1 }
+            }
+            #expect(error?.code == .cancelled)
+            #expect(error?.message.contains("not yet taken by its consumer") == true, "\(String(describing: error))")
+            #expect(items > 0 && items <= 512, "what was buffered is delivered first: \(items) items")
+            #expect(try await ping(client, 7) == 7, "the connection goes on")
+            // A stream within the bound, consumed late, arrives whole.
+            count.count = 300
+            let small = try await client.stream(count, item: Parley_Echo_V1_CountItem.self, final: Parley_Echo_V1_CountDone.self)
+            try await Task.sleep(for: .milliseconds(300))
+            var got = 0
+            var final: Parley_Echo_V1_CountDone?
+            for try await event in small {
+                switch event {
+                case .item: got += 1
+                case .final(let done): final = done
+                }
+            }
+            #expect(got == 300 && final?.sent == 300)
+        }
+    }
+
     @Test func cancellingTheCallingTaskCancelsTheRequest() async throws {
         let started = Signal()
         let cancelled = Signal()
