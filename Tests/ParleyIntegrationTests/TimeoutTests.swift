@@ -148,17 +148,23 @@ struct TimeoutTests {
     }
 
     @Test func theIdleTimeoutMustBePositive() async throws {
-        let bad = ParleyConnectionLimits(idleTimeout: .zero)
-        let server = ParleyServer(configuration: .init(listen: [.tcp(host: "127.0.0.1", port: 0)], limits: bad), router: ParleyRouter(), logger: quietLogger)
+        let error = await Self.startingAServer(with: ParleyConnectionLimits(idleTimeout: .zero))
+        #expect(error?.code == .invalidArgument)
+        #expect(error?.message.contains("idle timeout") == true)
+    }
+
+    /// Runs a server with `limits` and returns the error it refuses to start with (nil, and
+    /// a failed expectation, if it started: it is then stopped after 10 s rather than left
+    /// serving until cancelled).
+    static func startingAServer(with limits: ParleyConnectionLimits) async -> ParleyError? {
+        let server = ParleyServer(configuration: .init(listen: [.tcp(host: "127.0.0.1", port: 0)], limits: limits), router: ParleyRouter(), logger: quietLogger)
         let running = Task { try await server.run() }
         let watchdog = Task {
             try await Task.sleep(for: .seconds(10))
             running.cancel()
         }
         defer { watchdog.cancel() }
-        let error = await #expect(throws: ParleyError.self) { try await running.value }
-        #expect(error?.code == .invalidArgument)
-        #expect(error?.message.contains("idle timeout") == true)
+        return await #expect(throws: ParleyError.self) { try await running.value }
     }
 
     @Test func callTimeoutFailsTheCallAndCancelsTheHandler() async throws {
@@ -315,15 +321,7 @@ struct TimeoutTests {
         #expect(error?.code == .invalidArgument)
         #expect(error?.message.contains("handshake timeout") == true)
         // A server refuses to start with it, rather than start and close every connection.
-        let server = ParleyServer(configuration: .init(listen: [.tcp(host: "127.0.0.1", port: 0)], limits: bad), router: ParleyRouter(), logger: quietLogger)
-        let running = Task { try await server.run() }
-        // Were it to start, it would serve until cancelled: fail rather than hang.
-        let watchdog = Task {
-            try await Task.sleep(for: .seconds(10))
-            running.cancel()
-        }
-        defer { watchdog.cancel() }
-        let refused = await #expect(throws: ParleyError.self) { try await running.value }
+        let refused = await Self.startingAServer(with: bad)
         #expect(refused?.code == .invalidArgument)
         #expect(refused?.message.contains("handshake timeout") == true)
     }
