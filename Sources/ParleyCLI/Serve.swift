@@ -72,6 +72,9 @@ struct Serve: AsyncParsableCommand {
         try checkSeconds(self.shutdownGrace, "--shutdown-grace", minimum: 0)
         try checkSeconds(self.handshakeTimeout, "--handshake-timeout", minimum: 0.001)
         try checkSeconds(self.idleTimeout, "--idle-timeout", minimum: 0)
+        guard self.idleTimeout == 0 || self.idleTimeout >= 0.001 else {
+            throw ValidationError("--idle-timeout must be 0 (never) or at least 0.001 seconds")
+        }
         guard self.maxConnections >= 1 else { throw ValidationError("--max-connections must be at least 1") }
         try self.security.check(listen: try self.listen.map { try ParleyAddress(parsing: $0) })
     }

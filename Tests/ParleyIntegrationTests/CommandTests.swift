@@ -149,7 +149,9 @@ struct CommandTests {
             #expect(refused.status != 0)
             #expect(refused.stderr.contains("--handshake-timeout must be from 0.001 to 31536000 seconds (a year)"), "\(refused.combined)")
         }
-        for option in ["--session-retention", "--shutdown-grace", "--request-delay"] {
+        let tiny = try await Self.run(["serve", "--idle-timeout=0.0000001"])
+        #expect(tiny.status != 0 && tiny.stderr.contains("--idle-timeout must be 0 (never) or at least 0.001 seconds"), "\(tiny.combined)")
+        for option in ["--session-retention", "--shutdown-grace", "--request-delay", "--idle-timeout"] {
             let refused = try await Self.run(["serve", "\(option)=1e300"])
             #expect(refused.status != 0)
             #expect(refused.stderr.contains("\(option) must be from 0 to 31536000 seconds (a year)"), "\(refused.combined)")
@@ -165,6 +167,21 @@ struct CommandTests {
         let (_, closed) = try await peer.exchange(banner, seconds: 20, halfClose: false)
         #expect(closed, "the server closed the connection whose handshake stalled")
         #expect(try await server.waitForLog("handshake did not complete within 0.30 s"), "\(server.log)")
+        #expect(await server.stop() == 0)
+    }
+
+    /// `parley serve --idle-timeout` closes a connection whose client did not negotiate
+    /// keepalive once it has been idle that long, with CLOSE `timeout`, and logs it.
+    @Test func serveClosesAnIdleConnectionWithoutKeepalive() async throws {
+        let server = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--idle-timeout", "0.3"])
+        let peer = try await RawPeer.connect(try ParleyAddress(parsing: server.address))
+        let (reply, closed) = try await peer.exchange(
+            clientSessionBytes(features: ParleyFeatures.implemented.subtracting(.keepalive), messages: []), seconds: 20, halfClose: false
+        )
+        #expect(closed, "the server closed the idle connection")
+        let close = try #require(frames(in: reply).last)
+        #expect(close.tag == .close)
+        #expect(try await server.waitForLog("closing an idle connection"), "\(server.log)")
         #expect(await server.stop() == 0)
     }
 
