@@ -298,21 +298,21 @@ public final class ParleyConnection: Sendable {
     /// `timeout` nanoseconds (`IdleStateMachine`).
     private func startIdleTimer(timeout: Int64) {
         let loop = self.channel.eventLoop
-        let machine = NIOLoopBoundBox(IdleStateMachine(timeout: timeout, now: Self.uptime()), eventLoop: loop)
+        let machine = NIOLoopBoundBox(IdleStateMachine(timeout: timeout, now: ParleyConnectionHandler.now()), eventLoop: loop)
         let tick = TimeAmount.nanoseconds(machine.value.tickInterval)
         let timer = loop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { [weak self] task in
             guard let self else { return task.cancel() }
             let busy = self.state.withLockedValue { s in
                 !s.pending.isEmpty || !s.serving.isEmpty || !s.backlog.isEmpty || s.readsPaused || s.closed != nil
             }
-            guard case .idle(let idle) = machine.value.tick(now: Self.uptime(), messages: self.messagesReceived.load(ordering: .relaxed), busy: busy) else { return }
+            guard case .idle(let idle) = machine.value.tick(now: ParleyConnectionHandler.now(), messages: self.messagesReceived.load(ordering: .relaxed), busy: busy) else { return }
             task.cancel()
             let seconds = Double(idle) / 1e9, limit = Double(timeout) / 1e9
             let error = ParleyError(
                 code: .timeout,
-                message: "idle for \(Self.twoDecimals(seconds)) s: no message received and nothing in progress (idle timeout \(Self.twoDecimals(limit)) s, no keepalive)"
+                message: "idle for \(seconds.formatted2) s: no message received and nothing in progress (idle timeout \(limit.formatted2) s, no keepalive)"
             )
-            self.logger.info("closing an idle connection", metadata: ["entity": "\(self.session.entityName)", "idle": "\(Self.twoDecimals(seconds)) s"])
+            self.logger.info("closing an idle connection", metadata: ["entity": "\(self.session.entityName)", "idle": "\(seconds.formatted2) s"])
             if self.lossless != nil {
                 self.finish(error)  // ends the session: CLOSE goes on its link, if it has one
             } else {
@@ -327,13 +327,6 @@ public final class ParleyConnection: Sendable {
         if !keep { timer.cancel() }
     }
 
-    private static func uptime() -> Int64 { Int64(truncatingIfNeeded: NIODeadline.now().uptimeNanoseconds) }
-
-    private static func twoDecimals(_ value: Double) -> String {
-        let hundredths = Int((value * 100).rounded())
-        let fraction = hundredths % 100
-        return "\(hundredths / 100).\(fraction < 10 ? "0" : "")\(fraction)"
-    }
 
     /// A request the handshake already sent (`ParleyClient.connect(to:firstCall:...)`):
     /// its id and who waits for its answer.

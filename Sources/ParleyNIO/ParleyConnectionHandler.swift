@@ -783,7 +783,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     // MARK: - Keepalive
 
-    private static func now() -> Int64 { Int64(truncatingIfNeeded: NIODeadline.now().uptimeNanoseconds) }
+    /// The monotonic clock of the keepalive machine (and the connection's idle machine), in
+    /// nanoseconds.
+    package static func now() -> Int64 { Int64(truncatingIfNeeded: NIODeadline.now().uptimeNanoseconds) }
 
     private func startKeepalive(_ configuration: KeepaliveStateMachine.Configuration, context: ChannelHandlerContext) {
         var machine = KeepaliveStateMachine(configuration: configuration, now: Self.now())
@@ -984,7 +986,7 @@ extension Array {
 
 extension Double {
     /// Two decimals, for messages.
-    fileprivate var formatted2: String {
+    package var formatted2: String {
         let hundredths = (self * 100).rounded()
         let whole = Int(hundredths / 100)
         let frac = Int(abs(hundredths).truncatingRemainder(dividingBy: 100))
