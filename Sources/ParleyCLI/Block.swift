@@ -78,8 +78,8 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: "Threads for storage calls that may block (reads that miss the cache, flushes, discards).")
     var ioThreads: Int = 16
 
-    @Option(name: .long, help: ArgumentHelp("Largest plain write (whole 4 KiB pages) done on the network thread when the file system cannot do non-blocking writes (ext4); larger ones, durable ones and all writes for a second after one that took over 1 ms go to the IO threads. 0: all writes go to the IO threads.", valueName: "bytes"))
-    var inlineWrites: Int = 64 * 1024
+    @Option(name: .long, help: ArgumentHelp("Largest plain write (whole 4 KiB pages) done on the network thread instead of an IO thread: a write that arrived in one read when the file system cannot do non-blocking writes (ext4), and one that arrived in several reads on any file system. Larger ones, durable ones and all writes for a second after one that took over 1 ms go to the IO threads. 0: all writes go to the IO threads.", valueName: "bytes"))
+    var inlineWrites: Int = 1 << 20
 
     @Option(name: .long, help: ArgumentHelp("Seconds a client has from its connect to the end of the handshake, on the NBD and block protocol listeners; then it is closed.", valueName: "seconds"))
     var handshakeTimeout: Double = 30

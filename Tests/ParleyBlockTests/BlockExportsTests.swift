@@ -608,6 +608,40 @@ extension BlockExportsTests {
             #expect(try T.read(store, at: 8192, count: 4096) == [UInt8](repeating: 0, count: 4096), "nothing written while paused")
         }
 
+        /// A write gathered from several reads is done inline when the policy takes its
+        /// total length (on any file system), and otherwise left to the caller with nothing
+        /// written; a slow one pauses inline writes.
+        @Test func aGatheredWriteIsInlineWithinThePolicy() throws {
+            let dir = try TempDir()
+            let policy = InlineWritePolicy(largest: 65536, alignment: 4096, slowNanoseconds: 1_000_000_000, pauseNanoseconds: 600_000_000_000)
+            let store = try FileBlockStore(path: try dir.file("a.img", size: Self.size), writable: true, inlineWrites: policy)
+            let bytes = (0..<12288).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+            func gathered(_ data: [UInt8], at offset: UInt64, on store: FileBlockStore) throws -> Bool {
+                // Three pieces of unequal size, as network reads leave them.
+                let cuts = [0..<1000, 1000..<9000, 9000..<data.count]
+                return try data.withUnsafeBytes { all in
+                    try store.writeInline(gathered: cuts.map { UnsafeRawBufferPointer(rebasing: all[$0]) }, at: offset)
+                }
+            }
+            #expect(try gathered(bytes, at: 8192, on: store))
+            #expect(try T.read(store, at: 8192, count: bytes.count) == bytes)
+            let large = [UInt8](repeating: 0x5a, count: 65536 + 4096)
+            #expect(!(try gathered(large, at: 65536, on: store)), "larger than the policy's largest")
+            #expect(try T.read(store, at: 65536, count: large.count) == [UInt8](repeating: 0, count: large.count))
+            #expect(!(try gathered(bytes, at: 512, on: store)), "not page-aligned")
+            #expect(try T.read(store, at: 0, count: 8192) == [UInt8](repeating: 0, count: 8192))
+            #expect(store.inlineWritePauses == 0)
+
+            let slow = InlineWritePolicy(largest: 65536, alignment: 4096, slowNanoseconds: -1, pauseNanoseconds: 600_000_000_000)
+            let paused = try FileBlockStore(path: try dir.file("b.img", size: Self.size), writable: true, inlineWrites: slow)
+            #expect(try gathered(bytes, at: 0, on: paused))
+            #expect(paused.inlineWritePauses == 1)
+            #expect(!(try gathered(bytes, at: 16384, on: paused)), "paused after a slow one")
+            #expect(try T.read(paused, at: 16384, count: bytes.count) == [UInt8](repeating: 0, count: bytes.count))
+            let off = try FileBlockStore(path: try dir.file("c.img", size: Self.size), writable: true, inlineWrites: .off)
+            #expect(!(try gathered(bytes, at: 0, on: off)))
+        }
+
         @Test func inlineWritePolicyTakesSmallWholePagesUnlessPaused() {
             let p = InlineWritePolicy(largest: 65536, alignment: 4096, slowNanoseconds: 1_000_000, pauseNanoseconds: 1_000_000_000)
             #expect(p.allows(offset: 8192, length: 4096, now: 10, pausedUntil: .min))

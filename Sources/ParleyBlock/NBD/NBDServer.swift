@@ -538,9 +538,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .write(let offset, let fua):
             guard let chunks = payload else { return }
             if chunks.count != 1 {
-                // Gathered: written from the reads' buffers, 64 at a time in one call, on an IO
-                // thread; FUA then syncs the file once (RWF_DSYNC on each call would sync each).
+                // Gathered: written from the reads' buffers, 64 at a time in one call. Here, on
+                // the event loop, if the store's inline-write policy takes it (no hand-off to an
+                // IO thread and back, and the bytes are written from the CPU that just read
+                // them); otherwise on an IO thread, where FUA then syncs the file once (RWF_DSYNC
+                // on each call would sync each).
                 let bytes = chunks.reduce(0) { $0 + $1.readableBytes }
+                if !fua, chunks.count <= 64, self.writtenInline(bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context, {
+                    var inline = false
+                    try Self.forEachBatch(of: chunks) { pieces, _ in inline = try store.writeInline(gathered: pieces, at: offset) }
+                    return inline
+                }) {
+                    return
+                }
                 self.offload(.write, bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
                     try Self.forEachBatch(of: chunks) { pieces, skipped in try store.write(gathered: pieces, at: offset + skipped) }
                     if fua { try store.flush() }
@@ -548,18 +558,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 return
             }
             let payload = chunks[0]
-            if !fua {
-                do {
-                    let done = try payload.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
-                    if done {
-                        device.metrics(.write).record(bytes: payload.readableBytes, failed: false, nanoseconds: Self.elapsed(started))
-                        self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
-                        return
-                    }
-                } catch {
-                    self.failed(.write, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
-                    return
-                }
+            if !fua, self.writtenInline(bytes: payload.readableBytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context, {
+                try payload.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
+            }) {
+                return
             }
             self.offload(.write, bytes: payload.readableBytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
                 _ = try payload.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
@@ -721,6 +723,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             }
             self.resume(context: context)
         }
+    }
+
+    /// Runs `write` here, on the event loop; true if it was done (answered) or failed
+    /// (answered with the error), false if it must go to an IO thread (nothing written).
+    private func writtenInline(bytes: Int, cookie: UInt64, negotiated: NBDNegotiated, device: BlockDevice, started: NIODeadline,
+                               context: ChannelHandlerContext, _ write: () throws -> Bool) -> Bool {
+        do {
+            guard try write() else { return false }
+            device.metrics(.write).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
+            self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
+        } catch {
+            self.failed(.write, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+        }
+        return true
     }
 
     private func failed(_ kind: BlockOpKind, _ error: any Error, cookie: UInt64, negotiated: NBDNegotiated, device: BlockDevice,

@@ -75,6 +75,9 @@ public protocol BlockStore: Sendable {
     /// Writes `pieces` one after the other from `offset` (one large write arriving in several
     /// network reads), not durable; may block.
     func write(gathered pieces: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockStoreError)
+    /// The same without blocking the caller (an event loop) where the store can tell: returns
+    /// false, having written nothing, where the write must go to a thread that may block.
+    func writeInline(gathered pieces: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockStoreError) -> Bool
     /// Makes every completed write durable.
     func flush() throws(BlockStoreError)
     /// Deallocates a range (it then reads as zeroes).
@@ -98,6 +101,9 @@ extension BlockStore {
             at += UInt64(piece.count)
         }
     }
+
+    /// Never inline: the caller hands the write to a thread that may block.
+    public func writeInline(gathered pieces: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockStoreError) -> Bool { false }
 
     /// Write-zeroes that may fall back to writing zeroes.
     public func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(BlockStoreError) {
@@ -229,6 +235,25 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
             }
             if n < 0 { throw BlockStoreError(errno: Int32(-n), operation: "write \(bytes.count) bytes at \(offset)") }
             done += Int(n)
+        }
+        return true
+    }
+
+    /// A gathered write done on the caller's thread when `inlineWrites` allows its total
+    /// length, whether or not the file system takes RWF_NOWAIT (a partial non-blocking write
+    /// of several buffers would leave the rest to an IO thread anyway); a slow one pauses
+    /// inline writes as a single one does.
+    public func writeInline(gathered pieces: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockStoreError) -> Bool {
+        let length = pieces.reduce(0) { $0 + $1.count }
+        let now = Self.monotonicNanoseconds()
+        guard self.inlineWrites.allows(offset: offset, length: length, now: now,
+                                       pausedUntil: self.inlinePausedUntil.load(ordering: .relaxed)) else { return false }
+        try self.write(gathered: pieces, at: offset)
+        let end = Self.monotonicNanoseconds()
+        if let until = self.inlineWrites.pause(after: end - now, at: end) {
+            self.inlinePausedUntil.store(until, ordering: .relaxed)
+            self.inlinePauses.add(1, ordering: .relaxed)
+            Self.pauseCounter.increment()
         }
         return true
     }
