@@ -74,7 +74,18 @@ public final class BuildbotConnection: Sendable {
         var nextCommand: UInt64 = 0
         var closed: String?
         var closeWaiters: [CheckedContinuation<Void, Never>] = []
+        /// The worker's requests received and not yet answered.
+        var queued = 0
+        var readsPaused = false
+        var writableWaiters: [CheckedContinuation<Void, Never>] = []
     }
+
+    /// Past this many unanswered requests of the worker the connection stops reading (the
+    /// worker's sends then wait in TCP) until they are down to `resumeReadingAt`: a worker
+    /// that sends faster than the master answers, or that does not read the answers (they
+    /// are answered only while the socket takes them), cannot grow the master's memory.
+    static let maxQueuedRequests = 256
+    static let resumeReadingAt = 64
 
     private let state = NIOLockedValueBox(State())
     private let inbox: AsyncStream<(op: String, seq: Int64, body: MessagePack)>.Continuation
@@ -92,8 +103,51 @@ public final class BuildbotConnection: Sendable {
         // The worker's requests, answered one at a time in the order they came: a command's
         // updates and chunks stay in order, and each chunk is answered only once stored.
         Task { [self] in
-            for await request in stream { await self.serve(request.op, seq: request.seq, body: request.body) }
+            for await request in stream {
+                await self.untilWritable()
+                await self.serve(request.op, seq: request.seq, body: request.body)
+                let resume = self.state.withLockedValue { state -> Bool in
+                    state.queued -= 1
+                    guard state.readsPaused, state.queued <= Self.resumeReadingAt else { return false }
+                    state.readsPaused = false
+                    return true
+                }
+                if resume { self.applyReadState() }
+            }
         }
+    }
+
+    /// Sets the channel's auto-read to what the state says now (on the event loop, so that a
+    /// pause and a resume decided on different threads end in the latest one).
+    private func applyReadState() {
+        let channel = self.channel
+        channel.eventLoop.execute { [self] in
+            let paused = self.state.withLockedValue { $0.readsPaused }
+            channel.setOption(ChannelOptions.autoRead, value: !paused).whenFailure { _ in }
+        }
+    }
+
+    /// Returns once the channel takes writes (at once if it does), or it has closed.
+    private func untilWritable() async {
+        if self.channel.isWritable { return }
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let wait = self.state.withLockedValue { state -> Bool in
+                guard state.closed == nil, !self.channel.isWritable else { return false }
+                state.writableWaiters.append(continuation)
+                return true
+            }
+            if !wait { continuation.resume() }
+        }
+    }
+
+    /// From the channel handler: the channel's writability changed.
+    func writabilityChanged() {
+        guard self.channel.isWritable else { return }
+        let waiters = self.state.withLockedValue { state in
+            defer { state.writableWaiters = [] }
+            return state.writableWaiters
+        }
+        for w in waiters { w.resume() }
     }
 
     /// Why the connection ended, once it has.
@@ -195,8 +249,9 @@ public final class BuildbotConnection: Sendable {
                 state.waiters = [:]
                 state.commands = [:]
                 state.closeWaiters = []
+                state.writableWaiters = []
             }
-            return (Array(state.waiters.values), Array(state.commands.values), state.closeWaiters)
+            return (Array(state.waiters.values), Array(state.commands.values), state.closeWaiters + state.writableWaiters)
         }
         let error = BuildbotConnectionError(worker: self.worker, reason: reason)
         for w in waiters { w.resume(throwing: error) }
@@ -219,7 +274,14 @@ public final class BuildbotConnection: Sendable {
                 waiter?.resume(returning: result)
             }
         case .request(let op, let seq, let body):
+            let pause = self.state.withLockedValue { state -> Bool in
+                state.queued += 1
+                guard !state.readsPaused, state.queued >= Self.maxQueuedRequests else { return false }
+                state.readsPaused = true
+                return true
+            }
             self.inbox.yield((op, seq, body))
+            if pause { self.applyReadState() }
         }
     }
 
@@ -368,6 +430,11 @@ final class BuildbotFrameHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         self.connection.finish(reason: "the connection was lost")
         context.fireChannelInactive()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        self.connection.writabilityChanged()
+        context.fireChannelWritabilityChanged()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -108,7 +108,7 @@ final class RawSocket: @unchecked Sendable {
 
 @Suite(.serialized) struct BuildbotListenerTests {
     /// A front end on a fresh SQLite store and keyring, for `body`; stopped afterwards.
-    static func withFrontEnd(_ body: (_ port: Int, _ password: String, _ store: SQLiteWorkStore) async throws -> Void) async throws {
+    static func withFrontEnd(callTimeout: Duration = .seconds(20), _ body: (_ port: Int, _ password: String, _ store: SQLiteWorkStore) async throws -> Void) async throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bb-listener-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -118,7 +118,7 @@ final class RawSocket: @unchecked Sendable {
         try keyring.save(path: dir + "/keyring.json")
         let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
         var configuration = BuildbotFrontEnd.Configuration(host: "127.0.0.1", port: 0, keyringPath: dir + "/keyring.json")
-        configuration.listener.callTimeout = .seconds(20)
+        configuration.listener.callTimeout = callTimeout
         let port = AsyncStream<Int>.makeStream()
         let frontEnd = BuildbotFrontEnd(configuration: configuration, store: store, commands: nil, logger: Logger(label: "test"), onListening: { port.continuation.yield($0) })
         let running = Task { try await frontEnd.run() }
@@ -207,6 +207,93 @@ final class RawSocket: @unchecked Sendable {
             }
             #expect(closed)
             #expect(try await store.counts()["queued"] == 1)
+        }
+    }
+
+    /// A worker that sends requests and does not read the answers is held back by TCP (the
+    /// master stops reading once it cannot answer), not buffered by the master without
+    /// bound; once it reads, every request is answered.
+    @Test func aWorkerThatDoesNotReadIsHeldBack() async throws {
+        // The master's own first request (print) stays unanswered for the whole test.
+        try await Self.withFrontEnd(callTimeout: .seconds(300)) { port, password, _ in
+            let socket = try RawSocket(port: port)
+            socket.send(Self.upgrade(Self.basic("bb1", password)))
+            await #expect(socket.head().hasPrefix("HTTP/1.1 101"))
+            var timeout = timeval(tv_sec: 2, tv_usec: 0)
+            setsockopt(socket.fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            // Each request for a command that does not run is answered with an exception that
+            // repeats its 8 KiB command id: answers as large as the requests.
+            let id = String(repeating: "x", count: 8192)
+            let cap = 256 << 20  // above what the sockets' buffers hold (tcp_rmem's maximum is 32 MiB here)
+            @Sendable func frame(_ n: Int) -> [UInt8] {
+                RawSocket.frame(opcode: 2, BuildbotMessage.request(op: "update", seq: Int64(n), [("command_id", .string(id))]).encoded())
+            }
+            // Sends until a send waits 2 s (held back) or `cap` bytes went (not held back);
+            // returns the frames begun and what is left of the last one.
+            let (frames, heldBack, leftover) = await onOwnThread { () -> (Int, Bool, [UInt8]) in
+                var sent = 0
+                var frames = 0
+                while sent < cap {
+                    var rest = frame(frames + 1)[...]
+                    frames += 1
+                    while !rest.isEmpty {
+                        let n = rest.withUnsafeBytes { Glibc.send(socket.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                        if n <= 0 { return (frames, true, Array(rest)) }
+                        rest = rest.dropFirst(n)
+                        sent += n
+                    }
+                }
+                return (frames, false, [])
+            }
+            #expect(heldBack, "the master took \(cap) bytes of requests it could not answer")
+            // Now read: the rest of the last frame goes out meanwhile, and every request is answered.
+            let finish = Task { await onOwnThread { () -> Bool in
+                var rest = leftover[...]
+                for _ in 0..<1000 where !rest.isEmpty {
+                    let n = rest.withUnsafeBytes { Glibc.send(socket.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                    if n > 0 { rest = rest.dropFirst(n) }
+                }
+                return rest.isEmpty
+            } }
+            // RawSocket.frame() drops what it read past one frame; here frames come back to back.
+            let answered = await onOwnThread { () -> Set<Int64> in
+                var answered = Set<Int64>()
+                var input: [UInt8] = []
+                var at = 0
+                for _ in 0..<(frames + 16) where answered.count < frames {
+                    func need(_ n: Int) -> Bool {
+                        while input.count - at < n {
+                            let more = socket.receiveBlocking(atLeast: 1)
+                            if more.isEmpty { return false }
+                            input = Array(input[at...]) + more
+                            at = 0
+                        }
+                        return true
+                    }
+                    guard need(2) else { break }
+                    let opcode = input[at] & 0x0f
+                    var length = Int(input[at + 1] & 0x7f)
+                    var header = 2
+                    if length == 126 {
+                        guard need(4) else { break }
+                        length = Int(input[at + 2]) << 8 | Int(input[at + 3])
+                        header = 4
+                    } else if length == 127 {
+                        guard need(10) else { break }
+                        length = input[(at + 2)..<(at + 10)].reduce(0) { $0 << 8 | Int($1) }
+                        header = 10
+                    }
+                    guard need(header + length) else { break }
+                    let payload = input[(at + header)..<(at + header + length)]
+                    at += header + length
+                    guard opcode == 2, let m = try? MessagePack.decode(payload, limits: .init()),
+                          m["op"]?.stringValue == "response", let seq = m["seq_number"]?.intValue else { continue }
+                    answered.insert(seq)
+                }
+                return answered
+            }
+            #expect(await finish.value, "the last request could not be sent")
+            #expect(answered.count == frames, "\(answered.count) of \(frames) requests answered")
         }
     }
 }
