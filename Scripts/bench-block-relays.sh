@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# What a relay in front of Parley's NBD port costs on this machine: fio -> relay -> server
+# against fio -> server directly, 4 KiB random IO at queue depth 32. The relays: socat (bytes
+# only, no NBD at all), nbdkit's nbd plugin (an NBD proxy in C on libnbd) and `parley block
+# map` (NBD in, Parley's block protocol out, one path). The question it answers: how close to
+# direct NBD can anything that sits between fio and the server get when fio, the relay and
+# the server share the machine's CPUs (issue 10's goal: the map at 0.8x of direct NBD).
+# Run `Scripts/bench-block-relays.sh --help` for options.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+reps=5
+duration=3
+socat_buffer=262144
+systems="direct-tcp,direct-unix,socat,nbdkit-nbd,map"
+workloads="randread,randwrite"
+parley="${PARLEY:-.build/release/parley}"
+size="${BLOCK_BENCH_SIZE:-1G}"
+
+usage() {
+  cat <<EOF
+Usage: Scripts/bench-block-relays.sh [options]
+
+Serves one file of random data (pre-read into the page cache) with \`parley block serve\`
+and drives it with fio's nbd engine (4 KiB random IO, queue depth 32), directly and through
+relays, systems alternating inside each repetition. Prints one line per run (IOPS, the
+relay's CPU per IO, the server's CPU per IO, from /proc/PID/stat) and then, per system, the
+median IOPS and the median of the per-repetition ratios to direct-tcp.
+
+Options:
+  --systems LIST       comma-separated, default $systems
+                       direct-tcp   fio -> Parley's NBD port over loopback TCP
+                       direct-unix  fio -> Parley's NBD port over a Unix socket
+                       socat        fio -> socat (Unix socket to TCP, -b BYTES) -> TCP port
+                       nbdkit-nbd   fio -> nbdkit nbd plugin (Unix socket) -> TCP port
+                       map          fio -> parley block map (Unix socket) -> block protocol
+                                    over TCP -> the same server
+  --workloads LIST     randread,randwrite (default both)
+  --repetitions N      default $reps
+  --duration SECONDS   fio runtime per run, default $duration
+  --socat-buffer BYTES socat's -b (default $socat_buffer; socat's own default is 8192)
+  -h, --help           this text
+
+Environment: PARLEY (the parley executable, default .build/release/parley; build it with
+swift build -c release), BLOCK_BENCH_SIZE (default 1G). Needs fio, socat, nbdkit.
+EOF
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --systems) systems=$2; shift 2 ;;
+    --workloads) workloads=$2; shift 2 ;;
+    --repetitions) reps=$2; shift 2 ;;
+    --duration) duration=$2; shift 2 ;;
+    --socat-buffer) socat_buffer=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "bench-block-relays: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ "$reps" =~ ^[1-9][0-9]*$ ]] || { echo "bench-block-relays: --repetitions must be a positive integer" >&2; exit 2; }
+[[ "$duration" =~ ^[1-9][0-9]*$ ]] || { echo "bench-block-relays: --duration must be a positive integer" >&2; exit 2; }
+[[ "$socat_buffer" =~ ^[1-9][0-9]*$ ]] || { echo "bench-block-relays: --socat-buffer must be a positive integer" >&2; exit 2; }
+for w in ${workloads//,/ }; do
+  case "$w" in randread|randwrite) ;; *) echo "bench-block-relays: unknown workload $w" >&2; exit 2 ;; esac
+done
+for s in ${systems//,/ }; do
+  case "$s" in direct-tcp|direct-unix|socat|nbdkit-nbd|map) ;; *) echo "bench-block-relays: unknown system $s" >&2; exit 2 ;; esac
+done
+for tool in fio socat nbdkit python3; do
+  command -v "$tool" >/dev/null || { echo "bench-block-relays: $tool is not installed (apt-get install -y $tool)" >&2; exit 2; }
+done
+[ -x "$parley" ] || { echo "bench-block-relays: $parley is not an executable (swift build -c release, or set PARLEY)" >&2; exit 2; }
+
+work=$(mktemp -d /tmp/bench-block-relays.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_for() {  # wait_for URI: until nbdinfo (or a short fio) can use it, at most 10 s
+  local i
+  for i in $(seq 1 50); do
+    if fio --name=probe --ioengine=nbd --uri="$1" --rw=read --bs=4k --size=4k --output=/dev/null >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  echo "bench-block-relays: nothing answers at $1" >&2; return 1
+}
+
+echo "creating $size of random data in $work/disk.img" >&2
+head -c "$(numfmt --from=iec "$size")" /dev/urandom > "$work/disk.img"
+nbd_port=$(free_port); block_port=$(free_port)
+"$parley" block serve --export "bench=$work/disk.img,shared" --nbd "127.0.0.1:$nbd_port" --nbd "unix:$work/direct.sock" \
+  --listen "127.0.0.1:$block_port" > "$work/server.log" 2>&1 &
+server=$!; pids+=("$server")
+wait_for "nbd://127.0.0.1:$nbd_port/bench"
+declare -A uri pid_of
+uri[direct-tcp]="nbd://127.0.0.1:$nbd_port/bench"; pid_of[direct-tcp]=$server
+uri[direct-unix]="nbd+unix:///bench?socket=$work/direct.sock"; pid_of[direct-unix]=$server
+for s in ${systems//,/ }; do
+  case "$s" in
+    socat)
+      socat -b "$socat_buffer" "UNIX-LISTEN:$work/socat.sock,fork" "TCP:127.0.0.1:$nbd_port" & pid_of[socat]=$!; pids+=($!)
+      uri[socat]="nbd+unix:///bench?socket=$work/socat.sock" ;;
+    nbdkit-nbd)
+      nbdkit --foreground --exit-with-parent -U "$work/nbdkit.sock" nbd hostname=127.0.0.1 "port=$nbd_port" export=bench > "$work/nbdkit.log" 2>&1 &
+      pid_of[nbdkit-nbd]=$!; pids+=($!)
+      uri[nbdkit-nbd]="nbd+unix:///bench?socket=$work/nbdkit.sock" ;;
+    map)
+      "$parley" block map --session bench --path "127.0.0.1:$block_port" --device bench --nbd "unix:$work/map.sock" \
+        --state-dir "$work/state" > "$work/map.log" 2>&1 &
+      pid_of[map]=$!; pids+=($!)
+      uri[map]="nbd+unix:///bench?socket=$work/map.sock" ;;
+  esac
+done
+for s in ${systems//,/ }; do wait_for "${uri[$s]}"; done
+
+# CPU ticks of a process and its reaped children (socat serves each connection in a child).
+ticks() { awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+results="$work/results.txt"
+for rep in $(seq 1 "$reps"); do
+  for w in ${workloads//,/ }; do
+    for s in ${systems//,/ }; do
+      cat "$work/disk.img" > /dev/null
+      pid=${pid_of[$s]}
+      r0=$(ticks "$pid"); s0=$(ticks "$server")
+      fio --name=relay --ioengine=nbd --uri="${uri[$s]}" --rw="$w" --bs=4k --iodepth=32 --time_based --runtime="$duration" \
+        --norandommap --randrepeat=0 --output-format=json --output="$work/fio.json" > "$work/fio.log" 2>&1 \
+        || { echo "bench-block-relays: fio failed on $s:" >&2; tail -n 5 "$work/fio.log" >&2; exit 1; }
+      sleep 0.3  # socat's child exits and is reaped: its CPU joins the parent's
+      r1=$(ticks "$pid"); s1=$(ticks "$server")
+      python3 - "$work/fio.json" "$rep" "$w" "$s" "$r0" "$r1" "$s0" "$s1" "$hz" <<'EOF' | tee -a "$results"
+import json, sys
+path, rep, w, s, r0, r1, s0, s1, hz = sys.argv[1:]
+job = json.load(open(path))["jobs"][0]
+side = job["read" if w == "randread" else "write"]
+ios = max(1, side["total_ios"])
+us = lambda a, b: (float(b) - float(a)) / float(hz) * 1e6 / ios
+relay = "-" if s.startswith("direct") else f"{us(r0, r1):.1f}"
+print(f"{rep} {w} {s} {side['iops']:.0f} relay_us_per_io={relay} server_us_per_io={us(s0, s1):.1f}")
+EOF
+    done
+  done
+done
+
+python3 - "$results" <<'EOF'
+import collections, statistics, sys
+runs = collections.defaultdict(dict)
+for line in open(sys.argv[1]):
+    rep, w, s, iops = line.split()[:4]
+    runs[(w, s)][rep] = float(iops)
+print()
+print("| workload | system | IOPS (median) | / direct-tcp (median of paired ratios, range) |")
+print("| --- | --- | ---: | ---: |")
+for (w, s), by_rep in runs.items():
+    base = runs.get((w, "direct-tcp"), {})
+    ratios = [by_rep[r] / base[r] for r in by_rep if r in base and base[r] > 0]
+    ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-"
+    print(f"| {w} QD32 | {s} | {statistics.median(by_rep.values()):,.0f} | {ratio} |")
+EOF
