@@ -212,17 +212,9 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
             // The file system cannot say "would block": a small whole-page write is done
             // plainly (it copies into the page cache) unless inline writes were slow lately.
             guard !durable else { return false }
-            let now = Self.monotonicNanoseconds()
-            guard self.inlineWrites.allows(offset: offset, length: bytes.count, now: now,
-                                           pausedUntil: self.inlinePausedUntil.load(ordering: .relaxed)) else { return false }
-            let written = try self.write(bytes, at: offset, durable: false, nowait: false)
-            let end = Self.monotonicNanoseconds()
-            if let until = self.inlineWrites.pause(after: end - now, at: end) {
-                self.inlinePausedUntil.store(until, ordering: .relaxed)
-                self.inlinePauses.add(1, ordering: .relaxed)
-                Self.pauseCounter.increment()
+            return try self.inline(offset: offset, length: bytes.count) { () throws(BlockStoreError) in
+                _ = try self.write(bytes, at: offset, durable: false, nowait: false)
             }
-            return written
         }
         var done = 0
         while done < bytes.count {
@@ -244,11 +236,18 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     /// of several buffers would leave the rest to an IO thread anyway); a slow one pauses
     /// inline writes as a single one does.
     public func writeInline(gathered pieces: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockStoreError) -> Bool {
-        let length = pieces.reduce(0) { $0 + $1.count }
+        try self.inline(offset: offset, length: pieces.reduce(0) { $0 + $1.count }) { () throws(BlockStoreError) in
+            try self.write(gathered: pieces, at: offset)
+        }
+    }
+
+    /// Runs `write` here if `inlineWrites` takes `length` bytes at `offset` now (else false,
+    /// nothing written); one slower than the policy's bound pauses inline writes (counted).
+    private func inline(offset: UInt64, length: Int, _ write: () throws(BlockStoreError) -> Void) throws(BlockStoreError) -> Bool {
         let now = Self.monotonicNanoseconds()
         guard self.inlineWrites.allows(offset: offset, length: length, now: now,
                                        pausedUntil: self.inlinePausedUntil.load(ordering: .relaxed)) else { return false }
-        try self.write(gathered: pieces, at: offset)
+        try write()
         let end = Self.monotonicNanoseconds()
         if let until = self.inlineWrites.pause(after: end - now, at: end) {
             self.inlinePausedUntil.store(until, ordering: .relaxed)
