@@ -249,7 +249,7 @@ final class RawSocket: @unchecked Sendable {
             // Now read: the rest of the last frame goes out meanwhile, and every request is answered.
             let finish = Task { await onOwnThread { () -> Bool in
                 var rest = leftover[...]
-                for _ in 0..<1000 where !rest.isEmpty {
+                for _ in 0..<30 where !rest.isEmpty {  // each try waits at most 2 s (SO_SNDTIMEO)
                     let n = rest.withUnsafeBytes { Glibc.send(socket.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
                     if n > 0 { rest = rest.dropFirst(n) }
                 }
