@@ -271,6 +271,11 @@ public final class ParleyConnection: Sendable {
         self.taskExecutor = EventLoopTaskExecutor(channel.eventLoop)
         self.executor = limits.handlersOnEventLoop ? self.taskExecutor : nil
         self.router = router
+        var limits = limits
+        if lossless != nil {
+            // At most this many requests outstanding in a lossless session ([R-5.2-13]).
+            limits.maxOutstandingRequests = min(limits.maxOutstandingRequests, SessionLedger.maxOutstandingRequests)
+        }
         self.limits = limits
         self.logger = logger
         self.onNotice = onNotice

@@ -262,7 +262,9 @@ public final class LosslessSession: Sendable {
                 return (.duplicate, self.takeWaitersIfRoom(&s))
             }
             switch s.ledger.received(header) {
-            case .deliver: return (.deliver, self.takeWaitersIfRoom(&s))
+            case .deliver:
+                if let error = s.ledger.overrun(self.bounds) { return (.violation(error), []) }
+                return (.deliver, self.takeWaitersIfRoom(&s))
             case .violation(let error): return (.violation(error), [])
             }
         }

@@ -485,6 +485,41 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
         }
     }
 
+    /// A lossless peer that sends requests and never acknowledges the answers does not make
+    /// the server keep every answer: past 16,384 kept for it, the session ends with CLOSE
+    /// `protocolViolation` naming the limit. [R-5.2-13]
+    @Test func aPeerThatNeverAcknowledgesIsClosed() async throws {
+        let pings = 17_000
+        let bytes = clientSessionBytes(
+            features: ParleyFeatures.implemented.union(.reconnect), messages: (1...pings).map { pingMessage(id: UInt64($0)) }
+        )
+        let logs = LogCollector()
+        try await withServer(logger: logs.logger("server")) { server, addresses in
+            let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(bytes, seconds: 60, halfClose: false) { received in
+                frames(in: received).contains { $0.tag == .close }
+            }
+            #expect(closed, "the server ended the connection in time")
+            let received = frames(in: reply)
+            let ident = try Parley_V1_ServerIdent(parleyPayload: try #require(received.first { $0.tag == .serverIdent }).segments[0])
+            #expect(ident.sessionToken.count == 16, "a lossless session")
+            let answers = received.filter { $0.tag == .message }.count
+            #expect(answers > 0 && answers < pings, "\(answers) answers: not every request was answered")
+            // The server closes with requests of the peer still unread, so its kernel may reset
+            // the connection, and a reset can drop the CLOSE before the peer reads it: the
+            // server's log says why in any case.
+            let logged = try await eventually {
+                logs.all.contains { $0.metadata.contains("protocolViolation") && $0.metadata.contains("16384 kept for it") }
+            }
+            #expect(logged, "\(logs.all.map { $0.message + " " + $0.metadata }.suffix(3))")
+            if let close = received.last(where: { $0.tag == .close }) {
+                let status = try Parley_V1_Status(parleyPayload: close.segments[0])
+                #expect(ParleyError.Code(rawValue: status.code) == .protocolViolation)
+                #expect(status.message.contains("unacknowledged") && status.message.contains("16384"), "\(status.message)")
+            }
+            #expect(try await eventually { server.connectionCount == 0 })
+        }
+    }
+
     /// Clients that start sessions and vanish cannot pile them up: beyond
     /// `maxDetachedSessions` the one detached the longest is forgotten ([R-5.2-4]).
     @Test func detachedSessionsAreCapped() async throws {

@@ -29,6 +29,35 @@ private func header(seq: UInt64, ack: UInt64) -> MessageHeader {
         #expect(!ledger.needsAck)
     }
 
+    /// [R-5.2-13] Past 16,384 kept answers (or four times the count bound) a message from
+    /// the peer ends the session; an ack that frees them ends the overrun.
+    @Test func aPeerThatNeverAcknowledgesOverrunsTheLimit() throws {
+        #expect(SessionLedger.unacknowledgedLimit(.init()) == 16_384)
+        #expect(SessionLedger.unacknowledgedLimit(.init(maxBytes: 1 << 20, maxMessages: 16)) == 16_384)
+        #expect(SessionLedger.unacknowledgedLimit(.init(maxBytes: 1 << 20, maxMessages: 10_000)) == 40_000)
+        var ledger = SessionLedger()
+        let bounds = SessionLedger.Bounds()
+        for i in 1...16_384 { ledger.append(message(UInt64(i), .response)) }
+        while ledger.nextToTransmit() != nil {}
+        #expect(ledger.overrun(bounds) == nil, "at the limit")
+        ledger.append(message(16_385, .response))
+        let error = try #require(ledger.overrun(bounds))
+        #expect(error.code == .protocolViolation)
+        #expect(error.message.contains("16385 answers unacknowledged") && error.message.contains("8192 requests"), "\(error.message)")
+        _ = ledger.nextToTransmit()
+        #expect(try ledger.acknowledge(10))
+        #expect(ledger.overrun(bounds) == nil, "acknowledged: back under the limit")
+        #expect(ledger.keptAnswers == 16_375)
+        // Other kinds do not count: one-way replies are paced by the peer's sending.
+        var oneWays = SessionLedger()
+        for i in 1...20_000 { oneWays.append(message(UInt64(i), .oneWay)) }
+        #expect(oneWays.overrun(bounds) == nil && oneWays.keptAnswers == 0)
+        for i in 1...16_385 { oneWays.append(message(UInt64(i), .error)) }
+        #expect(oneWays.overrun(bounds) != nil, "errors are answers")
+        _ = oneWays.reset()
+        #expect(oneWays.keptAnswers == 0)
+    }
+
     @Test func acksDropKeptMessagesAndFreeRoom() throws {
         var ledger = SessionLedger()
         let bounds = SessionLedger.Bounds(maxBytes: 1 << 20, maxMessages: 3)

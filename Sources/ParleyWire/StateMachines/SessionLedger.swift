@@ -47,6 +47,8 @@ public struct SessionLedger: Sendable {
     private var kept = CircularBuffer<WireMessage>()
     /// Bytes of the kept messages (header, type name, payload and data).
     public private(set) var keptBytes = 0
+    /// Kept answers (RESPONSE and ERROR): what `overrun` counts.
+    public private(set) var keptAnswers = 0
 
     public init() {}
 
@@ -56,6 +58,30 @@ public struct SessionLedger: Sendable {
     /// True when the kept messages reach either bound: senders that can wait should.
     public func isFull(_ bounds: Bounds) -> Bool {
         self.kept.count >= bounds.maxMessages || self.keptBytes >= bounds.maxBytes
+    }
+
+    /// Most requests either side of a lossless session keeps outstanding ([R-5.2-13]).
+    public static let maxOutstandingRequests = 8192
+
+    /// Most answers (RESPONSE, ERROR) a side keeps for a peer that goes on sending
+    /// ([R-5.2-13]): 16,384, or four times the count bound if that is larger. A peer that
+    /// acknowledges what it receives and keeps to `maxOutstandingRequests` leaves at most that
+    /// many unread answers plus its ack delay: well under it. Other kept messages do not count:
+    /// requests, one-way messages and stream items wait at the bound, and one-way replies sent
+    /// without waiting (`sendNow`) are paced by the peer's own sending, not by its acks.
+    public static func unacknowledgedLimit(_ bounds: Bounds) -> Int { max(16_384, 4 * bounds.maxMessages) }
+
+    /// When a message arrives: the error that ends the session if this side keeps more
+    /// answers for the peer than `unacknowledgedLimit` (a peer that sends requests and never
+    /// acknowledges would otherwise make it keep every answer); nil otherwise.
+    public func overrun(_ bounds: Bounds) -> ParleyError? {
+        let limit = Self.unacknowledgedLimit(bounds)
+        guard self.keptAnswers > limit else { return nil }
+        return ParleyError(
+            code: .protocolViolation,
+            message: "the peer goes on sending but has left \(self.keptAnswers) answers unacknowledged, more than the \(limit) kept for it: "
+                + "a lossless peer acknowledges what it receives and keeps at most \(Self.maxOutstandingRequests) requests outstanding"
+        )
     }
 
     /// True when messages were received that no transmitted frame has acknowledged yet.
@@ -75,6 +101,7 @@ public struct SessionLedger: Sendable {
         message.header.seq = seq
         self.kept.append(message)
         self.keptBytes += Self.size(message)
+        if Self.isAnswer(message) { self.keptAnswers += 1 }
         self.nextSeq &+= 1
         return seq
     }
@@ -131,6 +158,7 @@ public struct SessionLedger: Sendable {
         for _ in 0..<(ack - self.peerAck) {
             let dropped = self.kept.removeFirst()
             self.keptBytes -= Self.size(dropped)
+            if Self.isAnswer(dropped) { self.keptAnswers -= 1 }
         }
         self.peerAck = ack
         // A new connection may still be transmitting what the peer now acknowledges.
@@ -174,6 +202,8 @@ public struct SessionLedger: Sendable {
         self = SessionLedger()
         return abandoned
     }
+
+    static func isAnswer(_ message: WireMessage) -> Bool { message.header.kind == .response || message.header.kind == .error }
 
     static func size(_ message: WireMessage) -> Int {
         message.payload.readableBytes + (message.data?.readableBytes ?? 0) + MessageHeader.fixedSize + message.header.type.utf8.count
