@@ -80,7 +80,7 @@ cleanup() {
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_for() {  # wait_for URI: until nbdinfo (or a short fio) can use it, at most 10 s
+wait_for() {  # wait_for URI: until a 4 KiB fio read through it works, at most 10 s
   local i
   for i in $(seq 1 50); do
     if fio --name=probe --ioengine=nbd --uri="$1" --rw=read --bs=4k --size=4k --output=/dev/null >/dev/null 2>&1; then return 0; fi
@@ -124,7 +124,7 @@ results="$work/results.txt"
 for rep in $(seq 1 "$reps"); do
   for w in ${workloads//,/ }; do
     for s in ${systems//,/ }; do
-      cat "$work/disk.img" > /dev/null
+      cat "$work/disk.img" > /dev/null  # warm again: this host pages out file pages unused for a minute (DAMON)
       pid=${pid_of[$s]}
       r0=$(ticks "$pid"); s0=$(ticks "$server")
       fio --name=relay --ioengine=nbd --uri="${uri[$s]}" --rw="$w" --bs=4k --iodepth=32 --time_based --runtime="$duration" \

@@ -332,7 +332,6 @@ public final class ParleyConnection: Sendable {
         if !keep { timer.cancel() }
     }
 
-
     /// A request the handshake already sent (`ParleyClient.connect(to:firstCall:...)`):
     /// its id and who waits for its answer.
     struct SentEarly: Sendable {

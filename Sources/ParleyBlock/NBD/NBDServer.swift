@@ -544,7 +544,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 // them); otherwise on an IO thread, where FUA then syncs the file once (RWF_DSYNC
                 // on each call would sync each).
                 let bytes = chunks.reduce(0) { $0 + $1.readableBytes }
-                if !fua, chunks.count <= 64, self.writtenInline(bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context, {
+                if !fua, chunks.count <= Self.batchSize, self.writtenInline(bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context, {
                     var inline = false
                     try Self.forEachBatch(of: chunks) { pieces, _ in inline = try store.writeInline(gathered: pieces, at: offset) }
                     return inline
@@ -681,13 +681,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         return true
     }
 
-    /// Calls `body` with the readable bytes of `chunks`, 64 buffers at a time, and the number of
-    /// bytes of the batches before (where the batch starts, from the first buffer).
+    /// Buffers per batch of `forEachBatch`: per `pwritev` of a gathered write (one batch is
+    /// one call, which an inline write needs).
+    static let batchSize = 64
+
+    /// Calls `body` with the readable bytes of `chunks`, `batchSize` buffers at a time, and the
+    /// number of bytes of the batches before (where the batch starts, from the first buffer).
     static func forEachBatch(of chunks: [ByteBuffer], _ body: ([UnsafeRawBufferPointer], UInt64) throws -> Void) rethrows {
         var skipped: UInt64 = 0
         var next = 0
         while next < chunks.count {
-            let batch = chunks[next..<min(next + 64, chunks.count)]
+            let batch = chunks[next..<min(next + Self.batchSize, chunks.count)]
             var pieces: [UnsafeRawBufferPointer] = []
             pieces.reserveCapacity(batch.count)
             try Self.withReadableBytes(of: batch, &pieces) { try body($0, skipped) }
