@@ -8,6 +8,7 @@
 #include <malloc.h>
 #endif
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -86,4 +87,10 @@ int parley_keep_large_blocks(size_t largest, size_t retained) {
     (void)retained;
     return -1;
 #endif
+}
+
+int64_t parley_thread_sleeps(void) {
+    struct rusage usage;
+    if (getrusage(RUSAGE_THREAD, &usage) != 0) return -1;
+    return (int64_t)usage.ru_nvcsw;
 }

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 @testable import ParleyBlock
+import Synchronization
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -590,22 +591,50 @@ extension BlockExportsTests {
         }
 
         /// Where the file system refuses RWF_NOWAIT writes, an inline write slower than the
-        /// policy's bound pauses inline writes (counted), and the next one is left to the caller.
+        /// policy's bound during which the thread slept pauses inline writes (counted), and the
+        /// next one is left to the caller. One that was only preempted (the thread never
+        /// slept) pauses nothing and is counted apart.
         @Test func aSlowInlineWritePausesInlineWritesAndIsCounted() throws {
             let dir = try TempDir()
             let policy = InlineWritePolicy(largest: 65536, alignment: 4096, slowNanoseconds: -1, pauseNanoseconds: 600_000_000_000)
-            let store = try FileBlockStore(path: try dir.file("a.img", size: Self.size), writable: true, inlineWrites: policy)
+            // Each reading of the thread's sleeps is one more: every write slept.
+            let sleeps = Atomic<Int64>(0)
+            let store = try FileBlockStore(path: try dir.file("a.img", size: Self.size), writable: true, inlineWrites: policy,
+                                           threadSleeps: { sleeps.add(1, ordering: .relaxed).newValue })
             let page = [UInt8](repeating: 0x22, count: 4096)
             let first = try page.withUnsafeBytes { try store.write($0, at: 0, durable: false, nowait: true) }
             let second = try page.withUnsafeBytes { try store.write($0, at: 4096, durable: false, nowait: true) }
             guard !first else { return }  // RWF_NOWAIT honoured: the policy is not used
             // The first call learned that RWF_NOWAIT is refused; the second was inline, "slow"
-            // (any time is over -1 ns), and paused inline writes for ten minutes.
-            #expect(second && store.inlineWritePauses == 1)
+            // (any time is over -1 ns), slept, and paused inline writes for ten minutes.
+            #expect(second && store.inlineWritePauses == 1 && store.inlineWritesPreempted == 0)
             let third = try page.withUnsafeBytes { try store.write($0, at: 8192, durable: false, nowait: true) }
             #expect(!third, "paused: left to the IO threads")
             #expect(store.inlineWritePauses == 1)
             #expect(try T.read(store, at: 8192, count: 4096) == [UInt8](repeating: 0, count: 4096), "nothing written while paused")
+
+            // The thread's sleeps never change: every slow write was preempted, none pauses.
+            let preempted = try FileBlockStore(path: try dir.file("b.img", size: Self.size), writable: true, inlineWrites: policy,
+                                               threadSleeps: { 7 })
+            _ = try page.withUnsafeBytes { try preempted.write($0, at: 0, durable: false, nowait: true) }
+            for i in 1...3 {
+                #expect(try page.withUnsafeBytes { try preempted.write($0, at: UInt64(i) * 4096, durable: false, nowait: true) })
+            }
+            #expect(preempted.inlineWritePauses == 0 && preempted.inlineWritesPreempted == 3)
+            #expect(try T.read(preempted, at: 4096, count: 3 * 4096) == [UInt8](repeating: 0x22, count: 3 * 4096))
+        }
+
+        /// What tells a blocked write from a preempted one: the thread's sleeps in the kernel
+        /// go up when it sleeps, and not while it only computes.
+        @Test func aThreadsSleepsCountOnlySleeping() {
+            let before = FileBlockStore.threadSleeps()
+            usleep(2000)
+            let after = FileBlockStore.threadSleeps()
+            #expect(before >= 0 && after > before)
+            var x: UInt64 = 1
+            for i in 0..<100_000 { x = x &* 6364136223846793005 &+ UInt64(i) }
+            #expect(x != 0)
+            #expect(FileBlockStore.threadSleeps() - after <= 1, "computing is not sleeping (one sleep allowed for a page fault or a log write)")
         }
 
         /// A write gathered from several reads is done inline when the policy takes its
@@ -633,7 +662,9 @@ extension BlockExportsTests {
             #expect(store.inlineWritePauses == 0)
 
             let slow = InlineWritePolicy(largest: 65536, alignment: 4096, slowNanoseconds: -1, pauseNanoseconds: 600_000_000_000)
-            let paused = try FileBlockStore(path: try dir.file("b.img", size: Self.size), writable: true, inlineWrites: slow)
+            let sleeps = Atomic<Int64>(0)
+            let paused = try FileBlockStore(path: try dir.file("b.img", size: Self.size), writable: true, inlineWrites: slow,
+                                            threadSleeps: { sleeps.add(1, ordering: .relaxed).newValue })
             #expect(try gathered(bytes, at: 0, on: paused))
             #expect(paused.inlineWritePauses == 1)
             #expect(!(try gathered(bytes, at: 16384, on: paused)), "paused after a slow one")
@@ -652,8 +683,10 @@ extension BlockExportsTests {
             #expect(!p.allows(offset: 4096, length: 0, now: 10, pausedUntil: .min))
             #expect(!p.allows(offset: 4096, length: 4096, now: 10, pausedUntil: 11), "paused")
             #expect(p.allows(offset: 4096, length: 4096, now: 11, pausedUntil: 11), "the pause is over")
-            #expect(p.pause(after: 1_000_000, at: 50) == nil)
-            #expect(p.pause(after: 1_000_001, at: 50) == 1_000_000_050)
+            #expect(p.pause(after: 1_000_000, slept: true, at: 50) == nil)
+            #expect(p.pause(after: 1_000_001, slept: true, at: 50) == 1_000_000_050)
+            #expect(p.pause(after: 5_000_000, slept: false, at: 50) == nil, "preempted, not blocked")
+            #expect(p.isSlow(1_000_001) && !p.isSlow(1_000_000))
             #expect(!InlineWritePolicy.off.allows(offset: 0, length: 4096, now: 0, pausedUntil: .min))
         }
 

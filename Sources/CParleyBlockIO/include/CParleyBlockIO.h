@@ -25,4 +25,7 @@ int parley_fdatasync(int fd);
 /// the kernel (glibc: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD). 0 on success, -1 where the C
 /// library has no such setting.
 int parley_keep_large_blocks(size_t largest, size_t retained);
+/// How many times the calling thread has slept in the kernel (its voluntary context
+/// switches, getrusage RUSAGE_THREAD), or -1. Being preempted does not count.
+int64_t parley_thread_sleeps(void);
 #endif

@@ -132,10 +132,27 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     /// pauses are counted in `parley_block_inline_write_pauses_total` (swift-metrics).
     public var inlineWritePauses: Int { self.inlinePauses.load(ordering: .relaxed) }
     private static let pauseCounter = Counter(label: "parley_block_inline_write_pauses_total")
+    private let inlinePreempted = Atomic<Int>(0)
+    /// How many slow inline writes paused nothing because their thread never slept (it was
+    /// preempted); all stores' in `parley_block_inline_write_preempted_total`.
+    public var inlineWritesPreempted: Int { self.inlinePreempted.load(ordering: .relaxed) }
+    private static let preemptedCounter = Counter(label: "parley_block_inline_write_preempted_total")
+    /// The calling thread's sleeps in the kernel so far (`parley_thread_sleeps`); tests pass
+    /// their own.
+    private let threadSleeps: @Sendable () -> Int64
 
     /// Opens `path` read-only or read-write.
-    public init(path: String, writable: Bool, inlineWrites: InlineWritePolicy = InlineWritePolicy()) throws(BlockStoreError) {
+    public convenience init(path: String, writable: Bool, inlineWrites: InlineWritePolicy = InlineWritePolicy()) throws(BlockStoreError) {
+        try self.init(path: path, writable: writable, inlineWrites: inlineWrites, threadSleeps: Self.threadSleeps)
+    }
+
+    /// How many times the calling thread has slept in the kernel (voluntary context switches),
+    /// or -1 where that cannot be read.
+    static func threadSleeps() -> Int64 { parley_thread_sleeps() }
+
+    init(path: String, writable: Bool, inlineWrites: InlineWritePolicy, threadSleeps: @escaping @Sendable () -> Int64) throws(BlockStoreError) {
         self.inlineWrites = inlineWrites
+        self.threadSleeps = threadSleeps
         // O_NONBLOCK: opening a FIFO (or a device that waits for a carrier) read-only would
         // block until a writer came, and the caller holds the device table's lock on an
         // event loop. The type is checked below; the flag is cleared for what is kept.
@@ -242,17 +259,25 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     }
 
     /// Runs `write` here if `inlineWrites` takes `length` bytes at `offset` now (else false,
-    /// nothing written); one slower than the policy's bound pauses inline writes (counted).
+    /// nothing written); one slower than the policy's bound during which the thread slept
+    /// pauses inline writes (counted), one only preempted is counted apart.
     private func inline(offset: UInt64, length: Int, _ write: () throws(BlockStoreError) -> Void) throws(BlockStoreError) -> Bool {
         let now = Self.monotonicNanoseconds()
         guard self.inlineWrites.allows(offset: offset, length: length, now: now,
                                        pausedUntil: self.inlinePausedUntil.load(ordering: .relaxed)) else { return false }
+        let sleeps = self.threadSleeps()
         try write()
         let end = Self.monotonicNanoseconds()
-        if let until = self.inlineWrites.pause(after: end - now, at: end) {
+        guard self.inlineWrites.isSlow(end - now) else { return true }
+        // Unknown (-1) counts as slept: pause, as before the count was read.
+        let slept = sleeps < 0 || self.threadSleeps() != sleeps
+        if let until = self.inlineWrites.pause(after: end - now, slept: slept, at: end) {
             self.inlinePausedUntil.store(until, ordering: .relaxed)
             self.inlinePauses.add(1, ordering: .relaxed)
             Self.pauseCounter.increment()
+        } else {
+            self.inlinePreempted.add(1, ordering: .relaxed)
+            Self.preemptedCounter.increment()
         }
         return true
     }

@@ -8,9 +8,14 @@
 /// A buffered write blocks when it must read a partly written page that is not cached (so
 /// only whole pages are written inline), when the kernel throttles a writer that dirtied too
 /// much, or on the journal. The last two cannot be seen beforehand, so the policy watches:
-/// one inline write slower than `slowNanoseconds` stops inline writes for
-/// `pauseNanoseconds`, and they go to the IO threads meanwhile. Sans-IO: the caller passes
-/// the clock's readings in.
+/// one inline write slower than `slowNanoseconds` during which the thread slept in the
+/// kernel stops inline writes for `pauseNanoseconds`, and they go to the IO threads
+/// meanwhile. A write that was slow only because the thread was preempted (it never slept:
+/// the CPUs were busy with other work, not waiting for the disk) pauses nothing: on a
+/// machine whose client, server and relay share two CPUs that happened about once every
+/// two seconds of writing, and each one sent every write to the IO threads for a second
+/// (docs/performance.md, session 22). Sans-IO: the caller passes the clock's readings and
+/// whether the thread slept in.
 public struct InlineWritePolicy: Sendable, Equatable {
     /// The largest write done inline; 0 turns inline writes off.
     public var largest: Int
@@ -35,9 +40,13 @@ public struct InlineWritePolicy: Sendable, Equatable {
             && now >= pausedUntil
     }
 
-    /// After an inline write that took `nanoseconds` and ended at `now`: the end of the pause
-    /// it starts, or nil if it was quick enough.
-    public func pause(after nanoseconds: Int64, at now: Int64) -> Int64? {
-        nanoseconds > self.slowNanoseconds ? now &+ self.pauseNanoseconds : nil
+    /// Whether an inline write that took `nanoseconds` was slow (then ask `pause`).
+    public func isSlow(_ nanoseconds: Int64) -> Bool { nanoseconds > self.slowNanoseconds }
+
+    /// After an inline write that took `nanoseconds` and ended at `now`, during which the
+    /// thread slept in the kernel (`slept`) or not: the end of the pause it starts, or nil if
+    /// it was quick enough or only preempted.
+    public func pause(after nanoseconds: Int64, slept: Bool, at now: Int64) -> Int64? {
+        self.isSlow(nanoseconds) && slept ? now &+ self.pauseNanoseconds : nil
     }
 }
