@@ -195,6 +195,9 @@ public final class BlockMultipathDevice: Sendable {
         var closed = false
         var reconnects: [Int: Task<Void, Never>] = [:]
         var drained: [CheckedContinuation<Void, Never>] = []
+        /// The machine's actions for one event, kept between events so that an IO allocates
+        /// no array (taken out with `swap` while in use).
+        var actions: [MultipathIOState.Action] = []
         var reads = 0, writes = 0, flushes = 0, otherOps = 0, bytesRead = 0, bytesWritten = 0, errors = 0
     }
 
@@ -207,6 +210,32 @@ public final class BlockMultipathDevice: Sendable {
         case cancel(Task<Void, Never>)
         case lost(path: Int, client: BlockClient?, reason: String)
         case drained([CheckedContinuation<Void, Never>])
+    }
+
+    /// Jobs in order: the first two without an array (an IO's send, or an answer and the send
+    /// it made room for: what nearly every event yields), any more in one.
+    struct Jobs {
+        private var first: Job?
+        private var second: Job?
+        private var rest: [Job] = []
+
+        var isEmpty: Bool { self.first == nil }
+
+        mutating func append(_ job: Job) {
+            if self.first == nil {
+                self.first = job
+            } else if self.second == nil {
+                self.second = job
+            } else {
+                self.rest.append(job)
+            }
+        }
+
+        func forEach(_ body: (Job) -> Void) {
+            if let first = self.first { body(first) }
+            if let second = self.second { body(second) }
+            for job in self.rest { body(job) }
+        }
     }
 
     init(session: BlockMultipathSession, path: String, access: Parley_Block_V1_AccessMode) {
@@ -330,15 +359,15 @@ public final class BlockMultipathDevice: Sendable {
 
     /// A path's device is open: IO may go there.
     private func attach(_ i: Int, client: BlockClient, device: BlockClient.Device) {
-        let (jobs, generation, ok) = self.state.withLockedValue { s -> ([Job], Int, Bool) in
-            if s.closed { return ([], 0, false) }
+        let (jobs, generation, ok) = self.state.withLockedValue { s -> (Jobs, Int, Bool) in
+            if s.closed { return (Jobs(), 0, false) }
             s.paths[i].client = client
             s.paths[i].deviceID = device.id
             s.paths[i].connecting = false
             s.paths[i].connects += 1
             s.paths[i].generation += 1
             s.paths[i].lastError = nil
-            var jobs: [Job] = []
+            var jobs = Jobs()
             self.resolve(s.machine.pathUp(i), &s, &jobs)
             return (jobs, s.paths[i].generation, true)
         }
@@ -356,9 +385,9 @@ public final class BlockMultipathDevice: Sendable {
 
     /// A path's connection ended (or failed an IO): its IO is re-sent elsewhere and it reconnects.
     private func pathFailed(_ i: Int, generation: Int, reason: String) {
-        let jobs = self.state.withLockedValue { s -> [Job] in
-            guard s.paths[i].generation == generation, s.paths[i].client != nil else { return [] }
-            var jobs: [Job] = []
+        let jobs = self.state.withLockedValue { s -> Jobs in
+            guard s.paths[i].generation == generation, s.paths[i].client != nil else { return Jobs() }
+            var jobs = Jobs()
             self.resolve(s.machine.pathDown(i), &s, &jobs)
             if s.paths[i].client != nil {
                 // pathDown on a path the machine already took down yields no .pathLost
@@ -417,7 +446,7 @@ public final class BlockMultipathDevice: Sendable {
 
     /// Turns the machine's actions into jobs, under the lock (so that a send goes to the
     /// connection the machine believed up, never to a newer one).
-    private func resolve(_ actions: [MultipathIOState.Action], _ s: inout State, _ jobs: inout [Job]) {
+    private func resolve(_ actions: [MultipathIOState.Action], _ s: inout State, _ jobs: inout Jobs) {
         for action in actions {
             switch action {
             case .send(let id, let path, let send):
@@ -472,8 +501,8 @@ public final class BlockMultipathDevice: Sendable {
         }
     }
 
-    private func run(_ jobs: [Job]) {
-        for job in jobs {
+    private func run(_ jobs: Jobs) {
+        jobs.forEach { job in
             switch job {
             case .send(let id, let send, let path, let client, let deviceID, let io, let fua, let data):
                 self.perform(id: id, send: send, path: path, client: client, deviceID: deviceID, io: io, fua: fua, data: data)
@@ -484,10 +513,10 @@ public final class BlockMultipathDevice: Sendable {
                 let task = Task {
                     try? await Task.sleep(for: timeout)
                     if Task.isCancelled { return }
-                    let jobs = self.state.withLockedValue { s -> [Job] in
-                        guard s.timerToken == token else { return [] }
+                    let jobs = self.state.withLockedValue { s -> Jobs in
+                        guard s.timerToken == token else { return Jobs() }
                         s.timer = nil
-                        var jobs: [Job] = []
+                        var jobs = Jobs()
                         self.resolve(s.machine.noPathTimerFired(), &s, &jobs)
                         return jobs
                     }
@@ -547,10 +576,15 @@ public final class BlockMultipathDevice: Sendable {
             case .failure:
                 outcome = .pathFailed
             }
-            let jobs = self.state.withLockedValue { s -> [Job] in
+            let jobs = self.state.withLockedValue { s -> Jobs in
                 if let result { s.pending[id]?.result = result }
-                var jobs: [Job] = []
-                self.resolve(s.machine.completed(id: id, send: send, outcome: outcome), &s, &jobs)
+                var jobs = Jobs()
+                var actions: [MultipathIOState.Action] = []
+                swap(&actions, &s.actions)
+                s.machine.completed(id: id, send: send, outcome: outcome, into: &actions)
+                self.resolve(actions, &s, &jobs)
+                actions.removeAll(keepingCapacity: true)
+                swap(&actions, &s.actions)
                 return jobs
             }
             self.run(jobs)
@@ -563,12 +597,16 @@ public final class BlockMultipathDevice: Sendable {
     /// read, nil for other operations). For callers that do not want a task per IO.
     public func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil,
                        complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
-        let jobs = self.state.withLockedValue { s -> [Job] in
+        let jobs = self.state.withLockedValue { s -> Jobs in
             // The entry must exist before the machine's actions (resolved below) refer to it.
-            let (id, actions) = s.machine.submit(io)
+            var actions: [MultipathIOState.Action] = []
+            swap(&actions, &s.actions)
+            let id = s.machine.submit(io, into: &actions)
             s.pending[id] = Pending(io: io, fua: fua, data: data, complete: complete)
-            var jobs: [Job] = []
+            var jobs = Jobs()
             self.resolve(actions, &s, &jobs)
+            actions.removeAll(keepingCapacity: true)
+            swap(&actions, &s.actions)
             return jobs
         }
         self.run(jobs)

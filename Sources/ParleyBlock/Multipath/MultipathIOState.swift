@@ -140,7 +140,7 @@ public struct MultipathIOState: Sendable, Hashable {
 
     /// IOs submitted and not yet answered.
     public var outstanding: Int { self.entries.count }
-    public var livePaths: Int { self.pathUp.filter { $0 }.count }
+    public var livePaths: Int { self.pathUp.reduce(0) { $0 + ($1 ? 1 : 0) } }
     public func isUp(_ path: Int) -> Bool { self.pathUp[path] }
     public func inFlight(on path: Int) -> Int { self.inFlight[path] }
     public func io(_ id: UInt64) -> IO? { self.entries[id]?.io }
@@ -155,10 +155,24 @@ public struct MultipathIOState: Sendable, Hashable {
 
     /// A new IO: its id and what to do.
     public mutating func submit(_ io: IO) -> (id: UInt64, actions: [Action]) {
+        var actions: [Action] = []
+        let id = self.submit(io, into: &actions)
+        return (id, actions)
+    }
+
+    /// A new IO: its id; what to do is appended to `actions` (a caller that keeps one array
+    /// for every event allocates none per IO).
+    public mutating func submit(_ io: IO, into actions: inout [Action]) -> UInt64 {
         let id = self.nextID
         self.nextID += 1
-        if self.closing { return (id, [.complete(id: id, failure: .closed)]) }
-        if self.failingFast && self.livePaths == 0 { return (id, [.complete(id: id, failure: .noPath)]) }
+        if self.closing {
+            actions.append(.complete(id: id, failure: .closed))
+            return id
+        }
+        if self.failingFast && self.livePaths == 0 {
+            actions.append(.complete(id: id, failure: .noPath))
+            return id
+        }
         let held = io.operation.modifies && self.entries.contains { other in
             other.key < id && other.value.io.operation.modifies && other.value.io.overlaps(io)
         }
@@ -168,16 +182,21 @@ public struct MultipathIOState: Sendable, Hashable {
         } else {
             self.queue.append(id)
         }
-        var actions: [Action] = []
         self.dispatch(&actions)
-        return (id, actions)
+        return id
     }
 
     /// The outcome of send `send` of IO `id`. Outcomes of earlier sends (the IO was re-sent
     /// since) and of IOs already answered are ignored.
     public mutating func completed(id: UInt64, send: UInt64, outcome: Outcome) -> [Action] {
-        guard let entry = self.entries[id], case .sent(let path, let current) = entry.phase, current == send else { return [] }
         var actions: [Action] = []
+        self.completed(id: id, send: send, outcome: outcome, into: &actions)
+        return actions
+    }
+
+    /// `completed(id:send:outcome:)`, appending what to do to `actions`.
+    public mutating func completed(id: UInt64, send: UInt64, outcome: Outcome, into actions: inout [Action]) {
+        guard let entry = self.entries[id], case .sent(let path, let current) = entry.phase, current == send else { return }
         switch outcome {
         case .done, .refused:
             self.inFlight[path] -= 1
@@ -186,7 +205,6 @@ public struct MultipathIOState: Sendable, Hashable {
             self.takeDown(path, &actions)
         }
         self.dispatch(&actions)
-        return actions
     }
 
     /// A path's device is open and ready for IO.

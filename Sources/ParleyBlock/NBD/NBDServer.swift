@@ -649,36 +649,55 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         let counted = kind == .read || kind == .write ? bytes : 0
         self.begin(bytes: counted)
-        let promise = context.eventLoop.makePromise(of: ByteBuffer?.self)
-        store.start(request) { result in promise.completeWith(result.mapError { $0 as any Error }) }
-        promise.futureResult.assumeIsolated().whenComplete { result in
-            self.end(bytes: counted)
-            switch result {
-            case .success(let data) where kind == .read:
-                guard let data, data.readableBytes == bytes else {
-                    self.failed(kind, BlockStoreError(errno: EIO, operation: "read: \(data?.readableBytes ?? 0) bytes instead of \(bytes)"),
-                                cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
-                    break
+        // The answer usually comes on this event loop (the map's paths share it): handled at
+        // once then, with no promise and no hop; from another thread, through one `execute`.
+        let eventLoop = context.eventLoop
+        let bound = NIOLoopBound((handler: self, context: context), eventLoop: eventLoop)
+        store.start(request) { result in
+            if eventLoop.inEventLoop {
+                let (handler, context) = bound.value
+                handler.completed(result, request: request, kind: kind, bytes: bytes, counted: counted, cookie: cookie,
+                                  negotiated: negotiated, device: device, started: started, context: context)
+            } else {
+                eventLoop.execute {
+                    let (handler, context) = bound.value
+                    handler.completed(result, request: request, kind: kind, bytes: bytes, counted: counted, cookie: cookie,
+                                      negotiated: negotiated, device: device, started: started, context: context)
                 }
-                var header = context.channel.allocator.buffer(capacity: NBDReply.offsetDataHeaderSize)
-                if negotiated.structuredReplies, case .read(let offset, _) = request {
-                    NBDReply.writeOffsetDataHeader(cookie: cookie, offset: offset, length: bytes, into: &header)
-                } else {
-                    NBDReply.writeSimple(cookie: cookie, error: .ok, into: &header)
-                }
-                device.metrics(.read).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
-                context.write(NIOAny(header), promise: nil)
-                context.write(NIOAny(data), promise: nil)
-                self.wrote(bytes, context: context)
-            case .success:
-                device.metrics(kind).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
-                self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
-            case .failure(let error):
-                self.failed(kind, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
             }
-            self.resume(context: context)
         }
         return true
+    }
+
+    /// The answer of a `CompletingBlockStore` to a request `startCompleting` passed it.
+    private func completed(_ result: Result<ByteBuffer?, BlockStoreError>, request: BlockStoreRequest, kind: BlockOpKind, bytes: Int,
+                           counted: Int, cookie: UInt64, negotiated: NBDNegotiated, device: BlockDevice, started: NIODeadline,
+                           context: ChannelHandlerContext) {
+        self.end(bytes: counted)
+        switch result {
+        case .success(let data) where kind == .read:
+            guard let data, data.readableBytes == bytes else {
+                self.failed(kind, BlockStoreError(errno: EIO, operation: "read: \(data?.readableBytes ?? 0) bytes instead of \(bytes)"),
+                            cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+                break
+            }
+            var header = context.channel.allocator.buffer(capacity: NBDReply.offsetDataHeaderSize)
+            if negotiated.structuredReplies, case .read(let offset, _) = request {
+                NBDReply.writeOffsetDataHeader(cookie: cookie, offset: offset, length: bytes, into: &header)
+            } else {
+                NBDReply.writeSimple(cookie: cookie, error: .ok, into: &header)
+            }
+            device.metrics(.read).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
+            context.write(NIOAny(header), promise: nil)
+            context.write(NIOAny(data), promise: nil)
+            self.wrote(bytes, context: context)
+        case .success:
+            device.metrics(kind).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
+            self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
+        case .failure(let error):
+            self.failed(kind, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+        }
+        self.resume(context: context)
     }
 
     /// Buffers per batch of `forEachBatch`: per `pwritev` of a gathered write (one batch is
