@@ -461,7 +461,10 @@ final class BlockSession: Sendable {
             if open.closing && open.inFlight == 0 {
                 s.devices[id] = nil
                 let action = s.pendingClose.removeValue(forKey: id)
-                return { action?(open.device, open.access) }
+                // Constants captured, not `open`: a captured `var` is boxed on the heap at its
+                // declaration, on every IO, closing or not.
+                let device = open.device, access = open.access
+                return { action?(device, access) }
             }
             s.devices[id] = open
             return nil

@@ -401,3 +401,22 @@ import Testing
 }
 
 import Foundation
+
+@Suite struct ProtobufPayloadTests {
+    /// A message with every field at its default encodes to no bytes (one shared empty
+    /// buffer, no storage of its own); a payload appended to afterwards is its own copy, and
+    /// the next empty payload is still empty.
+    @Test func anEmptyMessageHasAnEmptyPayloadThatCopiesOnWrite() throws {
+        var first = Parley_V1_AuthMore().parleyPayload()
+        #expect(first.readableBytes == 0)
+        first.writeBytes([1, 2, 3])
+        let second = Parley_V1_AuthMore().parleyPayload()
+        #expect(second.readableBytes == 0)
+        #expect(try Parley_V1_AuthMore(parleyPayload: second) == Parley_V1_AuthMore())
+        var more = Parley_V1_AuthMore()
+        more.payload = Data([9, 8, 7])
+        let encoded = more.parleyPayload()
+        #expect(encoded.readableBytes > 0)
+        #expect(try Parley_V1_AuthMore(parleyPayload: encoded) == more)
+    }
+}

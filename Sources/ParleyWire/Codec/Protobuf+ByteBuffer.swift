@@ -9,8 +9,12 @@ struct ProtobufBytes: SwiftProtobufContiguousBytes {
     init(_ buffer: ByteBuffer) { self.buffer = buffer }
 
     init(repeating: UInt8, count: Int) {
-        self.buffer = ByteBuffer(repeating: repeating, count: count)
+        // An empty message (a reply with every field at its default) shares one buffer
+        // instead of allocating storage for no bytes.
+        self.buffer = count == 0 ? Self.empty : ByteBuffer(repeating: repeating, count: count)
     }
+
+    private static let empty = ByteBuffer()
 
     init<S: Sequence>(_ sequence: S) where S.Element == UInt8 {
         self.buffer = ByteBuffer(bytes: sequence)
@@ -23,7 +27,13 @@ struct ProtobufBytes: SwiftProtobufContiguousBytes {
     }
 
     mutating func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
-        try self.buffer.withUnsafeMutableReadableBytes(body)
+        guard self.count > 0 else {
+            // No bytes to write: not the shared empty buffer (that would copy it), but a
+            // zero-length view with an address (SwiftProtobuf's encoder unwraps it).
+            var byte: UInt8 = 0
+            return try Swift.withUnsafeMutableBytes(of: &byte) { try body(UnsafeMutableRawBufferPointer(start: $0.baseAddress, count: 0)) }
+        }
+        return try self.buffer.withUnsafeMutableReadableBytes(body)
     }
 }
 
