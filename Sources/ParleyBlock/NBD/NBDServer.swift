@@ -692,12 +692,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             context.write(NIOAny(data), promise: nil)
             self.wrote(bytes, context: context)
         case .success:
-            device.metrics(kind).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
-            self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
+            self.answered(kind, error: nil, bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
         case .failure(let error):
-            self.failed(kind, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+            self.answered(kind, error: error, bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
         }
         self.resume(context: context)
+    }
+
+    /// Answers an IO that sends no data back: done (recorded, an empty reply) or failed.
+    private func answered(_ kind: BlockOpKind, error: (any Error)?, bytes: Int, cookie: UInt64, negotiated: NBDNegotiated, device: BlockDevice,
+                          started: NIODeadline, context: ChannelHandlerContext) {
+        if let error {
+            self.failed(kind, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
+        } else {
+            device.metrics(kind).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
+            self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
+        }
     }
 
     /// Buffers per batch of `forEachBatch`: per `pwritev` of a gathered write (one batch is
@@ -737,13 +747,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         self.begin(bytes: counted)
         self.server.io.run(on: context.eventLoop, body).assumeIsolated().whenComplete { result in
             self.end(bytes: counted)
-            switch result {
-            case .success:
-                device.metrics(kind).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
-                self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
-            case .failure(let error):
-                self.failed(kind, error, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
-            }
+            var error: (any Error)?
+            if case .failure(let e) = result { error = e }
+            self.answered(kind, error: error, bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)
             self.resume(context: context)
         }
     }
