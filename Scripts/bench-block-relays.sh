@@ -125,6 +125,7 @@ for rep in $(seq 1 "$reps"); do
   for w in ${workloads//,/ }; do
     for s in ${systems//,/ }; do
       cat "$work/disk.img" > /dev/null  # warm again: this host pages out file pages unused for a minute (DAMON)
+      sync "$work/disk.img"  # and write out what earlier write runs dirtied: its writeback would take this run's CPU
       pid=${pid_of[$s]}
       r0=$(ticks "$pid"); s0=$(ticks "$server")
       fio --name=relay --ioengine=nbd --uri="${uri[$s]}" --rw="$w" --bs=4k --iodepth=32 --time_based --runtime="$duration" \
