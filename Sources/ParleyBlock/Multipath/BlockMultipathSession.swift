@@ -501,6 +501,19 @@ public final class BlockMultipathDevice: Sendable {
         }
     }
 
+    /// Runs an event of the machine that appends its actions to the array the state keeps
+    /// (no array per IO), and resolves them into jobs.
+    private func resolving(_ s: inout State, _ event: (inout State, inout [MultipathIOState.Action]) -> Void) -> Jobs {
+        var actions: [MultipathIOState.Action] = []
+        swap(&actions, &s.actions)
+        event(&s, &actions)
+        var jobs = Jobs()
+        self.resolve(actions, &s, &jobs)
+        actions.removeAll(keepingCapacity: true)
+        swap(&actions, &s.actions)
+        return jobs
+    }
+
     private func run(_ jobs: Jobs) {
         jobs.forEach { job in
             switch job {
@@ -578,14 +591,7 @@ public final class BlockMultipathDevice: Sendable {
             }
             let jobs = self.state.withLockedValue { s -> Jobs in
                 if let result { s.pending[id]?.result = result }
-                var jobs = Jobs()
-                var actions: [MultipathIOState.Action] = []
-                swap(&actions, &s.actions)
-                s.machine.completed(id: id, send: send, outcome: outcome, into: &actions)
-                self.resolve(actions, &s, &jobs)
-                actions.removeAll(keepingCapacity: true)
-                swap(&actions, &s.actions)
-                return jobs
+                return self.resolving(&s) { s, actions in s.machine.completed(id: id, send: send, outcome: outcome, into: &actions) }
             }
             self.run(jobs)
         }
@@ -598,16 +604,11 @@ public final class BlockMultipathDevice: Sendable {
     public func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil,
                        complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
         let jobs = self.state.withLockedValue { s -> Jobs in
-            // The entry must exist before the machine's actions (resolved below) refer to it.
-            var actions: [MultipathIOState.Action] = []
-            swap(&actions, &s.actions)
-            let id = s.machine.submit(io, into: &actions)
-            s.pending[id] = Pending(io: io, fua: fua, data: data, complete: complete)
-            var jobs = Jobs()
-            self.resolve(actions, &s, &jobs)
-            actions.removeAll(keepingCapacity: true)
-            swap(&actions, &s.actions)
-            return jobs
+            self.resolving(&s) { s, actions in
+                // The entry must exist before the machine's actions (resolved after) refer to it.
+                let id = s.machine.submit(io, into: &actions)
+                s.pending[id] = Pending(io: io, fua: fua, data: data, complete: complete)
+            }
         }
         self.run(jobs)
     }

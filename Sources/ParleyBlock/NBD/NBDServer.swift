@@ -654,17 +654,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let eventLoop = context.eventLoop
         let bound = NIOLoopBound((handler: self, context: context), eventLoop: eventLoop)
         store.start(request) { result in
-            if eventLoop.inEventLoop {
+            @Sendable func finish() {
                 let (handler, context) = bound.value
                 handler.completed(result, request: request, kind: kind, bytes: bytes, counted: counted, cookie: cookie,
                                   negotiated: negotiated, device: device, started: started, context: context)
-            } else {
-                eventLoop.execute {
-                    let (handler, context) = bound.value
-                    handler.completed(result, request: request, kind: kind, bytes: bytes, counted: counted, cookie: cookie,
-                                      negotiated: negotiated, device: device, started: started, context: context)
-                }
             }
+            if eventLoop.inEventLoop { finish() } else { eventLoop.execute(finish) }
         }
         return true
     }
