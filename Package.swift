@@ -280,7 +280,7 @@ let package = Package(
         .testTarget(
             name: "ParleyBlockTests",
             dependencies: [
-                "ParleyBlock", "Parley", "ParleyTestSupport",
+                "ParleyBlock", "Parley", "ParleyTestSupport", "CParleyBlockIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

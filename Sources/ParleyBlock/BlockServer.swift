@@ -34,6 +34,9 @@ public final class BlockServer: Service, Sendable {
         public var handshakeTimeout: Duration = .seconds(30)
         /// Connections served at once, on the NBD listeners and on the block protocol's each.
         public var maxConnections = Configuration.defaultMaxConnections
+        /// How long an NBD connection busy-waits for its client's next request after answering
+        /// with nothing else in flight (`NBDReplyPolling`); zero never waits.
+        public var nbdReplyPolling: Duration = .microseconds(50)
         /// Half of what a lone server takes: the two protocols share the descriptor limit.
         public static let defaultMaxConnections = max(32, ParleyServer.defaultMaxConnections / 2)
 
@@ -88,6 +91,7 @@ public final class BlockServer: Service, Sendable {
         var limits = NBDServer.Limits()
         limits.handshakeTimeout = .nanoseconds(configuration.handshakeTimeout.nanoseconds)
         limits.maxConnections = configuration.maxConnections
+        limits.replyPolling = .nanoseconds(configuration.nbdReplyPolling.nanoseconds)
         self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, limits: limits, tls: configuration.nbdTLS, logger: logger)
         var parley = configuration.parley
         parley.limits.handshakeTimeout = configuration.handshakeTimeout

@@ -1,4 +1,6 @@
+import CParleyBlockIO
 import Logging
+import Metrics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOSSL
@@ -82,6 +84,9 @@ public final class NBDServer: Sendable {
         public var handshakeTimeout: TimeAmount? = .seconds(30)
         /// Connections served at once; one more is closed as soon as it is accepted.
         public var maxConnections = ParleyServer.defaultMaxConnections
+        /// How long a connection busy-waits for its client's next request after flushing its
+        /// answers with nothing else in flight (`NBDReplyPolling`); 0: it never does.
+        public var replyPolling: TimeAmount = .microseconds(50)
         public init() {}
     }
 
@@ -243,10 +248,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Bytes of read data written since the last flush (see `wrote`).
     private var unflushedBytes = 0
     static let flushAfter = 1 << 20
+    private var polling: NBDReplyPolling
+    /// The connection's socket descriptor for `awaitNextRequest`: nil until looked up, -1
+    /// when it cannot be.
+    private var socket: CInt?
 
     init(server: NBDServer) {
         self.server = server
         self.logger = server.logger
+        self.polling = NBDReplyPolling(window: UInt64(max(0, server.limits.replyPolling.nanoseconds)))
         self.handshake = NBDHandshakeStateMachine(resolver: NBDConnectionResolver(catalog: server.catalog, devices: server.devices))
         self.handshake!.tls = server.tls?.policy ?? .off
     }
@@ -809,6 +819,49 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         self.needsFlush = false
         self.unflushedBytes = 0
         context.flush()
+        self.awaitNextRequest(context)
+    }
+
+    /// After answers are flushed with nothing left in flight, waits a little for the client's
+    /// next request without sleeping (`NBDReplyPolling` says why and how long). Not in the
+    /// middle of a read burst, and never once the connection is ending.
+    private func awaitNextRequest(_ context: ChannelHandlerContext) {
+        guard self.inFlight == 0, !self.inRead, self.gather == nil, self.negotiated != nil, !self.stopping, !self.inactive,
+              self.polling.shouldWait(), let fd = self.descriptor(context)
+        else { return }
+        let seen = parley_await_bytes(fd, self.polling.window)
+        (seen == 1 ? Self.waitsSeeingRequest : Self.waitsRunningOut).increment()
+        if seen < 0 {
+            self.logger.debug("waiting for the next request failed (errno \(-seen)); not waiting again")
+            self.polling = NBDReplyPolling(window: 0)
+        } else {
+            self.polling.waited(sawRequest: seen == 1)
+        }
+    }
+
+    /// Waits after answers that saw the next request come, and ones that ran out (or failed):
+    /// `parley_block_nbd_reply_waits_total`, labelled `outcome`.
+    static let waitsSeeingRequest = Counter(label: "parley_block_nbd_reply_waits_total", dimensions: [("outcome", "request")])
+    static let waitsRunningOut = Counter(label: "parley_block_nbd_reply_waits_total", dimensions: [("outcome", "timeout")])
+
+    static let cookieOption = ChannelOptions.Types.SocketOption(level: SocketOptionLevel(SOL_SOCKET), name: 57)  // SO_COOKIE
+
+    /// The connection's socket descriptor, found once by its SO_COOKIE (SwiftNIO does not
+    /// hand it out). Used only on the event loop while the channel is open, so NIO cannot
+    /// have closed it (and the number cannot have been reused) meanwhile.
+    private func descriptor(_ context: ChannelHandlerContext) -> CInt? {
+        if let fd = self.socket { return fd >= 0 ? fd : nil }
+        var fd: CInt = -1
+        if context.channel.isActive, context.channel.remoteAddress != nil,
+           let cookie = try? context.channel.syncOptions?.getOption(Self.cookieOption), cookie != 0 {
+            fd = parley_socket_with_cookie(UInt64(UInt(bitPattern: cookie)))
+        }
+        if fd < 0 {
+            self.logger.debug("no socket descriptor found for this connection; not waiting for requests after answers")
+            self.polling = NBDReplyPolling(window: 0)
+        }
+        self.socket = fd
+        return fd >= 0 ? fd : nil
     }
 
     private func begin(bytes: Int) {

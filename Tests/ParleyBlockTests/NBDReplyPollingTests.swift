@@ -1,0 +1,143 @@
+import CParleyBlockIO
+import Foundation
+import ParleyBlock
+import ParleyTestSupport
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The NBD server's wait for a client's next request after answering: the policy (sans IO),
+/// the two system-call helpers behind the wait, and a server whose connections wait.
+@Suite struct NBDReplyPollingTests {
+    @Test func aZeroWindowNeverWaits() {
+        var p = NBDReplyPolling(window: 0)
+        for _ in 0..<10 {
+            let waits = p.shouldWait()
+            #expect(!waits)
+        }
+    }
+
+    @Test func waitsThatRunOutAreFollowedByLongerRunsWithoutWaiting() {
+        var p = NBDReplyPolling(window: 50_000)
+        let first = p.shouldWait()
+        #expect(first)
+        p.waited(sawRequest: true)
+        let second = p.shouldWait()
+        #expect(second, "a wait that saw a request changes nothing")
+        // Each miss in a row skips 1, 3, 7, ... chances, up to 1023.
+        var skips: [Int] = []
+        for _ in 0..<12 {
+            p.waited(sawRequest: false)
+            var skipped = 0
+            while !p.shouldWait() { skipped += 1 }
+            skips.append(skipped)
+        }
+        #expect(skips == [1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 1023, 1023])
+        // One wait that sees a request: waiting on every chance again.
+        p.waited(sawRequest: true)
+        #expect(p.misses == 0)
+        let again = (p.shouldWait(), p.shouldWait())
+        #expect(again == (true, true))
+    }
+
+    /// The server's Prometheus text (the whole HTTP response).
+    static func metrics(port: Int) throws -> String {
+        let socket = try RawSocket(port: port)
+        socket.send(Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        var text = ""
+        while let chunk = socket.receive(1) { text += String(decoding: chunk, as: UTF8.self) }
+        return text
+    }
+
+    /// A connected pair of Unix stream sockets, closed at the end of the test.
+    struct Pair: ~Copyable {
+        let a: CInt, b: CInt
+        init() throws {
+            var fds: [CInt] = [0, 0]
+            guard socketpair(AF_UNIX, CInt(SOCK_STREAM.rawValue), 0, &fds) == 0 else { throw POSIXError(.EMFILE) }
+            self.a = fds[0]
+            self.b = fds[1]
+        }
+        deinit {
+            close(self.a)
+            close(self.b)
+        }
+        func cookie(_ fd: CInt) -> UInt64 {
+            var value: UInt64 = 0
+            var length = socklen_t(MemoryLayout<UInt64>.size)
+            _ = getsockopt(fd, SOL_SOCKET, 57, &value, &length)  // SO_COOKIE
+            return value
+        }
+    }
+
+    @Test func aSocketIsFoundByItsCookie() throws {
+        let pair = try Pair()
+        #expect(pair.cookie(pair.a) != 0)
+        #expect(parley_socket_with_cookie(pair.cookie(pair.a)) == pair.a)
+        #expect(parley_socket_with_cookie(pair.cookie(pair.b)) == pair.b)
+        #expect(parley_socket_with_cookie(0) == -1)
+        #expect(parley_socket_with_cookie(UInt64.max) == -1)
+    }
+
+    @Test func awaitingBytesSeesThemOrRunsOut() throws {
+        let pair = try Pair()
+        // Nothing sent: the wait runs out (2 ms) and says so.
+        #expect(parley_await_bytes(pair.b, 2_000_000) == 0)
+        // Bytes waiting: seen at once, and left unread.
+        #expect(write(pair.a, "x", 1) == 1)
+        #expect(parley_await_bytes(pair.b, 2_000_000) == 1)
+        var byte: UInt8 = 0
+        let got = read(pair.b, &byte, 1)
+        #expect(got == 1 && byte == UInt8(ascii: "x"))
+        #expect(parley_await_bytes(pair.b, 1_000_000) == 0)
+        // Not a descriptor: an error, not a wait.
+        #expect(parley_await_bytes(-1, 1_000_000) == -EBADF)
+    }
+
+    /// A client at queue depth 1 over the Unix socket and over TCP: every request is
+    /// answered, waits see requests come (counted in the metrics), and a client that pauses
+    /// longer than the window makes a wait run out and is still answered afterwards.
+    @Test func connectionsWaitForTheNextRequestAfterAnswering() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--poll-after-reply", "5000"], metrics: true)
+        defer { server.stop() }
+        for socket in [try RawSocket(unixPath: server.nbdSocket), try RawSocket(port: server.nbdPort)] {
+            let (nbd, _, _) = try RawNBD.connect(socket, export: "disk")
+            for i in 0..<100 {
+                nbd.request(type: 1, cookie: UInt64(i), offset: UInt64(i % 256) * 4096, length: 4096, payload: [UInt8](repeating: UInt8(i), count: 4096))
+                let reply = try nbd.simpleReply()
+                #expect(reply.error == 0 && reply.cookie == UInt64(i))
+            }
+            try await Task.sleep(for: .milliseconds(30))  // longer than the 5 ms window
+            nbd.request(type: 0, cookie: 1000, offset: 99 * 4096, length: 4096)
+            let reply = try nbd.simpleReply(readLength: 4096)
+            #expect(reply.error == 0 && reply.data == [UInt8](repeating: 99, count: 4096))
+        }
+        let metrics = try Self.metrics(port: server.metricsPort)
+        func count(_ outcome: String) -> Int {
+            let prefix = "parley_block_nbd_reply_waits_total{outcome=\"\(outcome)\"} "
+            return metrics.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap { Int($0.dropFirst(prefix.count)) } ?? 0
+        }
+        #expect(count("request") >= 2, "\(metrics.split(separator: "\n").filter { $0.contains("reply_waits") })")
+        #expect(count("timeout") >= 2)
+    }
+
+    @Test func aServerToldNotToWaitDoesNot() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--poll-after-reply", "0"], metrics: true)
+        defer { server.stop() }
+        let (nbd, _, _) = try RawNBD.connect(try RawSocket(unixPath: server.nbdSocket), export: "disk")
+        for i in 0..<20 {
+            nbd.request(type: 0, cookie: UInt64(i), offset: 0, length: 4096)
+            #expect(try nbd.simpleReply(readLength: 4096).error == 0)
+        }
+        let metrics = try Self.metrics(port: server.metricsPort)
+        #expect(metrics.hasPrefix("HTTP/1.1 200"))
+        #expect(!metrics.contains("parley_block_nbd_reply_waits_total{outcome=\"request\"} "), "\(metrics)")
+        let refused = try await Tools.run(try Tools.parley, ["block", "serve", "--export", "disk=\(path)", "--poll-after-reply", "-1"])
+        #expect(refused.status != 0 && refused.combined.contains("--poll-after-reply"), "\(refused.combined)")
+    }
+}
