@@ -85,6 +85,8 @@ Systems:
 
 Environment:
   BLOCK_BENCH_SIZE     size of the exported file (default 1G; numfmt --from=iec syntax)
+  BLOCK_BENCH_WRITE_BS bytes per write when creating it (default 4K; 1M puts it in large
+                       folios, and 4 KiB writes then dirty whole folios)
   PARLEY_BLOCK_SERVER  command starting Parley's server, with placeholders FILE (data file),
                        PORT (NBD TCP port), SOCK (NBD Unix socket), PORT2 (second TCP port),
                        SOCK2 (second Unix socket: the block protocol's, for parley-map1u/2u);
@@ -198,10 +200,15 @@ trap 'exit 143' TERM
 
 # ---------------------------------------------------------------------------------------
 # The data file: random bytes (so no server can short-cut zeroes/holes), then read once so
-# every system starts from the same fully page-cached file.
+# every system starts from the same fully page-cached file. Written 4 KiB at a time
+# (BLOCK_BENCH_WRITE_BS): a file written with 1 MiB writes sits in the page cache in large
+# folios, where every 4 KiB write dirties a whole folio and the write lines measure the
+# kernel's writeback instead of the servers (docs/performance.md, session 22).
 data="$work/disk.img"
-log "creating $size ($size_bytes bytes) of random data in $data"
-dd if=/dev/urandom of="$data" bs=1M count=$((size_bytes / 1024 / 1024)) iflag=fullblock status=none
+write_bs=$(numfmt --from=iec "${BLOCK_BENCH_WRITE_BS:-4K}" 2>/dev/null) || die "bad BLOCK_BENCH_WRITE_BS"
+[ $((size_bytes % write_bs)) -eq 0 ] || die "BLOCK_BENCH_SIZE must be a multiple of BLOCK_BENCH_WRITE_BS"
+log "creating $size ($size_bytes bytes) of random data in $data, $write_bs bytes per write"
+dd if=/dev/urandom of="$data" bs="$write_bs" count=$((size_bytes / write_bs)) iflag=fullblock status=none
 cat "$data" >/dev/null
 
 # N free loopback TCP ports (held open together so they are distinct). Each server binds

@@ -128,12 +128,18 @@ static uint64_t parley_now_ns(void) {
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-int parley_await_bytes(int fd, uint64_t nanoseconds) {
-    uint64_t start = parley_now_ns();
+int parley_await_bytes(int fd, uint64_t nanoseconds, uint64_t settle) {
+    uint64_t start = parley_now_ns(), changed = 0;
+    int seen = 0;
     for (;;) {
         int waiting = 0;
         if (ioctl(fd, FIONREAD, &waiting) != 0) return -errno;
-        if (waiting > 0) return 1;
-        if (parley_now_ns() - start >= nanoseconds) return 0;
+        uint64_t now = parley_now_ns();
+        if (waiting > seen) {
+            seen = waiting;
+            changed = now;
+        }
+        if (seen > 0 && now - changed >= settle) return 1;
+        if (now - start >= nanoseconds) return seen > 0 ? 1 : 0;
     }
 }

@@ -83,16 +83,16 @@ import Glibc
     @Test func awaitingBytesSeesThemOrRunsOut() throws {
         let pair = try Pair()
         // Nothing sent: the wait runs out (2 ms) and says so.
-        #expect(parley_await_bytes(pair.b, 2_000_000) == 0)
+        #expect(parley_await_bytes(pair.b, 2_000_000, 0) == 0)
         // Bytes waiting: seen at once, and left unread.
         #expect(write(pair.a, "x", 1) == 1)
-        #expect(parley_await_bytes(pair.b, 2_000_000) == 1)
+        #expect(parley_await_bytes(pair.b, 2_000_000, 0) == 1)
         var byte: UInt8 = 0
         let got = read(pair.b, &byte, 1)
         #expect(got == 1 && byte == UInt8(ascii: "x"))
-        #expect(parley_await_bytes(pair.b, 1_000_000) == 0)
+        #expect(parley_await_bytes(pair.b, 1_000_000, 0) == 0)
         // Not a descriptor: an error, not a wait.
-        #expect(parley_await_bytes(-1, 1_000_000) == -EBADF)
+        #expect(parley_await_bytes(-1, 1_000_000, 0) == -EBADF)
     }
 
     /// A client at queue depth 1 over the Unix socket and over TCP: every request is

@@ -33,7 +33,8 @@ int64_t parley_thread_sleeps(void);
 /// Scans /proc/self/fd once; a cookie is unique to one socket for the life of the system.
 int parley_socket_with_cookie(uint64_t cookie);
 /// Busy-waits up to `nanoseconds` for bytes to arrive on socket `fd`, asking the kernel
-/// (FIONREAD) without ever sleeping: 1 when bytes are waiting, 0 when the time ran out,
-/// -errno on failure.
-int parley_await_bytes(int fd, uint64_t nanoseconds);
+/// (FIONREAD) without ever sleeping, and once some came, until no more come for `settle`
+/// nanoseconds (a client sending several requests in a row is read in one go): 1 when
+/// bytes are waiting, 0 when the time ran out with none, -errno on failure.
+int parley_await_bytes(int fd, uint64_t nanoseconds, uint64_t settle);
 #endif

@@ -249,6 +249,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var unflushedBytes = 0
     static let flushAfter = 1 << 20
     private var polling: NBDReplyPolling
+    /// Requests taken from the last read burst (and the one being read). Only a connection
+    /// whose last burst held one request waits after answering: a client with several
+    /// requests in flight sends them in bursts, which a server that sleeps meanwhile reads
+    /// in one go, and waiting would cut them into single requests.
+    private var burstRequests = 0
+    private var lastBurstRequests = 0
     /// The connection's socket descriptor for `awaitNextRequest`: nil until looked up, -1
     /// when it cannot be.
     private var socket: CInt?
@@ -319,6 +325,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         self.inRead = false
+        self.lastBurstRequests = self.burstRequests
+        self.burstRequests = 0
         if let input = self.input, input.readableBytes == 0 { self.input = nil }
         if self.needsFlush { self.flushReplies(context: context) }
         context.fireChannelReadComplete()
@@ -444,6 +452,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 device.metrics(.write).record(bytes: 0, failed: true, nanoseconds: 0)
                 self.reply(cookie: request.cookie, error: e, negotiated: negotiated, context: context)
             case .request(let request, let payload):
+                self.burstRequests += 1
                 self.dispatch(request, payload: payload.map { [$0] }, negotiated: negotiated, device: device, context: context)
             }
         }
@@ -827,9 +836,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// middle of a read burst, and never once the connection is ending.
     private func awaitNextRequest(_ context: ChannelHandlerContext) {
         guard self.inFlight == 0, !self.inRead, self.gather == nil, self.negotiated != nil, !self.stopping, !self.inactive,
-              self.polling.shouldWait(), let fd = self.descriptor(context)
+              self.lastBurstRequests == 1, self.polling.shouldWait(), let fd = self.descriptor(context)
         else { return }
-        let seen = parley_await_bytes(fd, self.polling.window)
+        let seen = parley_await_bytes(fd, self.polling.window, Self.settle)
         (seen == 1 ? Self.waitsSeeingRequest : Self.waitsRunningOut).increment()
         if seen < 0 {
             self.logger.debug("waiting for the next request failed (errno \(-seen)); not waiting again")
@@ -843,6 +852,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// `parley_block_nbd_reply_waits_total`, labelled `outcome`.
     static let waitsSeeingRequest = Counter(label: "parley_block_nbd_reply_waits_total", dimensions: [("outcome", "request")])
     static let waitsRunningOut = Counter(label: "parley_block_nbd_reply_waits_total", dimensions: [("outcome", "timeout")])
+
+    /// After the first bytes of a request, how long the wait goes on while more keep coming.
+    static let settle: UInt64 = 3_000
 
     static let cookieOption = ChannelOptions.Types.SocketOption(level: SocketOptionLevel(SOL_SOCKET), name: 57)  // SO_COOKIE
 
