@@ -87,7 +87,7 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Connections served at once on each protocol (NBD, block); more are closed as soon as they are accepted. Default: half of the file descriptor limit less 128 (\(BlockServer.Configuration.defaultMaxConnections) here).", valueName: "n"))
     var maxConnections: Int = BlockServer.Configuration.defaultMaxConnections
 
-    @Option(name: .long, help: ArgumentHelp("Microseconds an NBD connection waits for its client's next request after answering with nothing else in flight, without sleeping: a client at queue depth 1 then finds the server awake (on hosts whose idle CPUs halt at once this doubles its IOPS), for up to this much CPU per request. After a wait that runs out, the connection waits less often. 0: never.", valueName: "us"))
+    @Option(name: .long, help: ArgumentHelp("Microseconds an NBD connection waits for its client's next request, without sleeping, after answering a lone request with nothing else in flight: a client at queue depth 1 then finds the server awake (on hosts whose idle CPUs halt at once this doubles its IOPS), for up to this much CPU per request. After a wait that runs out, the connection waits less often. 0: never.", valueName: "us"))
     var pollAfterReply: Int = 50
 
     @OptionGroup var security: ServerSecurityOptions

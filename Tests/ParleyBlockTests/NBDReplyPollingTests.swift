@@ -124,6 +124,28 @@ import Glibc
         #expect(count("timeout") >= 2)
     }
 
+    /// A client that sends its requests two at a time is read in bursts of two, and a
+    /// connection waits only after a burst of one: no wait at all.
+    @Test func aClientSendingRequestsTogetherIsNotWaitedFor() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--poll-after-reply", "5000"], metrics: true)
+        defer { server.stop() }
+        let (nbd, _, _) = try RawNBD.connect(try RawSocket(unixPath: server.nbdSocket), export: "disk")
+        for i in 0..<50 {
+            // Two read requests in one send: one read of the server's, one burst.
+            var b = Bytes()
+            for k in 0..<2 {
+                b.u32(0x2560_9513); b.u16(0); b.u16(0); b.u64(UInt64(2 * i + k)); b.u64(UInt64(k) * 512); b.u32(512)
+            }
+            nbd.socket.send(b.data)
+            for _ in 0..<2 { #expect(try nbd.simpleReply(readLength: 512).error == 0) }
+        }
+        let metrics = try Self.metrics(port: server.metricsPort)
+        #expect(metrics.hasPrefix("HTTP/1.1 200"))
+        #expect(!metrics.contains("parley_block_nbd_reply_waits_total"), "\(metrics.split(separator: "\n").filter { $0.contains("reply_waits") })")
+    }
+
     @Test func aServerToldNotToWaitDoesNot() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 1 << 20)
