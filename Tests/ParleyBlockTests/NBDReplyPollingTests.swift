@@ -50,6 +50,19 @@ import Glibc
         return text
     }
 
+    /// A block server exporting a 1 MiB sparse `disk`, with metrics and the given wait.
+    static func server(pollAfterReply: String) async throws -> (ScratchDirectory, String, BlockServerProcess) {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--poll-after-reply", pollAfterReply], metrics: true)
+        return (scratch, path, server)
+    }
+
+    /// The metrics lines about reply waits, for failure messages.
+    static func waitLines(_ metrics: String) -> [Substring] {
+        metrics.split(separator: "\n").filter { $0.contains("reply_waits") }
+    }
+
     /// A connected pair of Unix stream sockets, closed at the end of the test.
     struct Pair: ~Copyable {
         let a: CInt, b: CInt
@@ -99,10 +112,8 @@ import Glibc
     /// answered, waits see requests come (counted in the metrics), and a client that pauses
     /// longer than the window makes a wait run out and is still answered afterwards.
     @Test func connectionsWaitForTheNextRequestAfterAnswering() async throws {
-        let scratch = try ScratchDirectory()
-        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
-        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--poll-after-reply", "5000"], metrics: true)
-        defer { server.stop() }
+        let (scratch, _, server) = try await Self.server(pollAfterReply: "5000")
+        defer { withExtendedLifetime(scratch) { server.stop() } }
         for socket in [try RawSocket(unixPath: server.nbdSocket), try RawSocket(port: server.nbdPort)] {
             let (nbd, _, _) = try RawNBD.connect(socket, export: "disk")
             for i in 0..<100 {
@@ -120,17 +131,15 @@ import Glibc
             let prefix = "parley_block_nbd_reply_waits_total{outcome=\"\(outcome)\"} "
             return metrics.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap { Int($0.dropFirst(prefix.count)) } ?? 0
         }
-        #expect(count("request") >= 2, "\(metrics.split(separator: "\n").filter { $0.contains("reply_waits") })")
+        #expect(count("request") >= 2, "\(Self.waitLines(metrics))")
         #expect(count("timeout") >= 2)
     }
 
     /// A client that sends its requests two at a time is read in bursts of two, and a
     /// connection waits only after a burst of one: no wait at all.
     @Test func aClientSendingRequestsTogetherIsNotWaitedFor() async throws {
-        let scratch = try ScratchDirectory()
-        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
-        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--poll-after-reply", "5000"], metrics: true)
-        defer { server.stop() }
+        let (scratch, _, server) = try await Self.server(pollAfterReply: "5000")
+        defer { withExtendedLifetime(scratch) { server.stop() } }
         let (nbd, _, _) = try RawNBD.connect(try RawSocket(unixPath: server.nbdSocket), export: "disk")
         for i in 0..<50 {
             // Two read requests in one send: one read of the server's, one burst.
@@ -143,14 +152,12 @@ import Glibc
         }
         let metrics = try Self.metrics(port: server.metricsPort)
         #expect(metrics.hasPrefix("HTTP/1.1 200"))
-        #expect(!metrics.contains("parley_block_nbd_reply_waits_total"), "\(metrics.split(separator: "\n").filter { $0.contains("reply_waits") })")
+        #expect(!metrics.contains("parley_block_nbd_reply_waits_total"), "\(Self.waitLines(metrics))")
     }
 
     @Test func aServerToldNotToWaitDoesNot() async throws {
-        let scratch = try ScratchDirectory()
-        let path = try scratch.sparseFile("disk.img", size: 1 << 20)
-        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)", "--poll-after-reply", "0"], metrics: true)
-        defer { server.stop() }
+        let (scratch, path, server) = try await Self.server(pollAfterReply: "0")
+        defer { withExtendedLifetime(scratch) { server.stop() } }
         let (nbd, _, _) = try RawNBD.connect(try RawSocket(unixPath: server.nbdSocket), export: "disk")
         for i in 0..<20 {
             nbd.request(type: 0, cookie: UInt64(i), offset: 0, length: 4096)
