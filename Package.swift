@@ -40,6 +40,9 @@ let package = Package(
         // AEAD sealing and opening in place with the BoringSSL that swift-crypto links (its
         // Swift API always allocates its output; docs/performance.md, "Parley secure").
         .target(name: "CParleyAEAD"),
+        // Waiting on a socket without sleeping (`PeerWait`): finding a NIO channel's descriptor
+        // by its SO_COOKIE and polling FIONREAD; nothing in Glibc or SwiftNIO does either.
+        .target(name: "CParleySocket"),
         // Layer 1: pure wire codec and sans-IO state machines (no channel, clock or randomness).
         .target(
             name: "ParleyWire",
@@ -55,7 +58,8 @@ let package = Package(
         .target(
             name: "ParleyNIO",
             dependencies: [
-                "ParleyWire",
+                "ParleyWire", "CParleySocket",
+                .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -280,7 +284,7 @@ let package = Package(
         .testTarget(
             name: "ParleyBlockTests",
             dependencies: [
-                "ParleyBlock", "Parley", "ParleyTestSupport", "CParleyBlockIO",
+                "ParleyBlock", "Parley", "ParleyTestSupport", "CParleyBlockIO", "CParleySocket",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -8,3 +8,5 @@
 @_exported import enum ParleyWire.SecureCipher
 @_exported import enum ParleyWire.AuthMethod
 @_exported import struct ParleyWire.SecretCredentials
+@_exported import struct ParleyNIO.PeerWait
+@_exported import struct ParleyWire.ReplyPolling

@@ -62,6 +62,16 @@ public struct ParleyConnectionLimits: Sendable {
     /// connection, including one the consumer may be waiting for.
     public var maxUnconsumedStreamBytes: Int
 
+    /// After a read burst that held one message and whose end sent what it prompted (a
+    /// server's answer, a client's next request), wait this long for the peer's next bytes
+    /// without sleeping, instead of going back to the event loop's poll at once. For peers
+    /// at queue depth 1 on hosts whose idle CPUs halt (most virtual machines): the peer's
+    /// next message then finds this side's thread awake. A wait that runs out makes the
+    /// connection let the next 1, 3, 7, ... 1023 chances go (`ReplyPolling`); counted in
+    /// `parley_reply_waits_total{outcome="message"|"timeout"}`. The event loop is busy while
+    /// it waits, so its other connections wait too. Zero (the default): never. Not negative.
+    public var replyPolling: Duration = .zero
+
     public init(
         maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024, handlersOnEventLoop: Bool = true,
         keepaliveInterval: Duration? = .seconds(15), keepaliveTimeout: Duration = .seconds(60),
@@ -89,7 +99,10 @@ public struct ParleyConnectionLimits: Sendable {
         guard self.maxUnconsumedStreamBytes > 0 else {
             throw ParleyError(code: .invalidArgument, message: "maxUnconsumedStreamBytes (\(self.maxUnconsumedStreamBytes)) must be positive")
         }
-        return PipelineOptions(
+        guard self.replyPolling >= .zero else {
+            throw ParleyError(code: .invalidArgument, message: "the reply polling window (\(self.replyPolling)) must not be negative")
+        }
+        var options = PipelineOptions(
             maxFrameSize: maxFrameSize, captureInbound: captureInbound, captureOutbound: captureOutbound,
             keepalive: try self.keepaliveConfiguration(), flushEvery: self.flushEvery,
             handshakeTimeout: try self.handshakeTimeout.map { t throws(ParleyError) in
@@ -97,6 +110,8 @@ public struct ParleyConnectionLimits: Sendable {
                 return .nanoseconds(t.nanoseconds)
             }
         )
+        options.replyPolling = .nanoseconds(self.replyPolling.nanoseconds)
+        return options
     }
 
     /// The keepalive timing for the pipeline; nil if keepalives are off.

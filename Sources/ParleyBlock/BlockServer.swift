@@ -34,9 +34,10 @@ public final class BlockServer: Service, Sendable {
         public var handshakeTimeout: Duration = .seconds(30)
         /// Connections served at once, on the NBD listeners and on the block protocol's each.
         public var maxConnections = Configuration.defaultMaxConnections
-        /// How long an NBD connection busy-waits for its client's next request after answering
-        /// with nothing else in flight (`NBDReplyPolling`); zero never waits.
-        public var nbdReplyPolling: Duration = .microseconds(50)
+        /// How long a connection busy-waits for its client's next request after answering a
+        /// lone one (`ReplyPolling`), on the NBD listeners (with nothing else in flight) and on
+        /// the block protocol's (`ParleyConnectionLimits.replyPolling`); zero never waits.
+        public var replyPolling: Duration = .microseconds(50)
         /// Half of what a lone server takes: the two protocols share the descriptor limit.
         public static let defaultMaxConnections = max(32, ParleyServer.defaultMaxConnections / 2)
 
@@ -91,10 +92,11 @@ public final class BlockServer: Service, Sendable {
         var limits = NBDServer.Limits()
         limits.handshakeTimeout = .nanoseconds(configuration.handshakeTimeout.nanoseconds)
         limits.maxConnections = configuration.maxConnections
-        limits.replyPolling = .nanoseconds(configuration.nbdReplyPolling.nanoseconds)
+        limits.replyPolling = .nanoseconds(configuration.replyPolling.nanoseconds)
         self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, limits: limits, tls: configuration.nbdTLS, logger: logger)
         var parley = configuration.parley
         parley.limits.handshakeTimeout = configuration.handshakeTimeout
+        parley.limits.replyPolling = configuration.replyPolling
         parley.maxConnections = configuration.maxConnections
         parley.listen = configuration.listen
         parley.name = configuration.name

@@ -87,7 +87,7 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Connections served at once on each protocol (NBD, block); more are closed as soon as they are accepted. Default: half of the file descriptor limit less 128 (\(BlockServer.Configuration.defaultMaxConnections) here).", valueName: "n"))
     var maxConnections: Int = BlockServer.Configuration.defaultMaxConnections
 
-    @Option(name: .long, help: ArgumentHelp("Microseconds an NBD connection waits for its client's next request, without sleeping, after answering a lone request with nothing else in flight: a client at queue depth 1 then finds the server awake (on hosts whose idle CPUs halt at once this doubles its IOPS), for up to this much CPU per request. After a wait that runs out, the connection waits less often. 0: never.", valueName: "us"))
+    @Option(name: .long, help: ArgumentHelp("Microseconds a connection (NBD or block protocol) waits for its client's next request, without sleeping, after answering a lone request with nothing else in flight: a client at queue depth 1 then finds the server awake (on hosts whose idle CPUs halt at once this doubles its IOPS), for up to this much CPU per request. After a wait that runs out, the connection waits less often. 0: never.", valueName: "us"))
     var pollAfterReply: Int = 50
 
     @OptionGroup var security: ServerSecurityOptions
@@ -162,7 +162,7 @@ struct BlockServe: AsyncParsableCommand {
         configuration.inlineWrites.largest = self.inlineWrites
         configuration.handshakeTimeout = .microseconds(Int64(self.handshakeTimeout * 1_000_000))
         configuration.maxConnections = self.maxConnections
-        configuration.nbdReplyPolling = .microseconds(self.pollAfterReply)
+        configuration.replyPolling = .microseconds(self.pollAfterReply)
         do {
             try self.security.apply(to: &configuration.parley)
             let policy = self.nbdTls.flatMap(NBDTLSPolicy.init(rawValue:)) ?? (self.security.cert == nil ? .off : .on)
@@ -293,6 +293,9 @@ struct BlockBench: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Drive the multipath client (BlockMultipathDevice) over this many paths to ADDRESS instead of one BlockClient.", valueName: "n"))
     var paths: Int?
 
+    @Option(name: .long, help: ArgumentHelp("Microseconds each connection waits for the server's answer, without sleeping, after sending the next IO from an answer that came alone (queue depth 1): the answer then finds the client awake. 0: never.", valueName: "us"))
+    var pollAfterReply: Int = 50
+
     @OptionGroup var security: ClientSecurityOptions
 
     @OptionGroup var logging: LoggingOptions
@@ -307,6 +310,7 @@ struct BlockBench: AsyncParsableCommand {
         guard (512...(8 << 20)).contains(self.blockSize), self.blockSize % 512 == 0 else { throw ValidationError("--block-size must be a multiple of 512 up to 8 MiB") }
         guard (1...1024).contains(self.queueDepth) else { throw ValidationError("--queue-depth must be 1...1024") }
         guard self.seconds > 0, self.seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
+        guard (0...10_000).contains(self.pollAfterReply) else { throw ValidationError("--poll-after-reply must be 0...10000 microseconds") }
     }
 
     /// One IO of the benchmark: over a single BlockClient, or the multipath client.
@@ -346,7 +350,8 @@ struct BlockBench: AsyncParsableCommand {
     func connect() async throws -> Target {
         let access: Parley_Block_V1_AccessMode = self.rw.contains("write") ? .readWrite : .readOnly
         guard let paths = self.paths else {
-            let client = try await self.security.connectBlock(to: self.address, sessionName: "parley-block-bench", clientName: "parley-block-bench")
+            let client = try await self.security.connectBlock(to: self.address, sessionName: "parley-block-bench", clientName: "parley-block-bench",
+                                                              replyPolling: .microseconds(self.pollAfterReply))
             do {
                 return .single(client, try await client.open(self.export, access: access))
             } catch {
@@ -357,12 +362,16 @@ struct BlockBench: AsyncParsableCommand {
         let address = try ParleyAddress(parsing: self.address)
         var configuration = BlockMultipathSession.Configuration(sessionName: "parley-block-bench", paths: Array(repeating: address, count: paths))
         configuration.client.name = "parley-block-bench"
+        configuration.client.limits.replyPolling = .microseconds(self.pollAfterReply)
         try self.security.apply(to: &configuration.client, address: address)
         return .multipath(try await BlockMultipathSession(configuration).open(self.export, access: access))
     }
 
     func run() async throws {
         self.logging.bootstrap()
+        // Only to count this client's waits for answers (`--poll-after-reply`) for the summary.
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         let client: Target
         do {
             client = try await self.connect()
@@ -405,20 +414,35 @@ struct BlockBench: AsyncParsableCommand {
         let iops = Double(sorted.count) / secs
         let mibs = iops * Double(self.blockSize) / 1_048_576
         let depth = self.queueDepth
+        let waits = Self.replyWaits(registry)
         if self.json {
-            print("{\"rw\":\"\(self.rw)\",\"api\":\"\(self.api)\",\"block_size\":\(self.blockSize),\"queue_depth\":\(depth),\"ios\":\(sorted.count),\"seconds\":\(secs),\"iops\":\(iops),\"mib_s\":\(mibs),\"p50_us\":\(pct(0.5)),\"p99_us\":\(pct(0.99)),\"p999_us\":\(pct(0.999))}")
+            print("{\"rw\":\"\(self.rw)\",\"api\":\"\(self.api)\",\"block_size\":\(self.blockSize),\"queue_depth\":\(depth),\"ios\":\(sorted.count),\"seconds\":\(secs),\"iops\":\(iops),\"mib_s\":\(mibs),\"p50_us\":\(pct(0.5)),\"p99_us\":\(pct(0.99)),\"p999_us\":\(pct(0.999)),\"reply_waits\":{\"answer\":\(waits.answer),\"timeout\":\(waits.timeout)}}")
         } else {
-            print(String(format: "%@ bs=%d qd=%d: %.0f IOPS, %.1f MiB/s, latency p50 %.1f us, p99 %.1f us, p99.9 %.1f us (%d IOs in %.2f s)",
-                         self.rw, self.blockSize, depth, iops, mibs, pct(0.5), pct(0.99), pct(0.999), sorted.count, secs))
+            print(String(format: "%@ bs=%d qd=%d: %.0f IOPS, %.1f MiB/s, latency p50 %.1f us, p99 %.1f us, p99.9 %.1f us (%d IOs in %.2f s); waits for answers: %d saw one, %d ran out",
+                         self.rw, self.blockSize, depth, iops, mibs, pct(0.5), pct(0.99), pct(0.999), sorted.count, secs, waits.answer, waits.timeout))
         }
+    }
+
+    /// This process's waits for the server's answers (`parley_reply_waits_total`): those that
+    /// saw the answer come, and those that ran out.
+    static func replyWaits(_ registry: PrometheusCollectorRegistry) -> (answer: Int, timeout: Int) {
+        var bytes: [UInt8] = []
+        registry.emit(into: &bytes)
+        func count(_ outcome: String) -> Int {
+            let prefix = "parley_reply_waits_total{outcome=\"\(outcome)\"} "
+            return String(decoding: bytes, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix(prefix) }
+                .flatMap { Int($0.dropFirst(prefix.count)) } ?? 0
+        }
+        return (count("message"), count("timeout"))
     }
 }
 
 extension ClientSecurityOptions {
     /// A block client connected to `address` (text form) with these options.
-    func connectBlock(to address: String, sessionName: String, clientName: String) async throws -> BlockClient {
+    func connectBlock(to address: String, sessionName: String, clientName: String, replyPolling: Duration = .zero) async throws -> BlockClient {
         let parsed = try ParleyAddress(parsing: address)
         var configuration = ParleyClient.Configuration(name: clientName)
+        configuration.limits.replyPolling = replyPolling
         try self.apply(to: &configuration, address: parsed)
         return try await BlockClient.connect(to: parsed, sessionName: sessionName, configuration: configuration)
     }

@@ -75,6 +75,9 @@ struct BlockMapCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Directory for the status file (default $PARLEY_BLOCK_STATE_DIR or /tmp/parley-block-UID).", valueName: "dir"))
     var stateDir: String?
 
+    @Option(name: .long, help: ArgumentHelp("Microseconds the map waits, without sleeping, for what comes next at queue depth 1: on a path, the server's answer to a lone request; on the NBD endpoint, the client's next request after answering. The map's thread then stays awake for it (on hosts whose idle CPUs halt this multiplies QD1 IOPS), for up to this much CPU per IO. After a wait that runs out, it waits less often. 0: never.", valueName: "us"))
+    var pollAfterReply: Int = 50
+
     @OptionGroup var security: ClientSecurityOptions
 
     @OptionGroup var logging: LoggingOptions
@@ -116,6 +119,7 @@ struct BlockMapCommand: AsyncParsableCommand {
         }
         guard MultipathIOState.Policy(rawValue: self.policy) != nil else { throw ValidationError("--policy must be round-robin or min-inflight") }
         guard self.ioTimeout > 0, self.ioTimeout <= 86400 else { throw ValidationError("--io-timeout must be in (0, 86400] seconds") }
+        guard (0...10_000).contains(self.pollAfterReply) else { throw ValidationError("--poll-after-reply must be 0...10000 microseconds") }
     }
 
     func run() async throws {
@@ -129,6 +133,7 @@ struct BlockMapCommand: AsyncParsableCommand {
             ioTimeout: .milliseconds(Int64(self.ioTimeout * 1000))
         )
         configuration.client.name = "parley-block-map"
+        configuration.client.limits.replyPolling = .microseconds(self.pollAfterReply)
         // One event loop for the NBD endpoint and every path: an IO stays on one thread.
         configuration.group = MultiThreadedEventLoopGroup.singleton.next()
         do {

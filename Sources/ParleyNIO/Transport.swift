@@ -23,6 +23,10 @@ public struct PipelineOptions: Sendable {
     /// (`timeout`, without CLOSE); nil: never.
     public var handshakeTimeout: TimeAmount?
 
+    /// After a read burst of one message whose end flushed an answer or a next request, wait
+    /// this long for the peer's next bytes without sleeping (`ReplyPolling`); zero: never.
+    public var replyPolling: TimeAmount = .zero
+
     public init(
         maxFrameSize: Int = Frame.defaultMaxFrameSize, captureInbound: String? = nil, captureOutbound: String? = nil,
         keepalive: KeepaliveStateMachine.Configuration? = nil, flushEvery: Int = PipelineOptions.defaultFlushEvery,
@@ -50,6 +54,7 @@ public enum ParleyPipeline {
         handler.keepaliveConfiguration = options.keepalive
         handler.flushEvery = options.flushEvery
         handler.handshakeTimeout = options.handshakeTimeout
+        handler.replyPolling = options.replyPolling
         try sync.addHandler(handler)
     }
 

@@ -168,6 +168,9 @@ public final class BlockMap: Sendable {
         let io = BlockIOExecutor(threads: 8)
         var limits = NBDServer.Limits()
         limits.maxInFlight = 256
+        // The NBD endpoint waits for its client's next request as long as the paths wait for
+        // the server's answers: one setting for the map (`--poll-after-reply`).
+        limits.replyPolling = .nanoseconds(self.session.configuration.client.limits.replyPolling.nanoseconds)
         let nbd = NBDServer(catalog: catalog, devices: devices, io: io, limits: limits, logger: self.logger, group: self.session.configuration.group)
         let bound: ParleyAddress
         do {

@@ -54,11 +54,13 @@ public struct BlockMultipathSession: Sendable {
         }
 
         /// Keepalives every second and a 5 s timeout, so that a path that goes silent is
-        /// found dead (and its IO re-sent) in seconds rather than a minute.
+        /// found dead (and its IO re-sent) in seconds rather than a minute; a path that sent
+        /// a lone request waits up to 50 µs for its answer without sleeping (`ReplyPolling`).
         public static var defaultClient: ParleyClient.Configuration {
             var c = ParleyClient.Configuration.defaults
             c.limits.keepaliveInterval = .seconds(1)
             c.limits.keepaliveTimeout = .seconds(5)
+            c.limits.replyPolling = .microseconds(50)
             return c
         }
     }

@@ -1,4 +1,3 @@
-import CParleyBlockIO
 import Logging
 import Metrics
 import NIOConcurrencyHelpers
@@ -248,21 +247,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Bytes of read data written since the last flush (see `wrote`).
     private var unflushedBytes = 0
     static let flushAfter = 1 << 20
-    private var polling: NBDReplyPolling
+    private var peerWait: PeerWait
     /// Requests taken from the last read burst (and the one being read). Only a connection
     /// whose last burst held one request waits after answering: a client with several
     /// requests in flight sends them in bursts, which a server that sleeps meanwhile reads
     /// in one go, and waiting would cut them into single requests.
     private var burstRequests = 0
     private var lastBurstRequests = 0
-    /// The connection's socket descriptor for `awaitNextRequest`: nil until looked up, -1
-    /// when it cannot be.
-    private var socket: CInt?
 
     init(server: NBDServer) {
         self.server = server
         self.logger = server.logger
-        self.polling = NBDReplyPolling(window: UInt64(max(0, server.limits.replyPolling.nanoseconds)))
+        self.peerWait = PeerWait(window: server.limits.replyPolling, label: "parley_block_nbd_reply_waits_total", seen: "request")
         self.handshake = NBDHandshakeStateMachine(resolver: NBDConnectionResolver(catalog: server.catalog, devices: server.devices))
         self.handshake!.tls = server.tls?.policy ?? .off
     }
@@ -832,48 +828,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// After answers are flushed with nothing left in flight, waits a little for the client's
-    /// next request without sleeping (`NBDReplyPolling` says why and how long). Not in the
-    /// middle of a read burst, and never once the connection is ending.
+    /// next request without sleeping (`ReplyPolling` says why and how long; counted in
+    /// `parley_block_nbd_reply_waits_total`, labelled `outcome`). Not in the middle of a read
+    /// burst, and never once the connection is ending.
     private func awaitNextRequest(_ context: ChannelHandlerContext) {
         guard self.inFlight == 0, !self.inRead, self.gather == nil, self.negotiated != nil, !self.stopping, !self.inactive,
-              self.lastBurstRequests == 1, self.polling.shouldWait(), let fd = self.descriptor(context)
+              self.lastBurstRequests == 1, self.peerWait.isEnabled
         else { return }
-        let seen = parley_await_bytes(fd, self.polling.window, Self.settle)
-        (seen == 1 ? Self.waitsSeeingRequest : Self.waitsRunningOut).increment()
-        if seen < 0 {
-            self.logger.debug("waiting for the next request failed (errno \(-seen)); not waiting again")
-            self.polling = NBDReplyPolling(window: 0)
-        } else {
-            self.polling.waited(sawRequest: seen == 1)
+        if case .unavailable(let errno) = self.peerWait.wait(on: context.channel) {
+            self.logger.debug("cannot wait for this connection's next request (errno \(errno)); not waiting again")
         }
-    }
-
-    /// Waits after answers that saw the next request come, and ones that ran out (or failed):
-    /// `parley_block_nbd_reply_waits_total`, labelled `outcome`.
-    static let waitsSeeingRequest = Counter(label: "parley_block_nbd_reply_waits_total", dimensions: [("outcome", "request")])
-    static let waitsRunningOut = Counter(label: "parley_block_nbd_reply_waits_total", dimensions: [("outcome", "timeout")])
-
-    /// After the first bytes of a request, how long the wait goes on while more keep coming.
-    static let settle: UInt64 = 3_000
-
-    static let cookieOption = ChannelOptions.Types.SocketOption(level: SocketOptionLevel(SOL_SOCKET), name: 57)  // SO_COOKIE
-
-    /// The connection's socket descriptor, found once by its SO_COOKIE (SwiftNIO does not
-    /// hand it out). Used only on the event loop while the channel is open, so NIO cannot
-    /// have closed it (and the number cannot have been reused) meanwhile.
-    private func descriptor(_ context: ChannelHandlerContext) -> CInt? {
-        if let fd = self.socket { return fd >= 0 ? fd : nil }
-        var fd: CInt = -1
-        if context.channel.isActive, context.channel.remoteAddress != nil,
-           let cookie = try? context.channel.syncOptions?.getOption(Self.cookieOption), cookie != 0 {
-            fd = parley_socket_with_cookie(UInt64(UInt(bitPattern: cookie)))
-        }
-        if fd < 0 {
-            self.logger.debug("no socket descriptor found for this connection; not waiting for requests after answers")
-            self.polling = NBDReplyPolling(window: 0)
-        }
-        self.socket = fd
-        return fd >= 0 ? fd : nil
     }
 
     private func begin(bytes: Int) {

@@ -1,5 +1,6 @@
-import CParleyBlockIO
+import CParleySocket
 import Foundation
+import Parley
 import ParleyBlock
 import ParleyTestSupport
 import Testing
@@ -7,11 +8,13 @@ import Testing
 import Glibc
 #endif
 
-/// The NBD server's wait for a client's next request after answering: the policy (sans IO),
-/// the two system-call helpers behind the wait, and a server whose connections wait.
-@Suite struct NBDReplyPollingTests {
+/// A connection's wait for its peer's next message after answering (`ReplyPolling`): the
+/// policy (sans IO), the two system-call helpers behind the wait, and a block server whose
+/// connections wait, on the NBD port and on the block protocol's (the core's
+/// `ParleyConnectionLimits.replyPolling`), with `parley block bench`'s own waits for answers.
+@Suite(.serialized) struct ReplyPollingTests {
     @Test func aZeroWindowNeverWaits() {
-        var p = NBDReplyPolling(window: 0)
+        var p = ReplyPolling(window: 0)
         for _ in 0..<10 {
             let waits = p.shouldWait()
             #expect(!waits)
@@ -19,23 +22,23 @@ import Glibc
     }
 
     @Test func waitsThatRunOutAreFollowedByLongerRunsWithoutWaiting() {
-        var p = NBDReplyPolling(window: 50_000)
+        var p = ReplyPolling(window: 50_000)
         let first = p.shouldWait()
         #expect(first)
-        p.waited(sawRequest: true)
+        p.waited(sawBytes: true)
         let second = p.shouldWait()
         #expect(second, "a wait that saw a request changes nothing")
         // Each miss in a row skips 1, 3, 7, ... chances, up to 1023.
         var skips: [Int] = []
         for _ in 0..<12 {
-            p.waited(sawRequest: false)
+            p.waited(sawBytes: false)
             var skipped = 0
             while !p.shouldWait() { skipped += 1 }
             skips.append(skipped)
         }
         #expect(skips == [1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 1023, 1023])
         // One wait that sees a request: waiting on every chance again.
-        p.waited(sawRequest: true)
+        p.waited(sawBytes: true)
         #expect(p.misses == 0)
         let again = (p.shouldWait(), p.shouldWait())
         #expect(again == (true, true))
@@ -113,7 +116,7 @@ import Glibc
     /// longer than the window makes a wait run out and is still answered afterwards.
     @Test func connectionsWaitForTheNextRequestAfterAnswering() async throws {
         let (scratch, _, server) = try await Self.server(pollAfterReply: "5000")
-        defer { withExtendedLifetime(scratch) { server.stop() } }
+        defer { withExtendedLifetime(scratch) { _ = server.stop() } }
         for socket in [try RawSocket(unixPath: server.nbdSocket), try RawSocket(port: server.nbdPort)] {
             let (nbd, _, _) = try RawNBD.connect(socket, export: "disk")
             for i in 0..<100 {
@@ -127,19 +130,15 @@ import Glibc
             #expect(reply.error == 0 && reply.data == [UInt8](repeating: 99, count: 4096))
         }
         let metrics = try Self.metrics(port: server.metricsPort)
-        func count(_ outcome: String) -> Int {
-            let prefix = "parley_block_nbd_reply_waits_total{outcome=\"\(outcome)\"} "
-            return metrics.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap { Int($0.dropFirst(prefix.count)) } ?? 0
-        }
-        #expect(count("request") >= 2, "\(Self.waitLines(metrics))")
-        #expect(count("timeout") >= 2)
+        #expect(Self.count(metrics, "parley_block_nbd_reply_waits_total", "request") >= 2, "\(Self.waitLines(metrics))")
+        #expect(Self.count(metrics, "parley_block_nbd_reply_waits_total", "timeout") >= 2)
     }
 
     /// A client that sends its requests two at a time is read in bursts of two, and a
     /// connection waits only after a burst of one: no wait at all.
     @Test func aClientSendingRequestsTogetherIsNotWaitedFor() async throws {
         let (scratch, _, server) = try await Self.server(pollAfterReply: "5000")
-        defer { withExtendedLifetime(scratch) { server.stop() } }
+        defer { withExtendedLifetime(scratch) { _ = server.stop() } }
         let (nbd, _, _) = try RawNBD.connect(try RawSocket(unixPath: server.nbdSocket), export: "disk")
         for i in 0..<50 {
             // Two read requests in one send: one read of the server's, one burst.
@@ -152,21 +151,67 @@ import Glibc
         }
         let metrics = try Self.metrics(port: server.metricsPort)
         #expect(metrics.hasPrefix("HTTP/1.1 200"))
-        #expect(!metrics.contains("parley_block_nbd_reply_waits_total"), "\(Self.waitLines(metrics))")
+        let waits = ["request", "timeout"].map { Self.count(metrics, "parley_block_nbd_reply_waits_total", $0) }
+        #expect(waits == [0, 0], "\(Self.waitLines(metrics))")
+    }
+
+    /// The count of `outcome` in the Prometheus counter `name` of `metrics` (0 when absent).
+    static func count(_ metrics: String, _ name: String, _ outcome: String) -> Int {
+        let prefix = "\(name){outcome=\"\(outcome)\"} "
+        return metrics.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap { Int($0.dropFirst(prefix.count)) } ?? 0
+    }
+
+    /// `parley block bench` at queue depth 1 with its own wait for answers: its JSON summary.
+    /// A window of 10 ms (the most `--poll-after-reply` takes): a debug build's answers take
+    /// milliseconds when other tests load the machine.
+    static func bench(_ address: String, depth: Int = 1, pollAfterReply: String = "10000") async throws -> [String: Any] {
+        let run = try await Tools.run(try Tools.parley, ["block", "bench", address, "--export", "disk", "--queue-depth", "\(depth)",
+                                                         "--seconds", "0.5", "--json", "--poll-after-reply", pollAfterReply], seconds: 60)
+        #expect(run.status == 0, "\(run.combined)")
+        let line = run.stdout.split(separator: "\n").first { $0.hasPrefix("{") } ?? ""
+        return (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]) ?? [:]
+    }
+
+    /// The block protocol's connections wait for the next request after answering a lone one
+    /// (Unix socket and TCP), and the bench client's connection waits for each answer after
+    /// sending the next request from the previous answer: both sides' waits see the peer's
+    /// message come. Fails when either side never waits, or its waits never see anything.
+    @Test func blockProtocolConnectionsWaitOnBothSides() async throws {
+        let (scratch, _, server) = try await Self.server(pollAfterReply: "10000")
+        defer { withExtendedLifetime(scratch) { _ = server.stop() } }
+        for address in ["unix:\(server.blockSocket)", "127.0.0.1:\(server.blockPort)"] {
+            let summary = try await Self.bench(address)
+            let ios = summary["ios"] as? Int ?? 0
+            let waits = summary["reply_waits"] as? [String: Int] ?? [:]
+            #expect(ios > 10, "\(summary)")
+            #expect(waits["answer", default: 0] >= 2, "the client's waits: \(summary)")
+        }
+        let metrics = try Self.metrics(port: server.metricsPort)
+        #expect(Self.count(metrics, "parley_reply_waits_total", "message") >= 2, "\(Self.waitLines(metrics))")
+        // A client told not to wait does not.
+        let quiet = try await Self.bench("unix:\(server.blockSocket)", pollAfterReply: "0")
+        #expect((quiet["ios"] as? Int ?? 0) > 10 && (quiet["reply_waits"] as? [String: Int]) == ["answer": 0, "timeout": 0], "\(quiet)")
     }
 
     @Test func aServerToldNotToWaitDoesNot() async throws {
         let (scratch, path, server) = try await Self.server(pollAfterReply: "0")
-        defer { withExtendedLifetime(scratch) { server.stop() } }
+        defer { withExtendedLifetime(scratch) { _ = server.stop() } }
         let (nbd, _, _) = try RawNBD.connect(try RawSocket(unixPath: server.nbdSocket), export: "disk")
         for i in 0..<20 {
             nbd.request(type: 0, cookie: UInt64(i), offset: 0, length: 4096)
             #expect(try nbd.simpleReply(readLength: 4096).error == 0)
         }
+        // Nor on the block protocol: the bench client's own waits still see answers (they do
+        // not need the server to wait), the server's metrics show none of its own.
+        let summary = try await Self.bench("unix:\(server.blockSocket)")
+        #expect((summary["ios"] as? Int ?? 0) > 10, "\(summary)")
         let metrics = try Self.metrics(port: server.metricsPort)
         #expect(metrics.hasPrefix("HTTP/1.1 200"))
         #expect(!metrics.contains("parley_block_nbd_reply_waits_total{outcome=\"request\"} "), "\(metrics)")
-        let refused = try await Tools.run(try Tools.parley, ["block", "serve", "--export", "disk=\(path)", "--poll-after-reply", "-1"])
-        #expect(refused.status != 0 && refused.combined.contains("--poll-after-reply"), "\(refused.combined)")
+        #expect(!metrics.contains("parley_reply_waits_total"), "\(Self.waitLines(metrics))")
+        for command in [["block", "serve", "--export", "disk=\(path)"], ["block", "bench", "unix:\(server.blockSocket)", "--export", "disk"]] {
+            let refused = try await Tools.run(try Tools.parley, command + ["--poll-after-reply", "-1"])
+            #expect(refused.status != 0 && refused.combined.contains("--poll-after-reply"), "\(refused.combined)")
+        }
     }
 }
