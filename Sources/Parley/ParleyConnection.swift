@@ -69,8 +69,13 @@ public struct ParleyConnectionLimits: Sendable {
     /// next message then finds this side's thread awake. A wait that runs out makes the
     /// connection let the next 1, 3, 7, ... 1023 chances go (`ReplyPolling`); counted in
     /// `parley_reply_waits_total{outcome="message"|"timeout"}`. The event loop is busy while
-    /// it waits, so its other connections wait too. Zero (the default): never. Not negative.
+    /// it waits, so its other connections wait too. Zero (the default): never. At most
+    /// `maxReplyPolling`.
     public var replyPolling: Duration = .zero
+
+    /// The longest reply polling window accepted: a longer busy wait would stall the event
+    /// loop's other connections for longer than a wait can save.
+    public static let maxReplyPolling: Duration = .milliseconds(10)
 
     public init(
         maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024, handlersOnEventLoop: Bool = true,
@@ -99,8 +104,8 @@ public struct ParleyConnectionLimits: Sendable {
         guard self.maxUnconsumedStreamBytes > 0 else {
             throw ParleyError(code: .invalidArgument, message: "maxUnconsumedStreamBytes (\(self.maxUnconsumedStreamBytes)) must be positive")
         }
-        guard self.replyPolling >= .zero else {
-            throw ParleyError(code: .invalidArgument, message: "the reply polling window (\(self.replyPolling)) must not be negative")
+        guard self.replyPolling >= .zero, self.replyPolling <= Self.maxReplyPolling else {
+            throw ParleyError(code: .invalidArgument, message: "the reply polling window (\(self.replyPolling)) must be 0...\(Self.maxReplyPolling)")
         }
         var options = PipelineOptions(
             maxFrameSize: maxFrameSize, captureInbound: captureInbound, captureOutbound: captureOutbound,

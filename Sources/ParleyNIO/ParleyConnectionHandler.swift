@@ -496,7 +496,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// a little without sleeping (`ReplyPolling` says why; `replyPolling` how long). A peer
     /// with several messages in flight sends them in bursts, which are read in one go as before.
     private func awaitPeer(context: ChannelHandlerContext) {
-        guard self.peerWait != nil, self.isEstablished, !self.readsPaused, context.channel.isActive else { return }
+        // A server that cannot write (its peer does not read answers) does not read either:
+        // nothing to wait for.
+        guard self.peerWait != nil, self.isEstablished, !self.readsPaused, context.channel.isActive,
+              self.peerReadsAnswers(context) else { return }
         // A wait that cannot be done (no descriptor, a failed ioctl) is not tried again: the
         // connection goes on as one that does not wait.
         if case .unavailable = self.peerWait!.wait(on: context.channel) { self.peerWait = nil }

@@ -16,8 +16,9 @@ import Musl
 /// SwiftNIO does not hand out a channel's descriptor: it is found once, by the socket's
 /// `SO_COOKIE` in /proc/self/fd (`parley_socket_with_cookie`). Since it is used only on the
 /// event loop while the channel is open, NIO cannot have closed it (nor the number have been
-/// reused) meanwhile. A channel that is not a socket (in-memory, a test's embedded channel)
-/// has no cookie: no wait.
+/// reused) meanwhile. Only a channel that is a socket (NIOPosix's socket channels are
+/// `SocketOptionProvider`s) is asked for its cookie: others (in-memory, a test's embedded
+/// channel, an HTTP/2 stream) may trap on an option they do not know, and never wait.
 public struct PeerWait {
     public enum Outcome: Equatable, Sendable {
         /// Bytes came within the window.
@@ -71,7 +72,7 @@ public struct PeerWait {
     private mutating func descriptor(_ channel: any Channel) -> CInt? {
         if let fd = self.socket { return fd >= 0 ? fd : nil }
         var fd: CInt = -1
-        if channel.isActive, channel.remoteAddress != nil,
+        if channel.isActive, channel is any SocketOptionProvider, channel.remoteAddress != nil,
            let cookie = try? channel.syncOptions?.getOption(Self.cookieOption), cookie != 0 {
             fd = parley_socket_with_cookie(UInt64(UInt(bitPattern: cookie)))
         }

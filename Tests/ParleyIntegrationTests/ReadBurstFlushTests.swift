@@ -44,7 +44,7 @@ import Testing
     }
 
     /// A client and a server handler, handshake done, the server flushing every `flushEvery`.
-    static func established(flushEvery: Int) throws -> Pair {
+    static func established(flushEvery: Int, replyPolling: TimeAmount = .zero) throws -> Pair {
         let banner = Banner(supported: .implemented, required: [], modes: [.crc])
         let size = UInt32(Frame.defaultMaxFrameSize)
         var clientIdent = Parley_V1_ClientIdent()
@@ -62,8 +62,11 @@ import Testing
             return EstablishedLink(sink: sink)
         }
         try pair.server.pipeline.syncOperations.addHandler(pair.counter)
-        try ParleyPipeline.configure(pair.server, options: PipelineOptions(flushEvery: flushEvery), handler: serverHandler)
-        try ParleyPipeline.configure(pair.client, options: PipelineOptions(), handler: clientHandler)
+        var serverOptions = PipelineOptions(flushEvery: flushEvery), clientOptions = PipelineOptions()
+        serverOptions.replyPolling = replyPolling
+        clientOptions.replyPolling = replyPolling
+        try ParleyPipeline.configure(pair.server, options: serverOptions, handler: serverHandler)
+        try ParleyPipeline.configure(pair.client, options: clientOptions, handler: clientHandler)
         let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
         try pair.server.connect(to: address).wait()
         try pair.client.connect(to: address).wait()
@@ -130,6 +133,21 @@ import Testing
         #expect(again.duringRead == 2)
         #expect(again.total == 3)
         #expect(pair.clientSink.received.map(\.header.id) == (1...80).map(UInt64.init))
+    }
+
+    /// A channel that is not a socket (here an embedded one, connected, so it has a remote
+    /// address) is never asked for a socket cookie by the reply wait: an embedded channel
+    /// traps on options it does not know. Lone requests and their answers go on as without
+    /// a wait.
+    @Test func theReplyWaitLeavesChannelsThatAreNotSocketsAlone() throws {
+        let pair = try Self.established(flushEvery: 16, replyPolling: .milliseconds(1))
+        for id in 1...3 {
+            pair.clientSink.outlet!.write(.message(WireMessage(header: MessageHeader(id: UInt64(id), kind: .request, type: "t"), payload: ByteBuffer(bytes: [8, UInt8(id)]))))
+            try Self.burst(try #require(try Self.take(pair.client)), into: pair.server)
+            try Self.burst(try #require(try Self.take(pair.server)), into: pair.client)
+        }
+        #expect(pair.serverSink.received.map(\.header.id) == [1, 2, 3])
+        #expect(pair.clientSink.received.map(\.header.id) == [1, 2, 3])
     }
 
     /// A server decodes no request while its channel is not writable (the peer does not read

@@ -153,6 +153,15 @@ struct TimeoutTests {
         #expect(error?.message.contains("idle timeout") == true)
     }
 
+    @Test(arguments: [Duration.microseconds(-1), .milliseconds(11)])
+    func theReplyPollingWindowMustBeWithinItsRange(_ window: Duration) async throws {
+        var limits = ParleyConnectionLimits()
+        limits.replyPolling = window
+        let error = await Self.startingAServer(with: limits)
+        #expect(error?.code == .invalidArgument)
+        #expect(error?.message.contains("reply polling window") == true, "\(String(describing: error))")
+    }
+
     /// Runs a server with `limits` and returns the error it refuses to start with (nil, and
     /// a failed expectation, if it started: it is then stopped after 10 s rather than left
     /// serving until cancelled).
