@@ -223,49 +223,66 @@ public final class BlockDeviceTable: Sendable {
 
     /// Opens a resolved export for `owner` (a session; all NBD connections share one owner,
     /// which is what makes NBD multi-conn safe).
+    ///
+    /// The file is opened outside the table's lock: a slow open (a stalled network file
+    /// system, a device that takes its time) holds up only its own caller, never the opens and
+    /// closes of other devices. Two first opens of one path at once may both open the file;
+    /// the second to reach the table joins the first's device and closes its own descriptor.
     public func open(_ export: BlockExportCatalog.Resolved, access: BlockAccess, owner: String) throws(BlockError) -> BlockDevice {
         let writes = access != .readOnly
         if writes, export.readOnly {
             throw BlockError(.readOnly, "export \"\(export.name)\" is read-only")
         }
-        let result: Result<BlockDevice, BlockError> = self.state.withLockedValue { table in
-            if var entry = table[export.path] {
-                if writes {
-                    let others = entry.writers.filter { $0.key != owner }
-                    if !others.isEmpty, !export.shared, !(access == .migration && others.count == 1) {
-                        return .failure(BlockError(.busy, "\"\(export.name)\" is open read-write by \(others.keys.sorted().joined(separator: ", "))"))
-                    }
-                    if !entry.writable {
-                        return .failure(BlockError(.readOnly, "\(export.path) cannot be opened for writing"))
-                    }
-                    entry.writers[owner, default: 0] += 1
-                }
-                entry.openers += 1
-                table[export.path] = entry
-                return .success(entry.device)
-            }
-            do {
-                // A writable export is opened read-write even for a reader, so that a
-                // later writer shares the descriptor (and its flushes cover everyone).
-                var writable = !export.readOnly
-                let store: any BlockStore
-                do {
-                    store = try self.openStore(export.path, writable)
-                } catch let error as BlockStoreError where !writes && (error.errno == EACCES || error.errno == EROFS) {
-                    writable = false
-                    store = try self.openStore(export.path, false)
-                }
-                let device = BlockDevice(name: export.name, path: export.path, store: store, metrics: BlockMetrics(export: export.name))
-                table[export.path] = Entry(device: device, openers: 1, writers: writes ? [owner: 1] : [:], writable: writable)
-                return .success(device)
-            } catch let error as BlockStoreError {
-                if error.errno == ENOENT { return .failure(BlockError(.notFound, error.description)) }
-                return .failure(BlockError(error))
-            } catch {
-                return .failure(BlockError(.ioError, "\(error)"))
-            }
+        if let joined = self.state.withLockedValue({ table in Self.join(&table, export, writes: writes, access: access, owner: owner) }) {
+            return try joined.get()
         }
+        // A writable export is opened read-write even for a reader, so that a later writer
+        // shares the descriptor (and its flushes cover everyone).
+        var writable = !export.readOnly
+        let store: any BlockStore
+        do throws(BlockStoreError) {
+            do throws(BlockStoreError) {
+                store = try self.openStore(export.path, writable)
+            } catch let error where !writes && (error.errno == EACCES || error.errno == EROFS) {
+                writable = false
+                store = try self.openStore(export.path, false)
+            }
+        } catch {
+            if error.errno == ENOENT { throw BlockError(.notFound, error.description) }
+            throw BlockError(error)
+        }
+        let device = BlockDevice(name: export.name, path: export.path, store: store, metrics: BlockMetrics(export: export.name))
+        let result: Result<BlockDevice, BlockError> = self.state.withLockedValue { table in
+            if let joined = Self.join(&table, export, writes: writes, access: access, owner: owner) {
+                return joined
+            }
+            table[export.path] = Entry(device: device, openers: 1, writers: writes ? [owner: 1] : [:], writable: writable)
+            return .success(device)
+        }
+        if case .success(let opened) = result, opened === device {
+            return opened
+        }
+        store.close()  // another open of the same path came first
         return try result.get()
+    }
+
+    /// Adds one open to the table's entry for `export`, if it has one (nil: it has none).
+    private static func join(_ table: inout [String: Entry], _ export: BlockExportCatalog.Resolved, writes: Bool, access: BlockAccess,
+                             owner: String) -> Result<BlockDevice, BlockError>? {
+        guard var entry = table[export.path] else { return nil }
+        if writes {
+            let others = entry.writers.filter { $0.key != owner }
+            if !others.isEmpty, !export.shared, !(access == .migration && others.count == 1) {
+                return .failure(BlockError(.busy, "\"\(export.name)\" is open read-write by \(others.keys.sorted().joined(separator: ", "))"))
+            }
+            if !entry.writable {
+                return .failure(BlockError(.readOnly, "\(export.path) cannot be opened for writing"))
+            }
+            entry.writers[owner, default: 0] += 1
+        }
+        entry.openers += 1
+        table[export.path] = entry
+        return .success(entry.device)
     }
 
     /// Ends one open of `device` by `owner`.

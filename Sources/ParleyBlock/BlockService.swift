@@ -46,10 +46,14 @@ public final class BlockService: Sendable {
 
     public func register(on router: inout ParleyRouter) {
         router.on(Parley_Block_V1_SessionInfo.self) { [self] request, context in self.sessionInfo(request, context) }
-        router.on(Parley_Block_V1_ListExports.self) { [self] _, _ in self.listExports() }
-        router.on(Parley_Block_V1_Open.self) { [self] request, context in
+        // Both open files (ListExports to read each export's geometry): on an IO thread, so
+        // that a slow open (a stalled network file system) never holds up an event loop.
+        router.on(Parley_Block_V1_ListExports.self) { [self] _, context async throws in
+            try await self.io.run(on: context.connection.eventLoop) { self.listExports() }.get()
+        }
+        router.on(Parley_Block_V1_Open.self) { [self] request, context async throws in
             try self.authorize(request, context)
-            return self.open(request, context)
+            return try await self.io.run(on: context.connection.eventLoop) { self.open(request, context) }.get()
         }
         router.on(Parley_Block_V1_Close.self) { [self] request, context in self.close(request, context) }
         router.onWithData(Parley_Block_V1_Io.self, completing: { [self] request, context, respond in
@@ -198,7 +202,11 @@ public final class BlockService: Sendable {
             let device = try self.devices.open(export, access: access, owner: session.owner)
             let blockSize = Self.blockSize(export, device)
             let readOnly = access == .readOnly
-            let id = session.add(device: device, access: access, blockSize: blockSize)
+            guard let id = session.add(device: device, access: access, blockSize: blockSize) else {
+                // The connection closed while the file was being opened.
+                self.devices.close(device, access: access, owner: session.owner)
+                return refuse(BlockError(.noSession, "session \"\(session.name)\" ended while \(request.path) was being opened"))
+            }
             reply.deviceID = id
             reply.accessMode = request.accessMode
             reply.geometry = Self.geometry(device.store.geometry, blockSize: blockSize, readOnly: readOnly)
@@ -426,8 +434,11 @@ final class BlockSession: Sendable {
         self.peer = peer
     }
 
-    func add(device: BlockDevice, access: BlockAccess, blockSize: UInt32) -> UInt32 {
+    /// Adds an opened device; nil once the session has ended (its devices are closed then,
+    /// and one added after that would never be).
+    func add(device: BlockDevice, access: BlockAccess, blockSize: UInt32) -> UInt32? {
         self.state.withLockedValue { s in
+            if self.ended.load(ordering: .acquiring) { return nil }
             while s.devices[s.nextID] != nil || s.nextID == 0 { s.nextID &+= 1 }
             let id = s.nextID
             s.nextID &+= 1
