@@ -66,13 +66,16 @@ public enum NBDTLSPolicy: String, Sendable, CaseIterable {
 
 /// The server side of NBD's fixed newstyle handshake, sans-IO: bytes in, actions out.
 ///
+/// Sendable when its resolver is: the NBD server runs `receive(_:)` on an IO thread, since
+/// the resolver may open files there.
+///
 /// `greeting()` gives the first bytes to send. Each `receive(_:)` consumes what it can of
 /// the buffer and returns what to do; bytes after the final option stay in the buffer (they
 /// belong to the transmission phase). Every violation ends in `.disconnect` with a reason
 /// that names what was wrong; option-level mistakes are answered with an error reply and
 /// the handshake goes on, as the protocol asks.
 public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
-    public enum Action: Equatable {
+    public enum Action: Equatable, Sendable {
         /// Send these bytes.
         case send(ByteBuffer)
         /// The handshake succeeded: enter the transmission phase.
@@ -412,3 +415,5 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
         return out
     }
 }
+
+extension NBDHandshakeStateMachine: Sendable where Resolver: Sendable {}

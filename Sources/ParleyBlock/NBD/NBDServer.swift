@@ -10,7 +10,7 @@ import Glibc
 #endif
 
 /// Finds exports for one NBD connection and opens the chosen one.
-struct NBDConnectionResolver: NBDExportResolver {
+struct NBDConnectionResolver: NBDExportResolver, Sendable {
     let catalog: BlockExportCatalog
     let devices: BlockDeviceTable
     /// The owner NBD connections share in the device table (multi-conn).
@@ -237,6 +237,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var inFlight = 0
     private var inFlightBytes = 0
     private var readHeld = false
+    /// The handshake is on an IO thread (its options may open files, which can take long on
+    /// a stalled network file system): nothing more is read and no option is handled until
+    /// it comes back.
+    private var handshakeBusy = false
     private var inRead = false
     private var needsFlush = false
     private var flushScheduled = false
@@ -340,7 +344,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// served at once from the page cache are not in flight, only queued to go out, and a
     /// client that never reads would have them pile up without end.
     private func mayTakeRequests(_ context: ChannelHandlerContext) -> Bool {
-        self.inFlight < self.server.limits.maxInFlight && self.inFlightBytes < self.server.limits.maxInFlightBytes
+        !self.handshakeBusy && self.inFlight < self.server.limits.maxInFlight && self.inFlightBytes < self.server.limits.maxInFlightBytes
             && context.channel.isWritable
     }
 
@@ -377,52 +381,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: - Input
 
     private func process(context: ChannelHandlerContext) {
+        if self.handshake != nil {
+            self.advanceHandshake(context: context)
+            return
+        }
         guard var input = self.input else { return }
         self.input = nil
         defer { self.input = input.readableBytes > 0 ? input : nil }
-        if self.handshake != nil {
-            let actions = self.handshake!.receive(&input)
-            for action in actions {
-                switch action {
-                case .send(let bytes):
-                    context.write(NIOAny(bytes), promise: nil)
-                    self.needsFlush = true
-                case .startTLS:
-                    // The acknowledgement goes out in the clear; everything after it is TLS.
-                    context.flush()
-                    self.needsFlush = false
-                    guard let tls = self.server.tls else { continue }
-                    do {
-                        try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context), position: .first)
-                        self.handshake?.tlsStarted()
-                        self.logger.debug("NBD client started TLS")
-                    } catch {
-                        self.logger.warning("NBD STARTTLS failed: \(error)")
-                        context.close(promise: nil)
-                        return
-                    }
-                case .disconnect(let reason):
-                    self.logger.warning("NBD handshake ended: \(reason)")
-                    self.handshake = nil
-                    self.stopping = true
-                    context.writeAndFlush(NIOAny(ByteBuffer()), promise: nil)
-                    context.close(promise: nil)
-                    return
-                case .transmission(let negotiated):
-                    guard let (device, access) = self.handshake!.resolver.opened else { continue }
-                    self.handshake = nil
-                    self.handshakeTimer?.cancel()
-                    self.negotiated = negotiated
-                    self.device = device
-                    self.access = access
-                    self.logger[metadataKey: "export"] = "\(negotiated.export.name)"
-                    self.logger.info("NBD client opened export", metadata: [
-                        "access": "\(access)", "structured": "\(negotiated.structuredReplies)", "size": "\(negotiated.export.size)",
-                    ])
-                }
-            }
-            if self.negotiated == nil { return }
-        }
         guard let negotiated = self.negotiated, let device = self.device else { return }
         while !self.stopping, !self.inactive, self.mayTakeRequests(context) {
             let item: NBDRequestDecoder.Item?
@@ -451,6 +416,107 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 self.burstRequests += 1
                 self.dispatch(request, payload: payload.map { [$0] }, negotiated: negotiated, device: device, context: context)
             }
+        }
+    }
+
+    /// Hands the handshake and the bytes read so far to an IO thread (the resolver may open
+    /// files), then carries out what it decided back on the event loop.
+    private func advanceHandshake(context: ChannelHandlerContext) {
+        guard !self.handshakeBusy, let machine = self.handshake, let input = self.input else { return }
+        self.input = nil
+        self.handshakeBusy = true
+        self.server.io.run(on: context.eventLoop) { () -> (NBDHandshakeStateMachine<NBDConnectionResolver>, ByteBuffer, [NBDHandshakeStateMachine<NBDConnectionResolver>.Action]) in
+            var machine = machine
+            var input = input
+            let actions = machine.receive(&input)
+            return (machine, input, actions)
+        }.assumeIsolated().whenComplete { result in
+            self.handshakeBusy = false
+            switch result {
+            case .success(let (machine, rest, actions)):
+                self.handshakeAdvanced(machine, rest: rest, actions: actions, context: context)
+            case .failure(let error):  // the IO threads are gone: the server is stopping
+                self.logger.warning("NBD handshake cannot go on: \(error)")
+                self.handshake = nil
+                self.stopping = true
+                context.close(promise: nil)
+            }
+        }
+    }
+
+    private func handshakeAdvanced(_ machine: NBDHandshakeStateMachine<NBDConnectionResolver>, rest: ByteBuffer,
+                                   actions: [NBDHandshakeStateMachine<NBDConnectionResolver>.Action], context: ChannelHandlerContext) {
+        if self.inactive || self.stopping || self.handshake == nil {
+            // Gone meanwhile (closed by the client, the handshake timer or a drain): what the
+            // handshake opened is closed again.
+            if let (device, access) = machine.resolver.opened {
+                self.server.devices.close(device, access: access, owner: NBDConnectionResolver.owner)
+            }
+            return
+        }
+        self.handshake = machine
+        var input = rest
+        var arrived = false  // read while the handshake was away
+        if var more = self.input {
+            arrived = more.readableBytes > 0
+            input.writeBuffer(&more)
+        }
+        self.input = input.readableBytes > 0 ? input : nil
+        for action in actions {
+            switch action {
+            case .send(let bytes):
+                context.write(NIOAny(bytes), promise: nil)
+                self.needsFlush = true
+            case .startTLS:
+                if let early = self.input?.readableBytes {
+                    // Sent in the clear after NBD_OPT_STARTTLS without waiting for its reply:
+                    // read later, they would pass for bytes protected by TLS.
+                    self.logger.warning("NBD handshake ended: client sent \(early) bytes after NBD_OPT_STARTTLS without waiting for its reply")
+                    self.handshake = nil
+                    self.stopping = true
+                    context.close(promise: nil)
+                    return
+                }
+                // The acknowledgement goes out in the clear; everything after it is TLS.
+                context.flush()
+                self.needsFlush = false
+                guard let tls = self.server.tls else { continue }
+                do {
+                    try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context), position: .first)
+                    self.handshake?.tlsStarted()
+                    self.logger.debug("NBD client started TLS")
+                } catch {
+                    self.logger.warning("NBD STARTTLS failed: \(error)")
+                    context.close(promise: nil)
+                    return
+                }
+            case .disconnect(let reason):
+                self.logger.warning("NBD handshake ended: \(reason)")
+                self.handshake = nil
+                self.stopping = true
+                context.writeAndFlush(NIOAny(ByteBuffer()), promise: nil)
+                context.close(promise: nil)
+                return
+            case .transmission(let negotiated):
+                guard let (device, access) = self.handshake!.resolver.opened else { continue }
+                self.handshake = nil
+                self.handshakeTimer?.cancel()
+                self.negotiated = negotiated
+                self.device = device
+                self.access = access
+                self.logger[metadataKey: "export"] = "\(negotiated.export.name)"
+                self.logger.info("NBD client opened export", metadata: [
+                    "access": "\(access)", "structured": "\(negotiated.structuredReplies)", "size": "\(negotiated.export.size)",
+                ])
+            }
+        }
+        if self.needsFlush, !self.inRead { self.flushReplies(context: context) }
+        // Options that came while it was away, or the first requests of the transmission
+        // phase (what is left of an option the handshake has seen waits for more bytes).
+        if self.input != nil, arrived || self.negotiated != nil { self.process(context: context) }
+        if self.readHeld, !self.handshakeBusy, self.mayTakeRequests(context) {
+            self.readHeld = false
+            context.read()
         }
     }
 
