@@ -156,6 +156,7 @@ let package = Package(
             dependencies: [
                 "ParleyWork", "Parley", "CParleyBOINCRSA",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "XMLCoder", package: "XMLCoder"),

@@ -197,8 +197,9 @@ public final class BOINCFrontEnd: Sendable {
                 continue
             }
             let spec = try await self.store.spec(name.jobID).flatMap { try? Parley_Work_V1_JobSpec(serializedBytes: $0) }
-            let outputs = spec.flatMap { BOINCScheduling.succeeded(result) ? self.collectOutputs(name, spec: $0) : nil }
-            let stdout = self.uploads.read(name.stdout, limit: self.configuration.maxStdout) ?? []
+            var outputs: [Parley_Work_V1_OutputFile]? = nil
+            if let spec, BOINCScheduling.succeeded(result) { outputs = try await self.collectOutputs(name, spec: spec) }
+            let stdout = try await self.uploads.read(name.stdout, limit: self.configuration.maxStdout) ?? []
             budget -= stdout.count + (outputs ?? []).reduce(0) { $0 + $1.content.count }
             inputs.append((name, result, BOINCScheduling.reportInput(result, name: name, worker: worker, spec: spec, outputs: outputs, stdout: stdout)))
         }
@@ -212,7 +213,7 @@ public final class BOINCFrontEnd: Sendable {
                 answers.append((result.name, "result \(result.name) refused: \(why); nothing was stored"))
             case .accepted, .alreadyAccepted, .retrying, .failed, .superseded:
                 self.logger.info("boinc report", metadata: ["result": "\(result.name)", "worker": "\(worker)", "verdict": "\(verdict)"])
-                self.uploads.remove(prefix: report.name.workunit + "_")
+                try await self.uploads.remove(prefix: report.name.workunit + "_")
                 answers.append((result.name, nil))
             }
         }
@@ -221,10 +222,10 @@ public final class BOINCFrontEnd: Sendable {
 
     /// The uploaded outputs of a lease, as a native worker sends them back; nil if one is
     /// missing.
-    func collectOutputs(_ name: BOINCName, spec: Parley_Work_V1_JobSpec) -> [Parley_Work_V1_OutputFile]? {
+    func collectOutputs(_ name: BOINCName, spec: Parley_Work_V1_JobSpec) async throws -> [Parley_Work_V1_OutputFile]? {
         var outputs: [Parley_Work_V1_OutputFile] = []
         for (i, output) in spec.outputs.enumerated() {
-            guard let bytes = self.uploads.read(name.output(i), limit: self.configuration.maxUploadBytes) else { return nil }
+            guard let bytes = try await self.uploads.read(name.output(i), limit: self.configuration.maxUploadBytes) else { return nil }
             var file = Parley_Work_V1_OutputFile()
             file.name = output
             file.size = UInt64(bytes.count)
@@ -322,9 +323,17 @@ public final class BOINCFrontEnd: Sendable {
             return .dataServer(503, .init(status: 1, message: "the job store failed: \(error)"))
         }
         let limit = index == nil ? self.configuration.maxStdout : self.configuration.maxUploadBytes
+        do {
+            return try await self.keep(request, limit: limit)
+        } catch {
+            return .dataServer(503, .init(status: 1, message: "the upload store failed: \(error)"))
+        }
+    }
+
+    private func keep(_ request: BOINCUpload.Request, limit: Int) async throws -> BOINCResponse {
         switch request.kind {
         case .size:
-            return .dataServer(200, .init(status: 0, fileSize: self.uploads.size(request.fileName)))
+            return .dataServer(200, .init(status: 0, fileSize: try await self.uploads.size(request.fileName)))
         case .data(let offset, let nbytes, let md5, let grant, let data):
             guard self.grant.check(grant, for: request.fileName) else {
                 return .dataServer(403, .init(status: -1, message: "\(request.fileName): the upload's <xml_signature> is not the one this project gave with the file; nothing was stored"))
@@ -332,7 +341,7 @@ public final class BOINCFrontEnd: Sendable {
             guard nbytes <= Int64(limit), offset >= 0, offset + Int64(data.count) <= nbytes else {
                 return .dataServer(413, .init(status: -1, message: "\(request.fileName): \(nbytes) bytes is over this project's limit of \(limit) (or the data runs past it); nothing was stored"))
             }
-            switch self.uploads.write(request.fileName, offset: offset, data: data, total: nbytes, md5: md5) {
+            switch try await self.uploads.write(request.fileName, offset: offset, data: data, total: nbytes, md5: md5) {
             case .success: return .dataServer(200, .init(status: 0))
             case .failure(let refusal): return .dataServer(refusal.status, .init(status: -1, message: refusal.message))
             }

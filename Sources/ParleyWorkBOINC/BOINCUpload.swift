@@ -4,6 +4,7 @@ import Foundation
 import FoundationXML
 #endif
 import NIOConcurrencyHelpers
+import NIOPosix
 
 /// The file upload handler's requests, as the client 7.20 sends them (client/file_xfer.cpp):
 ///
@@ -138,20 +139,52 @@ public enum BOINCUpload {
 /// Uploaded output files, in a directory, until their result is reported: a file is written
 /// under a temporary name as its bytes come (an upload may resume at an offset), and takes
 /// its name when all of it has come and its MD5 matches.
+///
+/// The file work runs on NIO's blocking thread pool, never on the tasks' shared threads, and
+/// each file has a lock of its own: a slow disk or a large upload holds up only the calls
+/// for the same file.
 final class BOINCUploadStore: Sendable {
     let directory: String
-    private let lock = NIOLock()
+    private let pool: NIOThreadPool
+    /// Locks of the files in use, with how many calls hold or wait for each.
+    private let locks = NIOLockedValueBox<[String: (lock: NIOLock, users: Int)]>([:])
 
-    init(directory: String) throws {
+    /// Called with a file's name under its lock, before any work on it (tests hold calls
+    /// up with it).
+    private let holding: (@Sendable (String) -> Void)?
+
+    init(directory: String, pool: NIOThreadPool = .singleton, holding: (@Sendable (String) -> Void)? = nil) throws {
         self.directory = directory
+        self.pool = pool
+        self.holding = holding
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     }
 
     private func path(_ name: String) -> String { self.directory + "/" + name }
 
+    /// Runs `body` on the blocking pool holding the lock of file `name`.
+    private func withFile<T: Sendable>(_ name: String, _ body: @escaping @Sendable () -> T) async throws -> T {
+        try await self.pool.runIfActive { () -> T in
+            let lock = self.locks.withLockedValue { locks -> NIOLock in
+                let entry = locks[name] ?? (NIOLock(), 0)
+                locks[name] = (entry.lock, entry.users + 1)
+                return entry.lock
+            }
+            defer {
+                self.locks.withLockedValue { locks in
+                    if let entry = locks[name] { locks[name] = entry.users > 1 ? (entry.lock, entry.users - 1) : nil }
+                }
+            }
+            return lock.withLock {
+                self.holding?(name)
+                return body()
+            }
+        }
+    }
+
     /// Bytes of the file the handler has: all of it once complete, else what came so far.
-    func size(_ name: String) -> Int64 {
-        self.lock.withLock {
+    func size(_ name: String) async throws -> Int64 {
+        try await self.withFile(name) {
             for p in [self.path(name), self.path(name) + ".part"] {
                 if let attributes = try? FileManager.default.attributesOfItem(atPath: p), let size = attributes[.size] as? NSNumber {
                     return size.int64Value
@@ -161,8 +194,8 @@ final class BOINCUploadStore: Sendable {
         }
     }
 
-    func write(_ name: String, offset: Int64, data: [UInt8], total: Int64, md5: String) -> Result<Void, BOINCRefusal> {
-        self.lock.withLock {
+    func write(_ name: String, offset: Int64, data: [UInt8], total: Int64, md5: String) async throws -> Result<Void, BOINCRefusal> {
+        try await self.withFile(name) {
             let final = self.path(name), part = final + ".part"
             if let existing = FileManager.default.contents(atPath: final) {
                 // Already whole: the same bytes again are fine; others do not replace them.
@@ -201,19 +234,22 @@ final class BOINCUploadStore: Sendable {
     }
 
     /// A complete upload, at most `limit` bytes.
-    func read(_ name: String, limit: Int) -> [UInt8]? {
-        self.lock.withLock {
+    func read(_ name: String, limit: Int) async throws -> [UInt8]? {
+        try await self.withFile(name) {
             guard let data = FileManager.default.contents(atPath: self.path(name)), data.count <= limit else { return nil }
             return Array(data)
         }
     }
 
     /// Forgets the uploads whose names start with `prefix` (a lease's).
-    func remove(prefix: String) {
-        self.lock.withLock {
-            for name in (try? FileManager.default.contentsOfDirectory(atPath: self.directory)) ?? [] where name.hasPrefix(prefix) {
-                try? FileManager.default.removeItem(atPath: self.path(name))
-            }
+    func remove(prefix: String) async throws {
+        let names = try await self.pool.runIfActive {
+            ((try? FileManager.default.contentsOfDirectory(atPath: self.directory)) ?? []).filter { $0.hasPrefix(prefix) }
+        }
+        for name in names {
+            // A part file goes with its upload's lock: the upload may be under way.
+            let upload = name.hasSuffix(".part") ? String(name.dropLast(".part".count)) : name
+            try await self.withFile(upload) { try? FileManager.default.removeItem(atPath: self.path(name)) }
         }
     }
 }

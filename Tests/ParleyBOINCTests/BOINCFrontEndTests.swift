@@ -356,7 +356,7 @@ func elements(_ tag: String, in text: String) -> [String] {
                 #expect(r.status == status, "\(what): \(r.text)")
                 #expect(r.text.contains("<status>-1</status>") && r.text.contains("<message>"), "\(what): \(r.text)")
             }
-            #expect(bench.frontEnd.uploads.size(name.output(0)) == 0)
+            #expect(try await bench.frontEnd.uploads.size(name.output(0)) == 0)
             let kept = try FileManager.default.contentsOfDirectory(atPath: bench.directory + "/uploads")
             #expect(kept.isEmpty, "\(kept)")
             // An upload in two parts, resumed where get_file_size says.
@@ -366,7 +366,7 @@ func elements(_ tag: String, in text: String) -> [String] {
             #expect(try await client.post("/file_upload_handler", first).status == 200)
             #expect(try await client.post("/file_upload_handler", sizeRequest(name.output(0))).text.contains("<file_size>4</file_size>"))
             #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array(bytes[4...]), nbytes: 10, offset: 4, md5: BOINCSigning.md5Hex(bytes), grant: grant)).status == 200)
-            #expect(bench.frontEnd.uploads.read(name.output(0), limit: 100) == bytes)
+            #expect(try await bench.frontEnd.uploads.read(name.output(0), limit: 100) == bytes)
             // Whole now: other bytes do not replace it.
             #expect(try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: Array("9876543210".utf8), grant: grant)).status == 409)
             // Downloads of what was never handed out.
