@@ -1,5 +1,7 @@
 import Foundation
 import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -262,7 +264,12 @@ public final class BlockDeviceTable: Sendable {
         if case .success(let opened) = result, opened === device {
             return opened
         }
-        store.close()  // another open of the same path came first
+        // Another open of the same path came first: this one's store goes, unless it is the
+        // very store the table holds (an `openStore` that hands out one shared store).
+        if case .success(let joined) = result, (joined.store as AnyObject) === (store as AnyObject) {
+            return joined
+        }
+        store.close()
         return try result.get()
     }
 
@@ -301,6 +308,13 @@ public final class BlockDeviceTable: Sendable {
             return nil
         }
         toClose?.close()
+    }
+
+    /// Runs an open (which may take long: a stalled network file system) on NIO's shared
+    /// blocking pool, not on the block IO threads, so that stalled opens never starve the
+    /// data IO of devices already open.
+    public static func runOpen<T: Sendable>(on eventLoop: any EventLoop, _ body: @escaping @Sendable () throws -> T) -> EventLoopFuture<T> {
+        NIOThreadPool.singleton.runIfActive(eventLoop: eventLoop, body)
     }
 
     /// Devices open now, by path.

@@ -46,14 +46,14 @@ public final class BlockService: Sendable {
 
     public func register(on router: inout ParleyRouter) {
         router.on(Parley_Block_V1_SessionInfo.self) { [self] request, context in self.sessionInfo(request, context) }
-        // Both open files (ListExports to read each export's geometry): on an IO thread, so
-        // that a slow open (a stalled network file system) never holds up an event loop.
+        // Both open files (ListExports to read each export's geometry): on a blocking pool
+        // (`BlockDeviceTable.runOpen`), so that a slow open never holds up an event loop.
         router.on(Parley_Block_V1_ListExports.self) { [self] _, context async throws in
-            try await self.io.run(on: context.connection.eventLoop) { self.listExports() }.get()
+            try await BlockDeviceTable.runOpen(on: context.connection.eventLoop) { self.listExports() }.get()
         }
         router.on(Parley_Block_V1_Open.self) { [self] request, context async throws in
             try self.authorize(request, context)
-            return try await self.io.run(on: context.connection.eventLoop) { self.open(request, context) }.get()
+            return try await BlockDeviceTable.runOpen(on: context.connection.eventLoop) { self.open(request, context) }.get()
         }
         router.on(Parley_Block_V1_Close.self) { [self] request, context in self.close(request, context) }
         router.onWithData(Parley_Block_V1_Io.self, completing: { [self] request, context, respond in

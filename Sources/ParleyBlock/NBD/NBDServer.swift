@@ -425,7 +425,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         guard !self.handshakeBusy, let machine = self.handshake, let input = self.input else { return }
         self.input = nil
         self.handshakeBusy = true
-        self.server.io.run(on: context.eventLoop) { () -> (NBDHandshakeStateMachine<NBDConnectionResolver>, ByteBuffer, [NBDHandshakeStateMachine<NBDConnectionResolver>.Action]) in
+        BlockDeviceTable.runOpen(on: context.eventLoop) { () -> (NBDHandshakeStateMachine<NBDConnectionResolver>, ByteBuffer, [NBDHandshakeStateMachine<NBDConnectionResolver>.Action]) in
             var machine = machine
             var input = input
             let actions = machine.receive(&input)
