@@ -50,15 +50,6 @@ final class GatedStore: BlockStore {
 /// ([R-17.8-4]).
 @Suite(.timeLimit(.minutes(2)))
 struct BlockFenceTests {
-    /// Polls `condition` (bounded: 2,000 tries, 5 ms apart).
-    func eventually(_ condition: () -> Bool) async throws -> Bool {
-        for _ in 0..<2000 {
-            if condition() { return true }
-            try await Task.sleep(for: .milliseconds(5))
-        }
-        return condition()
-    }
-
     @Test func aQueuedWriteOfAnEndedConnectionIsDropped() async throws {
         let scratch = try ScratchDirectory("fence")
         try scratch.sparseFile("disk.img", size: 1 << 20)
@@ -81,15 +72,15 @@ struct BlockFenceTests {
         // The second write is sent only once the first has arrived: two tasks started together
         // may send in either order, and when the write at 4096 went first it took the IO
         // thread and was carried out (a CI run on 2026-12-01 failed so).
-        #expect(try await self.eventually { store.log.withLockedValue { $0.received.contains(0) } })
+        #expect(try await eventually { store.log.withLockedValue { $0.received.contains(0) } })
         let second = Task { try await client.write(device, offset: 4096, data: ByteBuffer(repeating: 2, count: 4096)) }
         // Both received: the first holds the only IO thread, the second waits for it.
-        #expect(try await self.eventually { store.log.withLockedValue { $0.received.count } == 2 })
+        #expect(try await eventually { store.log.withLockedValue { $0.received.count } == 2 })
         // Received is not started: the first write may still be on its way to the IO thread,
         // and would then be dropped as well (it failed so in one run of four on 2026-12-01).
-        _ = try await self.eventually { store.atGate.withLockedValue { $0 } }
+        _ = try await eventually { store.atGate.withLockedValue { $0 } }
         client.closeConnection()
-        #expect(try await self.eventually { service.sessionCount == 0 }, "the server saw the connection end")
+        #expect(try await eventually { service.sessionCount == 0 }, "the server saw the connection end")
         store.gate.signal()
         // A job queued after both has run: the second write's turn has come and gone.
         try await io.run(on: MultiThreadedEventLoopGroup.singleton.next()) {}.get()

@@ -268,3 +268,12 @@ struct RawNBD {
         return (Bytes.u16(h, 4), Bytes.u16(h, 6), Bytes.u64(h, 8), length > 0 ? try #require(self.socket.receive(length)) : [])
     }
 }
+
+/// Polls `condition` (bounded: 2,000 tries, 5 ms apart); whether it came true.
+func eventually(_ condition: () -> Bool) async throws -> Bool {
+    for _ in 0..<2000 {
+        if condition() { return true }
+        try await Task.sleep(for: .milliseconds(5))
+    }
+    return condition()
+}
