@@ -180,7 +180,15 @@ import Glibc
         let (scratch, _, server) = try await Self.server(pollAfterReply: "10000")
         defer { withExtendedLifetime(scratch) { _ = server.stop() } }
         for address in ["unix:\(server.blockSocket)", "127.0.0.1:\(server.blockPort)"] {
-            let summary = try await Self.bench(address)
+            // Up to three runs: when the rest of the suite loads both CPUs, a debug build's
+            // answers can take longer than the window every time (a CI run on 2026-12-04 saw
+            // 165 IOPS, p50 4 ms, one wait in seven see its answer). Never waiting, or waits
+            // that never see anything, fail all three.
+            var summary: [String: Any] = [:]
+            for _ in 0..<3 {
+                summary = try await Self.bench(address)
+                if (summary["reply_waits"] as? [String: Int])?["answer", default: 0] ?? 0 >= 2 { break }
+            }
             let ios = summary["ios"] as? Int ?? 0
             let waits = summary["reply_waits"] as? [String: Int] ?? [:]
             #expect(ios > 10, "\(summary)")
