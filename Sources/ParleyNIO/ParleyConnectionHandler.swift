@@ -342,7 +342,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private func handshakeTimedOut(after limit: TimeAmount) {
         guard case .handshaking = self.state, let context = self.context else { return }
         let seconds = Double(limit.nanoseconds) / 1e9
-        self.failConnection(ParleyError(code: .timeout, message: "the handshake did not complete within \(seconds.formatted2) s"), tellPeer: false, context: context)
+        self.failConnection(ParleyError(code: .timeout, message: "the handshake did not complete within \(seconds.formatted2) s"), tellPeer: false,
+                            peerSilent: true, context: context)
     }
 
     private func stopHandshakeTimer() {
@@ -867,7 +868,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             // A lossless session outlives the link: no CLOSE, which would end the session.
             self.failConnection(
                 ParleyError(code: .timeout, message: "nothing received from the peer for \(seconds.formatted2) s (keepalive timeout \(timeout.formatted2) s)"),
-                tellPeer: self.lossless == nil, context: context
+                tellPeer: self.lossless == nil, peerSilent: true, context: context
             )
         }
     }
@@ -882,21 +883,33 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         if self.failure == nil { self.failure = error }
     }
 
-    private func failConnection(_ error: ParleyError, tellPeer: Bool, context: ChannelHandlerContext) {
+    /// How long a connection whose peer went silent (a keepalive or handshake timeout) tries
+    /// to flush before it closes anyway: such a peer may read nothing more, and what waits
+    /// behind a full socket would otherwise hold the close, and the report of the lost link,
+    /// until the peer comes back (a stopped server kept a lossless sender's link "up" for the
+    /// whole 6 s it was stopped, in a CI run on 2026-12-04).
+    static let silentPeerFlushLimit = TimeAmount.milliseconds(250)
+
+    private func failConnection(_ error: ParleyError, tellPeer: Bool, peerSilent: Bool = false, context: ChannelHandlerContext) {
         self.state = .closing
         if tellPeer {
             self.closeExchanged = true
             self.writeFrame(error.status.frame(tag: .close, allocator: context.channel.allocator), context: context)
         }
         self.recordFailure(error)
-        self.flushThenClose(context: context)
+        self.flushThenClose(context: context, limit: peerSilent ? Self.silentPeerFlushLimit : nil)
     }
 
-    private func flushThenClose(context: ChannelHandlerContext) {
+    /// Flushes, then closes; with a `limit`, closes after it even if the flush has not ended.
+    private func flushThenClose(context: ChannelHandlerContext, limit: TimeAmount? = nil) {
         let done = context.eventLoop.makePromise(of: Void.self)
         context.writeAndFlush(self.wrapOutboundOut(ByteBuffer()), promise: done)
         let channel = context.channel
         done.futureResult.whenComplete { _ in channel.close(promise: nil) }
+        if let limit {
+            let deadline = context.eventLoop.scheduleTask(in: limit) { channel.close(promise: nil) }
+            done.futureResult.whenComplete { _ in deadline.cancel() }
+        }
     }
 
     /// Reports the end of the connection, once: to the sink, or through `established`.

@@ -218,8 +218,11 @@ extension LosslessProcessTests {
         _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
         let sender = Process()
         sender.executableURL = URL(fileURLWithPath: parley)
+        // A 16 MiB replay queue: more than the socket buffers take, so writes wait in NIO when
+        // the server stops (with 4 MiB only sometimes; the flush before the close then held
+        // the "link down" until the server ran again: a CI run on 2026-12-04).
         sender.arguments = [
-            "send", server.address, "--count", "400000", "--size", "1024", "--lossless", "--replay-bytes", "\(4 << 20)",
+            "send", server.address, "--count", "400000", "--size", "1024", "--lossless", "--replay-bytes", "\(16 << 20)",
             "--keepalive-interval", "0.5", "--keepalive-timeout", "2",
         ]
         sender.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outputPath))
