@@ -254,22 +254,16 @@ public final class BlockDeviceTable: Sendable {
             throw BlockError(error)
         }
         let device = BlockDevice(name: export.name, path: export.path, store: store, metrics: BlockMetrics(export: export.name))
-        let result: Result<BlockDevice, BlockError> = self.state.withLockedValue { table in
-            if let joined = Self.join(&table, export, writes: writes, access: access, owner: owner) {
-                return joined
+        let (result, spare) = self.state.withLockedValue { table -> (Result<BlockDevice, BlockError>, Bool) in
+            if let held = table[export.path]?.device.store {
+                // Another open of the same path came first: this one's store goes, unless it
+                // is the very store the table holds (an `openStore` handing out one store).
+                return (Self.join(&table, export, writes: writes, access: access, owner: owner)!, (held as AnyObject) !== (store as AnyObject))
             }
             table[export.path] = Entry(device: device, openers: 1, writers: writes ? [owner: 1] : [:], writable: writable)
-            return .success(device)
+            return (.success(device), false)
         }
-        if case .success(let opened) = result, opened === device {
-            return opened
-        }
-        // Another open of the same path came first: this one's store goes, unless it is the
-        // very store the table holds (an `openStore` that hands out one shared store).
-        if case .success(let joined) = result, (joined.store as AnyObject) === (store as AnyObject) {
-            return joined
-        }
-        store.close()
+        if spare { store.close() }
         return try result.get()
     }
 

@@ -905,10 +905,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         let done = context.eventLoop.makePromise(of: Void.self)
         context.writeAndFlush(self.wrapOutboundOut(ByteBuffer()), promise: done)
         let channel = context.channel
-        done.futureResult.whenComplete { _ in channel.close(promise: nil) }
-        if let limit {
-            let deadline = context.eventLoop.scheduleTask(in: limit) { channel.close(promise: nil) }
-            done.futureResult.whenComplete { _ in deadline.cancel() }
+        let deadline = limit.map { context.eventLoop.scheduleTask(in: $0) { channel.close(promise: nil) } }
+        done.futureResult.whenComplete { _ in
+            deadline?.cancel()
+            channel.close(promise: nil)
         }
     }
 

@@ -66,7 +66,7 @@ public enum NBDTLSPolicy: String, Sendable, CaseIterable {
 
 /// The server side of NBD's fixed newstyle handshake, sans-IO: bytes in, actions out.
 ///
-/// Sendable when its resolver is: the NBD server runs `receive(_:)` on an IO thread, since
+/// Sendable when its resolver is: the NBD server runs `receive(_:)` on a blocking pool, since
 /// the resolver may open files there.
 ///
 /// `greeting()` gives the first bytes to send. Each `receive(_:)` consumes what it can of

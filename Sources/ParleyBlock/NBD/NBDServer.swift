@@ -224,7 +224,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private let server: NBDServer
     private var logger: Logger
-    private var handshake: NBDHandshakeStateMachine<NBDConnectionResolver>?
+    typealias Handshake = NBDHandshakeStateMachine<NBDConnectionResolver>
+    private var handshake: Handshake?
     private var negotiated: NBDNegotiated?
     private var device: BlockDevice?
     private var access: BlockAccess = .readOnly
@@ -237,7 +238,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var inFlight = 0
     private var inFlightBytes = 0
     private var readHeld = false
-    /// The handshake is on an IO thread (its options may open files, which can take long on
+    /// The handshake is on the blocking pool (its options may open files, which can take long on
     /// a stalled network file system): nothing more is read and no option is handled until
     /// it comes back.
     private var handshakeBusy = false
@@ -419,13 +420,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Hands the handshake and the bytes read so far to an IO thread (the resolver may open
-    /// files), then carries out what it decided back on the event loop.
+    /// Hands the handshake and the bytes read so far to the blocking pool (the resolver may
+    /// open files: `BlockDeviceTable.runOpen`), then carries out what it decided back on the
+    /// event loop.
     private func advanceHandshake(context: ChannelHandlerContext) {
         guard !self.handshakeBusy, let machine = self.handshake, let input = self.input else { return }
         self.input = nil
         self.handshakeBusy = true
-        BlockDeviceTable.runOpen(on: context.eventLoop) { () -> (NBDHandshakeStateMachine<NBDConnectionResolver>, ByteBuffer, [NBDHandshakeStateMachine<NBDConnectionResolver>.Action]) in
+        BlockDeviceTable.runOpen(on: context.eventLoop) { () -> (Handshake, ByteBuffer, [Handshake.Action]) in
             var machine = machine
             var input = input
             let actions = machine.receive(&input)
@@ -435,7 +437,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             switch result {
             case .success(let (machine, rest, actions)):
                 self.handshakeAdvanced(machine, rest: rest, actions: actions, context: context)
-            case .failure(let error):  // the IO threads are gone: the server is stopping
+            case .failure(let error):  // the blocking pool is gone: the process is stopping
                 self.logger.warning("NBD handshake cannot go on: \(error)")
                 self.handshake = nil
                 self.stopping = true
@@ -444,8 +446,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    private func handshakeAdvanced(_ machine: NBDHandshakeStateMachine<NBDConnectionResolver>, rest: ByteBuffer,
-                                   actions: [NBDHandshakeStateMachine<NBDConnectionResolver>.Action], context: ChannelHandlerContext) {
+    private func handshakeAdvanced(_ machine: Handshake, rest: ByteBuffer, actions: [Handshake.Action], context: ChannelHandlerContext) {
         if self.inactive || self.stopping || self.handshake == nil {
             // Gone meanwhile (closed by the client, the handshake timer or a drain): what the
             // handshake opened is closed again.
@@ -514,7 +515,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         // Options that came while it was away, or the first requests of the transmission
         // phase (what is left of an option the handshake has seen waits for more bytes).
         if self.input != nil, arrived || self.negotiated != nil { self.process(context: context) }
-        if self.readHeld, !self.handshakeBusy, self.mayTakeRequests(context) {
+        if self.readHeld, self.mayTakeRequests(context) {
             self.readHeld = false
             context.read()
         }
