@@ -175,7 +175,10 @@ final class RawPeer: Sendable {
                     return (received, true)
                 }
                 group.addTask {
-                    try await Task.sleep(for: .milliseconds(Int64(seconds * 1000)))
+                    // In ticks of 100 ms, not one sleep: when the test process stalls (both
+                    // of the pool's threads held by other tests of a parallel run), a single
+                    // sleep can end together with a close that came long before, and win.
+                    for _ in 0..<max(1, Int(seconds * 10)) { try await Task.sleep(for: .milliseconds(100)) }
                     return (ByteBuffer(), false)
                 }
                 let first = try await group.next()!
