@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -94,4 +95,16 @@ int64_t parley_thread_sleeps(void) {
     struct rusage usage;
     if (getrusage(RUSAGE_THREAD, &usage) != 0) return -1;
     return (int64_t)usage.ru_nvcsw;
+}
+
+// cachestat(2) has no glibc wrapper. Its number is the same on every architecture (451).
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+
+int64_t parley_cached_pages(int fd, uint64_t offset, uint64_t len) {
+    struct { uint64_t off, len; } range = {offset, len};
+    struct { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; } stat;
+    if (syscall(__NR_cachestat, fd, &range, &stat, 0) != 0) return -errno;
+    return (int64_t)stat.nr_cache;
 }

@@ -28,4 +28,7 @@ int parley_keep_large_blocks(size_t largest, size_t retained);
 /// How many times the calling thread has slept in the kernel (its voluntary context
 /// switches, getrusage RUSAGE_THREAD), or -1. Being preempted does not count.
 int64_t parley_thread_sleeps(void);
+/// How many pages of [offset, offset + len) are in the page cache (cachestat(2), Linux 6.5
+/// and later); -ENOSYS on older kernels.
+int64_t parley_cached_pages(int fd, uint64_t offset, uint64_t len);
 #endif

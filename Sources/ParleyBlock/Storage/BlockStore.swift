@@ -196,6 +196,32 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
         self.writable = writable
     }
 
+    /// For reads sent straight from the page cache to the socket (sendfile, `NBDServer`): a
+    /// descriptor of its own on this file, for the caller to close; nil for a block device
+    /// (whose size cannot change under it, but whose cache is not worth the risk) or once closed.
+    public func zeroCopyDescriptor() -> Int32? {
+        guard !self.geometry.isBlockDevice else { return nil }
+        return self.lock.withLock { () -> Int32? in
+            guard !self.closed else { return nil }
+            let copy = dup(self.fd)
+            guard copy >= 0 else { return nil }
+            _ = fcntl(copy, F_SETFD, FD_CLOEXEC)
+            return copy
+        }
+    }
+
+    /// Whether every page of the range is in the page cache, so that sending it cannot wait
+    /// for the disk (cachestat(2); false where the kernel cannot say, and for a range that
+    /// runs past the end of the file).
+    public func isCached(offset: UInt64, length: Int) -> Bool {
+        guard length > 0, offset + UInt64(length) <= self.geometry.size else { return false }
+        let page = UInt64(Self.pageSize)
+        let pages = (offset + UInt64(length) + page - 1) / page - offset / page
+        return parley_cached_pages(self.fd, offset, UInt64(length)) == Int64(pages)
+    }
+
+    private static let pageSize = max(4096, sysconf(Int32(_SC_PAGESIZE)))
+
     private static func rotational(major rdev: UInt) -> Bool {
         let major = (rdev >> 8) & 0xfff
         let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00)

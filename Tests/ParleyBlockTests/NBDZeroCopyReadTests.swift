@@ -1,0 +1,140 @@
+import Foundation
+import Glibc
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import ParleyWire
+import Testing
+@testable import ParleyBlock
+
+/// Large NBD reads of cached pages go from the page cache to the socket with sendfile
+/// (`NBDServer.Limits.zeroCopyReads`): the bytes, the order of replies and the descriptor's
+/// lifetime are those of a copied read; uncached pages and a disabled setting take the copy.
+@Suite struct NBDZeroCopyReadTests {
+    static let size = 4 << 20
+
+    /// A file of random bytes, its content, and an NBD server on it (one event loop).
+    func serve(_ scratch: ScratchDirectory, zeroCopy: Bool = true) async throws
+        -> (NBDServer, String, [UInt8], String, BlockIOExecutor, MultiThreadedEventLoopGroup) {
+        var rng = SystemRandomNumberGenerator()
+        let content = (0..<Self.size).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let path = scratch.file("disk.img")
+        try Data(content).write(to: URL(fileURLWithPath: path))
+        var quiet = Logger(label: "zero-copy")
+        quiet.logLevel = .critical
+        var limits = NBDServer.Limits()
+        limits.zeroCopyReads = zeroCopy
+        let io = BlockIOExecutor(threads: 2)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let nbd = NBDServer(catalog: try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: path)]), devices: BlockDeviceTable(),
+                            io: io, limits: limits, logger: quiet, group: group)
+        let socket = scratch.file("nbd.sock")
+        _ = try await nbd.bind([.unix(path: socket)])
+        return (nbd, socket, content, path, io, group)
+    }
+
+    /// Reads (offset, length) pipelined: all requests first, then the replies in order (the
+    /// server answers reads in order on one connection when nothing waits for the disk).
+    static func readAll(_ socket: String, structured: Bool, _ reads: [(UInt64, Int)]) throws -> [[UInt8]] {
+        let (client, type, message) = try RawNBD.connect(try RawSocket(unixPath: socket), export: "disk", structured: structured)
+        guard type == 1 else { throw BlockStoreError(errno: EIO, operation: "NBD_OPT_GO refused: \(message)") }
+        for (i, (offset, length)) in reads.enumerated() {
+            client.request(type: 0, cookie: UInt64(i + 1), offset: offset, length: UInt32(length))
+        }
+        var answers = [[UInt8]](repeating: [], count: reads.count)
+        for _ in reads {
+            if structured {
+                let chunk = try client.chunk()
+                guard chunk.type == 1, chunk.flags & 1 == 1 else { throw BlockStoreError(errno: EIO, operation: "chunk type \(chunk.type) flags \(chunk.flags)") }
+                // NBD_REPLY_TYPE_OFFSET_DATA: the offset, then the data.
+                let i = Int(chunk.cookie) - 1
+                guard Bytes.u64(chunk.payload, 0) == reads[i].0 else { throw BlockStoreError(errno: EIO, operation: "offset of reply \(i)") }
+                answers[i] = Array(chunk.payload[8...])
+            } else {
+                // Simple replies carry no length: they come in the order asked here.
+                let i = answers.firstIndex { $0.isEmpty }!
+                let reply = try client.simpleReply(readLength: reads[i].1)
+                guard reply.error == 0, reply.cookie == UInt64(i + 1) else { throw BlockStoreError(errno: EIO, operation: "reply \(reply)") }
+                answers[i] = reply.data
+            }
+        }
+        client.request(type: 2, cookie: 99, offset: 0, length: 0)  // NBD_CMD_DISC
+        return answers
+    }
+
+    static let reads: [(UInt64, Int)] = [
+        (0, 1 << 20), (4096, 4096), (512 * 1024 + 512, 64 * 1024), (UInt64(size - (64 << 10)), 64 << 10),
+        (3 << 20, 1 << 20), (1000 * 512, 512), (1 << 20, 128 * 1024 - 512),
+    ]
+    static var large: Int { reads.filter { $0.1 >= NBDConnectionHandler.zeroCopyReadMinimum }.count }
+
+    @Test(arguments: [false, true])
+    func largeCachedReadsAreSentFromThePageCacheByteForByte(structured: Bool) async throws {
+        let scratch = try ScratchDirectory("zero-copy")
+        let (nbd, socket, content, path, io, group) = try await self.serve(scratch)
+        let answers = try await BlockSlowOpenTests.onThread { try Self.readAll(socket, structured: structured, Self.reads) }.get()
+        for (i, (offset, length)) in Self.reads.enumerated() {
+            #expect(answers[i] == Array(content[Int(offset)..<(Int(offset) + length)]), "read \(i) at \(offset), \(length) bytes")
+        }
+        #expect(nbd.zeroCopyReadsSent == Self.large, "the reads of 64 KiB or more went out with sendfile")
+        // The connection's own descriptor on the file is closed with the connection; the
+        // export's stays in the device table (which the test holds).
+        #expect(try await eventually { BlockExportsTests.descriptors(on: path) == 1 }, "descriptors left: \(BlockExportsTests.descriptors(on: path))")
+        await nbd.shutDown()
+        try await io.shutdown()
+        try await group.shutdownGracefully()
+    }
+
+    @Test func uncachedPagesAndADisabledSettingAreCopied() async throws {
+        let scratch = try ScratchDirectory("zero-copy")
+        let (nbd, socket, content, path, io, group) = try await self.serve(scratch)
+        // Out of the page cache: sendfile could wait for the disk on the event loop.
+        let fd = open(path, O_RDONLY)
+        #expect(fd >= 0)
+        #expect(fsync(fd) == 0)
+        #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+        close(fd)
+        let uncached: [(UInt64, Int)] = [(0, 1 << 20), (2 << 20, 256 << 10)]
+        let answers = try await BlockSlowOpenTests.onThread { try Self.readAll(socket, structured: true, uncached) }.get()
+        for (i, (offset, length)) in uncached.enumerated() {
+            #expect(answers[i] == Array(content[Int(offset)..<(Int(offset) + length)]))
+        }
+        #expect(nbd.zeroCopyReadsSent == 0, "uncached reads were copied")
+        await nbd.shutDown()
+        try await io.shutdown()
+        try await group.shutdownGracefully()
+
+        let scratch2 = try ScratchDirectory("zero-copy")
+        let (off, socket2, content2, path2, io2, group2) = try await self.serve(scratch2, zeroCopy: false)
+        let answers2 = try await BlockSlowOpenTests.onThread { try Self.readAll(socket2, structured: false, Self.reads) }.get()
+        for (i, (offset, length)) in Self.reads.enumerated() {
+            #expect(answers2[i] == Array(content2[Int(offset)..<(Int(offset) + length)]))
+        }
+        #expect(off.zeroCopyReadsSent == 0)
+        await off.shutDown()
+        try await io2.shutdown()
+        try await group2.shutdownGracefully()
+    }
+
+    @Test func theStoreSaysWhichRangesAreCached() throws {
+        let scratch = try ScratchDirectory("zero-copy")
+        let path = scratch.file("c.img")
+        try Data(repeating: 7, count: 1 << 20).write(to: URL(fileURLWithPath: path))
+        let store = try FileBlockStore(path: path, writable: false)
+        defer { store.close() }
+        #expect(store.isCached(offset: 0, length: 1 << 20))
+        #expect(store.isCached(offset: 4095, length: 2))
+        #expect(!store.isCached(offset: 1 << 19, length: 1 << 20), "past the end")
+        #expect(!store.isCached(offset: 0, length: 0))
+        let fd = open(path, O_RDONLY)
+        #expect(fsync(fd) == 0 && posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+        close(fd)
+        #expect(!store.isCached(offset: 0, length: 1 << 20), "dropped from the page cache")
+        let copy = try #require(store.zeroCopyDescriptor())
+        #expect(copy >= 0 && fcntl(copy, F_GETFD) & FD_CLOEXEC != 0)
+        close(copy)
+        store.close()
+        #expect(store.zeroCopyDescriptor() == nil, "none once the store is closed")
+    }
+}
