@@ -38,6 +38,8 @@ public final class BlockServer: Service, Sendable {
         /// lone one (`ReplyPolling`), on the NBD listeners (with nothing else in flight) and on
         /// the block protocol's (`ParleyConnectionLimits.replyPolling`); zero never waits.
         public var replyPolling: Duration = .microseconds(50)
+        /// Large NBD reads of cached pages sent with sendfile (`NBDServer.Limits.zeroCopyReads`).
+        public var zeroCopyReads = true
         /// Half of what a lone server takes: the two protocols share the descriptor limit.
         public static let defaultMaxConnections = max(32, ParleyServer.defaultMaxConnections / 2)
 
@@ -93,6 +95,7 @@ public final class BlockServer: Service, Sendable {
         limits.handshakeTimeout = .nanoseconds(configuration.handshakeTimeout.nanoseconds)
         limits.maxConnections = configuration.maxConnections
         limits.replyPolling = .nanoseconds(configuration.replyPolling.nanoseconds)
+        limits.zeroCopyReads = configuration.zeroCopyReads
         self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, limits: limits, tls: configuration.nbdTLS, logger: logger)
         var parley = configuration.parley
         parley.limits.handshakeTimeout = configuration.handshakeTimeout

@@ -90,6 +90,9 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Microseconds a connection (NBD or block protocol) waits for its client's next request, without sleeping, after answering a lone request with nothing else in flight: a client at queue depth 1 then finds the server awake (on hosts whose idle CPUs halt at once this doubles its IOPS), for up to this much CPU per request. After a wait that runs out, the connection waits less often. 0: never.", valueName: "us"))
     var pollAfterReply: Int = 50
 
+    @Flag(name: .long, inversion: .prefixedNo, help: "NBD reads of 64 KiB or more whose pages are all in the page cache go from the cache to the socket with sendfile, never copied into the server (over TCP; not over TLS or Unix sockets, not from block devices).")
+    var zeroCopyReads = true
+
     @OptionGroup var security: ServerSecurityOptions
 
     @Option(name: .long, help: ArgumentHelp("NBD_OPT_STARTTLS: off, on (offered) or require. Default: on with --cert, off without. NBD clients find the CA as ca-cert.pem in their certificate directory (`parley cert init` writes it).", valueName: "policy"))
@@ -163,6 +166,7 @@ struct BlockServe: AsyncParsableCommand {
         configuration.handshakeTimeout = .microseconds(Int64(self.handshakeTimeout * 1_000_000))
         configuration.maxConnections = self.maxConnections
         configuration.replyPolling = .microseconds(self.pollAfterReply)
+        configuration.zeroCopyReads = self.zeroCopyReads
         do {
             try self.security.apply(to: &configuration.parley)
             let policy = self.nbdTls.flatMap(NBDTLSPolicy.init(rawValue:)) ?? (self.security.cert == nil ? .off : .on)

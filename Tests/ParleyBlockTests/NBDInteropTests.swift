@@ -108,6 +108,12 @@ struct NBDInteropTests {
         #expect(down.status == 0, "\(down.combined)")
         let cmp = try await Tools.run("/usr/bin/cmp", [random, back])
         #expect(cmp.status == 0, "copies differ: \(cmp.combined)")
+        // And over TCP, where large reads of cached pages go out with sendfile.
+        let backTCP = scratch.file("back-tcp.bin")
+        let downTCP = try await Tools.run(nbdcopy, ["\(server.nbdURI)/disk", backTCP], seconds: 240)
+        #expect(downTCP.status == 0, "\(downTCP.combined)")
+        let cmpTCP = try await Tools.run("/usr/bin/cmp", [random, backTCP])
+        #expect(cmpTCP.status == 0, "copies differ: \(cmpTCP.combined)")
     }
 
     @Test func fioWritesAndVerifiesRandomDataAtQueueDepth32() async throws {

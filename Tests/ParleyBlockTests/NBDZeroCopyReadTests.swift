@@ -8,14 +8,16 @@ import ParleyWire
 import Testing
 @testable import ParleyBlock
 
-/// Large NBD reads of cached pages go from the page cache to the socket with sendfile
+/// Large NBD reads of cached pages go from the page cache to a TCP socket with sendfile
 /// (`NBDServer.Limits.zeroCopyReads`): the bytes, the order of replies and the descriptor's
-/// lifetime are those of a copied read; uncached pages and a disabled setting take the copy.
+/// lifetime are those of a copied read; uncached pages, Unix sockets and a disabled setting
+/// take the copy.
 @Suite struct NBDZeroCopyReadTests {
     static let size = 4 << 20
 
     /// A file of random bytes, its content, and an NBD server on it (one event loop).
-    func serve(_ scratch: ScratchDirectory, zeroCopy: Bool = true) async throws
+    /// The server's address: "unix:PATH" or a TCP port on 127.0.0.1.
+    func serve(_ scratch: ScratchDirectory, zeroCopy: Bool = true, unix: Bool = false) async throws
         -> (NBDServer, String, [UInt8], String, BlockIOExecutor, MultiThreadedEventLoopGroup) {
         var rng = SystemRandomNumberGenerator()
         let content = (0..<Self.size).map { _ in UInt8.random(in: 0...255, using: &rng) }
@@ -29,15 +31,21 @@ import Testing
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let nbd = NBDServer(catalog: try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: path)]), devices: BlockDeviceTable(),
                             io: io, limits: limits, logger: quiet, group: group)
-        let socket = scratch.file("nbd.sock")
-        _ = try await nbd.bind([.unix(path: socket)])
-        return (nbd, socket, content, path, io, group)
+        if unix {
+            let socket = scratch.file("nbd.sock")
+            _ = try await nbd.bind([.unix(path: socket)])
+            return (nbd, "unix:" + socket, content, path, io, group)
+        }
+        let bound = try await nbd.bind([.tcp(host: "127.0.0.1", port: 0)])
+        guard case .tcp(_, let port) = bound[0].kind else { throw BlockStoreError(errno: EINVAL, operation: "bound to \(bound)") }
+        return (nbd, "\(port)", content, path, io, group)
     }
 
     /// Reads (offset, length) pipelined: all requests first, then the replies in order (the
     /// server answers reads in order on one connection when nothing waits for the disk).
-    static func readAll(_ socket: String, structured: Bool, _ reads: [(UInt64, Int)]) throws -> [[UInt8]] {
-        let (client, type, message) = try RawNBD.connect(try RawSocket(unixPath: socket), export: "disk", structured: structured)
+    static func readAll(_ address: String, structured: Bool, _ reads: [(UInt64, Int)]) throws -> [[UInt8]] {
+        let socket = address.hasPrefix("unix:") ? try RawSocket(unixPath: String(address.dropFirst(5))) : try RawSocket(port: Int(address)!)
+        let (client, type, message) = try RawNBD.connect(socket, export: "disk", structured: structured)
         guard type == 1 else { throw BlockStoreError(errno: EIO, operation: "NBD_OPT_GO refused: \(message)") }
         for (i, (offset, length)) in reads.enumerated() {
             client.request(type: 0, cookie: UInt64(i + 1), offset: offset, length: UInt32(length))
@@ -86,7 +94,7 @@ import Testing
         try await group.shutdownGracefully()
     }
 
-    @Test func uncachedPagesAndADisabledSettingAreCopied() async throws {
+    @Test func uncachedPagesUnixSocketsAndADisabledSettingAreCopied() async throws {
         let scratch = try ScratchDirectory("zero-copy")
         let (nbd, socket, content, path, io, group) = try await self.serve(scratch)
         // Out of the page cache: sendfile could wait for the disk on the event loop.
@@ -115,6 +123,17 @@ import Testing
         await off.shutDown()
         try await io2.shutdown()
         try await group2.shutdownGracefully()
+
+        let scratch3 = try ScratchDirectory("zero-copy")
+        let (overUnix, socket3, content3, _, io3, group3) = try await self.serve(scratch3, unix: true)
+        let answers3 = try await BlockSlowOpenTests.onThread { try Self.readAll(socket3, structured: true, Self.reads) }.get()
+        for (i, (offset, length)) in Self.reads.enumerated() {
+            #expect(answers3[i] == Array(content3[Int(offset)..<(Int(offset) + length)]))
+        }
+        #expect(overUnix.zeroCopyReadsSent == 0, "reads over a Unix socket are copied")
+        await overUnix.shutDown()
+        try await io3.shutdown()
+        try await group3.shutdownGracefully()
     }
 
     @Test func theStoreSaysWhichRangesAreCached() throws {

@@ -91,8 +91,8 @@ public final class NBDServer: Sendable {
         /// answers with nothing else in flight (`NBDReplyPolling`); 0: it never does.
         public var replyPolling: TimeAmount = .microseconds(50)
         /// Reads of `NBDConnectionHandler.zeroCopyReadMinimum` bytes or more whose pages are
-        /// all cached go from the page cache to the socket with sendfile (not over TLS, not
-        /// from block devices), without being copied into the process.
+        /// all cached go from the page cache to the socket with sendfile (over TCP, not TLS,
+        /// not from block devices), without being copied into the process.
         public var zeroCopyReads = true
         public init() {}
     }
@@ -410,16 +410,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         self.zeroCopy = .unavailable
     }
 
-    /// The file and descriptor to send reads from, if this connection can: plain socket,
+    /// The file and descriptor to send reads from, if this connection can: TCP without TLS,
     /// an export that is a regular file, zero-copy reads allowed.
-    private func zeroCopySource(_ store: any BlockStore) -> (FileBlockStore, NIOFileHandle)? {
+    private func zeroCopySource(_ store: any BlockStore, context: ChannelHandlerContext) -> (FileBlockStore, NIOFileHandle)? {
         switch self.zeroCopy {
         case .ready(let file, let handle):
             return (file, handle)
         case .unavailable:
             return nil
         case .undecided:
-            guard self.server.limits.zeroCopyReads, !self.tlsActive, !self.inactive, let file = store as? FileBlockStore,
+            // TCP only: over a Unix socket sendfile took half the server's CPU per MiB but
+            // made the client's reads dearer, and 1 MiB reads were 0.85x as fast (session 28
+            // in docs/performance.md); over TCP 1.25x.
+            var tcp = false
+            switch context.channel.localAddress {
+            case .v4?, .v6?: tcp = true
+            default: tcp = false
+            }
+            guard self.server.limits.zeroCopyReads, tcp, !self.tlsActive, !self.inactive, let file = store as? FileBlockStore,
                   let fd = file.zeroCopyDescriptor()
             else {
                 self.zeroCopy = .unavailable
@@ -629,7 +637,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.closeIfIdle(context: context)
         case .read(let offset, let length):
             let headerSize = negotiated.structuredReplies ? NBDReply.offsetDataHeaderSize : NBDReply.simpleHeaderSize
-            if Int(length) >= Self.zeroCopyReadMinimum, let (file, handle) = self.zeroCopySource(store),
+            if Int(length) >= Self.zeroCopyReadMinimum, let (file, handle) = self.zeroCopySource(store, context: context),
                file.isCached(offset: offset, length: Int(length)) {
                 // Every page is cached: sendfile cannot wait for the disk here on the event
                 // loop. The bytes are taken when the socket has room, not now; the client
