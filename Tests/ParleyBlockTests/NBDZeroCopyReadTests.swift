@@ -86,9 +86,10 @@ import Testing
             #expect(answers[i] == Array(content[Int(offset)..<(Int(offset) + length)]), "read \(i) at \(offset), \(length) bytes")
         }
         #expect(nbd.zeroCopyReadsSent == Self.large, "the reads of 64 KiB or more went out with sendfile")
-        // The connection's own descriptor on the file is closed with the connection; the
-        // export's stays in the device table (which the test holds).
-        #expect(try await eventually { BlockExportsTests.descriptors(on: path) == 1 }, "descriptors left: \(BlockExportsTests.descriptors(on: path))")
+        // The connection's own descriptor on the file is closed with the connection, and the
+        // export's with its last opener (the client closed its socket right after its
+        // NBD_CMD_DISC, during the flush that ends a read-write connection).
+        #expect(try await eventually { BlockExportsTests.descriptors(on: path) == 0 }, "descriptors left: \(BlockExportsTests.descriptors(on: path))")
         await nbd.shutDown()
         try await io.shutdown()
         try await group.shutdownGracefully()
@@ -134,6 +135,29 @@ import Testing
         await overUnix.shutDown()
         try await io3.shutdown()
         try await group3.shutdownGracefully()
+    }
+
+    @Test func aFileTruncatedUnderReadsWaitingToBeSentEndsTheConnection() async throws {
+        let scratch = try ScratchDirectory("zero-copy")
+        let (nbd, port, _, path, io, group) = try await self.serve(scratch)
+        let closed = try await BlockSlowOpenTests.onThread { () throws -> Bool in
+            let socket = try RawSocket(port: Int(port)!)
+            let (client, type, _) = try RawNBD.connect(socket, export: "disk", structured: true)
+            guard type == 1 else { return false }
+            // Reads of the whole file, again and again, and none of the replies read: more
+            // than the socket and the server's reply queue hold, so regions wait in NIO.
+            for i in 0..<40 { client.request(type: 0, cookie: UInt64(i + 1), offset: UInt64(i % 4) << 20, length: 1 << 20) }
+            Thread.sleep(forTimeInterval: 0.5)
+            guard truncate(path, 0) == 0 else { return false }
+            // The server ends the connection (its watch runs once a second); without that, the
+            // client would read what was sent and then wait for ever (here: 10 s of timeout).
+            return socket.waitForClose()
+        }.get()
+        #expect(closed, "the connection ended after the file shrank under its waiting reads")
+        #expect(nbd.zeroCopyReadsSent > 0)
+        await nbd.shutDown()
+        try await io.shutdown()
+        try await group.shutdownGracefully()
     }
 
     @Test func theStoreSaysWhichRangesAreCached() throws {

@@ -279,6 +279,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         /// that no region is ever sent from a descriptor number reused for another file.
         case ready(FileBlockStore, NIOFileHandle)
     }
+    /// Regions queued and not yet sent, and the furthest end of any queued on this
+    /// connection: watched while some are queued (`watchRegions`).
+    private var regionsQueued = 0
+    private var regionsEnd = 0
+    private var regionWatch: Scheduled<Void>?
+    /// How often a connection with regions waiting checks that its file still holds them.
+    static let regionWatchInterval = TimeAmount.seconds(1)
     /// Reads from this size on go out with sendfile when they can (`Limits.zeroCopyReads`):
     /// below it, copying is cheaper than a system call per read (small replies go out
     /// together in one writev).
@@ -408,6 +415,28 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func closeZeroCopy() {
         if case .ready(_, let handle) = self.zeroCopy { try? handle.close() }
         self.zeroCopy = .unavailable
+        self.regionWatch?.cancel()
+        self.regionWatch = nil
+    }
+
+    /// While regions wait to be sent, checks once a second that the file still holds them:
+    /// NIO's `sendfile` of a range the file no longer has writes nothing and waits for ever
+    /// (the read would stay unanswered and the connection stuck), so a file truncated under
+    /// its export ends the connection instead.
+    private func watchRegions(context: ChannelHandlerContext) {
+        guard self.regionWatch == nil else { return }
+        self.regionWatch = context.eventLoop.assumeIsolated().scheduleTask(in: Self.regionWatchInterval) {
+            self.regionWatch = nil
+            guard self.regionsQueued > 0, case .ready(_, let handle) = self.zeroCopy else { return }
+            var st = stat()
+            let size = (try? handle.withUnsafeFileDescriptor { fstat($0, &st) == 0 ? Int(st.st_size) : nil }) ?? nil
+            if let size, size < self.regionsEnd {
+                self.logger.error("NBD export file shrank to \(size) bytes under reads being sent (up to byte \(self.regionsEnd)); closing the connection")
+                context.close(promise: nil)
+                return
+            }
+            self.watchRegions(context: context)
+        }
     }
 
     /// The file and descriptor to send reads from, if this connection can: TCP without TLS,
@@ -596,6 +625,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.server.io.run(on: context.eventLoop) { try? store.flush() }.assumeIsolated().whenComplete { _ in
                 self.inFlight -= 1
                 context.close(promise: nil)
+                // A client that closes its socket right after NBD_CMD_DISC (nbdinfo, qemu-img)
+                // ends the connection during the flush, when the device could not go yet.
+                self.releaseDeviceIfIdle()
             }
         } else {
             context.close(promise: nil)
@@ -653,7 +685,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 Self.zeroCopyReads.increment()
                 self.server.zeroCopyReadCount.wrappingAdd(1, ordering: .relaxed)
                 context.write(NIOAny(header), promise: nil)
-                context.write(NIOAny(IOData.fileRegion(region)), promise: nil)
+                let sent = context.eventLoop.makePromise(of: Void.self)
+                self.regionsQueued += 1
+                self.regionsEnd = max(self.regionsEnd, Int(offset) + Int(length))
+                sent.futureResult.assumeIsolated().whenComplete { _ in self.regionsQueued -= 1 }
+                context.write(NIOAny(IOData.fileRegion(region)), promise: sent)
+                self.watchRegions(context: context)
                 self.wrote(Int(length), context: context)
                 return
             }
