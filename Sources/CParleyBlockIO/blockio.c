@@ -10,7 +10,9 @@
 #include <stdlib.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
-#include <sys/syscall.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -97,14 +99,43 @@ int64_t parley_thread_sleeps(void) {
     return (int64_t)usage.ru_nvcsw;
 }
 
-// cachestat(2) has no glibc wrapper. Its number is the same on every architecture (451).
-#ifndef __NR_cachestat
-#define __NR_cachestat 451
-#endif
+// Pages present but still being read in (read-ahead under way) count as cached for
+// cachestat(2); mincore(2) reports only pages that are up to date, so that sending them
+// cannot wait for the disk.
+int parley_resident(int fd, uint64_t offset, uint64_t len) {
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0 || len == 0) return -EINVAL;
+    uint64_t start = offset - offset % (uint64_t)page;
+    size_t span = (size_t)(offset + len - start);
+    void *map = mmap(NULL, span, PROT_READ, MAP_SHARED, fd, (off_t)start);
+    if (map == MAP_FAILED) return -errno;
+    size_t pages = (span + (size_t)page - 1) / (size_t)page;
+    unsigned char small[512];
+    unsigned char *vec = pages <= sizeof small ? small : malloc(pages);
+    int result = -ENOMEM;
+    if (vec != NULL) {
+        if (mincore(map, span, vec) != 0) {
+            result = -errno;
+        } else {
+            result = 1;
+            for (size_t i = 0; i < pages; i++) {
+                if (!(vec[i] & 1)) { result = 0; break; }
+            }
+        }
+        if (vec != small) free(vec);
+    }
+    munmap(map, span);
+    return result;
+}
 
-int64_t parley_cached_pages(int fd, uint64_t offset, uint64_t len) {
-    struct { uint64_t off, len; } range = {offset, len};
-    struct { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; } stat;
-    if (syscall(__NR_cachestat, fd, &range, &stat, 0) != 0) return -errno;
-    return (int64_t)stat.nr_cache;
+int64_t parley_file_size(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return -errno;
+    return (int64_t)st.st_size;
+}
+
+int64_t parley_fs_type(int fd) {
+    struct statfs st;
+    if (fstatfs(fd, &st) != 0) return -errno;
+    return (int64_t)(unsigned long)st.f_type;
 }

@@ -129,8 +129,9 @@ import Testing
             // Reads of the whole file, again and again, and none of the replies read: more
             // than the socket and the server's reply queue hold, so regions wait in NIO.
             for i in 0..<40 { client.request(type: 0, cookie: UInt64(i + 1), offset: UInt64(i % 4) << 20, length: 1 << 20) }
-            Thread.sleep(forTimeInterval: 0.5)
-            guard truncate(path, 0) == 0 else { return false }
+            // Until the server has queued some (bounded: 10 s).
+            for _ in 0..<1000 where nbd.zeroCopyReadsSent == 0 { usleep(10_000) }
+            guard nbd.zeroCopyReadsSent > 0, truncate(path, 0) == 0 else { return false }
             // The server ends the connection (its watch runs once a second); without that, the
             // client would read what was sent and then wait for ever (here: 10 s of timeout).
             return socket.waitForClose()

@@ -28,7 +28,11 @@ int parley_keep_large_blocks(size_t largest, size_t retained);
 /// How many times the calling thread has slept in the kernel (its voluntary context
 /// switches, getrusage RUSAGE_THREAD), or -1. Being preempted does not count.
 int64_t parley_thread_sleeps(void);
-/// How many pages of [offset, offset + len) are in the page cache (cachestat(2), Linux 6.5
-/// and later); -ENOSYS on older kernels.
-int64_t parley_cached_pages(int fd, uint64_t offset, uint64_t len);
+/// 1 if every page of [offset, offset + len) is in the page cache and up to date (read in:
+/// mincore(2) of a short-lived mapping), 0 if not, -errno if that cannot be told.
+int parley_resident(int fd, uint64_t offset, uint64_t len);
+/// The size of the file open as `fd` (fstat st_size), or -errno.
+int64_t parley_file_size(int fd);
+/// The file system type of `fd` (statfs f_type), or -errno.
+int64_t parley_fs_type(int fd);
 #endif

@@ -6,6 +6,7 @@ import NIOSSL
 import NIOPosix
 import Parley
 import Synchronization
+import CParleyBlockIO
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -428,9 +429,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         self.regionWatch = context.eventLoop.assumeIsolated().scheduleTask(in: Self.regionWatchInterval) {
             self.regionWatch = nil
             guard self.regionsQueued > 0, case .ready(_, let handle) = self.zeroCopy else { return }
-            var st = stat()
-            let size = (try? handle.withUnsafeFileDescriptor { fstat($0, &st) == 0 ? Int(st.st_size) : nil }) ?? nil
-            if let size, size < self.regionsEnd {
+            let size = (try? handle.withUnsafeFileDescriptor { parley_file_size($0) }) ?? -1
+            if size >= 0, size < self.regionsEnd {
                 self.logger.error("NBD export file shrank to \(size) bytes under reads being sent (up to byte \(self.regionsEnd)); closing the connection")
                 context.close(promise: nil)
                 return
@@ -669,11 +669,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.closeIfIdle(context: context)
         case .read(let offset, let length):
             let headerSize = negotiated.structuredReplies ? NBDReply.offsetDataHeaderSize : NBDReply.simpleHeaderSize
-            if Int(length) >= Self.zeroCopyReadMinimum, let (file, handle) = self.zeroCopySource(store, context: context),
-               file.isCached(offset: offset, length: Int(length)) {
-                // Every page is cached: sendfile cannot wait for the disk here on the event
-                // loop. The bytes are taken when the socket has room, not now; the client
-                // cannot tell, as it has not seen this answer (docs/protocol.md, NBD).
+            // Not while replies back up (the pages could be evicted before the socket takes
+            // them), and within the 56 bits NIO keeps of a region's offset.
+            if Int(length) >= Self.zeroCopyReadMinimum, offset + UInt64(length) < 1 << 56, context.channel.isWritable,
+               let (file, handle) = self.zeroCopySource(store, context: context), file.isCached(offset: offset, length: Int(length)) {
+                // Every page is cached and read in: sendfile does not wait for the disk here
+                // on the event loop. The bytes are taken when the socket has room, not now;
+                // the client cannot tell, as it has not seen this answer (docs/protocol.md 18).
                 var header = context.channel.allocator.buffer(capacity: headerSize)
                 if negotiated.structuredReplies {
                     NBDReply.writeOffsetDataHeader(cookie: cookie, offset: offset, length: Int(length), into: &header)
@@ -688,7 +690,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 let sent = context.eventLoop.makePromise(of: Void.self)
                 self.regionsQueued += 1
                 self.regionsEnd = max(self.regionsEnd, Int(offset) + Int(length))
-                sent.futureResult.assumeIsolated().whenComplete { _ in self.regionsQueued -= 1 }
+                sent.futureResult.assumeIsolated().whenComplete { _ in
+                    self.regionsQueued -= 1
+                    if self.regionsQueued == 0 { self.regionsEnd = 0 }
+                }
                 context.write(NIOAny(IOData.fileRegion(region)), promise: sent)
                 self.watchRegions(context: context)
                 self.wrote(Int(length), context: context)

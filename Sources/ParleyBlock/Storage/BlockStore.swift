@@ -197,10 +197,12 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     }
 
     /// For reads sent straight from the page cache to the socket (sendfile, `NBDServer`): a
-    /// descriptor of its own on this file, for the caller to close; nil for a block device
-    /// (whose size cannot change under it, but whose cache is not worth the risk) or once closed.
+    /// descriptor of its own on this file, for the caller to close; nil once closed, for a
+    /// block device, and on file systems whose splice reads may wait other than for the disk
+    /// (XFS takes the inode's lock behind writers; NFS and FUSE may ask their server): only
+    /// ext2/3/4 and tmpfs.
     public func zeroCopyDescriptor() -> Int32? {
-        guard !self.geometry.isBlockDevice else { return nil }
+        guard !self.geometry.isBlockDevice, Self.zeroCopyFileSystems.contains(parley_fs_type(self.fd)) else { return nil }
         return self.lock.withLock { () -> Int32? in
             guard !self.closed else { return nil }
             let copy = dup(self.fd)
@@ -210,17 +212,17 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
         }
     }
 
-    /// Whether every page of the range is in the page cache, so that sending it cannot wait
-    /// for the disk (cachestat(2); false where the kernel cannot say, and for a range that
-    /// runs past the end of the file).
+    /// statfs f_type of ext2/3/4 and tmpfs.
+    static let zeroCopyFileSystems: Set<Int64> = [0xEF53, 0x0102_1994]
+
+    /// Whether every page of the range is in the page cache and read in, so that sending it
+    /// cannot wait for the disk (mincore(2) of a short-lived mapping: a page still being read
+    /// ahead is not counted, where cachestat(2) would count it); false where that cannot be
+    /// told, and for a range that runs past the end of the file.
     public func isCached(offset: UInt64, length: Int) -> Bool {
         guard length > 0, offset + UInt64(length) <= self.geometry.size else { return false }
-        let page = UInt64(Self.pageSize)
-        let pages = (offset + UInt64(length) + page - 1) / page - offset / page
-        return parley_cached_pages(self.fd, offset, UInt64(length)) == Int64(pages)
+        return parley_resident(self.fd, offset, UInt64(length)) == 1
     }
-
-    private static let pageSize = max(4096, sysconf(Int32(_SC_PAGESIZE)))
 
     private static func rotational(major rdev: UInt) -> Bool {
         let major = (rdev >> 8) & 0xfff
