@@ -15,10 +15,31 @@ import Testing
 @Suite struct NBDZeroCopyReadTests {
     static let size = 4 << 20
 
-    /// A file of random bytes, its content, and an NBD server on it (one event loop).
-    /// The server's address: "unix:PATH" or a TCP port on 127.0.0.1.
-    func serve(_ scratch: ScratchDirectory, zeroCopy: Bool = true, unix: Bool = false) async throws
-        -> (NBDServer, String, [UInt8], String, BlockIOExecutor, MultiThreadedEventLoopGroup) {
+    /// A file of random bytes and an NBD server on it (one event loop).
+    struct Served {
+        let nbd: NBDServer
+        /// "unix:PATH" or a TCP port on 127.0.0.1.
+        let address: String
+        let content: [UInt8]
+        let path: String
+        let io: BlockIOExecutor
+        let group: MultiThreadedEventLoopGroup
+
+        /// Whether `answers` hold the file's bytes at `reads`.
+        func check(_ answers: [[UInt8]], _ reads: [(UInt64, Int)]) {
+            for (i, (offset, length)) in reads.enumerated() {
+                #expect(answers[i] == Array(self.content[Int(offset)..<(Int(offset) + length)]), "read \(i) at \(offset), \(length) bytes")
+            }
+        }
+
+        func stop() async throws {
+            await self.nbd.shutDown()
+            try await self.io.shutdown()
+            try await self.group.shutdownGracefully()
+        }
+    }
+
+    func serve(_ scratch: ScratchDirectory, zeroCopy: Bool = true, unix: Bool = false) async throws -> Served {
         var rng = SystemRandomNumberGenerator()
         let content = (0..<Self.size).map { _ in UInt8.random(in: 0...255, using: &rng) }
         let path = scratch.file("disk.img")
@@ -34,11 +55,11 @@ import Testing
         if unix {
             let socket = scratch.file("nbd.sock")
             _ = try await nbd.bind([.unix(path: socket)])
-            return (nbd, "unix:" + socket, content, path, io, group)
+            return Served(nbd: nbd, address: "unix:" + socket, content: content, path: path, io: io, group: group)
         }
         let bound = try await nbd.bind([.tcp(host: "127.0.0.1", port: 0)])
         guard case .tcp(_, let port) = bound[0].kind else { throw BlockStoreError(errno: EINVAL, operation: "bound to \(bound)") }
-        return (nbd, "\(port)", content, path, io, group)
+        return Served(nbd: nbd, address: "\(port)", content: content, path: path, io: io, group: group)
     }
 
     /// Reads (offset, length) pipelined: all requests first, then the replies in order (the
@@ -80,19 +101,15 @@ import Testing
     @Test(arguments: [false, true])
     func largeCachedReadsAreSentFromThePageCacheByteForByte(structured: Bool) async throws {
         let scratch = try ScratchDirectory("zero-copy")
-        let (nbd, socket, content, path, io, group) = try await self.serve(scratch)
-        let answers = try await BlockSlowOpenTests.onThread { try Self.readAll(socket, structured: structured, Self.reads) }.get()
-        for (i, (offset, length)) in Self.reads.enumerated() {
-            #expect(answers[i] == Array(content[Int(offset)..<(Int(offset) + length)]), "read \(i) at \(offset), \(length) bytes")
-        }
-        #expect(nbd.zeroCopyReadsSent == Self.large, "the reads of 64 KiB or more went out with sendfile")
+        let served = try await self.serve(scratch)
+        let answers = try await BlockSlowOpenTests.onThread { try Self.readAll(served.address, structured: structured, Self.reads) }.get()
+        served.check(answers, Self.reads)
+        #expect(served.nbd.zeroCopyReadsSent == Self.large, "the reads of 64 KiB or more went out with sendfile")
         // The connection's own descriptor on the file is closed with the connection, and the
         // export's with its last opener (the client closed its socket right after its
         // NBD_CMD_DISC, during the flush that ends a read-write connection).
-        #expect(try await eventually { BlockExportsTests.descriptors(on: path) == 0 }, "descriptors left: \(BlockExportsTests.descriptors(on: path))")
-        await nbd.shutDown()
-        try await io.shutdown()
-        try await group.shutdownGracefully()
+        #expect(try await eventually { BlockExportsTests.descriptors(on: served.path) == 0 }, "descriptors left: \(BlockExportsTests.descriptors(on: served.path))")
+        try await served.stop()
     }
 
     /// Uncached pages (sendfile could wait for the disk on the event loop), the setting
@@ -100,30 +117,27 @@ import Testing
     @Test(arguments: ["uncached", "disabled", "unix"])
     func readsAreCopiedWhenNotWorthSending(from case: String) async throws {
         let scratch = try ScratchDirectory("zero-copy")
-        let (nbd, address, content, path, io, group) = try await self.serve(scratch, zeroCopy: `case` != "disabled", unix: `case` == "unix")
+        let served = try await self.serve(scratch, zeroCopy: `case` != "disabled", unix: `case` == "unix")
         if `case` == "uncached" {
-            let fd = open(path, O_RDONLY)
+            let fd = open(served.path, O_RDONLY)
             #expect(fd >= 0)
             #expect(fsync(fd) == 0)
             #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
             close(fd)
         }
         let reads = `case` == "uncached" ? [(0, 1 << 20), (2 << 20, 256 << 10)] : Self.reads
-        let answers = try await BlockSlowOpenTests.onThread { try Self.readAll(address, structured: `case` != "disabled", reads) }.get()
-        for (i, (offset, length)) in reads.enumerated() {
-            #expect(answers[i] == Array(content[Int(offset)..<(Int(offset) + length)]), "read \(i) at \(offset), \(length) bytes")
-        }
-        #expect(nbd.zeroCopyReadsSent == 0, "\(`case`): the reads were copied")
-        await nbd.shutDown()
-        try await io.shutdown()
-        try await group.shutdownGracefully()
+        let answers = try await BlockSlowOpenTests.onThread { try Self.readAll(served.address, structured: `case` != "disabled", reads) }.get()
+        served.check(answers, reads)
+        #expect(served.nbd.zeroCopyReadsSent == 0, "\(`case`): the reads were copied")
+        try await served.stop()
     }
 
     @Test func aFileTruncatedUnderReadsWaitingToBeSentEndsTheConnection() async throws {
         let scratch = try ScratchDirectory("zero-copy")
-        let (nbd, port, _, path, io, group) = try await self.serve(scratch)
+        let served = try await self.serve(scratch)
+        let nbd = served.nbd, path = served.path, port = Int(served.address)!
         let closed = try await BlockSlowOpenTests.onThread { () throws -> Bool in
-            let socket = try RawSocket(port: Int(port)!)
+            let socket = try RawSocket(port: port)
             let (client, type, _) = try RawNBD.connect(socket, export: "disk", structured: true)
             guard type == 1 else { return false }
             // Reads of the whole file, again and again, and none of the replies read: more
@@ -138,9 +152,7 @@ import Testing
         }.get()
         #expect(closed, "the connection ended after the file shrank under its waiting reads")
         #expect(nbd.zeroCopyReadsSent > 0)
-        await nbd.shutDown()
-        try await io.shutdown()
-        try await group.shutdownGracefully()
+        try await served.stop()
     }
 
     @Test func theStoreSaysWhichRangesAreCached() throws {

@@ -451,7 +451,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // TCP only: over a Unix socket sendfile took half the server's CPU per MiB but
             // made the client's reads dearer, and 1 MiB reads were 0.85x as fast (session 28
             // in docs/performance.md); over TCP 1.25x.
-            var tcp = false
+            let tcp: Bool
             switch context.channel.localAddress {
             case .v4?, .v6?: tcp = true
             default: tcp = false
@@ -677,11 +677,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 // on the event loop. The bytes are taken when the socket has room, not now;
                 // the client cannot tell, as it has not seen this answer (docs/protocol.md 18).
                 var header = context.channel.allocator.buffer(capacity: headerSize)
-                if negotiated.structuredReplies {
-                    NBDReply.writeOffsetDataHeader(cookie: cookie, offset: offset, length: Int(length), into: &header)
-                } else {
-                    NBDReply.writeSimple(cookie: cookie, error: .ok, into: &header)
-                }
+                NBDReply.writeReadHeader(cookie: cookie, offset: offset, length: Int(length), structured: negotiated.structuredReplies, into: &header)
                 let region = FileRegion(fileHandle: handle, readerIndex: Int(offset), endIndex: Int(offset) + Int(length))
                 device.metrics(.read).record(bytes: Int(length), failed: false, nanoseconds: Self.elapsed(started))
                 Self.zeroCopyReads.increment()
@@ -700,11 +696,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 return
             }
             var out = context.channel.allocator.buffer(capacity: headerSize + Int(length))
-            if negotiated.structuredReplies {
-                NBDReply.writeOffsetDataHeader(cookie: cookie, offset: offset, length: Int(length), into: &out)
-            } else {
-                NBDReply.writeSimple(cookie: cookie, error: .ok, into: &out)
-            }
+            NBDReply.writeReadHeader(cookie: cookie, offset: offset, length: Int(length), structured: negotiated.structuredReplies, into: &out)
             do {
                 let done = try out.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { ptr in
                     try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<Int(length)]), at: offset, nowait: true) ? Int(length) : 0
@@ -723,11 +715,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.begin(bytes: Int(length))
             self.server.io.run(on: context.eventLoop) { () -> ByteBuffer in
                 var out = ByteBufferAllocator().buffer(capacity: NBDReply.offsetDataHeaderSize + Int(length))
-                if structured {
-                    NBDReply.writeOffsetDataHeader(cookie: cookie, offset: offset, length: Int(length), into: &out)
-                } else {
-                    NBDReply.writeSimple(cookie: cookie, error: .ok, into: &out)
-                }
+                NBDReply.writeReadHeader(cookie: cookie, offset: offset, length: Int(length), structured: structured, into: &out)
                 _ = try out.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { ptr in
                     _ = try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<Int(length)]), at: offset, nowait: false)
                     return Int(length)

@@ -254,6 +254,16 @@ public enum NBDReply {
         out.writeInteger(offset)
     }
 
+    /// What comes before a successful read's data: an OFFSET_DATA chunk header with
+    /// structured replies, else a simple reply.
+    public static func writeReadHeader(cookie: UInt64, offset: UInt64, length: Int, structured: Bool, into out: inout ByteBuffer) {
+        if structured {
+            self.writeOffsetDataHeader(cookie: cookie, offset: offset, length: length, into: &out)
+        } else {
+            self.writeSimple(cookie: cookie, error: .ok, into: &out)
+        }
+    }
+
     public static func writeError(cookie: UInt64, error: NBD.Errno, message: String, into out: inout ByteBuffer) {
         let text = message.utf8.prefix(Int(UInt16.max / 4))  // short enough for its u16 length
         self.writeChunkHeader(cookie: cookie, type: .error, flags: NBD.replyFlagDone, length: 6 + text.count, into: &out)
