@@ -40,6 +40,9 @@ public final class BlockServer: Service, Sendable {
         public var replyPolling: Duration = .microseconds(50)
         /// Large NBD reads of cached pages sent with sendfile (`NBDServer.Limits.zeroCopyReads`).
         public var zeroCopyReads = true
+        /// Send buffer of an NBD connection over a Unix socket once it reads 64 KiB or more at
+        /// a time (`NBDServer.Limits.unixSendBuffer`); 0 keeps the system's default.
+        public var unixSendBuffer = NBDServer.Limits().unixSendBuffer
         /// Half of what a lone server takes: the two protocols share the descriptor limit.
         public static let defaultMaxConnections = max(32, ParleyServer.defaultMaxConnections / 2)
 
@@ -96,6 +99,7 @@ public final class BlockServer: Service, Sendable {
         limits.maxConnections = configuration.maxConnections
         limits.replyPolling = .nanoseconds(configuration.replyPolling.nanoseconds)
         limits.zeroCopyReads = configuration.zeroCopyReads
+        limits.unixSendBuffer = configuration.unixSendBuffer
         self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, limits: limits, tls: configuration.nbdTLS, logger: logger)
         var parley = configuration.parley
         parley.limits.handshakeTimeout = configuration.handshakeTimeout

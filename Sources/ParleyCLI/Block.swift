@@ -93,6 +93,9 @@ struct BlockServe: AsyncParsableCommand {
     @Flag(name: .long, inversion: .prefixedNo, help: "NBD reads of 64 KiB or more whose pages are all in the page cache go from the cache to the socket with sendfile, never copied into the server (over TCP; not over TLS or Unix sockets, not from block devices).")
     var zeroCopyReads = true
 
+    @Option(name: .long, help: ArgumentHelp("Send buffer an NBD connection over a Unix socket asks for at its first read of 64 KiB or more (the kernel doubles it and caps it at net.core.wmem_max): with the default of 208 KiB a 1 MiB reply waits four times for the client. 0: keep the system's default.", valueName: "bytes"))
+    var unixSendBuffer: Int = NBDServer.Limits().unixSendBuffer
+
     @OptionGroup var security: ServerSecurityOptions
 
     @Option(name: .long, help: ArgumentHelp("NBD_OPT_STARTTLS: off, on (offered) or require. Default: on with --cert, off without. NBD clients find the CA as ca-cert.pem in their certificate directory (`parley cert init` writes it).", valueName: "policy"))
@@ -113,6 +116,7 @@ struct BlockServe: AsyncParsableCommand {
         if let m = self.metrics { _ = try Self.hostPort(m) }
         guard (1...1024).contains(self.ioThreads) else { throw ValidationError("--io-threads must be 1...1024") }
         guard (0...(32 << 20)).contains(self.inlineWrites) else { throw ValidationError("--inline-writes must be 0...33554432 bytes") }
+        guard (0...(1 << 30)).contains(self.unixSendBuffer) else { throw ValidationError("--unix-send-buffer must be 0...1073741824 bytes") }
         try checkSeconds(self.handshakeTimeout, "--handshake-timeout", minimum: 0.001)
         guard self.maxConnections >= 1 else { throw ValidationError("--max-connections must be at least 1") }
         guard (0...10_000).contains(self.pollAfterReply) else { throw ValidationError("--poll-after-reply must be 0...10000 microseconds") }
@@ -167,6 +171,7 @@ struct BlockServe: AsyncParsableCommand {
         configuration.maxConnections = self.maxConnections
         configuration.replyPolling = .microseconds(self.pollAfterReply)
         configuration.zeroCopyReads = self.zeroCopyReads
+        configuration.unixSendBuffer = self.unixSendBuffer
         do {
             try self.security.apply(to: &configuration.parley)
             let policy = self.nbdTls.flatMap(NBDTLSPolicy.init(rawValue:)) ?? (self.security.cert == nil ? .off : .on)

@@ -39,7 +39,7 @@ import Testing
         }
     }
 
-    func serve(_ scratch: ScratchDirectory, zeroCopy: Bool = true, unix: Bool = false) async throws -> Served {
+    func serve(_ scratch: ScratchDirectory, zeroCopy: Bool = true, unix: Bool = false, unixSendBuffer: Int = NBDServer.Limits().unixSendBuffer) async throws -> Served {
         var rng = SystemRandomNumberGenerator()
         let content = (0..<Self.size).map { _ in UInt8.random(in: 0...255, using: &rng) }
         let path = scratch.file("disk.img")
@@ -48,6 +48,7 @@ import Testing
         quiet.logLevel = .critical
         var limits = NBDServer.Limits()
         limits.zeroCopyReads = zeroCopy
+        limits.unixSendBuffer = unixSendBuffer
         let io = BlockIOExecutor(threads: 2)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let nbd = NBDServer(catalog: try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: path)]), devices: BlockDeviceTable(),
@@ -129,6 +130,47 @@ import Testing
         let answers = try await BlockSlowOpenTests.onThread { try Self.readAll(served.address, structured: `case` != "disabled", reads) }.get()
         served.check(answers, reads)
         #expect(served.nbd.zeroCopyReadsSent == 0, "\(`case`): the reads were copied")
+        try await served.stop()
+    }
+
+    /// `net.core.wmem_max`: what a socket may ask for (the kernel doubles it).
+    static let wmemMax = (try? String(contentsOfFile: "/proc/sys/net/core/wmem_max", encoding: .utf8))
+        .flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 0
+
+    /// Over a Unix socket a connection widens its send buffer at its first large read
+    /// (`Limits.unixSendBuffer`): a 1 MiB reply then lies whole in the client's receive
+    /// queue before the client reads any of it. With the system's default buffer (208 KiB
+    /// here) the server must wait for the client to read, four times per MiB.
+    @Test(.enabled(if: wmemMax >= 1 << 20, "net.core.wmem_max is too small for a 1 MiB reply"), arguments: [true, false])
+    func aUnixConnectionWidensItsSendBufferForLargeReads(widened: Bool) async throws {
+        let scratch = try ScratchDirectory("send-buffer")
+        let served = try await self.serve(scratch, unix: true, unixSendBuffer: widened ? 4 << 20 : 0)
+        let path = String(served.address.dropFirst(5))
+        let (queued, answer) = try await BlockSlowOpenTests.onThread { () throws -> (Int, [UInt8]) in
+            let socket = try RawSocket(unixPath: path)
+            let (client, type, message) = try RawNBD.connect(socket, export: "disk", structured: false)
+            guard type == 1 else { throw BlockStoreError(errno: EIO, operation: "NBD_OPT_GO refused: \(message)") }
+            client.request(type: 0, cookie: 1, offset: 0, length: 1 << 20)
+            // What the server could push before the client reads: until the queue stops
+            // growing for 200 ms (at most 10 s).
+            var queued: Int32 = -1, still = 0
+            for _ in 0..<1000 where still < 20 {
+                usleep(10_000)
+                var now: Int32 = 0
+                guard ioctl(socket.fd, UInt(FIONREAD), &now) == 0 else { throw BlockStoreError(errno: errno, operation: "FIONREAD") }
+                still = now > 0 && now == queued ? still + 1 : 0
+                queued = now
+            }
+            let reply = try client.simpleReply(readLength: 1 << 20)
+            guard reply.error == 0, reply.cookie == 1 else { throw BlockStoreError(errno: EIO, operation: "reply \(reply)") }
+            return (Int(queued), reply.data)
+        }.get()
+        served.check([answer], [(0, 1 << 20)])
+        if widened {
+            #expect(queued == 16 + (1 << 20), "the whole reply (16-byte header and 1 MiB) was queued: \(queued) bytes")
+        } else {
+            #expect(queued > 0 && queued < 1 << 20, "the default buffer held part of the reply: \(queued) bytes")
+        }
         try await served.stop()
     }
 

@@ -95,6 +95,12 @@ public final class NBDServer: Sendable {
         /// all cached go from the page cache to the socket with sendfile (over TCP, not TLS,
         /// not from block devices), without being copied into the process.
         public var zeroCopyReads = true
+        /// Send buffer (`SO_SNDBUF`) a Unix-socket connection asks for at its first read of
+        /// `NBDConnectionHandler.largeRead` bytes or more: the kernel's default (208 KiB
+        /// here) cuts a 1 MiB reply into five waits for the client; the kernel doubles the
+        /// value and caps it at `net.core.wmem_max`. 0 keeps the default. (TCP sizes its
+        /// buffers itself.)
+        public var unixSendBuffer = 4 << 20
         public init() {}
     }
 
@@ -291,6 +297,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// below it, copying is cheaper than a system call per read (small replies go out
     /// together in one writev).
     static let zeroCopyReadMinimum = 64 * 1024
+    /// Reads from this size on widen a Unix socket's send buffer (`Limits.unixSendBuffer`).
+    static let largeRead = 64 * 1024
+    /// The send buffer was widened, or need not be (`widenSendBuffer`).
+    private var sendBufferDecided = false
     /// Reads sent with sendfile, in all servers (`parley_block_nbd_zero_copy_reads_total`).
     static let zeroCopyReads = Counter(label: "parley_block_nbd_zero_copy_reads_total")
 
@@ -465,6 +475,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
             self.zeroCopy = .ready(file, handle)
             return (file, handle)
+        }
+    }
+
+    /// Over a Unix socket a reply goes out only as far as the socket's send buffer takes it
+    /// (208 KiB by default here): a 1 MiB read then waits for the client to read four times,
+    /// each a wake-up on both sides. Asked once, at the connection's first large read, so
+    /// that connections that only ever do small IO keep the default (session 29 in
+    /// docs/performance.md: 1 MiB reads over a Unix socket 1.34x).
+    private func widenSendBuffer(context: ChannelHandlerContext) {
+        self.sendBufferDecided = true
+        let size = self.server.limits.unixSendBuffer
+        guard size > 0, case .unixDomainSocket? = context.channel.localAddress, let options = context.channel.syncOptions else { return }
+        do {
+            try options.setOption(.socketOption(.so_sndbuf), value: SocketOptionValue(clamping: size))
+        } catch {
+            self.logger.debug("could not set the connection's send buffer to \(size) bytes: \(error)")
         }
     }
 
@@ -668,6 +694,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.stopping = true
             self.closeIfIdle(context: context)
         case .read(let offset, let length):
+            if Int(length) >= Self.largeRead, !self.sendBufferDecided { self.widenSendBuffer(context: context) }
             let headerSize = negotiated.structuredReplies ? NBDReply.offsetDataHeaderSize : NBDReply.simpleHeaderSize
             // Not while replies back up (the pages could be evicted before the socket takes
             // them), and within the 56 bits NIO keeps of a region's offset.
