@@ -90,7 +90,7 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Microseconds a connection (NBD or block protocol) waits for its client's next request, without sleeping, after answering a lone request with nothing else in flight: a client at queue depth 1 then finds the server awake (on hosts whose idle CPUs halt at once this doubles its IOPS), for up to this much CPU per request. After a wait that runs out, the connection waits less often. 0: never.", valueName: "us"))
     var pollAfterReply: Int = 50
 
-    @Flag(name: .long, inversion: .prefixedNo, help: "NBD reads of 64 KiB or more whose pages are all in the page cache go from the cache to the socket with sendfile, never copied into the server (over TCP; not over TLS or Unix sockets, not from block devices).")
+    @Flag(name: .long, inversion: .prefixedNo, help: "NBD reads of 64 KiB or more whose pages are all in the page cache go from the cache to the socket with sendfile, never copied into the server (over TCP, and over Unix sockets whose send buffer holds 1 MiB: --unix-send-buffer; not over TLS, not from block devices).")
     var zeroCopyReads = true
 
     @Option(name: .long, help: ArgumentHelp("Send buffer an NBD connection over a Unix socket asks for at its first read of 64 KiB or more (the kernel doubles it and caps it at net.core.wmem_max): with the default of 208 KiB a 1 MiB reply waits four times for the client. 0: keep the system's default.", valueName: "bytes"))

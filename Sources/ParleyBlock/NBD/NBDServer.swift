@@ -92,8 +92,9 @@ public final class NBDServer: Sendable {
         /// answers with nothing else in flight (`NBDReplyPolling`); 0: it never does.
         public var replyPolling: TimeAmount = .microseconds(50)
         /// Reads of `NBDConnectionHandler.zeroCopyReadMinimum` bytes or more whose pages are
-        /// all cached go from the page cache to the socket with sendfile (over TCP, not TLS,
-        /// not from block devices), without being copied into the process.
+        /// all cached go from the page cache to the socket with sendfile (over TCP, and over a
+        /// Unix socket whose send buffer was widened to 1 MiB or more (`unixSendBuffer`); not
+        /// over TLS, not from block devices), without being copied into the process.
         public var zeroCopyReads = true
         /// Send buffer (`SO_SNDBUF`) a Unix-socket connection asks for at its first read of
         /// `NBDConnectionHandler.largeRead` bytes or more: the kernel's default (208 KiB
@@ -301,6 +302,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     static let largeRead = 64 * 1024
     /// The send buffer was widened, or need not be (`widenSendBuffer`).
     private var sendBufferDecided = false
+    /// The kernel granted a Unix socket's send buffer of 1 MiB or more.
+    private var sendBufferWidened = false
     /// Reads sent with sendfile, in all servers (`parley_block_nbd_zero_copy_reads_total`).
     static let zeroCopyReads = Counter(label: "parley_block_nbd_zero_copy_reads_total")
 
@@ -458,15 +461,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .unavailable:
             return nil
         case .undecided:
-            // TCP only: over a Unix socket sendfile took half the server's CPU per MiB but
-            // made the client's reads dearer, and 1 MiB reads were 0.85x as fast (session 28
-            // in docs/performance.md); over TCP 1.25x.
-            let tcp: Bool
+            // TCP, or a Unix socket whose send buffer holds a whole large reply: with the
+            // default 208 KiB, sendfile over a Unix socket made 1 MiB reads 0.85x as fast
+            // (session 28 in docs/performance.md), with 8 MiB 1.32x (session 29).
+            let worth: Bool
             switch context.channel.localAddress {
-            case .v4?, .v6?: tcp = true
-            default: tcp = false
+            case .v4?, .v6?: worth = true
+            case .unixDomainSocket?: worth = self.sendBufferWidened
+            default: worth = false
             }
-            guard self.server.limits.zeroCopyReads, tcp, !self.tlsActive, !self.inactive, let file = store as? FileBlockStore,
+            guard self.server.limits.zeroCopyReads, worth, !self.tlsActive, !self.inactive, let file = store as? FileBlockStore,
                   let fd = file.zeroCopyDescriptor()
             else {
                 self.zeroCopy = .unavailable
@@ -482,13 +486,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// (208 KiB by default here): a 1 MiB read then waits for the client to read four times,
     /// each a wake-up on both sides. Asked once, at the connection's first large read, so
     /// that connections that only ever do small IO keep the default (session 29 in
-    /// docs/performance.md: 1 MiB reads over a Unix socket 1.34x).
+    /// docs/performance.md: 1 MiB reads over a Unix socket 1.17x). Reads are then sent with
+    /// sendfile over the Unix socket too, if the buffer the kernel granted holds 1 MiB.
     private func widenSendBuffer(context: ChannelHandlerContext) {
         self.sendBufferDecided = true
         let size = self.server.limits.unixSendBuffer
         guard size > 0, case .unixDomainSocket? = context.channel.localAddress, let options = context.channel.syncOptions else { return }
         do {
             try options.setOption(.socketOption(.so_sndbuf), value: SocketOptionValue(clamping: size))
+            self.sendBufferWidened = try options.getOption(.socketOption(.so_sndbuf)) >= 1 << 20
         } catch {
             self.logger.debug("could not set the connection's send buffer to \(size) bytes: \(error)")
         }
