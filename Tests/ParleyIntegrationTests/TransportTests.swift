@@ -329,6 +329,36 @@ struct TransportTests {
         }
     }
 
+    // MARK: Unix sockets
+
+    /// Both ends of a Unix-socket connection ask for a send buffer that holds a 1 MiB frame
+    /// (`PosixTransport.unixSendBuffer`; the kernel doubles what is asked, up to twice
+    /// `net.core.wmem_max`): with the default (208 KiB here) such a frame would go out in
+    /// five waits for the peer.
+    @Test func unixConnectionsAskForASendBufferThatHoldsALargeFrame() async throws {
+        let wmemMax = (try? String(contentsOfFile: "/proc/sys/net/core/wmem_max", encoding: .utf8))
+            .flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 0
+        let expected = 2 * min(wmemMax, 4 << 20)
+        let path = NSTemporaryDirectory() + "parley-sndbuf-\(getpid()).sock"
+        defer { unlink(path) }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let accepted = NIOLockedValueBox<[Int]>([])
+        let transport = PosixTransport()
+        let (listener, _) = try await transport.listen(on: .unix(path: path), group: group) { channel in
+            channel.eventLoop.makeCompletedFuture {
+                let size = Int(try channel.syncOptions!.getOption(.socketOption(.so_sndbuf)))
+                accepted.withLockedValue { $0.append(size) }
+            }
+        }
+        let client = try await transport.connect(to: .unix(path: path), group: group) { $0.eventLoop.makeSucceededVoidFuture() }
+        let clientBuffer = Int(try await client.getOption(.socketOption(.so_sndbuf)).get())
+        #expect(clientBuffer == expected, "the client's send buffer: \(clientBuffer) bytes, wmem_max \(wmemMax)")
+        #expect(try await eventually { accepted.withLockedValue { $0 } == [expected] }, "the server's: \(accepted.withLockedValue { $0 })")
+        try await client.close()
+        try await listener.close()
+        try await group.shutdownGracefully()
+    }
+
     // MARK: parley cert
 
     @Test func certInitAndIssueWriteKeysPrivatelyAndRefuseToOverwrite() async throws {
