@@ -1,6 +1,7 @@
 import CParleyBlockIO
 import NIOCore
 import NIOPosix
+import Synchronization
 
 /// Runs storage calls that may block on threads of their own, never on an event loop.
 ///
@@ -10,6 +11,8 @@ import NIOPosix
 public final class BlockIOExecutor: Sendable {
     public let threads: Int
     private let pool: NIOThreadPool
+    /// Calls handed to the threads so far (for tests).
+    let calls = Atomic<Int>(0)
 
     public init(threads: Int) {
         self.threads = max(1, threads)
@@ -19,7 +22,8 @@ public final class BlockIOExecutor: Sendable {
 
     /// Runs `body` on an IO thread; the result arrives on `eventLoop`.
     public func run<T: Sendable>(on eventLoop: any EventLoop, _ body: @escaping @Sendable () throws -> T) -> EventLoopFuture<T> {
-        self.pool.runIfActive(eventLoop: eventLoop, body)
+        self.calls.wrappingAdd(1, ordering: .relaxed)
+        return self.pool.runIfActive(eventLoop: eventLoop, body)
     }
 
     public func shutdown() async throws {

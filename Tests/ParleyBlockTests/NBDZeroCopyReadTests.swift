@@ -5,6 +5,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import ParleyWire
+import Synchronization
 import Testing
 @testable import ParleyBlock
 
@@ -175,6 +176,35 @@ import Testing
         } else {
             #expect(queued > 0 && queued < 1 << 20, "the default buffer held part of the reply: \(queued) bytes")
         }
+        try await served.stop()
+    }
+
+    /// Over a Unix socket, writes gathered from several reads (128 KiB or more) go to the IO
+    /// threads, never inline on the event loop: the client may have only its send buffer
+    /// (208 KiB by default) in flight, and would wait while the event loop writes.
+    @Test func largeWritesOverAUnixSocketGoToTheIOThreads() async throws {
+        let scratch = try ScratchDirectory("unix-writes")
+        let served = try await self.serve(scratch, unix: true)
+        let path = String(served.address.dropFirst(5)), io = served.io
+        var rng = SystemRandomNumberGenerator()
+        let data = (0..<(1 << 20)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let calls = try await BlockSlowOpenTests.onThread { () throws -> Int in
+            let socket = try RawSocket(unixPath: path)
+            let (client, type, message) = try RawNBD.connect(socket, export: "disk", structured: false)
+            guard type == 1 else { throw BlockStoreError(errno: EIO, operation: "NBD_OPT_GO refused: \(message)") }
+            let before = io.calls.load(ordering: .relaxed)
+            for i in 0..<3 { client.request(type: 1, cookie: UInt64(i + 1), offset: UInt64(i) << 20, length: 1 << 20, payload: data) }
+            for _ in 0..<3 {
+                let reply = try client.simpleReply()
+                guard reply.error == 0 else { throw BlockStoreError(errno: EIO, operation: "write answered \(reply.error)") }
+            }
+            let calls = io.calls.load(ordering: .relaxed) - before
+            client.request(type: 2, cookie: 99, offset: 0, length: 0)  // NBD_CMD_DISC
+            return calls
+        }.get()
+        #expect(calls == 3, "each 1 MiB write ran on an IO thread: \(calls) calls")
+        let written = try Data(contentsOf: URL(fileURLWithPath: served.path))
+        for i in 0..<3 { #expect(Array(written[(i << 20)..<((i + 1) << 20)]) == data, "write \(i)") }
         try await served.stop()
     }
 
