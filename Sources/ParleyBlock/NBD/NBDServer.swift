@@ -91,7 +91,7 @@ public final class NBDServer: Sendable {
         /// How long a connection busy-waits for its client's next request after flushing its
         /// answers with nothing else in flight (`NBDReplyPolling`); 0: it never does.
         public var replyPolling: TimeAmount = .microseconds(50)
-        /// Reads of `NBDConnectionHandler.zeroCopyReadMinimum` bytes or more whose pages are
+        /// Reads of `NBDConnectionHandler.largeRead` bytes or more whose pages are
         /// all cached go from the page cache to the socket with sendfile (over TCP, and over a
         /// Unix socket whose send buffer was widened to 1 MiB or more (`unixSendBuffer`); not
         /// over TLS, not from block devices), without being copied into the process.
@@ -294,18 +294,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var regionWatch: Scheduled<Void>?
     /// How often a connection with regions waiting checks that its file still holds them.
     static let regionWatchInterval = TimeAmount.seconds(1)
-    /// Reads from this size on go out with sendfile when they can (`Limits.zeroCopyReads`):
-    /// below it, copying is cheaper than a system call per read (small replies go out
-    /// together in one writev).
-    static let zeroCopyReadMinimum = 64 * 1024
-    /// Reads from this size on widen a Unix socket's send buffer (`Limits.unixSendBuffer`).
+    /// Reads from this size on widen a Unix socket's send buffer (`Limits.unixSendBuffer`)
+    /// and then go out with sendfile when they can (`Limits.zeroCopyReads`): below it,
+    /// copying is cheaper than a system call per read (small replies go out together in one
+    /// writev). One size for both: over a Unix socket, whether sendfile is worth it is known
+    /// only once the buffer is widened.
     static let largeRead = 64 * 1024
-    /// The send buffer was widened, or need not be (`widenSendBuffer`).
-    private var sendBufferDecided = false
-    /// The kernel granted a Unix socket's send buffer of 1 MiB or more.
-    private var sendBufferWidened = false
-    /// The connection is over a Unix socket (`overUnixSocket`); nil until asked.
-    private var unixSocket: Bool?
+    /// What the connection runs over, from its local address (`handlerAdded`).
+    private var socket: Socket = .other
+    enum Socket { case tcp, unix, other }
+    /// Whether the kernel granted a Unix socket a send buffer of 1 MiB or more
+    /// (`widenSendBuffer`); nil until the connection's first large read.
+    private var sendBufferWidened: Bool?
     /// Reads sent with sendfile, in all servers (`parley_block_nbd_zero_copy_reads_total`).
     static let zeroCopyReads = Counter(label: "parley_block_nbd_zero_copy_reads_total")
 
@@ -319,6 +319,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        switch context.channel.localAddress {
+        case .v4?, .v6?: self.socket = .tcp
+        case .unixDomainSocket?: self.socket = .unix
+        default: self.socket = .other
+        }
         if let peer = context.channel.remoteAddress { self.logger[metadataKey: "peer"] = "\(peer)" }
     }
 
@@ -454,8 +459,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// The file and descriptor to send reads from, if this connection can: TCP without TLS,
-    /// an export that is a regular file, zero-copy reads allowed.
+    /// The file and descriptor to send reads from, if this connection can: TCP, or a Unix
+    /// socket with a widened send buffer, without TLS; an export that is a regular file;
+    /// zero-copy reads allowed.
     private func zeroCopySource(_ store: any BlockStore, context: ChannelHandlerContext) -> (FileBlockStore, NIOFileHandle)? {
         switch self.zeroCopy {
         case .ready(let file, let handle):
@@ -467,10 +473,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // default 208 KiB, sendfile over a Unix socket made 1 MiB reads 0.85x as fast
             // (session 28 in docs/performance.md), with 8 MiB 1.32x (session 29).
             let worth: Bool
-            switch context.channel.localAddress {
-            case .v4?, .v6?: worth = true
-            case .unixDomainSocket?: worth = self.sendBufferWidened
-            default: worth = false
+            switch self.socket {
+            case .tcp: worth = true
+            case .unix: worth = self.sendBufferWidened == true
+            case .other: worth = false
             }
             guard self.server.limits.zeroCopyReads, worth, !self.tlsActive, !self.inactive, let file = store as? FileBlockStore,
                   let fd = file.zeroCopyDescriptor()
@@ -484,15 +490,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Whether the connection is over a Unix socket (asked once).
-    private func overUnixSocket(_ context: ChannelHandlerContext) -> Bool {
-        if let known = self.unixSocket { return known }
-        let unix: Bool
-        if case .unixDomainSocket? = context.channel.localAddress { unix = true } else { unix = false }
-        self.unixSocket = unix
-        return unix
-    }
-
     /// Over a Unix socket a reply goes out only as far as the socket's send buffer takes it
     /// (208 KiB by default here): a 1 MiB read then waits for the client to read four times,
     /// each a wake-up on both sides. Asked once, at the connection's first large read, so
@@ -500,9 +497,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// docs/performance.md: 1 MiB reads over a Unix socket 1.17x). Reads are then sent with
     /// sendfile over the Unix socket too, if the buffer the kernel granted holds 1 MiB.
     private func widenSendBuffer(context: ChannelHandlerContext) {
-        self.sendBufferDecided = true
+        self.sendBufferWidened = false
         let size = self.server.limits.unixSendBuffer
-        guard size > 0, case .unixDomainSocket? = context.channel.localAddress, let options = context.channel.syncOptions else { return }
+        guard size > 0, self.socket == .unix, let options = context.channel.syncOptions else { return }
         do {
             try options.setOption(.socketOption(.so_sndbuf), value: SocketOptionValue(clamping: size))
             self.sendBufferWidened = try options.getOption(.socketOption(.so_sndbuf)) >= 1 << 20
@@ -711,11 +708,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.stopping = true
             self.closeIfIdle(context: context)
         case .read(let offset, let length):
-            if Int(length) >= Self.largeRead, !self.sendBufferDecided { self.widenSendBuffer(context: context) }
+            if Int(length) >= Self.largeRead, self.sendBufferWidened == nil { self.widenSendBuffer(context: context) }
             let headerSize = negotiated.structuredReplies ? NBDReply.offsetDataHeaderSize : NBDReply.simpleHeaderSize
             // Not while replies back up (the pages could be evicted before the socket takes
             // them), and within the 56 bits NIO keeps of a region's offset.
-            if Int(length) >= Self.zeroCopyReadMinimum, offset + UInt64(length) < 1 << 56, context.channel.isWritable,
+            if Int(length) >= Self.largeRead, offset + UInt64(length) < 1 << 56, context.channel.isWritable,
                let (file, handle) = self.zeroCopySource(store, context: context), file.isCached(offset: offset, length: Int(length)) {
                 // Every page is cached and read in: sendfile does not wait for the disk here
                 // on the event loop. The bytes are taken when the socket has room, not now;
@@ -790,7 +787,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 // (1 MiB writes over Unix 1.19x on the IO threads, session 29 in
                 // docs/performance.md; over TCP inline measured faster, session 21).
                 let bytes = chunks.reduce(0) { $0 + $1.readableBytes }
-                if !fua, !self.overUnixSocket(context), chunks.count <= Self.batchSize, self.writtenInline(bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context, {
+                if !fua, self.socket != .unix, chunks.count <= Self.batchSize, self.writtenInline(bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context, {
                     var inline = false
                     try Self.forEachBatch(of: chunks) { pieces, _ in inline = try store.writeInline(gathered: pieces, at: offset) }
                     return inline
