@@ -253,11 +253,19 @@ struct RawNBD {
     /// One simple reply (no structured replies negotiated): error and cookie; `readLength`
     /// data bytes follow a successful read.
     func simpleReply(readLength: Int = 0) throws -> (error: UInt32, cookie: UInt64, data: [UInt8]) {
+        try self.simpleReply { _ in readLength }
+    }
+
+    /// One simple reply whose data length depends on which request it answers: replies come
+    /// in completion order, so a client with several reads in flight knows the length only
+    /// from the cookie (`readLength(cookie)`).
+    func simpleReply(readLength: (UInt64) -> Int) throws -> (error: UInt32, cookie: UInt64, data: [UInt8]) {
         let h = try #require(self.socket.receive(16), "no reply")
         #expect(Bytes.u32(h, 0) == 0x6744_6698)
-        let error = Bytes.u32(h, 4)
-        let data = error == 0 && readLength > 0 ? try #require(self.socket.receive(readLength)) : []
-        return (error, Bytes.u64(h, 8), data)
+        let error = Bytes.u32(h, 4), cookie = Bytes.u64(h, 8)
+        let length = error == 0 ? readLength(cookie) : 0
+        let data = length > 0 ? try #require(self.socket.receive(length)) : []
+        return (error, cookie, data)
     }
 
     /// One structured chunk: flags, type, cookie, payload.
