@@ -86,6 +86,65 @@ struct BlockServerTests {
         #expect(Self.fileBytes(path, offset: 3 << 20, count: 16) == [UInt8](repeating: 0, count: 16))
     }
 
+    /// Requests cut anywhere by read boundaries (inside a header, inside a small write's
+    /// payload, in a large write's header) are taken whole, and the reads' rest after a cut
+    /// request too: a stream of writes sent in pieces of odd sizes lands byte for byte.
+    @Test(arguments: [false, true]) func requestsCutByReadBoundariesAreTakenWhole(unix: Bool) async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 8 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        defer { server.stop(signal: SIGKILL) }
+        let socket = unix ? try RawSocket(unixPath: server.nbdSocket) : try RawSocket(port: server.nbdPort)
+        let (nbd, go, message) = try RawNBD.connect(socket, export: "disk")
+        #expect(go == 1, "\(message)")
+        var seed: UInt64 = 0x9e37_79b9_7f4a_7c15
+        func random(_ range: ClosedRange<Int>) -> Int {
+            seed = seed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return range.lowerBound + Int((seed >> 33) % UInt64(range.count))
+        }
+        // Writes of 512 B to 16 KiB, and two of 200 KiB (gathered), at their own offsets; then a flush.
+        var stream: [UInt8] = []
+        var expected: [(offset: Int, data: [UInt8])] = []
+        var offset = 0
+        for i in 0..<60 {
+            let length = i == 20 || i == 41 ? 200 << 10 : random(1...32) * 512
+            let data = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ i &* 7 &+ 1) }
+            var header = Bytes()
+            header.u32(0x2560_9513); header.u16(0); header.u16(1); header.u64(UInt64(i + 1)); header.u64(UInt64(offset)); header.u32(UInt32(length))
+            stream += header.data + data
+            expected.append((offset, data))
+            offset += length + 512
+        }
+        var flush = Bytes()
+        flush.u32(0x2560_9513); flush.u16(0); flush.u16(3); flush.u64(61); flush.u64(0); flush.u32(0)
+        stream += flush.data
+        // Pieces of 1 to 40 bytes (cuts inside headers) and of up to 12 KiB, each its own send.
+        var at = 0, pieces = 0
+        while at < stream.count {
+            let size = random(0...3) == 0 ? random(1...40) : random(1...12_288)
+            let end = min(stream.count, at + size)
+            guard socket.send(Array(stream[at..<end])) else {
+                Issue.record("the server closed the connection after \(at) of \(stream.count) bytes")
+                return
+            }
+            at = end
+            pieces += 1
+            if pieces % 4 == 0 { usleep(1_000) }  // separate reads on the server
+        }
+        var answered: [UInt64: UInt32] = [:]
+        for _ in 0..<61 {
+            let reply = try nbd.simpleReply()
+            answered[reply.cookie] = reply.error
+        }
+        #expect(answered == Dictionary(uniqueKeysWithValues: (1...61).map { (UInt64($0), UInt32(0)) }))
+        server.stop(signal: SIGKILL)
+        for (i, write) in expected.enumerated() {
+            let landed = Self.fileBytes(path, offset: write.offset, count: write.data.count + 512)
+            let firstWrong = landed.indices.first { $0 < write.data.count ? landed[$0] != write.data[$0] : landed[$0] != 0 }
+            #expect(firstWrong == nil, "write \(i + 1) of \(write.data.count) bytes differs from byte \(firstWrong ?? 0) on")
+        }
+    }
+
     @Test func badNBDRequestsAreRefusedWithTheirErrorAndNothingIsWritten() async throws {
         let scratch = try ScratchDirectory()
         let path = try scratch.sparseFile("disk.img", size: 1 << 20)

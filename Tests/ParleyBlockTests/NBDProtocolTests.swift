@@ -804,6 +804,34 @@ extension NBDProtocolTests {
             #expect(decoder.bytesAwaited(in: ByteBuffer(bytes: bytes[..<30])) == nil)
         }
 
+        @Test func bytesMissingNamesWhatTheRequestAtTheFrontLacks() throws {
+            let write = T.requestBytes(T.request(.write, cookie: 3, offset: 8, length: 40), payload: [UInt8](repeating: 0x5a, count: 40))
+            let read = T.requestBytes(T.request(.read, cookie: 4, offset: 0, length: 4096))
+            var decoder = NBDRequestDecoder(maximumWritePayload: 1024)
+            for cut in 0..<write.count {
+                // The header's rest first (whatever it turns out to be), then the payload's.
+                let expected = cut < 28 ? 28 - cut : 68 - cut
+                #expect(decoder.bytesMissing(in: ByteBuffer(bytes: write[..<cut])) == expected, "write cut at \(cut)")
+                #expect(decoder.bytesMissing(in: ByteBuffer(bytes: read[..<min(cut, 28)])) == 28 - min(cut, 28), "read cut at \(cut)")
+            }
+            // Complete, with or without more behind it: nothing missing.
+            #expect(decoder.bytesMissing(in: ByteBuffer(bytes: write)) == 0)
+            #expect(decoder.bytesMissing(in: ByteBuffer(bytes: write + read[..<5])) == 0)
+            #expect(decoder.bytesMissing(in: ByteBuffer(bytes: read)) == 0)
+            // A write above the limit is taken at its header (its payload is skipped), and bad
+            // magic is for `next` to report: nothing missing.
+            let big = T.requestBytes(T.request(.write, cookie: 5, offset: 0, length: 2048))
+            #expect(decoder.bytesMissing(in: ByteBuffer(bytes: big)) == 0)
+            var bad = Array(write[..<30])
+            bad[0] = 0
+            #expect(decoder.bytesMissing(in: ByteBuffer(bytes: bad)) == 0)
+            // While an oversized write's payload is skipped: nil.
+            var oversized = ByteBuffer(bytes: big + [1, 2, 3])
+            _ = try decoder.next(&oversized)
+            #expect(decoder.skipping > 0)
+            #expect(decoder.bytesMissing(in: ByteBuffer(bytes: write[..<30])) == nil)
+        }
+
         @Test func takeLargeWriteTakesOnlyTheHeaderOfAnIncompleteLargeWrite() throws {
             let write = T.request(.write, flags: .fua, cookie: 9, offset: 4096, length: 300)
             let bytes = T.requestBytes(write, payload: [UInt8](repeating: 1, count: 300))

@@ -55,7 +55,6 @@ public struct NBDRequestDecoder {
         self.maximumWritePayload = maximumWritePayload
     }
 
-    /// The next request, or nil when more bytes are needed.
     /// The bytes the request at the front of `buffer` needs in all (header and write
     /// payload), when it is a write still missing part of its payload: the caller can make
     /// room for it once instead of growing its buffer with every read. Nil otherwise.
@@ -67,6 +66,19 @@ public struct NBDRequestDecoder {
               let length = buffer.getInteger(at: i + 24, as: UInt32.self), length <= self.maximumWritePayload else { return nil }
         let total = NBD.requestHeaderSize + Int(length)
         return total > buffer.readableBytes ? total : nil
+    }
+
+    /// How many more bytes the request at the front of `buffer` needs before `next` can take
+    /// it: the rest of its header, or of a write's payload; 0 when it is all there (or the
+    /// front is not a request: `next` will say so). Nil while an oversized write's payload is
+    /// being skipped. A caller whose buffer holds the start of a request cut by a read
+    /// boundary can append just these bytes from the next read and take the rest of that
+    /// read as it is, instead of appending all of it.
+    public func bytesMissing(in buffer: ByteBuffer) -> Int? {
+        guard self.skipping == 0 else { return nil }
+        let readable = buffer.readableBytes
+        if readable < NBD.requestHeaderSize { return NBD.requestHeaderSize - readable }
+        return self.bytesAwaited(in: buffer).map { $0 - readable } ?? 0
     }
 
     /// Takes the header of a write of at least `minimum` bytes at the front of `buffer` whose
@@ -87,6 +99,7 @@ public struct NBDRequestDecoder {
         return request
     }
 
+    /// The next request, or nil when more bytes are needed.
     public mutating func next(_ buffer: inout ByteBuffer) throws(BadMagic) -> Item? {
         if self.skipping > 0 {
             let n = min(UInt64(buffer.readableBytes), self.skipping)
