@@ -99,6 +99,34 @@ int64_t parley_thread_sleeps(void) {
     return (int64_t)usage.ru_nvcsw;
 }
 
+// The calling thread's burst: 0 none, 1 begun and not yet read, 2 read (burst_sleeps, at
+// burst_read_ns).
+static __thread int burst_state = 0;
+static __thread int64_t burst_sleeps = 0;
+static __thread int64_t burst_read_ns = 0;
+
+void parley_burst_begin(void) { burst_state = 1; }
+
+void parley_burst_end(void) { burst_state = 0; }
+
+int64_t parley_thread_sleeps_before(int64_t now_ns, int64_t valid_ns) {
+    if (burst_state == 2 && now_ns - burst_read_ns <= valid_ns) return burst_sleeps;
+    int64_t sleeps = parley_thread_sleeps();
+    if (burst_state != 0 && sleeps >= 0) {
+        burst_state = 2;
+        burst_sleeps = sleeps;
+        burst_read_ns = now_ns;
+    }
+    return sleeps;
+}
+
+void parley_thread_sleeps_seen(int64_t sleeps, int64_t now_ns) {
+    if (burst_state == 2 && sleeps >= 0) {
+        burst_sleeps = sleeps;
+        burst_read_ns = now_ns;
+    }
+}
+
 // Pages present but still being read in (read-ahead under way) count as cached for
 // cachestat(2); mincore(2) reports only pages that are up to date, so that sending them
 // cannot wait for the disk.

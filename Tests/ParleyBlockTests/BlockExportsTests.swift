@@ -637,6 +637,37 @@ extension BlockExportsTests {
             #expect(FileBlockStore.threadSleeps() - after <= 1, "computing is not sleeping (one sleep allowed for a page fault or a log write)")
         }
 
+        /// Within a burst (one event-loop turn's requests) the thread's sleeps are read at the
+        /// first inline write only, and stand for later ones for a bounded time; outside a
+        /// burst they are read before every write.
+        @Test func withinABurstTheThreadsSleepsAreReadOnce() {
+            FileBlockStore.beginBurst()
+            let first = FileBlockStore.threadSleepsBefore(now: 1_000_000)
+            usleep(2000)
+            #expect(FileBlockStore.threadSleepsBefore(now: 1_500_000) == first, "read once in the burst")
+            #expect(FileBlockStore.threadSleepsBefore(now: 1_000_000 + FileBlockStore.burstSleepsValid + 1) > first, "read again when that reading is too old")
+            FileBlockStore.endBurst()
+            let outside = FileBlockStore.threadSleepsBefore(now: 0)
+            usleep(2000)
+            #expect(FileBlockStore.threadSleepsBefore(now: 0) > outside, "outside a burst: read every time")
+        }
+
+        /// A slow inline write in a burst counts as slept if the thread slept anywhere in the
+        /// burst since its first inline write (the count is not read again before each one).
+        @Test func aSlowWriteInABurstAfterTheThreadSleptPauses() throws {
+            let dir = try TempDir()
+            let policy = InlineWritePolicy(largest: 65536, alignment: 4096, slowNanoseconds: -1, pauseNanoseconds: 600_000_000_000)
+            let store = try FileBlockStore(path: try dir.file("a.img", size: Self.size), writable: true, inlineWrites: policy)
+            let page = [UInt8](repeating: 0x33, count: 4096)
+            guard !(try page.withUnsafeBytes { try store.write($0, at: 0, durable: false, nowait: true) }) else { return }  // RWF_NOWAIT honoured
+            FileBlockStore.beginBurst()
+            defer { FileBlockStore.endBurst() }
+            _ = try page.withUnsafeBytes { try store.write($0, at: 4096, durable: false, nowait: true) }
+            usleep(300)  // a sleep in the burst, outside any write (well within the 50 ms a reading stands)
+            _ = try page.withUnsafeBytes { try store.write($0, at: 8192, durable: false, nowait: true) }
+            #expect(store.inlineWritePauses == 1, "the second slow write saw the burst's sleep")
+        }
+
         /// A write gathered from several reads is done inline when the policy takes its
         /// total length (on any file system), and otherwise left to the caller with nothing
         /// written; a slow one pauses inline writes.

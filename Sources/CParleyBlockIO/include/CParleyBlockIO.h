@@ -28,6 +28,16 @@ int parley_keep_large_blocks(size_t largest, size_t retained);
 /// How many times the calling thread has slept in the kernel (its voluntary context
 /// switches, getrusage RUSAGE_THREAD), or -1. Being preempted does not count.
 int64_t parley_thread_sleeps(void);
+/// A burst of work on the calling thread during which it does not sleep on purpose (one
+/// event-loop turn's reads): the thread's sleeps are read once, at the first
+/// `parley_thread_sleeps_before`, not before every inline write. `parley_burst_end` ends it.
+void parley_burst_begin(void);
+void parley_burst_end(void);
+/// The thread's sleeps before an inline write at `now_ns` (monotonic): within a burst, the
+/// count read at its first write if that was at most `valid_ns` ago; otherwise read now.
+int64_t parley_thread_sleeps_before(int64_t now_ns, int64_t valid_ns);
+/// The thread's sleeps read again at `now_ns` (after a slow write): the burst's count from now on.
+void parley_thread_sleeps_seen(int64_t sleeps, int64_t now_ns);
 /// 1 if every page of [offset, offset + len) is in the page cache and up to date (read in:
 /// mincore(2) of a short-lived mapping), 0 if not, -errno if that cannot be told.
 int parley_resident(int fd, uint64_t offset, uint64_t len);

@@ -347,6 +347,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = self.unwrapInboundIn(data)
         if self.stopping { return }
+        // One event-loop turn's reads: inline writes in it read the thread's sleeps once.
+        if !self.inRead { FileBlockStore.beginBurst() }
         self.inRead = true
         self.receive(&bytes, context: context)
     }
@@ -399,6 +401,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        if self.inRead { FileBlockStore.endBurst() }
         self.inRead = false
         self.lastBurstRequests = self.burstRequests
         self.burstRequests = 0
