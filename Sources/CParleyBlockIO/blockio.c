@@ -107,6 +107,12 @@ static __thread int64_t burst_read_ns = 0;
 
 void parley_burst_begin(void) { burst_state = 1; }
 
+int parley_burst_join(void) {
+    if (burst_state != 0) return 0;
+    burst_state = 1;
+    return 1;
+}
+
 void parley_burst_end(void) { burst_state = 0; }
 
 int64_t parley_thread_sleeps_before(int64_t now_ns, int64_t valid_ns) {

@@ -362,6 +362,7 @@ public final class BlockService: Sendable {
                 }
             case .write:
                 let data = data!
+                if !fua { FileBlockStore.joinBurst(on: eventLoop) }
                 let inline = fua ? false : try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
                 if inline { return completed(.success(nil)) }
                 offload {

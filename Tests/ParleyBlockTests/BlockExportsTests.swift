@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import NIOPosix
 @testable import ParleyBlock
 import Synchronization
 import Testing
@@ -650,6 +651,33 @@ extension BlockExportsTests {
             let outside = FileBlockStore.threadSleepsBefore(now: 0)
             usleep(2000)
             #expect(FileBlockStore.threadSleepsBefore(now: 0) > outside, "outside a burst: read every time")
+        }
+
+        /// A handler on an event loop that does not see where the turn's reads end joins a
+        /// burst that the loop ends after the turn: within it the count is read once, in the
+        /// loop's next task it is read every time again.
+        @Test func aBurstJoinedOnAnEventLoopEndsWithTheTurn() async throws {
+            let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+            let loop = group.next()
+            let inTurn = try await loop.submit {
+                FileBlockStore.joinBurst(on: loop)
+                FileBlockStore.joinBurst(on: loop)  // already under way: nothing more to end
+                let first = FileBlockStore.threadSleepsBefore(now: 1_000)
+                usleep(300)
+                return (first, FileBlockStore.threadSleepsBefore(now: 2_000))
+            }.get()
+            #expect(inTurn.0 == inTurn.1, "read once in the turn")
+            let nextTurn = try await loop.submit {
+                let first = FileBlockStore.threadSleepsBefore(now: 3_000)
+                usleep(300)
+                return (first, FileBlockStore.threadSleepsBefore(now: 4_000))
+            }.get()
+            #expect(nextTurn.1 > nextTurn.0, "the burst ended with its turn")
+            FileBlockStore.joinBurst(on: loop)  // not on the loop: no burst
+            let outside = FileBlockStore.threadSleepsBefore(now: 0)
+            usleep(300)
+            #expect(FileBlockStore.threadSleepsBefore(now: 0) > outside)
+            try await group.shutdownGracefully()
         }
 
         /// A slow inline write in a burst counts as slept if the thread slept anywhere in the

@@ -33,6 +33,8 @@ int64_t parley_thread_sleeps(void);
 /// `parley_thread_sleeps_before`, not before every inline write. `parley_burst_end` ends it.
 void parley_burst_begin(void);
 void parley_burst_end(void);
+/// Begins a burst if none is under way: 1 if it began one (the caller then ends it).
+int parley_burst_join(void);
 /// The thread's sleeps before an inline write at `now_ns` (monotonic): within a burst, the
 /// count read at its first write if that was at most `valid_ns` ago; otherwise read now.
 int64_t parley_thread_sleeps_before(int64_t now_ns, int64_t valid_ns);

@@ -1,4 +1,5 @@
 import CParleyBlockIO
+import NIOCore
 import Metrics
 import NIOConcurrencyHelpers
 import Synchronization
@@ -164,6 +165,15 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     /// in the burst so far. Ended by `endBurst`, or by the next `beginBurst`.
     public static func beginBurst() { parley_burst_begin() }
     public static func endBurst() { parley_burst_end() }
+
+    /// For a caller on `eventLoop` that does not see where the turn's reads end (a request
+    /// handler behind Parley's API): begins a burst unless one is under way, ended by a
+    /// task on the loop, which runs once the loop has handled this turn's IO and before it
+    /// waits for more.
+    public static func joinBurst(on eventLoop: any EventLoop) {
+        guard eventLoop.inEventLoop, parley_burst_join() == 1 else { return }
+        eventLoop.execute { parley_burst_end() }
+    }
 
     /// The sleeps before an inline write starting at `now` (see `beginBurst`).
     static func threadSleepsBefore(now: Int64) -> Int64 { parley_thread_sleeps_before(now, Self.burstSleepsValid) }
