@@ -262,7 +262,12 @@ public final class ParleyConnection: Sendable {
         var slotWaiters = CircularBuffer<CheckedContinuation<Void, any Error>>()
         var serving: [UInt64: Handling] = [:]
         /// Peer requests read while all handler slots were taken, in arrival order.
-        var backlog = CircularBuffer<(message: WireMessage, handler: ParleyRouter.Handler)>()
+        var backlog = CircularBuffer<(message: WireMessage, handler: ParleyRouter.Handler)>() {
+            didSet { if self.backlog.isEmpty { self.queuedRequests = [] } }
+        }
+        /// The ids of the requests in `backlog`: a new request's id is checked against them
+        /// (a scan of the backlog per request made admitting n queued requests O(n²)).
+        var queuedRequests = Set<UInt64>()
         var readsPaused = false
         var idleWaiters: [CheckedContinuation<Void, Never>] = []
         var draining = false
@@ -901,8 +906,10 @@ public final class ParleyConnection: Sendable {
                 return nil
             case nil:
                 // Not started yet: drop it from the backlog; the requester no longer waits.
-                if let index = s.backlog.firstIndex(where: { $0.message.header.id == id && $0.message.header.kind == .request }) {
+                if s.queuedRequests.contains(id),
+                   let index = s.backlog.firstIndex(where: { $0.message.header.id == id && $0.message.header.kind == .request }) {
                     s.backlog.remove(at: index)
+                    s.queuedRequests.remove(id)
                 }
                 return nil
             }
@@ -966,7 +973,7 @@ public final class ParleyConnection: Sendable {
             guard s.closed == nil else { return (.closed, false) }
             if isRequest {
                 if s.draining { return (.refused(ParleyError(code: .shuttingDown, message: "server is shutting down; request \(h.type) not started")), false) }
-                if s.serving[h.id] != nil || s.backlog.contains(where: { $0.message.header.kind == .request && $0.message.header.id == h.id }) {
+                if s.serving[h.id] != nil || s.queuedRequests.contains(h.id) {
                     return (.violation(ParleyError(code: .protocolViolation, message: "request id \(h.id) is already in use by a request still being served")), false)
                 }
             }
@@ -991,6 +998,7 @@ public final class ParleyConnection: Sendable {
                 return (.start(handler), false)
             }
             s.backlog.append((message, handler))
+            if h.kind == .request { s.queuedRequests.insert(h.id) }
             defer { s.readsPaused = true }
             return (.queued, !s.readsPaused)
         }
@@ -1116,6 +1124,7 @@ public final class ParleyConnection: Sendable {
                     defer { s.readsPaused = false }
                     return (nil, s.readsPaused)
                 }
+                if queued.message.header.kind == .request { s.queuedRequests.remove(queued.message.header.id) }
                 s.serving[Self.key(queued.message)] = self.completingBody(queued.handler) != nil ? .completing : .starting(cancelled: false)
                 return (queued, false)
             }

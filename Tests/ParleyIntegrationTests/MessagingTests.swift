@@ -571,6 +571,57 @@ struct MessagingTests {
         }
     }
 
+    /// A request id is in use while its request waits in the queue too (all handler slots
+    /// taken), and free again once that request is cancelled there.
+    @Test func requestIdReusedWhileQueuedClosesTheConnectionAndIsFreeAfterItsCancel() async throws {
+        let release = Signal()
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Ping.self) { ping, _ in
+            if ping.sequence == 1 { _ = await release.wait(seconds: 30) }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            return pong
+        }
+        try await withServer(configure: { $0.limits = .init(maxConcurrentHandlers: 1) }, router: router) { _, addresses in
+            // Request 1 holds the only slot; 2 is queued; a second 2 is a violation.
+            let reused = clientSessionBytes(messages: [pingMessage(id: 1), pingMessage(id: 2), pingMessage(id: 2)])
+            let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(reused, halfClose: false)
+            #expect(closed)
+            let close = try #require(frames(in: reply).last)
+            #expect(close.tag == .close)
+            let status = try Parley_V1_Status(parleyPayload: close.segments[0])
+            #expect(status.message.contains("request id 2 is already in use"), "\(status.message)")
+            release.raise()
+        }
+        let again = Signal()
+        let started = NIOLockedValueBox<[UInt64]>([])
+        var second = ParleyRouter()
+        second.on(Parley_Echo_V1_Ping.self) { ping, _ in
+            started.withLockedValue { $0.append(ping.sequence) }
+            if ping.sequence == 1 { _ = await again.wait(seconds: 30) }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = ping.sequence
+            return pong
+        }
+        try await withServer(configure: { $0.limits = .init(maxConcurrentHandlers: 1) }, router: second) { _, addresses in
+            // 2 and 3 are queued, 2 is cancelled there, and its id used again by the next request.
+            let cancel = WireMessage(header: MessageHeader(id: 2, kind: .cancel, type: ""), payload: ByteBuffer())
+            let bytes = clientSessionBytes(messages: [pingMessage(id: 1), pingMessage(id: 2), pingMessage(id: 3), cancel, pingMessage(id: 2)])
+            let releaser = Task {
+                _ = try await eventually { started.withLockedValue { $0 } == [1] }
+                try await Task.sleep(for: .milliseconds(100))
+                again.raise()
+            }
+            let (reply, _) = try await RawPeer.connect(addresses[0]).exchange(bytes, halfClose: false) {
+                frames(in: $0).filter { $0.tag == .message }.count == 3
+            }
+            try await releaser.value
+            let answers = frames(in: reply).filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
+            #expect(answers.map(\.header.id) == [1, 3, 2])
+            #expect(!frames(in: reply).contains { $0.tag == .close }, "the reused id after its cancel is no violation")
+        }
+    }
+
     @Test func callCancelledWhileTheServerIsAtItsHandlerLimitFailsAtOnce() async throws {
         let release = Signal()
         var router = ParleyRouter()
