@@ -521,9 +521,9 @@ struct MessagingTests {
         }
     }
 
-    @Test func requestCancelledWhileQueuedForAHandlerSlotNeverRuns() async throws {
-        let started = NIOLockedValueBox<[UInt64]>([])
-        let release = Signal()
+    /// A ping router whose request with sequence 1 waits for `release` (holding a handler
+    /// slot); every ping is recorded in `started` as its handler begins.
+    static func pingRouterHoldingFirst(until release: Signal, started: NIOLockedValueBox<[UInt64]> = NIOLockedValueBox([])) -> ParleyRouter {
         var router = ParleyRouter()
         router.on(Parley_Echo_V1_Ping.self) { ping, _ in
             started.withLockedValue { $0.append(ping.sequence) }
@@ -532,6 +532,13 @@ struct MessagingTests {
             pong.sequence = ping.sequence
             return pong
         }
+        return router
+    }
+
+    @Test func requestCancelledWhileQueuedForAHandlerSlotNeverRuns() async throws {
+        let started = NIOLockedValueBox<[UInt64]>([])
+        let release = Signal()
+        let router = Self.pingRouterHoldingFirst(until: release, started: started)
         try await withServer(configure: { $0.limits = .init(maxConcurrentHandlers: 1) }, router: router) { _, addresses in
             // One write: request 1 takes the only handler slot, request 2 waits in the queue,
             // then its CANCEL arrives in the same read and takes it out, then request 3.
@@ -575,13 +582,7 @@ struct MessagingTests {
     /// taken), and free again once that request is cancelled there.
     @Test func requestIdReusedWhileQueuedClosesTheConnectionAndIsFreeAfterItsCancel() async throws {
         let release = Signal()
-        var router = ParleyRouter()
-        router.on(Parley_Echo_V1_Ping.self) { ping, _ in
-            if ping.sequence == 1 { _ = await release.wait(seconds: 30) }
-            var pong = Parley_Echo_V1_Pong()
-            pong.sequence = ping.sequence
-            return pong
-        }
+        let router = Self.pingRouterHoldingFirst(until: release)
         try await withServer(configure: { $0.limits = .init(maxConcurrentHandlers: 1) }, router: router) { _, addresses in
             // Request 1 holds the only slot; 2 is queued; a second 2 is a violation.
             let reused = clientSessionBytes(messages: [pingMessage(id: 1), pingMessage(id: 2), pingMessage(id: 2)])
@@ -595,14 +596,7 @@ struct MessagingTests {
         }
         let again = Signal()
         let started = NIOLockedValueBox<[UInt64]>([])
-        var second = ParleyRouter()
-        second.on(Parley_Echo_V1_Ping.self) { ping, _ in
-            started.withLockedValue { $0.append(ping.sequence) }
-            if ping.sequence == 1 { _ = await again.wait(seconds: 30) }
-            var pong = Parley_Echo_V1_Pong()
-            pong.sequence = ping.sequence
-            return pong
-        }
+        let second = Self.pingRouterHoldingFirst(until: again, started: started)
         try await withServer(configure: { $0.limits = .init(maxConcurrentHandlers: 1) }, router: second) { _, addresses in
             // 2 and 3 are queued, 2 is cancelled there, and its id used again by the next request.
             let cancel = WireMessage(header: MessageHeader(id: 2, kind: .cancel, type: ""), payload: ByteBuffer())
@@ -624,13 +618,7 @@ struct MessagingTests {
 
     @Test func callCancelledWhileTheServerIsAtItsHandlerLimitFailsAtOnce() async throws {
         let release = Signal()
-        var router = ParleyRouter()
-        router.on(Parley_Echo_V1_Ping.self) { ping, _ in
-            if ping.sequence == 1 { _ = await release.wait(seconds: 30) }
-            var pong = Parley_Echo_V1_Pong()
-            pong.sequence = ping.sequence
-            return pong
-        }
+        let router = Self.pingRouterHoldingFirst(until: release)
         try await withServer(configure: { $0.limits = .init(maxConcurrentHandlers: 1) }, router: router) { _, addresses in
             let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
             defer { client.close() }
