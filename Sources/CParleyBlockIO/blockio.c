@@ -115,10 +115,17 @@ int parley_burst_join(void) {
 
 void parley_burst_end(void) { burst_state = 0; }
 
-int64_t parley_thread_sleeps_before(int64_t now_ns, int64_t valid_ns) {
-    if (burst_state == 2 && now_ns - burst_read_ns <= valid_ns) return burst_sleeps;
+int64_t parley_thread_sleeps_before(int64_t now_ns, int64_t valid_ns, int *cached) {
+    *cached = 0;
+    if (burst_state == 2) {
+        if (now_ns - burst_read_ns <= valid_ns) {
+            *cached = 1;
+            return burst_sleeps;
+        }
+        burst_state = 0;  // a burst whose end was missed (its connection closed in the read): over
+    }
     int64_t sleeps = parley_thread_sleeps();
-    if (burst_state != 0 && sleeps >= 0) {
+    if (burst_state == 1 && sleeps >= 0) {
         burst_state = 2;
         burst_sleeps = sleeps;
         burst_read_ns = now_ns;
@@ -126,11 +133,8 @@ int64_t parley_thread_sleeps_before(int64_t now_ns, int64_t valid_ns) {
     return sleeps;
 }
 
-void parley_thread_sleeps_seen(int64_t sleeps, int64_t now_ns) {
-    if (burst_state == 2 && sleeps >= 0) {
-        burst_sleeps = sleeps;
-        burst_read_ns = now_ns;
-    }
+void parley_burst_forget(void) {
+    if (burst_state == 2) burst_state = 1;
 }
 
 // Pages present but still being read in (read-ahead under way) count as cached for

@@ -36,10 +36,11 @@ void parley_burst_end(void);
 /// Begins a burst if none is under way: 1 if it began one (the caller then ends it).
 int parley_burst_join(void);
 /// The thread's sleeps before an inline write at `now_ns` (monotonic): within a burst, the
-/// count read at its first write if that was at most `valid_ns` ago; otherwise read now.
-int64_t parley_thread_sleeps_before(int64_t now_ns, int64_t valid_ns);
-/// The thread's sleeps read again at `now_ns` (after a slow write): the burst's count from now on.
-void parley_thread_sleeps_seen(int64_t sleeps, int64_t now_ns);
+/// count read at its first write if that was at most `valid_ns` ago (`*cached` 1); otherwise
+/// read now (`*cached` 0; a burst older than that is over).
+int64_t parley_thread_sleeps_before(int64_t now_ns, int64_t valid_ns, int *cached);
+/// Drops the burst's reading: the next inline write reads the count afresh.
+void parley_burst_forget(void);
 /// 1 if every page of [offset, offset + len) is in the page cache and up to date (read in:
 /// mincore(2) of a short-lived mapping), 0 if not, -errno if that cannot be told.
 int parley_resident(int fd, uint64_t offset, uint64_t len);

@@ -443,6 +443,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         self.inactive = true
+        if self.inRead {
+            // Closed during a read (a disconnect, bad input, a reset): NIO sends no read
+            // complete then, and the thread's burst must not outlive this turn.
+            FileBlockStore.endBurst()
+            self.inRead = false
+        }
         self.handshakeTimer?.cancel()
         if let reason = self.handshake?.endOfInput() {
             self.logger.debug("\(reason)")

@@ -142,7 +142,7 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     /// an inline write at a given time (within a burst, read once: `beginBurst`); tests pass
     /// their own count for both.
     private let threadSleeps: @Sendable () -> Int64
-    private let threadSleepsBefore: @Sendable (Int64) -> Int64
+    private let threadSleepsBefore: @Sendable (Int64) -> (sleeps: Int64, cached: Bool)
     /// How long the sleeps read at a burst's first inline write stand for later ones: a
     /// burst that has not ended by then (its end was missed) reads them again. A burst
     /// lasts tens to hundreds of microseconds.
@@ -176,16 +176,22 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     }
 
     /// The sleeps before an inline write starting at `now` (see `beginBurst`).
-    static func threadSleepsBefore(now: Int64) -> Int64 { parley_thread_sleeps_before(now, Self.burstSleepsValid) }
+    static func threadSleepsBefore(now: Int64) -> Int64 { Self.sleepsBefore(now).sleeps }
+
+    private static func sleepsBefore(_ now: Int64) -> (sleeps: Int64, cached: Bool) {
+        var cached: CInt = 0
+        let sleeps = parley_thread_sleeps_before(now, Self.burstSleepsValid, &cached)
+        return (sleeps, cached != 0)
+    }
 
     init(path: String, writable: Bool, inlineWrites: InlineWritePolicy, threadSleeps: (@Sendable () -> Int64)?) throws(BlockStoreError) {
         self.inlineWrites = inlineWrites
         if let threadSleeps {
             self.threadSleeps = threadSleeps
-            self.threadSleepsBefore = { _ in threadSleeps() }
+            self.threadSleepsBefore = { _ in (threadSleeps(), false) }
         } else {
             self.threadSleeps = { parley_thread_sleeps() }
-            self.threadSleepsBefore = { parley_thread_sleeps_before($0, Self.burstSleepsValid) }
+            self.threadSleepsBefore = { Self.sleepsBefore($0) }
         }
         // O_NONBLOCK: opening a FIFO (or a device that waits for a carrier) read-only would
         // block until a writer came, and the caller holds the device table's lock on an
@@ -322,19 +328,25 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
 
     /// Runs `write` here if `inlineWrites` takes `length` bytes at `offset` now (else false,
     /// nothing written); one slower than the policy's bound during which the thread slept
-    /// pauses inline writes (counted), one only preempted is counted apart.
+    /// pauses inline writes (counted), one only preempted is counted apart. Within a burst
+    /// the count before the write may have been read at an earlier write: a slow write that
+    /// then finds it changed is not judged (the thread may have slept between the two
+    /// writes, not in this one), and the next inline write reads the count afresh.
     private func inline(offset: UInt64, length: Int, _ write: () throws(BlockStoreError) -> Void) throws(BlockStoreError) -> Bool {
         let now = Self.monotonicNanoseconds()
         guard self.inlineWrites.allows(offset: offset, length: length, now: now,
                                        pausedUntil: self.inlinePausedUntil.load(ordering: .relaxed)) else { return false }
-        let sleeps = self.threadSleepsBefore(now)
+        let (sleeps, cached) = self.threadSleepsBefore(now)
         try write()
         let end = Self.monotonicNanoseconds()
         guard self.inlineWrites.isSlow(end - now) else { return true }
         // Unknown (-1) counts as slept: pause, as before the count was read.
         let after = self.threadSleeps()
-        parley_thread_sleeps_seen(after, end)
         let slept = sleeps < 0 || after != sleeps
+        if slept, cached {
+            parley_burst_forget()
+            return true
+        }
         if let until = self.inlineWrites.pause(after: end - now, slept: slept, at: end) {
             self.inlinePausedUntil.store(until, ordering: .relaxed)
             self.inlinePauses.add(1, ordering: .relaxed)
