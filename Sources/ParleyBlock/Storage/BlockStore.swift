@@ -1,7 +1,7 @@
 import CParleyBlockIO
-import NIOCore
 import Metrics
 import NIOConcurrencyHelpers
+import NIOCore
 import Synchronization
 #if canImport(Glibc)
 // stat and its fields: in a release build (whole module) another file's Foundation import
@@ -161,8 +161,8 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
     /// during which it does not sleep but in a blocked write: the inline writes in it read
     /// the thread's sleeps once, at the first one, instead of a `getrusage` before each
     /// (4.4% of the server's CPU at 4 KiB writes, queue depth 32: session 30 in
-    /// docs/performance.md). A slow write then counts as slept if the thread slept anywhere
-    /// in the burst so far. Ended by `endBurst`, or by the next `beginBurst`.
+    /// docs/performance.md). How a slow write is judged then: `inline`. Ended by `endBurst`,
+    /// by the next `beginBurst`, or once its reading is `burstSleepsValid` old.
     public static func beginBurst() { parley_burst_begin() }
     public static func endBurst() { parley_burst_end() }
 
@@ -190,7 +190,7 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
             self.threadSleeps = threadSleeps
             self.threadSleepsBefore = { _ in (threadSleeps(), false) }
         } else {
-            self.threadSleeps = { parley_thread_sleeps() }
+            self.threadSleeps = Self.threadSleeps
             self.threadSleepsBefore = { Self.sleepsBefore($0) }
         }
         // O_NONBLOCK: opening a FIFO (or a device that waits for a carrier) read-only would
