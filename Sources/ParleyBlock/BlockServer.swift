@@ -43,6 +43,9 @@ public final class BlockServer: Service, Sendable {
         /// Send buffer of an NBD connection over a Unix socket once it reads 64 KiB or more at
         /// a time (`NBDServer.Limits.unixSendBuffer`); 0 keeps the system's default.
         public var unixSendBuffer = NBDServer.Limits().unixSendBuffer
+        /// Unsent reply bytes an NBD connection over TCP keeps in its socket once it reads 64
+        /// KiB or more at a time (`NBDServer.Limits.tcpUnsentLimit`); 0 keeps the system's.
+        public var tcpUnsentLimit = NBDServer.Limits().tcpUnsentLimit
         /// Half of what a lone server takes: the two protocols share the descriptor limit.
         public static let defaultMaxConnections = max(32, ParleyServer.defaultMaxConnections / 2)
 
@@ -100,6 +103,7 @@ public final class BlockServer: Service, Sendable {
         limits.replyPolling = .nanoseconds(configuration.replyPolling.nanoseconds)
         limits.zeroCopyReads = configuration.zeroCopyReads
         limits.unixSendBuffer = configuration.unixSendBuffer
+        limits.tcpUnsentLimit = configuration.tcpUnsentLimit
         self.nbdServer = NBDServer(catalog: configuration.catalog, devices: self.devices, io: self.io, limits: limits, tls: configuration.nbdTLS, logger: logger)
         var parley = configuration.parley
         parley.limits.handshakeTimeout = configuration.handshakeTimeout

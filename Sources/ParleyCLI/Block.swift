@@ -96,6 +96,9 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Send buffer an NBD connection over a Unix socket asks for at its first read of 64 KiB or more (the kernel doubles it and caps it at net.core.wmem_max): with the default of 208 KiB a 1 MiB reply waits four times for the client. 0: keep the system's default.", valueName: "bytes"))
     var unixSendBuffer: Int = NBDServer.Limits().unixSendBuffer
 
+    @Option(name: .long, help: ArgumentHelp("Reply bytes an NBD connection over TCP keeps in its socket unsent (TCP_NOTSENT_LOWAT), from its first read of 64 KiB or more: with no limit its large replies are queued at once and then pushed out by the client's acknowledgements, in the client's time (1 MiB reads 0.79x as fast here). 0: keep the system's setting.", valueName: "bytes"))
+    var tcpUnsentLimit: Int = NBDServer.Limits().tcpUnsentLimit
+
     @OptionGroup var security: ServerSecurityOptions
 
     @Option(name: .long, help: ArgumentHelp("NBD_OPT_STARTTLS: off, on (offered) or require. Default: on with --cert, off without. NBD clients find the CA as ca-cert.pem in their certificate directory (`parley cert init` writes it).", valueName: "policy"))
@@ -117,6 +120,7 @@ struct BlockServe: AsyncParsableCommand {
         guard (1...1024).contains(self.ioThreads) else { throw ValidationError("--io-threads must be 1...1024") }
         guard (0...(32 << 20)).contains(self.inlineWrites) else { throw ValidationError("--inline-writes must be 0...33554432 bytes") }
         guard (0...(1 << 30)).contains(self.unixSendBuffer) else { throw ValidationError("--unix-send-buffer must be 0...1073741824 bytes") }
+        guard (0...(1 << 30)).contains(self.tcpUnsentLimit) else { throw ValidationError("--tcp-unsent-limit must be 0...1073741824 bytes") }
         try checkSeconds(self.handshakeTimeout, "--handshake-timeout", minimum: 0.001)
         guard self.maxConnections >= 1 else { throw ValidationError("--max-connections must be at least 1") }
         guard (0...10_000).contains(self.pollAfterReply) else { throw ValidationError("--poll-after-reply must be 0...10000 microseconds") }
@@ -172,6 +176,7 @@ struct BlockServe: AsyncParsableCommand {
         configuration.replyPolling = .microseconds(self.pollAfterReply)
         configuration.zeroCopyReads = self.zeroCopyReads
         configuration.unixSendBuffer = self.unixSendBuffer
+        configuration.tcpUnsentLimit = self.tcpUnsentLimit
         do {
             try self.security.apply(to: &configuration.parley)
             let policy = self.nbdTls.flatMap(NBDTLSPolicy.init(rawValue:)) ?? (self.security.cert == nil ? .off : .on)

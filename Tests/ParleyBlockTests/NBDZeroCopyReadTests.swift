@@ -40,7 +40,8 @@ import Testing
         }
     }
 
-    func serve(_ scratch: ScratchDirectory, zeroCopy: Bool = true, unix: Bool = false, unixSendBuffer: Int = NBDServer.Limits().unixSendBuffer) async throws -> Served {
+    func serve(_ scratch: ScratchDirectory, zeroCopy: Bool = true, unix: Bool = false, unixSendBuffer: Int = NBDServer.Limits().unixSendBuffer,
+               tcpUnsentLimit: Int = NBDServer.Limits().tcpUnsentLimit) async throws -> Served {
         var rng = SystemRandomNumberGenerator()
         let content = (0..<Self.size).map { _ in UInt8.random(in: 0...255, using: &rng) }
         let path = scratch.file("disk.img")
@@ -50,6 +51,7 @@ import Testing
         var limits = NBDServer.Limits()
         limits.zeroCopyReads = zeroCopy
         limits.unixSendBuffer = unixSendBuffer
+        limits.tcpUnsentLimit = tcpUnsentLimit
         let io = BlockIOExecutor(threads: 2)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let nbd = NBDServer(catalog: try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: path)]), devices: BlockDeviceTable(),
@@ -179,6 +181,66 @@ import Testing
         } else {
             #expect(queued > 0 && queued < 1 << 20, "the default buffer held part of the reply: \(queued) bytes")
         }
+        try await served.stop()
+    }
+
+    /// `TCP_NOTSENT_LOWAT` of the server's end of the TCP connection whose client end is
+    /// `client`: found among this process's descriptors (the server runs in the test).
+    static func serverUnsentLimit(of client: RawSocket) throws -> Int32 {
+        func ports(_ fd: Int32) -> (local: UInt16, peer: UInt16)? {
+            var local = sockaddr_in(), peer = sockaddr_in()
+            var size = socklen_t(MemoryLayout<sockaddr_in>.size)
+            let a = withUnsafeMutablePointer(to: &local) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &size) } }
+            guard a == 0, local.sin_family == sa_family_t(AF_INET) else { return nil }
+            size = socklen_t(MemoryLayout<sockaddr_in>.size)
+            let b = withUnsafeMutablePointer(to: &peer) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &size) } }
+            guard b == 0 else { return nil }
+            return (UInt16(bigEndian: local.sin_port), UInt16(bigEndian: peer.sin_port))
+        }
+        let mine = try #require(ports(client.fd))
+        let fds = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").compactMap { Int32($0) }
+        let server = try #require(fds.first { $0 != client.fd && ports($0).map { $0.local == mine.peer && $0.peer == mine.local } == true },
+                                  "the server's end of the connection from port \(mine.local)")
+        var value: Int32 = -1
+        var size = socklen_t(MemoryLayout<Int32>.size)
+        try #require(getsockopt(server, Int32(IPPROTO_TCP), 25, &value, &size) == 0, "getsockopt TCP_NOTSENT_LOWAT: errno \(errno)")
+        return value
+    }
+
+    /// Over TCP a connection limits the reply bytes its socket keeps unsent
+    /// (`Limits.tcpUnsentLimit`, `TCP_NOTSENT_LOWAT`) from its first read of 64 KiB or more,
+    /// not before (small IO keeps the system's setting), and not when the limit is 0; the
+    /// large replies, sent a part at a time, arrive whole.
+    @Test(arguments: [64 << 10, 0])
+    func aTCPConnectionLimitsItsUnsentBytesForLargeReads(limit: Int) async throws {
+        let scratch = try ScratchDirectory("unsent")
+        let served = try await self.serve(scratch, tcpUnsentLimit: limit)
+        let port = Int(served.address)!
+        let reads: [(UInt64, Int)] = [(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 2 << 20)]
+        let (before, after, answers) = try await BlockSlowOpenTests.onThread { () throws -> (Int32, Int32, [[UInt8]]) in
+            let socket = try RawSocket(port: port)
+            let (client, type, message) = try RawNBD.connect(socket, export: "disk", structured: false)
+            guard type == 1 else { throw BlockStoreError(errno: EIO, operation: "NBD_OPT_GO refused: \(message)") }
+            client.request(type: 0, cookie: 1, offset: 4096, length: 4096)
+            let small = try client.simpleReply(readLength: 4096)
+            guard small.error == 0 else { throw BlockStoreError(errno: EIO, operation: "small read: error \(small.error)") }
+            let before = try Self.serverUnsentLimit(of: socket)
+            // Three large reads at once: 4 MiB of replies, more than the limit lets the
+            // socket hold, so they leave in parts.
+            for (i, (offset, length)) in reads.enumerated() { client.request(type: 0, cookie: UInt64(i + 1), offset: offset, length: UInt32(length)) }
+            var answers = [[UInt8]](repeating: [], count: reads.count)
+            for _ in reads {
+                let reply = try client.simpleReply { reads.indices.contains(Int($0) - 1) ? reads[Int($0) - 1].1 : 0 }
+                guard reply.error == 0, reads.indices.contains(Int(reply.cookie) - 1) else { throw BlockStoreError(errno: EIO, operation: "reply \(reply.error), \(reply.cookie)") }
+                answers[Int(reply.cookie) - 1] = reply.data
+            }
+            let after = try Self.serverUnsentLimit(of: socket)
+            client.request(type: 2, cookie: 99, offset: 0, length: 0)
+            return (before, after, answers)
+        }.get()
+        served.check(answers, reads)
+        #expect(before == 0, "no limit before the first large read: \(before)")
+        #expect(after == Int32(limit), "the limit after it: \(after)")
         try await served.stop()
     }
 

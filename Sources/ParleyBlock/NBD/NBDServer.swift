@@ -102,6 +102,15 @@ public final class NBDServer: Sendable {
         /// value and caps it at `net.core.wmem_max`. 0 keeps the default. (TCP sizes its
         /// buffers itself.)
         public var unixSendBuffer = 4 << 20
+        /// Over TCP, reply bytes a connection keeps in its socket unsent
+        /// (`TCP_NOTSENT_LOWAT`), set at its first read of `NBDConnectionHandler.largeRead`
+        /// bytes or more. Left at the system's default (no limit), a connection queues all its
+        /// large replies at once and most of them then go out in the client's context, as its
+        /// acknowledgements open the window: on two CPUs the client, not the server, became
+        /// the bottleneck of 1 MiB reads (session 31 in docs/performance.md). With a small
+        /// limit the server's event loop pushes its replies out itself, a part at a time. 0
+        /// keeps the system's setting.
+        public var tcpUnsentLimit = 64 << 10
         public init() {}
     }
 
@@ -294,8 +303,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var regionWatch: Scheduled<Void>?
     /// How often a connection with regions waiting checks that its file still holds them.
     static let regionWatchInterval = TimeAmount.seconds(1)
-    /// Reads from this size on widen a Unix socket's send buffer (`Limits.unixSendBuffer`)
-    /// and then go out with sendfile when they can (`Limits.zeroCopyReads`): below it,
+    /// Reads from this size on widen a Unix socket's send buffer (`Limits.unixSendBuffer`),
+    /// limit a TCP socket's unsent bytes (`Limits.tcpUnsentLimit`) and then go out with
+    /// sendfile when they can (`Limits.zeroCopyReads`): below it,
     /// copying is cheaper than a system call per read (small replies go out together in one
     /// writev). One size for both: over a Unix socket, whether sendfile is worth it is known
     /// only once the buffer is widened.
@@ -304,7 +314,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var socket: Socket = .other
     enum Socket { case tcp, unix, other }
     /// Whether the kernel granted a Unix socket a send buffer of 1 MiB or more
-    /// (`widenSendBuffer`); nil until the connection's first large read.
+    /// (`prepareForLargeReads`); nil until the connection's first large read.
     private var sendBufferWidened: Bool?
     /// Reads sent with sendfile, in all servers (`parley_block_nbd_zero_copy_reads_total`).
     static let zeroCopyReads = Counter(label: "parley_block_nbd_zero_copy_reads_total")
@@ -519,14 +529,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Over a Unix socket a reply goes out only as far as the socket's send buffer takes it
-    /// (208 KiB by default here): a 1 MiB read then waits for the client to read four times,
-    /// each a wake-up on both sides. Asked once, at the connection's first large read, so
-    /// that connections that only ever do small IO keep the default (session 29 in
-    /// docs/performance.md: 1 MiB reads over a Unix socket 1.17x). Reads are then sent with
-    /// sendfile over the Unix socket too, if the buffer the kernel granted holds 1 MiB.
-    private func widenSendBuffer(context: ChannelHandlerContext) {
+    /// Once, at the connection's first large read, so that connections that only ever do
+    /// small IO keep the system's settings. Over TCP: `limitUnsentBytes`. Over a Unix
+    /// socket a reply goes out only as far as the socket's send buffer takes it (208 KiB by
+    /// default here): a 1 MiB read then waits for the client to read four times, each a
+    /// wake-up on both sides; so the buffer is widened (session 29 in docs/performance.md:
+    /// 1 MiB reads over a Unix socket 1.17x). Reads are then sent with sendfile over the
+    /// Unix socket too, if the buffer the kernel granted holds 1 MiB.
+    private func prepareForLargeReads(context: ChannelHandlerContext) {
         self.sendBufferWidened = false
+        if self.socket == .tcp {
+            self.limitUnsentBytes(context: context)
+            return
+        }
         let size = self.server.limits.unixSendBuffer
         guard size > 0, self.socket == .unix, let options = context.channel.syncOptions else { return }
         do {
@@ -536,6 +551,26 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.logger.debug("could not set the connection's send buffer to \(size) bytes: \(error)")
         }
     }
+
+    /// Over TCP, without a limit, a connection's large replies are all queued in its socket
+    /// at once (a sendfile of 1 MiB returns at once) and what the client's receive window
+    /// does not take goes out later, in the client's context, as its acknowledgements arrive:
+    /// the client then pays for the server's transmissions. With `Limits.tcpUnsentLimit`
+    /// the socket takes a reply only while less than that lies unsent, and the event loop
+    /// sends the rest when the socket says it is writable again (session 31 in
+    /// docs/performance.md: 1 MiB reads 1.27x).
+    private func limitUnsentBytes(context: ChannelHandlerContext) {
+        let limit = self.server.limits.tcpUnsentLimit
+        guard limit > 0, let options = context.channel.syncOptions else { return }
+        do {
+            try options.setOption(Self.tcpNotSentLowat, value: SocketOptionValue(clamping: limit))
+        } catch {
+            self.logger.debug("could not limit the connection's unsent bytes to \(limit): \(error)")
+        }
+    }
+
+    /// `TCP_NOTSENT_LOWAT` (Linux and Darwin name it alike; Glibc does not export it).
+    static let tcpNotSentLowat = ChannelOptions.Types.SocketOption(level: .tcp, name: .init(rawValue: 25))
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         self.logger.debug("NBD connection error: \(error)")
@@ -737,7 +772,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.stopping = true
             self.closeIfIdle(context: context)
         case .read(let offset, let length):
-            if Int(length) >= Self.largeRead, self.sendBufferWidened == nil { self.widenSendBuffer(context: context) }
+            if Int(length) >= Self.largeRead, self.sendBufferWidened == nil { self.prepareForLargeReads(context: context) }
             let headerSize = negotiated.structuredReplies ? NBDReply.offsetDataHeaderSize : NBDReply.simpleHeaderSize
             // Not while replies back up (the pages could be evicted before the socket takes
             // them), and within the 56 bits NIO keeps of a region's offset.
