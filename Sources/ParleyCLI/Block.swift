@@ -96,7 +96,7 @@ struct BlockServe: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Send buffer an NBD connection over a Unix socket asks for at its first read of 64 KiB or more (the kernel doubles it and caps it at net.core.wmem_max): with the default of 208 KiB a 1 MiB reply waits four times for the client. 0: keep the system's default.", valueName: "bytes"))
     var unixSendBuffer: Int = NBDServer.Limits().unixSendBuffer
 
-    @Option(name: .long, help: ArgumentHelp("Reply bytes an NBD connection over TCP keeps in its socket unsent (TCP_NOTSENT_LOWAT), from its first read of 64 KiB or more: with no limit its large replies are queued at once and then pushed out by the client's acknowledgements, in the client's time (1 MiB reads 0.79x as fast here). 0: keep the system's setting.", valueName: "bytes"))
+    @Option(name: .long, help: ArgumentHelp("Reply bytes an NBD connection over TCP keeps in its socket unsent (TCP_NOTSENT_LOWAT), from its first read of 64 KiB or more: with no limit its large replies are queued at once and then pushed out by the client's acknowledgements, in the client's time (without a limit 1 MiB reads ran 0.69-0.86x as fast here). 0: keep the system's setting.", valueName: "bytes"))
     var tcpUnsentLimit: Int = NBDServer.Limits().tcpUnsentLimit
 
     @OptionGroup var security: ServerSecurityOptions

@@ -203,7 +203,7 @@ import Testing
                                   "the server's end of the connection from port \(mine.local)")
         var value: Int32 = -1
         var size = socklen_t(MemoryLayout<Int32>.size)
-        try #require(getsockopt(server, Int32(IPPROTO_TCP), 25, &value, &size) == 0, "getsockopt TCP_NOTSENT_LOWAT: errno \(errno)")
+        try #require(getsockopt(server, Int32(IPPROTO_TCP), TCP_NOTSENT_LOWAT, &value, &size) == 0, "getsockopt TCP_NOTSENT_LOWAT: errno \(errno)")
         return value
     }
 

@@ -569,8 +569,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// `TCP_NOTSENT_LOWAT` (Linux and Darwin name it alike; Glibc does not export it).
-    static let tcpNotSentLowat = ChannelOptions.Types.SocketOption(level: .tcp, name: .init(rawValue: 25))
+    static let tcpNotSentLowat = ChannelOptions.Types.SocketOption(level: .tcp, name: .init(rawValue: TCP_NOTSENT_LOWAT))
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         self.logger.debug("NBD connection error: \(error)")
