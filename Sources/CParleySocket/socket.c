@@ -11,23 +11,43 @@
 #define SO_COOKIE 57
 #endif
 
-int parley_socket_with_cookie(uint64_t cookie) {
+uint64_t parley_socket_cookie(int fd) {
+    uint64_t value = 0;
+    socklen_t length = sizeof(value);
+    if (getsockopt(fd, SOL_SOCKET, SO_COOKIE, &value, &length) != 0 || length != sizeof(value)) return 0;
+    return value;
+}
+
+int parley_sockets_with_cookies(const uint64_t *cookies, int *fds, size_t count) {
+    size_t missing = 0;
+    for (size_t i = 0; i < count; i++) {
+        fds[i] = -1;
+        if (cookies[i] != 0) missing++;
+    }
     DIR *dir = opendir("/proc/self/fd");
-    if (dir == NULL) return -1;
-    int found = -1;
+    if (dir == NULL) return -errno;
     struct dirent *entry;
-    while (found < 0 && (entry = readdir(dir)) != NULL) {
+    while (missing > 0 && (entry = readdir(dir)) != NULL) {
         char *end;
         long fd = strtol(entry->d_name, &end, 10);
         if (*end != '\0' || end == entry->d_name || fd < 0 || fd == dirfd(dir)) continue;
-        uint64_t value = 0;
-        socklen_t length = sizeof(value);
-        if (getsockopt((int)fd, SOL_SOCKET, SO_COOKIE, &value, &length) == 0 && length == sizeof(value) && value == cookie) {
-            found = (int)fd;
+        uint64_t cookie = parley_socket_cookie((int)fd);
+        if (cookie == 0) continue;
+        for (size_t i = 0; i < count; i++) {
+            if (cookies[i] == cookie && fds[i] < 0) {
+                fds[i] = (int)fd;
+                missing--;
+                break;
+            }
         }
     }
     closedir(dir);
-    return found;
+    return 0;
+}
+
+int parley_socket_with_cookie(uint64_t cookie) {
+    int fd = -1;
+    return parley_sockets_with_cookies(&cookie, &fd, 1) == 0 ? fd : -1;
 }
 
 static uint64_t parley_now_ns(void) {

@@ -1,7 +1,10 @@
 import CParleySocket
+import Dispatch
 import Metrics
+import NIOConcurrencyHelpers
 import NIOCore
 import ParleyWire
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -14,11 +17,14 @@ import Musl
 /// channel's event loop while the channel is open.
 ///
 /// SwiftNIO does not hand out a channel's descriptor: it is found once, by the socket's
-/// `SO_COOKIE` in /proc/self/fd (`parley_socket_with_cookie`). Since it is used only on the
-/// event loop while the channel is open, NIO cannot have closed it (nor the number have been
-/// reused) meanwhile. Only a channel that is a socket (NIOPosix's socket channels are
-/// `SocketOptionProvider`s) is asked for its cookie: others (in-memory, a test's embedded
-/// channel, an HTTP/2 stream) may trap on an option they do not know, and never wait.
+/// `SO_COOKIE` in /proc/self/fd (`DescriptorScan`), off the event loop (a scan costs a system
+/// call per descriptor of the process: with thousands of connections, milliseconds); the
+/// connection does not wait until it is known. Once found it is checked on the event loop
+/// (its cookie is still this socket's) and then used only there while the channel is open,
+/// so NIO cannot have closed it (nor the number have been reused) meanwhile. Only a channel
+/// that is a socket (NIOPosix's socket channels are `SocketOptionProvider`s) is asked for its
+/// cookie: others (in-memory, a test's embedded channel, an HTTP/2 stream) may trap on an
+/// option they do not know, and never wait.
 public struct PeerWait {
     public enum Outcome: Equatable, Sendable {
         /// Bytes came within the window.
@@ -31,8 +37,16 @@ public struct PeerWait {
     }
 
     public private(set) var policy: ReplyPolling
-    /// The socket: nil until looked up, -1 when there is none.
-    private var socket: CInt?
+    private var socket: Socket = .unknown
+    private enum Socket {
+        /// Not looked up yet.
+        case unknown
+        /// Being looked up (`DescriptorScan`).
+        case pending(DescriptorScan.Lookup)
+        case found(CInt)
+        /// The channel has no socket, or it was not found: no waits.
+        case none
+    }
     /// nil when the window is zero: a connection that never waits registers no counters.
     private let counters: (sawBytes: Counter, ranOut: Counter)?
 
@@ -55,7 +69,13 @@ public struct PeerWait {
     /// Waits now if the policy says so: nil when it did not.
     public mutating func wait(on channel: any Channel) -> Outcome? {
         guard self.policy.shouldWait() else { return nil }
-        guard let fd = self.descriptor(channel) else {
+        let fd: CInt
+        switch self.descriptor(channel) {
+        case .found(let found):
+            fd = found
+        case .pending:
+            return nil
+        case .unknown, .none:
             self.policy = ReplyPolling(window: 0)
             return .unavailable(errno: 0)
         }
@@ -69,14 +89,81 @@ public struct PeerWait {
         return seen == 1 ? .bytes : .timeout
     }
 
-    private mutating func descriptor(_ channel: any Channel) -> CInt? {
-        if let fd = self.socket { return fd >= 0 ? fd : nil }
-        var fd: CInt = -1
-        if channel.isActive, channel is any SocketOptionProvider, channel.remoteAddress != nil,
-           let cookie = try? channel.syncOptions?.getOption(Self.cookieOption), cookie != 0 {
-            fd = parley_socket_with_cookie(UInt64(UInt(bitPattern: cookie)))
+    private mutating func descriptor(_ channel: any Channel) -> Socket {
+        switch self.socket {
+        case .found, .none:
+            break
+        case .pending(let lookup):
+            switch lookup.result {
+            case nil:
+                break
+            case let fd? where fd >= 0 && parley_socket_cookie(fd) == lookup.cookie:
+                self.socket = .found(fd)
+            case _?:
+                self.socket = .none
+            }
+        case .unknown:
+            if channel.isActive, channel is any SocketOptionProvider, channel.remoteAddress != nil,
+               let cookie = try? channel.syncOptions?.getOption(Self.cookieOption), cookie != 0 {
+                self.socket = .pending(DescriptorScan.shared.find(UInt64(UInt(bitPattern: cookie))))
+            } else {
+                self.socket = .none
+            }
         }
-        self.socket = fd
-        return fd >= 0 ? fd : nil
+        return self.socket
+    }
+}
+
+/// Finds sockets' descriptors by their cookies in /proc/self/fd on a Dispatch thread, never
+/// on an event loop: one scan at a time, each for every cookie asked for since the last
+/// began, so that many connections accepted at once cost one scan, not one each.
+final class DescriptorScan: Sendable {
+    static let shared = DescriptorScan()
+
+    final class Lookup: Sendable {
+        let cookie: UInt64
+        private let found = Atomic<Int64>(Lookup.notYet)
+        private static let notYet: Int64 = -2
+
+        init(cookie: UInt64) { self.cookie = cookie }
+
+        /// nil while the scan runs; then the descriptor, or -1.
+        var result: CInt? {
+            let value = self.found.load(ordering: .acquiring)
+            return value == Self.notYet ? nil : CInt(truncatingIfNeeded: value)
+        }
+
+        fileprivate func finish(_ fd: CInt) { self.found.store(Int64(fd), ordering: .releasing) }
+    }
+
+    /// Lookups asked for and not yet in a scan, and whether a scan is under way.
+    private let state = NIOLockedValueBox((waiting: [Lookup](), scanning: false))
+
+    /// Starts a lookup of the socket whose cookie is `cookie`: its `result` is set when a
+    /// scan has looked.
+    func find(_ cookie: UInt64) -> Lookup {
+        let lookup = Lookup(cookie: cookie)
+        let start = self.state.withLockedValue { state in
+            state.waiting.append(lookup)
+            defer { state.scanning = true }
+            return !state.scanning
+        }
+        if start { DispatchQueue.global(qos: .utility).async { self.scan() } }
+        return lookup
+    }
+
+    private func scan() {
+        while true {
+            let batch = self.state.withLockedValue { state in
+                defer { state.waiting = [] }
+                if state.waiting.isEmpty { state.scanning = false }
+                return state.waiting
+            }
+            if batch.isEmpty { return }
+            let cookies = batch.map(\.cookie)
+            var fds = [CInt](repeating: -1, count: batch.count)
+            _ = parley_sockets_with_cookies(cookies, &fds, batch.count)
+            for (lookup, fd) in zip(batch, fds) { lookup.finish(fd) }
+        }
     }
 }

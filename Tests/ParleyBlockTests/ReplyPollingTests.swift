@@ -1,5 +1,7 @@
 import CParleySocket
 import Foundation
+import NIOCore
+import NIOPosix
 import Parley
 import ParleyBlock
 import ParleyTestSupport
@@ -94,6 +96,43 @@ import Glibc
         #expect(parley_socket_with_cookie(pair.cookie(pair.b)) == pair.b)
         #expect(parley_socket_with_cookie(0) == -1)
         #expect(parley_socket_with_cookie(UInt64.max) == -1)
+        // Several in one scan, with a cookie of 0 and one no socket has.
+        let cookies: [UInt64] = [pair.cookie(pair.b), 0, UInt64.max, pair.cookie(pair.a)]
+        var fds = [CInt](repeating: 7, count: cookies.count)
+        #expect(parley_sockets_with_cookies(cookies, &fds, cookies.count) == 0)
+        #expect(fds == [pair.b, -1, -1, pair.a])
+        #expect(parley_socket_cookie(pair.a) == pair.cookie(pair.a))
+        #expect(parley_socket_cookie(-1) == 0)
+    }
+
+    /// A connection's descriptor is looked up off the event loop: its first chance to wait
+    /// does not (the lookup is under way), and once the lookup is done it waits, on bytes
+    /// that come and on none. Fails when the lookup runs on the event loop (the first chance
+    /// waits) or never finds the socket.
+    @Test func aConnectionWaitsOnceItsSocketIsFound() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let listener = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        let client = try await ClientBootstrap(group: group).connect(host: "127.0.0.1", port: listener.localAddress!.port!).get()
+        let results = try await client.eventLoop.submit { () -> [PeerWait.Outcome?] in
+            var wait = PeerWait(window: .milliseconds(1), label: "test_reply_waits_total", seen: "message")
+            var results = [wait.wait(on: client)]
+            // The lookup is a scan of this process's descriptors: up to 5 s for it to end.
+            let deadline = NIODeadline.now() + .seconds(5)
+            while NIODeadline.now() < deadline {
+                let outcome = wait.wait(on: client)
+                if outcome != nil {
+                    results.append(outcome)
+                    break
+                }
+                usleep(1_000)
+            }
+            return results
+        }.get()
+        #expect(results.count == 2 && results[0] == nil, "the first chance does not wait: \(results)")
+        #expect(results.last == .timeout, "nothing sent, the wait runs out: \(results)")
+        try await client.close()
+        try await listener.close()
+        try await group.shutdownGracefully()
     }
 
     @Test func awaitingBytesSeesThemOrRunsOut() throws {
