@@ -25,6 +25,8 @@ import Testing
         let path: String
         let io: BlockIOExecutor
         let group: MultiThreadedEventLoopGroup
+        /// The address of the file's pages, locked in memory (`pinPages`), or nil.
+        var pinned: UInt? = nil
 
         /// Whether `answers` hold the file's bytes at `reads`.
         func check(_ answers: [[UInt8]], _ reads: [(UInt64, Int)]) {
@@ -34,14 +36,31 @@ import Testing
         }
 
         func stop() async throws {
+            if let pinned { munmap(UnsafeMutableRawPointer(bitPattern: pinned), NBDZeroCopyReadTests.size) }
             await self.nbd.shutDown()
             try await self.io.shutdown()
             try await self.group.shutdownGracefully()
         }
     }
 
+    /// Locks the file's pages in memory for the test: whether a read goes out with sendfile
+    /// depends on its pages being cached, and this machine's page cache is small enough
+    /// (about 2 GiB, shared with every other test's files) that a test's file can be evicted
+    /// between its write and its reads. nil when the pages cannot be locked.
+    static func pinPages(_ path: String) -> UInt? {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        guard let map = mmap(nil, Self.size, PROT_READ, MAP_SHARED, fd, 0), map != MAP_FAILED else { return nil }
+        guard mlock(map, Self.size) == 0 else {
+            munmap(map, Self.size)
+            return nil
+        }
+        return UInt(bitPattern: map)
+    }
+
     func serve(_ scratch: ScratchDirectory, zeroCopy: Bool = true, unix: Bool = false, unixSendBuffer: Int = NBDServer.Limits().unixSendBuffer,
-               tcpUnsentLimit: Int = NBDServer.Limits().tcpUnsentLimit) async throws -> Served {
+               tcpUnsentLimit: Int = NBDServer.Limits().tcpUnsentLimit, pinned: Bool = true) async throws -> Served {
         var rng = SystemRandomNumberGenerator()
         let content = (0..<Self.size).map { _ in UInt8.random(in: 0...255, using: &rng) }
         let path = scratch.file("disk.img")
@@ -59,11 +78,11 @@ import Testing
         if unix {
             let socket = scratch.file("nbd.sock")
             _ = try await nbd.bind([.unix(path: socket)])
-            return Served(nbd: nbd, address: "unix:" + socket, content: content, path: path, io: io, group: group)
+            return Served(nbd: nbd, address: "unix:" + socket, content: content, path: path, io: io, group: group, pinned: pinned ? Self.pinPages(path) : nil)
         }
         let bound = try await nbd.bind([.tcp(host: "127.0.0.1", port: 0)])
         guard case .tcp(_, let port) = bound[0].kind else { throw BlockStoreError(errno: EINVAL, operation: "bound to \(bound)") }
-        return Served(nbd: nbd, address: "\(port)", content: content, path: path, io: io, group: group)
+        return Served(nbd: nbd, address: "\(port)", content: content, path: path, io: io, group: group, pinned: pinned ? Self.pinPages(path) : nil)
     }
 
     /// Reads (offset, length) pipelined: all requests first, then the replies, matched to
@@ -128,7 +147,8 @@ import Testing
     @Test(arguments: ["uncached", "disabled", "unix"])
     func readsAreCopiedWhenNotWorthSending(from case: String) async throws {
         let scratch = try ScratchDirectory("zero-copy")
-        let served = try await self.serve(scratch, zeroCopy: `case` != "disabled", unix: `case` == "unix", unixSendBuffer: `case` == "unix" ? 0 : 4 << 20)
+        let served = try await self.serve(scratch, zeroCopy: `case` != "disabled", unix: `case` == "unix", unixSendBuffer: `case` == "unix" ? 0 : 4 << 20,
+                                          pinned: `case` != "uncached")
         if `case` == "uncached" {
             let fd = open(served.path, O_RDONLY)
             #expect(fd >= 0)
