@@ -122,18 +122,18 @@ final class DescriptorScan: Sendable {
 
     final class Lookup: Sendable {
         let cookie: UInt64
-        private let found = Atomic<Int64>(Lookup.notYet)
-        private static let notYet: Int64 = -2
+        private let found = Atomic<CInt>(Lookup.notYet)
+        private static let notYet: CInt = -2
 
         init(cookie: UInt64) { self.cookie = cookie }
 
         /// nil while the scan runs; then the descriptor, or -1.
         var result: CInt? {
             let value = self.found.load(ordering: .acquiring)
-            return value == Self.notYet ? nil : CInt(truncatingIfNeeded: value)
+            return value == Self.notYet ? nil : value
         }
 
-        fileprivate func finish(_ fd: CInt) { self.found.store(Int64(fd), ordering: .releasing) }
+        fileprivate func finish(_ fd: CInt) { self.found.store(fd, ordering: .releasing) }
     }
 
     /// Lookups asked for and not yet in a scan, and whether a scan is under way.
@@ -145,8 +145,9 @@ final class DescriptorScan: Sendable {
         let lookup = Lookup(cookie: cookie)
         let start = self.state.withLockedValue { state in
             state.waiting.append(lookup)
-            defer { state.scanning = true }
-            return !state.scanning
+            let idle = !state.scanning
+            state.scanning = true
+            return idle
         }
         if start { DispatchQueue.global(qos: .utility).async { self.scan() } }
         return lookup
@@ -155,9 +156,10 @@ final class DescriptorScan: Sendable {
     private func scan() {
         while true {
             let batch = self.state.withLockedValue { state in
-                defer { state.waiting = [] }
-                if state.waiting.isEmpty { state.scanning = false }
-                return state.waiting
+                let batch = state.waiting
+                state.waiting = []
+                state.scanning = !batch.isEmpty
+                return batch
             }
             if batch.isEmpty { return }
             let cookies = batch.map(\.cookie)
