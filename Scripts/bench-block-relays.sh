@@ -35,6 +35,10 @@ Options:
                        nbdkit-nbd   fio -> nbdkit nbd plugin (Unix socket) -> TCP port
                        map          fio -> parley block map (Unix socket) -> block protocol
                                     over TCP -> the same server
+                       map-apart    the same, with the map alone on the first CPU and the
+                                    server and fio on the second (taskset) for its runs; the
+                                    scheduler otherwise tends to stack the map and the server
+                                    on one CPU (docs/performance.md says how that was seen)
   --workloads LIST     randread,randwrite (default both)
   --repetitions N      default $reps
   --duration SECONDS   fio runtime per run, default $duration
@@ -64,11 +68,14 @@ for w in ${workloads//,/ }; do
   case "$w" in randread|randwrite) ;; *) echo "bench-block-relays: unknown workload $w" >&2; exit 2 ;; esac
 done
 for s in ${systems//,/ }; do
-  case "$s" in direct-tcp|direct-unix|socat|nbdkit-nbd|map) ;; *) echo "bench-block-relays: unknown system $s" >&2; exit 2 ;; esac
+  case "$s" in direct-tcp|direct-unix|socat|nbdkit-nbd|map|map-apart) ;; *) echo "bench-block-relays: unknown system $s" >&2; exit 2 ;; esac
 done
-for tool in fio socat nbdkit python3; do
+for tool in fio socat nbdkit python3 taskset; do
   command -v "$tool" >/dev/null || { echo "bench-block-relays: $tool is not installed (apt-get install -y $tool)" >&2; exit 2; }
 done
+if [[ ",$systems," == *,map-apart,* ]] && [ "$(nproc)" -lt 2 ]; then
+  echo "bench-block-relays: map-apart needs two CPUs (this machine has $(nproc))" >&2; exit 2
+fi
 [ -x "$parley" ] || { echo "bench-block-relays: $parley is not an executable (swift build -c release, or set PARLEY)" >&2; exit 2; }
 
 work=$(mktemp -d /tmp/bench-block-relays.XXXXXX)
@@ -108,11 +115,12 @@ for s in ${systems//,/ }; do
       nbdkit --foreground --exit-with-parent -U "$work/nbdkit.sock" nbd hostname=127.0.0.1 "port=$nbd_port" export=bench > "$work/nbdkit.log" 2>&1 &
       pid_of[nbdkit-nbd]=$!; pids+=($!)
       uri[nbdkit-nbd]="nbd+unix:///bench?socket=$work/nbdkit.sock" ;;
-    map)
-      "$parley" block map --session bench --path "127.0.0.1:$block_port" --device bench --nbd "unix:$work/map.sock" \
-        --state-dir "$work/state" > "$work/map.log" 2>&1 &
-      pid_of[map]=$!; pids+=($!)
-      uri[map]="nbd+unix:///bench?socket=$work/map.sock" ;;
+    map|map-apart)
+      pin=(); [ "$s" = map-apart ] && pin=(taskset -c 0)
+      "${pin[@]}" "$parley" block map --session "bench-$s" --path "127.0.0.1:$block_port" --device bench \
+        --nbd "unix:$work/$s.sock" --state-dir "$work/state-$s" > "$work/$s.log" 2>&1 &
+      pid_of[$s]=$!; pids+=($!)
+      uri[$s]="nbd+unix:///bench?socket=$work/$s.sock" ;;
   esac
 done
 for s in ${systems//,/ }; do wait_for "${uri[$s]}"; done
@@ -127,12 +135,15 @@ for rep in $(seq 1 "$reps"); do
       cat "$work/disk.img" > /dev/null  # warm again: this host pages out file pages unused for a minute (DAMON)
       sync "$work/disk.img"  # and write out what earlier write runs dirtied: its writeback would take this run's CPU
       pid=${pid_of[$s]}
+      on=()
+      if [ "$s" = map-apart ]; then taskset -a -p -c 1 "$server" > /dev/null; on=(taskset -c 1); fi
       r0=$(ticks "$pid"); s0=$(ticks "$server")
-      fio --name=relay --ioengine=nbd --uri="${uri[$s]}" --rw="$w" --bs=4k --iodepth=32 --time_based --runtime="$duration" \
+      "${on[@]}" fio --name=relay --ioengine=nbd --uri="${uri[$s]}" --rw="$w" --bs=4k --iodepth=32 --time_based --runtime="$duration" \
         --norandommap --randrepeat=0 --output-format=json --output="$work/fio.json" > "$work/fio.log" 2>&1 \
         || { echo "bench-block-relays: fio failed on $s:" >&2; tail -n 5 "$work/fio.log" >&2; exit 1; }
       sleep 0.3  # socat's child exits and is reaped: its CPU joins the parent's
       r1=$(ticks "$pid"); s1=$(ticks "$server")
+      [ "$s" = map-apart ] && taskset -a -p -c "0-$(($(nproc) - 1))" "$server" > /dev/null
       python3 - "$work/fio.json" "$rep" "$w" "$s" "$r0" "$r1" "$s0" "$s1" "$hz" <<'EOF' | tee -a "$results"
 import json, sys
 path, rep, w, s, r0, r1, s0, s1, hz = sys.argv[1:]
