@@ -125,6 +125,9 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Seconds between keepalives to each Buildbot worker; one unanswered for as long closes its connection.", valueName: "seconds"))
         var buildbotKeepalive: Int = 30
 
+        @Option(name: .long, help: ArgumentHelp("Seconds past a job's max_wall_seconds (3600 if it gives none) that a Buildbot worker may take to end the job's command before the master interrupts it; as long again and the job fails and the worker is dropped.", valueName: "seconds"))
+        var buildbotGrace: Int = 60
+
         @OptionGroup(title: "Nucleus (what every worker and submitter is told)") var nucleus: NucleusOptions
 
         @OptionGroup var security: ServerSecurityOptions
@@ -148,6 +151,7 @@ struct Work: AsyncParsableCommand {
                 }
                 guard self.buildbotKeepalive >= 1 else { throw ValidationError("--buildbot-keepalive must be at least 1 second") }
                 try checkSeconds(Double(self.buildbotKeepalive), "--buildbot-keepalive", minimum: 1)
+                try checkSeconds(Double(self.buildbotGrace), "--buildbot-grace", minimum: 1)
             }
             for a in self.listen { do { _ = try ParleyAddress(parsing: a) } catch { throw ValidationError(error.message) } }
             try self.security.check(listen: try (self.listen.isEmpty ? [Work.defaultMaster] : self.listen).map { try ParleyAddress(parsing: $0) })
@@ -237,6 +241,7 @@ struct Work: AsyncParsableCommand {
                 front.keepaliveInterval = .seconds(self.buildbotKeepalive)
                 front.keepaliveTimeout = .seconds(self.buildbotKeepalive)
                 front.listener.callTimeout = .seconds(self.buildbotKeepalive)
+                front.commandGrace = .seconds(self.buildbotGrace)
                 services.append(.init(service: BuildbotFrontEnd(configuration: front, store: store, commands: commands, logger: logger)))
             }
             if let boinc = try self.boinc.service(

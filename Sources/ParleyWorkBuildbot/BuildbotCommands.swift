@@ -263,8 +263,10 @@ struct BuildbotJob {
         Int(min(spec.maxOutputBytes > 0 ? spec.maxOutputBytes : fallback, UInt64(WorkService.maxTail)))
     }
 
-    /// The report; throws only when the worker went away (the job is then handed back).
-    func run() async throws -> Parley_Work_V1_ReportResult {
+    /// The report, and whether the job's command outlived its deadline (`max_wall_seconds`
+    /// and twice the master's grace: the worker is then dropped); throws only when the
+    /// worker went away (the job is then handed back).
+    func run() async throws -> (Parley_Work_V1_ReportResult, overdue: Bool) {
         let configuration = self.session.frontEnd.configuration
         let started = ContinuousClock.now
         var result = Parley_Work_V1_ReportResult()
@@ -280,7 +282,7 @@ struct BuildbotJob {
         }
         if let trust = configuration.trust {
             do { try trust.verify(job: self.job.spec, signature: self.job.signature) } catch {
-                return refuse(.signature, "the job's signature does not verify: \(error.message)")
+                return (refuse(.signature, "the job's signature does not verify: \(error.message)"), false)
             }
         }
         let spec: Parley_Work_V1_JobSpec
@@ -288,12 +290,12 @@ struct BuildbotJob {
             spec = try Parley_Work_V1_JobSpec(serializedBytes: self.job.spec)
             try WorkFiles.check(spec: spec)
         } catch {
-            return refuse(.spec, "the job's spec cannot run: \(error)")
+            return (refuse(.spec, "the job's spec cannot run: \(error)"), false)
         }
-        guard !spec.argv.isEmpty else { return refuse(.spec, "the job's spec has no argv") }
-        if !spec.app.isEmpty, !configuration.apps.contains(spec.app) { return refuse(.spec, "this worker does not run the application \(spec.app)") }
+        guard !spec.argv.isEmpty else { return (refuse(.spec, "the job's spec has no argv"), false) }
+        if !spec.app.isEmpty, !configuration.apps.contains(spec.app) { return (refuse(.spec, "this worker does not run the application \(spec.app)"), false) }
         if spec.maxCpuSeconds > 0 || spec.maxMemoryBytes > 0 {
-            return refuse(.spec, "a Buildbot worker cannot hold a job to CPU or memory limits (max_cpu_seconds, max_memory_bytes)")
+            return (refuse(.spec, "a Buildbot worker cannot hold a job to CPU or memory limits (max_cpu_seconds, max_memory_bytes)"), false)
         }
         let directory = "\(self.session.basedir)/jobs/\(self.job.id)-\(self.job.lease.id)"
         do {
@@ -301,7 +303,7 @@ struct BuildbotJob {
             defer { Task { [session] in _ = try? await session.simple("rmdir", .object(["paths": .array([.string(directory)]), "logEnviron": false])) } }
             for input in spec.inputs {
                 guard !input.content.isEmpty || input.size == 0 else {
-                    return refuse(.download, "the input '\(input.name)' is a URL, which this master does not fetch for Buildbot workers: put the content in the job")
+                    return (refuse(.download, "the input '\(input.name)' is a URL, which this master does not fetch for Buildbot workers: put the content in the job"), false)
                 }
                 let source = BuildbotMemoryTransfer(sending: Array(input.content))
                 do {
@@ -310,41 +312,38 @@ struct BuildbotJob {
                         "path": .string(directory + "/" + input.name), "maxsize": .nil, "blocksize": .int(64 << 10), "mode": .int(0o644),
                     ]), transfer: source)
                 } catch let error as BuildbotRemoteError {
-                    return refuse(.download, "the input '\(input.name)' could not be written: \(error.message)")
+                    return (refuse(.download, "the input '\(input.name)' could not be written: \(error.message)"), false)
                 }
             }
             let keep = Self.tailLimit(spec, fallback: configuration.defaultMaxOutputBytes)
+            let wall = spec.maxWallSeconds > 0 ? spec.maxWallSeconds : 3600
             let args = BuildbotCommands.shellArgs(
-                argv: spec.argv, shell: spec.shell, workdir: directory, env: spec.env, timeout: 0,
-                maxTime: spec.maxWallSeconds > 0 ? spec.maxWallSeconds : 3600, interruptSignal: 9
+                argv: spec.argv, shell: spec.shell, workdir: directory, env: spec.env, timeout: 0, maxTime: wall, interruptSignal: 9
             )
-            let (_, events) = try await self.session.connection.start("shell", args: args)
-            var stdout = Tail(limit: keep), stderr = Tail(limit: keep)
-            var kept = BuildbotKeptUpdates()
-            var failure: String?
-            for try await event in events {
-                switch event {
-                case .updates(let u):
-                    kept.add(u)
-                    for case .stdout(let t) in u { stdout.append(t) }
-                    for case .stderr(let t) in u { stderr.append(t) }
-                case .complete(let f): failure = f
-                }
+            let (commandID, events) = try await self.session.connection.start("shell", args: args)
+            let grace = configuration.commandGrace
+            guard let ended = try await Self.watch(events, keep: keep, deadline: .seconds(Int64(wall)) + grace, grace: grace, interrupt: { [session] in
+                try? await session.connection.interrupt(commandID, why: "over max_wall_seconds (\(wall) s) and the master's grace: the master's deadline")
+            }) else {
+                let message = "the worker did not end the command within max_wall_seconds (\(wall) s) and the master's grace (\(grace)); "
+                    + "interrupted, it did not end within \(grace) more: the job failed and the worker was dropped"
+                return (refuse(.compute, message), true)
             }
+            let (stdout, stderr, kept, failure) = (ended.stdout, ended.stderr, ended.kept, ended.failure)
             result.stdoutTail = Data(stdout.bytes)
             result.stderrTail = Data(stderr.bytes)
             let updates = kept.updates
             var rc: Int64?
             for case .rc(let r) in updates { rc = r }
             if let failure {
-                return refuse(.compute, "the worker could not run the job: \(failure)").merging(tails: result)
+                return (refuse(.compute, "the worker could not run the job: \(failure)").merging(tails: result), false)
             }
             if let signal = BuildbotCommands.signal(in: updates) {
                 result.signal = signal
                 result.errorKind = .compute
                 result.message = "killed by signal \(signal)" + (BuildbotCommands.header(updates).contains("timed out") ? " (over max_wall_seconds)" : "")
             } else if rc == nil {
-                return refuse(.compute, "the worker sent no exit status").merging(tails: result)
+                return (refuse(.compute, "the worker sent no exit status").merging(tails: result), false)
             } else {
                 result.exitStatus = Int32(clamping: rc!)
             }
@@ -378,12 +377,55 @@ struct BuildbotJob {
                 }
             }
         } catch let error as BuildbotRemoteError {
-            return refuse(.compute, error.message)
+            return (refuse(.compute, error.message), false)
         } catch let error as WorkFiles.FileError {
-            return refuse(.spec, error.message)
+            return (refuse(.spec, error.message), false)
         }
         result.wallMs = (ContinuousClock.now - started).wholeMilliseconds
-        return result
+        return (result, false)
+    }
+}
+
+/// What a job's command left once it ended.
+struct EndedCommand: Sendable {
+    var stdout: Tail
+    var stderr: Tail
+    var kept = BuildbotKeptUpdates()
+    var failure: String?
+}
+
+extension BuildbotJob {
+    /// Reads a command's events until it ends, for at most `deadline`; past it calls
+    /// `interrupt` and waits `grace` more. Nil when the command did not end by then (its
+    /// events are no longer read).
+    static func watch(
+        _ events: AsyncThrowingStream<BuildbotCommandEvent, any Error>, keep: Int, deadline: Duration, grace: Duration,
+        interrupt: @escaping @Sendable () async -> Void
+    ) async throws -> EndedCommand? {
+        try await withThrowingTaskGroup(of: EndedCommand?.self) { group in
+            group.addTask {
+                var ended = EndedCommand(stdout: Tail(limit: keep), stderr: Tail(limit: keep))
+                for try await event in events {
+                    switch event {
+                    case .updates(let u):
+                        ended.kept.add(u)
+                        for case .stdout(let t) in u { ended.stdout.append(t) }
+                        for case .stderr(let t) in u { ended.stderr.append(t) }
+                    case .complete(let f): ended.failure = f
+                    }
+                }
+                // Cancelled (past the deadline): not an end.
+                return Task.isCancelled ? nil : ended
+            }
+            group.addTask {
+                try await Task.sleep(for: deadline)
+                await interrupt()
+                try await Task.sleep(for: grace)
+                return nil
+            }
+            defer { group.cancelAll() }
+            return try await group.next() ?? nil
+        }
     }
 }
 
@@ -402,7 +444,7 @@ extension Parley_Work_V1_ReportResult {
 /// stat and file list, and the last `textLimit` bytes of the header and of stderr (where
 /// `signal(in:)`, `header(_:)` and `reason(_:)` look); stdout, logs and the rest are not
 /// (whoever needs them takes them as they come).
-struct BuildbotKeptUpdates {
+struct BuildbotKeptUpdates: Sendable {
     static let textLimit = 64 << 10
 
     private var rc: Int64?
@@ -440,7 +482,7 @@ struct BuildbotKeptUpdates {
 }
 
 /// The last `limit` bytes of a stream of text.
-struct Tail {
+struct Tail: Sendable {
     let limit: Int
     var bytes: [UInt8] = []
     mutating func append(_ text: String) {

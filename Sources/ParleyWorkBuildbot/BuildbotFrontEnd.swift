@@ -51,6 +51,12 @@ public final class BuildbotFrontEnd: Service, Sendable {
         public var defaultMaxOutputBytes: UInt64 = 1 << 20
         /// Largest output file fetched from a worker.
         public var maxOutputFileBytes: UInt64 = 256 << 20
+        /// How long past a job's `max_wall_seconds` (3600 when it says none) the master waits
+        /// for the worker to end the job's command before it interrupts it, and as long again
+        /// before it fails the job and closes the worker's connection. The worker enforces
+        /// the limit itself (`maxTime`); this is for one that does not (the stock master
+        /// waits for ever).
+        public var commandGrace: Duration = .seconds(60)
         public var listener: BuildbotListener.Configuration
 
         public init(host: String, port: Int, keyringPath: String) {
@@ -307,8 +313,9 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         }
         defer { renewal.cancel() }
         let result: Parley_Work_V1_ReportResult
+        let overdue: Bool
         do {
-            result = try await BuildbotJob(session: self, job: job).run()
+            (result, overdue) = try await BuildbotJob(session: self, job: job).run()
         } catch {
             // In a task of its own: the session's tasks are cancelled when its connection ends,
             // and a cancelled store call would leave the job leased until its lease expires.
@@ -331,6 +338,11 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
             self.logger.info("job reported", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "verdict": "\(verdict)"])
         } catch {
             self.logger.warning("cannot report a job", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "error": "\(error)"])
+        }
+        if overdue {
+            // Its command still runs, or the worker no longer answers for it: no more jobs.
+            self.logger.warning("buildbot worker dropped: a job's command outlived its deadline", metadata: ["worker": "\(self.worker)", "job": "\(job.id)"])
+            self.connection.close(reason: "job \(job.id)'s command outlived its deadline")
         }
     }
 

@@ -2,6 +2,7 @@ import Foundation
 import ParleyTestSupport
 import Logging
 import Parley
+import SwiftProtobuf
 import ParleyWork
 import Testing
 @testable import ParleyWorkBuildbot
@@ -41,8 +42,12 @@ final class RawSocket: @unchecked Sendable {
         await onOwnThread { self.receiveBlocking(atLeast: count) }
     }
 
+    /// Bytes read past the last whole frame (the next frame's start): read first.
+    private var leftover: [UInt8] = []
+
     func receiveBlocking(atLeast count: Int = .max) -> [UInt8] {
-        var out: [UInt8] = []
+        var out = self.leftover
+        self.leftover = []
         var buffer = [UInt8](repeating: 0, count: 65536)
         while out.count < count {
             let n = buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress, $0.count, 0) }
@@ -88,6 +93,8 @@ final class RawSocket: @unchecked Sendable {
             rest.removeFirst(8)
         }
         need(length)
+        guard rest.count >= length else { return nil }
+        self.leftover = Array(rest.dropFirst(length))
         return (header[0] & 0x0f, Array(rest.prefix(length)))
     }
 
@@ -108,7 +115,9 @@ final class RawSocket: @unchecked Sendable {
 
 @Suite(.serialized) struct BuildbotListenerTests {
     /// A front end on a fresh SQLite store and keyring, for `body`; stopped afterwards.
-    static func withFrontEnd(callTimeout: Duration = .seconds(20), _ body: (_ port: Int, _ password: String, _ store: SQLiteWorkStore) async throws -> Void) async throws {
+    static func withFrontEnd(
+        callTimeout: Duration = .seconds(20), grace: Duration = .seconds(60), _ body: (_ port: Int, _ password: String, _ store: SQLiteWorkStore) async throws -> Void
+    ) async throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bb-listener-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -119,6 +128,7 @@ final class RawSocket: @unchecked Sendable {
         let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
         var configuration = BuildbotFrontEnd.Configuration(host: "127.0.0.1", port: 0, keyringPath: dir + "/keyring.json")
         configuration.listener.callTimeout = callTimeout
+        configuration.commandGrace = grace
         let port = AsyncStream<Int>.makeStream()
         let frontEnd = BuildbotFrontEnd(configuration: configuration, store: store, commands: nil, logger: Logger(label: "test"), onListening: { port.continuation.yield($0) })
         let running = Task { try await frontEnd.run() }
@@ -207,6 +217,60 @@ final class RawSocket: @unchecked Sendable {
             }
             #expect(closed)
             #expect(try await store.counts()["queued"] == 1)
+        }
+    }
+
+    /// A worker that never ends a job's command (the stock worker ends it at maxTime; this
+    /// one ignores the limit and the interrupt): past max_wall_seconds and the grace the
+    /// master interrupts it, past the grace again it fails the job (an attempt counted, the
+    /// reason named) and drops the worker, instead of holding the job for ever.
+    @Test func aJobsCommandThatOutlivesItsDeadlineFailsTheJobAndDropsTheWorker() async throws {
+        try await Self.withFrontEnd(grace: .seconds(1)) { port, password, store in
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["sleep", "1000"]
+            spec.maxWallSeconds = 1
+            let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2])], now: WorkService.now()).first)
+            let socket = try RawSocket(port: port)
+            socket.send(Self.upgrade(Self.basic("bb1", password)))
+            await #expect(socket.head().hasPrefix("HTTP/1.1 101"))
+            // The worker's side, scripted: it answers every request and ends every command
+            // at once except the shell, which it leaves running, interrupt or not.
+            var seq: Int64 = 0
+            var shell: MessagePack?, interrupted: MessagePack?, shellStarted: ContinuousClock.Instant?
+            var closed = false
+            let started = ContinuousClock.now
+            func send(_ message: MessagePack) { socket.send(RawSocket.frame(opcode: 2, message.encoded())) }
+            for _ in 0..<200 where ContinuousClock.now - started < .seconds(60) {
+                guard let frame = await socket.frame(), frame.opcode != 8 else { closed = true; break }
+                guard frame.opcode == 2, case .request(let op, let n, let body) = try BuildbotMessage.parse(try MessagePack.decode(frame.payload)) else { continue }
+                switch op {
+                case "get_worker_info":
+                    send(BuildbotMessage.response(seq: n, result: .object(["basedir": "/scripted", "version": "scripted", "numcpus": 1])))
+                case "start_command":
+                    send(BuildbotMessage.response(seq: n))
+                    if body["command_name"] == "shell" {
+                        shell = body["command_id"]
+                        shellStarted = ContinuousClock.now
+                    } else if let id = body["command_id"] {
+                        send(BuildbotMessage.request(op: "complete", seq: seq, [("command_id", id), ("args", .nil)]))
+                        seq += 1
+                    }
+                case "interrupt_command":
+                    interrupted = body["command_id"]
+                    send(BuildbotMessage.response(seq: n))
+                default:
+                    send(BuildbotMessage.response(seq: n))
+                }
+            }
+            #expect(closed, "the master dropped the worker")
+            #expect(shell != nil && interrupted == shell, "the shell command \(String(describing: shell)) was interrupted: \(String(describing: interrupted))")
+            if let shellStarted {
+                #expect(ContinuousClock.now - shellStarted >= .seconds(3), "not before max_wall_seconds and twice the grace")
+            }
+            let record = try #require(try await store.job(job)?.record)
+            #expect(record.leases.count == 1)
+            #expect(record.failures.count == 1 && record.failures[0].contains("did not end the command within max_wall_seconds (1 s)"), "\(record.failures)")
+            #expect(record.state == .queued, "an attempt counted, the job queued again for another worker")
         }
     }
 
