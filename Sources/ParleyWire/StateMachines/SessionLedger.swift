@@ -49,8 +49,6 @@ public struct SessionLedger: Sendable {
     public private(set) var keptBytes = 0
     /// Kept answers (RESPONSE and ERROR): what `overrun` counts.
     public private(set) var keptAnswers = 0
-    /// Bytes of the kept answers, counted as `keptBytes` counts.
-    public private(set) var keptAnswerBytes = 0
 
     public init() {}
 
@@ -73,36 +71,17 @@ public struct SessionLedger: Sendable {
     /// without waiting (`sendNow`) are paced by the peer's own sending, not by its acks.
     public static func unacknowledgedLimit(_ bounds: Bounds) -> Int { max(16_384, 4 * bounds.maxMessages) }
 
-    /// Most bytes of answers a side keeps for a peer that goes on sending ([R-5.2-13]):
-    /// 256 MiB, or 32 times the byte bound if that is larger. The count limit alone lets
-    /// 16,384 answers of up to a frame each (16 MiB) be kept: 256 GiB. A peer that
-    /// acknowledges carries its latest `ack` in every MESSAGE, so what is kept for it when one
-    /// arrives is what was in flight towards it (socket buffers, a few MiB) and answers not
-    /// yet sent: 256 MiB is sixteen of the largest frames.
-    public static func unacknowledgedByteLimit(_ bounds: Bounds) -> Int { max(256 << 20, 32 * bounds.maxBytes) }
-
     /// When a message arrives: the error that ends the session if this side keeps more
-    /// answers for the peer than `unacknowledgedLimit`, or more bytes of them than
-    /// `unacknowledgedByteLimit` (a peer that sends requests and never acknowledges would
-    /// otherwise make it keep every answer); nil otherwise.
+    /// answers for the peer than `unacknowledgedLimit` (a peer that sends requests and never
+    /// acknowledges would otherwise make it keep every answer); nil otherwise.
     public func overrun(_ bounds: Bounds) -> ParleyError? {
         let limit = Self.unacknowledgedLimit(bounds)
-        if self.keptAnswers > limit {
-            return ParleyError(
-                code: .protocolViolation,
-                message: "the peer goes on sending but has left \(self.keptAnswers) answers unacknowledged, more than the \(limit) kept for it: "
-                    + "a lossless peer acknowledges what it receives and keeps at most \(Self.maxOutstandingRequests) requests outstanding"
-            )
-        }
-        let byteLimit = Self.unacknowledgedByteLimit(bounds)
-        if self.keptAnswerBytes > byteLimit {
-            return ParleyError(
-                code: .protocolViolation,
-                message: "the peer goes on sending but has left \(self.keptAnswerBytes) bytes of answers unacknowledged, more than the \(byteLimit) kept for it: "
-                    + "a lossless peer acknowledges what it receives"
-            )
-        }
-        return nil
+        guard self.keptAnswers > limit else { return nil }
+        return ParleyError(
+            code: .protocolViolation,
+            message: "the peer goes on sending but has left \(self.keptAnswers) answers unacknowledged, more than the \(limit) kept for it: "
+                + "a lossless peer acknowledges what it receives and keeps at most \(Self.maxOutstandingRequests) requests outstanding"
+        )
     }
 
     /// True when messages were received that no transmitted frame has acknowledged yet.
@@ -121,12 +100,8 @@ public struct SessionLedger: Sendable {
         let seq = self.nextSeq
         message.header.seq = seq
         self.kept.append(message)
-        let size = Self.size(message)
-        self.keptBytes += size
-        if Self.isAnswer(message) {
-            self.keptAnswers += 1
-            self.keptAnswerBytes += size
-        }
+        self.keptBytes += Self.size(message)
+        if Self.isAnswer(message) { self.keptAnswers += 1 }
         self.nextSeq &+= 1
         return seq
     }
@@ -182,12 +157,8 @@ public struct SessionLedger: Sendable {
         guard ack > self.peerAck else { return false }
         for _ in 0..<(ack - self.peerAck) {
             let dropped = self.kept.removeFirst()
-            let size = Self.size(dropped)
-            self.keptBytes -= size
-            if Self.isAnswer(dropped) {
-                self.keptAnswers -= 1
-                self.keptAnswerBytes -= size
-            }
+            self.keptBytes -= Self.size(dropped)
+            if Self.isAnswer(dropped) { self.keptAnswers -= 1 }
         }
         self.peerAck = ack
         // A new connection may still be transmitting what the peer now acknowledges.
