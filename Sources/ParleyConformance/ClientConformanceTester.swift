@@ -101,7 +101,11 @@ public final class ClientConformanceTester: Sendable {
             throw ParleyError(code: .invalidArgument, message: "no client check has the id \(unknown.sorted().joined(separator: ", "))")
         }
         let queue = self.queue
-        let (channel, bound) = try await PosixTransport(tls: self.tls).listen(on: self.listen, group: MultiThreadedEventLoopGroup.singleton) { channel in
+        // One event loop for the listener and every connection: a connection's initializer
+        // runs on its own loop, so with several loops two connections accepted together could
+        // be queued in the other order (CI saw a scenario played with the next client's
+        // connection, and the next with the first's, already closed).
+        let (channel, bound) = try await PosixTransport(tls: self.tls).listen(on: self.listen, group: MultiThreadedEventLoopGroup.singleton.next()) { channel in
             channel.eventLoop.makeCompletedFuture {
                 let inbox = Inbox()
                 try channel.pipeline.syncOperations.addHandler(InboxHandler(inbox: inbox))
