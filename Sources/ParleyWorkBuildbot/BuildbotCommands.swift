@@ -329,13 +329,12 @@ struct BuildbotJob {
                     + "interrupted, it did not end within \(grace) more: the job failed and the worker was dropped"
                 return (refuse(.compute, message), true)
             }
-            let (stdout, stderr, kept, failure) = (ended.stdout, ended.stderr, ended.kept, ended.failure)
-            result.stdoutTail = Data(stdout.bytes)
-            result.stderrTail = Data(stderr.bytes)
-            let updates = kept.updates
+            result.stdoutTail = Data(ended.stdout.bytes)
+            result.stderrTail = Data(ended.stderr.bytes)
+            let updates = ended.kept.updates
             var rc: Int64?
             for case .rc(let r) in updates { rc = r }
-            if let failure {
+            if let failure = ended.failure {
                 return (refuse(.compute, "the worker could not run the job: \(failure)").merging(tails: result), false)
             }
             if let signal = BuildbotCommands.signal(in: updates) {
@@ -397,30 +396,43 @@ struct EndedCommand: Sendable {
 extension BuildbotJob {
     /// Reads a command's events until it ends, for at most `deadline`; past it calls
     /// `interrupt` and waits `grace` more. Nil when the command did not end by then (its
-    /// events are no longer read).
+    /// events are no longer read), or the connection ended after the interrupt was sent.
     static func watch(
         _ events: AsyncThrowingStream<BuildbotCommandEvent, any Error>, keep: Int, deadline: Duration, grace: Duration,
         interrupt: @escaping @Sendable () async -> Void
     ) async throws -> EndedCommand? {
-        try await withThrowingTaskGroup(of: EndedCommand?.self) { group in
+        let interrupted = NIOLockedValueBox(false)
+        return try await withThrowingTaskGroup(of: EndedCommand?.self) { group in
             group.addTask {
                 var ended = EndedCommand(stdout: Tail(limit: keep), stderr: Tail(limit: keep))
-                for try await event in events {
-                    switch event {
-                    case .updates(let u):
-                        ended.kept.add(u)
-                        for case .stdout(let t) in u { ended.stdout.append(t) }
-                        for case .stderr(let t) in u { ended.stderr.append(t) }
-                    case .complete(let f): ended.failure = f
+                do {
+                    for try await event in events {
+                        switch event {
+                        case .updates(let u):
+                            ended.kept.add(u)
+                            for case .stdout(let t) in u { ended.stdout.append(t) }
+                            for case .stderr(let t) in u { ended.stderr.append(t) }
+                        case .complete(let f): ended.failure = f
+                        }
                     }
+                } catch where interrupted.withLockedValue({ $0 }) {
+                    // The connection went (a worker that leaves the interrupt unanswered is
+                    // closed at the call timeout, and its session's tasks are cancelled) after
+                    // the deadline: the command outlived it.
+                    return nil
                 }
-                // Cancelled (past the deadline): not an end.
-                return Task.isCancelled ? nil : ended
+                // Cancelled: past the deadline, or (before it) the worker went away.
+                if Task.isCancelled, interrupted.withLockedValue({ $0 }) { return nil }
+                try Task.checkCancellation()
+                return ended
             }
             group.addTask {
                 try await Task.sleep(for: deadline)
-                await interrupt()
-                try await Task.sleep(for: grace)
+                // Not awaited here: the interrupt waits for the worker's answer (up to the call
+                // timeout), and a command that ends meanwhile must not wait for it.
+                interrupted.withLockedValue { $0 = true }
+                Task { await interrupt() }
+                try? await Task.sleep(for: grace)  // cancelled (the connection ended): overdue all the same
                 return nil
             }
             defer { group.cancelAll() }

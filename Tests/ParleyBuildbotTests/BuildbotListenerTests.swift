@@ -44,6 +44,8 @@ final class RawSocket: @unchecked Sendable {
 
     /// Bytes read past the last whole frame (the next frame's start): read first.
     private var leftover: [UInt8] = []
+    /// True once a read found the peer's end of the stream (not a read timeout).
+    private(set) var peerClosed = false
 
     func receiveBlocking(atLeast count: Int = .max) -> [UInt8] {
         var out = self.leftover
@@ -51,6 +53,7 @@ final class RawSocket: @unchecked Sendable {
         var buffer = [UInt8](repeating: 0, count: 65536)
         while out.count < count {
             let n = buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress, $0.count, 0) }
+            if n == 0 { self.peerClosed = true }
             if n <= 0 { break }
             out += buffer[0..<n]
         }
@@ -223,9 +226,13 @@ final class RawSocket: @unchecked Sendable {
     /// A worker that never ends a job's command (the stock worker ends it at maxTime; this
     /// one ignores the limit and the interrupt): past max_wall_seconds and the grace the
     /// master interrupts it, past the grace again it fails the job (an attempt counted, the
-    /// reason named) and drops the worker, instead of holding the job for ever.
-    @Test func aJobsCommandThatOutlivesItsDeadlineFailsTheJobAndDropsTheWorker() async throws {
-        try await Self.withFrontEnd(grace: .seconds(1)) { port, password, store in
+    /// reason named) and drops the worker, instead of holding the job for ever. One that
+    /// does not even answer the interrupt is closed at the call timeout: the job fails so too
+    /// (not handed back as if the worker had merely gone away).
+    @Test(arguments: [true, false]) func aJobsCommandThatOutlivesItsDeadlineFailsTheJobAndDropsTheWorker(answersInterrupt: Bool) async throws {
+        let grace: Duration = answersInterrupt ? .seconds(1) : .seconds(3)
+        let callTimeout: Duration = answersInterrupt ? .seconds(20) : .seconds(1)
+        try await Self.withFrontEnd(callTimeout: callTimeout, grace: grace) { port, password, store in
             var spec = Parley_Work_V1_JobSpec()
             spec.argv = ["sleep", "1000"]
             spec.maxWallSeconds = 1
@@ -241,7 +248,9 @@ final class RawSocket: @unchecked Sendable {
             let started = ContinuousClock.now
             func send(_ message: MessagePack) { socket.send(RawSocket.frame(opcode: 2, message.encoded())) }
             for _ in 0..<200 where ContinuousClock.now - started < .seconds(60) {
-                guard let frame = await socket.frame(), frame.opcode != 8 else { closed = true; break }
+                // Dropped: a close frame, or the end of the stream (not the 30 s read timeout).
+                guard let frame = await socket.frame() else { closed = socket.peerClosed; break }
+                if frame.opcode == 8 { closed = true; break }
                 guard frame.opcode == 2, case .request(let op, let n, let body) = try BuildbotMessage.parse(try MessagePack.decode(frame.payload)) else { continue }
                 switch op {
                 case "get_worker_info":
@@ -257,7 +266,7 @@ final class RawSocket: @unchecked Sendable {
                     }
                 case "interrupt_command":
                     interrupted = body["command_id"]
-                    send(BuildbotMessage.response(seq: n))
+                    if answersInterrupt { send(BuildbotMessage.response(seq: n)) }
                 default:
                     send(BuildbotMessage.response(seq: n))
                 }
@@ -265,9 +274,16 @@ final class RawSocket: @unchecked Sendable {
             #expect(closed, "the master dropped the worker")
             #expect(shell != nil && interrupted == shell, "the shell command \(String(describing: shell)) was interrupted: \(String(describing: interrupted))")
             if let shellStarted {
-                #expect(ContinuousClock.now - shellStarted >= .seconds(3), "not before max_wall_seconds and twice the grace")
+                let least = .seconds(1) + grace + (answersInterrupt ? grace : callTimeout)
+                #expect(ContinuousClock.now - shellStarted >= least, "not before max_wall_seconds, the grace, and the grace again or the call timeout")
             }
-            let record = try #require(try await store.job(job)?.record)
+            // A worker closed at the call timeout is gone before the report is stored: wait
+            // for it (bounded), so that a job handed back shows as such.
+            var record = try #require(try await store.job(job)?.record)
+            for _ in 0..<100 where record.failures.isEmpty {
+                try await Task.sleep(for: .milliseconds(100))
+                record = try #require(try await store.job(job)?.record)
+            }
             #expect(record.leases.count == 1)
             #expect(record.failures.count == 1 && record.failures[0].contains("did not end the command within max_wall_seconds (1 s)"), "\(record.failures)")
             #expect(record.state == .queued, "an attempt counted, the job queued again for another worker")
@@ -319,7 +335,7 @@ final class RawSocket: @unchecked Sendable {
                 }
                 return rest.isEmpty
             } }
-            // RawSocket.frame() drops what it read past one frame; here frames come back to back.
+            // Frames come back to back here: read and parsed in one buffer, without frame().
             let answered = await onOwnThread { () -> Set<Int64> in
                 var answered = Set<Int64>()
                 var input: [UInt8] = []
