@@ -73,8 +73,10 @@ done
 for tool in fio socat nbdkit python3 taskset; do
   command -v "$tool" >/dev/null || { echo "bench-block-relays: $tool is not installed (apt-get install -y $tool)" >&2; exit 2; }
 done
-if [[ ",$systems," == *,map-apart,* ]] && [ "$(nproc)" -lt 2 ]; then
-  echo "bench-block-relays: map-apart needs two CPUs (this machine has $(nproc))" >&2; exit 2
+# map-apart's two CPUs: the first two this script may run on.
+read -r cpu_a cpu_b < <(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(c[0], c[1] if len(c) > 1 else "")')
+if [[ ",$systems," == *,map-apart,* ]] && [ -z "$cpu_b" ]; then
+  echo "bench-block-relays: map-apart needs two CPUs (this script may run on CPU $cpu_a only)" >&2; exit 2
 fi
 [ -x "$parley" ] || { echo "bench-block-relays: $parley is not an executable (swift build -c release, or set PARLEY)" >&2; exit 2; }
 
@@ -116,7 +118,7 @@ for s in ${systems//,/ }; do
       pid_of[nbdkit-nbd]=$!; pids+=($!)
       uri[nbdkit-nbd]="nbd+unix:///bench?socket=$work/nbdkit.sock" ;;
     map|map-apart)
-      pin=(); [ "$s" = map-apart ] && pin=(taskset -c 0)
+      pin=(); [ "$s" = map-apart ] && pin=(taskset -c "$cpu_a")
       "${pin[@]}" "$parley" block map --session "bench-$s" --path "127.0.0.1:$block_port" --device bench \
         --nbd "unix:$work/$s.sock" --state-dir "$work/state-$s" > "$work/$s.log" 2>&1 &
       pid_of[$s]=$!; pids+=($!)
@@ -136,14 +138,17 @@ for rep in $(seq 1 "$reps"); do
       sync "$work/disk.img"  # and write out what earlier write runs dirtied: its writeback would take this run's CPU
       pid=${pid_of[$s]}
       on=()
-      if [ "$s" = map-apart ]; then taskset -a -p -c 1 "$server" > /dev/null; on=(taskset -c 1); fi
+      if [ "$s" = map-apart ]; then
+        server_mask=$(taskset -p "$server" | awk '{print $NF}')  # put back after the run
+        taskset -a -p -c "$cpu_b" "$server" > /dev/null; on=(taskset -c "$cpu_b")
+      fi
       r0=$(ticks "$pid"); s0=$(ticks "$server")
       "${on[@]}" fio --name=relay --ioengine=nbd --uri="${uri[$s]}" --rw="$w" --bs=4k --iodepth=32 --time_based --runtime="$duration" \
         --norandommap --randrepeat=0 --output-format=json --output="$work/fio.json" > "$work/fio.log" 2>&1 \
         || { echo "bench-block-relays: fio failed on $s:" >&2; tail -n 5 "$work/fio.log" >&2; exit 1; }
       sleep 0.3  # socat's child exits and is reaped: its CPU joins the parent's
       r1=$(ticks "$pid"); s1=$(ticks "$server")
-      [ "$s" = map-apart ] && taskset -a -p -c "0-$(($(nproc) - 1))" "$server" > /dev/null
+      [ "$s" = map-apart ] && taskset -a -p "$server_mask" "$server" > /dev/null
       python3 - "$work/fio.json" "$rep" "$w" "$s" "$r0" "$r1" "$s0" "$s1" "$hz" <<'EOF' | tee -a "$results"
 import json, sys
 path, rep, w, s, r0, r1, s0, s1, hz = sys.argv[1:]

@@ -90,6 +90,7 @@ def main(argv):
                 share['idle'] += t - max(since[cpu], t0)
                 inferred += 1
             running[cpu], since[cpu] = current, t
+            waking.pop(tid, None)  # it runs: when it started is unknown, so no latency
         if event == 'sched_waking':
             m = WAKING.search(rest)
             if not m:
@@ -109,6 +110,7 @@ def main(argv):
                 if not pstate.startswith('R'):
                     sleeps[who(ppid, pcomm)] += 1
             running[cpu], since[cpu] = who(npid, ncomm), t
+            waking.pop(ppid, None)  # it was running: a wake-up noted before does not apply
             if npid in waking:
                 woke, state = waking.pop(npid)
                 if inside:
