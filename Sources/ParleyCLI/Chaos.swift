@@ -8,13 +8,14 @@ import UnixSignals
 
 struct Chaos: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "A fault proxy: forwards connections to a server while cutting, delaying, fragmenting and stalling them.",
+        abstract: "A fault proxy: forwards connections to a server while cutting, delaying, fragmenting, stalling and slowing them.",
         discussion: """
             Put it between clients and a Parley server (or any TCP service) to see how they
             cope with a bad network:
               parley chaos --listen 127.0.0.1:7500 --to 127.0.0.1:7420 --cut-probability 0.01 --fragment 7
               parley ping 127.0.0.1:7500
             Faults apply to both directions unless --only says c2s (client to server) or s2c.
+            --rate makes each connection a link of that speed each way (67108864: 64 MiB/s).
             The same --seed and the same traffic give the same faults; the seed is printed.
             Every fault is printed as it happens, and a summary when it stops (SIGINT/SIGTERM).
             """
@@ -50,6 +51,9 @@ struct Chaos: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("How long a stall lasts.", valueName: "ms"))
     var stallFor: Int = 1000
 
+    @Option(name: .long, help: ArgumentHelp("Hold each connection to this many bytes per second in each direction (a link of that speed).", valueName: "bytes"))
+    var rate: Int?
+
     @Option(name: .long, help: ArgumentHelp("Apply the faults to one direction only: c2s or s2c.", valueName: "direction"))
     var only: String?
 
@@ -68,6 +72,7 @@ struct Chaos: AsyncParsableCommand {
         guard (0...1).contains(self.cutProbability) else { throw ValidationError("--cut-probability must be 0...1") }
         if let f = self.fragment, f < 1 { throw ValidationError("--fragment must be at least 1") }
         if let c = self.cutAfter, c < 0 { throw ValidationError("--cut-after must be 0 or more") }
+        if let r = self.rate, !(1...(1 << 40)).contains(r) { throw ValidationError("--rate must be 1 to 1099511627776 bytes per second") }
         guard self.delay >= 0, self.jitter >= 0, self.stallFor >= 0 else { throw ValidationError("delays must be 0 or more milliseconds") }
         guard self.delay <= 3_600_000, self.jitter <= 3_600_000, self.stallFor <= 3_600_000 else {
             throw ValidationError("--delay, --jitter and --stall-for must be at most 3600000 milliseconds (an hour)")
@@ -79,7 +84,7 @@ struct Chaos: AsyncParsableCommand {
         let settings = ChaosPlan.Settings(
             cutAfterBytes: self.cutAfter, cutProbability: self.cutProbability, fragment: self.fragment,
             delayMilliseconds: self.delay, jitterMilliseconds: self.jitter, stallAfterBytes: self.stallAfter,
-            stallMilliseconds: self.stallFor
+            stallMilliseconds: self.stallFor, rateBytesPerSecond: self.rate
         )
         let seed = self.seed ?? UInt64.random(in: 1...UInt64(UInt32.max))
         let quiet = self.quiet

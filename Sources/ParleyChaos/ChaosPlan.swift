@@ -19,10 +19,13 @@ public struct ChaosPlan: Sendable {
         /// Stall this direction once, for `stallMilliseconds`, after `stallAfterBytes` bytes.
         public var stallAfterBytes: Int?
         public var stallMilliseconds: Int
+        /// The direction's bandwidth, in bytes per second (nil: as fast as it goes): each piece
+        /// takes `length / rate` to pass, after the one before it, like a link of that speed.
+        public var rateBytesPerSecond: Int?
 
         public init(
             cutAfterBytes: Int? = nil, cutProbability: Double = 0, fragment: Int? = nil, delayMilliseconds: Int = 0,
-            jitterMilliseconds: Int = 0, stallAfterBytes: Int? = nil, stallMilliseconds: Int = 0
+            jitterMilliseconds: Int = 0, stallAfterBytes: Int? = nil, stallMilliseconds: Int = 0, rateBytesPerSecond: Int? = nil
         ) {
             self.cutAfterBytes = cutAfterBytes
             self.cutProbability = cutProbability
@@ -31,12 +34,13 @@ public struct ChaosPlan: Sendable {
             self.jitterMilliseconds = jitterMilliseconds
             self.stallAfterBytes = stallAfterBytes
             self.stallMilliseconds = stallMilliseconds
+            self.rateBytesPerSecond = rateBytesPerSecond
         }
 
         /// Whether anything at all is done to the bytes.
         public var isTransparent: Bool {
             self.cutAfterBytes == nil && self.cutProbability == 0 && self.fragment == nil && self.delayMilliseconds == 0
-                && self.jitterMilliseconds == 0 && self.stallAfterBytes == nil
+                && self.jitterMilliseconds == 0 && self.stallAfterBytes == nil && self.rateBytesPerSecond == nil
         }
     }
 
@@ -47,11 +51,14 @@ public struct ChaosPlan: Sendable {
         public var length: Int
         /// Wait this long before writing it.
         public var delayMilliseconds: Int
+        /// And this long more: the time its bytes take at the direction's rate.
+        public var transmitNanoseconds: Int64
 
-        public init(offset: Int, length: Int, delayMilliseconds: Int) {
+        public init(offset: Int, length: Int, delayMilliseconds: Int, transmitNanoseconds: Int64 = 0) {
             self.offset = offset
             self.length = length
             self.delayMilliseconds = delayMilliseconds
+            self.transmitNanoseconds = transmitNanoseconds
         }
     }
 
@@ -93,6 +100,10 @@ public struct ChaosPlan: Sendable {
         }
         var pieces: [Piece] = []
         var offset = 0
+        let rate = self.settings.rateBytesPerSecond.map { Int64(max(1, $0)) }
+        func piece(_ offset: Int, _ length: Int, _ delay: Int) -> Piece {
+            Piece(offset: offset, length: length, delayMilliseconds: delay, transmitNanoseconds: rate.map { Int64(length) * 1_000_000_000 / $0 } ?? 0)
+        }
         while offset < end {
             var length = end - offset
             if let fragment = self.settings.fragment, fragment > 0 {
@@ -104,7 +115,7 @@ public struct ChaosPlan: Sendable {
                 // Stall before the piece that crosses the mark: split it there.
                 let before = max(0, after - (self.passed + offset))
                 if before > 0 {
-                    pieces.append(Piece(offset: offset, length: before, delayMilliseconds: delay))
+                    pieces.append(piece(offset, before, delay))
                     offset += before
                     length -= before
                     delay = 0
@@ -112,7 +123,7 @@ public struct ChaosPlan: Sendable {
                 delay += self.settings.stallMilliseconds
                 self.stalled = true
             }
-            pieces.append(Piece(offset: offset, length: length, delayMilliseconds: delay))
+            pieces.append(piece(offset, length, delay))
             offset += length
         }
         self.passed += end

@@ -6,7 +6,7 @@ import ParleyWire
 
 /// A TCP (or Unix socket) proxy that does bad things to the bytes on purpose: cuts
 /// connections at random or after N bytes, delays, fragments bytes into small writes, stalls
-/// a direction. `parley chaos` runs it; tests put it between a client and a server.
+/// a direction, holds a direction to a bandwidth. `parley chaos` runs it; tests put it between a client and a server.
 ///
 /// Each accepted connection gets its own connection to the target, on the same event loop,
 /// and one `ChaosPlan` per direction seeded from the run's seed, the connection's number and
@@ -183,7 +183,7 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
         let loop = context.eventLoop
         for piece in step.pieces {
             let bytes = chunk.getSlice(at: chunk.readerIndex + piece.offset, length: piece.length)!
-            let at = max(NIODeadline.now(), self.nextWrite) + .milliseconds(Int64(piece.delayMilliseconds))
+            let at = max(NIODeadline.now(), self.nextWrite) + .milliseconds(Int64(piece.delayMilliseconds)) + .nanoseconds(piece.transmitNanoseconds)
             self.nextWrite = at
             self.pending += bytes.readableBytes
             self.writes += 1

@@ -56,6 +56,19 @@ import Testing
         #expect(second.pieces == [.init(offset: 0, length: 50, delayMilliseconds: 0), .init(offset: 50, length: 50, delayMilliseconds: 500)])
         #expect(plan.plan(100).pieces.map(\.delayMilliseconds) == [0])
     }
+
+    @Test func aRateGivesEachPieceTheTimeItsBytesTake() {
+        var whole = ChaosPlan(settings: .init(rateBytesPerSecond: 1_000_000), seed: 1)
+        #expect(whole.plan(5000).pieces == [.init(offset: 0, length: 5000, delayMilliseconds: 0, transmitNanoseconds: 5_000_000)])
+        // Fragmented, the pieces together take what the chunk takes (each rounded down).
+        var split = ChaosPlan(settings: .init(fragment: 100, rateBytesPerSecond: 3), seed: 7)
+        let pieces = split.plan(10_000).pieces
+        #expect(pieces.count > 1)
+        #expect(pieces.allSatisfy { $0.transmitNanoseconds == Int64($0.length) * 1_000_000_000 / 3 })
+        #expect(!ChaosPlan.Settings(rateBytesPerSecond: 1).isTransparent)
+        var free = ChaosPlan(settings: .init(), seed: 1)
+        #expect(free.plan(5000).pieces.map(\.transmitNanoseconds) == [0])
+    }
 }
 
 @Suite(.timeLimit(.minutes(10))) struct ChaosProxyTests {
@@ -75,6 +88,28 @@ import Testing
             client.close()
             await proxy.stop()
             #expect(proxy.counts == (1, 0))
+        }
+    }
+
+    /// A rate holds a direction to that many bytes per second: 256 KiB of echo at 1 MiB/s
+    /// towards the client takes a quarter of a second at least (a bound below, which a slow
+    /// machine cannot break), and arrives whole.
+    @Test func aRateHoldsTheBytesBack() async throws {
+        try await withServer { _, addresses in
+            let proxy = ChaosProxy(configuration: .init(
+                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0], toClient: .init(rateBytesPerSecond: 1 << 20), seed: 1
+            ))
+            let address = try await proxy.start()
+            let client = try await ParleyClient.connect(to: address, logger: quietLogger)
+            var echo = Parley_Echo_V1_Echo()
+            echo.payload = Data((0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+            let started = ContinuousClock.now
+            let reply = try await client.request(echo, as: Parley_Echo_V1_EchoReply.self)
+            let took = ContinuousClock.now - started
+            #expect(reply.payload == echo.payload)
+            #expect(took >= .milliseconds(245), "256 KiB at 1 MiB/s: \(took)")
+            client.close()
+            await proxy.stop()
         }
     }
 
