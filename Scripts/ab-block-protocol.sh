@@ -21,14 +21,10 @@ old=$1 new=$2
 for exe in "$old" "$new"; do [ -x "$exe" ] || { echo "ab-block-protocol: $exe is not an executable" >&2; exit 2; }; done
 if [ $# -eq 3 ] && [ ! -f "$3" ] && [ ! -b "$3" ]; then echo "ab-block-protocol: $3 is neither a file nor a block device" >&2; exit 2; fi
 rw=${RW:-randread} qd=${QD:-32} bs=${BS:-4096} reps=${REPS:-5} secs=${SECS:-3}
-work=$(mktemp -d /tmp/ab-block.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+bench_name=ab-block-protocol
+# shellcheck source=Scripts/bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
+bench_workdir ab-block
 file=${3:-$work/data.img}
 [ $# -eq 3 ] || head -c $((256 << 20)) /dev/urandom > "$file"
 start() {  # start NAME EXE: serves FILE on $work/NAME.sock; prints the PID

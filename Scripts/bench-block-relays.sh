@@ -80,23 +80,10 @@ if [[ ",$systems," == *,map-apart,* ]] && [ -z "$cpu_b" ]; then
 fi
 [ -x "$parley" ] || { echo "bench-block-relays: $parley is not an executable (swift build -c release, or set PARLEY)" >&2; exit 2; }
 
-work=$(mktemp -d /tmp/bench-block-relays.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_for() {  # wait_for URI: until a 4 KiB fio read through it works, at most 10 s
-  local i
-  for i in $(seq 1 50); do
-    if fio --name=probe --ioengine=nbd --uri="$1" --rw=read --bs=4k --size=4k --output=/dev/null >/dev/null 2>&1; then return 0; fi
-    sleep 0.2
-  done
-  echo "bench-block-relays: nothing answers at $1" >&2; return 1
-}
+bench_name=bench-block-relays
+# shellcheck source=Scripts/bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
+bench_workdir bench-block-relays
 
 echo "creating $size of random data in $work/disk.img" >&2
 head -c "$(numfmt --from=iec "$size")" /dev/urandom > "$work/disk.img"
