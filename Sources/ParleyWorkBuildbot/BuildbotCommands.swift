@@ -264,8 +264,9 @@ struct BuildbotJob {
     }
 
     /// The report, and whether the job's command outlived its deadline (`max_wall_seconds`
-    /// and twice the master's grace: the worker is then dropped); throws only when the
-    /// worker went away (the job is then handed back).
+    /// and the master's grace, then the grace again or the connection's end: the worker is
+    /// then dropped); throws only when the worker went away before that deadline (the job
+    /// is then handed back).
     func run() async throws -> (Parley_Work_V1_ReportResult, overdue: Bool) {
         let configuration = self.session.frontEnd.configuration
         let started = ContinuousClock.now
@@ -322,12 +323,17 @@ struct BuildbotJob {
             )
             let (commandID, events) = try await self.session.connection.start("shell", args: args)
             let grace = configuration.commandGrace
-            guard let ended = try await Self.watch(events, keep: keep, deadline: .seconds(Int64(wall)) + grace, grace: grace, interrupt: { [session] in
+            let watched = try await Self.watch(events, keep: keep, deadline: .seconds(Int64(wall)) + grace, grace: grace, interrupt: { [session] in
                 try? await session.connection.interrupt(commandID, why: "over max_wall_seconds (\(wall) s) and the master's grace: the master's deadline")
-            }) else {
-                let message = "the worker did not end the command within max_wall_seconds (\(wall) s) and the master's grace (\(grace)); "
-                    + "interrupted, it did not end within \(grace) more: the job failed and the worker was dropped"
-                return (refuse(.compute, message), true)
+            })
+            let late = "the worker did not end the command within max_wall_seconds (\(wall) s) and the master's grace (\(grace)); "
+            let ended: EndedCommand
+            switch watched {
+            case .ended(let e): ended = e
+            case .outlived:
+                return (refuse(.compute, late + "interrupted, it did not end within \(grace) more: the job failed and the worker was dropped"), true)
+            case .lostAfterDeadline:
+                return (refuse(.compute, late + "its connection ended after the interrupt was due, the command not ended: the job failed"), true)
             }
             result.stdoutTail = Data(ended.stdout.bytes)
             result.stderrTail = Data(ended.stderr.bytes)
@@ -394,15 +400,27 @@ struct EndedCommand: Sendable {
 }
 
 extension BuildbotJob {
+    /// How watching a command ended.
+    enum Watched: Sendable {
+        /// The worker ended it (or its events ended before the deadline).
+        case ended(EndedCommand)
+        /// It did not end by the deadline and the grace after the interrupt.
+        case outlived
+        /// The connection ended after the deadline (the interrupt due), the command not ended:
+        /// a worker that leaves the interrupt unanswered is closed at the call timeout.
+        case lostAfterDeadline
+    }
+
     /// Reads a command's events until it ends, for at most `deadline`; past it calls
-    /// `interrupt` and waits `grace` more. Nil when the command did not end by then (its
-    /// events are no longer read), or the connection ended after the interrupt was sent.
+    /// `interrupt` (not awaited: it waits for the worker's answer, up to the call timeout)
+    /// and waits `grace` more. Throws when the connection ends before the deadline (the job
+    /// is then handed back). A command whose `complete` came is ended, whatever follows.
     static func watch(
         _ events: AsyncThrowingStream<BuildbotCommandEvent, any Error>, keep: Int, deadline: Duration, grace: Duration,
         interrupt: @escaping @Sendable () async -> Void
-    ) async throws -> EndedCommand? {
-        let interrupted = NIOLockedValueBox(false)
-        return try await withThrowingTaskGroup(of: EndedCommand?.self) { group in
+    ) async throws -> Watched {
+        let flags = NIOLockedValueBox((due: false, completed: false))
+        return try await withThrowingTaskGroup(of: Watched?.self) { group in
             group.addTask {
                 var ended = EndedCommand(stdout: Tail(limit: keep), stderr: Tail(limit: keep))
                 do {
@@ -412,31 +430,38 @@ extension BuildbotJob {
                             ended.kept.add(u)
                             for case .stdout(let t) in u { ended.stdout.append(t) }
                             for case .stderr(let t) in u { ended.stderr.append(t) }
-                        case .complete(let f): ended.failure = f
+                        case .complete(let f):
+                            ended.failure = f
+                            flags.withLockedValue { $0.completed = true }
                         }
                     }
-                } catch where interrupted.withLockedValue({ $0 }) {
-                    // The connection went (a worker that leaves the interrupt unanswered is
-                    // closed at the call timeout, and its session's tasks are cancelled) after
-                    // the deadline: the command outlived it.
-                    return nil
+                } catch {
+                    let (due, completed) = flags.withLockedValue { ($0.due, $0.completed) }
+                    if completed { return .ended(ended) }
+                    if due { return .lostAfterDeadline }
+                    throw error
                 }
-                // Cancelled: past the deadline, or (before it) the worker went away.
-                if Task.isCancelled, interrupted.withLockedValue({ $0 }) { return nil }
+                // The events ended: completed, or cut short (by the connection, or cancelled).
+                let (due, completed) = flags.withLockedValue { ($0.due, $0.completed) }
+                if completed { return .ended(ended) }
+                if due { return .lostAfterDeadline }
                 try Task.checkCancellation()
-                return ended
+                return .ended(ended)
             }
             group.addTask {
-                try await Task.sleep(for: deadline)
-                // Not awaited here: the interrupt waits for the worker's answer (up to the call
-                // timeout), and a command that ends meanwhile must not wait for it.
-                interrupted.withLockedValue { $0 = true }
+                // Cancelled (the command ended, or the connection did): the reader decides.
+                do { try await Task.sleep(for: deadline) } catch { return nil }
+                flags.withLockedValue { $0.due = true }
                 Task { await interrupt() }
-                try? await Task.sleep(for: grace)  // cancelled (the connection ended): overdue all the same
-                return nil
+                try? await Task.sleep(for: grace)
+                if Task.isCancelled || flags.withLockedValue({ $0.completed }) { return nil }
+                return .outlived
             }
             defer { group.cancelAll() }
-            return try await group.next() ?? nil
+            while let next = try await group.next() {
+                if let outcome = next { return outcome }
+            }
+            return .outlived  // not reached: the reader returns or throws
         }
     }
 }
