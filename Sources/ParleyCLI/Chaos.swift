@@ -15,7 +15,8 @@ struct Chaos: AsyncParsableCommand {
               parley chaos --listen 127.0.0.1:7500 --to 127.0.0.1:7420 --cut-probability 0.01 --fragment 7
               parley ping 127.0.0.1:7500
             Faults apply to both directions unless --only says c2s (client to server) or s2c.
-            --rate makes each connection a link of that speed each way (67108864: 64 MiB/s).
+            --rate makes each connection a link of that speed, in each direction the faults
+            apply to (--rate 67108864: 64 MiB/s).
             The same --seed and the same traffic give the same faults; the seed is printed.
             Every fault is printed as it happens, and a summary when it stops (SIGINT/SIGTERM).
             """
@@ -51,7 +52,7 @@ struct Chaos: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("How long a stall lasts.", valueName: "ms"))
     var stallFor: Int = 1000
 
-    @Option(name: .long, help: ArgumentHelp("Hold each connection to this many bytes per second in each direction (a link of that speed).", valueName: "bytes"))
+    @Option(name: .long, help: ArgumentHelp("Hold each connection to this many bytes per second in each direction the faults apply to (a link of that speed).", valueName: "bytes"))
     var rate: Int?
 
     @Option(name: .long, help: ArgumentHelp("Apply the faults to one direction only: c2s or s2c.", valueName: "direction"))

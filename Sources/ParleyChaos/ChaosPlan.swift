@@ -81,6 +81,9 @@ public struct ChaosPlan: Sendable {
     /// Bytes passed so far in this direction.
     public private(set) var passed = 0
     private var stalled = false
+    /// What the pieces' transmit times left over when rounded down to nanoseconds, in units of
+    /// 1/rate ns: carried to the next, so that together they take what their bytes take.
+    private var transmitCarry: Int64 = 0
 
     public init(settings: Settings, seed: UInt64) {
         self.settings = settings
@@ -102,7 +105,12 @@ public struct ChaosPlan: Sendable {
         var offset = 0
         let rate = self.settings.rateBytesPerSecond.map { Int64(max(1, $0)) }
         func piece(_ offset: Int, _ length: Int, _ delay: Int) -> Piece {
-            Piece(offset: offset, length: length, delayMilliseconds: delay, transmitNanoseconds: rate.map { Int64(length) * 1_000_000_000 / $0 } ?? 0)
+            var transmit: Int64 = 0
+            if let rate {
+                let total = Int64(length) * 1_000_000_000 + self.transmitCarry
+                (transmit, self.transmitCarry) = total.quotientAndRemainder(dividingBy: rate)
+            }
+            return Piece(offset: offset, length: length, delayMilliseconds: delay, transmitNanoseconds: transmit)
         }
         while offset < end {
             var length = end - offset

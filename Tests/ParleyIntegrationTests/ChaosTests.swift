@@ -60,11 +60,15 @@ import Testing
     @Test func aRateGivesEachPieceTheTimeItsBytesTake() {
         var whole = ChaosPlan(settings: .init(rateBytesPerSecond: 1_000_000), seed: 1)
         #expect(whole.plan(5000).pieces == [.init(offset: 0, length: 5000, delayMilliseconds: 0, transmitNanoseconds: 5_000_000)])
-        // Fragmented, the pieces together take what the chunk takes (each rounded down).
-        var split = ChaosPlan(settings: .init(fragment: 100, rateBytesPerSecond: 3), seed: 7)
-        let pieces = split.plan(10_000).pieces
-        #expect(pieces.count > 1)
-        #expect(pieces.allSatisfy { $0.transmitNanoseconds == Int64($0.length) * 1_000_000_000 / 3 })
+        // Fragmented, the pieces together take what their bytes take: what each leaves over
+        // when rounded down to nanoseconds is carried, across chunks too (at 3 bytes/s, a
+        // byte takes 333,333,333.3 ns; at 3 GB/s, 0.33 ns: alone, each would be 0).
+        for rate in [3, 3_000_000_000] {
+            var split = ChaosPlan(settings: .init(fragment: 100, rateBytesPerSecond: rate), seed: 7)
+            let pieces = split.plan(10_000).pieces + split.plan(5_000).pieces
+            #expect(pieces.count > 2)
+            #expect(pieces.reduce(0) { $0 + $1.transmitNanoseconds } == Int64(15_000) * 1_000_000_000 / Int64(rate))
+        }
         #expect(!ChaosPlan.Settings(rateBytesPerSecond: 1).isTransparent)
         var free = ChaosPlan(settings: .init(), seed: 1)
         #expect(free.plan(5000).pieces.map(\.transmitNanoseconds) == [0])
