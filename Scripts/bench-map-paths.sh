@@ -3,23 +3,27 @@
 # `parley block map` goes through a `parley chaos --rate` proxy of its own (a link of that
 # speed in each direction), and fio drives the map's NBD endpoint.
 #
-#   Scripts/bench-map-paths.sh [--rate BYTES_PER_SECOND] [--repetitions N] [--duration S]
+#   Scripts/bench-map-paths.sh [--rate BYTES_PER_SECOND] [--second-rate BYTES_PER_SECOND]
+#                              [--repetitions N] [--duration S]
 #                              [--workloads randread,randwrite] [--block-size 64k]
-#                              [--iodepth 16] [--size 1G] [--policy round-robin]
+#                              [--iodepth 16] [--size 1G] [--policy min-inflight]
 #
 # Systems, alternating in each repetition: `1-path` (one proxy), `2-paths` (two proxies),
-# and `1-path-free` (no proxy: what the CPUs allow). Prints one line per run (MiB/s, IOPS,
-# the map's CPU per IO) and, at the end, per workload the median MiB/s of each and the
-# median ratio of 2-paths to 1-path. Needs fio (with its nbd engine) and a release build
-# (swift build -c release --product parley; or PARLEY=path).
+# and `1-path-free` (no proxy: what the CPUs allow). The second path's proxy runs at
+# --second-rate (default: --rate; a slower second path shows what the policy does).
+# Prints one line per run (MiB/s, IOPS, the map's CPU per IO) and, at the end, per
+# workload the median MiB/s of each and the median ratio of 2-paths to 1-path. Needs fio
+# (with its nbd engine) and a release build (swift build -c release --product parley; or
+# PARLEY=path).
 set -euo pipefail
 
-rate=$((64 << 20)); reps=3; duration=4; workloads=randread,randwrite; bs=64k; iodepth=16; size=1G; policy=round-robin
+rate=$((64 << 20)); second_rate=; reps=3; duration=4; workloads=randread,randwrite; bs=64k; iodepth=16; size=1G; policy=min-inflight
 parley=${PARLEY:-"$(cd "$(dirname "$0")/.." && pwd)/.build/release/parley"}
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --rate) rate=$2; shift 2 ;;
+    --second-rate) second_rate=$2; shift 2 ;;
     --repetitions) reps=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
     --workloads) workloads=$2; shift 2 ;;
@@ -31,9 +35,11 @@ while [ $# -gt 0 ]; do
     *) echo "bench-map-paths: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-for n in "$rate" "$reps" "$duration" "$iodepth"; do
-  [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "bench-map-paths: --rate, --repetitions, --duration and --iodepth take positive whole numbers, not '$n'" >&2; exit 2; }
+second_rate=${second_rate:-$rate}
+for n in "$rate" "$second_rate" "$reps" "$duration" "$iodepth"; do
+  [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "bench-map-paths: --rate, --second-rate, --repetitions, --duration and --iodepth take positive whole numbers, not '$n'" >&2; exit 2; }
 done
+case "$policy" in round-robin|min-inflight) ;; *) echo "bench-map-paths: --policy is round-robin or min-inflight, not '$policy'" >&2; exit 2 ;; esac
 for w in ${workloads//,/ }; do
   case "$w" in randread|randwrite|read|write) ;; *) echo "bench-map-paths: unknown workload $w (randread, randwrite, read, write)" >&2; exit 2 ;; esac
 done
@@ -53,7 +59,7 @@ block_port=$(free_port); a_port=$(free_port); b_port=$(free_port)
 "$parley" block serve --export "bench=$work/disk.img,shared" --listen "127.0.0.1:$block_port" > "$work/server.log" 2>&1 &
 pids+=($!)
 "$parley" chaos --listen "127.0.0.1:$a_port" --to "127.0.0.1:$block_port" --rate "$rate" --quiet > "$work/chaos-a.log" 2>&1 & pids+=($!)
-"$parley" chaos --listen "127.0.0.1:$b_port" --to "127.0.0.1:$block_port" --rate "$rate" --quiet > "$work/chaos-b.log" 2>&1 & pids+=($!)
+"$parley" chaos --listen "127.0.0.1:$b_port" --to "127.0.0.1:$block_port" --rate "$second_rate" --quiet > "$work/chaos-b.log" 2>&1 & pids+=($!)
 sleep 0.5
 declare -A paths pid_of
 paths[1-path]="--path 127.0.0.1:$a_port"
@@ -66,8 +72,15 @@ for s in $systems; do
     --nbd "unix:$work/$s.sock" --state-dir "$work/state-$s" > "$work/$s.log" 2>&1 &
   pid_of[$s]=$!; pids+=($!)
 done
-for s in $systems; do wait_for "nbd+unix:///bench?socket=$work/$s.sock"; done
-echo "rate per path and direction: $rate bytes/s; fio $bs, QD$iodepth, ${duration} s; policy $policy" >&2
+paths_up() { "$parley" block list --state-dir "$work/state-$1" 2>/dev/null | grep -c ': up,' || true; }
+for s in $systems; do
+  wait_for "nbd+unix:///bench?socket=$work/$s.sock" || { tail -n 5 "$work/$s.log" "$work"/chaos-*.log >&2; exit 1; }
+  # Every path up before the first run (a path that missed its proxy retries with back-off).
+  want=$(grep -o -- '--path' <<< "${paths[$s]}" | wc -l)
+  for _ in $(seq 1 50); do [ "$(paths_up "$s")" -ge "$want" ] && break; sleep 0.2; done
+  [ "$(paths_up "$s")" -ge "$want" ] || { echo "bench-map-paths: $s has fewer than $want paths up:" >&2; tail -n 5 "$work/$s.log" >&2; exit 1; }
+done
+echo "rate per path and direction: $rate bytes/s (second path $second_rate); fio $bs, QD$iodepth, ${duration} s; policy $policy" >&2
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 results="$work/results.txt"

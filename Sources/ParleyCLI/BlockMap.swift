@@ -28,10 +28,11 @@ struct BlockMapCommand: AsyncParsableCommand {
               parley block map --nbd unix:/run/s1.sock --rnbd \
                   "sessname=s1 path=ip:10.0.0.1 path=ip:10.0.1.1 device_path=disk"
 
-            Multipath: each IO goes to one path (--policy round-robin, or
-            min-inflight: the path with the fewest IOs in flight). When a path
-            dies, its IO in flight is sent again on another path, and the path
-            reconnects in the background with back-off (each change is logged).
+            Multipath: each IO goes to one path (--policy min-inflight, the
+            default: the path with the fewest IOs in flight; or round-robin).
+            When a path dies, its IO in flight is sent again on another path,
+            and the path reconnects in the background with back-off (each
+            change is logged).
             Writes to overlapping blocks take effect in the order submitted, also
             across a failover: a re-sent write never overwrites a later
             acknowledged one (docs/protocol.md 17.8). With no path up, IO waits
@@ -66,8 +67,8 @@ struct BlockMapCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Local NBD endpoint: unix:SOCKET or HOST:PORT.", valueName: "address"))
     var nbd: String
 
-    @Option(name: .long, help: "round-robin or min-inflight.")
-    var policy: String = "round-robin"
+    @Option(name: .long, help: "min-inflight (each IO to the path with the fewest in flight, so a slower path takes fewer: RNBD's default) or round-robin (every path in turn: the slowest path sets the pace).")
+    var policy: String = "min-inflight"
 
     @Option(name: .long, help: ArgumentHelp("Seconds IO waits while no path is up before it fails with EIO.", valueName: "seconds"))
     var ioTimeout: Double = 30

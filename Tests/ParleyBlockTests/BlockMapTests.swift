@@ -183,8 +183,8 @@ struct BlockMapTests {
         let server = try await self.server(scratch)
         defer { server.stop() }
         let map = try await BlockMapProcess(scratch: scratch, [
+            // No --policy: min-inflight is the default (RNBD's), which `list` shows below.
             "--rnbd", "sessname=fio path=ip:127.0.0.1:\(server.blockPort) path=ip:127.0.0.1:\(server.blockPort) device_path=disk access_mode=rw",
-            "--policy", "min-inflight",
         ])
         defer { map.stop() }
         let write = try await Tools.run(fio, FioVerify.arguments(uri: map.uri, phase: "write"), seconds: 300)
