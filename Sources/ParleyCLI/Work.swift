@@ -98,6 +98,9 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Attempts a job gets unless it says otherwise.", valueName: "n"))
         var maxAttempts: Int = 3
 
+        @Option(name: .long, help: ArgumentHelp("The most leases one worker (or BOINC client) may hold at once: past it, it gets no work until it reports, hands back or lets leases expire, so that a worker asking again and again cannot take the whole queue. 0: no cap.", valueName: "n"))
+        var maxLeasesPerWorker: Int = 0
+
         @Option(name: .long, help: ArgumentHelp("Serve HTTP at HOST:PORT: GET /status and /jobs/ID as JSON, /metrics for Prometheus.", valueName: "host:port"))
         var http: String?
 
@@ -142,6 +145,7 @@ struct Work: AsyncParsableCommand {
                 throw ValidationError("--database must be sqlite:PATH or postgres://USER@HOST[:PORT]/DATABASE, not \(self.database)")
             }
             guard self.leaseSeconds > 0, self.maxAttempts > 0 else { throw ValidationError("--lease-seconds and --max-attempts must be positive") }
+            guard (0...1_000_000).contains(self.maxLeasesPerWorker) else { throw ValidationError("--max-leases-per-worker must be 0 (no cap) to 1000000") }
             try checkSeconds(Double(self.leaseSeconds), "--lease-seconds", minimum: 1)
             if let http = self.http { _ = try Work.hostPort(http) }
             if let buildbot = self.buildbot {
@@ -199,6 +203,7 @@ struct Work: AsyncParsableCommand {
                 rotation: rotation, storeConcurrency: postgres ? 4 : 1
             )
             service.requireCapabilities = self.requireCaps
+            service.maxLeasesPerWorker = self.maxLeasesPerWorker > 0 ? self.maxLeasesPerWorker : nil
             service.relayCommands = self.allowCommands
             service.preferences.maxSlots = self.maxSlots
             service.preferences.idleMilliseconds = self.idleMilliseconds
@@ -245,7 +250,8 @@ struct Work: AsyncParsableCommand {
                 services.append(.init(service: BuildbotFrontEnd(configuration: front, store: store, commands: commands, logger: logger)))
             }
             if let boinc = try self.boinc.service(
-                store: store, trust: (trust.map { [$0] } ?? []) + (rotation.map { [$0.next] } ?? []), keyring: self.security.keyring, requireCaps: self.requireCaps, database: self.database, logger: logger
+                store: store, trust: (trust.map { [$0] } ?? []) + (rotation.map { [$0.next] } ?? []), keyring: self.security.keyring, requireCaps: self.requireCaps, database: self.database,
+                maxLeasesPerWorker: self.maxLeasesPerWorker > 0 ? self.maxLeasesPerWorker : nil, logger: logger
             ) {
                 services.append(.init(service: boinc))
             }

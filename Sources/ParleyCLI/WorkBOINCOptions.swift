@@ -63,7 +63,9 @@ struct WorkBOINCOptions: ParsableArguments {
     }
 
     /// The front end as a service, or nil without --boinc.
-    func service(store: any WorkStore, trust: [WorkSigning.PublicKey], keyring: String?, requireCaps: Bool, database: String, logger: Logger) throws -> (any Service)? {
+    func service(
+        store: any WorkStore, trust: [WorkSigning.PublicKey], keyring: String?, requireCaps: Bool, database: String, maxLeasesPerWorker: Int?, logger: Logger
+    ) throws -> (any Service)? {
         guard let url = self.url, let keyPath = self.key else { return nil }
         let key: BOINCSigning.PrivateKey
         do { key = try BOINCSigning.readPrivateKey(keyPath) } catch { throw ValidationError(error.message) }
@@ -74,6 +76,7 @@ struct WorkBOINCOptions: ParsableArguments {
             do { configuration.keyring = try ParleyKeyring.load(path: keyring) } catch { throw ValidationError(error.message) }
         }
         configuration.requireCapabilities = requireCaps
+        configuration.maxLeasesPerWorker = maxLeasesPerWorker
         configuration.leaseDuration = .seconds(self.leaseSeconds)
         configuration.requestDelay = self.requestDelay
         configuration.notices = self.notices

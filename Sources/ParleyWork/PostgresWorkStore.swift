@@ -51,6 +51,11 @@ public final class PostgresWorkStore: WorkStore {
             "DROP INDEX job_queue",
             "CREATE INDEX job_queue ON job (app, priority DESC, id) WHERE state = 'queued'",
         ]),
+        // Leases of rows written before it have no holder: not counted until they end.
+        ("v3: who holds a lease", [
+            "ALTER TABLE job ADD COLUMN lease_worker TEXT",
+            "CREATE INDEX job_holder ON job (lease_worker) WHERE state = 'leased'",
+        ]),
     ]
 
     /// Connects to `url` (`postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=disable|prefer|require]`)
@@ -210,6 +215,19 @@ public final class PostgresWorkStore: WorkStore {
         return try await self.transaction { connection in
             struct Queued { var id: Int64; var spec: ByteBuffer; var signature: ByteBuffer; var record: ByteBuffer }
             var answers = requests.map { _ in [ClaimedJob]() }
+            // What capped workers hold. Two masters claiming for one worker at once each count
+            // without the other's claim: together they may pass the cap by one request.
+            var held: [String: Int] = [:]
+            let capped = JobRow.cappedWorkers(requests)
+            if !capped.isEmpty {
+                for try await (worker, count) in try await connection.query(
+                    "SELECT lease_worker, COUNT(*) FROM job WHERE state = 'leased' AND lease_worker = ANY(\(capped)::text[]) GROUP BY lease_worker",
+                    logger: self.logger
+                ).decode((String, Int64).self) {
+                    held[worker] = Int(count)
+                }
+            }
+            let requests = JobRow.capped(requests, held: held)
             // Requests with the same applications share one query (most often all of them).
             for (indices, names, limit) in JobRow.claimGroups(requests) {
                 let group = indices.map { requests[$0] }
@@ -376,7 +394,7 @@ public final class PostgresWorkStore: WorkStore {
     /// Writes records back, in one statement.
     private func save(_ connection: PostgresConnection, _ records: [JobRecord], now: Int64) async throws {
         guard !records.isEmpty else { return }
-        var ids: [Int64] = [], states: [String] = [], bodies: [ByteBuffer] = [], deadlines: [Int64] = [], finished: [Bool] = []
+        var ids: [Int64] = [], states: [String] = [], bodies: [ByteBuffer] = [], deadlines: [Int64] = [], workers: [String] = [], finished: [Bool] = []
         for record in records {
             let row = JobRow.state(of: record)
             ids.append(Int64(bitPattern: record.id))
@@ -384,13 +402,14 @@ public final class PostgresWorkStore: WorkStore {
             bodies.append(ByteBuffer(bytes: try JobRow.encode(record)))
             // Int64.min stands for "no deadline" (NULL): arrays of optionals are not encodable.
             deadlines.append(row.deadline ?? Int64.min)
+            workers.append(row.worker ?? "")  // "" stands for NULL (no holder): a worker's name is never empty
             finished.append(row.finished)
         }
         try await connection.query(
             """
-            UPDATE job SET state = u.s, record = u.r, lease_deadline = NULLIF(u.d, \(Int64.min)),
+            UPDATE job SET state = u.s, record = u.r, lease_deadline = NULLIF(u.d, \(Int64.min)), lease_worker = NULLIF(u.w, ''),
                 finished_at = CASE WHEN u.f THEN COALESCE(job.finished_at, \(now)) ELSE job.finished_at END
-            FROM unnest(\(ids)::bigint[], \(states)::text[], \(bodies)::bytea[], \(deadlines)::bigint[], \(finished)::boolean[]) AS u(i, s, r, d, f)
+            FROM unnest(\(ids)::bigint[], \(states)::text[], \(bodies)::bytea[], \(deadlines)::bigint[], \(workers)::text[], \(finished)::boolean[]) AS u(i, s, r, d, w, f)
             WHERE job.id = u.i
             """, logger: self.logger
         )

@@ -32,6 +32,9 @@ public enum WorkService {
         public var relayCommands = false
         /// The project's preferences, sent to every worker in its welcome (§19.2).
         public var preferences = Parley_Work_V1_Preferences()
+        /// The most leases one worker may hold at once ([R-19.2-4]; nil: no cap): past it
+        /// RequestWork hands it nothing until it reports, hands back or lets leases expire.
+        public var maxLeasesPerWorker: Int?
 
         public init(leaseDuration: Duration = .seconds(600), defaultMaxAttempts: Int = 3, trust: WorkSigning.PublicKey? = nil, name: String = "parley-work",
                     rotation: WorkSigning.Rotation? = nil, storeConcurrency: Int = 1) {
@@ -200,7 +203,7 @@ public enum WorkService {
             guard request.seconds.isFinite, request.seconds >= 0 else {
                 throw ParleyError(code: .invalidArgument, message: "a request for \(request.seconds) seconds of work: give 0 or more")
             }
-            var claimed = try await claims.submit(ClaimRequest(worker: worker, limit: Int(min(request.slots, 64)), apps: request.apps))
+            var claimed = try await claims.submit(ClaimRequest(worker: worker, limit: Int(min(request.slots, 64)), apps: request.apps, maxHeld: configuration.maxLeasesPerWorker))
             if request.seconds > 0 {
                 // Enough jobs for the seconds asked (at least one); the others go back to the
                 // queue at once, their attempts not counted.

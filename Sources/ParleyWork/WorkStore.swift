@@ -37,10 +37,15 @@ public struct ClaimRequest: Sendable, Hashable {
     public var limit: Int
     /// The applications the worker runs: it gets jobs that need none or one of them.
     public var apps: [String]
-    public init(worker: String, limit: Int, apps: [String] = []) {
+    /// The most leases the worker may hold at once, those it holds counted (nil: no cap): a
+    /// worker asking again and again cannot take the whole queue. Leases held from before the
+    /// store recorded holders (its v4 / v3 migration) are not counted until they end.
+    public var maxHeld: Int?
+    public init(worker: String, limit: Int, apps: [String] = [], maxHeld: Int? = nil) {
         self.worker = worker
         self.limit = limit
         self.apps = apps
+        self.maxHeld = maxHeld
     }
 }
 
@@ -104,13 +109,33 @@ extension WorkStore {
 /// How a `JobRecord` is kept in a row, the same in every store: its state as text, its lease
 /// deadline (nil unless leased), whether it finished, and the record itself (protobuf).
 enum JobRow {
-    static func state(of record: JobRecord) -> (state: String, deadline: Int64?, finished: Bool) {
+    static func state(of record: JobRecord) -> (state: String, deadline: Int64?, worker: String?, finished: Bool) {
         switch record.state {
-        case .queued: return ("queued", nil, false)
-        case .leased(let lease): return ("leased", lease.deadline, false)
-        case .succeeded: return ("succeeded", nil, true)
-        case .failed: return ("failed", nil, true)
+        case .queued: return ("queued", nil, nil, false)
+        case .leased(let lease): return ("leased", lease.deadline, lease.worker, false)
+        case .succeeded: return ("succeeded", nil, nil, true)
+        case .failed: return ("failed", nil, nil, true)
         }
+    }
+
+    /// The requests with each limit cut so that no worker ends up holding more than its
+    /// `maxHeld` leases: `held` is what each holds now; requests of one worker in the same
+    /// batch count against it in order, each as if granted in full.
+    static func capped(_ requests: [ClaimRequest], held: [String: Int]) -> [ClaimRequest] {
+        var taken = held
+        return requests.map { request in
+            guard let cap = request.maxHeld else { return request }
+            var r = request
+            let holds = taken[request.worker, default: 0]
+            r.limit = max(0, min(request.limit, cap - holds))
+            taken[request.worker] = holds + r.limit
+            return r
+        }
+    }
+
+    /// The workers whose requests have a cap, for the count of what they hold.
+    static func cappedWorkers(_ requests: [ClaimRequest]) -> [String] {
+        Array(Set(requests.filter { $0.maxHeld != nil }.map(\.worker))).sorted()
     }
 
     /// The record in the store's format (`Protos/parley/work/v1/store.proto`): protobuf, a
@@ -260,6 +285,11 @@ public final class SQLiteWorkStore: WorkStore {
         migrator.registerMigration("v3: the application a job needs") { db in
             try db.execute(sql: "ALTER TABLE job ADD COLUMN app TEXT NOT NULL DEFAULT ''")
         }
+        // Leases of rows written before it have no holder: not counted until they end.
+        migrator.registerMigration("v4: who holds a lease") { db in
+            try db.execute(sql: "ALTER TABLE job ADD COLUMN leaseWorker TEXT")
+            try db.execute(sql: "CREATE INDEX job_holder ON job (leaseWorker) WHERE state = 'leased'")
+        }
         return migrator
     }
 
@@ -285,6 +315,11 @@ public final class SQLiteWorkStore: WorkStore {
         guard total > 0 else { return requests.map { _ in [] } }
         return try await self.pool.write { db in
             var answers = requests.map { _ in [ClaimedJob]() }
+            var held: [String: Int] = [:]
+            for worker in JobRow.cappedWorkers(requests) {
+                held[worker] = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM job WHERE state = 'leased' AND leaseWorker = ?", arguments: [worker]) ?? 0
+            }
+            let requests = JobRow.capped(requests, held: held)
             // Requests with the same applications share one query (most often all of them).
             for (indices, names, limit) in JobRow.claimGroups(requests) {
                 let group = indices.map { requests[$0] }
@@ -414,8 +449,8 @@ public final class SQLiteWorkStore: WorkStore {
     private static func save(_ db: Database, _ record: JobRecord, now: Int64) throws {
         let row = JobRow.state(of: record)
         try db.execute(
-            sql: "UPDATE job SET state = ?, record = ?, leaseDeadline = ?, finishedAt = COALESCE(finishedAt, ?) WHERE id = ?",
-            arguments: [row.state, try JobRow.encode(record), row.deadline, row.finished ? now : nil, Int64(bitPattern: record.id)]
+            sql: "UPDATE job SET state = ?, record = ?, leaseDeadline = ?, leaseWorker = ?, finishedAt = COALESCE(finishedAt, ?) WHERE id = ?",
+            arguments: [row.state, try JobRow.encode(record), row.deadline, row.worker, row.finished ? now : nil, Int64(bitPattern: record.id)]
         )
     }
 }

@@ -42,6 +42,8 @@ public final class BOINCFrontEnd: Sendable {
         public var minimumClientMajorVersion = 7
         /// Jobs handed out in one reply, at most.
         public var maxJobsPerRequest = 8
+        /// The most leases one client may hold at once (nil: no cap), as for Parley's workers.
+        public var maxLeasesPerWorker: Int?
         /// Scheduler requests larger than this are refused (413).
         public var maxRequestBytes = 4 << 20
         /// XML nested deeper than this is refused (400).
@@ -239,7 +241,8 @@ public final class BOINCFrontEnd: Sendable {
     /// Claims jobs for a work request and describes them in the reply.
     func handOut(_ request: BOINCSchedulerRequest, worker: String, into reply: inout BOINCSchedulerReply) async throws {
         let platform = request.platformName ?? ""
-        let claim = BOINCScheduling.claimRequest(request, worker: worker, extraApps: self.configuration.apps, maxJobs: self.configuration.maxJobsPerRequest)
+        var claim = BOINCScheduling.claimRequest(request, worker: worker, extraApps: self.configuration.apps, maxJobs: self.configuration.maxJobsPerRequest)
+        claim.maxHeld = self.configuration.maxLeasesPerWorker
         let now = WorkService.now()
         let lease = self.configuration.leaseDuration.components
         let leaseNanoseconds = lease.seconds * 1_000_000_000 + lease.attoseconds / 1_000_000_000

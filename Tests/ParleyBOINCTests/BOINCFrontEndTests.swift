@@ -230,6 +230,23 @@ func elements(_ tag: String, in text: String) -> [String] {
         }
     }
 
+    /// The cap on leases a worker holds ([R-19.2-4]) holds for a BOINC client too: asking
+    /// again it gets nothing more, another client still gets work.
+    @Test func aClientHoldsNoMoreResultsThanTheCap() async throws {
+        let bench = try BOINCBench { $0.maxLeasesPerWorker = 2 }
+        defer { bench.remove() }
+        for _ in 0..<5 { try await bench.submit(echoSpec(inputs: [])) }
+        try await bench.withClient { client in
+            func results(_ cpid: String) async throws -> Int {
+                let reply = try await client.post("/scheduler", schedulerRequest(cpid: cpid, seconds: 100_000, instances: 4))
+                #expect(reply.status == 200)
+                return elements("name", in: reply.text).filter { $0.hasSuffix("_r") }.count
+            }
+            let first = try await results("abc123"), again = try await results("abc123"), other = try await results("def456")
+            #expect(first == 2 && again == 0 && other == 2, "\(first), \(again), \(other)")
+        }
+    }
+
     @Test func malformedHugeAndNestedRequestsAreRefusedAndChangeNothing() async throws {
         let bench = try BOINCBench { $0.maxRequestBytes = 64 << 10 }
         defer { bench.remove() }

@@ -16,13 +16,15 @@ struct InProcessMaster {
     let task: Task<Void, any Error>
     let client: ParleyClient
 
-    static func start() async throws -> InProcessMaster {
+    static func start(maxLeasesPerWorker: Int? = nil) async throws -> InProcessMaster {
         let dir = NSTemporaryDirectory() + "work-service-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
         let key = WorkSigning.PrivateKey()
         var router = ParleyRouter()
-        WorkService.register(on: &router, store: store, configuration: .init(trust: key.publicKey))
+        var configuration = WorkService.Configuration(trust: key.publicKey)
+        configuration.maxLeasesPerWorker = maxLeasesPerWorker
+        WorkService.register(on: &router, store: store, configuration: configuration)
         var quiet = Logger(label: "test")
         quiet.logLevel = .critical
         let server = ParleyServer(configuration: .init(listen: []), router: router, logger: quiet)
@@ -159,6 +161,32 @@ struct InProcessMaster {
                     "\(why): \(String(describing: refused))")
         }
         #expect(try await store.counts()["queued"] == 0)
+    }
+
+    /// [R-19.2-4] With a cap on the leases a worker holds, RequestWork again and again gets
+    /// it no more than the cap (an empty answer, not an error); another worker still gets work.
+    @Test func aWorkerAskingAgainAndAgainGetsNoMoreThanTheCap() async throws {
+        let master = try await InProcessMaster.start(maxLeasesPerWorker: 3)
+        defer { master.stop() }
+        var submit = Parley_Work_V1_SubmitJobs()
+        for _ in 0..<10 {
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["/bin/true"]
+            var job = Parley_Work_V1_SignedJob()
+            job.spec = try spec.serializedBytes()
+            job.signature = Data(try master.key.sign(job: Array(job.spec)))
+            submit.jobs.append(job)
+        }
+        _ = try await master.client.request(submit, as: Parley_Work_V1_SubmitReply.self)
+        var ask = Parley_Work_V1_RequestWork()
+        ask.worker = "hoarder"
+        ask.slots = 2
+        var got: [Int] = []
+        for _ in 0..<4 { got.append(try await master.client.request(ask, as: Parley_Work_V1_WorkAssignments.self).assignments.count) }
+        #expect(got == [2, 1, 0, 0])
+        ask.worker = "other"
+        #expect(try await master.client.request(ask, as: Parley_Work_V1_WorkAssignments.self).assignments.count == 2)
+        #expect(try await master.store.counts()["queued"] == 5)
     }
 
     /// [R-19.2-2] A request in seconds of work gets jobs until their estimates reach it (at

@@ -72,11 +72,11 @@ enum TestPostgres {
         let path = Self.freshPath()
         do {
             let store = try SQLiteWorkStore(path: path)
-            #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order", "v3: the application a job needs"])
+            #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order", "v3: the application a job needs", "v4: who holds a lease"])
             _ = try await store.submit(Self.jobs(3), now: 0)
         }
         let again = try SQLiteWorkStore(path: path)
-        #expect(try await again.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order", "v3: the application a job needs"])
+        #expect(try await again.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order", "v3: the application a job needs", "v4: who holds a lease"])
         #expect(try await again.counts()["queued"] == 3)
     }
 
@@ -124,7 +124,7 @@ enum TestPostgres {
             }
         }
         let store = try SQLiteWorkStore(path: path)
-        #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order", "v3: the application a job needs"])
+        #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: queue index in claim order", "v3: the application a job needs", "v4: who holds a lease"])
         let claimed = try await store.claim(worker: "w", limit: 3, now: 0, leaseDuration: second)
         #expect(claimed.map(\.id) == [2, 1, 3])
     }
@@ -140,13 +140,13 @@ enum TestPostgres {
             return all
         }
         for store in stores {
-            #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: the application a job needs"])
+            #expect(try await store.appliedMigrations() == ["v1: jobs and results", "v2: the application a job needs", "v3: who holds a lease"])
         }
         _ = try await stores[0].submit(Self.jobs(4), now: 0)
         #expect(try await stores[2].counts()["queued"] == 4)
         for store in stores { await store.close() }
         let again = try await PostgresWorkStore(url: url, connectTimeout: TestPostgres.patience)
-        #expect(try await again.appliedMigrations() == ["v1: jobs and results", "v2: the application a job needs"])
+        #expect(try await again.appliedMigrations() == ["v1: jobs and results", "v2: the application a job needs", "v3: who holds a lease"])
         #expect(try await again.counts()["queued"] == 4)
         await again.close()
     }
@@ -179,6 +179,47 @@ enum TestPostgres {
         #expect(claims[1].count == 1 && !python.contains(claims[1][0].id))
         #expect(try await store.claim(worker: "py", limit: 10, apps: ["python3"], now: 0, leaseDuration: second).isEmpty)
         #expect(try await store.claim(worker: "gpu", limit: 10, apps: ["cuda-12", "python3"], now: 0, leaseDuration: second).map(\.id) == gpu)
+    }
+
+    /// A cap on the leases a worker holds: asking again and again gets it no more than the
+    /// cap; a report, a hand-back or an expiry makes room; other workers are not held back;
+    /// two requests of one worker in a batch share its room. [R-19.2-4]
+    @Test(arguments: StoreKind.available) func aWorkerHoldsNoMoreLeasesThanItsCap(kind: StoreKind) async throws {
+        let store = try await kind.make()
+        defer { Task { await store.close() } }
+        _ = try await store.submit(Self.jobs(20), now: 0)
+        func claim(_ worker: String, _ limit: Int, now: Int64 = 0) async throws -> [ClaimedJob] {
+            try await store.claim([ClaimRequest(worker: worker, limit: limit, maxHeld: 3)], now: now, leaseDuration: second)[0]
+        }
+        let first = try await claim("hoarder", 2)
+        #expect(first.count == 2)
+        #expect(try await claim("hoarder", 5).count == 1, "3 held: the cap")
+        #expect(try await claim("hoarder", 5).isEmpty, "again and again: nothing more")
+        #expect(try await claim("other", 2).count == 2, "another worker is not held back")
+        // A report makes room for one; a hand-back for one more.
+        _ = try await store.report(jobID: first[0].id, LeaseReport(leaseID: first[0].lease.id, worker: "hoarder", outcome: .success), result: [1], now: 1)
+        try await store.handBack(jobID: first[1].id, leaseID: first[1].lease.id, worker: "hoarder")
+        #expect(try await claim("hoarder", 5).count == 2)
+        // Two requests of one worker in one batch share its room (1 left for "other").
+        let batch = try await store.claim(
+            [ClaimRequest(worker: "other", limit: 1, maxHeld: 3), ClaimRequest(worker: "other", limit: 4, maxHeld: 3)], now: 0, leaseDuration: second
+        )
+        #expect(batch.map(\.count) == [1, 0])
+        // Expired leases free their holder too; without a cap a worker takes what it asks.
+        #expect(try await store.expireLeases(now: 10 * second) == 6)
+        #expect(try await claim("hoarder", 5, now: 10 * second).count == 3)
+        #expect(try await store.claim(worker: "hoarder", limit: 4, now: 10 * second, leaseDuration: second).count == 4)
+    }
+
+    @Test func capsCutEachRequestToWhatItsWorkerHasRoomFor() {
+        let requests = [
+            ClaimRequest(worker: "a", limit: 5, maxHeld: 4), ClaimRequest(worker: "b", limit: 5),
+            ClaimRequest(worker: "a", limit: 5, maxHeld: 4), ClaimRequest(worker: "c", limit: 2, maxHeld: 1),
+            ClaimRequest(worker: "d", limit: 3, maxHeld: 10),
+        ]
+        let capped = JobRow.capped(requests, held: ["a": 1, "b": 50, "c": 7])
+        #expect(capped.map(\.limit) == [3, 5, 0, 0, 3])
+        #expect(JobRow.cappedWorkers(requests) == ["a", "c", "d"])
     }
 
     @Test(arguments: StoreKind.available) func batchedClaimsAndReportsKeepEachVerdict(kind: StoreKind) async throws {
