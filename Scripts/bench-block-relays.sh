@@ -85,8 +85,7 @@ bench_name=bench-block-relays
 source "$(dirname "$0")/bench-lib.sh"
 bench_workdir bench-block-relays
 
-echo "creating $size of random data in $work/disk.img" >&2
-head -c "$(numfmt --from=iec "$size")" /dev/urandom > "$work/disk.img"
+bench_disk "$size"
 nbd_port=$(free_port); block_port=$(free_port)
 "$parley" block serve --export "bench=$work/disk.img,shared" --nbd "127.0.0.1:$nbd_port" --nbd "unix:$work/direct.sock" \
   --listen "127.0.0.1:$block_port" > "$work/server.log" 2>&1 &

@@ -26,3 +26,9 @@ wait_for() {
   done
   echo "$bench_name: nothing answers at $1" >&2; return 1
 }
+
+# bench_disk SIZE: $work/disk.img, SIZE (numfmt's IEC: 1G, 512M) of random data.
+bench_disk() {
+  echo "creating $1 of random data in $work/disk.img" >&2
+  head -c "$(numfmt --from=iec "$1")" /dev/urandom > "$work/disk.img"
+}

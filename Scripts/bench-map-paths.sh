@@ -53,8 +53,7 @@ bench_name=bench-map-paths
 source "$(dirname "$0")/bench-lib.sh"
 bench_workdir bench-map-paths
 
-echo "creating $size of random data in $work/disk.img" >&2
-head -c "$(numfmt --from=iec "$size")" /dev/urandom > "$work/disk.img"
+bench_disk "$size"
 block_port=$(free_port); a_port=$(free_port); b_port=$(free_port)
 "$parley" block serve --export "bench=$work/disk.img,shared" --listen "127.0.0.1:$block_port" > "$work/server.log" 2>&1 &
 pids+=($!)
