@@ -101,6 +101,9 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("The most leases one worker (or BOINC client) may hold at once: past it, it gets no work until it reports, hands back or lets leases expire, so that a worker asking again and again cannot take the whole queue. 0: no cap.", valueName: "n"))
         var maxLeasesPerWorker: Int = 0
 
+        /// --max-leases-per-worker as the services take it (nil: no cap).
+        var leaseCap: Int? { self.maxLeasesPerWorker > 0 ? self.maxLeasesPerWorker : nil }
+
         @Option(name: .long, help: ArgumentHelp("Serve HTTP at HOST:PORT: GET /status and /jobs/ID as JSON, /metrics for Prometheus.", valueName: "host:port"))
         var http: String?
 
@@ -203,7 +206,7 @@ struct Work: AsyncParsableCommand {
                 rotation: rotation, storeConcurrency: postgres ? 4 : 1
             )
             service.requireCapabilities = self.requireCaps
-            service.maxLeasesPerWorker = self.maxLeasesPerWorker > 0 ? self.maxLeasesPerWorker : nil
+            service.maxLeasesPerWorker = self.leaseCap
             service.relayCommands = self.allowCommands
             service.preferences.maxSlots = self.maxSlots
             service.preferences.idleMilliseconds = self.idleMilliseconds
@@ -251,7 +254,7 @@ struct Work: AsyncParsableCommand {
             }
             if let boinc = try self.boinc.service(
                 store: store, trust: (trust.map { [$0] } ?? []) + (rotation.map { [$0.next] } ?? []), keyring: self.security.keyring, requireCaps: self.requireCaps, database: self.database,
-                maxLeasesPerWorker: self.maxLeasesPerWorker > 0 ? self.maxLeasesPerWorker : nil, logger: logger
+                maxLeasesPerWorker: self.leaseCap, logger: logger
             ) {
                 services.append(.init(service: boinc))
             }

@@ -6,7 +6,8 @@ import ParleyWire
 
 /// A TCP (or Unix socket) proxy that does bad things to the bytes on purpose: cuts
 /// connections at random or after N bytes, delays, fragments bytes into small writes, stalls
-/// a direction, holds a direction to a bandwidth. `parley chaos` runs it; tests put it between a client and a server.
+/// a direction, holds a direction to a bandwidth. `parley chaos` runs it; tests put it
+/// between a client and a server.
 ///
 /// Each accepted connection gets its own connection to the target, on the same event loop,
 /// and one `ChaosPlan` per direction seeded from the run's seed, the connection's number and

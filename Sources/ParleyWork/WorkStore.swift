@@ -316,8 +316,14 @@ public final class SQLiteWorkStore: WorkStore {
         return try await self.pool.write { db in
             var answers = requests.map { _ in [ClaimedJob]() }
             var held: [String: Int] = [:]
-            for worker in JobRow.cappedWorkers(requests) {
-                held[worker] = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM job WHERE state = 'leased' AND leaseWorker = ?", arguments: [worker]) ?? 0
+            let capped = JobRow.cappedWorkers(requests)
+            if !capped.isEmpty {
+                for row in try Row.fetchAll(
+                    db, sql: "SELECT leaseWorker, COUNT(*) AS n FROM job WHERE state = 'leased' AND leaseWorker IN (\(capped.map { _ in "?" }.joined(separator: ", "))) GROUP BY leaseWorker",
+                    arguments: StatementArguments(capped)
+                ) {
+                    held[row["leaseWorker"]] = row["n"]
+                }
             }
             let requests = JobRow.capped(requests, held: held)
             // Requests with the same applications share one query (most often all of them).

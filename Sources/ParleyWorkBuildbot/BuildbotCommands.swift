@@ -268,6 +268,13 @@ struct BuildbotJob {
     /// then dropped); throws only when the worker went away before that deadline (the job
     /// is then handed back).
     func run() async throws -> (Parley_Work_V1_ReportResult, overdue: Bool) {
+        var overdue = false
+        let report = try await self.report(overdue: &overdue)
+        return (report, overdue)
+    }
+
+    /// The report; sets `overdue` when the command outlived its deadline.
+    private func report(overdue: inout Bool) async throws -> Parley_Work_V1_ReportResult {
         let configuration = self.session.frontEnd.configuration
         let started = ContinuousClock.now
         var result = Parley_Work_V1_ReportResult()
@@ -283,7 +290,7 @@ struct BuildbotJob {
         }
         if let trust = configuration.trust {
             do { try trust.verify(job: self.job.spec, signature: self.job.signature) } catch {
-                return (refuse(.signature, "the job's signature does not verify: \(error.message)"), false)
+                return refuse(.signature, "the job's signature does not verify: \(error.message)")
             }
         }
         let spec: Parley_Work_V1_JobSpec
@@ -291,12 +298,12 @@ struct BuildbotJob {
             spec = try Parley_Work_V1_JobSpec(serializedBytes: self.job.spec)
             try WorkFiles.check(spec: spec)
         } catch {
-            return (refuse(.spec, "the job's spec cannot run: \(error)"), false)
+            return refuse(.spec, "the job's spec cannot run: \(error)")
         }
-        guard !spec.argv.isEmpty else { return (refuse(.spec, "the job's spec has no argv"), false) }
-        if !spec.app.isEmpty, !configuration.apps.contains(spec.app) { return (refuse(.spec, "this worker does not run the application \(spec.app)"), false) }
+        guard !spec.argv.isEmpty else { return refuse(.spec, "the job's spec has no argv") }
+        if !spec.app.isEmpty, !configuration.apps.contains(spec.app) { return refuse(.spec, "this worker does not run the application \(spec.app)") }
         if spec.maxCpuSeconds > 0 || spec.maxMemoryBytes > 0 {
-            return (refuse(.spec, "a Buildbot worker cannot hold a job to CPU or memory limits (max_cpu_seconds, max_memory_bytes)"), false)
+            return refuse(.spec, "a Buildbot worker cannot hold a job to CPU or memory limits (max_cpu_seconds, max_memory_bytes)")
         }
         let directory = "\(self.session.basedir)/jobs/\(self.job.id)-\(self.job.lease.id)"
         do {
@@ -304,7 +311,7 @@ struct BuildbotJob {
             defer { Task { [session] in _ = try? await session.simple("rmdir", .object(["paths": .array([.string(directory)]), "logEnviron": false])) } }
             for input in spec.inputs {
                 guard !input.content.isEmpty || input.size == 0 else {
-                    return (refuse(.download, "the input '\(input.name)' is a URL, which this master does not fetch for Buildbot workers: put the content in the job"), false)
+                    return refuse(.download, "the input '\(input.name)' is a URL, which this master does not fetch for Buildbot workers: put the content in the job")
                 }
                 let source = BuildbotMemoryTransfer(sending: Array(input.content))
                 do {
@@ -313,7 +320,7 @@ struct BuildbotJob {
                         "path": .string(directory + "/" + input.name), "maxsize": .nil, "blocksize": .int(64 << 10), "mode": .int(0o644),
                     ]), transfer: source)
                 } catch let error as BuildbotRemoteError {
-                    return (refuse(.download, "the input '\(input.name)' could not be written: \(error.message)"), false)
+                    return refuse(.download, "the input '\(input.name)' could not be written: \(error.message)")
                 }
             }
             let keep = Self.tailLimit(spec, fallback: configuration.defaultMaxOutputBytes)
@@ -331,9 +338,11 @@ struct BuildbotJob {
             switch watched {
             case .ended(let e): ended = e
             case .outlived:
-                return (refuse(.compute, late + "interrupted, it did not end within \(grace) more: the job failed and the worker was dropped"), true)
+                overdue = true
+                return refuse(.compute, late + "interrupted, it did not end within \(grace) more: the job failed and the worker was dropped")
             case .lostAfterDeadline:
-                return (refuse(.compute, late + "its connection ended after the interrupt was due, the command not ended: the job failed"), true)
+                overdue = true
+                return refuse(.compute, late + "its connection ended after the interrupt was due, the command not ended: the job failed")
             }
             result.stdoutTail = Data(ended.stdout.bytes)
             result.stderrTail = Data(ended.stderr.bytes)
@@ -341,14 +350,14 @@ struct BuildbotJob {
             var rc: Int64?
             for case .rc(let r) in updates { rc = r }
             if let failure = ended.failure {
-                return (refuse(.compute, "the worker could not run the job: \(failure)").merging(tails: result), false)
+                return refuse(.compute, "the worker could not run the job: \(failure)").merging(tails: result)
             }
             if let signal = BuildbotCommands.signal(in: updates) {
                 result.signal = signal
                 result.errorKind = .compute
                 result.message = "killed by signal \(signal)" + (BuildbotCommands.header(updates).contains("timed out") ? " (over max_wall_seconds)" : "")
             } else if rc == nil {
-                return (refuse(.compute, "the worker sent no exit status").merging(tails: result), false)
+                return refuse(.compute, "the worker sent no exit status").merging(tails: result)
             } else {
                 result.exitStatus = Int32(clamping: rc!)
             }
@@ -382,12 +391,12 @@ struct BuildbotJob {
                 }
             }
         } catch let error as BuildbotRemoteError {
-            return (refuse(.compute, error.message), false)
+            return refuse(.compute, error.message)
         } catch let error as WorkFiles.FileError {
-            return (refuse(.spec, error.message), false)
+            return refuse(.spec, error.message)
         }
         result.wallMs = (ContinuousClock.now - started).wholeMilliseconds
-        return (result, false)
+        return result
     }
 }
 
@@ -423,6 +432,7 @@ extension BuildbotJob {
         return try await withThrowingTaskGroup(of: Watched?.self) { group in
             group.addTask {
                 var ended = EndedCommand(stdout: Tail(limit: keep), stderr: Tail(limit: keep))
+                var cutShort: (any Error)?
                 do {
                     for try await event in events {
                         switch event {
@@ -436,15 +446,13 @@ extension BuildbotJob {
                         }
                     }
                 } catch {
-                    let (due, completed) = flags.withLockedValue { ($0.due, $0.completed) }
-                    if completed { return .ended(ended) }
-                    if due { return .lostAfterDeadline }
-                    throw error
+                    cutShort = error
                 }
                 // The events ended: completed, or cut short (by the connection, or cancelled).
                 let (due, completed) = flags.withLockedValue { ($0.due, $0.completed) }
                 if completed { return .ended(ended) }
                 if due { return .lostAfterDeadline }
+                if let cutShort { throw cutShort }
                 try Task.checkCancellation()
                 return .ended(ended)
             }
