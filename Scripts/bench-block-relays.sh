@@ -33,6 +33,9 @@ Options:
                        direct-unix  fio -> Parley's NBD port over a Unix socket
                        socat        fio -> socat (Unix socket to TCP, -b BYTES) -> TCP port
                        nbdkit-nbd   fio -> nbdkit nbd plugin (Unix socket) -> TCP port
+                       nio-relay    fio -> parley chaos without faults (Unix socket to
+                                    TCP): a SwiftNIO byte relay, no NBD, what the
+                                    cheapest relay on the map's stack costs
                        map          fio -> parley block map (Unix socket) -> block protocol
                                     over TCP -> the same server
                        map-apart    the same, with the map alone on the first CPU and the
@@ -68,7 +71,7 @@ for w in ${workloads//,/ }; do
   case "$w" in randread|randwrite) ;; *) echo "bench-block-relays: unknown workload $w" >&2; exit 2 ;; esac
 done
 for s in ${systems//,/ }; do
-  case "$s" in direct-tcp|direct-unix|socat|nbdkit-nbd|map|map-apart) ;; *) echo "bench-block-relays: unknown system $s" >&2; exit 2 ;; esac
+  case "$s" in direct-tcp|direct-unix|socat|nbdkit-nbd|nio-relay|map|map-apart) ;; *) echo "bench-block-relays: unknown system $s" >&2; exit 2 ;; esac
 done
 for tool in fio socat nbdkit python3 taskset; do
   command -v "$tool" >/dev/null || { echo "bench-block-relays: $tool is not installed (apt-get install -y $tool)" >&2; exit 2; }
@@ -103,6 +106,10 @@ for s in ${systems//,/ }; do
       nbdkit --foreground --exit-with-parent -U "$work/nbdkit.sock" nbd hostname=127.0.0.1 "port=$nbd_port" export=bench > "$work/nbdkit.log" 2>&1 &
       pid_of[nbdkit-nbd]=$!; pids+=($!)
       uri[nbdkit-nbd]="nbd+unix:///bench?socket=$work/nbdkit.sock" ;;
+    nio-relay)
+      "$parley" chaos --listen "unix:$work/nio-relay.sock" --to "127.0.0.1:$nbd_port" > "$work/nio-relay.log" 2>&1 &
+      pid_of[nio-relay]=$!; pids+=($!)
+      uri[nio-relay]="nbd+unix:///bench?socket=$work/nio-relay.sock" ;;
     map|map-apart)
       pin=(); [ "$s" = map-apart ] && pin=(taskset -c "$cpu_a")
       "${pin[@]}" "$parley" block map --session "bench-$s" --path "127.0.0.1:$block_port" --device bench \
