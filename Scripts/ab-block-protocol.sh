@@ -27,12 +27,12 @@ source "$(dirname "$0")/bench-lib.sh"
 bench_workdir ab-block
 file=${3:-$work/data.img}
 [ $# -eq 3 ] || head -c $((256 << 20)) /dev/urandom > "$file"
-start() {  # start NAME EXE: serves FILE on $work/NAME.sock; prints the PID
+start() {  # start NAME EXE: serves FILE on $work/NAME.sock; sets started (its PID, a child of this shell)
   "$2" block serve --export "bench=$file,shared" --nbd "unix:$work/$1-nbd.sock" --listen "unix:$work/$1.sock" >"$work/$1.log" 2>&1 &
-  echo $!
+  started=$!; pids+=("$started")
 }
-old_pid=$(start old "$old"); pids+=("$old_pid")
-new_pid=$(start new "$new"); pids+=("$new_pid")
+start old "$old"; old_pid=$started
+start new "$new"; new_pid=$started
 for _ in $(seq 100); do [ -S "$work/old.sock" ] && [ -S "$work/new.sock" ] && break; sleep 0.1; done
 [ -S "$work/old.sock" ] && [ -S "$work/new.sock" ] || { echo "ab-block-protocol: a server did not start:" >&2; tail -n 5 "$work"/*.log >&2; exit 1; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
