@@ -111,7 +111,7 @@ import Testing
             throw Violation(description: "timer armed while a path is up")
         }
         // Nothing queued while a live path has room.
-        if !m.queue.isEmpty, (0..<m.pathCount).contains(where: { m.isUp($0) && m.inFlight(on: $0) < m.maxInFlightPerPath }) {
+        if let head = m.queue.first, (0..<m.pathCount).contains(where: { m.hasRoom($0, for: m.io(head)!) }) {
             throw Violation(description: "IO queued while a path has room")
         }
         // A blocked IO is held by an earlier overlapping modification that is unanswered.
@@ -341,5 +341,56 @@ import Testing
         let (b, actions) = m.submit(IO(.read, offset: 0, length: 1))
         #expect(actions == [.complete(id: b, failure: .closed)])
         #expect(m.completed(id: a, send: 1, outcome: .done) == [.complete(id: a, failure: nil)])
+        // The device's last flush is taken while closing.
+        var final: [M.Action] = []
+        let f = m.submit(IO(.flush, offset: 0, length: 0), final: true, into: &final)
+        #expect(final == [.send(id: f, path: 0, send: 2)])
+    }
+
+    /// Reads and writes in flight on a path stay within its byte budget (the server's
+    /// per-session limit is in bytes too): the rest waits, flushes do not count, and an IO
+    /// larger than the budget goes alone.
+    @Test func bytesInFlightPerPathAreBounded() {
+        var m = M(paths: 1, maxInFlightBytesPerPath: 10)
+        _ = m.pathUp(0)
+        let (a, sa) = m.submit(IO(.read, offset: 0, length: 4))
+        let (b, sb) = m.submit(IO(.write, offset: 100, length: 4))
+        let (c, sc) = m.submit(IO(.read, offset: 200, length: 4))
+        #expect(sa == [.send(id: a, path: 0, send: 1)] && sb == [.send(id: b, path: 0, send: 2)])
+        #expect(sc.isEmpty, "8 + 4 bytes would pass the budget of 10")
+        #expect(m.inFlightBytes(on: 0) == 8)
+        let (f, sf) = m.submit(IO(.flush, offset: 0, length: 0))
+        #expect(sf.isEmpty, "queued behind c: the queue keeps its order")
+        #expect(m.completed(id: a, send: 1, outcome: .done) == [.complete(id: a, failure: nil), .send(id: c, path: 0, send: 3), .send(id: f, path: 0, send: 4)])
+        #expect(m.inFlightBytes(on: 0) == 8)
+        _ = m.completed(id: b, send: 2, outcome: .refused)
+        _ = m.completed(id: c, send: 3, outcome: .done)
+        _ = m.completed(id: f, send: 4, outcome: .done)
+        #expect(m.inFlightBytes(on: 0) == 0 && m.outstanding == 0)
+        // Larger than the budget: sent when nothing else is in flight, then holds the path.
+        let (big, sbig) = m.submit(IO(.write, offset: 0, length: 64))
+        #expect(sbig == [.send(id: big, path: 0, send: 5)])
+        let (small, ssmall) = m.submit(IO(.read, offset: 1000, length: 1))
+        #expect(ssmall.isEmpty)
+        #expect(m.completed(id: big, send: 5, outcome: .done) == [.complete(id: big, failure: nil), .send(id: small, path: 0, send: 6)])
+    }
+
+    /// A dead path's IO moves to the survivors only as their byte budget allows.
+    @Test func aFailedPathsIOWaitsForRoomOnTheSurvivor() {
+        var m = M(paths: 2, maxInFlightBytesPerPath: 8)
+        _ = m.pathUp(0)
+        _ = m.pathUp(1)
+        var ids: [UInt64] = []
+        for i in 0..<4 { ids.append(m.submit(IO(.read, offset: UInt64(i) * 100, length: 4)).id) }
+        #expect(m.inFlightBytes(on: 0) == 8 && m.inFlightBytes(on: 1) == 8)
+        let onZero = ids.filter { m.sentPath(of: $0) == 0 }
+        let onOne = ids.filter { m.sentPath(of: $0) == 1 }
+        let lost = m.pathDown(0)
+        #expect(lost == [.pathLost(0)], "path 1 is full: nothing re-sent yet")
+        #expect(m.waiting == 2 && m.inFlightBytes(on: 0) == 0)
+        let first = onOne[0]
+        let done = m.completed(id: first, send: UInt64(ids.firstIndex(of: first)! + 1), outcome: .done)
+        #expect(done == [.complete(id: first, failure: nil), .send(id: onZero[0], path: 1, send: 5)])
+        #expect(m.inFlightBytes(on: 1) == 8 && m.waiting == 1)
     }
 }

@@ -31,6 +31,10 @@ public struct BlockMultipathSession: Sendable {
         public var maxSends: Int
         /// IOs in flight per path (more wait in the queue).
         public var maxInFlightPerPath: Int
+        /// Bytes of reads and writes in flight per path (more wait in the queue); below the
+        /// server's per-session limit (`BlockService.Limits.maxInFlightBytes`, 256 MiB by
+        /// default), which it answers with BUSY_SESSION, an EIO for the caller.
+        public var maxInFlightBytesPerPath: UInt64
         public var client: ParleyClient.Configuration
         /// Where the paths' connections live. One event loop for a whole map keeps an IO on
         /// one thread from the NBD request to the answer (no thread hop, no wake-up).
@@ -39,6 +43,7 @@ public struct BlockMultipathSession: Sendable {
         public init(sessionName: String, paths: [ParleyAddress], policy: MultipathIOState.Policy = .roundRobin,
                     ioTimeout: Duration = .seconds(30), reconnectBase: Duration = .milliseconds(50), reconnectMax: Duration = .seconds(2),
                     connectTimeout: Duration = .seconds(10), maxSends: Int = 32, maxInFlightPerPath: Int = 256,
+                    maxInFlightBytesPerPath: UInt64 = 128 << 20,
                     client: ParleyClient.Configuration = Self.defaultClient, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
             self.sessionName = sessionName
             self.paths = paths
@@ -49,6 +54,7 @@ public struct BlockMultipathSession: Sendable {
             self.connectTimeout = connectTimeout
             self.maxSends = maxSends
             self.maxInFlightPerPath = maxInFlightPerPath
+            self.maxInFlightBytesPerPath = maxInFlightBytesPerPath
             self.client = client
             self.group = group
         }
@@ -246,7 +252,8 @@ public final class BlockMultipathDevice: Sendable {
         self.access = access
         let c = session.configuration
         self.state = NIOLockedValueBox(State(
-            machine: MultipathIOState(paths: c.paths.count, policy: c.policy, maxSends: c.maxSends, maxInFlightPerPath: c.maxInFlightPerPath),
+            machine: MultipathIOState(paths: c.paths.count, policy: c.policy, maxSends: c.maxSends, maxInFlightPerPath: c.maxInFlightPerPath,
+                                      maxInFlightBytesPerPath: c.maxInFlightBytesPerPath),
             paths: c.paths.map { Path(address: $0) }
         ))
     }
@@ -605,20 +612,26 @@ public final class BlockMultipathDevice: Sendable {
     /// read, nil for other operations). For callers that do not want a task per IO.
     public func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil,
                        complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
+        self.submit(io, fua: fua, data: data, final: false, complete: complete)
+    }
+
+    /// `final`: taken while closing (the last flush).
+    private func submit(_ io: MultipathIOState.IO, fua: Bool, data: ByteBuffer?, final: Bool,
+                        complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
         let jobs = self.state.withLockedValue { s -> Jobs in
             self.resolving(&s) { s, actions in
                 // The entry must exist before the machine's actions (resolved after) refer to it.
-                let id = s.machine.submit(io, into: &actions)
+                let id = s.machine.submit(io, final: final, into: &actions)
                 s.pending[id] = Pending(io: io, fua: fua, data: data, complete: complete)
             }
         }
         self.run(jobs)
     }
 
-    /// Submits one IO and waits for its answer.
-    func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil) async throws -> ByteBuffer? {
+    /// Submits one IO and waits for its answer (`final`: taken while closing).
+    func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil, final: Bool = false) async throws -> ByteBuffer? {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<ByteBuffer?, any Error>) in
-            self.submit(io, fua: fua, data: data) { result in continuation.resume(with: result.mapError { $0 as any Error }) }
+            self.submit(io, fua: fua, data: data, final: final) { result in continuation.resume(with: result.mapError { $0 as any Error }) }
         }
     }
 
@@ -682,13 +695,15 @@ public final class BlockMultipathDevice: Sendable {
     /// device on every path and the connections. The final flush's error, if any, is thrown
     /// after everything is closed.
     public func close() async throws {
+        // New IO is refused from here: what is in flight when the connections close below
+        // would be re-sent on paths without one.
+        self.state.withLockedValue { _ = $0.machine.close() }
         await self.drain()
         var flushError: (any Error)?
         if self.access != .readOnly {
-            do { try await self.flush() } catch { flushError = error }
+            do { _ = try await self.submit(.init(.flush, offset: 0, length: 0), final: true) } catch { flushError = error }
         }
         let (clients, tasks, timer) = self.state.withLockedValue { s -> ([(BlockClient, UInt32)], [Task<Void, Never>], Task<Void, Never>?) in
-            _ = s.machine.close()
             s.closed = true
             let clients = s.paths.compactMap { p in p.client.map { ($0, p.deviceID) } }
             for i in s.paths.indices { s.paths[i].client = nil }

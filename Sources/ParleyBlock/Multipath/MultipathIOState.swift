@@ -108,6 +108,12 @@ public struct MultipathIOState: Sendable, Hashable {
     public let maxSends: Int
     /// IOs in flight per path before further IO waits in the queue.
     public let maxInFlightPerPath: Int
+    /// Bytes of reads and writes in flight per path before further IO waits in the queue (an
+    /// IO larger than this still goes to a path with nothing in flight). Each path is a
+    /// session of its own on the server, which answers BUSY_SESSION past its own byte limit
+    /// (256 MiB by default): kept below it, so that many large IOs, or a failed path's IO
+    /// moving onto a survivor, wait here rather than fail.
+    public let maxInFlightBytesPerPath: UInt64
 
     private(set) var entries: [UInt64: Entry] = [:]
     /// Queued IO ids, ascending.
@@ -116,6 +122,7 @@ public struct MultipathIOState: Sendable, Hashable {
     private(set) var blocked: [UInt64] = []
     private(set) var pathUp: [Bool]
     private(set) var inFlight: [Int]
+    private(set) var inFlightBytes: [UInt64]
     private var nextID: UInt64 = 1
     private var nextSend: UInt64 = 1
     private var nextPath = 0
@@ -126,14 +133,17 @@ public struct MultipathIOState: Sendable, Hashable {
     /// IOs sent again after their path died (a counter).
     public private(set) var resends = 0
 
-    public init(paths: Int, policy: Policy = .roundRobin, maxSends: Int = 32, maxInFlightPerPath: Int = 256) {
-        precondition(paths > 0 && maxSends > 0 && maxInFlightPerPath > 0)
+    public init(paths: Int, policy: Policy = .roundRobin, maxSends: Int = 32, maxInFlightPerPath: Int = 256,
+                maxInFlightBytesPerPath: UInt64 = 128 << 20) {
+        precondition(paths > 0 && maxSends > 0 && maxInFlightPerPath > 0 && maxInFlightBytesPerPath > 0)
         self.pathCount = paths
         self.policy = policy
         self.maxSends = maxSends
         self.maxInFlightPerPath = maxInFlightPerPath
+        self.maxInFlightBytesPerPath = maxInFlightBytesPerPath
         self.pathUp = Array(repeating: false, count: paths)
         self.inFlight = Array(repeating: 0, count: paths)
+        self.inFlightBytes = Array(repeating: 0, count: paths)
     }
 
     // MARK: - Queries
@@ -143,6 +153,19 @@ public struct MultipathIOState: Sendable, Hashable {
     public var livePaths: Int { self.pathUp.reduce(0) { $0 + ($1 ? 1 : 0) } }
     public func isUp(_ path: Int) -> Bool { self.pathUp[path] }
     public func inFlight(on path: Int) -> Int { self.inFlight[path] }
+    /// Bytes of reads and writes in flight on `path`.
+    public func inFlightBytes(on path: Int) -> UInt64 { self.inFlightBytes[path] }
+    /// Whether `path` is up and could take `io` now.
+    public func hasRoom(_ path: Int, for io: IO) -> Bool {
+        guard self.pathUp[path], self.inFlight[path] < self.maxInFlightPerPath else { return false }
+        let bytes = Self.counted(io)
+        return self.inFlightBytes[path] == 0 || bytes <= self.maxInFlightBytesPerPath - min(self.inFlightBytes[path], self.maxInFlightBytesPerPath)
+    }
+
+    /// The bytes of `io` the server counts against its session's limit: reads and writes.
+    static func counted(_ io: IO) -> UInt64 {
+        io.operation == .read || io.operation == .write ? io.length : 0
+    }
     public func io(_ id: UInt64) -> IO? { self.entries[id]?.io }
     /// The path IO `id`'s latest send is on, if it is on the wire.
     public func sentPath(of id: UInt64) -> Int? {
@@ -162,10 +185,11 @@ public struct MultipathIOState: Sendable, Hashable {
 
     /// A new IO: its id; what to do is appended to `actions` (a caller that keeps one array
     /// for every event allocates none per IO).
-    public mutating func submit(_ io: IO, into actions: inout [Action]) -> UInt64 {
+    ///   - final: taken even after `close()` (the device's last flush).
+    public mutating func submit(_ io: IO, final: Bool = false, into actions: inout [Action]) -> UInt64 {
         let id = self.nextID
         self.nextID += 1
-        if self.closing {
+        if self.closing && !final {
             actions.append(.complete(id: id, failure: .closed))
             return id
         }
@@ -200,6 +224,7 @@ public struct MultipathIOState: Sendable, Hashable {
         switch outcome {
         case .done, .refused:
             self.inFlight[path] -= 1
+            self.inFlightBytes[path] -= Self.counted(entry.io)
             self.finish(id, failure: nil, &actions)
         case .pathFailed:
             self.takeDown(path, &actions)
@@ -258,6 +283,7 @@ public struct MultipathIOState: Sendable, Hashable {
             actions.append(.pathLost(path))
         }
         self.inFlight[path] = 0
+        self.inFlightBytes[path] = 0
         var inDoubt: [UInt64] = []
         for (id, entry) in self.entries {
             guard case .sent(let p, _) = entry.phase, p == path else { continue }
@@ -310,11 +336,11 @@ public struct MultipathIOState: Sendable, Hashable {
         self.blocked = still
     }
 
-    private mutating func choosePath() -> Int? {
+    private mutating func choosePath(for io: IO) -> Int? {
         var best: Int?
         for k in 0..<self.pathCount {
             let p = (self.nextPath + k) % self.pathCount
-            guard self.pathUp[p], self.inFlight[p] < self.maxInFlightPerPath else { continue }
+            guard self.hasRoom(p, for: io) else { continue }
             switch self.policy {
             case .roundRobin:
                 self.nextPath = (p + 1) % self.pathCount
@@ -330,13 +356,14 @@ public struct MultipathIOState: Sendable, Hashable {
     /// Sends what is queued on live paths with room, in id order; arms the timer when IO
     /// waits with no path up.
     private mutating func dispatch(_ actions: inout [Action]) {
-        while !self.queue.isEmpty, let path = self.choosePath() {
+        while let head = self.queue.first, let path = self.choosePath(for: self.entries[head]!.io) {
             let id = self.queue.removeFirst()
             let send = self.nextSend
             self.nextSend += 1
             self.entries[id]!.phase = .sent(path: path, send: send)
             self.entries[id]!.sends += 1
             self.inFlight[path] += 1
+            self.inFlightBytes[path] += Self.counted(self.entries[id]!.io)
             actions.append(.send(id: id, path: path, send: send))
         }
         if self.livePaths == 0, self.waiting > 0, !self.timerArmed {
