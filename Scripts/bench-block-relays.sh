@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 reps=5
 duration=3
 socat_buffer=262144
+cpu_each=
+hosts=
 systems="direct-tcp,direct-unix,socat,nbdkit-nbd,map"
 workloads="randread,randwrite"
 parley="${PARLEY:-.build/release/parley}"
@@ -46,10 +48,18 @@ Options:
   --repetitions N      default $reps
   --duration SECONDS   fio runtime per run, default $duration
   --socat-buffer BYTES socat's -b (default $socat_buffer; socat's own default is 8192)
+  --cpu-each FRACTION  cap fio, the server and each relay at FRACTION of one CPU, each in
+                       a cgroup of its own (CFS bandwidth, needs root): with 0.66 on two
+                       CPUs, every process has what a machine with a CPU per process
+                       would give it, at two thirds of the speed (not with map-apart)
+  --hosts              two hosts on one machine: the server alone on the second CPU, fio
+                       and the relay (the client's side) on the first, for every system
+                       (not with map-apart or --cpu-each)
   -h, --help           this text
 
 Environment: PARLEY (the parley executable, default .build/release/parley; build it with
-swift build -c release), BLOCK_BENCH_SIZE (default 1G). Needs fio, socat, nbdkit.
+swift build -c release), BLOCK_BENCH_SIZE (default 1G). Needs fio, python3, and socat and
+nbdkit for their systems.
 EOF
 }
 
@@ -60,6 +70,8 @@ while [ $# -gt 0 ]; do
     --repetitions) reps=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
     --socat-buffer) socat_buffer=$2; shift 2 ;;
+    --cpu-each) cpu_each=$2; shift 2 ;;
+    --hosts) hosts=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench-block-relays: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -73,13 +85,25 @@ done
 for s in ${systems//,/ }; do
   case "$s" in direct-tcp|direct-unix|socat|nbdkit-nbd|nio-relay|map|map-apart) ;; *) echo "bench-block-relays: unknown system $s" >&2; exit 2 ;; esac
 done
-for tool in fio socat nbdkit python3 taskset; do
+if [ -n "$cpu_each" ]; then
+  python3 -c "import sys; f = float(sys.argv[1]); sys.exit(0 if 0.1 <= f <= 1 else 1)" "$cpu_each" 2>/dev/null \
+    || { echo "bench-block-relays: --cpu-each must be a fraction of a CPU between 0.1 and 1, not $cpu_each" >&2; exit 2; }
+  [[ ",$systems," != *,map-apart,* ]] || { echo "bench-block-relays: --cpu-each and map-apart do not go together" >&2; exit 2; }
+fi
+if [ -n "$hosts" ]; then
+  [ -z "$cpu_each" ] && [[ ",$systems," != *,map-apart,* ]] || { echo "bench-block-relays: --hosts goes with neither --cpu-each nor map-apart" >&2; exit 2; }
+fi
+tools="fio python3"
+[[ ",$systems," == *,socat,* ]] && tools+=" socat"
+[[ ",$systems," == *,nbdkit-nbd,* ]] && tools+=" nbdkit"
+[[ ",$systems," == *,map-apart,* ]] || [ -n "$hosts" ] && tools+=" taskset"
+for tool in $tools; do
   command -v "$tool" >/dev/null || { echo "bench-block-relays: $tool is not installed (apt-get install -y $tool)" >&2; exit 2; }
 done
 # map-apart's two CPUs: the first two this script may run on.
 read -r cpu_a cpu_b < <(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(c[0], c[1] if len(c) > 1 else "")')
-if [[ ",$systems," == *,map-apart,* ]] && [ -z "$cpu_b" ]; then
-  echo "bench-block-relays: map-apart needs two CPUs (this script may run on CPU $cpu_a only)" >&2; exit 2
+if { [[ ",$systems," == *,map-apart,* ]] || [ -n "$hosts" ]; } && [ -z "$cpu_b" ]; then
+  echo "bench-block-relays: map-apart and --hosts need two CPUs (this script may run on CPU $cpu_a only)" >&2; exit 2
 fi
 [ -x "$parley" ] || { echo "bench-block-relays: $parley is not an executable (swift build -c release, or set PARLEY)" >&2; exit 2; }
 
@@ -119,6 +143,27 @@ for s in ${systems//,/ }; do
   esac
 done
 for s in ${systems//,/ }; do wait_for "${uri[$s]}"; done
+if [ -n "$hosts" ]; then
+  # The server's host: the second CPU; the client's: the first (the relays, and fio below).
+  taskset -a -p -c "$cpu_b" "$server" > /dev/null
+  for s in ${systems//,/ }; do
+    case "$s" in direct-*) ;; *) taskset -a -p -c "$cpu_a" "${pid_of[$s]}" > /dev/null ;; esac
+  done
+  echo "# two hosts: the server on CPU $cpu_b, fio and the relays on CPU $cpu_a" >&2
+fi
+declare -A cgroup_of
+if [ -n "$cpu_each" ]; then
+  bench_after_cleanup() { bench_cgroup_remove; }
+  cgroup_of[server]=$(bench_cgroup_make server "$cpu_each") || exit 1
+  bench_cgroup_enter "${cgroup_of[server]}" "$server"
+  cgroup_of[fio]=$(bench_cgroup_make fio "$cpu_each") || exit 1
+  for s in ${systems//,/ }; do
+    case "$s" in direct-*) continue ;; esac
+    cgroup_of[$s]=$(bench_cgroup_make "$s" "$cpu_each") || exit 1
+    bench_cgroup_enter "${cgroup_of[$s]}" "${pid_of[$s]}"
+  done
+  echo "# each of fio, the server and the relay capped at $cpu_each of a CPU (cgroups ${cgroup_of[server]%-server}-*)" >&2
+fi
 
 # CPU ticks of a process and its reaped children (socat serves each connection in a child).
 ticks() { awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat"; }
@@ -136,6 +181,8 @@ for rep in $(seq 1 "$reps"); do
         taskset -a -p -c "$cpu_b" "$server" > /dev/null; on=(taskset -c "$cpu_b")
       fi
       r0=$(ticks "$pid"); s0=$(ticks "$server")
+      [ -n "$hosts" ] && on=(taskset -c "$cpu_a")
+      [ -n "$cpu_each" ] && on=(sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "${cgroup_of[fio]}")
       "${on[@]}" fio --name=relay --ioengine=nbd --uri="${uri[$s]}" --rw="$w" --bs=4k --iodepth=32 --time_based --runtime="$duration" \
         --norandommap --randrepeat=0 --output-format=json --output="$work/fio.json" > "$work/fio.log" 2>&1 \
         || { echo "bench-block-relays: fio failed on $s:" >&2; tail -n 5 "$work/fio.log" >&2; exit 1; }

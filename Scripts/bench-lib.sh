@@ -12,7 +12,49 @@ bench_workdir() {
 bench_cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  # A script's own cleanup after its processes have gone (cgroups to remove), if it has one.
+  if declare -F bench_after_cleanup >/dev/null; then bench_after_cleanup; fi
   rm -rf "$work"
+}
+
+# CPU caps (`bench_cgroup_*`): each capped process in a cgroup of its own, at most FRACTION of
+# one CPU (CFS bandwidth: quota = FRACTION x a 10 ms period), cgroup v2 where its cpu
+# controller is on, else v1's cpu hierarchy. Needs root.
+bench_cgroup_root() {
+  if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+    echo "v2 /sys/fs/cgroup"
+  elif [ -w /sys/fs/cgroup/cpu/cpu.cfs_quota_us ] || [ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+    echo "v1 /sys/fs/cgroup/cpu"
+  else
+    return 1
+  fi
+}
+
+# bench_cgroup_make NAME FRACTION: prints the new cgroup's directory.
+bench_cgroup_make() {
+  local kind root dir period=10000 quota
+  read -r kind root < <(bench_cgroup_root) || { echo "$bench_name: no cgroup cpu controller to cap CPUs with" >&2; return 1; }
+  quota=$(python3 -c "print(max(1000, round(float('$2') * $period)))")
+  dir="$root/$bench_name-$$-$1"
+  mkdir "$dir" || { echo "$bench_name: cannot create cgroup $dir (root needed)" >&2; return 1; }
+  if [ "$kind" = v2 ]; then
+    echo +cpu > "$root/cgroup.subtree_control" 2>/dev/null || true
+    echo "$quota $period" > "$dir/cpu.max"
+  else
+    echo "$period" > "$dir/cpu.cfs_period_us"
+    echo "$quota" > "$dir/cpu.cfs_quota_us"
+  fi
+  echo "$dir"
+}
+
+# bench_cgroup_enter DIR PID: moves process PID (all its threads) into DIR.
+bench_cgroup_enter() { echo "$2" > "$1/cgroup.procs"; }
+
+# Removes the cgroups this script made (their processes have been stopped by then).
+bench_cgroup_remove() {
+  local kind root d
+  read -r kind root < <(bench_cgroup_root) || return 0
+  for d in "$root/$bench_name-$$-"*; do [ -d "$d" ] && rmdir "$d" 2>/dev/null || true; done
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
