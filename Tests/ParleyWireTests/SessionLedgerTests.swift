@@ -58,6 +58,43 @@ private func header(seq: UInt64, ack: UInt64) -> MessageHeader {
         #expect(oneWays.keptAnswers == 0)
     }
 
+    /// [R-5.2-13] Past 1 GiB of kept answers (or 128 times the byte bound) a message from the
+    /// peer ends the session too, however few the answers: 129 answers of 8 MiB (one buffer
+    /// shared by all, so the test holds 8 MiB).
+    @Test func aPeerThatNeverAcknowledgesLargeAnswersOverrunsTheByteLimit() throws {
+        #expect(SessionLedger.unacknowledgedByteLimit(.init()) == 1 << 30)
+        #expect(SessionLedger.unacknowledgedByteLimit(.init(maxBytes: 16 << 20, maxMessages: 16)) == 2 << 30)
+        let data = ByteBuffer(repeating: 7, count: 8 << 20)
+        func answer(_ id: UInt64, _ kind: MessageKind = .response) -> WireMessage {
+            WireMessage(header: MessageHeader(id: id, kind: kind, type: "t"), payload: ByteBuffer(), data: data)
+        }
+        let size = (8 << 20) + MessageHeader.fixedSize + 1
+        var ledger = SessionLedger()
+        let bounds = SessionLedger.Bounds()
+        for i in 1...127 { ledger.append(answer(UInt64(i))) }
+        ledger.append(message(128, .oneWay, bytes: 64 << 20))  // not an answer: not counted
+        while ledger.nextToTransmit() != nil {}
+        let (answers, bytes) = (ledger.keptAnswers, ledger.keptAnswerBytes)
+        #expect(answers == 127 && bytes == 127 * size)
+        let under = ledger.overrun(bounds)
+        #expect(under == nil, "127 answers of 8 MiB are under 1 GiB")
+        ledger.append(answer(129, .error))
+        _ = ledger.nextToTransmit()
+        let all = ledger.keptAnswerBytes
+        #expect(all == 128 * size)
+        // (Not `#require(ledger.overrun(...))`: a failure would print the ledger, 1 GiB of it.)
+        let overrun = ledger.overrun(bounds)
+        let error = try #require(overrun, "errors are answers: 128 x (8 MiB + header) > 1 GiB")
+        #expect(error.code == .protocolViolation)
+        #expect(error.message.contains("128 answers unacknowledged (\(128 * size) bytes)") && error.message.contains("1073741824 bytes"), "\(error.message)")
+        #expect(try ledger.acknowledge(1))
+        let acknowledged = ledger.overrun(bounds), left = ledger.keptAnswerBytes
+        #expect(acknowledged == nil && left == 127 * size, "acknowledged: back under the limit")
+        _ = ledger.reset()
+        let afterReset = ledger.keptAnswerBytes
+        #expect(afterReset == 0)
+    }
+
     @Test func acksDropKeptMessagesAndFreeRoom() throws {
         var ledger = SessionLedger()
         let bounds = SessionLedger.Bounds(maxBytes: 1 << 20, maxMessages: 3)

@@ -49,6 +49,8 @@ public struct SessionLedger: Sendable {
     public private(set) var keptBytes = 0
     /// Kept answers (RESPONSE and ERROR): what `overrun` counts.
     public private(set) var keptAnswers = 0
+    /// Bytes of the kept answers (counted as `keptBytes` counts): `overrun`'s other measure.
+    public private(set) var keptAnswerBytes = 0
 
     public init() {}
 
@@ -71,15 +73,25 @@ public struct SessionLedger: Sendable {
     /// without waiting (`sendNow`) are paced by the peer's own sending, not by its acks.
     public static func unacknowledgedLimit(_ bounds: Bounds) -> Int { max(16_384, 4 * bounds.maxMessages) }
 
+    /// Most bytes of answers a side keeps for a peer that goes on sending ([R-5.2-13]): 1 GiB,
+    /// or 128 times the byte bound if that is larger. The count alone let a peer that never
+    /// acknowledges have 16,384 answers of up to a frame each kept (the block server's 8 MiB
+    /// reads: 128 GiB); a peer that acknowledges leaves unacknowledged only the answers on
+    /// their way to it, which the writability pause of the answering side holds to the
+    /// answers of the handlers running then.
+    public static func unacknowledgedByteLimit(_ bounds: Bounds) -> Int { max(1 << 30, 128 * bounds.maxBytes) }
+
     /// When a message arrives: the error that ends the session if this side keeps more
     /// answers for the peer than `unacknowledgedLimit` (a peer that sends requests and never
     /// acknowledges would otherwise make it keep every answer); nil otherwise.
     public func overrun(_ bounds: Bounds) -> ParleyError? {
         let limit = Self.unacknowledgedLimit(bounds)
-        guard self.keptAnswers > limit else { return nil }
+        let byteLimit = Self.unacknowledgedByteLimit(bounds)
+        guard self.keptAnswers > limit || self.keptAnswerBytes > byteLimit else { return nil }
         return ParleyError(
             code: .protocolViolation,
-            message: "the peer goes on sending but has left \(self.keptAnswers) answers unacknowledged, more than the \(limit) kept for it: "
+            message: "the peer goes on sending but has left \(self.keptAnswers) answers unacknowledged (\(self.keptAnswerBytes) bytes), "
+                + "more than the \(limit) answers or \(byteLimit) bytes kept for it: "
                 + "a lossless peer acknowledges what it receives and keeps at most \(Self.maxOutstandingRequests) requests outstanding"
         )
     }
@@ -100,8 +112,12 @@ public struct SessionLedger: Sendable {
         let seq = self.nextSeq
         message.header.seq = seq
         self.kept.append(message)
-        self.keptBytes += Self.size(message)
-        if Self.isAnswer(message) { self.keptAnswers += 1 }
+        let size = Self.size(message)
+        self.keptBytes += size
+        if Self.isAnswer(message) {
+            self.keptAnswers += 1
+            self.keptAnswerBytes += size
+        }
         self.nextSeq &+= 1
         return seq
     }
@@ -157,8 +173,12 @@ public struct SessionLedger: Sendable {
         guard ack > self.peerAck else { return false }
         for _ in 0..<(ack - self.peerAck) {
             let dropped = self.kept.removeFirst()
-            self.keptBytes -= Self.size(dropped)
-            if Self.isAnswer(dropped) { self.keptAnswers -= 1 }
+            let size = Self.size(dropped)
+            self.keptBytes -= size
+            if Self.isAnswer(dropped) {
+                self.keptAnswers -= 1
+                self.keptAnswerBytes -= size
+            }
         }
         self.peerAck = ack
         // A new connection may still be transmitting what the peer now acknowledges.
