@@ -86,14 +86,28 @@ enum WebSocketPipeline {
         to channel: any Channel, role: WebSocketStreamHandler.Role, security: NIOLoopBound<TLSHandshakeHandler>?,
         initializer: @escaping ParleyChannelInitializer
     ) -> EventLoopFuture<Void> {
+        let gate = role == .server ? WebSocketFrameGate(limit: ParleyConnectionHandler.handshakeFrameLimit) : nil
         do {
-            try channel.pipeline.syncOperations.addHandler(WebSocketStreamHandler(role: role))
+            let operations = channel.pipeline.syncOperations
+            try operations.addHandler(WebSocketStreamHandler(role: role))
+            if let gate {
+                // Until the Parley handshake completes, frames are held to the handshake's
+                // limit, as on a TCP port, before NIO's decoder buffers one whole.
+                let decoder = try operations.handler(type: ByteToMessageHandler<WebSocketFrameDecoder>.self)
+                try operations.addHandler(gate, position: .before(decoder))
+            }
         } catch {
             return channel.eventLoop.makeFailedFuture(error)
         }
+        let gateBox = gate.map { NIOLoopBound($0, eventLoop: channel.eventLoop) }
         return initializer(channel).map {
             if let event = security?.value.event {
                 channel.pipeline.fireUserInboundEventTriggered(event)
+            }
+            if let gateBox, let parley = try? channel.pipeline.syncOperations.handler(type: ParleyConnectionHandler.self) {
+                parley.established.whenSuccess {
+                    channel.pipeline.syncOperations.removeHandler(gateBox.value, promise: nil)
+                }
             }
         }.flatMapErrorThrowing { error in
             channel.close(promise: nil)  // e.g. the server is shutting down

@@ -208,6 +208,151 @@ struct TransportTests {
         #expect(seen.all == [TransportSecurityEvent(protocolName: "TLSv1.3", peerEntity: "client.bob")])
     }
 
+    /// The bytes of a WebSocket frame header: binary, FIN, `length` (7-, 16- or 64-bit form), masked.
+    static func webSocketHeader(length: UInt64, masked: Bool = true, form: Int? = nil) -> [UInt8] {
+        var h: [UInt8] = [0x82]
+        let mask: UInt8 = masked ? 0x80 : 0
+        switch form ?? (length < 126 ? 7 : length <= 0xFFFF ? 16 : 64) {
+        case 7: h.append(mask | UInt8(length))
+        case 16: h += [mask | 126, UInt8(length >> 8), UInt8(length & 0xFF)]
+        default: h.append(mask | 127); h += (0..<8).reversed().map { UInt8((length >> (8 * UInt64($0))) & 0xFF) }
+        }
+        if masked { h += [1, 2, 3, 4] }
+        return h
+    }
+
+    /// The gate's scanner finds each frame's declared length whatever the header's form and
+    /// however the bytes are cut, skips payloads without looking into them, and names the
+    /// first frame over the limit.
+    @Test func webSocketFrameLengthsAreReadFromHeadersAcrossReads() {
+        func scan(_ pieces: [[UInt8]], limit: Int) -> UInt64? {
+            var lengths = WebSocketFrameLengths()
+            for piece in pieces {
+                if let found = piece.withUnsafeBytes({ lengths.scan($0, limit: limit) }) { return found }
+            }
+            return nil
+        }
+        let small = Self.webSocketHeader(length: 100) + [UInt8](repeating: 0x7F, count: 100)  // payload bytes that look like headers
+        let medium = Self.webSocketHeader(length: 1000) + [UInt8](repeating: 0xFF, count: 1000)
+        let large = Self.webSocketHeader(length: 300_000, masked: false)
+        #expect(scan([small + medium], limit: 1000) == nil, "within the limit, in one read")
+        #expect(scan([small + medium + large], limit: 1000) == 300_000)
+        #expect(scan([small + medium + large], limit: 300_000) == nil, "at the limit")
+        // Byte by byte: headers and payloads cut anywhere.
+        #expect(scan((small + medium + large).map { [$0] }, limit: 1000) == 300_000)
+        #expect(scan((small + medium).map { [$0] }, limit: 1000) == nil)
+        // Every length form, masked or not; a 64-bit length past anything an Int holds.
+        #expect(scan([Self.webSocketHeader(length: 125, masked: false)], limit: 124) == 125)
+        #expect(scan([Self.webSocketHeader(length: 126, form: 16)], limit: 125) == 126)
+        #expect(scan([Self.webSocketHeader(length: 70_000, form: 64)], limit: 65_536) == 70_000)
+        #expect(scan([Self.webSocketHeader(length: UInt64.max, masked: false, form: 64)], limit: Int.max) == UInt64.max)
+        #expect(scan([Self.webSocketHeader(length: 5, form: 64) + [1, 2, 3, 4, 5] + Self.webSocketHeader(length: 9)], limit: 8) == 9)
+        // An empty frame, then one over the limit.
+        #expect(scan([Self.webSocketHeader(length: 0), Self.webSocketHeader(length: 2)], limit: 1) == 2)
+    }
+
+    /// Before the Parley handshake a WebSocket peer may not send a frame longer than the
+    /// handshake's frame limit: the server refuses it from its header (close code 1009)
+    /// instead of buffering it whole, as NIO's decoder would up to 16 MiB; it carries on.
+    @Test func webSocketFrameOverTheHandshakeLimitIsRefusedFromItsHeader() async throws {
+        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")]) { _, addresses in
+            guard case .webSocket(let host, let port, _, _) = addresses[0].kind else { return }
+            let peer = try await RawPeer.connect(.tcp(host: host, port: port))
+            var bytes = ByteBuffer(string: "GET /parley HTTP/1.1\r\nHost: \(host):\(port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            // A binary frame announcing 1 MiB, of which only 1 KiB is sent: without the gate
+            // the server waits for the rest, and the exchange times out.
+            bytes.writeBytes(Self.webSocketHeader(length: 1 << 20))
+            bytes.writeBytes([UInt8](repeating: 0, count: 1024))
+            let (answer, closed) = try await peer.exchange(bytes, seconds: 5, halfClose: false)
+            #expect(closed, "the server closed at once")
+            var rest = answer
+            let text = String(buffer: answer)
+            #expect(text.hasPrefix("HTTP/1.1 101"), "\(text.prefix(40))")
+            if let end = answer.readableBytesView.firstRange(of: Array("\r\n\r\n".utf8)) {
+                rest.moveReaderIndex(forwardBy: end.upperBound - answer.readerIndex)
+            }
+            // The server's frames (unmasked): its Parley banner in a binary frame, then a close
+            // frame (opcode 0x8) with status code 1009 (message too big).
+            var frames = Array(rest.readableBytesView)[...]
+            var closeCode: UInt16?
+            while frames.count >= 2 {
+                let opcode = frames[frames.startIndex] & 0x0F
+                var length = Int(frames[frames.startIndex + 1] & 0x7F), header = 2
+                if length == 126, frames.count >= 4 {
+                    length = Int(frames[frames.startIndex + 2]) << 8 | Int(frames[frames.startIndex + 3])
+                    header = 4
+                }
+                guard frames.count >= header + length else { break }
+                let payload = frames.dropFirst(header).prefix(length)
+                if opcode == 0x8, payload.count >= 2 { closeCode = UInt16(payload[payload.startIndex]) << 8 | UInt16(payload[payload.startIndex + 1]) }
+                frames = frames.dropFirst(header + length)
+            }
+            #expect(closeCode == 1009, "\(Array(rest.readableBytesView).prefix(64))")
+            let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
+            defer { client.close() }
+            #expect(try await ping(client, 5) == 5, "the server carries on, and Parley over WebSocket works")
+        }
+    }
+
+    /// Once the Parley handshake has completed, the limit is lifted: a WebSocket frame of
+    /// 300 KiB (a request with a data segment, in one frame) is taken and answered.
+    @Test func webSocketFramesPastTheHandshakeLimitAreTakenOnceEstablished() async throws {
+        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")]) { _, addresses in
+            guard case .webSocket(let host, let port, _, _) = addresses[0].kind else { return }
+            var big = pingMessage(id: 2)
+            big.data = ByteBuffer(repeating: 9, count: 300 * 1024)
+            let first = clientSessionBytes(messages: [pingMessage(id: 1)]).readableBytes
+            var session = clientSessionBytes(messages: [pingMessage(id: 1), big])
+            let handshake = session.readSlice(length: first)!
+            func wsFrame(_ payload: ByteBuffer) -> ByteBuffer {
+                var out = ByteBuffer(bytes: Self.webSocketHeader(length: UInt64(payload.readableBytes)))
+                let key: [UInt8] = [1, 2, 3, 4]
+                out.writeBytes(payload.readableBytesView.enumerated().map { $0.element ^ key[$0.offset % 4] })
+                return out
+            }
+            /// The Parley bytes in the server's WebSocket frames (unmasked; binary ones only).
+            func parleyBytes(_ received: ByteBuffer) -> (ByteBuffer, closed: Bool) {
+                var b = received
+                guard let end = b.readableBytesView.firstRange(of: Array("\r\n\r\n".utf8)) else { return (ByteBuffer(), false) }
+                b.moveReaderIndex(to: end.upperBound)
+                var out = ByteBuffer(), closed = false
+                while b.readableBytes >= 2, let h = b.getBytes(at: b.readerIndex, length: 2) {
+                    var length = Int(h[1] & 0x7F), header = 2
+                    if length == 126, let l = b.getInteger(at: b.readerIndex + 2, as: UInt16.self) { length = Int(l); header = 4 }
+                    if length == 127, let l = b.getInteger(at: b.readerIndex + 2, as: UInt64.self) { length = Int(l); header = 10 }
+                    guard b.readableBytes >= header + length else { break }
+                    b.moveReaderIndex(forwardBy: header)
+                    var payload = b.readSlice(length: length)!
+                    if h[0] & 0x0F == 0x8 { closed = true } else { out.writeBuffer(&payload) }
+                }
+                return (out, closed)
+            }
+            let peer = try await RawPeer.connect(.tcp(host: host, port: port))
+            let answers = try await peer.channel.executeThenClose { inbound, outbound in
+                var upgrade = ByteBuffer(string: "GET /parley HTTP/1.1\r\nHost: \(host):\(port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                var part = wsFrame(handshake)
+                upgrade.writeBuffer(&part)
+                try await outbound.write(upgrade)
+                var received = ByteBuffer(), sentBig = false
+                for try await var chunk in inbound {
+                    received.writeBuffer(&chunk)
+                    let (bytes, closed) = parleyBytes(received)
+                    let messages = frames(in: bytes).filter { $0.tag == .message }.count
+                    if closed || messages >= 2 { return (messages, closed) }
+                    if messages == 1 && !sentBig {
+                        // The first answer came: the handshake has completed.
+                        sentBig = true
+                        try await outbound.write(wsFrame(session))
+                    }
+                }
+                return (-1, true)
+            }
+            #expect(answers.0 == 2 && !answers.1, "both requests answered, no close: \(answers)")
+        }
+    }
+
     // MARK: WebSocket framing (the stream adapter alone)
 
     /// A client-side adapter in an active embedded channel.
