@@ -251,6 +251,37 @@ struct TransportTests {
         #expect(scan([Self.webSocketHeader(length: 0), Self.webSocketHeader(length: 2)], limit: 1) == 2)
     }
 
+    /// Fuzzed: 300 seeded streams of random frames (lengths of every form, masked or not,
+    /// random payload bytes), cut into random pieces; the scanner names exactly the first
+    /// frame over the limit, or none.
+    @Test func webSocketFrameLengthsFuzzed() {
+        var rng = SplitMix(seed: 0x57E6)
+        for round in 0..<300 {
+            let limit = Int.random(in: 0...70_000, using: &rng)
+            var stream: [UInt8] = [], expected: UInt64?
+            for _ in 0..<Int.random(in: 1...8, using: &rng) {
+                let length = UInt64([Int.random(in: 0...125, using: &rng), Int.random(in: 126...66_000, using: &rng),
+                                     Int.random(in: 0...80_000, using: &rng)].randomElement(using: &rng)!)
+                // The shortest form, or a longer one than needed (the scanner reads any).
+                let choice = Int.random(in: 0...2, using: &rng)
+                let form: Int? = choice == 2 ? 64 : choice == 1 && length <= 0xFFFF ? 16 : nil
+                stream += Self.webSocketHeader(length: length, masked: Bool.random(using: &rng), form: form)
+                if length > UInt64(limit) {
+                    expected = length
+                    break
+                }
+                stream += (0..<length).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            }
+            var lengths = WebSocketFrameLengths(), found: UInt64?, at = 0
+            while at < stream.count, found == nil {
+                let n = min(stream.count - at, Int.random(in: 1...5000, using: &rng))
+                found = stream[at..<at + n].withUnsafeBytes { lengths.scan($0, limit: limit) }
+                at += n
+            }
+            #expect(found == expected, "round \(round): limit \(limit)")
+        }
+    }
+
     /// Before the Parley handshake a WebSocket peer may not send a frame longer than the
     /// handshake's frame limit: the server refuses it from its header (close code 1009)
     /// instead of buffering it whole, as NIO's decoder would up to 16 MiB; it carries on.
