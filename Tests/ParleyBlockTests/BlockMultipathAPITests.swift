@@ -50,6 +50,9 @@ struct BlockMultipathAPITests {
         #expect(try await device.read(offset: 12288, length: 4096) == ByteBuffer(repeating: 3, count: 4096))
         try await device.close()
         await #expect(throws: BlockMultipathError.self) { _ = try await device.read(offset: 0, length: 4096) }
+        // A second close does nothing (it used to send another final flush to paths without
+        // a connection: a precondition failure).
+        try await device.close()
     }
 
     /// [R-17.8-5] The paths of a session lead to the same device: two servers exporting

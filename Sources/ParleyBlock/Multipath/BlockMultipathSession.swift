@@ -201,6 +201,8 @@ public final class BlockMultipathDevice: Sendable {
         var timer: Task<Void, Never>?
         var timerToken = 0
         var closed = false
+        /// `close()` has begun (it runs once).
+        var closeStarted = false
         var reconnects: [Int: Task<Void, Never>] = [:]
         var drained: [CheckedContinuation<Void, Never>] = []
         /// The machine's actions for one event, kept between events so that an IO allocates
@@ -697,8 +699,16 @@ public final class BlockMultipathDevice: Sendable {
     public func close() async throws {
         // New IO is refused from here: what is in flight when the connections close below
         // would be re-sent on paths without one.
-        self.state.withLockedValue { _ = $0.machine.close() }
+        // Once only: a second close (or one racing the first) would send another final flush
+        // to paths whose connections the first dropped. It waits for the IO in flight instead.
+        let first = self.state.withLockedValue { s -> Bool in
+            guard !s.closeStarted else { return false }
+            s.closeStarted = true
+            _ = s.machine.close()
+            return true
+        }
         await self.drain()
+        guard first else { return }
         var flushError: (any Error)?
         if self.access != .readOnly {
             do { _ = try await self.submit(.init(.flush, offset: 0, length: 0), final: true) } catch { flushError = error }
