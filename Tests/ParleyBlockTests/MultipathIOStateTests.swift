@@ -131,6 +131,18 @@ import Testing
         for p in 0..<m.pathCount where m.inFlight(on: p) != w.wire.filter({ $0.path == p }).count {
             throw Violation(description: "path \(p): \(m.inFlight(on: p)) in flight, \(w.wire.filter { $0.path == p }.count) on the wire")
         }
+        // ... and so do its bytes of reads and writes (what the server counts), and the budget holds
+        // unless one IO alone is larger than it.
+        for p in 0..<m.pathCount {
+            let counted = w.wire.filter { $0.path == p }.map { script[Int($0.id) - 1] }.filter { $0.operation == .read || $0.operation == .write }
+            let bytes = counted.reduce(UInt64(0)) { $0 + $1.length }
+            if m.inFlightBytes(on: p) != bytes {
+                throw Violation(description: "path \(p): \(m.inFlightBytes(on: p)) bytes in flight, \(bytes) on the wire")
+            }
+            if bytes > m.maxInFlightBytesPerPath && counted.count > 1 {
+                throw Violation(description: "path \(p): \(bytes) bytes of \(counted.count) reads and writes on the wire, past the budget of \(m.maxInFlightBytesPerPath)")
+            }
+        }
         if m.outstanding + w.answered.count != w.submitted {
             throw Violation(description: "\(m.outstanding) outstanding + \(w.answered.count) answered != \(w.submitted) submitted")
         }
@@ -138,15 +150,20 @@ import Testing
 
     /// `explore` on a thread of its own: a search takes up to half a minute of CPU, and Swift's
     /// pool, which every other test of the run shares, has only one thread per core.
-    func exploreOffPool(script: [IO], paths: Int = 2, maxSends: Int = 2, perPath: Int = 2, close: Bool = false) async throws -> Int {
-        let result = await onOwnThread { Result { try self.explore(script: script, paths: paths, maxSends: maxSends, perPath: perPath, close: close) } }
+    func exploreOffPool(script: [IO], paths: Int = 2, maxSends: Int = 2, perPath: Int = 2, perPathBytes: UInt64 = 128 << 20,
+                        close: Bool = false) async throws -> Int {
+        let result = await onOwnThread {
+            Result { try self.explore(script: script, paths: paths, maxSends: maxSends, perPath: perPath, perPathBytes: perPathBytes, close: close) }
+        }
         return try result.get()
     }
 
     /// Every state reachable from `start`; returns how many. Throws the first violation (on
     /// whatever thread it runs: see `exploreOffPool`).
-    func explore(script: [IO], paths: Int = 2, maxSends: Int = 2, perPath: Int = 2, close: Bool = false, limit: Int = 2_000_000) throws -> Int {
-        let start = World(machine: M(paths: paths, maxSends: maxSends, maxInFlightPerPath: perPath), disk: Array(repeating: 0, count: self.blocks))
+    func explore(script: [IO], paths: Int = 2, maxSends: Int = 2, perPath: Int = 2, perPathBytes: UInt64 = 128 << 20,
+                 close: Bool = false, limit: Int = 2_000_000) throws -> Int {
+        let machine = M(paths: paths, maxSends: maxSends, maxInFlightPerPath: perPath, maxInFlightBytesPerPath: perPathBytes)
+        let start = World(machine: machine, disk: Array(repeating: 0, count: self.blocks))
         var seen: Set<World> = [start]
         var stack = [start]
         var terminalWithOutstanding = 0
@@ -251,6 +268,16 @@ import Testing
     @Test func oneSlotPerPathQueues() async throws {
         let script = [IO(.write, offset: 0, length: 1), IO(.write, offset: 2, length: 2), IO(.writeZeroes, offset: 1, length: 2)]
         _ = try await self.exploreOffPool(script: script, perPath: 1)
+    }
+
+    /// Every state of a script whose reads and writes pass a path's byte budget of 3 blocks
+    /// (and one write larger than it alone), with discards and write-zeroes that do not count.
+    @Test func byteBudgetExplored() async throws {
+        let script = [IO(.write, offset: 0, length: 2), IO(.read, offset: 1, length: 3), IO(.discard, offset: 0, length: 4),
+                      IO(.write, offset: 0, length: 4)]
+        _ = try await self.exploreOffPool(script: script, perPath: 3, perPathBytes: 3)
+        let mixed = [IO(.read, offset: 0, length: 2), IO(.writeZeroes, offset: 0, length: 4), IO(.read, offset: 2, length: 2)]
+        _ = try await self.exploreOffPool(script: mixed, perPath: 3, perPathBytes: 3, close: true)
     }
 
     @Test func onePath() async throws {
@@ -373,6 +400,26 @@ import Testing
         let (small, ssmall) = m.submit(IO(.read, offset: 1000, length: 1))
         #expect(ssmall.isEmpty)
         #expect(m.completed(id: big, send: 5, outcome: .done) == [.complete(id: big, failure: nil), .send(id: small, path: 0, send: 6)])
+    }
+
+    /// Discards and write-zeroes carry no data and the server does not count them against its
+    /// session's byte limit: they take no room in the budget, whatever their length.
+    @Test func discardAndWriteZeroesTakeNoBytesOfTheBudget() {
+        var m = M(paths: 1, maxInFlightBytesPerPath: 10)
+        _ = m.pathUp(0)
+        let (w, sw) = m.submit(IO(.write, offset: 0, length: 8))
+        let (d, sd) = m.submit(IO(.discard, offset: 100, length: 1 << 30))
+        let (z, sz) = m.submit(IO(.writeZeroes, offset: 200 << 30, length: 1 << 30))
+        #expect(sw == [.send(id: w, path: 0, send: 1)])
+        #expect(sd == [.send(id: d, path: 0, send: 2)], "a discard of 1 GiB beside 8 bytes of 10")
+        #expect(sz == [.send(id: z, path: 0, send: 3)], "a write-zeroes of 1 GiB beside 8 bytes of 10")
+        #expect(m.inFlightBytes(on: 0) == 8)
+        let (r, sr) = m.submit(IO(.read, offset: 1000, length: 4))
+        #expect(sr.isEmpty, "8 + 4 bytes of reads and writes would pass the budget")
+        _ = m.completed(id: d, send: 2, outcome: .done)
+        _ = m.completed(id: z, send: 3, outcome: .done)
+        #expect(m.inFlightBytes(on: 0) == 8 && m.waiting == 1)
+        #expect(m.completed(id: w, send: 1, outcome: .done) == [.complete(id: w, failure: nil), .send(id: r, path: 0, send: 4)])
     }
 
     /// A dead path's IO moves to the survivors only as their byte budget allows.
