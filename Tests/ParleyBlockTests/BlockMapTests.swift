@@ -216,6 +216,64 @@ struct BlockMapTests {
         #expect(again.status == 2 && again.stdout.contains("no map of session fio"), "\(again.combined)")
     }
 
+    /// Writes whose header arrives alone and whose payload comes in the next read (libnbd
+    /// sends the two apart): from 1 KiB on, the payload is taken as the next read's bytes
+    /// (one piece, or several as they come), not copied. Directly and through the map, every
+    /// write lands byte for byte, with the requests sharing a read with a payload's end.
+    @Test(arguments: [false, true]) func writesWhosePayloadComesInTheNextReadLandWhole(throughMap: Bool) async throws {
+        let scratch = try ScratchDirectory("map")
+        let server = try await self.server(scratch, size: 8 << 20)
+        defer { server.stop() }
+        var map: BlockMapProcess?
+        if throughMap {
+            map = try await BlockMapProcess(scratch: scratch, ["--session", "split", "--path", "unix:\(server.blockSocket)", "--device", "disk"])
+        }
+        defer { map?.stop() }
+        let socket = try RawSocket(unixPath: map.map { String($0.socket) } ?? server.nbdSocket)
+        let (nbd, go, message) = try RawNBD.connect(socket, export: "disk")
+        #expect(go == 1, "\(message)")
+        func header(_ cookie: UInt64, type: UInt16 = 1, offset: Int, length: Int) -> [UInt8] {
+            var b = Bytes()
+            b.u32(0x2560_9513); b.u16(0); b.u16(type); b.u64(cookie); b.u64(UInt64(offset)); b.u32(UInt32(length))
+            return b.data
+        }
+        // 512 B (copied: below 1 KiB), 1 KiB, 4 KiB in one piece, 12 KiB in three pieces, 4 KiB
+        // whose payload ends in the same send as the next header.
+        let lengths = [512, 1024, 4096, 12_288, 4096, 4096]
+        var expected: [(offset: Int, data: [UInt8])] = []
+        var carry: [UInt8] = []
+        for (i, length) in lengths.enumerated() {
+            let offset = i * (64 << 10)
+            let data = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ ($0 >> 8) &* 7 &+ i &* 29 &+ 5) }  // no 4 KiB period
+            expected.append((offset, data))
+            #expect(socket.send(carry + header(UInt64(i + 1), offset: offset, length: length)))
+            carry = []
+            usleep(20_000)  // the header alone in a read
+            if length == 12_288 {
+                for part in 0..<3 {
+                    #expect(socket.send(Array(data[(part * 4096)..<((part + 1) * 4096)])))
+                    usleep(20_000)
+                }
+            } else if i == 4 {
+                carry = data  // sent with the next header
+            } else {
+                #expect(socket.send(data))
+            }
+        }
+        #expect(socket.send(header(100, type: 3, offset: 0, length: 0)))  // FLUSH
+        var answered: [UInt64: UInt32] = [:]
+        for _ in 0...lengths.count {
+            let reply = try nbd.simpleReply()
+            answered[reply.cookie] = reply.error
+        }
+        var all = Dictionary(uniqueKeysWithValues: (1...lengths.count).map { (UInt64($0), UInt32(0)) })
+        all[100] = 0
+        #expect(answered == all)
+        for (i, e) in expected.enumerated() {
+            #expect(BlockServerTests.fileBytes(scratch.file("disk.img"), offset: e.offset, count: e.data.count) == e.data, "write \(i + 1) of \(e.data.count) bytes")
+        }
+    }
+
     /// fio writes and verifies through a two-path map while `parley chaos` cuts one path
     /// again and again: every cut leaves IO in doubt, which is re-sent on the other path
     /// ([R-17.8-1], [R-17.8-2]).
