@@ -43,6 +43,8 @@ struct BlockMapCommand: AsyncParsableCommand {
             which `parley block list` shows. SIGINT, SIGTERM or `parley block
             unmap`: NBD clients' requests in flight complete, the device's IO
             drains, a final flush, the device is closed on every path, exit.
+            With no path up that waits up to --io-timeout; a second SIGINT or
+            SIGTERM exits at once (status 1).
             """
     )
 
@@ -156,15 +158,33 @@ struct BlockMapCommand: AsyncParsableCommand {
             throw ExitCode(2)
         }
         emit("mapped \(r.device) of session \(r.session) on \(running.boundAddress) (\(paths.count) path\(paths.count == 1 ? "" : "s"))")
+        // The first SIGINT or SIGTERM unmaps cleanly, which can take up to --io-timeout when
+        // no path is up (IO in flight and the final flush wait for one); a second one exits
+        // at once.
         let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
-        for await _ in signals { break }
-        logger.info("unmapping: draining IO, flushing, closing")
+        let (first, firstReceived) = AsyncStream<Void>.makeStream()
+        let watcher = Task {
+            var count = 0
+            for await _ in signals {
+                count += 1
+                guard count > 1 else {
+                    firstReceived.yield()
+                    continue
+                }
+                emit("parley block map: a second signal: exiting without waiting for the unmap (IO still in flight fails; writes acknowledged so far are on the server, not necessarily on stable storage)")
+                Foundation.exit(1)
+            }
+        }
+        for await _ in first { break }
+        logger.info("unmapping: draining IO, flushing, closing (SIGINT or SIGTERM again: exit at once)")
         do {
             try await running.stop()
         } catch {
+            watcher.cancel()
             print("parley block map: the final flush failed: \(error)")
             throw ExitCode(1)
         }
+        watcher.cancel()
         emit("unmapped \(r.device)")
     }
 }

@@ -356,6 +356,25 @@ struct BlockMapTests {
         #expect(map.log.contains("no path for"), "\(map.log)")
     }
 
+    /// Unmapping with no path up waits (up to --io-timeout) for one, for the final flush, and
+    /// says so; a second SIGTERM exits at once, with status 1.
+    @Test func aSecondSignalEndsAnUnmapThatWaitsForAPath() async throws {
+        let scratch = try ScratchDirectory("map")
+        let server = try await self.server(scratch, size: 8 << 20)
+        let map = try await BlockMapProcess(scratch: scratch, [
+            "--session", "stuck", "--path", "unix:\(server.blockSocket)", "--device", "disk", "--io-timeout", "600",
+        ])
+        defer { map.background.stop(signal: SIGKILL) }
+        server.stop(signal: SIGKILL)
+        #expect(await map.background.wait(for: "path down", seconds: 30), "\(map.log)")
+        kill(map.background.pid, SIGTERM)
+        #expect(await map.background.wait(for: "closing with no path up", seconds: 30), "\(map.log)")
+        #expect(map.background.isRunning, "the unmap waits for a path: \(map.log)")
+        kill(map.background.pid, SIGTERM)
+        #expect(await map.background.waitForExit(seconds: 30) == 1, "\(map.log)")
+        #expect(map.log.contains("a second signal: exiting without waiting for the unmap"), "\(map.log)")
+    }
+
     @Test func badInputIsRefusedClearly() async throws {
         let scratch = try ScratchDirectory("map")
         try scratch.sparseFile("disk.img", size: 16 << 20)

@@ -701,11 +701,15 @@ public final class BlockMultipathDevice: Sendable {
         // would be re-sent on paths without one.
         // Once only: a second close (or one racing the first) would send another final flush
         // to paths whose connections the first dropped. It waits for the IO in flight instead.
-        let first = self.state.withLockedValue { s -> Bool in
-            guard !s.closeStarted else { return false }
+        let (first, waits) = self.state.withLockedValue { s -> (Bool, Bool) in
+            guard !s.closeStarted else { return (false, false) }
             s.closeStarted = true
             _ = s.machine.close()
-            return true
+            return (true, s.machine.livePaths == 0 && (!s.pending.isEmpty || self.access != .readOnly))
+        }
+        if waits {
+            self.logger.warning("closing with no path up: IO in flight and the final flush wait up to \(self.session.configuration.ioTimeout) for one",
+                                metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
         }
         await self.drain()
         guard first else { return }
