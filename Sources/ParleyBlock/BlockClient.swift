@@ -8,6 +8,9 @@ public final class BlockClient: Sendable {
     public let client: ParleyClient
     public let sessionName: String
     public let protocolVersion: UInt32
+    /// This connection's number on the server (SessionInfoReply.connection_id; 0 from a
+    /// server that does not give one), for `fence`.
+    public let connectionID: UInt64
 
     /// A device this client has open.
     public struct Device: Sendable, Equatable {
@@ -19,14 +22,16 @@ public final class BlockClient: Sendable {
         }
     }
 
-    private init(client: ParleyClient, sessionName: String, protocolVersion: UInt32) {
+    private init(client: ParleyClient, sessionName: String, protocolVersion: UInt32, connectionID: UInt64) {
         self.client = client
         self.sessionName = sessionName
         self.protocolVersion = protocolVersion
+        self.connectionID = connectionID
     }
 
-    /// Connects and starts a session.
-    public static func connect(to address: ParleyAddress, sessionName: String,
+    /// Connects and starts a session. `clientInstance` (not 0) lets this connection fence,
+    /// and be fenced by, the other connections of the same session name and instance.
+    public static func connect(to address: ParleyAddress, sessionName: String, clientInstance: UInt64 = 0,
                                configuration: ParleyClient.Configuration = .defaults,
                                logger: Logger = Logger(label: "parley.block.client"),
                                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> BlockClient {
@@ -35,9 +40,10 @@ public final class BlockClient: Sendable {
             var info = Parley_Block_V1_SessionInfo()
             info.protocolVersion = BlockService.protocolVersion
             info.sessionName = sessionName
+            info.clientInstance = clientInstance
             let reply = try await client.request(info, as: Parley_Block_V1_SessionInfoReply.self)
             try Self.check(reply.status, reply.message)
-            return BlockClient(client: client, sessionName: sessionName, protocolVersion: reply.protocolVersion)
+            return BlockClient(client: client, sessionName: sessionName, protocolVersion: reply.protocolVersion, connectionID: reply.connectionID)
         } catch {
             client.close()
             throw error
@@ -65,6 +71,15 @@ public final class BlockClient: Sendable {
         var close = Parley_Block_V1_Close()
         close.deviceID = device.id
         let reply = try await self.client.request(close, as: Parley_Block_V1_CloseReply.self)
+        try Self.check(reply.status, reply.message)
+    }
+
+    /// Fences connections of this client (docs/protocol.md 17.8): returns once no IO of
+    /// theirs can still run on the server; their later IO is refused (BLOCK_STATUS_FENCED).
+    public func fence(_ connectionIDs: [UInt64]) async throws {
+        var fence = Parley_Block_V1_Fence()
+        fence.connectionIds = connectionIDs
+        let reply = try await self.client.request(fence, as: Parley_Block_V1_FenceReply.self)
         try Self.check(reply.status, reply.message)
     }
 

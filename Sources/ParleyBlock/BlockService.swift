@@ -26,6 +26,9 @@ public final class BlockService: Sendable {
     let limits: Limits
     let logger: Logger
     private let sessions = NIOLockedValueBox<[ObjectIdentifier: BlockSession]>([:])
+    /// Sessions by connection id, for Fence: from SessionInfo until the connection has ended
+    /// and its IO has finished.
+    private let connections = NIOLockedValueBox<(byID: [UInt64: BlockSession], next: UInt64)>(([:], 1))
     private let shuttingDown = NIOLockedValueBox(false)
 
     public init(catalog: BlockExportCatalog, devices: BlockDeviceTable, io: BlockIOExecutor, limits: Limits = Limits(),
@@ -56,6 +59,7 @@ public final class BlockService: Sendable {
             return try await BlockDeviceTable.runOpen(on: context.connection.eventLoop) { self.open(request, context) }.get()
         }
         router.on(Parley_Block_V1_Close.self) { [self] request, context in self.close(request, context) }
+        router.on(Parley_Block_V1_Fence.self) { [self] request, context async in await self.fence(request, context) }
         router.onWithData(Parley_Block_V1_Io.self, completing: { [self] request, context, respond in
             self.io(request, context, respond: respond)
         })
@@ -109,8 +113,14 @@ public final class BlockService: Sendable {
         let key = ObjectIdentifier(connection)
         let (session, created) = self.sessions.withLockedValue { s -> (BlockSession, Bool) in
             if let existing = s[key] { return (existing, false) }
-            let new = BlockSession(name: request.sessionName, version: version, peer: connection.session.peerAddress)
+            let id = self.connections.withLockedValue { c -> UInt64 in
+                defer { c.next += 1 }
+                return c.next
+            }
+            let new = BlockSession(name: request.sessionName, version: version, peer: connection.session.peerAddress,
+                                   instance: request.clientInstance, connectionID: id)
             s[key] = new
+            self.connections.withLockedValue { $0.byID[id] = new }
             return (new, true)
         }
         if created {
@@ -120,18 +130,21 @@ public final class BlockService: Sendable {
                 // IO of this connection not yet started is dropped from now on (see `fenced`).
                 session.ended.store(true, ordering: .releasing)
                 self.sessions.withLockedValue { _ = $0.removeValue(forKey: key) }
+                // Kept for Fence while its IO runs: a fence of it waits for that IO.
+                session.whenIdle { [self] in self.connections.withLockedValue { _ = $0.byID.removeValue(forKey: session.connectionID) } }
                 session.closeAll { device, access in
                     self.devices.close(device, access: access, owner: session.owner)
                     self.logger.info("block device closed", metadata: ["session": "\(session.name)", "export": "\(device.name)", "reason": "session ended"])
                 }
                 self.logger.info("block session ended", metadata: ["session": "\(session.name)"])
             }
-        } else if session.name != request.sessionName {
+        } else if session.name != request.sessionName || session.instance != request.clientInstance {
             reply.status = .invalid
-            reply.message = "this connection is already session \"\(session.name)\""
+            reply.message = "this connection is already session \"\(session.name)\" of client instance \(session.instance)"
             return reply
         }
         reply.protocolVersion = session.version
+        reply.connectionID = session.connectionID
         return reply
     }
 
@@ -153,6 +166,38 @@ public final class BlockService: Sendable {
             list.exports.append(entry)
         }
         return list
+    }
+
+    /// Fences other connections of this client (docs/protocol.md 17.8): their new IO is
+    /// refused, IO of theirs waiting for an IO thread is dropped, and the answer waits for
+    /// the IO of theirs already running.
+    func fence(_ request: Parley_Block_V1_Fence, _ context: ParleyRequestContext) async -> Parley_Block_V1_FenceReply {
+        var reply = Parley_Block_V1_FenceReply()
+        func refuse(_ status: Parley_Block_V1_BlockStatus, _ message: String) -> Parley_Block_V1_FenceReply {
+            reply.status = status
+            reply.message = message
+            self.logger.warning("block fence refused: \(message)", metadata: ["session": "\(self.session(for: context)?.name ?? "-")"])
+            return reply
+        }
+        guard let session = self.session(for: context) else { return refuse(.noSession, "send SessionInfo before Fence") }
+        guard session.instance != 0 else { return refuse(.invalid, "Fence needs a client_instance in SessionInfo") }
+        var targets: [BlockSession] = []
+        for id in Set(request.connectionIds) {
+            if id == session.connectionID { return refuse(.invalid, "connection \(id) is the fencing connection itself") }
+            // Unknown: ended with no IO left (or never was): nothing of it can run any more.
+            guard let target = self.connections.withLockedValue({ $0.byID[id] }) else { continue }
+            guard target.name == session.name, target.instance == session.instance else {
+                return refuse(.invalid, "connection \(id) is not one of this client's (session \"\(session.name)\", client instance \(session.instance))")
+            }
+            targets.append(target)
+        }
+        for target in targets { await target.fence(by: session.connectionID) }
+        if !targets.isEmpty {
+            self.logger.info("block connections fenced", metadata: [
+                "session": "\(session.name)", "by": "\(session.connectionID)", "fenced": "\(targets.map(\.connectionID).sorted())",
+            ])
+        }
+        return reply
     }
 
     static func blockSize(_ export: BlockExportCatalog.Resolved, _ device: BlockDevice) -> UInt32 {
@@ -339,6 +384,9 @@ public final class BlockService: Sendable {
             if session.ended.load(ordering: .acquiring) {
                 throw ParleyError(code: .cancelled, message: "\(kind.rawValue) at \(offset) dropped: its connection ended before it started")
             }
+            if session.isFenced.load(ordering: .acquiring) {
+                throw ParleyError(code: .cancelled, message: "\(kind.rawValue) at \(offset) dropped: its connection was fenced before it started")
+            }
         }
         /// Runs `body` on an IO thread; its outcome completes the request on the event loop.
         func offload(_ body: @escaping @Sendable () throws -> ByteBuffer?) {
@@ -416,30 +464,42 @@ final class BlockSession: Sendable {
         var inFlightBytes = 0
         /// Closed devices whose IO is still in flight, with what to do when it ends.
         var pendingClose: [UInt32: @Sendable (BlockDevice, BlockAccess) -> Void] = [:]
+        /// The connection that fenced this one (0: none).
+        var fencedBy: UInt64 = 0
+        /// Run when no IO is in flight any more.
+        var idle: [@Sendable () -> Void] = []
     }
 
     let name: String
     let version: UInt32
     let peer: String
+    /// The client's instance (SessionInfo.client_instance; 0: none) and this connection's id.
+    let instance: UInt64
+    let connectionID: UInt64
     /// The connection has ended: modifications still waiting for an IO thread are dropped.
     let ended = Atomic<Bool>(false)
+    /// Another connection of the client fenced this one: new IO is refused, IO waiting for
+    /// an IO thread is dropped.
+    let isFenced = Atomic<Bool>(false)
     private let state = NIOLockedValueBox(State())
 
     /// Who holds devices in the device table: the session's name, so that the paths of one
     /// session (several connections with the same name) share its read-write opens.
     var owner: String { "session \(self.name)" }
 
-    init(name: String, version: UInt32, peer: String) {
+    init(name: String, version: UInt32, peer: String, instance: UInt64 = 0, connectionID: UInt64 = 0) {
         self.name = name
         self.version = version
         self.peer = peer
+        self.instance = instance
+        self.connectionID = connectionID
     }
 
     /// Adds an opened device; nil once the session has ended (its devices are closed then,
     /// and one added after that would never be).
     func add(device: BlockDevice, access: BlockAccess, blockSize: UInt32) -> UInt32? {
         self.state.withLockedValue { s in
-            if self.ended.load(ordering: .acquiring) { return nil }
+            if self.ended.load(ordering: .acquiring) || s.fencedBy != 0 { return nil }
             while s.devices[s.nextID] != nil || s.nextID == 0 { s.nextID &+= 1 }
             let id = s.nextID
             s.nextID &+= 1
@@ -450,6 +510,9 @@ final class BlockSession: Sendable {
 
     func begin(id: UInt32, bytes: Int, limits: BlockService.Limits) -> Result<OpenDevice, BlockError> {
         self.state.withLockedValue { s in
+            if s.fencedBy != 0 {
+                return .failure(BlockError(.fenced, "connection \(self.connectionID) of session \"\(self.name)\" was fenced by connection \(s.fencedBy)"))
+            }
             guard var open = s.devices[id], !open.closing else {
                 return .failure(BlockError(.unknownDevice, "no open device \(id) in session \"\(self.name)\""))
             }
@@ -468,20 +531,54 @@ final class BlockSession: Sendable {
         let release: (() -> Void)? = self.state.withLockedValue { s in
             s.inFlight -= 1
             s.inFlightBytes -= bytes
-            guard var open = s.devices[id] else { return nil }
-            open.inFlight -= 1
-            if open.closing && open.inFlight == 0 {
-                s.devices[id] = nil
-                let action = s.pendingClose.removeValue(forKey: id)
-                // Constants captured, not `open`: a captured `var` is boxed on the heap at its
-                // declaration, on every IO, closing or not.
-                let device = open.device, access = open.access
-                return { action?(device, access) }
+            if s.inFlight == 0, !s.idle.isEmpty {
+                let idle = s.idle
+                s.idle = []
+                // The device's own close, if any, comes first.
+                let close = self.releaseIfClosed(id: id, &s)
+                return { close?(); idle.forEach { $0() } }
             }
-            s.devices[id] = open
-            return nil
+            return self.releaseIfClosed(id: id, &s)
         }
         release?()
+    }
+
+    /// The device's pending close once its last IO has ended (under the lock).
+    private func releaseIfClosed(id: UInt32, _ s: inout State) -> (() -> Void)? {
+        guard var open = s.devices[id] else { return nil }
+        open.inFlight -= 1
+        if open.closing && open.inFlight == 0 {
+            s.devices[id] = nil
+            let action = s.pendingClose.removeValue(forKey: id)
+            // Constants captured, not `open`: a captured `var` is boxed on the heap at its
+            // declaration, on every IO, closing or not.
+            let device = open.device, access = open.access
+            return { action?(device, access) }
+        }
+        s.devices[id] = open
+        return nil
+    }
+
+    /// Runs `body` once no IO of this session is in flight (at once if none is).
+    func whenIdle(_ body: @escaping @Sendable () -> Void) {
+        let now = self.state.withLockedValue { s -> Bool in
+            if s.inFlight == 0 { return true }
+            s.idle.append(body)
+            return false
+        }
+        if now { body() }
+    }
+
+    /// Fences this connection (for connection `by`): new IO is refused from now on; returns
+    /// once the IO in flight has finished (what waited for an IO thread is dropped).
+    func fence(by: UInt64) async {
+        self.state.withLockedValue { s in
+            if s.fencedBy == 0 { s.fencedBy = by }
+            self.isFenced.store(true, ordering: .releasing)
+        }
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            self.whenIdle { continuation.resume() }
+        }
     }
 
     /// Closes a device once its IO in flight has ended. False if there is no such device.

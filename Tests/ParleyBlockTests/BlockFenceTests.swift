@@ -47,9 +47,118 @@ final class GatedStore: BlockStore {
 
 /// The server's half of the multipath rule (docs/protocol.md 17.8): a write that is still
 /// waiting for an IO thread when its connection ends is dropped, never carried out late
-/// ([R-17.8-4]).
+/// ([R-17.8-4]); Fence makes the same hold for a connection the server has not seen end, and
+/// waits for what of it is running ([R-17.8-7]).
 @Suite(.timeLimit(.minutes(2)))
 struct BlockFenceTests {
+    /// A server on a Unix socket whose device is `store`, with one IO thread.
+    func serve(_ store: GatedStore, _ scratch: ScratchDirectory) async throws -> (BlockService, ParleyServer, BlockIOExecutor, ParleyAddress) {
+        try scratch.sparseFile("disk.img", size: 1 << 20)
+        let io = BlockIOExecutor(threads: 1)
+        var quiet = Logger(label: "fence")
+        quiet.logLevel = .critical
+        let service = BlockService(catalog: try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: scratch.file("disk.img"))]),
+                                   devices: BlockDeviceTable(openStore: { _, _ in store }), io: io, logger: quiet)
+        let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("block.sock"))]), router: service.router(), logger: quiet)
+        Task { try await server.run() }
+        return (service, server, io, try await server.listeningAddresses[0])
+    }
+
+    /// A Fence from another connection of the same client: the fenced connection's running
+    /// write finishes before the answer, its queued write is dropped, and its later IO is
+    /// refused; fences from other clients, of itself, or without an instance are refused.
+    @Test func aFenceWaitsForTheRunningWriteDropsTheQueuedOneAndRefusesLaterIO() async throws {
+        let scratch = try ScratchDirectory("fence")
+        let store = GatedStore()
+        let (service, server, io, address) = try await self.serve(store, scratch)
+        defer {
+            store.gate.signal()
+            server.shutDown()
+        }
+        _ = service
+        let instance: UInt64 = 0x5eed
+        let old = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: instance)
+        let live = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: instance)
+        #expect(old.connectionID != 0 && live.connectionID != 0 && old.connectionID != live.connectionID)
+        let device = try await old.open("disk")
+        _ = try await live.open("disk")
+        let first = Task { try await old.write(device, offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
+        #expect(try await eventually { store.log.withLockedValue { $0.received.contains(0) } })
+        let second = Task { try await old.write(device, offset: 4096, data: ByteBuffer(repeating: 2, count: 4096)) }
+        #expect(try await eventually { store.log.withLockedValue { $0.received.count } == 2 })
+        _ = try await eventually { store.atGate.withLockedValue { $0 } }
+
+        // Refused fences change nothing.
+        let stranger = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: 7)
+        await #expect(throws: BlockError.self) { try await stranger.fence([old.connectionID]) }
+        let anonymous = try await BlockClient.connect(to: address, sessionName: "fence")
+        await #expect(throws: BlockError.self) { try await anonymous.fence([old.connectionID]) }
+        await #expect(throws: BlockError.self) { try await live.fence([live.connectionID]) }
+        try await live.fence([123_456_789])  // unknown: nothing of it can run
+
+        // The fence waits for the write at 0, which holds the only IO thread.
+        let fence = Task { try await live.fence([old.connectionID]) }
+        let fenced = Self.watch(fence)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(store.log.withLockedValue { $0.written }.isEmpty)
+        #expect(!fenced.withLockedValue { $0 }, "answered while the fenced connection's write was running")
+        store.gate.signal()
+        try await fence.value
+        try await io.run(on: MultiThreadedEventLoopGroup.singleton.next()) {}.get()
+        #expect(store.log.withLockedValue { $0.written } == [0], "the running write completes, the queued one is dropped")
+        _ = await first.result
+        let dropped = await second.result
+        #expect(throws: (any Error).self) { try dropped.get() }
+        // Later IO of the fenced connection is refused, and says why.
+        do {
+            try await old.write(device, offset: 8192, data: ByteBuffer(repeating: 3, count: 4096))
+            Issue.record("a write on a fenced connection was taken")
+        } catch let e as BlockError {
+            #expect(e.status == .fenced && e.message.contains("fenced by connection \(live.connectionID)"), "\(e)")
+        }
+        #expect(store.log.withLockedValue { $0.written } == [0])
+        server.shutDown()
+        try await io.shutdown()
+    }
+
+    /// A connection that has ended can still be fenced while its IO runs: the fence waits.
+    @Test func aFenceOfAnEndedConnectionWaitsForItsRunningIO() async throws {
+        let scratch = try ScratchDirectory("fence")
+        let store = GatedStore()
+        let (service, server, io, address) = try await self.serve(store, scratch)
+        defer {
+            store.gate.signal()
+            server.shutDown()
+        }
+        let old = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: 9)
+        let live = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: 9)
+        let device = try await old.open("disk")
+        let first = Task { try await old.write(device, offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
+        _ = try await eventually { store.atGate.withLockedValue { $0 } }
+        old.closeConnection()
+        #expect(try await eventually { service.sessionCount == 1 }, "the server saw the connection end")
+        let fence = Task { try await live.fence([old.connectionID]) }
+        let fenced = Self.watch(fence)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(!fenced.withLockedValue { $0 }, "answered while the ended connection's write was running")
+        store.gate.signal()
+        try await fence.value
+        #expect(store.log.withLockedValue { $0.written } == [0])
+        _ = await first.result
+        server.shutDown()
+        try await io.shutdown()
+    }
+
+    /// A flag set once `task` has finished.
+    static func watch(_ task: Task<Void, any Error>) -> NIOLockedValueBox<Bool> {
+        let done = NIOLockedValueBox(false)
+        Task {
+            _ = await task.result
+            done.withLockedValue { $0 = true }
+        }
+        return done
+    }
+
     @Test func aQueuedWriteOfAnEndedConnectionIsDropped() async throws {
         let scratch = try ScratchDirectory("fence")
         try scratch.sparseFile("disk.img", size: 1 << 20)

@@ -309,6 +309,54 @@ struct BlockMapTests {
         #expect(status.stdout.contains("\"errors\":0"), "\(status.stdout)")
     }
 
+    /// A partition ([R-17.8-6], [R-17.8-7]): the client-to-server direction of one path stalls
+    /// in the middle of a 256 KiB write. The map finds the path dead (keepalive), fences its
+    /// connection on the other path, sends the write again there, and takes a later write to
+    /// the same blocks. When the stall ends the server receives the rest of the first copy on
+    /// the old connection, which it has not seen end: it must not carry it out. Without the
+    /// fence it lands over the later write (the test fails so with fencing off).
+    @Test func aStalledPathsLateCopyNeverLandsOverALaterWrite() async throws {
+        let scratch = try ScratchDirectory("map")
+        let server = try await self.server(scratch, size: 8 << 20)
+        defer { server.stop() }
+        let chaos = try await ChaosProcess(scratch: scratch, to: "unix:\(server.blockSocket)",
+                                           ["--stall-after", "65536", "--stall-for", "10000", "--only", "c2s"])
+        defer { chaos.stop() }
+        let map = try await BlockMapProcess(scratch: scratch, [
+            "--session", "stall", "--path", "unix:\(server.blockSocket)", "--path", chaos.listen, "--device", "disk", "--policy", "round-robin",
+        ])
+        defer { map.stop() }
+        let socket = try RawSocket(unixPath: map.socket)
+        socket.setTimeout(60)
+        let (nbd, go, message) = try RawNBD.connect(socket, export: "disk")
+        #expect(go == 1, "\(message)")
+        // A read takes path 1, so that the write takes path 2, through the proxy (round-robin).
+        nbd.request(type: 0, cookie: 1, offset: 0, length: 4096)
+        #expect(try nbd.simpleReply(readLength: 4096).error == 0)
+        let first = [UInt8](repeating: 0xaa, count: 256 << 10)
+        nbd.request(type: 1, cookie: 2, offset: 0, length: UInt32(first.count), payload: first)
+        let answered = try nbd.simpleReply()  // once path 2 is found dead, fenced, and the write sent again
+        #expect(answered.error == 0 && answered.cookie == 2, "\(map.log)")
+        #expect(map.log.contains("path down") && map.log.contains("fenced path 2 connection 1"), "\(map.log)")
+        let second = [UInt8](repeating: 0x55, count: 4096)
+        nbd.request(type: 1, cookie: 3, offset: 0, length: UInt32(second.count), payload: second)
+        #expect(try nbd.simpleReply().error == 0)
+        // The stall ends: the proxy delivers the rest of the first copy, then closes that connection.
+        var ended = false
+        for _ in 0..<400 where !ended {  // at most 40 s
+            ended = server.log.contains("block session ended")
+            if !ended { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        #expect(ended, "the stalled connection did not end: \(chaos.background.log)")
+        try await Task.sleep(for: .milliseconds(500))
+        nbd.request(type: 0, cookie: 4, offset: 0, length: 8192)
+        let back = try nbd.simpleReply(readLength: 8192)
+        #expect(back.error == 0)
+        #expect(Array(back.data[..<4096]) == second, "the later write was overwritten by a late copy of the first")
+        #expect(Array(back.data[4096...]) == Array(first[4096..<8192]))
+        #expect(server.log.contains("block connections fenced"), "\(server.log)")
+    }
+
     /// The server is killed (SIGKILL) while fio writes through the map and started again on
     /// the same file: IO waits, then resumes, and every block verifies.
     @Test func ioWaitsForAKilledServerAndResumes() async throws {

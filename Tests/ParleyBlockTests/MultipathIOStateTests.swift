@@ -6,9 +6,13 @@ import Testing
 /// reachable state of small scripts over two paths, with every answer a send can get (done,
 /// refused, its path failing after the server did or did not carry it out, a late answer from
 /// a path already taken down), paths going down and up, the no-path timer and close. The
-/// model's disk checks that no write ever lands over the data of a later one.
+/// model's disk checks that no write ever lands over the data of a later one. The sends of a
+/// connection that died stay in limbo: the server may carry any of them out at any later
+/// time (it has not seen the connection end, or a partition heals), until a Fence of that
+/// connection is answered (the server then has finished or dropped them all).
 /// docs/protocol.md 17.8: [R-17.8-1] (overlapping modifications in order), [R-17.8-2] (in-doubt
-/// IO re-sent, late answers ignored), [R-17.8-3] (the no-path timer).
+/// IO re-sent, late answers ignored), [R-17.8-3] (the no-path timer), [R-17.8-6] (fence before
+/// a modification goes again; without it a late copy lands over a later write).
 @Suite struct MultipathIOStateTests {
     typealias M = MultipathIOState
     typealias IO = MultipathIOState.IO
@@ -18,6 +22,15 @@ import Testing
         var id: UInt64
         var send: UInt64
         var path: Int
+        /// The connection it went on.
+        var link: M.Link
+    }
+
+    /// A Fence on the wire.
+    struct FenceWire: Hashable {
+        var link: M.Link
+        var send: UInt64
+        var path: Int
     }
 
     /// The machine and a model of the server's disk around it.
@@ -25,6 +38,9 @@ import Testing
         var machine: M
         var submitted = 0
         var wire: [Wire] = []
+        var fences: [FenceWire] = []
+        /// Modifications sent on connections that died, not carried out yet, not fenced.
+        var limbo: [Wire] = []
         /// Per block, the id of the last write the server carried out.
         var disk: [UInt64]
         /// Per IO id, how it was answered (nil: not yet).
@@ -42,14 +58,22 @@ import Testing
     let blocks = 4
 
     /// Applies the machine's actions to the world, checking each one.
-    func apply(_ actions: [M.Action], _ w: inout World) throws {
+    func apply(_ actions: [M.Action], script: [IO], _ w: inout World) throws {
         for a in actions {
             switch a {
             case .send(let id, let path, let send):
                 guard w.machine.isUp(path) else { throw Violation(description: "send of \(id) on down path \(path)") }
                 guard w.answered[id] == nil else { throw Violation(description: "send of answered IO \(id)") }
                 guard !w.wire.contains(where: { $0.id == id }) else { throw Violation(description: "IO \(id) sent twice at once") }
-                w.wire.append(Wire(id: id, send: send, path: path))
+                if w.machine.pendingFences > 0, let io = w.machine.io(id), io.operation.modifies {
+                    throw Violation(description: "modification \(id) sent while \(w.machine.pendingFences) fences are pending")
+                }
+                w.wire.append(Wire(id: id, send: send, path: path, link: w.machine.link(of: path)))
+            case .fence(let link, let path, let send):
+                guard w.machine.isUp(path) else { throw Violation(description: "fence of \(link) on down path \(path)") }
+                guard link != w.machine.link(of: path) else { throw Violation(description: "fence of \(link) on that connection itself") }
+                guard !w.fences.contains(where: { $0.link == link }) else { throw Violation(description: "fence of \(link) sent twice at once") }
+                w.fences.append(FenceWire(link: link, send: send, path: path))
             case .complete(let id, let failure):
                 guard w.answered[id] == nil else { throw Violation(description: "IO \(id) answered twice") }
                 guard !w.wire.contains(where: { $0.id == id }) else { throw Violation(description: "IO \(id) answered while on the wire") }
@@ -70,7 +94,7 @@ import Testing
                 w.timerArmed = false
             case .pathLost(let p):
                 guard !w.machine.isUp(p) else { throw Violation(description: "path \(p) lost but still up") }
-                try self.retire(path: p, &w)
+                try self.retire(path: p, script: script, &w)
             }
         }
     }
@@ -87,16 +111,28 @@ import Testing
         }
     }
 
-    /// Takes a down path's sends off the wire. Their answers are late from now on, and must
-    /// be ignored: send ids are never reused, so trying each one now covers any later time.
-    func retire(path p: Int, _ w: inout World) throws {
+    /// Takes a down path's sends off the wire: its modifications go to limbo (the server may
+    /// still carry them out). Their answers are late from now on, and must be ignored: send
+    /// ids are never reused, so trying each one now covers any later time. Fences on the path
+    /// go too, their answers as late.
+    func retire(path p: Int, script: [IO], _ w: inout World) throws {
         let late = w.wire.filter { $0.path == p }
         w.wire.removeAll { $0.path == p }
+        w.limbo += late.filter { script[Int($0.id) - 1].operation.modifies }
         for s in late {
             var probe = w.machine
             for outcome in [M.Outcome.done, .refused, .pathFailed] {
                 let actions = probe.completed(id: s.id, send: s.send, outcome: outcome)
                 guard actions.isEmpty else { throw Violation(description: "late answer to send \(s.send) acted on: \(actions)") }
+            }
+        }
+        let lateFences = w.fences.filter { $0.path == p }
+        w.fences.removeAll { $0.path == p }
+        for f in lateFences {
+            for outcome in [M.Outcome.done, .refused, .pathFailed] {
+                var probe = w.machine
+                let actions = probe.fenceCompleted(link: f.link, send: f.send, outcome: outcome)
+                guard actions.isEmpty else { throw Violation(description: "late answer to fence send \(f.send) acted on: \(actions)") }
             }
         }
     }
@@ -110,9 +146,13 @@ import Testing
         if m.livePaths > 0 && w.timerArmed {
             throw Violation(description: "timer armed while a path is up")
         }
-        // Nothing queued while a live path has room.
-        if let head = m.queue.first, (0..<m.pathCount).contains(where: { m.hasRoom($0, for: m.io(head)!) }) {
-            throw Violation(description: "IO queued while a path has room")
+        // Nothing queued while a live path has room (modifications wait while a fence is pending).
+        if let head = m.queue.first(where: { m.pendingFences == 0 || !m.io($0)!.operation.modifies }),
+           (0..<m.pathCount).contains(where: { m.hasRoom($0, for: m.io(head)!) }) {
+            throw Violation(description: "IO \(head) queued while a path has room")
+        }
+        if m.pendingFences > 0 && m.livePaths > 0 && w.fences.count != m.pendingFences {
+            throw Violation(description: "\(m.pendingFences) fences pending, \(w.fences.count) on the wire, a path up")
         }
         // A blocked IO is held by an earlier overlapping modification that is unanswered.
         for b in m.blocked {
@@ -151,18 +191,22 @@ import Testing
     /// `explore` on a thread of its own: a search takes up to half a minute of CPU, and Swift's
     /// pool, which every other test of the run shares, has only one thread per core.
     func exploreOffPool(script: [IO], paths: Int = 2, maxSends: Int = 2, perPath: Int = 2, perPathBytes: UInt64 = 128 << 20,
-                        close: Bool = false) async throws -> Int {
+                        close: Bool = false, fencing: Bool = true, ups: Int = 2) async throws -> Int {
         let result = await onOwnThread {
-            Result { try self.explore(script: script, paths: paths, maxSends: maxSends, perPath: perPath, perPathBytes: perPathBytes, close: close) }
+            Result {
+                try self.explore(script: script, paths: paths, maxSends: maxSends, perPath: perPath, perPathBytes: perPathBytes, close: close,
+                                 fencing: fencing, ups: ups)
+            }
         }
         return try result.get()
     }
 
     /// Every state reachable from `start`; returns how many. Throws the first violation (on
-    /// whatever thread it runs: see `exploreOffPool`).
+    /// whatever thread it runs: see `exploreOffPool`). Each path comes up at most `ups` times
+    /// (each connection is a new one, so the states would never repeat otherwise).
     func explore(script: [IO], paths: Int = 2, maxSends: Int = 2, perPath: Int = 2, perPathBytes: UInt64 = 128 << 20,
-                 close: Bool = false, limit: Int = 2_000_000) throws -> Int {
-        let machine = M(paths: paths, maxSends: maxSends, maxInFlightPerPath: perPath, maxInFlightBytesPerPath: perPathBytes)
+                 close: Bool = false, fencing: Bool = true, ups: Int = 2, limit: Int = 2_000_000) throws -> Int {
+        let machine = M(paths: paths, maxSends: maxSends, maxInFlightPerPath: perPath, maxInFlightBytesPerPath: perPathBytes, fencing: fencing)
         let start = World(machine: machine, disk: Array(repeating: 0, count: self.blocks))
         var seen: Set<World> = [start]
         var stack = [start]
@@ -180,7 +224,7 @@ import Testing
                     let (id, actions) = n.machine.submit(script[n.submitted])
                     n.submitted += 1
                     guard Int(id) == n.submitted else { throw Violation(description: "IO numbered \(id), \(n.submitted) submitted") }
-                    try self.apply(actions, &n)
+                    try self.apply(actions, script: script, &n)
                     if n.closed, n.answered[id] != "closed" { throw Violation(description: "IO \(id) submitted after close not answered closed") }
                 }
             }
@@ -190,49 +234,66 @@ import Testing
                         n.wire.remove(at: i)
                         if outcome == .done { try self.execute(s, script: script, &n) }
                         n.lastOutcome[s.id] = outcome
-                        try self.apply(n.machine.completed(id: s.id, send: s.send, outcome: outcome), &n)
+                        try self.apply(n.machine.completed(id: s.id, send: s.send, outcome: outcome), script: script, &n)
                         guard n.answered[s.id] != nil else { throw Violation(description: "IO \(s.id) not answered after \(outcome)") }
                     }
                 }
-                for executed in [false, true] {
-                    try step { n in
-                        n.wire.remove(at: i)
-                        if executed { try self.execute(s, script: script, &n) }
-                        n.lastOutcome[s.id] = .pathFailed
-                        try self.apply(n.machine.completed(id: s.id, send: s.send, outcome: .pathFailed), &n)
-                        guard !n.machine.isUp(s.path) else { throw Violation(description: "path \(s.path) still up after a path failure") }
-                    }
+                // The path fails under this send: carried out or not, it is in limbo (it may
+                // land at any later time until fenced).
+                try step { n in
+                    n.wire.remove(at: i)
+                    if script[Int(s.id) - 1].operation.modifies { n.limbo.append(s) }
+                    n.lastOutcome[s.id] = .pathFailed
+                    try self.apply(n.machine.completed(id: s.id, send: s.send, outcome: .pathFailed), script: script, &n)
+                    guard !n.machine.isUp(s.path) else { throw Violation(description: "path \(s.path) still up after a path failure") }
+                }
+            }
+            // A copy of a modification of a dead connection lands late.
+            for (i, s) in w.limbo.enumerated() {
+                try step { n in
+                    n.limbo.remove(at: i)
+                    try self.execute(s, script: script, &n)
+                }
+            }
+            for (i, f) in w.fences.enumerated() {
+                // Answered: nothing of the fenced connection runs any more.
+                try step { n in
+                    n.fences.remove(at: i)
+                    n.limbo.removeAll { $0.link == f.link }
+                    try self.apply(n.machine.fenceCompleted(link: f.link, send: f.send, outcome: .done), script: script, &n)
+                }
+                // The fence's own path fails.
+                try step { n in
+                    n.fences.remove(at: i)
+                    try self.apply(n.machine.fenceCompleted(link: f.link, send: f.send, outcome: .pathFailed), script: script, &n)
+                    guard !n.machine.isUp(f.path) else { throw Violation(description: "path \(f.path) still up after its fence failed") }
                 }
             }
             for p in 0..<paths {
                 if w.machine.isUp(p) {
-                    // The path dies; each of its sends may or may not have been carried out.
-                    let sends = w.wire.filter { $0.path == p }
-                    for mask in 0..<(1 << sends.count) {
-                        try step { n in
-                            for (k, s) in sends.enumerated() where mask & (1 << k) != 0 { try self.execute(s, script: script, &n) }
-                            for s in sends { n.lastOutcome[s.id] = .pathFailed }
-                            try self.apply(n.machine.pathDown(p), &n)
-                        }
+                    // The path dies; its sends go to limbo.
+                    try step { n in
+                        for s in n.wire where s.path == p { n.lastOutcome[s.id] = .pathFailed }
+                        try self.apply(n.machine.pathDown(p), script: script, &n)
                     }
-                } else {
-                    try step { n in try self.apply(n.machine.pathUp(p), &n) }
+                } else if w.machine.link(of: p).incarnation < ups {
+                    try step { n in try self.apply(n.machine.pathUp(p), script: script, &n) }
                 }
             }
             if w.timerArmed {
                 try step { n in
                     n.timerArmed = false
-                    try self.apply(n.machine.noPathTimerFired(), &n)
+                    try self.apply(n.machine.noPathTimerFired(), script: script, &n)
                     if n.machine.waiting > 0 { throw Violation(description: "IO still waits after the timer") }
                 }
             }
             if close && !w.closed {
                 try step { n in
                     n.closed = true
-                    try self.apply(n.machine.close(), &n)
+                    try self.apply(n.machine.close(), script: script, &n)
                 }
             }
-            if w.submitted == script.count && w.wire.isEmpty && w.machine.outstanding > 0 && w.machine.livePaths > 0 {
+            if w.submitted == script.count && w.wire.isEmpty && w.fences.isEmpty && w.machine.outstanding > 0 && w.machine.livePaths > 0 {
                 // Nothing on the wire, a path up, and IO outstanding: it would hang.
                 terminalWithOutstanding += 1
             }
@@ -246,6 +307,19 @@ import Testing
         return seen.count
     }
 
+    /// Without fences a copy of a write sent on a connection that died can land after a later
+    /// overlapping write was acknowledged ([R-17.8-6]): what the fence is for. The explorer
+    /// finds it.
+    @Test func withoutFencesALateCopyLandsOverALaterWrite() async throws {
+        let script = [IO(.write, offset: 0, length: 2), IO(.write, offset: 1, length: 2)]
+        do {
+            _ = try await self.exploreOffPool(script: script, fencing: false)
+            Issue.record("no late copy found without fences")
+        } catch let v as Violation {
+            #expect(v.description.contains("overwrote block"), "\(v)")
+        }
+    }
+
     @Test func overlappingWritesNeverLandOutOfOrder() async throws {
         let script = [IO(.write, offset: 0, length: 2), IO(.write, offset: 1, length: 2), IO(.write, offset: 0, length: 1)]
         let n = try await self.exploreOffPool(script: script)
@@ -255,14 +329,14 @@ import Testing
     @Test func fourIOsThreeSends() async throws {
         let script = [IO(.write, offset: 0, length: 2), IO(.write, offset: 1, length: 2), IO(.read, offset: 0, length: 4),
                       IO(.write, offset: 0, length: 4)]
-        _ = try await self.exploreOffPool(script: script, maxSends: 3)
+        _ = try await self.exploreOffPool(script: script, maxSends: 3, ups: 1)
     }
 
     @Test func mixedOperations() async throws {
         let script = [IO(.write, offset: 0, length: 2), IO(.flush, offset: 0, length: 0), IO(.discard, offset: 1, length: 3)]
         _ = try await self.exploreOffPool(script: script)
         let reads = [IO(.write, offset: 0, length: 2), IO(.read, offset: 0, length: 4), IO(.writeZeroes, offset: 1, length: 3)]
-        _ = try await self.exploreOffPool(script: reads, close: true)
+        _ = try await self.exploreOffPool(script: reads, close: true, ups: 1)
     }
 
     @Test func oneSlotPerPathQueues() async throws {
@@ -275,9 +349,9 @@ import Testing
     @Test func byteBudgetExplored() async throws {
         let script = [IO(.write, offset: 0, length: 2), IO(.read, offset: 1, length: 3), IO(.discard, offset: 0, length: 4),
                       IO(.write, offset: 0, length: 4)]
-        _ = try await self.exploreOffPool(script: script, perPath: 3, perPathBytes: 3)
+        _ = try await self.exploreOffPool(script: script, perPath: 3, perPathBytes: 3, ups: 1)
         let mixed = [IO(.read, offset: 0, length: 2), IO(.writeZeroes, offset: 0, length: 4), IO(.read, offset: 2, length: 2)]
-        _ = try await self.exploreOffPool(script: mixed, perPath: 3, perPathBytes: 3, close: true)
+        _ = try await self.exploreOffPool(script: mixed, perPath: 3, perPathBytes: 3, close: true, ups: 1)
     }
 
     @Test func onePath() async throws {
@@ -288,7 +362,7 @@ import Testing
     // MARK: - Scenarios, step by step
 
     @Test func inDoubtWriteIsResentBeforeALaterOverlappingOne() {
-        var m = M(paths: 2)
+        var m = M(paths: 2, fencing: false)
         _ = m.pathUp(0)
         _ = m.pathUp(1)
         let (w1, a1) = m.submit(IO(.write, offset: 0, length: 8))
@@ -308,7 +382,7 @@ import Testing
     }
 
     @Test func noPathTimerFailsWaitingIOAndNewIOUntilAPathIsUp() {
-        var m = M(paths: 2)
+        var m = M(paths: 2, fencing: false)
         _ = m.pathUp(0)
         let (w1, _) = m.submit(IO(.write, offset: 0, length: 1))
         #expect(m.pathDown(0) == [.pathLost(0), .armNoPathTimer])
@@ -327,12 +401,79 @@ import Testing
     }
 
     @Test func tooManyResendsFails() {
-        var m = M(paths: 1, maxSends: 2)
+        var m = M(paths: 1, maxSends: 2, fencing: false)
         _ = m.pathUp(0)
         let (w, _) = m.submit(IO(.write, offset: 0, length: 1))
         #expect(m.completed(id: w, send: 1, outcome: .pathFailed) == [.pathLost(0), .armNoPathTimer])
         #expect(m.pathUp(0) == [.cancelNoPathTimer, .send(id: w, path: 0, send: 2)])
         #expect(m.completed(id: w, send: 2, outcome: .pathFailed) == [.pathLost(0), .complete(id: w, failure: .tooManyResends(2))])
+    }
+
+    /// [R-17.8-6] A write in doubt waits for the fence of its dead connection, and so does
+    /// every other modification; reads go on. Once fenced, it goes again in order.
+    @Test func inDoubtModificationsWaitForTheFence() {
+        var m = M(paths: 2)
+        _ = m.pathUp(0)
+        _ = m.pathUp(1)
+        let (w1, _) = m.submit(IO(.write, offset: 0, length: 8))
+        let (w2, a2) = m.submit(IO(.write, offset: 4, length: 8))
+        #expect(a2.isEmpty, "held behind w1")
+        let dead = m.link(of: 0)
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2)])
+        #expect(m.pendingFences == 1 && m.waiting == 2)
+        let (r, ar) = m.submit(IO(.read, offset: 0, length: 8))
+        #expect(ar == [.send(id: r, path: 1, send: 3)], "reads go on while the fence is pending")
+        let (w3, a3) = m.submit(IO(.write, offset: 100, length: 8))
+        #expect(a3.isEmpty, "no modification goes out while a fence is pending, overlapping or not")
+        // A late answer to w1's first send, and to an old fence send, change nothing.
+        #expect(m.completed(id: w1, send: 1, outcome: .done).isEmpty)
+        #expect(m.fenceCompleted(link: dead, send: 99, outcome: .done).isEmpty)
+        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .done) == [.send(id: w1, path: 1, send: 4), .send(id: w3, path: 1, send: 5)])
+        #expect(m.pendingFences == 0)
+        #expect(m.completed(id: w1, send: 4, outcome: .done) == [.complete(id: w1, failure: nil), .send(id: w2, path: 1, send: 6)])
+        // Reads in doubt need no fence.
+        let (r2, _) = m.submit(IO(.read, offset: 0, length: 8))
+        #expect(m.sentPath(of: r2) == 1)
+        _ = m.pathUp(0)
+        let onOne = m.link(of: 1)
+        let down = m.pathDown(1)
+        #expect(down.contains(.fence(link: onOne, path: 0, send: 8)), "w2 and w3 were in doubt on path 1: \(down)")
+        #expect(down.contains(.send(id: r, path: 0, send: 9)) && down.contains(.send(id: r2, path: 0, send: 10)),
+                "the reads in doubt go at once: \(down)")
+    }
+
+    /// A modification in doubt that fails (no path) keeps its connection's fence pending: its
+    /// copy could still land. The fence goes first when a path comes up; modifications wait
+    /// for it, and a fence whose path dies goes again on another.
+    @Test func aFailedModificationKeepsItsFencePending() {
+        var m = M(paths: 2)
+        _ = m.pathUp(0)
+        let (w1, _) = m.submit(IO(.write, offset: 0, length: 1))
+        let dead = m.link(of: 0)
+        #expect(m.pathDown(0) == [.pathLost(0), .armNoPathTimer])
+        #expect(m.noPathTimerFired() == [.complete(id: w1, failure: .noPath)])
+        #expect(m.pendingFences == 1)
+        #expect(m.pathUp(1) == [.fence(link: dead, path: 1, send: 2)])
+        let (w2, a2) = m.submit(IO(.write, offset: 0, length: 1))
+        #expect(a2.isEmpty, "waits for the fence: w1's copy could still land")
+        _ = m.pathUp(0)
+        // The fence's path dies: it goes again on path 0 (path 1's own connection needs none:
+        // nothing was in doubt on it).
+        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .pathFailed) == [.pathLost(1), .fence(link: dead, path: 0, send: 3)])
+        #expect(m.fenceCompleted(link: dead, send: 3, outcome: .done) == [.send(id: w2, path: 0, send: 4)])
+    }
+
+    /// A server without Fence refuses it: what waited is sent again unfenced (the rules
+    /// before fences existed).
+    @Test func aRefusedFenceReleasesWhatWaited() {
+        var m = M(paths: 2)
+        _ = m.pathUp(0)
+        _ = m.pathUp(1)
+        let (w1, _) = m.submit(IO(.write, offset: 0, length: 1))
+        let dead = m.link(of: 0)
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2)])
+        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .refused) == [.send(id: w1, path: 1, send: 3)])
+        #expect(m.pendingFences == 0)
     }
 
     @Test func policies() {

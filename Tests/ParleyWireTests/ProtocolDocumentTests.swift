@@ -31,7 +31,7 @@ import Testing
         // Parley Block (section 17): every exchange, a write and a read with data.
         "type/parley.block.v1.SessionInfo", "type/parley.block.v1.SessionInfoReply", "type/parley.block.v1.Open",
         "type/parley.block.v1.OpenReply", "type/parley.block.v1.Io", "type/parley.block.v1.IoReply",
-        "type/parley.block.v1.Close", "type/parley.block.v1.CloseReply",
+        "type/parley.block.v1.Close", "type/parley.block.v1.CloseReply", "type/parley.block.v1.Fence", "type/parley.block.v1.FenceReply",
         "data/parley.block.v1.Io", "data/parley.block.v1.IoReply",
         // Parley Work (section 19): asking for work, an assignment, a report and its ack.
         "type/parley.work.v1.RequestWork", "type/parley.work.v1.WorkAssignments", "type/parley.work.v1.ReportResult", "type/parley.work.v1.ReportAck",
@@ -478,6 +478,7 @@ enum ProtocolDocument {
             Parley_Block_V1_SessionInfo.self, Parley_Block_V1_SessionInfoReply.self, Parley_Block_V1_ListExports.self,
             Parley_Block_V1_ExportList.self, Parley_Block_V1_Open.self, Parley_Block_V1_OpenReply.self,
             Parley_Block_V1_Io.self, Parley_Block_V1_IoReply.self, Parley_Block_V1_Close.self, Parley_Block_V1_CloseReply.self,
+            Parley_Block_V1_Fence.self, Parley_Block_V1_FenceReply.self,
         ]
         return Dictionary(uniqueKeysWithValues: types.map { ($0.protoMessageName, $0) })
     }()

@@ -188,6 +188,9 @@ public nonisolated enum Parley_Block_V1_BlockStatus: SwiftProtobuf.Enum, Swift.C
   /// Too many IOs or bytes in flight for this session.
   case busySession // = 13
   case shuttingDown // = 14
+
+  /// IO on a connection that another connection of the same client fenced.
+  case fenced // = 15
   case UNRECOGNIZED(Int)
 
   public init() {
@@ -211,6 +214,7 @@ public nonisolated enum Parley_Block_V1_BlockStatus: SwiftProtobuf.Enum, Swift.C
     case 12: self = .noSession
     case 13: self = .busySession
     case 14: self = .shuttingDown
+    case 15: self = .fenced
     default: self = .UNRECOGNIZED(rawValue)
     }
   }
@@ -232,6 +236,7 @@ public nonisolated enum Parley_Block_V1_BlockStatus: SwiftProtobuf.Enum, Swift.C
     case .noSession: return 12
     case .busySession: return 13
     case .shuttingDown: return 14
+    case .fenced: return 15
     case .UNRECOGNIZED(let i): return i
     }
   }
@@ -253,6 +258,7 @@ public nonisolated enum Parley_Block_V1_BlockStatus: SwiftProtobuf.Enum, Swift.C
     .noSession,
     .busySession,
     .shuttingDown,
+    .fenced,
   ]
 
 }
@@ -271,6 +277,11 @@ public nonisolated struct Parley_Block_V1_SessionInfo: Sendable {
   /// logs it with every open and close. 1-64 bytes of [A-Za-z0-9._-], not starting with '.'.
   public var sessionName: String = String()
 
+  /// A number the client draws at random once for all the connections (paths) of one map of
+  /// a device, never 0; 0 (absent) for a client that does not fence. Fence acts only on
+  /// connections with the same session_name and client_instance.
+  public var clientInstance: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -287,6 +298,10 @@ public nonisolated struct Parley_Block_V1_SessionInfoReply: Sendable {
   public var status: Parley_Block_V1_BlockStatus = .ok
 
   public var message: String = String()
+
+  /// This connection's number on the server, for Fence: never 0, not reused while the
+  /// server runs.
+  public var connectionID: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -489,6 +504,40 @@ public nonisolated struct Parley_Block_V1_CloseReply: Sendable {
   public init() {}
 }
 
+/// Request: answered by FenceReply once no IO of the named connections can still run. A
+/// multipath client sends it on a live path, naming the connections of paths it gave up on,
+/// before it sends their unanswered writes again: from its arrival the server refuses every
+/// new IO of those connections (BLOCK_STATUS_FENCED) and drops the ones waiting for an IO
+/// thread, and it answers when the ones already running have finished. Needs SessionInfo with
+/// a client_instance; each id must be a connection of the same session_name and
+/// client_instance, other than this one. Ids of connections that have ended and have no IO
+/// left are fenced already.
+public nonisolated struct Parley_Block_V1_Fence: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var connectionIds: [UInt64] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Parley_Block_V1_FenceReply: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var status: Parley_Block_V1_BlockStatus = .ok
+
+  public var message: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "parley.block.v1"
@@ -506,12 +555,12 @@ nonisolated extension Parley_Block_V1_IoFlag: SwiftProtobuf._ProtoNameProviding 
 }
 
 nonisolated extension Parley_Block_V1_BlockStatus: SwiftProtobuf._ProtoNameProviding {
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0BLOCK_STATUS_OK\0\u{1}BLOCK_STATUS_INVALID\0\u{1}BLOCK_STATUS_OUT_OF_RANGE\0\u{1}BLOCK_STATUS_TOO_LARGE\0\u{1}BLOCK_STATUS_UNKNOWN_DEVICE\0\u{1}BLOCK_STATUS_NOT_FOUND\0\u{1}BLOCK_STATUS_READ_ONLY\0\u{1}BLOCK_STATUS_PATH_REFUSED\0\u{1}BLOCK_STATUS_BUSY\0\u{1}BLOCK_STATUS_IO_ERROR\0\u{1}BLOCK_STATUS_NO_SPACE\0\u{1}BLOCK_STATUS_NOT_SUPPORTED\0\u{1}BLOCK_STATUS_NO_SESSION\0\u{1}BLOCK_STATUS_BUSY_SESSION\0\u{1}BLOCK_STATUS_SHUTTING_DOWN\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0BLOCK_STATUS_OK\0\u{1}BLOCK_STATUS_INVALID\0\u{1}BLOCK_STATUS_OUT_OF_RANGE\0\u{1}BLOCK_STATUS_TOO_LARGE\0\u{1}BLOCK_STATUS_UNKNOWN_DEVICE\0\u{1}BLOCK_STATUS_NOT_FOUND\0\u{1}BLOCK_STATUS_READ_ONLY\0\u{1}BLOCK_STATUS_PATH_REFUSED\0\u{1}BLOCK_STATUS_BUSY\0\u{1}BLOCK_STATUS_IO_ERROR\0\u{1}BLOCK_STATUS_NO_SPACE\0\u{1}BLOCK_STATUS_NOT_SUPPORTED\0\u{1}BLOCK_STATUS_NO_SESSION\0\u{1}BLOCK_STATUS_BUSY_SESSION\0\u{1}BLOCK_STATUS_SHUTTING_DOWN\0\u{1}BLOCK_STATUS_FENCED\0")
 }
 
 nonisolated extension Parley_Block_V1_SessionInfo: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SessionInfo"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}session_name\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}session_name\0\u{3}client_instance\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -521,6 +570,7 @@ nonisolated extension Parley_Block_V1_SessionInfo: SwiftProtobuf.Message, SwiftP
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.sessionName) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.clientInstance) }()
       default: break
       }
     }
@@ -533,12 +583,16 @@ nonisolated extension Parley_Block_V1_SessionInfo: SwiftProtobuf.Message, SwiftP
     if !self.sessionName.isEmpty {
       try visitor.visitSingularStringField(value: self.sessionName, fieldNumber: 2)
     }
+    if self.clientInstance != 0 {
+      try visitor.visitSingularUInt64Field(value: self.clientInstance, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Parley_Block_V1_SessionInfo, rhs: Parley_Block_V1_SessionInfo) -> Bool {
     if lhs.protocolVersion != rhs.protocolVersion {return false}
     if lhs.sessionName != rhs.sessionName {return false}
+    if lhs.clientInstance != rhs.clientInstance {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -546,7 +600,7 @@ nonisolated extension Parley_Block_V1_SessionInfo: SwiftProtobuf.Message, SwiftP
 
 nonisolated extension Parley_Block_V1_SessionInfoReply: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SessionInfoReply"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{1}status\0\u{1}message\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{1}status\0\u{1}message\0\u{3}connection_id\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -557,6 +611,7 @@ nonisolated extension Parley_Block_V1_SessionInfoReply: SwiftProtobuf.Message, S
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
       case 2: try { try decoder.decodeSingularEnumField(value: &self.status) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.message) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.connectionID) }()
       default: break
       }
     }
@@ -572,6 +627,9 @@ nonisolated extension Parley_Block_V1_SessionInfoReply: SwiftProtobuf.Message, S
     if !self.message.isEmpty {
       try visitor.visitSingularStringField(value: self.message, fieldNumber: 3)
     }
+    if self.connectionID != 0 {
+      try visitor.visitSingularUInt64Field(value: self.connectionID, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -579,6 +637,7 @@ nonisolated extension Parley_Block_V1_SessionInfoReply: SwiftProtobuf.Message, S
     if lhs.protocolVersion != rhs.protocolVersion {return false}
     if lhs.status != rhs.status {return false}
     if lhs.message != rhs.message {return false}
+    if lhs.connectionID != rhs.connectionID {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -989,6 +1048,71 @@ nonisolated extension Parley_Block_V1_CloseReply: SwiftProtobuf.Message, SwiftPr
   }
 
   public static func ==(lhs: Parley_Block_V1_CloseReply, rhs: Parley_Block_V1_CloseReply) -> Bool {
+    if lhs.status != rhs.status {return false}
+    if lhs.message != rhs.message {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_Block_V1_Fence: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Fence"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}connection_ids\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedUInt64Field(value: &self.connectionIds) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.connectionIds.isEmpty {
+      try visitor.visitPackedUInt64Field(value: self.connectionIds, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_Block_V1_Fence, rhs: Parley_Block_V1_Fence) -> Bool {
+    if lhs.connectionIds != rhs.connectionIds {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Parley_Block_V1_FenceReply: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".FenceReply"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}status\0\u{1}message\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.status) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.message) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.status != .ok {
+      try visitor.visitSingularEnumField(value: self.status, fieldNumber: 1)
+    }
+    if !self.message.isEmpty {
+      try visitor.visitSingularStringField(value: self.message, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Parley_Block_V1_FenceReply, rhs: Parley_Block_V1_FenceReply) -> Bool {
     if lhs.status != rhs.status {return false}
     if lhs.message != rhs.message {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}

@@ -135,6 +135,9 @@ public final class BlockMultipathDevice: Sendable {
     public let session: BlockMultipathSession
     public let path: String
     public let access: Parley_Block_V1_AccessMode
+    /// This device's client instance on the server (SessionInfo.client_instance): its paths'
+    /// connections may fence each other, and no other client's.
+    let instance = UInt64.random(in: 1...UInt64.max)
     private let state: NIOLockedValueBox<State>
     private var logger: Logger { self.session.logger }
 
@@ -204,6 +207,8 @@ public final class BlockMultipathDevice: Sendable {
         /// `close()` has begun (it runs once).
         var closeStarted = false
         var reconnects: [Int: Task<Void, Never>] = [:]
+        /// The server's connection id of each path connection, for fences.
+        var linkIDs: [MultipathIOState.Link: UInt64] = [:]
         var drained: [CheckedContinuation<Void, Never>] = []
         /// The machine's actions for one event, kept between events so that an IO allocates
         /// no array (taken out with `swap` while in use).
@@ -219,6 +224,7 @@ public final class BlockMultipathDevice: Sendable {
         case arm(token: Int)
         case cancel(Task<Void, Never>)
         case lost(path: Int, client: BlockClient?, reason: String)
+        case fence(link: MultipathIOState.Link, send: UInt64, client: BlockClient, target: UInt64)
         case drained([CheckedContinuation<Void, Never>])
     }
 
@@ -276,7 +282,8 @@ public final class BlockMultipathDevice: Sendable {
         let c = self.session.configuration
         let client: BlockClient
         do {
-            client = try await BlockClient.connect(to: address, sessionName: c.sessionName, configuration: c.client, logger: self.logger, group: c.group)
+            client = try await BlockClient.connect(to: address, sessionName: c.sessionName, clientInstance: self.instance, configuration: c.client,
+                                                   logger: self.logger, group: c.group)
         } catch let e as BlockError {
             return .refused(e)
         } catch {
@@ -379,7 +386,9 @@ public final class BlockMultipathDevice: Sendable {
             s.paths[i].generation += 1
             s.paths[i].lastError = nil
             var jobs = Jobs()
-            self.resolve(s.machine.pathUp(i), &s, &jobs)
+            let actions = s.machine.pathUp(i)
+            s.linkIDs[s.machine.link(of: i)] = client.connectionID
+            self.resolve(actions, &s, &jobs)
             return (jobs, s.paths[i].generation, true)
         }
         guard ok else {
@@ -504,6 +513,10 @@ public final class BlockMultipathDevice: Sendable {
                 s.timerToken += 1
                 if let t = s.timer { jobs.append(.cancel(t)) }
                 s.timer = nil
+            case .fence(let link, let path, let send):
+                // No connection on a path the machine has up: the device is closed; the fence is moot.
+                guard let client = s.paths[path].client else { continue }
+                jobs.append(.fence(link: link, send: send, client: client, target: s.linkIDs.removeValue(forKey: link) ?? 0))
             case .pathLost(let path):
                 s.paths[path].failures += 1
                 jobs.append(.lost(path: path, client: s.paths[path].client, reason: "IO failed on it"))
@@ -564,7 +577,45 @@ public final class BlockMultipathDevice: Sendable {
                 }
             case .drained(let waiters):
                 for w in waiters { w.resume() }
+            case .fence(let link, let send, let client, let target):
+                self.fence(link, send: send, client: client, target: target)
             }
+        }
+    }
+
+    /// Fences a dead path connection before its modifications in doubt are sent again
+    /// (docs/protocol.md 17.8). A server that cannot (no connection id, or it refuses) leaves
+    /// the rule without its last step: they are sent again anyway, as before fences existed.
+    private func fence(_ link: MultipathIOState.Link, send: UInt64, client: BlockClient, target: UInt64) {
+        Task {
+            var outcome = MultipathIOState.Outcome.done
+            if target == 0 {
+                outcome = .refused
+                self.logger.warning("cannot fence \(link): the server gave it no connection id; sending its IO again unfenced",
+                                    metadata: self.meta(link.path))
+            } else {
+                do {
+                    try await client.fence([target])
+                    self.logger.info("fenced \(link) (server connection \(target)) before sending its IO again", metadata: self.meta(link.path))
+                } catch let e as BlockError {
+                    outcome = .refused
+                    self.logger.warning("the server refused to fence \(link): \(e.message); sending its IO again unfenced", metadata: self.meta(link.path))
+                } catch let e as ParleyError where e.code == .unknownMessageType {
+                    outcome = .refused
+                    self.logger.warning("the server does not know Fence; sending the IO of \(link) again unfenced", metadata: self.meta(link.path))
+                } catch {
+                    outcome = .pathFailed
+                }
+            }
+            let jobs = self.state.withLockedValue { s -> Jobs in
+                var jobs = Jobs()
+                if s.closed { return jobs }
+                let actions = s.machine.fenceCompleted(link: link, send: send, outcome: outcome)
+                if outcome == .pathFailed { s.linkIDs[link] = target }  // sent again on another path
+                self.resolve(actions, &s, &jobs)
+                return jobs
+            }
+            self.run(jobs)
         }
     }
 
@@ -591,7 +642,7 @@ public final class BlockMultipathDevice: Sendable {
                 result = .success(reply)
             case .failure(let e as BlockError):
                 switch e.status {
-                case .shuttingDown, .unknownDevice, .noSession:
+                case .shuttingDown, .unknownDevice, .noSession, .fenced:
                     outcome = .pathFailed
                 default:
                     outcome = .refused

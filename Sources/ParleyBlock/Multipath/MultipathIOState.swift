@@ -21,6 +21,13 @@
 ///   when IO starts waiting with no path; when it fires, every waiting IO fails (EIO) and
 ///   new IO fails at once until a path comes up again. A path coming up cancels the timer.
 /// - **Bounded re-sends.** An IO whose path died under it `maxSends` times fails.
+/// - **Fence before re-sending a modification.** A path's connection that died with a
+///   modification on it in doubt is fenced (a Fence request on a live path) before that
+///   modification, or any other, is sent again: the server may not have seen the connection
+///   end yet, and a copy it carries out late could land after a later write. Until the fence
+///   is answered no modification is sent (reads are); a modification that fails meanwhile
+///   (no path, too many re-sends) keeps the fence pending all the same, since its copy could
+///   still land.
 public struct MultipathIOState: Sendable, Hashable {
     public enum Policy: String, Sendable, CaseIterable {
         /// Each IO on the next live path in turn.
@@ -74,9 +81,23 @@ public struct MultipathIOState: Sendable, Hashable {
         case pathFailed
     }
 
+    /// One connection of a path: the path, and how many times it had come up.
+    public struct Link: Sendable, Hashable, CustomStringConvertible {
+        public var path: Int
+        public var incarnation: Int
+        public init(path: Int, incarnation: Int) {
+            self.path = path
+            self.incarnation = incarnation
+        }
+        public var description: String { "path \(self.path + 1) connection \(self.incarnation)" }  // paths counted from 1, as in the logs
+    }
+
     public enum Action: Sendable, Equatable {
         /// Send IO `id` on `path`; report its outcome with `send`.
         case send(id: UInt64, path: Int, send: UInt64)
+        /// Fence `link`'s connection with a Fence request on `path`; report its outcome with
+        /// `fenceCompleted(link:send:outcome:)`.
+        case fence(link: Link, path: Int, send: UInt64)
         /// Answer IO `id`: `nil` when the last send's outcome is to be passed on (done or
         /// refused), a failure otherwise.
         case complete(id: UInt64, failure: Failure?)
@@ -90,6 +111,8 @@ public struct MultipathIOState: Sendable, Hashable {
     enum Phase: Sendable, Hashable {
         /// Held behind an earlier overlapping modification.
         case blocked
+        /// In doubt on a connection that is being fenced (see `fences`).
+        case fenceHeld
         /// Waiting for a path.
         case queued
         case sent(path: Int, send: UInt64)
@@ -101,6 +124,8 @@ public struct MultipathIOState: Sendable, Hashable {
         var sends = 0
         /// Sent at least once on a path that died.
         var inDoubt = false
+        /// The connection whose fence this in-doubt modification waits for.
+        var awaiting: Link?
     }
 
     public let pathCount: Int
@@ -120,9 +145,23 @@ public struct MultipathIOState: Sendable, Hashable {
     private(set) var queue: [UInt64] = []
     /// Blocked IO ids, ascending.
     private(set) var blocked: [UInt64] = []
+    /// IO ids in doubt on a connection being fenced, ascending.
+    private(set) var fenceHeld: [UInt64] = []
     private(set) var pathUp: [Bool]
+    /// How many times each path has come up (its current connection's incarnation).
+    private(set) var incarnations: [Int]
+    /// Connections to fence, and where their Fence is (nil: waiting for a live path).
+    private(set) var fences: [Link: FenceSend?] = [:]
+    /// Whether modifications in doubt wait for a fence (false: re-sent at once, the
+    /// behaviour of a server without Fence).
+    public let fencing: Bool
     private(set) var inFlight: [Int]
     private(set) var inFlightBytes: [UInt64]
+    struct FenceSend: Sendable, Hashable {
+        var path: Int
+        var send: UInt64
+    }
+
     private var nextID: UInt64 = 1
     private var nextSend: UInt64 = 1
     private var nextPath = 0
@@ -134,9 +173,11 @@ public struct MultipathIOState: Sendable, Hashable {
     public private(set) var resends = 0
 
     public init(paths: Int, policy: Policy = .roundRobin, maxSends: Int = 32, maxInFlightPerPath: Int = 256,
-                maxInFlightBytesPerPath: UInt64 = 128 << 20) {
+                maxInFlightBytesPerPath: UInt64 = 128 << 20, fencing: Bool = true) {
         precondition(paths > 0 && maxSends > 0 && maxInFlightPerPath > 0 && maxInFlightBytesPerPath > 0)
         self.pathCount = paths
+        self.fencing = fencing
+        self.incarnations = Array(repeating: 0, count: paths)
         self.policy = policy
         self.maxSends = maxSends
         self.maxInFlightPerPath = maxInFlightPerPath
@@ -172,7 +213,16 @@ public struct MultipathIOState: Sendable, Hashable {
         if case .sent(let p, _) = self.entries[id]?.phase { return p }
         return nil
     }
-    public var waiting: Int { self.queue.count + self.blocked.count }
+    public var waiting: Int { self.queue.count + self.blocked.count + self.fenceHeld.count }
+    /// The current connection of `path` (its incarnation counts its coming up).
+    public func link(of path: Int) -> Link { Link(path: path, incarnation: self.incarnations[path]) }
+    /// Connections waiting to be fenced, or being fenced.
+    public var pendingFences: Int { self.fences.count }
+    /// Where the Fence of `link` is, if it is on the wire.
+    public func fenceSent(of link: Link) -> (path: Int, send: UInt64)? {
+        guard let f = self.fences[link], let f else { return nil }
+        return (f.path, f.send)
+    }
 
     // MARK: - Events
 
@@ -236,6 +286,7 @@ public struct MultipathIOState: Sendable, Hashable {
     public mutating func pathUp(_ path: Int) -> [Action] {
         guard !self.pathUp[path] else { return [] }
         self.pathUp[path] = true
+        self.incarnations[path] += 1
         self.failingFast = false
         var actions: [Action] = []
         if self.timerArmed {
@@ -263,9 +314,37 @@ public struct MultipathIOState: Sendable, Hashable {
         guard self.livePaths == 0, self.waiting > 0 else { return [] }
         self.failingFast = true
         var actions: [Action] = []
-        for id in (self.queue + self.blocked).sorted() {
+        for id in (self.queue + self.blocked + self.fenceHeld).sorted() {
             self.finish(id, failure: .noPath, &actions)
         }
+        return actions
+    }
+
+    /// The outcome of Fence `send` of `link`'s connection: done, or refused (a server
+    /// without Fence: what waited for it is sent again anyway, as before fencing existed),
+    /// or its carrying path failed (it goes again on another path). Outcomes of earlier
+    /// sends are ignored.
+    public mutating func fenceCompleted(link: Link, send: UInt64, outcome: Outcome) -> [Action] {
+        guard let f = self.fences[link], let f, f.send == send else { return [] }
+        var actions: [Action] = []
+        switch outcome {
+        case .done, .refused:
+            self.fences[link] = nil
+            var still: [UInt64] = []
+            for id in self.fenceHeld {
+                if self.entries[id]?.awaiting == link {
+                    self.entries[id]!.phase = .queued
+                    self.entries[id]!.awaiting = nil
+                    self.insertQueued(id)
+                } else {
+                    still.append(id)
+                }
+            }
+            self.fenceHeld = still
+        case .pathFailed:
+            self.takeDown(f.path, &actions)
+        }
+        self.dispatch(&actions)
         return actions
     }
 
@@ -284,6 +363,9 @@ public struct MultipathIOState: Sendable, Hashable {
         }
         self.inFlight[path] = 0
         self.inFlightBytes[path] = 0
+        let link = self.link(of: path)
+        // A Fence that was on this path goes again on another.
+        for (l, f) in self.fences where f?.path == path { self.fences[l] = .some(nil) }
         var inDoubt: [UInt64] = []
         for (id, entry) in self.entries {
             guard case .sent(let p, _) = entry.phase, p == path else { continue }
@@ -292,9 +374,17 @@ public struct MultipathIOState: Sendable, Hashable {
             inDoubt.append(id)
         }
         for id in inDoubt.sorted() {
-            let sends = self.entries[id]!.sends
-            if sends >= self.maxSends {
-                self.finish(id, failure: .tooManyResends(sends), &actions)
+            let entry = self.entries[id]!
+            if self.fencing && entry.io.operation.modifies && self.fences[link] == nil {
+                self.fences[link] = .some(nil)
+            }
+            if entry.sends >= self.maxSends {
+                self.finish(id, failure: .tooManyResends(entry.sends), &actions)
+            } else if self.fencing && entry.io.operation.modifies {
+                self.resends += 1
+                self.entries[id]!.phase = .fenceHeld
+                self.entries[id]!.awaiting = link
+                self.fenceHeld.append(id)
             } else {
                 self.resends += 1
                 self.insertQueued(id)
@@ -317,6 +407,7 @@ public struct MultipathIOState: Sendable, Hashable {
         guard let entry = self.entries.removeValue(forKey: id) else { return }
         if let i = self.queue.firstIndex(of: id) { self.queue.remove(at: i) }
         if let i = self.blocked.firstIndex(of: id) { self.blocked.remove(at: i) }
+        if entry.phase == .fenceHeld, let i = self.fenceHeld.firstIndex(of: id) { self.fenceHeld.remove(at: i) }
         actions.append(.complete(id: id, failure: failure))
         guard entry.io.operation.modifies, !self.blocked.isEmpty else { return }
         // Release, in id order, each blocked IO that no earlier unanswered modification overlaps.
@@ -334,6 +425,29 @@ public struct MultipathIOState: Sendable, Hashable {
             }
         }
         self.blocked = still
+    }
+
+    private mutating func sendIO(_ id: UInt64, on path: Int, _ actions: inout [Action]) {
+        let send = self.nextSend
+        self.nextSend += 1
+        self.entries[id]!.phase = .sent(path: path, send: send)
+        self.entries[id]!.sends += 1
+        self.inFlight[path] += 1
+        self.inFlightBytes[path] += Self.counted(self.entries[id]!.io)
+        actions.append(.send(id: id, path: path, send: send))
+    }
+
+    /// Sends each Fence not on the wire on a live path (the first up from `nextPath`).
+    private mutating func sendFences(_ actions: inout [Action]) {
+        guard self.livePaths > 0 else { return }
+        for link in self.fences.keys.sorted(by: { ($0.path, $0.incarnation) < ($1.path, $1.incarnation) }) where self.fences[link]! == nil {
+            var path = self.nextPath
+            while !self.pathUp[path] { path = (path + 1) % self.pathCount }
+            let send = self.nextSend
+            self.nextSend += 1
+            self.fences[link] = .some(FenceSend(path: path, send: send))
+            actions.append(.fence(link: link, path: path, send: send))
+        }
     }
 
     private mutating func choosePath(for io: IO) -> Int? {
@@ -356,15 +470,28 @@ public struct MultipathIOState: Sendable, Hashable {
     /// Sends what is queued on live paths with room, in id order; arms the timer when IO
     /// waits with no path up.
     private mutating func dispatch(_ actions: inout [Action]) {
-        while let head = self.queue.first, let path = self.choosePath(for: self.entries[head]!.io) {
-            let id = self.queue.removeFirst()
-            let send = self.nextSend
-            self.nextSend += 1
-            self.entries[id]!.phase = .sent(path: path, send: send)
-            self.entries[id]!.sends += 1
-            self.inFlight[path] += 1
-            self.inFlightBytes[path] += Self.counted(self.entries[id]!.io)
-            actions.append(.send(id: id, path: path, send: send))
+        if !self.fences.isEmpty { self.sendFences(&actions) }
+        if self.fences.isEmpty {
+            while let head = self.queue.first, let path = self.choosePath(for: self.entries[head]!.io) {
+                self.queue.removeFirst()
+                self.sendIO(head, on: path, &actions)
+            }
+        } else {
+            // While a connection is being fenced no modification goes out; reads do, in order.
+            var kept: [UInt64] = []
+            var full = false
+            for id in self.queue {
+                let io = self.entries[id]!.io
+                if full || io.operation.modifies {
+                    kept.append(id)
+                } else if let path = self.choosePath(for: io) {
+                    self.sendIO(id, on: path, &actions)
+                } else {
+                    full = true
+                    kept.append(id)
+                }
+            }
+            self.queue = kept
         }
         if self.livePaths == 0, self.waiting > 0, !self.timerArmed {
             self.timerArmed = true
