@@ -14,11 +14,15 @@ struct WebSocketFrameLengths {
     private var header: [UInt8] = []
     /// Payload bytes of the current frame still to go by.
     private var remaining: UInt64 = 0
+    /// Where, in the bytes of the last `scan`, the header of the frame it refused began (0 if
+    /// it began in earlier bytes).
+    private(set) var refusedHeaderStart = 0
 
     /// Scans `bytes`; returns the payload length of the first frame whose header says it is
     /// longer than `limit`, or nil if every frame header in them (so far) is within it.
     mutating func scan(_ bytes: UnsafeRawBufferPointer, limit: Int) -> UInt64? {
         var i = 0
+        var start = 0  // where the current header began here (0: in earlier bytes)
         while i < bytes.count {
             if self.remaining > 0 {
                 let skip = Int(min(self.remaining, UInt64(bytes.count - i)))
@@ -26,12 +30,16 @@ struct WebSocketFrameLengths {
                 self.remaining -= UInt64(skip)
                 continue
             }
+            if self.header.isEmpty { start = i }
             self.header.append(bytes[i])
             i += 1
             guard let needed = Self.headerLength(self.header), self.header.count == needed else { continue }
             let length = Self.payloadLength(self.header)
             self.header.removeAll(keepingCapacity: true)
-            if length > UInt64(limit) { return length }
+            if length > UInt64(limit) {
+                self.refusedHeaderStart = start
+                return length
+            }
             self.remaining = length
         }
         return nil
@@ -69,18 +77,29 @@ final class WebSocketFrameGate: ChannelInboundHandler, RemovableChannelHandler {
     private let limit: Int
     private var lengths = WebSocketFrameLengths()
     private var refused = false
+    /// The handshake has completed: everything passes (until the gate is removed).
+    private var lifted = false
 
     init(limit: Int) { self.limit = limit }
 
+    /// Lets everything through from now on; the server calls it once the Parley handshake
+    /// has completed (and then removes the gate).
+    func lift() { self.lifted = true }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !self.refused else { return }  // what follows a refused frame goes nowhere
-        let buffer = self.unwrapInboundIn(data)
+        guard !self.lifted else { return context.fireChannelRead(data) }
+        var buffer = self.unwrapInboundIn(data)
         let limit = self.limit
-        if buffer.withUnsafeReadableBytes({ self.lengths.scan($0, limit: limit) }) != nil {
-            self.refused = true
-            context.fireErrorCaught(NIOWebSocketError.invalidFrameLength)
-            return
+        guard buffer.withUnsafeReadableBytes({ self.lengths.scan($0, limit: limit) }) != nil else {
+            return context.fireChannelRead(data)
         }
-        context.fireChannelRead(data)
+        // The frames before the long one go on first: they may complete the handshake
+        // (CLIENT_IDENT and what follows it in the same read), which lifts the limit.
+        let before = self.lengths.refusedHeaderStart
+        if before > 0 { context.fireChannelRead(self.wrapInboundOut(buffer.readSlice(length: before)!)) }
+        if self.lifted { return context.fireChannelRead(self.wrapInboundOut(buffer)) }
+        self.refused = true
+        context.fireErrorCaught(NIOWebSocketError.invalidFrameLength)
     }
 }

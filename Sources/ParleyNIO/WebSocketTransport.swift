@@ -104,8 +104,16 @@ enum WebSocketPipeline {
             if let event = security?.value.event {
                 channel.pipeline.fireUserInboundEventTriggered(event)
             }
-            if let gateBox, let parley = try? channel.pipeline.syncOperations.handler(type: ParleyConnectionHandler.self) {
-                parley.established.whenSuccess {
+            if let gateBox {
+                if let parley = try? channel.pipeline.syncOperations.handler(type: ParleyConnectionHandler.self) {
+                    parley.established.whenSuccess {
+                        // Lifted at once (the read that completed the handshake may go on
+                        // with a long frame), removed after this event-loop turn.
+                        gateBox.value.lift()
+                        channel.eventLoop.execute { channel.pipeline.syncOperations.removeHandler(gateBox.value, promise: nil) }
+                    }
+                } else {
+                    // No Parley handshake on this pipeline (a conformance tester's inbox): nothing lifts it.
                     channel.pipeline.syncOperations.removeHandler(gateBox.value, promise: nil)
                 }
             }

@@ -327,8 +327,10 @@ struct TransportTests {
     }
 
     /// Once the Parley handshake has completed, the limit is lifted: a WebSocket frame of
-    /// 300 KiB (a request with a data segment, in one frame) is taken and answered.
-    @Test func webSocketFramesPastTheHandshakeLimitAreTakenOnceEstablished() async throws {
+    /// 300 KiB (a request with a data segment, in one frame) is taken and answered, also when
+    /// it comes in the same read as the frame that completes the handshake (`allAtOnce`: the
+    /// gate hands on the frames before a long one first; it used to refuse the whole read).
+    @Test(arguments: [false, true]) func webSocketFramesPastTheHandshakeLimitAreTakenOnceEstablished(allAtOnce: Bool) async throws {
         try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")]) { _, addresses in
             guard case .webSocket(let host, let port, _, _) = addresses[0].kind else { return }
             var big = pingMessage(id: 2)
@@ -365,8 +367,12 @@ struct TransportTests {
                     + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
                 var part = wsFrame(handshake)
                 upgrade.writeBuffer(&part)
+                if allAtOnce {
+                    var rest = wsFrame(session)
+                    upgrade.writeBuffer(&rest)
+                }
                 try await outbound.write(upgrade)
-                var received = ByteBuffer(), sentBig = false
+                var received = ByteBuffer(), sentBig = allAtOnce
                 for try await var chunk in inbound {
                     received.writeBuffer(&chunk)
                     let (bytes, closed) = parleyBytes(received)
