@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import NIOCore
 import Parley
 import ParleyBlock
@@ -53,6 +56,32 @@ struct BlockMultipathAPITests {
         // A second close does nothing (it used to send another final flush to paths without
         // a connection: a precondition failure).
         try await device.close()
+    }
+
+    /// Two closes at once: the second waits for the first and gets its outcome, here the
+    /// final flush's failure (no path came up within the IO timeout). It used to return at
+    /// once, before the first had flushed.
+    @Test func aRacingCloseGetsTheFirstOnesOutcome() async throws {
+        let scratch = try ScratchDirectory()
+        try scratch.sparseFile("disk.img", size: 1 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        defer { server.stop() }
+        let session = try BlockMultipathSession(.init(sessionName: "race", paths: [.unix(path: server.blockSocket)], ioTimeout: .seconds(1)))
+        let device = try await session.open("disk")
+        server.stop(signal: SIGKILL)
+        #expect(try await eventually { device.status().paths.allSatisfy { $0.state != "up" } })
+        func close() async -> BlockMultipathError.Kind? {
+            do {
+                try await device.close()
+                return nil
+            } catch {
+                return (error as? BlockMultipathError)?.kind
+            }
+        }
+        async let a = close()
+        async let b = close()
+        let (ka, kb) = await (a, b)
+        #expect(ka == .noPath && kb == .noPath, "\(String(describing: ka)), \(String(describing: kb))")
     }
 
     /// [R-17.8-5] The paths of a session lead to the same device: two servers exporting

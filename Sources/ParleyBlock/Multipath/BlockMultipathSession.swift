@@ -204,8 +204,10 @@ public final class BlockMultipathDevice: Sendable {
         var timer: Task<Void, Never>?
         var timerToken = 0
         var closed = false
-        /// `close()` has begun (it runs once).
+        /// `close()` has begun (it runs once), and how it ended (for later callers).
         var closeStarted = false
+        var closeOutcome: Result<Void, any Error>?
+        var closeWaiters: [CheckedContinuation<Result<Void, any Error>, Never>] = []
         var reconnects: [Int: Task<Void, Never>] = [:]
         /// The server's connection id of each path connection, for fences.
         var linkIDs: [MultipathIOState.Link: UInt64] = [:]
@@ -751,19 +753,30 @@ public final class BlockMultipathDevice: Sendable {
         // New IO is refused from here: what is in flight when the connections close below
         // would be re-sent on paths without one.
         // Once only: a second close (or one racing the first) would send another final flush
-        // to paths whose connections the first dropped. It waits for the IO in flight instead.
+        // to paths whose connections the first dropped. It waits for the first to end and
+        // gets its outcome instead.
         let (first, waits) = self.state.withLockedValue { s -> (Bool, Bool) in
             guard !s.closeStarted else { return (false, false) }
             s.closeStarted = true
             _ = s.machine.close()
-            return (true, s.machine.livePaths == 0 && (!s.pending.isEmpty || self.access != .readOnly))
+            return (true, s.machine.livePaths == 0 && !s.machine.failingFast && (!s.pending.isEmpty || self.access != .readOnly))
+        }
+        guard first else {
+            let outcome = await withCheckedContinuation { (continuation: CheckedContinuation<Result<Void, any Error>, Never>) in
+                let done = self.state.withLockedValue { s -> Result<Void, any Error>? in
+                    if let outcome = s.closeOutcome { return outcome }
+                    s.closeWaiters.append(continuation)
+                    return nil
+                }
+                if let done { continuation.resume(returning: done) }
+            }
+            return try outcome.get()
         }
         if waits {
             self.logger.warning("closing with no path up: IO in flight and the final flush wait up to \(self.session.configuration.ioTimeout) for one",
                                 metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
         }
         await self.drain()
-        guard first else { return }
         var flushError: (any Error)?
         if self.access != .readOnly {
             do { _ = try await self.submit(.init(.flush, offset: 0, length: 0), final: true) } catch { flushError = error }
@@ -783,7 +796,14 @@ public final class BlockMultipathDevice: Sendable {
             client.closeConnection()
         }
         self.logger.info("device closed", metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
-        if let flushError { throw flushError }
+        let outcome: Result<Void, any Error> = flushError.map { .failure($0) } ?? .success(())
+        let waiters = self.state.withLockedValue { s -> [CheckedContinuation<Result<Void, any Error>, Never>] in
+            s.closeOutcome = outcome
+            defer { s.closeWaiters = [] }
+            return s.closeWaiters
+        }
+        for w in waiters { w.resume(returning: outcome) }
+        try outcome.get()
     }
 }
 
