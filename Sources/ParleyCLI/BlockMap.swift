@@ -43,8 +43,8 @@ struct BlockMapCommand: AsyncParsableCommand {
             which `parley block list` shows. SIGINT, SIGTERM or `parley block
             unmap`: NBD clients' requests in flight complete, the device's IO
             drains, a final flush, the device is closed on every path, exit.
-            With no path up that waits up to --io-timeout; a second SIGINT or
-            SIGTERM exits at once (status 1).
+            With no path up that waits up to --io-timeout; a second SIGINT
+            (Ctrl-C again) exits at once (status 1), a second SIGTERM waits.
             """
     )
 
@@ -147,36 +147,41 @@ struct BlockMapCommand: AsyncParsableCommand {
         let access: Parley_Block_V1_AccessMode = r.access == "ro" ? .readOnly : r.access == "migration" ? .migration : .readWrite
         let map = BlockMap(session: try BlockMultipathSession(configuration, logger: logger), device: r.device, access: access,
                            nbd: try ParleyAddress(parsing: self.nbd), stateDirectory: self.stateDir ?? BlockMap.defaultStateDirectory, logger: logger)
+        // Signals are trapped from before the start (one that comes during it unmaps once the
+        // map is up). The first SIGINT or SIGTERM unmaps cleanly, which can take up to
+        // --io-timeout when no path is up (IO in flight and the final flush wait for one); a
+        // second SIGINT (Ctrl-C again) exits at once. A second SIGTERM (`parley block unmap`
+        // again) waits with the first.
+        let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
+        let (first, firstReceived) = AsyncStream<Void>.makeStream()
+        let watcher = Task {
+            var unmapping = false
+            for await signal in signals {
+                guard unmapping else {
+                    unmapping = true
+                    firstReceived.yield()
+                    continue
+                }
+                guard signal == .sigint else { continue }
+                emit("parley block map: interrupted again: exiting without waiting for the unmap (IO still in flight fails; writes acknowledged so far are on the server, not necessarily on stable storage)")
+                _exit(1)  // not exit(): no atexit handlers while the event loops run
+            }
+        }
         let running: BlockMap.Running
         do {
             running = try await map.start()
         } catch let error as BlockMultipathError {
+            watcher.cancel()
             print("parley block map: \(error.message)")
             throw ExitCode(2)
         } catch let error as ParleyError {
+            watcher.cancel()
             print("parley block map: \(error.message)")
             throw ExitCode(2)
         }
         emit("mapped \(r.device) of session \(r.session) on \(running.boundAddress) (\(paths.count) path\(paths.count == 1 ? "" : "s"))")
-        // The first SIGINT or SIGTERM unmaps cleanly, which can take up to --io-timeout when
-        // no path is up (IO in flight and the final flush wait for one); a second one exits
-        // at once.
-        let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
-        let (first, firstReceived) = AsyncStream<Void>.makeStream()
-        let watcher = Task {
-            var count = 0
-            for await _ in signals {
-                count += 1
-                guard count > 1 else {
-                    firstReceived.yield()
-                    continue
-                }
-                emit("parley block map: a second signal: exiting without waiting for the unmap (IO still in flight fails; writes acknowledged so far are on the server, not necessarily on stable storage)")
-                Foundation.exit(1)
-            }
-        }
         for await _ in first { break }
-        logger.info("unmapping: draining IO, flushing, closing (SIGINT or SIGTERM again: exit at once)")
+        logger.info("unmapping: draining IO, flushing, closing (Ctrl-C again: exit at once)")
         do {
             try await running.stop()
         } catch {

@@ -405,7 +405,8 @@ struct BlockMapTests {
     }
 
     /// Unmapping with no path up waits (up to --io-timeout) for one, for the final flush, and
-    /// says so; a second SIGTERM exits at once, with status 1.
+    /// says so; a second SIGTERM (`parley block unmap` again) waits too, a second SIGINT
+    /// (Ctrl-C again) exits at once, with status 1.
     @Test func aSecondSignalEndsAnUnmapThatWaitsForAPath() async throws {
         let scratch = try ScratchDirectory("map")
         let server = try await self.server(scratch, size: 8 << 20)
@@ -419,8 +420,11 @@ struct BlockMapTests {
         #expect(await map.background.wait(for: "closing with no path up", seconds: 30), "\(map.log)")
         #expect(map.background.isRunning, "the unmap waits for a path: \(map.log)")
         kill(map.background.pid, SIGTERM)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(map.background.isRunning, "a second SIGTERM waits with the first: \(map.log)")
+        kill(map.background.pid, SIGINT)
         #expect(await map.background.waitForExit(seconds: 30) == 1, "\(map.log)")
-        #expect(map.log.contains("a second signal: exiting without waiting for the unmap"), "\(map.log)")
+        #expect(map.log.contains("interrupted again: exiting without waiting for the unmap"), "\(map.log)")
     }
 
     @Test func badInputIsRefusedClearly() async throws {
