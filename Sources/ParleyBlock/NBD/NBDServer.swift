@@ -257,7 +257,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var decoder = NBDRequestDecoder(maximumWritePayload: NBDServer.maximumPayload)
     private var input: ByteBuffer?
     /// A large write whose payload is still arriving.
-    private var gather: (request: NBDRequest, chunks: [ByteBuffer], missing: Int)?
+    /// `ownsLast`: the last chunk is a buffer of the gather's own, collecting small pieces.
+    private var gather: (request: NBDRequest, chunks: [ByteBuffer], missing: Int, ownsLast: Bool)?
     /// Writes from this size on are gathered (`gather`) rather than copied into `input`.
     static let gatherMinimum = 128 * 1024
     /// Writes from this size on whose payload starts in the next read are gathered too.
@@ -369,7 +370,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if var gather = self.gather {
             // The payload of a large write: kept as the reads' own buffers, not copied.
             let n = min(gather.missing, bytes.readableBytes)
-            gather.chunks.append(bytes.readSlice(length: n)!)
+            var piece = bytes.readSlice(length: n)!
+            if n < Self.sliceMinimum {
+                // Small pieces are copied into a buffer of the gather's own: a write trickled
+                // in byte by byte would otherwise keep a buffer (and an array slot) per byte.
+                var own = gather.ownsLast ? gather.chunks.removeLast() : context.channel.allocator.buffer(capacity: min(gather.missing, 64 << 10))
+                own.writeBuffer(&piece)
+                gather.chunks.append(own)
+                gather.ownsLast = true
+            } else {
+                gather.chunks.append(piece)
+                gather.ownsLast = false
+            }
             gather.missing -= n
             if gather.missing > 0 {
                 self.gather = gather
@@ -610,7 +622,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 let minimum = input.readableBytes == NBD.requestHeaderSize ? Self.sliceMinimum : Self.gatherMinimum
                 if let request = self.decoder.takeLargeWrite(&input, minimum: minimum) {
                     let first = input.readSlice(length: input.readableBytes)!
-                    self.gather = (request, first.readableBytes > 0 ? [first] : [], Int(request.length) - first.readableBytes)
+                    self.gather = (request, first.readableBytes > 0 ? [first] : [], Int(request.length) - first.readableBytes, false)
                 }
                 break
             }
@@ -940,10 +952,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             kind = .read
             bytes = Int(length)
         case .write(let offset, let fua):
-            guard var payload = chunks?.first else { return false }
-            for chunk in chunks!.dropFirst() {
-                var chunk = chunk
-                payload.writeBuffer(&chunk)
+            guard let chunks, var payload = chunks.first else { return false }
+            if chunks.count > 1 {
+                // Joined into one buffer of the whole size (appending onto the first, a slice
+                // of a read's buffer, would copy it and then grow again and again).
+                payload = context.channel.allocator.buffer(capacity: chunks.reduce(0) { $0 + $1.readableBytes })
+                for var chunk in chunks { payload.writeBuffer(&chunk) }
             }
             request = .write(offset: offset, data: payload, fua: fua)
             kind = .write
