@@ -35,6 +35,10 @@ private func header(seq: UInt64, ack: UInt64) -> MessageHeader {
         #expect(SessionLedger.unacknowledgedLimit(.init()) == 16_384)
         #expect(SessionLedger.unacknowledgedLimit(.init(maxBytes: 1 << 20, maxMessages: 16)) == 16_384)
         #expect(SessionLedger.unacknowledgedLimit(.init(maxBytes: 1 << 20, maxMessages: 10_000)) == 40_000)
+        // Huge bounds saturate instead of trapping (the bounds are public; `--replay-bytes` takes any Int).
+        #expect(SessionLedger.unacknowledgedLimit(.init(maxBytes: 1 << 20, maxMessages: .max / 2)) == .max)
+        #expect(SessionLedger.unacknowledgedByteLimit(.init(maxBytes: .max / 4, maxMessages: 16)) == .max)
+        #expect(SessionLedger.unacknowledgedByteLimit(.init(maxBytes: 1 << 20, maxMessages: 16)) == 1 << 30)
         var ledger = SessionLedger()
         let bounds = SessionLedger.Bounds()
         for i in 1...16_384 { ledger.append(message(UInt64(i), .response)) }

@@ -71,7 +71,9 @@ public struct SessionLedger: Sendable {
     /// many unread answers plus its ack delay: well under it. Other kept messages do not count:
     /// requests, one-way messages and stream items wait at the bound, and one-way replies sent
     /// without waiting (`sendNow`) are paced by the peer's own sending, not by its acks.
-    public static func unacknowledgedLimit(_ bounds: Bounds) -> Int { max(16_384, 4 * bounds.maxMessages) }
+    public static func unacknowledgedLimit(_ bounds: Bounds) -> Int {
+        max(16_384, bounds.maxMessages.multipliedReportingOverflow(by: 4).overflow ? .max : 4 * bounds.maxMessages)
+    }
 
     /// Most bytes of answers a side keeps for a peer that goes on sending ([R-5.2-13]): 1 GiB,
     /// or 128 times the byte bound if that is larger. The count alone let a peer that never
@@ -79,7 +81,10 @@ public struct SessionLedger: Sendable {
     /// reads: 128 GiB); a peer that acknowledges leaves unacknowledged only the answers on
     /// their way to it, which the writability pause of the answering side holds to the
     /// answers of the handlers running then.
-    public static func unacknowledgedByteLimit(_ bounds: Bounds) -> Int { max(1 << 30, 128 * bounds.maxBytes) }
+    public static func unacknowledgedByteLimit(_ bounds: Bounds) -> Int {
+        // Saturating: the bounds are public and `parley send --replay-bytes` takes any Int.
+        max(1 << 30, bounds.maxBytes.multipliedReportingOverflow(by: 128).overflow ? .max : 128 * bounds.maxBytes)
+    }
 
     /// When a message arrives: the error that ends the session if this side keeps more
     /// answers for the peer than `unacknowledgedLimit` (a peer that sends requests and never
