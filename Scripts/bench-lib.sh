@@ -37,12 +37,16 @@ bench_cgroup_make() {
   quota=$(python3 -c "print(max(1000, round(float('$2') * $period)))")
   dir="$root/$bench_name-$$-$1"
   mkdir "$dir" || { echo "$bench_name: cannot create cgroup $dir (root needed)" >&2; return 1; }
+  # Called as `x=$(bench_cgroup_make ...) || exit 1`, where set -e does not hold: every
+  # write is checked, and read back, so that a run never goes on uncapped claiming a cap.
+  local failed="$bench_name: cannot set the CPU cap of cgroup $dir"
   if [ "$kind" = v2 ]; then
     echo +cpu > "$root/cgroup.subtree_control" 2>/dev/null || true
-    echo "$quota $period" > "$dir/cpu.max"
+    echo "$quota $period" > "$dir/cpu.max" || { echo "$failed" >&2; rmdir "$dir"; return 1; }
+    [ "$(cat "$dir/cpu.max")" = "$quota $period" ] || { echo "$failed (cpu.max reads $(cat "$dir/cpu.max"))" >&2; rmdir "$dir"; return 1; }
   else
-    echo "$period" > "$dir/cpu.cfs_period_us"
-    echo "$quota" > "$dir/cpu.cfs_quota_us"
+    echo "$period" > "$dir/cpu.cfs_period_us" && echo "$quota" > "$dir/cpu.cfs_quota_us" || { echo "$failed" >&2; rmdir "$dir"; return 1; }
+    [ "$(cat "$dir/cpu.cfs_quota_us")" = "$quota" ] || { echo "$failed (cpu.cfs_quota_us reads $(cat "$dir/cpu.cfs_quota_us"))" >&2; rmdir "$dir"; return 1; }
   fi
   echo "$dir"
 }
@@ -50,11 +54,22 @@ bench_cgroup_make() {
 # bench_cgroup_enter DIR PID: moves process PID (all its threads) into DIR.
 bench_cgroup_enter() { echo "$2" > "$1/cgroup.procs"; }
 
-# Removes the cgroups this script made (their processes have been stopped by then).
+# Removes the cgroups this script made. Processes still in them (a fio the script was
+# waiting for when it was interrupted: bash runs the EXIT trap without stopping it) are
+# killed first; a cgroup that cannot be removed is named.
 bench_cgroup_remove() {
-  local kind root d
+  local kind root d p i
   read -r kind root < <(bench_cgroup_root) || return 0
-  for d in "$root/$bench_name-$$-"*; do [ -d "$d" ] && rmdir "$d" 2>/dev/null || true; done
+  for d in "$root/$bench_name-$$-"*; do
+    [ -d "$d" ] || continue
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+      while read -r p; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null; done < "$d/cgroup.procs"
+      rmdir "$d" 2>/dev/null && break
+      sleep 0.1
+    done
+    [ -d "$d" ] && echo "$bench_name: could not remove cgroup $d" >&2
+  done
+  return 0
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
