@@ -28,7 +28,10 @@ public final class BlockService: Sendable {
     private let sessions = NIOLockedValueBox<[ObjectIdentifier: BlockSession]>([:])
     /// Sessions by connection id, for Fence: from SessionInfo until the connection has ended
     /// and its IO has finished.
-    private let connections = NIOLockedValueBox<(byID: [UInt64: BlockSession], next: UInt64)>(([:], 1))
+    /// The first id is drawn at random, so that a restarted server does not give out the ids
+    /// of the one before (a client fencing a connection of the old process must not hit one
+    /// of the new).
+    private let connections = NIOLockedValueBox<(byID: [UInt64: BlockSession], next: UInt64)>(([:], UInt64.random(in: 1...(1 << 62))))
     private let shuttingDown = NIOLockedValueBox(false)
 
     public init(catalog: BlockExportCatalog, devices: BlockDeviceTable, io: BlockIOExecutor, limits: Limits = Limits(),

@@ -518,8 +518,12 @@ public final class BlockMultipathDevice: Sendable {
             case .fence(let link, let path, let send):
                 // No connection on a path the machine has up: the device is closed; the fence is moot.
                 guard let client = s.paths[path].client else { continue }
-                jobs.append(.fence(link: link, send: send, client: client, target: s.linkIDs.removeValue(forKey: link) ?? 0))
+                // The id stays until the fence is over: a fence whose path dies goes again.
+                jobs.append(.fence(link: link, send: send, client: client, target: s.linkIDs[link] ?? 0))
             case .pathLost(let path):
+                // The dead connection's id is kept only while it has a fence to get.
+                let dead = s.machine.link(of: path)
+                if !s.machine.fencePending(dead) { s.linkIDs[dead] = nil }
                 s.paths[path].failures += 1
                 jobs.append(.lost(path: path, client: s.paths[path].client, reason: "IO failed on it"))
                 s.paths[path].client = nil
@@ -613,7 +617,7 @@ public final class BlockMultipathDevice: Sendable {
                 var jobs = Jobs()
                 if s.closed { return jobs }
                 let actions = s.machine.fenceCompleted(link: link, send: send, outcome: outcome)
-                if outcome == .pathFailed { s.linkIDs[link] = target }  // sent again on another path
+                if !s.machine.fencePending(link) { s.linkIDs[link] = nil }
                 self.resolve(actions, &s, &jobs)
                 return jobs
             }

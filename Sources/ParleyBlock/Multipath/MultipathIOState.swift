@@ -218,6 +218,8 @@ public struct MultipathIOState: Sendable, Hashable {
     public func link(of path: Int) -> Link { Link(path: path, incarnation: self.incarnations[path]) }
     /// Connections waiting to be fenced, or being fenced.
     public var pendingFences: Int { self.fences.count }
+    /// Whether `link`'s connection is waiting to be fenced, or being fenced.
+    public func fencePending(_ link: Link) -> Bool { self.fences[link] != nil }
     /// Where the Fence of `link` is, if it is on the wire.
     public func fenceSent(of link: Link) -> (path: Int, send: UInt64)? {
         guard let f = self.fences[link], let f else { return nil }
