@@ -292,6 +292,19 @@ import Testing
         #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
     }
 
+    /// Section 2's example of a packed repeated field is what the reference writes, and the
+    /// reference reads both forms of it, even mixed, appending in order (section 2's rule).
+    @Test func packedExampleOfSectionTwoIsWhatTheReferenceWrites() throws {
+        let text = try ProtocolDocument.load().text
+        #expect(text.contains("`Fence.connection_ids` = [3, 300] is `0a 03 03 ac 02`"))
+        var fence = Parley_Block_V1_Fence()
+        fence.connectionIds = [3, 300]
+        #expect(Array(try fence.serializedData()) == [0x0A, 0x03, 0x03, 0xAC, 0x02])
+        #expect(Array(try Parley_Block_V1_Fence().serializedData()).isEmpty)
+        let mixed = try Parley_Block_V1_Fence(serializedBytes: [0x08, 0x07, 0x0A, 0x03, 0x03, 0xAC, 0x02, 0x08, 0x09] as [UInt8])
+        #expect(mixed.connectionIds == [7, 3, 300, 9])
+    }
+
     /// The schemas in the document are the .proto files, verbatim.
     @Test func documentQuotesTheProtoFilesVerbatim() throws {
         let text = try ProtocolDocument.load().text

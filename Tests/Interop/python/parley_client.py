@@ -99,7 +99,8 @@ ENUMS = {
                                     "BLOCK_STATUS_TOO_LARGE", "BLOCK_STATUS_UNKNOWN_DEVICE", "BLOCK_STATUS_NOT_FOUND",
                                     "BLOCK_STATUS_READ_ONLY", "BLOCK_STATUS_PATH_REFUSED", "BLOCK_STATUS_BUSY",
                                     "BLOCK_STATUS_IO_ERROR", "BLOCK_STATUS_NO_SPACE", "BLOCK_STATUS_NOT_SUPPORTED",
-                                    "BLOCK_STATUS_NO_SESSION", "BLOCK_STATUS_BUSY_SESSION", "BLOCK_STATUS_SHUTTING_DOWN"],
+                                    "BLOCK_STATUS_NO_SESSION", "BLOCK_STATUS_BUSY_SESSION", "BLOCK_STATUS_SHUTTING_DOWN",
+                                    "BLOCK_STATUS_FENCED"],
     # Parley Work (section 19).
     "parley.work.v1.ErrorKind": ["ERROR_KIND_NONE", "ERROR_KIND_SIGNATURE", "ERROR_KIND_SPEC", "ERROR_KIND_COMPUTE"],
     "parley.work.v1.Verdict": ["VERDICT_UNSPECIFIED", "VERDICT_ACCEPTED", "VERDICT_ALREADY_ACCEPTED", "VERDICT_RETRYING",
@@ -147,10 +148,14 @@ SCHEMA = {
     "parley.echo.v1.Work": [(1, "key", "uint64", False), (2, "delayMs", "uint32", False)],
     "parley.echo.v1.WorkDone": [(1, "key", "uint64", False)],
     # Parley Block (section 17).
-    "parley.block.v1.SessionInfo": [(1, "protocolVersion", "uint32", False), (2, "sessionName", "string", False)],
+    "parley.block.v1.SessionInfo": [(1, "protocolVersion", "uint32", False), (2, "sessionName", "string", False),
+                                    (3, "clientInstance", "uint64", False)],
     "parley.block.v1.SessionInfoReply": [(1, "protocolVersion", "uint32", False),
                                          (2, "status", "enum:parley.block.v1.BlockStatus", False),
-                                         (3, "message", "string", False)],
+                                         (3, "message", "string", False), (4, "connectionId", "uint64", False)],
+    "parley.block.v1.Fence": [(1, "connectionIds", "uint64", True)],
+    "parley.block.v1.FenceReply": [(1, "status", "enum:parley.block.v1.BlockStatus", False),
+                                   (2, "message", "string", False)],
     "parley.block.v1.ListExports": [],
     "parley.block.v1.ExportList": [(1, "exports", "msg:parley.block.v1.ExportEntry", True)],
     "parley.block.v1.ExportEntry": [(1, "name", "string", False), (2, "geometry", "msg:parley.block.v1.Geometry", False),
@@ -215,6 +220,17 @@ def pb_encode(type_name, msg):
     out = bytearray()
     for number, name, t, repeated in SCHEMA[type_name]:
         if name not in msg:
+            continue
+        if repeated and _wire_type(t) in (0, 1, 5):
+            # A repeated number is written packed: one length-delimited field, values back to back.
+            body = bytearray()
+            for v in msg[name]:
+                if t == "double":
+                    body += struct.pack("<d", v)
+                else:
+                    body += varint(int(v) & 0xFFFFFFFFFFFFFFFF)
+            if body:
+                out += varint(number << 3 | 2) + varint(len(body)) + body
             continue
         for v in (msg[name] if repeated else [msg[name]]):
             if t.startswith("msg:"):
@@ -282,6 +298,31 @@ def pb_fields(data):
         yield number, wt, value
 
 
+def _scalar(t, value, type_name, name):
+    """One field's value as read by pb_fields -> its python form."""
+    if t.startswith("msg:"):
+        return pb_decode(t[4:], value)
+    if t == "string":
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ParleyError("malformedPayload", "%s.%s is not UTF-8" % (type_name, name))
+    if t == "bytes":
+        return bytes(value)
+    if t == "double":
+        return struct.unpack("<d", value)[0]
+    if t == "bool":
+        return bool(value)
+    if t == "uint32":
+        return value & 0xFFFFFFFF
+    if t in ("int32", "int64"):
+        value &= 0xFFFFFFFFFFFFFFFF
+        value = value - (1 << 64) if value >> 63 else value
+        if t == "int32":
+            value = ((value & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
+    return value
+
+
 def pb_decode(type_name, data):
     """Returns {json name: value} of the fields present; unknown fields are skipped."""
     fields = {number: (name, t, rep) for number, name, t, rep in SCHEMA[type_name]}
@@ -290,28 +331,23 @@ def pb_decode(type_name, data):
         if number not in fields:
             continue
         name, t, repeated = fields[number]
+        if repeated and wt == 2 and _wire_type(t) in (0, 1, 5):
+            # Packed (section 2): the values back to back, each decoded like an unpacked one.
+            data, j, items = bytes(value), 0, []
+            while j < len(data):
+                if _wire_type(t) == 0:
+                    item, j = _read_varint(data, j)
+                else:
+                    size = 8 if _wire_type(t) == 1 else 4
+                    if j + size > len(data):
+                        raise ParleyError("malformedPayload", "%s.%s: packed value runs past the end" % (type_name, name))
+                    item, j = data[j:j + size], j + size
+                items.append(_scalar(t, item, type_name, name))
+            msg.setdefault(name, []).extend(items)
+            continue
         if wt != _wire_type(t):
-            continue  # section 2 is silent; the reference treats it as an unknown field and skips it
-        if t.startswith("msg:"):
-            value = pb_decode(t[4:], value)
-        elif t == "string":
-            try:
-                value = bytes(value).decode("utf-8")
-            except UnicodeDecodeError:
-                raise ParleyError("malformedPayload", "%s.%s is not UTF-8" % (type_name, name))
-        elif t == "bytes":
-            value = bytes(value)
-        elif t == "double":
-            value = struct.unpack("<d", value)[0]
-        elif t == "bool":
-            value = bool(value)
-        elif t == "uint32":
-            value &= 0xFFFFFFFF
-        elif t in ("int32", "int64"):
-            value &= 0xFFFFFFFFFFFFFFFF
-            value = value - (1 << 64) if value >> 63 else value
-            if t == "int32":
-                value = ((value & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
+            continue  # section 2: the reference treats it as an unknown field and skips it
+        value = _scalar(t, value, type_name, name)
         if repeated:
             msg.setdefault(name, []).append(value)
         else:
