@@ -219,12 +219,12 @@ import Glibc
         let (scratch, _, server) = try await Self.server(pollAfterReply: "10000")
         defer { withExtendedLifetime(scratch) { _ = server.stop() } }
         for address in ["unix:\(server.blockSocket)", "127.0.0.1:\(server.blockPort)"] {
-            // Up to three runs: when the rest of the suite loads both CPUs, a debug build's
+            // Up to five runs: when the rest of the suite loads both CPUs, a debug build's
             // answers can take longer than the window every time (a CI run on 2026-12-04 saw
             // 165 IOPS, p50 4 ms, one wait in seven see its answer). Never waiting, or waits
-            // that never see anything, fail all three.
+            // that never see anything, fail all five.
             var summary: [String: Any] = [:]
-            for _ in 0..<3 {
+            for _ in 0..<5 {
                 summary = try await Self.bench(address)
                 if (summary["reply_waits"] as? [String: Int])?["answer", default: 0] ?? 0 >= 2 { break }
             }
@@ -233,11 +233,23 @@ import Glibc
             #expect(ios > 10, "\(summary)")
             #expect(waits["answer", default: 0] >= 2, "the client's waits: \(summary)")
         }
-        let metrics = try Self.metrics(port: server.metricsPort)
+        // The server's waits see the next request come only when the client's answer, its
+        // next request and the server's wake-up all fit in the window: under load, more runs.
+        var metrics = try Self.metrics(port: server.metricsPort)
+        for _ in 0..<5 where Self.count(metrics, "parley_reply_waits_total", "message") < 2 {
+            _ = try await Self.bench("unix:\(server.blockSocket)")
+            metrics = try Self.metrics(port: server.metricsPort)
+        }
         #expect(Self.count(metrics, "parley_reply_waits_total", "message") >= 2, "\(Self.waitLines(metrics))")
-        // A client told not to wait does not.
-        let quiet = try await Self.bench("unix:\(server.blockSocket)", pollAfterReply: "0")
-        #expect((quiet["ios"] as? Int ?? 0) > 10 && (quiet["reply_waits"] as? [String: Int]) == ["answer": 0, "timeout": 0], "\(quiet)")
+        // A client told not to wait does not (every run); more than ten IOs in one of three
+        // runs shows it worked (a loaded machine can stall one run).
+        var quietIOs = 0
+        for _ in 0..<3 where quietIOs <= 10 {
+            let quiet = try await Self.bench("unix:\(server.blockSocket)", pollAfterReply: "0")
+            #expect((quiet["reply_waits"] as? [String: Int]) == ["answer": 0, "timeout": 0], "\(quiet)")
+            quietIOs = quiet["ios"] as? Int ?? 0
+        }
+        #expect(quietIOs > 10)
     }
 
     @Test func aServerToldNotToWaitDoesNot() async throws {

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import Parley
 import ParleyServices
@@ -135,7 +136,10 @@ struct MutationTests {
                 }
                 return Int(n)
             }
-            let hangs = Counter()
+            // A variant left open for 10 s is tried again alone once the run is over: a server
+            // that hangs on it hangs again; one only slowed by a loaded machine (a CI run saw
+            // one such in 100,000) closes then, and is printed, not failed.
+            let slow = NIOLockedValueBox<[(n: Int, kind: String, bytes: [UInt8])]>([])
             let done = Counter()
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for w in 0..<workers {
@@ -147,10 +151,7 @@ struct MutationTests {
                             // Most go over the Unix socket (cheaper); every 16th over TCP.
                             let peer = try await RawPeer.connect(n % 16 == 0 ? addresses[1] : addresses[0])
                             let (_, closed) = try await peer.exchange(ByteBuffer(bytes: bytes), seconds: 10)
-                            if !closed {
-                                hangs.increment()
-                                Issue.record("variant \(n) (\(kind), \(bytes.count) bytes) left the connection open for 10 s")
-                            }
+                            if !closed { slow.withLockedValue { $0.append((n, kind, bytes)) } }
                             done.increment()
                             n += workers
                         }
@@ -158,10 +159,21 @@ struct MutationTests {
                 }
                 try await group.waitForAll()
             }
+            var hangs = 0
+            for (n, kind, bytes) in slow.withLockedValue({ $0 }).prefix(20) {
+                let peer = try await RawPeer.connect(n % 16 == 0 ? addresses[1] : addresses[0])
+                let (_, closed) = try await peer.exchange(ByteBuffer(bytes: bytes), seconds: 30)
+                print("variant \(n) (\(kind), \(bytes.count) bytes) was left open for 10 s; alone it was \(closed ? "closed" : "left open for 30 s")")
+                if !closed {
+                    hangs += 1
+                    Issue.record("variant \(n) (\(kind), \(bytes.count) bytes) left the connection open for 10 s, and again alone for 30 s")
+                }
+            }
             stop.raise()
             let pings = try await goodPings.value
             #expect(done.count == variants)
-            #expect(hangs.count == 0)
+            #expect(slow.withLockedValue { $0.count } <= 20, "\(slow.withLockedValue { $0.count }) variants left open for 10 s")
+            #expect(hangs == 0)
             #expect(pings > 0, "the good client was served throughout (\(pings) pings)")
             // Every error the server logged names a known code and says what was wrong.
             let errors = logs.all.filter { $0.message == "connection closed on error" }
