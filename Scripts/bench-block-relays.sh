@@ -14,6 +14,7 @@ duration=3
 socat_buffer=262144
 cpu_each=
 hosts=
+syscalls=
 systems="direct-tcp,direct-unix,socat,nbdkit-nbd,map"
 workloads="randread,randwrite"
 parley="${PARLEY:-.build/release/parley}"
@@ -55,6 +56,9 @@ Options:
   --hosts              two hosts on one machine: the server alone on the second CPU, fio
                        and the relay (the client's side) on the first, for every system
                        (not with map-apart or --cpu-each)
+  --syscalls           also count the system calls of the server and the relay during
+                       each run (perf stat -e raw_syscalls:sys_enter; needs perf and the
+                       right to trace them), printed per IO
   -h, --help           this text
 
 Environment: PARLEY (the parley executable, default .build/release/parley; build it with
@@ -72,6 +76,7 @@ while [ $# -gt 0 ]; do
     --socat-buffer) socat_buffer=$2; shift 2 ;;
     --cpu-each) cpu_each=$2; shift 2 ;;
     --hosts) hosts=1; shift ;;
+    --syscalls) syscalls=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench-block-relays: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -97,6 +102,7 @@ tools="fio python3"
 [[ ",$systems," == *,socat,* ]] && tools+=" socat"
 [[ ",$systems," == *,nbdkit-nbd,* ]] && tools+=" nbdkit"
 [[ ",$systems," == *,map-apart,* ]] || [ -n "$hosts" ] && tools+=" taskset"
+[ -n "$syscalls" ] && tools+=" perf"
 for tool in $tools; do
   command -v "$tool" >/dev/null || { echo "bench-block-relays: $tool is not installed (apt-get install -y $tool)" >&2; exit 2; }
 done
@@ -181,6 +187,13 @@ for rep in $(seq 1 "$reps"); do
         taskset -a -p -c "$cpu_b" "$server" > /dev/null; on=(taskset -c "$cpu_b")
       fi
       r0=$(ticks "$pid"); s0=$(ticks "$server")
+      counting=()
+      if [ -n "$syscalls" ]; then
+        rm -f "$work/syscalls-server.txt" "$work/syscalls-relay.txt"
+        perf stat -x, -e raw_syscalls:sys_enter -p "$server" -o "$work/syscalls-server.txt" 2> /dev/null & counting+=($!)
+        case "$s" in direct-*) ;; *) perf stat -x, -e raw_syscalls:sys_enter -p "$pid" -o "$work/syscalls-relay.txt" 2> /dev/null & counting+=($!) ;; esac
+        sleep 0.2  # perf attaches
+      fi
       [ -n "$hosts" ] && on=(taskset -c "$cpu_a")
       [ -n "$cpu_each" ] && on=(sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "${cgroup_of[fio]}")
       "${on[@]}" fio --name=relay --ioengine=nbd --uri="${uri[$s]}" --rw="$w" --bs=4k --iodepth=32 --time_based --runtime="$duration" \
@@ -188,16 +201,31 @@ for rep in $(seq 1 "$reps"); do
         || { echo "bench-block-relays: fio failed on $s:" >&2; tail -n 5 "$work/fio.log" >&2; exit 1; }
       sleep 0.3  # socat's child exits and is reaped: its CPU joins the parent's
       r1=$(ticks "$pid"); s1=$(ticks "$server")
+      for c in "${counting[@]}"; do kill -INT "$c"; wait "$c" 2> /dev/null || true; done  # perf ends with 130 on SIGINT
       [ "$s" = map-apart ] && taskset -a -p "$server_mask" "$server" > /dev/null
-      python3 - "$work/fio.json" "$rep" "$w" "$s" "$r0" "$r1" "$s0" "$s1" "$hz" <<'EOF' | tee -a "$results"
-import json, sys
-path, rep, w, s, r0, r1, s0, s1, hz = sys.argv[1:]
+      python3 - "$work/fio.json" "$rep" "$w" "$s" "$r0" "$r1" "$s0" "$s1" "$hz" "$work" "$syscalls" <<'EOF' | tee -a "$results"
+import json, os, sys
+path, rep, w, s, r0, r1, s0, s1, hz, work, syscalls = sys.argv[1:]
 job = json.load(open(path))["jobs"][0]
 side = job["read" if w == "randread" else "write"]
 ios = max(1, side["total_ios"])
 us = lambda a, b: (float(b) - float(a)) / float(hz) * 1e6 / ios
 relay = "-" if s.startswith("direct") else f"{us(r0, r1):.1f}"
-print(f"{rep} {w} {s} {side['iops']:.0f} relay_us_per_io={relay} server_us_per_io={us(s0, s1):.1f}")
+line = f"{rep} {w} {s} {side['iops']:.0f} relay_us_per_io={relay} server_us_per_io={us(s0, s1):.1f}"
+def per_io(name):
+    # perf stat -x, lines: value,unit,event,...; the count covers perf's attach to fio's end,
+    # a little more than fio's run: an upper bound per IO.
+    try:
+        for row in open(os.path.join(work, f"syscalls-{name}.txt")):
+            f = row.strip().split(",")
+            if len(f) > 2 and f[2] == "raw_syscalls:sys_enter" and f[0].isdigit():
+                return f"{int(f[0]) / ios:.2f}"
+    except OSError:
+        pass
+    return "-"
+if syscalls:
+    line += f" relay_syscalls_per_io={per_io('relay')} server_syscalls_per_io={per_io('server')}"
+print(line)
 EOF
     done
   done
