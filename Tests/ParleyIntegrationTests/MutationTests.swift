@@ -139,7 +139,7 @@ struct MutationTests {
             // A variant left open for 10 s is tried again alone once the run is over: a server
             // that hangs on it hangs again; one only slowed by a loaded machine (a CI run saw
             // one such in 100,000) closes then, and is printed, not failed.
-            let slow = NIOLockedValueBox<[(n: Int, kind: String, bytes: [UInt8])]>([])
+            let slow = NIOLockedValueBox<[(n: Int, kind: String, bytes: [UInt8], address: ParleyAddress)]>([])
             let done = Counter()
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for w in 0..<workers {
@@ -149,9 +149,10 @@ struct MutationTests {
                         while n < variants {
                             let (bytes, kind) = Self.variant(n, rng: &rng)
                             // Most go over the Unix socket (cheaper); every 16th over TCP.
-                            let peer = try await RawPeer.connect(n % 16 == 0 ? addresses[1] : addresses[0])
+                            let address = n % 16 == 0 ? addresses[1] : addresses[0]
+                            let peer = try await RawPeer.connect(address)
                             let (_, closed) = try await peer.exchange(ByteBuffer(bytes: bytes), seconds: 10)
-                            if !closed { slow.withLockedValue { $0.append((n, kind, bytes)) } }
+                            if !closed { slow.withLockedValue { $0.append((n, kind, bytes, address)) } }
                             done.increment()
                             n += workers
                         }
@@ -159,9 +160,10 @@ struct MutationTests {
                 }
                 try await group.waitForAll()
             }
+            let slowOnes = slow.withLockedValue { $0 }
             var hangs = 0
-            for (n, kind, bytes) in slow.withLockedValue({ $0 }).prefix(20) {
-                let peer = try await RawPeer.connect(n % 16 == 0 ? addresses[1] : addresses[0])
+            for (n, kind, bytes, address) in slowOnes.prefix(20) {
+                let peer = try await RawPeer.connect(address)
                 let (_, closed) = try await peer.exchange(ByteBuffer(bytes: bytes), seconds: 30)
                 print("variant \(n) (\(kind), \(bytes.count) bytes) was left open for 10 s; alone it was \(closed ? "closed" : "left open for 30 s")")
                 if !closed {
@@ -172,7 +174,7 @@ struct MutationTests {
             stop.raise()
             let pings = try await goodPings.value
             #expect(done.count == variants)
-            #expect(slow.withLockedValue { $0.count } <= 20, "\(slow.withLockedValue { $0.count }) variants left open for 10 s")
+            #expect(slowOnes.count <= 20, "\(slowOnes.count) variants left open for 10 s")
             #expect(hangs == 0)
             #expect(pings > 0, "the good client was served throughout (\(pings) pings)")
             // Every error the server logged names a known code and says what was wrong.

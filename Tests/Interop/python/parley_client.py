@@ -223,12 +223,7 @@ def pb_encode(type_name, msg):
             continue
         if repeated and _wire_type(t) in (0, 1, 5):
             # A repeated number is written packed: one length-delimited field, values back to back.
-            body = bytearray()
-            for v in msg[name]:
-                if t == "double":
-                    body += struct.pack("<d", v)
-                else:
-                    body += varint(int(v) & 0xFFFFFFFFFFFFFFFF)
+            body = b"".join(_number_bytes(t, v) for v in msg[name])
             if body:
                 out += varint(number << 3 | 2) + varint(len(body)) + body
             continue
@@ -238,15 +233,18 @@ def pb_encode(type_name, msg):
                 out += varint(number << 3 | 2) + varint(len(body)) + body
             elif not repeated and v in (0, "", b"", False, 0.0):
                 continue
-            elif t == "double":
-                out += varint(number << 3 | 1) + struct.pack("<d", v)
             elif t in ("string", "bytes"):
                 v = v.encode() if isinstance(v, str) else v
                 out += varint(number << 3 | 2) + varint(len(v)) + v
             else:
-                # int32/int64: a negative value is its 64-bit two's complement (10 bytes).
-                out += varint(number << 3) + varint(int(v) & 0xFFFFFFFFFFFFFFFF)
+                out += varint(number << 3 | _wire_type(t)) + _number_bytes(t, v)
     return bytes(out)
+
+
+def _number_bytes(t, v):
+    """A number's value without its key: 8 bytes for a double, else a varint (int32/int64: a
+    negative value is its 64-bit two's complement, 10 bytes)."""
+    return struct.pack("<d", v) if t == "double" else varint(int(v) & 0xFFFFFFFFFFFFFFFF)
 
 
 def _read_varint(data, i):
@@ -333,15 +331,14 @@ def pb_decode(type_name, data):
         name, t, repeated = fields[number]
         if repeated and wt == 2 and _wire_type(t) in (0, 1, 5):
             # Packed (section 2): the values back to back, each decoded like an unpacked one.
-            data, j, items = bytes(value), 0, []
-            while j < len(data):
-                if _wire_type(t) == 0:
-                    item, j = _read_varint(data, j)
+            packed, j, items, size = bytes(value), 0, [], {0: 0, 1: 8, 5: 4}[_wire_type(t)]
+            while j < len(packed):
+                if not size:
+                    item, j = _read_varint(packed, j)
                 else:
-                    size = 8 if _wire_type(t) == 1 else 4
-                    if j + size > len(data):
+                    if j + size > len(packed):
                         raise ParleyError("malformedPayload", "%s.%s: packed value runs past the end" % (type_name, name))
-                    item, j = data[j:j + size], j + size
+                    item, j = packed[j:j + size], j + size
                 items.append(_scalar(t, item, type_name, name))
             msg.setdefault(name, []).extend(items)
             continue
