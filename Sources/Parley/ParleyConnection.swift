@@ -583,6 +583,11 @@ public final class ParleyConnection: Sendable {
         (try? await self.ended.futureResult.get()) ?? ParleyError(code: .connectionClosed, message: "connection closed")
     }
 
+    /// Why the connection ended, once it has (by either side); nil while it is open. Set
+    /// before any request waiting on it fails, so that a caller whose request failed can
+    /// tell an ERROR answer on a live connection from the connection's end.
+    public var endReason: ParleyError? { self.state.withLockedValue { $0.closed } }
+
     /// Requests this side is waiting on.
     public var outstandingRequests: Int { self.state.withLockedValue { $0.pending.count } }
 

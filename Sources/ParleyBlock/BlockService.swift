@@ -30,8 +30,10 @@ public final class BlockService: Sendable {
     /// and its IO has finished.
     /// The first id is drawn at random, so that a restarted server does not give out the ids
     /// of the one before (a client fencing a connection of the old process must not hit one
-    /// of the new).
-    private let connections = NIOLockedValueBox<(byID: [UInt64: BlockSession], next: UInt64)>(([:], UInt64.random(in: 1...(1 << 62))))
+    /// of the new). Ids run from `firstConnectionID` up: one outside that range was never
+    /// given out by this process, and a Fence of it is refused rather than taken as done.
+    private let connections: NIOLockedValueBox<(byID: [UInt64: BlockSession], next: UInt64)>
+    private let firstConnectionID: UInt64
     private let shuttingDown = NIOLockedValueBox(false)
 
     public init(catalog: BlockExportCatalog, devices: BlockDeviceTable, io: BlockIOExecutor, limits: Limits = Limits(),
@@ -41,6 +43,9 @@ public final class BlockService: Sendable {
         self.io = io
         self.limits = limits
         self.logger = logger
+        let first = UInt64.random(in: 1...(1 << 62))
+        self.firstConnectionID = first
+        self.connections = NIOLockedValueBox(([:], first))
     }
 
     /// A router with the block protocol's handlers.
@@ -131,7 +136,7 @@ public final class BlockService: Sendable {
             Task { [self] in
                 _ = await connection.closed()
                 // IO of this connection not yet started is dropped from now on (see `fenced`).
-                session.ended.store(true, ordering: .releasing)
+                session.markEnded()
                 self.sessions.withLockedValue { _ = $0.removeValue(forKey: key) }
                 // Kept for Fence while its IO runs: a fence of it waits for that IO.
                 session.whenIdle { [self] in self.connections.withLockedValue { _ = $0.byID.removeValue(forKey: session.connectionID) } }
@@ -187,8 +192,14 @@ public final class BlockService: Sendable {
         var targets: [BlockSession] = []
         for id in Set(request.connectionIds) {
             if id == session.connectionID { return refuse(.invalid, "connection \(id) is the fencing connection itself") }
-            // Unknown: ended with no IO left (or never was): nothing of it can run any more.
-            guard let target = self.connections.withLockedValue({ $0.byID[id] }) else { continue }
+            let (known, issued) = self.connections.withLockedValue { c in (c.byID[id], id >= self.firstConnectionID && id < c.next) }
+            guard let target = known else {
+                // Given out by this process and gone: it ended with no IO left, and nothing of
+                // it can run any more. Never given out here: another server process's (paths to
+                // two processes, or one from before a restart), which this one cannot fence.
+                if issued { continue }
+                return refuse(.invalid, "connection \(id) is not one of this server process's (a restarted server, or another process): it cannot be fenced here")
+            }
             guard target.name == session.name, target.instance == session.instance else {
                 return refuse(.invalid, "connection \(id) is not one of this client's (session \"\(session.name)\", client instance \(session.instance))")
             }
@@ -413,6 +424,9 @@ public final class BlockService: Sendable {
                 }
             case .write:
                 let data = data!
+                // Handlers off the event loop may run after the connection ended or was
+                // fenced, between admission and here: the inline write is dropped then too.
+                try fenced()
                 if !fua { FileBlockStore.joinBurst(on: eventLoop) }
                 let inline = fua ? false : try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
                 if inline { return completed(.success(nil)) }
@@ -511,8 +525,19 @@ final class BlockSession: Sendable {
         }
     }
 
+    /// The connection has ended: from now on its IO is refused, and modifications admitted
+    /// before and still waiting for an IO thread are dropped. Under the lock IO is admitted
+    /// under, so that an IO is either admitted before (and awaited by `whenIdle` and a fence)
+    /// or refused.
+    func markEnded() {
+        self.state.withLockedValue { _ in self.ended.store(true, ordering: .releasing) }
+    }
+
     func begin(id: UInt32, bytes: Int, limits: BlockService.Limits) -> Result<OpenDevice, BlockError> {
         self.state.withLockedValue { s in
+            if self.ended.load(ordering: .relaxed) {
+                return .failure(BlockError(.noSession, "connection \(self.connectionID) of session \"\(self.name)\" has ended"))
+            }
             if s.fencedBy != 0 {
                 return .failure(BlockError(.fenced, "connection \(self.connectionID) of session \"\(self.name)\" was fenced by connection \(s.fencedBy)"))
             }

@@ -5,7 +5,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Parley
-import ParleyBlock
+@testable import ParleyBlock
 import Testing
 
 /// A store whose first blocking write waits for the test; it records what it carried out.
@@ -75,7 +75,6 @@ struct BlockFenceTests {
             store.gate.signal()
             server.shutDown()
         }
-        _ = service
         let instance: UInt64 = 0x5eed
         let old = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: instance)
         let live = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: instance)
@@ -94,7 +93,20 @@ struct BlockFenceTests {
         let anonymous = try await BlockClient.connect(to: address, sessionName: "fence")
         await #expect(throws: BlockError.self) { try await anonymous.fence([old.connectionID]) }
         await #expect(throws: BlockError.self) { try await live.fence([live.connectionID]) }
-        try await live.fence([123_456_789])  // unknown: nothing of it can run
+        // An id this server process never gave out (another process's, or one from before a
+        // restart): refused, not taken as fenced; this process cannot know what runs there.
+        do {
+            try await live.fence([live.connectionID + 1_000_000])
+            Issue.record("a fence of an id this server never gave out was answered OK")
+        } catch let e as BlockError {
+            #expect(e.status == .invalid && e.message.contains("not one of this server process's"), "\(e)")
+        }
+        // Given out here, ended, no IO left: fenced already.
+        let gone = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: instance)
+        let before = service.sessionCount
+        gone.closeConnection()
+        #expect(try await eventually { service.sessionCount == before - 1 })
+        try await live.fence([gone.connectionID])
 
         // The fence waits for the write at 0, which holds the only IO thread.
         let fence = Task { try await live.fence([old.connectionID]) }
@@ -145,6 +157,163 @@ struct BlockFenceTests {
         try await fence.value
         #expect(store.log.withLockedValue { $0.written } == [0])
         _ = await first.result
+        server.shutDown()
+        try await io.shutdown()
+    }
+
+    /// [R-17.8-4] under any scheduling: an IO admitted after the connection was marked ended
+    /// is refused (handlers off the event loop may reach admission late), and one admitted
+    /// before keeps the connection reachable (`whenIdle`) until it ends.
+    @Test func noIOIsAdmittedOnceTheConnectionHasEnded() async throws {
+        let session = BlockSession(name: "s", version: 1, peer: "test", instance: 1, connectionID: 42)
+        let device = BlockDevice(name: "disk", path: "/dev/null", store: GatedStore(), metrics: BlockMetrics(export: "disk"))
+        let id = try #require(session.add(device: device, access: .readWrite, blockSize: 512))
+        let admitted = session.begin(id: id, bytes: 4096, limits: BlockService.Limits())
+        #expect((try? admitted.get()) != nil)
+        session.markEnded()
+        switch session.begin(id: id, bytes: 4096, limits: BlockService.Limits()) {
+        case .success: Issue.record("an IO was admitted after the connection ended")
+        case .failure(let e): #expect(e.status == .noSession && e.message.contains("has ended"), "\(e)")
+        }
+        let idle = NIOLockedValueBox(false)
+        session.whenIdle { idle.withLockedValue { $0 = true } }
+        #expect(!idle.withLockedValue { $0 }, "idle while an admitted IO runs")
+        session.end(id: id, bytes: 4096)
+        #expect(idle.withLockedValue { $0 })
+    }
+
+    /// A server like `serve`'s with two IO threads, whose router keeps the server side of the
+    /// connection that brought the write at offset 0 (so that the test can end it, as a cut
+    /// would), and whose Fence handler, with `refuseFences`, answers a Parley ERROR
+    /// `permissionDenied`.
+    func serveGrabbing(_ store: GatedStore, _ scratch: ScratchDirectory, refuseFences: Bool)
+        async throws -> (ParleyServer, BlockIOExecutor, ParleyAddress, NIOLockedValueBox<ParleyConnection?>) {
+        try scratch.sparseFile("disk.img", size: 1 << 20)
+        let io = BlockIOExecutor(threads: 2)
+        var quiet = Logger(label: "fence")
+        quiet.logLevel = .critical
+        let service = BlockService(catalog: try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: scratch.file("disk.img"))]),
+                                   devices: BlockDeviceTable(openStore: { _, _ in store }), io: io, logger: quiet)
+        let grabbed = NIOLockedValueBox<ParleyConnection?>(nil)
+        var router = service.router()
+        router.onWithData(Parley_Block_V1_Io.self, completing: { request, context, respond in
+            if request.operation == .write && request.offset == 0 {
+                grabbed.withLockedValue { if $0 == nil { $0 = context.connection } }
+            }
+            service.io(request, context, respond: respond)
+        })
+        if refuseFences {
+            router.on(Parley_Block_V1_Fence.self) { _, _ throws -> Parley_Block_V1_FenceReply in
+                throw ParleyError(code: .permissionDenied, message: "this test's server fences nobody")
+            }
+        }
+        let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("block.sock"))]), router: router, logger: quiet)
+        Task { try await server.run() }
+        return (server, io, try await server.listeningAddresses[0], grabbed)
+    }
+
+    /// Waits up to `seconds` for `task` to finish; false if it has not.
+    static func finishes<T: Sendable>(_ task: Task<T, any Error>, within seconds: Int) async throws -> Bool {
+        let done = NIOLockedValueBox(false)
+        Task {
+            _ = await task.result
+            done.withLockedValue { $0 = true }
+        }
+        for _ in 0..<(seconds * 20) {
+            if done.withLockedValue({ $0 }) { return true }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        return done.withLockedValue { $0 }
+    }
+
+    /// Storage that never finishes an IO holds a fence for ever: the multipath client fails
+    /// the modifications waiting for it after the IO timeout (EIO, not a hang), fails new
+    /// ones at once while it is unanswered, goes on reading, and writes again once it is
+    /// answered (docs/protocol.md 17.8 rule 4).
+    @Test func anUnansweredFenceFailsModificationsAfterTheIOTimeout() async throws {
+        let scratch = try ScratchDirectory("fence")
+        let store = GatedStore()
+        let (server, io, address, grabbed) = try await self.serveGrabbing(store, scratch, refuseFences: false)
+        defer {
+            store.gate.signal()
+            server.shutDown()
+        }
+        var quiet = Logger(label: "fence")
+        quiet.logLevel = .critical
+        let session = try BlockMultipathSession(.init(sessionName: "fence", paths: [address, address], ioTimeout: .seconds(1)), logger: quiet)
+        let device = try await session.open("disk")
+        let first = Task { try await device.write(offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
+        #expect(try await eventually { store.atGate.withLockedValue { $0 } && grabbed.withLockedValue { $0 } != nil })
+        // The write's connection ends under it while the server runs it: the client fences that
+        // connection on the other path, and the server's answer waits for the write.
+        grabbed.withLockedValue { $0 }?.close()
+        guard try await Self.finishes(first, within: 10) else {
+            Issue.record("the write waiting for the fence hangs")
+            return
+        }
+        do {
+            try await first.value
+            Issue.record("the write waiting for an unanswered fence succeeded")
+        } catch let e as BlockMultipathError {
+            #expect(e.kind == .fenceTimedOut && e.errno == EIO, "\(e)")
+        }
+        // New modifications fail at once; reads go on.
+        await #expect(throws: BlockMultipathError.self) { try await device.write(offset: 8192, data: ByteBuffer(repeating: 2, count: 4096)) }
+        let read = try await device.read(offset: 8192, length: 4096)
+        #expect(read.readableBytes == 4096)
+        // The running write finishes, the fence is answered: writes go again.
+        store.gate.signal()
+        var wrote = false
+        for _ in 0..<100 where !wrote {
+            do {
+                try await device.write(offset: 8192, data: ByteBuffer(repeating: 3, count: 4096))
+                wrote = true
+            } catch {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        #expect(wrote, "writes still fail after the fence was answered")
+        let close = Task { try await device.close() }
+        guard try await Self.finishes(close, within: 10) else {
+            Issue.record("close hangs")
+            return
+        }
+        server.shutDown()
+        try await io.shutdown()
+    }
+
+    /// A server that answers Fence with a Parley ERROR on a live connection refuses it: the
+    /// write in doubt goes again unfenced (with a warning), and the fence's path is not taken
+    /// for dead (it used to be, and the fence went round the paths for ever).
+    @Test func aFenceAnsweredWithAnErrorIsARefusalNotAPathFailure() async throws {
+        let scratch = try ScratchDirectory("fence")
+        let store = GatedStore()
+        let (server, io, address, grabbed) = try await self.serveGrabbing(store, scratch, refuseFences: true)
+        defer {
+            store.gate.signal()
+            store.gate.signal()
+            server.shutDown()
+        }
+        var quiet = Logger(label: "fence")
+        quiet.logLevel = .critical
+        let session = try BlockMultipathSession(.init(sessionName: "fence", paths: [address, address], ioTimeout: .seconds(5)), logger: quiet)
+        let device = try await session.open("disk")
+        let first = Task { try await device.write(offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
+        #expect(try await eventually { store.atGate.withLockedValue { $0 } && grabbed.withLockedValue { $0 } != nil })
+        grabbed.withLockedValue { $0 }?.close()
+        // Sent again unfenced: it reaches the store a second time (and waits at the gate too).
+        #expect(try await eventually { store.log.withLockedValue { $0.received.filter { $0 == 0 }.count } >= 2 },
+                "the write was not sent again after the refused fence")
+        store.gate.signal()
+        store.gate.signal()
+        guard try await Self.finishes(first, within: 10) else {
+            Issue.record("the write hangs")
+            return
+        }
+        try await first.value
+        let failures = device.status().paths.map(\.failures)
+        #expect(failures.reduce(0, +) == 1, "only the cut path failed: \(failures)")
+        try await device.close()
         server.shutDown()
         try await io.shutdown()
     }

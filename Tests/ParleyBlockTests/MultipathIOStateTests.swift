@@ -48,6 +48,7 @@ import Testing
         /// The answer of each IO's latest send (what a nil-failure completion passes on).
         var lastOutcome: [UInt64: M.Outcome] = [:]
         var timerArmed = false
+        var fenceTimerArmed = false
         var closed = false
     }
 
@@ -92,6 +93,12 @@ import Testing
             case .cancelNoPathTimer:
                 guard w.timerArmed else { throw Violation(description: "cancel of an unarmed timer") }
                 w.timerArmed = false
+            case .armFenceTimer:
+                guard !w.fenceTimerArmed else { throw Violation(description: "fence timer armed twice") }
+                w.fenceTimerArmed = true
+            case .cancelFenceTimer:
+                guard w.fenceTimerArmed else { throw Violation(description: "cancel of an unarmed fence timer") }
+                w.fenceTimerArmed = false
             case .pathLost(let p):
                 guard !w.machine.isUp(p) else { throw Violation(description: "path \(p) lost but still up") }
                 try self.retire(path: p, script: script, &w)
@@ -145,6 +152,16 @@ import Testing
         }
         if m.livePaths > 0 && w.timerArmed {
             throw Violation(description: "timer armed while a path is up")
+        }
+        // A pending fence has its timer running until it fires; none without a fence.
+        if m.pendingFences > 0 && !m.failingModifications && !w.fenceTimerArmed {
+            throw Violation(description: "\(m.pendingFences) fences pending with no fence timer")
+        }
+        if m.pendingFences == 0 && (w.fenceTimerArmed || m.failingModifications) {
+            throw Violation(description: "fence timer armed or modifications failing with no fence pending")
+        }
+        if m.failingModifications, let id = (m.fenceHeld + m.queue).first(where: { m.io($0)!.operation.modifies }) {
+            throw Violation(description: "modification \(id) waits after the fence timer fired")
         }
         // Nothing queued while a live path has room (modifications wait while a fence is pending).
         if let head = m.queue.first(where: { m.pendingFences == 0 || !m.io($0)!.operation.modifies }),
@@ -287,6 +304,12 @@ import Testing
                     if n.machine.waiting > 0 { throw Violation(description: "IO still waits after the timer") }
                 }
             }
+            if w.fenceTimerArmed {
+                try step { n in
+                    n.fenceTimerArmed = false
+                    try self.apply(n.machine.fenceTimerFired(), script: script, &n)
+                }
+            }
             if close && !w.closed {
                 try step { n in
                     n.closed = true
@@ -419,7 +442,7 @@ import Testing
         let (w2, a2) = m.submit(IO(.write, offset: 4, length: 8))
         #expect(a2.isEmpty, "held behind w1")
         let dead = m.link(of: 0)
-        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2)])
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2), .armFenceTimer])
         #expect(m.pendingFences == 1 && m.waiting == 2)
         let (r, ar) = m.submit(IO(.read, offset: 0, length: 8))
         #expect(ar == [.send(id: r, path: 1, send: 3)], "reads go on while the fence is pending")
@@ -428,7 +451,7 @@ import Testing
         // A late answer to w1's first send, and to an old fence send, change nothing.
         #expect(m.completed(id: w1, send: 1, outcome: .done).isEmpty)
         #expect(m.fenceCompleted(link: dead, send: 99, outcome: .done).isEmpty)
-        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .done) == [.send(id: w1, path: 1, send: 4), .send(id: w3, path: 1, send: 5)])
+        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .done) == [.cancelFenceTimer, .send(id: w1, path: 1, send: 4), .send(id: w3, path: 1, send: 5)])
         #expect(m.pendingFences == 0)
         #expect(m.completed(id: w1, send: 4, outcome: .done) == [.complete(id: w1, failure: nil), .send(id: w2, path: 1, send: 6)])
         // Reads in doubt need no fence.
@@ -450,17 +473,17 @@ import Testing
         _ = m.pathUp(0)
         let (w1, _) = m.submit(IO(.write, offset: 0, length: 1))
         let dead = m.link(of: 0)
-        #expect(m.pathDown(0) == [.pathLost(0), .armNoPathTimer])
+        #expect(m.pathDown(0) == [.pathLost(0), .armFenceTimer, .armNoPathTimer])
         #expect(m.noPathTimerFired() == [.complete(id: w1, failure: .noPath)])
         #expect(m.pendingFences == 1)
-        #expect(m.pathUp(1) == [.fence(link: dead, path: 1, send: 2)])
+        #expect(m.pathUp(1) == [.fence(link: dead, path: 1, send: 2)], "the no-path timer fired; the fence timer runs on")
         let (w2, a2) = m.submit(IO(.write, offset: 0, length: 1))
         #expect(a2.isEmpty, "waits for the fence: w1's copy could still land")
         _ = m.pathUp(0)
         // The fence's path dies: it goes again on path 0 (path 1's own connection needs none:
         // nothing was in doubt on it).
         #expect(m.fenceCompleted(link: dead, send: 2, outcome: .pathFailed) == [.pathLost(1), .fence(link: dead, path: 0, send: 3)])
-        #expect(m.fenceCompleted(link: dead, send: 3, outcome: .done) == [.send(id: w2, path: 0, send: 4)])
+        #expect(m.fenceCompleted(link: dead, send: 3, outcome: .done) == [.cancelFenceTimer, .send(id: w2, path: 0, send: 4)])
     }
 
     /// A server without Fence refuses it: what waited is sent again unfenced (the rules
@@ -471,9 +494,47 @@ import Testing
         _ = m.pathUp(1)
         let (w1, _) = m.submit(IO(.write, offset: 0, length: 1))
         let dead = m.link(of: 0)
-        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2)])
-        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .refused) == [.send(id: w1, path: 1, send: 3)])
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2), .armFenceTimer])
+        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .refused) == [.cancelFenceTimer, .send(id: w1, path: 1, send: 3)])
         #expect(m.pendingFences == 0)
+    }
+
+    /// A fence the server does not answer in time: the modifications waiting for it fail
+    /// (EIO), and new ones fail at once, until it is answered; reads go on, and the timer is
+    /// not armed again for the same fence. A fence answered in time cancels its timer.
+    @Test func aFenceThatTakesTooLongFailsModificationsNotReads() {
+        var m = M(paths: 2)
+        _ = m.pathUp(0)
+        _ = m.pathUp(1)
+        let (w1, _) = m.submit(IO(.write, offset: 0, length: 8))
+        let (w2, a2) = m.submit(IO(.write, offset: 4, length: 8))
+        #expect(a2.isEmpty, "held behind w1")
+        let dead = m.link(of: 0)
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2), .armFenceTimer])
+        let (w3, a3) = m.submit(IO(.discard, offset: 100, length: 8))
+        #expect(a3.isEmpty, "waits for the fence")
+        #expect(m.fenceTimerFired() == [.complete(id: w1, failure: .fenceTimedOut), .complete(id: w3, failure: .fenceTimedOut),
+                                        .complete(id: w2, failure: .fenceTimedOut)],
+                "w1 and w3 waited for the fence; w2, released from behind w1, would wait for it too")
+        #expect(m.failingModifications && m.pendingFences == 1 && m.outstanding == 0)
+        let (w4, a4) = m.submit(IO(.writeZeroes, offset: 0, length: 1))
+        #expect(a4 == [.complete(id: w4, failure: .fenceTimedOut)], "new modifications fail at once")
+        let (r, ar) = m.submit(IO(.read, offset: 0, length: 8))
+        #expect(ar == [.send(id: r, path: 1, send: 3)], "reads go on")
+        let (f, af) = m.submit(IO(.flush, offset: 0, length: 0))
+        #expect(af == [.send(id: f, path: 1, send: 4)], "so do flushes")
+        #expect(m.fenceTimerFired().isEmpty, "a timer that fired is not armed again")
+        // The late answer ends it: modifications go again, and a new fence gets a new timer.
+        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .done).isEmpty)
+        #expect(!m.failingModifications)
+        let (w5, a5) = m.submit(IO(.write, offset: 0, length: 1))
+        #expect(a5 == [.send(id: w5, path: 1, send: 5)])
+        _ = m.pathUp(0)
+        let onOne = m.link(of: 1)
+        #expect(m.pathDown(1) == [.pathLost(1), .fence(link: onOne, path: 0, send: 6), .armFenceTimer, .send(id: r, path: 0, send: 7),
+                                  .send(id: f, path: 0, send: 8)])
+        #expect(m.fenceCompleted(link: onOne, send: 6, outcome: .done) == [.cancelFenceTimer, .send(id: w5, path: 0, send: 9)])
+        #expect(m.fenceTimerFired().isEmpty, "cancelled")
     }
 
     @Test func policies() {

@@ -510,8 +510,9 @@ public nonisolated struct Parley_Block_V1_CloseReply: Sendable {
 /// new IO of those connections (BLOCK_STATUS_FENCED) and drops the ones waiting for an IO
 /// thread, and it answers when the ones already running have finished. Needs SessionInfo with
 /// a client_instance; each id must be a connection of the same session_name and
-/// client_instance, other than this one. Ids of connections that have ended and have no IO
-/// left are fenced already.
+/// client_instance, other than this one. Ids this server gave out whose connections have
+/// ended with no IO left are fenced already; an id it never gave out (another server
+/// process's, or one from before a restart) is refused with BLOCK_STATUS_INVALID.
 public nonisolated struct Parley_Block_V1_Fence: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for

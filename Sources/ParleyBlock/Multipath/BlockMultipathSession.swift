@@ -104,10 +104,14 @@ public struct BlockMultipathError: Error, Sendable, CustomStringConvertible {
         case closed
         /// The IO's path died under it too many times (EIO).
         case tooManyResends
+        /// A modification waited longer than the IO timeout for a fence (EIO).
+        case fenceTimedOut
         /// The paths do not lead to the same device.
         case pathsDisagree
         /// No path could be reached.
         case unreachable
+        /// The server answered the IO with a Parley ERROR rather than a block status (EIO).
+        case refused
     }
     public var kind: Kind
     public var message: String
@@ -203,6 +207,8 @@ public final class BlockMultipathDevice: Sendable {
         var geometry: Parley_Block_V1_Geometry?
         var timer: Task<Void, Never>?
         var timerToken = 0
+        var fenceTimer: Task<Void, Never>?
+        var fenceTimerToken = 0
         var closed = false
         /// `close()` has begun (it runs once), and how it ended (for later callers).
         var closeStarted = false
@@ -224,6 +230,7 @@ public final class BlockMultipathDevice: Sendable {
                   fua: Bool, data: ByteBuffer?)
         case resume(@Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void, Result<ByteBuffer?, BlockMultipathError>)
         case arm(token: Int)
+        case armFence(token: Int)
         case cancel(Task<Void, Never>)
         case lost(path: Int, client: BlockClient?, reason: String)
         case fence(link: MultipathIOState.Link, send: UInt64, client: BlockClient, target: UInt64)
@@ -490,6 +497,8 @@ public final class BlockMultipathDevice: Sendable {
                     result = .failure(BlockMultipathError(.closed, "\(self.path) is closed"))
                 case .tooManyResends(let n):
                     result = .failure(BlockMultipathError(.tooManyResends, "\(p.io.operation.rawValue) of \(self.path) failed: its path died under it \(n) times"))
+                case .fenceTimedOut:
+                    result = .failure(BlockMultipathError(.fenceTimedOut, "\(p.io.operation.rawValue) of \(self.path) failed: the server has not answered the fence of a dead path connection within \(self.session.configuration.ioTimeout), so no modification can be sent safely"))
                 }
                 if case .failure = result { s.errors += 1 } else {
                     switch p.io.operation {
@@ -515,6 +524,13 @@ public final class BlockMultipathDevice: Sendable {
                 s.timerToken += 1
                 if let t = s.timer { jobs.append(.cancel(t)) }
                 s.timer = nil
+            case .armFenceTimer:
+                s.fenceTimerToken += 1
+                jobs.append(.armFence(token: s.fenceTimerToken))
+            case .cancelFenceTimer:
+                s.fenceTimerToken += 1
+                if let t = s.fenceTimer { jobs.append(.cancel(t)) }
+                s.fenceTimer = nil
             case .fence(let link, let path, let send):
                 // No connection on a path the machine has up: the device is closed; the fence is moot.
                 guard let client = s.paths[path].client else { continue }
@@ -571,6 +587,25 @@ public final class BlockMultipathDevice: Sendable {
                 self.state.withLockedValue { s in
                     if s.timerToken == token { s.timer = task } else { task.cancel() }
                 }
+            case .armFence(let token):
+                let timeout = self.session.configuration.ioTimeout
+                let task = Task {
+                    try? await Task.sleep(for: timeout)
+                    if Task.isCancelled { return }
+                    let jobs = self.state.withLockedValue { s -> Jobs in
+                        guard s.fenceTimerToken == token else { return Jobs() }
+                        s.fenceTimer = nil
+                        var jobs = Jobs()
+                        self.resolve(s.machine.fenceTimerFired(), &s, &jobs)
+                        return jobs
+                    }
+                    self.logger.error("a fence has had no answer for \(timeout): modifications fail (EIO) until it is answered; reads go on",
+                                      metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
+                    self.run(jobs)
+                }
+                self.state.withLockedValue { s in
+                    if s.fenceTimerToken == token { s.fenceTimer = task } else { task.cancel() }
+                }
             case .cancel(let task):
                 task.cancel()
             case .lost(let path, let client, let reason):
@@ -610,7 +645,12 @@ public final class BlockMultipathDevice: Sendable {
                     outcome = .refused
                     self.logger.warning("the server does not know Fence; sending the IO of \(link) again unfenced", metadata: self.meta(link.path))
                 } catch {
-                    outcome = .pathFailed
+                    if Self.isRefusal(error, on: client) {
+                        outcome = .refused
+                        self.logger.warning("the server refused to fence \(link): \(error); sending its IO again unfenced", metadata: self.meta(link.path))
+                    } else {
+                        outcome = .pathFailed
+                    }
                 }
             }
             let jobs = self.state.withLockedValue { s -> Jobs in
@@ -622,6 +662,17 @@ public final class BlockMultipathDevice: Sendable {
                 return jobs
             }
             self.run(jobs)
+        }
+    }
+
+    /// Whether a failed request's error is the server's answer on a connection that lives on
+    /// (an ERROR response: its final word on that request), not the path failing. Codes that
+    /// say the server is going away or gave the request up are path failures all the same.
+    static func isRefusal(_ error: any Error, on client: BlockClient) -> Bool {
+        guard let e = error as? ParleyError, client.client.connection.endReason == nil else { return false }
+        switch e.code {
+        case .shuttingDown, .cancelled, .timeout, .connectionClosed, .sessionReset, .sessionSuperseded: return false
+        default: return true
         }
     }
 
@@ -654,8 +705,13 @@ public final class BlockMultipathDevice: Sendable {
                     outcome = .refused
                     result = .failure(BlockMultipathError(.server(e.status), "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(self.path): \(e.message)"))
                 }
-            case .failure:
-                outcome = .pathFailed
+            case .failure(let e):
+                if Self.isRefusal(e, on: client) {
+                    outcome = .refused
+                    result = .failure(BlockMultipathError(.refused, "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(self.path): the server answered \(e)"))
+                } else {
+                    outcome = .pathFailed
+                }
             }
             let jobs = self.state.withLockedValue { s -> Jobs in
                 if let result { s.pending[id]?.result = result }

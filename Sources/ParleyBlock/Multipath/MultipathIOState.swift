@@ -28,6 +28,11 @@
 ///   is answered no modification is sent (reads are); a modification that fails meanwhile
 ///   (no path, too many re-sends) keeps the fence pending all the same, since its copy could
 ///   still land.
+/// - **A fence that takes too long.** While fences are pending the driver is told to arm the
+///   fence timer; when it fires, the modifications waiting for a fence fail (EIO), and new
+///   modifications fail at once, until every fence is answered. (The server answers a fence
+///   once the fenced connection's running IO has finished: storage that never finishes one
+///   would otherwise hold modifications, and the device's close, for ever.) Reads go on.
 public struct MultipathIOState: Sendable, Hashable {
     public enum Policy: String, Sendable, CaseIterable {
         /// Each IO on the next live path in turn.
@@ -68,6 +73,9 @@ public struct MultipathIOState: Sendable, Hashable {
         case closed
         /// The IO's path died under it `maxSends` times.
         case tooManyResends(Int)
+        /// A modification that waited for a fence longer than the fence time (or was
+        /// submitted after that, while the fence was still unanswered).
+        case fenceTimedOut
     }
 
     /// What became of one send.
@@ -104,6 +112,9 @@ public struct MultipathIOState: Sendable, Hashable {
         /// Start the no-path timer (call `noPathTimerFired()` when it expires).
         case armNoPathTimer
         case cancelNoPathTimer
+        /// Start the fence timer (call `fenceTimerFired()` when it expires).
+        case armFenceTimer
+        case cancelFenceTimer
         /// The path failed: close its connection and reconnect it (report `pathUp` then).
         case pathLost(Int)
     }
@@ -166,6 +177,9 @@ public struct MultipathIOState: Sendable, Hashable {
     private var nextSend: UInt64 = 1
     private var nextPath = 0
     private var timerArmed = false
+    private var fenceTimerArmed = false
+    /// The fence timer fired and a fence is still pending: modifications fail at once.
+    public private(set) var failingModifications = false
     /// The no-path timer fired and no path has come up since: new IO fails at once.
     private(set) var failingFast = false
     private(set) var closing = false
@@ -322,6 +336,18 @@ public struct MultipathIOState: Sendable, Hashable {
         return actions
     }
 
+    /// The fence timer expired with a fence still pending: the modifications waiting for a
+    /// fence fail, and new ones fail at once until every fence is answered.
+    public mutating func fenceTimerFired() -> [Action] {
+        guard self.fenceTimerArmed else { return [] }
+        self.fenceTimerArmed = false
+        guard !self.fences.isEmpty else { return [] }
+        self.failingModifications = true
+        var actions: [Action] = []
+        self.dispatch(&actions)
+        return actions
+    }
+
     /// The outcome of Fence `send` of `link`'s connection: done, or refused (a server
     /// without Fence: what waited for it is sent again anyway, as before fencing existed),
     /// or its carrying path failed (it goes again on another path). Outcomes of earlier
@@ -452,6 +478,16 @@ public struct MultipathIOState: Sendable, Hashable {
         }
     }
 
+    /// Fails every modification that waits for a fence (held in doubt, or queued), and those
+    /// that this releases from being blocked behind them.
+    private mutating func failWaitingModifications(_ actions: inout [Action]) {
+        while true {
+            let doomed = (self.fenceHeld + self.queue.filter { self.entries[$0]!.io.operation.modifies }).sorted()
+            if doomed.isEmpty { return }
+            for id in doomed { self.finish(id, failure: .fenceTimedOut, &actions) }
+        }
+    }
+
     private mutating func choosePath(for io: IO) -> Int? {
         var best: Int?
         for k in 0..<self.pathCount {
@@ -472,7 +508,20 @@ public struct MultipathIOState: Sendable, Hashable {
     /// Sends what is queued on live paths with room, in id order; arms the timer when IO
     /// waits with no path up.
     private mutating func dispatch(_ actions: inout [Action]) {
-        if !self.fences.isEmpty { self.sendFences(&actions) }
+        if self.fences.isEmpty {
+            self.failingModifications = false
+            if self.fenceTimerArmed {
+                self.fenceTimerArmed = false
+                actions.append(.cancelFenceTimer)
+            }
+        } else {
+            self.sendFences(&actions)
+            if !self.fenceTimerArmed && !self.failingModifications {
+                self.fenceTimerArmed = true
+                actions.append(.armFenceTimer)
+            }
+        }
+        if self.failingModifications { self.failWaitingModifications(&actions) }
         if self.fences.isEmpty {
             while let head = self.queue.first, let path = self.choosePath(for: self.entries[head]!.io) {
                 self.queue.removeFirst()
