@@ -51,15 +51,33 @@ final class GatedStore: BlockStore {
 /// waits for what of it is running ([R-17.8-7]).
 @Suite(.timeLimit(.minutes(2)))
 struct BlockFenceTests {
-    /// A server on a Unix socket whose device is `store`, with one IO thread.
-    func serve(_ store: GatedStore, _ scratch: ScratchDirectory) async throws -> (BlockService, ParleyServer, BlockIOExecutor, ParleyAddress) {
+    /// A server on a Unix socket whose device is `store`, with `threads` IO threads. With
+    /// `grab`, its router keeps there the server side of the connection that brought the
+    /// first write at offset 0 (so that a test can end it, as a cut would); with
+    /// `refuseFences`, its Fence handler answers a Parley ERROR `permissionDenied`.
+    func serve(_ store: GatedStore, _ scratch: ScratchDirectory, threads: Int = 1, grab: NIOLockedValueBox<ParleyConnection?>? = nil,
+               refuseFences: Bool = false) async throws -> (BlockService, ParleyServer, BlockIOExecutor, ParleyAddress) {
         try scratch.sparseFile("disk.img", size: 1 << 20)
-        let io = BlockIOExecutor(threads: 1)
+        let io = BlockIOExecutor(threads: threads)
         var quiet = Logger(label: "fence")
         quiet.logLevel = .critical
         let service = BlockService(catalog: try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: scratch.file("disk.img"))]),
                                    devices: BlockDeviceTable(openStore: { _, _ in store }), io: io, logger: quiet)
-        let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("block.sock"))]), router: service.router(), logger: quiet)
+        var router = service.router()
+        if let grab {
+            router.onWithData(Parley_Block_V1_Io.self, completing: { request, context, respond in
+                if request.operation == .write && request.offset == 0 {
+                    grab.withLockedValue { if $0 == nil { $0 = context.connection } }
+                }
+                service.io(request, context, respond: respond)
+            })
+        }
+        if refuseFences {
+            router.on(Parley_Block_V1_Fence.self) { _, _ throws -> Parley_Block_V1_FenceReply in
+                throw ParleyError(code: .permissionDenied, message: "this test's server fences nobody")
+            }
+        }
+        let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("block.sock"))]), router: router, logger: quiet)
         Task { try await server.run() }
         return (service, server, io, try await server.listeningAddresses[0])
     }
@@ -182,34 +200,33 @@ struct BlockFenceTests {
         #expect(idle.withLockedValue { $0 })
     }
 
-    /// A server like `serve`'s with two IO threads, whose router keeps the server side of the
-    /// connection that brought the write at offset 0 (so that the test can end it, as a cut
-    /// would), and whose Fence handler, with `refuseFences`, answers a Parley ERROR
-    /// `permissionDenied`.
-    func serveGrabbing(_ store: GatedStore, _ scratch: ScratchDirectory, refuseFences: Bool)
-        async throws -> (ParleyServer, BlockIOExecutor, ParleyAddress, NIOLockedValueBox<ParleyConnection?>) {
-        try scratch.sparseFile("disk.img", size: 1 << 20)
-        let io = BlockIOExecutor(threads: 2)
+    /// What `cutARunningWrite` set up.
+    struct CutWrite {
+        let scratch: ScratchDirectory
+        let store: GatedStore
+        let server: ParleyServer
+        let io: BlockIOExecutor
+        let device: BlockMultipathDevice
+        /// The write at offset 0.
+        let first: Task<Void, any Error>
+    }
+
+    /// A server with two IO threads (`serve`, grabbing), a device open over two paths to it, and a write at offset 0
+    /// that the server runs (held at the store's gate) when the server ends the connection
+    /// that brought it, as a cut would: the client fences that connection on the other path.
+    func cutARunningWrite(refuseFences: Bool, ioTimeout: Duration) async throws -> CutWrite {
+        let scratch = try ScratchDirectory("fence")
+        let store = GatedStore()
+        let grabbed = NIOLockedValueBox<ParleyConnection?>(nil)
+        let (_, server, io, address) = try await self.serve(store, scratch, threads: 2, grab: grabbed, refuseFences: refuseFences)
         var quiet = Logger(label: "fence")
         quiet.logLevel = .critical
-        let service = BlockService(catalog: try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: scratch.file("disk.img"))]),
-                                   devices: BlockDeviceTable(openStore: { _, _ in store }), io: io, logger: quiet)
-        let grabbed = NIOLockedValueBox<ParleyConnection?>(nil)
-        var router = service.router()
-        router.onWithData(Parley_Block_V1_Io.self, completing: { request, context, respond in
-            if request.operation == .write && request.offset == 0 {
-                grabbed.withLockedValue { if $0 == nil { $0 = context.connection } }
-            }
-            service.io(request, context, respond: respond)
-        })
-        if refuseFences {
-            router.on(Parley_Block_V1_Fence.self) { _, _ throws -> Parley_Block_V1_FenceReply in
-                throw ParleyError(code: .permissionDenied, message: "this test's server fences nobody")
-            }
-        }
-        let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("block.sock"))]), router: router, logger: quiet)
-        Task { try await server.run() }
-        return (server, io, try await server.listeningAddresses[0], grabbed)
+        let session = try BlockMultipathSession(.init(sessionName: "fence", paths: [address, address], ioTimeout: ioTimeout), logger: quiet)
+        let device = try await session.open("disk")
+        let first = Task { try await device.write(offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
+        #expect(try await eventually { store.atGate.withLockedValue { $0 } && grabbed.withLockedValue { $0 } != nil })
+        grabbed.withLockedValue { $0 }?.close()
+        return CutWrite(scratch: scratch, store: store, server: server, io: io, device: device, first: first)
     }
 
     /// Waits up to `seconds` for `task` to finish; false if it has not.
@@ -231,22 +248,13 @@ struct BlockFenceTests {
     /// ones at once while it is unanswered, goes on reading, and writes again once it is
     /// answered (docs/protocol.md 17.8 rule 4).
     @Test func anUnansweredFenceFailsModificationsAfterTheIOTimeout() async throws {
-        let scratch = try ScratchDirectory("fence")
-        let store = GatedStore()
-        let (server, io, address, grabbed) = try await self.serveGrabbing(store, scratch, refuseFences: false)
+        // The server's answer to the fence waits for the write, which waits for the gate.
+        let cut = try await self.cutARunningWrite(refuseFences: false, ioTimeout: .seconds(1))
+        let (store, server, io, device, first) = (cut.store, cut.server, cut.io, cut.device, cut.first)
         defer {
             store.gate.signal()
             server.shutDown()
         }
-        var quiet = Logger(label: "fence")
-        quiet.logLevel = .critical
-        let session = try BlockMultipathSession(.init(sessionName: "fence", paths: [address, address], ioTimeout: .seconds(1)), logger: quiet)
-        let device = try await session.open("disk")
-        let first = Task { try await device.write(offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
-        #expect(try await eventually { store.atGate.withLockedValue { $0 } && grabbed.withLockedValue { $0 } != nil })
-        // The write's connection ends under it while the server runs it: the client fences that
-        // connection on the other path, and the server's answer waits for the write.
-        grabbed.withLockedValue { $0 }?.close()
         guard try await Self.finishes(first, within: 10) else {
             Issue.record("the write waiting for the fence hangs")
             return
@@ -286,21 +294,13 @@ struct BlockFenceTests {
     /// write in doubt goes again unfenced (with a warning), and the fence's path is not taken
     /// for dead (it used to be, and the fence went round the paths for ever).
     @Test func aFenceAnsweredWithAnErrorIsARefusalNotAPathFailure() async throws {
-        let scratch = try ScratchDirectory("fence")
-        let store = GatedStore()
-        let (server, io, address, grabbed) = try await self.serveGrabbing(store, scratch, refuseFences: true)
+        let cut = try await self.cutARunningWrite(refuseFences: true, ioTimeout: .seconds(5))
+        let (store, server, io, device, first) = (cut.store, cut.server, cut.io, cut.device, cut.first)
         defer {
             store.gate.signal()
             store.gate.signal()
             server.shutDown()
         }
-        var quiet = Logger(label: "fence")
-        quiet.logLevel = .critical
-        let session = try BlockMultipathSession(.init(sessionName: "fence", paths: [address, address], ioTimeout: .seconds(5)), logger: quiet)
-        let device = try await session.open("disk")
-        let first = Task { try await device.write(offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
-        #expect(try await eventually { store.atGate.withLockedValue { $0 } && grabbed.withLockedValue { $0 } != nil })
-        grabbed.withLockedValue { $0 }?.close()
         // Sent again unfenced: it reaches the store a second time (and waits at the gate too).
         #expect(try await eventually { store.log.withLockedValue { $0.received.filter { $0 == 0 }.count } >= 2 },
                 "the write was not sent again after the refused fence")

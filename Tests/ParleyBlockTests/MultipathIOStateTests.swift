@@ -432,9 +432,9 @@ import Testing
         #expect(m.completed(id: w, send: 2, outcome: .pathFailed) == [.pathLost(0), .complete(id: w, failure: .tooManyResends(2))])
     }
 
-    /// [R-17.8-6] A write in doubt waits for the fence of its dead connection, and so does
-    /// every other modification; reads go on. Once fenced, it goes again in order.
-    @Test func inDoubtModificationsWaitForTheFence() {
+    /// Two paths; a write (0-8) on path 0 and an overlapping one (4-12) held behind it; path
+    /// 0 dies, so the first is in doubt and its connection is being fenced on path 1.
+    func overlappingWritesWithTheFirstInDoubt() -> (M, w1: UInt64, w2: UInt64, dead: M.Link) {
         var m = M(paths: 2)
         _ = m.pathUp(0)
         _ = m.pathUp(1)
@@ -443,6 +443,13 @@ import Testing
         #expect(a2.isEmpty, "held behind w1")
         let dead = m.link(of: 0)
         #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2), .armFenceTimer])
+        return (m, w1, w2, dead)
+    }
+
+    /// [R-17.8-6] A write in doubt waits for the fence of its dead connection, and so does
+    /// every other modification; reads go on. Once fenced, it goes again in order.
+    @Test func inDoubtModificationsWaitForTheFence() {
+        var (m, w1, w2, dead) = self.overlappingWritesWithTheFirstInDoubt()
         #expect(m.pendingFences == 1 && m.waiting == 2)
         let (r, ar) = m.submit(IO(.read, offset: 0, length: 8))
         #expect(ar == [.send(id: r, path: 1, send: 3)], "reads go on while the fence is pending")
@@ -503,14 +510,7 @@ import Testing
     /// (EIO), and new ones fail at once, until it is answered; reads go on, and the timer is
     /// not armed again for the same fence. A fence answered in time cancels its timer.
     @Test func aFenceThatTakesTooLongFailsModificationsNotReads() {
-        var m = M(paths: 2)
-        _ = m.pathUp(0)
-        _ = m.pathUp(1)
-        let (w1, _) = m.submit(IO(.write, offset: 0, length: 8))
-        let (w2, a2) = m.submit(IO(.write, offset: 4, length: 8))
-        #expect(a2.isEmpty, "held behind w1")
-        let dead = m.link(of: 0)
-        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2), .armFenceTimer])
+        var (m, w1, w2, dead) = self.overlappingWritesWithTheFirstInDoubt()
         let (w3, a3) = m.submit(IO(.discard, offset: 100, length: 8))
         #expect(a3.isEmpty, "waits for the fence")
         #expect(m.fenceTimerFired() == [.complete(id: w1, failure: .fenceTimedOut), .complete(id: w3, failure: .fenceTimedOut),

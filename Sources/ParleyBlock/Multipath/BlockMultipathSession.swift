@@ -200,15 +200,24 @@ public final class BlockMultipathDevice: Sendable {
         var result: Result<ByteBuffer?, BlockMultipathError>?
     }
 
+    enum TimerKind: Int {
+        case noPath = 0, fence = 1
+    }
+
+    /// A timer's task, and a token bumped on each arm and cancel, so that a timer that fires
+    /// after it was cancelled or armed again does nothing.
+    struct Timer {
+        var task: Task<Void, Never>?
+        var token = 0
+    }
+
     struct State {
         var machine: MultipathIOState
         var paths: [Path]
         var pending: [UInt64: Pending] = [:]
         var geometry: Parley_Block_V1_Geometry?
-        var timer: Task<Void, Never>?
-        var timerToken = 0
-        var fenceTimer: Task<Void, Never>?
-        var fenceTimerToken = 0
+        /// The machine's two timers, by `TimerKind`.
+        var timers = [Timer(), Timer()]
         var closed = false
         /// `close()` has begun (it runs once), and how it ended (for later callers).
         var closeStarted = false
@@ -229,8 +238,7 @@ public final class BlockMultipathDevice: Sendable {
         case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, deviceID: UInt32, io: MultipathIOState.IO,
                   fua: Bool, data: ByteBuffer?)
         case resume(@Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void, Result<ByteBuffer?, BlockMultipathError>)
-        case arm(token: Int)
-        case armFence(token: Int)
+        case arm(TimerKind, token: Int)
         case cancel(Task<Void, Never>)
         case lost(path: Int, client: BlockClient?, reason: String)
         case fence(link: MultipathIOState.Link, send: UInt64, client: BlockClient, target: UInt64)
@@ -517,20 +525,15 @@ public final class BlockMultipathDevice: Sendable {
                     jobs.append(.drained(s.drained))
                     s.drained = []
                 }
-            case .armNoPathTimer:
-                s.timerToken += 1
-                jobs.append(.arm(token: s.timerToken))
-            case .cancelNoPathTimer:
-                s.timerToken += 1
-                if let t = s.timer { jobs.append(.cancel(t)) }
-                s.timer = nil
-            case .armFenceTimer:
-                s.fenceTimerToken += 1
-                jobs.append(.armFence(token: s.fenceTimerToken))
-            case .cancelFenceTimer:
-                s.fenceTimerToken += 1
-                if let t = s.fenceTimer { jobs.append(.cancel(t)) }
-                s.fenceTimer = nil
+            case .armNoPathTimer, .armFenceTimer:
+                let kind: TimerKind = action == .armNoPathTimer ? .noPath : .fence
+                s.timers[kind.rawValue].token += 1
+                jobs.append(.arm(kind, token: s.timers[kind.rawValue].token))
+            case .cancelNoPathTimer, .cancelFenceTimer:
+                let kind: TimerKind = action == .cancelNoPathTimer ? .noPath : .fence
+                s.timers[kind.rawValue].token += 1
+                if let t = s.timers[kind.rawValue].task { jobs.append(.cancel(t)) }
+                s.timers[kind.rawValue].task = nil
             case .fence(let link, let path, let send):
                 // No connection on a path the machine has up: the device is closed; the fence is moot.
                 guard let client = s.paths[path].client else { continue }
@@ -567,44 +570,29 @@ public final class BlockMultipathDevice: Sendable {
                 self.perform(id: id, send: send, path: path, client: client, deviceID: deviceID, io: io, fua: fua, data: data)
             case .resume(let complete, let result):
                 complete(result)
-            case .arm(let token):
+            case .arm(let kind, let token):
                 let timeout = self.session.configuration.ioTimeout
                 let task = Task {
                     try? await Task.sleep(for: timeout)
                     if Task.isCancelled { return }
-                    let jobs = self.state.withLockedValue { s -> Jobs in
-                        guard s.timerToken == token else { return Jobs() }
-                        s.timer = nil
+                    let jobs = self.state.withLockedValue { s -> Jobs? in
+                        guard s.timers[kind.rawValue].token == token, !s.closed else { return nil }
+                        s.timers[kind.rawValue].task = nil
                         var jobs = Jobs()
-                        self.resolve(s.machine.noPathTimerFired(), &s, &jobs)
+                        self.resolve(kind == .noPath ? s.machine.noPathTimerFired() : s.machine.fenceTimerFired(), &s, &jobs)
                         return jobs
                     }
-                    if !jobs.isEmpty {
-                        self.logger.error("no path for \(timeout): failing IO", metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
+                    guard let jobs else { return }
+                    let meta: Logger.Metadata = ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"]
+                    switch kind {
+                    case .noPath where !jobs.isEmpty: self.logger.error("no path for \(timeout): failing IO", metadata: meta)
+                    case .noPath: break
+                    case .fence: self.logger.error("a fence has had no answer for \(timeout): modifications fail (EIO) until it is answered; reads go on", metadata: meta)
                     }
                     self.run(jobs)
                 }
                 self.state.withLockedValue { s in
-                    if s.timerToken == token { s.timer = task } else { task.cancel() }
-                }
-            case .armFence(let token):
-                let timeout = self.session.configuration.ioTimeout
-                let task = Task {
-                    try? await Task.sleep(for: timeout)
-                    if Task.isCancelled { return }
-                    let jobs = self.state.withLockedValue { s -> Jobs in
-                        guard s.fenceTimerToken == token else { return Jobs() }
-                        s.fenceTimer = nil
-                        var jobs = Jobs()
-                        self.resolve(s.machine.fenceTimerFired(), &s, &jobs)
-                        return jobs
-                    }
-                    self.logger.error("a fence has had no answer for \(timeout): modifications fail (EIO) until it is answered; reads go on",
-                                      metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
-                    self.run(jobs)
-                }
-                self.state.withLockedValue { s in
-                    if s.fenceTimerToken == token { s.fenceTimer = task } else { task.cancel() }
+                    if s.timers[kind.rawValue].token == token { s.timers[kind.rawValue].task = task } else { task.cancel() }
                 }
             case .cancel(let task):
                 task.cancel()
@@ -841,16 +829,19 @@ public final class BlockMultipathDevice: Sendable {
         if self.access != .readOnly {
             do { _ = try await self.submit(.init(.flush, offset: 0, length: 0), final: true) } catch { flushError = error }
         }
-        let (clients, tasks, timer) = self.state.withLockedValue { s -> ([(BlockClient, UInt32)], [Task<Void, Never>], Task<Void, Never>?) in
+        let (clients, tasks) = self.state.withLockedValue { s -> ([(BlockClient, UInt32)], [Task<Void, Never>]) in
             s.closed = true
             let clients = s.paths.compactMap { p in p.client.map { ($0, p.deviceID) } }
             for i in s.paths.indices { s.paths[i].client = nil }
-            let tasks = Array(s.reconnects.values)
+            let tasks = Array(s.reconnects.values) + s.timers.compactMap(\.task)
             s.reconnects = [:]
-            return (clients, tasks, s.timer)
+            for i in s.timers.indices {
+                s.timers[i].token += 1
+                s.timers[i].task = nil
+            }
+            return (clients, tasks)
         }
         for t in tasks { t.cancel() }
-        timer?.cancel()
         for (client, id) in clients {
             try? await client.close(BlockClient.Device(id: id, geometry: Parley_Block_V1_Geometry()))
             client.closeConnection()
