@@ -424,9 +424,6 @@ public final class BlockService: Sendable {
                 }
             case .write:
                 let data = data!
-                // Handlers off the event loop may run after the connection ended or was
-                // fenced, between admission and here: the inline write is dropped then too.
-                try fenced()
                 if !fua { FileBlockStore.joinBurst(on: eventLoop) }
                 let inline = fua ? false : try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
                 if inline { return completed(.success(nil)) }
