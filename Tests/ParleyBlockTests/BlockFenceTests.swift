@@ -51,12 +51,23 @@ final class GatedStore: BlockStore {
 /// waits for what of it is running ([R-17.8-7]).
 @Suite(.timeLimit(.minutes(2)))
 struct BlockFenceTests {
+    /// How the test server answers Fence.
+    enum Fences {
+        /// As the block service does.
+        case served
+        /// A Parley ERROR `permissionDenied`: a refusal.
+        case refused
+        /// A Parley ERROR `handlerFailed` the first `n` times (not an answer about fencing),
+        /// then as the block service does.
+        case failingFirst(Int)
+    }
+
     /// A server on a Unix socket whose device is `store`, with `threads` IO threads. With
     /// `grab`, its router keeps there the server side of the connection that brought the
     /// first write at offset 0 (so that a test can end it, as a cut would); with
-    /// `refuseFences`, its Fence handler answers a Parley ERROR `permissionDenied`.
+    /// `fences`, its Fence handler answers as that says (and counts the Fences in `fenceCount`).
     func serve(_ store: GatedStore, _ scratch: ScratchDirectory, threads: Int = 1, grab: NIOLockedValueBox<ParleyConnection?>? = nil,
-               refuseFences: Bool = false) async throws -> (BlockService, ParleyServer, BlockIOExecutor, ParleyAddress) {
+               fences: Fences = .served, fenceCount: NIOLockedValueBox<Int>? = nil) async throws -> (BlockService, ParleyServer, BlockIOExecutor, ParleyAddress) {
         try scratch.sparseFile("disk.img", size: 1 << 20)
         let io = BlockIOExecutor(threads: threads)
         var quiet = Logger(label: "fence")
@@ -72,9 +83,22 @@ struct BlockFenceTests {
                 service.io(request, context, respond: respond)
             })
         }
-        if refuseFences {
+        let count = fenceCount ?? NIOLockedValueBox(0)
+        switch fences {
+        case .served:
+            break
+        case .refused:
             router.on(Parley_Block_V1_Fence.self) { _, _ throws -> Parley_Block_V1_FenceReply in
                 throw ParleyError(code: .permissionDenied, message: "this test's server fences nobody")
+            }
+        case .failingFirst(let n):
+            router.on(Parley_Block_V1_Fence.self) { request, context async throws -> Parley_Block_V1_FenceReply in
+                let seen = count.withLockedValue { c -> Int in
+                    c += 1
+                    return c
+                }
+                if seen <= n { throw ParleyError(code: .handlerFailed, message: "this test's fence handler fails \(n) times") }
+                return await service.fence(request, context)
             }
         }
         let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("block.sock"))]), router: router, logger: quiet)
@@ -198,6 +222,31 @@ struct BlockFenceTests {
         #expect(!idle.withLockedValue { $0 }, "idle while an admitted IO runs")
         session.end(id: id, bytes: 4096)
         #expect(idle.withLockedValue { $0 })
+
+        // The same under a race: two threads admit and end IO while a third marks the end
+        // and waits for idle. An IO admitted once idle was reported is one admitted after
+        // the end (a fence answered by then would not have waited for it).
+        for round in 0..<200 {
+            let session = BlockSession(name: "s", version: 1, peer: "test", instance: 1, connectionID: 42)
+            let id = try #require(session.add(device: device, access: .readWrite, blockSize: 512))
+            let idle = NIOLockedValueBox(false)
+            let late = NIOLockedValueBox(0)
+            DispatchQueue.concurrentPerform(iterations: 3) { thread in
+                if thread == 0 {
+                    for _ in 0..<(round * 37 % 500) { _ = session.begin(id: UInt32.max, bytes: 0, limits: BlockService.Limits()) }
+                    session.markEnded()
+                    session.whenIdle { idle.withLockedValue { $0 = true } }
+                    return
+                }
+                for _ in 0..<100_000 {
+                    guard case .success = session.begin(id: id, bytes: 4096, limits: BlockService.Limits()) else { return }
+                    if idle.withLockedValue({ $0 }) { late.withLockedValue { $0 += 1 } }
+                    session.end(id: id, bytes: 4096)
+                }
+            }
+            #expect(late.withLockedValue { $0 } == 0, "round \(round): IO admitted after the connection ended and went idle")
+            #expect(idle.withLockedValue { $0 }, "round \(round): never idle")
+        }
     }
 
     /// What `cutARunningWrite` set up.
@@ -214,11 +263,11 @@ struct BlockFenceTests {
     /// A server with two IO threads (`serve`, grabbing), a device open over two paths to it, and a write at offset 0
     /// that the server runs (held at the store's gate) when the server ends the connection
     /// that brought it, as a cut would: the client fences that connection on the other path.
-    func cutARunningWrite(refuseFences: Bool, ioTimeout: Duration) async throws -> CutWrite {
+    func cutARunningWrite(fences: Fences, fenceCount: NIOLockedValueBox<Int>? = nil, ioTimeout: Duration) async throws -> CutWrite {
         let scratch = try ScratchDirectory("fence")
         let store = GatedStore()
         let grabbed = NIOLockedValueBox<ParleyConnection?>(nil)
-        let (_, server, io, address) = try await self.serve(store, scratch, threads: 2, grab: grabbed, refuseFences: refuseFences)
+        let (_, server, io, address) = try await self.serve(store, scratch, threads: 2, grab: grabbed, fences: fences, fenceCount: fenceCount)
         var quiet = Logger(label: "fence")
         quiet.logLevel = .critical
         let session = try BlockMultipathSession(.init(sessionName: "fence", paths: [address, address], ioTimeout: ioTimeout), logger: quiet)
@@ -249,7 +298,7 @@ struct BlockFenceTests {
     /// answered (docs/protocol.md 17.8 rule 4).
     @Test func anUnansweredFenceFailsModificationsAfterTheIOTimeout() async throws {
         // The server's answer to the fence waits for the write, which waits for the gate.
-        let cut = try await self.cutARunningWrite(refuseFences: false, ioTimeout: .seconds(1))
+        let cut = try await self.cutARunningWrite(fences: .served, ioTimeout: .seconds(1))
         let (store, server, io, device, first) = (cut.store, cut.server, cut.io, cut.device, cut.first)
         defer {
             store.gate.signal()
@@ -266,7 +315,17 @@ struct BlockFenceTests {
             #expect(e.kind == .fenceTimedOut && e.errno == EIO, "\(e)")
         }
         // New modifications fail at once; reads go on.
-        await #expect(throws: BlockMultipathError.self) { try await device.write(offset: 8192, data: ByteBuffer(repeating: 2, count: 4096)) }
+        let second = Task { try await device.write(offset: 8192, data: ByteBuffer(repeating: 2, count: 4096)) }
+        guard try await Self.finishes(second, within: 2) else {
+            Issue.record("a new write waits for the unanswered fence instead of failing")
+            return
+        }
+        do {
+            try await second.value
+            Issue.record("a new write succeeded while a fence was unanswered")
+        } catch let e as BlockMultipathError {
+            #expect(e.kind == .fenceTimedOut && e.errno == EIO, "\(e)")
+        }
         let read = try await device.read(offset: 8192, length: 4096)
         #expect(read.readableBytes == 4096)
         // The running write finishes, the fence is answered: writes go again.
@@ -294,7 +353,7 @@ struct BlockFenceTests {
     /// write in doubt goes again unfenced (with a warning), and the fence's path is not taken
     /// for dead (it used to be, and the fence went round the paths for ever).
     @Test func aFenceAnsweredWithAnErrorIsARefusalNotAPathFailure() async throws {
-        let cut = try await self.cutARunningWrite(refuseFences: true, ioTimeout: .seconds(5))
+        let cut = try await self.cutARunningWrite(fences: .refused, ioTimeout: .seconds(5))
         let (store, server, io, device, first) = (cut.store, cut.server, cut.io, cut.device, cut.first)
         defer {
             store.gate.signal()
@@ -311,6 +370,39 @@ struct BlockFenceTests {
             return
         }
         try await first.value
+        let failures = device.status().paths.map(\.failures)
+        #expect(failures.reduce(0, +) == 1, "only the cut path failed: \(failures)")
+        try await device.close()
+        server.shutDown()
+        try await io.shutdown()
+    }
+
+    /// A Fence answered with an error that says nothing about fencing (here `handlerFailed`)
+    /// on a live connection is asked again, not taken for a refusal: the write in doubt is not
+    /// sent again until the fence is answered OK, which waits for the running write
+    /// (docs/protocol.md 17.8 rule 2).
+    @Test func aFenceThatFailsForAnotherReasonIsAskedAgainNotSkipped() async throws {
+        let fenceCount = NIOLockedValueBox(0)
+        let cut = try await self.cutARunningWrite(fences: .failingFirst(3), fenceCount: fenceCount, ioTimeout: .seconds(20))
+        let (store, server, io, device, first) = (cut.store, cut.server, cut.io, cut.device, cut.first)
+        defer {
+            store.gate.signal()
+            store.gate.signal()
+            server.shutDown()
+        }
+        // Asked again past the failures: the fourth reaches the service, which waits for the
+        // running write before it answers.
+        #expect(try await eventually { fenceCount.withLockedValue { $0 } >= 4 }, "the fence was not asked again")
+        #expect(store.log.withLockedValue { $0.received.filter { $0 == 0 }.count } == 1,
+                "the write in doubt was sent again before its fence was answered")
+        store.gate.signal()  // the running write, then the fenced re-send
+        store.gate.signal()
+        guard try await Self.finishes(first, within: 10) else {
+            Issue.record("the write hangs")
+            return
+        }
+        try await first.value
+        #expect(store.log.withLockedValue { $0.received.filter { $0 == 0 }.count } == 2, "sent again once, after the fence")
         let failures = device.status().paths.map(\.failures)
         #expect(failures.reduce(0, +) == 1, "only the cut path failed: \(failures)")
         try await device.close()

@@ -513,9 +513,9 @@ import Testing
         var (m, w1, w2, dead) = self.overlappingWritesWithTheFirstInDoubt()
         let (w3, a3) = m.submit(IO(.discard, offset: 100, length: 8))
         #expect(a3.isEmpty, "waits for the fence")
-        #expect(m.fenceTimerFired() == [.complete(id: w1, failure: .fenceTimedOut), .complete(id: w3, failure: .fenceTimedOut),
-                                        .complete(id: w2, failure: .fenceTimedOut)],
-                "w1 and w3 waited for the fence; w2, released from behind w1, would wait for it too")
+        #expect(m.fenceTimerFired() == [.complete(id: w1, failure: .fenceTimedOut), .complete(id: w2, failure: .fenceTimedOut),
+                                        .complete(id: w3, failure: .fenceTimedOut)],
+                "w1 and w3 waited for the fence; w2, held back by w1 only, would wait for it too; all fail in id order")
         #expect(m.failingModifications && m.pendingFences == 1 && m.outstanding == 0)
         let (w4, a4) = m.submit(IO(.writeZeroes, offset: 0, length: 1))
         #expect(a4 == [.complete(id: w4, failure: .fenceTimedOut)], "new modifications fail at once")
@@ -535,6 +535,24 @@ import Testing
                                   .send(id: f, path: 0, send: 8)])
         #expect(m.fenceCompleted(link: onOne, send: 6, outcome: .done) == [.cancelFenceTimer, .send(id: w5, path: 0, send: 9)])
         #expect(m.fenceTimerFired().isEmpty, "cancelled")
+    }
+
+    /// When the fence timer fires, a modification held back by one still in flight on a live
+    /// path is not failed with those waiting for the fence: it waits for that answer, then
+    /// fails (the fence is still unanswered).
+    @Test func aModificationBehindOneInFlightFailsOnlyOnceThatOneIsAnswered() {
+        var m = M(paths: 2)
+        _ = m.pathUp(0)
+        _ = m.pathUp(1)
+        let (wA, aA) = m.submit(IO(.write, offset: 0, length: 8))
+        let (wB, aB) = m.submit(IO(.write, offset: 200, length: 8))
+        let (wC, aC) = m.submit(IO(.write, offset: 204, length: 8))
+        #expect(aA == [.send(id: wA, path: 0, send: 1)] && aB == [.send(id: wB, path: 1, send: 2)] && aC.isEmpty)
+        let dead = m.link(of: 0)
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 3), .armFenceTimer])
+        #expect(m.fenceTimerFired() == [.complete(id: wA, failure: .fenceTimedOut)], "wC waits for wB, in flight")
+        #expect(m.completed(id: wB, send: 2, outcome: .done) == [.complete(id: wB, failure: nil), .complete(id: wC, failure: .fenceTimedOut)])
+        #expect(m.outstanding == 0)
     }
 
     @Test func policies() {

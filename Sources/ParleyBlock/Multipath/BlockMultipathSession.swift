@@ -59,6 +59,13 @@ public struct BlockMultipathSession: Sendable {
             self.group = group
         }
 
+        /// The wait before retry `attempt` (1, 2, ...): `reconnectBase` doubling up to `reconnectMax`.
+        func backoff(attempt: Int) -> Duration {
+            var delay = self.reconnectBase
+            for _ in 1..<max(1, min(attempt, 20)) { delay = min(delay * 2, self.reconnectMax) }
+            return delay
+        }
+
         /// Keepalives every second and a 5 s timeout, so that a path that goes silent is
         /// found dead (and its IO re-sent) in seconds rather than a minute; a path that sent
         /// a lone request waits up to 50 µs for its answer without sleeping (`ReplyPolling`).
@@ -218,6 +225,10 @@ public final class BlockMultipathDevice: Sendable {
         var geometry: Parley_Block_V1_Geometry?
         /// The machine's two timers, by `TimerKind`.
         var timers = [Timer(), Timer()]
+        subscript(timer kind: TimerKind) -> Timer {
+            get { self.timers[kind.rawValue] }
+            set { self.timers[kind.rawValue] = newValue }
+        }
         var closed = false
         /// `close()` has begun (it runs once), and how it ended (for later callers).
         var closeStarted = false
@@ -437,10 +448,7 @@ public final class BlockMultipathDevice: Sendable {
     }
 
     private func scheduleReconnect(_ i: Int, attempt: Int) {
-        let c = self.session.configuration
-        var delay = c.reconnectBase
-        for _ in 1..<min(attempt, 20) { delay = min(delay * 2, c.reconnectMax) }
-        let wait = delay
+        let wait = self.session.configuration.backoff(attempt: attempt)
         let task = Task {
             try? await Task.sleep(for: wait)
             await self.reconnect(i, attempt: attempt)
@@ -527,13 +535,13 @@ public final class BlockMultipathDevice: Sendable {
                 }
             case .armNoPathTimer, .armFenceTimer:
                 let kind: TimerKind = action == .armNoPathTimer ? .noPath : .fence
-                s.timers[kind.rawValue].token += 1
-                jobs.append(.arm(kind, token: s.timers[kind.rawValue].token))
+                s[timer: kind].token += 1
+                jobs.append(.arm(kind, token: s[timer: kind].token))
             case .cancelNoPathTimer, .cancelFenceTimer:
                 let kind: TimerKind = action == .cancelNoPathTimer ? .noPath : .fence
-                s.timers[kind.rawValue].token += 1
-                if let t = s.timers[kind.rawValue].task { jobs.append(.cancel(t)) }
-                s.timers[kind.rawValue].task = nil
+                s[timer: kind].token += 1
+                if let t = s[timer: kind].task { jobs.append(.cancel(t)) }
+                s[timer: kind].task = nil
             case .fence(let link, let path, let send):
                 // No connection on a path the machine has up: the device is closed; the fence is moot.
                 guard let client = s.paths[path].client else { continue }
@@ -576,8 +584,8 @@ public final class BlockMultipathDevice: Sendable {
                     try? await Task.sleep(for: timeout)
                     if Task.isCancelled { return }
                     let jobs = self.state.withLockedValue { s -> Jobs? in
-                        guard s.timers[kind.rawValue].token == token, !s.closed else { return nil }
-                        s.timers[kind.rawValue].task = nil
+                        guard s[timer: kind].token == token, !s.closed else { return nil }
+                        s[timer: kind].task = nil
                         var jobs = Jobs()
                         self.resolve(kind == .noPath ? s.machine.noPathTimerFired() : s.machine.fenceTimerFired(), &s, &jobs)
                         return jobs
@@ -592,7 +600,7 @@ public final class BlockMultipathDevice: Sendable {
                     self.run(jobs)
                 }
                 self.state.withLockedValue { s in
-                    if s.timers[kind.rawValue].token == token { s.timers[kind.rawValue].task = task } else { task.cancel() }
+                    if s[timer: kind].token == token { s[timer: kind].task = task } else { task.cancel() }
                 }
             case .cancel(let task):
                 task.cancel()
@@ -623,22 +631,31 @@ public final class BlockMultipathDevice: Sendable {
                 self.logger.warning("cannot fence \(link): the server gave it no connection id; sending its IO again unfenced",
                                     metadata: self.meta(link.path))
             } else {
-                do {
-                    try await client.fence([target])
-                    self.logger.info("fenced \(link) (server connection \(target)) before sending its IO again", metadata: self.meta(link.path))
-                } catch let e as BlockError {
-                    outcome = .refused
-                    self.logger.warning("the server refused to fence \(link): \(e.message); sending its IO again unfenced", metadata: self.meta(link.path))
-                } catch let e as ParleyError where e.code == .unknownMessageType {
-                    outcome = .refused
-                    self.logger.warning("the server does not know Fence; sending the IO of \(link) again unfenced", metadata: self.meta(link.path))
-                } catch {
-                    if Self.isRefusal(error, on: client) {
-                        outcome = .refused
-                        self.logger.warning("the server refused to fence \(link): \(error); sending its IO again unfenced", metadata: self.meta(link.path))
-                    } else {
-                        outcome = .pathFailed
+                var attempt = 0
+                while true {
+                    do {
+                        try await client.fence([target])
+                        self.logger.info("fenced \(link) (server connection \(target)) before sending its IO again", metadata: self.meta(link.path))
+                    } catch {
+                        switch Self.fenceFailure(error, on: client) {
+                        case .refused:
+                            outcome = .refused
+                            let why = (error as? BlockError)?.message ?? "\(error)"
+                            self.logger.warning("the server refused to fence \(link): \(why); sending its IO again unfenced", metadata: self.meta(link.path))
+                        case .pathFailed:
+                            outcome = .pathFailed
+                        case .again:
+                            // Not an answer about the fence: ask again on the same path. The
+                            // fence timer bounds what waits meanwhile (17.8 rule 4).
+                            attempt += 1
+                            let delay = self.session.configuration.backoff(attempt: attempt)
+                            self.logger.warning("fencing \(link) failed: \(error); asking again in \(delay)", metadata: self.meta(link.path))
+                            try? await Task.sleep(for: delay)
+                            if self.state.withLockedValue({ $0.closed }) { return }
+                            continue
+                        }
                     }
+                    break
                 }
             }
             let jobs = self.state.withLockedValue { s -> Jobs in
@@ -661,6 +678,31 @@ public final class BlockMultipathDevice: Sendable {
         switch e.code {
         case .shuttingDown, .cancelled, .timeout, .connectionClosed, .sessionReset, .sessionSuperseded: return false
         default: return true
+        }
+    }
+
+    /// What a failed Fence means (docs/protocol.md 17.8 rule 2).
+    enum FenceFailure: Equatable {
+        /// The server will not fence: the IO in doubt goes again unfenced.
+        case refused
+        /// The path failed: the fence goes on another path.
+        case pathFailed
+        /// An error that says nothing about fencing (a handler failure, an unknown code) on a
+        /// connection that lives on: the Fence is asked again on the same path. Taking it for
+        /// a refusal would send the IO in doubt again unfenced, the unsafe direction.
+        case again
+    }
+
+    /// Classifies a Fence's failure: a refusal only when the server says so (a block status,
+    /// or a Parley ERROR that is permanent: it does not know Fence, or will not let this
+    /// client fence, or finds the request invalid).
+    static func fenceFailure(_ error: any Error, on client: BlockClient) -> FenceFailure {
+        if error is BlockError { return .refused }
+        guard let e = error as? ParleyError, client.client.connection.endReason == nil else { return .pathFailed }
+        switch e.code {
+        case .unknownMessageType, .permissionDenied, .invalidArgument: return .refused
+        case .shuttingDown, .cancelled, .timeout, .connectionClosed, .sessionReset, .sessionSuperseded: return .pathFailed
+        default: return .again
         }
     }
 

@@ -263,9 +263,7 @@ public struct MultipathIOState: Sendable, Hashable {
             actions.append(.complete(id: id, failure: .noPath))
             return id
         }
-        let held = io.operation.modifies && self.entries.contains { other in
-            other.key < id && other.value.io.operation.modifies && other.value.io.overlaps(io)
-        }
+        let held = io.operation.modifies && self.heldBack(id, io)
         self.entries[id] = Entry(io: io, phase: held ? .blocked : .queued)
         if held {
             self.blocked.append(id)
@@ -432,20 +430,27 @@ public struct MultipathIOState: Sendable, Hashable {
 
     /// Answers an IO and releases the blocked ones it was holding.
     private mutating func finish(_ id: UInt64, failure: Failure?, _ actions: inout [Action]) {
-        guard let entry = self.entries.removeValue(forKey: id) else { return }
-        if let i = self.queue.firstIndex(of: id) { self.queue.remove(at: i) }
-        if let i = self.blocked.firstIndex(of: id) { self.blocked.remove(at: i) }
-        if entry.phase == .fenceHeld, let i = self.fenceHeld.firstIndex(of: id) { self.fenceHeld.remove(at: i) }
-        actions.append(.complete(id: id, failure: failure))
-        guard entry.io.operation.modifies, !self.blocked.isEmpty else { return }
-        // Release, in id order, each blocked IO that no earlier unanswered modification overlaps.
+        self.finish([id], failure: failure, &actions)
+    }
+
+    /// Finishes `ids` (in that order), then releases, in id order, each blocked IO that no
+    /// earlier unanswered modification overlaps any more: one scan of the blocked IO for
+    /// however many finish.
+    private mutating func finish(_ ids: [UInt64], failure: Failure?, _ actions: inout [Action]) {
+        var releases = false
+        for id in ids {
+            guard let entry = self.entries.removeValue(forKey: id) else { continue }
+            if let i = self.queue.firstIndex(of: id) { self.queue.remove(at: i) }
+            if let i = self.blocked.firstIndex(of: id) { self.blocked.remove(at: i) }
+            if entry.phase == .fenceHeld, let i = self.fenceHeld.firstIndex(of: id) { self.fenceHeld.remove(at: i) }
+            actions.append(.complete(id: id, failure: failure))
+            releases = releases || entry.io.operation.modifies
+        }
+        guard releases, !self.blocked.isEmpty else { return }
         var still: [UInt64] = []
         for b in self.blocked {
             guard let be = self.entries[b] else { continue }
-            let held = self.entries.contains { other in
-                other.key < b && other.value.io.operation.modifies && other.value.io.overlaps(be.io)
-            }
-            if held {
+            if self.heldBack(b, be.io) {
                 still.append(b)
             } else {
                 self.entries[b]!.phase = .queued
@@ -453,6 +458,13 @@ public struct MultipathIOState: Sendable, Hashable {
             }
         }
         self.blocked = still
+    }
+
+    /// Whether an earlier unanswered modification (other than those in `except`) overlaps `io`.
+    private func heldBack(_ id: UInt64, _ io: IO, except: Set<UInt64> = []) -> Bool {
+        self.entries.contains { other in
+            other.key < id && other.value.io.operation.modifies && other.value.io.overlaps(io) && !except.contains(other.key)
+        }
     }
 
     private mutating func sendIO(_ id: UInt64, on path: Int, _ actions: inout [Action]) {
@@ -481,11 +493,14 @@ public struct MultipathIOState: Sendable, Hashable {
     /// Fails every modification that waits for a fence (held in doubt, or queued), and those
     /// that this releases from being blocked behind them.
     private mutating func failWaitingModifications(_ actions: inout [Action]) {
-        while true {
-            let doomed = (self.fenceHeld + self.queue.filter { self.entries[$0]!.io.operation.modifies }).sorted()
-            if doomed.isEmpty { return }
-            for id in doomed { self.finish(id, failure: .fenceTimedOut, &actions) }
+        var doomed = Set(self.fenceHeld + self.queue.filter { self.entries[$0]!.io.operation.modifies })
+        if doomed.isEmpty { return }
+        // A blocked modification that only doomed ones hold back would be released by their
+        // end and then fail too; one held back by one in flight waits for its answer.
+        for b in self.blocked.sorted() where self.entries[b]!.io.operation.modifies {
+            if !self.heldBack(b, self.entries[b]!.io, except: doomed) { doomed.insert(b) }
         }
+        self.finish(doomed.sorted(), failure: .fenceTimedOut, &actions)
     }
 
     private mutating func choosePath(for io: IO) -> Int? {
