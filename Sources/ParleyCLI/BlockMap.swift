@@ -34,10 +34,15 @@ struct BlockMapCommand: AsyncParsableCommand {
             and the path reconnects in the background with back-off (each
             change is logged).
             Writes to overlapping blocks take effect in the order submitted, also
-            across a failover: a re-sent write never overwrites a later
-            acknowledged one (docs/protocol.md 17.8). With no path up, IO waits
-            up to --io-timeout seconds, then fails with EIO, and new IO fails at
-            once until a path is back.
+            across a failover: before a write in doubt goes again, the server is
+            asked to fence the dead connection, so a re-sent write never
+            overwrites a later acknowledged one (docs/protocol.md 17.8; a server
+            that refuses the fence, e.g. one restarted meanwhile, leaves a
+            window, with a warning in the log). With no path up, IO waits up to
+            --io-timeout seconds, then fails with EIO, and new IO fails at once
+            until a path is back. A fence unanswered for --io-timeout fails the
+            writes waiting for it (EIO), and new writes until it is answered;
+            reads go on.
 
             Status: twice a second the map writes STATE_DIR/SESSION.DEVICE.json,
             which `parley block list` shows. SIGINT, SIGTERM or `parley block
@@ -72,7 +77,7 @@ struct BlockMapCommand: AsyncParsableCommand {
     @Option(name: .long, help: "min-inflight (each IO to the path with the fewest in flight, so a slower path takes fewer: RNBD's default) or round-robin (every path in turn: the slowest path sets the pace).")
     var policy: String = "min-inflight"
 
-    @Option(name: .long, help: ArgumentHelp("Seconds IO waits while no path is up before it fails with EIO.", valueName: "seconds"))
+    @Option(name: .long, help: ArgumentHelp("Seconds IO waits while no path is up, and writes wait for a fence, before they fail with EIO.", valueName: "seconds"))
     var ioTimeout: Double = 30
 
     @Option(name: .long, help: ArgumentHelp("Directory for the status file (default $PARLEY_BLOCK_STATE_DIR or /tmp/parley-block-UID).", valueName: "dir"))

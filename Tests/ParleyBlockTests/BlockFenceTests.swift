@@ -60,6 +60,9 @@ struct BlockFenceTests {
         /// A Parley ERROR `handlerFailed` the first `n` times (not an answer about fencing),
         /// then as the block service does.
         case failingFirst(Int)
+        /// `handlerFailed` while the flag is set (keeping the connection that asked in
+        /// `carrier`), then as the block service does.
+        case failingWhile(NIOLockedValueBox<Bool>, carrier: NIOLockedValueBox<ParleyConnection?>)
     }
 
     /// A server on a Unix socket whose device is `store`, with `threads` IO threads. With
@@ -98,6 +101,15 @@ struct BlockFenceTests {
                     return c
                 }
                 if seen <= n { throw ParleyError(code: .handlerFailed, message: "this test's fence handler fails \(n) times") }
+                return await service.fence(request, context)
+            }
+        case .failingWhile(let failing, let carrier):
+            router.on(Parley_Block_V1_Fence.self) { request, context async throws -> Parley_Block_V1_FenceReply in
+                count.withLockedValue { $0 += 1 }
+                if failing.withLockedValue({ $0 }) {
+                    carrier.withLockedValue { $0 = context.connection }
+                    throw ParleyError(code: .handlerFailed, message: "this test's fence handler fails for now")
+                }
                 return await service.fence(request, context)
             }
         }
@@ -263,14 +275,14 @@ struct BlockFenceTests {
     /// A server with two IO threads (`serve`, grabbing), a device open over two paths to it, and a write at offset 0
     /// that the server runs (held at the store's gate) when the server ends the connection
     /// that brought it, as a cut would: the client fences that connection on the other path.
-    func cutARunningWrite(fences: Fences, fenceCount: NIOLockedValueBox<Int>? = nil, ioTimeout: Duration) async throws -> CutWrite {
+    func cutARunningWrite(fences: Fences, fenceCount: NIOLockedValueBox<Int>? = nil, paths: Int = 2, ioTimeout: Duration) async throws -> CutWrite {
         let scratch = try ScratchDirectory("fence")
         let store = GatedStore()
         let grabbed = NIOLockedValueBox<ParleyConnection?>(nil)
         let (_, server, io, address) = try await self.serve(store, scratch, threads: 2, grab: grabbed, fences: fences, fenceCount: fenceCount)
         var quiet = Logger(label: "fence")
         quiet.logLevel = .critical
-        let session = try BlockMultipathSession(.init(sessionName: "fence", paths: [address, address], ioTimeout: ioTimeout), logger: quiet)
+        let session = try BlockMultipathSession(.init(sessionName: "fence", paths: Array(repeating: address, count: paths), ioTimeout: ioTimeout), logger: quiet)
         let device = try await session.open("disk")
         let first = Task { try await device.write(offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
         #expect(try await eventually { store.atGate.withLockedValue { $0 } && grabbed.withLockedValue { $0 } != nil })
@@ -408,6 +420,67 @@ struct BlockFenceTests {
         try await device.close()
         server.shutDown()
         try await io.shutdown()
+    }
+
+    /// A Fence being asked again whose path dies goes on another path (the loop on the dead
+    /// one stops), and the write in doubt still waits for it.
+    @Test func aFenceAskedAgainMovesWhenItsPathDies() async throws {
+        let failing = NIOLockedValueBox(true)
+        let carrier = NIOLockedValueBox<ParleyConnection?>(nil)
+        let fenceCount = NIOLockedValueBox(0)
+        let cut = try await self.cutARunningWrite(fences: .failingWhile(failing, carrier: carrier), fenceCount: fenceCount, paths: 3,
+                                                  ioTimeout: .seconds(20))
+        let (store, server, io, device, first) = (cut.store, cut.server, cut.io, cut.device, cut.first)
+        defer {
+            store.gate.signal()
+            store.gate.signal()
+            server.shutDown()
+        }
+        #expect(try await eventually { fenceCount.withLockedValue { $0 } >= 2 }, "the fence was not asked again")
+        let asked = fenceCount.withLockedValue { $0 }
+        carrier.withLockedValue { $0 }?.close()  // the path the fence is asked on dies
+        failing.withLockedValue { $0 = false }
+        #expect(try await eventually { fenceCount.withLockedValue { $0 } > asked }, "the fence did not go on another path")
+        #expect(store.log.withLockedValue { $0.received.filter { $0 == 0 }.count } == 1,
+                "the write in doubt was sent again before its fence was answered")
+        store.gate.signal()  // the running write, then the fenced re-send
+        store.gate.signal()
+        guard try await Self.finishes(first, within: 10) else {
+            Issue.record("the write hangs")
+            return
+        }
+        try await first.value
+        #expect(store.log.withLockedValue { $0.received.filter { $0 == 0 }.count } == 2, "sent again once, after the fence")
+        let failures = device.status().paths.map(\.failures)
+        #expect(failures.reduce(0, +) == 2, "the cut path and the fence's path failed: \(failures)")
+        try await device.close()
+        server.shutDown()
+        try await io.shutdown()
+    }
+
+    /// How a failed Fence is taken (docs/protocol.md 17.8 rule 4).
+    @Test func aFailedFenceIsClassifiedByWhatItSays() {
+        typealias F = BlockMultipathDevice.FenceFailure
+        let parley: [(ParleyError.Code, F)] = [
+            (.unknownMessageType, .refused), (.permissionDenied, .refused), (.invalidArgument, .refused),
+            (.handlerFailed, .again), (.unspecified, .again), (ParleyError.Code(rawValue: 999), .again), (.protocolViolation, .again),
+            (.shuttingDown, .pathFailed), (.cancelled, .pathFailed), (.timeout, .pathFailed), (.connectionClosed, .pathFailed),
+            (.sessionReset, .pathFailed), (.sessionSuperseded, .pathFailed),
+        ]
+        for (code, expected) in parley {
+            let e = ParleyError(code: code, message: "test")
+            #expect(BlockMultipathDevice.fenceFailure(e, connectionEnded: false) == expected, "\(code)")
+            #expect(BlockMultipathDevice.fenceFailure(e, connectionEnded: true) == .pathFailed, "\(code) after the end")
+        }
+        let block: [(Parley_Block_V1_BlockStatus, F)] = [
+            (.invalid, .refused), (.readOnly, .refused), (.ioError, .refused),
+            (.shuttingDown, .pathFailed), (.noSession, .pathFailed), (.fenced, .pathFailed), (.unknownDevice, .pathFailed),
+        ]
+        for (status, expected) in block {
+            #expect(BlockMultipathDevice.fenceFailure(BlockError(status, "test"), connectionEnded: false) == expected, "\(status)")
+        }
+        struct Other: Error {}
+        #expect(BlockMultipathDevice.fenceFailure(Other(), connectionEnded: false) == .pathFailed)
     }
 
     /// A flag set once `task` has finished.

@@ -48,7 +48,8 @@ import Testing
         /// The answer of each IO's latest send (what a nil-failure completion passes on).
         var lastOutcome: [UInt64: M.Outcome] = [:]
         var timerArmed = false
-        var fenceTimerArmed = false
+        /// Fences whose timer runs.
+        var fenceTimers: Set<M.Link> = []
         var closed = false
     }
 
@@ -93,12 +94,11 @@ import Testing
             case .cancelNoPathTimer:
                 guard w.timerArmed else { throw Violation(description: "cancel of an unarmed timer") }
                 w.timerArmed = false
-            case .armFenceTimer:
-                guard !w.fenceTimerArmed else { throw Violation(description: "fence timer armed twice") }
-                w.fenceTimerArmed = true
-            case .cancelFenceTimer:
-                guard w.fenceTimerArmed else { throw Violation(description: "cancel of an unarmed fence timer") }
-                w.fenceTimerArmed = false
+            case .armFenceTimer(let link):
+                guard w.fenceTimers.insert(link).inserted else { throw Violation(description: "timer of \(link)'s fence armed twice") }
+                guard w.machine.fencePending(link) else { throw Violation(description: "timer armed for \(link), which has no fence") }
+            case .cancelFenceTimer(let link):
+                guard w.fenceTimers.remove(link) != nil else { throw Violation(description: "cancel of \(link)'s unarmed fence timer") }
             case .pathLost(let p):
                 guard !w.machine.isUp(p) else { throw Violation(description: "path \(p) lost but still up") }
                 try self.retire(path: p, script: script, &w)
@@ -153,12 +153,19 @@ import Testing
         if m.livePaths > 0 && w.timerArmed {
             throw Violation(description: "timer armed while a path is up")
         }
-        // A pending fence has its timer running until it fires; none without a fence.
-        if m.pendingFences > 0 && !m.failingModifications && !w.fenceTimerArmed {
-            throw Violation(description: "\(m.pendingFences) fences pending with no fence timer")
+        // Each pending fence has its timer running until it fires (then it has timed out);
+        // no timer without its fence; failing only while a fence that timed out is pending.
+        for link in m.fences.keys where !w.fenceTimers.contains(link) && !m.timedOutFences.contains(link) {
+            throw Violation(description: "fence of \(link) pending with no timer")
         }
-        if m.pendingFences == 0 && (w.fenceTimerArmed || m.failingModifications) {
-            throw Violation(description: "fence timer armed or modifications failing with no fence pending")
+        if let link = w.fenceTimers.first(where: { !m.fencePending($0) }) {
+            throw Violation(description: "timer of \(link)'s fence runs with no fence pending")
+        }
+        if let link = m.timedOutFences.first(where: { !m.fencePending($0) || w.fenceTimers.contains($0) }) {
+            throw Violation(description: "fence of \(link) timed out while answered or while its timer runs")
+        }
+        if m.pendingFences == 0 && m.failingModifications {
+            throw Violation(description: "modifications failing with no fence pending")
         }
         if m.failingModifications, let id = (m.fenceHeld + m.queue).first(where: { m.io($0)!.operation.modifies }) {
             throw Violation(description: "modification \(id) waits after the fence timer fired")
@@ -304,10 +311,10 @@ import Testing
                     if n.machine.waiting > 0 { throw Violation(description: "IO still waits after the timer") }
                 }
             }
-            if w.fenceTimerArmed {
+            for link in w.fenceTimers.sorted() {
                 try step { n in
-                    n.fenceTimerArmed = false
-                    try self.apply(n.machine.fenceTimerFired(), script: script, &n)
+                    n.fenceTimers.remove(link)
+                    try self.apply(n.machine.fenceTimerFired(link), script: script, &n)
                 }
             }
             if close && !w.closed {
@@ -442,7 +449,7 @@ import Testing
         let (w2, a2) = m.submit(IO(.write, offset: 4, length: 8))
         #expect(a2.isEmpty, "held behind w1")
         let dead = m.link(of: 0)
-        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2), .armFenceTimer])
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2), .armFenceTimer(dead)])
         return (m, w1, w2, dead)
     }
 
@@ -458,7 +465,7 @@ import Testing
         // A late answer to w1's first send, and to an old fence send, change nothing.
         #expect(m.completed(id: w1, send: 1, outcome: .done).isEmpty)
         #expect(m.fenceCompleted(link: dead, send: 99, outcome: .done).isEmpty)
-        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .done) == [.cancelFenceTimer, .send(id: w1, path: 1, send: 4), .send(id: w3, path: 1, send: 5)])
+        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .done) == [.cancelFenceTimer(dead), .send(id: w1, path: 1, send: 4), .send(id: w3, path: 1, send: 5)])
         #expect(m.pendingFences == 0)
         #expect(m.completed(id: w1, send: 4, outcome: .done) == [.complete(id: w1, failure: nil), .send(id: w2, path: 1, send: 6)])
         // Reads in doubt need no fence.
@@ -480,7 +487,7 @@ import Testing
         _ = m.pathUp(0)
         let (w1, _) = m.submit(IO(.write, offset: 0, length: 1))
         let dead = m.link(of: 0)
-        #expect(m.pathDown(0) == [.pathLost(0), .armFenceTimer, .armNoPathTimer])
+        #expect(m.pathDown(0) == [.pathLost(0), .armFenceTimer(dead), .armNoPathTimer])
         #expect(m.noPathTimerFired() == [.complete(id: w1, failure: .noPath)])
         #expect(m.pendingFences == 1)
         #expect(m.pathUp(1) == [.fence(link: dead, path: 1, send: 2)], "the no-path timer fired; the fence timer runs on")
@@ -490,7 +497,7 @@ import Testing
         // The fence's path dies: it goes again on path 0 (path 1's own connection needs none:
         // nothing was in doubt on it).
         #expect(m.fenceCompleted(link: dead, send: 2, outcome: .pathFailed) == [.pathLost(1), .fence(link: dead, path: 0, send: 3)])
-        #expect(m.fenceCompleted(link: dead, send: 3, outcome: .done) == [.cancelFenceTimer, .send(id: w2, path: 0, send: 4)])
+        #expect(m.fenceCompleted(link: dead, send: 3, outcome: .done) == [.cancelFenceTimer(dead), .send(id: w2, path: 0, send: 4)])
     }
 
     /// A server without Fence refuses it: what waited is sent again unfenced (the rules
@@ -501,8 +508,8 @@ import Testing
         _ = m.pathUp(1)
         let (w1, _) = m.submit(IO(.write, offset: 0, length: 1))
         let dead = m.link(of: 0)
-        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2), .armFenceTimer])
-        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .refused) == [.cancelFenceTimer, .send(id: w1, path: 1, send: 3)])
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2), .armFenceTimer(dead)])
+        #expect(m.fenceCompleted(link: dead, send: 2, outcome: .refused) == [.cancelFenceTimer(dead), .send(id: w1, path: 1, send: 3)])
         #expect(m.pendingFences == 0)
     }
 
@@ -513,7 +520,7 @@ import Testing
         var (m, w1, w2, dead) = self.overlappingWritesWithTheFirstInDoubt()
         let (w3, a3) = m.submit(IO(.discard, offset: 100, length: 8))
         #expect(a3.isEmpty, "waits for the fence")
-        #expect(m.fenceTimerFired() == [.complete(id: w1, failure: .fenceTimedOut), .complete(id: w2, failure: .fenceTimedOut),
+        #expect(m.fenceTimerFired(dead) == [.complete(id: w1, failure: .fenceTimedOut), .complete(id: w2, failure: .fenceTimedOut),
                                         .complete(id: w3, failure: .fenceTimedOut)],
                 "w1 and w3 waited for the fence; w2, held back by w1 only, would wait for it too; all fail in id order")
         #expect(m.failingModifications && m.pendingFences == 1 && m.outstanding == 0)
@@ -523,7 +530,7 @@ import Testing
         #expect(ar == [.send(id: r, path: 1, send: 3)], "reads go on")
         let (f, af) = m.submit(IO(.flush, offset: 0, length: 0))
         #expect(af == [.send(id: f, path: 1, send: 4)], "so do flushes")
-        #expect(m.fenceTimerFired().isEmpty, "a timer that fired is not armed again")
+        #expect(m.fenceTimerFired(dead).isEmpty, "a timer that fired is not armed again")
         // The late answer ends it: modifications go again, and a new fence gets a new timer.
         #expect(m.fenceCompleted(link: dead, send: 2, outcome: .done).isEmpty)
         #expect(!m.failingModifications)
@@ -531,10 +538,34 @@ import Testing
         #expect(a5 == [.send(id: w5, path: 1, send: 5)])
         _ = m.pathUp(0)
         let onOne = m.link(of: 1)
-        #expect(m.pathDown(1) == [.pathLost(1), .fence(link: onOne, path: 0, send: 6), .armFenceTimer, .send(id: r, path: 0, send: 7),
+        #expect(m.pathDown(1) == [.pathLost(1), .fence(link: onOne, path: 0, send: 6), .armFenceTimer(onOne), .send(id: r, path: 0, send: 7),
                                   .send(id: f, path: 0, send: 8)])
-        #expect(m.fenceCompleted(link: onOne, send: 6, outcome: .done) == [.cancelFenceTimer, .send(id: w5, path: 0, send: 9)])
-        #expect(m.fenceTimerFired().isEmpty, "cancelled")
+        #expect(m.fenceCompleted(link: onOne, send: 6, outcome: .done) == [.cancelFenceTimer(onOne), .send(id: w5, path: 0, send: 9)])
+        #expect(m.fenceTimerFired(onOne).isEmpty, "cancelled")
+    }
+
+    /// Each fence has its own timer from its start: a fence answered in time cancels only
+    /// its own, and a later fence is not cut short by an earlier one's timer.
+    @Test func eachFenceHasItsOwnTimer() {
+        var m = M(paths: 3)
+        _ = m.pathUp(0)
+        _ = m.pathUp(1)
+        _ = m.pathUp(2)
+        let (w1, a1) = m.submit(IO(.write, offset: 0, length: 8))
+        let (w2, a2) = m.submit(IO(.write, offset: 100, length: 8))
+        #expect(a1 == [.send(id: w1, path: 0, send: 1)] && a2 == [.send(id: w2, path: 1, send: 2)])
+        let d0 = m.link(of: 0), d1 = m.link(of: 1)
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: d0, path: 2, send: 3), .armFenceTimer(d0)])
+        #expect(m.pathDown(1) == [.pathLost(1), .fence(link: d1, path: 2, send: 4), .armFenceTimer(d1)])
+        #expect(m.fenceCompleted(link: d0, send: 3, outcome: .done) == [.cancelFenceTimer(d0)], "w1 waits on for d1's fence")
+        #expect(m.fenceTimerFired(d0).isEmpty, "cancelled")
+        #expect(!m.failingModifications && m.waiting == 2)
+        #expect(m.fenceTimerFired(d1) == [.complete(id: w1, failure: .fenceTimedOut), .complete(id: w2, failure: .fenceTimedOut)])
+        #expect(m.failingModifications)
+        #expect(m.fenceCompleted(link: d1, send: 4, outcome: .done).isEmpty)
+        #expect(!m.failingModifications)
+        let (w3, a3) = m.submit(IO(.write, offset: 0, length: 8))
+        #expect(a3 == [.send(id: w3, path: 2, send: 5)])
     }
 
     /// When the fence timer fires, a modification held back by one still in flight on a live
@@ -549,8 +580,8 @@ import Testing
         let (wC, aC) = m.submit(IO(.write, offset: 204, length: 8))
         #expect(aA == [.send(id: wA, path: 0, send: 1)] && aB == [.send(id: wB, path: 1, send: 2)] && aC.isEmpty)
         let dead = m.link(of: 0)
-        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 3), .armFenceTimer])
-        #expect(m.fenceTimerFired() == [.complete(id: wA, failure: .fenceTimedOut)], "wC waits for wB, in flight")
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 3), .armFenceTimer(dead)])
+        #expect(m.fenceTimerFired(dead) == [.complete(id: wA, failure: .fenceTimedOut)], "wC waits for wB, in flight")
         #expect(m.completed(id: wB, send: 2, outcome: .done) == [.complete(id: wB, failure: nil), .complete(id: wC, failure: .fenceTimedOut)])
         #expect(m.outstanding == 0)
     }

@@ -86,6 +86,11 @@ public struct BlockMultipathSession: Sendable {
         guard BlockExportCatalog.validSessionName(configuration.sessionName) else {
             throw BlockError(.invalid, "bad session name \"\(configuration.sessionName)\": use 1-64 bytes of A-Z a-z 0-9 . _ -, not starting with '.'")
         }
+        // Retries (reconnects, a Fence asked again) wait at least the base: never a hot loop.
+        guard configuration.reconnectBase > .zero, configuration.reconnectMax >= configuration.reconnectBase else {
+            throw BlockError(.invalid, "the reconnect back-off must be above zero and its maximum at least its base (\(configuration.reconnectBase), \(configuration.reconnectMax))")
+        }
+        guard configuration.ioTimeout > .zero else { throw BlockError(.invalid, "the IO timeout must be above zero") }
         self.configuration = configuration
         self.logger = logger
     }
@@ -207,15 +212,17 @@ public final class BlockMultipathDevice: Sendable {
         var result: Result<ByteBuffer?, BlockMultipathError>?
     }
 
-    enum TimerKind: Int {
-        case noPath = 0, fence = 1
+    /// The machine's timers: the no-path timer, and one per pending fence.
+    enum TimerKind: Hashable {
+        case noPath
+        case fence(MultipathIOState.Link)
     }
 
-    /// A timer's task, and a token bumped on each arm and cancel, so that a timer that fires
-    /// after it was cancelled or armed again does nothing.
+    /// A running timer's task, and its token (from a counter, new on each arm), so that a
+    /// timer that fires after it was cancelled or armed again does nothing.
     struct Timer {
         var task: Task<Void, Never>?
-        var token = 0
+        var token: Int
     }
 
     struct State {
@@ -223,12 +230,9 @@ public final class BlockMultipathDevice: Sendable {
         var paths: [Path]
         var pending: [UInt64: Pending] = [:]
         var geometry: Parley_Block_V1_Geometry?
-        /// The machine's two timers, by `TimerKind`.
-        var timers = [Timer(), Timer()]
-        subscript(timer kind: TimerKind) -> Timer {
-            get { self.timers[kind.rawValue] }
-            set { self.timers[kind.rawValue] = newValue }
-        }
+        /// The machine's running timers.
+        var timers: [TimerKind: Timer] = [:]
+        var lastTimerToken = 0
         var closed = false
         /// `close()` has begun (it runs once), and how it ended (for later callers).
         var closeStarted = false
@@ -534,14 +538,16 @@ public final class BlockMultipathDevice: Sendable {
                     s.drained = []
                 }
             case .armNoPathTimer, .armFenceTimer:
-                let kind: TimerKind = action == .armNoPathTimer ? .noPath : .fence
-                s[timer: kind].token += 1
-                jobs.append(.arm(kind, token: s[timer: kind].token))
+                let kind: TimerKind
+                if case .armFenceTimer(let link) = action { kind = .fence(link) } else { kind = .noPath }
+                if let t = s.timers[kind]?.task { jobs.append(.cancel(t)) }
+                s.lastTimerToken += 1
+                s.timers[kind] = Timer(task: nil, token: s.lastTimerToken)
+                jobs.append(.arm(kind, token: s.lastTimerToken))
             case .cancelNoPathTimer, .cancelFenceTimer:
-                let kind: TimerKind = action == .cancelNoPathTimer ? .noPath : .fence
-                s[timer: kind].token += 1
-                if let t = s[timer: kind].task { jobs.append(.cancel(t)) }
-                s[timer: kind].task = nil
+                let kind: TimerKind
+                if case .cancelFenceTimer(let link) = action { kind = .fence(link) } else { kind = .noPath }
+                if let t = s.timers.removeValue(forKey: kind)?.task { jobs.append(.cancel(t)) }
             case .fence(let link, let path, let send):
                 // No connection on a path the machine has up: the device is closed; the fence is moot.
                 guard let client = s.paths[path].client else { continue }
@@ -583,24 +589,32 @@ public final class BlockMultipathDevice: Sendable {
                 let task = Task {
                     try? await Task.sleep(for: timeout)
                     if Task.isCancelled { return }
-                    let jobs = self.state.withLockedValue { s -> Jobs? in
-                        guard s[timer: kind].token == token, !s.closed else { return nil }
-                        s[timer: kind].task = nil
+                    let fired = self.state.withLockedValue { s -> (jobs: Jobs, tell: Bool)? in
+                        guard s.timers[kind]?.token == token, !s.closed else { return nil }
+                        s.timers[kind] = nil
                         var jobs = Jobs()
-                        self.resolve(kind == .noPath ? s.machine.noPathTimerFired() : s.machine.fenceTimerFired(), &s, &jobs)
-                        return jobs
+                        switch kind {
+                        case .noPath:
+                            self.resolve(s.machine.noPathTimerFired(), &s, &jobs)
+                            return (jobs, !jobs.isEmpty)
+                        case .fence(let link):
+                            self.resolve(s.machine.fenceTimerFired(link), &s, &jobs)
+                            return (jobs, s.machine.timedOutFences.contains(link))
+                        }
                     }
-                    guard let jobs else { return }
+                    guard let (jobs, tell) = fired else { return }
                     let meta: Logger.Metadata = ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"]
                     switch kind {
-                    case .noPath where !jobs.isEmpty: self.logger.error("no path for \(timeout): failing IO", metadata: meta)
-                    case .noPath: break
-                    case .fence: self.logger.error("a fence has had no answer for \(timeout): modifications fail (EIO) until it is answered; reads go on", metadata: meta)
+                    case .noPath where tell: self.logger.error("no path for \(timeout): failing IO", metadata: meta)
+                    case .fence(let link) where tell:
+                        self.logger.error("the fence of \(link) has had no answer for \(timeout): modifications fail (EIO) until it is answered; reads go on",
+                                          metadata: meta)
+                    default: break
                     }
                     self.run(jobs)
                 }
                 self.state.withLockedValue { s in
-                    if s[timer: kind].token == token { s[timer: kind].task = task } else { task.cancel() }
+                    if s.timers[kind]?.token == token { s.timers[kind]!.task = task } else { task.cancel() }
                 }
             case .cancel(let task):
                 task.cancel()
@@ -637,7 +651,7 @@ public final class BlockMultipathDevice: Sendable {
                         try await client.fence([target])
                         self.logger.info("fenced \(link) (server connection \(target)) before sending its IO again", metadata: self.meta(link.path))
                     } catch {
-                        switch Self.fenceFailure(error, on: client) {
+                        switch Self.fenceFailure(error, connectionEnded: client.client.connection.endReason != nil) {
                         case .refused:
                             outcome = .refused
                             let why = (error as? BlockError)?.message ?? "\(error)"
@@ -651,7 +665,8 @@ public final class BlockMultipathDevice: Sendable {
                             let delay = self.session.configuration.backoff(attempt: attempt)
                             self.logger.warning("fencing \(link) failed: \(error); asking again in \(delay)", metadata: self.meta(link.path))
                             try? await Task.sleep(for: delay)
-                            if self.state.withLockedValue({ $0.closed }) { return }
+                            // Closed, or the fence went on another path meanwhile (this one died): that send asks.
+                            if self.state.withLockedValue({ $0.closed || $0.machine.fenceSent(of: link)?.send != send }) { return }
                             continue
                         }
                     }
@@ -693,12 +708,18 @@ public final class BlockMultipathDevice: Sendable {
         case again
     }
 
-    /// Classifies a Fence's failure: a refusal only when the server says so (a block status,
-    /// or a Parley ERROR that is permanent: it does not know Fence, or will not let this
-    /// client fence, or finds the request invalid).
-    static func fenceFailure(_ error: any Error, on client: BlockClient) -> FenceFailure {
-        if error is BlockError { return .refused }
-        guard let e = error as? ParleyError, client.client.connection.endReason == nil else { return .pathFailed }
+    /// Classifies a Fence's failure: a refusal only when the server says so (a block status
+    /// other than those that fail a path for IO too, or a Parley ERROR that is permanent: it
+    /// does not know Fence, or will not let this client fence, or finds the request invalid).
+    static func fenceFailure(_ error: any Error, connectionEnded: Bool) -> FenceFailure {
+        if let e = error as? BlockError {
+            switch e.status {
+            // As for IO (rule 2): the server is going away, or no longer has this connection's session.
+            case .shuttingDown, .noSession, .fenced, .unknownDevice: return .pathFailed
+            default: return .refused
+            }
+        }
+        guard let e = error as? ParleyError, !connectionEnded else { return .pathFailed }
         switch e.code {
         case .unknownMessageType, .permissionDenied, .invalidArgument: return .refused
         case .shuttingDown, .cancelled, .timeout, .connectionClosed, .sessionReset, .sessionSuperseded: return .pathFailed
@@ -875,12 +896,9 @@ public final class BlockMultipathDevice: Sendable {
             s.closed = true
             let clients = s.paths.compactMap { p in p.client.map { ($0, p.deviceID) } }
             for i in s.paths.indices { s.paths[i].client = nil }
-            let tasks = Array(s.reconnects.values) + s.timers.compactMap(\.task)
+            let tasks = Array(s.reconnects.values) + s.timers.values.compactMap(\.task)
             s.reconnects = [:]
-            for i in s.timers.indices {
-                s.timers[i].token += 1
-                s.timers[i].task = nil
-            }
+            s.timers = [:]
             return (clients, tasks)
         }
         for t in tasks { t.cancel() }

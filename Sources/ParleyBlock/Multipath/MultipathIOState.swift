@@ -28,9 +28,9 @@
 ///   is answered no modification is sent (reads are); a modification that fails meanwhile
 ///   (no path, too many re-sends) keeps the fence pending all the same, since its copy could
 ///   still land.
-/// - **A fence that takes too long.** While fences are pending the driver is told to arm the
-///   fence timer; when it fires, the modifications waiting for a fence fail (EIO), and new
-///   modifications fail at once, until every fence is answered. (The server answers a fence
+/// - **A fence that takes too long.** Each fence has a timer from its start (the driver is
+///   told to arm and cancel it); when one fires, the modifications waiting for a fence fail
+///   (EIO), and new modifications fail at once, until every fence whose timer fired is answered. (The server answers a fence
 ///   once the fenced connection's running IO has finished: storage that never finishes one
 ///   would otherwise hold modifications, and the device's close, for ever.) Reads go on.
 public struct MultipathIOState: Sendable, Hashable {
@@ -90,7 +90,7 @@ public struct MultipathIOState: Sendable, Hashable {
     }
 
     /// One connection of a path: the path, and how many times it had come up.
-    public struct Link: Sendable, Hashable, CustomStringConvertible {
+    public struct Link: Sendable, Hashable, Comparable, CustomStringConvertible {
         public var path: Int
         public var incarnation: Int
         public init(path: Int, incarnation: Int) {
@@ -98,6 +98,7 @@ public struct MultipathIOState: Sendable, Hashable {
             self.incarnation = incarnation
         }
         public var description: String { "path \(self.path + 1) connection \(self.incarnation)" }  // paths counted from 1, as in the logs
+        public static func < (a: Link, b: Link) -> Bool { (a.path, a.incarnation) < (b.path, b.incarnation) }
     }
 
     public enum Action: Sendable, Equatable {
@@ -112,9 +113,10 @@ public struct MultipathIOState: Sendable, Hashable {
         /// Start the no-path timer (call `noPathTimerFired()` when it expires).
         case armNoPathTimer
         case cancelNoPathTimer
-        /// Start the fence timer (call `fenceTimerFired()` when it expires).
-        case armFenceTimer
-        case cancelFenceTimer
+        /// Start the timer of `link`'s fence, with the IO timeout (call `fenceTimerFired(link)`
+        /// when it expires): one per fence, from the fence's start.
+        case armFenceTimer(Link)
+        case cancelFenceTimer(Link)
         /// The path failed: close its connection and reconnect it (report `pathUp` then).
         case pathLost(Int)
     }
@@ -177,9 +179,12 @@ public struct MultipathIOState: Sendable, Hashable {
     private var nextSend: UInt64 = 1
     private var nextPath = 0
     private var timerArmed = false
-    private var fenceTimerArmed = false
-    /// The fence timer fired and a fence is still pending: modifications fail at once.
-    public private(set) var failingModifications = false
+    /// Fences whose timer runs.
+    private(set) var fenceTimers: Set<Link> = []
+    /// Fences whose timer expired and that are still pending.
+    private(set) var timedOutFences: Set<Link> = []
+    /// A fence's timer expired and that fence is still pending: modifications fail at once.
+    public var failingModifications: Bool { !self.timedOutFences.isEmpty }
     /// The no-path timer fired and no path has come up since: new IO fails at once.
     private(set) var failingFast = false
     private(set) var closing = false
@@ -334,13 +339,11 @@ public struct MultipathIOState: Sendable, Hashable {
         return actions
     }
 
-    /// The fence timer expired with a fence still pending: the modifications waiting for a
-    /// fence fail, and new ones fail at once until every fence is answered.
-    public mutating func fenceTimerFired() -> [Action] {
-        guard self.fenceTimerArmed else { return [] }
-        self.fenceTimerArmed = false
-        guard !self.fences.isEmpty else { return [] }
-        self.failingModifications = true
+    /// The timer of `link`'s fence expired with it still pending: the modifications waiting
+    /// for a fence fail, and new ones fail at once until that fence is answered.
+    public mutating func fenceTimerFired(_ link: Link) -> [Action] {
+        guard self.fenceTimers.remove(link) != nil, self.fences[link] != nil else { return [] }
+        self.timedOutFences.insert(link)
         var actions: [Action] = []
         self.dispatch(&actions)
         return actions
@@ -480,7 +483,7 @@ public struct MultipathIOState: Sendable, Hashable {
     /// Sends each Fence not on the wire on a live path (the first up from `nextPath`).
     private mutating func sendFences(_ actions: inout [Action]) {
         guard self.livePaths > 0 else { return }
-        for link in self.fences.keys.sorted(by: { ($0.path, $0.incarnation) < ($1.path, $1.incarnation) }) where self.fences[link]! == nil {
+        for link in self.fences.keys.sorted() where self.fences[link]! == nil {
             var path = self.nextPath
             while !self.pathUp[path] { path = (path + 1) % self.pathCount }
             let send = self.nextSend
@@ -523,17 +526,20 @@ public struct MultipathIOState: Sendable, Hashable {
     /// Sends what is queued on live paths with room, in id order; arms the timer when IO
     /// waits with no path up.
     private mutating func dispatch(_ actions: inout [Action]) {
-        if self.fences.isEmpty {
-            self.failingModifications = false
-            if self.fenceTimerArmed {
-                self.fenceTimerArmed = false
-                actions.append(.cancelFenceTimer)
+        // Each pending fence has its timer from its start until it is answered or the timer
+        // expires (it is then in `timedOutFences` until answered).
+        if !self.fenceTimers.isEmpty || !self.timedOutFences.isEmpty {
+            for link in self.fenceTimers.sorted() where self.fences[link] == nil {
+                self.fenceTimers.remove(link)
+                actions.append(.cancelFenceTimer(link))
             }
-        } else {
+            self.timedOutFences = self.timedOutFences.filter { self.fences[$0] != nil }
+        }
+        if !self.fences.isEmpty {
             self.sendFences(&actions)
-            if !self.fenceTimerArmed && !self.failingModifications {
-                self.fenceTimerArmed = true
-                actions.append(.armFenceTimer)
+            for link in self.fences.keys.sorted() where !self.fenceTimers.contains(link) && !self.timedOutFences.contains(link) {
+                self.fenceTimers.insert(link)
+                actions.append(.armFenceTimer(link))
             }
         }
         if self.failingModifications { self.failWaitingModifications(&actions) }
