@@ -304,6 +304,22 @@ struct BlockFenceTests {
         return done.withLockedValue { $0 }
     }
 
+    /// Whether `task` ended within `seconds` (false, recorded, if it hangs); it must have
+    /// failed `fenceTimedOut` (EIO).
+    static func failsForTheFence(_ task: Task<Void, any Error>, within seconds: Int, _ what: String) async throws -> Bool {
+        guard try await Self.finishes(task, within: seconds) else {
+            Issue.record("\(what) hangs")
+            return false
+        }
+        do {
+            try await task.value
+            Issue.record("\(what) succeeded while a fence was unanswered")
+        } catch let e as BlockMultipathError {
+            #expect(e.kind == .fenceTimedOut && e.errno == EIO, "\(e)")
+        }
+        return true
+    }
+
     /// Storage that never finishes an IO holds a fence for ever: the multipath client fails
     /// the modifications waiting for it after the IO timeout (EIO, not a hang), fails new
     /// ones at once while it is unanswered, goes on reading, and writes again once it is
@@ -316,28 +332,10 @@ struct BlockFenceTests {
             store.gate.signal()
             server.shutDown()
         }
-        guard try await Self.finishes(first, within: 10) else {
-            Issue.record("the write waiting for the fence hangs")
-            return
-        }
-        do {
-            try await first.value
-            Issue.record("the write waiting for an unanswered fence succeeded")
-        } catch let e as BlockMultipathError {
-            #expect(e.kind == .fenceTimedOut && e.errno == EIO, "\(e)")
-        }
+        guard try await Self.failsForTheFence(first, within: 10, "the write waiting for the fence") else { return }
         // New modifications fail at once; reads go on.
         let second = Task { try await device.write(offset: 8192, data: ByteBuffer(repeating: 2, count: 4096)) }
-        guard try await Self.finishes(second, within: 2) else {
-            Issue.record("a new write waits for the unanswered fence instead of failing")
-            return
-        }
-        do {
-            try await second.value
-            Issue.record("a new write succeeded while a fence was unanswered")
-        } catch let e as BlockMultipathError {
-            #expect(e.kind == .fenceTimedOut && e.errno == EIO, "\(e)")
-        }
+        guard try await Self.failsForTheFence(second, within: 2, "a new write while the fence is unanswered") else { return }
         let read = try await device.read(offset: 8192, length: 4096)
         #expect(read.readableBytes == 4096)
         // The running write finishes, the fence is answered: writes go again.
@@ -396,7 +394,7 @@ struct BlockFenceTests {
     @Test func aFenceThatFailsForAnotherReasonIsAskedAgainNotSkipped() async throws {
         let fenceCount = NIOLockedValueBox(0)
         let cut = try await self.cutARunningWrite(fences: .failingFirst(3), fenceCount: fenceCount, ioTimeout: .seconds(20))
-        let (store, server, io, device, first) = (cut.store, cut.server, cut.io, cut.device, cut.first)
+        let (store, server) = (cut.store, cut.server)
         defer {
             store.gate.signal()
             store.gate.signal()
@@ -405,6 +403,14 @@ struct BlockFenceTests {
         // Asked again past the failures: the fourth reaches the service, which waits for the
         // running write before it answers.
         #expect(try await eventually { fenceCount.withLockedValue { $0 } >= 4 }, "the fence was not asked again")
+        try await self.theWriteGoesAgainOnceFenced(cut, pathFailures: 1)
+    }
+
+    /// The end of a cut write whose fence is still unanswered: it was not sent again; once
+    /// the store lets the running write (and then the re-send) finish, it succeeds, having
+    /// been sent again exactly once, with `pathFailures` path failures in all.
+    func theWriteGoesAgainOnceFenced(_ cut: CutWrite, pathFailures: Int) async throws {
+        let (store, server, io, device, first) = (cut.store, cut.server, cut.io, cut.device, cut.first)
         #expect(store.log.withLockedValue { $0.received.filter { $0 == 0 }.count } == 1,
                 "the write in doubt was sent again before its fence was answered")
         store.gate.signal()  // the running write, then the fenced re-send
@@ -416,7 +422,7 @@ struct BlockFenceTests {
         try await first.value
         #expect(store.log.withLockedValue { $0.received.filter { $0 == 0 }.count } == 2, "sent again once, after the fence")
         let failures = device.status().paths.map(\.failures)
-        #expect(failures.reduce(0, +) == 1, "only the cut path failed: \(failures)")
+        #expect(failures.reduce(0, +) == pathFailures, "path failures: \(failures)")
         try await device.close()
         server.shutDown()
         try await io.shutdown()
@@ -430,7 +436,7 @@ struct BlockFenceTests {
         let fenceCount = NIOLockedValueBox(0)
         let cut = try await self.cutARunningWrite(fences: .failingWhile(failing, carrier: carrier), fenceCount: fenceCount, paths: 3,
                                                   ioTimeout: .seconds(20))
-        let (store, server, io, device, first) = (cut.store, cut.server, cut.io, cut.device, cut.first)
+        let (store, server) = (cut.store, cut.server)
         defer {
             store.gate.signal()
             store.gate.signal()
@@ -441,21 +447,7 @@ struct BlockFenceTests {
         carrier.withLockedValue { $0 }?.close()  // the path the fence is asked on dies
         failing.withLockedValue { $0 = false }
         #expect(try await eventually { fenceCount.withLockedValue { $0 } > asked }, "the fence did not go on another path")
-        #expect(store.log.withLockedValue { $0.received.filter { $0 == 0 }.count } == 1,
-                "the write in doubt was sent again before its fence was answered")
-        store.gate.signal()  // the running write, then the fenced re-send
-        store.gate.signal()
-        guard try await Self.finishes(first, within: 10) else {
-            Issue.record("the write hangs")
-            return
-        }
-        try await first.value
-        #expect(store.log.withLockedValue { $0.received.filter { $0 == 0 }.count } == 2, "sent again once, after the fence")
-        let failures = device.status().paths.map(\.failures)
-        #expect(failures.reduce(0, +) == 2, "the cut path and the fence's path failed: \(failures)")
-        try await device.close()
-        server.shutDown()
-        try await io.shutdown()
+        try await self.theWriteGoesAgainOnceFenced(cut, pathFailures: 2)
     }
 
     /// How a failed Fence is taken (docs/protocol.md 17.8 rule 4).
