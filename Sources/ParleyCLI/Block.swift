@@ -21,7 +21,7 @@ struct Block: AsyncParsableCommand {
               nbdinfo nbd://127.0.0.1:10809/disk
               qemu-img convert -p -O raw image.qcow2 nbd://127.0.0.1:10809/disk
             On a client, over two paths, served on a local NBD socket:
-              parley block map --session s1 --path 127.0.0.1:7421 \
+              parley block map --session s1 --path 127.0.0.1:7421 \\
                   --path 127.0.0.1:7421 --device disk --nbd unix:/tmp/s1.sock &
               parley block list
               parley block unmap --session s1

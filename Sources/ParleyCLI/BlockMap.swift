@@ -18,14 +18,14 @@ struct BlockMapCommand: AsyncParsableCommand {
             times for more connections), and serves it as an NBD export on --nbd
             for nbd-client (/dev/nbdN), qemu, nbdinfo, nbdcopy and fio. The NBD
             export is named DEVICE, and is also the default export (""):
-              parley block map --session s1 --path 10.0.0.1:7421 \
+              parley block map --session s1 --path 10.0.0.1:7421 \\
                   --path 10.0.1.1:7421 --device disk --nbd unix:/run/s1.sock
               nbdinfo 'nbd+unix:///disk?socket=/run/s1.sock'
               nbd-client -unix /run/s1.sock /dev/nbd0 -N disk
 
             RNBD's map_device words work instead of the flags (--nbd still
             needed; ip:ADDRESS without a port means port 7421):
-              parley block map --nbd unix:/run/s1.sock --rnbd \
+              parley block map --nbd unix:/run/s1.sock --rnbd \\
                   "sessname=s1 path=ip:10.0.0.1 path=ip:10.0.1.1 device_path=disk"
 
             Multipath: each IO goes to one path (--policy min-inflight, the
