@@ -5,6 +5,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Parley
+import ParleyTestSupport
 @testable import ParleyBlock
 import Testing
 
@@ -237,28 +238,44 @@ struct BlockFenceTests {
 
         // The same under a race: two threads admit and end IO while a third marks the end
         // and waits for idle. An IO admitted once idle was reported is one admitted after
-        // the end (a fence answered by then would not have waited for it).
-        for round in 0..<200 {
-            let session = BlockSession(name: "s", version: 1, peer: "test", instance: 1, connectionID: 42)
-            let id = try #require(session.add(device: device, access: .readWrite, blockSize: 512))
-            let idle = NIOLockedValueBox(false)
-            let late = NIOLockedValueBox(0)
-            DispatchQueue.concurrentPerform(iterations: 3) { thread in
-                if thread == 0 {
-                    for _ in 0..<(round * 37 % 500) { _ = session.begin(id: UInt32.max, bytes: 0, limits: BlockService.Limits()) }
-                    session.markEnded()
-                    session.whenIdle { idle.withLockedValue { $0 = true } }
-                    return
+        // the end (a fence answered by then would not have waited for it). On threads of
+        // their own, not Swift's pool; `overlaps` counts the rounds where a thread was still
+        // admitting IO when the end came (the race happened).
+        let (late, neverIdle, overlaps) = await onOwnThread { () -> ([Int], [Int], Int) in
+            var late: [Int] = [], neverIdle: [Int] = [], overlaps = 0
+            for round in 0..<200 {
+                let session = BlockSession(name: "s", version: 1, peer: "test", instance: 1, connectionID: 42)
+                guard let id = session.add(device: device, access: .readWrite, blockSize: 512) else { return ([], [round], 0) }
+                let idle = NIOLockedValueBox(false)
+                let lateHere = NIOLockedValueBox(0)
+                let raced = NIOLockedValueBox(false)
+                DispatchQueue.concurrentPerform(iterations: 3) { thread in
+                    if thread == 0 {
+                        for _ in 0..<(round * 37 % 500) { _ = session.begin(id: UInt32.max, bytes: 0, limits: BlockService.Limits()) }
+                        session.markEnded()
+                        session.whenIdle { idle.withLockedValue { $0 = true } }
+                        return
+                    }
+                    var admitted = 0
+                    for _ in 0..<100_000 {
+                        guard case .success = session.begin(id: id, bytes: 4096, limits: BlockService.Limits()) else {
+                            if admitted > 0 { raced.withLockedValue { $0 = true } }
+                            return
+                        }
+                        admitted += 1
+                        if idle.withLockedValue({ $0 }) { lateHere.withLockedValue { $0 += 1 } }
+                        session.end(id: id, bytes: 4096)
+                    }
                 }
-                for _ in 0..<100_000 {
-                    guard case .success = session.begin(id: id, bytes: 4096, limits: BlockService.Limits()) else { return }
-                    if idle.withLockedValue({ $0 }) { late.withLockedValue { $0 += 1 } }
-                    session.end(id: id, bytes: 4096)
-                }
+                if lateHere.withLockedValue({ $0 }) > 0 { late.append(round) }
+                if !idle.withLockedValue({ $0 }) { neverIdle.append(round) }
+                if raced.withLockedValue({ $0 }) { overlaps += 1 }
             }
-            #expect(late.withLockedValue { $0 } == 0, "round \(round): IO admitted after the connection ended and went idle")
-            #expect(idle.withLockedValue { $0 }, "round \(round): never idle")
+            return (late, neverIdle, overlaps)
         }
+        #expect(late.isEmpty, "rounds \(late): IO admitted after the connection ended and went idle")
+        #expect(neverIdle.isEmpty, "rounds \(neverIdle): never idle")
+        #expect(overlaps > 0, "no round raced the end against admissions")
     }
 
     /// What `cutARunningWrite` set up.

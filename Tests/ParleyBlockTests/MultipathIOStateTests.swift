@@ -85,6 +85,9 @@ import Testing
                     }
                     w.answered[id] = o == .done ? "done" : "refused"
                 } else {
+                    if failure == .fenceTimedOut && w.machine.timedOutFences.isEmpty {
+                        throw Violation(description: "IO \(id) failed for a fence with no fence run out")
+                    }
                     w.answered[id] = "\(failure!)"
                 }
                 w.lastOutcome[id] = nil
@@ -566,6 +569,27 @@ import Testing
         #expect(!m.failingModifications)
         let (w3, a3) = m.submit(IO(.write, offset: 0, length: 8))
         #expect(a3 == [.send(id: w3, path: 2, send: 5)])
+    }
+
+    /// While a fence has run out every waiting modification fails, also one in doubt for a
+    /// later fence; once the one that ran out is answered, modifications wait for the later
+    /// fence, still in time, instead of failing.
+    @Test func aLaterFenceInTimeHoldsModificationsOnceTheOneThatRanOutIsAnswered() {
+        var m = M(paths: 3)
+        _ = m.pathUp(0)
+        _ = m.pathUp(1)
+        _ = m.pathUp(2)
+        let (w1, _) = m.submit(IO(.write, offset: 0, length: 8))
+        let (w2, _) = m.submit(IO(.write, offset: 100, length: 8))
+        let d0 = m.link(of: 0), d1 = m.link(of: 1)
+        #expect(m.pathDown(0) == [.pathLost(0), .fence(link: d0, path: 2, send: 3), .armFenceTimer(d0)])
+        #expect(m.fenceTimerFired(d0) == [.complete(id: w1, failure: .fenceTimedOut)])
+        #expect(m.pathDown(1) == [.pathLost(1), .fence(link: d1, path: 2, send: 4), .armFenceTimer(d1), .complete(id: w2, failure: .fenceTimedOut)])
+        #expect(m.fenceCompleted(link: d0, send: 3, outcome: .done).isEmpty)
+        #expect(!m.failingModifications && m.pendingFences == 1)
+        let (w3, a3) = m.submit(IO(.write, offset: 200, length: 8))
+        #expect(a3.isEmpty, "waits for d1's fence, still in time")
+        #expect(m.fenceCompleted(link: d1, send: 4, outcome: .done) == [.cancelFenceTimer(d1), .send(id: w3, path: 2, send: 5)])
     }
 
     /// When the fence timer fires, a modification held back by one still in flight on a live
