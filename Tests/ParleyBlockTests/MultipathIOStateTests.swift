@@ -442,12 +442,17 @@ import Testing
         #expect(m.completed(id: w, send: 2, outcome: .pathFailed) == [.pathLost(0), .complete(id: w, failure: .tooManyResends(2))])
     }
 
+    /// A machine with `paths` paths, all up.
+    static func up(paths: Int) -> M {
+        var m = M(paths: paths)
+        for p in 0..<paths { _ = m.pathUp(p) }
+        return m
+    }
+
     /// Two paths; a write (0-8) on path 0 and an overlapping one (4-12) held behind it; path
     /// 0 dies, so the first is in doubt and its connection is being fenced on path 1.
     func overlappingWritesWithTheFirstInDoubt() -> (M, w1: UInt64, w2: UInt64, dead: M.Link) {
-        var m = M(paths: 2)
-        _ = m.pathUp(0)
-        _ = m.pathUp(1)
+        var m = Self.up(paths: 2)
         let (w1, _) = m.submit(IO(.write, offset: 0, length: 8))
         let (w2, a2) = m.submit(IO(.write, offset: 4, length: 8))
         #expect(a2.isEmpty, "held behind w1")
@@ -506,9 +511,7 @@ import Testing
     /// A server without Fence refuses it: what waited is sent again unfenced (the rules
     /// before fences existed).
     @Test func aRefusedFenceReleasesWhatWaited() {
-        var m = M(paths: 2)
-        _ = m.pathUp(0)
-        _ = m.pathUp(1)
+        var m = Self.up(paths: 2)
         let (w1, _) = m.submit(IO(.write, offset: 0, length: 1))
         let dead = m.link(of: 0)
         #expect(m.pathDown(0) == [.pathLost(0), .fence(link: dead, path: 1, send: 2), .armFenceTimer(dead)])
@@ -550,10 +553,7 @@ import Testing
     /// Each fence has its own timer from its start: a fence answered in time cancels only
     /// its own, and a later fence is not cut short by an earlier one's timer.
     @Test func eachFenceHasItsOwnTimer() {
-        var m = M(paths: 3)
-        _ = m.pathUp(0)
-        _ = m.pathUp(1)
-        _ = m.pathUp(2)
+        var m = Self.up(paths: 3)
         let (w1, a1) = m.submit(IO(.write, offset: 0, length: 8))
         let (w2, a2) = m.submit(IO(.write, offset: 100, length: 8))
         #expect(a1 == [.send(id: w1, path: 0, send: 1)] && a2 == [.send(id: w2, path: 1, send: 2)])
@@ -575,10 +575,7 @@ import Testing
     /// later fence; once the one that ran out is answered, modifications wait for the later
     /// fence, still in time, instead of failing.
     @Test func aLaterFenceInTimeHoldsModificationsOnceTheOneThatRanOutIsAnswered() {
-        var m = M(paths: 3)
-        _ = m.pathUp(0)
-        _ = m.pathUp(1)
-        _ = m.pathUp(2)
+        var m = Self.up(paths: 3)
         let (w1, _) = m.submit(IO(.write, offset: 0, length: 8))
         let (w2, _) = m.submit(IO(.write, offset: 100, length: 8))
         let d0 = m.link(of: 0), d1 = m.link(of: 1)
@@ -596,9 +593,7 @@ import Testing
     /// path is not failed with those waiting for the fence: it waits for that answer, then
     /// fails (the fence is still unanswered).
     @Test func aModificationBehindOneInFlightFailsOnlyOnceThatOneIsAnswered() {
-        var m = M(paths: 2)
-        _ = m.pathUp(0)
-        _ = m.pathUp(1)
+        var m = Self.up(paths: 2)
         let (wA, aA) = m.submit(IO(.write, offset: 0, length: 8))
         let (wB, aB) = m.submit(IO(.write, offset: 200, length: 8))
         let (wC, aC) = m.submit(IO(.write, offset: 204, length: 8))
