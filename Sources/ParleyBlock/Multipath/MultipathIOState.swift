@@ -433,23 +433,30 @@ public struct MultipathIOState: Sendable, Hashable {
 
     /// Answers an IO and releases the blocked ones it was holding.
     private mutating func finish(_ id: UInt64, failure: Failure?, _ actions: inout [Action]) {
-        self.finish([id], failure: failure, &actions)
+        if self.remove(id, failure: failure, &actions) { self.releaseBlocked() }
     }
 
-    /// Finishes `ids` (in that order), then releases, in id order, each blocked IO that no
-    /// earlier unanswered modification overlaps any more: one scan of the blocked IO for
-    /// however many finish.
+    /// Finishes `ids` (in that order), then releases the blocked IO they held: one scan of
+    /// the blocked IO for however many finish.
     private mutating func finish(_ ids: [UInt64], failure: Failure?, _ actions: inout [Action]) {
         var releases = false
-        for id in ids {
-            guard let entry = self.entries.removeValue(forKey: id) else { continue }
-            if let i = self.queue.firstIndex(of: id) { self.queue.remove(at: i) }
-            if let i = self.blocked.firstIndex(of: id) { self.blocked.remove(at: i) }
-            if entry.phase == .fenceHeld, let i = self.fenceHeld.firstIndex(of: id) { self.fenceHeld.remove(at: i) }
-            actions.append(.complete(id: id, failure: failure))
-            releases = releases || entry.io.operation.modifies
-        }
-        guard releases, !self.blocked.isEmpty else { return }
+        for id in ids where self.remove(id, failure: failure, &actions) { releases = true }
+        if releases { self.releaseBlocked() }
+    }
+
+    /// Answers IO `id` and forgets it; true if it was a modification (it may have held others).
+    private mutating func remove(_ id: UInt64, failure: Failure?, _ actions: inout [Action]) -> Bool {
+        guard let entry = self.entries.removeValue(forKey: id) else { return false }
+        if let i = self.queue.firstIndex(of: id) { self.queue.remove(at: i) }
+        if let i = self.blocked.firstIndex(of: id) { self.blocked.remove(at: i) }
+        if entry.phase == .fenceHeld, let i = self.fenceHeld.firstIndex(of: id) { self.fenceHeld.remove(at: i) }
+        actions.append(.complete(id: id, failure: failure))
+        return entry.io.operation.modifies
+    }
+
+    /// Releases, in id order, each blocked IO that no earlier unanswered modification overlaps.
+    private mutating func releaseBlocked() {
+        guard !self.blocked.isEmpty else { return }
         var still: [UInt64] = []
         for b in self.blocked {
             guard let be = self.entries[b] else { continue }
