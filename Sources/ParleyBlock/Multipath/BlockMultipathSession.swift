@@ -688,15 +688,30 @@ public final class BlockMultipathDevice: Sendable {
     /// Whether a failed request's error is the server's answer on a connection that lives on
     /// (an ERROR response: its final word on that request), not the path failing. Codes that
     /// say the server is going away or gave the request up are path failures all the same.
-    static func isRefusal(_ error: any Error, on client: BlockClient) -> Bool {
-        guard let e = error as? ParleyError, client.client.connection.endReason == nil else { return false }
-        switch e.code {
-        case .shuttingDown, .cancelled, .timeout, .connectionClosed, .sessionReset, .sessionSuperseded: return false
-        default: return true
+    static func isRefusal(_ error: any Error, connectionEnded: Bool) -> Bool {
+        guard let e = error as? ParleyError, !connectionEnded else { return false }
+        return !Self.failsPath(e.code)
+    }
+
+    /// Parley ERROR codes that are failures of the path even on a connection that lives on
+    /// (the server is going away, or gave the request up): for IO and Fence alike.
+    static func failsPath(_ code: ParleyError.Code) -> Bool {
+        switch code {
+        case .shuttingDown, .cancelled, .timeout, .connectionClosed, .sessionReset, .sessionSuperseded: return true
+        default: return false
         }
     }
 
-    /// What a failed Fence means (docs/protocol.md 17.8 rule 2).
+    /// Block statuses that are failures of the path, not answers to the request (17.8 rule 2):
+    /// for IO and Fence alike.
+    static func failsPath(_ status: Parley_Block_V1_BlockStatus) -> Bool {
+        switch status {
+        case .shuttingDown, .unknownDevice, .noSession, .fenced: return true
+        default: return false
+        }
+    }
+
+    /// What a failed Fence means (docs/protocol.md 17.8 rule 4).
     enum FenceFailure: Equatable {
         /// The server will not fence: the IO in doubt goes again unfenced.
         case refused
@@ -712,17 +727,10 @@ public final class BlockMultipathDevice: Sendable {
     /// other than those that fail a path for IO too, or a Parley ERROR that is permanent: it
     /// does not know Fence, or will not let this client fence, or finds the request invalid).
     static func fenceFailure(_ error: any Error, connectionEnded: Bool) -> FenceFailure {
-        if let e = error as? BlockError {
-            switch e.status {
-            // As for IO (rule 2): the server is going away, or no longer has this connection's session.
-            case .shuttingDown, .noSession, .fenced, .unknownDevice: return .pathFailed
-            default: return .refused
-            }
-        }
-        guard let e = error as? ParleyError, !connectionEnded else { return .pathFailed }
+        if let e = error as? BlockError { return Self.failsPath(e.status) ? .pathFailed : .refused }
+        guard let e = error as? ParleyError, !connectionEnded, !Self.failsPath(e.code) else { return .pathFailed }
         switch e.code {
         case .unknownMessageType, .permissionDenied, .invalidArgument: return .refused
-        case .shuttingDown, .cancelled, .timeout, .connectionClosed, .sessionReset, .sessionSuperseded: return .pathFailed
         default: return .again
         }
     }
@@ -749,15 +757,14 @@ public final class BlockMultipathDevice: Sendable {
                 outcome = .done
                 result = .success(reply)
             case .failure(let e as BlockError):
-                switch e.status {
-                case .shuttingDown, .unknownDevice, .noSession, .fenced:
+                if Self.failsPath(e.status) {
                     outcome = .pathFailed
-                default:
+                } else {
                     outcome = .refused
                     result = .failure(BlockMultipathError(.server(e.status), "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(self.path): \(e.message)"))
                 }
             case .failure(let e):
-                if Self.isRefusal(e, on: client) {
+                if Self.isRefusal(e, connectionEnded: client.client.connection.endReason != nil) {
                     outcome = .refused
                     result = .failure(BlockMultipathError(.refused, "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(self.path): the server answered \(e)"))
                 } else {
