@@ -537,17 +537,10 @@ public final class BlockMultipathDevice: Sendable {
                     jobs.append(.drained(s.drained))
                     s.drained = []
                 }
-            case .armNoPathTimer, .armFenceTimer:
-                let kind: TimerKind
-                if case .armFenceTimer(let link) = action { kind = .fence(link) } else { kind = .noPath }
-                if let t = s.timers[kind]?.task { jobs.append(.cancel(t)) }
-                s.lastTimerToken += 1
-                s.timers[kind] = Timer(task: nil, token: s.lastTimerToken)
-                jobs.append(.arm(kind, token: s.lastTimerToken))
-            case .cancelNoPathTimer, .cancelFenceTimer:
-                let kind: TimerKind
-                if case .cancelFenceTimer(let link) = action { kind = .fence(link) } else { kind = .noPath }
-                if let t = s.timers.removeValue(forKey: kind)?.task { jobs.append(.cancel(t)) }
+            case .armNoPathTimer: Self.arm(.noPath, &s, &jobs)
+            case .armFenceTimer(let link): Self.arm(.fence(link), &s, &jobs)
+            case .cancelNoPathTimer: Self.cancel(.noPath, &s, &jobs)
+            case .cancelFenceTimer(let link): Self.cancel(.fence(link), &s, &jobs)
             case .fence(let link, let path, let send):
                 // No connection on a path the machine has up: the device is closed; the fence is moot.
                 guard let client = s.paths[path].client else { continue }
@@ -562,6 +555,19 @@ public final class BlockMultipathDevice: Sendable {
                 s.paths[path].client = nil
             }
         }
+    }
+
+    /// Arms the timer `kind` with a new token (a timer of that kind still running is cancelled).
+    private static func arm(_ kind: TimerKind, _ s: inout State, _ jobs: inout Jobs) {
+        Self.cancel(kind, &s, &jobs)
+        s.lastTimerToken += 1
+        s.timers[kind] = Timer(task: nil, token: s.lastTimerToken)
+        jobs.append(.arm(kind, token: s.lastTimerToken))
+    }
+
+    /// Cancels the timer `kind`, if it runs.
+    private static func cancel(_ kind: TimerKind, _ s: inout State, _ jobs: inout Jobs) {
+        if let t = s.timers.removeValue(forKey: kind)?.task { jobs.append(.cancel(t)) }
     }
 
     /// Runs an event of the machine that appends its actions to the array the state keeps

@@ -507,8 +507,8 @@ public struct MultipathIOState: Sendable, Hashable {
         if doomed.isEmpty { return }
         // A blocked modification that only doomed ones hold back would be released by their
         // end and then fail too; one held back by one in flight waits for its answer.
-        for b in self.blocked.sorted() where self.entries[b]!.io.operation.modifies {
-            if !self.heldBack(b, self.entries[b]!.io, except: doomed) { doomed.insert(b) }
+        for b in self.blocked.sorted() where !self.heldBack(b, self.entries[b]!.io, except: doomed) {  // all modifications
+            doomed.insert(b)
         }
         self.finish(doomed.sorted(), failure: .fenceTimedOut, &actions)
     }
