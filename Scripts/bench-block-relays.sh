@@ -41,6 +41,9 @@ Options:
                                     cheapest relay on the map's stack costs
                        map          fio -> parley block map (Unix socket) -> block protocol
                                     over TCP -> the same server
+                       map-io       the map with --no-direct: every IO as a block protocol
+                                    Io message instead of a DIRECT frame (docs/protocol.md
+                                    17.9), the map before DIRECT IO
                        map-apart    the same, with the map alone on the first CPU and the
                                     server and fio on the second (taskset) for its runs; the
                                     scheduler otherwise tends to stack the map and the server
@@ -88,7 +91,7 @@ for w in ${workloads//,/ }; do
   case "$w" in randread|randwrite) ;; *) echo "bench-block-relays: unknown workload $w" >&2; exit 2 ;; esac
 done
 for s in ${systems//,/ }; do
-  case "$s" in direct-tcp|direct-unix|socat|nbdkit-nbd|nio-relay|map|map-apart) ;; *) echo "bench-block-relays: unknown system $s" >&2; exit 2 ;; esac
+  case "$s" in direct-tcp|direct-unix|socat|nbdkit-nbd|nio-relay|map|map-io|map-apart) ;; *) echo "bench-block-relays: unknown system $s" >&2; exit 2 ;; esac
 done
 if [ -n "$cpu_each" ]; then
   python3 -c "import sys; f = float(sys.argv[1]); sys.exit(0 if 0.1 <= f <= 1 else 1)" "$cpu_each" 2>/dev/null \
@@ -140,9 +143,10 @@ for s in ${systems//,/ }; do
       "$parley" chaos --listen "unix:$work/nio-relay.sock" --to "127.0.0.1:$nbd_port" > "$work/nio-relay.log" 2>&1 &
       pid_of[nio-relay]=$!; pids+=($!)
       uri[nio-relay]="nbd+unix:///bench?socket=$work/nio-relay.sock" ;;
-    map|map-apart)
+    map|map-io|map-apart)
       pin=(); [ "$s" = map-apart ] && pin=(taskset -c "$cpu_a")
-      "${pin[@]}" "$parley" block map --session "bench-$s" --path "127.0.0.1:$block_port" --device bench \
+      carrier=(); [ "$s" = map-io ] && carrier=(--no-direct)
+      "${pin[@]}" "$parley" block map --session "bench-$s" --path "127.0.0.1:$block_port" --device bench "${carrier[@]}" \
         --nbd "unix:$work/$s.sock" --state-dir "$work/state-$s" > "$work/$s.log" 2>&1 &
       pid_of[$s]=$!; pids+=($!)
       uri[$s]="nbd+unix:///bench?socket=$work/$s.sock" ;;

@@ -10,3 +10,6 @@
 @_exported import struct ParleyWire.SecretCredentials
 @_exported import struct ParleyNIO.PeerWait
 @_exported import struct ParleyWire.ReplyPolling
+@_exported import struct ParleyWire.DirectFrame
+@_exported import struct ParleyWire.Frame
+@_exported import typealias ParleyNIO.DirectCompletion

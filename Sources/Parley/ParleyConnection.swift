@@ -77,6 +77,11 @@ public struct ParleyConnectionLimits: Sendable {
     /// loop's other connections for longer than a wait can save.
     public static let maxReplyPolling: Duration = .milliseconds(10)
 
+    /// Server side: DIRECT requests (docs/protocol.md 7.16) in flight on one connection at
+    /// which it stops reading from the socket until one is answered (back-pressure through
+    /// TCP, as for requests past `maxConcurrentHandlers`).
+    public var maxDirectInFlight = 1024
+
     public init(
         maxOutstandingRequests: Int = 1024, maxConcurrentHandlers: Int = 1024, handlersOnEventLoop: Bool = true,
         keepaliveInterval: Duration? = .seconds(15), keepaliveTimeout: Duration = .seconds(60),
@@ -104,6 +109,9 @@ public struct ParleyConnectionLimits: Sendable {
         guard self.maxUnconsumedStreamBytes > 0 else {
             throw ParleyError(code: .invalidArgument, message: "maxUnconsumedStreamBytes (\(self.maxUnconsumedStreamBytes)) must be positive")
         }
+        guard self.maxDirectInFlight > 0 else {
+            throw ParleyError(code: .invalidArgument, message: "maxDirectInFlight (\(self.maxDirectInFlight)) must be positive")
+        }
         guard self.replyPolling >= .zero, self.replyPolling <= Self.maxReplyPolling else {
             throw ParleyError(code: .invalidArgument, message: "the reply polling window (\(self.replyPolling)) must be 0...\(Self.maxReplyPolling)")
         }
@@ -116,6 +124,7 @@ public struct ParleyConnectionLimits: Sendable {
             }
         )
         options.replyPolling = .nanoseconds(self.replyPolling.nanoseconds)
+        options.maxDirectInFlight = self.maxDirectInFlight
         return options
     }
 
@@ -207,6 +216,16 @@ public final class ParleyConnection: Sendable {
     private let metrics = ConnectionMetrics()
     /// Messages received from the peer: the idle timer compares the count between ticks.
     private let messagesReceived = Atomic<UInt64>(0)
+    /// Server side: what takes the DIRECT requests of this connection, once enabled.
+    /// (In a struct: a bare closure read out of the `Mutex`, through its `inout`, came back
+    /// reabstracted, one thunk deeper on every request, until each cost a millisecond.)
+    private let directHandler = Mutex<DirectHandler?>(nil)
+    private struct DirectHandler: Sendable {
+        let body: @Sendable (ParleyDirectRequest) -> Void
+    }
+    /// Server side: DIRECT requests received and not answered yet (the idle timer and a
+    /// drain wait for them, as for requests being served).
+    private let directInFlight = Atomic<Int>(0)
     private let ended: EventLoopPromise<ParleyError>
     /// Where handlers run: the channel's event loop, or nil for the global pool.
     let executor: EventLoopTaskExecutor?
@@ -334,7 +353,7 @@ public final class ParleyConnection: Sendable {
             guard let self else { return task.cancel() }
             let busy = self.state.withLockedValue { s in
                 !s.pending.isEmpty || !s.serving.isEmpty || !s.backlog.isEmpty || s.readsPaused || s.closed != nil
-            }
+            } || self.directInFlight.load(ordering: .relaxed) > 0
             guard case .idle(let idle) = machine.value.tick(now: ParleyConnectionHandler.now(), messages: self.messagesReceived.load(ordering: .relaxed), busy: busy) else { return }
             task.cancel()
             let seconds = Double(idle) / 1e9, limit = Double(timeout) / 1e9
@@ -812,7 +831,84 @@ public final class ParleyConnection: Sendable {
             if now >= stamp {
                 self.state.withLockedValue { $0.keepaliveRoundTrip = .nanoseconds(Int64(now - stamp)) }
             }
+        case .direct(let frame):
+            self.messagesReceived.add(1, ordering: .relaxed)
+            self.directInFlight.add(1, ordering: .relaxed)
+            guard let handler = self.directHandler.withLock({ $0?.body }) else {
+                // The handler enables DIRECT only after `enableDirect` stored its handler.
+                self.outlet.write(.close(ParleyError(code: .unexpectedFrame, message: "DIRECT frame before a service enabled it")))
+                return
+            }
+            handler(ParleyDirectRequest(frame: frame, connection: self, started: self.metrics.start()))
         }
+    }
+
+    // MARK: - DIRECT frames (docs/protocol.md 7.16)
+
+    /// Server side: `handler` takes this connection's DIRECT requests from now on, called on
+    /// the event loop right where each was read (no task, no slot), and must answer each once
+    /// (`ParleyDirectRequest.answer`), from any thread. A service calls it when it grants
+    /// DIRECT on the connection, before it answers the grant, so that a DIRECT sent after the
+    /// answer finds it enabled.
+    /// - Throws: `invalidArgument` on a client side, without feature bit 4, in a lossless
+    ///   session, or when DIRECT is already enabled.
+    public func enableDirect(_ handler: @escaping @Sendable (ParleyDirectRequest) -> Void) throws(ParleyError) {
+        guard self.role == .server else {
+            throw ParleyError(code: .invalidArgument, message: "only a server side takes DIRECT requests")
+        }
+        try SessionStateMachine.mayUseDirect(features: self.session.features)
+        let first = self.directHandler.withLock { h -> Bool in
+            guard h == nil else { return false }
+            h = DirectHandler(body: handler)
+            return true
+        }
+        guard first else { throw ParleyError(code: .invalidArgument, message: "DIRECT is already enabled on this connection") }
+        self.outlet.write(.enableDirect)
+    }
+
+    /// Server side: DIRECT is enabled on this connection.
+    public var isDirectEnabled: Bool { self.directHandler.withLock { $0 != nil } }
+
+    /// Whether the negotiated features allow DIRECT frames on this connection (feature bit 4,
+    /// not a lossless session). A client still needs its server's service to grant them.
+    public var mayUseDirect: Bool { (try? SessionStateMachine.mayUseDirect(features: self.session.features)) != nil }
+
+    /// Client side: sends a DIRECT request built with `DirectFrame` (the connection gives it
+    /// its id); `completion` runs once, on the event loop, with the answer's frame or the
+    /// reason there is none (the connection ended: `connectionClosed`, or the peer's CLOSE;
+    /// `invalidArgument` when DIRECT cannot be used; `frameTooLarge` over the peer's limit).
+    public func sendDirect(_ frame: DirectFrame, completion: @escaping DirectCompletion) {
+        self.outlet.write(.directRequest(frame, completion))
+    }
+
+    /// A DIRECT answer from the service: written, and the request no longer in flight.
+    fileprivate func answerDirect(_ frame: DirectFrame, started: ContinuousClock.Instant?) {
+        self.outlet.write(.directAnswer(frame))
+        self.metrics.handled(since: started)
+        if self.directInFlight.subtract(1, ordering: .relaxed).newValue == 0 {
+            // The last one: a drain may be waiting for it.
+            let idle = self.state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
+                guard s.serving.isEmpty && s.backlog.isEmpty, !s.idleWaiters.isEmpty else { return [] }
+                defer { s.idleWaiters = [] }
+                return s.idleWaiters
+            }
+            idle.forEach { $0.resume() }
+        }
+    }
+
+    /// The peer's DIRECT request broke the service's rules of shape: CLOSE with this error.
+    fileprivate func directViolation(_ error: ParleyError) {
+        self.logger.debug("closing: \(error.message)")
+        self.outlet.write(.close(error))
+    }
+
+    /// The allocator of the connection's channel (for `DirectFrame`s).
+    public var channelAllocator: ByteBufferAllocator { self.channel.allocator }
+
+    /// Ends the connection with CLOSE carrying `error`: for a service whose peer broke its
+    /// rules (a malformed DIRECT answer).
+    public func close(_ error: ParleyError) {
+        self.outlet.write(.close(error))
     }
 
     private func received(_ message: WireMessage) {
@@ -1105,7 +1201,7 @@ public final class ParleyConnection: Sendable {
             // The epoch changes only under this lock.
             if self.isCurrent(epoch: epoch) { s.serving.removeValue(forKey: key) }
             var idle: [CheckedContinuation<Void, Never>] = []
-            if s.serving.isEmpty && s.backlog.isEmpty {
+            if s.serving.isEmpty && s.backlog.isEmpty && self.directInFlight.load(ordering: .relaxed) == 0 {
                 idle = s.idleWaiters
                 s.idleWaiters = []
             }
@@ -1149,7 +1245,7 @@ public final class ParleyConnection: Sendable {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let idle = self.state.withLockedValue { s -> Bool in
                 s.draining = true
-                if (s.serving.isEmpty && s.backlog.isEmpty) || s.closed != nil { return true }
+                if (s.serving.isEmpty && s.backlog.isEmpty && self.directInFlight.load(ordering: .relaxed) == 0) || s.closed != nil { return true }
                 s.idleWaiters.append(c)
                 return false
             }
@@ -1377,5 +1473,46 @@ extension Duration {
         let (product, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
         guard !overflow else { return seconds < 0 ? .min : .max }
         return product.addingReportingOverflow(attoseconds / 1_000_000_000).overflow ? .max : product + attoseconds / 1_000_000_000
+    }
+}
+
+/// A DIRECT request received by a server side (docs/protocol.md 7.16): its id, the service's
+/// header (segment 0 after the id) and its data (segment 1), if any. Answer it exactly once.
+public struct ParleyDirectRequest: Sendable {
+    public let id: UInt64
+    /// Segment 0 after the 8-byte id.
+    public let header: ByteBuffer
+    /// Segment 1, if the frame has one.
+    public let data: ByteBuffer?
+    public let connection: ParleyConnection
+    /// When it was received, if handlers are timed (`parley_request_duration`).
+    let started: ContinuousClock.Instant?
+
+    init(frame: Frame, connection: ParleyConnection, started: ContinuousClock.Instant?) {
+        self.started = started
+        var segment0 = frame.segments[0]
+        self.id = segment0.readInteger(endianness: .little, as: UInt64.self)!
+        self.header = segment0
+        self.data = frame.segments.count > 1 ? frame.segments[1] : nil
+        self.connection = connection
+    }
+
+    /// A frame for the answer, with this request's id: a header of `headerLength` bytes
+    /// after the id (zeroed, for `DirectFrame.setHeader`) and segment 1 of `dataLength`.
+    public func answerFrame(headerLength: Int, dataLength: Int?) -> DirectFrame {
+        DirectFrame(allocator: self.connection.channelAllocator, id: self.id, headerLength: headerLength, dataLength: dataLength)
+    }
+
+    /// Sends the answer (its id is set to this request's).
+    public func answer(_ frame: DirectFrame) {
+        var frame = frame
+        frame.id = self.id
+        self.connection.answerDirect(frame, started: self.started)
+    }
+
+    /// The request is malformed for its service (a header of the wrong size): the connection
+    /// is closed with CLOSE `malformedPayload` naming what was wrong.
+    public func violation(_ message: String) {
+        self.connection.directViolation(ParleyError(code: .malformedPayload, message: message))
     }
 }

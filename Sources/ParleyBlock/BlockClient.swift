@@ -11,6 +11,9 @@ public final class BlockClient: Sendable {
     /// This connection's number on the server (SessionInfoReply.connection_id; 0 from a
     /// server that does not give one), for `fence`.
     public let connectionID: UInt64
+    /// The server granted DIRECT IO on this connection (docs/protocol.md 17.9): `io` sends
+    /// DIRECT frames instead of `Io` messages.
+    public let usesDirect: Bool
 
     /// A device this client has open.
     public struct Device: Sendable, Equatable {
@@ -22,7 +25,8 @@ public final class BlockClient: Sendable {
         }
     }
 
-    private init(client: ParleyClient, sessionName: String, protocolVersion: UInt32, connectionID: UInt64) {
+    private init(client: ParleyClient, sessionName: String, protocolVersion: UInt32, connectionID: UInt64, usesDirect: Bool) {
+        self.usesDirect = usesDirect
         self.client = client
         self.sessionName = sessionName
         self.protocolVersion = protocolVersion
@@ -31,7 +35,9 @@ public final class BlockClient: Sendable {
 
     /// Connects and starts a session. `clientInstance` (not 0) lets this connection fence,
     /// and be fenced by, the other connections of the same session name and instance.
-    public static func connect(to address: ParleyAddress, sessionName: String, clientInstance: UInt64 = 0,
+    /// `direct`: ask for DIRECT IO, used when the server grants it (feature bit 4 negotiated,
+    /// not a lossless session); false sends every IO as an `Io` message.
+    public static func connect(to address: ParleyAddress, sessionName: String, clientInstance: UInt64 = 0, direct: Bool = true,
                                configuration: ParleyClient.Configuration = .defaults,
                                logger: Logger = Logger(label: "parley.block.client"),
                                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> BlockClient {
@@ -41,9 +47,11 @@ public final class BlockClient: Sendable {
             info.protocolVersion = BlockService.protocolVersion
             info.sessionName = sessionName
             info.clientInstance = clientInstance
+            info.directIo = direct && client.connection.mayUseDirect
             let reply = try await client.request(info, as: Parley_Block_V1_SessionInfoReply.self)
             try Self.check(reply.status, reply.message)
-            return BlockClient(client: client, sessionName: sessionName, protocolVersion: reply.protocolVersion, connectionID: reply.connectionID)
+            return BlockClient(client: client, sessionName: sessionName, protocolVersion: reply.protocolVersion, connectionID: reply.connectionID,
+                               usesDirect: info.directIo && reply.directIo)
         } catch {
             client.close()
             throw error
@@ -87,6 +95,11 @@ public final class BlockClient: Sendable {
     @discardableResult
     public func io(_ device: Device, _ operation: Parley_Block_V1_IoOperation, offset: UInt64, length: UInt32,
                    data: ByteBuffer? = nil, fua: Bool = false) async throws -> ByteBuffer? {
+        if self.usesDirect {
+            return try await withCheckedThrowingContinuation { c in
+                self.io(device, operation, offset: offset, length: length, data: data, fua: fua) { c.resume(with: $0) }
+            }
+        }
         let io = Self.request(device, operation, offset: offset, length: length, fua: fua)
         let reply = try await self.client.call(io, data: data, as: Parley_Block_V1_IoReply.self)
         try Self.check(reply.message.status, reply.message.message)
@@ -97,11 +110,41 @@ public final class BlockClient: Sendable {
     /// the error (`BlockError` for a refusal), on the connection's event loop: no task per IO.
     public func io(_ device: Device, _ operation: Parley_Block_V1_IoOperation, offset: UInt64, length: UInt32,
                    data: ByteBuffer? = nil, fua: Bool = false, completion: @escaping @Sendable (Result<ByteBuffer?, any Error>) -> Void) {
+        if self.usesDirect {
+            return self.direct(device, operation, offset: offset, length: length, data: data, fua: fua, completion: completion)
+        }
         let io = Self.request(device, operation, offset: offset, length: length, fua: fua)
         self.client.call(io, data: data, as: Parley_Block_V1_IoReply.self) { result in
             completion(result.flatMap { reply in
                 reply.message.status == .ok ? .success(reply.data) : .failure(BlockError(reply.message.status, reply.message.message))
             })
+        }
+    }
+
+    /// One IO as a DIRECT frame. The answer's status becomes a `BlockError` (DIRECT answers
+    /// carry no message: it names the operation and the status); a connection that ends
+    /// first fails it with its `ParleyError`, as for `Io`.
+    private func direct(_ device: Device, _ operation: Parley_Block_V1_IoOperation, offset: UInt64, length: UInt32,
+                        data: ByteBuffer?, fua: Bool, completion: @escaping @Sendable (Result<ByteBuffer?, any Error>) -> Void) {
+        let connection = self.client.connection
+        let request = BlockDirect.Request(operation: UInt8(truncatingIfNeeded: operation.rawValue), flags: fua ? 1 : 0, deviceID: device.id,
+                                          offset: offset, length: length)
+        connection.sendDirect(request.frame(allocator: connection.channelAllocator, data: data)) { result in
+            switch result {
+            case .failure(let error):
+                completion(.failure(error))
+            case .success(let frame):
+                switch BlockDirect.Answer.decode(frame) {
+                case .failure(let malformed):
+                    let error = ParleyError(code: .malformedPayload, message: malformed.message)
+                    connection.close(error)
+                    completion(.failure(error))
+                case .success(let answer) where answer.status == .ok:
+                    completion(.success(operation == .read ? answer.data ?? ByteBuffer() : nil))
+                case .success(let answer):
+                    completion(.failure(BlockError(answer.status, "\(operation) of \(length) bytes at offset \(offset) on device \(device.id): \(answer.status)")))
+                }
+            }
         }
     }
 

@@ -40,6 +40,8 @@ public final class BlockServer: Service, Sendable {
         public var replyPolling: Duration = .microseconds(50)
         /// Large NBD reads of cached pages sent with sendfile (`NBDServer.Limits.zeroCopyReads`).
         public var zeroCopyReads = true
+        /// Grant DIRECT IO to block clients that ask for it (docs/protocol.md 17.9).
+        public var direct = true
         /// Send buffer of an NBD connection over a Unix socket once it reads 64 KiB or more at
         /// a time (`NBDServer.Limits.unixSendBuffer`); 0 keeps the system's default.
         public var unixSendBuffer = NBDServer.Limits().unixSendBuffer
@@ -96,7 +98,7 @@ public final class BlockServer: Service, Sendable {
             try FileBlockStore(path: path, writable: writable, inlineWrites: inlineWrites)
         })
         self.io = BlockIOExecutor(threads: configuration.ioThreads)
-        self.service = BlockService(catalog: configuration.catalog, devices: self.devices, io: self.io, logger: logger)
+        self.service = BlockService(catalog: configuration.catalog, devices: self.devices, io: self.io, direct: configuration.direct, logger: logger)
         var limits = NBDServer.Limits()
         limits.handshakeTimeout = .nanoseconds(configuration.handshakeTimeout.nanoseconds)
         limits.maxConnections = configuration.maxConnections

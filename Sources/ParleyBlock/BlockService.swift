@@ -35,9 +35,14 @@ public final class BlockService: Sendable {
     private let connections: NIOLockedValueBox<(byID: [UInt64: BlockSession], next: UInt64)>
     private let firstConnectionID: UInt64
     private let shuttingDown = NIOLockedValueBox(false)
+    /// Grant DIRECT IO to clients that ask (SessionInfo.direct_io; docs/protocol.md 17.9).
+    let allowsDirect: Bool
 
+    /// - Parameter direct: grant DIRECT IO to clients that ask for it (`parley block serve
+    ///   --no-direct` turns it off, for comparisons).
     public init(catalog: BlockExportCatalog, devices: BlockDeviceTable, io: BlockIOExecutor, limits: Limits = Limits(),
-                logger: Logger = Logger(label: "parley.block")) {
+                direct: Bool = true, logger: Logger = Logger(label: "parley.block")) {
+        self.allowsDirect = direct
         self.catalog = catalog
         self.devices = devices
         self.io = io
@@ -150,6 +155,14 @@ public final class BlockService: Sendable {
             reply.status = .invalid
             reply.message = "this connection is already session \"\(session.name)\" of client instance \(session.instance)"
             return reply
+        }
+        if request.directIo, self.allowsDirect, connection.mayUseDirect {
+            // Enabled before the answer leaves (through the same outlet, in order), so that
+            // the client's first DIRECT after it finds the connection enabled.
+            if !connection.isDirectEnabled {
+                try? connection.enableDirect { [self] request in self.direct(request, session: session) }
+            }
+            reply.directIo = connection.isDirectEnabled
         }
         reply.protocolVersion = session.version
         reply.connectionID = session.connectionID
@@ -296,101 +309,206 @@ public final class BlockService: Sendable {
         return reply
     }
 
-    /// Serves one IO request and calls `respond` exactly once: at once when the request is
-    /// refused or its IO completes inline on the event loop (a read or write the page cache
-    /// answers without waiting), else when an IO thread has done it (the answer then comes on
-    /// the connection's event loop). No task per request.
+    /// Serves one `Io` message and calls `respond` exactly once (see `run`). No task per request.
     func io(
         _ request: Parley_Block_V1_Io, _ context: ParleyRequestContext,
         respond: @escaping @Sendable (Result<ParleyReply<Parley_Block_V1_IoReply>, any Error>) -> Void
     ) {
-        let logger = self.logger
-        @Sendable func refuse(_ status: Parley_Block_V1_BlockStatus, _ message: String, session: BlockSession? = nil) -> ParleyReply<Parley_Block_V1_IoReply> {
+        @Sendable func refused(_ status: Parley_Block_V1_BlockStatus, _ message: String) -> ParleyReply<Parley_Block_V1_IoReply> {
             var reply = Parley_Block_V1_IoReply()
             reply.status = status
             reply.message = message
-            logger.warning("block IO refused: \(message)", metadata: ["session": "\(session?.name ?? "-")", "status": "\(status)"])
             return ParleyReply(reply)
         }
-        guard let session = self.session(for: context) else { return respond(.success(refuse(.noSession, "send SessionInfo before Io"))) }
-        if self.shuttingDown.withLockedValue({ $0 }) { return respond(.success(refuse(.shuttingDown, "the server is shutting down", session: session))) }
-        let length = Int(request.length)
+        guard let session = self.session(for: context) else {
+            self.logRefusal(.noSession, "send SessionInfo before Io", session: nil)
+            return respond(.success(refused(.noSession, "send SessionInfo before Io")))
+        }
+        let call = IOCall(operation: request.operation.rawValue, flags: request.flags, deviceID: request.deviceID,
+                          offset: request.offset, length: request.length, data: context.data)
+        self.run(call, session: session, eventLoop: context.connection.eventLoop, readFrame: nil) { outcome in
+            switch outcome {
+            case .done(let data): respond(.success(ParleyReply(Parley_Block_V1_IoReply(), data: data)))
+            case .read: preconditionFailure("a read into a DIRECT frame without one")
+            case .refused(let status, let message): respond(.success(refused(status, message)))
+            // A fenced modification or a stopped IO pool: the request fails (ERROR).
+            case .dropped(let error): respond(.failure(error))
+            }
+        }
+    }
+
+    // MARK: - DIRECT IO (docs/protocol.md 17.9)
+
+    /// Serves one DIRECT request of `session`'s connection (granted by `sessionInfo`): the
+    /// same checks and storage as `io`, through `run`; the answer's status is the IO's.
+    func direct(_ request: ParleyDirectRequest, session: BlockSession) {
+        let call: IOCall
+        switch BlockDirect.Request.decode(request.header) {
+        case .failure(let malformed):
+            return request.violation(malformed.message)
+        case .success(let r):
+            guard r.reserved == 0 else {
+                return Self.answer(request, .invalid, "reserved bytes of a DIRECT request must be 0", session: session, logger: self.logger)
+            }
+            call = IOCall(operation: Int(r.operation), flags: UInt32(r.flags), deviceID: r.deviceID, offset: r.offset, length: r.length, data: request.data)
+        }
+        let peerLimit = request.connection.session.peerMaxFrameSize
+        if call.operation == Parley_Block_V1_IoOperation.read.rawValue,
+           BlockDirect.answerSegment0Length + Int(call.length) > peerLimit {
+            return Self.answer(request, .tooLarge, "a read of \(call.length) bytes answers with more than the client's frame limit of \(peerLimit) bytes", session: session, logger: self.logger)
+        }
+        let length = Int(call.length)
+        var readFrame: (@Sendable () -> DirectFrame)?
+        if call.operation == Parley_Block_V1_IoOperation.read.rawValue {
+            readFrame = { request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: length) }
+        }
+        self.run(call, session: session, eventLoop: request.connection.eventLoop, readFrame: readFrame) { (outcome: IOOutcome) in
+            switch outcome {
+            case .done:
+                request.answer(request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: nil))
+            case .read(let frame):
+                request.answer(frame)  // status 0: the frame's header is zeroed
+            case .refused(let status, let message):
+                var frame = request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: nil)
+                BlockDirect.setStatus(status, in: &frame)
+                _ = message  // logged by `run`
+                request.answer(frame)
+            case .dropped:
+                // A modification dropped unstarted (its connection ended or was fenced):
+                // the client holds it in doubt, as after FENCED (docs/protocol.md 17.9).
+                var frame = request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: nil)
+                BlockDirect.setStatus(session.ended.load(ordering: .acquiring) ? .noSession : .fenced, in: &frame)
+                request.answer(frame)
+            }
+        }
+    }
+
+    /// Answers a DIRECT request at once with a refusal (logged).
+    private static func answer(_ request: ParleyDirectRequest, _ status: Parley_Block_V1_BlockStatus, _ message: String, session: BlockSession, logger: Logger) {
+        logger.warning("block IO refused: \(message)", metadata: ["session": "\(session.name)", "status": "\(status)"])
+        var frame = request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: nil)
+        BlockDirect.setStatus(status, in: &frame)
+        request.answer(frame)
+    }
+
+    // MARK: - IO, whatever carries it
+
+    /// One IO as either carrier gives it: `Io` and its data segment, or a DIRECT request.
+    struct IOCall: Sendable {
+        /// `IoOperation`'s number (unknown ones are refused).
+        var operation: Int
+        var flags: UInt32
+        var deviceID: UInt32
+        var offset: UInt64
+        var length: UInt32
+        var data: ByteBuffer?
+    }
+
+    /// How an IO ended.
+    enum IOOutcome: Sendable {
+        /// Done: a read's data (nil for other operations).
+        case done(ByteBuffer?)
+        /// Done: a read's data, read into the answer frame `readFrame` made.
+        case read(DirectFrame)
+        /// Refused or failed with a block status (already logged).
+        case refused(Parley_Block_V1_BlockStatus, String)
+        /// Not run: a modification whose connection ended or was fenced before an IO thread
+        /// took it, or an IO pool that has stopped.
+        case dropped(any Error)
+    }
+
+    private func logRefusal(_ status: Parley_Block_V1_BlockStatus, _ message: String, session: BlockSession?) {
+        self.logger.warning("block IO refused: \(message)", metadata: ["session": "\(session?.name ?? "-")", "status": "\(status)"])
+    }
+
+    /// Runs one IO of `session` (docs/protocol.md 17.2; the same for `Io` and DIRECT) and calls
+    /// `done` exactly once: at once when it is refused or completes inline on the event loop
+    /// (a read or write the page cache answers without waiting), else when an IO thread has
+    /// done it (then on `eventLoop`). With `readFrame`, a read's data goes straight into the
+    /// answer frame it makes (`IOOutcome.read`).
+    func run(_ call: IOCall, session: BlockSession, eventLoop: any EventLoop, readFrame: (@Sendable () -> DirectFrame)?,
+             done: @escaping @Sendable (IOOutcome) -> Void) {
+        let logger = self.logger
+        @Sendable func refuse(_ status: Parley_Block_V1_BlockStatus, _ message: String) {
+            logger.warning("block IO refused: \(message)", metadata: ["session": "\(session.name)", "status": "\(status)"])
+            done(.refused(status, message))
+        }
+        if self.shuttingDown.withLockedValue({ $0 }) { return refuse(.shuttingDown, "the server is shutting down") }
+        let length = Int(call.length)
         let kind: BlockOpKind
-        switch request.operation {
-        case .read: kind = .read
-        case .write: kind = .write
-        case .flush: kind = .flush
-        case .discard: kind = .discard
-        case .writeZeroes: kind = .writeZeroes
-        case .UNRECOGNIZED(let n): return respond(.success(refuse(.invalid, "unknown IO operation \(n)", session: session)))
+        switch Parley_Block_V1_IoOperation(rawValue: call.operation) {
+        case .read?: kind = .read
+        case .write?: kind = .write
+        case .flush?: kind = .flush
+        case .discard?: kind = .discard
+        case .writeZeroes?: kind = .writeZeroes
+        case .UNRECOGNIZED?, nil: return refuse(.invalid, "unknown IO operation \(call.operation)")
         }
-        guard request.flags & ~UInt32(Parley_Block_V1_IoFlag.fua.rawValue) == 0 else {
-            return respond(.success(refuse(.invalid, "unknown IO flags 0x\(String(request.flags, radix: 16))", session: session)))
+        guard call.flags & ~UInt32(Parley_Block_V1_IoFlag.fua.rawValue) == 0 else {
+            return refuse(.invalid, "unknown IO flags 0x\(String(call.flags, radix: 16))")
         }
-        let fua = request.flags & UInt32(Parley_Block_V1_IoFlag.fua.rawValue) != 0
-        let data = context.data
+        let fua = call.flags & UInt32(Parley_Block_V1_IoFlag.fua.rawValue) != 0
+        let data = call.data
         let counted = kind == .read || kind == .write ? length : 0
-        let admitted = session.begin(id: request.deviceID, bytes: counted, limits: self.limits)
         let open: BlockSession.OpenDevice
-        switch admitted {
-        case .failure(let e): return respond(.success(refuse(e.status, e.message, session: session)))
+        switch session.begin(id: call.deviceID, bytes: counted, limits: self.limits) {
+        case .failure(let e): return refuse(e.status, e.message)
         case .success(let o): open = o
         }
         let device = open.device
         let store = device.store
         let size = store.geometry.size
         let started = ContinuousClock.now
-        let deviceID = request.deviceID
+        let deviceID = call.deviceID
         /// Ends the IO: records it, releases its in-flight share, answers.
-        @Sendable func finish(_ reply: Result<ParleyReply<Parley_Block_V1_IoReply>, any Error>, failed: Bool) {
+        @Sendable func finish(_ outcome: IOOutcome, failed: Bool) {
             device.metrics(kind).record(bytes: counted, failed: failed, nanoseconds: (ContinuousClock.now - started).nanoseconds)
             session.end(id: deviceID, bytes: counted)
-            respond(reply)
+            done(outcome)
         }
         @Sendable func fail(_ status: Parley_Block_V1_BlockStatus, _ message: String) {
-            finish(.success(refuse(status, message, session: session)), failed: true)
+            logger.warning("block IO refused: \(message)", metadata: ["session": "\(session.name)", "status": "\(status)"])
+            finish(.refused(status, message), failed: true)
         }
         /// The outcome of storage work: a store error is answered with its block status and
-        /// logged; any other error (a fenced modification) fails the request.
-        @Sendable func completed(_ result: Result<ByteBuffer?, any Error>) {
+        /// logged; any other error (a fenced modification) drops the request.
+        @Sendable func completed(_ result: Result<IOOutcome, any Error>) {
             switch result {
-            case .success(let buffer):
-                finish(.success(ParleyReply(Parley_Block_V1_IoReply(), data: buffer)), failed: false)
+            case .success(let outcome):
+                finish(outcome, failed: false)
             case .failure(let error as BlockStoreError):
                 let e = BlockError(error)
                 logger.error("block IO failed: \(e.message)", metadata: ["session": "\(session.name)", "export": "\(device.name)"])
-                fail(e.status, e.message)
+                finish(.refused(e.status, e.message), failed: true)
             case .failure(let error):
-                // A fenced modification or a stopped IO pool: the request fails (ERROR).
-                finish(.failure(error), failed: true)
+                finish(.dropped(error), failed: true)
             }
         }
         // Checks every operation with a range shares.
         if kind != .flush {
             let b = UInt64(open.blockSize)
-            if request.offset % b != 0 || UInt64(length) % b != 0 {
-                return fail(.invalid, "\(kind.rawValue) at offset \(request.offset), length \(length) is not aligned to the device's \(b)-byte blocks")
+            if call.offset % b != 0 || UInt64(length) % b != 0 {
+                return fail(.invalid, "\(kind.rawValue) at offset \(call.offset), length \(length) is not aligned to the device's \(b)-byte blocks")
             }
-            if (kind == .read || kind == .write) && request.length > Self.maximumIO {
+            if (kind == .read || kind == .write) && call.length > Self.maximumIO {
                 return fail(.tooLarge, "\(kind.rawValue) of \(length) bytes is larger than max_io_size \(Self.maximumIO)")
             }
-            let (end, overflow) = request.offset.addingReportingOverflow(UInt64(length))
+            let (end, overflow) = call.offset.addingReportingOverflow(UInt64(length))
             if overflow || end > size {
-                return fail(.outOfRange, "\(kind.rawValue) of \(length) bytes at offset \(request.offset) ends past the device's \(size) bytes")
+                return fail(.outOfRange, "\(kind.rawValue) of \(length) bytes at offset \(call.offset) ends past the device's \(size) bytes")
             }
         }
         if kind != .read && kind != .flush && open.access == .readOnly {
-            return fail(.readOnly, "\(kind.rawValue) on device \(request.deviceID), which is open read-only")
+            return fail(.readOnly, "\(kind.rawValue) on device \(call.deviceID), which is open read-only")
         }
         if kind == .write {
             guard let data, data.readableBytes == length else {
-                return fail(.invalid, "a write of \(length) bytes needs exactly \(length) bytes of data, got \(context.data?.readableBytes ?? 0)")
+                return fail(.invalid, "a write of \(length) bytes needs exactly \(length) bytes of data, got \(data?.readableBytes ?? 0)")
             }
         } else if data != nil, kind != .read || data!.readableBytes > 0 {
             return fail(.invalid, "\(kind.rawValue) takes no data segment")
         }
-        let offset = request.offset
-        let eventLoop = context.connection.eventLoop
+        let offset = call.offset
         /// A modification that waited for an IO thread is dropped if its connection ended
         /// meanwhile: the client holds it in doubt and sends it again on another path, and a
         /// late copy landing after that could overwrite a later write (docs/protocol.md 17.8).
@@ -403,39 +521,53 @@ public final class BlockService: Sendable {
             }
         }
         /// Runs `body` on an IO thread; its outcome completes the request on the event loop.
-        func offload(_ body: @escaping @Sendable () throws -> ByteBuffer?) {
+        func offload(_ body: @escaping @Sendable () throws -> IOOutcome) {
             self.io.run(on: eventLoop, body).whenComplete { completed($0) }
+        }
+        /// Reads the range into `raw` (all of it); false if it would have to wait.
+        @Sendable func read(into raw: UnsafeMutableRawBufferPointer, nowait: Bool) throws -> Bool {
+            try store.read(into: raw, at: offset, nowait: nowait)
         }
         do {
             switch kind {
             case .read:
+                if let readFrame {
+                    var frame = readFrame()
+                    if try frame.withUnsafeMutableData({ try read(into: $0, nowait: true) }) { return completed(.success(.read(frame))) }
+                    offload {
+                        var frame = readFrame()
+                        _ = try frame.withUnsafeMutableData { try read(into: $0, nowait: false) }
+                        return .read(frame)
+                    }
+                    return
+                }
                 var buffer = ByteBufferAllocator().buffer(capacity: length)
                 let inline = try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
-                    try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<length]), at: offset, nowait: true) ? length : 0
+                    try read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<length]), nowait: true) ? length : 0
                 }
-                if inline == length { return completed(.success(buffer)) }
+                if inline == length { return completed(.success(.done(buffer))) }
                 offload {
                     var b = ByteBufferAllocator().buffer(capacity: length)
                     _ = try b.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
-                        _ = try store.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<length]), at: offset, nowait: false)
+                        _ = try read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[..<length]), nowait: false)
                         return length
                     }
-                    return b
+                    return .done(b)
                 }
             case .write:
                 let data = data!
                 if !fua { FileBlockStore.joinBurst(on: eventLoop) }
                 let inline = fua ? false : try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
-                if inline { return completed(.success(nil)) }
+                if inline { return completed(.success(.done(nil))) }
                 offload {
                     try fenced()
                     _ = try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
-                    return nil
+                    return .done(nil)
                 }
             case .flush:
                 offload {
                     try store.flush()
-                    return nil
+                    return .done(nil)
                 }
             case .discard:
                 guard store.geometry.discard else { return fail(.notSupported, "the device cannot discard") }
@@ -443,17 +575,17 @@ public final class BlockService: Sendable {
                     try fenced()
                     try store.discard(offset: offset, length: UInt64(length))
                     if fua { try store.flush() }
-                    return nil
+                    return .done(nil)
                 }
             case .writeZeroes:
                 offload {
                     try fenced()
                     try store.writeZeroes(offset: offset, length: UInt64(length), mayDeallocate: true)
                     if fua { try store.flush() }
-                    return nil
+                    return .done(nil)
                 }
             case .cache, .blockStatus:
-                completed(.success(nil))
+                completed(.success(.done(nil)))
             }
         } catch {
             completed(.failure(error))

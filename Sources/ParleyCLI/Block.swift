@@ -93,6 +93,9 @@ struct BlockServe: AsyncParsableCommand {
     @Flag(name: .long, inversion: .prefixedNo, help: "NBD reads of 64 KiB or more whose pages are all in the page cache go from the cache to the socket with sendfile, never copied into the server (over TCP, and over Unix sockets whose send buffer holds 1 MiB: --unix-send-buffer; not over TLS, not from block devices).")
     var zeroCopyReads = true
 
+    @Flag(name: .long, inversion: .prefixedNo, help: "Grant DIRECT IO to block clients that ask for it (IO as DIRECT frames with a fixed 32-byte header instead of Io messages; docs/protocol.md 17.9). --no-direct refuses it: every IO comes as an Io message.")
+    var direct = true
+
     @Option(name: .long, help: ArgumentHelp("Send buffer an NBD connection over a Unix socket asks for at its first read of 64 KiB or more (the kernel doubles it and caps it at net.core.wmem_max): with the default of 208 KiB a 1 MiB reply waits four times for the client. 0: keep the system's default.", valueName: "bytes"))
     var unixSendBuffer: Int = NBDServer.Limits().unixSendBuffer
 
@@ -175,6 +178,7 @@ struct BlockServe: AsyncParsableCommand {
         configuration.maxConnections = self.maxConnections
         configuration.replyPolling = .microseconds(self.pollAfterReply)
         configuration.zeroCopyReads = self.zeroCopyReads
+        configuration.direct = self.direct
         configuration.unixSendBuffer = self.unixSendBuffer
         configuration.tcpUnsentLimit = self.tcpUnsentLimit
         do {

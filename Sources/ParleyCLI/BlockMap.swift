@@ -86,6 +86,9 @@ struct BlockMapCommand: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Microseconds the map waits, without sleeping, for what comes next at queue depth 1: on a path, the server's answer to a lone request; on the NBD endpoint, the client's next request after answering. The map's thread then stays awake for it (on hosts whose idle CPUs halt this multiplies QD1 IOPS), for up to this much CPU per IO. After a wait that runs out, it waits less often. 0: never.", valueName: "us"))
     var pollAfterReply: Int = 50
 
+    @Flag(name: .long, inversion: .prefixedNo, help: "Send IO as DIRECT frames (a fixed 32-byte header, no message layer) on paths whose server grants it (feature bit 4, not lossless); --no-direct sends every IO as an Io message, for comparisons. docs/protocol.md 17.9.")
+    var direct = true
+
     @OptionGroup var security: ClientSecurityOptions
 
     @OptionGroup var logging: LoggingOptions
@@ -142,6 +145,7 @@ struct BlockMapCommand: AsyncParsableCommand {
         )
         configuration.client.name = "parley-block-map"
         configuration.client.limits.replyPolling = .microseconds(self.pollAfterReply)
+        configuration.direct = self.direct
         // One event loop for the NBD endpoint and every path: an IO stays on one thread.
         configuration.group = MultiThreadedEventLoopGroup.singleton.next()
         do {

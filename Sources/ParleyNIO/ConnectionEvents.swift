@@ -7,7 +7,15 @@ public enum ConnectionEvent: Sendable {
     case notice(Parley_V1_Nucleus)
     /// A KEEPALIVE we sent came back (the timestamp we sent).
     case keepaliveAck(UInt64)
+    /// Server side: a DIRECT request (docs/protocol.md 7.16), its id admitted as in flight
+    /// until a `directAnswer` with that id is written.
+    case direct(Frame)
 }
+
+/// Client side: how a DIRECT request ends: the answer's frame (segment 0 starts with the id),
+/// or the reason the connection ended first (or why it could not be sent). Called once, on
+/// the event loop.
+public typealias DirectCompletion = @Sendable (Result<Frame, ParleyError>) -> Void
 
 /// What the async layer asks the connection handler to send.
 public enum ConnectionCommand: Sendable {
@@ -16,6 +24,14 @@ public enum ConnectionCommand: Sendable {
     case keepalive(UInt64)
     /// Send CLOSE with this status; the connection is closed once it has been written.
     case close(ParleyError)
+    /// Server side: a service takes DIRECT requests on this connection from now on (fails
+    /// without feature bit 4 or in a lossless session).
+    case enableDirect
+    /// Server side: the answer to the DIRECT request with the frame's id.
+    case directAnswer(DirectFrame)
+    /// Client side: a DIRECT request; the connection gives it its id (the frame's is
+    /// overwritten) and calls `completion` with the answer.
+    case directRequest(DirectFrame, DirectCompletion)
 }
 
 /// Fired as an inbound user event by a transport that protects and authenticates the

@@ -158,7 +158,19 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         didSet { self.peerWait = self.replyPolling > .zero ? PeerWait(window: self.replyPolling, label: "parley_reply_waits_total", seen: "message") : nil }
     }
     private var peerWait: PeerWait?
-    private var readsPaused = false
+    /// Reading is paused: for the async layer's request backlog (`Outlet.pauseReads`), or
+    /// for DIRECT requests in flight (`directLedger`); it resumes when neither holds it.
+    private var readsPaused: Bool { self.backlogPaused || self.directPaused }
+    private var backlogPaused = false
+    private var directPaused = false
+    /// Server side, once DIRECT is enabled: the DIRECT requests not answered yet.
+    private var directLedger: DirectLedger?
+    /// Client side: who waits for the answer to each DIRECT request sent, by id.
+    private var directWaiting: [UInt64: DirectCompletion] = [:]
+    private var lastDirectID: UInt64 = 0
+    /// Server side: DIRECT requests in flight at which reading pauses until one is answered
+    /// (docs/protocol.md 7.15); set from `ParleyConnectionLimits.maxDirectInFlight`.
+    public var maxDirectInFlight = 1024
     private var readPending = false
     /// A server side: it decodes no more of the peer's bytes while the channel is not
     /// writable (answers wait for the peer to read them). Otherwise a peer that sends requests
@@ -467,9 +479,31 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 if error.code != .sessionSuperseded { self.closeExchanged = true }
                 self.recordFailure(error)
                 context.close(promise: nil)
+            case .direct(let frame):
+                self.receivedDirect(frame, context: context)
+                self.messagesInBurst += 1
             case .violation(let error):
                 self.failConnection(error, tellPeer: true, context: context)
             }
+        }
+    }
+
+    /// A DIRECT frame the session machine let through: a request to admit and hand on
+    /// (server), or an answer for whoever waits for its id (client; one for an id not in
+    /// flight is discarded, as an answer to a cancelled request is).
+    private func receivedDirect(_ frame: Frame, context: ChannelHandlerContext) {
+        let id = frame.segments[0].getInteger(at: frame.segments[0].readerIndex, endianness: .little, as: UInt64.self)!
+        guard self.session!.role == .server else {
+            self.directWaiting.removeValue(forKey: id)?(.success(frame))
+            return
+        }
+        switch self.directLedger!.admit(id) {
+        case .duplicate:
+            self.failConnection(ParleyError(code: .protocolViolation, message: "DIRECT id \(id) is already in use by a request still being served"),
+                                tellPeer: true, context: context)
+        case .admitted(let pause):
+            if pause { self.setDirectPaused(true) }
+            self.sink?.received(.direct(frame))
         }
     }
 
@@ -600,7 +634,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     fileprivate func writeFromOutlet(_ command: ConnectionCommand, promise: EventLoopPromise<Void>?) {
         guard let context = self.context else {
-            promise?.fail(self.failure ?? ParleyError(code: .connectionClosed, message: "connection closed"))
+            Self.fail(command, promise, self.failure ?? ParleyError(code: .connectionClosed, message: "connection closed"))
             return
         }
         self.write(command, promise: promise, context: context)
@@ -612,7 +646,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         self.queue.take(into: &commands)
         guard let context = self.context else {
             let error = self.failure ?? ParleyError(code: .connectionClosed, message: "connection closed")
-            commands.forEach { $0.promise?.fail(error) }
+            commands.forEach { Self.fail($0.command, $0.promise, error) }
             return
         }
         for entry in commands {
@@ -639,7 +673,17 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     }
 
     fileprivate func setReadsPaused(_ paused: Bool) {
-        self.readsPaused = paused
+        self.backlogPaused = paused
+        self.readsPausedChanged()
+    }
+
+    private func setDirectPaused(_ paused: Bool) {
+        self.directPaused = paused
+        self.readsPausedChanged()
+    }
+
+    private func readsPausedChanged() {
+        let paused = self.readsPaused
         self.keepalive?.readsPaused(paused, now: Self.now())
         if !paused, self.readPending, let context = self.context, self.peerReadsAnswers(context) {
             self.readPending = false
@@ -651,10 +695,55 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     private func write(_ command: ConnectionCommand, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) {
         guard case .established = self.state else {
-            promise?.fail(self.failure ?? ParleyError(code: .connectionClosed, message: "connection is not established"))
+            Self.fail(command, promise, self.failure ?? ParleyError(code: .connectionClosed, message: "connection is not established"))
             return
         }
         switch command {
+        case .enableDirect:
+            do {
+                try self.session!.enableDirect()
+                if self.session!.role == .server, self.directLedger == nil { self.directLedger = DirectLedger(limit: self.maxDirectInFlight) }
+                promise?.succeed(())
+            } catch {
+                promise?.fail(error)
+            }
+        case .directAnswer(let frame):
+            guard self.directLedger != nil, case .known(let resume) = self.directLedger!.answered(frame.id) else {
+                promise?.fail(ParleyError(code: .invalidArgument, message: "no DIRECT request \(frame.id) is waiting for an answer"))
+                return
+            }
+            do {
+                try self.session!.checkDirect(payloadSize: frame.payloadSize)
+                try self.writeDirect(frame, promise: promise, context: context)
+            } catch {
+                // The service answered with what the peer cannot take (or the key is spent):
+                // the request cannot be answered, and its peer would wait for it forever.
+                promise?.fail(error)
+                self.failConnection(error, tellPeer: true, context: context)
+                return
+            }
+            if resume { self.setDirectPaused(false) }
+        case .directRequest(var frame, let completion):
+            do {
+                if !self.session!.isDirectEnabled { try self.session!.enableDirect() }
+                try self.session!.checkDirect(payloadSize: frame.payloadSize)
+            } catch {
+                promise?.fail(error)
+                completion(.failure(error))
+                return
+            }
+            self.lastDirectID &+= 1
+            frame.id = self.lastDirectID
+            self.directWaiting[self.lastDirectID] = completion
+            self.unflushedMessages += 1
+            do {
+                try self.writeDirect(frame, promise: promise, context: context)
+            } catch {
+                self.directWaiting.removeValue(forKey: self.lastDirectID)
+                promise?.fail(error)
+                completion(.failure(error))
+                self.failConnection(error, tellPeer: true, context: context)
+            }
         case .message(let message) where self.lossless != nil:
             // Numbered and kept by the session; transmitted by whichever link is current.
             self.lossless?.session.submit(message)
@@ -703,6 +792,25 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 channel.close(promise: nil)
             }
         }
+    }
+
+    /// A command that cannot be written: its promise and, for a DIRECT request, its
+    /// completion fail with `error`.
+    private static func fail(_ command: ConnectionCommand, _ promise: EventLoopPromise<Void>?, _ error: ParleyError) {
+        promise?.fail(error)
+        if case .directRequest(_, let completion) = command { completion(.failure(error)) }
+    }
+
+    /// Writes a DIRECT frame as the one buffer it was built in: finished with its CRCs, or
+    /// sealed in place in secure mode (which fails only when the key is exhausted).
+    private func writeDirect(_ frame: DirectFrame, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) throws(ParleyError) {
+        let bytes: ByteBuffer
+        if let sealer = self.sealer {
+            bytes = try frame.finishSealed(with: sealer)
+        } else {
+            bytes = frame.finishCRC()
+        }
+        context.write(self.wrapOutboundOut(bytes), promise: promise)
     }
 
     private func perform(_ step: HandshakeStep, context: ChannelHandlerContext) {
@@ -920,6 +1028,17 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         self.ackTimer = nil
         guard !self.closedOut else { return }
         self.closedOut = true
+        // DIRECT requests still waiting end with the connection (docs/protocol.md 7.16), after
+        // the sink has learnt of the end: a caller that asks whether the connection ended
+        // (a multipath client telling a failed path from a refusal) must hear yes.
+        let waiting = self.directWaiting
+        self.directWaiting = [:]
+        defer {
+            if !waiting.isEmpty {
+                let reason = self.failure ?? ParleyError(code: .connectionClosed, message: "peer closed the connection")
+                for (_, completion) in waiting { completion(.failure(reason)) }
+            }
+        }
         // The sink's connection holds this handler (its outlet): let go of it, or neither is
         // ever freed.
         let sink = self.sink

@@ -27,6 +27,10 @@ public struct PipelineOptions: Sendable {
     /// this long for the peer's next bytes without sleeping (`ReplyPolling`); zero: never.
     public var replyPolling: TimeAmount = .zero
 
+    /// Server side: DIRECT requests in flight at which the connection stops reading until one
+    /// is answered. See `ParleyConnectionLimits.maxDirectInFlight`.
+    public var maxDirectInFlight = 1024
+
     public init(
         maxFrameSize: Int = Frame.defaultMaxFrameSize, captureInbound: String? = nil, captureOutbound: String? = nil,
         keepalive: KeepaliveStateMachine.Configuration? = nil, flushEvery: Int = PipelineOptions.defaultFlushEvery,
@@ -55,6 +59,7 @@ public enum ParleyPipeline {
         handler.flushEvery = options.flushEvery
         handler.handshakeTimeout = options.handshakeTimeout
         handler.replyPolling = options.replyPolling
+        handler.maxDirectInFlight = options.maxDirectInFlight
         try sync.addHandler(handler)
     }
 

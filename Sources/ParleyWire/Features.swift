@@ -15,6 +15,9 @@ public struct ParleyFeatures: OptionSet, Hashable, Sendable, CustomStringConvert
     public static let notice = ParleyFeatures(rawValue: 1 << 2)
     /// Bit 3: the data segment (segment 2 of MESSAGE frames) for bulk bytes.
     public static let dataSegment = ParleyFeatures(rawValue: 1 << 3)
+    /// Bit 4: DIRECT frames (tag 0x16), a service's lean exchange beside MESSAGE, used on a
+    /// connection once a service enables it there (docs/protocol.md 7.16).
+    public static let direct = ParleyFeatures(rawValue: 1 << 4)
     /// Bit 8: secure mode (AEAD frames); offered when a secure mode is configured.
     public static let secureMode = ParleyFeatures(rawValue: 1 << 8)
     /// Bit 9: lossless sessions (replay after reconnect); offered by servers that keep
@@ -22,10 +25,10 @@ public struct ParleyFeatures: OptionSet, Hashable, Sendable, CustomStringConvert
     public static let reconnect = ParleyFeatures(rawValue: 1 << 9)
 
     /// What this implementation supports.
-    public static let implemented: ParleyFeatures = [.streams, .keepalive, .notice, .dataSegment]
+    public static let implemented: ParleyFeatures = [.streams, .keepalive, .notice, .dataSegment, .direct]
 
     static let names: [(UInt64, String)] = [
-        (1 << 0, "streams"), (1 << 1, "keepalive"), (1 << 2, "notice"), (1 << 3, "dataSegment"),
+        (1 << 0, "streams"), (1 << 1, "keepalive"), (1 << 2, "notice"), (1 << 3, "dataSegment"), (1 << 4, "direct"),
         (1 << 8, "secureMode"), (1 << 9, "reconnect"),
     ]
 

@@ -49,7 +49,10 @@ public enum _FuzzHarness {
                         }
                     }
                     switch step.outcome {
-                    case .established(let r)?: session = SessionStateMachine(role: .server, features: r.features)
+                    case .established(let r)?:
+                        session = SessionStateMachine(role: .server, features: r.features)
+                        // DIRECT frames reach the session's rules where the features allow them.
+                        try? session?.enableDirect()
                     case .failed?: return decoded
                     case .resumeRequested?, nil: break
                     }
@@ -125,6 +128,7 @@ public enum _FuzzHarness {
                   (try? Parley_V1_ClientIdent(parleyPayload: frame.segments[0])) != nil
             else { return false }
             session = SessionStateMachine(role: .server, features: ParleyFeatures.implemented.union(.secureMode))
+            try? session?.enableDirect()
             return true
         }
         do {

@@ -166,7 +166,20 @@ struct BlockFenceTests {
         // The fence waits for the write at 0, which holds the only IO thread.
         let fence = Task { try await live.fence([old.connectionID]) }
         let fenced = Self.watch(fence)
-        try await Task.sleep(for: .milliseconds(300))
+        // Until the server has taken the fence (IO of the old connection is refused FENCED
+        // from then on; a device id it does not have touches no store), the gate stays shut:
+        // a fixed wait let a loaded run open it before the Fence was read (2026-12-05).
+        var refused = false
+        for _ in 0..<400 where !refused {
+            do {
+                _ = try await old.read(BlockClient.Device(id: 999, geometry: device.geometry), offset: 0, length: 512)
+            } catch let e as BlockError where e.status == .fenced {
+                refused = true
+            } catch {}
+            if !refused { try await Task.sleep(for: .milliseconds(25)) }
+        }
+        #expect(refused, "the server never took the fence")
+        try await Task.sleep(for: .milliseconds(100))
         #expect(store.log.withLockedValue { $0.written }.isEmpty)
         #expect(!fenced.withLockedValue { $0 }, "answered while the fenced connection's write was running")
         store.gate.signal()
@@ -176,12 +189,20 @@ struct BlockFenceTests {
         _ = await first.result
         let dropped = await second.result
         #expect(throws: (any Error).self) { try dropped.get() }
+        // [R-17.9-3]: as DIRECT IO, the dropped modification is answered FENCED.
+        if case .failure(let e as BlockError) = dropped {
+            #expect(e.status == .fenced, "\(e)")
+        } else {
+            Issue.record("the dropped DIRECT write did not fail with FENCED: \(dropped)")
+        }
         // Later IO of the fenced connection is refused, and says why.
         do {
             try await old.write(device, offset: 8192, data: ByteBuffer(repeating: 3, count: 4096))
             Issue.record("a write on a fenced connection was taken")
         } catch let e as BlockError {
-            #expect(e.status == .fenced && e.message.contains("fenced by connection \(live.connectionID)"), "\(e)")
+            // DIRECT answers carry no text: the client names the IO and the status.
+            #expect(old.usesDirect, "this test covers fencing with DIRECT IO")
+            #expect(e.status == .fenced && e.message.contains("write of 4096 bytes at offset 8192"), "\(e)")
         }
         #expect(store.log.withLockedValue { $0.written } == [0])
         server.shutDown()
@@ -299,7 +320,11 @@ struct BlockFenceTests {
         let (_, server, io, address) = try await self.serve(store, scratch, threads: 2, grab: grabbed, fences: fences, fenceCount: fenceCount)
         var quiet = Logger(label: "fence")
         quiet.logLevel = .critical
-        let session = try BlockMultipathSession(.init(sessionName: "fence", paths: Array(repeating: address, count: paths), ioTimeout: ioTimeout), logger: quiet)
+        var configuration = BlockMultipathSession.Configuration(sessionName: "fence", paths: Array(repeating: address, count: paths), ioTimeout: ioTimeout)
+        // `Io` messages: the grabbing router sees which connection brought the write (DIRECT
+        // IO goes straight to the service; `aFenceWaitsForTheRunningWrite...` covers it).
+        configuration.direct = false
+        let session = try BlockMultipathSession(configuration, logger: quiet)
         let device = try await session.open("disk")
         let first = Task { try await device.write(offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
         #expect(try await eventually { store.atGate.withLockedValue { $0 } && grabbed.withLockedValue { $0 } != nil })

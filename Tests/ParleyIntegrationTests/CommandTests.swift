@@ -274,7 +274,7 @@ struct CommandTests {
         #expect(ping.status == 0, Comment(rawValue: ping.stdout + ping.stderr))
         #expect(ping.stdout.contains("protocol version 1 (server 1)"))
         #expect(ping.stdout.contains("auth none"))
-        #expect(ping.stdout.contains("[streams, keepalive, notice, dataSegment]"))
+        #expect(ping.stdout.contains("[streams, keepalive, notice, dataSegment, direct]"))
         #expect(ping.stdout.contains("server message [high] be nice"))
         #expect(ping.stdout.contains("name \"cli-test\""))
         #expect(ping.stdout.contains("5 round trips to unix:\(socket): min/median/p99 = "))

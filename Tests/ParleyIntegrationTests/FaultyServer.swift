@@ -488,7 +488,7 @@ struct FrameRewriter {
                         repaired = true
                     }
                     let version = banner.getInteger(at: b + 8, endianness: .little, as: UInt16.self)!
-                    let known: UInt64 = 0x30F
+                    let known: UInt64 = 0x31F  // the bits of version 1: 0-4, 8, 9
                     let supported = banner.getInteger(at: b + 12, endianness: .little, as: UInt64.self)!
                     let required = banner.getInteger(at: b + 20, endianness: .little, as: UInt64.self)!
                     if (self.fault == .refusesNewerVersions && version > 1)
@@ -515,7 +515,7 @@ struct FrameRewriter {
                     banner.setInteger(CRC32C.checksum(banner, at: banner.readerIndex, length: 28), at: banner.readerIndex + 28, endianness: .little)
                 }
                 if self.fault == .ignoresRequiredUnknownFeatures && !self.toClient {
-                    let known: UInt64 = 0x30F
+                    let known: UInt64 = 0x31F  // the bits of version 1: 0-4, 8, 9
                     let required = banner.getInteger(at: banner.readerIndex + 20, endianness: .little, as: UInt64.self)!
                     banner.setInteger(required & known, at: banner.readerIndex + 20, endianness: .little)
                     banner.setInteger(CRC32C.checksum(banner, at: banner.readerIndex, length: 28), at: banner.readerIndex + 28, endianness: .little)

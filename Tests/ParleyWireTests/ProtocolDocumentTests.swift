@@ -21,7 +21,7 @@ import Testing
 /// suite was written, so that the check cannot pass on an empty or truncated document.
 @Suite struct ProtocolDocumentTests {
     /// Vectors in docs/protocol.md when this suite was written; removing one fails the suite.
-    static let minimumVectorCount = 74
+    static let minimumVectorCount = 82
 
     /// What must have at least one vector, besides every known frame tag and message kind.
     static let requiredCoverage: [String] = [
@@ -33,6 +33,8 @@ import Testing
         "type/parley.block.v1.OpenReply", "type/parley.block.v1.Io", "type/parley.block.v1.IoReply",
         "type/parley.block.v1.Close", "type/parley.block.v1.CloseReply", "type/parley.block.v1.Fence", "type/parley.block.v1.FenceReply",
         "data/parley.block.v1.Io", "data/parley.block.v1.IoReply",
+        // DIRECT IO (sections 7.16, 17.9): a request and an answer with data.
+        "DIRECT/data",
         // Parley Work (section 19): asking for work, an assignment, a report and its ack.
         "type/parley.work.v1.RequestWork", "type/parley.work.v1.WorkAssignments", "type/parley.work.v1.ReportResult", "type/parley.work.v1.ReportAck",
         // Master-initiated commands (section 19.8): a command, its output, its result, a chunk.
@@ -248,9 +250,10 @@ import Testing
                 } catch {
                     got = error
                 }
-            case "session":
+            case "session", "session-direct":
                 let decoded = try ProtocolDocument.decode(vector.wire, expectBanner: false, chunk: 0)
                 var session = SessionStateMachine(role: .client, features: .implemented)
+                if stage == "session-direct" { try session.enableDirect() }
                 var violation: ParleyError?
                 for element in decoded {
                     if case .violation(let error) = session.received(element) {
@@ -664,6 +667,7 @@ extension ProtocolDocument.Vector {
         default:
             guard case .frame(let frame) = try self.described() else { return [] }
             var out: Set<String> = [frame.tag.description]
+            if frame.tag == .direct, frame.segments.count > 1 { out.insert("DIRECT/data") }
             if frame.tag == .message {
                 let message = try WireMessage(frame: frame)
                 out.insert("MESSAGE/\(message.header.kind)")

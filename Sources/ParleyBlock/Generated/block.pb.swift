@@ -282,6 +282,11 @@ public nonisolated struct Parley_Block_V1_SessionInfo: Sendable {
   /// connections with the same session_name and client_instance.
   public var clientInstance: UInt64 = 0
 
+  /// The client asks for DIRECT IO on this connection (docs/protocol.md 17.9): Io requests as
+  /// DIRECT frames (feature bit 4) instead of Io messages. Servers that do not know the
+  /// field ignore it and never grant it.
+  public var directIo: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -302,6 +307,11 @@ public nonisolated struct Parley_Block_V1_SessionInfoReply: Sendable {
   /// This connection's number on the server, for Fence: never 0, not reused while the
   /// server runs.
   public var connectionID: UInt64 = 0
+
+  /// DIRECT IO is granted and enabled on this connection: the client may send its IO as
+  /// DIRECT frames from now on (and Io messages still work). Only when the client asked,
+  /// feature bit 4 was negotiated, bit 9 (lossless) was not, and the server allows it.
+  public var directIo: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -561,7 +571,7 @@ nonisolated extension Parley_Block_V1_BlockStatus: SwiftProtobuf._ProtoNameProvi
 
 nonisolated extension Parley_Block_V1_SessionInfo: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SessionInfo"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}session_name\0\u{3}client_instance\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}session_name\0\u{3}client_instance\0\u{3}direct_io\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -572,6 +582,7 @@ nonisolated extension Parley_Block_V1_SessionInfo: SwiftProtobuf.Message, SwiftP
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.protocolVersion) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.sessionName) }()
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.clientInstance) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.directIo) }()
       default: break
       }
     }
@@ -587,6 +598,9 @@ nonisolated extension Parley_Block_V1_SessionInfo: SwiftProtobuf.Message, SwiftP
     if self.clientInstance != 0 {
       try visitor.visitSingularUInt64Field(value: self.clientInstance, fieldNumber: 3)
     }
+    if self.directIo != false {
+      try visitor.visitSingularBoolField(value: self.directIo, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -594,6 +608,7 @@ nonisolated extension Parley_Block_V1_SessionInfo: SwiftProtobuf.Message, SwiftP
     if lhs.protocolVersion != rhs.protocolVersion {return false}
     if lhs.sessionName != rhs.sessionName {return false}
     if lhs.clientInstance != rhs.clientInstance {return false}
+    if lhs.directIo != rhs.directIo {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -601,7 +616,7 @@ nonisolated extension Parley_Block_V1_SessionInfo: SwiftProtobuf.Message, SwiftP
 
 nonisolated extension Parley_Block_V1_SessionInfoReply: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SessionInfoReply"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{1}status\0\u{1}message\0\u{3}connection_id\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{1}status\0\u{1}message\0\u{3}connection_id\0\u{3}direct_io\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -613,6 +628,7 @@ nonisolated extension Parley_Block_V1_SessionInfoReply: SwiftProtobuf.Message, S
       case 2: try { try decoder.decodeSingularEnumField(value: &self.status) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.message) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.connectionID) }()
+      case 5: try { try decoder.decodeSingularBoolField(value: &self.directIo) }()
       default: break
       }
     }
@@ -631,6 +647,9 @@ nonisolated extension Parley_Block_V1_SessionInfoReply: SwiftProtobuf.Message, S
     if self.connectionID != 0 {
       try visitor.visitSingularUInt64Field(value: self.connectionID, fieldNumber: 4)
     }
+    if self.directIo != false {
+      try visitor.visitSingularBoolField(value: self.directIo, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -639,6 +658,7 @@ nonisolated extension Parley_Block_V1_SessionInfoReply: SwiftProtobuf.Message, S
     if lhs.status != rhs.status {return false}
     if lhs.message != rhs.message {return false}
     if lhs.connectionID != rhs.connectionID {return false}
+    if lhs.directIo != rhs.directIo {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -39,6 +39,9 @@ public struct BlockMultipathSession: Sendable {
         /// Where the paths' connections live. One event loop for a whole map keeps an IO on
         /// one thread from the NBD request to the answer (no thread hop, no wake-up).
         public var group: any EventLoopGroup
+        /// Ask each path's server for DIRECT IO (docs/protocol.md 17.9), used where granted;
+        /// false: every IO as an `Io` message (`parley block map --no-direct`).
+        public var direct = true
 
         public init(sessionName: String, paths: [ParleyAddress], policy: MultipathIOState.Policy = .roundRobin,
                     ioTimeout: Duration = .seconds(30), reconnectBase: Duration = .milliseconds(50), reconnectMax: Duration = .seconds(2),
@@ -314,7 +317,7 @@ public final class BlockMultipathDevice: Sendable {
         let c = self.session.configuration
         let client: BlockClient
         do {
-            client = try await BlockClient.connect(to: address, sessionName: c.sessionName, clientInstance: self.instance, configuration: c.client,
+            client = try await BlockClient.connect(to: address, sessionName: c.sessionName, clientInstance: self.instance, direct: c.direct, configuration: c.client,
                                                    logger: self.logger, group: c.group)
         } catch let e as BlockError {
             return .refused(e)

@@ -29,12 +29,15 @@ public struct FrameTag: Hashable, Sendable, CustomStringConvertible {
     public static let keepalive = FrameTag(rawValue: 0x12)
     public static let keepaliveAck = FrameTag(rawValue: 0x13)
     public static let close = FrameTag(rawValue: 0x14)
+    /// Feature bit 4: a service's lean request (client to server) or its answer, matched by
+    /// the u64 id that starts segment 0 (docs/protocol.md 7.16).
+    public static let direct = FrameTag(rawValue: 0x16)
 
     static let names: [UInt8: String] = [
         0x01: "HELLO", 0x02: "AUTH_REQUEST", 0x03: "AUTH_BAD_METHOD", 0x04: "AUTH_REPLY_MORE",
         0x05: "AUTH_REQUEST_MORE", 0x06: "AUTH_DONE", 0x07: "CLIENT_IDENT", 0x08: "SERVER_IDENT",
         0x09: "SESSION_RECONNECT", 0x0A: "SESSION_RESUMED", 0x0B: "SESSION_RESET",
-        0x10: "MESSAGE", 0x11: "NOTICE", 0x12: "KEEPALIVE", 0x13: "KEEPALIVE_ACK", 0x14: "CLOSE", 0x15: "ACK",
+        0x10: "MESSAGE", 0x11: "NOTICE", 0x12: "KEEPALIVE", 0x13: "KEEPALIVE_ACK", 0x14: "CLOSE", 0x15: "ACK", 0x16: "DIRECT",
     ]
     public static var allKnown: [FrameTag] { names.keys.sorted().map { FrameTag(rawValue: $0) } }
 

@@ -21,6 +21,9 @@ public struct SessionStateMachine: Sendable {
         case keepaliveAck(UInt64)
         /// Lossless sessions: the peer acknowledged every message up to this seq (ACK frame).
         case ack(UInt64)
+        /// A DIRECT frame (feature bit 4, enabled on this connection): a request on a server
+        /// side, an answer on a client side; segment 0 holds at least its 8-byte id.
+        case direct(Frame)
         case ignore
         /// The peer closed the session with this reason.
         case peerClosed(ParleyError)
@@ -39,6 +42,9 @@ public struct SessionStateMachine: Sendable {
     /// Feature bit 9 was negotiated: `seq`s continue across the session's connections and
     /// are checked by the session's `SessionLedger`, not here; ACK frames are allowed.
     public var isLossless: Bool { self.features.contains(.reconnect) }
+    /// DIRECT frames were enabled on this connection (`enableDirect`): before that a DIRECT
+    /// received is `unexpectedFrame`.
+    public private(set) var isDirectEnabled = false
 
     /// - Parameter sent: MESSAGEs this side already sent before the session began (a
     ///   client's early requests, R-6.1-5 and R-6.1-6): numbering goes on after them.
@@ -98,6 +104,19 @@ public struct SessionStateMachine: Sendable {
             }
             if frame.tag == .keepaliveAck { return .keepaliveAck(stamp) }
             return .reply(Self.keepaliveFrame(tag: .keepaliveAck, timestamp: stamp))
+        case .direct:
+            // Decided on the tag, the features and the flags before segment 0 is looked at.
+            guard self.isDirectEnabled else {
+                let why = self.features.contains(.direct) ? "before a service enabled DIRECT on this connection" : "without the direct feature"
+                return self.violate(.unexpectedFrame, "DIRECT frame \(why)")
+            }
+            guard frame.flags == 0 else {
+                return self.violate(.protocolViolation, "DIRECT flags must be 0 in protocol version 1, got \(frame.flags)")
+            }
+            guard frame.segments[0].readableBytes >= DirectFrame.idSize else {
+                return self.violate(.malformedPayload, "DIRECT segment 0 must start with an 8-byte id, got \(frame.segments[0].readableBytes) bytes")
+            }
+            return .direct(frame)
         case .ack where self.isLossless:
             guard frame.segments[0].readableBytes == 8, let ack = frame.segments[0].getInteger(at: frame.segments[0].readerIndex, endianness: .little, as: UInt64.self) else {
                 return self.violate(.malformedPayload, "ACK payload must be 8 bytes, got \(frame.segments[0].readableBytes)")
@@ -151,6 +170,34 @@ public struct SessionStateMachine: Sendable {
         let size = MessageHeader.fixedSize + h.type.utf8.count + message.payload.readableBytes + (message.data?.readableBytes ?? 0)
         guard size <= maxPeerFrameSize else {
             throw ParleyError(code: .frameTooLarge, message: "a \(size)-byte \(h.type) message exceeds the peer's limit of \(maxPeerFrameSize) bytes")
+        }
+    }
+
+    /// Enables DIRECT frames on this connection (a service's grant on the server side; the
+    /// client's first DIRECT on the client side). Refused without feature bit 4 and in a
+    /// lossless session (DIRECT frames are not numbered and would not survive a reconnect).
+    public mutating func enableDirect() throws(ParleyError) {
+        try Self.mayUseDirect(features: self.features)
+        self.isDirectEnabled = true
+    }
+
+    /// Whether DIRECT frames may be used with these negotiated features.
+    public static func mayUseDirect(features: ParleyFeatures) throws(ParleyError) {
+        guard features.contains(.direct) else {
+            throw ParleyError(code: .invalidArgument, message: "cannot use DIRECT frames: the direct feature was not negotiated")
+        }
+        guard !features.contains(.reconnect) else {
+            throw ParleyError(code: .invalidArgument, message: "cannot use DIRECT frames in a lossless session (feature bit 9)")
+        }
+    }
+
+    /// Checks a DIRECT frame this side is about to send: enabled, and within the peer's limit.
+    public func checkDirect(payloadSize: Int) throws(ParleyError) {
+        guard self.isDirectEnabled else {
+            throw ParleyError(code: .invalidArgument, message: "cannot send DIRECT: it is not enabled on this connection")
+        }
+        guard payloadSize <= self.maxPeerFrameSize else {
+            throw ParleyError(code: .frameTooLarge, message: "a \(payloadSize)-byte DIRECT frame exceeds the peer's limit of \(self.maxPeerFrameSize) bytes")
         }
     }
 

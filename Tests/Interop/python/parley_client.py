@@ -387,7 +387,7 @@ MIN_MAX_FRAME = 64 * 1024
 TAGS = {0x01: "HELLO", 0x02: "AUTH_REQUEST", 0x03: "AUTH_BAD_METHOD", 0x04: "AUTH_REPLY_MORE",
         0x05: "AUTH_REQUEST_MORE", 0x06: "AUTH_DONE", 0x07: "CLIENT_IDENT", 0x08: "SERVER_IDENT",
         0x09: "SESSION_RECONNECT", 0x0A: "SESSION_RESUMED", 0x0B: "SESSION_RESET",
-        0x10: "MESSAGE", 0x11: "NOTICE", 0x12: "KEEPALIVE", 0x13: "KEEPALIVE_ACK", 0x14: "CLOSE", 0x15: "ACK"}
+        0x10: "MESSAGE", 0x11: "NOTICE", 0x12: "KEEPALIVE", 0x13: "KEEPALIVE_ACK", 0x14: "CLOSE", 0x15: "ACK", 0x16: "DIRECT"}
 TAG = {v: k for k, v in TAGS.items()}
 KINDS = {1: "REQUEST", 2: "RESPONSE", 3: "STREAM_ITEM", 4: "ERROR", 5: "CANCEL", 6: "ONE_WAY"}
 KIND = {v: k for k, v in KINDS.items()}
@@ -537,6 +537,13 @@ def check_session_frame(state, tag, flags, segments):
         return TAGS[tag].lower(), segments[0]
     if tag == TAG["CLOSE"]:
         return "close", segments[0]
+    if tag == TAG["DIRECT"] and state.get("direct"):
+        # Section 7.16: only where a service enabled DIRECT (this client never asks for it).
+        if flags:
+            raise ParleyError("protocolViolation", "non-zero DIRECT flags")
+        if len(segments[0]) < 8:
+            raise ParleyError("malformedPayload", "DIRECT segment 0 of %d bytes, shorter than its id" % len(segments[0]))
+        return "direct", segments
     if tag in TAGS:
         raise ParleyError("unexpectedFrame", "%s in the session" % TAGS[tag])
     if tag >= 0x80:
@@ -1052,8 +1059,8 @@ def run_invalid(v, chunk):
         elif stage == "frame":
             while True:
                 reader.frame()
-        elif stage == "session":
-            state = {"features": 0xF, "recv_seq": 0}
+        elif stage in ("session", "session-direct"):
+            state = {"features": 0xF, "recv_seq": 0, "direct": stage == "session-direct"}
             while True:
                 check_session_frame(state, *reader.frame()[:3])
     except ParleyError as e:

@@ -1,0 +1,96 @@
+import NIOCore
+import Parley
+
+
+/// The block protocol's DIRECT headers (docs/protocol.md 17.9): what follows the core's
+/// 8-byte id in segment 0 of a DIRECT frame, little-endian. Pure codec.
+///
+/// Request, segment 0 = 32 bytes: id u64 (0-7), operation u8 (8, `IoOperation`), flags u8
+/// (9, bit 0 FUA), reserved u16 (10), device_id u32 (12), offset u64 (16), length u32 (24),
+/// reserved u32 (28); segment 1 carries a write's data. Answer, segment 0 = 16 bytes: id,
+/// status u32 (8, `BlockStatus`), reserved u32 (12); segment 1 carries a successful read's
+/// data (exactly `length` bytes, also when that is 0).
+public enum BlockDirect {
+    /// Header bytes after the id: a request's and an answer's.
+    public static let requestHeaderLength = 24
+    public static let answerHeaderLength = 8
+    /// Segment 0 of an answer: the id and its header.
+    public static let answerSegment0Length = DirectFrame.idSize + answerHeaderLength
+
+    public struct Request: Equatable, Sendable {
+        public var operation: UInt8
+        public var flags: UInt8
+        public var deviceID: UInt32
+        public var offset: UInt64
+        public var length: UInt32
+        /// The reserved bytes (10-11 and 28-31), which must be 0.
+        public var reserved: UInt64 = 0
+
+        public init(operation: UInt8, flags: UInt8, deviceID: UInt32, offset: UInt64, length: UInt32) {
+            self.operation = operation
+            self.flags = flags
+            self.deviceID = deviceID
+            self.offset = offset
+            self.length = length
+        }
+
+        public struct Malformed: Error, Equatable {
+            public var message: String
+        }
+
+        /// Reads a request's header (segment 0 after the id). Fails only on its size: every
+        /// value of its fields is answered, with a status when it is wrong.
+        public static func decode(_ header: ByteBuffer) -> Result<Request, Malformed> {
+            guard header.readableBytes == BlockDirect.requestHeaderLength else {
+                return .failure(Malformed(message: "a block DIRECT request's segment 0 is \(DirectFrame.idSize + BlockDirect.requestHeaderLength) bytes, got \(DirectFrame.idSize + header.readableBytes)"))
+            }
+            var h = header
+            let (op, flags, reserved0, device, offset, length, reserved1) = h.readMultipleIntegers(
+                endianness: .little, as: (UInt8, UInt8, UInt16, UInt32, UInt64, UInt32, UInt32).self)!
+            var r = Request(operation: op, flags: flags, deviceID: device, offset: offset, length: length)
+            r.reserved = UInt64(reserved0) | UInt64(reserved1) << 16
+            return .success(r)
+        }
+
+        /// A request frame with this header and a write's data copied into segment 1.
+        public func frame(allocator: ByteBufferAllocator, data: ByteBuffer?) -> DirectFrame {
+            var frame = DirectFrame(allocator: allocator, headerLength: BlockDirect.requestHeaderLength, dataLength: data?.readableBytes)
+            frame.setHeader(self.operation, at: 8)
+            frame.setHeader(self.flags, at: 9)
+            frame.setHeader(UInt16(truncatingIfNeeded: self.reserved), at: 10)
+            frame.setHeader(self.deviceID, at: 12)
+            frame.setHeader(self.offset, at: 16)
+            frame.setHeader(self.length, at: 24)
+            frame.setHeader(UInt32(truncatingIfNeeded: self.reserved >> 16), at: 28)
+            if let data { frame.writeData(data) }
+            return frame
+        }
+    }
+
+    /// Writes an answer's status (the frame's header is otherwise zero).
+    public static func setStatus(_ status: Parley_Block_V1_BlockStatus, in frame: inout DirectFrame) {
+        frame.setHeader(UInt32(truncatingIfNeeded: status.rawValue), at: 8)
+    }
+
+    /// An answer as a client reads it.
+    public struct Answer: Equatable, Sendable {
+        public var status: Parley_Block_V1_BlockStatus
+        public var data: ByteBuffer?
+
+        /// Reads an answer frame (segment 0 starts with the id). A segment 0 that is not 16
+        /// bytes, or reserved bytes that are not 0, fail: the server broke the protocol.
+        public static func decode(_ frame: Frame) -> Result<Answer, Request.Malformed> {
+            let segment0 = frame.segments[0]
+            guard segment0.readableBytes == BlockDirect.answerSegment0Length,
+                  let (_, status, reserved) = segment0.getMultipleIntegers(at: segment0.readerIndex, endianness: .little, as: (UInt64, UInt32, UInt32).self)
+            else {
+                return .failure(Request.Malformed(message: "a block DIRECT answer's segment 0 is \(BlockDirect.answerSegment0Length) bytes, got \(segment0.readableBytes)"))
+            }
+            guard reserved == 0 else {
+                return .failure(Request.Malformed(message: "reserved bytes of a block DIRECT answer are not 0"))
+            }
+            return .success(Answer(status: Parley_Block_V1_BlockStatus(rawValue: Int(status)) ?? .UNRECOGNIZED(Int(status)),
+                                   data: frame.segments.count > 1 ? frame.segments[1] : nil))
+        }
+    }
+}

@@ -1,0 +1,159 @@
+import NIOCore
+
+/// A DIRECT frame (feature bit 4, tag 0x16; docs/protocol.md 7.16) built whole in one
+/// buffer, so that it leaves in one write with nothing copied after it is made: a service
+/// writes its header into segment 0 after the id, and a read's data straight into segment 1
+/// (`withUnsafeMutableData`), then the connection stamps the id and finishes the frame in
+/// crc mode (`finishCRC`) or seals it in place (`finishSealed`).
+///
+/// Layout: `[16 spare][preamble 32][segment 0: id u64 LE, header][segment 1][16 epilogue]`.
+/// Segment 0 starts 48 bytes in, in both modes: in crc mode the frame is bytes 16...; in
+/// secure mode the preamble moves to 0-31, its tag goes to 32-47, and the body is sealed
+/// where it is (what `WireMessage.sealFrame` does for MESSAGE).
+///
+/// A frame has one owner at a time: the service that builds it, then the connection that
+/// sends it. Its buffer lives in a box shared by copies of the struct, so that handing it
+/// on (through closures, enums and the connection's commands, each of which holds a copy
+/// for a while) never makes the 4 KiB of a block read be copied when the id or the CRCs are
+/// written (it did, twice per read: 9% of a server's CPU). Do not keep a copy after handing
+/// a frame on, nor change it from two threads.
+public struct DirectFrame: Sendable {
+    private final class Box: @unchecked Sendable {
+        @exclusivity(unchecked) var buffer: ByteBuffer
+        init(_ buffer: ByteBuffer) { self.buffer = buffer }
+    }
+    /// Bytes before the preamble: room for the sealed preamble's tag.
+    static let spare = SecureCipher.tagSize
+    /// Where segment 0 (the id) starts in `buffer`.
+    static let segment0Start = DirectFrame.spare + Frame.preambleSize
+    /// The alignment hint of segment 1 (bulk data).
+    public static let dataAlignment: UInt16 = 4096
+    /// Bytes of segment 0 the core owns: the id.
+    public static let idSize = 8
+
+    private let box: Box
+    private var buffer: ByteBuffer {
+        get { self.box.buffer }
+        nonmutating _modify { yield &self.box.buffer }
+    }
+    /// Length of segment 0: the 8-byte id and the service's header.
+    public let segment0Length: Int
+    /// Length of segment 1, or nil for a frame of one segment.
+    public let dataLength: Int?
+
+    /// Starts a frame: preamble, the id and a zeroed header of `headerLength` bytes; segment
+    /// 1 (if `dataLength` is not nil) is still to be written with `writeData` or
+    /// `withUnsafeMutableData`.
+    public init(allocator: ByteBufferAllocator, id: UInt64 = 0, headerLength: Int, dataLength: Int?) {
+        precondition(headerLength >= 0 && (dataLength ?? 0) >= 0)
+        self.segment0Length = Self.idSize + headerLength
+        self.dataLength = dataLength
+        let capacity = Self.segment0Start + self.segment0Length + (dataLength ?? 0) + SecureCipher.tagSize
+        var b = allocator.buffer(capacity: capacity)
+        b.writeRepeatingByte(0, count: Self.spare)
+        let count: UInt8 = dataLength == nil ? 1 : 2
+        b.writeMultipleIntegers(FrameTag.direct.rawValue, UInt8(0), count, UInt8(0))
+        b.writeMultipleIntegers(UInt32(self.segment0Length), UInt16(0), endianness: .little)
+        if let dataLength {
+            b.writeMultipleIntegers(UInt32(dataLength), Self.dataAlignment, endianness: .little)
+        } else {
+            b.writeMultipleIntegers(UInt32(0), UInt16(0), endianness: .little)
+        }
+        b.writeMultipleIntegers(UInt32(0), UInt16(0), UInt32(0), UInt16(0), endianness: .little)
+        b.writeInteger(CRC32C.checksum(b, at: Self.spare, length: 28), endianness: .little)
+        b.writeInteger(id, endianness: .little)
+        b.writeRepeatingByte(0, count: headerLength)
+        self.box = Box(b)
+    }
+
+    /// The id (bytes 0-7 of segment 0).
+    public var id: UInt64 {
+        get { self.buffer.getInteger(at: Self.segment0Start, endianness: .little, as: UInt64.self)! }
+        set { self.buffer.setInteger(newValue, at: Self.segment0Start, endianness: .little) }
+    }
+
+    /// Sets an integer of the header, little-endian, `offset` bytes into segment 0 (the
+    /// header starts at 8, after the id).
+    public mutating func setHeader<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+        precondition(offset >= Self.idSize && offset + MemoryLayout<T>.size <= self.segment0Length, "header field outside segment 0")
+        self.buffer.setInteger(value, at: Self.segment0Start + offset, endianness: .little)
+    }
+
+    private var dataStart: Int { Self.segment0Start + self.segment0Length }
+    /// Segment 1 has been written.
+    private var isComplete: Bool { self.buffer.writerIndex == self.dataStart + (self.dataLength ?? 0) }
+
+    /// Copies `data` into segment 1; it must be `dataLength` bytes.
+    public mutating func writeData(_ data: ByteBuffer) {
+        precondition(data.readableBytes == self.dataLength && self.buffer.writerIndex == self.dataStart, "segment 1 is \(self.dataLength ?? 0) bytes, written once")
+        self.buffer.writeImmutableBuffer(data)
+    }
+
+    /// Lets `body` write segment 1 in place (a read's data read straight into the frame):
+    /// it gets exactly `dataLength` bytes of uninitialised memory and must fill them all.
+    public mutating func withUnsafeMutableData<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
+        let length = self.dataLength ?? 0
+        precondition(self.buffer.writerIndex == self.dataStart, "segment 1 is written once")
+        var result: R?
+        _ = try self.buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
+            result = try body(UnsafeMutableRawBufferPointer(rebasing: raw[..<length]))
+            return length
+        }
+        return result!
+    }
+
+    /// The bytes of segment 0 after the id, and of segment 1: for checks and tests.
+    public var header: ByteBuffer { self.buffer.getSlice(at: Self.segment0Start + Self.idSize, length: self.segment0Length - Self.idSize)! }
+    public var data: ByteBuffer? { self.dataLength.map { self.buffer.getSlice(at: self.dataStart, length: $0)! } }
+
+    /// The frame as a `Frame` (segments are slices of the buffer, not copies).
+    public var frame: Frame {
+        precondition(self.isComplete, "segment 1 not written")
+        let segment0 = self.buffer.getSlice(at: Self.segment0Start, length: self.segment0Length)!
+        guard let data = self.data else { return Frame(tag: .direct, segments: [segment0]) }
+        return Frame(tag: .direct, segments: [segment0, data], alignments: SegmentAlignments(0, Self.dataAlignment))
+    }
+
+    /// Sum of the segment lengths (what the peer's frame-size limit applies to).
+    public var payloadSize: Int { self.segment0Length + (self.dataLength ?? 0) }
+
+    /// Finishes the frame in crc mode: appends the segments' CRCs and returns the wire bytes.
+    public consuming func finishCRC() -> ByteBuffer {
+        precondition(self.isComplete, "segment 1 not written")
+        let crc0 = CRC32C.checksum(self.buffer, at: Self.segment0Start, length: self.segment0Length)
+        if let dataLength = self.dataLength {
+            let crc1 = CRC32C.checksum(self.buffer, at: self.dataStart, length: dataLength)
+            self.buffer.writeMultipleIntegers(crc0, crc1, endianness: .little)
+        } else {
+            self.buffer.writeInteger(crc0, endianness: .little)
+        }
+        self.buffer.moveReaderIndex(to: Self.spare)
+        return self.buffer
+    }
+
+    /// Finishes the frame in secure mode, in place: the preamble sealed alone (moved to the
+    /// front, its tag where it was), the segments sealed as one message, its tag after them.
+    /// Fails with `keyExhausted` when the counter has no room left for it.
+    public consuming func finishSealed(with direction: SecureDirection) throws(ParleyError) -> ByteBuffer {
+        precondition(self.isComplete, "segment 1 not written")
+        try direction.ensureRoom(forClose: false)
+        let total = self.payloadSize
+        self.buffer.writeRepeatingByte(0, count: SecureCipher.tagSize)
+        var failure: ParleyError?
+        self.buffer.withUnsafeMutableReadableBytes { raw in
+            let base = raw.baseAddress!
+            // The preamble moves to the front (through a copy: the two places overlap).
+            var preamble: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+            withUnsafeMutableBytes(of: &preamble) { $0.copyMemory(from: UnsafeRawBufferPointer(start: base + Self.spare, count: Frame.preambleSize)) }
+            withUnsafeBytes(of: &preamble) { base.copyMemory(from: $0.baseAddress!, byteCount: Frame.preambleSize) }
+            do throws(ParleyError) {
+                try direction.seal(base, length: Frame.preambleSize)
+                try direction.seal(base + sealedPreambleSize, length: total)
+            } catch {
+                failure = error
+            }
+        }
+        if let failure { throw failure }
+        return self.buffer
+    }
+}

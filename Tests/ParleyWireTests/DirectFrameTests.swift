@@ -1,0 +1,176 @@
+import NIOCore
+import ParleyWire
+import Testing
+
+// DIRECT frames (docs/protocol.md 7.16): the one-buffer builder against the generic frame
+// codec, both modes; the session machine's rules; the server's ledger of ids in flight.
+
+/// A DIRECT frame built with `DirectFrame`: id, a header of `header` bytes (each byte its
+/// index + 1), and segment 1 holding `data`, if any.
+private func built(id: UInt64, header: Int, data: [UInt8]?) -> DirectFrame {
+    var f = DirectFrame(allocator: ByteBufferAllocator(), id: id, headerLength: header, dataLength: data?.count)
+    for i in 0..<header { f.setHeader(UInt8(i + 1), at: 8 + i) }
+    if let data { f.writeData(ByteBuffer(bytes: data)) }
+    return f
+}
+
+/// The same frame as a `Frame`, built segment by segment.
+private func generic(id: UInt64, header: Int, data: [UInt8]?) -> Frame {
+    var s0 = ByteBuffer()
+    s0.writeInteger(id, endianness: .little)
+    for i in 0..<header { s0.writeInteger(UInt8(i + 1)) }
+    guard let data else { return Frame(tag: .direct, segments: [s0]) }
+    return Frame(tag: .direct, segments: [s0, ByteBuffer(bytes: data)], alignments: SegmentAlignments(0, DirectFrame.dataAlignment))
+}
+
+private let shapes: [(header: Int, data: [UInt8]?)] = [
+    (24, nil), (8, Array(repeating: 0xab, count: 512)), (0, []), (24, (0..<20_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }),
+]
+
+@Suite struct DirectFrameTests {
+    @Test func crcModeIsTheFrameCodecsBytes() throws {
+        for shape in shapes {
+            let ours = built(id: 0x0102_0304_0506_0708, header: shape.header, data: shape.data).finishCRC()
+            #expect(ours == frameBytes(generic(id: 0x0102_0304_0506_0708, header: shape.header, data: shape.data)), "header \(shape.header), data \(shape.data?.count ?? -1)")
+            // And it decodes to the frame.
+            var decoder = WireDecoder(expectBanner: false)
+            var bytes = ours
+            guard case .frame(let decoded)? = try decoder.decode(buffer: &bytes) else { Issue.record("no frame"); continue }
+            #expect(decoded == generic(id: 0x0102_0304_0506_0708, header: shape.header, data: shape.data))
+        }
+    }
+
+    @Test func setIDAndAccessors() {
+        var f = built(id: 1, header: 8, data: [1, 2, 3])
+        f.id = 77
+        #expect(f.id == 77)
+        #expect(f.payloadSize == 8 + 8 + 3)
+        #expect(f.header == ByteBuffer(bytes: [1, 2, 3, 4, 5, 6, 7, 8]))
+        #expect(f.data == ByteBuffer(bytes: [1, 2, 3]))
+        #expect(f.frame == generic(id: 77, header: 8, data: [1, 2, 3]))
+    }
+
+    @Test func dataWrittenInPlace() {
+        var f = DirectFrame(allocator: ByteBufferAllocator(), id: 9, headerLength: 8, dataLength: 4096)
+        for i in 0..<8 { f.setHeader(UInt8(i + 1), at: 8 + i) }
+        let n = f.withUnsafeMutableData { raw -> Int in
+            for i in 0..<raw.count { raw[i] = UInt8(truncatingIfNeeded: i) }
+            return raw.count
+        }
+        #expect(n == 4096)
+        #expect(f.finishCRC() == frameBytes(generic(id: 9, header: 8, data: (0..<4096).map { UInt8(truncatingIfNeeded: $0) })))
+    }
+
+    /// Sealed in place, the frame is what `Frame.seal` makes at the same counter, for both
+    /// ciphers, across a key update, and it opens back to the frame.
+    @Test(arguments: SecureCipher.allCases)
+    func secureModeIsTheFrameCodecsBytes(cipher: SecureCipher) throws {
+        let keys = SecureDirectionKeys(cipher: cipher, key: testKeys.key, iv: testKeys.iv)
+        for counter: UInt64 in [0, SecureDirection.keyUpdateInterval - 1, SecureDirection.keyUpdateInterval] {
+            for shape in shapes {
+                let ours = try built(id: 5, header: shape.header, data: shape.data)
+                    .finishSealed(with: try SecureDirection(keys: keys, sealing: true, counter: counter))
+                let theirs = try sealed([generic(id: 5, header: shape.header, data: shape.data)], keys: keys, counter: counter)[0]
+                #expect(ours == theirs, "\(cipher) counter \(counter) header \(shape.header)")
+                var decoder = try opener(keys, counter: counter)
+                var bytes = ours
+                guard case .frame(let decoded)? = try decoder.decode(buffer: &bytes) else { Issue.record("no frame"); continue }
+                #expect(decoded == generic(id: 5, header: shape.header, data: shape.data))
+            }
+        }
+    }
+
+    @Test func sealingRefusesAnExhaustedCounter() throws {
+        let sealer = try SecureDirection(keys: testKeys, sealing: true, counter: SecureDirection.lastCounter - 2)
+        #expect(ParleyError.code { _ = try built(id: 1, header: 8, data: nil).finishSealed(with: sealer) } == .keyExhausted)
+    }
+}
+
+@Suite struct DirectSessionTests {
+    func direct(flags: UInt8 = 0, segment0: Int = 16, data: Int? = nil) -> WireInbound {
+        let s0 = ByteBuffer(repeating: 1, count: segment0)
+        let segments = data.map { [s0, ByteBuffer(repeating: 2, count: $0)] } ?? [s0]
+        return .frame(Frame(tag: .direct, flags: flags, segments: segments))
+    }
+
+    /// [R-7.16-2]: a DIRECT frame is unexpectedFrame without bit 4 or before it was enabled.
+    @Test func refusedUntilEnabled() throws {
+        var without = SessionStateMachine(role: .server, features: [.streams, .keepalive])
+        guard case .violation(let e) = without.received(self.direct()) else { Issue.record("violation expected"); return }
+        #expect(e.code == .unexpectedFrame)
+        var notEnabled = SessionStateMachine(role: .client, features: .implemented)
+        guard case .violation(let f) = notEnabled.received(self.direct()) else { Issue.record("violation expected"); return }
+        #expect(f.code == .unexpectedFrame && f.message.contains("before a service enabled"))
+        var enabled = SessionStateMachine(role: .server, features: .implemented)
+        try enabled.enableDirect()
+        #expect(enabled.received(self.direct(data: 4096)) == .direct(Frame(tag: .direct, segments: [ByteBuffer(repeating: 1, count: 16), ByteBuffer(repeating: 2, count: 4096)])))
+    }
+
+    /// [R-7.16-3]: never in a lossless session, and not without bit 4.
+    @Test func enablingNeedsBitFourAndNoLosslessSession() {
+        var lossless = SessionStateMachine(role: .server, features: ParleyFeatures.implemented.union(.reconnect))
+        #expect(ParleyError.code { try lossless.enableDirect() } == .invalidArgument)
+        var old = SessionStateMachine(role: .server, features: [.streams, .keepalive, .notice, .dataSegment])
+        #expect(ParleyError.code { try old.enableDirect() } == .invalidArgument)
+        #expect(!old.isDirectEnabled && !lossless.isDirectEnabled)
+    }
+
+    /// [R-7.16-3]: DIRECT frames between MESSAGEs leave the numbering alone.
+    @Test func directFramesAreNotNumbered() throws {
+        var s = SessionStateMachine(role: .server, features: .implemented)
+        try s.enableDirect()
+        func message(_ seq: UInt64) -> WireInbound {
+            .frame(WireMessage(header: MessageHeader(seq: seq, ack: 0, id: seq, kind: .request, type: "t"), payload: ByteBuffer()).frame(allocator: ByteBufferAllocator()))
+        }
+        guard case .message = s.received(message(1)) else { Issue.record("message expected"); return }
+        guard case .direct = s.received(self.direct()) else { Issue.record("direct expected"); return }
+        guard case .message = s.received(message(2)) else { Issue.record("seq 2 must follow seq 1 across a DIRECT frame"); return }
+        #expect(s.lastReceivedSeq == 2)
+        let stamped = try s.stamp(WireMessage(header: MessageHeader(id: 1, kind: .response, type: "t"), payload: ByteBuffer()))
+        #expect(stamped.header.seq == 1)
+    }
+
+    /// [R-7.16-4] and R-4.9-3: flags and a segment 0 too short for the id.
+    @Test func shapeViolations() throws {
+        var a = SessionStateMachine(role: .server, features: .implemented)
+        try a.enableDirect()
+        guard case .violation(let flags) = a.received(self.direct(flags: 2)) else { Issue.record("violation expected"); return }
+        #expect(flags.code == .protocolViolation)
+        var b = SessionStateMachine(role: .server, features: .implemented)
+        try b.enableDirect()
+        guard case .violation(let short) = b.received(self.direct(segment0: 7)) else { Issue.record("violation expected"); return }
+        #expect(short.code == .malformedPayload)
+        var c = SessionStateMachine(role: .server, features: .implemented)
+        try c.enableDirect()
+        guard case .direct = c.received(self.direct(segment0: 8)) else { Issue.record("8 bytes are enough"); return }
+    }
+
+    @Test func sendersCheckEnablingAndThePeersLimit() throws {
+        var s = SessionStateMachine(role: .client, features: .implemented, maxPeerFrameSize: 70_000)
+        #expect(ParleyError.code { try s.checkDirect(payloadSize: 32) } == .invalidArgument)
+        try s.enableDirect()
+        #expect(ParleyError.code { try s.checkDirect(payloadSize: 70_000) } == nil)
+        #expect(ParleyError.code { try s.checkDirect(payloadSize: 70_001) } == .frameTooLarge)
+    }
+}
+
+@Suite struct DirectLedgerTests {
+    /// [R-7.16-5]: an id in flight cannot be used again; [R-7.16-8]: reading pauses at the bound
+    /// and resumes when an answer frees a place.
+    @Test func idsPauseAndResume() {
+        var l = DirectLedger(limit: 3)
+        #expect(l.admit(1) == .admitted(pause: false))
+        #expect(l.admit(1) == .duplicate)
+        #expect(l.admit(2) == .admitted(pause: false))
+        #expect(l.admit(3) == .admitted(pause: true))
+        #expect(l.isPaused && l.count == 3)
+        #expect(l.answered(9) == .unknown)
+        #expect(l.answered(2) == .known(resume: true))
+        #expect(!l.isPaused)
+        #expect(l.answered(2) == .unknown, "answered twice")
+        #expect(l.admit(2) == .admitted(pause: true), "an answered id may be used again")
+        #expect(l.answered(1) == .known(resume: true))
+        #expect(l.answered(3) == .known(resume: false))
+        #expect(l.count == 1)
+    }
+}
