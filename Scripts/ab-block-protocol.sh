@@ -12,7 +12,9 @@
 # BS (default 4096), REPS (default 5), SECS (default 3), PATHS (drive BlockMultipathDevice
 # over N paths instead of one BlockClient). FILE (an existing file or block device) defaults
 # to a 256 MiB file of random data made in the work directory. Writes change FILE. The two
-# servers take turns going first, repetition by repetition.
+# servers take turns going first, repetition by repetition. OLD_ARGS and NEW_ARGS add options
+# to the bench against each (OLD_ARGS=--no-direct with the same executable twice compares
+# Io messages with DIRECT IO on one build).
 set -euo pipefail
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in --help|-h) usage; exit 0 ;; esac
@@ -43,10 +45,11 @@ for rep in $(seq "$reps"); do
   order="old new"; [ $((rep % 2)) -eq 0 ] && order="new old"
   for s in $order; do
     pid=$old_pid; [ $s = new ] && pid=$new_pid
+    extra=${OLD_ARGS:-}; [ $s = new ] && extra=${NEW_ARGS:-}
     cat "$file" > /dev/null   # warm the page cache: this host pages out idle file pages
     t0=$(ticks "$pid")
     json=$("$new" block bench "unix:$work/$s.sock" --export bench --rw "$rw" --block-size "$bs" \
-      --queue-depth "$qd" --seconds "$secs" --json ${PATHS:+--paths "$PATHS"})
+      --queue-depth "$qd" --seconds "$secs" --json ${PATHS:+--paths "$PATHS"} $extra)
     t1=$(ticks "$pid")
     python3 - "$rep" "$s" "$t0" "$t1" "$hz" "$secs" "$json" <<'PY'
 import json, sys

@@ -54,14 +54,10 @@ public enum BlockDirect {
 
         /// A request frame with this header and a write's data copied into segment 1.
         public func frame(allocator: ByteBufferAllocator, data: ByteBuffer?) -> DirectFrame {
-            var frame = DirectFrame(allocator: allocator, headerLength: BlockDirect.requestHeaderLength, dataLength: data?.readableBytes)
-            frame.setHeader(self.operation, at: 8)
-            frame.setHeader(self.flags, at: 9)
-            frame.setHeader(UInt16(truncatingIfNeeded: self.reserved), at: 10)
-            frame.setHeader(self.deviceID, at: 12)
-            frame.setHeader(self.offset, at: 16)
-            frame.setHeader(self.length, at: 24)
-            frame.setHeader(UInt32(truncatingIfNeeded: self.reserved >> 16), at: 28)
+            var frame = DirectFrame(allocator: allocator, headerLength: BlockDirect.requestHeaderLength, dataLength: data?.readableBytes) { b in
+                b.writeMultipleIntegers(self.operation, self.flags, UInt16(truncatingIfNeeded: self.reserved), self.deviceID, self.offset, self.length,
+                                        UInt32(truncatingIfNeeded: self.reserved >> 16), endianness: .little)
+            }
             if let data { frame.writeData(data) }
             return frame
         }

@@ -34,7 +34,8 @@ public final class BlockService: Sendable {
     /// given out by this process, and a Fence of it is refused rather than taken as done.
     private let connections: NIOLockedValueBox<(byID: [UInt64: BlockSession], next: UInt64)>
     private let firstConnectionID: UInt64
-    private let shuttingDown = NIOLockedValueBox(false)
+    /// Read by every IO: an atomic, not a lock.
+    private let shuttingDown = Atomic<Bool>(false)
     /// Grant DIRECT IO to clients that ask (SessionInfo.direct_io; docs/protocol.md 17.9).
     let allowsDirect: Bool
 
@@ -97,7 +98,7 @@ public final class BlockService: Sendable {
 
     /// Refuses new IO from now on (graceful shutdown; IO in flight completes).
     public func beginShutdown() {
-        self.shuttingDown.withLockedValue { $0 = true }
+        self.shuttingDown.store(true, ordering: .releasing)
     }
 
     /// Sessions open now.
@@ -261,7 +262,7 @@ public final class BlockService: Sendable {
         guard let session = self.session(for: context) else {
             return refuse(BlockError(.noSession, "send SessionInfo before Open"))
         }
-        if self.shuttingDown.withLockedValue({ $0 }) { return refuse(BlockError(.shuttingDown, "the server is shutting down")) }
+        if self.shuttingDown.load(ordering: .acquiring) { return refuse(BlockError(.shuttingDown, "the server is shutting down")) }
         let access: BlockAccess
         switch request.accessMode {
         case .readOnly: access = .readOnly
@@ -433,7 +434,7 @@ public final class BlockService: Sendable {
             logger.warning("block IO refused: \(message)", metadata: ["session": "\(session.name)", "status": "\(status)"])
             done(.refused(status, message))
         }
-        if self.shuttingDown.withLockedValue({ $0 }) { return refuse(.shuttingDown, "the server is shutting down") }
+        if self.shuttingDown.load(ordering: .acquiring) { return refuse(.shuttingDown, "the server is shutting down") }
         let length = Int(call.length)
         let kind: BlockOpKind
         switch Parley_Block_V1_IoOperation(rawValue: call.operation) {
@@ -670,7 +671,8 @@ final class BlockSession: Sendable {
             if s.fencedBy != 0 {
                 return .failure(BlockError(.fenced, "connection \(self.connectionID) of session \"\(self.name)\" was fenced by connection \(s.fencedBy)"))
             }
-            guard var open = s.devices[id], !open.closing else {
+            // One lookup, the device's count changed in place (no copy of the entry put back).
+            guard let index = s.devices.index(forKey: id), !s.devices.values[index].closing else {
                 return .failure(BlockError(.unknownDevice, "no open device \(id) in session \"\(self.name)\""))
             }
             if s.inFlight >= limits.maxInFlight || s.inFlightBytes + bytes > limits.maxInFlightBytes {
@@ -678,9 +680,8 @@ final class BlockSession: Sendable {
             }
             s.inFlight += 1
             s.inFlightBytes += bytes
-            open.inFlight += 1
-            s.devices[id] = open
-            return .success(open)
+            s.devices.values[index].inFlight += 1
+            return .success(s.devices.values[index])
         }
     }
 
@@ -702,8 +703,9 @@ final class BlockSession: Sendable {
 
     /// The device's pending close once its last IO has ended (under the lock).
     private func releaseIfClosed(id: UInt32, _ s: inout State) -> (() -> Void)? {
-        guard var open = s.devices[id] else { return nil }
-        open.inFlight -= 1
+        guard let index = s.devices.index(forKey: id) else { return nil }
+        s.devices.values[index].inFlight -= 1
+        let open = s.devices.values[index]
         if open.closing && open.inFlight == 0 {
             s.devices[id] = nil
             let action = s.pendingClose.removeValue(forKey: id)
@@ -712,7 +714,6 @@ final class BlockSession: Sendable {
             let device = open.device, access = open.access
             return { action?(device, access) }
         }
-        s.devices[id] = open
         return nil
     }
 

@@ -314,6 +314,9 @@ struct BlockBench: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Microseconds each connection waits for the server's answer, without sleeping, after sending the next IO from an answer that came alone (queue depth 1): the answer then finds the client awake. 0: never.", valueName: "us"))
     var pollAfterReply: Int = 50
 
+    @Flag(name: .long, inversion: .prefixedNo, help: "Send IO as DIRECT frames where the server grants it (docs/protocol.md 17.9); --no-direct sends Io messages, for comparisons.")
+    var direct = true
+
     @OptionGroup var security: ClientSecurityOptions
 
     @OptionGroup var logging: LoggingOptions
@@ -369,7 +372,7 @@ struct BlockBench: AsyncParsableCommand {
         let access: Parley_Block_V1_AccessMode = self.rw.contains("write") ? .readWrite : .readOnly
         guard let paths = self.paths else {
             let client = try await self.security.connectBlock(to: self.address, sessionName: "parley-block-bench", clientName: "parley-block-bench",
-                                                              replyPolling: .microseconds(self.pollAfterReply))
+                                                              replyPolling: .microseconds(self.pollAfterReply), direct: self.direct)
             do {
                 return .single(client, try await client.open(self.export, access: access))
             } catch {
@@ -381,6 +384,7 @@ struct BlockBench: AsyncParsableCommand {
         var configuration = BlockMultipathSession.Configuration(sessionName: "parley-block-bench", paths: Array(repeating: address, count: paths))
         configuration.client.name = "parley-block-bench"
         configuration.client.limits.replyPolling = .microseconds(self.pollAfterReply)
+        configuration.direct = self.direct
         try self.security.apply(to: &configuration.client, address: address)
         return .multipath(try await BlockMultipathSession(configuration).open(self.export, access: access))
     }
@@ -457,11 +461,11 @@ struct BlockBench: AsyncParsableCommand {
 
 extension ClientSecurityOptions {
     /// A block client connected to `address` (text form) with these options.
-    func connectBlock(to address: String, sessionName: String, clientName: String, replyPolling: Duration = .zero) async throws -> BlockClient {
+    func connectBlock(to address: String, sessionName: String, clientName: String, replyPolling: Duration = .zero, direct: Bool = true) async throws -> BlockClient {
         let parsed = try ParleyAddress(parsing: address)
         var configuration = ParleyClient.Configuration(name: clientName)
         configuration.limits.replyPolling = replyPolling
         try self.apply(to: &configuration, address: parsed)
-        return try await BlockClient.connect(to: parsed, sessionName: sessionName, configuration: configuration)
+        return try await BlockClient.connect(to: parsed, sessionName: sessionName, direct: direct, configuration: configuration)
     }
 }

@@ -45,6 +45,12 @@ public struct DirectFrame: Sendable {
     /// 1 (if `dataLength` is not nil) is still to be written with `writeData` or
     /// `withUnsafeMutableData`.
     public init(allocator: ByteBufferAllocator, id: UInt64 = 0, headerLength: Int, dataLength: Int?) {
+        self.init(allocator: allocator, id: id, headerLength: headerLength, dataLength: dataLength) { $0.writeRepeatingByte(0, count: headerLength) }
+    }
+
+    /// Starts a frame whose header `writeHeader` appends (exactly `headerLength` bytes, after
+    /// the id): a service writes its fields in one go rather than one `setHeader` each.
+    public init(allocator: ByteBufferAllocator, id: UInt64 = 0, headerLength: Int, dataLength: Int?, writeHeader: (inout ByteBuffer) -> Void) {
         precondition(headerLength >= 0 && (dataLength ?? 0) >= 0)
         self.segment0Length = Self.idSize + headerLength
         self.dataLength = dataLength
@@ -62,7 +68,8 @@ public struct DirectFrame: Sendable {
         b.writeMultipleIntegers(UInt32(0), UInt16(0), UInt32(0), UInt16(0), endianness: .little)
         b.writeInteger(CRC32C.checksum(b, at: Self.spare, length: 28), endianness: .little)
         b.writeInteger(id, endianness: .little)
-        b.writeRepeatingByte(0, count: headerLength)
+        writeHeader(&b)
+        precondition(b.writerIndex == Self.segment0Start + self.segment0Length, "the header must be \(headerLength) bytes")
         self.box = Box(b)
     }
 
