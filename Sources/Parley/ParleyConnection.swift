@@ -878,6 +878,9 @@ public final class ParleyConnection: Sendable {
     /// reason there is none (the connection ended: `connectionClosed`, or the peer's CLOSE;
     /// `invalidArgument` when DIRECT cannot be used; `frameTooLarge` over the peer's limit).
     public func sendDirect(_ frame: DirectFrame, completion: @escaping DirectCompletion) {
+        guard self.role == .client else {
+            return completion(.failure(ParleyError(code: .invalidArgument, message: "only a client side sends DIRECT requests")))
+        }
         self.outlet.write(.directRequest(frame, completion))
     }
 
@@ -888,7 +891,9 @@ public final class ParleyConnection: Sendable {
         if self.directInFlight.subtract(1, ordering: .relaxed).newValue == 0 {
             // The last one: a drain may be waiting for it.
             let idle = self.state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in
-                guard s.serving.isEmpty && s.backlog.isEmpty, !s.idleWaiters.isEmpty else { return [] }
+                guard s.serving.isEmpty && s.backlog.isEmpty, !s.idleWaiters.isEmpty,
+                      self.directInFlight.load(ordering: .relaxed) == 0  // none came meanwhile
+                else { return [] }
                 defer { s.idleWaiters = [] }
                 return s.idleWaiters
             }

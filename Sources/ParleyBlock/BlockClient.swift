@@ -134,13 +134,22 @@ public final class BlockClient: Sendable {
             case .failure(let error):
                 completion(.failure(error))
             case .success(let frame):
+                func malformed(_ message: String) {
+                    // The server broke the protocol: the connection ends, and the IO fails as
+                    // on a connection that ended (a multipath client sends it on another path).
+                    connection.close(ParleyError(code: .malformedPayload, message: message))
+                    completion(.failure(ParleyError(code: .connectionClosed, message: "connection closed: \(message)")))
+                }
                 switch BlockDirect.Answer.decode(frame) {
-                case .failure(let malformed):
-                    let error = ParleyError(code: .malformedPayload, message: malformed.message)
-                    connection.close(error)
-                    completion(.failure(error))
+                case .failure(let e):
+                    malformed(e.message)
                 case .success(let answer) where answer.status == .ok:
-                    completion(.success(operation == .read ? answer.data ?? ByteBuffer() : nil))
+                    // Exactly `length` bytes for a read, none for the rest (docs/protocol.md 17.9).
+                    let expected: Int? = operation == .read ? Int(length) : nil
+                    guard answer.data?.readableBytes == expected else {
+                        return malformed("a DIRECT answer to a \(operation) of \(length) bytes carried \(answer.data.map { "\($0.readableBytes) bytes" } ?? "no data")")
+                    }
+                    completion(.success(answer.data))
                 case .success(let answer):
                     completion(.failure(BlockError(answer.status, "\(operation) of \(length) bytes at offset \(offset) on device \(device.id): \(answer.status)")))
                 }

@@ -157,14 +157,13 @@ public final class BlockService: Sendable {
             reply.message = "this connection is already session \"\(session.name)\" of client instance \(session.instance)"
             return reply
         }
-        if request.directIo, self.allowsDirect, connection.mayUseDirect {
+        if request.directIo, self.allowsDirect, connection.mayUseDirect, !connection.isDirectEnabled {
             // Enabled before the answer leaves (through the same outlet, in order), so that
             // the client's first DIRECT after it finds the connection enabled.
-            if !connection.isDirectEnabled {
-                try? connection.enableDirect { [self] request in self.direct(request, session: session) }
-            }
-            reply.directIo = connection.isDirectEnabled
+            try? connection.enableDirect { [self] request in self.direct(request, session: session) }
         }
+        // Once granted, every SessionInfo of the connection gets the same answer.
+        reply.directIo = connection.isDirectEnabled
         reply.protocolVersion = session.version
         reply.connectionID = session.connectionID
         return reply
@@ -348,15 +347,9 @@ public final class BlockService: Sendable {
         case .failure(let malformed):
             return request.violation(malformed.message)
         case .success(let r):
-            guard r.reserved == 0 else {
-                return Self.answer(request, .invalid, "reserved bytes of a DIRECT request must be 0", session: session, logger: self.logger)
-            }
-            call = IOCall(operation: Int(r.operation), flags: UInt32(r.flags), deviceID: r.deviceID, offset: r.offset, length: r.length, data: request.data)
-        }
-        let peerLimit = request.connection.session.peerMaxFrameSize
-        if call.operation == Parley_Block_V1_IoOperation.read.rawValue,
-           BlockDirect.answerSegment0Length + Int(call.length) > peerLimit {
-            return Self.answer(request, .tooLarge, "a read of \(call.length) bytes answers with more than the client's frame limit of \(peerLimit) bytes", session: session, logger: self.logger)
+            call = IOCall(operation: Int(r.operation), flags: UInt32(r.flags), deviceID: r.deviceID, offset: r.offset, length: r.length, data: request.data,
+                          reservedNonZero: r.reserved != 0,
+                          maxReadLength: request.connection.session.peerMaxFrameSize - BlockDirect.answerSegment0Length)
         }
         let length = Int(call.length)
         var readFrame: (@Sendable () -> DirectFrame)?
@@ -376,20 +369,15 @@ public final class BlockService: Sendable {
                 request.answer(frame)
             case .dropped:
                 // A modification dropped unstarted (its connection ended or was fenced):
-                // the client holds it in doubt, as after FENCED (docs/protocol.md 17.9).
+                // the client holds it in doubt, as after FENCED (docs/protocol.md 17.9); or
+                // the IO threads have stopped (the server is going away).
                 var frame = request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: nil)
-                BlockDirect.setStatus(session.ended.load(ordering: .acquiring) ? .noSession : .fenced, in: &frame)
+                let status: Parley_Block_V1_BlockStatus = session.ended.load(ordering: .acquiring) ? .noSession
+                    : session.isFenced.load(ordering: .acquiring) ? .fenced : .shuttingDown
+                BlockDirect.setStatus(status, in: &frame)
                 request.answer(frame)
             }
         }
-    }
-
-    /// Answers a DIRECT request at once with a refusal (logged).
-    private static func answer(_ request: ParleyDirectRequest, _ status: Parley_Block_V1_BlockStatus, _ message: String, session: BlockSession, logger: Logger) {
-        logger.warning("block IO refused: \(message)", metadata: ["session": "\(session.name)", "status": "\(status)"])
-        var frame = request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: nil)
-        BlockDirect.setStatus(status, in: &frame)
-        request.answer(frame)
     }
 
     // MARK: - IO, whatever carries it
@@ -403,6 +391,11 @@ public final class BlockService: Sendable {
         var offset: UInt64
         var length: UInt32
         var data: ByteBuffer?
+        /// DIRECT: the request's reserved bytes are not 0 (INVALID, with the flags' check).
+        var reservedNonZero = false
+        /// DIRECT: the longest read whose answer fits the client's frame limit (TOO_LARGE
+        /// beyond it, with the max_io_size check).
+        var maxReadLength = Int.max
     }
 
     /// How an IO ended.
@@ -448,6 +441,7 @@ public final class BlockService: Sendable {
         guard call.flags & ~UInt32(Parley_Block_V1_IoFlag.fua.rawValue) == 0 else {
             return refuse(.invalid, "unknown IO flags 0x\(String(call.flags, radix: 16))")
         }
+        guard !call.reservedNonZero else { return refuse(.invalid, "reserved bytes of a DIRECT request must be 0") }
         let fua = call.flags & UInt32(Parley_Block_V1_IoFlag.fua.rawValue) != 0
         let data = call.data
         let counted = kind == .read || kind == .write ? length : 0
@@ -493,6 +487,9 @@ public final class BlockService: Sendable {
             }
             if (kind == .read || kind == .write) && call.length > Self.maximumIO {
                 return fail(.tooLarge, "\(kind.rawValue) of \(length) bytes is larger than max_io_size \(Self.maximumIO)")
+            }
+            if kind == .read && length > call.maxReadLength {
+                return fail(.tooLarge, "a read of \(length) bytes answers with more than the client's frame limit allows (\(call.maxReadLength) bytes of data)")
             }
             let (end, overflow) = call.offset.addingReportingOverflow(UInt64(length))
             if overflow || end > size {

@@ -153,6 +153,17 @@ enum Describe {
             case .keepalive, .keepaliveAck:
                 let stamp = f.segments[0].getInteger(at: f.segments[0].readerIndex, endianness: .little, as: UInt64.self) ?? 0
                 out["timestamp"] = .number(UInt64(stamp))
+            case .direct:
+                // The id, then the service's header as bytes: which service enabled DIRECT on
+                // the connection is not in the capture (docs/protocol.md 7.16).
+                var s0 = f.segments[0]
+                if let id = s0.readInteger(endianness: .little, as: UInt64.self) {
+                    out["id"] = .number(id)
+                    out["payload"] = .string(s0.readableBytesView.map { String(format: "%02x", $0) }.joined(separator: " "))
+                } else {
+                    out["payload"] = .string("segment 0 too short for the direct id")
+                }
+                if f.segments.count > 1 { out["data"] = .string("\(f.segments[1].readableBytes) bytes") }
             default:
                 out["payload"] = self.payloadJSON(self.frameTypes[f.tag.rawValue], f.segments[0])
             }

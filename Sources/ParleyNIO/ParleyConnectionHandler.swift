@@ -497,6 +497,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.directWaiting.removeValue(forKey: id)?(.success(frame))
             return
         }
+        guard self.directLedger != nil else {
+            // Enabled without a ledger: only a server enables DIRECT for requests.
+            self.failConnection(ParleyError(code: .unexpectedFrame, message: "DIRECT request to a side that takes none"), tellPeer: true, context: context)
+            return
+        }
         switch self.directLedger!.admit(id) {
         case .duplicate:
             self.failConnection(ParleyError(code: .protocolViolation, message: "DIRECT id \(id) is already in use by a request still being served"),
@@ -724,6 +729,12 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             }
             if resume { self.setDirectPaused(false) }
         case .directRequest(var frame, let completion):
+            guard self.session!.role == .client else {
+                let error = ParleyError(code: .invalidArgument, message: "only a client side sends DIRECT requests")
+                promise?.fail(error)
+                completion(.failure(error))
+                return
+            }
             do {
                 if !self.session!.isDirectEnabled { try self.session!.enableDirect() }
                 try self.session!.checkDirect(payloadSize: frame.payloadSize)

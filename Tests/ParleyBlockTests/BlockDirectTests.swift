@@ -169,6 +169,48 @@ struct BlockDirectTests {
         }
     }
 
+    /// [R-17.9-2]: a server whose DIRECT answers are malformed (a segment 0 of 20 bytes; an OK
+    /// read answer with 5 bytes for 512) loses the connection, and the IO fails as on a
+    /// connection that ended (`connectionClosed`: a multipath client sends it elsewhere).
+    @Test(arguments: [false, true]) func malformedDirectAnswersEndTheConnection(wrongData: Bool) async throws {
+        let scratch = try ScratchDirectory("direct")
+        var router = ParleyRouter()
+        router.on(Parley_Block_V1_SessionInfo.self) { _, context throws -> Parley_Block_V1_SessionInfoReply in
+            try context.connection.enableDirect { request in
+                // A broken service: the wrong header size, or a read answered short.
+                if wrongData {
+                    var frame = request.answerFrame(headerLength: 8, dataLength: 5)
+                    frame.writeData(ByteBuffer(repeating: 1, count: 5))
+                    request.answer(frame)
+                } else {
+                    request.answer(request.answerFrame(headerLength: 12, dataLength: nil))
+                }
+            }
+            var reply = Parley_Block_V1_SessionInfoReply()
+            reply.protocolVersion = 1
+            reply.connectionID = 1
+            reply.directIo = true
+            return reply
+        }
+        var quiet = Logger(label: "direct")
+        quiet.logLevel = .critical
+        let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("bad.sock"))]), router: router, logger: quiet)
+        Task { try await server.run() }
+        defer { server.shutDown() }
+        let client = try await BlockClient.connect(to: try await server.listeningAddresses[0], sessionName: "broken")
+        defer { client.closeConnection() }
+        #expect(client.usesDirect)
+        let device = BlockClient.Device(id: 1, geometry: Parley_Block_V1_Geometry())
+        do {
+            _ = try await client.read(device, offset: 0, length: 512)
+            Issue.record("a malformed answer was taken")
+            return
+        } catch let e as ParleyError {
+            #expect(e.code == .connectionClosed && e.message.contains("DIRECT answer"), "\(e)")
+        }
+        #expect(await client.client.connection.closed().code == .malformedPayload)
+    }
+
     /// [R-7.16-7]: DIRECT IO waiting for its answer fails with the connection's end, none
     /// is left waiting; the server drops the modification that had not started.
     @Test func directIOInFlightFailsWhenTheConnectionEnds() async throws {

@@ -337,4 +337,15 @@ struct CommandTests {
         let json = try await Self.run(["decode", "--no-banner", "--json"], stdin: Data(bytes.readableBytesView))
         #expect(json.stdout.contains("\"seq\":18446744073709551615"))
     }
+
+    /// A DIRECT frame is shown with its id, the service's header bytes and its data's size.
+    @Test func decodeShowsDirectFrames() async throws {
+        var f = DirectFrame(allocator: ByteBufferAllocator(), id: 18_446_744_073_709_551_000, headerLength: 4, dataLength: 3)
+        f.setHeader(UInt32(0x0403_02ff), at: 8)
+        f.writeData(ByteBuffer(bytes: [7, 7, 7]))
+        let out = try await Self.run(["decode", "--no-banner"], stdin: Data(f.finishCRC().readableBytesView))
+        #expect(out.status == 0, "\(out.stdout)\(out.stderr)")
+        #expect(out.stdout.contains("tag=DIRECT") && out.stdout.contains("id=18446744073709551000"), "\(out.stdout)")
+        #expect(out.stdout.contains("ff 02 03 04") && out.stdout.contains("3 bytes"), "\(out.stdout)")
+    }
 }
