@@ -424,7 +424,7 @@ public final class BlockService: Sendable {
              done: @escaping @Sendable (IOOutcome) -> Void) {
         let logger = self.logger
         @Sendable func refuse(_ status: Parley_Block_V1_BlockStatus, _ message: String) {
-            logger.warning("block IO refused: \(message)", metadata: ["session": "\(session.name)", "status": "\(status)"])
+            self.logRefusal(status, message, session: session)
             done(.refused(status, message))
         }
         if self.shuttingDown.load(ordering: .acquiring) { return refuse(.shuttingDown, "the server is shutting down") }
@@ -462,7 +462,7 @@ public final class BlockService: Sendable {
             done(outcome)
         }
         @Sendable func fail(_ status: Parley_Block_V1_BlockStatus, _ message: String) {
-            logger.warning("block IO refused: \(message)", metadata: ["session": "\(session.name)", "status": "\(status)"])
+            self.logRefusal(status, message, session: session)
             finish(.refused(status, message), failed: true)
         }
         /// The outcome of storage work: a store error is answered with its block status and
