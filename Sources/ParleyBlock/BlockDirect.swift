@@ -54,9 +54,15 @@ public enum BlockDirect {
 
         /// A request frame with this header and a write's data copied into segment 1.
         public func frame(allocator: ByteBufferAllocator, data: ByteBuffer?) -> DirectFrame {
-            var frame = DirectFrame(allocator: allocator, headerLength: BlockDirect.requestHeaderLength, dataLength: data?.readableBytes) { b in
-                b.writeMultipleIntegers(self.operation, self.flags, UInt16(truncatingIfNeeded: self.reserved), self.deviceID, self.offset, self.length,
-                                        UInt32(truncatingIfNeeded: self.reserved >> 16), endianness: .little)
+            var frame = DirectFrame(allocator: allocator, headerLength: BlockDirect.requestHeaderLength, dataLength: data?.readableBytes) { h in
+                // Offsets in segment 0 less the id's 8 bytes.
+                h.storeBytes(of: self.operation, toByteOffset: 0, as: UInt8.self)
+                h.storeBytes(of: self.flags, toByteOffset: 1, as: UInt8.self)
+                h.storeBytes(of: UInt16(truncatingIfNeeded: self.reserved).littleEndian, toByteOffset: 2, as: UInt16.self)
+                h.storeBytes(of: self.deviceID.littleEndian, toByteOffset: 4, as: UInt32.self)
+                h.storeBytes(of: self.offset.littleEndian, toByteOffset: 8, as: UInt64.self)
+                h.storeBytes(of: self.length.littleEndian, toByteOffset: 16, as: UInt32.self)
+                h.storeBytes(of: UInt32(truncatingIfNeeded: self.reserved >> 16).littleEndian, toByteOffset: 20, as: UInt32.self)
             }
             if let data { frame.writeData(data) }
             return frame

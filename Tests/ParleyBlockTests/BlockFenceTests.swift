@@ -270,8 +270,13 @@ struct BlockFenceTests {
                 let idle = NIOLockedValueBox(false)
                 let lateHere = NIOLockedValueBox(0)
                 let raced = NIOLockedValueBox(false)
+                let admitting = NIOLockedValueBox(false)
                 DispatchQueue.concurrentPerform(iterations: 3) { thread in
                     if thread == 0 {
+                        // The end comes while the others admit IO: once one has (on a loaded
+                        // machine the three may not start together, and no round raced), then
+                        // after a delay that varies by round. Bounded if they never start.
+                        for _ in 0..<1_000_000 where !admitting.withLockedValue({ $0 }) {}
                         for _ in 0..<(round * 37 % 500) { _ = session.begin(id: UInt32.max, bytes: 0, limits: BlockService.Limits()) }
                         session.markEnded()
                         session.whenIdle { idle.withLockedValue { $0 = true } }
@@ -284,6 +289,7 @@ struct BlockFenceTests {
                             return
                         }
                         admitted += 1
+                        if admitted == 1 { admitting.withLockedValue { $0 = true } }
                         if idle.withLockedValue({ $0 }) { lateHere.withLockedValue { $0 += 1 } }
                         session.end(id: id, bytes: 4096)
                     }
