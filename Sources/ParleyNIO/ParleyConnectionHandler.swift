@@ -1,6 +1,7 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import ParleyWire
+import Synchronization
 
 /// What receives a connection's events, on the connection's event loop.
 ///
@@ -237,22 +238,28 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     final class CommandQueue: Sendable {
         typealias Entry = (command: ConnectionCommand, promise: EventLoopPromise<Void>?)
         private let box = NIOLockedValueBox<(commands: [Entry], scheduled: Bool)>(([], false))
+        /// How many commands the box holds, changed under its lock: read without it by the
+        /// event loop before each write of its own (every IO's), which a lock round cost.
+        private let count = Atomic<Int>(0)
 
         /// Queues a command; true if the caller must schedule the job that drains the queue.
         func append(_ command: ConnectionCommand, promise: EventLoopPromise<Void>?) -> Bool {
             self.box.withLockedValue { q in
                 q.commands.append((command, promise))
+                self.count.store(q.commands.count, ordering: .releasing)
                 defer { q.scheduled = true }
                 return !q.scheduled
             }
         }
 
-        /// Whether commands wait for the draining job.
-        var isEmpty: Bool { self.box.withLockedValue { $0.commands.isEmpty } }
+        /// Whether commands wait for the draining job. A command queued before the caller's
+        /// own (its append happened before) is seen.
+        var isEmpty: Bool { self.count.load(ordering: .acquiring) == 0 }
 
         func take(into commands: inout [Entry]) {
             self.box.withLockedValue { q in
                 swap(&commands, &q.commands)
+                self.count.store(0, ordering: .releasing)
                 q.scheduled = false
             }
         }
