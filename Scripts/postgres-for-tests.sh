@@ -3,12 +3,12 @@
 # trust authentication for a database `parley` of the user `parley`. Prints the URL to use as
 # PARLEY_TEST_POSTGRES. Runs the server as the `postgres` user when started as root.
 #
-#   Scripts/postgres-for-tests.sh start [DIR] [PORT]   (default /tmp/parley-postgres, 55432)
+#   Scripts/postgres-for-tests.sh start [DIR] [PORT]   (default /tmp/parley-postgres, 25432)
 #   Scripts/postgres-for-tests.sh stop  [DIR]
 set -euo pipefail
 action=${1:-start}
 dir=${2:-/tmp/parley-postgres}
-port=${3:-55432}
+port=${3:-25432}
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -n "$bin" ] || { echo "postgres-for-tests: PostgreSQL is not installed (apt-get install postgresql)" >&2; exit 1; }
 as_postgres() {
