@@ -342,7 +342,7 @@ public final class BlockService: Sendable {
     /// Serves one DIRECT request of `session`'s connection (granted by `sessionInfo`): the
     /// same checks and storage as `io`, through `run`; the answer's status is the IO's.
     func direct(_ request: ParleyDirectRequest, session: BlockSession) {
-        let call: IOCall
+        var call: IOCall
         switch BlockDirect.Request.decode(request.header) {
         case .failure(let malformed):
             return request.violation(malformed.message)
@@ -351,7 +351,7 @@ public final class BlockService: Sendable {
                           reservedNonZero: r.reserved != 0,
                           maxReadLength: request.connection.session.peerMaxFrameSize - BlockDirect.answerSegment0Length)
         }
-        if self.directInline(call, request, session: session) { return }
+        if self.directInline(&call, request, session: session) { return }
         let length = Int(call.length)
         var readFrame: (@Sendable () -> DirectFrame)?
         if call.operation == Parley_Block_V1_IoOperation.read.rawValue {
@@ -382,13 +382,14 @@ public final class BlockService: Sendable {
     }
 
     /// DIRECT's lane for what nearly all IO is: a read, or a write without FUA, that passes
-    /// every check and that the page cache takes at once, served right here: the same
+    /// every check, served right here when the page cache takes it at once: the same
     /// session accounting (`begin`/`end`, so a Fence or Close waits for it), checks, storage
-    /// call and metrics as `run`, without its closures and outcome plumbing (about a
-    /// microsecond per IO on a server behind the map; docs/performance.md). Anything else,
-    /// refusals and IO that would wait included, returns false and goes through `run`,
-    /// which checks it all again (nothing was stored or answered).
-    private func directInline(_ call: IOCall, _ request: ParleyDirectRequest, session: BlockSession) -> Bool {
+    /// call, error handling and metrics as `run`, without its closures and outcome plumbing
+    /// (about a microsecond per IO on a server behind the map; docs/performance.md). A
+    /// refusal, or IO that would wait, returns false and goes through `run`, which checks it
+    /// all again (nothing was stored or answered) and, for the latter, offloads it at once
+    /// (`IOCall.triedInline`) rather than try the page cache a second time.
+    private func directInline(_ call: inout IOCall, _ request: ParleyDirectRequest, session: BlockSession) -> Bool {
         let kind: BlockOpKind
         switch call.operation {
         case Parley_Block_V1_IoOperation.read.rawValue where call.flags & ~UInt32(Parley_Block_V1_IoFlag.fua.rawValue) == 0: kind = .read
@@ -398,28 +399,47 @@ public final class BlockService: Sendable {
         guard !call.reservedNonZero, !self.shuttingDown.load(ordering: .acquiring) else { return false }
         let length = Int(call.length)
         guard case .success(let open) = session.begin(id: call.deviceID, bytes: length, limits: self.limits) else { return false }
+        guard Self.refusal(call, kind: kind, open: open) == nil else {
+            session.end(id: call.deviceID, bytes: length)
+            return false
+        }
         let started = ContinuousClock.now
+        let store = open.device.store
         var answer: DirectFrame?
-        if Self.refusal(call, kind: kind, open: open) == nil {
-            let store = open.device.store
-            // A store error is left to `run`, which meets it again and answers with its status.
+        var failure: BlockError?
+        do {
             if kind == .read {
                 var frame = request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: length)
-                if (try? frame.withUnsafeMutableData({ try store.read(into: $0, at: call.offset, nowait: true) })) == true { answer = frame }
+                if try frame.withUnsafeMutableData({ try store.read(into: $0, at: call.offset, nowait: true) }) { answer = frame }
             } else {
                 FileBlockStore.joinBurst(on: request.connection.eventLoop)
-                if (try? call.data!.withUnsafeReadableBytes({ try store.write($0, at: call.offset, durable: false, nowait: true) })) == true {
+                if try call.data!.withUnsafeReadableBytes({ try store.write($0, at: call.offset, durable: false, nowait: true) }) {
                     answer = request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: nil)
                 }
             }
+        } catch let error as BlockStoreError {
+            failure = BlockError(error)
+            self.logStoreFailure(failure!, session: session, device: open.device)
+            var frame = request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: nil)
+            BlockDirect.setStatus(failure!.status, in: &frame)
+            answer = frame
+        } catch {
+            preconditionFailure("a block store threw \(error), not a BlockStoreError")
         }
         if answer != nil {
-            open.device.metrics(kind).record(bytes: length, failed: false, nanoseconds: (ContinuousClock.now - started).nanoseconds)
+            open.device.metrics(kind).record(bytes: length, failed: failure != nil, nanoseconds: (ContinuousClock.now - started).nanoseconds)
         }
         session.end(id: call.deviceID, bytes: length)
-        guard let answer else { return false }
-        request.answer(answer)  // status 0: the frame's header is zeroed
+        guard let answer else {
+            call.triedInline = true
+            return false
+        }
+        request.answer(answer)  // status 0 unless the store failed: the frame's header is zeroed
         return true
+    }
+
+    private func logStoreFailure(_ e: BlockError, session: BlockSession, device: BlockDevice) {
+        self.logger.error("block IO failed: \(e.message)", metadata: ["session": "\(session.name)", "export": "\(device.name)"])
     }
 
     // MARK: - IO, whatever carries it
@@ -438,6 +458,9 @@ public final class BlockService: Sendable {
         /// DIRECT: the longest read whose answer fits the client's frame limit (TOO_LARGE
         /// beyond it, with the max_io_size check).
         var maxReadLength = Int.max
+        /// DIRECT: the inline lane found that the page cache cannot take it without waiting:
+        /// `run` offloads it at once.
+        var triedInline = false
     }
 
     /// How an IO ended.
@@ -500,7 +523,6 @@ public final class BlockService: Sendable {
     /// answer frame it makes (`IOOutcome.read`).
     func run(_ call: IOCall, session: BlockSession, eventLoop: any EventLoop, readFrame: (@Sendable () -> DirectFrame)?,
              done: @escaping @Sendable (IOOutcome) -> Void) {
-        let logger = self.logger
         @Sendable func refuse(_ status: Parley_Block_V1_BlockStatus, _ message: String) {
             self.logRefusal(status, message, session: session)
             done(.refused(status, message))
@@ -550,7 +572,7 @@ public final class BlockService: Sendable {
                 finish(outcome, failed: false)
             case .failure(let error as BlockStoreError):
                 let e = BlockError(error)
-                logger.error("block IO failed: \(e.message)", metadata: ["session": "\(session.name)", "export": "\(device.name)"])
+                self.logStoreFailure(e, session: session, device: device)
                 finish(.refused(e.status, e.message), failed: true)
             case .failure(let error):
                 finish(.dropped(error), failed: true)
@@ -581,8 +603,10 @@ public final class BlockService: Sendable {
             switch kind {
             case .read:
                 if let readFrame {
-                    var frame = readFrame()
-                    if try frame.withUnsafeMutableData({ try read(into: $0, nowait: true) }) { return completed(.success(.read(frame))) }
+                    if !call.triedInline {
+                        var frame = readFrame()
+                        if try frame.withUnsafeMutableData({ try read(into: $0, nowait: true) }) { return completed(.success(.read(frame))) }
+                    }
                     offload {
                         var frame = readFrame()
                         _ = try frame.withUnsafeMutableData { try read(into: $0, nowait: false) }
@@ -606,7 +630,7 @@ public final class BlockService: Sendable {
             case .write:
                 let data = data!
                 if !fua { FileBlockStore.joinBurst(on: eventLoop) }
-                let inline = fua ? false : try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
+                let inline = fua || call.triedInline ? false : try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
                 if inline { return completed(.success(.done(nil))) }
                 offload {
                     try fenced()
