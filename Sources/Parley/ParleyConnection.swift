@@ -840,6 +840,8 @@ public final class ParleyConnection: Sendable {
                 return
             }
             handler(ParleyDirectRequest(frame: frame, connection: self, started: self.metrics.start()))
+        case .directAnswered:
+            self.directAnswered()
         }
     }
 
@@ -884,10 +886,17 @@ public final class ParleyConnection: Sendable {
         self.outlet.write(.directRequest(frame, completion))
     }
 
-    /// A DIRECT answer from the service: written, and the request no longer in flight.
+    /// A DIRECT answer from the service, to be written. The request stops counting as in
+    /// flight when the handler has taken the answer for an id in flight (`directAnswered`),
+    /// on the event loop: not here, where a second answer to one request (a service's
+    /// mistake, dropped by the handler) would count it out twice.
     fileprivate func answerDirect(_ frame: DirectFrame, started: ContinuousClock.Instant?) {
         self.outlet.write(.directAnswer(frame))
         self.metrics.handled(since: started)
+    }
+
+    /// The handler took the answer to a DIRECT request in flight (on the event loop).
+    private func directAnswered() {
         if self.directInFlight.subtract(1, ordering: .relaxed).newValue == 0 {
             // The last one: a drain may be waiting for it.
             let idle = self.state.withLockedValue { s -> [CheckedContinuation<Void, Never>] in

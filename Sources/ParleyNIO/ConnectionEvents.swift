@@ -10,6 +10,11 @@ public enum ConnectionEvent: Sendable {
     /// Server side: a DIRECT request (docs/protocol.md 7.16), its id admitted as in flight
     /// until a `directAnswer` with that id is written.
     case direct(Frame)
+    /// Server side: the answer to a DIRECT request in flight was handed to the channel, and
+    /// its id is no longer in flight. A second answer to the same id (a service's mistake)
+    /// is dropped and raises nothing, so that the connection's count of requests in flight
+    /// (what a drain waits for) stays right.
+    case directAnswered
 }
 
 /// Client side: how a DIRECT request ends: the answer's frame (segment 0 starts with the id),

@@ -734,6 +734,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 self.failConnection(error, tellPeer: true, context: context)
                 return
             }
+            self.sink?.received(.directAnswered)
             if resume { self.setDirectPaused(false) }
         case .directRequest(var frame, let completion):
             guard self.session!.role == .client else {

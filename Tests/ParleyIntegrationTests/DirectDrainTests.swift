@@ -1,0 +1,88 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import Parley
+import ParleyServices
+import ParleyWire
+import Testing
+
+/// DIRECT requests in flight and a server's drain (docs/protocol.md 7.16), with a service
+/// that breaks the rule of one answer per request.
+@Suite(.timeLimit(.minutes(1)))
+struct DirectDrainTests {
+    /// [R-7.16-8]: a service answers one DIRECT request twice (its mistake) while another is
+    /// still being served. The second answer is dropped and does not count the other request
+    /// out: a graceful shutdown waits for it, and its answer reaches the client before CLOSE.
+    /// (Counted out when the service answered rather than when the connection took the
+    /// answer, the request left in flight went uncounted, the drain closed the connection at
+    /// once, and the client's request failed with `shuttingDown`.)
+    @Test func aSecondAnswerDoesNotCountAnotherRequestOut() async throws {
+        let held = NIOLockedValueBox<ParleyDirectRequest?>(nil)
+        let heldArrived = Signal()
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Ping.self) { request, context in
+            // The grant: DIRECT requests go to this handler from now on.
+            try? context.connection.enableDirect { direct in
+                let kind = direct.header.getInteger(at: direct.header.readerIndex, as: UInt8.self)
+                var answer = direct.answerFrame(headerLength: 8, dataLength: nil)
+                answer.setHeader(UInt64(kind ?? 0), at: 8)
+                if kind == 1 {
+                    direct.answer(answer)
+                    direct.answer(answer)  // the mistake
+                } else {
+                    held.withLockedValue { $0 = direct }
+                    heldArrived.raise()
+                }
+            }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = request.sequence
+            return pong
+        }
+        let configuration = ParleyServer.Configuration(listen: [.tcp(host: "127.0.0.1", port: 0)])
+        let server = ParleyServer(configuration: configuration, router: router, logger: quietLogger)
+        let task = Task { try await server.run() }
+        defer { server.shutDown() }
+        let address = try await server.listeningAddresses[0]
+        let client = try await ParleyClient.connect(to: address, logger: quietLogger)
+        #expect(try await ping(client, 1) == 1)
+        let connection = client.connection
+        #expect(connection.mayUseDirect)
+        func request(_ kind: UInt8) -> DirectFrame {
+            var frame = DirectFrame(allocator: connection.channelAllocator, headerLength: 8, dataLength: nil)
+            frame.setHeader(UInt64(kind), at: 8)
+            return frame
+        }
+        let answers = NIOLockedValueBox<[UInt8: Result<Frame, ParleyError>]>([:])
+        let second = Signal()
+        // The request the service holds first, then the one it answers twice.
+        connection.sendDirect(request(2)) { result in
+            answers.withLockedValue { $0[2] = result }
+            second.raise()
+        }
+        #expect(await heldArrived.wait(seconds: 10), "the service never got the request it holds")
+        let first = await withCheckedContinuation { c in connection.sendDirect(request(1)) { c.resume(returning: $0) } }
+        guard case .success(let frame) = first else {
+            Issue.record("the request answered twice failed: \(first)")
+            return
+        }
+        #expect(frame.segments[0].getInteger(at: frame.segments[0].readerIndex + 8, endianness: .little, as: UInt64.self) == 1)
+        // Drain: the held request is still unanswered, so no CLOSE yet. Given time to close
+        // (it would, within milliseconds, had the second answer counted the held one out).
+        server.shutDown()
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(answers.withLockedValue { $0[2] } == nil, "the held request ended before its answer: \(String(describing: answers.withLockedValue { $0[2] }))")
+        held.withLockedValue { $0 }?.answer({
+            var answer = held.withLockedValue { $0 }!.answerFrame(headerLength: 8, dataLength: nil)
+            answer.setHeader(UInt64(2), at: 8)
+            return answer
+        }())
+        #expect(await second.wait(seconds: 10), "the held request's answer never came")
+        guard case .success(let late)? = answers.withLockedValue({ $0[2] }) else {
+            Issue.record("the held request failed: \(String(describing: answers.withLockedValue { $0[2] }))")
+            return
+        }
+        #expect(late.segments[0].getInteger(at: late.segments[0].readerIndex + 8, endianness: .little, as: UInt64.self) == 2)
+        // Then the drain ends the connection with CLOSE and the server stops.
+        #expect(await connection.closed().code == .shuttingDown)
+        try await task.value
+    }
+}
