@@ -13,7 +13,7 @@ enum ConformanceChecks {
     static let unknownType = "conform.v1.NoSuchMessage"
 
     static var all: [ConformanceCheck] {
-        banner + frames + secure + secureSession + lossless + losslessExchange + handshake + session
+        banner + frames + secure + secureSession + lossless + losslessExchange + handshake + session + direct
     }
 
     // MARK: - Helpers
@@ -930,6 +930,25 @@ enum ConformanceChecks {
     }
 
     // MARK: - Section 7 to 10: the session
+
+    /// A DIRECT request (section 7.16): id 0 and a zeroed 24-byte header, the shape of a
+    /// block IO (section 17.9).
+    static func directFrame() -> Frame {
+        Frame(tag: .direct, segments: [ByteBuffer(repeating: 0, count: 32)])
+    }
+
+    /// DIRECT frames where no service enabled them (a checked server's connection has not
+    /// been through any service's grant: section 7.16).
+    static let direct: [ConformanceCheck] = [
+        ConformanceCheck("R-7.16-2", "a DIRECT frame on a connection where no service enabled DIRECT is refused (unexpectedFrame)") { c in
+            try await expectViolation(c, .unexpectedFrame, "a DIRECT frame no service enabled") { _ in ByteBuffer(frame: directFrame()) }
+        },
+        ConformanceCheck("R-7.16-2", "a DIRECT frame without feature bit 4 negotiated is refused (unexpectedFrame)") { c in
+            var o = ClientOptions()
+            o.supported.remove(.direct)
+            try await expectViolation(c, options: o, .unexpectedFrame, "a DIRECT frame without bit 4") { _ in ByteBuffer(frame: directFrame()) }
+        },
+    ]
 
     static let session: [ConformanceCheck] = [
         ConformanceCheck("R-7.1-1", "a MESSAGE of one segment is refused (malformedPayload)") { c in
