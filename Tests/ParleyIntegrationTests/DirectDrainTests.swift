@@ -9,7 +9,7 @@ import Testing
 /// that breaks the rule of one answer per request.
 @Suite(.timeLimit(.minutes(1)))
 struct DirectDrainTests {
-    /// [R-7.16-8]: a service answers one DIRECT request twice (its mistake) while another is
+    /// [R-7.16-7] [R-7.16-8]: a service answers one DIRECT request twice (its mistake) while another is
     /// still being served. The second answer is dropped and does not count the other request
     /// out: a graceful shutdown waits for it, and its answer reaches the client before CLOSE.
     /// (Counted out when the service answered rather than when the connection took the
