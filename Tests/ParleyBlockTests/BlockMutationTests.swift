@@ -8,10 +8,11 @@ import Testing
 import Glibc
 #endif
 
-/// Corrupted NBD sessions and random block-protocol requests against a live `parley block
-/// serve`: it never crashes or hangs, answers every block request with a defined status,
-/// and keeps serving other clients. `PARLEY_BLOCK_MUTATIONS` sets the number of variants
-/// (default 400 NBD sessions and 4,000 block requests).
+/// Corrupted NBD sessions and random block-protocol requests (`Io` messages and DIRECT
+/// frames) against a live `parley block serve`: it never crashes or hangs, answers every
+/// block request with a defined status, and keeps serving other clients.
+/// `PARLEY_BLOCK_MUTATIONS` sets the number of variants (default 400 NBD sessions, 4,000
+/// `Io` requests and 2,000 DIRECT requests).
 @Suite(.timeLimit(.minutes(10)))
 struct BlockMutationTests {
     static var variants: Int { Int(ProcessInfo.processInfo.environment["PARLEY_BLOCK_MUTATIONS"] ?? "") ?? 400 }
@@ -142,5 +143,81 @@ struct BlockMutationTests {
         let other = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "other")
         defer { other.closeConnection() }
         #expect(try await other.listExports().count == 1)
+    }
+
+    /// [R-17.9-2]: random DIRECT requests (docs/protocol.md 17.9) against a live server: every
+    /// field of the 24-byte header at random or at an extreme, reserved bytes set, data of a
+    /// length that fits the request or not, or none. Each is answered with a defined status,
+    /// except one whose header has the wrong size, which ends the connection with CLOSE
+    /// `malformedPayload` (then the test connects again); the server keeps running and serves
+    /// the session afterwards.
+    @Test func randomDirectRequestsGetADefinedAnswer() async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 4 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        defer { server.stop() }
+        var client = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "fuzz")
+        defer { client.closeConnection() }
+        #expect(client.usesDirect, "the server did not grant DIRECT IO")
+        var disk = try await client.open("disk")
+        var rng = SplitMix(seed: 0xd1_2ec7)
+        let sizes: [UInt64] = [0, 1, 511, 512, 4096, 65536, 4 << 20, 8 << 20, (8 << 20) + 512, UInt64(UInt32.max), UInt64.max]
+        var statuses: [Parley_Block_V1_BlockStatus: Int] = [:]
+        var closes = 0
+        let total = Self.variants * 5
+        for n in 0..<total {
+            func pick<T>(_ a: [T]) -> T { a[Int(rng.next() % UInt64(a.count))] }
+            let connection = client.client.connection
+            let malformed = n % 97 == 96
+            let frame: DirectFrame
+            if malformed {
+                var length = Int(rng.next() % 40)
+                if length == BlockDirect.requestHeaderLength { length += 1 }
+                let withData = rng.next() % 2 == 0
+                var f = DirectFrame(allocator: connection.channelAllocator, headerLength: length, dataLength: withData ? 512 : nil)
+                if withData { f.writeData(ByteBuffer(repeating: 1, count: 512)) }
+                frame = f
+            } else {
+                var r = BlockDirect.Request(
+                    operation: rng.next() % 8 == 0 ? UInt8(truncatingIfNeeded: rng.next()) : UInt8(rng.next() % 6),
+                    flags: rng.next() % 5 == 0 ? UInt8(truncatingIfNeeded: rng.next()) : UInt8(rng.next() % 2),
+                    deviceID: rng.next() % 4 == 0 ? UInt32(truncatingIfNeeded: rng.next()) : disk.id,
+                    offset: rng.next() % 3 == 0 ? pick(sizes) : (rng.next() % 8192) * 512,
+                    length: UInt32(truncatingIfNeeded: rng.next() % 3 == 0 ? pick(sizes) : (rng.next() % 16) * 512))
+                if rng.next() % 10 == 0 { r.reserved = rng.next() }
+                let dataLength = rng.next() % 3 == 0 ? Int(rng.next() % 9000) : Int(min(r.length, 1 << 20))
+                let data: ByteBuffer? = rng.next() % 4 == 0 ? nil : ByteBuffer(repeating: 0xee, count: dataLength)
+                frame = r.frame(allocator: connection.channelAllocator, data: data)
+            }
+            let result = await withCheckedContinuation { c in connection.sendDirect(frame) { c.resume(returning: $0) } }
+            switch result {
+            case .success(let answer) where !malformed:
+                switch BlockDirect.Answer.decode(answer) {
+                case .success(let a):
+                    statuses[a.status, default: 0] += 1
+                    if case .UNRECOGNIZED = a.status { Issue.record("variant \(n): undefined status \(a.status)") }
+                case .failure(let e):
+                    Issue.record("variant \(n): the server's answer is malformed: \(e.message)")
+                }
+            case .failure(let error) where malformed && error.code == .malformedPayload:
+                closes += 1
+                client.closeConnection()
+                client = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "fuzz")
+                disk = try await client.open("disk")
+            default:
+                Issue.record("variant \(n) (malformed: \(malformed)): \(result)")
+                return
+            }
+        }
+        #expect(statuses.values.reduce(0, +) + closes == total)
+        #expect(closes == total / 97)
+        #expect(statuses[.ok, default: 0] > 0)
+        #expect(statuses[.invalid, default: 0] > 0)
+        #expect(statuses[.outOfRange, default: 0] > 0)
+        #expect(statuses[.unknownDevice, default: 0] > 0)
+        #expect(server.isRunning)
+        // The session still works.
+        try await client.write(disk, offset: 0, data: ByteBuffer(repeating: 7, count: 4096))
+        #expect(try await client.read(disk, offset: 0, length: 4096) == ByteBuffer(repeating: 7, count: 4096))
     }
 }
