@@ -42,6 +42,10 @@ struct BlockMutationTests {
         return b.data
     }()
 
+    /// Offsets and lengths at the edges (of a block, the device, max_io_size, the integer
+    /// types) that random block requests pick from, `Io` and DIRECT alike.
+    static let extremeSizes: [UInt64] = [0, 1, 511, 512, 4096, 65536, 4 << 20, 8 << 20, (8 << 20) + 512, UInt64(UInt32.max), UInt64.max]
+
     static func mutate(_ seed: [UInt8], _ n: Int, rng: inout SplitMix) -> [UInt8] {
         var b = seed
         func at(_ count: Int) -> Int { Int(rng.next() % UInt64(max(count, 1))) }
@@ -108,7 +112,7 @@ struct BlockMutationTests {
         var rng = SplitMix(seed: 0xb10c)
         let total = Self.variants * 10
         let paths = ["disk", "other.img", "../etc/passwd", "/etc/passwd", "", "nope", "a/../../b", String(repeating: "x", count: 5000), "other.img/"]
-        let sizes: [UInt64] = [0, 1, 511, 512, 4096, 65536, 4 << 20, 8 << 20, (8 << 20) + 512, UInt64(UInt32.max), UInt64.max]
+        let sizes = Self.extremeSizes
         var statuses: [Parley_Block_V1_BlockStatus: Int] = [:]
         for n in 0..<total {
             func pick<T>(_ a: [T]) -> T { a[Int(rng.next() % UInt64(a.count))] }
@@ -161,7 +165,7 @@ struct BlockMutationTests {
         #expect(client.usesDirect, "the server did not grant DIRECT IO")
         var disk = try await client.open("disk")
         var rng = SplitMix(seed: 0xd1_2ec7)
-        let sizes: [UInt64] = [0, 1, 511, 512, 4096, 65536, 4 << 20, 8 << 20, (8 << 20) + 512, UInt64(UInt32.max), UInt64.max]
+        let sizes = Self.extremeSizes
         var statuses: [Parley_Block_V1_BlockStatus: Int] = [:]
         var closes = 0
         let total = Self.variants * 5
