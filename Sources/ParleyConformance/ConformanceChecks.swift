@@ -949,6 +949,14 @@ enum ConformanceChecks {
             o.supported.remove(.direct)
             try await expectViolation(c, options: o, .unexpectedFrame, "a DIRECT frame without bit 4") { _ in ByteBuffer(frame: directFrame()) }
         },
+        ConformanceCheck("R-7.16-2", "a DIRECT frame in the handshake (after HELLO, before AUTH_REQUEST) is refused (unexpectedFrame)") { c in
+            // Before any method is chosen, so the same bytes check servers of every method
+            // and mode (the frames up to AUTH_REQUEST are never sealed).
+            try c.requireHandshake()
+            var o = ClientOptions()
+            o.beforeAuth = [directFrame()]
+            try await expectRefusal(c, o.firstFlight(), .unexpectedFrame, "a DIRECT frame in the handshake")
+        },
     ]
 
     static let session: [ConformanceCheck] = [
