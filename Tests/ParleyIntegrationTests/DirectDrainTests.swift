@@ -6,7 +6,8 @@ import ParleyWire
 import Testing
 
 /// DIRECT requests in flight and a server's drain (docs/protocol.md 7.16), with a service
-/// that breaks the rule of one answer per request.
+/// that breaks the rule of one answer per request; and a client receiving answers for ids it
+/// is not waiting for.
 @Suite(.timeLimit(.minutes(1)))
 struct DirectDrainTests {
     /// [R-7.16-7] [R-7.16-8]: a service answers one DIRECT request twice (its mistake) while another is
@@ -86,6 +87,60 @@ struct DirectDrainTests {
         #expect(kind(of: late) == 2)
         // Then the drain ends the connection with CLOSE and the server stops.
         #expect(await connection.closed().code == .shuttingDown)
+        try await task.value
+    }
+
+    /// [R-7.16-6]: a DIRECT answer whose id is not that of a request the client waits for is
+    /// discarded: a proxy sends before each answer of the server a stray copy for an id the
+    /// client never used, its header saying 99. The client's two requests in flight each get
+    /// their own answer, the connection stays up, and it serves a ping and more DIRECT after.
+    /// (A client that failed the connection on such an answer, or gave it to a request
+    /// waiting for another id, fails this test.)
+    @Test func anAnswerForAnIdNotWaitedForIsDiscarded() async throws {
+        var router = ParleyRouter()
+        router.on(Parley_Echo_V1_Ping.self) { request, context in
+            // The grant; the service answers each DIRECT request with its header's first byte.
+            try? context.connection.enableDirect { direct in
+                let kind = direct.header.getInteger(at: direct.header.readerIndex, as: UInt8.self)
+                var answer = direct.answerFrame(headerLength: 8, dataLength: nil)
+                answer.setHeader(UInt64(kind ?? 0), at: 8)
+                direct.answer(answer)
+            }
+            var pong = Parley_Echo_V1_Pong()
+            pong.sequence = request.sequence
+            return pong
+        }
+        let configuration = ParleyServer.Configuration(listen: [.tcp(host: "127.0.0.1", port: 0)])
+        let server = ParleyServer(configuration: configuration, router: router, logger: quietLogger)
+        let task = Task { try await server.run() }
+        defer { server.shutDown() }
+        let edits = Counter()
+        let (proxy, address) = try await ManInTheMiddleTests.startProxy(to: try await server.listeningAddresses[0], edit: .strayDirectAnswers, edits: edits)
+        let client = try await ParleyClient.connect(to: address, logger: quietLogger)
+        #expect(try await ping(client, 1) == 1)
+        let connection = client.connection
+        #expect(connection.mayUseDirect)
+        func send(_ kind: UInt8) async -> Result<Frame, ParleyError> {
+            var frame = DirectFrame(allocator: connection.channelAllocator, headerLength: 8, dataLength: nil)
+            frame.setHeader(UInt64(kind), at: 8)
+            return await withCheckedContinuation { c in connection.sendDirect(frame) { c.resume(returning: $0) } }
+        }
+        func kind(of result: Result<Frame, ParleyError>) -> UInt64? {
+            guard case .success(let answer) = result else { return nil }
+            return answer.segments[0].getInteger(at: answer.segments[0].readerIndex + 8, endianness: .little, as: UInt64.self)
+        }
+        // Two in flight at once, so that a stray answer finds another request waiting.
+        async let first = send(1)
+        async let second = send(2)
+        let (a, b) = await (first, second)
+        #expect(kind(of: a) == 1, "\(a)")
+        #expect(kind(of: b) == 2, "\(b)")
+        #expect(kind(of: await send(3)) == 3)
+        #expect(edits.count >= 3, "the proxy sent \(edits.count) stray answers")
+        #expect(try await ping(client, 2) == 2, "the connection did not stay up")
+        client.close()
+        try? await proxy.close()
+        server.shutDown()
         try await task.value
     }
 }

@@ -31,6 +31,10 @@ struct ManInTheMiddleTests {
         case doneChoice(mode: String, cipher: String)
         /// Replaces the chosen cipher by the other one, in AUTH_REPLY_MORE or in AUTH_DONE.
         case swapCipher(inDone: Bool)
+        /// Not a tampering with the handshake: in a crc-mode session, sends before each DIRECT
+        /// answer of the server a stray copy of it, for an id the client never used (the id +
+        /// 1,000,000) and with header byte 8 (after the id) set to 99 (section 7.16, R-7.16-6).
+        case strayDirectAnswers
 
         var description: String {
             switch self {
@@ -41,6 +45,7 @@ struct ManInTheMiddleTests {
             case .challengeChoice(let m, let c): return "AUTH_REPLY_MORE chooses \(m) \(c)"
             case .doneChoice(let m, let c): return "AUTH_DONE says \(m) \(c)"
             case .swapCipher(let d): return "the other cipher in \(d ? "AUTH_DONE" : "AUTH_REPLY_MORE")"
+            case .strayDirectAnswers: return "a stray copy of each DIRECT answer"
             }
         }
 
@@ -92,6 +97,24 @@ struct ManInTheMiddleTests {
             default:
                 return nil
             }
+        }
+
+        /// The frames sent before `frame` (a stray DIRECT answer, for `strayDirectAnswers`).
+        func before(_ frame: Frame, fromClient: Bool) -> [Frame] {
+            guard case .strayDirectAnswers = self, !fromClient, frame.tag == .direct, frame.segments[0].readableBytes >= 9 else { return [] }
+            var stray = frame
+            var head = ByteBuffer(bytes: frame.segments[0].readableBytesView)
+            head.setInteger(head.getInteger(at: 0, endianness: .little, as: UInt64.self)! &+ 1_000_000, at: 0, endianness: .little)
+            head.setInteger(UInt8(99), at: 8)
+            stray.segments[0] = head
+            return [stray]
+        }
+
+        /// Whether the proxy follows the frames of the whole session (in crc mode), not only
+        /// the handshake's.
+        var followsSession: Bool {
+            if case .strayDirectAnswers = self { return true }
+            return false
         }
 
         static func otherCipher(_ cipher: String) -> String {
@@ -181,6 +204,12 @@ struct ManInTheMiddleTests {
                     self.passthrough = true
                     continue
                 }
+                for extra in self.edit.before(frame, fromClient: self.fromClient) {
+                    var b = ByteBuffer()
+                    b.writeFrame(extra)
+                    out.append(b)
+                    self.edits.increment()
+                }
                 if let edited = self.edit.frame(frame, fromClient: self.fromClient) {
                     var b = ByteBuffer()
                     b.writeFrame(edited)
@@ -189,7 +218,7 @@ struct ManInTheMiddleTests {
                 } else {
                     out.append(original)
                 }
-                if frame.tag == (self.fromClient ? .authRequestMore : .authDone) { self.passthrough = true }
+                if frame.tag == (self.fromClient ? .authRequestMore : .authDone), !self.edit.followsSession { self.passthrough = true }
             }
             return out
         }
