@@ -957,7 +957,139 @@ enum ConformanceChecks {
             o.beforeAuth = [directFrame()]
             try await expectRefusal(c, o.firstFlight(), .unexpectedFrame, "a DIRECT frame in the handshake")
         },
+        ConformanceCheck("R-7.16-1", "a DIRECT request sent as soon as the grant is read is answered, with its id (echo service: EnableDirect)") { c in
+            let s = try await directSession(c)
+            defer { s.peer.close() }
+            let request = directRequest(id: 1, header: Array(0..<24), data: nil)
+            try await s.send([request])
+            let answers = try await directAnswers(s, ids: [1], "the answer to DIRECT request 1")
+            try expectEcho(answers[1]!, of: request)
+        },
+        ConformanceCheck("R-7.16-7", "every DIRECT request is answered once with its own id: 64 in one write, ids out of order, with and without data") { c in
+            let s = try await directSession(c)
+            defer { s.peer.close() }
+            let ids = (1...64).map { UInt64($0 * 7919 % 1009 + 1) }  // distinct, not in order
+            let requests = ids.enumerated().map { i, id in
+                directRequest(id: id, header: Array(repeating: UInt8(i), count: 8 + i % 17),
+                              data: i % 3 == 0 ? nil : ByteBuffer(repeating: UInt8(truncatingIfNeeded: i * 5), count: i * 97))
+            }
+            try await s.send(requests)
+            let answers = try await directAnswers(s, ids: Set(ids), "answers to the 64 DIRECT requests")
+            for request in requests {
+                let id = request.segments[0].getInteger(at: request.segments[0].readerIndex, endianness: .little, as: UInt64.self)!
+                try expectEcho(answers[id]!, of: request)
+            }
+        },
+        ConformanceCheck("R-7.16-5", "a second DIRECT request with the id of one not yet answered is refused (protocolViolation)") { c in
+            let s = try await directSession(c, delayMs: 3_000)
+            defer { s.peer.close() }
+            try await s.send([directRequest(id: 9, header: [1], data: nil), directRequest(id: 9, header: [2], data: nil)])
+            try await s.expectClose(.protocolViolation, because: "DIRECT id 9 sent again before its answer")
+        },
+        ConformanceCheck("R-7.16-4", "a DIRECT frame whose segment 0 is shorter than its 8-byte id is refused (malformedPayload)") { c in
+            let s = try await directSession(c)
+            defer { s.peer.close() }
+            try await s.send([Frame(tag: .direct, segments: [ByteBuffer(bytes: [1, 0, 0, 0])])])
+            try await s.expectClose(.malformedPayload, because: "a DIRECT segment 0 of 4 bytes")
+        },
+        ConformanceCheck("R-7.16-4", "a DIRECT frame with frame flags set is refused (protocolViolation)") { c in
+            let s = try await directSession(c)
+            defer { s.peer.close() }
+            var request = directRequest(id: 1, header: [], data: nil)
+            request.flags = 0x01
+            try await s.send([request])
+            try await s.expectClose(.protocolViolation, because: "a DIRECT frame with flags 0x01")
+        },
+        ConformanceCheck("R-7.16-3", "DIRECT frames do not count in seq or ack: MESSAGEs around them are numbered on") { c in
+            let s = try await directSession(c)
+            defer { s.peer.close() }
+            let first = try await s.request(pingType, pingPayload(1))
+            try await s.send([directRequest(id: 1, header: [7], data: nil), directRequest(id: 2, header: [8], data: ByteBuffer(repeating: 3, count: 10))])
+            let second = try await s.request(pingType, pingPayload(2))
+            _ = try await directAnswers(s, ids: [1, 2], "the answers to DIRECT requests 1 and 2")
+            try await expectPong(s, first)
+            try await expectPong(s, second, ", numbered as if the DIRECT frames before it were not there")
+            guard s.seqFaults.isEmpty else { throw fail("the server's MESSAGEs numbered 1, 2, 3, ... around its DIRECT answers", s.seqFaults.joined(separator: "; ")) }
+        },
+        ConformanceCheck("R-7.16-3", "a lossless session (bit 9) is not granted DIRECT (echo service: EnableDirect answered ERROR)") { c in
+            try c.requireEcho()
+            try c.require(.reconnect, "lossless sessions (bit 9)")
+            try c.require(.direct, "DIRECT frames (bit 4)")
+            let s = try await ClientSession.open(context: c, options: losslessOptions)
+            defer { s.peer.close() }
+            let answer = try await s.answer(try await s.request(enableDirectType, Parley_Echo_V1_EnableDirect().parleyPayload()))
+            if errorCode(answer) == .unknownMessageType { throw CheckSkip(reason: Self.noDirectEcho) }
+            guard answer.header.kind == .error else { throw fail("ERROR to EnableDirect in a lossless session", "\(answer.header.kind) \(answer.header.type)") }
+        },
     ]
+
+    static let enableDirectType = Parley_Echo_V1_EnableDirect.protoMessageName
+    static let noDirectEcho = "the server's echo service does not grant DIRECT (parley.echo.v1.EnableDirect, section 12), which this check uses"
+
+    /// A session in which the echo service granted DIRECT, its answers after `delayMs`.
+    static func directSession(_ c: CheckContext, delayMs: UInt32 = 0) async throws -> ClientSession {
+        try c.requireEcho()
+        try c.require(.direct, "DIRECT frames (bit 4)")
+        let s = try await ClientSession.open(context: c)
+        guard s.features.contains(.direct) else {
+            s.peer.close()
+            throw CheckSkip(reason: "DIRECT frames (bit 4) were not negotiated")
+        }
+        var enable = Parley_Echo_V1_EnableDirect()
+        enable.delayMs = delayMs
+        let answer = try await s.answer(try await s.request(enableDirectType, enable.parleyPayload()))
+        if errorCode(answer) == .unknownMessageType {
+            s.peer.close()
+            throw CheckSkip(reason: noDirectEcho)
+        }
+        guard answer.header.kind == .response, answer.header.type == Parley_Echo_V1_DirectGranted.protoMessageName else {
+            s.peer.close()
+            throw fail("RESPONSE parley.echo.v1.DirectGranted to EnableDirect", "\(answer.header.kind) \(answer.header.type) \(describe(answer))")
+        }
+        return s
+    }
+
+    /// A DIRECT request: segment 0 the id then `header`, segment 1 `data` if given.
+    static func directRequest(id: UInt64, header: [UInt8], data: ByteBuffer?) -> Frame {
+        var segment0 = ByteBuffer()
+        segment0.writeInteger(id, endianness: .little)
+        segment0.writeBytes(header)
+        return Frame(tag: .direct, segments: data.map { [segment0, $0] } ?? [segment0])
+    }
+
+    /// Reads until a DIRECT answer for every id of `ids` came; fails on one for another id or
+    /// a second for the same, on the end of the connection, and on silence.
+    static func directAnswers(_ s: ClientSession, ids: Set<UInt64>, _ what: String) async throws -> [UInt64: Frame] {
+        var answers: [UInt64: Frame] = [:]
+        while answers.count < ids.count {
+            let event = try await s.nextEvent()
+            switch event {
+            case .frame(let f) where f.tag == .direct:
+                guard let id = f.segments.first.flatMap({ $0.getInteger(at: $0.readerIndex, endianness: .little, as: UInt64.self) }) else {
+                    throw fail(what, "a DIRECT answer whose segment 0 is shorter than an id: \(describe(f))")
+                }
+                guard ids.contains(id), answers[id] == nil else {
+                    throw fail(what, "a DIRECT answer for id \(id), \(ids.contains(id) ? "a second one" : "which was not sent")")
+                }
+                answers[id] = f
+            case .frame(let f) where f.tag == .message || f.tag == .ack || f.tag == .notice || f.tag == .keepaliveAck:
+                continue
+            default:
+                throw fail(what, "\(answers.count) of \(ids.count) answered, then \(event.summary)")
+            }
+        }
+        return answers
+    }
+
+    /// The echo service's answer to `request`: its segment 0 and its segment 1, as sent.
+    static func expectEcho(_ answer: Frame, of request: Frame) throws {
+        let id = request.segments[0].getInteger(at: request.segments[0].readerIndex, endianness: .little, as: UInt64.self)!
+        let sent = request.segments.map { Array($0.readableBytesView) }
+        let got = answer.segments.map { Array($0.readableBytesView) }
+        guard got == sent else {
+            throw fail("the DIRECT answer to id \(id) echoing its segments (\(sent.map(\.count)) bytes)", "segments of \(got.map(\.count)) bytes\(got.first == sent.first ? "" : ", segment 0 differs")")
+        }
+    }
 
     static let session: [ConformanceCheck] = [
         ConformanceCheck("R-7.1-1", "a MESSAGE of one segment is refused (malformedPayload)") { c in

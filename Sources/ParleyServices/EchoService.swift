@@ -1,4 +1,5 @@
 import NIOConcurrencyHelpers
+import NIOCore
 import Parley
 
 import Foundation
@@ -60,12 +61,39 @@ public enum EchoService {
             }
             return done
         }
+        // DIRECT frames (docs/protocol.md 7.16): enabled before the grant is answered
+        // (R-7.16-1); each request echoed in a DIRECT answer, after the grant's delay.
+        router.on(Parley_Echo_V1_EnableDirect.self) { request, context in
+            let delay = Int(request.delayMs)
+            try context.connection.enableDirect { direct in
+                let answer = Self.directEcho(of: direct)
+                guard delay > 0 else { return direct.answer(answer) }
+                Task {
+                    try? await Task.sleep(for: .milliseconds(delay))
+                    direct.answer(answer)
+                }
+            }
+            var granted = Parley_Echo_V1_DirectGranted()
+            granted.delayMs = request.delayMs
+            return granted
+        }
         router.on(Parley_Echo_V1_Sleep.self) { request, _ in
             try await Task.sleep(for: .milliseconds(Int(request.delayMs)))
             var slept = Parley_Echo_V1_Slept()
             slept.delayMs = request.delayMs
             return slept
         }
+    }
+
+    /// The echo of a DIRECT request: its segment 0 as sent (the id, then the rest) and its
+    /// segment 1, if it had one.
+    static func directEcho(of direct: ParleyDirectRequest) -> DirectFrame {
+        var answer = direct.answerFrame(headerLength: direct.header.readableBytes, dataLength: direct.data?.readableBytes)
+        for (i, byte) in direct.header.readableBytesView.enumerated() {
+            answer.setHeader(byte, at: DirectFrame.idSize + i)
+        }
+        if let data = direct.data { answer.writeData(data) }
+        return answer
     }
 
     /// A router with only this service.

@@ -614,7 +614,9 @@ struct FrameRewriter {
         let p = frame.readerIndex
         let tag = frame.getInteger(at: p, as: UInt8.self)!
         let isMessage = tag == FrameTag.message.rawValue
-        let isKnownControl = !isMessage && FrameTag(rawValue: tag).isKnown
+        // DIRECT frames carry a service's requests (section 7.16), not control: like MESSAGEs
+        // they may have a second segment, and their flags are refused by R-7.16-4's check.
+        let isKnownControl = !isMessage && tag != FrameTag.direct.rawValue && FrameTag(rawValue: tag).isKnown
         // The header faults act on frames the server would have read (segment CRCs right).
         let header = isMessage && lengths[0] >= 32 && Self.segmentCRCsRight(frame, lengths: lengths) ? p + 32 : nil
         let refused: Bool
