@@ -31,6 +31,81 @@ import Testing
     /// The client stream of a version-1 session: every MESSAGE kind, a stream, a cancelled
     /// stream, an unknown request type, a data segment, a one-way message and a KEEPALIVE.
     static func versionOneClientStream() -> ByteBuffer {
+        clientSessionBytes(messages: versionOneMessages(), trailingFrames: [SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: 1234)])
+    }
+
+    /// The client stream of a version-2 session (feature bit 4, DIRECT frames: docs/protocol.md
+    /// 7.16): the version-1 session's messages, the echo service's grant of DIRECT
+    /// (`EnableDirect`, request 7), then, once it is answered, the DIRECT requests of
+    /// `directRequests` (ids 1, 2, ...) and a KEEPALIVE.
+    static func versionTwoClientStream() -> ByteBuffer {
+        var enable = Parley_Echo_V1_EnableDirect()
+        enable.delayMs = 0
+        let grant = WireMessage(header: MessageHeader(id: 7, kind: .request, type: Parley_Echo_V1_EnableDirect.protoMessageName), payload: enable.parleyPayload())
+        let direct = directRequests.enumerated().map { i, r -> Frame in
+            var segment0 = ByteBuffer()
+            segment0.writeInteger(UInt64(i + 1), endianness: .little)
+            segment0.writeBytes(r.header)
+            return Frame(tag: .direct, segments: r.data.map { [segment0, $0] } ?? [segment0], alignments: r.data == nil ? .none : SegmentAlignments(0, DirectFrame.dataAlignment))
+        }
+        return clientSessionBytes(messages: versionOneMessages() + [grant], trailingFrames: direct + [SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: 1234)])
+    }
+
+    /// The DIRECT requests of the version-2 session, in order (ids 1, 2, ...): the header
+    /// after the id, and segment 1.
+    static let directRequests: [(header: [UInt8], data: ByteBuffer?)] = [
+        (header: Array(0..<24), data: nil),
+        (header: [0xD1, 0x2E, 0xC7, 0, 0, 0, 0, 0], data: ByteBuffer(bytes: (0..<4096).map { UInt8(truncatingIfNeeded: $0 * 13 + 5) })),
+    ]
+
+    /// The client stream a version's session is recorded from.
+    static func clientStream(_ version: String) throws -> ByteBuffer {
+        switch version {
+        case "v1": return versionOneClientStream()
+        case "v2": return versionTwoClientStream()
+        default: throw ParleyError(code: .invalidArgument, message: "no client session is defined for \(version): add one to CompatibilityMatrixTests.clientStream")
+        }
+    }
+
+    /// A recorded client stream in the parts a client sends, each once everything before it
+    /// is answered: the grant of DIRECT (`EnableDirect`) goes once the session before it is
+    /// done, so that the recorded server stream has its answers in the order a client that
+    /// waits for each answer sees them; the first DIRECT frame goes once the grant is read
+    /// (R-7.16-1). A stream without DIRECT frames is one part.
+    static func parts(of client: ByteBuffer) -> [ByteBuffer] {
+        var decoder = WireDecoder()
+        var rest = client
+        var start = rest.readerIndex
+        var cuts: [Int] = []
+        var sawDirect = false
+        while let element = try? decoder.decode(buffer: &rest) {
+            if case .frame(let f) = element {
+                let grant = f.tag == .message && (try? WireMessage(frame: f))?.header.type == Parley_Echo_V1_EnableDirect.protoMessageName
+                if grant || (f.tag == .direct && !sawDirect) { cuts.append(start) }
+                if f.tag == .direct { sawDirect = true }
+            }
+            start = rest.readerIndex
+        }
+        let bounds = [client.readerIndex] + cuts + [client.writerIndex]
+        return zip(bounds, bounds.dropFirst()).map { client.getSlice(at: $0, length: $1 - $0)! }
+    }
+
+    /// Whether the server stream has answered every request, one-way Ping, DIRECT request and
+    /// KEEPALIVE of the client stream `client` (a whole stream, or the parts sent so far).
+    static func complete(_ received: ByteBuffer, answering client: ByteBuffer) -> Bool {
+        let sent = frames(in: client)
+        let messages = sent.filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
+        let wanted = messages.filter { $0.header.kind == .request || ($0.header.kind == .oneWay && $0.header.type == Parley_Echo_V1_Ping.protoMessageName) }.count
+        let directs = sent.filter { $0.tag == .direct }.count
+        let keepalive = sent.contains { $0.tag == .keepalive }
+        let got = frames(in: received)
+        let finals = got.filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
+            .filter { [.response, .error, .oneWay].contains($0.header.kind) }
+        return finals.count >= wanted && got.filter { $0.tag == .direct }.count >= directs && (!keepalive || got.contains { $0.tag == .keepaliveAck })
+    }
+
+    /// The messages of the version-1 session.
+    static func versionOneMessages() -> [WireMessage] {
         func request<M: SwiftProtobuf.Message>(_ id: UInt64, _ m: M, data: ByteBuffer? = nil) -> WireMessage {
             WireMessage(header: MessageHeader(id: id, kind: .request, type: M.protoMessageName), payload: m.parleyPayload(), data: data)
         }
@@ -48,7 +123,7 @@ import Testing
         oneWay.sequence = 7
         var sleep = Parley_Echo_V1_Sleep()
         sleep.delayMs = 10
-        return clientSessionBytes(messages: [
+        return [
             request(1, ping),
             request(2, echo, data: ByteBuffer(bytes: (0..<300).map { UInt8(truncatingIfNeeded: $0 * 7) })),
             request(3, count),
@@ -57,26 +132,32 @@ import Testing
             WireMessage(header: MessageHeader(id: 5, kind: .request, type: "example.v1.Unknown"), payload: ByteBuffer()),
             WireMessage(header: MessageHeader(id: 0, kind: .oneWay, type: Parley_Echo_V1_Ping.protoMessageName), payload: oneWay.parleyPayload()),
             request(6, sleep),
-        ], trailingFrames: [SessionStateMachine.keepaliveFrame(tag: .keepalive, timestamp: 1234)])
+        ]
     }
 
-    /// The server stream is complete when every request is answered, the one-way message
-    /// echoed and the KEEPALIVE answered.
-    static func complete(_ received: ByteBuffer) -> Bool {
-        let frames = frames(in: received)
-        let finals = frames.filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
-            .filter { [.response, .error, .oneWay].contains($0.header.kind) }
-        return finals.count >= 7 && frames.contains { $0.tag == .keepaliveAck }
+    /// Plays `client` to a server at `address` in its parts (`parts(of:)`, each once all
+    /// before it is answered) and returns what the server sent until it answered everything,
+    /// or until 10 s passed.
+    static func play(_ client: ByteBuffer, to address: ParleyAddress) async throws -> ByteBuffer {
+        let peer = try await RawPeer.connect(address)
+        var sent = ByteBuffer()
+        var steps: [(ByteBuffer, @Sendable (ByteBuffer) -> Bool)] = []
+        for part in Self.parts(of: client) {
+            var chunk = part
+            sent.writeBuffer(&chunk)
+            let prefix = sent
+            steps.append((part, { Self.complete($0, answering: prefix) }))
+        }
+        return try await peer.converse(steps, seconds: 10)
     }
 
     @Test(.enabled(if: ProcessInfo.processInfo.environment["PARLEY_RECORD_COMPAT"] != nil))
     func recordFixture() async throws {
         let version = ProcessInfo.processInfo.environment["PARLEY_RECORD_COMPAT"]!
-        let client = Self.versionOneClientStream()
+        let client = try Self.clientStream(version)
         try await withServer { _, addresses in
-            let peer = try await RawPeer.connect(addresses[0])
-            let (answer, _) = try await peer.exchange(client, seconds: 10, halfClose: false, until: Self.complete)
-            #expect(Self.complete(answer))
+            let answer = try await Self.play(client, to: addresses[0])
+            try #require(Self.complete(answer, answering: client))
             try FileManager.default.createDirectory(at: Self.fixtures, withIntermediateDirectories: true)
             try Data(client.readableBytesView).write(to: Self.fixtures.appendingPathComponent("\(version)-client.bin"))
             try Data(answer.readableBytesView).write(to: Self.fixtures.appendingPathComponent("\(version)-server.bin"))
@@ -91,6 +172,8 @@ import Testing
         var ident: String
         var answers: [String]
         var keepaliveAcks: [UInt64]
+        /// DIRECT answers: their segments, in hex, in any order.
+        var direct: [String]
 
         init(_ bytes: ByteBuffer) throws {
             let frames = frames(in: bytes)
@@ -107,9 +190,13 @@ import Testing
                 return "\(m.header.kind) \(m.header.id) \(m.header.type) \(Array(m.payload.readableBytesView).hexString) \(data)"
             }.sorted()
             self.keepaliveAcks = frames.filter { $0.tag == .keepaliveAck }.compactMap { $0.segments[0].getInteger(at: $0.segments[0].readerIndex, endianness: .little, as: UInt64.self) }
+            self.direct = frames.filter { $0.tag == .direct }.map { $0.segments.map { Array($0.readableBytesView).hexString }.joined(separator: " ") }.sorted()
         }
 
-        var description: String { "handshake \(self.handshake), ident \(self.ident), answers:\n" + self.answers.joined(separator: "\n") + "\nkeepalive acks \(self.keepaliveAcks)" }
+        var description: String {
+            "handshake \(self.handshake), ident \(self.ident), answers:\n" + self.answers.joined(separator: "\n") + "\nkeepalive acks \(self.keepaliveAcks)"
+                + "\nDIRECT answers:\n" + self.direct.joined(separator: "\n")
+        }
     }
 
     @Test func everyRecordedClientGetsTheSameAnswersFromTheCurrentServer() async throws {
@@ -118,8 +205,7 @@ import Testing
         for version in versions {
             let expected = try ServerAnswers(Self.load(version, "server"))
             try await withServer { _, addresses in
-                let peer = try await RawPeer.connect(addresses[0])
-                let (answer, _) = try await peer.exchange(try Self.load(version, "client"), seconds: 10, halfClose: false, until: Self.complete)
+                let answer = try await Self.play(try Self.load(version, "client"), to: addresses[0])
                 let got = try ServerAnswers(answer)
                 #expect(got == expected, "the current server answers the \(version) client differently:\n\(got)\nrecorded:\n\(expected)")
             }
@@ -167,6 +253,24 @@ import Testing
             sleep.delayMs = 10
             #expect(try await client.request(sleep, as: Parley_Echo_V1_Slept.self).delayMs == 10, "\(version)")
             #expect(try await eventually { pongs.sequences.withLockedValue { $0 == [7] } }, "\(version): the one-way pong")
+            if frames(in: try Self.load(version, "client")).contains(where: { $0.tag == .direct }) {
+                // Version 2: the grant of DIRECT, then the same DIRECT requests (ids 1, 2).
+                _ = try await client.request(Parley_Echo_V1_EnableDirect(), as: Parley_Echo_V1_DirectGranted.self)
+                let connection = client.connection
+                #expect(connection.mayUseDirect, "\(version)")
+                for r in Self.directRequests {
+                    var frame = DirectFrame(allocator: connection.channelAllocator, headerLength: r.header.count, dataLength: r.data?.readableBytes)
+                    for (i, byte) in r.header.enumerated() { frame.setHeader(byte, at: DirectFrame.idSize + i) }
+                    if let data = r.data { frame.writeData(data) }
+                    let result = await withCheckedContinuation { c in connection.sendDirect(frame) { c.resume(returning: $0) } }
+                    guard case .success(let answer) = result else {
+                        Issue.record("\(version): DIRECT request failed: \(result)")
+                        continue
+                    }
+                    #expect(Array(answer.segments[0].readableBytesView.dropFirst(DirectFrame.idSize)) == r.header, "\(version)")
+                    #expect((answer.segments.count > 1 ? answer.segments[1] : nil) == r.data, "\(version)")
+                }
+            }
             client.close()
             await server.stop()
         }
@@ -207,6 +311,7 @@ final class ReplayHandler: ChannelInboundHandler, @unchecked Sendable {
     var decoder = WireDecoder()
     var buffer = ByteBuffer()
     var answered: Set<UInt64> = []
+    var directAnswered: Set<UInt64> = []
     var oneWays = 0
     var handshakeSent = false
     var identReceived = false
@@ -223,6 +328,8 @@ final class ReplayHandler: ChannelInboundHandler, @unchecked Sendable {
             guard case .frame(let frame) = element else { continue }
             switch frame.tag {
             case .clientIdent: self.identReceived = true
+            case .direct:
+                if let id = frame.segments[0].getInteger(at: frame.segments[0].readerIndex, endianness: .little, as: UInt64.self) { self.directAnswered.insert(id) }
             case .message:
                 if let m = try? WireMessage(frame: frame) {
                     if m.header.kind == .request { self.answered.insert(m.header.id) }
@@ -262,7 +369,38 @@ final class ReplayHandler: ChannelInboundHandler, @unchecked Sendable {
                 return true
             }
             return self.answered.contains(m.header.id)
+        case .direct:
+            guard let id = frame.segments[0].getInteger(at: frame.segments[0].readerIndex, endianness: .little, as: UInt64.self) else { return true }
+            return self.directAnswered.contains(id)
         default: return true
+        }
+    }
+}
+
+extension RawPeer {
+    /// Writes each part, then reads until its `until` holds of everything received so far;
+    /// returns what was received (less if `seconds` ran out or the server closed first).
+    func converse(_ parts: [(ByteBuffer, @Sendable (ByteBuffer) -> Bool)], seconds: Double) async throws -> ByteBuffer {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let channel = self.channel.channel
+            group.addTask {
+                // In ticks, as `exchange` does; closing ends the reading below.
+                for _ in 0..<max(1, Int(seconds * 10)) { try await Task.sleep(for: .milliseconds(100)) }
+                channel.close(promise: nil)
+            }
+            defer { group.cancelAll() }
+            return try await self.channel.executeThenClose { inbound, outbound in
+                var received = ByteBuffer()
+                var chunks = inbound.makeAsyncIterator()
+                for (bytes, until) in parts {
+                    try await outbound.write(bytes)
+                    while !until(received) {
+                        guard var chunk = try? await chunks.next() else { return received }
+                        received.writeBuffer(&chunk)
+                    }
+                }
+                return received
+            }
         }
     }
 }
