@@ -16,9 +16,11 @@ struct DirectDrainTests {
     /// (Counted out when the service answered rather than when the connection took the
     /// answer, the request left in flight went uncounted, the drain closed the connection at
     /// once, and the client's request failed with `shuttingDown`.)
-    @Test func aSecondAnswerDoesNotCountAnotherRequestOut() async throws {
-        let held = NIOLockedValueBox<ParleyDirectRequest?>(nil)
-        let heldArrived = Signal()
+    /// A server whose Ping grants DIRECT; each DIRECT request goes to `take` with an answer
+    /// carrying back the request's kind (its header's first byte) in 8 bytes.
+    static func startServer(
+        _ take: @escaping @Sendable (_ direct: ParleyDirectRequest, _ answer: DirectFrame, _ kind: UInt8?) -> Void
+    ) async throws -> (server: ParleyServer, task: Task<Void, any Error>, address: ParleyAddress) {
         var router = ParleyRouter()
         router.on(Parley_Echo_V1_Ping.self) { request, context in
             // The grant: DIRECT requests go to this handler from now on.
@@ -26,13 +28,7 @@ struct DirectDrainTests {
                 let kind = direct.header.getInteger(at: direct.header.readerIndex, as: UInt8.self)
                 var answer = direct.answerFrame(headerLength: 8, dataLength: nil)
                 answer.setHeader(UInt64(kind ?? 0), at: 8)
-                if kind == 1 {
-                    direct.answer(answer)
-                    direct.answer(answer)  // the mistake
-                } else {
-                    held.withLockedValue { $0 = direct }
-                    heldArrived.raise()
-                }
+                take(direct, answer, kind)
             }
             var pong = Parley_Echo_V1_Pong()
             pong.sequence = request.sequence
@@ -41,21 +37,40 @@ struct DirectDrainTests {
         let configuration = ParleyServer.Configuration(listen: [.tcp(host: "127.0.0.1", port: 0)])
         let server = ParleyServer(configuration: configuration, router: router, logger: quietLogger)
         let task = Task { try await server.run() }
+        return (server, task, try await server.listeningAddresses[0])
+    }
+
+    /// A DIRECT request of kind `kind`.
+    static func request(_ kind: UInt8, on connection: ParleyConnection) -> DirectFrame {
+        var frame = DirectFrame(allocator: connection.channelAllocator, headerLength: 8, dataLength: nil)
+        frame.setHeader(UInt64(kind), at: 8)
+        return frame
+    }
+
+    /// The kind an answer carries back (its header's first 8 bytes, after the id).
+    static func kind(of answer: Frame) -> UInt64? {
+        answer.segments[0].getInteger(at: answer.segments[0].readerIndex + 8, endianness: .little, as: UInt64.self)
+    }
+
+    @Test func aSecondAnswerDoesNotCountAnotherRequestOut() async throws {
+        let held = NIOLockedValueBox<ParleyDirectRequest?>(nil)
+        let heldArrived = Signal()
+        let (server, task, address) = try await Self.startServer { direct, answer, kind in
+            if kind == 1 {
+                direct.answer(answer)
+                direct.answer(answer)  // the mistake
+            } else {
+                held.withLockedValue { $0 = direct }
+                heldArrived.raise()
+            }
+        }
         defer { server.shutDown() }
-        let address = try await server.listeningAddresses[0]
         let client = try await ParleyClient.connect(to: address, logger: quietLogger)
         #expect(try await ping(client, 1) == 1)
         let connection = client.connection
         #expect(connection.mayUseDirect)
-        func request(_ kind: UInt8) -> DirectFrame {
-            var frame = DirectFrame(allocator: connection.channelAllocator, headerLength: 8, dataLength: nil)
-            frame.setHeader(UInt64(kind), at: 8)
-            return frame
-        }
-        /// The kind an answer carries back (its header's first 8 bytes, after the id).
-        func kind(of answer: Frame) -> UInt64? {
-            answer.segments[0].getInteger(at: answer.segments[0].readerIndex + 8, endianness: .little, as: UInt64.self)
-        }
+        func request(_ kind: UInt8) -> DirectFrame { Self.request(kind, on: connection) }
+        func kind(of answer: Frame) -> UInt64? { Self.kind(of: answer) }
         let answers = NIOLockedValueBox<[UInt8: Result<Frame, ParleyError>]>([:])
         let second = Signal()
         // The request the service holds first, then the one it answers twice.
@@ -97,37 +112,21 @@ struct DirectDrainTests {
     /// (A client that failed the connection on such an answer, or gave it to a request
     /// waiting for another id, fails this test.)
     @Test func anAnswerForAnIdNotWaitedForIsDiscarded() async throws {
-        var router = ParleyRouter()
-        router.on(Parley_Echo_V1_Ping.self) { request, context in
-            // The grant; the service answers each DIRECT request with its header's first byte.
-            try? context.connection.enableDirect { direct in
-                let kind = direct.header.getInteger(at: direct.header.readerIndex, as: UInt8.self)
-                var answer = direct.answerFrame(headerLength: 8, dataLength: nil)
-                answer.setHeader(UInt64(kind ?? 0), at: 8)
-                direct.answer(answer)
-            }
-            var pong = Parley_Echo_V1_Pong()
-            pong.sequence = request.sequence
-            return pong
-        }
-        let configuration = ParleyServer.Configuration(listen: [.tcp(host: "127.0.0.1", port: 0)])
-        let server = ParleyServer(configuration: configuration, router: router, logger: quietLogger)
-        let task = Task { try await server.run() }
+        // The service answers each DIRECT request at once.
+        let (server, task, serverAddress) = try await Self.startServer { direct, answer, _ in direct.answer(answer) }
         defer { server.shutDown() }
         let edits = Counter()
-        let (proxy, address) = try await ManInTheMiddleTests.startProxy(to: try await server.listeningAddresses[0], edit: .strayDirectAnswers, edits: edits)
+        let (proxy, address) = try await ManInTheMiddleTests.startProxy(to: serverAddress, edit: .strayDirectAnswers, edits: edits)
         let client = try await ParleyClient.connect(to: address, logger: quietLogger)
         #expect(try await ping(client, 1) == 1)
         let connection = client.connection
         #expect(connection.mayUseDirect)
         func send(_ kind: UInt8) async -> Result<Frame, ParleyError> {
-            var frame = DirectFrame(allocator: connection.channelAllocator, headerLength: 8, dataLength: nil)
-            frame.setHeader(UInt64(kind), at: 8)
-            return await withCheckedContinuation { c in connection.sendDirect(frame) { c.resume(returning: $0) } }
+            await withCheckedContinuation { c in connection.sendDirect(Self.request(kind, on: connection)) { c.resume(returning: $0) } }
         }
         func kind(of result: Result<Frame, ParleyError>) -> UInt64? {
             guard case .success(let answer) = result else { return nil }
-            return answer.segments[0].getInteger(at: answer.segments[0].readerIndex + 8, endianness: .little, as: UInt64.self)
+            return Self.kind(of: answer)
         }
         // Two in flight at once, so that a stray answer finds another request waiting.
         async let first = send(1)
