@@ -11,8 +11,8 @@ encoding) is the one of parley_client.py, in the same directory.
 It prints `listening on ADDRESS` (the real port when 0 was asked) once per address, flushed,
 and serves until SIGTERM or SIGINT, then drains (section 7.14) and exits 0. What it speaks:
 
-- banner and negotiation (section 3): supported = streams, keepalive, notice, dataSegment
-  (0xf); not secure mode (bit 8) nor lossless sessions (bit 9); nothing required;
+- banner and negotiation (section 3): supported = streams, keepalive, notice, dataSegment,
+  direct (0x1f); not secure mode (bit 8) nor lossless sessions (bit 9); nothing required;
 - every receiver rule of section 4 (CRCs, shape, frame-size limit before the body is read,
   unknown ignorable tags skipped, unknown critical tags refused, phase and direction checked
   before the payload is decoded, flags);
@@ -25,7 +25,8 @@ and serves until SIGTERM or SIGINT, then drains (section 7.14) and exits 0. What
   timeout after 60 s), CLOSE, draining, bounded handlers (reading stops when 1024 run);
 - the echo service of section 12 (parley.echo.v1): Ping, Echo (data segment echoed), Count
   (a stream), Sleep, Work; a one-way Ping is answered by a one-way Pong, a one-way Echo is
-  dropped.
+  dropped; EnableDirect grants DIRECT frames (section 7.16: ids, echoes after the grant's
+  delay, reading stops at 1024 unanswered, a drain waits for them).
 
 Every receiver error closes the connection: CLOSE with the code of the document (none for a
 version 0 banner or missing features, section 3), then a half-close, reading and discarding
@@ -58,12 +59,18 @@ pc.SCHEMA["parley.v1.AuthRequest"] = pc.SCHEMA["parley.v1.AuthRequest"][:3] + [
 pc.SCHEMA["parley.v1.AuthDone"] = pc.SCHEMA["parley.v1.AuthDone"][:4] + [
     (5, "cipher", "string", False), (6, "entity", "string", False)]
 
+# Section 12's DIRECT grant of the echo service.
+pc.SCHEMA["parley.echo.v1.EnableDirect"] = [(1, "delayMs", "uint32", False)]
+pc.SCHEMA["parley.echo.v1.DirectGranted"] = [(1, "delayMs", "uint32", False)]
+
 F_STREAMS, F_KEEPALIVE, F_NOTICE, F_DATA = pc.F_STREAMS, pc.F_KEEPALIVE, pc.F_NOTICE, pc.F_DATA
-SUPPORTED, REQUIRED = F_STREAMS | F_KEEPALIVE | F_NOTICE | F_DATA, 0
+F_DIRECT = 0x10                       # section 3: bit 4, DIRECT frames (section 7.16)
+SUPPORTED, REQUIRED = F_STREAMS | F_KEEPALIVE | F_NOTICE | F_DATA | F_DIRECT, 0
 MAX_FRAME = pc.DEFAULT_MAX_FRAME      # our limit, announced in HELLO (section 4.5)
 MIN_FRAME = pc.MIN_MAX_FRAME
 MAX_AUTH_ATTEMPTS = 3                 # section 6.1 (the number is the server's choice)
 HANDLER_LIMIT = 1024                  # section 7.15
+DIRECT_LIMIT = 1024                   # section 7.16 (R-7.16-8): unanswered DIRECT requests read
 KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT = 15.0, 60.0   # section 7.12 (the sender's choice)
 WRITE_HIGH = 4 * 1024 * 1024         # section 7.15: unsent bytes above which reading waits
 LINGER = 2.0                          # section 7.13: how long to read after sending CLOSE
@@ -298,6 +305,8 @@ class Connection:
         self.queue = []        # requests waiting for a handler slot: (header, payload, data)
         self.running = 0
         self.slot_free = asyncio.Event()
+        self.direct_delay = None   # the grant's delay in ms once DIRECT is enabled (section 7.16)
+        self.direct_ids = set()    # DIRECT requests read and not answered
         self.draining = False
         self.established = False
         self.last_rx = time.monotonic()
@@ -361,7 +370,7 @@ class Connection:
     async def fill(self):
         """Reads more bytes; stops first while the handlers are all busy, or while the peer
         does not read what was written to it (section 7.15)."""
-        while self.queue or self.running >= HANDLER_LIMIT:
+        while self.queue or self.running >= HANDLER_LIMIT or len(self.direct_ids) >= DIRECT_LIMIT:
             self.slot_free.clear()
             await self.slot_free.wait()
             self.last_rx = time.monotonic()  # the silence does not count while not reading
@@ -615,11 +624,13 @@ class Connection:
     # --- the session (section 7) -------------------------------------------------------------
     async def session(self):
         self.phase = "in the session"
-        allowed = {TAG["MESSAGE"], TAG["KEEPALIVE"], TAG["KEEPALIVE_ACK"]}
+        allowed = {TAG["MESSAGE"], TAG["KEEPALIVE"], TAG["KEEPALIVE_ACK"], TAG["DIRECT"]}
         while True:
             tag, flags, segs = await self.next_frame(allowed)
             if tag == TAG["MESSAGE"]:
                 self.on_message(flags, segs)
+            elif tag == TAG["DIRECT"]:
+                self.on_direct(flags, segs)
             elif not self.features & F_KEEPALIVE:
                 raise Fatal("unexpectedFrame", "%s without the keepalive feature" % TAGS[tag])
             elif len(segs[0]) != 8:
@@ -692,6 +703,46 @@ class Connection:
             # outstanding request; it is discarded (section 7.5, point 6).
             self.log("discarded a %s for id %d" % (KINDS[kind], id_))
 
+    def on_direct(self, flags, segs):
+        """Section 7.16: phase and enabling first (R-7.16-2), then flags and the id (R-7.16-4),
+        then the id not in use (R-7.16-5); the echo service answers each with its own
+        segments after the grant's delay (section 12)."""
+        if not self.features & F_DIRECT:
+            raise Fatal("unexpectedFrame", "DIRECT without the direct feature (bit 4)")
+        if self.direct_delay is None:
+            raise Fatal("unexpectedFrame", "DIRECT before a service enabled it on this connection")
+        if flags:
+            raise Fatal("protocolViolation", "DIRECT frame flags %#x (0 in version 1)" % flags)
+        if len(segs[0]) < 8:
+            raise Fatal("malformedPayload", "a DIRECT segment 0 of %d bytes, shorter than its id" % len(segs[0]))
+        id_ = struct.unpack_from("<Q", segs[0])[0]
+        if id_ in self.direct_ids:
+            raise Fatal("protocolViolation", "DIRECT id %d is already in use by a request not yet answered" % id_)
+        self.direct_ids.add(id_)
+        answer = segs[:2]
+        if sum(len(x) for x in answer) > self.peer_limit:
+            raise Fatal("frameTooLarge", "the echo of DIRECT request %d exceeds the client's frame-size limit" % id_)
+        if self.direct_delay == 0:
+            self.answer_direct(id_, answer)
+        else:
+            task = asyncio.ensure_future(self.answer_direct_later(id_, answer))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def answer_direct(self, id_, segments):
+        self.send_frame(TAG["DIRECT"], segments, (0, 4096 if len(segments) > 1 else 0, 0, 0))
+        self.direct_ids.discard(id_)
+        self.slot_free.set()
+        self.maybe_finish_drain()
+
+    async def answer_direct_later(self, id_, segments):
+        try:
+            await asyncio.sleep(self.direct_delay / 1000)
+        except asyncio.CancelledError:
+            return
+        self.answer_direct(id_, segments)
+        await self.flush()
+
     def start_handler(self, h, payload, data):
         self.running += 1
         answered = [False]
@@ -749,7 +800,7 @@ class Connection:
         self.maybe_finish_drain()
 
     def maybe_finish_drain(self):
-        if self.draining and self.established and not self.serving and not self.closing:
+        if self.draining and self.established and not self.serving and not self.direct_ids and not self.closing:
             self.finish_drain()
 
     def finish_drain(self, force=False):
@@ -768,7 +819,7 @@ class Connection:
                 await asyncio.sleep(interval / 4)
                 if not self.established or not self.features & F_KEEPALIVE or self.closing:
                     continue
-                if self.queue or self.running >= HANDLER_LIMIT:
+                if self.queue or self.running >= HANDLER_LIMIT or len(self.direct_ids) >= DIRECT_LIMIT:
                     continue  # not reading: the silence does not count
                 silence = time.monotonic() - self.last_rx
                 if silence >= limit:
@@ -823,7 +874,18 @@ async def handle_work(conn, id_, req, data):
     return "parley.echo.v1.WorkDone", {"key": req.get("key", 0) & U64}, None
 
 
+async def handle_enable_direct(conn, id_, req, data):
+    # Section 12: enabled before the grant is answered (R-7.16-1); one grant per connection.
+    if not conn.features & F_DIRECT:
+        raise Answer("invalidArgument", "cannot use DIRECT frames: the direct feature was not negotiated")
+    if conn.direct_delay is not None:
+        raise Answer("invalidArgument", "DIRECT is already enabled on this connection")
+    conn.direct_delay = req.get("delayMs", 0)
+    return "parley.echo.v1.DirectGranted", {"delayMs": conn.direct_delay}, None
+
+
 HANDLERS = {
+    "parley.echo.v1.EnableDirect": handle_enable_direct,
     "parley.echo.v1.Ping": handle_ping,
     "parley.echo.v1.Echo": handle_echo,
     "parley.echo.v1.Count": handle_count,
