@@ -1011,7 +1011,7 @@ enum ConformanceChecks {
             try await expectPong(s, second, ", numbered as if the DIRECT frames before it were not there")
             guard s.seqFaults.isEmpty else { throw fail("the server's MESSAGEs numbered 1, 2, 3, ... around its DIRECT answers", s.seqFaults.joined(separator: "; ")) }
         },
-        ConformanceCheck("R-7.16-3", "a lossless session (bit 9) is not granted DIRECT (echo service: EnableDirect answered ERROR)") { c in
+        ConformanceCheck("R-7.16-3", "a lossless session (bit 9) is not granted DIRECT (echo service: EnableDirect answered ERROR invalidArgument)") { c in
             try c.requireEcho()
             try c.require(.reconnect, "lossless sessions (bit 9)")
             try c.require(.direct, "DIRECT frames (bit 4)")
@@ -1019,7 +1019,7 @@ enum ConformanceChecks {
             defer { s.peer.close() }
             let answer = try await s.answer(try await s.request(enableDirectType, Parley_Echo_V1_EnableDirect().parleyPayload()))
             if errorCode(answer) == .unknownMessageType { throw CheckSkip(reason: Self.noDirectEcho) }
-            guard answer.header.kind == .error else { throw fail("ERROR to EnableDirect in a lossless session", "\(answer.header.kind) \(answer.header.type)") }
+            guard errorCode(answer) == .invalidArgument else { throw fail("ERROR invalidArgument to EnableDirect in a lossless session", "\(answer.header.kind) \(answer.header.type) \(describe(answer))") }
         },
     ]
 

@@ -1,6 +1,7 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import Parley
+import Synchronization
 
 import Foundation
 
@@ -64,13 +65,24 @@ public enum EchoService {
         // DIRECT frames (docs/protocol.md 7.16): enabled before the grant is answered
         // (R-7.16-1); each request echoed in a DIRECT answer, after the grant's delay.
         router.on(Parley_Echo_V1_EnableDirect.self) { request, context in
+            guard request.delayMs <= Self.maxDirectDelayMs else {
+                throw ParleyError(code: .invalidArgument, message: "delay_ms \(request.delayMs) is over the echo service's limit of \(Self.maxDirectDelayMs)")
+            }
             let delay = Int(request.delayMs)
-            try context.connection.enableDirect { direct in
-                let answer = Self.directEcho(of: direct)
-                guard delay > 0 else { return direct.answer(answer) }
+            let connection = context.connection
+            let pending = DelayedAnswers()
+            try connection.enableDirect { direct in
+                guard delay > 0 else { return direct.answer(Self.directEcho(of: direct)) }
+                pending.add {
+                    try await Task.sleep(for: .milliseconds(delay))
+                    direct.answer(Self.directEcho(of: direct))
+                }
+            }
+            if delay > 0 {
+                // Answers still waiting when the connection ends are dropped, not kept.
                 Task {
-                    try? await Task.sleep(for: .milliseconds(delay))
-                    direct.answer(answer)
+                    _ = await connection.closed()
+                    pending.cancelAll()
                 }
             }
             var granted = Parley_Echo_V1_DirectGranted()
@@ -84,6 +96,10 @@ public enum EchoService {
             return slept
         }
     }
+
+    /// The longest an `EnableDirect` may ask DIRECT answers to wait, in milliseconds: a client
+    /// cannot make the server hold what it sent for longer (nor a drain wait longer).
+    public static let maxDirectDelayMs: UInt32 = 10_000
 
     /// The echo of a DIRECT request: its segment 0 as sent (the id, then the rest) and its
     /// segment 1, if it had one.
@@ -101,5 +117,40 @@ public enum EchoService {
         var router = ParleyRouter()
         self.register(on: &router, name: name, executionLog: executionLog)
         return router
+    }
+}
+
+/// The delayed DIRECT answers of one connection: tasks that sleep, then answer; all cancelled
+/// (their answers dropped) when the connection ends.
+final class DelayedAnswers: Sendable {
+    private struct State {
+        var tasks: [Int: Task<Void, Never>] = [:]
+        var next = 0
+        var cancelled = false
+    }
+    private let state = Mutex(State())
+
+    /// Runs `body` in a task of its own, unless the connection has ended.
+    func add(_ body: @escaping @Sendable () async throws -> Void) {
+        self.state.withLock { s in
+            guard !s.cancelled else { return }
+            let key = s.next
+            s.next += 1
+            // Made under the lock, so that it is in `tasks` before it can remove itself.
+            s.tasks[key] = Task {
+                try? await body()
+                self.state.withLock { _ = $0.tasks.removeValue(forKey: key) }
+            }
+        }
+    }
+
+    /// Cancels every waiting answer, and any added later.
+    func cancelAll() {
+        let tasks = self.state.withLock { s -> [Task<Void, Never>] in
+            s.cancelled = true
+            defer { s.tasks = [:] }
+            return Array(s.tasks.values)
+        }
+        tasks.forEach { $0.cancel() }
     }
 }

@@ -10,12 +10,6 @@ import Testing
 /// is not waiting for.
 @Suite(.timeLimit(.minutes(1)))
 struct DirectDrainTests {
-    /// [R-7.16-7] [R-7.16-8]: a service answers one DIRECT request twice (its mistake) while another is
-    /// still being served. The second answer is dropped and does not count the other request
-    /// out: a graceful shutdown waits for it, and its answer reaches the client before CLOSE.
-    /// (Counted out when the service answered rather than when the connection took the
-    /// answer, the request left in flight went uncounted, the drain closed the connection at
-    /// once, and the client's request failed with `shuttingDown`.)
     /// A server whose Ping grants DIRECT; each DIRECT request goes to `take` with an answer
     /// carrying back the request's kind (its header's first byte) in 8 bytes.
     static func startServer(
@@ -52,6 +46,12 @@ struct DirectDrainTests {
         answer.segments[0].getInteger(at: answer.segments[0].readerIndex + 8, endianness: .little, as: UInt64.self)
     }
 
+    /// [R-7.16-7] [R-7.16-8]: a service answers one DIRECT request twice (its mistake) while another is
+    /// still being served. The second answer is dropped and does not count the other request
+    /// out: a graceful shutdown waits for it, and its answer reaches the client before CLOSE.
+    /// (Counted out when the service answered rather than when the connection took the
+    /// answer, the request left in flight went uncounted, the drain closed the connection at
+    /// once, and the client's request failed with `shuttingDown`.)
     @Test func aSecondAnswerDoesNotCountAnotherRequestOut() async throws {
         let held = NIOLockedValueBox<ParleyDirectRequest?>(nil)
         let heldArrived = Signal()

@@ -183,10 +183,10 @@ public nonisolated struct Parley_Echo_V1_WorkDone: Sendable {
 
 /// Request: grants DIRECT frames (docs/protocol.md 7.16) on this connection, answered by
 /// DirectGranted once they are enabled, or by ERROR invalidArgument where they cannot be
-/// (feature bit 4 not negotiated, a lossless session, DIRECT already enabled). From then on
-/// each DIRECT request is answered, after delay_ms milliseconds, by a DIRECT frame with the
-/// request's own segment 0 (its id and the bytes after it, as sent) and its segment 1, if
-/// it had one.
+/// (feature bit 4 not negotiated, a lossless session, DIRECT already enabled, delay_ms over
+/// 10000). From then on each DIRECT request is answered, after delay_ms milliseconds, by a
+/// DIRECT frame with the request's own segment 0 (its id and the bytes after it, as sent)
+/// and its segment 1, if it had one.
 public nonisolated struct Parley_Echo_V1_EnableDirect: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for

@@ -60,7 +60,7 @@ pc.SCHEMA["parley.v1.AuthDone"] = pc.SCHEMA["parley.v1.AuthDone"][:4] + [
     (5, "cipher", "string", False), (6, "entity", "string", False)]
 
 # Section 12's DIRECT grant of the echo service.
-pc.SCHEMA["parley.echo.v1.EnableDirect"] = [(1, "delayMs", "uint32", False)]
+pc.SCHEMA["parley.echo.v1.EnableDirect"] = [(1, "delayMs", "uint32", False)]  # at most 10000
 pc.SCHEMA["parley.echo.v1.DirectGranted"] = [(1, "delayMs", "uint32", False)]
 
 F_STREAMS, F_KEEPALIVE, F_NOTICE, F_DATA = pc.F_STREAMS, pc.F_KEEPALIVE, pc.F_NOTICE, pc.F_DATA
@@ -720,9 +720,9 @@ class Connection:
             raise Fatal("protocolViolation", "DIRECT id %d is already in use by a request not yet answered" % id_)
         self.direct_ids.add(id_)
         answer = segs[:2]
-        if sum(len(x) for x in answer) > self.peer_limit:
-            raise Fatal("frameTooLarge", "the echo of DIRECT request %d exceeds the client's frame-size limit" % id_)
         if self.direct_delay == 0:
+            if sum(len(x) for x in answer) > self.peer_limit:
+                raise Fatal("frameTooLarge", "the echo of DIRECT request %d exceeds the client's frame-size limit" % id_)
             self.answer_direct(id_, answer)
         else:
             task = asyncio.ensure_future(self.answer_direct_later(id_, answer))
@@ -730,6 +730,11 @@ class Connection:
             task.add_done_callback(self.tasks.discard)
 
     def answer_direct(self, id_, segments):
+        """Section 12: when the answer is due; one over the client's limit cannot be sent."""
+        if sum(len(x) for x in segments) > self.peer_limit:
+            self.close_from_outside(Fatal("frameTooLarge", "the echo of DIRECT request %d exceeds the client's "
+                                          "frame-size limit" % id_))
+            return
         self.send_frame(TAG["DIRECT"], segments, (0, 4096 if len(segments) > 1 else 0, 0, 0))
         self.direct_ids.discard(id_)
         self.slot_free.set()
@@ -880,6 +885,8 @@ async def handle_enable_direct(conn, id_, req, data):
         raise Answer("invalidArgument", "cannot use DIRECT frames: the direct feature was not negotiated")
     if conn.direct_delay is not None:
         raise Answer("invalidArgument", "DIRECT is already enabled on this connection")
+    if req.get("delayMs", 0) > 10000:
+        raise Answer("invalidArgument", "delay_ms %d is over the echo service's limit of 10000" % req["delayMs"])
     conn.direct_delay = req.get("delayMs", 0)
     return "parley.echo.v1.DirectGranted", {"delayMs": conn.direct_delay}, None
 
