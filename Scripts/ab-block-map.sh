@@ -12,12 +12,14 @@
 #
 # Environment: RW (randread or randwrite; default randread), REPS (default 5), SECS (default
 # 3), A_ENV and B_ENV (VAR=value words for the map of A and of B: one build under two
-# settings), A_SERVER_ENV and B_SERVER_ENV (the same for the servers). FILE (an existing file)
+# settings; the word NBD_PORT in them becomes the NBD port of that run's server, for a map
+# that talks NBD to it: `B_ENV=PARLEY_PROTO_NBD=127.0.0.1:NBD_PORT:bench` with session 40's
+# prototype patch), A_SERVER_ENV and B_SERVER_ENV (the same for the servers). FILE (an existing file)
 # defaults to 1 GiB of random data made in the work directory; writes change it. The page
 # cache is warmed and the file synced before every run (leftover writeback would take a
 # write run's CPU).
 set -euo pipefail
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in --help|-h) usage; exit 0 ;; esac
 if [ $# -lt 2 ] || [ $# -gt 3 ]; then usage >&2; exit 2; fi
 for exe in "$1" "$2"; do [ -x "$exe" ] || { echo "ab-block-map: $exe is not an executable" >&2; exit 2; }; done
@@ -46,7 +48,7 @@ for rep in $(seq 1 "$reps"); do
     if [ "$config" != direct ]; then
       rm -rf "$work/state" "$work/map.sock"
       # shellcheck disable=SC2086
-      env ${map_env[$config]} "${exe[$config]}" block map --session ab --path "127.0.0.1:$block_port" --device bench \
+      env ${map_env[$config]//NBD_PORT/$nbd_port} "${exe[$config]}" block map --session ab --path "127.0.0.1:$block_port" --device bench \
         --nbd "unix:$work/map.sock" --state-dir "$work/state" > "$work/map.log" 2>&1 &
       map=$!; pids+=("$map")
       uri="nbd+unix:///bench?socket=$work/map.sock"
