@@ -976,8 +976,7 @@ enum ConformanceChecks {
             try await s.send(requests)
             let answers = try await directAnswers(s, ids: Set(ids), "answers to the 64 DIRECT requests")
             for request in requests {
-                let id = request.segments[0].getInteger(at: request.segments[0].readerIndex, endianness: .little, as: UInt64.self)!
-                try expectEcho(answers[id]!, of: request)
+                try expectEcho(answers[request.directID!]!, of: request)
             }
         },
         ConformanceCheck("R-7.16-5", "a second DIRECT request with the id of one not yet answered is refused (protocolViolation)") { c in
@@ -1065,7 +1064,7 @@ enum ConformanceChecks {
             let event = try await s.nextEvent()
             switch event {
             case .frame(let f) where f.tag == .direct:
-                guard let id = f.segments.first.flatMap({ $0.getInteger(at: $0.readerIndex, endianness: .little, as: UInt64.self) }) else {
+                guard let id = f.directID else {
                     throw fail(what, "a DIRECT answer whose segment 0 is shorter than an id: \(describe(f))")
                 }
                 guard ids.contains(id), answers[id] == nil else {
@@ -1083,7 +1082,7 @@ enum ConformanceChecks {
 
     /// The echo service's answer to `request`: its segment 0 and its segment 1, as sent.
     static func expectEcho(_ answer: Frame, of request: Frame) throws {
-        let id = request.segments[0].getInteger(at: request.segments[0].readerIndex, endianness: .little, as: UInt64.self)!
+        let id = request.directID!
         let sent = request.segments.map { Array($0.readableBytesView) }
         let got = answer.segments.map { Array($0.readableBytesView) }
         guard got == sent else {

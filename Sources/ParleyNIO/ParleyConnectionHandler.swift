@@ -499,7 +499,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// (server), or an answer for whoever waits for its id (client; one for an id not in
     /// flight is discarded, as an answer to a cancelled request is).
     private func receivedDirect(_ frame: Frame, context: ChannelHandlerContext) {
-        let id = frame.segments[0].getInteger(at: frame.segments[0].readerIndex, endianness: .little, as: UInt64.self)!
+        let id = frame.directID!
         guard self.session!.role == .server else {
             self.directWaiting.removeValue(forKey: id)?(.success(frame))
             return

@@ -90,18 +90,21 @@ import Testing
         return zip(bounds, bounds.dropFirst()).map { client.getSlice(at: $0, length: $1 - $0)! }
     }
 
-    /// Whether the server stream has answered every request, one-way Ping, DIRECT request and
+    /// Whether a server stream has answered every request, one-way Ping, DIRECT request and
     /// KEEPALIVE of the client stream `client` (a whole stream, or the parts sent so far).
-    static func complete(_ received: ByteBuffer, answering client: ByteBuffer) -> Bool {
+    /// The client stream is counted once, here; the check returned reads only what came.
+    static func completion(answering client: ByteBuffer) -> @Sendable (ByteBuffer) -> Bool {
         let sent = frames(in: client)
         let messages = sent.filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
         let wanted = messages.filter { $0.header.kind == .request || ($0.header.kind == .oneWay && $0.header.type == Parley_Echo_V1_Ping.protoMessageName) }.count
         let directs = sent.filter { $0.tag == .direct }.count
         let keepalive = sent.contains { $0.tag == .keepalive }
-        let got = frames(in: received)
-        let finals = got.filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
-            .filter { [.response, .error, .oneWay].contains($0.header.kind) }
-        return finals.count >= wanted && got.filter { $0.tag == .direct }.count >= directs && (!keepalive || got.contains { $0.tag == .keepaliveAck })
+        return { received in
+            let got = frames(in: received)
+            let finals = got.filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
+                .filter { [.response, .error, .oneWay].contains($0.header.kind) }
+            return finals.count >= wanted && got.filter { $0.tag == .direct }.count >= directs && (!keepalive || got.contains { $0.tag == .keepaliveAck })
+        }
     }
 
     /// The messages of the version-1 session.
@@ -145,8 +148,7 @@ import Testing
         for part in Self.parts(of: client) {
             var chunk = part
             sent.writeBuffer(&chunk)
-            let prefix = sent
-            steps.append((part, { Self.complete($0, answering: prefix) }))
+            steps.append((part, Self.completion(answering: sent)))
         }
         return try await peer.converse(steps, seconds: 10)
     }
@@ -157,7 +159,7 @@ import Testing
         let client = try Self.clientStream(version)
         try await withServer { _, addresses in
             let answer = try await Self.play(client, to: addresses[0])
-            try #require(Self.complete(answer, answering: client))
+            try #require(Self.completion(answering: client)(answer))
             try FileManager.default.createDirectory(at: Self.fixtures, withIntermediateDirectories: true)
             try Data(client.readableBytesView).write(to: Self.fixtures.appendingPathComponent("\(version)-client.bin"))
             try Data(answer.readableBytesView).write(to: Self.fixtures.appendingPathComponent("\(version)-server.bin"))
@@ -329,7 +331,7 @@ final class ReplayHandler: ChannelInboundHandler, @unchecked Sendable {
             switch frame.tag {
             case .clientIdent: self.identReceived = true
             case .direct:
-                if let id = frame.segments[0].getInteger(at: frame.segments[0].readerIndex, endianness: .little, as: UInt64.self) { self.directAnswered.insert(id) }
+                if let id = frame.directID { self.directAnswered.insert(id) }
             case .message:
                 if let m = try? WireMessage(frame: frame) {
                     if m.header.kind == .request { self.answered.insert(m.header.id) }
@@ -370,7 +372,7 @@ final class ReplayHandler: ChannelInboundHandler, @unchecked Sendable {
             }
             return self.answered.contains(m.header.id)
         case .direct:
-            guard let id = frame.segments[0].getInteger(at: frame.segments[0].readerIndex, endianness: .little, as: UInt64.self) else { return true }
+            guard let id = frame.directID else { return true }
             return self.directAnswered.contains(id)
         default: return true
         }

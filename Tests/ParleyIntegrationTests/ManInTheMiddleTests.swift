@@ -104,7 +104,7 @@ struct ManInTheMiddleTests {
             guard case .strayDirectAnswers = self, !fromClient, frame.tag == .direct, frame.segments[0].readableBytes >= 9 else { return [] }
             var stray = frame
             var head = ByteBuffer(bytes: frame.segments[0].readableBytesView)
-            head.setInteger(head.getInteger(at: 0, endianness: .little, as: UInt64.self)! &+ 1_000_000, at: 0, endianness: .little)
+            head.setInteger(frame.directID! &+ 1_000_000, at: 0, endianness: .little)
             head.setInteger(UInt8(99), at: 8)
             stray.segments[0] = head
             return [stray]

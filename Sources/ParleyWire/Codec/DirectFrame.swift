@@ -181,3 +181,12 @@ public struct DirectFrame: Sendable {
         return self.buffer
     }
 }
+
+extension Frame {
+    /// The direct id of a DIRECT frame (docs/protocol.md 7.16: bytes 0-7 of segment 0,
+    /// little-endian), or nil when segment 0 is shorter than an id.
+    @inlinable
+    public var directID: UInt64? {
+        self.segments[0].getInteger(at: self.segments[0].readerIndex, endianness: .little, as: UInt64.self)
+    }
+}
