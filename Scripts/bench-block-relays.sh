@@ -44,6 +44,9 @@ Options:
                        map-io       the map with --no-direct: every IO as a block protocol
                                     Io message instead of a DIRECT frame (docs/protocol.md
                                     17.9), the map before DIRECT IO
+                       map-unix     the map with its path over a Unix socket to the server
+                                    (fio -> Unix socket -> map -> Unix socket -> server):
+                                    compare with direct-unix, both hops local
                        map-apart    the same, with the map alone on the first CPU and the
                                     server and fio on the second (taskset) for its runs; the
                                     scheduler otherwise tends to stack the map and the server
@@ -91,7 +94,7 @@ for w in ${workloads//,/ }; do
   case "$w" in randread|randwrite) ;; *) echo "bench-block-relays: unknown workload $w" >&2; exit 2 ;; esac
 done
 for s in ${systems//,/ }; do
-  case "$s" in direct-tcp|direct-unix|socat|nbdkit-nbd|nio-relay|map|map-io|map-apart) ;; *) echo "bench-block-relays: unknown system $s" >&2; exit 2 ;; esac
+  case "$s" in direct-tcp|direct-unix|socat|nbdkit-nbd|nio-relay|map|map-io|map-unix|map-apart) ;; *) echo "bench-block-relays: unknown system $s" >&2; exit 2 ;; esac
 done
 if [ -n "$cpu_each" ]; then
   python3 -c "import sys; f = float(sys.argv[1]); sys.exit(0 if 0.1 <= f <= 1 else 1)" "$cpu_each" 2>/dev/null \
@@ -124,7 +127,7 @@ bench_workdir bench-block-relays
 bench_disk "$size"
 nbd_port=$(free_port); block_port=$(free_port)
 "$parley" block serve --export "bench=$work/disk.img,shared" --nbd "127.0.0.1:$nbd_port" --nbd "unix:$work/direct.sock" \
-  --listen "127.0.0.1:$block_port" > "$work/server.log" 2>&1 &
+  --listen "127.0.0.1:$block_port" --listen "unix:$work/block.sock" > "$work/server.log" 2>&1 &
 server=$!; pids+=("$server")
 wait_for "nbd://127.0.0.1:$nbd_port/bench"
 declare -A uri pid_of
@@ -143,10 +146,11 @@ for s in ${systems//,/ }; do
       "$parley" chaos --listen "unix:$work/nio-relay.sock" --to "127.0.0.1:$nbd_port" > "$work/nio-relay.log" 2>&1 &
       pid_of[nio-relay]=$!; pids+=($!)
       uri[nio-relay]="nbd+unix:///bench?socket=$work/nio-relay.sock" ;;
-    map|map-io|map-apart)
+    map|map-io|map-unix|map-apart)
       pin=(); [ "$s" = map-apart ] && pin=(taskset -c "$cpu_a")
       carrier=(); [ "$s" = map-io ] && carrier=(--no-direct)
-      "${pin[@]}" "$parley" block map --session "bench-$s" --path "127.0.0.1:$block_port" --device bench "${carrier[@]}" \
+      path="127.0.0.1:$block_port"; [ "$s" = map-unix ] && path="unix:$work/block.sock"
+      "${pin[@]}" "$parley" block map --session "bench-$s" --path "$path" --device bench "${carrier[@]}" \
         --nbd "unix:$work/$s.sock" --state-dir "$work/state-$s" > "$work/$s.log" 2>&1 &
       pid_of[$s]=$!; pids+=($!)
       uri[$s]="nbd+unix:///bench?socket=$work/$s.sock" ;;
