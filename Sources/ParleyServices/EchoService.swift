@@ -104,10 +104,8 @@ public enum EchoService {
     /// The echo of a DIRECT request: its segment 0 as sent (the id, then the rest) and its
     /// segment 1, if it had one.
     static func directEcho(of direct: ParleyDirectRequest) -> DirectFrame {
-        var answer = direct.answerFrame(headerLength: direct.header.readableBytes, dataLength: direct.data?.readableBytes)
-        for (i, byte) in direct.header.readableBytesView.enumerated() {
-            answer.setHeader(byte, at: DirectFrame.idSize + i)
-        }
+        var answer = DirectFrame(allocator: direct.connection.channelAllocator, id: direct.id, headerLength: direct.header.readableBytes,
+                                 dataLength: direct.data?.readableBytes) { $0.copyBytes(from: direct.header.readableBytesView) }
         if let data = direct.data { answer.writeData(data) }
         return answer
     }

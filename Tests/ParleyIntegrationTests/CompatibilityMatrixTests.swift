@@ -261,8 +261,9 @@ import Testing
                 let connection = client.connection
                 #expect(connection.mayUseDirect, "\(version)")
                 for r in Self.directRequests {
-                    var frame = DirectFrame(allocator: connection.channelAllocator, headerLength: r.header.count, dataLength: r.data?.readableBytes)
-                    for (i, byte) in r.header.enumerated() { frame.setHeader(byte, at: DirectFrame.idSize + i) }
+                    var frame = DirectFrame(allocator: connection.channelAllocator, headerLength: r.header.count, dataLength: r.data?.readableBytes) {
+                        $0.copyBytes(from: r.header)
+                    }
                     if let data = r.data { frame.writeData(data) }
                     let result = await withCheckedContinuation { c in connection.sendDirect(frame) { c.resume(returning: $0) } }
                     guard case .success(let answer) = result else {
