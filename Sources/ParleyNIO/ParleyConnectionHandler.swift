@@ -396,8 +396,27 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         var buffer = self.unwrapInboundIn(data)
         if var unread = self.unread {
             self.unread = nil  // so that `unread` is the only reference and grows in place
-            unread.writeBuffer(&buffer)
-            buffer = unread
+            if let step = self.decoder.bytesForNextStep, unread.readableBytes < step, self.peerReadsAnswers(context) {
+                // The end of the last read cut a preamble or a body: complete just that
+                // piece, in a buffer of its size, and decode what follows it where it
+                // arrived. Appending the whole read to the piece would copy every byte of
+                // it (and the storage the piece shares with frames still held) once more.
+                var piece = context.channel.allocator.buffer(capacity: step)
+                piece.writeBuffer(&unread)
+                var rest = buffer.readSlice(length: min(step - piece.readableBytes, buffer.readableBytes))!
+                piece.writeBuffer(&rest)
+                self.decode(&piece, context: context)
+                guard buffer.readableBytes > 0 else { return }
+                if var left = self.unread {
+                    // Not expected (the piece is one step), but never drop a byte.
+                    self.unread = nil
+                    left.writeBuffer(&buffer)
+                    buffer = left
+                }
+            } else {
+                unread.writeBuffer(&buffer)
+                buffer = unread
+            }
         }
         self.decode(&buffer, context: context)
     }

@@ -60,4 +60,22 @@ import Testing
         try ReadBurstFlushTests.burst(answers, into: channels.client)
         #expect(client.received.suffix(sent.count).map(\.header.id) == sent.map(\.header.id))
     }
+
+    /// The decoder's size of its next step, by which the handler completes only the piece a
+    /// read cut in crc mode: a preamble's 32 bytes, then the body's (segments and their
+    /// CRCs), then a preamble again; none for the banner or in secure mode.
+    @Test func bytesForNextStepFollowsThePreambleAndTheBody() throws {
+        #expect(WireDecoder(expectBanner: true).bytesForNextStep == nil, "the banner has no step size")
+        var decoder = WireDecoder(expectBanner: false)
+        #expect(decoder.bytesForNextStep == Frame.preambleSize)
+        let frame = Frame(tag: .message, segments: [ByteBuffer(bytes: [1, 2, 3]), ByteBuffer(bytes: [4, 5])])
+        var bytes = ByteBuffer()
+        bytes.writeFrame(frame)
+        var preamble = bytes.readSlice(length: Frame.preambleSize)!
+        #expect(try decoder.decode(buffer: &preamble) == nil)
+        #expect(decoder.bytesForNextStep == 3 + 2 + 4 * 2, "the body: 5 segment bytes and two CRCs")
+        #expect(decoder.bytesForNextStep == bytes.readableBytes)
+        #expect(try decoder.decode(buffer: &bytes) == .frame(frame))
+        #expect(decoder.bytesForNextStep == Frame.preambleSize)
+    }
 }

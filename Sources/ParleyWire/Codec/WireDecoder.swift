@@ -100,6 +100,21 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         }
     }
 
+    /// In crc mode, how many bytes the next step takes, counted from the first byte not
+    /// decoded yet: a preamble's 32, then the body's segments and CRCs. A reader that holds
+    /// the start of a piece cut by the end of a read completes just that piece from the next
+    /// read (`ParleyConnectionHandler`), and decodes what follows where it arrived, instead
+    /// of appending the whole next read to it. Nil where a step has no such size: the
+    /// banner, secure mode (a sealed body is opened as its pieces arrive), a failed decoder.
+    public var bytesForNextStep: Int? {
+        guard self.opener == nil else { return nil }
+        switch self.state {
+        case .preamble: return Frame.preambleSize
+        case .body(let preamble): return preamble.bodySize
+        case .banner, .bodyInPieces, .failed: return nil
+        }
+    }
+
     /// - Parameters:
     ///   - maxFrameSize: largest accepted sum of segment lengths.
     ///   - expectBanner: false to decode frames only (a capture that starts after the banner).
