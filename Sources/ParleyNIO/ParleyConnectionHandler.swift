@@ -91,6 +91,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private var decoder = WireDecoder()
     /// Bytes read but not decoded yet: the start of a frame whose end has not arrived.
     private var unread: ByteBuffer?
+    /// `unread` is a buffer of its own sized for the piece it gathers (`channelRead`), not
+    /// the rest of a read: the next read's bytes are appended to it in place.
+    private var unreadIsPiece = false
     /// Inside the decoding loop of `channelRead`.
     private var decoding = false
     /// Used once: dropped after the handshake, since what it captures (the caller's promise of
@@ -396,17 +399,29 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         var buffer = self.unwrapInboundIn(data)
         if var unread = self.unread {
             self.unread = nil  // so that `unread` is the only reference and grows in place
+            let ownPiece = self.unreadIsPiece
+            self.unreadIsPiece = false
             if let step = self.decoder.bytesForNextStep, unread.readableBytes < step, self.peerReadsAnswers(context) {
-                // The end of the last read cut a preamble or a body: complete just that
-                // piece, in a buffer of its size, and decode what follows it where it
-                // arrived. Appending the whole read to the piece would copy every byte of
-                // it (and the storage the piece shares with frames still held) once more.
-                var piece = context.channel.allocator.buffer(capacity: step)
-                piece.writeBuffer(&unread)
-                var rest = buffer.readSlice(length: min(step - piece.readableBytes, buffer.readableBytes))!
-                piece.writeBuffer(&rest)
-                self.decode(&piece, context: context)
-                guard buffer.readableBytes > 0 else { return }
+                // The end of a read cut a preamble or a body: complete just that piece, in a
+                // buffer of its size, and decode what follows it where it arrived. Appending
+                // the whole read to the piece would copy every byte of it (and the storage
+                // the piece shares with frames still held) once more. A piece longer than a
+                // read grows in its own buffer as its bytes arrive (never more than twice
+                // what arrived: a peer that declares a large frame and sends its first bytes
+                // holds no more than that).
+                if !ownPiece {
+                    let arrived = unread.readableBytes + buffer.readableBytes
+                    var piece = context.channel.allocator.buffer(capacity: min(step, max(arrived, 1 << 16)))
+                    piece.writeBuffer(&unread)
+                    unread = piece
+                }
+                var rest = buffer.readSlice(length: min(step - unread.readableBytes, buffer.readableBytes))!
+                unread.writeBuffer(&rest)
+                self.decode(&unread, context: context)
+                guard buffer.readableBytes > 0 else {
+                    self.unreadIsPiece = self.unread != nil
+                    return
+                }
                 if var left = self.unread {
                     // Not expected (the piece is one step), but never drop a byte.
                     self.unread = nil
@@ -441,6 +456,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             buffer.discardReadBytes()
         }
         self.unread = buffer
+        self.unreadIsPiece = false  // `channelRead` says when it is
     }
 
     private var isClosing: Bool {
