@@ -63,7 +63,7 @@ import Testing
 
     /// The decoder's size of its next step, by which the handler completes only the piece a
     /// read cut in crc mode: a preamble's 32 bytes, then the body's (segments and their
-    /// CRCs), then a preamble again; none for the banner or in secure mode.
+    /// CRCs), then a preamble again; none for the banner.
     @Test func bytesForNextStepFollowsThePreambleAndTheBody() throws {
         #expect(WireDecoder(expectBanner: true).bytesForNextStep == nil, "the banner has no step size")
         var decoder = WireDecoder(expectBanner: false)
