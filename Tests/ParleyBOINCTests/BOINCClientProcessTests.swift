@@ -82,7 +82,7 @@ struct BOINCClientProcessTests {
     /// back with another BOINC key: the client, holding the first, refuses the next job's
     /// program (-120) and reports that, which the store records as the job's failure.
     @Test(.timeLimit(.minutes(5))) func anUnmodifiedClientRunsASignedJobAndRefusesABadlySignedOne() async throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-client-\(UUID().uuidString)").path
+        let dir = testScratchPath("parley-boinc-client-\(UUID().uuidString)")
         try FileManager.default.createDirectory(atPath: dir + "/client", withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         #expect(try await Self.parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)

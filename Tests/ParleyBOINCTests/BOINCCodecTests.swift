@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import XMLCoder
 @testable import ParleyWorkBOINC
+import ParleyTestSupport
 
 /// Files under Tests/ParleyBOINCTests/Fixtures: requests a real boinc 7.20.5 client sent, a
 /// test key, and the research's example request.
@@ -59,7 +60,7 @@ struct BOINCTestFailure: Error, CustomStringConvertible {
     }
 
     @Test func keyFilesAreWrittenPrivateAndReadBack() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-keys-\(UUID().uuidString)").path
+        let dir = testScratchPath("parley-boinc-keys-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let key = try BOINCSigning.PrivateKey()
         try BOINCSigning.writeKeyPair(key, directory: dir)

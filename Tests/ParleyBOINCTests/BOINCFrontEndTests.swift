@@ -9,6 +9,7 @@ import ParleyWork
 import SwiftProtobuf
 import Testing
 @testable import ParleyWorkBOINC
+import ParleyTestSupport
 
 /// The front end in process, through its Hummingbird router (no sockets), on a SQLite store
 /// in a temporary directory.
@@ -22,7 +23,7 @@ struct BOINCBench {
     static let base = "http://127.0.0.1:9/"
 
     init(trust: Bool = true, keyring: ParleyKeyring? = nil, configure: (inout BOINCFrontEnd.Configuration) -> Void = { _ in }) throws {
-        self.directory = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-\(UUID().uuidString)").path
+        self.directory = testScratchPath("parley-boinc-\(UUID().uuidString)")
         try FileManager.default.createDirectory(atPath: self.directory, withIntermediateDirectories: true)
         self.store = try SQLiteWorkStore(path: self.directory + "/work.sqlite")
         self.boincKey = try BOINCSigning.PrivateKey(text: String(decoding: try boincFixture("test_code_sign_private"), as: UTF8.self))
@@ -477,7 +478,7 @@ func elements(_ tag: String, in text: String) -> [String] {
 
     @Test func theProgramRunsTheJob() async throws {
         // The generated program, run here by sh in a directory laid out as a BOINC slot.
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-slot-\(UUID().uuidString)").path
+        let dir = testScratchPath("parley-boinc-slot-\(UUID().uuidString)")
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         var spec = echoSpec(outputs: ["sub/out.txt"], inputs: [("a/in.txt", Array("abc\n".utf8))])
@@ -527,7 +528,7 @@ struct FailingStore: WorkStore {
 
 @Suite struct BOINCStoreFailureTests {
     @Test func aFailingStoreGets503AndTheClientRetriesLater() async throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-boinc-down-\(UUID().uuidString)").path
+        let dir = testScratchPath("parley-boinc-down-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let key = try BOINCSigning.PrivateKey(text: String(decoding: try boincFixture("test_code_sign_private"), as: UTF8.self))
         var logger = Logger(label: "boinc-test")

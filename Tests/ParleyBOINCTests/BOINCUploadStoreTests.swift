@@ -7,6 +7,7 @@ import Testing
 @testable import ParleyWorkBOINC
 #if canImport(Glibc)
 import Glibc
+import ParleyTestSupport
 #endif
 
 /// The upload store's file work runs on a blocking pool with a lock per file: a call stuck
@@ -23,7 +24,7 @@ struct BOINCUploadStoreTests {
     }
 
     @Test func aCallStuckOnOneFileHoldsUpNoOther() async throws {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("boinc-uploads-\(UUID().uuidString)").path
+        let directory = testScratchPath("boinc-uploads-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let pool = NIOThreadPool(numberOfThreads: 2)
         pool.start()

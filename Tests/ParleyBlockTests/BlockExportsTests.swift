@@ -6,6 +6,7 @@ import Synchronization
 import Testing
 #if canImport(Glibc)
 import Glibc
+import ParleyTestSupport
 #endif
 
 /// Unit tests of export specifications, the export catalog, the device table and the file
@@ -23,7 +24,7 @@ extension BlockExportsTests {
         let path: String
 
         init() throws {
-            let base = FileManager.default.temporaryDirectory.path + "/parley-exports-\(UUID().uuidString)"
+            let base = testScratchPath("parley-exports-\(UUID().uuidString)")
             try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
             self.path = try #require(TempDir.realPath(base))
         }

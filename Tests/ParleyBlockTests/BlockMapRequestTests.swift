@@ -2,6 +2,7 @@ import Foundation
 import Parley
 @testable import ParleyBlock
 import Testing
+import ParleyTestSupport
 
 
 /// RNBD's `map_device` words, as `parley block map --rnbd` reads them.
@@ -52,7 +53,7 @@ import Testing
     }
 
     static func directory(mode: mode_t = 0o700) throws -> String {
-        let path = FileManager.default.temporaryDirectory.path + "/parley-records-\(UUID().uuidString)"
+        let path = testScratchPath("parley-records-\(UUID().uuidString)")
         #expect(mkdir(path, mode) == 0)
         #expect(chmod(path, mode) == 0)
         return path

@@ -10,7 +10,7 @@ import Glibc
 final class ScratchDirectory: @unchecked Sendable {
     let path: String
     init(_ label: String = "block") throws {
-        let base = FileManager.default.temporaryDirectory.appendingPathComponent("parley-\(label)-\(UUID().uuidString.prefix(8))")
+        let base = URL(fileURLWithPath: testScratchPath("parley-\(label)-\(UUID().uuidString.prefix(8))"))
         try FileManager.default.createDirectory(at: base, withIntermediateDirectories: true)
         self.path = base.path
     }

@@ -121,7 +121,7 @@ final class RawSocket: @unchecked Sendable {
     static func withFrontEnd(
         callTimeout: Duration = .seconds(20), grace: Duration = .seconds(60), _ body: (_ port: Int, _ password: String, _ store: SQLiteWorkStore) async throws -> Void
     ) async throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bb-listener-\(UUID().uuidString)").path
+        let dir = testScratchPath("bb-listener-\(UUID().uuidString)")
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let key = (0..<32).map { UInt8($0) }

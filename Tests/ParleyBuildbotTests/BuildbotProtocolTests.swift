@@ -5,6 +5,7 @@ import Parley
 import ParleyWork
 import Testing
 @testable import ParleyWorkBuildbot
+import ParleyTestSupport
 
 /// The sans-IO parts of the Buildbot front end: message shapes, sequence numbers, updates,
 /// the translation of Parley commands, and logins against a keyring.
@@ -136,7 +137,7 @@ import Testing
     }
 
     @Test func loginsAreJudgedAgainstTheKeyring() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bb-auth-\(UUID().uuidString)").path
+        let dir = testScratchPath("bb-auth-\(UUID().uuidString)")
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/keyring.json"
@@ -253,7 +254,7 @@ import Testing
     }
 
     @Test func uploadTimesThatAreNoTimesAreRefused() async throws {
-        let path = NSTemporaryDirectory() + "bb-times-\(UUID().uuidString.prefix(8))"
+        let path = testScratchPath("bb-times-\(UUID().uuidString.prefix(8))")
         try Data("x".utf8).write(to: URL(fileURLWithPath: path))
         defer { try? FileManager.default.removeItem(atPath: path) }
         let file = WorkFileTransfer(path: path)

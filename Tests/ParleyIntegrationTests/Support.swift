@@ -235,9 +235,7 @@ func frames(in bytes: ByteBuffer) -> [Frame] {
 }
 
 func temporaryPath(_ name: String) -> String {
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("parley-tests-\(getpid())")
-    try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    return dir.appendingPathComponent(name).path
+    testScratchPath(name)
 }
 
 // MARK: - Real processes and keyrings (secure-mode tests)

@@ -67,3 +67,23 @@ public struct ParleyTestFailure: Error, CustomStringConvertible {
     public var description: String
     public init(_ description: String) { self.description = description }
 }
+
+/// Where a test process keeps its files: one directory per process, `/tmp/parley-tests-PID`,
+/// removed with everything in it when the process exits, unless `PARLEY_KEEP_TEST_FILES` is
+/// set (then its path is printed, for looking at what a run left: servers' logs, stores).
+/// A process that crashes leaves it behind, as it is.
+public let testScratchRoot: String = {
+    let root = FileManager.default.temporaryDirectory.appendingPathComponent("parley-tests-\(getpid())").path
+    try? FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+    atexit {
+        if getenv("PARLEY_KEEP_TEST_FILES") != nil {
+            print("test files kept in \(testScratchRoot) (PARLEY_KEEP_TEST_FILES is set)")
+        } else {
+            try? FileManager.default.removeItem(atPath: testScratchRoot)
+        }
+    }
+    return root
+}()
+
+/// A path for a test's file or directory under `testScratchRoot` (not created).
+public func testScratchPath(_ name: String) -> String { testScratchRoot + "/" + name }

@@ -23,7 +23,7 @@ struct CommandRig {
     let logger: Logger
 
     static func start(accept: Bool = true, relay: Bool = true, interruptGrace: Duration = .seconds(5)) async throws -> CommandRig {
-        let dir = NSTemporaryDirectory() + "work-commands-\(UUID().uuidString.prefix(8))"
+        let dir = testScratchPath("work-commands-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
         var quiet = Logger(label: "test")
@@ -115,7 +115,7 @@ final class MemoryTransfer: WorkTransfer {
     }
 
     @Test func symbolicLinksOutAreRefusedAndLinksInAreNot() throws {
-        let root = NSTemporaryDirectory() + "command-paths-\(UUID().uuidString.prefix(8))"
+        let root = testScratchPath("command-paths-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(atPath: root + "/inside", withIntermediateDirectories: true)
         let real = try #require(CommandPaths.realpath(root))
         try FileManager.default.createSymbolicLink(atPath: real + "/out", withDestinationPath: "/etc")
@@ -225,7 +225,7 @@ final class MemoryTransfer: WorkTransfer {
 
     /// A job's report carries its CPU time: a busy loop's is counted, a sleep's is not.
     @Test func theRunnerMeasuresCPUTime() async throws {
-        let dir = NSTemporaryDirectory()
+        let dir = testScratchRoot
         var busy = Parley_Work_V1_JobSpec()
         busy.argv = ["/bin/sh", "-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"]
         let spent = try await JobRunner.run(busy, directory: dir, maxWall: .seconds(60), maxOutput: 100)
@@ -298,7 +298,7 @@ final class MemoryTransfer: WorkTransfer {
         let (_, sent) = try await rig.run(upload, transfer: sink)
         #expect(sent.exitStatus == 0 && sent.size == UInt64(content.count) && sink.bytes.withLockedValue { $0 } == content, "\(sent.error)")
         // To a file on the master's side too.
-        let local = NSTemporaryDirectory() + "upload-\(UUID().uuidString.prefix(8))"
+        let local = testScratchPath("upload-\(UUID().uuidString.prefix(8))")
         _ = try await rig.run(upload, transfer: WorkFileTransfer(path: local))
         #expect(FileManager.default.contents(atPath: local) == Data(content))
 
@@ -326,10 +326,10 @@ final class MemoryTransfer: WorkTransfer {
         var command = Parley_Work_V1_Command()
         command.uploadDirectory.path = "tree"
         command.uploadDirectory.chunkSize = 4096
-        let tarPath = NSTemporaryDirectory() + "tree-\(UUID().uuidString.prefix(8)).tar"
+        let tarPath = testScratchPath("tree-\(UUID().uuidString.prefix(8)).tar")
         let (_, sent) = try await rig.run(command, transfer: WorkFileTransfer(path: tarPath))
         #expect(sent.exitStatus == 0 && sent.size % 512 == 0 && sent.size > 70_001, "\(sent)")
-        let out = NSTemporaryDirectory() + "untar-\(UUID().uuidString.prefix(8))"
+        let out = testScratchPath("untar-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
         let untar = try await runProcess("/bin/tar", ["-xf", tarPath, "-C", out], seconds: 30)
         #expect(untar.status == 0, "\(untar.combined)")

@@ -6,6 +6,7 @@ import ParleyWire
 import ParleyWork
 import SwiftProtobuf
 import Testing
+import ParleyTestSupport
 
 /// A master in this process on a fresh SQLite store, trusting a fresh key, and a client
 /// connected to it.
@@ -17,7 +18,7 @@ struct InProcessMaster {
     let client: ParleyClient
 
     static func start(maxLeasesPerWorker: Int? = nil) async throws -> InProcessMaster {
-        let dir = NSTemporaryDirectory() + "work-service-\(UUID().uuidString.prefix(8))"
+        let dir = testScratchPath("work-service-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
         let key = WorkSigning.PrivateKey()

@@ -4,6 +4,7 @@ import ParleyWire
 @testable import ParleyWork
 import SwiftProtobuf
 import Testing
+import ParleyTestSupport
 
 /// Ed25519 job signing: jobs, key rotation, key files.
 @Suite struct WorkSigningTests {
@@ -34,7 +35,7 @@ import Testing
     }
 
     @Test func keyFilesRoundTripAndTheirMistakesAreNamed() throws {
-        let dir = NSTemporaryDirectory() + "work-keys-\(UUID().uuidString.prefix(8))"
+        let dir = testScratchPath("work-keys-\(UUID().uuidString.prefix(8))")
         let key = WorkSigning.PrivateKey()
         try WorkSigning.writeKeyPair(key, directory: dir)
         defer { try? FileManager.default.removeItem(atPath: dir) }

@@ -4,6 +4,7 @@ import Logging
 @testable import ParleyWork
 import PostgresNIO
 import Testing
+import ParleyTestSupport
 
 /// The stores a test runs on: SQLite always; PostgreSQL when PARLEY_TEST_POSTGRES names a
 /// server (`Scripts/postgres-for-tests.sh start` prints one; `.ci/run` starts it), each test
@@ -57,7 +58,7 @@ enum TestPostgres {
 /// The job stores: migrations, claims, exactly-once acceptance, expiry, persistence.
 @Suite struct SQLiteWorkStoreTests {
     static func freshPath() -> String {
-        let dir = NSTemporaryDirectory() + "work-store-\(UUID().uuidString.prefix(8))"
+        let dir = testScratchPath("work-store-\(UUID().uuidString.prefix(8))")
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         return dir + "/jobs.sqlite"
     }
