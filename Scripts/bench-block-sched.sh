@@ -13,14 +13,15 @@
 #
 # LIST: comma-separated settings, each POLICY or POLICY+hpNS, POLICY one of normal (what
 # processes get by default), batch (SCHED_BATCH: a woken task does not preempt the running
-# one), services-batch (SCHED_BATCH for the map and the server, fio normal), fifo
-# (SCHED_FIFO 1 for the map and the server, fio normal); hpNS sets guest_halt_poll_ns to NS
-# for that setting's runs (restored at exit). Default: normal,batch,normal+hp200000,
-# batch+hp200000 (halt polling settings are skipped with a note where it is not writable).
+# one), services-batch (SCHED_BATCH for the map and the server, fio normal), client-batch
+# (SCHED_BATCH for fio only), fifo (SCHED_FIFO 1 for the map and the server, fio normal);
+# hpNS sets guest_halt_poll_ns to NS for that setting's runs (restored at exit). Default:
+# normal,batch,normal+hp200000,batch+hp200000 (halt polling settings are skipped with a
+# note where it is not writable).
 # PARLEY: the parley executable (default .build/release/parley). FILE: an existing file to
 # export (default 1 GiB of random data in the work directory). Needs fio, python3, chrt.
 set -euo pipefail
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 settings="normal,batch,normal+hp200000,batch+hp200000" reps=5 secs=3 rw=randread file= parley=.build/release/parley
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -43,7 +44,7 @@ halt=/sys/module/haltpoll/parameters/guest_halt_poll_ns
 IFS=, read -r -a wanted <<< "$settings"
 list=()
 for s in "${wanted[@]}"; do
-  case "${s%%+*}" in normal|batch|services-batch|fifo) ;; *) echo "bench-block-sched: unknown policy in setting $s (see --help)" >&2; exit 2 ;; esac
+  case "${s%%+*}" in normal|batch|services-batch|client-batch|fifo) ;; *) echo "bench-block-sched: unknown policy in setting $s (see --help)" >&2; exit 2 ;; esac
   if [[ "$s" == *+hp* ]]; then
     ns=${s#*+hp}
     [[ "$ns" =~ ^[0-9]+$ ]] || { echo "bench-block-sched: setting $s: hp takes nanoseconds" >&2; exit 2; }
@@ -68,6 +69,7 @@ for rep in $(seq 1 "$reps"); do
     case "$policy" in
       batch) svc=(chrt -b 0); client=(chrt -b 0) ;;
       services-batch) svc=(chrt -b 0) ;;
+      client-batch) client=(chrt -b 0) ;;
       fifo) svc=(chrt -f 1) ;;
     esac
     if [[ "$s" == *+hp* ]]; then echo "${s#*+hp}" > "$halt"; elif [ -n "$halt_before" ] && [ -w "$halt" ]; then echo "$halt_before" > "$halt"; fi
