@@ -244,6 +244,7 @@ let package = Package(
             name: "ParleyIntegrationTests",
             dependencies: [
                 "Parley", "ParleyServices", "ParleyWire", "ParleyNIO", "ParleyTestSupport", "ParleyChaos", "ParleyWork", "ParleyConformance",
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),

@@ -213,7 +213,7 @@ public final class ParleyConnection: Sendable {
     /// Lossless: the session of the connection, counted from 0; a reset starts the next
     /// (changed under the state lock, read without it: every answer checks it).
     private let epochs = Atomic<UInt64>(0)
-    private let metrics = ConnectionMetrics()
+    private let metrics: ConnectionMetrics
     /// Messages received from the peer: the idle timer compares the count between ticks.
     private let messagesReceived = Atomic<UInt64>(0)
     /// Server side: what takes the DIRECT requests of this connection, once enabled.
@@ -302,8 +302,9 @@ public final class ParleyConnection: Sendable {
         outlet: ParleyConnectionHandler.Outlet, router: ParleyRouter, limits: ParleyConnectionLimits,
         logger: Logger, onNotice: (@Sendable (ParleyNucleus) -> Void)? = nil, onClose: (@Sendable (ParleyError) -> Void)? = nil,
         lossless: LosslessSession? = nil, onLinkLost: (@Sendable (ParleyError) -> Void)? = nil,
-        sentEarly: SentEarly? = nil
+        sentEarly: SentEarly? = nil, metricsFactory: (any MetricsFactory)? = nil
     ) {
+        self.metrics = ConnectionMetrics(factory: metricsFactory ?? MetricsSystem.factory)
         self.session = session
         self.role = role
         self.channel = channel
@@ -840,8 +841,9 @@ public final class ParleyConnection: Sendable {
                 return
             }
             handler(ParleyDirectRequest(frame: frame, connection: self, started: self.metrics.start()))
-        case .directAnswered:
+        case .directAnswered(let started):
             self.directAnswered()
+            self.metrics.handled(since: started)
         }
     }
 
@@ -887,12 +889,11 @@ public final class ParleyConnection: Sendable {
     }
 
     /// A DIRECT answer from the service, to be written. The request stops counting as in
-    /// flight when the handler has taken the answer for an id in flight (`directAnswered`),
-    /// on the event loop: not here, where a second answer to one request (a service's
-    /// mistake, dropped by the handler) would count it out twice.
+    /// flight, and counts as handled, when the handler has taken the answer for an id in
+    /// flight (`directAnswered`), on the event loop: not here, where a second answer to one
+    /// request (a service's mistake, dropped by the handler) would count it twice.
     fileprivate func answerDirect(_ frame: DirectFrame, started: ContinuousClock.Instant?) {
-        self.outlet.write(.directAnswer(frame))
-        self.metrics.handled(since: started)
+        self.outlet.write(.directAnswer(frame, started: started))
     }
 
     /// The handler took the answer to a DIRECT request in flight (on the event loop).
@@ -1460,14 +1461,22 @@ public struct ParleyResponseStream<Item: SwiftProtobuf.Message & Sendable, Final
 
 /// swift-metrics instruments of a connection's request handling.
 struct ConnectionMetrics: Sendable {
-    let handledCount = Counter(label: "parley_requests_handled_total")
-    let failed = Counter(label: "parley_requests_failed_total")
-    let latency = Metrics.Timer(label: "parley_request_duration")
+    let handledCount: Counter
+    let failed: Counter
+    let latency: Metrics.Timer
     /// Whether handlers are timed: only when a metrics backend was bootstrapped before the
-    /// connection was made. Without one the durations go nowhere, and their two clock reads
-    /// per request were 2.4% of the samples of a server's event loop answering 64 B echoes
-    /// (session 17's profile of secure 64 B pipelined).
-    let timed = !(MetricsSystem.factory is NOOPMetricsHandler)
+    /// connection was made (or one is given). Without one the durations go nowhere, and
+    /// their two clock reads per request were 2.4% of the samples of a server's event loop
+    /// answering 64 B echoes (session 17's profile of secure 64 B pipelined).
+    let timed: Bool
+
+    /// Instruments of `factory` (the bootstrapped backend unless a server is given its own).
+    init(factory: any MetricsFactory) {
+        self.handledCount = Counter(label: "parley_requests_handled_total", factory: factory)
+        self.failed = Counter(label: "parley_requests_failed_total", factory: factory)
+        self.latency = Metrics.Timer(label: "parley_request_duration", factory: factory)
+        self.timed = !(factory is NOOPMetricsHandler)
+    }
 
     /// When a handler starts; nil when handlers are not timed.
     func start() -> ContinuousClock.Instant? { self.timed ? .now : nil }

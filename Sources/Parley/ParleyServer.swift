@@ -62,6 +62,11 @@ public final class ParleyServer: Service, Sendable {
         /// Connections served at once; one more is closed as soon as it is accepted (a peer
         /// opening connections without end would otherwise take every file descriptor).
         public var maxConnections = ParleyServer.defaultMaxConnections
+        /// The swift-metrics backend the connections record into (requests handled and
+        /// failed, handler durations); nil: the one bootstrapped for the process
+        /// (`MetricsSystem`). A server of its own backend beside others in one process
+        /// (tests) sets it.
+        public var metricsFactory: (any MetricsFactory)? = nil
 
         public init(
             listen: [ParleyAddress] = [.tcp(host: "127.0.0.1", port: ParleyAddress.defaultPort)],
@@ -520,7 +525,8 @@ public final class ParleyServer: Service, Sendable {
                 for connection in evicted {
                     connection.finish(ParleyError(code: .connectionClosed, message: "forgotten: more than \(self.configuration.maxDetachedSessions) sessions were waiting for their clients"))
                 }
-            }
+            },
+            metricsFactory: self.configuration.metricsFactory
         )
         let key = ObjectIdentifier(connection)
         connectionKey.withLockedValue { $0 = key }

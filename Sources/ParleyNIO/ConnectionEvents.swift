@@ -11,10 +11,11 @@ public enum ConnectionEvent: Sendable {
     /// until a `directAnswer` with that id is written.
     case direct(Frame)
     /// Server side: the answer to a DIRECT request in flight was handed to the channel, and
-    /// its id is no longer in flight. A second answer to the same id (a service's mistake)
-    /// is dropped and raises nothing, so that the connection's count of requests in flight
-    /// (what a drain waits for) stays right.
-    case directAnswered
+    /// its id is no longer in flight; `started` is what its `directAnswer` carried. A second
+    /// answer to the same id (a service's mistake) is dropped and raises nothing, so that
+    /// the connection's count of requests in flight (what a drain waits for) and of requests
+    /// handled stay right.
+    case directAnswered(started: ContinuousClock.Instant?)
 }
 
 /// Client side: how a DIRECT request ends: the answer's frame (segment 0 starts with the id),
@@ -32,8 +33,9 @@ public enum ConnectionCommand: Sendable {
     /// Server side: a service takes DIRECT requests on this connection from now on (fails
     /// without feature bit 4 or in a lossless session).
     case enableDirect
-    /// Server side: the answer to the DIRECT request with the frame's id.
-    case directAnswer(DirectFrame)
+    /// Server side: the answer to the DIRECT request with the frame's id; `started` (when
+    /// the request was received, if handlers are timed) comes back in `directAnswered`.
+    case directAnswer(DirectFrame, started: ContinuousClock.Instant?)
     /// Client side: a DIRECT request; the connection gives it its id (the frame's is
     /// overwritten) and calls `completion` with the answer.
     case directRequest(DirectFrame, DirectCompletion)

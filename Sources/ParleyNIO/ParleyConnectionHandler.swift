@@ -754,7 +754,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             } catch {
                 promise?.fail(error)
             }
-        case .directAnswer(let frame):
+        case .directAnswer(let frame, let started):
             guard self.directLedger != nil, case .known(let resume) = self.directLedger!.answered(frame.id) else {
                 promise?.fail(ParleyError(code: .invalidArgument, message: "no DIRECT request \(frame.id) is waiting for an answer"))
                 return
@@ -769,7 +769,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                 self.failConnection(error, tellPeer: true, context: context)
                 return
             }
-            self.sink?.received(.directAnswered)
+            self.sink?.received(.directAnswered(started: started))
             if resume { self.setDirectPaused(false) }
         case .directRequest(var frame, let completion):
             guard self.session!.role == .client else {

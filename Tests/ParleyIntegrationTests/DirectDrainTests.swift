@@ -1,3 +1,4 @@
+import MetricsTestKit
 import NIOConcurrencyHelpers
 import NIOCore
 import Parley
@@ -13,6 +14,7 @@ struct DirectDrainTests {
     /// A server whose Ping grants DIRECT; each DIRECT request goes to `take` with an answer
     /// carrying back the request's kind (its header's first byte) in 8 bytes.
     static func startServer(
+        metrics: TestMetrics? = nil,
         _ take: @escaping @Sendable (_ direct: ParleyDirectRequest, _ answer: DirectFrame, _ kind: UInt8?) -> Void
     ) async throws -> (server: ParleyServer, task: Task<Void, any Error>, address: ParleyAddress) {
         var router = ParleyRouter()
@@ -28,7 +30,8 @@ struct DirectDrainTests {
             pong.sequence = request.sequence
             return pong
         }
-        let configuration = ParleyServer.Configuration(listen: [.tcp(host: "127.0.0.1", port: 0)])
+        var configuration = ParleyServer.Configuration(listen: [.tcp(host: "127.0.0.1", port: 0)])
+        configuration.metricsFactory = metrics
         let server = ParleyServer(configuration: configuration, router: router, logger: quietLogger)
         let task = Task { try await server.run() }
         return (server, task, try await server.listeningAddresses[0])
@@ -51,11 +54,14 @@ struct DirectDrainTests {
     /// out: a graceful shutdown waits for it, and its answer reaches the client before CLOSE.
     /// (Counted out when the service answered rather than when the connection took the
     /// answer, the request left in flight went uncounted, the drain closed the connection at
-    /// once, and the client's request failed with `shuttingDown`.)
+    /// once, and the client's request failed with `shuttingDown`.) Nor is it counted as a
+    /// request handled: the server's metrics count the Ping and the two DIRECT requests, and
+    /// time each of them.
     @Test func aSecondAnswerDoesNotCountAnotherRequestOut() async throws {
         let held = NIOLockedValueBox<ParleyDirectRequest?>(nil)
         let heldArrived = Signal()
-        let (server, task, address) = try await Self.startServer { direct, answer, kind in
+        let metrics = TestMetrics()
+        let (server, task, address) = try await Self.startServer(metrics: metrics) { direct, answer, kind in
             if kind == 1 {
                 direct.answer(answer)
                 direct.answer(answer)  // the mistake
@@ -103,6 +109,10 @@ struct DirectDrainTests {
         // Then the drain ends the connection with CLOSE and the server stops.
         #expect(await connection.closed().code == .shuttingDown)
         try await task.value
+        let handled = metrics.counters(label: "parley_requests_handled_total").reduce(0) { $0 + $1.totalValue }
+        #expect(handled == 3, "requests handled: the Ping and two DIRECT requests, one of them answered twice")
+        let timed = metrics.timers(label: "parley_request_duration").reduce(0) { $0 + $1.values.count }
+        #expect(timed == 3, "handler durations recorded")
     }
 
     /// [R-7.16-6]: a DIRECT answer whose id is not that of a request the client waits for is
