@@ -64,8 +64,8 @@ public final class ParleyServer: Service, Sendable {
         public var maxConnections = ParleyServer.defaultMaxConnections
         /// The swift-metrics backend the connections record into (requests handled and
         /// failed, handler durations); nil: the one bootstrapped for the process
-        /// (`MetricsSystem`). A server of its own backend beside others in one process
-        /// (tests) sets it.
+        /// (`MetricsSystem`). Set it to give one server a backend of its own beside others
+        /// in the same process (as tests do).
         public var metricsFactory: (any MetricsFactory)? = nil
 
         public init(

@@ -59,7 +59,7 @@ struct CommandTests {
     /// quietly, killed by SIGPIPE or (once NIO ignores SIGPIPE) with status 141, instead of
     /// crashing in FileHandle.write on the EPIPE.
     @Test func outputToAClosedPipeEndsQuietly() async throws {
-        let socket = temporaryPath("pipe.sock")
+        let socket = testScratchPath("pipe.sock")
         _ = try await Self.withServe(["--listen", "unix:\(socket)"]) {
             try await Self.waitForSocket(socket)
             let process = Process()
@@ -92,7 +92,7 @@ struct CommandTests {
         // Against the real server: handshake, Ping, Echo with a data segment, 50 pipelined
         // requests, a stream, a cancelled stream, an unknown type, a one-way message, a
         // KEEPALIVE, the nucleus, and CLOSE.
-        let socket = temporaryPath("python.sock")
+        let socket = testScratchPath("python.sock")
         let (out, status) = try await Self.withServe(["--listen", "unix:\(socket)", "--message", "hello from swift", "--name", "interop"]) {
             try await Self.waitForSocket(socket)
             return try await Self.run([script, "unix:\(socket)"], executable: python)
@@ -133,7 +133,7 @@ struct CommandTests {
         let b = try await Self.run(["serve", "--listen", "[::1]"])
         #expect(b.status != 0)
         #expect(b.stderr.contains("bad address"))
-        let c = try await Self.run(["ping", "unix:" + temporaryPath("nobody-here.sock"), "--count", "1"])
+        let c = try await Self.run(["ping", "unix:" + testScratchPath("nobody-here.sock"), "--count", "1"])
         #expect(c.status == 2)
         #expect(c.stdout.contains("cannot connect"))
     }
@@ -205,7 +205,7 @@ struct CommandTests {
             (try? FileManager.default.attributesOfItem(atPath: path)[.type] as? FileAttributeType) == .typeCharacterSpecial
         }
         if isCharacterDevice("/dev/full") {
-            let socket = temporaryPath("full.sock")
+            let socket = testScratchPath("full.sock")
             let (ping, _) = try await Self.withServe(["--listen", "unix:\(socket)"]) {
                 try await Self.waitForSocket(socket)
                 return try await Self.run(["-c", "'\(parley)' ping unix:\(socket) --count 1 --capture-in /dev/full; echo status=$?"], executable: "/bin/sh")
@@ -216,16 +216,16 @@ struct CommandTests {
         }
 
         // A capture into a FIFO nobody reads fails at once (it used to block the event loop).
-        let unread = temporaryPath("capture-\(UUID().uuidString.prefix(8)).fifo")
+        let unread = testScratchPath("capture-\(UUID().uuidString.prefix(8)).fifo")
         #expect(mkfifo(unread, 0o600) == 0)
-        let fifoSocket = temporaryPath("fifo.sock")
+        let fifoSocket = testScratchPath("fifo.sock")
         let (fifoPing, _) = try await Self.withServe(["--listen", "unix:\(fifoSocket)"]) {
             try await Self.waitForSocket(fifoSocket)
             return try await Self.run(["ping", "unix:\(fifoSocket)", "--count", "1", "--capture-in", unread], seconds: 20)
         }
         #expect(fifoPing.status != 0 && fifoPing.combined.contains("cannot write the capture file \(unread)"), "\(fifoPing.combined)")
 
-        let fifo = temporaryPath("execution-\(UUID().uuidString.prefix(8)).fifo")
+        let fifo = testScratchPath("execution-\(UUID().uuidString.prefix(8)).fifo")
         #expect(mkfifo(fifo, 0o600) == 0)
         let reader = Process()
         reader.executableURL = URL(fileURLWithPath: "/bin/sh")
@@ -264,8 +264,8 @@ struct CommandTests {
     }
 
     @Test func serveAndPingAndDecodeARecordedSession() async throws {
-        let socket = temporaryPath("cli.sock")
-        let captureIn = temporaryPath("session.in"), captureOut = temporaryPath("session.out")
+        let socket = testScratchPath("cli.sock")
+        let captureIn = testScratchPath("session.in"), captureOut = testScratchPath("session.out")
         let (ping, status) = try await Self.withServe(["--listen", "unix:\(socket)", "--high-message", "be nice", "--name", "cli-test"]) {
             try await Self.waitForSocket(socket)
             return try await Self.run(["ping", "unix:\(socket)", "--count", "5", "--capture-in", captureIn, "--capture-out", captureOut])

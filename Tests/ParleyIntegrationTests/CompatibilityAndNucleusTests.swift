@@ -5,6 +5,7 @@ import Parley
 import ParleyServices
 import ParleyWire
 import Testing
+import ParleyTestSupport
 
 @Suite(.timeLimit(.minutes(2)))
 struct CompatibilityTests {
@@ -272,7 +273,7 @@ struct NucleusTests {
     }
 
     @Test func redirectLoopIsDetected() async throws {
-        let pathA = temporaryPath("loop-a.sock"), pathB = temporaryPath("loop-b.sock")
+        let pathA = testScratchPath("loop-a.sock"), pathB = testScratchPath("loop-b.sock")
         try await withServer(listen: [.unix(path: pathA)], configure: { $0.nucleus = ParleyNucleus(redirects: ["unix:\(pathB)"]) }) { _, a in
             try await withServer(listen: [.unix(path: pathB)], configure: { $0.nucleus = ParleyNucleus(redirects: ["unix:\(pathA)"]) }) { _, _ in
                 let error = await #expect(throws: ParleyError.self) { _ = try await ParleyClient.connect(to: a[0], logger: quietLogger) }

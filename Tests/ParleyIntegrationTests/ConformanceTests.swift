@@ -23,7 +23,7 @@ func runProgram(_ executable: String, _ arguments: [String], seconds: Double) as
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
-    let base = temporaryPath("run-\(UUID().uuidString.prefix(8))")
+    let base = testScratchPath("run-\(UUID().uuidString.prefix(8))")
     let outPath = base + ".stdout", errPath = base + ".stderr"
     _ = FileManager.default.createFile(atPath: outPath, contents: nil)
     _ = FileManager.default.createFile(atPath: errPath, contents: nil)
@@ -58,7 +58,7 @@ struct ConformanceTests {
     /// too), over TCP and a Unix socket: every check passes, the output has one line per
     /// check and the summary, exit status 0.
     @Test func conformAgainstParleyServePassesEveryCheck() async throws {
-        let socket = temporaryPath("conform-\(UUID().uuidString.prefix(8)).sock")
+        let socket = testScratchPath("conform-\(UUID().uuidString.prefix(8)).sock")
         let keyring = freshTestDirectory("conform") + "/server.keyring"
         try writeKeyring(keyring, [("client.alice", ["*"])])
         let serve = try await ServeProcess.start([
@@ -241,7 +241,7 @@ struct ConformanceTests {
 
     /// A server that cannot be reached fails every check, saying so.
     @Test func anUnreachableServerFailsEveryCheck() async throws {
-        let report = try await ConformanceRunner(target: ConformanceTarget(address: .unix(path: temporaryPath("nobody.sock"))), only: ["R-3-1", "R-7.5-1"]).run()
+        let report = try await ConformanceRunner(target: ConformanceTarget(address: .unix(path: testScratchPath("nobody.sock"))), only: ["R-3-1", "R-7.5-1"]).run()
         #expect(report.results.map(\.status) == [.fail, .fail])
         #expect(report.results.allSatisfy { ($0.seen ?? "").contains("onnect") || ($0.seen ?? "").contains("No such file") })
     }

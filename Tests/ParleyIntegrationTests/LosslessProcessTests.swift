@@ -30,7 +30,7 @@ final class ChaosProcess {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: parley)
         process.arguments = ["chaos"] + arguments
-        let outputPath = temporaryPath("chaos-\(UUID().uuidString.prefix(8)).out")
+        let outputPath = testScratchPath("chaos-\(UUID().uuidString.prefix(8)).out")
         _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
         process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outputPath))
         process.standardError = process.standardOutput
@@ -214,7 +214,7 @@ extension LosslessProcessTests {
     @Test func aStoppedReceiverBoundsTheSendersMemoryAndKeepaliveDeclaresItDead() async throws {
         let server = try await ServeProcess.start(["--listen", "127.0.0.1:0"])
         let parley = try #require(parleyExecutablePath())
-        let outputPath = temporaryPath("send-\(UUID().uuidString.prefix(8)).out")
+        let outputPath = testScratchPath("send-\(UUID().uuidString.prefix(8)).out")
         _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
         let sender = Process()
         sender.executableURL = URL(fileURLWithPath: parley)

@@ -7,6 +7,7 @@ import Parley
 import ParleyServices
 import ParleyWire
 import Testing
+import ParleyTestSupport
 
 @Suite(.timeLimit(.minutes(2)))
 struct MessagingTests {
@@ -49,7 +50,7 @@ struct MessagingTests {
     }
 
     @Test func hundredClientsAtOnceOverUnixSocket() async throws {
-        let path = temporaryPath("hundred.sock")
+        let path = testScratchPath("hundred.sock")
         try await withServer(listen: [.unix(path: path)]) { server, addresses in
             let total = try await withThrowingTaskGroup(of: Int.self) { group in
                 for c in 0..<100 {

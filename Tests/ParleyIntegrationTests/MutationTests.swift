@@ -121,7 +121,7 @@ struct MutationTests {
         let variants = Int(ProcessInfo.processInfo.environment["PARLEY_MUTATION_VARIANTS"] ?? "") ?? 100_000
         let workers = 8
         let logs = LogCollector()
-        let path = temporaryPath("mutation.sock")
+        let path = testScratchPath("mutation.sock")
         try await withOwnEventLoop { ownGroup in try await withServer(listen: [.unix(path: path), .tcp(host: "127.0.0.1", port: 0)], configure: { $0.sessionRetention = .seconds(1) }, logger: logs.logger("server", level: .warning), group: ownGroup) { server, addresses in
             // A well-behaved client keeps working throughout.
             let good = try await ParleyClient.connect(to: addresses[1], logger: quietLogger)

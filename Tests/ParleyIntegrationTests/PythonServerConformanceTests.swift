@@ -36,7 +36,7 @@ final class PythonServerProcess {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: python)
         process.arguments = [PythonServerConformanceTests.script, listen]
-        let base = temporaryPath("pyserver-\(UUID().uuidString.prefix(8))")
+        let base = testScratchPath("pyserver-\(UUID().uuidString.prefix(8))")
         let outPath = base + ".stdout", errPath = base + ".stderr"
         _ = FileManager.default.createFile(atPath: outPath, contents: nil)
         _ = FileManager.default.createFile(atPath: errPath, contents: nil)
@@ -133,7 +133,7 @@ struct PythonServerConformanceTests {
     }
 
     @Test func conformAgainstThePythonServerOverAUnixSocket() async throws {
-        let path = temporaryPath("pyserver-\(UUID().uuidString.prefix(8)).sock")
+        let path = testScratchPath("pyserver-\(UUID().uuidString.prefix(8)).sock")
         let server = try await PythonServerProcess.start("unix:" + path)
         #expect(server.address == "unix:" + path)
         _ = try await Self.conform(server.address)

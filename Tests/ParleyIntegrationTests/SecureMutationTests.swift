@@ -153,7 +153,7 @@ struct SecureMutationTests {
         let logs = LogCollector()
         try await Self.withSecureServer(logs: logs) { server, addresses, credentials in
             // Record a valid secure session from a real client.
-            let capture = temporaryPath("secure-seed-\(UUID().uuidString.prefix(8)).out")
+            let capture = testScratchPath("secure-seed-\(UUID().uuidString.prefix(8)).out")
             let client = try await ParleyClient.connect(to: addresses[1], configuration: .init(captureOutbound: capture, secret: credentials), logger: quietLogger)
             #expect(client.session.connectionMode == .secure)
             #expect(try await ping(client, 1) == 1)

@@ -234,10 +234,6 @@ func frames(in bytes: ByteBuffer) -> [Frame] {
     return out
 }
 
-func temporaryPath(_ name: String) -> String {
-    testScratchPath(name)
-}
-
 // MARK: - Real processes and keyrings (secure-mode tests)
 
 /// A `parley serve` process started by a test: its stderr (the server's log) goes to a file,
@@ -268,7 +264,7 @@ final class ServeProcess {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: parley)
         process.arguments = command + arguments
-        let logPath = temporaryPath("serve-\(UUID().uuidString.prefix(8)).log")
+        let logPath = testScratchPath("serve-\(UUID().uuidString.prefix(8)).log")
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         process.standardOutput = FileHandle.nullDevice
         process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
@@ -319,7 +315,7 @@ func parley(_ arguments: [String], stdin: Data? = nil, seconds: Double = 60) asy
 
 /// A fresh empty directory for one test.
 func freshTestDirectory(_ name: String) -> String {
-    let dir = temporaryPath("\(name)-\(UUID().uuidString.prefix(8))")
+    let dir = testScratchPath("\(name)-\(UUID().uuidString.prefix(8))")
     try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     return dir
 }

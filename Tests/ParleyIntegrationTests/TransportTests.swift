@@ -606,7 +606,7 @@ struct TransportTests {
     }
 
     static func freshDirectory() -> String {
-        let dir = temporaryPath("certs-\(UUID().uuidString.prefix(8))")
+        let dir = testScratchPath("certs-\(UUID().uuidString.prefix(8))")
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         return dir
     }
