@@ -10,7 +10,7 @@
 #
 #   Scripts/ab-block-map.sh A_PARLEY B_PARLEY [FILE]
 #
-# Environment: RW (randread or randwrite; default randread), REPS (default 5), SECS (default
+# Environment: RW (randread, randwrite, read or write; default randread), BS and IODEPTH (default 4k and 32), REPS (default 5), SECS (default
 # 3), A_ENV and B_ENV (VAR=value words for the map of A and of B: one build under two
 # settings; the word NBD_PORT in them becomes the NBD port of that run's server, for a map
 # that talks NBD to it: `B_ENV=PARLEY_PROTO_NBD=127.0.0.1:NBD_PORT:bench` with session 40's
@@ -25,7 +25,7 @@ if [ $# -lt 2 ] || [ $# -gt 3 ]; then usage >&2; exit 2; fi
 for exe in "$1" "$2"; do [ -x "$exe" ] || { echo "ab-block-map: $exe is not an executable" >&2; exit 2; }; done
 if [ $# -eq 3 ] && [ ! -f "$3" ]; then echo "ab-block-map: $3 is not a file" >&2; exit 2; fi
 rw=${RW:-randread} reps=${REPS:-5} secs=${SECS:-3}
-case "$rw" in randread|randwrite) ;; *) echo "ab-block-map: RW must be randread or randwrite, not $rw" >&2; exit 2 ;; esac
+case "$rw" in randread|randwrite|read|write) ;; *) echo "ab-block-map: RW must be randread, randwrite, read or write, not $rw" >&2; exit 2 ;; esac
 for tool in fio python3; do command -v "$tool" >/dev/null || { echo "ab-block-map: $tool is not installed" >&2; exit 2; }; done
 declare -A exe=([A]=$1 [B]=$2 [direct]=$1) map_env=([A]=${A_ENV:-} [B]=${B_ENV:-}) server_env=([A]=${A_SERVER_ENV:-} [B]=${B_SERVER_ENV:-} [direct]=)
 bench_name=ab-block-map
@@ -56,7 +56,7 @@ for rep in $(seq 1 "$reps"); do
     fi
     cat "$file" > /dev/null; sync "$file"
     s0=$(ticks "$server"); m0=0; [ -n "$map" ] && m0=$(ticks "$map")
-    fio --name=ab --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth=32 --time_based --runtime="$secs" \
+    fio --name=ab --ioengine=nbd --uri="$uri" --rw="$rw" --bs="${BS:-4k}" --iodepth="${IODEPTH:-32}" --time_based --runtime="$secs" \
       --norandommap --randrepeat=0 --output-format=json --output="$work/fio.json" > "$work/fio.log" 2>&1 \
       || { echo "ab-block-map: fio failed on $config:" >&2; tail -n 5 "$work/fio.log" >&2; exit 1; }
     s1=$(ticks "$server"); m1=0; [ -n "$map" ] && m1=$(ticks "$map")
@@ -64,7 +64,7 @@ for rep in $(seq 1 "$reps"); do
 import json, sys
 path, rep, config, rw, s0, s1, m0, m1, hz = sys.argv[1:]
 job = json.load(open(path))["jobs"][0]
-side = job["read" if rw == "randread" else "write"]
+side = job["read" if rw in ("randread", "read") else "write"]
 ios = max(1, side["total_ios"])
 us = lambda a, b: (int(b) - int(a)) / int(hz) * 1e6 / ios
 print(f"{rep} {rw} {config} iops={side['iops']:.0f} map_us_per_io={us(m0, m1) if config != 'direct' else 0:.1f} server_us_per_io={us(s0, s1):.1f}")

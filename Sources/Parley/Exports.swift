@@ -12,4 +12,5 @@
 @_exported import struct ParleyWire.ReplyPolling
 @_exported import struct ParleyWire.DirectFrame
 @_exported import struct ParleyWire.Frame
+@_exported import struct ParleyWire.ByteBufferPieces
 @_exported import typealias ParleyNIO.DirectCompletion

@@ -54,18 +54,26 @@ public enum BlockDirect {
 
         /// A request frame with this header and a write's data copied into segment 1.
         public func frame(allocator: ByteBufferAllocator, data: ByteBuffer?) -> DirectFrame {
-            var frame = DirectFrame(allocator: allocator, headerLength: BlockDirect.requestHeaderLength, dataLength: data?.readableBytes) { h in
-                // Offsets in segment 0 less the id's 8 bytes.
-                h.storeBytes(of: self.operation, toByteOffset: 0, as: UInt8.self)
-                h.storeBytes(of: self.flags, toByteOffset: 1, as: UInt8.self)
-                h.storeBytes(of: UInt16(truncatingIfNeeded: self.reserved).littleEndian, toByteOffset: 2, as: UInt16.self)
-                h.storeBytes(of: self.deviceID.littleEndian, toByteOffset: 4, as: UInt32.self)
-                h.storeBytes(of: self.offset.littleEndian, toByteOffset: 8, as: UInt64.self)
-                h.storeBytes(of: self.length.littleEndian, toByteOffset: 16, as: UInt32.self)
-                h.storeBytes(of: UInt32(truncatingIfNeeded: self.reserved >> 16).littleEndian, toByteOffset: 20, as: UInt32.self)
-            }
+            var frame = DirectFrame(allocator: allocator, headerLength: BlockDirect.requestHeaderLength, dataLength: data?.readableBytes) { self.writeHeader(into: $0) }
             if let data { frame.writeData(data) }
             return frame
+        }
+
+        /// A request frame with this header and a write's data as segment 1: copied into the
+        /// frame when small, sent from its own buffers when large (`DirectFrame`).
+        public func frame(allocator: ByteBufferAllocator, data: ByteBufferPieces) -> DirectFrame {
+            DirectFrame(allocator: allocator, headerLength: BlockDirect.requestHeaderLength, dataPieces: data) { self.writeHeader(into: $0) }
+        }
+
+        private func writeHeader(into h: UnsafeMutableRawBufferPointer) {
+            // Offsets in segment 0 less the id's 8 bytes.
+            h.storeBytes(of: self.operation, toByteOffset: 0, as: UInt8.self)
+            h.storeBytes(of: self.flags, toByteOffset: 1, as: UInt8.self)
+            h.storeBytes(of: UInt16(truncatingIfNeeded: self.reserved).littleEndian, toByteOffset: 2, as: UInt16.self)
+            h.storeBytes(of: self.deviceID.littleEndian, toByteOffset: 4, as: UInt32.self)
+            h.storeBytes(of: self.offset.littleEndian, toByteOffset: 8, as: UInt64.self)
+            h.storeBytes(of: self.length.littleEndian, toByteOffset: 16, as: UInt32.self)
+            h.storeBytes(of: UInt32(truncatingIfNeeded: self.reserved >> 16).littleEndian, toByteOffset: 20, as: UInt32.self)
         }
     }
 

@@ -861,6 +861,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         let bytes: ByteBuffer
         if let sealer = self.sealer {
             bytes = try frame.finishSealed(with: sealer)
+        } else if frame.hasExternalData {
+            // A large segment 1 held in buffers of its own: written after the head as it is.
+            let parts = frame.finishCRCVectored(allocator: context.channel.allocator)
+            for part in parts.dropLast() { context.write(self.wrapOutboundOut(part), promise: nil) }
+            bytes = parts.last!
         } else {
             bytes = frame.finishCRC()
         }

@@ -80,6 +80,53 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
         }
     }
 
+    /// Data given in pieces: copied in below the threshold, sent from its own buffers above
+    /// it; either way the bytes on the wire are the frame codec's, in both modes.
+    @Test(arguments: [1, 3, 7])
+    func dataInPiecesIsTheFrameCodecsBytes(cuts: Int) throws {
+        for count in [0, 100, zeroCopySegmentThreshold - 1, zeroCopySegmentThreshold, 70_001] {
+            let data = (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) }
+            let step = max(1, count / cuts)
+            let pieces = ByteBufferPieces(stride(from: 0, to: count, by: step).map { ByteBuffer(bytes: data[$0..<min(count, $0 + step)]) })
+            func make() -> DirectFrame {
+                DirectFrame(allocator: ByteBufferAllocator(), id: 42, headerLength: 8, dataPieces: pieces) { h in
+                    for i in 0..<8 { h[i] = UInt8(i + 1) }
+                }
+            }
+            let expected = generic(id: 42, header: 8, data: data)
+            let f = make()
+            #expect(f.hasExternalData == (count >= zeroCopySegmentThreshold), "\(count) bytes")
+            #expect(f.payloadSize == 16 + count)
+            #expect(f.data == ByteBuffer(bytes: data))
+            #expect(f.frame == expected)
+            var wire = ByteBuffer()
+            for part in make().finishCRCVectored(allocator: ByteBufferAllocator()) { wire.writeImmutableBuffer(part) }
+            #expect(wire == frameBytes(expected), "\(count) bytes in \(cuts) cuts")
+            let keys = SecureDirectionKeys(cipher: .aes256GCM, key: testKeys.key, iv: testKeys.iv)
+            let sealedOurs = try make().finishSealed(with: try SecureDirection(keys: keys, sealing: true, counter: 3))
+            #expect(sealedOurs == (try sealed([expected], keys: keys, counter: 3)[0]), "sealed, \(count) bytes")
+        }
+    }
+
+    @Test func piecesSliceGatherAndCRC() {
+        let bytes = (0..<1000).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        let cut = ByteBufferPieces([ByteBuffer(bytes: bytes[0..<10]), ByteBuffer(), ByteBuffer(bytes: bytes[10..<600]), ByteBuffer(bytes: bytes[600...])])
+        #expect(cut.pieceCount == 3)
+        #expect(cut.readableBytes == 1000)
+        #expect(cut.single == nil)
+        #expect(cut.gathered() == ByteBuffer(bytes: bytes))
+        #expect(cut.crc32c() == CRC32C.checksum(bytes))
+        #expect(cut == ByteBufferPieces(ByteBuffer(bytes: bytes)))
+        for (offset, length) in [(0, 1000), (5, 10), (10, 590), (599, 2), (0, 0), (999, 1), (300, 600)] {
+            let s = cut.slice(at: offset, length: length)
+            #expect(s.gathered() == ByteBuffer(bytes: bytes[offset..<(offset + length)]), "slice \(offset)+\(length)")
+        }
+        let total = cut.withUnsafeReadableBytesOfEach { $0.reduce(0) { $0 + $1.count } }
+        #expect(total == 1000)
+        #expect(ByteBufferPieces([ByteBuffer(bytes: [1, 2])]).single == ByteBuffer(bytes: [1, 2]))
+        #expect(ByteBufferPieces([ByteBuffer]()).readableBytes == 0)
+    }
+
     @Test func sealingRefusesAnExhaustedCounter() throws {
         let sealer = try SecureDirection(keys: testKeys, sealing: true, counter: SecureDirection.lastCounter - 2)
         #expect(ParleyError.code { _ = try built(id: 1, header: 8, data: nil).finishSealed(with: sealer) } == .keyExhausted)

@@ -209,7 +209,7 @@ public final class BlockMultipathDevice: Sendable {
     struct Pending {
         var io: MultipathIOState.IO
         var fua: Bool
-        var data: ByteBuffer?
+        var data: ByteBufferPieces?
         var complete: @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void
         /// The server's answer to the latest send, passed on when the machine completes it.
         var result: Result<ByteBuffer?, BlockMultipathError>?
@@ -254,7 +254,7 @@ public final class BlockMultipathDevice: Sendable {
     /// What to do outside the lock.
     enum Job {
         case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, deviceID: UInt32, io: MultipathIOState.IO,
-                  fua: Bool, data: ByteBuffer?)
+                  fua: Bool, data: ByteBufferPieces?)
         case resume(@Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void, Result<ByteBuffer?, BlockMultipathError>)
         case arm(TimerKind, token: Int)
         case cancel(Task<Void, Never>)
@@ -748,7 +748,7 @@ public final class BlockMultipathDevice: Sendable {
     /// a task or a continuation per IO: with the map's NBD endpoint on that loop too, a read
     /// is taken, sent, answered and replied to without a thread hop.
     private func perform(id: UInt64, send: UInt64, path: Int, client: BlockClient, deviceID: UInt32, io: MultipathIOState.IO, fua: Bool,
-                         data: ByteBuffer?) {
+                         data: ByteBufferPieces?) {
         let operation: Parley_Block_V1_IoOperation
         switch io.operation {
         case .read: operation = .read
@@ -758,7 +758,7 @@ public final class BlockMultipathDevice: Sendable {
         case .writeZeroes: operation = .writeZeroes
         }
         client.io(BlockClient.Device(id: deviceID, geometry: Parley_Block_V1_Geometry()), operation,
-                  offset: io.offset, length: UInt32(io.length), data: data, fua: fua) { answer in
+                  offset: io.offset, length: UInt32(io.length), dataPieces: data, fua: fua) { answer in
             let outcome: MultipathIOState.Outcome
             var result: Result<ByteBuffer?, BlockMultipathError>?
             switch answer {
@@ -794,11 +794,18 @@ public final class BlockMultipathDevice: Sendable {
     /// read, nil for other operations). For callers that do not want a task per IO.
     public func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil,
                        complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
+        self.submit(io, fua: fua, data: data.map { ByteBufferPieces($0) }, final: false, complete: complete)
+    }
+
+    /// Submits one write whose data is in pieces (a large NBD write as the reads that brought
+    /// it): sent without gathering them (`DirectFrame`).
+    public func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBufferPieces,
+                       complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
         self.submit(io, fua: fua, data: data, final: false, complete: complete)
     }
 
     /// `final`: taken while closing (the last flush).
-    private func submit(_ io: MultipathIOState.IO, fua: Bool, data: ByteBuffer?, final: Bool,
+    private func submit(_ io: MultipathIOState.IO, fua: Bool, data: ByteBufferPieces?, final: Bool,
                         complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
         let jobs = self.state.withLockedValue { s -> Jobs in
             self.resolving(&s) { s, actions in
@@ -813,7 +820,7 @@ public final class BlockMultipathDevice: Sendable {
     /// Submits one IO and waits for its answer (`final`: taken while closing).
     func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil, final: Bool = false) async throws -> ByteBuffer? {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<ByteBuffer?, any Error>) in
-            self.submit(io, fua: fua, data: data, final: final) { result in continuation.resume(with: result.mapError { $0 as any Error }) }
+            self.submit(io, fua: fua, data: data.map { ByteBufferPieces($0) }, final: final) { result in continuation.resume(with: result.mapError { $0 as any Error }) }
         }
     }
 

@@ -1,6 +1,7 @@
 import Dispatch
 import NIOConcurrencyHelpers
 import NIOCore
+import Parley
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -66,15 +67,15 @@ public final class MultipathBlockStore: CompletingBlockStore {
             }
         case .write(let offset, let data, let fua):
             guard data.readableBytes > self.maxIO else {
-                device.submit(.init(.write, offset: offset, length: UInt64(data.readableBytes)), fua: fua, data: data) {
-                    done($0.mapError { Self.storeError("write", $0) })
+                device.submit(.init(.write, offset: offset, length: UInt64(data.readableBytes)), fua: fua, data: data) { (result: Result<ByteBuffer?, BlockMultipathError>) in
+                    done(result.mapError { Self.storeError("write", $0) })
                 }
                 return
             }
             let count = data.readableBytes, maxIO = self.maxIO
             let left = NIOLockedValueBox<(Int, BlockStoreError?)>(((count + maxIO - 1) / maxIO, nil))
             for start in stride(from: 0, to: count, by: maxIO) {
-                let piece = data.getSlice(at: data.readerIndex + start, length: min(maxIO, count - start))!
+                let piece = data.slice(at: start, length: min(maxIO, count - start))
                 device.submit(.init(.write, offset: offset + UInt64(start), length: UInt64(piece.readableBytes)), fua: fua, data: piece) { result in
                     let finished = left.withLockedValue { l -> Result<ByteBuffer?, BlockStoreError>? in
                         if case .failure(let e) = result { l.1 = l.1 ?? Self.storeError("write", e) }

@@ -1,9 +1,11 @@
 import NIOCore
+import Parley
 
 /// One storage operation handed to a `CompletingBlockStore`.
 public enum BlockStoreRequest: Sendable {
     case read(offset: UInt64, length: UInt32)
-    case write(offset: UInt64, data: ByteBuffer, fua: Bool)
+    /// `data`: the bytes to write, in one buffer or as the reads that brought them.
+    case write(offset: UInt64, data: ByteBufferPieces, fua: Bool)
     case flush
     case discard(offset: UInt64, length: UInt32, fua: Bool)
     case writeZeroes(offset: UInt64, length: UInt32, fua: Bool, fast: Bool)

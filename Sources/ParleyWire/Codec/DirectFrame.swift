@@ -40,6 +40,9 @@ public struct DirectFrame: Sendable {
     public let segment0Length: Int
     /// Length of segment 1, or nil for a frame of one segment.
     public let dataLength: Int?
+    /// Segment 1 when it is large and was given as buffers of its own (`init(...dataPieces:)`):
+    /// sent as they are after the frame's head (a vectored write, nothing copied) in crc mode.
+    private let external: ByteBufferPieces?
 
     /// Starts a frame: preamble, the id and a zeroed header of `headerLength` bytes; segment
     /// 1 (if `dataLength` is not nil) is still to be written with `writeData` or
@@ -54,12 +57,18 @@ public struct DirectFrame: Sendable {
     /// buffer (ByteBuffer's writes, one per field, were 4% of a block server's CPU).
     public init(allocator: ByteBufferAllocator, id: UInt64 = 0, headerLength: Int, dataLength: Int?,
                 writeHeader: (UnsafeMutableRawBufferPointer) -> Void) {
+        self.init(allocator: allocator, id: id, headerLength: headerLength, dataLength: dataLength, external: nil, writeHeader: writeHeader)
+    }
+
+    /// The frame's head; segment 1 is `external` when given, else written into the buffer later.
+    private init(allocator: ByteBufferAllocator, id: UInt64, headerLength: Int, dataLength: Int?, external: ByteBufferPieces?,
+                 writeHeader: (UnsafeMutableRawBufferPointer) -> Void) {
         precondition(headerLength >= 0 && (dataLength ?? 0) >= 0)
         let segment0Length = Self.idSize + headerLength
         self.segment0Length = segment0Length
         self.dataLength = dataLength
         let head = Self.segment0Start + segment0Length
-        var b = allocator.buffer(capacity: head + (dataLength ?? 0) + SecureCipher.tagSize)
+        var b = allocator.buffer(capacity: head + (external == nil ? dataLength ?? 0 : 0) + SecureCipher.tagSize)
         b.writeWithUnsafeMutableBytes(minimumWritableBytes: head) { raw in
             let base = raw.baseAddress!
             base.initializeMemory(as: UInt8.self, repeating: 0, count: head)
@@ -80,7 +89,26 @@ public struct DirectFrame: Sendable {
             return head
         }
         self.box = Box(b)
+        self.external = external
     }
+
+    /// Starts a frame whose segment 1 is `dataPieces`: from `zeroCopySegmentThreshold` bytes
+    /// on they are kept as they are and sent after the frame's head without being copied
+    /// (crc mode; sealing copies them in), smaller data is copied into the frame.
+    public init(allocator: ByteBufferAllocator, id: UInt64 = 0, headerLength: Int, dataPieces: ByteBufferPieces,
+                writeHeader: (UnsafeMutableRawBufferPointer) -> Void) {
+        let length = dataPieces.readableBytes
+        guard length >= zeroCopySegmentThreshold else {
+            self.init(allocator: allocator, id: id, headerLength: headerLength, dataLength: length, writeHeader: writeHeader)
+            for piece in dataPieces.pieces { self.buffer.writeImmutableBuffer(piece) }
+            return
+        }
+        self.init(allocator: allocator, id: id, headerLength: headerLength, dataLength: length, external: dataPieces, writeHeader: writeHeader)
+    }
+
+    /// Segment 1 is held in buffers of its own (see `init(...dataPieces:)`): `finishCRCVectored`
+    /// sends it, in crc mode.
+    public var hasExternalData: Bool { self.external != nil }
 
     /// The id (bytes 0-7 of segment 0).
     public var id: UInt64 {
@@ -97,11 +125,12 @@ public struct DirectFrame: Sendable {
 
     private var dataStart: Int { Self.segment0Start + self.segment0Length }
     /// Segment 1 has been written.
-    private var isComplete: Bool { self.buffer.writerIndex == self.dataStart + (self.dataLength ?? 0) }
+    private var isComplete: Bool { self.buffer.writerIndex == self.dataStart + (self.external == nil ? self.dataLength ?? 0 : 0) }
 
     /// Copies `data` into segment 1; it must be `dataLength` bytes.
     public mutating func writeData(_ data: ByteBuffer) {
-        precondition(data.readableBytes == self.dataLength && self.buffer.writerIndex == self.dataStart, "segment 1 is \(self.dataLength ?? 0) bytes, written once")
+        precondition(self.external == nil && data.readableBytes == self.dataLength && self.buffer.writerIndex == self.dataStart,
+                     "segment 1 is \(self.dataLength ?? 0) bytes, written once")
         self.buffer.writeImmutableBuffer(data)
     }
 
@@ -109,7 +138,7 @@ public struct DirectFrame: Sendable {
     /// it gets exactly `dataLength` bytes of uninitialised memory and must fill them all.
     public mutating func withUnsafeMutableData<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
         let length = self.dataLength ?? 0
-        precondition(self.buffer.writerIndex == self.dataStart, "segment 1 is written once")
+        precondition(self.external == nil && self.buffer.writerIndex == self.dataStart, "segment 1 is written once")
         var result: R?
         _ = try self.buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
             result = try body(UnsafeMutableRawBufferPointer(rebasing: raw[..<length]))
@@ -120,7 +149,10 @@ public struct DirectFrame: Sendable {
 
     /// The bytes of segment 0 after the id, and of segment 1: for checks and tests.
     public var header: ByteBuffer { self.buffer.getSlice(at: Self.segment0Start + Self.idSize, length: self.segment0Length - Self.idSize)! }
-    public var data: ByteBuffer? { self.dataLength.map { self.buffer.getSlice(at: self.dataStart, length: $0)! } }
+    public var data: ByteBuffer? {
+        if let external { return external.gathered() }
+        return self.dataLength.map { self.buffer.getSlice(at: self.dataStart, length: $0)! }
+    }
 
     /// The frame as a `Frame` (segments are slices of the buffer, not copies).
     public var frame: Frame {
@@ -135,7 +167,7 @@ public struct DirectFrame: Sendable {
 
     /// Finishes the frame in crc mode: appends the segments' CRCs and returns the wire bytes.
     public consuming func finishCRC() -> ByteBuffer {
-        precondition(self.isComplete, "segment 1 not written")
+        precondition(self.isComplete && self.external == nil, "segment 1 not written, or held apart (finishCRCVectored)")
         let segment0 = (start: Self.segment0Start, length: self.segment0Length)
         let data = self.dataLength.map { (start: self.dataStart, length: $0) }
         let written = self.buffer.writerIndex
@@ -155,12 +187,33 @@ public struct DirectFrame: Sendable {
         return self.buffer
     }
 
+    /// Finishes a frame whose segment 1 is held apart (`hasExternalData`) in crc mode: the
+    /// wire bytes as the frame's head (preamble and segment 0), the data's buffers as they
+    /// are, and the epilogue, to be written in this order.
+    public consuming func finishCRCVectored(allocator: ByteBufferAllocator) -> [ByteBuffer] {
+        guard let external = self.external else { return [self.finishCRC()] }
+        precondition(self.isComplete && self.buffer.readerIndex == 0)
+        var epilogue = allocator.buffer(capacity: 8)
+        let crc0 = CRC32C.checksum(self.buffer, at: Self.segment0Start, length: self.segment0Length)
+        epilogue.writeMultipleIntegers(crc0, external.crc32c(), endianness: .little)
+        self.buffer.moveReaderIndex(to: Self.spare)
+        var out = [self.buffer]
+        out.reserveCapacity(external.pieceCount + 2)
+        out.append(contentsOf: external.pieces)
+        out.append(epilogue)
+        return out
+    }
+
     /// Finishes the frame in secure mode, in place: the preamble sealed alone (moved to the
     /// front, its tag where it was), the segments sealed as one message, its tag after them.
     /// Fails with `keyExhausted` when the counter has no room left for it.
     public consuming func finishSealed(with direction: SecureDirection) throws(ParleyError) -> ByteBuffer {
         precondition(self.isComplete, "segment 1 not written")
         try direction.ensureRoom(forClose: false)
+        if let external {
+            // Sealed where it lies: segment 1 joins the frame's buffer first.
+            for piece in external.pieces { self.buffer.writeImmutableBuffer(piece) }
+        }
         let total = self.payloadSize
         self.buffer.writeRepeatingByte(0, count: SecureCipher.tagSize)
         var failure: ParleyError?

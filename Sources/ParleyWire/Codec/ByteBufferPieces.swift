@@ -1,0 +1,147 @@
+import NIOCore
+
+/// Bytes held as one buffer or as several, in order: a large write's payload as the reads
+/// that brought it, or a large DIRECT segment as the reads it arrived in. Holding them so
+/// copies nothing; `gathered` copies them into one buffer when there are several. One buffer
+/// (all small IO) is held without an array, so that wrapping it allocates nothing.
+public struct ByteBufferPieces: Sendable, Hashable {
+    private enum Storage: Sendable, Hashable {
+        case one(ByteBuffer)
+        /// Two or more buffers, none empty.
+        case several([ByteBuffer], total: Int)
+    }
+    private var storage: Storage
+
+    public init(_ buffer: ByteBuffer) {
+        self.storage = .one(buffer)
+    }
+
+    /// The buffers in order; empty ones are dropped, and one (or none) is held as `init(_:)`.
+    public init(_ buffers: some Sequence<ByteBuffer>) {
+        var kept: [ByteBuffer] = []
+        var total = 0
+        for b in buffers where b.readableBytes > 0 {
+            kept.append(b)
+            total += b.readableBytes
+        }
+        switch kept.count {
+        case 0: self.storage = .one(ByteBuffer())
+        case 1: self.storage = .one(kept[0])
+        default: self.storage = .several(kept, total: total)
+        }
+    }
+
+    /// The number of readable bytes of all the pieces together.
+    public var readableBytes: Int {
+        switch self.storage {
+        case .one(let b): return b.readableBytes
+        case .several(_, let total): return total
+        }
+    }
+
+    /// The number of buffers (1 for empty bytes).
+    public var pieceCount: Int {
+        switch self.storage {
+        case .one: return 1
+        case .several(let pieces, _): return pieces.count
+        }
+    }
+
+    /// The buffers, in order.
+    public var pieces: [ByteBuffer] {
+        switch self.storage {
+        case .one(let b): return [b]
+        case .several(let pieces, _): return pieces
+        }
+    }
+
+    /// The only buffer, when there is one: nil when the bytes are in several.
+    public var single: ByteBuffer? {
+        if case .one(let b) = self.storage { return b }
+        return nil
+    }
+
+    /// The bytes in one buffer: the buffer itself when there is one, else a copy of all of
+    /// them in a new buffer from `allocator`.
+    public func gathered(allocator: ByteBufferAllocator = ByteBufferAllocator()) -> ByteBuffer {
+        switch self.storage {
+        case .one(let b):
+            return b
+        case .several(let pieces, let total):
+            var out = allocator.buffer(capacity: total)
+            for p in pieces { out.writeImmutableBuffer(p) }
+            return out
+        }
+    }
+
+    /// `length` bytes from `offset` (counted from the first readable byte), as slices of the
+    /// pieces: nothing copied. Traps when the range is outside the bytes.
+    public func slice(at offset: Int, length: Int) -> ByteBufferPieces {
+        precondition(offset >= 0 && length >= 0 && offset + length <= self.readableBytes, "slice outside the bytes")
+        switch self.storage {
+        case .one(let b):
+            return ByteBufferPieces(b.getSlice(at: b.readerIndex + offset, length: length)!)
+        case .several(let pieces, _):
+            var out: [ByteBuffer] = []
+            var skip = offset, left = length
+            for p in pieces where left > 0 {
+                let n = p.readableBytes
+                if skip >= n {
+                    skip -= n
+                    continue
+                }
+                let take = min(n - skip, left)
+                out.append(p.getSlice(at: p.readerIndex + skip, length: take)!)
+                skip = 0
+                left -= take
+            }
+            return ByteBufferPieces(out)
+        }
+    }
+
+    /// CRC-32C of all the bytes, chained across the pieces (`continuing` for a CRC begun
+    /// elsewhere).
+    public func crc32c(continuing crc: UInt32 = 0) -> UInt32 {
+        switch self.storage {
+        case .one(let b):
+            return b.withUnsafeReadableBytes { CRC32C.checksum($0, continuing: crc) }
+        case .several(let pieces, _):
+            var crc = crc
+            for p in pieces { crc = p.withUnsafeReadableBytes { CRC32C.checksum($0, continuing: crc) } }
+            return crc
+        }
+    }
+
+    /// Calls `body` with the readable bytes of every piece, in order (for a vectored write
+    /// or a gathered `pwritev`); the pointers are valid only inside `body`.
+    public func withUnsafeReadableBytesOfEach<R>(_ body: ([UnsafeRawBufferPointer]) throws -> R) rethrows -> R {
+        switch self.storage {
+        case .one(let b):
+            return try b.withUnsafeReadableBytes { try body([$0]) }
+        case .several(let pieces, _):
+            var pointers: [UnsafeRawBufferPointer] = []
+            pointers.reserveCapacity(pieces.count)
+            return try Self.withEach(pieces[...], &pointers, body)
+        }
+    }
+
+    private static func withEach<R>(_ rest: ArraySlice<ByteBuffer>, _ pointers: inout [UnsafeRawBufferPointer],
+                                    _ body: ([UnsafeRawBufferPointer]) throws -> R) rethrows -> R {
+        guard let first = rest.first else { return try body(pointers) }
+        return try first.withUnsafeReadableBytes { raw in
+            pointers.append(raw)
+            return try Self.withEach(rest.dropFirst(), &pointers, body)
+        }
+    }
+
+    /// Equal bytes, however they are cut.
+    public static func == (l: Self, r: Self) -> Bool {
+        guard l.readableBytes == r.readableBytes else { return false }
+        if let a = l.single, let b = r.single { return a == b }
+        return l.gathered() == r.gathered()
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(self.gathered())
+    }
+}
