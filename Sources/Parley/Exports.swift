@@ -13,4 +13,5 @@
 @_exported import struct ParleyWire.DirectFrame
 @_exported import struct ParleyWire.Frame
 @_exported import struct ParleyWire.ByteBufferPieces
+@_exported import struct ParleyWire.DirectInbound
 @_exported import typealias ParleyNIO.DirectCompletion

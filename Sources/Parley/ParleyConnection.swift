@@ -832,7 +832,7 @@ public final class ParleyConnection: Sendable {
             if now >= stamp {
                 self.state.withLockedValue { $0.keepaliveRoundTrip = .nanoseconds(Int64(now - stamp)) }
             }
-        case .direct(let frame):
+        case .direct(let direct):
             self.messagesReceived.add(1, ordering: .relaxed)
             self.directInFlight.add(1, ordering: .relaxed)
             guard let handler = self.directHandler.withLock({ $0?.body }) else {
@@ -840,7 +840,7 @@ public final class ParleyConnection: Sendable {
                 self.outlet.write(.close(ParleyError(code: .unexpectedFrame, message: "DIRECT frame before a service enabled it")))
                 return
             }
-            handler(ParleyDirectRequest(frame: frame, connection: self, started: self.metrics.start()))
+            handler(ParleyDirectRequest(direct, connection: self, started: self.metrics.start()))
         case .directAnswered(let started):
             self.directAnswered()
             self.metrics.handled(since: started)
@@ -1505,20 +1505,24 @@ public struct ParleyDirectRequest: Sendable {
     public let id: UInt64
     /// Segment 0 after the 8-byte id.
     public let header: ByteBuffer
-    /// Segment 1, if the frame has one.
-    public let data: ByteBuffer?
+    /// Segment 1, if the frame has one: in one buffer, or (a large one) as the reads it
+    /// arrived in.
+    public let dataPieces: ByteBufferPieces?
     public let connection: ParleyConnection
     /// When it was received, if handlers are timed (`parley_request_duration`).
     let started: ContinuousClock.Instant?
 
-    init(frame: Frame, connection: ParleyConnection, started: ContinuousClock.Instant?) {
+    init(_ direct: DirectInbound, connection: ParleyConnection, started: ContinuousClock.Instant?) {
         self.started = started
-        var segment0 = frame.segments[0]
+        var segment0 = direct.segment0
         self.id = segment0.readInteger(endianness: .little, as: UInt64.self)!
         self.header = segment0
-        self.data = frame.segments.count > 1 ? frame.segments[1] : nil
+        self.dataPieces = direct.data
         self.connection = connection
     }
+
+    /// Segment 1 in one buffer: gathered (copied) when it arrived in several.
+    public var data: ByteBuffer? { self.dataPieces?.gathered(allocator: self.connection.channelAllocator) }
 
     /// A frame for the answer, with this request's id: a header of `headerLength` bytes
     /// after the id (zeroed, for `DirectFrame.setHeader`) and segment 1 of `dataLength`.

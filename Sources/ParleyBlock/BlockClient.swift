@@ -110,21 +110,24 @@ public final class BlockClient: Sendable {
     /// the error (`BlockError` for a refusal), on the connection's event loop: no task per IO.
     public func io(_ device: Device, _ operation: Parley_Block_V1_IoOperation, offset: UInt64, length: UInt32,
                    data: ByteBuffer? = nil, fua: Bool = false, completion: @escaping @Sendable (Result<ByteBuffer?, any Error>) -> Void) {
-        self.io(device, operation, offset: offset, length: length, dataPieces: data.map { ByteBufferPieces($0) }, fua: fua, completion: completion)
+        let allocator = self.client.connection.channelAllocator
+        self.io(device, operation, offset: offset, length: length, dataPieces: data.map { ByteBufferPieces($0) }, fua: fua) { result in
+            completion(result.map { $0?.gathered(allocator: allocator) })
+        }
     }
 
-    /// `io` with a write's data in pieces (a large write as the reads that brought it): over
+    /// `io` with data in pieces both ways: a write's data as the reads that brought it (over
     /// DIRECT, large data is sent from its own buffers, not gathered first; an `Io` message
-    /// gathers it.
+    /// gathers it), and a large read's data as the reads it arrived in.
     public func io(_ device: Device, _ operation: Parley_Block_V1_IoOperation, offset: UInt64, length: UInt32,
-                   dataPieces data: ByteBufferPieces?, fua: Bool = false, completion: @escaping @Sendable (Result<ByteBuffer?, any Error>) -> Void) {
+                   dataPieces data: ByteBufferPieces?, fua: Bool = false, completion: @escaping @Sendable (Result<ByteBufferPieces?, any Error>) -> Void) {
         if self.usesDirect {
             return self.direct(device, operation, offset: offset, length: length, data: data, fua: fua, completion: completion)
         }
         let io = Self.request(device, operation, offset: offset, length: length, fua: fua)
         self.client.call(io, data: data?.gathered(allocator: self.client.connection.channelAllocator), as: Parley_Block_V1_IoReply.self) { result in
             completion(result.flatMap { reply in
-                reply.message.status == .ok ? .success(reply.data) : .failure(BlockError(reply.message.status, reply.message.message))
+                reply.message.status == .ok ? .success(reply.data.map { ByteBufferPieces($0) }) : .failure(BlockError(reply.message.status, reply.message.message))
             })
         }
     }
@@ -133,7 +136,7 @@ public final class BlockClient: Sendable {
     /// carry no message: it names the operation and the status); a connection that ends
     /// first fails it with its `ParleyError`, as for `Io`.
     private func direct(_ device: Device, _ operation: Parley_Block_V1_IoOperation, offset: UInt64, length: UInt32,
-                        data: ByteBufferPieces?, fua: Bool, completion: @escaping @Sendable (Result<ByteBuffer?, any Error>) -> Void) {
+                        data: ByteBufferPieces?, fua: Bool, completion: @escaping @Sendable (Result<ByteBufferPieces?, any Error>) -> Void) {
         let connection = self.client.connection
         let request = BlockDirect.Request(operation: UInt8(truncatingIfNeeded: operation.rawValue), flags: fua ? 1 : 0, deviceID: device.id,
                                           offset: offset, length: length)

@@ -85,12 +85,13 @@ public enum BlockDirect {
     /// An answer as a client reads it.
     public struct Answer: Equatable, Sendable {
         public var status: Parley_Block_V1_BlockStatus
-        public var data: ByteBuffer?
+        /// A read's data: one buffer, or (a large read) the reads it arrived in.
+        public var data: ByteBufferPieces?
 
-        /// Reads an answer frame (segment 0 starts with the id). A segment 0 that is not 16
-        /// bytes, or reserved bytes that are not 0, fail: the server broke the protocol.
-        public static func decode(_ frame: Frame) -> Result<Answer, Request.Malformed> {
-            let segment0 = frame.segments[0]
+        /// Reads an answer (segment 0 starts with the id). A segment 0 that is not 16 bytes,
+        /// or reserved bytes that are not 0, fail: the server broke the protocol.
+        public static func decode(_ frame: DirectInbound) -> Result<Answer, Request.Malformed> {
+            let segment0 = frame.segment0
             guard segment0.readableBytes == BlockDirect.answerSegment0Length,
                   let (_, status, reserved) = segment0.getMultipleIntegers(at: segment0.readerIndex, endianness: .little, as: (UInt64, UInt32, UInt32).self)
             else {
@@ -100,7 +101,7 @@ public enum BlockDirect {
                 return .failure(Request.Malformed(message: "reserved bytes of a block DIRECT answer are not 0"))
             }
             return .success(Answer(status: Parley_Block_V1_BlockStatus(rawValue: Int(status)) ?? .UNRECOGNIZED(Int(status)),
-                                   data: frame.segments.count > 1 ? frame.segments[1] : nil))
+                                   data: frame.data))
         }
     }
 }

@@ -325,7 +325,7 @@ public final class BlockService: Sendable {
             return respond(.success(refused(.noSession, "send SessionInfo before Io")))
         }
         let call = IOCall(operation: request.operation.rawValue, flags: request.flags, deviceID: request.deviceID,
-                          offset: request.offset, length: request.length, data: context.data)
+                          offset: request.offset, length: request.length, data: context.data.map { ByteBufferPieces($0) })
         self.run(call, session: session, eventLoop: context.connection.eventLoop, readFrame: nil) { outcome in
             switch outcome {
             case .done(let data): respond(.success(ParleyReply(Parley_Block_V1_IoReply(), data: data)))
@@ -347,7 +347,7 @@ public final class BlockService: Sendable {
         case .failure(let malformed):
             return request.violation(malformed.message)
         case .success(let r):
-            call = IOCall(operation: Int(r.operation), flags: UInt32(r.flags), deviceID: r.deviceID, offset: r.offset, length: r.length, data: request.data,
+            call = IOCall(operation: Int(r.operation), flags: UInt32(r.flags), deviceID: r.deviceID, offset: r.offset, length: r.length, data: request.dataPieces,
                           reservedNonZero: r.reserved != 0,
                           maxReadLength: request.connection.session.peerMaxFrameSize - BlockDirect.answerSegment0Length)
         }
@@ -413,7 +413,7 @@ public final class BlockService: Sendable {
                 if try frame.withUnsafeMutableData({ try store.read(into: $0, at: call.offset, nowait: true) }) { answer = frame }
             } else {
                 FileBlockStore.joinBurst(on: request.connection.eventLoop)
-                if try call.data!.withUnsafeReadableBytes({ try store.write($0, at: call.offset, durable: false, nowait: true) }) {
+                if try Self.writeInline(call.data!, to: store, at: call.offset) {
                     answer = request.answerFrame(headerLength: BlockDirect.answerHeaderLength, dataLength: nil)
                 }
             }
@@ -438,6 +438,16 @@ public final class BlockService: Sendable {
         return true
     }
 
+    /// A write done here if the store takes it without blocking (false: nothing written): one
+    /// buffer as `write(nowait:)`, several (a large DIRECT write as it arrived) as a gathered
+    /// write within the store's inline policy.
+    static func writeInline(_ data: ByteBufferPieces, to store: any BlockStore, at offset: UInt64) throws(BlockStoreError) -> Bool {
+        if let one = data.single {
+            return try one.withUnsafeReadableBytes { (bytes) throws(BlockStoreError) in try store.write(bytes, at: offset, durable: false, nowait: true) }
+        }
+        return try data.withUnsafeReadableBytesOfEach { (pieces) throws(BlockStoreError) in try store.writeInline(gathered: pieces, at: offset) }
+    }
+
     private func logStoreFailure(_ e: BlockError, session: BlockSession, device: BlockDevice) {
         self.logger.error("block IO failed: \(e.message)", metadata: ["session": "\(session.name)", "export": "\(device.name)"])
     }
@@ -452,7 +462,8 @@ public final class BlockService: Sendable {
         var deviceID: UInt32
         var offset: UInt64
         var length: UInt32
-        var data: ByteBuffer?
+        /// A write's data: one buffer, or a large DIRECT write as the reads it arrived in.
+        var data: ByteBufferPieces?
         /// DIRECT: the request's reserved bytes are not 0 (INVALID, with the flags' check).
         var reservedNonZero = false
         /// DIRECT: the longest read whose answer fits the client's frame limit (TOO_LARGE
@@ -630,11 +641,16 @@ public final class BlockService: Sendable {
             case .write:
                 let data = data!
                 if !fua { FileBlockStore.joinBurst(on: eventLoop) }
-                let inline = fua || call.triedInline ? false : try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: false, nowait: true) }
+                let inline = fua || call.triedInline ? false : try Self.writeInline(data, to: store, at: offset)
                 if inline { return completed(.success(.done(nil))) }
                 offload {
                     try fenced()
-                    _ = try data.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
+                    if let one = data.single {
+                        _ = try one.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
+                    } else {
+                        try data.withUnsafeReadableBytesOfEach { (pieces) throws(BlockStoreError) in try store.write(gathered: pieces, at: offset) }
+                        if fua { try store.flush() }
+                    }
                     return .done(nil)
                 }
             case .flush:

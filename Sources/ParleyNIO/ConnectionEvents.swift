@@ -9,7 +9,7 @@ public enum ConnectionEvent: Sendable {
     case keepaliveAck(UInt64)
     /// Server side: a DIRECT request (docs/protocol.md 7.16), its id admitted as in flight
     /// until a `directAnswer` with that id is written.
-    case direct(Frame)
+    case direct(DirectInbound)
     /// Server side: the answer to a DIRECT request in flight was handed to the channel, and
     /// its id is no longer in flight; `started` is what its `directAnswer` carried. A second
     /// answer to the same id (a service's mistake) is dropped and raises nothing, so that
@@ -18,10 +18,10 @@ public enum ConnectionEvent: Sendable {
     case directAnswered(started: ContinuousClock.Instant?)
 }
 
-/// Client side: how a DIRECT request ends: the answer's frame (segment 0 starts with the id),
-/// or the reason the connection ended first (or why it could not be sent). Called once, on
-/// the event loop.
-public typealias DirectCompletion = @Sendable (Result<Frame, ParleyError>) -> Void
+/// Client side: how a DIRECT request ends: the answer (segment 0 starts with the id; a large
+/// segment 1 may be the reads it arrived in), or the reason the connection ended first (or
+/// why it could not be sent). Called once, on the event loop.
+public typealias DirectCompletion = @Sendable (Result<DirectInbound, ParleyError>) -> Void
 
 /// What the async layer asks the connection handler to send.
 public enum ConnectionCommand: Sendable {

@@ -442,8 +442,11 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         self.decoding = true
         defer { self.decoding = false }
         do {
-            while !self.isClosing, self.peerReadsAnswers(context), let inbound = try self.decoder.decode(buffer: &buffer) {
-                self.received(inbound, context: context)
+            while !self.isClosing, self.peerReadsAnswers(context), let inbound = try self.decoder.decodeCollecting(buffer: &buffer) {
+                switch inbound {
+                case .wire(let inbound): self.received(inbound, context: context)
+                case .direct(let direct): self.received(direct, context: context)
+                }
             }
         } catch {
             // The bytes the peer sent are bad. Tell it why, then close.
@@ -464,6 +467,15 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         return false
     }
 
+    /// A DIRECT frame whose large data was collected as the reads it arrived in.
+    private func received(_ direct: DirectInbound, context: ChannelHandlerContext) {
+        guard case .established = self.state else {
+            // Out of place before the session (the handshake says so, as for any frame).
+            return self.received(.frame(direct.frame), context: context)
+        }
+        self.handle(self.session!.received(direct: direct), context: context)
+    }
+
     private func received(_ inbound: WireInbound, context: ChannelHandlerContext) {
         switch self.state {
         case .closing:
@@ -481,62 +493,66 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             self.state = .handshaking(role)
             self.perform(step, context: context)
         case .established:
-            let event = self.session!.received(inbound)
-            switch event {
-            case .message(let message):
-                if let lossless = self.lossless {
-                    switch lossless.session.received(message.header, on: lossless.link) {
-                    case .deliver: self.sink?.received(.message(message))
-                    case .duplicate: break
-                    case .stale:
-                        // A newer connection of the session took over: this one is done.
-                        self.state = .closing
-                        context.close(promise: nil)
-                    case .violation(let error):
-                        self.failConnection(error, tellPeer: true, context: context)
-                    }
-                } else {
-                    self.sink?.received(.message(message))
-                }
-                self.messagesInBurst += 1
-            case .ack(let ack):
-                guard let lossless = self.lossless else { break }
-                do {
-                    try lossless.session.acknowledged(ack, on: lossless.link)
-                } catch {
+            self.handle(self.session!.received(inbound), context: context)
+        }
+    }
+
+    /// What the session machine made of a frame of the established session.
+    private func handle(_ event: SessionStateMachine.Inbound, context: ChannelHandlerContext) {
+        switch event {
+        case .message(let message):
+            if let lossless = self.lossless {
+                switch lossless.session.received(message.header, on: lossless.link) {
+                case .deliver: self.sink?.received(.message(message))
+                case .duplicate: break
+                case .stale:
+                    // A newer connection of the session took over: this one is done.
+                    self.state = .closing
+                    context.close(promise: nil)
+                case .violation(let error):
                     self.failConnection(error, tellPeer: true, context: context)
                 }
-            case .notice(let nucleus):
-                self.sink?.received(.notice(nucleus))
-            case .keepaliveAck(let stamp):
-                self.sink?.received(.keepaliveAck(stamp))
-            case .reply(let frame):
-                self.writeFrame(frame, context: context)
-                self.flush(context: context)
-            case .ignore:
-                break
-            case .peerClosed(let error):
-                self.state = .closing
-                // A newer connection of the same session took over: only this link ends.
-                if error.code != .sessionSuperseded { self.closeExchanged = true }
-                self.recordFailure(error)
-                context.close(promise: nil)
-            case .direct(let frame):
-                self.receivedDirect(frame, context: context)
-                self.messagesInBurst += 1
-            case .violation(let error):
+            } else {
+                self.sink?.received(.message(message))
+            }
+            self.messagesInBurst += 1
+        case .ack(let ack):
+            guard let lossless = self.lossless else { break }
+            do {
+                try lossless.session.acknowledged(ack, on: lossless.link)
+            } catch {
                 self.failConnection(error, tellPeer: true, context: context)
             }
+        case .notice(let nucleus):
+            self.sink?.received(.notice(nucleus))
+        case .keepaliveAck(let stamp):
+            self.sink?.received(.keepaliveAck(stamp))
+        case .reply(let frame):
+            self.writeFrame(frame, context: context)
+            self.flush(context: context)
+        case .ignore:
+            break
+        case .peerClosed(let error):
+            self.state = .closing
+            // A newer connection of the same session took over: only this link ends.
+            if error.code != .sessionSuperseded { self.closeExchanged = true }
+            self.recordFailure(error)
+            context.close(promise: nil)
+        case .direct(let direct):
+            self.receivedDirect(direct, context: context)
+            self.messagesInBurst += 1
+        case .violation(let error):
+            self.failConnection(error, tellPeer: true, context: context)
         }
     }
 
     /// A DIRECT frame the session machine let through: a request to admit and hand on
     /// (server), or an answer for whoever waits for its id (client; one for an id not in
     /// flight is discarded, as an answer to a cancelled request is).
-    private func receivedDirect(_ frame: Frame, context: ChannelHandlerContext) {
-        let id = frame.directID!
+    private func receivedDirect(_ direct: DirectInbound, context: ChannelHandlerContext) {
+        let id = direct.id!
         guard self.session!.role == .server else {
-            self.directWaiting.removeValue(forKey: id)?(.success(frame))
+            self.directWaiting.removeValue(forKey: id)?(.success(direct))
             return
         }
         guard self.directLedger != nil else {
@@ -550,7 +566,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
                                 tellPeer: true, context: context)
         case .admitted(let pause):
             if pause { self.setDirectPaused(true) }
-            self.sink?.received(.direct(frame))
+            self.sink?.received(.direct(direct))
         }
     }
 

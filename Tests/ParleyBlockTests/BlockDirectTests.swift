@@ -87,7 +87,7 @@ struct BlockDirectTests {
         #expect(client.usesDirect)
         let device = try await client.open("disk")
         let connection = client.client.connection
-        func send(_ frame: DirectFrame) async -> Result<Frame, ParleyError> {
+        func send(_ frame: DirectFrame) async -> Result<DirectInbound, ParleyError> {
             await withCheckedContinuation { c in connection.sendDirect(frame) { c.resume(returning: $0) } }
         }
         func status(_ r: BlockDirect.Request, data: ByteBuffer? = nil) async throws -> Parley_Block_V1_BlockStatus {

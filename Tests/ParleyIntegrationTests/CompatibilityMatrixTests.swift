@@ -265,7 +265,7 @@ import Testing
                         $0.copyBytes(from: r.header)
                     }
                     if let data = r.data { frame.writeData(data) }
-                    let result = await withCheckedContinuation { c in connection.sendDirect(frame) { c.resume(returning: $0) } }
+                    let result = await withCheckedContinuation { c in connection.sendDirect(frame) { c.resume(returning: $0.map { $0.frame }) } }
                     guard case .success(let answer) = result else {
                         Issue.record("\(version): DIRECT request failed: \(result)")
                         continue

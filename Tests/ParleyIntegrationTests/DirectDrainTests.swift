@@ -81,11 +81,11 @@ struct DirectDrainTests {
         let second = Signal()
         // The request the service holds first, then the one it answers twice.
         connection.sendDirect(request(2)) { result in
-            answers.withLockedValue { $0[2] = result }
+            answers.withLockedValue { $0[2] = result.map { $0.frame } }
             second.raise()
         }
         #expect(await heldArrived.wait(seconds: 10), "the service never got the request it holds")
-        let first = await withCheckedContinuation { c in connection.sendDirect(request(1)) { c.resume(returning: $0) } }
+        let first = await withCheckedContinuation { c in connection.sendDirect(request(1)) { c.resume(returning: $0.map { $0.frame }) } }
         guard case .success(let frame) = first else {
             Issue.record("the request answered twice failed: \(first)")
             return
@@ -132,7 +132,7 @@ struct DirectDrainTests {
         let connection = client.connection
         #expect(connection.mayUseDirect)
         func send(_ kind: UInt8) async -> Result<Frame, ParleyError> {
-            await withCheckedContinuation { c in connection.sendDirect(Self.request(kind, on: connection)) { c.resume(returning: $0) } }
+            await withCheckedContinuation { c in connection.sendDirect(Self.request(kind, on: connection)) { c.resume(returning: $0.map { $0.frame }) } }
         }
         func kind(of result: Result<Frame, ParleyError>) -> UInt64? {
             guard case .success(let answer) = result else { return nil }

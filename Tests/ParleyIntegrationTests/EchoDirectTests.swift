@@ -28,7 +28,7 @@ struct EchoDirectTests {
             frame.setHeader(UInt8(7), at: DirectFrame.idSize + 2)
             frame.writeData(ByteBuffer(bytes: [1, 2, 3, 4, 5]))
             let sent = ContinuousClock.now
-            let result = await withCheckedContinuation { c in connection.sendDirect(frame) { c.resume(returning: $0) } }
+            let result = await withCheckedContinuation { c in connection.sendDirect(frame) { c.resume(returning: $0.map { $0.frame }) } }
             let waited = ContinuousClock.now - sent
             guard case .success(let answer) = result else {
                 Issue.record("the DIRECT request failed: \(result)")

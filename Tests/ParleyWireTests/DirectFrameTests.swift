@@ -150,7 +150,7 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
         #expect(f.code == .unexpectedFrame && f.message.contains("before a service enabled"))
         var enabled = SessionStateMachine(role: .server, features: .implemented)
         try enabled.enableDirect()
-        #expect(enabled.received(self.direct(data: 4096)) == .direct(Frame(tag: .direct, segments: [ByteBuffer(repeating: 1, count: 16), ByteBuffer(repeating: 2, count: 4096)])))
+        #expect(enabled.received(self.direct(data: 4096)) == .direct(DirectInbound(Frame(tag: .direct, segments: [ByteBuffer(repeating: 1, count: 16), ByteBuffer(repeating: 2, count: 4096)]))))
     }
 
     /// [R-7.16-3]: never in a lossless session, and not without bit 4.
@@ -219,5 +219,117 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
         #expect(l.answered(1) == .known(resume: true))
         #expect(l.answered(3) == .known(resume: false))
         #expect(l.count == 1)
+    }
+}
+
+/// `WireDecoder.decodeCollecting`: a large DIRECT frame cut by reads is collected as the
+/// reads' slices and gives what `decode` gives of the whole frame; CRC errors and a cut
+/// connection are caught as `decode` catches them.
+@Suite struct DirectCollectingTests {
+    /// A DIRECT frame of `dataLength` bytes of data, then a KEEPALIVE, as wire bytes.
+    func stream(dataLength: Int) -> (bytes: [UInt8], direct: Frame, keepalive: Frame) {
+        var s0 = ByteBuffer()
+        s0.writeInteger(UInt64(99), endianness: .little)
+        s0.writeBytes([1, 2, 3])
+        let data = ByteBuffer(bytes: (0..<dataLength).map { UInt8(truncatingIfNeeded: $0 &* 17 &+ 3) })
+        let direct = Frame(tag: .direct, segments: [s0, data], alignments: SegmentAlignments(0, DirectFrame.dataAlignment))
+        var stamp = ByteBuffer()
+        stamp.writeInteger(UInt64(5), endianness: .little)
+        let keepalive = Frame(tag: .keepalive, segments: [stamp])
+        return (Array(frameBytes(direct).readableBytesView) + Array(frameBytes(keepalive).readableBytesView), direct, keepalive)
+    }
+
+    /// Feeds `bytes` in reads of the given sizes (cycled), each read its own buffer of
+    /// `capacity` bytes, as NIO's reads are; returns what came out.
+    func feed(_ bytes: [UInt8], reads: [Int], capacity: Int = 64 << 10, into decoder: inout WireDecoder) throws(ParleyError) -> [CollectedInbound] {
+        var out: [CollectedInbound] = []
+        var at = 0, i = 0
+        var rest = ByteBuffer()
+        while at < bytes.count {
+            let n = min(reads[i % reads.count], bytes.count - at)
+            i += 1
+            var read = ByteBufferAllocator().buffer(capacity: max(n, capacity))
+            read.writeBytes(bytes[at..<(at + n)])
+            at += n
+            // What was left of the last read (a preamble cut by it) is completed, as the handler does.
+            var buffer = read
+            if rest.readableBytes > 0 {
+                rest.writeBuffer(&read)
+                buffer = rest
+            }
+            rest = ByteBuffer()
+            while let inbound = try decoder.decodeCollecting(buffer: &buffer) { out.append(inbound) }
+            if buffer.readableBytes > 0 { rest = buffer }
+        }
+        return out
+    }
+
+    @Test(arguments: [[1], [7, 4093], [16 << 10], [64 << 10], [100_000], [3, 60_000, 5]])
+    func cutFramesGiveTheWholeFrame(reads: [Int]) throws {
+        for dataLength in [zeroCopySegmentThreshold - 1, zeroCopySegmentThreshold, 200_000] {
+            let (bytes, direct, keepalive) = self.stream(dataLength: dataLength)
+            var decoder = WireDecoder(expectBanner: false)
+            let out = try self.feed(bytes, reads: reads, into: &decoder)
+            #expect(out.count == 2, "\(dataLength) bytes in reads of \(reads)")
+            switch out.first {
+            case .direct(let d)?:
+                #expect(dataLength >= zeroCopySegmentThreshold, "collected though small")
+                #expect(d.frame == direct)
+                #expect(d.data?.readableBytes == dataLength)
+            case .wire(.frame(let f))?:
+                // Whole in one read, or too small to collect: decoded as `decode` does.
+                #expect(f == direct)
+            default:
+                Issue.record("no DIRECT frame from reads of \(reads): \(out)")
+            }
+            #expect(out.last == .wire(.frame(keepalive)))
+            #expect(!decoder.isInsideFrame)
+        }
+    }
+
+    /// A read that brings a few bytes is copied, not kept: pieces pin about what arrived.
+    @Test func fewBytesPerReadAreCopied() throws {
+        let (bytes, _, _) = self.stream(dataLength: 100_000)
+        var decoder = WireDecoder(expectBanner: false)
+        let out = try self.feed(bytes, reads: [1000], into: &decoder)
+        guard case .direct(let d)? = out.first else { Issue.record("no DIRECT frame"); return }
+        // 100 reads of 1,000 bytes into 64 KiB buffers: gathered in two buffers of its own.
+        #expect(d.data!.pieceCount <= 3, "\(d.data!.pieceCount) pieces")
+        let pinned = d.data!.pieces.reduce(0) { $0 + $1.storageCapacity }
+        #expect(pinned <= 2 * 100_000 + (64 << 10), "\(pinned) bytes pinned")
+    }
+
+    @Test(arguments: [0, 1])
+    func aBadSegmentCRCIsCaught(segment: Int) throws {
+        var (bytes, _, _) = self.stream(dataLength: 50_000)
+        // The epilogue of the DIRECT frame: 8 bytes before the KEEPALIVE (32 + 8 + 4 bytes).
+        let epilogue = bytes.count - (32 + 8 + 4) - 8
+        bytes[epilogue + 4 * segment] ^= 0x01
+        var decoder = WireDecoder(expectBanner: false)
+        let error = ParleyError.code { _ = try self.feed(bytes, reads: [4096], into: &decoder) }
+        #expect(error == .badSegmentCRC)
+        var whole = WireDecoder(expectBanner: false)
+        var buffer = ByteBuffer(bytes: bytes)
+        #expect(ParleyError.code { _ = try whole.decode(buffer: &buffer) } == .badSegmentCRC, "decode agrees")
+        // A data byte flipped fails segment 1's CRC as well.
+        var (flipped, _, _) = self.stream(dataLength: 50_000)
+        flipped[32 + 11 + 20_000] ^= 0x80
+        var again = WireDecoder(expectBanner: false)
+        #expect(ParleyError.code { _ = try self.feed(flipped, reads: [4096], into: &again) } == .badSegmentCRC)
+    }
+
+    @Test func aConnectionCutWhileCollectingIsTruncated() throws {
+        let (bytes, _, _) = self.stream(dataLength: 50_000)
+        var decoder = WireDecoder(expectBanner: false)
+        let out = try self.feed(Array(bytes[0..<30_000]), reads: [4096], into: &decoder)
+        #expect(out.isEmpty)
+        #expect(decoder.isInsideFrame)
+        var empty = ByteBuffer()
+        do {
+            _ = try decoder.decodeLast(buffer: &empty, seenEOF: true)
+            Issue.record("no error at the end of a cut frame")
+        } catch {
+            #expect(error.code == .truncated && error.message.contains("29968 of 50019"), "\(error.message)")
+        }
     }
 }

@@ -210,9 +210,9 @@ public final class BlockMultipathDevice: Sendable {
         var io: MultipathIOState.IO
         var fua: Bool
         var data: ByteBufferPieces?
-        var complete: @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void
+        var complete: @Sendable (Result<ByteBufferPieces?, BlockMultipathError>) -> Void
         /// The server's answer to the latest send, passed on when the machine completes it.
-        var result: Result<ByteBuffer?, BlockMultipathError>?
+        var result: Result<ByteBufferPieces?, BlockMultipathError>?
     }
 
     /// The machine's timers: the no-path timer, and one per pending fence.
@@ -255,7 +255,7 @@ public final class BlockMultipathDevice: Sendable {
     enum Job {
         case send(id: UInt64, send: UInt64, path: Int, client: BlockClient, deviceID: UInt32, io: MultipathIOState.IO,
                   fua: Bool, data: ByteBufferPieces?)
-        case resume(@Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void, Result<ByteBuffer?, BlockMultipathError>)
+        case resume(@Sendable (Result<ByteBufferPieces?, BlockMultipathError>) -> Void, Result<ByteBufferPieces?, BlockMultipathError>)
         case arm(TimerKind, token: Int)
         case cancel(Task<Void, Never>)
         case lost(path: Int, client: BlockClient?, reason: String)
@@ -510,7 +510,7 @@ public final class BlockMultipathDevice: Sendable {
                                   io: p.io, fua: p.fua, data: p.data))
             case .complete(let id, let failure):
                 guard let p = s.pending.removeValue(forKey: id) else { continue }
-                let result: Result<ByteBuffer?, BlockMultipathError>
+                let result: Result<ByteBufferPieces?, BlockMultipathError>
                 switch failure {
                 case nil:
                     result = p.result ?? .failure(BlockMultipathError(.noPath, "no answer"))
@@ -760,7 +760,7 @@ public final class BlockMultipathDevice: Sendable {
         client.io(BlockClient.Device(id: deviceID, geometry: Parley_Block_V1_Geometry()), operation,
                   offset: io.offset, length: UInt32(io.length), dataPieces: data, fua: fua) { answer in
             let outcome: MultipathIOState.Outcome
-            var result: Result<ByteBuffer?, BlockMultipathError>?
+            var result: Result<ByteBufferPieces?, BlockMultipathError>?
             switch answer {
             case .success(let reply):
                 outcome = .done
@@ -794,19 +794,20 @@ public final class BlockMultipathDevice: Sendable {
     /// read, nil for other operations). For callers that do not want a task per IO.
     public func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil,
                        complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
-        self.submit(io, fua: fua, data: data.map { ByteBufferPieces($0) }, final: false, complete: complete)
+        self.submit(io, fua: fua, data: data.map { ByteBufferPieces($0) }, final: false) { complete($0.map { $0?.gathered() }) }
     }
 
-    /// Submits one write whose data is in pieces (a large NBD write as the reads that brought
-    /// it): sent without gathering them (`DirectFrame`).
-    public func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBufferPieces,
-                       complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
-        self.submit(io, fua: fua, data: data, final: false, complete: complete)
+    /// `submit` with data in pieces both ways: a write's data as the reads that brought it
+    /// (sent without gathering them: `DirectFrame`), a large read's answer as the reads it
+    /// arrived in (what the map's NBD endpoint writes on as it is).
+    public func submit(_ io: MultipathIOState.IO, fua: Bool = false, dataPieces: ByteBufferPieces?,
+                       complete: @escaping @Sendable (Result<ByteBufferPieces?, BlockMultipathError>) -> Void) {
+        self.submit(io, fua: fua, data: dataPieces, final: false, complete: complete)
     }
 
     /// `final`: taken while closing (the last flush).
     private func submit(_ io: MultipathIOState.IO, fua: Bool, data: ByteBufferPieces?, final: Bool,
-                        complete: @escaping @Sendable (Result<ByteBuffer?, BlockMultipathError>) -> Void) {
+                        complete: @escaping @Sendable (Result<ByteBufferPieces?, BlockMultipathError>) -> Void) {
         let jobs = self.state.withLockedValue { s -> Jobs in
             self.resolving(&s) { s, actions in
                 // The entry must exist before the machine's actions (resolved after) refer to it.
@@ -820,7 +821,9 @@ public final class BlockMultipathDevice: Sendable {
     /// Submits one IO and waits for its answer (`final`: taken while closing).
     func submit(_ io: MultipathIOState.IO, fua: Bool = false, data: ByteBuffer? = nil, final: Bool = false) async throws -> ByteBuffer? {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<ByteBuffer?, any Error>) in
-            self.submit(io, fua: fua, data: data.map { ByteBufferPieces($0) }, final: final) { result in continuation.resume(with: result.mapError { $0 as any Error }) }
+            self.submit(io, fua: fua, data: data.map { ByteBufferPieces($0) }, final: final) { result in
+                continuation.resume(with: result.map { $0?.gathered() }.mapError { $0 as any Error })
+            }
         }
     }
 

@@ -37,38 +37,39 @@ public final class MultipathBlockStore: CompletingBlockStore {
         BlockStoreError(errno: e.errno, operation: "\(what): \(e.message)")
     }
 
-    public func start(_ request: BlockStoreRequest, done: @escaping @Sendable (Result<ByteBuffer?, BlockStoreError>) -> Void) {
+    public func start(_ request: BlockStoreRequest, done: @escaping @Sendable (Result<ByteBufferPieces?, BlockStoreError>) -> Void) {
         let device = self.device
         switch request {
         case .read(let offset, let length):
             guard Int(length) > self.maxIO else {
-                device.submit(.init(.read, offset: offset, length: UInt64(length))) { done($0.mapError { Self.storeError("read", $0) }) }
+                device.submit(.init(.read, offset: offset, length: UInt64(length)), dataPieces: nil) { done($0.mapError { Self.storeError("read", $0) }) }
                 return
             }
-            // Longer than the remote's largest IO: several reads at once, gathered.
+            // Longer than the remote's largest IO: several reads at once, their answers
+            // joined in order (as pieces: nothing copied).
             let count = Int(length), maxIO = self.maxIO
-            let pieces = (count + maxIO - 1) / maxIO
-            let gather = NIOLockedValueBox<(ByteBuffer, Int, BlockStoreError?)>((ByteBuffer(repeating: 0, count: count), pieces, nil))
-            for start in stride(from: 0, to: count, by: maxIO) {
+            let parts = (count + maxIO - 1) / maxIO
+            let gather = NIOLockedValueBox<([ByteBufferPieces?], Int, BlockStoreError?)>((Array(repeating: nil, count: parts), parts, nil))
+            for (part, start) in stride(from: 0, to: count, by: maxIO).enumerated() {
                 let n = min(maxIO, count - start)
-                device.submit(.init(.read, offset: offset + UInt64(start), length: UInt64(n))) { result in
-                    let finished = gather.withLockedValue { g -> Result<ByteBuffer?, BlockStoreError>? in
+                device.submit(.init(.read, offset: offset + UInt64(start), length: UInt64(n)), dataPieces: nil) { result in
+                    let finished = gather.withLockedValue { g -> Result<ByteBufferPieces?, BlockStoreError>? in
                         switch result {
-                        case .success(let data?) where data.readableBytes == n: g.0.setBuffer(data, at: start)
+                        case .success(let data?) where data.readableBytes == n: g.0[part] = data
                         case .success: g.2 = g.2 ?? BlockStoreError(errno: EIO, operation: "read: short answer")
                         case .failure(let e): g.2 = g.2 ?? Self.storeError("read", e)
                         }
                         g.1 -= 1
                         guard g.1 == 0 else { return nil }
-                        return g.2.map { .failure($0) } ?? .success(g.0)
+                        return g.2.map { .failure($0) } ?? .success(ByteBufferPieces(g.0.flatMap { $0!.pieces }))
                     }
                     if let finished { done(finished) }
                 }
             }
         case .write(let offset, let data, let fua):
             guard data.readableBytes > self.maxIO else {
-                device.submit(.init(.write, offset: offset, length: UInt64(data.readableBytes)), fua: fua, data: data) { (result: Result<ByteBuffer?, BlockMultipathError>) in
-                    done(result.mapError { Self.storeError("write", $0) })
+                device.submit(.init(.write, offset: offset, length: UInt64(data.readableBytes)), fua: fua, dataPieces: data) {
+                    done($0.mapError { Self.storeError("write", $0) })
                 }
                 return
             }
@@ -76,8 +77,8 @@ public final class MultipathBlockStore: CompletingBlockStore {
             let left = NIOLockedValueBox<(Int, BlockStoreError?)>(((count + maxIO - 1) / maxIO, nil))
             for start in stride(from: 0, to: count, by: maxIO) {
                 let piece = data.slice(at: start, length: min(maxIO, count - start))
-                device.submit(.init(.write, offset: offset + UInt64(start), length: UInt64(piece.readableBytes)), fua: fua, data: piece) { result in
-                    let finished = left.withLockedValue { l -> Result<ByteBuffer?, BlockStoreError>? in
+                device.submit(.init(.write, offset: offset + UInt64(start), length: UInt64(piece.readableBytes)), fua: fua, dataPieces: piece) { result in
+                    let finished = left.withLockedValue { l -> Result<ByteBufferPieces?, BlockStoreError>? in
                         if case .failure(let e) = result { l.1 = l.1 ?? Self.storeError("write", e) }
                         l.0 -= 1
                         guard l.0 == 0 else { return nil }
@@ -87,16 +88,16 @@ public final class MultipathBlockStore: CompletingBlockStore {
                 }
             }
         case .flush:
-            device.submit(.init(.flush, offset: 0, length: 0)) { done($0.mapError { Self.storeError("flush", $0) }) }
+            device.submit(.init(.flush, offset: 0, length: 0), dataPieces: nil) { done($0.mapError { Self.storeError("flush", $0) }) }
         case .discard(let offset, let length, let fua):
-            device.submit(.init(.discard, offset: offset, length: UInt64(length)), fua: fua) { done($0.mapError { Self.storeError("discard", $0) }) }
+            device.submit(.init(.discard, offset: offset, length: UInt64(length)), fua: fua, dataPieces: nil) { done($0.mapError { Self.storeError("discard", $0) }) }
         case .writeZeroes(let offset, let length, let fua, let fast):
             // The block protocol has no "fast zero": say so, and the client writes zeroes itself.
             if fast {
                 done(.failure(BlockStoreError(errno: EOPNOTSUPP, operation: "fast write-zeroes")))
                 return
             }
-            device.submit(.init(.writeZeroes, offset: offset, length: UInt64(length)), fua: fua) {
+            device.submit(.init(.writeZeroes, offset: offset, length: UInt64(length)), fua: fua, dataPieces: nil) {
                 done($0.mapError { Self.storeError("write-zeroes", $0) })
             }
         }

@@ -992,7 +992,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// The answer of a `CompletingBlockStore` to a request `startCompleting` passed it.
-    private func completed(_ result: Result<ByteBuffer?, BlockStoreError>, request: BlockStoreRequest, kind: BlockOpKind, bytes: Int,
+    private func completed(_ result: Result<ByteBufferPieces?, BlockStoreError>, request: BlockStoreRequest, kind: BlockOpKind, bytes: Int,
                            counted: Int, cookie: UInt64, negotiated: NBDNegotiated, device: BlockDevice, started: NIODeadline,
                            context: ChannelHandlerContext) {
         self.end(bytes: counted)
@@ -1011,7 +1011,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             }
             device.metrics(.read).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
             context.write(NIOAny(header), promise: nil)
-            context.write(NIOAny(data), promise: nil)
+            if let one = data.single {
+                context.write(NIOAny(one), promise: nil)
+            } else {
+                // A large read as the reads it arrived in on the path: written on as it is.
+                for piece in data.pieces { context.write(NIOAny(piece), promise: nil) }
+            }
             self.wrote(bytes, context: context)
         case .success:
             self.answered(kind, error: nil, bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context)

@@ -17,6 +17,6 @@ public enum BlockStoreRequest: Sendable {
 /// calls remain for everything else.
 public protocol CompletingBlockStore: BlockStore {
     /// Starts `request`; `done` runs once, on any thread: the bytes read (exactly the
-    /// length asked for) for a read, nil otherwise, or the error.
-    func start(_ request: BlockStoreRequest, done: @escaping @Sendable (Result<ByteBuffer?, BlockStoreError>) -> Void)
+    /// length asked for, in one buffer or several) for a read, nil otherwise, or the error.
+    func start(_ request: BlockStoreRequest, done: @escaping @Sendable (Result<ByteBufferPieces?, BlockStoreError>) -> Void)
 }

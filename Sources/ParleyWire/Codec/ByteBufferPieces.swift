@@ -114,24 +114,34 @@ public struct ByteBufferPieces: Sendable, Hashable {
 
     /// Calls `body` with the readable bytes of every piece, in order (for a vectored write
     /// or a gathered `pwritev`); the pointers are valid only inside `body`.
-    public func withUnsafeReadableBytesOfEach<R>(_ body: ([UnsafeRawBufferPointer]) throws -> R) rethrows -> R {
+    public func withUnsafeReadableBytesOfEach<R, E: Error>(_ body: ([UnsafeRawBufferPointer]) throws(E) -> R) throws(E) -> R {
+        var pointers: [UnsafeRawBufferPointer] = []
         switch self.storage {
         case .one(let b):
-            return try b.withUnsafeReadableBytes { try body([$0]) }
+            var result: Result<R, E>?
+            b.withUnsafeReadableBytes { raw in
+                do throws(E) { result = .success(try body([raw])) } catch { result = .failure(error) }
+            }
+            return try result!.get()
         case .several(let pieces, _):
-            var pointers: [UnsafeRawBufferPointer] = []
             pointers.reserveCapacity(pieces.count)
             return try Self.withEach(pieces[...], &pointers, body)
         }
     }
 
-    private static func withEach<R>(_ rest: ArraySlice<ByteBuffer>, _ pointers: inout [UnsafeRawBufferPointer],
-                                    _ body: ([UnsafeRawBufferPointer]) throws -> R) rethrows -> R {
+    private static func withEach<R, E: Error>(_ rest: ArraySlice<ByteBuffer>, _ pointers: inout [UnsafeRawBufferPointer],
+                                              _ body: ([UnsafeRawBufferPointer]) throws(E) -> R) throws(E) -> R {
         guard let first = rest.first else { return try body(pointers) }
-        return try first.withUnsafeReadableBytes { raw in
+        var result: Result<R, E>?
+        first.withUnsafeReadableBytes { raw in
             pointers.append(raw)
-            return try Self.withEach(rest.dropFirst(), &pointers, body)
+            do throws(E) {
+                result = .success(try Self.withEach(rest.dropFirst(), &pointers, body) as R)
+            } catch {
+                result = .failure(error)
+            }
         }
+        return try result!.get()
     }
 
     /// Equal bytes, however they are cut.

@@ -243,3 +243,42 @@ extension Frame {
         self.segments[0].getInteger(at: self.segments[0].readerIndex, endianness: .little, as: UInt64.self)
     }
 }
+
+/// A received DIRECT frame (docs/protocol.md 7.16): its flags, segment 0 (the id, then the
+/// service's header) and segment 1, if any, as one buffer or as the reads a large one arrived
+/// in (`WireDecoder.decodeCollecting`).
+public struct DirectInbound: Hashable, Sendable {
+    public var flags: UInt8
+    public var segment0: ByteBuffer
+    /// Segment 1; nil for a frame of one segment.
+    public var data: ByteBufferPieces?
+    /// Segments after the second (a DIRECT frame may have up to four; services use two).
+    public var moreSegments: [ByteBuffer]
+
+    public init(flags: UInt8 = 0, segment0: ByteBuffer, data: ByteBufferPieces?, moreSegments: [ByteBuffer] = []) {
+        self.flags = flags
+        self.segment0 = segment0
+        self.data = data
+        self.moreSegments = moreSegments
+    }
+
+    /// A DIRECT frame decoded whole.
+    public init(_ frame: Frame) {
+        self.init(flags: frame.flags, segment0: frame.segments[0], data: frame.segments.count > 1 ? ByteBufferPieces(frame.segments[1]) : nil,
+                  moreSegments: frame.segments.count > 2 ? Array(frame.segments[2...]) : [])
+    }
+
+    /// The direct id (bytes 0-7 of segment 0, little-endian), or nil when segment 0 is shorter.
+    public var id: UInt64? {
+        self.segment0.getInteger(at: self.segment0.readerIndex, endianness: .little, as: UInt64.self)
+    }
+
+    /// The frame, its data gathered into one buffer (for tests and tools).
+    public var frame: Frame {
+        var segments = [self.segment0]
+        if let data { segments.append(data.gathered()) }
+        segments += self.moreSegments
+        return Frame(tag: .direct, flags: self.flags, segments: segments,
+                     alignments: self.data == nil ? .none : SegmentAlignments(0, DirectFrame.dataAlignment))
+    }
+}

@@ -14,6 +14,13 @@ public enum WireOutbound: Hashable, Sendable {
     case startSealing(SecureSwitch)
 }
 
+/// What `WireDecoder.decodeCollecting` gives: what `decode` gives, or a DIRECT frame whose
+/// large segment 1 was collected as the reads it arrived in.
+public enum CollectedInbound: Hashable, Sendable {
+    case wire(WireInbound)
+    case direct(DirectInbound)
+}
+
 /// Decodes one direction of a connection in crc mode: a banner, then frames.
 ///
 /// Invariants:
@@ -79,6 +86,19 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     private var firstSealedFrame = false
     /// The body of `.bodyInPieces`, kept out of `state` so that writing into it never copies it.
     private var pieces: BodyInPieces?
+    /// `decodeCollecting`: the body of a large DIRECT frame as it arrives (in `.body`).
+    private var directBody: DirectBody?
+
+    /// A DIRECT body collected as the slices of the reads it arrives in. A slice that holds
+    /// less than half of its read's buffer is copied into a buffer of the body's own instead,
+    /// so that a peer that sends a large frame a few bytes per read pins no more than about
+    /// twice what it sent.
+    struct DirectBody {
+        var pieces: [ByteBuffer] = []
+        var bytes = 0
+        /// The last piece is a buffer of the body's own, with room left.
+        var lastIsOwn = false
+    }
 
     /// From the next byte on, frames are sealed: opened with `direction`. Called between two
     /// frames, when the handshake settles the keys.
@@ -107,7 +127,7 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     /// of appending the whole next read to it. Nil where a step has no such size: the
     /// banner, secure mode (a sealed body is opened as its pieces arrive), a failed decoder.
     public var bytesForNextStep: Int? {
-        guard self.opener == nil else { return nil }
+        guard self.opener == nil, self.directBody == nil else { return nil }
         switch self.state {
         case .preamble: return Frame.preambleSize
         case .body(let preamble): return preamble.bodySize
@@ -133,7 +153,80 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         }
     }
 
+    /// `decode` for a reader that takes a large DIRECT frame's data as the reads it arrives
+    /// in (`ParleyConnectionHandler`): in crc mode, a DIRECT frame of two segments whose
+    /// segment 1 is at least `zeroCopySegmentThreshold` bytes and whose body has not all
+    /// arrived is collected from this and the following calls' buffers (their bytes are
+    /// taken, as slices: nothing copied) and given as `.direct` once whole and checked. The
+    /// checks and their errors are `decode`'s, in the same order.
+    public mutating func decodeCollecting(buffer: inout ByteBuffer) throws(ParleyError) -> CollectedInbound? {
+        if self.directBody == nil {
+            if let inbound = try self.decode(buffer: &buffer) { return .wire(inbound) }
+            guard self.opener == nil, case .body(let p) = self.state, p.tag == .direct, p.count == 2,
+                  p.length(1) >= zeroCopySegmentThreshold else { return nil }
+            self.directBody = DirectBody()
+        }
+        guard case .body(let preamble) = self.state, var body = self.directBody else { preconditionFailure("collecting outside a DIRECT body") }
+        self.directBody = nil  // so that an own buffer in it is uniquely referenced and grows in place
+        let take = min(preamble.bodySize - body.bytes, buffer.readableBytes)
+        if take > 0 {
+            var piece = buffer.readSlice(length: take)!
+            if body.lastIsOwn, body.pieces[body.pieces.count - 1].writableBytes >= take {
+                body.pieces[body.pieces.count - 1].writeBuffer(&piece)
+            } else if take * 2 < piece.storageCapacity {
+                // A few bytes of a large read: copied, not pinning the read's buffer.
+                var own = ByteBufferAllocator().buffer(capacity: min(preamble.bodySize - body.bytes, max(take, 64 << 10)))
+                own.writeBuffer(&piece)
+                body.pieces.append(own)
+                body.lastIsOwn = true
+            } else {
+                body.pieces.append(piece)
+                body.lastIsOwn = false
+            }
+            body.bytes += take
+        }
+        guard body.bytes == preamble.bodySize else {
+            self.directBody = body
+            return nil
+        }
+        do {
+            let direct = try Self.checkDirectBody(ByteBufferPieces(body.pieces), preamble: preamble)
+            self.state = .preamble
+            return .direct(direct)
+        } catch {
+            self.state = .failed(error)
+            throw error
+        }
+    }
+
+    /// The segments of a whole DIRECT body of two segments held in pieces, their CRCs checked
+    /// as `step` checks them.
+    private static func checkDirectBody(_ body: ByteBufferPieces, preamble: Preamble) throws(ParleyError) -> DirectInbound {
+        let length0 = preamble.length(0), length1 = preamble.length(1)
+        let epilogue = body.slice(at: length0 + length1, length: 8).gathered()
+        let segment0 = body.slice(at: 0, length: length0).gathered()
+        let data = body.slice(at: length0, length: length1)
+        for (i, computed) in [(0, CRC32C.checksum(segment0)), (1, data.crc32c())] {
+            let stored = epilogue.getInteger(at: epilogue.readerIndex + 4 * i, endianness: .little, as: UInt32.self)!
+            guard stored == computed else {
+                throw ParleyError(
+                    code: .badSegmentCRC,
+                    message: "\(preamble.tag) frame segment \(i) (\(i == 0 ? length0 : length1) bytes) CRC mismatch: computed 0x\(String(computed, radix: 16)), epilogue says 0x\(String(stored, radix: 16))"
+                )
+            }
+        }
+        return DirectInbound(flags: preamble.flags, segment0: segment0, data: data)
+    }
+
     public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws(ParleyError) -> WireInbound? {
+        if let body = self.directBody, case .body(let p) = self.state {
+            // The peer ended the connection while a DIRECT body was being collected.
+            guard seenEOF else { return nil }
+            throw self.fail(ParleyError(
+                code: .truncated,
+                message: "connection ended inside a \(p.tag) frame: \(body.bytes + buffer.readableBytes) of \(p.bodySize) body bytes arrived"
+            ))
+        }
         if let element = try self.decode(buffer: &buffer) { return element }
         guard seenEOF else { return nil }
         switch self.state {
@@ -164,6 +257,7 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     private mutating func fail(_ error: ParleyError) -> ParleyError {
         self.state = .failed(error)
         self.pieces = nil
+        self.directBody = nil
         return error
     }
 

@@ -23,7 +23,7 @@ public struct SessionStateMachine: Sendable {
         case ack(UInt64)
         /// A DIRECT frame (feature bit 4, enabled on this connection): a request on a server
         /// side, an answer on a client side; segment 0 holds at least its 8-byte id.
-        case direct(Frame)
+        case direct(DirectInbound)
         case ignore
         /// The peer closed the session with this reason.
         case peerClosed(ParleyError)
@@ -105,18 +105,7 @@ public struct SessionStateMachine: Sendable {
             if frame.tag == .keepaliveAck { return .keepaliveAck(stamp) }
             return .reply(Self.keepaliveFrame(tag: .keepaliveAck, timestamp: stamp))
         case .direct:
-            // Decided on the tag, the features and the flags before segment 0 is looked at.
-            guard self.isDirectEnabled else {
-                let why = self.features.contains(.direct) ? "before a service enabled DIRECT on this connection" : "without the direct feature"
-                return self.violate(.unexpectedFrame, "DIRECT frame \(why)")
-            }
-            guard frame.flags == 0 else {
-                return self.violate(.protocolViolation, "DIRECT flags must be 0 in protocol version 1, got \(frame.flags)")
-            }
-            guard frame.segments[0].readableBytes >= DirectFrame.idSize else {
-                return self.violate(.malformedPayload, "DIRECT segment 0 must start with an 8-byte id, got \(frame.segments[0].readableBytes) bytes")
-            }
-            return .direct(frame)
+            return self.received(direct: DirectInbound(frame))
         case .ack where self.isLossless:
             guard frame.segments[0].readableBytes == 8, let ack = frame.segments[0].getInteger(at: frame.segments[0].readerIndex, endianness: .little, as: UInt64.self) else {
                 return self.violate(.malformedPayload, "ACK payload must be 8 bytes, got \(frame.segments[0].readableBytes)")
@@ -133,6 +122,23 @@ public struct SessionStateMachine: Sendable {
                 return self.violate(error)
             }
         }
+    }
+
+    /// A DIRECT frame, decoded whole or collected in pieces (`WireDecoder.decodeCollecting`).
+    public mutating func received(direct: DirectInbound) -> Inbound {
+        guard !self.isClosed else { return .ignore }
+        // Decided on the tag, the features and the flags before segment 0 is looked at.
+        guard self.isDirectEnabled else {
+            let why = self.features.contains(.direct) ? "before a service enabled DIRECT on this connection" : "without the direct feature"
+            return self.violate(.unexpectedFrame, "DIRECT frame \(why)")
+        }
+        guard direct.flags == 0 else {
+            return self.violate(.protocolViolation, "DIRECT flags must be 0 in protocol version 1, got \(direct.flags)")
+        }
+        guard direct.segment0.readableBytes >= DirectFrame.idSize else {
+            return self.violate(.malformedPayload, "DIRECT segment 0 must start with an 8-byte id, got \(direct.segment0.readableBytes) bytes")
+        }
+        return .direct(direct)
     }
 
     /// Stamps an outbound message with the next seq and the current ack; returns its frame.
