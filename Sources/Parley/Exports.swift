@@ -14,4 +14,5 @@
 @_exported import struct ParleyWire.Frame
 @_exported import struct ParleyWire.ByteBufferPieces
 @_exported import struct ParleyWire.DirectInbound
+@_exported import struct ParleyWire.ReadPieceCollector
 @_exported import typealias ParleyNIO.DirectCompletion

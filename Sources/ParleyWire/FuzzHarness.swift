@@ -7,6 +7,10 @@ import NIOCore
 public enum _FuzzHarness {
     @discardableResult
     public static func run(_ bytes: UnsafeRawBufferPointer) -> Int {
+        // The connection handler's way of decoding (large DIRECT data collected as the reads
+        // it arrives in), with read sizes from the input: what decoding it whole gives.
+        let reads = [1 + Int(bytes.first ?? 0) &* 97 % 5000, 1 + Int(bytes.last ?? 0) &* 131]
+        precondition(Self.collectingAgrees(bytes, reads: reads), "decodeCollecting in reads of \(reads) disagrees with decode")
         var buffer = ByteBuffer(bytes: bytes)
         var decoder = WireDecoder(maxFrameSize: 1 << 20)
         var ident = Parley_V1_ServerIdent()
@@ -60,6 +64,63 @@ public enum _FuzzHarness {
             }
         } catch {}
         return decoded
+    }
+
+    /// True when `WireDecoder.decodeCollecting`, fed `bytes` in reads of the sizes `reads`
+    /// cycles through (each read its own buffer, the rest of a read kept and completed as the
+    /// connection handler does), gives what `decode` gives of `bytes` at once: the same
+    /// banner and frames (a collected DIRECT frame compared by its bytes), and the same error
+    /// code where it fails.
+    public static func collectingAgrees(_ bytes: UnsafeRawBufferPointer, reads: [Int], maxFrameSize: Int = 1 << 20) -> Bool {
+        enum Element: Equatable {
+            case banner(Banner)
+            case frame(FrameTag, UInt8, [ByteBuffer])
+        }
+        func element(_ inbound: WireInbound) -> Element {
+            switch inbound {
+            case .banner(let b): return .banner(b)
+            case .frame(let f): return .frame(f.tag, f.flags, f.segments)
+            }
+        }
+        var whole = WireDecoder(maxFrameSize: maxFrameSize)
+        var all = ByteBuffer(bytes: bytes)
+        var expected: [Element] = []
+        var expectedError: ParleyError.Code?
+        do {
+            while let e = try whole.decodeLast(buffer: &all, seenEOF: true) { expected.append(element(e)) }
+        } catch {
+            expectedError = error.code
+        }
+        var decoder = WireDecoder(maxFrameSize: maxFrameSize)
+        var got: [Element] = []
+        var gotError: ParleyError.Code?
+        var rest = ByteBuffer()
+        var at = 0, i = 0
+        do {
+            while at < bytes.count {
+                let n = min(max(1, reads[i % reads.count]), bytes.count - at)
+                i += 1
+                var read = ByteBuffer(bytes: UnsafeRawBufferPointer(rebasing: bytes[at..<(at + n)]))
+                at += n
+                var buffer = read
+                if rest.readableBytes > 0 {
+                    rest.writeBuffer(&read)
+                    buffer = rest
+                }
+                rest = ByteBuffer()
+                while let e = try decoder.decodeCollecting(buffer: &buffer) {
+                    switch e {
+                    case .wire(let w): got.append(element(w))
+                    case .direct(let d): got.append(.frame(.direct, d.flags, d.frame.segments))
+                    }
+                }
+                if buffer.readableBytes > 0 { rest = buffer }
+            }
+            while let e = try decoder.decodeLast(buffer: &rest, seenEOF: true) { got.append(element(e)) }
+        } catch {
+            gotError = error.code
+        }
+        return got == expected && gotError == expectedError
     }
 
     /// The entry point of the libFuzzer target: an input whose first byte is `S` (0x53) goes

@@ -1,5 +1,6 @@
 import NIOCore
 import ParleyWire
+import ParleyTestSupport
 import Testing
 
 // DIRECT frames (docs/protocol.md 7.16): the one-buffer builder against the generic frame
@@ -125,6 +126,35 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
         #expect(total == 1000)
         #expect(ByteBufferPieces([ByteBuffer(bytes: [1, 2])]).single == ByteBuffer(bytes: [1, 2]))
         #expect(ByteBufferPieces([ByteBuffer]()).readableBytes == 0)
+    }
+
+    /// What a collector keeps as slices and what it copies, under both rules.
+    @Test func readPieceCollectorKeepsWhatIsWorthKeeping() {
+        func read(_ n: Int, capacity: Int) -> ByteBuffer {
+            var b = ByteBufferAllocator().buffer(capacity: capacity)
+            b.writeRepeatingByte(UInt8(truncatingIfNeeded: n), count: n)
+            return b
+        }
+        var pipelined = ReadPieceCollector(minimumSlice: 1024, halfTheBuffer: false)
+        var strict = ReadPieceCollector(minimumSlice: 1024, halfTheBuffer: true)
+        for (n, capacity) in [(4096, 128 << 10), (60_000, 64 << 10), (10, 64 << 10), (20, 64 << 10), (1023, 1023)] {
+            var a = read(n, capacity: capacity), b = a
+            pipelined.take(&a, missing: 1 << 20, allocator: ByteBufferAllocator())
+            strict.take(&b, missing: 1 << 20, allocator: ByteBufferAllocator())
+            #expect(a.readableBytes == 0 && b.readableBytes == 0, "all of a piece is taken")
+        }
+        let total = 4096 + 60_000 + 10 + 20 + 1023
+        #expect(pipelined.count == total && strict.count == total)
+        // Pipelined: the 4 KiB slice of a 128 KiB read and the 60 KB read kept, the three small
+        // pieces copied into one buffer of its own.
+        #expect(pipelined.pieces.map(\.readableBytes) == [4096, 60_000, 10 + 20 + 1023])
+        // Strict: the 4 KiB slice pins a 128 KiB buffer, so it is copied (with the small ones
+        // after the kept 60 KB read).
+        #expect(strict.pieces.map(\.readableBytes) == [4096, 60_000, 10 + 20 + 1023])
+        #expect(strict.pieces[0].storageCapacity < 128 << 10, "the 4 KiB slice was copied")
+        #expect(pipelined.pieces[0].storageCapacity == 128 << 10, "the 4 KiB slice was kept")
+        let bytes = ByteBufferPieces(strict.pieces).gathered()
+        #expect(bytes == ByteBufferPieces(pipelined.pieces).gathered())
     }
 
     @Test func sealingRefusesAnExhaustedCounter() throws {
@@ -316,6 +346,30 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
         flipped[32 + 11 + 20_000] ^= 0x80
         var again = WireDecoder(expectBanner: false)
         #expect(ParleyError.code { _ = try self.feed(flipped, reads: [4096], into: &again) } == .badSegmentCRC)
+    }
+
+    /// Streams of DIRECT frames of 0-100 KiB of data between small frames, a byte of them
+    /// changed or the stream cut short, fed in reads of random sizes: `decodeCollecting`
+    /// gives what `decode` gives, and fails where it fails (`_FuzzHarness.collectingAgrees`,
+    /// which the fuzz target also runs).
+    @Test func randomStreamsCollectAsTheyDecode() throws {
+        var rng = SplitMix(seed: 48)
+        for round in 0..<300 {
+            var banner = ByteBuffer()
+            banner.writeBanner(Banner(supported: .implemented))
+            var stream = Array(banner.readableBytesView)
+            for _ in 0..<(1 + rng.next() % 4) {
+                stream += self.stream(dataLength: Int(rng.next() % 3 == 0 ? rng.next() % 100_000 : 16_384 + rng.next() % 70_000)).bytes
+            }
+            switch rng.next() % 4 {
+            case 0: stream[Int(rng.next() % UInt64(stream.count))] ^= UInt8(1) << UInt8(rng.next() % 8)
+            case 1: stream = Array(stream.prefix(Int(rng.next() % UInt64(stream.count))))
+            default: break
+            }
+            let reads = (0..<3).map { _ in 1 + Int(rng.next() % (rng.next() % 2 == 0 ? 70_000 : 5_000)) }
+            let agrees = stream.withUnsafeBytes { _FuzzHarness.collectingAgrees($0, reads: reads) }
+            #expect(agrees, "round \(round), reads \(reads)")
+        }
     }
 
     @Test func aConnectionCutWhileCollectingIsTruncated() throws {

@@ -257,8 +257,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var decoder = NBDRequestDecoder(maximumWritePayload: NBDServer.maximumPayload)
     private var input: ByteBuffer?
     /// A large write whose payload is still arriving.
-    /// `ownsLast`: the last chunk is a buffer of the gather's own, collecting small pieces.
-    private var gather: (request: NBDRequest, chunks: [ByteBuffer], missing: Int, ownsLast: Bool)?
+    private var gather: (request: NBDRequest, chunks: ReadPieceCollector, missing: Int)?
     /// Writes from this size on are gathered (`gather`) rather than copied into `input`.
     static let gatherMinimum = 128 * 1024
     /// Writes from this size on whose payload starts in the next read are gathered too.
@@ -371,17 +370,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // The payload of a large write: kept as the reads' own buffers, not copied.
             let n = min(gather.missing, bytes.readableBytes)
             var piece = bytes.readSlice(length: n)!
-            if n < Self.sliceMinimum {
-                // Small pieces are copied into a buffer of the gather's own: a write trickled
-                // in byte by byte would otherwise keep a buffer (and an array slot) per byte.
-                var own = gather.ownsLast ? gather.chunks.removeLast() : context.channel.allocator.buffer(capacity: min(gather.missing, 64 << 10))
-                own.writeBuffer(&piece)
-                gather.chunks.append(own)
-                gather.ownsLast = true
-            } else {
-                gather.chunks.append(piece)
-                gather.ownsLast = false
-            }
+            // Small pieces are copied into a buffer of the gather's own: a write trickled in
+            // byte by byte would otherwise keep a buffer (and an array slot) per byte.
+            gather.chunks.take(&piece, missing: gather.missing - n, allocator: context.channel.allocator)
             gather.missing -= n
             if gather.missing > 0 {
                 self.gather = gather
@@ -390,7 +381,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.gather = nil
             if let negotiated = self.negotiated, let device = self.device {
                 self.burstRequests += 1
-                self.dispatch(gather.request, payload: gather.chunks, negotiated: negotiated, device: device, context: context)
+                self.dispatch(gather.request, payload: gather.chunks.pieces, negotiated: negotiated, device: device, context: context)
             }
             if bytes.readableBytes == 0 { return }
         }
@@ -621,8 +612,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 // random writes, session 36 in docs/performance.md.)
                 let minimum = input.readableBytes == NBD.requestHeaderSize ? Self.sliceMinimum : Self.gatherMinimum
                 if let request = self.decoder.takeLargeWrite(&input, minimum: minimum) {
-                    let first = input.readSlice(length: input.readableBytes)!
-                    self.gather = (request, first.readableBytes > 0 ? [first] : [], Int(request.length) - first.readableBytes, false)
+                    var first = input.readSlice(length: input.readableBytes)!
+                    let missing = Int(request.length) - first.readableBytes
+                    // The start of the payload, in the buffer `input` owns: kept as it is.
+                    var chunks = ReadPieceCollector(minimumSlice: Self.sliceMinimum, halfTheBuffer: false)
+                    chunks.take(&first, missing: missing, allocator: context.channel.allocator)
+                    self.gather = (request, chunks, missing)
                 }
                 break
             }

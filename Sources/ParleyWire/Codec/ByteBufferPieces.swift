@@ -155,3 +155,49 @@ public struct ByteBufferPieces: Sendable, Hashable {
         hasher.combine(self.gathered())
     }
 }
+
+/// The bytes of one large payload collected as reads bring them (a DIRECT frame's body, an
+/// NBD write's payload): slices of the reads where a slice is worth keeping, else copied into
+/// a buffer of the collector's own (64 KiB at a time), so that a payload trickled in a few
+/// bytes per read holds one buffer per 64 KiB, not one per read.
+public struct ReadPieceCollector: Sendable {
+    public private(set) var pieces: [ByteBuffer] = []
+    /// Bytes taken so far.
+    public private(set) var count = 0
+    /// The last piece is a buffer of the collector's own, which may have room left.
+    private var lastIsOwn = false
+    private let minimumSlice: Int
+    private let halfTheBuffer: Bool
+
+    /// - Parameters:
+    ///   - minimumSlice: slices shorter than this are copied.
+    ///   - halfTheBuffer: slices holding less than half of their read's buffer are copied
+    ///     too, so that what is kept pins at most about twice what arrived (a peer's bytes
+    ///     before it is known to be good); without it a slice of a full read is kept
+    ///     whatever else the read holds (a client's pipelined writes, whose other parts are
+    ///     kept as well).
+    public init(minimumSlice: Int, halfTheBuffer: Bool) {
+        self.minimumSlice = minimumSlice
+        self.halfTheBuffer = halfTheBuffer
+    }
+
+    /// Takes all of `piece`'s readable bytes; `missing` more are expected after them (sizes a
+    /// buffer of its own).
+    public mutating func take(_ piece: inout ByteBuffer, missing: Int, allocator: ByteBufferAllocator) {
+        let n = piece.readableBytes
+        guard n > 0 else { return }
+        self.count += n
+        if n >= self.minimumSlice, !self.halfTheBuffer || n * 2 >= piece.storageCapacity {
+            self.pieces.append(piece)
+            piece.moveReaderIndex(forwardBy: n)
+            self.lastIsOwn = false
+        } else if self.lastIsOwn, self.pieces[self.pieces.count - 1].writableBytes >= n {
+            self.pieces[self.pieces.count - 1].writeBuffer(&piece)
+        } else {
+            var own = allocator.buffer(capacity: n + min(missing, max(0, (64 << 10) - n)))
+            own.writeBuffer(&piece)
+            self.pieces.append(own)
+            self.lastIsOwn = true
+        }
+    }
+}

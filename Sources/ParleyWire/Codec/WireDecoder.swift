@@ -89,16 +89,10 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     /// `decodeCollecting`: the body of a large DIRECT frame as it arrives (in `.body`).
     private var directBody: DirectBody?
 
-    /// A DIRECT body collected as the slices of the reads it arrives in. A slice that holds
-    /// less than half of its read's buffer is copied into a buffer of the body's own instead,
-    /// so that a peer that sends a large frame a few bytes per read pins no more than about
-    /// twice what it sent.
-    struct DirectBody {
-        var pieces: [ByteBuffer] = []
-        var bytes = 0
-        /// The last piece is a buffer of the body's own, with room left.
-        var lastIsOwn = false
-    }
+    /// A DIRECT body collected as the slices of the reads it arrives in (`ReadPieceCollector`:
+    /// a peer that sends a large frame a few bytes per read pins no more than about twice
+    /// what it sent).
+    typealias DirectBody = ReadPieceCollector
 
     /// From the next byte on, frames are sealed: opened with `direction`. Called between two
     /// frames, when the handshake settles the keys.
@@ -164,28 +158,14 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             if let inbound = try self.decode(buffer: &buffer) { return .wire(inbound) }
             guard self.opener == nil, case .body(let p) = self.state, p.tag == .direct, p.count == 2,
                   p.length(1) >= zeroCopySegmentThreshold else { return nil }
-            self.directBody = DirectBody()
+            self.directBody = DirectBody(minimumSlice: 1024, halfTheBuffer: true)
         }
         guard case .body(let preamble) = self.state, var body = self.directBody else { preconditionFailure("collecting outside a DIRECT body") }
         self.directBody = nil  // so that an own buffer in it is uniquely referenced and grows in place
-        let take = min(preamble.bodySize - body.bytes, buffer.readableBytes)
-        if take > 0 {
-            var piece = buffer.readSlice(length: take)!
-            if body.lastIsOwn, body.pieces[body.pieces.count - 1].writableBytes >= take {
-                body.pieces[body.pieces.count - 1].writeBuffer(&piece)
-            } else if take * 2 < piece.storageCapacity {
-                // A few bytes of a large read: copied, not pinning the read's buffer.
-                var own = ByteBufferAllocator().buffer(capacity: min(preamble.bodySize - body.bytes, max(take, 64 << 10)))
-                own.writeBuffer(&piece)
-                body.pieces.append(own)
-                body.lastIsOwn = true
-            } else {
-                body.pieces.append(piece)
-                body.lastIsOwn = false
-            }
-            body.bytes += take
-        }
-        guard body.bytes == preamble.bodySize else {
+        let take = min(preamble.bodySize - body.count, buffer.readableBytes)
+        var piece = buffer.readSlice(length: take)!
+        body.take(&piece, missing: preamble.bodySize - body.count - take, allocator: ByteBufferAllocator())
+        guard body.count == preamble.bodySize else {
             self.directBody = body
             return nil
         }
@@ -224,7 +204,7 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             guard seenEOF else { return nil }
             throw self.fail(ParleyError(
                 code: .truncated,
-                message: "connection ended inside a \(p.tag) frame: \(body.bytes + buffer.readableBytes) of \(p.bodySize) body bytes arrived"
+                message: "connection ended inside a \(p.tag) frame: \(body.count + buffer.readableBytes) of \(p.bodySize) body bytes arrived"
             ))
         }
         if let element = try self.decode(buffer: &buffer) { return element }
