@@ -5,13 +5,16 @@ import NIOCore
 /// copies nothing; `gathered` copies them into one buffer when there are several. One buffer
 /// (all small IO) is held without an array, so that wrapping it allocates nothing.
 public struct ByteBufferPieces: Sendable, Hashable {
-    private enum Storage: Sendable, Hashable {
+    @usableFromInline
+    enum Storage: Sendable, Hashable {
         case one(ByteBuffer)
         /// Two or more buffers, none empty.
         case several([ByteBuffer], total: Int)
     }
-    private var storage: Storage
+    @usableFromInline
+    var storage: Storage
 
+    @inlinable
     public init(_ buffer: ByteBuffer) {
         self.storage = .one(buffer)
     }
@@ -32,6 +35,7 @@ public struct ByteBufferPieces: Sendable, Hashable {
     }
 
     /// The number of readable bytes of all the pieces together.
+    @inlinable
     public var readableBytes: Int {
         switch self.storage {
         case .one(let b): return b.readableBytes
@@ -40,6 +44,7 @@ public struct ByteBufferPieces: Sendable, Hashable {
     }
 
     /// The number of buffers (1 for empty bytes).
+    @inlinable
     public var pieceCount: Int {
         switch self.storage {
         case .one: return 1
@@ -56,6 +61,7 @@ public struct ByteBufferPieces: Sendable, Hashable {
     }
 
     /// The only buffer, when there is one: nil when the bytes are in several.
+    @inlinable
     public var single: ByteBuffer? {
         if case .one(let b) = self.storage { return b }
         return nil

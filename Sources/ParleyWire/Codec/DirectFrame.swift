@@ -100,7 +100,11 @@ public struct DirectFrame: Sendable {
         let length = dataPieces.readableBytes
         guard length >= zeroCopySegmentThreshold else {
             self.init(allocator: allocator, id: id, headerLength: headerLength, dataLength: length, writeHeader: writeHeader)
-            for piece in dataPieces.pieces { self.buffer.writeImmutableBuffer(piece) }
+            if let one = dataPieces.single {
+                self.buffer.writeImmutableBuffer(one)  // no array for what nearly every write is
+            } else {
+                for piece in dataPieces.pieces { self.buffer.writeImmutableBuffer(piece) }
+            }
             return
         }
         self.init(allocator: allocator, id: id, headerLength: headerLength, dataLength: length, external: dataPieces, writeHeader: writeHeader)
@@ -269,6 +273,7 @@ public struct DirectInbound: Hashable, Sendable {
     }
 
     /// The direct id (bytes 0-7 of segment 0, little-endian), or nil when segment 0 is shorter.
+    @inlinable
     public var id: UInt64? {
         self.segment0.getInteger(at: self.segment0.readerIndex, endianness: .little, as: UInt64.self)
     }
