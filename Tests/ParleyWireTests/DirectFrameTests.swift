@@ -386,4 +386,17 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
             #expect(error.code == .truncated && error.message.contains("29968 of 50019"), "\(error.message)")
         }
     }
+
+    /// The rest of a collected frame handed over at the end (a reader that held it back)
+    /// finishes it: the frame, then what follows, then the end.
+    @Test func theRestAtTheEndFinishesACollectedFrame() throws {
+        let (bytes, direct, keepalive) = self.stream(dataLength: 50_000)
+        var decoder = WireDecoder(expectBanner: false)
+        #expect(try self.feed(Array(bytes[0..<30_000]), reads: [4096], into: &decoder).isEmpty)
+        var rest = ByteBuffer(bytes: bytes[30_000...])
+        guard case .frame(let f)? = try decoder.decodeLast(buffer: &rest, seenEOF: true) else { Issue.record("no DIRECT frame"); return }
+        #expect(f == direct)
+        #expect(try decoder.decodeLast(buffer: &rest, seenEOF: true) == .frame(keepalive))
+        #expect(try decoder.decodeLast(buffer: &rest, seenEOF: true) == nil)
+    }
 }

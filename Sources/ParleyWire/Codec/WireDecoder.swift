@@ -199,13 +199,17 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     }
 
     public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws(ParleyError) -> WireInbound? {
-        if let body = self.directBody, case .body(let p) = self.state {
-            // The peer ended the connection while a DIRECT body was being collected.
-            guard seenEOF else { return nil }
-            throw self.fail(ParleyError(
-                code: .truncated,
-                message: "connection ended inside a \(p.tag) frame: \(body.count + buffer.readableBytes) of \(p.bodySize) body bytes arrived"
-            ))
+        if self.directBody != nil {
+            // A DIRECT body being collected: what is left may finish it (given gathered, as
+            // `decode` gives a frame), or the peer ended the connection inside it.
+            if case .direct(let direct)? = try self.decodeCollecting(buffer: &buffer) { return .frame(direct.frame) }
+            if let body = self.directBody, case .body(let p) = self.state {
+                guard seenEOF else { return nil }
+                throw self.fail(ParleyError(
+                    code: .truncated,
+                    message: "connection ended inside a \(p.tag) frame: \(body.count) of \(p.bodySize) body bytes arrived"
+                ))
+            }
         }
         if let element = try self.decode(buffer: &buffer) { return element }
         guard seenEOF else { return nil }
