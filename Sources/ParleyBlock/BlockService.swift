@@ -439,13 +439,17 @@ public final class BlockService: Sendable {
     }
 
     /// A write done here if the store takes it without blocking (false: nothing written): one
-    /// buffer as `write(nowait:)`, several (a large DIRECT write as it arrived) as a gathered
-    /// write within the store's inline policy.
+    /// buffer as `write(nowait:)`, a few (a large DIRECT write as it arrived, in one batch of
+    /// `ByteBufferPieces.batchSize`) as a gathered write within the store's inline policy;
+    /// more go to an IO thread.
     static func writeInline(_ data: ByteBufferPieces, to store: any BlockStore, at offset: UInt64) throws(BlockStoreError) -> Bool {
         if let one = data.single {
             return try one.withUnsafeReadableBytes { (bytes) throws(BlockStoreError) in try store.write(bytes, at: offset, durable: false, nowait: true) }
         }
-        return try data.withUnsafeReadableBytesOfEach { (pieces) throws(BlockStoreError) in try store.writeInline(gathered: pieces, at: offset) }
+        guard data.pieceCount <= ByteBufferPieces.batchSize else { return false }
+        var inline = false
+        try data.forEachBatch { (pieces, _) throws(BlockStoreError) in inline = try store.writeInline(gathered: pieces, at: offset) }
+        return inline
     }
 
     private func logStoreFailure(_ e: BlockError, session: BlockSession, device: BlockDevice) {
@@ -648,7 +652,7 @@ public final class BlockService: Sendable {
                     if let one = data.single {
                         _ = try one.withUnsafeReadableBytes { try store.write($0, at: offset, durable: fua, nowait: false) }
                     } else {
-                        try data.withUnsafeReadableBytesOfEach { (pieces) throws(BlockStoreError) in try store.write(gathered: pieces, at: offset) }
+                        try data.forEachBatch { (pieces, skipped) throws(BlockStoreError) in try store.write(gathered: pieces, at: offset + UInt64(skipped)) }
                         if fua { try store.flush() }
                     }
                     return .done(nil)

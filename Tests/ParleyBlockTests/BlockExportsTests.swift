@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOPosix
+import Parley
 @testable import ParleyBlock
 import Synchronization
 import Testing
@@ -583,13 +584,17 @@ extension BlockExportsTests {
             }
             #expect(try T.read(store, at: 5000, count: pattern.count) == pattern)
             #expect(try T.read(store, at: 4999, count: 1) == [0] && T.read(store, at: 8000, count: 1) == [0])
-            // Through the NBD server's helper: 70 buffers, batches of 64.
+            // In batches, as the NBD and block servers write pieces: 70 buffers, batches of 64,
+            // each batch where the ones before it end.
             let buffers = (0..<70).map { ByteBuffer(bytes: pattern[($0 * 40)..<($0 * 40 + 40)]) }
             var written: [UInt8] = []
-            NBDConnectionHandler.forEachBatch(of: buffers) { pieces, _ in
+            var batches: [(count: Int, skipped: Int)] = []
+            ByteBufferPieces(buffers).forEachBatch { (pieces, skipped) in
+                batches.append((pieces.count, skipped))
                 for piece in pieces { written += piece }
             }
             #expect(written == Array(pattern[..<2800]))
+            #expect(batches.map(\.count) == [64, 6] && batches.map(\.skipped) == [0, 64 * 40])
         }
 
         /// Where the file system refuses RWF_NOWAIT writes, an inline write slower than the

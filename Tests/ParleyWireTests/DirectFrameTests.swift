@@ -122,8 +122,20 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
             let s = cut.slice(at: offset, length: length)
             #expect(s.gathered() == ByteBuffer(bytes: bytes[offset..<(offset + length)]), "slice \(offset)+\(length)")
         }
-        let total = cut.withUnsafeReadableBytesOfEach { $0.reduce(0) { $0 + $1.count } }
-        #expect(total == 1000)
+        var seen: [UInt8] = []
+        cut.forEachBatch { (pieces, skipped) in
+            #expect(skipped == seen.count)
+            for p in pieces { seen += p }
+        }
+        #expect(seen == bytes)
+        // 200 pieces: batches of 64, each knowing where it starts.
+        let many = ByteBufferPieces((0..<200).map { ByteBuffer(bytes: bytes[($0 * 5)..<($0 * 5 + 5)]) })
+        var starts: [Int] = []
+        many.forEachBatch { (pieces, skipped) in
+            starts.append(skipped)
+            #expect(pieces.count <= ByteBufferPieces.batchSize)
+        }
+        #expect(starts == [0, 320, 640, 960])
         #expect(ByteBufferPieces([ByteBuffer(bytes: [1, 2])]).single == ByteBuffer(bytes: [1, 2]))
         #expect(ByteBufferPieces([ByteBuffer]()).readableBytes == 0)
     }

@@ -866,16 +866,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 // would wait while the event loop writes instead of sending the next request
                 // (1 MiB writes over Unix 1.19x on the IO threads, session 29 in
                 // docs/performance.md; over TCP inline measured faster, session 21).
-                let bytes = chunks.reduce(0) { $0 + $1.readableBytes }
-                if !fua, self.socket != .unix, chunks.count <= Self.batchSize, self.writtenInline(bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context, {
+                let pieces = ByteBufferPieces(chunks)
+                let bytes = pieces.readableBytes
+                if !fua, self.socket != .unix, pieces.pieceCount <= ByteBufferPieces.batchSize, self.writtenInline(bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context, {
                     var inline = false
-                    try Self.forEachBatch(of: chunks) { pieces, _ in inline = try store.writeInline(gathered: pieces, at: offset) }
+                    try pieces.forEachBatch { (batch, _) throws(BlockStoreError) in inline = try store.writeInline(gathered: batch, at: offset) }
                     return inline
                 }) {
                     return
                 }
                 self.offload(.write, bytes: bytes, cookie: cookie, negotiated: negotiated, device: device, started: started, context: context) {
-                    try Self.forEachBatch(of: chunks) { pieces, skipped in try store.write(gathered: pieces, at: offset + skipped) }
+                    try pieces.forEachBatch { (batch, skipped) throws(BlockStoreError) in try store.write(gathered: batch, at: offset + UInt64(skipped)) }
                     if fua { try store.flush() }
                 }
                 return
@@ -1029,36 +1030,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         } else {
             device.metrics(kind).record(bytes: bytes, failed: false, nanoseconds: Self.elapsed(started))
             self.reply(cookie: cookie, error: nil, negotiated: negotiated, context: context)
-        }
-    }
-
-    /// Buffers per batch of `forEachBatch`: per `pwritev` of a gathered write (one batch is
-    /// one call, which an inline write needs).
-    static let batchSize = 64
-
-    /// Calls `body` with the readable bytes of `chunks`, `batchSize` buffers at a time, and the
-    /// number of bytes of the batches before (where the batch starts, from the first buffer).
-    static func forEachBatch(of chunks: [ByteBuffer], _ body: ([UnsafeRawBufferPointer], UInt64) throws -> Void) rethrows {
-        var skipped: UInt64 = 0
-        var next = 0
-        while next < chunks.count {
-            let batch = chunks[next..<min(next + Self.batchSize, chunks.count)]
-            var pieces: [UnsafeRawBufferPointer] = []
-            pieces.reserveCapacity(batch.count)
-            try Self.withReadableBytes(of: batch, &pieces) { try body($0, skipped) }
-            skipped += UInt64(pieces.reduce(0) { $0 + $1.count })
-            next += batch.count
-        }
-    }
-
-    /// Calls `body` with the readable bytes of every buffer of `chunks`, appended to `pieces`
-    /// (nested `withUnsafeReadableBytes`, one level per buffer).
-    private static func withReadableBytes(of chunks: ArraySlice<ByteBuffer>, _ pieces: inout [UnsafeRawBufferPointer],
-                                          _ body: ([UnsafeRawBufferPointer]) throws -> Void) rethrows {
-        guard let first = chunks.first else { return try body(pieces) }
-        try first.withUnsafeReadableBytes { bytes in
-            pieces.append(bytes)
-            try Self.withReadableBytes(of: chunks.dropFirst(), &pieces, body)
         }
     }
 

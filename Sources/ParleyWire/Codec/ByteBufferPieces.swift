@@ -118,36 +118,48 @@ public struct ByteBufferPieces: Sendable, Hashable {
         }
     }
 
-    /// Calls `body` with the readable bytes of every piece, in order (for a vectored write
-    /// or a gathered `pwritev`); the pointers are valid only inside `body`.
-    public func withUnsafeReadableBytesOfEach<R, E: Error>(_ body: ([UnsafeRawBufferPointer]) throws(E) -> R) throws(E) -> R {
-        var pointers: [UnsafeRawBufferPointer] = []
+    /// Pieces per batch of `forEachBatch`: a `pwritev` takes at most 1,024, and each piece
+    /// of a batch is one nested `withUnsafeReadableBytes` (a stack frame) while it runs.
+    public static let batchSize = 64
+
+    /// Calls `body` with the readable bytes of the pieces, `batchSize` at a time, in order,
+    /// and how many bytes the batches before held (where this one starts); the pointers are
+    /// valid only inside `body`. For vectored and gathered writes (`pwritev`).
+    public func forEachBatch<E: Error>(_ body: ([UnsafeRawBufferPointer], _ skipped: Int) throws(E) -> Void) throws(E) {
         switch self.storage {
         case .one(let b):
-            var result: Result<R, E>?
+            var failure: E?
             b.withUnsafeReadableBytes { raw in
-                do throws(E) { result = .success(try body([raw])) } catch { result = .failure(error) }
+                do throws(E) { try body([raw], 0) } catch { failure = error }
             }
-            return try result!.get()
+            if let failure { throw failure }
         case .several(let pieces, _):
-            pointers.reserveCapacity(pieces.count)
-            return try Self.withEach(pieces[...], &pointers, body)
+            var skipped = 0
+            var next = 0
+            while next < pieces.count {
+                let batch = pieces[next..<min(next + Self.batchSize, pieces.count)]
+                var pointers: [UnsafeRawBufferPointer] = []
+                pointers.reserveCapacity(batch.count)
+                try Self.withEach(batch, &pointers) { (pointers) throws(E) in try body(pointers, skipped) }
+                skipped += batch.reduce(0) { $0 + $1.readableBytes }
+                next += batch.count
+            }
         }
     }
 
-    private static func withEach<R, E: Error>(_ rest: ArraySlice<ByteBuffer>, _ pointers: inout [UnsafeRawBufferPointer],
-                                              _ body: ([UnsafeRawBufferPointer]) throws(E) -> R) throws(E) -> R {
+    private static func withEach<E: Error>(_ rest: ArraySlice<ByteBuffer>, _ pointers: inout [UnsafeRawBufferPointer],
+                                           _ body: ([UnsafeRawBufferPointer]) throws(E) -> Void) throws(E) {
         guard let first = rest.first else { return try body(pointers) }
-        var result: Result<R, E>?
+        var failure: E?
         first.withUnsafeReadableBytes { raw in
             pointers.append(raw)
             do throws(E) {
-                result = .success(try Self.withEach(rest.dropFirst(), &pointers, body) as R)
+                try Self.withEach(rest.dropFirst(), &pointers, body)
             } catch {
-                result = .failure(error)
+                failure = error
             }
         }
-        return try result!.get()
+        if let failure { throw failure }
     }
 
     /// Equal bytes, however they are cut.
