@@ -94,33 +94,44 @@ public enum _FuzzHarness {
         var decoder = WireDecoder(maxFrameSize: maxFrameSize)
         var got: [Element] = []
         var gotError: ParleyError.Code?
-        var rest = ByteBuffer()
-        var at = 0, i = 0
         do {
-            while at < bytes.count {
-                let n = min(max(1, reads[i % reads.count]), bytes.count - at)
-                i += 1
-                var read = ByteBuffer(bytes: UnsafeRawBufferPointer(rebasing: bytes[at..<(at + n)]))
-                at += n
-                var buffer = read
-                if rest.readableBytes > 0 {
-                    rest.writeBuffer(&read)
-                    buffer = rest
+            var rest = try Self.feedCollecting(bytes, reads: reads, into: &decoder) { e in
+                switch e {
+                case .wire(let w): got.append(element(w))
+                case .direct(let d): got.append(.frame(.direct, d.flags, d.frame.segments))
                 }
-                rest = ByteBuffer()
-                while let e = try decoder.decodeCollecting(buffer: &buffer) {
-                    switch e {
-                    case .wire(let w): got.append(element(w))
-                    case .direct(let d): got.append(.frame(.direct, d.flags, d.frame.segments))
-                    }
-                }
-                if buffer.readableBytes > 0 { rest = buffer }
             }
             while let e = try decoder.decodeLast(buffer: &rest, seenEOF: true) { got.append(element(e)) }
         } catch {
             gotError = error.code
         }
         return got == expected && gotError == expectedError
+    }
+
+    /// Feeds `bytes` to `decoder.decodeCollecting` in reads of the sizes `reads` cycles
+    /// through, each read a buffer of its own of at least `capacity` bytes (as NIO's reads
+    /// are), the rest of a read kept and completed by the next as the connection handler
+    /// does; `each` gets what comes out. Returns what is left undecoded at the end.
+    public static func feedCollecting(_ bytes: UnsafeRawBufferPointer, reads: [Int], capacity: Int = 0, into decoder: inout WireDecoder,
+                                      _ each: (CollectedInbound) -> Void) throws(ParleyError) -> ByteBuffer {
+        var rest = ByteBuffer()
+        var at = 0, i = 0
+        while at < bytes.count {
+            let n = min(max(1, reads[i % reads.count]), bytes.count - at)
+            i += 1
+            var read = ByteBufferAllocator().buffer(capacity: max(n, capacity))
+            read.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[at..<(at + n)]))
+            at += n
+            var buffer = read
+            if rest.readableBytes > 0 {
+                rest.writeBuffer(&read)
+                buffer = rest
+            }
+            rest = ByteBuffer()
+            while let e = try decoder.decodeCollecting(buffer: &buffer) { each(e) }
+            if buffer.readableBytes > 0 { rest = buffer }
+        }
+        return rest
     }
 
     /// The entry point of the libFuzzer target: an input whose first byte is `S` (0x53) goes

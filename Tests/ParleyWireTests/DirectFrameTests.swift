@@ -285,24 +285,15 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
     /// `capacity` bytes, as NIO's reads are; returns what came out.
     func feed(_ bytes: [UInt8], reads: [Int], capacity: Int = 64 << 10, into decoder: inout WireDecoder) throws(ParleyError) -> [CollectedInbound] {
         var out: [CollectedInbound] = []
-        var at = 0, i = 0
-        var rest = ByteBuffer()
-        while at < bytes.count {
-            let n = min(reads[i % reads.count], bytes.count - at)
-            i += 1
-            var read = ByteBufferAllocator().buffer(capacity: max(n, capacity))
-            read.writeBytes(bytes[at..<(at + n)])
-            at += n
-            // What was left of the last read (a preamble cut by it) is completed, as the handler does.
-            var buffer = read
-            if rest.readableBytes > 0 {
-                rest.writeBuffer(&read)
-                buffer = rest
+        var failure: ParleyError?
+        bytes.withUnsafeBytes { raw in
+            do throws(ParleyError) {
+                _ = try _FuzzHarness.feedCollecting(raw, reads: reads, capacity: capacity, into: &decoder) { out.append($0) }
+            } catch {
+                failure = error
             }
-            rest = ByteBuffer()
-            while let inbound = try decoder.decodeCollecting(buffer: &buffer) { out.append(inbound) }
-            if buffer.readableBytes > 0 { rest = buffer }
         }
+        if let failure { throw failure }
         return out
     }
 
