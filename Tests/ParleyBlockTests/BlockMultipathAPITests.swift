@@ -18,6 +18,34 @@ struct BlockMultipathAPITests {
                                         policy: policy, ioTimeout: .seconds(5)))
     }
 
+    /// What the map's NBD endpoint hands its store: a write longer than the remote's
+    /// max_io_size, in pieces (as an NBD write's reads), goes as several IOs at once and
+    /// lands whole; a read that long comes back joined in order, as pieces.
+    @Test func ioLongerThanTheRemotesLargestIsSplitAndJoined() async throws {
+        let scratch = try ScratchDirectory()
+        let length = Int(BlockService.maximumIO) * 2 + 12_288
+        try scratch.sparseFile("disk.img", size: length + (1 << 20))
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        defer { server.stop() }
+        let device = try await self.session(server).open("disk")
+        let store = MultipathBlockStore(device: device)
+        var rng = SplitMix(seed: 10)
+        let bytes = (0..<length).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        // Cut as reads bring a payload: 64 KiB pieces, then a ragged tail.
+        let pieces = ByteBufferPieces(stride(from: 0, to: length, by: 65_000).map { ByteBuffer(bytes: bytes[$0..<min(length, $0 + 65_000)]) })
+        func run(_ request: BlockStoreRequest) async -> Result<ByteBufferPieces?, BlockStoreError> {
+            await withCheckedContinuation { c in store.start(request) { c.resume(returning: $0) } }
+        }
+        guard case .success = await run(.write(offset: 4096, data: pieces, fua: false)) else { Issue.record("the write failed"); return }
+        guard case .success(let read?) = await run(.read(offset: 4096, length: UInt32(length))) else { Issue.record("the read failed"); return }
+        #expect(read.readableBytes == length)
+        #expect(read.gathered() == ByteBuffer(bytes: bytes), "the read differs from the write")
+        #expect(read.pieceCount >= 3, "three IOs' answers, joined as pieces")
+        // Each part went as an IO of its own.
+        #expect(device.status().writes == 3 && device.status().reads == 3)
+        try await device.close()
+    }
+
     @Test(arguments: [MultipathIOState.Policy.roundRobin, .minInflight])
     func manyIOsInFlightOverTwoPaths(policy: MultipathIOState.Policy) async throws {
         let scratch = try ScratchDirectory()
