@@ -21,6 +21,15 @@ import Testing
             if file.lastPathComponent.hasPrefix("ping-session-client") {
                 #expect(decoded >= 9, "a valid client session decodes completely")
             }
+            // FuzzTesting/make-direct-seeds.py: a client session with DIRECT (bit 4) and three
+            // DIRECT requests of 16,383 to 20,000 bytes of data, so that the fuzzer starts from
+            // frames large enough to be collected as the reads they arrive in.
+            if file.lastPathComponent == "direct-large-session.bin" {
+                #expect(decoded == 12, "the banner, 8 frames and 3 DIRECT requests, all past the session's rules: \(decoded)")
+            }
+            if file.lastPathComponent == "direct-large-bad-data-crc.bin" {
+                #expect(decoded == 10, "decoding stops at the DIRECT frame whose data CRC is wrong: \(decoded)")
+            }
             if file.lastPathComponent.hasPrefix("secure-session-") {
                 #expect(data.first == UInt8(ascii: "S"), "secure seeds select runSecure")
                 #expect(decoded == 6, "CLIENT_IDENT and five requests, sealed and opened (\(file.lastPathComponent): \(decoded))")
