@@ -4,24 +4,28 @@
 # path over loopback TCP), under several host settings, alternating inside each repetition.
 # A setting is a scheduling policy for all three processes (fio, the map, the server), and
 # optionally the guest kernel's halt polling (cpuidle-haltpoll's guest_halt_poll_ns, where
-# it is writable: root on a KVM guest). Prints one line per run (IOPS, and how often the
-# server was preempted: its involuntary context switches), then per setting the median
-# ratio map / direct, and each setting's IOPS paired with the first setting's.
+# it is writable: root on a KVM guest) or busy loops that keep the CPUs from ever idling.
+# Prints one line per run (IOPS; how often the server was preempted: its involuntary
+# context switches; the inter-processor interrupts per IO that woke or rescheduled a CPU:
+# /proc/interrupts' CAL, function calls, which a wake-up onto an idle CPU sends, and RES,
+# rescheduling; and the share of both CPUs idle), then per setting the median ratio
+# map / direct, and each setting's IOPS paired with the first setting's.
 #
 #   Scripts/bench-block-sched.sh [--settings LIST] [--repetitions N] [--duration S]
 #                                [--rw randread|randwrite] [--file FILE] [PARLEY]
 #
-# LIST: comma-separated settings, each POLICY or POLICY+hpNS, POLICY one of normal (what
+# LIST: comma-separated settings, each POLICY, POLICY+hpNS or POLICY+idle, POLICY one of normal (what
 # processes get by default), batch (SCHED_BATCH: a woken task does not preempt the running
 # one), services-batch (SCHED_BATCH for the map and the server, fio normal), client-batch
 # (SCHED_BATCH for fio only), fifo (SCHED_FIFO 1 for the map and the server, fio normal);
-# hpNS sets guest_halt_poll_ns to NS for that setting's runs (restored at exit). Default:
+# hpNS sets guest_halt_poll_ns to NS for that setting's runs (restored at exit); idle runs
+# one SCHED_IDLE busy loop per CPU beside that setting's runs (direct and map). Default:
 # normal,batch,normal+hp200000,batch+hp200000 (halt polling settings are skipped with a
 # note where it is not writable).
 # PARLEY: the parley executable (default .build/release/parley). FILE: an existing file to
 # export (default 1 GiB of random data in the work directory). Needs fio, python3, chrt.
 set -euo pipefail
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 settings="normal,batch,normal+hp200000,batch+hp200000" reps=5 secs=3 rw=randread file= parley=.build/release/parley
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -50,6 +54,7 @@ for s in "${wanted[@]}"; do
     [[ "$ns" =~ ^[0-9]+$ ]] || { echo "bench-block-sched: setting $s: hp takes nanoseconds" >&2; exit 2; }
     if [ ! -w "$halt" ]; then echo "bench-block-sched: skipping $s: $halt is not writable here" >&2; continue; fi
   fi
+  if [[ "$s" == *+* && "$s" != *+hp* && "$s" != *+idle ]]; then echo "bench-block-sched: unknown modifier in setting $s (see --help)" >&2; exit 2; fi
   list+=("$s")
 done
 [ ${#list[@]} -gt 0 ] || { echo "bench-block-sched: no setting left to run" >&2; exit 2; }
@@ -62,6 +67,10 @@ if [ -r "$halt" ]; then halt_before=$(cat "$halt"); fi
 bench_after_cleanup() { if [ -n "$halt_before" ] && [ -w "$halt" ]; then echo "$halt_before" > "$halt"; fi; }
 if [ -z "$file" ]; then bench_disk 1G; file=$work/disk.img; fi
 results=$work/results.txt
+ipis() { awk -v kind="$1" '$1 == kind ":" {for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i} END {print n + 0}' /proc/interrupts; }
+idle() { awk '/^cpu / {print $5 + $6}' /proc/stat; }
+cpus=$(nproc)
+ticks=$(getconf CLK_TCK)
 invol() { awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n + 0}' /proc/"$1"/task/*/status 2>/dev/null; }
 for rep in $(seq 1 "$reps"); do
   for s in "${list[@]}"; do
@@ -72,6 +81,10 @@ for rep in $(seq 1 "$reps"); do
       client-batch) client=(chrt -b 0) ;;
       fifo) svc=(chrt -f 1) ;;
     esac
+    spinners=()
+    if [[ "$s" == *+idle ]]; then
+      for _ in $(seq 1 "$cpus"); do chrt -i 0 bash -c 'while :; do :; done' & spinners+=($!); pids+=($!); done
+    fi
     if [[ "$s" == *+hp* ]]; then echo "${s#*+hp}" > "$halt"; elif [ -n "$halt_before" ] && [ -w "$halt" ]; then echo "$halt_before" > "$halt"; fi
     for mode in direct map; do
       nbd_port=$(free_port); block_port=$(free_port)
@@ -89,31 +102,36 @@ for rep in $(seq 1 "$reps"); do
         wait_for "$uri" || { tail -n 5 "$work/map.log" >&2; exit 1; }
       fi
       cat "$file" > /dev/null; sync "$file"
-      i0=$(invol "$server")
+      i0=$(invol "$server") c0=$(ipis CAL) r0=$(ipis RES) t0=$(idle)
       "${client[@]}" fio --name=sched --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth=32 --time_based \
         --runtime="$secs" --norandommap --randrepeat=0 --output-format=json --output="$work/fio.json" > "$work/fio.log" 2>&1 \
         || { echo "bench-block-sched: fio failed ($s, $mode):" >&2; tail -n 5 "$work/fio.log" >&2; exit 1; }
-      i1=$(invol "$server")
+      i1=$(invol "$server") c1=$(ipis CAL) r1=$(ipis RES) t1=$(idle)
       iops=$(python3 -c 'import json, sys; j = json.load(open(sys.argv[1]))["jobs"][0]; print(round(j[sys.argv[2]]["iops"]))' \
         "$work/fio.json" "$([ "$rw" = randread ] && echo read || echo write)")
-      echo "$rep $s $mode iops=$iops server_preempted=$((i1 - i0))" | tee -a "$results"
+      echo "$rep $s $mode iops=$iops server_preempted=$((i1 - i0))" \
+        "cal_per_io=$(python3 -c "print(round(($c1 - $c0) / max(1, $iops * $secs), 3))")" \
+        "res_per_io=$(python3 -c "print(round(($r1 - $r0) / max(1, $iops * $secs), 3))")" \
+        "idle_pct=$(( (t1 - t0) * 100 / (ticks * secs * cpus) ))" | tee -a "$results"
       if [ -n "$map" ]; then kill "$map"; wait "$map" 2>/dev/null || true; fi
       kill "$server"; wait "$server" 2>/dev/null || true
     done
+    for p in "${spinners[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
   done
 done
 python3 - "$results" "$secs" "${list[@]}" <<'EOF'
 import collections, statistics as st, sys
 runs = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
-    rep, setting, mode, iops, pre = line.split()
-    runs[rep][(setting, mode)] = (int(iops.split("=")[1]), int(pre.split("=")[1]))
+    rep, setting, mode, iops, pre, cal, res, idle = line.split()
+    value = lambda field: field.split("=")[1]
+    runs[rep][(setting, mode)] = (int(value(iops)), int(value(pre)), (float(value(cal)), float(value(res))), int(value(idle)))
 secs = int(sys.argv[2])
 settings = sys.argv[3:]
 first = settings[0]
 print()
-print(f"| setting | map / direct (median, range) | IOPS map, direct (medians) | server preempted per s (map) | map IOPS / {first}'s (paired median, faster in) |")
-print("| --- | ---: | ---: | ---: | ---: |")
+print(f"| setting | map / direct (median, range) | IOPS map, direct (medians) | server preempted per s (map) | IPIs per IO (CAL + RES), map; direct | CPUs idle %, map, direct | map IOPS / {first}'s (paired median, faster in) |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for s in settings:
     rows = [r for r in runs.values() if (s, "map") in r and (s, "direct") in r]
     if not rows:
@@ -121,7 +139,10 @@ for s in settings:
     ratios = [r[(s, "map")][0] / r[(s, "direct")][0] for r in rows]
     pre = st.median(r[(s, "map")][1] for r in rows) / secs
     paired = [r[(s, "map")][0] / r[(first, "map")][0] for r in rows if (first, "map") in r]
+    ipi = lambda mode: " + ".join(f"{st.median(r[(s, mode)][2][k] for r in rows):.3f}" for k in (0, 1))
     p = f"{st.median(paired):.2f} ({sum(x > 1 for x in paired)} of {len(paired)})" if s != first else "-"
     print(f"| {s} | {st.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
-          f"{st.median(r[(s, 'map')][0] for r in rows):,.0f}, {st.median(r[(s, 'direct')][0] for r in rows):,.0f} | {pre:,.0f} | {p} |")
+          f"{st.median(r[(s, 'map')][0] for r in rows):,.0f}, {st.median(r[(s, 'direct')][0] for r in rows):,.0f} | {pre:,.0f} | "
+          f"{ipi('map')}; {ipi('direct')} | "
+          f"{st.median(r[(s, 'map')][3] for r in rows):.0f}, {st.median(r[(s, 'direct')][3] for r in rows):.0f} | {p} |")
 EOF
