@@ -176,14 +176,20 @@ public struct ByteBufferPieces: Sendable, Hashable {
 
 /// The bytes of one large payload collected as reads bring them (a DIRECT frame's body, an
 /// NBD write's payload): slices of the reads where a slice is worth keeping, else copied into
-/// a buffer of the collector's own (64 KiB at a time), so that a payload trickled in a few
-/// bytes per read holds one buffer per 64 KiB, not one per read.
+/// buffers of the collector's own, which grow from about the size of the first copy up to
+/// 64 KiB, so that a payload trickled in a few bytes per read holds a few buffers and then one
+/// per 64 KiB, not one per read, and together never more than twice what was copied into
+/// them: a peer alternating reads worth keeping with one-byte reads gets no 64 KiB buffer per
+/// byte.
 public struct ReadPieceCollector: Sendable {
     public private(set) var pieces: [ByteBuffer] = []
     /// Bytes taken so far.
     public private(set) var count = 0
     /// The last piece is a buffer of the collector's own, which may have room left.
     private var lastIsOwn = false
+    /// Bytes copied into buffers of the collector's own, and those buffers' capacity.
+    private var ownBytes = 0
+    private var ownCapacity = 0
     private let minimumSlice: Int
     private let halfTheBuffer: Bool
 
@@ -211,8 +217,17 @@ public struct ReadPieceCollector: Sendable {
             self.lastIsOwn = false
         } else if self.lastIsOwn, self.pieces[self.pieces.count - 1].writableBytes >= n {
             self.pieces[self.pieces.count - 1].writeBuffer(&piece)
+            self.ownBytes += n
         } else {
-            var own = allocator.buffer(capacity: n + min(missing, max(0, (64 << 10) - n)))
+            self.ownBytes += n
+            // Room for what is still missing, up to 64 KiB a buffer, as far as the capacity
+            // of all own buffers stays within twice the bytes copied into them. NIO rounds a
+            // capacity up to a power of two: one at most what is allowed is asked for (or n,
+            // which rounds up to less than 2n).
+            let allowed = n + max(0, min(missing, (64 << 10) - n, 2 * self.ownBytes - self.ownCapacity - n))
+            let powerOfTwo = 1 << (Int.bitWidth - 1 - allowed.leadingZeroBitCount)
+            var own = allocator.buffer(capacity: max(n, powerOfTwo))
+            self.ownCapacity += own.capacity
             own.writeBuffer(&piece)
             self.pieces.append(own)
             self.lastIsOwn = true

@@ -90,8 +90,9 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     private var directBody: DirectBody?
 
     /// A DIRECT body collected as the slices of the reads it arrives in (`ReadPieceCollector`:
-    /// a peer that sends a large frame a few bytes per read pins no more than about twice
-    /// what it sent).
+    /// a slice kept pins at most twice its bytes, the buffers small reads are copied into at
+    /// most twice theirs, so a peer that sends a large frame pins no more than about twice
+    /// what it sent, however it paces its reads).
     typealias DirectBody = ReadPieceCollector
 
     /// From the next byte on, frames are sealed: opened with `direction`. Called between two
@@ -202,7 +203,12 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         if self.directBody != nil {
             // A DIRECT body being collected: what is left may finish it (given gathered, as
             // `decode` gives a frame), or the peer ended the connection inside it.
-            if case .direct(let direct)? = try self.decodeCollecting(buffer: &buffer) { return .frame(direct.frame) }
+            guard case .body(let collecting) = self.state else { preconditionFailure("collecting outside a DIRECT body") }
+            if case .direct(let direct)? = try self.decodeCollecting(buffer: &buffer) {
+                var frame = direct.frame
+                frame.alignments = collecting.alignments  // the preamble's hints, as `decode` gives them
+                return .frame(frame)
+            }
             if let body = self.directBody, case .body(let p) = self.state {
                 guard seenEOF else { return nil }
                 throw self.fail(ParleyError(
