@@ -8,7 +8,9 @@ From a recorded client session (banner, handshake, five requests) it makes
                                and three DIRECT requests after the requests, of 20,000,
                                16,384 and 16,383 bytes of data: frames large enough that
                                WireDecoder.decodeCollecting keeps their data as the reads it
-                               arrives in (16 KiB on), and one just under;
+                               arrives in (16 KiB on), and one just under; then a KEEPALIVE,
+                               which the harness reaches only if the last DIRECT frame passed
+                               the session's rules;
   direct-large-bad-data-crc.bin  the first two of them, the second's data CRC wrong.
 FuzzCorpusTests checks how far each decodes. Frames are built as docs/protocol.md sections 3
 and 4 describe them; nothing here is read from the implementation.
@@ -60,7 +62,8 @@ def main():
         sys.exit(f"{sys.argv[1]}: not a recorded session (no banner)")
     struct.pack_into("<Q", session, 12, struct.unpack_from("<Q", session, 12)[0] | 0x10)
     struct.pack_into("<I", session, 28, crc32c(session[:28]))
-    good = bytes(session) + direct(1, 20000) + direct(2, 16384) + direct(3, 16383)
+    keepalive = frame(0x12, [struct.pack("<Q", 5)], [0])
+    good = bytes(session) + direct(1, 20000) + direct(2, 16384) + direct(3, 16383) + keepalive
     bad = bytearray(bytes(session) + direct(1, 20000) + direct(2, 16384))
     bad[-1] ^= 0x40  # the last u32 of the epilogue: the second frame's data CRC
     with open(f"{sys.argv[2]}/direct-large-session.bin", "wb") as f:

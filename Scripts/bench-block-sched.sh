@@ -8,8 +8,9 @@
 # Prints one line per run (IOPS; how often the server was preempted: its involuntary
 # context switches; the inter-processor interrupts per IO that woke or rescheduled a CPU:
 # /proc/interrupts' CAL, function calls, which a wake-up onto an idle CPU sends, and RES,
-# rescheduling; and the share of both CPUs idle), then per setting the median ratio
-# map / direct, and each setting's IOPS paired with the first setting's.
+# rescheduling, as x86 names them; and the share of the CPUs idle while fio ran, its start
+# and end included), then per setting the median ratio map / direct, and each setting's
+# IOPS paired with the first setting's.
 #
 #   Scripts/bench-block-sched.sh [--settings LIST] [--repetitions N] [--duration S]
 #                                [--rw randread|randwrite] [--file FILE] [PARLEY]
@@ -25,7 +26,7 @@
 # PARLEY: the parley executable (default .build/release/parley). FILE: an existing file to
 # export (default 1 GiB of random data in the work directory). Needs fio, python3, chrt.
 set -euo pipefail
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 settings="normal,batch,normal+hp200000,batch+hp200000" reps=5 secs=3 rw=randread file= parley=.build/release/parley
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -54,7 +55,7 @@ for s in "${wanted[@]}"; do
     [[ "$ns" =~ ^[0-9]+$ ]] || { echo "bench-block-sched: setting $s: hp takes nanoseconds" >&2; exit 2; }
     if [ ! -w "$halt" ]; then echo "bench-block-sched: skipping $s: $halt is not writable here" >&2; continue; fi
   fi
-  if [[ "$s" == *+* && "$s" != *+hp* && "$s" != *+idle ]]; then echo "bench-block-sched: unknown modifier in setting $s (see --help)" >&2; exit 2; fi
+  case "${s#"${s%%+*}"}" in ''|+idle|+hp*) ;; *) echo "bench-block-sched: setting $s: one modifier at most, +hpNS or +idle (see --help)" >&2; exit 2 ;; esac
   list+=("$s")
 done
 [ ${#list[@]} -gt 0 ] || { echo "bench-block-sched: no setting left to run" >&2; exit 2; }
@@ -69,7 +70,7 @@ if [ -z "$file" ]; then bench_disk 1G; file=$work/disk.img; fi
 results=$work/results.txt
 ipis() { awk -v kind="$1" '$1 == kind ":" {for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i} END {print n + 0}' /proc/interrupts; }
 idle() { awk '/^cpu / {print $5 + $6}' /proc/stat; }
-cpus=$(nproc)
+cpus=$(getconf _NPROCESSORS_ONLN)  # all of them, as /proc/stat counts them
 ticks=$(getconf CLK_TCK)
 invol() { awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n + 0}' /proc/"$1"/task/*/status 2>/dev/null; }
 for rep in $(seq 1 "$reps"); do
@@ -102,17 +103,17 @@ for rep in $(seq 1 "$reps"); do
         wait_for "$uri" || { tail -n 5 "$work/map.log" >&2; exit 1; }
       fi
       cat "$file" > /dev/null; sync "$file"
-      i0=$(invol "$server") c0=$(ipis CAL) r0=$(ipis RES) t0=$(idle)
+      i0=$(invol "$server") c0=$(ipis CAL) r0=$(ipis RES) t0=$(idle) w0=$(date +%s%N)
       "${client[@]}" fio --name=sched --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth=32 --time_based \
         --runtime="$secs" --norandommap --randrepeat=0 --output-format=json --output="$work/fio.json" > "$work/fio.log" 2>&1 \
         || { echo "bench-block-sched: fio failed ($s, $mode):" >&2; tail -n 5 "$work/fio.log" >&2; exit 1; }
-      i1=$(invol "$server") c1=$(ipis CAL) r1=$(ipis RES) t1=$(idle)
+      i1=$(invol "$server") c1=$(ipis CAL) r1=$(ipis RES) t1=$(idle) w1=$(date +%s%N)
       iops=$(python3 -c 'import json, sys; j = json.load(open(sys.argv[1]))["jobs"][0]; print(round(j[sys.argv[2]]["iops"]))' \
         "$work/fio.json" "$([ "$rw" = randread ] && echo read || echo write)")
       echo "$rep $s $mode iops=$iops server_preempted=$((i1 - i0))" \
         "cal_per_io=$(python3 -c "print(round(($c1 - $c0) / max(1, $iops * $secs), 3))")" \
         "res_per_io=$(python3 -c "print(round(($r1 - $r0) / max(1, $iops * $secs), 3))")" \
-        "idle_pct=$(( (t1 - t0) * 100 / (ticks * secs * cpus) ))" | tee -a "$results"
+        "idle_pct=$(( (t1 - t0) * 100 * 1000000000 / (ticks * (w1 - w0) * cpus) ))" | tee -a "$results"
       if [ -n "$map" ]; then kill "$map"; wait "$map" 2>/dev/null || true; fi
       kill "$server"; wait "$server" 2>/dev/null || true
     done

@@ -158,14 +158,15 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
         let total = 4096 + 60_000 + 10 + 20 + 1023
         #expect(pipelined.count == total && strict.count == total)
         // Pipelined: the 4 KiB slice of a 128 KiB read and the 60 KB read kept, the three small
-        // pieces copied into buffers of its own, each twice the one before at most, together
-        // at most twice what they hold.
+        // pieces copied into one buffer of its own (64 KiB: at most twice what it holds and
+        // 64 KiB).
         func copiedAfterTheKept(_ c: ReadPieceCollector) {
             let copied = c.pieces.dropFirst(2)
             #expect(c.pieces.prefix(2).map(\.readableBytes) == [4096, 60_000])
             #expect(copied.reduce(0) { $0 + $1.readableBytes } == 10 + 20 + 1023)
-            #expect((1...3).contains(copied.count), "\(copied.map(\.readableBytes))")
-            #expect(copied.reduce(0) { $0 + $1.storageCapacity } <= 2 * (10 + 20 + 1023))
+            #expect(copied.count == 1, "\(copied.map(\.readableBytes))")
+            let capacity: Int = copied.reduce(0) { $0 + $1.storageCapacity }
+            #expect(capacity <= 2 * 1053 + 65536)
         }
         copiedAfterTheKept(pipelined)
         // Strict: the 4 KiB slice pins a 128 KiB buffer, so it is copied (with the small ones
@@ -175,6 +176,23 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
         #expect(pipelined.pieces[0].storageCapacity == 128 << 10, "the 4 KiB slice was kept")
         let bytes = ByteBufferPieces(strict.pieces).gathered()
         #expect(bytes == ByteBufferPieces(pipelined.pieces).gathered())
+    }
+
+    /// Copied reads just above a power of two (4,097 bytes in 64 KiB read buffers) fill
+    /// buffers of 64 KiB, not one buffer per read.
+    @Test func copiedReadsFillBuffersOfSixtyFourKiB() {
+        var c = ReadPieceCollector(minimumSlice: 1024, halfTheBuffer: true)
+        var left = 1 << 20
+        while left > 0 {
+            let n = min(4097, left)
+            var b = ByteBufferAllocator().buffer(capacity: 64 << 10)
+            b.writeRepeatingByte(7, count: n)
+            left -= n
+            c.take(&b, missing: left, allocator: ByteBufferAllocator())
+        }
+        #expect(c.count == 1 << 20)
+        #expect(c.pieces.count <= 20, "\(c.pieces.count) buffers for 1 MiB")
+        #expect(c.pieces.reduce(0) { $0 + $1.storageCapacity } <= 2 * (1 << 20) + (64 << 10))
     }
 
     @Test func sealingRefusesAnExhaustedCounter() throws {
@@ -343,17 +361,16 @@ private let shapes: [(header: Int, data: [UInt8]?)] = [
         var decoder = WireDecoder(expectBanner: false)
         let out = try self.feed(bytes, reads: [1000], into: &decoder)
         guard case .direct(let d)? = out.first else { Issue.record("no DIRECT frame"); return }
-        // 100 reads of 1,000 bytes into 64 KiB buffers: gathered in buffers of its own that
-        // grow (1, 2, 4, ... KiB, smaller again as the end nears), not one per read, at most
-        // twice the bytes.
-        #expect(d.data!.pieceCount <= 12, "\(d.data!.pieces.map { ($0.readableBytes, $0.storageCapacity) })")
+        // 100 reads of 1,000 bytes into 64 KiB buffers: gathered in two buffers of its own.
+        #expect(d.data!.pieceCount <= 3, "\(d.data!.pieces.map { ($0.readableBytes, $0.storageCapacity) })")
         let pinned = d.data!.pieces.reduce(0) { $0 + $1.storageCapacity }
-        #expect(pinned <= 2 * 100_000, "\(pinned) bytes pinned")
+        #expect(pinned <= 2 * 100_000 + (64 << 10), "\(pinned) bytes pinned")
     }
 
     /// A peer that alternates reads worth keeping as slices (half of their buffer) with
     /// one-byte reads: each one-byte read is copied, and the buffers it is copied into hold
-    /// no more than twice what they were given (they were 64 KiB each, 32 MiB for 1 MiB).
+    /// no more than twice what they were given and 64 KiB (they were 64 KiB each, 32 MiB for
+    /// 1 MiB).
     @Test func slicesBetweenSingleBytesPinAboutWhatArrived() throws {
         let (bytes, direct, _) = self.stream(dataLength: 1 << 20)
         var decoder = WireDecoder(expectBanner: false)

@@ -367,6 +367,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func receive(_ bytes: inout ByteBuffer, context: ChannelHandlerContext) {
         if var gather = self.gather {
+            self.gather = nil  // unique again, so that appending into its own buffer does not copy it
             // The payload of a large write: kept as the reads' own buffers, not copied.
             let n = min(gather.missing, bytes.readableBytes)
             var piece = bytes.readSlice(length: n)!
@@ -378,7 +379,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 self.gather = gather
                 return
             }
-            self.gather = nil
             if let negotiated = self.negotiated, let device = self.device {
                 self.burstRequests += 1
                 self.dispatch(gather.request, payload: gather.chunks.pieces, negotiated: negotiated, device: device, context: context)

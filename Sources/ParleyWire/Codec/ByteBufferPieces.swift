@@ -176,11 +176,10 @@ public struct ByteBufferPieces: Sendable, Hashable {
 
 /// The bytes of one large payload collected as reads bring them (a DIRECT frame's body, an
 /// NBD write's payload): slices of the reads where a slice is worth keeping, else copied into
-/// buffers of the collector's own, which grow from about the size of the first copy up to
-/// 64 KiB, so that a payload trickled in a few bytes per read holds a few buffers and then one
-/// per 64 KiB, not one per read, and together never more than twice what was copied into
-/// them: a peer alternating reads worth keeping with one-byte reads gets no 64 KiB buffer per
-/// byte.
+/// buffers of the collector's own of up to 64 KiB, so that a payload trickled in a few bytes
+/// per read holds one buffer per 64 KiB, not one per read, and whose capacity together stays
+/// within twice what was copied into them and 64 KiB: a peer alternating reads worth keeping
+/// with one-byte reads gets no 64 KiB buffer per byte.
 public struct ReadPieceCollector: Sendable {
     public private(set) var pieces: [ByteBuffer] = []
     /// Bytes taken so far.
@@ -221,12 +220,16 @@ public struct ReadPieceCollector: Sendable {
         } else {
             self.ownBytes += n
             // Room for what is still missing, up to 64 KiB a buffer, as far as the capacity
-            // of all own buffers stays within twice the bytes copied into them. NIO rounds a
-            // capacity up to a power of two: one at most what is allowed is asked for (or n,
-            // which rounds up to less than 2n).
-            let allowed = n + max(0, min(missing, (64 << 10) - n, 2 * self.ownBytes - self.ownCapacity - n))
-            let powerOfTwo = 1 << (Int.bitWidth - 1 - allowed.leadingZeroBitCount)
-            var own = allocator.buffer(capacity: max(n, powerOfTwo))
+            // of all own buffers stays within twice the bytes copied into them and 64 KiB.
+            // NIO rounds a capacity up to a power of two: what is wanted is asked for where
+            // that rounded up is allowed, else the largest power of two allowed (or n, which
+            // rounds up to less than 2n).
+            let budget = 2 * self.ownBytes + (64 << 10) - self.ownCapacity - n
+            let limit = n + max(0, min((64 << 10) - n, budget))
+            let wanted = min(limit, n + missing)
+            let roundedUp = 1 << (Int.bitWidth - (wanted - 1).leadingZeroBitCount)
+            let capacity = roundedUp <= limit ? wanted : max(n, 1 << (Int.bitWidth - 1 - limit.leadingZeroBitCount))
+            var own = allocator.buffer(capacity: capacity)
             self.ownCapacity += own.capacity
             own.writeBuffer(&piece)
             self.pieces.append(own)
