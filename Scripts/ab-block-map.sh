@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # A/B of two Parley builds through `parley block map`: fio (nbd engine, 4 KiB random IO, QD32)
 # on a one-path map's Unix socket, the map's path over loopback TCP to `parley block serve`.
-# Each repetition starts a fresh server and map of build A, then of build B, then a server
-# alone for direct NBD over TCP (fio on its NBD port), 3 s of fio each, and prints IOPS and
-# the map's and the server's CPU per IO (from /proc/PID/stat); then, per build, the median of
-# the per-repetition ratios to direct NBD. Only runs alternating in one invocation compare:
+# Each repetition starts a fresh server and map of build A, then of build B (B first in the
+# even repetitions: the second of two 1 MiB write runs was some 6% slower whichever build it
+# was), then a server alone for direct NBD over TCP (fio on its NBD port), 3 s of fio each,
+# and prints IOPS and the map's and the server's CPU per IO (from /proc/PID/stat); then, per
+# build, the median of the per-repetition ratios to direct NBD. Only runs alternating in one invocation compare:
 # this host's speed drifts by 2x over hours. (`bench-block-relays.sh` runs one build against
 # other relays; this compares two builds, or one build under two settings.)
 #
@@ -19,7 +20,7 @@
 # cache is warmed and the file synced before every run (leftover writeback would take a
 # write run's CPU).
 set -euo pipefail
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in --help|-h) usage; exit 0 ;; esac
 if [ $# -lt 2 ] || [ $# -gt 3 ]; then usage >&2; exit 2; fi
 for exe in "$1" "$2"; do [ -x "$exe" ] || { echo "ab-block-map: $exe is not an executable" >&2; exit 2; }; done
@@ -37,7 +38,8 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 results=$work/results.txt
 for rep in $(seq 1 "$reps"); do
-  for config in A B direct; do
+  order="A B direct"; if [ $((rep % 2)) -eq 0 ]; then order="B A direct"; fi
+  for config in $order; do
     nbd_port=$(free_port); block_port=$(free_port)
     # shellcheck disable=SC2086  # the *_ENV words are VAR=value pairs for env
     env ${server_env[$config]} "${exe[$config]}" block serve --export "bench=$file,shared" --nbd "127.0.0.1:$nbd_port" \
