@@ -8,9 +8,10 @@
 # Prints one line per run (IOPS; how often the server was preempted: its involuntary
 # context switches; the inter-processor interrupts per IO that woke or rescheduled a CPU:
 # /proc/interrupts' CAL, function calls, which a wake-up onto an idle CPU sends, and RES,
-# rescheduling, as x86 names them; and the share of the CPUs idle while fio ran, its start
-# and end included), then per setting the median ratio map / direct, and each setting's
-# IOPS paired with the first setting's.
+# rescheduling, as x86 names them; the share of the CPUs idle while fio ran, its start and
+# end included; and how often per IO fio, the map and the server went to sleep: fio's
+# context switches, the others' voluntary ones), then per setting the median ratio
+# map / direct, and each setting's IOPS paired with the first setting's.
 #
 #   Scripts/bench-block-sched.sh [--settings LIST] [--repetitions N] [--duration S]
 #                                [--rw randread|randwrite] [--file FILE] [PARLEY]
@@ -26,7 +27,7 @@
 # PARLEY: the parley executable (default .build/release/parley). FILE: an existing file to
 # export (default 1 GiB of random data in the work directory). Needs fio, python3, chrt.
 set -euo pipefail
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 settings="normal,batch,normal+hp200000,batch+hp200000" reps=5 secs=3 rw=randread file= parley=.build/release/parley
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -73,6 +74,7 @@ idle() { awk '/^cpu / {print $5 + $6}' /proc/stat; }
 cpus=$(getconf _NPROCESSORS_ONLN)  # all of them, as /proc/stat counts them
 ticks=$(getconf CLK_TCK)
 invol() { awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n + 0}' /proc/"$1"/task/*/status 2>/dev/null; }
+vol() { if [ -z "$1" ]; then echo 0; else awk '/^voluntary_ctxt_switches/ {n += $2} END {print n + 0}' /proc/"$1"/task/*/status 2>/dev/null; fi; }
 for rep in $(seq 1 "$reps"); do
   for s in "${list[@]}"; do
     policy=${s%%+*} svc=() client=()
@@ -103,17 +105,22 @@ for rep in $(seq 1 "$reps"); do
         wait_for "$uri" || { tail -n 5 "$work/map.log" >&2; exit 1; }
       fi
       cat "$file" > /dev/null; sync "$file"
+      v0=$(vol "$server") m0=$(vol "$map")
       i0=$(invol "$server") c0=$(ipis CAL) r0=$(ipis RES) t0=$(idle) w0=$(date +%s%N)
       "${client[@]}" fio --name=sched --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth=32 --time_based \
         --runtime="$secs" --norandommap --randrepeat=0 --output-format=json --output="$work/fio.json" > "$work/fio.log" 2>&1 \
         || { echo "bench-block-sched: fio failed ($s, $mode):" >&2; tail -n 5 "$work/fio.log" >&2; exit 1; }
+      v1=$(vol "$server") m1=$(vol "$map")
       i1=$(invol "$server") c1=$(ipis CAL) r1=$(ipis RES) t1=$(idle) w1=$(date +%s%N)
-      iops=$(python3 -c 'import json, sys; j = json.load(open(sys.argv[1]))["jobs"][0]; print(round(j[sys.argv[2]]["iops"]))' \
-        "$work/fio.json" "$([ "$rw" = randread ] && echo read || echo write)")
+      read -r iops sleeps <<< "$(python3 -c 'import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+n = max(1, j[sys.argv[2]]["total_ios"])
+print(round(j[sys.argv[2]]["iops"]), "%.3f/%.3f/%.3f" % (j["ctx"] / n, int(sys.argv[3]) / n, int(sys.argv[4]) / n))' \
+        "$work/fio.json" "$([ "$rw" = randread ] && echo read || echo write)" $((m1 - m0)) $((v1 - v0)))"
       echo "$rep $s $mode iops=$iops server_preempted=$((i1 - i0))" \
         "cal_per_io=$(python3 -c "print(round(($c1 - $c0) / max(1, $iops * $secs), 3))")" \
         "res_per_io=$(python3 -c "print(round(($r1 - $r0) / max(1, $iops * $secs), 3))")" \
-        "idle_pct=$(( (t1 - t0) * 100 * 1000000000 / (ticks * (w1 - w0) * cpus) ))" | tee -a "$results"
+        "idle_pct=$(( (t1 - t0) * 100 * 1000000000 / (ticks * (w1 - w0) * cpus) ))" "sleeps_per_io=$sleeps" | tee -a "$results"
       if [ -n "$map" ]; then kill "$map"; wait "$map" 2>/dev/null || true; fi
       kill "$server"; wait "$server" 2>/dev/null || true
     done
@@ -124,15 +131,16 @@ python3 - "$results" "$secs" "${list[@]}" <<'EOF'
 import collections, statistics as st, sys
 runs = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
-    rep, setting, mode, iops, pre, cal, res, idle = line.split()
+    rep, setting, mode, iops, pre, cal, res, idle, sleeps = line.split()
     value = lambda field: field.split("=")[1]
-    runs[rep][(setting, mode)] = (int(value(iops)), int(value(pre)), (float(value(cal)), float(value(res))), int(value(idle)))
+    runs[rep][(setting, mode)] = (int(value(iops)), int(value(pre)), (float(value(cal)), float(value(res))), int(value(idle)),
+                                  [float(x) for x in value(sleeps).split("/")])
 secs = int(sys.argv[2])
 settings = sys.argv[3:]
 first = settings[0]
 print()
-print(f"| setting | map / direct (median, range) | IOPS map, direct (medians) | server preempted per s (map) | IPIs per IO (CAL + RES), map; direct | CPUs idle %, map, direct | map IOPS / {first}'s (paired median, faster in) |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+print(f"| setting | map / direct (median, range) | IOPS map, direct (medians) | server preempted per s (map) | IPIs per IO (CAL + RES), map; direct | CPUs idle %, map, direct | sleeps per IO fio/map/server, map; direct | map IOPS / {first}'s (paired median, faster in) |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for s in settings:
     rows = [r for r in runs.values() if (s, "map") in r and (s, "direct") in r]
     if not rows:
@@ -141,9 +149,11 @@ for s in settings:
     pre = st.median(r[(s, "map")][1] for r in rows) / secs
     paired = [r[(s, "map")][0] / r[(first, "map")][0] for r in rows if (first, "map") in r]
     ipi = lambda mode: " + ".join(f"{st.median(r[(s, mode)][2][k] for r in rows):.3f}" for k in (0, 1))
+    sleeps = lambda mode, ks: "/".join(f"{st.median(r[(s, mode)][4][k] for r in rows):.3f}" for k in ks)
     p = f"{st.median(paired):.2f} ({sum(x > 1 for x in paired)} of {len(paired)})" if s != first else "-"
     print(f"| {s} | {st.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
           f"{st.median(r[(s, 'map')][0] for r in rows):,.0f}, {st.median(r[(s, 'direct')][0] for r in rows):,.0f} | {pre:,.0f} | "
           f"{ipi('map')}; {ipi('direct')} | "
-          f"{st.median(r[(s, 'map')][3] for r in rows):.0f}, {st.median(r[(s, 'direct')][3] for r in rows):.0f} | {p} |")
+          f"{st.median(r[(s, 'map')][3] for r in rows):.0f}, {st.median(r[(s, 'direct')][3] for r in rows):.0f} | "
+          f"{sleeps('map', (0, 1, 2))}; {sleeps('direct', (0, 2))} | {p} |")
 EOF
