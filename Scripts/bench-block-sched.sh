@@ -73,8 +73,8 @@ ipis() { awk -v kind="$1" '$1 == kind ":" {for (i = 2; i <= NF && $i ~ /^[0-9]+$
 idle() { awk '/^cpu / {print $5 + $6}' /proc/stat; }
 cpus=$(getconf _NPROCESSORS_ONLN)  # all of them, as /proc/stat counts them
 ticks=$(getconf CLK_TCK)
-invol() { awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n + 0}' /proc/"$1"/task/*/status 2>/dev/null; }
-vol() { if [ -z "$1" ]; then echo 0; else awk '/^voluntary_ctxt_switches/ {n += $2} END {print n + 0}' /proc/"$1"/task/*/status 2>/dev/null; fi; }
+# switches KIND PID: a process's voluntary or nonvoluntary context switches, all threads (0 without a PID).
+switches() { if [ -z "$2" ]; then echo 0; else awk -v kind="$1_ctxt_switches:" '$1 == kind {n += $2} END {print n + 0}' /proc/"$2"/task/*/status 2>/dev/null; fi; }
 for rep in $(seq 1 "$reps"); do
   for s in "${list[@]}"; do
     policy=${s%%+*} svc=() client=()
@@ -105,13 +105,13 @@ for rep in $(seq 1 "$reps"); do
         wait_for "$uri" || { tail -n 5 "$work/map.log" >&2; exit 1; }
       fi
       cat "$file" > /dev/null; sync "$file"
-      v0=$(vol "$server") m0=$(vol "$map")
-      i0=$(invol "$server") c0=$(ipis CAL) r0=$(ipis RES) t0=$(idle) w0=$(date +%s%N)
+      v0=$(switches voluntary "$server") m0=$(switches voluntary "$map")
+      i0=$(switches nonvoluntary "$server") c0=$(ipis CAL) r0=$(ipis RES) t0=$(idle) w0=$(date +%s%N)
       "${client[@]}" fio --name=sched --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth=32 --time_based \
         --runtime="$secs" --norandommap --randrepeat=0 --output-format=json --output="$work/fio.json" > "$work/fio.log" 2>&1 \
         || { echo "bench-block-sched: fio failed ($s, $mode):" >&2; tail -n 5 "$work/fio.log" >&2; exit 1; }
-      v1=$(vol "$server") m1=$(vol "$map")
-      i1=$(invol "$server") c1=$(ipis CAL) r1=$(ipis RES) t1=$(idle) w1=$(date +%s%N)
+      v1=$(switches voluntary "$server") m1=$(switches voluntary "$map")
+      i1=$(switches nonvoluntary "$server") c1=$(ipis CAL) r1=$(ipis RES) t1=$(idle) w1=$(date +%s%N)
       read -r iops sleeps <<< "$(python3 -c 'import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 n = max(1, j[sys.argv[2]]["total_ios"])

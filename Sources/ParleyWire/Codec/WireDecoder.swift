@@ -209,11 +209,11 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
                 frame.alignments = collecting.alignments  // the preamble's hints, as `decode` gives them
                 return .frame(frame)
             }
-            if let body = self.directBody, case .body(let p) = self.state {
+            if let body = self.directBody {
                 guard seenEOF else { return nil }
                 throw self.fail(ParleyError(
                     code: .truncated,
-                    message: "connection ended inside a \(p.tag) frame: \(body.count) of \(p.bodySize) body bytes arrived"
+                    message: "connection ended inside a \(collecting.tag) frame: \(body.count) of \(collecting.bodySize) body bytes arrived"
                 ))
             }
         }
