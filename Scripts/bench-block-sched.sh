@@ -16,18 +16,20 @@
 #   Scripts/bench-block-sched.sh [--settings LIST] [--repetitions N] [--duration S]
 #                                [--rw randread|randwrite] [--file FILE] [PARLEY]
 #
-# LIST: comma-separated settings, each POLICY, POLICY+hpNS or POLICY+idle, POLICY one of normal (what
+# LIST: comma-separated settings, each POLICY, POLICY+hpNS, POLICY+idle or POLICY+latUS, POLICY one of normal (what
 # processes get by default), batch (SCHED_BATCH: a woken task does not preempt the running
 # one), services-batch (SCHED_BATCH for the map and the server, fio normal), client-batch
 # (SCHED_BATCH for fio only), fifo (SCHED_FIFO 1 for the map and the server, fio normal);
 # hpNS sets guest_halt_poll_ns to NS for that setting's runs (restored at exit); idle runs
-# one SCHED_IDLE busy loop per CPU beside that setting's runs (direct and map). Default:
+# one SCHED_IDLE busy loop per CPU beside that setting's runs (direct and map); latUS holds a
+# CPU latency request of US microseconds (/dev/cpu_dma_latency, PM QoS: at 0 the cpuidle
+# governor polls instead of halting) open during that setting's runs. Default:
 # normal,batch,normal+hp200000,batch+hp200000 (halt polling settings are skipped with a
 # note where it is not writable).
 # PARLEY: the parley executable (default .build/release/parley). FILE: an existing file to
 # export (default 1 GiB of random data in the work directory). Needs fio, python3, chrt.
 set -euo pipefail
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 settings="normal,batch,normal+hp200000,batch+hp200000" reps=5 secs=3 rw=randread file= parley=.build/release/parley
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -56,7 +58,11 @@ for s in "${wanted[@]}"; do
     [[ "$ns" =~ ^[0-9]+$ ]] || { echo "bench-block-sched: setting $s: hp takes nanoseconds" >&2; exit 2; }
     if [ ! -w "$halt" ]; then echo "bench-block-sched: skipping $s: $halt is not writable here" >&2; continue; fi
   fi
-  case "${s#"${s%%+*}"}" in ''|+idle|+hp*) ;; *) echo "bench-block-sched: setting $s: one modifier at most, +hpNS or +idle (see --help)" >&2; exit 2 ;; esac
+  if [[ "$s" == *+lat* ]]; then
+    [[ "${s#*+lat}" =~ ^[0-9]+$ ]] || { echo "bench-block-sched: setting $s: lat takes microseconds" >&2; exit 2; }
+    if [ ! -w /dev/cpu_dma_latency ]; then echo "bench-block-sched: skipping $s: /dev/cpu_dma_latency is not writable here" >&2; continue; fi
+  fi
+  case "${s#"${s%%+*}"}" in ''|+idle|+hp*|+lat*) ;; *) echo "bench-block-sched: setting $s: one modifier at most, +hpNS, +idle or +latUS (see --help)" >&2; exit 2 ;; esac
   list+=("$s")
 done
 [ ${#list[@]} -gt 0 ] || { echo "bench-block-sched: no setting left to run" >&2; exit 2; }
@@ -87,6 +93,12 @@ for rep in $(seq 1 "$reps"); do
     spinners=()
     if [[ "$s" == *+idle ]]; then
       for _ in $(seq 1 "$cpus"); do chrt -i 0 bash -c 'while :; do :; done' & spinners+=($!); pids+=($!); done
+    fi
+    if [[ "$s" == *+lat* ]]; then  # the request holds while the file stays open
+      python3 -c 'import os, struct, sys, time
+fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+os.write(fd, struct.pack("i", int(sys.argv[1])))
+time.sleep(86400)' "${s#*+lat}" & spinners+=($!); pids+=($!)
     fi
     if [[ "$s" == *+hp* ]]; then echo "${s#*+hp}" > "$halt"; elif [ -n "$halt_before" ] && [ -w "$halt" ]; then echo "$halt_before" > "$halt"; fi
     for mode in direct map; do
