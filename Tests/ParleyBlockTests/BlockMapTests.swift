@@ -177,6 +177,60 @@ struct BlockMapTests {
         #expect(try await Tools.run("/usr/bin/cmp", [random, scratch.file("disk.img")]).status == 0, "the server's file differs")
     }
 
+    /// nbd-client (what gives a `/dev/nbdN`) opens an export with NBD_OPT_GO and asks for no
+    /// information, block sizes included: the map's 512-byte device must still be served.
+    /// libnbd, told not to ask (`set_request_block_size(False)`), opens it the same way.
+    @Test func aClientThatDoesNotAskForBlockSizesIsServed() async throws {
+        // libnbd's Python binding, as Debian's python3-libnbd installs it for the system's
+        // Python (nbdsh runs whichever python3 comes first in PATH, which may lack it).
+        let python = "/usr/bin/python3"
+        let probe = try await Tools.run(python, ["-c", "import nbd"])
+        try #require(probe.status == 0, "libnbd's Python binding is not installed: apt-get install python3-libnbd (.ci/run does)")
+        let scratch = try ScratchDirectory("map-nbdsh")
+        let server = try await self.server(scratch, size: 1 << 20)
+        defer { server.stop() }
+        let map = try await BlockMapProcess(scratch: scratch, [
+            "--session", "nbdsh", "--path", "127.0.0.1:\(server.blockPort)", "--device", "disk",
+        ])
+        defer { map.stop() }
+        let script = """
+            import nbd
+            h = nbd.NBD()
+            h.set_request_block_size(False)
+            h.set_strict_mode(0)
+            h.connect_uri("\(map.uri)")
+            print("minimum", h.get_block_size(nbd.SIZE_MINIMUM))
+            h.pwrite(b"\\x5a" * 4096, 8192)
+            print("read back", h.pread(4096, 8192) == b"\\x5a" * 4096)
+            try:
+                h.pread(100, 1)
+                print("unaligned read answered")
+            except nbd.Error as e:
+                import errno
+                # This binding gives the errno's name ("EINVAL"), others its number.
+                print("unaligned read errno", e.errno if isinstance(e.errno, int) else getattr(errno, str(e.errno), e.errno))
+            h.shutdown()
+            """
+        let out = try await Tools.run(python, ["-c", script])
+        #expect(out.status == 0, "\(out.combined)")
+        #expect(out.stdout.contains("minimum 512"), "\(out.combined)")
+        #expect(out.stdout.contains("read back True"), "\(out.combined)")
+        #expect(out.stdout.contains("unaligned read errno \(EINVAL)"), "\(out.combined)")
+
+        // nbd-client itself: it negotiates (NBD_OPT_GO, no information asked for) and would
+        // then hand the socket to the kernel's nbd driver, which this machine may not have
+        // (no /dev/nbdN in a container): what is checked is that the map opened the export
+        // for it, and that the server refused nothing.
+        let nbdClient = ["/usr/sbin/nbd-client", "/sbin/nbd-client"].first { FileManager.default.isExecutableFile(atPath: $0) }
+        let client = try #require(nbdClient, "nbd-client is not installed: apt-get install nbd-client (.ci/run does)")
+        let opens = map.log.components(separatedBy: "NBD client opened export").count
+        let negotiated = try await Tools.run(client, ["-unix", map.socket, "/dev/nbd15", "-N", "disk"], seconds: 30)
+        if negotiated.status == 0 { _ = try? await Tools.run(client, ["-d", "/dev/nbd15"], seconds: 30) }  // a machine with the driver
+        #expect(negotiated.combined.contains("size = 1MB"), "\(negotiated.combined)")
+        #expect(!negotiated.combined.contains("Server said"), "\(negotiated.combined)")
+        #expect(map.log.components(separatedBy: "NBD client opened export").count == opens + 1, "\(map.log)")
+    }
+
     @Test func fioVerifiesThroughTheMapAndListAndUnmapWork() async throws {
         let fio = try Tools.require("fio", package: "fio")
         let scratch = try ScratchDirectory("map")

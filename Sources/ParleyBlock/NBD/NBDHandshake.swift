@@ -294,15 +294,10 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
         }
         var requested: Set<UInt16> = []
         for _ in 0..<count { requested.insert(data.readInteger(as: UInt16.self)!) }
-        // A GO refused below with NBD_REP_ERR_BLOCK_SIZE_REQD must not open the export:
-        // nothing would ever close that open.
-        let result: Result<NBDExportInfo, NBDRefusal>
-        if option == .go, !requested.contains(NBD.Info.blockSize.rawValue),
-           case .success(let info) = self.resolver.describe(name), info.minimumBlockSize > 1 {
-            result = .success(info)
-        } else {
-            result = option == .go ? self.resolver.open(name) : self.resolver.describe(name)
-        }
+        // A GO is served whether or not the client asked for NBD_INFO_BLOCK_SIZE (nbd-client
+        // never asks): the sizes are sent anyway, and an unaligned request on an export whose
+        // minimum is above 1 fails with EINVAL in transmission, as the NBD document allows.
+        let result = option == .go ? self.resolver.open(name) : self.resolver.describe(name)
         switch result {
         case .failure(let refusal):
             actions.append(.send(Self.reply(raw, refusal.reply, text: refusal.message)))
@@ -332,11 +327,6 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
             sizes.writeInteger(info.preferredBlockSize)
             sizes.writeInteger(info.maximumPayload)
             Self.writeReply(raw, .info, payload: sizes, into: &out)
-            if option == .go, info.minimumBlockSize > 1, !requested.contains(NBD.Info.blockSize.rawValue) {
-                Self.writeReply(raw, .errBlockSizeRequired, payload: ByteBuffer(string: "export \"\(name)\" needs \(info.minimumBlockSize)-byte aligned requests: ask for NBD_INFO_BLOCK_SIZE"), into: &out)
-                actions.append(.send(out))
-                return
-            }
             Self.writeReply(raw, .ack, payload: ByteBuffer(), into: &out)
             actions.append(.send(out))
             if option == .go { self.finish(info, into: &actions) }

@@ -172,7 +172,10 @@ extension NBDNegotiated {
         func inRange() -> NBDRequestError? {
             let (end, overflow) = request.offset.addingReportingOverflow(UInt64(request.length))
             if overflow || end > info.size {
-                return .init(.inval, "\(command) of \(request.length) bytes at offset \(request.offset) ends past the export's \(info.size) bytes")
+                // The NBD document: a write or write-zeroes past the end SHOULD be ENOSPC (the
+                // device has no room there); anything else past the end is EINVAL.
+                let error: NBD.Errno = command == .write || command == .writeZeroes ? .nospc : .inval
+                return .init(error, "\(command) of \(request.length) bytes at offset \(request.offset) ends past the export's \(info.size) bytes")
             }
             return nil
         }
