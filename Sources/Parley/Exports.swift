@@ -16,3 +16,4 @@
 @_exported import struct ParleyWire.DirectInbound
 @_exported import struct ParleyWire.ReadPieceCollector
 @_exported import typealias ParleyNIO.DirectCompletion
+@_exported import enum ParleyNIO.UnixListenerPath

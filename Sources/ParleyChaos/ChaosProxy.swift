@@ -72,7 +72,7 @@ public final class ChaosProxy: Sendable {
             listener = try await bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1).bind(host: host, port: port).get()
             bound = .tcp(host: host, port: listener.localAddress?.port ?? port)
         case .unix(let path):
-            listener = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+            listener = try await UnixListenerPath.bind(path) { try await bootstrap.bind(unixDomainSocketPath: path).get() }
         default:
             throw ParleyError(code: .invalidArgument, message: "the chaos proxy listens on HOST:PORT or unix:PATH, not \(self.configuration.listen)")
         }

@@ -233,12 +233,12 @@ public struct PosixTransport: ParleyTransport {
             let listener = try await self.tcpServer(group).childChannelInitializer(initializer).bind(host: host, port: port).get()
             return (listener, .tcp(host: host, port: listener.localAddress?.port ?? port))
         case .unix(let path):
-            let listener = try await ServerBootstrap(group: group)
+            let bootstrap = ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: self.backlog)
                 .childChannelOption(.writeBufferWaterMark, value: Self.answerWaterMark)
                 .childChannelOption(.socketOption(.so_sndbuf), value: Self.unixSendBuffer)
                 .childChannelInitializer(initializer)
-                .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+            let listener = try await UnixListenerPath.bind(path) { try await bootstrap.bind(unixDomainSocketPath: path).get() }
             return (listener, address)
         case .tls(let host, let port):
             let tls = try self.requireTLS(address)

@@ -481,6 +481,45 @@ struct BlockMapTests {
         #expect(map.log.contains("interrupted again: exiting without waiting for the unmap"), "\(map.log)")
     }
 
+    /// A second map on the socket a running map serves is refused (NIO's own clean-up would
+    /// remove the running map's socket and serve the other device there); a clean unmap
+    /// removes its socket; a socket left by a killed map is taken over.
+    @Test func aSocketARunningMapServesIsNotTaken() async throws {
+        let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
+        let scratch = try ScratchDirectory("map-socket")
+        let server = try await self.server(scratch, size: 4 << 20)
+        defer { server.stop() }
+        let args = ["--path", "unix:\(server.blockSocket)", "--device", "disk"]
+        let map = try await BlockMapProcess(scratch: scratch, ["--session", "first"] + args)
+        // Read-only: the server lets it open the device beside the first map's read-write open.
+        let second = try await Tools.run(try Tools.parley, ["block", "map", "--session", "second", "--nbd", "unix:\(map.socket)",
+                                                             "--state-dir", map.stateDir, "--read-only"] + args, seconds: 60)
+        #expect(second.status == 2 && second.stdout.contains("is in use"), "\(second.combined)")
+        let info = try await Tools.run(nbdinfo, [map.uri])
+        #expect(info.status == 0, "the first map still serves its socket: \(info.combined)")
+        #expect(map.stop() == 0, "\(map.log)")
+        #expect(!FileManager.default.fileExists(atPath: map.socket), "a clean unmap removes its socket")
+
+        let killed = try BackgroundProcess(try Tools.parley, ["block", "map", "--session", "killed", "--nbd", "unix:\(map.socket)",
+                                                             "--state-dir", map.stateDir] + args, log: scratch.file("killed.log"))
+        #expect(await killed.wait(for: "mapped "), "\(killed.log)")
+        killed.stop(signal: SIGKILL)
+        #expect(FileManager.default.fileExists(atPath: map.socket), "a killed map leaves its socket")
+        let next = try BackgroundProcess(try Tools.parley, ["block", "map", "--session", "next", "--nbd", "unix:\(map.socket)",
+                                                           "--state-dir", map.stateDir] + args, log: scratch.file("next.log"))
+        defer { next.stop() }
+        #expect(await next.wait(for: "mapped "), "a stale socket is taken over: \(next.log)")
+        #expect(try await Tools.run(nbdinfo, [map.uri]).status == 0)
+
+        // Not a socket: never removed.
+        let plain = scratch.file("plain.file")
+        #expect(FileManager.default.createFile(atPath: plain, contents: Data("keep".utf8)))
+        let onFile = try await Tools.run(try Tools.parley, ["block", "map", "--session", "third", "--nbd", "unix:\(plain)",
+                                                             "--state-dir", map.stateDir, "--read-only"] + args, seconds: 60)
+        #expect(onFile.status == 2 && onFile.stdout.contains("is not a Unix socket"), "\(onFile.combined)")
+        #expect(FileManager.default.contents(atPath: plain) == Data("keep".utf8))
+    }
+
     @Test func badInputIsRefusedClearly() async throws {
         let scratch = try ScratchDirectory("map")
         try scratch.sparseFile("disk.img", size: 16 << 20)

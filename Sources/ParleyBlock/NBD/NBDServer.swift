@@ -202,7 +202,7 @@ public final class NBDServer: Sendable {
                     channel = try await bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
                         .bind(host: host, port: port).get()
                 case .unix(let path):
-                    channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+                    channel = try await UnixListenerPath.bind(path) { try await bootstrap.bind(unixDomainSocketPath: path).get() }
                 default:
                     throw ParleyError(code: .invalidArgument, message: "NBD listens on HOST:PORT or unix:PATH only, not \(address)")
                 }
