@@ -103,7 +103,22 @@ public final class BlockClient: Sendable {
         let io = Self.request(device, operation, offset: offset, length: length, fua: fua)
         let reply = try await self.client.call(io, data: data, as: Parley_Block_V1_IoReply.self)
         try Self.check(reply.message.status, reply.message.message)
+        if let wrong = Self.wrongReadData(operation, length: length, reply.data) { throw self.malformed(wrong) }
         return reply.data
+    }
+
+    /// What is wrong with a successful `Io` answer's data: a read carries exactly `length`
+    /// bytes (docs/protocol.md 17.2), as a DIRECT answer does; nil if nothing is.
+    static func wrongReadData(_ operation: Parley_Block_V1_IoOperation, length: UInt32, _ data: ByteBuffer?) -> String? {
+        guard operation == .read, (data?.readableBytes ?? 0) != Int(length) else { return nil }
+        return "an answer to a read of \(length) bytes carried \(data.map { "\($0.readableBytes) bytes" } ?? "no data")"
+    }
+
+    /// The server broke the protocol: the connection ends, and the IO fails as on a connection
+    /// that ended (a multipath client sends it on another path).
+    private func malformed(_ message: String) -> ParleyError {
+        self.client.connection.close(ParleyError(code: .malformedPayload, message: message))
+        return ParleyError(code: .connectionClosed, message: "connection closed: \(message)")
     }
 
     /// Sends one IO; `completion` runs once with the read data (nil for other operations) or
@@ -127,7 +142,9 @@ public final class BlockClient: Sendable {
         let io = Self.request(device, operation, offset: offset, length: length, fua: fua)
         self.client.call(io, data: data?.gathered(allocator: self.client.connection.channelAllocator), as: Parley_Block_V1_IoReply.self) { result in
             completion(result.flatMap { reply in
-                reply.message.status == .ok ? .success(reply.data.map { ByteBufferPieces($0) }) : .failure(BlockError(reply.message.status, reply.message.message))
+                guard reply.message.status == .ok else { return .failure(BlockError(reply.message.status, reply.message.message)) }
+                if let wrong = Self.wrongReadData(operation, length: length, reply.data) { return .failure(self.malformed(wrong)) }
+                return .success(reply.data.map { ByteBufferPieces($0) })
             })
         }
     }
@@ -147,12 +164,7 @@ public final class BlockClient: Sendable {
             case .failure(let error):
                 completion(.failure(error))
             case .success(let frame):
-                func malformed(_ message: String) {
-                    // The server broke the protocol: the connection ends, and the IO fails as
-                    // on a connection that ended (a multipath client sends it on another path).
-                    connection.close(ParleyError(code: .malformedPayload, message: message))
-                    completion(.failure(ParleyError(code: .connectionClosed, message: "connection closed: \(message)")))
-                }
+                func malformed(_ message: String) { completion(.failure(self.malformed(message))) }
                 switch BlockDirect.Answer.decode(frame) {
                 case .failure(let e):
                     malformed(e.message)

@@ -211,6 +211,40 @@ struct BlockDirectTests {
         #expect(await client.client.connection.closed().code == .malformedPayload)
     }
 
+    /// The same over `Io` messages (no DIRECT): an OK answer to a read of 512 bytes carrying
+    /// 5 bytes, or none, ends the connection; the read fails as on a connection that ended,
+    /// not with zeros or short data passed to the caller.
+    @Test(arguments: [5, nil] as [Int?]) func shortIoReadAnswersEndTheConnection(carried: Int?) async throws {
+        let scratch = try ScratchDirectory("io-short")
+        var router = ParleyRouter()
+        router.on(Parley_Block_V1_SessionInfo.self) { _, _ -> Parley_Block_V1_SessionInfoReply in
+            var reply = Parley_Block_V1_SessionInfoReply()
+            reply.protocolVersion = 1
+            reply.connectionID = 1
+            return reply
+        }
+        router.onWithData(Parley_Block_V1_Io.self) { _, _ -> ParleyReply<Parley_Block_V1_IoReply> in
+            ParleyReply(Parley_Block_V1_IoReply(), data: carried.map { ByteBuffer(repeating: 1, count: $0) })
+        }
+        var quiet = Logger(label: "io-short")
+        quiet.logLevel = .critical
+        let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("short.sock"))]), router: router, logger: quiet)
+        Task { try await server.run() }
+        defer { server.shutDown() }
+        let client = try await BlockClient.connect(to: try await server.listeningAddresses[0], sessionName: "short")
+        defer { client.closeConnection() }
+        #expect(!client.usesDirect)
+        let device = BlockClient.Device(id: 1, geometry: Parley_Block_V1_Geometry())
+        do {
+            let data = try await client.read(device, offset: 0, length: 512)
+            Issue.record("a short answer was taken: \(data.readableBytes) bytes")
+            return
+        } catch let e as ParleyError {
+            #expect(e.code == .connectionClosed && e.message.contains("read of 512 bytes carried"), "\(e)")
+        }
+        #expect(await client.client.connection.closed().code == .malformedPayload)
+    }
+
     /// [R-7.16-7]: DIRECT IO waiting for its answer fails with the connection's end, none
     /// is left waiting; the server drops the modification that had not started.
     @Test func directIOInFlightFailsWhenTheConnectionEnds() async throws {

@@ -139,6 +139,35 @@ struct BlockMultipathAPITests {
         try await device.close()
     }
 
+    /// A path whose server takes the connection but never answers (the handshake,
+    /// `SessionInfo`, `Open`) counts as unreachable after `connectTimeout`, not forever.
+    @Test func aPathThatNeverAnswersIsUnreachableAfterTheConnectTimeout() async throws {
+        let scratch = try ScratchDirectory()
+        let path = scratch.file("silent.sock")
+        // A listener that never accepts: the kernel completes connections into its backlog.
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            let bytes = Array(path.utf8)
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        #expect(bound == 0 && listen(fd, 8) == 0)
+        let session = try BlockMultipathSession(.init(sessionName: "silent", paths: [.unix(path: path)], connectTimeout: .milliseconds(300)))
+        do {
+            _ = try await session.open("disk")
+            Issue.record("opened a device on a server that never answered")
+        } catch let e as BlockMultipathError {
+            #expect(e.kind == .unreachable && e.message.contains("no answer within"), "\(e)")
+        }
+    }
+
     @Test func refusalsCarryTheServersStatus() async throws {
         let scratch = try ScratchDirectory()
         try scratch.sparseFile("disk.img", size: 1 << 20)
@@ -157,6 +186,13 @@ struct BlockMultipathAPITests {
         #expect(await kind { try await ro.write(offset: 0, data: ByteBuffer(repeating: 1, count: 512)) } == .server(.readOnly))
         #expect(await kind { _ = try await ro.read(offset: 1 << 20, length: 512) } == .server(.outOfRange))
         #expect(await kind { _ = try await ro.read(offset: 100, length: 512) } == .server(.invalid))
+        // An IO longer than 32 bits can say is refused as too large, not trapped.
+        let huge: BlockMultipathError.Kind? = await withCheckedContinuation { c in
+            ro.submit(.init(.read, offset: 0, length: UInt64(UInt32.max) + 1)) { result in
+                if case .failure(let e) = result { c.resume(returning: e.kind) } else { c.resume(returning: nil) }
+            }
+        }
+        #expect(huge == .server(.tooLarge))
         // A refused IO is not re-sent and the paths stay up.
         #expect(ro.status().paths.allSatisfy { $0.state == "up" && $0.failures == 0 })
         try await ro.close()

@@ -508,6 +508,22 @@ import Testing
         #expect(m.fenceCompleted(link: dead, send: 3, outcome: .done) == [.cancelFenceTimer(dead), .send(id: w2, path: 0, send: 4)])
     }
 
+    /// The no-path wait belongs to what waits: when a fence's timer fails all that waited,
+    /// the running no-path timer stops, and an IO submitted later waits a whole timeout of
+    /// its own (not the rest of the earlier one, which would fail it early).
+    @Test func ioSubmittedAfterWhatWaitedFailedGetsAWholeNoPathWait() {
+        var m = M(paths: 2)
+        _ = m.pathUp(0)
+        let (w1, _) = m.submit(IO(.write, offset: 0, length: 1))
+        let dead = m.link(of: 0)
+        #expect(m.pathDown(0) == [.pathLost(0), .armFenceTimer(dead), .armNoPathTimer])
+        #expect(m.fenceTimerFired(dead) == [.complete(id: w1, failure: .fenceTimedOut), .cancelNoPathTimer],
+                "nothing waits any more: the no-path timer stops")
+        let (r, ar) = m.submit(IO(.read, offset: 0, length: 1))
+        #expect(ar == [.armNoPathTimer], "the read waits a whole timeout")
+        #expect(m.noPathTimerFired() == [.complete(id: r, failure: .noPath)])
+    }
+
     /// A server without Fence refuses it: what waited is sent again unfenced (the rules
     /// before fences existed).
     @Test func aRefusedFenceReleasesWhatWaited() {

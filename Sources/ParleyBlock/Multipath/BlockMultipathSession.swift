@@ -25,7 +25,10 @@ public struct BlockMultipathSession: Sendable {
         /// Reconnect back-off: the first retry after `reconnectBase`, doubling up to `reconnectMax`.
         public var reconnectBase: Duration
         public var reconnectMax: Duration
-        /// How long to wait for a path's first connection when a device is opened.
+        /// How long a path's connect, `SessionInfo` and `Open` may take together (when the
+        /// device is opened, and at each reconnect) before the path counts as unreachable: a
+        /// server that takes the connection and never answers does not hold a path (or the
+        /// open) forever. Generous by default: a loaded machine can take seconds to connect.
         public var connectTimeout: Duration
         /// An IO whose path dies under it this many times fails.
         public var maxSends: Int
@@ -45,7 +48,7 @@ public struct BlockMultipathSession: Sendable {
 
         public init(sessionName: String, paths: [ParleyAddress], policy: MultipathIOState.Policy = .roundRobin,
                     ioTimeout: Duration = .seconds(30), reconnectBase: Duration = .milliseconds(50), reconnectMax: Duration = .seconds(2),
-                    connectTimeout: Duration = .seconds(10), maxSends: Int = 32, maxInFlightPerPath: Int = 256,
+                    connectTimeout: Duration = .seconds(60), maxSends: Int = 32, maxInFlightPerPath: Int = 256,
                     maxInFlightBytesPerPath: UInt64 = 128 << 20,
                     client: ParleyClient.Configuration = Self.defaultClient, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
             self.sessionName = sessionName
@@ -312,7 +315,36 @@ public final class BlockMultipathDevice: Sendable {
         case unreachable(String)
     }
 
+    /// Connects path `index` and opens the device there, within `connectTimeout`: a server
+    /// that takes the connection but never answers the handshake, `SessionInfo` or `Open`
+    /// counts as unreachable (and a connection that comes up after that is closed).
     private func connect(_ index: Int) async -> ConnectOutcome {
+        let timeout = self.session.configuration.connectTimeout
+        let waiter = NIOLockedValueBox<CheckedContinuation<ConnectOutcome, Never>?>(nil)
+        let take: @Sendable () -> CheckedContinuation<ConnectOutcome, Never>? = {
+            waiter.withLockedValue { w in defer { w = nil }; return w }
+        }
+        return await withCheckedContinuation { continuation in
+            waiter.withLockedValue { $0 = continuation }
+            let timer = Task {
+                try? await Task.sleep(for: timeout)
+                if !Task.isCancelled, let c = take() {
+                    c.resume(returning: .unreachable("no answer within \(timeout) (connect, SessionInfo and Open)"))
+                }
+            }
+            Task {
+                let outcome = await self.connectNow(index)
+                timer.cancel()
+                if let c = take() {
+                    c.resume(returning: outcome)
+                } else if case .up(let client, _) = outcome {
+                    client.closeConnection()  // too late: counted as unreachable already
+                }
+            }
+        }
+    }
+
+    private func connectNow(_ index: Int) async -> ConnectOutcome {
         let address = self.session.configuration.paths[index]
         let c = self.session.configuration
         let client: BlockClient
@@ -808,6 +840,11 @@ public final class BlockMultipathDevice: Sendable {
     /// `final`: taken while closing (the last flush).
     private func submit(_ io: MultipathIOState.IO, fua: Bool, data: ByteBufferPieces?, final: Bool,
                         complete: @escaping @Sendable (Result<ByteBufferPieces?, BlockMultipathError>) -> Void) {
+        // One IO's length travels as 32 bits (docs/protocol.md 17.2): longer is the caller's
+        // mistake, refused here as the server would refuse it, not trapped at the conversion.
+        guard io.length <= UInt64(UInt32.max) else {
+            return complete(.failure(BlockMultipathError(.server(.tooLarge), "\(io.operation) of \(io.length) bytes: one IO carries at most \(UInt32.max) bytes")))
+        }
         let jobs = self.state.withLockedValue { s -> Jobs in
             self.resolving(&s) { s, actions in
                 // The entry must exist before the machine's actions (resolved after) refer to it.
@@ -918,14 +955,21 @@ public final class BlockMultipathDevice: Sendable {
         if self.access != .readOnly {
             do { _ = try await self.submit(.init(.flush, offset: 0, length: 0), final: true) } catch { flushError = error }
         }
-        let (clients, tasks) = self.state.withLockedValue { s -> ([(BlockClient, UInt32)], [Task<Void, Never>]) in
-            s.closed = true
+        let (clients, tasks, unanswered) = self.state.withLockedValue { s -> ([(BlockClient, UInt32)], [Task<Void, Never>], Int) in
+            let unanswered = s.machine.pendingFences
             let clients = s.paths.compactMap { p in p.client.map { ($0, p.deviceID) } }
             for i in s.paths.indices { s.paths[i].client = nil }
             let tasks = Array(s.reconnects.values) + s.timers.values.compactMap(\.task)
             s.reconnects = [:]
             s.timers = [:]
-            return (clients, tasks)
+            s.closed = true
+            return (clients, tasks, unanswered)
+        }
+        if unanswered > 0 {
+            // docs/protocol.md 17.8 rule 6: not waited for; a copy of a write that failed may
+            // still be carried out on the connection it died on.
+            self.logger.warning("closing with \(unanswered) fence\(unanswered == 1 ? "" : "s") unanswered: a write that failed (EIO) on a connection not yet fenced may still land on the server",
+                                metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
         }
         for t in tasks { t.cancel() }
         for (client, id) in clients {

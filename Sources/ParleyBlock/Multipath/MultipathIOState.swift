@@ -575,6 +575,11 @@ public struct MultipathIOState: Sendable, Hashable {
         if self.livePaths == 0, self.waiting > 0, !self.timerArmed {
             self.timerArmed = true
             actions.append(.armNoPathTimer)
+        } else if self.waiting == 0, self.timerArmed {
+            // What waited is gone (failed by a fence's timer): the next IO to wait gets a
+            // whole wait of its own, not the rest of this one.
+            self.timerArmed = false
+            actions.append(.cancelNoPathTimer)
         }
     }
 }
