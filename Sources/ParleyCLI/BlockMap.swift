@@ -24,7 +24,9 @@ struct BlockMapCommand: AsyncParsableCommand {
               nbd-client -unix /run/s1.sock /dev/nbd0 -N disk
 
             RNBD's map_device words work instead of the flags (--nbd still
-            needed; ip:ADDRESS without a port means port 7421):
+            needed; ip:ADDRESS without a port means port 7421; device_path is
+            taken relative to the server's search path, as RNBD's server joins
+            its dev_search_path and device_path: /dev/ram0 means dev/ram0):
               parley block map --nbd unix:/run/s1.sock --rnbd \\
                   "sessname=s1 path=ip:10.0.0.1 path=ip:10.0.1.1 device_path=disk"
 
@@ -252,8 +254,9 @@ struct BlockUnmap: AsyncParsableCommand {
         discussion: """
             Finds the map of --session (and --device, if the session maps several) in the
             state directory, sends its process SIGTERM and waits for it to exit (at most
-            --timeout seconds). Exits 0 when the map is gone, 1 if it did not stop in time,
-            2 if there is no such map.
+            --timeout seconds). Exits 0 when the map is gone after a clean unmap (IO drained,
+            final flush done), 1 if it did not stop in time or its unmap failed (the final
+            flush; the map's message is printed), 2 if there is no such map.
             """
     )
 
@@ -286,19 +289,27 @@ struct BlockUnmap: AsyncParsableCommand {
             throw ExitCode(2)
         }
         let pid = records[0].pid
-        guard kill(pid, SIGTERM) == 0 else {
+        let device = records[0].status.device
+        // ESRCH: it ended between the listing and the signal; what it left says how.
+        guard kill(pid, SIGTERM) == 0 || errno == ESRCH else {
             print("parley block unmap: cannot signal process \(pid): \(String(cString: strerror(errno)))")
             throw ExitCode(1)
         }
         let deadline = ContinuousClock.now + .milliseconds(Int64(self.timeout * 1000))
-        while ContinuousClock.now < deadline {
-            if kill(pid, 0) != 0 && errno == ESRCH {
-                print("unmapped \(records[0].status.device) of session \(self.session)")
-                return
+        while BlockMap.isRunningMap(pid) {
+            guard ContinuousClock.now < deadline else {
+                print("parley block unmap: process \(pid) is still running after \(self.timeout) s")
+                throw ExitCode(1)
             }
             try await Task.sleep(for: .milliseconds(50))
         }
-        print("parley block unmap: process \(pid) is still running after \(self.timeout) s")
-        throw ExitCode(1)
+        // A clean unmap removes the map's status file; one that failed leaves it, saying why.
+        let directory = self.stateDir ?? BlockMap.defaultStateDirectory
+        if let left = BlockMap.leftRecord(directory: directory, session: self.session, pid: pid) {
+            try? FileManager.default.removeItem(atPath: BlockMap.recordFile(directory: directory, session: self.session, pid: pid))
+            print("parley block unmap: \(device) of session \(self.session): \(left.failure ?? "the map ended without a clean unmap (killed?)"); writes acknowledged before are on the server, not necessarily on stable storage")
+            throw ExitCode(1)
+        }
+        print("unmapped \(device) of session \(self.session)")
     }
 }

@@ -9,7 +9,10 @@ import ParleyTestSupport
 @Suite struct BlockMapRequestTests {
     @Test func rnbdLines() throws {
         let seed = try BlockMapRequest(rnbd: "sessname=blya path=ip:10.50.100.66 device_path=/dev/ram0")
-        #expect(seed == BlockMapRequest(session: "blya", paths: ["10.50.100.66:7421"], device: "/dev/ram0", access: "rw"))
+        // RNBD's server joins dev_search_path and device_path: the device is relative to
+        // the server's search path, as a Parley server takes it.
+        #expect(seed == BlockMapRequest(session: "blya", paths: ["10.50.100.66:7421"], device: "dev/ram0", access: "rw"))
+        #expect(try BlockMapRequest(rnbd: "sessname=s path=ip:h device_path=//vm/disk").device == "vm/disk")
         let multi = try BlockMapRequest(rnbd: """
             sessname=s1 path=ip:10.0.0.2,ip:10.0.0.1 path=ip:10.0.1.1:7500 path=unix:/run/b.sock path=ip:fe80::1 \
             device_path=vm/disk access_mode=ro nr_poll_queues=4
@@ -29,6 +32,10 @@ import ParleyTestSupport
         ("sessname=s path=ip:h device_path=d size=3", "unknown RNBD word \"size=\""),
         ("sessname=s path=ip:h device_path", "expected KEY=VALUE"),
         ("sessname=s path= device_path=d", "empty path"),
+        ("sessname=s path=ip:10.0.0.1, device_path=d", "bad path=ip:10.0.0.1,"),
+        ("sessname=s path=, device_path=d", "bad path=,"),
+        ("sessname=s path=ip:a,ip:b,ip:c device_path=d", "bad path="),
+        ("sessname=s path=ip:h device_path=/", "names no device"),
     ])
     func badLines(line: String, complaint: String) {
         do {

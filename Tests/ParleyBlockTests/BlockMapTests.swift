@@ -456,6 +456,14 @@ struct BlockMapTests {
         #expect(copy.status != 0, "\(copy.combined)")
         #expect(copy.combined.contains("Input/output error"), "\(copy.combined)")
         #expect(map.log.contains("no path for"), "\(map.log)")
+        // Unmapping: the final flush finds no path either and fails; `parley block unmap`
+        // says so and exits 1 (it does not report a clean unmap).
+        let unmap = try await Tools.run(try Tools.parley, ["block", "unmap", "--session", "gone", "--state-dir", map.stateDir])
+        #expect(unmap.status == 1, "\(unmap.combined)")
+        #expect(unmap.stdout.contains("the final flush failed"), "\(unmap.combined)")
+        #expect(await map.background.waitForExit(seconds: 30) == 1, "\(map.log)")
+        let list = try await Tools.run(try Tools.parley, ["block", "list", "--state-dir", map.stateDir])
+        #expect(list.stdout.contains("no maps"), "\(list.combined)")
     }
 
     /// Unmapping with no path up waits (up to --io-timeout) for one, for the final flush, and

@@ -8,9 +8,12 @@ import Parley
 /// NBD endpoint (for nbd-client's /dev/nbdN, qemu, fio, nbdcopy), by the NBD server as it is,
 /// over a `MultipathBlockStore`.
 ///
-/// While it runs it writes its status (`BlockMap.Record`) to `STATE_DIR/SESSION.DEVICE.json`
-/// twice a second; `parley block list` reads those files, and
-/// `parley block unmap` sends the process named in one SIGTERM and waits for it to exit.
+/// While it runs it writes its status (`BlockMap.Record`) to `STATE_DIR/SESSION.PID.json`
+/// twice a second (the session and device are in the file; the process id keeps two maps'
+/// files apart whatever their names); `parley block list` reads those files, and
+/// `parley block unmap` sends the process named in one SIGTERM and waits for it to exit. A
+/// clean unmap removes the file; one whose final flush failed leaves it with `failure` set,
+/// for `parley block unmap` to report.
 public final class BlockMap: Sendable {
     public struct Record: Sendable, Codable, Equatable {
         public var pid: Int32
@@ -19,6 +22,8 @@ public final class BlockMap: Sendable {
         public var exportName: String
         public var status: BlockMultipathDevice.Status
         public var updated: Double
+        /// Set when the unmap failed (the final flush): the last thing the map wrote.
+        public var failure: String?
     }
 
     public let session: BlockMultipathSession
@@ -46,13 +51,14 @@ public final class BlockMap: Sendable {
         return "/tmp/parley-block-\(getuid())"
     }
 
-    public static func recordFile(directory: String, session: String, device: String) -> String {
-        let safe = String(device.map { $0 == "/" ? "_" : $0 })
-        return "\(directory)/\(session).\(safe).json"
+    /// The status file of the map of `session` run by process `pid` (session names are
+    /// 1-64 bytes of A-Z a-z 0-9 . _ -, so the name is always a valid, short file name).
+    public static func recordFile(directory: String, session: String, pid: Int32) -> String {
+        "\(directory)/\(session).\(pid).json"
     }
 
     public var recordFile: String {
-        Self.recordFile(directory: self.stateDirectory, session: self.session.configuration.sessionName, device: self.devicePath)
+        Self.recordFile(directory: self.stateDirectory, session: self.session.configuration.sessionName, pid: getpid())
     }
 
     /// Status files in `directory` whose process still runs (others are removed).
@@ -70,13 +76,12 @@ public final class BlockMap: Sendable {
             guard Self.isPrivate(path, directory: false),
                   let data = FileManager.default.contents(atPath: path),
                   let record = try? JSONDecoder().decode(Record.self, from: data), record.pid > 1 else { continue }
-            if kill(record.pid, 0) != 0 && errno == ESRCH {
-                try? FileManager.default.removeItem(atPath: path)
-                continue
-            }
-            guard Self.isMapProcess(record.pid) else {
-                // Its map is gone and the pid belongs to another process now.
-                try? FileManager.default.removeItem(atPath: path)
+            // Its map is gone (or the pid belongs to another process now): the file goes,
+            // but one that reports a failed unmap stays a minute for `parley block unmap`.
+            guard Self.isRunningMap(record.pid) else {
+                if record.failure == nil || Date().timeIntervalSince1970 - record.updated > 60 {
+                    try? FileManager.default.removeItem(atPath: path)
+                }
                 continue
             }
             out.append(record)
@@ -96,6 +101,25 @@ public final class BlockMap: Sendable {
               (attributes[.ownerAccountID] as? NSNumber)?.uint32Value == geteuid(),
               attributes[.type] as? FileAttributeType == (directory ? .typeDirectory : .typeRegular) else { return nil }
         return (attributes[.posixPermissions] as? NSNumber)?.intValue
+    }
+
+    /// Process `pid` exists, has not exited (a zombie has), and runs `parley block map`.
+    public static func isRunningMap(_ pid: Int32) -> Bool {
+        guard kill(pid, 0) == 0 || errno != ESRCH else { return false }
+        if let stat = FileManager.default.contents(atPath: "/proc/\(pid)/stat"),
+           let close = stat.lastIndex(of: UInt8(ascii: ")")), stat.index(close, offsetBy: 2) < stat.endIndex,
+           stat[stat.index(close, offsetBy: 2)] == UInt8(ascii: "Z") {
+            return false
+        }
+        return Self.isMapProcess(pid)
+    }
+
+    /// A record (its process gone) that the map left: `failure` says why its unmap failed;
+    /// nil if there is none (the unmap was clean).
+    public static func leftRecord(directory: String, session: String, pid: Int32) -> Record? {
+        let path = Self.recordFile(directory: directory, session: session, pid: pid)
+        guard Self.isPrivate(path, directory: false), let data = FileManager.default.contents(atPath: path) else { return nil }
+        return try? JSONDecoder().decode(Record.self, from: data)
     }
 
     /// Process `pid` runs `parley block map` (its arguments say so).
@@ -146,9 +170,17 @@ public final class BlockMap: Sendable {
         public func stop() async throws {
             await self.nbd.shutDown()
             self.writer.cancel()
-            defer { try? FileManager.default.removeItem(atPath: self.map.recordFile) }
-            try await self.device.close()
+            await self.writer.value  // no status write after the file's removal below
+            do {
+                try await self.device.close()
+            } catch {
+                try? await self.io.shutdown()
+                // Left for `parley block unmap`, which reports it.
+                try? self.map.writeRecord(device: self.device, bound: self.boundAddress, failure: "the final flush failed: \(error)")
+                throw error
+            }
             try? await self.io.shutdown()
+            try? FileManager.default.removeItem(atPath: self.map.recordFile)
             self.map.logger.info("unmapped", metadata: ["session": "\(self.map.session.configuration.sessionName)", "device": "\(self.map.devicePath)"])
         }
     }
@@ -182,6 +214,9 @@ public final class BlockMap: Sendable {
         }
         do {
             try Self.prepareStateDirectory(self.stateDirectory)
+            // The first status is written before the map counts as mapped: a directory it
+            // cannot write to is an error now, not a map `list` and `unmap` never see.
+            try self.writeRecord(device: device, bound: bound)
         } catch {
             await nbd.shutDown()
             try? await device.close()
@@ -195,25 +230,40 @@ public final class BlockMap: Sendable {
             "access": "\(self.readOnly ? "ro" : self.access == .migration ? "migration" : "rw")",
         ])
         let writer = Task { [self] in
+            var failing = false
             while !Task.isCancelled {
-                self.writeRecord(device: device, bound: bound)
                 try? await Task.sleep(for: .milliseconds(500))
+                if Task.isCancelled { break }
+                do {
+                    try self.writeRecord(device: device, bound: bound)
+                    failing = false
+                } catch {
+                    if !failing { self.logger.error("\((error as? ParleyError)?.message ?? "\(error)"): `parley block list` shows stale counters for this map") }
+                    failing = true
+                }
             }
         }
         return Running(map: self, device: device, nbd: nbd, bound: bound, io: io, writer: writer)
     }
 
-    func writeRecord(device: BlockMultipathDevice, bound: ParleyAddress) {
+    /// Writes the status file (through a temporary file and a rename: a reader never sees
+    /// half of it); a `ParleyError` naming the file if it cannot.
+    func writeRecord(device: BlockMultipathDevice, bound: ParleyAddress, failure: String? = nil) throws {
         let record = Record(pid: getpid(), nbd: "\(bound)", exportName: self.devicePath, status: device.status(),
-                            updated: Date().timeIntervalSince1970)
-        guard let data = try? JSONEncoder().encode(record) else { return }
+                            updated: Date().timeIntervalSince1970, failure: failure)
+        let data = try JSONEncoder().encode(record)
         let file = self.recordFile
         let tmp = file + ".tmp"
+        func failed(_ what: String) -> ParleyError {
+            ParleyError(code: .invalidArgument, message: "cannot write the status file \(file): \(what): \(String(cString: strerror(errno)))")
+        }
         // Mode 0600 whatever the umask: `records` trusts no file others may write to.
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return }
+        guard fd >= 0 else { throw failed("open") }
         let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } == data.count && fchmod(fd, 0o600) == 0
+        let error = written ? nil : failed("write")
         close(fd)
-        if written { _ = rename(tmp, file) }
+        if let error { unlink(tmp); throw error }
+        guard rename(tmp, file) == 0 else { let e = failed("rename"); unlink(tmp); throw e }
     }
 }

@@ -32,7 +32,13 @@ public struct BlockMapRequest: Sendable, Equatable {
             switch key {
             case "sessname": session = value
             case "path": paths.append(try Self.rnbdPath(value))
-            case "device_path": device = value
+            case "device_path":
+                // RNBD's server joins its dev_search_path ("/" by default) and device_path, so
+                // `/dev/ram0` is the usual form; a Parley server takes paths relative to its
+                // search path: the leading slashes go, the join stays the same.
+                let relative = String(value.drop { $0 == "/" })
+                guard !relative.isEmpty else { throw BlockError(.invalid, "device_path=\(value) names no device") }
+                device = relative
             case "access_mode":
                 guard ["ro", "rw", "migration"].contains(value) else {
                     throw BlockError(.invalid, "bad access_mode \"\(value)\": use ro, rw or migration")
@@ -51,8 +57,13 @@ public struct BlockMapRequest: Sendable, Equatable {
     }
 
     static func rnbdPath(_ text: String) throws(BlockError) -> String {
-        // "src,dst": the destination is what matters.
-        var p = text.split(separator: ",").last.map(String.init) ?? text
+        // "src,dst": the destination is what matters (and must be there: "src," is no path).
+        guard !text.isEmpty else { throw BlockError(.invalid, "empty path in \"path=\"") }
+        let parts = text.split(separator: ",", omittingEmptySubsequences: false)
+        guard parts.count <= 2, !(parts.last ?? "").isEmpty else {
+            throw BlockError(.invalid, "bad path=\(text): use ip:ADDRESS or ip:SOURCE,ip:DESTINATION")
+        }
+        var p = String(parts.last!)
         if p.hasPrefix("ip:") { p.removeFirst(3) }
         if p.hasPrefix("gid:") { throw BlockError(.invalid, "path \"\(text)\": gid: addresses are InfiniBand's; use ip:ADDRESS") }
         guard !p.isEmpty else { throw BlockError(.invalid, "empty path in \"path=\(text)\"") }
