@@ -2,6 +2,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
+import Logging
 import NIOCore
 import Parley
 import ParleyBlock
@@ -166,6 +167,38 @@ struct BlockMultipathAPITests {
         } catch let e as BlockMultipathError {
             #expect(e.kind == .unreachable && e.message.contains("no answer within"), "\(e)")
         }
+    }
+
+    /// A server that completes the handshake and `SessionInfo` but never answers `Open`: the
+    /// path is unreachable after `connectTimeout`, and its connection is closed (not left
+    /// open, one more at each reconnect).
+    @Test func aPathWhoseOpenNeverAnswersIsClosedAfterTheConnectTimeout() async throws {
+        let scratch = try ScratchDirectory()
+        var router = ParleyRouter()
+        router.on(Parley_Block_V1_SessionInfo.self) { _, _ -> Parley_Block_V1_SessionInfoReply in
+            var reply = Parley_Block_V1_SessionInfoReply()
+            reply.protocolVersion = 1
+            reply.connectionID = 1
+            return reply
+        }
+        router.on(Parley_Block_V1_Open.self) { _, _ async throws -> Parley_Block_V1_OpenReply in
+            try await Task.sleep(for: .seconds(3600))
+            return Parley_Block_V1_OpenReply()
+        }
+        var quiet = Logger(label: "stuck-open")
+        quiet.logLevel = .critical
+        let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("stuck.sock"))]), router: router, logger: quiet)
+        Task { try await server.run() }
+        defer { server.shutDown() }
+        let address = try await server.listeningAddresses[0]
+        let session = try BlockMultipathSession(.init(sessionName: "stuck", paths: [address], connectTimeout: .milliseconds(500)))
+        do {
+            _ = try await session.open("disk")
+            Issue.record("opened a device whose Open was never answered")
+        } catch let e as BlockMultipathError {
+            #expect(e.kind == .unreachable && e.message.contains("no answer within"), "\(e)")
+        }
+        #expect(try await eventually { server.connectionCount == 0 }, "the connection of the attempt that timed out was closed")
     }
 
     @Test func refusalsCarryTheServersStatus() async throws {

@@ -315,36 +315,76 @@ public final class BlockMultipathDevice: Sendable {
         case unreachable(String)
     }
 
-    /// Connects path `index` and opens the device there, within `connectTimeout`: a server
-    /// that takes the connection but never answers the handshake, `SessionInfo` or `Open`
-    /// counts as unreachable (and a connection that comes up after that is closed).
-    private func connect(_ index: Int) async -> ConnectOutcome {
-        let timeout = self.session.configuration.connectTimeout
-        let waiter = NIOLockedValueBox<CheckedContinuation<ConnectOutcome, Never>?>(nil)
-        let take: @Sendable () -> CheckedContinuation<ConnectOutcome, Never>? = {
-            waiter.withLockedValue { w in defer { w = nil }; return w }
+    /// One connect attempt, ended once by whichever comes first: the connect and open, the
+    /// connect timeout, or the cancellation of the task waiting for it. A connection the
+    /// attempt made is closed unless the attempt ends with it up.
+    final class ConnectAttempt: Sendable {
+        private struct State {
+            var continuation: CheckedContinuation<ConnectOutcome, Never>?
+            var client: BlockClient?
+            var outcome: ConnectOutcome?
         }
-        return await withCheckedContinuation { continuation in
-            waiter.withLockedValue { $0 = continuation }
-            let timer = Task {
-                try? await Task.sleep(for: timeout)
-                if !Task.isCancelled, let c = take() {
-                    c.resume(returning: .unreachable("no answer within \(timeout) (connect, SessionInfo and Open)"))
-                }
+        private let state = NIOLockedValueBox(State())
+
+        /// The waiter: answered at once if the attempt has ended already.
+        func wait(_ continuation: CheckedContinuation<ConnectOutcome, Never>) {
+            let outcome = self.state.withLockedValue { s -> ConnectOutcome? in
+                if s.outcome == nil { s.continuation = continuation }
+                return s.outcome
             }
-            Task {
-                let outcome = await self.connectNow(index)
-                timer.cancel()
-                if let c = take() {
-                    c.resume(returning: outcome)
-                } else if case .up(let client, _) = outcome {
-                    client.closeConnection()  // too late: counted as unreachable already
-                }
+            if let outcome { continuation.resume(returning: outcome) }
+        }
+
+        /// The connection is up (its device not yet open); false if the attempt has ended, and
+        /// the connection is to be closed.
+        func connected(_ client: BlockClient) -> Bool {
+            self.state.withLockedValue { s in
+                if s.outcome != nil { return false }
+                s.client = client
+                return true
             }
+        }
+
+        func end(_ outcome: ConnectOutcome) {
+            let (first, continuation, client) = self.state.withLockedValue { s -> (Bool, CheckedContinuation<ConnectOutcome, Never>?, BlockClient?) in
+                if s.outcome != nil { return (false, nil, nil) }
+                s.outcome = outcome
+                defer { s.continuation = nil; s.client = nil }
+                return (true, s.continuation, s.client)
+            }
+            guard first else {
+                if case .up(let late, _) = outcome { late.closeConnection() }  // ended already: timed out or cancelled
+                return
+            }
+            if case .up = outcome {} else { client?.closeConnection() }
+            continuation?.resume(returning: outcome)
         }
     }
 
-    private func connectNow(_ index: Int) async -> ConnectOutcome {
+    /// Connects path `index` and opens the device there, within `connectTimeout`: a server
+    /// that takes the connection but never answers the handshake, `SessionInfo` or `Open`
+    /// counts as unreachable, and its connection is closed (as it is when the waiting task
+    /// is cancelled: a reconnect while the device closes).
+    private func connect(_ index: Int) async -> ConnectOutcome {
+        let timeout = self.session.configuration.connectTimeout
+        let attempt = ConnectAttempt()
+        let timer = Task {
+            try? await Task.sleep(for: timeout)
+            if !Task.isCancelled { attempt.end(.unreachable("no answer within \(timeout) (connect, SessionInfo and Open)")) }
+        }
+        Task {
+            attempt.end(await self.connectNow(index, attempt))
+            timer.cancel()
+        }
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { attempt.wait($0) }
+        } onCancel: {
+            timer.cancel()
+            attempt.end(.unreachable("cancelled"))
+        }
+    }
+
+    private func connectNow(_ index: Int, _ attempt: ConnectAttempt) async -> ConnectOutcome {
         let address = self.session.configuration.paths[index]
         let c = self.session.configuration
         let client: BlockClient
@@ -355,6 +395,10 @@ public final class BlockMultipathDevice: Sendable {
             return .refused(e)
         } catch {
             return .unreachable("\(error)")
+        }
+        guard attempt.connected(client) else {
+            client.closeConnection()
+            return .unreachable("the attempt ended before the connection was up")
         }
         do {
             let device = try await client.open(self.path, access: self.access)
