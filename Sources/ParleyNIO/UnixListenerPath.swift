@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import NIOConcurrencyHelpers
 import NIOCore
 import ParleyWire
 
@@ -57,13 +58,41 @@ public enum UnixListenerPath {
         unlink(path)
     }
 
-    /// Binds with `bind` after `claim`, and removes the socket file when the listener closes.
+    /// Binds with `bind` after `claim`, and removes the socket file when the listener closes:
+    /// before its descriptor is closed (so that the file removed is its own: while it is
+    /// open, another listener's `claim` finds the path in use and leaves it), and when
+    /// the close is done, for a listener that closed without being asked (then only if the
+    /// file is still the one it bound).
     public static func bind(_ path: String, _ bind: () async throws -> any Channel) async throws -> any Channel {
         try Self.claim(path)
         let listener = try await bind()
         let identity = Self.identity(of: path)
-        listener.closeFuture.whenComplete { _ in Self.release(path, identity: identity) }
+        let remover = RemoveOnClose(path: path, identity: identity)
+        try await listener.pipeline.addHandler(remover).get()
+        listener.closeFuture.whenComplete { _ in remover.removeOnce() }
         return listener
+    }
+
+    /// On the listener's pipeline: removes the socket file as the close goes by, once (the
+    /// fallback after the close must not remove a file another listener bound since, which
+    /// may have the inode number this one's had).
+    final class RemoveOnClose: ChannelOutboundHandler, Sendable {
+        typealias OutboundIn = Never
+        let path: String
+        let identity: Identity?
+        private let done = NIOLockedValueBox(false)
+        init(path: String, identity: Identity?) {
+            self.path = path
+            self.identity = identity
+        }
+        func removeOnce() {
+            guard self.done.withLockedValue({ d in defer { d = true }; return !d }) else { return }
+            UnixListenerPath.release(self.path, identity: self.identity)
+        }
+        func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+            if mode == .all { self.removeOnce() }
+            context.close(mode: mode, promise: promise)
+        }
     }
 
     public struct Identity: Equatable, Sendable {
