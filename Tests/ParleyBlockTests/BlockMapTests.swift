@@ -478,7 +478,9 @@ struct BlockMapTests {
         defer { map.background.stop(signal: SIGKILL) }
         server.stop(signal: SIGKILL)
         #expect(await map.background.wait(for: "path down", seconds: 30), "\(map.log)")
-        kill(map.background.pid, SIGTERM)
+        // `parley block unmap` sends the first SIGTERM and waits.
+        let unmap = try BackgroundProcess(try Tools.parley, ["block", "unmap", "--session", "stuck", "--state-dir", map.stateDir],
+                                          log: scratch.file("unmap.log"))
         #expect(await map.background.wait(for: "closing with no path up", seconds: 30), "\(map.log)")
         #expect(map.background.isRunning, "the unmap waits for a path: \(map.log)")
         kill(map.background.pid, SIGTERM)
@@ -487,6 +489,9 @@ struct BlockMapTests {
         kill(map.background.pid, SIGINT)
         #expect(await map.background.waitForExit(seconds: 30) == 1, "\(map.log)")
         #expect(map.log.contains("interrupted again: exiting without waiting for the unmap"), "\(map.log)")
+        // The unmap that waited does not report a clean unmap.
+        #expect(await unmap.waitForExit(seconds: 30) == 1, "\(unmap.log)")
+        #expect(unmap.log.contains("ended during its unmap"), "\(unmap.log)")
     }
 
     /// A second map on the socket a running map serves is refused (NIO's own clean-up would
@@ -513,8 +518,9 @@ struct BlockMapTests {
         #expect(await killed.wait(for: "mapped "), "\(killed.log)")
         killed.stop(signal: SIGKILL)
         #expect(FileManager.default.fileExists(atPath: map.socket), "a killed map leaves its socket")
+        // Read-only: the server may not have seen the killed map's read-write open end yet.
         let next = try BackgroundProcess(try Tools.parley, ["block", "map", "--session", "next", "--nbd", "unix:\(map.socket)",
-                                                           "--state-dir", map.stateDir] + args, log: scratch.file("next.log"))
+                                                           "--state-dir", map.stateDir, "--read-only"] + args, log: scratch.file("next.log"))
         defer { next.stop() }
         #expect(await next.wait(for: "mapped "), "a stale socket is taken over: \(next.log)")
         #expect(try await Tools.run(nbdinfo, [map.uri]).status == 0)

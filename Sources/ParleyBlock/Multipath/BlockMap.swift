@@ -171,6 +171,11 @@ public final class BlockMap: Sendable {
             await self.nbd.shutDown()
             self.writer.cancel()
             await self.writer.value  // no status write after the file's removal below
+            // Until the unmap is done its file says it is not: a map killed while it waits
+            // (SIGKILL, a second Ctrl-C) leaves that for `parley block unmap` to report,
+            // and `parley block list` keeps it a minute, as any failure.
+            try? self.map.writeRecord(device: self.device, bound: self.boundAddress,
+                                      failure: "the map ended during its unmap, before its final flush was done")
             do {
                 try await self.device.close()
             } catch {
