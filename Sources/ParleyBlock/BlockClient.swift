@@ -36,12 +36,19 @@ public final class BlockClient: Sendable {
     /// Connects and starts a session. `clientInstance` (not 0) lets this connection fence,
     /// and be fenced by, the other connections of the same session name and instance.
     /// `direct`: ask for DIRECT IO, used when the server grants it (feature bit 4 negotiated,
-    /// not a lossless session); false sends every IO as an `Io` message.
+    /// not a lossless session); false sends every IO as an `Io` message. `connected` is told
+    /// of the Parley connection as soon as it is up, before `SessionInfo` is answered (for a
+    /// caller that may have to close it, e.g. on a timeout); false: it is closed at once.
     public static func connect(to address: ParleyAddress, sessionName: String, clientInstance: UInt64 = 0, direct: Bool = true,
                                configuration: ParleyClient.Configuration = .defaults,
                                logger: Logger = Logger(label: "parley.block.client"),
-                               group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> BlockClient {
+                               group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+                               connected: (@Sendable (ParleyClient) -> Bool)? = nil) async throws -> BlockClient {
         let client = try await ParleyClient.connect(to: address, configuration: configuration, logger: logger, group: group)
+        if let connected, !connected(client) {
+            client.close()
+            throw ParleyError(code: .connectionClosed, message: "the connection to \(address) was given up as it came up")
+        }
         do {
             var info = Parley_Block_V1_SessionInfo()
             info.protocolVersion = BlockService.protocolVersion

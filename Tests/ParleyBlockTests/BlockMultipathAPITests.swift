@@ -169,13 +169,14 @@ struct BlockMultipathAPITests {
         }
     }
 
-    /// A server that completes the handshake and `SessionInfo` but never answers `Open`: the
-    /// path is unreachable after `connectTimeout`, and its connection is closed (not left
-    /// open, one more at each reconnect).
-    @Test func aPathWhoseOpenNeverAnswersIsClosedAfterTheConnectTimeout() async throws {
+    /// A server that completes the handshake but never answers `SessionInfo`, or answers it
+    /// and never `Open`: the path is unreachable after `connectTimeout`, and its connection
+    /// is closed (not left open, one more at each reconnect).
+    @Test(arguments: [true, false]) func aPathThatNeverOpensIsClosedAfterTheConnectTimeout(stuckAtSessionInfo: Bool) async throws {
         let scratch = try ScratchDirectory()
         var router = ParleyRouter()
-        router.on(Parley_Block_V1_SessionInfo.self) { _, _ -> Parley_Block_V1_SessionInfoReply in
+        router.on(Parley_Block_V1_SessionInfo.self) { _, _ async throws -> Parley_Block_V1_SessionInfoReply in
+            if stuckAtSessionInfo { try await Task.sleep(for: .seconds(3600)) }
             var reply = Parley_Block_V1_SessionInfoReply()
             reply.protocolVersion = 1
             reply.connectionID = 1
@@ -194,7 +195,7 @@ struct BlockMultipathAPITests {
         let session = try BlockMultipathSession(.init(sessionName: "stuck", paths: [address], connectTimeout: .milliseconds(500)))
         do {
             _ = try await session.open("disk")
-            Issue.record("opened a device whose Open was never answered")
+            Issue.record("opened a device on a server that never answered")
         } catch let e as BlockMultipathError {
             #expect(e.kind == .unreachable && e.message.contains("no answer within"), "\(e)")
         }

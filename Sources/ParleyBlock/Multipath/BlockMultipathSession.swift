@@ -321,7 +321,7 @@ public final class BlockMultipathDevice: Sendable {
     final class ConnectAttempt: Sendable {
         private struct State {
             var continuation: CheckedContinuation<ConnectOutcome, Never>?
-            var client: BlockClient?
+            var client: ParleyClient?
             var outcome: ConnectOutcome?
         }
         private let state = NIOLockedValueBox(State())
@@ -335,9 +335,9 @@ public final class BlockMultipathDevice: Sendable {
             if let outcome { continuation.resume(returning: outcome) }
         }
 
-        /// The connection is up (its device not yet open); false if the attempt has ended, and
-        /// the connection is to be closed.
-        func connected(_ client: BlockClient) -> Bool {
+        /// The connection is up (its session and device not yet open); false if the attempt
+        /// has ended, and the connection is to be closed.
+        func connected(_ client: ParleyClient) -> Bool {
             self.state.withLockedValue { s in
                 if s.outcome != nil { return false }
                 s.client = client
@@ -346,7 +346,7 @@ public final class BlockMultipathDevice: Sendable {
         }
 
         func end(_ outcome: ConnectOutcome) {
-            let (first, continuation, client) = self.state.withLockedValue { s -> (Bool, CheckedContinuation<ConnectOutcome, Never>?, BlockClient?) in
+            let (first, continuation, client) = self.state.withLockedValue { s -> (Bool, CheckedContinuation<ConnectOutcome, Never>?, ParleyClient?) in
                 if s.outcome != nil { return (false, nil, nil) }
                 s.outcome = outcome
                 defer { s.continuation = nil; s.client = nil }
@@ -356,7 +356,7 @@ public final class BlockMultipathDevice: Sendable {
                 if case .up(let late, _) = outcome { late.closeConnection() }  // ended already: timed out or cancelled
                 return
             }
-            if case .up = outcome {} else { client?.closeConnection() }
+            if case .up = outcome {} else { client?.close() }
             continuation?.resume(returning: outcome)
         }
     }
@@ -390,15 +390,11 @@ public final class BlockMultipathDevice: Sendable {
         let client: BlockClient
         do {
             client = try await BlockClient.connect(to: address, sessionName: c.sessionName, clientInstance: self.instance, direct: c.direct, configuration: c.client,
-                                                   logger: self.logger, group: c.group)
+                                                   logger: self.logger, group: c.group, connected: { attempt.connected($0) })
         } catch let e as BlockError {
             return .refused(e)
         } catch {
             return .unreachable("\(error)")
-        }
-        guard attempt.connected(client) else {
-            client.closeConnection()
-            return .unreachable("the attempt ended before the connection was up")
         }
         do {
             let device = try await client.open(self.path, access: self.access)
