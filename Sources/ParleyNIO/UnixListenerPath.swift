@@ -68,8 +68,8 @@ public enum UnixListenerPath {
         let listener = try await bind()
         let identity = Self.identity(of: path)
         let remover = RemoveOnClose(path: path, identity: identity)
-        try await listener.pipeline.addHandler(remover).get()
         listener.closeFuture.whenComplete { _ in remover.removeOnce() }
+        try await listener.pipeline.addHandler(remover).get()
         return listener
     }
 

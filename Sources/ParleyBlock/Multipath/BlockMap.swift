@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Parley
@@ -22,7 +23,9 @@ public final class BlockMap: Sendable {
         public var exportName: String
         public var status: BlockMultipathDevice.Status
         public var updated: Double
-        /// Set when the unmap failed (the final flush): the last thing the map wrote.
+        /// Why the map's unmap is not (or was not) clean: from the unmap's start "the map
+        /// ended during its unmap" (what a map killed then leaves), then the final flush's
+        /// failure if it fails; a clean unmap removes the file. nil while the map serves.
         public var failure: String?
     }
 
@@ -33,6 +36,8 @@ public final class BlockMap: Sendable {
     public let nbdAddress: ParleyAddress
     public let stateDirectory: String
     let logger: Logger
+    /// Set when the unmap starts: what the status file says from then on (`Record.failure`).
+    let unmapping = NIOLockedValueBox<String?>(nil)
 
     public init(session: BlockMultipathSession, device: String, access: Parley_Block_V1_AccessMode, nbd: ParleyAddress, stateDirectory: String,
                 logger: Logger = Logger(label: "parley.block.map")) {
@@ -168,24 +173,27 @@ public final class BlockMap: Sendable {
         /// Unmaps: NBD clients finish their requests in flight and go, the device's IO drains,
         /// a final flush, the device is closed on every path; the status file is removed.
         public func stop() async throws {
+            // Until the unmap is done its file says it is not, kept fresh by the writer: a
+            // map killed while it waits (SIGKILL, a second Ctrl-C) leaves that for `parley
+            // block unmap` to report, and `parley block list` keeps it a minute.
+            let marker = "the map ended during its unmap, before its final flush was done"
+            self.map.unmapping.withLockedValue { $0 = marker }
+            try? self.map.writeRecord(device: self.device, bound: self.boundAddress, failure: marker)
             await self.nbd.shutDown()
-            self.writer.cancel()
-            await self.writer.value  // no status write after the file's removal below
-            // Until the unmap is done its file says it is not: a map killed while it waits
-            // (SIGKILL, a second Ctrl-C) leaves that for `parley block unmap` to report,
-            // and `parley block list` keeps it a minute, as any failure.
-            try? self.map.writeRecord(device: self.device, bound: self.boundAddress,
-                                      failure: "the map ended during its unmap, before its final flush was done")
             do {
                 try await self.device.close()
             } catch {
-                try? await self.io.shutdown()
+                self.writer.cancel()
+                await self.writer.value
                 // Left for `parley block unmap`, which reports it.
                 try? self.map.writeRecord(device: self.device, bound: self.boundAddress, failure: "the final flush failed: \(error)")
+                try? await self.io.shutdown()
                 throw error
             }
-            try? await self.io.shutdown()
+            self.writer.cancel()
+            await self.writer.value  // no status write after the file's removal
             try? FileManager.default.removeItem(atPath: self.map.recordFile)
+            try? await self.io.shutdown()
             self.map.logger.info("unmapped", metadata: ["session": "\(self.map.session.configuration.sessionName)", "device": "\(self.map.devicePath)"])
         }
     }
@@ -240,7 +248,7 @@ public final class BlockMap: Sendable {
                 try? await Task.sleep(for: .milliseconds(500))
                 if Task.isCancelled { break }
                 do {
-                    try self.writeRecord(device: device, bound: bound)
+                    try self.writeRecord(device: device, bound: bound, failure: self.unmapping.withLockedValue { $0 })
                     failing = false
                 } catch {
                     if !failing { self.logger.error("\((error as? ParleyError)?.message ?? "\(error)"): `parley block list` shows stale counters for this map") }
