@@ -273,6 +273,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var needsFlush = false
     private var flushScheduled = false
     private var stopping = false
+    /// The server is shutting down (`Drain`): requests still arriving are answered
+    /// NBD_ESHUTDOWN, as the NBD document asks, until what was in flight is done and the
+    /// connection closes.
+    private var draining = false
     private var inactive = false
     private var context: ChannelHandlerContext?
     private var handshakeTimer: Scheduled<Void>?
@@ -450,7 +454,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is Drain {
             self.logger.debug("draining NBD connection")
-            self.stopping = true
+            if self.negotiated != nil { self.draining = true } else { self.stopping = true }
             self.closeIfIdle(context: context)
         } else {
             context.fireUserInboundEventTriggered(event)
@@ -765,6 +769,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// `payload`: a write's data, in one buffer or (a gathered large write) several.
     private func dispatch(_ request: NBDRequest, payload: [ByteBuffer]?, negotiated: NBDNegotiated, device: BlockDevice, context: ChannelHandlerContext) {
+        if self.draining, request.command != .disconnect {
+            self.reply(cookie: request.cookie, error: NBDRequestError(.shutdown, "the server is shutting down"), negotiated: negotiated, context: context)
+            return
+        }
         let operation: NBDOperation
         switch negotiated.validate(request) {
         case .failure(let e):
@@ -1115,7 +1123,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// `parley_block_nbd_reply_waits_total`, labelled `outcome`). Not in the middle of a read
     /// burst, and never once the connection is ending.
     private func awaitNextRequest(_ context: ChannelHandlerContext) {
-        guard self.inFlight == 0, !self.inRead, self.gather == nil, self.negotiated != nil, !self.stopping, !self.inactive,
+        guard self.inFlight == 0, !self.inRead, self.gather == nil, self.negotiated != nil, !self.stopping, !self.draining, !self.inactive,
               self.lastBurstRequests == 1, self.peerWait.isEnabled
         else { return }
         if case .unavailable(let errno) = self.peerWait.wait(on: context.channel) {
@@ -1140,9 +1148,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.releaseDeviceIfIdle()
             return
         }
-        if self.stopping {
+        if self.stopping || self.draining {
             self.closeIfIdle(context: context)
-            return
+            if self.stopping { return }
         }
         if self.input != nil {
             self.process(context: context)
