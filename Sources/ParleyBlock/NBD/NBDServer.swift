@@ -748,12 +748,26 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             self.inFlight += 1
             self.server.io.run(on: context.eventLoop) { try? store.flush() }.assumeIsolated().whenComplete { _ in
                 self.inFlight -= 1
-                context.close(promise: nil)
+                self.closeAfterReplies(context: context)
                 // A client that closes its socket right after NBD_CMD_DISC (nbdinfo, qemu-img)
                 // ends the connection during the flush, when the device could not go yet.
                 self.releaseDeviceIfIdle()
             }
         } else {
+            self.closeAfterReplies(context: context)
+        }
+    }
+
+    /// Closes once the replies written so far have gone to the socket: a close drops writes
+    /// not flushed yet (a reply completed outside a read burst has its flush queued) and
+    /// flushed ones the socket has not taken. A client that stops reading gets 10 s.
+    private func closeAfterReplies(context: ChannelHandlerContext) {
+        let written = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(NIOAny(ByteBuffer()), promise: written)
+        self.needsFlush = false
+        let limit = context.eventLoop.assumeIsolated().scheduleTask(in: .seconds(10)) { context.close(promise: nil) }
+        written.futureResult.assumeIsolated().whenComplete { _ in
+            limit.cancel()
             context.close(promise: nil)
         }
     }
