@@ -9,10 +9,13 @@ import ParleyTestSupport
 @testable import ParleyBlock
 import Testing
 
-/// A store whose first blocking write waits for the test; it records what it carried out.
+/// A store whose first blocking write (or, with `gatesReads`, read) at offset 0 waits for
+/// the test; it records what it carried out.
 final class GatedStore: BlockStore {
     let geometry = BlockGeometry(size: 1 << 20)
     let gate = DispatchSemaphore(value: 0)
+    let gatesReads: Bool
+    init(gatesReads: Bool = false) { self.gatesReads = gatesReads }
     /// Offsets written (blocking writes), and offsets of the `nowait` attempts (what the
     /// server received), in order.
     let log = NIOLockedValueBox<(written: [UInt64], received: [UInt64])>(([], []))
@@ -21,6 +24,10 @@ final class GatedStore: BlockStore {
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, nowait: Bool) throws(BlockStoreError) -> Bool {
         if nowait { return false }
+        if self.gatesReads, offset == 0 {
+            self.atGate.withLockedValue { $0 = true }
+            self.gate.wait()
+        }
         buffer.initializeMemory(as: UInt8.self, repeating: 0)
         return true
     }

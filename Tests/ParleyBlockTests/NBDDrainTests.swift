@@ -1,4 +1,3 @@
-import Dispatch
 import Foundation
 import Logging
 import NIOConcurrencyHelpers
@@ -9,54 +8,36 @@ import Parley
 import ParleyTestSupport
 import Testing
 
-/// A store whose blocking read at offset 0 waits for the test.
-final class GatedReadStore: BlockStore {
-    let geometry = BlockGeometry(size: 1 << 20)
-    let gate = DispatchSemaphore(value: 0)
-    let atGate = NIOLockedValueBox(false)
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, nowait: Bool) throws(BlockStoreError) -> Bool {
-        if nowait { return false }
-        if offset == 0 {
-            self.atGate.withLockedValue { $0 = true }
-            self.gate.wait()
-        }
-        buffer.initializeMemory(as: UInt8.self, repeating: 0x5a)
-        return true
-    }
-
-    func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, durable: Bool, nowait: Bool) throws(BlockStoreError) -> Bool { true }
-    func flush() throws(BlockStoreError) {}
-    func discard(offset: UInt64, length: UInt64) throws(BlockStoreError) {}
-    func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool) throws(BlockStoreError) {}
-    func prefetch(offset: UInt64, length: UInt64) {}
-    func extents(offset: UInt64, length: UInt64) throws(BlockStoreError) -> [BlockExtent] { [] }
-    func close() {}
-}
-
 /// The NBD server shutting down (an unmap, `parley block serve` stopping): what is in flight
 /// finishes and is answered, requests that still arrive are answered NBD_ESHUTDOWN (the NBD
 /// document: a server SHOULD), and the connection then closes.
 @Suite(.timeLimit(.minutes(2)))
 struct NBDDrainTests {
-    @Test func requestsArrivingWhileTheServerDrainsAreAnsweredShutdown() async throws {
-        let scratch = try ScratchDirectory("nbd-drain")
-        let store = GatedStore()
+    /// Used from one thread at a time: the test's, then each `onThread` in turn.
+    struct Handed: @unchecked Sendable { let nbd: RawNBD }
+
+    /// An NBD server of `store` as export "disk" on a Unix socket (IO threads: 2, so that
+    /// the store's gate holds one), and a client connected to it.
+    func serve(_ store: GatedStore, readOnly: Bool, scratch: ScratchDirectory) async throws
+        -> (NBDServer, BlockIOExecutor, MultiThreadedEventLoopGroup, socket: String, Handed) {
         var quiet = Logger(label: "nbd-drain")
         quiet.logLevel = .critical
         let io = BlockIOExecutor(threads: 2)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let catalog = try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: "/")])
+        let catalog = try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: "/", readOnly: readOnly)])
         let nbd = NBDServer(catalog: catalog, devices: BlockDeviceTable(openStore: { _, _ in store }), io: io, logger: quiet, group: group)
         let socket = scratch.file("nbd.sock")
         _ = try await nbd.bind([.unix(path: socket)])
-        defer { store.gate.signal() }
-
         let (raw, go, message) = try RawNBD.connect(try RawSocket(unixPath: socket), export: "disk")
         #expect(go == 1, "\(message)")
-        // Used from one thread at a time: the test's, then each `onThread` in turn.
-        struct Handed: @unchecked Sendable { let nbd: RawNBD }
-        let handed = Handed(nbd: raw)
+        return (nbd, io, group, socket, Handed(nbd: raw))
+    }
+
+    @Test func requestsArrivingWhileTheServerDrainsAreAnsweredShutdown() async throws {
+        let scratch = try ScratchDirectory("nbd-drain")
+        let store = GatedStore()
+        let (nbd, io, group, _, handed) = try await self.serve(store, readOnly: false, scratch: scratch)
+        defer { store.gate.signal() }
         let client = handed.nbd
         // A write that waits on an IO thread until the test opens the gate.
         client.request(type: 1, cookie: 1, offset: 0, length: 512, payload: [UInt8](repeating: 7, count: 512))
@@ -94,20 +75,9 @@ struct NBDDrainTests {
     /// (its reply, completed outside a read burst, had only a flush queued).
     @Test func aReadInFlightDuringTheDrainIsAnsweredBeforeTheClose() async throws {
         let scratch = try ScratchDirectory("nbd-drain-ro")
-        let store = GatedReadStore()
-        var quiet = Logger(label: "nbd-drain")
-        quiet.logLevel = .critical
-        let io = BlockIOExecutor(threads: 2)
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let catalog = try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: "/", readOnly: true)])
-        let nbd = NBDServer(catalog: catalog, devices: BlockDeviceTable(openStore: { _, _ in store }), io: io, logger: quiet, group: group)
-        let socket = scratch.file("nbd.sock")
-        _ = try await nbd.bind([.unix(path: socket)])
+        let store = GatedStore(gatesReads: true)
+        let (nbd, io, group, socket, handed) = try await self.serve(store, readOnly: true, scratch: scratch)
         defer { store.gate.signal() }
-        let (raw, go, message) = try RawNBD.connect(try RawSocket(unixPath: socket), export: "disk")
-        #expect(go == 1, "\(message)")
-        struct Handed: @unchecked Sendable { let nbd: RawNBD }
-        let handed = Handed(nbd: raw)
         handed.nbd.request(type: 0, cookie: 1, offset: 0, length: 512)
         #expect(try await eventually { store.atGate.withLockedValue { $0 } })
         let shutdown = Task { await nbd.shutDown() }
@@ -117,7 +87,7 @@ struct NBDDrainTests {
         try await Task.sleep(for: .milliseconds(100))
         store.gate.signal()
         let answer = try await BlockSlowOpenTests.onThread { try handed.nbd.simpleReply(readLength: 512) }.get()
-        #expect(answer.cookie == 1 && answer.error == 0 && answer.data == [UInt8](repeating: 0x5a, count: 512))
+        #expect(answer.cookie == 1 && answer.error == 0 && answer.data == [UInt8](repeating: 0, count: 512))
         let closed = try await BlockSlowOpenTests.onThread { handed.nbd.socket.waitForClose() }.get()
         #expect(closed)
         await shutdown.value
