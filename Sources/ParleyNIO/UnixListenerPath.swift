@@ -15,8 +15,8 @@ import ParleyWire
 /// clients reach the new one instead. So, before binding, a connection is tried: accepted (or
 /// refused for a full backlog), the path is in use and the bind is refused; refused because
 /// nobody listens, the file is a stale socket left by a process that died, and is removed.
-/// A file that is not a socket is never removed. (What `systemd` and most daemons do; no
-/// package offers it.) There is a window between the check and the bind in which another
+/// A file that is not a socket is never removed. (Hand-written: no package we have offers
+/// it.) There is a window between the check and the bind in which another
 /// process could take the path; two listeners started at the same instant on one path are
 /// not told apart.
 public enum UnixListenerPath {
