@@ -78,9 +78,7 @@ public final class BlockMap: Sendable {
         var out: [Record] = []
         for name in names.sorted() where name.hasSuffix(".json") {
             let path = directory + "/" + name
-            guard Self.isPrivate(path, directory: false),
-                  let data = FileManager.default.contents(atPath: path),
-                  let record = try? JSONDecoder().decode(Record.self, from: data), record.pid > 1 else { continue }
+            guard let record = Self.readRecord(path), record.pid > 1 else { continue }
             // Its map is gone (or the pid belongs to another process now): the file goes,
             // but one that reports a failed unmap stays a minute for `parley block unmap`.
             guard Self.isRunningMap(record.pid) else {
@@ -108,27 +106,22 @@ public final class BlockMap: Sendable {
         return (attributes[.posixPermissions] as? NSNumber)?.intValue
     }
 
-    /// Process `pid` exists, has not exited (a zombie has), and runs `parley block map`.
-    public static func isRunningMap(_ pid: Int32) -> Bool {
-        guard kill(pid, 0) == 0 || errno != ESRCH else { return false }
-        if let stat = FileManager.default.contents(atPath: "/proc/\(pid)/stat"),
-           let close = stat.lastIndex(of: UInt8(ascii: ")")), stat.index(close, offsetBy: 2) < stat.endIndex,
-           stat[stat.index(close, offsetBy: 2)] == UInt8(ascii: "Z") {
-            return false
-        }
-        return Self.isMapProcess(pid)
-    }
-
     /// A record (its process gone) that the map left: `failure` says why its unmap failed;
     /// nil if there is none (the unmap was clean).
     public static func leftRecord(directory: String, session: String, pid: Int32) -> Record? {
-        let path = Self.recordFile(directory: directory, session: session, pid: pid)
+        Self.readRecord(Self.recordFile(directory: directory, session: session, pid: pid))
+    }
+
+    /// The record at `path` if it is a file of this user that no one else may write to.
+    static func readRecord(_ path: String) -> Record? {
         guard Self.isPrivate(path, directory: false), let data = FileManager.default.contents(atPath: path) else { return nil }
         return try? JSONDecoder().decode(Record.self, from: data)
     }
 
-    /// Process `pid` runs `parley block map` (its arguments say so).
-    static func isMapProcess(_ pid: Int32) -> Bool {
+    /// Process `pid` runs `parley block map` (its arguments say so). False as well for a pid
+    /// no process has, and for a process that has exited and not been reaped (a zombie's
+    /// /proc/PID/cmdline is empty).
+    public static func isRunningMap(_ pid: Int32) -> Bool {
         guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
         let arguments = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
         return zip(arguments, arguments.dropFirst()).contains { $0 == "block" && $1 == "map" }
