@@ -288,6 +288,7 @@ let package = Package(
             name: "ParleyBlockTests",
             dependencies: [
                 "ParleyBlock", "Parley", "ParleyTestSupport", "CParleyBlockIO", "CParleySocket",
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

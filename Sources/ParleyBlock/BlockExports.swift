@@ -1,4 +1,5 @@
 import Foundation
+import Metrics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -216,11 +217,14 @@ public final class BlockDeviceTable: Sendable {
 
     private let state = NIOLockedValueBox<[String: Entry]>([:])
     private let openStore: @Sendable (String, Bool) throws(BlockStoreError) -> any BlockStore
+    private let metricsFactory: (any MetricsFactory)?
 
+    /// `metricsFactory`: where the devices' metrics go (nil: the bootstrapped backend).
     public init(openStore: @escaping @Sendable (String, Bool) throws(BlockStoreError) -> any BlockStore = { path, writable throws(BlockStoreError) in
         try FileBlockStore(path: path, writable: writable)
-    }) {
+    }, metricsFactory: (any MetricsFactory)? = nil) {
         self.openStore = openStore
+        self.metricsFactory = metricsFactory
     }
 
     /// Opens a resolved export for `owner` (a session; all NBD connections share one owner,
@@ -253,7 +257,7 @@ public final class BlockDeviceTable: Sendable {
             if error.errno == ENOENT { throw BlockError(.notFound, error.description) }
             throw BlockError(error)
         }
-        let device = BlockDevice(name: export.name, path: export.path, store: store, metrics: BlockMetrics(export: export.name))
+        let device = BlockDevice(name: export.name, path: export.path, store: store, metrics: BlockMetrics(export: export.name, factory: self.metricsFactory))
         let (result, spare) = self.state.withLockedValue { table -> (Result<BlockDevice, BlockError>, Bool) in
             if let held = table[export.path]?.device.store {
                 // Another open of the same path came first: this one's store goes, unless it

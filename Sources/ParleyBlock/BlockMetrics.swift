@@ -39,13 +39,15 @@ public struct BlockMetrics: Sendable {
 
     private let ops: [Op]
 
-    public init(export: String) {
+    /// `factory`: the metrics backend (nil: the one bootstrapped, `MetricsSystem.factory`).
+    public init(export: String, factory: (any MetricsFactory)? = nil) {
+        let f = factory ?? MetricsSystem.factory
         self.ops = BlockOpKind.allCases.map { kind in
             let d = [("export", export), ("op", kind.rawValue)]
-            return Op(ops: Counter(label: "parley_block_ops_total", dimensions: d),
-                      bytes: Counter(label: "parley_block_bytes_total", dimensions: d),
-                      errors: Counter(label: "parley_block_errors_total", dimensions: d),
-                      latency: Metrics.Timer(label: "parley_block_latency_seconds", dimensions: d, preferredDisplayUnit: .seconds))
+            return Op(ops: Counter(label: "parley_block_ops_total", dimensions: d, factory: f),
+                      bytes: Counter(label: "parley_block_bytes_total", dimensions: d, factory: f),
+                      errors: Counter(label: "parley_block_errors_total", dimensions: d, factory: f),
+                      latency: Metrics.Timer(label: "parley_block_latency_seconds", dimensions: d, preferredDisplayUnit: .seconds, factory: f))
         }
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import MetricsTestKit
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -18,14 +19,14 @@ struct NBDDrainTests {
 
     /// An NBD server of `store` as export "disk" on a Unix socket (IO threads: 2, so that
     /// the store's gate holds one), and a client connected to it.
-    func serve(_ store: GatedStore, readOnly: Bool, scratch: ScratchDirectory) async throws
+    func serve(_ store: GatedStore, readOnly: Bool, scratch: ScratchDirectory, metrics: TestMetrics? = nil) async throws
         -> (NBDServer, BlockIOExecutor, MultiThreadedEventLoopGroup, socket: String, Handed) {
         var quiet = Logger(label: "nbd-drain")
         quiet.logLevel = .critical
         let io = BlockIOExecutor(threads: 2)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let catalog = try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: "/", readOnly: readOnly)])
-        let nbd = NBDServer(catalog: catalog, devices: BlockDeviceTable(openStore: { _, _ in store }), io: io, logger: quiet, group: group)
+        let nbd = NBDServer(catalog: catalog, devices: BlockDeviceTable(openStore: { _, _ in store }, metricsFactory: metrics), io: io, logger: quiet, group: group)
         let socket = scratch.file("nbd.sock")
         _ = try await nbd.bind([.unix(path: socket)])
         let (raw, go, message) = try RawNBD.connect(try RawSocket(unixPath: socket), export: "disk")
@@ -36,7 +37,8 @@ struct NBDDrainTests {
     @Test func requestsArrivingWhileTheServerDrainsAreAnsweredShutdown() async throws {
         let scratch = try ScratchDirectory("nbd-drain")
         let store = GatedStore()
-        let (nbd, io, group, _, handed) = try await self.serve(store, readOnly: false, scratch: scratch)
+        let metrics = TestMetrics()
+        let (nbd, io, group, _, handed) = try await self.serve(store, readOnly: false, scratch: scratch, metrics: metrics)
         defer { store.gate.signal() }
         let client = handed.nbd
         // A write that waits on an IO thread until the test opens the gate.
@@ -45,7 +47,7 @@ struct NBDDrainTests {
         let shutdown = Task { await nbd.shutDown() }
         // Reads until one is answered NBD_ESHUTDOWN (those before the drain reached the
         // connection are served): bounded in count.
-        var shut = false
+        var shut = false, served = 0
         for cookie in UInt64(2)..<202 where !shut {
             let answer = try await BlockSlowOpenTests.onThread { () throws -> (error: UInt32, cookie: UInt64, data: [UInt8]) in
                 handed.nbd.request(type: 0, cookie: cookie, offset: 4096, length: 512)
@@ -54,10 +56,16 @@ struct NBDDrainTests {
             #expect(answer.cookie == cookie)
             if answer.error == 108 { shut = true } else {
                 #expect(answer.error == 0)
+                served += 1
                 try await Task.sleep(for: .milliseconds(20))
             }
         }
         #expect(shut, "no request was answered NBD_ESHUTDOWN while the server drained")
+        // The refused read counts as a failed read; the served ones do not.
+        let dimensions = [("export", "disk"), ("op", "read")]
+        let errors = try metrics.expectCounter("parley_block_errors_total", dimensions).totalValue
+        let reads = try metrics.expectCounter("parley_block_ops_total", dimensions).totalValue
+        #expect(errors == 1 && reads == Int64(served + 1), "errors \(errors), reads \(reads), served \(served)")
         // The write in flight is still carried out and answered; then the connection closes.
         store.gate.signal()
         let write = try await BlockSlowOpenTests.onThread { try handed.nbd.simpleReply() }.get()

@@ -784,6 +784,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// `payload`: a write's data, in one buffer or (a gathered large write) several.
     private func dispatch(_ request: NBDRequest, payload: [ByteBuffer]?, negotiated: NBDNegotiated, device: BlockDevice, context: ChannelHandlerContext) {
         if self.draining, request.command != .disconnect {
+            // Counted as a failed request of its kind, as a refusal is (not carried out).
+            if let kind = Self.kind(request.command) { device.metrics(kind).record(bytes: 0, failed: true, nanoseconds: 0) }
             self.reply(cookie: request.cookie, error: NBDRequestError(.shutdown, "the server is shutting down"), negotiated: negotiated, context: context)
             return
         }
