@@ -218,7 +218,14 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         // Helpers shared by the test targets.
-        .target(name: "ParleyTestSupport", path: "Tests/ParleyTestSupport", swiftSettings: swiftSettings),
+        .target(
+            name: "ParleyTestSupport",
+            dependencies: [
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            path: "Tests/ParleyTestSupport", swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "ParleyWorkTests",
             dependencies: [

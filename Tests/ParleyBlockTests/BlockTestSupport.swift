@@ -120,7 +120,8 @@ final class BlockServerProcess: @unchecked Sendable {
     deinit { if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) } }
 }
 
-/// A blocking socket with a receive timeout, for speaking raw NBD (or anything) in tests.
+/// A blocking socket with a receive timeout (30 s: a suite of 600 tests on two cores stalls
+/// a server for over 10 s at times), for speaking raw NBD (or anything) in tests.
 final class RawSocket {
     let fd: Int32
 
@@ -135,7 +136,7 @@ final class RawSocket {
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         try #require(r == 0, "connect to \(unixPath): errno \(errno)")
-        self.setTimeout(10)
+        self.setTimeout(30)
     }
 
     init(port: Int) throws {
@@ -148,7 +149,7 @@ final class RawSocket {
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
         try #require(r == 0, "connect to 127.0.0.1:\(port): errno \(errno)")
-        self.setTimeout(10)
+        self.setTimeout(30)
     }
 
     func setTimeout(_ seconds: Int) {

@@ -8,6 +8,7 @@ import ParleyNIO
 import ParleyChaos
 import ParleyServices
 import ParleyWire
+import ParleyTestSupport
 import Testing
 
 /// What a lossless client saw: the one-way pongs the server sent back, in arrival order.

@@ -10,40 +10,6 @@ import ParleyWire
 import ServiceLifecycle
 import Testing
 
-/// Collects log records so tests can check what a server logged.
-final class LogCollector: Sendable {
-    struct Record: Sendable {
-        var level: Logger.Level
-        var message: String
-        var metadata: String
-    }
-
-    private let records = NIOLockedValueBox<[Record]>([])
-    var all: [Record] { self.records.withLockedValue { $0 } }
-
-    func logger(_ label: String, level: Logger.Level = .debug) -> Logger {
-        var l = Logger(label: label) { _ in Handler(collector: self) }
-        l.logLevel = level
-        return l
-    }
-
-    func append(_ r: Record) { self.records.withLockedValue { $0.append(r) } }
-
-    struct Handler: LogHandler {
-        let collector: LogCollector
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .trace
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { self.metadata[key] }
-            set { self.metadata[key] = newValue }
-        }
-        func log(event: LogEvent) {
-            let merged = self.metadata.merging(event.metadata ?? [:]) { $1 }
-            self.collector.append(Record(level: event.level, message: "\(event.message)", metadata: "\(merged)"))
-        }
-    }
-}
-
 let quietLogger: Logger = {
     var l = Logger(label: "test")
     l.logLevel = .critical

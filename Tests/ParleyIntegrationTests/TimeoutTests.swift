@@ -6,6 +6,7 @@ import NIOPosix
 import Parley
 import ParleyServices
 import ParleyWire
+import ParleyTestSupport
 import Testing
 
 /// Keepalives, the keepalive timeout and request timeouts, over real loopback sockets.
