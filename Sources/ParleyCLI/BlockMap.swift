@@ -44,9 +44,12 @@ struct BlockMapCommand: AsyncParsableCommand {
             --io-timeout seconds, then fails with EIO, and new IO fails at once
             until a path is back. A fence unanswered for --io-timeout fails the
             writes waiting for it (EIO), and new writes until it is answered;
-            reads go on.
+            reads go on. A path that stays up but leaves an IO unanswered (its
+            server's storage hangs) is logged once the IO has waited
+            --io-timeout; with --answer-timeout it is taken down after that
+            long, and its IO goes again elsewhere as after any failover.
 
-            Status: twice a second the map writes STATE_DIR/SESSION.DEVICE.json,
+            Status: twice a second the map writes STATE_DIR/SESSION.PID.json,
             which `parley block list` shows. SIGINT, SIGTERM or `parley block
             unmap`: NBD clients' requests in flight complete, the device's IO
             drains, a final flush, the device is closed on every path, exit.
@@ -81,6 +84,9 @@ struct BlockMapCommand: AsyncParsableCommand {
 
     @Option(name: .long, help: ArgumentHelp("Seconds IO waits while no path is up, and writes wait for a fence, before they fail with EIO.", valueName: "seconds"))
     var ioTimeout: Double = 30
+
+    @Option(name: .long, help: ArgumentHelp("Seconds an IO may go unanswered on a path that stays up before the path is taken down and the IO sent again elsewhere (default: never; a flush of much data on slow storage can take long).", valueName: "seconds"))
+    var answerTimeout: Double?
 
     @Option(name: .long, help: ArgumentHelp("Directory for the status file (default $PARLEY_BLOCK_STATE_DIR or /tmp/parley-block-UID).", valueName: "dir"))
     var stateDir: String?
@@ -132,6 +138,7 @@ struct BlockMapCommand: AsyncParsableCommand {
         }
         guard MultipathIOState.Policy(rawValue: self.policy) != nil else { throw ValidationError("--policy must be round-robin or min-inflight") }
         guard self.ioTimeout > 0, self.ioTimeout <= 86400 else { throw ValidationError("--io-timeout must be in (0, 86400] seconds") }
+        if let t = self.answerTimeout, !(t > 0 && t <= 86400) { throw ValidationError("--answer-timeout must be in (0, 86400] seconds") }
         guard (0...10_000).contains(self.pollAfterReply) else { throw ValidationError("--poll-after-reply must be 0...10000 microseconds") }
     }
 
@@ -148,6 +155,7 @@ struct BlockMapCommand: AsyncParsableCommand {
         configuration.client.name = "parley-block-map"
         configuration.client.limits.replyPolling = .microseconds(self.pollAfterReply)
         configuration.direct = self.direct
+        configuration.answerTimeout = self.answerTimeout.map { .milliseconds(Int64($0 * 1000)) }
         // One event loop for the NBD endpoint and every path: an IO stays on one thread.
         configuration.group = MultiThreadedEventLoopGroup.singleton.next()
         do {

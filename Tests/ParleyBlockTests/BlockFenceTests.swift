@@ -379,6 +379,62 @@ struct BlockFenceTests {
         return true
     }
 
+    /// A path whose connection stays up (keepalives answered) while its server's storage
+    /// never finishes a write: with an answer timeout the path is taken down once the write
+    /// has waited that long, so the write is in doubt, fenced, and fails within the IO
+    /// timeout instead of waiting for ever (docs/protocol.md 17.8 rule 3); the path comes
+    /// back, and once the storage finishes the write, writes go again. Without an answer
+    /// timeout the path stays up, the write waits, and it is logged once.
+    @Test(arguments: [true, false]) func aWriteTheServerNeverFinishes(answerTimeout: Bool) async throws {
+        let scratch = try ScratchDirectory("answer")
+        let store = GatedStore()
+        let (_, server, io, address) = try await self.serve(store, scratch, threads: 2)
+        defer {
+            store.gate.signal()
+            server.shutDown()
+        }
+        let logs = LogCollector()
+        var configuration = BlockMultipathSession.Configuration(sessionName: "answer", paths: [address], ioTimeout: .milliseconds(1500))
+        if answerTimeout { configuration.answerTimeout = .milliseconds(500) }
+        let session = try BlockMultipathSession(configuration, logger: logs.logger("answer", level: .warning))
+        let device = try await session.open("disk")
+        let first = Task { try await device.write(offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
+        #expect(try await eventually { store.atGate.withLockedValue { $0 } })
+        let logged = { logs.all.filter { $0.message.contains("has had no answer on this path") }.count }
+        if answerTimeout {
+            guard try await Self.failsForTheFence(first, within: 10, "the write the server never finishes") else { return }
+            #expect(device.status().paths[0].failures >= 1)
+            #expect(logs.all.contains { $0.message.contains("path down: write of 4096 bytes at 0 had no answer for") }, "\(logs.all.map(\.message))")
+            #expect(try await eventually { device.status().paths[0].state == "up" }, "the path does not come back")
+        } else {
+            try await Task.sleep(for: .seconds(3))
+            let path = device.status().paths[0]
+            #expect(path.state == "up" && path.failures == 0 && path.inFlight == 1, "\(path)")
+            #expect(logged() == 1, "\(logs.all.map(\.message))")
+        }
+        // The storage finishes the write (its fence is answered): writes go again.
+        store.gate.signal()
+        if !answerTimeout { try await first.value }
+        var wrote = false
+        for _ in 0..<100 where !wrote {
+            do {
+                try await device.write(offset: 8192, data: ByteBuffer(repeating: 3, count: 4096))
+                wrote = true
+            } catch {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        #expect(wrote, "writes still fail after the storage finished")
+        let close = Task { try await device.close() }
+        guard try await Self.finishes(close, within: 10) else {
+            Issue.record("close hangs")
+            return
+        }
+        #expect(store.log.withLockedValue { $0.written }.sorted() == [0, 8192])
+        server.shutDown()
+        try await io.shutdown()
+    }
+
     /// Storage that never finishes an IO holds a fence for ever: the multipath client fails
     /// the modifications waiting for it after the IO timeout (EIO, not a hang), fails new
     /// ones at once while it is unanswered, goes on reading, and writes again once it is

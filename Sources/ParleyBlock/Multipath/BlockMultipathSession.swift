@@ -45,6 +45,12 @@ public struct BlockMultipathSession: Sendable {
         /// Ask each path's server for DIRECT IO (docs/protocol.md 17.9), used where granted;
         /// false: every IO as an `Io` message (`parley block map --no-direct`).
         public var direct = true
+        /// An IO a path leaves unanswered this long takes the path down (docs/protocol.md
+        /// 17.8 rule 3): its connection is closed and its IO goes again elsewhere, fenced, as
+        /// after any failover. nil (the default): such a path is kept, and the IO is only
+        /// logged once it has waited `ioTimeout` (a flush of much data on slow storage may
+        /// take that long and more).
+        public var answerTimeout: Duration?
 
         public init(sessionName: String, paths: [ParleyAddress], policy: MultipathIOState.Policy = .roundRobin,
                     ioTimeout: Duration = .seconds(30), reconnectBase: Duration = .milliseconds(50), reconnectMax: Duration = .seconds(2),
@@ -97,6 +103,7 @@ public struct BlockMultipathSession: Sendable {
             throw BlockError(.invalid, "the reconnect back-off must be above zero and its maximum at least its base (\(configuration.reconnectBase), \(configuration.reconnectMax))")
         }
         guard configuration.ioTimeout > .zero else { throw BlockError(.invalid, "the IO timeout must be above zero") }
+        if let t = configuration.answerTimeout, t <= .zero { throw BlockError(.invalid, "the answer timeout must be above zero") }
         self.configuration = configuration
         self.logger = logger
     }
@@ -218,6 +225,17 @@ public final class BlockMultipathDevice: Sendable {
         var result: Result<ByteBufferPieces?, BlockMultipathError>?
     }
 
+    /// One send of an IO, as the answer watchdog tells them apart (a send again is another).
+    struct Sent: Hashable {
+        var id: UInt64
+        var send: UInt64
+    }
+
+    struct Watched {
+        var rounds: Int
+        var logged = false
+    }
+
     /// The machine's timers: the no-path timer, and one per pending fence.
     enum TimerKind: Hashable {
         case noPath
@@ -248,6 +266,10 @@ public final class BlockMultipathDevice: Sendable {
         /// The server's connection id of each path connection, for fences.
         var linkIDs: [MultipathIOState.Link: UInt64] = [:]
         var drained: [CheckedContinuation<Void, Never>] = []
+        /// The answer watchdog's task, and the sends it has seen on the wire: how many of
+        /// its rounds in a row each has been there, and whether it was logged.
+        var watchdog: Task<Void, Never>?
+        var watched: [Sent: Watched] = [:]
         /// The machine's actions for one event, kept between events so that an IO allocates
         /// no array (taken out with `swap` while in use).
         var actions: [MultipathIOState.Action] = []
@@ -471,6 +493,67 @@ public final class BlockMultipathDevice: Sendable {
                 break
             }
         }
+        self.startWatchdog()
+    }
+
+    // MARK: - The answer watchdog
+
+    /// Rounds of the watchdog per timeout: a send counts as unanswered for a timeout once it
+    /// has been on the wire at that many rounds in a row, so between the timeout and a
+    /// quarter more. No clock is read per IO.
+    static let watchRounds = 4
+
+    /// Looks at the IO on the wire every quarter of the answer timeout (or of the IO timeout
+    /// without one): logs a send unanswered for the IO timeout, and with an answer timeout
+    /// takes down the path of one unanswered that long (docs/protocol.md 17.8 rule 3).
+    private func startWatchdog() {
+        let c = self.session.configuration
+        let period = max(min(c.answerTimeout ?? c.ioTimeout, c.ioTimeout) / Self.watchRounds, .milliseconds(10))
+        let task = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: period)
+                if Task.isCancelled { return }
+                self.watch(period: period)
+            }
+        }
+        let keep = self.state.withLockedValue { s -> Bool in
+            if s.closed { return false }
+            s.watchdog = task
+            return true
+        }
+        if !keep { task.cancel() }
+    }
+
+    /// One round of the watchdog.
+    func watch(period: Duration) {
+        let c = self.session.configuration
+        let logAfter = Int((c.ioTimeout / period).rounded(.up))
+        let downAfter = c.answerTimeout.map { Int(($0 / period).rounded(.up)) }
+        var slow: [(path: Int, io: MultipathIOState.IO, send: Sent)] = []
+        let stuck = self.state.withLockedValue { s -> [(path: Int, generation: Int, io: MultipathIOState.IO)] in
+            var seen: [Sent: Watched] = [:]
+            var stuck: [Int: MultipathIOState.IO] = [:]
+            s.machine.forEachSent { id, send, path in
+                let key = Sent(id: id, send: send)
+                var w = s.watched[key].map { Watched(rounds: $0.rounds + 1, logged: $0.logged) } ?? Watched(rounds: 0)
+                if w.rounds >= logAfter, !w.logged, let io = s.machine.io(id) {
+                    w.logged = true
+                    slow.append((path, io, key))
+                }
+                if let downAfter, w.rounds >= downAfter, stuck[path] == nil, let io = s.machine.io(id) { stuck[path] = io }
+                seen[key] = w
+            }
+            s.watched = seen
+            return stuck.sorted { $0.key < $1.key }.map { ($0.key, s.paths[$0.key].generation, $0.value) }
+        }
+        for (path, io, _) in slow {
+            self.logger.warning("\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) has had no answer on this path for \(c.ioTimeout)",
+                                metadata: self.meta(path))
+        }
+        for (path, generation, io) in stuck {
+            self.pathFailed(path, generation: generation,
+                            reason: "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) had no answer for \(c.answerTimeout ?? .zero) (--answer-timeout)")
+        }
     }
 
     private func meta(_ i: Int, _ extra: Logger.Metadata = [:]) -> Logger.Metadata {
@@ -515,7 +598,7 @@ public final class BlockMultipathDevice: Sendable {
         let jobs = self.state.withLockedValue { s -> Jobs in
             guard s.paths[i].generation == generation, s.paths[i].client != nil else { return Jobs() }
             var jobs = Jobs()
-            self.resolve(s.machine.pathDown(i), &s, &jobs)
+            self.resolve(s.machine.pathDown(i), &s, &jobs, lostBecause: reason)
             if s.paths[i].client != nil {
                 // pathDown on a path the machine already took down yields no .pathLost
                 jobs.append(.lost(path: i, client: s.paths[i].client, reason: reason))
@@ -570,7 +653,8 @@ public final class BlockMultipathDevice: Sendable {
 
     /// Turns the machine's actions into jobs, under the lock (so that a send goes to the
     /// connection the machine believed up, never to a newer one).
-    private func resolve(_ actions: [MultipathIOState.Action], _ s: inout State, _ jobs: inout Jobs) {
+    /// `lostBecause`: why a path these actions take down went (default: an IO failed on it).
+    private func resolve(_ actions: [MultipathIOState.Action], _ s: inout State, _ jobs: inout Jobs, lostBecause: String? = nil) {
         for action in actions {
             switch action {
             case .send(let id, let path, let send):
@@ -626,7 +710,7 @@ public final class BlockMultipathDevice: Sendable {
                 let dead = s.machine.link(of: path)
                 if !s.machine.fencePending(dead) { s.linkIDs[dead] = nil }
                 s.paths[path].failures += 1
-                jobs.append(.lost(path: path, client: s.paths[path].client, reason: "IO failed on it"))
+                jobs.append(.lost(path: path, client: s.paths[path].client, reason: lostBecause ?? "IO failed on it"))
                 s.paths[path].client = nil
             }
         }
@@ -999,7 +1083,8 @@ public final class BlockMultipathDevice: Sendable {
             let unanswered = s.machine.pendingFences
             let clients = s.paths.compactMap { p in p.client.map { ($0, p.deviceID) } }
             for i in s.paths.indices { s.paths[i].client = nil }
-            let tasks = Array(s.reconnects.values) + s.timers.values.compactMap(\.task)
+            let tasks = Array(s.reconnects.values) + s.timers.values.compactMap(\.task) + (s.watchdog.map { [$0] } ?? [])
+            s.watchdog = nil
             s.reconnects = [:]
             s.timers = [:]
             s.closed = true

@@ -228,6 +228,14 @@ public struct MultipathIOState: Sendable, Hashable {
     }
     public func io(_ id: UInt64) -> IO? { self.entries[id]?.io }
     /// The path IO `id`'s latest send is on, if it is on the wire.
+    /// Calls `body` with the id, send and path of every IO on the wire (for a driver's
+    /// watch of how long they go unanswered), in no particular order.
+    public func forEachSent(_ body: (_ id: UInt64, _ send: UInt64, _ path: Int) -> Void) {
+        for (id, entry) in self.entries {
+            if case .sent(let path, let send) = entry.phase { body(id, send, path) }
+        }
+    }
+
     public func sentPath(of id: UInt64) -> Int? {
         if case .sent(let p, _) = self.entries[id]?.phase { return p }
         return nil
