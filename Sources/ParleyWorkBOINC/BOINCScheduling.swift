@@ -156,11 +156,17 @@ public enum BOINCScheduling {
     }
 
     /// The first `<file_xfer_error>` element in the text of `<stderr_out>` (which holds it as
-    /// text, inside CDATA), read with XMLCoder.
+    /// text, inside CDATA), read with XMLCoder. The text is the client's, not checked by the
+    /// request's guard (it was CDATA there): it is read only if it is small and flat (XMLCoder
+    /// builds its tree recursively, so a deeply nested one would overflow the stack).
     public static func transferError(in stderrOut: String) -> TransferError? {
         guard let start = stderrOut.range(of: "<file_xfer_error>"),
               let end = stderrOut.range(of: "</file_xfer_error>", range: start.upperBound..<stderrOut.endIndex) else { return nil }
-        return try? XMLDecoder().decode(TransferError.self, from: Data(stderrOut[start.lowerBound..<end.upperBound].utf8))
+        let text = Array(stderrOut[start.lowerBound..<end.upperBound].utf8)
+        guard text.count <= 64 << 10 else { return nil }
+        let shape = BOINCXMLText.shape(text, depthLimit: 4)
+        guard shape.depth == nil, shape.elements <= 64, !shape.declaration else { return nil }
+        return try? XMLDecoder().decode(TransferError.self, from: Data(text))
     }
 
     /// The claim a work request makes: up to one job per CPU instance asked for (at least one,
@@ -246,8 +252,14 @@ enum BOINCXMLText {
             guard bytes[i] == UInt8(ascii: "<") else { i += 1; continue }
             if starts("<!--", at: i) { i = skip(to: "-->", from: i + 4); continue }
             if starts("<![CDATA[", at: i) { i = skip(to: "]]>", from: i + 9); continue }
-            if starts("<!", at: i) { declaration = true }
-            if starts("<?", at: i) || starts("<!", at: i) { i = skip(to: ">", from: i + 2); continue }
+            // A processing instruction ends at "?>", not at the first ">": tags inside it
+            // are text to the parser, and counted here they would lower the depth.
+            if starts("<?", at: i) { i = skip(to: "?>", from: i + 2); continue }
+            if starts("<!", at: i) {
+                declaration = true
+                i = skip(to: ">", from: i + 2)
+                continue
+            }
             let closing = i + 1 < n && bytes[i + 1] == UInt8(ascii: "/")
             var j = i + 1
             var quote: UInt8?
@@ -258,7 +270,8 @@ enum BOINCXMLText {
             }
             let selfClosing = j < n && j > i + 1 && bytes[j - 1] == UInt8(ascii: "/")
             if closing {
-                depth -= 1
+                // More end tags than start tags (not well-formed) buy no depth for later ones.
+                depth = max(0, depth - 1)
             } else {
                 elements += 1
                 if !selfClosing {

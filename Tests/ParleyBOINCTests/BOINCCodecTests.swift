@@ -202,5 +202,41 @@ struct BOINCTestFailure: Error, CustomStringConvertible {
         let shape = BOINCXMLText.shape(Array("<?xml version='1.0'?><a><b/><!-- <c/> --><c x='<d>'></c></a>".utf8), depthLimit: 4)
         #expect(shape.depth == nil && shape.elements == 3 && !shape.declaration)
         #expect(BOINCXMLText.shape(Array("<!DOCTYPE a [<!ENTITY e 'x'>]><a>&e;</a>".utf8), depthLimit: 4).declaration)
+        // End tags inside a processing instruction are its text (it ends at "?>"), and end
+        // tags without start tags buy no depth: neither lets a deep document through.
+        let hidden = "<a><?x " + String(repeating: "</a>", count: 100) + " ?>" + String(repeating: "<b>", count: 100) + "</a>"
+        #expect(BOINCXMLText.depthExceeding(Array(hidden.utf8), 32) == 33)
+        let unbalanced = "<a>" + String(repeating: "</x>", count: 100) + String(repeating: "<b>", count: 100)
+        #expect(BOINCXMLText.depthExceeding(Array(unbalanced.utf8), 32) == 33)
+        #expect(BOINCXMLText.shape(Array("<?x a>b ?><a/>".utf8), depthLimit: 4).elements == 1)
+    }
+
+    /// The scheduler request's own guard is before parsing: a request hiding a deep document
+    /// in a processing instruction is refused (400), not parsed (XMLCoder's recursion would
+    /// overflow the stack: a crash with 150,000 levels).
+    @Test func aDeepDocumentHiddenByAProcessingInstructionIsRefused() throws {
+        let depth = 150_000
+        var body = "<scheduler_request><platform_name>x86_64-pc-linux-gnu</platform_name><host_cpid>0123</host_cpid><?x "
+        body += String(repeating: "</a>", count: depth) + " ?>"
+        body += String(repeating: "<b>", count: depth) + String(repeating: "</b>", count: depth) + "</scheduler_request>"
+        let result = BOINCScheduling.read(Array(body.utf8), maxBytes: 4 << 20, maxDepth: 32)
+        guard case .failure(let refusal) = result else {
+            Issue.record("a request nested \(depth) deep was read")
+            return
+        }
+        #expect(refusal.status == 400 && refusal.message.contains("deep"), "\(refusal)")
+    }
+
+    /// A `<file_xfer_error>` in `<stderr_out>` (CDATA in the request, so not under its guard)
+    /// is read when it is the client's small flat element, and left unread when nested deep
+    /// (the same stack overflow) or large.
+    @Test func aTransferErrorIsReadOnlyWhenSmallAndFlat() {
+        let real = "<stderr_out><![CDATA[<file_xfer_error>\n  <file_name>parley_j1_l1_out0</file_name>\n  <error_code>-161 (not found)</error_code>\n</file_xfer_error>\n]]></stderr_out>"
+        let read = BOINCScheduling.transferError(in: real)
+        #expect(read?.fileName == "parley_j1_l1_out0" && read?.errorCode == "-161 (not found)", "\(String(describing: read))")
+        let deep = "<file_xfer_error>" + String(repeating: "<b>", count: 400_000) + String(repeating: "</b>", count: 400_000) + "</file_xfer_error>"
+        #expect(BOINCScheduling.transferError(in: deep) == nil)
+        let large = "<file_xfer_error><error_message>" + String(repeating: "x", count: 70_000) + "</error_message></file_xfer_error>"
+        #expect(BOINCScheduling.transferError(in: large) == nil)
     }
 }
