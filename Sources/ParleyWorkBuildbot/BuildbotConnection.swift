@@ -381,6 +381,8 @@ final class BuildbotFrameHandler: ChannelInboundHandler {
 
     let connection: BuildbotConnection
     let limits: MessagePack.Limits
+    /// A bad message was refused: what comes after it is ignored until the connection closes.
+    private var refused = false
 
     init(connection: BuildbotConnection, limits: MessagePack.Limits) {
         self.connection = connection
@@ -389,6 +391,7 @@ final class BuildbotFrameHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = Self.unwrapInboundIn(data)
+        if self.refused { return }
         // ACK at once: the worker's socket has Nagle's algorithm on, so its next message (a
         // command's update after the answer to start_command) waits for this ACK, which Linux
         // would otherwise delay by up to 40 ms: 20 commands a second instead of hundreds.
@@ -408,6 +411,9 @@ final class BuildbotFrameHandler: ChannelInboundHandler {
             self.connection.finish(reason: "the worker closed the WebSocket")
             context.close(promise: nil)
         case .ping:
+            // Answered only while the worker reads: a pong may answer just the latest ping
+            // (RFC 6455 5.5.3), and pongs to a worker that does not read would pile up here.
+            guard context.channel.isWritable else { break }
             var payload = frame.unmaskedData
             let pong = WebSocketFrame(fin: true, opcode: .pong, data: payload.readSlice(length: min(payload.readableBytes, 125)) ?? context.channel.allocator.buffer(capacity: 0))
             context.writeAndFlush(Self.wrapOutboundOut(pong), promise: nil)
@@ -423,8 +429,11 @@ final class BuildbotFrameHandler: ChannelInboundHandler {
         data.write(webSocketErrorCode: code)
         data.writeString(String(why.utf8.prefix(120)) ?? "bad message")
         self.connection.finish(reason: "bad message: \(why)")
+        self.refused = true
         let channel = context.channel
         context.writeAndFlush(Self.wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: data))).whenComplete { _ in channel.close(promise: nil) }
+        // A worker that does not read never takes the close frame: closed all the same.
+        context.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -504,6 +513,9 @@ public final class BuildbotListener: Sendable {
         /// Largest message (one frame, or fragments together).
         public var maxMessageBytes: Int = 16 << 20
         public var callTimeout: Duration = .seconds(60)
+        /// A connection that has not become a logged-in WebSocket this long after it was
+        /// accepted (no request, a slow one, a refused one kept open) is closed.
+        public var upgradeTimeout: Duration = .seconds(30)
         public var limits = MessagePack.Limits()
         public init(host: String, port: Int) {
             self.host = host
@@ -548,9 +560,16 @@ public final class BuildbotListener: Sendable {
                         return channel.eventLoop.makeSucceededVoidFuture()
                     }
                 )
+                let deadline = channel.eventLoop.scheduleTask(in: TimeAmount(configuration.upgradeTimeout)) {
+                    logger.info("buildbot connection closed: no logged-in WebSocket within \(configuration.upgradeTimeout)",
+                                metadata: ["peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
+                    channel.close(promise: nil)
+                }
+                channel.closeFuture.whenComplete { _ in deadline.cancel() }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(
                         withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
+                            deadline.cancel()
                             context.pipeline.syncOperations.removeHandler(name: "buildbot.refusal", promise: nil)
                         })
                     )

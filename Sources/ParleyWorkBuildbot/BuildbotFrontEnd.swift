@@ -240,6 +240,13 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
                 }
                 try await self.connection.call("keepalive")
             } catch {
+                // Ended with the session (cancelled), or a keepalive failed: unanswered
+                // within the call timeout, or answered with an exception. A link whose
+                // keepalive fails is dropped: going on without keepalives would also end the
+                // keyring check above, and a revoked worker would keep taking jobs.
+                if Task.isCancelled || self.connection.closeReason != nil { return }
+                self.logger.warning("buildbot worker dropped: its keepalive failed", metadata: ["worker": "\(self.worker)", "error": "\(error)"])
+                self.connection.close(reason: "keepalive failed: \(error)")
                 return
             }
         }

@@ -119,7 +119,7 @@ final class RawSocket: @unchecked Sendable {
 @Suite(.serialized) struct BuildbotListenerTests {
     /// A front end on a fresh SQLite store and keyring, for `body`; stopped afterwards.
     static func withFrontEnd(
-        callTimeout: Duration = .seconds(20), grace: Duration = .seconds(60), _ body: (_ port: Int, _ password: String, _ store: SQLiteWorkStore) async throws -> Void
+        callTimeout: Duration = .seconds(20), grace: Duration = .seconds(60), keepalive: Duration? = nil, upgradeTimeout: Duration? = nil, _ body: (_ port: Int, _ password: String, _ store: SQLiteWorkStore) async throws -> Void
     ) async throws {
         let dir = testScratchPath("bb-listener-\(UUID().uuidString)")
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -132,6 +132,8 @@ final class RawSocket: @unchecked Sendable {
         var configuration = BuildbotFrontEnd.Configuration(host: "127.0.0.1", port: 0, keyringPath: dir + "/keyring.json")
         configuration.listener.callTimeout = callTimeout
         configuration.commandGrace = grace
+        if let keepalive { configuration.keepaliveInterval = keepalive }
+        if let upgradeTimeout { configuration.listener.upgradeTimeout = upgradeTimeout }
         let port = AsyncStream<Int>.makeStream()
         let frontEnd = BuildbotFrontEnd(configuration: configuration, store: store, commands: nil, logger: Logger(label: "test"), onListening: { port.continuation.yield($0) })
         let running = Task { try await frontEnd.run() }
@@ -290,6 +292,68 @@ final class RawSocket: @unchecked Sendable {
             let why = answersInterrupt ? "interrupted, it did not end within" : "its connection ended after the interrupt was due"
             #expect(record.failures.first?.contains(why) == true, "\(record.failures)")
             #expect(record.state == .queued, "an attempt counted, the job queued again for another worker")
+        }
+    }
+
+    /// Connections that never become a logged-in WebSocket (silent, a request cut short, a
+    /// refused login kept open) are closed after the upgrade timeout, not held for ever (each
+    /// holds a descriptor: enough of them and nothing could be accepted or opened); a
+    /// logged-in worker is not.
+    @Test func connectionsThatNeverLogInAreClosed() async throws {
+        try await Self.withFrontEnd(upgradeTimeout: .seconds(1)) { port, password, _ in
+            let silent = try RawSocket(port: port)
+            let partial = try RawSocket(port: port)
+            partial.send("GET / HTTP/1.1\r\nHost: 1")
+            let refused = try RawSocket(port: port)
+            refused.send("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
+            let worker = try RawSocket(port: port)
+            worker.send(Self.upgrade(Self.basic("bb1", password)))
+            await #expect(worker.head().hasPrefix("HTTP/1.1 101"))
+            let started = ContinuousClock.now
+            for socket in [silent, partial, refused] {
+                _ = await socket.receive()
+                #expect(socket.peerClosed)
+            }
+            #expect(ContinuousClock.now - started < .seconds(25), "closed by the upgrade timeout, not the test socket's 30 s")
+            // The worker is still served after the timeout: the master's first request
+            // comes, and it is not closed.
+            let first = await worker.frame()
+            #expect(first?.opcode == 2 && !worker.peerClosed)
+        }
+    }
+
+    /// A worker that answers a keepalive with an exception is dropped, not kept without
+    /// keepalives: the keyring check before each keepalive (which shuts a revoked worker
+    /// down) would otherwise end for the rest of its session.
+    @Test func aKeepaliveAnsweredWithAnExceptionDropsTheWorker() async throws {
+        try await Self.withFrontEnd(keepalive: .milliseconds(300)) { port, password, _ in
+            let socket = try RawSocket(port: port)
+            socket.send(Self.upgrade(Self.basic("bb1", password)))
+            await #expect(socket.head().hasPrefix("HTTP/1.1 101"))
+            func send(_ message: MessagePack) { socket.send(RawSocket.frame(opcode: 2, message.encoded())) }
+            var keepalives = 0
+            var closed = false
+            let started = ContinuousClock.now
+            for _ in 0..<200 where ContinuousClock.now - started < .seconds(20) {
+                guard let frame = await socket.frame() else { closed = socket.peerClosed; break }
+                if frame.opcode == 8 { closed = true; break }
+                guard frame.opcode == 2, case .request(let op, let n, let body) = try BuildbotMessage.parse(try MessagePack.decode(frame.payload)) else { continue }
+                switch op {
+                case "get_worker_info":
+                    send(BuildbotMessage.response(seq: n, result: .object(["basedir": "/scripted", "version": "scripted", "numcpus": 1])))
+                case "keepalive":
+                    keepalives += 1
+                    send(BuildbotMessage.response(seq: n, result: "no", exception: true))
+                case "start_command":
+                    // The master's mkdir: done at once.
+                    send(BuildbotMessage.response(seq: n))
+                    if let id = body["command_id"] { send(BuildbotMessage.request(op: "complete", seq: 0, [("command_id", id), ("args", .nil)])) }
+                default:
+                    send(BuildbotMessage.response(seq: n))
+                }
+            }
+            #expect(closed, "the master kept a worker whose keepalive failed")
+            #expect(keepalives == 1)
         }
     }
 
