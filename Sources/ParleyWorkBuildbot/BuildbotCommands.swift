@@ -306,9 +306,15 @@ struct BuildbotJob {
             return refuse(.spec, "a Buildbot worker cannot hold a job to CPU or memory limits (max_cpu_seconds, max_memory_bytes)")
         }
         let directory = "\(self.session.basedir)/jobs/\(self.job.id)-\(self.job.lease.id)"
+        // Each step the worker must complete in time: the call timeout, and for a transfer
+        // as long again as its bytes take at 256 KiB/s.
+        let step = configuration.listener.callTimeout
+        func transferring(_ bytes: UInt64) -> Duration { step + .seconds(Int64(clamping: bytes / (256 << 10))) }
         do {
-            try await self.session.simple("mkdir", .object(["paths": .array([.string(directory)]), "logEnviron": false]))
-            defer { Task { [session] in _ = try? await session.simple("rmdir", .object(["paths": .array([.string(directory)]), "logEnviron": false])) } }
+            try await self.session.simple("mkdir", .object(["paths": .array([.string(directory)]), "logEnviron": false]), deadline: step)
+            defer {
+                Task { [session] in _ = try? await session.simple("rmdir", .object(["paths": .array([.string(directory)]), "logEnviron": false]), deadline: step) }
+            }
             for input in spec.inputs {
                 guard !input.content.isEmpty || input.size == 0 else {
                     return refuse(.download, "the input '\(input.name)' is a URL, which this master does not fetch for Buildbot workers: put the content in the job")
@@ -318,7 +324,7 @@ struct BuildbotJob {
                     try await self.session.simple("download_file", .object([
                         // No maxsize: the worker fails a file that reaches it exactly; the bytes are ours.
                         "path": .string(directory + "/" + input.name), "maxsize": .nil, "blocksize": .int(64 << 10), "mode": .int(0o644),
-                    ]), transfer: source)
+                    ]), transfer: source, deadline: transferring(UInt64(input.content.count)))
                 } catch let error as BuildbotRemoteError {
                     return refuse(.download, "the input '\(input.name)' could not be written: \(error.message)")
                 }
@@ -373,7 +379,7 @@ struct BuildbotJob {
                         try await self.session.simple("upload_file", .object([
                             "path": .string(directory + "/" + name), "workdir": .string(directory), "workersrc": .string(name),
                             "maxsize": .int(Int64(clamping: limit)), "blocksize": .int(256 << 10), "keepstamp": false,
-                        ]), transfer: sink)
+                        ]), transfer: sink, deadline: transferring(limit))
                     } catch let error as BuildbotRemoteError {
                         result.errorKind = .upload
                         result.message = "the output '\(name)' could not be fetched: \(error.message)"
@@ -392,6 +398,11 @@ struct BuildbotJob {
             }
         } catch let error as BuildbotRemoteError {
             return refuse(.compute, error.message)
+        } catch let error as BuildbotStepOverdue {
+            // The step may still run there: the job fails (an attempt counted) and the
+            // worker is dropped, as for a command past its deadline.
+            overdue = true
+            return refuse(.compute, error.message + ": the job failed and the worker was dropped")
         } catch let error as WorkFiles.FileError {
             return refuse(.spec, error.message)
         }

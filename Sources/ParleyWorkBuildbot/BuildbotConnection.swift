@@ -370,6 +370,12 @@ public struct BuildbotRemoteError: Error, Sendable, Hashable, CustomStringConver
     public var description: String { "the worker refused: \(self.message)" }
 }
 
+/// A step of a job (mkdir, a file's transfer) the worker did not complete by its deadline.
+struct BuildbotStepOverdue: Error, Sendable, Hashable, CustomStringConvertible {
+    var message: String
+    var description: String { self.message }
+}
+
 /// Binary frames (whole messages, after the aggregator) to the connection; text frames
 /// ignored, as Buildbot does; ping answered; a close or a bad message closes the socket.
 final class BuildbotFrameHandler: ChannelInboundHandler {

@@ -189,7 +189,8 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
                 "newline_re": .string(#"(\r\n|\r(?=.)|\033\[u|\033\[[0-9]+;[0-9]+[Hf]|\033\[2J|\x08+)"#),
                 "max_line_length": 4096, "buffer_timeout": 1, "buffer_size": 65536,
             ]))])
-            try await self.simple("mkdir", .object(["paths": .array([.string(basedir + "/jobs"), .string(self.commandDirectory)]), "logEnviron": false]))
+            try await self.simple("mkdir", .object(["paths": .array([.string(basedir + "/jobs"), .string(self.commandDirectory)]), "logEnviron": false]),
+                                  deadline: configuration.listener.callTimeout)
             try await self.connection.call("print", [("message", "attached")])
             var hello = Parley_Work_V1_WorkerHello()
             hello.worker = self.worker
@@ -253,17 +254,42 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     }
 
     /// A command with no output to keep: fails with the worker's failure text or a non-zero rc.
-    /// Returns what `BuildbotKeptUpdates` keeps of its updates.
+    /// Returns what `BuildbotKeptUpdates` keeps of its updates. With a `deadline`, a command
+    /// the worker has not completed by then is interrupted and `BuildbotStepOverdue` thrown
+    /// (a worker that answers keepalives but never completes a step would otherwise hold
+    /// its job, whose lease is renewed meanwhile, for ever).
     @discardableResult
-    func simple(_ name: String, _ args: MessagePack, transfer: (any BuildbotTransfer)? = nil) async throws -> [BuildbotUpdate] {
-        let (_, events) = try await self.connection.start(name, args: args, transfer: transfer)
-        var kept = BuildbotKeptUpdates()
-        for try await event in events {
-            switch event {
-            case .updates(let u): kept.add(u)
-            case .complete(let failure?): throw BuildbotRemoteError(message: "\(name): \(failure)")
-            case .complete(nil): break
+    func simple(_ name: String, _ args: MessagePack, transfer: (any BuildbotTransfer)? = nil, deadline: Duration? = nil) async throws -> [BuildbotUpdate] {
+        let (id, events) = try await self.connection.start(name, args: args, transfer: transfer)
+        @Sendable func collect() async throws -> BuildbotKeptUpdates {
+            var kept = BuildbotKeptUpdates()
+            for try await event in events {
+                switch event {
+                case .updates(let u): kept.add(u)
+                case .complete(let failure?): throw BuildbotRemoteError(message: "\(name): \(failure)")
+                case .complete(nil): break
+                }
             }
+            return kept
+        }
+        let kept: BuildbotKeptUpdates
+        if let deadline {
+            let first = try await withThrowingTaskGroup(of: BuildbotKeptUpdates?.self) { group in
+                group.addTask { try await collect() }
+                group.addTask {
+                    try await Task.sleep(for: deadline)
+                    return nil
+                }
+                defer { group.cancelAll() }
+                return try await group.next() ?? nil
+            }
+            guard let first else {
+                try? await self.connection.interrupt(id, why: "not completed within \(deadline)")
+                throw BuildbotStepOverdue(message: "the worker did not complete \(name) within \(deadline)")
+            }
+            kept = first
+        } else {
+            kept = try await collect()
         }
         let updates = kept.updates
         for case .rc(let rc) in updates where rc != 0 {

@@ -295,6 +295,49 @@ final class RawSocket: @unchecked Sendable {
         }
     }
 
+    /// A worker that answers keepalives but never completes a job's step (here its mkdir):
+    /// the step's deadline (the call timeout) fails the job, an attempt counted, and drops
+    /// the worker, instead of holding the job, its lease renewed, for ever.
+    @Test func aStepTheWorkerNeverCompletesFailsTheJobAndDropsTheWorker() async throws {
+        try await Self.withFrontEnd(callTimeout: .seconds(2), keepalive: .milliseconds(500)) { port, password, store in
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["true"]
+            let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2])], now: WorkService.now()).first)
+            let socket = try RawSocket(port: port)
+            socket.send(Self.upgrade(Self.basic("bb1", password)))
+            await #expect(socket.head().hasPrefix("HTTP/1.1 101"))
+            func send(_ message: MessagePack) { socket.send(RawSocket.frame(opcode: 2, message.encoded())) }
+            var mkdirs = 0
+            var closed = false
+            let started = ContinuousClock.now
+            for _ in 0..<500 where ContinuousClock.now - started < .seconds(25) {
+                guard let frame = await socket.frame() else { closed = socket.peerClosed; break }
+                if frame.opcode == 8 { closed = true; break }
+                guard frame.opcode == 2, case .request(let op, let n, let body) = try BuildbotMessage.parse(try MessagePack.decode(frame.payload)) else { continue }
+                switch op {
+                case "get_worker_info":
+                    send(BuildbotMessage.response(seq: n, result: .object(["basedir": "/scripted", "version": "scripted", "numcpus": 1])))
+                case "start_command":
+                    send(BuildbotMessage.response(seq: n))
+                    mkdirs += 1
+                    // The session's own mkdir completes; the job's never does.
+                    if mkdirs == 1, let id = body["command_id"] {
+                        send(BuildbotMessage.request(op: "complete", seq: 0, [("command_id", id), ("args", .nil)]))
+                    }
+                default:
+                    send(BuildbotMessage.response(seq: n))
+                }
+            }
+            #expect(closed, "the master kept a worker whose step never completed")
+            var record = try #require(try await store.job(job)?.record)
+            for _ in 0..<100 where record.failures.isEmpty {
+                try await Task.sleep(for: .milliseconds(100))
+                record = try #require(try await store.job(job)?.record)
+            }
+            #expect(record.failures.count == 1 && record.failures[0].contains("did not complete mkdir within"), "\(record.failures)")
+        }
+    }
+
     /// Connections that never become a logged-in WebSocket (silent, a request cut short, a
     /// refused login kept open) are closed after the upgrade timeout, not held for ever (each
     /// holds a descriptor: enough of them and nothing could be accepted or opened); a
