@@ -157,9 +157,15 @@ extension MessagePack {
         public var maxDepth: Int = 64
         /// Elements of one array, or pairs of one map.
         public var maxCount: Int = 1 << 20
-        public init(maxDepth: Int = 64, maxCount: Int = 1 << 20) {
+        /// Values in the whole message (each element, key and container counts one). Every
+        /// value takes a byte or more of the message and some 24 to 64 bytes of memory once
+        /// decoded (an array of one element, `0x91`, a heap allocation): without a total,
+        /// a 16 MiB message of nested one-element arrays would take about 1 GiB.
+        public var maxValues: Int = 1 << 20
+        public init(maxDepth: Int = 64, maxCount: Int = 1 << 20, maxValues: Int = 1 << 20) {
             self.maxDepth = maxDepth
             self.maxCount = maxCount
+            self.maxValues = maxValues
         }
     }
 
@@ -277,6 +283,8 @@ extension MessagePack {
         let bytes: [UInt8]
         let limits: Limits
         var position = 0
+        /// Values decoded so far.
+        var values = 0
 
         mutating func byte() throws(MessagePackError) -> UInt8 {
             guard self.position < self.bytes.count else { throw MessagePackError(message: "truncated: the value needs more bytes", offset: self.position) }
@@ -346,6 +354,10 @@ extension MessagePack {
             let start = self.position
             guard depth <= self.limits.maxDepth else {
                 throw MessagePackError(message: "arrays and maps nested deeper than \(self.limits.maxDepth)", offset: start)
+            }
+            self.values += 1
+            guard self.values <= self.limits.maxValues else {
+                throw MessagePackError(message: "more than \(self.limits.maxValues) values in one message", offset: start)
             }
             let b = try self.byte()
             switch b {

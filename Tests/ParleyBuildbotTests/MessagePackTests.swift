@@ -99,6 +99,13 @@ import Testing
         #expect(throws: MessagePackError.self) { _ = try MessagePack.decode(deep) }
         let fine = [UInt8](repeating: 0x91, count: 64) + [0xc0]
         #expect((try? MessagePack.decode(fine)) != nil)
+        // Values in the whole message are counted (each within every per-array limit): an
+        // array of 4,096 chains of 63 one-element arrays is 266,240 values, each a heap
+        // allocation; past the limit (here 100,000) it is refused before most are built.
+        let chain = [UInt8](repeating: 0x91, count: 63) + [0xc0]
+        let chains: [UInt8] = [0xdd, 0, 0, 0x10, 0] + Array([[UInt8]](repeating: chain, count: 4096).joined())
+        #expect { _ = try MessagePack.decode(chains, limits: .init(maxValues: 100_000)) } throws: { "\($0)".contains("more than 100000 values") }
+        #expect((try? MessagePack.decode(chains)) != nil, "within the default limit")
     }
 
     /// Every single-byte change, truncation and a seeded run of random corruptions of real
