@@ -33,6 +33,7 @@ public enum BOINCJobs {
     /// from the spec.
     public static func script(jobID: UInt64, leaseID: UInt64, spec: Parley_Work_V1_JobSpec, maxOutput: Int) -> [UInt8] {
         let q = Self.quote
+        let maxOutput = Self.tailLimit(spec, maxOutput)
         var lines = [
             "#!/bin/sh",
             "# Parley Work job \(jobID), lease \(leaseID): made by the BOINC front end of parley work serve,",
@@ -83,6 +84,12 @@ public enum BOINCJobs {
         public var result: BOINCSchedulerReply.Result
     }
 
+    /// Bytes kept of the end of the job's stdout (and stderr): its `max_output_bytes` (bytes
+    /// kept of each of them, work.proto), held to `limit` (the front end's), which it is when 0.
+    static func tailLimit(_ spec: Parley_Work_V1_JobSpec, _ limit: Int) -> Int {
+        spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, UInt64(max(1, limit)))) : limit
+    }
+
     /// The documents of a claimed job for a client of `platform`; `base` is the front end's URL
     /// (ending in "/").
     public static func documents(
@@ -114,12 +121,14 @@ public enum BOINCJobs {
             workunitRefs.append(.init(fileName: name.input(i), openName: BOINCName.inputOpenName(i), copyFile: true))
         }
         var resultRefs: [BOINCSchedulerReply.FileRef] = []
-        let maxOutputFile = Double(spec.maxOutputBytes > 0 ? min(spec.maxOutputBytes, UInt64(WorkFiles.maxOutputBytes)) : UInt64(WorkFiles.maxOutputBytes))
+        // Output files are held to what a report may carry (together, checked at the report);
+        // max_output_bytes is about stdout and stderr, not them.
+        let maxOutputFile = Double(WorkFiles.maxOutputBytes)
         for (i, _) in spec.outputs.enumerated() {
             files.append(Self.outputInfo(name.output(i), base: base, max: maxOutputFile, grant: grant))
             resultRefs.append(.init(fileName: name.output(i), openName: BOINCName.outputOpenName(i), copyFile: true))
         }
-        files.append(Self.outputInfo(name.stdout, base: base, max: Double(maxOutput), grant: grant))
+        files.append(Self.outputInfo(name.stdout, base: base, max: Double(Self.tailLimit(spec, maxOutput)), grant: grant))
         resultRefs.append(.init(fileName: name.stdout, openName: BOINCName.stdoutOpenName, copyFile: true))
         let estimate = Double(spec.estimatedSeconds > 0 ? spec.estimatedSeconds : 60)
         let wall = Double(spec.maxWallSeconds > 0 ? spec.maxWallSeconds : 86_400)

@@ -102,13 +102,23 @@ public enum BOINCScheduling {
         report.exitStatus = Int32(clamping: result.exitStatus ?? -1)
         report.wallMs = UInt64(max(0, min(1e15, (result.finalElapsedTime ?? 0) * 1000)))
         report.cpuMs = UInt64(max(0, min(1e15, (result.finalCpuTime ?? 0) * 1000)))
-        report.stdoutTail = Data(stdout.suffix(WorkService.maxTail))
-        report.stderrTail = Data(BOINCJobs.stderr(of: result.stderrOut).suffix(WorkService.maxTail))
+        let tail = spec.map { BOINCJobs.tailLimit($0, WorkService.maxTail) } ?? WorkService.maxTail
+        report.stdoutTail = Data(stdout.suffix(tail))
+        report.stderrTail = Data(BOINCJobs.stderr(of: result.stderrOut).suffix(tail))
         let outcome: LeaseReport.Outcome
         if self.succeeded(result) {
             if let outputs, let spec, outputs.count == spec.outputs.count {
-                report.outputs = outputs
-                outcome = .success
+                do throws(WorkFiles.FileError) {
+                    // What a native worker's report may carry (16 MiB together): each file
+                    // was held to that alone by the client's max_nbytes.
+                    try WorkFiles.check(outputs: outputs)
+                    report.outputs = outputs
+                    outcome = .success
+                } catch {
+                    report.errorKind = .upload
+                    report.message = "the BOINC client's outputs cannot be reported: \(error.message)"
+                    outcome = .failure("output failed: \(report.message)")
+                }
             } else {
                 report.errorKind = .upload
                 report.message = "the BOINC client reported success but an output file was not uploaded"

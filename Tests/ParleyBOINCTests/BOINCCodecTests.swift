@@ -1,4 +1,7 @@
+import Crypto
 import Foundation
+import ParleyWork
+import SwiftProtobuf
 import Testing
 import XMLCoder
 @testable import ParleyWorkBOINC
@@ -225,6 +228,48 @@ struct BOINCTestFailure: Error, CustomStringConvertible {
             return
         }
         #expect(refusal.status == 400 && refusal.message.contains("deep"), "\(refusal)")
+    }
+
+    /// max_output_bytes is what is kept of stdout and stderr (work.proto), not a limit on
+    /// output files: the program keeps that much of stdout, the stdout file may be that
+    /// large, the reported tails are cut to it; output files may be what a report carries.
+    @Test func maxOutputBytesHoldsTheTailsNotTheOutputFiles() throws {
+        var spec = echoSpec(outputs: ["big.bin"])
+        spec.maxOutputBytes = 4096
+        let program = String(decoding: BOINCJobs.script(jobID: 1, leaseID: 1, spec: spec, maxOutput: 1 << 20), as: UTF8.self)
+        #expect(program.contains("tail -c 4096 "), "\(program)")
+        spec.maxOutputBytes = 0
+        #expect(String(decoding: BOINCJobs.script(jobID: 1, leaseID: 1, spec: spec, maxOutput: 1 << 20), as: UTF8.self).contains("tail -c 1048576 "))
+        spec.maxOutputBytes = 4096
+        let result = try XMLDecoder().decode(BOINCSchedulerRequest.ReportedResult.self, from: Data("""
+            <result><name>parley_j1_l1_r</name><exit_status>0</exit_status><state>5</state>\
+            <stderr_out><![CDATA[<stderr_txt>\(String(repeating: "e", count: 10_000))</stderr_txt>]]></stderr_out></result>
+            """.utf8))
+        func output(_ size: Int) -> Parley_Work_V1_OutputFile {
+            var file = Parley_Work_V1_OutputFile()
+            file.name = "big.bin"
+            file.content = Data(repeating: 7, count: size)
+            file.size = UInt64(size)
+            file.sha256 = Data(SHA256.hash(data: file.content))
+            return file
+        }
+        let name = BOINCName(jobID: 1, leaseID: 1)
+        let big = BOINCScheduling.reportInput(result, name: name, worker: "w", spec: spec, outputs: [output(1 << 20)], stdout: Array(repeating: 1, count: 9000))
+        #expect(big.report.outcome == .success, "a 1 MiB output of a job keeping 4 KiB of stdout")
+        let report = try Parley_Work_V1_ReportResult(serializedBytes: big.result)
+        #expect(report.stdoutTail.count == 4096 && report.stderrTail.count == 4096 && report.outputs.count == 1)
+        // Two outputs of 16 MiB each: each within the client's max_nbytes, together over what
+        // a report carries: an upload failure, not a result no one can fetch.
+        spec.outputs = ["a", "b"]
+        var a = output(WorkFiles.maxOutputBytes), b = a
+        a.name = "a"
+        b.name = "b"
+        let over = BOINCScheduling.reportInput(result, name: name, worker: "w", spec: spec, outputs: [a, b], stdout: [])
+        guard case .failure(let why) = over.report.outcome else {
+            Issue.record("outputs of 32 MiB together were reported as a success")
+            return
+        }
+        #expect(why.contains("together"), "\(why)")
     }
 
     /// A `<file_xfer_error>` in `<stderr_out>` (CDATA in the request, so not under its guard)
