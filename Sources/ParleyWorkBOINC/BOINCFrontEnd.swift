@@ -317,7 +317,11 @@ public final class BOINCFrontEnd: Sendable {
         case .program, .input: return .dataServer(403, .init(status: -1, message: "\(request.fileName) is not an output file"))
         }
         do {
-            guard let job = try await self.store.job(name.jobID), job.record.leases.contains(where: { $0.id == name.leaseID }), !job.record.isFinished,
+            // A lease whose report could still count: not one that reported a failure, nor
+            // of a job another lease completed. A job failed because this lease expired
+            // still takes its late success (LeaseRules.report), and so its outputs.
+            guard let job = try await self.store.job(name.jobID), job.record.leases.contains(where: { $0.id == name.leaseID }),
+                  !job.record.failedLeases.contains(name.leaseID), !Self.succeeded(job.record.state),
                   let specBytes = try await self.store.spec(name.jobID), let spec = try? Parley_Work_V1_JobSpec(serializedBytes: specBytes),
                   index.map({ $0 < spec.outputs.count }) ?? true else {
                 return .dataServer(403, .init(status: -1, message: "\(request.fileName) was never handed out, or its job has ended; nothing was stored"))
@@ -331,6 +335,11 @@ public final class BOINCFrontEnd: Sendable {
         } catch {
             return .dataServer(503, .init(status: 1, message: "the upload store failed: \(error)"))
         }
+    }
+
+    static func succeeded(_ state: JobRecord.State) -> Bool {
+        if case .succeeded = state { return true }
+        return false
     }
 
     private func keep(_ request: BOINCUpload.Request, limit: Int) async throws -> BOINCResponse {

@@ -394,6 +394,36 @@ func elements(_ tag: String, in text: String) -> [String] {
         }
     }
 
+    /// A client that finishes after its lease expired and the job failed for it (its one
+    /// attempt) still uploads and reports: the late success counts, as a native worker's does
+    /// (LeaseRules.report). Once the job has succeeded, uploads for it are refused.
+    @Test func aLateSuccessAfterTheLeaseExpiredIsKept() async throws {
+        let bench = try BOINCBench()
+        defer { bench.remove() }
+        let id = try await bench.submit(echoSpec(), maxAttempts: 1)
+        try await bench.withClient { client in
+            let reply = try await client.post("/scheduler", schedulerRequest())
+            let name = try #require(elements("name", in: reply.text).first { $0.hasSuffix("_r") }.flatMap(BOINCName.parse(result:)))
+            #expect(try await bench.store.expireLeases(now: WorkService.now() + 10 * 86_400 * 1_000_000_000) == 1)
+            guard case .failed = try #require(try await bench.store.job(id)).record.state else {
+                Issue.record("the job did not fail when its only lease expired")
+                return
+            }
+            func upload(_ file: String, _ text: String) async throws -> Int {
+                try await client.post("/file_upload_handler", uploadRequest(file, data: Array(text.utf8), grant: bench.frontEnd.grant.token(for: file))).status
+            }
+            #expect(try await upload(name.output(0), "late\n") == 200)
+            #expect(try await upload(name.stdout, "hi\n") == 200)
+            let report = try await client.post("/scheduler", schedulerRequest(seconds: 0, holdsKey: true, results: [reportedResult(name.result)]))
+            #expect(elements("result_ack", in: report.text).count == 1)
+            let job = try #require(try await bench.store.job(id))
+            #expect(job.record.state == .succeeded(leaseID: name.leaseID))
+            let result = try Parley_Work_V1_ReportResult(serializedBytes: try #require(job.result))
+            #expect(result.outputs.first?.content == Data("late\n".utf8))
+            #expect(try await upload(name.output(0) , "again\n") == 403, "the job has succeeded")
+        }
+    }
+
     @Test func aJobWhoseSignatureDoesNotVerifyIsNotHandedOut() async throws {
         let bench = try BOINCBench()
         defer { bench.remove() }
