@@ -54,6 +54,17 @@ public final class BOINCFrontEnd: Sendable {
         public var maxStdout = 1 << 20
         /// Where uploaded output files wait for their report.
         public var uploadDirectory: String
+        /// A connection is closed this long after it was accepted, done or not: a client that
+        /// sends a request a byte at a time (each within the idle timeout) cannot hold it,
+        /// and the body gathered so far, for ever. A BOINC client makes one request per
+        /// connection and resumes an upload cut short where `<get_file_size>` says.
+        public var connectionLifetime: Duration = .seconds(600)
+        /// Connections open at once, at most; more are closed as they are accepted.
+        public var maxConnections = 1024
+        /// Request bodies held in memory at once, together (each request counts its
+        /// Content-Length, or its limit without one); a request past it gets 503, which a
+        /// BOINC client retries later.
+        public var maxBufferedBodyBytes = 256 << 20
 
         public init(url: String, key: BOINCSigning.PrivateKey, uploadDirectory: String, schedulerURLs: [String] = []) {
             let base = url.hasSuffix("/") ? url : url + "/"

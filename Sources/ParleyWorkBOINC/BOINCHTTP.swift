@@ -1,6 +1,7 @@
 import Foundation
 import Hummingbird
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 
 /// The BOINC front end's HTTP layer (`parley work serve --boinc URL`), on Hummingbird, thin:
@@ -17,10 +18,17 @@ public enum BOINCHTTP {
     public static func application(
         host: String, port: Int, frontEnd: BOINCFrontEnd, logger: Logger, onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
     ) -> some ApplicationProtocol {
-        Application(
+        let connections = BOINCConnectionLimits.Count(max: frontEnd.configuration.maxConnections)
+        let lifetime = TimeAmount(frontEnd.configuration.connectionLifetime)
+        return Application(
             // A connection that sends and reads nothing for a minute is closed: one that opens
-            // and waits would otherwise hold a file descriptor for ever.
-            router: self.router(frontEnd), server: .http1(configuration: .init(idleTimeout: .seconds(60))),
+            // and waits would otherwise hold a file descriptor for ever. One that trickles is
+            // closed at the end of its lifetime, and beyond the cap none is kept.
+            router: self.router(frontEnd),
+            server: .http1(configuration: .init(
+                additionalChannelHandlers: [BOINCConnectionLimits(count: connections, lifetime: lifetime, logger: logger)],
+                idleTimeout: .seconds(60)
+            )),
             configuration: .init(address: .hostname(host, port: port), serverName: "parley-work-boinc"),
             onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? port) }, logger: logger
         )
@@ -29,6 +37,7 @@ public enum BOINCHTTP {
     /// The router alone (tests drive it in process).
     public static func router(_ frontEnd: BOINCFrontEnd) -> Router<BasicRequestContext> {
         let base = Self.path(of: frontEnd.configuration.url)
+        let budget = BodyBudget(frontEnd.configuration.maxBufferedBodyBytes)
         let schedulers = Set(frontEnd.configuration.schedulerURLs.map(Self.path(of:)))
         let router = Router()
         let get: @Sendable (Request, BasicRequestContext) async throws -> Response = { request, _ in
@@ -44,17 +53,24 @@ public enum BOINCHTTP {
             let path = request.uri.path
             if schedulers.contains(path) {
                 let limit = frontEnd.configuration.maxRequestBytes
-                guard let body = try await Self.body(request, limit: limit) else {
+                guard let body = try await Self.body(request, limit: limit, budget: budget) else {
                     return Self.response(frontEnd.refuse(.init(status: 413, message: "the scheduler request is over this project's limit of \(limit) bytes")))
                 }
-                return Self.response(await frontEnd.schedule(body: body))
+                guard case .some(let bytes) = body else {
+                    return Self.response(frontEnd.refuse(.init(status: 503, message: "the server holds too many requests at once; try again later")))
+                }
+                return Self.response(await frontEnd.schedule(body: bytes))
             }
             if path == base + "file_upload_handler" {
                 let limit = frontEnd.configuration.maxUploadBytes + (64 << 10)
-                guard let body = try await Self.body(request, limit: limit) else {
+                guard let body = try await Self.body(request, limit: limit, budget: budget) else {
                     return Self.response(.dataServer(413, .init(status: -1, message: "the upload is over this project's limit of \(frontEnd.configuration.maxUploadBytes) bytes; nothing was stored")))
                 }
-                return Self.response(await frontEnd.upload(body: body))
+                guard case .some(let bytes) = body else {
+                    // Transient (status 1): the client tries again later.
+                    return Self.response(.dataServer(503, .init(status: 1, message: "the server holds too many uploads at once; try again later")))
+                }
+                return Self.response(await frontEnd.upload(body: bytes))
             }
             return Self.response(.text(404, "not found"))
         }
@@ -65,8 +81,28 @@ public enum BOINCHTTP {
         return router
     }
 
-    /// The body, or nil if it is over `limit`.
-    static func body(_ request: Request, limit: Int) async throws -> [UInt8]? {
+    /// Bytes of request bodies held at once, together.
+    final class BodyBudget: Sendable {
+        private let left: NIOLockedValueBox<Int>
+        init(_ bytes: Int) { self.left = NIOLockedValueBox(bytes) }
+        func take(_ n: Int) -> Bool {
+            self.left.withLockedValue { left in
+                guard n <= left else { return false }
+                left -= n
+                return true
+            }
+        }
+        func give(_ n: Int) { self.left.withLockedValue { $0 += n } }
+    }
+
+    /// The body (nil if it is over `limit`), or `.some(nil)` when the budget has no room for
+    /// it: its Content-Length (its limit without one) is held from the budget while it is read.
+    static func body(_ request: Request, limit: Int, budget: BodyBudget) async throws -> [UInt8]?? {
+        let announced = request.headers[.contentLength].flatMap { Int($0) }
+        if let announced, announced > limit { return nil }
+        let held = min(announced ?? limit, limit)
+        guard budget.take(held) else { return .some(nil) }
+        defer { budget.give(held) }
         do {
             var buffer = try await request.body.collect(upTo: limit)
             return buffer.readBytes(length: buffer.readableBytes) ?? []
@@ -86,5 +122,67 @@ public enum BOINCHTTP {
             status: .init(code: r.status), headers: [.contentType: r.contentType],
             body: .init(byteBuffer: ByteBuffer(bytes: r.body))
         )
+    }
+}
+
+/// Closes connections beyond the cap as they are accepted, and each connection at the end of
+/// its lifetime (BOINCFrontEnd.Configuration). Passes everything through untouched.
+final class BOINCConnectionLimits: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+
+    /// Connections open now, shared by the handlers of one listener.
+    final class Count: Sendable {
+        let max: Int
+        private let open = NIOLockedValueBox(0)
+        init(max: Int) { self.max = max }
+        func enter() -> Bool {
+            self.open.withLockedValue { n in
+                guard n < self.max else { return false }
+                n += 1
+                return true
+            }
+        }
+        func leave() { self.open.withLockedValue { $0 -= 1 } }
+    }
+
+    let count: Count
+    let lifetime: TimeAmount
+    let logger: Logger
+    private var entered = false
+    private var timer: Scheduled<Void>?
+
+    init(count: Count, lifetime: TimeAmount, logger: Logger) {
+        self.count = count
+        self.lifetime = lifetime
+        self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        guard self.count.enter() else {
+            self.logger.warning("boinc connection refused: \(self.count.max) connections are open")
+            context.close(promise: nil)
+            return
+        }
+        self.entered = true
+        let channel = context.channel
+        let lifetime = self.lifetime
+        let logger = self.logger
+        self.timer = context.eventLoop.scheduleTask(in: lifetime) {
+            logger.info("boinc connection closed: open for \(lifetime.nanoseconds / 1_000_000_000) s")
+            channel.close(promise: nil)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.timer?.cancel()
+        self.timer = nil
+        if self.entered {
+            self.entered = false
+            self.count.leave()
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        context.fireChannelRead(data)
     }
 }

@@ -580,3 +580,89 @@ struct FailingStore: WorkStore {
         }
     }
 }
+
+/// The HTTP layer's limits on what clients may hold: connections at once, a connection's
+/// lifetime (a request trickled a byte at a time, each within the idle timeout), and request
+/// bodies held in memory together.
+@Suite struct BOINCHTTPLimitTests {
+    /// A blocking socket to 127.0.0.1 with a 20 s receive timeout (used by one thread at a time).
+    final class Socket: @unchecked Sendable {
+        let fd: Int32
+        init(port: Int) throws {
+            self.fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let ok = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            guard ok == 0 else { throw BOINCTestFailure("connect: errno \(errno)") }
+            var timeout = timeval(tv_sec: 20, tv_usec: 0)
+            setsockopt(self.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        }
+        deinit { close(self.fd) }
+        func send(_ text: String) { _ = Array(text.utf8).withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) } }
+        /// What comes until the peer closes (true) or the timeout (false).
+        func untilClosed() -> (closed: Bool, text: String) {
+            var out: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while true {
+                let n = buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress, $0.count, 0) }
+                if n == 0 || (n < 0 && errno == ECONNRESET) { return (true, String(decoding: out, as: UTF8.self)) }
+                if n < 0 { return (false, String(decoding: out, as: UTF8.self)) }
+                out += buffer[0..<n]
+            }
+        }
+    }
+
+    @Test func connectionsBeyondTheCapAndPastTheirLifetimeAreClosed() async throws {
+        let bench = try BOINCBench {
+            $0.maxConnections = 1
+            $0.connectionLifetime = .seconds(1)
+        }
+        defer { bench.remove() }
+        var quiet = Logger(label: "boinc-http")
+        quiet.logLevel = .critical
+        let (ports, continuation) = AsyncStream<Int>.makeStream()
+        let app = BOINCHTTP.application(host: "127.0.0.1", port: 0, frontEnd: bench.frontEnd, logger: quiet, onRunning: { continuation.yield($0) })
+        let server = Task { try await app.runService() }
+        defer { server.cancel() }
+        var iterator = ports.makeAsyncIterator()
+        let port = try #require(await iterator.next())
+        // An upload trickled: its connection closes at the end of its lifetime.
+        let slow = try Socket(port: port)
+        slow.send("POST /file_upload_handler HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n0123456789")
+        try await Task.sleep(for: .milliseconds(200))
+        // Beyond the cap (one connection): closed at once, unanswered.
+        let second = try Socket(port: port)
+        second.send("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        let started = ContinuousClock.now
+        let refused = await onOwnThread { second.untilClosed() }
+        #expect(refused.closed && refused.text.isEmpty, "\(refused)")
+        let ended = await onOwnThread { slow.untilClosed() }
+        #expect(ended.closed)
+        #expect(ContinuousClock.now - started < .seconds(15), "closed at its lifetime (1 s), not the idle timeout")
+        // Room again: a request is answered.
+        var answered = ""
+        for _ in 0..<50 where !answered.hasPrefix("HTTP/1.1 200") {
+            let third = try Socket(port: port)
+            third.send("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answered = await onOwnThread { third.untilClosed().text }
+            if !answered.hasPrefix("HTTP/1.1 200") { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        #expect(answered.hasPrefix("HTTP/1.1 200"), "\(answered)")
+    }
+
+    /// Bodies held together past the budget: the request that would pass it gets 503 (an
+    /// upload's transient status 1, which the client retries later); one within it is served.
+    @Test func bodiesPastTheBudgetGet503() async throws {
+        let bench = try BOINCBench { $0.maxBufferedBodyBytes = 1000 }
+        defer { bench.remove() }
+        let name = BOINCName(jobID: 1, leaseID: 1)
+        try await bench.withClient { client in
+            let big = try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: [UInt8](repeating: 1, count: 2000)))
+            #expect(big.status == 503 && big.text.contains("<status>1</status>"), "\(big.text)")
+            let small = try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: [1]))
+            #expect(small.status == 403, "within the budget it is read (and refused: no lease): \(small.text)")
+        }
+    }
+}
