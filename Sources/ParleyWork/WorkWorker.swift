@@ -331,6 +331,11 @@ public final class WorkWorker: Sendable {
         let leaseLost = NIOLockedValueBox<String?>(nil)
         do {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            // The lease is renewed from here, while inputs are fetched (which can take longer
+            // than a lease) and while the job runs; a job whose lease cannot be kept is never
+            // started, or stopped 5 s before it ends: another worker would get it meanwhile.
+            let keeper = assignment.deadlineUnixMs > 0 ? self.keepLease(assignment, lost: leaseLost) : nil
+            defer { keeper?.cancel() }
             do {
                 try await WorkFiles.writeInputs(spec.inputs, into: directory)
             } catch {
@@ -339,13 +344,14 @@ public final class WorkWorker: Sendable {
                 report.message = error.message
                 return (report, false)
             }
+            if let why = leaseLost.withLockedValue({ $0 }) {
+                report.errorKind = .compute
+                report.message = "not run: \(why)"
+                return (report, false)
+            }
             let jobID = assignment.jobID
             defer { self.running.withLockedValue { _ = $0.removeValue(forKey: jobID) } }
             let wall = spec.maxWallSeconds > 0 ? Duration.seconds(Int64(spec.maxWallSeconds)) : self.configuration.defaultMaxWall
-            // The lease is renewed while the job runs; a job whose lease cannot be kept is
-            // stopped 5 s before it ends, or another worker would get it while it still runs.
-            let keeper = assignment.deadlineUnixMs > 0 ? self.keepLease(assignment, lost: leaseLost) : nil
-            defer { keeper?.cancel() }
             let outcome = try await JobRunner.run(
                 spec, directory: directory, limiter: self.configuration.limiter,
                 maxWall: wall,
@@ -357,6 +363,11 @@ public final class WorkWorker: Sendable {
                     }
                     if stopping {
                         killedByShutdown.withLockedValue { $0 = true }
+                        JobRunner.killGroup(pid)
+                    } else if leaseLost.withLockedValue({ $0 }) != nil {
+                        // Lost between the check above and the start, when the keeper found no
+                        // process to stop (it reads `running` after setting `lost`; this reads
+                        // `lost` after setting `running`: one of the two sees the other).
                         JobRunner.killGroup(pid)
                     }
                 }

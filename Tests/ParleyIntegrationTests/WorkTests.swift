@@ -510,17 +510,51 @@ extension WorkProcessTests {
     /// Lease renewal: a job that runs twice as long as the master's lease time keeps its lease
     /// (the worker renews it) and is accepted from its first and only lease, no attempt lost.
     /// [R-19.3-2]
+    /// The same for a job whose input takes longer than a lease to fetch (an HTTP server that
+    /// answers the worker after 9 s): its lease is renewed during the fetch too; before, it
+    /// expired, and the job was handed to another worker while this one went on to run it.
     @Test func aLongJobKeepsItsLeaseByRenewingIt() async throws {
         let dir = freshTestDirectory("work-renew")
         #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
-        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--lease-seconds", "4"], command: ["work", "serve"])
+        // Answers its first request (the submitter's, which signs the input's hash) at once,
+        // later ones (the worker's) after 9 s. Stopped by its PID.
+        let http = Process()
+        http.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        http.arguments = ["-u", "-c", """
+            import http.server, time
+            seen = [0]
+            class H(http.server.BaseHTTPRequestHandler):
+                def do_GET(self):
+                    seen[0] += 1
+                    if seen[0] > 1: time.sleep(9)
+                    body = b"slow input\\n"
+                    self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+                def log_message(self, *a): pass
+            s = http.server.HTTPServer(("127.0.0.1", 0), H)
+            print("port", s.server_port, flush=True)
+            s.serve_forever()
+            """]
+        let httpOut = Pipe()
+        http.standardOutput = httpOut
+        http.standardError = FileHandle.nullDevice
+        try http.run()
+        defer { kill(http.processIdentifier, SIGKILL); http.waitUntilExit() }
+        let banner = String(decoding: httpOut.fileHandleForReading.availableData, as: UTF8.self)
+        let port = try #require(banner.split(separator: " ").last.flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }, "\(banner)")
+        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--lease-seconds", "4", "--max-attempts", "1"],
+                                                  command: ["work", "serve"])
         #expect(try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--", "/bin/sleep", "9"]).status == 0)
+        let slow = try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key",
+                                     "--input-url", "in.txt=http://127.0.0.1:\(port)/in.txt", "--", "/bin/cat", "in.txt"])
+        #expect(slow.status == 0, "\(slow.combined)")
         let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
-        let done = try await eventually(seconds: 60) { await (try? Self.status(master.address))?["succeeded"] == 1 }
+        let done = try await eventually(seconds: 90) { await (try? Self.status(master.address))?["succeeded"] == 2 }
         await workers.stop()
         if !done { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
-        let result = try await parley(["work", "results", "1", "--master", master.address])
-        #expect(result.stdout.contains("lease 1:") && !result.stdout.contains("attempt failed"), "\(result.combined)")
+        for id in ["1", "2"] {
+            let result = try await parley(["work", "results", id, "--master", master.address])
+            #expect(result.stdout.contains("lease \(id):") && !result.stdout.contains("attempt failed") && result.stdout.contains("succeeded"), "\(result.combined)")
+        }
         await master.stop()
     }
 }
