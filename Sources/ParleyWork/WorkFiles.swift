@@ -64,7 +64,12 @@ public enum WorkFiles {
                 }
             }
         }
-        for output in spec.outputs { try self.check(name: output) }
+        var outputs = Set<String>()
+        for output in spec.outputs {
+            try self.check(name: output)
+            // A report carries each output once: a name given twice could never be reported.
+            guard outputs.insert(output).inserted else { throw FileError("the output '\(output)' is named twice") }
+        }
     }
 
     /// What a master checks of a report's output files.

@@ -88,6 +88,10 @@ public enum WorkService {
     public static let maxTail = 1 << 20
     /// Jobs one `SubmitJobs` may hold.
     public static let maxJobsPerSubmit = 1000
+    /// Attempts a job may ask for (`max_attempts`).
+    public static let maxAttempts: UInt32 = 1000
+    /// Bytes of a failure's message kept (the rest is cut).
+    public static let maxMessage = 4096
 
     /// Wall-clock nanoseconds since 1970: leases outlive processes and move between masters.
     public static func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1e9) }
@@ -153,6 +157,10 @@ public enum WorkService {
                     try Self.check(app: spec.app)
                 } catch {
                     throw ParleyError(code: .invalidArgument, message: "job \(i) of the batch is refused: \(error.message); nothing was stored")
+                }
+                // Each attempt adds a reason to the job's record, which is rewritten whole.
+                guard job.maxAttempts <= Self.maxAttempts else {
+                    throw ParleyError(code: .invalidArgument, message: "job \(i) of the batch is refused: max_attempts \(job.maxAttempts) is over the limit of \(Self.maxAttempts); nothing was stored")
                 }
                 jobs.append(NewJob(
                     spec: Array(job.spec), signature: Array(job.signature), priority: Int(job.priority),
@@ -252,6 +260,7 @@ public enum WorkService {
             return reply
         }
         router.on(Parley_Work_V1_ReportResult.self) { report, context in
+            var report = report
             let worker = try Self.worker(report.worker, context)
             for (name, tail) in [("stdout", report.stdoutTail), ("stderr", report.stderrTail)] where tail.count > Self.maxTail {
                 throw ParleyError(code: .invalidArgument, message: "report refused: its \(name) tail of \(tail.count) bytes is over the limit of \(Self.maxTail); nothing was stored")
@@ -268,6 +277,11 @@ public enum WorkService {
                 guard let spec, Set(names).count == names.count, Set(names).isSubset(of: spec.outputs) else {
                     throw ParleyError(code: .invalidArgument, message: "report refused: its output files are not the ones the job's spec names; nothing was stored")
                 }
+            }
+            // A failure's message becomes a reason in the job's record, kept for good and
+            // rewritten with it: its first 4 KiB are kept.
+            if report.message.utf8.count > Self.maxMessage {
+                report.message = String(decoding: report.message.utf8.prefix(Self.maxMessage), as: UTF8.self) + " [cut]"
             }
             let outcome: LeaseReport.Outcome
             if report.errorKind == .none, report.exitStatus == 0, report.signal == 0 {

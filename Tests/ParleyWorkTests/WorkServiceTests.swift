@@ -151,10 +151,18 @@ struct InProcessMaster {
         remote.url = "ftp://example/big.bin"
         noSource.inputs = [remote]
         cases.append(("http(s) URL", noSource))
+        var twice = Parley_Work_V1_JobSpec()
+        twice.argv = ["/bin/true"]
+        twice.outputs = ["out", "out"]
+        cases.append(("'out' is named twice", twice))
+        var attempts = Parley_Work_V1_JobSpec()
+        attempts.argv = ["/bin/true"]
+        cases.append(("max_attempts 4294967295 is over the limit of 1000", attempts))
         for (why, spec) in cases {
             var job = Parley_Work_V1_SignedJob()
             job.spec = try spec.serializedBytes()
             job.signature = Data(try key.sign(job: Array(job.spec)))
+            if why.hasPrefix("max_attempts") { job.maxAttempts = .max }
             var submit = Parley_Work_V1_SubmitJobs()
             submit.jobs = [job]
             let refused = await #expect(throws: ParleyError.self) { _ = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self) }
@@ -162,6 +170,36 @@ struct InProcessMaster {
                     "\(why): \(String(describing: refused))")
         }
         #expect(try await store.counts()["queued"] == 0)
+    }
+
+    /// A failure's message is a reason kept in the job's record for good: its first 4 KiB
+    /// are kept, not 16 MiB on every attempt.
+    @Test func aFailuresLongMessageIsCut() async throws {
+        let master = try await InProcessMaster.start()
+        defer { master.stop() }
+        var spec = Parley_Work_V1_JobSpec()
+        spec.argv = ["/bin/false"]
+        var job = Parley_Work_V1_SignedJob()
+        job.spec = try spec.serializedBytes()
+        job.signature = Data(try master.key.sign(job: Array(job.spec)))
+        job.maxAttempts = 1
+        var submit = Parley_Work_V1_SubmitJobs()
+        submit.jobs = [job]
+        let id = try await master.client.request(submit, as: Parley_Work_V1_SubmitReply.self).jobIds[0]
+        var ask = Parley_Work_V1_RequestWork()
+        ask.worker = "w1"
+        ask.slots = 1
+        let assignment = try #require(try await master.client.request(ask, as: Parley_Work_V1_WorkAssignments.self).assignments.first)
+        var report = Parley_Work_V1_ReportResult()
+        report.worker = "w1"
+        report.jobID = id
+        report.leaseID = assignment.leaseID
+        report.errorKind = .compute
+        report.message = String(repeating: "é", count: 500_000)
+        #expect(try await master.client.request(report, as: Parley_Work_V1_ReportAck.self).verdict == .failed)
+        let failures = try #require(try await master.store.job(id)).record.failures
+        let reason = try #require(failures.first)
+        #expect(failures.count == 1 && reason.utf8.count < 4200 && reason.hasSuffix("[cut]"), "\(reason.utf8.count) bytes")
     }
 
     /// [R-19.2-4] With a cap on the leases a worker holds, RequestWork again and again gets
