@@ -391,6 +391,7 @@ public final class WorkWorker: Sendable {
             } else if outcome.exitStatus == 0, outcome.signal == 0, !spec.outputs.isEmpty {
                 do {
                     report.outputs = try WorkFiles.readOutputs(spec.outputs, from: directory)
+                    Self.fitTails(&report)
                 } catch {
                     report.errorKind = .upload
                     report.message = error.message
@@ -403,6 +404,20 @@ public final class WorkWorker: Sendable {
         let elapsed = ContinuousClock.now - started
         report.wallMs = elapsed.wholeMilliseconds
         return (report, killedByShutdown.withLockedValue { $0 })
+    }
+}
+
+extension WorkWorker {
+    /// Outputs (at most 16 MiB together) and tails (at most 1 MiB each) in one report must
+    /// fit one frame (16 MiB + 64 KiB by default), or no report could ever be sent: the
+    /// tails give way (each keeps its end), the outputs being the job's product.
+    static func fitTails(_ report: inout Parley_Work_V1_ReportResult) {
+        let room = max(0, WorkFiles.maxOutputBytes + (32 << 10) - report.outputs.reduce(0) { $0 + $1.content.count })
+        guard report.stdoutTail.count + report.stderrTail.count > room else { return }
+        let stderr = min(report.stderrTail.count, room / 2)
+        let stdout = min(report.stdoutTail.count, room - stderr)
+        report.stdoutTail = Data(report.stdoutTail.suffix(stdout))
+        report.stderrTail = Data(report.stderrTail.suffix(stderr))
     }
 }
 

@@ -560,6 +560,29 @@ extension WorkProcessTests {
 }
 
 extension WorkProcessTests {
+    /// A job that leaves the most output a report may carry (16 MiB) and writes 1 MiB to each
+    /// of stdout and stderr: its report still fits one frame (the tails give way, keeping
+    /// their ends), so the success is reported, not sent again and again until the lease
+    /// expires.
+    @Test func theLargestOutputsAndFullTailsFitOneReport() async throws {
+        let dir = freshTestDirectory("work-full-report")
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--max-attempts", "1"], command: ["work", "serve"])
+        let submit = try await parley(["work", "submit", "--master", master.address, "--key", dir + "/keys/work.key", "--output", "out.bin", "--shell", "--",
+                                       "head -c 16777216 /dev/zero > out.bin && head -c 1048576 /dev/zero | tr '\\0' o && head -c 1048576 /dev/zero | tr '\\0' e >&2"])
+        #expect(submit.status == 0, "\(submit.combined)")
+        let workers = try Workers(count: 1, master: master.address, trust: dir + "/keys/work.pub", dir: dir)
+        let done = try await eventually(seconds: 90) { await (try? Self.status(master.address)).map { $0["succeeded"] == 1 || $0["failed"] == 1 } ?? false }
+        await workers.stop()
+        if !done { Issue.record("status: \(String(describing: try? await Self.status(master.address)))") }
+        let saved = try await parley(["work", "results", "1", "--master", master.address, "--save-outputs", dir + "/saved"])
+        #expect(saved.stdout.contains("succeeded") && saved.stdout.contains("output out.bin: 16777216 bytes"), "\(saved.combined.prefix(2000))")
+        #expect(FileManager.default.contents(atPath: dir + "/saved/out.bin")?.count == 16 << 20)
+        await master.stop()
+    }
+}
+
+extension WorkProcessTests {
     /// `--require-caps`: a submitter's entity (work.submit) can submit but not take work; a
     /// worker's (work.worker) can work but not submit; each refusal names the capability.
     @Test func capabilitiesSeparateSubmittersFromWorkers() async throws {
