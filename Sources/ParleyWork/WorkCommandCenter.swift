@@ -208,8 +208,8 @@ public final class WorkCommandCenter: Sendable {
         return self.forward(id: id, worker: worker) { continuation in
             for try await event in responses {
                 switch event {
-                case .item(let update, _): continuation.yield(.update(update))
-                case .final(let result): continuation.yield(.result(result))
+                case .item(let update, _): try Self.pass(.update(update), to: continuation, id: id)
+                case .final(let result): try Self.pass(.result(result), to: continuation, id: id)
                 }
             }
         }
@@ -225,17 +225,30 @@ public final class WorkCommandCenter: Sendable {
             throw error
         }
         return self.forward(id: id, worker: worker) { continuation in
-            for try await event in upstream { continuation.yield(event) }
+            for try await event in upstream { try Self.pass(event, to: continuation, id: id) }
         }
     }
 
-    /// The `Run` of command `id`: `pump` yields its events, in a task that ends the command's
-    /// entry when it ends; cancelling the run (or dropping its events) cancels the task.
+    /// Events of a command held for its reader, at most (each update up to 64 KiB or so):
+    /// past them the reader is too slow, and the command is stopped rather than its output
+    /// kept in memory without end (the worker's side answers updates as they come).
+    static let maxBufferedEvents = 1024
+
+    /// Passes `event` on, or throws when the reader is `maxBufferedEvents` behind.
+    static func pass(_ event: Event, to continuation: AsyncThrowingStream<Event, any Error>.Continuation, id: UInt64) throws(ParleyError) {
+        if case .dropped = continuation.yield(event) {
+            throw ParleyError(code: .cancelled, message: "command \(id) stopped: its output came faster than it was read (\(Self.maxBufferedEvents) updates waiting)")
+        }
+    }
+
+    /// The `Run` of command `id`: `pump` yields its events (through `pass`), in a task that
+    /// ends the command's entry when it ends; cancelling the run (or dropping its events)
+    /// cancels the task, and so does a reader `maxBufferedEvents` behind.
     private func forward(
         id: UInt64, worker: String,
         _ pump: @escaping @Sendable (AsyncThrowingStream<Event, any Error>.Continuation) async throws -> Void
     ) -> Run {
-        let (events, continuation) = AsyncThrowingStream<Event, any Error>.makeStream()
+        let (events, continuation) = AsyncThrowingStream<Event, any Error>.makeStream(bufferingPolicy: .bufferingOldest(Self.maxBufferedEvents))
         let forward = Task {
             defer { self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) } }
             do {

@@ -535,6 +535,28 @@ final class MemoryTransfer: WorkTransfer {
         #expect(refused?.code == .permissionDenied && refused?.message.contains("--allow-commands") == true)
     }
 
+    /// A command whose output comes faster than its reader takes it (here: not at all for
+    /// 3 s) is stopped once `maxBufferedEvents` updates wait, the reader told why after
+    /// those, instead of the master keeping the output in memory without end.
+    @Test func aReaderThatFallsBehindStopsTheCommand() async throws {
+        let rig = try await CommandRig.start()
+        defer { rig.stop() }
+        let run = try await rig.center.run(CommandRig.shell(["yes"]), on: "w1")
+        try await Task.sleep(for: .seconds(3))
+        var updates = 0
+        var failure: (any Error)?
+        do {
+            for try await event in run.events {
+                if case .update = event { updates += 1 }
+                if updates > 100_000 { break }
+            }
+        } catch {
+            failure = error
+        }
+        #expect((failure as? ParleyError)?.message.contains("faster than it was read") == true, "\(String(describing: failure)) after \(updates) updates")
+        #expect(updates <= WorkCommandCenter.maxBufferedEvents)
+    }
+
     /// [R-19.8-4] A rogue worker's transfers: out of order, past the limit, for a command it does not
     /// run, or for another worker's command: each refused, nothing written.
     @Test func transfersOutOfTheirCommandAreRefused() async throws {
