@@ -555,6 +555,13 @@ final class MemoryTransfer: WorkTransfer {
         }
         #expect((failure as? ParleyError)?.message.contains("faster than it was read") == true, "\(String(describing: failure)) after \(updates) updates")
         #expect(updates <= WorkCommandCenter.maxBufferedEvents)
+        // And the worker's process goes: the stream's end tells the worker (CANCEL).
+        var stopped = false
+        for _ in 0..<200 where !stopped {
+            stopped = rig.executor.runningCount == 0
+            if !stopped { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        #expect(stopped, "the command still runs on the worker")
     }
 
     /// [R-19.8-4] A rogue worker's transfers: out of order, past the limit, for a command it does not
