@@ -57,14 +57,19 @@ public final class BOINCFrontEnd: Sendable {
         /// A connection is closed this long after it was accepted, done or not: a client that
         /// sends a request a byte at a time (each within the idle timeout) cannot hold it,
         /// and the body gathered so far, for ever. A BOINC client makes one request per
-        /// connection and resumes an upload cut short where `<get_file_size>` says.
-        public var connectionLifetime: Duration = .seconds(600)
+        /// connection; the body of an upload is stored only once whole, so an upload must
+        /// arrive within this (16 MiB at 4.6 KB/s in an hour).
+        public var connectionLifetime: Duration = .seconds(3600)
         /// Connections open at once, at most; more are closed as they are accepted.
         public var maxConnections = 1024
         /// Request bodies held in memory at once, together (each request counts its
         /// Content-Length, or its limit without one); a request past it gets 503, which a
         /// BOINC client retries later.
         public var maxBufferedBodyBytes = 256 << 20
+        /// How often uploads no report can use any more are removed (`sweepUploads`), and
+        /// how long an upload is kept at most without its report.
+        public var uploadSweepInterval: Duration = .seconds(600)
+        public var uploadRetention: Duration = .seconds(7 * 86_400)
 
         public init(url: String, key: BOINCSigning.PrivateKey, uploadDirectory: String, schedulerURLs: [String] = []) {
             let base = url.hasSuffix("/") ? url : url + "/"
@@ -346,6 +351,45 @@ public final class BOINCFrontEnd: Sendable {
         } catch {
             return .dataServer(503, .init(status: 1, message: "the upload store failed: \(error)"))
         }
+    }
+
+    /// Removes the uploads no report can use any more: of a job the store does not have or
+    /// that succeeded, of a lease it never gave or that reported a failure, of names this
+    /// project never gives, and any unchanged for `uploadRetention` (a client that never
+    /// reports: a lease that expired may still report a late success, so its uploads stay
+    /// until then). Returns how many files went.
+    @discardableResult
+    public func sweepUploads(now: Date = Date()) async throws -> Int {
+        let retention = Double(self.configuration.uploadRetention.components.seconds)
+        var records: [UInt64: JobRecord?] = [:]
+        var removed = 0
+        for (file, modified) in try await self.uploads.files() {
+            let upload = file.hasSuffix(".part") ? String(file.dropLast(".part".count)) : file
+            var stale = now.timeIntervalSince(modified) > retention
+            if !stale {
+                if let (name, _) = BOINCName.parse(file: upload) {
+                    let record: JobRecord?
+                    if let known = records[name.jobID] {
+                        record = known
+                    } else {
+                        record = try await self.store.job(name.jobID)?.record
+                        records[name.jobID] = record
+                    }
+                    if let record {
+                        stale = Self.succeeded(record.state) || !record.leases.contains { $0.id == name.leaseID } || record.failedLeases.contains(name.leaseID)
+                    } else {
+                        stale = true
+                    }
+                } else {
+                    stale = true
+                }
+            }
+            if stale {
+                try await self.uploads.remove(file: file)
+                removed += 1
+            }
+        }
+        return removed
     }
 
     static func succeeded(_ state: JobRecord.State) -> Bool {

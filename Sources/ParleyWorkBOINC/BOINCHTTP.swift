@@ -30,7 +30,24 @@ public enum BOINCHTTP {
                 idleTimeout: .seconds(60)
             )),
             configuration: .init(address: .hostname(host, port: port), serverName: "parley-work-boinc"),
-            onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? port) }, logger: logger
+            onServerRunning: { channel in
+                // Uploads no report can use any more go, while the server runs.
+                let interval = frontEnd.configuration.uploadSweepInterval
+                let sweeper = Task {
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: interval)
+                        if Task.isCancelled { return }
+                        do {
+                            let n = try await frontEnd.sweepUploads()
+                            if n > 0 { logger.info("boinc uploads removed: no report can use them", metadata: ["files": "\(n)"]) }
+                        } catch {
+                            logger.warning("cannot sweep boinc uploads", metadata: ["error": "\(error)"])
+                        }
+                    }
+                }
+                channel.closeFuture.whenComplete { _ in sweeper.cancel() }
+                await onRunning(channel.localAddress?.port ?? port)
+            }, logger: logger
         )
     }
 

@@ -241,6 +241,22 @@ final class BOINCUploadStore: Sendable {
         }
     }
 
+    /// The files of the upload directory (uploads and part files), with their last change.
+    func files() async throws -> [(name: String, modified: Date)] {
+        try await self.pool.runIfActive {
+            ((try? FileManager.default.contentsOfDirectory(atPath: self.directory)) ?? []).compactMap { name -> (name: String, modified: Date)? in
+                guard let date = (try? FileManager.default.attributesOfItem(atPath: self.path(name)))?[.modificationDate] as? Date else { return nil }
+                return (name, date)
+            }
+        }
+    }
+
+    /// Removes file `name` (an upload, or a part file) under its upload's lock.
+    func remove(file name: String) async throws {
+        let upload = name.hasSuffix(".part") ? String(name.dropLast(".part".count)) : name
+        try await self.withFile(upload) { try? FileManager.default.removeItem(atPath: self.path(name)) }
+    }
+
     /// Forgets the uploads whose names start with `prefix` (a lease's).
     func remove(prefix: String) async throws {
         let names = try await self.pool.runIfActive {

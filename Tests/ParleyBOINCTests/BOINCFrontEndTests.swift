@@ -424,6 +424,45 @@ func elements(_ tag: String, in text: String) -> [String] {
         }
     }
 
+    /// Uploads no report can use go at the sweep: those of a lease whose job another lease
+    /// completed, files under names this project never gives, and any older than the
+    /// retention (a client that never reports); a live lease's upload stays.
+    @Test func uploadsNoReportCanUseAreSwept() async throws {
+        let bench = try BOINCBench()
+        defer { bench.remove() }
+        let first = try await bench.submit(echoSpec(), maxAttempts: 2)
+        let second = try await bench.submit(echoSpec(), maxAttempts: 2)
+        try await bench.withClient { client in
+            func upload(_ file: String) async throws -> Int {
+                try await client.post("/file_upload_handler", uploadRequest(file, data: Array("out\n".utf8), grant: bench.frontEnd.grant.token(for: file))).status
+            }
+            // Host A takes both jobs, uploads for both, and never reports.
+            let a = try await client.post("/scheduler", schedulerRequest(cpid: "aaa", instances: 2))
+            let leased = elements("name", in: a.text).filter { $0.hasSuffix("_r") }.compactMap(BOINCName.parse(result:))
+            let oldOne = try #require(leased.first { $0.jobID == first })
+            let kept = try #require(leased.first { $0.jobID == second })
+            #expect(try await upload(oldOne.output(0)) == 200)
+            #expect(try await upload(kept.output(0)) == 200)
+            // Its leases expire; host B takes the first job again and completes it.
+            #expect(try await bench.store.expireLeases(now: WorkService.now() + 10 * 86_400 * 1_000_000_000) == 2)
+            let b = try await client.post("/scheduler", schedulerRequest(cpid: "bbb", instances: 2))
+            let redo = try #require(elements("name", in: b.text).filter { $0.hasSuffix("_r") }.compactMap(BOINCName.parse(result:)).first { $0.jobID == first })
+            #expect(try await upload(redo.output(0)) == 200)
+            #expect(try await upload(redo.stdout) == 200)
+            let report = try await client.post("/scheduler", schedulerRequest(cpid: "bbb", seconds: 0, holdsKey: true, results: [reportedResult(redo.result)]))
+            #expect(elements("result_ack", in: report.text).count == 1)
+            _ = FileManager.default.createFile(atPath: bench.directory + "/uploads/not_ours", contents: Data("x".utf8))
+            // The first job succeeded by another lease, and a stray file: swept. The second
+            // job's expired lease may still report a late success: kept, until the retention.
+            #expect(try await bench.frontEnd.sweepUploads() == 2)
+            #expect(try await bench.frontEnd.uploads.size(oldOne.output(0)) == 0)
+            #expect(try await bench.frontEnd.uploads.size(kept.output(0)) == 4)
+            #expect(try await bench.frontEnd.sweepUploads(now: Date() + 8 * 86_400) == 1)
+            let left = try FileManager.default.contentsOfDirectory(atPath: bench.directory + "/uploads")
+            #expect(left.isEmpty, "\(left)")
+        }
+    }
+
     @Test func aJobWhoseSignatureDoesNotVerifyIsNotHandedOut() async throws {
         let bench = try BOINCBench()
         defer { bench.remove() }
