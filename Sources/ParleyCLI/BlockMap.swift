@@ -138,7 +138,7 @@ struct BlockMapCommand: AsyncParsableCommand {
         }
         guard MultipathIOState.Policy(rawValue: self.policy) != nil else { throw ValidationError("--policy must be round-robin or min-inflight") }
         guard self.ioTimeout > 0, self.ioTimeout <= 86400 else { throw ValidationError("--io-timeout must be in (0, 86400] seconds") }
-        if let t = self.answerTimeout, !(t > 0 && t <= 86400) { throw ValidationError("--answer-timeout must be in (0, 86400] seconds") }
+        if let t = self.answerTimeout, !(t >= 0.001 && t <= 86400) { throw ValidationError("--answer-timeout must be in [0.001, 86400] seconds") }
         guard (0...10_000).contains(self.pollAfterReply) else { throw ValidationError("--poll-after-reply must be 0...10000 microseconds") }
     }
 

@@ -184,7 +184,12 @@ public enum LeaseRules {
         job.state = .queued
     }
 
+    /// Bytes of a failed attempt's reason kept in the job's record (which keeps every
+    /// reason and is rewritten whole at each change): past it, the reason is cut.
+    public static let maxReasonBytes = 8192
+
     private static func attemptFailed(_ job: inout JobRecord, reason: String) -> ReportVerdict {
+        let reason = reason.utf8.count <= Self.maxReasonBytes ? reason : String(decoding: reason.utf8.prefix(Self.maxReasonBytes), as: UTF8.self) + " [cut]"
         job.failures.append(reason)
         if job.leases.count >= job.maxAttempts {
             job.state = .failed(reasons: job.failures)

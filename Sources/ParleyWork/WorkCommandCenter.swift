@@ -234,9 +234,18 @@ public final class WorkCommandCenter: Sendable {
     /// kept in memory without end (the worker's side answers updates as they come).
     static let maxBufferedEvents = 1024
 
-    /// Passes `event` on, or throws when the reader is `maxBufferedEvents` behind.
+    /// Passes `event` on, or throws when the reader is `maxBufferedEvents` updates behind.
+    /// The buffer holds one more: the command's result always gets in behind its updates.
     static func pass(_ event: Event, to continuation: AsyncThrowingStream<Event, any Error>.Continuation, id: UInt64) throws(ParleyError) {
-        if case .dropped = continuation.yield(event) {
+        let overflow: Bool
+        switch continuation.yield(event) {
+        case .enqueued(let remaining):
+            if case .update = event { overflow = remaining == 0 } else { overflow = false }
+        case .dropped: overflow = true
+        case .terminated: overflow = false
+        @unknown default: overflow = false
+        }
+        if overflow {
             throw ParleyError(code: .cancelled, message: "command \(id) stopped: its output came faster than it was read (\(Self.maxBufferedEvents) updates waiting)")
         }
     }
@@ -248,7 +257,7 @@ public final class WorkCommandCenter: Sendable {
         id: UInt64, worker: String,
         _ pump: @escaping @Sendable (AsyncThrowingStream<Event, any Error>.Continuation) async throws -> Void
     ) -> Run {
-        let (events, continuation) = AsyncThrowingStream<Event, any Error>.makeStream(bufferingPolicy: .bufferingOldest(Self.maxBufferedEvents))
+        let (events, continuation) = AsyncThrowingStream<Event, any Error>.makeStream(bufferingPolicy: .bufferingOldest(Self.maxBufferedEvents + 1))
         let forward = Task {
             defer { self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) } }
             do {

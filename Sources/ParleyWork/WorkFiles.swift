@@ -64,6 +64,9 @@ public enum WorkFiles {
                 }
             }
         }
+        // Each output's name goes into the report beside the files: a frame holds 1,000 of
+        // the longest names with room to spare.
+        guard spec.outputs.count <= 1000 else { throw FileError("the job names \(spec.outputs.count) outputs, over the limit of 1000") }
         var outputs = Set<String>()
         for output in spec.outputs {
             try self.check(name: output)

@@ -412,9 +412,12 @@ extension WorkWorker {
     /// fit one frame (16 MiB + 64 KiB by default), or no report could ever be sent: the
     /// tails give way (each keeps its end), the outputs being the job's product.
     static func fitTails(_ report: inout Parley_Work_V1_ReportResult) {
-        let room = max(0, WorkFiles.maxOutputBytes + (32 << 10) - report.outputs.reduce(0) { $0 + $1.content.count })
+        // Each output also carries its name, size and SHA-256 (some 50 bytes of protobuf).
+        let outputs = report.outputs.reduce(0) { $0 + $1.content.count + $1.name.utf8.count + 64 }
+        let room = max(0, WorkFiles.maxOutputBytes + (32 << 10) - outputs)
         guard report.stdoutTail.count + report.stderrTail.count > room else { return }
-        let stderr = min(report.stderrTail.count, room / 2)
+        // Each tail gets half the room, and what the other leaves of its half.
+        let stderr = min(report.stderrTail.count, max(room / 2, room - report.stdoutTail.count))
         let stdout = min(report.stdoutTail.count, room - stderr)
         report.stdoutTail = Data(report.stdoutTail.suffix(stdout))
         report.stderrTail = Data(report.stderrTail.suffix(stderr))

@@ -358,10 +358,17 @@ final class RawSocket: @unchecked Sendable {
                 #expect(socket.peerClosed)
             }
             #expect(ContinuousClock.now - started < .seconds(25), "closed by the upgrade timeout, not the test socket's 30 s")
-            // The worker is still served after the timeout: the master's first request
-            // comes, and it is not closed.
-            let first = await worker.frame()
-            #expect(first?.opcode == 2 && !worker.peerClosed)
+            // The logged-in worker outlived the timeout: answered now, the master's requests
+            // (print, get_worker_info) are followed by its next one.
+            var requests: [String] = []
+            for _ in 0..<3 {
+                guard let frame = await worker.frame(), frame.opcode == 2,
+                      case .request(let op, let n, _) = try BuildbotMessage.parse(try MessagePack.decode(frame.payload)) else { break }
+                requests.append(op)
+                let result: MessagePack = op == "get_worker_info" ? .object(["basedir": "/scripted", "version": "scripted", "numcpus": 1]) : .nil
+                worker.send(RawSocket.frame(opcode: 2, BuildbotMessage.response(seq: n, result: result).encoded()))
+            }
+            #expect(requests == ["print", "get_worker_info", "set_worker_settings"] && !worker.peerClosed, "\(requests)")
         }
     }
 

@@ -531,7 +531,7 @@ extension WorkProcessTests {
                     self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
                 def log_message(self, *a): pass
             s = http.server.HTTPServer(("127.0.0.1", 0), H)
-            print("port", s.server_port, flush=True)
+            print(f"port {s.server_port}", flush=True)
             s.serve_forever()
             """]
         let httpOut = Pipe()
@@ -539,7 +539,11 @@ extension WorkProcessTests {
         http.standardError = FileHandle.nullDevice
         try http.run()
         defer { kill(http.processIdentifier, SIGKILL); http.waitUntilExit() }
-        let banner = String(decoding: httpOut.fileHandleForReading.availableData, as: UTF8.self)
+        // Read until the line is whole (an unbuffered print may come in pieces).
+        var banner = ""
+        for _ in 0..<50 where !banner.contains("\n") {
+            banner += String(decoding: httpOut.fileHandleForReading.availableData, as: UTF8.self)
+        }
         let port = try #require(banner.split(separator: " ").last.flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }, "\(banner)")
         let master = try await ServeProcess.start(["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--lease-seconds", "4", "--max-attempts", "1"],
                                                   command: ["work", "serve"])

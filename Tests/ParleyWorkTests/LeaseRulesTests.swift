@@ -51,6 +51,16 @@ import Testing
         #expect(throws: LeaseError.self) { try LeaseRules.assign(&job, to: "w4", leaseID: 4, now: 0, duration: 1) }
     }
 
+    /// A reason longer than the record keeps (any front end's: a Buildbot worker's failure
+    /// text may be 16 MiB) is cut, marked so.
+    @Test func aLongReasonIsCut() throws {
+        var job = JobRecord(id: 4, maxAttempts: 1)
+        _ = try LeaseRules.assign(&job, to: "w1", leaseID: 1, now: 0, duration: second)
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: 1, worker: "w1", outcome: .failure(String(repeating: "x", count: 1 << 20)))) == .failed)
+        let reason = try #require(job.failures.first)
+        #expect(reason.utf8.count <= LeaseRules.maxReasonBytes + 6 && reason.hasSuffix(" [cut]"), "\(reason.utf8.count)")
+    }
+
     @Test func aLateSuccessFromAnExpiredLeaseIsAcceptedOnceAndItsCompetitorIsSuperseded() throws {
         var job = JobRecord(id: 4)
         _ = try LeaseRules.assign(&job, to: "slow", leaseID: 1, now: 0, duration: second)
