@@ -205,11 +205,11 @@ public final class WorkCommandCenter: Sendable {
             self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) }
             throw error
         }
-        return self.forward(id: id, worker: worker) { continuation in
+        return self.forward(id: id, worker: worker) { pass in
             for try await event in responses {
                 switch event {
-                case .item(let update, _): try Self.pass(.update(update), to: continuation, id: id)
-                case .final(let result): try Self.pass(.result(result), to: continuation, id: id)
+                case .item(let update, _): pass(.update(update))
+                case .final(let result): pass(.result(result))
                 }
             }
         }
@@ -224,8 +224,8 @@ public final class WorkCommandCenter: Sendable {
             self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) }
             throw error
         }
-        return self.forward(id: id, worker: worker) { continuation in
-            for try await event in upstream { try Self.pass(event, to: continuation, id: id) }
+        return self.forward(id: id, worker: worker) { pass in
+            for try await event in upstream { pass(event) }
         }
     }
 
@@ -234,37 +234,44 @@ public final class WorkCommandCenter: Sendable {
     /// kept in memory without end (the worker's side answers updates as they come).
     static let maxBufferedEvents = 1024
 
-    /// Passes `event` on, or throws when the reader is `maxBufferedEvents` updates behind.
-    /// The buffer holds one more: the command's result always gets in behind its updates.
-    static func pass(_ event: Event, to continuation: AsyncThrowingStream<Event, any Error>.Continuation, id: UInt64) throws(ParleyError) {
-        let overflow: Bool
-        switch continuation.yield(event) {
+    /// Whether yielding `event` found the reader `maxBufferedEvents` updates behind. The
+    /// buffer holds one more: the command's result always gets in behind its updates.
+    static func overflows(_ yielded: AsyncThrowingStream<Event, any Error>.Continuation.YieldResult, _ event: Event) -> Bool {
+        switch yielded {
         case .enqueued(let remaining):
-            if case .update = event { overflow = remaining == 0 } else { overflow = false }
-        case .dropped: overflow = true
-        case .terminated: overflow = false
-        @unknown default: overflow = false
-        }
-        if overflow {
-            throw ParleyError(code: .cancelled, message: "command \(id) stopped: its output came faster than it was read (\(Self.maxBufferedEvents) updates waiting)")
+            if case .update = event { return remaining == 0 }
+            return false
+        case .dropped: return true
+        case .terminated: return false
+        @unknown default: return false
         }
     }
 
-    /// The `Run` of command `id`: `pump` yields its events (through `pass`), in a task that
+    /// The `Run` of command `id`: `pump` passes its events on (to `pass`), in a task that
     /// ends the command's entry when it ends; cancelling the run (or dropping its events)
-    /// cancels the task, and so does a reader `maxBufferedEvents` behind.
+    /// cancels the task, and so does a reader `maxBufferedEvents` behind: the task's
+    /// cancellation ends the pump's upstream, which stops the command on the worker, and the
+    /// reader is told why after what it has not read yet.
     private func forward(
         id: UInt64, worker: String,
-        _ pump: @escaping @Sendable (AsyncThrowingStream<Event, any Error>.Continuation) async throws -> Void
+        _ pump: @escaping @Sendable (_ pass: @Sendable (Event) -> Void) async throws -> Void
     ) -> Run {
         let (events, continuation) = AsyncThrowingStream<Event, any Error>.makeStream(bufferingPolicy: .bufferingOldest(Self.maxBufferedEvents + 1))
+        let overflow = NIOLockedValueBox<ParleyError?>(nil)
+        let pass: @Sendable (Event) -> Void = { event in
+            guard overflow.withLockedValue({ $0 == nil }), Self.overflows(continuation.yield(event), event) else { return }
+            overflow.withLockedValue {
+                $0 = ParleyError(code: .cancelled, message: "command \(id) stopped: its output came faster than it was read (\(Self.maxBufferedEvents) updates waiting)")
+            }
+            withUnsafeCurrentTask { $0?.cancel() }
+        }
         let forward = Task {
             defer { self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) } }
             do {
-                try await pump(continuation)
-                continuation.finish()
+                try await pump(pass)
+                if let stopped = overflow.withLockedValue({ $0 }) { continuation.finish(throwing: stopped) } else { continuation.finish() }
             } catch {
-                continuation.finish(throwing: error)
+                continuation.finish(throwing: overflow.withLockedValue { $0 } ?? error)
             }
         }
         continuation.onTermination = { _ in forward.cancel() }

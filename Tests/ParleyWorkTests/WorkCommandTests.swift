@@ -558,7 +558,7 @@ final class MemoryTransfer: WorkTransfer {
         #expect((failure as? ParleyError)?.message.contains("faster than it was read") == true, "\(String(describing: failure)) after \(updates) updates")
         // And the worker's process goes: the stream's end tells the worker (CANCEL).
         var stopped = false
-        for _ in 0..<200 where !stopped {
+        for _ in 0..<1200 where !stopped {
             stopped = rig.executor.runningCount == 0
             if !stopped { try await Task.sleep(for: .milliseconds(50)) }
         }
