@@ -48,6 +48,11 @@ struct BOINCBench {
 
     func app() -> some ApplicationProtocol { Application(router: BOINCHTTP.router(self.frontEnd)) }
 
+    /// Uploads `text` as `file` with the grant the front end gives it; the HTTP status.
+    func upload(_ file: String, _ text: String, _ client: any TestClientProtocol) async throws -> Int {
+        try await client.post("/file_upload_handler", uploadRequest(file, data: Array(text.utf8), grant: self.frontEnd.grant.token(for: file))).status
+    }
+
     /// Runs `body` with a test client of the router.
     func withClient<T: Sendable>(_ body: @Sendable (any TestClientProtocol) async throws -> T) async throws -> T {
         try await self.app().test(.router, body)
@@ -409,9 +414,7 @@ func elements(_ tag: String, in text: String) -> [String] {
                 Issue.record("the job did not fail when its only lease expired")
                 return
             }
-            func upload(_ file: String, _ text: String) async throws -> Int {
-                try await client.post("/file_upload_handler", uploadRequest(file, data: Array(text.utf8), grant: bench.frontEnd.grant.token(for: file))).status
-            }
+            func upload(_ file: String, _ text: String) async throws -> Int { try await bench.upload(file, text, client) }
             #expect(try await upload(name.output(0), "late\n") == 200)
             #expect(try await upload(name.stdout, "hi\n") == 200)
             let report = try await client.post("/scheduler", schedulerRequest(seconds: 0, holdsKey: true, results: [reportedResult(name.result)]))
@@ -433,9 +436,7 @@ func elements(_ tag: String, in text: String) -> [String] {
         let first = try await bench.submit(echoSpec(), maxAttempts: 2)
         let second = try await bench.submit(echoSpec(), maxAttempts: 2)
         try await bench.withClient { client in
-            func upload(_ file: String) async throws -> Int {
-                try await client.post("/file_upload_handler", uploadRequest(file, data: Array("out\n".utf8), grant: bench.frontEnd.grant.token(for: file))).status
-            }
+            func upload(_ file: String) async throws -> Int { try await bench.upload(file, "out\n", client) }
             // Host A takes both jobs, uploads for both, and never reports.
             let a = try await client.post("/scheduler", schedulerRequest(cpid: "aaa", instances: 2))
             let leased = elements("name", in: a.text).filter { $0.hasSuffix("_r") }.compactMap(BOINCName.parse(result:))
@@ -627,17 +628,7 @@ struct FailingStore: WorkStore {
     /// A blocking socket to 127.0.0.1 with a 20 s receive timeout (used by one thread at a time).
     final class Socket: @unchecked Sendable {
         let fd: Int32
-        init(port: Int) throws {
-            self.fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_port = in_port_t(UInt16(port).bigEndian)
-            address.sin_addr.s_addr = inet_addr("127.0.0.1")
-            let ok = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            guard ok == 0 else { throw BOINCTestFailure("connect: errno \(errno)") }
-            var timeout = timeval(tv_sec: 20, tv_usec: 0)
-            setsockopt(self.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        }
+        init(port: Int) throws { self.fd = try connectLoopback(port: port, timeoutSeconds: 20) }
         deinit { close(self.fd) }
         func send(_ text: String) { _ = Array(text.utf8).withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) } }
         /// What comes until the peer closes (true) or the timeout (false).

@@ -363,6 +363,19 @@ struct BlockFenceTests {
         return done.withLockedValue { $0 }
     }
 
+    /// Whether a write at 8192 succeeds within 5 s (tried every 50 ms).
+    static func writesAgain(_ device: BlockMultipathDevice) async throws -> Bool {
+        for _ in 0..<100 {
+            do {
+                try await device.write(offset: 8192, data: ByteBuffer(repeating: 3, count: 4096))
+                return true
+            } catch {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        return false
+    }
+
     /// Whether `task` ended within `seconds` (false, recorded, if it hangs); it must have
     /// failed `fenceTimedOut` (EIO).
     static func failsForTheFence(_ task: Task<Void, any Error>, within seconds: Int, _ what: String) async throws -> Bool {
@@ -407,7 +420,10 @@ struct BlockFenceTests {
             #expect(logs.all.contains { $0.message.contains("path down: write of 4096 bytes at 0 had no answer for") }, "\(logs.all.map(\.message))")
             #expect(try await eventually { device.status().paths[0].state == "up" }, "the path does not come back")
         } else {
-            try await Task.sleep(for: .seconds(3))
+            // Logged once it has waited the IO timeout (polled: a loaded machine stretches
+            // the watchdog's sleeps), and then kept waiting on the path.
+            for _ in 0..<300 where logged() == 0 { try await Task.sleep(for: .milliseconds(100)) }
+            try await Task.sleep(for: .seconds(1))
             let path = device.status().paths[0]
             #expect(path.state == "up" && path.failures == 0 && path.inFlight == 1, "\(path)")
             #expect(logged() == 1, "\(logs.all.map(\.message))")
@@ -415,15 +431,7 @@ struct BlockFenceTests {
         // The storage finishes the write (its fence is answered): writes go again.
         store.gate.signal()
         if !answerTimeout { try await first.value }
-        var wrote = false
-        for _ in 0..<100 where !wrote {
-            do {
-                try await device.write(offset: 8192, data: ByteBuffer(repeating: 3, count: 4096))
-                wrote = true
-            } catch {
-                try await Task.sleep(for: .milliseconds(50))
-            }
-        }
+        let wrote = try await Self.writesAgain(device)
         #expect(wrote, "writes still fail after the storage finished")
         let close = Task { try await device.close() }
         guard try await Self.finishes(close, within: 10) else {
@@ -455,15 +463,7 @@ struct BlockFenceTests {
         #expect(read.readableBytes == 4096)
         // The running write finishes, the fence is answered: writes go again.
         store.gate.signal()
-        var wrote = false
-        for _ in 0..<100 where !wrote {
-            do {
-                try await device.write(offset: 8192, data: ByteBuffer(repeating: 3, count: 4096))
-                wrote = true
-            } catch {
-                try await Task.sleep(for: .milliseconds(50))
-            }
-        }
+        let wrote = try await Self.writesAgain(device)
         #expect(wrote, "writes still fail after the fence was answered")
         let close = Task { try await device.close() }
         guard try await Self.finishes(close, within: 10) else {

@@ -140,16 +140,7 @@ final class RawSocket {
     }
 
     init(port: Int) throws {
-        self.fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let r = withUnsafePointer(to: &addr) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        try #require(r == 0, "connect to 127.0.0.1:\(port): errno \(errno)")
-        self.setTimeout(30)
+        self.fd = try connectLoopback(port: port, timeoutSeconds: 30)
     }
 
     func setTimeout(_ seconds: Int) {

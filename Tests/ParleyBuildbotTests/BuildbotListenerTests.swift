@@ -16,17 +16,9 @@ final class RawSocket: @unchecked Sendable {
     let fd: Int32
 
     init(port: Int) throws {
-        self.fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let ok = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard ok == 0 else { throw ParleyError(code: .connectFailed, message: "connect: \(errno)") }
         // 30 s: in a full parallel run on a loaded machine the master's first frame once came
         // later than 10 s (two runs of 2026-12-01 failed credentialsAreCheckedAtTheUpgrade so).
-        var timeout = timeval(tv_sec: 30, tv_usec: 0)
-        setsockopt(self.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        self.fd = try connectLoopback(port: port, timeoutSeconds: 30)
     }
 
     deinit { close(self.fd) }
@@ -143,6 +135,44 @@ final class RawSocket: @unchecked Sendable {
         try await body(bound, Data(key).base64EncodedString(), store)
     }
 
+    /// What a scripted worker's `answer` may do: send a message, or complete the command a
+    /// start_command body names (with the worker's next seq).
+    struct WorkerSide {
+        let send: (MessagePack) -> Void
+        let complete: (MessagePack) -> Void
+    }
+
+    /// Logs in as bb1 and plays the worker: each request of the master goes to `answer`
+    /// (its op, seq and body), which returns false to give the default answer instead:
+    /// get_worker_info a scripted basedir, anything else an empty response. Returns true when
+    /// the master dropped the worker (a close frame or the end of the stream, not the
+    /// socket's read timeout), false after `seconds` or 500 frames.
+    static func scriptedWorker(
+        port: Int, password: String, seconds: Int = 25,
+        _ answer: (_ op: String, _ seq: Int64, _ body: MessagePack, _ worker: WorkerSide) throws -> Bool
+    ) async throws -> Bool {
+        let socket = try RawSocket(port: port)
+        socket.send(Self.upgrade(Self.basic("bb1", password)))
+        #expect(await socket.head().hasPrefix("HTTP/1.1 101"))
+        func send(_ message: MessagePack) { socket.send(RawSocket.frame(opcode: 2, message.encoded())) }
+        var seq: Int64 = 0
+        let side = WorkerSide(send: send) { body in
+            guard let id = body["command_id"] else { return }
+            send(BuildbotMessage.request(op: "complete", seq: seq, [("command_id", id), ("args", .nil)]))
+            seq += 1
+        }
+        let started = ContinuousClock.now
+        for _ in 0..<500 where ContinuousClock.now - started < .seconds(seconds) {
+            guard let frame = await socket.frame() else { return socket.peerClosed }
+            if frame.opcode == 8 { return true }
+            guard frame.opcode == 2, case .request(let op, let n, let body) = try BuildbotMessage.parse(try MessagePack.decode(frame.payload)) else { continue }
+            if try answer(op, n, body, side) { continue }
+            let result: MessagePack = op == "get_worker_info" ? .object(["basedir": "/scripted", "version": "scripted", "numcpus": 1]) : .nil
+            send(BuildbotMessage.response(seq: n, result: result))
+        }
+        return false
+    }
+
     static func upgrade(_ authorization: String?, websocket: Bool = true) -> String {
         var request = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         if websocket { request += "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" }
@@ -240,39 +270,26 @@ final class RawSocket: @unchecked Sendable {
             spec.argv = ["sleep", "1000"]
             spec.maxWallSeconds = 1
             let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2])], now: WorkService.now()).first)
-            let socket = try RawSocket(port: port)
-            socket.send(Self.upgrade(Self.basic("bb1", password)))
-            await #expect(socket.head().hasPrefix("HTTP/1.1 101"))
             // The worker's side, scripted: it answers every request and ends every command
             // at once except the shell, which it leaves running, interrupt or not.
-            var seq: Int64 = 0
             var shell: MessagePack?, interrupted: MessagePack?, shellStarted: ContinuousClock.Instant?
-            var closed = false
-            let started = ContinuousClock.now
-            func send(_ message: MessagePack) { socket.send(RawSocket.frame(opcode: 2, message.encoded())) }
-            for _ in 0..<200 where ContinuousClock.now - started < .seconds(60) {
-                // Dropped: a close frame, or the end of the stream (not the 30 s read timeout).
-                guard let frame = await socket.frame() else { closed = socket.peerClosed; break }
-                if frame.opcode == 8 { closed = true; break }
-                guard frame.opcode == 2, case .request(let op, let n, let body) = try BuildbotMessage.parse(try MessagePack.decode(frame.payload)) else { continue }
+            let closed = try await Self.scriptedWorker(port: port, password: password, seconds: 60) { op, n, body, worker in
                 switch op {
-                case "get_worker_info":
-                    send(BuildbotMessage.response(seq: n, result: .object(["basedir": "/scripted", "version": "scripted", "numcpus": 1])))
                 case "start_command":
-                    send(BuildbotMessage.response(seq: n))
+                    worker.send(BuildbotMessage.response(seq: n))
                     if body["command_name"] == "shell" {
                         shell = body["command_id"]
                         shellStarted = ContinuousClock.now
-                    } else if let id = body["command_id"] {
-                        send(BuildbotMessage.request(op: "complete", seq: seq, [("command_id", id), ("args", .nil)]))
-                        seq += 1
+                    } else {
+                        worker.complete(body)
                     }
                 case "interrupt_command":
                     interrupted = body["command_id"]
-                    if answersInterrupt { send(BuildbotMessage.response(seq: n)) }
+                    if answersInterrupt { worker.send(BuildbotMessage.response(seq: n)) }
                 default:
-                    send(BuildbotMessage.response(seq: n))
+                    return false
                 }
+                return true
             }
             #expect(closed, "the master dropped the worker")
             #expect(shell != nil && interrupted == shell, "the shell command \(String(describing: shell)) was interrupted: \(String(describing: interrupted))")
@@ -303,30 +320,14 @@ final class RawSocket: @unchecked Sendable {
             var spec = Parley_Work_V1_JobSpec()
             spec.argv = ["true"]
             let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2])], now: WorkService.now()).first)
-            let socket = try RawSocket(port: port)
-            socket.send(Self.upgrade(Self.basic("bb1", password)))
-            await #expect(socket.head().hasPrefix("HTTP/1.1 101"))
-            func send(_ message: MessagePack) { socket.send(RawSocket.frame(opcode: 2, message.encoded())) }
             var mkdirs = 0
-            var closed = false
-            let started = ContinuousClock.now
-            for _ in 0..<500 where ContinuousClock.now - started < .seconds(25) {
-                guard let frame = await socket.frame() else { closed = socket.peerClosed; break }
-                if frame.opcode == 8 { closed = true; break }
-                guard frame.opcode == 2, case .request(let op, let n, let body) = try BuildbotMessage.parse(try MessagePack.decode(frame.payload)) else { continue }
-                switch op {
-                case "get_worker_info":
-                    send(BuildbotMessage.response(seq: n, result: .object(["basedir": "/scripted", "version": "scripted", "numcpus": 1])))
-                case "start_command":
-                    send(BuildbotMessage.response(seq: n))
-                    mkdirs += 1
-                    // The session's own mkdir completes; the job's never does.
-                    if mkdirs == 1, let id = body["command_id"] {
-                        send(BuildbotMessage.request(op: "complete", seq: 0, [("command_id", id), ("args", .nil)]))
-                    }
-                default:
-                    send(BuildbotMessage.response(seq: n))
-                }
+            let closed = try await Self.scriptedWorker(port: port, password: password) { op, n, body, worker in
+                guard op == "start_command" else { return false }
+                worker.send(BuildbotMessage.response(seq: n))
+                mkdirs += 1
+                // The session's own mkdir completes; the job's never does.
+                if mkdirs == 1 { worker.complete(body) }
+                return true
             }
             #expect(closed, "the master kept a worker whose step never completed")
             var record = try #require(try await store.job(job)?.record)
@@ -377,30 +378,20 @@ final class RawSocket: @unchecked Sendable {
     /// down) would otherwise end for the rest of its session.
     @Test func aKeepaliveAnsweredWithAnExceptionDropsTheWorker() async throws {
         try await Self.withFrontEnd(keepalive: .milliseconds(300)) { port, password, _ in
-            let socket = try RawSocket(port: port)
-            socket.send(Self.upgrade(Self.basic("bb1", password)))
-            await #expect(socket.head().hasPrefix("HTTP/1.1 101"))
-            func send(_ message: MessagePack) { socket.send(RawSocket.frame(opcode: 2, message.encoded())) }
             var keepalives = 0
-            var closed = false
-            let started = ContinuousClock.now
-            for _ in 0..<200 where ContinuousClock.now - started < .seconds(20) {
-                guard let frame = await socket.frame() else { closed = socket.peerClosed; break }
-                if frame.opcode == 8 { closed = true; break }
-                guard frame.opcode == 2, case .request(let op, let n, let body) = try BuildbotMessage.parse(try MessagePack.decode(frame.payload)) else { continue }
+            let closed = try await Self.scriptedWorker(port: port, password: password, seconds: 20) { op, n, body, worker in
                 switch op {
-                case "get_worker_info":
-                    send(BuildbotMessage.response(seq: n, result: .object(["basedir": "/scripted", "version": "scripted", "numcpus": 1])))
                 case "keepalive":
                     keepalives += 1
-                    send(BuildbotMessage.response(seq: n, result: "no", exception: true))
+                    worker.send(BuildbotMessage.response(seq: n, result: "no", exception: true))
                 case "start_command":
                     // The master's mkdir: done at once.
-                    send(BuildbotMessage.response(seq: n))
-                    if let id = body["command_id"] { send(BuildbotMessage.request(op: "complete", seq: 0, [("command_id", id), ("args", .nil)])) }
+                    worker.send(BuildbotMessage.response(seq: n))
+                    worker.complete(body)
                 default:
-                    send(BuildbotMessage.response(seq: n))
+                    return false
                 }
+                return true
             }
             #expect(closed, "the master kept a worker whose keepalive failed")
             #expect(keepalives == 1)
