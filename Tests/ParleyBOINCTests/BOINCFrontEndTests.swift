@@ -48,6 +48,12 @@ struct BOINCBench {
 
     func app() -> some ApplicationProtocol { Application(router: BOINCHTTP.router(self.frontEnd)) }
 
+    /// The first result a work request of the default client gets.
+    func firstResult(_ client: any TestClientProtocol) async throws -> BOINCName {
+        let reply = try await client.post("/scheduler", schedulerRequest())
+        return try #require(elements("name", in: reply.text).first { $0.hasSuffix("_r") }.flatMap(BOINCName.parse(result:)))
+    }
+
     /// Uploads `text` as `file` with the grant the front end gives it; the HTTP status.
     func upload(_ file: String, _ text: String, _ client: any TestClientProtocol) async throws -> Int {
         try await client.post("/file_upload_handler", uploadRequest(file, data: Array(text.utf8), grant: self.frontEnd.grant.token(for: file))).status
@@ -348,8 +354,7 @@ func elements(_ tag: String, in text: String) -> [String] {
         defer { bench.remove() }
         try await bench.submit(echoSpec())
         try await bench.withClient { client in
-            let reply = try await client.post("/scheduler", schedulerRequest())
-            let name = try #require(elements("name", in: reply.text).first { $0.hasSuffix("_r") }.flatMap(BOINCName.parse(result:)))
+            let name = try await bench.firstResult(client)
             let never = BOINCName(jobID: name.jobID, leaseID: name.leaseID + 1)
             let grant = bench.frontEnd.grant.token(for: name.output(0))
             func granted(_ file: String, _ data: [UInt8], nbytes: Int? = nil, md5: String? = nil) -> [UInt8] {
@@ -407,8 +412,7 @@ func elements(_ tag: String, in text: String) -> [String] {
         defer { bench.remove() }
         let id = try await bench.submit(echoSpec(), maxAttempts: 1)
         try await bench.withClient { client in
-            let reply = try await client.post("/scheduler", schedulerRequest())
-            let name = try #require(elements("name", in: reply.text).first { $0.hasSuffix("_r") }.flatMap(BOINCName.parse(result:)))
+            let name = try await bench.firstResult(client)
             #expect(try await bench.store.expireLeases(now: WorkService.now() + 10 * 86_400 * 1_000_000_000) == 1)
             guard case .failed = try #require(try await bench.store.job(id)).record.state else {
                 Issue.record("the job did not fail when its only lease expired")
@@ -536,8 +540,7 @@ func elements(_ tag: String, in text: String) -> [String] {
         defer { bench.remove() }
         let id = try await bench.submit(echoSpec(), maxAttempts: 1)
         try await bench.withClient { client in
-            let reply = try await client.post("/scheduler", schedulerRequest())
-            let name = try #require(elements("name", in: reply.text).first { $0.hasSuffix("_r") }.flatMap(BOINCName.parse(result:)))
+            let name = try await bench.firstResult(client)
             let report = try await client.post("/scheduler", schedulerRequest(seconds: 0, results: [reportedResult(name.result, exitStatus: 3, state: 3, stderr: "it broke")]))
             #expect(elements("result_ack", in: report.text).count == 1)
         }
