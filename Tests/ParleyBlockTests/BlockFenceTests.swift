@@ -438,7 +438,9 @@ struct BlockFenceTests {
             Issue.record("close hangs")
             return
         }
-        #expect(store.log.withLockedValue { $0.written }.sorted() == [0, 8192])
+        // (A write may land twice: on a loaded machine one can outlast the answer timeout and
+        // go again, which is what the rules allow.)
+        #expect(Set(store.log.withLockedValue { $0.written }) == [0, 8192])
         server.shutDown()
         try await io.shutdown()
     }
