@@ -64,9 +64,12 @@ public enum WorkFiles {
                 }
             }
         }
-        // Each output's name goes into the report beside the files: a frame holds 1,000 of
-        // the longest names with room to spare.
-        guard spec.outputs.count <= 1000 else { throw FileError("the job names \(spec.outputs.count) outputs, over the limit of 1000") }
+        // Each output's name (and some 50 bytes of size and SHA-256) goes into the report
+        // beside 16 MiB of files, in a frame of 16 MiB + 64 KiB: at most 100 outputs whose
+        // names take 16 KiB together leave the report room (WorkWorker.fitTails).
+        guard spec.outputs.count <= 100 else { throw FileError("the job names \(spec.outputs.count) outputs, over the limit of 100") }
+        let nameBytes = spec.outputs.reduce(0) { $0 + $1.utf8.count }
+        guard nameBytes <= 16 << 10 else { throw FileError("the job's output names take \(nameBytes) bytes together, over the limit of 16384") }
         var outputs = Set<String>()
         for output in spec.outputs {
             try self.check(name: output)

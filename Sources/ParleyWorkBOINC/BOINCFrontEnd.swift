@@ -354,10 +354,11 @@ public final class BOINCFrontEnd: Sendable {
     }
 
     /// Removes the uploads no report can use any more: of a job the store does not have or
-    /// that succeeded, of a lease it never gave or that reported a failure, of names this
-    /// project never gives, and any unchanged for `uploadRetention` (a client that never
-    /// reports: a lease that expired may still report a late success, so its uploads stay
-    /// until then). Returns how many files went.
+    /// that succeeded, of a lease it never gave or that reported a failure, and any unchanged
+    /// for `uploadRetention` (a client that never reports: a lease that expired may still
+    /// report a late success, so its uploads stay until then). Only regular files named as
+    /// this project names uploads (and their part files) are touched: anything else in the
+    /// directory is someone else's. Returns how many files went.
     @discardableResult
     public func sweepUploads(now: Date = Date()) async throws -> Int {
         let retention = Double(self.configuration.uploadRetention.components.seconds)
@@ -365,9 +366,10 @@ public final class BOINCFrontEnd: Sendable {
         var removed = 0
         for (file, modified) in try await self.uploads.files() {
             let upload = file.hasSuffix(".part") ? String(file.dropLast(".part".count)) : file
+            guard let (name, kind) = BOINCName.parse(file: upload), BOINCName.isUpload(kind) else { continue }
             var stale = now.timeIntervalSince(modified) > retention
             if !stale {
-                if let (name, _) = BOINCName.parse(file: upload) {
+                do {
                     let record: JobRecord?
                     if let known = records[name.jobID] {
                         record = known
@@ -380,8 +382,6 @@ public final class BOINCFrontEnd: Sendable {
                     } else {
                         stale = true
                     }
-                } else {
-                    stale = true
                 }
             }
             if stale {

@@ -195,6 +195,14 @@ public struct BOINCName: Sendable, Hashable {
         case program, input(Int), output(Int), stdout
     }
 
+    /// Whether files of `kind` are uploaded by clients (outputs and stdout).
+    static func isUpload(_ kind: File) -> Bool {
+        switch kind {
+        case .output, .stdout: true
+        case .program, .input: false
+        }
+    }
+
     /// Reads a result's name.
     public static func parse(result: String) -> BOINCName? {
         guard result.hasSuffix("_r") else { return nil }

@@ -241,11 +241,13 @@ final class BOINCUploadStore: Sendable {
         }
     }
 
-    /// The files of the upload directory (uploads and part files), with their last change.
+    /// The regular files of the upload directory (uploads and part files), with their last
+    /// change; nothing else there (directories, links) is listed.
     func files() async throws -> [(name: String, modified: Date)] {
         try await self.pool.runIfActive {
             ((try? FileManager.default.contentsOfDirectory(atPath: self.directory)) ?? []).compactMap { name -> (name: String, modified: Date)? in
-                guard let date = (try? FileManager.default.attributesOfItem(atPath: self.path(name)))?[.modificationDate] as? Date else { return nil }
+                guard let attributes = try? FileManager.default.attributesOfItem(atPath: self.path(name)),
+                      attributes[.type] as? FileAttributeType == .typeRegular, let date = attributes[.modificationDate] as? Date else { return nil }
                 return (name, date)
             }
         }

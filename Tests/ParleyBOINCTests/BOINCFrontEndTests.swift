@@ -432,8 +432,8 @@ func elements(_ tag: String, in text: String) -> [String] {
     }
 
     /// Uploads no report can use go at the sweep: those of a lease whose job another lease
-    /// completed, files under names this project never gives, and any older than the
-    /// retention (a client that never reports); a live lease's upload stays.
+    /// completed, and any older than the retention (a client that never reports); a live
+    /// lease's upload stays, and so does anything not named as this project's uploads are.
     @Test func uploadsNoReportCanUseAreSwept() async throws {
         let bench = try BOINCBench()
         defer { bench.remove() }
@@ -456,15 +456,17 @@ func elements(_ tag: String, in text: String) -> [String] {
             #expect(try await upload(redo.stdout) == 200)
             let report = try await client.post("/scheduler", schedulerRequest(cpid: "bbb", seconds: 0, holdsKey: true, results: [reportedResult(redo.result)]))
             #expect(elements("result_ack", in: report.text).count == 1)
+            // Not this project's names: never touched (the directory may hold other things).
             _ = FileManager.default.createFile(atPath: bench.directory + "/uploads/not_ours", contents: Data("x".utf8))
-            // The first job succeeded by another lease, and a stray file: swept. The second
-            // job's expired lease may still report a late success: kept, until the retention.
-            #expect(try await bench.frontEnd.sweepUploads() == 2)
+            try FileManager.default.createDirectory(atPath: bench.directory + "/uploads/" + BOINCName(jobID: 99, leaseID: 1).output(0), withIntermediateDirectories: true)
+            // The first job succeeded by another lease: swept. The second job's expired lease
+            // may still report a late success: kept, until the retention.
+            #expect(try await bench.frontEnd.sweepUploads() == 1)
             #expect(try await bench.frontEnd.uploads.size(oldOne.output(0)) == 0)
             #expect(try await bench.frontEnd.uploads.size(kept.output(0)) == 4)
             #expect(try await bench.frontEnd.sweepUploads(now: Date() + 8 * 86_400) == 1)
-            let left = try FileManager.default.contentsOfDirectory(atPath: bench.directory + "/uploads")
-            #expect(left.isEmpty, "\(left)")
+            let left = try FileManager.default.contentsOfDirectory(atPath: bench.directory + "/uploads").sorted()
+            #expect(left == ["not_ours", BOINCName(jobID: 99, leaseID: 1).output(0)], "\(left)")
         }
     }
 

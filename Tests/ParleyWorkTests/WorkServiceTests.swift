@@ -155,6 +155,14 @@ struct InProcessMaster {
         twice.argv = ["/bin/true"]
         twice.outputs = ["out", "out"]
         cases.append(("'out' is named twice", twice))
+        var many = Parley_Work_V1_JobSpec()
+        many.argv = ["/bin/true"]
+        many.outputs = (0...100).map { "out\($0)" }
+        cases.append(("101 outputs, over the limit of 100", many))
+        var long = Parley_Work_V1_JobSpec()
+        long.argv = ["/bin/true"]
+        long.outputs = (0..<20).map { "\($0)" + String(repeating: "n", count: 1000) }
+        cases.append(("output names take", long))
         var attempts = Parley_Work_V1_JobSpec()
         attempts.argv = ["/bin/true"]
         cases.append(("max_attempts 4294967295 is over the limit of 1000", attempts))
