@@ -188,9 +188,13 @@ public enum LeaseRules {
     /// reason and is rewritten whole at each change): past it, the reason is cut.
     public static let maxReasonBytes = 8192
 
+    /// `text`'s first `bytes` bytes, marked " [cut]" when there was more.
+    public static func cut(_ text: String, to bytes: Int) -> String {
+        text.utf8.count <= bytes ? text : String(decoding: text.utf8.prefix(bytes), as: UTF8.self) + " [cut]"
+    }
+
     private static func attemptFailed(_ job: inout JobRecord, reason: String) -> ReportVerdict {
-        let reason = reason.utf8.count <= Self.maxReasonBytes ? reason : String(decoding: reason.utf8.prefix(Self.maxReasonBytes), as: UTF8.self) + " [cut]"
-        job.failures.append(reason)
+        job.failures.append(Self.cut(reason, to: Self.maxReasonBytes))
         if job.leases.count >= job.maxAttempts {
             job.state = .failed(reasons: job.failures)
             return .failed

@@ -88,6 +88,12 @@ public enum WorkService {
     public static let maxTail = 1 << 20
     /// Jobs one `SubmitJobs` may hold.
     public static let maxJobsPerSubmit = 1000
+    /// Bytes kept of the end of each of a job's stdout and stderr: its `max_output_bytes`
+    /// (else `fallback`), held to `cap` (the largest tail a report may carry by default).
+    public static func tailLimit(_ spec: Parley_Work_V1_JobSpec, fallback: UInt64, cap: Int = WorkService.maxTail) -> Int {
+        Int(min(spec.maxOutputBytes > 0 ? spec.maxOutputBytes : fallback, UInt64(max(1, cap))))
+    }
+
     /// Attempts a job may ask for (`max_attempts`).
     public static let maxAttempts: UInt32 = 1000
     /// Bytes of a failure's message kept (the rest is cut).
@@ -280,9 +286,7 @@ public enum WorkService {
             }
             // A failure's message becomes a reason in the job's record, kept for good and
             // rewritten with it: its first 4 KiB are kept.
-            if report.message.utf8.count > Self.maxMessage {
-                report.message = String(decoding: report.message.utf8.prefix(Self.maxMessage), as: UTF8.self) + " [cut]"
-            }
+            report.message = LeaseRules.cut(report.message, to: Self.maxMessage)
             let outcome: LeaseReport.Outcome
             if report.errorKind == .none, report.exitStatus == 0, report.signal == 0 {
                 outcome = .success

@@ -355,7 +355,7 @@ public final class WorkWorker: Sendable {
             let outcome = try await JobRunner.run(
                 spec, directory: directory, limiter: self.configuration.limiter,
                 maxWall: wall,
-                maxOutput: min(spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, UInt64(WorkService.maxTail))) : self.configuration.defaultMaxOutput, WorkService.maxTail),
+                maxOutput: WorkService.tailLimit(spec, fallback: UInt64(max(0, self.configuration.defaultMaxOutput))),
                 started: { pid in
                     let stopping = self.stopping.withLockedValue { stopping in
                         if !stopping { self.running.withLockedValue { $0[jobID] = pid } }

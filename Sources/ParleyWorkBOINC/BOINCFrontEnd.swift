@@ -369,20 +369,14 @@ public final class BOINCFrontEnd: Sendable {
             guard let (name, kind) = BOINCName.parse(file: upload), BOINCName.isUpload(kind) else { continue }
             var stale = now.timeIntervalSince(modified) > retention
             if !stale {
-                do {
-                    let record: JobRecord?
-                    if let known = records[name.jobID] {
-                        record = known
-                    } else {
-                        record = try await self.store.job(name.jobID)?.record
-                        records[name.jobID] = record
-                    }
-                    if let record {
-                        stale = Self.succeeded(record.state) || !record.leases.contains { $0.id == name.leaseID } || record.failedLeases.contains(name.leaseID)
-                    } else {
-                        stale = true
-                    }
+                let record: JobRecord?
+                if let known = records[name.jobID] {
+                    record = known
+                } else {
+                    record = try await self.store.job(name.jobID)?.record
+                    records[name.jobID] = record
                 }
+                stale = record.map { Self.succeeded($0.state) || !$0.leases.contains { $0.id == name.leaseID } || $0.failedLeases.contains(name.leaseID) } ?? true
             }
             if stale {
                 try await self.uploads.remove(file: file)

@@ -18,7 +18,7 @@ public enum BOINCHTTP {
     public static func application(
         host: String, port: Int, frontEnd: BOINCFrontEnd, logger: Logger, onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
     ) -> some ApplicationProtocol {
-        let connections = BOINCConnectionLimits.Count(max: frontEnd.configuration.maxConnections)
+        let connections = BOINCAllowance(frontEnd.configuration.maxConnections)
         let lifetime = TimeAmount(frontEnd.configuration.connectionLifetime)
         return Application(
             // A connection that sends and reads nothing for a minute is closed: one that opens
@@ -54,7 +54,7 @@ public enum BOINCHTTP {
     /// The router alone (tests drive it in process).
     public static func router(_ frontEnd: BOINCFrontEnd) -> Router<BasicRequestContext> {
         let base = Self.path(of: frontEnd.configuration.url)
-        let budget = BodyBudget(frontEnd.configuration.maxBufferedBodyBytes)
+        let budget = BOINCAllowance(frontEnd.configuration.maxBufferedBodyBytes)
         let schedulers = Set(frontEnd.configuration.schedulerURLs.map(Self.path(of:)))
         let router = Router()
         let get: @Sendable (Request, BasicRequestContext) async throws -> Response = { request, _ in
@@ -70,24 +70,22 @@ public enum BOINCHTTP {
             let path = request.uri.path
             if schedulers.contains(path) {
                 let limit = frontEnd.configuration.maxRequestBytes
-                guard let body = try await Self.body(request, limit: limit, budget: budget) else {
-                    return Self.response(frontEnd.refuse(.init(status: 413, message: "the scheduler request is over this project's limit of \(limit) bytes")))
+                switch try await Self.body(request, limit: limit, budget: budget) {
+                case .bytes(let bytes): return Self.response(await frontEnd.schedule(body: bytes))
+                case .tooLarge: return Self.response(frontEnd.refuse(.init(status: 413, message: "the scheduler request is over this project's limit of \(limit) bytes")))
+                case .busy: return Self.response(frontEnd.refuse(.init(status: 503, message: "the server holds too many requests at once; try again later")))
                 }
-                guard case .some(let bytes) = body else {
-                    return Self.response(frontEnd.refuse(.init(status: 503, message: "the server holds too many requests at once; try again later")))
-                }
-                return Self.response(await frontEnd.schedule(body: bytes))
             }
             if path == base + "file_upload_handler" {
                 let limit = frontEnd.configuration.maxUploadBytes + (64 << 10)
-                guard let body = try await Self.body(request, limit: limit, budget: budget) else {
+                switch try await Self.body(request, limit: limit, budget: budget) {
+                case .bytes(let bytes): return Self.response(await frontEnd.upload(body: bytes))
+                case .tooLarge:
                     return Self.response(.dataServer(413, .init(status: -1, message: "the upload is over this project's limit of \(frontEnd.configuration.maxUploadBytes) bytes; nothing was stored")))
-                }
-                guard case .some(let bytes) = body else {
+                case .busy:
                     // Transient (status 1): the client tries again later.
                     return Self.response(.dataServer(503, .init(status: 1, message: "the server holds too many uploads at once; try again later")))
                 }
-                return Self.response(await frontEnd.upload(body: bytes))
             }
             return Self.response(.text(404, "not found"))
         }
@@ -98,33 +96,27 @@ public enum BOINCHTTP {
         return router
     }
 
-    /// Bytes of request bodies held at once, together.
-    final class BodyBudget: Sendable {
-        private let left: NIOLockedValueBox<Int>
-        init(_ bytes: Int) { self.left = NIOLockedValueBox(bytes) }
-        func take(_ n: Int) -> Bool {
-            self.left.withLockedValue { left in
-                guard n <= left else { return false }
-                left -= n
-                return true
-            }
-        }
-        func give(_ n: Int) { self.left.withLockedValue { $0 += n } }
+    enum Body {
+        case bytes([UInt8])
+        /// Over its limit.
+        case tooLarge
+        /// The budget has no room for it.
+        case busy
     }
 
-    /// The body (nil if it is over `limit`), or `.some(nil)` when the budget has no room for
-    /// it: its Content-Length (its limit without one) is held from the budget while it is read.
-    static func body(_ request: Request, limit: Int, budget: BodyBudget) async throws -> [UInt8]?? {
+    /// A request's body. Its Content-Length (its limit without one) is held from `budget`
+    /// (bytes of bodies held at once, together) while it is read.
+    static func body(_ request: Request, limit: Int, budget: BOINCAllowance) async throws -> Body {
         let announced = request.headers[.contentLength].flatMap { Int($0) }
-        if let announced, announced > limit { return nil }
+        if let announced, announced > limit { return .tooLarge }
         let held = min(announced ?? limit, limit)
-        guard budget.take(held) else { return .some(nil) }
+        guard budget.take(held) else { return .busy }
         defer { budget.give(held) }
         do {
             var buffer = try await request.body.collect(upTo: limit)
-            return buffer.readBytes(length: buffer.readableBytes) ?? []
+            return .bytes(buffer.readBytes(length: buffer.readableBytes) ?? [])
         } catch is NIOTooManyBytesError {
-            return nil
+            return .tooLarge
         }
     }
 
@@ -142,41 +134,46 @@ public enum BOINCHTTP {
     }
 }
 
+/// A quantity shared by a listener's connections (connections open, bytes of bodies held):
+/// taken while in use, given back after.
+final class BOINCAllowance: Sendable {
+    let total: Int
+    private let left: NIOLockedValueBox<Int>
+    init(_ total: Int) {
+        self.total = total
+        self.left = NIOLockedValueBox(total)
+    }
+    func take(_ n: Int = 1) -> Bool {
+        self.left.withLockedValue { left in
+            guard n <= left else { return false }
+            left -= n
+            return true
+        }
+    }
+    func give(_ n: Int = 1) { self.left.withLockedValue { $0 += n } }
+}
+
 /// Closes connections beyond the cap as they are accepted, and each connection at the end of
 /// its lifetime (BOINCFrontEnd.Configuration). Passes everything through untouched.
 final class BOINCConnectionLimits: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = NIOAny
 
     /// Connections open now, shared by the handlers of one listener.
-    final class Count: Sendable {
-        let max: Int
-        private let open = NIOLockedValueBox(0)
-        init(max: Int) { self.max = max }
-        func enter() -> Bool {
-            self.open.withLockedValue { n in
-                guard n < self.max else { return false }
-                n += 1
-                return true
-            }
-        }
-        func leave() { self.open.withLockedValue { $0 -= 1 } }
-    }
-
-    let count: Count
+    let count: BOINCAllowance
     let lifetime: TimeAmount
     let logger: Logger
     private var entered = false
     private var timer: Scheduled<Void>?
 
-    init(count: Count, lifetime: TimeAmount, logger: Logger) {
+    init(count: BOINCAllowance, lifetime: TimeAmount, logger: Logger) {
         self.count = count
         self.lifetime = lifetime
         self.logger = logger
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        guard self.count.enter() else {
-            self.logger.warning("boinc connection refused: \(self.count.max) connections are open")
+        guard self.count.take() else {
+            self.logger.warning("boinc connection refused: \(self.count.total) connections are open")
             context.close(promise: nil)
             return
         }
@@ -195,7 +192,7 @@ final class BOINCConnectionLimits: ChannelInboundHandler, RemovableChannelHandle
         self.timer = nil
         if self.entered {
             self.entered = false
-            self.count.leave()
+            self.count.give()
         }
     }
 

@@ -33,7 +33,7 @@ public enum BOINCJobs {
     /// from the spec.
     public static func script(jobID: UInt64, leaseID: UInt64, spec: Parley_Work_V1_JobSpec, maxOutput: Int) -> [UInt8] {
         let q = Self.quote
-        let maxOutput = Self.tailLimit(spec, maxOutput)
+        let maxOutput = WorkService.tailLimit(spec, fallback: UInt64(max(0, maxOutput)), cap: maxOutput)
         var lines = [
             "#!/bin/sh",
             "# Parley Work job \(jobID), lease \(leaseID): made by the BOINC front end of parley work serve,",
@@ -84,12 +84,6 @@ public enum BOINCJobs {
         public var result: BOINCSchedulerReply.Result
     }
 
-    /// Bytes kept of the end of the job's stdout (and stderr): its `max_output_bytes` (bytes
-    /// kept of each of them, work.proto), held to `limit` (the front end's), which it is when 0.
-    static func tailLimit(_ spec: Parley_Work_V1_JobSpec, _ limit: Int) -> Int {
-        spec.maxOutputBytes > 0 ? Int(min(spec.maxOutputBytes, UInt64(max(1, limit)))) : limit
-    }
-
     /// The documents of a claimed job for a client of `platform`; `base` is the front end's URL
     /// (ending in "/").
     public static func documents(
@@ -128,7 +122,7 @@ public enum BOINCJobs {
             files.append(Self.outputInfo(name.output(i), base: base, max: maxOutputFile, grant: grant))
             resultRefs.append(.init(fileName: name.output(i), openName: BOINCName.outputOpenName(i), copyFile: true))
         }
-        files.append(Self.outputInfo(name.stdout, base: base, max: Double(Self.tailLimit(spec, maxOutput)), grant: grant))
+        files.append(Self.outputInfo(name.stdout, base: base, max: Double(WorkService.tailLimit(spec, fallback: UInt64(max(0, maxOutput)), cap: maxOutput)), grant: grant))
         resultRefs.append(.init(fileName: name.stdout, openName: BOINCName.stdoutOpenName, copyFile: true))
         let estimate = Double(spec.estimatedSeconds > 0 ? spec.estimatedSeconds : 60)
         let wall = Double(spec.maxWallSeconds > 0 ? spec.maxWallSeconds : 86_400)

@@ -102,7 +102,7 @@ public enum BOINCScheduling {
         report.exitStatus = Int32(clamping: result.exitStatus ?? -1)
         report.wallMs = UInt64(max(0, min(1e15, (result.finalElapsedTime ?? 0) * 1000)))
         report.cpuMs = UInt64(max(0, min(1e15, (result.finalCpuTime ?? 0) * 1000)))
-        let tail = spec.map { BOINCJobs.tailLimit($0, WorkService.maxTail) } ?? WorkService.maxTail
+        let tail = spec.map { WorkService.tailLimit($0, fallback: UInt64(WorkService.maxTail)) } ?? WorkService.maxTail
         report.stdoutTail = Data(stdout.suffix(tail))
         report.stderrTail = Data(BOINCJobs.stderr(of: result.stderrOut).suffix(tail))
         let outcome: LeaseReport.Outcome

@@ -257,12 +257,6 @@ struct BuildbotJob {
     let session: BuildbotWorkerSession
     let job: ClaimedJob
 
-    /// Bytes kept of each of stdout and stderr: the job's max_output_bytes (else `fallback`),
-    /// held to the largest tail a report may carry, as a native worker does.
-    static func tailLimit(_ spec: Parley_Work_V1_JobSpec, fallback: UInt64) -> Int {
-        Int(min(spec.maxOutputBytes > 0 ? spec.maxOutputBytes : fallback, UInt64(WorkService.maxTail)))
-    }
-
     /// The report, and whether the job's command outlived its deadline (`max_wall_seconds`
     /// and the master's grace, then the grace again or the connection's end: the worker is
     /// then dropped); throws only when the worker went away before that deadline (the job
@@ -329,7 +323,7 @@ struct BuildbotJob {
                     return refuse(.download, "the input '\(input.name)' could not be written: \(error.message)")
                 }
             }
-            let keep = Self.tailLimit(spec, fallback: configuration.defaultMaxOutputBytes)
+            let keep = WorkService.tailLimit(spec, fallback: configuration.defaultMaxOutputBytes)
             let wall = spec.maxWallSeconds > 0 ? spec.maxWallSeconds : 3600
             let args = BuildbotCommands.shellArgs(
                 argv: spec.argv, shell: spec.shell, workdir: directory, env: spec.env, timeout: 0, maxTime: wall, interruptSignal: 9

@@ -225,14 +225,14 @@ import ParleyTestSupport
         // A job's max_output_bytes: held to the largest tail a report carries.
         var spec = Parley_Work_V1_JobSpec()
         spec.maxOutputBytes = .max
-        #expect(BuildbotJob.tailLimit(spec, fallback: 0) == WorkService.maxTail)
+        #expect(WorkService.tailLimit(spec, fallback: 0) == WorkService.maxTail)
         spec.maxOutputBytes = 1 << 40
-        #expect(BuildbotJob.tailLimit(spec, fallback: 0) == WorkService.maxTail)
+        #expect(WorkService.tailLimit(spec, fallback: 0) == WorkService.maxTail)
         spec.maxOutputBytes = 10
-        #expect(BuildbotJob.tailLimit(spec, fallback: 0) == 10)
+        #expect(WorkService.tailLimit(spec, fallback: 0) == 10)
         spec.maxOutputBytes = 0
-        #expect(BuildbotJob.tailLimit(spec, fallback: .max) == WorkService.maxTail)
-        #expect(BuildbotJob.tailLimit(spec, fallback: 100) == 100)
+        #expect(WorkService.tailLimit(spec, fallback: .max) == WorkService.maxTail)
+        #expect(WorkService.tailLimit(spec, fallback: 100) == 100)
     }
 
     @Test func aDownloadLimitedToUInt64MaxReads() async throws {

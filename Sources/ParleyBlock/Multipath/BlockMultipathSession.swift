@@ -529,7 +529,7 @@ public final class BlockMultipathDevice: Sendable {
         let c = self.session.configuration
         let logAfter = Int((c.ioTimeout / period).rounded(.up))
         let downAfter = c.answerTimeout.map { Int(($0 / period).rounded(.up)) }
-        var slow: [(path: Int, io: MultipathIOState.IO, send: Sent)] = []
+        var slow: [(path: Int, io: MultipathIOState.IO)] = []
         let stuck = self.state.withLockedValue { s -> [(path: Int, generation: Int, io: MultipathIOState.IO)] in
             var seen: [Sent: Watched] = [:]
             var stuck: [Int: MultipathIOState.IO] = [:]
@@ -538,7 +538,7 @@ public final class BlockMultipathDevice: Sendable {
                 var w = s.watched[key].map { Watched(rounds: $0.rounds + 1, logged: $0.logged) } ?? Watched(rounds: 0)
                 if w.rounds >= logAfter, !w.logged, let io = s.machine.io(id) {
                     w.logged = true
-                    slow.append((path, io, key))
+                    slow.append((path, io))
                 }
                 if let downAfter, w.rounds >= downAfter, stuck[path] == nil, let io = s.machine.io(id) { stuck[path] = io }
                 seen[key] = w
@@ -546,7 +546,7 @@ public final class BlockMultipathDevice: Sendable {
             s.watched = seen
             return stuck.sorted { $0.key < $1.key }.map { ($0.key, s.paths[$0.key].generation, $0.value) }
         }
-        for (path, io, _) in slow {
+        for (path, io) in slow {
             self.logger.warning("\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) has had no answer on this path for \(c.ioTimeout)",
                                 metadata: self.meta(path))
         }
