@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import NIOCore
 import Parley
 import ParleyWork
 import SwiftProtobuf
@@ -55,21 +56,23 @@ public final class BOINCFrontEnd: Sendable {
         /// Where uploaded output files wait for their report.
         public var uploadDirectory: String
         /// A connection is closed this long after it was accepted, done or not: a client that
-        /// sends a request a byte at a time (each within the idle timeout) cannot hold it,
-        /// and the body gathered so far, for ever. A BOINC client makes one request per
-        /// connection; the body of an upload is stored only once whole, so an upload must
-        /// arrive within this (16 MiB at 4.6 KB/s in an hour).
+        /// sends a request a byte at a time (each within the idle timeout) cannot hold it
+        /// for ever. A BOINC client makes one request per connection; an upload cut by this
+        /// keeps the bytes that came, and the client resumes it from there.
         public var connectionLifetime: Duration = .seconds(3600)
         /// Connections open at once, at most; more are closed as they are accepted.
         public var maxConnections = 1024
-        /// Request bodies held in memory at once, together (each request counts its
-        /// Content-Length, or its limit without one); a request past it gets 503, which a
-        /// BOINC client retries later.
+        /// Bytes of request bodies held in memory at once, together, counted as they arrive
+        /// (an upload's until they are written, at most 1 MiB each besides its header); the
+        /// request whose bytes would pass it gets 503, which a BOINC client retries later (an
+        /// upload resumes where its bytes were kept).
         public var maxBufferedBodyBytes = 256 << 20
         /// How often uploads no report can use any more are removed (`sweepUploads`), and
         /// how long an upload is kept at most without its report.
         public var uploadSweepInterval: Duration = .seconds(600)
         public var uploadRetention: Duration = .seconds(7 * 86_400)
+        /// The bytes of an upload kept in memory before they are written, at most.
+        var uploadBatchBytes = 1 << 20
 
         public init(url: String, key: BOINCSigning.PrivateKey, uploadDirectory: String, schedulerURLs: [String] = []) {
             let base = url.hasSuffix("/") ? url : url + "/"
@@ -316,21 +319,127 @@ public final class BOINCFrontEnd: Sendable {
     // MARK: - Uploads
 
     /// The file upload handler: `<data_server_request>` with `<get_file_size>` or
-    /// `<file_upload>` (its header, then `<data>` and the bytes).
+    /// `<file_upload>` (its header, then `<data>` and the bytes), all in `body`.
     public func upload(body: [UInt8]) async -> BOINCResponse {
+        let (chunks, continuation) = AsyncStream.makeStream(of: ByteBuffer.self)
+        continuation.yield(ByteBuffer(bytes: body))
+        continuation.finish()
+        return await self.upload(chunks: chunks, budget: BOINCAllowance(Int.max))
+    }
+
+    /// The file upload handler, its body read as it comes (`chunks`): the header, up to
+    /// `<data>`, whole (at most 64 KiB), then the file's bytes written as they come, in
+    /// batches of at most `Configuration.uploadBatchBytes`. So an upload cut part way (a lost connection,
+    /// the connection's lifetime, the budget) keeps what came, and the client resumes it where
+    /// `<get_file_size>` says, as BOINC's own handler allows. The bytes held in memory are
+    /// taken from `budget` as they arrive and given back once written.
+    func upload<Chunks: AsyncSequence>(chunks: Chunks, budget: BOINCAllowance) async -> BOINCResponse where Chunks.Element == ByteBuffer {
+        let maxHeader = 64 << 10, tag = BOINCUpload.dataTag
+        let busy = BOINCResponse.dataServer(503, .init(status: 1, message: "the server holds too many uploads at once; try again later"))
+        var held = 0
+        defer { budget.give(held) }
+        var iterator = chunks.makeAsyncIterator()
+        var head: [UInt8] = []
+        var searched = 0
+        do {
+            while head.count <= maxHeader + tag.count, BOINCUpload.find(tag, in: head, within: maxHeader, from: searched) == nil {
+                searched = max(0, head.count - tag.count + 1)
+                guard let chunk = try await iterator.next() else { break }
+                guard budget.take(chunk.readableBytes) else { return busy }
+                held += chunk.readableBytes
+                head.append(contentsOf: chunk.readableBytesView)
+            }
+        } catch {
+            return .dataServer(400, .init(status: -1, message: "the upload's body could not be read: \(error)"))
+        }
         let request: BOINCUpload.Request
-        switch BOINCUpload.read(body, maxHeaderBytes: 64 << 10) {
+        switch BOINCUpload.read(head, maxHeaderBytes: maxHeader) {
         case .success(let r): request = r
         case .failure(let refusal): return .dataServer(refusal.status, .init(status: -1, message: refusal.message))
         }
-        guard let (name, kind) = BOINCName.parse(file: request.fileName) else {
-            return .dataServer(403, .init(status: -1, message: "\(request.fileName.prefix(100)) is not a file this project asked for"))
+        head = []
+        let limit: Int
+        switch await self.uploadLimit(request.fileName) {
+        case .success(let l): limit = l
+        case .failure(let refused): return refused.response
+        }
+        do {
+            switch request.kind {
+            case .size:
+                return .dataServer(200, .init(status: 0, fileSize: try await self.uploads.size(request.fileName)))
+            case .data(let offset, let nbytes, let md5, let grant, let initial):
+                guard self.grant.check(grant, for: request.fileName) else {
+                    return .dataServer(403, .init(status: -1, message: "\(request.fileName): the upload's <xml_signature> is not the one this project gave with the file; nothing was stored"))
+                }
+                func pastLimit() -> BOINCResponse {
+                    .dataServer(413, .init(status: -1, message: "\(request.fileName): \(nbytes) bytes is over this project's limit of \(limit) (or the data runs past it); nothing was stored"))
+                }
+                guard nbytes <= Int64(limit), offset <= nbytes, offset + Int64(initial.count) <= nbytes else { return pastLimit() }
+                // The header's bytes are no longer held; the data's are until written.
+                budget.give(held - initial.count)
+                held = initial.count
+                var ticket: BOINCUploadStore.Ticket
+                switch try await self.uploads.begin(request.fileName, offset: offset, total: nbytes, md5: md5) {
+                case .whole: return .dataServer(200, .init(status: 0))
+                case .refused(let refusal): return .dataServer(refusal.status, .init(status: -1, message: refusal.message))
+                case .open(let t): ticket = t
+                }
+                var pending = initial
+                /// Writes what is pending; a refusal ends the upload, its bytes cut off.
+                func write() async throws -> BOINCResponse? {
+                    guard !pending.isEmpty else { return nil }
+                    if let refusal = try await self.uploads.append(&ticket, pending) {
+                        try await self.uploads.abandon(ticket)
+                        return .dataServer(refusal.status, .init(status: -1, message: refusal.message))
+                    }
+                    budget.give(pending.count)
+                    held -= pending.count
+                    pending.removeAll(keepingCapacity: true)
+                    return nil
+                }
+                do {
+                    while let chunk = try await iterator.next() {
+                        guard ticket.position + Int64(pending.count + chunk.readableBytes) <= nbytes else {
+                            try await self.uploads.abandon(ticket)
+                            return pastLimit()
+                        }
+                        if !budget.take(chunk.readableBytes) {
+                            // What came is kept: the client resumes there.
+                            if let refused = try await write() { return refused }
+                            _ = try await self.uploads.finish(ticket)
+                            return busy
+                        }
+                        held += chunk.readableBytes
+                        pending.append(contentsOf: chunk.readableBytesView)
+                        if pending.count >= self.configuration.uploadBatchBytes, let refused = try await write() { return refused }
+                    }
+                } catch {
+                    // The connection was lost: what came is kept for the client's resume.
+                    if try await write() == nil { _ = try await self.uploads.finish(ticket) }
+                    return .dataServer(400, .init(status: -1, message: "the upload's body could not be read: \(error)"))
+                }
+                if let refused = try await write() { return refused }
+                switch try await self.uploads.finish(ticket) {
+                case .success: return .dataServer(200, .init(status: 0))
+                case .failure(let refusal): return .dataServer(refusal.status, .init(status: -1, message: refusal.message))
+                }
+            }
+        } catch {
+            return .dataServer(503, .init(status: 1, message: "the upload store failed: \(error)"))
+        }
+    }
+
+    /// The most bytes file `name` may have, if this project takes uploads of it now: an
+    /// output or the stdout of a lease whose report could still count; else the refusal.
+    private func uploadLimit(_ fileName: String) async -> Result<Int, BOINCResponseError> {
+        guard let (name, kind) = BOINCName.parse(file: fileName) else {
+            return .failure(.init(.dataServer(403, .init(status: -1, message: "\(fileName.prefix(100)) is not a file this project asked for"))))
         }
         let index: Int?
         switch kind {
         case .output(let i): index = i
         case .stdout: index = nil
-        case .program, .input: return .dataServer(403, .init(status: -1, message: "\(request.fileName) is not an output file"))
+        case .program, .input: return .failure(.init(.dataServer(403, .init(status: -1, message: "\(fileName) is not an output file"))))
         }
         do {
             // A lease whose report could still count: not one that reported a failure, nor
@@ -340,17 +449,12 @@ public final class BOINCFrontEnd: Sendable {
                   !job.record.failedLeases.contains(name.leaseID), !Self.succeeded(job.record.state),
                   let specBytes = try await self.store.spec(name.jobID), let spec = try? Parley_Work_V1_JobSpec(serializedBytes: specBytes),
                   index.map({ $0 < spec.outputs.count }) ?? true else {
-                return .dataServer(403, .init(status: -1, message: "\(request.fileName) was never handed out, or its job has ended; nothing was stored"))
+                return .failure(.init(.dataServer(403, .init(status: -1, message: "\(fileName) was never handed out, or its job has ended; nothing was stored"))))
             }
         } catch {
-            return .dataServer(503, .init(status: 1, message: "the job store failed: \(error)"))
+            return .failure(.init(.dataServer(503, .init(status: 1, message: "the job store failed: \(error)"))))
         }
-        let limit = index == nil ? self.configuration.maxStdout : self.configuration.maxUploadBytes
-        do {
-            return try await self.keep(request, limit: limit)
-        } catch {
-            return .dataServer(503, .init(status: 1, message: "the upload store failed: \(error)"))
-        }
+        return .success(index == nil ? self.configuration.maxStdout : self.configuration.maxUploadBytes)
     }
 
     /// Removes the uploads no report can use any more: of a job the store does not have or
@@ -390,24 +494,6 @@ public final class BOINCFrontEnd: Sendable {
         if case .succeeded = state { return true }
         return false
     }
-
-    private func keep(_ request: BOINCUpload.Request, limit: Int) async throws -> BOINCResponse {
-        switch request.kind {
-        case .size:
-            return .dataServer(200, .init(status: 0, fileSize: try await self.uploads.size(request.fileName)))
-        case .data(let offset, let nbytes, let md5, let grant, let data):
-            guard self.grant.check(grant, for: request.fileName) else {
-                return .dataServer(403, .init(status: -1, message: "\(request.fileName): the upload's <xml_signature> is not the one this project gave with the file; nothing was stored"))
-            }
-            guard nbytes <= Int64(limit), offset >= 0, offset + Int64(data.count) <= nbytes else {
-                return .dataServer(413, .init(status: -1, message: "\(request.fileName): \(nbytes) bytes is over this project's limit of \(limit) (or the data runs past it); nothing was stored"))
-            }
-            switch try await self.uploads.write(request.fileName, offset: offset, data: data, total: nbytes, md5: md5) {
-            case .success: return .dataServer(200, .init(status: 0))
-            case .failure(let refusal): return .dataServer(refusal.status, .init(status: -1, message: refusal.message))
-            }
-        }
-    }
 }
 
 /// What an endpoint answers: an HTTP status, and its body.
@@ -425,6 +511,12 @@ public struct BOINCResponse: Sendable, Hashable {
     static func xml(_ status: Int, _ body: [UInt8]) -> BOINCResponse { .init(status: status, contentType: "text/xml", body: body) }
     static func text(_ status: Int, _ text: String) -> BOINCResponse { .init(status: status, contentType: "text/plain", body: Array((text + "\n").utf8)) }
     static func dataServer(_ status: Int, _ reply: BOINCDataServerReply) -> BOINCResponse { .xml(status, reply.xml()) }
+}
+
+/// A response as an error (a refusal decided before the work).
+struct BOINCResponseError: Error {
+    let response: BOINCResponse
+    init(_ response: BOINCResponse) { self.response = response }
 }
 
 /// A request refused as a whole: its HTTP status and why.

@@ -13,7 +13,8 @@ import NIOCore
 /// - `GET <base>download/NAME`: programs and inputs;
 /// - `GET <base>get_project_config.php`: the project's name and URL.
 ///
-/// A body over its limit is refused with 413 before it is all read.
+/// A body over its limit is refused with 413 before it is all read; an upload's file bytes
+/// are written as they come (`BOINCFrontEnd.upload(chunks:budget:)`).
 public enum BOINCHTTP {
     public static func application(
         host: String, port: Int, frontEnd: BOINCFrontEnd, logger: Logger, onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
@@ -77,15 +78,12 @@ public enum BOINCHTTP {
                 }
             }
             if path == base + "file_upload_handler" {
+                // The header is read whole, the file's bytes written as they come.
                 let limit = frontEnd.configuration.maxUploadBytes + (64 << 10)
-                switch try await Self.body(request, limit: limit, budget: budget) {
-                case .bytes(let bytes): return Self.response(await frontEnd.upload(body: bytes))
-                case .tooLarge:
+                if let announced = request.headers[.contentLength].flatMap({ Int($0) }), announced > limit {
                     return Self.response(.dataServer(413, .init(status: -1, message: "the upload is over this project's limit of \(frontEnd.configuration.maxUploadBytes) bytes; nothing was stored")))
-                case .busy:
-                    // Transient (status 1): the client tries again later.
-                    return Self.response(.dataServer(503, .init(status: 1, message: "the server holds too many uploads at once; try again later")))
                 }
+                return Self.response(await frontEnd.upload(chunks: request.body, budget: budget))
             }
             return Self.response(.text(404, "not found"))
         }
@@ -104,20 +102,22 @@ public enum BOINCHTTP {
         case busy
     }
 
-    /// A request's body. Its Content-Length (its limit without one) is held from `budget`
-    /// (bytes of bodies held at once, together) while it is read.
+    /// A request's body, at most `limit` bytes (a Content-Length over it is refused before
+    /// anything is read). Its bytes are held from `budget` (bytes of bodies held at once,
+    /// together) as they arrive: a client that announces much and trickles holds only what
+    /// it sent.
     static func body(_ request: Request, limit: Int, budget: BOINCAllowance) async throws -> Body {
-        let announced = request.headers[.contentLength].flatMap { Int($0) }
-        if let announced, announced > limit { return .tooLarge }
-        let held = min(announced ?? limit, limit)
-        guard budget.take(held) else { return .busy }
+        if let announced = request.headers[.contentLength].flatMap({ Int($0) }), announced > limit { return .tooLarge }
+        var held = 0
         defer { budget.give(held) }
-        do {
-            var buffer = try await request.body.collect(upTo: limit)
-            return .bytes(buffer.readBytes(length: buffer.readableBytes) ?? [])
-        } catch is NIOTooManyBytesError {
-            return .tooLarge
+        var buffer = ByteBuffer()
+        for try await chunk in request.body {
+            guard buffer.readableBytes + chunk.readableBytes <= limit else { return .tooLarge }
+            guard budget.take(chunk.readableBytes) else { return .busy }
+            held += chunk.readableBytes
+            buffer.writeImmutableBuffer(chunk)
         }
+        return .bytes(buffer.readBytes(length: buffer.readableBytes) ?? [])
     }
 
     static func path(of url: String) -> String {

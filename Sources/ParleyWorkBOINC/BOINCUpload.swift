@@ -5,6 +5,9 @@ import FoundationXML
 #endif
 import NIOConcurrencyHelpers
 import NIOPosix
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The file upload handler's requests, as the client 7.20 sends them (client/file_xfer.cpp):
 ///
@@ -85,10 +88,11 @@ public enum BOINCUpload {
         return Int64(value)
     }
 
-    static func find(_ needle: [UInt8], in haystack: [UInt8], within: Int) -> Int? {
+    /// Where `needle` starts in `haystack`, at `from` or after and at `within` or before.
+    static func find(_ needle: [UInt8], in haystack: [UInt8], within: Int, from: Int = 0) -> Int? {
         guard !needle.isEmpty, haystack.count >= needle.count else { return nil }
         let last = min(haystack.count - needle.count, within)
-        var i = 0
+        var i = max(0, from)
         while i <= last {
             if haystack[i] == needle[0] {
                 var k = 1
@@ -194,42 +198,138 @@ final class BOINCUploadStore: Sendable {
         }
     }
 
-    func write(_ name: String, offset: Int64, data: [UInt8], total: Int64, md5: String) async throws -> Result<Void, BOINCRefusal> {
+    /// An upload under way: its bytes are written at `position` as they come, and only
+    /// while no later upload of the same file has begun (a client that gave up on a
+    /// connection and resumed on another: the old one's bytes must not land in the new one's).
+    struct Ticket: Sendable {
+        let name: String
+        let generation: UInt64
+        /// Where this request's bytes start, and the whole file's length and MD5.
+        let start: Int64
+        let total: Int64
+        let md5: String
+        fileprivate(set) var position: Int64
+    }
+
+    enum Opened: Sendable {
+        /// The file is already whole with this length and MD5: nothing to write.
+        case whole
+        case open(Ticket)
+        case refused(BOINCRefusal)
+    }
+
+    /// The upload of each file under way now, by its generation.
+    private let current = NIOLockedValueBox<(next: UInt64, by: [String: UInt64])>((1, [:]))
+
+    /// Begins an upload of `name`'s bytes from `offset` (the whole file `total` bytes with
+    /// MD5 `md5`): the part file is cut to `offset`, which must not be past what it holds.
+    /// Every `begin` is ended by `finish` or `abandon`.
+    func begin(_ name: String, offset: Int64, total: Int64, md5: String) async throws -> Opened {
         try await self.withFile(name) {
             let final = self.path(name), part = final + ".part"
             if let existing = FileManager.default.contents(atPath: final) {
                 // Already whole: the same bytes again are fine; others do not replace them.
                 return Int64(existing.count) == total && BOINCSigning.md5Hex(Array(existing)) == md5.lowercased()
-                    ? .success(()) : .failure(.init(status: 409, message: "\(name) was already uploaded with other content; nothing was stored"))
+                    ? .whole : .refused(.init(status: 409, message: "\(name) was already uploaded with other content; nothing was stored"))
             }
-            let have = (try? FileManager.default.attributesOfItem(atPath: part)[.size] as? NSNumber)?.int64Value ?? 0
+            let have = Self.size(of: part) ?? 0
             guard offset <= have else {
-                return .failure(.init(status: 400, message: "\(name): an upload at offset \(offset), but only \(have) bytes came before"))
+                return .refused(.init(status: 400, message: "\(name): an upload at offset \(offset), but only \(have) bytes came before"))
             }
             if !FileManager.default.fileExists(atPath: part) { _ = FileManager.default.createFile(atPath: part, contents: nil) }
-            guard let handle = FileHandle(forUpdatingAtPath: part) else {
-                return .failure(.init(status: 500, message: "\(name): cannot write the upload"))
+            guard truncate(part, off_t(offset)) == 0 else {
+                return .refused(.init(status: 500, message: "\(name): cannot write the upload: \(String(cString: strerror(errno)))"))
+            }
+            let generation = self.current.withLockedValue { current -> UInt64 in
+                let g = current.next
+                current.next += 1
+                current.by[name] = g
+                return g
+            }
+            return .open(Ticket(name: name, generation: generation, start: offset, total: total, md5: md5, position: offset))
+        }
+    }
+
+    /// Writes `bytes` at the ticket's position. Refused when a later upload of the file has
+    /// begun or the part file was removed meanwhile (its job ended).
+    func append(_ ticket: inout Ticket, _ bytes: [UInt8]) async throws -> BOINCRefusal? {
+        let t = ticket
+        let refusal = try await self.withFile(t.name) { () -> BOINCRefusal? in
+            guard self.current.withLockedValue({ $0.by[t.name] }) == t.generation else {
+                return .init(status: 409, message: "\(t.name): another upload of this file began meanwhile; this one's bytes were not stored")
+            }
+            let part = self.path(t.name) + ".part"
+            guard Self.size(of: part) == t.position, let handle = FileHandle(forUpdatingAtPath: part) else {
+                return .init(status: 409, message: "\(t.name): the upload was removed meanwhile (its job ended); nothing more was stored")
             }
             defer { try? handle.close() }
             do {
-                try handle.truncate(atOffset: UInt64(offset))
-                try handle.seek(toOffset: UInt64(offset))
-                try handle.write(contentsOf: data)
+                try handle.seek(toOffset: UInt64(t.position))
+                try handle.write(contentsOf: bytes)
             } catch {
-                return .failure(.init(status: 500, message: "\(name): cannot write the upload: \(error)"))
+                return .init(status: 500, message: "\(t.name): cannot write the upload: \(error)")
             }
-            let size = offset + Int64(data.count)
-            guard size == total else { return .success(()) }
-            guard let whole = FileManager.default.contents(atPath: part), md5.isEmpty || BOINCSigning.md5Hex(Array(whole)) == md5.lowercased() else {
+            return nil
+        }
+        if refusal == nil { ticket.position += Int64(bytes.count) }
+        return refusal
+    }
+
+    /// Ends an upload whose bytes have all come: once the file is whole (`total` bytes) and
+    /// matches its MD5 it takes its name; a file whose bytes do not match is removed.
+    func finish(_ ticket: Ticket) async throws -> Result<Void, BOINCRefusal> {
+        try await self.withFile(ticket.name) {
+            guard self.end(ticket) else {
+                return .failure(.init(status: 409, message: "\(ticket.name): another upload of this file began meanwhile"))
+            }
+            guard ticket.position == ticket.total else { return .success(()) }
+            let final = self.path(ticket.name), part = final + ".part"
+            guard let whole = FileManager.default.contents(atPath: part), Int64(whole.count) == ticket.total,
+                  ticket.md5.isEmpty || BOINCSigning.md5Hex(Array(whole)) == ticket.md5.lowercased() else {
                 try? FileManager.default.removeItem(atPath: part)
-                return .failure(.init(status: 400, message: "\(name): the bytes do not match their MD5 \(md5.prefix(40)); nothing was stored"))
+                return .failure(.init(status: 400, message: "\(ticket.name): the bytes do not match their MD5 \(ticket.md5.prefix(40)); nothing was stored"))
             }
             do {
                 try FileManager.default.moveItem(atPath: part, toPath: final)
             } catch {
-                return .failure(.init(status: 500, message: "\(name): cannot keep the upload: \(error)"))
+                return .failure(.init(status: 500, message: "\(ticket.name): cannot keep the upload: \(error)"))
             }
             return .success(())
+        }
+    }
+
+    /// Ends an upload refused part way: what it wrote is cut off again (the part file as
+    /// before the request), unless a later upload of the file has begun.
+    func abandon(_ ticket: Ticket) async throws {
+        try await self.withFile(ticket.name) {
+            if self.end(ticket) { _ = truncate(self.path(ticket.name) + ".part", off_t(ticket.start)) }
+        }
+    }
+
+    /// Forgets the ticket's generation if it is still the file's current one; whether it was.
+    private func end(_ ticket: Ticket) -> Bool {
+        self.current.withLockedValue { current in
+            guard current.by[ticket.name] == ticket.generation else { return false }
+            current.by[ticket.name] = nil
+            return true
+        }
+    }
+
+    private static func size(of path: String) -> Int64? {
+        (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)?.int64Value
+    }
+
+    /// One request's bytes at once (begin, append, finish).
+    func write(_ name: String, offset: Int64, data: [UInt8], total: Int64, md5: String) async throws -> Result<Void, BOINCRefusal> {
+        switch try await self.begin(name, offset: offset, total: total, md5: md5) {
+        case .whole: return .success(())
+        case .refused(let refusal): return .failure(refusal)
+        case .open(var ticket):
+            if let refusal = try await self.append(&ticket, data) {
+                try await self.abandon(ticket)
+                return .failure(refusal)
+            }
+            return try await self.finish(ticket)
         }
     }
 

@@ -635,7 +635,15 @@ struct FailingStore: WorkStore {
         let fd: Int32
         init(port: Int) throws { self.fd = try connectLoopback(port: port, timeoutSeconds: 20) }
         deinit { close(self.fd) }
-        func send(_ text: String) { _ = Array(text.utf8).withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) } }
+        func send(_ text: String) { self.send(Array(text.utf8)) }
+        func send(_ bytes: [UInt8]) {
+            var sent = 0
+            while sent < bytes.count {
+                let n = bytes[sent...].withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                if n <= 0 { return }
+                sent += n
+            }
+        }
         /// What comes until the peer closes (true) or the timeout (false).
         func untilClosed() -> (closed: Bool, text: String) {
             var out: [UInt8] = []
@@ -699,5 +707,123 @@ struct FailingStore: WorkStore {
             let small = try await client.post("/file_upload_handler", uploadRequest(name.output(0), data: [1]))
             #expect(small.status == 403, "within the budget it is read (and refused: no lease): \(small.text)")
         }
+    }
+
+    /// Starts the front end's HTTP server on a free loopback port; its port and the task
+    /// running it (cancel to stop).
+    func serve(_ bench: BOINCBench) async throws -> (port: Int, server: Task<Void, any Error>) {
+        var quiet = Logger(label: "boinc-http")
+        quiet.logLevel = .critical
+        let (ports, continuation) = AsyncStream<Int>.makeStream()
+        let app = BOINCHTTP.application(host: "127.0.0.1", port: 0, frontEnd: bench.frontEnd, logger: quiet, onRunning: { continuation.yield($0) })
+        let server = Task { try await app.runService() }
+        var iterator = ports.makeAsyncIterator()
+        guard let port = await iterator.next() else {
+            server.cancel()
+            throw CancellationError()
+        }
+        return (port, server)
+    }
+
+    /// An upload whose connection is lost part way keeps the bytes that came (they are
+    /// written as they come), and the client resumes it where `<get_file_size>` says.
+    @Test func anUploadCutPartWayKeepsItsBytesAndResumes() async throws {
+        let bench = try BOINCBench()
+        defer { bench.remove() }
+        try await bench.submit(echoSpec())
+        let name = try await bench.withClient { try await bench.firstResult($0) }
+        let file = name.output(0)
+        let grant = bench.frontEnd.grant.token(for: file)
+        let bytes = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 9) }
+        let (port, server) = try await self.serve(bench)
+        defer { server.cancel() }
+        let request = uploadRequest(file, data: Array(bytes[..<200_000]), nbytes: bytes.count, md5: BOINCSigning.md5Hex(bytes), grant: grant)
+        let cut = try Socket(port: port)
+        cut.send("POST /file_upload_handler HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \(request.count + 100_000)\r\n\r\n")
+        cut.send(request)
+        try await Task.sleep(for: .milliseconds(100))
+        shutdown(cut.fd, Int32(SHUT_RDWR))
+        var kept: Int64 = -1
+        for _ in 0..<200 {
+            kept = try await bench.frontEnd.uploads.size(file)
+            if kept == 200_000 { break }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(kept == 200_000, "the bytes that came before the connection was lost are kept")
+        let rest = uploadRequest(file, data: Array(bytes[200_000...]), nbytes: bytes.count, offset: 200_000, md5: BOINCSigning.md5Hex(bytes), grant: grant)
+        let status = try await bench.withClient { try await $0.post("/file_upload_handler", rest).status }
+        #expect(status == 200)
+        #expect(try await bench.frontEnd.uploads.read(file, limit: 1 << 20) == bytes)
+    }
+
+    /// A body's bytes count against the budget as they arrive: a client that announces much
+    /// and trickles holds only what it sent, so others are still served.
+    @Test func aTrickledBodyHoldsOnlyWhatItSent() async throws {
+        let bench = try BOINCBench { $0.maxBufferedBodyBytes = 2000 }
+        defer { bench.remove() }
+        let (port, server) = try await self.serve(bench)
+        defer { server.cancel() }
+        let slow = try Socket(port: port)
+        slow.send("POST /scheduler HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1900\r\n\r\n<scheduler_request>")
+        try await Task.sleep(for: .milliseconds(200))
+        let body = schedulerRequest(seconds: 0)
+        #expect(body.utf8.count < 1000)
+        let other = try Socket(port: port)
+        other.send("POST /scheduler HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n" + body)
+        let answer = await onOwnThread { other.untilClosed() }
+        #expect(answer.text.hasPrefix("HTTP/1.1 200"), "\(answer.text.prefix(300))")
+        #expect(answer.text.contains("<scheduler_reply>"), "\(answer.text.prefix(300))")
+    }
+
+    /// An upload read in pieces: bytes past the budget end it with 503 keeping what was
+    /// written (the client resumes); bytes past `<nbytes>` end it with 413 and cut off what
+    /// this request wrote; a second upload of the file begun while one is under way takes
+    /// it over (the first's next write is refused).
+    @Test func anUploadReadInPieces() async throws {
+        let bench = try BOINCBench {
+            $0.uploadBatchBytes = 1000
+            $0.maxUploadBytes = 100_000
+        }
+        defer { bench.remove() }
+        try await bench.submit(echoSpec())
+        let name = try await bench.withClient { try await bench.firstResult($0) }
+        let file = name.output(0)
+        let grant = bench.frontEnd.grant.token(for: file)
+        let bytes = (0..<8000).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+        func pieces(offset: Int, _ sizes: [Int]) -> AsyncStream<ByteBuffer> {
+            let (stream, continuation) = AsyncStream.makeStream(of: ByteBuffer.self)
+            continuation.yield(ByteBuffer(bytes: uploadRequest(file, data: [], nbytes: bytes.count, offset: offset, md5: BOINCSigning.md5Hex(bytes), grant: grant)))
+            var at = offset
+            for size in sizes {
+                continuation.yield(ByteBuffer(bytes: bytes[at..<min(at + size, bytes.count)] + (at + size > bytes.count ? [1, 2, 3] : [])))
+                at += size
+            }
+            continuation.finish()
+            return stream
+        }
+        // 800 bytes held (under a batch), then 800 more: past the budget of 1,200. What came
+        // is kept.
+        let small = BOINCAllowance(1200)
+        let busy = await bench.frontEnd.upload(chunks: pieces(offset: 0, [800, 800, 800]), budget: small)
+        #expect(busy.status == 503 && String(decoding: busy.body, as: UTF8.self).contains("<status>1</status>"))
+        #expect(try await bench.frontEnd.uploads.size(file) == 800)
+        #expect(small.take(1200), "all given back")
+        // From 800: 5,000 written (batches of 1,000 or more), then bytes past <nbytes>: 413,
+        // what this request wrote cut off again.
+        let budget = BOINCAllowance(4000)
+        let past = await bench.frontEnd.upload(chunks: pieces(offset: 800, [1000, 1000, 1500, 1500, 2300]), budget: budget)
+        #expect(past.status == 413, "\(String(decoding: past.body, as: UTF8.self))")
+        #expect(try await bench.frontEnd.uploads.size(file) == 800, "what this request wrote is cut off")
+        // Two uploads of the file at once: the later one's begin takes it over.
+        guard case .open(var first) = try await bench.frontEnd.uploads.begin(file, offset: 800, total: 8000, md5: BOINCSigning.md5Hex(bytes)),
+              case .open(var second) = try await bench.frontEnd.uploads.begin(file, offset: 800, total: 8000, md5: BOINCSigning.md5Hex(bytes)) else {
+            Issue.record("an upload could not begin")
+            return
+        }
+        #expect(try await bench.frontEnd.uploads.append(&first, [9, 9, 9])?.status == 409)
+        #expect(try await bench.frontEnd.uploads.append(&second, Array(bytes[800...])) == nil)
+        #expect((try? await bench.frontEnd.uploads.finish(second).get()) != nil)
+        #expect(try await bench.frontEnd.uploads.read(file, limit: 100_000) == bytes)
+        #expect(budget.take(4000), "all given back")
     }
 }
