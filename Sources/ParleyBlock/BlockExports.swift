@@ -135,12 +135,7 @@ public struct BlockExportCatalog: Sendable {
     /// - Parameter session: the session name, for `%SESSNAME%` (nil: no session name, as
     ///   for NBD clients; a search path with `%SESSNAME%` then finds nothing).
     public func resolve(_ name: String, session: String?) throws(BlockError) -> Resolved {
-        if let spec = self.exports.first(where: { $0.name == name }) {
-            guard let real = Self.realPath(spec.path) else {
-                throw BlockError(.notFound, "export \"\(name)\": \(spec.path) does not exist")
-            }
-            return Resolved(name: name, path: real, readOnly: spec.readOnly || self.readOnly, shared: spec.shared, blockSize: spec.blockSize)
-        }
+        if let named = try self.named(name) { return named }
         guard let search = self.searchPath else {
             throw BlockError(.notFound, "no export named \"\(name)\"")
         }
@@ -171,6 +166,23 @@ public struct BlockExportCatalog: Sendable {
             throw BlockError(.pathRefused, "path \"\(name)\" leads out of the search path (a symbolic link to \(real))")
         }
         return Resolved(name: name, path: real, readOnly: self.readOnly, shared: false)
+    }
+
+    /// Finds a named export only, never a path under the search path: what NBD clients
+    /// reach (docs/protocol.md 18), who have neither a session name nor rights checked.
+    public func resolveNamed(_ name: String) throws(BlockError) -> Resolved {
+        guard let named = try self.named(name) else {
+            throw BlockError(.notFound, "no export named \"\(name)\"")
+        }
+        return named
+    }
+
+    private func named(_ name: String) throws(BlockError) -> Resolved? {
+        guard let spec = self.exports.first(where: { $0.name == name }) else { return nil }
+        guard let real = Self.realPath(spec.path) else {
+            throw BlockError(.notFound, "export \"\(name)\": \(spec.path) does not exist")
+        }
+        return Resolved(name: name, path: real, readOnly: spec.readOnly || self.readOnly, shared: spec.shared, blockSize: spec.blockSize)
     }
 
     static func realPath(_ path: String) -> String? {

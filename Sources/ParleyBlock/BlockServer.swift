@@ -135,50 +135,49 @@ public final class BlockServer: Service, Sendable {
     }
 
     public func run() async throws {
-        let nbd: [ParleyAddress]
         var metrics: MetricsEndpoint?
         do {
-            nbd = try await self.nbdServer.bind(self.configuration.nbd)
+            let nbd = try await self.nbdServer.bind(self.configuration.nbd)
             if let m = self.configuration.metrics, let registry = self.registry {
                 metrics = try await MetricsEndpoint.start(host: m.host, port: m.port, registry: registry)
             }
+            let started = metrics
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    try await withGracefulShutdownHandler {
+                        try await self.parleyServer.run()
+                    } onGracefulShutdown: {
+                        self.logger.info("shutting down: finishing IO in flight")
+                        self.service.beginShutdown()
+                    }
+                }
+                let listen = try await self.parleyServer.listeningAddresses
+                let b = Bound(listen: listen, nbd: nbd, metrics: started?.localAddress)
+                self.settle(.bound(b)).forEach { $0.resume(returning: b) }
+                self.logger.info("block server listening", metadata: [
+                    "parley": "\(listen.map(\.description))", "nbd": "\(nbd.map(\.description))",
+                    "metrics": "\(started.flatMap { m in m.localAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } } ?? "off")",
+                    "exports": "\(self.configuration.catalog.exports.map(\.name))",
+                ])
+                // The Parley server returns once it has drained (graceful shutdown) or was cancelled.
+                try await group.next()
+            }
         } catch {
-            await self.nbdServer.shutDown()
+            // Whatever started goes again (a listener that could not bind after the NBD and
+            // metrics ones had), so that an embedding program keeps no port or thread.
+            await self.stop(metrics: metrics)
             self.failWaiters(error)
             throw error
         }
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask {
-                try await withGracefulShutdownHandler {
-                    try await self.parleyServer.run()
-                } onGracefulShutdown: {
-                    self.logger.info("shutting down: finishing IO in flight")
-                    self.service.beginShutdown()
-                }
-            }
-            let listen: [ParleyAddress]
-            do {
-                listen = try await self.parleyServer.listeningAddresses
-            } catch {
-                await self.nbdServer.shutDown()
-                self.failWaiters(error)
-                throw error
-            }
-            let b = Bound(listen: listen, nbd: nbd, metrics: metrics?.localAddress)
-            self.settle(.bound(b)).forEach { $0.resume(returning: b) }
-            self.logger.info("block server listening", metadata: [
-                "parley": "\(listen.map(\.description))", "nbd": "\(nbd.map(\.description))",
-                "metrics": "\(metrics.flatMap { m in m.localAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } } ?? "off")",
-                "exports": "\(self.configuration.catalog.exports.map(\.name))",
-            ])
-            // The Parley server returns once it has drained (graceful shutdown) or was cancelled.
-            try await group.next()
-            await self.nbdServer.shutDown()
-        }
+        await self.stop(metrics: metrics)
+        self.logger.info("block server stopped")
+    }
+
+    private func stop(metrics: MetricsEndpoint?) async {
+        await self.nbdServer.shutDown()
         self.devices.flushAll()
         await metrics?.close()
         try? await self.io.shutdown()
-        self.logger.info("block server stopped")
     }
 
     private func failWaiters(_ error: any Error) {

@@ -177,7 +177,7 @@ public final class BlockService: Sendable {
             entry.readOnly = spec.readOnly || self.catalog.readOnly
             entry.shared = spec.shared
             do {
-                let export = try self.catalog.resolve(spec.name, session: nil)
+                let export = try self.catalog.resolveNamed(spec.name)
                 let device = try self.devices.open(export, access: .readOnly, owner: "list")
                 entry.geometry = Self.geometry(device.store.geometry, blockSize: Self.blockSize(export, device), readOnly: export.readOnly)
                 self.devices.close(device, access: .readOnly, owner: "list")

@@ -161,7 +161,7 @@ struct BlockServe: AsyncParsableCommand {
         }
         for spec in catalog.exports {
             do {
-                _ = try catalog.resolve(spec.name, session: nil)
+                _ = try catalog.resolveNamed(spec.name)
             } catch {
                 print("parley block serve: \(error.message)")
                 throw ExitCode(2)

@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 import Parley
+import CParleyBlockIO
 @testable import ParleyBlock
 import Synchronization
 import Testing
@@ -227,6 +228,29 @@ extension BlockExportsTests {
                 #expect(r.name == name && !r.readOnly && !r.shared && r.blockSize == nil)
             }
             #expect(try catalog.resolve("c.img", session: nil).path == dir.at("search/c.img"))
+        }
+
+        /// NBD clients (no session name, no rights checked) reach named exports only: a file
+        /// under the search path is unknown to them, as docs/protocol.md 18 says.
+        @Test func nbdClientsReachNamedExportsOnly() throws {
+            let dir = try TempDir()
+            try dir.file("search/c.img")
+            let named = try dir.file("named.img")
+            let catalog = try BlockExportCatalog(exports: [BlockExportSpec(name: "n", path: named)], searchPath: dir.at("search"))
+            #expect(T.status { () throws(BlockError) in _ = try catalog.resolveNamed("c.img") } == .notFound)
+            #expect(T.status { () throws(BlockError) in _ = try catalog.resolveNamed("") } == .notFound)
+            #expect(try catalog.resolveNamed("n").path == named)
+            let resolver = NBDConnectionResolver(catalog: catalog, devices: BlockDeviceTable())
+            guard case .failure(let refusal) = resolver.describe("c.img") else {
+                Issue.record("an NBD client found a file under the search path")
+                return
+            }
+            #expect(refusal.reply == .errUnknown, "\(refusal)")
+            var opener = resolver
+            guard case .failure = opener.open("c.img") else {
+                Issue.record("an NBD client opened a file under the search path")
+                return
+            }
         }
 
         @Test func searchPathThroughASymlinkedRoot() throws {
@@ -595,6 +619,29 @@ extension BlockExportsTests {
             }
             #expect(written == Array(pattern[..<2800]))
             #expect(batches.map(\.count) == [64, 6] && batches.map(\.skipped) == [0, 64 * 40])
+        }
+
+        /// A read with `nowait` of a range whose start only is in the page cache returns false
+        /// (the caller reads it all on an IO thread) instead of finishing on the caller's
+        /// thread, an event loop, by waiting for the disk for the rest.
+        @Test func aNowaitReadPartlyCachedIsLeftToAnIOThread() throws {
+            let dir = try TempDir()
+            let path = try dir.file("cold.img", size: 64 << 20)
+            let fd = open(path, O_RDWR | O_CLOEXEC)
+            try #require(fd >= 0)
+            defer { close(fd) }
+            guard parley_fs_type(fd) != 0x0102_1994 else { return }  // tmpfs: every page is in memory
+            let chunk = [UInt8](repeating: 0x5a, count: 1 << 20)
+            for i in 0..<64 { try #require(chunk.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(i << 20)) } == chunk.count) }
+            try #require(fsync(fd) == 0)
+            try #require(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+            let store = try FileBlockStore(path: path, writable: false)
+            #expect(try T.read(store, at: 0, count: 4096) == Array(chunk[..<4096]), "the start is read, and read ahead")
+            #expect(!store.isCached(offset: 0, length: 32 << 20), "the rest is not in the page cache")
+            var buffer = [UInt8](repeating: 0, count: 32 << 20)
+            let inline = try buffer.withUnsafeMutableBytes { try store.read(into: $0, at: 0, nowait: true) }
+            #expect(!inline, "a read partly cached is not finished from the disk on the caller's thread")
+            #expect(try T.read(store, at: (32 << 20) - 4096, count: 4096) == Array(chunk[..<4096]))
         }
 
         /// Where the file system refuses RWF_NOWAIT writes, an inline write slower than the

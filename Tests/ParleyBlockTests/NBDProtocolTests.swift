@@ -660,6 +660,34 @@ extension NBDProtocolTests {
             #expect(outcome.transmission?.baseAllocation == false)
         }
 
+        /// A namespace alone ("base:") lists its contexts, and SET_META_CONTEXT ignores it
+        /// (the NBD document: "the server MUST ignore this form" there).
+        @Test func aNamespaceAloneListsButDoesNotSet() throws {
+            let (outcome, _) = T.run(T.clientFlags(3) + T.option(.structuredReply)
+                + T.option(.listMetaContext, T.metaData("disk", ["base:"]))
+                + T.option(.setMetaContext, T.metaData("disk", ["base:"]))
+                + T.option(.go, T.infoData("disk", [.blockSize])))
+            let list = NBD.Option.listMetaContext
+            let expected = T.reply(.structuredReply, .ack)
+                + T.reply(list, .metaContext, Wire().u32(0).string("base:allocation").bytes) + T.reply(list, .ack)
+                + T.reply(.setMetaContext, .ack)
+            #expect(Array(outcome.sent.prefix(expected.count)) == expected)
+            #expect(outcome.transmission?.baseAllocation == false)
+        }
+
+        /// An OFFSET_DATA chunk carries at least one byte: a read of zero bytes is answered
+        /// with a final NONE chunk.
+        @Test func aZeroLengthReadIsAnsweredWithANoneChunk() {
+            var out = ByteBuffer()
+            NBDReply.writeReadHeader(cookie: 7, offset: 4096, length: 0, structured: true, into: &out)
+            var done = ByteBuffer()
+            NBDReply.writeDone(cookie: 7, into: &done)
+            #expect(out == done)
+            var one = ByteBuffer()
+            NBDReply.writeReadHeader(cookie: 7, offset: 4096, length: 1, structured: true, into: &one)
+            #expect(one.getInteger(at: 16, as: UInt32.self) == 9 && one.readableBytes == NBDReply.offsetDataHeaderSize)
+        }
+
         @Test func unknownNamespaceIsIgnored() throws {
             let (outcome, _) = T.run(T.clientFlags(3) + T.option(.structuredReply)
                 + T.option(.listMetaContext, T.metaData("disk", ["qemu:dirty-bitmap:x"]))
@@ -976,7 +1004,7 @@ extension NBDProtocolTests {
 
         @Test func readLargerThanTheMaximumPayloadOverflows() throws {
             let n = try T.negotiate(Self.export(maximumPayload: 65536), structured: false, baseAllocation: false)
-            Self.expectError(n.validate(T.request(.read, offset: 0, length: 65537)), .overflow, "larger than the maximum 65536")
+            Self.expectError(n.validate(T.request(.read, offset: 0, length: 65537)), .inval, "larger than the maximum 65536")
             #expect(try n.validate(T.request(.read, offset: 0, length: 65536)).get() == .read(offset: 0, length: 65536))
         }
 

@@ -366,8 +366,9 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
             actions.append(.send(Self.reply(raw, refusal.reply, text: refusal.message)))
             return
         }
-        // Zero queries: LIST shows everything, SET selects nothing.
-        let matches = queries.isEmpty ? !set : queries.contains { $0 == NBD.baseAllocation || $0 == "base:" }
+        // Zero queries: LIST shows everything, SET selects nothing. A namespace alone
+        // ("base:") lists its contexts, and SET ignores it, as the NBD document requires.
+        let matches = queries.isEmpty ? !set : queries.contains { $0 == NBD.baseAllocation || (!set && $0 == "base:") }
         var out = ByteBuffer()
         if matches {
             var p = ByteBuffer()

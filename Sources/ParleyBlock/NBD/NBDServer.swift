@@ -45,7 +45,7 @@ struct NBDConnectionResolver: NBDExportResolver, Sendable {
 
     func describe(_ name: String) -> Result<NBDExportInfo, NBDRefusal> {
         do {
-            let export = try self.catalog.resolve(name, session: nil)
+            let export = try self.catalog.resolveNamed(name)
             let device = try self.devices.open(export, access: .readOnly, owner: Self.owner)
             defer { self.devices.close(device, access: .readOnly, owner: Self.owner) }
             return .success(self.info(device, export, readOnly: export.readOnly))
@@ -56,7 +56,7 @@ struct NBDConnectionResolver: NBDExportResolver, Sendable {
 
     mutating func open(_ name: String) -> Result<NBDExportInfo, NBDRefusal> {
         do {
-            let export = try self.catalog.resolve(name, session: nil)
+            let export = try self.catalog.resolveNamed(name)
             let access: BlockAccess = export.readOnly ? .readOnly : .readWrite
             let device = try self.devices.open(export, access: access, owner: Self.owner)
             self.opened = (device, access)

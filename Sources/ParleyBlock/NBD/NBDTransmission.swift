@@ -204,7 +204,7 @@ extension NBDNegotiated {
         case .read:
             if let e = inRange() ?? aligned() { return .failure(e) }
             if request.length > info.maximumPayload {
-                return .failure(.init(.overflow, "read of \(request.length) bytes is larger than the maximum \(info.maximumPayload)"))
+                return .failure(.init(.inval, "read of \(request.length) bytes is larger than the maximum \(info.maximumPayload)"))
             }
             return .success(.read(offset: request.offset, length: request.length))
         case .write:
@@ -264,8 +264,12 @@ public enum NBDReply {
         self.writeChunkHeader(cookie: cookie, type: .none, flags: NBD.replyFlagDone, length: 0, into: &out)
     }
 
-    /// The header of a final OFFSET_DATA chunk: `length` data bytes follow it.
+    /// The header of a final OFFSET_DATA chunk: `length` data bytes follow it. A read of zero
+    /// bytes is answered with a final NBD_REPLY_TYPE_NONE chunk instead: an OFFSET_DATA chunk
+    /// carries at least one byte (its length is at least 9), and qemu drops a connection that
+    /// sends a shorter one.
     public static func writeOffsetDataHeader(cookie: UInt64, offset: UInt64, length: Int, into out: inout ByteBuffer) {
+        guard length > 0 else { return self.writeDone(cookie: cookie, into: &out) }
         self.writeChunkHeader(cookie: cookie, type: .offsetData, flags: NBD.replyFlagDone, length: 8 + length, into: &out)
         out.writeInteger(offset)
     }

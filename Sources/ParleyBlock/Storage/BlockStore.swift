@@ -68,10 +68,12 @@ public struct BlockStoreError: Error, Sendable, Equatable, CustomStringConvertib
 public protocol BlockStore: Sendable {
     var geometry: BlockGeometry { get }
     /// Reads exactly `buffer.count` bytes at `offset` (zeroes past the end of a short file).
-    /// With `nowait`, returns false instead of waiting for the disk (nothing is read).
+    /// With `nowait`, returns false instead of waiting for the disk (then all of it is to be
+    /// read again; part may have been).
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, nowait: Bool) throws(BlockStoreError) -> Bool
     /// Writes all of `bytes` at `offset`; `durable` makes it reach stable storage before
-    /// returning. With `nowait`, returns false instead of blocking (then nothing was written).
+    /// returning. With `nowait`, returns false instead of blocking (then all of it is to be
+    /// written again: part may have been written).
     func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, durable: Bool, nowait: Bool) throws(BlockStoreError) -> Bool
     /// Writes `pieces` one after the other from `offset` (one large write arriving in several
     /// network reads), not durable; may block.
@@ -277,9 +279,10 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
         while done < buffer.count {
             let n = parley_pread(self.fd, buffer.baseAddress! + done, buffer.count - done, Int64(offset) + Int64(done), nowait ? 1 : 0)
             if n == -Int64(EAGAIN) || (n == -Int64(EOPNOTSUPP) && nowait) {
-                if done == 0 { return false }
-                // Part is read: finish without nowait rather than report a partial read.
-                return try self.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: offset + UInt64(done), nowait: false)
+                // Part may be read (the start of the range was cached): the caller reads it all
+                // again on an IO thread, cheaply from the cache, rather than this thread
+                // waiting for the disk for the rest.
+                return false
             }
             if n < 0 { throw BlockStoreError(errno: Int32(-n), operation: "read \(buffer.count) bytes at \(offset)") }
             if n == 0 {
@@ -307,8 +310,9 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
                                   nowait ? 1 : 0, durable ? 1 : 0)
             if nowait, n == -Int64(EAGAIN) || n == -Int64(EOPNOTSUPP) {
                 if n == -Int64(EOPNOTSUPP) { self.nowaitWrites.store(false, ordering: .relaxed) }
-                if done == 0 { return false }
-                return try self.write(UnsafeRawBufferPointer(rebasing: bytes[done...]), at: offset + UInt64(done), durable: durable, nowait: false)
+                // Part may be written: the caller writes it all again on an IO thread (the
+                // same bytes at the same place) rather than this thread waiting for the rest.
+                return false
             }
             if n < 0 { throw BlockStoreError(errno: Int32(-n), operation: "write \(bytes.count) bytes at \(offset)") }
             done += Int(n)
