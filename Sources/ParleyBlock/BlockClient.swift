@@ -82,10 +82,11 @@ public final class BlockClient: Sendable {
         return Device(id: reply.deviceID, geometry: reply.geometry)
     }
 
-    public func close(_ device: Device) async throws {
+    /// Closes `device` on this connection; `timeout`: how long the server may take to answer.
+    public func close(_ device: Device, timeout: Duration? = nil) async throws {
         var close = Parley_Block_V1_Close()
         close.deviceID = device.id
-        let reply = try await self.client.request(close, as: Parley_Block_V1_CloseReply.self)
+        let reply = try await self.client.request(close, as: Parley_Block_V1_CloseReply.self, timeout: timeout)
         try Self.check(reply.status, reply.message)
     }
 

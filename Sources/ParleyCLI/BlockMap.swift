@@ -52,7 +52,8 @@ struct BlockMapCommand: AsyncParsableCommand {
             Status: twice a second the map writes STATE_DIR/SESSION.PID.json,
             which `parley block list` shows. SIGINT, SIGTERM or `parley block
             unmap`: NBD clients' requests in flight complete, the device's IO
-            drains, a final flush, the device is closed on every path, exit.
+            drains, a final flush, the device is closed on every path (each Close
+            answered within --io-timeout or not waited for), exit.
             With no path up that waits up to --io-timeout; a second SIGINT
             (Ctrl-C again) exits at once (status 1), a second SIGTERM waits.
             """
@@ -124,9 +125,15 @@ struct BlockMapCommand: AsyncParsableCommand {
         guard BlockExportCatalog.validSessionName(r.session) else {
             throw ValidationError("bad session name \"\(r.session)\": use 1-64 bytes of A-Z a-z 0-9 . _ -, not starting with '.'")
         }
+        var addresses: [ParleyAddress] = []
         for p in r.paths {
-            do { _ = try ParleyAddress(parsing: p) } catch { throw ValidationError("bad path \"\(p)\": \(error.message)") }
+            do { addresses.append(try ParleyAddress(parsing: p)) } catch { throw ValidationError("bad path \"\(p)\": \(error.message)") }
         }
+        // One client configuration serves every path: its credentials, methods and TLS.
+        guard Set(addresses.map(\.usesTLS)).count == 1 else {
+            throw ValidationError("give every path with tls:// or none: the paths share one security setting")
+        }
+        for a in addresses { try self.security.check(address: a) }
         do {
             let a = try ParleyAddress(parsing: self.nbd)
             switch a.kind {
@@ -137,7 +144,7 @@ struct BlockMapCommand: AsyncParsableCommand {
             throw ValidationError("bad --nbd \"\(self.nbd)\": \(error.message)")
         }
         guard MultipathIOState.Policy(rawValue: self.policy) != nil else { throw ValidationError("--policy must be round-robin or min-inflight") }
-        guard self.ioTimeout > 0, self.ioTimeout <= 86400 else { throw ValidationError("--io-timeout must be in (0, 86400] seconds") }
+        guard self.ioTimeout >= 0.001, self.ioTimeout <= 86400 else { throw ValidationError("--io-timeout must be in [0.001, 86400] seconds") }
         if let t = self.answerTimeout, !(t >= 0.001 && t <= 86400) { throw ValidationError("--answer-timeout must be in [0.001, 86400] seconds") }
         guard (0...10_000).contains(self.pollAfterReply) else { throw ValidationError("--poll-after-reply must be 0...10000 microseconds") }
     }
@@ -260,8 +267,8 @@ struct BlockUnmap: AsyncParsableCommand {
         commandName: "unmap",
         abstract: "Stop a map cleanly: its IO in flight completes, a final flush, the device is closed on every path.",
         discussion: """
-            Finds the map of --session (and --device, if the session maps several) in the
-            state directory, sends its process SIGTERM and waits for it to exit (at most
+            Finds the map of --session (and --device, if the session maps several; --pid,
+            if it maps one device twice) in the state directory, sends its process SIGTERM and waits for it to exit (at most
             --timeout seconds). Exits 0 when the map is gone after a clean unmap (IO drained,
             final flush done), 1 if it did not stop in time or its unmap failed (the final
             flush; the map's message is printed), 2 if there is no such map.
@@ -273,6 +280,9 @@ struct BlockUnmap: AsyncParsableCommand {
 
     @Option(name: .long, help: ArgumentHelp("Device of the map (needed when the session maps several).", valueName: "path"))
     var device: String?
+
+    @Option(name: .long, help: ArgumentHelp("Process id of the map (needed when the session maps one device twice; `parley block list` shows it).", valueName: "pid"))
+    var pid: Int32?
 
     @Option(name: .long, help: ArgumentHelp("Directory of the status files.", valueName: "dir"))
     var stateDir: String?
@@ -286,14 +296,15 @@ struct BlockUnmap: AsyncParsableCommand {
 
     func run() async throws {
         let records = BlockMap.records(directory: self.stateDir ?? BlockMap.defaultStateDirectory).filter {
-            $0.status.session == self.session && (self.device == nil || $0.status.device == self.device)
+            $0.status.session == self.session && (self.device == nil || $0.status.device == self.device) && (self.pid == nil || $0.pid == self.pid)
         }
         guard !records.isEmpty else {
-            print("parley block unmap: no map of session \(self.session)\(self.device.map { " device \($0)" } ?? "")")
+            print("parley block unmap: no map of session \(self.session)\(self.device.map { " device \($0)" } ?? "")\(self.pid.map { " pid \($0)" } ?? "")")
             throw ExitCode(2)
         }
         guard records.count == 1 else {
-            print("parley block unmap: session \(self.session) maps \(records.map(\.status.device).joined(separator: ", ")): give --device")
+            let maps = records.map { "\($0.status.device) (pid \($0.pid))" }.joined(separator: ", ")
+            print("parley block unmap: session \(self.session) has \(records.count) maps, \(maps): give --device\(self.device == nil ? "" : " and") --pid")
             throw ExitCode(2)
         }
         let pid = records[0].pid

@@ -21,6 +21,9 @@ import ParleyTestSupport
         #expect(multi.paths == ["10.0.0.1:7421", "10.0.1.1:7500", "unix:/run/b.sock", "[fe80::1]:7421"])
         #expect(multi.device == "vm/disk" && multi.access == "ro")
         #expect(try BlockMapRequest(rnbd: "sessname=m path=ip:h device_path=d access_mode=migration").access == "migration")
+        // A bracketed IPv6 address with or without its port; a line with CRLF ending.
+        #expect(try BlockMapRequest(rnbd: "sessname=s path=ip:[fe80::1] path=ip:[::1]:7500 device_path=d").paths == ["[fe80::1]:7421", "[::1]:7500"])
+        #expect(try BlockMapRequest(rnbd: "sessname=s\tpath=ip:h\r\ndevice_path=disk\r\n") == BlockMapRequest(session: "s", paths: ["h:7421"], device: "disk", access: "rw"))
     }
 
     @Test(arguments: [
@@ -36,6 +39,9 @@ import ParleyTestSupport
         ("sessname=s path=, device_path=d", "bad path=,"),
         ("sessname=s path=ip:a,ip:b,ip:c device_path=d", "bad path="),
         ("sessname=s path=ip:h device_path=/", "names no device"),
+        ("sessname=s sessname=t path=ip:h device_path=d", "sessname= is given twice"),
+        ("sessname=s path=ip:h device_path=d device_path=e", "device_path= is given twice"),
+        ("sessname=s path=ip:h device_path=d access_mode=ro access_mode=rw", "access_mode= is given twice"),
     ])
     func badLines(line: String, complaint: String) {
         do {
@@ -92,6 +98,23 @@ import ParleyTestSupport
         // A directory others may write to: nothing in it counts.
         #expect(chmod(dir, 0o777) == 0)
         #expect(BlockMap.records(directory: dir).isEmpty)
+    }
+
+    /// A temporary file a killed map left, and a file that is no record, go once a minute
+    /// old; newer ones stay (a map may be writing them).
+    @Test func leftoversGoOnceAMinuteOld() throws {
+        let dir = try Self.directory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for name in ["s.1234.json.tmp", "garbage.json", "fresh.json.tmp", "fresh.json", "other.txt"] {
+            Self.write("{\"half\":", to: dir + "/" + name, mode: 0o600)
+        }
+        for name in ["s.1234.json.tmp", "garbage.json", "other.txt"] {
+            var times = [timeval(tv_sec: time(nil) - 120, tv_usec: 0), timeval(tv_sec: time(nil) - 120, tv_usec: 0)]
+            #expect(utimes(dir + "/" + name, &times) == 0)
+        }
+        #expect(BlockMap.records(directory: dir).isEmpty)
+        let left = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
+        #expect(left == ["fresh.json", "fresh.json.tmp", "other.txt"], "\(left)")
     }
 
     /// The map's own status directory is made private (0700), also one made under umask 002;

@@ -534,6 +534,32 @@ struct BlockMapTests {
         #expect(FileManager.default.contents(atPath: plain) == Data("keep".utf8))
     }
 
+    /// Two maps of one session and device (two read-only maps): `unmap` names both with
+    /// their pids, and unmaps the one `--pid` names.
+    @Test func unmapTellsTwoMapsOfOneDeviceApartByPid() async throws {
+        let scratch = try ScratchDirectory("map")
+        try scratch.sparseFile("disk.img", size: 16 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(scratch.file("disk.img"))"])
+        defer { server.stop() }
+        let args = ["--session", "twice", "--path", "unix:\(server.blockSocket)", "--device", "disk", "--read-only"]
+        let first = try await BlockMapProcess(scratch: scratch, args)
+        defer { first.stop() }
+        let second = try await BlockMapProcess(scratch: scratch, args)
+        defer { second.stop() }
+        let parley = try Tools.parley
+        let ambiguous = try await Tools.run(parley, ["block", "unmap", "--session", "twice", "--device", "disk", "--state-dir", first.stateDir])
+        #expect(ambiguous.status == 2, "\(ambiguous.combined)")
+        #expect(ambiguous.stdout.contains("pid \(first.background.pid)") && ambiguous.stdout.contains("pid \(second.background.pid)")
+                && ambiguous.stdout.contains("--pid"), "\(ambiguous.combined)")
+        let one = try await Tools.run(parley, ["block", "unmap", "--session", "twice", "--pid", "\(first.background.pid)", "--state-dir", first.stateDir])
+        #expect(one.status == 0, "\(one.combined)")
+        #expect(await first.background.waitForExit(seconds: 30) == 0, "\(first.log)")
+        #expect(second.background.isRunning, "the other map goes on")
+        let rest = try await Tools.run(parley, ["block", "unmap", "--session", "twice", "--state-dir", first.stateDir])
+        #expect(rest.status == 0, "\(rest.combined)")
+        #expect(await second.background.waitForExit(seconds: 30) == 0, "\(second.log)")
+    }
+
     @Test func badInputIsRefusedClearly() async throws {
         let scratch = try ScratchDirectory("map")
         try scratch.sparseFile("disk.img", size: 16 << 20)
@@ -577,5 +603,17 @@ struct BlockMapTests {
         #expect(rnbd.status != 0 && rnbd.combined.contains("bad access_mode"), "\(rnbd.combined)")
         let both = try await map(["--rnbd", "sessname=bad path=ip:127.0.0.1 device_path=disk", "--session", "x"])
         #expect(both.status != 0 && both.combined.contains("not both"), "\(both.combined)")
+
+        // Security options checked as for every client command (a --keyring without --name
+        // used to connect without authenticating), and one setting for all paths.
+        let path = "unix:\(server.blockSocket)"
+        let keyless = try await map(["--session", "bad", "--path", path, "--device", "disk", "--keyring", scratch.file("k")])
+        #expect(keyless.status != 0 && keyless.combined.contains("--keyring needs --name"), "\(keyless.combined)")
+        let mixedTLS = try await map(["--session", "bad", "--path", path, "--path", "tls://127.0.0.1:1", "--device", "disk"])
+        #expect(mixedTLS.status != 0 && mixedTLS.combined.contains("every path with tls:// or none"), "\(mixedTLS.combined)")
+        let noCert = try await map(["--session", "bad", "--path", "tls://127.0.0.1:1", "--device", "disk"])
+        #expect(noCert.status != 0 && noCert.combined.contains("need --cert"), "\(noCert.combined)")
+        let tiny = try await map(["--session", "bad", "--path", path, "--device", "disk", "--io-timeout", "0.0005"])
+        #expect(tiny.status != 0 && tiny.combined.contains("--io-timeout must be in [0.001"), "\(tiny.combined)")
     }
 }

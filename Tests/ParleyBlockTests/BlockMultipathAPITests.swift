@@ -5,7 +5,7 @@ import Glibc
 import Logging
 import NIOCore
 import Parley
-import ParleyBlock
+@testable import ParleyBlock
 import ParleyTestSupport
 import Testing
 
@@ -47,6 +47,15 @@ struct BlockMultipathAPITests {
         try await device.close()
     }
 
+    /// A remote whose largest IO is no whole number of blocks: the pieces of a longer IO are
+    /// cut to whole blocks (an unaligned piece would be refused).
+    @Test func piecesOfALongerIOAreWholeBlocks() {
+        #expect(MultipathBlockStore.largestIO(maxIoSize: 1_000_000, blockSize: 4096) == 999_424)
+        #expect(MultipathBlockStore.largestIO(maxIoSize: 32 << 20, blockSize: 4096) == 32 << 20)
+        #expect(MultipathBlockStore.largestIO(maxIoSize: 100, blockSize: 512) == 512)
+        #expect(MultipathBlockStore.largestIO(maxIoSize: 0, blockSize: 4096) == 4096)
+    }
+
     @Test(arguments: [MultipathIOState.Policy.roundRobin, .minInflight])
     func manyIOsInFlightOverTwoPaths(policy: MultipathIOState.Policy) async throws {
         let scratch = try ScratchDirectory()
@@ -84,6 +93,46 @@ struct BlockMultipathAPITests {
         await #expect(throws: BlockMultipathError.self) { _ = try await device.read(offset: 0, length: 4096) }
         // A second close does nothing (it used to send another final flush to paths without
         // a connection: a precondition failure).
+        try await device.close()
+    }
+
+    /// NBD's NO_HOLE through the map's store: the block protocol's write-zeroes may
+    /// deallocate, so a range that must stay allocated gets zeroes written (the server's
+    /// sparse file gains the blocks); without it the range stays a hole.
+    @Test func writeZeroesWithNoHoleKeepsTheRangeAllocated() async throws {
+        let scratch = try ScratchDirectory()
+        let file = try scratch.sparseFile("disk.img", size: 8 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(file)"])
+        defer { server.stop() }
+        let device = try await self.session(server).open("disk")
+        let store = MultipathBlockStore(device: device)
+        func run(_ request: BlockStoreRequest) async -> Result<ByteBufferPieces?, BlockStoreError> {
+            await withCheckedContinuation { c in store.start(request) { c.resume(returning: $0) } }
+        }
+        func allocatedBlocks() -> Int {
+            var st = stat()
+            return stat(file, &st) == 0 ? Int(st.st_blocks) : -1
+        }
+        #expect(allocatedBlocks() == 0)
+        guard case .success = await run(.writeZeroes(offset: 4 << 20, length: 1 << 20, fua: false, fast: false, noHole: false)) else {
+            Issue.record("the write-zeroes failed")
+            return
+        }
+        #expect(allocatedBlocks() == 0, "may deallocate: nothing allocated")
+        guard case .success = await run(.writeZeroes(offset: 0, length: 3 << 20, fua: true, fast: false, noHole: true)) else {
+            Issue.record("the write-zeroes with NO_HOLE failed")
+            return
+        }
+        #expect(allocatedBlocks() >= (3 << 20) / 512, "NO_HOLE: the range is allocated")
+        #expect(device.status().writes == 3, "written as zeroes, 1 MiB at a time")
+        guard case .success(let read?) = await run(.read(offset: 0, length: 3 << 20)) else {
+            Issue.record("the read failed")
+            return
+        }
+        #expect(read.gathered() == ByteBuffer(repeating: 0, count: 3 << 20))
+        // The synchronous call says the same.
+        try store.writeZeroes(offset: 5 << 20, length: 8192, mayDeallocate: false, fast: false)
+        #expect(device.status().writes == 4)
         try await device.close()
     }
 

@@ -38,6 +38,9 @@ public final class BlockMap: Sendable {
     let logger: Logger
     /// Set when the unmap starts: what the status file says from then on (`Record.failure`).
     let unmapping = NIOLockedValueBox<String?>(nil)
+    /// One status write at a time: the writer task and the unmap's own writes share one
+    /// temporary file, and two writes interleaved could leave a mix of both.
+    private let recordWrites = NIOLock()
 
     public init(session: BlockMultipathSession, device: String, access: Parley_Block_V1_AccessMode, nbd: ParleyAddress, stateDirectory: String,
                 logger: Logger = Logger(label: "parley.block.map")) {
@@ -76,9 +79,16 @@ public final class BlockMap: Sendable {
         guard Self.isPrivate(directory, directory: true),
               let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else { return [] }
         var out: [Record] = []
-        for name in names.sorted() where name.hasSuffix(".json") {
+        for name in names.sorted() where name.hasSuffix(".json") || name.hasSuffix(".json.tmp") {
             let path = directory + "/" + name
-            guard let record = Self.readRecord(path), record.pid > 1 else { continue }
+            guard name.hasSuffix(".json"), let record = Self.readRecord(path), record.pid > 1 else {
+                // A temporary file a map killed mid-write left, or a file that is no record:
+                // removed once a minute old (a map's own are replaced twice a second).
+                if Self.isPrivate(path, directory: false), let modified = Self.modified(path), Date().timeIntervalSince(modified) > 60 {
+                    try? FileManager.default.removeItem(atPath: path)
+                }
+                continue
+            }
             // Its map is gone (or the pid belongs to another process now): the file goes,
             // but one that reports a failed unmap stays a minute for `parley block unmap`.
             guard Self.isRunningMap(record.pid) else {
@@ -90,6 +100,10 @@ public final class BlockMap: Sendable {
             out.append(record)
         }
         return out
+    }
+
+    static func modified(_ path: String) -> Date? {
+        (try? FileManager.default.attributesOfItem(atPath: path))?[.modificationDate] as? Date
     }
 
     /// `path` (not a symbolic link) belongs to this user and no one else may write to it.
@@ -255,6 +269,10 @@ public final class BlockMap: Sendable {
     /// Writes the status file (through a temporary file and a rename: a reader never sees
     /// half of it); a `ParleyError` naming the file if it cannot.
     func writeRecord(device: BlockMultipathDevice, bound: ParleyAddress, failure: String? = nil) throws {
+        try self.recordWrites.withLock { try self.writeRecordNow(device: device, bound: bound, failure: failure) }
+    }
+
+    private func writeRecordNow(device: BlockMultipathDevice, bound: ParleyAddress, failure: String?) throws {
         let record = Record(pid: getpid(), nbd: "\(bound)", exportName: self.devicePath, status: device.status(),
                             updated: Date().timeIntervalSince1970, failure: failure)
         let data = try JSONEncoder().encode(record)

@@ -24,11 +24,16 @@ public struct BlockMapRequest: Sendable, Equatable {
         var paths: [String] = []
         var device: String?
         var access = "rw"
-        for word in line.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }) {
+        var seen: Set<Substring> = []
+        // Any white space separates words (a line from a file with CRLF endings included).
+        for word in line.split(whereSeparator: { $0.isWhitespace }) {
             guard let eq = word.firstIndex(of: "=") else {
                 throw BlockError(.invalid, "bad RNBD word \"\(word)\": expected KEY=VALUE (sessname=, path=, device_path=, access_mode=)")
             }
             let key = word[..<eq], value = String(word[word.index(after: eq)...])
+            guard key == "path" || seen.insert(key).inserted else {
+                throw BlockError(.invalid, "\(key)= is given twice in the RNBD line")
+            }
             switch key {
             case "sessname": session = value
             case "path": paths.append(try Self.rnbdPath(value))
@@ -67,7 +72,11 @@ public struct BlockMapRequest: Sendable, Equatable {
         if p.hasPrefix("ip:") { p.removeFirst(3) }
         if p.hasPrefix("gid:") { throw BlockError(.invalid, "path \"\(text)\": gid: addresses are InfiniBand's; use ip:ADDRESS") }
         guard !p.isEmpty else { throw BlockError(.invalid, "empty path in \"path=\(text)\"") }
-        if p.hasPrefix("unix:") || p.hasPrefix("[") || p.contains("://") { return p }
+        if p.hasPrefix("unix:") || p.contains("://") { return p }
+        if p.hasPrefix("[") {
+            // [V6] without a port: the block protocol's port, as for the other forms.
+            return p.hasSuffix("]") ? "\(p):\(BlockServer.Configuration.defaultPort)" : p
+        }
         // An address without a port (RNBD's form): the block protocol's port.
         let colons = p.filter { $0 == ":" }.count
         if colons == 0 { return "\(p):\(BlockServer.Configuration.defaultPort)" }

@@ -103,6 +103,9 @@ public struct BlockMultipathSession: Sendable {
             throw BlockError(.invalid, "the reconnect back-off must be above zero and its maximum at least its base (\(configuration.reconnectBase), \(configuration.reconnectMax))")
         }
         guard configuration.ioTimeout > .zero else { throw BlockError(.invalid, "the IO timeout must be above zero") }
+        guard configuration.maxSends > 0, configuration.maxInFlightPerPath > 0, configuration.maxInFlightBytesPerPath > 0 else {
+            throw BlockError(.invalid, "maxSends, maxInFlightPerPath and maxInFlightBytesPerPath must be above zero (\(configuration.maxSends), \(configuration.maxInFlightPerPath), \(configuration.maxInFlightBytesPerPath))")
+        }
         if let t = configuration.answerTimeout, t <= .zero { throw BlockError(.invalid, "the answer timeout must be above zero") }
         self.configuration = configuration
         self.logger = logger
@@ -1097,9 +1100,17 @@ public final class BlockMultipathDevice: Sendable {
                                 metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
         }
         for t in tasks { t.cancel() }
-        for (client, id) in clients {
-            try? await client.close(BlockClient.Device(id: id, geometry: Parley_Block_V1_Geometry()))
-            client.closeConnection()
+        // Every path's Close at once, each answered within the IO timeout or not waited for
+        // (a server whose Close never comes must not hold the unmap): the connection goes
+        // either way, and with it the server's open.
+        let timeout = self.session.configuration.ioTimeout
+        await withTaskGroup(of: Void.self) { group in
+            for (client, id) in clients {
+                group.addTask {
+                    try? await client.close(BlockClient.Device(id: id, geometry: Parley_Block_V1_Geometry()), timeout: timeout)
+                    client.closeConnection()
+                }
+            }
         }
         self.logger.info("device closed", metadata: ["session": "\(self.session.configuration.sessionName)", "device": "\(self.path)"])
         let outcome: Result<Void, any Error> = flushError.map { .failure($0) } ?? .success(())

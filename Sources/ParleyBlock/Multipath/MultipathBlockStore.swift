@@ -18,11 +18,15 @@ public final class MultipathBlockStore: CompletingBlockStore {
     public let geometry: BlockGeometry
     /// The remote's largest IO: longer reads and writes go as several IOs at once.
     let maxIO: Int
+    /// Zeroes written for a write-zeroes that must not deallocate: at most 1 MiB, whole blocks.
+    let zeroes: ByteBuffer
 
     public init(device: BlockMultipathDevice) {
         self.device = device
         let g = device.geometry
-        self.maxIO = Int(max(g.maxIoSize, max(512, g.logicalBlockSize)))
+        let block = max(512, g.logicalBlockSize)
+        self.maxIO = Self.largestIO(maxIoSize: g.maxIoSize, blockSize: block)
+        self.zeroes = ByteBuffer(repeating: 0, count: min(self.maxIO, max(Int(block), (1 << 20) / Int(block) * Int(block))))
         self.geometry = BlockGeometry(
             size: g.sizeBytes, logicalBlockSize: max(512, g.logicalBlockSize), physicalBlockSize: max(g.physicalBlockSize, g.logicalBlockSize),
             // A block device, so that NBD advertises the remote block size as the minimum:
@@ -31,6 +35,12 @@ public final class MultipathBlockStore: CompletingBlockStore {
             discard: g.discardGranularity > 0, discardGranularity: max(g.discardGranularity, g.logicalBlockSize),
             maximumDiscard: g.maxDiscardSize
         )
+    }
+
+    /// The longest piece of a longer IO: the remote's largest, cut to a whole number of
+    /// blocks (a piece must stay aligned), at least one block.
+    static func largestIO(maxIoSize: UInt32, blockSize: UInt32) -> Int {
+        Int(max(blockSize, maxIoSize / blockSize * blockSize))
     }
 
     static func storeError(_ what: String, _ e: BlockMultipathError) -> BlockStoreError {
@@ -91,14 +101,35 @@ public final class MultipathBlockStore: CompletingBlockStore {
             device.submit(.init(.flush, offset: 0, length: 0), dataPieces: nil) { done($0.mapError { Self.storeError("flush", $0) }) }
         case .discard(let offset, let length, let fua):
             device.submit(.init(.discard, offset: offset, length: UInt64(length)), fua: fua, dataPieces: nil) { done($0.mapError { Self.storeError("discard", $0) }) }
-        case .writeZeroes(let offset, let length, let fua, let fast):
+        case .writeZeroes(let offset, let length, let fua, let fast, let noHole):
             // The block protocol has no "fast zero": say so, and the client writes zeroes itself.
             if fast {
                 done(.failure(BlockStoreError(errno: EOPNOTSUPP, operation: "fast write-zeroes")))
                 return
             }
+            // The block protocol's write-zeroes may deallocate (docs/protocol.md 17.2): a
+            // range that must stay allocated gets zeroes written.
+            if noHole {
+                self.writeZeroesAllocated(offset: offset, length: UInt64(length), fua: fua, done: done)
+                return
+            }
             device.submit(.init(.writeZeroes, offset: offset, length: UInt64(length)), fua: fua, dataPieces: nil) {
                 done($0.mapError { Self.storeError("write-zeroes", $0) })
+            }
+        }
+    }
+
+    /// Zeroes in `zeroes`-sized writes, one after the other (a long range would otherwise
+    /// fill every path's queue at once); `done` after the last, or at the first failure.
+    private func writeZeroesAllocated(offset: UInt64, length: UInt64, fua: Bool,
+                                      done: @escaping @Sendable (Result<ByteBufferPieces?, BlockStoreError>) -> Void) {
+        guard length > 0 else { return done(.success(nil)) }
+        let n = Int(min(UInt64(self.zeroes.readableBytes), length))
+        let piece = ByteBufferPieces(self.zeroes.getSlice(at: self.zeroes.readerIndex, length: n)!)
+        self.device.submit(.init(.write, offset: offset, length: UInt64(n)), fua: fua, dataPieces: piece) { result in
+            switch result {
+            case .failure(let e): done(.failure(Self.storeError("write-zeroes (written as zeroes)", e)))
+            case .success: self.writeZeroesAllocated(offset: offset + UInt64(n), length: length - UInt64(n), fua: fua, done: done)
             }
         }
     }
@@ -171,15 +202,25 @@ public final class MultipathBlockStore: CompletingBlockStore {
     }
 
     public func discard(offset: UInt64, length: UInt64) throws(BlockStoreError) {
+        guard let length = UInt32(exactly: length) else { throw BlockStoreError(errno: EINVAL, operation: "discard of \(length) bytes (at most 4 GiB at once)") }
         let device = self.device
-        try self.wait("discard") { try await device.discard(offset: offset, length: UInt32(clamping: length)) }
+        try self.wait("discard") { try await device.discard(offset: offset, length: length) }
     }
 
     public func writeZeroes(offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool) throws(BlockStoreError) {
         // The block protocol has no "fast zero": say so, and the client writes zeroes itself.
         if fast { throw BlockStoreError(errno: EOPNOTSUPP, operation: "fast write-zeroes") }
+        guard let length = UInt32(exactly: length) else { throw BlockStoreError(errno: EINVAL, operation: "write-zeroes of \(length) bytes (at most 4 GiB at once)") }
         let device = self.device
-        try self.wait("write-zeroes") { try await device.writeZeroes(offset: offset, length: UInt32(clamping: length)) }
+        if mayDeallocate {
+            try self.wait("write-zeroes") { try await device.writeZeroes(offset: offset, length: length) }
+            return
+        }
+        try self.wait("write-zeroes") {
+            try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+                self.writeZeroesAllocated(offset: offset, length: UInt64(length), fua: false) { c.resume(with: $0.map { _ in () }) }
+            }
+        }
     }
 
     public func prefetch(offset: UInt64, length: UInt64) {}

@@ -987,8 +987,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             request = .discard(offset: offset, length: length, fua: fua)
             kind = .discard
             bytes = Int(length)
-        case .writeZeroes(let offset, let length, let fua, _, let fastZero):
-            request = .writeZeroes(offset: offset, length: length, fua: fua, fast: fastZero)
+        case .writeZeroes(let offset, let length, let fua, let noHole, let fastZero):
+            request = .writeZeroes(offset: offset, length: length, fua: fua, fast: fastZero, noHole: noHole)
             kind = .writeZeroes
             bytes = Int(length)
         default:

@@ -8,7 +8,8 @@ public enum BlockStoreRequest: Sendable {
     case write(offset: UInt64, data: ByteBufferPieces, fua: Bool)
     case flush
     case discard(offset: UInt64, length: UInt32, fua: Bool)
-    case writeZeroes(offset: UInt64, length: UInt32, fua: Bool, fast: Bool)
+    /// `noHole`: the range must stay allocated (NBD's NO_HOLE), not be deallocated.
+    case writeZeroes(offset: UInt64, length: UInt32, fua: Bool, fast: Bool, noHole: Bool)
 }
 
 /// A store whose operations complete later, elsewhere (a remote device): the NBD server
