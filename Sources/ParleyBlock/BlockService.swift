@@ -17,6 +17,9 @@ public final class BlockService: Sendable {
         public var maxInFlight = 1024
         /// Bytes of IO in flight per session before new ones are refused.
         public var maxInFlightBytes = 256 << 20
+        /// Devices one connection keeps open at once (every Open counts, also of a device it
+        /// has open already); a further Open is refused with BLOCK_STATUS_BUSY_SESSION.
+        public var maxOpenDevices = 1024
         public init() {}
     }
 
@@ -274,10 +277,12 @@ public final class BlockService: Sendable {
             let device = try self.devices.open(export, access: access, owner: session.owner)
             let blockSize = Self.blockSize(export, device)
             let readOnly = access == .readOnly
-            guard let id = session.add(device: device, access: access, blockSize: blockSize) else {
-                // The connection closed while the file was being opened.
+            let id: UInt32
+            switch session.add(device: device, access: access, blockSize: blockSize, limit: self.limits.maxOpenDevices) {
+            case .success(let added): id = added
+            case .failure(let refusal):
                 self.devices.close(device, access: access, owner: session.owner)
-                return refuse(BlockError(.noSession, "session \"\(session.name)\" ended while \(request.path) was being opened"))
+                return refuse(refusal)
             }
             reply.deviceID = id
             reply.accessMode = request.accessMode
@@ -734,16 +739,21 @@ final class BlockSession: Sendable {
         self.connectionID = connectionID
     }
 
-    /// Adds an opened device; nil once the session has ended (its devices are closed then,
-    /// and one added after that would never be).
-    func add(device: BlockDevice, access: BlockAccess, blockSize: UInt32) -> UInt32? {
+    /// Adds an opened device: its id; refused once the session has ended (its devices are
+    /// closed then, and one added after that would never be), or with `limit` open already.
+    func add(device: BlockDevice, access: BlockAccess, blockSize: UInt32, limit: Int = Int.max) -> Result<UInt32, BlockError> {
         self.state.withLockedValue { s in
-            if self.ended.load(ordering: .acquiring) || s.fencedBy != 0 { return nil }
+            if self.ended.load(ordering: .acquiring) || s.fencedBy != 0 {
+                return .failure(BlockError(.noSession, "session \"\(self.name)\" ended while \(device.name) was being opened"))
+            }
+            guard s.devices.count < limit else {
+                return .failure(BlockError(.busySession, "this connection has \(limit) devices open, the most it may: close one first"))
+            }
             while s.devices[s.nextID] != nil || s.nextID == 0 { s.nextID &+= 1 }
             let id = s.nextID
             s.nextID &+= 1
             s.devices[id] = OpenDevice(device: device, access: access, blockSize: blockSize)
-            return id
+            return .success(id)
         }
     }
 

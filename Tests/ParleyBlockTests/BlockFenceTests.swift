@@ -253,7 +253,7 @@ struct BlockFenceTests {
     @Test func noIOIsAdmittedOnceTheConnectionHasEnded() async throws {
         let session = BlockSession(name: "s", version: 1, peer: "test", instance: 1, connectionID: 42)
         let device = BlockDevice(name: "disk", path: "/dev/null", store: GatedStore(), metrics: BlockMetrics(export: "disk"))
-        let id = try #require(session.add(device: device, access: .readWrite, blockSize: 512))
+        let id = try #require(try? session.add(device: device, access: .readWrite, blockSize: 512).get())
         let admitted = session.begin(id: id, bytes: 4096, limits: BlockService.Limits())
         #expect((try? admitted.get()) != nil)
         session.markEnded()
@@ -276,7 +276,7 @@ struct BlockFenceTests {
             var late: [Int] = [], neverIdle: [Int] = [], overlaps = 0
             for round in 0..<200 {
                 let session = BlockSession(name: "s", version: 1, peer: "test", instance: 1, connectionID: 42)
-                guard let id = session.add(device: device, access: .readWrite, blockSize: 512) else { return ([], [round], 0) }
+                guard let id = try? session.add(device: device, access: .readWrite, blockSize: 512).get() else { return ([], [round], 0) }
                 let idle = NIOLockedValueBox(false)
                 let lateHere = NIOLockedValueBox(0)
                 let raced = NIOLockedValueBox(false)

@@ -48,4 +48,38 @@ struct BlockMultipathCloseTests {
         #expect(closes.withLockedValue { $0 } == 2, "a Close on each path")
         if finished { try await closing.value } else { closing.cancel() }
     }
+
+    /// A connection keeps at most `maxOpenDevices` devices open: an Open past it is refused
+    /// BLOCK_STATUS_BUSY_SESSION (a client looping Open without Close grew the server's
+    /// memory without bound); after a Close there is room again.
+    @Test func opensPastTheLimitAreRefused() async throws {
+        let scratch = try ScratchDirectory("opens")
+        try scratch.sparseFile("disk.img", size: 1 << 20)
+        let io = BlockIOExecutor(threads: 1)
+        var quiet = Logger(label: "opens")
+        quiet.logLevel = .critical
+        var limits = BlockService.Limits()
+        limits.maxOpenDevices = 3
+        let service = BlockService(catalog: try BlockExportCatalog(exports: [BlockExportSpec(name: "disk", path: scratch.file("disk.img"))]),
+                                   devices: BlockDeviceTable(), io: io, limits: limits, logger: quiet)
+        let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("block.sock"))]), router: service.router(), logger: quiet)
+        Task { try await server.run() }
+        defer { server.shutDown() }
+        let client = try await BlockClient.connect(to: try await server.listeningAddresses[0], sessionName: "opens")
+        var devices: [BlockClient.Device] = []
+        for _ in 0..<3 { devices.append(try await client.open("disk", access: .readOnly)) }
+        do {
+            _ = try await client.open("disk", access: .readOnly)
+            Issue.record("a fourth open was accepted")
+        } catch let error as BlockError {
+            #expect(error.status == .busySession && error.message.contains("3 devices open"), "\(error)")
+        }
+        try await client.close(devices[0])
+        _ = try await client.open("disk", access: .readOnly)
+        // Another connection has its own.
+        let other = try await BlockClient.connect(to: try await server.listeningAddresses[0], sessionName: "opens")
+        _ = try await other.open("disk", access: .readOnly)
+        client.closeConnection()
+        other.closeConnection()
+    }
 }
