@@ -279,7 +279,7 @@ public final class ParleyConnection: Sendable {
         var pending: [UInt64: Outstanding] = [:]
         var outstanding = 0
         var slotWaiters = CircularBuffer<CheckedContinuation<Void, any Error>>()
-        var serving: [UInt64: Handling] = [:]
+        var serving: [HandlerKey: Handling] = [:]
         /// Peer requests read while all handler slots were taken, in arrival order.
         var backlog = CircularBuffer<(message: WireMessage, handler: ParleyRouter.Handler)>() {
             didSet { if self.backlog.isEmpty { self.queuedRequests = [] } }
@@ -791,7 +791,7 @@ public final class ParleyConnection: Sendable {
     /// Fails everything outstanding; idempotent.
     func finish(_ error: ParleyError) {
         var idleTimer: RepeatedTask?
-        let ending = self.state.withLockedValue { s -> (pending: [UInt64: Outstanding], waiters: CircularBuffer<CheckedContinuation<Void, any Error>>, serving: [UInt64: Handling], idle: [CheckedContinuation<Void, Never>])? in
+        let ending = self.state.withLockedValue { s -> (pending: [UInt64: Outstanding], waiters: CircularBuffer<CheckedContinuation<Void, any Error>>, serving: [HandlerKey: Handling], idle: [CheckedContinuation<Void, Never>])? in
             guard s.closed == nil else { return nil }
             s.closed = error
             idleTimer = s.idleTimer
@@ -1012,11 +1012,11 @@ public final class ParleyConnection: Sendable {
 
     private func peerCancelled(id: UInt64) {
         let task = self.state.withLockedValue { s -> Task<Void, Never>? in
-            switch s.serving[id] {
+            switch s.serving[.request(id)] {
             case .running(let task)?:
                 return task
             case .starting?:
-                s.serving[id] = .starting(cancelled: true)
+                s.serving[.request(id)] = .starting(cancelled: true)
                 return nil
             case .completing?:
                 return nil
@@ -1061,10 +1061,17 @@ public final class ParleyConnection: Sendable {
         )
     }
 
-    /// The key a handled message is known by: its request id, or for a one-way message a key
-    /// from its seq that no request id of the peer's reaches in practice.
-    private static func key(_ message: WireMessage) -> UInt64 {
-        message.header.kind == .request ? message.header.id : UInt64.max - message.header.seq
+    /// What a handled message is known by among those running: a request by its id, a
+    /// one-way message by its seq (one more per MESSAGE on a connection, [R-7.2-3]). Apart,
+    /// so that a peer cannot pick a request id that a one-way message's entry would
+    /// overwrite (the request then ran untracked: no cap, no CANCEL, no drain).
+    enum HandlerKey: Hashable, Sendable {
+        case request(UInt64)
+        case oneWay(seq: UInt64)
+    }
+
+    private static func key(_ message: WireMessage) -> HandlerKey {
+        message.header.kind == .request ? .request(message.header.id) : .oneWay(seq: message.header.seq)
     }
 
     private enum Admission {
@@ -1089,7 +1096,7 @@ public final class ParleyConnection: Sendable {
             guard s.closed == nil else { return (.closed, false) }
             if isRequest {
                 if s.draining { return (.refused(ParleyError(code: .shuttingDown, message: "server is shutting down; request \(h.type) not started")), false) }
-                if s.serving[h.id] != nil || s.queuedRequests.contains(h.id) {
+                if s.serving[.request(h.id)] != nil || s.queuedRequests.contains(h.id) {
                     return (.violation(ParleyError(code: .protocolViolation, message: "request id \(h.id) is already in use by a request still being served")), false)
                 }
             }
@@ -1211,7 +1218,7 @@ public final class ParleyConnection: Sendable {
 
     /// A handler of session `epoch` is done. One of a session that was reset since is not in
     /// `serving` any more, and its key may now be a new request's: it removes nothing.
-    private func handlerFinished(key: UInt64, epoch: UInt64) {
+    private func handlerFinished(key: HandlerKey, epoch: UInt64) {
         let (idle, backlogReady) = self.state.withLockedValue { s -> ([CheckedContinuation<Void, Never>], Bool) in
             // The epoch changes only under this lock.
             if self.isCurrent(epoch: epoch) { s.serving.removeValue(forKey: key) }

@@ -272,6 +272,11 @@ public final class BlockService: Sendable {
         case .migration: access = .migration
         case .UNRECOGNIZED(let n): return refuse(BlockError(.invalid, "unknown access mode \(n)"))
         }
+        // Checked again when the device is added (opens may race); here so that an Open past
+        // the cap opens no file.
+        guard session.openCount < self.limits.maxOpenDevices else {
+            return refuse(BlockError(.busySession, "this connection has \(self.limits.maxOpenDevices) devices open, the most it may: close one first"))
+        }
         do {
             let export = try self.catalog.resolve(request.path, session: session.name)
             let device = try self.devices.open(export, access: access, owner: session.owner)
@@ -738,6 +743,8 @@ final class BlockSession: Sendable {
         self.instance = instance
         self.connectionID = connectionID
     }
+
+    var openCount: Int { self.state.withLockedValue { $0.devices.count } }
 
     /// Adds an opened device: its id; refused once the session has ended (its devices are
     /// closed then, and one added after that would never be), or with `limit` open already.

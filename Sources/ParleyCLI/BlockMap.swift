@@ -304,7 +304,7 @@ struct BlockUnmap: AsyncParsableCommand {
         }
         guard records.count == 1 else {
             let maps = records.map { "\($0.status.device) (pid \($0.pid))" }.joined(separator: ", ")
-            print("parley block unmap: session \(self.session) has \(records.count) maps, \(maps): give --device\(self.device == nil ? "" : " and") --pid")
+            print("parley block unmap: session \(self.session) has \(records.count) maps, \(maps): give \(self.device == nil && Set(records.map(\.status.device)).count > 1 ? "--device or " : "")--pid")
             throw ExitCode(2)
         }
         let pid = records[0].pid

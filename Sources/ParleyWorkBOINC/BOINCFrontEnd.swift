@@ -63,7 +63,7 @@ public final class BOINCFrontEnd: Sendable {
         /// Connections open at once, at most; more are closed as they are accepted.
         public var maxConnections = 1024
         /// Bytes of request bodies held in memory at once, together, counted as they arrive
-        /// (an upload's until they are written, at most 1 MiB each besides its header); the
+        /// (an upload's until they are written, 64 KiB and a read each besides its header); the
         /// request whose bytes would pass it gets 503, which a BOINC client retries later (an
         /// upload resumes where its bytes were kept).
         public var maxBufferedBodyBytes = 256 << 20
@@ -71,8 +71,9 @@ public final class BOINCFrontEnd: Sendable {
         /// how long an upload is kept at most without its report.
         public var uploadSweepInterval: Duration = .seconds(600)
         public var uploadRetention: Duration = .seconds(7 * 86_400)
-        /// The bytes of an upload kept in memory before they are written, at most.
-        var uploadBatchBytes = 1 << 20
+        /// An upload's bytes are written whenever this many have gathered (so at most this
+        /// and one network read are held per upload, whatever its pace).
+        var uploadBatchBytes = 64 << 10
 
         public init(url: String, key: BOINCSigning.PrivateKey, uploadDirectory: String, schedulerURLs: [String] = []) {
             let base = url.hasSuffix("/") ? url : url + "/"
@@ -328,8 +329,8 @@ public final class BOINCFrontEnd: Sendable {
     }
 
     /// The file upload handler, its body read as it comes (`chunks`): the header, up to
-    /// `<data>`, whole (at most 64 KiB), then the file's bytes written as they come, in
-    /// batches of at most `Configuration.uploadBatchBytes`. So an upload cut part way (a lost connection,
+    /// `<data>`, whole (at most 64 KiB), then the file's bytes written as they come, whenever
+    /// `Configuration.uploadBatchBytes` have gathered. So an upload cut part way (a lost connection,
     /// the connection's lifetime, the budget) keeps what came, and the client resumes it where
     /// `<get_file_size>` says, as BOINC's own handler allows. The bytes held in memory are
     /// taken from `budget` as they arrive and given back once written.
@@ -397,29 +398,38 @@ public final class BOINCFrontEnd: Sendable {
                     pending.removeAll(keepingCapacity: true)
                     return nil
                 }
-                do {
-                    while let chunk = try await iterator.next() {
-                        guard ticket.position + Int64(pending.count + chunk.readableBytes) <= nbytes else {
-                            try await self.uploads.abandon(ticket)
-                            return pastLimit()
-                        }
-                        if !budget.take(chunk.readableBytes) {
-                            // What came is kept: the client resumes there.
-                            if let refused = try await write() { return refused }
-                            _ = try await self.uploads.finish(ticket)
-                            return busy
-                        }
-                        held += chunk.readableBytes
-                        pending.append(contentsOf: chunk.readableBytesView)
-                        if pending.count >= self.configuration.uploadBatchBytes, let refused = try await write() { return refused }
+                while true {
+                    let next: ByteBuffer?
+                    do {
+                        next = try await iterator.next()
+                    } catch {
+                        // The connection was lost: what came is kept for the client's resume.
+                        if try await write() == nil { _ = try await self.uploads.finish(ticket) }
+                        return .dataServer(400, .init(status: -1, message: "the upload's body could not be read: \(error)"))
                     }
-                } catch {
-                    // The connection was lost: what came is kept for the client's resume.
-                    if try await write() == nil { _ = try await self.uploads.finish(ticket) }
-                    return .dataServer(400, .init(status: -1, message: "the upload's body could not be read: \(error)"))
+                    guard let chunk = next else { break }
+                    guard ticket.position + Int64(pending.count + chunk.readableBytes) <= nbytes else {
+                        try await self.uploads.abandon(ticket)
+                        return pastLimit()
+                    }
+                    if !budget.take(chunk.readableBytes) {
+                        // What came is kept: the client resumes there.
+                        if let refused = try await write() { return refused }
+                        _ = try await self.uploads.finish(ticket)
+                        return busy
+                    }
+                    held += chunk.readableBytes
+                    pending.append(contentsOf: chunk.readableBytesView)
+                    if pending.count >= self.configuration.uploadBatchBytes, let refused = try await write() { return refused }
                 }
                 if let refused = try await write() { return refused }
+                let came = ticket.position
                 switch try await self.uploads.finish(ticket) {
+                case .success where came < nbytes:
+                    // The body ended before the file did: kept, and a transient error, as
+                    // BOINC's handler answers ("EOF on socket read"), so that the client
+                    // resumes from here rather than take the file as uploaded.
+                    return .dataServer(200, .init(status: 1, message: "\(request.fileName): \(came) of its \(nbytes) bytes came; send the rest from there"))
                 case .success: return .dataServer(200, .init(status: 0))
                 case .failure(let refusal): return .dataServer(refusal.status, .init(status: -1, message: refusal.message))
                 }

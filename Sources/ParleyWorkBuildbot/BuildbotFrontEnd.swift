@@ -57,6 +57,11 @@ public final class BuildbotFrontEnd: Service, Sendable {
         /// the limit itself (`maxTime`); this is for one that does not (the stock master
         /// waits for ever).
         public var commandGrace: Duration = .seconds(60)
+        /// How many times a job whose worker goes away while it runs is handed back without
+        /// the attempt counting (a worker restarted, a link lost); past it, each such loss
+        /// counts as a failed attempt, so that a job that kills its worker (or the machine)
+        /// cannot go from worker to worker for ever. Counted per master process.
+        public var uncountedLosses = 2
         public var listener: BuildbotListener.Configuration
 
         public init(host: String, port: Int, keyringPath: String) {
@@ -73,6 +78,29 @@ public final class BuildbotFrontEnd: Service, Sendable {
     let logger: Logger
     let onListening: @Sendable (Int) -> Void
     private let sessions = NIOLockedValueBox<[String: BuildbotWorkerSession]>([:])
+    /// Times each job's worker went away while it ran (since this master started), and
+    /// whether the master is shutting down (then a job is always handed back uncounted).
+    private let losses = NIOLockedValueBox<(byJob: [UInt64: Int], shuttingDown: Bool)>(([:], false))
+    /// Jobs whose losses are remembered, at most (the oldest entries go first past it).
+    static let maxRememberedLosses = 10_000
+
+    /// A job's worker went away while it ran: how many times now (0 while shutting down).
+    func workerWentAway(job: UInt64) -> Int {
+        self.losses.withLockedValue { l in
+            guard !l.shuttingDown else { return 0 }
+            if l.byJob[job] == nil, l.byJob.count >= Self.maxRememberedLosses, let any = l.byJob.keys.min() {
+                l.byJob[any] = nil  // job ids grow: the smallest is the oldest job
+            }
+            let n = (l.byJob[job] ?? 0) + 1
+            l.byJob[job] = n
+            return n
+        }
+    }
+
+    /// A job was reported: its losses are forgotten.
+    func forgetLosses(job: UInt64) {
+        self.losses.withLockedValue { _ = $0.byJob.removeValue(forKey: job) }
+    }
 
     public init(
         configuration: Configuration, store: any WorkStore, commands: WorkCommandCenter?, logger: Logger,
@@ -121,6 +149,7 @@ public final class BuildbotFrontEnd: Service, Sendable {
         self.onListening(listener.port)
         // Until a graceful shutdown (SIGTERM, SIGINT) or the task's cancellation.
         try? await gracefulShutdown()
+        self.losses.withLockedValue { $0.shuttingDown = true }
         await listener.close()
         let sessions = self.sessions.withLockedValue { Array($0.values) }
         await withTaskGroup(of: Void.self) { group in
@@ -333,7 +362,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     }
 
     /// Runs one job on the worker and reports it; a job whose worker went away is handed
-    /// back (queued again, the attempt not counted).
+    /// back (queued again, the attempt not counted), the first `uncountedLosses` times.
     private func execute(_ job: ClaimedJob) async {
         let store = self.frontEnd.store
         let leaseNanoseconds = self.frontEnd.configuration.leaseNanoseconds
@@ -353,9 +382,28 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
             // In a task of its own: the session's tasks are cancelled when its connection ends,
             // and a cancelled store call would leave the job leased until its lease expires.
             let worker = self.worker
+            let losses = self.frontEnd.workerWentAway(job: job.id)
+            if losses > self.frontEnd.configuration.uncountedLosses {
+                var result = Parley_Work_V1_ReportResult()
+                result.worker = worker
+                result.jobID = job.id
+                result.leaseID = job.lease.id
+                result.errorKind = .compute
+                result.message = "worker \(worker) went away while the job ran (\(losses) times on this master): counted as a failed attempt (\(error))"
+                let report = LeaseReport(leaseID: job.lease.id, worker: worker, outcome: .failure(result.message))
+                do {
+                    let bytes: [UInt8] = try result.serializedBytes()
+                    let verdict = try await Task { try await store.report(jobID: job.id, report, result: bytes, now: WorkService.now()) }.value
+                    self.frontEnd.forgetLosses(job: job.id)
+                    self.logger.notice("job failed: its worker went away again", metadata: ["worker": "\(worker)", "job": "\(job.id)", "losses": "\(losses)", "verdict": "\(verdict)"])
+                } catch let refusal {
+                    self.logger.warning("cannot report a job", metadata: ["worker": "\(worker)", "job": "\(job.id)", "error": "\(refusal)"])
+                }
+                return
+            }
             do {
                 try await Task { try await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: worker) }.value
-                self.logger.notice("job handed back: the worker went away", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "error": "\(error)"])
+                self.logger.notice("job handed back: the worker went away", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "losses": "\(losses)", "error": "\(error)"])
             } catch let refusal {
                 self.logger.warning("cannot hand a job back", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "lease": "\(job.lease.id)", "error": "\(refusal)"])
             }
@@ -368,6 +416,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
             let report = LeaseReport(leaseID: job.lease.id, worker: self.worker, outcome: outcome)
             // Not cancelled with the session (see the hand-back above).
             let verdict = try await Task { try await store.report(jobID: job.id, report, result: bytes, now: WorkService.now()) }.value
+            self.frontEnd.forgetLosses(job: job.id)
             self.logger.info("job reported", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "verdict": "\(verdict)"])
         } catch {
             self.logger.warning("cannot report a job", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "error": "\(error)"])

@@ -125,6 +125,7 @@ struct BlockMultipathAPITests {
         }
         #expect(allocatedBlocks() >= (3 << 20) / 512, "NO_HOLE: the range is allocated")
         #expect(device.status().writes == 3, "written as zeroes, 1 MiB at a time")
+        #expect(device.status().flushes == 1, "FUA: one flush after the writes, not each write durable")
         guard case .success(let read?) = await run(.read(offset: 0, length: 3 << 20)) else {
             Issue.record("the read failed")
             return

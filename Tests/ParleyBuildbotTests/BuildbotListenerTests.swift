@@ -312,6 +312,47 @@ final class RawSocket: @unchecked Sendable {
         }
     }
 
+    /// A job whose worker goes away while it runs is handed back uncounted twice; the third
+    /// time the loss counts as a failed attempt, so that a job that kills its worker fails
+    /// after its attempts instead of going from worker to worker for ever.
+    @Test func aJobWhoseWorkerKeepsGoingAwayFailsAfterTwoUncountedLosses() async throws {
+        try await Self.withFrontEnd { port, password, store in
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["sleep", "1000"]
+            let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2], maxAttempts: 1)], now: WorkService.now()).first)
+            struct Gone: Error {}
+            for round in 1...3 {
+                do {
+                    _ = try await Self.scriptedWorker(port: port, password: password) { op, n, body, worker in
+                        guard op == "start_command" else { return false }
+                        worker.send(BuildbotMessage.response(seq: n))
+                        // The job's command starts: the worker goes away (its socket closes).
+                        if body["command_name"] == "shell" { throw Gone() }
+                        worker.complete(body)
+                        return true
+                    }
+                    Issue.record("round \(round): the job's command never started")
+                } catch is Gone {}
+                var record = try #require(try await store.job(job)?.record)
+                for _ in 0..<150 {
+                    let settled = round < 3 ? record.state == .queued : !record.failures.isEmpty
+                    if settled { break }
+                    try await Task.sleep(for: .milliseconds(100))
+                    record = try #require(try await store.job(job)?.record)
+                }
+                if round < 3 {
+                    #expect(record.state == .queued && record.leases.isEmpty && record.failures.isEmpty, "round \(round): handed back uncounted: \(record)")
+                } else {
+                    #expect(record.failures.count == 1 && record.failures[0].contains("went away while the job ran (3 times on this master)"), "\(record.failures)")
+                    guard case .failed = record.state else {
+                        Issue.record("the job did not fail after its one attempt: \(record.state)")
+                        return
+                    }
+                }
+            }
+        }
+    }
+
     /// A worker that answers keepalives but never completes a job's step (here its mkdir):
     /// the step's deadline (the call timeout) fails the job, an attempt counted, and drops
     /// the worker, instead of holding the job, its lease renewed, for ever.

@@ -486,14 +486,19 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
         }
     }
 
-    /// A lossless peer that sends requests and never acknowledges the answers does not make
-    /// the server keep every answer: past 16,384 kept for it, the session ends with CLOSE
+    /// A lossless peer that sends requests (or one-way Pings, which the echo service answers
+    /// with one-way Pongs sent at once) and never acknowledges the answers does not make the
+    /// server keep every answer: past 16,384 kept for it, the session ends with CLOSE
     /// `protocolViolation` naming the limits. [R-5.2-13]
-    @Test func aPeerThatNeverAcknowledgesIsClosed() async throws {
+    @Test(arguments: [false, true]) func aPeerThatNeverAcknowledgesIsClosed(oneWay: Bool) async throws {
         let pings = 17_000
-        let bytes = clientSessionBytes(
-            features: ParleyFeatures.implemented.union(.reconnect), messages: (1...pings).map { pingMessage(id: UInt64($0)) }
-        )
+        let messages = (1...pings).map { i -> WireMessage in
+            guard oneWay else { return pingMessage(id: UInt64(i)) }
+            var p = Parley_Echo_V1_Ping()
+            p.sequence = UInt64(i)
+            return WireMessage(header: MessageHeader(id: 0, kind: .oneWay, type: Parley_Echo_V1_Ping.protoMessageName), payload: p.parleyPayload())
+        }
+        let bytes = clientSessionBytes(features: ParleyFeatures.implemented.union(.reconnect), messages: messages)
         let logs = LogCollector()
         try await withServer(logger: logs.logger("server")) { server, addresses in
             let (reply, closed) = try await RawPeer.connect(addresses[0]).exchange(bytes, seconds: 60, halfClose: false) { received in
@@ -509,7 +514,7 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
             // the connection, and a reset can drop the CLOSE before the peer reads it: the
             // server's log says why in any case.
             let logged = try await eventually {
-                logs.all.contains { $0.metadata.contains("protocolViolation") && $0.metadata.contains("16384 answers or 1073741824 bytes kept for it") }
+                logs.all.contains { $0.metadata.contains("protocolViolation") && $0.metadata.contains("16384 messages or 1073741824 bytes kept for it") }
             }
             #expect(logged, "\(logs.all.map { $0.message + " " + $0.metadata }.suffix(3))")
             if let close = received.last(where: { $0.tag == .close }) {

@@ -29,8 +29,9 @@ private func header(seq: UInt64, ack: UInt64) -> MessageHeader {
         #expect(!ledger.needsAck)
     }
 
-    /// [R-5.2-13] Past 16,384 kept answers (or four times the count bound) a message from
-    /// the peer ends the session; an ack that frees them ends the overrun.
+    /// [R-5.2-13] Past 16,384 kept messages (or four times the count bound) a message from
+    /// the peer ends the session; an ack that frees them ends the overrun. One-way replies
+    /// count as answers do: a handler sends them without waiting for room.
     @Test func aPeerThatNeverAcknowledgesOverrunsTheLimit() throws {
         #expect(SessionLedger.unacknowledgedLimit(.init()) == 16_384)
         #expect(SessionLedger.unacknowledgedLimit(.init(maxBytes: 1 << 20, maxMessages: 16)) == 16_384)
@@ -47,23 +48,24 @@ private func header(seq: UInt64, ack: UInt64) -> MessageHeader {
         ledger.append(message(16_385, .response))
         let error = try #require(ledger.overrun(bounds))
         #expect(error.code == .protocolViolation)
-        #expect(error.message.contains("16385 answers unacknowledged") && error.message.contains("8192 requests"), "\(error.message)")
+        #expect(error.message.contains("16385 messages unacknowledged") && error.message.contains("8192 requests"), "\(error.message)")
         _ = ledger.nextToTransmit()
         #expect(try ledger.acknowledge(10))
         #expect(ledger.overrun(bounds) == nil, "acknowledged: back under the limit")
-        #expect(ledger.keptAnswers == 16_375)
-        // Other kinds do not count: one-way replies are paced by the peer's sending.
+        #expect(ledger.keptCount == 16_375)
+        // One-way messages count too (a peer that sends one-way messages a handler answers at
+        // once, and never acknowledges, made the other side keep every reply), errors too.
         var oneWays = SessionLedger()
-        for i in 1...20_000 { oneWays.append(message(UInt64(i), .oneWay)) }
-        #expect(oneWays.overrun(bounds) == nil && oneWays.keptAnswers == 0)
-        for i in 1...16_385 { oneWays.append(message(UInt64(i), .error)) }
-        #expect(oneWays.overrun(bounds) != nil, "errors are answers")
+        for i in 1...16_384 { oneWays.append(message(UInt64(i), i % 2 == 0 ? .oneWay : .error)) }
+        #expect(oneWays.overrun(bounds) == nil)
+        oneWays.append(message(16_385, .oneWay))
+        #expect(oneWays.overrun(bounds) != nil, "one-way replies are kept as answers are")
         _ = oneWays.reset()
-        #expect(oneWays.keptAnswers == 0)
+        #expect(oneWays.keptCount == 0 && oneWays.overrun(bounds) == nil)
     }
 
-    /// [R-5.2-13] Past 1 GiB of kept answers (or 128 times the byte bound) a message from the
-    /// peer ends the session too, however few the answers: 129 answers of 8 MiB (one buffer
+    /// [R-5.2-13] Past 1 GiB of kept messages (or 128 times the byte bound) a message from the
+    /// peer ends the session too, however few they are: 128 answers of 8 MiB (one buffer
     /// shared by all, so the test holds 8 MiB).
     @Test func aPeerThatNeverAcknowledgesLargeAnswersOverrunsTheByteLimit() throws {
         #expect(SessionLedger.unacknowledgedByteLimit(.init()) == 1 << 30)
@@ -76,26 +78,25 @@ private func header(seq: UInt64, ack: UInt64) -> MessageHeader {
         var ledger = SessionLedger()
         let bounds = SessionLedger.Bounds()
         for i in 1...127 { ledger.append(answer(UInt64(i))) }
-        ledger.append(message(128, .oneWay, bytes: 64 << 20))  // not an answer: not counted
         while ledger.nextToTransmit() != nil {}
-        let (answers, bytes) = (ledger.keptAnswers, ledger.keptAnswerBytes)
-        #expect(answers == 127 && bytes == 127 * size)
+        let (count, bytes) = (ledger.keptCount, ledger.keptBytes)
+        #expect(count == 127 && bytes == 127 * size)
         let under = ledger.overrun(bounds)
         #expect(under == nil, "127 answers of 8 MiB are under 1 GiB")
-        ledger.append(answer(129, .error))
+        ledger.append(answer(128, .error))
         _ = ledger.nextToTransmit()
-        let all = ledger.keptAnswerBytes
+        let all = ledger.keptBytes
         #expect(all == 128 * size)
         // (Not `#require(ledger.overrun(...))`: a failure would print the ledger, 1 GiB of it.)
         let overrun = ledger.overrun(bounds)
         let error = try #require(overrun, "errors are answers: 128 x (8 MiB + header) > 1 GiB")
         #expect(error.code == .protocolViolation)
-        #expect(error.message.contains("128 answers unacknowledged (\(128 * size) bytes)") && error.message.contains("1073741824 bytes"), "\(error.message)")
+        #expect(error.message.contains("128 messages unacknowledged (\(128 * size) bytes)") && error.message.contains("1073741824 bytes"), "\(error.message)")
         #expect(try ledger.acknowledge(1))
-        let acknowledged = ledger.overrun(bounds), left = ledger.keptAnswerBytes
+        let acknowledged = ledger.overrun(bounds), left = ledger.keptBytes
         #expect(acknowledged == nil && left == 127 * size, "acknowledged: back under the limit")
         _ = ledger.reset()
-        let afterReset = ledger.keptAnswerBytes
+        let afterReset = ledger.keptBytes
         #expect(afterReset == 0)
     }
 

@@ -18,15 +18,16 @@ public final class MultipathBlockStore: CompletingBlockStore {
     public let geometry: BlockGeometry
     /// The remote's largest IO: longer reads and writes go as several IOs at once.
     let maxIO: Int
-    /// Zeroes written for a write-zeroes that must not deallocate: at most 1 MiB, whole blocks.
-    let zeroes: ByteBuffer
+    /// How many bytes a write of zeroes (a write-zeroes that must not deallocate) takes at
+    /// once: 1 MiB in whole blocks; 0 when a block is larger (no such write then).
+    let zeroPiece: Int
 
     public init(device: BlockMultipathDevice) {
         self.device = device
         let g = device.geometry
         let block = max(512, g.logicalBlockSize)
         self.maxIO = Self.largestIO(maxIoSize: g.maxIoSize, blockSize: block)
-        self.zeroes = ByteBuffer(repeating: 0, count: min(self.maxIO, max(Int(block), (1 << 20) / Int(block) * Int(block))))
+        self.zeroPiece = block > 1 << 20 ? 0 : min(self.maxIO, (1 << 20) / Int(block) * Int(block))
         self.geometry = BlockGeometry(
             size: g.sizeBytes, logicalBlockSize: max(512, g.logicalBlockSize), physicalBlockSize: max(g.physicalBlockSize, g.logicalBlockSize),
             // A block device, so that NBD advertises the remote block size as the minimum:
@@ -119,17 +120,30 @@ public final class MultipathBlockStore: CompletingBlockStore {
         }
     }
 
-    /// Zeroes in `zeroes`-sized writes, one after the other (a long range would otherwise
-    /// fill every path's queue at once); `done` after the last, or at the first failure.
+    /// Zeroes in writes of `zeroPiece` bytes, one after the other (a long range would
+    /// otherwise fill every path's queue at once), then one flush if `fua`; `done` after
+    /// that, or at the first failure.
     private func writeZeroesAllocated(offset: UInt64, length: UInt64, fua: Bool,
                                       done: @escaping @Sendable (Result<ByteBufferPieces?, BlockStoreError>) -> Void) {
-        guard length > 0 else { return done(.success(nil)) }
-        let n = Int(min(UInt64(self.zeroes.readableBytes), length))
-        let piece = ByteBufferPieces(self.zeroes.getSlice(at: self.zeroes.readerIndex, length: n)!)
-        self.device.submit(.init(.write, offset: offset, length: UInt64(n)), fua: fua, dataPieces: piece) { result in
+        guard self.zeroPiece > 0 else {
+            return done(.failure(BlockStoreError(errno: EOPNOTSUPP, operation: "write-zeroes without deallocating (the remote's blocks are over 1 MiB)")))
+        }
+        let zeroes = ByteBuffer(repeating: 0, count: Int(min(UInt64(self.zeroPiece), length)))
+        self.writeZeroes(zeroes, offset: offset, length: length, fua: fua, done: done)
+    }
+
+    private func writeZeroes(_ zeroes: ByteBuffer, offset: UInt64, length: UInt64, fua: Bool,
+                             done: @escaping @Sendable (Result<ByteBufferPieces?, BlockStoreError>) -> Void) {
+        guard length > 0 else {
+            guard fua else { return done(.success(nil)) }
+            return self.device.submit(.init(.flush, offset: 0, length: 0), dataPieces: nil) { done($0.mapError { Self.storeError("flush", $0) }) }
+        }
+        let n = Int(min(UInt64(zeroes.readableBytes), length))
+        let piece = ByteBufferPieces(zeroes.getSlice(at: zeroes.readerIndex, length: n)!)
+        self.device.submit(.init(.write, offset: offset, length: UInt64(n)), dataPieces: piece) { result in
             switch result {
             case .failure(let e): done(.failure(Self.storeError("write-zeroes (written as zeroes)", e)))
-            case .success: self.writeZeroesAllocated(offset: offset + UInt64(n), length: length - UInt64(n), fua: fua, done: done)
+            case .success: self.writeZeroes(zeroes, offset: offset + UInt64(n), length: length - UInt64(n), fua: fua, done: done)
             }
         }
     }

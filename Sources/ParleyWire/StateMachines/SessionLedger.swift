@@ -47,10 +47,6 @@ public struct SessionLedger: Sendable {
     private var kept = CircularBuffer<WireMessage>()
     /// Bytes of the kept messages (header, type name, payload and data).
     public private(set) var keptBytes = 0
-    /// Kept answers (RESPONSE and ERROR): what `overrun` counts.
-    public private(set) var keptAnswers = 0
-    /// Bytes of the kept answers (counted as `keptBytes` counts): `overrun`'s other measure.
-    public private(set) var keptAnswerBytes = 0
 
     public init() {}
 
@@ -65,17 +61,17 @@ public struct SessionLedger: Sendable {
     /// Most requests either side of a lossless session keeps outstanding ([R-5.2-13]).
     public static let maxOutstandingRequests = 8192
 
-    /// Most answers (RESPONSE, ERROR) a side keeps for a peer that goes on sending
-    /// ([R-5.2-13]): 16,384, or four times the count bound if that is larger. A peer that
-    /// acknowledges what it receives and keeps to `maxOutstandingRequests` leaves at most that
-    /// many unread answers plus its ack delay: well under it. Other kept messages do not count:
-    /// requests, one-way messages and stream items wait at the bound, and one-way replies sent
-    /// without waiting (`sendNow`) are paced by the peer's own sending, not by its acks.
+    /// Most messages a side keeps for a peer that goes on sending ([R-5.2-13]): 16,384, or
+    /// four times the count bound if that is larger. What grows without waiting for room is
+    /// answers (RESPONSE, ERROR) and one-way replies sent without waiting (`sendNow`); a peer
+    /// that acknowledges what it receives and keeps to `maxOutstandingRequests` leaves at most
+    /// that many unread answers plus its ack delay, well under it. Requests, one-way messages
+    /// and stream items sent by waiting stop at the bound, a quarter of this.
     public static func unacknowledgedLimit(_ bounds: Bounds) -> Int {
         max(16_384, bounds.maxMessages.multipliedReportingOverflow(by: 4).overflow ? .max : 4 * bounds.maxMessages)
     }
 
-    /// Most bytes of answers a side keeps for a peer that goes on sending ([R-5.2-13]): 1 GiB,
+    /// Most bytes of messages a side keeps for a peer that goes on sending ([R-5.2-13]): 1 GiB,
     /// or 128 times the byte bound if that is larger. The count alone let a peer that never
     /// acknowledges have 16,384 answers of up to a frame each kept (the block server's 8 MiB
     /// reads: 128 GiB); a peer that acknowledges leaves unacknowledged only the answers on
@@ -87,16 +83,18 @@ public struct SessionLedger: Sendable {
     }
 
     /// When a message arrives: the error that ends the session if this side keeps more
-    /// answers for the peer than `unacknowledgedLimit` (a peer that sends requests and never
-    /// acknowledges would otherwise make it keep every answer); nil otherwise.
+    /// messages for the peer than `unacknowledgedLimit` or bytes than
+    /// `unacknowledgedByteLimit` (a peer that sends requests, or one-way messages a handler
+    /// answers at once, and never acknowledges would otherwise make it keep every answer);
+    /// nil otherwise.
     public func overrun(_ bounds: Bounds) -> ParleyError? {
         let limit = Self.unacknowledgedLimit(bounds)
         let byteLimit = Self.unacknowledgedByteLimit(bounds)
-        guard self.keptAnswers > limit || self.keptAnswerBytes > byteLimit else { return nil }
+        guard self.kept.count > limit || self.keptBytes > byteLimit else { return nil }
         return ParleyError(
             code: .protocolViolation,
-            message: "the peer goes on sending but has left \(self.keptAnswers) answers unacknowledged (\(self.keptAnswerBytes) bytes), "
-                + "more than the \(limit) answers or \(byteLimit) bytes kept for it: "
+            message: "the peer goes on sending but has left \(self.kept.count) messages unacknowledged (\(self.keptBytes) bytes), "
+                + "more than the \(limit) messages or \(byteLimit) bytes kept for it: "
                 + "a lossless peer acknowledges what it receives and keeps at most \(Self.maxOutstandingRequests) requests outstanding"
         )
     }
@@ -119,10 +117,6 @@ public struct SessionLedger: Sendable {
         self.kept.append(message)
         let size = Self.size(message)
         self.keptBytes += size
-        if Self.isAnswer(message) {
-            self.keptAnswers += 1
-            self.keptAnswerBytes += size
-        }
         self.nextSeq &+= 1
         return seq
     }
@@ -177,13 +171,7 @@ public struct SessionLedger: Sendable {
         }
         guard ack > self.peerAck else { return false }
         for _ in 0..<(ack - self.peerAck) {
-            let dropped = self.kept.removeFirst()
-            let size = Self.size(dropped)
-            self.keptBytes -= size
-            if Self.isAnswer(dropped) {
-                self.keptAnswers -= 1
-                self.keptAnswerBytes -= size
-            }
+            self.keptBytes -= Self.size(self.kept.removeFirst())
         }
         self.peerAck = ack
         // A new connection may still be transmitting what the peer now acknowledges.
@@ -227,8 +215,6 @@ public struct SessionLedger: Sendable {
         self = SessionLedger()
         return abandoned
     }
-
-    static func isAnswer(_ message: WireMessage) -> Bool { message.header.kind == .response || message.header.kind == .error }
 
     static func size(_ message: WireMessage) -> Int {
         message.payload.readableBytes + (message.data?.readableBytes ?? 0) + MessageHeader.fixedSize + message.header.type.utf8.count
