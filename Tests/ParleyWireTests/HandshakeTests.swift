@@ -189,6 +189,27 @@ extension Pair {
         #expect(s.message.contains("no common authentication method"), "\(s.message)")
     }
 
+    /// Method tls: the certificate's entity gets its keyring capabilities; one revoked or
+    /// expired in the keyring is refused, as with method secret.
+    @Test(arguments: ["fine", "revoked", "expired"]) func methodTLSHonoursTheKeyring(state: String) throws {
+        var server = Pair.serverConfig(methods: ["tls"])
+        server.now = 2_000_000_000
+        server.secrets = SecretDirectory([SecretEntity(
+            name: "client.alice", key: Array(repeating: 1, count: 32), capabilities: ["block.read"],
+            expires: state == "expired" ? 1_999_999_999 : nil, revoked: state == "revoked")])
+        var pair = Pair(client: Pair.clientConfig(methods: ["tls"]), server: server)
+        pair.server.transportSecured(protocolName: "TLSv1.3", peerEntity: "client.alice")
+        try pair.runBuffered()
+        if state == "fine" {
+            let s = try #require(Pair.established(pair.serverOutcome))
+            #expect(s.authMethod == "tls" && s.entity == "client.alice" && s.capabilities == ["block.read"])
+        } else {
+            let s = try #require(Pair.failure(pair.serverOutcome))
+            #expect(s.code == .authenticationFailed && s.message.contains(state == "revoked" ? "revoked" : "expired"), "\(s.message)")
+            #expect(Pair.failure(pair.clientOutcome)?.code == .authenticationFailed)
+        }
+    }
+
     @Test func noCommonAuthMethod() throws {
         var pair = Pair(client: Pair.clientConfig(methods: ["cephx"]), server: Pair.serverConfig(methods: ["none"]))
         try pair.runBuffered()

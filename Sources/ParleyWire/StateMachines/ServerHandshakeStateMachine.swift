@@ -206,6 +206,17 @@ public struct ServerHandshakeStateMachine: Sendable {
                     return self.secretRequest(request, partial: partial)
                 case AuthMethod.tls:
                     let entity = self.transportSecurity?.peerEntity
+                    // A certificate names an entity of the keyring: one revoked or expired
+                    // there is refused, as with method secret (a certificate outlives a
+                    // revocation in the keyring otherwise).
+                    if let name = entity, let known = self.configuration.secrets.entities[name] {
+                        if known.revoked {
+                            return self.fail(ParleyError(code: .authenticationFailed, message: "the entity \"\(name)\" of the client's certificate has been revoked in the keyring"), tellPeer: true)
+                        }
+                        if let expires = known.expires, expires <= self.configuration.now {
+                            return self.fail(ParleyError(code: .authenticationFailed, message: "the entity \"\(name)\" of the client's certificate has a key that expired at \(Self.date(expires)) in the keyring"), tellPeer: true)
+                        }
+                    }
                     partial.entity = entity
                     partial.capabilities = entity.flatMap { self.configuration.secrets.entities[$0]?.capabilities } ?? self.configuration.anonymousCapabilities
                 default:
