@@ -91,17 +91,17 @@ struct SecureProcessTests {
 
         try await refused(
             ["--keyring", wrong, "--name", "client.alice"],
-            client: "wrong key for \"client.alice\": the client's proof does not match the key in the server's keyring [authenticationFailed]",
+            client: "as \"client.alice\": peer closed the connection: wrong key: the client's proof does not match the entity's key in the server's keyring [authenticationFailed]",
             server: "error=authenticationFailed (11): wrong key for \"client.alice\""
         )
         try await refused(
             ["--keyring", stranger, "--name", "client.zed"],
-            client: "unknown entity \"client.zed\": it is not in the server's keyring [authenticationFailed]",
+            client: "as \"client.zed\": peer closed the connection: the entity is not in the server's keyring [authenticationFailed]",
             server: "error=authenticationFailed (11): unknown entity \"client.zed\""
         )
         try await refused(
             ["--keyring", keyring, "--name", "client.carol"],
-            client: "the key of \"client.carol\" expired at",
+            client: "as \"client.carol\": peer closed the connection: the entity's key expired at",
             server: "error=authenticationFailed (11): the key of \"client.carol\" expired at"
         )
         // Method none only, against a server allowing secret only: AUTH_BAD_METHOD. The
@@ -118,7 +118,7 @@ struct SecureProcessTests {
         #expect(revoke.status == 0, Comment(rawValue: revoke.combined))
         try await refused(
             ["--keyring", keyring, "--name", "client.alice"],
-            client: "the key of \"client.alice\" has been revoked [authenticationFailed]",
+            client: "as \"client.alice\": peer closed the connection: the entity's key has been revoked [authenticationFailed]",
             server: "error=authenticationFailed (11): the key of \"client.alice\" has been revoked"
         )
         // Rotated: a new key (the revoked mark cleared) works at once; the old one does not.
@@ -131,7 +131,7 @@ struct SecureProcessTests {
         #expect(rotated.status == 0, Comment(rawValue: rotated.combined + server.log))
         try await refused(
             ["--keyring", oldKeyring, "--name", "client.alice"],
-            client: "wrong key for \"client.alice\"", server: "error=authenticationFailed (11): wrong key for \"client.alice\""
+            client: "as \"client.alice\": peer closed the connection: wrong key", server: "error=authenticationFailed (11): wrong key for \"client.alice\""
         )
 
         // A keyring changed into one that cannot be read (mode 0644): reported, and the

@@ -514,7 +514,9 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
     @Test func unknownRevokedAndExpiredEntitiesEachHaveTheirError() throws {
         var unknown = SecurePair(client: SecurePair.clientConfig(entity: "client.mallory"))
         _ = try unknown.run()
-        #expect(unknown.clientError?.message.contains("unknown entity \"client.mallory\"") == true)
+        #expect(unknown.clientError?.message.contains("as \"client.mallory\"") == true && unknown.clientError?.message.contains("the entity is not in the server's keyring") == true, "\(String(describing: unknown.clientError))")
+        #expect(unknown.serverError?.message.contains("unknown entity \"client.mallory\"") == true, "the server logs the name")
+        #expect(!occurs(Array("client.mallory".utf8), in: Array(unknown.captured.readableBytesView)), "the name stays out of what travels in the clear")
         var revokedAlice = SecurePair.alice
         revokedAlice.revoked = true
         var revoked = SecurePair(server: SecurePair.serverConfig(entities: [revokedAlice]))
@@ -763,4 +765,10 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
         print("record: C 1 \(hex(transcript.clientHello))\nrecord: S 1 \(hex(transcript.serverHello))")
         print("record: C 2 \(hex(transcript.auth[0].bytes))\ndigest: \(hex(transcript.digest()))\nwire:\n```")
     }
+}
+
+/// Whether `needle` occurs in `haystack`.
+func occurs(_ needle: [UInt8], in haystack: [UInt8]) -> Bool {
+    guard !needle.isEmpty, haystack.count >= needle.count else { return false }
+    return (0...(haystack.count - needle.count)).contains { Array(haystack[$0..<$0 + needle.count]) == needle }
 }

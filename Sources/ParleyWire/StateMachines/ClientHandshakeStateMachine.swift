@@ -308,8 +308,13 @@ public struct ClientHandshakeStateMachine: Sendable {
         case (_, .frame(let frame)):
             switch Negotiation.stray(frame, waitingFor: self.waitingFor) {
             case .ignore: return HandshakeStep()
-            case .peerClosed(let error):
+            case .peerClosed(var error):
                 self.state = .failed
+                // The server leaves the entity name out of a refusal sent in the clear: the
+                // client names the entity it authenticated as.
+                if error.code == .authenticationFailed, let secret = self.configuration.secret, !error.message.contains("\"\(secret.entity)\"") {
+                    error.message = "as \"\(secret.entity)\": " + error.message
+                }
                 return HandshakeStep(outcome: .failed(error))
             case .violation(let error): return self.violation(error)
             }

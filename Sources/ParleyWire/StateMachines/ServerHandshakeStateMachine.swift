@@ -390,13 +390,16 @@ public struct ServerHandshakeStateMachine: Sendable {
             ), tellPeer: true)
         }
         guard let entity = self.configuration.secrets.entities[name] else {
-            return self.fail(ParleyError(code: .authenticationFailed, message: "unknown entity \"\(name)\": it is not in the server's keyring"), tellPeer: true)
+            return self.fail(ParleyError(code: .authenticationFailed, message: "unknown entity \"\(name)\": it is not in the server's keyring"),
+                             peer: "the entity is not in the server's keyring")
         }
         guard !entity.revoked else {
-            return self.fail(ParleyError(code: .authenticationFailed, message: "the key of \"\(entity.name)\" has been revoked"), tellPeer: true)
+            return self.fail(ParleyError(code: .authenticationFailed, message: "the key of \"\(entity.name)\" has been revoked"),
+                             peer: "the entity's key has been revoked")
         }
         if let expires = entity.expires, expires <= self.configuration.now {
-            return self.fail(ParleyError(code: .authenticationFailed, message: "the key of \"\(entity.name)\" expired at \(Self.date(expires)) (now \(Self.date(self.configuration.now)))"), tellPeer: true)
+            let when = "expired at \(Self.date(expires)) (now \(Self.date(self.configuration.now)))"
+            return self.fail(ParleyError(code: .authenticationFailed, message: "the key of \"\(entity.name)\" \(when)"), peer: "the entity's key \(when)")
         }
         let schedule = SecretKeySchedule(
             entity: entity.name, key: entity.key, clientChallenge: round.clientChallenge,
@@ -406,7 +409,7 @@ public struct ServerHandshakeStateMachine: Sendable {
             return self.fail(ParleyError(
                 code: .authenticationFailed,
                 message: "wrong key for \"\(entity.name)\": the client's proof does not match the key in the server's keyring"
-            ), tellPeer: true)
+            ), peer: "wrong key: the client's proof does not match the entity's key in the server's keyring")
         }
         guard SecretKeySchedule.equal(Array(proof.transcriptMac), schedule.clientTranscriptMAC(t1)) else {
             return self.fail(ParleyError(
@@ -529,5 +532,15 @@ public struct ServerHandshakeStateMachine: Sendable {
     private mutating func fail(_ error: ParleyError, tellPeer: Bool) -> HandshakeStep {
         self.state = .failed
         return .fail(error, tellPeer: tellPeer)
+    }
+
+    /// Fails with `error` (what the server logs) and tells the peer `peer` instead: the CLOSE
+    /// of a failed method secret travels in the clear, and the entity name, which the
+    /// handshake otherwise keeps sealed, stays out of it. The client knows its own name.
+    private mutating func fail(_ error: ParleyError, peer: String) -> HandshakeStep {
+        self.state = .failed
+        var told = error
+        told.message = peer
+        return HandshakeStep(send: [.frame(told.status.frame(tag: .close))], outcome: .failed(error))
     }
 }
