@@ -6,7 +6,8 @@ import ParleyWire
 
 /// The client side of a lossless session's reconnects (docs/protocol.md 5.2): when the link
 /// breaks, it dials again (the first attempt at once, then with exponential back-off and
-/// jitter), presents the session in SESSION_RECONNECT and attaches the new connection, or,
+/// jitter; a link that breaks within `stableLink` of being resumed, having carried nothing,
+/// continues the last round's back-off and deadline), presents the session in SESSION_RECONNECT and attaches the new connection, or,
 /// after SESSION_RESET, sorts what the old session held (`ParleyConnection.sessionWasReset`).
 /// It gives up after `reconnectTimeout`, or at once on an error no retry can mend
 /// (authentication, a server that no longer offers sessions).
@@ -26,7 +27,17 @@ final class Reconnector: Sendable {
         var running = false
         /// The link broke again while a reconnect was finishing: go round once more.
         var again = false
+        /// When the last reconnect succeeded, when its round of attempts began, how many it
+        /// took, and where the session stood (received, acknowledged by the peer): a link
+        /// that breaks again within `stableLink` of that having carried nothing either way
+        /// continues the round (its back-off and its deadline), so that a link that breaks
+        /// right after each resume is not redialled at full speed for ever. One that moved
+        /// messages, however briefly, starts a new round: a flaky link still makes progress.
+        var lastRound: (resumed: ContinuousClock.Instant, began: ContinuousClock.Instant, attempts: Int, received: UInt64, acked: UInt64)?
     }
+
+    /// How long a resumed link must stay up for the next break to start a new round.
+    static let stableLink: Duration = .seconds(5)
 
     private let state = NIOLockedValueBox(State())
 
@@ -71,8 +82,12 @@ final class Reconnector: Sendable {
 
     private func reconnect(_ c: Context) async {
         guard let options = c.configuration.lossless else { return }
-        let began = ContinuousClock.now
-        var attempt = 0
+        let now = ContinuousClock.now
+        var (began, attempt) = (now, 0)
+        if let last = self.state.withLockedValue({ $0.lastRound }), now - last.resumed < Self.stableLink,
+           c.session.lastReceivedSeq == last.received, c.session.peerAck == last.acked {
+            (began, attempt) = (last.began, last.attempts)
+        }
         var lastError = ParleyError(code: .connectionClosed, message: "the link broke")
         while !c.session.isEnded {
             if attempt > 0 {
@@ -90,6 +105,8 @@ final class Reconnector: Sendable {
             attempt += 1
             do {
                 try await self.attemptAll(c, count: max(1, options.raceAttempts))
+                let round = (resumed: ContinuousClock.now, began: began, attempts: attempt, received: c.session.lastReceivedSeq, acked: c.session.peerAck)
+                self.state.withLockedValue { $0.lastRound = round }
                 return
             } catch let error as ParleyError {
                 if Self.isFatal(error) {

@@ -109,6 +109,9 @@ public final class LosslessSession: Sendable {
     /// The highest seq received: what a reconnect tells the server.
     public var lastReceivedSeq: UInt64 { self.state.withLockedValue { $0.ledger.lastReceivedSeq } }
 
+    /// The highest of this side's `seq`s the peer has acknowledged.
+    public var peerAck: UInt64 { self.state.withLockedValue { $0.ledger.peerAck } }
+
     /// Client side: the offer of the next reconnect attempt. The current link, if any, stops
     /// delivering from now on: the server resends everything after the `seq` this offer
     /// names, so nothing the old link still delivers would be new.

@@ -359,7 +359,11 @@ final class WebSocketStreamHandler: ChannelDuplexHandler, RemovableChannelHandle
         case .text:
             self.fail(context: context, code: .unacceptableData, "Parley is carried in binary messages, not text")
         case .ping:
-            guard !self.sentClose else { return }
+            // No pong while the socket does not take what is written: a peer that sends pings
+            // and never reads would otherwise grow the pongs queued here without bound (also
+            // before the Parley handshake, which reads whatever comes). RFC 6455 5.5.3 lets
+            // an endpoint answer only the latest of several pings.
+            guard !self.sentClose, context.channel.isWritable else { return }
             context.writeAndFlush(Self.wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, maskKey: self.maskKey, data: frame.unmaskedData)), promise: nil)
         case .pong:
             break

@@ -444,6 +444,20 @@ struct TransportTests {
         #expect(Self.isDone(written))
     }
 
+    /// Pings are not answered while the socket does not take what is written (a peer that
+    /// pings and never reads grew the queued pongs without bound); again once it does.
+    @Test func webSocketPingsAreNotAnsweredWhileTheSocketIsFull() throws {
+        let channel = try Self.adapter(.server)
+        channel.isWritable = false
+        for _ in 0..<100 { try channel.writeInbound(Self.frame(.ping, "flood")) }
+        #expect(try channel.readOutbound(as: WebSocketFrame.self) == nil, "no pong queued while not writable")
+        channel.isWritable = true
+        try channel.writeInbound(Self.frame(.ping, "now"))
+        let pong = try #require(try channel.readOutbound(as: WebSocketFrame.self))
+        #expect(pong.opcode == .pong && String(buffer: pong.data) == "now")
+        #expect(try channel.readOutbound(as: WebSocketFrame.self) == nil)
+    }
+
     @Test func webSocketTextIsRefusedWith1003AndPingsAreAnswered() throws {
         let channel = try Self.adapter(.server)
         try channel.writeInbound(Self.frame(.ping, "are you there"))
