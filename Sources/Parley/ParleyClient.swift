@@ -389,14 +389,23 @@ public final class ParleyClient: Sendable {
     /// end cannot grow a client's memory without end.
     public static let maximumKeptServerMessages = 1000
 
+    /// Bytes of a server message's text kept (and logged); past it the text is cut, so that
+    /// the kept messages stay within 1,000 × 4 KiB however long the server's are.
+    public static let maximumServerMessageBytes = 4096
+
     /// Takes in a nucleus the server sent: SERVER_IDENT's (of every connection of the
     /// client, resumed ones included) or a NOTICE's.
     static func apply(_ n: ParleyNucleus, to state: Nucleus, logger: Logger) {
-        for m in n.messages {
+        let messages = n.messages.map { m -> ParleyServerMessage in
+            guard m.text.utf8.count > Self.maximumServerMessageBytes else { return m }
+            let cut = String(decoding: m.text.utf8.prefix(Self.maximumServerMessageBytes), as: UTF8.self)
+            return ParleyServerMessage(priority: m.priority, text: cut + " [cut: \(m.text.utf8.count) bytes]")
+        }
+        for m in messages {
             logger.log(level: m.priority == .high ? .warning : .info, "server message: \(m.text)")
         }
         state.withLockedValue { s in
-            s.messages.append(contentsOf: n.messages)
+            s.messages.append(contentsOf: messages)
             if s.messages.count > Self.maximumKeptServerMessages {
                 s.messages.removeFirst(s.messages.count - Self.maximumKeptServerMessages)
             }

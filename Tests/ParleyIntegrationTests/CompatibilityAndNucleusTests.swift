@@ -126,7 +126,8 @@ struct CompatibilityTests {
 
 @Suite(.timeLimit(.minutes(2)))
 struct NucleusTests {
-    /// A server that sends notices without end: the client keeps the last 1,000 messages.
+    /// A server that sends notices without end: the client keeps the last 1,000 messages,
+    /// each cut at 4 KiB.
     @Test func aClientKeepsTheLastThousandServerMessages() async throws {
         var router = EchoService.router()
         router.on(Parley_Echo_V1_Sleep.self) { _, context in
@@ -134,15 +135,20 @@ struct NucleusTests {
                 let messages = (0..<100).map { ParleyServerMessage(priority: .low, text: "notice \(batch * 100 + $0)") }
                 try await context.connection.sendNotice(ParleyNucleus(messages: messages))
             }
+            // One long text: kept cut (1,000 of them whole would be 100 MiB).
+            try await context.connection.sendNotice(ParleyNucleus(messages: [ParleyServerMessage(priority: .low, text: String(repeating: "x", count: 100_000))]))
             return Parley_Echo_V1_Slept()
         }
         try await withServer(router: router) { _, addresses in
             let client = try await ParleyClient.connect(to: addresses[0], logger: quietLogger)
             defer { client.close() }
             _ = try await client.request(Parley_Echo_V1_Sleep(), as: Parley_Echo_V1_Slept.self)
-            #expect(try await eventually { client.serverMessages.last?.text == "notice 1199" })
+            #expect(try await eventually { client.serverMessages.last?.text.hasPrefix("xxx") == true })
             #expect(client.serverMessages.count == ParleyClient.maximumKeptServerMessages)
-            #expect(client.serverMessages.first?.text == "notice 200")
+            #expect(client.serverMessages.first?.text == "notice 201")
+            #expect(client.serverMessages.dropLast().last?.text == "notice 1199")
+            let long = client.serverMessages.last?.text ?? ""
+            #expect(long.utf8.count < 4200 && long.hasSuffix("[cut: 100000 bytes]"), "\(long.suffix(40))")
         }
     }
 
