@@ -27,13 +27,13 @@ final class Reconnector: Sendable {
         var running = false
         /// The link broke again while a reconnect was finishing: go round once more.
         var again = false
-        /// When the last reconnect succeeded, when its round of attempts began, how many it
-        /// took, and where the session stood (received, acknowledged by the peer): a link
-        /// that breaks again within `stableLink` of that having carried nothing either way
-        /// continues the round (its back-off and its deadline), so that a link that breaks
-        /// right after each resume is not redialled at full speed for ever. One that moved
-        /// messages, however briefly, starts a new round: a flaky link still makes progress.
-        var lastRound: (resumed: ContinuousClock.Instant, began: ContinuousClock.Instant, attempts: Int, received: UInt64, acked: UInt64)?
+        /// When the last reconnect succeeded, when its round of attempts began and how many
+        /// it took: a link that breaks again within `stableLink` of that having carried
+        /// nothing either way (LosslessSession.progressSinceAttach) continues the round (its
+        /// back-off and its deadline), so that a link that breaks right after each resume is
+        /// not redialled at full speed for ever. One that moved messages, however briefly,
+        /// starts a new round: a flaky link still makes progress.
+        var lastRound: (resumed: ContinuousClock.Instant, began: ContinuousClock.Instant, attempts: Int)?
     }
 
     /// How long a resumed link must stay up for the next break to start a new round.
@@ -84,8 +84,9 @@ final class Reconnector: Sendable {
         guard let options = c.configuration.lossless else { return }
         let now = ContinuousClock.now
         var (began, attempt) = (now, 0)
+        let progress = c.session.progressSinceAttach
         if let last = self.state.withLockedValue({ $0.lastRound }), now - last.resumed < Self.stableLink,
-           c.session.lastReceivedSeq == last.received, c.session.peerAck == last.acked {
+           progress.now == progress.atAttach {
             (began, attempt) = (last.began, last.attempts)
         }
         var lastError = ParleyError(code: .connectionClosed, message: "the link broke")
@@ -105,7 +106,7 @@ final class Reconnector: Sendable {
             attempt += 1
             do {
                 try await self.attemptAll(c, count: max(1, options.raceAttempts))
-                let round = (resumed: ContinuousClock.now, began: began, attempts: attempt, received: c.session.lastReceivedSeq, acked: c.session.peerAck)
+                let round = (resumed: ContinuousClock.now, began: began, attempts: attempt)
                 self.state.withLockedValue { $0.lastRound = round }
                 return
             } catch let error as ParleyError {

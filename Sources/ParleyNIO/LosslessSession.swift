@@ -31,6 +31,8 @@ public final class LosslessSession: Sendable {
         var connectSeq: UInt64 = 0
         /// The connect_seq of the link attached last: an older attempt may not attach after it.
         var attachedConnectSeq: UInt64 = 0
+        /// The highest seq received and the peer's ack when the current link was attached.
+        var atAttach: (received: UInt64, acked: UInt64) = (0, 0)
         /// Server side: a reconnect was accepted and its connection is being set up.
         var resuming = false
         var pumpScheduled = false
@@ -47,16 +49,18 @@ public final class LosslessSession: Sendable {
 
     // MARK: - The async layer's side
 
-    /// Numbers and keeps a message, and has the current link transmit it.
+    /// Numbers and keeps a message sent without waiting for room (an answer, a CANCEL, a
+    /// one-way reply sent at once: what [R-5.2-13]'s limit counts), and has the current link
+    /// transmit it.
     public func submit(_ message: WireMessage) {
-        self.enqueue(message)?.pump()
+        self.enqueue(message, unwaited: true)?.pump()
     }
 
     /// Numbers and keeps a message; returns the outlet to `pump()` (after releasing any lock
     /// the caller holds), if the current link is not already about to transmit.
-    public func enqueue(_ message: WireMessage) -> ParleyConnectionHandler.Outlet? {
+    public func enqueue(_ message: WireMessage, unwaited: Bool = false) -> ParleyConnectionHandler.Outlet? {
         self.state.withLockedValue { s -> ParleyConnectionHandler.Outlet? in
-            s.ledger.append(message)
+            s.ledger.append(message, unwaited: unwaited)
             guard let outlet = s.currentOutlet, !s.pumpScheduled, s.ended == nil else { return nil }
             s.pumpScheduled = true
             return outlet
@@ -109,8 +113,13 @@ public final class LosslessSession: Sendable {
     /// The highest seq received: what a reconnect tells the server.
     public var lastReceivedSeq: UInt64 { self.state.withLockedValue { $0.ledger.lastReceivedSeq } }
 
-    /// The highest of this side's `seq`s the peer has acknowledged.
-    public var peerAck: UInt64 { self.state.withLockedValue { $0.ledger.peerAck } }
+    /// Where the session stood when the current link was attached (the highest seq received,
+    /// the peer's ack), and where it stands now: whether that link has moved any message.
+    public var progressSinceAttach: (atAttach: (received: UInt64, acked: UInt64), now: (received: UInt64, acked: UInt64)) {
+        self.state.withLockedValue { s in
+            (atAttach: s.atAttach, now: (received: s.ledger.lastReceivedSeq, acked: s.ledger.peerAck))
+        }
+    }
 
     /// Client side: the offer of the next reconnect attempt. The current link, if any, stops
     /// delivering from now on: the server resends everything after the `seq` this offer
@@ -177,6 +186,7 @@ public final class LosslessSession: Sendable {
             s.attachedConnectSeq = connectSeq
             s.resuming = false
             s.pumpScheduled = false
+            s.atAttach = (s.ledger.lastReceivedSeq, s.ledger.peerAck)
             return .success((link, replaced, self.takeWaitersIfRoom(&s)))
         }.get()
         waiters.forEach { $0.resume() }

@@ -340,6 +340,17 @@ final class WebSocketStreamHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     init(role: Role) { self.role = role }
 
+    /// The payload of the latest ping that came while the socket was full (at most 125 bytes).
+    private var unansweredPing: ByteBuffer?
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, let data = self.unansweredPing, !self.sentClose {
+            self.unansweredPing = nil
+            context.writeAndFlush(Self.wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, maskKey: self.maskKey, data: data)), promise: nil)
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
     private var maskKey: WebSocketMaskingKey? { self.role == .client ? .random() : nil }
 
     // MARK: inbound
@@ -359,11 +370,17 @@ final class WebSocketStreamHandler: ChannelDuplexHandler, RemovableChannelHandle
         case .text:
             self.fail(context: context, code: .unacceptableData, "Parley is carried in binary messages, not text")
         case .ping:
-            // No pong while the socket does not take what is written: a peer that sends pings
-            // and never reads would otherwise grow the pongs queued here without bound (also
-            // before the Parley handshake, which reads whatever comes). RFC 6455 5.5.3 lets
-            // an endpoint answer only the latest of several pings.
-            guard !self.sentClose, context.channel.isWritable else { return }
+            // While the socket does not take what is written, only the latest ping is kept,
+            // and answered once it does: a peer that sends pings and never reads would
+            // otherwise grow the pongs queued here without bound (also before the Parley
+            // handshake, which reads whatever comes). RFC 6455 5.5.3 lets an endpoint answer
+            // only the latest of several pings.
+            guard !self.sentClose else { return }
+            guard context.channel.isWritable else {
+                self.unansweredPing = frame.unmaskedData
+                return
+            }
+            self.unansweredPing = nil
             context.writeAndFlush(Self.wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, maskKey: self.maskKey, data: frame.unmaskedData)), promise: nil)
         case .pong:
             break

@@ -97,7 +97,7 @@ public final class BuildbotFrontEnd: Service, Sendable {
         }
     }
 
-    /// A job was reported: its losses are forgotten.
+    /// A job was reported by its worker (done, whatever the outcome): its losses are forgotten.
     func forgetLosses(job: UInt64) {
         self.losses.withLockedValue { _ = $0.byJob.removeValue(forKey: job) }
     }
@@ -393,8 +393,8 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
                 let report = LeaseReport(leaseID: job.lease.id, worker: worker, outcome: .failure(result.message))
                 do {
                     let bytes: [UInt8] = try result.serializedBytes()
+                    // The count stays: each further loss counts too.
                     let verdict = try await Task { try await store.report(jobID: job.id, report, result: bytes, now: WorkService.now()) }.value
-                    self.frontEnd.forgetLosses(job: job.id)
                     self.logger.notice("job failed: its worker went away again", metadata: ["worker": "\(worker)", "job": "\(job.id)", "losses": "\(losses)", "verdict": "\(verdict)"])
                 } catch let refusal {
                     self.logger.warning("cannot report a job", metadata: ["worker": "\(worker)", "job": "\(job.id)", "error": "\(refusal)"])

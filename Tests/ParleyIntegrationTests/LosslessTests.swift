@@ -555,7 +555,7 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
             // the connection, and a reset can drop the CLOSE before the peer reads it: the
             // server's log says why in any case.
             let logged = try await eventually {
-                logs.all.contains { $0.metadata.contains("protocolViolation") && $0.metadata.contains("16384 messages or 1073741824 bytes kept for it") }
+                logs.all.contains { $0.metadata.contains("protocolViolation") && $0.metadata.contains("16384 answers or 1073741824 bytes kept for it") }
             }
             #expect(logged, "\(logs.all.map { $0.message + " " + $0.metadata }.suffix(3))")
             if let close = received.last(where: { $0.tag == .close }) {

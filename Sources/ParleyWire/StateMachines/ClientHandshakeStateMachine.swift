@@ -106,6 +106,9 @@ public struct ClientHandshakeStateMachine: Sendable {
     private var state: State = .idle
     /// CLIENT_IDENT went in the first flight (MESSAGEs may follow it without bit 9).
     private var identSentFirst = false
+    /// Method secret's proof (AUTH_REQUEST_MORE) was sent: a refusal from here is of the
+    /// entity this client authenticates as.
+    private var secretProofSent = false
     /// MESSAGEs may follow a first-flight CLIENT_IDENT: not with bit 9 (a lossless session
     /// numbers its own messages).
     private var firstFlightMessagesAllowed: Bool {
@@ -312,7 +315,7 @@ public struct ClientHandshakeStateMachine: Sendable {
                 self.state = .failed
                 // The server leaves the entity name out of a refusal sent in the clear: the
                 // client names the entity it authenticated as.
-                if error.code == .authenticationFailed, let secret = self.configuration.secret, !error.message.contains("\"\(secret.entity)\"") {
+                if error.code == .authenticationFailed, self.secretProofSent, let secret = self.configuration.secret {
                     error.message = "as \"\(secret.entity)\": " + error.message
                 }
                 return HandshakeStep(outcome: .failed(error))
@@ -406,6 +409,7 @@ public struct ClientHandshakeStateMachine: Sendable {
         var more = Parley_V1_AuthMore()
         more.payload = (try? proof.serializedBytes()) ?? Data()
         let moreFrame = more.frame(tag: .authRequestMore)
+        self.secretProofSent = true
         self.transcript.appendAuth(fromClient: true, frame: moreFrame)
         let t2 = self.transcript.digest()
         var round = SecretRound(schedule: schedule, transcript: t2, mode: mode, cipher: cipher)

@@ -44,9 +44,14 @@ public struct SessionLedger: Sendable {
     public private(set) var everTransmittedSeq: UInt64 = 0
     /// The `ack` carried by the last frame transmitted (MESSAGE or ACK).
     public private(set) var ackSent: UInt64 = 0
-    private var kept = CircularBuffer<WireMessage>()
+    /// The kept messages, each marked if it was appended without waiting for room.
+    private var kept = CircularBuffer<(message: WireMessage, unwaited: Bool)>()
     /// Bytes of the kept messages (header, type name, payload and data).
     public private(set) var keptBytes = 0
+    /// Kept messages appended without waiting for room (answers, CANCELs, one-way replies
+    /// sent at once), and their bytes: what `overrun` counts.
+    public private(set) var keptUnwaited = 0
+    public private(set) var keptUnwaitedBytes = 0
 
     public init() {}
 
@@ -61,18 +66,18 @@ public struct SessionLedger: Sendable {
     /// Most requests either side of a lossless session keeps outstanding ([R-5.2-13]).
     public static let maxOutstandingRequests = 8192
 
-    /// Most messages a side keeps for a peer that goes on sending ([R-5.2-13]): 16,384, or
-    /// four times the count bound if that is larger. What grows without waiting for room is
-    /// answers (RESPONSE, ERROR) and one-way replies sent without waiting (`sendNow`); a peer
-    /// that acknowledges what it receives and keeps to `maxOutstandingRequests` leaves at most
-    /// that many unread answers plus its ack delay, well under it. Requests, one-way messages
-    /// and stream items sent by waiting stop at the bound, a quarter of this.
+    /// Most messages appended without waiting for room (answers, CANCELs, one-way replies
+    /// sent at once: `append(_:unwaited:)`) a side keeps for a peer that goes on sending
+    /// ([R-5.2-13]): 16,384, or four times the count bound if that is larger. A peer that
+    /// acknowledges what it receives and keeps to `maxOutstandingRequests` leaves at most
+    /// that many unread answers plus its ack delay, well under it. What this side sends by
+    /// waiting for room is not counted: the peer does not control how much of it there is.
     public static func unacknowledgedLimit(_ bounds: Bounds) -> Int {
         max(16_384, bounds.maxMessages.multipliedReportingOverflow(by: 4).overflow ? .max : 4 * bounds.maxMessages)
     }
 
-    /// Most bytes of messages a side keeps for a peer that goes on sending ([R-5.2-13]): 1 GiB,
-    /// or 128 times the byte bound if that is larger. The count alone let a peer that never
+    /// Most bytes of messages appended without waiting a side keeps for a peer that goes on
+    /// sending ([R-5.2-13]): 1 GiB, or 128 times the byte bound if that is larger. The count alone let a peer that never
     /// acknowledges have 16,384 answers of up to a frame each kept (the block server's 8 MiB
     /// reads: 128 GiB); a peer that acknowledges leaves unacknowledged only the answers on
     /// their way to it, which the writability pause of the answering side holds to the
@@ -83,18 +88,18 @@ public struct SessionLedger: Sendable {
     }
 
     /// When a message arrives: the error that ends the session if this side keeps more
-    /// messages for the peer than `unacknowledgedLimit` or bytes than
-    /// `unacknowledgedByteLimit` (a peer that sends requests, or one-way messages a handler
-    /// answers at once, and never acknowledges would otherwise make it keep every answer);
-    /// nil otherwise.
+    /// messages appended without waiting (answers, one-way replies sent at once) for the peer
+    /// than `unacknowledgedLimit`, or bytes of them than `unacknowledgedByteLimit` (a peer
+    /// that sends requests, or one-way messages a handler answers at once, and never
+    /// acknowledges would otherwise make it keep every answer); nil otherwise.
     public func overrun(_ bounds: Bounds) -> ParleyError? {
         let limit = Self.unacknowledgedLimit(bounds)
         let byteLimit = Self.unacknowledgedByteLimit(bounds)
-        guard self.kept.count > limit || self.keptBytes > byteLimit else { return nil }
+        guard self.keptUnwaited > limit || self.keptUnwaitedBytes > byteLimit else { return nil }
         return ParleyError(
             code: .protocolViolation,
-            message: "the peer goes on sending but has left \(self.kept.count) messages unacknowledged (\(self.keptBytes) bytes), "
-                + "more than the \(limit) messages or \(byteLimit) bytes kept for it: "
+            message: "the peer goes on sending but has left \(self.keptUnwaited) answers unacknowledged (\(self.keptUnwaitedBytes) bytes), "
+                + "more than the \(limit) answers or \(byteLimit) bytes kept for it: "
                 + "a lossless peer acknowledges what it receives and keeps at most \(Self.maxOutstandingRequests) requests outstanding"
         )
     }
@@ -109,14 +114,20 @@ public struct SessionLedger: Sendable {
     public var hasUntransmitted: Bool { self.transmittedSeq &+ 1 < self.nextSeq }
 
     /// Numbers a message and keeps it; returns its `seq`. Its `ack` is set when transmitted.
+    /// `unwaited`: it was sent without waiting for room (an answer, a CANCEL, a one-way reply
+    /// sent at once), which is what `overrun` counts.
     @discardableResult
-    public mutating func append(_ message: WireMessage) -> UInt64 {
+    public mutating func append(_ message: WireMessage, unwaited: Bool = false) -> UInt64 {
         var message = message
         let seq = self.nextSeq
         message.header.seq = seq
-        self.kept.append(message)
+        self.kept.append((message, unwaited))
         let size = Self.size(message)
         self.keptBytes += size
+        if unwaited {
+            self.keptUnwaited += 1
+            self.keptUnwaitedBytes += size
+        }
         self.nextSeq &+= 1
         return seq
     }
@@ -127,7 +138,7 @@ public struct SessionLedger: Sendable {
         guard self.hasUntransmitted else { return nil }
         let seq = self.transmittedSeq &+ 1
         // kept[0] has seq peerAck + 1, and peerAck <= transmittedSeq.
-        var message = self.kept[self.kept.index(self.kept.startIndex, offsetBy: Int(seq - self.peerAck - 1))]
+        var message = self.kept[self.kept.index(self.kept.startIndex, offsetBy: Int(seq - self.peerAck - 1))].message
         message.header.ack = self.lastReceivedSeq
         self.transmittedSeq = seq
         self.everTransmittedSeq = max(self.everTransmittedSeq, seq)
@@ -171,7 +182,13 @@ public struct SessionLedger: Sendable {
         }
         guard ack > self.peerAck else { return false }
         for _ in 0..<(ack - self.peerAck) {
-            self.keptBytes -= Self.size(self.kept.removeFirst())
+            let dropped = self.kept.removeFirst()
+            let size = Self.size(dropped.message)
+            self.keptBytes -= size
+            if dropped.unwaited {
+                self.keptUnwaited -= 1
+                self.keptUnwaitedBytes -= size
+            }
         }
         self.peerAck = ack
         // A new connection may still be transmitting what the peer now acknowledges.
@@ -205,7 +222,7 @@ public struct SessionLedger: Sendable {
     /// and starts a new numbering (the next session's first `seq` is 1).
     public mutating func reset() -> Abandoned {
         var abandoned = Abandoned(transmitted: [], untransmitted: [])
-        for message in self.kept {
+        for (message, _) in self.kept {
             if message.header.seq <= self.everTransmittedSeq {
                 abandoned.transmitted.append(message)
             } else {
