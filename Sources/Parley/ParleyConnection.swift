@@ -681,9 +681,9 @@ public final class ParleyConnection: Sendable {
 
     /// Hands a message to the link: the channel's handler (lossy), or the lossless session,
     /// which numbers and keeps it and has the current link transmit it.
-    private func sendMessage(_ message: WireMessage) {
+    private func sendMessage(_ message: WireMessage, unwaited: Bool = true) {
         if let lossless = self.lossless {
-            lossless.submit(message)
+            lossless.enqueue(message, unwaited: unwaited)?.pump()
         } else {
             self.outlet.write(.message(message))
         }
@@ -775,7 +775,9 @@ public final class ParleyConnection: Sendable {
         }
         guard self.session.features.contains(.streams) else { return }
         let cancel = WireMessage(header: MessageHeader(id: id, kind: .cancel, type: ""), payload: ByteBuffer())
-        self.sendMessage(cancel)
+        // Not counted by [R-5.2-13] (`unwaited: false`): at most one per request of this
+        // side's own, which its bounds hold, whatever the peer does.
+        self.sendMessage(cancel, unwaited: false)
     }
 
     static func decodeAnswer<Response: SwiftProtobuf.Message & Sendable>(_ answer: WireMessage, as: Response.Type) throws -> ParleyReply<Response> {

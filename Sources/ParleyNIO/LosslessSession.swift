@@ -31,7 +31,8 @@ public final class LosslessSession: Sendable {
         var connectSeq: UInt64 = 0
         /// The connect_seq of the link attached last: an older attempt may not attach after it.
         var attachedConnectSeq: UInt64 = 0
-        /// The highest seq received and the peer's ack when the current link was attached.
+        /// The highest seq received and the peer's ack when the current link was attached
+        /// (read by the client's reconnects).
         var atAttach: (received: UInt64, acked: UInt64) = (0, 0)
         /// Server side: a reconnect was accepted and its connection is being set up.
         var resuming = false
@@ -204,6 +205,7 @@ public final class LosslessSession: Sendable {
             s.connectSeq = 0
             s.token = token
             s.serverNonce = serverNonce
+            s.atAttach = (0, 0)
             return s.ledger.reset()
         }
     }

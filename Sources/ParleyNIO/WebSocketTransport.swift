@@ -377,7 +377,8 @@ final class WebSocketStreamHandler: ChannelDuplexHandler, RemovableChannelHandle
             // only the latest of several pings.
             guard !self.sentClose else { return }
             guard context.channel.isWritable else {
-                self.unansweredPing = frame.unmaskedData
+                // A copy (at most 125 bytes): a slice would keep the whole read buffer.
+                self.unansweredPing = ByteBuffer(bytes: frame.unmaskedData.readableBytesView)
                 return
             }
             self.unansweredPing = nil

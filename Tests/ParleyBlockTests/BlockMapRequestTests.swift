@@ -109,8 +109,7 @@ import ParleyTestSupport
             Self.write("{\"half\":", to: dir + "/" + name, mode: 0o600)
         }
         for name in ["s.1234.json.tmp", "garbage.json", "other.txt"] {
-            var times = [timeval(tv_sec: time(nil) - 120, tv_usec: 0), timeval(tv_sec: time(nil) - 120, tv_usec: 0)]
-            #expect(utimes(dir + "/" + name, &times) == 0)
+            try FileManager.default.setAttributes([.modificationDate: Date(timeIntervalSinceNow: -120)], ofItemAtPath: dir + "/" + name)
         }
         #expect(BlockMap.records(directory: dir).isEmpty)
         let left = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()

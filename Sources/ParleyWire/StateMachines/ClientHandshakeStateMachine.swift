@@ -243,6 +243,7 @@ public struct ClientHandshakeStateMachine: Sendable {
                 return self.violation(error)
             }
         case (.awaitingAuth(var partial), .frame(let frame)) where frame.tag == .authBadMethod:
+            self.secretProofSent = false  // another method is tried: its refusals are not of the entity
             let bad = (try? Parley_V1_AuthBadMethod(parleyPayload: frame.segments[0])) ?? Parley_V1_AuthBadMethod()
             // Retry with the next offered method the server allows, if any.
             if let next = self.configuration.authMethods.indices.first(where: { $0 > partial.methodIndex && bad.allowedMethods.contains(self.configuration.authMethods[$0]) }) {
