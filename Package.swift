@@ -266,6 +266,7 @@ let package = Package(
             name: "ParleyBuildbotTests",
             dependencies: [
                 "ParleyWorkBuildbot", "ParleyWork", "Parley", "ParleyTestSupport",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

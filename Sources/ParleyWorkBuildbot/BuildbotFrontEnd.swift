@@ -192,6 +192,9 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         var basedir = ""
         /// Parley command id → Buildbot command id, and whether it was interrupted.
         var relayed: [UInt64: (id: String, interrupted: Bool)] = [:]
+        /// The master ended the session (`stop`: the worker logged in again, its entity was
+        /// withdrawn, the master shuts down): a job it ran is not the job's loss.
+        var stoppedByMaster = false
     }
     private let state = NIOLockedValueBox(State())
 
@@ -246,6 +249,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     /// Interrupts what the worker runs for us, then closes (a restarting master leaves no
     /// command running unwatched on its workers).
     func stop(reason: String, shutdown: Bool = false) async {
+        self.state.withLockedValue { $0.stoppedByMaster = true }
         // Every command of the connection: the master's and those of a job.
         for id in self.connection.runningCommands where self.connection.isRunning(id) {
             try? await self.connection.interrupt(id, why: reason)
@@ -382,7 +386,10 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
             // In a task of its own: the session's tasks are cancelled when its connection ends,
             // and a cancelled store call would leave the job leased until its lease expires.
             let worker = self.worker
-            let losses = self.frontEnd.workerWentAway(job: job.id)
+            // Counted only when the worker went away on its own, not when the master ended
+            // the session (a duplicate login of a worker whose link was lost, a withdrawn
+            // entity, shutdown).
+            let losses = self.state.withLockedValue { $0.stoppedByMaster } ? 0 : self.frontEnd.workerWentAway(job: job.id)
             if losses > self.frontEnd.configuration.uncountedLosses {
                 var result = Parley_Work_V1_ReportResult()
                 result.worker = worker

@@ -1,6 +1,7 @@
 import Foundation
 import ParleyTestSupport
 import Logging
+import NIOConcurrencyHelpers
 import Parley
 import SwiftProtobuf
 import ParleyWork
@@ -350,6 +351,42 @@ final class RawSocket: @unchecked Sendable {
                     }
                 }
             }
+        }
+    }
+
+    /// A job whose worker logs in again while it runs (its link lost, as the master sees it)
+    /// is handed back uncounted however often: the master ended the old session, the job
+    /// did not kill it.
+    @Test func aJobWhoseWorkerLogsInAgainIsNotCountedAsLost() async throws {
+        try await Self.withFrontEnd { port, password, store in
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["sleep", "1000"]
+            let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2], maxAttempts: 1)], now: WorkService.now()).first)
+            /// A worker that takes the job's command and holds it; its number once it has.
+            let holding = NIOLockedValueBox(0)
+            func worker(_ n: Int) -> Task<Bool, any Error> {
+                Task {
+                    try await Self.scriptedWorker(port: port, password: password, seconds: 40) { op, seq, body, side in
+                        guard op == "start_command" else { return false }
+                        side.send(BuildbotMessage.response(seq: seq))
+                        if body["command_name"] == "shell" { holding.withLockedValue { $0 = n } } else { side.complete(body) }
+                        return true
+                    }
+                }
+            }
+            var workers: [Task<Bool, any Error>] = []
+            for n in 1...4 {
+                workers.append(worker(n))
+                var held = false
+                for _ in 0..<200 where !held {
+                    try await Task.sleep(for: .milliseconds(100))
+                    held = holding.withLockedValue { $0 } == n
+                }
+                #expect(held, "login \(n) never got the job")
+                let record = try #require(try await store.job(job)?.record)
+                #expect(record.failures.isEmpty && record.leases.count == 1, "login \(n): \(record)")
+            }
+            for w in workers { w.cancel() }
         }
     }
 
