@@ -683,7 +683,11 @@ public final class ParleyConnection: Sendable {
     /// which numbers and keeps it and has the current link transmit it.
     private func sendMessage(_ message: WireMessage, unwaited: Bool = true) {
         if let lossless = self.lossless {
-            lossless.enqueue(message, unwaited: unwaited)?.pump()
+            // [R-5.2-13] counts answers only: one-way replies sent at once (sendNow) are paced
+            // by the peer's own one-way messages, and a conforming peer slow to acknowledge
+            // them must not be ended (counting them failed the lossless soak under load).
+            let counted = unwaited && (message.header.kind == .response || message.header.kind == .error)
+            lossless.enqueue(message, unwaited: counted)?.pump()
         } else {
             self.outlet.write(.message(message))
         }
