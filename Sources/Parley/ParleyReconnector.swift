@@ -6,8 +6,7 @@ import ParleyWire
 
 /// The client side of a lossless session's reconnects (docs/protocol.md 5.2): when the link
 /// breaks, it dials again (the first attempt at once, then with exponential back-off and
-/// jitter; a link that breaks within `stableLink` of being resumed, having carried nothing,
-/// continues the last round's back-off and deadline), presents the session in SESSION_RECONNECT and attaches the new connection, or,
+/// jitter), presents the session in SESSION_RECONNECT and attaches the new connection, or,
 /// after SESSION_RESET, sorts what the old session held (`ParleyConnection.sessionWasReset`).
 /// It gives up after `reconnectTimeout`, or at once on an error no retry can mend
 /// (authentication, a server that no longer offers sessions).
@@ -27,17 +26,7 @@ final class Reconnector: Sendable {
         var running = false
         /// The link broke again while a reconnect was finishing: go round once more.
         var again = false
-        /// When the last reconnect succeeded, when its round of attempts began and how many
-        /// it took: a link that breaks again within `stableLink` of that having carried
-        /// nothing either way (LosslessSession.progressSinceAttach) continues the round (its
-        /// back-off and its deadline), so that a link that breaks right after each resume is
-        /// not redialled at full speed for ever. One that moved messages, however briefly,
-        /// starts a new round: a flaky link still makes progress.
-        var lastRound: (resumed: ContinuousClock.Instant, began: ContinuousClock.Instant, attempts: Int)?
     }
-
-    /// How long a resumed link must stay up for the next break to start a new round.
-    static let stableLink: Duration = .seconds(5)
 
     private let state = NIOLockedValueBox(State())
 
@@ -82,13 +71,8 @@ final class Reconnector: Sendable {
 
     private func reconnect(_ c: Context) async {
         guard let options = c.configuration.lossless else { return }
-        let now = ContinuousClock.now
-        var (began, attempt) = (now, 0)
-        let progress = c.session.progressSinceAttach
-        if let last = self.state.withLockedValue({ $0.lastRound }), now - last.resumed < Self.stableLink,
-           progress.now == progress.atAttach {
-            (began, attempt) = (last.began, last.attempts)
-        }
+        let began = ContinuousClock.now
+        var attempt = 0
         var lastError = ParleyError(code: .connectionClosed, message: "the link broke")
         while !c.session.isEnded {
             if attempt > 0 {
@@ -106,8 +90,6 @@ final class Reconnector: Sendable {
             attempt += 1
             do {
                 try await self.attemptAll(c, count: max(1, options.raceAttempts))
-                let round = (resumed: ContinuousClock.now, began: began, attempts: attempt)
-                self.state.withLockedValue { $0.lastRound = round }
                 return
             } catch let error as ParleyError {
                 if Self.isFatal(error) {

@@ -31,9 +31,6 @@ public final class LosslessSession: Sendable {
         var connectSeq: UInt64 = 0
         /// The connect_seq of the link attached last: an older attempt may not attach after it.
         var attachedConnectSeq: UInt64 = 0
-        /// The highest seq received and the peer's ack when the current link was attached
-        /// (read by the client's reconnects).
-        var atAttach: (received: UInt64, acked: UInt64) = (0, 0)
         /// Server side: a reconnect was accepted and its connection is being set up.
         var resuming = false
         var pumpScheduled = false
@@ -114,13 +111,6 @@ public final class LosslessSession: Sendable {
     /// The highest seq received: what a reconnect tells the server.
     public var lastReceivedSeq: UInt64 { self.state.withLockedValue { $0.ledger.lastReceivedSeq } }
 
-    /// Where the session stood when the current link was attached (the highest seq received,
-    /// the peer's ack), and where it stands now: whether that link has moved any message.
-    public var progressSinceAttach: (atAttach: (received: UInt64, acked: UInt64), now: (received: UInt64, acked: UInt64)) {
-        self.state.withLockedValue { s in
-            (atAttach: s.atAttach, now: (received: s.ledger.lastReceivedSeq, acked: s.ledger.peerAck))
-        }
-    }
 
     /// Client side: the offer of the next reconnect attempt. The current link, if any, stops
     /// delivering from now on: the server resends everything after the `seq` this offer
@@ -187,7 +177,6 @@ public final class LosslessSession: Sendable {
             s.attachedConnectSeq = connectSeq
             s.resuming = false
             s.pumpScheduled = false
-            s.atAttach = (s.ledger.lastReceivedSeq, s.ledger.peerAck)
             return .success((link, replaced, self.takeWaitersIfRoom(&s)))
         }.get()
         waiters.forEach { $0.resume() }
@@ -205,7 +194,6 @@ public final class LosslessSession: Sendable {
             s.connectSeq = 0
             s.token = token
             s.serverNonce = serverNonce
-            s.atAttach = (0, 0)
             return s.ledger.reset()
         }
     }
