@@ -681,12 +681,12 @@ public final class ParleyConnection: Sendable {
 
     /// Hands a message to the link: the channel's handler (lossy), or the lossless session,
     /// which numbers and keeps it and has the current link transmit it.
-    private func sendMessage(_ message: WireMessage, unwaited: Bool = true) {
+    private func sendMessage(_ message: WireMessage) {
         if let lossless = self.lossless {
             // [R-5.2-13] counts answers only: one-way replies sent at once (sendNow) are paced
             // by the peer's own one-way messages, and a conforming peer slow to acknowledge
             // them must not be ended (counting them failed the lossless soak under load).
-            let counted = unwaited && (message.header.kind == .response || message.header.kind == .error)
+            let counted = message.header.kind == .response || message.header.kind == .error
             lossless.enqueue(message, unwaited: counted)?.pump()
         } else {
             self.outlet.write(.message(message))
@@ -779,9 +779,9 @@ public final class ParleyConnection: Sendable {
         }
         guard self.session.features.contains(.streams) else { return }
         let cancel = WireMessage(header: MessageHeader(id: id, kind: .cancel, type: ""), payload: ByteBuffer())
-        // Not counted by [R-5.2-13] (`unwaited: false`): at most one per request of this
-        // side's own, which its bounds hold, whatever the peer does.
-        self.sendMessage(cancel, unwaited: false)
+        // Not counted by [R-5.2-13] (not an answer): at most one per request of this side's
+        // own, which its bounds hold, whatever the peer does.
+        self.sendMessage(cancel)
     }
 
     static func decodeAnswer<Response: SwiftProtobuf.Message & Sendable>(_ answer: WireMessage, as: Response.Type) throws -> ParleyReply<Response> {
