@@ -32,6 +32,7 @@ struct NBDInteropTests {
         #expect(unix.status == 0, "\(unix.combined)")
         #expect(unix.stdout.contains("export-size: 67108864"))
         #expect(unix.stdout.contains("can_multi_conn: true"))
+        #expect(unix.stdout.contains("can_df: true"), "NBD_FLAG_SEND_DF once structured replies are on")
     }
 
     @Test func nbdinfoAndQemuImgUseTLSWithTheDevelopmentCertificates() async throws {

@@ -625,6 +625,26 @@ extension NBDProtocolTests {
             #expect(withData.transmission?.structuredReplies == false, "a refused request negotiates nothing")
         }
 
+        @Test func sendDFIsAdvertisedOnlyOnceStructuredRepliesAreNegotiated() throws {
+            let df = NBD.TransmissionFlags.sendDF.rawValue
+            #expect(T.disk.flags.rawValue & df == 0, "the resolver does not set it itself")
+            // NBD_OPT_GO: the flags are bytes 8-9 of NBD_INFO_EXPORT's payload after its type.
+            for structured in [false, true] {
+                let (outcome, _) = T.run(T.clientFlags(3) + (structured ? T.option(.structuredReply) : [])
+                    + T.option(.go, T.infoData("disk", [.blockSize])))
+                let replies = try #require(T.parseReplies(outcome.sent))
+                let export = try #require(replies.first { $0.type == NBD.Reply.info.rawValue && $0.payload.prefix(2) == [0, 0] })
+                let flags = UInt16(export.payload[10]) << 8 | UInt16(export.payload[11])
+                #expect(flags == T.disk.flags.rawValue | (structured ? df : 0), "structured \(structured)")
+                #expect(outcome.transmission?.export == T.disk, "transmission keeps the resolver's export")
+            }
+            // NBD_OPT_EXPORT_NAME after NBD_OPT_STRUCTURED_REPLY: size then flags.
+            let (outcome, _) = T.run(T.clientFlags(3) + T.option(.structuredReply) + T.option(.exportName, Array("disk".utf8)))
+            let ack = T.reply(.structuredReply, .ack)
+            #expect(Array(outcome.sent.prefix(ack.count)) == ack)
+            #expect(Array(outcome.sent.dropFirst(ack.count)) == Wire().u64(1 << 20).u16(T.disk.flags.rawValue | df).bytes)
+        }
+
         @Test(arguments: [NBD.Option.setMetaContext, .listMetaContext])
         func metaContextBeforeStructuredRepliesIsInvalid(option: NBD.Option) throws {
             let (outcome, _) = T.run(T.clientFlags(3) + T.option(option, T.metaData("disk", [NBD.baseAllocation]))

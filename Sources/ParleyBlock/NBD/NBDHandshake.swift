@@ -220,13 +220,14 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
             case .failure(let refusal):
                 self.state = .done
                 actions.append(.disconnect(reason: "NBD_OPT_EXPORT_NAME \"\(name)\": \(refusal.message)"))
-            case .success(let info):
+            case .success(let resolved):
+                let info = self.advertised(resolved)
                 var out = ByteBuffer()
                 out.writeInteger(info.size)
                 out.writeInteger(info.flags.rawValue)
                 if !self.noZeroes { out.writeRepeatingByte(0, count: 124) }
                 actions.append(.send(out))
-                self.finish(info, into: &actions)
+                self.finish(resolved, into: &actions)
             }
         case .abort:
             actions.append(.send(Self.reply(raw, .ack)))
@@ -301,7 +302,8 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
         switch result {
         case .failure(let refusal):
             actions.append(.send(Self.reply(raw, refusal.reply, text: refusal.message)))
-        case .success(let info):
+        case .success(let resolved):
+            let info = self.advertised(resolved)
             var out = ByteBuffer()
             var export = ByteBuffer()
             export.writeInteger(NBD.Info.export.rawValue)
@@ -329,7 +331,7 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
             Self.writeReply(raw, .info, payload: sizes, into: &out)
             Self.writeReply(raw, .ack, payload: ByteBuffer(), into: &out)
             actions.append(.send(out))
-            if option == .go { self.finish(info, into: &actions) }
+            if option == .go { self.finish(resolved, into: &actions) }
         }
     }
 
@@ -379,6 +381,17 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
         }
         Self.writeReply(raw, .ack, payload: ByteBuffer(), into: &out)
         actions.append(.send(out))
+    }
+
+    /// The export as announced on this connection: `NBD_FLAG_SEND_DF` is added once structured
+    /// replies are negotiated (the NBD document: it MUST NOT be set without them). Reads are
+    /// never fragmented, so the flag is always honoured. Transmission gets the resolver's export
+    /// as it was (its checks of DF look at the negotiated structured replies).
+    private func advertised(_ info: NBDExportInfo) -> NBDExportInfo {
+        guard self.structuredReplies else { return info }
+        var info = info
+        info.flags.insert(.sendDF)
+        return info
     }
 
     private mutating func finish(_ info: NBDExportInfo, into actions: inout [Action]) {
