@@ -833,11 +833,8 @@ public final class ParleyConnection: Sendable {
             self.received(message)
         case .notice(let nucleus):
             self.onNotice?(ParleyNucleus(nucleus))
-        case .keepaliveAck(let stamp):
-            let now = NIODeadline.now().uptimeNanoseconds
-            if now >= stamp {
-                self.state.withLockedValue { $0.keepaliveRoundTrip = .nanoseconds(Int64(now - stamp)) }
-            }
+        case .keepaliveAck(let roundTrip):
+            self.state.withLockedValue { $0.keepaliveRoundTrip = .nanoseconds(roundTrip) }
         case .direct(let direct):
             self.messagesReceived.add(1, ordering: .relaxed)
             self.directInFlight.add(1, ordering: .relaxed)

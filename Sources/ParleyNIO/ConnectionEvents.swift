@@ -5,8 +5,9 @@ public enum ConnectionEvent: Sendable {
     case message(WireMessage)
     /// Nucleus fields the server sent after SERVER_IDENT.
     case notice(Parley_V1_Nucleus)
-    /// A KEEPALIVE we sent came back (the timestamp we sent).
-    case keepaliveAck(UInt64)
+    /// A KEEPALIVE we sent came back after this many nanoseconds (an ACK matching none of the
+    /// KEEPALIVEs sent is ignored and raises nothing).
+    case keepaliveAck(roundTrip: Int64)
     /// Server side: a DIRECT request (docs/protocol.md 7.16), its id admitted as in flight
     /// until a `directAnswer` with that id is written.
     case direct(DirectInbound)

@@ -526,7 +526,10 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         case .notice(let nucleus):
             self.sink?.received(.notice(nucleus))
         case .keepaliveAck(let stamp):
-            self.sink?.received(.keepaliveAck(stamp))
+            // docs/protocol.md 7.12: an ACK that matches no KEEPALIVE of ours is ignored.
+            guard var machine = self.keepalive, let roundTrip = machine.answered(stamp, now: Self.now()) else { break }
+            self.keepalive = machine
+            self.sink?.received(.keepaliveAck(roundTrip: roundTrip))
         case .reply(let frame):
             self.writeFrame(frame, context: context)
             self.flush(context: context)

@@ -1,4 +1,4 @@
-import ParleyWire
+@testable import ParleyWire
 import Testing
 
 @Suite struct KeepaliveTests {
@@ -35,6 +35,31 @@ import Testing
         #expect(k.tick(now: 524 * Self.ms, heard: false) == .sendKeepalive(UInt64(524 * Self.ms)))
         #expect(k.tick(now: 525 * Self.ms, heard: false) == .none)
         #expect(k.tick(now: 550 * Self.ms, heard: false) == .timedOut(silentFor: 425 * Self.ms))
+    }
+
+    @Test func anAckCountsOnlyIfItAnswersAKeepaliveSentAndOnlyOnce() {
+        var k = KeepaliveStateMachine(configuration: self.configuration, now: 0)
+        #expect(k.answered(0, now: 10 * Self.ms) == nil, "nothing was sent yet")
+        #expect(k.tick(now: 100 * Self.ms, heard: false) == .sendKeepalive(UInt64(100 * Self.ms)))
+        #expect(k.tick(now: 200 * Self.ms, heard: false) == .sendKeepalive(UInt64(200 * Self.ms)))
+        #expect(k.answered(UInt64(150 * Self.ms), now: 210 * Self.ms) == nil, "a stamp never sent")
+        #expect(k.answered(UInt64.max, now: 210 * Self.ms) == nil)
+        #expect(k.answered(UInt64(100 * Self.ms), now: 230 * Self.ms) == 130 * Self.ms, "the older one, late")
+        #expect(k.answered(UInt64(100 * Self.ms), now: 240 * Self.ms) == nil, "answered already")
+        #expect(k.answered(UInt64(200 * Self.ms), now: 240 * Self.ms) == 40 * Self.ms)
+        #expect(k.unanswered.isEmpty)
+    }
+
+    @Test func onlyTheLatestUnansweredKeepalivesAreRemembered() {
+        let c = KeepaliveStateMachine.Configuration(interval: 100 * Self.ms, timeout: 100_000 * Self.ms)
+        var k = KeepaliveStateMachine(configuration: c, now: 0)
+        let sent = KeepaliveStateMachine.maximumUnanswered + 3
+        for i in 1...sent {
+            #expect(k.tick(now: Int64(i) * 100 * Self.ms, heard: false) == .sendKeepalive(UInt64(i) * 100 * UInt64(Self.ms)))
+        }
+        #expect(k.unanswered.count == KeepaliveStateMachine.maximumUnanswered)
+        #expect(k.answered(100 * UInt64(Self.ms), now: Int64(sent) * 100 * Self.ms) == nil, "the oldest are forgotten")
+        #expect(k.answered(UInt64(sent) * 100 * UInt64(Self.ms), now: Int64(sent) * 100 * Self.ms + 1) == 1)
     }
 
     @Test func pausedReadsDoNotCountAsSilence() {

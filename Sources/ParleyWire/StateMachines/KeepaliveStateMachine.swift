@@ -49,6 +49,12 @@ public struct KeepaliveStateMachine: Sendable {
     /// When the first KEEPALIVE of the current silence was sent, if one was.
     private(set) var firstKeepaliveOfSilence: Int64?
     private var readsPaused = false
+    /// Timestamps of the KEEPALIVEs sent and not answered yet, oldest first (at most
+    /// `maximumUnanswered`: older ones are forgotten, their ACKs then match nothing).
+    private(set) var unanswered: [UInt64] = []
+    /// How many unanswered KEEPALIVEs are remembered: one goes per interval of silence, and the
+    /// timeout is a few intervals (the reference: 4).
+    public static let maximumUnanswered = 8
     /// A tick saw the timeout pass; the next one without news from the peer ends it.
     private var timeoutSeen = false
     private var timedOut = false
@@ -87,7 +93,19 @@ public struct KeepaliveStateMachine: Sendable {
         if let last = self.lastKeepalive, now - last < self.configuration.interval { return .none }
         self.lastKeepalive = now
         if self.firstKeepaliveOfSilence == nil { self.firstKeepaliveOfSilence = now }
-        return .sendKeepalive(UInt64(max(now, 0)))
+        let stamp = UInt64(max(now, 0))
+        if self.unanswered.count == Self.maximumUnanswered { self.unanswered.removeFirst() }
+        self.unanswered.append(stamp)
+        return .sendKeepalive(stamp)
+    }
+
+    /// A KEEPALIVE_ACK carrying `stamp` arrived: returns the round-trip time in nanoseconds if
+    /// it answers a KEEPALIVE this side sent (and forgets that one), nil if it matches nothing
+    /// (docs/protocol.md 7.12: such an ACK is ignored, so a peer cannot make up a round trip).
+    public mutating func answered(_ stamp: UInt64, now: Int64) -> Int64? {
+        guard let index = self.unanswered.firstIndex(of: stamp) else { return nil }
+        self.unanswered.remove(at: index)
+        return max(now - Int64(stamp), 0)
     }
 
     private mutating func heard(now: Int64) {
