@@ -141,6 +141,10 @@ public final class PostgresWorkStore: WorkStore {
         } catch let error as LeaseError {
             throw error
         } catch let error as PostgresTransactionError {
+            // postgres-nio wraps whatever the body threw: the store's own refusals (a lease
+            // rule, "no job ...") go on as they are, so that callers tell them from failures.
+            if let refusal = error.closureError as? LeaseError { throw refusal }
+            if let refusal = error.closureError as? WorkStoreError { throw refusal }
             throw WorkStoreError("PostgreSQL: \(Self.describe(error.closureError ?? error.beginError ?? error.commitError ?? error.rollbackError ?? error))")
         } catch {
             throw WorkStoreError("PostgreSQL: \(Self.describe(error))")

@@ -324,6 +324,27 @@ enum TestPostgres {
         try await store.handBack(jobID: id, leaseID: claimed.lease.id, worker: "w1")
         #expect(try await store.counts()["queued"] == 1)
     }
+
+    /// The service tells a refusal (answered `invalidArgument`, which stops a worker's job)
+    /// from a store failure by the error's type: every store throws its refusals as they are
+    /// (postgres-nio wraps what a transaction's body throws; the store unwraps them).
+    @Test(arguments: StoreKind.available) func refusalsKeepTheirTypeOnEveryStore(kind: StoreKind) async throws {
+        let store = try await kind.make()
+        defer { Task { await store.close() } }
+        let id = try await store.submit(Self.jobs(1), now: 0)[0]
+        let claimed = try await store.claim(worker: "w1", limit: 1, now: 0, leaseDuration: second)[0]
+        #expect(try await store.expireLeases(now: second) == 1)
+        await #expect(throws: LeaseError.self, "renewal of an expired lease") {
+            _ = try await store.renew(jobID: id, leaseID: claimed.lease.id, worker: "w1", now: second + 1, leaseDuration: self.second)
+        }
+        await #expect(throws: LeaseError.self, "hand-back of an expired lease") {
+            try await store.handBack(jobID: id, leaseID: claimed.lease.id, worker: "w1")
+        }
+        let missing = await #expect(throws: WorkStoreError.self) {
+            _ = try await store.renew(jobID: 999, leaseID: 1, worker: "w1", now: 1, leaseDuration: self.second)
+        }
+        #expect(missing?.message.hasPrefix("no job") == true, "\(missing?.message ?? "")")
+    }
 }
 
 /// What a damaged database can hold: a job id that is negative as a signed integer reads
