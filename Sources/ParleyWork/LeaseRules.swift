@@ -123,8 +123,13 @@ public enum LeaseRules {
         // Each lease has one outcome: a failure, once reported, stays its outcome.
         let failedBefore = job.failedLeases.contains(report.leaseID)
         switch (job.state, report.outcome) {
-        case (.succeeded(let accepted), _):
-            return accepted == report.leaseID ? .alreadyAccepted : (failedBefore ? .alreadyAccepted : .superseded)
+        case (.succeeded(let accepted), let outcome):
+            if accepted == report.leaseID { return .alreadyAccepted }
+            guard failedBefore else { return .superseded }
+            // A failure sent again is acknowledged as before; a success from a lease that
+            // reported a failure is refused, whether or not another lease succeeded since.
+            if case .success = outcome { return .rejected("lease \(report.leaseID) of job \(job.id) already reported a failure") }
+            return .alreadyAccepted
         case (.leased(let current), .success) where current.id == report.leaseID:
             job.state = .succeeded(leaseID: report.leaseID)
             return .accepted
@@ -208,4 +213,42 @@ public struct LeaseError: Error, Sendable, Hashable, CustomStringConvertible {
     public var message: String
     public init(_ message: String) { self.message = message }
     public var description: String { self.message }
+}
+
+/// A worker's view of one lease, on its own monotonic clock (sans-IO: times are nanoseconds
+/// of a monotonic clock, passed in). The master's deadline is a time on the master's wall
+/// clock; a worker whose clock is ahead of it would stop every job at once, one whose clock
+/// is behind would run jobs past the real deadline. So the worker counts the lease time
+/// itself, from before it asked (the master starts the lease later, so the worker's deadline
+/// is never after the master's), and each renewal from before it was sent.
+public struct WorkerLease: Sendable, Equatable {
+    /// The master's lease time, in nanoseconds.
+    public let leaseTime: Int64
+    /// The job stops this long before the lease would end without a renewal: 5 s, or a
+    /// quarter of the lease when that is shorter.
+    public let margin: Int64
+    /// When the lease ends at the latest, on the worker's clock.
+    public private(set) var deadline: Int64
+
+    /// `leaseTime`: the master's, from its welcome (at least 3 s is assumed); `askedAt`: when
+    /// the request that brought the lease was sent.
+    public init(leaseTime: Int64, askedAt: Int64) {
+        self.leaseTime = max(leaseTime, 3_000_000_000)
+        self.margin = min(5_000_000_000, self.leaseTime / 4)
+        self.deadline = askedAt + self.leaseTime
+    }
+
+    /// How often to renew: every third of the lease time.
+    public var renewalInterval: Int64 { self.leaseTime / 3 }
+
+    /// A renewal sent at `sentAt` was granted: the master extended the lease to its now plus
+    /// its lease time, which is no earlier than `sentAt` plus the lease time here.
+    public mutating func renewed(sentAt: Int64) {
+        self.deadline = max(self.deadline, sentAt + self.leaseTime)
+    }
+
+    /// True once the lease would end within the margin: the job must stop.
+    public func mustStop(now: Int64) -> Bool {
+        self.deadline - now <= self.margin
+    }
 }

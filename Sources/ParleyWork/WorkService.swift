@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import Metrics
 import NIOConcurrencyHelpers
 import Parley
@@ -222,10 +223,18 @@ public enum WorkService {
                 // Enough jobs for the seconds asked (at least one); the others go back to the
                 // queue at once, their attempts not counted.
                 let kept = Self.covering(seconds: request.seconds, claimed.map { Self.estimate(of: $0.spec) })
+                var handedOut = Array(claimed[..<kept])
                 for job in claimed[kept...] {
-                    try await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: worker)
+                    do {
+                        try await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: worker)
+                    } catch {
+                        // Still leased to this worker: it gets the job rather than the lease
+                        // running out unused and counting as a failed attempt.
+                        context.logger.warning("a job claimed beyond the seconds asked could not go back to the queue; handed out", metadata: ["job": "\(job.id)", "error": "\(error)"])
+                        handedOut.append(job)
+                    }
                 }
-                claimed = Array(claimed[..<kept])
+                claimed = handedOut
             }
             if !claimed.isEmpty { assigned.increment(by: claimed.count) }
             var reply = Parley_Work_V1_WorkAssignments()
@@ -268,6 +277,8 @@ public enum WorkService {
         router.on(Parley_Work_V1_ReportResult.self) { report, context in
             var report = report
             let worker = try Self.worker(report.worker, context)
+            // The stored result names the worker the session authenticated, not what it wrote.
+            report.worker = worker
             for (name, tail) in [("stdout", report.stdoutTail), ("stderr", report.stderrTail)] where tail.count > Self.maxTail {
                 throw ParleyError(code: .invalidArgument, message: "report refused: its \(name) tail of \(tail.count) bytes is over the limit of \(Self.maxTail); nothing was stored")
             }

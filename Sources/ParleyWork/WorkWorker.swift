@@ -60,6 +60,8 @@ public final class WorkWorker: Sendable {
     private let handedBack = NIOLockedValueBox<[UInt64]>([])
     /// The master's preferences (from its welcome): fewer slots, another idle delay.
     private let preferences = NIOLockedValueBox(Parley_Work_V1_Preferences())
+    /// The master's lease time in nanoseconds, from its welcome (0: not told).
+    private let leaseTime = NIOLockedValueBox<Int64>(0)
     /// The keys jobs may be signed with: `trust`, and the next keys of rotations it vouched for.
     private let trusted: NIOLockedValueBox<[WorkSigning.PublicKey]>
 
@@ -149,6 +151,7 @@ public final class WorkWorker: Sendable {
             request.slots = 1
             request.apps = self.configuration.apps
             let assignments: Parley_Work_V1_WorkAssignments
+            let askedAt = ContinuousClock.now
             do {
                 assignments = try await self.link.request(request, as: Parley_Work_V1_WorkAssignments.self)
             } catch let error as ParleyError where Self.isLasting(error) {
@@ -164,7 +167,7 @@ public final class WorkWorker: Sendable {
                 try? await Task.sleep(for: self.preferred.idle)
                 continue
             }
-            let (report, handBack) = await self.execute(assignment)
+            let (report, handBack) = await self.execute(assignment, askedAt: askedAt)
             if handBack {
                 // Not run, or stopped by this worker's shutdown: not a failure of the job.
                 var back = Parley_Work_V1_HandBack()
@@ -206,13 +209,23 @@ public final class WorkWorker: Sendable {
 
     /// Keeps a running job's lease: renews it every third of the lease time, and stops the
     /// job (setting `lost`) when the master refuses a renewal or when the lease would end
-    /// within 5 s (a quarter of the lease, if shorter) without one.
-    func keepLease(_ assignment: Parley_Work_V1_Assignment, lost: NIOLockedValueBox<String?>) -> Task<Void, Never> {
-        let nowMs: @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }
-        let deadline = NIOLockedValueBox(assignment.deadlineUnixMs)
-        let leaseMs = max(3_000, assignment.deadlineUnixMs - nowMs())
-        // 5 s before the lease ends (a quarter of the lease when that is shorter).
-        let margin = min(5_000, leaseMs / 4)
+    /// within 5 s (a quarter of the lease, if shorter) without one. The lease is counted on
+    /// this worker's monotonic clock from `askedAt` (`WorkerLease`), not from the master's
+    /// wall-clock deadline, so that clocks set apart change nothing.
+    func keepLease(_ assignment: Parley_Work_V1_Assignment, askedAt: ContinuousClock.Instant, lost: NIOLockedValueBox<String?>) -> Task<Void, Never> {
+        let clock = ContinuousClock()
+        let origin = clock.now
+        let nanos: @Sendable (ContinuousClock.Instant) -> Int64 = { instant in
+            let d = instant - origin
+            return d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000
+        }
+        // The master's lease time from its welcome; a master that did not say (0): what is
+        // left of the deadline by this worker's wall clock, as before.
+        let told = self.leaseTime.withLockedValue { $0 }
+        let leftMs = assignment.deadlineUnixMs.subtractingReportingOverflow(Int64(Date().timeIntervalSince1970 * 1000)).partialValue
+        let leaseTime = told > 0 ? told : min(leftMs, Int64.max / 2_000_000) * 1_000_000
+        let lease = NIOLockedValueBox(WorkerLease(leaseTime: leaseTime, askedAt: nanos(askedAt)))
+        let (interval, margin) = lease.withLockedValue { ($0.renewalInterval, $0.margin) }
         let stop: @Sendable (String) -> Void = { why in
             let first = lost.withLockedValue { state -> Bool in
                 guard state == nil else { return false }
@@ -227,15 +240,16 @@ public final class WorkWorker: Sendable {
             await withTaskGroup(of: Void.self) { group in
                 group.addTask {
                     while !Task.isCancelled {
-                        try? await Task.sleep(for: .milliseconds(leaseMs / 3))
+                        try? await Task.sleep(for: .nanoseconds(interval))
                         if Task.isCancelled { return }
                         var renew = Parley_Work_V1_RenewLease()
                         renew.worker = self.configuration.name
                         renew.jobID = assignment.jobID
                         renew.leaseID = assignment.leaseID
+                        let sent = nanos(clock.now)
                         do {
-                            let renewed = try await self.link.request(renew, as: Parley_Work_V1_LeaseRenewed.self)
-                            deadline.withLockedValue { $0 = max($0, renewed.deadlineUnixMs) }
+                            _ = try await self.link.request(renew, as: Parley_Work_V1_LeaseRenewed.self)
+                            lease.withLockedValue { $0.renewed(sentAt: sent) }
                         } catch let error as ParleyError where error.code == .invalidArgument {
                             stop("the master refused to renew the lease (\(error.message))")
                             return
@@ -247,8 +261,8 @@ public final class WorkWorker: Sendable {
                 }
                 group.addTask {
                     while !Task.isCancelled {
-                        if deadline.withLockedValue({ $0 }) - nowMs() <= margin {
-                            stop("its lease ends within \(margin) ms and could not be renewed")
+                        if lease.withLockedValue({ $0.mustStop(now: nanos(clock.now)) }) {
+                            stop("its lease ends within \(margin / 1_000_000) ms and could not be renewed")
                             return
                         }
                         try? await Task.sleep(for: .milliseconds(250))
@@ -282,6 +296,7 @@ public final class WorkWorker: Sendable {
         }
         self.consider(rotation: welcome)
         self.preferences.withLockedValue { $0 = welcome.preferences }
+        self.leaseTime.withLockedValue { $0 = Int64(welcome.leaseSeconds) * 1_000_000_000 }
         self.logger.info("working for \(welcome.master)", metadata: ["slots": "\(self.preferred.slots)", "lease": "\(welcome.leaseSeconds) s", "version": "\(version)"])
     }
 
@@ -294,7 +309,8 @@ public final class WorkWorker: Sendable {
     /// a report).
     /// Returns the report, and whether to hand the job back instead (this worker is shutting
     /// down and did not run it, or killed it).
-    func execute(_ assignment: Parley_Work_V1_Assignment) async -> (Parley_Work_V1_ReportResult, handBack: Bool) {
+    /// `askedAt`: when the request that brought the assignment was sent (its lease started later).
+    func execute(_ assignment: Parley_Work_V1_Assignment, askedAt: ContinuousClock.Instant) async -> (Parley_Work_V1_ReportResult, handBack: Bool) {
         var report = Parley_Work_V1_ReportResult()
         report.worker = self.configuration.name
         report.jobID = assignment.jobID
@@ -334,7 +350,7 @@ public final class WorkWorker: Sendable {
             // The lease is renewed from here, while inputs are fetched (which can take longer
             // than a lease) and while the job runs; a job whose lease cannot be kept is never
             // started, or stopped 5 s before it ends: another worker would get it meanwhile.
-            let keeper = assignment.deadlineUnixMs > 0 ? self.keepLease(assignment, lost: leaseLost) : nil
+            let keeper = assignment.deadlineUnixMs > 0 ? self.keepLease(assignment, askedAt: askedAt, lost: leaseLost) : nil
             defer { keeper?.cancel() }
             do {
                 try await WorkFiles.writeInputs(spec.inputs, into: directory)

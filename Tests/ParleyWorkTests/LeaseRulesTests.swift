@@ -6,6 +6,21 @@ import Testing
 @Suite struct LeaseRulesTests {
     let second: Int64 = 1_000_000_000
 
+    /// §19.3: a lease has one outcome. A success from a lease that reported a failure is
+    /// refused, also once another lease has succeeded; its failure sent again is acknowledged.
+    @Test func aSuccessAfterTheSameLeasesFailureIsRefusedEvenOnceTheJobSucceeded() throws {
+        var job = JobRecord(id: 1, maxAttempts: 3)
+        let first = try LeaseRules.assign(&job, to: "w1", leaseID: 10, now: 0, duration: 60 * second)
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: first.id, worker: "w1", outcome: .failure("exit 1"))) == .retrying)
+        let second = try LeaseRules.assign(&job, to: "w2", leaseID: 11, now: 1, duration: 60 * second)
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: second.id, worker: "w2", outcome: .success)) == .accepted)
+        let late = LeaseRules.report(&job, LeaseReport(leaseID: first.id, worker: "w1", outcome: .success))
+        guard case .rejected(let why) = late else { Issue.record("a failed lease's success was not refused: \(late)"); return }
+        #expect(why.contains("already reported a failure"), "\(why)")
+        #expect(LeaseRules.report(&job, LeaseReport(leaseID: first.id, worker: "w1", outcome: .failure("exit 1"))) == .alreadyAccepted)
+        #expect(job.state == .succeeded(leaseID: second.id))
+    }
+
     /// [R-19.3-1]
     @Test func aJobIsLeasedThenAcceptedExactlyOnce() throws {
         var job = JobRecord(id: 1)
@@ -152,5 +167,39 @@ import Testing
         #expect(LeaseRules.expire(&job, now: 150))
         #expect(throws: LeaseError.self) { _ = try LeaseRules.renew(&job, leaseID: 5, worker: "w", now: 151, duration: 100) }
         _ = lease
+    }
+}
+
+/// A worker's lease on its own clock: the master's wall-clock deadline plays no part, so a
+/// worker whose clock is far ahead of or behind the master's keeps and stops jobs alike.
+@Suite struct WorkerLeaseTests {
+    static let s: Int64 = 1_000_000_000
+
+    @Test func theLeaseRunsFromWhenTheWorkerAskedAndStopsAtTheMargin() {
+        let lease = WorkerLease(leaseTime: 600 * Self.s, askedAt: 10 * Self.s)
+        #expect(lease.deadline == 610 * Self.s)
+        #expect(lease.margin == 5 * Self.s)
+        #expect(lease.renewalInterval == 200 * Self.s)
+        #expect(!lease.mustStop(now: 11 * Self.s), "taken a second ago: 599 s left")
+        #expect(!lease.mustStop(now: 605 * Self.s - 1))
+        #expect(lease.mustStop(now: 605 * Self.s), "5 s before the end")
+    }
+
+    @Test func aRenewalCountsFromWhenItWasSentAndNeverShortens() {
+        var lease = WorkerLease(leaseTime: 30 * Self.s, askedAt: 0)
+        #expect(lease.margin == 5 * Self.s)
+        lease.renewed(sentAt: 10 * Self.s)
+        #expect(lease.deadline == 40 * Self.s)
+        lease.renewed(sentAt: 5 * Self.s)
+        #expect(lease.deadline == 40 * Self.s, "an older renewal's answer arriving late changes nothing")
+        #expect(!lease.mustStop(now: 34 * Self.s) && lease.mustStop(now: 35 * Self.s))
+    }
+
+    @Test func shortLeasesStopAQuarterBeforeAndNoLeaseIsUnderThreeSeconds() {
+        let short = WorkerLease(leaseTime: 8 * Self.s, askedAt: 0)
+        #expect(short.margin == 2 * Self.s)
+        #expect(!short.mustStop(now: 6 * Self.s - 1) && short.mustStop(now: 6 * Self.s))
+        let tiny = WorkerLease(leaseTime: -60 * Self.s, askedAt: 0)
+        #expect(tiny.leaseTime == 3 * Self.s && tiny.deadline == 3 * Self.s)
     }
 }

@@ -17,21 +17,39 @@ struct InProcessMaster {
     let task: Task<Void, any Error>
     let client: ParleyClient
 
-    static func start(maxLeasesPerWorker: Int? = nil) async throws -> InProcessMaster {
+    /// `entity`: the server takes method secret only, and the client authenticates as it.
+    /// `wrap`: the store the service uses, around the SQLite store (tests inject failures).
+    static func start(maxLeasesPerWorker: Int? = nil, entity: String? = nil, wrap: (SQLiteWorkStore) -> any WorkStore = { $0 }) async throws -> InProcessMaster {
         let dir = testScratchPath("work-service-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        var credentials: SecretCredentials?
+        var keyring: ParleyKeyringSource?
+        if let entity {
+            let key = (0..<32).map { _ in UInt8.random(in: 0...255) }
+            try ParleyKeyring(entities: [.init(name: entity, key: key, caps: ["*"], created: Date())]).save(path: dir + "/keyring")
+            keyring = try ParleyKeyringSource(path: dir + "/keyring")
+            credentials = SecretCredentials(entity: entity, key: key)
+        }
         let store = try SQLiteWorkStore(path: dir + "/jobs.sqlite")
         let key = WorkSigning.PrivateKey()
         var router = ParleyRouter()
         var configuration = WorkService.Configuration(trust: key.publicKey)
         configuration.maxLeasesPerWorker = maxLeasesPerWorker
-        WorkService.register(on: &router, store: store, configuration: configuration)
+        WorkService.register(on: &router, store: wrap(store), configuration: configuration)
         var quiet = Logger(label: "test")
         quiet.logLevel = .critical
-        let server = ParleyServer(configuration: .init(listen: []), router: router, logger: quiet)
+        var serverConfiguration = ParleyServer.Configuration(listen: [])
+        var clientConfiguration = ParleyClient.Configuration.defaults
+        if let keyring, let credentials {
+            serverConfiguration.authMethods = [AuthMethod.secret]
+            serverConfiguration.keyring = keyring
+            clientConfiguration.authMethods = [AuthMethod.secret]
+            clientConfiguration.secret = credentials
+        }
+        let server = ParleyServer(configuration: serverConfiguration, router: router, logger: quiet)
         let task = Task { try await server.run() }
         _ = try await server.listeningAddresses
-        let client = try await ParleyClient.connect(inProcessTo: server, logger: quiet)
+        let client = try await ParleyClient.connect(inProcessTo: server, configuration: clientConfiguration, logger: quiet)
         return InProcessMaster(store: store, key: key, server: server, task: task, client: client)
     }
 
@@ -279,4 +297,76 @@ struct InProcessMaster {
         let result = try await client.request({ var r = Parley_Work_V1_ResultRequest(); r.jobID = 4; return r }(), as: Parley_Work_V1_ResultReply.self)
         #expect(result.failures.isEmpty, "\(result.failures)")
     }
+
+    /// An authenticated worker's stored result names its entity, whatever its report says.
+    @Test func theStoredResultNamesTheAuthenticatedWorker() async throws {
+        let master = try await InProcessMaster.start(entity: "worker.alice")
+        defer { master.stop() }
+        let (key, client) = (master.key, master.client)
+        var spec = Parley_Work_V1_JobSpec()
+        spec.argv = ["/bin/true"]
+        var job = Parley_Work_V1_SignedJob()
+        job.spec = try spec.serializedBytes()
+        job.signature = Data(try key.sign(job: Array(job.spec)))
+        var submit = Parley_Work_V1_SubmitJobs()
+        submit.jobs = [job]
+        let id = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self).jobIds[0]
+        var ask = Parley_Work_V1_RequestWork()
+        ask.worker = "worker.bob"
+        ask.slots = 1
+        let assignment = try #require(try await client.request(ask, as: Parley_Work_V1_WorkAssignments.self).assignments.first)
+        var report = Parley_Work_V1_ReportResult()
+        report.worker = "worker.bob"
+        report.jobID = id
+        report.leaseID = assignment.leaseID
+        #expect(try await client.request(report, as: Parley_Work_V1_ReportAck.self).verdict == .accepted)
+        let result = try await client.request({ var r = Parley_Work_V1_ResultRequest(); r.jobID = id; return r }(), as: Parley_Work_V1_ResultReply.self)
+        #expect(result.result.worker == "worker.alice", "\(result.result.worker)")
+    }
+
+    /// [R-19.2-2] A job claimed beyond the seconds asked that cannot go back to the queue (the
+    /// store fails) is handed out rather than left leased to a worker that never hears of it.
+    @Test func aJobThatCannotGoBackIsHandedOutNotStranded() async throws {
+        let master = try await InProcessMaster.start(wrap: { HandBackFails(base: $0) })
+        defer { master.stop() }
+        let (store, key, client) = (master.store, master.key, master.client)
+        var submit = Parley_Work_V1_SubmitJobs()
+        for _ in 0..<3 {
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["/bin/true"]
+            spec.estimatedSeconds = 100
+            var job = Parley_Work_V1_SignedJob()
+            job.spec = try spec.serializedBytes()
+            job.signature = Data(try key.sign(job: Array(job.spec)))
+            submit.jobs.append(job)
+        }
+        _ = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
+        var ask = Parley_Work_V1_RequestWork()
+        ask.worker = "w1"
+        ask.slots = 3
+        ask.seconds = 1
+        let got = try await client.request(ask, as: Parley_Work_V1_WorkAssignments.self)
+        #expect(got.assignments.map(\.jobID) == [1, 2, 3], "every job leased to w1 reaches it")
+        #expect(try await store.counts()["leased"] == 3)
+    }
+}
+
+/// A store whose hand-backs fail (a database hiccup); everything else goes to `base`.
+struct HandBackFails: WorkStore {
+    let base: any WorkStore
+    func submit(_ jobs: [NewJob], now: Int64) async throws -> [UInt64] { try await self.base.submit(jobs, now: now) }
+    func claim(_ requests: [ClaimRequest], now: Int64, leaseDuration: Int64) async throws -> [[ClaimedJob]] {
+        try await self.base.claim(requests, now: now, leaseDuration: leaseDuration)
+    }
+    func report(_ reports: [ReportInput], now: Int64) async throws -> [ReportVerdict] { try await self.base.report(reports, now: now) }
+    func expireLeases(now: Int64) async throws -> Int { try await self.base.expireLeases(now: now) }
+    func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws { throw WorkStoreError("the database is gone for a moment") }
+    func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease {
+        try await self.base.renew(jobID: jobID, leaseID: leaseID, worker: worker, now: now, leaseDuration: leaseDuration)
+    }
+    func counts() async throws -> [String: Int] { try await self.base.counts() }
+    func job(_ id: UInt64) async throws -> (record: JobRecord, result: [UInt8]?)? { try await self.base.job(id) }
+    func spec(_ id: UInt64) async throws -> [UInt8]? { try await self.base.spec(id) }
+    func appliedMigrations() async throws -> [String] { try await self.base.appliedMigrations() }
+    func close() async { await self.base.close() }
 }
