@@ -219,10 +219,16 @@ public final class PostgresWorkStore: WorkStore {
         return try await self.transaction { connection in
             struct Queued { var id: Int64; var spec: ByteBuffer; var signature: ByteBuffer; var record: ByteBuffer }
             var answers = requests.map { _ in [ClaimedJob]() }
-            // What capped workers hold. Two masters claiming for one worker at once each count
-            // without the other's claim: together they may pass the cap by one request.
+            // What capped workers hold. Claims for one capped worker are serialised by a
+            // transaction-level advisory lock per worker (taken in name order, so that two
+            // transactions never wait on each other): without it, concurrent transactions
+            // (several connections of one master, or several masters) each counted without
+            // the others' claims and together handed out the cap many times over.
             var held: [String: Int] = [:]
             let capped = JobRow.cappedWorkers(requests)
+            for worker in capped {
+                try await connection.query("SELECT pg_advisory_xact_lock(7423, hashtext(\(worker)))", logger: self.logger)
+            }
             if !capped.isEmpty {
                 for try await (worker, count) in try await connection.query(
                     "SELECT lease_worker, COUNT(*) FROM job WHERE state = 'leased' AND lease_worker = ANY(\(capped)::text[]) GROUP BY lease_worker",

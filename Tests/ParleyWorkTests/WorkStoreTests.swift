@@ -212,6 +212,24 @@ enum TestPostgres {
         #expect(try await store.claim(worker: "hoarder", limit: 4, now: 10 * second, leaseDuration: second).count == 4)
     }
 
+    /// [R-19.2-4] Claims for one capped worker in concurrent transactions (a master with
+    /// several store connections, or several masters on one database) still stop at the cap.
+    @Test(arguments: StoreKind.available) func concurrentClaimsOfOneWorkerStopAtItsCap(kind: StoreKind) async throws {
+        let store = try await kind.make()
+        defer { Task { await store.close() } }
+        _ = try await store.submit(Self.jobs(16), now: 0)
+        let got = try await withThrowingTaskGroup(of: Int.self) { group in
+            for _ in 0..<8 {
+                group.addTask {
+                    try await store.claim([ClaimRequest(worker: "hoarder", limit: 2, maxHeld: 2)], now: 0, leaseDuration: self.second)[0].count
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        #expect(got == 2, "\(got) leases handed out under a cap of 2")
+        #expect(try await store.counts()["leased"] == 2)
+    }
+
     @Test func capsCutEachRequestToWhatItsWorkerHasRoomFor() {
         let requests = [
             ClaimRequest(worker: "a", limit: 5, maxHeld: 4), ClaimRequest(worker: "b", limit: 5),
