@@ -177,6 +177,13 @@ final class ClientSession {
         return WireMessage(header: header, payload: payload, data: data).frame(allocator: ByteBufferAllocator())
     }
 
+    /// The size, as frame limits count it (the sum of its segment lengths, R-4.4-3), of the
+    /// MESSAGE `message(kind:id:type:payload:)` would build next.
+    func nextMessageSize(kind: MessageKind, id: UInt64, type: String, payload: ByteBuffer) -> Int {
+        let header = MessageHeader(seq: self.nextSeq, ack: self.lastReceivedSeq, id: id, kind: kind, type: type)
+        return WireMessage(header: header, payload: payload).frame(allocator: ByteBufferAllocator()).payloadSize
+    }
+
     func newId() -> UInt64 {
         defer { self.nextId += 1 }
         return self.nextId
@@ -205,9 +212,13 @@ final class ClientSession {
     /// The next frame of the session: MESSAGEs are parsed and numbered, KEEPALIVEs answered,
     /// ignorable unknown tags skipped. Returns nil on timeout; a CLOSE, the end of the stream
     /// or undecodable bytes are failures unless the caller handles them (`nextEvent`).
+    /// `timeout` bounds the whole call: KEEPALIVEs answered on the way do not restart it.
     func nextEvent(_ timeout: Duration? = nil) async throws -> PeerEvent {
+        let deadline = ContinuousClock.now.advanced(by: timeout ?? self.context.timeout)
         while true {
-            let event = await self.peer.next(timeout ?? self.context.timeout)
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else { return .timeout }
+            let event = await self.peer.next(left)
             guard case .frame(let f) = event else { return event }
             switch f.tag {
             case .message:
@@ -232,13 +243,15 @@ final class ClientSession {
         }
     }
 
-    /// The final answer (RESPONSE or ERROR) to request `id`.
+    /// The final answer (RESPONSE or ERROR) to request `id`, within `timeout` in all (other
+    /// messages, NOTICEs, ACKs and KEEPALIVEs on the way do not restart it).
     func answer(_ id: UInt64, timeout: Duration? = nil) async throws -> WireMessage {
         if let m = self.messages.first(where: { $0.header.id == id && ($0.header.kind == .response || $0.header.kind == .error) }) {
             return m
         }
+        let deadline = ContinuousClock.now.advanced(by: timeout ?? self.context.timeout)
         while true {
-            let event = try await self.nextEvent(timeout)
+            let event = try await self.nextEvent(max(deadline - ContinuousClock.now, .zero))
             switch event {
             case .frame(let f) where f.tag == .message:
                 let m = self.messages.last!
@@ -282,7 +295,7 @@ func decode<M: SwiftProtobuf.Message>(_ type: M.Type, _ frame: Frame) throws -> 
 /// the connection closed.
 func expectCloseFrame(_ code: ParleyError.Code, because why: String, in drained: (frames: [Frame], closed: Bool)) throws {
     let expected = "CLOSE \(code) (\(why)), then the connection closed"
-    guard let close = drained.frames.last(where: { $0.tag == .close }) else {
+    guard let close = drained.frames.last, close.tag == .close else {
         let seen = drained.frames.map(describe) + [drained.closed ? "the connection closed without CLOSE" : "the connection still open"]
         throw fail(expected, seen.joined(separator: "; "))
     }

@@ -297,9 +297,25 @@ enum ConformanceChecks {
             let s = try await ClientSession.open(context: c, options: o, maxFrameSize: 65_536)
             defer { s.peer.close() }
             try await expectPong(s, try await s.request(pingType, pingPayload(1)), " (a 1-byte limit counts as 65536)")
+            // An Echo whose request fits the server's limit (it may be 65536 too) and whose
+            // EchoReply would not fit the client's 65536.
+            let id = s.newId()
+            func sizes(_ n: Int) -> (request: Int, reply: Int) {
+                var echo = Parley_Echo_V1_Echo()
+                echo.payload = Data(repeating: 1, count: n)
+                var reply = Parley_Echo_V1_EchoReply()
+                reply.payload = echo.payload
+                return (s.nextMessageSize(kind: .request, id: id, type: echoType, payload: echo.parleyPayload()),
+                        s.nextMessageSize(kind: .response, id: id, type: Parley_Echo_V1_EchoReply.protoMessageName, payload: reply.parleyPayload()))
+            }
+            var n = 65_500
+            while n > 0, sizes(n).request > c.serverLimit { n -= sizes(n).request - c.serverLimit }
+            guard n > 0, sizes(n).reply > 65_536 else {
+                throw CheckSkip(reason: "no Echo fits the server's limit (\(c.serverLimit) bytes) whose EchoReply passes 65536 bytes")
+            }
             var echo = Parley_Echo_V1_Echo()
-            echo.payload = Data(repeating: 1, count: 65_500)
-            let answer = try await s.answer(try await s.request(echoType, echo.parleyPayload()))
+            echo.payload = Data(repeating: 1, count: n)
+            let answer = try await s.answer(try await s.request(echoType, echo.parleyPayload(), id: id))
             guard errorCode(answer) == .frameTooLarge else {
                 throw fail("ERROR frameTooLarge (the EchoReply would exceed 65536 bytes)", "\(answer.header.kind) \(answer.header.type)")
             }
@@ -1425,8 +1441,11 @@ enum ConformanceChecks {
             try c.requireEcho()
             let s = try await ClientSession.open(context: c)
             defer { s.peer.close() }
+            // 64 KiB of payload, less if the server's limit is smaller (it may be 65536).
             var echo = Parley_Echo_V1_Echo()
             echo.payload = Data(repeating: 0x33, count: 64 * 1024)
+            let over = s.nextMessageSize(kind: .request, id: 256, type: echoType, payload: echo.parleyPayload()) + 4 - c.serverLimit
+            if over > 0 { echo.payload = Data(repeating: 0x33, count: 64 * 1024 - over) }
             let payload = echo.parleyPayload()
             var b = ByteBuffer()
             for n in UInt64(1)...256 { b.writeFrame(s.message(kind: .request, id: n, type: echoType, payload: payload)) }
