@@ -292,8 +292,11 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: "Jobs run at once.")
         var slots: Int = 1
 
-        @Option(name: .long, help: ArgumentHelp("Where jobs run, each in a directory of its own.", valueName: "dir"))
+        @Option(name: .long, help: ArgumentHelp("Where jobs run, each in a directory of its own (job-ID-LEASE), removed once the job's report is made.", valueName: "dir"))
         var dir = "parley-work-jobs"
+
+        @Flag(name: .long, help: "Keep each job's directory after its report (to look into a job's files).")
+        var keepJobDirs = false
 
         @Option(name: .long, help: "The worker's name (default: the host name and process id; the keyring entity when --keyring is given).")
         var workerName: String?
@@ -362,7 +365,9 @@ struct Work: AsyncParsableCommand {
             }
             // Jobs with CPU or memory limits run through `parley work exec`, this same program.
             let limiter = [Work.selfPath(), "work", "exec"]
-            let worker = WorkWorker(link: link, configuration: .init(name: name, slots: self.slots, directory: self.dir, trust: trust, limiter: limiter, apps: self.app), commands: commands)
+            var configuration = WorkWorker.Configuration(name: name, slots: self.slots, directory: self.dir, trust: trust, limiter: limiter, apps: self.app)
+            configuration.keepJobDirectories = self.keepJobDirs
+            let worker = WorkWorker(link: link, configuration: configuration, commands: commands)
             let task = Task { try await worker.run() }
             let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
             // SIGINT/SIGTERM: stop the running jobs and hand them back, then leave.

@@ -356,7 +356,32 @@ public enum WorkService {
         }
         reply.failures = job.record.failures
         if let result = job.result { reply.result = try Parley_Work_V1_ReportResult(serializedBytes: result) }
+        Self.fit(&reply)
         return reply
+    }
+
+    /// Most bytes of a ResultReply's payload: it must fit a frame of the default limit with
+    /// its message header (a stored report may itself come close to a frame, and a job has
+    /// up to its attempts' failure reasons of 4 KiB each besides).
+    static let maxResultReplyBytes = Frame.defaultMaxFrameSize - (16 << 10)
+
+    /// Makes a reply fit `maxResultReplyBytes`: the oldest failure reasons give way first (a
+    /// line says how many), then the report's tails (each keeps its end); the outputs stay.
+    static func fit(_ reply: inout Parley_Work_V1_ResultReply, limit: Int = maxResultReplyBytes) {
+        func size() -> Int { (try? reply.serializedBytes() as [UInt8])?.count ?? Int.max }
+        var over = size() - limit
+        guard over > 0 else { return }
+        var dropped = 0
+        while over > 0, reply.failures.count > 1 {
+            over -= reply.failures.removeFirst().utf8.count + 3
+            dropped += 1
+        }
+        if dropped > 0 { reply.failures.insert("(\(dropped) earlier failure reasons left out: the reply would not fit a frame)", at: 0) }
+        over = size() - limit
+        guard over > 0 else { return }
+        let stdout = min(reply.result.stdoutTail.count, over / 2 + 1)
+        reply.result.stdoutTail = Data(reply.result.stdoutTail.dropFirst(stdout))
+        reply.result.stderrTail = Data(reply.result.stderrTail.dropFirst(min(reply.result.stderrTail.count, max(0, size() - limit))))
     }
 
     /// The worker a request speaks for: the authenticated entity when there is one (a worker

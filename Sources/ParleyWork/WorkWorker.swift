@@ -18,7 +18,8 @@ public final class WorkWorker: Sendable {
     public struct Configuration: Sendable {
         public var name: String
         public var slots: Int
-        /// Jobs run in `directory/job-ID-LEASE`.
+        /// Jobs run in `directory/job-ID-LEASE`, removed once the job's report is made unless
+        /// `keepJobDirectories`.
         public var directory: String
         public var trust: WorkSigning.PublicKey
         public var defaultMaxWall: Duration
@@ -31,6 +32,9 @@ public final class WorkWorker: Sendable {
         public var limiter: [String]?
         /// The applications this worker runs (JobSpec.app): it gets jobs that need none or one of these.
         public var apps: [String]
+        /// Keep each job's directory once its report is made (false: removed then, so that
+        /// the worker's disk does not fill with the inputs and outputs of every job it ran).
+        public var keepJobDirectories = false
 
         public init(
             name: String, slots: Int = 1, directory: String, trust: WorkSigning.PublicKey,
@@ -347,6 +351,16 @@ public final class WorkWorker: Sendable {
         let leaseLost = NIOLockedValueBox<String?>(nil)
         do {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            defer {
+                // Everything the report needs has been read from it by now.
+                if !self.configuration.keepJobDirectories {
+                    do {
+                        try FileManager.default.removeItem(atPath: directory)
+                    } catch {
+                        self.logger.warning("a job's directory could not be removed", metadata: ["job": "\(assignment.jobID)", "directory": "\(directory)", "error": "\(error)"])
+                    }
+                }
+            }
             // The lease is renewed from here, while inputs are fetched (which can take longer
             // than a lease) and while the job runs; a job whose lease cannot be kept is never
             // started, or stopped 5 s before it ends: another worker would get it meanwhile.

@@ -127,6 +127,11 @@ import Testing
         #expect(result.stdout.contains("job 7: succeeded") && result.stdout.contains("exit status 0"), "\(result.combined)")
         let ranPerWorker = workers.logs.map { String(decoding: FileManager.default.contents(atPath: $0) ?? Data(), as: UTF8.self) }
         #expect(ranPerWorker.filter { $0.contains("stopped: ran") }.count == 4, "\(ranPerWorker)")
+        // Each job's directory went once its report was made: the workers' disks do not fill.
+        for i in 0..<4 {
+            let left = ((try? FileManager.default.contentsOfDirectory(atPath: "\(dir)/w\(i)")) ?? []).filter { $0.hasPrefix("job-") }
+            #expect(left.isEmpty, "worker \(i) kept \(left.count) job directories: \(left.prefix(3))")
+        }
         await master.stop()
     }
 

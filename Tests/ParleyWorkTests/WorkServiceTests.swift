@@ -3,7 +3,7 @@ import Logging
 import NIOCore
 import Parley
 import ParleyWire
-import ParleyWork
+@testable import ParleyWork
 import SwiftProtobuf
 import Testing
 import ParleyTestSupport
@@ -348,6 +348,45 @@ struct InProcessMaster {
         let got = try await client.request(ask, as: Parley_Work_V1_WorkAssignments.self)
         #expect(got.assignments.map(\.jobID) == [1, 2, 3], "every job leased to w1 reaches it")
         #expect(try await store.counts()["leased"] == 3)
+    }
+}
+
+/// A ResultReply always fits a frame: a stored report may come close to a frame by itself,
+/// and a job's failure reasons come on top.
+@Suite struct ResultReplyFitTests {
+    @Test func theOldestFailuresThenTheTailsGiveWayAndTheOutputsStay() throws {
+        var reply = Parley_Work_V1_ResultReply()
+        reply.state = "succeeded"
+        reply.failures = (1...10).map { "lease \($0) on w: " + String(repeating: "x", count: 4000) }
+        var output = Parley_Work_V1_OutputFile()
+        output.name = "out.bin"
+        output.content = Data(repeating: 7, count: 16 << 20)
+        reply.result.outputs = [output]
+        reply.result.stdoutTail = Data(repeating: 0x6f, count: 20 << 10)
+        reply.result.stderrTail = Data(repeating: 0x65, count: 20 << 10)
+        let before: [UInt8] = try reply.serializedBytes()
+        #expect(before.count > WorkService.maxResultReplyBytes, "the case is one that does not fit")
+        WorkService.fit(&reply)
+        let after: [UInt8] = try reply.serializedBytes()
+        #expect(after.count <= WorkService.maxResultReplyBytes)
+        #expect(reply.failures.last?.hasPrefix("lease 10 on w") == true, "the latest reason stays")
+        #expect(reply.failures.first?.contains("earlier failure reasons left out") == true, "\(reply.failures.first ?? "")")
+        #expect(reply.result.outputs == [output])
+        // A reply that fits is left as it is.
+        var small = Parley_Work_V1_ResultReply()
+        small.failures = ["a", "b"]
+        small.result.stdoutTail = Data("out".utf8)
+        let copy = small
+        WorkService.fit(&small)
+        #expect(small == copy)
+        // Without failures to drop, the tails give way, each keeping its end.
+        var tails = Parley_Work_V1_ResultReply()
+        tails.result.outputs = [output]
+        tails.result.stdoutTail = Data(repeating: 0x6f, count: 40 << 10) + Data("END".utf8)
+        tails.result.stderrTail = Data(repeating: 0x65, count: 40 << 10)
+        WorkService.fit(&tails)
+        #expect((try tails.serializedBytes() as [UInt8]).count <= WorkService.maxResultReplyBytes)
+        #expect(tails.result.stdoutTail.suffix(3) == Data("END".utf8))
     }
 }
 
