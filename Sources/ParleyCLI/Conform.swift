@@ -41,7 +41,7 @@ struct Conform: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("With --client-test: the address to listen on (port 0: any free port).", valueName: "address"))
     var listen: String?
 
-    @Option(name: .long, help: "With --client-test: seconds to wait for the client's next connection before skipping the rest.")
+    @Option(name: .long, help: "With --client-test: seconds to wait for each scenario's connection; a scenario whose client does not come in that time is skipped, and the next one waits again.")
     var idle: Double = 60
 
     @Option(name: .long, parsing: .upToNextOption, help: ArgumentHelp("Run only the checks of these requirement ids (e.g. R-4.4-1).", valueName: "id"))
@@ -68,7 +68,12 @@ struct Conform: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("For tls:// and wss://: the certificate directory whose ca.pem the server's certificate is checked against (with --client-test: whose server.pem and server.key the test server uses).", valueName: "dir"))
     var cert: String?
 
-    func validate() throws {
+    mutating func validate() throws {
+        // `--only R-4.4-1 HOST:PORT`: the ids take every value up to the next option, so an
+        // address written after them lands among them; it is no requirement id, so take it back.
+        if !self.clientTest, self.address == nil, let last = self.only.last, !last.hasPrefix("R-"), (try? ParleyAddress(parsing: last)) != nil {
+            self.address = self.only.removeLast()
+        }
         if self.clientTest {
             guard self.address == nil, let listen = self.listen ?? (self.list ? "127.0.0.1:0" : nil) else {
                 throw ValidationError("--client-test takes --listen ADDRESS and no server address")

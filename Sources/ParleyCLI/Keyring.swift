@@ -9,7 +9,8 @@ struct Keyring: ParsableCommand {
             A keyring is a JSON file of named entities (client.alice, worker.build-7), each
             with a 32-byte random key, capabilities, an optional expiry and a revoked mark.
             It is written with mode 0600 through a temporary file and a rename; a keyring that
-            others may read or write is refused. No command prints a key.
+            others may read or write is refused. Only `keyring key` prints a key (for programs
+            that log in with a name and password).
 
             A server and its clients on one machine can share one keyring. Otherwise give
             each client a keyring with its own entity only:
@@ -202,13 +203,15 @@ struct Keyring: ParsableCommand {
                 let keyring = try ParleyKeyring.load(path: self.options.keyring)
                 var exported = ParleyKeyring()
                 for name in self.names {
+                    // A name given twice is exported once (a keyring listing an entity twice is refused on load).
+                    guard !exported.entities.contains(where: { $0.name == name }) else { continue }
                     guard let e = keyring.entity(named: name) else {
                         throw ParleyError(code: .invalidArgument, message: "\(name) is not in \(self.options.keyring)")
                     }
                     exported.entities.append(e)
                 }
                 try exported.save(path: self.out)
-                print("wrote \(self.names.joined(separator: ", ")) to \(self.out)")
+                print("wrote \(exported.entities.map(\.name).joined(separator: ", ")) to \(self.out)")
             }
         }
     }

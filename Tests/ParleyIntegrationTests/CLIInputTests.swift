@@ -1,0 +1,36 @@
+import Foundation
+import Parley
+import ParleyTestSupport
+import Testing
+
+/// Command-line input the `parley` command takes as meant, or refuses saying what is wrong.
+@Suite struct CLIInputTests {
+    /// `keyring export NAME NAME`: the entity is written once, and the keyring loads.
+    @Test func anEntityNamedTwiceIsExportedOnce() async throws {
+        let dir = freshTestDirectory("cli-export")
+        let keyring = dir + "/server.keyring", out = dir + "/alice.keyring"
+        #expect(try await parley(["keyring", "add", "client.alice", "--keyring", keyring]).status == 0)
+        let export = try await parley(["keyring", "export", "client.alice", "client.alice", "--keyring", keyring, "--out", out])
+        #expect(export.status == 0 && export.stdout.contains("wrote client.alice to"), "\(export.combined)")
+        let list = try await parley(["keyring", "list", "--keyring", out])
+        #expect(list.status == 0, "the exported keyring loads: \(list.combined)")
+        #expect(list.stdout.components(separatedBy: "client.alice").count == 2, "\(list.stdout)")
+    }
+
+    /// A minimum client version that is not numbers and dots would compare as 0 and refuse no
+    /// client: refused, saying why.
+    @Test(arguments: ["v2", "1.x", "", "1..2", "١.٢"])
+    func aMinimumClientVersionThatIsNoVersionIsRefused(version: String) async throws {
+        let out = try await parley(["serve", "--listen", "127.0.0.1:0", "--min-client-version", version])
+        #expect(out.status != 0 && out.combined.contains("--min-client-version"), "\(out.combined)")
+    }
+
+    /// `conform --only ID ADDRESS`: the address written after the ids is the address.
+    @Test func anAddressAfterTheOnlyIdsIsTheAddress() async throws {
+        try await withServer { server, addresses in
+            guard case .tcp(_, let port) = addresses[0].kind else { Issue.record("not TCP"); return }
+            let out = try await parley(["conform", "--only", "R-4.5-1", "127.0.0.1:\(port)"], seconds: 60)
+            #expect(out.status == 0 && out.stdout.contains("R-4.5-1 PASS"), "\(out.combined)")
+        }
+    }
+}
