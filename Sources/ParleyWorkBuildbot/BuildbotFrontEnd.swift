@@ -418,6 +418,19 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         }
         let outcome: LeaseReport.Outcome = result.errorKind == .none && result.exitStatus == 0 && result.signal == 0
             ? .success : .failure(result.message.isEmpty ? "exit status \(result.exitStatus)" : result.message)
+        if case .failure = outcome, self.state.withLockedValue({ $0.stoppedByMaster }) {
+            // The master ended the session (a duplicate login, a withdrawn entity, shutdown)
+            // and interrupted the job's command, which the worker then ended: not the job's
+            // failure. Handed back, uncounted; a job that succeeded meanwhile is reported.
+            let worker = self.worker
+            do {
+                try await Task { try await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: worker) }.value
+                self.logger.notice("job handed back: the master ended its worker's session while it ran", metadata: ["worker": "\(worker)", "job": "\(job.id)"])
+            } catch let refusal {
+                self.logger.warning("cannot hand a job back", metadata: ["worker": "\(worker)", "job": "\(job.id)", "lease": "\(job.lease.id)", "error": "\(refusal)"])
+            }
+            return
+        }
         do {
             let bytes: [UInt8] = try result.serializedBytes()
             let report = LeaseReport(leaseID: job.lease.id, worker: self.worker, outcome: outcome)

@@ -390,6 +390,48 @@ final class RawSocket: @unchecked Sendable {
         }
     }
 
+    /// The same when the worker ends the interrupted command, as a real worker does: the
+    /// command's end (a failure) is not the job's failure, and the job is handed back.
+    @Test func aJobInterruptedBecauseItsWorkerLoggedInAgainIsHandedBack() async throws {
+        try await Self.withFrontEnd { port, password, store in
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["sleep", "1000"]
+            let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2], maxAttempts: 1)], now: WorkService.now()).first)
+            let holding = NIOLockedValueBox(0)
+            func worker(_ n: Int) -> Task<Bool, any Error> {
+                Task {
+                    var held: MessagePack?
+                    return try await Self.scriptedWorker(port: port, password: password, seconds: 40) { op, seq, body, side in
+                        switch op {
+                        case "start_command":
+                            side.send(BuildbotMessage.response(seq: seq))
+                            if body["command_name"] == "shell" { held = body; holding.withLockedValue { $0 = n } } else { side.complete(body) }
+                            return true
+                        case "interrupt_command":
+                            // The command ends, then the interrupt is answered (the
+                            // master closes the session once it has its answer).
+                            if let held { side.complete(held) }
+                            side.send(BuildbotMessage.response(seq: seq))
+                            return true
+                        default:
+                            return false
+                        }
+                    }
+                }
+            }
+            let first = worker(1)
+            for _ in 0..<200 where holding.withLockedValue({ $0 }) != 1 { try await Task.sleep(for: .milliseconds(100)) }
+            #expect(holding.withLockedValue { $0 } == 1, "the first login never got the job")
+            let second = worker(2)
+            for _ in 0..<200 where holding.withLockedValue({ $0 }) != 2 { try await Task.sleep(for: .milliseconds(100)) }
+            #expect(holding.withLockedValue { $0 } == 2, "the second login never got the job")
+            let record = try #require(try await store.job(job)?.record)
+            #expect(record.failures.isEmpty && record.leases.count == 1, "\(record)")
+            first.cancel()
+            second.cancel()
+        }
+    }
+
     /// A worker that answers keepalives but never completes a job's step (here its mkdir):
     /// the step's deadline (the call timeout) fails the job, an attempt counted, and drops
     /// the worker, instead of holding the job, its lease renewed, for ever.
