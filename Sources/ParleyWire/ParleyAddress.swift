@@ -5,6 +5,8 @@
 /// `tls://HOST:PORT` (TCP inside TLS 1.3), and `ws://HOST:PORT/PATH` or `wss://HOST:PORT/PATH`
 /// (WebSocket, plain or inside TLS, upgraded from HTTP/1.1 at PATH). Every host may be an
 /// IPv6 address in brackets.
+import Foundation
+
 public struct ParleyAddress: Hashable, Sendable, CustomStringConvertible {
     public enum Kind: Hashable, Sendable {
         case tcp(host: String, port: Int)
@@ -94,6 +96,7 @@ public struct ParleyAddress: Hashable, Sendable, CustomStringConvertible {
             guard rest.hasPrefix(":") else { throw bad("missing ':PORT' after ']'") }
             portText = rest.dropFirst()
             guard host.contains(":") else { throw bad("brackets are for IPv6 addresses") }
+            guard Self.isIPv6(host) else { throw bad("\"\(host)\" is not an IPv6 address") }
         } else {
             guard let colon = text.lastIndex(of: ":") else { throw bad("missing ':PORT'") }
             host = text[..<colon]
@@ -101,8 +104,45 @@ public struct ParleyAddress: Hashable, Sendable, CustomStringConvertible {
             guard !host.contains(":") else { throw bad("an IPv6 address must be written in brackets") }
         }
         guard !host.isEmpty else { throw bad("empty host") }
-        guard let port = Int(portText), (0...65535).contains(port) else { throw bad("port must be a number from 0 to 65535") }
+        // ASCII digits only (Int() would take "+80" and "-0").
+        guard (1...5).contains(portText.utf8.count), portText.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }),
+              let port = Int(portText), (0...65535).contains(port)
+        else { throw bad("port must be a number from 0 to 65535") }
         return (String(host), port)
+    }
+
+    /// An IPv6 address as text (RFC 4291 2.2: eight groups of 1-4 hex digits, one `::` for a
+    /// run of zero groups, the last 32 bits optionally as a dotted IPv4 address), with an
+    /// optional `%zone` (a scope, RFC 4007).
+    static func isIPv6(_ text: Substring) -> Bool {
+        var address = text
+        if let percent = text.firstIndex(of: "%") {
+            let zone = text[text.index(after: percent)...]
+            guard !zone.isEmpty, zone.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "._-".contains($0)) }) else { return false }
+            address = text[..<percent]
+        }
+        let halves = address.components(separatedBy: "::")
+        guard halves.count <= 2 else { return false }
+        var groups = 0
+        for (h, half) in halves.enumerated() {
+            guard !half.isEmpty else { continue }
+            let parts = half.split(separator: ":", omittingEmptySubsequences: false)
+            for (i, part) in parts.enumerated() {
+                let last = h == halves.count - 1 && i == parts.count - 1
+                if last, part.contains(".") {
+                    // The last 32 bits as a dotted IPv4 address.
+                    let octets = part.split(separator: ".", omittingEmptySubsequences: false)
+                    guard octets.count == 4, octets.allSatisfy({ o in
+                        (1...3).contains(o.count) && o.allSatisfy { $0.isASCII && $0.isNumber } && Int(o)! <= 255
+                    }) else { return false }
+                    groups += 2
+                } else {
+                    guard (1...4).contains(part.count), part.allSatisfy({ $0.isASCII && $0.isHexDigit }) else { return false }
+                    groups += 1
+                }
+            }
+        }
+        return halves.count == 2 ? groups <= 7 : groups == 8
     }
 
     /// `HOST:PORT`, with an IPv6 host in brackets.

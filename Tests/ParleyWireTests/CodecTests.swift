@@ -386,13 +386,17 @@ import Testing
 @Suite struct AddressTests {
     @Test(arguments: [
         ("127.0.0.1:7420", "127.0.0.1:7420"), ("[::1]:80", "[::1]:80"), ("localhost:0", "localhost:0"),
-        ("unix:/tmp/p.sock", "unix:/tmp/p.sock"),
+        ("unix:/tmp/p.sock", "unix:/tmp/p.sock"), ("[::]:1", "[::]:1"), ("[fe80::1%eth0]:7420", "[fe80::1%eth0]:7420"),
+        ("[1:2:3:4:5:6:7:8]:65535", "[1:2:3:4:5:6:7:8]:65535"), ("[::ffff:192.0.2.1]:80", "[::ffff:192.0.2.1]:80"),
+        ("[2001:db8::]:80", "[2001:db8::]:80"), ("host:00080", "host:80"),
     ])
     func parses(text: String, back: String) throws {
         #expect(try ParleyAddress(parsing: text).description == back)
     }
 
-    @Test(arguments: ["127.0.0.1", "::1:80", "[::1]", "[::1]80", "host:99999", "host:x", ":80", "unix:", "[127.0.0.1]:1"])
+    @Test(arguments: ["127.0.0.1", "::1:80", "[::1]", "[::1]80", "host:99999", "host:x", ":80", "unix:", "[127.0.0.1]:1",
+                      "host:+80", "host:-0", "host:", "host:000080", "[:]:80", "[zz:qq]:1", "[1:2:3:4:5:6:7:8:9]:1", "[1::2::3]:1",
+                      "[12345::1]:1", "[::1%]:1", "[1:2:3:4:5:6:7]:1", "[::256.1.1.1]:1", "[::1.2.3]:1"])
     func rejects(text: String) {
         let error = #expect(throws: ParleyError.self) { try ParleyAddress(parsing: text) }
         #expect(error?.code == .invalidArgument)

@@ -267,6 +267,18 @@ extension Pair {
         #expect(Negotiation.compareVersions("0.10.0", "0.9.9") == 1)
         #expect(Negotiation.compareVersions("1.0", "1.0.0") == 0)
         #expect(Negotiation.compareVersions("1.2.3-beta", "1.2.4") == -1)
+        // Empty parts are parts (docs/protocol.md 8.4): ".9" is 0.9, "1..5" is 1.0.5.
+        #expect(Negotiation.compareVersions(".9", "1.0") == -1)
+        #expect(Negotiation.compareVersions("1..5", "1.0.6") == -1)
+        #expect(Negotiation.compareVersions("1.", "1.0") == 0)
+        // Numbers of any size; ASCII digits only; leading zeros change nothing.
+        #expect(Negotiation.compareVersions("99999999999999999999", "1.0") == 1)
+        #expect(Negotiation.compareVersions("99999999999999999999", "99999999999999999998") == 1)
+        #expect(Negotiation.compareVersions("1\u{00B2}", "1") == 0, "a superscript two is no digit")
+        #expect(Negotiation.compareVersions("2\u{0661}", "3") == -1, "an Arabic-Indic one is no digit")
+        #expect(Negotiation.compareVersions("007.1", "7.01") == 0)
+        #expect(Negotiation.compareVersions("", "0") == 0)
+        #expect(Negotiation.compareVersions("v2", "1") == -1, "no leading digits: 0")
     }
 
     // MARK: unexpected input in each state
@@ -356,6 +368,10 @@ extension Pair {
         #expect(Pair.failure(c.received(.frame(garbage)).outcome)?.code == .malformedPayload)
         var c3 = Self.clientAt(3)
         #expect(Pair.failure(c3.received(.frame(Frame(tag: .serverIdent, segments: [buffer([0x0A, 0x05])]))).outcome)?.code == .malformedPayload)
+        // An AUTH_BAD_METHOD whose payload does not decode (a length past its end) is
+        // malformedPayload, not taken as an empty one ("no common method").
+        var c2 = Self.clientAt(2)
+        #expect(Pair.failure(c2.received(.frame(Frame(tag: .authBadMethod, segments: [buffer([0x12, 0x05, 0x6E])]))).outcome)?.code == .malformedPayload)
     }
 
     @Test func wrongEntityTypeAndSecondBanner() {

@@ -188,6 +188,12 @@ import Testing
             #expect(try shared == bytes("shared"))
             #expect(try SecretIdentity.seal(entity: entity, clientChallenge: cc, serverChallenge: sc, sharedSecret: shared) == bytes("sealed-entity"))
             #expect(try SecretIdentity.open(bytes("sealed-entity"), clientChallenge: cc, serverChallenge: sc, sharedSecret: shared) == entity)
+            // An empty name opens (to be refused by the keyring, authenticationFailed, R-5.1-4);
+            // a tag alone that does not open, or less than a tag, does not.
+            let empty = SecretIdentity.seal(entity: "", clientChallenge: cc, serverChallenge: sc, sharedSecret: shared)
+            #expect(empty.count == 16 && SecretIdentity.open(empty, clientChallenge: cc, serverChallenge: sc, sharedSecret: shared) == "")
+            #expect(SecretIdentity.open(empty.map { $0 ^ 1 }, clientChallenge: cc, serverChallenge: sc, sharedSecret: shared) == nil)
+            #expect(SecretIdentity.open(Array(empty.dropLast()), clientChallenge: cc, serverChallenge: sc, sharedSecret: shared) == nil)
             let schedule = SecretKeySchedule(entity: entity, key: try bytes("key"), clientChallenge: cc, serverChallenge: sc, sharedSecret: shared)
             #expect(try schedule.clientProof == bytes("client-proof"))
             #expect(try schedule.serverProof == bytes("server-proof"))

@@ -217,6 +217,29 @@ func joined(_ buffers: [ByteBuffer]) -> ByteBuffer {
         #expect(ParleyError.code { _ = try decodeAll(frameBytes(sampleFrame()), decoder: &third) } == .badAuthTag)
     }
 
+    /// A clear CLOSE shorter than a sealed preamble (48 bytes) is taken too, at the end of the
+    /// stream and before it, once it is whole; before, the decoder waited for 48 bytes and
+    /// reported the connection's end as truncated.
+    @Test(arguments: ["", "bye"])
+    func aShortClearCloseIsTakenFirst(reason: String) throws {
+        var status = Parley_V1_Status()
+        status.code = ParleyError.Code.authenticationFailed.rawValue
+        status.message = reason
+        let bytes = frameBytes(status.frame(tag: .close))
+        #expect(bytes.readableBytes < 48)
+        var atEnd = try opener()
+        var b = bytes
+        guard case .frame(let f)? = try atEnd.decodeLast(buffer: &b, seenEOF: true) else { Issue.record("refused at the end of the stream"); return }
+        let got = try Parley_V1_Status(parleyPayload: f.segments[0])
+        #expect(f.tag == .close && got == status)
+        var open = try opener()
+        var partial = bytes.getSlice(at: bytes.readerIndex, length: bytes.readableBytes - 1)!
+        #expect(try open.decode(buffer: &partial) == nil, "not taken before it is whole")
+        var whole = bytes
+        guard case .frame(let g)? = try open.decode(buffer: &whole) else { Issue.record("refused while the connection is open"); return }
+        #expect(g.tag == .close)
+    }
+
     /// [R-5.1-9] The key is updated every 2^32 AEAD messages, by sender and receiver alike.
     /// Started 3 before the update, it falls on a body (frame 1's); 2 or 4 before, on a
     /// preamble: the piecewise opening of the body after it must use the new key either way.

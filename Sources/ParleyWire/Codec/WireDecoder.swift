@@ -359,7 +359,21 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
     /// Opens a sealed preamble (48 bytes) once it is all there. Nothing in it is looked at
     /// before its tag has been checked.
     private mutating func openPreamble(_ buffer: inout ByteBuffer, opener: SecureDirection) throws(ParleyError) -> Preamble? {
-        guard buffer.readableBytes >= sealedPreambleSize else { return nil }
+        guard buffer.readableBytes >= sealedPreambleSize else {
+            // The first frame after the switch may be a clear CLOSE (R-5.1-6), and one shorter
+            // than a sealed preamble (a short reason) is taken once it is whole: waiting for 48
+            // bytes would wait for ever on a peer that sent it and waits for the close.
+            if self.firstSealedFrame, buffer.readableBytes >= Frame.preambleSize,
+               let close = try? Self.clearClosePreamble(buffer, maxFrameSize: self.maxFrameSize),
+               buffer.readableBytes >= Frame.preambleSize + close.total + 4
+            {
+                self.firstSealedFrame = false
+                self.opener = nil
+                buffer.moveReaderIndex(forwardBy: Frame.preambleSize)
+                return close
+            }
+            return nil
+        }
         let first = self.firstSealedFrame
         self.firstSealedFrame = false
         let frameNumber = opener.counter / 2

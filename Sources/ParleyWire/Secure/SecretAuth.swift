@@ -195,14 +195,16 @@ public enum SecretIdentity {
         return Array(box.ciphertext) + Array(box.tag)
     }
 
-    /// The entity name, or nil if the sealed bytes do not open.
+    /// The entity name, or nil if the sealed bytes do not open. A name that opens but is empty
+    /// or not UTF-8 comes back as it is (empty, or with U+FFFD for the bad bytes): it did open,
+    /// so it is the keyring that refuses it (`authenticationFailed`), not the transcript.
     public static func open(_ sealed: [UInt8], clientChallenge: [UInt8], serverChallenge: [UInt8], sharedSecret: [UInt8]) -> String? {
-        guard sealed.count > SecureCipher.tagSize else { return nil }
+        guard sealed.count >= SecureCipher.tagSize else { return nil }
         let key = self.key(clientChallenge: clientChallenge, serverChallenge: serverChallenge, sharedSecret: sharedSecret)
         guard let box = try? ChaChaPoly.SealedBox(nonce: self.nonce, ciphertext: sealed.dropLast(SecureCipher.tagSize), tag: sealed.suffix(SecureCipher.tagSize)),
               let plain = try? ChaChaPoly.open(box, using: key)
         else { return nil }
-        return String(validating: Array(plain), as: UTF8.self)
+        return String(decoding: Array(plain), as: UTF8.self)
     }
 }
 

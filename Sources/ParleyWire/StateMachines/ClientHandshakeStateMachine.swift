@@ -244,7 +244,13 @@ public struct ClientHandshakeStateMachine: Sendable {
             }
         case (.awaitingAuth(var partial), .frame(let frame)) where frame.tag == .authBadMethod:
             self.secretProofSent = false  // another method is tried: its refusals are not of the entity
-            let bad = (try? Parley_V1_AuthBadMethod(parleyPayload: frame.segments[0])) ?? Parley_V1_AuthBadMethod()
+            let bad: Parley_V1_AuthBadMethod
+            do {
+                bad = try Parley_V1_AuthBadMethod(parleyPayload: frame.segments[0])
+            } catch {
+                // R-4.7-3: a payload that does not decode is malformedPayload.
+                return self.violation(error)
+            }
             // Retry with the next offered method the server allows, if any.
             if let next = self.configuration.authMethods.indices.first(where: { $0 > partial.methodIndex && bad.allowedMethods.contains(self.configuration.authMethods[$0]) }) {
                 partial.methodIndex = next

@@ -59,16 +59,23 @@ public enum Negotiation {
         return .violation(ParleyError(code: .unexpectedFrame, message: "unexpected \(frame.tag) frame while waiting for \(waitingFor)"))
     }
 
-    /// Compares dotted version strings numerically ("0.10.0" > "0.9.1"); missing parts are 0,
-    /// a non-numeric suffix of a part ("1-beta") is ignored.
+    /// Compares dotted version strings numerically ("0.10.0" > "0.9.1"); missing and empty
+    /// parts are 0 (".9" is 0.9, "1..5" is 1.0.5), a non-numeric suffix of a part ("1-beta")
+    /// is ignored, and only ASCII digits count, as numbers of any size (docs/protocol.md 8.4).
     public static func compareVersions(_ a: String, _ b: String) -> Int {
-        func parts(_ s: String) -> [Int] {
-            s.split(separator: ".").map { Int($0.prefix { $0.isNumber }) ?? 0 }
+        /// The leading ASCII digits of each part, without leading zeros.
+        func parts(_ s: String) -> [Substring.UTF8View] {
+            s.split(separator: ".", omittingEmptySubsequences: false).map { part in
+                let digits = part.utf8.prefix { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+                return digits.drop { $0 == UInt8(ascii: "0") }
+            }
         }
         let x = parts(a), y = parts(b)
         for i in 0..<max(x.count, y.count) {
-            let l = i < x.count ? x[i] : 0, r = i < y.count ? y[i] : 0
-            if l != r { return l < r ? -1 : 1 }
+            let l = i < x.count ? Array(x[i]) : [], r = i < y.count ? Array(y[i]) : []
+            // Without leading zeros, a longer number is larger; equal lengths compare digit by digit.
+            if l.count != r.count { return l.count < r.count ? -1 : 1 }
+            if l != r { return l.lexicographicallyPrecedes(r) ? -1 : 1 }
         }
         return 0
     }
