@@ -310,7 +310,10 @@ public final class ParleyClient: Sendable {
             maxFrameSize: configuration.maxFrameSize, captureInbound: configuration.captureInbound, captureOutbound: configuration.captureOutbound
         )
         let nucleus = Nucleus()
-        let established = NIOLockedValueBox<EventLoopPromise<ParleyConnection>?>(nil)
+        // By channel: a transport may run the initializer on several channels, of which it
+        // returns one (NIO's Happy Eyeballs, for a host name with several addresses, sets up a
+        // channel per attempt and closes the losers).
+        let established = ChannelKeyed<EventLoopPromise<ParleyConnection>>()
         let reconnector = Reconnector()
         // The answer to `early`, when the handshake sent it (R-6.1-5, R-6.1-6).
         let earlyAnswer = NIOLockedValueBox<EventLoopFuture<WireMessage>?>(nil)
@@ -353,7 +356,7 @@ public final class ParleyClient: Sendable {
                 handler.secureCounterStart = configuration.secureCounterStart
                 if let early { handler.earlyMessages = [early] }
                 handler.established.whenFailure { promise.fail($0) }
-                established.withLockedValue { $0 = promise }
+                established.set(promise, for: channel)
                 try ParleyPipeline.configure(channel, options: options, handler: handler)
             }
         }
@@ -367,7 +370,7 @@ public final class ParleyClient: Sendable {
         } catch {
             throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): \((error as? ParleyError)?.message ?? "\(error)")", cause: error)
         }
-        guard let promise = established.withLockedValue({ $0 }) else {
+        guard let promise = established.value(for: channel) else {
             channel.close(promise: nil)
             throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): the transport did not set up the channel")
         }
@@ -498,5 +501,22 @@ public final class ParleyClient: Sendable {
     /// Waits until the connection has ended (closed by either side).
     public func closed() async {
         await self.connection.closed()
+    }
+}
+
+/// Values set up for channels, one per channel, found again by the channel a transport
+/// returned. A transport that set up exactly one channel but returned another object for it
+/// (a wrapper) gets that one's value.
+final class ChannelKeyed<Value: Sendable>: Sendable {
+    private let values = NIOLockedValueBox<[ObjectIdentifier: Value]>([:])
+
+    func set(_ value: Value, for channel: any Channel) {
+        self.values.withLockedValue { $0[ObjectIdentifier(channel)] = value }
+    }
+
+    func value(for channel: any Channel) -> Value? {
+        self.values.withLockedValue { values in
+            values[ObjectIdentifier(channel)] ?? (values.count == 1 ? values.first?.value : nil)
+        }
     }
 }

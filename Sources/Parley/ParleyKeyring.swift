@@ -87,10 +87,18 @@ public struct ParleyKeyring: Sendable, Hashable {
 
     // MARK: - Files
 
-    /// Reads a keyring, refusing one that others may read or write.
+    /// Reads a keyring, refusing one that others may read or write. The checks apply to the
+    /// file that is read: it is opened first, then checked and read through one descriptor
+    /// (checking the path and then opening it again let a file swapped in between be read).
     public static func load(path: String) throws(ParleyError) -> ParleyKeyring {
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+        guard fd >= 0 else {
+            throw ParleyError(code: .invalidArgument, message: "cannot read keyring \(path): \(String(cString: strerror(errno)))")
+        }
+        let handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
         var info = stat()
-        guard stat(path, &info) == 0 else {
+        guard fstat(fd, &info) == 0 else {
             throw ParleyError(code: .invalidArgument, message: "cannot read keyring \(path): \(String(cString: strerror(errno)))")
         }
         guard info.st_mode & S_IFMT == S_IFREG else {
@@ -106,8 +114,11 @@ public struct ParleyKeyring: Sendable, Hashable {
         guard info.st_uid == getuid() || getuid() == 0 else {
             throw ParleyError(code: .invalidArgument, message: "keyring \(path) belongs to another user (uid \(info.st_uid)); refusing to use it")
         }
+        guard info.st_size <= Self.maximumFileBytes else {
+            throw ParleyError(code: .invalidArgument, message: "keyring \(path) is \(info.st_size) bytes; a keyring is at most \(Self.maximumFileBytes)")
+        }
         let data: Data
-        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
+        do { data = try handle.readToEnd() ?? Data() } catch {
             throw ParleyError(code: .invalidArgument, message: "cannot read keyring \(path): \(error.localizedDescription)")
         }
         let file: File
@@ -131,6 +142,9 @@ public struct ParleyKeyring: Sendable, Hashable {
         }
         return ParleyKeyring(entities: file.entities)
     }
+
+    /// The largest keyring file read (some 100,000 entities).
+    public static let maximumFileBytes = 64 << 20
 
     /// Reads a keyring, or returns an empty one if the file does not exist.
     public static func loadOrEmpty(path: String) throws(ParleyError) -> ParleyKeyring {

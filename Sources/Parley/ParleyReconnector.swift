@@ -152,7 +152,7 @@ final class Reconnector: Sendable {
         let configuration = c.configuration
         let machine = ParleyClient.handshake(configuration, address: c.address, ident: c.ident, resume: offer)
         let options = try configuration.limits.pipelineOptions(maxFrameSize: configuration.maxFrameSize)
-        let established = NIOLockedValueBox<EventLoopFuture<Void>?>(nil)
+        let established = ChannelKeyed<EventLoopFuture<Void>>()  // by channel: see ParleyClient.connectOnce
         let connection = c.connection
         let session = c.session
         let initializer: ParleyChannelInitializer = { channel in
@@ -190,7 +190,7 @@ final class Reconnector: Sendable {
                     return EstablishedLink(sink: ConnectionEventSink(connection), lossless: (session, attached.link))
                 }
                 handler.secureCounterStart = configuration.secureCounterStart
-                established.withLockedValue { $0 = handler.established }
+                established.set(handler.established, for: channel)
                 try ParleyPipeline.configure(channel, options: options, handler: handler)
             }
         }
@@ -201,7 +201,7 @@ final class Reconnector: Sendable {
         } catch {
             throw ParleyError(code: .connectFailed, message: "cannot reconnect to \(c.address): \((error as? ParleyError)?.message ?? "\(error)")", cause: error)
         }
-        guard let future = established.withLockedValue({ $0 }) else {
+        guard let future = established.value(for: channel) else {
             channel.close(promise: nil)
             throw ParleyError(code: .connectFailed, message: "the transport did not set up the channel")
         }

@@ -421,11 +421,18 @@ final class WebSocketStreamHandler: ChannelDuplexHandler, RemovableChannelHandle
     }
 
     /// Writes a close frame, then closes the connection (below this handler: a close asked
-    /// for meanwhile waits for it in `closePromise`).
+    /// for meanwhile waits for it in `closePromise`). A peer that does not read may never let
+    /// the frame out: the connection is closed `closeTimeout` later all the same.
     private func closeAfterWriting(_ frame: WebSocketFrame, context: ChannelHandlerContext) {
-        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         context.writeAndFlush(Self.wrapOutboundOut(frame)).whenComplete { _ in
-            loopBound.value.close(promise: nil)
+            let (handler, context) = loopBound.value
+            handler.finishClose(context: context)
+        }
+        self.closeTimer?.cancel()
+        self.closeTimer = context.eventLoop.scheduleTask(in: Self.closeTimeout) {
+            let (handler, context) = loopBound.value
+            handler.finishClose(context: context)
         }
     }
 

@@ -34,3 +34,32 @@ import Testing
         }
     }
 }
+
+/// Keyring files: what is checked is what is read.
+@Suite struct KeyringFileTests {
+    /// A FIFO, a directory, a loose file, a symbolic link to a good keyring: the checks
+    /// apply to the file opened (a FIFO is refused at once, not waited on for a writer).
+    @Test func theFileOpenedIsTheFileChecked() throws {
+        let dir = freshTestDirectory("keyring-files")
+        let good = dir + "/good.keyring"
+        try ParleyKeyring(entities: [.init(name: "client.a", key: [UInt8](repeating: 7, count: 32), caps: [], created: Date())]).save(path: good)
+        #expect(try ParleyKeyring.load(path: good).entities.map(\.name) == ["client.a"])
+        // A link to it reads it (the checks are of the file it names).
+        let link = dir + "/link.keyring"
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: good)
+        #expect(try ParleyKeyring.load(path: link).entities.map(\.name) == ["client.a"])
+        let fifo = dir + "/fifo.keyring"
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let refusedFIFO = #expect(throws: ParleyError.self) { try ParleyKeyring.load(path: fifo) }
+        #expect(refusedFIFO?.message.contains("not a regular file") == true)
+        let refusedDir = #expect(throws: ParleyError.self) { try ParleyKeyring.load(path: dir) }
+        #expect(refusedDir?.message.contains("not a regular file") == true, "\(String(describing: refusedDir))")
+        let loose = dir + "/loose.keyring"
+        try FileManager.default.copyItem(atPath: good, toPath: loose)
+        #expect(chmod(loose, 0o644) == 0)
+        let refusedLoose = #expect(throws: ParleyError.self) { try ParleyKeyring.load(path: loose) }
+        #expect(refusedLoose?.message.contains("has mode 0644") == true)
+        let missing = #expect(throws: ParleyError.self) { try ParleyKeyring.load(path: dir + "/none") }
+        #expect(missing?.message.contains("No such file") == true)
+    }
+}

@@ -390,6 +390,37 @@ struct TransportTests {
         }
     }
 
+    /// A transport that sets up more than one channel for a connect (NIO's Happy Eyeballs
+    /// does, for a host name with several addresses, closing the losers): the client takes
+    /// the connection of the channel returned, not of the channel set up last.
+    @Test(.timeLimit(.minutes(1)))
+    func aTransportThatSetsUpALosingChannelToo() async throws {
+        struct WithALoser: ParleyTransport {
+            let base = PosixTransport()
+            func connect(to address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> any Channel {
+                let winner = try await self.base.connect(to: address, group: group, initializer: initializer)
+                // A losing attempt, set up after the winner's and closed.
+                let loser = EmbeddedChannel()
+                try await initializer(loser).get()
+                _ = try? await loser.close()
+                return winner
+            }
+            func listen(on address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> (listener: any Channel, bound: ParleyAddress) {
+                try await self.base.listen(on: address, group: group, initializer: initializer)
+            }
+        }
+        try await withServer { server, addresses in
+            var configuration = ParleyClient.Configuration.defaults
+            configuration.transport = WithALoser()
+            let client = try await ParleyClient.connect(to: addresses[0], configuration: configuration, logger: quietLogger)
+            defer { client.close() }
+            var ping = Parley_Echo_V1_Ping()
+            ping.sequence = 7
+            #expect(try await client.request(ping, as: Parley_Echo_V1_Pong.self).sequence == 7)
+            #expect(server.connectionCount == 1)
+        }
+    }
+
     // MARK: WebSocket framing (the stream adapter alone)
 
     /// A client-side adapter in an active embedded channel.
@@ -480,6 +511,31 @@ struct TransportTests {
         #expect(throws: ParleyError.self) { try other.writeInbound(Self.frame(.continuation, "stray")) }
         var code = try #require(try other.readOutbound(as: WebSocketFrame.self)).data
         #expect(code.readWebSocketErrorCode() == .protocolError)
+    }
+
+    /// After a protocol error, a close frame that never gets out (a peer that reads nothing)
+    /// does not keep the connection: it is closed `closeTimeout` later, and so is a close
+    /// asked for meanwhile (before, both waited for ever, and a server's shutdown with them).
+    @Test func webSocketFailureClosesEvenIfItsCloseFrameNeverLeaves() throws {
+        final class HoldWrites: ChannelOutboundHandler, @unchecked Sendable {
+            typealias OutboundIn = NIOAny
+            var held: [EventLoopPromise<Void>] = []
+            func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+                if let promise { self.held.append(promise) }
+            }
+        }
+        let hold = HoldWrites()
+        let channel = EmbeddedChannel(handlers: [hold, WebSocketStreamHandler(role: .server)])
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        #expect(throws: ParleyError.self) { try channel.writeInbound(Self.frame(.text, "hello")) }
+        #expect(channel.isActive, "the close frame is still waiting to be written")
+        let closed = channel.close()
+        channel.embeddedEventLoop.advanceTime(by: .milliseconds(1_900))
+        #expect(channel.isActive && !Self.isDone(closed))
+        channel.embeddedEventLoop.advanceTime(by: .milliseconds(200))
+        #expect(!channel.isActive, "closed after the close timeout")
+        #expect(Self.isDone(closed), "the close asked for meanwhile completed")
+        hold.held.forEach { $0.fail(ChannelError.ioOnClosedChannel) }
     }
 
     @Test func webSocketCloseHandshake() throws {
