@@ -13,6 +13,12 @@ import ParleyWire
 /// and one `ChaosPlan` per direction seeded from the run's seed, the connection's number and
 /// the direction: the same seed and the same traffic give the same faults. Everything it does
 /// is reported, one line per event, through `report`.
+///
+/// A side's end of stream is passed on as an end of stream (a half-close): the proxy stops
+/// reading that side and, once everything it sent has been written to the other side, shuts
+/// down the other side's output; the connection is closed once both directions have ended
+/// (or a side is gone). A cut, by contrast, closes both sides at once, dropping whatever was
+/// not written yet.
 public final class ChaosProxy: Sendable {
     public struct Configuration: Sendable {
         public var listen: ParleyAddress
@@ -62,6 +68,7 @@ public final class ChaosProxy: Sendable {
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.autoRead, value: false)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture { self.accepted(channel) }
             }
@@ -92,8 +99,8 @@ public final class ChaosProxy: Sendable {
         let toServer = ChaosPlan(settings: self.configuration.toServer, seed: SplitMix64.derive(seed, UInt64(number), 0))
         let toClient = ChaosPlan(settings: self.configuration.toClient, seed: SplitMix64.derive(seed, UInt64(number), 1))
         let link = ChaosLink(number: number, proxy: self, client: client)
-        let fromClient = ChaosForwarder(link: link, direction: "c2s", plan: toServer, highWater: self.configuration.highWater)
-        let fromServer = ChaosForwarder(link: link, direction: "s2c", plan: toClient, highWater: self.configuration.highWater)
+        let fromClient = ChaosForwarder(link: link, direction: .toServer, plan: toServer, highWater: self.configuration.highWater)
+        let fromServer = ChaosForwarder(link: link, direction: .toClient, plan: toClient, highWater: self.configuration.highWater)
         do {
             try client.pipeline.syncOperations.addHandler(fromClient)
         } catch {
@@ -102,6 +109,7 @@ public final class ChaosProxy: Sendable {
         }
         let bootstrap = ClientBootstrap(group: client.eventLoop)
             .channelOption(.autoRead, value: true)
+            .channelOption(.allowRemoteHalfClosure, value: true)
             .connectTimeout(.seconds(10))
             .channelInitializer { server in
                 server.eventLoop.makeCompletedFuture { try server.pipeline.syncOperations.addHandler(fromServer) }
@@ -116,13 +124,20 @@ public final class ChaosProxy: Sendable {
         connecting.whenComplete { result in
             switch result {
             case .success(let server):
-                fromClient.partner = server
-                fromServer.partner = client
-                client.setOption(.autoRead, value: true).whenComplete { _ in }
+                guard !link.closed else {
+                    server.close(promise: nil)
+                    return
+                }
+                link.server = server
                 self.report("conn \(number): \(ParleyPipeline.describe(client.remoteAddress)) -> \(target)")
+                // What the client sent (and whether it ended) while the connect was under way
+                // goes on now.
+                fromClient.connected(to: server)
+                fromServer.connected(to: client)
+                client.setOption(.autoRead, value: true).whenComplete { _ in }
             case .failure(let error):
                 self.report("conn \(number): cannot reach \(target): \(error)")
-                client.close(promise: nil)
+                link.closeBoth()
             }
         }
     }
@@ -130,18 +145,38 @@ public final class ChaosProxy: Sendable {
     func countCut() { self.state.withLockedValue { $0.cuts += 1 } }
 }
 
-/// The two channels of one proxied connection; closing one closes both, once.
+/// The two channels of one proxied connection and where each direction is.
 final class ChaosLink: @unchecked Sendable {
     // Only touched on the connection's event loop (both channels share it).
     let number: Int
     let proxy: ChaosProxy
     let client: any Channel
+    /// Set once the connect to the target has succeeded.
+    var server: (any Channel)?
+    /// Both channels have been closed (a cut, or both directions are done): nothing more is
+    /// forwarded.
     var closed = false
+    /// Per direction (`ChaosForwarder.Direction.rawValue`): everything its sender sent has been
+    /// written and the receiver's output shut down, or the receiver is gone.
+    var done = [false, false]
 
     init(number: Int, proxy: ChaosProxy, client: any Channel) {
         self.number = number
         self.proxy = proxy
         self.client = client
+    }
+
+    /// Closes both channels once both directions are done.
+    func closeIfDone() {
+        if self.done[0], self.done[1] { self.closeBoth() }
+    }
+
+    /// Closes both channels at once (what is not written yet is dropped), once.
+    func closeBoth() {
+        guard !self.closed else { return }
+        self.closed = true
+        self.client.close(promise: nil)
+        self.server?.close(promise: nil)
     }
 }
 
@@ -150,11 +185,22 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
     // Only touched on the connection's event loop.
     typealias InboundIn = ByteBuffer
 
+    enum Direction: Int {
+        case toServer = 0, toClient = 1
+        var name: String { self == .toServer ? "c2s" : "s2c" }
+        var reverse: Direction { self == .toServer ? .toClient : .toServer }
+    }
+
     let link: ChaosLink
-    let direction: String
+    let direction: Direction
     var plan: ChaosPlan
     let highWater: Int
     var partner: (any Channel)?
+    /// What was read before the partner was connected: forwarded once it is.
+    var early: [ByteBuffer] = []
+    var earlyBytes = 0
+    /// The sender's stream has ended (or the sender is gone): nothing more comes from it.
+    var ended = false
     /// When the last scheduled write happens: pieces stay in order however they are delayed.
     var nextWrite = NIODeadline.uptimeNanoseconds(0)
     var pending = 0
@@ -168,7 +214,7 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
     /// scheduled too (behind them), or it would overtake them.
     var scheduled = 0
 
-    init(link: ChaosLink, direction: String, plan: ChaosPlan, highWater: Int) {
+    init(link: ChaosLink, direction: Direction, plan: ChaosPlan, highWater: Int) {
         self.link = link
         self.direction = direction
         self.plan = plan
@@ -177,11 +223,34 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
+    /// Whether what is read is still to be forwarded.
+    private var forwarding: Bool { !self.link.closed && !self.cutPlanned && !self.link.done[self.direction.rawValue] }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let chunk = self.unwrapInboundIn(data)
-        guard let partner = self.partner, !self.link.closed, !self.cutPlanned else { return }
+        guard self.forwarding else { return }
+        guard let partner = self.partner else {
+            // The client's end of stream can be read before the target connect completes
+            // (NIO drains a socket on its end of stream, even with autoRead off).
+            self.early.append(chunk)
+            self.earlyBytes += chunk.readableBytes
+            return
+        }
+        self.forward(chunk, to: partner, loop: context.eventLoop)
+    }
+
+    /// The other side is connected: forwards what was read meanwhile, and its end if it ended.
+    func connected(to partner: any Channel) {
+        self.partner = partner
+        let early = self.early
+        self.early = []
+        self.earlyBytes = 0
+        for chunk in early where self.forwarding { self.forward(chunk, to: partner, loop: partner.eventLoop) }
+        self.finishIfDrained()
+    }
+
+    private func forward(_ chunk: ByteBuffer, to partner: any Channel, loop: any EventLoop) {
         let step = self.plan.plan(chunk.readableBytes)
-        let loop = context.eventLoop
         for piece in step.pieces {
             let bytes = chunk.getSlice(at: chunk.readerIndex + piece.offset, length: piece.length)!
             let at = max(NIODeadline.now(), self.nextWrite) + .milliseconds(Int64(piece.delayMilliseconds)) + .nanoseconds(piece.transmitNanoseconds)
@@ -198,7 +267,7 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
                     bound.value.scheduled -= 1
                     bound.value.write(bytes, to: partner)
                 }
-                if piece.delayMilliseconds >= 100 { self.link.proxy.report("conn \(self.link.number) \(self.direction): held \(piece.delayMilliseconds) ms at byte \(self.plan.passed)") }
+                if piece.delayMilliseconds >= 100 { self.link.proxy.report("conn \(self.link.number) \(self.direction.name): held \(piece.delayMilliseconds) ms at byte \(self.plan.passed)") }
             }
         }
         if step.cut {
@@ -206,11 +275,11 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
             let at = self.nextWrite
             let bound = NIOLoopBound(self, eventLoop: loop)
             let cutAt = self.plan.passed
-            loop.scheduleTask(deadline: at) { bound.value.cut(at: cutAt, partner: partner) }
+            loop.scheduleTask(deadline: at) { bound.value.cut(at: cutAt) }
         }
-        if self.pending > self.highWater, !self.readsPaused {
+        if self.pending > self.highWater, !self.readsPaused, let channel = self.context?.channel {
             self.readsPaused = true
-            context.channel.setOption(.autoRead, value: false).whenComplete { _ in }
+            channel.setOption(.autoRead, value: false).whenComplete { _ in }
         }
     }
 
@@ -225,33 +294,51 @@ final class ChaosForwarder: ChannelInboundHandler, @unchecked Sendable {
                 me.readsPaused = false
                 channel.setOption(.autoRead, value: true).whenComplete { _ in }
             }
+            me.finishIfDrained()
         }
     }
 
-    private func cut(at byte: Int, partner: any Channel) {
+    private func cut(at byte: Int) {
         guard !self.link.closed else { return }
         self.link.proxy.countCut()
-        self.link.proxy.report("conn \(self.link.number) \(self.direction): cut after \(byte) bytes")
-        self.closeBoth(partner: partner)
+        self.link.proxy.report("conn \(self.link.number) \(self.direction.name): cut after \(byte) bytes")
+        self.link.closeBoth()
     }
 
-    private func closeBoth(partner: any Channel) {
-        guard !self.link.closed else { return }
-        self.link.closed = true
-        self.context?.channel.close(promise: nil)
-        partner.close(promise: nil)
+    /// Once the sender has ended and all it sent has been written (handed to the kernel),
+    /// passes the end on: shuts down the partner's output (a half-close).
+    private func finishIfDrained() {
+        guard self.ended, self.forwarding, self.pending == 0, self.scheduled == 0, let partner = self.partner else { return }
+        self.link.done[self.direction.rawValue] = true
+        // If the partner's input has ended too, NIO closes it altogether.
+        partner.close(mode: .output, promise: nil)
+        self.link.closeIfDone()
+    }
+
+    private func senderEnded() {
+        guard !self.ended else { return }
+        self.ended = true
+        if !self.link.closed {
+            self.link.proxy.report(
+                "conn \(self.link.number) \(self.direction.name): closed by its sender after \(self.plan.passed + self.earlyBytes) bytes in \(self.writes) writes"
+            )
+        }
+        self.finishIfDrained()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // The sender's end of stream (half-closure is allowed): NIO stops reading the channel.
+        if let event = event as? ChannelEvent, event == .inputClosed { self.senderEnded() }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         if !self.link.closed {
-            self.link.proxy.report("conn \(self.link.number) \(self.direction): closed by its sender after \(self.plan.passed) bytes in \(self.writes) writes")
-            // Let what is already scheduled go out, then close the other side.
-            if let partner = self.partner {
-                let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-                context.eventLoop.scheduleTask(deadline: self.nextWrite) { bound.value.closeBoth(partner: partner) }
-            } else {
-                self.link.closed = true
-            }
+            // Closed altogether (reset, an error, or by NIO once both its input and output
+            // ended): nothing more comes from it, and nothing more can be written to it.
+            self.link.done[self.direction.reverse.rawValue] = true
+            self.senderEnded()
+            self.link.closeIfDone()
         }
         context.fireChannelInactive()
     }

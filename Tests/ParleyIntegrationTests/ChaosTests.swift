@@ -148,11 +148,12 @@ import Testing
 /// (half-closed connections included), and to a target whose connect was still in progress.
 @Suite(.timeLimit(.minutes(10))) struct ChaosProxyCloseTests {
     /// A sender that writes 32 MiB and closes, in front of a target that reads nothing for
-    /// 2 s: far more than the proxy's high water (4 MiB) waits in the proxy when the client's
-    /// end of stream arrives, and all of it must still reach the target before its end.
+    /// 1 s and then slowly (64 KiB every 4 ms, ~16 MB/s, 2 s for the lot): when the client's
+    /// end of stream reaches the proxy, up to its high water (4 MiB) and more still wait in it
+    /// to be written, and all of it must reach the target before its end.
     @Test func everythingSentBeforeAnEndOfStreamReachesASlowReceiver() async throws {
         let log = TargetLog()
-        let target = try await startTarget(TargetBehaviour(readAfter: .seconds(2)), log: log)
+        let target = try await startTarget(TargetBehaviour(readAfter: .seconds(1), readPace: .milliseconds(4)), log: log)
         let proxy = ChaosProxy(configuration: .init(listen: .tcp(host: "127.0.0.1", port: 0), target: target.address, seed: 1))
         let address = try await proxy.start()
         let replies = ClientLog()
@@ -221,7 +222,7 @@ import Testing
         #expect(try await eventually(seconds: 30) { lines.withLockedValue { $0 }.contains { $0.contains("conn 1 c2s: closed by its sender") } })
         try #require(!lines.withLockedValue { $0 }.contains { $0.hasPrefix("conn 1: ") && $0.contains(" -> ") }, "the proxy connected before the client left")
         // Let the target accept: the proxy's connect completes at its next SYN.
-        try await target.listener.setOption(.autoRead, value: true)
+        try await target.listener.setOption(.autoRead, value: true).get()
         let ended = try await eventually(seconds: 30) {
             log.connections.contains { !blockerPorts.contains($0.key) && $0.value.ended }
         }
@@ -237,6 +238,8 @@ import Testing
 private struct TargetBehaviour: Sendable {
     /// Read nothing for this long after accepting.
     var readAfter: TimeAmount = .zero
+    /// Then read (at most 64 KiB) once per this long (nil: as fast as it comes).
+    var readPace: TimeAmount?
     /// Sent back (given the bytes received, as text) once the connection's input has ended.
     var answer: (@Sendable (String) -> String)?
     var backlog: Int32 = 256
@@ -283,6 +286,11 @@ private final class TargetHandler: ChannelInboundHandler {
         if self.text.utf8.count < 4096 { self.text += String(buffer: bytes) }
         let text = self.text
         self.log.update(self.port) { $0.received += bytes.readableBytes; $0.text = text }
+        if let pace = self.behaviour.readPace {
+            try? context.channel.syncOptions?.setOption(.autoRead, value: false)
+            let channel = context.channel
+            context.eventLoop.scheduleTask(in: pace) { channel.setOption(.autoRead, value: true).whenComplete { _ in } }
+        }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -312,6 +320,8 @@ private func startTarget(_ behaviour: TargetBehaviour, log: TargetLog) async thr
         .serverChannelOption(.autoRead, value: behaviour.accepting)
         .childChannelOption(.autoRead, value: false)
         .childChannelOption(.allowRemoteHalfClosure, value: true)
+        .childChannelOption(.maxMessagesPerRead, value: 1)
+        .childChannelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 64 << 10))
         .childChannelInitializer { channel in
             channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(TargetHandler(log: log, behaviour: behaviour)) }
         }
