@@ -53,6 +53,27 @@ struct InProcessMaster {
         return InProcessMaster(store: store, key: key, server: server, task: task, client: client)
     }
 
+    /// Signs `specs` with the project's key and submits them; returns their ids.
+    @discardableResult
+    func submit(_ specs: [Parley_Work_V1_JobSpec]) async throws -> [UInt64] {
+        var submit = Parley_Work_V1_SubmitJobs()
+        for spec in specs {
+            var job = Parley_Work_V1_SignedJob()
+            job.spec = try spec.serializedBytes()
+            job.signature = Data(try self.key.sign(job: Array(job.spec)))
+            submit.jobs.append(job)
+        }
+        return try await self.client.request(submit, as: Parley_Work_V1_SubmitReply.self).jobIds
+    }
+
+    /// A job running `argv`, estimated at `seconds` (0: no estimate).
+    static func spec(_ argv: [String] = ["/bin/true"], estimatedSeconds seconds: UInt32 = 0) -> Parley_Work_V1_JobSpec {
+        var spec = Parley_Work_V1_JobSpec()
+        spec.argv = argv
+        spec.estimatedSeconds = seconds
+        return spec
+    }
+
     func stop() {
         self.client.close()
         self.server.shutDown()
@@ -264,18 +285,8 @@ struct InProcessMaster {
         #expect(WorkService.covering(seconds: 1, []) == 0)
         let master = try await InProcessMaster.start()
         defer { master.stop() }
-        let (store, key, client) = (master.store, master.key, master.client)
-        var submit = Parley_Work_V1_SubmitJobs()
-        for estimate in [10, 10, 0, 10] as [UInt32] {
-            var spec = Parley_Work_V1_JobSpec()
-            spec.argv = ["/bin/true"]
-            spec.estimatedSeconds = estimate
-            var job = Parley_Work_V1_SignedJob()
-            job.spec = try spec.serializedBytes()
-            job.signature = Data(try key.sign(job: Array(job.spec)))
-            submit.jobs.append(job)
-        }
-        _ = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
+        let (store, client) = (master.store, master.client)
+        try await master.submit(([10, 10, 0, 10] as [UInt32]).map { InProcessMaster.spec(estimatedSeconds: $0) })
         var ask = Parley_Work_V1_RequestWork()
         ask.worker = "w1"
         ask.slots = 4
@@ -302,15 +313,8 @@ struct InProcessMaster {
     @Test func theStoredResultNamesTheAuthenticatedWorker() async throws {
         let master = try await InProcessMaster.start(entity: "worker.alice")
         defer { master.stop() }
-        let (key, client) = (master.key, master.client)
-        var spec = Parley_Work_V1_JobSpec()
-        spec.argv = ["/bin/true"]
-        var job = Parley_Work_V1_SignedJob()
-        job.spec = try spec.serializedBytes()
-        job.signature = Data(try key.sign(job: Array(job.spec)))
-        var submit = Parley_Work_V1_SubmitJobs()
-        submit.jobs = [job]
-        let id = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self).jobIds[0]
+        let client = master.client
+        let id = try await master.submit([InProcessMaster.spec()])[0]
         var ask = Parley_Work_V1_RequestWork()
         ask.worker = "worker.bob"
         ask.slots = 1
@@ -329,18 +333,8 @@ struct InProcessMaster {
     @Test func aJobThatCannotGoBackIsHandedOutNotStranded() async throws {
         let master = try await InProcessMaster.start(wrap: { HandBackFails(base: $0) })
         defer { master.stop() }
-        let (store, key, client) = (master.store, master.key, master.client)
-        var submit = Parley_Work_V1_SubmitJobs()
-        for _ in 0..<3 {
-            var spec = Parley_Work_V1_JobSpec()
-            spec.argv = ["/bin/true"]
-            spec.estimatedSeconds = 100
-            var job = Parley_Work_V1_SignedJob()
-            job.spec = try spec.serializedBytes()
-            job.signature = Data(try key.sign(job: Array(job.spec)))
-            submit.jobs.append(job)
-        }
-        _ = try await client.request(submit, as: Parley_Work_V1_SubmitReply.self)
+        let (store, client) = (master.store, master.client)
+        try await master.submit(Array(repeating: InProcessMaster.spec(estimatedSeconds: 100), count: 3))
         var ask = Parley_Work_V1_RequestWork()
         ask.worker = "w1"
         ask.slots = 3
