@@ -222,7 +222,7 @@ public struct LeaseError: Error, Sendable, Hashable, CustomStringConvertible {
 /// itself, from before it asked (the master starts the lease later, so the worker's deadline
 /// is never after the master's), and each renewal from before it was sent.
 public struct WorkerLease: Sendable, Equatable {
-    /// The master's lease time, in nanoseconds.
+    /// The master's lease time, in nanoseconds (the one that granted the lease).
     public let leaseTime: Int64
     /// The job stops this long before the lease would end without a renewal: 5 s, or a
     /// quarter of the lease when that is shorter.
@@ -230,21 +230,23 @@ public struct WorkerLease: Sendable, Equatable {
     /// When the lease ends at the latest, on the worker's clock.
     public private(set) var deadline: Int64
 
-    /// `leaseTime`: the master's, from its welcome (at least 3 s is assumed); `askedAt`: when
-    /// the request that brought the lease was sent.
+    /// `leaseTime`: the master's, from its welcome; `askedAt`: when the request that brought
+    /// the lease was sent (to the master that answered). The deadline is never later than the
+    /// master's: nothing here lengthens the lease.
     public init(leaseTime: Int64, askedAt: Int64) {
-        self.leaseTime = max(leaseTime, 3_000_000_000)
+        self.leaseTime = max(leaseTime, 0)
         self.margin = min(5_000_000_000, self.leaseTime / 4)
         self.deadline = askedAt + self.leaseTime
     }
 
-    /// How often to renew: every third of the lease time.
-    public var renewalInterval: Int64 { self.leaseTime / 3 }
+    /// How often to renew: every third of the lease time (at least every 100 ms).
+    public var renewalInterval: Int64 { max(self.leaseTime / 3, 100_000_000) }
 
-    /// A renewal sent at `sentAt` was granted: the master extended the lease to its now plus
-    /// its lease time, which is no earlier than `sentAt` plus the lease time here.
-    public mutating func renewed(sentAt: Int64) {
-        self.deadline = max(self.deadline, sentAt + self.leaseTime)
+    /// A renewal sent at `sentAt` was granted by a master whose lease time is `leaseTime`
+    /// (another master than the first, after a failover, may have a shorter one): it extended
+    /// the lease to its now plus that time, which is no earlier than `sentAt` plus it.
+    public mutating func renewed(sentAt: Int64, leaseTime: Int64) {
+        self.deadline = max(self.deadline, sentAt + max(min(leaseTime, self.leaseTime), 0))
     }
 
     /// True once the lease would end within the margin: the job must stop.

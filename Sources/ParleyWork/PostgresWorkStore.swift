@@ -220,14 +220,23 @@ public final class PostgresWorkStore: WorkStore {
             struct Queued { var id: Int64; var spec: ByteBuffer; var signature: ByteBuffer; var record: ByteBuffer }
             var answers = requests.map { _ in [ClaimedJob]() }
             // What capped workers hold. Claims for one capped worker are serialised by a
-            // transaction-level advisory lock per worker (taken in name order, so that two
-            // transactions never wait on each other): without it, concurrent transactions
-            // (several connections of one master, or several masters) each counted without
-            // the others' claims and together handed out the cap many times over.
+            // transaction-level advisory lock per worker, keyed by the hash of its name and
+            // taken in the order of the keys (two names may share one: ordered by name, two
+            // transactions could then wait on each other): without it, concurrent
+            // transactions (several connections of one master, or several masters) each
+            // counted without the others' claims and together handed out the cap many times.
             var held: [String: Int] = [:]
             let capped = JobRow.cappedWorkers(requests)
-            for worker in capped {
-                try await connection.query("SELECT pg_advisory_xact_lock(7423, hashtext(\(worker)))", logger: self.logger)
+            if !capped.isEmpty {
+                var keys: [Int32] = []
+                for try await key in try await connection.query(
+                    "SELECT DISTINCT hashtext(w) FROM unnest(\(capped)::text[]) AS w ORDER BY 1", logger: self.logger
+                ).decode(Int32.self) {
+                    keys.append(key)
+                }
+                for key in keys {
+                    try await connection.query("SELECT pg_advisory_xact_lock(7423, \(key))", logger: self.logger)
+                }
             }
             if !capped.isEmpty {
                 for try await (worker, count) in try await connection.query(

@@ -103,6 +103,14 @@ public final class WorkMasterLink: Sendable {
     public func request<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
         _ request: Request, as response: Response.Type = Response.self
     ) async throws -> Response {
+        try await self.timedRequest(request, as: response).response
+    }
+
+    /// `request`, and when the request that was answered was handed to its master's
+    /// connection (before the master saw it: what the master did for it came later).
+    public func timedRequest<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message & Sendable>(
+        _ request: Request, as response: Response.Type = Response.self
+    ) async throws -> (response: Response, sentAt: ContinuousClock.Instant) {
         let deadline = ContinuousClock.now + self.failoverTimeout
         while true {
             let client: ParleyClient
@@ -112,8 +120,9 @@ public final class WorkMasterLink: Sendable {
                 try await Task.sleep(for: .milliseconds(200))
                 continue
             }
+            let sentAt = ContinuousClock.now
             do {
-                return try await client.request(request, as: response, idempotent: true)
+                return (try await client.request(request, as: response, idempotent: true), sentAt)
             } catch let error as ParleyError where Self.isLinkFailure(error) {
                 self.drop(client, because: error)
                 guard ContinuousClock.now < deadline else { throw error }

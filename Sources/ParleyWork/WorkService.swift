@@ -379,9 +379,12 @@ public enum WorkService {
         if dropped > 0 { reply.failures.insert("(\(dropped) earlier failure reasons left out: the reply would not fit a frame)", at: 0) }
         over = size() - limit
         guard over > 0 else { return }
-        let stdout = min(reply.result.stdoutTail.count, over / 2 + 1)
-        reply.result.stdoutTail = Data(reply.result.stdoutTail.dropFirst(stdout))
-        reply.result.stderrTail = Data(reply.result.stderrTail.dropFirst(min(reply.result.stderrTail.count, max(0, size() - limit))))
+        // Each tail gives half the excess, and what the other cannot give (each keeps its end).
+        let (out, err) = (reply.result.stdoutTail.count, reply.result.stderrTail.count)
+        let fromOut = min(out, max(over / 2 + 1, over - err))
+        let fromErr = min(err, max(0, over - fromOut))
+        reply.result.stdoutTail = Data(reply.result.stdoutTail.dropFirst(fromOut))
+        reply.result.stderrTail = Data(reply.result.stderrTail.dropFirst(fromErr))
     }
 
     /// The worker a request speaks for: the authenticated entity when there is one (a worker

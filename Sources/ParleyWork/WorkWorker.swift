@@ -155,9 +155,10 @@ public final class WorkWorker: Sendable {
             request.slots = 1
             request.apps = self.configuration.apps
             let assignments: Parley_Work_V1_WorkAssignments
-            let askedAt = ContinuousClock.now
+            let askedAt: ContinuousClock.Instant
             do {
-                assignments = try await self.link.request(request, as: Parley_Work_V1_WorkAssignments.self)
+                // When it went to the master that answered (not to one that failed over).
+                (assignments, askedAt) = try await self.link.timedRequest(request, as: Parley_Work_V1_WorkAssignments.self)
             } catch let error as ParleyError where Self.isLasting(error) {
                 throw error
             } catch {
@@ -227,7 +228,8 @@ public final class WorkWorker: Sendable {
         // left of the deadline by this worker's wall clock, as before.
         let told = self.leaseTime.withLockedValue { $0 }
         let leftMs = assignment.deadlineUnixMs.subtractingReportingOverflow(Int64(Date().timeIntervalSince1970 * 1000)).partialValue
-        let leaseTime = told > 0 ? told : min(leftMs, Int64.max / 2_000_000) * 1_000_000
+        // (As before the lease was counted here: at least 3 s when the master did not say.)
+        let leaseTime = told > 0 ? told : max(3_000, min(leftMs, Int64.max / 2_000_000)) * 1_000_000
         let lease = NIOLockedValueBox(WorkerLease(leaseTime: leaseTime, askedAt: nanos(askedAt)))
         let (interval, margin) = lease.withLockedValue { ($0.renewalInterval, $0.margin) }
         let stop: @Sendable (String) -> Void = { why in
@@ -253,7 +255,10 @@ public final class WorkWorker: Sendable {
                         let sent = nanos(clock.now)
                         do {
                             _ = try await self.link.request(renew, as: Parley_Work_V1_LeaseRenewed.self)
-                            lease.withLockedValue { $0.renewed(sentAt: sent) }
+                            // The lease time of the master connected now (after a failover,
+                            // maybe another than the one that granted the lease).
+                            let current = self.leaseTime.withLockedValue { $0 }
+                            lease.withLockedValue { $0.renewed(sentAt: sent, leaseTime: current > 0 ? current : leaseTime) }
                         } catch let error as ParleyError where error.code == .invalidArgument {
                             stop("the master refused to renew the lease (\(error.message))")
                             return

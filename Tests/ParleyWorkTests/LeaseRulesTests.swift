@@ -188,18 +188,29 @@ import Testing
     @Test func aRenewalCountsFromWhenItWasSentAndNeverShortens() {
         var lease = WorkerLease(leaseTime: 30 * Self.s, askedAt: 0)
         #expect(lease.margin == 5 * Self.s)
-        lease.renewed(sentAt: 10 * Self.s)
+        lease.renewed(sentAt: 10 * Self.s, leaseTime: 30 * Self.s)
         #expect(lease.deadline == 40 * Self.s)
-        lease.renewed(sentAt: 5 * Self.s)
+        lease.renewed(sentAt: 5 * Self.s, leaseTime: 30 * Self.s)
         #expect(lease.deadline == 40 * Self.s, "an older renewal's answer arriving late changes nothing")
         #expect(!lease.mustStop(now: 34 * Self.s) && lease.mustStop(now: 35 * Self.s))
+        // After a failover, a master with a shorter lease time renews for its time, not ours;
+        // one with a longer time is not trusted beyond the lease's own.
+        lease.renewed(sentAt: 30 * Self.s, leaseTime: 12 * Self.s)
+        #expect(lease.deadline == 42 * Self.s)
+        lease.renewed(sentAt: 40 * Self.s, leaseTime: 600 * Self.s)
+        #expect(lease.deadline == 70 * Self.s)
     }
 
-    @Test func shortLeasesStopAQuarterBeforeAndNoLeaseIsUnderThreeSeconds() {
+    /// The worker's end is never after the master's: a short lease is not lengthened.
+    @Test func shortLeasesStopAQuarterBeforeAndAreNeverLengthened() {
         let short = WorkerLease(leaseTime: 8 * Self.s, askedAt: 0)
         #expect(short.margin == 2 * Self.s)
         #expect(!short.mustStop(now: 6 * Self.s - 1) && short.mustStop(now: 6 * Self.s))
-        let tiny = WorkerLease(leaseTime: -60 * Self.s, askedAt: 0)
-        #expect(tiny.leaseTime == 3 * Self.s && tiny.deadline == 3 * Self.s)
+        let oneSecond = WorkerLease(leaseTime: 1 * Self.s, askedAt: 0)
+        #expect(oneSecond.deadline == 1 * Self.s && oneSecond.margin == Self.s / 4)
+        #expect(oneSecond.mustStop(now: 750_000_000) && !oneSecond.mustStop(now: 750_000_000 - 1))
+        #expect(oneSecond.renewalInterval == 333_333_333)
+        let none = WorkerLease(leaseTime: -60 * Self.s, askedAt: 0)
+        #expect(none.leaseTime == 0 && none.mustStop(now: 0), "a lease already over stops the job at once")
     }
 }

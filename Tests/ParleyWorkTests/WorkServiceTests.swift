@@ -381,6 +381,14 @@ struct InProcessMaster {
         WorkService.fit(&tails)
         #expect((try tails.serializedBytes() as [UInt8]).count <= WorkService.maxResultReplyBytes)
         #expect(tails.result.stdoutTail.suffix(3) == Data("END".utf8))
+        // One tail alone gives all the excess.
+        var one = Parley_Work_V1_ResultReply()
+        one.failures = ["lease 1 on w: exit 1"]
+        one.result.outputs = [output]
+        one.result.stdoutTail = Data(repeating: 0x6f, count: 63 << 10) + Data("END".utf8)
+        WorkService.fit(&one)
+        #expect((try one.serializedBytes() as [UInt8]).count <= WorkService.maxResultReplyBytes)
+        #expect(one.result.stdoutTail.suffix(3) == Data("END".utf8) && one.result.stderrTail.isEmpty)
     }
 }
 
