@@ -129,15 +129,15 @@ struct NucleusOptions: ParsableArguments {
     @Flag(name: .long, help: "Rotate the --redirect list for each new client (clients follow the first): spreads clients over the addresses, a front door for several servers.")
     var rotateRedirects = false
 
-    @Option(name: .long, help: ArgumentHelp("Refuse clients older than this version (numbers and dots, e.g. 1.4.0), telling them they are out of date.", valueName: "version"))
+    @Option(name: .long, help: ArgumentHelp("Refuse clients older than this version (dotted numbers, e.g. 1.4.0; a suffix such as -beta is ignored), telling them they are out of date.", valueName: "version"))
     var minClientVersion: String?
 
     func validate() throws {
         if let v = self.minClientVersion {
-            // Versions compare number by number: anything else would compare as 0 and refuse no one.
-            let parts = v.split(separator: ".", omittingEmptySubsequences: false)
-            guard !parts.isEmpty, parts.allSatisfy({ !$0.isEmpty && $0.allSatisfy(\.isASCII) && $0.allSatisfy(\.isNumber) }) else {
-                throw ValidationError("--min-client-version \"\(v)\": give numbers separated by dots, such as 1.4.0")
+            // Versions compare part by part by their leading digits (docs/protocol.md 8.4): a
+            // minimum whose first part has none compares as 0 and would refuse no one.
+            guard let first = v.utf8.first, first >= UInt8(ascii: "0"), first <= UInt8(ascii: "9") else {
+                throw ValidationError("--min-client-version \"\(v)\": give a version that starts with a number, such as 1.4.0")
             }
         }
         for a in self.redirect {

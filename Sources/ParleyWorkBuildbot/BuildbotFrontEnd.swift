@@ -195,6 +195,9 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         /// The master ended the session (`stop`: the worker logged in again, its entity was
         /// withdrawn, the master shuts down): a job it ran is not the job's loss.
         var stoppedByMaster = false
+        /// ... and interrupted commands that were running then (a job's failure after this is
+        /// the interruption's, not the job's).
+        var interruptedByMaster = false
     }
     private let state = NIOLockedValueBox(State())
 
@@ -249,9 +252,13 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     /// Interrupts what the worker runs for us, then closes (a restarting master leaves no
     /// command running unwatched on its workers).
     func stop(reason: String, shutdown: Bool = false) async {
-        self.state.withLockedValue { $0.stoppedByMaster = true }
         // Every command of the connection: the master's and those of a job.
-        for id in self.connection.runningCommands where self.connection.isRunning(id) {
+        let running = self.connection.runningCommands.filter { self.connection.isRunning($0) }
+        self.state.withLockedValue {
+            $0.stoppedByMaster = true
+            $0.interruptedByMaster = !running.isEmpty
+        }
+        for id in running {
             try? await self.connection.interrupt(id, why: reason)
         }
         // The worker exits 0.2 s after its answer.
@@ -418,7 +425,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         }
         let outcome: LeaseReport.Outcome = result.errorKind == .none && result.exitStatus == 0 && result.signal == 0
             ? .success : .failure(result.message.isEmpty ? "exit status \(result.exitStatus)" : result.message)
-        if case .failure = outcome, self.state.withLockedValue({ $0.stoppedByMaster }) {
+        if case .failure = outcome, self.state.withLockedValue({ $0.interruptedByMaster }) {
             // The master ended the session (a duplicate login, a withdrawn entity, shutdown)
             // and interrupted the job's command, which the worker then ended: not the job's
             // failure. Handed back, uncounted; a job that succeeded meanwhile is reported.

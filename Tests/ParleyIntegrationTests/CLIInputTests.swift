@@ -17,9 +17,9 @@ import Testing
         #expect(list.stdout.components(separatedBy: "client.alice").count == 2, "\(list.stdout)")
     }
 
-    /// A minimum client version that is not numbers and dots would compare as 0 and refuse no
-    /// client: refused, saying why.
-    @Test(arguments: ["v2", "1.x", "", "1..2", "١.٢"])
+    /// A minimum client version that does not start with a number would compare as 0 and
+    /// refuse no client: refused, saying why. (`1.4.0-beta` is a version: its suffix is ignored.)
+    @Test(arguments: ["v2", "", ".5", "١.٢", "x1.0"])
     func aMinimumClientVersionThatIsNoVersionIsRefused(version: String) async throws {
         let out = try await parley(["serve", "--listen", "127.0.0.1:0", "--min-client-version", version])
         #expect(out.status != 0 && out.combined.contains("--min-client-version"), "\(out.combined)")
