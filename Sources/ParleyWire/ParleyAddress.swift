@@ -111,9 +111,8 @@ public struct ParleyAddress: Hashable, Sendable, CustomStringConvertible {
         return (String(host), port)
     }
 
-    /// An IPv6 address as text (RFC 4291 2.2: eight groups of 1-4 hex digits, one `::` for a
-    /// run of zero groups, the last 32 bits optionally as a dotted IPv4 address), with an
-    /// optional `%zone` (a scope, RFC 4007).
+    /// An IPv6 address as text (RFC 4291 2.2, as `inet_pton` reads it), with an optional
+    /// `%zone` (a scope, RFC 4007).
     static func isIPv6(_ text: Substring) -> Bool {
         var address = text
         if let percent = text.firstIndex(of: "%") {
@@ -121,28 +120,8 @@ public struct ParleyAddress: Hashable, Sendable, CustomStringConvertible {
             guard !zone.isEmpty, zone.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "._-".contains($0)) }) else { return false }
             address = text[..<percent]
         }
-        let halves = address.components(separatedBy: "::")
-        guard halves.count <= 2 else { return false }
-        var groups = 0
-        for (h, half) in halves.enumerated() {
-            guard !half.isEmpty else { continue }
-            let parts = half.split(separator: ":", omittingEmptySubsequences: false)
-            for (i, part) in parts.enumerated() {
-                let last = h == halves.count - 1 && i == parts.count - 1
-                if last, part.contains(".") {
-                    // The last 32 bits as a dotted IPv4 address.
-                    let octets = part.split(separator: ".", omittingEmptySubsequences: false)
-                    guard octets.count == 4, octets.allSatisfy({ o in
-                        (1...3).contains(o.count) && o.allSatisfy { $0.isASCII && $0.isNumber } && Int(o)! <= 255
-                    }) else { return false }
-                    groups += 2
-                } else {
-                    guard (1...4).contains(part.count), part.allSatisfy({ $0.isASCII && $0.isHexDigit }) else { return false }
-                    groups += 1
-                }
-            }
-        }
-        return halves.count == 2 ? groups <= 7 : groups == 8
+        var parsed = in6_addr()
+        return inet_pton(AF_INET6, String(address), &parsed) == 1
     }
 
     /// `HOST:PORT`, with an IPv6 host in brackets.

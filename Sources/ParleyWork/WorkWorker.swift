@@ -220,10 +220,7 @@ public final class WorkWorker: Sendable {
     func keepLease(_ assignment: Parley_Work_V1_Assignment, askedAt: ContinuousClock.Instant, lost: NIOLockedValueBox<String?>) -> Task<Void, Never> {
         let clock = ContinuousClock()
         let origin = clock.now
-        let nanos: @Sendable (ContinuousClock.Instant) -> Int64 = { instant in
-            let d = instant - origin
-            return d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000
-        }
+        let nanos: @Sendable (ContinuousClock.Instant) -> Int64 = { ($0 - origin).nanoseconds }
         // The master's lease time from its welcome; a master that did not say (0): what is
         // left of the deadline by this worker's wall clock, as before.
         let told = self.leaseTime.withLockedValue { $0 }

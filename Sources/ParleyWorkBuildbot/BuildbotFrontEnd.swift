@@ -415,12 +415,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
                 }
                 return
             }
-            do {
-                try await Task { try await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: worker) }.value
-                self.logger.notice("job handed back: the worker went away", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "losses": "\(losses)", "error": "\(error)"])
-            } catch let refusal {
-                self.logger.warning("cannot hand a job back", metadata: ["worker": "\(self.worker)", "job": "\(job.id)", "lease": "\(job.lease.id)", "error": "\(refusal)"])
-            }
+            await self.handBack(job, "job handed back: the worker went away", ["losses": "\(losses)", "error": "\(error)"])
             return
         }
         let outcome: LeaseReport.Outcome = result.errorKind == .none && result.exitStatus == 0 && result.signal == 0
@@ -429,13 +424,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
             // The master ended the session (a duplicate login, a withdrawn entity, shutdown)
             // and interrupted the job's command, which the worker then ended: not the job's
             // failure. Handed back, uncounted; a job that succeeded meanwhile is reported.
-            let worker = self.worker
-            do {
-                try await Task { try await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: worker) }.value
-                self.logger.notice("job handed back: the master ended its worker's session while it ran", metadata: ["worker": "\(worker)", "job": "\(job.id)"])
-            } catch let refusal {
-                self.logger.warning("cannot hand a job back", metadata: ["worker": "\(worker)", "job": "\(job.id)", "lease": "\(job.lease.id)", "error": "\(refusal)"])
-            }
+            await self.handBack(job, "job handed back: the master ended its worker's session while it ran")
             return
         }
         do {
@@ -452,6 +441,19 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
             // Its command still runs, or the worker no longer answers for it: no more jobs.
             self.logger.warning("buildbot worker dropped: a job's command outlived its deadline", metadata: ["worker": "\(self.worker)", "job": "\(job.id)"])
             self.connection.close(reason: "job \(job.id)'s command outlived its deadline")
+        }
+    }
+
+    /// Queues `job` again, its attempt not counted, logging `why`. In a task of its own: the
+    /// session's tasks are cancelled when its connection ends, and a cancelled store call
+    /// would leave the job leased until its lease expires.
+    private func handBack(_ job: ClaimedJob, _ why: Logger.Message, _ metadata: Logger.Metadata = [:]) async {
+        let (store, worker) = (self.frontEnd.store, self.worker)
+        do {
+            try await Task { try await store.handBack(jobID: job.id, leaseID: job.lease.id, worker: worker) }.value
+            self.logger.notice(why, metadata: metadata.merging(["worker": "\(worker)", "job": "\(job.id)"]) { $1 })
+        } catch let refusal {
+            self.logger.warning("cannot hand a job back", metadata: ["worker": "\(worker)", "job": "\(job.id)", "lease": "\(job.lease.id)", "error": "\(refusal)"])
         }
     }
 

@@ -354,29 +354,49 @@ final class RawSocket: @unchecked Sendable {
         }
     }
 
+    /// A job of one attempt that runs for ever, and a scripted login `n` of bb1 that takes its
+    /// shell command and holds it (setting `holding` to `n`); with `endsInterrupted`, it ends
+    /// the held command when the master interrupts it, then answers the interrupt.
+    static func holdingWorker(
+        port: Int, password: String, _ n: Int, holding: NIOLockedValueBox<Int>, endsInterrupted: Bool
+    ) -> Task<Bool, any Error> {
+        Task {
+            var held: MessagePack?
+            return try await Self.scriptedWorker(port: port, password: password, seconds: 40) { op, seq, body, side in
+                switch op {
+                case "start_command":
+                    side.send(BuildbotMessage.response(seq: seq))
+                    if body["command_name"] == "shell" { held = body; holding.withLockedValue { $0 = n } } else { side.complete(body) }
+                    return true
+                case "interrupt_command" where endsInterrupted:
+                    // The command ends, then the interrupt is answered (the master closes the
+                    // session once it has its answer).
+                    if let held { side.complete(held) }
+                    side.send(BuildbotMessage.response(seq: seq))
+                    return true
+                default:
+                    return false
+                }
+            }
+        }
+    }
+
+    static func foreverJob(_ store: any WorkStore) async throws -> UInt64 {
+        var spec = Parley_Work_V1_JobSpec()
+        spec.argv = ["sleep", "1000"]
+        return try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2], maxAttempts: 1)], now: WorkService.now()).first)
+    }
+
     /// A job whose worker logs in again while it runs (its link lost, as the master sees it)
     /// is handed back uncounted however often: the master ended the old session, the job
     /// did not kill it.
     @Test func aJobWhoseWorkerLogsInAgainIsNotCountedAsLost() async throws {
         try await Self.withFrontEnd { port, password, store in
-            var spec = Parley_Work_V1_JobSpec()
-            spec.argv = ["sleep", "1000"]
-            let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2], maxAttempts: 1)], now: WorkService.now()).first)
-            /// A worker that takes the job's command and holds it; its number once it has.
+            let job = try await Self.foreverJob(store)
             let holding = NIOLockedValueBox(0)
-            func worker(_ n: Int) -> Task<Bool, any Error> {
-                Task {
-                    try await Self.scriptedWorker(port: port, password: password, seconds: 40) { op, seq, body, side in
-                        guard op == "start_command" else { return false }
-                        side.send(BuildbotMessage.response(seq: seq))
-                        if body["command_name"] == "shell" { holding.withLockedValue { $0 = n } } else { side.complete(body) }
-                        return true
-                    }
-                }
-            }
             var workers: [Task<Bool, any Error>] = []
             for n in 1...4 {
-                workers.append(worker(n))
+                workers.append(Self.holdingWorker(port: port, password: password, n, holding: holding, endsInterrupted: false))
                 var held = false
                 for _ in 0..<200 where !held {
                     try await Task.sleep(for: .milliseconds(100))
@@ -394,35 +414,12 @@ final class RawSocket: @unchecked Sendable {
     /// command's end (a failure) is not the job's failure, and the job is handed back.
     @Test func aJobInterruptedBecauseItsWorkerLoggedInAgainIsHandedBack() async throws {
         try await Self.withFrontEnd { port, password, store in
-            var spec = Parley_Work_V1_JobSpec()
-            spec.argv = ["sleep", "1000"]
-            let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2], maxAttempts: 1)], now: WorkService.now()).first)
+            let job = try await Self.foreverJob(store)
             let holding = NIOLockedValueBox(0)
-            func worker(_ n: Int) -> Task<Bool, any Error> {
-                Task {
-                    var held: MessagePack?
-                    return try await Self.scriptedWorker(port: port, password: password, seconds: 40) { op, seq, body, side in
-                        switch op {
-                        case "start_command":
-                            side.send(BuildbotMessage.response(seq: seq))
-                            if body["command_name"] == "shell" { held = body; holding.withLockedValue { $0 = n } } else { side.complete(body) }
-                            return true
-                        case "interrupt_command":
-                            // The command ends, then the interrupt is answered (the
-                            // master closes the session once it has its answer).
-                            if let held { side.complete(held) }
-                            side.send(BuildbotMessage.response(seq: seq))
-                            return true
-                        default:
-                            return false
-                        }
-                    }
-                }
-            }
-            let first = worker(1)
+            let first = Self.holdingWorker(port: port, password: password, 1, holding: holding, endsInterrupted: true)
             for _ in 0..<200 where holding.withLockedValue({ $0 }) != 1 { try await Task.sleep(for: .milliseconds(100)) }
             #expect(holding.withLockedValue { $0 } == 1, "the first login never got the job")
-            let second = worker(2)
+            let second = Self.holdingWorker(port: port, password: password, 2, holding: holding, endsInterrupted: true)
             for _ in 0..<200 where holding.withLockedValue({ $0 }) != 2 { try await Task.sleep(for: .milliseconds(100)) }
             #expect(holding.withLockedValue { $0 } == 2, "the second login never got the job")
             let record = try #require(try await store.job(job)?.record)
