@@ -154,8 +154,12 @@ public final class ParleyServer: Service, Sendable {
         var bound: [ParleyAddress]?
         var boundWaiters: [CheckedContinuation<[ParleyAddress], any Error>] = []
         var listeners: [any Channel] = []
-        /// Every open channel, established or still in its handshake.
+        /// Every open channel, established, in its handshake, or accepted and not yet given
+        /// the Parley handlers (a WebSocket before its upgrade).
         var channels: [ObjectIdentifier: any Channel] = [:]
+        /// Channels of `channels` not yet given the Parley handlers: nothing to drain, a
+        /// graceful shutdown closes them at once.
+        var unconfigured: Set<ObjectIdentifier> = []
         /// Connections closed at once for `maxConnections`, since the start.
         var refusedConnections = 0
         var connections: [ObjectIdentifier: ParleyConnection] = [:]
@@ -215,7 +219,8 @@ public final class ParleyServer: Service, Sendable {
             try self.configuration.validateSecurity()
             for address in self.configuration.listen {
                 let (listener, actual) = try await self.configuration.transport.listen(
-                    on: address, group: self.group, initializer: { [self] channel in self.initialize(channel) }
+                    on: address, group: self.group, admit: { [self] channel in try self.admit(channel) },
+                    initializer: { [self] channel in channel.eventLoop.makeCompletedFuture { try self.configurePipeline(channel) } }
                 )
                 listeners.append(listener)
                 bound.append(actual)
@@ -265,10 +270,11 @@ public final class ParleyServer: Service, Sendable {
     }
 
     private func shutDown(abruptly: Bool) {
-        let (listeners, connections, channels, detached) = self.state.withLockedValue { s in
+        let (listeners, connections, channels, detached, unconfigured) = self.state.withLockedValue { s in
             s.shuttingDown = true
             let detached = s.sessions.values.filter { $0.session.isDetached }.map(\.connection)
-            return (s.listeners, Array(s.connections.values), Array(s.channels.values), detached)
+            let unconfigured = s.unconfigured.compactMap { s.channels[$0] }
+            return (s.listeners, Array(s.connections.values), Array(s.channels.values), detached, unconfigured)
         }
         // Sessions waiting for a reconnect have no connection to drain: they end now.
         for c in detached { c.finish(ParleyError(code: .shuttingDown, message: "server is shutting down")) }
@@ -277,6 +283,7 @@ public final class ParleyServer: Service, Sendable {
         if abruptly {
             for c in channels { c.close(promise: nil) }
         } else {
+            for c in unconfigured { c.close(promise: nil) }
             for c in connections { Task { await c.drain() } }
             if let grace = self.configuration.shutdownGracePeriod, !channels.isEmpty {
                 self.scheduleShutdownDeadline(after: grace)
@@ -333,47 +340,58 @@ public final class ParleyServer: Service, Sendable {
         let stopped = self.state.withLockedValue { $0.shuttingDown }
         guard !stopped else { throw ParleyError(code: .shuttingDown, message: "server is shutting down") }
         let (clientEnd, _) = try await InProcessTransport.pair(group: self.group, client: client) { [self] channel in
-            self.initialize(channel)
+            channel.eventLoop.makeCompletedFuture {
+                try self.admit(channel)
+                try self.configurePipeline(channel)
+            }
         }
         return clientEnd
     }
 
-    /// Sets up an accepted channel: tracks it, and serves it once its handshake completes.
-    private func initialize(_ channel: any Channel) -> EventLoopFuture<Void> {
-        channel.eventLoop.makeCompletedFuture {
-            let key = ObjectIdentifier(channel)
-            let (stopping, refused) = self.state.withLockedValue { s -> (Bool, Int) in
-                guard !s.shuttingDown else { return (true, 0) }
-                guard s.channels.count < self.configuration.maxConnections else {
-                    s.refusedConnections += 1
-                    return (false, s.refusedConnections)
-                }
-                s.channels[key] = channel
-                return (false, 0)
+    /// Takes on a just-accepted channel (before a WebSocket upgrade, if any), or refuses it:
+    /// the server is shutting down, or has `maxConnections` already. Counted from here.
+    private func admit(_ channel: any Channel) throws {
+        let key = ObjectIdentifier(channel)
+        let (stopping, refused) = self.state.withLockedValue { s -> (Bool, Int) in
+            guard !s.shuttingDown else { return (true, 0) }
+            guard s.channels.count < self.configuration.maxConnections else {
+                s.refusedConnections += 1
+                return (false, s.refusedConnections)
             }
-            guard !stopping else {
-                throw ParleyError(code: .shuttingDown, message: "server is shutting down")
+            s.channels[key] = channel
+            s.unconfigured.insert(key)
+            return (false, 0)
+        }
+        guard !stopping else {
+            throw ParleyError(code: .shuttingDown, message: "server is shutting down")
+        }
+        guard refused == 0 else {
+            self.connectionsRefused.increment()
+            // The first, then one in a thousand: a flood of connections is no flood of lines.
+            if refused % 1000 == 1 {
+                self.logger.warning("connection refused: \(self.configuration.maxConnections) connections already (\(refused) refused so far)", metadata: [
+                    "peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")",
+                ])
             }
-            guard refused == 0 else {
-                self.connectionsRefused.increment()
-                // The first, then one in a thousand: a flood of connections is no flood of lines.
-                if refused % 1000 == 1 {
-                    self.logger.warning("connection refused: \(self.configuration.maxConnections) connections already (\(refused) refused so far)", metadata: [
-                        "peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")",
-                    ])
-                }
-                throw ParleyError(code: .connectionClosed, message: "server has \(self.configuration.maxConnections) connections already")
+            throw ParleyError(code: .connectionClosed, message: "server has \(self.configuration.maxConnections) connections already")
+        }
+        self.connectionsAccepted.increment()
+        channel.closeFuture.whenComplete { _ in
+            self.state.withLockedValue { s in
+                s.channels.removeValue(forKey: key)
+                s.unconfigured.remove(key)
             }
-            self.connectionsAccepted.increment()
-            channel.closeFuture.whenComplete { _ in
-                self.state.withLockedValue { _ = $0.channels.removeValue(forKey: key) }
-                self.stopIfIdle()
-            }
-            try self.configurePipeline(channel)
+            self.stopIfIdle()
         }
     }
 
     private func configurePipeline(_ channel: any Channel) throws {
+        let stopping = self.state.withLockedValue { s in
+            s.unconfigured.remove(ObjectIdentifier(channel))
+            return s.shuttingDown
+        }
+        // A WebSocket upgraded after the shutdown began: no new session.
+        guard !stopping else { throw ParleyError(code: .shuttingDown, message: "server is shutting down") }
         var ident = Parley_V1_ServerIdent()
         ident.nucleus = self.configuration.nucleus.wire
         let redirects = ident.nucleus.redirects
@@ -451,6 +469,11 @@ public final class ParleyServer: Service, Sendable {
             replaced?.write(.close(ParleyError(code: .sessionSuperseded, message: "a newer connection of this session took over")))
             return .resume(lastReceivedSeq: lastReceived)
         } catch {
+            // Ended as the reconnect arrived (its retention time ran out, or it was forgotten
+            // for a newer one): gone, as if it had been removed a moment earlier.
+            if known.session.isEnded {
+                return .reset(reason: "the server does not have this session any more (\(error.message))")
+            }
             return .refuse(error)
         }
     }
@@ -497,14 +520,18 @@ public final class ParleyServer: Service, Sendable {
                     return s.nextTimerGeneration
                 }
                 let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(retention.nanoseconds)) {
+                    let reason = ParleyError(code: .connectionClosed, message: "the session expired: its client did not reconnect within \(retention)")
                     let expired = self.state.withLockedValue { s -> ParleyConnection? in
                         guard s.retentionTimers[token]?.generation == generation else { return nil }
                         s.stopRetention(token)
-                        guard let known = s.sessions[token], known.session.isDetached else { return nil }
+                        // Checked and ended in one step: a reconnect beginning now (on
+                        // another event loop) either keeps the session or is told it is gone.
+                        guard let known = s.sessions[token], known.session.endIfDetached(reason) else { return nil }
                         return known.connection
                     }
-                    expired?.finish(ParleyError(code: .connectionClosed, message: "the session expired: its client did not reconnect within \(retention)"))
+                    expired?.finish(reason)
                 }
+                let forgotten = ParleyError(code: .connectionClosed, message: "forgotten: more than \(self.configuration.maxDetachedSessions) sessions were waiting for their clients")
                 let evicted = self.state.withLockedValue { s -> [ParleyConnection] in
                     // A new connection may have resumed it already (on another event loop).
                     guard let known = s.sessions[token], known.session.isDetached else {
@@ -518,13 +545,11 @@ public final class ParleyServer: Service, Sendable {
                     while s.detachedOrder.count > self.configuration.maxDetachedSessions {
                         let oldest = s.detachedOrder.removeFirst()
                         s.retentionTimers.removeValue(forKey: oldest)?.timer.cancel()
-                        if let old = s.sessions[oldest], old.session.isDetached { evicted.append(old.connection) }
+                        if let old = s.sessions[oldest], old.session.endIfDetached(forgotten) { evicted.append(old.connection) }
                     }
                     return evicted
                 }
-                for connection in evicted {
-                    connection.finish(ParleyError(code: .connectionClosed, message: "forgotten: more than \(self.configuration.maxDetachedSessions) sessions were waiting for their clients"))
-                }
+                for connection in evicted { connection.finish(forgotten) }
             },
             metricsFactory: self.configuration.metricsFactory
         )

@@ -88,6 +88,32 @@ public protocol ParleyTransport: Sendable {
     func listen(
         on address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer
     ) async throws -> (listener: any Channel, bound: ParleyAddress)
+
+    /// As `listen(on:group:initializer:)`, and calls `admit` on every accepted channel the
+    /// moment it is accepted, before anything is read from it (a throw closes it). Where
+    /// `initializer` runs only after a handshake of the transport's own (a WebSocket
+    /// upgrade), this is how a server counts a connection from the start, and refuses one
+    /// over its limit before it may hold a socket for the whole upgrade timeout. The default
+    /// runs `admit` just before `initializer`, which is right for a transport that runs
+    /// `initializer` at accept.
+    func listen(
+        on address: ParleyAddress, group: any EventLoopGroup, admit: @escaping ParleyChannelAdmission,
+        initializer: @escaping ParleyChannelInitializer
+    ) async throws -> (listener: any Channel, bound: ParleyAddress)
+}
+
+/// Decides, on its event loop, whether a just-accepted channel may stay; throws to close it.
+public typealias ParleyChannelAdmission = @Sendable (any Channel) throws -> Void
+
+extension ParleyTransport {
+    public func listen(
+        on address: ParleyAddress, group: any EventLoopGroup, admit: @escaping ParleyChannelAdmission,
+        initializer: @escaping ParleyChannelInitializer
+    ) async throws -> (listener: any Channel, bound: ParleyAddress) {
+        try await self.listen(on: address, group: group) { channel in
+            channel.eventLoop.makeCompletedFuture { try admit(channel) }.flatMap { initializer(channel) }
+        }
+    }
 }
 
 /// TCP over IPv4 and IPv6, Unix domain sockets, TLS 1.3 over TCP (`tls://`), and WebSocket,
@@ -228,6 +254,17 @@ public struct PosixTransport: ParleyTransport {
     public func listen(
         on address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer
     ) async throws -> (listener: any Channel, bound: ParleyAddress) {
+        try await self.listen(on: address, group: group, admit: { _ in }, initializer: initializer)
+    }
+
+    public func listen(
+        on address: ParleyAddress, group: any EventLoopGroup, admit: @escaping ParleyChannelAdmission,
+        initializer plain: @escaping ParleyChannelInitializer
+    ) async throws -> (listener: any Channel, bound: ParleyAddress) {
+        // Admitted first, before any handler is added: a refused channel costs no TLS or HTTP set-up.
+        let initializer: ParleyChannelInitializer = { channel in
+            channel.eventLoop.makeCompletedFuture { try admit(channel) }.flatMap { plain(channel) }
+        }
         switch address.kind {
         case .tcp(let host, let port):
             let listener = try await self.tcpServer(group).childChannelInitializer(initializer).bind(host: host, port: port).get()
@@ -247,8 +284,9 @@ public struct PosixTransport: ParleyTransport {
             let listener = try await self.tcpServer(group)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        try admit(channel)
                         _ = try TLSPipeline.addServer(to: channel, context: context, tls: tls, timeout: timeout)
-                    }.flatMap { initializer(channel) }
+                    }.flatMap { plain(channel) }
                 }
                 .bind(host: host, port: port).get()
             return (listener, .tls(host: host, port: listener.localAddress?.port ?? port))
@@ -259,8 +297,10 @@ public struct PosixTransport: ParleyTransport {
             let listener = try await self.tcpServer(group)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        // Admitted at accept: `plain` runs only once the upgrade has completed.
+                        try admit(channel)
                         let security = try tls.map { tls in try TLSPipeline.addServer(to: channel, context: context!, tls: tls, timeout: timeout) }
-                        try WebSocketPipeline.configureServer(channel, path: path, options: options, security: security, initializer: initializer)
+                        try WebSocketPipeline.configureServer(channel, path: path, options: options, security: security, initializer: plain)
                     }
                 }
                 .bind(host: host, port: port).get()

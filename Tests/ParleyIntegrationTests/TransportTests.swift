@@ -185,6 +185,38 @@ struct TransportTests {
         }
     }
 
+    /// A WebSocket connection counts against `maxConnections` from its accept, not from its
+    /// upgrade: of three that connect and send nothing to a server that takes two, one is
+    /// closed at once. Before, none were counted until upgraded, so any number could each
+    /// hold a socket for the upgrade timeout (10 s).
+    @Test func webSocketConnectionsCountFromTheirAccept() async throws {
+        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")], configure: { $0.maxConnections = 2 }) { _, addresses in
+            var peers: [RawPeer] = []
+            for _ in 0..<3 { peers.append(try await RawPeer.connect(addresses[0])) }
+            let closed = try await withThrowingTaskGroup(of: Bool.self) { group in
+                for peer in peers {
+                    group.addTask { try await peer.exchange(ByteBuffer(), seconds: 3, halfClose: false).closed }
+                }
+                var closed = 0
+                for try await c in group where c { closed += 1 }
+                return closed
+            }
+            #expect(closed == 1, "\(closed) of 3 idle connections closed by a server that takes 2")
+            // Their places are free again once they have gone (the server sees the closes
+            // a moment later: at most 50 tries).
+            var answered = false
+            for _ in 0..<50 where !answered {
+                if let client = try? await ParleyClient.connect(to: addresses[0], logger: quietLogger) {
+                    answered = (try? await ping(client, 3)) == 3
+                    client.close()
+                } else {
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+            }
+            #expect(answered)
+        }
+    }
+
     @Test func webSocketInsideTLSWithMutualAuthentication() async throws {
         let dir = try Self.certificates(clients: ["client.bob"])
         let seen = SecurityEvents()
