@@ -208,16 +208,31 @@ public final class LosslessSession: Sendable {
     /// outlet: send it `.close` (the handler transmits what is left, then CLOSE).
     @discardableResult
     public func end(_ reason: ParleyError) -> ParleyConnectionHandler.Outlet? {
-        let (waiters, outlet) = self.state.withLockedValue { s -> ([CheckedContinuation<Void, any Error>], ParleyConnectionHandler.Outlet?) in
-            guard s.ended == nil else { return ([], nil) }
+        self.end(reason, onlyIfDetached: false).outlet
+    }
+
+    /// Server side: ends the session only if it is still waiting for its client (no link,
+    /// no reconnect in progress), checked and done in one step: a reconnect that begins
+    /// (`beginResume`) at the moment its retention time runs out either keeps the session
+    /// or finds it ended, never a session ended under its feet. Returns false if the
+    /// session was not waiting (resumed, resuming or ended already).
+    public func endIfDetached(_ reason: ParleyError) -> Bool {
+        self.end(reason, onlyIfDetached: true).ended
+    }
+
+    private func end(_ reason: ParleyError, onlyIfDetached: Bool) -> (ended: Bool, outlet: ParleyConnectionHandler.Outlet?) {
+        let (ended, waiters, outlet) = self.state.withLockedValue { s -> (Bool, [CheckedContinuation<Void, any Error>], ParleyConnectionHandler.Outlet?) in
+            guard s.ended == nil else { return (false, [], nil) }
+            if onlyIfDetached, s.current != nil || s.resuming { return (false, [], nil) }
             s.ended = reason
             s.resuming = false
             defer { s.roomWaiters = [:] }
-            return (Array(s.roomWaiters.values), s.currentOutlet)
+            return (true, Array(s.roomWaiters.values), s.currentOutlet)
         }
         waiters.forEach { $0.resume(throwing: reason) }
-        if outlet == nil { self.release() }
-        return outlet
+        // (`end` releases when there is no link even if the session had ended already.)
+        if outlet == nil, ended || !onlyIfDetached { self.release() }
+        return (ended, outlet)
     }
 
     /// Drops what the ended session still holds (its last link has closed).

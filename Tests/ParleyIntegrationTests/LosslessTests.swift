@@ -115,6 +115,28 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
         }
     }
 
+    /// The server's retention timer and a reconnect meet on different event loops: the
+    /// expiry checks that the session still waits for its client and ends it in one step
+    /// (`endIfDetached`), so a reconnect that began first keeps it, and one that comes after
+    /// finds it ended (the server then answers SESSION_RESET, not a fatal CLOSE). Before,
+    /// the expiry checked `isDetached`, then ended the session outside the check: a reconnect
+    /// in between had its new link closed with "the session expired".
+    @Test func retentionExpiryAndAReconnectDoNotBothWin() throws {
+        let reason = ParleyError(code: .connectionClosed, message: "the session expired")
+        let resumed = LosslessSession(token: [1], serverNonce: 9, bounds: SessionLedger.Bounds())
+        _ = try resumed.beginResume(connectSeq: 1, peerLastReceived: 0)
+        #expect(!resumed.endIfDetached(reason), "a reconnect in progress keeps the session")
+        #expect(!resumed.isEnded)
+        let expired = LosslessSession(token: [2], serverNonce: 9, bounds: SessionLedger.Bounds())
+        #expect(expired.isDetached)
+        #expect(expired.endIfDetached(reason))
+        #expect(expired.isEnded && !expired.isDetached)
+        #expect(!expired.endIfDetached(reason), "ended once")
+        #expect(throws: ParleyError.self, "a reconnect after the expiry finds the session ended") {
+            _ = try expired.beginResume(connectSeq: 1, peerLastReceived: 0)
+        }
+    }
+
     @Test func aServerWithoutSessionsGivesALossyConnection() async throws {
         try await withServer(configure: { $0.sessionRetention = nil }) { _, addresses in
             let client = try await ParleyClient.connect(to: addresses[0], configuration: losslessConfiguration(), logger: quietLogger)
