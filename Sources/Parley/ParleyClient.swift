@@ -91,7 +91,8 @@ public final class ParleyClient: Sendable {
         public var backoffBase: Duration
         /// ...up to this one, each delay drawn at random between its half and itself (jitter).
         public var backoffMax: Duration
-        /// Give up reconnecting after this long: the connection then ends with the last error.
+        /// Give up reconnecting this long after the link broke (an attempt still connecting
+        /// then is abandoned): the connection ends with the last error.
         public var reconnectTimeout: Duration
         /// Test hook: each reconnect dials this many connections at once (a connection race).
         public var raceAttempts: Int = 1

@@ -69,17 +69,22 @@ final class Reconnector: Sendable {
         }
     }
 
+    /// How long one attempt (connection, TLS or WebSocket set-up, and handshake) may take.
+    static let attemptTimeout = Duration.seconds(5)
+
     private func reconnect(_ c: Context) async {
         guard let options = c.configuration.lossless else { return }
-        let began = ContinuousClock.now
+        // No attempt and no back-off runs past this: the connect and the handshake of the
+        // last attempt are cut short by it too.
+        let giveUp = ContinuousClock.now + options.reconnectTimeout
         var attempt = 0
         var lastError = ParleyError(code: .connectionClosed, message: "the link broke")
         while !c.session.isEnded {
             if attempt > 0 {
                 let delay = Self.backoff(attempt: attempt, base: options.backoffBase, max: options.backoffMax)
-                try? await Task.sleep(for: delay)
+                try? await Task.sleep(until: min(ContinuousClock.now + delay, giveUp))
             }
-            if ContinuousClock.now - began > options.reconnectTimeout {
+            if ContinuousClock.now >= giveUp {
                 c.connection.finish(ParleyError(
                     code: .connectionClosed,
                     message: "could not reconnect to \(c.address) within \(options.reconnectTimeout) (\(attempt) attempts); last error: \(lastError.message)",
@@ -89,7 +94,7 @@ final class Reconnector: Sendable {
             }
             attempt += 1
             do {
-                try await self.attemptAll(c, count: max(1, options.raceAttempts))
+                try await self.attemptAll(c, count: max(1, options.raceAttempts), deadline: min(ContinuousClock.now + Self.attemptTimeout, giveUp))
                 return
             } catch let error as ParleyError {
                 if Self.isFatal(error) {
@@ -121,10 +126,10 @@ final class Reconnector: Sendable {
 
     /// One reconnect: `count` connections dialled at once (1 outside race tests); succeeds
     /// when one of them has attached.
-    private func attemptAll(_ c: Context, count: Int) async throws {
+    private func attemptAll(_ c: Context, count: Int, deadline: ContinuousClock.Instant) async throws {
         if count == 1 {
             let offer = c.session.nextResumeOffer()
-            try await self.attempt(c, offer: offer, round: offer.connectSeq)
+            try await self.attempt(c, offer: offer, round: offer.connectSeq, deadline: deadline)
             return
         }
         let offers = (0..<count).map { _ in c.session.nextResumeOffer() }
@@ -133,7 +138,7 @@ final class Reconnector: Sendable {
             for offer in offers {
                 group.addTask {
                     do {
-                        try await self.attempt(c, offer: offer, round: round)
+                        try await self.attempt(c, offer: offer, round: round, deadline: deadline)
                         return nil
                     } catch {
                         return error as? ParleyError ?? ParleyError(code: .connectFailed, message: "\(error)")
@@ -147,8 +152,9 @@ final class Reconnector: Sendable {
         if errors.count == count { throw errors.first { Self.isFatal($0) } ?? errors[0] }
     }
 
-    /// One attempt of the reconnect whose first attempt had connect_seq `round`.
-    private func attempt(_ c: Context, offer: SessionResumeOffer, round: UInt64) async throws {
+    /// One attempt of the reconnect whose first attempt had connect_seq `round`, abandoned
+    /// at `deadline`.
+    private func attempt(_ c: Context, offer: SessionResumeOffer, round: UInt64, deadline: ContinuousClock.Instant) async throws {
         let configuration = c.configuration
         let machine = ParleyClient.handshake(configuration, address: c.address, ident: c.ident, resume: offer)
         let options = try configuration.limits.pipelineOptions(maxFrameSize: configuration.maxFrameSize)
@@ -197,7 +203,9 @@ final class Reconnector: Sendable {
         let channel: any Channel
         do {
             // On the connection's own event loop: its handlers and timers stay where they were.
-            channel = try await configuration.transport.connect(to: c.address, group: connection.eventLoop, initializer: initializer)
+            channel = try await Self.connect(before: deadline, on: connection.eventLoop) {
+                try await configuration.transport.connect(to: c.address, group: connection.eventLoop, initializer: initializer)
+            }
         } catch {
             throw ParleyError(code: .connectFailed, message: "cannot reconnect to \(c.address): \((error as? ParleyError)?.message ?? "\(error)")", cause: error)
         }
@@ -209,7 +217,7 @@ final class Reconnector: Sendable {
         // The timer is cancelled on the event loop the moment the handshake completes: cancelled
         // only when this task resumed (on a loaded machine, after the 5 s), it closed the link
         // that had just been attached (a fresh-clone CI run lost its new session that way).
-        let timer = channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
+        let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(max(0, (deadline - ContinuousClock.now).nanoseconds))) { channel.close(promise: nil) }
         future.whenComplete { _ in timer.cancel() }
         do {
             try await future.get()
@@ -217,6 +225,39 @@ final class Reconnector: Sendable {
             throw error
         } catch {
             throw ParleyError(code: .connectionClosed, message: "\(error)", cause: error)
+        }
+    }
+
+    /// Runs `connect`, waiting for it at most until `deadline`: a transport's own connect
+    /// timeout (10 s by default), then its TLS handshake or WebSocket upgrade, would
+    /// otherwise hold an attempt past its 5 s and a reconnect past its end. At the deadline
+    /// the connect task is cancelled; a channel it still brings later is closed.
+    static func connect(
+        before deadline: ContinuousClock.Instant, on eventLoop: any EventLoop,
+        _ connect: @escaping @Sendable () async throws -> any Channel
+    ) async throws -> any Channel {
+        let waiter = NIOLockedValueBox<CheckedContinuation<any Channel, any Error>?>(nil)
+        let take: @Sendable () -> CheckedContinuation<any Channel, any Error>? = { waiter.withLockedValue { w -> CheckedContinuation<any Channel, any Error>? in defer { w = nil }; return w } }
+        return try await withCheckedThrowingContinuation { continuation in
+            waiter.withLockedValue { $0 = continuation }
+            let connecting = Task {
+                do {
+                    let channel = try await connect()
+                    if let waiting = take() { waiting.resume(returning: channel) } else { channel.close(promise: nil) }
+                } catch {
+                    take()?.resume(throwing: error)
+                }
+            }
+            let left = max(0, (deadline - ContinuousClock.now).nanoseconds)
+            let timer = eventLoop.scheduleTask(in: .nanoseconds(left)) {
+                guard let waiting = take() else { return }
+                connecting.cancel()
+                waiting.resume(throwing: ParleyError(code: .timeout, message: "not connected within the attempt's time (\(Self.attemptTimeout) at most)"))
+            }
+            Task {
+                _ = await connecting.result
+                timer.cancel()
+            }
         }
     }
 }

@@ -137,6 +137,31 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
         }
     }
 
+    /// The reconnect time bounds a reconnect as a whole: an attempt whose connect hangs (a
+    /// network that swallows SYNs: the transport's own connect timeout is 10 s, and a TLS
+    /// handshake or WebSocket upgrade may take 10 s more) is cut short at the reconnect's
+    /// end, and its connect task cancelled. Before, the 5 s per attempt counted only from
+    /// the connect's end, and the reconnect time was checked only between attempts: here the
+    /// connection ended two minutes after the cut instead of two seconds.
+    @Test func aReconnectWhoseConnectHangsEndsAtTheReconnectTime() async throws {
+        try await withServer { _, addresses in
+            let transport = HangingAfterFirstConnect()
+            var options = ParleyClient.LosslessOptions()
+            options.reconnectTimeout = .seconds(2)
+            var configuration = losslessConfiguration(options)
+            configuration.transport = transport
+            let client = try await ParleyClient.connect(to: addresses[0], configuration: configuration, logger: quietLogger)
+            #expect(try await ping(client, 1) == 1)
+            let cut = ContinuousClock.now
+            try await transport.first.withLockedValue { $0 }?.close()
+            let reason = await client.connection.closed()
+            let took = ContinuousClock.now - cut
+            #expect(reason.message.contains("could not reconnect"), "\(reason)")
+            #expect(took < .seconds(60), "ended \(took) after the cut, with a reconnect time of 2 s")
+            #expect(try await eventually { transport.cancelled.withLockedValue { $0 } >= 1 }, "the hanging connect was not cancelled")
+        }
+    }
+
     @Test func aServerWithoutSessionsGivesALossyConnection() async throws {
         try await withServer(configure: { $0.sessionRetention = nil }) { _, addresses in
             let client = try await ParleyClient.connect(to: addresses[0], configuration: losslessConfiguration(), logger: quietLogger)
@@ -581,5 +606,37 @@ func losslessConfiguration(_ options: ParleyClient.LosslessOptions = .init()) ->
             #expect(try await eventually { server.sessionCount == 0 }, "the server forgot the session")
             #expect(try await eventually { released == nil }, "the closed connection is still referenced")
         }
+    }
+}
+
+/// Connects through a `PosixTransport` the first time; every later connect hangs for two
+/// minutes unless cancelled (a network that swallows SYNs).
+struct HangingAfterFirstConnect: ParleyTransport {
+    let base = PosixTransport()
+    let connects = NIOLockedValueBox(0)
+    let first = NIOLockedValueBox<(any Channel)?>(nil)
+    let cancelled = NIOLockedValueBox(0)
+
+    func connect(to address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> any Channel {
+        let n = self.connects.withLockedValue { n -> Int in
+            n += 1
+            return n
+        }
+        if n == 1 {
+            let channel = try await self.base.connect(to: address, group: group, initializer: initializer)
+            self.first.withLockedValue { $0 = channel }
+            return channel
+        }
+        do {
+            try await Task.sleep(for: .seconds(120))
+        } catch {
+            self.cancelled.withLockedValue { $0 += 1 }
+            throw error
+        }
+        throw ParleyError(code: .connectFailed, message: "the hanging connect ended")
+    }
+
+    func listen(on address: ParleyAddress, group: any EventLoopGroup, initializer: @escaping ParleyChannelInitializer) async throws -> (listener: any Channel, bound: ParleyAddress) {
+        try await self.base.listen(on: address, group: group, initializer: initializer)
     }
 }
