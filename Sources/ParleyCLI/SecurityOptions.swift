@@ -22,6 +22,9 @@ struct ServerSecurityOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Capabilities of clients no method identified (auth none, TLS without a certificate), comma-separated.", valueName: "caps"))
     var anonymousCaps: String = "*"
 
+    @Option(name: .customLong("ws-allow-origin"), help: ArgumentHelp("A web origin (scheme://host[:port], as browsers send it in Origin) whose pages may connect to ws:// and wss:// listeners (repeatable; * for any). Clients that are not browsers send no Origin and are always accepted; without this option, a request from a web page is refused (403).", valueName: "origin"))
+    var wsAllowOrigin: [String] = []
+
     var methods: [String] { Self.list(self.auth) }
 
     static func list(_ text: String) -> [String] {
@@ -37,6 +40,12 @@ struct ServerSecurityOptions: ParsableArguments {
         } catch let error as ParleyError {
             throw ValidationError(error.message)
         }
+        for origin in self.wsAllowOrigin where origin != "*" {
+            let parts = origin.split(separator: "://", maxSplits: 1)
+            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty, !parts[1].contains("/"), !origin.contains(where: \.isWhitespace) else {
+                throw ValidationError("--ws-allow-origin \(origin): not an origin; give scheme://host[:port] as browsers send it (https://app.example.com, no path), or *")
+            }
+        }
         let tls = listen.contains(where: \.usesTLS)
         if tls && self.cert == nil { throw ValidationError("tls:// and wss:// need --cert DIR (make one with `parley cert init --dir DIR`)") }
         if self.methods.contains(AuthMethod.tls) && !tls { throw ValidationError("--auth tls needs a tls:// or wss:// listener") }
@@ -49,9 +58,12 @@ struct ServerSecurityOptions: ParsableArguments {
         configuration.anonymousCapabilities = Self.list(self.anonymousCaps)
         // Called at validation too: a bad keyring or certificate stops the command before it starts.
         if let path = self.keyring { configuration.keyring = try ParleyKeyringSource(path: path) }
-        if let cert = self.cert {
+        if self.cert != nil || !self.wsAllowOrigin.isEmpty {
             var transport = PosixTransport()
-            transport.tls = try ParleyTLS.server(directory: cert, clientCertificates: self.requireClientCert ? .required : .optional)
+            if let cert = self.cert {
+                transport.tls = try ParleyTLS.server(directory: cert, clientCertificates: self.requireClientCert ? .required : .optional)
+            }
+            transport.webSocketAllowedOrigins = Set(self.wsAllowOrigin)
             configuration.transport = transport
         }
     }

@@ -134,6 +134,12 @@ public struct PosixTransport: ParleyTransport {
     /// The largest WebSocket frame accepted from the peer (whole frames are buffered; Parley
     /// itself sends frames of at most 64 KiB).
     public var webSocketMaxFrameSize: Int
+    /// Web origins (`Origin` header values such as `https://app.example.com`) whose pages may
+    /// open a `ws://` or `wss://` connection; `*` allows any. An upgrade request without an
+    /// `Origin` header (every client that is not a browser, Parley's own included) is always
+    /// accepted; one with an origin not listed gets 403 (RFC 6455 10.2): a web page a user
+    /// visits cannot reach a Parley server behind their firewall through their browser.
+    public var webSocketAllowedOrigins: Set<String> = []
 
     /// - Parameters:
     ///   - tls: certificates and trust for `tls://` and `wss://` (`ParleyTLS.server(directory:)`,
@@ -150,7 +156,7 @@ public struct PosixTransport: ParleyTransport {
     }
 
     private var webSocketOptions: WebSocketPipeline.Options {
-        .init(maxFrameSize: self.webSocketMaxFrameSize, upgradeTimeout: self.handshakeTimeout)
+        .init(maxFrameSize: self.webSocketMaxFrameSize, upgradeTimeout: self.handshakeTimeout, allowedOrigins: self.webSocketAllowedOrigins)
     }
 
     private func requireTLS(_ address: ParleyAddress) throws(ParleyError) -> ParleyTLS {

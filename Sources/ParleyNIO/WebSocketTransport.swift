@@ -17,6 +17,17 @@ enum WebSocketPipeline {
         var maxFrameSize: Int
         /// How long a server waits for an upgrade request before closing the connection.
         var upgradeTimeout: TimeAmount
+        /// Server side: the web origins allowed (`PosixTransport.webSocketAllowedOrigins`).
+        var allowedOrigins: Set<String> = []
+
+        /// True if a request with these headers may upgrade: no `Origin` (not a browser), or
+        /// an allowed one.
+        func allows(_ headers: HTTPHeaders) -> Bool {
+            let origins = headers["Origin"]
+            guard !origins.isEmpty else { return true }
+            if self.allowedOrigins.contains("*") { return true }
+            return origins.allSatisfy { self.allowedOrigins.contains($0) }
+        }
     }
 
     /// Sets up an accepted channel as an HTTP/1.1 server that upgrades requests for `path` to
@@ -32,13 +43,13 @@ enum WebSocketPipeline {
         let upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: options.maxFrameSize, automaticErrorHandling: true,
             shouldUpgrade: { channel, head in
-                channel.eventLoop.makeSucceededFuture(Self.path(of: head.uri) == path ? HTTPHeaders() : nil)
+                channel.eventLoop.makeSucceededFuture(Self.path(of: head.uri) == path && options.allows(head.headers) ? HTTPHeaders() : nil)
             },
             upgradePipelineHandler: { channel, _ in
                 Self.addParley(to: channel, role: .server, security: securityBox, initializer: initializer)
             }
         )
-        let refusal = HTTPRefusalHandler(path: path, timeout: options.upgradeTimeout)
+        let refusal = HTTPRefusalHandler(path: path, options: options)
         try channel.pipeline.syncOperations.configureHTTPServerPipeline(
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
                 // Called before the upgrader adds its handlers: nothing HTTP may stay behind.
@@ -129,8 +140,9 @@ enum WebSocketPipeline {
     }
 }
 
-/// Answers the HTTP requests that do not upgrade: 404 for another path, 426 (Upgrade
-/// Required) for the WebSocket path without a WebSocket upgrade; then closes. Also closes a
+/// Answers the HTTP requests that do not upgrade: 404 for another path, 403 for the WebSocket
+/// path from a web origin not allowed, 426 (Upgrade Required) for the WebSocket path without
+/// a WebSocket upgrade; then closes. Also closes a
 /// connection that has not upgraded within `timeout`. Removed from the pipeline when an
 /// upgrade starts.
 final class HTTPRefusalHandler: ChannelInboundHandler, RemovableChannelHandler {
@@ -139,18 +151,18 @@ final class HTTPRefusalHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     static let name = "parley.http-refusal"
     private let path: String
-    private let timeout: TimeAmount
+    private let options: WebSocketPipeline.Options
     private var timer: Scheduled<Void>?
     private var request: HTTPRequestHead?
 
-    init(path: String, timeout: TimeAmount) {
+    init(path: String, options: WebSocketPipeline.Options) {
         self.path = path
-        self.timeout = timeout
+        self.options = options
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
         let channel = context.channel
-        self.timer = context.eventLoop.scheduleTask(in: self.timeout) { channel.close(promise: nil) }
+        self.timer = context.eventLoop.scheduleTask(in: self.options.upgradeTimeout) { channel.close(promise: nil) }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -170,7 +182,11 @@ final class HTTPRefusalHandler: ChannelInboundHandler, RemovableChannelHandler {
             let status: HTTPResponseStatus
             let text: String
             var headers = HTTPHeaders([("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close")])
-            if WebSocketPipeline.path(of: request.uri) == self.path {
+            if WebSocketPipeline.path(of: request.uri) == self.path, !self.options.allows(request.headers) {
+                status = .forbidden
+                let origin = request.headers["Origin"].joined(separator: ", ")
+                text = "\(self.path) does not accept connections from web pages of \(origin): allowed origins are \(self.options.allowedOrigins.isEmpty ? "none" : self.options.allowedOrigins.sorted().joined(separator: " ")) (parley serve --ws-allow-origin).\n"
+            } else if WebSocketPipeline.path(of: request.uri) == self.path {
                 status = .upgradeRequired
                 text = "\(self.path) is a Parley WebSocket endpoint: send a WebSocket upgrade request (Upgrade: websocket).\n"
                 headers.add(name: "Upgrade", value: "websocket")

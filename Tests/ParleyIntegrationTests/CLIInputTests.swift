@@ -25,6 +25,13 @@ import Testing
         #expect(out.status != 0 && out.combined.contains("--min-client-version"), "\(out.combined)")
     }
 
+    /// `--ws-allow-origin` takes an origin as browsers send it, or `*`.
+    @Test(arguments: ["app.example.com", "https://app.example.com/", "https://", "https://a b"])
+    func aWebSocketOriginThatIsNoOriginIsRefused(origin: String) async throws {
+        let out = try await parley(["serve", "--listen", "ws://127.0.0.1:0/parley", "--ws-allow-origin", origin])
+        #expect(out.status != 0 && out.combined.contains("--ws-allow-origin \(origin): not an origin"), "\(out.combined)")
+    }
+
     /// `conform --only ID ADDRESS`: the address written after the ids is the address.
     @Test func anAddressAfterTheOnlyIdsIsTheAddress() async throws {
         try await withServer { server, addresses in

@@ -185,6 +185,35 @@ struct TransportTests {
         }
     }
 
+    /// An upgrade request from a web page (it carries `Origin`) is refused with 403 unless
+    /// its origin is allowed; one without `Origin` (not a browser) is always upgraded.
+    @Test func webSocketUpgradesFromWebPagesNeedAnAllowedOrigin() async throws {
+        var transport = PosixTransport()
+        transport.webSocketAllowedOrigins = ["https://app.example"]
+        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")], configure: { $0.transport = transport }) { _, addresses in
+            guard case .webSocket(let host, let port, _, _) = addresses[0].kind else { return }
+            for (origin, status) in [("https://evil.example", "HTTP/1.1 403 Forbidden"), ("https://app.example", "HTTP/1.1 101"), (nil, "HTTP/1.1 101")] {
+                let peer = try await RawPeer.connect(.tcp(host: host, port: port))
+                var request = "GET /parley HTTP/1.1\r\nHost: \(host):\(port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                request += "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                if let origin { request += "Origin: \(origin)\r\n" }
+                request += "\r\n"
+                let (answer, _) = try await peer.exchange(ByteBuffer(string: request), seconds: 3, halfClose: false) { $0.readableBytes >= 12 }
+                let text = String(buffer: answer)
+                #expect(text.hasPrefix(status), "Origin \(origin ?? "none"): \(text)")
+                if origin == "https://evil.example" { #expect(text.contains("allowed origins are https://app.example"), "\(text)") }
+            }
+        }
+        // The default allows no web origin at all.
+        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")]) { _, addresses in
+            guard case .webSocket(let host, let port, _, _) = addresses[0].kind else { return }
+            let peer = try await RawPeer.connect(.tcp(host: host, port: port))
+            let request = "GET /parley HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: https://app.example\r\n\r\n"
+            let (answer, closed) = try await peer.exchange(ByteBuffer(string: request), seconds: 3, halfClose: false)
+            #expect(String(buffer: answer).hasPrefix("HTTP/1.1 403 Forbidden") && closed, "\(String(buffer: answer))")
+        }
+    }
+
     /// A WebSocket connection counts against `maxConnections` from its accept, not from its
     /// upgrade: of three that connect and send nothing to a server that takes two, one is
     /// closed at once. Before, none were counted until upgraded, so any number could each
