@@ -84,6 +84,9 @@ final class Reconnector: Sendable {
                 let delay = Self.backoff(attempt: attempt, base: options.backoffBase, max: options.backoffMax)
                 try? await Task.sleep(until: min(ContinuousClock.now + delay, giveUp))
             }
+            // After a failed attempt (every offer cleared the current link): a link attached
+            // meanwhile by a racing attempt is the reconnect's success.
+            if attempt > 0, c.session.currentOutlet != nil { return }
             if ContinuousClock.now >= giveUp {
                 c.connection.finish(ParleyError(
                     code: .connectionClosed,
@@ -159,6 +162,7 @@ final class Reconnector: Sendable {
         let machine = ParleyClient.handshake(configuration, address: c.address, ident: c.ident, resume: offer)
         let options = try configuration.limits.pipelineOptions(maxFrameSize: configuration.maxFrameSize)
         let established = ChannelKeyed<EventLoopFuture<Void>>()  // by channel: see ParleyClient.connectOnce
+        let initialized = NIOLockedValueBox(false)
         let connection = c.connection
         let session = c.session
         let initializer: ParleyChannelInitializer = { channel in
@@ -198,12 +202,21 @@ final class Reconnector: Sendable {
                 handler.secureCounterStart = configuration.secureCounterStart
                 established.set(handler.established, for: channel)
                 try ParleyPipeline.configure(channel, options: options, handler: handler)
+                // A server that accepts but never answers (stopped, overloaded) must not hold
+                // the attempt past its deadline; nor a connect that never completes (closing
+                // the channel fails it). Armed and cancelled on the event loop, where the
+                // handshake completes: a timer cancelled later (when the waiting task resumed,
+                // on a loaded machine after the deadline) closed the link that had just been
+                // attached (a fresh-clone CI run lost its new session that way).
+                let timer = channel.eventLoop.scheduleTask(in: Self.timeLeft(until: deadline)) { channel.close(promise: nil) }
+                handler.established.whenComplete { _ in timer.cancel() }
+                initialized.withLockedValue { $0 = true }
             }
         }
         let channel: any Channel
         do {
             // On the connection's own event loop: its handlers and timers stay where they were.
-            channel = try await Self.connect(before: deadline, on: connection.eventLoop) {
+            channel = try await Self.connect(before: deadline, on: connection.eventLoop, unlessInitialized: { initialized.withLockedValue { $0 } }) {
                 try await configuration.transport.connect(to: c.address, group: connection.eventLoop, initializer: initializer)
             }
         } catch {
@@ -213,12 +226,6 @@ final class Reconnector: Sendable {
             channel.close(promise: nil)
             throw ParleyError(code: .connectFailed, message: "the transport did not set up the channel")
         }
-        // A server that accepts but never answers (stopped, overloaded) must not hold the attempt.
-        // The timer is cancelled on the event loop the moment the handshake completes: cancelled
-        // only when this task resumed (on a loaded machine, after the 5 s), it closed the link
-        // that had just been attached (a fresh-clone CI run lost its new session that way).
-        let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(max(0, (deadline - ContinuousClock.now).nanoseconds))) { channel.close(promise: nil) }
-        future.whenComplete { _ in timer.cancel() }
         do {
             try await future.get()
         } catch let error as ParleyError {
@@ -228,12 +235,19 @@ final class Reconnector: Sendable {
         }
     }
 
-    /// Runs `connect`, waiting for it at most until `deadline`: a transport's own connect
-    /// timeout (10 s by default), then its TLS handshake or WebSocket upgrade, would
-    /// otherwise hold an attempt past its 5 s and a reconnect past its end. At the deadline
-    /// the connect task is cancelled; a channel it still brings later is closed.
+    static func timeLeft(until deadline: ContinuousClock.Instant) -> TimeAmount {
+        .nanoseconds(max(0, (deadline - ContinuousClock.now).nanoseconds))
+    }
+
+    /// Runs `connect`, waiting for it at most until `deadline` unless the attempt's channel
+    /// initializer has run by then (`initialized`, checked on `eventLoop`, the channel's):
+    /// then the timer it armed governs, and ends the connect by closing the channel. Without
+    /// this, a transport that runs the initializer only after a set-up of its own (a
+    /// WebSocket upgrade, 10 s at most), or a connect that never calls it, would hold an
+    /// attempt past its 5 s and a reconnect past its end. Giving up cancels the connect
+    /// task; a channel it still brings later is closed.
     static func connect(
-        before deadline: ContinuousClock.Instant, on eventLoop: any EventLoop,
+        before deadline: ContinuousClock.Instant, on eventLoop: any EventLoop, unlessInitialized initialized: @escaping @Sendable () -> Bool,
         _ connect: @escaping @Sendable () async throws -> any Channel
     ) async throws -> any Channel {
         let waiter = NIOLockedValueBox<CheckedContinuation<any Channel, any Error>?>(nil)
@@ -248,9 +262,8 @@ final class Reconnector: Sendable {
                     take()?.resume(throwing: error)
                 }
             }
-            let left = max(0, (deadline - ContinuousClock.now).nanoseconds)
-            let timer = eventLoop.scheduleTask(in: .nanoseconds(left)) {
-                guard let waiting = take() else { return }
+            let timer = eventLoop.scheduleTask(in: Self.timeLeft(until: deadline)) {
+                guard !initialized(), let waiting = take() else { return }
                 connecting.cancel()
                 waiting.resume(throwing: ParleyError(code: .timeout, message: "not connected within the attempt's time (\(Self.attemptTimeout) at most)"))
             }

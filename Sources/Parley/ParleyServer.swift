@@ -521,18 +521,18 @@ public final class ParleyServer: Service, Sendable {
                 }
                 let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(retention.nanoseconds)) {
                     let reason = ParleyError(code: .connectionClosed, message: "the session expired: its client did not reconnect within \(retention)")
-                    let expired = self.state.withLockedValue { s -> ParleyConnection? in
+                    let expiring = self.state.withLockedValue { s -> (session: LosslessSession, connection: ParleyConnection)? in
                         guard s.retentionTimers[token]?.generation == generation else { return nil }
                         s.stopRetention(token)
-                        // Checked and ended in one step: a reconnect beginning now (on
-                        // another event loop) either keeps the session or is told it is gone.
-                        guard let known = s.sessions[token], known.session.endIfDetached(reason) else { return nil }
-                        return known.connection
+                        return s.sessions[token].map { ($0.session, $0.connection) }
                     }
-                    expired?.finish(reason)
+                    // Checked and ended in one step (outside the server's lock: it frees the
+                    // replay ledger): a reconnect beginning now, on another event loop, either
+                    // keeps the session or is told it is gone.
+                    if let expiring, expiring.session.endIfDetached(reason) { expiring.connection.finish(reason) }
                 }
                 let forgotten = ParleyError(code: .connectionClosed, message: "forgotten: more than \(self.configuration.maxDetachedSessions) sessions were waiting for their clients")
-                let evicted = self.state.withLockedValue { s -> [ParleyConnection] in
+                let evicted = self.state.withLockedValue { s -> [(session: LosslessSession, connection: ParleyConnection)] in
                     // A new connection may have resumed it already (on another event loop).
                     guard let known = s.sessions[token], known.session.isDetached else {
                         timer.cancel()
@@ -541,15 +541,15 @@ public final class ParleyServer: Service, Sendable {
                     s.stopRetention(token)
                     s.retentionTimers[token] = (generation, timer)
                     s.detachedOrder.append(token)
-                    var evicted: [ParleyConnection] = []
+                    var evicted: [(session: LosslessSession, connection: ParleyConnection)] = []
                     while s.detachedOrder.count > self.configuration.maxDetachedSessions {
                         let oldest = s.detachedOrder.removeFirst()
                         s.retentionTimers.removeValue(forKey: oldest)?.timer.cancel()
-                        if let old = s.sessions[oldest], old.session.endIfDetached(forgotten) { evicted.append(old.connection) }
+                        if let old = s.sessions[oldest] { evicted.append((old.session, old.connection)) }
                     }
                     return evicted
                 }
-                for connection in evicted { connection.finish(forgotten) }
+                for old in evicted where old.session.endIfDetached(forgotten) { old.connection.finish(forgotten) }
             },
             metricsFactory: self.configuration.metricsFactory
         )

@@ -95,7 +95,7 @@ public protocol ParleyTransport: Sendable {
     /// upgrade), this is how a server counts a connection from the start, and refuses one
     /// over its limit before it may hold a socket for the whole upgrade timeout. The default
     /// runs `admit` just before `initializer`, which is right for a transport that runs
-    /// `initializer` at accept.
+    /// `initializer` at accept; a transport that wraps another should pass `admit` on.
     func listen(
         on address: ParleyAddress, group: any EventLoopGroup, admit: @escaping ParleyChannelAdmission,
         initializer: @escaping ParleyChannelInitializer

@@ -774,6 +774,14 @@ struct ObservingTransport: ParleyTransport {
         try await self.base.listen(on: address, group: group, initializer: self.observing(initializer))
     }
 
+    // A wrapper passes the admission on: the default would admit only at `initializer`,
+    // after a WebSocket upgrade.
+    func listen(
+        on address: ParleyAddress, group: any EventLoopGroup, admit: @escaping ParleyChannelAdmission, initializer: @escaping ParleyChannelInitializer
+    ) async throws -> (listener: any Channel, bound: ParleyAddress) {
+        try await self.base.listen(on: address, group: group, admit: admit, initializer: self.observing(initializer))
+    }
+
     private func observing(_ initializer: @escaping ParleyChannelInitializer) -> ParleyChannelInitializer {
         let events = self.events
         return { channel in
