@@ -229,21 +229,51 @@ public final class WorkCommandCenter: Sendable {
         }
     }
 
-    /// Events of a command held for its reader, at most (each update up to 64 KiB or so):
-    /// past them the reader is too slow, and the command is stopped rather than its output
-    /// kept in memory without end (the worker's side answers updates as they come).
+    /// Events of a command held for its reader, at most, and their output bytes at most
+    /// (a worker's update may carry up to a frame's 16 MiB): past either the reader is too
+    /// slow, and the command is stopped rather than its output kept in memory without end
+    /// (the worker's side answers updates as they come).
     static let maxBufferedEvents = 1024
+    static let maxBufferedBytes = 64 << 20
 
-    /// Whether yielding `event` found the reader `maxBufferedEvents` updates behind. The
-    /// buffer holds one more: the command's result always gets in behind its updates.
-    static func overflows(_ yielded: AsyncThrowingStream<Event, any Error>.Continuation.YieldResult, _ event: Event) -> Bool {
-        switch yielded {
-        case .enqueued(let remaining):
-            if case .update = event { return remaining == 0 }
-            return false
-        case .dropped: return true
-        case .terminated: return false
-        @unknown default: return false
+    /// The output an event holds (what a slow reader makes the master keep).
+    static func bytes(of event: Event) -> Int {
+        guard case .update(let u) = event else { return 0 }
+        return u.stdout.count + u.stderr.count + u.log.count + u.header.utf8.count + u.logName.utf8.count
+    }
+
+    /// What waits for a command's reader: the sizes of the events in the stream's buffer,
+    /// oldest first (the reader takes the oldest), and their sum.
+    struct Backlog {
+        var sizes = CircularBuffer<Int>()
+        var bytes = 0
+        var overflow: ParleyError?
+
+        /// `event` of `size` bytes was yielded, finding `yielded`: returns why the reader is
+        /// too slow, if it now is (updates only: the command's result always gets in, the
+        /// buffer holds one event more for it).
+        mutating func yielded(_ yielded: AsyncThrowingStream<Event, any Error>.Continuation.YieldResult, _ event: Event, size: Int, id: UInt64) -> ParleyError? {
+            let waiting: Int
+            switch yielded {
+            case .enqueued(let remaining): waiting = WorkCommandCenter.maxBufferedEvents + 1 - remaining
+            case .dropped: waiting = WorkCommandCenter.maxBufferedEvents + 1
+            case .terminated: return nil
+            @unknown default: return nil
+            }
+            if case .enqueued = yielded {
+                self.sizes.append(size)
+                self.bytes += size
+            }
+            // The reader took the oldest ones meanwhile.
+            while self.sizes.count > waiting { self.bytes -= self.sizes.removeFirst() }
+            guard case .update = event else { return nil }
+            if waiting > WorkCommandCenter.maxBufferedEvents {
+                return ParleyError(code: .cancelled, message: "command \(id) stopped: its output came faster than it was read (\(WorkCommandCenter.maxBufferedEvents) updates waiting)")
+            }
+            if self.bytes > WorkCommandCenter.maxBufferedBytes {
+                return ParleyError(code: .cancelled, message: "command \(id) stopped: its output came faster than it was read (\(self.bytes >> 20) MiB waiting)")
+            }
+            return nil
         }
     }
 
@@ -257,21 +287,24 @@ public final class WorkCommandCenter: Sendable {
         _ pump: @escaping @Sendable (_ pass: @Sendable (Event) -> Void) async throws -> Void
     ) -> Run {
         let (events, continuation) = AsyncThrowingStream<Event, any Error>.makeStream(bufferingPolicy: .bufferingOldest(Self.maxBufferedEvents + 1))
-        let overflow = NIOLockedValueBox<ParleyError?>(nil)
+        let backlog = NIOLockedValueBox(Backlog())
+        let overflow: @Sendable () -> ParleyError? = { backlog.withLockedValue { $0.overflow } }
         let pass: @Sendable (Event) -> Void = { event in
-            guard overflow.withLockedValue({ $0 == nil }), Self.overflows(continuation.yield(event), event) else { return }
-            overflow.withLockedValue {
-                $0 = ParleyError(code: .cancelled, message: "command \(id) stopped: its output came faster than it was read (\(Self.maxBufferedEvents) updates waiting)")
+            // Yielded under the lock: the sizes stay in the order of the buffer.
+            let stopped = backlog.withLockedValue { b -> Bool in
+                guard b.overflow == nil else { return false }
+                b.overflow = b.yielded(continuation.yield(event), event, size: Self.bytes(of: event), id: id)
+                return b.overflow != nil
             }
-            withUnsafeCurrentTask { $0?.cancel() }
+            if stopped { withUnsafeCurrentTask { $0?.cancel() } }
         }
         let forward = Task {
             defer { self.state.withLockedValue { _ = $0.commands.removeValue(forKey: id) } }
             do {
                 try await pump(pass)
-                if let stopped = overflow.withLockedValue({ $0 }) { continuation.finish(throwing: stopped) } else { continuation.finish() }
+                if let stopped = overflow() { continuation.finish(throwing: stopped) } else { continuation.finish() }
             } catch {
-                continuation.finish(throwing: overflow.withLockedValue { $0 } ?? error)
+                continuation.finish(throwing: overflow() ?? error)
             }
         }
         continuation.onTermination = { _ in forward.cancel() }

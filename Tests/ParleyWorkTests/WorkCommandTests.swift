@@ -565,6 +565,51 @@ final class MemoryTransfer: WorkTransfer {
         #expect(stopped, "the command still runs on the worker")
     }
 
+    /// Updates are capped in bytes as well as in number: a worker whose updates are large
+    /// (here 1 MiB each; a frame may carry 16 MiB) and a reader that reads nothing stop the
+    /// command once 64 MiB wait, long before 1,024 updates. Before, only the count was
+    /// capped: up to 1,025 updates of 16 MiB, some 16 GiB, per command.
+    @Test func largeUpdatesAreCappedInBytes() async throws {
+        final class FloodLink: WorkCommandLink {
+            let interrupted = NIOLockedValueBox(false)
+            func run(_ command: Parley_Work_V1_Command, transfer: (any WorkTransfer)?) async throws -> AsyncThrowingStream<WorkCommandCenter.Event, any Error> {
+                let (events, continuation) = AsyncThrowingStream<WorkCommandCenter.Event, any Error>.makeStream()
+                var update = Parley_Work_V1_CommandUpdate()
+                update.commandID = command.commandID
+                update.stdout = Data(count: 1 << 20)  // one buffer shared by every update
+                for _ in 0..<200 { continuation.yield(.update(update)) }
+                continuation.yield(.result(Parley_Work_V1_CommandResult()))
+                continuation.finish()
+                return events
+            }
+            func interrupt(_ commandID: UInt64, signal: Int32, reason: String) async throws -> Bool { false }
+        }
+        var quiet = Logger(label: "test")
+        quiet.logLevel = .critical
+        let center = WorkCommandCenter(logger: quiet)
+        var hello = Parley_Work_V1_WorkerHello()
+        hello.worker = "flood"
+        hello.commands = true
+        center.attach(hello, link: FloodLink())
+        let run = try await center.run(CommandRig.shell(["true"]), on: "flood")
+        // Nothing read until the pump has stopped (the command's entry goes when it ends).
+        var gone = false
+        for _ in 0..<200 where !gone {
+            gone = center.runningCount == 0
+            if !gone { try await Task.sleep(for: .milliseconds(25)) }
+        }
+        #expect(gone, "the command still runs")
+        var updates = 0
+        var failure: (any Error)?
+        do {
+            for try await event in run.events { if case .update = event { updates += 1 } }
+        } catch {
+            failure = error
+        }
+        #expect((failure as? ParleyError)?.message.contains("MiB waiting") == true, "\(String(describing: failure)) after \(updates) updates")
+        #expect(updates > 0 && updates <= 65, "\(updates) updates of 1 MiB were kept")
+    }
+
     /// [R-19.8-4] A rogue worker's transfers: out of order, past the limit, for a command it does not
     /// run, or for another worker's command: each refused, nothing written.
     @Test func transfersOutOfTheirCommandAreRefused() async throws {
