@@ -41,7 +41,9 @@ public enum MessagePack: Sendable, Hashable {
         case .bool(let b): hasher.combine(b)
         case .int(let i): hasher.combine(i >= 0 ? UInt64(i) : UInt64(bitPattern: i))
         case .uint(let u): hasher.combine(u)
-        case .double(let d): hasher.combine(d)
+        // Every NaN is equal to every other here (==): one hash for all of them (Double's
+        // own hashes the bit pattern, and NaNs have many).
+        case .double(let d): d.isNaN ? hasher.combine(UInt64.max) : hasher.combine(d)
         case .string(let s): hasher.combine(s)
         case .binary(let b): hasher.combine(b)
         case .array(let a): hasher.combine(a)

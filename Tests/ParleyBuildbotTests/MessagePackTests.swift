@@ -30,6 +30,15 @@ import Testing
         (.array((0..<16).map { .int(Int64($0)) }), "dc0010000102030405060708090a0b0c0d0e0f"),
     ]
 
+    /// Equal values hash alike: NaNs of any sign and payload are equal here, so they must
+    /// hash alike too (a float32 NaN with a payload, decoded, keeps its bits).
+    @Test func everyNaNHashesAlike() {
+        let nans: [MessagePack] = [.double(.nan), .double(-.nan), .double(Double(bitPattern: 0x7ff8_0000_0000_0001)), .double(.signalingNaN)]
+        #expect(Set(nans).count == 1)
+        #expect(Set(nans.map(\.hashValue)).count == 1)
+        #expect(Set([MessagePack.double(0.0), .double(-0.0)]).count == 1)
+    }
+
     @Test func encodesAsPythonMsgpackDoes() {
         for (value, bytes) in Self.vectors {
             #expect(value.encoded() == Self.hex(bytes), "\(value)")
