@@ -20,6 +20,7 @@ public enum BOINCHTTP {
         host: String, port: Int, frontEnd: BOINCFrontEnd, logger: Logger, onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
     ) -> some ApplicationProtocol {
         let connections = BOINCAllowance(frontEnd.configuration.maxConnections)
+        let peers = BOINCPeerCounts(limit: frontEnd.configuration.maxConnectionsPerPeer)
         let lifetime = TimeAmount(frontEnd.configuration.connectionLifetime)
         return Application(
             // A connection that sends and reads nothing for a minute is closed: one that opens
@@ -27,7 +28,7 @@ public enum BOINCHTTP {
             // closed at the end of its lifetime, and beyond the cap none is kept.
             router: self.router(frontEnd),
             server: .http1(configuration: .init(
-                additionalChannelHandlers: [BOINCConnectionLimits(count: connections, lifetime: lifetime, logger: logger)],
+                additionalChannelHandlers: [BOINCConnectionLimits(count: connections, peers: peers, lifetime: lifetime, logger: logger)],
                 idleTimeout: .seconds(60)
             )),
             configuration: .init(address: .hostname(host, port: port), serverName: "parley-work-boinc"),
@@ -153,30 +154,81 @@ final class BOINCAllowance: Sendable {
     func give(_ n: Int = 1) { self.left.withLockedValue { $0 += n } }
 }
 
-/// Closes connections beyond the cap as they are accepted, and each connection at the end of
-/// its lifetime (BOINCFrontEnd.Configuration). Passes everything through untouched.
+/// Connections open now per peer (an IPv4 address, or an IPv6 address's /64), shared by
+/// the handlers of one listener.
+final class BOINCPeerCounts: Sendable {
+    let limit: Int
+    private let open = NIOLockedValueBox<[String: Int]>([:])
+    init(limit: Int) { self.limit = limit }
+
+    /// The key `address` is counted under; nil: not counted (a Unix socket).
+    static func key(_ address: SocketAddress?) -> String? {
+        switch address {
+        case .v4: return address?.ipAddress
+        case .v6(let a):
+            let bytes = withUnsafeBytes(of: a.address.sin6_addr) { Array($0) }
+            // An IPv4 client of a dual-stack listener (::ffff:a.b.c.d) is its IPv4 address.
+            if bytes[0..<10].allSatisfy({ $0 == 0 }), bytes[10] == 0xff, bytes[11] == 0xff {
+                return bytes[12...].map { String($0) }.joined(separator: ".")
+            }
+            return bytes[0..<8].map { String(format: "%02x", $0) }.joined() + "/64"
+        default: return nil
+        }
+    }
+
+    func take(_ key: String) -> Bool {
+        self.open.withLockedValue { open in
+            let n = open[key, default: 0]
+            guard n < self.limit else { return false }
+            open[key] = n + 1
+            return true
+        }
+    }
+
+    func give(_ key: String) {
+        self.open.withLockedValue { open in
+            let n = open[key, default: 1] - 1
+            open[key] = n > 0 ? n : nil
+        }
+    }
+}
+
+/// Closes connections beyond the caps (in all, and per peer) as they are accepted, and each
+/// connection at the end of its lifetime (BOINCFrontEnd.Configuration). Passes everything
+/// through untouched.
 final class BOINCConnectionLimits: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = NIOAny
 
     /// Connections open now, shared by the handlers of one listener.
     let count: BOINCAllowance
+    let peers: BOINCPeerCounts
     let lifetime: TimeAmount
     let logger: Logger
     private var entered = false
+    private var peer: String?
     private var timer: Scheduled<Void>?
 
-    init(count: BOINCAllowance, lifetime: TimeAmount, logger: Logger) {
+    init(count: BOINCAllowance, peers: BOINCPeerCounts, lifetime: TimeAmount, logger: Logger) {
         self.count = count
+        self.peers = peers
         self.lifetime = lifetime
         self.logger = logger
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
+        let key = BOINCPeerCounts.key(context.channel.remoteAddress)
+        if let key, !self.peers.take(key) {
+            self.logger.warning("boinc connection refused: \(self.peers.limit) connections from \(key) are open")
+            context.close(promise: nil)
+            return
+        }
         guard self.count.take() else {
+            if let key { self.peers.give(key) }
             self.logger.warning("boinc connection refused: \(self.count.total) connections are open")
             context.close(promise: nil)
             return
         }
+        self.peer = key
         self.entered = true
         let channel = context.channel
         let lifetime = self.lifetime
@@ -193,6 +245,7 @@ final class BOINCConnectionLimits: ChannelInboundHandler, RemovableChannelHandle
         if self.entered {
             self.entered = false
             self.count.give()
+            if let peer = self.peer { self.peers.give(peer) }
         }
     }
 

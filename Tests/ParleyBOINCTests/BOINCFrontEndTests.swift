@@ -635,7 +635,7 @@ struct FailingStore: WorkStore {
     /// A blocking socket to 127.0.0.1 with a 20 s receive timeout (used by one thread at a time).
     final class Socket: @unchecked Sendable {
         let fd: Int32
-        init(port: Int) throws { self.fd = try connectLoopback(port: port, timeoutSeconds: 20) }
+        init(port: Int, from source: String? = nil) throws { self.fd = try connectLoopback(port: port, timeoutSeconds: 20, from: source) }
         deinit { close(self.fd) }
         func send(_ text: String) { self.send(Array(text.utf8)) }
         func send(_ bytes: [UInt8]) {
@@ -695,6 +695,58 @@ struct FailingStore: WorkStore {
             if !answered.hasPrefix("HTTP/1.1 200") { try await Task.sleep(for: .milliseconds(100)) }
         }
         #expect(answered.hasPrefix("HTTP/1.1 200"), "\(answered)")
+    }
+
+    /// One peer cannot take every connection (nor, through them, the body budget): past
+    /// `maxConnectionsPerPeer` its connections are closed as they are accepted, and another
+    /// peer is still served. Before, only the total was capped: one host trickling bodies
+    /// on 64 connections had every other client answered 503, or none answered at all.
+    @Test func onePeerCannotTakeEveryConnection() async throws {
+        let bench = try BOINCBench {
+            $0.maxConnectionsPerPeer = 2
+            $0.maxConnections = 100
+        }
+        defer { bench.remove() }
+        let (port, server) = try await self.serve(bench)
+        defer { server.cancel() }
+        // Two bodies trickled from 127.0.0.1: its whole allowance.
+        var held: [Socket] = []
+        for _ in 0..<2 {
+            let slow = try Socket(port: port)
+            slow.send("POST /file_upload_handler HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n0123456789")
+            held.append(slow)
+        }
+        try await Task.sleep(for: .milliseconds(200))
+        let third = try Socket(port: port)
+        third.send("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        let refused = await onOwnThread { third.untilClosed() }
+        #expect(refused.closed && refused.text.isEmpty, "a third connection from one peer: \(refused)")
+        let other = try Socket(port: port, from: "127.0.0.2")
+        other.send("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        let served = await onOwnThread { other.untilClosed() }
+        #expect(served.text.hasPrefix("HTTP/1.1 200"), "another peer: \(served)")
+        // Room for the first peer again once one of its connections has gone.
+        held.removeFirst()
+        var answered = ""
+        for _ in 0..<50 where !answered.hasPrefix("HTTP/1.1 200") {
+            let again = try Socket(port: port)
+            again.send("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answered = await onOwnThread { again.untilClosed().text }
+            if !answered.hasPrefix("HTTP/1.1 200") { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        #expect(answered.hasPrefix("HTTP/1.1 200"), "\(answered)")
+        #expect(held.count == 1)
+    }
+
+    @Test func peersAreCountedByAddressAndByIPv6Prefix() throws {
+        #expect(BOINCPeerCounts.key(try SocketAddress(ipAddress: "192.0.2.7", port: 1)) == "192.0.2.7")
+        #expect(BOINCPeerCounts.key(try SocketAddress(ipAddress: "2001:db8:1:2:3:4:5:6", port: 1)) == "20010db800010002/64")
+        #expect(BOINCPeerCounts.key(try SocketAddress(ipAddress: "2001:db8:1:2:ffff::1", port: 1)) == "20010db800010002/64")
+        #expect(BOINCPeerCounts.key(try SocketAddress(ipAddress: "::ffff:192.0.2.7", port: 1)) == "192.0.2.7")
+        let counts = BOINCPeerCounts(limit: 1)
+        #expect(counts.take("a") && !counts.take("a") && counts.take("b"))
+        counts.give("a")
+        #expect(counts.take("a"))
     }
 
     /// Bodies held together past the budget: the request that would pass it gets 503 (an

@@ -4,8 +4,21 @@ import Glibc
 
 /// A blocking TCP socket connected to 127.0.0.1:`port`, with receive and send timeouts of
 /// `timeoutSeconds`; throws naming the errno when the connect fails. The caller closes it.
-public func connectLoopback(port: Int, timeoutSeconds: Int) throws -> Int32 {
+/// - Parameter source: the loopback address to connect from (any of 127.0.0.0/8), as a
+///   peer apart from those connecting from 127.0.0.1.
+public func connectLoopback(port: Int, timeoutSeconds: Int, from source: String? = nil) throws -> Int32 {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    if let source {
+        var local = sockaddr_in()
+        local.sin_family = sa_family_t(AF_INET)
+        local.sin_addr.s_addr = inet_addr(source)
+        let bound = withUnsafePointer(to: &local) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard bound == 0 else {
+            let error = errno
+            close(fd)
+            throw LoopbackConnectError(port: port, errno: error)
+        }
+    }
     var address = sockaddr_in()
     address.sin_family = sa_family_t(AF_INET)
     address.sin_port = in_port_t(UInt16(port).bigEndian)
