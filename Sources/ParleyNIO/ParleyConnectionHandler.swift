@@ -188,6 +188,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private var keepaliveTimer: RepeatedTask?
     /// Something arrived from the peer since the last keepalive tick.
     private var heardSinceTick = false
+    /// The channel's buffered outbound bytes at the last keepalive tick, while reads were
+    /// paused because the peer did not read its answers (nil otherwise).
+    private var outboundAtTick: Int?
     /// When to send KEEPALIVE and give up on a silent peer; nil: never. Used when the
     /// `keepalive` feature is negotiated.
     public var keepaliveConfiguration: KeepaliveStateMachine.Configuration?
@@ -1039,7 +1042,18 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
 
     private func keepaliveTick() {
         guard var machine = self.keepalive, let context = self.context, case .established = self.state else { return }
-        let action = machine.tick(now: Self.now(), heard: self.heardSinceTick)
+        var heard = self.heardSinceTick
+        if self.peerReadsAnswers(context) {
+            self.outboundAtTick = nil
+        } else {
+            // Not reading because the peer does not read its answers fast enough: its
+            // KEEPALIVE_ACKs wait unread behind its requests. The peer taking bytes of the
+            // answers is hearing from it; one that takes nothing for the timeout is given up on.
+            let outbound = try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)
+            if let outbound, let before = self.outboundAtTick, outbound < before { heard = true }
+            self.outboundAtTick = outbound
+        }
+        let action = machine.tick(now: Self.now(), heard: heard)
         self.keepalive = machine
         self.heardSinceTick = false
         switch action {

@@ -4,6 +4,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Parley
+import ParleyChaos
 import ParleyServices
 import ParleyWire
 import ParleyTestSupport
@@ -42,6 +43,76 @@ struct TimeoutTests {
             #expect(elapsed >= .milliseconds(400), "closed after the 400 ms keepalive timeout, not before: \(elapsed)")
             let logged = try await eventually { logs.all.contains { $0.metadata.contains("timeout") } }
             #expect(logged)
+        }
+    }
+
+    /// A server that stops reading because its client reads its answers slowly (over
+    /// 8 MiB wait) does not see the client's KEEPALIVE_ACKs, queued behind its requests: the
+    /// client taking answers counts as hearing from it. Here 16 answers of 1 MiB go through a
+    /// proxy passing 2 MiB/s to the client, some 8 s: the server stops reading while over
+    /// 8 MiB wait and starts again below 2 MiB, a pause of about 3 s, and the proxy takes its
+    /// bytes in bursts of 192 KiB, every 0.1 s; the keepalive timeout is 1.5 s. The client
+    /// sends a one-way ping every 100 ms, which the server reads whenever it reads. Before,
+    /// the server gave up on the client 1.5 s into that pause.
+    @Test func aSlowReaderIsNotGivenUpOnWhileTheServerWaitsForIt() async throws {
+        let limits = ParleyConnectionLimits(keepaliveInterval: .milliseconds(200), keepaliveTimeout: .milliseconds(1500))
+        try await withServer(configure: { $0.limits = limits }) { _, addresses in
+            let proxy = ChaosProxy(configuration: .init(
+                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0], toClient: .init(rateBytesPerSecond: 2 << 20), highWater: 256 << 10
+            ))
+            let address = try await proxy.start()
+            let client = try await ParleyClient.connect(to: address, logger: quietLogger)
+            let echo = {
+                var echo = Parley_Echo_V1_Echo()
+                echo.payload = Data(repeating: 7, count: 1 << 20)
+                return echo
+            }()
+            let pinger = Task {
+                for n in 0..<600 where !Task.isCancelled {
+                    var p = Parley_Echo_V1_Ping()
+                    p.sequence = UInt64(n)
+                    try? await client.send(p)
+                    try? await Task.sleep(for: .milliseconds(100))
+                }
+            }
+            defer { pinger.cancel() }
+            let answered = try await withThrowingTaskGroup(of: Bool.self) { group in
+                for _ in 0..<16 { group.addTask { try await client.request(echo, as: Parley_Echo_V1_EchoReply.self).payload.count == 1 << 20 } }
+                var n = 0
+                for try await ok in group where ok { n += 1 }
+                return n
+            }
+            #expect(answered == 16)
+            client.close()
+            await proxy.stop()
+        }
+    }
+
+    /// ...and a client that takes none of its answers is still given up on at the timeout
+    /// (here its proxy stops passing anything to it after 1 MiB, for 60 s).
+    @Test func aPeerThatReadsNothingWhileTheServerWaitsIsGivenUpOn() async throws {
+        let limits = ParleyConnectionLimits(keepaliveInterval: .milliseconds(100), keepaliveTimeout: .seconds(1))
+        try await withServer(configure: { $0.limits = limits }) { server, addresses in
+            let proxy = ChaosProxy(configuration: .init(
+                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0], toClient: .init(stallAfterBytes: 1 << 20, stallMilliseconds: 60_000)
+            ))
+            let address = try await proxy.start()
+            let client = try await ParleyClient.connect(to: address, logger: quietLogger)
+            let echo = {
+                var echo = Parley_Echo_V1_Echo()
+                echo.payload = Data(repeating: 7, count: 1 << 20)
+                return echo
+            }()
+            let requests = Task {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for _ in 0..<32 { group.addTask { _ = try? await client.request(echo, as: Parley_Echo_V1_EchoReply.self) } }
+                    try await group.waitForAll()
+                }
+            }
+            #expect(try await eventually(seconds: 30) { server.connectionCount == 0 }, "the server still serves a peer that reads nothing")
+            client.close()
+            requests.cancel()
+            await proxy.stop()
         }
     }
 
