@@ -305,7 +305,7 @@ struct BuildbotJob {
         let step = configuration.listener.callTimeout
         func transferring(_ bytes: UInt64) -> Duration { step + .seconds(Int64(clamping: bytes / (256 << 10))) }
         do {
-            try await self.session.simple("mkdir", .object(["paths": .array([.string(directory)]), "logEnviron": false]), deadline: step)
+            try await self.session.simple("mkdir", .object(["paths": .array([.string(directory)]), "logEnviron": false]), deadline: step, forJob: true)
             defer {
                 Task { [session] in _ = try? await session.simple("rmdir", .object(["paths": .array([.string(directory)]), "logEnviron": false]), deadline: step) }
             }
@@ -318,7 +318,7 @@ struct BuildbotJob {
                     try await self.session.simple("download_file", .object([
                         // No maxsize: the worker fails a file that reaches it exactly; the bytes are ours.
                         "path": .string(directory + "/" + input.name), "maxsize": .nil, "blocksize": .int(64 << 10), "mode": .int(0o644),
-                    ]), transfer: source, deadline: transferring(UInt64(input.content.count)))
+                    ]), transfer: source, deadline: transferring(UInt64(input.content.count)), forJob: true)
                 } catch let error as BuildbotRemoteError {
                     return refuse(.download, "the input '\(input.name)' could not be written: \(error.message)")
                 }
@@ -328,7 +328,7 @@ struct BuildbotJob {
             let args = BuildbotCommands.shellArgs(
                 argv: spec.argv, shell: spec.shell, workdir: directory, env: spec.env, timeout: 0, maxTime: wall, interruptSignal: 9
             )
-            let (commandID, events) = try await self.session.connection.start("shell", args: args)
+            let (commandID, events) = try await self.session.startForJob("shell", args: args)
             let grace = configuration.commandGrace
             let watched = try await Self.watch(events, keep: keep, deadline: .seconds(Int64(wall)) + grace, grace: grace, interrupt: { [session] in
                 try? await session.connection.interrupt(commandID, why: "over max_wall_seconds (\(wall) s) and the master's grace: the master's deadline")
@@ -373,7 +373,7 @@ struct BuildbotJob {
                         try await self.session.simple("upload_file", .object([
                             "path": .string(directory + "/" + name), "workdir": .string(directory), "workersrc": .string(name),
                             "maxsize": .int(Int64(clamping: limit)), "blocksize": .int(256 << 10), "keepstamp": false,
-                        ]), transfer: sink, deadline: transferring(limit))
+                        ]), transfer: sink, deadline: transferring(limit), forJob: true)
                     } catch let error as BuildbotRemoteError {
                         result.errorKind = .upload
                         result.message = "the output '\(name)' could not be fetched: \(error.message)"

@@ -195,9 +195,13 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         /// The master ended the session (`stop`: the worker logged in again, its entity was
         /// withdrawn, the master shuts down): a job it ran is not the job's loss.
         var stoppedByMaster = false
-        /// ... and interrupted commands that were running then (a job's failure after this is
-        /// the interruption's, not the job's).
-        var interruptedByMaster = false
+        /// ... and the commands it interrupted, which were running then.
+        var interruptedByMaster: Set<String> = []
+        /// The Buildbot id of the last command the job in hand started (`startForJob`; its
+        /// steps run one after another, and the first to fail ends it): the job's failure is
+        /// the master's interruption's only if this one was interrupted, not a relayed
+        /// command beside it, nor a step that completed before the one that failed.
+        var lastJobCommand: String?
     }
     private let state = NIOLockedValueBox(State())
 
@@ -254,9 +258,9 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     func stop(reason: String, shutdown: Bool = false) async {
         // Every command of the connection: the master's and those of a job.
         let running = self.connection.runningCommands.filter { self.connection.isRunning($0) }
-        self.state.withLockedValue {
-            $0.stoppedByMaster = true
-            $0.interruptedByMaster = !running.isEmpty
+        self.state.withLockedValue { s in
+            s.stoppedByMaster = true
+            s.interruptedByMaster = Set(running)
         }
         for id in running {
             try? await self.connection.interrupt(id, why: reason)
@@ -298,9 +302,12 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     /// the worker has not completed by then is interrupted and `BuildbotStepOverdue` thrown
     /// (a worker that answers keepalives but never completes a step would otherwise hold
     /// its job, whose lease is renewed meanwhile, for ever).
+    /// `forJob`: a step of the job in hand (`startForJob`).
     @discardableResult
-    func simple(_ name: String, _ args: MessagePack, transfer: (any BuildbotTransfer)? = nil, deadline: Duration? = nil) async throws -> [BuildbotUpdate] {
-        let (id, events) = try await self.connection.start(name, args: args, transfer: transfer)
+    func simple(_ name: String, _ args: MessagePack, transfer: (any BuildbotTransfer)? = nil, deadline: Duration? = nil, forJob: Bool = false) async throws -> [BuildbotUpdate] {
+        let (id, events) = forJob
+            ? try await self.startForJob(name, args: args, transfer: transfer)
+            : try await self.connection.start(name, args: args, transfer: transfer)
         @Sendable func collect() async throws -> BuildbotKeptUpdates {
             var kept = BuildbotKeptUpdates()
             for try await event in events {
@@ -336,6 +343,14 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
             throw BuildbotRemoteError(message: "\(name) failed (rc \(rc))\(Self.reason(updates).map { ": \($0)" } ?? "")")
         }
         return updates
+    }
+
+    /// Starts a command as a step of the job in hand: if the master's `stop` interrupts it,
+    /// the job's failure is the interruption's, and the job is handed back.
+    func startForJob(_ name: String, args: MessagePack, transfer: (any BuildbotTransfer)? = nil) async throws -> (id: String, events: AsyncThrowingStream<BuildbotCommandEvent, any Error>) {
+        let started = try await self.connection.start(name, args: args, transfer: transfer)
+        self.state.withLockedValue { $0.lastJobCommand = started.id }
+        return started
     }
 
     static func reason(_ updates: [BuildbotUpdate]) -> String? {
@@ -385,6 +400,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
             }
         }
         defer { renewal.cancel() }
+        self.state.withLockedValue { $0.lastJobCommand = nil }
         let result: Parley_Work_V1_ReportResult
         let overdue: Bool
         do {
@@ -420,7 +436,8 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         }
         let outcome: LeaseReport.Outcome = result.errorKind == .none && result.exitStatus == 0 && result.signal == 0
             ? .success : .failure(result.message.isEmpty ? "exit status \(result.exitStatus)" : result.message)
-        if case .failure = outcome, self.state.withLockedValue({ $0.interruptedByMaster }) {
+        let interrupted = self.state.withLockedValue { s in s.lastJobCommand.map(s.interruptedByMaster.contains) ?? false }
+        if case .failure = outcome, interrupted {
             // The master ended the session (a duplicate login, a withdrawn entity, shutdown)
             // and interrupted the job's command, which the worker then ended: not the job's
             // failure. Handed back, uncounted; a job that succeeded meanwhile is reported.

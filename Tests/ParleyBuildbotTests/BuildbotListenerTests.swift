@@ -141,6 +141,9 @@ final class RawSocket: @unchecked Sendable {
     struct WorkerSide {
         let send: (MessagePack) -> Void
         let complete: (MessagePack) -> Void
+        /// Sends an update (its args, e.g. `[["rc", 1]]`) for the command a start_command
+        /// body names (with the worker's next seq).
+        let update: (MessagePack, MessagePack) -> Void
     }
 
     /// Logs in as bb1 and plays the worker: each request of the master goes to `answer`
@@ -157,11 +160,15 @@ final class RawSocket: @unchecked Sendable {
         #expect(await socket.head().hasPrefix("HTTP/1.1 101"))
         func send(_ message: MessagePack) { socket.send(RawSocket.frame(opcode: 2, message.encoded())) }
         var seq: Int64 = 0
-        let side = WorkerSide(send: send) { body in
+        let side = WorkerSide(send: send, complete: { body in
             guard let id = body["command_id"] else { return }
             send(BuildbotMessage.request(op: "complete", seq: seq, [("command_id", id), ("args", .nil)]))
             seq += 1
-        }
+        }, update: { body, args in
+            guard let id = body["command_id"] else { return }
+            send(BuildbotMessage.request(op: "update", seq: seq, [("command_id", id), ("args", args)]))
+            seq += 1
+        })
         let started = ContinuousClock.now
         for _ in 0..<500 where ContinuousClock.now - started < .seconds(seconds) {
             guard let frame = await socket.frame() else { return socket.peerClosed }
@@ -426,6 +433,73 @@ final class RawSocket: @unchecked Sendable {
             #expect(record.failures.isEmpty && record.leases.count == 1, "\(record)")
             first.cancel()
             second.cancel()
+        }
+    }
+
+    /// The master's stop (the worker logged in again) interrupts what runs then; a step
+    /// the job starts after, while the stop waits for the interrupt's answer, that fails on
+    /// its own (here the shell, rc 1) is the job's failure: counted, not handed back. The
+    /// interrupted step (the job's mkdir) completed first. Before, any command interrupted
+    /// by the stop handed the failed job back.
+    @Test func aJobFailingOnItsOwnAfterTheStopInterruptedAnEarlierStepIsCounted() async throws {
+        try await Self.withFrontEnd { port, password, store in
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["false"]
+            let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2], maxAttempts: 1)], now: WorkService.now()).first)
+            let heldMkdir = NIOLockedValueBox(false)
+            let first = Task {
+                var mkdirs = 0
+                var mkdir: MessagePack?
+                var interrupt: Int64?
+                return try await Self.scriptedWorker(port: port, password: password, seconds: 40) { op, seq, body, side in
+                    switch op {
+                    case "start_command":
+                        side.send(BuildbotMessage.response(seq: seq))
+                        if body["command_name"] == "mkdir" {
+                            mkdirs += 1
+                            // The session's own mkdir completes; the job's is held.
+                            if mkdirs == 1 { side.complete(body) } else { mkdir = body; heldMkdir.withLockedValue { $0 = true } }
+                        } else if body["command_name"] == "shell" {
+                            // The job's shell fails on its own; then the interrupt is answered.
+                            side.update(body, .array([.array(["rc", 1])]))
+                            side.complete(body)
+                            if let interrupt { side.send(BuildbotMessage.response(seq: interrupt)) }
+                        } else {
+                            side.complete(body)
+                        }
+                        return true
+                    case "interrupt_command":
+                        // The held mkdir completes (the job goes on to its shell); the
+                        // interrupt is answered once the shell has ended.
+                        if let mkdir { side.complete(mkdir) }
+                        interrupt = seq
+                        return true
+                    default:
+                        return false
+                    }
+                }
+            }
+            defer { first.cancel() }
+            for _ in 0..<200 where !heldMkdir.withLockedValue({ $0 }) { try await Task.sleep(for: .milliseconds(50)) }
+            #expect(heldMkdir.withLockedValue { $0 }, "the job's mkdir never came")
+            // The worker logs in again: the master stops the first session. This one holds
+            // every command it is given (a job handed back would stay leased to it).
+            let second = Task {
+                try await Self.scriptedWorker(port: port, password: password, seconds: 40) { op, seq, body, side in
+                    guard op == "start_command" else { return false }
+                    side.send(BuildbotMessage.response(seq: seq))
+                    if body["command_name"] == "mkdir", body["args"]?["paths"]?.arrayValue?.count == 2 { side.complete(body) }
+                    return true
+                }
+            }
+            defer { second.cancel() }
+            var record = try #require(try await store.job(job)?.record)
+            for _ in 0..<200 where !record.isFinished {
+                try await Task.sleep(for: .milliseconds(50))
+                record = try #require(try await store.job(job)?.record)
+            }
+            #expect(record.isFinished && record.failures.count == 1 && record.leases.count == 1, "\(record)")
+            #expect(record.failures.first?.contains("exit status 1") == true || record.failures.first?.contains("rc 1") == true, "\(record.failures)")
         }
     }
 
