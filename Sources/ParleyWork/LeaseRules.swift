@@ -49,11 +49,15 @@ public struct Lease: Sendable, Hashable, Codable {
     public var worker: String
     /// Nanoseconds since 1970 (wall clock: leases outlive processes and move between masters).
     public var deadline: Int64
+    /// When it was handed out, nanoseconds since 1970 (nil: a lease from before stores kept
+    /// it); renewals end at a time counted from here (`LeaseRules.renew`'s `longest`).
+    public var granted: Int64?
 
-    public init(id: UInt64, worker: String, deadline: Int64) {
+    public init(id: UInt64, worker: String, deadline: Int64, granted: Int64? = nil) {
         self.id = id
         self.worker = worker
         self.deadline = deadline
+        self.granted = granted
     }
 }
 
@@ -106,7 +110,7 @@ public enum LeaseRules {
         guard !job.leases.contains(where: { $0.id == leaseID }) else {
             throw LeaseError("lease id \(leaseID) was already used for job \(job.id)")
         }
-        let lease = Lease(id: leaseID, worker: worker, deadline: now &+ max(0, duration))
+        let lease = Lease(id: leaseID, worker: worker, deadline: now &+ max(0, duration), granted: now)
         job.leases.append(lease)
         job.state = .leased(lease)
         return lease
@@ -162,7 +166,10 @@ public enum LeaseRules {
 
     /// The worker says the job still runs: its current lease, if not expired, now ends at
     /// `now + duration` (never earlier than it did).
-    public static func renew(_ job: inout JobRecord, leaseID: UInt64, worker: String, now: Int64, duration: Int64) throws(LeaseError) -> Lease {
+    /// - Parameter longest: how long, from when it was handed out, the lease may last at
+    ///   most, renewals included (nil: no end): a renewal that would take it past that is
+    ///   refused, so that a worker renewing for ever cannot keep a job for ever.
+    public static func renew(_ job: inout JobRecord, leaseID: UInt64, worker: String, now: Int64, duration: Int64, longest: Int64? = nil) throws(LeaseError) -> Lease {
         guard case .leased(var lease) = job.state, lease.id == leaseID else {
             throw LeaseError("job \(job.id) is not leased under \(leaseID): the lease ended")
         }
@@ -170,7 +177,13 @@ public enum LeaseRules {
             throw LeaseError("lease \(leaseID) of job \(job.id) belongs to worker \(lease.worker), not \(worker)")
         }
         guard now < lease.deadline else { throw LeaseError("lease \(leaseID) of job \(job.id) expired") }
-        lease.deadline = max(lease.deadline, now &+ max(0, duration))
+        let end = now &+ max(0, duration)
+        // Refused rather than cut short: a worker counts a granted renewal as a whole lease
+        // time on its own clock, and would run on past a shorter deadline.
+        if let longest, let granted = lease.granted, end > granted &+ max(0, longest) {
+            throw LeaseError("lease \(leaseID) of job \(job.id) has had its longest time (\(longest / 1_000_000_000) s from when it was handed out: the job's max_wall_seconds and two lease times): it is not renewed, and ends at its deadline")
+        }
+        lease.deadline = max(lease.deadline, end)
         job.state = .leased(lease)
         if let i = job.leases.firstIndex(where: { $0.id == leaseID }) { job.leases[i] = lease }
         return lease

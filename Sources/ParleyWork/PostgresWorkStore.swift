@@ -354,10 +354,10 @@ public final class PostgresWorkStore: WorkStore {
         }
     }
 
-    public func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease {
+    public func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64, longest: Int64?) async throws -> Lease {
         try await self.transaction { connection in
             var record = try await self.lockedRecord(connection, jobID)
-            let lease = try LeaseRules.renew(&record, leaseID: leaseID, worker: worker, now: now, duration: leaseDuration)
+            let lease = try LeaseRules.renew(&record, leaseID: leaseID, worker: worker, now: now, duration: leaseDuration, longest: longest)
             try await self.save(connection, [record], now: now)
             return lease
         }

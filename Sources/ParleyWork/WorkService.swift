@@ -103,6 +103,18 @@ public enum WorkService {
     /// Wall-clock nanoseconds since 1970: leases outlive processes and move between masters.
     public static func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1e9) }
 
+    /// How long a native worker's lease may last from when it was handed out, renewals
+    /// included (docs/protocol.md 19.3): the job's `max_wall_seconds` (a day when it has
+    /// none) and two lease times (its inputs' fetch, its report). A worker renewing past it
+    /// is refused, and the lease ends at its deadline.
+    static func longestLease(_ spec: Parley_Work_V1_JobSpec?, leaseNanoseconds: Int64) -> Int64 {
+        let wall = Int64(spec?.maxWallSeconds ?? 0)
+        return (wall > 0 ? wall : Self.longestWithoutMaxWall) * 1_000_000_000 &+ 2 &* max(0, leaseNanoseconds)
+    }
+
+    /// The run time a job without `max_wall_seconds` is allowed, in seconds.
+    static let longestWithoutMaxWall: Int64 = 86_400
+
     /// - Parameter commands: where workers' connections are kept for master-initiated
     ///   commands (§19.8); nil: none are sent.
     public static func register(on router: inout ParleyRouter, store: any WorkStore, configuration: Configuration = .init(), commands: WorkCommandCenter? = nil) {
@@ -264,7 +276,11 @@ public enum WorkService {
             let worker = try Self.worker(request.worker, context)
             let lease: Lease
             do {
-                lease = try await store.renew(jobID: request.jobID, leaseID: request.leaseID, worker: worker, now: Self.now(), leaseDuration: leaseNanoseconds)
+                let spec = try await store.spec(request.jobID).flatMap { try? Parley_Work_V1_JobSpec(serializedBytes: $0) }
+                lease = try await store.renew(
+                    jobID: request.jobID, leaseID: request.leaseID, worker: worker, now: Self.now(), leaseDuration: leaseNanoseconds,
+                    longest: Self.longestLease(spec, leaseNanoseconds: leaseNanoseconds)
+                )
             } catch let error as LeaseError {
                 throw ParleyError(code: .invalidArgument, message: "renewal refused: \(error.message)")
             } catch let error as WorkStoreError where error.message.hasPrefix("no job") {

@@ -78,8 +78,9 @@ public protocol WorkStore: Sendable {
     func expireLeases(now: Int64) async throws -> Int
     /// A worker gives a job back unfinished.
     func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws
-    /// A worker's job still runs: its lease is extended (`LeaseRules.renew`).
-    func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease
+    /// A worker's job still runs: its lease is extended (`LeaseRules.renew`), to at most
+    /// `longest` from when it was handed out (nil: no end).
+    func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64, longest: Int64?) async throws -> Lease
     /// Jobs by state ("queued", "leased", "succeeded", "failed").
     func counts() async throws -> [String: Int]
     /// A job's record and, if accepted, its result.
@@ -96,6 +97,11 @@ extension WorkStore {
     /// Hands up to `limit` queued jobs to `worker`.
     public func claim(worker: String, limit: Int, apps: [String] = [], now: Int64, leaseDuration: Int64) async throws -> [ClaimedJob] {
         try await self.claim([ClaimRequest(worker: worker, limit: limit, apps: apps)], now: now, leaseDuration: leaseDuration)[0]
+    }
+
+    /// A lease renewed with no end to its renewals.
+    public func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease {
+        try await self.renew(jobID: jobID, leaseID: leaseID, worker: worker, now: now, leaseDuration: leaseDuration, longest: nil)
     }
 
     /// One worker's report on a lease.
@@ -185,11 +191,12 @@ enum JobRow {
         stored.id = lease.id
         stored.worker = lease.worker
         stored.deadline = lease.deadline
+        if let granted = lease.granted { stored.granted = granted }
         return stored
     }
 
     private static func lease(_ stored: Parley_Work_Store_V1_StoredLease) -> Lease {
-        Lease(id: stored.id, worker: stored.worker, deadline: stored.deadline)
+        Lease(id: stored.id, worker: stored.worker, deadline: stored.deadline, granted: stored.hasGranted ? stored.granted : nil)
     }
 
     /// Claim requests grouped by the applications their workers run (most often one group):
@@ -398,10 +405,10 @@ public final class SQLiteWorkStore: WorkStore {
         }
     }
 
-    public func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease {
+    public func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64, longest: Int64?) async throws -> Lease {
         try await self.pool.write { db in
             var record = try Self.record(db, jobID)
-            let lease = try LeaseRules.renew(&record, leaseID: leaseID, worker: worker, now: now, duration: leaseDuration)
+            let lease = try LeaseRules.renew(&record, leaseID: leaseID, worker: worker, now: now, duration: leaseDuration, longest: longest)
             try Self.save(db, record, now: now)
             return lease
         }

@@ -596,7 +596,7 @@ struct FailingStore: WorkStore {
     func report(_ reports: [ReportInput], now: Int64) async throws -> [ReportVerdict] { throw Down() }
     func expireLeases(now: Int64) async throws -> Int { throw Down() }
     func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws { throw Down() }
-    func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease { throw Down() }
+    func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64, longest: Int64?) async throws -> Lease { throw Down() }
     func counts() async throws -> [String: Int] { throw Down() }
     func job(_ id: UInt64) async throws -> (record: JobRecord, result: [UInt8]?)? { throw Down() }
     func spec(_ id: UInt64) async throws -> [UInt8]? { throw Down() }

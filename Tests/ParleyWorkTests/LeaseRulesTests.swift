@@ -170,6 +170,34 @@ import Testing
     }
 }
 
+extension LeaseRulesTests {
+    /// Renewals end `longest` after the lease was handed out: one that would take the lease
+    /// past it is refused (not cut short: a worker counts a granted renewal as a whole lease
+    /// time), and the lease ends at its deadline. A lease from before stores kept its grant
+    /// time is not held to it.
+    @Test func renewalsEndTheLongestAfterTheLeaseWasHandedOut() throws {
+        var job = JobRecord(id: 1)
+        let lease = try LeaseRules.assign(&job, to: "w", leaseID: 5, now: 1_000, duration: 10)
+        #expect(lease.granted == 1_000)
+        #expect(try LeaseRules.renew(&job, leaseID: 5, worker: "w", now: 1_005, duration: 10, longest: 25).deadline == 1_015)
+        #expect(try LeaseRules.renew(&job, leaseID: 5, worker: "w", now: 1_014, duration: 10, longest: 25).deadline == 1_024)
+        #expect(try LeaseRules.renew(&job, leaseID: 5, worker: "w", now: 1_015, duration: 10, longest: 25).deadline == 1_025, "up to the longest")
+        let refused = #expect(throws: LeaseError.self) { _ = try LeaseRules.renew(&job, leaseID: 5, worker: "w", now: 1_016, duration: 10, longest: 25) }
+        #expect(refused?.message.contains("longest time") == true, "\(String(describing: refused))")
+        #expect(job.state == .leased(Lease(id: 5, worker: "w", deadline: 1_025, granted: 1_000)), "its deadline stays")
+        #expect(LeaseRules.expire(&job, now: 1_025), "it ends at its deadline")
+        // Without a grant time (an old record), no end.
+        var old = JobRecord(id: 2)
+        _ = try LeaseRules.assign(&old, to: "w", leaseID: 6, now: 0, duration: 10)
+        if case .leased(var l) = old.state {
+            l.granted = nil
+            old.state = .leased(l)
+            old.leases = [l]
+        }
+        #expect(try LeaseRules.renew(&old, leaseID: 6, worker: "w", now: 5, duration: 1_000, longest: 25).deadline == 1_005)
+    }
+}
+
 /// A worker's lease on its own clock: the master's wall-clock deadline plays no part, so a
 /// worker whose clock is far ahead of or behind the master's keeps and stops jobs alike.
 @Suite struct WorkerLeaseTests {

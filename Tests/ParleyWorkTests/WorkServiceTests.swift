@@ -19,7 +19,9 @@ struct InProcessMaster {
 
     /// `entity`: the server takes method secret only, and the client authenticates as it.
     /// `wrap`: the store the service uses, around the SQLite store (tests inject failures).
-    static func start(maxLeasesPerWorker: Int? = nil, entity: String? = nil, wrap: (SQLiteWorkStore) -> any WorkStore = { $0 }) async throws -> InProcessMaster {
+    static func start(
+        maxLeasesPerWorker: Int? = nil, entity: String? = nil, leaseDuration: Duration? = nil, wrap: (SQLiteWorkStore) -> any WorkStore = { $0 }
+    ) async throws -> InProcessMaster {
         let dir = testScratchPath("work-service-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         var credentials: SecretCredentials?
@@ -35,6 +37,7 @@ struct InProcessMaster {
         var router = ParleyRouter()
         var configuration = WorkService.Configuration(trust: key.publicKey)
         configuration.maxLeasesPerWorker = maxLeasesPerWorker
+        if let leaseDuration { configuration.leaseDuration = leaseDuration }
         WorkService.register(on: &router, store: wrap(store), configuration: configuration)
         var quiet = Logger(label: "test")
         quiet.logLevel = .critical
@@ -83,6 +86,39 @@ struct InProcessMaster {
 
 /// The master's handlers in process: what a misbehaving worker or submitter gets.
 @Suite struct WorkServiceTests {
+    /// [R-19.3-3] A worker that renews its lease for ever and never reports does not keep the job for
+    /// ever: renewals end `max_wall_seconds` and two lease times after the lease was handed
+    /// out (here 1 s and 2 x 1 s), and the lease then expires. Before, every renewal was
+    /// granted.
+    @Test func aWorkerRenewingForEverIsRefusedAfterTheJobsLongestTime() async throws {
+        let master = try await InProcessMaster.start(leaseDuration: .seconds(1))
+        defer { master.stop() }
+        var spec = InProcessMaster.spec(["/bin/sleep", "1000"])
+        spec.maxWallSeconds = 1
+        let id = try #require(try await master.submit([spec]).first)
+        var ask = Parley_Work_V1_RequestWork()
+        ask.worker = "w1"
+        ask.slots = 1
+        let assignment = try #require(try await master.client.request(ask, as: Parley_Work_V1_WorkAssignments.self).assignments.first)
+        var renew = Parley_Work_V1_RenewLease()
+        renew.worker = "w1"
+        renew.jobID = id
+        renew.leaseID = assignment.leaseID
+        let started = ContinuousClock.now
+        var refusal: ParleyError?
+        for _ in 0..<100 where refusal == nil {
+            do {
+                _ = try await master.client.request(renew, as: Parley_Work_V1_LeaseRenewed.self)
+                try await Task.sleep(for: .milliseconds(250))
+            } catch let error as ParleyError {
+                refusal = error
+            }
+        }
+        #expect(refusal?.code == .invalidArgument && refusal?.message.contains("longest time") == true, "\(String(describing: refusal))")
+        // Refused once a renewal would take the lease past 3 s from its grant, about 2 s in.
+        #expect(ContinuousClock.now - started >= .seconds(1), "renewed until near the longest time, not refused at once")
+    }
+
     @Test func badReportsAndHandBacksAreRefusedWithAClearErrorAndStoreNothing() async throws {
         let master = try await InProcessMaster.start()
         defer { master.stop() }
@@ -402,8 +438,8 @@ struct HandBackFails: WorkStore {
     func report(_ reports: [ReportInput], now: Int64) async throws -> [ReportVerdict] { try await self.base.report(reports, now: now) }
     func expireLeases(now: Int64) async throws -> Int { try await self.base.expireLeases(now: now) }
     func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws { throw WorkStoreError("the database is gone for a moment") }
-    func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64) async throws -> Lease {
-        try await self.base.renew(jobID: jobID, leaseID: leaseID, worker: worker, now: now, leaseDuration: leaseDuration)
+    func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64, longest: Int64?) async throws -> Lease {
+        try await self.base.renew(jobID: jobID, leaseID: leaseID, worker: worker, now: now, leaseDuration: leaseDuration, longest: longest)
     }
     func counts() async throws -> [String: Int] { try await self.base.counts() }
     func job(_ id: UInt64) async throws -> (record: JobRecord, result: [UInt8]?)? { try await self.base.job(id) }

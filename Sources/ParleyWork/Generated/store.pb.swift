@@ -36,9 +36,21 @@ nonisolated struct Parley_Work_Store_V1_StoredLease: Sendable {
   /// nanoseconds since 1970
   var deadline: Int64 = 0
 
+  /// when it was handed out, nanoseconds since 1970; absent: before this field
+  var granted: Int64 {
+    get {_granted ?? 0}
+    set {_granted = newValue}
+  }
+  /// Returns true if `granted` has been explicitly set.
+  var hasGranted: Bool {self._granted != nil}
+  /// Clears the value of `granted`. Subsequent reads from it will return its default value.
+  mutating func clearGranted() {self._granted = nil}
+
   var unknownFields = SwiftProtobuf.UnknownStorage()
 
   init() {}
+
+  fileprivate var _granted: Int64? = nil
 }
 
 nonisolated struct Parley_Work_Store_V1_StoredJob: Sendable {
@@ -126,7 +138,7 @@ fileprivate nonisolated let _protobuf_package = "parley.work.store.v1"
 
 nonisolated extension Parley_Work_Store_V1_StoredLease: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   static let protoMessageName: String = _protobuf_package + ".StoredLease"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}worker\0\u{1}deadline\0")
+  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}worker\0\u{1}deadline\0\u{1}granted\0")
 
   mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -137,12 +149,17 @@ nonisolated extension Parley_Work_Store_V1_StoredLease: SwiftProtobuf.Message, S
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.id) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.worker) }()
       case 3: try { try decoder.decodeSingularInt64Field(value: &self.deadline) }()
+      case 4: try { try decoder.decodeSingularInt64Field(value: &self._granted) }()
       default: break
       }
     }
   }
 
   func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if self.id != 0 {
       try visitor.visitSingularUInt64Field(value: self.id, fieldNumber: 1)
     }
@@ -152,6 +169,9 @@ nonisolated extension Parley_Work_Store_V1_StoredLease: SwiftProtobuf.Message, S
     if self.deadline != 0 {
       try visitor.visitSingularInt64Field(value: self.deadline, fieldNumber: 3)
     }
+    try { if let v = self._granted {
+      try visitor.visitSingularInt64Field(value: v, fieldNumber: 4)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -159,6 +179,7 @@ nonisolated extension Parley_Work_Store_V1_StoredLease: SwiftProtobuf.Message, S
     if lhs.id != rhs.id {return false}
     if lhs.worker != rhs.worker {return false}
     if lhs.deadline != rhs.deadline {return false}
+    if lhs._granted != rhs._granted {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
