@@ -39,6 +39,9 @@ struct WorkBOINCOptions: ParsableArguments {
     @Option(name: .customLong("boinc-project-name"), help: ArgumentHelp("The project's name, as clients show it.", valueName: "name"))
     var projectName = "Parley Work"
 
+    @Option(name: .customLong("boinc-max-connections-per-peer"), help: ArgumentHelp("Connections one address (an IPv6 /64) may hold open at once; more are closed as they are accepted. 0: no cap, for a front end behind a reverse proxy, where every client has the proxy's address.", valueName: "n"))
+    var maxConnectionsPerPeer = 32
+
     func validate() throws {
         guard let url = self.url else {
             if self.key != nil { throw ValidationError("--boinc-key needs --boinc URL") }
@@ -47,6 +50,7 @@ struct WorkBOINCOptions: ParsableArguments {
         guard self.key != nil else { throw ValidationError("--boinc needs --boinc-key (make one with parley work keygen --boinc --dir DIR)") }
         _ = try self.address(url)
         guard self.leaseSeconds > 0 else { throw ValidationError("--boinc-lease-seconds must be positive") }
+        guard self.maxConnectionsPerPeer >= 0 else { throw ValidationError("--boinc-max-connections-per-peer must be 0 (no cap) or more") }
         try checkSeconds(Double(self.leaseSeconds), "--boinc-lease-seconds", minimum: 1)
         if let delay = self.requestDelay { try checkSeconds(delay, "--boinc-request-delay", minimum: 0) }
         for app in self.apps {
@@ -77,6 +81,7 @@ struct WorkBOINCOptions: ParsableArguments {
         }
         configuration.requireCapabilities = requireCaps
         configuration.maxLeasesPerWorker = maxLeasesPerWorker
+        configuration.maxConnectionsPerPeer = self.maxConnectionsPerPeer == 0 ? nil : self.maxConnectionsPerPeer
         configuration.leaseDuration = .seconds(self.leaseSeconds)
         configuration.requestDelay = self.requestDelay
         configuration.notices = self.notices

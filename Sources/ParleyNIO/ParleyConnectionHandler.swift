@@ -191,6 +191,8 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// The channel's buffered outbound bytes at the last keepalive tick, while reads were
     /// paused because the peer did not read its answers (nil otherwise).
     private var outboundAtTick: Int?
+    /// Bytes this handler wrote since the last keepalive tick.
+    private var writtenSinceTick = 0
     /// When to send KEEPALIVE and give up on a silent peer; nil: never. Used when the
     /// `keepalive` feature is negotiated.
     public var keepaliveConfiguration: KeepaliveStateMachine.Configuration?
@@ -886,12 +888,12 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         } else if frame.hasExternalData {
             // A large segment 1 held in buffers of its own: written after the head as it is.
             let parts = frame.finishCRCVectored(allocator: context.channel.allocator)
-            for part in parts.dropLast() { context.write(self.wrapOutboundOut(part), promise: nil) }
+            for part in parts.dropLast() { self.emit(part, promise: nil, context: context) }
             bytes = parts.last!
         } else {
             bytes = frame.finishCRC()
         }
-        context.write(self.wrapOutboundOut(bytes), promise: promise)
+        self.emit(bytes, promise: promise, context: context)
     }
 
     private func perform(_ step: HandshakeStep, context: ChannelHandlerContext) {
@@ -900,7 +902,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             case .banner(let banner):
                 var buffer = context.channel.allocator.buffer(capacity: Banner.size)
                 buffer.writeBanner(banner)
-                context.write(self.wrapOutboundOut(buffer), promise: nil)
+                self.emit(buffer, promise: nil, context: context)
             case .frame(let frame):
                 self.writeFrame(frame, context: context)
             case .startSealing(let secure):
@@ -1015,7 +1017,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     /// exhausted), else its frame as a list of buffers (bulk segments never copied).
     private func writeStamped(_ message: WireMessage, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) throws(ParleyError) {
         if let sealer = self.sealer {
-            context.write(self.wrapOutboundOut(try message.sealFrame(with: sealer, allocator: context.channel.allocator)), promise: promise)
+            self.emit(try message.sealFrame(with: sealer, allocator: context.channel.allocator), promise: promise, context: context)
             return
         }
         self.scratch.empty()
@@ -1040,6 +1042,12 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         }
     }
 
+    /// Writes bytes of the connection to the channel, counting them (`keepaliveTick`).
+    private func emit(_ bytes: ByteBuffer, promise: EventLoopPromise<Void>?, context: ChannelHandlerContext) {
+        self.writtenSinceTick &+= bytes.readableBytes
+        context.write(self.wrapOutboundOut(bytes), promise: promise)
+    }
+
     private func keepaliveTick() {
         guard var machine = self.keepalive, let context = self.context, case .established = self.state else { return }
         var heard = self.heardSinceTick
@@ -1049,10 +1057,13 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             // Not reading because the peer does not read its answers fast enough: its
             // KEEPALIVE_ACKs wait unread behind its requests. The peer taking bytes of the
             // answers is hearing from it; one that takes nothing for the timeout is given up on.
+            // What the socket took is what was waiting, plus what was written since, less
+            // what waits now (answers and KEEPALIVEs go on being written meanwhile).
             let outbound = try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)
-            if let outbound, let before = self.outboundAtTick, outbound < before { heard = true }
+            if let outbound, let before = self.outboundAtTick, before + self.writtenSinceTick > outbound { heard = true }
             self.outboundAtTick = outbound
         }
+        self.writtenSinceTick = 0
         let action = machine.tick(now: Self.now(), heard: heard)
         self.keepalive = machine
         self.heardSinceTick = false
@@ -1178,7 +1189,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             if let sealer = self.sealer {
                 do {
                     let sealed = try message.sealFrame(with: sealer, allocator: context.channel.allocator)
-                    context.write(self.wrapOutboundOut(sealed), promise: nil)
+                    self.emit(sealed, promise: nil, context: context)
                 } catch {
                     self.failConnection(error, tellPeer: true, context: context)
                     return
@@ -1245,7 +1256,7 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
     private func writeScratch(context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
         let last = self.scratch.count - 1
         for (i, buffer) in self.scratch.enumerated() {
-            context.write(self.wrapOutboundOut(buffer), promise: i == last ? promise : nil)
+            self.emit(buffer, promise: i == last ? promise : nil, context: context)
         }
     }
 }

@@ -26,7 +26,18 @@ enum WebSocketPipeline {
             let origins = headers["Origin"]
             guard !origins.isEmpty else { return true }
             if self.allowedOrigins.contains("*") { return true }
-            return origins.allSatisfy { self.allowedOrigins.contains($0) }
+            let allowed = Set(self.allowedOrigins.map(Self.normalized))
+            return origins.allSatisfy { allowed.contains(Self.normalized($0)) }
+        }
+
+        /// An origin as browsers serialise it: scheme and host in lower case, no default
+        /// port (`HTTPS://App.Example:443` is `https://app.example`).
+        static func normalized(_ origin: String) -> String {
+            var o = origin.lowercased()
+            for (scheme, port) in [("https://", ":443"), ("http://", ":80")] where o.hasPrefix(scheme) && o.hasSuffix(port) {
+                o.removeLast(port.count)
+            }
+            return o
         }
     }
 
@@ -185,7 +196,7 @@ final class HTTPRefusalHandler: ChannelInboundHandler, RemovableChannelHandler {
             if WebSocketPipeline.path(of: request.uri) == self.path, !self.options.allows(request.headers) {
                 status = .forbidden
                 let origin = request.headers["Origin"].joined(separator: ", ")
-                text = "\(self.path) does not accept connections from web pages of \(origin): allowed origins are \(self.options.allowedOrigins.isEmpty ? "none" : self.options.allowedOrigins.sorted().joined(separator: " ")) (parley serve --ws-allow-origin).\n"
+                text = "\(self.path) does not accept connections from web pages of \(origin): that origin is not allowed here (parley serve --ws-allow-origin).\n"
             } else if WebSocketPipeline.path(of: request.uri) == self.path {
                 status = .upgradeRequired
                 text = "\(self.path) is a Parley WebSocket endpoint: send a WebSocket upgrade request (Upgrade: websocket).\n"

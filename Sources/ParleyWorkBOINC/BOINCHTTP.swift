@@ -20,7 +20,7 @@ public enum BOINCHTTP {
         host: String, port: Int, frontEnd: BOINCFrontEnd, logger: Logger, onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
     ) -> some ApplicationProtocol {
         let connections = BOINCAllowance(frontEnd.configuration.maxConnections)
-        let peers = BOINCPeerCounts(limit: frontEnd.configuration.maxConnectionsPerPeer)
+        let peers = frontEnd.configuration.maxConnectionsPerPeer.map { BOINCPeerCounts(limit: $0) }
         let lifetime = TimeAmount(frontEnd.configuration.connectionLifetime)
         return Application(
             // A connection that sends and reads nothing for a minute is closed: one that opens
@@ -201,14 +201,14 @@ final class BOINCConnectionLimits: ChannelInboundHandler, RemovableChannelHandle
 
     /// Connections open now, shared by the handlers of one listener.
     let count: BOINCAllowance
-    let peers: BOINCPeerCounts
+    let peers: BOINCPeerCounts?
     let lifetime: TimeAmount
     let logger: Logger
     private var entered = false
     private var peer: String?
     private var timer: Scheduled<Void>?
 
-    init(count: BOINCAllowance, peers: BOINCPeerCounts, lifetime: TimeAmount, logger: Logger) {
+    init(count: BOINCAllowance, peers: BOINCPeerCounts?, lifetime: TimeAmount, logger: Logger) {
         self.count = count
         self.peers = peers
         self.lifetime = lifetime
@@ -216,14 +216,14 @@ final class BOINCConnectionLimits: ChannelInboundHandler, RemovableChannelHandle
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        let key = BOINCPeerCounts.key(context.channel.remoteAddress)
-        if let key, !self.peers.take(key) {
-            self.logger.warning("boinc connection refused: \(self.peers.limit) connections from \(key) are open")
+        let key = self.peers == nil ? nil : BOINCPeerCounts.key(context.channel.remoteAddress)
+        if let key, let peers = self.peers, !peers.take(key) {
+            self.logger.warning("boinc connection refused: \(peers.limit) connections from \(key) are open")
             context.close(promise: nil)
             return
         }
         guard self.count.take() else {
-            if let key { self.peers.give(key) }
+            if let key { self.peers?.give(key) }
             self.logger.warning("boinc connection refused: \(self.count.total) connections are open")
             context.close(promise: nil)
             return
@@ -245,7 +245,7 @@ final class BOINCConnectionLimits: ChannelInboundHandler, RemovableChannelHandle
         if self.entered {
             self.entered = false
             self.count.give()
-            if let peer = self.peer { self.peers.give(peer) }
+            if let peer = self.peer { self.peers?.give(peer) }
         }
     }
 

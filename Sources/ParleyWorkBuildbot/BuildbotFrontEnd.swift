@@ -260,7 +260,8 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
         let running = self.connection.runningCommands.filter { self.connection.isRunning($0) }
         self.state.withLockedValue { s in
             s.stoppedByMaster = true
-            s.interruptedByMaster = Set(running)
+            // A second stop (shutdown while a re-login's waits) adds to the first's.
+            s.interruptedByMaster.formUnion(running)
         }
         for id in running {
             try? await self.connection.interrupt(id, why: reason)

@@ -50,12 +50,13 @@ struct TimeoutTests {
     /// 8 MiB wait) does not see the client's KEEPALIVE_ACKs, queued behind its requests: the
     /// client taking answers counts as hearing from it. Here 16 answers of 1 MiB go through a
     /// proxy passing 2 MiB/s to the client, some 8 s: the server stops reading while over
-    /// 8 MiB wait and starts again below 2 MiB, a pause of about 3 s, and the proxy takes its
-    /// bytes in bursts of 192 KiB, every 0.1 s; the keepalive timeout is 1.5 s. The client
-    /// sends a one-way ping every 100 ms, which the server reads whenever it reads. Before,
-    /// the server gave up on the client 1.5 s into that pause.
+    /// 8 MiB wait (beyond what the sockets hold) and starts again below 2 MiB, a pause of
+    /// about 3 s, and the proxy takes its bytes in bursts of 192 KiB, every 0.1 s; the
+    /// keepalive timeout is 2 s. The client sends a one-way ping every 100 ms, which the
+    /// server reads whenever it reads. Before, the server gave up on the client 2 s into
+    /// that pause.
     @Test func aSlowReaderIsNotGivenUpOnWhileTheServerWaitsForIt() async throws {
-        let limits = ParleyConnectionLimits(keepaliveInterval: .milliseconds(200), keepaliveTimeout: .milliseconds(1500))
+        let limits = ParleyConnectionLimits(keepaliveInterval: .milliseconds(250), keepaliveTimeout: .seconds(2))
         try await withServer(configure: { $0.limits = limits }) { _, addresses in
             let proxy = ChaosProxy(configuration: .init(
                 listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0], toClient: .init(rateBytesPerSecond: 2 << 20), highWater: 256 << 10
