@@ -46,6 +46,20 @@ struct TimeoutTests {
         }
     }
 
+    static let oneMebibyteEcho = {
+        var echo = Parley_Echo_V1_Echo()
+        echo.payload = Data(repeating: 7, count: 1 << 20)
+        return echo
+    }()
+
+    /// A client connected to the server at `target` through a proxy that does `toClient` to
+    /// what the server sends it.
+    static func throughProxy(to target: ParleyAddress, toClient: ChaosPlan.Settings, highWater: Int = 4 << 20) async throws -> (ChaosProxy, ParleyClient) {
+        let proxy = ChaosProxy(configuration: .init(listen: .tcp(host: "127.0.0.1", port: 0), target: target, toClient: toClient, highWater: highWater))
+        let address = try await proxy.start()
+        return (proxy, try await ParleyClient.connect(to: address, logger: quietLogger))
+    }
+
     /// A server that stops reading because its client reads its answers slowly (over
     /// 8 MiB wait) does not see the client's KEEPALIVE_ACKs, queued behind its requests: the
     /// client taking answers counts as hearing from it. Here 16 answers of 1 MiB go through a
@@ -58,16 +72,8 @@ struct TimeoutTests {
     @Test func aSlowReaderIsNotGivenUpOnWhileTheServerWaitsForIt() async throws {
         let limits = ParleyConnectionLimits(keepaliveInterval: .milliseconds(250), keepaliveTimeout: .seconds(2))
         try await withServer(configure: { $0.limits = limits }) { _, addresses in
-            let proxy = ChaosProxy(configuration: .init(
-                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0], toClient: .init(rateBytesPerSecond: 2 << 20), highWater: 256 << 10
-            ))
-            let address = try await proxy.start()
-            let client = try await ParleyClient.connect(to: address, logger: quietLogger)
-            let echo = {
-                var echo = Parley_Echo_V1_Echo()
-                echo.payload = Data(repeating: 7, count: 1 << 20)
-                return echo
-            }()
+            let (proxy, client) = try await Self.throughProxy(to: addresses[0], toClient: .init(rateBytesPerSecond: 2 << 20), highWater: 256 << 10)
+            let echo = Self.oneMebibyteEcho
             let pinger = Task {
                 for n in 0..<600 where !Task.isCancelled {
                     var p = Parley_Echo_V1_Ping()
@@ -94,16 +100,8 @@ struct TimeoutTests {
     @Test func aPeerThatReadsNothingWhileTheServerWaitsIsGivenUpOn() async throws {
         let limits = ParleyConnectionLimits(keepaliveInterval: .milliseconds(100), keepaliveTimeout: .seconds(1))
         try await withServer(configure: { $0.limits = limits }) { server, addresses in
-            let proxy = ChaosProxy(configuration: .init(
-                listen: .tcp(host: "127.0.0.1", port: 0), target: addresses[0], toClient: .init(stallAfterBytes: 1 << 20, stallMilliseconds: 60_000)
-            ))
-            let address = try await proxy.start()
-            let client = try await ParleyClient.connect(to: address, logger: quietLogger)
-            let echo = {
-                var echo = Parley_Echo_V1_Echo()
-                echo.payload = Data(repeating: 7, count: 1 << 20)
-                return echo
-            }()
+            let (proxy, client) = try await Self.throughProxy(to: addresses[0], toClient: .init(stallAfterBytes: 1 << 20, stallMilliseconds: 60_000))
+            let echo = Self.oneMebibyteEcho
             let requests = Task {
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     for _ in 0..<32 { group.addTask { _ = try? await client.request(echo, as: Parley_Echo_V1_EchoReply.self) } }
