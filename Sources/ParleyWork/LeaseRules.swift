@@ -181,7 +181,7 @@ public enum LeaseRules {
         // Refused rather than cut short: a worker counts a granted renewal as a whole lease
         // time on its own clock, and would run on past a shorter deadline.
         if let longest, let granted = lease.granted, end > granted &+ max(0, longest) {
-            throw LeaseError("lease \(leaseID) of job \(job.id) has had its longest time (\(longest / 1_000_000_000) s from when it was handed out: the job's max_wall_seconds and two lease times): it is not renewed, and ends at its deadline")
+            throw LeaseError("lease \(leaseID) of job \(job.id) has had its longest time (\(longest / 1_000_000_000) s from when it was handed out: the job's run time and two lease times): it is not renewed, and ends at its deadline")
         }
         lease.deadline = max(lease.deadline, end)
         job.state = .leased(lease)

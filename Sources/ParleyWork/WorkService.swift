@@ -115,6 +115,25 @@ public enum WorkService {
     /// The run time a job without `max_wall_seconds` is allowed, in seconds.
     static let longestWithoutMaxWall: Int64 = 86_400
 
+    /// `longestLease` by job, so that a job's spec (up to a frame, with inline inputs) is
+    /// read once per master, not at every renewal. A job's spec never changes; emptied when
+    /// it holds `capacity` jobs.
+    final class LongestLeases: Sendable {
+        static let capacity = 65_536
+        private let known = NIOLockedValueBox<[UInt64: Int64]>([:])
+
+        func longest(job: UInt64, store: any WorkStore, leaseNanoseconds: Int64) async throws -> Int64 {
+            if let known = self.known.withLockedValue({ $0[job] }) { return known }
+            let spec = try await store.spec(job).flatMap { try? Parley_Work_V1_JobSpec(serializedBytes: $0) }
+            let longest = WorkService.longestLease(spec, leaseNanoseconds: leaseNanoseconds)
+            self.known.withLockedValue { known in
+                if known.count >= Self.capacity { known.removeAll(keepingCapacity: true) }
+                known[job] = longest
+            }
+            return longest
+        }
+    }
+
     /// - Parameter commands: where workers' connections are kept for master-initiated
     ///   commands (§19.8); nil: none are sent.
     public static func register(on router: inout ParleyRouter, store: any WorkStore, configuration: Configuration = .init(), commands: WorkCommandCenter? = nil) {
@@ -126,6 +145,7 @@ public enum WorkService {
             router.require("work.read", for: Parley_Work_V1_StatusRequest.self, Parley_Work_V1_ResultRequest.self)
         }
         let leaseNanoseconds = Int64(configuration.leaseDuration.components.seconds) * 1_000_000_000
+        let longestLeases = LongestLeases()
         let submitted = Counter(label: "parley_work_jobs_submitted_total")
         let assigned = Counter(label: "parley_work_jobs_assigned_total")
         let verdicts = Dictionary(uniqueKeysWithValues: ["accepted", "already_accepted", "retrying", "failed", "superseded", "rejected"].map {
@@ -276,10 +296,9 @@ public enum WorkService {
             let worker = try Self.worker(request.worker, context)
             let lease: Lease
             do {
-                let spec = try await store.spec(request.jobID).flatMap { try? Parley_Work_V1_JobSpec(serializedBytes: $0) }
+                let longest = try await longestLeases.longest(job: request.jobID, store: store, leaseNanoseconds: leaseNanoseconds)
                 lease = try await store.renew(
-                    jobID: request.jobID, leaseID: request.leaseID, worker: worker, now: Self.now(), leaseDuration: leaseNanoseconds,
-                    longest: Self.longestLease(spec, leaseNanoseconds: leaseNanoseconds)
+                    jobID: request.jobID, leaseID: request.leaseID, worker: worker, now: Self.now(), leaseDuration: leaseNanoseconds, longest: longest
                 )
             } catch let error as LeaseError {
                 throw ParleyError(code: .invalidArgument, message: "renewal refused: \(error.message)")

@@ -66,8 +66,8 @@ public final class BOINCFrontEnd: Sendable {
         /// more from it are closed as they are accepted. A BOINC client makes one request at
         /// a time; this leaves room for many behind one NAT, and keeps one host from taking
         /// every connection, or the body budget (each connection holds one body of at most
-        /// `maxRequestBytes`: 32 of 4 MiB are half of it). Nil: no cap (behind a reverse
-        /// proxy every client has the proxy's address).
+        /// `maxRequestBytes`: 32 of 4 MiB are half of it). Nil or 0: no cap (behind a
+        /// reverse proxy every client has the proxy's address).
         public var maxConnectionsPerPeer: Int? = 32
         /// Bytes of request bodies held in memory at once, together, counted as they arrive
         /// (an upload's until they are written, 64 KiB and a read each besides its header); the

@@ -20,7 +20,8 @@ public enum BOINCHTTP {
         host: String, port: Int, frontEnd: BOINCFrontEnd, logger: Logger, onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
     ) -> some ApplicationProtocol {
         let connections = BOINCAllowance(frontEnd.configuration.maxConnections)
-        let peers = frontEnd.configuration.maxConnectionsPerPeer.map { BOINCPeerCounts(limit: $0) }
+        // nil or 0: no cap.
+        let peers = frontEnd.configuration.maxConnectionsPerPeer.flatMap { $0 > 0 ? BOINCPeerCounts(limit: $0) : nil }
         let lifetime = TimeAmount(frontEnd.configuration.connectionLifetime)
         return Application(
             // A connection that sends and reads nothing for a minute is closed: one that opens

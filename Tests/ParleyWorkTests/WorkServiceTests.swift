@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import Parley
 import ParleyWire
@@ -117,6 +118,31 @@ struct InProcessMaster {
         #expect(refusal?.code == .invalidArgument && refusal?.message.contains("longest time") == true, "\(String(describing: refusal))")
         // Refused once a renewal would take the lease past 3 s from its grant, about 2 s in.
         #expect(ContinuousClock.now - started >= .seconds(1), "renewed until near the longest time, not refused at once")
+    }
+
+    /// The renewal limit is worked out from the job's spec once per job, not at every
+    /// renewal (a spec with inline inputs may be a frame's 16 MiB).
+    @Test func aJobsSpecIsReadOnceForItsRenewals() async throws {
+        let wrapped = NIOLockedValueBox<WrappedStore?>(nil)
+        let master = try await InProcessMaster.start { base in
+            let store = WrappedStore(base: base)
+            wrapped.withLockedValue { $0 = store }
+            return store
+        }
+        defer { master.stop() }
+        let id = try #require(try await master.submit([InProcessMaster.spec()]).first)
+        var ask = Parley_Work_V1_RequestWork()
+        ask.worker = "w1"
+        ask.slots = 1
+        let assignment = try #require(try await master.client.request(ask, as: Parley_Work_V1_WorkAssignments.self).assignments.first)
+        let store = try #require(wrapped.withLockedValue { $0 })
+        let before = store.specReads.withLockedValue { $0 }
+        var renew = Parley_Work_V1_RenewLease()
+        renew.worker = "w1"
+        renew.jobID = id
+        renew.leaseID = assignment.leaseID
+        for _ in 0..<5 { _ = try await master.client.request(renew, as: Parley_Work_V1_LeaseRenewed.self) }
+        #expect(store.specReads.withLockedValue { $0 } - before == 1)
     }
 
     @Test func badReportsAndHandBacksAreRefusedWithAClearErrorAndStoreNothing() async throws {
@@ -367,7 +393,7 @@ struct InProcessMaster {
     /// [R-19.2-2] A job claimed beyond the seconds asked that cannot go back to the queue (the
     /// store fails) is handed out rather than left leased to a worker that never hears of it.
     @Test func aJobThatCannotGoBackIsHandedOutNotStranded() async throws {
-        let master = try await InProcessMaster.start(wrap: { HandBackFails(base: $0) })
+        let master = try await InProcessMaster.start(wrap: { WrappedStore(base: $0, handBackFails: true) })
         defer { master.stop() }
         let (store, client) = (master.store, master.client)
         try await master.submit(Array(repeating: InProcessMaster.spec(estimatedSeconds: 100), count: 3))
@@ -428,22 +454,31 @@ struct InProcessMaster {
     }
 }
 
-/// A store whose hand-backs fail (a database hiccup); everything else goes to `base`.
-struct HandBackFails: WorkStore {
+/// A store around `base` whose hand-backs fail if asked (a database hiccup), and which
+/// counts the specs read.
+struct WrappedStore: WorkStore {
     let base: any WorkStore
+    var handBackFails = false
+    let specReads = NIOLockedValueBox(0)
     func submit(_ jobs: [NewJob], now: Int64) async throws -> [UInt64] { try await self.base.submit(jobs, now: now) }
     func claim(_ requests: [ClaimRequest], now: Int64, leaseDuration: Int64) async throws -> [[ClaimedJob]] {
         try await self.base.claim(requests, now: now, leaseDuration: leaseDuration)
     }
     func report(_ reports: [ReportInput], now: Int64) async throws -> [ReportVerdict] { try await self.base.report(reports, now: now) }
     func expireLeases(now: Int64) async throws -> Int { try await self.base.expireLeases(now: now) }
-    func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws { throw WorkStoreError("the database is gone for a moment") }
+    func handBack(jobID: UInt64, leaseID: UInt64, worker: String) async throws {
+        if self.handBackFails { throw WorkStoreError("the database is gone for a moment") }
+        try await self.base.handBack(jobID: jobID, leaseID: leaseID, worker: worker)
+    }
     func renew(jobID: UInt64, leaseID: UInt64, worker: String, now: Int64, leaseDuration: Int64, longest: Int64?) async throws -> Lease {
         try await self.base.renew(jobID: jobID, leaseID: leaseID, worker: worker, now: now, leaseDuration: leaseDuration, longest: longest)
     }
     func counts() async throws -> [String: Int] { try await self.base.counts() }
     func job(_ id: UInt64) async throws -> (record: JobRecord, result: [UInt8]?)? { try await self.base.job(id) }
-    func spec(_ id: UInt64) async throws -> [UInt8]? { try await self.base.spec(id) }
+    func spec(_ id: UInt64) async throws -> [UInt8]? {
+        self.specReads.withLockedValue { $0 += 1 }
+        return try await self.base.spec(id)
+    }
     func appliedMigrations() async throws -> [String] { try await self.base.appliedMigrations() }
     func close() async { await self.base.close() }
 }
