@@ -127,9 +127,16 @@ public enum WorkFiles {
         let fetcher = CappedFetch(limit: Int(min(size, self.maxInputBytes)) + 1)
         let session = URLSession(configuration: .ephemeral, delegate: fetcher, delegateQueue: nil)
         defer { session.finishTasksAndInvalidate() }
-        let outcome = await withCheckedContinuation { (c: CheckedContinuation<Result<(Data, Int), any Error>, Never>) in
-            fetcher.start(session.dataTask(with: request), then: c)
+        // Cancelling the calling task stops the download (a server trickling bytes would
+        // otherwise hold it for as long as it likes: the timeout counts only silence).
+        let outcome = await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Result<(Data, Int), any Error>, Never>) in
+                fetcher.start(session.dataTask(with: request), then: c)
+            }
+        } onCancel: {
+            fetcher.cancel()
         }
+        if Task.isCancelled { throw FileError("fetching the input '\(name)' from \(url): stopped") }
         switch outcome {
         case .success((let data, let status)):
             guard status == 200 else { throw FileError("fetching the input '\(name)' from \(url): HTTP \(status)") }
@@ -196,9 +203,26 @@ private final class CappedFetch: NSObject, URLSessionDataDelegate, @unchecked Se
         self.limit = limit
     }
 
+    private var task: URLSessionDataTask?
+    private var cancelled = false
+
     func start(_ task: URLSessionDataTask, then continuation: CheckedContinuation<Result<(Data, Int), any Error>, Never>) {
-        self.lock.withLock { self.continuation = continuation }
+        let cancelled = self.lock.withLock { () -> Bool in
+            self.continuation = continuation
+            self.task = task
+            return self.cancelled
+        }
         task.resume()
+        if cancelled { task.cancel() }
+    }
+
+    /// Stops the download: the task completes with an error (at once if not started yet).
+    func cancel() {
+        let task = self.lock.withLock { () -> URLSessionDataTask? in
+            self.cancelled = true
+            return self.task
+        }
+        task?.cancel()
     }
 
     private func finish(_ result: Result<(Data, Int), any Error>) {

@@ -368,13 +368,26 @@ public final class WorkWorker: Sendable {
             // started, or stopped 5 s before it ends: another worker would get it meanwhile.
             let keeper = assignment.deadlineUnixMs > 0 ? self.keepLease(assignment, askedAt: askedAt, lost: leaseLost) : nil
             defer { keeper?.cancel() }
+            // Fetched in a task of their own, stopped when the lease is lost meanwhile (a
+            // server trickling an input would hold the worker's slot for ever).
+            let fetching = Task { () async throws -> Void in try await WorkFiles.writeInputs(spec.inputs, into: directory) }
+            let watch = Task {
+                while !Task.isCancelled {
+                    if leaseLost.withLockedValue({ $0 }) != nil { fetching.cancel(); return }
+                    try? await Task.sleep(for: .milliseconds(250))
+                }
+            }
+            defer { watch.cancel() }
             do {
-                try await WorkFiles.writeInputs(spec.inputs, into: directory)
-            } catch {
-                self.logger.warning("job not run: an input failed", metadata: ["job": "\(assignment.jobID)", "error": "\(error.message)"])
+                try await fetching.value
+            } catch where leaseLost.withLockedValue({ $0 }) == nil {
+                let message = (error as? WorkFiles.FileError)?.message ?? "\(error)"
+                self.logger.warning("job not run: an input failed", metadata: ["job": "\(assignment.jobID)", "error": "\(message)"])
                 report.errorKind = .download
-                report.message = error.message
+                report.message = message
                 return (report, false)
+            } catch {
+                // The lease was lost while the inputs came: reported below.
             }
             if let why = leaseLost.withLockedValue({ $0 }) {
                 report.errorKind = .compute
