@@ -78,6 +78,23 @@ struct InProcessMaster {
         return spec
     }
 
+    /// Asks for one job as worker `w1`.
+    func claimOne() async throws -> Parley_Work_V1_Assignment {
+        var ask = Parley_Work_V1_RequestWork()
+        ask.worker = "w1"
+        ask.slots = 1
+        return try #require(try await self.client.request(ask, as: Parley_Work_V1_WorkAssignments.self).assignments.first)
+    }
+
+    /// `w1`'s renewal of the lease of `assignment`.
+    static func renewal(of assignment: Parley_Work_V1_Assignment) -> Parley_Work_V1_RenewLease {
+        var renew = Parley_Work_V1_RenewLease()
+        renew.worker = "w1"
+        renew.jobID = assignment.jobID
+        renew.leaseID = assignment.leaseID
+        return renew
+    }
+
     func stop() {
         self.client.close()
         self.server.shutDown()
@@ -97,14 +114,9 @@ struct InProcessMaster {
         var spec = InProcessMaster.spec(["/bin/sleep", "1000"])
         spec.maxWallSeconds = 1
         let id = try #require(try await master.submit([spec]).first)
-        var ask = Parley_Work_V1_RequestWork()
-        ask.worker = "w1"
-        ask.slots = 1
-        let assignment = try #require(try await master.client.request(ask, as: Parley_Work_V1_WorkAssignments.self).assignments.first)
-        var renew = Parley_Work_V1_RenewLease()
-        renew.worker = "w1"
-        renew.jobID = id
-        renew.leaseID = assignment.leaseID
+        let assignment = try await master.claimOne()
+        #expect(assignment.jobID == id)
+        let renew = InProcessMaster.renewal(of: assignment)
         let started = ContinuousClock.now
         var refusal: ParleyError?
         for _ in 0..<100 where refusal == nil {
@@ -131,16 +143,11 @@ struct InProcessMaster {
         }
         defer { master.stop() }
         let id = try #require(try await master.submit([InProcessMaster.spec()]).first)
-        var ask = Parley_Work_V1_RequestWork()
-        ask.worker = "w1"
-        ask.slots = 1
-        let assignment = try #require(try await master.client.request(ask, as: Parley_Work_V1_WorkAssignments.self).assignments.first)
+        let assignment = try await master.claimOne()
+        #expect(assignment.jobID == id)
         let store = try #require(wrapped.withLockedValue { $0 })
         let before = store.specReads.withLockedValue { $0 }
-        var renew = Parley_Work_V1_RenewLease()
-        renew.worker = "w1"
-        renew.jobID = id
-        renew.leaseID = assignment.leaseID
+        let renew = InProcessMaster.renewal(of: assignment)
         for _ in 0..<5 { _ = try await master.client.request(renew, as: Parley_Work_V1_LeaseRenewed.self) }
         #expect(store.specReads.withLockedValue { $0 } - before == 1)
     }
