@@ -228,7 +228,7 @@ struct TransportTests {
             for _ in 0..<3 { peers.append(try await RawPeer.connect(addresses[0])) }
             let closed = try await withThrowingTaskGroup(of: Bool.self) { group in
                 for peer in peers {
-                    group.addTask { try await peer.exchange(ByteBuffer(), seconds: 3, halfClose: false).closed }
+                    group.addTask { try await peer.exchange(ByteBuffer(), seconds: 6, halfClose: false).closed }
                 }
                 var closed = 0
                 for try await c in group where c { closed += 1 }
