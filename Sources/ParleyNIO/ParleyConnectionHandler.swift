@@ -1053,6 +1053,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
         var heard = self.heardSinceTick
         if self.peerReadsAnswers(context) {
             self.outboundAtTick = nil
+        } else if self.flushScheduled || self.unflushedInBurst > 0 {
+            // Bytes written and not flushed yet may not be in the channel's buffer (TLS and
+            // WebSocket hold them until the flush): the next tick decides, counting them.
         } else {
             // Not reading because the peer does not read its answers fast enough: its
             // KEEPALIVE_ACKs wait unread behind its requests. The peer taking bytes of the
@@ -1062,8 +1065,9 @@ public final class ParleyConnectionHandler: ChannelDuplexHandler, RemovableChann
             let outbound = try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)
             if let outbound, let before = self.outboundAtTick, before + self.writtenSinceTick > outbound { heard = true }
             self.outboundAtTick = outbound
+            self.writtenSinceTick = 0
         }
-        self.writtenSinceTick = 0
+        if self.outboundAtTick == nil { self.writtenSinceTick = 0 }
         let action = machine.tick(now: Self.now(), heard: heard)
         self.keepalive = machine
         self.heardSinceTick = false
