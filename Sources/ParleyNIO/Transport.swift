@@ -156,7 +156,7 @@ public struct PosixTransport: ParleyTransport {
     }
 
     private var webSocketOptions: WebSocketPipeline.Options {
-        .init(maxFrameSize: self.webSocketMaxFrameSize, upgradeTimeout: self.handshakeTimeout, allowedOrigins: self.webSocketAllowedOrigins)
+        .init(maxFrameSize: self.webSocketMaxFrameSize, upgradeTimeout: self.handshakeTimeout, allowedOrigins: Set(self.webSocketAllowedOrigins.map(WebSocketPipeline.Options.normalized)))
     }
 
     private func requireTLS(_ address: ParleyAddress) throws(ParleyError) -> ParleyTLS {

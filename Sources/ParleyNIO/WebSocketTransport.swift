@@ -17,7 +17,8 @@ enum WebSocketPipeline {
         var maxFrameSize: Int
         /// How long a server waits for an upgrade request before closing the connection.
         var upgradeTimeout: TimeAmount
-        /// Server side: the web origins allowed (`PosixTransport.webSocketAllowedOrigins`).
+        /// Server side: the web origins allowed (`PosixTransport.webSocketAllowedOrigins`),
+        /// `normalized` once here rather than at every request.
         var allowedOrigins: Set<String> = []
 
         /// True if a request with these headers may upgrade: no `Origin` (not a browser), or
@@ -26,8 +27,7 @@ enum WebSocketPipeline {
             let origins = headers["Origin"]
             guard !origins.isEmpty else { return true }
             if self.allowedOrigins.contains("*") { return true }
-            let allowed = Set(self.allowedOrigins.map(Self.normalized))
-            return origins.allSatisfy { allowed.contains(Self.normalized($0)) }
+            return origins.allSatisfy { self.allowedOrigins.contains(Self.normalized($0)) }
         }
 
         /// An origin as browsers serialise it: scheme and host in lower case, no default
