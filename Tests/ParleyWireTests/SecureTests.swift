@@ -671,7 +671,8 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
     /// [R-5.1-3] The client refuses an AUTH_REPLY_MORE whose mode or cipher it did not offer
     /// (`authenticationFailed`), before it proves anything.
     @Test func aChallengeWithAModeOrCipherNotOfferedIsRefusedByTheClient() throws {
-        for (mode, cipher) in [("carrier-pigeon", ""), ("secure", "rot13")] {
+        // An empty mode is not taken for crc in the challenge (docs/protocol.md R-5.1-3).
+        for (mode, cipher) in [("carrier-pigeon", ""), ("secure", "rot13"), ("", "")] {
             var pair = SecurePair()
             pair.tamper = { from, element in
                 guard !from, case .frame(let f) = element, f.tag == .authReplyMore else { return element }
@@ -685,6 +686,37 @@ func edited<M: SwiftProtobuf.Message>(_ frame: Frame, as type: M.Type, _ change:
             _ = try pair.run()
             #expect(pair.clientError?.code == .authenticationFailed, "mode \(mode) cipher \(cipher): \(String(describing: pair.clientError))")
             #expect(Pair.established(pair.clientOutcome) == nil && Pair.established(pair.serverOutcome) == nil)
+        }
+    }
+
+    /// R-5.1-2, R-5.1-3: a key share whose X25519 result is all zeros (a low-order point, RFC
+    /// 7748 section 6.1) is refused with `authenticationFailed`, by the server in the client's
+    /// AUTH_REQUEST and by the client in the server's challenge.
+    @Test func lowOrderKeySharesAreRefusedOnBothSides() throws {
+        // The point of order 1 (u = 0) and one of order 8 (u = 1): either gives a zero secret.
+        for point in [[UInt8](repeating: 0, count: 32), [1] + [UInt8](repeating: 0, count: 31)] {
+            var toServer = SecurePair()
+            toServer.tamper = { from, element in
+                guard from, case .frame(let f) = element, f.tag == .authRequest, var auth = try? Parley_V1_AuthRequest(parleyPayload: f.segments[0]),
+                      var request = try? Parley_V1_SecretAuthRequest(serializedBytes: auth.payload) else { return element }
+                request.clientKeyShare = Data(point)
+                auth.payload = try! request.serializedBytes()
+                return .frame(auth.frame(tag: .authRequest))
+            }
+            _ = try toServer.run()
+            #expect(toServer.serverError?.code == .authenticationFailed && toServer.serverError?.message.contains("X25519") == true, "\(String(describing: toServer.serverError))")
+            var toClient = SecurePair()
+            toClient.tamper = { from, element in
+                guard !from, case .frame(let f) = element, f.tag == .authReplyMore else { return element }
+                return .frame(edited(f, as: Parley_V1_AuthMore.self) { more in
+                    var c = try! Parley_V1_SecretAuthChallenge(serializedBytes: more.payload)
+                    c.serverKeyShare = Data(point)
+                    more.payload = try! c.serializedBytes()
+                })
+            }
+            _ = try toClient.run()
+            #expect(toClient.clientError?.code == .authenticationFailed && toClient.clientError?.message.contains("X25519") == true, "\(String(describing: toClient.clientError))")
+            #expect(Pair.established(toClient.clientOutcome) == nil && Pair.established(toClient.serverOutcome) == nil)
         }
     }
 

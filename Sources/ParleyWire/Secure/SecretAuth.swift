@@ -227,13 +227,21 @@ public enum SecretKeyShare {
         return try self.sharedSecret(privateKey: mine, peerPublicKey: peerPublicKey)
     }
 
+    /// X25519 with the peer's share. A share of low order (RFC 7748 section 6.1) gives an
+    /// all-zero secret whatever the private key, which would leave the session's keys to the
+    /// entity's key alone (no forward secrecy): refused (docs/protocol.md R-5.1-2, R-5.1-3).
     static func sharedSecret(privateKey: Curve25519.KeyAgreement.PrivateKey, peerPublicKey: [UInt8]) throws(ParleyError) -> [UInt8] {
+        let shared: [UInt8]
         do {
             let theirs = try Curve25519.KeyAgreement.PublicKey(rawRepresentation: peerPublicKey)
-            return try privateKey.sharedSecretFromKeyAgreement(with: theirs).withUnsafeBytes { Array($0) }
+            shared = try privateKey.sharedSecretFromKeyAgreement(with: theirs).withUnsafeBytes { Array($0) }
         } catch {
             throw ParleyError(code: .authenticationFailed, message: "bad X25519 key share: \(error)")
         }
+        guard shared.reduce(0, |) != 0 else {
+            throw ParleyError(code: .authenticationFailed, message: "bad X25519 key share: a point of low order (the shared secret is all zeros)")
+        }
+        return shared
     }
 }
 
