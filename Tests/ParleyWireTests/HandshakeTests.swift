@@ -263,6 +263,28 @@ extension Pair {
         #expect(Pair.established(ok.clientOutcome) != nil)
     }
 
+    /// Section 5.2, check 1: an out-of-date client reconnecting a lossless session is refused
+    /// as at CLIENT_IDENT (SERVER_IDENT with the refusal, then CLOSE), and the client reports
+    /// `clientOutOfDate` with the server's messages (it took that SERVER_IDENT for a stray
+    /// frame, failed with `unexpectedFrame`, and its reconnector tried again for a minute).
+    @Test func outOfDateClientIsRefusedOnAReconnectToo() throws {
+        let features = ParleyFeatures.implemented.union([.reconnect])
+        var client = Pair.clientConfig(supported: features, version: "0.9.5")
+        client.resume = SessionResumeOffer(token: Array(repeating: 7, count: 16), serverNonce: 1, lastReceivedSeq: 0, connectSeq: 2)
+        var pair = Pair(client: client, server: Pair.serverConfig(supported: features, minimum: "0.10.0"))
+        try pair.runBuffered()
+        let c = try #require(Pair.failure(pair.clientOutcome))
+        #expect(c.code == .clientOutOfDate, "\(c)")
+        #expect(c.message.contains("server message [high]: hello"), "\(c)")
+        #expect(Pair.failure(pair.serverOutcome)?.code == .clientOutOfDate)
+        var d = WireDecoder()
+        let sent = try decodeAll(pair.toServer, decoder: &d).compactMap { e -> FrameTag? in
+            if case .frame(let f) = e { return f.tag }
+            return nil
+        }
+        #expect(sent.contains(.sessionReconnect) && !sent.contains(.close), "the client sent \(sent)")
+    }
+
     @Test func versionComparison() {
         #expect(Negotiation.compareVersions("0.10.0", "0.9.9") == 1)
         #expect(Negotiation.compareVersions("1.0", "1.0.0") == 0)

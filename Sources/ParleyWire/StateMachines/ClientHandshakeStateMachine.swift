@@ -282,10 +282,12 @@ public struct ClientHandshakeStateMachine: Sendable {
             } catch {
                 return self.violation(error)
             }
-        case (.awaitingServerIdent(let partial), .frame(let frame)) where frame.tag == .serverIdent && (!partial.reconnectSent || partial.resetReason != nil):
+        case (.awaitingServerIdent(let partial), .frame(let frame)) where frame.tag == .serverIdent:
             do {
                 let ident = try Parley_V1_ServerIdent(parleyPayload: frame.segments[0])
                 if ident.hasRefusal {
+                    // Also in answer to SESSION_RECONNECT: the server refuses an out-of-date
+                    // client before it looks the session up (docs/protocol.md 5.2, check 1).
                     self.state = .failed
                     // The refusing SERVER_IDENT's other messages are shown too (docs/protocol.md 8.4).
                     var error = ParleyError(status: ident.refusal)
@@ -293,6 +295,9 @@ public struct ClientHandshakeStateMachine: Sendable {
                         error.message += "\nserver message [\(m.priority == .high ? "high" : "low")]: \(m.text)"
                     }
                     return HandshakeStep(outcome: .failed(error))
+                }
+                guard !partial.reconnectSent || partial.resetReason != nil else {
+                    return self.violation(ParleyError(code: .unexpectedFrame, message: "SERVER_IDENT without a refusal in answer to SESSION_RECONNECT (expected SESSION_RESUMED or SESSION_RESET)"))
                 }
                 var session = SessionOutcome.lossy
                 if partial.features.contains(.reconnect) {
