@@ -533,7 +533,8 @@ public final class BlockService: Sendable {
         }
         if kind == .write {
             guard let data, data.readableBytes == length else {
-                return (.invalid, "a write of \(length) bytes needs exactly \(length) bytes of data, got \(data?.readableBytes ?? 0)")
+                guard let data else { return (.invalid, "a write of \(length) bytes needs a data segment of \(length) bytes (an empty one for 0), and the request has none") }
+                return (.invalid, "a write of \(length) bytes needs exactly \(length) bytes of data, got \(data.readableBytes)")
             }
         } else if data != nil, kind != .read || data!.readableBytes > 0 {
             return (.invalid, "\(kind.rawValue) takes no data segment")

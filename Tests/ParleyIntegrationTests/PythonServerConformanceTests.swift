@@ -29,13 +29,13 @@ final class PythonServerProcess {
     var output: String { String(decoding: FileManager.default.contents(atPath: self.outPath) ?? Data(), as: UTF8.self) }
     var log: String { String(decoding: FileManager.default.contents(atPath: self.errPath) ?? Data(), as: UTF8.self) }
 
-    /// Starts `python3 parley_server.py LISTEN` and waits (at most `seconds`) until it prints
-    /// a whole `listening on ADDRESS` line.
-    static func start(_ listen: String, seconds: Double = 30) async throws -> PythonServerProcess {
+    /// Starts `python3 parley_server.py LISTEN ARGUMENTS` (e.g. `--keyring FILE`) and waits (at
+    /// most `seconds`) until it prints a whole `listening on ADDRESS` line.
+    static func start(_ listen: String, _ arguments: [String] = [], seconds: Double = 30) async throws -> PythonServerProcess {
         let python = try #require(PythonServerConformanceTests.python, "python3 is needed (.ci/run installs it)")
         let process = Process()
         process.executableURL = URL(fileURLWithPath: python)
-        process.arguments = [PythonServerConformanceTests.script, listen]
+        process.arguments = [PythonServerConformanceTests.script, listen] + arguments
         let base = testScratchPath("pyserver-\(UUID().uuidString.prefix(8))")
         let outPath = base + ".stdout", errPath = base + ".stderr"
         _ = FileManager.default.createFile(atPath: outPath, contents: nil)
@@ -74,16 +74,21 @@ final class PythonServerProcess {
 }
 
 /// Issue 13: `parley conform` runs against the independent Python server of Tests/Interop
-/// too, over TCP and a Unix socket. Every check passes, except those of the two features the
-/// Python server does not offer, secure mode (bit 8: method secret, sealed frames) and
-/// lossless sessions (bit 9), which skip and say so.
+/// too, over TCP and a Unix socket. Started without `--keyring`, the Python server offers
+/// neither secure mode (bit 8: method secret, sealed frames) nor lossless sessions (bit 9),
+/// as a version 1 server without them: every check passes except theirs, which skip and say
+/// so. Started with `--keyring FILE` (methods none and secret, modes crc and secure, lossless
+/// sessions kept 30 s), it offers both, and with a key of that keyring every check runs and
+/// passes, none skips; `--secure-sessions` (and a Python server whose only mode is secure)
+/// runs the session checks sealed.
 @Suite(.serialized, .timeLimit(.minutes(5)))
 struct PythonServerConformanceTests {
     static let python: String? = ["/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"].first { FileManager.default.isExecutableFile(atPath: $0) }
     static var script: String { ConformanceCoverageTests.root.appendingPathComponent("Tests/Interop/python/parley_server.py").path }
     static var client: String { ConformanceCoverageTests.root.appendingPathComponent("Tests/Interop/python/parley_client.py").path }
 
-    /// A skip that a server without secure mode and lossless sessions is entitled to: a check
+    /// A skip that a server started without `--keyring` (no secure mode, no lossless
+    /// sessions) is entitled to: a check
     /// of section 5.1 (method secret, secure sessions) or of R-6.1-6 (early requests, secure
     /// mode only) whose reason names method secret, secure mode or a key, or of section 5.2
     /// (lossless sessions) whose reason names them, or the check of section 7.16 that needs a
@@ -140,5 +145,106 @@ struct PythonServerConformanceTests {
         let status = await server.stop()
         #expect(status == 0, "the Python server did not stop cleanly on SIGTERM: \(server.log)")
         #expect(!FileManager.default.fileExists(atPath: path), "the socket file is left behind")
+    }
+
+    /// A keyring of one entity, client.alice (every capability), made by `parley keyring add`
+    /// as a user makes one: the Python server reads it with `--keyring`, the checks and the
+    /// clients authenticate with it (method secret).
+    static func makeKeyring(_ name: String) async throws -> String {
+        let keyring = freshTestDirectory(name) + "/server.keyring"
+        let out = try await parley(["keyring", "add", "client.alice", "--keyring", keyring, "--caps", "*"])
+        #expect(out.status == 0, Comment(rawValue: out.combined))
+        return keyring
+    }
+
+    /// `parley conform ADDRESS --keyring KEYRING --name client.alice --json EXTRA` (a check waits
+    /// up to 15 s for each answer, as in `conform`): no check fails, and every check ran.
+    static func conformWithKey(_ address: String, keyring: String, _ extra: [String] = []) async throws -> ConformanceReport {
+        let out = try await parleyRun(
+            ["conform", address, "--keyring", keyring, "--name", "client.alice", "--timeout", "15", "--json"] + extra, seconds: 240
+        )
+        #expect(out.status == 0, "\(address) \(extra): \(out.combined)")
+        let report = try JSONDecoder().decode(ConformanceReport.self, from: Data(out.stdout.utf8))
+        let failed = report.results.filter { $0.status == .fail }
+        #expect(failed.isEmpty, "\(address) \(extra): \(report.summary)\n\(failed.map(\.line).joined(separator: "\n"))")
+        #expect(report.results.count == ConformanceRunner.checks.count)
+        return report
+    }
+
+    /// With `--keyring` the Python server offers secure mode and lossless sessions, so nothing
+    /// skips: every check of method secret, sealed frames, R-6.1-6 (sealed requests before
+    /// SERVER_IDENT), lossless sessions (tokens, ACK, resume, reset, the race rule) and the
+    /// check of section 7.16 that needs a lossless session passes, over TCP and a Unix socket.
+    @Test func conformWithAKeyringAgainstThePythonServerRunsEveryCheck() async throws {
+        let keyring = try await Self.makeKeyring("pyserver-keyring")
+        let tcp = try await PythonServerProcess.start("127.0.0.1:0", ["--keyring", keyring])
+        let path = testScratchPath("pyserver-\(UUID().uuidString.prefix(8)).sock")
+        let unix = try await PythonServerProcess.start("unix:" + path, ["--keyring", keyring])
+        #expect(unix.address == "unix:" + path)
+        for server in [tcp, unix] {
+            let report = try await Self.conformWithKey(server.address, keyring: keyring)
+            let skipped = report.results.filter { $0.status == .skip }
+            #expect(skipped.isEmpty, "\(server.address): \(report.summary)\n\(skipped.map(\.line).joined(separator: "\n"))")
+            #expect(report.passed == report.results.count, "\(server.address): \(report.summary)")
+        }
+        // The reference client in secure mode, and in crc mode after method secret.
+        for (mode, shown) in [("secure", "mode secure ("), ("crc", "mode crc")] {
+            let ping = try await parley(["ping", tcp.address, "--keyring", keyring, "--name", "client.alice", "--mode", mode, "--count", "3"], seconds: 60)
+            #expect(ping.status == 0 && ping.combined.contains("auth secret as client.alice, " + shown), "\(ping.combined)")
+            #expect(ping.combined.contains("3 round trips to"), "\(ping.combined)")
+        }
+        // The Python server reads its keyring again when it changes: a revoked key is refused.
+        #expect(try await parley(["keyring", "revoke", "client.alice", "--keyring", keyring]).status == 0)
+        let revoked = try await parley(["ping", tcp.address, "--keyring", keyring, "--name", "client.alice", "--count", "1"], seconds: 60)
+        #expect(revoked.status != 0 && revoked.combined.contains("authenticationFailed"), "\(revoked.combined)")
+        #expect(await tcp.stop() == 0, "the Python server did not stop cleanly on SIGTERM: \(tcp.log)")
+        #expect(await unix.stop() == 0, "the Python server did not stop cleanly on SIGTERM: \(unix.log)")
+        #expect(!FileManager.default.fileExists(atPath: path), "the socket file is left behind")
+    }
+
+    /// The session checks sealed: `--secure-sessions` against the Python server that allows
+    /// both modes, and a Python server whose only mode is secure (it requires bit 8). The only
+    /// skips are those of crc-mode framing and of the method-none handshake written by hand;
+    /// every check of sections 5.1, 5.2 and 7 passes.
+    @Test func conformRunsTheSessionChecksSealedAgainstThePythonServer() async throws {
+        let keyring = try await Self.makeKeyring("pyserver-secure")
+        let both = try await PythonServerProcess.start("127.0.0.1:0", ["--keyring", keyring])
+        let secureOnly = try await PythonServerProcess.start("127.0.0.1:0", ["--keyring", keyring, "--auth", "secret", "--mode", "secure"])
+        let sealed = ConformanceRunner.checks.filter { $0.id.hasPrefix("R-5.1-") || $0.id.hasPrefix("R-5.2-") || $0.id.hasPrefix("R-7.") }
+        for (server, extra) in [(both, ["--secure-sessions"]), (secureOnly, [String]())] {
+            let report = try await Self.conformWithKey(server.address, keyring: keyring, extra)
+            for result in report.results where result.status == .skip {
+                let reason = result.reason ?? ""
+                #expect(reason.contains("crc-mode framing") || reason.contains("method-none handshake"), "\(server.address) \(extra): \(result.line)")
+            }
+            for check in sealed where !report.results.contains(where: { $0.id == check.id && $0.name == check.name && $0.status == .pass }) {
+                // R-5.1-11's method-none check needs a method-none crc session: it skips, saying so.
+                let skip = report.results.first { $0.id == check.id && $0.name == check.name && $0.status == .skip }
+                #expect(skip?.reason?.contains("method-none handshake") == true, "\(server.address) \(extra): \(check.id) \(check.name) did not pass")
+            }
+        }
+        // Without bit 8 a client cannot reach the secure-only server: missingFeatures at the banner.
+        let plain = try await parley(["ping", secureOnly.address, "--count", "1"], seconds: 60)
+        #expect(plain.status != 0 && plain.combined.contains("missingFeatures"), "\(plain.combined)")
+        #expect(await both.stop() == 0, "\(both.log)")
+        #expect(await secureOnly.stop() == 0, "\(secureOnly.log)")
+    }
+
+    /// A lossless session with the Python server resumes through `parley chaos` cutting every
+    /// connection after 300 KB: `parley send --lossless` (method secret, secure mode) delivers
+    /// every one-way message and its final Ping is answered, across the reconnects.
+    @Test func aLosslessSessionWithThePythonServerSurvivesCuts() async throws {
+        let keyring = try await Self.makeKeyring("pyserver-lossless")
+        let server = try await PythonServerProcess.start("127.0.0.1:0", ["--keyring", keyring])
+        let chaos = try await ChaosProcess.start(["--listen", "127.0.0.1:0", "--to", server.address, "--cut-after", "300000", "--seed", "20261207"])
+        let send = try await parley(
+            ["send", chaos.address, "--lossless", "--count", "20000", "--size", "64", "--keyring", keyring, "--name", "client.alice"], seconds: 120
+        )
+        #expect(send.status == 0, "\(send.combined)\n\(server.log)")
+        #expect(send.combined.contains("sent 20000 messages"), "\(send.combined)")
+        #expect(send.combined.contains("link up (reconnect"), "no reconnect happened: \(send.combined)")
+        let cuts = await chaos.stop()
+        #expect((cuts?.cuts ?? 0) >= 1, "\(chaos.output)")
+        #expect(await server.stop() == 0, "\(server.log)")
     }
 }

@@ -3,9 +3,13 @@
 
 Written from docs/protocol.md ONLY (the schemas used are the ones reproduced verbatim in
 section 12 of that document); no code of the reference implementation was read. Python 3.11,
-standard library only: CRC-32C and the few protobuf messages needed are hand-coded.
+standard library only: CRC-32C and the few protobuf messages needed are hand-coded. Method
+secret and secure mode (X25519, AES-256-GCM, ChaCha20-Poly1305) need the `cryptography`
+package; HKDF and HMAC are hashlib/hmac.
 
     python3 parley_client.py HOST:PORT            # or [V6]:PORT, or unix:PATH
+    python3 parley_client.py ADDRESS --keyring FILE --name ENTITY [--mode secure,crc] [--cipher C]
+    python3 parley_client.py ADDRESS --lossless [--cut-every N] [--work N --work-key K]
     python3 parley_client.py --self-test [docs/protocol.md]
 
 The client connects, runs the handshake (banner, HELLO, AUTH_REQUEST "none", CLIENT_IDENT,
@@ -13,6 +17,24 @@ SERVER_IDENT), then checks Ping, Echo with a data segment, 50 pipelined Pings, a
 stream, a cancelled Count, an unknown request type, a one-way message and a KEEPALIVE, and
 closes with a CLOSE frame (code connectionClosed). It exits 0 if everything matched and
 1 with a message naming the failed check otherwise.
+
+With --keyring FILE --name ENTITY it authenticates with method secret (section 5.1; it then
+offers that method only) and accepts the modes of --mode (default secure,crc; bit 8 is
+supported when secure is, required when it is the only one) and the ciphers aes-256-gcm and
+chacha20-poly1305 (--cipher: one only); in secure mode every frame after AUTH_REQUEST_MORE
+is sealed, and every frame after AUTH_DONE opened (a clear CLOSE accepted as the first,
+R-5.1-6). --key-update-every N updates each direction's key every N frames instead of every
+2^32 AEAD messages: a test knob, no conforming peer shares it (section 5.1 announces nothing).
+
+With --lossless it sets feature bit 9 (section 5.2): messages are numbered for the session,
+kept until acknowledged (MESSAGE ack or ACK frames, sent before it waits), a broken link is
+reconnected with SESSION_RECONNECT (connect_seq 1, 2, ...; the old connection closed first,
+so it delivers nothing more), what the server lacks is sent again, a seq already received is
+dropped; SESSION_RESET starts a new session (requests that may have run fail sessionReset,
+those never sent go in the new one). --cut-every N cuts its own TCP connection (no CLOSE)
+after every N-th MESSAGE sent; --work N adds N Work requests (keys for a server's
+--execution-log, to check that each ran once). At the end it waits until the server has
+acknowledged everything and checks that no answer came twice.
 
 --self-test parses every ```vector block of docs/protocol.md (section 13) and checks that
 this file's encoder produces the documented bytes, that its decoder reads them back (all at
@@ -57,7 +79,8 @@ CODES = ["unspecified", "protocolViolation", "badMagic", "unsupportedVersion", "
          "frameTooLarge", "badPreambleCRC", "badSegmentCRC", "unexpectedFrame", "unknownFrameTag",
          "malformedPayload", "authenticationFailed", "truncated", "clientOutOfDate", "shuttingDown",
          "cancelled", "unknownMessageType", "handlerFailed", "connectionClosed", "timeout",
-         "invalidArgument", "connectFailed", "redirectLoop"]
+         "invalidArgument", "connectFailed", "redirectLoop", "permissionDenied", "badAuthTag",
+         "handshakeTampered", "keyExhausted", "sessionSuperseded", "sessionReset"]
 CODE = {name: i for i, name in enumerate(CODES)}
 
 
@@ -111,12 +134,21 @@ SCHEMA = {
     "parley.v1.Hello": [(1, "entityType", "enum:parley.v1.EntityType", False),
                         (2, "peerAddress", "string", False), (3, "maxFrameSize", "uint32", False)],
     "parley.v1.AuthRequest": [(1, "method", "string", False), (2, "offeredMethods", "string", True),
-                              (3, "payload", "bytes", False)],
+                              (3, "payload", "bytes", False), (4, "offeredModes", "string", True),
+                              (5, "offeredCiphers", "string", True)],
     "parley.v1.AuthBadMethod": [(1, "method", "string", False), (2, "allowedMethods", "string", True),
                                 (3, "reason", "string", False)],
     "parley.v1.AuthMore": [(1, "payload", "bytes", False)],
     "parley.v1.AuthDone": [(1, "method", "string", False), (2, "globalId", "uint64", False),
-                           (3, "connectionMode", "string", False), (4, "payload", "bytes", False)],
+                           (3, "connectionMode", "string", False), (4, "payload", "bytes", False),
+                           (5, "cipher", "string", False), (6, "entity", "string", False)],
+    # Method secret (section 5.1), carried in AuthRequest.payload and AuthMore.payload.
+    "parley.v1.SecretAuthRequest": [(2, "clientChallenge", "bytes", False), (3, "clientKeyShare", "bytes", False)],
+    "parley.v1.SecretAuthChallenge": [(1, "serverChallenge", "bytes", False), (2, "serverKeyShare", "bytes", False),
+                                      (3, "connectionMode", "string", False), (4, "cipher", "string", False)],
+    "parley.v1.SecretAuthProof": [(1, "clientProof", "bytes", False), (2, "transcriptMac", "bytes", False),
+                                  (3, "sealedEntity", "bytes", False)],
+    "parley.v1.SecretAuthDone": [(1, "serverProof", "bytes", False), (2, "transcriptMac", "bytes", False)],
     "parley.v1.ClientIdent": [(1, "platform", "string", False), (2, "implementation", "string", False),
                               (3, "version", "string", False), (4, "name", "string", False),
                               (5, "clientNonce", "uint64", False)],
@@ -128,7 +160,7 @@ SCHEMA = {
                               (3, "implementation", "string", False), (4, "version", "string", False),
                               (5, "name", "string", False), (6, "serverNonce", "uint64", False),
                               (7, "refusal", "msg:parley.v1.Status", False), (8, "sessionToken", "bytes", False)],
-    # Lossless sessions (section 5.2); this client does not ask for them (no bit 9).
+    # Lossless sessions (section 5.2); asked for with --lossless (bit 9).
     "parley.v1.SessionReconnect": [(1, "ident", "msg:parley.v1.ClientIdent", False), (2, "sessionToken", "bytes", False),
                                    (3, "serverNonce", "uint64", False), (4, "lastReceivedSeq", "uint64", False),
                                    (5, "connectSeq", "uint64", False)],
@@ -379,6 +411,7 @@ def pb_from_json(type_name, obj):
 # Banner, frames, MESSAGE header (sections 3, 4, 7.2).
 MAGIC = b"PARLEY\r\n"
 F_STREAMS, F_KEEPALIVE, F_NOTICE, F_DATA = 0x1, 0x2, 0x4, 0x8
+F_SECURE, F_RECONNECT = 0x100, 0x200  # secure mode (5.1), lossless sessions (5.2)
 OUR_SUPPORTED, OUR_REQUIRED = 0xF, 0x0
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024 + 64 * 1024
 # Section 4.5: a side's limit is at least 64 KiB, and an announced max_frame_size from 1 to
@@ -446,6 +479,7 @@ class Reader:
 
     def __init__(self, recv, max_frame=DEFAULT_MAX_FRAME):
         self.recv, self.buf, self.eof, self.max_frame = recv, bytearray(), False, max_frame
+        self.opener = None  # a SecureDirection once this side opens sealed frames (5.1)
 
     def _fill(self):
         if self.eof:
@@ -482,6 +516,8 @@ class Reader:
 
     def frame(self):
         """Returns (tag, flags, segments, alignments)."""
+        if self.opener is not None:
+            return self._sealed_frame()
         p = self._exact(32, "preamble", False)
         if crc32c(p[:28]) != struct.unpack_from("<I", p, 28)[0]:
             raise ParleyError("badPreambleCRC", "preamble CRC mismatch")
@@ -503,6 +539,106 @@ class Reader:
         return tag, flags, segments, [a for _, a in desc]
 
 
+    def _clear_close(self, head):
+        """R-5.1-6: the first frame after the switch to opening may be a clear CLOSE (a valid
+        crc-mode preamble, tag CLOSE, one segment). head: the bytes taken for the sealed
+        preamble (32 to 48); the rest goes back to the buffer."""
+        p = head[:32]
+        if len(p) < 32 or crc32c(p[:28]) != struct.unpack_from("<I", p, 28)[0] or p[0] != TAG["CLOSE"] or p[2] != 1:
+            return None
+        self.buf[:0] = head[32:]
+        length = struct.unpack_from("<I", p, 4)[0]
+        if length > self.max_frame:
+            raise ParleyError("frameTooLarge", "clear CLOSE of %d bytes" % length)
+        body = self._exact(length + 4, "frame", True)
+        if crc32c(body[:length]) != struct.unpack_from("<I", body, length)[0]:
+            raise ParleyError("badSegmentCRC", "segment 0 of a clear CLOSE")
+        return TAG["CLOSE"], p[1], [body[:length]], [0, 0, 0, 0]
+
+    def _sealed_frame(self):
+        """Section 5.1 "Secure frames": 48 bytes (sealed preamble and tag) opened before any
+        field is looked at, then the shape and size checks, then the body and its tag."""
+        op = self.opener
+        first, op.first = op.first, False
+        while len(self.buf) < 48 and self._fill():
+            pass
+        if len(self.buf) < 48:
+            if first and len(self.buf) >= 32:  # a clear CLOSE can be shorter than 48 bytes
+                head = bytes(self.buf)
+                del self.buf[:]
+                frame = self._clear_close(head)
+                if frame:
+                    return frame
+            if self.buf:
+                raise ParleyError("truncated", "stream ended inside a sealed preamble")
+            raise ParleyError("connectionClosed", "the peer closed the connection")
+        head = bytes(self.buf[:48])
+        del self.buf[:48]
+        try:
+            p = op.open(head, "preamble")
+        except ParleyError:
+            frame = self._clear_close(head) if first else None
+            if frame:
+                return frame
+            raise
+        tag, flags, count, reserved = p[0], p[1], p[2], p[3]
+        desc = [struct.unpack_from("<IH", p, 4 + 6 * i) for i in range(4)]
+        if not 1 <= count <= 4 or reserved != 0 or any(d != (0, 0) for d in desc[count:]):
+            raise ParleyError("protocolViolation", "bad preamble shape (count %d, byte 3 %d)" % (count, reserved))
+        total = sum(length for length, _ in desc[:count])
+        if total > self.max_frame:
+            raise ParleyError("frameTooLarge", "frame of %d bytes, limit %d" % (total, self.max_frame))
+        body = op.open(self._exact(total + 16, "sealed frame", True), "body of a %s frame" % TAGS.get(tag, hex(tag)))
+        segments, off = [], 0
+        for length, _ in desc[:count]:
+            segments.append(body[off:off + length])
+            off += length
+        return tag, flags, segments, [a for _, a in desc]
+
+
+KEY_UPDATE_INTERVAL = 1 << 32  # 5.1: AEAD messages per key
+LAST_COUNTER = (1 << 64) - 2  # 5.1: the last counter value of a direction
+
+
+class SecureDirection:
+    """One direction of secure mode (5.1): key, iv, a counter of AEAD messages from 0, the
+    nonce iv XOR counter (u64 LE in bytes 0-7), the key replaced by HKDF-Expand(key,
+    "parley v1 key update", 32) before message n when n is a non-zero multiple of the
+    interval (2^32; --key-update-every N makes it 2N, a test knob no conforming peer shares)."""
+
+    def __init__(self, cipher, key, iv, interval=KEY_UPDATE_INTERVAL):
+        self.cipher, self.key, self.iv, self.interval = cipher, key, iv, interval
+        self.counter, self.updates, self.first = 0, 0, True
+        self.aead = _aead(cipher, key)
+
+    def remaining(self):
+        return LAST_COUNTER - self.counter + 1
+
+    def _nonce(self):
+        n = self.counter
+        if n > LAST_COUNTER:
+            raise ParleyError("keyExhausted", "the counter of this direction reached its end")
+        if n and n % self.interval == 0:
+            self.key = _hkdf_expand(self.key, b"parley v1 key update", 32)
+            self.aead = _aead(self.cipher, self.key)
+            self.updates += 1
+        self.counter += 1
+        return bytes(a ^ b for a, b in zip(self.iv, struct.pack("<Q", n) + b"\0\0\0\0"))
+
+    def seal(self, plain):
+        nonce = self._nonce()  # first: it may update the key (and self.aead)
+        return self.aead.encrypt(nonce, bytes(plain), None)
+
+    def open(self, sealed, what):
+        from cryptography.exceptions import InvalidTag
+        n = self.counter
+        nonce = self._nonce()  # first: it may update the key (and self.aead)
+        try:
+            return self.aead.decrypt(nonce, bytes(sealed), None)
+        except InvalidTag:
+            raise ParleyError("badAuthTag", "the sealed %s (counter %d) does not open" % (what, n))
+
+
 def check_session_frame(state, tag, flags, segments):
     """Section 7: validates one frame received by a client in the session.
     state: {"features": int, "recv_seq": int}. Returns (kind of event, value)."""
@@ -511,6 +647,8 @@ def check_session_frame(state, tag, flags, segments):
         if len(segments) < 2:
             raise ParleyError("malformedPayload", "MESSAGE with %d segment(s)" % len(segments))
         h = decode_header(segments[0])
+        if features & F_RECONNECT and h["seq"] <= state["recv_seq"]:
+            return "dropped", h  # 5.2 R-5.2-6: a reconnect race sent it again; not delivered
         if h["seq"] != state["recv_seq"] + 1:
             raise ParleyError("protocolViolation", "MESSAGE seq %d, expected %d" % (h["seq"], state["recv_seq"] + 1))
         state["recv_seq"] = h["seq"]
@@ -537,6 +675,10 @@ def check_session_frame(state, tag, flags, segments):
         return TAGS[tag].lower(), segments[0]
     if tag == TAG["CLOSE"]:
         return "close", segments[0]
+    if tag == TAG["ACK"] and features & F_RECONNECT:  # 5.2 R-5.2-5 (without bit 9: unexpectedFrame below)
+        if len(segments[0]) != 8:
+            raise ParleyError("malformedPayload", "ACK of %d bytes" % len(segments[0]))
+        return "ack", struct.unpack("<Q", segments[0])[0]
     if tag == TAG["DIRECT"] and state.get("direct"):
         # Section 7.16: only where a service enabled DIRECT (this client never asks for it).
         if flags:
@@ -564,39 +706,109 @@ def parse_address(text):
     return ("tcp", m.group(1), int(m.group(2)))
 
 
+def load_key(path, name):
+    """The key of entity `name` in a keyring file. docs/security.md "Keyrings" says only "a
+    JSON file of entities, each with a 32-byte random key, capabilities, ..."; the field
+    names used here ("entities", "name", "key" in base64) are those `parley keyring add`
+    writes, seen in a file it made, not read in any document."""
+    if not re.fullmatch(r"[A-Za-z0-9._\-@]{1,255}", name):
+        raise ParleyError("invalidArgument", "entity name %r: 1 to 255 letters, digits or ._-@" % name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ParleyError("invalidArgument", "keyring %s: %s" % (path, e))
+    for e in obj.get("entities", []):
+        if e.get("name") == name:
+            key = base64.b64decode(e.get("key", ""))
+            if len(key) != 32:
+                raise ParleyError("invalidArgument", "the key of %s is %d bytes, not 32" % (name, len(key)))
+            return key
+    raise ParleyError("invalidArgument", "entity %r is not in keyring %s" % (name, path))
+
+
+def _record(direction, tag, data):
+    """5.1 "Transcript": direction | tag | u32 length | bytes."""
+    return direction + bytes([tag]) + struct.pack("<I", len(data)) + bytes(data)
+
+
+# Errors after which a lossless session reconnects (5.2 "When the connection breaks"): the
+# stream ended, inside a frame or between frames, or nothing came for the timeout.
+BREAKS = ("connectionClosed", "truncated", "timeout")
+# Errors no new attempt can mend (5.2 "Timing"): the reconnect loop gives up at once.
+FATAL_ON_RECONNECT = ("authenticationFailed", "handshakeTampered", "permissionDenied", "clientOutOfDate",
+                      "missingFeatures", "unsupportedVersion", "protocolViolation", "malformedPayload",
+                      "badAuthTag", "unexpectedFrame", "unknownFrameTag", "sessionReset")
+
+
 class Connection:
     def __init__(self, address, timeout=10.0, client_version="0.1.0", verbose=False,
-                 supported=OUR_SUPPORTED, required=OUR_REQUIRED, offered=("none",)):
+                 supported=OUR_SUPPORTED, required=OUR_REQUIRED, offered=("none",),
+                 secret=None, modes=("crc",), ciphers=("aes-256-gcm", "chacha20-poly1305"),
+                 lossless=False, key_update_every=0, cut_every=0, reconnect_delay=0.0):
         self.address, self.timeout, self.verbose = address, timeout, verbose
         self.supported, self.required, self.offered = supported, required, list(offered)
-        addr = parse_address(address)
-        try:
-            if addr[0] == "unix":
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.settimeout(timeout)
-                self.sock.connect(addr[1])
-            else:
-                self.sock = socket.create_connection(addr[1:], timeout=timeout)
-        except OSError as e:
-            raise ParleyError("connectFailed", "%s: %s" % (address, e))
-        self.sock.setblocking(False)
-        self.reader = Reader(self._recv)
+        # Method secret and modes (5.1): secret = (entity, key); modes and ciphers in our order.
+        self.secret, self.modes, self.ciphers = secret, list(modes), list(ciphers)
+        if "secure" in self.modes:
+            self.supported |= F_SECURE  # bit 8 whenever our policy allows secure
+            if self.modes == ["secure"]:
+                self.required |= F_SECURE  # secure only: refuse a peer without it at the banner
+        self.lossless = lossless
+        if lossless:
+            self.supported |= F_RECONNECT  # bit 9: ask for a lossless session (5.2)
+        self.interval = 2 * key_update_every if key_update_every else KEY_UPDATE_INTERVAL
+        self.cut_every, self.reconnect_delay = cut_every, reconnect_delay
         self.client_version = client_version
+        self.client_nonce = random.getrandbits(64) or 1
         self.send_seq = self.next_id = 0
         self.state = {"features": 0, "recv_seq": 0}
         self.pending = {}  # id -> {"stream", "items"} until the final answer
         self.pending_done = {}  # id -> the same record, with "kind", "answer", "aligns"
         self.cancelled = {}  # id -> frames that still arrived for it (discarded)
+        self.answered, self.duplicates = set(), []
         self.not_before = 0.0
         self.messages, self.redirects, self.delays, self.keepalive_acks = [], [], [], []
+        # Lossless session (5.2): the token once established, what we keep, what was acked.
+        self.session_token, self.server_nonce, self.connect_seq = None, 0, 0
+        self.kept, self.peer_ack, self.ack_sent = [], 0, 0
+        self.broken, self.in_ack, self.reconnects, self.resets, self.dropped = False, False, 0, 0, 0
+        self.sent_count, self.key_updates = 0, [0, 0]
+        self.sealer = None
+        self._open_socket()
+
+    def _open_socket(self):
+        addr = parse_address(self.address)
+        try:
+            if addr[0] == "unix":
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(self.timeout)
+                self.sock.connect(addr[1])
+            else:
+                self.sock = socket.create_connection(addr[1:], timeout=self.timeout)
+        except OSError as e:
+            raise ParleyError("connectFailed", "%s: %s" % (self.address, e))
+        self.sock.setblocking(False)
+        self.reader = Reader(self._recv)
+        self.sealer = None
+        self.broken = self.established = False
 
     def log(self, *args):
         if self.verbose:
             print("  [debug]", *args)
 
+    @property
+    def in_session(self):
+        """A lossless session is established: a broken link is reconnected, not an error."""
+        return self.session_token is not None
+
     def _recv(self, n):
         if self.sock.fileno() < 0:
             return b""
+        if self.in_session and self.established and self.state["recv_seq"] > self.ack_sent and not self.in_ack:
+            r, _, _ = select.select([self.sock], [], [], 0)
+            if not r:  # R-5.2-3: about to wait with messages unacknowledged: ACK them
+                self._send_ack()
         r, _, _ = select.select([self.sock], [], [], self.timeout)
         if not r:
             raise ParleyError("timeout", "nothing received for %.1f s" % self.timeout)
@@ -604,6 +816,15 @@ class Connection:
             return self.sock.recv(n)
         except ConnectionResetError:
             return b""
+
+    def _send_ack(self):
+        self.in_ack = True
+        try:
+            seq = self.state["recv_seq"]
+            self.send_frame(TAG["ACK"], [struct.pack("<Q", seq)])
+            self.ack_sent = seq
+        finally:
+            self.in_ack = False
 
     def send(self, data):
         """Writes everything while still reading (section 7.15: never block writing only)."""
@@ -617,23 +838,61 @@ class Connection:
             if w:
                 view = view[self.sock.send(view):]
 
+    def send_frame(self, tag, segments, alignments=(0, 0, 0, 0)):
+        """A frame, sealed once this side seals (5.1 "Secure frames"). In an established
+        lossless session a write that fails marks the link broken: MESSAGEs are kept and go
+        again after the reconnect; control frames are simply lost with the link."""
+        if self.sealer is not None:
+            if tag != TAG["CLOSE"] and self.sealer.remaining() < 4:  # R-5.1-10
+                raise ParleyError("keyExhausted", "the counter of the client's direction is at its end")
+            before = self.sealer.updates
+            pre = encode_frame(tag, segments, alignments)[:32]
+            data = self.sealer.seal(pre) + self.sealer.seal(b"".join(bytes(s) for s in segments))
+            if self.sealer.updates != before:
+                self.key_updates[0] += self.sealer.updates - before
+                self.log("c2s key updated (%d so far)" % self.sealer.updates)
+        else:
+            data = encode_frame(tag, segments, alignments)
+        if self.in_session and self.broken:
+            return
+        try:
+            self.send(data)
+        except (OSError, ParleyError) as e:
+            if not self.in_session or (isinstance(e, ParleyError) and e.code not in BREAKS):
+                raise
+            self.log("write failed (%s): the link is broken" % e)
+            self._drop_link()
+
+    def _drop_link(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.broken = True
+
     def fail(self, err):
-        """A protocol error detected by this side: CLOSE with its code, then close (4.4)."""
+        """A protocol error detected by this side: CLOSE with its code, then close (4.4);
+        sealed once this side seals (5.1)."""
         try:
             status = pb_encode("parley.v1.Status", {"code": CODE.get(err.code, 0), "message": err.message})
-            self.send(encode_frame(TAG["CLOSE"], [status]))
+            self.session_token = None  # a CLOSE ends a lossless session too
+            self.send_frame(TAG["CLOSE"], [status])
         except (OSError, ParleyError):
             pass
         self.sock.close()
 
     # --- handshake (section 6) -----------------------------------------------------------
-    def handshake(self):
+    def handshake(self, resume=False):
+        """The handshake; resume: send SESSION_RECONNECT in place of CLIENT_IDENT (5.2)."""
         hello = pb_encode("parley.v1.Hello", {"entityType": 1, "peerAddress": self.address,
                                                "maxFrameSize": DEFAULT_MAX_FRAME})
-        auth = pb_encode("parley.v1.AuthRequest", {"method": self.offered[0], "offeredMethods": self.offered})
+        self.method = self.offered[0]
+        auth = self._auth_request(self.method)
+        banner = encode_banner(1, self.supported, self.required)
+        self.records = {"client banner": _record(b"C", 0, banner), "client hello": _record(b"C", 1, hello),
+                        "auth": [_record(b"C", 2, auth)]}
         # The first flight, in one write: banner, HELLO, AUTH_REQUEST (6.1).
-        self.send(encode_banner(1, self.supported, self.required)
-                  + encode_frame(TAG["HELLO"], [hello]) + encode_frame(TAG["AUTH_REQUEST"], [auth]))
+        self.send(banner + encode_frame(TAG["HELLO"], [hello]) + encode_frame(TAG["AUTH_REQUEST"], [auth]))
         try:
             self.peer_version, self.peer_supported, self.peer_required = self.reader.banner()
         except ParleyError as e:
@@ -646,12 +905,46 @@ class Connection:
         except ParleyError:
             self.sock.close()  # no CLOSE: the peer reaches the same conclusion (section 3)
             raise
+        if resume and not self.state["features"] & F_RECONNECT:
+            self.sock.close()
+            raise ParleyError("sessionReset", "the server no longer offers lossless sessions (bit 9)")
+        # The transcript's server banner is re-encoded from its fields (5.1 "Transcript").
+        self.records["server banner"] = _record(b"S", 0, encode_banner(self.peer_version, self.peer_supported,
+                                                                       self.peer_required))
         try:
-            self._handshake_frames()
+            self._handshake_frames(resume)
+            self.established = True
         except ParleyError as e:
             if not e.from_peer and e.code not in NO_CLOSE_BACK:
                 self.fail(e)
             raise
+
+    def _auth_request(self, method):
+        msg = {"method": method, "offeredMethods": self.offered}
+        if method == "secret":
+            if self.secret is None:
+                raise ParleyError("invalidArgument", "method secret needs --keyring and --name")
+            from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+            from cryptography.hazmat.primitives import serialization
+            self.share_private = X25519PrivateKey.generate()
+            self.client_challenge = os.urandom(32)
+            share = self.share_private.public_key().public_bytes(serialization.Encoding.Raw,
+                                                                 serialization.PublicFormat.Raw)
+            msg["payload"] = pb_encode("parley.v1.SecretAuthRequest", {
+                "clientChallenge": self.client_challenge, "clientKeyShare": share})
+        if self.modes != ["crc"]:  # R-5.1-1: fields 4 and 5 only when we accept more than crc
+            msg["offeredModes"] = self.modes
+            if "secure" in self.modes:
+                msg["offeredCiphers"] = self.ciphers
+        return pb_encode("parley.v1.AuthRequest", msg)
+
+    def _transcript(self):
+        h = hashlib.sha256()
+        for k in ("client banner", "server banner", "client hello", "server hello"):
+            h.update(self.records[k])
+        for r in self.records["auth"]:
+            h.update(r)
+        return h.digest()
 
     def _next_handshake_frame(self, *allowed):
         while True:
@@ -668,42 +961,247 @@ class Connection:
             raise ParleyError("unexpectedFrame", "%s while waiting for %s" % (
                 TAGS[tag], "/".join(TAGS[a] for a in allowed)))
 
-    def _handshake_frames(self):
+    def _ident(self):
+        return {"platform": "%s-unknown-%s" % (platform.machine() or "unknown", sys.platform),
+                "implementation": "parley-python-interop", "version": self.client_version,
+                "name": "parley_client.py", "clientNonce": self.client_nonce}
+
+    def _send_ident(self, resume):
+        if resume:
+            self.connect_seq += 1
+            self.send_frame(TAG["SESSION_RECONNECT"], [pb_encode("parley.v1.SessionReconnect", {
+                "ident": self._ident(), "sessionToken": self.session_token, "serverNonce": self.server_nonce,
+                "lastReceivedSeq": self.state["recv_seq"], "connectSeq": self.connect_seq})])
+        else:
+            self.send_frame(TAG["CLIENT_IDENT"], [pb_encode("parley.v1.ClientIdent", self._ident())])
+
+    def _handshake_frames(self, resume):
         _, segs = self._next_handshake_frame(TAG["HELLO"])
+        self.records["server hello"] = _record(b"S", 1, segs[0])
         self.server_hello = pb_decode("parley.v1.Hello", segs[0])
         if self.server_hello.get("entityType", 0) != 2:
             raise ParleyError("protocolViolation",
                               "server HELLO with entity type %d" % self.server_hello.get("entityType", 0))
         self.peer_max_frame = max(self.server_hello.get("maxFrameSize", 0) or DEFAULT_MAX_FRAME, MIN_MAX_FRAME)
-        offered, method = self.offered, self.offered[0]
+        offered, method, challenge = self.offered, self.method, None
         while True:
-            tag, segs = self._next_handshake_frame(TAG["AUTH_DONE"], TAG["AUTH_BAD_METHOD"])
+            tag, segs = self._next_handshake_frame(TAG["AUTH_DONE"], TAG["AUTH_BAD_METHOD"], TAG["AUTH_REPLY_MORE"])
             if tag == TAG["AUTH_DONE"]:
                 break
+            if tag == TAG["AUTH_REPLY_MORE"]:
+                if method != "secret" or challenge is not None:  # R-5.1-3, 6.2
+                    raise ParleyError("unexpectedFrame", "AUTH_REPLY_MORE with method %s%s" % (
+                        method, " (a second one)" if challenge else ""))
+                self.records["auth"].append(_record(b"S", TAG["AUTH_REPLY_MORE"], segs[0]))
+                challenge = self._secret_challenge(segs[0], resume)
+                continue
+            self.records["auth"].append(_record(b"S", TAG["AUTH_BAD_METHOD"], segs[0]))
             bad = pb_decode("parley.v1.AuthBadMethod", segs[0])
             later = [m for m in offered[offered.index(method) + 1:] if m in bad.get("allowedMethods", [])]
             if not later:
                 raise ParleyError("authenticationFailed", "server refused %r (%s), allows %s" % (
                     bad.get("method"), bad.get("reason", ""), bad.get("allowedMethods", [])))
-            method = later[0]
-            self.send(encode_frame(TAG["AUTH_REQUEST"], [pb_encode("parley.v1.AuthRequest", {
-                "method": method, "offeredMethods": offered})]))
+            method = self.method = later[0]
+            auth = self._auth_request(method)
+            self.records["auth"].append(_record(b"C", TAG["AUTH_REQUEST"], auth))
+            self.send(encode_frame(TAG["AUTH_REQUEST"], [auth]))
         done = pb_decode("parley.v1.AuthDone", segs[0])
-        if done.get("method", "") != method or done.get("connectionMode", "") not in ("", "crc"):
-            raise ParleyError("authenticationFailed", "AUTH_DONE %r" % done)
+        if method == "secret":
+            self._secret_done(done, challenge)
+        else:
+            if done.get("method", "") != method or done.get("connectionMode", "") not in ("", "crc"):
+                raise ParleyError("authenticationFailed", "AUTH_DONE %r" % done)
+            self._send_ident(resume)
         self.auth_done = done
-        ident = pb_encode("parley.v1.ClientIdent", {
-            "platform": "%s-unknown-%s" % (platform.machine() or "unknown", sys.platform),
-            "implementation": "parley-python-interop", "version": self.client_version,
-            "name": "parley_client.py", "clientNonce": random.getrandbits(64) or 1})
-        self.send(encode_frame(TAG["CLIENT_IDENT"], [ident]))
-        _, segs = self._next_handshake_frame(TAG["SERVER_IDENT"])
+        self._await_server_ident(resume)
+
+    def _secret_challenge(self, seg, resume):
+        """R-5.1-3: AUTH_REPLY_MORE of method secret; sends AUTH_REQUEST_MORE and, without
+        waiting, CLIENT_IDENT (sealed in secure mode)."""
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+        ch = pb_decode("parley.v1.SecretAuthChallenge", pb_decode("parley.v1.AuthMore", seg).get("payload", b""))
+        sc, ss = ch.get("serverChallenge", b""), ch.get("serverKeyShare", b"")
+        if len(sc) != 32 or len(ss) != 32:
+            raise ParleyError("malformedPayload", "SecretAuthChallenge with a %d-byte challenge and a %d-byte share"
+                              % (len(sc), len(ss)))
+        mode, cipher = ch.get("connectionMode", "") or "crc", ch.get("cipher", "")
+        if mode not in self.modes:
+            raise ParleyError("authenticationFailed", "the server chose mode %r, we offered %s" % (mode, self.modes))
+        if mode == "secure" and not self.state["features"] & F_SECURE:
+            raise ParleyError("handshakeTampered", "secure mode chosen without feature bit 8")
+        if mode == "secure" and cipher not in self.ciphers:
+            raise ParleyError("authenticationFailed", "the server chose cipher %r, we offered %s" % (cipher, self.ciphers))
+        entity, key = self.secret[0].encode(), self.secret[1]
+        try:
+            shared = self.share_private.exchange(X25519PublicKey.from_public_bytes(ss))
+        except ValueError as e:  # a low-order share: X25519 gives all zeros
+            raise ParleyError("authenticationFailed", "bad X25519 key share: %s (section 5.1, R-5.1-3)" % e)
+        challenges = self.client_challenge + sc
+        identity = _hkdf_expand(_hkdf_extract(challenges, shared), b"parley v1 identity", 32)
+        sealed_entity = _aead("chacha20-poly1305", identity).encrypt(bytes(12), entity, None)
+        hs = _hkdf_extract(challenges, key + shared)
+        proof = lambda label: hmac.new(key, label + bytes([len(entity)]) + entity + challenges, hashlib.sha256).digest()
+        mac_key = _hkdf_expand(hs, b"parley v1 transcript mac", 32)
+        t1 = self._transcript()
+        more = pb_encode("parley.v1.AuthMore", {"payload": pb_encode("parley.v1.SecretAuthProof", {
+            "clientProof": proof(b"parley v1 client proof"),
+            "transcriptMac": hmac.new(mac_key, b"parley v1 client transcript" + t1, hashlib.sha256).digest(),
+            "sealedEntity": sealed_entity})})
+        self.records["auth"].append(_record(b"C", TAG["AUTH_REQUEST_MORE"], more))
+        t2 = self._transcript()
+        keys = {d: (_hkdf_expand(hs, ("parley v1 %s key" % d).encode() + t2, 32),
+                    _hkdf_expand(hs, ("parley v1 %s iv" % d).encode() + t2, 12)) for d in ("c2s", "s2c")}
+        self.send(encode_frame(TAG["AUTH_REQUEST_MORE"], [more]))
+        if mode == "secure":
+            self.sealer = SecureDirection(cipher, *keys["c2s"], interval=self.interval)
+        self._send_ident(resume)
+        return {"mode": mode, "cipher": cipher, "t2": t2, "mac_key": mac_key,
+                "server_proof": proof(b"parley v1 server proof"), "keys": keys}
+
+    def _secret_done(self, done, ch):
+        """R-5.1-5: AUTH_DONE of method secret."""
+        if ch is None:
+            raise ParleyError("authenticationFailed", "AUTH_DONE of method secret without AUTH_REPLY_MORE")
+        if done.get("method", "") != "secret":
+            raise ParleyError("authenticationFailed", "AUTH_DONE of method %r, we asked for secret" % done.get("method"))
+        sd = pb_decode("parley.v1.SecretAuthDone", done.get("payload", b""))
+        if not hmac.compare_digest(sd.get("serverProof", b""), ch["server_proof"]):
+            raise ParleyError("authenticationFailed", "the server's proof is wrong: it does not hold the key of %s"
+                              % self.secret[0])
+        mac = hmac.new(ch["mac_key"], b"parley v1 server transcript" + ch["t2"] + struct.pack("<Q", done.get("globalId", 0)),
+                       hashlib.sha256).digest()
+        if not hmac.compare_digest(sd.get("transcriptMac", b""), mac):
+            raise ParleyError("handshakeTampered", "the server's transcript MAC is wrong")
+        if (done.get("connectionMode", "") or "crc") != ch["mode"] or done.get("cipher", "") != ch["cipher"]:
+            raise ParleyError("handshakeTampered", "AUTH_DONE says %s/%s, AUTH_REPLY_MORE said %s/%s" % (
+                done.get("connectionMode"), done.get("cipher"), ch["mode"], ch["cipher"]))
+        self.mode, self.cipher = ch["mode"], ch["cipher"]
+        if ch["mode"] == "secure":
+            self.reader.opener = SecureDirection(ch["cipher"], *ch["keys"]["s2c"], interval=self.interval)
+
+    def _await_server_ident(self, resume):
+        want = (TAG["SESSION_RESUMED"], TAG["SESSION_RESET"]) if resume else (TAG["SERVER_IDENT"],)
+        tag, segs = self._next_handshake_frame(*want)
+        if tag == TAG["SESSION_RESET"]:
+            self._session_reset(pb_decode("parley.v1.SessionReset", segs[0]).get("reason", ""))
+            tag, segs = self._next_handshake_frame(TAG["SERVER_IDENT"])
+        if tag == TAG["SESSION_RESUMED"]:
+            resumed = pb_decode("parley.v1.SessionResumed", segs[0])
+            si = resumed.get("ident", {})
+            if si.get("sessionToken", b"") != self.session_token:
+                raise ParleyError("protocolViolation", "SESSION_RESUMED names another session")
+            self.server_ident = si
+            self.apply_nucleus(si.get("nucleus", {}), "SESSION_RESUMED")
+            self._resend(resumed.get("lastReceivedSeq", 0))
+            return
         self.server_ident = pb_decode("parley.v1.ServerIdent", segs[0])
         self.apply_nucleus(self.server_ident.get("nucleus", {}), "SERVER_IDENT")
         if "refusal" in self.server_ident:
             r = self.server_ident["refusal"]
             self.sock.close()  # the server sends CLOSE; we send nothing more (section 8.4)
             raise ParleyError(code_name(r.get("code", 0)), "refused by the server: %s" % r.get("message", ""), True)
+        if self.state["features"] & F_RECONNECT:
+            token = self.server_ident.get("sessionToken", b"")
+            if len(token) != 16:
+                raise ParleyError("malformedPayload", "SERVER_IDENT with a %d-byte session token under bit 9" % len(token))
+            self.session_token, self.server_nonce = token, self.server_ident.get("serverNonce", 0)
+            self.established = True
+            unsent, self.unsent = getattr(self, "unsent", []), []
+            cut, self.cut_every = self.cut_every, 0  # no cut while sending them
+            for m in unsent:  # after a SESSION_RESET: numbered anew in the new session
+                self.send_message(m["kind"], m["id"], m["type"], m["payload"], m["data"])
+            self.cut_every = cut
+
+    def _session_reset(self, reason):
+        """5.2 R-5.2-12: the server lost the session. Requests sent and not answered may have
+        run: they fail with sessionReset; one-way messages sent and not acknowledged are
+        reported; a new session follows, numbered from 1."""
+        self.resets += 1
+        print("  SESSION_RESET: %s" % reason)
+        # Requests and one-way messages numbered but never transmitted certainly did not run:
+        # they go in the new session. Answers and CANCELs die with the server's session.
+        self.unsent = [m for m in self.kept if not m.get("sent") and m["kind"] in (KIND["REQUEST"], KIND["ONE_WAY"])]
+        for m in self.kept:
+            if m.get("sent") and m["seq"] > self.peer_ack and m["kind"] == KIND["ONE_WAY"]:
+                print("  one-way message seq %d may or may not have arrived" % m["seq"])
+        status = pb_encode("parley.v1.Status", {"code": CODE["sessionReset"], "message": "session reset: " + reason})
+        keep = {m["id"] for m in self.unsent if m["kind"] == KIND["REQUEST"]}
+        for id_, p in list(self.pending.items()):
+            if id_ not in keep:  # sent and not answered: may have run
+                p["kind"], p["answer"], p["aligns"] = "ERROR", {"payload": status, "type": "parley.v1.Status", "data": None}, [0] * 4
+                self.pending_done[id_] = self.pending.pop(id_)
+        print("  %d request(s) may have run (sessionReset), %d message(s) never sent go in the new session" % (
+            len(self.pending) - len(keep) + sum(1 for p in self.pending_done.values() if p["kind"] == "ERROR"
+                                                and p["answer"]["payload"] is status), len(self.unsent)))
+        self.session_token, self.kept, self.send_seq, self.peer_ack, self.ack_sent = None, [], 0, 0, 0
+        self.state["recv_seq"] = 0
+        self.send_frame(TAG["CLIENT_IDENT"], [pb_encode("parley.v1.ClientIdent", self._ident())])
+
+    def _resend(self, last_received):
+        """5.2 R-5.2-11: send again, in seq order, every kept MESSAGE above the server's
+        last_received_seq (those up to it count as acknowledged), with our current ack."""
+        if last_received > self.send_seq:
+            raise ParleyError("protocolViolation", "SESSION_RESUMED last_received_seq %d, we sent up to %d"
+                              % (last_received, self.send_seq))
+        self._acknowledged(max(last_received, self.peer_ack))
+        print("  SESSION_RESUMED (connect_seq %d): the server had up to seq %d, we up to %d; sending %d again" % (
+            self.connect_seq, last_received, self.state["recv_seq"], len(self.kept)))
+        for m in list(self.kept):
+            self._transmit(m)
+
+    def _acknowledged(self, ack):
+        self.peer_ack = ack
+        while self.kept and self.kept[0]["seq"] <= ack:
+            self.kept.pop(0)
+
+    def _check_ack(self, ack):
+        """R-5.2-6: an ack never goes below an earlier one nor above what we sent."""
+        if ack < self.peer_ack or ack > self.send_seq:
+            raise ParleyError("protocolViolation", "ack %d (earlier ack %d, we sent up to seq %d)" % (
+                ack, self.peer_ack, self.send_seq))
+        self._acknowledged(ack)
+
+    def reconnect(self, why):
+        """5.2: the link broke; connect again and resume (SESSION_RECONNECT), one attempt at a
+        time with a growing delay, giving up 60 s after the break. Our older connection is
+        closed before each attempt, so it delivers nothing more (the race rule)."""
+        print("  link broken (%s); reconnecting" % why)
+        self._drop_link()
+        time.sleep(self.reconnect_delay)
+        start, delay, last = time.monotonic(), 0.01, None
+        for attempt in range(1000):
+            if attempt:
+                time.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 2.0)
+            if time.monotonic() - start > 60:
+                break
+            try:
+                self._open_socket()
+                self.handshake(resume=True)
+                self.reconnects += 1
+                return
+            except ParleyError as e:
+                last = e
+                if e.code in FATAL_ON_RECONNECT:
+                    self.session_token = None
+                    raise
+                self._drop_link()
+                print("  reconnect attempt %d failed: %s" % (attempt + 1, e))
+            except OSError as e:
+                last = ParleyError("connectionClosed", str(e))
+                self._drop_link()
+        self.session_token = None
+        raise last or ParleyError("timeout", "could not reconnect")
+
+    def cut(self):
+        """--cut-every: end our own TCP connection without CLOSE (a broken link, 5.2)."""
+        print("  cutting our own connection after %d messages (seq %d sent, %d received)" % (
+            self.sent_count, self.send_seq, self.state["recv_seq"]))
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._drop_link()
 
     def apply_nucleus(self, nucleus, where):
         """Section 8.2: messages (in order), request delay, redirects."""
@@ -723,7 +1221,9 @@ class Connection:
 
     # --- session (section 7) ---------------------------------------------------------------
     def send_message(self, kind, id_, type_name, payload, data=None):
-        """Numbers the MESSAGE (seq, ack: 7.3) when it is written; a refused one uses no seq."""
+        """Numbers the MESSAGE (seq, ack: 7.3) when it is written; a refused one uses no seq.
+        In a lossless session it is kept until acknowledged, and numbered and kept even while
+        the link is broken (5.2)."""
         if data is not None and not self.state["features"] & F_DATA:
             raise ParleyError("invalidArgument", "data segment without dataSegment")
         if kind in (3, 5) and not self.state["features"] & F_STREAMS:
@@ -732,10 +1232,24 @@ class Connection:
         if size > self.peer_max_frame:
             raise ParleyError("frameTooLarge", "message of %d bytes, server accepts %d" % (size, self.peer_max_frame))
         self.send_seq += 1
-        segs = [encode_header(self.send_seq, self.state["recv_seq"], id_, kind, type_name), payload]
-        if data is not None:
-            segs.append(data)
-        self.send(encode_frame(TAG["MESSAGE"], segs, (0, 0, 4096 if data is not None else 0, 0)))
+        m = {"seq": self.send_seq, "id": id_, "kind": kind, "type": type_name, "payload": payload, "data": data}
+        if self.in_session:
+            self.kept.append(m)
+        self._transmit(m)
+        self.sent_count += 1
+        if self.cut_every and self.in_session and self.established and not self.broken \
+                and self.sent_count % self.cut_every == 0:
+            self.cut()
+
+    def _transmit(self, m):
+        ack = self.state["recv_seq"]
+        segs = [encode_header(m["seq"], ack, m["id"], m["kind"], m["type"]), m["payload"]]
+        if m["data"] is not None:
+            segs.append(m["data"])
+        self.send_frame(TAG["MESSAGE"], segs, (0, 0, 4096 if m["data"] is not None else 0, 0))
+        if not self.broken:
+            self.ack_sent = max(self.ack_sent, ack)
+            m["sent"] = True
 
     def request(self, type_name, msg, data=None, stream=False):
         """Sends a REQUEST (msg: a dict, or the payload's bytes) without waiting; returns its id."""
@@ -755,22 +1269,43 @@ class Connection:
         self.send_message(KIND["CANCEL"], id_, "", b"")
 
     def read_one(self):
+        if self.in_session and self.broken:
+            self.reconnect("the connection was cut, or a write failed")
+            return
         try:
             tag, flags, segs, aligns = self.reader.frame()
             event, value = check_session_frame(self.state, tag, flags, segs)
+            if self.in_session and event == "message":
+                self._check_ack(value["ack"])
+            elif event == "ack":
+                self._check_ack(value)
         except ParleyError as e:
+            if self.in_session and not e.from_peer and e.code in BREAKS:
+                self.reconnect(e)
+                return
             if e.code not in NO_CLOSE_BACK:
                 self.fail(e)
             raise
+        except OSError as e:
+            if self.in_session:
+                self.reconnect(e)
+                return
+            raise
         if event == "message":
             self.on_message(value, aligns)
+        elif event == "dropped":
+            self.dropped += 1
+            self.log("dropped MESSAGE seq %d: already received" % value["seq"])
         elif event == "notice":
             self.apply_nucleus(value.get("nucleus", {}), "NOTICE")
         elif event == "keepalive":
-            self.send(encode_frame(TAG["KEEPALIVE_ACK"], [value]))
+            self.send_frame(TAG["KEEPALIVE_ACK"], [value])
         elif event == "keepalive_ack":
             self.keepalive_acks.append(struct.unpack("<Q", value)[0])
+        elif event == "ack":
+            self.log("ACK %d" % value)
         elif event == "close":
+            self.session_token = None  # a CLOSE ends a lossless session (5.2)
             self.sock.close()
             raise close_error(value)
         else:
@@ -788,6 +1323,8 @@ class Connection:
             return  # nothing to do: no handlers, nothing being served
         p = self.pending.get(id_)
         if p is None:  # 7.5 step 6: no outstanding request (e.g. cancelled): discard
+            if id_ in self.answered and id_ not in self.cancelled:
+                self.duplicates.append((id_, kind))  # a second answer: something was doubled
             self.cancelled.setdefault(id_, []).append(h)
             return
         if kind == "STREAM_ITEM":
@@ -797,12 +1334,20 @@ class Connection:
         p["kind"], p["answer"], p["aligns"] = kind, h, aligns
         del self.pending[id_]
         self.pending_done[id_] = p
+        self.answered.add(id_)
 
     def wait(self, ids):
         """Reads frames until every id in ids has its final answer; returns {id: record}."""
         while any(i not in self.pending_done for i in ids):
             self.read_one()
         return {i: self.pending_done.pop(i) for i in ids}
+
+    def settle(self):
+        """Lossless session: reads until the server has acknowledged every MESSAGE we sent
+        (bounded by the timeout), so that a one-way message is not lost with the close."""
+        deadline = time.monotonic() + self.timeout
+        while self.in_session and (self.broken or self.peer_ack < self.send_seq) and time.monotonic() < deadline:
+            self.read_one()
 
     def leave(self):
         """Section 8.2 [R-8.2-1]: a redirected client leaves by closing the byte stream, without
@@ -814,9 +1359,11 @@ class Connection:
         self.sock.close()
 
     def close(self):
-        """Section 7.13: a healthy close MAY send CLOSE(connectionClosed); then close."""
+        """Section 7.13: a healthy close MAY send CLOSE(connectionClosed); then close. In a
+        lossless session the CLOSE ends the session (5.2)."""
         status = pb_encode("parley.v1.Status", {"code": CODE["connectionClosed"], "message": "client done"})
-        self.send(encode_frame(TAG["CLOSE"], [status]))
+        self.session_token = None
+        self.send_frame(TAG["CLOSE"], [status])
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -853,7 +1400,10 @@ def run(args):
         print("step 1: connect to %s and handshake" % address)
         visited.add(address)
         conn = Connection(address, args.timeout, args.client_version, args.verbose,
-                          args.supported, args.required, args.offer.split(","))
+                          args.supported, args.required, args.offer.split(","),
+                          secret=args.secret, modes=args.modes, ciphers=args.ciphers, lossless=args.lossless,
+                          key_update_every=args.key_update_every, cut_every=args.cut_every,
+                          reconnect_delay=args.reconnect_delay)
         conn.handshake()
         si = conn.server_ident
         print("  negotiated: server banner version %d, supported %#x, required %#x; features %#x" % (
@@ -967,9 +1517,13 @@ def run(args):
                       pb_encode("parley.echo.v1.Echo", {"text": "fire and forget"}))
     if features & F_KEEPALIVE:
         stamp = time.monotonic_ns()
-        conn.send(encode_frame(TAG["KEEPALIVE"], [struct.pack("<Q", stamp)]))
+        conn.send_frame(TAG["KEEPALIVE"], [struct.pack("<Q", stamp)])
+        links = conn.reconnects
         while stamp not in conn.keepalive_acks:
             conn.read_one()
+            if conn.reconnects != links:  # the KEEPALIVE was lost with a broken link: again
+                stamp, links = time.monotonic_ns(), conn.reconnects
+                conn.send_frame(TAG["KEEPALIVE"], [struct.pack("<Q", stamp)])
         print("  one-way sent (no answer expected); KEEPALIVE_ACK matched")
 
     print("step 6: nucleus and negotiation")
@@ -979,6 +1533,32 @@ def run(args):
     print("  messages: %s" % (conn.messages or "none"))
     print("  request delays: %s" % (conn.delays or "none"))
     print("  redirects: %s" % (conn.redirects or "none"))
+
+    if args.work:
+        print("step 6b: %d Work requests (keys %d..%d), each to run exactly once" % (args.work, args.work_key, args.work_key + args.work - 1))
+        ids = {conn.request("parley.echo.v1.Work", {"key": args.work_key + k, "delayMs": 5}): args.work_key + k
+               for k in range(args.work)}
+        got = conn.wait(list(ids))
+        for id_, key in ids.items():
+            done = answer(got[id_], "parley.echo.v1.WorkDone")
+            check(done.get("key", 0) == key, "WorkDone key %r != %d" % (done.get("key"), key))
+        print("  all %d WorkDone matched" % len(ids))
+
+    if conn.secret is not None:
+        print("  method secret as %s, mode %s%s; key updates: c2s %d, s2c %d" % (
+            conn.secret[0], getattr(conn, "mode", "?"), " (%s)" % conn.cipher if getattr(conn, "cipher", "") else "",
+            conn.sealer.updates if conn.sealer else 0, conn.reader.opener.updates if conn.reader.opener else 0))
+    if args.lossless:
+        check(features & F_RECONNECT, "lossless session asked for, but the server does not offer bit 9")
+        conn.settle()
+        print("  lossless session: %d reconnect(s), %d reset(s), %d message(s) dropped as already received; "
+              "sent up to seq %d (acknowledged %d), received up to seq %d" % (
+                  conn.reconnects, conn.resets, conn.dropped, conn.send_seq, conn.peer_ack, conn.state["recv_seq"]))
+        check(not conn.duplicates, "answers delivered twice: %s" % conn.duplicates)
+        check(conn.resets == 0, "the session was reset")
+        check(conn.peer_ack == conn.send_seq, "the server acknowledged up to seq %d of %d" % (conn.peer_ack, conn.send_seq))
+        if args.cut_every:
+            check(conn.reconnects > 0, "--cut-every %d: no reconnect happened" % args.cut_every)
 
     print("step 7: close with CLOSE(connectionClosed)")
     conn.close()
@@ -1244,13 +1824,45 @@ def main():
                     help="our banner's required features (default 0x0)")
     ap.add_argument("--offer", default="none", help="authentication methods to offer, in order (default none)")
     ap.add_argument("--follow-redirects", action="store_true", help="follow nucleus redirects (max 4 hops)")
+    # Method secret and secure mode (section 5.1).
+    ap.add_argument("--keyring", help="keyring file (docs/security.md) holding our key: method secret")
+    ap.add_argument("--name", help="the entity of --keyring to authenticate as, e.g. client.alice")
+    ap.add_argument("--mode", help="modes we accept, most preferred first: crc, secure, secure,crc "
+                                   "(default: secure,crc with --keyring, crc without)")
+    ap.add_argument("--cipher", choices=["aes-256-gcm", "chacha20-poly1305"],
+                    help="offer only this cipher (default: aes-256-gcm,chacha20-poly1305)")
+    ap.add_argument("--key-update-every", type=int, default=0, metavar="N",
+                    help="secure mode: update each direction's key every N frames (2N AEAD messages) instead of "
+                         "every 2^32 messages; a test knob: section 5.1 fixes 2^32 and nothing announces an update")
+    # Lossless sessions (section 5.2).
+    ap.add_argument("--lossless", action="store_true", help="ask for a lossless session (feature bit 9)")
+    ap.add_argument("--cut-every", type=int, default=0, metavar="N",
+                    help="with --lossless: cut our own TCP connection (no CLOSE) after every N-th MESSAGE sent")
+    ap.add_argument("--reconnect-delay", type=float, default=0.0, metavar="SECONDS",
+                    help="with --lossless: wait this long before the first reconnect attempt (past a server's "
+                         "retention: SESSION_RESET)")
+    ap.add_argument("--work", type=int, default=0, metavar="N",
+                    help="also send N parley.echo.v1.Work requests (keys from --work-key), for a server's --execution-log")
+    ap.add_argument("--work-key", type=int, default=1000)
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args()
     if args.self_test:
         return self_test(args.self_test)
     if not args.address:
         ap.error("an address (or --self-test) is required")
+    if bool(args.keyring) != bool(args.name):
+        ap.error("--keyring and --name go together")
+    args.modes = (args.mode or ("secure,crc" if args.keyring else "crc")).split(",")
+    if any(m not in ("crc", "secure") for m in args.modes):
+        ap.error("--mode: crc, secure or both")
+    args.ciphers = [args.cipher] if args.cipher else ["aes-256-gcm", "chacha20-poly1305"]
+    if args.cut_every and not args.lossless:
+        ap.error("--cut-every needs --lossless")
     try:
+        # A client that holds a key offers method secret only (5.1), unless --offer says otherwise.
+        args.secret = (args.name, load_key(args.keyring, args.name)) if args.keyring else None
+        if args.keyring and args.offer == "none":
+            args.offer = "secret"
         return run(args)
     except ParleyError as e:
         print("FAILED: Parley error %s" % e)
