@@ -81,7 +81,7 @@ final class PythonServerProcess {
 /// sessions kept 30 s), it offers both, and with a key of that keyring every check runs and
 /// passes, none skips; `--secure-sessions` (and a Python server whose only mode is secure)
 /// runs the session checks sealed.
-@Suite(.serialized, .timeLimit(.minutes(5)))
+@Suite(.serialized, .timeLimit(.minutes(10)))
 struct PythonServerConformanceTests {
     static let python: String? = ["/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"].first { FileManager.default.isExecutableFile(atPath: $0) }
     static var script: String { ConformanceCoverageTests.root.appendingPathComponent("Tests/Interop/python/parley_server.py").path }

@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import ParleyWire
 import SwiftProtobuf
@@ -283,6 +284,26 @@ extension Pair {
             return nil
         }
         #expect(sent.contains(.sessionReconnect) && !sent.contains(.close), "the client sent \(sent)")
+    }
+
+    /// A SERVER_IDENT without a refusal in answer to SESSION_RECONNECT (before any
+    /// SESSION_RESET) is `unexpectedFrame`: the answers are SESSION_RESUMED or SESSION_RESET.
+    @Test func aPlainServerIdentAnsweringSessionReconnectIsUnexpected() throws {
+        let features = ParleyFeatures.implemented.union([.reconnect])
+        var client = Pair.clientConfig(supported: features)
+        client.resume = SessionResumeOffer(token: Array(repeating: 7, count: 16), serverNonce: 1, lastReceivedSeq: 0, connectSeq: 2)
+        var pair = Pair(client: client, server: Pair.serverConfig(supported: features))
+        try pair.runBuffered()
+        guard case .resumeRequested? = pair.serverOutcome else {
+            Issue.record("the server did not ask to resume: \(String(describing: pair.serverOutcome))")
+            return
+        }
+        #expect(pair.clientOutcome == nil)
+        var ident = Parley_V1_ServerIdent()
+        ident.implementation = "test-server"
+        ident.sessionToken = Data(repeating: 7, count: 16)
+        let step = pair.client.received(.frame(ident.frame(tag: .serverIdent)))
+        #expect(Pair.failure(step.outcome)?.code == .unexpectedFrame, "\(String(describing: step.outcome))")
     }
 
     @Test func versionComparison() {
