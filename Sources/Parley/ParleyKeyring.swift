@@ -221,9 +221,21 @@ public struct ParleyKeyring: Sendable, Hashable {
         return e
     }()
 
+    /// Dates as RFC 3339, with or without fractional seconds or an offset (another
+    /// implementation may write them so; the reference writes whole seconds in UTC). A date
+    /// that is not one is refused naming its field and its text.
     static let decoder: JSONDecoder = {
         let d = JSONDecoder()
-        d.dateDecodingStrategy = .iso8601
+        d.dateDecodingStrategy = .custom { decoder in
+            let text = try decoder.singleValueContainer().decode(String.self)
+            let whole = ISO8601DateFormatter()
+            let fractional = ISO8601DateFormatter()
+            fractional.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+            guard let date = whole.date(from: text) ?? fractional.date(from: text) else {
+                throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "\"\(text)\" is not an RFC 3339 date (like 2027-06-30T00:00:00Z)"))
+            }
+            return date
+        }
         return d
     }()
 

@@ -69,4 +69,24 @@ import Testing
         let missing = #expect(throws: ParleyError.self) { try ParleyKeyring.load(path: dir + "/none") }
         #expect(missing?.message.contains("No such file") == true)
     }
+
+    /// docs/security.md: dates are RFC 3339, also with fractional seconds or an offset, as
+    /// another implementation may write them; anything else is refused naming the field and
+    /// the text (before: "Expected date string to be ISO8601-formatted. at entities.Index 0").
+    @Test func datesWithFractionsAndOffsetsAreRead() throws {
+        let dir = freshTestDirectory("keyring-dates")
+        let key = Data(repeating: 9, count: 32).base64EncodedString()
+        func keyring(_ created: String, _ expires: String) throws -> String {
+            let path = dir + "/\(UUID().uuidString).keyring"
+            let text = #"{"format": "parley-keyring-1", "entities": [{"name": "client.py", "key": "\#(key)", "caps": ["*"], "created": "\#(created)", "expires": "\#(expires)", "revoked": false}]}"#
+            #expect(FileManager.default.createFile(atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: 0o600]))
+            return path
+        }
+        let read = try ParleyKeyring.load(path: try keyring("2026-12-07T14:03:18.123456Z", "2027-06-30T02:00:00+02:00"))
+        let entity = try #require(read.entities.first)
+        #expect(entity.expires == Date(timeIntervalSince1970: 1_814_313_600), "\(String(describing: entity.expires))")
+        #expect(abs(entity.created.timeIntervalSince1970 - 1_796_652_198.123) < 0.01, "\(entity.created)")
+        let refused = #expect(throws: ParleyError.self) { try ParleyKeyring.load(path: try keyring("2026-12-07 14:03:18", "2027-06-30T00:00:00Z")) }
+        #expect(refused?.message.contains("\"2026-12-07 14:03:18\" is not an RFC 3339 date") == true && refused?.message.contains("created") == true, "\(String(describing: refused))")
+    }
 }
