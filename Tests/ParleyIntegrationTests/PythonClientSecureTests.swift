@@ -56,13 +56,20 @@ struct PythonClientSecureTests {
         #expect(await server.stop() == 0)
     }
 
-    @Test func aLosslessSessionCutByTheClientLosesAndDoublesNothing() async throws {
-        let dir = freshTestDirectory("python-lossless")
+    /// A `parley serve` allowing `auth` and `mode` with a keyring holding client.alice, which
+    /// logs the Work keys it runs (`executedKeys`).
+    static func loggingServer(_ name: String, auth: String, mode: String) async throws -> (server: ServeProcess, keyring: String, log: String) {
+        let dir = freshTestDirectory(name)
         let keyring = dir + "/server.keyring", log = dir + "/executed"
         try writeKeyring(keyring, [("client.alice", ["*"])])
         let server = try await ServeProcess.start([
-            "--listen", "127.0.0.1:0", "--auth", "none,secret", "--keyring", keyring, "--mode", "crc,secure", "--execution-log", log,
+            "--listen", "127.0.0.1:0", "--auth", auth, "--keyring", keyring, "--mode", mode, "--execution-log", log,
         ])
+        return (server, keyring, log)
+    }
+
+    @Test func aLosslessSessionCutByTheClientLosesAndDoublesNothing() async throws {
+        let (server, keyring, log) = try await Self.loggingServer("python-lossless", auth: "none,secret", mode: "crc,secure")
         let key = ["--keyring", keyring, "--name", "client.alice"]
         let runs: [(options: [String], firstKey: UInt64)] = [
             (key + ["--cipher", "aes-256-gcm"], 1000),
@@ -85,12 +92,7 @@ struct PythonClientSecureTests {
     }
 
     @Test func aLosslessSessionThroughChaosCuttingEveryConnection() async throws {
-        let dir = freshTestDirectory("python-lossless-chaos")
-        let keyring = dir + "/server.keyring", log = dir + "/executed"
-        try writeKeyring(keyring, [("client.alice", ["*"])])
-        let server = try await ServeProcess.start([
-            "--listen", "127.0.0.1:0", "--auth", "secret", "--keyring", keyring, "--mode", "secure", "--execution-log", log,
-        ])
+        let (server, keyring, log) = try await Self.loggingServer("python-lossless-chaos", auth: "secret", mode: "secure")
         // Each connection is cut once 6000 bytes have passed in a direction: the handshake
         // (about 1 KB) gets through, the workload does not.
         let chaos = try await ChaosProcess.start(["--listen", "127.0.0.1:0", "--to", server.address, "--cut-after", "6000", "--seed", "7", "--quiet"])

@@ -21,6 +21,15 @@ import Testing
         return try await runProcess(python, [Self.script] + arguments, seconds: seconds)
     }
 
+    /// A `parley work serve` on a port of its own with a 10 s lease and SQLite in `dir`,
+    /// checking signatures against `dir/keys/work.pub` when `trusting`.
+    static func master(_ dir: String, database: String, trusting: Bool = true) async throws -> ServeProcess {
+        try await ServeProcess.start(
+            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/\(database)", "--lease-seconds", "10"] + (trusting ? ["--trust", dir + "/keys/work.pub"] : []),
+            command: ["work", "serve"]
+        )
+    }
+
     @Test func theSelfTestMatchesEveryWorkVector() async throws {
         let out = try await Self.run(["--self-test"], seconds: 120)
         #expect(out.status == 0, "\(out.combined)")
@@ -34,13 +43,8 @@ import Testing
     @Test func theLiveScenarioPassesAgainstTheReferenceMaster() async throws {
         let dir = freshTestDirectory("py-work-scenario")
         #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
-        let master = try await ServeProcess.start(
-            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/a.sqlite", "--trust", dir + "/keys/work.pub", "--lease-seconds", "10"],
-            command: ["work", "serve"]
-        )
-        let open = try await ServeProcess.start(
-            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/b.sqlite", "--lease-seconds", "10"], command: ["work", "serve"]
-        )
+        let master = try await Self.master(dir, database: "a.sqlite")
+        let open = try await Self.master(dir, database: "b.sqlite", trusting: false)
         let out = try await Self.run(
             ["scenario", "--master", master.address, "--key", dir + "/keys/work.key", "--untrusting-master", open.address],
             seconds: 300
@@ -56,10 +60,7 @@ import Testing
     @Test func theReferenceAndThePythonSidesWorkTogether() async throws {
         let dir = freshTestDirectory("py-work-cross")
         #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
-        let master = try await ServeProcess.start(
-            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/jobs.sqlite", "--trust", dir + "/keys/work.pub", "--lease-seconds", "10"],
-            command: ["work", "serve"]
-        )
+        let master = try await Self.master(dir, database: "jobs.sqlite")
         let key = dir + "/keys/work.key", pub = dir + "/keys/work.pub"
         try Data("abc\n".utf8).write(to: URL(fileURLWithPath: dir + "/in.txt"))
         #expect(try await parley(["work", "submit", "--master", master.address, "--key", key, "--count", "3", "--", "/bin/echo", "from-ref"]).status == 0)

@@ -112,30 +112,7 @@ class BlockConnection(pc.Connection):
         self.direct_done = {}  # direct id -> (status, data)
         self.direct_discarded = 0
 
-    # --- receiving: parley_client's read_one, plus DIRECT answers (7.16, 17.9) ------------
-    def read_one(self):
-        try:
-            tag, flags, segs, aligns = self.reader.frame()
-            event, value = pc.check_session_frame(self.state, tag, flags, segs)
-            if event == "direct":
-                self.on_direct(value)
-                return
-        except ParleyError as e:
-            if e.code not in pc.NO_CLOSE_BACK and not e.from_peer:
-                self.fail(e)
-            raise
-        if event == "message":
-            self.on_message(value, aligns)
-        elif event == "notice":
-            self.apply_nucleus(value.get("nucleus", {}), "NOTICE")
-        elif event == "keepalive":
-            self.send(pc.encode_frame(pc.TAG["KEEPALIVE_ACK"], [value]))
-        elif event == "keepalive_ack":
-            self.keepalive_acks.append(struct.unpack("<Q", value)[0])
-        elif event == "close":
-            self.sock.close()
-            raise pc.close_error(value)
-
+    # --- receiving: parley_client's read_one calls on_direct for DIRECT answers (7.16, 17.9)
     def on_direct(self, segs):
         direct_id = struct.unpack_from("<Q", segs[0])[0]
         req = self.direct_pending.get(direct_id)

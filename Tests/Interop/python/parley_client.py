@@ -474,6 +474,15 @@ def negotiate(theirs_version, theirs_supported, theirs_required,
     return ours_supported & theirs_supported
 
 
+def _split(body, desc):
+    """The segments of a frame body, by their (length, alignment); and where they end."""
+    segments, off = [], 0
+    for length, _ in desc:
+        segments.append(body[off:off + length])
+        off += length
+    return segments, off
+
+
 class Reader:
     """Reads banners and frames from `recv(n) -> bytes` (b"" at end of stream)."""
 
@@ -514,13 +523,9 @@ class Reader:
         version, _reserved, supported, required = struct.unpack_from("<HHQQ", b, 8)
         return version, supported, required
 
-    def frame(self):
-        """Returns (tag, flags, segments, alignments)."""
-        if self.opener is not None:
-            return self._sealed_frame()
-        p = self._exact(32, "preamble", False)
-        if crc32c(p[:28]) != struct.unpack_from("<I", p, 28)[0]:
-            raise ParleyError("badPreambleCRC", "preamble CRC mismatch")
+    def _preamble(self, p):
+        """A preamble's fields (clear, or opened in secure mode) after its shape and size
+        checks: (tag, flags, segment count, the four (length, alignment), total length)."""
         tag, flags, count, reserved = p[0], p[1], p[2], p[3]
         desc = [struct.unpack_from("<IH", p, 4 + 6 * i) for i in range(4)]
         if not 1 <= count <= 4 or reserved != 0 or any(d != (0, 0) for d in desc[count:]):
@@ -528,11 +533,18 @@ class Reader:
         total = sum(length for length, _ in desc[:count])
         if total > self.max_frame:
             raise ParleyError("frameTooLarge", "frame of %d bytes, limit %d" % (total, self.max_frame))
+        return tag, flags, count, desc, total
+
+    def frame(self):
+        """Returns (tag, flags, segments, alignments)."""
+        if self.opener is not None:
+            return self._sealed_frame()
+        p = self._exact(32, "preamble", False)
+        if crc32c(p[:28]) != struct.unpack_from("<I", p, 28)[0]:
+            raise ParleyError("badPreambleCRC", "preamble CRC mismatch")
+        tag, flags, count, desc, total = self._preamble(p)
         body = self._exact(total + 4 * count, "frame", True)
-        segments, off = [], 0
-        for length, _ in desc[:count]:
-            segments.append(body[off:off + length])
-            off += length
+        segments, off = _split(body, desc[:count])
         for i, s in enumerate(segments):
             if crc32c(s) != struct.unpack_from("<I", body, off + 4 * i)[0]:
                 raise ParleyError("badSegmentCRC", "segment %d of a %s frame" % (i, TAGS.get(tag, hex(tag))))
@@ -581,18 +593,9 @@ class Reader:
             if frame:
                 return frame
             raise
-        tag, flags, count, reserved = p[0], p[1], p[2], p[3]
-        desc = [struct.unpack_from("<IH", p, 4 + 6 * i) for i in range(4)]
-        if not 1 <= count <= 4 or reserved != 0 or any(d != (0, 0) for d in desc[count:]):
-            raise ParleyError("protocolViolation", "bad preamble shape (count %d, byte 3 %d)" % (count, reserved))
-        total = sum(length for length, _ in desc[:count])
-        if total > self.max_frame:
-            raise ParleyError("frameTooLarge", "frame of %d bytes, limit %d" % (total, self.max_frame))
+        tag, flags, count, desc, total = self._preamble(p)
         body = op.open(self._exact(total + 16, "sealed frame", True), "body of a %s frame" % TAGS.get(tag, hex(tag)))
-        segments, off = [], 0
-        for length, _ in desc[:count]:
-            segments.append(body[off:off + length])
-            off += length
+        segments, _ = _split(body, desc[:count])
         return tag, flags, segments, [a for _, a in desc]
 
 
@@ -609,7 +612,7 @@ class SecureDirection:
     def __init__(self, cipher, key, iv, interval=KEY_UPDATE_INTERVAL):
         self.cipher, self.key, self.iv, self.interval = cipher, key, iv, interval
         self.counter, self.updates, self.first = 0, 0, True
-        self.aead = _aead(cipher, key)
+        self.aead = aead(cipher, key)
 
     def remaining(self):
         return LAST_COUNTER - self.counter + 1
@@ -619,8 +622,8 @@ class SecureDirection:
         if n > LAST_COUNTER:
             raise ParleyError("keyExhausted", "the counter of this direction reached its end")
         if n and n % self.interval == 0:
-            self.key = _hkdf_expand(self.key, b"parley v1 key update", 32)
-            self.aead = _aead(self.cipher, self.key)
+            self.key = hkdf_expand(self.key, b"parley v1 key update", 32)
+            self.aead = aead(self.cipher, self.key)
             self.updates += 1
         self.counter += 1
         return bytes(a ^ b for a, b in zip(self.iv, struct.pack("<Q", n) + b"\0\0\0\0"))
@@ -1037,11 +1040,11 @@ class Connection:
         except ValueError as e:  # a low-order share: X25519 gives all zeros
             raise ParleyError("authenticationFailed", "bad X25519 key share: %s (section 5.1, R-5.1-3)" % e)
         challenges = self.client_challenge + sc
-        identity = _hkdf_expand(_hkdf_extract(challenges, shared), b"parley v1 identity", 32)
-        sealed_entity = _aead("chacha20-poly1305", identity).encrypt(bytes(12), entity, None)
-        hs = _hkdf_extract(challenges, key + shared)
+        identity = hkdf_expand(hkdf_extract(challenges, shared), b"parley v1 identity", 32)
+        sealed_entity = aead("chacha20-poly1305", identity).encrypt(bytes(12), entity, None)
+        hs = hkdf_extract(challenges, key + shared)
         proof = lambda label: hmac.new(key, label + bytes([len(entity)]) + entity + challenges, hashlib.sha256).digest()
-        mac_key = _hkdf_expand(hs, b"parley v1 transcript mac", 32)
+        mac_key = hkdf_expand(hs, b"parley v1 transcript mac", 32)
         t1 = self._transcript()
         more = pb_encode("parley.v1.AuthMore", {"payload": pb_encode("parley.v1.SecretAuthProof", {
             "clientProof": proof(b"parley v1 client proof"),
@@ -1049,8 +1052,8 @@ class Connection:
             "sealedEntity": sealed_entity})})
         self.records["auth"].append(_record(b"C", TAG["AUTH_REQUEST_MORE"], more))
         t2 = self._transcript()
-        keys = {d: (_hkdf_expand(hs, ("parley v1 %s key" % d).encode() + t2, 32),
-                    _hkdf_expand(hs, ("parley v1 %s iv" % d).encode() + t2, 12)) for d in ("c2s", "s2c")}
+        keys = {d: (hkdf_expand(hs, ("parley v1 %s key" % d).encode() + t2, 32),
+                    hkdf_expand(hs, ("parley v1 %s iv" % d).encode() + t2, 12)) for d in ("c2s", "s2c")}
         self.send(encode_frame(TAG["AUTH_REQUEST_MORE"], [more]))
         if mode == "secure":
             self.sealer = SecureDirection(cipher, *keys["c2s"], interval=self.interval)
@@ -1275,6 +1278,9 @@ class Connection:
         try:
             tag, flags, segs, aligns = self.reader.frame()
             event, value = check_session_frame(self.state, tag, flags, segs)
+            if event == "direct":  # 7.16: only where a subclass enabled DIRECT; its errors close
+                self.on_direct(value)
+                return
             if self.in_session and event == "message":
                 self._check_ack(value["ack"])
             elif event == "ack":
@@ -1310,6 +1316,10 @@ class Connection:
             raise close_error(value)
         else:
             self.log("skipped ignorable frame tag %#04x" % value)
+
+    def on_direct(self, segs):
+        """A DIRECT frame (7.16): this client never enables them; parley_block_client.py does."""
+        raise ParleyError("unexpectedFrame", "DIRECT frame without DIRECT enabled")
 
     def on_message(self, h, aligns):
         kind, id_ = KINDS[h["kind"]], h["id"]
@@ -1648,11 +1658,11 @@ def run_invalid(v, chunk):
     return "no error"
 
 
-def _hkdf_extract(salt, ikm):
+def hkdf_extract(salt, ikm):
     return hmac.new(salt, ikm, hashlib.sha256).digest()
 
 
-def _hkdf_expand(prk, info, length):
+def hkdf_expand(prk, info, length):
     out, block, i = b"", b"", 1
     while len(out) < length:
         block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
@@ -1661,7 +1671,7 @@ def _hkdf_expand(prk, info, length):
     return out[:length]
 
 
-def _aead(cipher, key):
+def aead(cipher, key):
     """The AEAD of docs/protocol.md 5.1, from the `cryptography` package."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
     return AESGCM(key) if cipher == "aes-256-gcm" else ChaCha20Poly1305(key)
@@ -1677,9 +1687,9 @@ def check_sealed(v):
         # `key` is the key in force just before `counter`: apply the updates between the two.
         k = key
         for _ in range(n // (1 << 32) - max(counter - 1, 0) // (1 << 32)):
-            k = _hkdf_expand(k, b"parley v1 key update", 32)
+            k = hkdf_expand(k, b"parley v1 key update", 32)
         nonce = bytes(a ^ b for a, b in zip(iv, struct.pack("<Q", n) + b"\0\0\0\0"))
-        return _aead(v["cipher"], k).encrypt(nonce, plain, None)
+        return aead(v["cipher"], k).encrypt(nonce, plain, None)
 
     tag = int(v["tag"].split()[0], 0)
     segs = [segment_bytes(s) for s in v["segment"]]
@@ -1703,19 +1713,19 @@ def check_secret(v):
     }
     shared, key, entity = got["shared"], b("key"), v["entity"].encode()
     challenges = b("client-challenge") + b("server-challenge")
-    identity = _hkdf_expand(_hkdf_extract(challenges, shared), b"parley v1 identity", 32)
-    got["sealed-entity"] = _aead("chacha20-poly1305", identity).encrypt(bytes(12), entity, None)
-    hs = _hkdf_extract(challenges, key + shared)
+    identity = hkdf_expand(hkdf_extract(challenges, shared), b"parley v1 identity", 32)
+    got["sealed-entity"] = aead("chacha20-poly1305", identity).encrypt(bytes(12), entity, None)
+    hs = hkdf_extract(challenges, key + shared)
     proof = lambda label: hmac.new(key, label + bytes([len(entity)]) + entity + challenges, hashlib.sha256).digest()
     got["client-proof"] = proof(b"parley v1 client proof")
     got["server-proof"] = proof(b"parley v1 server proof")
-    mac_key = _hkdf_expand(hs, b"parley v1 transcript mac", 32)
+    mac_key = hkdf_expand(hs, b"parley v1 transcript mac", 32)
     got["client-transcript-mac"] = hmac.new(mac_key, b"parley v1 client transcript" + b("t1"), hashlib.sha256).digest()
     got["server-transcript-mac"] = hmac.new(
         mac_key, b"parley v1 server transcript" + b("t2") + struct.pack("<Q", int(v["global-id"], 0)), hashlib.sha256).digest()
     for d in ("c2s", "s2c"):
-        got["key-" + d] = _hkdf_expand(hs, ("parley v1 %s key" % d).encode() + b("t2"), 32)
-        got["iv-" + d] = _hkdf_expand(hs, ("parley v1 %s iv" % d).encode() + b("t2"), 12)
+        got["key-" + d] = hkdf_expand(hs, ("parley v1 %s key" % d).encode() + b("t2"), 32)
+        got["iv-" + d] = hkdf_expand(hs, ("parley v1 %s iv" % d).encode() + b("t2"), 12)
     for name, value in got.items():
         if value != b(name):
             problems.append("%s: got %s" % (name, value.hex(" ")))

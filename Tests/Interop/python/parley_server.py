@@ -85,34 +85,21 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import parley_client as pc  # noqa: E402  (the codec: same directory)
 from parley_client import (CODE, KIND, KINDS, MAGIC, TAG, TAGS, ParleyError, decode_header,  # noqa: E402
-                           encode_banner, encode_header, pb_decode, pb_encode)
+                           encode_banner, encode_header, pb_decode, pb_encode,
+                           hkdf_extract, hkdf_expand, aead)  # HKDF (RFC 5869, SHA-256), the AEADs of 5.1
 
 try:  # secure mode (section 5.1): X25519 and the two AEADs; HKDF and HMAC are hashlib/hmac
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
     HAVE_CRYPTOGRAPHY = True
 except ImportError:  # only --keyring needs it
     HAVE_CRYPTOGRAPHY = False
 
-# The AuthRequest and AuthDone of section 12 have fields the client's schema leaves out
-# (secure mode's); a server reads and checks all of them (a string must be UTF-8, section 2).
-# Adding them to the imported schema only widens what this process decodes.
-pc.SCHEMA["parley.v1.AuthRequest"] = pc.SCHEMA["parley.v1.AuthRequest"][:3] + [
-    (4, "offeredModes", "string", True), (5, "offeredCiphers", "string", True)]
-pc.SCHEMA["parley.v1.AuthDone"] = pc.SCHEMA["parley.v1.AuthDone"][:4] + [
-    (5, "cipher", "string", False), (6, "entity", "string", False)]
-
-# Method secret's payloads (section 12).
-pc.SCHEMA["parley.v1.SecretAuthRequest"] = [(2, "clientChallenge", "bytes", False), (3, "clientKeyShare", "bytes", False)]
-pc.SCHEMA["parley.v1.SecretAuthChallenge"] = [(1, "serverChallenge", "bytes", False), (2, "serverKeyShare", "bytes", False),
-                                              (3, "connectionMode", "string", False), (4, "cipher", "string", False)]
-pc.SCHEMA["parley.v1.SecretAuthProof"] = [(1, "clientProof", "bytes", False), (2, "transcriptMac", "bytes", False),
-                                          (3, "sealedEntity", "bytes", False)]
-pc.SCHEMA["parley.v1.SecretAuthDone"] = [(1, "serverProof", "bytes", False), (2, "transcriptMac", "bytes", False)]
-
-# Section 12's DIRECT grant of the echo service.
+# The schema of section 12 is parley_client.py's (with secure mode's AuthRequest and AuthDone
+# fields and method secret's payloads); a server reads and checks all of them (a string must
+# be UTF-8, section 2). Section 12's DIRECT grant of the echo service.
 pc.SCHEMA["parley.echo.v1.EnableDirect"] = [(1, "delayMs", "uint32", False)]  # at most 10000
 pc.SCHEMA["parley.echo.v1.DirectGranted"] = [(1, "delayMs", "uint32", False)]
 
@@ -242,28 +229,11 @@ def version_below(version, minimum):
 
 
 # ---------------------------------------------------------------------------------------
-# Secure mode (section 5.1): HKDF (RFC 5869, SHA-256), the two AEADs, one direction of a
-# sealed connection, and the keyring (docs/security.md).
+# Secure mode (section 5.1): one direction of a sealed connection, and the keyring
+# (docs/security.md); HKDF and the two AEADs are parley_client.py's.
 CIPHERS = ("aes-256-gcm", "chacha20-poly1305")
 LAST_COUNTER = (1 << 64) - 2          # section 5.1: the counter never wraps
 KEY_UPDATE_EVERY = 1 << 32            # R-5.1-9: AEAD messages per key
-
-
-def hkdf_extract(salt, ikm):
-    return hmac.new(salt, ikm, hashlib.sha256).digest()
-
-
-def hkdf_expand(prk, info, length):
-    out, block, i = b"", b"", 1
-    while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
-        out += block
-        i += 1
-    return out[:length]
-
-
-def aead(cipher, key):
-    return AESGCM(key) if cipher == "aes-256-gcm" else ChaCha20Poly1305(key)
 
 
 class Direction:
