@@ -205,6 +205,11 @@ public final class BlockService: Sendable {
         }
         guard let session = self.session(for: context) else { return refuse(.noSession, "send SessionInfo before Fence") }
         guard session.instance != 0 else { return refuse(.invalid, "Fence needs a client_instance in SessionInfo") }
+        // A fenced connection fences nothing: its client gave it up, and its Fence of the
+        // connection that fenced it would leave the client no path (docs/protocol.md 17.1).
+        if session.isFenced.load(ordering: .acquiring) {
+            return refuse(.fenced, "connection \(session.connectionID) was fenced: it cannot fence other connections")
+        }
         var targets: [BlockSession] = []
         for id in Set(request.connectionIds) {
             if id == session.connectionID { return refuse(.invalid, "connection \(id) is the fencing connection itself") }

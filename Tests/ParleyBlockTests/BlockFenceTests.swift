@@ -220,6 +220,29 @@ struct BlockFenceTests {
     }
 
     /// A connection that has ended can still be fenced while its IO runs: the fence waits.
+    /// 17.1: a fenced connection fences nothing: its Fence is refused `BLOCK_STATUS_FENCED`,
+    /// and the connection that fenced it goes on (the fenced path could fence its fencer, and
+    /// the client was left with no path; found by the independent Python block client).
+    @Test func aFencedConnectionCannotFenceItsFencer() async throws {
+        let scratch = try ScratchDirectory("fence-back")
+        let store = GatedStore()
+        let (_, server, io, address) = try await self.serve(store, scratch)
+        defer {
+            store.gate.signal()
+            server.shutDown()
+        }
+        let old = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: 9)
+        let live = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: 9)
+        try await live.fence([old.connectionID])
+        let refused = await #expect(throws: BlockError.self) { try await old.fence([live.connectionID]) }
+        #expect(refused?.status == .fenced, "\(String(describing: refused))")
+        // The fencer is not fenced: it still opens (a fenced connection's Open is NO_SESSION).
+        let device = try await live.open("disk")
+        #expect(device.id != 0)
+        server.shutDown()
+        try await io.shutdown()
+    }
+
     @Test func aFenceOfAnEndedConnectionWaitsForItsRunningIO() async throws {
         let scratch = try ScratchDirectory("fence")
         let store = GatedStore()

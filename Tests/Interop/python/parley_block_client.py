@@ -18,13 +18,24 @@ several offsets and sizes read back, unaligned IO, many IOs in flight at once, f
 write-zeroes and discard read back, IO past the end, over max_io_size, bad flags and
 operations, wrong data segments, an unknown device, a read-only open, a read-only export,
 a second writer of another session (BUSY) and of the same session (shared), a Close with IO
-in flight, a double Close. Exit 0 when everything matched, 1 naming the failed check.
+in flight, a double Close. Then (unless --no-multipath; the export needs 64 MiB) 17.8 and the
+Fence exchange of 17.1, over Io messages and over DIRECT frames: paths of one client_instance,
+repeated SessionInfo with another instance, every Fence refusal (another session or instance,
+its own id, ids never given out, instance 0, before SessionInfo, a list with one bad id), an
+ended connection fenced already, a Fence of a path with FUA writes and reads in flight (answers
+OK, FENCED or dropped; the device right after FenceReply holds exactly the writes answered OK,
+and nothing changes later), new IO and Open on the fenced path, and a client's failover (write A
+on path 1; writes B on path 1 taken for dead before their answers, closed or left open; Fence
+from path 2; B again on path 2; later overlapping writes C; B under C everywhere, stale copies
+on the fenced path FENCED). Exit 0 when everything matched, 1 naming the failed check.
 """
 import argparse
 import os
 import random
+import socket
 import struct
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import parley_client as pc  # noqa: E402  (the Parley layer: see the docstring)
@@ -234,6 +245,7 @@ class Run:
         self.passed = 0
         self.rng = random.Random(args.seed)
         self.tag = "%06x" % self.rng.getrandbits(24)
+        self.seen_ids = set()
 
     def ok(self, cond, name, detail=""):
         if not cond:
@@ -331,6 +343,14 @@ class Run:
             e.close()
             self.ok(rep.get("status", 0) == ST["OK"] and not rep.get("directIo"),
                     "R-17.9-1: no DIRECT without bit 4", repr(rep))
+        if a.multipath:
+            if listed.get("sizeBytes", 0) < 64 << 20:
+                raise CheckFailed("the multipath checks need an export of at least 64 MiB")
+            for mode in ("m", "d") if granted else ("m",):
+                print("step 7%s: multipath and Fence (17.8, 17.1) over %s" % (
+                    "a" if mode == "m" else "b", "DIRECT frames" if mode == "d" else "Io messages"))
+                self.multipath_pass(mode)
+                print("  pass of 17.8 over %s done" % ("DIRECT frames" if mode == "d" else "Io messages"))
         print("OK: every check passed (%d checks)" % self.passed)
         return 0
 
@@ -522,6 +542,324 @@ class Run:
             self.ok(not c.direct_pending, chk("every DIRECT request was answered"))
             print("  %sDIRECT answers to unknown ids discarded: %d" % (label, c.direct_discarded))
 
+    # -----------------------------------------------------------------------------------
+    # 17.8 multipath and the Fence exchange of 17.1, live.
+    def path(self, session, instance, mode, direct_ok=True):
+        """One path of a multipath device: a connection with SessionInfo(session, instance)."""
+        p = self.connect()
+        rep = p.session_info(session, instance=instance, direct=(mode == "d"))
+        self.ok(rep.get("status", 0) == ST["OK"] and rep.get("connectionId", 0) != 0,
+                "SessionInfo of a path (instance %#x)" % instance, repr(rep))
+        if mode == "d":
+            self.ok(p.direct_granted, "DIRECT granted on a path")
+        p.cid = rep["connectionId"]
+        self.seen_ids.add(p.cid)
+        return p
+
+    def open_rw(self, p):
+        """Open read-write; a BUSY right after an earlier session's connection closed may be the
+        server not having seen that close yet: retried, bounded (2 s)."""
+        for _ in range(40):
+            r = p.open(self.args.export, RW)
+            if r.get("status", 0) != ST["BUSY"]:
+                break
+            time.sleep(0.05)
+        self.ok(r.get("status", 0) == ST["OK"], "a path opens the device read-write", repr(r))
+        p.dev, p.geometry = r["deviceId"], r.get("geometry", {})
+        return p.dev
+
+    def fence(self, p, ids):
+        r = p.call("Fence", {"connectionIds": list(ids)}, "FenceReply")
+        return r.get("status", 0), r.get("message", "")
+
+    def raw_result(self, c, token):
+        """(status name or 'ERROR <code>', data) of an answered IO, ERROR answers included
+        (17.2: the one place a block IO gets ERROR is a dropped modification, 'cancelled')."""
+        kind, i, op, length = token
+        if kind == "m":
+            rec = c.pending_done[i]
+            if rec["kind"] == "ERROR":
+                c.pending_done.pop(i)
+                st = pc.pb_decode("parley.v1.Status", rec["answer"]["payload"])
+                return "ERROR " + pc.code_name(st.get("code", 0)), None
+        status, _, data = c._take(token)
+        return status_name(status), data
+
+    def read_region(self, p, mode, chunks):
+        """Reads [(offset, length)] on p; every read must succeed."""
+        res, _ = p.run_batch(mode, [(p.dev, o, n, READ, 0, None) for o, n in chunks], depth=64)
+        for (o, n), (st, msg, _) in zip(chunks, res):
+            self.ok(st == ST["OK"], "read of %d bytes at %d on a live path" % (n, o), "%s %r" % (status_name(st), msg))
+        return [d for _, _, d in res]
+
+    def fence_refusals(self, mode):
+        """17.1 Fence: every refusal is INVALID (or NO_SESSION before SessionInfo), and fences nothing."""
+        label = "[%s] " % ("DIRECT" if mode == "d" else "Io")
+        chk = lambda name: label + name  # noqa: E731
+        session = "pyfence-%s-%s-r" % (self.tag, mode)
+        inst = self.rng.getrandbits(64) or 1
+        other_inst = (inst ^ 0x5A5A) or 2
+        p1, p2 = self.path(session, inst, mode), self.path(session, inst, mode)
+        self.ok(p1.cid != p2.cid, chk("two paths get different connection ids"))
+        # 17.1: a repeated SessionInfo with the same name and instance gets the same answer
+        # (connection_id included); with another instance (0 included) it is INVALID.
+        rep = p1.session_info(session, instance=inst, direct=(mode == "d"))
+        self.ok(rep.get("status", 0) == ST["OK"] and rep.get("connectionId") == p1.cid,
+                chk("a repeated SessionInfo keeps the connection_id"), repr(rep))
+        for other, what in [(other_inst, "another client_instance"), (0, "no client_instance")]:
+            rep = p1.session_info(session, instance=other, direct=(mode == "d"))
+            self.ok(rep.get("status", 0) == ST["INVALID"], chk("a repeated SessionInfo with %s is INVALID" % what), repr(rep))
+        self.open_rw(p1)
+        self.open_rw(p2)  # 17.4: the same session_name shares the read-write open
+        lbs = p1.geometry.get("logicalBlockSize", 512)
+        # Before SessionInfo: NO_SESSION.
+        n = self.connect()
+        st, msg = self.fence(n, [p1.cid])
+        self.ok(st == ST["NO_SESSION"], chk("Fence before SessionInfo is NO_SESSION"), "%s %r" % (status_name(st), msg))
+        # client_instance 0 (absent): INVALID, even naming a connection of the same session.
+        z = self.path(session, 0, mode)
+        st, msg = self.fence(z, [p1.cid])
+        self.ok(st == ST["INVALID"], chk("Fence from a connection without client_instance is INVALID"), "%s %r" % (status_name(st), msg))
+        st, msg = self.fence(p2, [z.cid])
+        self.ok(st == ST["INVALID"], chk("Fence naming a connection without client_instance is INVALID"), "%s %r" % (status_name(st), msg))
+        # Another instance of the same session, another session of the same instance.
+        q = self.path(session, other_inst, mode)
+        st, msg = self.fence(p2, [q.cid])
+        self.ok(st == ST["INVALID"], chk("Fence of a connection of another client_instance is INVALID"), "%s %r" % (status_name(st), msg))
+        r = self.path(session + "-o", inst, mode)
+        st, msg = self.fence(p2, [r.cid])
+        self.ok(st == ST["INVALID"], chk("Fence of a connection of another session_name is INVALID"), "%s %r" % (status_name(st), msg))
+        st, msg = self.fence(p2, [p2.cid])
+        self.ok(st == ST["INVALID"], chk("Fence of its own connection id is INVALID"), "%s %r" % (status_name(st), msg))
+        never = max(self.seen_ids) + (1 << 24)
+        for bad, what in [(never, "an id far above every id given out"), (0, "id 0 (never given out)")]:
+            st, msg = self.fence(p2, [bad])
+            self.ok(st == ST["INVALID"], chk("Fence of %s is INVALID" % what), "%s %r" % (status_name(st), msg))
+        # A list with one valid and one invalid id: INVALID and nothing fenced.
+        st, msg = self.fence(p2, [p1.cid, q.cid])
+        self.ok(st == ST["INVALID"], chk("Fence of [a valid id, an invalid one] is INVALID"), "%s %r" % (status_name(st), msg))
+        st, msg = self.fence(p2, [p1.cid, never])
+        self.ok(st == ST["INVALID"], chk("Fence of [a valid id, one never given out] is INVALID"), "%s %r" % (status_name(st), msg))
+        data = self.pattern(lbs)
+        self.expect(p1.io(mode, p1.dev, 40 << 20, lbs, WRITE, 0, data), "OK", chk("a refused Fence fenced nothing (write on the named path)"))
+        for c in (q, r, z):
+            self.expect(c.io(mode, 0xBEEF, 0, lbs, READ), "UNKNOWN_DEVICE", chk("the other connections are not fenced either"))
+        # Observations where the document says nothing (reported, not checked).
+        st, msg = self.fence(p2, [])
+        print("  %s(observed: Fence with an empty list: %s %r)" % (label, status_name(st), msg))
+        # A connection that has ended counts as fenced already (17.1), once its IO is done.
+        e = self.path(session, inst, mode)
+        ecid = e.cid
+        e.close()
+        st, msg = self.fence(p2, [ecid])
+        self.ok(st == ST["OK"], chk("Fence of an ended connection (no IO left) is OK: fenced already"), "%s %r" % (status_name(st), msg))
+        eq = self.path(session, other_inst, mode)
+        eqcid = eq.cid
+        eq.close()
+        time.sleep(0.2)
+        st, msg = self.fence(p2, [eqcid])
+        print("  %s(observed: Fence of an ended connection of another client_instance: %s %r)" % (label, status_name(st), msg))
+        es = self.path(session + "-e", inst, mode)
+        escid = es.cid
+        es.close()
+        time.sleep(0.2)
+        st, msg = self.fence(p2, [escid])
+        print("  %s(observed: Fence of an ended connection of another session_name: %s %r)" % (label, status_name(st), msg))
+        for c in (p1, p2, n, z, q, r):
+            c.close()
+
+    def fence_in_flight(self, mode):
+        """17.1/R-17.8-7: Fence of a live path with IO in flight. From the Fence's arrival new IO
+        of the fenced path is FENCED; modifications not yet started are dropped (ERROR cancelled
+        for Io, FENCED for DIRECT: 17.2, R-17.9-3); the answer comes once IO already running has
+        finished: so right after FenceReply the device holds every write of the fenced path
+        that will ever be carried out, and nothing changes later. Up to 3 rounds, until one
+        shows a write dropped (whether one is, is timing: not required)."""
+        label = "[%s] " % ("DIRECT" if mode == "d" else "Io")
+        for rnd in range(3):
+            dropped = self.fence_round(mode, label, rnd, last=(rnd == 2))
+            if dropped:
+                break
+        print("  %s%s" % (label, "round %d: some writes of path 1 were refused or dropped (not answered OK)" % (rnd + 1) if dropped
+                          else "every write of path 1 in flight at the Fence was carried out, in 3 rounds"))
+
+    @staticmethod
+    def which(got, new, old):
+        if got == new:
+            return "the new data"
+        if got == old:
+            return "the old data"
+        blocks = [("new" if got[i:i + 4096] == new[i:i + 4096] else "old" if got[i:i + 4096] == old[i:i + 4096] else "other")
+                  for i in range(0, len(got), 4096)]
+        return "a mix of 4 KiB blocks: " + " ".join(blocks)
+
+    def fence_round(self, mode, label, rnd, last):
+        chk = lambda name: label + name  # noqa: E731
+        session = "pyfence-%s-%s-f%d" % (self.tag, mode, rnd)
+        inst = self.rng.getrandbits(64) or 1
+        p1, p2 = self.path(session, inst, mode), self.path(session, inst, mode)
+        self.open_rw(p1)
+        self.open_rw(p2)
+        base, size, count = 32 << 20, 16 << 10, 256
+        chunks = [(base + k * size, size) for k in range(count)]
+        old = [self.pattern(size) for _ in chunks]
+        res, _ = p2.run_batch(mode, [(p2.dev, o, n, WRITE, 0, d) for (o, n), d in zip(chunks, old)], depth=64)
+        self.ok(all(st == ST["OK"] for st, _, _ in res), chk("the region's old content is written on path 2"))
+        # Path 1: writes with FUA (durable: on the IO threads) and some reads, all in flight.
+        new = [self.pattern(size) for _ in chunks]
+        tokens = []
+        for k, ((o, n), d) in enumerate(zip(chunks, new)):
+            tokens.append(p1.submit(mode, p1.dev, o, n, WRITE, FUA, d))
+            if k % 8 == 7:
+                tokens.append(p1.submit(mode, p1.dev, base + (k - 7) * size, 4096, READ))
+        fence_id = p2.request(P + "Fence", {"connectionIds": [p1.cid]})
+        # Sent after the Fence, on another socket: no order between the two connections, so it
+        # may arrive before the Fence (OK) or after it (FENCED). Outside the chunks.
+        late = p1.submit(mode, p1.dev, base + count * size, 4096, WRITE, 0, b"\x77" * 4096)
+        rec = p2.wait([fence_id])[fence_id]
+        fr = pc.answer(rec, P + "FenceReply")
+        self.ok(fr.get("status", 0) == ST["OK"], chk("Fence of a live path with IO in flight is OK"), repr(fr))
+        snap = self.read_region(p2, mode, chunks)  # what the device holds right after FenceReply
+        deadline = time.monotonic() + self.args.timeout  # then every answer of path 1, bounded
+        while not all(p1._done(t) for t in tokens + [late]):
+            if time.monotonic() > deadline:
+                raise CheckFailed(chk("path 1's IO was not all answered"))
+            p1.read_one()
+        seen, wi, dropped = {}, 0, 0
+        for t in tokens:
+            what, data = self.raw_result(p1, t)
+            seen[(OPS[t[2]], what)] = seen.get((OPS[t[2]], what), 0) + 1
+            if t[2] == WRITE:
+                k, wi = wi, wi + 1
+                allowed = ("OK", "FENCED", "ERROR cancelled") if mode == "m" else ("OK", "FENCED")
+                self.ok(what in allowed, chk("a write in flight at the Fence is OK or dropped (%s)" % "/".join(allowed)), what)
+                dropped += what != "OK"
+                want = new[k] if what == "OK" else old[k]
+                self.ok(snap[k] == want, chk("right after FenceReply, chunk %d holds %s" % (
+                    k, "the fenced path's write (answered OK)" if what == "OK" else "the old data (the write was refused)")),
+                    ("a write answered OK finished after the FenceReply" if what == "OK" else "a refused write was carried out")
+                    + " (the chunk read after FenceReply holds %s)" % self.which(snap[k], new[k], old[k]))
+            else:
+                # 17.1 says "their IO waiting for storage is dropped"; 17.2/R-17.8-7 speak of
+                # modifications only: a read is accepted OK, FENCED or ERROR cancelled.
+                self.ok(what in ("OK", "FENCED", "ERROR cancelled"), chk("a read in flight at the Fence"), what)
+        late_what, _ = self.raw_result(p1, late)
+        self.ok(late_what in ("OK", "FENCED", "ERROR cancelled"), chk("a write sent just after the Fence"), late_what)
+        seen[("write sent after the Fence", late_what)] = 1
+        print("  %sround %d, IO of path 1 in flight at the Fence: %s" % (label, rnd + 1, ", ".join(
+            "%s %s x%d" % (op, w, n) for (op, w), n in sorted(seen.items()))))
+        time.sleep(0.3)
+        later = self.read_region(p2, mode, chunks)
+        self.ok(later == snap, chk("nothing of the fenced path lands after FenceReply"))
+        if self.args.file:
+            with open(self.args.file, "rb") as f:
+                f.seek(base)
+                self.ok(f.read(count * size) == b"".join(snap), chk("the exported file matches what was read after the Fence"))
+        if dropped or last:
+            # New IO on the fenced path: FENCED, every operation; an Open there: NO_SESSION (17.2).
+            for op, n, d in [(READ, 4096, None), (WRITE, 4096, b"\x66" * 4096), (FLUSH, 0, None),
+                             (WRITE_ZEROES, 4096, None), (DISCARD, 4096, None)]:
+                self.expect(p1.io(mode, p1.dev, base, n, op, 0, d), "FENCED", chk("new %s on the fenced path is FENCED" % OPS[op]))
+            if mode == "d":  # and the other way of sending IO on the same connection
+                self.expect(p1.io("m", p1.dev, base, 4096, READ), "FENCED", chk("an Io message on the fenced DIRECT path is FENCED"))
+            r = p1.open(self.args.export, RO)
+            self.ok(r.get("status", 0) == ST["NO_SESSION"], chk("an Open on the fenced path is NO_SESSION (17.2, the reference)"), repr(r))
+            st, msg = self.fence(p2, [p1.cid])
+            self.ok(st == ST["OK"], chk("fencing an already fenced path again is OK"), "%s %r" % (status_name(st), msg))
+            self.expect(p2.io(mode, p2.dev, base, size, WRITE, 0, old[0]), "OK", chk("the fencing path still writes"))
+            # A Close on the fenced path is answered as anywhere (17.1).
+            cr = p1.close_device(p1.dev)
+            self.ok(cr.get("status", 0) == ST["OK"], chk("a Close on the fenced path is OK (17.1)"), repr(cr))
+            # 17.2's order of the checks (the reference's): operation and flags (INVALID) before
+            # the fence (FENCED), the fence before the device id (UNKNOWN_DEVICE).
+            self.expect(p1.io(mode, p1.dev, base, 4096, 9), "INVALID", chk("an unknown operation on the fenced path is INVALID (17.2 order)"))
+            self.expect(p1.io(mode, p1.dev, base, 4096, READ, 2), "INVALID", chk("an unknown flag on the fenced path is INVALID (17.2 order)"))
+            self.expect(p1.io(mode, 0xBEEF, base, 4096, READ), "FENCED", chk("an unknown device on the fenced path is FENCED (17.2 order)"))
+            self.expect(p1.io(mode, p1.dev, base + 7, 4096, READ), "FENCED", chk("an unaligned read on the fenced path is FENCED (17.2 order)"))
+            # A fenced connection fences nothing (17.1): its Fence of its fencer is FENCED,
+            # and the fencer goes on.
+            st, msg = self.fence(p1, [p2.cid])
+            self.ok(st == ST["FENCED"], chk("a Fence sent by the fenced path is FENCED (17.1)"), "%s %r" % (status_name(st), msg))
+            st2, _, _ = p2.io(mode, p2.dev, base, 4096, READ)
+            self.ok(st2 == ST["OK"], chk("the fencer still reads after the fenced path's Fence"), status_name(st2))
+        p1.close()
+        p2.close()
+        return dropped
+
+    def failover(self, mode, keep_dead_up):
+        """17.8 rules 1, 2 and 4 as a client applies them: write A on path 1; write B on path 1
+        and take path 1 for dead before its answer (its connection closed, or, keep_dead_up,
+        left open as after a partition); Fence it from path 2 and send no modification until
+        the FenceReply; send B again on path 2 (same data and flags); only then a later
+        overlapping write C (rule 1). The device must hold B, then C, and nothing stale after."""
+        label = "[%s%s] " % ("DIRECT" if mode == "d" else "Io", ", dead path left open" if keep_dead_up else "")
+        chk = lambda name: label + name  # noqa: E731
+        session = "pyfence-%s-%s-%s" % (self.tag, mode, "p" if keep_dead_up else "c")
+        inst = self.rng.getrandbits(64) or 1
+        p1, p2 = self.path(session, inst, mode), self.path(session, inst, mode)
+        self.open_rw(p1)
+        self.open_rw(p2)
+        for g in ("sizeBytes", "logicalBlockSize", "maxIoSize"):  # R-17.8-5
+            self.ok(p1.geometry.get(g) == p2.geometry.get(g), chk("both paths see the same %s" % g))
+        MiB = 1 << 20
+        base = (50 << 20) if not keep_dead_up else (54 << 20)
+        base += (0 if mode == "m" else 2 * MiB)
+        L, nB = 65536, 24
+        # Write A (one range) and wait for its answer.
+        A = self.pattern(L)
+        self.expect(p1.io(mode, p1.dev, base, L, WRITE, 0, A), "OK", chk("write A on path 1"))
+        # Writes B: the one of the brief over A's range, and more over a wider range, sent on
+        # path 1 with no answer read (in doubt once the path is taken for dead).
+        Bs = [(base, L, FUA, self.pattern(L))] + [(base + L * (k + 1), L, k % 2, self.pattern(L)) for k in range(nB)]
+        for o, n, fl, d in Bs:
+            p1.submit(mode, p1.dev, o, n, WRITE, fl, d)
+        if not keep_dead_up:
+            try:
+                p1.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            p1.sock.close()  # the path is dead: no CLOSE, answers never read (rule 2: in doubt)
+        # Rule 4: Fence on a live path, no modification before its answer.
+        st, msg = self.fence(p2, [p1.cid])
+        self.ok(st == ST["OK"], chk("Fence of the dead path, sent on the surviving one, is OK"), "%s %r" % (status_name(st), msg))
+        # Rule 2: every IO in doubt again, same data and flags, in its original order.
+        res, _ = p2.run_batch(mode, [(p2.dev, o, n, WRITE, fl, d) for o, n, fl, d in Bs], depth=1)
+        self.ok(all(st == ST["OK"] for st, _, _ in res), chk("the writes in doubt sent again on path 2"))
+        got = self.read_region(p2, mode, [(base, L)])[0]
+        self.ok(got == Bs[0][3], chk("the device holds B (not A) after the failover"))
+        # Rule 1: a later overlapping write only after B's answer; it must not be overwritten.
+        Cs = [(o + n // 2 - 4096, 8192, self.pattern(8192)) for o, n, _, _ in Bs]
+        res, _ = p2.run_batch(mode, [(p2.dev, o, n, WRITE, 0, d) for o, n, d in Cs], depth=64)
+        self.ok(all(st == ST["OK"] for st, _, _ in res), chk("later overlapping writes C on path 2"))
+        if keep_dead_up:
+            # A stale copy of B reaching the old, fenced connection late (R-17.8-7).
+            for o, n, fl, d in Bs[:4]:
+                self.expect(p1.io(mode, p1.dev, o, n, WRITE, fl, d), "FENCED", chk("a stale copy of B on the fenced path is FENCED"))
+        time.sleep(0.3)
+        want = []
+        for (o, n, fl, d), (co, cn, cd) in zip(Bs, Cs):
+            w = bytearray(d)
+            w[co - o:co - o + cn] = cd
+            want.append(bytes(w))
+        got = self.read_region(p2, mode, [(o, n) for o, n, _, _ in Bs])
+        bad = [k for k, (g, w) in enumerate(zip(got, want)) if g != w]
+        self.ok(not bad, chk("each range holds B under C: no stale A or B landed over a later write"), "ranges %s differ" % bad[:5])
+        self.expect(p2.io(mode, p2.dev, 0, 0, FLUSH), "OK", chk("flush on the surviving path"))
+        if self.args.file:
+            with open(self.args.file, "rb") as f:
+                for (o, n, _, _), w in zip(Bs, want):
+                    f.seek(o)
+                    self.ok(f.read(n) == w, chk("the exported file holds B under C at %d" % o))
+        if keep_dead_up:
+            p1.close()
+        p2.close()
+
+    def multipath_pass(self, mode):
+        self.fence_refusals(mode)
+        self.fence_in_flight(mode)
+        self.failover(mode, keep_dead_up=False)
+        self.failover(mode, keep_dead_up=True)
+
 
 # ---------------------------------------------------------------------------------------
 # Self-test: every vector of 17.7 and 17.9.
@@ -683,6 +1021,9 @@ def main():
     ap.add_argument("--file", help="the exported file, to check the writes in it directly")
     ap.add_argument("--expect-direct", choices=("yes", "no", "any"), default="any",
                     help="whether the server must grant DIRECT IO (default: either)")
+    ap.add_argument("--no-multipath", dest="multipath", action="store_false",
+                    help="skip the live checks of 17.8 and Fence (several paths of one client_instance, Fence "
+                         "and its refusals, IO in flight at a Fence, a failover; they need 64 MiB)")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for any answer")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--verbose", "-v", action="store_true")
