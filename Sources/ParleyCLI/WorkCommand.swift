@@ -109,6 +109,9 @@ extension Work {
                 }
             }
             if self.json {
+                // `describe` also takes what a command needs of its result (upload: the
+                // worker's SHA-256 and modification time), so it runs here too, unprinted.
+                if result.error.isEmpty, result.exitStatus == 0 { _ = describe(result) }
                 print(try result.jsonString())
             } else {
                 if result.error.isEmpty, result.exitStatus == 0, let text = describe(result) { print(text) }

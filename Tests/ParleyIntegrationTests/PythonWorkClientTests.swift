@@ -55,6 +55,26 @@ import Testing
         #expect(out.stdout.contains("scenario: every check passed"), "\(out.combined)")
     }
 
+    /// Master-initiated commands (19.8): the Python worker started with `--commands` (and one
+    /// without) on a master started with `--allow-commands`, driven by the reference client
+    /// `parley work command`: output streamed and exit statuses, signals, timeouts, logfiles,
+    /// several at once, interrupts (and SIGKILL 5 s later), CANCEL, downloads, uploads of a file
+    /// and of a directory as ustar, mkdir/stat/ls/glob/cp/rmfile/rmdir, the refusals of
+    /// [R-19.8-2], and the master refusing a worker whose hello says no commands. [R-19.8-1]
+    /// [R-19.8-2]
+    @Test func theCommandsScenarioPassesAgainstTheReferenceMaster() async throws {
+        let dir = freshTestDirectory("py-work-commands")
+        let parleyPath = try #require(parleyExecutablePath())
+        let master = try await ServeProcess.start(
+            ["--listen", "127.0.0.1:0", "--database", "sqlite:\(dir)/commands.sqlite", "--allow-commands"],
+            command: ["work", "serve"]
+        )
+        let out = try await Self.run(["commands-scenario", "--master", master.address, "--parley", parleyPath], seconds: 300)
+        await master.stop()
+        #expect(out.status == 0, "\(out.combined)\nmaster log:\n\(master.log)")
+        #expect(out.stdout.contains("commands scenario: every check passed"), "\(out.combined)")
+    }
+
     /// The reference submitter's jobs (one with an input and an output, one outliving its
     /// lease) run on the Python worker; the Python submitter's jobs run on the reference worker.
     @Test func theReferenceAndThePythonSidesWorkTogether() async throws {

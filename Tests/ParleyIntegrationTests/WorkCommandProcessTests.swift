@@ -34,6 +34,10 @@ import Testing
         #expect(stat.status == 0 && stat.stdout.contains("file 1000003 bytes mode 600"), "\(stat.combined)")
         let up = try await parley(["work", "command", "upload"] + target + ["inbox/copy.bin", dir + "/back.bin"])
         #expect(up.status == 0 && FileManager.default.contents(atPath: dir + "/back.bin") == content, "\(up.combined)")
+        // With --json too (the result's SHA-256 was not taken, and every upload refused as
+        // "the bytes received do not match").
+        let upJSON = try await parley(["work", "command", "upload", "--json"] + target + ["inbox/copy.bin", dir + "/back2.bin"])
+        #expect(upJSON.status == 0 && upJSON.stdout.contains("sha256") && FileManager.default.contents(atPath: dir + "/back2.bin") == content, "\(upJSON.combined)")
         let glob = try await parley(["work", "command", "glob"] + target + ["inbox/*.bin"])
         #expect(glob.status == 0 && glob.stdout == "inbox/copy.bin\n", "\(glob.combined)")
 

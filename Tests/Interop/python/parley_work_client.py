@@ -96,19 +96,43 @@ WORK_SCHEMA = {
                     (4, "failed", "uint64", False)],
     "ResultRequest": [(1, "jobId", "uint64", False)],
     "ResultReply": [(1, "state", _S, False), (2, "failures", _S, True), (3, "result", "msg:" + W + "ReportResult", False)],
-    # Section 19.8 (only what the vectors and a refusing worker need).
-    "Command": [(1, "commandId", "uint64", False), (2, "shell", "msg:" + W + "ShellCommand", False)],
+    # Section 19.8: master-initiated commands.
+    "Command": [(1, "commandId", "uint64", False), (2, "shell", "msg:" + W + "ShellCommand", False),
+                (3, "upload", "msg:" + W + "UploadCommand", False), (4, "download", "msg:" + W + "DownloadCommand", False),
+                (5, "mkdir", "msg:" + W + "PathsCommand", False), (6, "rmdir", "msg:" + W + "PathsCommand", False),
+                (7, "rmfile", "msg:" + W + "PathsCommand", False), (8, "stat", "msg:" + W + "PathCommand", False),
+                (9, "glob", "msg:" + W + "PathCommand", False), (10, "listdir", "msg:" + W + "PathCommand", False),
+                (11, "cpdir", "msg:" + W + "CopyCommand", False),
+                (12, "uploadDirectory", "msg:" + W + "UploadDirectoryCommand", False)],
     "ShellCommand": [(1, "argv", _S, True), (2, "shell", "bool", False), (3, "workdir", _S, False),
                      (4, "env", "msg:" + W + "StringEntry", True), (5, "timeoutSeconds", "uint32", False),
                      (6, "maxTimeSeconds", "uint32", False), (7, "interruptSignal", "int32", False),
                      (8, "logfiles", "msg:" + W + "StringEntry", True)],
+    "UploadCommand": [(1, "path", _S, False), (2, "maxSize", "uint64", False), (3, "chunkSize", "uint32", False)],
+    "DownloadCommand": [(1, "path", _S, False), (2, "maxSize", "uint64", False), (3, "chunkSize", "uint32", False),
+                        (4, "mode", "uint32", False), (5, "size", "uint64", False), (6, "sha256", "bytes", False)],
+    "PathsCommand": [(1, "paths", _S, True)],
+    "PathCommand": [(1, "path", _S, False)],
+    "UploadDirectoryCommand": [(1, "path", _S, False), (2, "maxSize", "uint64", False), (3, "chunkSize", "uint32", False)],
+    "CopyCommand": [(1, "from", _S, False), (2, "to", _S, False)],
     "CommandUpdate": [(1, "commandId", "uint64", False), (2, "stdout", "bytes", False), (3, "stderr", "bytes", False),
                       (4, "header", _S, False), (5, "logName", _S, False), (6, "log", "bytes", False)],
+    "FileStat": [(1, "exists", "bool", False), (2, "kind", _S, False), (3, "size", "uint64", False),
+                 (4, "mode", "uint32", False), (5, "mtimeUnixMs", "int64", False)],
     "CommandResult": [(1, "commandId", "uint64", False), (2, "exitStatus", "int32", False), (3, "signal", "int32", False),
                       (4, "interrupted", "bool", False), (5, "timedOut", "bool", False), (6, "error", _S, False),
-                      (7, "elapsedMs", "uint64", False), (9, "paths", _S, True), (10, "size", "uint64", False),
-                      (11, "sha256", "bytes", False)],
+                      (7, "elapsedMs", "uint64", False), (8, "stat", "msg:" + W + "FileStat", False),
+                      (9, "paths", _S, True), (10, "size", "uint64", False), (11, "sha256", "bytes", False)],
+    "InterruptCommand": [(1, "commandId", "uint64", False), (2, "signal", "int32", False), (3, "reason", _S, False)],
+    "InterruptReply": [(1, "found", "bool", False)],
     "TransferWrite": [(1, "commandId", "uint64", False), (2, "offset", "uint64", False)],
+    "TransferWritten": [],
+    "TransferRead": [(1, "commandId", "uint64", False), (2, "offset", "uint64", False), (3, "length", "uint32", False)],
+    "TransferData": [(1, "eof", "bool", False)],
+    "RunWorkerCommand": [(1, "worker", _S, False), (2, "command", "msg:" + W + "Command", False)],
+    "InterruptWorkerCommand": [(1, "worker", _S, False), (2, "interrupt", "msg:" + W + "InterruptCommand", False)],
+    "ListWorkers": [],
+    "WorkerList": [(1, "workers", "msg:" + W + "WorkerHello", True)],
 }
 for _k, _v in WORK_SCHEMA.items():
     pc.SCHEMA[W + _k] = _v
@@ -121,6 +145,20 @@ MAX_TAIL = 1024 * 1024              # the reference worker's default, and the ma
 MAX_OUTPUTS = 16 * 1024 * 1024      # outputs together (19.1)
 DEFAULT_WALL = 3600                 # our own default when max_wall_seconds is 0 (the document leaves it to the worker)
 
+
+
+def fresh_signals():
+    """In a job's or a command's child, before exec: every signal at its default disposition
+    and none blocked (section 19.1), whatever this worker inherited (a test runner may start
+    it with signals ignored or blocked, and both pass through exec)."""
+    signals.pthread_sigmask(signals.SIG_SETMASK, [])
+    for number in range(1, signals.NSIG):
+        if number in (signals.SIGKILL, signals.SIGSTOP):
+            continue
+        try:
+            signals.signal(number, signals.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass
 
 def env_entries(env):
     return [{"key": k, "value": v} for k, v in env.items()]
@@ -226,7 +264,16 @@ def signed_job(priv, spec, priority=0, max_attempts=0, signature=None):
 # worker that does not accept commands ([R-19.8-1]: permissionDenied for Command and
 # InterruptCommand), and a bounded wait for one answer.
 class WorkConnection(pc.Connection):
+    commands = None  # a CommandServer when the worker takes its master's commands (19.8, --commands)
+
     def on_message(self, h, aligns):
+        if self.commands is not None:
+            kind = pc.KINDS.get(h["kind"])
+            if kind == "REQUEST" and h["type"] in (W + "Command", W + "InterruptCommand"):
+                self.commands.on_request(h)
+                return
+            if kind == "CANCEL" and self.commands.on_cancel(h["id"]):
+                return
         if pc.KINDS.get(h["kind"]) == "REQUEST" and h["type"] in (W + "Command", W + "InterruptCommand"):
             err = pb_encode("parley.v1.Status", {"code": pc.CODE["permissionDenied"],
                                                  "message": "this worker does not accept its master's commands"})
@@ -243,10 +290,50 @@ class WorkConnection(pc.Connection):
             raise ParleyError(pc.code_name(st.get("code", 0)), st.get("message", ""), True)
         return pc.answer(rec, W + answer_name)
 
+    def wait(self, ids):
+        if self.commands is None:
+            return super().wait(ids)
+        # With commands: read frames while the running commands go on (their output, their
+        # transfers), bounded by the timeout without a frame.
+        last = time.monotonic()
+        while any(i not in self.pending_done for i in ids):
+            if self.poll_once(0.02):
+                last = time.monotonic()
+            elif time.monotonic() - last > self.timeout:
+                raise ParleyError("timeout", "nothing received for %.1f s" % self.timeout)
+        return {i: self.pending_done.pop(i) for i in ids}
+
+    def poll_once(self, seconds):
+        """Commands: one step of every running command, then at most one frame read (waiting
+        up to `seconds`). True when a frame was read."""
+        self.commands.tick()
+        if self.reader.buf:
+            self.read_one()
+            return True
+        if self.sock.fileno() < 0 or self.reader.eof:
+            raise ParleyError("connectionClosed", "the connection was lost")
+        r, _, _ = select.select([self.sock], [], [], seconds if not self.commands.running else min(seconds, 0.02))
+        if r:
+            self.read_one()
+            return True
+        return False
+
     def pump(self, seconds):
         """Reads whatever frames come for `seconds` (keepalives, notices, a master's commands).
         A lost connection is left for the next request to notice (it reconnects)."""
         end = time.monotonic() + seconds
+        if self.commands is not None:
+            while time.monotonic() < end:
+                try:
+                    self.poll_once(max(0.0, end - time.monotonic()))
+                except (ParleyError, OSError, ValueError):
+                    try:
+                        self.sock.close()
+                    except OSError:
+                        pass
+                    time.sleep(max(0.0, end - time.monotonic()))
+                    return
+            return
         while True:
             left = end - time.monotonic()
             if left <= 0:
@@ -263,6 +350,624 @@ class WorkConnection(pc.Connection):
                     self.sock.close()
                 except OSError:
                     pass
+
+
+# ---------------------------------------------------------------------------------------
+# Master-initiated commands (section 19.8), served by a worker started with --commands.
+# Single-threaded: every running command is a small state machine that the connection's
+# reading loop steps (CommandServer.tick) between frames; several run at once.
+import errno  # noqa: E402
+import fnmatch  # noqa: E402,F401
+import glob as globs  # noqa: E402
+import stat as stats  # noqa: E402
+import tarfile  # noqa: E402
+
+COMMAND_KINDS = ["shell", "upload", "download", "mkdir", "rmdir", "rmfile", "stat", "glob", "listdir", "cpdir",
+                 "uploadDirectory"]
+DEFAULT_CHUNK = 64 * 1024            # 19.8: chunk_size 0
+MAX_CHUNK = 1024 * 1024              # 19.8: at most 1 MiB
+TRANSFER_LIMIT = 1 << 30             # our limit for max_size 0 (the reference worker's download limit: 1 GiB)
+DEFAULT_COMMAND_TIME = 3600          # our default when max_time_seconds is 0 (the document leaves it to the worker)
+KILL_AFTER = 5.0                     # 19.8: SIGKILL 5 s after an interrupt's signal
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class CommandRefused(Exception):
+    """[R-19.8-2]/[R-19.8-3]: the whole command is refused (invalidArgument), nothing done."""
+
+
+class CommandFailed(Exception):
+    """A command that failed while it ran: its CommandResult says so (status 1, error)."""
+
+
+class _Command:
+    def __init__(self, server, rid, cid):
+        self.server, self.rid, self.cid = server, rid, cid
+        self.started = time.monotonic()
+        self.interrupted, self.reason = False, ""
+        self.done = False
+
+    def update(self, **fields):
+        fields["commandId"] = self.cid
+        self.server.conn.send_message(pc.KIND["STREAM_ITEM"], self.rid, W + "CommandUpdate", pb_encode(W + "CommandUpdate", fields))
+
+    def finish(self, **fields):
+        if self.done:
+            return
+        self.done = True
+        fields["commandId"] = self.cid
+        fields["elapsedMs"] = int((time.monotonic() - self.started) * 1000)
+        if self.interrupted:
+            fields["interrupted"] = True
+            fields.setdefault("error", self.reason or "interrupted")
+        self.server.conn.send_message(pc.KIND["RESPONSE"], self.rid, W + "CommandResult", pb_encode(W + "CommandResult", fields))
+        self.cleanup()
+
+    def fail(self, message):
+        self.finish(exitStatus=1, error=message)
+
+    def interrupt(self, sig, reason):
+        self.interrupted, self.reason = True, reason or "interrupted"
+
+    def cancel(self):
+        """CANCEL (R-19.8-3): stop, send nothing."""
+        self.done = True
+        self.cleanup()
+
+    def cleanup(self):
+        pass
+
+    def tick(self):
+        pass
+
+
+class _Shell(_Command):
+    def __init__(self, server, rid, cid, spec, workdir, logfiles):
+        super().__init__(server, rid, cid)
+        self.spec, self.workdir, self.logfiles = spec, workdir, logfiles  # logfiles: [(name, absolute path)]
+        self.log_offsets = {name: 0 for name, _ in logfiles}
+        self.proc, self.pipes, self.timed_out, self.kill_at = None, {}, False, None
+        self.max_time = spec.get("maxTimeSeconds", 0) or DEFAULT_COMMAND_TIME
+        self.quiet = spec.get("timeoutSeconds", 0)
+        self.last_output = time.monotonic()
+        self.exited_at, self.next_log = None, 0.0
+
+    def start(self):
+        argv, env = self.spec.get("argv", []), env_dict(self.spec.get("env", []))
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+        except OSError as e:
+            return self.fail("workdir: %s" % e)
+        if not argv:
+            return self.finish(exitStatus=127, error="cannot start: empty argv")
+        if self.spec.get("shell"):
+            cmd = ["/bin/sh", "-c", " ".join(argv)]
+        else:
+            cmd = list(argv)
+            prog = argv[0]
+            if "/" not in prog:  # looked up in the command's env PATH, as a job's program (19.1)
+                found = None
+                for d in (env.get("PATH") or DEFAULT_PATH).split(":"):
+                    cand = os.path.join(d or ".", prog)
+                    if os.path.isfile(cand) and os.access(cand, os.X_OK):
+                        found = cand
+                        break
+                if found is None:
+                    return self.finish(exitStatus=127, error="cannot start %s: not found in PATH %s" % (prog, env.get("PATH") or DEFAULT_PATH))
+                cmd[0] = found
+        self.update(header="running %s in %s" % (" ".join(argv) if self.spec.get("shell") else repr(argv),
+                                                  os.path.relpath(self.workdir, self.server.dir)))
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                                         preexec_fn=fresh_signals)
+        except OSError as e:
+            return self.finish(exitStatus=127, error="cannot start %s: %s" % (cmd[0], e.strerror or e))
+        for name, f in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
+            os.set_blocking(f.fileno(), False)
+            self.pipes[f.fileno()] = (name, f)
+
+    def signal_group(self, sig):
+        try:
+            os.killpg(self.proc.pid, sig)
+        except OSError:
+            pass
+
+    def interrupt(self, sig, reason):
+        if self.proc is None or self.interrupted:
+            super().interrupt(sig, reason)
+            return
+        super().interrupt(sig, reason)
+        sig = sig or self.spec.get("interruptSignal", 0) or signals.SIGKILL
+        self.update(header="interrupted (signal %d): %s" % (sig, self.reason))
+        self.signal_group(sig)
+        self.kill_at = time.monotonic() + KILL_AFTER
+
+    def cancel(self):
+        if self.proc is not None:
+            self.signal_group(signals.SIGKILL)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        super().cancel()
+
+    def cleanup(self):
+        for _, f in self.pipes.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.pipes = {}
+
+    def read_logs(self):
+        for name, path in self.logfiles:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.log_offsets[name])
+                    data = f.read(MAX_CHUNK)
+            except OSError:
+                continue
+            if data:
+                self.log_offsets[name] += len(data)
+                self.update(logName=name, log=data)
+
+    def tick(self):
+        if self.done or self.proc is None:
+            return
+        now = time.monotonic()
+        if self.pipes:
+            r, _, _ = select.select(list(self.pipes), [], [], 0)
+            for fd in r:
+                name, f = self.pipes[fd]
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    self.last_output = now
+                    self.update(**{name: data})
+                else:
+                    f.close()
+                    del self.pipes[fd]
+        if self.logfiles and now >= self.next_log:
+            self.next_log = now + 0.2
+            self.read_logs()
+        rc = self.proc.poll()
+        if rc is None:
+            if self.kill_at is not None and now >= self.kill_at:
+                self.signal_group(signals.SIGKILL)
+                self.kill_at = None
+            if not self.timed_out and not self.interrupted:
+                why = None
+                if self.quiet and now - self.last_output > self.quiet:
+                    why = "no output for %d s (timeout_seconds)" % self.quiet
+                elif now - self.started > self.max_time:
+                    why = "running for %d s (max_time_seconds)" % self.max_time
+                if why:
+                    self.timed_out = True
+                    self.update(header="killed (SIGKILL): %s" % why)
+                    self.signal_group(signals.SIGKILL)
+            return
+        if self.exited_at is None:
+            self.exited_at = now
+        if self.pipes and now - self.exited_at < 2.0:
+            return  # what is left in the pipes (a grandchild holding them: 2 s at most)
+        self.read_logs()
+        res = {"exitStatus": rc} if rc >= 0 else {"signal": -rc}
+        if self.timed_out:
+            res["timedOut"] = True
+            res["error"] = "timed out"
+        self.update(header="exited with status %d" % rc if rc >= 0 else "killed by signal %d" % -rc)
+        self.finish(**res)
+
+
+class _Transfer(_Command):
+    """Upload (file or tar stream) and download: one chunk request outstanding at a time."""
+
+    def __init__(self, server, rid, cid):
+        super().__init__(server, rid, cid)
+        self.req, self.offset, self.sha = None, 0, hashlib.sha256()
+
+    def answer(self):
+        """The answer to the outstanding request, or None while it has not come."""
+        if self.req is None or self.req not in self.server.conn.pending_done:
+            return None
+        rec = self.server.conn.pending_done.pop(self.req)
+        self.req = None
+        if rec["kind"] == "ERROR":
+            st = pb_decode("parley.v1.Status", rec["answer"]["payload"])
+            raise CommandFailed("the master refused the chunk at offset %d: %s: %s" % (self.offset, pc.code_name(st.get("code", 0)), st.get("message", "")))
+        return rec
+
+    def cancel(self):
+        if self.req is not None:
+            self.server.conn.pending.pop(self.req, None)
+        super().cancel()
+
+
+class _Upload(_Transfer):
+    def __init__(self, server, rid, cid, f, size, chunk, stat_msg=None, temp=None):
+        super().__init__(server, rid, cid)
+        self.f, self.size, self.chunk, self.stat_msg, self.temp = f, size, chunk, stat_msg, temp
+
+    def cleanup(self):
+        try:
+            self.f.close()
+        except OSError:
+            pass
+        if self.temp:
+            try:
+                os.unlink(self.temp)
+            except OSError:
+                pass
+
+    def tick(self):
+        if self.done:
+            return
+        try:
+            if self.req is not None:
+                rec = self.answer()
+                if rec is None:
+                    return
+            if self.interrupted:
+                return self.fail("interrupted: %s" % self.reason)
+            data = self.f.read(self.chunk)
+            if not data:
+                res = {"size": self.offset, "sha256": self.sha.digest()}
+                if self.stat_msg is not None:
+                    res["stat"] = self.stat_msg
+                return self.finish(**res)
+            self.req = self.server.conn.request(W + "TransferWrite", {"commandId": self.cid, "offset": self.offset}, data=data)
+            self.offset += len(data)
+            self.sha.update(data)
+        except CommandFailed as e:
+            self.fail(str(e))
+        except OSError as e:
+            self.fail("reading: %s" % e)
+
+
+class _Download(_Transfer):
+    def __init__(self, server, rid, cid, spec, path):
+        super().__init__(server, rid, cid)
+        self.spec, self.path = spec, path
+        self.chunk = min(spec.get("chunkSize", 0) or DEFAULT_CHUNK, MAX_CHUNK)
+        self.max = spec.get("maxSize", 0) or TRANSFER_LIMIT
+        self.temp, self.f = None, None
+
+    def start(self):
+        try:
+            parent = os.path.dirname(self.path)
+            os.makedirs(parent, exist_ok=True)
+            if os.path.isdir(self.path) and not os.path.islink(self.path):
+                return self.fail("%s is a directory" % os.path.relpath(self.path, self.server.dir))
+            fd, self.temp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(self.path) + ".part-")
+            self.f = os.fdopen(fd, "wb")
+        except OSError as e:
+            return self.fail("cannot write %s: %s" % (os.path.relpath(self.path, self.server.dir), e))
+
+    def cleanup(self):
+        if self.f is not None:
+            try:
+                self.f.close()
+            except OSError:
+                pass
+        if self.temp:
+            try:
+                os.unlink(self.temp)
+            except OSError:
+                pass
+
+    def tick(self):
+        if self.done:
+            return
+        try:
+            if self.req is not None:
+                rec = self.answer()
+                if rec is None:
+                    return
+                data = bytes(rec["answer"].get("data") or b"")
+                eof = pb_decode(W + "TransferData", rec["answer"]["payload"]).get("eof", False) if rec["answer"]["type"] == W + "TransferData" else None
+                if eof is None:
+                    raise CommandFailed("the master answered %s, not TransferData" % rec["answer"]["type"])
+                if len(data) > self.asked:
+                    raise CommandFailed("a chunk of %d bytes, %d asked for" % (len(data), self.asked))
+                if self.offset + len(data) > self.max:
+                    raise CommandFailed("more than max_size (%d bytes)" % self.max)
+                if not data and not eof:
+                    raise CommandFailed("an empty chunk that is not the last, at offset %d" % self.offset)
+                self.f.write(data)
+                self.sha.update(data)
+                self.offset += len(data)
+                if eof:
+                    return self.complete()
+            if self.interrupted:
+                return self.fail("interrupted: %s" % self.reason)
+            self.asked = self.chunk
+            self.req = self.server.conn.request(W + "TransferRead", {"commandId": self.cid, "offset": self.offset, "length": self.asked})
+        except CommandFailed as e:
+            self.fail(str(e))
+        except OSError as e:
+            self.fail("writing: %s" % e)
+
+    def complete(self):
+        size, digest = self.spec.get("size", 0), self.spec.get("sha256", b"")
+        if size and size != self.offset:
+            raise CommandFailed("received %d bytes, size says %d" % (self.offset, size))
+        if digest and digest != self.sha.digest():
+            raise CommandFailed("the SHA-256 of the bytes received does not match sha256")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        os.fchmod(self.f.fileno(), (self.spec.get("mode", 0) or 0o644) & 0o7777)
+        self.f.close()
+        self.f = None
+        os.replace(self.temp, self.path)
+        self.temp = None
+        self.finish(size=self.offset, sha256=self.sha.digest())
+
+
+def file_stat(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return {"exists": False}
+    kind = ("symlink" if stats.S_ISLNK(st.st_mode) else "directory" if stats.S_ISDIR(st.st_mode)
+            else "file" if stats.S_ISREG(st.st_mode) else "other")
+    return {"exists": True, "kind": kind, "size": st.st_size, "mode": stats.S_IMODE(st.st_mode),
+            "mtimeUnixMs": st.st_mtime_ns // 1000000}
+
+
+class CommandServer:
+    def __init__(self, conn, directory, log=print):
+        os.makedirs(directory, exist_ok=True)
+        self.conn, self.dir, self.log = conn, os.path.realpath(directory), log
+        self.running = {}   # command id -> _Command
+        self.by_request = {}  # the master's request id -> command id
+
+    # --- paths (R-19.8-2) ---
+    def inside(self, real):
+        return real == self.dir or real.startswith(self.dir + os.sep)
+
+    def resolve(self, rel, what, allow_self=False, follow=True, base=None):
+        """The absolute path of `rel` (relative to `base`, by default the command directory), or
+        CommandRefused. `follow`: the last part is followed if it is a link (else only its parent)."""
+        base = base or self.dir
+        if allow_self and rel in ("", "."):
+            full = base
+        else:
+            if not valid_file_name(rel):
+                raise CommandRefused("%s: path %r breaks the rule of file names (R-19.8-2)" % (what, rel))
+            full = os.path.join(base, rel)
+        real = os.path.realpath(full) if follow or full == base else os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
+        if not self.inside(real):
+            raise CommandRefused("%s: path %r leads out of the command directory (R-19.8-2)" % (what, rel))
+        return full
+
+    # --- the exchanges ---
+    def error(self, rid, code, message):
+        self.conn.send_message(pc.KIND["ERROR"], rid, "parley.v1.Status",
+                               pb_encode("parley.v1.Status", {"code": pc.CODE[code], "message": message}))
+
+    def on_request(self, h):
+        rid = h["id"]
+        try:
+            if h["type"] == W + "InterruptCommand":
+                ic = pb_decode(W + "InterruptCommand", h["payload"])
+                c = self.running.get(ic.get("commandId", 0))
+                if c is not None and not c.done:
+                    self.log("command %d interrupted: %s" % (c.cid, ic.get("reason", "")))
+                    c.interrupt(ic.get("signal", 0), ic.get("reason", ""))
+                found = c is not None and not c.done
+                self.conn.send_message(pc.KIND["RESPONSE"], rid, W + "InterruptReply",
+                                       pb_encode(W + "InterruptReply", {"found": found}))
+                return
+            cmd = pb_decode(W + "Command", h["payload"])
+        except ParleyError as e:
+            return self.error(rid, "malformedPayload", str(e.message))
+        cid = cmd.get("commandId", 0)
+        kinds = [k for k in COMMAND_KINDS if k in cmd]
+        try:
+            if cid == 0:
+                raise CommandRefused("command id 0")
+            if cid in self.running:
+                raise CommandRefused("command %d is running already" % cid)
+            if len(kinds) != 1:
+                raise CommandRefused("command %d has no kind this worker knows" % cid)
+            c = self.start(rid, cid, kinds[0], cmd[kinds[0]])
+        except CommandRefused as e:
+            self.log("command %d refused: %s" % (cid, e))
+            return self.error(rid, "invalidArgument", str(e))
+        if c is not None and not c.done:
+            self.running[cid] = c
+            self.by_request[rid] = cid
+
+    def on_cancel(self, rid):
+        cid = self.by_request.pop(rid, None)
+        if cid is None:
+            return False
+        c = self.running.pop(cid, None)
+        if c is not None:
+            self.log("command %d cancelled by the master" % cid)
+            c.cancel()
+        return True
+
+    def tick(self):
+        for cid, c in list(self.running.items()):
+            if not c.done:
+                try:
+                    c.tick()
+                except (OSError, ParleyError) as e:
+                    if not c.done:
+                        c.fail("%s" % e)
+            if c.done:
+                self.running.pop(cid, None)
+                self.by_request.pop(c.rid, None)
+
+    def close(self):
+        for c in list(self.running.values()):
+            c.cancel()
+        self.running.clear()
+
+    # --- the kinds ---
+    def start(self, rid, cid, kind, spec):
+        """Checks every path first (a refusal is whole, nothing done), then starts or does the
+        command; returns the running command (None when done at once)."""
+        if kind == "shell":
+            workdir = self.resolve(spec.get("workdir", ""), "workdir", allow_self=True)
+            logs = []
+            for e in spec.get("logfiles", []):
+                logs.append((e.get("key", ""), self.resolve(e.get("value", ""), "logfile %s" % e.get("key", ""), base=workdir)))
+            c = _Shell(self, rid, cid, spec, workdir, logs)
+            self.log("command %d: run %r" % (cid, spec.get("argv", [])))
+            c.start()
+            return c
+        if kind in ("upload", "uploadDirectory"):
+            path = self.resolve(spec.get("path", ""), kind, allow_self=(kind == "uploadDirectory"), follow=(kind == "uploadDirectory"))
+            chunk = min(spec.get("chunkSize", 0) or DEFAULT_CHUNK, MAX_CHUNK)
+            limit = spec.get("maxSize", 0) or TRANSFER_LIMIT
+            c = _Command(self, rid, cid)
+            try:
+                if kind == "upload":
+                    st = file_stat(path)
+                    if not st["exists"]:
+                        raise CommandFailed("%s does not exist" % spec.get("path", ""))
+                    if st["kind"] != "file":
+                        raise CommandFailed("%s is a %s, not a regular file" % (spec.get("path", ""), st["kind"]))
+                    f = open(path, "rb", buffering=0)
+                    fst = os.fstat(f.fileno())
+                    if not stats.S_ISREG(fst.st_mode):
+                        f.close()
+                        raise CommandFailed("%s is not a regular file" % spec.get("path", ""))
+                    if fst.st_size > limit:
+                        f.close()
+                        raise CommandFailed("%s is %d bytes, more than max_size %d" % (spec.get("path", ""), fst.st_size, limit))
+                    u = _Upload(self, rid, cid, f, fst.st_size, chunk, stat_msg=st)
+                else:
+                    temp = self.tar(path, spec.get("path", ""), limit)
+                    u = _Upload(self, rid, cid, open(temp, "rb", buffering=0), os.path.getsize(temp), chunk, temp=temp)
+            except CommandFailed as e:
+                c.fail(str(e))
+                return None
+            except OSError as e:
+                c.fail("%s: %s" % (spec.get("path", ""), e))
+                return None
+            self.log("command %d: %s %s" % (cid, kind, spec.get("path", "")))
+            u.tick()
+            return u
+        if kind == "download":
+            path = self.resolve(spec.get("path", ""), "download", follow=False)
+            d = _Download(self, rid, cid, spec, path)
+            self.log("command %d: download to %s" % (cid, spec.get("path", "")))
+            d.start()
+            if not d.done:
+                d.tick()
+            return d
+        c = _Command(self, rid, cid)
+        try:
+            if kind in ("mkdir", "rmdir", "rmfile"):
+                paths = [self.resolve(p, kind, follow=(kind == "mkdir")) for p in spec.get("paths", [])]
+                for rel, p in zip(spec.get("paths", []), paths):
+                    self.file_op(kind, rel, p)
+                c.finish()
+            elif kind == "stat":
+                p = self.resolve(spec.get("path", ""), "stat", allow_self=True, follow=False)
+                st = file_stat(p)
+                c.finish(stat=st, **({} if st["exists"] else {"exitStatus": 1, "error": "%s does not exist" % spec.get("path", "")}))
+            elif kind == "listdir":
+                p = self.resolve(spec.get("path", ""), "listdir", allow_self=True)
+                try:
+                    names = sorted(os.listdir(p))
+                except OSError as e:
+                    raise CommandFailed("%s: %s" % (spec.get("path", ""), e.strerror or e))
+                c.finish(paths=names)
+            elif kind == "glob":
+                pattern = spec.get("path", "")
+                if not valid_file_name(pattern):
+                    raise CommandRefused("glob: pattern %r breaks the rule of file names (R-19.8-2)" % pattern)
+                self.resolve(pattern, "glob", follow=False)  # its literal existing part must stay inside
+                found = []
+                for m in globs.glob(pattern, root_dir=self.dir):
+                    parent = os.path.realpath(os.path.dirname(os.path.join(self.dir, m)))
+                    if self.inside(parent):  # never what a link out leads to
+                        found.append(m)
+                c.finish(paths=sorted(found))
+            elif kind == "cpdir":
+                src = self.resolve(spec.get("from", ""), "cpdir from")
+                dst = self.resolve(spec.get("to", ""), "cpdir to", follow=False)
+                if not os.path.isdir(src):
+                    raise CommandFailed("%s is not a directory" % spec.get("from", ""))
+                if os.path.lexists(dst):
+                    raise CommandFailed("%s exists" % spec.get("to", ""))
+                try:
+                    shutil.copytree(src, dst, symlinks=True)
+                except (OSError, shutil.Error) as e:
+                    raise CommandFailed("copying %s to %s: %s" % (spec.get("from", ""), spec.get("to", ""), e))
+                c.finish()
+        except CommandFailed as e:
+            c.fail(str(e))
+        self.log("command %d: %s done" % (cid, kind))
+        return None
+
+    def file_op(self, kind, rel, p):
+        try:
+            if kind == "mkdir":
+                os.makedirs(p, exist_ok=True)
+            elif kind == "rmdir":
+                if not os.path.lexists(p):
+                    return
+                if os.path.islink(p) or not os.path.isdir(p):
+                    raise CommandFailed("rmdir %s: not a directory" % rel)
+                shutil.rmtree(p)
+            else:
+                if not os.path.lexists(p):
+                    return
+                if os.path.isdir(p) and not os.path.islink(p):
+                    raise CommandFailed("rmfile %s: a directory" % rel)
+                os.unlink(p)
+        except OSError as e:
+            raise CommandFailed("%s %s: %s" % (kind, rel, e.strerror or e))
+
+    def tar(self, root, rel, limit):
+        """19.8 upload_directory: POSIX ustar, sorted by name, directories, regular files and
+        symbolic links (not followed), names relative to the directory; into a temporary file
+        (so that a name too long, or a stream past max_size, fails before anything is sent)."""
+        if not os.path.isdir(root):
+            raise CommandFailed("%s is not a directory" % (rel or "the command directory"))
+        entries = []
+        for d, dirs, files in os.walk(root, followlinks=False):
+            for n in dirs + files:
+                full = os.path.join(d, n)
+                entries.append((os.path.relpath(full, root), full))
+        entries.sort(key=lambda e: e[0].encode("utf-8", "surrogateescape"))
+        fd, temp = tempfile.mkstemp(prefix="pywork-tar-")
+        try:
+            with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+                for name, full in entries:
+                    st = os.lstat(full)
+                    if not (stats.S_ISDIR(st.st_mode) or stats.S_ISREG(st.st_mode) or stats.S_ISLNK(st.st_mode)):
+                        continue
+                    b = name.encode("utf-8", "surrogateescape")
+                    if len(b) > 255 or len(b.rsplit(b"/", 1)[-1]) > 100:
+                        raise CommandFailed("%s: a name too long for ustar" % name)
+                    ti = tf.gettarinfo(full, arcname=name)
+                    if ti.isreg():
+                        with open(full, "rb") as f:
+                            tf.addfile(ti, f)
+                    else:
+                        tf.addfile(ti)
+                    if out.tell() > limit:
+                        raise CommandFailed("the tar stream passes max_size %d" % limit)
+            if os.path.getsize(temp) > limit:
+                raise CommandFailed("the tar stream of %d bytes passes max_size %d" % (os.path.getsize(temp), limit))
+            return temp
+        except ValueError as e:  # tarfile: a name or link target too long for ustar
+            os.unlink(temp)
+            raise CommandFailed("%s: %s" % (rel, e))
+        except BaseException:
+            os.unlink(temp)
+            raise
 
 
 def connect(address, timeout=15.0, hops=4):
@@ -332,8 +1037,9 @@ class HandBackNeeded(Exception):
 
 
 class Worker:
-    def __init__(self, address, name, trusted, apps=(), timeout=15.0, workdir=None, log=print, slots=1):
+    def __init__(self, address, name, trusted, apps=(), timeout=15.0, workdir=None, log=print, slots=1, command_dir=None):
         self.address, self.name, self.apps, self.timeout, self.log = address, name, list(apps), timeout, log
+        self.command_dir = command_dir  # 19.8: takes its master's commands, inside this directory (--commands)
         self.trusted = [bytes(k) for k in trusted]  # keys this worker trusts (19.1 rotation adds one)
         self.workdir = workdir or tempfile.mkdtemp(prefix="pyworker-")
         self.slots = slots
@@ -343,11 +1049,13 @@ class Worker:
 
     def connect(self):
         self.conn = connect(self.address, self.timeout)
+        if self.command_dir:
+            self.conn.commands = CommandServer(self.conn, self.command_dir, self.log)
         for prio, text in self.conn.messages:
             self.log("master says [%s]: %s" % (prio, text))
         hello = {"worker": self.name, "platform": "python-" + sys.platform, "cpus": os.cpu_count() or 1,
                  "slots": self.slots, "protocolVersion": WORK_PROTOCOL_VERSION, "os": os.uname().sysname + " " + os.uname().release,
-                 "apps": self.apps, "commands": False}
+                 "apps": self.apps, "commands": bool(self.command_dir)}
         self.welcome = self.conn.call("WorkerHello", hello, "WorkerWelcome")
         chosen = self.welcome.get("protocolVersion", 0) or 1
         if chosen != WORK_PROTOCOL_VERSION:  # [R-19.7-1]
@@ -366,6 +1074,8 @@ class Worker:
                 self.log("key rotation announced but not signed by a trusted key: ignored")
 
     def reconnect(self):
+        if self.conn.commands is not None:
+            self.conn.commands.close()  # the commands of a lost connection end with it
         try:
             self.conn.sock.close()
         except OSError:
@@ -519,6 +1229,7 @@ class Worker:
 
         def limits():
             os.setsid()
+            fresh_signals()
             if cpu:
                 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL a second later
             if mem:
@@ -643,6 +1354,8 @@ class Worker:
             self.log("job %d lease %d: hand-back answered %s (done)" % (a["jobId"], a["leaseId"], e.code))
 
     def close(self):
+        if self.conn.commands is not None:
+            self.conn.commands.close()
         try:
             self.conn.close()
         except (OSError, ParleyError):
@@ -1023,6 +1736,312 @@ def scenario(args):
 
 
 # ---------------------------------------------------------------------------------------
+# Commands scenario (19.8): this script's worker, started with --commands, driven by the
+# reference `parley work command ...` through a master started with --allow-commands.
+def commands_scenario(args):
+    parley, master = args.parley, args.master
+    nonce = os.urandom(4).hex()
+    tmp = tempfile.mkdtemp(prefix="pywork-cmds-")
+    step = ["start"]
+    procs = []
+
+    def say(text):
+        step[0] = text
+        print("--", text, flush=True)
+
+    def ref(*argv, timeout=30.0):
+        """The reference client: parley work command ARGV...; (status, stdout, stderr)."""
+        r = subprocess.run([parley, "work", "command"] + list(argv), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+
+    def ref_json(*argv, timeout=30.0):
+        rc, out, err = ref(*argv, timeout=timeout)
+        lines = [x for x in out.splitlines() if x.startswith("{")]
+        check(lines, "no JSON result from %r (status %d): %s %s" % (argv, rc, out, err))
+        import json
+        return rc, json.loads(lines[-1]), err
+
+    def start_worker(name, commands, directory=None):
+        cmd = [sys.executable, "-B", os.path.abspath(__file__), "work", "--master", master, "--trust", pub_file,
+               "--name", name, "--idle-exit", "600"]
+        if commands:
+            cmd += ["--commands", "--command-dir", directory]
+        log = open(os.path.join(tmp, name + ".log"), "wb")
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        procs.append(p)
+        return p
+
+    priv = private_key_from_seed(os.urandom(32))
+    pub_file = os.path.join(tmp, "work.pub")
+    with open(pub_file, "w") as f:
+        f.write("parley-work-ed25519-public-key %s\n" % base64.b64encode(public_bytes(priv)).decode())
+    wa, wb = "py-cmd-" + nonce, "py-nocmd-" + nonce
+    d = os.path.join(tmp, "commands")
+    os.makedirs(d)
+    A = ["--master", master, "--worker", wa]
+    findings = []
+    try:
+        say("a worker with --commands and one without connect; ListWorkers (parley work workers) shows their hellos")
+        start_worker(wa, True, d)
+        start_worker(wb, False)
+        import json
+        end, seen = time.monotonic() + 30, {}
+        while time.monotonic() < end:
+            r = subprocess.run([parley, "work", "workers", "--master", master, "--json"], capture_output=True, timeout=30)
+            if r.returncode == 0:
+                seen = {w.get("worker"): w for w in json.loads(r.stdout.decode()).get("workers", [])}
+                if wa in seen and wb in seen:
+                    break
+            check(all(p.poll() is None for p in procs), "a worker exited: see %s" % tmp)
+            time.sleep(0.3)
+        check(wa in seen and wb in seen, "workers listed: %r" % sorted(seen))
+        check(seen[wa].get("commands") is True and not seen[wb].get("commands"), "WorkerHello.commands: %r" % seen)
+
+        say("run: stdout and stderr streamed back, the exit status (3) is the command's")
+        rc, out, err = ref("run", *A, "--", "/bin/sh", "-c", "echo out-%s; echo err-%s >&2; exit 3" % (nonce, nonce))
+        check(rc == 3 and "out-%s\n" % nonce in out and "err-%s" % nonce in err, "status %d, out %r, err %r" % (rc, out, err))
+        rc, res, err = ref_json("run", *A, "--json", "--", "/bin/sh", "-c", "exit 4")
+        check(rc == 4 and res.get("exitStatus") == 4 and not res.get("signal"), "JSON result %r" % res)
+
+        say("run: exactly the env given (nothing inherited), in workdir (created), program looked up in its PATH")
+        rc, out, err = ref("run", *A, "--workdir", "w/sub", "--env", "X=%s" % nonce, "--env", "PATH=/usr/bin:/bin", "--", "env")
+        check(rc == 0 and sorted(out.split()) == sorted(["X=%s" % nonce, "PATH=/usr/bin:/bin"]), "env printed %r (status %d, %s)" % (out, rc, err))
+        check(os.path.isdir(os.path.join(d, "w", "sub")), "workdir not created")
+        rc, out, err = ref("run", *A, "--workdir", "w/sub", "--shell", "--", "pwd;", "echo", "$0")
+        check(rc == 0 and out.splitlines()[0] == os.path.realpath(os.path.join(d, "w", "sub")) and out.splitlines()[1] == "/bin/sh",
+              "shell in workdir: %r" % out)
+
+        say("run: a program that cannot be started ends with status 127")
+        rc, out, err = ref("run", *A, "--", "no-such-program-%s" % nonce)
+        check(rc == 127, "status %d: %s" % (rc, err))
+        rc, res, err = ref_json("run", *A, "--json", "--", "/nonexistent/prog")
+        check(res.get("exitStatus") == 127 and res.get("error"), "JSON %r" % res)
+
+        say("run: killed by a signal (SIGTERM): signal 15, the client exits 143")
+        rc, res, err = ref_json("run", *A, "--json", "--shell", "--", "kill -TERM $$")
+        check(res.get("signal") == 15, "JSON %r" % res)
+        rc, out, err = ref("run", *A, "--shell", "--", "kill -TERM $$")
+        check(rc == 143, "status %d" % rc)
+
+        say("run: timeout_seconds without output and max_time_seconds: killed (SIGKILL), timed_out")
+        t0 = time.monotonic()
+        rc, res, err = ref_json("run", *A, "--json", "--timeout", "1", "--", "/bin/sleep", "20")
+        check(res.get("timedOut") is True and res.get("signal") == 9 and time.monotonic() - t0 < 15, "timeout: %r" % res)
+        rc, res, err = ref_json("run", *A, "--json", "--max-time", "2", "--shell", "--", "while true; do echo x; sleep 0.2; done")
+        check(res.get("timedOut") is True and res.get("signal") == 9 and 1500 <= int(res.get("elapsedMs", 0)) < 9000, "max time: %r" % res)
+
+        say("run: logfiles come back while it runs, as [NAME] lines")
+        rc, out, err = ref("run", *A, "--logfile", "build=log.txt", "--shell", "--",
+                           "for i in 1 2 3; do echo line$i >> log.txt; sleep 0.3; done; echo end")
+        check(rc == 0 and all("[build] line%d" % i in out + err for i in (1, 2, 3)) and "end" in out, "logfile: %r %r" % (out, err))
+
+        say("run: several commands at once on one worker")
+        # Each notes when it starts and when it ends: they overlap when every start comes before the first end.
+        ps = [subprocess.Popen([parley, "work", "command", "run"] + A + ["--", "/bin/sh", "-c",
+                               "date +%%s%%N > par%d.start; sleep 4; date +%%s%%N > par%d.end; echo par%d" % (i, i, i)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for i in range(3)]
+        try:
+            outs = [p.communicate(timeout=60)[0].decode() for p in ps]
+        finally:
+            for p in ps:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        check(all(p.returncode == 0 for p in ps) and [o.strip() for o in outs] == ["par0", "par1", "par2"], "parallel: %r" % outs)
+        starts = [int(open(os.path.join(d, "par%d.start" % i)).read()) for i in range(3)]
+        ends = [int(open(os.path.join(d, "par%d.end" % i)).read()) for i in range(3)]
+        check(max(starts) < min(ends), "the 3 commands did not run at once: starts %r, ends %r" % (starts, ends))
+
+        say("interrupt (the client's SIGINT: InterruptWorkerCommand): the command's interrupt_signal, then its status")
+        def interrupted(script, sig):
+            marker = os.path.join(d, "running-%d" % sig)
+            p = subprocess.Popen([parley, "work", "command", "run"] + A + ["--interrupt-signal", str(sig), "--", "/bin/sh", "-c",
+                                  "touch running-%d; " % sig + script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                end = time.monotonic() + 20
+                while not os.path.exists(marker) and time.monotonic() < end:
+                    time.sleep(0.1)
+                check(os.path.exists(marker), "the command to interrupt did not start within 20 s")
+                os.unlink(marker)
+                time.sleep(0.3)
+                t = time.monotonic()
+                p.send_signal(signals.SIGINT)
+                o, e = p.communicate(timeout=30)
+                return p.returncode, o.decode(errors="replace"), e.decode(errors="replace"), time.monotonic() - t
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        rc, out, err, took = interrupted("echo started; trap 'echo got-term; exit 7' TERM; sleep 20 & wait", 15)
+        check(rc == 7 and "got-term" in out and "interrupt" in err, "interrupted: status %d out %r err %r" % (rc, out, err))
+        say("interrupt: a command ignoring the signal is killed (SIGKILL) 5 s later")
+        rc, out, err, took = interrupted("trap '' INT; sleep 30", 2)
+        check(rc == 137 and 4.0 <= took < 15, "status %d after %.1f s: %s" % (rc, took, err))
+        say("InterruptWorkerCommand of a command that does not run: found false")
+        sub = Submitter(master)
+        try:
+            r = sub.conn.call("InterruptWorkerCommand", {"worker": wa, "interrupt": {"commandId": 987654321, "reason": "none"}}, "InterruptReply")
+            check(not r.get("found"), "found: %r" % r)
+        finally:
+            sub.close()
+
+        say("download: the master's bytes to the worker's file (parents made), mode 0644 by default or as given")
+        big = os.urandom(300000 + 17)
+        local = os.path.join(tmp, "big.bin")
+        with open(local, "wb") as f:
+            f.write(big)
+        rc, out, err = ref("download", *A, local, "files/deep/big.bin")
+        target = os.path.join(d, "files", "deep", "big.bin")
+        check(rc == 0 and open(target, "rb").read() == big, "download: %d %s" % (rc, err))
+        check(stats.S_IMODE(os.stat(target).st_mode) == 0o644, "mode %o" % stats.S_IMODE(os.stat(target).st_mode))
+        check(hashlib.sha256(big).hexdigest() in out, "download output: %r" % out)
+        rc, out, err = ref("download", *A, "--file-mode", "600", local, "files/private.bin")
+        check(rc == 0 and stats.S_IMODE(os.stat(os.path.join(d, "files", "private.bin")).st_mode) == 0o600, "mode 600: %s" % err)
+        empty = os.path.join(tmp, "empty.bin")
+        open(empty, "wb").close()
+        rc, out, err = ref("download", *A, empty, "files/empty.bin")
+        check(rc == 0 and os.path.getsize(os.path.join(d, "files", "empty.bin")) == 0, "empty download: %s" % err)
+        check(not [n for n in os.listdir(os.path.join(d, "files")) if ".part-" in n], "a partial file was left")
+
+        say("upload: the worker's file here, whole, with its modification time")
+        back = os.path.join(tmp, "back.bin")
+        rc, out, err = ref("upload", *A, "files/deep/big.bin", back)
+        check(rc == 0 and open(back, "rb").read() == big, "upload: %d %s" % (rc, err))
+        check(int(os.stat(back).st_mtime) == int(os.stat(target).st_mtime), "keepstamp: %s vs %s" % (os.stat(back).st_mtime, os.stat(target).st_mtime))
+        say("upload: a symbolic link is refused (status 1); a file over --max-size is refused before anything is sent, nothing written")
+        os.symlink("big.bin", os.path.join(d, "files", "deep", "link"))
+        rc, out, err = ref("upload", *A, "files/deep/link", os.path.join(tmp, "l.bin"))
+        check(rc == 1 and not os.path.exists(os.path.join(tmp, "l.bin")), "symlink upload: %d %s" % (rc, err))
+        rc, out, err = ref("upload", *A, "--max-size", "1000", "files/deep/big.bin", os.path.join(tmp, "s.bin"))
+        check(rc == 1 and not os.path.exists(os.path.join(tmp, "s.bin")), "max-size upload: %d %s" % (rc, err))
+        rc, out, err = ref("upload", *A, "files/missing.bin", os.path.join(tmp, "m.bin"))
+        check(rc == 1, "missing file upload: %d %s" % (rc, err))
+
+        say("upload of an empty file (no chunk at all: nothing to send)")
+        for flags in ([], ["--json"]):
+            e_local = os.path.join(tmp, "e%d.bin" % len(flags))
+            rc, out, err = ref("upload", *A, *flags, "files/empty.bin", e_local)
+            if rc == 0 and os.path.exists(e_local) and os.path.getsize(e_local) == 0:
+                print("    (empty upload with no TransferWrite, client options %r: accepted)" % flags)
+            else:
+                findings.append("the reference client, options %r, refuses an empty file uploaded without any TransferWrite: %s"
+                                % (flags, ([x for x in (out + err).splitlines() if x.startswith("parley work command")] or ["?"])[0]))
+                print("    FINDING: %s" % findings[-1])
+
+        say("upload --directory: a ustar stream, sorted by name, directories, files and links (not followed)")
+        tarpath = os.path.join(tmp, "files.tar")
+        rc, out, err = ref("upload", *A, "--directory", "files", tarpath)
+        check(rc == 0, "directory upload: %d %s" % (rc, err))
+        with tarfile.open(tarpath) as tf:
+            members = tf.getmembers()
+            names = [m.name.rstrip("/") for m in members]
+            check(names == sorted(names) and set(names) == {"deep", "deep/big.bin", "deep/link", "empty.bin", "private.bin"}, "tar names %r" % names)
+            link = [m for m in members if m.name == "deep/link"][0]
+            check(link.issym() and link.linkname == "big.bin", "link member %r" % link)
+            check(tf.extractfile("deep/big.bin").read() == big, "tar content")
+
+        say("mkdir, stat, ls, glob, cp, rmfile, rmdir")
+        check(ref("mkdir", *A, "m/a/b", "m/c")[0] == 0 and os.path.isdir(os.path.join(d, "m", "a", "b")), "mkdir")
+        rc, res, err = ref_json("stat", *A, "--json", "files/deep/big.bin")
+        st = res.get("stat", {})
+        check(rc == 0 and st.get("exists") and st.get("kind") == "file" and int(st.get("size", 0)) == len(big) and st.get("mode") == 0o644, "stat %r" % res)
+        rc, res, err = ref_json("stat", *A, "--json", "files/deep/link")
+        check(rc == 0 and res.get("stat", {}).get("kind") == "symlink", "stat of a link: %r" % res)
+        rc, res, err = ref_json("stat", *A, "--json", "nothing-here")
+        check(rc == 1 and not res.get("stat", {}).get("exists"), "stat of nothing: %r" % res)
+        rc, out, err = ref("ls", *A, "files")
+        check(rc == 0 and out.split() == ["deep", "empty.bin", "private.bin"], "ls %r" % out)
+        rc, out, err = ref("ls", *A)
+        check(rc == 0 and out.split() == sorted(os.listdir(d)), "ls of the command directory %r" % out)
+        rc, out, err = ref("glob", *A, "files/*/*.bin")
+        check(rc == 0 and out.split() == ["files/deep/big.bin"], "glob %r" % out)
+        rc, out, err = ref("glob", *A, "nomatch*")
+        check(rc == 0 and out.split() == [], "glob without a match %r %s" % (out, err))
+        check(ref("cp", *A, "files", "copy")[0] == 0 and open(os.path.join(d, "copy", "deep", "big.bin"), "rb").read() == big
+              and os.path.islink(os.path.join(d, "copy", "deep", "link")), "cp")
+        check(ref("cp", *A, "files", "copy")[0] == 1, "cp onto an existing directory is not status 1")
+        check(ref("rmfile", *A, "copy/deep/link", "copy/not-there")[0] == 0 and not os.path.lexists(os.path.join(d, "copy", "deep", "link")), "rmfile")
+        check(ref("rmfile", *A, "copy/deep")[0] == 1, "rmfile of a directory is not status 1")
+        check(ref("rmdir", *A, "copy/deep/big.bin")[0] == 1, "rmdir of a file is not status 1")
+        check(ref("rmdir", *A, "copy", "not-there")[0] == 0 and not os.path.exists(os.path.join(d, "copy")), "rmdir")
+
+        say("refusals (R-19.8-2): '..', an absolute path, a link out of the directory: invalidArgument, nothing done")
+        os.symlink(tmp, os.path.join(d, "out"))
+        for sub_argv in (["stat", "../x"], ["mkdir", "ok-dir", "/abs"], ["ls", "out"], ["stat", "out/work.pub"],
+                         ["upload", "out/work.pub", os.path.join(tmp, "o.bin")], ["download", local, "out/x.bin"],
+                         ["run", "--workdir", "../w", "--", "/bin/true"], ["rmdir", "a//b"], ["cp", "files", "out/copy"]):
+            rc, out, err = ref(sub_argv[0], *A, *sub_argv[1:])
+            check(rc != 0 and "invalidArgument" in out + err, "%r: status %d, %s %s" % (sub_argv, rc, out.strip(), err.strip()))
+        check(not os.path.exists(os.path.join(d, "ok-dir")) and not os.path.exists(os.path.join(tmp, "copy")), "a refused command did something")
+
+        say("a worker whose hello says no commands: the master refuses (permissionDenied); an unknown worker: invalidArgument")
+        rc, out, err = ref("run", "--master", master, "--worker", wb, "--", "/bin/true")
+        check(rc != 0 and "permissionDenied" in out + err, "worker without --commands: %d %s %s" % (rc, out, err))
+        rc, out, err = ref("run", "--master", master, "--worker", "nobody-" + nonce, "--", "/bin/true")
+        check(rc != 0 and "invalidArgument" in out + err, "unknown worker: %d %s %s" % (rc, out, err))
+
+        say("CANCEL: the client killed, the master cancels; the worker kills what it runs")
+        pidfile = os.path.join(d, "cancel.pid")
+        p = subprocess.Popen([parley, "work", "command", "run"] + A + ["--", "/bin/sh", "-c", "echo $$ > cancel.pid; exec sleep 30"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 10
+        while not os.path.exists(pidfile) and time.monotonic() < end:
+            time.sleep(0.1)
+        p.kill()
+        p.wait()
+        gone = False
+        try:
+            child = int(open(pidfile).read().strip())
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                try:
+                    os.kill(child, 0)
+                except ProcessLookupError:
+                    gone = True
+                    break
+                time.sleep(0.2)
+        except (OSError, ValueError):
+            pass
+        print("    (the command of a client killed with SIGKILL %s)" % ("was stopped" if gone else "still runs after 10 s"))
+        if not gone:
+            findings.append("a command whose client died was not stopped within 10 s")
+
+        say("the workers are still connected and serving")
+        rc, out, err = ref("run", *A, "--", "/bin/echo", "still-" + nonce)
+        check(rc == 0 and out.strip() == "still-" + nonce, "after it all: %d %r %s" % (rc, out, err))
+        check(all(p.poll() is None for p in procs), "a worker exited")
+        for f in findings:
+            print("finding: %s" % f)
+        print("commands scenario: every check passed")
+        return 0
+    except CheckFailed as e:
+        print("FAILED: check failed in step %r: %s" % (step[0], e))
+    except ParleyError as e:
+        print("FAILED: Parley error in step %r: %s" % (step[0], e))
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print("FAILED: %s in step %r: %s" % (type(e).__name__, step[0], e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signals.SIGTERM)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        for name in (wa, wb):
+            try:
+                log = open(os.path.join(tmp, name + ".log"), errors="replace").read()
+                if "Traceback" in log:
+                    print("worker %s log:\n%s" % (name, log[-3000:]))
+            except OSError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1
+
+
+# ---------------------------------------------------------------------------------------
 def cmd_submit(args):
     priv = load_private(args.key)
     if not args.command:
@@ -1063,7 +2082,13 @@ def cmd_work(args):
     keys = [load_public(p) for p in args.trust]
     signals.signal(signals.SIGTERM, _request_stop)
     signals.signal(signals.SIGINT, _request_stop)
-    w = Worker(args.master, args.name or "py-worker-%s-%d" % (socket.gethostname(), os.getpid()), keys, apps=args.app or [])
+    command_dir = None
+    if args.commands:
+        command_dir = args.command_dir or tempfile.mkdtemp(prefix="pywork-commands-")
+    w = Worker(args.master, args.name or "py-worker-%s-%d" % (socket.gethostname(), os.getpid()), keys, apps=args.app or [],
+               command_dir=command_dir)
+    if command_dir:
+        print("taking the master's commands in %s" % os.path.realpath(command_dir), flush=True)
     try:
         vs = w.work(max_jobs=args.max_jobs, idle_exit=args.idle_exit)
         print("worker stopped: ran %d jobs (%s)" % (len(vs), ", ".join(sorted(set(v for _, _, v in vs))) or "none"))
@@ -1101,11 +2126,16 @@ def main():
     k.add_argument("--app", action="append")
     k.add_argument("--max-jobs", type=int, default=0)
     k.add_argument("--idle-exit", type=float, default=10.0, help="stop after this long without work")
+    k.add_argument("--commands", action="store_true", help="take the master's commands (19.8); without it they are refused")
+    k.add_argument("--command-dir", help="with --commands: the directory every command stays in (default: a new temporary one)")
     c = subs.add_parser("scenario")
     c.add_argument("--master", required=True, help="a master started with --trust (the key's work.pub), an empty store")
     c.add_argument("--key", required=True)
     c.add_argument("--jobs", type=int, default=5)
     c.add_argument("--untrusting-master", help="optional: a master without --trust, empty store, --max-attempts any")
+    cs = subs.add_parser("commands-scenario")
+    cs.add_argument("--master", required=True, help="a master started with --allow-commands")
+    cs.add_argument("--parley", required=True, help="the reference parley binary (its `work command` client)")
     args = ap.parse_args()
     if args.self_test:
         return self_test(args.self_test)
@@ -1117,6 +2147,8 @@ def main():
         return cmd_work(args)
     if args.cmd == "scenario":
         return scenario(args)
+    if args.cmd == "commands-scenario":
+        return commands_scenario(args)
     ap.error("give --self-test or a subcommand")
 
 
