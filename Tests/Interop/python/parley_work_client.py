@@ -570,6 +570,20 @@ class _Transfer(_Command):
     def __init__(self, server, rid, cid):
         super().__init__(server, rid, cid)
         self.req, self.offset, self.sha = None, 0, hashlib.sha256()
+        self.f, self.temp = None, None
+
+    def cleanup(self):
+        """Closes the transfer's file and removes its temporary file, if any."""
+        if self.f is not None:
+            try:
+                self.f.close()
+            except OSError:
+                pass
+        if self.temp:
+            try:
+                os.unlink(self.temp)
+            except OSError:
+                pass
 
     def answer(self):
         """The answer to the outstanding request, or None while it has not come."""
@@ -592,17 +606,6 @@ class _Upload(_Transfer):
     def __init__(self, server, rid, cid, f, size, chunk, stat_msg=None, temp=None):
         super().__init__(server, rid, cid)
         self.f, self.size, self.chunk, self.stat_msg, self.temp = f, size, chunk, stat_msg, temp
-
-    def cleanup(self):
-        try:
-            self.f.close()
-        except OSError:
-            pass
-        if self.temp:
-            try:
-                os.unlink(self.temp)
-            except OSError:
-                pass
 
     def tick(self):
         if self.done:
@@ -635,7 +638,6 @@ class _Download(_Transfer):
         self.spec, self.path = spec, path
         self.chunk = min(spec.get("chunkSize", 0) or DEFAULT_CHUNK, MAX_CHUNK)
         self.max = spec.get("maxSize", 0) or TRANSFER_LIMIT
-        self.temp, self.f = None, None
 
     def start(self):
         try:
@@ -647,18 +649,6 @@ class _Download(_Transfer):
             self.f = os.fdopen(fd, "wb")
         except OSError as e:
             return self.fail("cannot write %s: %s" % (os.path.relpath(self.path, self.server.dir), e))
-
-    def cleanup(self):
-        if self.f is not None:
-            try:
-                self.f.close()
-            except OSError:
-                pass
-        if self.temp:
-            try:
-                os.unlink(self.temp)
-            except OSError:
-                pass
 
     def tick(self):
         if self.done:
