@@ -537,8 +537,10 @@ public final class BlockService: Sendable {
             return (.readOnly, "\(kind.rawValue) on device \(call.deviceID), which is open read-only")
         }
         if kind == .write {
-            guard let data, data.readableBytes == length else {
-                guard let data else { return (.invalid, "a write of \(length) bytes needs a data segment of \(length) bytes (an empty one for 0), and the request has none") }
+            guard let data else {
+                return (.invalid, "a write of \(length) bytes needs a data segment of \(length) bytes (an empty one for 0), and the request has none")
+            }
+            guard data.readableBytes == length else {
                 return (.invalid, "a write of \(length) bytes needs exactly \(length) bytes of data, got \(data.readableBytes)")
             }
         } else if data != nil, kind != .read || data!.readableBytes > 0 {

@@ -64,9 +64,11 @@ extension Work {
 
         @OptionGroup var security: ClientSecurityOptions
 
-        /// Sends `command` and prints what comes back; exits with the command's status.
+        /// Sends `command` and prints what comes back; exits with the command's status, else
+        /// returns its result.
+        @discardableResult
         func send(_ command: Parley_Work_V1_Command, name: String, router: ParleyRouter = ParleyRouter(),
-                  describe: @escaping (Parley_Work_V1_CommandResult) -> String? = { _ in nil }) async throws {
+                  describe: @escaping (Parley_Work_V1_CommandResult) -> String? = { _ in nil }) async throws -> Parley_Work_V1_CommandResult {
             var request = Parley_Work_V1_RunWorkerCommand()
             request.worker = self.worker
             request.command = command
@@ -109,9 +111,6 @@ extension Work {
                 }
             }
             if self.json {
-                // `describe` also takes what a command needs of its result (upload: the
-                // worker's SHA-256 and modification time), so it runs here too, unprinted.
-                if result.error.isEmpty, result.exitStatus == 0 { _ = describe(result) }
                 print(try result.jsonString())
             } else {
                 if result.error.isEmpty, result.exitStatus == 0, let text = describe(result) { print(text) }
@@ -119,6 +118,7 @@ extension Work {
             }
             if result.signal != 0 { throw ExitCode(128 + result.signal) }
             if result.exitStatus != 0 { throw ExitCode(result.exitStatus) }
+            return result
         }
 
         /// A glob's or a listing's paths, a line each (nothing when there are none).
@@ -309,13 +309,10 @@ extension Work {
                 upload.maxSize = self.maxSize
                 command.upload = upload
             }
-            let sent = NIOLockedValueBox(Data())
-            let modified = NIOLockedValueBox<Int64>(0)
+            let result: Parley_Work_V1_CommandResult
             do {
-                try await self.target.send(command, name: "upload", router: router) { result in
+                result = try await self.target.send(command, name: "upload", router: router) { result in
                     progress.end()
-                    sent.withLockedValue { $0 = result.sha256 }
-                    modified.withLockedValue { $0 = result.stat.mtimeUnixMs }
                     return "\(result.size) bytes, sha256 \(result.sha256.map { String(format: "%02x", $0) }.joined())"
                 }
             } catch {
@@ -324,13 +321,13 @@ extension Work {
             }
             // What came must be what the worker says it sent; then it is put in place.
             if !FileManager.default.fileExists(atPath: partial) { _ = FileManager.default.createFile(atPath: partial, contents: nil) }
-            guard Data(hash.withLockedValue { $0.finalize() }) == sent.withLockedValue({ $0 }) else {
+            guard Data(hash.withLockedValue { $0.finalize() }) == result.sha256 else {
                 try? FileManager.default.removeItem(atPath: partial)
                 CommandTarget.standardError("parley work command upload: the bytes received do not match the worker's SHA-256; \(self.local) not written\n")
                 throw ExitCode(1)
             }
             // The copy keeps the worker file's modification time (keepstamp).
-            let mtime = modified.withLockedValue { $0 }
+            let mtime = result.stat.mtimeUnixMs
             if mtime > 0 {
                 // The access time stays (UTIME_OMIT, a macro Swift does not import).
                 var times = [timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2), timespec(tv_sec: Int(mtime / 1000), tv_nsec: Int(mtime % 1000) * 1_000_000)]
