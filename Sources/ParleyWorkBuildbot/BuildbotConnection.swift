@@ -78,6 +78,12 @@ public final class BuildbotConnection: Sendable {
         var queued = 0
         var readsPaused = false
         var writableWaiters: [CheckedContinuation<Void, Never>] = []
+        /// The worker's requests received and served so far, and who waits for a count
+        /// served (`untilServed`), by a key of their own.
+        var received: Int64 = 0
+        var served: Int64 = 0
+        var servedWaiters: [Int: (upTo: Int64, continuation: CheckedContinuation<Void, Never>)] = [:]
+        var nextServedWaiter = 0
     }
 
     /// Past this many unanswered requests of the worker the connection stops reading (the
@@ -106,12 +112,17 @@ public final class BuildbotConnection: Sendable {
             for await request in stream {
                 await self.untilWritable()
                 await self.serve(request.op, seq: request.seq, body: request.body)
-                let resume = self.state.withLockedValue { state -> Bool in
+                let (resume, served) = self.state.withLockedValue { state -> (Bool, [CheckedContinuation<Void, Never>]) in
                     state.queued -= 1
-                    guard state.readsPaused, state.queued <= Self.resumeReadingAt else { return false }
+                    state.served += 1
+                    let upTo = state.served
+                    let done = state.servedWaiters.filter { $0.value.upTo <= upTo }
+                    for key in done.keys { state.servedWaiters[key] = nil }
+                    guard state.readsPaused, state.queued <= Self.resumeReadingAt else { return (false, done.values.map(\.continuation)) }
                     state.readsPaused = false
-                    return true
+                    return (true, done.values.map(\.continuation))
                 }
+                for waiter in served { waiter.resume() }
                 if resume { self.applyReadState() }
             }
         }
@@ -208,6 +219,28 @@ public final class BuildbotConnection: Sendable {
         return (id, events)
     }
 
+    /// Returns once every request of the worker received before this call has been served
+    /// (a command's `complete` delivered to its events), or the connection has ended, or
+    /// `callTimeout` has passed. The worker's requests are served in order in a task of
+    /// their own while answers to ours are taken as they come: an answer may overtake a
+    /// request the worker sent before it.
+    public func untilServed() async {
+        let timeout = self.callTimeout
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let key = self.state.withLockedValue { state -> Int? in
+                guard state.closed == nil, state.served < state.received else { return nil }
+                let key = state.nextServedWaiter
+                state.nextServedWaiter += 1
+                state.servedWaiters[key] = (state.received, continuation)
+                return key
+            }
+            guard let key else { return continuation.resume() }
+            self.channel.eventLoop.scheduleTask(in: TimeAmount(timeout)) { [self] in
+                self.state.withLockedValue { $0.servedWaiters.removeValue(forKey: key) }?.continuation.resume()
+            }
+        }
+    }
+
     /// Asks the worker to interrupt a running command.
     public func interrupt(_ id: String, why: String) async throws {
         try await self.call("interrupt_command", [("command_id", .string(id)), ("why", .string(why))])
@@ -250,8 +283,10 @@ public final class BuildbotConnection: Sendable {
                 state.commands = [:]
                 state.closeWaiters = []
                 state.writableWaiters = []
+                state.servedWaiters = [:]
             }
-            return (Array(state.waiters.values), Array(state.commands.values), state.closeWaiters + state.writableWaiters)
+            return (Array(state.waiters.values), Array(state.commands.values),
+                    state.closeWaiters + state.writableWaiters + state.servedWaiters.values.map(\.continuation))
         }
         let error = BuildbotConnectionError(worker: self.worker, reason: reason)
         for w in waiters { w.resume(throwing: error) }
@@ -276,6 +311,7 @@ public final class BuildbotConnection: Sendable {
         case .request(let op, let seq, let body):
             let pause = self.state.withLockedValue { state -> Bool in
                 state.queued += 1
+                state.received += 1
                 guard !state.readsPaused, state.queued >= Self.maxQueuedRequests else { return false }
                 state.readsPaused = true
                 return true

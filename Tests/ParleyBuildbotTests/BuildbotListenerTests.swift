@@ -144,6 +144,9 @@ final class RawSocket: @unchecked Sendable {
         /// Sends an update (its args, e.g. `[["rc", 1]]`) for the command a start_command
         /// body names (with the worker's next seq).
         let update: (MessagePack, MessagePack) -> Void
+        /// Sends what `body` sends in one write (one TCP segment on loopback): the master
+        /// reads its messages back to back.
+        let together: (() -> Void) -> Void
     }
 
     /// Logs in as bb1 and plays the worker: each request of the master goes to `answer`
@@ -158,7 +161,11 @@ final class RawSocket: @unchecked Sendable {
         let socket = try RawSocket(port: port)
         socket.send(Self.upgrade(Self.basic("bb1", password)))
         #expect(await socket.head().hasPrefix("HTTP/1.1 101"))
-        func send(_ message: MessagePack) { socket.send(RawSocket.frame(opcode: 2, message.encoded())) }
+        var batch: [UInt8]?
+        func send(_ message: MessagePack) {
+            let frame = RawSocket.frame(opcode: 2, message.encoded())
+            if batch != nil { batch! += frame } else { socket.send(frame) }
+        }
         var seq: Int64 = 0
         let side = WorkerSide(send: send, complete: { body in
             guard let id = body["command_id"] else { return }
@@ -168,6 +175,12 @@ final class RawSocket: @unchecked Sendable {
             guard let id = body["command_id"] else { return }
             send(BuildbotMessage.request(op: "update", seq: seq, [("command_id", id), ("args", args)]))
             seq += 1
+        }, together: { body in
+            batch = []
+            body()
+            let bytes = batch ?? []
+            batch = nil
+            socket.send(bytes)
         })
         let started = ContinuousClock.now
         for _ in 0..<500 where ContinuousClock.now - started < .seconds(seconds) {
@@ -460,10 +473,14 @@ final class RawSocket: @unchecked Sendable {
                             // The session's own mkdir completes; the job's is held.
                             if mkdirs == 1 { side.complete(body) } else { mkdir = body; heldMkdir.withLockedValue { $0 = true } }
                         } else if body["command_name"] == "shell" {
-                            // The job's shell fails on its own; then the interrupt is answered.
-                            side.update(body, .array([.array(["rc", 1])]))
-                            side.complete(body)
-                            if let interrupt { side.send(BuildbotMessage.response(seq: interrupt)) }
+                            // The job's shell fails on its own; then the interrupt is answered,
+                            // in the same write: the master must serve the shell's end before
+                            // it closes the connection at the answer.
+                            side.together {
+                                side.update(body, .array([.array(["rc", 1])]))
+                                side.complete(body)
+                                if let interrupt { side.send(BuildbotMessage.response(seq: interrupt)) }
+                            }
                         } else {
                             side.complete(body)
                         }
