@@ -1089,8 +1089,8 @@ public final class ParleyConnection: Sendable {
 
     /// Decides what becomes of a peer request or one-way message (`handler` is the router's,
     /// if it has one): refused (draining, id in use, no handler); run inline if it is a
-    /// synchronous handler and handlers run on the event loop (it needs no slot: it is done
-    /// before the next frame is read); started at once if a handler slot is free; or else
+    /// synchronous handler, handlers run on the event loop and nothing is queued (it needs
+    /// no slot: it is done before the next frame is read); started at once if a handler slot is free; or else
     /// queued, and then the connection stops reading from the socket until slots free up
     /// (back-pressure through TCP).
     private func admit(_ message: WireMessage, handler: ParleyRouter.Handler?, isRequest: Bool) -> Admission {
@@ -1112,7 +1112,8 @@ public final class ParleyConnection: Sendable {
                     message: "\(self.session.entityName) may not send \(h.type): it needs capability \"\(needed)\""
                 )), false)
             }
-            if case .sync(let body) = handler, self.executor != nil, self.channel.eventLoop.inEventLoop {
+            // Not ahead of requests queued before it (then it waits its turn in the queue).
+            if case .sync(let body) = handler, s.backlog.isEmpty, self.executor != nil, self.channel.eventLoop.inEventLoop {
                 return (.runInline(body), false)
             }
             if s.backlog.isEmpty && s.serving.count < self.limits.maxConcurrentHandlers {

@@ -560,6 +560,38 @@ struct MessagingTests {
         }
     }
 
+    /// A synchronous handler (run on the event loop, needing no slot) does not overtake
+    /// requests queued for a handler slot before it: it waits its turn in the queue.
+    @Test func aSynchronousHandlerWaitsBehindRequestsQueuedBeforeIt() async throws {
+        let started = NIOLockedValueBox<[UInt64]>([])
+        let release = Signal()
+        var router = Self.pingRouterHoldingFirst(until: release, started: started)
+        router.on(Parley_Echo_V1_Sleep.self) { sleep, _ in
+            started.withLockedValue { $0.append(1000 + UInt64(sleep.delayMs)) }
+            return Parley_Echo_V1_Slept()
+        }
+        try await withServer(configure: { $0.limits = .init(maxConcurrentHandlers: 1) }, router: router) { _, addresses in
+            // One write: ping 1 takes the only slot, ping 2 waits in the queue, then the
+            // synchronous Sleep (id 3) comes.
+            var sleep = Parley_Echo_V1_Sleep()
+            sleep.delayMs = 3
+            let sync = WireMessage(header: MessageHeader(id: 3, kind: .request, type: Parley_Echo_V1_Sleep.protoMessageName), payload: sleep.parleyPayload())
+            let bytes = clientSessionBytes(messages: [pingMessage(id: 1), pingMessage(id: 2), sync])
+            let releaser = Task {
+                _ = try await eventually { started.withLockedValue { $0 }.contains(1) }
+                try await Task.sleep(for: .milliseconds(200))
+                release.raise()
+            }
+            let (reply, _) = try await RawPeer.connect(addresses[0]).exchange(bytes, halfClose: false) {
+                frames(in: $0).filter { $0.tag == .message }.count == 3
+            }
+            try await releaser.value
+            let answers = frames(in: reply).filter { $0.tag == .message }.compactMap { try? WireMessage(frame: $0) }
+            #expect(Set(answers.map(\.header.id)) == [1, 2, 3])
+            #expect(started.withLockedValue { $0 } == [1, 2, 1003], "\(started.withLockedValue { $0 })")
+        }
+    }
+
     @Test func requestIdReusedWhileStillServedClosesTheConnection() async throws {
         try await withServer { _, addresses in
             // Sleep 1 runs for a minute; a second REQUEST with id 1 arrives meanwhile.
