@@ -71,8 +71,14 @@ public final class BuildbotConnection: Sendable {
         var requests = BuildbotRequests()
         var waiters: [Int64: CheckedContinuation<MessagePack, any Error>] = [:]
         var commands: [String: Command] = [:]
+        /// Commands whose `complete` has been received and is waiting to be served: no
+        /// longer running (`isRunning`), though their events have not ended yet.
+        var completing: Set<String> = []
         var nextCommand: UInt64 = 0
         var closed: String?
+        /// The connection has ended and every request the worker sent before has been served
+        /// (`closed()` returns from then on).
+        var drained = false
         var closeWaiters: [CheckedContinuation<Void, Never>] = []
         /// The worker's requests received and not yet answered.
         var queued = 0
@@ -125,6 +131,22 @@ public final class BuildbotConnection: Sendable {
                 for waiter in served { waiter.resume() }
                 if resume { self.applyReadState() }
             }
+            // The connection has ended (`finish`) and what the worker sent before its end has
+            // been served: a command whose `complete` came before the close frame, the end of
+            // the stream or the master's own close has ended as it did; the others fail now.
+            let (commands, waiters, reason) = self.state.withLockedValue { state in
+                state.drained = true
+                defer {
+                    state.commands = [:]
+                    state.completing = []
+                    state.closeWaiters = []
+                    state.servedWaiters = [:]
+                }
+                return (Array(state.commands.values), state.closeWaiters + state.servedWaiters.values.map(\.continuation), state.closed ?? "closed")
+            }
+            let error = BuildbotConnectionError(worker: self.worker, reason: reason)
+            for c in commands { c.continuation.finish(throwing: error) }
+            for w in waiters { w.resume() }
         }
     }
 
@@ -220,15 +242,14 @@ public final class BuildbotConnection: Sendable {
     }
 
     /// Returns once every request of the worker received before this call has been served
-    /// (a command's `complete` delivered to its events), or the connection has ended, or
-    /// `callTimeout` has passed. The worker's requests are served in order in a task of
+    /// (a command's `complete` delivered to its events), or `callTimeout` has passed. The worker's requests are served in order in a task of
     /// their own while answers to ours are taken as they come: an answer may overtake a
     /// request the worker sent before it.
     public func untilServed() async {
         let timeout = self.callTimeout
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let key = self.state.withLockedValue { state -> Int? in
-                guard state.closed == nil, state.served < state.received else { return nil }
+                guard !state.drained, state.served < state.received else { return nil }
                 let key = state.nextServedWaiter
                 state.nextServedWaiter += 1
                 state.servedWaiters[key] = (state.received, continuation)
@@ -246,24 +267,26 @@ public final class BuildbotConnection: Sendable {
         try await self.call("interrupt_command", [("command_id", .string(id)), ("why", .string(why))])
     }
 
-    /// Whether the command still runs (no `complete` yet).
-    public func isRunning(_ id: String) -> Bool { self.state.withLockedValue { $0.commands[id] != nil } }
+    /// Whether the command still runs (no `complete` received yet).
+    public func isRunning(_ id: String) -> Bool { self.state.withLockedValue { $0.commands[id] != nil && !$0.completing.contains(id) } }
 
-    /// The ids of the commands running now.
-    public var runningCommands: [String] { self.state.withLockedValue { Array($0.commands.keys) } }
+    /// The ids of the commands running now (no `complete` received yet).
+    public var runningCommands: [String] { self.state.withLockedValue { s in s.commands.keys.filter { !s.completing.contains($0) } } }
 
     /// Closes the connection (no WebSocket close handshake: neither Buildbot side waits for
-    /// one); everything waiting fails.
+    /// one); every call waiting fails; what the worker sent before is still served, and then
+    /// the commands not completed fail.
     public func close(reason: String) {
         self.finish(reason: reason)
         self.channel.close(promise: nil)
     }
 
-    /// Waits until the connection has ended.
+    /// Waits until the connection has ended and what the worker sent before its end has been
+    /// served (every command completed then has delivered its end; the others have failed).
     public func closed() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let done = self.state.withLockedValue { state -> Bool in
-                if state.closed != nil { return true }
+                if state.drained { return true }
                 state.closeWaiters.append(continuation)
                 return false
             }
@@ -273,25 +296,23 @@ public final class BuildbotConnection: Sendable {
 
     // MARK: From the channel
 
+    /// The connection ended: calls waiting fail at once; the worker's requests already
+    /// received are still served (in the inbox's task, which then fails the commands left
+    /// and wakes `closed()`'s waiters).
     func finish(reason: String) {
-        let (waiters, commands, closeWaiters) = self.state.withLockedValue { state -> ([CheckedContinuation<MessagePack, any Error>], [Command], [CheckedContinuation<Void, Never>]) in
-            guard state.closed == nil else { return ([], [], []) }
+        let (waiters, writableWaiters) = self.state.withLockedValue { state -> ([CheckedContinuation<MessagePack, any Error>], [CheckedContinuation<Void, Never>]) in
+            guard state.closed == nil else { return ([], []) }
             state.closed = reason
             _ = state.requests.drain()
             defer {
                 state.waiters = [:]
-                state.commands = [:]
-                state.closeWaiters = []
                 state.writableWaiters = []
-                state.servedWaiters = [:]
             }
-            return (Array(state.waiters.values), Array(state.commands.values),
-                    state.closeWaiters + state.writableWaiters + state.servedWaiters.values.map(\.continuation))
+            return (Array(state.waiters.values), state.writableWaiters)
         }
         let error = BuildbotConnectionError(worker: self.worker, reason: reason)
         for w in waiters { w.resume(throwing: error) }
-        for c in commands { c.continuation.finish(throwing: error) }
-        for w in closeWaiters { w.resume() }
+        for w in writableWaiters { w.resume() }
         self.inbox.finish()
     }
 
@@ -312,6 +333,7 @@ public final class BuildbotConnection: Sendable {
             let pause = self.state.withLockedValue { state -> Bool in
                 state.queued += 1
                 state.received += 1
+                if op == "complete", let id = Self.commandID(body), state.commands[id] != nil { state.completing.insert(id) }
                 guard !state.readsPaused, state.queued >= Self.maxQueuedRequests else { return false }
                 state.readsPaused = true
                 return true
@@ -333,8 +355,13 @@ public final class BuildbotConnection: Sendable {
     }
 
     /// Answers one of the worker's requests (all of them name a command).
+    /// The command a request of the worker names (a string, or an integer as some send).
+    private static func commandID(_ body: MessagePack) -> String? {
+        body["command_id"]?.stringValue ?? body["command_id"]?.intValue.map(String.init)
+    }
+
     private func serve(_ op: String, seq: Int64, body: MessagePack) async {
-        let id = body["command_id"]?.stringValue ?? body["command_id"]?.intValue.map(String.init)
+        let id = Self.commandID(body)
         let command = id.flatMap { id in self.state.withLockedValue { $0.commands[id] } }
         let known = ["update", "complete", "update_upload_file_write", "update_upload_file_close", "update_upload_file_utime",
                      "update_read_file", "update_read_file_close", "update_upload_directory_write", "update_upload_directory_unpack"]
@@ -354,7 +381,10 @@ public final class BuildbotConnection: Sendable {
                 self.respond(seq)
             case "complete":
                 let args = body["args"] ?? .nil
-                _ = self.state.withLockedValue { $0.commands.removeValue(forKey: id) }
+                self.state.withLockedValue { state in
+                    state.commands[id] = nil
+                    state.completing.remove(id)
+                }
                 command.continuation.yield(.complete(failure: args.isNil ? nil : (args.stringValue ?? "\(args)")))
                 command.continuation.finish()
                 self.respond(seq)

@@ -315,25 +315,38 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
             : try await self.connection.start(name, args: args, transfer: transfer)
         @Sendable func collect() async throws -> BuildbotKeptUpdates {
             var kept = BuildbotKeptUpdates()
+            var completed = false
             for try await event in events {
                 switch event {
                 case .updates(let u): kept.add(u)
                 case .complete(let failure?): throw BuildbotRemoteError(message: "\(name): \(failure)")
-                case .complete(nil): break
+                case .complete(nil): completed = true
                 }
             }
+            // Events that end without `complete` were cut short (the task cancelled): not a success.
+            guard completed else { throw CancellationError() }
             return kept
         }
+        enum Outcome: Sendable { case kept(BuildbotKeptUpdates), due, cancelled }
         let kept: BuildbotKeptUpdates
         if let deadline {
-            let first = try await withThrowingTaskGroup(of: BuildbotKeptUpdates?.self) { group in
-                group.addTask { try await collect() }
+            let first = try await withThrowingTaskGroup(of: Outcome.self) { group -> BuildbotKeptUpdates? in
+                group.addTask { .kept(try await collect()) }
                 group.addTask {
-                    try await Task.sleep(for: deadline)
-                    return nil
+                    // Cancelled (the step completed, or the session ended): the reader decides,
+                    // as a `complete` served before the session's end is the step's.
+                    do { try await Task.sleep(for: deadline) } catch { return .cancelled }
+                    return .due
                 }
                 defer { group.cancelAll() }
-                return try await group.next() ?? nil
+                while let next = try await group.next() {
+                    switch next {
+                    case .kept(let kept): return kept
+                    case .due: return nil
+                    case .cancelled: continue
+                    }
+                }
+                throw CancellationError()  // not reached: the reader returns or throws
             }
             guard let first else {
                 try? await self.connection.interrupt(id, why: "not completed within \(deadline)")

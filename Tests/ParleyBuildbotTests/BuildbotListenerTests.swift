@@ -147,6 +147,8 @@ final class RawSocket: @unchecked Sendable {
         /// Sends what `body` sends in one write (one TCP segment on loopback): the master
         /// reads its messages back to back.
         let together: (() -> Void) -> Void
+        /// Sends bytes as they are (a close frame: `RawSocket.frame(opcode: 8, ...)`).
+        let raw: ([UInt8]) -> Void
     }
 
     /// Logs in as bb1 and plays the worker: each request of the master goes to `answer`
@@ -181,6 +183,8 @@ final class RawSocket: @unchecked Sendable {
             let bytes = batch ?? []
             batch = nil
             socket.send(bytes)
+        }, raw: { bytes in
+            if batch != nil { batch! += bytes } else { socket.send(bytes) }
         })
         let started = ContinuousClock.now
         for _ in 0..<500 where ContinuousClock.now - started < .seconds(seconds) {
@@ -517,6 +521,38 @@ final class RawSocket: @unchecked Sendable {
             }
             #expect(record.isFinished && record.failures.count == 1 && record.leases.count == 1, "\(record)")
             #expect(record.failures.first?.contains("exit status 1") == true || record.failures.first?.contains("rc 1") == true, "\(record.failures)")
+        }
+    }
+
+    /// A worker that ends the job's command and then its connection, all in one write: the
+    /// command's end, received before the close, is the job's (reported, a success here),
+    /// not lost with the connection (the job handed back as if the worker went away first).
+    @Test func aCommandsEndThatCameBeforeTheWorkersCloseIsTheJobs() async throws {
+        try await Self.withFrontEnd { port, password, store in
+            var spec = Parley_Work_V1_JobSpec()
+            spec.argv = ["true"]
+            let job = try #require(try await store.submit([NewJob(spec: try spec.serializedBytes(), signature: [2], maxAttempts: 1)], now: WorkService.now()).first)
+            let dropped = try await Self.scriptedWorker(port: port, password: password) { op, seq, body, side in
+                guard op == "start_command" else { return false }
+                side.send(BuildbotMessage.response(seq: seq))
+                if body["command_name"] == "shell" {
+                    side.together {
+                        side.update(body, .array([.array(["rc", 0])]))
+                        side.complete(body)
+                        side.raw(RawSocket.frame(opcode: 8, [0x03, 0xe8]))
+                    }
+                } else {
+                    side.complete(body)
+                }
+                return true
+            }
+            #expect(dropped, "the master did not end the connection after the worker's close")
+            var record = try #require(try await store.job(job)?.record)
+            for _ in 0..<100 where !record.isFinished && record.leases.isEmpty == false {
+                try await Task.sleep(for: .milliseconds(50))
+                record = try #require(try await store.job(job)?.record)
+            }
+            #expect(record.isFinished && record.failures.isEmpty && record.leases.count == 1, "\(record)")
         }
     }
 
