@@ -134,19 +134,7 @@ public final class BuildbotConnection: Sendable {
             // The connection has ended (`finish`) and what the worker sent before its end has
             // been served: a command whose `complete` came before the close frame, the end of
             // the stream or the master's own close has ended as it did; the others fail now.
-            let (commands, waiters, reason) = self.state.withLockedValue { state in
-                state.drained = true
-                defer {
-                    state.commands = [:]
-                    state.completing = []
-                    state.closeWaiters = []
-                    state.servedWaiters = [:]
-                }
-                return (Array(state.commands.values), state.closeWaiters + state.servedWaiters.values.map(\.continuation), state.closed ?? "closed")
-            }
-            let error = BuildbotConnectionError(worker: self.worker, reason: reason)
-            for c in commands { c.continuation.finish(throwing: error) }
-            for w in waiters { w.resume() }
+            self.drained()
         }
     }
 
@@ -235,7 +223,9 @@ public final class BuildbotConnection: Sendable {
         do {
             try await self.call("start_command", fields)
         } catch {
-            let command = self.state.withLockedValue { $0.commands.removeValue(forKey: id) }
+            // A command whose `complete` came before the answer (and the connection then
+            // ended) is left to the inbox, which delivers its end.
+            let command = self.state.withLockedValue { s in s.completing.contains(id) ? nil : s.commands.removeValue(forKey: id) }
             command?.continuation.finish(throwing: error)
         }
         return (id, events)
@@ -267,11 +257,15 @@ public final class BuildbotConnection: Sendable {
         try await self.call("interrupt_command", [("command_id", .string(id)), ("why", .string(why))])
     }
 
-    /// Whether the command still runs (no `complete` received yet).
-    public func isRunning(_ id: String) -> Bool { self.state.withLockedValue { $0.commands[id] != nil && !$0.completing.contains(id) } }
+    /// Whether the command still runs (no `complete` received yet, the connection not ended).
+    public func isRunning(_ id: String) -> Bool {
+        self.state.withLockedValue { $0.closed == nil && $0.commands[id] != nil && !$0.completing.contains(id) }
+    }
 
-    /// The ids of the commands running now (no `complete` received yet).
-    public var runningCommands: [String] { self.state.withLockedValue { s in s.commands.keys.filter { !s.completing.contains($0) } } }
+    /// The ids of the commands running now (no `complete` received yet, the connection not ended).
+    public var runningCommands: [String] {
+        self.state.withLockedValue { s in s.closed != nil ? [] : s.commands.keys.filter { !s.completing.contains($0) } }
+    }
 
     /// Closes the connection (no WebSocket close handshake: neither Buildbot side waits for
     /// one); every call waiting fails; what the worker sent before is still served, and then
@@ -300,8 +294,8 @@ public final class BuildbotConnection: Sendable {
     /// received are still served (in the inbox's task, which then fails the commands left
     /// and wakes `closed()`'s waiters).
     func finish(reason: String) {
-        let (waiters, writableWaiters) = self.state.withLockedValue { state -> ([CheckedContinuation<MessagePack, any Error>], [CheckedContinuation<Void, Never>]) in
-            guard state.closed == nil else { return ([], []) }
+        let ended = self.state.withLockedValue { state -> (waiters: [CheckedContinuation<MessagePack, any Error>], writable: [CheckedContinuation<Void, Never>])? in
+            guard state.closed == nil else { return nil }
             state.closed = reason
             _ = state.requests.drain()
             defer {
@@ -310,10 +304,33 @@ public final class BuildbotConnection: Sendable {
             }
             return (Array(state.waiters.values), state.writableWaiters)
         }
+        guard let ended else { return }
         let error = BuildbotConnectionError(worker: self.worker, reason: reason)
-        for w in waiters { w.resume(throwing: error) }
-        for w in writableWaiters { w.resume() }
+        for w in ended.waiters { w.resume(throwing: error) }
+        for w in ended.writable { w.resume() }
         self.inbox.finish()
+        // A request being served may wait on a transfer (a relayed one, on its submitter):
+        // the end is not held up longer than the call timeout by it.
+        self.channel.eventLoop.scheduleTask(in: TimeAmount(self.callTimeout)) { [self] in self.drained() }
+    }
+
+    /// The connection has ended and what the worker sent before has been served (or the
+    /// call timeout has passed since the end): the commands left fail, `closed()` returns.
+    private func drained() {
+        let (commands, waiters, reason) = self.state.withLockedValue { state -> ([Command], [CheckedContinuation<Void, Never>], String) in
+            guard !state.drained else { return ([], [], "") }
+            state.drained = true
+            defer {
+                state.commands = [:]
+                state.completing = []
+                state.closeWaiters = []
+                state.servedWaiters = [:]
+            }
+            return (Array(state.commands.values), state.closeWaiters + state.servedWaiters.values.map(\.continuation), state.closed ?? "closed")
+        }
+        let error = BuildbotConnectionError(worker: self.worker, reason: reason)
+        for c in commands { c.continuation.finish(throwing: error) }
+        for w in waiters { w.resume() }
     }
 
     /// A decoded message from the worker.
@@ -354,12 +371,13 @@ public final class BuildbotConnection: Sendable {
         self.send(BuildbotMessage.response(seq: seq, result: result, exception: exception))
     }
 
-    /// Answers one of the worker's requests (all of them name a command).
     /// The command a request of the worker names (a string, or an integer as some send).
     private static func commandID(_ body: MessagePack) -> String? {
         body["command_id"]?.stringValue ?? body["command_id"]?.intValue.map(String.init)
     }
 
+    /// Answers one of the worker's requests (all of them name a command). After the
+    /// connection's end too, for what the worker sent before it (see `drained`).
     private func serve(_ op: String, seq: Int64, body: MessagePack) async {
         let id = Self.commandID(body)
         let command = id.flatMap { id in self.state.withLockedValue { $0.commands[id] } }

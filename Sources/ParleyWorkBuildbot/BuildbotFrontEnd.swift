@@ -557,12 +557,8 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
     }
 
     func interrupt(_ commandID: UInt64, signal: Int32, reason: String) async throws -> Bool {
-        let id = self.state.withLockedValue { state -> String? in
-            guard let entry = state.relayed[commandID] else { return nil }
-            state.relayed[commandID]?.interrupted = true
-            return entry.id
-        }
-        guard let id, self.connection.isRunning(id) else { return false }
+        guard let id = self.state.withLockedValue({ $0.relayed[commandID]?.id }), self.connection.isRunning(id) else { return false }
+        self.state.withLockedValue { $0.relayed[commandID]?.interrupted = true }
         try await self.connection.interrupt(id, why: reason.isEmpty ? "interrupted by the master" : reason)
         return true
     }
