@@ -49,6 +49,17 @@ import Testing
         return try await starting.value
     }
 
+    /// A connection (its call timeout 30 s) running an upload whose first chunk, received,
+    /// waits on its transfer until that is released.
+    static func uploadingAChunk() async throws -> (NIOAsyncTestingChannel, BuildbotConnection, StuckTransfer, String, AsyncThrowingStream<BuildbotCommandEvent, any Error>) {
+        let channel = NIOAsyncTestingChannel()
+        let connection = BuildbotConnection(worker: "w", channel: channel, callTimeout: .seconds(30), logger: Logger(label: "test"))
+        let transfer = StuckTransfer()
+        let (id, events) = try await Self.started(connection, channel, transfer: transfer)
+        try connection.received(.request(op: "update_upload_file_write", seq: 0, body: .object(["command_id": .string(id), "args": .binary([1, 2, 3])])))
+        return (channel, connection, transfer, id, events)
+    }
+
     /// What a command's events came to: its end (nil: completed without a failure text), or
     /// the error they ended with.
     static func outcome(_ events: AsyncThrowingStream<BuildbotCommandEvent, any Error>) async -> Result<String?, any Error> {
@@ -66,12 +77,8 @@ import Testing
     /// the requests before it wait to be served: here a chunk whose transfer is slow): the
     /// command ended (its events say so, after its chunk), it was not lost with the connection.
     @Test func aCompleteReceivedBeforeTheEndIsDelivered() async throws {
-        let channel = NIOAsyncTestingChannel()
-        let connection = BuildbotConnection(worker: "w", channel: channel, callTimeout: .seconds(30), logger: Logger(label: "test"))
-        let transfer = StuckTransfer()
+        let (channel, connection, transfer, id, events) = try await Self.uploadingAChunk()
         defer { transfer.release() }
-        let (id, events) = try await Self.started(connection, channel, transfer: transfer)
-        try connection.received(.request(op: "update_upload_file_write", seq: 0, body: .object(["command_id": .string(id), "args": .binary([1, 2, 3])])))
         try connection.received(.request(op: "update", seq: 1, body: .object(["command_id": .string(id), "args": .array([.array(["rc", 0])])])))
         try connection.received(.request(op: "complete", seq: 2, body: .object(["command_id": .string(id), "args": .nil])))
         #expect(!connection.isRunning(id), "a command whose complete was received is not running")
@@ -88,12 +95,8 @@ import Testing
     /// answer: the end is held up by it for the call timeout at most, then the command fails
     /// and `closed()` returns (the session's cleanup runs).
     @Test func aTransferStuckAtTheEndHoldsItUpForTheCallTimeoutOnly() async throws {
-        let channel = NIOAsyncTestingChannel()
-        let connection = BuildbotConnection(worker: "w", channel: channel, callTimeout: .seconds(30), logger: Logger(label: "test"))
-        let transfer = StuckTransfer()
+        let (channel, connection, transfer, id, events) = try await Self.uploadingAChunk()
         defer { transfer.release() }
-        let (id, events) = try await Self.started(connection, channel, transfer: transfer)
-        try connection.received(.request(op: "update_upload_file_write", seq: 0, body: .object(["command_id": .string(id), "args": .binary([1, 2, 3])])))
         for _ in 0..<200 where transfer.writes.withLockedValue({ $0 }) == 0 { try await Task.sleep(for: .milliseconds(10)) }
         #expect(transfer.writes.withLockedValue { $0 } == 1)
         connection.finish(reason: "the worker went away")
