@@ -268,10 +268,13 @@ struct BlockUnmap: AsyncParsableCommand {
         abstract: "Stop a map cleanly: its IO in flight completes, a final flush, the device is closed on every path.",
         discussion: """
             Finds the map of --session (and --device, if the session maps several; --pid,
-            if it maps one device twice) in the state directory, sends its process SIGTERM and waits for it to exit (at most
-            --timeout seconds). Exits 0 when the map is gone after a clean unmap (IO drained,
-            final flush done), 1 if it did not stop in time or its unmap failed (the final
-            flush; the map's message is printed), 2 if there is no such map.
+            if it maps one device twice) in the state directory, sends its process SIGTERM
+            and waits for it to exit: at most --timeout seconds, by default as long as the
+            map's own timeouts allow its unmap (with no path up it waits up to its --io-
+            timeout for one), at least 60. Exits 0 when the map is gone after a clean
+            unmap (IO drained, final flush done), 1 if it did not stop in time or its
+            unmap failed (the final flush; the map's message is printed), 2 if there is no
+            such map.
             """
     )
 
@@ -287,11 +290,11 @@ struct BlockUnmap: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Directory of the status files.", valueName: "dir"))
     var stateDir: String?
 
-    @Option(name: .long, help: "Seconds to wait for the map to exit.")
-    var timeout: Double = 60
+    @Option(name: .long, help: ArgumentHelp("Seconds to wait for the map to exit (default: what the map's own timeouts allow its unmap, twice --io-timeout and --answer-timeout and 30 s, at least 60).", valueName: "seconds"))
+    var timeout: Double?
 
     func validate() throws {
-        try checkSeconds(self.timeout, "--timeout", minimum: 0)
+        if let timeout = self.timeout { try checkSeconds(timeout, "--timeout", minimum: 0) }
     }
 
     func run() async throws {
@@ -314,10 +317,12 @@ struct BlockUnmap: AsyncParsableCommand {
             print("parley block unmap: cannot signal process \(pid): \(String(cString: strerror(errno)))")
             throw ExitCode(1)
         }
-        let deadline = ContinuousClock.now + .milliseconds(Int64(self.timeout * 1000))
+        // A map waiting for a path (up to its --io-timeout) is not reported stuck before then.
+        let timeout = self.timeout ?? max(60, min(records[0].unmapWithin ?? 60, 4 * 86400))
+        let deadline = ContinuousClock.now + .milliseconds(Int64(timeout * 1000))
         while BlockMap.isRunningMap(pid) {
             guard ContinuousClock.now < deadline else {
-                print("parley block unmap: process \(pid) is still running after \(self.timeout) s")
+                print("parley block unmap: process \(pid) is still running after \(timeout) s")
                 throw ExitCode(1)
             }
             try await Task.sleep(for: .milliseconds(50))

@@ -257,6 +257,8 @@ struct BlockMapTests {
         #expect(list.stdout.split(separator: "\n").filter { $0.contains("path ") && $0.contains(": up,") }.count == 2, "\(list.stdout)")
         let json = try await Tools.run(try Tools.parley, ["block", "list", "--json", "--state-dir", map.stateDir])
         #expect(json.stdout.contains("\"session\":\"fio\""), "\(json.stdout)")
+        // What `unmap` waits by default: twice the default --io-timeout (30 s), and 30 s.
+        #expect(json.stdout.contains("\"unmapWithin\":90"), "\(json.stdout)")
 
         // unmap: the map drains, flushes, closes and exits; list no longer shows it.
         let unmap = try await Tools.run(try Tools.parley, ["block", "unmap", "--session", "fio", "--state-dir", map.stateDir])
@@ -483,8 +485,9 @@ struct BlockMapTests {
                                           log: scratch.file("unmap.log"))
         #expect(await map.background.wait(for: "closing with no path up", seconds: 30), "\(map.log)")
         #expect(map.background.isRunning, "the unmap waits for a path: \(map.log)")
-        kill(map.background.pid, SIGTERM)
-        try await Task.sleep(for: .milliseconds(300))
+        // A second SIGTERM, from an unmap that waits half a second, not the map's 1,230 s.
+        let impatient = try await Tools.run(try Tools.parley, ["block", "unmap", "--session", "stuck", "--timeout", "0.5", "--state-dir", map.stateDir])
+        #expect(impatient.status == 1 && impatient.stdout.contains("is still running after 0.5 s"), "\(impatient.combined)")
         #expect(map.background.isRunning, "a second SIGTERM waits with the first: \(map.log)")
         kill(map.background.pid, SIGINT)
         #expect(await map.background.waitForExit(seconds: 30) == 1, "\(map.log)")
@@ -492,6 +495,25 @@ struct BlockMapTests {
         // The unmap that waited does not report a clean unmap.
         #expect(await unmap.waitForExit(seconds: 30) == 1, "\(unmap.log)")
         #expect(unmap.log.contains("ended during its unmap"), "\(unmap.log)")
+    }
+
+    /// An NBD client that disconnects from a read-write map with no path up: the flush at
+    /// the connection's end fails (EIO after --io-timeout), which no reply can carry: the
+    /// map logs it as an error instead of dropping it.
+    @Test func aFailedFlushAtAConnectionsEndIsLogged() async throws {
+        let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
+        let scratch = try ScratchDirectory("map-end-flush")
+        let server = try await self.server(scratch, size: 4 << 20)
+        let map = try await BlockMapProcess(scratch: scratch, [
+            "--session", "endflush", "--path", "unix:\(server.blockSocket)", "--device", "disk", "--io-timeout", "1",
+        ])
+        defer { map.background.stop(signal: SIGKILL) }
+        server.stop(signal: SIGKILL)
+        #expect(await map.background.wait(for: "path down", seconds: 30), "\(map.log)")
+        // nbdinfo's handshake needs no path (the map knows the device); its disconnect flushes.
+        let info = try await Tools.run(nbdinfo, ["--size", map.uri], seconds: 60)
+        #expect(info.status == 0, "\(info.combined)")
+        #expect(await map.background.wait(for: "the flush at a connection's end failed", seconds: 30), "\(map.log)")
     }
 
     /// A second map on the socket a running map serves is refused (NIO's own clean-up would

@@ -27,6 +27,19 @@ public final class BlockMap: Sendable {
         /// ended during its unmap" (what a map killed then leaves), then the final flush's
         /// failure if it fails; a clean unmap removes the file. nil while the map serves.
         public var failure: String?
+        /// Seconds a clean unmap of this map may take by its own timeouts (its IO waiting
+        /// for a path, then its final flush and Close): `parley block unmap`'s default wait.
+        /// nil in a file of a map from before the field.
+        public var unmapWithin: Double?
+    }
+
+    /// What `Record.unmapWithin` says: with no path up, IO waits `ioTimeout` (a path that
+    /// does not answer, `answerTimeout` more), then the final flush and Close as long again
+    /// on a path back just then; and a margin.
+    public var unmapWithin: Double {
+        let c = self.session.configuration
+        func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
+        return 2 * (seconds(c.ioTimeout) + (c.answerTimeout.map(seconds) ?? 0)) + 30
     }
 
     public let session: BlockMultipathSession
@@ -274,7 +287,7 @@ public final class BlockMap: Sendable {
 
     private func writeRecordNow(device: BlockMultipathDevice, bound: ParleyAddress, failure: String?) throws {
         let record = Record(pid: getpid(), nbd: "\(bound)", exportName: self.devicePath, status: device.status(),
-                            updated: Date().timeIntervalSince1970, failure: failure)
+                            updated: Date().timeIntervalSince1970, failure: failure, unmapWithin: self.unmapWithin)
         let data = try JSONEncoder().encode(record)
         let file = self.recordFile
         let tmp = file + ".tmp"

@@ -746,7 +746,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // Nothing acknowledged is lost: writes reach the disk before the socket closes.
             let store = device.store
             self.inFlight += 1
-            self.server.io.run(on: context.eventLoop) { try? store.flush() }.assumeIsolated().whenComplete { _ in
+            self.server.io.run(on: context.eventLoop) { try store.flush() }.assumeIsolated().whenComplete { result in
+                if case .failure(let error) = result {
+                    // Said, not thrown: the client has gone (a map's final flush, at its unmap, reports it too).
+                    self.logger.error("the flush at a connection's end failed: writes acknowledged on it may not be on stable storage", metadata: ["error": "\(error)"])
+                }
                 self.inFlight -= 1
                 self.closeAfterReplies(context: context)
                 // A client that closes its socket right after NBD_CMD_DISC (nbdinfo, qemu-img)
