@@ -468,18 +468,24 @@ struct BlockMapTests {
         #expect(list.stdout.contains("no maps"), "\(list.combined)")
     }
 
+    /// A map of session `session` (read-write, one path) whose server was killed: its path down.
+    func mapWithNoPath(_ session: String, ioTimeout: Int) async throws -> (ScratchDirectory, BlockMapProcess) {
+        let scratch = try ScratchDirectory("map-\(session)")
+        let server = try await self.server(scratch, size: 8 << 20)
+        let map = try await BlockMapProcess(scratch: scratch, [
+            "--session", session, "--path", "unix:\(server.blockSocket)", "--device", "disk", "--io-timeout", "\(ioTimeout)",
+        ])
+        server.stop(signal: SIGKILL)
+        #expect(await map.background.wait(for: "path down", seconds: 30), "\(map.log)")
+        return (scratch, map)
+    }
+
     /// Unmapping with no path up waits (up to --io-timeout) for one, for the final flush, and
     /// says so; a second SIGTERM (`parley block unmap` again) waits too, a second SIGINT
     /// (Ctrl-C again) exits at once, with status 1.
     @Test func aSecondSignalEndsAnUnmapThatWaitsForAPath() async throws {
-        let scratch = try ScratchDirectory("map")
-        let server = try await self.server(scratch, size: 8 << 20)
-        let map = try await BlockMapProcess(scratch: scratch, [
-            "--session", "stuck", "--path", "unix:\(server.blockSocket)", "--device", "disk", "--io-timeout", "600",
-        ])
+        let (scratch, map) = try await self.mapWithNoPath("stuck", ioTimeout: 600)
         defer { map.background.stop(signal: SIGKILL) }
-        server.stop(signal: SIGKILL)
-        #expect(await map.background.wait(for: "path down", seconds: 30), "\(map.log)")
         // `parley block unmap` sends the first SIGTERM and waits.
         let unmap = try BackgroundProcess(try Tools.parley, ["block", "unmap", "--session", "stuck", "--state-dir", map.stateDir],
                                           log: scratch.file("unmap.log"))
@@ -502,14 +508,9 @@ struct BlockMapTests {
     /// map logs it as an error instead of dropping it.
     @Test func aFailedFlushAtAConnectionsEndIsLogged() async throws {
         let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
-        let scratch = try ScratchDirectory("map-end-flush")
-        let server = try await self.server(scratch, size: 4 << 20)
-        let map = try await BlockMapProcess(scratch: scratch, [
-            "--session", "endflush", "--path", "unix:\(server.blockSocket)", "--device", "disk", "--io-timeout", "1",
-        ])
-        defer { map.background.stop(signal: SIGKILL) }
-        server.stop(signal: SIGKILL)
-        #expect(await map.background.wait(for: "path down", seconds: 30), "\(map.log)")
+        let (scratch, map) = try await self.mapWithNoPath("endflush", ioTimeout: 1)
+        // The directory (the map's socket in it) goes with its last use.
+        defer { withExtendedLifetime(scratch) { map.background.stop(signal: SIGKILL) } }
         // nbdinfo's handshake needs no path (the map knows the device); its disconnect flushes.
         let info = try await Tools.run(nbdinfo, ["--size", map.uri], seconds: 60)
         #expect(info.status == 0, "\(info.combined)")
