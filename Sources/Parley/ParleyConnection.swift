@@ -1090,9 +1090,9 @@ public final class ParleyConnection: Sendable {
     /// Decides what becomes of a peer request or one-way message (`handler` is the router's,
     /// if it has one): refused (draining, id in use, no handler); run inline if it is a
     /// synchronous handler, handlers run on the event loop and nothing is queued (it needs
-    /// no slot: it is done before the next frame is read); started at once if a handler slot is free; or else
-    /// queued, and then the connection stops reading from the socket until slots free up
-    /// (back-pressure through TCP).
+    /// no slot: it is done before the next frame is read); started at once if a handler
+    /// slot is free; or else queued, and then the connection stops reading from the socket
+    /// until slots free up (back-pressure through TCP).
     private func admit(_ message: WireMessage, handler: ParleyRouter.Handler?, isRequest: Bool) -> Admission {
         let h = message.header
         let (admission, pause) = self.state.withLockedValue { s -> (Admission, Bool) in

@@ -84,12 +84,6 @@ public final class BuildbotConnection: Sendable {
         var queued = 0
         var readsPaused = false
         var writableWaiters: [CheckedContinuation<Void, Never>] = []
-        /// The worker's requests received and served so far, and who waits for a count
-        /// served (`untilServed`), by a key of their own.
-        var received: Int64 = 0
-        var served: Int64 = 0
-        var servedWaiters: [Int: (upTo: Int64, continuation: CheckedContinuation<Void, Never>)] = [:]
-        var nextServedWaiter = 0
     }
 
     /// Past this many unanswered requests of the worker the connection stops reading (the
@@ -118,17 +112,12 @@ public final class BuildbotConnection: Sendable {
             for await request in stream {
                 await self.untilWritable()
                 await self.serve(request.op, seq: request.seq, body: request.body)
-                let (resume, served) = self.state.withLockedValue { state -> (Bool, [CheckedContinuation<Void, Never>]) in
+                let resume = self.state.withLockedValue { state -> Bool in
                     state.queued -= 1
-                    state.served += 1
-                    let upTo = state.served
-                    let done = state.servedWaiters.filter { $0.value.upTo <= upTo }
-                    for key in done.keys { state.servedWaiters[key] = nil }
-                    guard state.readsPaused, state.queued <= Self.resumeReadingAt else { return (false, done.values.map(\.continuation)) }
+                    guard state.readsPaused, state.queued <= Self.resumeReadingAt else { return false }
                     state.readsPaused = false
-                    return (true, done.values.map(\.continuation))
+                    return true
                 }
-                for waiter in served { waiter.resume() }
                 if resume { self.applyReadState() }
             }
             // The connection has ended (`finish`) and what the worker sent before its end has
@@ -231,27 +220,6 @@ public final class BuildbotConnection: Sendable {
         return (id, events)
     }
 
-    /// Returns once every request of the worker received before this call has been served
-    /// (a command's `complete` delivered to its events), or `callTimeout` has passed. The worker's requests are served in order in a task of
-    /// their own while answers to ours are taken as they come: an answer may overtake a
-    /// request the worker sent before it.
-    public func untilServed() async {
-        let timeout = self.callTimeout
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let key = self.state.withLockedValue { state -> Int? in
-                guard !state.drained, state.served < state.received else { return nil }
-                let key = state.nextServedWaiter
-                state.nextServedWaiter += 1
-                state.servedWaiters[key] = (state.received, continuation)
-                return key
-            }
-            guard let key else { return continuation.resume() }
-            self.channel.eventLoop.scheduleTask(in: TimeAmount(timeout)) { [self] in
-                self.state.withLockedValue { $0.servedWaiters.removeValue(forKey: key) }?.continuation.resume()
-            }
-        }
-    }
-
     /// Asks the worker to interrupt a running command.
     public func interrupt(_ id: String, why: String) async throws {
         try await self.call("interrupt_command", [("command_id", .string(id)), ("why", .string(why))])
@@ -324,9 +292,8 @@ public final class BuildbotConnection: Sendable {
                 state.commands = [:]
                 state.completing = []
                 state.closeWaiters = []
-                state.servedWaiters = [:]
             }
-            return (Array(state.commands.values), state.closeWaiters + state.servedWaiters.values.map(\.continuation), state.closed ?? "closed")
+            return (Array(state.commands.values), state.closeWaiters, state.closed ?? "closed")
         }
         let error = BuildbotConnectionError(worker: self.worker, reason: reason)
         for c in commands { c.continuation.finish(throwing: error) }
@@ -349,7 +316,6 @@ public final class BuildbotConnection: Sendable {
         case .request(let op, let seq, let body):
             let pause = self.state.withLockedValue { state -> Bool in
                 state.queued += 1
-                state.received += 1
                 if op == "complete", let id = Self.commandID(body), state.commands[id] != nil { state.completing.insert(id) }
                 guard !state.readsPaused, state.queued >= Self.maxQueuedRequests else { return false }
                 state.readsPaused = true

@@ -267,9 +267,7 @@ final class BuildbotWorkerSession: WorkCommandLink, Sendable {
             try? await self.connection.interrupt(id, why: reason)
         }
         // What the worker sent before its answers (a command's `complete`, a job's failing
-        // step) is served before the close: it would otherwise be lost with the connection,
-        // and a job that failed on its own handed back as if interrupted.
-        await self.connection.untilServed()
+        // step) is still served after the close, before `closed()` returns (see `finish`).
         // The worker exits 0.2 s after its answer.
         if shutdown { _ = try? await self.connection.call("shutdown") }
         self.connection.close(reason: reason)

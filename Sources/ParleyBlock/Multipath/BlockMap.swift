@@ -38,8 +38,7 @@ public final class BlockMap: Sendable {
     /// on a path back just then; and a margin.
     public var unmapWithin: Double {
         let c = self.session.configuration
-        func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
-        return 2 * (seconds(c.ioTimeout) + (c.answerTimeout.map(seconds) ?? 0)) + 30
+        return 2 * ((c.ioTimeout + (c.answerTimeout ?? .zero)) / .seconds(1)) + 30
     }
 
     public let session: BlockMultipathSession

@@ -601,35 +601,49 @@ class _Transfer(_Command):
             self.server.conn.pending.pop(self.req, None)
         super().cancel()
 
+    # What the transfer does to its file, for an OSError's message.
+    io_verb = "transferring"
+
+    def tick(self):
+        """Takes the outstanding chunk request's answer once it has come, then `step`s."""
+        if self.done:
+            return
+        try:
+            rec = None
+            if self.req is not None:
+                rec = self.answer()
+                if rec is None:
+                    return
+            self.step(rec)
+        except CommandFailed as e:
+            self.fail(str(e))
+        except OSError as e:
+            self.fail("%s: %s" % (self.io_verb, e))
+
+    def step(self, rec):
+        """The next chunk, after `rec` (the last request's answer; None if there was none)."""
+        raise NotImplementedError
+
 
 class _Upload(_Transfer):
     def __init__(self, server, rid, cid, f, size, chunk, stat_msg=None, temp=None):
         super().__init__(server, rid, cid)
         self.f, self.size, self.chunk, self.stat_msg, self.temp = f, size, chunk, stat_msg, temp
 
-    def tick(self):
-        if self.done:
-            return
-        try:
-            if self.req is not None:
-                rec = self.answer()
-                if rec is None:
-                    return
-            if self.interrupted:
-                return self.fail("interrupted: %s" % self.reason)
-            data = self.f.read(self.chunk)
-            if not data:
-                res = {"size": self.offset, "sha256": self.sha.digest()}
-                if self.stat_msg is not None:
-                    res["stat"] = self.stat_msg
-                return self.finish(**res)
-            self.req = self.server.conn.request(W + "TransferWrite", {"commandId": self.cid, "offset": self.offset}, data=data)
-            self.offset += len(data)
-            self.sha.update(data)
-        except CommandFailed as e:
-            self.fail(str(e))
-        except OSError as e:
-            self.fail("reading: %s" % e)
+    io_verb = "reading"
+
+    def step(self, rec):
+        if self.interrupted:
+            return self.fail("interrupted: %s" % self.reason)
+        data = self.f.read(self.chunk)
+        if not data:
+            res = {"size": self.offset, "sha256": self.sha.digest()}
+            if self.stat_msg is not None:
+                res["stat"] = self.stat_msg
+            return self.finish(**res)
+        self.req = self.server.conn.request(W + "TransferWrite", {"commandId": self.cid, "offset": self.offset}, data=data)
+        self.offset += len(data)
+        self.sha.update(data)
 
 
 class _Download(_Transfer):
@@ -650,37 +664,29 @@ class _Download(_Transfer):
         except OSError as e:
             return self.fail("cannot write %s: %s" % (os.path.relpath(self.path, self.server.dir), e))
 
-    def tick(self):
-        if self.done:
-            return
-        try:
-            if self.req is not None:
-                rec = self.answer()
-                if rec is None:
-                    return
-                data = bytes(rec["answer"].get("data") or b"")
-                eof = pb_decode(W + "TransferData", rec["answer"]["payload"]).get("eof", False) if rec["answer"]["type"] == W + "TransferData" else None
-                if eof is None:
-                    raise CommandFailed("the master answered %s, not TransferData" % rec["answer"]["type"])
-                if len(data) > self.asked:
-                    raise CommandFailed("a chunk of %d bytes, %d asked for" % (len(data), self.asked))
-                if self.offset + len(data) > self.max:
-                    raise CommandFailed("more than max_size (%d bytes)" % self.max)
-                if not data and not eof:
-                    raise CommandFailed("an empty chunk that is not the last, at offset %d" % self.offset)
-                self.f.write(data)
-                self.sha.update(data)
-                self.offset += len(data)
-                if eof:
-                    return self.complete()
-            if self.interrupted:
-                return self.fail("interrupted: %s" % self.reason)
-            self.asked = self.chunk
-            self.req = self.server.conn.request(W + "TransferRead", {"commandId": self.cid, "offset": self.offset, "length": self.asked})
-        except CommandFailed as e:
-            self.fail(str(e))
-        except OSError as e:
-            self.fail("writing: %s" % e)
+    io_verb = "writing"
+
+    def step(self, rec):
+        if rec is not None:
+            data = bytes(rec["answer"].get("data") or b"")
+            eof = pb_decode(W + "TransferData", rec["answer"]["payload"]).get("eof", False) if rec["answer"]["type"] == W + "TransferData" else None
+            if eof is None:
+                raise CommandFailed("the master answered %s, not TransferData" % rec["answer"]["type"])
+            if len(data) > self.asked:
+                raise CommandFailed("a chunk of %d bytes, %d asked for" % (len(data), self.asked))
+            if self.offset + len(data) > self.max:
+                raise CommandFailed("more than max_size (%d bytes)" % self.max)
+            if not data and not eof:
+                raise CommandFailed("an empty chunk that is not the last, at offset %d" % self.offset)
+            self.f.write(data)
+            self.sha.update(data)
+            self.offset += len(data)
+            if eof:
+                return self.complete()
+        if self.interrupted:
+            return self.fail("interrupted: %s" % self.reason)
+        self.asked = self.chunk
+        self.req = self.server.conn.request(W + "TransferRead", {"commandId": self.cid, "offset": self.offset, "length": self.asked})
 
     def complete(self):
         size, digest = self.spec.get("size", 0), self.spec.get("sha256", b"")
