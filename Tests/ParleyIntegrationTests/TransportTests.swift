@@ -221,9 +221,14 @@ struct TransportTests {
     /// A WebSocket connection counts against `maxConnections` from its accept, not from its
     /// upgrade: of three that connect and send nothing to a server that takes two, one is
     /// closed at once. Before, none were counted until upgraded, so any number could each
-    /// hold a socket for the upgrade timeout (10 s).
+    /// hold a socket for the upgrade timeout (10 s). The upgrade timeout here is a minute:
+    /// under load the peers' 6 s reads began over 4 s after their connects, and the 10 s
+    /// default closed the two admitted ones too (a CI run).
     @Test func webSocketConnectionsCountFromTheirAccept() async throws {
-        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")], configure: { $0.maxConnections = 2 }) { _, addresses in
+        try await withServer(listen: [.webSocket(host: "127.0.0.1", port: 0, path: "/parley")], configure: {
+            $0.maxConnections = 2
+            $0.transport = PosixTransport(handshakeTimeout: .seconds(60))
+        }) { _, addresses in
             var peers: [RawPeer] = []
             for _ in 0..<3 { peers.append(try await RawPeer.connect(addresses[0])) }
             let closed = try await withThrowingTaskGroup(of: Bool.self) { group in
