@@ -207,7 +207,7 @@ struct BlockInfo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "info",
         abstract: "Show a block server's exports and their geometry, over Parley's block protocol.",
-        discussion: "Connects to ADDRESS (default port 7421), starts a session and lists the exports."
+        discussion: "Connects to ADDRESS (HOST:PORT, [V6]:PORT or unix:PATH; a block server listens on 127.0.0.1:7421 by default), starts a session and lists the exports."
     )
 
     @Argument(help: ArgumentHelp("Server address: HOST:PORT, [V6]:PORT or unix:PATH.", valueName: "address"))
