@@ -369,7 +369,7 @@ public final class ParleyClient: Sendable {
                 channel = try await configuration.transport.connect(to: address, group: group, initializer: initializer)
             }
         } catch {
-            throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): \((error as? ParleyError)?.message ?? "\(error)")", cause: error)
+            throw ParleyError(code: .connectFailed, message: "cannot connect to \(address): \(ConnectFailure.describe(error))", cause: error)
         }
         guard let promise = established.value(for: channel) else {
             channel.close(promise: nil)

@@ -281,7 +281,7 @@ struct Work: AsyncParsableCommand {
         @Option(name: .long, help: ArgumentHelp("An application this worker runs (repeatable): it also gets the jobs that need it.", valueName: "name"))
         var app: [String] = []
 
-        @Option(name: .long, help: ArgumentHelp("How long the worker tries to reach a master before it gives up.", valueName: "seconds"))
+        @Option(name: .long, help: ArgumentHelp("How long the worker tries to reach a master before it gives up (also at its start, while no master answers yet).", valueName: "seconds"))
         var failoverSeconds: Int = 120
 
         var masters: [String] { self.master.isEmpty ? [Work.defaultMaster] : self.master }
@@ -358,7 +358,7 @@ struct Work: AsyncParsableCommand {
             )
             let name: String
             do {
-                name = try await link.client().session.entity ?? given
+                name = try await link.firstClient().session.entity ?? given
             } catch let error as ParleyError {
                 print("parley work worker: \(error.message) [\(error.code)]")
                 throw ExitCode(2)

@@ -150,8 +150,36 @@ public final class WorkMasterLink: Sendable {
         }
     }
 
+    /// The first connection, for a worker that may start before its masters: while no master
+    /// answers at all (nothing listening yet, no route), tries them all again with back-off
+    /// (0.2 s, doubling up to 5 s) for up to `failoverTimeout`, logging a warning once; fails
+    /// at once for anything else (an authentication or a certificate refused, a hello the
+    /// master refused), which would fail the same way again.
+    public func firstClient() async throws -> ParleyClient {
+        let deadline = ContinuousClock.now + self.failoverTimeout
+        var pause = Duration.milliseconds(200)
+        var warned = false
+        while true {
+            do {
+                return try await self.client()
+            } catch let error as ParleyError where error.isPeerUnreachable && ContinuousClock.now + pause < deadline {
+                if !warned {
+                    warned = true
+                    self.logger.warning(
+                        "no master answers yet; trying again for up to \(self.failoverTimeout)",
+                        metadata: ["masters": "\(self.masters.map(\.description).joined(separator: ", "))", "error": "\(error.message)"]
+                    )
+                }
+                try await Task.sleep(for: pause)
+                pause = min(pause * 2, .seconds(5))
+            }
+        }
+    }
+
     private func connectToAny(startingAt first: Int) async throws -> ParleyClient {
         var lastError: (any Error)?
+        // The first error that is not "nobody there": what to report when no master took us.
+        var refusal: (any Error)?
         for offset in 0..<self.masters.count {
             let index = (first + offset) % self.masters.count
             let address = self.masters[index]
@@ -177,10 +205,11 @@ public final class WorkMasterLink: Sendable {
                 return client
             } catch {
                 lastError = error
+                if refusal == nil, !((error as? ParleyError)?.isPeerUnreachable ?? false) { refusal = error }
                 self.logger.debug("master unreachable", metadata: ["master": "\(address)", "error": "\(error)"])
             }
         }
-        throw lastError ?? ParleyError(code: .connectFailed, message: "no master")
+        throw refusal ?? lastError ?? ParleyError(code: .connectFailed, message: "no master")
     }
 
     /// Closes the connection; later calls fail.

@@ -510,7 +510,7 @@ struct BlockMapTests {
         let nbdinfo = try Tools.require("nbdinfo", package: "libnbd-bin")
         let (scratch, map) = try await self.mapWithNoPath("endflush", ioTimeout: 1)
         // The directory (the map's socket in it) goes with its last use.
-        defer { withExtendedLifetime(scratch) { map.background.stop(signal: SIGKILL) } }
+        defer { withExtendedLifetime(scratch) { _ = map.background.stop(signal: SIGKILL) } }
         // nbdinfo's handshake needs no path (the map knows the device); its disconnect flushes.
         let info = try await Tools.run(nbdinfo, ["--size", map.uri], seconds: 60)
         #expect(info.status == 0, "\(info.combined)")

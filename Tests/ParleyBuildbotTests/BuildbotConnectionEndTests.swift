@@ -95,13 +95,13 @@ import Testing
     /// answer: the end is held up by it for the call timeout at most, then the command fails
     /// and `closed()` returns (the session's cleanup runs).
     @Test func aTransferStuckAtTheEndHoldsItUpForTheCallTimeoutOnly() async throws {
-        let (channel, connection, transfer, id, events) = try await Self.uploadingAChunk()
+        let (channel, connection, transfer, _, events) = try await Self.uploadingAChunk()
         defer { transfer.release() }
         for _ in 0..<200 where transfer.writes.withLockedValue({ $0 }) == 0 { try await Task.sleep(for: .milliseconds(10)) }
         #expect(transfer.writes.withLockedValue { $0 } == 1)
         connection.finish(reason: "the worker went away")
         // The testing loop's clock moves only when told: past the call timeout.
-        try await channel.testingEventLoop.advanceTime(by: .seconds(31))
+        await channel.testingEventLoop.advanceTime(by: .seconds(31))
         // Bounded: a closed() that never returned would be resumed by the release (defer).
         let ended = NIOLockedValueBox(false)
         let waiter = Task {

@@ -223,6 +223,37 @@ extension WorkProcessTests {
 extension WorkProcessTests {
     /// A master that requires authentication: a worker with its key runs jobs under its
     /// entity's name; a worker without one is refused before it can take anything.
+    /// A worker started before its master waits for it (trying again with back-off for up
+    /// to --failover-seconds, saying so once), then works; with nobody there for that long it
+    /// gives up saying what it found ("Connection refused", not NIO's errno text).
+    @Test func aWorkerStartedBeforeItsMasterWaitsForIt() async throws {
+        let dir = freshTestDirectory("work-early-worker")
+        #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
+        let parleyPath = try #require(parleyExecutablePath())
+        let nobody = "127.0.0.1:\(try freeLoopbackPort())"
+        let alone = try await runProcess(parleyPath, ["work", "worker", "--master", nobody, "--trust", dir + "/keys/work.pub", "--dir", dir + "/alone",
+                                                      "--failover-seconds", "2"], seconds: 30)
+        #expect(alone.status == 2, "\(alone.combined)")
+        #expect(alone.combined.contains("no master answers yet"), "\(alone.combined)")
+        #expect(alone.combined.contains("cannot connect to \(nobody): Connection refused [connectFailed]"), "\(alone.combined)")
+
+        let address = "127.0.0.1:\(try freeLoopbackPort())"
+        let workers = try Workers(count: 1, master: address, trust: dir + "/keys/work.pub", dir: dir)
+        defer { workers.stopBlocking() }
+        let warned = try await eventually(seconds: 20) {
+            ((try? String(contentsOfFile: workers.logs[0], encoding: .utf8)) ?? "").contains("no master answers yet")
+        }
+        #expect(warned, "the worker says it waits")
+        #expect(workers.processes[0].isRunning, "the worker waits instead of exiting")
+        let master = try await ServeProcess.start(["--listen", address, "--database", "sqlite:\(dir)/jobs.sqlite"], command: ["work", "serve"])
+        let submitted = try await parley(["work", "submit", "--master", address, "--key", dir + "/keys/work.key", "--", "/bin/true"])
+        #expect(submitted.status == 0, "\(submitted.combined)")
+        let done = try await eventually(seconds: 30) { (try? await Self.status(address))?["succeeded"] == 1 }
+        #expect(done, "the job ran on the worker that started first: \((try? String(contentsOfFile: workers.logs[0], encoding: .utf8)) ?? "")")
+        await workers.stop()
+        await master.stop()
+    }
+
     @Test func aMasterRequiringAuthenticationServesOnlyKeyedWorkers() async throws {
         let dir = freshTestDirectory("work-auth")
         #expect(try await parley(["work", "keygen", "--dir", dir + "/keys"]).status == 0)
