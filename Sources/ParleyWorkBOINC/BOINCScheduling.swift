@@ -1,5 +1,8 @@
 import Crypto
 import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
 import Parley
 import ParleyWork
 import SwiftProtobuf
@@ -32,6 +35,12 @@ public enum BOINCScheduling {
         }
         guard BOINCXMLText.rootName(body) == "scheduler_request" else {
             return .failure(.init(status: 400, message: "the request is not a <scheduler_request> XML document"))
+        }
+        // The guard above reads tags as a well-formed document has them; the parser, which
+        // recovers from errors, can see more (a quote in an end tag hid 18,000 levels from
+        // the guard): the parser's own events are counted before XMLCoder builds its tree.
+        if let depth = BOINCXMLText.parsedDepthExceeding(body, maxDepth) {
+            return .failure(.init(status: 400, message: "the scheduler request nests elements \(depth) deep, over this project's limit of \(maxDepth)"))
         }
         let request: BOINCSchedulerRequest
         do {
@@ -175,7 +184,7 @@ public enum BOINCScheduling {
         let text = Array(stderrOut[start.lowerBound..<end.upperBound].utf8)
         guard text.count <= 64 << 10 else { return nil }
         let shape = BOINCXMLText.shape(text, depthLimit: 4)
-        guard shape.depth == nil, shape.elements <= 64, !shape.declaration else { return nil }
+        guard shape.depth == nil, shape.elements <= 64, !shape.declaration, BOINCXMLText.parsedDepthExceeding(text, 4) == nil else { return nil }
         return try? XMLDecoder().decode(TransferError.self, from: Data(text))
     }
 
@@ -227,6 +236,38 @@ public enum BOINCScheduling {
 
 /// Small helpers around XML text that XMLCoder does not offer.
 enum BOINCXMLText {
+    /// The depth past `limit` that the elements reach as Foundation's parser reports them
+    /// (the parser XMLCoder uses, with the same options: it recovers from errors, so its
+    /// events, not the text's tags, are what XMLCoder nests), or nil if within it. Stops at
+    /// the first element past the limit; builds nothing.
+    static func parsedDepthExceeding(_ bytes: [UInt8], _ limit: Int) -> Int? {
+        let counter = DepthCounter(limit: limit)
+        let parser = XMLParser(data: Data(bytes))
+        parser.shouldProcessNamespaces = false
+        parser.shouldReportNamespacePrefixes = false
+        parser.shouldResolveExternalEntities = false
+        parser.delegate = counter
+        _ = parser.parse()
+        return counter.exceeded
+    }
+
+    private final class DepthCounter: NSObject, XMLParserDelegate {
+        let limit: Int
+        var depth = 0
+        var exceeded: Int?
+        init(limit: Int) { self.limit = limit }
+        func parser(_ parser: XMLParser, didStartElement elementName: String, namespaceURI: String?, qualifiedName qName: String?, attributes attributeDict: [String: String] = [:]) {
+            self.depth += 1
+            if self.depth > self.limit {
+                self.exceeded = self.depth
+                parser.abortParsing()
+            }
+        }
+        func parser(_ parser: XMLParser, didEndElement elementName: String, namespaceURI: String?, qualifiedName qName: String?) {
+            self.depth = max(0, self.depth - 1)
+        }
+    }
+
     /// The depth past `limit` that the document's elements reach, or nil if they stay within
     /// it. A guard before parsing, not a parser: it counts start and end tags (skipping
     /// comments, CDATA, processing instructions and declarations), so that a document nested

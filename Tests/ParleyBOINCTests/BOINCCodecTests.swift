@@ -230,6 +230,24 @@ struct BOINCTestFailure: Error, CustomStringConvertible {
         #expect(refusal.status == 400 && refusal.message.contains("deep"), "\(refusal)")
     }
 
+    /// A quote in an end tag made the text guard read the rest as one quoted string, while
+    /// the parser, which recovers from the error, reported every element inside: 18,000
+    /// levels reached XMLCoder (found by a review). The parser's own depth now refuses it.
+    @Test func aDeepDocumentHiddenByAQuoteInAnEndTagIsRefused() throws {
+        let depth = 18_000
+        var body = "<scheduler_request><platform_name>x86_64-pc-linux-gnu</platform_name><q></q '"
+        body += String(repeating: "<b>", count: depth) + "'>" + String(repeating: "</b>", count: depth) + "</scheduler_request>"
+        let result = BOINCScheduling.read(Array(body.utf8), maxBytes: 4 << 20, maxDepth: 32)
+        guard case .failure(let refusal) = result else {
+            Issue.record("a request nested \(depth) deep was read")
+            return
+        }
+        #expect(refusal.status == 400 && refusal.message.contains("33 deep"), "\(refusal)")
+        #expect(BOINCXMLText.shape(Array(body.utf8), depthLimit: 32).depth == nil, "the text guard alone does not see it")
+        #expect(BOINCXMLText.parsedDepthExceeding(Array("<a><b></b></a>".utf8), 2) == nil)
+        #expect(BOINCXMLText.parsedDepthExceeding(Array("<a><b><c/></b></a>".utf8), 2) == 3)
+    }
+
     /// max_output_bytes is what is kept of stdout and stderr (work.proto), not a limit on
     /// output files: the program keeps that much of stdout, the stdout file may be that
     /// large, the reported tails are cut to it; output files may be what a report carries.
