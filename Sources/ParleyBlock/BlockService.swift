@@ -211,7 +211,8 @@ public final class BlockService: Sendable {
             return refuse(.fenced, "connection \(session.connectionID) was fenced: it cannot fence other connections")
         }
         var targets: [BlockSession] = []
-        for id in Set(request.connectionIds) {
+        var seen = Set<UInt64>()
+        for id in request.connectionIds where seen.insert(id).inserted {
             if id == session.connectionID { return refuse(.invalid, "connection \(id) is the fencing connection itself") }
             let (known, issued) = self.connections.withLockedValue { c in (c.byID[id], id >= self.firstConnectionID && id < c.next) }
             guard let target = known else {
@@ -226,7 +227,10 @@ public final class BlockService: Sendable {
             }
             targets.append(target)
         }
-        for target in targets { await target.fence(by: session.connectionID) }
+        // Every target refuses new IO from now on, then the answer waits for what runs on
+        // each (marking them one by one admitted IO on the later ones meanwhile).
+        for target in targets { target.markFenced(by: session.connectionID) }
+        for target in targets { await target.idle() }
         if !targets.isEmpty {
             self.logger.info("block connections fenced", metadata: [
                 "session": "\(session.name)", "by": "\(session.connectionID)", "fenced": "\(targets.map(\.connectionID).sorted())",
@@ -844,13 +848,17 @@ final class BlockSession: Sendable {
         if now { body() }
     }
 
-    /// Fences this connection (for connection `by`): new IO is refused from now on; returns
-    /// once the IO in flight has finished (what waited for an IO thread is dropped).
-    func fence(by: UInt64) async {
+    /// Fences this connection (for connection `by`): new IO is refused from now on (what
+    /// waits for an IO thread is dropped); `idle()` waits for the IO in flight.
+    func markFenced(by: UInt64) {
         self.state.withLockedValue { s in
             if s.fencedBy == 0 { s.fencedBy = by }
             self.isFenced.store(true, ordering: .releasing)
         }
+    }
+
+    /// Returns once no IO of this session is in flight.
+    func idle() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             self.whenIdle { continuation.resume() }
         }

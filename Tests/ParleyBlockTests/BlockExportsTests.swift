@@ -253,6 +253,35 @@ extension BlockExportsTests {
             }
         }
 
+        /// NBD_OPT_INFO answers what NBD_OPT_GO would: an export a block session holds
+        /// read-write is refused by both (INFO opened it read-only and answered writable
+        /// flags, then GO was refused; found by a review against the NBD document).
+        @Test func nbdInfoRefusesWhatGoWouldRefuse() throws {
+            let dir = try TempDir()
+            let named = try dir.file("named.img")
+            let catalog = try BlockExportCatalog(exports: [BlockExportSpec(name: "n", path: named)])
+            let devices = BlockDeviceTable()
+            let held = try devices.open(try catalog.resolveNamed("n"), access: .readWrite, owner: "session alice")
+            let resolver = NBDConnectionResolver(catalog: catalog, devices: devices)
+            var opener = resolver
+            guard case .failure(let go) = opener.open("n") else {
+                Issue.record("GO opened an export held read-write by a session")
+                return
+            }
+            guard case .failure(let info) = resolver.describe("n") else {
+                Issue.record("INFO described an export GO refuses")
+                return
+            }
+            #expect(info.reply == go.reply && go.reply == .errPolicy, "\(info) \(go)")
+            devices.close(held, access: .readWrite, owner: "session alice")
+            guard case .success(let described) = resolver.describe("n") else {
+                Issue.record("INFO refused a free export")
+                return
+            }
+            #expect(!described.flags.contains(.readOnly))
+            #expect(devices.openCount == 0, "INFO leaves nothing open")
+        }
+
         @Test func searchPathThroughASymlinkedRoot() throws {
             let dir = try TempDir()
             let file = try dir.file("real/b.img")

@@ -243,6 +243,54 @@ struct BlockFenceTests {
         try await io.shutdown()
     }
 
+    /// [R-17.8-7] for a Fence naming several connections: all of them refuse new IO from
+    /// its arrival, while the answer waits for the IO running on the first (the targets were
+    /// marked one by one, each after the one before had drained: the second admitted IO
+    /// meanwhile; found by a review against the spec).
+    @Test func aFenceOfSeveralConnectionsRefusesIOOnAllOfThemAtOnce() async throws {
+        let scratch = try ScratchDirectory("fence-several")
+        let store = GatedStore()
+        let (_, server, io, address) = try await self.serve(store, scratch)
+        defer {
+            store.gate.signal()
+            server.shutDown()
+        }
+        let busy = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: 11)
+        let quiet = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: 11)
+        let live = try await BlockClient.connect(to: address, sessionName: "fence", clientInstance: 11)
+        let device = try await busy.open("disk")
+        let first = Task { try await busy.write(device, offset: 0, data: ByteBuffer(repeating: 1, count: 4096)) }
+        _ = try await eventually { store.atGate.withLockedValue { $0 } }
+        let fence = Task { try await live.fence([busy.connectionID, quiet.connectionID]) }
+        let fenced = Self.watch(fence)
+        // An IO naming a device the connection does not have touches no store: FENCED once
+        // the connection is fenced, UNKNOWN_DEVICE before.
+        let nowhere = BlockClient.Device(id: 999, geometry: device.geometry)
+        func status(_ client: BlockClient) async -> Parley_Block_V1_BlockStatus? {
+            do {
+                _ = try await client.read(nowhere, offset: 0, length: 512)
+                return .ok
+            } catch let e as BlockError {
+                return e.status
+            } catch {
+                return nil
+            }
+        }
+        var taken = false
+        for _ in 0..<400 where !taken {
+            taken = await status(busy) == .fenced
+            if !taken { try await Task.sleep(for: .milliseconds(25)) }
+        }
+        #expect(taken, "the server never took the fence")
+        #expect(await status(quiet) == .fenced, "the second connection admitted IO while the first drained")
+        #expect(!fenced.withLockedValue { $0 }, "answered while the first connection's write was running")
+        store.gate.signal()
+        try await fence.value
+        _ = await first.result
+        server.shutDown()
+        try await io.shutdown()
+    }
+
     @Test func aFenceOfAnEndedConnectionWaitsForItsRunningIO() async throws {
         let scratch = try ScratchDirectory("fence")
         let store = GatedStore()

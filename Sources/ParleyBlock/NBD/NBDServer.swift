@@ -43,11 +43,16 @@ struct NBDConnectionResolver: NBDExportResolver, Sendable {
                              preferredBlockSize: max(minimum, 4096), maximumPayload: NBDServer.maximumPayload)
     }
 
+    /// NBD_OPT_INFO: what NBD_OPT_GO would answer now, refusals included (the NBD document:
+    /// a GO right after a successful INFO answers the same), so the export is opened and
+    /// closed as GO opens it (read-write if it is writable: a block session holding it
+    /// read-write is a refusal here too).
     func describe(_ name: String) -> Result<NBDExportInfo, NBDRefusal> {
         do {
             let export = try self.catalog.resolveNamed(name)
-            let device = try self.devices.open(export, access: .readOnly, owner: Self.owner)
-            defer { self.devices.close(device, access: .readOnly, owner: Self.owner) }
+            let access: BlockAccess = export.readOnly ? .readOnly : .readWrite
+            let device = try self.devices.open(export, access: access, owner: Self.owner)
+            defer { self.devices.close(device, access: access, owner: Self.owner) }
             return .success(self.info(device, export, readOnly: export.readOnly))
         } catch {
             return .failure(error.nbdRefusal)
