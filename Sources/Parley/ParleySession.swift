@@ -85,6 +85,13 @@ public struct ParleySession: Hashable, Sendable {
     public var nucleus: ParleyNucleus
     /// The largest frame the peer accepts (its HELLO `max_frame_size`).
     public var peerMaxFrameSize: Int
+
+    /// The most data bytes a message of `type` with a payload of `payloadBytes` can carry to
+    /// the peer in its data segment: what of `peerMaxFrameSize` the message header, the type
+    /// name and the payload leave (docs/protocol.md section 7; the check senders make).
+    public func maxDataBytes(type: String, payloadBytes: Int = 0) -> Int {
+        self.peerMaxFrameSize - MessageHeader.fixedSize - type.utf8.count - payloadBytes
+    }
     /// `crc`, or `secure` (every frame sealed with `cipher`).
     public var connectionMode: ConnectionMode
     public var cipher: SecureCipher?

@@ -267,6 +267,8 @@ public final class BlockDeviceTable: Sendable {
             }
         } catch {
             if error.errno == ENOENT { throw BlockError(.notFound, error.description) }
+            // A file this server may not read is no read-only device: a storage failure.
+            if !writes, error.errno == EACCES || error.errno == EPERM { throw BlockError(.ioError, error.description) }
             throw BlockError(error)
         }
         let device = BlockDevice(name: export.name, path: export.path, store: store, metrics: BlockMetrics(export: export.name, factory: self.metricsFactory))

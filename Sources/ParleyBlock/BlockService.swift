@@ -281,6 +281,11 @@ public final class BlockService: Sendable {
         case .migration: access = .migration
         case .UNRECOGNIZED(let n): return refuse(BlockError(.invalid, "unknown access mode \(n)"))
         }
+        // Checked again when the device is added (the connection may end or be fenced while
+        // the file opens); here so that such a connection opens no file.
+        if session.ended.load(ordering: .acquiring) || session.isFenced.load(ordering: .acquiring) {
+            return refuse(BlockError(.noSession, "connection \(session.connectionID) of session \"\(session.name)\" was fenced or has ended: it opens nothing"))
+        }
         // Checked again when the device is added (opens may race); here so that an Open past
         // the cap opens no file.
         guard session.openCount < self.limits.maxOpenDevices else {
@@ -343,15 +348,21 @@ public final class BlockService: Sendable {
             self.logRefusal(.noSession, "send SessionInfo before Io", session: nil)
             return respond(.success(refused(.noSession, "send SessionInfo before Io")))
         }
+        // A read's answer is one frame: the message header, the reply's type name (an OK
+        // IoReply has an empty payload) and the data, within the client's frame limit.
         let call = IOCall(operation: request.operation.rawValue, flags: request.flags, deviceID: request.deviceID,
-                          offset: request.offset, length: request.length, data: context.data.map { ByteBufferPieces($0) })
+                          offset: request.offset, length: request.length, data: context.data.map { ByteBufferPieces($0) },
+                          maxReadLength: context.connection.session.maxDataBytes(type: Parley_Block_V1_IoReply.protoMessageName))
         self.run(call, session: session, eventLoop: context.connection.eventLoop, readFrame: nil) { outcome in
             switch outcome {
             case .done(let data): respond(.success(ParleyReply(Parley_Block_V1_IoReply(), data: data)))
             case .read: preconditionFailure("a read into a DIRECT frame without one")
             case .refused(let status, let message): respond(.success(refused(status, message)))
-            // A fenced modification or a stopped IO pool: the request fails (ERROR).
-            case .dropped(let error): respond(.failure(error))
+            // A modification dropped unstarted (its connection fenced or ended): ERROR
+            // `cancelled` (docs/protocol.md 17.2). Otherwise the IO threads have stopped: the
+            // server is going away.
+            case .dropped(let error as ParleyError) where error.code == .cancelled: respond(.failure(error))
+            case .dropped(let error): respond(.success(refused(.shuttingDown, "the server's IO threads have stopped: \(error)")))
             }
         }
     }
@@ -489,8 +500,8 @@ public final class BlockService: Sendable {
         var data: ByteBufferPieces?
         /// DIRECT: the request's reserved bytes are not 0 (INVALID, with the flags' check).
         var reservedNonZero = false
-        /// DIRECT: the longest read whose answer fits the client's frame limit (TOO_LARGE
-        /// beyond it, with the max_io_size check).
+        /// The longest read whose answer fits the client's frame limit (TOO_LARGE beyond it,
+        /// with the max_io_size check).
         var maxReadLength = Int.max
         /// DIRECT: the inline lane found that the page cache cannot take it without waiting:
         /// `run` offloads it at once.
@@ -581,7 +592,9 @@ public final class BlockService: Sendable {
         guard !call.reservedNonZero else { return refuse(.invalid, "reserved bytes of a DIRECT request must be 0") }
         let fua = call.flags & UInt32(Parley_Block_V1_IoFlag.fua.rawValue) != 0
         let data = call.data
-        let counted = kind == .read || kind == .write ? length : 0
+        // At most max_io_size counts against the session's bytes in flight: a longer IO is
+        // refused TOO_LARGE by the checks after admission, not BUSY_SESSION by it.
+        let counted = kind == .read || kind == .write ? min(length, Int(Self.maximumIO)) : 0
         let open: BlockSession.OpenDevice
         switch session.begin(id: call.deviceID, bytes: counted, limits: self.limits) {
         case .failure(let e): return refuse(e.status, e.message)

@@ -291,6 +291,27 @@ struct BlockFenceTests {
         try await io.shutdown()
     }
 
+    /// IO the stopped IO threads can no longer take is SHUTTING_DOWN for `Io` as for DIRECT
+    /// (`Io` got a Parley ERROR handlerFailed, which the multipath client takes for a final
+    /// failure where DIRECT's status is re-sent elsewhere).
+    @Test(arguments: [false, true]) func ioTheStoppedIOThreadsCannotTakeIsShuttingDown(direct: Bool) async throws {
+        let scratch = try ScratchDirectory("pool-stopped")
+        let store = GatedStore()
+        let (_, server, io, address) = try await self.serve(store, scratch)
+        defer { server.shutDown() }
+        let client = try await BlockClient.connect(to: address, sessionName: "late", direct: direct)
+        let device = try await client.open("disk")
+        #expect(client.usesDirect == direct)
+        try await io.shutdown()
+        do {
+            // The gated store's page cache takes nothing at once: the read needs an IO thread.
+            _ = try await client.read(device, offset: 4096, length: 4096)
+            Issue.record("a read was answered with the IO threads stopped")
+        } catch let e as BlockError {
+            #expect(e.status == .shuttingDown, "\(e)")
+        }
+    }
+
     @Test func aFenceOfAnEndedConnectionWaitsForItsRunningIO() async throws {
         let scratch = try ScratchDirectory("fence")
         let store = GatedStore()

@@ -384,6 +384,9 @@ struct BlockServerTests {
         #expect(await status { _ = try await client.read(disk, offset: UInt64.max - 511, length: 4096) } == .outOfRange)
         #expect(await status { _ = try await client.read(disk, offset: 100, length: 512) } == .invalid)
         #expect(await status { _ = try await client.read(disk, offset: 0, length: 16 << 20) } == .tooLarge)
+        // Past the session's 256 MiB in flight by itself, with nothing else in flight: too
+        // large, not BUSY_SESSION (the IO's own length counted as if in flight already).
+        #expect(await status { _ = try await client.read(disk, offset: 0, length: 300 << 20) } == .tooLarge)
         #expect(await status { _ = try await client.read(BlockClient.Device(id: 999, geometry: disk.geometry), offset: 0, length: 512) } == .unknownDevice)
         #expect(await status { try await client.io(disk, .write, offset: 0, length: 4096, data: ByteBuffer(repeating: 1, count: 512)) } == .invalid)
         #expect(await status { _ = try await client.open("missing") } == .notFound)
@@ -401,6 +404,31 @@ struct BlockServerTests {
         #expect(log.contains("block device opened"))
         #expect(log.contains("session=alice"))
         #expect(log.contains("ends past the device"))
+    }
+
+    /// A read whose answer would not fit the client's frame limit is TOO_LARGE for `Io` as
+    /// for DIRECT (it was read, then failed with a Parley ERROR frameTooLarge: docs/protocol.md
+    /// 17.1 says block IO answers with a status).
+    @Test(arguments: [false, true]) func aReadLargerThanTheClientsFramesIsTooLarge(direct: Bool) async throws {
+        let scratch = try ScratchDirectory()
+        let path = try scratch.sparseFile("disk.img", size: 4 << 20)
+        let server = try await BlockServerProcess(scratch: scratch, arguments: ["--export", "disk=\(path)"])
+        defer { server.stop() }
+        var configuration = ParleyClient.Configuration.defaults
+        configuration.maxFrameSize = 1 << 20
+        let client = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "small", direct: direct, configuration: configuration)
+        defer { client.closeConnection() }
+        let disk = try await client.open("disk", access: .readOnly)
+        #expect(client.usesDirect == direct)
+        #expect(try await client.read(disk, offset: 0, length: 512 << 10).readableBytes == 512 << 10)
+        do {
+            _ = try await client.read(disk, offset: 0, length: 1 << 20)
+            Issue.record("a read of a whole frame's worth was answered")
+        } catch let e as BlockError {
+            #expect(e.status == .tooLarge, "\(e)")
+        }
+        // The connection goes on.
+        #expect(try await client.read(disk, offset: 4096, length: 4096).readableBytes == 4096)
     }
 
     @Test func oneReadWriteOpenerPerDeviceAcrossSessions() async throws {
@@ -486,6 +514,7 @@ struct BlockServerTests {
         }
         try scratch.sparseFile("secret.img", size: 1 << 20)
         try FileManager.default.createSymbolicLink(atPath: root + "/alice/escape", withDestinationPath: scratch.file("secret.img"))
+        try FileManager.default.createDirectory(atPath: root + "/alice/folder", withIntermediateDirectories: true)
         let server = try await BlockServerProcess(scratch: scratch, arguments: ["--search-path", root + "/%SESSNAME%"])
         defer { server.stop() }
         let alice = try await BlockClient.connect(to: .unix(path: server.blockSocket), sessionName: "alice")
@@ -494,12 +523,15 @@ struct BlockServerTests {
         #expect(try await alice.open("vol").geometry.sizeBytes == 1 << 20)
         #expect(try await bob.open("vol").geometry.sizeBytes == 2 << 20)
         for (path, expected) in [("../bob/vol", Parley_Block_V1_BlockStatus.pathRefused), ("/etc/passwd", .pathRefused),
-                                 ("escape", .pathRefused), ("missing", .notFound)] {
-            do {
-                _ = try await alice.open(path, access: .readOnly)
-                Issue.record("\(path) was opened")
-            } catch let e as BlockError {
-                #expect(e.status == expected, "\(path): \(e)")
+                                 ("escape", .pathRefused), ("missing", .notFound), ("folder", .invalid)] {
+            for access in [Parley_Block_V1_AccessMode.readOnly, .readWrite] {
+                do {
+                    _ = try await alice.open(path, access: access)
+                    Issue.record("\(path) was opened")
+                } catch let e as BlockError {
+                    // A directory is no device (it failed to open read-write as IO_ERROR).
+                    #expect(e.status == expected, "\(path) \(access): \(e)")
+                }
             }
         }
         #expect(server.log.contains("leads out of the search path"))

@@ -199,7 +199,16 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
         // block until a writer came, and the caller holds the device table's lock on an
         // event loop. The type is checked below; the flag is cleared for what is kept.
         let fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK)
-        guard fd >= 0 else { throw BlockStoreError(errno: errno, operation: "open \(path)") }
+        guard fd >= 0 else {
+            let e = errno
+            // A directory (EISDIR) or a socket (ENXIO) fails to open before its type is
+            // checked: named as what it is, not as a storage failure.
+            var st = stat()
+            if stat(path, &st) == 0, st.st_mode & S_IFMT != S_IFREG, st.st_mode & S_IFMT != S_IFBLK {
+                throw BlockStoreError(errno: EINVAL, operation: "\(path) is neither a regular file nor a block device")
+            }
+            throw BlockStoreError(errno: e, operation: "open \(path)")
+        }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
             let e = errno
