@@ -291,7 +291,8 @@ public final class BlockDeviceTable: Sendable {
         guard var entry = table[export.path] else { return nil }
         if writes {
             let others = entry.writers.filter { $0.key != owner }
-            if !others.isEmpty, !export.shared, !(access == .migration && others.count == 1) {
+            // An owner that writes already (another path of its session) adds no writer.
+            if !others.isEmpty, entry.writers[owner] == nil, !export.shared, !(access == .migration && others.count == 1) {
                 return .failure(BlockError(.busy, "\"\(export.name)\" is open read-write by \(others.keys.sorted().joined(separator: ", "))"))
             }
             if !entry.writable {

@@ -473,6 +473,12 @@ extension BlockExportsTests {
             #expect(third?.status == .busy)
             #expect(third?.message.contains("alice, bob") == true, "\(third?.message ?? "")")
             #expect(T.status { () throws(BlockError) in _ = try table.open(export, access: .readWrite, owner: "carol") } == .busy)
+            // A writer's own further opens (another path of its session reconnecting during
+            // the move) are no new writer: allowed (they were BUSY, naming the other).
+            let again = try table.open(export, access: .readWrite, owner: "alice")
+            table.close(again, access: .readWrite, owner: "alice")
+            let moving = try table.open(export, access: .migration, owner: "bob")
+            table.close(moving, access: .migration, owner: "bob")
             // Once the migration target closes, another migration may start.
             table.close(b, access: .migration, owner: "bob")
             let c = try table.open(export, access: .migration, owner: "carol")

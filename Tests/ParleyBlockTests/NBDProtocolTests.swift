@@ -482,6 +482,22 @@ extension NBDProtocolTests {
             #expect(T.parseReplies(plain.sent)?.first?.type == NBD.Reply.errUnsupported.rawValue)
         }
 
+        /// The NBD document: the server operates in NOTLS mode unless the client answered the
+        /// greeting with NBD_FLAG_C_FIXED_NEWSTYLE. Offered, STARTTLS is then refused as with
+        /// no TLS at all; required, the client cannot be served (it was handled as any other).
+        @Test func aClientWithoutFixedNewstyleGetsNoTLS() {
+            var offered = T.started()
+            offered.tls = .on
+            let plain = T.feed(&offered, T.clientFlags(2) + T.option(.startTLS) + T.option(.list))
+            #expect(plain.startTLS == 0 && plain.disconnect == nil && !offered.tlsActive)
+            #expect(T.parseReplies(plain.sent)?.first?.type == NBD.Reply.errUnsupported.rawValue)
+            var required = T.started()
+            required.tls = .require
+            let refused = T.feed(&required, T.clientFlags(0) + T.option(.startTLS))
+            #expect(refused.disconnect?.contains("NBD_FLAG_C_FIXED_NEWSTYLE") == true, "\(String(describing: refused.disconnect))")
+            #expect(refused.sent.isEmpty && refused.startTLS == 0)
+        }
+
         @Test func aServerRequiringTLSRefusesOptionsBeforeIt() {
             var machine = T.started()
             machine.tls = .require

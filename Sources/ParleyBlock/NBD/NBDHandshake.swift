@@ -141,6 +141,17 @@ public struct NBDHandshakeStateMachine<Resolver: NBDExportResolver> {
                     break loop
                 }
                 self.noZeroes = flags & NBD.clientFlagNoZeroes != 0
+                if flags & NBD.clientFlagFixedNewstyle == 0 {
+                    // The NBD document: the server operates in NOTLS mode unless the client
+                    // answered with fixed newstyle. Offered, TLS is then off for this client;
+                    // required, the client cannot be served.
+                    if self.tls == .require {
+                        self.state = .done
+                        actions.append(.disconnect(reason: "client did not set NBD_FLAG_C_FIXED_NEWSTYLE, which TLS needs, and this server requires TLS"))
+                        break loop
+                    }
+                    self.tls = .off
+                }
                 self.state = .options
             case .options:
                 guard !self.pausedForTLS, buffer.readableBytes >= 16 else { break loop }
