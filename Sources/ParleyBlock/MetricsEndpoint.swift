@@ -1,4 +1,5 @@
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -17,12 +18,40 @@ public final class MetricsEndpoint: Sendable {
         self.channel = channel
     }
 
-    public static func start(host: String, port: Int, registry: PrometheusCollectorRegistry,
+    /// What the endpoint holds for its peers: a scraper needs one connection now and then,
+    /// and the endpoint shares its process (and file descriptors) with the block server.
+    public struct Limits: Sendable {
+        /// Connections at once; one more is closed as it is accepted.
+        public var maxConnections = 64
+        /// A connection that sends nothing for this long is closed.
+        public var idleTimeout: TimeAmount = .seconds(60)
+        /// Every connection is closed this long after its accept (a request trickled a byte
+        /// at a time is never idle).
+        public var maxLifetime: TimeAmount = .minutes(10)
+        public init() {}
+    }
+
+    public static func start(host: String, port: Int, registry: PrometheusCollectorRegistry, limits: Limits = Limits(),
                              group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> MetricsEndpoint {
+        let open = NIOLockedValueBox(0)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    let admitted = open.withLockedValue { n -> Bool in
+                        guard n < limits.maxConnections else { return false }
+                        n += 1
+                        return true
+                    }
+                    guard admitted else {
+                        channel.close(promise: nil)
+                        return
+                    }
+                    channel.closeFuture.whenComplete { _ in open.withLockedValue { $0 -= 1 } }
+                    let lifetime = channel.eventLoop.scheduleTask(in: limits.maxLifetime) { channel.close(promise: nil) }
+                    channel.closeFuture.whenComplete { _ in lifetime.cancel() }
+                    try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: limits.idleTimeout))
+                    try channel.pipeline.syncOperations.addHandler(CloseWhenIdle())
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(registry: registry))
                 }
@@ -33,6 +62,19 @@ public final class MetricsEndpoint: Sendable {
 
     public func close() async {
         try? await self.channel.close()
+    }
+}
+
+/// Closes the connection when `IdleStateHandler` says it has read nothing for its timeout.
+final class CloseWhenIdle: ChannelInboundHandler {
+    typealias InboundIn = NIOAny
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            context.close(promise: nil)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
     }
 }
 

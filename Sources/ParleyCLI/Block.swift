@@ -72,7 +72,7 @@ struct BlockServe: AsyncParsableCommand {
     @Flag(name: .long, help: "Serve every export read-only.")
     var readOnly = false
 
-    @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics.", valueName: "host:port"))
+    @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (64 connections at most, each closed after 60 s without a request and 10 minutes after its accept).", valueName: "host:port"))
     var metrics: String?
 
     @Option(name: .long, help: "Threads for storage calls that may block (reads that miss the cache, flushes, discards).")
