@@ -21,6 +21,9 @@ public enum BOINCScheduling {
             return .failure(.init(status: 413, message: "the scheduler request is \(body.count) bytes, over this project's limit of \(maxBytes)"))
         }
         guard !body.isEmpty else { return .failure(.init(status: 400, message: "the scheduler request is empty")) }
+        if let refusal = BOINCXMLText.encodingRefusal(body) {
+            return .failure(.init(status: 400, message: "the scheduler request \(refusal)"))
+        }
         let shape = BOINCXMLText.shape(body, depthLimit: maxDepth)
         if let depth = shape.depth {
             return .failure(.init(status: 400, message: "the scheduler request nests elements \(depth) deep, over this project's limit of \(maxDepth)"))
@@ -184,6 +187,7 @@ public enum BOINCScheduling {
         let text = Array(stderrOut[start.lowerBound..<end.upperBound].utf8)
         guard text.count <= 64 << 10 else { return nil }
         let shape = BOINCXMLText.shape(text, depthLimit: 4)
+        guard BOINCXMLText.encodingRefusal(text) == nil else { return nil }
         guard shape.depth == nil, shape.elements <= 64, !shape.declaration, BOINCXMLText.parsedDepthExceeding(text, 4) == nil else { return nil }
         return try? XMLDecoder().decode(TransferError.self, from: Data(text))
     }
@@ -236,6 +240,40 @@ public enum BOINCScheduling {
 
 /// Small helpers around XML text that XMLCoder does not offer.
 enum BOINCXMLText {
+    /// Why Foundation's XML parser must not see `bytes`, or nil. On Linux it traps (the
+    /// process dies) on an element or attribute name that is not UTF-8, which libxml2, told
+    /// to recover from errors, hands it as it came: bytes that are not UTF-8, or in UTF-8 but
+    /// declared as another encoding (`encoding="UTF-16"`). BOINC clients send UTF-8 with no
+    /// declaration of another encoding, so anything else is refused before parsing.
+    static func encodingRefusal(_ bytes: [UInt8]) -> String? {
+        var iterator = bytes.makeIterator()
+        var decoder = UTF8()
+        var offset = 0
+        decoding: while true {
+            switch decoder.decode(&iterator) {
+            case .scalarValue(let scalar): offset += UTF8.width(scalar)
+            case .emptyInput: break decoding
+            case .error: return "is not UTF-8 (byte \(offset) is 0x\(String(bytes[offset], radix: 16)))"
+            }
+        }
+        // The declaration, if any, is first (after a byte order mark and white space).
+        var start = 0
+        if bytes.starts(with: [0xEF, 0xBB, 0xBF]) { start = 3 }
+        while start < bytes.count, [0x20, 0x09, 0x0A, 0x0D].contains(bytes[start]) { start += 1 }
+        guard bytes[start...].starts(with: Array("<?xml".utf8)) else { return nil }
+        let declaration = bytes[start...].prefix(256)
+        guard let end = declaration.firstIndex(of: UInt8(ascii: ">")) else { return nil }
+        let text = String(decoding: bytes[start..<end], as: UTF8.self).lowercased()
+        guard let range = text.range(of: "encoding") else { return nil }
+        let rest = text[range.upperBound...].drop { $0 == " " || $0 == "=" || $0 == "\"" || $0 == "'" }
+        let name = String(rest.prefix { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." })
+        guard ["utf-8", "utf8", "us-ascii", "ascii"].contains(name) else {
+            return "declares the encoding \"\(name)\"; BOINC clients send UTF-8"
+        }
+        return nil
+    }
+
+
     /// The depth past `limit` that the elements reach as Foundation's parser reports them
     /// (the parser XMLCoder uses, with the same options: it recovers from errors, so its
     /// events, not the text's tags, are what XMLCoder nests), or nil if within it. Stops at

@@ -47,6 +47,9 @@ public enum BOINCUpload {
         guard header.count <= maxHeaderBytes else {
             return .failure(.init(status: 413, message: "the upload request's header is over \(maxHeaderBytes) bytes"))
         }
+        if let refusal = BOINCXMLText.encodingRefusal(header) {
+            return .failure(.init(status: 400, message: "the upload request's header \(refusal)"))
+        }
         let shape = BOINCXMLText.shape(header, depthLimit: 16)
         if let depth = shape.depth {
             return .failure(.init(status: 400, message: "the upload request nests elements \(depth) deep"))
