@@ -79,7 +79,26 @@ public final class BlockClient: Sendable {
         open.accessMode = access
         let reply = try await self.client.request(open, as: Parley_Block_V1_OpenReply.self)
         try Self.check(reply.status, reply.message)
+        if let unusable = Self.unusable(reply.geometry) {
+            // Opened there: closed again, not left open on a server this client cannot use.
+            var close = Parley_Block_V1_Close()
+            close.deviceID = reply.deviceID
+            _ = try? await self.client.request(close, as: Parley_Block_V1_CloseReply.self, timeout: .seconds(5))
+            throw ParleyError(code: .protocolViolation, message: "the server's geometry of \(path) cannot be used: \(unusable) (docs/protocol.md 17.5)")
+        }
         return Device(id: reply.deviceID, geometry: reply.geometry)
+    }
+
+    /// What makes a device's geometry unusable (docs/protocol.md 17.5), or nil: a logical
+    /// block size that is not a power of two from 512 to 65536 (NBD clients and the kernel
+    /// need one; IO is aligned to it), a largest IO below one block.
+    static func unusable(_ g: Parley_Block_V1_Geometry) -> String? {
+        let block = g.logicalBlockSize
+        guard block >= 512, block <= 65536, block & (block - 1) == 0 else {
+            return "logical_block_size \(block) is not a power of two from 512 to 65536"
+        }
+        guard g.maxIoSize >= block else { return "max_io_size \(g.maxIoSize) is less than one \(block)-byte block" }
+        return nil
     }
 
     /// Closes `device` on this connection; `timeout`: how long the server may take to answer.

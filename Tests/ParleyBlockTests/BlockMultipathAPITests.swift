@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 #endif
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import Parley
 @testable import ParleyBlock
@@ -253,6 +254,56 @@ struct BlockMultipathAPITests {
             #expect(e.kind == .unreachable && e.message.contains("no answer within"), "\(e)")
         }
         #expect(try await eventually { server.connectionCount == 0 }, "the connection of the attempt that timed out was closed")
+    }
+
+    /// A server whose Open answers a geometry no client can use (a block size that is not a
+    /// power of two from 512 to 65536, a largest IO below one block) is refused at the open,
+    /// naming what is wrong, and the device is closed there again; a usable one opens.
+    @Test func aGeometryNoClientCanUseIsRefusedAtTheOpen() async throws {
+        let scratch = try ScratchDirectory()
+        let closes = NIOLockedValueBox(0)
+        var router = ParleyRouter()
+        router.on(Parley_Block_V1_SessionInfo.self) { _, _ throws -> Parley_Block_V1_SessionInfoReply in
+            var reply = Parley_Block_V1_SessionInfoReply()
+            reply.protocolVersion = 1
+            reply.connectionID = 1
+            return reply
+        }
+        router.on(Parley_Block_V1_Open.self) { request, _ throws -> Parley_Block_V1_OpenReply in
+            var reply = Parley_Block_V1_OpenReply()
+            reply.deviceID = 7
+            reply.geometry.sizeBytes = 1 << 20
+            reply.geometry.maxIoSize = 8 << 20
+            switch request.path {
+            case "odd": reply.geometry.logicalBlockSize = 1000
+            case "zero": reply.geometry.logicalBlockSize = 0
+            case "huge": reply.geometry.logicalBlockSize = 1 << 20
+            case "tiny-io": reply.geometry.logicalBlockSize = 4096; reply.geometry.maxIoSize = 512
+            default: reply.geometry.logicalBlockSize = 4096
+            }
+            return reply
+        }
+        router.on(Parley_Block_V1_Close.self) { _, _ throws -> Parley_Block_V1_CloseReply in
+            closes.withLockedValue { $0 += 1 }
+            return Parley_Block_V1_CloseReply()
+        }
+        var quiet = Logger(label: "geometry")
+        quiet.logLevel = .critical
+        let server = ParleyServer(configuration: .init(listen: [.unix(path: scratch.file("geometry.sock"))]), router: router, logger: quiet)
+        Task { try await server.run() }
+        defer { server.shutDown() }
+        let client = try await BlockClient.connect(to: try await server.listeningAddresses[0], sessionName: "geometry", direct: false)
+        defer { client.closeConnection() }
+        for (path, says) in [("odd", "logical_block_size 1000"), ("zero", "logical_block_size 0"), ("huge", "logical_block_size 1048576"), ("tiny-io", "max_io_size 512")] {
+            do {
+                _ = try await client.open(path)
+                Issue.record("\(path) was opened")
+            } catch let e as ParleyError {
+                #expect(e.code == .protocolViolation && e.message.contains(says), "\(path): \(e)")
+            }
+        }
+        #expect(closes.withLockedValue { $0 } == 4, "each refused device was closed on the server")
+        #expect(try await client.open("fine").geometry.logicalBlockSize == 4096)
     }
 
     @Test func refusalsCarryTheServersStatus() async throws {
