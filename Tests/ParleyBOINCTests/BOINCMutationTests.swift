@@ -27,16 +27,9 @@ struct BOINCMutationTests {
             case 3: out.removeSubrange(at..<min(out.count, at + Int.random(in: 1...64, using: &rng)))
             case 4: out = Array(out.prefix(at))
             case 5:
-                // A range repeated where it was: nesting, when it holds a start tag.
-                let end = min(out.count, at + Int.random(in: 1...200, using: &rng))
-                let piece = out[at..<end]
-                out.insert(contentsOf: Array(repeating: Array(piece), count: Int.random(in: 1...50, using: &rng)).joined(), at: at)
+                ByteMutations.repeatRange(&out, at: at, maxLength: 200, times: Int.random(in: 1...50, using: &rng), using: &rng)
             default:
-                // A range moved elsewhere.
-                let end = min(out.count, at + Int.random(in: 1...100, using: &rng))
-                let piece = Array(out[at..<end])
-                out.removeSubrange(at..<end)
-                out.insert(contentsOf: piece, at: Int.random(in: 0...out.count, using: &rng))
+                ByteMutations.moveRange(&out, at: at, maxLength: 100, using: &rng)
             }
         }
         return out

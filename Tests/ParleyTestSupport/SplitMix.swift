@@ -12,3 +12,22 @@ public struct SplitMix: RandomNumberGenerator {
         return z ^ (z >> 31)
     }
 }
+
+/// Mutations of byte strings that mutation tests share, drawn from a `SplitMix`.
+public enum ByteMutations {
+    /// Inserts, at `at`, `times` copies of up to `maxLength` bytes starting there (nesting,
+    /// when they hold an opening tag or a length prefix).
+    public static func repeatRange(_ bytes: inout [UInt8], at: Int, maxLength: Int, times: Int, using rng: inout SplitMix) {
+        let end = min(bytes.count, at + Int.random(in: 1...maxLength, using: &rng))
+        let piece = Array(bytes[at..<end])
+        bytes.insert(contentsOf: Array(repeating: piece, count: times).joined(), at: at)
+    }
+
+    /// Moves up to `maxLength` bytes starting at `at` to a random place.
+    public static func moveRange(_ bytes: inout [UInt8], at: Int, maxLength: Int, using rng: inout SplitMix) {
+        let end = min(bytes.count, at + Int.random(in: 1...maxLength, using: &rng))
+        let piece = Array(bytes[at..<end])
+        bytes.removeSubrange(at..<end)
+        bytes.insert(contentsOf: piece, at: Int.random(in: 0...bytes.count, using: &rng))
+    }
+}

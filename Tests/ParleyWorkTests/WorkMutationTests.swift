@@ -32,14 +32,8 @@ struct WorkMutationTests {
             case 1, 8, 9: out[at] = [0x00, 0x01, 0x7F, 0x2F, 0x2E, 0x20, 0x41].randomElement(using: &rng)!
             case 2: out.removeSubrange(at..<min(out.count, at + Int.random(in: 1...16, using: &rng)))
             case 3: out.insert(UInt8.random(in: 0...255, using: &rng), at: at)
-            case 4:
-                let end = min(out.count, at + Int.random(in: 1...40, using: &rng))
-                out.insert(contentsOf: Array(out[at..<end]), at: at)
-            default:
-                let end = min(out.count, at + Int.random(in: 1...40, using: &rng))
-                let piece = Array(out[at..<end])
-                out.removeSubrange(at..<end)
-                out.insert(contentsOf: piece, at: Int.random(in: 0...out.count, using: &rng))
+            case 4: ByteMutations.repeatRange(&out, at: at, maxLength: 40, times: 1, using: &rng)
+            default: ByteMutations.moveRange(&out, at: at, maxLength: 40, using: &rng)
             }
         }
         return out
