@@ -424,10 +424,14 @@ public final class ParleyClient: Sendable {
     }
 
     /// Waits until the server's request delay (if any) has passed.
+    /// - Throws: the connection's error if it ends meanwhile (nothing is sent on it any more).
     public func waitForRequestDelay() async throws {
         // A NOTICE may replace the deadline while we wait (docs/protocol.md 8.2), shorter or
         // longer: wait in slices of at most 10 ms and look at the deadline again after each.
         while self.nucleusState.delayPending.load(ordering: .acquiring) {
+            // A server that asks for a day and closes (or a client closed meanwhile) does not
+            // hold the call for the rest of the day: it fails now, as it would after the wait.
+            if let ended = self.connection.endReason { throw ended }
             let wait = self.nucleusState.withLockedValue { s -> ContinuousClock.Instant? in
                 let now = ContinuousClock.now
                 guard let notBefore = s.notBefore, notBefore > now else {

@@ -1010,6 +1010,11 @@ public final class ParleyConnection: Sendable {
         guard let status = try? Parley_V1_Status(parleyPayload: message.payload) else {
             return ParleyError(code: .malformedPayload, message: "ERROR answer with an unreadable status")
         }
+        guard !status.message.allSatisfy(\.isWhitespace) else {
+            // A code alone tells the reader of the error nothing (a CLOSE without a message
+            // says "no reason given" too).
+            return ParleyError(code: ParleyError.Code(rawValue: status.code), message: "request \(message.header.id) failed: the peer's ERROR gave no reason")
+        }
         return ParleyError(status: status)
     }
 

@@ -291,6 +291,9 @@ public struct ClientHandshakeStateMachine: Sendable {
                     self.state = .failed
                     // The refusing SERVER_IDENT's other messages are shown too (docs/protocol.md 8.4).
                     var error = ParleyError(status: ident.refusal)
+                    if error.message.allSatisfy(\.isWhitespace) {
+                        error.message = "the server refused this client: no reason given"
+                    }
                     for m in ident.nucleus.messages where m.text != error.message {
                         error.message += "\nserver message [\(m.priority == .high ? "high" : "low")]: \(m.text)"
                     }
