@@ -157,13 +157,15 @@ public enum DevelopmentCertificates {
 
     /// A host for a subject alternative name: an IP address (v4 or v6) or a DNS name.
     private static func generalName(_ host: String) throws -> GeneralName {
-        var v4 = in_addr()
+        // Byte arrays, not in_addr/in6_addr: whose initializers a fresh build can take from
+        // another module than this file imports (MemberImportVisibility).
+        var v4 = [UInt8](repeating: 0, count: 4)
         if inet_pton(AF_INET, host, &v4) == 1 {
-            return .ipAddress(ASN1OctetString(contentBytes: withUnsafeBytes(of: &v4) { ArraySlice($0) }))
+            return .ipAddress(ASN1OctetString(contentBytes: ArraySlice(v4)))
         }
-        var v6 = in6_addr()
+        var v6 = [UInt8](repeating: 0, count: 16)
         if inet_pton(AF_INET6, host, &v6) == 1 {
-            return .ipAddress(ASN1OctetString(contentBytes: withUnsafeBytes(of: &v6) { ArraySlice($0) }))
+            return .ipAddress(ASN1OctetString(contentBytes: ArraySlice(v6)))
         }
         guard !host.isEmpty, host.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "." || $0 == "-" || $0 == "*") }) else {
             throw ParleyError(code: .invalidArgument, message: "bad host \"\(host)\": give a DNS name or an IP address")
