@@ -40,10 +40,16 @@ public enum BOINCScheduling {
             return .failure(.init(status: 400, message: "the request is not a <scheduler_request> XML document"))
         }
         // The guard above reads tags as a well-formed document has them; the parser, which
-        // recovers from errors, can see more (a quote in an end tag hid 18,000 levels from
-        // the guard): the parser's own events are counted before XMLCoder builds its tree.
-        if let depth = BOINCXMLText.parsedDepthExceeding(body, maxDepth) {
+        // recovers from errors, can see more (a quote in an end tag hid 18,000 levels, or a
+        // million elements, from the guard): the parser's own events are counted before
+        // XMLCoder builds its tree.
+        switch BOINCXMLText.parsedShape(body, depthLimit: maxDepth, elementLimit: Self.maxElements) {
+        case .tooDeep(let depth):
             return .failure(.init(status: 400, message: "the scheduler request nests elements \(depth) deep, over this project's limit of \(maxDepth)"))
+        case .tooMany(let elements):
+            return .failure(.init(status: 413, message: "the scheduler request has over \(elements - 1) elements, over this project's limit of \(Self.maxElements)"))
+        case .within:
+            break
         }
         let request: BOINCSchedulerRequest
         do {
@@ -188,7 +194,8 @@ public enum BOINCScheduling {
         guard text.count <= 64 << 10 else { return nil }
         let shape = BOINCXMLText.shape(text, depthLimit: 4)
         guard BOINCXMLText.encodingRefusal(text) == nil else { return nil }
-        guard shape.depth == nil, shape.elements <= 64, !shape.declaration, BOINCXMLText.parsedDepthExceeding(text, 4) == nil else { return nil }
+        guard shape.depth == nil, shape.elements <= 64, !shape.declaration,
+              BOINCXMLText.parsedShape(text, depthLimit: 4, elementLimit: 64) == .within else { return nil }
         return try? XMLDecoder().decode(TransferError.self, from: Data(text))
     }
 
@@ -261,8 +268,10 @@ enum BOINCXMLText {
         if bytes.starts(with: [0xEF, 0xBB, 0xBF]) { start = 3 }
         while start < bytes.count, [0x20, 0x09, 0x0A, 0x0D].contains(bytes[start]) { start += 1 }
         guard bytes[start...].starts(with: Array("<?xml".utf8)) else { return nil }
-        let declaration = bytes[start...].prefix(256)
-        guard let end = declaration.firstIndex(of: UInt8(ascii: ">")) else { return nil }
+        // To its end, however long (white space between its attributes is legal).
+        guard let end = bytes[start...].firstIndex(of: UInt8(ascii: ">")) else {
+            return "has an XML declaration that does not end"
+        }
         let text = String(decoding: bytes[start..<end], as: UTF8.self).lowercased()
         guard let range = text.range(of: "encoding") else { return nil }
         let rest = text[range.upperBound...].drop { $0 == " " || $0 == "=" || $0 == "\"" || $0 == "'" }
@@ -274,30 +283,47 @@ enum BOINCXMLText {
     }
 
 
-    /// The depth past `limit` that the elements reach as Foundation's parser reports them
-    /// (the parser XMLCoder uses, with the same options: it recovers from errors, so its
-    /// events, not the text's tags, are what XMLCoder nests), or nil if within it. Stops at
-    /// the first element past the limit; builds nothing.
-    static func parsedDepthExceeding(_ bytes: [UInt8], _ limit: Int) -> Int? {
-        let counter = DepthCounter(limit: limit)
+    enum ParsedShape: Equatable {
+        case within
+        /// The depth reached past the limit.
+        case tooDeep(Int)
+        /// The count of elements reached past the limit.
+        case tooMany(Int)
+    }
+
+    /// Whether the elements stay within `depthLimit` levels and `elementLimit` in number as
+    /// Foundation's parser reports them (the parser XMLCoder uses, with the same options: it
+    /// recovers from errors, so its events, not the text's tags, are what XMLCoder builds
+    /// its tree of). Stops at the first element past a limit; builds nothing.
+    static func parsedShape(_ bytes: [UInt8], depthLimit: Int, elementLimit: Int) -> ParsedShape {
+        let counter = ShapeCounter(depthLimit: depthLimit, elementLimit: elementLimit)
         let parser = XMLParser(data: Data(bytes))
         parser.shouldProcessNamespaces = false
         parser.shouldReportNamespacePrefixes = false
         parser.shouldResolveExternalEntities = false
         parser.delegate = counter
         _ = parser.parse()
-        return counter.exceeded
+        return counter.shape
     }
 
-    private final class DepthCounter: NSObject, XMLParserDelegate {
-        let limit: Int
+    private final class ShapeCounter: NSObject, XMLParserDelegate {
+        let depthLimit: Int
+        let elementLimit: Int
         var depth = 0
-        var exceeded: Int?
-        init(limit: Int) { self.limit = limit }
+        var elements = 0
+        var shape = ParsedShape.within
+        init(depthLimit: Int, elementLimit: Int) {
+            self.depthLimit = depthLimit
+            self.elementLimit = elementLimit
+        }
         func parser(_ parser: XMLParser, didStartElement elementName: String, namespaceURI: String?, qualifiedName qName: String?, attributes attributeDict: [String: String] = [:]) {
             self.depth += 1
-            if self.depth > self.limit {
-                self.exceeded = self.depth
+            self.elements += 1
+            if self.depth > self.depthLimit {
+                self.shape = .tooDeep(self.depth)
+                parser.abortParsing()
+            } else if self.elements > self.elementLimit {
+                self.shape = .tooMany(self.elements)
                 parser.abortParsing()
             }
         }

@@ -244,8 +244,24 @@ struct BOINCTestFailure: Error, CustomStringConvertible {
         }
         #expect(refusal.status == 400 && refusal.message.contains("33 deep"), "\(refusal)")
         #expect(BOINCXMLText.shape(Array(body.utf8), depthLimit: 32).depth == nil, "the text guard alone does not see it")
-        #expect(BOINCXMLText.parsedDepthExceeding(Array("<a><b></b></a>".utf8), 2) == nil)
-        #expect(BOINCXMLText.parsedDepthExceeding(Array("<a><b><c/></b></a>".utf8), 2) == 3)
+        #expect(BOINCXMLText.parsedShape(Array("<a><b></b></a>".utf8), depthLimit: 2, elementLimit: 2) == .within)
+        #expect(BOINCXMLText.parsedShape(Array("<a><b><c/></b></a>".utf8), depthLimit: 2, elementLimit: 9) == .tooDeep(3))
+        #expect(BOINCXMLText.parsedShape(Array("<a><b/><c/></a>".utf8), depthLimit: 9, elementLimit: 2) == .tooMany(3))
+    }
+
+    /// The same quote hid a million elements from the text guard's count (XMLCoder built a
+    /// tree of each, some hundred bytes apiece, for a 4 MB request; found by a review): the
+    /// parser's own events are counted too.
+    @Test func manyElementsHiddenByAQuoteInAnEndTagAreRefused() throws {
+        var body = "<scheduler_request><platform_name>x86_64-pc-linux-gnu</platform_name><q></q '"
+        body += String(repeating: "<a/>", count: 250_000) + "'></scheduler_request>"
+        #expect(BOINCXMLText.shape(Array(body.utf8), depthLimit: 32).elements < 10, "the text guard alone does not see them")
+        let result = BOINCScheduling.read(Array(body.utf8), maxBytes: 4 << 20, maxDepth: 32)
+        guard case .failure(let refusal) = result else {
+            Issue.record("a request with 250,000 hidden elements was read")
+            return
+        }
+        #expect(refusal.status == 413 && refusal.message.contains("elements"), "\(refusal)")
     }
 
     /// max_output_bytes is what is kept of stdout and stderr (work.proto), not a limit on

@@ -43,8 +43,12 @@ struct BOINCMutationTests {
         let name = Array("<fil".utf8) + [0xE5] + Array("_info>x</fil".utf8) + [0xE5] + Array("_info>".utf8)
         let attribute = Array("<a b".utf8) + [0xE5] + Array("='1'/>".utf8)
         let declared = Array("<?xml version=\"1.0\" encoding=\"UTF-16\"?><scheduler_request><a".utf8) + Array("\u{e5}".utf8) + Array("/></scheduler_request>".utf8)
+        // White space between a declaration's attributes is legal, however much (the check
+        // looked for its end in the first 256 bytes only; found by a review).
+        let longDeclaration = Array(("<?xml version=\"1.0\"" + String(repeating: " ", count: 300) + "encoding=\"UTF-16\"?><scheduler_request><a").utf8)
+            + Array("\u{e5}".utf8) + Array("/></scheduler_request>".utf8)
         for (i, body) in [Array("<scheduler_request>".utf8) + name + Array("</scheduler_request>".utf8),
-                          Array("<scheduler_request>".utf8) + attribute + Array("</scheduler_request>".utf8), declared].enumerated() {
+                          Array("<scheduler_request>".utf8) + attribute + Array("</scheduler_request>".utf8), declared, longDeclaration].enumerated() {
             guard case .failure(let refusal) = BOINCScheduling.read(body, maxBytes: 1 << 20, maxDepth: 32) else {
                 Issue.record("case \(i) was read")
                 continue
