@@ -261,7 +261,8 @@ public final class BlockDeviceTable: Sendable {
         do throws(BlockStoreError) {
             do throws(BlockStoreError) {
                 store = try self.openStore(export.path, writable)
-            } catch let error where !writes && (error.errno == EACCES || error.errno == EROFS) {
+            } catch let error where !writes && (error.errno == EACCES || error.errno == EROFS || error.errno == EPERM) {
+                // EPERM: an immutable or append-only file, readable all the same.
                 writable = false
                 store = try self.openStore(export.path, false)
             }

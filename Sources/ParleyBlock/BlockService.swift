@@ -39,6 +39,10 @@ public final class BlockService: Sendable {
     private let firstConnectionID: UInt64
     /// Read by every IO: an atomic, not a lock.
     private let shuttingDown = Atomic<Bool>(false)
+    /// Held while a Fence checks that its connection is not fenced and marks its targets:
+    /// two connections fencing each other at once would otherwise both pass the check and
+    /// leave their client no path.
+    private let fencing = NIOLock()
     /// Grant DIRECT IO to clients that ask (SessionInfo.direct_io; docs/protocol.md 17.9).
     let allowsDirect: Bool
 
@@ -207,6 +211,7 @@ public final class BlockService: Sendable {
         guard session.instance != 0 else { return refuse(.invalid, "Fence needs a client_instance in SessionInfo") }
         // A fenced connection fences nothing: its client gave it up, and its Fence of the
         // connection that fenced it would leave the client no path (docs/protocol.md 17.1).
+        // Checked here first, and again with the marking, under `fencing`.
         if session.isFenced.load(ordering: .acquiring) {
             return refuse(.fenced, "connection \(session.connectionID) was fenced: it cannot fence other connections")
         }
@@ -229,7 +234,14 @@ public final class BlockService: Sendable {
         }
         // Every target refuses new IO from now on, then the answer waits for what runs on
         // each (marking them one by one admitted IO on the later ones meanwhile).
-        for target in targets { target.markFenced(by: session.connectionID) }
+        let fencedMeanwhile = self.fencing.withLock { () -> Bool in
+            if session.isFenced.load(ordering: .acquiring) { return true }
+            for target in targets { target.markFenced(by: session.connectionID) }
+            return false
+        }
+        if fencedMeanwhile {
+            return refuse(.fenced, "connection \(session.connectionID) was fenced while its Fence was checked: it cannot fence other connections")
+        }
         for target in targets { await target.idle() }
         if !targets.isEmpty {
             self.logger.info("block connections fenced", metadata: [
