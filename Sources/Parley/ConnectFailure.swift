@@ -11,9 +11,11 @@ import ParleyWire
 /// "connection reset (error set): Connection refused) (errno: 111)"), and whether it found
 /// nobody there: what a daemon waits out when it starts before its server.
 enum ConnectFailure {
-    /// Errors of the socket layer that say nobody answered at that address (yet).
+    /// Errors of the socket layer that say nobody answered at that address (yet), or the
+    /// network is not up (yet). Not a reset or an abort: those come after a connection was
+    /// made (a TLS or WebSocket peer that refuses), which waiting does not mend.
     private static let unreachableErrnos: Set<CInt> = [
-        ECONNREFUSED, ENOENT, ECONNRESET, ECONNABORTED, ETIMEDOUT, EHOSTUNREACH, ENETUNREACH, EHOSTDOWN, EAGAIN,
+        ECONNREFUSED, ENOENT, ETIMEDOUT, EHOSTUNREACH, ENETUNREACH, EHOSTDOWN, ENETDOWN, EADDRNOTAVAIL, EAGAIN,
     ]
 
     static func describe(_ error: any Error) -> String {
@@ -40,10 +42,10 @@ enum ConnectFailure {
         case let error as IOError:
             return Self.unreachableErrnos.contains(error.errnoCode)
         case let error as NIOConnectionError:
-            // Addresses that resolved and did not answer; a name that does not resolve is
-            // not waited for.
-            return error.dnsAError == nil && error.dnsAAAAError == nil && !error.connectionErrors.isEmpty
-                && error.connectionErrors.allSatisfy { Self.isUnreachable($0.error) }
+            // A name that does not resolve (yet: a daemon may start before the network or
+            // its DNS), or addresses that did not answer.
+            if error.dnsAError != nil || error.dnsAAAAError != nil { return true }
+            return !error.connectionErrors.isEmpty && error.connectionErrors.allSatisfy { Self.isUnreachable($0.error) }
         case ChannelError.connectTimeout:
             return true
         default:
@@ -53,11 +55,19 @@ enum ConnectFailure {
 }
 
 extension ParleyError {
-    /// A connect that found nobody there: nothing listening, no route, or no answer in time.
-    /// The peer may come up later, so a daemon may wait for it; false for refusals that would
-    /// be the same next time (authentication, a certificate, a version, a bad address).
+    /// A connect that found nobody there: nothing listening, no route, a name that does not
+    /// resolve, or no answer in time. The peer may come up later, so a daemon may wait for
+    /// it; false for refusals that would be the same next time (authentication, a
+    /// certificate, a version, a bad address).
     public var isPeerUnreachable: Bool {
         guard self.code == .connectFailed, let cause = self.cause else { return false }
         return ConnectFailure.isUnreachable(cause)
+    }
+
+    /// A connect a daemon starting before its server may wait out: nobody there yet
+    /// (`isPeerUnreachable`), or a server that let it in and closed the connection before
+    /// the session began (at its connection limit) or is shutting down.
+    public var isWorthWaitingFor: Bool {
+        self.isPeerUnreachable || self.code == .connectionClosed || self.code == .shuttingDown
     }
 }

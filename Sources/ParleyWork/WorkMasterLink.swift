@@ -151,7 +151,8 @@ public final class WorkMasterLink: Sendable {
     }
 
     /// The first connection, for a worker that may start before its masters: while no master
-    /// answers at all (nothing listening yet, no route), tries them all again with back-off
+    /// answers at all (nothing listening yet, no route, a name that does not resolve yet, a
+    /// master full or shutting down: `ParleyError.isWorthWaitingFor`), tries them all again with back-off
     /// (0.2 s, doubling up to 5 s) for up to `failoverTimeout`, logging a warning once; fails
     /// at once for anything else (an authentication or a certificate refused, a hello the
     /// master refused), which would fail the same way again.
@@ -162,7 +163,7 @@ public final class WorkMasterLink: Sendable {
         while true {
             do {
                 return try await self.client()
-            } catch let error as ParleyError where error.isPeerUnreachable && ContinuousClock.now + pause < deadline {
+            } catch let error as ParleyError where error.isWorthWaitingFor && ContinuousClock.now + pause < deadline {
                 if !warned {
                     warned = true
                     self.logger.warning(
@@ -205,7 +206,7 @@ public final class WorkMasterLink: Sendable {
                 return client
             } catch {
                 lastError = error
-                if refusal == nil, !((error as? ParleyError)?.isPeerUnreachable ?? false) { refusal = error }
+                if refusal == nil, !((error as? ParleyError)?.isWorthWaitingFor ?? false) { refusal = error }
                 self.logger.debug("master unreachable", metadata: ["master": "\(address)", "error": "\(error)"])
             }
         }

@@ -15,6 +15,30 @@ import Testing
 /// real sockets, with certificates made by `DevelopmentCertificates`; and `parley cert`.
 @Suite(.timeLimit(.minutes(2)))
 struct TransportTests {
+    /// Which failed connects a daemon starting before its server waits out: nobody there
+    /// (refused, no route, the network not up, no answer in time, a Unix socket not there
+    /// yet), a full or draining server; not a reset after connecting (a TLS or WebSocket
+    /// peer that refuses), nor a refusal that would be the same next time.
+    @Test func whichConnectFailuresAreWorthWaitingFor() {
+        func failed(_ errno: CInt) -> ParleyError {
+            ParleyError(code: .connectFailed, message: "cannot connect", cause: IOError(errnoCode: errno, reason: "connect"))
+        }
+        for e in [ECONNREFUSED, ENOENT, ETIMEDOUT, EHOSTUNREACH, ENETUNREACH, ENETDOWN, EADDRNOTAVAIL] {
+            #expect(failed(e).isPeerUnreachable && failed(e).isWorthWaitingFor, "errno \(e)")
+        }
+        for e in [ECONNRESET, ECONNABORTED, EACCES, EINVAL] {
+            #expect(!failed(e).isPeerUnreachable && !failed(e).isWorthWaitingFor, "errno \(e)")
+        }
+        #expect(ParleyError(code: .connectFailed, message: "no answer", cause: ChannelError.connectTimeout(.seconds(1))).isWorthWaitingFor)
+        #expect(ParleyError(code: .connectionClosed, message: "closed as accepted").isWorthWaitingFor)
+        #expect(ParleyError(code: .shuttingDown, message: "draining").isWorthWaitingFor)
+        for code in [ParleyError.Code.authenticationFailed, .permissionDenied, .clientOutOfDate, .invalidArgument] {
+            #expect(!ParleyError(code: code, message: "refused").isWorthWaitingFor, "\(code)")
+        }
+        // A connect that failed for another reason (a certificate): not waited for.
+        #expect(!ParleyError(code: .connectFailed, message: "certificate verify failed", cause: ParleyError(code: .authenticationFailed, message: "x")).isWorthWaitingFor)
+    }
+
     // MARK: TLS
 
     @Test func tlsServerOnlyRequestResponse() async throws {
