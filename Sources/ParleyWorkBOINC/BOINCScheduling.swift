@@ -249,9 +249,10 @@ public enum BOINCScheduling {
 enum BOINCXMLText {
     /// Why Foundation's XML parser must not see `bytes`, or nil. On Linux it traps (the
     /// process dies) on an element or attribute name that is not UTF-8, which libxml2, told
-    /// to recover from errors, hands it as it came: bytes that are not UTF-8, or in UTF-8 but
-    /// declared as another encoding (`encoding="UTF-16"`). BOINC clients send UTF-8 with no
-    /// declaration of another encoding, so anything else is refused before parsing.
+    /// to recover from errors, hands it as it came (seen with bytes that are not UTF-8, with
+    /// and without a declaration of another encoding). BOINC clients send UTF-8 and declare
+    /// no other encoding: anything else is refused before parsing (a declared encoding as a
+    /// precaution: libxml2 converts by it before the names reach Foundation).
     static func encodingRefusal(_ bytes: [UInt8]) -> String? {
         var iterator = bytes.makeIterator()
         var decoder = UTF8()
