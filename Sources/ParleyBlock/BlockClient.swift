@@ -81,9 +81,7 @@ public final class BlockClient: Sendable {
         try Self.check(reply.status, reply.message)
         if let unusable = Self.unusable(reply.geometry) {
             // Opened there: closed again, not left open on a server this client cannot use.
-            var close = Parley_Block_V1_Close()
-            close.deviceID = reply.deviceID
-            _ = try? await self.client.request(close, as: Parley_Block_V1_CloseReply.self, timeout: .seconds(5))
+            try? await self.close(Device(id: reply.deviceID, geometry: reply.geometry), timeout: .seconds(5))
             throw ParleyError(code: .protocolViolation, message: "the server's geometry of \(path) cannot be used: \(unusable) (docs/protocol.md 17.5)")
         }
         return Device(id: reply.deviceID, geometry: reply.geometry)

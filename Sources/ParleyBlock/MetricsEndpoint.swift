@@ -47,9 +47,11 @@ public final class MetricsEndpoint: Sendable {
                         channel.close(promise: nil)
                         return
                     }
-                    channel.closeFuture.whenComplete { _ in open.withLockedValue { $0 -= 1 } }
                     let lifetime = channel.eventLoop.scheduleTask(in: limits.maxLifetime) { channel.close(promise: nil) }
-                    channel.closeFuture.whenComplete { _ in lifetime.cancel() }
+                    channel.closeFuture.whenComplete { _ in
+                        open.withLockedValue { $0 -= 1 }
+                        lifetime.cancel()
+                    }
                     try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: limits.idleTimeout))
                     try channel.pipeline.syncOperations.addHandler(CloseWhenIdle())
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()

@@ -254,15 +254,14 @@ enum BOINCXMLText {
     /// no other encoding: anything else is refused before parsing (a declared encoding as a
     /// precaution: libxml2 converts by it before the names reach Foundation).
     static func encodingRefusal(_ bytes: [UInt8]) -> String? {
-        var iterator = bytes.makeIterator()
-        var decoder = UTF8()
-        var offset = 0
-        decoding: while true {
-            switch decoder.decode(&iterator) {
-            case .scalarValue(let scalar): offset += UTF8.width(scalar)
-            case .emptyInput: break decoding
-            case .error: return "is not UTF-8 (byte \(offset) is 0x\(String(bytes[offset], radix: 16)))"
-            }
+        // The standard library's validation first (every request passes here); the scalar
+        // walk only to name the first bad byte.
+        if String(validating: bytes, as: UTF8.self) == nil {
+            var iterator = bytes.makeIterator()
+            var decoder = UTF8()
+            var offset = 0
+            while case .scalarValue(let scalar) = decoder.decode(&iterator) { offset += UTF8.width(scalar) }
+            return "is not UTF-8 (byte \(offset) is 0x\(String(bytes[offset], radix: 16)))"
         }
         // The declaration, if any, is first (after a byte order mark and white space).
         var start = 0
@@ -282,7 +281,6 @@ enum BOINCXMLText {
         }
         return nil
     }
-
 
     enum ParsedShape: Equatable {
         case within

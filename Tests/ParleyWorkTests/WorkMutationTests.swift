@@ -117,7 +117,22 @@ struct WorkMutationTests {
         var outcomes: [String: Int] = [:]
         var undecodable = 0
         for i in 0..<Self.variants {
-            /// Sends `seed` mutated (when it still decodes), noting how it ended.
+            /// Sends `message`, noting how it ended under `label` (`bytes`: what it came from).
+            func deliver<M: SwiftProtobuf.Message & Sendable, R: SwiftProtobuf.Message & Sendable>(
+                _ message: M, _ answer: R.Type, label: String, bytes: [UInt8]
+            ) async {
+                do {
+                    _ = try await master.client.request(message, as: answer, timeout: .seconds(20))
+                    outcomes["\(label): answered", default: 0] += 1
+                } catch let error as ParleyError {
+                    outcomes["\(label): \(error.code)", default: 0] += 1
+                    #expect(!error.message.isEmpty, "variant \(i): \(label) refused without a reason")
+                    #expect(error.code != .handlerFailed && error.code != .timeout, "variant \(i): \(label) \(bytes): \(error)")
+                } catch {
+                    Issue.record("variant \(i): \(label): \(error)")
+                }
+            }
+            /// Sends `seed` mutated (when it still decodes).
             func send<M: SwiftProtobuf.Message & Sendable, R: SwiftProtobuf.Message & Sendable>(_ seed: M, _ answer: R.Type) async throws {
                 let serialized: [UInt8] = try seed.serializedBytes()
                 let bytes = Self.mutate(serialized, &rng)
@@ -125,14 +140,7 @@ struct WorkMutationTests {
                     undecodable += 1
                     return
                 }
-                do {
-                    _ = try await master.client.request(message, as: answer, timeout: .seconds(20))
-                    outcomes["\(M.protoMessageName): answered", default: 0] += 1
-                } catch let error as ParleyError {
-                    outcomes["\(M.protoMessageName): \(error.code)", default: 0] += 1
-                    #expect(!error.message.isEmpty, "variant \(i): \(M.protoMessageName) refused without a reason")
-                    #expect(error.code != .handlerFailed && error.code != .timeout, "variant \(i): \(M.protoMessageName) \(bytes): \(error)")
-                }
+                await deliver(message, answer, label: M.protoMessageName, bytes: bytes)
             }
             switch Int.random(in: 0..<9, using: &rng) {
             case 0:
@@ -143,18 +151,9 @@ struct WorkMutationTests {
                     undecodable += 1
                     continue
                 }
-                var job = Parley_Work_V1_SignedJob()
-                job.spec = Data(mutated)
-                job.signature = Data(try master.key.sign(job: mutated))
                 var submit = Parley_Work_V1_SubmitJobs()
-                submit.jobs = [job]
-                do {
-                    _ = try await master.client.request(submit, as: Parley_Work_V1_SubmitReply.self, timeout: .seconds(20))
-                    outcomes["signed spec: answered", default: 0] += 1
-                } catch let error as ParleyError {
-                    outcomes["signed spec: \(error.code)", default: 0] += 1
-                    #expect(!error.message.isEmpty && error.code != .handlerFailed && error.code != .timeout, "variant \(i): signed spec \(mutated): \(error)")
-                }
+                submit.jobs = [try master.signed(mutated)]
+                await deliver(submit, Parley_Work_V1_SubmitReply.self, label: "signed spec", bytes: mutated)
             case 1: try await send(hello, Parley_Work_V1_WorkerWelcome.self)
             case 2: try await send(asking, Parley_Work_V1_WorkAssignments.self)
             case 3: try await send(report, Parley_Work_V1_ReportAck.self)
@@ -164,9 +163,7 @@ struct WorkMutationTests {
             case 7: try await send(result, Parley_Work_V1_ResultReply.self)
             default:
                 var submit = Parley_Work_V1_SubmitJobs()
-                var job = Parley_Work_V1_SignedJob()
-                job.spec = Data(specBytes)
-                job.signature = Data(try master.key.sign(job: specBytes))
+                var job = try master.signed(specBytes)
                 job.priority = 3
                 job.maxAttempts = 2
                 submit.jobs = [job]

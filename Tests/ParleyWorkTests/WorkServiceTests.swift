@@ -61,13 +61,16 @@ struct InProcessMaster {
     @discardableResult
     func submit(_ specs: [Parley_Work_V1_JobSpec]) async throws -> [UInt64] {
         var submit = Parley_Work_V1_SubmitJobs()
-        for spec in specs {
-            var job = Parley_Work_V1_SignedJob()
-            job.spec = try spec.serializedBytes()
-            job.signature = Data(try self.key.sign(job: Array(job.spec)))
-            submit.jobs.append(job)
-        }
+        submit.jobs = try specs.map { try self.signed(try $0.serializedBytes()) }
         return try await self.client.request(submit, as: Parley_Work_V1_SubmitReply.self).jobIds
+    }
+
+    /// A job of these spec bytes (whatever they hold), signed with the project's key.
+    func signed(_ spec: [UInt8]) throws -> Parley_Work_V1_SignedJob {
+        var job = Parley_Work_V1_SignedJob()
+        job.spec = Data(spec)
+        job.signature = Data(try self.key.sign(job: spec))
+        return job
     }
 
     /// A job running `argv`, estimated at `seconds` (0: no estimate).
