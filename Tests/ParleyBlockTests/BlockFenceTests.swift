@@ -684,6 +684,36 @@ struct BlockFenceTests {
         #expect(BlockMultipathDevice.fenceFailure(Other(), connectionEnded: false) == .pathFailed)
     }
 
+    /// How an IO's answer is taken (docs/protocol.md 17.8 rule 2), by any sender of IO on a
+    /// path: statuses and errors that fail the path send the IO again elsewhere (no result),
+    /// the server's other refusals reach the caller with their reason.
+    @Test func anIOAnswerIsClassifiedByWhatItSays() {
+        let io = MultipathIOState.IO(.write, offset: 4096, length: 512)
+        func outcome(_ answer: Result<ByteBufferPieces?, any Error>, ended: Bool = false) -> (MultipathIOState.Outcome, Result<ByteBufferPieces?, BlockMultipathError>?) {
+            BlockMultipathDevice.outcome(of: answer, io: io, device: "dev", connectionEnded: ended)
+        }
+        let data = ByteBufferPieces(ByteBuffer(bytes: [1, 2, 3]))
+        let done = outcome(.success(data))
+        #expect(done.0 == .done)
+        if case .success(let d)? = done.1 { #expect(d?.gathered() == ByteBuffer(bytes: [1, 2, 3])) } else { Issue.record("no data with done") }
+        for status in [Parley_Block_V1_BlockStatus.shuttingDown, .noSession, .fenced, .unknownDevice] {
+            let o = outcome(.failure(BlockError(status, "test")))
+            #expect(o.0 == .pathFailed && o.1 == nil, "\(status)")
+        }
+        for status in [Parley_Block_V1_BlockStatus.invalid, .readOnly, .ioError, .tooLarge, .busySession] {
+            let o = outcome(.failure(BlockError(status, "no space")))
+            #expect(o.0 == .refused, "\(status)")
+            guard case .failure(let e)? = o.1 else { Issue.record("\(status): no reason for the caller"); continue }
+            #expect(e.message.contains("512 bytes at 4096 on dev") && e.message.contains("no space"), "\(e.message)")
+        }
+        let refusal = outcome(.failure(ParleyError(code: .invalidArgument, message: "bad")))
+        #expect(refusal.0 == .refused)
+        #expect(outcome(.failure(ParleyError(code: .invalidArgument, message: "bad")), ended: true).0 == .pathFailed)
+        #expect(outcome(.failure(ParleyError(code: .connectionClosed, message: "gone"))).0 == .pathFailed)
+        struct Other: Error {}
+        #expect(outcome(.failure(Other())).0 == .pathFailed)
+    }
+
     /// A flag set once `task` has finished.
     static func watch(_ task: Task<Void, any Error>) -> NIOLockedValueBox<Bool> {
         let done = NIOLockedValueBox(false)

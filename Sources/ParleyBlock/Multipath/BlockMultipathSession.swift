@@ -903,6 +903,25 @@ public final class BlockMultipathDevice: Sendable {
         }
     }
 
+    /// What a path's answer to an IO means (docs/protocol.md 17.8 rule 2): done; the server's
+    /// refusal, which the IO's caller gets (with its reason); or a failure of the path, after
+    /// which the IO goes again on another (no result: the machine decides). Every sender of IO
+    /// on a path classifies its answers here. `connectionEnded` is read only for errors that
+    /// are not block statuses.
+    static func outcome(of answer: Result<ByteBufferPieces?, any Error>, io: MultipathIOState.IO, device: String,
+                        connectionEnded: @autoclosure () -> Bool) -> (MultipathIOState.Outcome, Result<ByteBufferPieces?, BlockMultipathError>?) {
+        switch answer {
+        case .success(let reply):
+            return (.done, .success(reply))
+        case .failure(let e as BlockError):
+            guard !Self.failsPath(e.status) else { return (.pathFailed, nil) }
+            return (.refused, .failure(BlockMultipathError(.server(e.status), "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(device): \(e.message)")))
+        case .failure(let e):
+            guard Self.isRefusal(e, connectionEnded: connectionEnded()) else { return (.pathFailed, nil) }
+            return (.refused, .failure(BlockMultipathError(.refused, "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(device): the server answered \(e)")))
+        }
+    }
+
     /// Sends one IO on a path. Its answer comes on the path connection's event loop, without
     /// a task or a continuation per IO: with the map's NBD endpoint on that loop too, a read
     /// is taken, sent, answered and replied to without a thread hop.
@@ -918,27 +937,8 @@ public final class BlockMultipathDevice: Sendable {
         }
         client.io(BlockClient.Device(id: deviceID, geometry: Parley_Block_V1_Geometry()), operation,
                   offset: io.offset, length: UInt32(io.length), dataPieces: data, fua: fua) { answer in
-            let outcome: MultipathIOState.Outcome
-            var result: Result<ByteBufferPieces?, BlockMultipathError>?
-            switch answer {
-            case .success(let reply):
-                outcome = .done
-                result = .success(reply)
-            case .failure(let e as BlockError):
-                if Self.failsPath(e.status) {
-                    outcome = .pathFailed
-                } else {
-                    outcome = .refused
-                    result = .failure(BlockMultipathError(.server(e.status), "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(self.path): \(e.message)"))
-                }
-            case .failure(let e):
-                if Self.isRefusal(e, connectionEnded: client.client.connection.endReason != nil) {
-                    outcome = .refused
-                    result = .failure(BlockMultipathError(.refused, "\(io.operation.rawValue) of \(io.length) bytes at \(io.offset) on \(self.path): the server answered \(e)"))
-                } else {
-                    outcome = .pathFailed
-                }
-            }
+            let (outcome, result) = Self.outcome(of: answer, io: io, device: self.path,
+                                                 connectionEnded: client.client.connection.endReason != nil)
             let jobs = self.state.withLockedValue { s -> Jobs in
                 if let result { s.pending[id]?.result = result }
                 return self.resolving(&s) { s, actions in s.machine.completed(id: id, send: send, outcome: outcome, into: &actions) }

@@ -275,21 +275,17 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
             return try self.continueBody(&buffer, preamble: preamble, opener: self.opener!)
         case .body(let preamble):
             guard buffer.readableBytes >= preamble.bodySize else { return nil }
-            let crcStart = buffer.readerIndex + preamble.total
+            try buffer.withUnsafeReadableBytes { (raw) throws(ParleyError) in
+                let body = UnsafeRawBufferPointer(rebasing: raw[0..<preamble.bodySize])
+                var offset = 0
+                for i in 0..<preamble.count {
+                    try Self.checkSegmentCRC(body, preamble: preamble, segment: i, at: offset)
+                    offset += preamble.length(i)
+                }
+            }
             var segments: [ByteBuffer] = []
             segments.reserveCapacity(preamble.count)
-            for i in 0..<preamble.count {
-                let length = preamble.length(i)
-                let stored = buffer.getInteger(at: crcStart + 4 * i, endianness: .little, as: UInt32.self)!
-                let computed = CRC32C.checksum(buffer, at: buffer.readerIndex, length: length)
-                guard stored == computed else {
-                    throw ParleyError(
-                        code: .badSegmentCRC,
-                        message: "\(preamble.tag) frame segment \(i) (\(length) bytes) CRC mismatch: computed 0x\(String(computed, radix: 16)), epilogue says 0x\(String(stored, radix: 16))"
-                    )
-                }
-                segments.append(buffer.readSlice(length: length)!)
-            }
+            for i in 0..<preamble.count { segments.append(buffer.readSlice(length: preamble.length(i))!) }
             buffer.moveReaderIndex(forwardBy: 4 * preamble.count)
             self.state = .preamble
             return .frame(Frame(tag: preamble.tag, flags: preamble.flags, segments: segments, alignments: preamble.alignments))
@@ -298,21 +294,38 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
 
     static func readPreamble(_ buffer: inout ByteBuffer, maxFrameSize: Int) throws(ParleyError) -> Preamble? {
         guard buffer.readableBytes >= Frame.preambleSize else { return nil }
-        let start = buffer.readerIndex
-        let computed = CRC32C.checksum(buffer, at: start, length: 28)
-        let stored = buffer.getInteger(at: start + 28, endianness: .little, as: UInt32.self)!
-        guard computed == stored else {
-            let bytes = buffer.getBytes(at: start, length: 32)!
-            throw ParleyError(
-                code: .badPreambleCRC,
-                message: "frame preamble CRC mismatch: computed 0x\(String(computed, radix: 16)), preamble says 0x\(String(stored, radix: 16)) (preamble: \(bytes.hexString))"
-            )
-        }
         let preamble = try buffer.withUnsafeReadableBytes { (raw) throws(ParleyError) in
-            try Self.parsePreamble(UnsafeRawBufferPointer(rebasing: raw[0..<Frame.preambleSize]), maxFrameSize: maxFrameSize)
+            try Self.checkPreamble(UnsafeRawBufferPointer(rebasing: raw[0..<Frame.preambleSize]), maxFrameSize: maxFrameSize)
         }
         buffer.moveReaderIndex(forwardBy: Frame.preambleSize)
         return preamble
+    }
+
+    /// Checks a crc-mode preamble's CRC (R-4.4-1), then its shape and size (`parsePreamble`).
+    static func checkPreamble(_ p: UnsafeRawBufferPointer, maxFrameSize: Int) throws(ParleyError) -> Preamble {
+        let computed = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: p[0..<28]))
+        let stored = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 28, as: UInt32.self))
+        guard computed == stored else {
+            throw ParleyError(
+                code: .badPreambleCRC,
+                message: "frame preamble CRC mismatch: computed 0x\(String(computed, radix: 16)), preamble says 0x\(String(stored, radix: 16)) (preamble: \(Array(p[0..<32]).hexString))"
+            )
+        }
+        return try Self.parsePreamble(p, maxFrameSize: maxFrameSize)
+    }
+
+    /// Checks segment `i`'s CRC against the epilogue (R-4.4-4): `body` is the frame's bytes
+    /// after its preamble, segments and epilogue.
+    static func checkSegmentCRC(_ body: UnsafeRawBufferPointer, preamble: Preamble, segment i: Int, at offset: Int) throws(ParleyError) {
+        let length = preamble.length(i)
+        let stored = UInt32(littleEndian: body.loadUnaligned(fromByteOffset: preamble.total + 4 * i, as: UInt32.self))
+        let computed = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: body[offset..<(offset + length)]))
+        guard stored == computed else {
+            throw ParleyError(
+                code: .badSegmentCRC,
+                message: "\(preamble.tag) frame segment \(i) (\(length) bytes) CRC mismatch: computed 0x\(String(computed, radix: 16)), epilogue says 0x\(String(stored, radix: 16))"
+            )
+        }
     }
 
     /// Parses 32 preamble bytes whose integrity is established (by the CRC, or by the AEAD
