@@ -231,6 +231,7 @@ let package = Package(
             dependencies: [
                 "ParleyWork", "ParleyWire", "Parley", "ParleyTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),

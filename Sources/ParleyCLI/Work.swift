@@ -104,7 +104,7 @@ struct Work: AsyncParsableCommand {
         /// --max-leases-per-worker as the services take it (nil: no cap).
         var leaseCap: Int? { self.maxLeasesPerWorker > 0 ? self.maxLeasesPerWorker : nil }
 
-        @Option(name: .long, help: ArgumentHelp("Serve HTTP at HOST:PORT: GET /status and /jobs/ID as JSON, /metrics for Prometheus.", valueName: "host:port"))
+        @Option(name: .long, help: ArgumentHelp("Serve HTTP at HOST:PORT: GET /status and /jobs/ID as JSON, /metrics for Prometheus (at most 64 connections, each closed after a minute idle or ten minutes open).", valueName: "host:port"))
         var http: String?
 
         @Option(name: .long, help: ArgumentHelp("A key rotation (parley work rotate) to announce to workers; needs --trust, whose key must have signed it.", valueName: "file"))

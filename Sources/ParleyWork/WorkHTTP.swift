@@ -16,8 +16,12 @@ import SwiftProtobuf
 public enum WorkHTTP {
     /// Builds the application; run it (it is a `Service`) beside the Parley server.
     /// `metrics` renders the metrics registry.
+    /// At most `maxConnections` connections are kept (one more is closed as it is accepted),
+    /// each for at most `connectionLifetime` (a request trickled a byte at a time is never
+    /// idle), as the BOINC front end does.
     public static func application(
         host: String, port: Int, store: any WorkStore, metrics: @escaping @Sendable () -> String, logger: Logger,
+        maxConnections: Int = 64, connectionLifetime: TimeAmount = .minutes(10),
         onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
     ) -> some ApplicationProtocol {
         let router = Router()
@@ -42,9 +46,14 @@ public enum WorkHTTP {
                 body: .init(byteBuffer: ByteBuffer(string: metrics()))
             )
         }
+        let connections = HTTPAllowance(maxConnections)
         return Application(
             // Idle connections are closed after a minute (see BOINCHTTP).
-            router: router, server: .http1(configuration: .init(idleTimeout: .seconds(60))),
+            router: router,
+            server: .http1(configuration: .init(
+                additionalChannelHandlers: [HTTPConnectionLimits(count: connections, peers: nil, lifetime: connectionLifetime, label: "http", logger: logger)],
+                idleTimeout: .seconds(60)
+            )),
             configuration: .init(address: .hostname(host, port: port), serverName: "parley-work"),
             onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? port) }, logger: logger
         )

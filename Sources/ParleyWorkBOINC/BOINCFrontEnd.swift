@@ -332,7 +332,7 @@ public final class BOINCFrontEnd: Sendable {
         let (chunks, continuation) = AsyncStream.makeStream(of: ByteBuffer.self)
         continuation.yield(ByteBuffer(bytes: body))
         continuation.finish()
-        return await self.upload(chunks: chunks, budget: BOINCAllowance(Int.max))
+        return await self.upload(chunks: chunks, budget: HTTPAllowance(Int.max))
     }
 
     /// The file upload handler, its body read as it comes (`chunks`): the header, up to
@@ -341,7 +341,7 @@ public final class BOINCFrontEnd: Sendable {
     /// the connection's lifetime, the budget) keeps what came, and the client resumes it where
     /// `<get_file_size>` says, as BOINC's own handler allows. The bytes held in memory are
     /// taken from `budget` as they arrive and given back once written.
-    func upload<Chunks: AsyncSequence>(chunks: Chunks, budget: BOINCAllowance) async -> BOINCResponse where Chunks.Element == ByteBuffer {
+    func upload<Chunks: AsyncSequence>(chunks: Chunks, budget: HTTPAllowance) async -> BOINCResponse where Chunks.Element == ByteBuffer {
         let maxHeader = 64 << 10, tag = BOINCUpload.dataTag
         let busy = BOINCResponse.dataServer(503, .init(status: 1, message: "the server holds too many uploads at once; try again later"))
         var held = 0

@@ -3,6 +3,7 @@ import Hummingbird
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import ParleyWork
 
 /// The BOINC front end's HTTP layer (`parley work serve --boinc URL`), on Hummingbird, thin:
 /// it maps paths to `BOINCFrontEnd`'s endpoints and bodies to bytes.
@@ -19,9 +20,9 @@ public enum BOINCHTTP {
     public static func application(
         host: String, port: Int, frontEnd: BOINCFrontEnd, logger: Logger, onRunning: @escaping @Sendable (Int) async -> Void = { _ in }
     ) -> some ApplicationProtocol {
-        let connections = BOINCAllowance(frontEnd.configuration.maxConnections)
+        let connections = HTTPAllowance(frontEnd.configuration.maxConnections)
         // nil or 0: no cap.
-        let peers = frontEnd.configuration.maxConnectionsPerPeer.flatMap { $0 > 0 ? BOINCPeerCounts(limit: $0) : nil }
+        let peers = frontEnd.configuration.maxConnectionsPerPeer.flatMap { $0 > 0 ? HTTPPeerCounts(limit: $0) : nil }
         let lifetime = TimeAmount(frontEnd.configuration.connectionLifetime)
         return Application(
             // A connection that sends and reads nothing for a minute is closed: one that opens
@@ -29,7 +30,7 @@ public enum BOINCHTTP {
             // closed at the end of its lifetime, and beyond the cap none is kept.
             router: self.router(frontEnd),
             server: .http1(configuration: .init(
-                additionalChannelHandlers: [BOINCConnectionLimits(count: connections, peers: peers, lifetime: lifetime, logger: logger)],
+                additionalChannelHandlers: [HTTPConnectionLimits(count: connections, peers: peers, lifetime: lifetime, label: "boinc", logger: logger)],
                 idleTimeout: .seconds(60)
             )),
             configuration: .init(address: .hostname(host, port: port), serverName: "parley-work-boinc"),
@@ -57,7 +58,7 @@ public enum BOINCHTTP {
     /// The router alone (tests drive it in process).
     public static func router(_ frontEnd: BOINCFrontEnd) -> Router<BasicRequestContext> {
         let base = Self.path(of: frontEnd.configuration.url)
-        let budget = BOINCAllowance(frontEnd.configuration.maxBufferedBodyBytes)
+        let budget = HTTPAllowance(frontEnd.configuration.maxBufferedBodyBytes)
         let schedulers = Set(frontEnd.configuration.schedulerURLs.map(Self.path(of:)))
         let router = Router()
         let get: @Sendable (Request, BasicRequestContext) async throws -> Response = { request, _ in
@@ -108,7 +109,7 @@ public enum BOINCHTTP {
     /// anything is read). Its bytes are held from `budget` (bytes of bodies held at once,
     /// together) as they arrive: a client that announces much and trickles holds only what
     /// it sent.
-    static func body(_ request: Request, limit: Int, budget: BOINCAllowance) async throws -> Body {
+    static func body(_ request: Request, limit: Int, budget: HTTPAllowance) async throws -> Body {
         if let announced = request.headers[.contentLength].flatMap({ Int($0) }), announced > limit { return .tooLarge }
         var held = 0
         defer { budget.give(held) }
@@ -133,124 +134,5 @@ public enum BOINCHTTP {
             status: .init(code: r.status), headers: [.contentType: r.contentType],
             body: .init(byteBuffer: ByteBuffer(bytes: r.body))
         )
-    }
-}
-
-/// A quantity shared by a listener's connections (connections open, bytes of bodies held):
-/// taken while in use, given back after.
-final class BOINCAllowance: Sendable {
-    let total: Int
-    private let left: NIOLockedValueBox<Int>
-    init(_ total: Int) {
-        self.total = total
-        self.left = NIOLockedValueBox(total)
-    }
-    func take(_ n: Int = 1) -> Bool {
-        self.left.withLockedValue { left in
-            guard n <= left else { return false }
-            left -= n
-            return true
-        }
-    }
-    func give(_ n: Int = 1) { self.left.withLockedValue { $0 += n } }
-}
-
-/// Connections open now per peer (an IPv4 address, or an IPv6 address's /64), shared by
-/// the handlers of one listener.
-final class BOINCPeerCounts: Sendable {
-    let limit: Int
-    private let open = NIOLockedValueBox<[String: Int]>([:])
-    init(limit: Int) { self.limit = limit }
-
-    /// The key `address` is counted under; nil: not counted (a Unix socket).
-    static func key(_ address: SocketAddress?) -> String? {
-        switch address {
-        case .v4: return address?.ipAddress
-        case .v6(let a):
-            let bytes = withUnsafeBytes(of: a.address.sin6_addr) { Array($0) }
-            // An IPv4 client of a dual-stack listener (::ffff:a.b.c.d) is its IPv4 address.
-            if bytes[0..<10].allSatisfy({ $0 == 0 }), bytes[10] == 0xff, bytes[11] == 0xff {
-                return bytes[12...].map { String($0) }.joined(separator: ".")
-            }
-            return bytes[0..<8].map { String(format: "%02x", $0) }.joined() + "/64"
-        default: return nil
-        }
-    }
-
-    func take(_ key: String) -> Bool {
-        self.open.withLockedValue { open in
-            let n = open[key, default: 0]
-            guard n < self.limit else { return false }
-            open[key] = n + 1
-            return true
-        }
-    }
-
-    func give(_ key: String) {
-        self.open.withLockedValue { open in
-            let n = open[key, default: 1] - 1
-            open[key] = n > 0 ? n : nil
-        }
-    }
-}
-
-/// Closes connections beyond the caps (in all, and per peer) as they are accepted, and each
-/// connection at the end of its lifetime (BOINCFrontEnd.Configuration). Passes everything
-/// through untouched.
-final class BOINCConnectionLimits: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = NIOAny
-
-    /// Connections open now, shared by the handlers of one listener.
-    let count: BOINCAllowance
-    let peers: BOINCPeerCounts?
-    let lifetime: TimeAmount
-    let logger: Logger
-    private var entered = false
-    private var peer: String?
-    private var timer: Scheduled<Void>?
-
-    init(count: BOINCAllowance, peers: BOINCPeerCounts?, lifetime: TimeAmount, logger: Logger) {
-        self.count = count
-        self.peers = peers
-        self.lifetime = lifetime
-        self.logger = logger
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        let key = self.peers == nil ? nil : BOINCPeerCounts.key(context.channel.remoteAddress)
-        if let key, let peers = self.peers, !peers.take(key) {
-            self.logger.warning("boinc connection refused: \(peers.limit) connections from \(key) are open")
-            context.close(promise: nil)
-            return
-        }
-        guard self.count.take() else {
-            if let key { self.peers?.give(key) }
-            self.logger.warning("boinc connection refused: \(self.count.total) connections are open")
-            context.close(promise: nil)
-            return
-        }
-        self.peer = key
-        self.entered = true
-        let channel = context.channel
-        let lifetime = self.lifetime
-        let logger = self.logger
-        self.timer = context.eventLoop.scheduleTask(in: lifetime) {
-            logger.info("boinc connection closed: open for \(lifetime.nanoseconds / 1_000_000_000) s")
-            channel.close(promise: nil)
-        }
-    }
-
-    func handlerRemoved(context: ChannelHandlerContext) {
-        self.timer?.cancel()
-        self.timer = nil
-        if self.entered {
-            self.entered = false
-            self.count.give()
-            if let peer = self.peer { self.peers?.give(peer) }
-        }
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        context.fireChannelRead(data)
     }
 }

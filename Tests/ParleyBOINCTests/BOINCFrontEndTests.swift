@@ -632,32 +632,8 @@ struct FailingStore: WorkStore {
 /// lifetime (a request trickled a byte at a time, each within the idle timeout), and request
 /// bodies held in memory together.
 @Suite struct BOINCHTTPLimitTests {
-    /// A blocking socket to 127.0.0.1 with a 20 s receive timeout (used by one thread at a time).
-    final class Socket: @unchecked Sendable {
-        let fd: Int32
-        init(port: Int, from source: String? = nil) throws { self.fd = try connectLoopback(port: port, timeoutSeconds: 20, from: source) }
-        deinit { close(self.fd) }
-        func send(_ text: String) { self.send(Array(text.utf8)) }
-        func send(_ bytes: [UInt8]) {
-            var sent = 0
-            while sent < bytes.count {
-                let n = bytes[sent...].withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-                if n <= 0 { return }
-                sent += n
-            }
-        }
-        /// What comes until the peer closes (true) or the timeout (false).
-        func untilClosed() -> (closed: Bool, text: String) {
-            var out: [UInt8] = []
-            var buffer = [UInt8](repeating: 0, count: 4096)
-            while true {
-                let n = buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress, $0.count, 0) }
-                if n == 0 || (n < 0 && errno == ECONNRESET) { return (true, String(decoding: out, as: UTF8.self)) }
-                if n < 0 { return (false, String(decoding: out, as: UTF8.self)) }
-                out += buffer[0..<n]
-            }
-        }
-    }
+    typealias Socket = LoopbackSocket
+
 
     @Test func connectionsBeyondTheCapAndPastTheirLifetimeAreClosed() async throws {
         let bench = try BOINCBench {
@@ -740,11 +716,11 @@ struct FailingStore: WorkStore {
     }
 
     @Test func peersAreCountedByAddressAndByIPv6Prefix() throws {
-        #expect(BOINCPeerCounts.key(try SocketAddress(ipAddress: "192.0.2.7", port: 1)) == "192.0.2.7")
-        #expect(BOINCPeerCounts.key(try SocketAddress(ipAddress: "2001:db8:1:2:3:4:5:6", port: 1)) == "20010db800010002/64")
-        #expect(BOINCPeerCounts.key(try SocketAddress(ipAddress: "2001:db8:1:2:ffff::1", port: 1)) == "20010db800010002/64")
-        #expect(BOINCPeerCounts.key(try SocketAddress(ipAddress: "::ffff:192.0.2.7", port: 1)) == "192.0.2.7")
-        let counts = BOINCPeerCounts(limit: 1)
+        #expect(HTTPPeerCounts.key(try SocketAddress(ipAddress: "192.0.2.7", port: 1)) == "192.0.2.7")
+        #expect(HTTPPeerCounts.key(try SocketAddress(ipAddress: "2001:db8:1:2:3:4:5:6", port: 1)) == "20010db800010002/64")
+        #expect(HTTPPeerCounts.key(try SocketAddress(ipAddress: "2001:db8:1:2:ffff::1", port: 1)) == "20010db800010002/64")
+        #expect(HTTPPeerCounts.key(try SocketAddress(ipAddress: "::ffff:192.0.2.7", port: 1)) == "192.0.2.7")
+        let counts = HTTPPeerCounts(limit: 1)
         #expect(counts.take("a") && !counts.take("a") && counts.take("b"))
         counts.give("a")
         #expect(counts.take("a"))
@@ -858,14 +834,14 @@ struct FailingStore: WorkStore {
         }
         // 800 bytes held (under a batch), then 800 more: past the budget of 1,200. What came
         // is kept.
-        let small = BOINCAllowance(1200)
+        let small = HTTPAllowance(1200)
         let busy = await bench.frontEnd.upload(chunks: pieces(offset: 0, [800, 800, 800]), budget: small)
         #expect(busy.status == 503 && String(decoding: busy.body, as: UTF8.self).contains("<status>1</status>"))
         #expect(try await bench.frontEnd.uploads.size(file) == 800)
         #expect(small.take(1200), "all given back")
         // From 800: 5,000 written (batches of 1,000 or more), then bytes past <nbytes>: 413,
         // what this request wrote cut off again.
-        let budget = BOINCAllowance(4000)
+        let budget = HTTPAllowance(4000)
         let past = await bench.frontEnd.upload(chunks: pieces(offset: 800, [1000, 1000, 1500, 1500, 2300]), budget: budget)
         #expect(past.status == 413, "\(String(decoding: past.body, as: UTF8.self))")
         #expect(try await bench.frontEnd.uploads.size(file) == 800, "what this request wrote is cut off")

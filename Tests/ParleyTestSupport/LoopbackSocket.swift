@@ -40,3 +40,31 @@ public struct LoopbackConnectError: Error, CustomStringConvertible {
     public let errno: Int32
     public var description: String { "connect to 127.0.0.1:\(self.port): errno \(self.errno)" }
 }
+
+/// A blocking socket to 127.0.0.1 with a 20 s receive timeout (used by one thread at a time),
+/// for tests of what a server does with a client's connection.
+public final class LoopbackSocket: @unchecked Sendable {
+    public let fd: Int32
+    public init(port: Int, from source: String? = nil) throws { self.fd = try connectLoopback(port: port, timeoutSeconds: 20, from: source) }
+    deinit { close(self.fd) }
+    public func send(_ text: String) { self.send(Array(text.utf8)) }
+    public func send(_ bytes: [UInt8]) {
+        var sent = 0
+        while sent < bytes.count {
+            let n = bytes[sent...].withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { return }
+            sent += n
+        }
+    }
+    /// What comes until the peer closes (true) or the timeout (false).
+    public func untilClosed() -> (closed: Bool, text: String) {
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress, $0.count, 0) }
+            if n == 0 || (n < 0 && errno == ECONNRESET) { return (true, String(decoding: out, as: UTF8.self)) }
+            if n < 0 { return (false, String(decoding: out, as: UTF8.self)) }
+            out += buffer[0..<n]
+        }
+    }
+}
