@@ -667,17 +667,9 @@ struct FailingStore: WorkStore {
         #expect(answered.hasPrefix("HTTP/1.1 200"), "\(answered)")
     }
 
-    /// `GET /` from 127.0.0.1 until it is answered 200 (the server sees closes a moment
-    /// later), at most 50 tries; the last answer.
+    /// `GET /` from 127.0.0.1 until it is answered 200, at most 50 tries; the last answer.
     func firstAnswer(port: Int) async throws -> String {
-        var answered = ""
-        for _ in 0..<50 where !answered.hasPrefix("HTTP/1.1 200") {
-            let socket = try Socket(port: port)
-            socket.send("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            answered = await onOwnThread { socket.untilClosed().text }
-            if !answered.hasPrefix("HTTP/1.1 200") { try await Task.sleep(for: .milliseconds(100)) }
-        }
-        return answered
+        try await firstLoopbackAnswer(port: port, request: "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     }
 
     /// One peer cannot take every connection (nor, through them, the body budget): past

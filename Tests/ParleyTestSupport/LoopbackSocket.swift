@@ -68,3 +68,17 @@ public final class LoopbackSocket: @unchecked Sendable {
         }
     }
 }
+
+/// Sends `request` on a fresh connection to 127.0.0.1:`port` until the answer starts with
+/// "HTTP/1.1 200" (a server sees the closes of connections it refused a moment later), at
+/// most 50 tries 100 ms apart; the last answer.
+public func firstLoopbackAnswer(port: Int, request: String) async throws -> String {
+    var answered = ""
+    for _ in 0..<50 where !answered.hasPrefix("HTTP/1.1 200") {
+        let socket = try LoopbackSocket(port: port)
+        socket.send(request)
+        answered = await onOwnThread { socket.untilClosed().text }
+        if !answered.hasPrefix("HTTP/1.1 200") { try await Task.sleep(for: .milliseconds(100)) }
+    }
+    return answered
+}

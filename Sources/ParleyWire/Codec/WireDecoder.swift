@@ -190,10 +190,7 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         for (i, computed) in [(0, CRC32C.checksum(segment0)), (1, data.crc32c())] {
             let stored = epilogue.getInteger(at: epilogue.readerIndex + 4 * i, endianness: .little, as: UInt32.self)!
             guard stored == computed else {
-                throw ParleyError(
-                    code: .badSegmentCRC,
-                    message: "\(preamble.tag) frame segment \(i) (\(i == 0 ? length0 : length1) bytes) CRC mismatch: computed 0x\(String(computed, radix: 16)), epilogue says 0x\(String(stored, radix: 16))"
-                )
+                throw Self.segmentCRCMismatch(preamble, segment: i, computed: computed, stored: stored)
             }
         }
         return DirectInbound(flags: preamble.flags, segment0: segment0, data: data)
@@ -320,12 +317,15 @@ public struct WireDecoder: NIOSingleStepByteToMessageDecoder {
         let length = preamble.length(i)
         let stored = UInt32(littleEndian: body.loadUnaligned(fromByteOffset: preamble.total + 4 * i, as: UInt32.self))
         let computed = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: body[offset..<(offset + length)]))
-        guard stored == computed else {
-            throw ParleyError(
-                code: .badSegmentCRC,
-                message: "\(preamble.tag) frame segment \(i) (\(length) bytes) CRC mismatch: computed 0x\(String(computed, radix: 16)), epilogue says 0x\(String(stored, radix: 16))"
-            )
-        }
+        guard stored == computed else { throw Self.segmentCRCMismatch(preamble, segment: i, computed: computed, stored: stored) }
+    }
+
+    /// R-4.4-4's error, whichever way the segment was held.
+    static func segmentCRCMismatch(_ preamble: Preamble, segment i: Int, computed: UInt32, stored: UInt32) -> ParleyError {
+        ParleyError(
+            code: .badSegmentCRC,
+            message: "\(preamble.tag) frame segment \(i) (\(preamble.length(i)) bytes) CRC mismatch: computed 0x\(String(computed, radix: 16)), epilogue says 0x\(String(stored, radix: 16))"
+        )
     }
 
     /// Parses 32 preamble bytes whose integrity is established (by the CRC, or by the AEAD
